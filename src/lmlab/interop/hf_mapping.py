@@ -1,0 +1,153 @@
+"""State-dict and config adapters between lmlab's Transformer and Hugging Face transformers' native
+classes: GPT2LMHeadModel (gpt2), LlamaForCausalLM (llama), OpenAIGPTLMHeadModel (gpt).
+
+Plain functions over dicts of tensors (torchtitan's state_dict_adapter idea): no subclassing, no
+custom code on the transformers side. Conv1D weights (GPT-1/2) are stored transposed, (in, out).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..models import ModelConfig
+
+HF_ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "gpt": "OpenAIGPTLMHeadModel"}
+_MODEL_TYPES = {"gpt2": "gpt2", "llama": "llama", "openai-gpt": "gpt"}
+
+
+def _prefixes(family: str) -> tuple[str, dict[str, str]]:
+    """HF name of our top-level tensors and of each block's tensors ({} means family-specific)."""
+    if family == "gpt2":
+        top = {"tok_emb.weight": "transformer.wte.weight", "pos_emb.weight": "transformer.wpe.weight",
+               "norm_f.weight": "transformer.ln_f.weight", "norm_f.bias": "transformer.ln_f.bias"}
+        return "transformer.h.{}.", top
+    if family == "gpt":
+        top = {"tok_emb.weight": "transformer.tokens_embed.weight",
+               "pos_emb.weight": "transformer.positions_embed.weight"}
+        return "transformer.h.{}.", top
+    top = {"tok_emb.weight": "model.embed_tokens.weight", "norm_f.weight": "model.norm.weight"}
+    return "model.layers.{}.", top
+
+
+_CONV1D_BLOCK = {  # ours -> HF, GPT-1 and GPT-2 blocks (weights need a transpose)
+    "norm1.weight": "ln_1.weight", "norm1.bias": "ln_1.bias", "norm2.weight": "ln_2.weight",
+    "norm2.bias": "ln_2.bias", "attn.qkv.weight": "attn.c_attn.weight", "attn.qkv.bias": "attn.c_attn.bias",
+    "attn.proj.weight": "attn.c_proj.weight", "attn.proj.bias": "attn.c_proj.bias",
+    "mlp.fc.weight": "mlp.c_fc.weight", "mlp.fc.bias": "mlp.c_fc.bias",
+    "mlp.proj.weight": "mlp.c_proj.weight", "mlp.proj.bias": "mlp.c_proj.bias",
+}
+
+
+def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """lmlab state dict -> the HF class's state dict (tied head included, as HF expects)."""
+    block_fmt, top = _prefixes(cfg.family)
+    out: dict[str, torch.Tensor] = {hf: state[ours] for ours, hf in top.items() if ours in state}
+    out["lm_head.weight"] = state["lm_head.weight"] if "lm_head.weight" in state else state["tok_emb.weight"]
+    q_dim, kv_dim = cfg.n_embd, cfg.n_kv_head * cfg.head_dim
+    for i in range(cfg.n_layer):
+        ours = f"blocks.{i}."
+        hf = block_fmt.format(i)
+        if cfg.family in ("gpt", "gpt2"):
+            for o, h in _CONV1D_BLOCK.items():
+                if ours + o in state:
+                    t = state[ours + o]
+                    out[hf + h] = t.t().contiguous() if t.dim() == 2 else t
+            continue
+        q, k, v = state[ours + "attn.qkv.weight"].split([q_dim, kv_dim, kv_dim])
+        gate, up = state[ours + "mlp.fc.weight"].chunk(2)
+        out.update({
+            hf + "self_attn.q_proj.weight": q, hf + "self_attn.k_proj.weight": k,
+            hf + "self_attn.v_proj.weight": v, hf + "self_attn.o_proj.weight": state[ours + "attn.proj.weight"],
+            hf + "mlp.gate_proj.weight": gate, hf + "mlp.up_proj.weight": up,
+            hf + "mlp.down_proj.weight": state[ours + "mlp.proj.weight"],
+            hf + "input_layernorm.weight": state[ours + "norm1.weight"],
+            hf + "post_attention_layernorm.weight": state[ours + "norm2.weight"],
+        })
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The HF class's state dict -> lmlab state dict for a Transformer(cfg)."""
+    block_fmt, top = _prefixes(cfg.family)
+    out = {ours: hf[name] for ours, name in top.items() if name in hf}
+    out["lm_head.weight"] = out["tok_emb.weight"] if cfg.tie_embeddings else hf["lm_head.weight"]
+    for i in range(cfg.n_layer):
+        ours = f"blocks.{i}."
+        pre = block_fmt.format(i)
+        if cfg.family in ("gpt", "gpt2"):
+            for o, h in _CONV1D_BLOCK.items():
+                if pre + h in hf:
+                    t = hf[pre + h]
+                    out[ours + o] = t.t().contiguous() if t.dim() == 2 else t
+            continue
+        a, m = pre + "self_attn.", pre + "mlp."
+        out.update({
+            ours + "attn.qkv.weight": torch.cat([hf[a + "q_proj.weight"], hf[a + "k_proj.weight"],
+                                                 hf[a + "v_proj.weight"]]),
+            ours + "attn.proj.weight": hf[a + "o_proj.weight"],
+            ours + "mlp.fc.weight": torch.cat([hf[m + "gate_proj.weight"], hf[m + "up_proj.weight"]]),
+            ours + "mlp.proj.weight": hf[m + "down_proj.weight"],
+            ours + "norm1.weight": hf[pre + "input_layernorm.weight"],
+            ours + "norm2.weight": hf[pre + "post_attention_layernorm.weight"],
+        })
+    return out
+
+
+def hf_config_dict(cfg: ModelConfig, **extra: Any) -> dict[str, Any]:
+    """The keyword arguments of the transformers config class for `cfg` (GPT2Config, LlamaConfig,
+    OpenAIGPTConfig). Raises ValueError for switches the target class cannot express."""
+    common = dict(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings, **extra)
+    want = ModelConfig(family=cfg.family, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                       n_embd=cfg.n_embd, block_size=cfg.block_size,
+                       n_kv_head=cfg.n_kv_head if cfg.family == "llama" else None,
+                       intermediate_size=cfg.intermediate_size if cfg.family != "gpt" else None,
+                       norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, dropout=cfg.dropout,
+                       init_std=cfg.init_std, pad_token_id=cfg.pad_token_id, tie_embeddings=cfg.tie_embeddings)
+    if want != cfg:
+        diff = [k for k, v in cfg.to_dict().items() if want.to_dict()[k] != v]
+        raise ValueError(f"a {cfg.family} model with custom {', '.join(diff)} has no "
+                         f"{HF_ARCHITECTURES[cfg.family]} equivalent")
+    if cfg.family == "llama":
+        return dict(common, hidden_size=cfg.n_embd, intermediate_size=cfg.intermediate_size,
+                    num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+                    num_key_value_heads=cfg.n_kv_head, max_position_embeddings=cfg.block_size,
+                    rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta, hidden_act="silu",
+                    attention_bias=False, mlp_bias=False, attention_dropout=cfg.dropout,
+                    initializer_range=cfg.init_std)
+    shape = dict(n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head, n_positions=cfg.block_size,
+                 layer_norm_epsilon=cfg.norm_eps, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
+                 attn_pdrop=cfg.dropout, initializer_range=cfg.init_std)
+    if cfg.family == "gpt2":
+        return dict(common, **shape, n_inner=cfg.intermediate_size, activation_function="gelu_new")
+    return dict(common, **shape, afn="gelu")
+
+
+def model_config_from_hf(hf: Any) -> ModelConfig:
+    """A transformers config object (or its dict) -> ModelConfig."""
+    d = hf if isinstance(hf, dict) else hf.to_dict()
+    family = _MODEL_TYPES.get(d.get("model_type", ""))
+    if family is None:
+        raise ValueError(f"unsupported architecture {d.get('model_type')!r}; lmlab reads "
+                         f"{', '.join(_MODEL_TYPES)}")
+    pad = d.get("pad_token_id")
+    if family == "llama":
+        if d.get("attention_bias") or d.get("mlp_bias") or d.get("hidden_act", "silu") != "silu":
+            raise ValueError("only bias-free SiLU Llama models are supported")
+        if (d.get("rope_scaling") or {}).get("rope_type", "default") not in ("default",):
+            raise ValueError("RoPE scaling is not supported")
+        theta = d.get("rope_theta") or (d.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        return ModelConfig(family="llama", vocab_size=d["vocab_size"], n_layer=d["num_hidden_layers"],
+                           n_head=d["num_attention_heads"], n_embd=d["hidden_size"],
+                           n_kv_head=d.get("num_key_value_heads") or d["num_attention_heads"],
+                           intermediate_size=d["intermediate_size"], block_size=d["max_position_embeddings"],
+                           norm_eps=d["rms_norm_eps"], rope_theta=float(theta),
+                           tie_embeddings=bool(d.get("tie_word_embeddings", False)), pad_token_id=pad)
+    act = d.get("activation_function" if family == "gpt2" else "afn", "gelu_new" if family == "gpt2" else "gelu")
+    if act not in ("gelu_new", "gelu_pytorch_tanh") and not (family == "gpt" and act == "gelu"):
+        raise ValueError(f"activation {act!r} is not supported (lmlab uses tanh-approximated GELU)")
+    return ModelConfig(family=family, vocab_size=d["vocab_size"], n_layer=d["n_layer"], n_head=d["n_head"],
+                       n_embd=d["n_embd"], block_size=d["n_positions"], norm_eps=d["layer_norm_epsilon"],
+                       intermediate_size=(d.get("n_inner") or 4 * d["n_embd"]) if family == "gpt2" else None,
+                       tie_embeddings=bool(d.get("tie_word_embeddings", True)), pad_token_id=pad)

@@ -1,0 +1,194 @@
+"""ModelConfig: one typed, validated description of every architecture lmlab builds.
+
+A family (`gpt`, `gpt2`, `llama`) fills in the architectural switches it implies; a size fills in the
+shape. Anything left as ``None`` is taken from the family, so ``ModelConfig(family="llama", n_layer=4)``
+is a complete Llama-style config. The resolved config is what gets saved next to the weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+FAMILIES = ("gpt", "gpt2", "llama")
+
+# What each family means, as switches of the one implementation in model.py.
+#  gpt   — GPT-1 (Radford et al. 2018) and seed 000's CustomTransformerLM: learned positions, post-LN
+#          blocks, no final norm; HF's OpenAIGPTLMHeadModel ties the head, so we do too.
+#  gpt2  — pre-LN blocks, a final LayerNorm, tied head, biases everywhere.
+#  llama — RMSNorm, RoPE, SwiGLU, grouped-query attention, no biases, untied head.
+_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gpt": dict(norm="layernorm", pos_encoding="learned", mlp="gelu", prenorm=False, final_norm=False,
+                tie_embeddings=True, bias=True, norm_eps=1e-5),
+    "gpt2": dict(norm="layernorm", pos_encoding="learned", mlp="gelu", prenorm=True, final_norm=True,
+                 tie_embeddings=True, bias=True, norm_eps=1e-5),
+    "llama": dict(norm="rmsnorm", pos_encoding="rope", mlp="swiglu", prenorm=True, final_norm=True,
+                  tie_embeddings=False, bias=False, norm_eps=1e-5),
+}
+
+# Sizes. small/medium/large follow seed 000's table (~5M / ~20M / ~100M parameters, d_model 128-768,
+# 4-16 layers); gpt2-124m is exactly GPT-2 small. Counts are for the gpt2 family at the listed vocab;
+# `lmlab info --preset` prints the exact number for any family.
+SIZES: dict[str, dict[str, int]] = {
+    "tiny": dict(n_layer=2, n_head=4, n_embd=64, block_size=128, vocab_size=1024),
+    "small": dict(n_layer=4, n_head=4, n_embd=256, block_size=256, vocab_size=8192),
+    "medium": dict(n_layer=10, n_head=6, n_embd=384, block_size=512, vocab_size=8192),
+    "large": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=16384),
+    "gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257),
+}
+
+# Keys used by the seeds (000: CustomTransformerLM; 004: GPT/GPT2 config dicts) -> our field names.
+_SEED_KEYS = {
+    "d_model": "n_embd", "embed_dim": "n_embd", "num_layers": "n_layer", "num_heads": "n_head",
+    "num_kv_heads": "n_kv_head", "d_ff": "intermediate_size", "max_seq_len": "block_size",
+    "max_position_embeddings": "block_size",
+}
+
+
+@dataclass
+class ModelConfig:
+    family: str = "gpt2"
+    vocab_size: int = 8192
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    block_size: int = 256
+    n_kv_head: int | None = None          # None: n_head (plain multi-head attention)
+    intermediate_size: int | None = None  # None: 4*n_embd (gelu) or ~8/3*n_embd rounded to 64 (swiglu)
+    dropout: float = 0.0
+    # Architectural switches; None means "what the family does".
+    norm: str | None = None               # "layernorm" | "rmsnorm"
+    pos_encoding: str | None = None       # "learned" | "rope"
+    mlp: str | None = None                # "gelu" (tanh approximation, as GPT-1/2) | "swiglu"
+    prenorm: bool | None = None
+    final_norm: bool | None = None
+    tie_embeddings: bool | None = None
+    bias: bool | None = None
+    norm_eps: float | None = None
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+    pad_token_id: int | None = 0          # targets equal to it are ignored by the loss; None: none are
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"family ({self.family!r}) must be one of {', '.join(FAMILIES)}")
+        for key, value in _FAMILY_DEFAULTS[self.family].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.intermediate_size is None:
+            if self.mlp == "swiglu":  # keep parameters ~ a 4x GELU MLP (Shazeer 2020), multiple of 64
+                self.intermediate_size = 64 * math.ceil(8 * self.n_embd / 3 / 64)
+            else:
+                self.intermediate_size = 4 * self.n_embd
+        self._validate()
+
+    def _validate(self) -> None:
+        for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size", "n_kv_head",
+                     "intermediate_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} ({value!r}) must be a positive integer")
+        if self.vocab_size < 5:
+            raise ValueError(f"vocab_size ({self.vocab_size}) must exceed the 4 special tokens")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
+        if self.pos_encoding == "rope" and self.head_dim % 2:
+            raise ValueError(f"head_dim (n_embd/n_head = {self.head_dim}) must be even for RoPE")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout ({self.dropout}) must be in [0, 1)")
+        choices = {"norm": ("layernorm", "rmsnorm"), "pos_encoding": ("learned", "rope"),
+                   "mlp": ("gelu", "swiglu")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} ({getattr(self, name)!r}) must be one of {', '.join(allowed)}")
+        for name in ("prenorm", "final_norm", "tie_embeddings", "bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} ({getattr(self, name)!r}) must be true or false")
+        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(f"pad_token_id ({self.pad_token_id}) must be in [0, vocab_size)")
+        if not (self.norm_eps > 0 and self.rope_theta > 0 and self.init_std > 0):
+            raise ValueError("norm_eps, rope_theta and init_std must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    # ---- presets -----------------------------------------------------------------------------------
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        """`preset("llama-small")`, `preset("gpt2-124m")`, or `preset("small", family="gpt")`."""
+        family, size = overrides.pop("family", None), name
+        for fam in FAMILIES:
+            if name.startswith(fam + "-") and name[len(fam) + 1:] in SIZES:
+                family, size = fam, name[len(fam) + 1:]
+                break
+        if size not in SIZES:
+            raise ValueError(f"preset ({name!r}) is unknown; choose one of {', '.join(preset_names())}")
+        return cls(family=family or "gpt2", **{**SIZES[size], **overrides})
+
+    # ---- (de)serialisation -------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Build from a dict; also accepts the seeds' keys (d_model, num_layers, embed_dim, ...)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            name = _SEED_KEYS.get(key, key)
+            if name not in fields:
+                raise ValueError(f"{key} is not a ModelConfig field")
+            if name in kwargs and kwargs[name] != value:
+                raise ValueError(f"{key} ({value!r}) conflicts with {name} ({kwargs[name]!r})")
+            kwargs[name] = value
+        return cls(**kwargs)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelConfig:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"model config is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ValueError("model config must be a JSON object")
+        return cls.from_dict(data)
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(Path(path), self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelConfig:
+        return cls.from_json(Path(path).read_text(encoding="utf-8"))
+
+
+def preset_names() -> list[str]:
+    return [f"{fam}-{size}" for fam in FAMILIES for size in SIZES]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file in the same directory and rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,346 @@
+"""Text generation with the KV cache: greedy, sampling (temperature, top-k, top-p, repetition penalty),
+beam search, EOS and stop strings, batched prompts of different lengths, and streaming.
+
+The token loop works on ids; `generate` and `stream` add the tokenizer. A tokenizer here is anything
+with `encode(text) -> list[int]`, `decode(ids) -> str` and `stream_decoder()` (lmlab.tokenizers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import atomic_write_text
+from .model import KVCache, Transformer
+
+EOS_ID = 3  # lmlab.tokenizers.EOS_ID; models imported from elsewhere pass their own
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 100
+    do_sample: bool = True            # False, or temperature 0: greedy
+    temperature: float = 1.0
+    top_k: int = 0                    # 0: off
+    top_p: float = 1.0                # 1.0: off
+    repetition_penalty: float = 1.0   # CTRL (Keskar et al. 2019); 1.0: off
+    num_beams: int = 1                # > 1: beam search (deterministic)
+    length_penalty: float = 1.0       # beam score = sum log p / length ** length_penalty
+    stop_strings: list[str] = field(default_factory=list)
+    stop_at_eos: bool = True
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("max_new_tokens", self.max_new_tokens >= 0, "must be >= 0"),
+            ("temperature", self.temperature >= 0, "must be >= 0"),
+            ("top_k", self.top_k >= 0, "must be >= 0"),
+            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
+            ("repetition_penalty", self.repetition_penalty > 0, "must be > 0"),
+            ("num_beams", self.num_beams >= 1, "must be >= 1"),
+        ]
+        for name, ok, why in checks:
+            if not ok:
+                raise ValueError(f"{name} ({getattr(self, name)}) {why}")
+        if any(not isinstance(s, str) or not s for s in self.stop_strings):
+            raise ValueError("stop_strings must be non-empty strings")
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(Path(path), json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> GenerationConfig:
+        return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def _resolve(config: GenerationConfig | None, overrides: dict[str, Any]) -> GenerationConfig:
+    return dataclasses.replace(config or GenerationConfig(), **overrides)
+
+
+# ---- logits processing ----------------------------------------------------------------------------
+
+def process_logits(logits: torch.Tensor, cfg: GenerationConfig, context: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, V) raw logits -> (B, V) logits to sample from, in HF's order: repetition penalty, temperature,
+    top-k, top-p. `context` (B, L) ids already in each row, for the repetition penalty."""
+    logits = logits.float()
+    if cfg.repetition_penalty != 1.0 and context is not None and context.numel():
+        seen = logits.gather(1, context)
+        seen = torch.where(seen > 0, seen / cfg.repetition_penalty, seen * cfg.repetition_penalty)
+        logits = logits.scatter(1, context, seen)
+    if cfg.greedy:
+        return logits
+    logits = logits / cfg.temperature
+    if 0 < cfg.top_k < logits.size(-1):
+        kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:  # nucleus (Holtzman et al. 2019): smallest set whose mass reaches top_p
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > cfg.top_p  # mass before this token already exceeds p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
+    return logits
+
+
+def _choose(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
+    if cfg.greedy:
+        return logits.argmax(-1)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# ---- the token loop -------------------------------------------------------------------------------
+
+class _Context:
+    """Left-padded ids of every row plus the KV cache over (a window of) them. When the model's window is
+    full, the cache is rebuilt from the last 3/4 of the window (cropping, not a crash)."""
+
+    def __init__(self, model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 pad_id: int) -> None:
+        self.model = model
+        params = next(model.parameters())
+        self.device, self.dtype = params.device, params.dtype
+        width = max(len(p) for p in prompts)
+        self.ids = torch.full((len(prompts), width + max_new_tokens), pad_id, dtype=torch.long, device=self.device)
+        self.mask = torch.zeros_like(self.ids, dtype=torch.bool)
+        for row, prompt in enumerate(prompts):
+            if prompt:
+                self.ids[row, width - len(prompt):width] = torch.as_tensor(list(prompt), device=self.device)
+                self.mask[row, width - len(prompt):width] = True
+        self.length = width          # filled columns of ids
+        self.start = 0               # first column the cache covers
+        self.cache: KVCache | None = None
+        self.pending = width         # columns not yet fed to the model
+
+    def append(self, tokens: torch.Tensor) -> None:
+        self.ids[:, self.length] = tokens
+        self.mask[:, self.length] = True
+        self.length += 1
+        self.pending = 1
+
+    def reorder(self, index: torch.Tensor) -> None:
+        self.ids, self.mask = self.ids.index_select(0, index), self.mask.index_select(0, index)
+        if self.cache is not None:
+            self.cache.reorder(index)
+
+    @torch.inference_mode()
+    def next_logits(self) -> torch.Tensor:
+        """Feed what is pending; return (B, V) logits for the next token."""
+        block = self.model.config.block_size
+        if self.cache is None or self.cache.length + self.pending > block:
+            keep = min(self.length - self.start, block) if self.cache is None else block - block // 4
+            self.start = max(self.length - keep, 0)
+            self.cache = KVCache(self.model.config, self.ids.size(0), device=self.device, dtype=self.dtype)
+            self.pending = self.length - self.start
+        cols = slice(self.length - self.pending, self.length)
+        window = self.mask[:, self.start:self.length]
+        if bool(window.all()):  # no padding in view: plain causal attention, default positions
+            attention_mask = position_ids = None
+        else:
+            attention_mask = window
+            position_ids = Transformer.positions_from_mask(window)[:, -self.pending:]
+        out = self.model(self.ids[:, cols], attention_mask=attention_mask, position_ids=position_ids,
+                         cache=self.cache, last_only=True)
+        self.pending = 0
+        return out.logits[:, -1]
+
+    def context_ids(self) -> torch.Tensor:
+        return self.ids[:, : self.length]
+
+
+def iter_tokens(model: Transformer, prompts: Sequence[Sequence[int]], cfg: GenerationConfig, *,
+                eos_token_id: int | None = EOS_ID, pad_id: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield (tokens (B,), finished (B,) bool) once per step. A row is finished after it emits EOS; the
+    caller may also set `finished[row] = True` (stop strings) and the loop honours it. Not beam search."""
+    if cfg.num_beams > 1:
+        raise ValueError("iter_tokens samples or decodes greedily; use generate_ids for beam search")
+    ctx = _Context(model, prompts, cfg.max_new_tokens, pad_id)
+    generator = None
+    if cfg.seed is not None:
+        generator = torch.Generator(device=ctx.device).manual_seed(cfg.seed)
+    finished = torch.zeros(len(prompts), dtype=torch.bool, device=ctx.device)
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(cfg.max_new_tokens):
+            logits = process_logits(ctx.next_logits(), cfg, ctx.context_ids())
+            tokens = _choose(logits, cfg, generator).masked_fill(finished, pad_id)
+            ctx.append(tokens)
+            if cfg.stop_at_eos and eos_token_id is not None:
+                finished |= tokens == eos_token_id
+            yield tokens, finished
+            if bool(finished.all()):
+                break
+    finally:
+        model.train(was_training)
+
+
+def generate_ids(model: Transformer, prompts: Sequence[Sequence[int]], config: GenerationConfig | None = None, *,
+                 eos_token_id: int | None = EOS_ID, pad_id: int = 0, **overrides: Any) -> list[list[int]]:
+    """New token ids for each prompt (EOS not included)."""
+    cfg = _resolve(config, overrides)
+    if not prompts:
+        return []
+    if cfg.num_beams > 1:
+        return _beam_search(model, prompts, cfg, eos_token_id, pad_id)
+    return _collect(iter_tokens(model, prompts, cfg, eos_token_id=eos_token_id, pad_id=pad_id), len(prompts),
+                    eos_token_id)
+
+
+def _collect(steps: Iterator[tuple[torch.Tensor, torch.Tensor]], n: int, eos_token_id: int | None,
+             stop: Any = None) -> list[list[int]]:
+    """Gather each row's tokens up to (not including) EOS; `stop(row_ids) -> bool` ends a row early."""
+    rows: list[list[int]] = [[] for _ in range(n)]
+    done = [False] * n
+    for tokens, finished in steps:
+        for r, tok in enumerate(tokens.tolist()):
+            if done[r]:
+                continue
+            if finished[r] and tok == eos_token_id:
+                done[r] = True
+                continue
+            rows[r].append(tok)
+            if stop is not None and stop(rows[r]):
+                finished[r] = done[r] = True
+    return rows
+
+
+@torch.inference_mode()
+def _beam_search(model: Transformer, prompts: Sequence[Sequence[int]], cfg: GenerationConfig,
+                 eos_token_id: int | None, pad_id: int) -> list[list[int]]:
+    """Standard beam search: keep the num_beams best partial hypotheses by summed log-probability; a
+    hypothesis ending in EOS is finished and scored sum / length ** length_penalty. Stops for a prompt when
+    it has num_beams finished hypotheses and no live beam can still beat the worst of them."""
+    nb, B = cfg.num_beams, len(prompts)
+    was_training = model.training
+    model.eval()
+    ctx = _Context(model, prompts, cfg.max_new_tokens, pad_id)
+    first = True
+    scores = torch.zeros(B, nb, device=ctx.device)
+    scores[:, 1:] = float("-inf")  # all beams start identical; only the first may expand at step 0
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
+    done = [False] * B
+    prompt_len = ctx.length
+    for step in range(cfg.max_new_tokens):
+        logits = ctx.next_logits()
+        if first:  # expand each prompt's cache to nb rows after the shared prefill
+            ctx.reorder(torch.arange(B, device=ctx.device).repeat_interleave(nb))
+            logits = logits.repeat_interleave(nb, dim=0)
+            first = False
+        logp = process_logits(logits, dataclasses.replace(cfg, do_sample=False), ctx.context_ids()).log_softmax(-1)
+        V = logp.size(-1)
+        cand = (scores.view(-1, 1) + logp).view(B, nb * V)
+        top_scores, top_idx = cand.topk(2 * nb, dim=-1)
+        new_scores = torch.full((B, nb), float("-inf"), device=ctx.device)
+        src = torch.zeros(B, nb, dtype=torch.long, device=ctx.device)
+        tok = torch.full((B, nb), pad_id, dtype=torch.long, device=ctx.device)
+        for b in range(B):
+            if done[b]:
+                src[b] = b * nb  # keep a placeholder row; it is never returned
+                continue
+            live = 0
+            for s, idx in zip(top_scores[b].tolist(), top_idx[b].tolist()):
+                beam, token = divmod(idx, V)
+                if cfg.stop_at_eos and token == eos_token_id:
+                    hyp = ctx.ids[b * nb + beam, prompt_len:ctx.length].tolist()
+                    finished[b].append((s / max(len(hyp) + 1, 1) ** cfg.length_penalty, hyp))
+                    continue
+                new_scores[b, live], src[b, live], tok[b, live] = s, b * nb + beam, token
+                live += 1
+                if live == nb:
+                    break
+            finished[b] = sorted(finished[b], key=lambda h: -h[0])[:nb]
+            if len(finished[b]) == nb:
+                best_live = new_scores[b, 0].item() / (step + 1) ** cfg.length_penalty
+                done[b] = best_live <= finished[b][-1][0]
+        scores = new_scores
+        ctx.reorder(src.view(-1))
+        ctx.append(tok.view(-1))
+        if all(done):
+            break
+    model.train(was_training)
+    results = []
+    for b in range(B):
+        hyps = list(finished[b])
+        if not done[b]:
+            for beam in range(nb):
+                if scores[b, beam] > float("-inf"):
+                    hyp = ctx.ids[b * nb + beam, prompt_len:ctx.length].tolist()
+                    hyps.append((scores[b, beam].item() / max(len(hyp), 1) ** cfg.length_penalty, hyp))
+        results.append(max(hyps, key=lambda h: h[0])[1] if hyps else [])
+    return results
+
+
+# ---- text level -----------------------------------------------------------------------------------
+
+def _encode_prompt(tokenizer: Any, prompt: str, bos: bool) -> list[int]:
+    ids = tokenizer.encode(prompt)
+    return [tokenizer.bos_id, *ids] if bos or not ids else ids  # an empty prompt starts from <BOS>
+
+
+def generate(model: Transformer, tokenizer: Any, prompt: str | Sequence[str], config: GenerationConfig | None = None,
+             *, add_bos: bool = False, **overrides: Any) -> str | list[str]:
+    """Generate a continuation for one prompt (returns str) or a batch (returns list[str]); the prompt
+    itself is not repeated. Stops at EOS, at any stop string (excluded), or after max_new_tokens."""
+    cfg = _resolve(config, overrides)
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    ids = [_encode_prompt(tokenizer, p, add_bos) for p in prompts]
+    eos = getattr(tokenizer, "eos_id", EOS_ID)
+    pad = getattr(tokenizer, "pad_id", 0)
+    if cfg.num_beams > 1 or not cfg.stop_strings:
+        rows = generate_ids(model, ids, cfg, eos_token_id=eos, pad_id=pad)
+    else:
+        tail = 4 * max(len(s) for s in cfg.stop_strings) + 1  # a char is at most 4 byte-level tokens
+        rows = _collect(iter_tokens(model, ids, cfg, eos_token_id=eos, pad_id=pad), len(ids), eos,
+                        stop=lambda row: any(s in tokenizer.decode(row[-tail:]) for s in cfg.stop_strings))
+    texts = [tokenizer.decode(row) for row in rows]
+    texts = [_cut_at_stop(t, cfg.stop_strings) for t in texts]
+    return texts[0] if isinstance(prompt, str) else texts
+
+
+def _cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def stream(model: Transformer, tokenizer: Any, prompt: str, config: GenerationConfig | None = None, *,
+           add_bos: bool = False, **overrides: Any) -> Iterator[str]:
+    """Yield the continuation of one prompt piece by piece as tokens are produced. Text that might be the
+    start of a stop string is held back until it is known not to be one; the concatenation of all
+    pieces equals `generate(...)` with the same settings and seed."""
+    cfg = _resolve(config, overrides)
+    if cfg.num_beams > 1:
+        raise ValueError("streaming needs num_beams=1 (beam search only knows the winner at the end)")
+    ids = _encode_prompt(tokenizer, prompt, add_bos)
+    eos = getattr(tokenizer, "eos_id", EOS_ID)
+    decoder = tokenizer.stream_decoder()
+    held = ""
+    stops = cfg.stop_strings
+    for tokens, finished in iter_tokens(model, [ids], cfg, eos_token_id=eos, pad_id=getattr(tokenizer, "pad_id", 0)):
+        if finished[0] and tokens[0].item() == eos:
+            break
+        held += decoder.push(tokens[0].item())
+        cut = _cut_at_stop(held, stops)
+        if len(cut) < len(held):  # a stop string appeared
+            if cut:
+                yield cut
+            return
+        # hold back the longest suffix that is a prefix of some stop string
+        keep = max((k for s in stops for k in range(1, min(len(s), len(held)) + 1) if held.endswith(s[:k])),
+                   default=0)
+        if len(held) > keep:
+            yield held[: len(held) - keep]
+            held = held[len(held) - keep:]
+    held += decoder.flush()
+    held = _cut_at_stop(held, stops)
+    if held:
+        yield held

@@ -1,0 +1,81 @@
+"""The model directory: config.json + model.safetensors + tokenizer.json (+ generation.json, training.json).
+
+Loading executes no code: JSON and safetensors only, never pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+
+from ..tokenizers import Tokenizer
+from .config import ModelConfig, atomic_write_text
+from .generation import GenerationConfig
+from .model import Transformer
+
+CONFIG, WEIGHTS, TOKENIZER, GENERATION, TRAINING = (
+    "config.json", "model.safetensors", "tokenizer.json", "generation.json", "training.json")
+
+
+def save_pretrained(path: str | Path, model: Transformer, tokenizer: Tokenizer | None = None, *,
+                    generation: GenerationConfig | None = None, training: dict[str, Any] | None = None) -> Path:
+    """Write a model directory. Every file is written to a temporary name and renamed into place."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if tokenizer is not None and len(tokenizer) > model.config.vocab_size:
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                         f"{model.config.vocab_size}")
+    fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{WEIGHTS}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_model(model, tmp, metadata={"format": "pt", "lmlab_family": model.config.family})
+        os.replace(tmp, path / WEIGHTS)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    model.config.save(path / CONFIG)
+    if tokenizer is not None:
+        tokenizer.save(path / TOKENIZER)
+    if generation is not None:
+        generation.save(path / GENERATION)
+    if training is not None:
+        atomic_write_text(path / TRAINING, json.dumps(training, indent=2, ensure_ascii=False) + "\n")
+    return path
+
+
+def load_pretrained(path: str | Path, *, device: str | torch.device = "cpu",
+                    dtype: torch.dtype | None = None) -> tuple[Transformer, Tokenizer | None]:
+    """Read a model directory -> (model in eval mode, tokenizer or None if the directory has none)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory not found: {path}")
+    for name in (CONFIG, WEIGHTS):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path} is not a model directory: {name} is missing")
+    config = ModelConfig.load(path / CONFIG)
+    model = Transformer(config)
+    try:
+        missing, unexpected = load_model(model, path / WEIGHTS, strict=False, device=str(device))
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{path / WEIGHTS} is not a readable safetensors file: {exc}") from None
+    except RuntimeError as exc:  # shape mismatch between config.json and the weights
+        raise ValueError(f"{path / WEIGHTS} does not match {CONFIG}: {str(exc).splitlines()[0]}") from None
+    if missing or unexpected:
+        raise ValueError(f"{path / WEIGHTS} does not match {CONFIG}: missing {sorted(missing)[:3]}, "
+                         f"unexpected {sorted(unexpected)[:3]}")
+    model.to(device=device, dtype=dtype)
+    tokenizer = Tokenizer.load(path / TOKENIZER) if (path / TOKENIZER).is_file() else None
+    if tokenizer is not None and len(tokenizer) > config.vocab_size:
+        raise ValueError(f"{path / TOKENIZER} has {len(tokenizer)} tokens but vocab_size is {config.vocab_size}")
+    return model.eval(), tokenizer
+
+
+def load_generation_config(path: str | Path) -> GenerationConfig:
+    file = Path(path) / GENERATION
+    return GenerationConfig.load(file) if file.is_file() else GenerationConfig()
