@@ -123,6 +123,45 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
+    # ---- accounting without building the model (for `lmlab info` and the web app's estimates) -----
+
+    def num_parameters(self) -> int:
+        """Unique parameters of Transformer(self), computed analytically (a tied head counts once)."""
+        d, L, kv = self.n_embd, self.n_layer, self.n_kv_head * self.head_dim
+        b = int(self.bias)
+        norm = d * (2 if self.norm == "layernorm" and self.bias else 1)
+        attn = d * (d + 2 * kv) + b * (d + 2 * kv) + d * d + b * d
+        up = self.intermediate_size * (2 if self.mlp == "swiglu" else 1)
+        mlp = d * up + b * up + self.intermediate_size * d + b * d
+        n = L * (attn + mlp + 2 * norm) + self.vocab_size * d
+        n += self.block_size * d if self.pos_encoding == "learned" else 0
+        n += norm if self.final_norm else 0
+        n += 0 if self.tie_embeddings else self.vocab_size * d
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token (forward + backward): 6N for the matmuls plus 12*L*T*d for attention
+        scores (Kaplan et al. 2020; PaLM appendix B). N excludes embedding lookups, includes the head."""
+        n = self.num_parameters() - self.vocab_size * self.n_embd * (not self.tie_embeddings)
+        n -= self.block_size * self.n_embd if self.pos_encoding == "learned" else 0
+        return 6 * n + 12 * self.n_layer * (seq_len or self.block_size) * self.n_embd
+
+    def memory_estimate(self, batch_size: int = 1, seq_len: int | None = None, *, training: bool = True,
+                        bytes_per_param: int = 4) -> dict[str, int]:
+        """Rough peak bytes. Training: weights + grads + AdamW's two moments (4 copies) plus activations,
+        ~ (34 + 5 * n_head * T / d) * T * d bytes per layer and sequence at 2 bytes (Korthikanti et al.
+        2022, eq. 2), doubled for fp32, plus the logits. Inference: weights plus a full KV cache."""
+        T = seq_len or self.block_size
+        weights = self.num_parameters() * bytes_per_param
+        if not training:
+            kv = 2 * self.n_layer * self.n_kv_head * self.head_dim * T * batch_size * bytes_per_param
+            return {"weights": weights, "kv_cache": kv, "total": weights + kv}
+        per_layer = (34 + 5 * self.n_head * T / self.n_embd) * T * self.n_embd * bytes_per_param // 2
+        activations = int(per_layer * self.n_layer * batch_size) + 3 * batch_size * T * self.vocab_size * 4
+        states = 3 * weights
+        return {"weights": weights, "grads_and_optimizer": states, "activations": activations,
+                "total": weights + states + activations}
+
     # ---- presets -----------------------------------------------------------------------------------
 
     @classmethod
