@@ -1,0 +1,99 @@
+"""Text-level API: model directory save/load, generate/stream with a real tokenizer, the CLI edges."""
+
+import pytest
+import torch
+
+import lmlab
+from lmlab.cli import main
+from lmlab.models.io import load_pretrained, save_pretrained
+
+TEXT = ("Жили-были дед да баба. The old man and the old woman lived by the sea. 🎉\n"
+        "Дед ловил неводом рыбу, а баба пряла свою пряжу. They lived in a small hut.\n") * 20
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return lmlab.Tokenizer.train([TEXT], kind="bpe", vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def trained(tok):
+    """A tiny model fitted for a few dozen steps, so generations are not noise."""
+    torch.manual_seed(0)
+    cfg = lmlab.ModelConfig.preset("llama-tiny", vocab_size=tok.vocab_size, block_size=64)
+    model = lmlab.Transformer(cfg)
+    ids = torch.tensor(tok.encode(TEXT))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(60):
+        starts = torch.randint(0, len(ids) - 65, (8,))
+        x = torch.stack([ids[s:s + 64] for s in starts])
+        y = torch.stack([ids[s + 1:s + 65] for s in starts])
+        loss = model(x, y).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def test_save_load_identical_logits_and_tokenizer(tmp_path, trained, tok):
+    save_pretrained(tmp_path / "m", trained, tok)
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["config.json", "model.safetensors",
+                                                                  "tokenizer.json"]
+    model, tok2 = load_pretrained(tmp_path / "m")
+    idx = torch.tensor([tok.encode(TEXT[:200])[:64]])
+    with torch.no_grad():
+        assert torch.equal(model(idx).logits, trained(idx).logits)
+    assert tok2.encode(TEXT) == tok.encode(TEXT)
+
+
+def test_load_errors_are_clear(tmp_path, trained, tok):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_pretrained(tmp_path / "nope")
+    save_pretrained(tmp_path / "m", trained, tok)
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="safetensors"):
+        load_pretrained(tmp_path / "m")
+
+
+def test_stream_concatenates_to_generate(trained, tok):
+    kw = dict(max_new_tokens=40, temperature=0.9, top_k=20, seed=5)
+    full = lmlab.generate(trained, tok, "Дед ловил", **kw)
+    pieces = list(lmlab.stream(trained, tok, "Дед ловил", **kw))
+    assert len(pieces) > 1 and "".join(pieces) == full
+
+
+def test_stop_strings_cut_generation_and_stream(trained, tok):
+    free = lmlab.generate(trained, tok, "The old", max_new_tokens=40, do_sample=False, stop_at_eos=False)
+    stop = free[5:8]  # a string we know the greedy continuation produces
+    cut = lmlab.generate(trained, tok, "The old", max_new_tokens=40, do_sample=False, stop_strings=[stop])
+    assert cut == free[:free.index(stop)]
+    streamed = "".join(lmlab.stream(trained, tok, "The old", max_new_tokens=40, do_sample=False,
+                                    stop_strings=[stop]))
+    assert streamed == cut
+
+
+def test_edge_prompts_behave(trained, tok):
+    assert isinstance(lmlab.generate(trained, tok, "", max_new_tokens=5, seed=0), str)  # starts from <BOS>
+    long_prompt = TEXT * 3  # far longer than block_size 64
+    assert len(tok.encode(long_prompt)) > 64
+    out = lmlab.generate(trained, tok, long_prompt, max_new_tokens=70, do_sample=False, stop_at_eos=False)
+    assert len(tok.encode(out)) >= 60
+    assert isinstance(lmlab.generate(trained, tok, "漢字 ∮ unknown ⛄", max_new_tokens=5, seed=0), str)
+    batch = lmlab.generate(trained, tok, ["Дед", "The old woman lived"], max_new_tokens=10, do_sample=False)
+    assert batch == [lmlab.generate(trained, tok, p, max_new_tokens=10, do_sample=False)
+                     for p in ["Дед", "The old woman lived"]]
+
+
+def test_cli_info_and_generate(tmp_path, trained, tok, capsys):
+    assert main(["info", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lmlab: error:") and "\n" not in err
+    assert main(["info", "--preset", "gpt2-124m"]) == 0
+    assert "124,439,808" in capsys.readouterr().out
+    save_pretrained(tmp_path / "m", trained, tok)
+    assert main(["generate", str(tmp_path / "m"), "--prompt", "Дед", "--greedy", "--max-new-tokens", "12"]) == 0
+    out = capsys.readouterr().out
+    expected = lmlab.generate(trained, tok, "Дед", max_new_tokens=12, do_sample=False)
+    assert out == "Дед" + expected + "\n"
+    assert main(["generate", str(tmp_path / "m"), "--prompt", "x", "--top-p", "2"]) == 2
+    assert "top_p" in capsys.readouterr().err
