@@ -137,3 +137,23 @@ def test_generation_config_validation_names_the_field():
                       (dict(num_beams=0), "num_beams"), (dict(top_k=-2), "top_k")]:
         with pytest.raises(ValueError, match=field):
             GenerationConfig(**kw)
+
+
+def test_configure_optimizer_decays_only_matrices():
+    model = tiny("llama")
+    opt = model.configure_optimizer(lr=1e-3, weight_decay=0.1)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_decoding_fast_path_matches_plain_forward():
+    model = tiny("gpt2")
+    idx = torch.randint(4, 61, (3, 1))
+    with torch.no_grad():
+        plain = model(idx).logits
+        with model.decoding():
+            fast = model(idx).logits
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+    assert all(getattr(m, "decode_weight", None) is None for m in model.modules())

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from ..models import ModelConfig
+from ..tokenizers import BOS_ID, EOS_ID
 
 HF_ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "gpt": "OpenAIGPTLMHeadModel"}
 _MODEL_TYPES = {"gpt2": "gpt2", "llama": "llama", "openai-gpt": "gpt"}
@@ -98,7 +99,8 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
 def hf_config_dict(cfg: ModelConfig, **extra: Any) -> dict[str, Any]:
     """The keyword arguments of the transformers config class for `cfg` (GPT2Config, LlamaConfig,
     OpenAIGPTConfig). Raises ValueError for switches the target class cannot express."""
-    common = dict(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings, **extra)
+    common = dict(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings, bos_token_id=BOS_ID,
+                  eos_token_id=EOS_ID, pad_token_id=cfg.pad_token_id, **extra)
     want = ModelConfig(family=cfg.family, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                        n_embd=cfg.n_embd, block_size=cfg.block_size,
                        n_kv_head=cfg.n_kv_head if cfg.family == "llama" else None,

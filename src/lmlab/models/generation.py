@@ -171,15 +171,16 @@ def iter_tokens(model: Transformer, prompts: Sequence[Sequence[int]], cfg: Gener
     was_training = model.training
     model.eval()
     try:
-        for _ in range(cfg.max_new_tokens):
-            logits = process_logits(ctx.next_logits(), cfg, ctx.context_ids())
-            tokens = _choose(logits, cfg, generator).masked_fill(finished, pad_id)
-            ctx.append(tokens)
-            if cfg.stop_at_eos and eos_token_id is not None:
-                finished |= tokens == eos_token_id
-            yield tokens, finished
-            if bool(finished.all()):
-                break
+        with model.decoding():
+            for _ in range(cfg.max_new_tokens):
+                logits = process_logits(ctx.next_logits(), cfg, ctx.context_ids())
+                tokens = _choose(logits, cfg, generator).masked_fill(finished, pad_id)
+                ctx.append(tokens)
+                if cfg.stop_at_eos and eos_token_id is not None:
+                    finished |= tokens == eos_token_id
+                yield tokens, finished
+                if bool(finished.all()):
+                    break
     finally:
         model.train(was_training)
 
@@ -223,6 +224,15 @@ def _beam_search(model: Transformer, prompts: Sequence[Sequence[int]], cfg: Gene
     nb, B = cfg.num_beams, len(prompts)
     was_training = model.training
     model.eval()
+    with model.decoding():
+        finished = _beam_loop(model, prompts, cfg, eos_token_id, pad_id)
+    model.train(was_training)
+    return finished
+
+
+def _beam_loop(model: Transformer, prompts: Sequence[Sequence[int]], cfg: GenerationConfig,
+               eos_token_id: int | None, pad_id: int) -> list[list[int]]:
+    nb, B = cfg.num_beams, len(prompts)
     ctx = _Context(model, prompts, cfg.max_new_tokens, pad_id)
     first = True
     scores = torch.zeros(B, nb, device=ctx.device)
@@ -267,7 +277,6 @@ def _beam_search(model: Transformer, prompts: Sequence[Sequence[int]], cfg: Gene
         ctx.append(tok.view(-1))
         if all(done):
             break
-    model.train(was_training)
     results = []
     for b in range(B):
         hyps = list(finished[b])

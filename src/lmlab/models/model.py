@@ -7,6 +7,8 @@ Shapes in comments: B batch, T new tokens, S cached + new tokens, H query heads,
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -48,6 +50,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+class Linear(nn.Linear):
+    """nn.Linear that, while generating, may multiply by a transposed contiguous copy of its weight.
+
+    For one token at a time on CPU, `x @ W.T` with W.T stored contiguously streams the weight ~1.3-2x
+    faster than nn.Linear's layout (MKL sgemv vs sgemm, measured in benchmarks/bench_model.py's notes in
+    docs/LOG.md). The copy exists only inside `Transformer.decoding()`; training never sees it."""
+
+    decode_weight: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        wt = self.decode_weight
+        if wt is None or x.shape[-2] != 1:
+            return F.linear(x, self.weight, self.bias)
+        x2 = x.reshape(-1, x.shape[-1])
+        y = torch.mm(x2, wt) if self.bias is None else torch.addmm(self.bias, x2, wt)
+        return y.view(*x.shape[:-1], wt.shape[1])
+
+
 class KVCache:
     """Preallocated keys/values for every layer: (n_layer, B, K, max_len, D). `length` is shared by all
     rows, which is why batched prompts are left-padded."""
@@ -80,8 +100,8 @@ class Attention(nn.Module):
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         kv_dim = cfg.n_kv_head * cfg.head_dim
         self.split = (cfg.n_embd, kv_dim, kv_dim)
-        self.qkv = nn.Linear(cfg.n_embd, cfg.n_embd + 2 * kv_dim, bias=cfg.bias)  # fused q, k, v
-        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.qkv = Linear(cfg.n_embd, cfg.n_embd + 2 * kv_dim, bias=cfg.bias)  # fused q, k, v
+        self.proj = Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
@@ -109,8 +129,8 @@ class MLP(nn.Module):
         self.swiglu = cfg.mlp == "swiglu"
         hidden = cfg.intermediate_size
         # SwiGLU (Shazeer 2020): gate and up projections fused into one matmul, [gate; up].
-        self.fc = nn.Linear(cfg.n_embd, 2 * hidden if self.swiglu else hidden, bias=cfg.bias)
-        self.proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+        self.fc = Linear(cfg.n_embd, 2 * hidden if self.swiglu else hidden, bias=cfg.bias)
+        self.proj = Linear(hidden, cfg.n_embd, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -153,7 +173,7 @@ class Transformer(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm_f = make_norm(cfg) if cfg.final_norm else None
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         if cfg.pos_encoding == "rope":
@@ -173,6 +193,31 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.config.n_layer))
             else:
                 nn.init.normal_(p, 0.0, std)
+
+    def configure_optimizer(self, lr: float, weight_decay: float = 0.1,
+                            betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8) -> torch.optim.AdamW:
+        """AdamW with weight decay only on matrices (>= 2-D: linears and embeddings), never on norms and
+        biases (nanoGPT's configure_optimizers), using the fused kernel (one launch for all tensors)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
+
+    @contextmanager
+    def decoding(self) -> Iterator[None]:
+        """Inference-only fast path for token-by-token decoding of fp32 weights on CPU: each Linear keeps
+        a transposed contiguous copy of its weight (doubling weight memory for the duration)."""
+        layers = [m for m in self.modules() if isinstance(m, Linear)]
+        fast = all(m.weight.device.type == "cpu" and m.weight.dtype == torch.float32 for m in layers)
+        try:
+            if fast:
+                with torch.no_grad():
+                    for m in layers:
+                        m.decode_weight = m.weight.t().contiguous()
+            yield
+        finally:
+            for m in layers:
+                m.decode_weight = None
 
     # ---- accounting --------------------------------------------------------------------------------
 
