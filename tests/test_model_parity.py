@@ -5,7 +5,12 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from lmlab.interop.hf_mapping import from_hf_state_dict, hf_config_dict, model_config_from_hf, to_hf_state_dict  # noqa: E402
+from lmlab.interop.hf_mapping import (  # noqa: E402
+    from_hf_state_dict,
+    hf_config_dict,
+    model_config_from_hf,
+    to_hf_state_dict,
+)
 from lmlab.models import ModelConfig, Transformer  # noqa: E402
 
 HF = {

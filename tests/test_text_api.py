@@ -24,7 +24,7 @@ def trained(tok):
     model = lmlab.Transformer(cfg)
     ids = torch.tensor(tok.encode(TEXT))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for step in range(60):
+    for _step in range(60):
         starts = torch.randint(0, len(ids) - 65, (8,))
         x = torch.stack([ids[s:s + 64] for s in starts])
         y = torch.stack([ids[s + 1:s + 65] for s in starts])
