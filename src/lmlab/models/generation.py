@@ -221,7 +221,6 @@ def _beam_search(model: Transformer, prompts: Sequence[Sequence[int]], cfg: Gene
     """Standard beam search: keep the num_beams best partial hypotheses by summed log-probability; a
     hypothesis ending in EOS is finished and scored sum / length ** length_penalty. Stops for a prompt when
     it has num_beams finished hypotheses and no live beam can still beat the worst of them."""
-    _nb, _B = cfg.num_beams, len(prompts)
     was_training = model.training
     model.eval()
     with model.decoding():
@@ -258,7 +257,7 @@ def _beam_loop(model: Transformer, prompts: Sequence[Sequence[int]], cfg: Genera
                 src[b] = b * nb  # keep a placeholder row; it is never returned
                 continue
             live = 0
-            for s, idx in zip(top_scores[b].tolist(), top_idx[b].tolist(), strict=False):
+            for s, idx in zip(top_scores[b].tolist(), top_idx[b].tolist()):
                 beam, token = divmod(idx, V)
                 if cfg.stop_at_eos and token == eos_token_id:
                     hyp = ctx.ids[b * nb + beam, prompt_len:ctx.length].tolist()
