@@ -153,6 +153,80 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 
+# ---- tokenizer train / data prepare -----------------------------------------------------------------
+
+def _tokenizer_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    t = sub.add_parser("train", help="train a tokenizer on every document found in SOURCES")
+    t.add_argument("sources", nargs="+", help="files, folders or globs (.txt .md .html .epub .pdf)")
+    t.add_argument("--kind", default="bpe", choices=["bpe", "char", "word"], help="tokenizer kind (default bpe)")
+    t.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size incl. 4 specials (default 8192)")
+    t.add_argument("--out", required=True, help="where to write tokenizer.json")
+
+
+@command("tokenizer", "train a tokenizer (lmlab tokenizer train SOURCES --out tokenizer.json)", _tokenizer_arguments)
+def _tokenizer(args: argparse.Namespace) -> int:
+    from .data import find_documents, read_document
+    from .tokenizers import Tokenizer
+
+    paths = find_documents(args.sources)
+    texts = [read_document(p) for p in paths]
+    if not any(t.strip() for t in texts):
+        raise ValueError("the corpus is empty: no document has any text")
+    tok = Tokenizer.train(texts, kind=args.kind, vocab_size=args.vocab_size)
+    out = Path(args.out)
+    tok.save(out / "tokenizer.json" if out.is_dir() else out)
+    sample = next(t for t in texts if t.strip())[:60].strip()
+    print(f"{tok.kind} tokenizer, {tok.vocab_size} tokens, trained on {len(paths)} documents -> {out}")
+    print(f"sample: {sample!r} -> {tok.encode(sample)[:20]}")
+    return 0
+
+
+def _data_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    d = sub.add_parser("prepare", help="tokenise documents once into a token file with a held-out split")
+    d.add_argument("sources", nargs="+", help="files, folders or globs (.txt .md .html .epub .pdf)")
+    d.add_argument("--tokenizer", required=True, help="tokenizer.json, or a model directory holding one")
+    d.add_argument("--out", required=True, help="output folder (tokens.bin + tokens.json)")
+    d.add_argument("--val-fraction", type=float, default=0.05, help="held-out share of each document (0.05)")
+    d.add_argument("--weight", action="append", default=[], metavar="NAME=W",
+                   help="sampling weight of a document by file name or stem (repeatable)")
+    d.add_argument("--preset", help="report tokens per parameter for this preset, e.g. gpt2-small")
+
+
+def parse_weights(items: Sequence[str]) -> dict[str, float]:
+    weights = {}
+    for item in items:
+        name, sep, value = item.rpartition("=")
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name:
+            raise ValueError(f"--weight {item!r} must look like NAME=NUMBER")
+    return weights
+
+
+@command("data", "prepare token files (lmlab data prepare SOURCES --tokenizer T --out DIR)", _data_arguments)
+def _data(args: argparse.Namespace) -> int:
+    from .data import prepare
+    from .models import ModelConfig
+    from .tokenizers import Tokenizer
+
+    tok = Tokenizer.load(args.tokenizer)
+    cfg = ModelConfig.preset(args.preset, vocab_size=tok.vocab_size) if args.preset else None
+    ds = prepare(args.sources, tok, args.out, val_fraction=args.val_fraction, weights=parse_weights(args.weight))
+    st = ds.stats(cfg)
+    print(f"documents:  {st['documents']} ({st['documents_without_val']} too short to hold out a val slice)")
+    print(f"characters: {st['characters']:,}")
+    print(f"tokens:     {st['tokens']:,} (train {st['train_tokens']:,}, val {st['val_tokens']:,})")
+    if cfg is not None:
+        print(f"tokens per parameter: {st['tokens_per_parameter']:.2f} for {args.preset} "
+              f"({st['parameters']:,} parameters; Chinchilla-optimal is ~20, i.e. {st['chinchilla_tokens']:,} tokens)")
+    print(f"written to {args.out}")
+    return 0
+
+
 # ---- entry point ------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
