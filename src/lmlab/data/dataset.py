@@ -76,7 +76,7 @@ def prepare_texts(texts: Sequence[str], tokenizer: Any, out_dir: str | Path, *, 
         train_parts.append(ids[: len(ids) - n_val])
         val_parts.append(ids[len(ids) - n_val:])
     docs, offset = [], 0
-    for j, part in enumerate(train_parts):
+    for part in train_parts:
         splits.append((offset, offset + len(part)))
         offset += len(part) + 1
     n_train = offset
@@ -174,7 +174,8 @@ class TokenDataset:
 
     # ---- batches -----------------------------------------------------------------------------------
 
-    def sample_batch(self, batch_size: int, seq_len: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample_batch(self, batch_size: int, seq_len: int,
+                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Random windows from the train region: a document is drawn with probability ∝ weight × its
         training tokens, then a start inside it; a window may run on into the next document's training
         part (past an EOS) but never past the train region. Only `generator` supplies randomness, so its
