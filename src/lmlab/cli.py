@@ -10,6 +10,7 @@ Bad input prints one line `lmlab: error: ...` and exits with code 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -224,6 +225,120 @@ def _data(args: argparse.Namespace) -> int:
         print(f"tokens per parameter: {st['tokens_per_parameter']:.2f} for {args.preset} "
               f"({st['parameters']:,} parameters; Chinchilla-optimal is ~20, i.e. {st['chinchilla_tokens']:,} tokens)")
     print(f"written to {args.out}")
+    return 0
+
+
+# ---- train / eval / demo ----------------------------------------------------------------------------
+
+def add_train_config_arguments(p: argparse.ArgumentParser) -> None:
+    """Every TrainConfig field as a flag (default None = the config's default, or the saved run's value)."""
+    import dataclasses
+    import typing
+
+    from .train import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    g = p.add_argument_group("training hyper-parameters (TrainConfig)")
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        base = next((t for t in (bool, int, float, str) if t is kind or t in typing.get_args(kind)), str)
+        help_text = f"default {f.default}"
+        if base is bool:
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            g.add_argument(flag, type=base, default=None, metavar=base.__name__.upper(), help=help_text)
+
+
+def train_overrides(args: argparse.Namespace) -> dict:
+    import dataclasses
+
+    from .train import TrainConfig
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
+
+
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sources", nargs="*", help="books: files, folders or globs (.txt .md .html .epub .pdf)")
+    p.add_argument("--out", required=True, help="run directory (metrics, checkpoints, final model)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    m = p.add_argument_group("model (one of)")
+    m.add_argument("--preset", help="family-size preset, e.g. gpt2-small, llama-tiny, gpt-medium, gpt2-124m")
+    m.add_argument("--config", help="a ModelConfig JSON file (seed keys like d_model/num_layers accepted)")
+    m.add_argument("--init", help="start from this model directory's weights and tokenizer")
+    d = p.add_argument_group("data and tokenizer")
+    d.add_argument("--dataset", help="a prepared token dataset (lmlab data prepare) instead of SOURCES")
+    d.add_argument("--tokenizer", help="reuse this tokenizer.json instead of training one on SOURCES")
+    d.add_argument("--tokenizer-kind", default="bpe", choices=["bpe", "char", "word"], help="kind to train (bpe)")
+    d.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size to train (8192)")
+    d.add_argument("--val-fraction", type=float, default=0.05, help="held-out share of each document (0.05)")
+    d.add_argument("--weight", action="append", default=[], metavar="NAME=W", help="document sampling weight")
+    add_train_config_arguments(p)
+
+
+@command("train", "train a model on your books (or resume a run)", _train_arguments)
+def _train(args: argparse.Namespace) -> int:
+    from .models import ModelConfig
+    from .train import TrainConfig
+    from .train.recipes import resume_run, train_from_sources
+
+    overrides = train_overrides(args)
+    if args.resume:
+        result = resume_run(args.out, overrides)
+    else:
+        if not any(overrides.get(k) for k in ("max_steps", "max_tokens", "epochs", "time_budget_s")):
+            overrides["epochs"] = 1.0  # a sensible stop when none is given: one pass over the books
+        config = TrainConfig.from_dict(overrides)
+        model_config = ModelConfig.load(args.config) if args.config else None
+        result = train_from_sources(
+            args.out, config, sources=args.sources, dataset=args.dataset, preset=args.preset,
+            model_config=model_config, init=args.init, tokenizer=args.tokenizer, tokenizer_kind=args.tokenizer_kind,
+            vocab_size=args.vocab_size, val_fraction=args.val_fraction, weights=parse_weights(args.weight))
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+        return 0
+    print(f"stopped after {result.steps} steps ({result.stop_reason}); final loss {result.final_loss:.4f}"
+          + (f", best val loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""))
+    if result.stop_reason in ("interrupted", "stopped"):
+        print(f"continue with: lmlab train --out {args.out} --resume")
+        return 130 if result.stop_reason == "interrupted" else 0
+    print(f"model: {Path(args.out) / 'final'}")
+    return 0
+
+
+def _eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_dir", help="a model directory")
+    p.add_argument("texts", nargs="+", help="files, folders or globs to evaluate on")
+    p.add_argument("--seq-len", type=int, help="window length (default: the model's context)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (8)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+
+
+@command("eval", "loss, perplexity and bits per byte of a model on texts", _eval_arguments)
+def _eval(args: argparse.Namespace) -> int:
+    from .data import find_documents, read_document
+    from .models.io import load_pretrained
+    from .train.recipes import evaluate_texts
+
+    model, tok = load_pretrained(args.model_dir, device=_device(args.device))
+    if tok is None:
+        raise ValueError(f"{args.model_dir} has no tokenizer.json")
+    texts = [read_document(p) for p in find_documents(args.texts)]
+    r = evaluate_texts(model, tok, texts, seq_len=args.seq_len, batch_size=args.batch_size)
+    print(f"loss {r['loss']:.4f} nats/token | perplexity {r['perplexity']:.2f} | "
+          f"bits per byte {r['bits_per_byte']:.4f} | {r['tokens']:,} tokens")
+    return 0
+
+
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="lmlab-demo", help="run directory to create (default ./lmlab-demo)")
+    p.add_argument("--max-steps", type=int, default=900, help="training steps (900, about 3 minutes on 2 cores)")
+    p.add_argument("--time-budget", type=float, default=240.0, help="stop training after this many seconds")
+    p.add_argument("--seed", type=int, default=0, help="seed for the book, the model and the samples")
+
+
+@command("demo", "the main job: train a small model on a built-in book and show text before/after", _demo_arguments)
+def _demo(args: argparse.Namespace) -> int:
+    from .train.recipes import run_demo
+    run_demo(args.out, max_steps=args.max_steps, time_budget_s=args.time_budget, seed=args.seed)
     return 0
 
 

@@ -120,7 +120,8 @@ class Trainer:
         self.model_config: ModelConfig = model.config
         self.seq_len = config.seq_len or self.model_config.block_size
         if self.seq_len > self.model_config.block_size:
-            raise ValueError(f"seq_len ({self.seq_len}) exceeds the model's block_size ({self.model_config.block_size})")
+            raise ValueError(f"seq_len ({self.seq_len}) exceeds the model's block_size "
+                             f"({self.model_config.block_size})")
         if config.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter  # noqa: F401
@@ -130,7 +131,8 @@ class Trainer:
         self.autocast = (self.device.type == "cuda" and config.dtype in ("auto", "bf16")) or config.dtype == "bf16"
         self.optimizer = self.model.configure_optimizer(config.lr, config.weight_decay, (config.beta1, config.beta2))
         self.train_model: torch.nn.Module = self.model
-        if config.fsdp and self.world > 1:
+        self.sharded = config.fsdp and self.world > 1
+        if self.sharded:
             from torch.distributed.fsdp import fully_shard
             for block in self.model.blocks:
                 fully_shard(block)
@@ -172,8 +174,8 @@ class Trainer:
         need = self.model_config.memory_estimate(self.config.batch_size // self.world, self.seq_len)["total"]
         have = available_memory(self.device)
         if have is not None and need > have:
-            raise ValueError(f"this model and batch need ~{need / 2**30:.1f} GiB but only {have / 2**30:.1f} GiB "
-                             f"is available on {self.device}; lower --batch-size or --seq-len, or pick a smaller preset")
+            raise ValueError(f"this model and batch need ~{need / 2**30:.1f} GiB but only {have / 2**30:.1f} GiB is "
+                             f"available on {self.device}; lower --batch-size or --seq-len, or pick a smaller preset")
 
     # ---- the loop ----------------------------------------------------------------------------------
 
@@ -238,7 +240,7 @@ class Trainer:
             self.save_checkpoint()
             self._print("\ninterrupted: checkpoint saved; continue with --resume")
         result = TrainResult(self.step, self.tokens, stop_reason, last_loss, self.best_val, self.out_dir, self.history)
-        if self.is_main and stop_reason != "interrupted" and stop_reason != "stopped":
+        if stop_reason not in ("interrupted", "stopped"):
             self.save_final(result)
         if self._tb is not None:
             self._tb.close()
@@ -282,13 +284,13 @@ class Trainer:
         stat = torch.zeros(2, device=self.device)  # (sum of per-window losses, windows)
         rows = max(1, self.config.batch_size // self.world)
         for i, (x, y) in enumerate(self.dataset.eval_batches(rows, self.seq_len, self.config.eval_batches)):
-            if self.world > 1 and i % self.world != self.rank:
-                continue
+            if self.world > 1 and not self.sharded and i % self.world != self.rank:
+                continue  # (FSDP: every rank runs every batch, since each forward is a collective)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 loss = self.model(x.to(self.device), y.to(self.device)).loss.float()
             stat += torch.stack([loss * len(x), torch.tensor(float(len(x)), device=self.device)])
         self.model.train()
-        if self.world > 1:
+        if self.world > 1 and not self.sharded:
             dist.all_reduce(stat)
         if stat[1] == 0:
             return {}
@@ -347,7 +349,7 @@ class Trainer:
         eta = ""
         if total and m["step"] < total and self.elapsed:
             eta = f" eta {(total - m['step']) * self.elapsed / m['step']:.0f}s"
-        elif self.config.time_budget_s:
+        elif self.config.time_budget_s and not total:
             eta = f" eta {max(0.0, self.config.time_budget_s - self.elapsed):.0f}s"
         line = f"step {m['step']}{'/' + str(total) if total else ''} loss {m['loss']:.4f} lr {m['lr']:.2e}"
         if m.get("tokens_per_s"):
@@ -374,8 +376,8 @@ class Trainer:
     def save_checkpoint(self) -> Path | None:
         """checkpoints/step-N/, written under a temporary name and renamed, so a crash mid-write leaves the
         previous checkpoint as the latest complete one. Keeps the last `keep_last`."""
-        state = self.model.state_dict()  # all ranks take part (FSDP gathers); rank 0 writes
-        optim = self.optimizer.state_dict()
+        state = self._full_state_dict()  # all ranks take part (FSDP gathers shards); rank 0 writes
+        optim = None if self.sharded else self.optimizer.state_dict()
         if not self.is_main:
             return None
         root = self.out_dir / "checkpoints"
@@ -384,12 +386,9 @@ class Trainer:
         tmp = root / f".tmp-step-{self.step}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        if not self.config.fsdp:
-            save_model(self.model, str(tmp / "model.safetensors"))
-        else:  # FSDP: gather each shard into a full tensor
-            save_file({k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in state.items()},
-                      str(tmp / "model.safetensors"))
-        torch.save(optim, tmp / "optimizer.pt")
+        save_model(self._unsharded(state), str(tmp / "model.safetensors"))
+        if optim is not None:  # FSDP runs keep weights only: they cannot be resumed (yet)
+            torch.save(optim, tmp / "optimizer.pt")
         rng = {"torch": torch.get_rng_state(), "data": self.generator.get_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state(self.device if self.device.type == "cuda" else None)
@@ -411,6 +410,8 @@ class Trainer:
 
     def _resume(self) -> None:
         path = latest_checkpoint(self.out_dir)
+        if self.sharded:
+            raise ValueError("resuming an FSDP run is not supported yet; resume it with DDP (without --fsdp)")
         if path is None:
             raise FileNotFoundError(f"no checkpoint to resume from in {self.out_dir / 'checkpoints'}")
         missing, unexpected = load_model(self.model, str(path / "model.safetensors"), device=str(self.device))
@@ -434,12 +435,28 @@ class Trainer:
             self.history = [json.loads(ln) for ln in kept]
             self._print(f"resumed from {path} (step {self.step})")
 
-    def save_final(self, result: TrainResult) -> Path:
+    def _full_state_dict(self) -> dict[str, torch.Tensor]:
+        state = self.model.state_dict()
+        if self.sharded:
+            state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in state.items()}
+        return state
+
+    def _unsharded(self, state: dict[str, torch.Tensor]) -> Transformer:
+        if not self.sharded:
+            return self.model
+        plain = Transformer(self.model_config)
+        plain.load_state_dict({k: v.cpu() for k, v in state.items()})
+        return plain
+
+    def save_final(self, result: TrainResult) -> Path | None:
+        state = self._full_state_dict()
+        if not self.is_main:
+            return None
         training = {**self.provenance, "train_config": self.config.to_dict(), "steps": result.steps,
                     "tokens": result.tokens, "stop_reason": result.stop_reason, "final_loss": result.final_loss,
                     "best_val_loss": result.best_val_loss,
                     "last_eval": next((m for m in reversed(self.history) if "val_loss" in m), None)}
-        return save_pretrained(self.out_dir / "final", self.model, self.tokenizer, training=training)
+        return save_pretrained(self.out_dir / "final", self._unsharded(state), self.tokenizer, training=training)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
