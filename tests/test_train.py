@@ -133,3 +133,16 @@ def test_memory_budget_is_checked(tmp_path, tok, ds):
     with pytest.raises(ValueError, match="GiB"):
         train(lmlab.ModelConfig.preset("gpt2-large", vocab_size=len(tok), block_size=32), tok, ds,
               base(batch_size=200000, max_steps=1), tmp_path / "run")
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resumes(tmp_path, tok, ds):
+    class CtrlC(Callback):
+        def on_step(self, trainer, metrics):
+            if trainer.step == 5:
+                raise KeyboardInterrupt
+
+    r = train(model_cfg(tok), tok, ds, base(), tmp_path / "run", [CtrlC()])
+    assert r.stop_reason == "interrupted" and r.steps == 5
+    assert latest_checkpoint(tmp_path / "run").name == "step-5"
+    assert not (tmp_path / "run" / "final").exists()
+    assert train(model_cfg(tok), tok, ds, base(), tmp_path / "run", resume=True).steps == 16
