@@ -1,178 +1,463 @@
 """Reading books in their encodings and formats; token files; windows that never touch validation data."""
 
 import json
+import math
+import re
+import time
 import zipfile
+from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 
 from lmlab.cli import main
-from lmlab.data import TokenDataset, find_documents, prepare, prepare_texts, read_document
+from lmlab.data import (
+    TokenDataset,
+    decode_bytes,
+    find_documents,
+    html_to_text,
+    normalize_text,
+    prepare,
+    prepare_texts,
+    read_document,
+)
+from lmlab.models import ModelConfig
 from lmlab.tokenizers import EOS_ID, Tokenizer
 
-RUSSIAN = (
-    "Глава первая\n\n"
-    "Старик жил со своею старухой у самого синего моря; они жили в ветхой землянке ровно тридцать лет и три "
-    "года. Старик ловил неводом рыбу, старуха пряла свою пряжу. Раз он в море закинул невод, — пришёл невод "
-    "с одною тиной. Он в другой раз закинул невод, — пришёл невод с травой морскою.\n\n"
-    "В третий раз закинул он невод, — пришёл невод с одною рыбкой, с непростою рыбкой, — золотою. "
-    "Как взмолится золотая рыбка! Голосом молвит человечьим: «Отпусти ты, старче, меня в море!»\n"
-)
+PROSE = """Глава первая. Дорога к морю
+
+Поезд пришёл на станцию рано утром, когда над рекой ещё стоял туман. Анна Сергеевна вышла на платформу, \
+поставила чемодан на мокрые доски и огляделась: никто её не встречал. Носильщик в старой шинели курил у \
+фонаря и смотрел на неё равнодушно, будто видел таких приезжих каждый день.
+
+— Скажите, далеко ли до Никольского? — спросила она.
+
+— Вёрст двенадцать будет, — ответил он, подумав. — Если по большой дороге, то и все пятнадцать. Да кто ж вас \
+повезёт в такую погоду?
+
+Она улыбнулась и ничего не ответила. В кармане у неё лежало письмо от брата, написанное торопливым, почти \
+детским почерком: «Приезжай непременно, без тебя здесь пусто, сад зарос, а яблоки в этом году уродились \
+такие, каких мы с тобой не видывали». Письмо шло три недели, и за это время, думала она, могло случиться \
+что угодно.
+
+Через час нашёлся извозчик — молчаливый старик с рыжей бородой и лошадью, которая, казалось, спала на ходу. \
+Дорога шла сначала лесом, потом полем, и Анна Сергеевна, укутавшись в платок, следила, как медленно \
+светлеет небо над дальними холмами.
+"""
+PARAGRAPHS = PROSE.strip().split("\n\n")
+KOI8_PROSE = PROSE.replace("—", "-").replace("«", '"').replace("»", '"')  # KOI8-R has no — « »
+ENGLISH = "The quick brown fox jumps over the lazy dog, and the dog does not mind at all. "
 
 
 @pytest.fixture(scope="module")
 def tok():
-    return Tokenizer.train([RUSSIAN * 4, "Hello world, the quick brown fox. " * 30], kind="bpe", vocab_size=400)
+    return Tokenizer.train([PROSE * 3, ENGLISH * 30], kind="bpe", vocab_size=400)
+
+
+class PositionTokenizer:
+    """One id per character (ord - base + 4). Texts of distinct CJK characters then hold every id once, so a
+    window's tokens tell exactly where in tokens.bin it was cut."""
+
+    eos_id = EOS_ID
+
+    def __init__(self, vocab_size: int = 30_000, base: int = 0x4E00) -> None:
+        self.vocab_size, self.base = vocab_size, base
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def encode_batch(self, texts):
+        return [[ord(c) - self.base + 4 for c in t] for t in texts]
+
+    def decode(self, ids):
+        return "".join(chr(i + self.base - 4) for i in ids if i >= 4)
+
+    def fingerprint(self) -> str:
+        return f"position-{self.vocab_size}-{self.base}"
+
+
+def distinct(lo: int, hi: int, base: int = 0x4E00) -> str:
+    return "".join(chr(base + i) for i in range(lo, hi))
+
+
+def _write(path, data):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+# ---- reading documents --------------------------------------------------------------------------------
+
+def test_every_encoding_reads_as_the_utf8_original(tmp_path):
+    original = read_document(_write(tmp_path / "utf8.txt", PROSE.encode("utf-8")))
+    assert original == PROSE
+    for name, data in [("bom.txt", b"\xef\xbb\xbf" + PROSE.encode("utf-8")),
+                       ("utf16le.txt", PROSE.encode("utf-16")),  # BOM + little-endian
+                       ("utf16be.txt", b"\xfe\xff" + PROSE.encode("utf-16-be")),
+                       ("cp1251.txt", PROSE.encode("cp1251")),
+                       ("crlf.txt", PROSE.replace("\n", "\r\n").encode("cp1251"))]:
+        assert read_document(_write(tmp_path / name, data)) == original, name
+    assert read_document(_write(tmp_path / "koi8.txt", KOI8_PROSE.encode("koi8_r"))) == KOI8_PROSE
+
+
+def test_cp1251_and_koi8_are_told_apart_sentence_by_sentence():
+    # Each code page decodes any bytes; only the letter statistics can pick. Check every single sentence
+    # and the ALL-CAPS text (where "lower case means right" would fail), both ways round.
+    sentences = [s for s in re.split(r"(?<=[.!?:])\s+", KOI8_PROSE) if s.strip()]
+    for right, wrong in [("cp1251", "koi8_r"), ("koi8_r", "cp1251")]:
+        for text in sentences + [KOI8_PROSE.upper(), "ГЛАВА ПЕРВАЯ", "Москва"]:
+            data = text.encode(right)
+            assert data.decode(wrong) != text  # the wrong guess really differs
+            assert decode_bytes(data) == text, (right, text[:30])
+
+
+def test_undecodable_bytes_raise_naming_the_file(tmp_path):
+    cases = {"latin1.txt": "Café au lait, naïve résumé, déjà vu.".encode("latin-1"),
+             "broken-utf8.txt": PROSE[:300].encode() + b"\xd0 " + PROSE[300:].encode(),
+             "binary.txt": bytes(range(256)) * 40}
+    for name, data in cases.items():
+        with pytest.raises(ValueError, match=re.escape(name)):
+            read_document(_write(tmp_path / name, data))
+    with pytest.raises(ValueError, match=f"offset {len(PROSE[:300].encode())} "):  # says where the UTF-8 breaks
+        read_document(tmp_path / "broken-utf8.txt")
+    # A page's declared charset is believed (so Latin-1 French reads)... unless it turns Russian into mojibake.
+    assert decode_bytes("<p>Café, déjà vu</p>".encode("latin-1"), declared="iso-8859-1") == "<p>Café, déjà vu</p>"
+    assert decode_bytes(PARAGRAPHS[1].encode("cp1251"), declared="iso-8859-1") == PARAGRAPHS[1]
+    # Windows punctuation in Latin text decodes the same in cp1251 and cp1252: accepted.
+    assert decode_bytes("He said “yes” — twice…".encode("cp1252")) == "He said “yes” — twice…"
+
+
+def test_normalize_text_changes_only_what_it_must():
+    raw = "\ufeffA  b\r\nB\rC\x00\x07\tD\u0085\n\n\n\n\n  \nE\u0301, «Ё»!"
+    assert normalize_text(raw) == "A  b\nB\nC\tD\n\n\nÉ, «Ё»!"
+    assert normalize_text("a\n\n\nb") == "a\n\n\nb"  # two blank lines stay
+
+
+def test_html_blocks_lines_entities_and_scripts():
+    markup = ("<html><head><title>T</title><style>p {color: red}</style></head><body><h1>Глава</h1>"
+              "<p>a<br/>b</p><p>AT&amp;T &amp;lt;x&amp;gt; &laquo;q&raquo;</p><script>var x = 1;</script>"
+              "<ul><li>x</li><li>y</li></ul><div><p>end <em>of</em>   it</p></div></body></html>")
+    assert html_to_text(markup) == "Глава\n\na\nb\n\nAT&T &lt;x&gt; «q»\n\nx\ny\n\nend of it\n"
 
 
 def make_epub(path, chapters):
+    """A minimal EPUB 3 whose file order is the reverse of its spine order, with ../ and %20 in hrefs."""
     with zipfile.ZipFile(path, "w") as z:
         z.writestr("mimetype", "application/epub+zip")
         z.writestr("META-INF/container.xml", '<?xml version="1.0"?><container version="1.0" '
                    'xmlns="urn:oasis:names:tc:opendocument:xmlns:container"><rootfiles><rootfile '
-                   'full-path="OEBPS/content.opf" media-type="application/oebps-package+xml"/></rootfiles>'
+                   'full-path="OEBPS/pkg/content.opf" media-type="application/oebps-package+xml"/></rootfiles>'
                    '</container>')
-        items = "".join(f'<item id="c{i}" href="text/c{i}.xhtml" media-type="application/xhtml+xml"/>'
-                        for i in range(len(chapters)))
-        spine = "".join(f'<itemref idref="c{i}"/>' for i in reversed(range(len(chapters))))  # order from spine
-        z.writestr("OEBPS/content.opf", f'<?xml version="1.0"?><package xmlns="http://www.idpf.org/2007/opf" '
+        n = len(chapters)
+        items = "".join(f'<item id="c{i}" href="../text/chap%20{i}.xhtml" media-type="application/xhtml+xml"/>'
+                        for i in range(n)) + '<item id="img" href="../cover.png" media-type="image/png"/>'
+        spine = '<itemref idref="img"/>' + "".join(f'<itemref idref="c{n - 1 - k}"/>' for k in range(n))
+        z.writestr("OEBPS/pkg/content.opf", f'<?xml version="1.0"?><package xmlns="http://www.idpf.org/2007/opf" '
                    f'version="3.0"><manifest>{items}</manifest><spine>{spine}</spine></package>')
-        for k, chapter in enumerate(chapters):  # file c{n-1-k} holds chapter k: only the spine knows
-            body = "".join(f"<p>{p}</p>" for p in chapter.split("\n\n") if p.strip())
-            z.writestr(f"OEBPS/text/c{len(chapters) - 1 - k}.xhtml",
+        z.writestr("OEBPS/cover.png", b"\x89PNG not text")
+        for k, chapter in enumerate(chapters):  # file chap {n-1-k} holds chapter k: only the spine knows
+            body = "".join(f"<p>{p}</p>" for p in chapter)
+            z.writestr(f"OEBPS/text/chap {n - 1 - k}.xhtml",
                        f'<?xml version="1.0" encoding="utf-8"?><html xmlns="http://www.w3.org/1999/xhtml">'
                        f'<head><title>x</title><style>p {{}}</style></head><body>{body}</body></html>')
 
 
-def test_encodings_load_to_the_same_text(tmp_path):
-    original = read_document(_write(tmp_path / "utf8.txt", RUSSIAN.encode("utf-8")))
-    assert original == RUSSIAN
-    for name, data in [("bom.txt", b"\xef\xbb\xbf" + RUSSIAN.encode("utf-8")),
-                       ("cp1251.txt", RUSSIAN.encode("cp1251")),
-                       ("utf16.txt", RUSSIAN.encode("utf-16")),
-                       ("crlf.txt", RUSSIAN.replace("\n", "\r\n").encode("cp1251"))]:
-        assert read_document(_write(tmp_path / name, data)) == original, name
-    koi8_safe = RUSSIAN.replace("—", "-").replace("«", '"').replace("»", '"')  # KOI8-R has no — « »
-    assert read_document(_write(tmp_path / "koi8.txt", koi8_safe.encode("koi8_r"))) == koi8_safe
+def make_fb2(path, paragraphs):
+    body = "".join(f"<p>{p}</p>" for p in paragraphs)
+    fb2 = ('<?xml version="1.0" encoding="windows-1251"?><FictionBook xmlns="http://www.gribuser.ru/xml/'
+           'fictionbook/2.0"><description><title-info><book-title>Метаданные</book-title></title-info>'
+           f'</description><body><section>{body}</section></body><binary id="c.jpg">QUJDRA==</binary>'
+           '</FictionBook>')
+    path.write_bytes(fb2.encode("cp1251"))
 
 
-def test_epub_and_html_give_the_paragraph_text(tmp_path):
-    paragraphs = [p for p in RUSSIAN.split("\n\n") if p.strip()]
-    make_epub(tmp_path / "book.epub", ["\n\n".join(paragraphs[:2]), paragraphs[2]])
-    html = "<html><head><script>var x = 1;</script></head><body>" + "".join(
-        f"<p>{p.strip()}</p>" for p in paragraphs) + "</body></html>"
-    words = RUSSIAN.split()
-    for path in [tmp_path / "book.epub", _write(tmp_path / "book.html", html.encode("cp1251"))]:
-        text = read_document(path)
-        assert text.split() == words, path.name
-        assert "var x" not in text
+def make_pdf(path, pages):
+    """A two-object-per-page PDF 1.4 with Helvetica text, xref offsets computed."""
+    objs = ["<< /Type /Catalog /Pages 2 0 R >>", "", "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
+    kids = []
+    for text in pages:
+        stream = f"BT /F1 12 Tf 72 720 Td ({text}) Tj ET"
+        objs.append(f"<< /Length {len(stream)} >>\nstream\n{stream}\nendstream")
+        objs.append(f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << /Font << /F1 3 0 R >> >> "
+                    f"/Contents {len(objs)} 0 R >>")
+        kids.append(f"{len(objs)} 0 R")
+    objs[1] = f"<< /Type /Pages /Kids [{' '.join(kids)}] /Count {len(kids)} >>"
+    out, offsets = b"%PDF-1.4\n", []
+    for i, body in enumerate(objs, 1):
+        offsets.append(len(out))
+        out += f"{i} 0 obj\n{body}\nendobj\n".encode("latin-1")
+    xref = len(out)
+    out += f"xref\n0 {len(objs) + 1}\n0000000000 65535 f \n".encode()
+    out += b"".join(f"{o:010d} 00000 n \n".encode() for o in offsets)
+    path.write_bytes(out + f"trailer\n<< /Size {len(objs) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode())
 
 
-def test_undecodable_and_missing_files(tmp_path):
-    with pytest.raises(ValueError, match="cannot decode"):
-        read_document(_write(tmp_path / "junk.txt", bytes(range(256)) * 40))
-    with pytest.raises(FileNotFoundError, match="nope"):
-        find_documents([tmp_path / "nope.txt"])
-    (tmp_path / "dir").mkdir()
-    _write(tmp_path / "dir" / "a.txt", b"a")
-    _write(tmp_path / "dir" / "skip.bin", b"a")
-    assert [p.name for p in find_documents([tmp_path / "dir"])] == ["a.txt"]
-    assert [p.name for p in find_documents([str(tmp_path / "dir" / "*.txt")])] == ["a.txt"]
+def test_epub_html_fb2_and_pdf_give_the_paragraphs(tmp_path):
+    make_epub(tmp_path / "book.epub", [PARAGRAPHS[:3], PARAGRAPHS[3:]])
+    make_fb2(tmp_path / "book.fb2", PARAGRAPHS)
+    html = ('<html><head><meta charset="windows-1251"><script>var x = "Глава";</script></head><body>'
+            + "".join(f"<p>{p}</p>" for p in PARAGRAPHS) + "</body></html>")
+    _write(tmp_path / "book.html", html.encode("cp1251"))
+    for name in ["book.epub", "book.fb2", "book.html"]:
+        text = read_document(tmp_path / name)
+        assert [p.strip() for p in text.split("\n\n") if p.strip()] == PARAGRAPHS, name
+    make_pdf(tmp_path / "book.pdf", ["First page of the book.", "Second page (here)."])
+    assert read_document(tmp_path / "book.pdf") == "First page of the book.\nSecond page (here)."
+    _write(tmp_path / "bad.epub", b"PK not a zip")
+    with pytest.raises(ValueError, match="bad.epub"):
+        read_document(tmp_path / "bad.epub")
 
 
-def test_no_training_window_overlaps_validation(tmp_path, tok):
-    texts = [RUSSIAN * 3, "Hello world, the quick brown fox. " * 40, RUSSIAN[:500]]
-    ds = prepare_texts(texts, tok, tmp_path / "ds", val_fraction=0.1)
-    hdr = ds.header
-    for d in ds.documents:
-        assert d.train[1] <= hdr["train_tokens"] and (d.val[0] == d.val[1] or d.val[0] >= hdr["train_tokens"])
-        # the held-out slice is the end of the document itself
-        doc_ids = tok.encode(texts[[x.name for x in ds.documents].index(d.name)])
-        got = np.concatenate([ds.tokens[d.train[0]:d.train[1]], ds.tokens[d.val[0]:d.val[1]]])
-        assert got.tolist() == doc_ids
-        assert ds.tokens[d.train[1]] == EOS_ID
-    g = torch.Generator().manual_seed(0)
-    seq = 32
-    for _ in range(300):
-        x, y = ds.sample_batch(16, seq, g)
+def test_find_documents_folders_globs_and_missing(tmp_path):
+    for name in ["b/z.md", "b/a.txt", "b/deep/c.epub", "b/skip.jpg", "b/.hidden/x.txt", "b/._a.txt", "top.txt"]:
+        _write(tmp_path / name, b"x")
+    assert [p.relative_to(tmp_path).as_posix() for p in find_documents([tmp_path / "b"])] == \
+        ["b/a.txt", "b/deep/c.epub", "b/z.md"]
+    got = find_documents([str(tmp_path / "*"), tmp_path / "top.txt", tmp_path / "b" / "skip.jpg"])
+    assert [p.relative_to(tmp_path).as_posix() for p in got] == \
+        ["b/a.txt", "b/deep/c.epub", "b/z.md", "top.txt", "b/skip.jpg"]  # no duplicates; named files always
+    with pytest.raises(FileNotFoundError, match="nope.txt"):
+        find_documents([tmp_path / "top.txt", tmp_path / "nope.txt"])
+    with pytest.raises(FileNotFoundError, match=r"\*\.pdf"):
+        find_documents([str(tmp_path / "*.pdf")])
+
+
+# ---- token files --------------------------------------------------------------------------------------
+
+def test_layout_keeps_each_documents_tail_out_of_training(tmp_path, tok):
+    texts = [PROSE * 2, ENGLISH * 20, "Да."]
+    ds = prepare_texts(texts, tok, tmp_path / "ds", val_fraction=0.1, names=["ru", "en", "short"])
+    n_train, flat = ds.train_tokens, ds.tokens
+    assert ds.header["dtype"] == "uint16" and (tmp_path / "ds" / "tokens.bin").stat().st_size == 2 * ds.num_tokens
+    for d, text in zip(ds.documents, texts):
+        ids = tok.encode(text)
+        n_val = math.ceil(0.1 * len(ids)) if len(ids) >= 32 else 0
+        assert (d.train_tokens, d.val_tokens) == (len(ids) - n_val, n_val), d.name
+        assert flat[d.train[0]:d.train[1]].tolist() + flat[d.val[0]:d.val[1]].tolist() == ids  # the tail
+        assert d.train[1] < n_train <= d.val[0] and flat[d.train[1]] == EOS_ID
+        assert d.val_tokens == 0 or flat[d.val[1]] == EOS_ID
+    assert ds.train_tokens == sum(d.train_tokens + 1 for d in ds.documents)
+    assert ds.val_tokens == sum(d.val_tokens + 1 for d in ds.documents if d.val_tokens)
+    st = ds.stats(ModelConfig.preset("gpt2-tiny", vocab_size=len(tok)))
+    assert st["documents_without_val"] == 1 and st["characters"] == sum(map(len, texts))
+    assert st["tokens_per_parameter"] == pytest.approx(ds.train_tokens / st["parameters"])
+    assert st["chinchilla_tokens"] == 20 * st["parameters"]
+    val_text = "".join(tok.decode(flat[d.val[0]:d.val[1]].tolist()) for d in ds.documents)
+    assert ds.bytes_per_token("val") == len(val_text.encode()) / ds.val_tokens
+    assert ds.header["train_bytes"] + ds.header["val_bytes"] == sum(len(t.encode()) for t in texts)
+
+
+def test_unigram_entropy_matches_a_direct_count(tmp_path, tok):
+    ds = prepare_texts([PROSE * 2, ENGLISH * 20], tok, tmp_path / "ds", val_fraction=0.2)
+    for split, region in [("train", ds.tokens[: ds.train_tokens]), ("val", ds.tokens[ds.train_tokens:])]:
+        counts = Counter(region.tolist())
+        n = sum(counts.values())
+        expected = -sum(c / n * math.log(c / n) for c in counts.values())
+        assert ds.unigram_entropy(split) == pytest.approx(expected, rel=1e-12)
+        assert 1.0 < expected < math.log(len(tok))
+
+
+def position_dataset(tmp_path, lengths=(3000, 1000, 100), weights=None, **kw):
+    bounds = np.cumsum((0, *lengths))
+    texts = [distinct(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    return prepare_texts(texts, PositionTokenizer(), tmp_path / "ds", names=["a", "b", "c"][: len(texts)],
+                         weights=weights, **kw)
+
+
+def window_starts(ds, x):
+    """Where each row of x starts in tokens.bin (every non-EOS id occurs once)."""
+    where = {int(t): i for i, t in enumerate(ds.tokens) if t != EOS_ID}
+    first = x[:, 0].tolist()
+    return np.array([where[f] if f != EOS_ID else where[int(row[1])] - 1 for f, row in zip(first, x)])
+
+
+def test_no_training_window_touches_a_validation_token(tmp_path):
+    bounds = np.cumsum((0, 600, 300, 40, 200))
+    texts = [distinct(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    ds = prepare_texts(texts, PositionTokenizer(), tmp_path / "ds", val_fraction=0.2)
+    val_ids = set(ds.tokens[ds.train_tokens:].tolist()) - {EOS_ID}
+    assert len(val_ids) == 120 + 60 + 8 + 40  # every document holds out its tail
+    g, T, ends = torch.Generator().manual_seed(0), 64, []
+    for _ in range(200):
+        x, y = ds.sample_batch(16, T, g)
+        assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == (16, T)
         assert torch.equal(x[:, 1:], y[:, :-1])
-        # every window lies in the train region: find each in the flat file
-    starts_seen = set()
-    g = torch.Generator().manual_seed(1)
-    flat = torch.from_numpy(ds.tokens.astype(np.int64))
-    for _ in range(50):
-        x, y = ds.sample_batch(8, seq, g)
-        for row in range(8):
-            matches = (flat.unfold(0, seq, 1) == x[row]).all(1).nonzero().flatten().tolist()
-            assert any(m + seq < hdr["train_tokens"] for m in matches)
-            starts_seen.update(matches)
-    val = list(ds.eval_batches(4, seq))
-    assert val and all(torch.equal(a[0], b[0]) for a, b in zip(val, ds.eval_batches(4, seq)))
-    first_x = val[0][0][0]
-    assert torch.equal(first_x, flat[hdr["train_tokens"]:hdr["train_tokens"] + seq])
+        assert not val_ids & set(y.flatten().tolist())
+        starts = window_starts(ds, x)
+        assert torch.equal(y[:, -1], torch.from_numpy(ds.tokens[starts + T].astype(np.int64)))
+        ends += (starts + T).tolist()
+    assert max(ends) == ds.train_tokens - 1  # windows reach the last train token, never beyond
+    # windows run on across EOS into the next document's training part
+    assert any((x == EOS_ID).any() for x, _ in [ds.sample_batch(64, T, g)])
 
 
-def test_same_generator_state_same_batches_and_weights_mix(tmp_path, tok):
-    a_text, b_text = "Hello world, the quick brown fox. " * 60, RUSSIAN * 3
-    ds = prepare_texts([a_text, b_text], tok, tmp_path / "ds", weights=[1.0, 0.0], val_fraction=0.0)
+def test_weights_mix_documents_in_proportion(tmp_path):
+    T, n = 8, 20_000
+    # start positions: a 3000 tokens + EOS, b 1000 + EOS, c 100 + EOS less the last T of the train region
+    cases = [(None, 3001 / (3001 + 1001 + 101 - T)), ({"a": 1.0, "b": 3.0, "c": 0.0}, 3001 / (3001 + 3 * 1001))]
+    for weights, p_a in cases:
+        ds = position_dataset(tmp_path, weights=weights, val_fraction=0.0)
+        x, _ = ds.sample_batch(n, T, torch.Generator().manual_seed(1))
+        starts = window_starts(ds, x)
+        in_a = (starts <= ds.documents[0].train[1]).mean()
+        assert abs(in_a - p_a) < 4 * math.sqrt(p_a * (1 - p_a) / n), (weights, in_a, p_a)
+        if weights:
+            assert (starts < ds.documents[2].train[0]).all()  # weight 0: c never starts a window
+        hist = np.bincount(starts[starts <= 3000] * 10 // 3001, minlength=10) / (starts <= 3000).sum()
+        assert np.abs(hist - 0.1).max() < 0.02  # and uniform inside a document
+
+
+def test_same_generator_state_gives_the_same_batches(tmp_path, tok):
+    ds = prepare_texts([PROSE * 2, ENGLISH * 20], tok, tmp_path / "ds")
     g = torch.Generator().manual_seed(3)
-    g.manual_seed(3)
-    state = g.get_state()
+    uninterrupted = [ds.sample_batch(4, 16, g) for _ in range(6)]
+    g = torch.Generator().manual_seed(3)
     first = [ds.sample_batch(4, 16, g) for _ in range(3)]
-    g.set_state(state)
-    again = [ds.sample_batch(4, 16, g) for _ in range(3)]
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(first, again))
-    b_start = ds.documents[1].train[0]
+    state = g.get_state()  # a checkpoint
+    torch.manual_seed(123), np.random.seed(123)  # global RNGs must not matter
+    resumed = torch.Generator()
+    resumed.set_state(state)
+    again = first + [TokenDataset.open(tmp_path / "ds").sample_batch(4, 16, resumed) for _ in range(3)]
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(uninterrupted, again))
+    assert not torch.equal(uninterrupted[0][0], uninterrupted[1][0])
+
+
+def test_eval_windows_are_fixed_and_walk_the_val_region(tmp_path):
+    ds = position_dataset(tmp_path, val_fraction=0.25)
+    T, lo, hi = 16, ds.train_tokens, ds.num_tokens
+    batches = list(ds.eval_batches(5, T))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, ds.eval_batches(5, T)))
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    n = (hi - lo - 1) // T  # all but the last partial window
+    assert len(x) == n and len(batches) == math.ceil(n / 5)
+    flat = torch.from_numpy(ds.tokens.astype(np.int64))
+    assert torch.equal(x.flatten(), flat[lo:lo + n * T]) and torch.equal(y.flatten(), flat[lo + 1:lo + 1 + n * T])
+    spread = torch.cat([b[0] for b in ds.eval_batches(2, T, max_batches=3)])
+    assert len(spread) == 6 and torch.equal(spread[0], x[0]) and torch.equal(spread[-1], x[-1])
+    starts = window_starts(ds, spread)
+    assert (np.diff(starts) >= T).all()  # still non-overlapping
+
+
+def test_sample_batch_is_fast(tmp_path):
+    ds = position_dataset(tmp_path, val_fraction=0.05)
     g = torch.Generator().manual_seed(0)
-    for _ in range(50):  # weight 0: windows start only in the first document
-        x, _ = ds.sample_batch(8, 16, g)
-        flat = torch.from_numpy(ds.tokens[: ds.train_tokens].astype(np.int64))
-        for row in x:
-            pos = (flat.unfold(0, 16, 1) == row).all(1).nonzero().flatten()
-            assert (pos < b_start).any()
+    best = math.inf
+    for _ in range(5):  # best of 5: the host is shared
+        t0 = time.perf_counter()
+        for _ in range(200):
+            ds.sample_batch(8, 256, g)
+        best = min(best, (time.perf_counter() - t0) / 200)
+    assert 1 / best > 2000, f"{1 / best:.0f} sample_batch(8, 256) calls/s"
 
 
-def test_prepare_from_files_weights_and_errors(tmp_path, tok):
-    _write(tmp_path / "a.txt", RUSSIAN.encode("cp1251"))
-    _write(tmp_path / "b.md", ("Hello world. " * 100).encode())
-    ds = prepare([tmp_path], tok, tmp_path / "out", weights={"a": 3.0})
-    assert [d.name for d in ds.documents] == ["a.txt", "b.md"] and ds.documents[0].weight == 3.0
-    assert TokenDataset.open(tmp_path / "out", tok).num_tokens == ds.num_tokens
-    other = Tokenizer.train(["something else entirely"], kind="char", vocab_size=50)
+def test_large_vocabularies_use_uint32(tmp_path):
+    big = PositionTokenizer(vocab_size=70_000, base=0x4E00 - 65_600)  # ids 65,604..
+    ds = prepare_texts([distinct(65_600, 65_700, base=big.base)], big, tmp_path / "ds", val_fraction=0.0)
+    assert ds.header["dtype"] == "uint32" and ds.tokens[:3].tolist() == [65_604, 65_605, 65_606]
+    assert (tmp_path / "ds" / "tokens.bin").stat().st_size == 4 * 101
+
+
+def test_open_refuses_mismatched_files(tmp_path, tok):
+    prepare_texts([PROSE, ENGLISH * 10], tok, tmp_path / "ds")
+    assert TokenDataset.open(tmp_path / "ds", tok).num_tokens > 0
+    other = Tokenizer.train([ENGLISH], kind="char", vocab_size=50)
     with pytest.raises(ValueError, match="different tokenizer"):
-        TokenDataset.open(tmp_path / "out", other)
-    with pytest.raises(ValueError, match="empty"):
-        prepare_texts(["", "  \n"], tok, tmp_path / "empty")
-    assert not (tmp_path / "empty" / "tokens.bin").exists()
-    with pytest.raises(ValueError, match="fewer than one window"):
-        prepare_texts(["short"], tok, tmp_path / "short", seq_len=256)
-    assert not (tmp_path / "short" / "tokens.json").exists()
-    assert 0 < ds.unigram_entropy() < np.log(len(tok))
-    assert ds.bytes_per_token() > 1.0
-    del ds
-    (tmp_path / "out" / "tokens.bin").write_bytes(b"\x00\x00")
+        TokenDataset.open(tmp_path / "ds", other)
+    bin_path, header_path = tmp_path / "ds" / "tokens.bin", tmp_path / "ds" / "tokens.json"
+    data = bin_path.read_bytes()
+    bin_path.write_bytes(data[:-2])
     with pytest.raises(ValueError, match="header says"):
-        TokenDataset.open(tmp_path / "out")
+        TokenDataset.open(tmp_path / "ds")
+    bin_path.write_bytes(data)
+    header = json.loads(header_path.read_text())
+    header["documents"][0]["val"] = [0, 5]  # a val range inside the train region
+    header_path.write_text(json.dumps(header))
+    with pytest.raises(ValueError, match="do not fit"):
+        TokenDataset.open(tmp_path / "ds")
+    header_path.write_text("{not json")
+    with pytest.raises(ValueError, match="not a valid dataset header"):
+        TokenDataset.open(tmp_path / "ds")
+    header_path.unlink()
+    with pytest.raises(FileNotFoundError, match="not a prepared dataset"):
+        TokenDataset.open(tmp_path / "ds")
 
 
-def test_cli_data_prepare_and_tokenizer_train(tmp_path, capsys):
-    _write(tmp_path / "book.txt", (RUSSIAN * 5).replace("—", "-").replace("«", "").replace("»", "").encode("koi8_r"))
-    assert main(["tokenizer", "train", str(tmp_path / "book.txt"), "--kind", "bpe", "--vocab-size", "300",
-                 "--out", str(tmp_path / "tok.json")]) == 0
-    assert main(["data", "prepare", str(tmp_path / "book.txt"), "--tokenizer", str(tmp_path / "tok.json"),
-                 "--out", str(tmp_path / "ds"), "--preset", "gpt2-tiny"]) == 0
+def test_bad_corpora_raise_and_write_nothing(tmp_path, tok):
+    _write(tmp_path / "books" / "ok.txt", PROSE.encode("cp1251"))
+    _write(tmp_path / "books" / "junk.txt", bytes(range(256)) * 8)
+    cases = [(lambda out: prepare_texts(["", "  \n"], tok, out), ValueError, "corpus is empty"),
+             (lambda out: prepare_texts(["Да."], tok, out, seq_len=256), ValueError, "fewer than one window of 257"),
+             (lambda out: prepare([tmp_path / "missing.txt"], tok, out), FileNotFoundError, "missing.txt"),
+             (lambda out: prepare([tmp_path / "books"], tok, out), ValueError, "junk.txt"),
+             (lambda out: prepare([tmp_path / "books" / "ok.txt"], tok, out, weights={"nobook": 2.0}),
+              ValueError, "nobook")]
+    for i, (run, error, message) in enumerate(cases):
+        with pytest.raises(error, match=message):
+            run(tmp_path / f"out{i}")
+        assert not (tmp_path / f"out{i}").exists()
+    # a failed re-prepare leaves the previous dataset as it was
+    ds = prepare([tmp_path / "books" / "ok.txt"], tok, tmp_path / "ds")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ds").iterdir()}
+    with pytest.raises(ValueError):
+        prepare_texts(["Да."], tok, tmp_path / "ds", seq_len=256)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ds").iterdir()} == before == {
+        "tokens.bin": before["tokens.bin"], "tokens.json": before["tokens.json"]}  # no temp files either
+    assert ds.documents[0].name == "ok.txt"
+
+
+def test_a_failure_while_writing_leaves_no_partial_files(tmp_path, tok, monkeypatch):
+    import os
+
+    real_replace = os.replace
+    for fail_at in (1, 2):  # renaming tokens.bin into place fails; renaming tokens.json fails
+        calls = []
+
+        def replace(src, dst, fail_at=fail_at, calls=calls):
+            calls.append(dst)
+            if len(calls) == fail_at:
+                raise OSError("No space left on device")
+            real_replace(src, dst)
+
+        monkeypatch.setattr(os, "replace", replace)
+        with pytest.raises(OSError, match="No space"):
+            prepare_texts([PROSE], tok, tmp_path / f"ds{fail_at}")
+        assert [os.path.basename(c) for c in calls] == ["tokens.bin", "tokens.json"][:fail_at]
+        assert list((tmp_path / f"ds{fail_at}").iterdir()) == []
+
+
+def test_prepare_names_and_weights_from_files(tmp_path, tok):
+    _write(tmp_path / "ru" / "book.txt", PROSE.encode("koi8_r", errors="replace"))
+    _write(tmp_path / "en" / "book.txt", (ENGLISH * 20).encode())
+    _write(tmp_path / "en" / "extra.md", (ENGLISH * 5).encode())
+    ds = prepare([tmp_path / "en", tmp_path / "ru"], tok, tmp_path / "ds", weights={"extra": 3.0, "ru/book.txt": 0.5})
+    assert [(d.name, d.weight) for d in ds.documents] == [("en/book.txt", 1.0), ("en/extra.md", 3.0),
+                                                          ("ru/book.txt", 0.5)]
+
+
+# ---- CLI ----------------------------------------------------------------------------------------------
+
+def test_cli_tokenizer_train_and_data_prepare(tmp_path, capsys):
+    _write(tmp_path / "book.txt", (KOI8_PROSE * 5).encode("koi8_r"))
+    _write(tmp_path / "more" / "b.html", f"<p>{ENGLISH * 10}</p>".encode())
+    assert main(["tokenizer", "train", str(tmp_path / "book.txt"), str(tmp_path / "more"), "--kind", "bpe",
+                 "--vocab-size", "300", "--out", str(tmp_path / "tok.json")]) == 0
     out = capsys.readouterr().out
-    assert "tokens per parameter" in out
-    header = json.loads((tmp_path / "ds" / "tokens.json").read_text())
-    assert header["documents"][0]["name"] == "book.txt"
-    assert main(["data", "prepare", str(tmp_path / "missing.txt"), "--tokenizer", str(tmp_path / "tok.json"),
-                 "--out", str(tmp_path / "ds2")]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("lmlab: error:") and "missing.txt" in err and "\n" not in err
-    assert not (tmp_path / "ds2").exists()
-
-
-def _write(path, data):
-    path.write_bytes(data)
-    return path
+    assert "300 tokens" in out and "2 documents" in out
+    assert main(["data", "prepare", str(tmp_path / "book.txt"), str(tmp_path / "more"), "--tokenizer",
+                 str(tmp_path / "tok.json"), "--out", str(tmp_path / "ds"), "--preset", "gpt2-tiny",
+                 "--weight", "b=2", "--val-fraction", "0.1"]) == 0
+    out = capsys.readouterr().out
+    ds = TokenDataset.open(tmp_path / "ds", Tokenizer.load(tmp_path / "tok.json"))
+    assert [(d.name, d.weight) for d in ds.documents] == [("book.txt", 1.0), ("b.html", 2.0)]
+    assert f"train {ds.train_tokens:,}" in out and "tokens per parameter" in out and "Chinchilla" in out
+    for argv, message in [(["data", "prepare", str(tmp_path / "missing.txt")], "missing.txt"),
+                          (["data", "prepare", str(tmp_path / "book.txt"), "--seq-len", "100000"], "fewer than one"),
+                          (["data", "prepare", str(tmp_path / "book.txt"), "--weight", "b"], "NAME=NUMBER")]:
+        assert main(argv + ["--tokenizer", str(tmp_path / "tok.json"), "--out", str(tmp_path / "ds2")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("lmlab: error:") and message in err and err.count("\n") == 1, err
+        assert not (tmp_path / "ds2").exists()
+    assert main(["tokenizer", "train", str(tmp_path / "nope"), "--out", str(tmp_path / "t2.json")]) == 2
+    assert "nope" in capsys.readouterr().err and not (tmp_path / "t2.json").exists()

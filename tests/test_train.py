@@ -1,27 +1,34 @@
-"""The trainer: exact resume, the schedule, learning below the unigram baseline, checkpoints, hooks."""
+"""The trainer and `lmlab train/eval/demo`: exact resume (also after Ctrl-C and crashes), the schedule,
+learning below the unigram baseline, checkpoints, metrics, hooks, early stopping, bad input."""
 
 import json
 import math
+import os
+import signal
 
 import pytest
 import torch
 
 import lmlab
+from lmlab.cli import main
 from lmlab.data import prepare_texts
 from lmlab.train import Callback, TrainConfig, latest_checkpoint, lr_at, train
-
-TEXT = ("жили-были дед да баба. дед ловил рыбу, баба пряла пряжу. " * 300
-        + "the old man caught fish and the old woman spun yarn. " * 300)
+from lmlab.train.demo_corpus import demo_corpus
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return lmlab.Tokenizer.train([TEXT], kind="bpe", vocab_size=300)
+def text():
+    return demo_corpus(n_stories=300, seed=3)
 
 
 @pytest.fixture(scope="module")
-def ds(tok, tmp_path_factory):
-    return prepare_texts([TEXT], tok, tmp_path_factory.mktemp("ds"), seq_len=32)
+def tok(text):
+    return lmlab.Tokenizer.train([text], kind="bpe", vocab_size=384)
+
+
+@pytest.fixture(scope="module")
+def ds(text, tok, tmp_path_factory):
+    return prepare_texts([text], tok, tmp_path_factory.mktemp("ds"), seq_len=32)
 
 
 def model_cfg(tok, dropout=0.1):
@@ -30,9 +37,11 @@ def model_cfg(tok, dropout=0.1):
 
 class Record(Callback):
     def __init__(self, stop_at=None):
-        self.losses, self.lrs, self.stop_at, self.evals, self.checkpoints = [], [], stop_at, [], []
+        self.steps, self.losses, self.lrs, self.evals, self.checkpoints = [], [], [], [], []
+        self.stop_at, self.ended = stop_at, None
 
     def on_step(self, trainer, metrics):
+        self.steps.append(metrics["step"])
         self.losses.append(metrics["loss"])
         self.lrs.append(metrics["lr"])
         if trainer.step == self.stop_at:
@@ -40,109 +49,303 @@ class Record(Callback):
 
     def on_eval(self, trainer, metrics):
         self.evals.append(metrics["val_loss"])
+        metrics["lab_probe"] = len(self.evals)  # a lab's own metric, logged with the eval line
 
     def on_checkpoint(self, trainer, path):
         self.checkpoints.append(path.name)
 
+    def on_train_end(self, trainer, result):
+        self.ended = result.stop_reason
+
 
 def base(**kw):
-    return TrainConfig(**{**dict(max_steps=16, batch_size=4, warmup_steps=3, lr=3e-3, log_every=1,
-                                 eval_every=5, eval_batches=2, save_every=0, seed=7), **kw})
+    # dropout on and 2 micro-steps per optimizer step: resume must restore the dropout RNG too
+    return TrainConfig(**{**dict(max_steps=16, batch_size=4, grad_accum_steps=2, warmup_steps=3, lr=3e-3,
+                                 log_every=1, eval_every=5, eval_batches=2, save_every=0, seed=7), **kw})
 
 
-def test_resume_continues_exactly(tmp_path, tok, ds):
-    """N steps, stop, resume, N more == 2N uninterrupted: losses, learning rates and data order
-    (dropout on, gradient accumulation on)."""
-    cfg = base(grad_accum_steps=2)
-    full = Record()
-    train(model_cfg(tok), tok, ds, cfg, tmp_path / "full", [full])
-    first, second = Record(stop_at=8), Record()
-    r = train(model_cfg(tok), tok, ds, cfg, tmp_path / "split", [first])
-    assert r.stop_reason == "stopped" and latest_checkpoint(tmp_path / "split").name == "step-8"
-    train(model_cfg(tok), tok, ds, cfg, tmp_path / "split", [second], resume=True)
-    assert len(full.losses) == 16 and len(first.losses) + len(second.losses) == 16
-    torch.testing.assert_close(first.losses + second.losses, full.losses, atol=1e-6, rtol=0)
-    assert first.lrs + second.lrs == full.lrs
-    a, _ = lmlab.load(tmp_path / "full" / "final")
-    b, _ = lmlab.load(tmp_path / "split" / "final")
+@pytest.fixture(scope="module")
+def reference(tok, ds, tmp_path_factory):
+    """16 uninterrupted steps: what every interrupted-and-resumed run below must reproduce."""
+    rec = Record()
+    out = tmp_path_factory.mktemp("reference")
+    train(model_cfg(tok), tok, ds, base(), out, [rec])
+    return rec, out
+
+
+def same_weights(a_dir, b_dir):
+    a, _ = lmlab.load(a_dir)
+    b, _ = lmlab.load(b_dir)
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=name)
-    steps = [json.loads(line)["step"] for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == sorted(steps) and len(steps) == len(set(steps))  # nothing logged twice
 
 
-def test_schedule_moves_every_optimizer_step(tmp_path, tok, ds):
-    cfg = base(max_steps=20, warmup_steps=4, grad_accum_steps=3, min_lr=3e-4)
-    rec = Record()
-    train(model_cfg(tok), tok, ds, cfg, tmp_path / "run", [rec])
-    assert rec.lrs == [lr_at(s, cfg, 20) for s in range(20)]
-    assert len(set(rec.lrs)) == 20  # a new value at every optimizer step
-    assert rec.lrs[:4] == pytest.approx([3e-3 * k / 4 for k in (1, 2, 3, 4)])
-    assert rec.lrs[4] == pytest.approx(3e-4 + 0.5 * 2.7e-3 * (1 + math.cos(math.pi / 16)))
-    assert rec.lrs[-1] == pytest.approx(3e-4)
-    linear = base(schedule="linear", warmup_steps=0, min_lr=0.0)
-    assert [lr_at(s, linear, 10) for s in (0, 4, 9)] == pytest.approx([2.7e-3, 1.5e-3, 0.0])
+def test_resume_continues_exactly(tmp_path, tok, ds, reference):
+    """8 steps, stop, resume, 8 more == 16 uninterrupted: losses, learning rates, data order, weights."""
+    full, full_dir = reference
+    first, second = Record(stop_at=8), Record()
+    r = train(model_cfg(tok), tok, ds, base(), tmp_path, [first])
+    assert r.stop_reason == "stopped" and first.ended == "stopped"
+    assert latest_checkpoint(tmp_path).name == "step-8"
+    train(model_cfg(tok), tok, ds, base(), tmp_path, [second], resume=True)
+    assert first.steps + second.steps == list(range(1, 17)) == full.steps
+    torch.testing.assert_close(first.losses + second.losses, full.losses, atol=1e-6, rtol=0)
+    assert first.lrs + second.lrs == full.lrs
+    same_weights(full_dir / "final", tmp_path / "final")
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 17))  # the lines after the checkpoint were not logged twice
+    # a finished run resumed does nothing more
+    assert train(model_cfg(tok), tok, ds, base(), tmp_path, resume=True).steps == 16
 
 
-def test_val_loss_falls_below_the_unigram_baseline(tmp_path, tok, ds):
-    rec = Record()
-    r = train(model_cfg(tok, dropout=0.0), tok, ds, base(max_steps=60, batch_size=8, eval_every=20),
-              tmp_path / "run", [rec])
-    baseline = ds.unigram_entropy()
-    assert rec.evals[-1] < 0.7 * baseline, (rec.evals, baseline)
-    assert r.best_val_loss == min(rec.evals)
-    training = json.loads((tmp_path / "run" / "final" / "training.json").read_text())
-    assert training["steps"] == 60 and training["last_eval"]["val_loss"] == rec.evals[-1]
+def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(tmp_path, tok, ds, reference):
+    full, full_dir = reference
+
+    class CtrlC(Callback):
+        def on_step(self, trainer, metrics):
+            if trainer.step == 5:
+                os.kill(os.getpid(), signal.SIGINT)  # what the terminal sends
+
+    first, second = Record(), Record()
+    r = train(model_cfg(tok), tok, ds, base(), tmp_path, [CtrlC(), first])
+    assert r.stop_reason == "interrupted" and r.steps == 5
+    assert latest_checkpoint(tmp_path).name == "step-5" and not (tmp_path / "final").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    train(model_cfg(tok), tok, ds, base(), tmp_path, [second], resume=True)
+    torch.testing.assert_close(first.losses + second.losses, full.losses, atol=1e-6, rtol=0)
+    same_weights(full_dir / "final", tmp_path / "final")
 
 
-def test_checkpoints_keep_last_and_early_stopping(tmp_path, tok, ds):
-    rec = Record()
-    train(model_cfg(tok), tok, ds, base(max_steps=12, save_every=3, keep_last=2), tmp_path / "run", [rec])
-    assert rec.checkpoints == ["step-3", "step-6", "step-9", "step-12"]
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-12", "step-9"]
-    rec = Record()
-    r = train(model_cfg(tok), tok, ds, base(max_steps=200, lr=1.0, warmup_steps=0, eval_every=2,
-                                            early_stopping_patience=2), tmp_path / "early", [rec])
-    assert r.stop_reason == "early_stopping" and r.steps < 200
+def test_a_crash_leaves_the_last_checkpoint_usable(tmp_path, tok, ds, reference):
+    full, _ = reference
 
-
-def test_a_crash_leaves_the_last_checkpoint_usable(tmp_path, tok, ds):
     class Boom(Callback):
         def on_step(self, trainer, metrics):
             if trainer.step == 7:
                 raise RuntimeError("boom")
 
+    first, second = Record(), Record()
     with pytest.raises(RuntimeError, match="boom"):
-        train(model_cfg(tok), tok, ds, base(save_every=3), tmp_path / "run", [Boom()])
-    assert latest_checkpoint(tmp_path / "run").name == "step-6"
-    assert not list((tmp_path / "run" / "checkpoints").glob(".tmp*"))
-    r = train(model_cfg(tok), tok, ds, base(save_every=3), tmp_path / "run", resume=True)
-    assert r.steps == 16 and (tmp_path / "run" / "final" / "model.safetensors").is_file()
+        train(model_cfg(tok), tok, ds, base(save_every=3), tmp_path, [first, Boom()])
+    assert latest_checkpoint(tmp_path).name == "step-6"
+    assert not list((tmp_path / "checkpoints").glob(".*"))
+    train(model_cfg(tok), tok, ds, base(save_every=3), tmp_path, [second], resume=True)
+    torch.testing.assert_close(first.losses[:6] + second.losses, full.losses, atol=1e-6, rtol=0)
 
 
-def test_bad_configs():
+def test_a_failed_checkpoint_write_leaves_nothing_half_written(tmp_path, tok, ds, monkeypatch):
+    real_save, calls = torch.save, []
+
+    def failing_save(obj, f, *a, **kw):
+        calls.append(f)
+        if len(calls) == 2:
+            raise OSError("No space left on device")
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="No space"):
+        train(model_cfg(tok), tok, ds, base(max_steps=8, save_every=3), tmp_path)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-3"]  # no step-6, no temp
+    monkeypatch.setattr(torch, "save", real_save)
+    assert train(model_cfg(tok), tok, ds, base(max_steps=8, save_every=3), tmp_path, resume=True).steps == 8
+
+
+def test_schedule_moves_every_optimizer_step(tmp_path, tok, ds):
+    cfg = base(max_steps=12, warmup_steps=4, grad_accum_steps=3, min_lr=3e-4)
+    rec = Record()
+    train(model_cfg(tok), tok, ds, cfg, tmp_path, [rec])
+    assert rec.lrs == [lr_at(s, cfg, 12) for s in range(12)]
+    assert len(set(rec.lrs)) == 12  # a new value at every optimizer step, not per micro-step or epoch
+    assert rec.lrs[:4] == pytest.approx([3e-3 * k / 4 for k in (1, 2, 3, 4)])
+    assert rec.lrs[4] == pytest.approx(3e-4 + 0.5 * 2.7e-3 * (1 + math.cos(math.pi / 8)))
+    assert rec.lrs[-1] == pytest.approx(3e-4)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["tokens"] for m in lines] == [s * 4 * 32 * 3 for s in range(1, 13)]  # 3 micro-batches a step
+
+
+def test_schedule_shapes_and_horizons():
+    linear = base(schedule="linear", warmup_steps=0, min_lr=0.0)
+    assert [lr_at(s, linear, 10) for s in (0, 4, 9)] == pytest.approx([2.7e-3, 1.5e-3, 0.0])
+    const = base(schedule="constant", warmup_steps=2)
+    assert [lr_at(s, const, 10) for s in range(4)] == pytest.approx([1.5e-3, 3e-3, 3e-3, 3e-3])
+    cosine = base(warmup_steps=0)  # min_lr None: lr / 10
+    assert lr_at(9, cosine, 10) == pytest.approx(3e-4) and lr_at(0, cosine, None) == 3e-3
+
+
+def test_learns_below_the_unigram_baseline_and_logs_well_formed_metrics(tmp_path, tok, ds):
+    rec = Record()
+    r = train(model_cfg(tok, dropout=0.0), tok, ds,
+              base(max_steps=60, batch_size=8, grad_accum_steps=1, eval_every=20, eval_batches=4, log_every=5),
+              tmp_path, [rec])
+    baseline = ds.unigram_entropy()  # the loss of the best model that ignores context
+    assert rec.evals[0] > rec.evals[-1] and rec.evals[-1] < 0.8 * baseline, (rec.evals, baseline)
+    assert r.best_val_loss == min(rec.evals) and r.stop_reason == "max_steps" and rec.ended == "max_steps"
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1] + list(range(5, 61, 5))
+    for m in lines:
+        assert {"step", "tokens", "elapsed_s", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= set(m)
+        assert m["tokens"] == m["step"] * 8 * 32 and math.isfinite(m["loss"]) and m["tokens_per_s"] > 0
+        assert 0 < m["mfu"] < 1 and m["grad_norm"] > 0
+    evals = [m for m in lines if "val_loss" in m]
+    assert [m["step"] for m in evals] == [20, 40, 60] and [m["val_loss"] for m in evals] == rec.evals
+    assert [m["lab_probe"] for m in evals] == [1, 2, 3] and not any("lab_probe" in m for m in lines if m not in evals)
+    for m in evals:
+        assert m["val_ppl"] == pytest.approx(math.exp(m["val_loss"]))
+        assert m["val_bpb"] == pytest.approx(m["val_loss"] / math.log(2) / ds.bytes_per_token())
+    training = json.loads((tmp_path / "final" / "training.json").read_text())
+    assert training["steps"] == 60 and training["last_eval"]["val_loss"] == rec.evals[-1]
+    run = json.loads((tmp_path / "config.json").read_text())
+    assert TrainConfig.from_dict(run["train"]).max_steps == 60 and run["model"]["vocab_size"] == len(tok)
+    assert TrainConfig.load(tmp_path / "config.json") == TrainConfig.from_dict(run["train"])
+    # the final model directory is the trained model: same val loss when reloaded
+    model, tok2 = lmlab.load(tmp_path / "final")
+    with torch.no_grad():
+        losses = [model(x, y).loss.item() for x, y in ds.eval_batches(8, 32, 4)]
+    assert sum(losses) / len(losses) == pytest.approx(rec.evals[-1], abs=1e-5)
+    assert tok2.encode("дед лиса") == tok.encode("дед лиса")
+
+
+def test_checkpoints_keep_last(tmp_path, tok, ds):
+    rec = Record()
+    train(model_cfg(tok), tok, ds, base(max_steps=12, grad_accum_steps=1, save_every=3, keep_last=2), tmp_path, [rec])
+    assert rec.checkpoints == ["step-3", "step-6", "step-9", "step-12"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-12", "step-9"]
+    files = {p.name for p in (tmp_path / "checkpoints" / "step-12").iterdir()}
+    assert files == {"model.safetensors", "optimizer.pt", "state.json", "config.json"}
+    state = json.loads((tmp_path / "checkpoints" / "step-12" / "state.json").read_text())
+    assert state["step"] == 12 and state["tokens"] == 12 * 4 * 32 and {"torch", "data"} <= set(state["rng"])
+
+
+def test_early_stopping_after_patience_evals_without_improvement(tmp_path, tok, ds):
+    rec = Record()
+    # lr 0.5 without warm-up diverges, so the val loss stops improving soon
+    r = train(model_cfg(tok), tok, ds, base(max_steps=300, lr=0.5, warmup_steps=0, grad_accum_steps=1,
+                                            eval_every=2, early_stopping_patience=2), tmp_path, [rec])
+    assert r.stop_reason == "early_stopping" and r.steps == 2 * len(rec.evals) < 300
+    best = min(range(len(rec.evals)), key=lambda i: (rec.evals[i], i))
+    assert len(rec.evals) - 1 - best == 2, rec.evals  # exactly `patience` evals after the best one
+    assert (tmp_path / "final" / "model.safetensors").is_file()
+
+
+def test_bad_configs(tmp_path, tok, ds):
     with pytest.raises(ValueError, match="stop condition"):
         TrainConfig()
     with pytest.raises(ValueError, match="batch_size"):
         TrainConfig(max_steps=1, batch_size=0)
     with pytest.raises(ValueError, match="schedule"):
         TrainConfig(max_steps=1, schedule="step")
-
-
-def test_memory_budget_is_checked(tmp_path, tok, ds):
-    with pytest.raises(ValueError, match="GiB"):
+    with pytest.raises(ValueError, match="lr"):
+        TrainConfig.from_dict({"max_steps": 1, "lr": "fast"})
+    with pytest.raises(ValueError, match="unknown TrainConfig field"):
+        TrainConfig.from_dict({"max_steps": 1, "learning_rate": 1e-3})
+    with pytest.raises(ValueError, match="seq_len"):
+        train(model_cfg(tok), tok, ds, base(seq_len=64), tmp_path / "long")
+    with pytest.raises(ValueError, match="GiB"):  # a config that does not fit in memory
         train(lmlab.ModelConfig.preset("gpt2-large", vocab_size=len(tok), block_size=32), tok, ds,
-              base(batch_size=200000, max_steps=1), tmp_path / "run")
+              base(batch_size=200000, max_steps=1), tmp_path / "huge")
+    assert not (tmp_path / "huge").exists() and not (tmp_path / "long").exists()
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resumes(tmp_path, tok, ds):
-    class CtrlC(Callback):
-        def on_step(self, trainer, metrics):
-            if trainer.step == 5:
-                raise KeyboardInterrupt
+def test_tensorboard_without_the_package_is_a_clear_error(tmp_path, tok, ds):
+    try:
+        import tensorboard  # noqa: F401
+        pytest.skip("tensorboard is installed")
+    except ImportError:
+        pass
+    with pytest.raises(ValueError, match="pip install tensorboard"):
+        train(model_cfg(tok), tok, ds, base(tensorboard=True), tmp_path)
 
-    r = train(model_cfg(tok), tok, ds, base(), tmp_path / "run", [CtrlC()])
-    assert r.stop_reason == "interrupted" and r.steps == 5
-    assert latest_checkpoint(tmp_path / "run").name == "step-5"
-    assert not (tmp_path / "run" / "final").exists()
-    assert train(model_cfg(tok), tok, ds, base(), tmp_path / "run", resume=True).steps == 16
+
+# ---- the command line -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def book(tmp_path_factory):
+    path = tmp_path_factory.mktemp("books") / "tales.txt"
+    path.write_text(demo_corpus(n_stories=150, seed=1), encoding="cp1251")  # a legacy-encoded Russian book
+    return path
+
+
+def test_cli_train_resume_eval_generate(tmp_path, book, capsys):
+    run = tmp_path / "run"
+    args = ["train", str(book), "--preset", "llama-tiny", "--vocab-size", "400", "--out", str(run),
+            "--max-steps", "8", "--batch-size", "4", "--seq-len", "64", "--eval-every", "4", "--save-every", "4",
+            "--log-every", "2", "--warmup-steps", "2", "--lr", "2e-3", "--schedule", "linear", "--no-compile"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "stopped after 8 steps (max_steps)" in out
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["step"] == 8 and "val_loss" in lines[-1]
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["train"]["lr"] == 2e-3 and saved["train"]["schedule"] == "linear"
+    assert saved["train"]["max_steps"] == 8 and saved["model"]["family"] == "llama"
+    assert saved["model"]["vocab_size"] == 400 and (run / "data" / "tokens.bin").is_file()
+    assert main(["train", "--out", str(run), "--resume", "--max-steps", "12"]) == 0
+    assert "stopped after 12 steps" in capsys.readouterr().out
+    assert json.loads((run / "final" / "training.json").read_text())["steps"] == 12
+    assert main(["eval", str(run / "final"), str(book)]) == 0
+    assert "bits per byte" in capsys.readouterr().out
+    assert main(["generate", str(run / "final"), "--prompt", "Жили", "--max-new-tokens", "5", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.startswith("Жили")
+    # fine-tune from the final model: its tokenizer and weights are reused, nothing is retrained
+    assert main(["train", str(book), "--init", str(run / "final"), "--out", str(tmp_path / "ft"), "--max-steps", "2",
+                 "--batch-size", "4", "--seq-len", "64", "--eval-batches", "1"]) == 0
+    assert (tmp_path / "ft" / "tokenizer.json").read_text() == (run / "tokenizer.json").read_text()
+    trained = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["loss"]
+    first = json.loads((tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    assert abs(first - trained) < abs(first - lines[0]["loss"])  # starts from trained weights, not scratch
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "missing.txt", "--preset", "gpt2-tiny", "--out", "{tmp}/r", "--max-steps", "1"], "missing.txt"),
+    (["train", "{empty}", "--preset", "gpt2-tiny", "--out", "{tmp}/r", "--max-steps", "1"], "empty"),
+    (["train", "{book}", "--preset", "gpt2-nope", "--out", "{tmp}/r", "--max-steps", "1"], "preset"),
+    (["train", "{book}", "--preset", "gpt2-tiny", "--out", "{tmp}/r", "--max-steps", "0"], "max_steps"),
+    (["train", "{book}", "--preset", "gpt2-tiny", "--out", "{tmp}/r", "--max-steps", "1", "--schedule", "step"],
+     "schedule"),
+    (["train", "{book}", "--out", "{tmp}/r", "--max-steps", "1"], "--preset"),
+    (["train", "--out", "{tmp}/nothing", "--resume"], "not a run directory"),
+    (["train", "--dataset", "{tmp}/nodata", "--tokenizer", "{tmp}/t.json", "--preset", "gpt2-tiny", "--out",
+      "{tmp}/r", "--max-steps", "1"], "not found"),
+    (["eval", "{tmp}/nomodel", "{book}"], "not found"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, book, capsys, argv, message):
+    (tmp_path / "empty.txt").write_text("   \n")
+    argv = [a.format(tmp=tmp_path, book=book, empty=tmp_path / "empty.txt") for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lmlab: error:") and "\n" not in err and message in err, err
+    assert not (tmp_path / "r").exists()  # nothing half-written
+
+
+def test_every_train_config_field_is_a_documented_flag(capsys):
+    import dataclasses
+
+    from lmlab.train.config import HELP
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for f in dataclasses.fields(TrainConfig):
+        assert "--" + f.name.replace("_", "-") in text and HELP[f.name].split()[0] in text, f.name
+
+
+def test_bad_flag_exits_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--out", "x", "--max-steps", "many"])
+    assert exc.value.code == 2
+
+
+@pytest.mark.slow
+def test_demo_learns_the_book(tmp_path, capsys):
+    """The full `lmlab demo`: learns the generated book well below the unigram baseline, and its final/
+    works with `lmlab generate`."""
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "Before training:" in out and "After training:" in out
+    training = json.loads((tmp_path / "demo" / "final" / "training.json").read_text())
+    before = training["demo"]["val_loss_before"]
+    after, unigram = training["last_eval"]["val_loss"], training["demo"]["unigram_baseline"]
+    assert after < 0.5 * unigram < before, (before, after, unigram)
+    assert main(["generate", str(tmp_path / "demo" / "final"), "--prompt", "Жили-были", "--greedy",
+                 "--max-new-tokens", "20"]) == 0
+    assert "Жили-были" in capsys.readouterr().out

@@ -193,6 +193,7 @@ def _data_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--weight", action="append", default=[], metavar="NAME=W",
                    help="sampling weight of a document by file name or stem (repeatable)")
     d.add_argument("--preset", help="report tokens per parameter for this preset, e.g. gpt2-small")
+    d.add_argument("--seq-len", type=int, help="refuse a corpus without one training window of this length")
 
 
 def parse_weights(items: Sequence[str]) -> dict[str, float]:
@@ -216,11 +217,16 @@ def _data(args: argparse.Namespace) -> int:
 
     tok = Tokenizer.load(args.tokenizer)
     cfg = ModelConfig.preset(args.preset, vocab_size=tok.vocab_size) if args.preset else None
-    ds = prepare(args.sources, tok, args.out, val_fraction=args.val_fraction, weights=parse_weights(args.weight))
+    ds = prepare(args.sources, tok, args.out, val_fraction=args.val_fraction, weights=parse_weights(args.weight),
+                 seq_len=args.seq_len)
     st = ds.stats(cfg)
     print(f"documents:  {st['documents']} ({st['documents_without_val']} too short to hold out a val slice)")
     print(f"characters: {st['characters']:,}")
-    print(f"tokens:     {st['tokens']:,} (train {st['train_tokens']:,}, val {st['val_tokens']:,})")
+    print(f"tokens:     {st['tokens']:,} (train {st['train_tokens']:,}, val {st['val_tokens']:,}; "
+          f"{st['bytes_per_token']:.2f} bytes/token)")
+    print(f"unigram entropy: {ds.unigram_entropy():.3f} nats/token (the loss of a model that ignores context)")
+    if st["skipped_empty"]:
+        print(f"skipped (no text): {', '.join(st['skipped_empty'])}")
     if cfg is not None:
         print(f"tokens per parameter: {st['tokens_per_parameter']:.2f} for {args.preset} "
               f"({st['parameters']:,} parameters; Chinchilla-optimal is ~20, i.e. {st['chinchilla_tokens']:,} tokens)")
@@ -236,6 +242,7 @@ def add_train_config_arguments(p: argparse.ArgumentParser) -> None:
     import typing
 
     from .train import TrainConfig
+    from .train.config import HELP
 
     hints = typing.get_type_hints(TrainConfig)
     g = p.add_argument_group("training hyper-parameters (TrainConfig)")
@@ -243,7 +250,8 @@ def add_train_config_arguments(p: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
         base = next((t for t in (bool, int, float, str) if t is kind or t in typing.get_args(kind)), str)
-        help_text = f"default {f.default}"
+        help_text = HELP.get(f.name, "")
+        help_text += "" if "default" in help_text else f" (default {f.default})"
         if base is bool:
             g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
@@ -295,11 +303,12 @@ def _train(args: argparse.Namespace) -> int:
             vocab_size=args.vocab_size, val_fraction=args.val_fraction, weights=parse_weights(args.weight))
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return 0
-    print(f"stopped after {result.steps} steps ({result.stop_reason}); final loss {result.final_loss:.4f}"
+    print(f"stopped after {result.steps} steps ({result.stop_reason})"
+          + (f"; final loss {result.final_loss:.4f}" if result.final_loss is not None else "")
           + (f", best val loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""))
-    if result.stop_reason in ("interrupted", "stopped"):
+    if result.stop_reason == "interrupted":
         print(f"continue with: lmlab train --out {args.out} --resume")
-        return 130 if result.stop_reason == "interrupted" else 0
+        return 130
     print(f"model: {Path(args.out) / 'final'}")
     return 0
 
@@ -330,15 +339,99 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="lmlab-demo", help="run directory to create (default ./lmlab-demo)")
-    p.add_argument("--max-steps", type=int, default=900, help="training steps (900, about 3 minutes on 2 cores)")
-    p.add_argument("--time-budget", type=float, default=240.0, help="stop training after this many seconds")
+    p.add_argument("--budget", type=float, default=180.0,
+                   help="seconds for the whole demo (180); the steps are fitted to it after timing a few")
+    p.add_argument("--max-steps", type=int, help="train exactly this many steps instead (reproducible anywhere)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--seed", type=int, default=0, help="seed for the book, the model and the samples")
 
 
 @command("demo", "the main job: train a small model on a built-in book and show text before/after", _demo_arguments)
 def _demo(args: argparse.Namespace) -> int:
     from .train.recipes import run_demo
-    run_demo(args.out, max_steps=args.max_steps, time_budget_s=args.time_budget, seed=args.seed)
+    run_demo(args.out, budget_s=args.budget, max_steps=args.max_steps, seed=args.seed, device=args.device)
+    return 0
+
+
+# ---- serve ------------------------------------------------------------------------------------------
+
+def _serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; others need --api-token)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--workspace", help="folder for books/, models/, runs/ and the database (default: your data dir)")
+    p.add_argument("--database-url", help="SQLAlchemy URL, e.g. postgresql://... (default: SQLite in the workspace)")
+    p.add_argument("--api-token", default=os.environ.get("LMLAB_API_TOKEN"),
+                   help="token required on every request (default: $LMLAB_API_TOKEN)")
+    p.add_argument("--max-jobs", type=int, default=1, help="training processes at once; more wait in a queue (1)")
+    p.add_argument("--max-upload-mb", type=float, default=100.0, help="largest book upload in MiB (100)")
+    p.add_argument("--memory-budget-gb", type=float, help="refuse models/batches estimated above this (70%% of RAM)")
+    p.add_argument("--torch-threads", type=int, default=1,
+                   help="intra-op threads for generation; 1 lets requests run side by side (default 1)")
+
+
+@command("serve", "the web app: upload books, create and train models, watch live charts, generate", _serve_arguments)
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        from .server import Settings, serve
+    except ImportError as exc:
+        raise ValueError(f"lmlab serve needs the server extra: pip install 'lmlab[server]' ({exc})") from None
+    settings = Settings(workspace=args.workspace, database_url=args.database_url, api_token=args.api_token or None,
+                        host=args.host, port=args.port, max_jobs=args.max_jobs,
+                        max_upload_bytes=int(args.max_upload_mb * 2**20),
+                        memory_budget_bytes=int(args.memory_budget_gb * 2**30) if args.memory_budget_gb else None,
+                        torch_threads=args.torch_threads)
+    serve(settings)
+    return 0
+
+
+# ---- export / import (Hugging Face transformers, GGUF for llama.cpp) --------------------------------
+
+def _export_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    h = sub.add_parser("hf", help="a transformers-native checkpoint (GPT2LMHeadModel, LlamaForCausalLM, "
+                                  "OpenAIGPTLMHeadModel) with its tokenizer; no custom code needed to load it")
+    h.add_argument("model_dir", help="an lmlab model directory")
+    h.add_argument("out_dir", help="folder to write (created, or updated in place)")
+    g = sub.add_parser("gguf", help="one GGUF file for llama.cpp (llama and gpt2 families, bpe tokenizers)")
+    g.add_argument("model_dir", help="an lmlab model directory")
+    g.add_argument("out_file", help="the .gguf file to write")
+    g.add_argument("--dtype", default="f32", choices=["f32", "f16", "q8_0"],
+                   help="weight type of the matrices (default f32; norms and biases stay f32)")
+
+
+@command("export", "export a model: lmlab export hf MODEL_DIR OUT_DIR | lmlab export gguf MODEL_DIR OUT.gguf",
+         _export_arguments)
+def _export(args: argparse.Namespace) -> int:
+    from .interop import export_gguf, export_hf
+    try:
+        if args.format == "hf":
+            out = export_hf(args.model_dir, args.out_dir)
+            print(f"wrote {out} (load with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}))")
+        else:
+            out = export_gguf(args.model_dir, args.out_file, dtype=args.dtype)
+            print(f"wrote {out} ({args.dtype}, {out.stat().st_size / 2**20:.1f} MiB; run with llama.cpp: "
+                  f"llama-cli -m {out})")
+    except ImportError as exc:  # an optional dependency is missing: say which extra to install
+        raise ValueError(str(exc)) from None
+    return 0
+
+
+def _import_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    h = sub.add_parser("hf", help="a local transformers checkpoint (GPT-2, Llama, GPT-1; safetensors)")
+    h.add_argument("hf_dir", help="folder with config.json, model.safetensors and tokenizer.json")
+    h.add_argument("model_dir", help="lmlab model directory to write")
+
+
+@command("import", "import a model: lmlab import hf HF_DIR MODEL_DIR", _import_arguments)
+def _import(args: argparse.Namespace) -> int:
+    from .interop import import_hf
+    out = import_hf(args.hf_dir, args.model_dir)
+    if (out / "tokenizer.json").is_file():
+        print(f"wrote {out} (continue training with: lmlab train SOURCES --init {out} --out RUN_DIR)")
+    else:
+        print(f"wrote {out}; its tokenizer does not put <PAD> <UNK> <BOS> <EOS> at ids 0-3, so it is kept "
+              f"unchanged in {out / 'hf_tokenizer'} (used by lmlab export; see docs/interop.md)")
     return 0
 
 

@@ -1,13 +1,17 @@
 """Token files: documents tokenised once into a flat memmap, plus a JSON header.
 
-Layout of `tokens.bin` (uint16, or uint32 for vocabularies over 65,536):
+    out_dir/tokens.bin   little-endian uint16 (uint32 when the vocabulary exceeds 65,536), no header bytes:
 
-    [doc0 train] EOS [doc1 train] EOS ... | [doc0 val] EOS [doc1 val] EOS ...
-    <--------------- train region ------> <----------- val region ---------->
+        [doc0 train] EOS [doc1 train] EOS ... [docN train] EOS | [doc0 val] EOS [doc1 val] EOS ...
+        <------------------ train region: train_tokens -------> <------ val region: val_tokens ---->
 
-Each document's validation part is the held-out slice at its end. All training parts come first, so a
-training window (sampled entirely inside the train region) can never overlap a validation token — the
-leak of the seed trainers, which drew validation windows from overlapping chunks, cannot happen.
+    out_dir/tokens.json  format, dtype, eos_id, vocab_size, tokenizer_fingerprint, totals (num/train/val
+                         tokens, characters, train/val UTF-8 bytes) and per document: name, chars, weight,
+                         `train` and `val` as [start, end) token ranges into tokens.bin (EOS not included).
+
+Each document's validation part is the held-out slice at its end (`val_fraction` of its tokens). All
+training parts come first, so a training window (sampled entirely inside the train region) can never
+overlap a validation token. A val part is empty when its document has fewer than MIN_DOC_TOKENS_FOR_VAL.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +27,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from numpy.lib.stride_tricks import sliding_window_view
 
 from .documents import find_documents, read_document
 
 FORMAT_VERSION = 1
 BIN, HEADER = "tokens.bin", "tokens.json"
 MIN_DOC_TOKENS_FOR_VAL = 32  # shorter documents go to training whole
+_ENCODE_CHUNK_CHARS = 32 << 20  # tokenise ~32M characters at a time: bounds the Python lists of ids
 
 
 @dataclass(frozen=True)
@@ -36,94 +42,175 @@ class Document:
     name: str
     chars: int
     train: tuple[int, int]  # [start, end) in tokens.bin, EOS excluded
-    val: tuple[int, int]
+    val: tuple[int, int]  # empty (start == end) when the document was too short to hold out a slice
     weight: float = 1.0
+
+    @property
+    def train_tokens(self) -> int:
+        return self.train[1] - self.train[0]
+
+    @property
+    def val_tokens(self) -> int:
+        return self.val[1] - self.val[0]
 
 
 def prepare(sources: Sequence[str | Path], tokenizer: Any, out_dir: str | Path, *, val_fraction: float = 0.05,
             weights: Mapping[str, float] | None = None, seq_len: int | None = None) -> TokenDataset:
-    """Read every document under `sources`, tokenise once, write `out_dir/tokens.{bin,json}`.
-    `weights` maps a document's file name (or stem) to its sampling weight (default 1.0)."""
+    """Read every document under `sources` (files, folders, globs), tokenise each once and write
+    `out_dir/tokens.bin` + `out_dir/tokens.json`. `weights` maps a document's name, file name or stem to its
+    sampling weight (default 1.0). With `seq_len`, refuse a corpus without one training window of seq_len+1.
+    Nothing is written unless every document reads."""
     paths = find_documents(sources)
+    names = _document_names(paths)
+    doc_weights = [1.0] * len(paths)
+    for key, w in (weights or {}).items():
+        hits = [i for i, (p, n) in enumerate(zip(paths, names)) if key in (n, p.name, p.stem)]
+        if not hits:
+            raise ValueError(f"weight {key}={w} names no document (have: {', '.join(names[:10])})")
+        for i in hits:
+            doc_weights[i] = w
     texts = [read_document(p) for p in paths]
-    names = [p.name for p in paths]
-    weights = dict(weights or {})
-    unknown = set(weights) - set(names) - {p.stem for p in paths}
-    if unknown:
-        raise ValueError(f"--weight names no document: {', '.join(sorted(unknown))}")
-    doc_weights = [weights.get(p.name, weights.get(p.stem, 1.0)) for p in paths]
     return prepare_texts(texts, tokenizer, out_dir, names=names, weights=doc_weights,
                          val_fraction=val_fraction, seq_len=seq_len)
 
 
+def _document_names(paths: Sequence[Path]) -> list[str]:
+    """File names, or paths relative to the common folder when two books share a file name."""
+    names = [p.name for p in paths]
+    if len(set(names)) == len(names):
+        return names
+    root = Path(os.path.commonpath([p.resolve().parent for p in paths]))
+    return [p.resolve().relative_to(root).as_posix() for p in paths]
+
+
 def prepare_texts(texts: Sequence[str], tokenizer: Any, out_dir: str | Path, *, names: Sequence[str] | None = None,
-                  weights: Sequence[float] | None = None, val_fraction: float = 0.05,
+                  weights: Sequence[float] | Mapping[str, float] | None = None, val_fraction: float = 0.05,
                   seq_len: int | None = None) -> TokenDataset:
+    """`prepare` for in-memory texts (named text-0, text-1, ... unless `names` is given); `weights` is one
+    per text, or a mapping from name to weight."""
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction ({val_fraction}) must be in [0, 1)")
-    names = list(names or [f"text-{i}" for i in range(len(texts))])
-    weights = list(weights or [1.0] * len(texts))
-    if any(not (w >= 0 and math.isfinite(w)) for w in weights):
-        raise ValueError("document weights must be finite and >= 0")
+    names = list(names) if names is not None else [f"text-{i}" for i in range(len(texts))]
+    if len(names) != len(texts) or len(set(names)) != len(names):
+        raise ValueError(f"need {len(texts)} distinct document names, got {len(set(names))}")
+    if isinstance(weights, Mapping):
+        unknown = set(weights) - set(names)
+        if unknown:
+            raise ValueError(f"weights name no document: {', '.join(sorted(unknown))}")
+        weights = [weights.get(n, 1.0) for n in names]
+    weights = [float(w) for w in weights] if weights is not None else [1.0] * len(texts)
+    if len(weights) != len(texts) or any(not (w >= 0 and math.isfinite(w)) for w in weights):
+        raise ValueError("need one finite weight >= 0 per document")
     keep = [i for i, t in enumerate(texts) if t.strip()]
     if not keep:
         raise ValueError("the corpus is empty: no document has any text")
-    encoded = tokenizer.encode_batch([texts[i] for i in keep])
-    eos = tokenizer.eos_id
-    train_parts, val_parts, splits = [], [], []
-    for ids in encoded:
-        n_val = math.ceil(len(ids) * val_fraction) if len(ids) >= MIN_DOC_TOKENS_FOR_VAL and val_fraction else 0
-        train_parts.append(ids[: len(ids) - n_val])
-        val_parts.append(ids[len(ids) - n_val:])
+
+    vocab = len(tokenizer)
+    dtype = np.dtype(np.uint16 if vocab <= 2**16 else np.uint32)  # ids < vocab <= 65,536 fit in uint16
+    train_parts, val_parts = [], []
+    for chunk in _chunks(keep, [len(texts[i]) for i in keep]):
+        for ids in tokenizer.encode_batch([texts[i] for i in chunk]):
+            ids = np.asarray(ids, dtype=np.int64)
+            if len(ids) and not 0 <= ids.min() <= ids.max() < vocab:
+                raise ValueError(f"the tokenizer produced id {ids.max()} outside its vocabulary of {vocab}")
+            ids = ids.astype(dtype)
+            n_val = 0
+            if len(ids) >= MIN_DOC_TOKENS_FOR_VAL and val_fraction:
+                n_val = min(math.ceil(len(ids) * val_fraction), len(ids) - 1)
+            train_parts.append(ids[: len(ids) - n_val])
+            val_parts.append(ids[len(ids) - n_val:])
+
     docs, offset = [], 0
     for part in train_parts:
-        splits.append((offset, offset + len(part)))
-        offset += len(part) + 1
+        docs.append([offset, offset + len(part)])
+        offset += len(part) + 1  # + EOS
     n_train = offset
-    for j, i in enumerate(keep):
-        val_start = offset
-        offset += len(val_parts[j]) + (1 if val_parts[j] else 0)
-        docs.append(Document(names[i], len(texts[i]), splits[j], (val_start, val_start + len(val_parts[j])),
-                             float(weights[i])))
+    for span, part in zip(docs, val_parts):
+        span += [offset, offset + len(part)]
+        offset += len(part) + 1 if len(part) else 0
     window = (seq_len or 1) + 1
     if n_train < window:
         raise ValueError(f"the corpus has {n_train} training tokens, fewer than one window of {window}")
-    if not any(d.weight > 0 for d in docs):
+    if not any(weights[i] > 0 for i in keep):
         raise ValueError("every document has weight 0")
 
-    vocab = len(tokenizer)
-    dtype = np.uint16 if vocab <= 2**16 else np.uint32
-    flat = np.empty(offset, dtype=dtype)
-    for d, part in zip(docs, train_parts):
-        flat[d.train[0]:d.train[1]] = part
-        flat[d.train[1]] = eos
-    for d, part in zip(docs, val_parts):
-        if part:
-            flat[d.val[0]:d.val[1]] = part
-            flat[d.val[1]] = eos
-    val_bytes = sum(len(tokenizer.decode(p).encode("utf-8")) for p in val_parts)
+    # bits per byte needs the UTF-8 size of the val text; decode rather than guess from the character split.
+    val_bytes = [len(tokenizer.decode(p.tolist()).encode("utf-8")) for p in val_parts]
+    doc_bytes = [len(texts[i].encode("utf-8")) for i in keep]
     header = {
-        "format": FORMAT_VERSION, "dtype": np.dtype(dtype).name, "num_tokens": int(offset),
-        "train_tokens": n_train, "val_tokens": int(offset - n_train), "vocab_size": vocab,
-        "tokenizer_fingerprint": tokenizer.fingerprint(), "val_bytes": val_bytes,
-        "documents": [dict(name=d.name, chars=d.chars, train=list(d.train), val=list(d.val), weight=d.weight)
-                      for d in docs],
+        "format": FORMAT_VERSION, "dtype": dtype.name, "eos_id": int(tokenizer.eos_id), "vocab_size": vocab,
+        "tokenizer_fingerprint": tokenizer.fingerprint(), "val_fraction": val_fraction,
+        "num_tokens": offset, "train_tokens": n_train, "val_tokens": offset - n_train,
+        "characters": sum(len(texts[i]) for i in keep),
+        "train_bytes": sum(doc_bytes) - sum(val_bytes), "val_bytes": sum(val_bytes),
+        "skipped_empty": [names[i] for i, t in enumerate(texts) if not t.strip()],
+        "documents": [{"name": names[i], "chars": len(texts[i]), "weight": weights[i],
+                       "train": span[:2], "val": span[2:]} for i, span in zip(keep, docs)],
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / BIN, flat.tobytes())  # the header goes last: no header, no dataset
-    _atomic_write(out / HEADER, (json.dumps(header, ensure_ascii=False, indent=1) + "\n").encode("utf-8"))
+    eos = np.array([tokenizer.eos_id], dtype=dtype).tobytes()
+    with _Staged(out / BIN) as bin_file, _Staged(out / HEADER) as header_file:
+        for part in train_parts + [p for p in val_parts if len(p)]:
+            bin_file.write(part.tobytes())
+            bin_file.write(eos)
+        header_file.write(_header_json(header).encode("utf-8"))
+        # Drop the old header first: a crash in between leaves a tokens.bin that open() refuses (no
+        # header), never a new tokens.bin under an old header.
+        (out / HEADER).unlink(missing_ok=True)
+        bin_file.publish()
+        try:
+            header_file.publish()
+        except BaseException:
+            (out / BIN).unlink(missing_ok=True)  # no tokens.bin without its header
+            raise
     return TokenDataset.open(out)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+def _header_json(header: dict[str, Any]) -> str:
+    """Pretty JSON with one line per document, so a header of a thousand books still reads in a pager."""
+    lines = [f" {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}" for k, v in header.items() if k != "documents"]
+    docs = ",\n".join("  " + json.dumps(d, ensure_ascii=False) for d in header["documents"])
+    return "{\n" + ",\n".join([*lines, f' "documents": [\n{docs}\n ]']) + "\n}\n"
+
+
+def _chunks(items: list[int], sizes: list[int]) -> Iterator[list[int]]:
+    chunk, total = [], 0
+    for item, size in zip(items, sizes):
+        chunk.append(item)
+        total += size
+        if total >= _ENCODE_CHUNK_CHARS:
+            yield chunk
+            chunk, total = [], 0
+    if chunk:
+        yield chunk
+
+
+class _Staged:
+    """A file written under a temporary name in the same folder; `publish` renames it into place. Leaving
+    the block without publishing removes it, so a failure never leaves a partial file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.tmp = str(path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp"))
+        # os.open rather than mkstemp: mkstemp's 0600 would survive the rename; this honours the umask.
+        self.file = os.fdopen(os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb")
+
+    def __enter__(self) -> _Staged:
+        return self
+
+    def write(self, data: bytes) -> None:
+        self.file.write(data)
+
+    def publish(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.tmp, self.path)
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()
+        Path(self.tmp).unlink(missing_ok=True)
 
 
 class TokenDataset:
@@ -133,31 +220,37 @@ class TokenDataset:
         self.path, self.header, self.tokens = path, header, tokens
         self.documents = [Document(d["name"], d["chars"], tuple(d["train"]), tuple(d["val"]), d["weight"])
                           for d in header["documents"]]
-        starts = np.array([d.train[0] for d in self.documents], dtype=np.int64)
-        lengths = np.array([d.train[1] - d.train[0] + 1 for d in self.documents], dtype=np.int64)  # + EOS
-        mass = lengths * np.array([d.weight for d in self.documents])
-        self._doc_start = torch.from_numpy(starts)
-        self._doc_len = torch.from_numpy(lengths)
-        self._doc_prob = torch.from_numpy(mass / mass.sum())
+        # A plain ndarray over the same mapping: numpy's memmap subclass costs ~40 us per fancy index.
+        self._flat = tokens.view(np.ndarray)
+        self._samplers: dict[int, tuple[np.ndarray, ...]] = {}
 
     @classmethod
     def open(cls, path: str | Path, tokenizer: Any = None) -> TokenDataset:
+        """Open `path/tokens.{bin,json}`; ValueError if they disagree, or if `tokenizer` is given and is not
+        the one the file was made with."""
         path = Path(path)
         if not (path / HEADER).is_file() or not (path / BIN).is_file():
             raise FileNotFoundError(f"not a prepared dataset (needs {HEADER} and {BIN}): {path}")
         try:
             header = json.loads((path / HEADER).read_text(encoding="utf-8"))
             dtype = np.dtype(header["dtype"])
-            num = int(header["num_tokens"])
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise ValueError(f"{path / HEADER} is not a valid dataset header: {exc}") from None
+            num, n_train = int(header["num_tokens"]), int(header["train_tokens"])
+            spans = [(*d["train"], *d["val"]) for d in header["documents"]]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path / HEADER} is not a valid dataset header ({type(exc).__name__}: {exc})") from None
         if header.get("format") != FORMAT_VERSION:
-            raise ValueError(f"{path / HEADER}: unsupported format {header.get('format')}")
-        if (path / BIN).stat().st_size != num * dtype.itemsize:
-            raise ValueError(f"{path / BIN} has {(path / BIN).stat().st_size} bytes; the header says "
-                             f"{num} tokens of {dtype.name}")
+            raise ValueError(f"{path / HEADER}: unsupported format {header.get('format')} (want {FORMAT_VERSION})")
+        if dtype not in (np.uint16, np.uint32) or header.get("vocab_size", 0) > np.iinfo(dtype).max + 1:
+            raise ValueError(f"{path / HEADER}: dtype {dtype} cannot hold vocab_size {header.get('vocab_size')}")
+        size = (path / BIN).stat().st_size
+        if size != num * dtype.itemsize:
+            raise ValueError(f"{path / BIN} has {size} bytes; the header says {num} tokens of {dtype.name}")
+        if not spans or any(not (0 <= a <= b < n_train <= c <= d <= num) for a, b, c, d in spans) \
+                or header.get("val_tokens") != num - n_train:
+            raise ValueError(f"{path / HEADER}: document ranges do not fit in {num} tokens")
         if tokenizer is not None and tokenizer.fingerprint() != header["tokenizer_fingerprint"]:
-            raise ValueError(f"{path} was tokenised with a different tokenizer")
+            raise ValueError(f"{path} was tokenised with a different tokenizer (fingerprint "
+                             f"{header['tokenizer_fingerprint'][:12]}, this one {tokenizer.fingerprint()[:12]})")
         return cls(path, header, np.memmap(path / BIN, dtype=dtype, mode="r"))
 
     @property
@@ -172,55 +265,100 @@ class TokenDataset:
     def val_tokens(self) -> int:
         return self.header["val_tokens"]
 
+    def __repr__(self) -> str:
+        return (f"TokenDataset({str(self.path)!r}, documents={len(self.documents)}, "
+                f"train_tokens={self.train_tokens}, val_tokens={self.val_tokens})")
+
     # ---- batches -----------------------------------------------------------------------------------
+
+    def _sampler(self, seq_len: int) -> tuple[np.ndarray, ...]:
+        """Per document: first start position, number of start positions, cumulative probability."""
+        if seq_len not in self._samplers:
+            last_start = self.train_tokens - seq_len - 1  # the final window ends on the last train EOS
+            if seq_len < 1 or last_start < 0:
+                raise ValueError(f"seq_len {seq_len} needs {seq_len + 1} training tokens; have {self.train_tokens}")
+            first = np.array([d.train[0] for d in self.documents], dtype=np.int64)
+            end = np.array([d.train[1] for d in self.documents], dtype=np.int64)  # its EOS may start a window
+            count = np.clip(np.minimum(end, last_start) - first + 1, 0, None)
+            mass = count * np.array([d.weight for d in self.documents])
+            if mass.sum() <= 0:
+                raise ValueError(f"no document with weight > 0 has room to start a window of {seq_len + 1} tokens")
+            cdf = np.cumsum(mass) / mass.sum()
+            cdf[np.flatnonzero(mass)[-1]:] = 1.0  # rounding must not let u land past the last live document
+            self._samplers[seq_len] = (first, count, cdf, np.concatenate([[0.0], cdf[:-1]]),
+                                       sliding_window_view(self._flat[: self.train_tokens], seq_len + 1))
+        return self._samplers[seq_len]
 
     def sample_batch(self, batch_size: int, seq_len: int,
                      generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Random windows from the train region: a document is drawn with probability ∝ weight × its
-        training tokens, then a start inside it; a window may run on into the next document's training
-        part (past an EOS) but never past the train region. Only `generator` supplies randomness, so its
-        state is the complete data position for resuming."""
-        last_start = self.train_tokens - seq_len - 1
-        if last_start < 0:
-            raise ValueError(f"seq_len {seq_len} needs {seq_len + 1} training tokens; have {self.train_tokens}")
-        doc = torch.multinomial(self._doc_prob, batch_size, replacement=True, generator=generator)
-        offset = (torch.rand(batch_size, generator=generator, dtype=torch.float64) * self._doc_len[doc]).long()
-        starts = (self._doc_start[doc] + offset).clamp_max(last_start).numpy()
-        windows = self.tokens[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64)
-        windows = torch.from_numpy(windows)
-        return windows[:, :-1], windows[:, 1:]
+        """`batch_size` random windows from the train region as int64 (x, y), y = x shifted by one.
+
+        A document is drawn with probability ∝ weight × its training tokens, then a start uniformly among its
+        tokens (and its trailing EOS); the window may run on past the EOS into the next document's training
+        part, so short documents need no special case, but never past the train region (the last seq_len
+        positions of the region start no window). One uniform number per row from `generator` (a CPU
+        generator) picks both; nothing else is random, so `generator.get_state()` is the data position."""
+        first, count, cdf, cdf_lo, windows = self._sampler(seq_len)
+        u = torch.rand(batch_size, generator=generator, dtype=torch.float64).numpy()
+        doc = np.searchsorted(cdf, u, side="right")
+        within = ((u - cdf_lo[doc]) / (cdf[doc] - cdf_lo[doc]) * count[doc]).astype(np.int64)
+        rows = windows[first[doc] + np.minimum(within, count[doc] - 1)]  # (B, T+1), uint16/32
+        # Numpy makes the int64 copies: torch's parallel copy of a strided view stalls on a busy 2-core host.
+        return torch.from_numpy(rows[:, :-1].astype(np.int64)), torch.from_numpy(rows[:, 1:].astype(np.int64))
+
+    def eval_windows(self, seq_len: int) -> np.ndarray:
+        """Start positions of the validation windows: consecutive, so each val token after the first is a
+        target exactly once; the last partial window (< seq_len tokens) is left out."""
+        return np.arange(self.train_tokens, self.num_tokens - seq_len, seq_len, dtype=np.int64)
 
     def eval_batches(self, batch_size: int, seq_len: int, max_batches: int | None = None,
                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Fixed, non-overlapping windows walking the val region (the same every call)."""
-        lo, hi = self.train_tokens, self.num_tokens
-        starts = np.arange(lo, hi - seq_len, seq_len)
-        if max_batches is not None:
-            starts = starts[: max_batches * batch_size]
+        """Fixed, non-overlapping windows walking the val region, the same on every call. With `max_batches`
+        the windows are spread evenly over the whole region, so every book is represented, not just the
+        first ones."""
+        starts = self.eval_windows(seq_len)
+        if max_batches is not None and len(starts) > max_batches * batch_size:
+            starts = starts[np.linspace(0, len(starts) - 1, max_batches * batch_size).round().astype(np.int64)]
+        offsets = np.arange(seq_len + 1)
         for i in range(0, len(starts), batch_size):
-            s = starts[i:i + batch_size]
-            w = torch.from_numpy(self.tokens[s[:, None] + np.arange(seq_len + 1)].astype(np.int64))
-            yield w[:, :-1], w[:, 1:]
+            rows = self._flat[starts[i:i + batch_size, None] + offsets]
+            yield torch.from_numpy(rows[:, :-1].astype(np.int64)), torch.from_numpy(rows[:, 1:].astype(np.int64))
 
     # ---- statistics --------------------------------------------------------------------------------
 
-    def unigram_entropy(self) -> float:
-        """Entropy (nats/token) of the training unigram distribution: the loss of a model that ignores
-        context. A language model has learned something once its val loss is below it."""
-        counts = np.bincount(self.tokens[: self.train_tokens], minlength=1).astype(np.float64)
-        p = counts[counts > 0] / counts.sum()
+    def _region(self, split: str) -> np.ndarray:
+        if split == "train":
+            return self._flat[: self.train_tokens]
+        if split == "val":
+            return self._flat[self.train_tokens:]
+        raise ValueError(f"split must be 'train' or 'val', not {split!r}")
+
+    def unigram_entropy(self, split: str = "train") -> float:
+        """Entropy (nats/token) of the unigram distribution of `split` (EOS included): the loss of a model that
+        ignores context. A language model has learned something once its val loss is below it."""
+        region = self._region(split)
+        counts = np.zeros(self.header["vocab_size"], dtype=np.int64)
+        for i in range(0, len(region), 1 << 24):  # bincount widens to int64: count in 128 MB pieces
+            counts += np.bincount(region[i:i + (1 << 24)], minlength=len(counts))[: len(counts)]
+        p = counts[counts > 0] / max(counts.sum(), 1)
         return float(-(p * np.log(p)).sum())
 
-    def bytes_per_token(self) -> float:
-        """UTF-8 bytes of validation text per validation token, to turn nats/token into bits/byte."""
-        return self.header["val_bytes"] / max(self.val_tokens, 1)
+    def bytes_per_token(self, split: str = "val") -> float:
+        """UTF-8 bytes of the `split` text per token of it (EOS included), to turn nats/token into bits per
+        byte: bpb = loss / ln 2 / bytes_per_token. 0.0 for an empty split."""
+        tokens = len(self._region(split))
+        return self.header.get(f"{split}_bytes", 0) / tokens if tokens else 0.0
 
     def stats(self, model_config: Any = None) -> dict[str, Any]:
+        """Corpus size; with a ModelConfig also training tokens per parameter against Chinchilla's ~20."""
         out = {"documents": len(self.documents), "characters": sum(d.chars for d in self.documents),
                "tokens": self.num_tokens, "train_tokens": self.train_tokens, "val_tokens": self.val_tokens,
-               "documents_without_val": sum(d.val[0] == d.val[1] for d in self.documents)}
+               "documents_without_val": sum(d.val_tokens == 0 for d in self.documents),
+               "skipped_empty": list(self.header.get("skipped_empty", [])),
+               "bytes_per_token": self.bytes_per_token("val") or self.bytes_per_token("train")}
         if model_config is not None:
             n = model_config.num_parameters()
+            # Hoffmann et al. 2022 (Chinchilla): compute-optimal training uses ~20 tokens per parameter.
             out.update(parameters=n, tokens_per_parameter=self.train_tokens / n,
-                       chinchilla_tokens=20 * n)  # ~20 tokens per parameter (Hoffmann et al. 2022)
+                       chinchilla_tokens_per_parameter=20, chinchilla_tokens=20 * n)
         return out

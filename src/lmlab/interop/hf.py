@@ -1,122 +1,293 @@
-"""Hugging Face transformers export and import, with native classes only (no trust_remote_code).
+"""Hugging Face transformers interop: an lmlab model directory <-> a transformers-native checkpoint.
 
-    lmlab export hf runs/demo/final hf-demo        # then AutoModelForCausalLM.from_pretrained("hf-demo")
-    lmlab import hf hf-demo imported-model         # and back, for continued training in lmlab
+    lmlab export hf runs/demo/final demo-hf      # GPT2LMHeadModel / LlamaForCausalLM / OpenAIGPTLMHeadModel
+    lmlab import hf demo-hf demo-again           # and back
+
+The export is what `save_pretrained` of the native class writes (config.json with `architectures`,
+model.safetensors, generation_config.json) plus a `PreTrainedTokenizerFast` over the very same
+tokenizer.json, so `AutoModelForCausalLM.from_pretrained` and `pipeline("text-generation")` load it
+with no custom code. The import reads only JSON and safetensors (never pickle, never transformers'
+code), so it works without transformers installed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
+from tokenizers import Tokenizer as HFTokenizer
 
-from ..models import ModelConfig, Transformer
-from ..models.io import load_pretrained, save_pretrained
-from ..tokenizers import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, UNK_ID, Tokenizer
-from .hf_mapping import HF_ARCHITECTURES, from_hf_state_dict, hf_config_dict, model_config_from_hf, to_hf_state_dict
+from ..models import GenerationConfig, Transformer
+from ..models.io import GENERATION, TRAINING, save_pretrained
+from ..tokenizers import SPECIAL_TOKENS, Tokenizer
+from ._files import (
+    CHAT_TEMPLATE,
+    CONFIG,
+    HF_TOKENIZER_DIR,
+    LMLAB_SPECIALS,
+    TOKENIZER,
+    WEIGHTS,
+    Specials,
+    load_model_dir,
+    read_hf_tokenizer_files,
+    staged_dir,
+)
+from .hf_mapping import (
+    HF_ARCHITECTURES,
+    from_hf_state_dict,
+    hf_config_dict,
+    hf_prefixes,
+    model_config_from_hf,
+    to_hf_state_dict,
+)
+
+# Classes whose checkpoints hold a causal LM we can read (bare models too: their head is the tied embedding).
+_IMPORTABLE = {"gpt2": ("GPT2LMHeadModel", "GPT2Model"), "llama": ("LlamaForCausalLM", "LlamaModel"),
+               "gpt": ("OpenAIGPTLMHeadModel", "OpenAIGPTModel")}
+# Buffers some checkpoints carry that are not weights (causal masks, RoPE tables, position ids).
+_BUFFERS = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq", "position_ids")
+# What a previous export or import may have left in the output folder that the new one would not write.
+_HF_STALE = ("model.safetensors.index.json", "pytorch_model.bin", "generation_config.json", CHAT_TEMPLATE,
+             "special_tokens_map.json", "tokenizer_config.json", "vocab.json", "merges.txt")
+_LMLAB_STALE = (TOKENIZER, GENERATION, TRAINING, HF_TOKENIZER_DIR, CHAT_TEMPLATE)
 
 
-def _classes(family: str):
-    import transformers
-    return {
-        "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel),
-        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-        "gpt": (transformers.OpenAIGPTConfig, transformers.OpenAIGPTLMHeadModel),
-    }[family]
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise ImportError("this needs transformers: pip install 'lmlab[hf]'") from None
+    return transformers
 
 
-def to_hf_model(model: Transformer):
-    """An in-memory transformers model with `model`'s weights (fp32)."""
+# ---- in memory (seed 004's HFAdapter / HFTokenizerAdapter) -----------------------------------------
+
+def to_hf_model(model: Transformer, *, specials: Specials = LMLAB_SPECIALS) -> Any:
+    """The transformers-native model (GPT2LMHeadModel, LlamaForCausalLM or OpenAIGPTLMHeadModel) holding a
+    copy of `model`'s weights, in eval mode. Raises ValueError if the model has switches the class lacks."""
+    tf = _transformers()
     cfg = model.config
-    config_cls, model_cls = _classes(cfg.family)
-    hf_config = config_cls(**hf_config_dict(cfg), architectures=[HF_ARCHITECTURES[cfg.family]])
-    hf = model_cls(hf_config)
-    state = to_hf_state_dict({k: v.detach().float().cpu() for k, v in model.state_dict().items()}, cfg)
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    # GPT-1 keeps a causal-mask buffer and position ids that are not weights
-    missing = [m for m in missing if not m.endswith(("attn.bias", "position_ids", "masked_bias"))]
-    if missing or unexpected:
-        raise ValueError(f"weights do not map onto {model_cls.__name__}: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}")
+    family_classes = {"gpt2": (tf.GPT2Config, tf.GPT2LMHeadModel), "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+                      "gpt": (tf.OpenAIGPTConfig, tf.OpenAIGPTLMHeadModel)}
+    config_cls, model_cls = family_classes[cfg.family]
+    kwargs = hf_config_dict(cfg, bos_token_id=specials.bos, eos_token_id=specials.eos)
+    config = config_cls(**kwargs, architectures=[HF_ARCHITECTURES[cfg.family]])
+    hf = model_cls(config)
+    state = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
+    missing, unexpected = hf.load_state_dict(to_hf_state_dict(state, cfg), strict=False)
+    params = {name for name, _ in hf.named_parameters(remove_duplicate=False)}
+    if unexpected or params & set(missing):  # only non-weight buffers may stay as the class made them
+        raise RuntimeError(f"lmlab -> {model_cls.__name__} mapping is incomplete: missing "
+                           f"{sorted(params & set(missing))[:3]}, unexpected {sorted(unexpected)[:3]}")
+    hf.generation_config = tf.GenerationConfig(bos_token_id=specials.bos, eos_token_id=specials.eos,
+                                               pad_token_id=specials.pad)
     return hf.eval()
 
 
-def hf_tokenizer(tokenizer: Tokenizer, chat_template: str | None = None):
-    """A transformers PreTrainedTokenizerFast around the same tokenizers object."""
-    from transformers import PreTrainedTokenizerFast
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer.hf, pad_token=SPECIAL_TOKENS[PAD_ID],
-                                   unk_token=SPECIAL_TOKENS[UNK_ID], bos_token=SPECIAL_TOKENS[BOS_ID],
-                                   eos_token=SPECIAL_TOKENS[EOS_ID], clean_up_tokenization_spaces=False)
+def to_hf_tokenizer(tokenizer: Tokenizer | HFTokenizer, *, special_tokens: dict[str, str] | None = None,
+                    model_max_length: int | None = None, chat_template: str | None = None) -> Any:
+    """A `transformers.PreTrainedTokenizerFast` over the same `tokenizers` object, with lmlab's specials
+    (or `special_tokens`, e.g. {"eos_token": "<|endoftext|>"}) registered as bos/eos/unk/pad. It adds no
+    BOS/EOS when encoding and decodes without clean-up, so ids and text equal lmlab's."""
+    tf = _transformers()
+    hf = tokenizer.hf if isinstance(tokenizer, Tokenizer) else tokenizer
+    extra: dict[str, Any] = {"model_max_length": model_max_length} if model_max_length else {}
+    if special_tokens is None or isinstance(tokenizer, Tokenizer):
+        special_tokens = dict(zip(("pad_token", "unk_token", "bos_token", "eos_token"), SPECIAL_TOKENS))
+    if special_tokens.get("bos_token") == SPECIAL_TOKENS[2]:  # lmlab encodes the text "<EOS>" as text, not as EOS
+        extra["split_special_tokens"] = True
+    fast = tf.PreTrainedTokenizerFast(tokenizer_object=hf, clean_up_tokenization_spaces=False,
+                                      padding_side="left", **special_tokens, **extra)
     if chat_template:
         fast.chat_template = chat_template
     return fast
 
 
-def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write a transformers-native checkpoint: config.json, model.safetensors, generation_config.json and
-    the tokenizer files. Loads with AutoModelForCausalLM / AutoTokenizer / pipeline, no custom code."""
-    from transformers import GenerationConfig as HFGenerationConfig
-    model, tok = load_pretrained(model_dir)
-    if tok is None:
-        raise ValueError(f"{model_dir} has no tokenizer.json; HF export needs the tokenizer")
-    hf = to_hf_model(model)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    hf.generation_config = HFGenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
-    hf.save_pretrained(out, safe_serialization=True)
-    chat = None
-    gen_file = Path(model_dir) / "chat_template.jinja"
-    if gen_file.is_file():
-        chat = gen_file.read_text(encoding="utf-8")
-    hf_tokenizer(tok, chat).save_pretrained(out)
-    return out
-
-
-def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
-    """safetensors only (single file or sharded index); pickled .bin checkpoints are refused."""
-    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
-    if single.is_file():
-        return load_file(str(single))
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        state: dict[str, torch.Tensor] = {}
-        for name in files:
-            state.update(load_file(str(path / name)))
-        return state
-    if any(path.glob("*.bin")):
-        raise ValueError(f"{path} has only pickled .bin weights; lmlab reads safetensors only (re-save it with "
-                         "save_pretrained(..., safe_serialization=True))")
-    raise FileNotFoundError(f"{path} has no model.safetensors")
-
-
-def import_hf(hf_dir: str | Path, model_dir: str | Path, *, with_tokenizer: bool = True) -> Path:
-    """Read a local transformers checkpoint (GPT-2, Llama or OpenAI GPT) into an lmlab model directory."""
-    path = Path(hf_dir)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"not a transformers checkpoint (no config.json): {path}")
-    hf_config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    cfg = model_config_from_hf(hf_config)
-    state = from_hf_state_dict(_read_hf_weights(path), cfg)
+def from_hf_model(hf_model: Any) -> Transformer:
+    """A transformers GPT2LMHeadModel / LlamaForCausalLM / OpenAIGPTLMHeadModel -> an lmlab Transformer
+    with the same weights (fp32, eval mode)."""
+    cfg = model_config_from_hf(hf_model.config)
+    state = {k: v.detach().to("cpu", torch.float32) for k, v in hf_model.state_dict().items()}
     model = Transformer(cfg)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path} weights do not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    tok = None
-    if with_tokenizer:
-        if not (path / "tokenizer.json").is_file():
-            raise FileNotFoundError(f"{path} has no tokenizer.json (pass with_tokenizer=False / --no-tokenizer "
-                                    "to import the weights alone)")
+    model.load_state_dict(_mapped(state, cfg, "the model"))
+    return model.eval()
+
+
+# ---- files -----------------------------------------------------------------------------------------
+
+def _hf_generation_config(tf: Any, ours: GenerationConfig, specials: Specials) -> Any:
+    """generation.json's defaults in transformers' spelling (sampling knobs only when sampling)."""
+    kwargs: dict[str, Any] = dict(bos_token_id=specials.bos, eos_token_id=specials.eos, pad_token_id=specials.pad,
+                                  max_new_tokens=ours.max_new_tokens, do_sample=not ours.greedy,
+                                  num_beams=ours.num_beams)
+    if not ours.greedy:
+        kwargs.update(temperature=ours.temperature, top_k=ours.top_k, top_p=ours.top_p)
+    if ours.repetition_penalty != 1.0:
+        kwargs["repetition_penalty"] = ours.repetition_penalty
+    if ours.num_beams > 1:
+        kwargs["length_penalty"] = ours.length_penalty
+    return tf.GenerationConfig(**kwargs)
+
+
+def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write `model_dir` as a transformers-native checkpoint in `out_dir` (created or updated in place)."""
+    tf = _transformers()
+    md = load_model_dir(model_dir)
+    hf_model = to_hf_model(md.model, specials=md.specials)
+    if (md.path / GENERATION).is_file():
+        hf_model.generation_config = _hf_generation_config(
+            tf, GenerationConfig.load(md.path / GENERATION), md.specials)
+    fast = to_hf_tokenizer(md.tokenizer, special_tokens=md.special_tokens,
+                           model_max_length=md.model.config.block_size, chat_template=md.chat_template)
+    with staged_dir(Path(out_dir), refuse=md.path, stale=_HF_STALE) as tmp, _no_progress_bars(tf):
+        hf_model.save_pretrained(tmp)
+        fast.save_pretrained(tmp)
+        # transformers 5 writes its new class name, which transformers 4 cannot resolve; the classic name
+        # loads in both (and is what this is: a PreTrainedTokenizerFast over tokenizer.json).
+        config_file = tmp / "tokenizer_config.json"
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return Path(out_dir)
+
+
+@contextmanager
+def _no_progress_bars(tf: Any) -> Iterator[None]:
+    """save_pretrained draws a progress bar per shard; a CLI export should print one line, not bars."""
+    enabled = tf.utils.logging.is_progress_bar_enabled()
+    tf.utils.logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            tf.utils.logging.enable_progress_bar()
+
+
+def _read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
+    single, index = folder / WEIGHTS, folder / f"{WEIGHTS}.index.json"
+    if single.is_file():
+        files = [single]
+    elif index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        for f in files:
+            if f.parent != folder or not f.is_file():
+                raise FileNotFoundError(f"{index} names a shard that is missing: {f.name}")
+    elif any(folder.glob("*.bin")):
+        raise ValueError(f"{folder} holds only pickled PyTorch weights (*.bin); lmlab never unpickles files "
+                         "from outside: re-save them with transformers' save_pretrained(), which writes safetensors")
+    else:
+        raise FileNotFoundError(f"{folder} has no {WEIGHTS} (nor a sharded {index.name})")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
         try:
-            tok = Tokenizer.load(path / "tokenizer.json")
-        except ValueError as exc:
-            raise ValueError(f"mismatched tokenizer: {exc}; lmlab needs <PAD>=0 <UNK>=1 <BOS>=2 <EOS>=3 "
-                             "(import the weights alone with --no-tokenizer)") from None
-        if tok.vocab_size > cfg.vocab_size:
-            raise ValueError(f"mismatched tokenizer: {tok.vocab_size} tokens but the model has {cfg.vocab_size}")
-    return save_pretrained(model_dir, model, tok)
+            state.update(load_file(f))
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(f"{f} is not a readable safetensors file: {exc}") from None
+    return {k: v.to(torch.float32) for k, v in state.items()}
 
 
-def model_config_of(hf_dir: str | Path) -> ModelConfig:
-    return model_config_from_hf(json.loads((Path(hf_dir) / "config.json").read_text(encoding="utf-8")))
+def _mapped(state: dict[str, torch.Tensor], cfg: Any, source: str) -> dict[str, torch.Tensor]:
+    """HF names -> ours, refusing tensors we would silently drop (extra heads, biases we lack)."""
+    prefix = "model." if cfg.family == "llama" else "transformer."
+    if not any(k.startswith(prefix) for k in state):  # bare-model checkpoints (the hub's gpt2) lack it
+        state = {k if k.startswith("lm_head.") else prefix + k: v for k, v in state.items()}
+    missing = [name for name in hf_prefixes(cfg.family)[1].values() if name not in state]
+    if missing:  # from_hf_state_dict skips absent top-level tensors; every one is needed here
+        raise ValueError(f"{source} lacks tensor {missing[0]}")
+    try:
+        ours = from_hf_state_dict(state, cfg)
+    except KeyError as exc:
+        raise ValueError(f"{source} lacks tensor {exc.args[0]}") from None
+    expected = set(to_hf_state_dict(ours, cfg))
+    extra = sorted(k for k in state if k not in expected and not k.endswith(_BUFFERS))
+    if cfg.tie_embeddings:
+        extra = [k for k in extra if k != "lm_head.weight"]
+    if extra:
+        raise ValueError(f"{source} has tensors a {cfg.family} model cannot hold: {', '.join(extra[:3])}")
+    return ours
+
+
+def _normalised(hf: HFTokenizer) -> HFTokenizer:
+    """Undo what transformers adds when it saves one of our tokenizers (a post-processor that adds
+    nothing, padding/truncation settings), so the imported tokenizer.json equals the exported one and
+    token files made with it stay valid (they record its fingerprint)."""
+    data = json.loads(hf.to_str())
+    post = data.get("post_processor") or {}
+    if post.get("type") == "TemplateProcessing" and not post.get("special_tokens"):
+        data["post_processor"] = None
+    data["padding"] = data["truncation"] = None
+    return HFTokenizer.from_str(json.dumps(data))
+
+
+def import_hf(hf_dir: str | Path, model_dir: str | Path) -> Path:
+    """Read a local transformers checkpoint (GPT-2, Llama or GPT-1 causal LM: config.json, safetensors and
+    a fast tokenizer) into an lmlab model directory.
+
+    If the tokenizer puts lmlab's four specials at ids 0..3 (every lmlab export does), it becomes the
+    model's tokenizer.json. If it has none of them (real GPT-2: ids 0..3 are ``! " # $``), the model is
+    imported all the same, its tokenizer files are kept unchanged in `hf_tokenizer/` (exports use them),
+    and pad_token_id comes from the checkpoint. Having them at other ids is an error."""
+    hf_dir = Path(hf_dir)
+    if not hf_dir.is_dir():
+        raise FileNotFoundError(f"checkpoint folder not found: {hf_dir}")
+    if not (hf_dir / CONFIG).is_file():
+        raise FileNotFoundError(f"{hf_dir} is not a transformers checkpoint: {CONFIG} is missing")
+    try:
+        hf_config = json.loads((hf_dir / CONFIG).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{hf_dir / CONFIG} is not valid JSON: {exc}") from None
+    if not isinstance(hf_config, dict):
+        raise ValueError(f"{hf_dir / CONFIG} must be a JSON object")
+    try:
+        cfg = model_config_from_hf(hf_config)
+    except KeyError as exc:
+        raise ValueError(f"{hf_dir / CONFIG} lacks {exc.args[0]}") from None
+    arch = (hf_config.get("architectures") or [None])[0]
+    if arch is not None and arch not in _IMPORTABLE[cfg.family]:
+        raise ValueError(f"{hf_dir} holds a {arch}; lmlab imports causal language models "
+                         f"({', '.join(HF_ARCHITECTURES.values())})")
+
+    tokenizer, names, template = read_hf_tokenizer_files(hf_dir)
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    if size > cfg.vocab_size:
+        raise ValueError(f"{hf_dir / TOKENIZER} has {size} tokens but the model's vocab_size is {cfg.vocab_size}")
+    special_ids = [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS]
+    ours: Tokenizer | None = None
+    if special_ids == list(range(len(SPECIAL_TOKENS))):
+        ours = Tokenizer(_normalised(tokenizer))
+        for key, want in (("bos_token_id", ours.bos_id), ("eos_token_id", ours.eos_id)):
+            if hf_config.get(key) not in (None, want):
+                raise ValueError(f"{hf_dir / CONFIG} says {key} is {hf_config[key]} but the tokenizer's "
+                                 f"{SPECIAL_TOKENS[want]} is {want}")
+    elif any(i is not None for i in special_ids):
+        found = ", ".join(f"{t}={i}" for t, i in zip(SPECIAL_TOKENS, special_ids))
+        raise ValueError(f"{hf_dir / TOKENIZER} has lmlab's special tokens at the wrong ids ({found}; "
+                         "expected 0, 1, 2, 3)")
+    elif cfg.pad_token_id is None and "pad_token" in names:
+        cfg = dataclasses.replace(cfg, pad_token_id=tokenizer.token_to_id(names["pad_token"]))
+
+    model = Transformer(cfg)
+    try:
+        model.load_state_dict(_mapped(_read_hf_weights(hf_dir), cfg, str(hf_dir)))
+    except RuntimeError as exc:  # shapes in the weights disagree with config.json
+        raise ValueError(f"{hf_dir} weights do not match its {CONFIG}: {str(exc).splitlines()[-1].strip()}") from None
+
+    with staged_dir(Path(model_dir), refuse=hf_dir, stale=_LMLAB_STALE) as tmp:
+        save_pretrained(tmp, model, ours)
+        if ours is None:
+            (tmp / HF_TOKENIZER_DIR).mkdir()
+            for name in (TOKENIZER, "tokenizer_config.json", "special_tokens_map.json", CHAT_TEMPLATE):
+                if (hf_dir / name).is_file():
+                    shutil.copyfile(hf_dir / name, tmp / HF_TOKENIZER_DIR / name)
+        elif template:
+            (tmp / CHAT_TEMPLATE).write_text(template, encoding="utf-8")
+    return Path(model_dir)

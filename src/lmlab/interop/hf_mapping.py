@@ -18,7 +18,7 @@ HF_ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "gpt
 _MODEL_TYPES = {"gpt2": "gpt2", "llama": "llama", "openai-gpt": "gpt"}
 
 
-def _prefixes(family: str) -> tuple[str, dict[str, str]]:
+def hf_prefixes(family: str) -> tuple[str, dict[str, str]]:
     """HF name of our top-level tensors and of each block's tensors ({} means family-specific)."""
     if family == "gpt2":
         top = {"tok_emb.weight": "transformer.wte.weight", "pos_emb.weight": "transformer.wpe.weight",
@@ -43,7 +43,7 @@ _CONV1D_BLOCK = {  # ours -> HF, GPT-1 and GPT-2 blocks (weights need a transpos
 
 def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """lmlab state dict -> the HF class's state dict (tied head included, as HF expects)."""
-    block_fmt, top = _prefixes(cfg.family)
+    block_fmt, top = hf_prefixes(cfg.family)
     out: dict[str, torch.Tensor] = {hf: state[ours] for ours, hf in top.items() if ours in state}
     out["lm_head.weight"] = state["lm_head.weight"] if "lm_head.weight" in state else state["tok_emb.weight"]
     q_dim, kv_dim = cfg.n_embd, cfg.n_kv_head * cfg.head_dim
@@ -71,7 +71,7 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
 
 def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The HF class's state dict -> lmlab state dict for a Transformer(cfg)."""
-    block_fmt, top = _prefixes(cfg.family)
+    block_fmt, top = hf_prefixes(cfg.family)
     out = {ours: hf[name] for ours, name in top.items() if name in hf}
     out["lm_head.weight"] = out["tok_emb.weight"] if cfg.tie_embeddings else hf["lm_head.weight"]
     for i in range(cfg.n_layer):
@@ -98,9 +98,11 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
 
 def hf_config_dict(cfg: ModelConfig, **extra: Any) -> dict[str, Any]:
     """The keyword arguments of the transformers config class for `cfg` (GPT2Config, LlamaConfig,
-    OpenAIGPTConfig). Raises ValueError for switches the target class cannot express."""
+    OpenAIGPTConfig); `extra` adds or overrides keys. Raises ValueError for switches the target class
+    cannot express."""
     common = dict(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings, bos_token_id=BOS_ID,
-                  eos_token_id=EOS_ID, pad_token_id=cfg.pad_token_id, **extra)
+                  eos_token_id=EOS_ID, pad_token_id=cfg.pad_token_id)
+    common.update(extra)  # e.g. the special ids of a tokenizer that is not lmlab's
     want = ModelConfig(family=cfg.family, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                        n_embd=cfg.n_embd, block_size=cfg.block_size,
                        n_kv_head=cfg.n_kv_head if cfg.family == "llama" else None,
@@ -134,22 +136,30 @@ def model_config_from_hf(hf: Any) -> ModelConfig:
         raise ValueError(f"unsupported architecture {d.get('model_type')!r}; lmlab reads "
                          f"{', '.join(_MODEL_TYPES)}")
     pad = d.get("pad_token_id")
+    if isinstance(pad, list):  # some configs list several; the loss can ignore only one
+        pad = pad[0] if pad else None
+    init_std = float(d.get("initializer_range", 0.02))
     if family == "llama":
         if d.get("attention_bias") or d.get("mlp_bias") or d.get("hidden_act", "silu") != "silu":
             raise ValueError("only bias-free SiLU Llama models are supported")
-        if (d.get("rope_scaling") or {}).get("rope_type", "default") not in ("default",):
-            raise ValueError("RoPE scaling is not supported")
+        for rope in (d.get("rope_scaling"), d.get("rope_parameters")):  # transformers 4 / 5 spelling
+            if (rope or {}).get("rope_type", (rope or {}).get("type", "default")) != "default":
+                raise ValueError("RoPE scaling is not supported")
+        if d.get("head_dim") not in (None, d["hidden_size"] // d["num_attention_heads"]):
+            raise ValueError(f"head_dim {d['head_dim']} != hidden_size / num_attention_heads is not supported")
         theta = d.get("rope_theta") or (d.get("rope_parameters") or {}).get("rope_theta", 10000.0)
         return ModelConfig(family="llama", vocab_size=d["vocab_size"], n_layer=d["num_hidden_layers"],
                            n_head=d["num_attention_heads"], n_embd=d["hidden_size"],
                            n_kv_head=d.get("num_key_value_heads") or d["num_attention_heads"],
                            intermediate_size=d["intermediate_size"], block_size=d["max_position_embeddings"],
                            norm_eps=d["rms_norm_eps"], rope_theta=float(theta),
-                           tie_embeddings=bool(d.get("tie_word_embeddings", False)), pad_token_id=pad)
+                           tie_embeddings=bool(d.get("tie_word_embeddings", False)), pad_token_id=pad,
+                           dropout=float(d.get("attention_dropout", 0.0)), init_std=init_std)
     act = d.get("activation_function" if family == "gpt2" else "afn", "gelu_new" if family == "gpt2" else "gelu")
     if act not in ("gelu_new", "gelu_pytorch_tanh") and not (family == "gpt" and act == "gelu"):
         raise ValueError(f"activation {act!r} is not supported (lmlab uses tanh-approximated GELU)")
     return ModelConfig(family=family, vocab_size=d["vocab_size"], n_layer=d["n_layer"], n_head=d["n_head"],
                        n_embd=d["n_embd"], block_size=d["n_positions"], norm_eps=d["layer_norm_epsilon"],
                        intermediate_size=(d.get("n_inner") or 4 * d["n_embd"]) if family == "gpt2" else None,
-                       tie_embeddings=bool(d.get("tie_word_embeddings", True)), pad_token_id=pad)
+                       tie_embeddings=bool(d.get("tie_word_embeddings", True)), pad_token_id=pad,
+                       dropout=float(d.get("resid_pdrop", 0.1)), init_std=init_std)

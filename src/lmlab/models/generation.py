@@ -116,6 +116,9 @@ class _Context:
             if prompt:
                 self.ids[row, width - len(prompt):width] = torch.as_tensor(list(prompt), device=self.device)
                 self.mask[row, width - len(prompt):width] = True
+        # Padding exists only in prompt columns; with none, every window is plain causal attention and
+        # next_logits need not scan the mask each step.
+        self.padded = any(len(p) != width for p in prompts)
         self.length = width          # filled columns of ids
         self.start = 0               # first column the cache covers
         self.cache: KVCache | None = None
@@ -143,7 +146,7 @@ class _Context:
             self.pending = self.length - self.start
         cols = slice(self.length - self.pending, self.length)
         window = self.mask[:, self.start:self.length]
-        if bool(window.all()):  # no padding in view: plain causal attention, default positions
+        if not self.padded or bool(window.all()):  # no padding in view: causal attention, default positions
             attention_mask = position_ids = None
         else:
             attention_mask = window
@@ -203,10 +206,11 @@ def _collect(steps: Iterator[tuple[torch.Tensor, torch.Tensor]], n: int, eos_tok
     rows: list[list[int]] = [[] for _ in range(n)]
     done = [False] * n
     for tokens, finished in steps:
+        ended = finished.tolist()  # one conversion per step, not one tensor index per row
         for r, tok in enumerate(tokens.tolist()):
             if done[r]:
                 continue
-            if finished[r] and tok == eos_token_id:
+            if ended[r] and tok == eos_token_id:
                 done[r] = True
                 continue
             rows[r].append(tok)

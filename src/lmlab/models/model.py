@@ -54,10 +54,13 @@ class Linear(nn.Linear):
     """nn.Linear that, while generating, may multiply by a transposed contiguous copy of its weight.
 
     For one token at a time on CPU, `x @ W.T` with W.T stored contiguously streams the weight ~1.3-2x
-    faster than nn.Linear's layout (MKL sgemv vs sgemm, measured in benchmarks/bench_model.py's notes in
-    docs/LOG.md). The copy exists only inside `Transformer.decoding()`; training never sees it."""
+    faster than nn.Linear's layout (MKL sgemv vs sgemm; benchmarks/README.md). The copy is used only
+    inside `Transformer.decoding()`. An eval-mode model keeps it between generate calls (rebuilding it
+    costs ~85 ms for the 14M-parameter reference model, 5-10% of a 128-token generation) as long as the
+    weight is unchanged; `train()` frees it, so training never holds the second copy."""
 
     decode_weight: torch.Tensor | None = None
+    _decode_cache: tuple[int, int, torch.Tensor] | None = None  # (data_ptr, version, weight.T)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         wt = self.decode_weight
@@ -66,6 +69,21 @@ class Linear(nn.Linear):
         x2 = x.reshape(-1, x.shape[-1])
         y = torch.mm(x2, wt) if self.bias is None else torch.addmm(self.bias, x2, wt)
         return y.view(*x.shape[:-1], wt.shape[1])
+
+    def transposed_weight(self) -> torch.Tensor:
+        """W.T, contiguous; rebuilt only when the weight was replaced or modified in place (its version
+        counter moves with every in-place write: optimizer steps, load_state_dict, `p.mul_()`)."""
+        w = self.weight
+        key = (w.data_ptr(), w._version)
+        if self._decode_cache is None or self._decode_cache[:2] != key:
+            with torch.no_grad():
+                self._decode_cache = (*key, w.t().contiguous())
+        return self._decode_cache[2]
+
+    def train(self, mode: bool = True) -> Linear:
+        if mode:
+            self._decode_cache = None
+        return super().train(mode)
 
 
 class KVCache:
@@ -84,9 +102,10 @@ class KVCache:
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        k_all, v_all = self.k[layer], self.v[layer]                       # (B, K, max_len, D)
+        k_all.narrow(2, self.length, k.shape[2]).copy_(k)
+        v_all.narrow(2, self.length, k.shape[2]).copy_(v)
+        return k_all.narrow(2, 0, end), v_all.narrow(2, 0, end)
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep rows `index` (beam search picks which hypotheses survive)."""
@@ -117,10 +136,26 @@ class Attention(nn.Module):
         causal = mask is None and (cache is None or cache.length == 0) and T > 1
         if cache is not None:
             k, v = cache.update(layer, k, v)                              # (B, K, S, D)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_head != self.n_head)                     # (B, H, T, D)
+        if T == 1 and cache is not None:
+            y = self._attend_one(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal, dropout_p=self.dropout if self.training else 0.0,
+                enable_gqa=self.n_kv_head != self.n_head)                 # (B, H, T, D)
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, C)))
+
+    def _attend_one(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    mask: torch.Tensor | None) -> torch.Tensor:
+        """One query per row against the cache, as three small ops. SDPA's CPU flash kernel costs ~180 us
+        per call at this size (B=1, H=6, S<=256, D=64; 7% of a decoding step), and its parallel region
+        stalls on a busy machine; these ops are below ATen's parallel grain and take ~20 us. Query heads
+        sharing a kv head are grouped (B, K, H/K, D), so GQA needs no repeated keys."""
+        B, H, _, D = q.shape
+        q = q.reshape(B, self.n_kv_head, H // self.n_kv_head, D) * D**-0.5  # (B, K, G, D)
+        att = torch.matmul(q, k.transpose(-2, -1))                          # (B, K, G, S)
+        if mask is not None:                                                # (B|1, 1, 1, S)
+            att = att.masked_fill(~mask, float("-inf"))
+        return torch.matmul(att.softmax(-1), v).view(B, H, 1, D)            # (B, H, 1, D)
 
 
 class MLP(nn.Module):
@@ -157,6 +192,50 @@ class Block(nn.Module):
         # GPT-1 (post-LN): norm(x + f(x))
         x = self.norm1(x + self.attn(x, rope, mask, cache, layer))
         return self.norm2(x + self.mlp(x))
+
+
+class HeadCrossEntropy(torch.autograd.Function):
+    """logits = x @ W.T and their mean cross-entropy as one autograd op, for training on CPU.
+
+    Autograd's version makes five passes over the (N, vocab) logits after the matmul: log_softmax
+    writes log-probabilities; backward zero-fills a gradient, scatters -1/N into it, and log_softmax's
+    backward reads both and writes a third tensor. Here forward turns the log-probabilities into the
+    gradient in place (exp, then -1 at each target: softmax - one-hot) and backward only multiplies it,
+    with 1/N and the ignored rows folded into the small (N, C) operands instead of the large one. That
+    halves the passes over logits: 33% less time for head + loss on the tiny preset (vocab 1024),
+    the same on the reference config where the matmuls dominate (benchmarks/README.md). The logits are
+    returned as well, and gradients that reach them are honoured."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # x (N, C), weight (V, C), targets (N,) in [0, V) wherever valid (N,) is True
+        ctx.set_materialize_grads(False)  # unused logits get None, not a zero-filled (N, V) gradient
+        logits = x @ weight.t()                                             # (N, V)
+        grad = torch.log_softmax(logits, -1, dtype=torch.float32)          # log p, becomes dloss/dlogits
+        index = targets.clamp_min(0)[:, None]
+        picked = grad.gather(1, index).squeeze(1)                           # log p(target), (N,)
+        count = valid.sum()
+        loss = -torch.where(valid, picked, 0.0).sum() / count
+        grad.exp_().scatter_add_(1, index, torch.full_like(picked, -1.0)[:, None])  # softmax - one-hot
+        ctx.save_for_backward(x, weight, grad, valid, count)
+        return loss, logits
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss: torch.Tensor | None, grad_logits: torch.Tensor | None):
+        x, weight, grad, valid, count = ctx.saved_tensors
+        rows = valid[:, None].to(x.dtype)                                   # ignored rows contribute 0
+        if grad_loss is None:
+            grad, rows = grad_logits, torch.ones_like(rows)
+        elif grad_logits is None:
+            rows = rows * (grad_loss / count)
+        else:
+            grad, rows = grad * (rows * (grad_loss / count)) + grad_logits, torch.ones_like(rows)
+        grad = grad.to(x.dtype)
+        grad_x = (grad @ weight) * rows                                     # (N, C)
+        grad_w = grad.t() @ (x * rows)                                      # (V, C)
+        return grad_x, grad_w, None, None
 
 
 class ModelOutput(NamedTuple):
@@ -205,15 +284,14 @@ class Transformer(nn.Module):
 
     @contextmanager
     def decoding(self) -> Iterator[None]:
-        """Inference-only fast path for token-by-token decoding of fp32 weights on CPU: each Linear keeps
-        a transposed contiguous copy of its weight (doubling weight memory for the duration)."""
+        """Inference-only fast path for token-by-token decoding of fp32 weights on CPU: each Linear uses
+        a transposed contiguous copy of its weight (doubling weight memory until `train()`)."""
         layers = [m for m in self.modules() if isinstance(m, Linear)]
         fast = all(m.weight.device.type == "cpu" and m.weight.dtype == torch.float32 for m in layers)
         try:
             if fast:
-                with torch.no_grad():
-                    for m in layers:
-                        m.decode_weight = m.weight.t().contiguous()
+                for m in layers:
+                    m.decode_weight = m.transposed_weight()
             yield
         finally:
             for m in layers:
@@ -274,14 +352,18 @@ class Transformer(nn.Module):
             x = self.norm_f(x)
         if last_only:
             return ModelOutput(self.lm_head(x[:, -1:]))
-        logits = self.lm_head(x)                                              # (B, T, vocab)
         if targets is None:
-            return ModelOutput(logits)
+            return ModelOutput(self.lm_head(x))                               # (B, T, vocab)
         ignore = targets == -100
         if cfg.pad_token_id is not None:
             ignore |= targets == cfg.pad_token_id
         if attention_mask is not None:
             ignore |= attention_mask[:, -T:] == 0
+        if x.device.type == "cpu" and torch.is_grad_enabled() and x.requires_grad:
+            loss, logits = HeadCrossEntropy.apply(x.reshape(B * T, -1), self.lm_head.weight,
+                                                  targets.reshape(-1), ~ignore.reshape(-1))
+            return ModelOutput(logits.view(B, T, -1), loss)
+        logits = self.lm_head(x)                                              # (B, T, vocab)
         targets = targets.masked_fill(ignore, -100)
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)
         return ModelOutput(logits, loss)

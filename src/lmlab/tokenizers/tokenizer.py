@@ -2,6 +2,16 @@
 
 Because every kind is an ordinary HF tokenizer, its `tokenizer.json` loads in `tokenizers` and in
 `transformers.PreTrainedTokenizerFast` unchanged, and nothing is ever pickled.
+
+- bpe: byte-level BPE (GPT-2 style). Lossless on any Unicode text; never produces <UNK>.
+- char: one token per Unicode code point seen in training (most frequent first). Lossless on text made of
+  seen characters; an unseen character encodes as <UNK> and decodes to nothing.
+- word: the seed's SimpleTokenizer: `re.findall(r"\\w+|[^\\w\\s]", text.lower())`, the most frequent words,
+  <UNK> for the rest, decode joins with single spaces. Lossy by design: case, whitespace and newlines go.
+
+Special tokens are only ever produced by `add_bos`/`add_eos`: the literal text "<EOS>" encodes as ordinary
+text, so any text round-trips and user text cannot inject control tokens. Plain HF loaders match special
+tokens in text unless told not to (`PreTrainedTokenizerFast(..., split_special_tokens=True)`).
 """
 
 from __future__ import annotations
@@ -21,39 +31,72 @@ from tokenizers import Tokenizer as HFTokenizer
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 SPECIAL_TOKENS = ["<PAD>", "<UNK>", "<BOS>", "<EOS>"]
 KINDS = ("bpe", "char", "word")
-_WORD_RE = re.compile(r"\w+|[^\w\s]")  # seed 000's SimpleTokenizer split, applied to lower-cased text
+_WORD_RE = re.compile(r"\w+|[^\w\s]")  # the seed SimpleTokenizer's split, applied to lower-cased text
+# The same split for the Rust side. Python's \w is str.isalnum() or "_" (= \p{L}\p{N}_; Oniguruma's \w adds
+# combining marks, so it would keep "हिन्दी" whole where Python splits it) and Python's \s adds \x1c-\x1f.
+# Checked on every code point assigned in Python's Unicode database.
+_PY_W, _PY_S = r"\p{L}\p{N}_", r"\s\x1c-\x1f"
+# str.lower() turns a word-final Σ into ς; HF's Lowercase maps chars one at a time, so do that step first.
+# (Rust look-behind needs a bounded length: up to 3 case-ignorable chars after the cased one. Fuzzing against
+# str.lower() on 100k adversarial Greek strings: 6 misses, all with 4+ ignorables; none in real text.)
+_CASED, _IGNORABLE = r"[\p{Lu}\p{Ll}\p{Lt}]", r"[\p{Mn}\p{Me}\p{Cf}\p{Lm}\p{Sk}'.:·’]"
+_FINAL_SIGMA = rf"(?<={_CASED}{_IGNORABLE}{{0,3}})Σ(?!{_IGNORABLE}*{_CASED})"
+_CHUNK_CHARS = 1 << 20  # training reads files in pieces of about this many characters
 
 
-def _read_files(files: Sequence[str | Path]) -> Iterator[str]:
-    for f in files:
-        yield Path(f).read_text(encoding="utf-8")
+def _stream_file(path: str | Path) -> Iterator[str]:
+    """Yield a UTF-8 file in pieces, cutting only at a newline with non-space characters on both sides.
+    Every kind's pre-tokenizer splits there anyway, and that "\n" is one pre-token with or without what
+    follows (GPT-2's regex has no look-behind), so training on the pieces equals training on the whole."""
+    buf: list[str] = []
+    size = 0
+    with open(path, encoding="utf-8", newline="") as f:  # newline="": keep \r\n, as in-memory texts do
+        for line in f:
+            prev = buf[-1] if buf else ""
+            if size >= _CHUNK_CHARS and prev[-2:-1].strip() and prev.endswith("\n") and line[:1].strip():
+                yield "".join(buf)
+                buf, size = [], 0
+            buf.append(line)
+            size += len(line)
+    if buf:
+        yield "".join(buf)
 
 
 class Tokenizer:
-    """encode/decode text <-> ids with `<PAD>`=0 `<UNK>`=1 `<BOS>`=2 `<EOS>`=3."""
+    """encode/decode text <-> ids with `<PAD>`=0 `<UNK>`=1 `<BOS>`=2 `<EOS>`=3, wrapping `self.hf`."""
+
+    pad_id, unk_id, bos_id, eos_id = PAD_ID, UNK_ID, BOS_ID, EOS_ID
 
     def __init__(self, hf: HFTokenizer) -> None:
+        if not isinstance(hf.model, (models.BPE, models.WordLevel)):
+            raise ValueError(f"unsupported tokenizer model {type(hf.model).__name__}; expected BPE or WordLevel")
+        added = hf.get_added_tokens_decoder()
         for i, tok in enumerate(SPECIAL_TOKENS):
-            if hf.token_to_id(tok) != i:
-                raise ValueError(f"tokenizer must map {tok} to id {i} (found {hf.token_to_id(tok)})")
+            if i not in added or added[i].content != tok or not added[i].special:
+                found = added[i].content if i in added else hf.id_to_token(i)
+                raise ValueError(f"id {i} must be the special token {tok} (found {found!r})")
+        hf.encode_special_tokens = True  # see the module docstring
         self.hf = hf
-
-    # ---- training ----------------------------------------------------------------------------------
 
     @classmethod
     def train(cls, texts: Iterable[str] | None = None, *, files: Sequence[str | Path] | None = None,
               kind: str = "bpe", vocab_size: int = 8192, min_frequency: int = 2) -> Tokenizer:
-        """Train on in-memory texts and/or UTF-8 files (streamed, never all in memory at once)."""
+        """Train on in-memory texts and/or UTF-8 files (streamed in pieces). `min_frequency` is bpe's."""
         if kind not in KINDS:
             raise ValueError(f"tokenizer kind {kind!r} is unknown; choose one of {', '.join(KINDS)}")
         floor = len(SPECIAL_TOKENS) + (256 if kind == "bpe" else 1)
         if not isinstance(vocab_size, int) or vocab_size < floor:
             why = "4 specials + 256 byte tokens" if kind == "bpe" else "4 specials + at least 1 token"
             raise ValueError(f"vocab_size ({vocab_size}) must be >= {floor} for {kind} ({why})")
+        if isinstance(texts, str):  # iterating a str would train on single characters
+            raise TypeError("texts must be an iterable of strings, not one str; wrap it in a list")
+        if texts is None and files is None:
+            raise ValueError("nothing to train on: pass texts and/or files")
 
         def corpus() -> Iterator[str]:
             yield from texts or ()
-            yield from _read_files(files or ())
+            for f in files or ():
+                yield from _stream_file(f)
 
         if kind == "bpe":
             hf = HFTokenizer(models.BPE(unk_token=None))
@@ -68,21 +111,20 @@ class Tokenizer:
             for text in corpus():
                 counts.update(text if kind == "char" else _WORD_RE.findall(text.lower()))
             vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
-            for tok, _ in counts.most_common(vocab_size - len(SPECIAL_TOKENS)):
+            for tok, _ in counts.most_common(vocab_size - len(SPECIAL_TOKENS)):  # ties: first seen first
                 vocab.setdefault(tok, len(vocab))
             hf = HFTokenizer(models.WordLevel(vocab, unk_token="<UNK>"))
-            if kind == "char":  # every character its own piece, whitespace included; decode concatenates
+            if kind == "char":  # every code point its own piece, whitespace included; decode concatenates
                 hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
                 hf.decoder = decoders.Fuse()
-            else:  # lower-case, split off words and single punctuation marks; decode joins with spaces
-                hf.normalizer = normalizers.Lowercase()
+            else:  # no decoder: HF joins word-level tokens with single spaces
+                hf.normalizer = normalizers.Sequence([normalizers.Replace(Regex(_FINAL_SIGMA), "ς"),
+                                                      normalizers.Lowercase()])
                 hf.pre_tokenizer = pre_tokenizers.Sequence([
-                    pre_tokenizers.WhitespaceSplit(),
-                    pre_tokenizers.Split(Regex(r"\w+|[^\w\s]"), behavior="isolated")])
+                    pre_tokenizers.Split(Regex(f"[{_PY_S}]+"), behavior="removed"),
+                    pre_tokenizers.Split(Regex(f"[{_PY_W}]+|[^{_PY_W}{_PY_S}]"), behavior="isolated")])
         hf.add_special_tokens(SPECIAL_TOKENS)
         return cls(hf)
-
-    # ---- properties --------------------------------------------------------------------------------
 
     @property
     def kind(self) -> str:
@@ -97,21 +139,18 @@ class Tokenizer:
     def __len__(self) -> int:
         return self.vocab_size
 
-    pad_id, unk_id, bos_id, eos_id = PAD_ID, UNK_ID, BOS_ID, EOS_ID
-
     def token_to_id(self, token: str) -> int | None:
         return self.hf.token_to_id(token)
 
     def id_to_token(self, idx: int) -> str | None:
         return self.hf.id_to_token(idx)
 
-    # ---- encode / decode ---------------------------------------------------------------------------
-
     def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         ids = self.hf.encode(text, add_special_tokens=False).ids
         return [BOS_ID] * add_bos + ids + [EOS_ID] * add_eos
 
     def encode_batch(self, texts: Sequence[str], *, add_bos: bool = False, add_eos: bool = False) -> list[list[int]]:
+        """Encodes in parallel on Rust threads (TOKENIZERS_PARALLELISM=false turns that off)."""
         return [[BOS_ID] * add_bos + e.ids + [EOS_ID] * add_eos
                 for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
 
@@ -121,21 +160,25 @@ class Tokenizer:
     def decode_batch(self, batch: Sequence[Sequence[int]], *, skip_special_tokens: bool = True) -> list[str]:
         return self.hf.decode_batch([list(ids) for ids in batch], skip_special_tokens=skip_special_tokens)
 
-    def stream_decoder(self) -> StreamDecoder:
-        return StreamDecoder(self)
-
-    # ---- files -------------------------------------------------------------------------------------
+    def stream_decoder(self, *, skip_special_tokens: bool = True) -> StreamDecoder:
+        return StreamDecoder(self, skip_special_tokens=skip_special_tokens)
 
     def to_json(self) -> str:
         return self.hf.to_str()
 
     def fingerprint(self) -> str:
-        """sha256 of the canonical JSON: token files record it to refuse a mismatched tokenizer."""
+        """sha256 of the canonical JSON: token files record it to refuse a mismatched tokenizer. Stable
+        across save/load; a `tokenizers` release that changes the JSON layout would change it."""
         canonical = json.dumps(json.loads(self.hf.to_str()), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
-    def save(self, path: str | Path) -> None:
+    sha256 = fingerprint
+
+    def save(self, path: str | Path) -> Path:
+        """Write tokenizer.json (to `path`, or into it if it is a directory) atomically; return the file."""
         path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
@@ -144,9 +187,11 @@ class Tokenizer:
             os.replace(tmp, path)
         finally:
             Path(tmp).unlink(missing_ok=True)
+        return path
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
+        """Load a tokenizer.json, or the one inside a directory."""
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
@@ -154,42 +199,52 @@ class Tokenizer:
             raise FileNotFoundError(f"tokenizer file not found: {path}")
         try:
             hf = HFTokenizer.from_str(path.read_text(encoding="utf-8"))
-        except Exception as exc:  # tokenizers raises a plain Exception on bad JSON
+        except Exception as exc:  # tokenizers raises a plain Exception on bad JSON; bad UTF-8 lands here too
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ValueError(f"{path} is not a valid tokenizer.json: {reason}") from None
         return cls(hf)
 
     @classmethod
     def from_hf(cls, hf: HFTokenizer) -> Tokenizer:
-        return cls(hf)
+        """Wrap a copy of `hf` (the copy gets `encode_special_tokens=True`; the caller's object is untouched)."""
+        return cls(HFTokenizer.from_str(hf.to_str()))
 
     def __repr__(self) -> str:
         return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size})"
 
 
 class StreamDecoder:
-    """Turns ids pushed one at a time into text as soon as it is complete. Byte-level BPE tokens can end
-    inside a multi-byte UTF-8 character; such text is held until the character completes, so a stream
-    never shows U+FFFD that the full decode would not."""
+    """Turns ids pushed one at a time into text as soon as it is complete. A byte-level BPE token can end
+    inside a multi-byte UTF-8 character; that text is held until the character completes, so a stream
+    never shows a U+FFFD that the full decode would not. "".join(pushes) + flush() == decode(ids)."""
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        self.tokenizer = tokenizer
+    _RESTART = 64  # decode at most this many ids per push, so streaming stays O(1) per token
+
+    def __init__(self, tokenizer: Tokenizer, *, skip_special_tokens: bool = True) -> None:
+        self.tokenizer, self.skip = tokenizer, skip_special_tokens
         self.ids: list[int] = []
         self.emitted = 0  # characters of decode(self.ids) already returned
 
+    def _decode(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=self.skip)
+
     def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids)
+        self.ids.append(int(token_id))  # generation pushes 0-d tensors
+        text = self._decode()
         if text.endswith("\ufffd"):  # an incomplete character: wait for the next token
             return ""
         new, self.emitted = text[self.emitted:], len(text)
-        if len(self.ids) > 64:  # keep decoding O(1) per token: restart, keeping one token of context
-            self.ids = self.ids[-1:]  # (word-level decoding puts spaces *between* tokens)
-            self.emitted = len(self.tokenizer.decode(self.ids))
+        if len(self.ids) > self._RESTART:
+            # Restart from the last token that decodes to text: word-level decoding puts a space between
+            # two text tokens, so the context must hold one (a skipped special would lose that space).
+            specials = range(len(SPECIAL_TOKENS)) if self.skip else range(0)
+            keep = next((k for k in range(len(self.ids) - 1, -1, -1) if self.ids[k] not in specials), -1)
+            self.ids = self.ids[keep:] if keep >= 0 else []
+            self.emitted = len(self._decode())
         return new
 
     def flush(self) -> str:
-        text = self.tokenizer.decode(self.ids)
-        new = text[self.emitted:]
+        """Return whatever is still held (an unfinished character decodes as U+FFFD) and reset."""
+        new = self._decode()[self.emitted:]
         self.ids, self.emitted = [], 0
         return new

@@ -1,6 +1,8 @@
 """Training: TrainConfig, the step loop with exact resume, callbacks, checkpoints, the demo."""
 
 from .config import SCHEDULES, TrainConfig, lr_at
-from .trainer import Callback, Trainer, TrainResult, latest_checkpoint, train
+from .recipes import evaluate_texts, resume_run, run_demo, train_from_sources
+from .trainer import Callback, Trainer, TrainResult, check_fits, latest_checkpoint, train
 
-__all__ = ["SCHEDULES", "TrainConfig", "lr_at", "Callback", "Trainer", "TrainResult", "latest_checkpoint", "train"]
+__all__ = ["SCHEDULES", "TrainConfig", "lr_at", "Callback", "Trainer", "TrainResult", "check_fits",
+           "latest_checkpoint", "train", "evaluate_texts", "resume_run", "run_demo", "train_from_sources"]

@@ -9,40 +9,84 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..models.config import atomic_write_text
+
 SCHEDULES = ("cosine", "linear", "constant")
+
+HELP = {
+    "batch_size": "sequences per micro-step, summed over all processes",
+    "seq_len": "tokens per sequence (default: the model's block_size)",
+    "grad_accum_steps": "micro-steps per optimizer step",
+    "lr": "peak learning rate, reached at the end of warm-up",
+    "min_lr": "learning rate at the last step (default: lr / 10)",
+    "warmup_steps": "optimizer steps of linear warm-up from lr / warmup_steps",
+    "schedule": "decay after warm-up, set every optimizer step: cosine, linear or constant",
+    "weight_decay": "AdamW decoupled weight decay on matrices (>= 2-D); never on norms and biases",
+    "beta1": "AdamW beta1",
+    "beta2": "AdamW beta2",
+    "grad_clip": "clip the global gradient norm to this (0: off)",
+    "max_steps": "stop after this many optimizer steps",
+    "max_tokens": "stop after this many training tokens",
+    "epochs": "stop after this many passes over the training tokens",
+    "time_budget_s": "stop after this many seconds of training",
+    "eval_every": "evaluate every N steps (0: only at the end)",
+    "eval_batches": "validation batches per evaluation",
+    "early_stopping_patience": "stop after this many evaluations without a better val loss (0: off)",
+    "save_every": "checkpoint every N steps (0: only at the end)",
+    "keep_last": "checkpoints to keep (0: all)",
+    "seed": "seed for the initial weights, the data order and dropout",
+    "device": "auto (cuda if available), cpu, cuda, cuda:N",
+    "dtype": "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16",
+    "compile": "torch.compile the model (minutes of compilation on a CPU)",
+    "log_every": "write a metrics line every N steps",
+    "tensorboard": "also write RUN_DIR/tensorboard (needs the tensorboard package)",
+    "fsdp": "under torchrun, shard weights, gradients and optimizer state (FSDP2) instead of DDP",
+    "peak_flops": "FLOP/s of one device for MFU (default: a matmul measured at start)",
+}
+_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
 
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 16                  # sequences per micro-step, summed over all processes
-    seq_len: int | None = None            # None: the model's block_size
-    grad_accum_steps: int = 1             # micro-steps per optimizer step
+    """Every training knob (HELP below says what each means; `lmlab train` has one flag per field)."""
+
+    batch_size: int = 16
+    seq_len: int | None = None
+    grad_accum_steps: int = 1
     lr: float = 3e-4
-    min_lr: float | None = None           # None: lr / 10
+    min_lr: float | None = None
     warmup_steps: int = 100
-    schedule: str = "cosine"              # decay after warm-up: cosine | linear | constant
-    weight_decay: float = 0.1             # on matrices only
+    schedule: str = "cosine"
+    weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
-    grad_clip: float = 1.0                # 0: off
-    max_steps: int | None = None          # stop conditions: whichever comes first
+    grad_clip: float = 1.0
+    max_steps: int | None = None
     max_tokens: int | None = None
-    epochs: float | None = None           # passes over the training tokens
+    epochs: float | None = None
     time_budget_s: float | None = None
-    eval_every: int = 200                 # 0: only at the end
+    eval_every: int = 200
     eval_batches: int = 20
-    early_stopping_patience: int = 0      # evaluations without improvement before stopping; 0: off
-    save_every: int = 1000                # 0: only at the end
-    keep_last: int = 3                    # checkpoints kept
+    early_stopping_patience: int = 0
+    save_every: int = 1000
+    keep_last: int = 3
     seed: int = 1337
-    device: str = "auto"                  # auto: cuda if available, else cpu
-    dtype: str = "auto"                   # auto: bf16 autocast on CUDA, fp32 on CPU | fp32 | bf16
-    compile: bool = False                 # torch.compile the model
+    device: str = "auto"
+    dtype: str = "auto"
+    compile: bool = False
     log_every: int = 10
     tensorboard: bool = False
-    fsdp: bool = False                    # shard parameters across processes (torchrun)
+    fsdp: bool = False
+    peak_flops: float | None = None
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # JSON and dicts arrive untyped: check types before ranges
+            value, kinds = getattr(self, f.name), [k.strip() for k in str(f.type).split("|")]
+            if value is None and "None" in kinds:
+                continue
+            if not any(isinstance(value, _TYPES[k]) and (k == "bool" or not isinstance(value, bool))
+                       for k in kinds if k in _TYPES):
+                raise ValueError(f"{f.name} ({value!r}) must be {' or '.join(kinds)}")
         positive = ["batch_size", "grad_accum_steps", "eval_batches", "log_every"]
         for name in positive:
             value = getattr(self, name)
@@ -72,12 +116,20 @@ class TrainConfig:
             raise ValueError("weight_decay and grad_clip must be >= 0")
         if self.dtype not in ("auto", "fp32", "bf16"):
             raise ValueError(f"dtype ({self.dtype!r}) must be auto, fp32 or bf16")
+        if self.peak_flops is not None and not (self.peak_flops > 0 and math.isfinite(self.peak_flops)):
+            raise ValueError(f"peak_flops ({self.peak_flops!r}) must be a positive number")
+        if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda", "mps"):
+            raise ValueError(f"device ({self.device!r}) must be auto, cpu, cuda, cuda:N or mps")
         if not any([self.max_steps, self.max_tokens, self.epochs, self.time_budget_s]):
             raise ValueError("give a stop condition: max_steps, max_tokens, epochs or time_budget_s")
 
     @property
     def final_lr(self) -> float:
         return self.lr / 10 if self.min_lr is None else self.min_lr
+
+    @property
+    def betas(self) -> tuple[float, float]:
+        return (self.beta1, self.beta2)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -90,9 +142,21 @@ class TrainConfig:
             raise ValueError(f"unknown TrainConfig field(s): {', '.join(sorted(unknown))}")
         return cls(**data)
 
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(Path(path), self.to_json() + "\n")
+
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a JSON object of TrainConfig fields")
+        return cls.from_dict(data.get("train", data))  # a run's config.json works too
 
 
 def lr_at(step: int, cfg: TrainConfig, total_steps: int | None) -> float:

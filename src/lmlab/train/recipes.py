@@ -1,6 +1,6 @@
 """End-to-end recipes behind the CLI: train from books, evaluate on texts, and the demo (the main job).
 
-    lmlab demo                                    # ~3 minutes on a 2-core laptop, no network
+    lmlab demo                                    # ~3 minutes on a 2-core laptop CPU, no network
     lmlab train book.txt --preset gpt2-small --out runs/book --max-steps 2000
     lmlab train --out runs/book --resume          # continue after Ctrl-C or a crash
     lmlab eval runs/book/final other_book.txt
@@ -8,22 +8,27 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import math
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from ..data import TokenDataset, find_documents, prepare, prepare_texts, read_document
 from ..models import ModelConfig, Transformer, generate
+from ..models.config import atomic_write_text
 from ..models.io import load_pretrained
 from ..tokenizers import Tokenizer
 from .config import TrainConfig
 from .demo_corpus import demo_corpus
-from .trainer import TrainResult, train
+from .trainer import TrainResult, check_fits, dist_env, init_distributed, resolve_device, train
 
 
 def train_from_sources(out_dir: str | Path, config: TrainConfig, *, sources: Sequence[str | Path] = (),
@@ -32,30 +37,39 @@ def train_from_sources(out_dir: str | Path, config: TrainConfig, *, sources: Seq
                        tokenizer: str | Path | None = None, tokenizer_kind: str = "bpe", vocab_size: int = 8192,
                        val_fraction: float = 0.05, weights: dict[str, float] | None = None,
                        callbacks: Sequence[Any] = ()) -> TrainResult:
-    """Everything `lmlab train` does for a new run: tokenizer (reused or trained on ALL sources), token
+    """Everything `lmlab train` does for a new run: tokenizer (reused, or trained on ALL sources), token
     file, model (preset, config or initial weights), then the trainer. The run directory keeps a copy of
-    the tokenizer and records where the data came from, so `resume_run` needs nothing else."""
+    the tokenizer and records where the data came from, so `resume_run` needs nothing else. Bad input
+    fails before anything is written."""
     out = Path(out_dir)
+    created = not out.exists()
     if (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
         raise ValueError(f"{out} already holds a run; use --resume to continue it or choose another --out")
     if sum(x is not None for x in (preset, model_config, init)) != 1:
         raise ValueError("choose exactly one of --preset, --config or --init")
     if not sources and dataset is None:
         raise ValueError("give data: book files/folders, or --dataset DIR")
+    if sources and dataset is not None:
+        raise ValueError("give either book files/folders or --dataset, not both")
+    paths = find_documents(sources) if sources else []
     model = None
     if init is not None:
         model, tok = load_pretrained(init)
         if tok is None:
             raise ValueError(f"{init} has no tokenizer.json")
+        model.train()
     elif tokenizer is not None:
         tok = Tokenizer.load(tokenizer)
     elif dataset is not None:
         raise ValueError("--dataset needs the tokenizer it was made with: pass --tokenizer or --init")
     else:
-        texts = [read_document(p) for p in find_documents(sources)]
+        texts = [read_document(p) for p in paths]
         if not any(t.strip() for t in texts):
             raise ValueError("the corpus is empty: no document has any text")
-        tok = Tokenizer.train(texts, kind=tokenizer_kind, vocab_size=vocab_size)
+        # under torchrun, rank 0 trains the tokenizer and the others load its file
+        tok = _rank0_first(out, lambda: Tokenizer.train(texts, kind=tokenizer_kind, vocab_size=vocab_size),
+                           lambda t: t.save(out / "tokenizer.json"), lambda: Tokenizer.load(out / "tokenizer.json"),
+                           config)
     if model is None:
         cfg = model_config or ModelConfig.preset(preset or "", vocab_size=tok.vocab_size)
         if tok.vocab_size > cfg.vocab_size:
@@ -63,18 +77,36 @@ def train_from_sources(out_dir: str | Path, config: TrainConfig, *, sources: Seq
                              f"{cfg.vocab_size}")
         torch.manual_seed(config.seed)
         model = Transformer(cfg)
+    check_fits(model.config, config, world=dist_env()[1])
     seq_len = config.seq_len or model.config.block_size
     if dataset is not None:
         ds = TokenDataset.open(dataset, tok)
-        data_dir = Path(dataset)
     else:
-        data_dir = out / "data"
-        ds = prepare(sources, tok, data_dir, val_fraction=val_fraction, weights=weights, seq_len=seq_len)
-    out.mkdir(parents=True, exist_ok=True)
-    tok.save(out / "tokenizer.json")
-    provenance = {"dataset": str(data_dir.resolve()), "sources": [str(s) for s in sources],
+        try:
+            ds = _rank0_first(out, lambda: prepare(paths, tok, out / "data", val_fraction=val_fraction,
+                                                   weights=weights, seq_len=seq_len),
+                              lambda d: None, lambda: TokenDataset.open(out / "data", tok), config)
+        except BaseException:
+            if created and dist_env()[0] == 0:  # e.g. a corpus shorter than one window: no half-made run
+                shutil.rmtree(out, ignore_errors=True)
+            raise
+    provenance = {"dataset": str(Path(ds.path).resolve()), "sources": [str(p) for p in paths],
                   "init": str(init) if init else None, "data_stats": ds.stats()}
     return train(model, tok, ds, config, out, callbacks, provenance=provenance)
+
+
+def _rank0_first(out: Path, make: Any, save: Any, load: Any, config: TrainConfig) -> Any:
+    """make() (and save it) on rank 0; under torchrun the other ranks wait, then load() what it wrote."""
+    rank, world, _ = dist_env()
+    if world == 1:
+        return make()
+    init_distributed(resolve_device(config.device))
+    if rank == 0:
+        made = make()
+        out.mkdir(parents=True, exist_ok=True)
+        save(made)
+    dist.barrier()
+    return made if rank == 0 else load()
 
 
 def resume_run(out_dir: str | Path, overrides: dict[str, Any] | None = None,
@@ -83,7 +115,12 @@ def resume_run(out_dir: str | Path, overrides: dict[str, Any] | None = None,
     out = Path(out_dir)
     if not (out / "config.json").is_file():
         raise FileNotFoundError(f"not a run directory (no config.json): {out}")
-    saved = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    try:
+        saved = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        saved = None
+    if not isinstance(saved, dict) or not {"train", "model", "dataset"} <= set(saved):
+        raise ValueError(f"{out / 'config.json'} is not a run config (train, model and dataset)")
     config = TrainConfig.from_dict({**saved["train"], **(overrides or {})})
     tok = Tokenizer.load(out / "tokenizer.json")
     ds = TokenDataset.open(saved["dataset"], tok)
@@ -95,83 +132,145 @@ def resume_run(out_dir: str | Path, overrides: dict[str, Any] | None = None,
 @torch.no_grad()
 def evaluate_texts(model: Transformer, tokenizer: Any, texts: Sequence[str], *, seq_len: int | None = None,
                    batch_size: int = 8) -> dict[str, float]:
-    """Loss (nats/token), perplexity and bits per byte of `model` over `texts`, in non-overlapping windows."""
+    """Loss (nats/token), perplexity and bits per byte of `model` over `texts` (documents joined by EOS),
+    in non-overlapping windows that cover every token once."""
     seq_len = min(seq_len or model.config.block_size, model.config.block_size)
+    if seq_len < 1 or batch_size < 1:
+        raise ValueError("seq_len and batch_size must be >= 1")
     ids: list[int] = []
     for enc in tokenizer.encode_batch(list(texts)):
         ids += enc + [tokenizer.eos_id]
     if len(ids) < 2:
         raise ValueError("the texts are empty")
     flat = torch.tensor(ids)
+    n = len(flat) - 1  # positions that have a next token
+    starts = list(range(0, n - seq_len + 1, seq_len))
+    windows = [starts[i:i + batch_size] for i in range(0, len(starts), batch_size)]
+    tail = n - len(starts) * seq_len  # the short last window, a batch of its own
     device = next(model.parameters()).device
+    was_training = model.training
     model.eval()
-    total, count = 0.0, 0
-    starts = list(range(0, len(flat) - 1, seq_len))
-    for i in range(0, len(starts), batch_size):
-        chunk = starts[i:i + batch_size]
-        length = min(seq_len, len(flat) - 1 - chunk[-1])  # the last window may be shorter
-        rows = [s for s in chunk if len(flat) - 1 - s >= length]
-        x = torch.stack([flat[s:s + length] for s in rows]).to(device)
-        y = torch.stack([flat[s + 1:s + length + 1] for s in rows]).to(device)
+    total = 0.0
+    for chunk, length in [(c, seq_len) for c in windows] + ([([n - tail], tail)] if tail else []):
+        x = torch.stack([flat[s:s + length] for s in chunk]).to(device)
+        y = torch.stack([flat[s + 1:s + length + 1] for s in chunk]).to(device)
         logits = model(x).logits.float()
         total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
-        count += y.numel()
-    loss = total / count
+    model.train(was_training)
+    loss = total / n
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "bits_per_byte": total / math.log(2) / n_bytes,
-            "tokens": count}
+            "tokens": n}
 
 
 # ---- the demo ---------------------------------------------------------------------------------------
 
 DEMO_PROMPTS = ["Жили-были", "Однажды лиса", "Once upon a time"]
+DEMO_SAMPLING = dict(max_new_tokens=40, temperature=0.8, top_k=40)
 
 
-def run_demo(out_dir: str | Path = "lmlab-demo", *, max_steps: int = 900, time_budget_s: float = 240.0,
-             seed: int = 0, echo: Any = print) -> dict[str, Any]:
-    """Generate a book, train a tokenizer and a small Llama-style model on it, and show samples from the
-    untrained and the trained model. Leaves `out_dir/final`, a model directory for `lmlab generate`."""
+def demo_model_config(vocab_size: int) -> ModelConfig:
+    """A ~1M-parameter Llama (RoPE, RMSNorm, SwiGLU, grouped-query attention). On the generated book, 900
+    steps of 16x128 tokens (~2.5 min on 2 cores) take the val loss from 6.9 to ~0.3 nats/token against a
+    unigram baseline of 4.8, and the samples from byte salad to grammatical tales."""
+    return ModelConfig(family="llama", n_layer=4, n_head=4, n_kv_head=2, n_embd=128, block_size=128,
+                       vocab_size=vocab_size)
+
+
+def _mean_val_loss(model: Transformer, ds: TokenDataset, batch_size: int, seq_len: int, batches: int) -> float:
+    """The trainer's validation loss (same windows), for the untrained model."""
+    device = next(model.parameters()).device
+    model.eval()
+    with torch.no_grad():
+        losses = [model(x.to(device), y.to(device)).loss.item()
+                  for x, y in ds.eval_batches(batch_size, seq_len, batches)]
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def _seconds_per_step(model: Transformer, config: TrainConfig, seq_len: int, vocab_size: int) -> float:
+    """Time a few optimizer steps of a throw-away copy of the model on random tokens."""
+    probe = copy.deepcopy(model)
+    opt = probe.configure_optimizer(config.lr, config.weight_decay, config.betas)
+    device = next(probe.parameters()).device
+    x = torch.randint(4, vocab_size, (config.batch_size, seq_len), device=device)
+    times = []
+    for _ in range(4):
+        t = time.perf_counter()
+        probe(x, x).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return sorted(times[1:])[1]  # the median of 3, after a warm-up step
+
+
+def _printable(text: str) -> str:
+    """One line for the terminal: newlines become spaces; control characters (a random model emits
+    them) become '?'."""
+    return " ".join("".join(ch if ch.isprintable() else "?" for ch in line) for line in text.split("\n") if line)
+
+
+def run_demo(out_dir: str | Path = "lmlab-demo", *, budget_s: float = 180.0, max_steps: int | None = None,
+             seed: int = 0, device: str = "auto", echo: Any = print) -> dict[str, Any]:
+    """Generate a book, train a tokenizer and a small Llama-style model on it, and show samples of the
+    untrained and the trained model. The number of steps is fitted to `budget_s` (about 3 minutes for the
+    whole command) after timing a few steps, unless `max_steps` is given. Leaves `out_dir/final`, a model
+    directory for `lmlab generate`."""
     t0 = time.perf_counter()
     out = Path(out_dir)
-    if (out / "checkpoints").is_dir():
+    if (out / "checkpoints").is_dir() or (out / "final").is_dir():
         raise ValueError(f"{out} already holds a demo run; remove it or pass --out elsewhere")
+    if budget_s <= 0 or (max_steps is not None and max_steps <= 0):
+        raise ValueError("the budget and max_steps must be positive")
     text = demo_corpus(seed=seed)
+    tok = Tokenizer.train([text], kind="bpe", vocab_size=1024)
+    cfg = demo_model_config(tok.vocab_size)
+    config = TrainConfig(max_steps=max_steps or 1, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=30,
+                         weight_decay=0.1, eval_every=100, eval_batches=8, log_every=25, save_every=0,
+                         seed=seed, device=device)
     out.mkdir(parents=True, exist_ok=True)
     (out / "corpus.txt").write_text(text, encoding="utf-8")
-    tok = Tokenizer.train([text], kind="bpe", vocab_size=1024)
-    cfg = ModelConfig(family="llama", n_layer=4, n_head=4, n_kv_head=2, n_embd=128, block_size=128,
-                      vocab_size=tok.vocab_size)
     ds = prepare_texts([text], tok, out / "data", names=["corpus.txt"], seq_len=cfg.block_size)
     torch.manual_seed(seed)
-    model = Transformer(cfg)
-    echo(f"lmlab demo: a generated book of {len(text):,} characters, {ds.train_tokens:,} training tokens; "
-         f"a {cfg.family} model with {model.num_parameters():,} parameters")
-    sample = dict(max_new_tokens=40, temperature=0.8, top_k=40, seed=seed)
-    before = {p: generate(model, tok, p, **sample) for p in DEMO_PROMPTS}
-    with torch.no_grad():
-        val_before = sum(model(x, y).loss.item() for x, y in ds.eval_batches(16, cfg.block_size, 8)) / len(
-            list(ds.eval_batches(16, cfg.block_size, 8)))
-    echo("\nBefore training:")
+    model = Transformer(cfg).to(resolve_device(device))
+    unigram = ds.unigram_entropy()
+    echo(f"lmlab demo: a generated book of {len(text):,} characters (Russian and English tales), a {tok.kind} "
+         f"tokenizer of {tok.vocab_size} tokens, {ds.train_tokens:,} training tokens; a {cfg.family} model with "
+         f"{model.num_parameters():,} parameters.")
+    before = {p: generate(model, tok, p, seed=seed, **DEMO_SAMPLING) for p in DEMO_PROMPTS}
+    val_before = _mean_val_loss(model, ds, config.batch_size, cfg.block_size, config.eval_batches)
+    echo("\nBefore training (random weights):")
     for p, s in before.items():
-        echo(f"  {p}{s}".replace("\n", " "))
-    echo(f"\nTraining for up to {max_steps} steps (stops early after {time_budget_s:.0f} s) ...")
-    config = TrainConfig(max_steps=max_steps, time_budget_s=time_budget_s, batch_size=16, lr=3e-3, min_lr=3e-4,
-                         warmup_steps=50, weight_decay=0.1, eval_every=300, eval_batches=8, log_every=50,
-                         save_every=300, seed=seed, device="cpu")
-    tok.save(out / "tokenizer.json")
-    result = train(model, tok, ds, config, out, provenance={"dataset": str((out / "data").resolve()),
-                                                            "sources": ["lmlab demo corpus"]})
-    after = {p: generate(model, tok, p, **sample) for p in DEMO_PROMPTS}
+        echo(f"  {p}{_printable(s)}")
+    time_budget = None
+    if max_steps is None:
+        per_step = _seconds_per_step(model, config, cfg.block_size, tok.vocab_size)
+        # what is left of the budget, less ~15 s for evaluations, sampling and saving the model; the
+        # schedule decays over the steps that fit, and a busy machine is cut off by the clock
+        left = budget_s - (time.perf_counter() - t0) - 15.0
+        max_steps = int(min(2000, max(30, left / (per_step * 1.08))))
+        time_budget = max(30.0, left * 1.1)
+    config = dataclasses.replace(config, max_steps=max_steps, eval_every=max(50, max_steps // 4),
+                                 time_budget_s=time_budget)
+    echo(f"\nTraining {max_steps} steps of {config.batch_size}×{cfg.block_size} tokens "
+         f"(val loss now {val_before:.2f}; a model that ignores context scores {unigram:.2f}) ...")
+    demo = {"val_loss_before": val_before, "unigram_baseline": unigram, "prompts": DEMO_PROMPTS,
+            "samples_before": before}
+    result = train(model, tok, ds, config, out, provenance={"sources": ["lmlab demo corpus (generated)"],
+                                                            "demo": demo})
+    after = {p: generate(model, tok, p, seed=seed, **DEMO_SAMPLING) for p in DEMO_PROMPTS}
     echo("\nAfter training:")
     for p, s in after.items():
-        echo(f"  {p}{s}".replace("\n", " "))
+        echo(f"  {p}{_printable(s)}")
     last = next((m for m in reversed(result.history) if "val_loss" in m), {})
-    summary = {"val_loss_before": val_before, "val_loss_after": last.get("val_loss"),
-               "unigram_baseline": ds.unigram_entropy(), "steps": result.steps,
-               "wall_s": time.perf_counter() - t0, "before": before, "after": after}
+    summary = {**demo, "val_loss_after": last.get("val_loss"), "val_bpb_after": last.get("val_bpb"),
+               "steps": result.steps, "samples_after": after, "wall_s": round(time.perf_counter() - t0, 1)}
+    atomic_write_text(out / "demo.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     echo(f"\nValidation loss {val_before:.2f} -> {summary['val_loss_after']:.2f} nats/token "
-         f"(a model that ignores context scores {summary['unigram_baseline']:.2f}); {result.steps} steps, "
-         f"{summary['wall_s']:.0f} s in all.")
-    echo(f"Model saved to {out / 'final'}. Try:\n  lmlab generate {out / 'final'} --prompt \"Жили-были\" "
+         f"({summary['val_bpb_after']:.2f} bits per byte); unigram baseline {unigram:.2f}. "
+         f"{result.steps} steps, {summary['wall_s']:.0f} s in all.")
+    echo(f"Model: {out / 'final'}. Try:\n  lmlab generate {out / 'final'} --prompt \"Жили-были\" "
          f"--temperature 0.8 --top-k 40")
     return summary

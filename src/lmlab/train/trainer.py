@@ -6,19 +6,28 @@
 
 Run directory:
     config.json          resolved TrainConfig + ModelConfig (+ data and tokenizer provenance)
-    metrics.jsonl        one JSON object per logged step / eval
-    checkpoints/step-N/  model.safetensors, optimizer.pt, rng.safetensors, state.json (atomic, last K kept)
+    tokenizer.json       the tokenizer, so the run resumes and exports without anything else
+    metrics.jsonl        one JSON object per logged step (and per evaluation)
+    checkpoints/step-N/  model.safetensors, optimizer.pt, state.json (step, tokens, best val, RNG and data
+                         position), config.json; written under a temporary name and renamed; last K kept
     final/               a model directory (config.json, model.safetensors, tokenizer.json, training.json)
+
+Distributed: run the same command under `torchrun --nproc_per_node N`; RANK/WORLD_SIZE/LOCAL_RANK select
+DDP (gloo on CPU, NCCL on CUDA) or, with `fsdp=True`, FSDP2 (`fully_shard` on every block).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import functools
 import json
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,17 +36,30 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_model, save_model
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from ..models import ModelConfig, Transformer
 from ..models.config import atomic_write_text
 from ..models.io import save_pretrained
 from .config import TrainConfig, lr_at
 
+# Full (unsharded) state dicts keyed by parameter name: the same checkpoint files for 1 process, DDP and
+# FSDP, so a run can be resumed on a different number of processes.
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
 
 class Callback:
-    """Hooks the labs and the web app use to observe and steer a run. Set `trainer.should_stop = True`
-    from any hook to end the run after the current step (a checkpoint is written)."""
+    """Hooks the labs and the web app use to observe and steer a run. Every process calls them (under
+    torchrun too). Keys a hook adds to `metrics` (a lab's probe accuracy, say) go into that step's
+    metrics.jsonl line. Set `trainer.should_stop = True` from any hook to end the run after the current
+    step: a checkpoint and `final/` are written, and `--resume` can continue it."""
 
     def on_step(self, trainer: Trainer, metrics: dict[str, Any]) -> None: ...
     def on_eval(self, trainer: Trainer, metrics: dict[str, Any]) -> None: ...
@@ -49,15 +71,31 @@ class Callback:
 class TrainResult:
     steps: int
     tokens: int
-    stop_reason: str                     # max_steps | max_tokens | epochs | time_budget | early_stopping | ...
+    stop_reason: str    # max_steps | max_tokens | epochs | time_budget | early_stopping | stopped | interrupted
     final_loss: float | None
     best_val_loss: float | None
     out_dir: Path
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _dist_env() -> tuple[int, int, int]:
+def dist_env() -> tuple[int, int, int]:
+    """(RANK, WORLD_SIZE, LOCAL_RANK) as torchrun sets them; (0, 1, 0) otherwise."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+
+
+_OWN_PROCESS_GROUP = False  # set when lmlab started the process group (and so ends it after training)
+
+
+def init_distributed(device: torch.device) -> torch.device:
+    """Join torchrun's process group (NCCL on CUDA, gloo on CPU) once; returns this process's device."""
+    global _OWN_PROCESS_GROUP
+    if device.type == "cuda":
+        device = torch.device("cuda", dist_env()[2])
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        _OWN_PROCESS_GROUP = True
+    return device
 
 
 def resolve_device(name: str) -> torch.device:
@@ -68,21 +106,20 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def measured_peak_flops(device: torch.device) -> float:
-    """Dense matmul FLOP/s measured here (fp32 on CPU, bf16 on CUDA): the denominator of MFU."""
-    n = 1024 if device.type == "cpu" else 8192
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+@functools.cache
+def measured_peak_flops(device_type: str) -> float:
+    """Dense matmul FLOP/s measured here (fp32 on CPU, bf16 on CUDA): the MFU denominator when no
+    peak_flops is given. ~0.2 s on a 2-core CPU; measured once per process."""
+    n, dtype, reps = (1024, torch.float32, 5) if device_type == "cpu" else (8192, torch.bfloat16, 20)
+    a = torch.randn(n, n, device=device_type, dtype=dtype)
+    b = torch.randn(n, n, device=device_type, dtype=dtype)
+    sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
     a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    reps = 5 if device.type == "cpu" else 20
+    sync()
     t0 = time.perf_counter()
     for _ in range(reps):
         a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    sync()
     return 2 * n**3 * reps / (time.perf_counter() - t0)
 
 
@@ -98,53 +135,72 @@ def available_memory(device: torch.device) -> int | None:
     return None
 
 
+def check_fits(model_config: ModelConfig, config: TrainConfig, device: torch.device | None = None,
+               world: int = 1) -> None:
+    """ValueError before anything is built or written if the sequence is longer than the model's context
+    or the model, optimizer and activations (ModelConfig.memory_estimate) exceed the free memory."""
+    seq_len = config.seq_len or model_config.block_size
+    if seq_len > model_config.block_size:
+        raise ValueError(f"seq_len ({seq_len}) exceeds the model's block_size ({model_config.block_size})")
+    device = device or resolve_device(config.device)
+    est = model_config.memory_estimate(config.batch_size // world, seq_len, training=True)
+    # FSDP keeps 1/world of the weights, gradients and optimizer moments on each device
+    need = est["total"] - (est["weights"] + est["grads_and_optimizer"]) * (1 - 1 / world) * config.fsdp
+    have = available_memory(device)
+    if have is not None and need > have:
+        raise ValueError(f"this model and batch need ~{need / 2**30:.1f} GiB but only {have / 2**30:.1f} GiB is "
+                         f"available on {device}; lower --batch-size or --seq-len, or pick a smaller preset")
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.numpy().tobytes()).decode("ascii")
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+
+
 class Trainer:
     def __init__(self, model: Transformer, tokenizer: Any, dataset: Any, config: TrainConfig,
                  out_dir: str | Path, callbacks: Sequence[Callback] = (), *, provenance: dict[str, Any] | None = None):
         self.config, self.tokenizer, self.dataset = config, tokenizer, dataset
         self.out_dir = Path(out_dir)
         self.callbacks = list(callbacks)
-        self.provenance = provenance or {}
-        self.rank, self.world, local_rank = _dist_env()
+        self.provenance = dict(provenance or {})
+        if getattr(dataset, "path", None) is not None:
+            self.provenance.setdefault("dataset", str(Path(dataset.path).resolve()))
+        self.rank, self.world, _ = dist_env()
         self.is_main = self.rank == 0
         self.device = resolve_device(config.device)
         if self.world > 1:
-            if self.device.type == "cuda":
-                self.device = torch.device("cuda", local_rank)
-                torch.cuda.set_device(self.device)
-            if not dist.is_initialized():
-                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
             if config.batch_size % self.world:
                 raise ValueError(f"batch_size ({config.batch_size}) must be divisible by the {self.world} processes")
-        self.model = model.to(self.device)
+            self.device = init_distributed(self.device)
         self.model_config: ModelConfig = model.config
         self.seq_len = config.seq_len or self.model_config.block_size
-        if self.seq_len > self.model_config.block_size:
-            raise ValueError(f"seq_len ({self.seq_len}) exceeds the model's block_size "
-                             f"({self.model_config.block_size})")
+        check_fits(self.model_config, config, self.device, self.world)
         if config.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter  # noqa: F401
             except ImportError:
-                raise ValueError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
-        self._check_memory()
-        self.autocast = (self.device.type == "cuda" and config.dtype in ("auto", "bf16")) or config.dtype == "bf16"
-        self.optimizer = self.model.configure_optimizer(config.lr, config.weight_decay, (config.beta1, config.beta2))
-        self.train_model: torch.nn.Module = self.model
+                raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+        self.model = model.to(self.device).train()  # (a model from load_pretrained arrives in eval mode)
+        self.autocast = config.dtype == "bf16" or (config.dtype == "auto" and self.device.type == "cuda")
         self.sharded = config.fsdp and self.world > 1
+        self.train_model: torch.nn.Module = self.model
         if self.sharded:
             from torch.distributed.fsdp import fully_shard
-            for block in self.model.blocks:
+            for block in self.model.blocks:  # one all-gather per block, freed after use (FSDP2 recipe)
                 fully_shard(block)
             fully_shard(self.model)
-            self.optimizer = self.model.configure_optimizer(config.lr, config.weight_decay,
-                                                            (config.beta1, config.beta2))
         elif self.world > 1:
             self.train_model = torch.nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        # built after sharding, so the optimizer holds the sharded parameters
+        self.optimizer = self.model.configure_optimizer(config.lr, config.weight_decay, config.betas)
         if config.compile:
             self.train_model = torch.compile(self.train_model)
-        self.generator = torch.Generator().manual_seed(config.seed)
+        self.generator = torch.Generator().manual_seed(config.seed)  # the data order, and nothing else
         self.tokens_per_step = config.batch_size * self.seq_len * config.grad_accum_steps
         self.total_steps = self._planned_steps()
         self.step = 0
@@ -154,8 +210,10 @@ class Trainer:
         self.bad_evals = 0
         self.should_stop = False
         self.history: list[dict[str, Any]] = []
-        self.peak_flops = measured_peak_flops(self.device) if self.is_main else 0.0
-        self._tb = None
+        self.peak_flops = config.peak_flops or (measured_peak_flops(self.device.type) if self.is_main else 0.0)
+        self._interrupted = False
+        self._torch_rng: torch.Tensor | None = None
+        self._tb: Any = None
 
     # ---- planning ----------------------------------------------------------------------------------
 
@@ -170,77 +228,92 @@ class Trainer:
             candidates.append(math.ceil(c.epochs * self.dataset.train_tokens / self.tokens_per_step))
         return min(candidates) if candidates else None
 
-    def _check_memory(self) -> None:
-        need = self.model_config.memory_estimate(self.config.batch_size // self.world, self.seq_len)["total"]
-        have = available_memory(self.device)
-        if have is not None and need > have:
-            raise ValueError(f"this model and batch need ~{need / 2**30:.1f} GiB but only {have / 2**30:.1f} GiB is "
-                             f"available on {self.device}; lower --batch-size or --seq-len, or pick a smaller preset")
-
     # ---- the loop ----------------------------------------------------------------------------------
 
     def fit(self, resume: bool = False) -> TrainResult:
         c = self.config
         if resume:
-            self._resume()
+            path = latest_checkpoint(self.out_dir)
+            if path is None:
+                raise FileNotFoundError(f"no checkpoint to resume from in {self.out_dir / 'checkpoints'}")
+            self.load_checkpoint(path)
         elif self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "metrics.jsonl").write_text("")
         if self.is_main:
-            self._write_run_config()
+            self._write_run_files()
             if c.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
-                self._tb = SummaryWriter(self.out_dir / "tensorboard")
-        torch.manual_seed(c.seed + self.step)  # dropout stream; restored exactly from checkpoints below
-        if resume and self._rng_state is not None:
-            torch.set_rng_state(self._rng_state)
-        stop_reason = None
-        last_loss = None
+                self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
+        # The torch RNG drives dropout only (data comes from self.generator); restored on resume.
+        if self._torch_rng is not None:
+            torch.set_rng_state(self._torch_rng)
+        else:
+            torch.manual_seed(c.seed)
+        stop_reason = self._limit_reached() if resume else None  # resuming a finished run does nothing
+        last_loss = next((m["loss"] for m in reversed(self.history) if "loss" in m), None)
         t_start = time.perf_counter() - self.elapsed
         t_window, tokens_window = time.perf_counter(), 0
+        in_step = False
+        previous_handlers = self._install_signal_handlers()
         try:
             while stop_reason is None:
-                lr = lr_at(self.step, c, self.total_steps)
+                lr = lr_at(self.step, c, self.total_steps)  # every optimizer step, never per epoch
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
-                loss, grad_norm = self._optimizer_step()
+                in_step = True
+                loss, grad_norm = self.train_step()
                 self.step += 1
                 self.tokens += self.tokens_per_step
+                in_step = False
                 tokens_window += self.tokens_per_step
                 self.elapsed = time.perf_counter() - t_start
                 last_loss = loss
-                metrics: dict[str, Any] | None = None
-                if self.step % c.log_every == 0 or self.step == 1:
+                metrics: dict[str, Any] = {"step": self.step, "tokens": self.tokens,
+                                           "elapsed_s": round(self.elapsed, 3), "loss": loss, "lr": lr,
+                                           "grad_norm": grad_norm}
+                log_now = self.step % c.log_every == 0 or self.step == 1
+                if log_now:
                     now = time.perf_counter()
                     tps = tokens_window / max(now - t_window, 1e-9)
                     t_window, tokens_window = now, 0
-                    metrics = {"step": self.step, "tokens": self.tokens, "elapsed_s": round(self.elapsed, 3),
-                               "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": round(tps, 1),
-                               "mfu": self._mfu(tps)}
-                stop_reason = self._stop_reason()
-                if c.eval_every and self.step % c.eval_every == 0 or stop_reason:
-                    ev = self.evaluate()
-                    metrics = {**(metrics or {"step": self.step, "tokens": self.tokens,
-                                              "elapsed_s": round(self.elapsed, 3), "loss": loss, "lr": lr}), **ev}
-                    early = self._early_stop(ev.get("val_loss"))
+                    metrics.update(tokens_per_s=round(tps, 1), mfu=self._mfu(tps))
+                stop_reason = self._limit_reached()
+                evaluated = bool(c.eval_every and self.step % c.eval_every == 0) or stop_reason is not None
+                if evaluated:
+                    t_eval = time.perf_counter()
+                    metrics.update(self.evaluate())
+                    early = self._early_stop(metrics.get("val_loss"))  # also tracks the best val loss
                     stop_reason = stop_reason or early
-                if metrics is not None:
-                    self._log(metrics)
-                if "val_loss" in (metrics or {}):
+                    t_window += time.perf_counter() - t_eval  # tokens/s counts training time only
+                keys = len(metrics)
+                if evaluated:
                     for cb in self.callbacks:
                         cb.on_eval(self, metrics)
                 for cb in self.callbacks:
-                    cb.on_step(self, metrics or {"step": self.step, "loss": loss, "lr": lr})
-                if self.should_stop and not stop_reason:
-                    stop_reason = "stopped"
+                    cb.on_step(self, metrics)
+                if log_now or evaluated or len(metrics) > keys:  # a hook's own metrics are always logged
+                    self._log(metrics)
+                stop_reason = stop_reason or self._stop_requested()
                 if stop_reason or (c.save_every and self.step % c.save_every == 0):
+                    t_save = time.perf_counter()
                     self.save_checkpoint()
+                    t_window += time.perf_counter() - t_save
         except KeyboardInterrupt:
+            # A second Ctrl-C (or one outside the main thread's handler) lands anywhere; a checkpoint is
+            # only consistent between optimizer steps, so mid-step the previous one stays the latest.
             stop_reason = "interrupted"
-            self.save_checkpoint()
-            self._print("\ninterrupted: checkpoint saved; continue with --resume")
-        result = TrainResult(self.step, self.tokens, stop_reason, last_loss, self.best_val, self.out_dir, self.history)
-        if stop_reason not in ("interrupted", "stopped"):
+            if not in_step:
+                self.save_checkpoint()
+        finally:
+            for sig, previous in previous_handlers.items():
+                signal.signal(sig, previous)
+        if stop_reason == "interrupted":
+            last = latest_checkpoint(self.out_dir)
+            self._print(f"\ninterrupted at step {self.step}; the latest checkpoint is {last}; continue with --resume")
+        result = TrainResult(self.step, self.tokens, stop_reason, last_loss, self.best_val, self.out_dir,
+                             list(self.history))
+        if stop_reason != "interrupted":
             self.save_final(result)
         if self._tb is not None:
             self._tb.close()
@@ -249,57 +322,67 @@ class Trainer:
         self._print("")
         return result
 
-    def _optimizer_step(self) -> tuple[float, float]:
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step over grad_accum_steps micro-batches -> (mean loss, grad norm before clipping)."""
         c = self.config
         rows = c.batch_size // self.world
-        total = 0.0
+        total = torch.zeros((), device=self.device)
         for micro in range(c.grad_accum_steps):
             # Every process draws the whole global batch from the same generator and keeps its rows, so
-            # N processes see exactly the batch one process would (and resume needs one generator state).
+            # N processes see exactly the batch one process would, and one generator state is the data
+            # position for resuming on any number of processes.
             x, y = self.dataset.sample_batch(c.batch_size, self.seq_len, self.generator)
             x = x[self.rank * rows:(self.rank + 1) * rows].to(self.device, non_blocking=True)
             y = y[self.rank * rows:(self.rank + 1) * rows].to(self.device, non_blocking=True)
+            last = micro == c.grad_accum_steps - 1
             sync = contextlib.nullcontext()
-            if self.world > 1 and micro < c.grad_accum_steps - 1 and hasattr(self.train_model, "no_sync"):
-                sync = self.train_model.no_sync()
-            with sync, torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                loss = self.train_model(x, y).loss / c.grad_accum_steps
-            loss.backward()
+            if self.sharded:
+                self.model.set_requires_gradient_sync(last)  # reduce-scatter once, after the last micro-step
+            elif self.world > 1 and not last:
+                sync = self.train_model.no_sync()            # all-reduce once, after the last micro-step
+            with sync:
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                    loss = self.train_model(x, y).loss / c.grad_accum_steps
+                loss.backward()
             total += loss.detach()
-        grad_norm = 0.0
+        grad_norm = float("nan")
         if c.grad_clip:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.world > 1:
-            dist.all_reduce(total, op=dist.ReduceOp.AVG if self.device.type == "cuda" else dist.ReduceOp.SUM)
-            if self.device.type != "cuda":
-                total /= self.world
+        if self.world > 1:  # report the global batch's loss (gloo has no AVG)
+            dist.all_reduce(total)
+            total /= self.world
         return float(total), grad_norm
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean loss over the fixed validation windows; perplexity; bits per byte."""
+        """Mean loss over the fixed validation windows; perplexity; bits per byte. The same windows for any
+        number of processes: each takes its rows of every global batch."""
         self.model.eval()
-        stat = torch.zeros(2, device=self.device)  # (sum of per-window losses, windows)
-        rows = max(1, self.config.batch_size // self.world)
-        for i, (x, y) in enumerate(self.dataset.eval_batches(rows, self.seq_len, self.config.eval_batches)):
-            if self.world > 1 and not self.sharded and i % self.world != self.rank:
-                continue  # (FSDP: every rank runs every batch, since each forward is a collective)
+        stat = torch.zeros(2, device=self.device, dtype=torch.float64)  # (sum of window losses, windows)
+        for x, y in self.dataset.eval_batches(self.config.batch_size, self.seq_len, self.config.eval_batches):
+            xs, ys = x.tensor_split(self.world)[self.rank], y.tensor_split(self.world)[self.rank]
+            weight = len(xs)
+            if weight == 0:
+                if not self.sharded:
+                    continue
+                xs, ys = x[:1], y[:1]  # FSDP: every rank joins every forward's all-gathers; counted 0 times
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                loss = self.model(x.to(self.device), y.to(self.device)).loss.float()
-            stat += torch.stack([loss * len(x), torch.tensor(float(len(x)), device=self.device)])
+                loss = self.model(xs.to(self.device), ys.to(self.device)).loss.double()
+            stat += torch.stack([loss * weight, torch.tensor(float(weight), device=self.device, dtype=torch.float64)])
         self.model.train()
-        if self.world > 1 and not self.sharded:
+        if self.world > 1:
             dist.all_reduce(stat)
         if stat[1] == 0:
             return {}
         val = float(stat[0] / stat[1])
         bpt = self.dataset.bytes_per_token()
+        # bits per byte = nats/token / ln 2 / (bytes/token): comparable across tokenizers
         return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0)),
                 "val_bpb": val / math.log(2) / bpt if bpt else float("nan")}
 
-    def _stop_reason(self) -> str | None:
+    def _limit_reached(self) -> str | None:
         c = self.config
         if c.max_steps and self.step >= c.max_steps:
             return "max_steps"
@@ -308,12 +391,23 @@ class Trainer:
         if c.epochs and self.tokens >= c.epochs * self.dataset.train_tokens:
             return "epochs"
         if c.time_budget_s:
-            elapsed = torch.tensor(self.elapsed)
+            elapsed = torch.tensor(self.elapsed, dtype=torch.float64, device=self._comm_device)
             if self.world > 1:  # all ranks must agree, or they would deadlock in the next collective
                 dist.broadcast(elapsed, 0)
             if float(elapsed) >= c.time_budget_s:
                 return "time_budget"
         return None
+
+    def _stop_requested(self) -> str | None:
+        """A hook's should_stop or Ctrl-C on any process stops every process after this step."""
+        flags = torch.tensor([float(self._interrupted), float(self.should_stop)], device=self._comm_device)
+        if self.world > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return "interrupted" if flags[0] else "stopped" if flags[1] else None
+
+    @property
+    def _comm_device(self) -> torch.device:
+        return self.device if self.world > 1 and self.device.type == "cuda" else torch.device("cpu")
 
     def _early_stop(self, val: float | None) -> str | None:
         if val is None:
@@ -330,6 +424,21 @@ class Trainer:
             return None
         return round(self.model_config.flops_per_token(self.seq_len) * tokens_per_s / self.world / self.peak_flops, 4)
 
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        """Ctrl-C (SIGINT) or SIGTERM sets a flag; the loop finishes its step, saves a checkpoint and returns
+        (the web app's cancel and a cluster's preemption notice both arrive this way). A second signal
+        raises KeyboardInterrupt at once."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def handler(signum: int, frame: Any) -> None:
+            if self._interrupted:
+                raise KeyboardInterrupt
+            self._interrupted = True
+            self._print(f"\n{signal.Signals(signum).name}: stopping after this step (again to stop now)")
+
+        return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
     # ---- logging -----------------------------------------------------------------------------------
 
     def _log(self, metrics: dict[str, Any]) -> None:
@@ -342,42 +451,52 @@ class Trainer:
             for key, value in metrics.items():
                 if key != "step" and isinstance(value, (int, float)):
                     self._tb.add_scalar(key, value, metrics["step"])
-        self._print(self._progress_line(metrics), end="\r" if sys.stdout.isatty() else "\n")
+        tty = sys.stdout.isatty()
+        line = self._progress_line(metrics)
+        if tty:  # one live line, overwritten; evaluation lines stay on screen
+            self._print("\r" + line.ljust(100), end="\n" if "val_loss" in metrics else "")
+        else:
+            self._print(line)
 
     def _progress_line(self, m: dict[str, Any]) -> str:
         total = self.total_steps
-        eta = ""
-        if total and m["step"] < total and self.elapsed:
-            eta = f" eta {(total - m['step']) * self.elapsed / m['step']:.0f}s"
-        elif self.config.time_budget_s and not total:
-            eta = f" eta {max(0.0, self.config.time_budget_s - self.elapsed):.0f}s"
+        left = []
+        if total and self.step < total and self.elapsed:
+            left.append((total - self.step) * self.elapsed / self.step)
+        if self.config.time_budget_s:
+            left.append(max(0.0, self.config.time_budget_s - self.elapsed))
         line = f"step {m['step']}{'/' + str(total) if total else ''} loss {m['loss']:.4f} lr {m['lr']:.2e}"
         if m.get("tokens_per_s"):
             line += f" {m['tokens_per_s']:.0f} tok/s"
         if m.get("mfu") is not None:
             line += f" mfu {m['mfu']:.1%}"
-        line += eta
-        if "val_loss" in m:  # eval lines stay on screen
+        if left:
+            line += f" eta {min(left):.0f}s"
+        if "val_loss" in m:
             line += f" | val {m['val_loss']:.4f} ppl {m['val_ppl']:.1f} bpb {m['val_bpb']:.3f}"
-            line += " " * 8 + "\n" if sys.stdout.isatty() else ""
         return line
 
     def _print(self, text: str, end: str = "\n") -> None:
         if self.is_main:
             print(text, end=end, flush=True)
 
-    def _write_run_config(self) -> None:
-        atomic_write_text(self.out_dir / "config.json", json.dumps(
-            {"train": self.config.to_dict(), "model": self.model_config.to_dict(), **self.provenance},
-            indent=2, ensure_ascii=False) + "\n")
+    def _run_config(self) -> dict[str, Any]:
+        return {"train": self.config.to_dict(), "model": self.model_config.to_dict(), **self.provenance}
+
+    def _write_run_files(self) -> None:
+        atomic_write_text(self.out_dir / "config.json", json.dumps(self._run_config(), indent=2, ensure_ascii=False)
+                          + "\n")
+        if self.tokenizer is not None and hasattr(self.tokenizer, "save"):
+            self.tokenizer.save(self.out_dir / "tokenizer.json")
 
     # ---- checkpoints -------------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path | None:
         """checkpoints/step-N/, written under a temporary name and renamed, so a crash mid-write leaves the
-        previous checkpoint as the latest complete one. Keeps the last `keep_last`."""
-        state = self._full_state_dict()  # all ranks take part (FSDP gathers shards); rank 0 writes
-        optim = None if self.sharded else self.optimizer.state_dict()
+        previous checkpoint as the latest complete one. Keeps the last `keep_last` (0: all)."""
+        # every rank takes part (FSDP gathers shards); rank 0 writes
+        weights = self._full_model_state()
+        optim = get_optimizer_state_dict(self.model, self.optimizer, options=_FULL)
         if not self.is_main:
             return None
         root = self.out_dir / "checkpoints"
@@ -385,78 +504,82 @@ class Trainer:
         final = root / f"step-{self.step}"
         tmp = root / f".tmp-step-{self.step}"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        save_model(self._unsharded(state), str(tmp / "model.safetensors"))
-        if optim is not None:  # FSDP runs keep weights only: they cannot be resumed (yet)
+        try:
+            tmp.mkdir()
+            save_model(weights, str(tmp / "model.safetensors"))
+            # tensors and plain numbers only; read back with torch.load(weights_only=True), which unpickles
+            # no code
             torch.save(optim, tmp / "optimizer.pt")
-        rng = {"torch": torch.get_rng_state(), "data": self.generator.get_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state(self.device if self.device.type == "cuda" else None)
-        save_file(rng, str(tmp / "rng.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({
-            "step": self.step, "tokens": self.tokens, "elapsed_s": self.elapsed, "best_val": self.best_val,
-            "bad_evals": self.bad_evals}))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+            rng = {"torch": _b64(torch.get_rng_state()), "data": _b64(self.generator.get_state())}
+            if self.device.type == "cuda":
+                rng["cuda"] = _b64(torch.cuda.get_rng_state(self.device))
+            (tmp / "state.json").write_text(json.dumps({
+                "step": self.step, "tokens": self.tokens, "elapsed_s": self.elapsed, "best_val": self.best_val,
+                "bad_evals": self.bad_evals, "world_size": self.world, "rng": rng}))
+            (tmp / "config.json").write_text(json.dumps(self._run_config(), indent=2, ensure_ascii=False))
+            if final.exists():  # the same step saved again (resumed and stopped at once): replace it
+                old = root / f".old-step-{self.step}"
+                os.replace(final, old)
+                shutil.rmtree(old)
+            os.replace(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written survives a failure
         steps = sorted(int(p.name[5:]) for p in root.glob("step-*") if p.name[5:].isdigit())
-        for old in steps[: max(0, len(steps) - self.config.keep_last)] if self.config.keep_last else []:
-            shutil.rmtree(root / f"step-{old}", ignore_errors=True)
+        for old_step in steps[: max(0, len(steps) - self.config.keep_last)] if self.config.keep_last else []:
+            shutil.rmtree(root / f"step-{old_step}", ignore_errors=True)
         for cb in self.callbacks:
             cb.on_checkpoint(self, final)
         return final
 
-    _rng_state: torch.Tensor | None = None
-
-    def _resume(self) -> None:
-        path = latest_checkpoint(self.out_dir)
-        if self.sharded:
-            raise ValueError("resuming an FSDP run is not supported yet; resume it with DDP (without --fsdp)")
-        if path is None:
-            raise FileNotFoundError(f"no checkpoint to resume from in {self.out_dir / 'checkpoints'}")
-        missing, unexpected = load_model(self.model, str(path / "model.safetensors"), device=str(self.device))
+    def load_checkpoint(self, path: str | Path) -> None:
+        """Restore weights, optimizer, step, RNG and data position from checkpoints/step-N (any number of
+        processes may load a checkpoint written by any other)."""
+        path = Path(path)
+        plain = Transformer(self.model_config)  # on CPU: load_model resolves tied weights
+        missing, unexpected = load_model(plain, str(path / "model.safetensors"), strict=False)
         if missing or unexpected:
             raise ValueError(f"{path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        # weights_only=True: the optimizer state is tensors and numbers; nothing is unpickled as code
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device, weights_only=True))
-        rng = load_file(str(path / "rng.safetensors"))
-        self.generator.set_state(rng["data"])
-        self._rng_state = rng["torch"]
-        if "cuda" in rng and self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        set_model_state_dict(self.model, plain.state_dict(), options=StateDictOptions(full_state_dict=True))
+        optim = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        set_optimizer_state_dict(self.model, self.optimizer, optim, options=StateDictOptions(full_state_dict=True))
         state = json.loads((path / "state.json").read_text())
+        self.generator.set_state(_unb64(state["rng"]["data"]))
+        self._torch_rng = _unb64(state["rng"]["torch"])
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(_unb64(state["rng"]["cuda"]), self.device)
         self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed_s"]
         self.best_val, self.bad_evals = state["best_val"], state["bad_evals"]
-        if self.is_main:  # drop metrics logged after the checkpoint: they will be produced again
-            metrics = self.out_dir / "metrics.jsonl"
-            lines = metrics.read_text(encoding="utf-8").splitlines() if metrics.exists() else []
-            kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= self.step]
+        # metrics logged after the checkpoint will be produced again: drop them
+        metrics = self.out_dir / "metrics.jsonl"
+        lines = metrics.read_text(encoding="utf-8").splitlines() if metrics.exists() else []
+        kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= self.step]
+        self.history = [json.loads(ln) for ln in kept]
+        if self.is_main:
             atomic_write_text(metrics, "".join(ln + "\n" for ln in kept))
-            self.history = [json.loads(ln) for ln in kept]
             self._print(f"resumed from {path} (step {self.step})")
+        if self.world > 1:
+            dist.barrier()  # nobody appends to metrics.jsonl before it is trimmed
 
-    def _full_state_dict(self) -> dict[str, torch.Tensor]:
-        state = self.model.state_dict()
-        if self.sharded:
-            state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in state.items()}
-        return state
-
-    def _unsharded(self, state: dict[str, torch.Tensor]) -> Transformer:
+    def _full_model_state(self) -> Transformer:
+        """The model with full (unsharded) weights on CPU (rank 0; other ranks get a placeholder)."""
         if not self.sharded:
             return self.model
+        state = get_model_state_dict(self.model, options=_FULL)
+        if not self.is_main:
+            return self.model
         plain = Transformer(self.model_config)
-        plain.load_state_dict({k: v.cpu() for k, v in state.items()})
+        plain.load_state_dict(state)
         return plain
 
     def save_final(self, result: TrainResult) -> Path | None:
-        state = self._full_state_dict()
+        model = self._full_model_state()
         if not self.is_main:
             return None
         training = {**self.provenance, "train_config": self.config.to_dict(), "steps": result.steps,
                     "tokens": result.tokens, "stop_reason": result.stop_reason, "final_loss": result.final_loss,
-                    "best_val_loss": result.best_val_loss,
+                    "best_val_loss": result.best_val_loss, "world_size": self.world,
                     "last_eval": next((m for m in reversed(self.history) if "val_loss" in m), None)}
-        return save_pretrained(self.out_dir / "final", self._unsharded(state), self.tokenizer, training=training)
+        return save_pretrained(self.out_dir / "final", model, self.tokenizer, training=training)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -468,11 +591,19 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 def train(model: Transformer | ModelConfig, tokenizer: Any, dataset: Any, config: TrainConfig,
           out_dir: str | Path, callbacks: Sequence[Callback] = (), *, resume: bool = False,
           provenance: dict[str, Any] | None = None) -> TrainResult:
-    """Train `model` (or a fresh Transformer for a ModelConfig) on `dataset` and write the run directory."""
+    """Train `model` (or a fresh Transformer for a ModelConfig, initialised from config.seed) on `dataset`
+    and write the run directory. resume=True continues from the last checkpoint in out_dir."""
     if isinstance(model, ModelConfig):
+        check_fits(model, config)  # before allocating the weights
         torch.manual_seed(config.seed)
         model = Transformer(model)
-    if len(tokenizer) > model.config.vocab_size:
+    if tokenizer is not None and len(tokenizer) > model.config.vocab_size:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
                          f"{model.config.vocab_size}")
-    return Trainer(model, tokenizer, dataset, config, out_dir, callbacks, provenance=provenance).fit(resume=resume)
+    global _OWN_PROCESS_GROUP
+    try:
+        return Trainer(model, tokenizer, dataset, config, out_dir, callbacks, provenance=provenance).fit(resume=resume)
+    finally:
+        if _OWN_PROCESS_GROUP and dist.is_initialized():
+            dist.destroy_process_group()
+            _OWN_PROCESS_GROUP = False

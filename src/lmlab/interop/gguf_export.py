@@ -1,0 +1,182 @@
+"""GGUF export for llama.cpp, written with the `gguf` package (llama.cpp's own writer).
+
+    lmlab export gguf runs/demo/final demo.gguf --dtype q8_0
+    llama-cli -m demo.gguf -p "Once upon a time" -n 64 --temp 0
+
+Families: `llama` (llama.cpp's LLAMA architecture) and `gpt2` (its GPT2 architecture); llama.cpp has no
+GPT-1 (post-LN, no final norm) architecture, so `gpt` is refused. The tokenizer must be byte-level BPE
+with GPT-2's split (every lmlab `bpe` tokenizer is): it is embedded as llama.cpp's "gpt2" tokenizer
+model with pre-tokenizer "gpt-2", its merges and the special-token ids. Tensor names, the dtype of each
+tensor and the Q/K permutation follow llama.cpp's convert_hf_to_gguf.py, so the file is what converting
+the HF export would give.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..models import ModelConfig
+from ._files import ModelDir, load_model_dir, staged_file
+from .hf_mapping import hf_config_dict
+
+DTYPES = ("f32", "f16", "q8_0")
+GGUF_ARCHITECTURES = {"llama": "llama", "gpt2": "gpt2"}
+
+
+def _gguf() -> Any:
+    try:
+        import gguf
+    except ImportError:
+        raise ImportError("GGUF export needs the gguf package: pip install 'lmlab[gguf]'") from None
+    return gguf
+
+
+def permute_for_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Rows of a q/k projection from the half-split RoPE layout (HF Llama, lmlab: dims i and i + D/2 rotate
+    together) to the interleaved one llama.cpp's LLAMA architecture uses (dims 2i and 2i + 1): within each
+    head, row j*2 + h of the output is row h*D/2 + j of the input. As convert_hf_to_gguf.py's permute()."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """lmlab state dict -> llama.cpp tensor names (numpy-order shapes, as convert_hf_to_gguf.py writes)."""
+    out = {"token_embd.weight": state["tok_emb.weight"], "output_norm.weight": state["norm_f.weight"]}
+    if not cfg.tie_embeddings:  # a missing output.weight makes llama.cpp reuse token_embd
+        out["output.weight"] = state["lm_head.weight"]
+    if cfg.family == "gpt2":
+        out["position_embd.weight"] = state["pos_emb.weight"]
+        out["output_norm.bias"] = state["norm_f.bias"]
+        names = {"norm1": "attn_norm", "attn.qkv": "attn_qkv", "attn.proj": "attn_output", "norm2": "ffn_norm",
+                 "mlp.fc": "ffn_up", "mlp.proj": "ffn_down"}
+        for i in range(cfg.n_layer):
+            for ours, theirs in names.items():  # our Linear layout (out, in) is ggml's {in, out}: no transpose
+                for kind in ("weight", "bias"):
+                    out[f"blk.{i}.{theirs}.{kind}"] = state[f"blocks.{i}.{ours}.{kind}"]
+        return out
+    kv_dim = cfg.n_kv_head * cfg.head_dim
+    for i in range(cfg.n_layer):
+        b = f"blocks.{i}."
+        q, k, v = state[b + "attn.qkv.weight"].split([cfg.n_embd, kv_dim, kv_dim])
+        gate, up = state[b + "mlp.fc.weight"].chunk(2)
+        out.update({
+            f"blk.{i}.attn_norm.weight": state[b + "norm1.weight"],
+            f"blk.{i}.attn_q.weight": permute_for_rope(q, cfg.n_head),
+            f"blk.{i}.attn_k.weight": permute_for_rope(k, cfg.n_kv_head),
+            f"blk.{i}.attn_v.weight": v,
+            f"blk.{i}.attn_output.weight": state[b + "attn.proj.weight"],
+            f"blk.{i}.ffn_norm.weight": state[b + "norm2.weight"],
+            f"blk.{i}.ffn_gate.weight": gate,
+            f"blk.{i}.ffn_up.weight": up,
+            f"blk.{i}.ffn_down.weight": state[b + "mlp.proj.weight"],
+        })
+    return out
+
+
+def _tensor_type(gguf: Any, name: str, array: np.ndarray, dtype: str) -> Any:
+    """convert_hf_to_gguf.py's rule: 1-D tensors, norms and position embeddings stay F32; matrices take
+    the requested type."""
+    T = gguf.GGMLQuantizationType
+    if array.ndim <= 1 or name.endswith("_norm.weight") or name.startswith("position_embd"):
+        return T.F32
+    return {"f32": T.F32, "f16": T.F16, "q8_0": T.Q8_0}[dtype]
+
+
+def _vocab(md: ModelDir, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
+    """Token strings, token types and merges for llama.cpp's "gpt2" (byte-level BPE) tokenizer model."""
+    gguf = _gguf()
+    data = json.loads(md.tokenizer.to_str())
+    model, pre, dec = data.get("model") or {}, data.get("pre_tokenizer") or {}, data.get("decoder") or {}
+    byte_level = (model.get("type") == "BPE" and pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
+                  and not pre.get("add_prefix_space") and dec.get("type") == "ByteLevel" and not data.get("normalizer"))
+    if not byte_level:
+        kind = md.lmlab_tokenizer.kind if md.lmlab_tokenizer is not None else model.get("type", "unknown")
+        raise ValueError(f"GGUF export embeds byte-level BPE tokenizers with GPT-2's split only (llama.cpp has "
+                         f"no equivalent of this {kind} tokenizer); train the model with a bpe tokenizer")
+    added = md.tokenizer.get_added_tokens_decoder()
+    tokens, types = [], []
+    for i in range(vocab_size):
+        token = md.tokenizer.id_to_token(i)
+        if token is None:  # rows of the embedding no token uses
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            tokens.append(token)
+            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(token)
+            types.append(gguf.TokenType.NORMAL)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    return tokens, [int(t) for t in types], merges
+
+
+def export_gguf(model_dir: str | Path, out_path: str | Path, *, dtype: str = "f32") -> Path:
+    """Write `model_dir` as one GGUF file that llama.cpp loads, tokenizer included. dtype: f32, f16 or
+    q8_0 (8-bit blocks of 32 with one f16 scale; matrices whose rows are not a multiple of 32 fall back
+    to f16, as llama.cpp's converter does)."""
+    gguf = _gguf()
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype ({dtype!r}) must be one of {', '.join(DTYPES)}")
+    md = load_model_dir(model_dir)
+    cfg = md.model.config
+    if cfg.family not in GGUF_ARCHITECTURES:
+        raise ValueError(f"llama.cpp has no architecture for the {cfg.family} family (GPT-1: post-LN, no final "
+                         f"norm); GGUF export supports {', '.join(GGUF_ARCHITECTURES)}")
+    hf_config_dict(cfg)  # ValueError for switches the standard architecture lacks (llama.cpp would misread them)
+    tokens, types, merges = _vocab(md, cfg.vocab_size)
+    state = {k: v.detach().to("cpu", torch.float32) for k, v in md.model.state_dict().items()}
+    tensors = gguf_tensors(state, cfg)
+    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
+
+    def write(tmp: Path) -> None:
+        w = gguf.GGUFWriter(tmp, GGUF_ARCHITECTURES[cfg.family])
+        w.add_name(md.path.resolve().name)
+        w.add_file_type(file_type)
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        w.add_context_length(cfg.block_size)
+        w.add_embedding_length(cfg.n_embd)
+        w.add_feed_forward_length(cfg.intermediate_size)
+        w.add_block_count(cfg.n_layer)
+        w.add_head_count(cfg.n_head)
+        if cfg.family == "llama":
+            w.add_head_count_kv(cfg.n_kv_head)
+            w.add_layer_norm_rms_eps(cfg.norm_eps)
+            w.add_rope_freq_base(cfg.rope_theta)
+            w.add_rope_dimension_count(cfg.head_dim)
+            w.add_vocab_size(cfg.vocab_size)
+        else:
+            w.add_layer_norm_eps(cfg.norm_eps)
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("gpt-2")
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(merges)
+        for add, token_id in ((w.add_bos_token_id, md.specials.bos), (w.add_eos_token_id, md.specials.eos),
+                              (w.add_unk_token_id, md.specials.unk), (w.add_pad_token_id, md.specials.pad)):
+            if token_id is not None:
+                add(token_id)
+        w.add_add_bos_token(False)  # lmlab prompts start with text, not <BOS>; llama.cpp should match
+        w.add_add_eos_token(False)
+        if md.chat_template:
+            w.add_chat_template(md.chat_template)
+        for name, tensor in tensors.items():
+            array = tensor.contiguous().numpy()
+            qtype = _tensor_type(gguf, name, array, dtype)
+            try:
+                data = gguf.quants.quantize(array, qtype)
+            except gguf.QuantError:  # rows not a multiple of the block size
+                qtype = gguf.GGMLQuantizationType.F16
+                data = gguf.quants.quantize(array, qtype)
+            w.add_tensor(name, data, raw_dtype=qtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+    return staged_file(Path(out_path), write)

@@ -1,0 +1,785 @@
+"""The versioned REST API, `/api/v1`: everything the web UI does, for scripts too (OpenAPI at /docs).
+
+books     upload (multipart), list, detail with stats, preview, delete
+models    presets, estimate (parameters, memory, fits the budget?) before creating, create, list, detail,
+          delete, download (zip of the model directory)
+runs      start, list, detail, metrics, live events (SSE), log, cancel, resume, delete
+generate  JSON, or token streaming over Server-Sent Events
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import time
+import uuid
+import zipfile
+from collections.abc import Iterator
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, File, HTTPException, Query, Request, Response, UploadFile
+from fastapi import Path as PathParam
+from fastapi.responses import FileResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
+
+from .. import __version__
+from ..models import FAMILIES, SIZES, GenerationConfig, ModelConfig, generate, preset_names, stream
+from ..tokenizers.tokenizer import KINDS
+from ..train import SCHEDULES, TrainConfig, latest_checkpoint
+from .app import Lab, State
+from .db import ACTIVE
+from .inference import NotTrained
+from .workspace import BOOK_SUFFIXES, ZipSink, check_book_name, check_name, read_book, text_stats, zip_model_dir
+
+router = APIRouter(prefix="/api/v1")
+RunId = Annotated[int, PathParam(ge=1, le=2**62, description="run number")]
+
+# ---- schemas ----------------------------------------------------------------------------------------
+
+
+class Book(BaseModel):
+    name: str
+    size_bytes: int
+    chars: int
+    encoding: str
+    created_at: float
+    words: int | None = None
+    lines: int | None = None
+    unique_chars: int | None = None
+
+
+class BookPreview(BaseModel):
+    name: str
+    text: str
+    truncated: bool
+
+
+class ModelSpec(BaseModel):
+    """A preset (family-size, e.g. `gpt2-tiny`) with optional overrides, or custom fields on a family."""
+    model_config = ConfigDict(extra="forbid")
+    preset: str | None = Field(None, description="e.g. gpt2-tiny, llama-small; see /api/v1/presets",
+                               max_length=40)
+    family: Literal["gpt", "gpt2", "llama"] | None = None
+    n_layer: int | None = Field(None, ge=1, le=128)
+    n_head: int | None = Field(None, ge=1, le=128)
+    n_kv_head: int | None = Field(None, ge=1, le=128)
+    n_embd: int | None = Field(None, ge=1, le=16384)
+    block_size: int | None = Field(None, ge=8, le=32768)
+    intermediate_size: int | None = Field(None, ge=1, le=65536)
+    dropout: float | None = Field(None, ge=0.0, lt=1.0)
+    tokenizer_kind: Literal["bpe", "char", "word"] = "bpe"
+    vocab_size: int | None = Field(None, ge=5, le=262144, description="tokenizer and embedding size")
+    batch_size: int = Field(16, ge=1, le=4096, description="for the training-memory estimate only")
+
+
+class ModelCreate(ModelSpec):
+    name: str = Field(..., min_length=1, max_length=100)
+
+
+class Estimate(BaseModel):
+    config: dict[str, Any]
+    parameters: int
+    inference_bytes: int
+    training_bytes: int
+    batch_size: int
+    seq_len: int
+    memory_budget_bytes: int
+    fits: bool
+    reason: str | None = None
+
+
+class ModelInfo(BaseModel):
+    name: str
+    family: str
+    preset: str | None
+    config: dict[str, Any]
+    parameters: int
+    tokenizer_kind: str
+    vocab_size: int
+    trained: bool
+    trained_run_id: int | None
+    trained_steps: int | None
+    active_run_id: int | None
+    created_at: float
+    updated_at: float
+
+
+class Preset(BaseModel):
+    name: str
+    family: str
+    size: str
+    parameters: int
+    config: dict[str, Any]
+
+
+class RunCreate(BaseModel):
+    """Hyper-parameters left out get sensible defaults scaled to max_steps (warm-up 10%, ~10 evaluations,
+    ~5 checkpoints); every TrainConfig field is accepted."""
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(..., min_length=1, max_length=100)
+    books: list[str] = Field(..., min_length=1, max_length=100)
+    init_from_trained: bool = Field(False, description="continue from the model's trained weights")
+    max_steps: int = Field(200, ge=1, le=10_000_000)
+    batch_size: int = Field(16, ge=1, le=4096)
+    lr: float = Field(3e-4, gt=0, le=10)
+    min_lr: float | None = Field(None, ge=0, le=10)
+    warmup_steps: int | None = Field(None, ge=0, le=10_000_000)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = Field(0.1, ge=0, le=10)
+    grad_clip: float = Field(1.0, ge=0, le=1000)
+    grad_accum_steps: int = Field(1, ge=1, le=1024)
+    seq_len: int | None = Field(None, ge=2, le=32768)
+    eval_every: int | None = Field(None, ge=0, le=10_000_000)
+    eval_batches: int = Field(10, ge=1, le=1000)
+    save_every: int | None = Field(None, ge=0, le=10_000_000)
+    log_every: int | None = Field(None, ge=1, le=100_000)
+    keep_last: int = Field(3, ge=0, le=100)
+    early_stopping_patience: int = Field(0, ge=0, le=1000)
+    time_budget_s: float | None = Field(None, gt=0, le=30 * 86400)
+    seed: int = Field(1337, ge=0, le=2**31 - 1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    val_fraction: float | None = Field(None, gt=0, lt=1)
+
+
+class ResumeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_steps: int | None = Field(None, ge=1, le=10_000_000, description="train further than first planned")
+
+
+class Run(BaseModel):
+    id: int
+    model: str
+    books: list[str]
+    status: str
+    params: dict[str, Any]
+    init_from_trained: bool
+    current_step: int
+    max_steps: int | None
+    progress: float | None
+    tokens: int | None
+    last_loss: float | None
+    last_val_loss: float | None
+    best_val_loss: float | None
+    lr: float | None
+    tokens_per_s: float | None
+    checkpoint_step: int | None
+    can_resume: bool
+    resumed_from_step: int | None
+    launches: int
+    cancel_requested: bool
+    pid: int | None
+    exit_code: int | None
+    error: str | None
+    stop_reason: str | None
+    metrics_epoch: int
+    queue_position: int | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    updated_at: float
+
+
+class MetricsPage(BaseModel):
+    run_id: int
+    metrics_epoch: int
+    status: str
+    metrics: list[dict[str, Any]]
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(..., min_length=1, max_length=100)
+    prompt: str = Field("", max_length=20000)
+    max_new_tokens: int = Field(100, ge=1, le=2048)
+    do_sample: bool = True
+    temperature: float = Field(0.8, ge=0, le=10)
+    top_k: int = Field(40, ge=0, le=1_000_000)
+    top_p: float = Field(1.0, gt=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0, le=10)
+    num_beams: int = Field(1, ge=1, le=16)
+    length_penalty: float = Field(1.0, ge=-10, le=10)
+    stop_strings: list[str] = Field(default_factory=list, max_length=16)
+    stop_at_eos: bool = True
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+
+
+class Generation(BaseModel):
+    model: str
+    prompt: str
+    text: str
+    new_tokens: int
+    elapsed_s: float
+    tokens_per_s: float
+
+
+# ---- helpers ----------------------------------------------------------------------------------------
+
+def _fmt_gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+def build_config(spec: ModelSpec) -> ModelConfig:
+    """ModelConfig from a spec; HTTP 422 with the config's own message when it is invalid."""
+    fields = ("family", "n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "intermediate_size", "dropout")
+    overrides = {k: getattr(spec, k) for k in fields if getattr(spec, k) is not None}
+    if spec.vocab_size is not None:
+        overrides["vocab_size"] = spec.vocab_size
+    try:
+        if spec.preset:
+            cfg = ModelConfig.preset(spec.preset, **overrides)
+        else:
+            cfg = ModelConfig(**overrides)
+        if spec.tokenizer_kind == "bpe" and cfg.vocab_size < 260:
+            raise ValueError(f"vocab_size ({cfg.vocab_size}) must be >= 260 for a bpe tokenizer "
+                             "(4 specials + 256 byte tokens); use char or word for smaller vocabularies")
+    except (ValueError, TypeError) as exc:
+        raise HTTPException(422, str(exc)) from None
+    return cfg
+
+
+def estimate(cfg: ModelConfig, batch_size: int, budget: int, seq_len: int | None = None) -> Estimate:
+    T = min(seq_len or cfg.block_size, cfg.block_size)
+    train = cfg.memory_estimate(batch_size, T, training=True)["total"]
+    infer = cfg.memory_estimate(1, T, training=False)["total"]
+    reason = None
+    if train > budget:
+        reason = (f"training this model with batch {batch_size} x {T} tokens needs ~{_fmt_gib(train)} (weights, "
+                  f"gradients, AdamW state and activations) but the memory budget is {_fmt_gib(budget)}; "
+                  "use fewer layers, a smaller width or context, a smaller batch, or raise --memory-budget-gb")
+    return Estimate(config=cfg.to_dict(), parameters=cfg.num_parameters(), inference_bytes=infer,
+                    training_bytes=train, batch_size=batch_size, seq_len=T, memory_budget_bytes=budget,
+                    fits=reason is None, reason=reason)
+
+
+def model_info(state: State, row: dict[str, Any]) -> ModelInfo:
+    cfg = ModelConfig.from_dict(row["config"])
+    active = state.db.list_runs(model_name=row["name"], status=ACTIVE)
+    trained = (state.ws.model_path(row["name"]) / "model.safetensors").is_file()
+    return ModelInfo(name=row["name"], family=cfg.family, preset=row["preset"], config=cfg.to_dict(),
+                     parameters=cfg.num_parameters(), tokenizer_kind=row["tokenizer_kind"],
+                     vocab_size=row["tokenizer_vocab"], trained=trained, trained_run_id=row["trained_run_id"],
+                     trained_steps=row["trained_steps"], active_run_id=active[0]["id"] if active else None,
+                     created_at=row["created_at"], updated_at=row["updated_at"])
+
+
+def run_info(state: State, row: dict[str, Any], queue: list[int] | None = None) -> Run:
+    ckpt = latest_checkpoint(state.ws.run_path(row["id"]))
+    ckpt_step = int(ckpt.name.split("-")[1]) if ckpt else None
+    progress = None
+    if row["max_steps"]:
+        progress = min(1.0, row["current_step"] / row["max_steps"])
+    if queue is None and row["status"] == "queued":
+        queue = [r["id"] for r in state.db.queued_runs()]
+    return Run(
+        id=row["id"], model=row["model_name"], books=row["books"], status=row["status"], params=row["params"],
+        init_from_trained=bool(row["init_from_trained"]), current_step=row["current_step"],
+        max_steps=row["max_steps"], progress=progress, tokens=row["tokens"], last_loss=row["last_loss"],
+        last_val_loss=row["last_val_loss"], best_val_loss=row["best_val_loss"], lr=row["lr"],
+        tokens_per_s=row["tokens_per_s"], checkpoint_step=ckpt_step,
+        can_resume=row["status"] in ("interrupted", "failed", "cancelled") and ckpt_step is not None,
+        resumed_from_step=row["resumed_from_step"], launches=row["launches"],
+        cancel_requested=bool(row["cancel_requested"]), pid=row["pid"], exit_code=row["exit_code"],
+        error=row["error"], stop_reason=row["stop_reason"], metrics_epoch=row["metrics_epoch"],
+        queue_position=queue.index(row["id"]) if queue and row["id"] in queue else None,
+        created_at=row["created_at"], started_at=row["started_at"], finished_at=row["finished_at"],
+        updated_at=row["updated_at"])
+
+
+def need_model(state: State, name: str) -> dict[str, Any]:
+    check_name(name, "model name")
+    row = state.db.get_model(name)
+    if row is None:
+        raise HTTPException(404, f"model {name!r} not found")
+    return row
+
+
+def need_book(state: State, name: str) -> dict[str, Any]:
+    check_book_name(name)
+    row = state.db.get_book(name)
+    if row is None or not state.ws.book_path(name).is_file():
+        raise HTTPException(404, f"book {name!r} not found")
+    return row
+
+
+def need_run(state: State, run_id: int) -> dict[str, Any]:
+    row = state.db.get_run(run_id)
+    if row is None:
+        raise HTTPException(404, f"run {run_id} not found")
+    return row
+
+
+def save_upload(state: State, upload: UploadFile, *, overwrite: bool) -> dict[str, Any]:
+    """Validate and store an uploaded book: safe name, size limit, not empty, decodable text."""
+    name = check_book_name(upload.filename or "")
+    target = state.ws.book_path(name)
+    if target.exists() and not overwrite:
+        raise HTTPException(409, f"a book named {name!r} already exists; delete it first or upload with "
+                                 "overwrite=true")
+    limit = state.settings.max_upload_bytes
+    tmp = state.ws.tmp / f"upload-{uuid.uuid4().hex}{target.suffix.lower()}"
+    size = 0
+    try:
+        with open(tmp, "wb") as out:
+            while block := upload.file.read(1 << 20):
+                size += len(block)
+                if size > limit:
+                    raise HTTPException(413, f"{name} is larger than the upload limit of {limit / 2**20:.1f} MiB "
+                                             "(lmlab serve --max-upload-mb)")
+                out.write(block)
+        if size == 0:
+            raise HTTPException(400, f"{name} is empty")
+        try:
+            text, encoding = read_book(tmp, name)
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None
+        if not text.strip():
+            raise HTTPException(422, f"{name} has no text in it")
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    row = state.db.add_book(name, size, len(text), encoding)
+    return {**row, **text_stats(text)}
+
+
+def _book_text(state: State, name: str) -> str:
+    return read_book(state.ws.book_path(name))[0]
+
+
+def default_params(req: RunCreate) -> dict[str, Any]:
+    """TrainConfig fields for a run: what was given, plus defaults scaled to max_steps."""
+    n = req.max_steps
+    params = req.model_dump(exclude={"model", "books", "init_from_trained", "val_fraction"})
+    if params["warmup_steps"] is None:
+        params["warmup_steps"] = min(100, n // 10)
+    if params["eval_every"] is None:
+        params["eval_every"] = max(1, min(500, n // 10))
+    if params["save_every"] is None:
+        params["save_every"] = max(1, min(1000, n // 5))
+    if params["log_every"] is None:
+        params["log_every"] = max(1, min(10, n // 100))
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def start_run(state: State, req: RunCreate) -> dict[str, Any]:
+    """Validate a run request against the model, the books and the memory budget, then queue it."""
+    model = need_model(state, req.model)
+    for book in req.books:
+        need_book(state, book)
+    if len(set(req.books)) != len(req.books):
+        raise HTTPException(422, "a book is listed twice")
+    if state.db.list_runs(model_name=req.model, status=ACTIVE):
+        raise HTTPException(409, f"model {req.model!r} is already training; cancel that run or wait for it")
+    if req.init_from_trained and not (state.ws.model_path(req.model) / "model.safetensors").is_file():
+        raise HTTPException(409, f"model {req.model!r} has no trained weights to continue from")
+    params = default_params(req)
+    if req.val_fraction is not None:
+        params["val_fraction"] = req.val_fraction
+    try:
+        TrainConfig.from_dict({k: v for k, v in params.items() if k != "val_fraction"})
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
+    cfg = ModelConfig.from_dict(model["config"])
+    if req.seq_len and req.seq_len > cfg.block_size:
+        raise HTTPException(422, f"seq_len ({req.seq_len}) exceeds the model's context ({cfg.block_size})")
+    est = estimate(cfg, req.batch_size, state.memory_budget, req.seq_len)
+    if not est.fits:
+        raise HTTPException(422, est.reason)
+    run = state.db.add_run(req.model, list(req.books), params, req.init_from_trained, req.max_steps)
+    state.supervisor.submit(run["id"])
+    return run
+
+
+def sse(event: str, data: Any) -> str:
+    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def generation_config(req: GenerateRequest) -> GenerationConfig:
+    if any(not s for s in req.stop_strings) or any(len(s) > 200 for s in req.stop_strings):
+        raise HTTPException(422, "stop strings must be 1 to 200 characters")
+    try:
+        return GenerationConfig(max_new_tokens=req.max_new_tokens, do_sample=req.do_sample,
+                                temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
+                                repetition_penalty=req.repetition_penalty, num_beams=req.num_beams,
+                                length_penalty=req.length_penalty, stop_strings=list(req.stop_strings),
+                                stop_at_eos=req.stop_at_eos, seed=req.seed)
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
+
+
+def load_for_generation(state: State, name: str) -> tuple[Any, Any]:
+    need_model(state, name)
+    try:
+        return state.cache.get(state.ws.model_path(name))
+    except NotTrained as exc:
+        raise HTTPException(409, str(exc)) from None
+    except (ValueError, FileNotFoundError) as exc:
+        raise HTTPException(409, f"model {name!r} cannot be loaded: {exc}") from None
+
+
+class _Counting:
+    """The tokenizer, counting the tokens generation produces: the ids of its final decode (generate) or
+    the pushes into its stream decoder (stream). Re-encoding the text would miscount partial bytes."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tok, self.count = tokenizer, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tok, name)
+
+    def decode(self, ids: Any, **kwargs: Any) -> str:
+        self.count = len(ids)
+        return self._tok.decode(ids, **kwargs)
+
+    def stream_decoder(self) -> Any:
+        inner, outer = self._tok.stream_decoder(), self
+
+        class _Decoder:
+            def push(self, token_id: int) -> str:
+                outer.count += 1
+                return inner.push(token_id)
+
+            def flush(self) -> str:
+                return inner.flush()
+        return _Decoder()
+
+
+def run_generation(state: State, req: GenerateRequest) -> Generation:
+    cfg = generation_config(req)
+    model, tok = load_for_generation(state, req.model)
+    counting = _Counting(tok)
+    t0 = time.perf_counter()
+    text = generate(model, counting, req.prompt, cfg)
+    elapsed = time.perf_counter() - t0
+    n = counting.count
+    return Generation(model=req.model, prompt=req.prompt, text=text, new_tokens=n, elapsed_s=round(elapsed, 4),
+                      tokens_per_s=round(n / elapsed, 1) if elapsed > 0 else 0.0)
+
+
+# ---- info -------------------------------------------------------------------------------------------
+
+@router.get("/info", tags=["info"], summary="server version, limits and choices the UI offers")
+def info(state: Lab) -> dict[str, Any]:
+    s = state.settings
+    return {"version": __version__, "schema_version": state.db.version, "max_upload_bytes": s.max_upload_bytes,
+            "memory_budget_bytes": state.memory_budget, "max_jobs": s.max_jobs, "families": list(FAMILIES),
+            "sizes": list(SIZES), "presets": preset_names(), "tokenizer_kinds": list(KINDS),
+            "schedules": list(SCHEDULES), "book_suffixes": list(BOOK_SUFFIXES), "auth": bool(s.api_token),
+            "running": len(state.supervisor.running()), "queued": len(state.db.queued_runs())}
+
+
+# ---- books ------------------------------------------------------------------------------------------
+
+@router.get("/books", tags=["books"], response_model=list[Book])
+def list_books(state: Lab) -> list[dict[str, Any]]:
+    return state.db.list_books()
+
+
+@router.post("/books", tags=["books"], status_code=201, response_model=Book,
+             summary="upload a book (.txt .md .html .epub .pdf; UTF-8, UTF-16, cp1251 or KOI8-R)")
+def upload_book(state: Lab, file: Annotated[UploadFile, File()], overwrite: bool = Query(False)) -> dict[str, Any]:
+    return save_upload(state, file, overwrite=overwrite)
+
+
+@router.get("/books/{name}", tags=["books"], response_model=Book)
+def get_book(state: Lab, name: str) -> dict[str, Any]:
+    row = need_book(state, name)
+    try:
+        return {**row, **text_stats(_book_text(state, name))}
+    except ValueError as exc:
+        raise HTTPException(409, str(exc)) from None
+
+
+@router.get("/books/{name}/preview", tags=["books"], response_model=BookPreview)
+def preview_book(state: Lab, name: str, chars: int = Query(2000, ge=1, le=100_000)) -> BookPreview:
+    need_book(state, name)
+    try:
+        text = _book_text(state, name)
+    except ValueError as exc:
+        raise HTTPException(409, str(exc)) from None
+    return BookPreview(name=name, text=text[:chars], truncated=len(text) > chars)
+
+
+@router.delete("/books/{name}", tags=["books"], status_code=204)
+def delete_book(state: Lab, name: str) -> Response:
+    need_book(state, name)
+    users = [r["id"] for r in state.db.list_runs(status=ACTIVE) if name in r["books"]]
+    if users:
+        raise HTTPException(409, f"book {name!r} is in use by run(s) {users}")
+    state.ws.book_path(name).unlink(missing_ok=True)
+    state.db.delete_book(name)
+    return Response(status_code=204)
+
+
+# ---- models -----------------------------------------------------------------------------------------
+
+@router.get("/presets", tags=["models"], response_model=list[Preset])
+def presets() -> list[Preset]:
+    out = []
+    for name in preset_names():
+        cfg = ModelConfig.preset(name)
+        out.append(Preset(name=name, family=cfg.family, size=name.split("-", 1)[1],
+                          parameters=cfg.num_parameters(), config=cfg.to_dict()))
+    return out
+
+
+@router.post("/models/estimate", tags=["models"], response_model=Estimate,
+             summary="parameters and memory of a model before creating it")
+def estimate_model(state: Lab, spec: ModelSpec) -> Estimate:
+    return estimate(build_config(spec), spec.batch_size, state.memory_budget)
+
+
+@router.post("/models", tags=["models"], status_code=201, response_model=ModelInfo)
+def create_model(state: Lab, spec: ModelCreate) -> ModelInfo:
+    name = check_name(spec.name, "model name")
+    cfg = build_config(spec)
+    est = estimate(cfg, 1, state.memory_budget)
+    if not est.fits:
+        raise HTTPException(422, est.reason)
+    if state.db.get_model(name) is not None:
+        raise HTTPException(409, f"a model named {name!r} already exists")
+    path = state.ws.model_path(name)
+    shutil.rmtree(path, ignore_errors=True)  # leftovers of a model deleted outside the server
+    cfg.save(path / "config.json")
+    row = state.db.add_model(name, cfg.to_dict(), spec.preset, spec.tokenizer_kind, cfg.vocab_size)
+    return model_info(state, row)
+
+
+@router.get("/models", tags=["models"], response_model=list[ModelInfo])
+def list_models(state: Lab) -> list[ModelInfo]:
+    return [model_info(state, r) for r in state.db.list_models()]
+
+
+@router.get("/models/{name}", tags=["models"], response_model=ModelInfo)
+def get_model(state: Lab, name: str) -> ModelInfo:
+    return model_info(state, need_model(state, name))
+
+
+@router.delete("/models/{name}", tags=["models"], status_code=204)
+def delete_model(state: Lab, name: str) -> Response:
+    need_model(state, name)
+    if state.db.list_runs(model_name=name, status=ACTIVE):
+        raise HTTPException(409, f"model {name!r} is training; cancel its run first")
+    for run in state.db.list_runs(model_name=name):
+        shutil.rmtree(state.ws.run_path(run["id"]), ignore_errors=True)
+    path = state.ws.model_path(name)
+    state.cache.forget(path)
+    shutil.rmtree(path, ignore_errors=True)
+    state.db.delete_model(name)
+    return Response(status_code=204)
+
+
+def download_response(state: State, name: str) -> StreamingResponse:
+    need_model(state, name)
+    path = state.ws.model_path(name)
+    if not (path / "model.safetensors").is_file():
+        raise HTTPException(409, f"model {name!r} has not been trained yet: there are no weights to download")
+    return StreamingResponse(zip_model_dir(path, name), media_type="application/zip",
+                             headers={"content-disposition": f"attachment; filename*=UTF-8''{_quote(name)}.zip"})
+
+
+def _quote(name: str) -> str:
+    from urllib.parse import quote
+    return quote(name, safe="")
+
+
+@router.get("/models/{name}/download", tags=["models"], response_class=StreamingResponse,
+            responses={200: {"content": {"application/zip": {}}, "description": "zip of the model directory"}},
+            summary="the model directory (config.json, model.safetensors, tokenizer.json, training.json) as a zip")
+def download_model(state: Lab, name: str) -> StreamingResponse:
+    return download_response(state, name)
+
+
+@router.get("/models/{name}/export/{fmt}", tags=["models"], response_class=StreamingResponse,
+            responses={200: {"content": {"application/zip": {}, "application/octet-stream": {}}}},
+            summary="export for other tools: `hf` (a transformers checkpoint, zipped) or `gguf` (llama.cpp)")
+def export_model(state: Lab, name: str, fmt: Literal["hf", "gguf"],
+                 dtype: Literal["f32", "f16", "q8_0"] = Query("f32", description="GGUF weight type")) -> Any:
+    need_model(state, name)
+    path = state.ws.model_path(name)
+    if not (path / "model.safetensors").is_file():
+        raise HTTPException(409, f"model {name!r} has not been trained yet: there is nothing to export")
+    tmp = state.ws.tmp / f"export-{uuid.uuid4().hex}"
+    try:
+        from ..interop import export_gguf, export_hf
+        if fmt == "hf":
+            out = export_hf(path, tmp / name)
+            files = [f for f in sorted(out.rglob("*")) if f.is_file()]
+        else:
+            tmp.mkdir(parents=True)
+            out = export_gguf(path, tmp / f"{name}.gguf", dtype=dtype)
+    except ImportError as exc:  # an optional dependency of the exporter is missing
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise HTTPException(409, f"{fmt} export is not available on this server: {exc}") from None
+    except ValueError as exc:  # e.g. an architecture the target format has no name for
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise HTTPException(422, str(exc)) from None
+    cleanup = BackgroundTask(shutil.rmtree, tmp, ignore_errors=True)
+    quoted = _quote(name)
+    if fmt == "gguf":
+        return FileResponse(out, media_type="application/octet-stream", background=cleanup,
+                            headers={"content-disposition": f"attachment; filename*=UTF-8''{quoted}.gguf"})
+
+    def zipped() -> Iterator[bytes]:
+        sink = ZipSink()
+        with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for f in files:
+                zf.write(f, f"{name}-hf/{f.relative_to(out)}")
+                yield sink.take()
+        yield sink.take()
+
+    return StreamingResponse(zipped(), media_type="application/zip", background=cleanup,
+                             headers={"content-disposition": f"attachment; filename*=UTF-8''{quoted}-hf.zip"})
+
+
+# ---- runs -------------------------------------------------------------------------------------------
+
+@router.post("/runs", tags=["runs"], status_code=201, response_model=Run)
+def create_run(state: Lab, req: RunCreate) -> Run:
+    return run_info(state, start_run(state, req))
+
+
+@router.get("/runs", tags=["runs"], response_model=list[Run])
+def list_runs(state: Lab, model: str | None = Query(None, max_length=100),
+              status: str | None = Query(None, max_length=20)) -> list[Run]:
+    queue = [r["id"] for r in state.db.queued_runs()]
+    rows = state.db.list_runs(model_name=model, status=[status] if status else None)
+    return [run_info(state, r, queue) for r in rows]
+
+
+@router.get("/runs/{run_id}", tags=["runs"], response_model=Run)
+def get_run(state: Lab, run_id: RunId) -> Run:
+    return run_info(state, need_run(state, run_id))
+
+
+@router.get("/runs/{run_id}/metrics", tags=["runs"], response_model=MetricsPage,
+            summary="logged metrics (step, tokens, elapsed_s, loss, lr, tokens_per_s; val_loss on eval steps)")
+def run_metrics(state: Lab, run_id: RunId, after_id: int = Query(0, ge=0, le=2**62),
+                limit: int = Query(10000, ge=1, le=100000)) -> MetricsPage:
+    row = need_run(state, run_id)
+    return MetricsPage(run_id=run_id, metrics_epoch=row["metrics_epoch"], status=row["status"],
+                       metrics=state.db.get_metrics(run_id, after_id, limit))
+
+
+@router.get("/runs/{run_id}/log", tags=["runs"], summary="the training process's output (last lines)")
+def run_log(state: Lab, run_id: RunId, lines: int = Query(200, ge=1, le=10000)) -> dict:
+    need_run(state, run_id)
+    path = state.ws.run_path(run_id) / "log.txt"
+    text = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
+    return {"run_id": run_id, "lines": text.splitlines()[-lines:]}
+
+
+@router.get("/runs/{run_id}/events", tags=["runs"], response_class=StreamingResponse,
+            responses={200: {"content": {"text/event-stream": {}}}},
+            summary="Server-Sent Events: `metric` per logged step, `status` on change, `reset`, `end`")
+async def run_events(state: Lab, run_id: RunId, request: Request) -> StreamingResponse:
+    await run_in_threadpool(need_run, state, run_id)
+    poll = state.settings.poll_s
+
+    async def events() -> Any:
+        last_id, epoch, last_status, last_beat = 0, None, None, time.monotonic()
+        yield "retry: 2000\n\n"
+        while True:
+            row = await run_in_threadpool(state.db.get_run, run_id)
+            if row is None:
+                yield sse("end", {"run_id": run_id, "deleted": True})
+                return
+            if epoch is not None and row["metrics_epoch"] != epoch:
+                last_id = 0
+                yield sse("reset", {"run_id": run_id})
+            epoch = row["metrics_epoch"]
+            rows = await run_in_threadpool(state.db.get_metrics, run_id, last_id, 2000)
+            for m in rows:
+                last_id = m["id"]
+                yield sse("metric", m)
+            key = (row["status"], row["current_step"], row["updated_at"])
+            if key != last_status:
+                last_status = key
+                info = await run_in_threadpool(run_info, state, row)
+                yield sse("status", info.model_dump())
+            if row["status"] not in ACTIVE and not rows:
+                yield sse("end", {"run_id": run_id, "status": row["status"]})
+                return
+            if time.monotonic() - last_beat > 15:
+                last_beat = time.monotonic()
+                yield ": keep-alive\n\n"
+            if await request.is_disconnected():
+                return
+            await asyncio.sleep(poll)
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"cache-control": "no-store", "x-accel-buffering": "no"})
+
+
+@router.post("/runs/{run_id}/cancel", tags=["runs"], response_model=Run,
+             summary="stop a run: queued ones at once, running ones after a final checkpoint")
+def cancel_run(state: Lab, run_id: RunId) -> Run:
+    row = need_run(state, run_id)
+    if row["status"] not in ACTIVE:
+        raise HTTPException(409, f"run {run_id} is {row['status']}, not queued or running")
+    return run_info(state, state.supervisor.cancel(run_id) or row)
+
+
+@router.post("/runs/{run_id}/resume", tags=["runs"], response_model=Run,
+             summary="continue an interrupted, failed or cancelled run from its last checkpoint")
+def resume_run(state: Lab, run_id: RunId, req: ResumeRequest | None = None) -> Run:
+    need_run(state, run_id)
+    try:
+        row = state.supervisor.resume(run_id, {"max_steps": req.max_steps if req else None})
+    except LookupError as exc:
+        raise HTTPException(404, str(exc)) from None
+    except ValueError as exc:
+        raise HTTPException(409, str(exc)) from None
+    return run_info(state, row)
+
+
+@router.delete("/runs/{run_id}", tags=["runs"], status_code=204)
+def delete_run(state: Lab, run_id: RunId) -> Response:
+    row = need_run(state, run_id)
+    if row["status"] in ACTIVE:
+        raise HTTPException(409, f"run {run_id} is {row['status']}; cancel it first")
+    shutil.rmtree(state.ws.run_path(run_id), ignore_errors=True)
+    state.db.delete_run(run_id)
+    return Response(status_code=204)
+
+
+# ---- generation -------------------------------------------------------------------------------------
+
+@router.post("/generate", tags=["generate"], response_model=Generation)
+def generate_text(state: Lab, req: GenerateRequest) -> Generation:
+    return run_generation(state, req)
+
+
+@router.post("/generate/stream", tags=["generate"], response_class=StreamingResponse,
+             responses={200: {"content": {"text/event-stream": {}}}},
+             summary="Server-Sent Events: `token` events with text pieces as they are sampled, then `done`")
+def generate_stream(state: Lab, req: GenerateRequest) -> StreamingResponse:
+    if req.num_beams > 1:
+        raise HTTPException(422, "streaming needs num_beams=1 (beam search knows its winner only at the end)")
+    cfg = generation_config(req)
+    model, tok = load_for_generation(state, req.model)
+
+    def events() -> Iterator[str]:
+        t0 = time.perf_counter()
+        pieces = []
+        counting = _Counting(tok)
+        try:
+            for piece in stream(model, counting, req.prompt, cfg):
+                pieces.append(piece)
+                yield sse("token", {"text": piece})
+        except Exception as exc:  # the stream has started: report in-band, not as a status code
+            yield sse("error", {"detail": str(exc)})
+            return
+        text = "".join(pieces)
+        elapsed = time.perf_counter() - t0
+        n = counting.count
+        yield sse("done", {"text": text, "new_tokens": n, "elapsed_s": round(elapsed, 4),
+                           "tokens_per_s": round(n / elapsed, 1) if elapsed > 0 else 0.0})
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"cache-control": "no-store", "x-accel-buffering": "no"})
+

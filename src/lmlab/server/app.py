@@ -1,0 +1,396 @@
+"""`lmlab serve`: the FastAPI application — web UI at `/`, REST API under `/api/v1` (OpenAPI at `/docs`),
+seed 000's endpoints for its old clients — and the guards in front of all of it.
+
+    lmlab serve                                   # http://127.0.0.1:8000, workspace in your data dir
+    lmlab serve --workspace ./lab --max-jobs 2
+    lmlab serve --host 0.0.0.0 --api-token "$(openssl rand -hex 16)"   # any other address needs a token
+
+Guards (outermost first): security headers; Host check against DNS rebinding while no token is set;
+the API token on every request (Bearer header, `?token=`, or the cookie set when the UI is opened with
+`?token=`); a request-body size limit that stops an oversized upload before it is written anywhere.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import shutil
+import sys
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from http import cookies
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import parse_qs
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+
+from .db import Database
+from .inference import ModelCache
+from .jobs import Supervisor
+from .workspace import NameError_, Workspace, default_workspace
+
+log = logging.getLogger("lmlab.server")
+
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+COOKIE = "lmlab_token"
+JSON_BODY_LIMIT = 1 << 20
+UPLOAD_PATHS = ("/upload_book", "/api/v1/books")
+UI_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+          "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+            "img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'")
+
+
+def physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class Settings:
+    workspace: str | Path | None = None          # default: the user's data directory (lmlab/)
+    database_url: str | None = None              # default: SQLite file in the workspace
+    api_token: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_jobs: int = 1                            # training processes at once; the rest wait in a FIFO queue
+    max_upload_bytes: int = 100 * 2**20
+    memory_budget_bytes: int | None = None       # default: 70% of physical memory
+    allowed_hosts: tuple[str, ...] | None = None  # Host headers accepted without a token (default: loopback)
+    poll_s: float = 0.5                          # supervisor and SSE polling period
+    child_env: dict[str, str] = field(default_factory=dict)
+    # Intra-op threads of the server process. 1: concurrent requests run side by side instead of two OpenMP
+    # threads per request spinning against each other and the training job (measured on 2 cores with a job
+    # running: 64 tokens take 0.14 s at 1 thread, 1.7-4.3 s at 2).
+    torch_threads: int | None = 1
+
+    def __post_init__(self) -> None:
+        if self.max_jobs < 1:
+            raise ValueError(f"max_jobs ({self.max_jobs}) must be >= 1")
+        if self.max_upload_bytes < 1:
+            raise ValueError("the upload limit must be positive")
+        if self.api_token is not None and len(self.api_token) < 8:
+            raise ValueError("the API token must be at least 8 characters")
+        if not is_loopback(self.host) and not self.api_token:
+            raise ValueError(f"binding {self.host} exposes training and uploads to the network: "
+                             "pass --api-token (or set LMLAB_API_TOKEN)")
+
+
+class State:
+    """Everything a request handler needs, built once per app."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.ws = Workspace(settings.workspace or default_workspace())
+        self.db = Database(settings.database_url or self.ws.sqlite_url())
+        self.supervisor = Supervisor(self.db, self.ws, max_jobs=settings.max_jobs, poll_s=settings.poll_s,
+                                     env=settings.child_env)
+        self.cache = ModelCache()
+        physical = physical_memory()
+        self.memory_budget = settings.memory_budget_bytes or (int(physical * 0.7) if physical else 8 * 2**30)
+        self._lock_file: Any = None
+
+    def reindex(self) -> None:
+        """The files are the truth: index books and model directories put into the workspace by hand (or
+        by `lmlab train`/`lmlab import`), and forget books whose files are gone."""
+        from ..models import ModelConfig
+        from ..tokenizers import Tokenizer
+        from .workspace import NameError_, check_book_name, check_name, read_book
+
+        for leftover in self.ws.tmp.iterdir():  # uploads and exports cut short by a crash
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+        known = {b["name"] for b in self.db.list_books()}
+        for name in known:
+            if not (self.ws.books / name).is_file():
+                self.db.delete_book(name)
+        for path in sorted(self.ws.books.iterdir()):
+            if path.name in known or not path.is_file():
+                continue
+            try:
+                check_book_name(path.name)
+                text, encoding = read_book(path)
+            except (NameError_, ValueError) as exc:
+                log.warning("not indexing %s: %s", path, exc)
+                continue
+            self.db.add_book(path.name, path.stat().st_size, len(text), encoding)
+        models = {m["name"] for m in self.db.list_models()}
+        for path in sorted(self.ws.models.iterdir()):
+            if path.name in models or not (path / "config.json").is_file():
+                continue
+            try:
+                check_name(path.name, "model name")
+                cfg = ModelConfig.load(path / "config.json")
+                kind = Tokenizer.load(path / "tokenizer.json").kind if (path / "tokenizer.json").is_file() else "bpe"
+            except (NameError_, ValueError, OSError) as exc:
+                log.warning("not indexing %s: %s", path, exc)
+                continue
+            self.db.add_model(path.name, cfg.to_dict(), None, kind, cfg.vocab_size)
+
+    def lock_workspace(self) -> None:
+        """One server per workspace: two supervisors would both launch the same queued runs."""
+        try:
+            import fcntl
+        except ImportError:  # Windows: no advisory locks here; run one server per workspace yourself
+            return
+        self._lock_file = open(self.ws.root / ".server.lock", "w")  # noqa: SIM115
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock_file.close()
+            self._lock_file = None
+            raise RuntimeError(f"another lmlab serve is using the workspace {self.ws.root}") from None
+
+    def unlock_workspace(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()  # closing releases the lock (so does the process dying)
+            self._lock_file = None
+
+
+def get_state(request: Request) -> State:
+    return request.app.state.lab
+
+
+Lab = Annotated[State, Depends(get_state)]  # a handler parameter of this type receives the app's State
+
+
+# ---- ASGI guards ------------------------------------------------------------------------------------
+
+async def _send_json(send: Any, status: int, detail: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _header(scope: dict[str, Any], name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+class BodyTooLarge(HTTPException):
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"the request body is larger than the limit of {limit / 2**20:.1f} MiB")
+
+
+class Guards:
+    """Security headers, Host check, token check and body-size limit as one ASGI layer."""
+
+    def __init__(self, app: Any, settings: Settings) -> None:
+        self.app = app
+        self.token = settings.api_token
+        self.upload_limit = settings.max_upload_bytes + (1 << 20)  # multipart framing on top of the file
+        hosts = settings.allowed_hosts
+        if hosts is None and not self.token:
+            hosts = LOOPBACK_NAMES
+        self.hosts = None if hosts is None else {h.lower() for h in hosts}
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        csp = DOCS_CSP if path.startswith(("/docs", "/redoc")) else UI_CSP
+        extra = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer"),
+                 (b"x-frame-options", b"DENY"), (b"content-security-policy", csp.encode())]
+
+        # 1. Host header (DNS rebinding: a web page's script reaching a loopback server by a foreign name)
+        if self.hosts is not None:
+            host = (_header(scope, b"host") or "").lower()
+            name = host[1:host.index("]")] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
+            if name not in self.hosts:
+                await _send_json(send, 400, f"Host {host!r} is not allowed; open the server by 127.0.0.1 or "
+                                 "localhost, or start it with --api-token", extra)
+                return
+
+        # 2. API token
+        set_cookie = False
+        if self.token:
+            query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+            given = None
+            auth = _header(scope, b"authorization")
+            if auth and auth.lower().startswith("bearer "):
+                given = auth[7:].strip()
+            elif query.get("token"):
+                given = query["token"][0]
+                set_cookie = path == "/"
+            else:
+                jar = cookies.SimpleCookie()
+                try:
+                    jar.load(_header(scope, b"cookie") or "")
+                except cookies.CookieError:
+                    pass
+                given = jar[COOKIE].value if COOKIE in jar else None
+            if not given or not hmac.compare_digest(given.encode(), self.token.encode()):
+                if path == "/":
+                    body = (b"<!doctype html><meta charset=utf-8><title>lmlab</title><h1>401</h1><p>This server "
+                            b"needs its API token: open the address that <code>lmlab serve</code> printed "
+                            b"(it ends in <code>?token=...</code>).</p>")
+                    await send({"type": "http.response.start", "status": 401, "headers": [
+                        (b"content-type", b"text/html; charset=utf-8"), *extra]})
+                    await send({"type": "http.response.body", "body": body})
+                    return
+                await _send_json(send, 401, "missing or wrong API token: send 'Authorization: Bearer <token>' "
+                                 "or ?token=<token>", [(b"www-authenticate", b"Bearer"), *extra])
+                return
+
+        # 3. body size: refuse by Content-Length at once, and count what actually arrives
+        limit = self.upload_limit if path in UPLOAD_PATHS else JSON_BODY_LIMIT
+        length = _header(scope, b"content-length")
+        if length and length.isdigit() and int(length) > limit:
+            await _send_json(send, 413, f"the request body ({int(length) / 2**20:.1f} MiB) is larger than the "
+                             f"limit of {limit / 2**20:.1f} MiB", extra)
+            return
+        received = 0
+
+        async def counted_receive() -> dict[str, Any]:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        started = False
+
+        async def send_with_headers(message: dict[str, Any]) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                headers = list(message.get("headers", []))
+                names = {k.lower() for k, _ in headers}
+                headers += [(k, v) for k, v in extra if k not in names]
+                if set_cookie:
+                    headers.append((b"set-cookie", f"{COOKIE}={self.token}; Path=/; HttpOnly; SameSite=Strict"
+                                    .encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, send_with_headers)
+        except BodyTooLarge as exc:
+            if not started:
+                await _send_json(send, 413, exc.detail, extra)
+
+
+# ---- the application --------------------------------------------------------------------------------
+
+def static_dir() -> Path:
+    return Path(str(resources.files("lmlab.server") / "static"))
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    state = State(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):  # noqa: ANN202
+        if settings.torch_threads:
+            import torch
+            torch.set_num_threads(settings.torch_threads)
+        state.lock_workspace()
+        state.reindex()
+        state.supervisor.start()
+        try:
+            yield
+        finally:
+            state.supervisor.shutdown()
+            state.unlock_workspace()
+            state.db.close()
+
+    from .. import __version__
+    app = FastAPI(title="lmlab", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  description="Train small language models on your books, watch them learn, generate text. "
+                              "Versioned API under /api/v1; seed 000's endpoints are kept for old clients.")
+    app.state.lab = state
+
+    @app.exception_handler(NameError_)
+    async def _bad_name(request: Request, exc: NameError_) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
+        return JSONResponse({"detail": errors}, status_code=422)
+
+    from . import api, seed
+    app.include_router(api.router)
+    app.include_router(seed.router)
+
+    static = static_dir()
+    app.mount("/static", StaticFiles(directory=static), name="static")
+    index_html = (static / "index.html").read_text(encoding="utf-8")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def index() -> HTMLResponse:
+        return HTMLResponse(index_html, headers={"cache-control": "no-store"})
+
+    _mount_docs(app)
+    return app
+
+
+def _mount_docs(app: FastAPI) -> None:
+    """Swagger UI from files shipped in a Python package (no CDN); a plain link to the schema otherwise."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    try:
+        from swagger_ui_bundle import swagger_ui_path
+    except ImportError:
+        swagger_ui_path = None
+    if swagger_ui_path:
+        app.mount("/docs-assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        if not swagger_ui_path:
+            return HTMLResponse('<!doctype html><meta charset=utf-8><title>lmlab API</title>'
+                                '<p>Install swagger-ui-bundle-v2 for the interactive page; the schema is at '
+                                '<a href="/openapi.json">/openapi.json</a>.</p>')
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="lmlab API",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs-assets/favicon-32x32.png")
+
+
+def build_asgi(settings: Settings) -> Any:
+    """The app wrapped in its guards: what uvicorn (and the tests) run."""
+    return Guards(create_app(settings), settings)
+
+
+def serve(settings: Settings, *, log_level: str = "info") -> None:
+    import uvicorn
+
+    app = build_asgi(settings)
+    shown = f"[{settings.host}]" if ":" in settings.host else settings.host
+    url = f"http://{shown}:{settings.port}/"
+    if settings.api_token:
+        url += "?token=" + settings.api_token
+    print(f"lmlab: workspace {Workspace(settings.workspace or default_workspace()).root}", file=sys.stderr)
+    print(f"lmlab: open {url}", file=sys.stderr, flush=True)
+    # SSE streams never end by themselves: give open connections a few seconds, then shut down (the
+    # lifespan's shutdown asks training processes to checkpoint and marks them interrupted).
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level, timeout_graceful_shutdown=5)

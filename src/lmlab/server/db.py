@@ -1,0 +1,390 @@
+"""The server's database: what the workspace holds (books, models, runs, metrics), indexed for the API.
+
+The files stay the truth for weights and text; the database holds names, settings, job state and the
+metrics stream, so the UI survives a closed tab and the server survives a restart. SQLite in the workspace
+by default; any SQLAlchemy URL (PostgreSQL) works, since only SQLAlchemy Core and portable types are used.
+
+Migrations are a versioned list of functions (`MIGRATIONS`), each run once in its own transaction and
+recorded in `schema_version`. That is all Alembic would do for these four tables, without its ini file,
+env.py and template engine; a database newer than this code is refused rather than guessed at.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Connection,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    inspect,
+    select,
+    update,
+)
+from sqlalchemy.engine import Engine
+
+# ---- the current schema (what queries use); must equal the result of running every migration ----------
+
+metadata = MetaData()
+
+books = Table(
+    "books", metadata,
+    Column("name", String(200), primary_key=True),
+    Column("size_bytes", Integer, nullable=False),
+    Column("chars", Integer, nullable=False),
+    Column("encoding", String(32), nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+models = Table(
+    "models", metadata,
+    Column("name", String(100), primary_key=True),
+    Column("config", Text, nullable=False),            # ModelConfig JSON
+    Column("preset", String(64)),
+    Column("tokenizer_kind", String(16), nullable=False),
+    Column("tokenizer_vocab", Integer, nullable=False),
+    Column("trained_run_id", Integer),                 # the run whose final weights models/<name>/ holds
+    Column("trained_steps", Integer),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+runs = Table(
+    "runs", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("model_name", String(100), nullable=False, index=True),
+    Column("books", Text, nullable=False),             # JSON list of book names
+    Column("params", Text, nullable=False),            # JSON TrainConfig fields
+    Column("init_from_trained", Boolean, nullable=False),
+    Column("status", String(16), nullable=False, index=True),
+    Column("resume", Boolean, nullable=False),         # the next launch continues from the last checkpoint
+    Column("cancel_requested", Boolean, nullable=False),
+    Column("pid", Integer),
+    Column("exit_code", Integer),
+    Column("error", Text),
+    Column("stop_reason", String(32)),
+    Column("current_step", Integer, nullable=False),
+    Column("max_steps", Integer),
+    Column("tokens", Integer),
+    Column("last_loss", Float),
+    Column("last_val_loss", Float),
+    Column("best_val_loss", Float),
+    Column("lr", Float),
+    Column("tokens_per_s", Float),
+    Column("resumed_from_step", Integer),
+    Column("launches", Integer, nullable=False),
+    Column("metrics_epoch", Integer, nullable=False),  # bumped when metrics are re-read (after a resume)
+    Column("created_at", Float, nullable=False),
+    Column("queued_at", Float),
+    Column("started_at", Float),
+    Column("finished_at", Float),
+    Column("updated_at", Float, nullable=False),
+)
+
+metrics = Table(
+    "metrics", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+    Column("step", Integer, nullable=False),
+    Column("loss", Float),
+    Column("val_loss", Float),
+    Column("lr", Float),
+    Column("tokens_per_s", Float),
+    Column("elapsed_s", Float),
+    Column("data", Text, nullable=False),              # the whole metrics.jsonl line
+    Index("ix_metrics_run_step", "run_id", "step"),
+)
+
+ACTIVE = ("queued", "running")
+STATUSES = ("queued", "running", "completed", "failed", "interrupted", "cancelled")
+
+
+# ---- migrations -------------------------------------------------------------------------------------
+
+def _v1_initial(conn: Connection) -> None:
+    # Frozen copy of the first schema: later migrations alter it; this function never changes.
+    md = MetaData()
+    Table("books", md, Column("name", String(200), primary_key=True),
+          Column("size_bytes", Integer, nullable=False), Column("chars", Integer, nullable=False),
+          Column("encoding", String(32), nullable=False), Column("created_at", Float, nullable=False))
+    Table("models", md, Column("name", String(100), primary_key=True), Column("config", Text, nullable=False),
+          Column("preset", String(64)), Column("tokenizer_kind", String(16), nullable=False),
+          Column("tokenizer_vocab", Integer, nullable=False), Column("trained_run_id", Integer),
+          Column("trained_steps", Integer), Column("created_at", Float, nullable=False),
+          Column("updated_at", Float, nullable=False))
+    Table("runs", md, Column("id", Integer, primary_key=True, autoincrement=True),
+          Column("model_name", String(100), nullable=False, index=True), Column("books", Text, nullable=False),
+          Column("params", Text, nullable=False), Column("init_from_trained", Boolean, nullable=False),
+          Column("status", String(16), nullable=False, index=True), Column("resume", Boolean, nullable=False),
+          Column("cancel_requested", Boolean, nullable=False), Column("pid", Integer), Column("exit_code", Integer),
+          Column("error", Text), Column("stop_reason", String(32)), Column("current_step", Integer, nullable=False),
+          Column("max_steps", Integer), Column("tokens", Integer), Column("last_loss", Float),
+          Column("last_val_loss", Float), Column("best_val_loss", Float), Column("lr", Float),
+          Column("tokens_per_s", Float), Column("resumed_from_step", Integer),
+          Column("launches", Integer, nullable=False), Column("metrics_epoch", Integer, nullable=False),
+          Column("created_at", Float, nullable=False), Column("queued_at", Float), Column("started_at", Float),
+          Column("finished_at", Float), Column("updated_at", Float, nullable=False))
+    Table("metrics", md, Column("id", Integer, primary_key=True, autoincrement=True),
+          Column("run_id", Integer, ForeignKey("runs.id", ondelete="CASCADE"), nullable=False),
+          Column("step", Integer, nullable=False), Column("loss", Float), Column("val_loss", Float),
+          Column("lr", Float), Column("tokens_per_s", Float), Column("elapsed_s", Float),
+          Column("data", Text, nullable=False), Index("ix_metrics_run_step", "run_id", "step"))
+    md.create_all(conn)
+
+
+Migration = tuple[int, str, Callable[[Connection], None]]
+MIGRATIONS: list[Migration] = [
+    (1, "books, models, runs, metrics", _v1_initial),
+]
+
+_schema_version = Table("schema_version", MetaData(), Column("version", Integer, nullable=False),
+                        Column("description", Text, nullable=False), Column("applied_at", Float, nullable=False))
+
+
+def migrate(engine: Engine, migrations: Sequence[Migration] = MIGRATIONS) -> int:
+    """Apply every migration newer than the database's version, each in its own transaction; return the
+    resulting version. A database written by newer code is refused (we cannot know its schema)."""
+    with engine.begin() as conn:
+        _schema_version.create(conn, checkfirst=True)
+    latest = max(v for v, _, _ in migrations)
+    with engine.connect() as conn:
+        current = conn.execute(select(func.max(_schema_version.c.version))).scalar() or 0
+    if current > latest:
+        raise RuntimeError(f"the database is at schema version {current}, newer than this lmlab knows ({latest}); "
+                           "upgrade lmlab or point --database-url elsewhere")
+    for version, description, apply in sorted(migrations):
+        if version <= current:
+            continue
+        with engine.begin() as conn:
+            apply(conn)
+            conn.execute(insert(_schema_version).values(version=version, description=description,
+                                                        applied_at=time.time()))
+        current = version
+    return current
+
+
+def schema_version(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return conn.execute(select(func.max(_schema_version.c.version))).scalar() or 0
+
+
+def schema_drift(engine: Engine) -> list[str]:
+    """Differences between the live database and `metadata` (tables/columns); empty when they agree."""
+    insp = inspect(engine)
+    problems = []
+    for table in metadata.sorted_tables:
+        if not insp.has_table(table.name):
+            problems.append(f"missing table {table.name}")
+            continue
+        live = {c["name"] for c in insp.get_columns(table.name)}
+        want = {c.name for c in table.columns}
+        problems += [f"{table.name}.{c} missing" for c in sorted(want - live)]
+        problems += [f"{table.name}.{c} unexpected" for c in sorted(live - want)]
+    return problems
+
+
+# ---- the database object ----------------------------------------------------------------------------
+
+def _finite(value: Any) -> Any:
+    """JSON for browsers has no NaN/Infinity: store them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _num(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+class Database:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        kwargs: dict[str, Any] = {}
+        if url.startswith("sqlite"):
+            # request threads and the supervisor thread share the file; WAL lets readers run beside a writer
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        self.engine = create_engine(url, **kwargs)
+        if url.startswith("sqlite"):
+            @event.listens_for(self.engine, "connect")
+            def _pragmas(dbapi_conn, _record):  # noqa: ANN001
+                cur = dbapi_conn.cursor()
+                if ":memory:" not in url:
+                    cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA foreign_keys=ON")
+                cur.execute("PRAGMA synchronous=NORMAL")
+                cur.close()
+        self.version = migrate(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ---- books -------------------------------------------------------------------------------------
+
+    def add_book(self, name: str, size_bytes: int, chars: int, encoding: str) -> dict[str, Any]:
+        row = dict(name=name, size_bytes=size_bytes, chars=chars, encoding=encoding, created_at=time.time())
+        with self.engine.begin() as conn:
+            conn.execute(delete(books).where(books.c.name == name))
+            conn.execute(insert(books).values(**row))
+        return row
+
+    def list_books(self) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            return [dict(r._mapping) for r in conn.execute(select(books).order_by(books.c.created_at, books.c.name))]
+
+    def get_book(self, name: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            r = conn.execute(select(books).where(books.c.name == name)).first()
+            return dict(r._mapping) if r else None
+
+    def delete_book(self, name: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(delete(books).where(books.c.name == name))
+
+    # ---- models ------------------------------------------------------------------------------------
+
+    def add_model(self, name: str, config: dict[str, Any], preset: str | None, tokenizer_kind: str,
+                  tokenizer_vocab: int) -> dict[str, Any]:
+        now = time.time()
+        with self.engine.begin() as conn:
+            conn.execute(insert(models).values(name=name, config=json.dumps(config), preset=preset,
+                                               tokenizer_kind=tokenizer_kind, tokenizer_vocab=tokenizer_vocab,
+                                               created_at=now, updated_at=now))
+        return self.get_model(name)  # type: ignore[return-value]
+
+    @staticmethod
+    def _model(r: Any) -> dict[str, Any]:
+        d = dict(r._mapping)
+        d["config"] = json.loads(d["config"])
+        return d
+
+    def list_models(self) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            return [self._model(r) for r in conn.execute(select(models).order_by(models.c.created_at))]
+
+    def get_model(self, name: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            r = conn.execute(select(models).where(models.c.name == name)).first()
+            return self._model(r) if r else None
+
+    def update_model(self, name: str, **values: Any) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(update(models).where(models.c.name == name).values(updated_at=time.time(), **values))
+
+    def delete_model(self, name: str) -> None:
+        with self.engine.begin() as conn:
+            ids = [r.id for r in conn.execute(select(runs.c.id).where(runs.c.model_name == name))]
+            if ids:
+                conn.execute(delete(metrics).where(metrics.c.run_id.in_(ids)))
+                conn.execute(delete(runs).where(runs.c.id.in_(ids)))
+            conn.execute(delete(models).where(models.c.name == name))
+
+    # ---- runs --------------------------------------------------------------------------------------
+
+    def add_run(self, model_name: str, book_names: list[str], params: dict[str, Any], init_from_trained: bool,
+                max_steps: int | None) -> dict[str, Any]:
+        now = time.time()
+        with self.engine.begin() as conn:
+            run_id = conn.execute(insert(runs).values(
+                model_name=model_name, books=json.dumps(book_names), params=json.dumps(params),
+                init_from_trained=init_from_trained, status="queued", resume=False, cancel_requested=False,
+                current_step=0, max_steps=max_steps, launches=0, metrics_epoch=0, created_at=now, queued_at=now,
+                updated_at=now)).inserted_primary_key[0]
+        return self.get_run(run_id)  # type: ignore[return-value]
+
+    @staticmethod
+    def _run(r: Any) -> dict[str, Any]:
+        d = dict(r._mapping)
+        d["books"] = json.loads(d["books"])
+        d["params"] = json.loads(d["params"])
+        return d
+
+    def get_run(self, run_id: int) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            r = conn.execute(select(runs).where(runs.c.id == run_id)).first()
+            return self._run(r) if r else None
+
+    def list_runs(self, model_name: str | None = None, status: Sequence[str] | None = None,
+                  newest_first: bool = True) -> list[dict[str, Any]]:
+        q = select(runs)
+        if model_name is not None:
+            q = q.where(runs.c.model_name == model_name)
+        if status is not None:
+            q = q.where(runs.c.status.in_(list(status)))
+        q = q.order_by(runs.c.id.desc() if newest_first else runs.c.id)
+        with self.engine.connect() as conn:
+            return [self._run(r) for r in conn.execute(q)]
+
+    def queued_runs(self) -> list[dict[str, Any]]:
+        """FIFO: the order in which runs were (re)queued."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(runs).where(runs.c.status == "queued").order_by(runs.c.queued_at, runs.c.id))
+            return [self._run(r) for r in rows]
+
+    def update_run(self, run_id: int, **values: Any) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(update(runs).where(runs.c.id == run_id).values(updated_at=time.time(), **values))
+
+    def delete_run(self, run_id: int) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(delete(metrics).where(metrics.c.run_id == run_id))
+            conn.execute(delete(runs).where(runs.c.id == run_id))
+
+    # ---- metrics -----------------------------------------------------------------------------------
+
+    def add_metrics(self, run_id: int, lines: list[dict[str, Any]], *, replace: bool = False) -> None:
+        """Append parsed metrics.jsonl lines; `replace` first drops the run's stored lines (the file was
+        rewritten on resume, dropping steps after the checkpoint) and bumps the run's metrics_epoch."""
+        rows = []
+        now = time.time()
+        for m in lines:
+            m = {**_finite(m), "time": m.get("time", now)}  # wall clock when the line arrived
+            rows.append(dict(run_id=run_id, step=int(m.get("step", 0)), loss=_num(m.get("loss")),
+                             val_loss=_num(m.get("val_loss")), lr=_num(m.get("lr")),
+                             tokens_per_s=_num(m.get("tokens_per_s")), elapsed_s=_num(m.get("elapsed_s")),
+                             data=json.dumps(m)))
+        summary: dict[str, Any] = {}
+        for m in lines:
+            summary["current_step"] = int(m.get("step", 0))
+            for key, col in (("tokens", "tokens"), ("loss", "last_loss"), ("lr", "lr"),
+                             ("tokens_per_s", "tokens_per_s"), ("val_loss", "last_val_loss")):
+                if _num(m.get(key)) is not None:
+                    summary[col] = int(m[key]) if key == "tokens" else float(m[key])
+        with self.engine.begin() as conn:
+            if replace and conn.execute(delete(metrics).where(metrics.c.run_id == run_id)).rowcount:
+                conn.execute(update(runs).where(runs.c.id == run_id).values(
+                    metrics_epoch=runs.c.metrics_epoch + 1, current_step=0, last_val_loss=None))
+            if rows:
+                conn.execute(insert(metrics), rows)
+            if summary:
+                best = conn.execute(select(func.min(metrics.c.val_loss)).where(metrics.c.run_id == run_id)).scalar()
+                conn.execute(update(runs).where(runs.c.id == run_id).values(
+                    updated_at=time.time(), best_val_loss=best, **summary))
+
+    def get_metrics(self, run_id: int, after_id: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
+        q = select(metrics.c.id, metrics.c.data).where(metrics.c.run_id == run_id, metrics.c.id > after_id)
+        q = q.order_by(metrics.c.id)
+        if limit:
+            q = q.limit(limit)
+        with self.engine.connect() as conn:
+            return [{"id": r.id, **json.loads(r.data)} for r in conn.execute(q)]

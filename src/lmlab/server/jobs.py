@@ -1,0 +1,380 @@
+"""The job supervisor: every training run is its own OS process (`lmlab train`), never a thread of the
+web server and never the model that serves generation.
+
+One supervisor thread, every `poll_s` seconds:
+  * tails each live run's `metrics.jsonl` into the database (the UI's charts and SSE read from there);
+  * notices exits: 0 -> completed (the run's `final/` becomes the model's directory); killed by a signal
+    or interrupted -> interrupted; a cancel request -> cancelled; any other code -> failed, with the
+    child's own `lmlab: error: ...` line as the reason;
+  * starts queued runs, first in first out, while fewer than `max_jobs` are running.
+
+Cancel sends SIGINT: the trainer turns it into KeyboardInterrupt, writes a checkpoint and exits, so a
+cancelled run can be resumed. Resume relaunches `lmlab train --resume --out RUN_DIR`. On start-up, runs
+the database still calls running belonged to a server that died: they become interrupted, and a child
+process that outlived that server is asked (SIGINT) to checkpoint and exit before any resume starts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from ..train import latest_checkpoint
+from .db import Database
+from .workspace import Workspace, replace_dir
+
+log = logging.getLogger("lmlab.server")
+
+# The child: `lmlab train ...`, with SIGINT and SIGTERM restored to KeyboardInterrupt. Python leaves
+# SIGINT ignored when its parent ignored it (true of background jobs of a non-interactive shell), and
+# SIGTERM would otherwise kill without a checkpoint.
+_CHILD = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+          "signal.signal(signal.SIGTERM, signal.default_int_handler); "
+          "from lmlab.cli import main; sys.exit(main(sys.argv[1:]))")
+KILL_AFTER_S = 30.0  # a child that has not exited this long after SIGINT gets SIGKILL
+
+
+def process_alive(pid: int | None, marker: str | None = None) -> bool:
+    """Is `pid` a live process (and, where /proc exists, one whose command line mentions `marker`)?"""
+    if not pid:
+        return False
+    proc = Path(f"/proc/{pid}")
+    if proc.is_dir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            status = (proc / "status").read_text()
+        except OSError:
+            return False
+        if "\nState:\tZ" in status:
+            return False
+        return marker is None or marker in cmdline
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)  # the child leads its own session, so its group id is its pid
+    except (ProcessLookupError, PermissionError):
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+class MetricsTail:
+    """Reads whole new lines of a metrics.jsonl as it grows. When the file is replaced or shrinks (the
+    trainer rewrites it on resume, dropping lines after the checkpoint), it starts over and says so."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.inode: int | None = None
+        self.offset = 0
+
+    def read(self) -> tuple[list[dict[str, Any]], bool]:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return [], False
+        restart = self.inode is None or st.st_ino != self.inode or st.st_size < self.offset
+        if restart:
+            self.inode, self.offset = st.st_ino, 0
+        if st.st_size == self.offset and not restart:
+            return [], False
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            data = f.read()
+        end = data.rfind(b"\n") + 1  # a line still being written waits for the next read
+        self.offset += end
+        lines = []
+        for raw in data[:end].splitlines():
+            if raw.strip():
+                try:
+                    lines.append(json.loads(raw))
+                except json.JSONDecodeError:
+                    continue
+        return lines, restart
+
+
+def _error_from_log(path: Path) -> str | None:
+    """The child's own one-line reason (`lmlab: error: ...`), else its last line."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - 16384))
+            lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return None
+    for ln in reversed(lines):
+        if ln.startswith("lmlab: error:"):
+            return ln[len("lmlab: error:"):].strip()
+    return lines[-1][-500:] if lines else None
+
+
+def _signame(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _flags(params: dict[str, Any]) -> list[str]:
+    out = []
+    for key, value in params.items():
+        if value is None:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            out.append(flag if value else "--no-" + key.replace("_", "-"))
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+class Supervisor:
+    def __init__(self, db: Database, workspace: Workspace, *, max_jobs: int = 1, python: str = sys.executable,
+                 poll_s: float = 0.5, env: dict[str, str] | None = None) -> None:
+        if max_jobs < 1:
+            raise ValueError(f"max_jobs ({max_jobs}) must be >= 1")
+        self.db, self.ws = db, workspace
+        self.max_jobs, self.python, self.poll_s = max_jobs, python, poll_s
+        self.env = env or {}
+        self._procs: dict[int, subprocess.Popen] = {}
+        self._tails: dict[int, MetricsTail] = {}
+        self._cancel_sent: dict[int, float] = {}
+        self._lock = threading.RLock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ---- life cycle --------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.recover()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="lmlab-supervisor", daemon=True)
+        self._thread.start()
+
+    def recover(self) -> None:
+        """Runs left 'running' by a previous server become interrupted; their processes, if still alive,
+        are asked to checkpoint and exit (a queued resume waits until they have)."""
+        for run in self.db.list_runs(status=["running"]):
+            run_dir = self.ws.run_path(run["id"])
+            alive = process_alive(run["pid"], str(run_dir))
+            if alive:
+                _signal_group(run["pid"], signal.SIGINT)
+            self._catch_up(run["id"])
+            note = "the server stopped while this run was running"
+            if alive:
+                note += f"; its process (pid {run['pid']}) was asked to save a checkpoint and exit"
+            self.db.update_run(run["id"], status="interrupted", error=note, finished_at=time.time(),
+                               pid=run["pid"] if alive else None)
+            log.warning("run %s: %s", run["id"], note)
+
+    def shutdown(self, timeout: float = 20.0) -> None:
+        """Stop the loop; ask every child to checkpoint and exit; mark them interrupted (resumable)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        with self._lock:
+            for proc in self._procs.values():
+                _signal_group(proc.pid, signal.SIGINT)
+            deadline = time.monotonic() + timeout
+            for run_id, proc in list(self._procs.items()):
+                try:
+                    proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    _signal_group(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                self._catch_up(run_id)
+                self._finish(run_id, proc.returncode,
+                             interrupted="the server was stopped; resume to continue from the last checkpoint")
+            self._procs.clear()
+            self._tails.clear()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # the supervisor must outlive any one bad run
+                log.exception("supervisor tick failed")
+            self._wake.wait(self.poll_s)
+            self._wake.clear()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # ---- one pass ----------------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        with self._lock:
+            for run_id, proc in list(self._procs.items()):
+                self._catch_up(run_id)
+                code = proc.poll()
+                if code is not None:
+                    self._finish(run_id, code)
+                elif run_id in self._cancel_sent and time.monotonic() - self._cancel_sent[run_id] > KILL_AFTER_S:
+                    _signal_group(proc.pid, signal.SIGKILL)
+            for run in self.db.queued_runs():
+                if len(self._procs) >= self.max_jobs or self._stop.is_set():
+                    break
+                run_dir = self.ws.run_path(run["id"])
+                if process_alive(run["pid"], str(run_dir)):  # the previous server's child is still saving
+                    if time.time() - (run["queued_at"] or 0) > KILL_AFTER_S:
+                        _signal_group(run["pid"], signal.SIGKILL)
+                    continue
+                self._launch(run)
+
+    def _catch_up(self, run_id: int) -> None:
+        tail = self._tails.get(run_id)
+        if tail is None:
+            tail = self._tails[run_id] = MetricsTail(self.ws.run_path(run_id) / "metrics.jsonl")
+        lines, restart = tail.read()
+        if lines or restart:
+            self.db.add_metrics(run_id, lines, replace=restart)
+
+    # ---- launching ---------------------------------------------------------------------------------
+
+    def command(self, run: dict[str, Any]) -> list[str]:
+        """`lmlab train ...` for this run (as run by the child: python -c <_CHILD> train ...)."""
+        run_dir = self.ws.run_path(run["id"])
+        if run["resume"]:
+            args = ["train", "--out", str(run_dir), "--resume"]
+        else:
+            model = self.db.get_model(run["model_name"])
+            if model is None:
+                raise ValueError(f"model {run['model_name']!r} no longer exists")
+            args = ["train", *[str(self.ws.book_path(b)) for b in run["books"]]]
+            if run["init_from_trained"]:
+                args += ["--init", str(self.ws.model_path(run["model_name"]))]
+            else:
+                config_file = run_dir / "model_config.json"
+                config_file.write_text(json.dumps(model["config"], indent=2), encoding="utf-8")
+                args += ["--config", str(config_file), "--tokenizer-kind", model["tokenizer_kind"],
+                         "--vocab-size", str(model["tokenizer_vocab"])]
+            args += ["--out", str(run_dir)]
+        return args + _flags(run["params"])
+
+    def _launch(self, run: dict[str, Any]) -> None:
+        run_id = run["id"]
+        run_dir = self.ws.run_path(run_id)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        resumed_from = None
+        try:
+            if run["resume"]:
+                ckpt = latest_checkpoint(run_dir)
+                if ckpt is None:
+                    raise ValueError("no checkpoint to resume from")
+                resumed_from = int(ckpt.name.split("-")[1])
+            args = self.command(run)
+            env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+            with open(run_dir / "log.txt", "ab") as logf:
+                logf.write(f"\n$ lmlab {shlex.join(args)}\n".encode())
+                logf.flush()
+                proc = subprocess.Popen([self.python, "-c", _CHILD, *args], stdout=logf, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, cwd=self.ws.root, env=env, start_new_session=True)
+        except (OSError, ValueError) as exc:
+            self.db.update_run(run_id, status="failed", error=f"could not start: {exc}", finished_at=time.time())
+            return
+        self._procs[run_id] = proc
+        self._tails[run_id] = MetricsTail(run_dir / "metrics.jsonl")
+        self._cancel_sent.pop(run_id, None)
+        self.db.update_run(run_id, status="running", pid=proc.pid, started_at=time.time(), finished_at=None,
+                           exit_code=None, error=None, stop_reason=None, cancel_requested=False,
+                           launches=run["launches"] + 1, resumed_from_step=resumed_from)
+        log.info("run %s started (pid %s)%s", run_id, proc.pid, f" from step {resumed_from}" if resumed_from else "")
+
+    def _finish(self, run_id: int, code: int, interrupted: str | None = None) -> None:
+        self._procs.pop(run_id, None)
+        self._tails.pop(run_id, None)
+        self._cancel_sent.pop(run_id, None)
+        run = self.db.get_run(run_id)
+        if run is None:  # deleted while it ran
+            return
+        run_dir = self.ws.run_path(run_id)
+        final = run_dir / "final"
+        training = {}
+        if (final / "training.json").is_file():
+            try:
+                training = json.loads((final / "training.json").read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError):
+                training = {}
+        values: dict[str, Any] = {"exit_code": code, "pid": None, "finished_at": time.time()}
+        if code == 0 and (final / "model.safetensors").is_file():
+            values.update(status="completed", stop_reason=training.get("stop_reason"), error=None)
+            try:
+                replace_dir(final, self.ws.model_path(run["model_name"]))
+                self.db.update_model(run["model_name"], trained_run_id=run_id, trained_steps=training.get("steps"))
+            except (OSError, ValueError) as exc:
+                values.update(error=f"trained, but the model directory could not be updated: {exc}")
+        elif run["cancel_requested"]:
+            values.update(status="cancelled", error=None, stop_reason="cancelled")
+        elif code < 0 or code in (0, 130):  # 0 without final/: the trainer stopped early on request
+            how = f"killed by {_signame(-code)}" if code < 0 else "interrupted"
+            values.update(status="interrupted", error=interrupted or f"the training process was {how}",
+                          stop_reason="interrupted")
+        else:
+            values.update(status="failed", error=_error_from_log(run_dir / "log.txt") or f"exit code {code}")
+        self.db.update_run(run_id, **values)
+        log.info("run %s %s (exit %s)", run_id, values["status"], code)
+
+    # ---- requests from the API ---------------------------------------------------------------------
+
+    def submit(self, run_id: int) -> None:
+        self.wake()
+
+    def cancel(self, run_id: int) -> dict[str, Any] | None:
+        with self._lock:
+            run = self.db.get_run(run_id)
+            if run is None:
+                return None
+            if run["status"] == "queued":
+                self.db.update_run(run_id, status="cancelled", finished_at=time.time(), stop_reason="cancelled")
+            elif run["status"] == "running":
+                self.db.update_run(run_id, cancel_requested=True)
+                proc = self._procs.get(run_id)
+                pid = proc.pid if proc else run["pid"]
+                if pid:
+                    _signal_group(pid, signal.SIGINT)
+                    self._cancel_sent[run_id] = time.monotonic()
+            self.wake()
+            return self.db.get_run(run_id)
+
+    def resume(self, run_id: int, overrides: dict[str, Any]) -> dict[str, Any]:
+        """Queue a stopped run to continue from its last checkpoint (ValueError says why it cannot)."""
+        with self._lock:
+            run = self.db.get_run(run_id)
+            if run is None:
+                raise LookupError(f"run {run_id} not found")
+            if run["status"] not in ("interrupted", "failed", "cancelled"):
+                raise ValueError(f"run {run_id} is {run['status']}; only interrupted, failed or cancelled runs "
+                                 "can be resumed")
+            ckpt = latest_checkpoint(self.ws.run_path(run_id))
+            if ckpt is None:
+                raise ValueError(f"run {run_id} stopped before its first checkpoint; start a new run instead")
+            params = {**run["params"], **{k: v for k, v in overrides.items() if v is not None}}
+            step = int(ckpt.name.split("-")[1])
+            if params.get("max_steps") and params["max_steps"] <= step:
+                raise ValueError(f"the last checkpoint is at step {step}; max_steps ({params['max_steps']}) "
+                                 "must be larger to train further")
+            self.db.update_run(run_id, status="queued", resume=True, params=json.dumps(params),
+                               max_steps=params.get("max_steps"), queued_at=time.time(), error=None, exit_code=None,
+                               finished_at=None, cancel_requested=False, stop_reason=None)
+            self.wake()
+            return self.db.get_run(run_id)  # type: ignore[return-value]
+
+    def running(self) -> list[int]:
+        with self._lock:
+            return list(self._procs)

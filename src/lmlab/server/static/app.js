@@ -1,0 +1,662 @@
+// lmlab web UI: plain ES modules, no framework, no CDN. Talks only to /api/v1 on the same server.
+
+import { STRINGS } from "/static/i18n.js";
+import { drawChart, fmt } from "/static/chart.js";
+
+const $ = (sel, root = document) => root.querySelector(sel);
+const $$ = (sel, root = document) => [...root.querySelectorAll(sel)];
+const COLORS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#be185d", "#4d7c0f"];
+const ACTIVE = new Set(["queued", "running"]);
+
+// ---- language --------------------------------------------------------------------------------------
+
+let lang = localStorage.getItem("lmlab.lang") || ((navigator.language || "en").startsWith("ru") ? "ru" : "en");
+
+export function t(key, params = {}) {
+  const s = (STRINGS[lang] && STRINGS[lang][key]) ?? STRINGS.en[key] ?? key;
+  return s.replace(/\{(\w+)\}/g, (_, k) => (params[k] ?? ""));
+}
+
+function applyLanguage() {
+  document.documentElement.lang = lang;
+  $("#lang").value = lang;
+  for (const e of $$("[data-i18n]")) e.textContent = t(e.dataset.i18n);
+  renderAll();
+}
+
+// ---- API access ------------------------------------------------------------------------------------
+
+// Opened as /?token=...: the server also set an HttpOnly cookie; keep the token for fetch() headers and
+// drop it from the address bar so it is not copied around with the URL.
+const query = new URLSearchParams(location.search);
+if (query.get("token")) {
+  sessionStorage.setItem("lmlab.token", query.get("token"));
+  query.delete("token");
+  history.replaceState(null, "", location.pathname + (query.toString() ? "?" + query : "") + location.hash);
+}
+const token = sessionStorage.getItem("lmlab.token");
+const withToken = (url) => (token ? url + (url.includes("?") ? "&" : "?") + "token=" + encodeURIComponent(token) : url);
+
+function detailText(d) {
+  if (!d) return "";
+  if (typeof d === "string") return d;
+  if (Array.isArray(d)) return d.map((e) => `${(e.loc || []).slice(1).join(".") || "body"}: ${e.msg}`).join("; ");
+  return JSON.stringify(d);
+}
+
+async function api(method, path, body) {
+  const opts = { method, headers: token ? { Authorization: "Bearer " + token } : {} };
+  if (body !== undefined) {
+    opts.headers["Content-Type"] = "application/json";
+    opts.body = JSON.stringify(body);
+  }
+  let res;
+  try {
+    res = await fetch(path, opts);
+  } catch (e) {
+    throw new Error(t("error.network", { detail: e.message }));
+  }
+  if (res.status === 204) return null;
+  const data = await res.json().catch(() => ({}));
+  if (!res.ok) throw new Error(detailText(data.detail) || `${res.status} ${res.statusText}`);
+  return data;
+}
+
+function toast(text, bad = false) {
+  const d = document.createElement("div");
+  d.textContent = text;
+  if (bad) d.className = "bad";
+  $("#toast").appendChild(d);
+  setTimeout(() => d.remove(), bad ? 8000 : 4000);
+}
+
+function setMsg(el, text, ok = true) {
+  el.textContent = text;
+  el.className = "msg " + (ok ? "ok" : "bad");
+}
+
+const fmtBytes = (n) => n >= 2 ** 30 ? (n / 2 ** 30).toFixed(2) + " GiB" : n >= 2 ** 20 ? (n / 2 ** 20).toFixed(1) + " MiB"
+  : n >= 1024 ? (n / 1024).toFixed(1) + " KiB" : n + " B";
+const fmtNum = (n) => (n == null ? "—" : Number(n).toLocaleString(lang === "ru" ? "ru-RU" : "en-US"));
+const fmtLoss = (x) => (x == null ? "—" : x.toFixed(4));
+
+function h(tag, attrs = {}, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
+    else if (k === "text") e.textContent = v;
+    else if (v !== false && v != null) e.setAttribute(k, v === true ? "" : v);
+  }
+  for (const c of children) if (c != null) e.append(c);
+  return e;
+}
+
+// ---- state -----------------------------------------------------------------------------------------
+
+const S = {
+  info: null, presets: [], books: [], models: [], runs: [],
+  selected: new Set(),      // runs overlaid on the charts
+  current: null,            // the run whose details are shown
+  metrics: new Map(),       // run id -> [metric, ...] ordered by step
+  streams: new Map(),       // run id -> EventSource
+};
+
+// ---- tabs ------------------------------------------------------------------------------------------
+
+function showTab(name) {
+  if (!$("#tab-" + name)) name = "books";
+  for (const s of $$(".tab")) s.hidden = s.id !== "tab-" + name;
+  for (const b of $$("#tabs button")) b.setAttribute("aria-selected", String(b.dataset.tab === name));
+  if (location.hash !== "#" + name) history.replaceState(null, "", "#" + name);
+  if (name === "runs") {
+    if (!S.selected.size && S.runs.length) selectRun(S.runs[0].id);
+    else redrawCharts();  // hidden charts were drawn at a guessed width
+  }
+  if (name === "models") scheduleEstimate();
+  if (name === "train") renderTrainEstimate();
+}
+
+// ---- books -----------------------------------------------------------------------------------------
+
+function renderBooks() {
+  const body = $("#books-table tbody");
+  body.replaceChildren(...S.books.map((b) => h("tr", { "data-book": b.name },
+    h("td", { text: b.name }), h("td", { class: "num", text: fmtBytes(b.size_bytes) }),
+    h("td", { class: "num", text: fmtNum(b.chars) }), h("td", { text: b.encoding }),
+    h("td", {},
+      h("button", { type: "button", text: t("books.preview"), onclick: () => previewBook(b.name) }), " ",
+      h("button", { type: "button", class: "danger", text: t("books.delete"), onclick: () => deleteBook(b.name) })))));
+  $("#books-empty").hidden = S.books.length > 0;
+  if (S.info) {
+    $("#drop-hint").textContent = t("books.hint", { suffixes: S.info.book_suffixes.join(" "),
+                                                    limit: fmtBytes(S.info.max_upload_bytes) });
+    $("#book-input").accept = S.info.book_suffixes.join(",");
+  }
+}
+
+async function refreshBooks() {
+  S.books = await api("GET", "/api/v1/books");
+  renderBooks();
+  renderTrainForm();
+}
+
+function validateFile(file) {
+  const suffix = "." + file.name.split(".").pop().toLowerCase();
+  const limit = S.info.max_upload_bytes;
+  if (!file.name.includes(".") || !S.info.book_suffixes.includes(suffix))
+    return t("books.bad_suffix", { name: file.name, suffixes: S.info.book_suffixes.join(" ") });
+  if (file.size === 0) return t("books.empty_file", { name: file.name });
+  if (file.size > limit) return t("books.too_big", { name: file.name, size: fmtBytes(file.size), limit: fmtBytes(limit) });
+  return null;
+}
+
+function uploadFile(file) {
+  const li = h("li", { "data-file": file.name }, t("books.uploading", { name: file.name }), " ", h("progress", { max: 100, value: 0 }));
+  $("#upload-list").prepend(li);
+  const problem = validateFile(file);
+  if (problem) {
+    li.className = "bad";
+    li.textContent = "✗ " + problem;
+    return Promise.resolve();
+  }
+  return new Promise((resolve) => {
+    const xhr = new XMLHttpRequest();  // (fetch has no upload progress)
+    xhr.open("POST", "/api/v1/books?overwrite=true");
+    if (token) xhr.setRequestHeader("Authorization", "Bearer " + token);
+    xhr.upload.onprogress = (e) => { if (e.lengthComputable) $("progress", li).value = (100 * e.loaded) / e.total; };
+    xhr.onload = () => {
+      let data = {};
+      try { data = JSON.parse(xhr.responseText); } catch { /* not JSON */ }
+      if (xhr.status === 201) {
+        li.className = "ok";
+        li.textContent = "✓ " + t("books.uploaded", { name: data.name, chars: fmtNum(data.chars), encoding: data.encoding });
+      } else {
+        li.className = "bad";
+        li.textContent = `✗ ${file.name}: ${detailText(data.detail) || xhr.status + " " + xhr.statusText}`;
+      }
+      refreshBooks().finally(resolve);
+    };
+    xhr.onerror = () => {
+      li.className = "bad";
+      li.textContent = `✗ ${file.name}: ` + t("error.network", { detail: "upload failed" });
+      resolve();
+    };
+    const form = new FormData();
+    form.append("file", file, file.name);
+    xhr.send(form);
+  });
+}
+
+async function handleFiles(files) {
+  for (const f of files) await uploadFile(f);
+}
+
+async function previewBook(name) {
+  try {
+    const p = await api("GET", `/api/v1/books/${encodeURIComponent(name)}/preview?chars=3000`);
+    $("#book-preview-title").textContent = name;
+    $("#book-preview").textContent = p.text + (p.truncated ? "\n…" : "");
+    $("#book-preview-box").hidden = false;
+  } catch (e) { toast(e.message, true); }
+}
+
+async function deleteBook(name) {
+  if (!confirm(t("books.confirm_delete", { name }))) return;
+  try { await api("DELETE", `/api/v1/books/${encodeURIComponent(name)}`); await refreshBooks(); }
+  catch (e) { toast(e.message, true); }
+}
+
+function setupDropzone() {
+  const zone = $("#dropzone"), input = $("#book-input");
+  zone.addEventListener("click", () => input.click());
+  zone.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); input.click(); } });
+  input.addEventListener("change", () => { handleFiles([...input.files]); input.value = ""; });
+  for (const ev of ["dragenter", "dragover"]) zone.addEventListener(ev, (e) => { e.preventDefault(); zone.classList.add("over"); });
+  for (const ev of ["dragleave", "drop"]) zone.addEventListener(ev, (e) => { e.preventDefault(); zone.classList.remove("over"); });
+  zone.addEventListener("drop", (e) => handleFiles([...e.dataTransfer.files]));
+  // a file dropped outside the zone must not navigate away from the app
+  window.addEventListener("dragover", (e) => e.preventDefault());
+  window.addEventListener("drop", (e) => e.preventDefault());
+}
+
+// ---- models ----------------------------------------------------------------------------------------
+
+function modelSpec() {
+  const spec = { tokenizer_kind: $("#model-tokenizer").value, family: $("#model-family").value };
+  const vocab = parseInt($("#model-vocab").value, 10);
+  if (vocab) spec.vocab_size = vocab;
+  if ($("#model-source").value === "preset") {
+    spec.preset = `${spec.family}-${$("#model-size").value}`;
+    delete spec.family;
+  } else {
+    for (const f of ["n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "intermediate_size"]) {
+      const v = parseInt($("#f-" + f).value, 10);
+      if (v) spec[f] = v;
+    }
+  }
+  return spec;
+}
+
+let estimateTimer = null;
+function scheduleEstimate() {
+  clearTimeout(estimateTimer);
+  estimateTimer = setTimeout(renderEstimate, 200);
+}
+
+async function renderEstimate() {
+  const box = $("#estimate");
+  try {
+    const e = await api("POST", "/api/v1/models/estimate", modelSpec());
+    box.replaceChildren(
+      h("span", { class: "big", id: "param-count", text: fmtNum(e.parameters) }), " " + t("models.params") + " · ",
+      `${t("models.train_mem", { batch: e.batch_size })}: ~${fmtBytes(e.training_bytes)} · `,
+      `${t("models.infer_mem")}: ~${fmtBytes(e.inference_bytes)} · `,
+      e.fits ? h("span", { class: "ok", text: "✓ " + t("models.fits", { budget: fmtBytes(e.memory_budget_bytes) }) })
+        : h("span", { class: "bad", text: "✗ " + e.reason }));
+    $("#create-model").disabled = false;
+  } catch (err) {
+    box.replaceChildren(h("span", { class: "bad", text: "✗ " + err.message }));
+  }
+}
+
+function setupModelForm() {
+  const sizes = S.info.sizes;
+  $("#model-size").replaceChildren(...sizes.map((s) => h("option", { value: s, text: s })));
+  $("#model-size").value = "tiny";
+  const syncVocab = () => {
+    const p = S.presets.find((x) => x.name === `${$("#model-family").value}-${$("#model-size").value}`);
+    if (p && $("#model-source").value === "preset") $("#model-vocab").value = p.config.vocab_size;
+  };
+  const syncSource = () => {
+    const custom = $("#model-source").value === "custom";
+    for (const e of $$(".custom-only")) e.hidden = !custom;
+    for (const e of $$(".preset-only")) e.hidden = custom;
+  };
+  $("#model-source").addEventListener("change", () => { syncSource(); syncVocab(); });
+  $("#model-size").addEventListener("change", syncVocab);
+  $("#model-family").addEventListener("change", syncVocab);
+  $("#model-form").addEventListener("input", scheduleEstimate);
+  $("#model-form").addEventListener("change", scheduleEstimate);
+  syncSource();
+  syncVocab();
+  $("#model-form").addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const msg = $("#model-msg");
+    try {
+      const m = await api("POST", "/api/v1/models", { name: $("#model-name").value.trim(), ...modelSpec() });
+      setMsg(msg, t("models.created", { name: m.name, params: fmtNum(m.parameters) }));
+      await refreshModels();
+      $("#train-model").value = m.name;
+      onTrainModelChange();
+    } catch (e) { setMsg(msg, "✗ " + e.message, false); }
+  });
+}
+
+function modelState(m) {
+  if (m.active_run_id) return t("models.training", { id: m.active_run_id });
+  return m.trained ? t("models.trained", { steps: fmtNum(m.trained_steps) }) : t("models.untrained");
+}
+
+function renderModels() {
+  $("#models-table tbody").replaceChildren(...S.models.map((m) => h("tr", { "data-model": m.name },
+    h("td", { text: m.name }), h("td", { text: m.preset || m.family }), h("td", { class: "num", text: fmtNum(m.parameters) }),
+    h("td", { text: `${m.tokenizer_kind} · ${m.vocab_size}` }), h("td", { text: modelState(m) }),
+    h("td", {},
+      h("button", { type: "button", text: t("models.train"), onclick: () => { $("#train-model").value = m.name; onTrainModelChange(); showTab("train"); } }), " ",
+      m.trained ? h("button", { type: "button", text: t("models.generate"), onclick: () => { renderGenModels(); $("#gen-model").value = m.name; showTab("generate"); } }) : null, " ",
+      m.trained ? h("a", { href: withToken(`/api/v1/models/${encodeURIComponent(m.name)}/download`), download: `${m.name}.zip`, class: "download", text: t("models.download") }) : null, " ",
+      m.trained ? h("a", { href: withToken(`/api/v1/models/${encodeURIComponent(m.name)}/export/hf`), download: `${m.name}-hf.zip`, class: "export-hf", title: t("models.export_hf"), text: "HF" }) : null, " ",
+      m.trained && m.family !== "gpt" ? h("a", { href: withToken(`/api/v1/models/${encodeURIComponent(m.name)}/export/gguf`), download: `${m.name}.gguf`, class: "export-gguf", title: t("models.export_gguf"), text: "GGUF" }) : null, " ",
+      h("button", { type: "button", class: "danger", text: t("models.delete"), onclick: () => deleteModel(m.name) })))));
+  $("#models-empty").hidden = S.models.length > 0;
+}
+
+async function refreshModels() {
+  S.models = await api("GET", "/api/v1/models");
+  renderModels();
+  renderTrainForm();
+  renderGenModels();
+}
+
+async function deleteModel(name) {
+  if (!confirm(t("models.confirm_delete", { name }))) return;
+  try { await api("DELETE", `/api/v1/models/${encodeURIComponent(name)}`); await refreshModels(); await refreshRuns(); }
+  catch (e) { toast(e.message, true); }
+}
+
+// ---- training --------------------------------------------------------------------------------------
+
+let lrTouched = false;
+
+function renderTrainForm() {
+  const sel = $("#train-model"), keep = sel.value;
+  sel.replaceChildren(...S.models.map((m) => h("option", { value: m.name, text: `${m.name} (${fmtNum(m.parameters)})` })));
+  if (S.models.some((m) => m.name === keep)) sel.value = keep;
+  const box = $("#train-books");
+  const checked = new Set($$("input:checked", box).map((i) => i.value));
+  const first = !box.children.length || box.querySelector("p");
+  box.replaceChildren(...S.books.map((b) => h("label", { class: "check" },
+    h("input", { type: "checkbox", value: b.name, checked: first || checked.has(b.name) }), " " + b.name)));
+  if (!S.books.length) box.append(h("p", { class: "muted", text: t("train.no_books") }));
+  $("#start-training").disabled = !S.models.length || !S.books.length;
+  if (!S.models.length) setMsg($("#train-msg"), t("train.no_models"), false);
+  else if ($("#train-msg").textContent === t("train.no_models")) $("#train-msg").textContent = "";
+  onTrainModelChange(false);
+}
+
+function onTrainModelChange(resetLr = true) {
+  const m = S.models.find((x) => x.name === $("#train-model").value);
+  if (!m) return;
+  // small models tolerate (and need) a larger step: 1e-3 below 10M parameters, 3e-4 above
+  if (resetLr || !lrTouched) { $("#t-lr").value = m.parameters < 10e6 ? "0.001" : "0.0003"; lrTouched = false; }
+  $("#t-seq_len").placeholder = String(m.config.block_size);
+  $("#t-init_from_trained").disabled = !m.trained;
+  if (!m.trained) $("#t-init_from_trained").checked = false;
+  renderTrainEstimate();
+}
+
+function renderTrainEstimate() {
+  const m = S.models.find((x) => x.name === $("#train-model").value);
+  if (!m) { $("#train-estimate").textContent = ""; return; }
+  const seq = parseInt($("#t-seq_len").value, 10) || m.config.block_size;
+  const perStep = (parseInt($("#t-batch_size").value, 10) || 16) * seq;
+  $("#train-estimate").textContent = t("train.tokens", { tokens: fmtNum(perStep),
+    total: fmtNum(perStep * (parseInt($("#t-max_steps").value, 10) || 0)) });
+}
+
+function setupTrainForm() {
+  $("#train-model").addEventListener("change", () => onTrainModelChange(true));
+  $("#t-lr").addEventListener("input", () => { lrTouched = true; });
+  $("#train-form").addEventListener("input", renderTrainEstimate);
+  $("#train-form").addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const msg = $("#train-msg");
+    const books = $$("#train-books input:checked").map((i) => i.value);
+    if (!books.length) { setMsg(msg, t("train.pick_book"), false); return; }
+    const body = { model: $("#train-model").value, books, init_from_trained: $("#t-init_from_trained").checked,
+                   schedule: $("#t-schedule").value, device: $("#t-device").value };
+    for (const f of ["max_steps", "batch_size", "seq_len", "warmup_steps", "eval_every", "eval_batches", "save_every", "seed"]) {
+      const v = $("#t-" + f).value;
+      if (v !== "") body[f] = parseInt(v, 10);
+    }
+    for (const f of ["lr", "weight_decay", "grad_clip"]) {
+      const v = $("#t-" + f).value;
+      if (v !== "") body[f] = parseFloat(v);
+    }
+    try {
+      const run = await api("POST", "/api/v1/runs", body);
+      setMsg(msg, run.queue_position ? t("train.queued", { id: run.id, pos: run.queue_position + 1 }) : t("train.started", { id: run.id }));
+      await refreshRuns();
+      S.selected.clear();
+      selectRun(run.id);
+      showTab("runs");
+    } catch (e) { setMsg(msg, "✗ " + e.message, false); }
+  });
+}
+
+// ---- runs and charts -------------------------------------------------------------------------------
+
+const runColor = (id) => COLORS[(id - 1) % COLORS.length];
+
+function statusLabel(r) {
+  if (r.cancel_requested && ACTIVE.has(r.status)) return t("status.cancelling");
+  return t("status." + r.status);
+}
+
+function renderRuns() {
+  $("#runs-table tbody").replaceChildren(...S.runs.map((r) => {
+    const pct = r.progress == null ? 0 : Math.round(r.progress * 100);
+    const overlay = h("input", { type: "checkbox", checked: S.selected.has(r.id), "aria-label": `overlay run ${r.id}`,
+                                 onchange: (e) => (e.target.checked ? selectRun(r.id, false) : unselectRun(r.id)) });
+    const model = S.models.find((m) => m.name === r.model);
+    return h("tr", { "data-run": r.id, "data-status": r.status, class: r.id === S.current ? "selected" : "" },
+      h("td", {}, overlay), h("td", { text: r.id }),
+      h("td", { text: r.model, title: `${t("runs.books")}: ${r.books.join(", ")}` }),
+      h("td", {}, h("span", { class: "badge " + r.status, text: statusLabel(r) })),
+      h("td", { class: "num" }, h("span", { class: "bar" }, (() => { const i = h("i"); i.style.width = pct + "%"; return i; })()),
+        `${fmtNum(r.current_step)} / ${fmtNum(r.max_steps)}`),
+      h("td", { class: "num", text: fmtLoss(r.last_loss) }), h("td", { class: "num", text: fmtLoss(r.best_val_loss) }),
+      h("td", { class: "num", text: r.tokens_per_s == null ? "—" : fmtNum(Math.round(r.tokens_per_s)) }),
+      h("td", {},
+        h("button", { type: "button", text: t("runs.view"), onclick: () => selectRun(r.id) }), " ",
+        ACTIVE.has(r.status) && !r.cancel_requested ? h("button", { type: "button", class: "danger cancel", text: t("runs.cancel"), onclick: () => runAction(r.id, "cancel") }) : null, " ",
+        r.can_resume ? h("button", { type: "button", class: "resume", text: t("runs.resume"), onclick: () => runAction(r.id, "resume") }) : null, " ",
+        r.status === "completed" && model && model.trained_run_id === r.id ? h("a", { href: withToken(`/api/v1/models/${encodeURIComponent(r.model)}/download`), download: `${r.model}.zip`, text: t("runs.download") }) : null, " ",
+        !ACTIVE.has(r.status) ? h("button", { type: "button", class: "danger", text: t("runs.delete"), onclick: () => deleteRun(r.id) }) : null));
+  }));
+  $("#runs-empty").hidden = S.runs.length > 0;
+  renderRunDetail();
+}
+
+function renderRunDetail() {
+  const r = S.runs.find((x) => x.id === S.current);
+  $("#run-detail").hidden = !r;
+  if (!r) return;
+  const bits = [`#${r.id} · ${r.model} · ${t("runs.books")}: ${r.books.join(", ")} · ${statusLabel(r)}`];
+  if (r.queue_position != null) bits.push(t("runs.queue", { pos: r.queue_position + 1 }));
+  if (r.checkpoint_step != null) bits.push(t("runs.checkpoint", { step: r.checkpoint_step }));
+  if (r.resumed_from_step != null) bits.push(t("runs.resumed_from", { step: r.resumed_from_step }));
+  $("#run-detail-head").textContent = bits.join(" · ");
+  $("#run-error").hidden = !r.error;
+  $("#run-error").textContent = r.error || "";
+}
+
+async function refreshRuns() {
+  S.runs = await api("GET", "/api/v1/runs");
+  for (const id of [...S.selected]) if (!S.runs.some((r) => r.id === id)) unselectRun(id);
+  renderRuns();
+  const running = S.runs.filter((r) => r.status === "running").length, queued = S.runs.filter((r) => r.status === "queued").length;
+  $("#jobs-indicator").textContent = running || queued ? t("jobs.indicator", { running, queued }) : "";
+  // a model finishing training changes what can be generated and downloaded
+  const sig = S.runs.map((r) => r.id + r.status).join();
+  if (sig !== refreshRuns.last) { refreshRuns.last = sig; S.models = await api("GET", "/api/v1/models"); renderModels(); renderTrainForm(); renderGenModels(); }
+  for (const r of S.runs) if (S.selected.has(r.id) && ACTIVE.has(r.status) && !S.streams.has(r.id)) subscribe(r.id);
+}
+
+function selectRun(id, makeCurrent = true) {
+  S.selected.add(id);
+  if (makeCurrent) S.current = id;
+  subscribe(id);
+  renderRuns();
+  redrawCharts();
+  if ($("#log-box").open) loadLog();
+}
+
+function unselectRun(id) {
+  S.selected.delete(id);
+  const es = S.streams.get(id);
+  if (es) es.close();
+  S.streams.delete(id);
+  if (S.current === id) S.current = [...S.selected].pop() ?? null;
+  renderRuns();
+  redrawCharts();
+}
+
+// Live metrics over Server-Sent Events: the stream first replays what the run has logged, then follows it.
+function subscribe(id) {
+  if (S.streams.has(id)) return;
+  S.metrics.set(id, []);
+  const es = new EventSource(withToken(`/api/v1/runs/${id}/events`));
+  S.streams.set(id, es);
+  es.addEventListener("metric", (e) => {
+    const m = JSON.parse(e.data), list = S.metrics.get(id) || [];
+    while (list.length && list[list.length - 1].step >= m.step) list.pop();  // re-logged after a resume
+    list.push(m);
+    S.metrics.set(id, list);
+    scheduleRedraw();
+  });
+  es.addEventListener("reset", () => { S.metrics.set(id, []); scheduleRedraw(); });
+  es.addEventListener("status", (e) => {
+    const r = JSON.parse(e.data), i = S.runs.findIndex((x) => x.id === r.id);
+    if (i >= 0) { S.runs[i] = r; renderRuns(); }
+  });
+  es.addEventListener("end", () => { es.close(); S.streams.delete(id); refreshRuns(); });
+}
+
+let redrawPending = false;
+function scheduleRedraw() {
+  if (redrawPending) return;
+  redrawPending = true;
+  requestAnimationFrame(() => { redrawPending = false; redrawCharts(); });
+}
+
+function redrawCharts() {
+  const loss = [], lr = [], tps = [];
+  for (const id of S.selected) {
+    const ms = S.metrics.get(id) || [], color = runColor(id);
+    loss.push({ label: `#${id} train`, color, points: ms.filter((m) => m.loss != null).map((m) => [m.step, m.loss]) });
+    loss.push({ label: `#${id} val`, color, dashed: true, points: ms.filter((m) => m.val_loss != null).map((m) => [m.step, m.val_loss]) });
+    lr.push({ label: `#${id}`, color, points: ms.filter((m) => m.lr != null).map((m) => [m.step, m.lr]) });
+    tps.push({ label: `#${id}`, color, points: ms.filter((m) => m.tokens_per_s != null).map((m) => [m.step, m.tokens_per_s]) });
+  }
+  const opts = { xLabel: t("chart.step"), empty: t("chart.empty") };
+  drawChart($("#chart-loss"), { series: loss, ...opts });
+  drawChart($("#chart-lr"), { series: lr, ...opts });
+  drawChart($("#chart-tps"), { series: tps, ...opts });
+}
+
+async function runAction(id, action) {
+  try {
+    await api("POST", `/api/v1/runs/${id}/${action}`, action === "resume" ? {} : undefined);
+    const es = S.streams.get(id);
+    if (es) { es.close(); S.streams.delete(id); }
+    await refreshRuns();
+    if (S.selected.has(id)) subscribe(id);
+  } catch (e) { toast(e.message, true); }
+}
+
+async function deleteRun(id) {
+  if (!confirm(t("runs.confirm_delete", { id }))) return;
+  try { await api("DELETE", `/api/v1/runs/${id}`); unselectRun(id); await refreshRuns(); }
+  catch (e) { toast(e.message, true); }
+}
+
+async function loadLog() {
+  if (S.current == null) return;
+  try { $("#run-log").textContent = (await api("GET", `/api/v1/runs/${S.current}/log?lines=200`)).lines.join("\n"); }
+  catch (e) { $("#run-log").textContent = e.message; }
+}
+
+// ---- generation ------------------------------------------------------------------------------------
+
+function renderGenModels() {
+  const sel = $("#gen-model"), keep = sel.value, trained = S.models.filter((m) => m.trained);
+  sel.replaceChildren(...trained.map((m) => h("option", { value: m.name, text: m.name })));
+  if (trained.some((m) => m.name === keep)) sel.value = keep;
+  $("#gen-go").disabled = !trained.length;
+  if (!trained.length) setMsg($("#gen-msg"), t("gen.no_models"), false);
+  else if ($("#gen-msg").textContent === t("gen.no_models")) $("#gen-msg").textContent = "";
+}
+
+function genRequest() {
+  const num = (id, parse = parseFloat) => parse($(id).value);
+  const body = {
+    model: $("#gen-model").value, prompt: $("#gen-prompt").value, max_new_tokens: num("#g-max_new_tokens", parseInt),
+    temperature: num("#g-temperature"), top_k: num("#g-top_k", parseInt), top_p: num("#g-top_p"),
+    repetition_penalty: num("#g-repetition_penalty"), num_beams: num("#g-num_beams", parseInt),
+    length_penalty: num("#g-length_penalty"), do_sample: !$("#g-greedy").checked,
+    stop_strings: $("#g-stop").value.split("\n").filter((s) => s.length),
+  };
+  if ($("#g-seed").value !== "") body.seed = parseInt($("#g-seed").value, 10);
+  return body;
+}
+
+let genAbort = null;
+
+async function streamGenerate(body, out) {
+  genAbort = new AbortController();
+  const headers = { "Content-Type": "application/json", ...(token ? { Authorization: "Bearer " + token } : {}) };
+  const res = await fetch("/api/v1/generate/stream", { method: "POST", headers, body: JSON.stringify(body), signal: genAbort.signal });
+  if (!res.ok) {
+    const data = await res.json().catch(() => ({}));
+    throw new Error(detailText(data.detail) || res.statusText);
+  }
+  const reader = res.body.getReader(), dec = new TextDecoder();
+  let buf = "", done = null;
+  for (;;) {
+    const { value, done: eof } = await reader.read();
+    if (eof) break;
+    buf += dec.decode(value, { stream: true });
+    let cut;
+    while ((cut = buf.indexOf("\n\n")) >= 0) {
+      const frame = buf.slice(0, cut);
+      buf = buf.slice(cut + 2);
+      const ev = (frame.match(/^event: (.*)$/m) || [])[1], raw = (frame.match(/^data: (.*)$/m) || [])[1];
+      if (!raw) continue;
+      const data = JSON.parse(raw);
+      if (ev === "token") out.textContent += data.text;
+      else if (ev === "done") done = data;
+      else if (ev === "error") throw new Error(data.detail);
+    }
+  }
+  return done;
+}
+
+function setupGenerate() {
+  for (const id of ["g-temperature", "g-top_p", "g-repetition_penalty"]) {
+    const input = $("#" + id), output = $(`output[for="${id}"]`);
+    const sync = () => { output.textContent = input.value; };
+    input.addEventListener("input", sync);
+    sync();
+  }
+  $("#gen-stop").addEventListener("click", () => genAbort && genAbort.abort());
+  $("#gen-form").addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const body = genRequest(), out = $("#gen-output"), msg = $("#gen-msg");
+    $("#gen-prompt-echo").textContent = body.prompt;
+    out.textContent = "";
+    msg.textContent = "";
+    $("#gen-go").disabled = true;
+    $("#gen-stop").disabled = false;
+    try {
+      let stats;
+      if ($("#g-stream").checked && body.num_beams === 1) {
+        stats = await streamGenerate(body, out);
+      } else {
+        if ($("#g-stream").checked) setMsg(msg, t("gen.beams_no_stream"));
+        stats = await api("POST", "/api/v1/generate", body);
+        out.textContent = stats.text;
+      }
+      if (stats) setMsg(msg, t("gen.stats", { tokens: stats.new_tokens, secs: stats.elapsed_s.toFixed(2), tps: fmtNum(Math.round(stats.tokens_per_s)) }));
+    } catch (e) {
+      if (e.name !== "AbortError") setMsg(msg, "✗ " + e.message, false);
+    } finally {
+      $("#gen-go").disabled = false;
+      $("#gen-stop").disabled = true;
+      genAbort = null;
+    }
+  });
+}
+
+// ---- start -----------------------------------------------------------------------------------------
+
+function renderAll() {
+  if (!S.info) return;
+  renderBooks(); renderModels(); renderRuns(); renderTrainForm(); renderGenModels(); redrawCharts(); scheduleEstimate();
+}
+
+async function main() {
+  $("#lang").addEventListener("change", () => { lang = $("#lang").value; localStorage.setItem("lmlab.lang", lang); applyLanguage(); });
+  for (const b of $$("#tabs button")) b.addEventListener("click", () => showTab(b.dataset.tab));
+  $("#log-box").addEventListener("toggle", () => { if ($("#log-box").open) loadLog(); });
+  try {
+    [S.info, S.presets] = await Promise.all([api("GET", "/api/v1/info"), api("GET", "/api/v1/presets")]);
+  } catch (e) { toast(e.message, true); return; }
+  setupDropzone();
+  setupModelForm();
+  setupTrainForm();
+  setupGenerate();
+  await Promise.all([refreshBooks(), refreshModels(), refreshRuns()]);
+  applyLanguage();
+  const start = location.hash.slice(1) || (!S.books.length ? "books" : !S.models.length ? "models" : "runs");
+  showTab(start);
+  setInterval(() => {
+    refreshRuns().catch(() => {});
+    if ($("#log-box").open && !$("#tab-runs").hidden) loadLog();
+  }, 2000);
+  let resizeTimer = null;
+  window.addEventListener("resize", () => { clearTimeout(resizeTimer); resizeTimer = setTimeout(redrawCharts, 150); });
+  document.body.dataset.ready = "true";
+}
+
+main();

@@ -1,0 +1,181 @@
+"""GGUF export, checked by reading the file back with gguf.GGUFReader and by running it in llama.cpp
+(llama-cpp-python): the same greedy tokens as lmlab for 32 steps at f32, near-identical at f16/q8_0."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+
+from lmlab.interop import export_gguf, permute_for_rope  # noqa: E402
+from lmlab.interop.gguf_export import gguf_tensors  # noqa: E402
+from lmlab.models import ModelConfig, Transformer, generate_ids  # noqa: E402
+from lmlab.models.io import save_pretrained  # noqa: E402
+from lmlab.models.model import apply_rope, rope_tables  # noqa: E402
+from lmlab.tokenizers import Tokenizer  # noqa: E402
+
+TEXT = ("the cat sat on the mat. the dog sat on the log. a bird flew over the tree and sang a song. "
+        "the fox ran into the wood, and the cat ran after the fox. ") * 30
+STEPS = 32
+
+
+def trained(family, tmp_path, steps=60, kind="bpe", **overrides):
+    tok = Tokenizer.train([TEXT], kind=kind, vocab_size=300)
+    cfg = ModelConfig.preset(f"{family}-tiny", vocab_size=tok.vocab_size + 3, block_size=128, **overrides)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    ids = torch.tensor(tok.encode(TEXT))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - 33, (8,)).tolist()
+        batch = torch.stack([ids[s:s + 33] for s in starts])
+        loss = model(batch[:, :-1], batch[:, 1:]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return save_pretrained(tmp_path / f"lmlab-{family}", model.eval(), tok), model, tok
+
+
+MODELS = {"llama": {"n_kv_head": 2}, "gpt2": {}}
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def exported(request, tmp_path_factory):
+    """One trained model per family, exported at every dtype."""
+    family = request.param
+    tmp = tmp_path_factory.mktemp(family)
+    src, model, tok = trained(family, tmp, **MODELS[family])
+    files = {dt: export_gguf(src, tmp / f"{family}-{dt}.gguf", dtype=dt) for dt in ("f32", "f16", "q8_0")}
+    return family, model, tok, files
+
+
+def test_rope_permutation_gives_the_same_attention_scores():
+    """llama.cpp rotates pairs (2i, 2i+1); lmlab and HF rotate (i, i + D/2). With q/k rows permuted,
+    every query-key score must be unchanged."""
+    cfg = ModelConfig.preset("llama-tiny")
+    H, D, T = cfg.n_head, cfg.head_dim, 10
+    w_q, w_k = torch.randn(cfg.n_embd, cfg.n_embd), torch.randn(cfg.n_embd, cfg.n_embd)
+    x = torch.randn(T, cfg.n_embd)
+    cos, sin = rope_tables(cfg, T)
+
+    def ours(w):  # (H, T, D), half-split rotation
+        return apply_rope((x @ w.T).view(T, H, D).transpose(0, 1), cos, sin)
+
+    def interleaved(w):  # (H, T, D), llama.cpp's rotation of adjacent pairs
+        y = (x @ w.T).view(T, H, D // 2, 2).transpose(0, 1)
+        c, s = cos[:, : D // 2, None], sin[:, : D // 2, None]
+        a, b = y[..., :1], y[..., 1:]
+        return torch.cat([a * c - b * s, a * s + b * c], dim=-1).flatten(-2)
+
+    expected = ours(w_q) @ ours(w_k).transpose(-1, -2)
+    got = interleaved(permute_for_rope(w_q, H)) @ interleaved(permute_for_rope(w_k, H)).transpose(-1, -2)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(interleaved(w_q) @ interleaved(w_k).transpose(-1, -2), expected, atol=1e-2)
+
+
+def test_file_reads_back_with_gguf_reader(exported):
+    family, model, tok, files = exported
+    cfg = model.config
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    want = gguf_tensors(state, cfg)
+    for dtype, path in files.items():
+        reader = gguf.GGUFReader(path)
+        fields = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+        assert fields["general.architecture"] == family
+        assert fields[f"{family}.block_count"] == cfg.n_layer
+        assert fields[f"{family}.context_length"] == cfg.block_size
+        assert fields[f"{family}.embedding_length"] == cfg.n_embd
+        assert fields[f"{family}.feed_forward_length"] == cfg.intermediate_size
+        assert fields[f"{family}.attention.head_count"] == cfg.n_head
+        if family == "llama":
+            assert fields["llama.attention.head_count_kv"] == cfg.n_kv_head
+            assert fields["llama.rope.freq_base"] == cfg.rope_theta
+        assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "gpt-2"
+        tokens = fields["tokenizer.ggml.tokens"]
+        assert len(tokens) == cfg.vocab_size and tokens[:4] == ["<PAD>", "<UNK>", "<BOS>", "<EOS>"]
+        assert tokens[tok.vocab_size] == f"[PAD{tok.vocab_size}]"  # rows no token uses
+        assert [fields[f"tokenizer.ggml.{k}_token_id"] for k in ("bos", "eos", "unknown", "padding")] == [2, 3, 1, 0]
+        merges = json.loads(tok.to_json())["model"]["merges"]
+        assert fields["tokenizer.ggml.merges"] == [" ".join(m) for m in merges]
+        tensors = {t.name: t for t in reader.tensors}
+        assert set(tensors) == set(want)
+        for name, t in tensors.items():
+            expected = want[name].numpy()
+            assert tuple(int(n) for n in reversed(t.shape)) == expected.shape, name
+            values = gguf.quants.dequantize(t.data, t.tensor_type).reshape(expected.shape)
+            tol = {"f32": 0, "f16": 1e-3, "q8_0": 2e-2}[dtype] if t.tensor_type != 0 else 0
+            np.testing.assert_allclose(values, expected, atol=tol * max(1.0, np.abs(expected).max()), err_msg=name)
+            if dtype == "q8_0" and expected.ndim == 2 and "position_embd" not in name:
+                assert t.tensor_type == gguf.GGMLQuantizationType.Q8_0, name
+
+
+def test_refuses_what_llama_cpp_cannot_run(tmp_path):
+    src, _, _ = trained("gpt", tmp_path, steps=0)
+    with pytest.raises(ValueError, match="llama.cpp has no architecture for the gpt family"):
+        export_gguf(src, tmp_path / "gpt.gguf")
+    char_src, _, _ = trained("llama", tmp_path / "char", steps=0, kind="char")
+    with pytest.raises(ValueError, match="byte-level BPE"):
+        export_gguf(char_src, tmp_path / "char.gguf")
+    llama_src, _, _ = trained("llama", tmp_path / "bias", steps=0, bias=True)
+    with pytest.raises(ValueError, match="no LlamaForCausalLM equivalent"):
+        export_gguf(llama_src, tmp_path / "bias.gguf")
+    with pytest.raises(ValueError, match="dtype"):
+        export_gguf(src, tmp_path / "x.gguf", dtype="q4_0")
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*.tmp"))
+
+
+# ---- llama.cpp itself -----------------------------------------------------------------------------
+
+def llama_cpp_greedy(path, prompt: list[int], reference: list[int]):
+    """Free-running greedy tokens, and teacher-forced top-1 agreement with `reference` plus the largest
+    logit difference, from llama.cpp, feeding token ids (no tokenizer involved)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=128, n_threads=2, logits_all=False, verbose=False, seed=0)
+
+    def last_logits() -> np.ndarray:  # with logits_all=False llama.cpp keeps only the last position's row
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),)).copy()
+
+    free: list[int] = []
+    llm.reset()
+    llm.eval(prompt)
+    for _ in range(STEPS):
+        free.append(int(np.argmax(last_logits())))
+        llm.eval([free[-1]])
+    forced_logits = []
+    llm.reset()
+    llm.eval(prompt)
+    for token in reference:
+        forced_logits.append(last_logits())
+        llm.eval([token])
+    return llm, free, np.stack(forced_logits)
+
+
+def lmlab_forced_logits(model, prompt, reference):
+    with torch.no_grad():
+        seq = torch.tensor([prompt + reference])
+        return model(seq).logits[0, len(prompt) - 1:-1].numpy()
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16", "q8_0"])
+def test_llama_cpp_generates_what_lmlab_generates(exported, dtype):
+    family, model, tok, files = exported
+    prompt = tok.encode("the fox ran into")
+    ours = generate_ids(model, [prompt], max_new_tokens=STEPS, do_sample=False, eos_token_id=None)[0]
+    assert len(set(ours)) > 4  # a trained model, not one token repeated
+    llm, free, theirs = llama_cpp_greedy(files[dtype], prompt, ours)
+    mine = lmlab_forced_logits(model, prompt, ours)
+    agree = int((theirs.argmax(-1) == np.array(ours)).sum())
+    diff = float(np.abs(theirs[:, : mine.shape[1]] - mine).max())
+    if dtype == "f32":  # the same numbers up to float rounding: every greedy token equal
+        assert free == ours, (free, ours)
+        assert diff < 1e-2, diff
+    else:  # "close": >= 30 of 32 teacher-forced top-1 choices agree, logits within 2% of their range
+        assert agree >= STEPS - 2, (agree, diff)
+        assert diff < 0.02 * float(np.ptp(mine)), diff  # measured: f16 0.2%, q8_0 0.4% of the range
+    # the embedded tokenizer splits text exactly as lmlab does
+    text = "the cat sat on the mat, then ran 3,141 metres. naïve? <EOS> 🐈"
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok.encode(text)
+    assert llm.detokenize(tok.encode(text)).decode() == text
+    assert (llm.token_bos(), llm.token_eos()) == (2, 3)

@@ -1,0 +1,127 @@
+"""Shared helpers for the web-app tests (no tests here): a book, fast training settings, an in-process
+client, a real `lmlab serve` process, and polling with a deadline."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("sqlalchemy")
+
+import httpx  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+
+from lmlab.server import Settings, build_asgi  # noqa: E402
+from lmlab.train.demo_corpus import demo_corpus  # noqa: E402
+
+BOOK = demo_corpus(n_stories=60, seed=3)  # ~18 KB of English and Russian tales
+# A tiny model and small batches: a step takes milliseconds, so a run is dominated by process start-up.
+TINY_MODEL = {"preset": "gpt2-tiny", "vocab_size": 300, "block_size": 32}
+FAST = {"batch_size": 4, "seq_len": 32, "eval_batches": 2, "lr": 1e-3}
+TIMEOUT = float(os.environ.get("LMLAB_TEST_TIMEOUT", "180"))  # seconds for one training process to get somewhere
+
+
+def wait_for(predicate, timeout: float = TIMEOUT, interval: float = 0.2, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+# Training processes of a tiny model run fastest on one thread, and on a busy 2-core machine two OpenMP
+# threads per process spin against each other (steps go from ~10 ms to ~1 s).
+CHILD_ENV = {"OMP_NUM_THREADS": "1"}
+
+
+def settings(tmp: Path, **overrides) -> Settings:
+    return Settings(workspace=tmp, poll_s=0.2, child_env=CHILD_ENV, **overrides)
+
+
+@contextmanager
+def client(s: Settings):
+    with TestClient(build_asgi(s), base_url="http://127.0.0.1") as c:
+        yield c
+
+
+def upload(c, name: str = "tales.txt", data: bytes | None = None):
+    return c.post("/api/v1/books", files={"file": (name, BOOK.encode() if data is None else data, "text/plain")})
+
+
+def run_status(c, run_id: int) -> dict:
+    r = c.get(f"/api/v1/runs/{run_id}")
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def wait_run(c, run_id: int, pred, what: str, timeout: float = TIMEOUT) -> dict:
+    return wait_for(lambda: (lambda r: r if pred(r) else None)(run_status(c, run_id)), timeout, what=what)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`lmlab serve` as a real OS process (uvicorn, signals, restarts), driven over HTTP."""
+
+    def __init__(self, workspace: Path, *extra: str, token: str | None = None) -> None:
+        self.workspace, self.extra, self.token = workspace, extra, token
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.log = workspace / f"serve-{self.port}.log"
+
+    def start(self) -> ServerProcess:
+        workspace_arg = ["--workspace", str(self.workspace), "--port", str(self.port)]
+        token = ["--api-token", self.token] if self.token else []
+        self.workspace.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "lmlab.cli", "serve", *workspace_arg, *token,
+                                          *self.extra], stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env={**os.environ, **CHILD_ENV})
+
+        def up():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"lmlab serve exited: {self.log.read_text()[-2000:]}")
+            try:
+                return self.client().get("/api/v1/info").status_code == 200
+            except httpx.HTTPError:
+                return False
+        wait_for(up, 60, 0.3, "the server to start")
+        return self
+
+    def client(self) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=60)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=60)
+
+    def stop(self) -> None:
+        self.kill(signal.SIGTERM)
+
+
+def kill_run_process(pid: int | None) -> None:
+    """Test clean-up: end a training process group that outlived its server."""
+    if pid:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
