@@ -1,0 +1,1 @@
+"""Labs: experiments built on lmlab's models, tokenizers and trainer (facts, selfplay)."""

@@ -1,0 +1,125 @@
+"""results.json, PNG plots and a self-contained report.html for every experiment (ARCHITECTURE "Reports")."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ...models.config import atomic_write_text
+
+
+def _plt():
+    try:
+        import matplotlib
+    except ImportError:
+        raise ValueError("plots need matplotlib: pip install 'lmlab[lab]'") from None
+    matplotlib.use("Agg")  # files only; never a window
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def mean_std(curves: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean and std over seeds on the steps every seed has (runs that stopped early are cut)."""
+    n = min(len(s) for s, _ in curves)
+    steps = curves[0][0][:n]
+    values = np.stack([v[:n] for _, v in curves])
+    return steps, values.mean(0), values.std(0)
+
+
+def line_plot(path: Path, title: str, xlabel: str, ylabel: str,
+              series: Sequence[tuple[str, Sequence[tuple[np.ndarray, np.ndarray]]]],
+              hlines: Sequence[tuple[str, float]] = (), vlines: Sequence[tuple[str, float]] = (),
+              logx: bool = False, logy: bool = False) -> Path:
+    """One PNG: each series is (label, per-seed (x, y) curves) drawn as mean ± std."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    for label, curves in series:
+        if not curves:
+            continue
+        x, m, s = mean_std(curves)
+        ax.plot(x, m, label=label, marker="o" if len(x) < 12 else None, ms=4)
+        if len(curves) > 1:
+            ax.fill_between(x, m - s, m + s, alpha=0.2)
+    for label, y in hlines:
+        ax.axhline(y, ls="--", color="grey", lw=1, label=label)
+    for label, x in vlines:
+        ax.axvline(x, ls=":", color="k", lw=1, label=label)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    if logx:
+        ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe: numpy scalars to Python, NaN/inf to None."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _clean(obj.tolist())
+    if isinstance(obj, (np.floating, float)):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def write_report(out: Path, name: str, claim: str, measured: str, holds: bool | None,
+                 table: Sequence[dict[str, Any]], plots: Sequence[Path], results: dict[str, Any],
+                 command: str) -> Path:
+    """Write out/results.json and out/report.html (plots inlined as base64, so the file stands alone)."""
+    out.mkdir(parents=True, exist_ok=True)
+    results.update(holds=holds, measured=measured)  # the caller's dict carries the verdict back
+    verdict = {True: "holds", False: "does not hold", None: "inconclusive"}[holds]
+    payload = {"experiment": name, "claim": claim, "measured": measured, "holds": holds, "verdict": verdict,
+               "command": command, "table": list(table), "plots": [p.name for p in plots], **results}
+    atomic_write_text(out / "results.json", json.dumps(_clean(payload), indent=1) + "\n")
+    rows = ""
+    if table:
+        cols = list(table[0])
+        rows = "<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr>"
+        for r in table:
+            rows += "<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in cols) + "</tr>"
+        rows += "</table>"
+    imgs = "".join(f'<figure><img alt="{html.escape(p.name)}" src="data:image/png;base64,'
+                   f'{base64.b64encode(p.read_bytes()).decode()}"><figcaption>{html.escape(p.name)}</figcaption>'
+                   f"</figure>" for p in plots)
+    color = {True: "#1a7f37", False: "#cf222e", None: "#9a6700"}[holds]
+    page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(name)}</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}}
+table{{border-collapse:collapse;margin:1rem 0}}td,th{{border:1px solid #ccc;padding:.25rem .5rem;font-size:.9rem}}
+img{{max-width:100%}}code{{background:#f3f3f3;padding:.1rem .3rem}}.v{{font-weight:bold;color:{color}}}</style>
+</head><body><h1>lmlab lab facts — {html.escape(name)}</h1>
+<p><b>Paper's claim</b> (Zucchet et al. 2025): {html.escape(claim)}</p>
+<p><b>Measured here</b>: {html.escape(measured)}</p>
+<p><b>Verdict</b>: <span class="v">{verdict}</span></p>
+<p>Reproduce: <code>{html.escape(command)}</code></p>{rows}{imgs}
+<p><small>Mean ± std over seeds where there are several. Numbers in results.json.</small></p></body></html>
+"""
+    atomic_write_text(out / "report.html", page)
+    return out / "report.html"
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if math.isfinite(v) else "—"
+    return "—" if v is None else str(v)

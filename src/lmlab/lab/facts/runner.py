@@ -1,0 +1,240 @@
+"""One training run of the knowledge lab, and many of them in parallel (one process and one thread each).
+
+A run is the project's Trainer on a Biographies dataset with FactsCallback attached; nothing here is a
+second training loop. `run_many` spreads runs over the CPU cores with spawned processes, because a 2-core
+machine trains two single-threaded small models faster than one model on two threads (the per-op parallel
+overhead dominates at d=64; measured in benchmarks/bench_facts.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ...models import ModelConfig, Transformer
+from ...train import Callback, TrainConfig, train
+from .data import BioConfig, Biographies
+from .metrics import FactsCallback, attention_probs, plateau_times
+
+
+@dataclass
+class RunConfig:
+    """A model, an optimiser schedule and a population: everything one run needs (saved with its results)."""
+
+    bio: BioConfig = field(default_factory=BioConfig)
+    family: str = "gpt2"
+    n_layer: int = 3
+    n_head: int = 4
+    n_embd: int = 64
+    batch_size: int = 32
+    lr: float = 3e-3
+    schedule: str = "cosine"          # paper: cosine, no warm-up
+    weight_decay: float = 0.1
+    steps: int = 2000
+    eval_every: int = 50
+    seed: int = 0                     # weights and data order (the population has its own, bio.seed)
+    stop_at_acc: float | None = None  # end the run once held-out accuracy reaches this
+    probes: bool = True
+    init_from: str | None = None      # a saved state dict (safetensors) to start from: fine-tuning
+    patch_from: str | None = None     # a reference state dict whose attention patterns replace the model's
+    snapshot_steps: tuple[int, ...] = ()  # save the weights at these steps (patching references)
+    # Fine-tuning evaluates old and new individuals separately: population rows [0, old) and [old, total).
+    split_old: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bio, dict):
+            self.bio = BioConfig(**self.bio)
+        for name in ("n_layer", "n_head", "n_embd", "batch_size", "steps", "eval_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} ({value!r}) must be a positive integer")
+        if not self.lr > 0:
+            raise ValueError(f"lr ({self.lr}) must be positive")
+        if self.stop_at_acc is not None and not 0 < self.stop_at_acc <= 1:
+            raise ValueError(f"stop_at_acc ({self.stop_at_acc}) must be in (0, 1]")
+        self.snapshot_steps = tuple(int(s) for s in self.snapshot_steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class Snapshots(Callback):
+    """Keeps the weights at chosen steps (step 0 too: it is written before the first update)."""
+
+    def __init__(self, steps: Sequence[int], out: Path) -> None:
+        self.steps, self.out = set(steps), out
+        self.paths: dict[int, str] = {}
+
+    def save(self, model: Transformer, step: int) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        path = self.out / f"step-{step}.safetensors"
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()
+                   if k != "lm_head.weight" or not model.config.tie_embeddings}, str(tmp))
+        os.replace(tmp, path)
+        self.paths[step] = str(path)
+
+    def on_step(self, trainer: Any, metrics: dict[str, Any]) -> None:
+        if trainer.step in self.steps:
+            self.save(trainer.model, trainer.step)
+
+
+def load_weights(model: Transformer, path: str) -> None:
+    state = load_file(path)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [m for m in missing if m != "lm_head.weight"]:
+        raise ValueError(f"{path} does not match the model")
+
+
+class AttentionPatch:
+    """Train a model with a reference model's attention probabilities (paper §3, App. D.1): before each
+    forward, the frozen reference runs on the same tokens and every layer of the patched model mixes its own
+    values with the reference's attention (stop-gradient; its queries and keys get no gradient)."""
+
+    def __init__(self, model: Transformer, reference: Transformer) -> None:
+        self.model, self.reference = model, reference.eval().requires_grad_(False)
+        self.probs: list[torch.Tensor] = []
+        model.register_forward_pre_hook(self._pre)
+        for i, block in enumerate(model.blocks):
+            block.attn.forward = self._patched(block.attn, i)
+
+    def _pre(self, module: torch.nn.Module, args: tuple) -> None:
+        idx = args[0]
+        captured: list[torch.Tensor] = []
+        handles = [b.attn.register_forward_hook(lambda m, a, o: captured.append(attention_probs(m, a[0], a[1])))
+                   for b in self.reference.blocks]
+        with torch.no_grad():
+            self.reference(idx)
+        for h in handles:
+            h.remove()
+        self.probs = captured
+
+    def _patched(self, attn: torch.nn.Module, layer: int):
+        def forward(x, rope, mask, cache, _layer):
+            B, T, C = x.shape
+            _q, _k, v = attn.qkv(x).split(attn.split, dim=-1)
+            v = v.view(B, T, attn.n_kv_head, attn.head_dim).transpose(1, 2)
+            v = v.repeat_interleave(attn.n_head // attn.n_kv_head, dim=1)          # (B, H, T, D)
+            y = self.probs[layer] @ v
+            return attn.resid_dropout(attn.proj(y.transpose(1, 2).reshape(B, T, C)))
+        return forward
+
+
+class _OldNew(FactsCallback):
+    """FactsCallback under a prefix (fine-tuning tracks old and new individuals separately)."""
+
+    def __init__(self, data: Biographies, prefix: str) -> None:
+        super().__init__(data, sets=("seen_eval",), probes=False)
+        self.prefix = prefix
+
+    def on_eval(self, trainer: Any, metrics: dict[str, Any]) -> None:
+        extra: dict[str, Any] = {}
+        super().on_eval(trainer, extra)
+        for k, v in extra.items():
+            metrics[k.replace("facts/", f"facts/{self.prefix}/")] = v
+
+
+def model_config(cfg: RunConfig, data: Biographies) -> ModelConfig:
+    return ModelConfig(family=cfg.family, vocab_size=data.tokenizer.vocab_size, n_layer=cfg.n_layer,
+                       n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=data.seq_len)
+
+
+def run_one(cfg: RunConfig, out_dir: str | Path, quiet: bool = True) -> dict[str, Any]:
+    """Train one model and return its evaluation history, plateau times and speed."""
+    out = Path(out_dir)
+    data = Biographies(cfg.bio)
+    callbacks: list[Callback] = []
+    views: dict[str, FactsCallback] = {}
+    if cfg.split_old:
+        b = cfg.bio
+        old = dataclasses.replace(b, first_individual=0, n_individuals=cfg.split_old, n_unseen=0,
+                                  sampling="uniform", n_celebrities=0, celebrity_weight=1.0)
+        new = dataclasses.replace(old, first_individual=cfg.split_old,
+                                  n_individuals=b.n_individuals - cfg.split_old)
+        views = {"old": _OldNew(Biographies(old, data.tokenizer, data.pools), "old"),
+                 "new": _OldNew(Biographies(new, data.tokenizer, data.pools), "new")}
+        callbacks += views.values()
+    else:
+        facts = FactsCallback(data, probes=cfg.probes and cfg.patch_from is None, stop_at_acc=cfg.stop_at_acc)
+        views = {"main": facts}
+        callbacks.append(facts)
+    snaps = Snapshots(cfg.snapshot_steps, out / "snapshots") if cfg.snapshot_steps else None
+    if snaps:
+        callbacks.append(snaps)
+    mc = model_config(cfg, data)
+    torch.manual_seed(cfg.seed)
+    model = Transformer(mc)
+    if cfg.init_from:
+        load_weights(model, cfg.init_from)
+    if cfg.patch_from:
+        ref = Transformer(mc)
+        load_weights(ref, cfg.patch_from)
+        AttentionPatch(model, ref)
+    if snaps and 0 in cfg.snapshot_steps:
+        snaps.save(model, 0)
+    tc = TrainConfig(batch_size=cfg.batch_size, seq_len=data.seq_len, lr=cfg.lr, warmup_steps=0,
+                     schedule=cfg.schedule, min_lr=cfg.lr / 10 if cfg.schedule != "constant" else None,
+                     weight_decay=cfg.weight_decay, max_steps=cfg.steps, eval_every=cfg.eval_every,
+                     eval_batches=1, save_every=0, keep_last=1, log_every=10**9, device="cpu", seed=cfg.seed,
+                     peak_flops=1e12)  # a fixed MFU denominator: skips the start-up matmul timing
+    # step 0: the untrained model, so every curve starts at initialisation
+    for cb in views.values():
+        cb.on_eval(_AtStep0(model), {})
+    t0 = time.perf_counter()
+    sink = io.StringIO() if quiet else None
+    with contextlib.redirect_stdout(sink) if sink is not None else contextlib.nullcontext():
+        result = train(model, data.tokenizer, data, tc, out, callbacks)
+    wall = time.perf_counter() - t0
+    if snaps and result.steps not in snaps.paths:
+        snaps.save(model, result.steps)
+    final = Path(out) / "final" / "model.safetensors"
+    summary: dict[str, Any] = {"config": cfg.to_dict(), "steps": result.steps, "wall_s": wall,
+                               "steps_per_s": result.steps / wall, "baseline": data.baseline(),
+                               "data": data.describe(), "final_weights": str(final),
+                               "snapshots": {str(k): v for k, v in (snaps.paths if snaps else {}).items()}}
+    for name, cb in views.items():
+        key = "history" if name == "main" else f"history_{name}"
+        summary[key] = cb.history
+        if name == "main":
+            steps = [r["step"] for r in cb.history]
+            summary["plateau"] = plateau_times(steps, [r["seen_eval/loss"] for r in cb.history], cb.baseline)
+    return summary
+
+
+class _AtStep0:
+    """Stands in for the Trainer when evaluating before the first step."""
+
+    def __init__(self, model: Transformer) -> None:
+        self.model, self.step, self.should_stop = model, 0, False
+
+
+def _worker(args: tuple[RunConfig, str]) -> dict[str, Any]:
+    torch.set_num_threads(1)  # one core per run; runs, not threads, use the machine's cores
+    return run_one(*args)
+
+
+def run_many(jobs: Sequence[tuple[RunConfig, str | Path]], workers: int | None = None) -> list[dict[str, Any]]:
+    """Run jobs in parallel, one spawned process per CPU core (at most), each single-threaded; results in
+    job order."""
+    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+    args = [(cfg, str(out)) for cfg, out in jobs]
+    if workers == 1:
+        threads = torch.get_num_threads()
+        try:
+            return [_worker(a) for a in args]
+        finally:
+            torch.set_num_threads(threads)
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        return list(pool.map(_worker, args))

@@ -1,0 +1,220 @@
+"""Knowledge lab: generator invariants, metrics against hand-computed numbers, a short run to the baseline."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lmlab.lab.facts import (
+    ATTRIBUTES,
+    AttentionPatch,
+    BioConfig,
+    Biographies,
+    EvalSet,
+    attribute_metrics,
+    plateau_times,
+)
+from lmlab.lab.facts.data import Pools, default_tokenizer
+from lmlab.lab.facts.experiments import loglog_fit, parse_seeds
+from lmlab.models import ModelConfig, Transformer
+from lmlab.models.model import ModelOutput
+
+
+@pytest.fixture(scope="module")
+def shared():
+    pools = Pools.build("cpu")
+    return pools, default_tokenizer(pools)
+
+
+def make(shared, **kw) -> Biographies:
+    pools, tok = shared
+    return Biographies(BioConfig(**{"n_individuals": 300, "n_unseen": 50, "n_eval": 40, **kw}), tok, pools)
+
+
+def templates_used(bio: Biographies, person: int, ids: list[int], name_pos: list[list[int]],
+                   value_pos: list[list[int]]) -> list[set[int]]:
+    """Per attribute, the templates whose (pre, mid, post) token pieces match the sentence around the name
+    and value positions of a generated biography. A sentence starts after <BOS> or a "." (every template
+    ends with one), which tells "X was born on V ." from "records show X was born on V ."."""
+    starts = {bio.tokenizer.bos_id, bio.tokenizer.token_to_id(".")}
+    used = []
+    for j, a in enumerate(ATTRIBUTES):
+        ns, ne = name_pos[j][0], name_pos[j][-1] + 1
+        vs, ve = value_pos[j][0], value_pos[j][-1] + 1
+        hits = set()
+        for t, (pre, mid, post) in enumerate(bio.template_ids[a]):
+            if ids[ns - len(pre):ns] == pre and ids[ne:vs] == mid and ids[ve:ve + len(post)] == post and \
+                    ns - len(pre) >= 1 and ids[ns - len(pre) - 1] in starts and vs - ne == len(mid):
+                hits.add(t)
+        assert len(hits) == 1, f"attribute {a}: templates {hits} match"
+        used.append(hits)
+    return used
+
+
+def test_template_split_is_per_individual_and_respected(shared):
+    bio = make(shared)
+    order = bio.template_order
+    for person in range(5):
+        for j in range(6):
+            train, held = set(order[person, j, :20]), set(order[person, j, 20:])
+            assert len(train) == 20 and len(held) == 5 and not train & held and train | held == set(range(25))
+    # the split differs between individuals (it is drawn per individual, not once for all)
+    assert len({tuple(sorted(order[p, 0, 20:])) for p in range(50)}) > 40
+    rng = np.random.default_rng(0)
+    for person in range(20):
+        for held_out in (False, True):
+            ids, vpos, npos = bio.biography(person, rng, held_out=held_out)
+            allowed = order[person, :, 20:] if held_out else order[person, :, :20]
+            for j, hits in enumerate(templates_used(bio, person, ids, npos, vpos)):
+                assert hits <= set(allowed[j].tolist()), (person, j, hits)
+
+
+def test_value_positions_and_names(shared):
+    bio = make(shared)
+    for name in ("seen_eval", "seen_train", "unseen"):
+        es = bio.eval_set(name)
+        for i in range(len(es.x)):
+            person = es.individuals[i]
+            f, m, la = bio.names[person]
+            name_ids = bio.first_ids[f] + bio.middle_ids[m] + bio.last_ids[la]
+            for j, a in enumerate(ATTRIBUTES):
+                got = es.y[i, es.pos[i, j][es.mask[i, j]]].tolist()
+                assert got == bio.value_ids[a][bio.values[person, j]]
+                assert es.x[i, es.name_pos[i, j][es.name_mask[i, j]]].tolist() == name_ids
+    # the dates are "month year": a two-token value; the others single pseudo-words
+    assert bio.eval_set("seen_eval").mask[0, 0].sum() == 2 and bio.eval_set("seen_eval").mask[0, 1].sum() == 1
+    assert set(bio.eval_set("unseen").individuals) <= set(bio.unseen)
+
+
+def test_sentences_shuffled_names_unique_and_deterministic(shared):
+    bio = make(shared)
+    assert len({tuple(n) for n in bio.names}) == len(bio.names)
+    rng = np.random.default_rng(0)
+    orders = {tuple(np.argsort([v[0] for v in bio.biography(0, rng)[1]])) for _ in range(30)}
+    assert len(orders) > 10
+    fixed = make(shared, shuffle=False)
+    assert {tuple(np.argsort([v[0] for v in fixed.biography(0, rng)[1]])) for _ in range(5)} == {tuple(range(6))}
+    a = make(shared).sample_batch(8, bio.seq_len, torch.Generator().manual_seed(3))
+    b = make(shared).sample_batch(8, bio.seq_len, torch.Generator().manual_seed(3))
+    c = make(shared, seed=1).sample_batch(8, bio.seq_len, torch.Generator().manual_seed(3))
+    assert torch.equal(a[0], b[0]) and not torch.equal(a[0], c[0])
+    assert torch.equal(a[0][:, 1:], a[1][:, :-1])  # y is x shifted by one
+
+
+def test_unseen_never_sampled_and_distributions(shared):
+    bio = make(shared, warmup_individuals=10, warmup_steps=5)
+    g = torch.Generator().manual_seed(0)
+    rng = np.random.default_rng(0)
+    drawn = [bio._draw(64, rng) for _ in range(5)]
+    bio.batches_drawn = 5
+    assert set(np.concatenate(drawn)) <= set(range(10))  # warm-up: the subset only
+    later = np.concatenate([bio._draw(64, rng) for _ in range(300)])
+    assert set(later) <= set(bio.seen) and not set(later) & set(bio.unseen) and len(set(later)) > 290
+    bio.sample_batch(4, bio.seq_len, g)
+    pl = make(shared, sampling="power_law", alpha=0.7)
+    assert pl.weights[0] / pl.weights[1] == pytest.approx(2 ** 0.7)
+    assert pl.weights.sum() == pytest.approx(1.0)
+    cel = make(shared, sampling="celebrities", n_celebrities=10, celebrity_weight=8.0)
+    assert cel.weights[0] / cel.weights[-1] == pytest.approx(8.0)
+    rep = make(shared, replay_individuals=200, replay_weight=0.0)
+    assert rep.weights[:200].sum() == 0 and rep.weights[200:].sum() == pytest.approx(1.0)
+    # a population's first rows do not depend on its size (fine-tuning views share one population)
+    big = make(shared, n_individuals=400)
+    assert np.array_equal(big.values[:300], bio.values[:300]) and np.array_equal(big.names[:300], bio.names[:300])
+    assert np.array_equal(big.template_order[:300], bio.template_order[:300])
+
+
+def test_baseline_is_the_value_entropy(shared):
+    bio = make(shared, n_individuals=4, n_unseen=0, n_eval=4)
+    bio.values[:4] = np.array([[0, 0, 0, 0, 0, 0], [0, 1, 0, 1, 1, 0], [1, 2, 0, 2, 1, 0], [1, 3, 0, 3, 2, 0]])
+    # attribute entropies: ln 2, ln 4, 0, ln 4, -(1/4 ln 1/4 + 1/2 ln 1/2 + 1/4 ln 1/4), 0
+    expected = (math.log(2) + 2 * math.log(4) + 1.5 * math.log(2)) / 6
+    assert bio.baseline() == pytest.approx(expected, abs=1e-12)
+    default = make(shared)  # and on a real population: near ln V per attribute (V = 48, 48, 32, 32, 40, 48)
+    upper = np.mean(np.log([48, 48, 32, 32, 40, 48]))
+    assert upper - 0.15 < default.baseline() < upper
+
+
+def test_bad_config_is_a_value_error():
+    for kw in ({"n_individuals": 0}, {"n_train_templates": 30}, {"sampling": "zipf"}, {"alpha": -1.0},
+               {"warmup_individuals": 5}, {"scale": "huge"}, {"n_individuals": 10**6}):
+        with pytest.raises(ValueError):
+            BioConfig(**kw)
+    with pytest.raises(ValueError):
+        parse_seeds("a,b")
+    assert parse_seeds("0-2") == [0, 1, 2] and parse_seeds("3,5") == [3, 5]
+
+
+class FixedLogits(torch.nn.Module):
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.logits = logits
+
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        return ModelOutput(self.logits.expand(len(x), -1, -1))
+
+
+def test_attribute_metrics_hand_computed():
+    probs = torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.5, 0.25, 0.125, 0.125], [0.1, 0.6, 0.2, 0.1],
+                          [0.4, 0.3, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25]])
+    y = torch.tensor([[3, 0, 1, 2, 3]])
+    # attribute 0: value of two tokens at y[1], y[2] (targets 0, 1: both argmax); attribute 1: one token at y[3]
+    # (target 2, argmax 0: wrong)
+    es = EvalSet("hand", torch.zeros(1, 5, dtype=torch.long), y, torch.tensor([[[1, 2], [3, 0]]]),
+                 torch.tensor([[[True, True], [True, False]]]), torch.zeros(1, 2, 1, dtype=torch.long),
+                 torch.ones(1, 2, 1, dtype=torch.bool), np.array([0]))
+    m = attribute_metrics(FixedLogits(probs.log()[None]), es, baseline=1.0)
+    loss0, loss1 = -math.log(0.5) - math.log(0.6), -math.log(0.2)
+    assert m["loss"] == pytest.approx((loss0 + loss1) / 2, abs=1e-6)
+    assert m["acc"] == pytest.approx(0.5)
+    assert m["max_prob"] == pytest.approx(((0.5 + 0.6) / 2 + 0.4) / 2, abs=1e-6)
+
+    def h(p):
+        return -sum(q * math.log(q) for q in p)
+    ent = ((h([0.5, 0.25, 0.125, 0.125]) + h([0.1, 0.6, 0.2, 0.1])) / 2 + h([0.4, 0.3, 0.2, 0.1])) / 2
+    assert m["entropy"] == pytest.approx(ent, abs=1e-6)
+    assert m["above_baseline"] == pytest.approx(m["loss"] - 1.0)
+
+
+def test_plateau_times_and_fit():
+    steps = [0, 10, 20, 30, 40, 50, 60]
+    loss = [6.0, 4.2, 4.03, 4.0, 3.85, 3.95, 3.5]  # baseline 4.0: reached at 20; 40 is a blip; 60 the last one
+    assert plateau_times(steps, loss, 4.0) == {"t1": 20, "t_star": 60, "plateau_len": 40}
+    assert plateau_times(steps, [6.0] * 7, 4.0) == {"t1": None, "t_star": None, "plateau_len": None}
+    fit = loglog_fit([100, 200, 400], [0.5 * 100**0.8, 0.5 * 200**0.8, 0.5 * 400**0.8])
+    assert fit["b"] == pytest.approx(0.8) and fit["a"] == pytest.approx(0.5) and fit["r2"] == pytest.approx(1.0)
+
+
+def test_attention_patch_with_own_patterns_is_exact():
+    cfg = ModelConfig(family="llama", vocab_size=50, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, block_size=16)
+    model = Transformer(cfg).eval()
+    x = torch.randint(4, 50, (3, 16))
+    want = model(x).logits
+    patched = copy.deepcopy(model)
+    AttentionPatch(patched, copy.deepcopy(model))
+    torch.testing.assert_close(patched(x).logits, want, rtol=1e-5, atol=1e-5)
+    other = Transformer(cfg).eval()
+    patched_other = copy.deepcopy(model)
+    AttentionPatch(patched_other, other)
+    assert (patched_other(x).logits - want).abs().max() > 1e-3  # someone else's patterns change the output
+
+
+def test_short_run_reaches_the_baseline(shared, tmp_path):
+    """Phase 1: within a few hundred steps the held-out attribute loss falls from ~ln(vocab) per token to
+    the no-knowledge baseline (within 0.1 nats)."""
+    from lmlab.lab.facts.runner import RunConfig, run_one
+    torch.set_num_threads(2)
+    cfg = RunConfig(bio=BioConfig(n_individuals=400, n_unseen=64, n_eval=64, seed=0), n_layer=2, n_embd=48,
+                    steps=300, eval_every=50, lr=1e-2, probes=True)
+    r = run_one(cfg, tmp_path / "run")
+    base = r["baseline"]
+    losses = [row["seen_eval/loss"] for row in r["history"]]
+    assert losses[0] > base + 2.0
+    assert min(losses) <= base + 0.1, (losses, base)
+    assert r["history"][-1]["seen_eval/acc"] < 0.2  # no individual knowledge yet
+    assert "att_value_name_L1" in r["history"][-1] and "drift_value" in r["history"][-1]
