@@ -437,6 +437,110 @@ def _import(args: argparse.Namespace) -> int:
 
 # ---- entry point ------------------------------------------------------------------------------------
 
+# ---- selfplay ---------------------------------------------------------------------------------------
+
+def _selfplay_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="mode", required=True, metavar="MODE")
+    a = sub.add_parser("azr", help="Absolute Zero miniature on a program DSL: warm-up only, solver-only RL on "
+                                   "random tasks, AZR with a frozen proposer, full AZR (matched compute)")
+    a.add_argument("--out", required=True, help="folder for results.json, solve_rate.png, proposer.png, report.html")
+    a.add_argument("--seeds", default="3", help="a count N (seeds 0..N-1) or a comma list like 0,1,2 (default 3)")
+    a.add_argument("--workers", type=int, default=2, help="seeds run in parallel processes, 1 thread each (2)")
+    a.add_argument("--quick", action="store_true", help="a smoke run in seconds; its numbers mean nothing")
+    a.add_argument("--arms", help="comma list of arms (default all: warmup_only,solver_rl_random,"
+                                  "azr_frozen_proposer,azr)")
+    a.add_argument("--iterations", type=int, help="self-play iterations, one gradient step each")
+    a.add_argument("--warmup-steps", type=int, help="next-token warm-up steps on random-program triples")
+    a.add_argument("--propose-batch", type=int, help="proposals per task type per iteration")
+    a.add_argument("--solve-batch", type=int, help="solver answers trained per task type per iteration")
+    a.add_argument("--group", type=int, help="solver samples G that score a proposal's learnability")
+    a.add_argument("--lr", type=float, help="Adam learning rate of the RL phase")
+    a.add_argument("--eval-every", type=int, help="score the held-out set every N iterations")
+    t = sub.add_parser("text", help="RL for a text model: group-relative advantages, KL to the starting model")
+    t.add_argument("--model", required=True, help="model directory to start from (e.g. lmlab-demo/final)")
+    t.add_argument("--out", required=True, help="folder for metrics.jsonl, config.json and final/")
+    t.add_argument("--reward", default="seed", choices=["seed", "repetition", "perplexity", "file"],
+                   help="seed: seed 000's diversity*0.5+length*0.5; repetition: distinct 3-grams; perplexity: "
+                        "judge log-prob (--judge); file: your function (--reward-file) (default seed)")
+    t.add_argument("--judge", help="model directory of the judge for --reward perplexity")
+    t.add_argument("--reward-file", help="FILE.py:FUNCTION, fn(prompt, completion) -> float, for --reward file")
+    t.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable; default: start from <BOS>)")
+    t.add_argument("--seed", type=int, help="seed for sampling and the update (default 0)")
+    t.add_argument("--quick", action="store_true", help="a few small iterations, to check a setup")
+    t.add_argument("--iterations", type=int, help="policy updates (default 40)")
+    t.add_argument("--group-size", type=int, help="completions per prompt (default 8)")
+    t.add_argument("--prompts-per-iteration", type=int, help="prompts per update (default 4)")
+    t.add_argument("--max-new-tokens", type=int, help="tokens per completion (default 48)")
+    t.add_argument("--lr", type=float, help="AdamW learning rate (default 5e-5)")
+    t.add_argument("--kl-coef", type=float, help="weight of the KL penalty to the starting model (default 0.1)")
+    t.add_argument("--temperature", type=float, help="sampling temperature (default 1.0)")
+
+
+@command("selfplay", "self-play RL: lmlab selfplay azr --out DIR | lmlab selfplay text --model DIR --out DIR",
+         _selfplay_arguments)
+def _selfplay(args: argparse.Namespace) -> int:
+    names = {"azr": ("arms", "iterations", "warmup_steps", "propose_batch", "solve_batch", "group", "lr",
+                     "eval_every"),
+             "text": ("seed", "iterations", "group_size", "prompts_per_iteration", "max_new_tokens", "lr",
+                      "kl_coef", "temperature")}[args.mode]
+    overrides = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    if args.mode == "azr":
+        from .lab.selfplay.azr import AZRConfig, parse_seeds, run_experiment
+        from .lab.selfplay.report import table
+        if "arms" in overrides:
+            overrides["arms"] = tuple(a.strip() for a in overrides["arms"].split(",") if a.strip())
+        cfg = AZRConfig.quick(**overrides) if args.quick else AZRConfig(**overrides)
+        results = run_experiment(cfg, parse_seeds(args.seeds), args.out, workers=args.workers)
+        for row in table(results):
+            print(" | ".join(row))
+        verdict = results["summary"]["verdict"].get("reproduces")
+        print(f"reproduces: {verdict}; report: {Path(args.out) / 'report.html'}")
+        return 0
+    from .lab.selfplay.text import TextSelfPlayConfig, run_text_selfplay
+    cfg = TextSelfPlayConfig.quick(reward=args.reward, **overrides) if args.quick else \
+        TextSelfPlayConfig(reward=args.reward, **overrides)
+    rows = run_text_selfplay(args.model, args.out, cfg, args.prompt or [""], judge=args.judge,
+                             reward_file=args.reward_file)
+    print(f"reward {rows[0]['reward']:.4f} -> {rows[-1]['reward']:.4f}, kl {rows[-1]['kl']:.4f}; "
+          f"model: {Path(args.out) / 'final'}")
+    return 0
+
+
+# ---- lab facts --------------------------------------------------------------------------------------
+
+_FACTS_VERBS = ("phases", "plateau", "alpha", "warmup", "hallucination", "finetune", "memory", "patching",
+                "ablation", "all")
+
+
+def _lab_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="lab", required=True, metavar="LAB")
+    f = sub.add_parser("facts", help="knowledge acquisition on synthetic biographies (Zucchet et al. 2025)",
+                       description="Experiments of Zucchet et al. 2025 at CPU scale; each writes results.json, PNG "
+                                   "plots and report.html into --out. Example: lmlab lab facts phases --out runs/facts")
+    f.add_argument("verb", choices=_FACTS_VERBS, metavar="EXPERIMENT",
+                   help="phases | plateau | alpha | warmup | hallucination | finetune | memory | patching | "
+                        "ablation | all")
+    f.add_argument("--out", required=True, help="folder for results.json, plots and report.html")
+    f.add_argument("--seeds", default="0,1,2", help="comma list (0,1,2) or range (0-4) of seeds (default 0,1,2)")
+    f.add_argument("--quick", action="store_true", help="reduced sizes and budgets (minutes instead of tens)")
+    f.add_argument("--workers", type=int, help="parallel processes, 1 thread each (default: one per CPU core)")
+
+
+@command("lab", "labs: lmlab lab facts phases|plateau|alpha|warmup|hallucination|finetune|memory|patching|"
+                "ablation|all --out DIR", _lab_arguments)
+def _lab(args: argparse.Namespace) -> int:
+    from .lab.facts.experiments import parse_seeds, run_experiment
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers ({args.workers}) must be >= 1")
+    results = run_experiment(args.verb, parse_seeds(args.seeds), Path(args.out), args.quick, args.workers)
+    for name, res in (results.items() if args.verb == "all" else [(args.verb, results)]):
+        if isinstance(res, dict) and "speed" in res:
+            where = Path(args.out) / (name if args.verb == "all" else "") / "report.html"
+            verdict = {True: "holds", False: "does not hold", None: "inconclusive"}[res.get("holds")]
+            print(f"{name}: {verdict} ({res.get('measured')}); wall {res['speed']['wall_s']:.0f} s; report: {where}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmlab", description="Train, study and ship small language models.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

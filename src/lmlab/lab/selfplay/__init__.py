@@ -1,0 +1,1 @@
+"""Self-play lab: an Absolute Zero miniature on a program DSL (`azr`) and self-play RL for text models (`text`)."""

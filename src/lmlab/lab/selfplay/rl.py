@@ -1,0 +1,98 @@
+"""The policy-gradient pieces both self-play modes share: log-probabilities of sampled completions,
+reward normalisation, and the REINFORCE loss.
+
+Sign convention (the seed's later version got it wrong, see shared/research/seed_systems_and_style.md):
+the loss is `-A * log pi(y)`, so gradient descent raises the log-probability of completions with a
+positive advantage. tests/test_selfplay.py checks this on a real model after one optimizer step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ...models import Transformer
+
+EPS = 1e-6
+
+
+def normalize(rewards: Sequence[float]) -> list[float]:
+    """(r - mean) / std with the population std; all zeros when the rewards are (nearly) equal, because a
+    batch with one reward value carries no preference (veRL's whitening would divide by ~0)."""
+    n = len(rewards)
+    if n == 0:
+        return []
+    mean = sum(rewards) / n
+    std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / n)
+    if std < EPS:
+        return [0.0] * n
+    return [(r - mean) / std for r in rewards]
+
+
+def grouped_advantages(rewards: Sequence[float], groups: Sequence[object]) -> list[float]:
+    """Normalise rewards separately within each group key: the (task type x role) batches of AZR's TRR++
+    (Zhao et al. 2025, sec. 3.3.5), or the completions of one prompt in GRPO (Shao et al. 2024)."""
+    if len(rewards) != len(groups):
+        raise ValueError(f"{len(rewards)} rewards but {len(groups)} group labels")
+    out = [0.0] * len(rewards)
+    for key in dict.fromkeys(groups):
+        idx = [i for i, g in enumerate(groups) if g == key]
+        for i, a in zip(idx, normalize([rewards[i] for i in idx])):
+            out[i] = a
+    return out
+
+
+def learnability(successes: Sequence[float]) -> float:
+    """AZR's proposer reward: 1 - mean solve rate over the G solver samples, and 0 when the task is
+    always or never solved (nothing to learn from it). The largest value, 1 - 1/G, goes to the hardest
+    task that is still solvable."""
+    if not successes:
+        raise ValueError("learnability needs at least one solver sample")
+    p = sum(successes) / len(successes)
+    return 0.0 if p <= 0.0 or p >= 1.0 else 1.0 - p
+
+
+@dataclass
+class Batch:
+    """Right-padded prompt+completion rows, with a mask over the completion's target positions."""
+    inputs: torch.Tensor   # (B, T-1) ids fed to the model
+    targets: torch.Tensor  # (B, T-1) next ids
+    mask: torch.Tensor     # (B, T-1) True where the target is a completion token
+
+
+def make_batch(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int = 0,
+               device: str | torch.device = "cpu") -> Batch:
+    rows = [list(p) + list(c) for p, c in zip(prompts, completions)]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        ids[i, : len(rows[i])] = torch.tensor(rows[i])
+        mask[i, len(p): len(p) + len(c)] = True
+    return Batch(ids[:, :-1].to(device), ids[:, 1:].to(device), mask[:, 1:].to(device))
+
+
+def token_logprobs(model: Transformer, batch: Batch, *, with_entropy: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log pi(target) at every position (B, T-1), and the policy's entropy there if asked. Right padding
+    needs no attention mask: padding only ever follows the real tokens of a row."""
+    logits = model(batch.inputs).logits.float()                          # (B, T-1, V)
+    logp = torch.log_softmax(logits, dim=-1)
+    picked = logp.gather(-1, batch.targets.unsqueeze(-1)).squeeze(-1)    # (B, T-1)
+    entropy = -(logp.exp() * logp).sum(-1) if with_entropy else None
+    return picked, entropy
+
+
+def reinforce_loss(logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor,
+                   entropy: torch.Tensor | None = None, entropy_coef: float = 0.0) -> torch.Tensor:
+    """Token-mean REINFORCE: -sum_i A_i sum_t log pi(y_it) / (number of completion tokens), minus an
+    entropy bonus. Token-mean is veRL's default aggregation, which AZR trains with."""
+    m = mask.float()
+    n = m.sum().clamp_min(1.0)
+    loss = -(advantages[:, None] * logp * m).sum() / n
+    if entropy is not None and entropy_coef:
+        loss = loss - entropy_coef * (entropy * m).sum() / n
+    return loss

@@ -1,0 +1,294 @@
+"""Self-play lab: the DSL interpreter and validator, rewards and advantages against hand-computed numbers,
+the sign of the policy gradient, and short end-to-end runs of both modes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmlab.lab.selfplay import azr, dsl
+from lmlab.lab.selfplay.azr import AZRConfig, Sample, Task
+from lmlab.lab.selfplay.dsl import DSLError
+from lmlab.lab.selfplay.rl import grouped_advantages, learnability, make_batch, normalize, token_logprobs
+from lmlab.lab.selfplay.text import (
+    TextSelfPlayConfig,
+    build_reward,
+    kl_k3,
+    repetition_reward,
+    run_text_selfplay,
+    seed_reward,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from more threads, and on a shared 2-core machine they lose a lot."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---- interpreter -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("program, inp, out", [
+    ("SORT REV", (3, 1, 4), (4, 3, 1)),
+    ("CUMSUM", (1, 2, 3), (1, 3, 6)),
+    ("EVENS SUM", (1, 2, 3, 4), 6),
+    ("SUM INC", (1, 2), 4),            # elementwise ops also apply to ints
+    ("TAKE2 DBL", (5, 6, 7), (10, 12)),
+    ("DROP1 HEAD", (5, 6, 7), 6),
+    ("HALF MIN", (9, 4), 2),
+    ("LEN", (1, 1, 1), 3),
+    ("DEC MAX", (3, 8, 1), 7),
+    ("ID", (1, 2, 3), (1, 2, 3)),
+    ("EVENS", (1, 3), ()),             # an empty list is a value
+])
+def test_interpreter_on_hand_written_programs(program, inp, out):
+    assert dsl.run(program.split(), inp) == out
+
+
+@pytest.mark.parametrize("program, inp, why", [
+    ("SUM SORT", (1, 2), "needs a list"),          # type error: SORT after an int
+    ("LEN MAX", (1,), "needs a list"),
+    ("FOO", (1,), "unknown op"),
+    ("", (1,), "1..6 ops"),
+    ("REV " * 7, (1,), "1..6 ops"),
+    ("DEC", (0, 1), "outside"),                     # would leave [0, 99]
+    ("CUMSUM DBL", (9,) * 6, "outside"),            # 54 * 2 = 108 > 99
+    ("EVENS MAX", (1, 3), "empty"),
+    ("REV", (1,) * 9, "longer than"),               # size cap on the input
+])
+def test_validator_rejects(program, inp, why):
+    with pytest.raises(DSLError, match=why):
+        dsl.validate(program.split(), inp)
+
+
+def test_step_cap(monkeypatch):
+    assert dsl.run(("REV", "REV"), (1, 2, 3)) == (1, 2, 3)  # 2 ops x (1 + 3) = 8 steps
+    monkeypatch.setattr(dsl, "STEP_CAP", 7)
+    with pytest.raises(DSLError, match="steps"):
+        dsl.run(("REV", "REV"), (1, 2, 3))
+
+
+def test_proposal_parsing():
+    t = dsl.parse_proposal("SORT REV I: [ 3 1 ]")
+    assert (t.program, t.input, t.output) == (("SORT", "REV"), (3, 1), (3, 1))
+    for bad in ("SORT REV", "SORT I: 3", "SUM SORT I: [ 1 ]", "I: [ 1 ]", "SORT I: [ 1 100 ]", "SORT I: [ 1",
+                "SORT I: [ 1 ] I: [ 2 ]", "<UNK> I: [ 1 ]"):
+        with pytest.raises(DSLError):
+            dsl.parse_proposal(bad)
+    assert dsl.parse_inputs("[ 1 ] I: [ 2 3 ]", ("SUM",), 2) == [(1,), (2, 3)]
+    for bad in ("[ 1 ] I: [ 1 ]", "[ 1 ]", "[ 1 ] I: [ 0 ]"):  # duplicate, too few, DEC of 0 fails
+        with pytest.raises(DSLError):
+            dsl.parse_inputs(bad, ("DEC",), 2)
+
+
+def test_no_exec_or_eval_in_the_interpreter():
+    source = Path(dsl.__file__).read_text()
+    assert "exec(" not in source and "eval(" not in source
+
+
+def test_grading_runs_the_program():
+    ded = Task("ded", ("SORT", "REV"), (((3, 1, 4), (4, 3, 1)),))
+    assert azr.grade(ded, "[ 4 3 1 ]") == (True, True)
+    assert azr.grade(ded, "[ 4 1 3 ]") == (True, False)
+    assert azr.grade(ded, "[ 4 3") == (False, False)
+    abd = Task("abd", ("SORT",), (((2, 1), (1, 2)),))
+    assert azr.grade(abd, "[ 1 2 ]") == (True, True)  # any input with p(i) = o is right
+    assert azr.grade(abd, "[ 1 3 ]") == (True, False)
+    ind = Task("ind", ("SORT",), (((2, 1), (1, 2)), ((5,), (5,)), ((3, 2), (2, 3)), ((0, 9), (0, 9))))
+    assert [p for p, _ in ind.visible] == [(2, 1), (5,)]
+    assert azr.grade(ind, "REV REV SORT") == (True, True)  # checked on the hidden pairs only
+    assert azr.grade(ind, "REV") == (True, False)
+    assert azr.grade(ind, "SUM SORT") == (False, False)
+    assert azr.solver_prompt(ded) == "<SOLVE_DED> P: SORT REV I: [ 3 1 4 ] O:"
+    assert azr.solver_prompt(ind) == "<SOLVE_IND> I: [ 2 1 ] O: [ 1 2 ] I: [ 5 ] O: [ 5 ] P:"
+
+
+def test_heldout_set_is_fixed_and_stratified():
+    cfg = AZRConfig.quick(heldout_per_stratum=4)
+    a, b = azr.heldout_tasks(cfg), azr.heldout_tasks(cfg)
+    assert a == b
+    counts = {}
+    for t in a:
+        counts[(t.kind, len(t.program))] = counts.get((t.kind, len(t.program)), 0) + 1
+    assert counts == {(k, n): 4 for k in azr.KINDS for n in range(1, cfg.heldout_max_ops + 1)}
+    assert all(len(t.pairs) == cfg.ind_inputs for t in a if t.kind == "ind")
+
+
+# ---- rewards and advantages, by hand ------------------------------------------------------------------
+
+
+def test_learnability_reward():
+    assert learnability([1, 0, 0, 0]) == 0.75
+    assert learnability([1, 0, 0, 0, 0, 0, 0, 0]) == 0.875  # the largest with G = 8: 1 - 1/8
+    assert learnability([1, 1, 0, 0]) == 0.5
+    assert learnability([1, 1, 1, 1]) == 0.0 and learnability([0, 0, 0, 0]) == 0.0
+    cfg = AZRConfig.quick()
+    assert azr.proposer_reward(None, cfg) == -1.0
+    assert azr.proposer_reward([0.0, 0.0], cfg) == 0.0
+    assert azr.proposer_reward([1.0, 0.0, 0.0, 0.0], cfg) == 0.75
+    assert azr.proposer_reward([1.0, 1.0], AZRConfig.quick(trivial_reward=-0.5)) == -0.5
+
+
+def test_normalisation_by_hand():
+    assert normalize([1, 0, 0, 1]) == [1.0, -1.0, -1.0, 1.0]  # mean 0.5, population std 0.5
+    assert normalize([3, 3, 3]) == [0.0, 0.0, 0.0]
+    # [0.75, 0, -1]: mean -1/12; deviations 10/12, 1/12, -11/12; var = 222/432; std = 0.716860
+    got = normalize([0.75, 0.0, -1.0])
+    assert got == pytest.approx([1.162476, 0.116248, -1.278724], abs=1e-5)
+
+
+def test_trr_normalises_per_task_type_and_role():
+    rewards = [1.0, 0.0, 0.75, -1.0, 0.0, 1.0, 1.0]
+    groups = [("ded", "solve"), ("ded", "solve"), ("ded", "propose"), ("ded", "propose"),
+              ("ind", "solve"), ("ind", "solve"), ("abd", "solve")]
+    adv = grouped_advantages(rewards, groups)
+    # (ded, propose): mean -0.125, std 0.875 -> +1, -1; (abd, solve) alone -> 0. One pooled baseline
+    # over all seven (mean 0.25) would instead give the 0.75 proposal a smaller advantage than a solve.
+    assert adv == pytest.approx([1.0, -1.0, 1.0, -1.0, -1.0, 1.0, 0.0])
+
+
+def test_text_rewards_by_hand():
+    # seed 000: 3 unique of 4 tokens -> 0.75 * 0.5; length 4/100 -> 0.04 * 0.5
+    assert seed_reward([5, 5, 6, 7]) == pytest.approx(0.375 + 0.02)
+    assert seed_reward([]) == 0.0
+    assert repetition_reward([1, 2, 3, 1, 2, 3]) == 0.75  # 3-grams 123 231 312 123: 3 distinct of 4
+    assert repetition_reward([1, 2]) == 0.0
+    # k3 with log pi = log 0.25, log pi_ref = log 0.5: d = ln 2, e^d - d - 1 = 2 - 0.693147 - 1
+    kl = kl_k3(torch.log(torch.tensor([0.25, 0.5])), torch.log(torch.tensor([0.5, 0.5])))
+    assert kl.tolist() == pytest.approx([0.306853, 0.0], abs=1e-6)
+
+
+def test_reward_file(tmp_path):
+    f = tmp_path / "my_reward.py"
+    f.write_text("def score(prompt, completion):\n    return completion.count('a') / max(len(completion), 1)\n"
+                 "def bad(prompt, completion):\n    return float('nan')\n")
+    reward = build_reward("file", reward_file=f"{f}:score")
+    assert reward(["x", "y"], ["aab", ""], [[1], []]) == pytest.approx([2 / 3, 0.0])
+    with pytest.raises(ValueError, match="finite"):
+        build_reward("file", reward_file=f"{f}:bad")(["x"], ["a"], [[1]])
+    for spec in (str(f), f"{f}:missing", f"{tmp_path / 'no.py'}:score"):
+        with pytest.raises(ValueError):
+            build_reward("file", reward_file=spec)
+    with pytest.raises(ValueError, match="judge"):
+        build_reward("perplexity")
+
+
+# ---- the sign of the policy gradient --------------------------------------------------------------------
+
+
+def _prob(model, prompt, token):
+    with torch.no_grad():
+        return torch.softmax(model(torch.tensor([prompt])).logits[0, -1].float(), -1)[token].item()
+
+
+def test_rewarded_token_gains_probability_after_one_step():
+    cfg = AZRConfig.quick(entropy_coef=0.0, lr=1e-2)
+    model = azr.new_model(cfg, 0)
+    prompt = "<SOLVE_DED> P: REV I: [ 1 ] O:"
+    ids = [dsl.BOS_ID, *dsl.VOCABULARY.encode(prompt)]
+    good, bad = dsl.VOCABULARY.encode("7")[0], dsl.VOCABULARY.encode("8")[0]
+    before = _prob(model, ids, good), _prob(model, ids, bad)
+    samples = [Sample(prompt, [good], 1.0, "ded", "solve"), Sample(prompt, [bad], 0.0, "ded", "solve")]
+    azr.update(model, torch.optim.Adam(model.parameters(), lr=cfg.lr), samples, cfg)
+    after = _prob(model, ids, good), _prob(model, ids, bad)
+    assert after[0] > before[0] * 1.5 and after[1] < before[1] / 1.5  # advantages +1 / -1
+
+
+def test_log_probs_match_a_direct_forward():
+    model = azr.new_model(AZRConfig.quick(), 1)
+    batch = make_batch([[2, 5, 6], [2, 7]], [[8, 3], [9, 10, 3]])
+    logp, _ = token_logprobs(model, batch)
+    with torch.no_grad():
+        direct = torch.log_softmax(model(torch.tensor([[2, 7, 9, 10]])).logits[0].float(), -1)
+    assert batch.mask[1].tolist() == [False, True, True, True]
+    torch.testing.assert_close(logp[1, 1:].detach(), direct[[1, 2, 3], [9, 10, 3]])
+
+
+# ---- end to end -------------------------------------------------------------------------------------------
+
+
+def test_azr_arms_run_and_report(tmp_path):
+    from lmlab.lab.selfplay.report import summarize, write_report
+
+    cfg = AZRConfig.quick(warmup_steps=20, iterations=2, eval_every=1, heldout_per_stratum=1, seed_rounds=1)
+    heldout = azr.heldout_tasks(cfg)
+    model = azr.new_model(cfg, 0)
+    losses = azr.warmup(model, cfg, 0, set())
+    assert losses[-1] < losses[0]
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    arms = []
+    for arm in azr.ARMS:
+        model.load_state_dict(state)
+        arms.append(azr.run_arm(arm, model, cfg, 0, heldout))
+    by = {a["arm"]: a for a in arms}
+    assert [r["iteration"] for r in by["azr"]["history"]] == [0, 1, 2]
+    assert by["azr"]["history"][1]["trained_sequences"] == 2 * 3 * 4  # proposals + solver answers
+    assert by["azr_frozen_proposer"]["history"][1]["trained_sequences"] == 3 * 4
+    assert by["solver_rl_random"]["history"][1]["trained_sequences"] == 2 * 3 * 4  # matched to full AZR
+    assert by["warmup_only"]["history"][2]["solve_rate"] == by["warmup_only"]["history"][0]["solve_rate"]
+    results = {"claim": "c", "warmup_note": "w", "config": cfg.__dict__, "seeds": [0], "heldout_size": 15,
+               "wall_s": 1.0, "per_seed": [{"seed": 0, "arms": arms}]}
+    results["summary"] = summarize(results)
+    write_report(results, tmp_path)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert set(saved["summary"]["arms"]) == set(azr.ARMS)
+    assert (tmp_path / "solve_rate.png").read_bytes()[:4] == b"\x89PNG"
+    assert "data:image/png;base64" in (tmp_path / "report.html").read_text()
+
+
+def test_text_selfplay_raises_a_user_reward(tmp_path):
+    from lmlab.models import ModelConfig, Transformer
+    from lmlab.models.io import load_pretrained, save_pretrained
+    from lmlab.tokenizers import Tokenizer
+
+    tok = Tokenizer.train(["abcdefgh " * 20], kind="char", vocab_size=64)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(family="gpt2", vocab_size=len(tok), n_layer=1, n_head=2, n_embd=32,
+                                    block_size=32))
+    save_pretrained(tmp_path / "start", model, tok)
+    (tmp_path / "r.py").write_text("def share_of_a(prompt, completion):\n"
+                                   "    return completion.count('a') / max(len(completion), 1)\n")
+    cfg = TextSelfPlayConfig(iterations=12, prompts_per_iteration=2, group_size=8, max_new_tokens=12, lr=3e-3,
+                             kl_coef=0.05, reward="file")
+    rows = run_text_selfplay(tmp_path / "start", tmp_path / "run", cfg, ["ab", ""],
+                             reward_file=f"{tmp_path / 'r.py'}:share_of_a", log=None)
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(1, 13))
+    first, last = sum(r["reward"] for r in rows[:3]) / 3, sum(r["reward"] for r in rows[-3:]) / 3
+    assert last > first + 0.1
+    assert max(r["kl"] for r in rows) < 2.0
+    trained, _ = load_pretrained(tmp_path / "run" / "final")
+    assert not torch.equal(trained.lm_head.weight, model.lm_head.weight)
+
+
+def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
+    from lmlab.cli import main
+
+    assert main(["selfplay", "azr", "--out", str(tmp_path), "--seeds", "x"]) == 2
+    assert main(["selfplay", "azr", "--out", str(tmp_path), "--quick", "--arms", "nope"]) == 2
+    assert main(["selfplay", "text", "--model", str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(e.startswith("lmlab: error: ") for e in err)
+    with pytest.raises(ValueError, match="ind_inputs"):
+        AZRConfig(ind_inputs=3)
+
+
+@pytest.mark.slow
+def test_short_azr_run_has_proposer_rewards_and_beats_warmup():
+    """Must-show: proposer rewards are non-zero and the held-out solve rate rises above warm-up only."""
+    cfg = AZRConfig(warmup_steps=600, iterations=40, eval_every=20, heldout_per_stratum=12)
+    torch.set_num_threads(1)
+    heldout = azr.heldout_tasks(cfg)
+    model = azr.new_model(cfg, 0)
+    azr.warmup(model, cfg, 0, {(t.kind, t.program, t.pairs) for t in heldout})
+    start = azr.evaluate(model, heldout, cfg)["solve_rate"]
+    run = azr.run_arm("azr", model, cfg, 0, heldout)
+    assert max(r.get("proposer_reward_nonzero", 0) for r in run["history"]) > 0
+    assert run["history"][-1]["solve_rate"] > start
