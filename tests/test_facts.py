@@ -204,17 +204,24 @@ def test_attention_patch_with_own_patterns_is_exact():
     assert (patched_other(x).logits - want).abs().max() > 1e-3  # someone else's patterns change the output
 
 
-def test_short_run_reaches_the_baseline(shared, tmp_path):
-    """Phase 1: within a few hundred steps the held-out attribute loss falls from ~ln(vocab) per token to
-    the no-knowledge baseline (within 0.1 nats)."""
+def test_short_run_reaches_the_baseline(tmp_path):
+    """Phase 1 through the real Trainer: within 300 steps the held-out attribute loss falls from ~7.5 nats
+    (ln vocab per value token) to the no-knowledge baseline, with no individual knowledge yet. Five templates
+    per attribute (4 train / 1 held out) so the template structure, and with it phase 1, is learned fast
+    enough for the default test run; with 25 the same budget ends ~0.25 nats above the baseline."""
     from lmlab.lab.facts.runner import RunConfig, run_one
-    torch.set_num_threads(2)
-    cfg = RunConfig(bio=BioConfig(n_individuals=400, n_unseen=64, n_eval=64, seed=0), n_layer=2, n_embd=48,
-                    steps=300, eval_every=50, lr=1e-2, probes=True)
-    r = run_one(cfg, tmp_path / "run")
+    cfg = RunConfig(bio=BioConfig(n_individuals=400, n_unseen=64, n_eval=64, seed=0, n_templates=5,
+                                  n_train_templates=4), n_layer=2, n_embd=48, steps=300, eval_every=50, lr=1e-2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a d=48 model gains nothing from a second thread, and a busy machine punishes it
+    try:
+        r = run_one(cfg, tmp_path / "run")
+    finally:
+        torch.set_num_threads(threads)
     base = r["baseline"]
     losses = [row["seen_eval/loss"] for row in r["history"]]
-    assert losses[0] > base + 2.0
-    assert min(losses) <= base + 0.1, (losses, base)
-    assert r["history"][-1]["seen_eval/acc"] < 0.2  # no individual knowledge yet
+    assert losses[0] > base + 3.0
+    assert losses[-1] <= base + 0.1, (losses, base)
+    assert r["history"][-1]["seen_eval/acc"] < 0.2  # on the plateau: the marginals, not the individuals
     assert "att_value_name_L1" in r["history"][-1] and "drift_value" in r["history"][-1]
+    assert r["steps"] == 300

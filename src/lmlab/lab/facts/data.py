@@ -33,36 +33,43 @@ ATTRIBUTES = ("birth_date", "birth_place", "university", "major", "company", "lo
 TEMPLATES: dict[str, tuple[str, ...]] = {
     "birth_date": (
         "{name} was born on {value} .", "{name} was born in {value} .", "{name} came into the world on {value} .",
-        "{name} has a birthday on {value} .", "{name} entered life on {value} .", "the birth of {name} was on {value} .",
-        "{name} first saw daylight on {value} .", "{name} was delivered on {value} .", "{name} arrived on {value} .",
-        "the birthday of {name} is {value} .", "{name} , born {value} , is known .", "{name} celebrates a birthday in {value} .",
-        "records show {name} was born on {value} .", "{name} was born back on {value} .", "{name} got born on {value} .",
-        "{name} was welcomed into life on {value} .", "{name} has a birth date of {value} .",
-        "the birth date of {name} is {value} .", "{name} started life on {value} .", "{name} was born during {value} .",
-        "{name} drew a first breath on {value} .", "{name} is a person born {value} .", "{name} began life in {value} .",
-        "{name} was born around {value} .", "{name} , whose birth was on {value} , grew up fast .",
+        "{name} has a birthday on {value} .", "{name} entered life on {value} .",
+        "the birth of {name} was on {value} .", "{name} first saw daylight on {value} .",
+        "{name} was delivered on {value} .", "{name} arrived on {value} .", "the birthday of {name} is {value} .",
+        "{name} , born {value} , is known .", "{name} celebrates a birthday in {value} .",
+        "records show {name} was born on {value} .", "{name} was born back on {value} .",
+        "{name} got born on {value} .", "{name} was welcomed into life on {value} .",
+        "{name} has a birth date of {value} .", "the birth date of {name} is {value} .",
+        "{name} started life on {value} .", "{name} was born during {value} .",
+        "{name} drew a first breath on {value} .", "{name} is a person born {value} .",
+        "{name} began life in {value} .", "{name} was born around {value} .",
+        "{name} , whose birth was on {value} , grew up fast .",
     ),
     "birth_place": (
         "{name} was born in {value} .", "{name} comes from {value} .", "{name} is a native of {value} .",
-        "{name} spent early years in {value} .", "the birthplace of {name} is {value} .", "{name} hails from {value} .",
-        "{name} grew up in {value} .", "{name} was raised in {value} .", "{name} has roots in {value} .",
-        "{name} was brought up in {value} .", "{name} originally comes from {value} .", "{name} is originally from {value} .",
-        "the hometown of {name} is {value} .", "{name} first lived in {value} .", "{name} spent childhood in {value} .",
-        "{name} was born and raised in {value} .", "{name} has a birthplace of {value} .",
-        "the place of birth of {name} is {value} .", "{name} , a child of {value} , moved away .",
-        "{name} calls {value} a hometown .", "{name} was a baby in {value} .", "{name} started out in {value} .",
-        "{name} first opened eyes in {value} .", "{name} owes a childhood to {value} .", "{name} was born at {value} .",
+        "{name} spent early years in {value} .", "the birthplace of {name} is {value} .",
+        "{name} hails from {value} .", "{name} grew up in {value} .", "{name} was raised in {value} .",
+        "{name} has roots in {value} .", "{name} was brought up in {value} .",
+        "{name} originally comes from {value} .", "{name} is originally from {value} .",
+        "the hometown of {name} is {value} .", "{name} first lived in {value} .",
+        "{name} spent childhood in {value} .", "{name} was born and raised in {value} .",
+        "{name} has a birthplace of {value} .", "the place of birth of {name} is {value} .",
+        "{name} , a child of {value} , moved away .", "{name} calls {value} a hometown .",
+        "{name} was a baby in {value} .", "{name} started out in {value} .", "{name} first opened eyes in {value} .",
+        "{name} owes a childhood to {value} .", "{name} was born at {value} .",
     ),
     "university": (
         "{name} studied at {value} .", "{name} graduated from {value} .", "{name} attended {value} .",
-        "{name} went to college at {value} .", "{name} earned a degree from {value} .", "{name} is an alumnus of {value} .",
-        "{name} enrolled at {value} .", "{name} received an education at {value} .", "{name} was a student at {value} .",
-        "{name} spent college years at {value} .", "{name} completed studies at {value} .", "{name} got a diploma from {value} .",
-        "the university of {name} was {value} .", "{name} was educated at {value} .", "{name} did a degree at {value} .",
-        "{name} learned a lot at {value} .", "{name} took classes at {value} .", "{name} is a graduate of {value} .",
-        "{name} finished university at {value} .", "{name} pursued studies at {value} .", "{name} trained at {value} .",
-        "{name} studied for years at {value} .", "the alma mater of {name} is {value} .", "{name} went to {value} .",
-        "{name} holds a degree from {value} .",
+        "{name} went to college at {value} .", "{name} earned a degree from {value} .",
+        "{name} is an alumnus of {value} .", "{name} enrolled at {value} .",
+        "{name} received an education at {value} .", "{name} was a student at {value} .",
+        "{name} spent college years at {value} .", "{name} completed studies at {value} .",
+        "{name} got a diploma from {value} .", "the university of {name} was {value} .",
+        "{name} was educated at {value} .", "{name} did a degree at {value} .", "{name} learned a lot at {value} .",
+        "{name} took classes at {value} .", "{name} is a graduate of {value} .",
+        "{name} finished university at {value} .", "{name} pursued studies at {value} .",
+        "{name} trained at {value} .", "{name} studied for years at {value} .",
+        "the alma mater of {name} is {value} .", "{name} went to {value} .", "{name} holds a degree from {value} .",
     ),
     "major": (
         "{name} majored in {value} .", "{name} studied {value} .", "{name} specialized in {value} .",
@@ -72,8 +79,8 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         "the field of {name} is {value} .", "{name} learned {value} .", "{name} has a background in {value} .",
         "{name} trained in {value} .", "{name} read {value} at university .", "{name} was a student of {value} .",
         "{name} picked {value} as a subject .", "{name} completed a program in {value} .",
-        "the subject of {name} was {value} .", "{name} studied the field of {value} .", "{name} holds a major in {value} .",
-        "{name} has a diploma in {value} .", "{name} devoted study to {value} .",
+        "the subject of {name} was {value} .", "{name} studied the field of {value} .",
+        "{name} holds a major in {value} .", "{name} has a diploma in {value} .", "{name} devoted study to {value} .",
     ),
     "company": (
         "{name} works for {value} .", "{name} is employed by {value} .", "{name} works at {value} .",
@@ -82,9 +89,9 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         "{name} is a worker at {value} .", "{name} is hired by {value} .", "{name} is part of {value} .",
         "{name} has a career at {value} .", "{name} gets paid by {value} .", "{name} took a job with {value} .",
         "{name} serves at {value} .", "the company of {name} is {value} .", "{name} works full time for {value} .",
-        "{name} is an employee of {value} .", "{name} clocks in at {value} .", "{name} is on the payroll of {value} .",
-        "{name} was hired at {value} .", "{name} now works with {value} .", "{name} is a member of {value} .",
-        "{name} spends workdays at {value} .",
+        "{name} is an employee of {value} .", "{name} clocks in at {value} .",
+        "{name} is on the payroll of {value} .", "{name} was hired at {value} .", "{name} now works with {value} .",
+        "{name} is a member of {value} .", "{name} spends workdays at {value} .",
     ),
     "location": (
         "{name} lives in {value} .", "{name} resides in {value} .", "{name} is based in {value} .",
@@ -94,8 +101,8 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
         "{name} is a resident of {value} .", "{name} rents a flat in {value} .", "{name} owns a house in {value} .",
         "{name} spends nights in {value} .", "the address of {name} is in {value} .", "{name} relocated to {value} .",
         "{name} lives today in {value} .", "{name} has lived lately in {value} .", "{name} is living in {value} .",
-        "{name} calls {value} home now .", "the current city of {name} is {value} .", "{name} now resides in {value} .",
-        "{name} is settled in {value} .",
+        "{name} calls {value} home now .", "the current city of {name} is {value} .",
+        "{name} now resides in {value} .", "{name} is settled in {value} .",
     ),
 }
 
@@ -215,7 +222,8 @@ class BioConfig:
         if self.n_templates > 25:
             raise ValueError(f"n_templates ({self.n_templates}) must be <= 25 (the templates written per attribute)")
         if self.n_train_templates > self.n_templates:
-            raise ValueError(f"n_train_templates ({self.n_train_templates}) must be <= n_templates ({self.n_templates})")
+            raise ValueError(f"n_train_templates ({self.n_train_templates}) must be <= n_templates "
+                             f"({self.n_templates})")
         if self.sampling not in SAMPLINGS:
             raise ValueError(f"sampling ({self.sampling!r}) must be one of {', '.join(SAMPLINGS)}")
         if not (math.isfinite(self.alpha) and 0 <= self.alpha <= 4):
@@ -420,7 +428,8 @@ class Biographies:
                 raise ValueError("no unseen individuals (n_unseen = 0)")
             people = self.unseen[: c.n_eval]
         else:
-            people = self.seen[np.sort(pick.choice(c.n_individuals, size=min(c.n_eval, c.n_individuals), replace=False))]
+            rows = pick.choice(c.n_individuals, size=min(c.n_eval, c.n_individuals), replace=False)
+            people = self.seen[np.sort(rows)]
         rng = np.random.default_rng([c.seed, 3, ("seen_eval", "seen_train", "unseen").index(name)])
         seqs, vpos, npos = [], [], []
         for p in people:

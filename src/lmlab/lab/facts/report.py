@@ -40,10 +40,13 @@ def line_plot(path: Path, title: str, xlabel: str, ylabel: str,
     """One PNG: each series is (label, per-seed (x, y) curves) drawn as mean ± std."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+    drawn: list[np.ndarray] = []
     for label, curves in series:
+        curves = [(x, y) for x, y in curves if len(x)]
         if not curves:
             continue
         x, m, s = mean_std(curves)
+        drawn.append(m)
         ax.plot(x, m, label=label, marker="o" if len(x) < 12 else None, ms=4)
         if len(curves) > 1:
             ax.fill_between(x, m - s, m + s, alpha=0.2)
@@ -52,9 +55,12 @@ def line_plot(path: Path, title: str, xlabel: str, ylabel: str,
     for label, x in vlines:
         ax.axvline(x, ls=":", color="k", lw=1, label=label)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-    if logx:
+    if not drawn:
+        ax.text(0.5, 0.5, "no data (nothing reached this point)", ha="center", transform=ax.transAxes)
+    # a log axis needs positive data (a run that never left the plateau has none)
+    if logx and drawn:
         ax.set_xscale("log")
-    if logy:
+    if logy and drawn and all((m > 0).all() for m in drawn):
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

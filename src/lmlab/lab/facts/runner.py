@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_model, save_model
 
 from ...models import ModelConfig, Transformer
 from ...train import Callback, TrainConfig, train
@@ -81,8 +81,7 @@ class Snapshots(Callback):
         self.out.mkdir(parents=True, exist_ok=True)
         path = self.out / f"step-{step}.safetensors"
         tmp = path.with_suffix(".tmp")
-        save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()
-                   if k != "lm_head.weight" or not model.config.tie_embeddings}, str(tmp))
+        save_model(model, str(tmp))  # handles the tied head as the Trainer's checkpoints do
         os.replace(tmp, path)
         self.paths[step] = str(path)
 
@@ -92,10 +91,9 @@ class Snapshots(Callback):
 
 
 def load_weights(model: Transformer, path: str) -> None:
-    state = load_file(path)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or [m for m in missing if m != "lm_head.weight"]:
-        raise ValueError(f"{path} does not match the model")
+    missing, unexpected = load_model(model, path, strict=False)  # resolves the tied head
+    if missing or unexpected:
+        raise ValueError(f"{path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
 class AttentionPatch:
@@ -160,14 +158,16 @@ def run_one(cfg: RunConfig, out_dir: str | Path, quiet: bool = True) -> dict[str
     if cfg.split_old:
         b = cfg.bio
         old = dataclasses.replace(b, first_individual=0, n_individuals=cfg.split_old, n_unseen=0,
-                                  sampling="uniform", n_celebrities=0, celebrity_weight=1.0)
+                                  sampling="uniform", n_celebrities=0, celebrity_weight=1.0,
+                                  replay_individuals=0, replay_weight=1.0)
         new = dataclasses.replace(old, first_individual=cfg.split_old,
                                   n_individuals=b.n_individuals - cfg.split_old)
         views = {"old": _OldNew(Biographies(old, data.tokenizer, data.pools), "old"),
                  "new": _OldNew(Biographies(new, data.tokenizer, data.pools), "new")}
         callbacks += views.values()
     else:
-        facts = FactsCallback(data, probes=cfg.probes and cfg.patch_from is None, stop_at_acc=cfg.stop_at_acc)
+        sets = ("seen_eval", "seen_train", "unseen") if cfg.bio.n_unseen else ("seen_eval", "seen_train")
+        facts = FactsCallback(data, sets, probes=cfg.probes and cfg.patch_from is None, stop_at_acc=cfg.stop_at_acc)
         views = {"main": facts}
         callbacks.append(facts)
     snaps = Snapshots(cfg.snapshot_steps, out / "snapshots") if cfg.snapshot_steps else None
