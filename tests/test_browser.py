@@ -37,6 +37,16 @@ DROP = """([name, text]) => {
     zone.dispatchEvent(new DragEvent(type, {dataTransfer: dt, bubbles: true, cancelable: true}));
 }"""
 
+STEPS = 60
+RECORD_POINTS = """() => {
+  const chart = document.querySelector("#chart-loss");
+  window.lossPointCounts = [];
+  new MutationObserver(() => {
+    const n = +chart.dataset.points, seen = window.lossPointCounts;
+    if (seen[seen.length - 1] !== n) seen.push(n);
+  }).observe(chart, {attributes: true, attributeFilter: ["data-points"]});
+}"""
+
 
 @pytest.fixture()
 def browser():
@@ -102,29 +112,32 @@ def test_upload_create_train_watch_generate_download(tmp_path, browser):
         page.click('#tabs button[data-tab="train"]')
         page.select_option("#train-model", "browser-tiny")
         assert page.is_checked('#train-books input[value="tales.txt"]')
-        page.fill("#t-max_steps", "40")
-        page.fill("#t-batch_size", "4")
+        page.fill("#t-max_steps", str(STEPS))
+        page.fill("#t-batch_size", "16")
         page.click("#train-form details summary")
-        page.fill("#t-seq_len", "32")
-        page.fill("#t-eval_every", "10")
+        page.fill("#t-seq_len", "64")
+        page.fill("#t-eval_every", "15")
         page.fill("#t-eval_batches", "2")
-        page.fill("#t-save_every", "10")
+        page.fill("#t-save_every", "15")
+        # Every redraw of the loss chart with a new point count is recorded in the page, so "the chart updates
+        # while training runs" is checked without racing a run that may finish between two of our looks.
+        page.evaluate(RECORD_POINTS)
         page.click("#start-training")
         page.wait_for_selector("#tab-runs:not([hidden])")
         row = '#runs-table tr[data-run="1"]'
         page.wait_for_selector(f"{row}[data-status=running]", timeout=120_000)
         page.wait_for_function("() => +document.querySelector('#chart-loss').dataset.points > 2", timeout=120_000)
-        first = int(page.get_attribute("#chart-loss", "data-points"))
         with server.client() as c:
             run_pid = c.get("/api/v1/runs/1").json()["pid"]
-        page.wait_for_function(f"() => +document.querySelector('#chart-loss').dataset.points > {first}",
-                               timeout=120_000)
         shot("03-training")
         page.wait_for_selector(f"{row}[data-status=completed]", timeout=180_000)
         page.wait_for_function("() => document.querySelector('#chart-loss path[data-label=\"#1 train\"]')"
-                               "?.dataset.count === '40'")
+                               f"?.dataset.count === '{STEPS}'")
         assert page.get_attribute('#chart-loss path[data-label="#1 val"]', "data-count") == "4"
-        assert int(page.get_attribute("#chart-lr", "data-points")) == 40
+        assert int(page.get_attribute("#chart-lr", "data-points")) == STEPS
+        seen = page.evaluate("() => window.lossPointCounts")
+        partial = [n for n in seen if 0 < n < STEPS + 4]  # train + val points of a run still going
+        assert len(partial) >= 2, seen
         shot("04-trained")
 
         # 4. generate with streaming; the same request without streaming gives the same text
