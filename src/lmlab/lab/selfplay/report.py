@@ -62,12 +62,20 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     verdict: dict[str, Any] = {}
     if "azr" in arms:
         azr = arms["azr"]["final"]["solve_rate"]
+        final = {(run["arm"], run["seed"]): [r for r in run["history"] if "solve_rate" in r][-1]["solve_rate"]
+                 for s in results["per_seed"] for run in s["arms"]}
         for other in ("warmup_only", "solver_rl_random", "azr_frozen_proposer"):
             if other in arms:
                 o = arms[other]["final"]["solve_rate"]
                 diff = azr["mean"] - o["mean"]
                 verdict[f"azr_minus_{other}"] = round(diff, 4)
                 verdict[f"azr_beats_{other}"] = bool(diff > azr["std"] + o["std"])
+                # paired by seed: both arms start from the same warm-up, so the per-seed difference removes
+                # the warm-up's seed-to-seed spread
+                paired = [final[("azr", s)] - final[(other, s)] for s in results["seeds"]]
+                m, sd = mean_std(paired)
+                verdict[f"paired_azr_minus_{other}"] = {"per_seed": [round(x, 4) for x in paired],
+                                                        "mean": round(m, 4), "std": round(sd, 4)}
         needed = [k for k in verdict if k.startswith("azr_beats_")]
         verdict["reproduces"] = bool(needed) and all(verdict[k] for k in needed)
         verdict["rule"] = ("AZR's final held-out solve rate must exceed each baseline's by more than the sum of "
@@ -147,6 +155,7 @@ def write_report(results: dict[str, Any], out: str | Path) -> None:
                    f"</p>" for p in pngs)
     verdict = results["summary"]["verdict"]
     cfg = results["config"]
+    paired = {k: v for k, v in verdict.items() if k.startswith("paired")}
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>lmlab selfplay azr</title>
 <style>body{{font-family:sans-serif;max-width:60rem;margin:2rem auto}}td,th{{padding:.2rem .6rem;
 border-bottom:1px solid #ddd;text-align:left}}code{{background:#f4f4f4}}</style></head><body>
@@ -159,7 +168,8 @@ length 1–{cfg['heldout_max_ops']}; lengths above {cfg['train_max_ops']} never 
 {cfg['iterations']} iterations, one gradient step each; total wall time {results['wall_s']:.0f} s.</p>
 <table><tr>{head}</tr>{body}</table>
 <p><b>Reproduces the paper's claim here:</b> {verdict.get('reproduces')} — {html.escape(str(verdict.get('rule', '')))}.
-Differences: {html.escape(json.dumps({k: v for k, v in verdict.items() if k.startswith('azr_minus')}))}</p>
+Differences of means: {html.escape(json.dumps({k: v for k, v in verdict.items() if k.startswith('azr_minus')}))}.
+Paired by seed (same warm-up): {html.escape(json.dumps(paired))}</p>
 {imgs}
 <p>Full numbers: results.json.</p></body></html>
 """
