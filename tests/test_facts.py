@@ -225,3 +225,14 @@ def test_short_run_reaches_the_baseline(tmp_path):
     assert r["history"][-1]["seen_eval/acc"] < 0.2  # on the plateau: the marginals, not the individuals
     assert "att_value_name_L1" in r["history"][-1] and "drift_value" in r["history"][-1]
     assert r["steps"] == 300
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    from lmlab.cli import main
+    assert main(["lab", "facts", "phases", "--out", str(tmp_path), "--seeds", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lmlab: error: --seeds") and err.count("\n") == 1
+    assert main(["lab", "facts", "phases", "--out", str(tmp_path), "--workers", "0"]) == 2
+    with pytest.raises(SystemExit) as exc:  # an unknown experiment: argparse's own exit 2
+        main(["lab", "facts", "nonsense", "--out", str(tmp_path)])
+    assert exc.value.code == 2
