@@ -97,3 +97,26 @@ def test_cli_info_and_generate(tmp_path, trained, tok, capsys):
     assert out == "Дед" + expected + "\n"
     assert main(["generate", str(tmp_path / "m"), "--prompt", "x", "--top-p", "2"]) == 2
     assert "top_p" in capsys.readouterr().err
+
+
+def test_prompt_lookup_gives_the_greedy_text_in_fewer_passes(trained, tok, monkeypatch):
+    """Drafts verified in one forward keep greedy's tokens exactly (past the 64-token window too, where the
+    cache is rebuilt), and once the text repeats what is in its context they save most passes."""
+    passes = []
+    forward = lmlab.Transformer.forward
+    monkeypatch.setattr(lmlab.Transformer, "forward",
+                        lambda self, *a, **kw: passes.append(1) or forward(self, *a, **kw))
+    for prompt, stop_at_eos in (("The old man and", False), ("Дед ловил", True)):
+        ids = tok.encode(prompt)
+        plain = lmlab.generate_ids(trained, [ids], do_sample=False, max_new_tokens=200, stop_at_eos=stop_at_eos)
+        passes.clear()
+        fast = lmlab.generate_ids(trained, [ids], do_sample=False, max_new_tokens=200, stop_at_eos=stop_at_eos,
+                                  prompt_lookup=8)
+        assert fast == plain, prompt
+        # the model has learned the ~90-token verse, so its second pass through it comes from drafts
+        assert len(passes) < len(plain[0]) - 60, (len(passes), len(plain[0]))
+    text = lmlab.generate(trained, tok, "They lived in a", do_sample=False, max_new_tokens=60)
+    assert "".join(lmlab.stream(trained, tok, "They lived in a", do_sample=False, max_new_tokens=60,
+                                prompt_lookup=4)) == text
+    with pytest.raises(ValueError, match="prompt_lookup"):
+        lmlab.GenerationConfig(prompt_lookup=-1)

@@ -107,6 +107,9 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true", help="keep going after <EOS>")
     p.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    p.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
+                   help="greedy only: draft up to N tokens by prompt lookup and verify them in one pass "
+                        "(faster on repetitive text; 0: off)")
 
 
 def generation_config_from_args(args: argparse.Namespace):
@@ -115,7 +118,7 @@ def generation_config_from_args(args: argparse.Namespace):
         max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature,
         top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
         num_beams=args.num_beams, length_penalty=args.length_penalty, stop_strings=list(args.stop),
-        stop_at_eos=not args.ignore_eos, seed=args.seed)
+        stop_at_eos=not args.ignore_eos, seed=args.seed, prompt_lookup=args.prompt_lookup)
 
 
 def _generate_arguments(p: argparse.ArgumentParser) -> None:

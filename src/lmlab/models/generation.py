@@ -35,6 +35,7 @@ class GenerationConfig:
     stop_strings: list[str] = field(default_factory=list)
     stop_at_eos: bool = True
     seed: int | None = None
+    prompt_lookup: int = 0            # > 0: greedy drafts of up to this many tokens, verified at once; 0: off
 
     def __post_init__(self) -> None:
         checks = [
@@ -44,6 +45,7 @@ class GenerationConfig:
             ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
             ("repetition_penalty", self.repetition_penalty > 0, "must be > 0"),
             ("num_beams", self.num_beams >= 1, "must be >= 1"),
+            ("prompt_lookup", 0 <= self.prompt_lookup <= 64, "must be in [0, 64]"),
         ]
         for name, ok, why in checks:
             if not ok:
@@ -136,8 +138,9 @@ class _Context:
             self.cache.reorder(index)
 
     @torch.inference_mode()
-    def next_logits(self) -> torch.Tensor:
-        """Feed what is pending; return (B, V) logits for the next token."""
+    def next_logits(self, last: int = 0) -> torch.Tensor:
+        """Feed what is pending; return (B, V) logits for the next token, or (B, last, V) logits after each
+        of the last `last` positions."""
         block = self.model.config.block_size
         if self.cache is None or self.cache.length + self.pending > block:
             keep = min(self.length - self.start, block) if self.cache is None else block - block // 4
@@ -152,12 +155,28 @@ class _Context:
             attention_mask = window
             position_ids = Transformer.positions_from_mask(window)[:, -self.pending:]
         out = self.model(self.ids[:, cols], attention_mask=attention_mask, position_ids=position_ids,
-                         cache=self.cache, last_only=True)
+                         cache=self.cache, last_only=not last)
         self.pending = 0
-        return out.logits[:, -1]
+        return out.logits[:, -last:] if last else out.logits[:, -1]
 
     def context_ids(self) -> torch.Tensor:
         return self.ids[:, : self.length]
+
+    def extend(self, tokens: list[int]) -> torch.Tensor:
+        """Batch of one: append `tokens`, feed them in one forward, return the (T, V) logits after each."""
+        T = len(tokens)
+        self.ids[0, self.length:self.length + T] = torch.tensor(tokens, device=self.device)
+        self.mask[0, self.length:self.length + T] = True
+        self.length += T
+        self.pending = T
+        return self.next_logits(last=T)[0]
+
+    def drop_last(self, n: int) -> None:
+        """Forget the last n tokens (rejected drafts): they leave the ids and the cache."""
+        if n:
+            self.length -= n
+            self.mask[:, self.length:self.length + n] = False
+            self.cache.length -= n
 
 
 def iter_tokens(model: Transformer, prompts: Sequence[Sequence[int]], cfg: GenerationConfig, *,
@@ -173,8 +192,13 @@ def iter_tokens(model: Transformer, prompts: Sequence[Sequence[int]], cfg: Gener
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=ctx.device)
     was_training = model.training
     model.eval()
+    lookup = cfg.prompt_lookup if cfg.greedy and len(prompts) == 1 and cfg.repetition_penalty == 1.0 else 0
     try:
         with model.decoding():
+            if lookup:
+                yield from _lookup_steps(ctx, cfg.max_new_tokens, lookup, eos_token_id if cfg.stop_at_eos else None,
+                                         finished)
+                return
             for _ in range(cfg.max_new_tokens):
                 logits = process_logits(ctx.next_logits(), cfg, ctx.context_ids())
                 tokens = _choose(logits, cfg, generator).masked_fill(finished, pad_id)
@@ -186,6 +210,49 @@ def iter_tokens(model: Transformer, prompts: Sequence[Sequence[int]], cfg: Gener
                     break
     finally:
         model.train(was_training)
+
+
+def _draft(ids: torch.Tensor, k: int, max_ngram: int = 3) -> list[int]:
+    """Prompt lookup (Saxena 2023, transformers' `prompt_lookup_num_tokens`): the up to k tokens that
+    followed the latest earlier occurrence of the context's last n-gram, longest n first."""
+    L = ids.numel()
+    for n in range(min(max_ngram, L - 1), 0, -1):
+        windows = ids[: L - 1].unfold(0, n, 1)                   # (L - n, n): every earlier n-gram
+        hits = (windows == ids[L - n:]).all(-1).nonzero()
+        if hits.numel():
+            start = int(hits[-1]) + n
+            return ids[start:start + k].tolist()
+    return []
+
+
+def _lookup_steps(ctx: _Context, max_new_tokens: int, k: int, eos_token_id: int | None,
+                  finished: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Greedy decoding of one row that drafts tokens by prompt lookup and verifies them in one forward: a
+    draft token is kept while it is the argmax after its predecessor, so the text is greedy's (up to float
+    rounding between a 1-token and a k-token forward in a near-tie), and every kept draft token saves one
+    pass over the weights. Repetitive text (names, refrains, code) gains most."""
+    logits = ctx.next_logits()[0]                                # (V,) after the prompt
+    produced = 0
+    while produced < max_new_tokens:
+        token = int(logits.argmax())
+        room = min(k, max_new_tokens - produced - 1)
+        draft = _draft(torch.cat([ctx.context_ids()[0], ctx.ids.new_tensor([token])]), room) if room else []
+        seq = [token, *draft]
+        out = ctx.extend(seq)                                    # (len(seq), V)
+        predicted = out.argmax(-1).tolist()
+        kept = 1
+        while kept < len(seq) and seq[kept] == predicted[kept - 1]:
+            kept += 1
+        ctx.drop_last(len(seq) - kept)
+        logits = out[kept - 1]
+        for t in seq[:kept]:
+            produced += 1
+            tokens = torch.tensor([t], device=ctx.device)
+            if eos_token_id is not None and t == eos_token_id:
+                finished[0] = True
+            yield tokens, finished
+            if bool(finished.all()):
+                return
 
 
 def generate_ids(model: Transformer, prompts: Sequence[Sequence[int]], config: GenerationConfig | None = None, *,

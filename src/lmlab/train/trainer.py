@@ -602,7 +602,8 @@ def train(model: Transformer | ModelConfig, tokenizer: Any, dataset: Any, config
                          f"{model.config.vocab_size}")
     global _OWN_PROCESS_GROUP
     try:
-        result = Trainer(model, tokenizer, dataset, config, out_dir, callbacks, provenance=provenance).fit(resume=resume)
+        trainer = Trainer(model, tokenizer, dataset, config, out_dir, callbacks, provenance=provenance)
+        result = trainer.fit(resume=resume)
         if _OWN_PROCESS_GROUP and dist.is_initialized():
             # Leave together: a rank that tears gloo down while rank 0 is still writing final/ sometimes
             # aborts at exit ("terminate called without an active exception"; seen in tests/test_ddp.py).
