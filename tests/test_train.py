@@ -349,3 +349,26 @@ def test_demo_learns_the_book(tmp_path, capsys):
     assert main(["generate", str(tmp_path / "demo" / "final"), "--prompt", "Жили-были", "--greedy",
                  "--max-new-tokens", "20"]) == 0
     assert "Жили-были" in capsys.readouterr().out
+
+
+def test_demo_stopped_by_sigterm_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    """SIGTERM during the demo's training: the trainer checkpoints, the demo exits 0 with the resume command
+    (it crashed formatting a missing final val loss), and that command finishes the run."""
+    from lmlab.train.trainer import Trainer
+    real, steps = Trainer.train_step, []
+
+    def step_then_sigterm(self):
+        out = real(self)
+        steps.append(1)
+        if len(steps) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_sigterm)
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--max-steps", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "continue it with `lmlab train --out" in out and "After training" not in out
+    assert latest_checkpoint(tmp_path / "demo").name == "step-3" and not (tmp_path / "demo" / "final").exists()
+    monkeypatch.setattr(Trainer, "train_step", real)
+    assert main(["train", "--out", str(tmp_path / "demo"), "--resume"]) == 0
+    assert json.loads((tmp_path / "demo" / "final" / "training.json").read_text())["steps"] == 20

@@ -260,6 +260,9 @@ def run_demo(out_dir: str | Path = "lmlab-demo", *, budget_s: float = 180.0, max
             "samples_before": before}
     result = train(model, tok, ds, config, out, provenance={"sources": ["lmlab demo corpus (generated)"],
                                                             "demo": demo})
+    if result.stop_reason in ("stopped", "interrupted"):  # Ctrl-C / SIGTERM: the trainer saved a checkpoint
+        echo(f"\nThe demo stopped at step {result.steps}; continue it with `lmlab train --out {out} --resume`.")
+        return {**demo, "steps": result.steps, "stop_reason": result.stop_reason}
     after = {p: generate(model, tok, p, seed=seed, **DEMO_SAMPLING) for p in DEMO_PROMPTS}
     echo("\nAfter training:")
     for p, s in after.items():
