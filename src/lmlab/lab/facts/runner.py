@@ -1,9 +1,10 @@
 """One training run of the knowledge lab, and many of them in parallel (one process and one thread each).
 
 A run is the project's Trainer on a Biographies dataset with FactsCallback attached; nothing here is a
-second training loop. `run_many` spreads runs over the CPU cores with spawned processes, because a 2-core
-machine trains two single-threaded small models faster than one model on two threads (the per-op parallel
-overhead dominates at d=64; measured in benchmarks/bench_facts.py).
+second training loop. `run_many` spreads runs over the CPU cores with spawned processes, one thread each:
+seeds are independent, and a d=64 model gains little from intra-op threads while a shared machine punishes
+them (the 300-step test run took 570 s with 2 threads and 40 s with 1 on this machine at load ~8;
+`benchmarks/bench_facts.py --threads-vs-processes` times the two on a quieter machine).
 """
 
 from __future__ import annotations
