@@ -123,6 +123,15 @@ SAMPLINGS = ("uniform", "power_law", "celebrities")
 _POOL_SEED = 20250327  # pools are fixed across experiment seeds, so all runs share one tokenizer
 
 
+def check_ints(obj: object, names: Sequence[str], minimum: int) -> None:
+    """ValueError unless every named field is an int (not a bool) >= minimum: the configs' shared check."""
+    for name in names:
+        value = getattr(obj, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+            raise ValueError(f"{name} ({value!r}) must be {what}")
+
+
 def pseudo_words(n: int, rng: np.random.Generator, taken: set[str]) -> list[str]:
     """n distinct made-up words of 2-3 syllables, none in `taken` (which grows)."""
     onsets = ["b", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "st",
@@ -210,15 +219,9 @@ class BioConfig:
     def __post_init__(self) -> None:
         if self.scale not in SCALES:
             raise ValueError(f"scale ({self.scale!r}) must be one of {', '.join(SCALES)}")
-        for name in ("n_individuals", "n_templates", "n_train_templates", "n_eval"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} ({value!r}) must be a positive integer")
-        for name in ("n_unseen", "n_celebrities", "warmup_individuals", "warmup_steps", "first_individual",
-                     "replay_individuals"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} ({value!r}) must be an integer >= 0")
+        check_ints(self, ("n_individuals", "n_templates", "n_train_templates", "n_eval"), 1)
+        check_ints(self, ("n_unseen", "n_celebrities", "warmup_individuals", "warmup_steps", "first_individual",
+                          "replay_individuals"), 0)
         if self.n_templates > 25:
             raise ValueError(f"n_templates ({self.n_templates}) must be <= 25 (the templates written per attribute)")
         if self.n_train_templates > self.n_templates:

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from .data import BioConfig
+from .data import BioConfig, check_ints
 from .memory import MemoryConfig, run_memory
 from .metrics import curves
 from .report import line_plot, write_report
@@ -47,10 +47,7 @@ class Scale:
     workers: int | None = None   # processes (default: one per CPU core, and all seeds of a small job at once)
 
     def __post_init__(self) -> None:
-        for name in ("n_individuals", "steps", "eval_every", "batch_size", "n_layer", "n_embd", "n_head"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} ({value!r}) must be a positive integer")
+        check_ints(self, ("n_individuals", "steps", "eval_every", "batch_size", "n_layer", "n_embd", "n_head"), 1)
         if self.workers is not None and self.workers < 1:
             raise ValueError(f"workers ({self.workers}) must be >= 1")
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .data import check_ints
+
 
 @dataclass
 class MemoryConfig:
@@ -36,11 +38,8 @@ class MemoryConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("n_pairs", "n_new", "dim", "hidden", "classes", "pretrain_steps", "finetune_steps",
-                     "batch_size", "eval_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} ({value!r}) must be a positive integer")
+        check_ints(self, ("n_pairs", "n_new", "dim", "hidden", "classes", "pretrain_steps", "finetune_steps",
+                     "batch_size", "eval_every"), 1)
         if not (self.lr > 0 and self.finetune_lr > 0 and self.replay_weight >= 0):
             raise ValueError("lr and finetune_lr must be positive, replay_weight >= 0")
 

@@ -26,7 +26,7 @@ from safetensors.torch import load_model, save_model
 
 from ...models import ModelConfig, Transformer
 from ...train import Callback, TrainConfig, train
-from .data import BioConfig, Biographies
+from .data import BioConfig, Biographies, check_ints
 from .metrics import FactsCallback, attention_probs, plateau_times
 
 
@@ -57,10 +57,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         if isinstance(self.bio, dict):
             self.bio = BioConfig(**self.bio)
-        for name in ("n_layer", "n_head", "n_embd", "batch_size", "steps", "eval_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} ({value!r}) must be a positive integer")
+        check_ints(self, ("n_layer", "n_head", "n_embd", "batch_size", "steps", "eval_every"), 1)
         if not self.lr > 0:
             raise ValueError(f"lr ({self.lr}) must be positive")
         if self.stop_at_acc is not None and not 0 < self.stop_at_acc <= 1:
