@@ -63,7 +63,8 @@ def line_plot(path: Path, title: str, xlabel: str, ylabel: str,
     if logy and drawn and all((m > 0).all() for m in drawn):
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if drawn or hlines or vlines:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
