@@ -236,3 +236,36 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:  # an unknown experiment: argparse's own exit 2
         main(["lab", "facts", "nonsense", "--out", str(tmp_path)])
     assert exc.value.code == 2
+
+
+def test_celebrity_split_groups_are_slices_of_one_population(shared):
+    """Fig. P's metrics by group: after celebrity pre-training the old individuals are evaluated as
+    celebrities [0, c) and others [c, old), both uniform slices of the fine-tuning population (the same names
+    and values), disjoint and covering the old rows, with the training-time weights stripped."""
+    from lmlab.lab.facts.runner import RunConfig, split_groups
+    pools, tok = shared
+    bio = BioConfig(n_individuals=120, n_unseen=0, n_eval=40, sampling="celebrities", n_celebrities=6,
+                    celebrity_weight=8.0)
+    full = Biographies(bio, tok, pools)
+    groups = split_groups(RunConfig(bio=bio, split_old=100, split_celebrities=6))
+    assert set(groups) == {"old", "new", "old_celeb", "old_rest"}
+    rows = {}
+    for g, b in groups.items():
+        view = Biographies(b, tok, pools)
+        assert b.sampling == "uniform" and (view.weights == view.weights[0]).all()
+        np.testing.assert_array_equal(view.names[view.seen], full.names[view.seen])
+        np.testing.assert_array_equal(view.values[view.seen], full.values[view.seen])
+        rows[g] = set(view.seen.tolist())
+    assert rows["old_celeb"] == set(range(6)) and rows["old_rest"] == set(range(6, 100))
+    assert rows["old"] == rows["old_celeb"] | rows["old_rest"] and rows["new"] == set(range(100, 120))
+    with pytest.raises(ValueError, match="split_celebrities"):
+        RunConfig(bio=bio, split_old=100, split_celebrities=100)
+
+
+def test_verdict_grade_from_sub_claims():
+    from lmlab.lab.facts.report import grade
+    assert grade({"a": True, "b": True}) == "holds"
+    assert grade({"a": True, "b": False}) == "partly"
+    assert grade({"a": False, "b": False, "c": None}) == "does not hold"
+    assert grade({"a": True, "c": None}) == "holds"  # a sub-claim not measurable here does not count
+    assert grade({"c": None}) == "inconclusive"

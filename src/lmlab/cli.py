@@ -539,7 +539,7 @@ def _lab(args: argparse.Namespace) -> int:
     for name, res in (results.items() if args.verb == "all" else [(args.verb, results)]):
         if isinstance(res, dict) and "speed" in res:
             where = Path(args.out) / (name if args.verb == "all" else "") / "report.html"
-            verdict = {True: "holds", False: "does not hold", None: "inconclusive"}[res.get("holds")]
+            verdict = res.get("verdict", "inconclusive")
             print(f"{name}: {verdict} ({res.get('measured')}); wall {res['speed']['wall_s']:.0f} s; report: {where}")
     return 0
 

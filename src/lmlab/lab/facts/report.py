@@ -90,15 +90,30 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
-def write_report(out: Path, name: str, claim: str, measured: str, holds: bool | None,
+def grade(checks: dict[str, bool | None]) -> str:
+    """The verdict from an experiment's sub-claims: "holds" if every decided one holds, "does not hold" if
+    none does, "partly" in between; "inconclusive" if none could be decided (None: not measurable here)."""
+    decided = [bool(v) for v in checks.values() if v is not None]
+    if not decided:
+        return "inconclusive"
+    return "holds" if all(decided) else "does not hold" if not any(decided) else "partly"
+
+
+def write_report(out: Path, name: str, claim: str, measured: str, checks: dict[str, bool | None],
                  table: Sequence[dict[str, Any]], plots: Sequence[Path], results: dict[str, Any],
                  command: str) -> Path:
-    """Write out/results.json and out/report.html (plots inlined as base64, so the file stands alone)."""
+    """Write out/results.json and out/report.html (plots inlined as base64, so the file stands alone).
+
+    `checks` are the experiment's sub-claims (name -> holds, None where not measurable); the verdict is
+    graded from them (`grade`), and `holds` is True only when every decided one holds."""
     out.mkdir(parents=True, exist_ok=True)
-    results.update(holds=holds, measured=measured)  # the caller's dict carries the verdict back
-    verdict = {True: "holds", False: "does not hold", None: "inconclusive"}[holds]
+    verdict = grade(checks)
+    holds = {"holds": True, "inconclusive": None}.get(verdict, False)
+    checks = {k: None if v is None else bool(v) for k, v in checks.items()}
+    results.update(holds=holds, verdict=verdict, checks=checks, measured=measured)  # carried back to the caller
     payload = {"experiment": name, "claim": claim, "measured": measured, "holds": holds, "verdict": verdict,
-               "command": command, "table": list(table), "plots": [p.name for p in plots], **results}
+               "checks": checks, "command": command, "table": list(table), "plots": [p.name for p in plots],
+               **results}
     atomic_write_text(out / "results.json", json.dumps(_clean(payload), indent=1) + "\n")
     rows = ""
     if table:
@@ -110,7 +125,9 @@ def write_report(out: Path, name: str, claim: str, measured: str, holds: bool | 
     imgs = "".join(f'<figure><img alt="{html.escape(p.name)}" src="data:image/png;base64,'
                    f'{base64.b64encode(p.read_bytes()).decode()}"><figcaption>{html.escape(p.name)}</figcaption>'
                    f"</figure>" for p in plots)
-    color = {True: "#1a7f37", False: "#cf222e", None: "#9a6700"}[holds]
+    color = {"holds": "#1a7f37", "does not hold": "#cf222e"}.get(verdict, "#9a6700")
+    mark = {True: "✓ holds", False: "✗ does not hold", None: "— not measurable"}
+    subs = "<ul>" + "".join(f"<li><code>{html.escape(k)}</code>: {mark[v]}</li>" for k, v in checks.items()) + "</ul>"
     page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(name)}</title>
 <style>body{{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}}
 table{{border-collapse:collapse;margin:1rem 0}}td,th{{border:1px solid #ccc;padding:.25rem .5rem;font-size:.9rem}}
@@ -118,7 +135,7 @@ img{{max-width:100%}}code{{background:#f3f3f3;padding:.1rem .3rem}}.v{{font-weig
 </head><body><h1>lmlab lab facts — {html.escape(name)}</h1>
 <p><b>Paper's claim</b> (Zucchet et al. 2025): {html.escape(claim)}</p>
 <p><b>Measured here</b>: {html.escape(measured)}</p>
-<p><b>Verdict</b>: <span class="v">{verdict}</span></p>
+<p><b>Verdict</b>: <span class="v">{verdict}</span> (sub-claims below)</p>{subs}
 <p>Reproduce: <code>{html.escape(command)}</code></p>{rows}{imgs}
 <p><small>Mean ± std over seeds where there are several. Numbers in results.json.</small></p></body></html>
 """

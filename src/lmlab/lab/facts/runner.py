@@ -53,6 +53,8 @@ class RunConfig:
     snapshot_steps: tuple[int, ...] = ()  # save the weights at these steps (patching references)
     # Fine-tuning evaluates old and new individuals separately: population rows [0, old) and [old, total).
     split_old: int = 0
+    # ... and, after celebrity pre-training, old rows [0, c) (the celebrities) and [c, old) apart as well (Fig. P)
+    split_celebrities: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.bio, dict):
@@ -63,6 +65,9 @@ class RunConfig:
         if self.stop_at_acc is not None and not 0 < self.stop_at_acc <= 1:
             raise ValueError(f"stop_at_acc ({self.stop_at_acc}) must be in (0, 1]")
         self.snapshot_steps = tuple(int(s) for s in self.snapshot_steps)
+        if self.split_celebrities and not 0 < self.split_celebrities < self.split_old:
+            raise ValueError(f"split_celebrities ({self.split_celebrities}) must be in (0, split_old = "
+                             f"{self.split_old})")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -147,6 +152,22 @@ def model_config(cfg: RunConfig, data: Biographies) -> ModelConfig:
                        n_head=cfg.n_head, n_embd=cfg.n_embd, block_size=data.seq_len)
 
 
+def split_groups(cfg: RunConfig) -> dict[str, BioConfig]:
+    """Fine-tuning's evaluation groups, each a uniform slice of the one population: "old" rows [0, split_old),
+    "new" the rest, and with split_celebrities = c also "old_celeb" [0, c) and "old_rest" [c, split_old)."""
+    b = cfg.bio
+    old = dataclasses.replace(b, first_individual=0, n_individuals=cfg.split_old, n_unseen=0,
+                              sampling="uniform", n_celebrities=0, celebrity_weight=1.0,
+                              replay_individuals=0, replay_weight=1.0)
+    groups = {"old": old, "new": dataclasses.replace(old, first_individual=cfg.split_old,
+                                                     n_individuals=b.n_individuals - cfg.split_old)}
+    if cfg.split_celebrities:
+        c = cfg.split_celebrities
+        groups["old_celeb"] = dataclasses.replace(old, n_individuals=c)
+        groups["old_rest"] = dataclasses.replace(old, first_individual=c, n_individuals=cfg.split_old - c)
+    return groups
+
+
 def run_one(cfg: RunConfig, out_dir: str | Path, quiet: bool = True) -> dict[str, Any]:
     """Train one model and return its evaluation history, plateau times and speed."""
     out = Path(out_dir)
@@ -154,14 +175,7 @@ def run_one(cfg: RunConfig, out_dir: str | Path, quiet: bool = True) -> dict[str
     callbacks: list[Callback] = []
     views: dict[str, FactsCallback] = {}
     if cfg.split_old:
-        b = cfg.bio
-        old = dataclasses.replace(b, first_individual=0, n_individuals=cfg.split_old, n_unseen=0,
-                                  sampling="uniform", n_celebrities=0, celebrity_weight=1.0,
-                                  replay_individuals=0, replay_weight=1.0)
-        new = dataclasses.replace(old, first_individual=cfg.split_old,
-                                  n_individuals=b.n_individuals - cfg.split_old)
-        views = {"old": _OldNew(Biographies(old, data.tokenizer, data.pools), "old"),
-                 "new": _OldNew(Biographies(new, data.tokenizer, data.pools), "new")}
+        views = {g: _OldNew(Biographies(b, data.tokenizer, data.pools), g) for g, b in split_groups(cfg).items()}
         callbacks += views.values()
     else:
         sets = ("seen_eval", "seen_train", "unseen") if cfg.bio.n_unseen else ("seen_eval", "seen_train")
