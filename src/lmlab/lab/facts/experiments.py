@@ -426,17 +426,19 @@ def finetune(seeds: Sequence[int], out: Path, quick: bool = False, scale: Scale 
     replays = [0.0, 0.125, 1.0] if quick else [0.0, 1 / 32, 0.125, 0.5, 2.0]
     variants: list[tuple[str, int, float]] = [(f"new={k}", k, 0.0) for k in n_news]
     variants += [(f"new={replay_n} replay w={w:g}", replay_n, w) for w in replays if w > 0]
+    # shared by every fine-tuning run: the old rows [0, n) are the replay group (weight w, 0: not drawn)
+    ft_kw: dict[str, Any] = dict(probes=False, n_unseen=0, replay_individuals=n, lr=scale.lr / 13,
+                                 schedule="constant", eval_every=10, split_old=n, n_eval=128)
     jobs = []
     for label, k, w in variants:
         for s, p in zip(seeds, pre):
-            cfg = scale.run(s, steps=ft_steps, n=n + k, probes=False, n_unseen=0, replay_individuals=n,
-                            replay_weight=w, lr=scale.lr / 13, schedule="constant", eval_every=10,
-                            init_from=p["final_weights"], split_old=n, n_eval=128)
+            cfg = scale.run(s, steps=ft_steps, n=n + k, replay_weight=w, init_from=p["final_weights"], **ft_kw)
             jobs.append((cfg, out / "runs" / f"{label.replace(' ', '_')}-seed-{s}"))
     for s, p in zip(seeds, pre_celeb):
-        cfg = scale.run(s, steps=ft_steps, n=n + replay_n, probes=False, n_unseen=0, lr=scale.lr / 13,
-                        schedule="constant", eval_every=10, init_from=p["final_weights"], split_old=n,
-                        split_celebrities=n_celeb, n_eval=128)
+        # no replay (weight 0 on the old rows): the celebrity control is the new=n/16 run above, pre-trained
+        # differently
+        cfg = scale.run(s, steps=ft_steps, n=n + replay_n, replay_weight=0.0, init_from=p["final_weights"],
+                        split_celebrities=n_celeb, **ft_kw)
         jobs.append((cfg, out / "runs" / f"celebrities-new={replay_n}-seed-{s}"))
     all_runs = run_many(jobs, workers=scale.workers)
     runs, celeb_runs = all_runs[: len(variants) * len(seeds)], all_runs[len(variants) * len(seeds):]
