@@ -504,8 +504,8 @@ def finetune(seeds: Sequence[int], out: Path, quick: bool = False, scale: Scale 
                        by_variant("history_new", "seen_eval/acc")),
              line_plot(out / "old_acc.png", "old accuracy with replay (Fig. 5 right)", "fine-tuning step", "accuracy",
                        by_variant("history_old", "seen_eval/acc")),
-             line_plot(out / "celebrities.png", f"celebrity pre-training ({n_celeb} at weight {celeb_w:g}), then "
-                       f"fine-tuning on {replay_n} new (Fig. P)", "fine-tuning step", "accuracy",
+             line_plot(out / "celebrities.png", f"fine-tuning after {n_celeb} celebrities at weight {celeb_w:g} "
+                       "(Fig. P)", "fine-tuning step", "accuracy",
                        [(lbl, [curves(r[f"history_{g}"], "seen_eval/acc") for r in celeb_runs])
                         for lbl, g in (("old celebrities", "old_celeb"), ("old others", "old_rest"),
                                        ("new", "new"))])]
