@@ -342,7 +342,7 @@ def test_queue_cancel_and_resume(tmp_path):
         assert r.status_code == 200 and r.json()["status"] == "queued"
         a = wait_run(c, a["id"], lambda r: r["status"] not in ("queued", "running"), "the resumed run")
         assert a["status"] == "completed" and a["resumed_from_step"] == step and a["launches"] == 2
-        steps = [m["step"] for m in c.get(f"/api/v1/runs/{a['id']}/metrics").json()["metrics"]]
+        steps = [m["step"] for m in c.get(f"/api/v1/runs/{a['id']}/metrics?limit=100000").json()["metrics"]]
         assert steps == list(range(1, step + 4))  # one line per step: nothing lost, nothing twice
         assert c.delete(f"/api/v1/runs/{b['id']}").status_code == 204
         assert not (tmp_path / "runs" / f"run-{b['id']}").exists()

@@ -10,6 +10,8 @@ import signal
 
 from test_server_support import BOOK, FAST, TINY_MODEL, ServerProcess, kill_run_process, wait_for
 
+from lmlab.train.trainer import latest_checkpoint
+
 LONG = {"books": ["tales.txt"], "max_steps": 100000, "save_every": 3, "log_every": 1, "eval_every": 0, **FAST}
 
 
@@ -34,7 +36,7 @@ def _check_resumed(c, ws, run_id, step):
     r = _wait(c, run_id, lambda r: r["status"] not in ("queued", "running"), "the resumed run to finish")
     assert r["status"] == "completed", r
     assert r["resumed_from_step"] == step and r["current_step"] == step + 3
-    steps = [m["step"] for m in c.get(f"/api/v1/runs/{run_id}/metrics").json()["metrics"]]
+    steps = [m["step"] for m in c.get(f"/api/v1/runs/{run_id}/metrics?limit=100000").json()["metrics"]]
     assert steps == list(range(1, step + 4))
     log = (ws / "runs" / f"run-{run_id}" / "log.txt").read_text()
     assert f"resumed from {ws / 'runs' / f'run-{run_id}' / 'checkpoints' / f'step-{step}'} (step {step})" in log
@@ -43,16 +45,30 @@ def _check_resumed(c, ws, run_id, step):
     assert c.get("/api/v1/models/" + r["model"]).json()["trained_steps"] == step + 3
 
 
+def _kill_past_a_checkpoint(pid, run_dir):
+    """SIGKILL the trainer at a moment when it has logged steps after its latest checkpoint (those lines must
+    be dropped on resume). The process is frozen (SIGSTOP) while its files are read, so what was seen is what
+    it leaves; the server's view (current_step) lags the files by a poll and cannot tell."""
+    def logged_past_checkpoint():
+        os.kill(pid, signal.SIGSTOP)
+        ckpt = latest_checkpoint(run_dir)
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        if ckpt is not None and lines and json.loads(lines[-1])["step"] > int(ckpt.name[5:]):
+            return True
+        os.kill(pid, signal.SIGCONT)
+        return False
+    wait_for(logged_past_checkpoint, 60, 0.05, "steps logged after a checkpoint")
+    os.kill(pid, signal.SIGKILL)
+
+
 def test_kill_9_of_the_training_process(tmp_path):
     server = ServerProcess(tmp_path).start()
     pid = None
     try:
         with server.client() as c:
             run_id = _setup(c, "k9")
-            r = _wait(c, run_id, lambda r: (r["checkpoint_step"] or 0) >= 3 and
-                      r["current_step"] > r["checkpoint_step"], "a checkpoint and a few steps after it")
-            pid = r["pid"]
-            os.kill(pid, signal.SIGKILL)
+            pid = _wait(c, run_id, lambda r: (r["checkpoint_step"] or 0) >= 3, "a checkpoint")["pid"]
+            _kill_past_a_checkpoint(pid, tmp_path / "runs" / f"run-{run_id}")
             r = _wait(c, run_id, lambda r: r["status"] != "running", "the supervisor to notice the death")
             assert r["status"] == "interrupted" and r["exit_code"] == -9 and "SIGKILL" in r["error"]
             assert r["can_resume"] and r["pid"] is None
