@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -260,6 +261,28 @@ def test_celebrity_split_groups_are_slices_of_one_population(shared):
     assert rows["old"] == rows["old_celeb"] | rows["old_rest"] and rows["new"] == set(range(100, 120))
     with pytest.raises(ValueError, match="split_celebrities"):
         RunConfig(bio=bio, split_old=100, split_celebrities=100)
+    # Fig. P proper: fine-tuning on the rare seen ones (celebrities not drawn) has no new individuals
+    rare = dataclasses.replace(bio, sampling="uniform", replay_individuals=6, replay_weight=0.0)
+    assert Biographies(rare, tok, pools).weights[:6].sum() == 0
+    groups = split_groups(RunConfig(bio=rare, split_old=120, split_celebrities=6))
+    assert set(groups) == {"old", "old_celeb", "old_rest"}
+    assert groups["old_rest"].first_individual == 6 and groups["old_rest"].n_individuals == 114
+    with pytest.raises(ValueError, match="split_old"):
+        RunConfig(bio=rare, split_old=121)
+
+
+def test_report_tables_fold_std_over_seeds_into_mean():
+    """Several seeds: every aggregated column is printed as mean ± std (population std, as np.std), and the
+    *_std column itself is not a separate one; with one seed there is no std."""
+    from lmlab.lab.facts.experiments import _agg
+    from lmlab.lab.facts.report import html_table
+    row = _agg([{"acc": 0.5, "t": 100, "t_none": None}, {"acc": 0.7, "t": None, "t_none": None}])
+    assert row["acc"] == pytest.approx(0.6) and row["acc_std"] == pytest.approx(0.1)
+    assert row["t"] == 100 and row["t_std"] == 0 and row["t_none"] is None  # seeds without a value are left out
+    assert set(_agg([{"acc": 0.5}])) == {"acc"}
+    page = html_table([{"variant": "a", **row}], "caption")
+    assert "<th>acc</th>" in page and "acc_std" not in page and "<td>0.6 ± 0.1</td>" in page
+    assert "<td>—</td>" in page and "<caption>caption</caption>" in page
 
 
 def test_verdict_grade_from_sub_claims():

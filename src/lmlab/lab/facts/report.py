@@ -99,13 +99,32 @@ def grade(checks: dict[str, bool | None]) -> str:
     return "holds" if all(decided) else "does not hold" if not any(decided) else "partly"
 
 
+def html_table(table: Sequence[dict[str, Any]], caption: str = "") -> str:
+    """An HTML table of rows (dicts); a column `k_std` next to `k` is folded into it as "mean ± std"."""
+    if not table:
+        return ""
+    keys = list(table[0])
+    cols = [c for c in keys if not (c.endswith("_std") and c[:-4] in keys)]
+    cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
+    rows = f"<table>{cap}<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr>"
+    for r in table:
+        cells = []
+        for c in cols:
+            sd = r.get(f"{c}_std") if f"{c}_std" in keys else None
+            cells.append(_fmt(r.get(c)) + ("" if sd is None or r.get(c) is None else f" ± {_fmt(sd)}"))
+        rows += "<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in cells) + "</tr>"
+    return rows + "</table>"
+
+
 def write_report(out: Path, name: str, claim: str, measured: str, checks: dict[str, bool | None],
                  table: Sequence[dict[str, Any]], plots: Sequence[Path], results: dict[str, Any],
-                 command: str) -> Path:
+                 command: str, extra_tables: Sequence[tuple[str, Sequence[dict[str, Any]]]] = ()) -> Path:
     """Write out/results.json and out/report.html (plots inlined as base64, so the file stands alone).
 
     `checks` are the experiment's sub-claims (name -> holds, None where not measurable); the verdict is
-    graded from them (`grade`), and `holds` is True only when every decided one holds."""
+    graded from them (`grade`), and `holds` is True only when every decided one holds. Tables hold means
+    over seeds with `k_std` columns beside them where there are several seeds; `extra_tables` are
+    (caption, rows) shown after the main one and stored in results.json under `extra_tables`."""
     out.mkdir(parents=True, exist_ok=True)
     verdict = grade(checks)
     holds = {"holds": True, "inconclusive": None}.get(verdict, False)
@@ -113,15 +132,9 @@ def write_report(out: Path, name: str, claim: str, measured: str, checks: dict[s
     results.update(holds=holds, verdict=verdict, checks=checks, measured=measured)  # carried back to the caller
     payload = {"experiment": name, "claim": claim, "measured": measured, "holds": holds, "verdict": verdict,
                "checks": checks, "command": command, "table": list(table), "plots": [p.name for p in plots],
-               **results}
+               "extra_tables": [{"caption": c, "rows": list(t)} for c, t in extra_tables], **results}
     atomic_write_text(out / "results.json", json.dumps(_clean(payload), indent=1) + "\n")
-    rows = ""
-    if table:
-        cols = list(table[0])
-        rows = "<table><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr>"
-        for r in table:
-            rows += "<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in cols) + "</tr>"
-        rows += "</table>"
+    rows = html_table(table) + "".join(html_table(t, c) for c, t in extra_tables)
     imgs = "".join(f'<figure><img alt="{html.escape(p.name)}" src="data:image/png;base64,'
                    f'{base64.b64encode(p.read_bytes()).decode()}"><figcaption>{html.escape(p.name)}</figcaption>'
                    f"</figure>" for p in plots)

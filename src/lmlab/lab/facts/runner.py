@@ -65,6 +65,8 @@ class RunConfig:
         if self.stop_at_acc is not None and not 0 < self.stop_at_acc <= 1:
             raise ValueError(f"stop_at_acc ({self.stop_at_acc}) must be in (0, 1]")
         self.snapshot_steps = tuple(int(s) for s in self.snapshot_steps)
+        if not 0 <= self.split_old <= self.bio.n_individuals:
+            raise ValueError(f"split_old ({self.split_old}) must be in [0, n_individuals = {self.bio.n_individuals}]")
         if self.split_celebrities and not 0 < self.split_celebrities < self.split_old:
             raise ValueError(f"split_celebrities ({self.split_celebrities}) must be in (0, split_old = "
                              f"{self.split_old})")
@@ -154,13 +156,16 @@ def model_config(cfg: RunConfig, data: Biographies) -> ModelConfig:
 
 def split_groups(cfg: RunConfig) -> dict[str, BioConfig]:
     """Fine-tuning's evaluation groups, each a uniform slice of the one population: "old" rows [0, split_old),
-    "new" the rest, and with split_celebrities = c also "old_celeb" [0, c) and "old_rest" [c, split_old)."""
+    "new" the rest (if any: fine-tuning on seen individuals has none), and with split_celebrities = c also
+    "old_celeb" [0, c) and "old_rest" [c, split_old)."""
     b = cfg.bio
     old = dataclasses.replace(b, first_individual=0, n_individuals=cfg.split_old, n_unseen=0,
                               sampling="uniform", n_celebrities=0, celebrity_weight=1.0,
                               replay_individuals=0, replay_weight=1.0)
-    groups = {"old": old, "new": dataclasses.replace(old, first_individual=cfg.split_old,
-                                                     n_individuals=b.n_individuals - cfg.split_old)}
+    groups = {"old": old}
+    if b.n_individuals > cfg.split_old:
+        groups["new"] = dataclasses.replace(old, first_individual=cfg.split_old,
+                                            n_individuals=b.n_individuals - cfg.split_old)
     if cfg.split_celebrities:
         c = cfg.split_celebrities
         groups["old_celeb"] = dataclasses.replace(old, n_individuals=c)
