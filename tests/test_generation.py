@@ -1,5 +1,7 @@
 """KV cache against full recompute, batched left-padded generation against one-by-one, sampling rules."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -20,11 +22,13 @@ def tiny(family, **kw):
     return model
 
 
+@pytest.mark.parametrize("fast", [False, True], ids=["modules", "decoding"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_kv_cache_decoding_equals_recompute(family):
+def test_kv_cache_decoding_equals_recompute(family, fast):
+    """Also inside `decoding()`, where one-token steps take Transformer._decode_one, not the modules."""
     model = tiny(family)
     idx = torch.randint(4, 61, (2, 30))
-    with torch.no_grad():
+    with torch.no_grad(), model.decoding() if fast else contextlib.nullcontext():
         full = model(idx).logits
         cache = KVCache(model.config, batch_size=2)
         steps = [model(idx[:, :10], cache=cache).logits]         # prefill 10, then chunks of 1 and 5
@@ -156,4 +160,4 @@ def test_decoding_fast_path_matches_plain_forward():
         with model.decoding():
             fast = model(idx).logits
     torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
-    assert all(getattr(m, "decode_weight", None) is None for m in model.modules())
+    assert all(getattr(m, "decode_weight", None) is None for m in model.modules()) and model._decoder is None

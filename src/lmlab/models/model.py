@@ -238,6 +238,22 @@ class HeadCrossEntropy(torch.autograd.Function):
         return grad_x, grad_w, None, None
 
 
+class _DecodeLayer(NamedTuple):
+    """One block's tensors for `Transformer._decode_one`: norms as (weight, bias or None), linears as
+    (transposed weight, bias or None)."""
+    norm1: tuple[torch.Tensor, torch.Tensor | None]
+    qkv: tuple[torch.Tensor, torch.Tensor | None]
+    proj: tuple[torch.Tensor, torch.Tensor | None]
+    norm2: tuple[torch.Tensor, torch.Tensor | None]
+    fc: tuple[torch.Tensor, torch.Tensor | None]
+    out: tuple[torch.Tensor, torch.Tensor | None]
+
+
+def _linear_t(x: torch.Tensor, wb: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+    wt, b = wb
+    return torch.mm(x, wt) if b is None else torch.addmm(b, x, wt)
+
+
 class ModelOutput(NamedTuple):
     logits: torch.Tensor              # (B, T, vocab) or (B, 1, vocab) with last_only
     loss: torch.Tensor | None = None  # mean cross-entropy over non-ignored targets
@@ -292,10 +308,27 @@ class Transformer(nn.Module):
             if fast:
                 for m in layers:
                     m.decode_weight = m.transposed_weight()
+                self._decoder = ([self._decode_layer(b) for b in self.blocks], self.lm_head.decode_weight)
             yield
         finally:
             for m in layers:
                 m.decode_weight = None
+            self._decoder = None
+
+    # (layers, transposed head) for _decode_one while inside decoding(); read once per step, so another
+    # thread leaving its decoding() mid-step does not pull the tensors from under this one
+    _decoder: tuple[list[_DecodeLayer], torch.Tensor] | None = None
+
+    @staticmethod
+    def _decode_layer(block: Block) -> _DecodeLayer:
+        def norm(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+            return m.weight, getattr(m, "bias", None)
+
+        def lin(m: Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+            return m.decode_weight, m.bias
+
+        return _DecodeLayer(norm(block.norm1), lin(block.attn.qkv), lin(block.attn.proj), norm(block.norm2),
+                            lin(block.mlp.fc), lin(block.mlp.proj))
 
     # ---- accounting --------------------------------------------------------------------------------
 
@@ -333,6 +366,10 @@ class Transformer(nn.Module):
         past = cache.length if cache is not None else 0
         if past + T > cfg.block_size:
             raise ValueError(f"sequence of {past + T} tokens exceeds block_size {cfg.block_size}")
+        decoder = self._decoder
+        if (T == 1 and cache is not None and decoder is not None and targets is None
+                and attention_mask is None and position_ids is None and not self.training):
+            return ModelOutput(self._decode_one(idx, cache, *decoder).unsqueeze(1))
         x = self.tok_emb(idx)                                                 # (B, T, C)
         if self.pos_emb is not None:
             x = x + (self.pos_emb.weight[past:past + T] if position_ids is None else self.pos_emb(position_ids))
@@ -383,6 +420,58 @@ class Transformer(nn.Module):
             keys = attention_mask[:, None, None, :S].bool()                   # (B, 1, 1, S)
             mask = (mask & keys) | (k_pos == q_pos)[None, None]
         return mask
+
+    def _decode_one(self, idx: torch.Tensor, cache: KVCache, layers: list[_DecodeLayer],
+                    head: torch.Tensor) -> torch.Tensor:
+        """One new token per row, no padding, default positions: the whole forward as direct tensor calls.
+
+        The same arithmetic as the modules above (the KV-cache tests compare the two), without their
+        per-call overhead (module calls, dropout in eval, view juggling): at batch 1 a decoding step of the
+        reference model is ~150 small ops, and their dispatch cost about as much as reading the weights
+        (benchmarks/README.md). Used inside `decoding()` on CPU fp32. Returns (B, vocab) logits."""
+        cfg = self.config
+        B, C, H, K, D = idx.shape[0], cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        G, kv_dim, pos = H // K, K * D, cache.length
+        S = pos + 1
+        rms, eps, scale = cfg.norm == "rmsnorm", cfg.norm_eps, D**-0.5
+
+        def norm(x: torch.Tensor, wb: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+            if rms:
+                return F.rms_norm(x, (C,), wb[0], eps)
+            return F.layer_norm(x, (C,), wb[0], wb[1], eps)
+
+        x = self.tok_emb.weight[idx[:, 0]]                                    # (B, C)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb.weight[pos]
+        if cfg.pos_encoding == "rope":
+            cos, sin = self.rope_cos[pos], self.rope_sin[pos]                 # (D,)
+        for i, layer in enumerate(layers):
+            h = norm(x, layer.norm1) if cfg.prenorm else x
+            qkv = _linear_t(h, layer.qkv)                                     # (B, C + 2 * K * D)
+            qk = qkv[:, :C + kv_dim].view(B, H + K, D)
+            if cfg.pos_encoding == "rope":                                    # q and k rotated together
+                q1, q2 = qk.chunk(2, dim=-1)
+                qk = qk * cos + torch.cat([-q2, q1], dim=-1) * sin
+            q = qk[:, :H].reshape(B * K, G, D) * scale
+            cache.k[i].select(2, pos).copy_(qk[:, H:])                         # (B, K, D)
+            cache.v[i].select(2, pos).copy_(qkv[:, C + kv_dim:].view(B, K, D))
+            keys = cache.k[i].narrow(2, 0, S).flatten(0, 1)                   # (B * K, S, D)
+            values = cache.v[i].narrow(2, 0, S).flatten(0, 1)
+            att = torch.bmm(q, keys.transpose(1, 2)).softmax(-1)              # (B * K, G, S)
+            y = _linear_t(torch.bmm(att, values).view(B, C), layer.proj)
+            x = x + y if cfg.prenorm else norm(x + y, layer.norm1)
+            h = _linear_t(norm(x, layer.norm2) if cfg.prenorm else x, layer.fc)
+            if cfg.mlp == "swiglu":
+                gate, up = h.chunk(2, dim=-1)
+                h = F.silu(gate) * up
+            else:
+                h = F.gelu(h, approximate="tanh")
+            y = _linear_t(h, layer.out)
+            x = x + y if cfg.prenorm else norm(x + y, layer.norm2)
+        cache.length += 1
+        if self.norm_f is not None:
+            x = norm(x, (self.norm_f.weight, getattr(self.norm_f, "bias", None)))
+        return torch.mm(x, head)                                              # (B, vocab)
 
     @staticmethod
     def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
