@@ -187,16 +187,12 @@ def phases(seeds: Sequence[int], out: Path, quick: bool = False, scale: Scale | 
                   [(g, [curves(r["history"], f"drift_{g}") for r in runs]) for g in ("name", "value", "template")],
                   logy=True),
     ]
-    t_star, t1 = [x["t_star"] for x in per_seed], [x["t1"] for x in per_seed]
-    final = [x["final_acc_heldout"] for x in per_seed]
-    measured = (f"baseline {base:.3f} nats; mean gap to it on the plateau "
-                f"{_n(_mean([x['plateau_mean_gap'] for x in per_seed]))} nats; steps within 0.1 nats of it "
-                f"{[x['steps_within_0.1_of_baseline'] for x in per_seed]}; t1 = {_n(_mean(t1), 0)} ± "
-                f"{_n(_std(t1), 0)}, t* = {_n(_mean(t_star), 0)} ± "
-                f"{_n(_std(t_star), 0)} steps; plateau accuracy "
-                f"{_n(_mean([x['plateau_mean_acc'] for x in per_seed]))}; "
-                f"final held-out accuracy {_n(_mean(final))} ± {_n(_std(final))}")
-    res = {"scale": dataclasses.asdict(scale), "baseline": base, "per_seed": per_seed,
+    agg = _agg([{k: v for k, v in x.items() if k != "seed"} for x in per_seed])
+    measured = (f"baseline {base:.3f} nats; mean gap to it on the plateau {_pm(agg, 'plateau_mean_gap')} nats; "
+                f"steps within 0.1 nats of it {[x['steps_within_0.1_of_baseline'] for x in per_seed]}; t1 = "
+                f"{_pm(agg, 't1', 0)}, t* = {_pm(agg, 't_star', 0)} steps; plateau accuracy "
+                f"{_pm(agg, 'plateau_mean_acc')}; final held-out accuracy {_pm(agg, 'final_acc_heldout')}")
+    res = {"scale": dataclasses.asdict(scale), "baseline": base, "per_seed": per_seed, "summary": agg,
            "speed": _speed(runs, wall or 0.0), "runs": [_lean(r) for r in runs]}
     write_report(out, "three phases", "Knowledge is acquired in three phases: the loss first fits the value "
                  "marginals and drops to the no-knowledge baseline, stays on a plateau at the baseline with "
@@ -253,14 +249,14 @@ def hallucination(seeds: Sequence[int], out: Path, quick: bool = False, scale: S
                   [("unseen", [curves(r["history"], "unseen/entropy") for r in runs]),
                    ("seen", [curves(r["history"], "seen_eval/entropy") for r in runs])]),
     ]
-    def avg(key: str) -> str:
-        return _n(_mean([x[key] for x in per_seed]))
-    measured = (f"unseen loss − baseline on the plateau {avg('unseen_plateau_above_baseline')}, at the end "
-                f"{avg('unseen_final_above_baseline')} nats; onset − t* = "
-                f"{[x['onset_minus_t_star'] for x in per_seed]} "
-                f"steps (eval interval {interval}); final max prob unseen {avg('max_prob_unseen')} vs seen "
-                f"{avg('max_prob_seen')}; entropy unseen {avg('entropy_unseen')} vs seen {avg('entropy_seen')}")
-    res = {"baseline": base, "per_seed": per_seed, "speed": _speed(runs, wall or 0.0)}
+    agg = _agg([{k: v for k, v in x.items() if k != "seed"} for x in per_seed])
+    measured = (f"t* {_pm(agg, 't_star', 0)}; unseen loss − baseline on the plateau "
+                f"{_pm(agg, 'unseen_plateau_above_baseline')}, at the end {_pm(agg, 'unseen_final_above_baseline')} "
+                f"nats; onset − t* = {_pm(agg, 'onset_minus_t_star', 0)} (per seed "
+                f"{[x['onset_minus_t_star'] for x in per_seed]}) steps (eval interval {interval}); final max prob "
+                f"unseen {_pm(agg, 'max_prob_unseen')} vs seen {_pm(agg, 'max_prob_seen')}; entropy unseen "
+                f"{_pm(agg, 'entropy_unseen')} vs seen {_pm(agg, 'entropy_seen')}")
+    res = {"baseline": base, "per_seed": per_seed, "summary": agg, "speed": _speed(runs, wall or 0.0)}
     write_report(out, "hallucination", "On individuals never seen in training the loss sits at the baseline "
                  "during the plateau and rises above it (confident wrong answers) as knowledge emerges, at the "
                  "end of the plateau; predictions on unseen individuals are less confident than on seen ones "
