@@ -453,10 +453,11 @@ class Transformer(nn.Module):
                 q1, q2 = qk.chunk(2, dim=-1)
                 qk = qk * cos + torch.cat([-q2, q1], dim=-1) * sin
             q = qk[:, :H].reshape(B * K, G, D) * scale
-            cache.k[i].select(2, pos).copy_(qk[:, H:])                         # (B, K, D)
-            cache.v[i].select(2, pos).copy_(qkv[:, C + kv_dim:].view(B, K, D))
-            keys = cache.k[i].narrow(2, 0, S).flatten(0, 1)                   # (B * K, S, D)
-            values = cache.v[i].narrow(2, 0, S).flatten(0, 1)
+            k_all, v_all = cache.k[i], cache.v[i]                             # (B, K, max_len, D)
+            k_all.select(2, pos).copy_(qk[:, H:])                             # (B, K, D)
+            v_all.select(2, pos).copy_(qkv[:, C + kv_dim:].view(B, K, D))
+            keys = k_all.narrow(2, 0, S).flatten(0, 1)                        # (B * K, S, D)
+            values = v_all.narrow(2, 0, S).flatten(0, 1)
             att = torch.bmm(q, keys.transpose(1, 2)).softmax(-1)              # (B * K, G, S)
             y = _linear_t(torch.bmm(att, values).view(B, C), layer.proj)
             x = x + y if cfg.prenorm else norm(x + y, layer.norm1)
