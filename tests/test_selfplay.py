@@ -209,6 +209,11 @@ def test_log_probs_match_a_direct_forward():
         direct = torch.log_softmax(model(torch.tensor([[2, 7, 9, 10]])).logits[0].float(), -1)
     assert batch.mask[1].tolist() == [False, True, True, True]
     torch.testing.assert_close(logp[1, 1:].detach(), direct[[1, 2, 3], [9, 10, 3]])
+    # samples drawn at temperature T are scored under softmax(z / T), the policy that drew them
+    hot, _ = token_logprobs(model, batch, temperature=0.5)
+    with torch.no_grad():
+        logits = model(torch.tensor([[2, 7, 9, 10]])).logits[0].float()
+    torch.testing.assert_close(hot[1, 1:].detach(), torch.log_softmax(logits / 0.5, -1)[[1, 2, 3], [9, 10, 3]])
 
 
 # ---- end to end -------------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ class TextSelfPlayConfig:
     prompts_per_iteration: int = 4   # distinct prompts per step
     group_size: int = 8              # completions per prompt; advantages are relative to this group
     max_new_tokens: int = 48
-    temperature: float = 1.0         # sampling is from the policy itself, so log-probs match it exactly
+    temperature: float = 1.0         # log-probs are taken at the same temperature: samples come from the policy
     lr: float = 5e-5
     kl_coef: float = 0.1             # weight of the k3 KL estimate to the starting model (GRPO, eq. 4)
     grad_clip: float = 1.0
@@ -213,9 +213,9 @@ def run_text_selfplay(model_dir: str | Path, out: str | Path, config: TextSelfPl
         trained = [c + [tok.eos_id] if len(c) < config.max_new_tokens else c for c in comps]
         batch = make_batch([encoded[i] for i in idx], trained, tok.pad_id)
         policy.train()
-        logp, _ = token_logprobs(policy, batch)
+        logp, _ = token_logprobs(policy, batch, temperature=config.temperature)
         with torch.no_grad():
-            ref_logp, _ = token_logprobs(reference, batch)
+            ref_logp, _ = token_logprobs(reference, batch, temperature=config.temperature)
         m = batch.mask.float()
         kl = (kl_k3(logp, ref_logp) * m).sum() / m.sum()
         loss = reinforce_loss(logp, batch.mask, torch.tensor(adv)) + config.kl_coef * kl
