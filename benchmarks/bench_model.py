@@ -19,10 +19,11 @@ are printed as PASS / BELOW, never asserted. benchmarks/README.md says more.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -144,6 +145,19 @@ def bench_generation(repeats: int, bandwidth: float) -> list[tuple[str, float, f
         with torch.inference_mode():
             return hf.generate(prompt, **hf_kw)[0, PROMPT_LEN:].tolist()
 
+    @contextlib.contextmanager
+    def module_path() -> Iterator[None]:
+        with Transformer.decoding(ours):
+            ours._decoder = None  # one-token steps go through the modules, as before _decode_one existed
+            yield
+
+    def run_ours_modules() -> list[int]:
+        ours.decoding = module_path
+        try:
+            return run_ours()
+        finally:
+            del ours.decoding
+
     def run_ours_lookup() -> list[int]:
         return generate_ids(ours, [prompt_list], do_sample=False, max_new_tokens=NEW_TOKENS, stop_at_eos=False,
                             prompt_lookup=LOOKUP)[0]
@@ -154,7 +168,9 @@ def bench_generation(repeats: int, bandwidth: float) -> list[tuple[str, float, f
 
     (ids_ours, first_ours), (ids_hf, first_hf) = timed(run_ours), timed(run_hf)  # first calls: warm-up
     agree = sum(a == b for a, b in zip(ids_ours, ids_hf))
-    t = interleaved({"lmlab": run_ours, "transformers": run_hf, "lmlab_lookup": run_ours_lookup,
+    same_modules = run_ours_modules() == ids_ours
+    t = interleaved({"lmlab": run_ours, "transformers": run_hf, "lmlab_modules": run_ours_modules,
+                     "lmlab_lookup": run_ours_lookup,
                      "transformers_lookup": run_hf_lookup}, repeats)
     same_lookup = run_ours_lookup() == ids_ours and run_hf_lookup() == ids_hf
     tps_ours, tps_hf = NEW_TOKENS / t["lmlab"].median, NEW_TOKENS / t["transformers"].median
@@ -168,6 +184,10 @@ def bench_generation(repeats: int, bandwidth: float) -> list[tuple[str, float, f
     print(f"    {'':26}{'tok/s':>9}{'ms/token':>10}{'spread':>8}{'vs HF':>8}{'first call':>12}")
     print(f"    {'lmlab generate_ids':26}{tps_ours:9.1f}{1e3 / tps_ours:10.2f}{t['lmlab'].spread:8.0%}"
           f"{tps_ours / tps_hf:7.2f}x{first_ours:11.2f}s")
+    tpm = NEW_TOKENS / t["lmlab_modules"].median
+    print(f"    {'lmlab, module path':26}{tpm:9.1f}{1e3 / tpm:10.2f}{t['lmlab_modules'].spread:8.0%}"
+          f"{tpm / tps_hf:7.2f}x   (one-token steps through nn.Modules, not _decode_one; same ids: "
+          f"{'yes' if same_modules else 'NO'})")
     print(f"    {'transformers generate':26}{tps_hf:9.1f}{1e3 / tps_hf:10.2f}{t['transformers'].spread:8.0%}"
           f"{1.0:7.2f}x{first_hf:11.2f}s")
     print(f"    {'bound, DRAM bandwidth':26}{bound:9.1f}{1e3 / bound:10.2f}   ({w_bytes / 2**20:.1f} MiB weights + "

@@ -427,7 +427,7 @@ class Transformer(nn.Module):
 
         The same arithmetic as the modules above (the KV-cache tests compare the two), without their
         per-call overhead (module calls, dropout in eval, view juggling): at batch 1 a decoding step of the
-        reference model is ~150 small ops, and their dispatch cost about as much as reading the weights
+        reference model is about 200 small ops, and their dispatch costs nearly as much as reading the weights
         (benchmarks/README.md). Used inside `decoding()` on CPU fp32. Returns (B, vocab) logits."""
         cfg = self.config
         B, C, H, K, D = idx.shape[0], cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim
