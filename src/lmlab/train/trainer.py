@@ -601,15 +601,22 @@ def train(model: Transformer | ModelConfig, tokenizer: Any, dataset: Any, config
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
                          f"{model.config.vocab_size}")
     global _OWN_PROCESS_GROUP
+    trainer = None
     try:
         trainer = Trainer(model, tokenizer, dataset, config, out_dir, callbacks, provenance=provenance)
         result = trainer.fit(resume=resume)
         if _OWN_PROCESS_GROUP and dist.is_initialized():
             # Leave together: a rank that tears gloo down while rank 0 is still writing final/ sometimes
             # aborts at exit ("terminate called without an active exception"; seen in tests/test_ddp.py).
+            trainer = None  # DDP's reducer holds the group: drop it while the group is still registered
             dist.barrier()
+            # gloo's worker thread frees each finished collective, which decrefs Python tensors and so needs
+            # the GIL; tearing the group down joins that thread while holding the GIL. Joined mid-free, both
+            # wait forever (seen: rank 1 hung in ~ProcessGroupGloo after training). Sleeping releases the GIL.
+            time.sleep(0.2)
         return result
     finally:
+        trainer = None
         if _OWN_PROCESS_GROUP and dist.is_initialized():
             dist.destroy_process_group()
             _OWN_PROCESS_GROUP = False
