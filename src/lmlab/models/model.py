@@ -249,6 +249,10 @@ class _DecodeLayer(NamedTuple):
     out: tuple[torch.Tensor, torch.Tensor | None]
 
 
+def _norm_params(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return m.weight, getattr(m, "bias", None)  # RMSNorm and LayerNorm(bias=False) have none
+
+
 def _linear_t(x: torch.Tensor, wb: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
     wt, b = wb
     return torch.mm(x, wt) if b is None else torch.addmm(b, x, wt)
@@ -308,27 +312,25 @@ class Transformer(nn.Module):
             if fast:
                 for m in layers:
                     m.decode_weight = m.transposed_weight()
-                self._decoder = ([self._decode_layer(b) for b in self.blocks], self.lm_head.decode_weight)
+                final = _norm_params(self.norm_f) if self.norm_f is not None else None
+                self._decoder = ([self._decode_layer(b) for b in self.blocks], final, self.lm_head.decode_weight)
             yield
         finally:
             for m in layers:
                 m.decode_weight = None
             self._decoder = None
 
-    # (layers, transposed head) for _decode_one while inside decoding(); read once per step, so another
-    # thread leaving its decoding() mid-step does not pull the tensors from under this one
-    _decoder: tuple[list[_DecodeLayer], torch.Tensor] | None = None
+    # (layers, final norm, transposed head) for _decode_one while inside decoding(); read once per step, so
+    # another thread leaving its decoding() mid-step does not pull the tensors from under this one
+    _decoder: tuple[list[_DecodeLayer], tuple[torch.Tensor, torch.Tensor | None] | None, torch.Tensor] | None = None
 
     @staticmethod
     def _decode_layer(block: Block) -> _DecodeLayer:
-        def norm(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-            return m.weight, getattr(m, "bias", None)
-
         def lin(m: Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
             return m.decode_weight, m.bias
 
-        return _DecodeLayer(norm(block.norm1), lin(block.attn.qkv), lin(block.attn.proj), norm(block.norm2),
-                            lin(block.mlp.fc), lin(block.mlp.proj))
+        return _DecodeLayer(_norm_params(block.norm1), lin(block.attn.qkv), lin(block.attn.proj),
+                            _norm_params(block.norm2), lin(block.mlp.fc), lin(block.mlp.proj))
 
     # ---- accounting --------------------------------------------------------------------------------
 
@@ -422,7 +424,7 @@ class Transformer(nn.Module):
         return mask
 
     def _decode_one(self, idx: torch.Tensor, cache: KVCache, layers: list[_DecodeLayer],
-                    head: torch.Tensor) -> torch.Tensor:
+                    final: tuple[torch.Tensor, torch.Tensor | None] | None, head: torch.Tensor) -> torch.Tensor:
         """One new token per row, no padding, default positions: the whole forward as direct tensor calls.
 
         The same arithmetic as the modules above (the KV-cache tests compare the two), without their
@@ -434,6 +436,7 @@ class Transformer(nn.Module):
         G, kv_dim, pos = H // K, K * D, cache.length
         S = pos + 1
         rms, eps, scale = cfg.norm == "rmsnorm", cfg.norm_eps, D**-0.5
+        prenorm, rope, swiglu = cfg.prenorm, cfg.pos_encoding == "rope", cfg.mlp == "swiglu"
 
         def norm(x: torch.Tensor, wb: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
             if rms:
@@ -443,13 +446,13 @@ class Transformer(nn.Module):
         x = self.tok_emb.weight[idx[:, 0]]                                    # (B, C)
         if self.pos_emb is not None:
             x = x + self.pos_emb.weight[pos]
-        if cfg.pos_encoding == "rope":
+        if rope:
             cos, sin = self.rope_cos[pos], self.rope_sin[pos]                 # (D,)
         for i, layer in enumerate(layers):
-            h = norm(x, layer.norm1) if cfg.prenorm else x
+            h = norm(x, layer.norm1) if prenorm else x
             qkv = _linear_t(h, layer.qkv)                                     # (B, C + 2 * K * D)
             qk = qkv[:, :C + kv_dim].view(B, H + K, D)
-            if cfg.pos_encoding == "rope":                                    # q and k rotated together
+            if rope:                                                          # q and k rotated together
                 q1, q2 = qk.chunk(2, dim=-1)
                 qk = qk * cos + torch.cat([-q2, q1], dim=-1) * sin
             q = qk[:, :H].reshape(B * K, G, D) * scale
@@ -460,18 +463,18 @@ class Transformer(nn.Module):
             values = v_all.narrow(2, 0, S).flatten(0, 1)
             att = torch.bmm(q, keys.transpose(1, 2)).softmax(-1)              # (B * K, G, S)
             y = _linear_t(torch.bmm(att, values).view(B, C), layer.proj)
-            x = x + y if cfg.prenorm else norm(x + y, layer.norm1)
-            h = _linear_t(norm(x, layer.norm2) if cfg.prenorm else x, layer.fc)
-            if cfg.mlp == "swiglu":
+            x = x + y if prenorm else norm(x + y, layer.norm1)
+            h = _linear_t(norm(x, layer.norm2) if prenorm else x, layer.fc)
+            if swiglu:
                 gate, up = h.chunk(2, dim=-1)
                 h = F.silu(gate) * up
             else:
                 h = F.gelu(h, approximate="tanh")
             y = _linear_t(h, layer.out)
-            x = x + y if cfg.prenorm else norm(x + y, layer.norm2)
+            x = x + y if prenorm else norm(x + y, layer.norm2)
         cache.length += 1
-        if self.norm_f is not None:
-            x = norm(x, (self.norm_f.weight, getattr(self.norm_f, "bias", None)))
+        if final is not None:
+            x = norm(x, final)
         return torch.mm(x, head)                                              # (B, vocab)
 
     @staticmethod
