@@ -25,7 +25,7 @@ import numpy as np
 from .data import BioConfig, check_ints
 from .memory import MemoryConfig, run_memory
 from .metrics import curves
-from .report import line_plot, write_report
+from .report import line_plot, pm, write_report
 from .runner import RunConfig, run_many
 
 EXPERIMENTS = ("phases", "plateau", "alpha", "warmup", "hallucination", "finetune", "memory", "patching",
@@ -96,9 +96,10 @@ def _std(values: Sequence[float | None]) -> float | None:
 
 def _agg(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Per-seed rows -> one row: the mean of each key over seeds (None where no seed has a value) and, with
-    several seeds, its std as `key_std` (the report prints "mean ± std")."""
+    several seeds, its std as `key_std` (the report prints "mean ± std"). A `seed` key names the row and is
+    not aggregated."""
     out: dict[str, Any] = {}
-    for k in rows[0]:
+    for k in (k for k in rows[0] if k != "seed"):
         values = [r[k] for r in rows]
         out[k] = _mean(values)
         if len(rows) > 1:
@@ -108,8 +109,7 @@ def _agg(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def _pm(row: dict[str, Any], key: str, digits: int = 3) -> str:
     """'mean ± std' of an aggregated row's key (the mean alone with one seed)."""
-    sd = row.get(f"{key}_std")
-    return _n(row[key], digits) + ("" if sd is None or row[key] is None else f" ± {_n(sd, digits)}")
+    return pm(row, key, lambda v: _n(v, digits))
 
 
 def _n(v: float | None, digits: int = 3) -> str:
@@ -187,7 +187,7 @@ def phases(seeds: Sequence[int], out: Path, quick: bool = False, scale: Scale | 
                   [(g, [curves(r["history"], f"drift_{g}") for r in runs]) for g in ("name", "value", "template")],
                   logy=True),
     ]
-    agg = _agg([{k: v for k, v in x.items() if k != "seed"} for x in per_seed])
+    agg = _agg(per_seed)
     measured = (f"baseline {base:.3f} nats; mean gap to it on the plateau {_pm(agg, 'plateau_mean_gap')} nats; "
                 f"steps within 0.1 nats of it {[x['steps_within_0.1_of_baseline'] for x in per_seed]}; t1 = "
                 f"{_pm(agg, 't1', 0)}, t* = {_pm(agg, 't_star', 0)} steps; plateau accuracy "
@@ -249,7 +249,7 @@ def hallucination(seeds: Sequence[int], out: Path, quick: bool = False, scale: S
                   [("unseen", [curves(r["history"], "unseen/entropy") for r in runs]),
                    ("seen", [curves(r["history"], "seen_eval/entropy") for r in runs])]),
     ]
-    agg = _agg([{k: v for k, v in x.items() if k != "seed"} for x in per_seed])
+    agg = _agg(per_seed)
     measured = (f"t* {_pm(agg, 't_star', 0)}; unseen loss − baseline on the plateau "
                 f"{_pm(agg, 'unseen_plateau_above_baseline')}, at the end {_pm(agg, 'unseen_final_above_baseline')} "
                 f"nats; onset − t* = {_pm(agg, 'onset_minus_t_star', 0)} (per seed "
@@ -505,8 +505,7 @@ def finetune(seeds: Sequence[int], out: Path, quick: bool = False, scale: Scale 
             row["new_acc_end"] = r["history_new"][-1]["seen_eval/acc"]
         return row
     celeb_rows, rare_rows = ([{"seed": s, **group_row(r)} for s, r in zip(seeds, rs)] for rs in (celeb_runs, rare_runs))
-    celeb, rare = (_agg([{k: v for k, v in row.items() if k != "seed"} for row in rows])
-                   for rows in (celeb_rows, rare_rows))
+    celeb, rare = _agg(celeb_rows), _agg(rare_rows)
     kept_more = None if celeb["old_celeb_acc_kept"] is None or celeb["old_rest_acc_kept"] is None else \
         bool(celeb["old_celeb_acc_kept"] > celeb["old_rest_acc_kept"])
     checks = {"forgets_within_150_steps": forget_fast, "drop_grows_with_new": grows,
@@ -671,16 +670,13 @@ def patching(seeds: Sequence[int], out: Path, quick: bool = False, scale: Scale 
                          "phase1_worse": [key[g] > key[0] for g in phase1],
                          "monotone_after_t1": all(key[a] >= key[b] for a, b in zip(after, after[1:]))
                          if len(after) > 1 else None})
-    table = [{"reference_step": "none (plain run)",
-              **_agg([{"t_star": r["plateau"]["t_star"], "t1": r["plateau"]["t1"],
-                       "final_loss": _final(r, "seen_eval/loss"), "final_acc": _final(r, "seen_eval/acc")}
-                      for r in refs]), "seeds_left_plateau": sum(r["plateau"]["t_star"] is not None for r in refs)}]
-    for i, g in enumerate(grid):
-        rs = runs[i::len(grid)]  # reference step g, one run per seed
-        table.append({"reference_step": g,
-                      **_agg([{"t_star": r["plateau"]["t_star"], "t1": r["plateau"]["t1"],
-                               "final_loss": _final(r, "seen_eval/loss"), "final_acc": _final(r, "seen_eval/acc")}
-                              for r in rs]), "seeds_left_plateau": sum(r["plateau"]["t_star"] is not None for r in rs)})
+    def summary_row(step: int | str, rs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        return {"reference_step": step,
+                **_agg([{"t_star": r["plateau"]["t_star"], "t1": r["plateau"]["t1"],
+                         "final_loss": _final(r, "seen_eval/loss"), "final_acc": _final(r, "seen_eval/acc")}
+                        for r in rs]), "seeds_left_plateau": sum(r["plateau"]["t_star"] is not None for r in rs)}
+    # runs[i::len(grid)]: reference step grid[i], one run per seed
+    table = [summary_row("none (plain run)", refs)] + [summary_row(g, runs[i::len(grid)]) for i, g in enumerate(grid)]
     removed = [x["removed"] for x in per_seed if x["removed"] is not None]
     monotone = [x["monotone_after_t1"] for x in per_seed if x["monotone_after_t1"] is not None]
     worse = [w for x in per_seed for w in x["phase1_worse"]]

@@ -6,7 +6,7 @@ import base64
 import html
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +99,13 @@ def grade(checks: dict[str, bool | None]) -> str:
     return "holds" if all(decided) else "does not hold" if not any(decided) else "partly"
 
 
+def pm(row: dict[str, Any], key: str, fmt: Callable[[Any], str] | None = None) -> str:
+    """row[key] as "mean ± std" when the row has a `key_std` beside it, else the value alone."""
+    fmt = fmt or _fmt
+    v, sd = row.get(key), row.get(f"{key}_std")
+    return fmt(v) + ("" if v is None or sd is None else f" ± {fmt(sd)}")
+
+
 def html_table(table: Sequence[dict[str, Any]], caption: str = "") -> str:
     """An HTML table of rows (dicts); a column `k_std` next to `k` is folded into it as "mean ± std"."""
     if not table:
@@ -108,11 +115,7 @@ def html_table(table: Sequence[dict[str, Any]], caption: str = "") -> str:
     cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
     rows = f"<table>{cap}<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr>"
     for r in table:
-        cells = []
-        for c in cols:
-            sd = r.get(f"{c}_std") if f"{c}_std" in keys else None
-            cells.append(_fmt(r.get(c)) + ("" if sd is None or r.get(c) is None else f" ± {_fmt(sd)}"))
-        rows += "<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in cells) + "</tr>"
+        rows += "<tr>" + "".join(f"<td>{html.escape(pm(r, c))}</td>" for c in cols) + "</tr>"
     return rows + "</table>"
 
 
