@@ -10,7 +10,7 @@ import signal
 
 from test_server_support import BOOK, FAST, TINY_MODEL, ServerProcess, kill_run_process, wait_for
 
-from lmlab.train.trainer import latest_checkpoint
+from lmlab.train import checkpoint_step, latest_checkpoint
 
 LONG = {"books": ["tales.txt"], "max_steps": 100000, "save_every": 3, "log_every": 1, "eval_every": 0, **FAST}
 
@@ -53,7 +53,7 @@ def _kill_past_a_checkpoint(pid, run_dir):
         os.kill(pid, signal.SIGSTOP)
         ckpt = latest_checkpoint(run_dir)
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-        if ckpt is not None and lines and json.loads(lines[-1])["step"] > int(ckpt.name[5:]):
+        if ckpt is not None and lines and json.loads(lines[-1])["step"] > checkpoint_step(ckpt):
             return True
         os.kill(pid, signal.SIGCONT)
         return False

@@ -29,7 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from .. import __version__
 from ..models import FAMILIES, SIZES, GenerationConfig, ModelConfig, generate, preset_names, stream
 from ..tokenizers.tokenizer import KINDS
-from ..train import SCHEDULES, TrainConfig, latest_checkpoint
+from ..train import SCHEDULES, TrainConfig, checkpoint_step, latest_checkpoint
 from .app import Lab, State
 from .db import ACTIVE
 from .inference import NotTrained
@@ -269,7 +269,7 @@ def model_info(state: State, row: dict[str, Any]) -> ModelInfo:
 
 def run_info(state: State, row: dict[str, Any], queue: list[int] | None = None) -> Run:
     ckpt = latest_checkpoint(state.ws.run_path(row["id"]))
-    ckpt_step = int(ckpt.name.split("-")[1]) if ckpt else None
+    ckpt_step = checkpoint_step(ckpt) if ckpt else None
     progress = None
     if row["max_steps"]:
         progress = min(1.0, row["current_step"] / row["max_steps"])

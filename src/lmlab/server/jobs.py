@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..train import latest_checkpoint
+from ..train import checkpoint_step, latest_checkpoint
 from .db import Database
 from .workspace import Workspace, replace_dir
 
@@ -277,7 +277,7 @@ class Supervisor:
                 ckpt = latest_checkpoint(run_dir)
                 if ckpt is None:
                     raise ValueError("no checkpoint to resume from")
-                resumed_from = int(ckpt.name.split("-")[1])
+                resumed_from = checkpoint_step(ckpt)
             args = self.command(run)
             env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
             with open(run_dir / "log.txt", "ab") as logf:
@@ -365,7 +365,7 @@ class Supervisor:
             if ckpt is None:
                 raise ValueError(f"run {run_id} stopped before its first checkpoint; start a new run instead")
             params = {**run["params"], **{k: v for k, v in overrides.items() if v is not None}}
-            step = int(ckpt.name.split("-")[1])
+            step = checkpoint_step(ckpt)
             if params.get("max_steps") and params["max_steps"] <= step:
                 raise ValueError(f"the last checkpoint is at step {step}; max_steps ({params['max_steps']}) "
                                  "must be larger to train further")

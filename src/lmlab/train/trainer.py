@@ -588,6 +588,11 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return root / f"step-{steps[-1]}" if steps else None
 
 
+def checkpoint_step(checkpoint: str | Path) -> int:
+    """The step a checkpoint directory (`.../checkpoints/step-N`) was saved at."""
+    return int(Path(checkpoint).name[len("step-"):])
+
+
 def train(model: Transformer | ModelConfig, tokenizer: Any, dataset: Any, config: TrainConfig,
           out_dir: str | Path, callbacks: Sequence[Callback] = (), *, resume: bool = False,
           provenance: dict[str, Any] | None = None) -> TrainResult:
