@@ -7,13 +7,14 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import signal
 import zipfile
 from pathlib import Path
 
 import pytest
 
 playwright_api = pytest.importorskip("playwright.sync_api")
-from test_server_support import BOOK, ServerProcess, kill_run_process  # noqa: E402
+from test_server_support import BOOK, ServerProcess, kill_run_process, wait_for  # noqa: E402
 
 from lmlab.models import ModelConfig  # noqa: E402
 from lmlab.models.io import load_pretrained  # noqa: E402
@@ -46,6 +47,16 @@ RECORD_POINTS = """() => {
     if (seen[seen.length - 1] !== n) seen.push(n);
   }).observe(chart, {attributes: true, attributeFilter: ["data-points"]});
 }"""
+
+
+def _run_until_logged(pid: int, metrics: Path, lines: int) -> None:
+    """Let a frozen trainer run until its metrics.jsonl has at least `lines` lines, then freeze it again."""
+    count = lambda: metrics.exists() and len(metrics.read_bytes().splitlines()) >= lines  # noqa: E731
+    os.kill(pid, signal.SIGCONT)
+    try:
+        wait_for(count, 120, 0.002, f"{lines} metrics lines")
+    finally:
+        os.kill(pid, signal.SIGSTOP)
 
 
 @pytest.fixture()
@@ -123,13 +134,23 @@ def test_upload_create_train_watch_generate_download(tmp_path, browser):
         # while training runs" is checked without racing a run that may finish between two of our looks.
         page.evaluate(RECORD_POINTS)
         page.click("#start-training")
+        # A 60-step run of this model can finish within one metrics poll of the server, so the test paces the
+        # trainer: frozen (SIGSTOP) as soon as it exists, let run until it has logged a few steps, frozen while
+        # the chart catches up, then again past half-way. Two redraws of a run still going are then certain.
+        with server.client() as c:
+            run_pid = wait_for(lambda: c.get("/api/v1/runs/1").json()["pid"], 120, 0.01, "the run's process")
+        os.kill(run_pid, signal.SIGSTOP)
+        metrics = tmp_path / "ws" / "runs" / "run-1" / "metrics.jsonl"
         page.wait_for_selector("#tab-runs:not([hidden])")
         row = '#runs-table tr[data-run="1"]'
-        page.wait_for_selector(f"{row}[data-status=running]", timeout=120_000)
-        page.wait_for_function("() => +document.querySelector('#chart-loss').dataset.points > 2", timeout=120_000)
-        with server.client() as c:
-            run_pid = c.get("/api/v1/runs/1").json()["pid"]
-        shot("03-training")
+        for i, lines in enumerate((3, STEPS // 2)):
+            _run_until_logged(run_pid, metrics, lines)
+            page.wait_for_function(f"() => window.lossPointCounts.filter(n => n > 0 && n < {STEPS + 4}).length"
+                                   f" > {i}", timeout=60_000)
+            if i == 0:
+                page.wait_for_selector(f"{row}[data-status=running]")
+                shot("03-training")
+        os.kill(run_pid, signal.SIGCONT)
         page.wait_for_selector(f"{row}[data-status=completed]", timeout=180_000)
         page.wait_for_function("() => document.querySelector('#chart-loss path[data-label=\"#1 train\"]')"
                                f"?.dataset.count === '{STEPS}'")
@@ -137,7 +158,7 @@ def test_upload_create_train_watch_generate_download(tmp_path, browser):
         assert int(page.get_attribute("#chart-lr", "data-points")) == STEPS
         seen = page.evaluate("() => window.lossPointCounts")
         partial = [n for n in seen if 0 < n < STEPS + 4]  # train + val points of a run still going
-        assert len(partial) >= 2, seen
+        assert len(partial) >= 2 and seen[-1] == STEPS + 4, seen
         shot("04-trained")
 
         # 4. generate with streaming; the same request without streaming gives the same text
