@@ -22,8 +22,10 @@ import argparse
 import contextlib
 import os
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 
@@ -124,6 +126,37 @@ def decode_bytes_per_token(model: Transformer, context: float) -> tuple[int, int
 
 # ---- 1. generation --------------------------------------------------------------------------------
 
+def llama_cpp_greedy(model: Transformer, prompt: list[int], workdir: Path) -> Callable[[], list[int]] | None:
+    """Greedy decoding of the same weights in llama.cpp (llama-cpp-python, when installed), from lmlab's GGUF
+    f32 export: a C++ engine's speed on this CPU, for scale. None without llama_cpp."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    import numpy as np
+
+    from lmlab.interop import export_gguf
+    from lmlab.models.io import save_pretrained
+    from lmlab.tokenizers import Tokenizer
+
+    # the export embeds a tokenizer; ids are fed directly, so any small one will do
+    tok = Tokenizer.train(["the cat sat on the mat. " * 20], kind="bpe", vocab_size=300)
+    path = export_gguf(save_pretrained(workdir / "model", model, tok), workdir / "model.gguf", dtype="f32")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=PROMPT_LEN + NEW_TOKENS, n_threads=torch.get_num_threads(),
+                          verbose=False)
+    vocab = (llm.n_vocab(),)
+
+    def run() -> list[int]:
+        llm.reset()
+        llm.eval(prompt)
+        out: list[int] = []
+        for _ in range(NEW_TOKENS):  # the last position's logits (llama.cpp keeps no others here)
+            out.append(int(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=vocab).argmax()))
+            llm.eval(out[-1:])
+        return out
+    return run
+
+
 def bench_generation(repeats: int, bandwidth: float) -> list[tuple[str, float, float]]:
     cfg = REFERENCE
     ours, hf = build_pair(cfg)
@@ -169,9 +202,15 @@ def bench_generation(repeats: int, bandwidth: float) -> list[tuple[str, float, f
     (ids_ours, first_ours), (ids_hf, first_hf) = timed(run_ours), timed(run_hf)  # first calls: warm-up
     agree = sum(a == b for a, b in zip(ids_ours, ids_hf))
     same_modules = run_ours_modules() == ids_ours
-    t = interleaved({"lmlab": run_ours, "transformers": run_hf, "lmlab_modules": run_ours_modules,
-                     "lmlab_lookup": run_ours_lookup,
-                     "transformers_lookup": run_hf_lookup}, repeats)
+    contenders = {"lmlab": run_ours, "transformers": run_hf, "lmlab_modules": run_ours_modules,
+                  "lmlab_lookup": run_ours_lookup, "transformers_lookup": run_hf_lookup}
+    with tempfile.TemporaryDirectory() as tmp:
+        run_cpp = llama_cpp_greedy(ours, prompt_list, Path(tmp))
+        same_cpp = run_cpp is not None and run_cpp() == ids_ours
+        if run_cpp is not None:
+            contenders["llama.cpp"] = run_cpp
+        t = interleaved(contenders, repeats)
+        del run_cpp  # the llama.cpp model is freed before its file goes
     same_lookup = run_ours_lookup() == ids_ours and run_hf_lookup() == ids_hf
     tps_ours, tps_hf = NEW_TOKENS / t["lmlab"].median, NEW_TOKENS / t["transformers"].median
     bound = bandwidth / (w_bytes + kv_bytes)
@@ -190,6 +229,13 @@ def bench_generation(repeats: int, bandwidth: float) -> list[tuple[str, float, f
           f"{'yes' if same_modules else 'NO'})")
     print(f"    {'transformers generate':26}{tps_hf:9.1f}{1e3 / tps_hf:10.2f}{t['transformers'].spread:8.0%}"
           f"{1.0:7.2f}x{first_hf:11.2f}s")
+    if "llama.cpp" in t:
+        tpc = NEW_TOKENS / t["llama.cpp"].median
+        print(f"    {'llama.cpp, GGUF f32':26}{tpc:9.1f}{1e3 / tpc:10.2f}{t['llama.cpp'].spread:8.0%}"
+              f"{tpc / tps_hf:7.2f}x   (llama-cpp-python on lmlab's f32 export of the same weights, fed ids, "
+              f"argmax in numpy; same ids: {'yes' if same_cpp else 'NO'}; a C++ engine, for scale)")
+    else:
+        print("    llama.cpp row skipped: llama-cpp-python is not installed (it comes with pip install -e '.[dev]')")
     print(f"    {'bound, DRAM bandwidth':26}{bound:9.1f}{1e3 / bound:10.2f}   ({w_bytes / 2**20:.1f} MiB weights + "
           f"{kv_bytes / 2**20:.1f} MiB KV cache read per token at {bandwidth / 1e9:.1f} GB/s)")
     print(f"    {'bound, cache-resident':26}{bound_resident:9.1f}{1e3 / bound_resident:10.2f}   (the same bytes at "
