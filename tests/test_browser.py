@@ -49,12 +49,18 @@ RECORD_POINTS = """() => {
 }"""
 
 
-def _run_until_logged(pid: int, metrics: Path, lines: int) -> None:
-    """Let a frozen trainer run until its metrics.jsonl has at least `lines` lines, then freeze it again."""
-    count = lambda: metrics.exists() and len(metrics.read_bytes().splitlines()) >= lines  # noqa: E731
+def _logged(metrics: Path) -> int:
+    return len(metrics.read_bytes().splitlines()) if metrics.exists() else 0
+
+
+def _run_until_logged(pid: int, metrics: Path, more: int) -> None:
+    """Let a frozen trainer run until its metrics.jsonl has `more` lines more than now, then freeze it again.
+    Counted from where it stopped, not to a fixed line: a trainer that ran on past the last target while this
+    process was not scheduled still moves on by `more` lines, so each call gives the chart a new count."""
+    target = _logged(metrics) + more
     os.kill(pid, signal.SIGCONT)
     try:
-        wait_for(count, 120, 0.002, f"{lines} metrics lines")
+        wait_for(lambda: _logged(metrics) >= target, 120, 0.002, f"{target} metrics lines")
     finally:
         os.kill(pid, signal.SIGSTOP)
 
@@ -136,15 +142,17 @@ def test_upload_create_train_watch_generate_download(tmp_path, browser):
         page.click("#start-training")
         # A 60-step run of this model can finish within one metrics poll of the server, so the test paces the
         # trainer: frozen (SIGSTOP) as soon as it exists, let run until it has logged a few steps, frozen while
-        # the chart catches up, then again past half-way. Two redraws of a run still going are then certain.
+        # the chart catches up, then a few steps more. Two redraws of a run still going are then certain, unless
+        # the trainer runs ~50 steps past a target before this process polls its file again.
         with server.client() as c:
-            run_pid = wait_for(lambda: c.get("/api/v1/runs/1").json()["pid"], 120, 0.01, "the run's process")
+            # .get: the click only sent the browser's POST; until the server has stored it, run 1 is a 404
+            run_pid = wait_for(lambda: c.get("/api/v1/runs/1").json().get("pid"), 120, 0.01, "the run's process")
         os.kill(run_pid, signal.SIGSTOP)
         metrics = tmp_path / "ws" / "runs" / "run-1" / "metrics.jsonl"
         page.wait_for_selector("#tab-runs:not([hidden])")
         row = '#runs-table tr[data-run="1"]'
-        for i, lines in enumerate((3, STEPS // 2)):
-            _run_until_logged(run_pid, metrics, lines)
+        for i in range(2):
+            _run_until_logged(run_pid, metrics, 3)
             page.wait_for_function(f"() => window.lossPointCounts.filter(n => n > 0 && n < {STEPS + 4}).length"
                                    f" > {i}", timeout=60_000)
             if i == 0:

@@ -51,6 +51,8 @@ def _kill_past_a_checkpoint(pid, run_dir):
     it leaves; the server's view (current_step) lags the files by a poll and cannot tell."""
     def logged_past_checkpoint():
         os.kill(pid, signal.SIGSTOP)
+        # the signal is delivered asynchronously: on its own core the trainer may write on for a moment
+        wait_for(lambda: "State:\tT" in open(f"/proc/{pid}/status").read(), 10, 0.001, "the trainer to stop")
         ckpt = latest_checkpoint(run_dir)
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()
         if ckpt is not None and lines and json.loads(lines[-1])["step"] > checkpoint_step(ckpt):
