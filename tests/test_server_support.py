@@ -3,6 +3,7 @@ client, a real `lmlab serve` process, and polling with a deadline."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -68,6 +69,21 @@ def run_status(c, run_id: int) -> dict:
 
 def wait_run(c, run_id: int, pred, what: str, timeout: float = TIMEOUT) -> dict:
     return wait_for(lambda: (lambda r: r if pred(r) else None)(run_status(c, run_id)), timeout, what=what)
+
+
+def sse_events(c, path: str) -> list[tuple[str, dict]]:
+    """(event, data) pairs of a Server-Sent Events endpoint, read until its `end` event."""
+    events, event = [], None
+    with c.stream("GET", path) as r:
+        assert r.headers["content-type"].startswith("text/event-stream"), r.headers
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: "):
+                events.append((event, json.loads(line[6:])))
+                if event == "end":
+                    break
+    return events
 
 
 def free_port() -> int:

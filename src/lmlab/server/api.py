@@ -3,7 +3,8 @@
 books     upload (multipart), list, detail with stats, preview, delete
 models    presets, estimate (parameters, memory, fits the budget?) before creating, create, list, detail,
           delete, download (zip of the model directory)
-runs      start, list, detail, metrics, live events (SSE), log, cancel, resume, delete
+runs      start (training, or text self-play: RL of a trained model into a new one), list, detail, metrics,
+          live events (SSE), log, cancel, resume (training runs), delete
 generate  JSON, or token streaming over Server-Sent Events
 """
 
@@ -27,12 +28,15 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
+from ..lab.selfplay.text import TextSelfPlayConfig, encode_prompts
 from ..models import FAMILIES, SIZES, GenerationConfig, ModelConfig, generate, preset_names, stream
+from ..tokenizers import Tokenizer
 from ..tokenizers.tokenizer import KINDS
 from ..train import SCHEDULES, TrainConfig, checkpoint_step, latest_checkpoint
 from .app import Lab, State
 from .db import ACTIVE
 from .inference import NotTrained
+from .jobs import SELFPLAY_SETTINGS
 from .workspace import BOOK_SUFFIXES, ZipSink, check_book_name, check_name, read_book, text_stats, zip_model_dir
 
 router = APIRouter(prefix="/api/v1")
@@ -104,6 +108,8 @@ class ModelInfo(BaseModel):
     trained_run_id: int | None
     trained_steps: int | None
     active_run_id: int | None
+    origin: dict[str, Any] | None = Field(None, description="how a derived model was made, e.g. {kind: selfplay, "
+                                                             "parent, reward, judge, run_id, iterations}")
     created_at: float
     updated_at: float
 
@@ -146,6 +152,36 @@ class RunCreate(BaseModel):
     val_fraction: float | None = Field(None, gt=0, lt=1)
 
 
+SP = TextSelfPlayConfig  # the defaults of `lmlab selfplay text`, one home
+SERVER_REWARDS = ("seed", "repetition", "perplexity")
+
+
+class SelfPlayCreate(BaseModel):
+    """Text self-play (`lmlab selfplay text`): sample groups of completions from a trained model, score them
+    with a reward, update with group-relative advantages and a KL penalty to the starting model. The final
+    policy becomes the new model `new_model`; the starting model is left as it was."""
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(..., min_length=1, max_length=100, description="a trained model of the workspace")
+    new_model: str = Field(..., min_length=1, max_length=100,
+                           description="name of the model the improved policy is saved as; must not exist")
+    reward: str = Field(SP.reward, max_length=40, description="seed (diversity and length), repetition (distinct "
+                        "3-grams) or perplexity (log-probability under `judge`). `file` is CLI-only: the server "
+                        "does not execute user Python code", examples=list(SERVER_REWARDS))
+    judge: str | None = Field(None, min_length=1, max_length=100,
+                              description="reward perplexity: the trained model of the workspace that scores")
+    prompts: list[Annotated[str, Field(max_length=2000)]] = Field(
+        default_factory=list, max_length=64, description="completions start from these; none: from <BOS>")
+    iterations: int = Field(SP.iterations, ge=1, le=100_000, description="policy updates")
+    group_size: int = Field(SP.group_size, ge=2, le=256, description="completions per prompt")
+    prompts_per_iteration: int = Field(SP.prompts_per_iteration, ge=1, le=256)
+    max_new_tokens: int = Field(SP.max_new_tokens, ge=1, le=2048, description="tokens per completion")
+    lr: float = Field(SP.lr, gt=0, le=1, description="AdamW learning rate")
+    kl_coef: float = Field(SP.kl_coef, ge=0, le=100, description="weight of the KL penalty to the starting model")
+    temperature: float = Field(SP.temperature, gt=0, le=10, description="sampling temperature")
+    seed: int = Field(SP.seed, ge=0, le=2**31 - 1)
+
+
+
 class ResumeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     max_steps: int | None = Field(None, ge=1, le=10_000_000, description="train further than first planned")
@@ -153,6 +189,8 @@ class ResumeRequest(BaseModel):
 
 class Run(BaseModel):
     id: int
+    kind: Literal["train", "selfplay"] = Field(description="train: `lmlab train`; selfplay: `lmlab selfplay text` "
+                                                           "from `model` into params.new_model")
     model: str
     books: list[str]
     status: str
@@ -167,6 +205,8 @@ class Run(BaseModel):
     best_val_loss: float | None
     lr: float | None
     tokens_per_s: float | None
+    last_reward: float | None = Field(description="self-play: mean reward of the latest iteration")
+    last_kl: float | None = Field(description="self-play: KL to the starting model at the latest iteration")
     checkpoint_step: int | None
     can_resume: bool
     resumed_from_step: int | None
@@ -264,7 +304,7 @@ def model_info(state: State, row: dict[str, Any]) -> ModelInfo:
                      parameters=cfg.num_parameters(), tokenizer_kind=row["tokenizer_kind"],
                      vocab_size=row["tokenizer_vocab"], trained=trained, trained_run_id=row["trained_run_id"],
                      trained_steps=row["trained_steps"], active_run_id=active[0]["id"] if active else None,
-                     created_at=row["created_at"], updated_at=row["updated_at"])
+                     origin=row["origin"], created_at=row["created_at"], updated_at=row["updated_at"])
 
 
 def run_info(state: State, row: dict[str, Any], queue: list[int] | None = None) -> Run:
@@ -276,11 +316,13 @@ def run_info(state: State, row: dict[str, Any], queue: list[int] | None = None) 
     if queue is None and row["status"] == "queued":
         queue = [r["id"] for r in state.db.queued_runs()]
     return Run(
-        id=row["id"], model=row["model_name"], books=row["books"], status=row["status"], params=row["params"],
+        id=row["id"], kind=row["kind"], model=row["model_name"], books=row["books"], status=row["status"],
+        params=row["params"],
         init_from_trained=bool(row["init_from_trained"]), current_step=row["current_step"],
         max_steps=row["max_steps"], progress=progress, tokens=row["tokens"], last_loss=row["last_loss"],
         last_val_loss=row["last_val_loss"], best_val_loss=row["best_val_loss"], lr=row["lr"],
-        tokens_per_s=row["tokens_per_s"], checkpoint_step=ckpt_step,
+        tokens_per_s=row["tokens_per_s"], last_reward=row["last_reward"], last_kl=row["last_kl"],
+        checkpoint_step=ckpt_step,
         can_resume=row["status"] in ("interrupted", "failed", "cancelled") and ckpt_step is not None,
         resumed_from_step=row["resumed_from_step"], launches=row["launches"],
         cancel_requested=bool(row["cancel_requested"]), pid=row["pid"], exit_code=row["exit_code"],
@@ -372,8 +414,9 @@ def start_run(state: State, req: RunCreate) -> dict[str, Any]:
         need_book(state, book)
     if len(set(req.books)) != len(req.books):
         raise HTTPException(422, "a book is listed twice")
-    if state.db.list_runs(model_name=req.model, status=ACTIVE):
-        raise HTTPException(409, f"model {req.model!r} is already training; cancel that run or wait for it")
+    busy = runs_using(state, req.model)
+    if busy:
+        raise HTTPException(409, busy_message(req.model, busy[0]))
     if req.init_from_trained and not (state.ws.model_path(req.model) / "model.safetensors").is_file():
         raise HTTPException(409, f"model {req.model!r} has no trained weights to continue from")
     params = default_params(req)
@@ -390,6 +433,74 @@ def start_run(state: State, req: RunCreate) -> dict[str, Any]:
     if not est.fits:
         raise HTTPException(422, est.reason)
     run = state.db.add_run(req.model, list(req.books), params, req.init_from_trained, req.max_steps)
+    state.supervisor.submit(run["id"])
+    return run
+
+
+def runs_using(state: State, name: str) -> list[dict[str, Any]]:
+    """Queued or running runs that read or write the model `name`: its training, self-play from it or judged
+    by it, and self-play that will save its policy under that name."""
+    return [r for r in state.db.list_runs(status=ACTIVE)
+            if name in (r["model_name"], r["params"].get("judge"), r["params"].get("new_model"))]
+
+
+def busy_message(name: str, run: dict[str, Any]) -> str:
+    if run["kind"] == "train":
+        return f"model {name!r} is already training (run {run['id']}); cancel that run or wait for it"
+    role = ("the starting point" if run["model_name"] == name else
+            "the judge" if run["params"].get("judge") == name else "the name of the model being made")
+    return f"model {name!r} is {role} of self-play run {run['id']}; cancel that run or wait for it"
+
+
+def need_trained(state: State, name: str, role: str) -> Any:
+    """The directory of a workspace model that has weights and a tokenizer (404 unknown, 409 untrained)."""
+    need_model(state, name)
+    path = state.ws.model_path(name)
+    if not (path / "model.safetensors").is_file() or not (path / "tokenizer.json").is_file():
+        raise HTTPException(409, f"model {name!r} has not been trained yet: {role} must be a trained model")
+    return path
+
+
+def start_selfplay(state: State, req: SelfPlayCreate) -> dict[str, Any]:
+    """Validate a self-play request against the workspace and the memory budget, then queue it."""
+    if req.reward == "file":
+        raise HTTPException(422, "reward 'file' runs your own Python function, and the server does not execute "
+                                 "user code; use seed, repetition or perplexity here, or run `lmlab selfplay "
+                                 "text --reward file` on your own machine")
+    if req.reward not in SERVER_REWARDS:
+        raise HTTPException(422, f"reward {req.reward!r} must be one of {', '.join(SERVER_REWARDS)}")
+    if req.reward == "perplexity" and req.judge is None:
+        raise HTTPException(422, "reward 'perplexity' needs a judge: another trained model of the workspace")
+    if req.reward != "perplexity" and req.judge is not None:
+        raise HTTPException(422, f"a judge is only used by reward 'perplexity', not {req.reward!r}")
+    if any("\x00" in p for p in req.prompts):  # each prompt becomes one argument of the child's command line
+        raise HTTPException(422, "prompts must not contain NUL characters")
+    new = check_name(req.new_model, "new model name")
+    path = need_trained(state, req.model, "the model self-play starts from")
+    if req.judge is not None:
+        need_trained(state, req.judge, "the judge")
+    if state.db.get_model(new) is not None:
+        raise HTTPException(409, f"a model named {new!r} already exists; choose another name for the new model")
+    # self-play runs may share a starting model or judge (they only read it); training one would change it
+    checks = [(new, runs_using(state, new))]
+    checks += [(n, [r for r in runs_using(state, n) if r["kind"] == "train"]) for n in (req.model, req.judge) if n]
+    for name, busy in checks:
+        if busy:
+            raise HTTPException(409, busy_message(name, busy[0]))
+    settings = req.model_dump(include=set(SELFPLAY_SETTINGS))
+    try:
+        TextSelfPlayConfig(reward=req.reward, **settings)
+        cfg = ModelConfig.load(path / "config.json")
+        prompts = encode_prompts(Tokenizer.load(path / "tokenizer.json"), req.prompts or [""],
+                                 req.max_new_tokens, cfg.block_size)
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
+    longest = max(map(len, prompts)) + req.max_new_tokens
+    est = estimate(cfg, req.group_size * req.prompts_per_iteration, state.memory_budget, longest)
+    if not est.fits:
+        raise HTTPException(422, est.reason)
+    params = {**settings, "reward": req.reward, "judge": req.judge, "prompts": list(req.prompts), "new_model": new}
+    run = state.db.add_run(req.model, [], params, True, req.iterations, kind="selfplay")
     state.supervisor.submit(run["id"])
     return run
 
@@ -469,6 +580,7 @@ def info(state: Lab) -> dict[str, Any]:
             "memory_budget_bytes": state.memory_budget, "max_jobs": s.max_jobs, "families": list(FAMILIES),
             "sizes": list(SIZES), "presets": preset_names(), "tokenizer_kinds": list(KINDS),
             "schedules": list(SCHEDULES), "book_suffixes": list(BOOK_SUFFIXES), "auth": bool(s.api_token),
+            "selfplay_rewards": list(SERVER_REWARDS),
             "running": len(state.supervisor.running()), "queued": len(state.db.queued_runs())}
 
 
@@ -542,6 +654,9 @@ def create_model(state: Lab, spec: ModelCreate) -> ModelInfo:
         raise HTTPException(422, est.reason)
     if state.db.get_model(name) is not None:
         raise HTTPException(409, f"a model named {name!r} already exists")
+    busy = runs_using(state, name)
+    if busy:
+        raise HTTPException(409, busy_message(name, busy[0]))
     path = state.ws.model_path(name)
     shutil.rmtree(path, ignore_errors=True)  # leftovers of a model deleted outside the server
     cfg.save(path / "config.json")
@@ -562,8 +677,9 @@ def get_model(state: Lab, name: str) -> ModelInfo:
 @router.delete("/models/{name}", tags=["models"], status_code=204)
 def delete_model(state: Lab, name: str) -> Response:
     need_model(state, name)
-    if state.db.list_runs(model_name=name, status=ACTIVE):
-        raise HTTPException(409, f"model {name!r} is training; cancel its run first")
+    busy = runs_using(state, name)
+    if busy:
+        raise HTTPException(409, busy_message(name, busy[0]))
     for run in state.db.list_runs(model_name=name):
         shutil.rmtree(state.ws.run_path(run["id"]), ignore_errors=True)
     path = state.ws.model_path(name)
@@ -643,11 +759,24 @@ def create_run(state: Lab, req: RunCreate) -> Run:
     return run_info(state, start_run(state, req))
 
 
+_ERRORS = {400: {"description": "a name that may not become a file name"},
+           404: {"description": "an unknown model"},
+           409: {"description": "a model that is untrained, already exists, or is in use by another run"},
+           422: {"description": "invalid settings, with a one-line reason"}}
+
+
+@router.post("/runs/selfplay", tags=["runs"], status_code=201, response_model=Run, responses=_ERRORS,
+             summary="start text self-play: RL of a trained model against a reward, saved as a new model")
+def create_selfplay_run(state: Lab, req: SelfPlayCreate) -> Run:
+    return run_info(state, start_selfplay(state, req))
+
+
 @router.get("/runs", tags=["runs"], response_model=list[Run])
 def list_runs(state: Lab, model: str | None = Query(None, max_length=100),
-              status: str | None = Query(None, max_length=20)) -> list[Run]:
+              status: str | None = Query(None, max_length=20),
+              kind: Literal["train", "selfplay"] | None = Query(None)) -> list[Run]:
     queue = [r["id"] for r in state.db.queued_runs()]
-    rows = state.db.list_runs(model_name=model, status=[status] if status else None)
+    rows = state.db.list_runs(model_name=model, status=[status] if status else None, kind=kind)
     return [run_info(state, r, queue) for r in rows]
 
 
@@ -657,7 +786,8 @@ def get_run(state: Lab, run_id: RunId) -> Run:
 
 
 @router.get("/runs/{run_id}/metrics", tags=["runs"], response_model=MetricsPage,
-            summary="logged metrics (step, tokens, elapsed_s, loss, lr, tokens_per_s; val_loss on eval steps)")
+            summary="logged metrics: training (step, tokens, elapsed_s, loss, lr, tokens_per_s; val_loss on eval "
+                    "steps) or self-play (step, reward, reward_std, kl, loss, length, wall_s, sample)")
 def run_metrics(state: Lab, run_id: RunId, after_id: int = Query(0, ge=0, le=2**62),
                 limit: int = Query(10000, ge=1, le=100000)) -> MetricsPage:
     row = need_run(state, run_id)
@@ -725,7 +855,8 @@ def cancel_run(state: Lab, run_id: RunId) -> Run:
 
 
 @router.post("/runs/{run_id}/resume", tags=["runs"], response_model=Run,
-             summary="continue an interrupted, failed or cancelled run from its last checkpoint")
+             summary="continue an interrupted, failed or cancelled training run from its last checkpoint "
+                     "(self-play runs keep no checkpoints: 409)")
 def resume_run(state: Lab, run_id: RunId, req: ResumeRequest | None = None) -> Run:
     need_run(state, run_id)
     try:

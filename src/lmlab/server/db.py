@@ -36,6 +36,7 @@ from sqlalchemy import (
     insert,
     inspect,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import Engine
@@ -64,6 +65,7 @@ models = Table(
     Column("trained_steps", Integer),
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
+    Column("origin", Text),                            # JSON: how a derived model was made (self-play of ...)
 )
 
 runs = Table(
@@ -96,6 +98,9 @@ runs = Table(
     Column("started_at", Float),
     Column("finished_at", Float),
     Column("updated_at", Float, nullable=False),
+    Column("kind", String(16), nullable=False, server_default="train"),  # train | selfplay
+    Column("last_reward", Float),                      # self-play: the latest iteration's mean reward
+    Column("last_kl", Float),                          # ... and its KL to the starting model
 )
 
 metrics = Table(
@@ -149,9 +154,18 @@ def _v1_initial(conn: Connection) -> None:
     md.create_all(conn)
 
 
+def _v2_selfplay_runs(conn: Connection) -> None:
+    # ADD COLUMN with a constant default: the same statement on SQLite and PostgreSQL; old runs are training.
+    conn.execute(text("ALTER TABLE runs ADD COLUMN kind VARCHAR(16) NOT NULL DEFAULT 'train'"))
+    conn.execute(text("ALTER TABLE runs ADD COLUMN last_reward FLOAT"))
+    conn.execute(text("ALTER TABLE runs ADD COLUMN last_kl FLOAT"))
+    conn.execute(text("ALTER TABLE models ADD COLUMN origin TEXT"))
+
+
 Migration = tuple[int, str, Callable[[Connection], None]]
 MIGRATIONS: list[Migration] = [
     (1, "books, models, runs, metrics", _v1_initial),
+    (2, "run kind (train, selfplay), reward and KL summary, model origin", _v2_selfplay_runs),
 ]
 
 _schema_version = Table("schema_version", MetaData(), Column("version", Integer, nullable=False),
@@ -264,11 +278,14 @@ class Database:
     # ---- models ------------------------------------------------------------------------------------
 
     def add_model(self, name: str, config: dict[str, Any], preset: str | None, tokenizer_kind: str,
-                  tokenizer_vocab: int) -> dict[str, Any]:
+                  tokenizer_vocab: int, *, origin: dict[str, Any] | None = None, trained_run_id: int | None = None,
+                  trained_steps: int | None = None) -> dict[str, Any]:
         now = time.time()
         with self.engine.begin() as conn:
             conn.execute(insert(models).values(name=name, config=json.dumps(config), preset=preset,
                                                tokenizer_kind=tokenizer_kind, tokenizer_vocab=tokenizer_vocab,
+                                               origin=json.dumps(origin) if origin else None,
+                                               trained_run_id=trained_run_id, trained_steps=trained_steps,
                                                created_at=now, updated_at=now))
         return self.get_model(name)  # type: ignore[return-value]
 
@@ -276,6 +293,7 @@ class Database:
     def _model(r: Any) -> dict[str, Any]:
         d = dict(r._mapping)
         d["config"] = json.loads(d["config"])
+        d["origin"] = json.loads(d["origin"]) if d["origin"] else None
         return d
 
     def list_models(self) -> list[dict[str, Any]]:
@@ -302,11 +320,11 @@ class Database:
     # ---- runs --------------------------------------------------------------------------------------
 
     def add_run(self, model_name: str, book_names: list[str], params: dict[str, Any], init_from_trained: bool,
-                max_steps: int | None) -> dict[str, Any]:
+                max_steps: int | None, kind: str = "train") -> dict[str, Any]:
         now = time.time()
         with self.engine.begin() as conn:
             run_id = conn.execute(insert(runs).values(
-                model_name=model_name, books=json.dumps(book_names), params=json.dumps(params),
+                kind=kind, model_name=model_name, books=json.dumps(book_names), params=json.dumps(params),
                 init_from_trained=init_from_trained, status="queued", resume=False, cancel_requested=False,
                 current_step=0, max_steps=max_steps, launches=0, metrics_epoch=0, created_at=now, queued_at=now,
                 updated_at=now)).inserted_primary_key[0]
@@ -325,10 +343,12 @@ class Database:
             return self._run(r) if r else None
 
     def list_runs(self, model_name: str | None = None, status: Sequence[str] | None = None,
-                  newest_first: bool = True) -> list[dict[str, Any]]:
+                  newest_first: bool = True, kind: str | None = None) -> list[dict[str, Any]]:
         q = select(runs)
         if model_name is not None:
             q = q.where(runs.c.model_name == model_name)
+        if kind is not None:
+            q = q.where(runs.c.kind == kind)
         if status is not None:
             q = q.where(runs.c.status.in_(list(status)))
         q = q.order_by(runs.c.id.desc() if newest_first else runs.c.id)
@@ -367,7 +387,8 @@ class Database:
         for m in lines:
             summary["current_step"] = int(m.get("step", 0))
             for key, col in (("tokens", "tokens"), ("loss", "last_loss"), ("lr", "lr"),
-                             ("tokens_per_s", "tokens_per_s"), ("val_loss", "last_val_loss")):
+                             ("tokens_per_s", "tokens_per_s"), ("val_loss", "last_val_loss"),
+                             ("reward", "last_reward"), ("kl", "last_kl")):
                 if _num(m.get(key)) is not None:
                     summary[col] = int(m[key]) if key == "tokens" else float(m[key])
         with self.engine.begin() as conn:

@@ -1,17 +1,20 @@
-"""The job supervisor: every training run is its own OS process (`lmlab train`), never a thread of the
-web server and never the model that serves generation.
+"""The job supervisor: every run is its own OS process (`lmlab train`, or `lmlab selfplay text` for a
+self-play run), never a thread of the web server and never the model that serves generation.
 
 One supervisor thread, every `poll_s` seconds:
   * tails each live run's `metrics.jsonl` into the database (the UI's charts and SSE read from there);
-  * notices exits: 0 -> completed (the run's `final/` becomes the model's directory); killed by a signal
-    or interrupted -> interrupted; a cancel request -> cancelled; any other code -> failed, with the
-    child's own `lmlab: error: ...` line as the reason;
+  * notices exits: 0 -> completed (the run's `final/` becomes the model's directory; for self-play, a new
+    model of the workspace, indexed with its origin); killed by a signal or interrupted -> interrupted;
+    a cancel request -> cancelled; any other code -> failed, with the child's own `lmlab: error: ...`
+    line as the reason;
   * starts queued runs, first in first out, while fewer than `max_jobs` are running.
 
 Cancel sends SIGINT: the trainer turns it into KeyboardInterrupt, writes a checkpoint and exits, so a
-cancelled run can be resumed. Resume relaunches `lmlab train --resume --out RUN_DIR`. On start-up, runs
-the database still calls running belonged to a server that died: they become interrupted, and a child
-process that outlived that server is asked (SIGINT) to checkpoint and exit before any resume starts.
+cancelled run can be resumed. Resume relaunches `lmlab train --resume --out RUN_DIR`. Self-play writes no
+checkpoints: SIGINT ends it before it writes final/, so a cancelled one leaves no model behind and cannot
+be resumed. On start-up, runs the database still calls running belonged to a server that died: they
+become interrupted, and a child process that outlived that server is asked (SIGINT) to checkpoint and
+exit before any resume starts.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,6 +32,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..models import ModelConfig
+from ..tokenizers import Tokenizer
 from ..train import checkpoint_step, latest_checkpoint
 from .db import Database
 from .workspace import Workspace, replace_dir
@@ -41,6 +47,9 @@ _CHILD = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_h
           "signal.signal(signal.SIGTERM, signal.default_int_handler); "
           "from lmlab.cli import main; sys.exit(main(sys.argv[1:]))")
 KILL_AFTER_S = 30.0  # a child that has not exited this long after SIGINT gets SIGKILL
+# The numeric settings of a self-play run, passed as `lmlab selfplay text` flags of the same names.
+SELFPLAY_SETTINGS = ("iterations", "group_size", "prompts_per_iteration", "max_new_tokens", "lr", "kl_coef",
+                     "temperature", "seed")
 
 
 def process_alive(pid: int | None, marker: str | None = None) -> bool:
@@ -250,6 +259,8 @@ class Supervisor:
     def command(self, run: dict[str, Any]) -> list[str]:
         """`lmlab train ...` for this run (as run by the child: python -c <_CHILD> train ...)."""
         run_dir = self.ws.run_path(run["id"])
+        if run["kind"] == "selfplay":
+            return self._selfplay_command(run, run_dir)
         if run["resume"]:
             args = ["train", "--out", str(run_dir), "--resume"]
         else:
@@ -266,6 +277,40 @@ class Supervisor:
                          "--vocab-size", str(model["tokenizer_vocab"])]
             args += ["--out", str(run_dir)]
         return args + _flags(run["params"])
+
+    def _selfplay_command(self, run: dict[str, Any], run_dir: Path) -> list[str]:
+        p = run["params"]
+        for name in (run["model_name"], p.get("judge")):
+            if name and self.db.get_model(name) is None:
+                raise ValueError(f"model {name!r} no longer exists")
+        args = ["selfplay", "text", "--model", str(self.ws.model_path(run["model_name"])), "--out", str(run_dir),
+                "--reward", p["reward"]]
+        if p.get("judge"):
+            args += ["--judge", str(self.ws.model_path(p["judge"]))]
+        args += [f"--prompt={x}" for x in p.get("prompts", [])]  # `=`: a prompt may start with '-'
+        return args + _flags({k: p[k] for k in SELFPLAY_SETTINGS if k in p})
+
+    def _register_selfplay(self, run: dict[str, Any], final: Path, training: dict[str, Any]) -> None:
+        """The policy in `final/` becomes the new model: copied into models/ under a temporary name and
+        renamed into place, then indexed with where it came from; an exception says why it was not."""
+        p = run["params"]
+        name = p["new_model"]
+        if self.db.get_model(name) is not None:
+            raise ValueError(f"a model named {name!r} exists now; the policy stays in {final}")
+        cfg = ModelConfig.load(final / "config.json")
+        kind = Tokenizer.load(final / "tokenizer.json").kind
+        parent = self.db.get_model(run["model_name"])
+        target = self.ws.model_path(name)
+        replace_dir(final, target)
+        origin = {"kind": "selfplay", "parent": run["model_name"], "run_id": run["id"], "reward": p["reward"],
+                  "judge": p.get("judge"), "iterations": training.get("steps"),
+                  "final_reward": training.get("final_reward"), "final_kl": training.get("final_kl")}
+        try:
+            self.db.add_model(name, cfg.to_dict(), parent["preset"] if parent else None, kind, cfg.vocab_size,
+                              origin=origin, trained_run_id=run["id"], trained_steps=training.get("steps"))
+        except Exception:
+            shutil.rmtree(target, ignore_errors=True)  # not indexed: leave no unregistered copy behind
+            raise
 
     def _launch(self, run: dict[str, Any]) -> None:
         run_id = run["id"]
@@ -312,7 +357,13 @@ class Supervisor:
             except (OSError, json.JSONDecodeError):
                 training = {}
         values: dict[str, Any] = {"exit_code": code, "pid": None, "finished_at": time.time()}
-        if code == 0 and (final / "model.safetensors").is_file():
+        if code == 0 and run["kind"] == "selfplay" and (final / "model.safetensors").is_file():
+            try:
+                self._register_selfplay(run, final, training)
+                values.update(status="completed", stop_reason="iterations", error=None)
+            except Exception as exc:  # a database error too: the run must not stay "running"
+                values.update(status="failed", error=f"self-play finished, but its model was not saved: {exc}")
+        elif code == 0 and (final / "model.safetensors").is_file():
             values.update(status="completed", stop_reason=training.get("stop_reason"), error=None)
             try:
                 replace_dir(final, self.ws.model_path(run["model_name"]))
@@ -323,7 +374,10 @@ class Supervisor:
             values.update(status="cancelled", error=None, stop_reason="cancelled")
         elif code < 0 or code in (0, 130):  # 0 without final/: the trainer stopped early on request
             how = f"killed by {_signame(-code)}" if code < 0 else "interrupted"
-            values.update(status="interrupted", error=interrupted or f"the training process was {how}",
+            if interrupted and run["kind"] == "selfplay":
+                interrupted = "the server was stopped; self-play keeps no checkpoints: start it again"
+            what = "training" if run["kind"] == "train" else "self-play"
+            values.update(status="interrupted", error=interrupted or f"the {what} process was {how}",
                           stop_reason="interrupted")
         else:
             values.update(status="failed", error=_error_from_log(run_dir / "log.txt") or f"exit code {code}")
@@ -358,6 +412,9 @@ class Supervisor:
             run = self.db.get_run(run_id)
             if run is None:
                 raise LookupError(f"run {run_id} not found")
+            if run["kind"] == "selfplay":
+                raise ValueError(f"run {run_id} is a self-play run; self-play keeps no checkpoints, so it cannot "
+                                 "be resumed: start a new one")
             if run["status"] not in ("interrupted", "failed", "cancelled"):
                 raise ValueError(f"run {run_id} is {run['status']}; only interrupted, failed or cancelled runs "
                                  "can be resumed")

@@ -165,6 +165,16 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1
 
 
+def encode_prompts(tok: Any, prompts: Sequence[str], max_new_tokens: int, block_size: int) -> list[list[int]]:
+    """Prompt ids ('' starts from <BOS>); ValueError when the longest prompt plus its completion (and EOS)
+    does not fit the model's context. The web app calls this before queueing a run, to refuse it at once."""
+    encoded = [tok.encode(p) or [tok.bos_id] for p in prompts]
+    longest = max(len(p) for p in encoded) + max_new_tokens + 1
+    if longest > block_size:
+        raise ValueError(f"prompt + max_new_tokens ({longest} tokens) exceeds the model's context ({block_size})")
+    return encoded
+
+
 def run_text_selfplay(model_dir: str | Path, out: str | Path, config: TextSelfPlayConfig,
                       prompts: Sequence[str] = ("",), *, reward: Reward | None = None,
                       judge: str | Path | None = None, reward_file: str | None = None,
@@ -179,11 +189,7 @@ def run_text_selfplay(model_dir: str | Path, out: str | Path, config: TextSelfPl
         raise ValueError(f"{model_dir} has no tokenizer.json; text self-play needs one")
     reference, _ = load_pretrained(model_dir)  # the starting model, frozen: the KL anchor
     reference.requires_grad_(False)
-    encoded = [tok.encode(p) or [tok.bos_id] for p in prompts]
-    longest = max(len(p) for p in encoded) + config.max_new_tokens + 1
-    if longest > policy.config.block_size:
-        raise ValueError(f"prompt + max_new_tokens ({longest} tokens) exceeds the model's context "
-                         f"({policy.config.block_size})")
+    encoded = encode_prompts(tok, prompts, config.max_new_tokens, policy.config.block_size)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.json", json.dumps(

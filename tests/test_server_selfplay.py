@@ -1,0 +1,257 @@
+"""Text self-play as a web-app job, against a real `lmlab serve` process that launches real `lmlab selfplay
+text` processes: the run's reward and KL reach the metrics stream one line per iteration, the policy becomes
+a new model of the workspace (loadable, with its origin, weights changed), requests are validated, a
+self-play run cannot be resumed, and a cancelled one leaves no model behind."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from sqlalchemy import create_engine, text
+from test_server_support import (
+    BOOK,
+    FAST,
+    TINY_MODEL,
+    ServerProcess,
+    kill_run_process,
+    run_status,
+    sse_events,
+    upload,
+    wait_for,
+    wait_run,
+)
+
+from lmlab.models import ModelConfig, Transformer
+from lmlab.models.io import load_pretrained, save_pretrained
+from lmlab.server.db import MIGRATIONS, Database, migrate, schema_drift
+from lmlab.server.jobs import process_alive
+from lmlab.server.workspace import Workspace
+from lmlab.tokenizers import Tokenizer
+
+# a few small updates: two prompts x a group of 4, 8 tokens each; seconds, not minutes, on 2 busy cores
+TINY_SP = {"iterations": 3, "group_size": 4, "prompts_per_iteration": 2, "max_new_tokens": 8, "lr": 1e-3,
+           "prompts": ["Once upon", "Жил-был"]}
+DONE = lambda r: r["status"] not in ("queued", "running")  # noqa: E731
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    """A server with a book, a model trained for 12 steps (`tiny`) and one never trained (`blank`)."""
+    ws = tmp_path_factory.mktemp("ws")
+    server = ServerProcess(ws).start()
+    try:
+        with server.client() as c:
+            assert upload(c).status_code == 201
+            for name in ("tiny", "blank"):
+                assert c.post("/api/v1/models", json={"name": name, **TINY_MODEL}).status_code == 201
+            r = c.post("/api/v1/runs", json={"model": "tiny", "books": ["tales.txt"], "max_steps": 12, "log_every": 1,
+                                             **FAST})
+            assert r.status_code == 201, r.text
+            assert wait_run(c, r.json()["id"], DONE, "the training run")["status"] == "completed"
+            c.workspace = ws
+            yield c
+    finally:
+        server.stop()
+
+
+def _weights(path):
+    model, tok = load_pretrained(path)
+    assert tok is not None
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_selfplay_run_makes_a_new_model(lab):
+    before = _weights(lab.workspace / "models" / "tiny")
+    r = lab.post("/api/v1/runs/selfplay", json={"model": "tiny", "new_model": "tiny-sp", **TINY_SP})
+    assert r.status_code == 201, r.text
+    run = r.json()
+    assert run["kind"] == "selfplay" and run["model"] == "tiny" and run["max_steps"] == 3 and run["books"] == []
+    assert run["params"]["new_model"] == "tiny-sp" and run["params"]["reward"] == "seed"
+    run = wait_run(lab, run["id"], DONE, "the self-play run")
+    assert run["status"] == "completed" and run["exit_code"] == 0, run
+    assert run["current_step"] == 3 and run["progress"] == 1.0 and run["can_resume"] is False
+
+    # the metrics stream: one reward and one KL per iteration, the values of the run directory's file
+    lines = [json.loads(x) for x in (lab.workspace / "runs" / f"run-{run['id']}" / "metrics.jsonl").read_text()
+             .splitlines()]
+    got = lab.get(f"/api/v1/runs/{run['id']}/metrics").json()["metrics"]
+    assert [m["step"] for m in got] == [m["step"] for m in lines] == [1, 2, 3]
+    for a, b in zip(got, lines):
+        assert (a["reward"], a["kl"], a["reward_std"]) == (b["reward"], b["kl"], b["reward_std"])
+    events = sse_events(lab, f"/api/v1/runs/{run['id']}/events")
+    assert events[-1] == ("end", {"run_id": run["id"], "status": "completed"})
+    assert all(d["kind"] == "selfplay" for e, d in events if e == "status")
+    streamed = [d for e, d in events if e == "metric"]
+    assert [(m["step"], m["reward"], m["kl"]) for m in streamed] == [(m["step"], m["reward"], m["kl"]) for m in lines]
+    assert run["last_reward"] == lines[-1]["reward"] and run["last_kl"] == lines[-1]["kl"]
+    log = "\n".join(lab.get(f"/api/v1/runs/{run['id']}/log").json()["lines"])
+    assert "lmlab selfplay text --model" in log and "--reward seed" in log and "--prompt=Жил-был" in log
+
+    # the policy is a new model of the workspace, with its origin; the starting model is unchanged
+    m = lab.get("/api/v1/models/tiny-sp").json()
+    assert m["trained"] is True and m["trained_run_id"] == run["id"] and m["trained_steps"] == 3
+    assert m["origin"]["kind"] == "selfplay" and m["origin"]["parent"] == "tiny"
+    assert m["origin"]["reward"] == "seed" and m["origin"]["run_id"] == run["id"]
+    assert m["config"] == lab.get("/api/v1/models/tiny").json()["config"]
+    # rewards that differ within a group give non-zero advantages: the update must then move the policy
+    assert any(m["reward_std"] > 0 for m in lines) and lines[-1]["kl"] > 0, lines
+    after = _weights(lab.workspace / "models" / "tiny-sp")
+    assert any(not torch.equal(before[k], after[k]) for k in before), "the updates changed no weight"
+    unchanged = _weights(lab.workspace / "models" / "tiny")
+    assert all(torch.equal(before[k], unchanged[k]) for k in before)
+    # ... and it is a model like the others: generation and download work
+    g = lab.post("/api/v1/generate", json={"model": "tiny-sp", "prompt": "Once", "max_new_tokens": 5, "seed": 1})
+    assert g.status_code == 200 and g.json()["new_tokens"] > 0
+    assert lab.get("/api/v1/models/tiny-sp/download").status_code == 200
+
+    # the runs list tells the kinds apart; a self-play run cannot be resumed
+    assert {r["kind"] for r in lab.get("/api/v1/runs").json()} == {"train", "selfplay"}
+    assert [r["id"] for r in lab.get("/api/v1/runs?kind=selfplay").json()] == [run["id"]]
+    r = lab.post(f"/api/v1/runs/{run['id']}/resume")
+    assert r.status_code == 409 and "self-play" in r.json()["detail"] and "cannot be resumed" in r.json()["detail"]
+
+
+def test_perplexity_reward_scores_with_a_judge(lab):
+    r = lab.post("/api/v1/runs/selfplay", json={"model": "tiny", "new_model": "tiny-judged", "reward": "perplexity",
+                                                 "judge": "tiny", **TINY_SP, "iterations": 2})
+    assert r.status_code == 201, r.text
+    run = wait_run(lab, r.json()["id"], DONE, "the judged self-play run")
+    assert run["status"] == "completed", run
+    got = lab.get(f"/api/v1/runs/{run['id']}/metrics").json()["metrics"]
+    assert [m["step"] for m in got] == [1, 2] and all(m["reward"] < 0 for m in got)  # a mean log-probability
+    origin = lab.get("/api/v1/models/tiny-judged").json()["origin"]
+    assert origin["reward"] == "perplexity" and origin["judge"] == "tiny"
+
+
+@pytest.mark.parametrize("change, status, words", [
+    ({"model": "nope"}, 404, "not found"),
+    ({"model": "blank"}, 409, "not been trained"),
+    ({"model": "../tiny"}, 400, "path separator"),
+    ({"new_model": "tiny"}, 409, "already exists"),
+    ({"new_model": "../../escape"}, 400, "path separator"),
+    ({"new_model": ".hidden"}, 400, "must not start with"),
+    ({"reward": "file"}, 422, "does not execute"),
+    ({"reward": "length"}, 422, "must be one of seed, repetition, perplexity"),
+    ({"reward": "perplexity"}, 422, "needs a judge"),
+    ({"reward": "perplexity", "judge": "nope"}, 404, "not found"),
+    ({"reward": "perplexity", "judge": "blank"}, 409, "not been trained"),
+    ({"judge": "tiny"}, 422, "only used by reward 'perplexity'"),
+    ({"max_new_tokens": 40}, 422, "exceeds the model's context (32)"),
+    ({"prompts": ["a\x00b"]}, 422, "NUL"),
+    ({"iterations": 0}, 422, "iterations"),
+    ({"iterations": 10**6}, 422, "iterations"),
+    ({"group_size": 1}, 422, "group_size"),
+    ({"prompts_per_iteration": 0}, 422, "prompts_per_iteration"),
+    ({"max_new_tokens": 0}, 422, "max_new_tokens"),
+    ({"lr": 0}, 422, "lr"),
+    ({"kl_coef": -0.1}, 422, "kl_coef"),
+    ({"temperature": 0}, 422, "temperature"),
+    ({"seed": -1}, 422, "seed"),
+    ({"prompts": ["x"] * 65}, 422, "prompts"),
+    ({"books": ["tales.txt"]}, 422, "books"),
+])
+def test_selfplay_requests_are_validated(lab, change, status, words):
+    runs = len(lab.get("/api/v1/runs").json())
+    r = lab.post("/api/v1/runs/selfplay", json={"model": "tiny", "new_model": "refused", **TINY_SP, **change})
+    assert r.status_code == status, r.text
+    detail = r.json()["detail"]
+    text = detail if isinstance(detail, str) else " ".join(f"{e['loc'][-1]}: {e['msg']}" for e in detail)
+    assert words in text, text
+    assert len(lab.get("/api/v1/runs").json()) == runs  # nothing was queued
+    assert lab.get("/api/v1/models/refused").status_code == 404
+
+
+def test_a_prompt_with_a_lone_surrogate_is_refused(lab):
+    body = json.dumps({"model": "tiny", "new_model": "refused", **TINY_SP, "prompts": ["ok", "\ud800"]})
+    r = lab.post("/api/v1/runs/selfplay", content=body.encode(), headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "prompts", 1], r.text
+
+
+def test_cancelled_selfplay_leaves_no_model(lab):
+    """A run of 100000 iterations cannot finish within this test on any machine (each one samples, scores and
+    updates): while it runs, its names are taken; cancelled, its process ends and no model appears."""
+    models = {m["name"] for m in lab.get("/api/v1/models").json()}
+    r = lab.post("/api/v1/runs/selfplay", json={"model": "tiny", "new_model": "tiny-long", **TINY_SP,
+                                                 "iterations": 100_000})
+    assert r.status_code == 201, r.text
+    run_id, pid = r.json()["id"], None
+    try:
+        run = wait_run(lab, run_id, lambda r: r["status"] == "running" and r["current_step"] >= 2, "iterations")
+        pid = run["pid"]
+        # the target name is reserved; the starting model can be read by more self-play, not changed or deleted
+        r = lab.post("/api/v1/models", json={"name": "tiny-long", **TINY_MODEL})
+        assert r.status_code == 409 and f"self-play run {run_id}" in r.json()["detail"]
+        r = lab.post("/api/v1/runs/selfplay", json={"model": "tiny", "new_model": "tiny-long", **TINY_SP})
+        assert r.status_code == 409 and "being made" in r.json()["detail"]
+        r = lab.post("/api/v1/runs", json={"model": "tiny", "books": ["tales.txt"], "max_steps": 1, **FAST})
+        assert r.status_code == 409 and "starting point" in r.json()["detail"]
+        assert lab.delete("/api/v1/models/tiny").status_code == 409
+        r = lab.post(f"/api/v1/runs/{run_id}/cancel")
+        assert r.status_code == 200 and r.json()["cancel_requested"] is True
+        run = wait_run(lab, run_id, DONE, "the cancelled run to stop")
+        assert run["status"] == "cancelled" and run["exit_code"] == 130 and run["pid"] is None, run
+        assert run["current_step"] < 100_000 and run["can_resume"] is False
+        wait_for(lambda: not process_alive(pid), 30, what="the self-play process to end")
+        assert not (lab.workspace / "runs" / f"run-{run_id}" / "final").exists()
+        assert lab.get("/api/v1/models/tiny-long").status_code == 404
+        assert not (lab.workspace / "models" / "tiny-long").exists()
+        assert {m["name"] for m in lab.get("/api/v1/models").json()} == models
+        r = lab.post(f"/api/v1/runs/{run_id}/resume")
+        assert r.status_code == 409 and "self-play" in r.json()["detail"]
+        # the name is free again
+        assert lab.post("/api/v1/models", json={"name": "tiny-long", **TINY_MODEL}).status_code == 201
+        assert lab.delete("/api/v1/models/tiny-long").status_code == 204
+    finally:
+        kill_run_process(pid)
+
+
+def test_stopping_the_server_interrupts_selfplay(tmp_path):
+    """A server stopped while self-play runs (100000 iterations: it cannot finish first) asks the process to
+    stop; the run shows as interrupted, says why it cannot be resumed, and no model appears."""
+    tok = Tokenizer.train([BOOK], kind="char", vocab_size=128)
+    cfg = ModelConfig.preset("gpt2-tiny", vocab_size=128, block_size=32)
+    save_pretrained(Workspace(tmp_path).model_path("m"), Transformer(cfg), tok)  # indexed when the server starts
+    server = ServerProcess(tmp_path).start()
+    pid = None
+    try:
+        with server.client() as c:
+            r = c.post("/api/v1/runs/selfplay", json={"model": "m", "new_model": "m-sp", **TINY_SP,
+                                                      "iterations": 100_000})
+            assert r.status_code == 201, r.text
+            run_id = r.json()["id"]
+            pid = wait_run(c, run_id, lambda r: r["current_step"] >= 1, "an iteration")["pid"]
+        server.stop()
+        assert not process_alive(pid)
+        server = ServerProcess(tmp_path).start()
+        with server.client() as c:
+            run = run_status(c, run_id)
+            assert run["status"] == "interrupted" and "no checkpoints" in run["error"], run
+            assert run["can_resume"] is False and c.post(f"/api/v1/runs/{run_id}/resume").status_code == 409
+            assert c.get("/api/v1/models/m-sp").status_code == 404
+    finally:
+        kill_run_process(pid)
+        server.stop()
+
+
+def test_the_migration_keeps_old_runs_as_training(tmp_path):
+    """A database written before self-play (schema version 1) gains the new columns; its runs are training."""
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = create_engine(url)
+    assert migrate(engine, MIGRATIONS[:1]) == 1
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO models (name, config, tokenizer_kind, tokenizer_vocab, created_at, updated_at) "
+                          "VALUES ('m', '{}', 'char', 64, 0, 0)"))
+        conn.execute(text("INSERT INTO runs (model_name, books, params, init_from_trained, status, resume, "
+                          "cancel_requested, current_step, launches, metrics_epoch, created_at, updated_at) "
+                          "VALUES ('m', '[]', '{}', 0, 'completed', 0, 0, 5, 1, 0, 0, 0)"))
+    engine.dispose()
+    db = Database(url)
+    try:
+        assert db.version == MIGRATIONS[-1][0] and schema_drift(db.engine) == []
+        run = db.list_runs()[0]
+        assert run["kind"] == "train" and run["last_reward"] is None and run["current_step"] == 5
+        assert db.get_model("m")["origin"] is None
+    finally:
+        db.close()
