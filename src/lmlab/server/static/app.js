@@ -294,6 +294,8 @@ function setupModelForm() {
 
 function modelState(m) {
   if (m.active_run_id) return t("models.training", { id: m.active_run_id });
+  const o = m.origin;
+  if (o && o.kind === "selfplay") return t("models.selfplay_of", { parent: o.parent, reward: o.reward, id: o.run_id });
   return m.trained ? t("models.trained", { steps: fmtNum(m.trained_steps) }) : t("models.untrained");
 }
 
@@ -304,6 +306,7 @@ function renderModels() {
     h("td", {},
       h("button", { type: "button", text: t("models.train"), onclick: () => { $("#train-model").value = m.name; onTrainModelChange(); showTab("train"); } }), " ",
       m.trained ? h("button", { type: "button", text: t("models.generate"), onclick: () => { renderGenModels(); $("#gen-model").value = m.name; showTab("generate"); } }) : null, " ",
+      m.trained ? h("button", { type: "button", class: "selfplay", text: t("models.selfplay"), onclick: () => { renderSelfPlayForm(); $("#sp-model").value = m.name; onSelfPlayModelChange(); showTab("selfplay"); } }) : null, " ",
       m.trained ? h("a", { href: withToken(`/api/v1/models/${encodeURIComponent(m.name)}/download`), download: `${m.name}.zip`, class: "download", text: t("models.download") }) : null, " ",
       m.trained ? h("a", { href: withToken(`/api/v1/models/${encodeURIComponent(m.name)}/export/hf`), download: `${m.name}-hf.zip`, class: "export-hf", title: t("models.export_hf"), text: "HF" }) : null, " ",
       m.trained && m.family !== "gpt" ? h("a", { href: withToken(`/api/v1/models/${encodeURIComponent(m.name)}/export/gguf`), download: `${m.name}.gguf`, class: "export-gguf", title: t("models.export_gguf"), text: "GGUF" }) : null, " ",
@@ -316,6 +319,7 @@ async function refreshModels() {
   renderModels();
   renderTrainForm();
   renderGenModels();
+  renderSelfPlayForm();
 }
 
 async function deleteModel(name) {
@@ -325,6 +329,16 @@ async function deleteModel(name) {
 }
 
 // ---- training --------------------------------------------------------------------------------------
+
+// the non-empty number fields of a form (ids prefix + name), as integers or floats
+function readNumbers(prefix, ints, floats) {
+  const out = {};
+  for (const f of [...ints, ...floats]) {
+    const v = $(prefix + f).value;
+    if (v !== "") out[f] = ints.includes(f) ? parseInt(v, 10) : parseFloat(v);
+  }
+  return out;
+}
 
 let lrTouched = false;
 
@@ -374,18 +388,62 @@ function setupTrainForm() {
     const books = $$("#train-books input:checked").map((i) => i.value);
     if (!books.length) { setMsg(msg, t("train.pick_book"), false); return; }
     const body = { model: $("#train-model").value, books, init_from_trained: $("#t-init_from_trained").checked,
-                   schedule: $("#t-schedule").value, device: $("#t-device").value };
-    for (const f of ["max_steps", "batch_size", "seq_len", "warmup_steps", "eval_every", "eval_batches", "save_every", "seed"]) {
-      const v = $("#t-" + f).value;
-      if (v !== "") body[f] = parseInt(v, 10);
-    }
-    for (const f of ["lr", "weight_decay", "grad_clip"]) {
-      const v = $("#t-" + f).value;
-      if (v !== "") body[f] = parseFloat(v);
-    }
+                   schedule: $("#t-schedule").value, device: $("#t-device").value,
+                   ...readNumbers("#t-", ["max_steps", "batch_size", "seq_len", "warmup_steps", "eval_every", "eval_batches", "save_every", "seed"],
+                                  ["lr", "weight_decay", "grad_clip"]) };
     try {
       const run = await api("POST", "/api/v1/runs", body);
       setMsg(msg, run.queue_position ? t("train.queued", { id: run.id, pos: run.queue_position + 1 }) : t("train.started", { id: run.id }));
+      await refreshRuns();
+      S.selected.clear();
+      selectRun(run.id);
+      showTab("runs");
+    } catch (e) { setMsg(msg, "✗ " + e.message, false); }
+  });
+}
+
+// ---- self-play -------------------------------------------------------------------------------------
+
+function renderSelfPlayForm() {
+  const trained = S.models.filter((m) => m.trained);
+  for (const sel of [$("#sp-model"), $("#sp-judge")]) {
+    const keep = sel.value;
+    sel.replaceChildren(...trained.map((m) => h("option", { value: m.name, text: m.name })));
+    if (trained.some((m) => m.name === keep)) sel.value = keep;
+  }
+  $("#start-selfplay").disabled = !trained.length;
+  if (!trained.length) setMsg($("#sp-msg"), t("sp.no_models"), false);
+  else if ($("#sp-msg").textContent === t("sp.no_models")) $("#sp-msg").textContent = "";
+  if (!$("#sp-new_model").value) onSelfPlayModelChange();
+}
+
+// a name for the new model that no model has yet: <model>-sp, <model>-sp2, ...
+function onSelfPlayModelChange() {
+  const base = $("#sp-model").value;
+  if (!base) return;
+  const taken = new Set(S.models.map((m) => m.name));
+  let name = `${base}-sp`;
+  for (let i = 2; taken.has(name); i++) name = `${base}-sp${i}`;
+  $("#sp-new_model").value = name;
+}
+
+function setupSelfPlayForm() {
+  const syncJudge = () => { $("#sp-judge-box").hidden = $("#sp-reward").value !== "perplexity"; };
+  $("#sp-reward").addEventListener("change", syncJudge);
+  $("#sp-model").addEventListener("change", onSelfPlayModelChange);
+  syncJudge();
+  $("#sp-form").addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const msg = $("#sp-msg");
+    const body = { model: $("#sp-model").value, new_model: $("#sp-new_model").value.trim(), reward: $("#sp-reward").value,
+                   prompts: $("#sp-prompts").value.split("\n").filter((p) => p.trim()),
+                   ...readNumbers("#sp-", ["iterations", "group_size", "prompts_per_iteration", "max_new_tokens", "seed"],
+                                  ["lr", "kl_coef", "temperature"]) };
+    if (body.reward === "perplexity") body.judge = $("#sp-judge").value;
+    try {
+      const run = await api("POST", "/api/v1/runs/selfplay", body);
+      setMsg(msg, run.queue_position ? t("train.queued", { id: run.id, pos: run.queue_position + 1 }) : t("sp.started", { id: run.id }));
+      $("#sp-new_model").value = "";
       await refreshRuns();
       S.selected.clear();
       selectRun(run.id);
@@ -408,20 +466,23 @@ function renderRuns() {
     const pct = r.progress == null ? 0 : Math.round(r.progress * 100);
     const overlay = h("input", { type: "checkbox", checked: S.selected.has(r.id), "aria-label": `overlay run ${r.id}`,
                                  onchange: (e) => (e.target.checked ? selectRun(r.id, false) : unselectRun(r.id)) });
-    const model = S.models.find((m) => m.name === r.model);
-    return h("tr", { "data-run": r.id, "data-status": r.status, class: r.id === S.current ? "selected" : "" },
+    const sp = r.kind === "selfplay", product = sp ? r.params.new_model : r.model;
+    const model = S.models.find((m) => m.name === product);
+    return h("tr", { "data-run": r.id, "data-status": r.status, "data-kind": r.kind, class: r.id === S.current ? "selected" : "" },
       h("td", {}, overlay), h("td", { text: r.id }),
-      h("td", { text: r.model, title: `${t("runs.books")}: ${r.books.join(", ")}` }),
+      sp ? h("td", { title: t("runs.reward", { reward: r.params.reward }) }, `${r.model} → ${product}`, h("span", { class: "kind", text: t("runs.kind_selfplay") }))
+        : h("td", { text: r.model, title: `${t("runs.books")}: ${r.books.join(", ")}` }),
       h("td", {}, h("span", { class: "badge " + r.status, text: statusLabel(r) })),
       h("td", { class: "num" }, h("span", { class: "bar" }, (() => { const i = h("i"); i.style.width = pct + "%"; return i; })()),
         `${fmtNum(r.current_step)} / ${fmtNum(r.max_steps)}`),
-      h("td", { class: "num", text: fmtLoss(r.last_loss) }), h("td", { class: "num", text: fmtLoss(r.best_val_loss) }),
+      h("td", { class: "num", text: fmtLoss(sp ? null : r.last_loss) }), h("td", { class: "num", text: fmtLoss(r.best_val_loss) }),
       h("td", { class: "num", text: r.tokens_per_s == null ? "—" : fmtNum(Math.round(r.tokens_per_s)) }),
+      h("td", { class: "num", text: r.last_reward == null ? "—" : `${fmtLoss(r.last_reward)} · ${fmtLoss(r.last_kl)}` }),
       h("td", {},
         h("button", { type: "button", text: t("runs.view"), onclick: () => selectRun(r.id) }), " ",
         ACTIVE.has(r.status) && !r.cancel_requested ? h("button", { type: "button", class: "danger cancel", text: t("runs.cancel"), onclick: () => runAction(r.id, "cancel") }) : null, " ",
         r.can_resume ? h("button", { type: "button", class: "resume", text: t("runs.resume"), onclick: () => runAction(r.id, "resume") }) : null, " ",
-        r.status === "completed" && model && model.trained_run_id === r.id ? h("a", { href: withToken(`/api/v1/models/${encodeURIComponent(r.model)}/download`), download: `${r.model}.zip`, text: t("runs.download") }) : null, " ",
+        r.status === "completed" && model && model.trained_run_id === r.id ? h("a", { href: withToken(`/api/v1/models/${encodeURIComponent(product)}/download`), download: `${product}.zip`, text: t("runs.download") }) : null, " ",
         !ACTIVE.has(r.status) ? h("button", { type: "button", class: "danger", text: t("runs.delete"), onclick: () => deleteRun(r.id) }) : null));
   }));
   $("#runs-empty").hidden = S.runs.length > 0;
@@ -432,7 +493,9 @@ function renderRunDetail() {
   const r = S.runs.find((x) => x.id === S.current);
   $("#run-detail").hidden = !r;
   if (!r) return;
-  const bits = [`#${r.id} · ${r.model} · ${t("runs.books")}: ${r.books.join(", ")} · ${statusLabel(r)}`];
+  const bits = [r.kind === "selfplay"
+    ? `#${r.id} · ${t("runs.kind_selfplay")}: ${r.model} → ${r.params.new_model} · ${t("runs.reward", { reward: r.params.reward + (r.params.judge ? ` (${r.params.judge})` : "") })} · ${statusLabel(r)}`
+    : `#${r.id} · ${r.model} · ${t("runs.books")}: ${r.books.join(", ")} · ${statusLabel(r)}`];
   if (r.queue_position != null) bits.push(t("runs.queue", { pos: r.queue_position + 1 }));
   if (r.checkpoint_step != null) bits.push(t("runs.checkpoint", { step: r.checkpoint_step }));
   if (r.resumed_from_step != null) bits.push(t("runs.resumed_from", { step: r.resumed_from_step }));
@@ -449,7 +512,7 @@ async function refreshRuns() {
   $("#jobs-indicator").textContent = running || queued ? t("jobs.indicator", { running, queued }) : "";
   // a model finishing training changes what can be generated and downloaded
   const sig = S.runs.map((r) => r.id + r.status).join();
-  if (sig !== refreshRuns.last) { refreshRuns.last = sig; S.models = await api("GET", "/api/v1/models"); renderModels(); renderTrainForm(); renderGenModels(); }
+  if (sig !== refreshRuns.last) { refreshRuns.last = sig; await refreshModels(); }
   for (const r of S.runs) if (S.selected.has(r.id) && ACTIVE.has(r.status) && !S.streams.has(r.id)) subscribe(r.id);
 }
 
@@ -501,18 +564,32 @@ function scheduleRedraw() {
 }
 
 function redrawCharts() {
-  const loss = [], lr = [], tps = [];
+  const loss = [], lr = [], tps = [], reward = [], kl = [], kinds = new Set();
+  const pts = (ms, key) => ms.filter((m) => m[key] != null).map((m) => [m.step, m[key]]);
   for (const id of S.selected) {
     const ms = S.metrics.get(id) || [], color = runColor(id);
-    loss.push({ label: `#${id} train`, color, points: ms.filter((m) => m.loss != null).map((m) => [m.step, m.loss]) });
-    loss.push({ label: `#${id} val`, color, dashed: true, points: ms.filter((m) => m.val_loss != null).map((m) => [m.step, m.val_loss]) });
-    lr.push({ label: `#${id}`, color, points: ms.filter((m) => m.lr != null).map((m) => [m.step, m.lr]) });
-    tps.push({ label: `#${id}`, color, points: ms.filter((m) => m.tokens_per_s != null).map((m) => [m.step, m.tokens_per_s]) });
+    const run = S.runs.find((r) => r.id === id), kind = run ? run.kind : "train";
+    kinds.add(kind);
+    if (kind === "selfplay") {  // reward and KL per iteration; its RL loss is not a language-modelling loss
+      reward.push({ label: `#${id}`, color, points: pts(ms, "reward") });
+      kl.push({ label: `#${id}`, color, points: pts(ms, "kl") });
+      continue;
+    }
+    loss.push({ label: `#${id} train`, color, points: pts(ms, "loss") });
+    loss.push({ label: `#${id} val`, color, dashed: true, points: pts(ms, "val_loss") });
+    lr.push({ label: `#${id}`, color, points: pts(ms, "lr") });
+    tps.push({ label: `#${id}`, color, points: pts(ms, "tokens_per_s") });
   }
+  // shown before drawing: a chart is drawn at its element's width
+  $("#sp-charts").hidden = !kinds.has("selfplay");
+  $("#train-charts").hidden = kinds.has("selfplay") && !kinds.has("train");
   const opts = { xLabel: t("chart.step"), empty: t("chart.empty") };
   drawChart($("#chart-loss"), { series: loss, ...opts });
   drawChart($("#chart-lr"), { series: lr, ...opts });
   drawChart($("#chart-tps"), { series: tps, ...opts });
+  const spOpts = { xLabel: t("chart.iteration"), empty: t("chart.empty") };
+  drawChart($("#chart-reward"), { series: reward, ...spOpts });
+  drawChart($("#chart-kl"), { series: kl, ...spOpts });
 }
 
 async function runAction(id, action) {
@@ -632,7 +709,8 @@ function setupGenerate() {
 
 function renderAll() {
   if (!S.info) return;
-  renderBooks(); renderModels(); renderRuns(); renderTrainForm(); renderGenModels(); redrawCharts(); scheduleEstimate();
+  renderBooks(); renderModels(); renderRuns(); renderTrainForm(); renderGenModels(); renderSelfPlayForm(); redrawCharts();
+  scheduleEstimate();
 }
 
 async function main() {
@@ -645,6 +723,7 @@ async function main() {
   setupDropzone();
   setupModelForm();
   setupTrainForm();
+  setupSelfPlayForm();
   setupGenerate();
   await Promise.all([refreshBooks(), refreshModels(), refreshRuns()]);
   applyLanguage();
