@@ -86,6 +86,9 @@ def test_selfplay_run_makes_a_new_model(lab):
     streamed = [d for e, d in events if e == "metric"]
     assert [(m["step"], m["reward"], m["kl"]) for m in streamed] == [(m["step"], m["reward"], m["kl"]) for m in lines]
     assert run["last_reward"] == lines[-1]["reward"] and run["last_kl"] == lines[-1]["kl"]
+    status = lab.get("/training_status").json()  # seed 000's endpoint shows the latest run's reward too
+    assert status["current_reward"] == lines[-1]["reward"] and status["is_training"] is False
+    assert [h["reward"] for h in status["history"]] == [m["reward"] for m in lines]
     log = "\n".join(lab.get(f"/api/v1/runs/{run['id']}/log").json()["lines"])
     assert "lmlab selfplay text --model" in log and "--reward seed" in log and "--prompt=Жил-был" in log
 
@@ -106,6 +109,9 @@ def test_selfplay_run_makes_a_new_model(lab):
     assert g.status_code == 200 and g.json()["new_tokens"] > 0
     assert lab.get("/api/v1/models/tiny-sp/download").status_code == 200
 
+    info = lab.get("/api/v1/info").json()
+    assert info["selfplay_rewards"] == ["seed", "repetition", "perplexity"]
+    assert "/api/v1/runs/selfplay" in lab.get("/openapi.json").json()["paths"]
     # the runs list tells the kinds apart; a self-play run cannot be resumed
     assert {r["kind"] for r in lab.get("/api/v1/runs").json()} == {"train", "selfplay"}
     assert [r["id"] for r in lab.get("/api/v1/runs?kind=selfplay").json()] == [run["id"]]
@@ -207,31 +213,34 @@ def test_cancelled_selfplay_leaves_no_model(lab):
         kill_run_process(pid)
 
 
-def test_stopping_the_server_interrupts_selfplay(tmp_path):
-    """A server stopped while self-play runs (100000 iterations: it cannot finish first) asks the process to
-    stop; the run shows as interrupted, says why it cannot be resumed, and no model appears."""
+def test_a_stopped_or_killed_server_interrupts_selfplay(tmp_path):
+    """The server stopped (SIGTERM), then killed (SIGKILL), while self-play runs (100000 iterations: they cannot
+    finish first): each run shows as interrupted, says why it cannot be resumed, its process ends, and no
+    model appears."""
     tok = Tokenizer.train([BOOK], kind="char", vocab_size=128)
     cfg = ModelConfig.preset("gpt2-tiny", vocab_size=128, block_size=32)
     save_pretrained(Workspace(tmp_path).model_path("m"), Transformer(cfg), tok)  # indexed when the server starts
-    server = ServerProcess(tmp_path).start()
-    pid = None
+    long = {**TINY_SP, "iterations": 100_000}
+    server, pids = ServerProcess(tmp_path).start(), []
     try:
-        with server.client() as c:
-            r = c.post("/api/v1/runs/selfplay", json={"model": "m", "new_model": "m-sp", **TINY_SP,
-                                                      "iterations": 100_000})
-            assert r.status_code == 201, r.text
-            run_id = r.json()["id"]
-            pid = wait_run(c, run_id, lambda r: r["current_step"] >= 1, "an iteration")["pid"]
-        server.stop()
-        assert not process_alive(pid)
-        server = ServerProcess(tmp_path).start()
-        with server.client() as c:
-            run = run_status(c, run_id)
-            assert run["status"] == "interrupted" and "no checkpoints" in run["error"], run
-            assert run["can_resume"] is False and c.post(f"/api/v1/runs/{run_id}/resume").status_code == 409
-            assert c.get("/api/v1/models/m-sp").status_code == 404
+        for stop, words in (("stop", "no checkpoints"), ("kill", "asked to stop")):
+            with server.client() as c:
+                r = c.post("/api/v1/runs/selfplay", json={"model": "m", "new_model": "m-sp", **long})
+                assert r.status_code == 201, r.text
+                run_id = r.json()["id"]
+                pids.append(wait_run(c, run_id, lambda r: r["current_step"] >= 1, "an iteration")["pid"])
+            getattr(server, stop)()
+            server = ServerProcess(tmp_path).start()
+            with server.client() as c:
+                run = run_status(c, run_id)
+                assert run["status"] == "interrupted" and words in run["error"], run
+                assert run["can_resume"] is False and c.post(f"/api/v1/runs/{run_id}/resume").status_code == 409
+                wait_for(lambda: not process_alive(pids[-1]), 60, what="the self-play process to end")
+                assert c.get("/api/v1/models/m-sp").status_code == 404
+                assert not (tmp_path / "models" / "m-sp").exists()
     finally:
-        kill_run_process(pid)
+        for pid in pids:
+            kill_run_process(pid)
         server.stop()
 
 

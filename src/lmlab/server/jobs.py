@@ -185,7 +185,9 @@ class Supervisor:
                 _signal_group(run["pid"], signal.SIGINT)
             self._catch_up(run["id"])
             note = "the server stopped while this run was running"
-            if alive:
+            if alive and run["kind"] == "selfplay":
+                note += f"; its process (pid {run['pid']}) was asked to stop (self-play keeps no checkpoints)"
+            elif alive:
                 note += f"; its process (pid {run['pid']}) was asked to save a checkpoint and exit"
             self.db.update_run(run["id"], status="interrupted", error=note, finished_at=time.time(),
                                pid=run["pid"] if alive else None)

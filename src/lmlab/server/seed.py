@@ -119,19 +119,20 @@ def train(state: Lab, config: SeedTrainingConfig) -> dict[str, Any]:
 
 @router.get("/training_status")
 def training_status(state: Lab) -> dict[str, Any]:
-    """The most recent run, in the seed's shape (lmlab trains on the loss alone: current_reward is 0.0)."""
+    """The most recent run, in the seed's shape. Training runs have no reward (0.0); self-play runs report
+    their mean reward per iteration, as the seed's self-play trainer did."""
     runs = state.db.list_runs()
     if not runs:
         return {"is_training": False, "current_iteration": 0, "max_iterations": 0, "current_loss": 0.0,
                 "current_reward": 0.0, "model_name": None, "history": []}
     run = runs[0]
     metrics = state.db.get_metrics(run["id"])
-    history = [{"iteration": m["step"], "loss": m.get("loss"), "reward": 0.0, "lr": m.get("lr"),
+    history = [{"iteration": m["step"], "loss": m.get("loss"), "reward": m.get("reward", 0.0), "lr": m.get("lr"),
                 "timestamp": datetime.fromtimestamp(m.get("time") or run["updated_at"]).isoformat(timespec="seconds")}
                for m in metrics[-100:]]
     out = {"is_training": run["status"] in ACTIVE, "current_iteration": run["current_step"],
            "max_iterations": run["max_steps"] or 0, "current_loss": run["last_loss"] or 0.0,
-           "current_reward": 0.0, "model_name": run["model_name"], "history": history}
+           "current_reward": run["last_reward"] or 0.0, "model_name": run["model_name"], "history": history}
     if run["status"] == "failed":
         out["error"] = run["error"]  # the seed added this key when its training thread failed
     return out
