@@ -99,6 +99,18 @@ def test_cli_info_and_generate(tmp_path, trained, tok, capsys):
     assert "top_p" in capsys.readouterr().err
 
 
+def test_prompt_lookup_drafts():
+    """The draft: what followed the last n-gram's latest earlier occurrence, repeated from there when it
+    reaches the end of the context (a loop of period 2 drafts k tokens, not 2)."""
+    from lmlab.models.generation import _draft
+    ids = torch.tensor([5, 1, 2, 7, 8, 9, 6, 1, 2, 3, 4, 5, 6, 0, 1, 2])
+    assert _draft(ids, 3) == [3, 4, 5]                       # "1 2" occurred last at 7: its continuation
+    assert _draft(ids, 9) == [3, 4, 5, 6, 0, 1, 2, 3, 4]     # ... which then repeats
+    assert _draft(torch.tensor([9, 4, 5, 4, 5, 4, 5, 4, 5]), 6) == [4, 5, 4, 5, 4, 5]
+    assert _draft(torch.tensor([1, 2, 3]), 4) == []          # the last token never occurred before
+    assert _draft(torch.tensor([3, 1, 2, 3]), 2) == [1, 2]   # no earlier 2-gram "2 3": the 1-gram "3"
+
+
 def test_prompt_lookup_gives_the_greedy_text_in_fewer_passes(trained, tok, monkeypatch):
     """Drafts verified in one forward keep greedy's tokens exactly (past the 64-token window too, where the
     cache is rebuilt), and once the text repeats what is in its context they save most passes."""

@@ -213,15 +213,17 @@ def iter_tokens(model: Transformer, prompts: Sequence[Sequence[int]], cfg: Gener
 
 
 def _draft(ids: torch.Tensor, k: int, max_ngram: int = 3) -> list[int]:
-    """Prompt lookup (Saxena 2023, transformers' `prompt_lookup_num_tokens`): the up to k tokens that
-    followed the latest earlier occurrence of the context's last n-gram, longest n first."""
+    """Prompt lookup (Saxena 2023, transformers' `prompt_lookup_num_tokens`): k tokens predicted from the
+    latest earlier occurrence of the context's last n-gram, longest n first: what followed it, and when that
+    runs into the end of the context, the same again (the text since that occurrence is taken to repeat, as
+    in a loop shorter than k, where a plain copy would draft one period only)."""
     L = ids.numel()
     for n in range(min(max_ngram, L - 1), 0, -1):
         windows = ids[: L - 1].unfold(0, n, 1)                   # (L - n, n): every earlier n-gram
         hits = (windows == ids[L - n:]).all(-1).nonzero()
         if hits.numel():
-            start = int(hits[-1]) + n
-            return ids[start:start + k].tolist()
+            start = int(hits[-1]) + n                            # the continuation begins here
+            return ids[start + torch.arange(k) % (L - start)].tolist()
     return []
 
 
