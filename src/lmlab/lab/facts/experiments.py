@@ -308,6 +308,13 @@ def plateau(seeds: Sequence[int], out: Path, quick: bool = False, scale: Scale |
     fit_len = loglog_fit([r["N"] for r in good_len], [r["plateau_len"] for r in good_len]) \
         if len(good_len) >= 2 else None
     rising = all(a["t_star"] < b["t_star"] for a, b in zip(good, good[1:]))
+    per_seed = {}  # the same fit within each seed, over the sizes that seed got past the plateau at
+    for seed in seeds:
+        pts = [(c.bio.n_individuals, r["plateau"]["t_star"]) for (c, _), r in zip(jobs, runs)
+               if c.seed == seed and r["plateau"]["t_star"] is not None]
+        if len(pts) >= 2:
+            per_seed[seed] = loglog_fit(*zip(*pts))
+    slopes = [f["b"] for f in per_seed.values()]
     checks = {"slope_in_0.6_1.0": None if fit is None else bool(0.6 <= fit["b"] <= 1.0),
               "t_star_rises_with_N": None if fit is None else bool(rising)}
     plots = [line_plot(out / "plateau_vs_n.png", "plateau end against N (Fig. 2 right)", "N individuals", "steps",
@@ -319,8 +326,12 @@ def plateau(seeds: Sequence[int], out: Path, quick: bool = False, scale: Scale |
     measured = ("no seed left the plateau" if fit is None else
                 f"t* ≈ {fit['a']:.3g}·N^{fit['b']:.2f} (R² {fit['r2']:.3f}) over N = {[r['N'] for r in good]}"
                 + ("" if fit_len is None else
-                   f"; t*−t1 ≈ {fit_len['a']:.3g}·N^{fit_len['b']:.2f} (R² {fit_len['r2']:.3f})"))
-    res = {"fit_t_star": fit, "fit_plateau_len": fit_len, "table": table, "speed": _speed(runs, wall),
+                   f"; t*−t1 ≈ {fit_len['a']:.3g}·N^{fit_len['b']:.2f} (R² {fit_len['r2']:.3f})")
+                + ("" if not slopes else
+                   "; per seed, the exponent of t*: " + pm(_agg([{"b": b} for b in slopes]), "b", lambda v: f"{v:.2f}")
+                   + " (" + ", ".join(f"seed {k}: {f['b']:.2f}" for k, f in per_seed.items()) + ")"))
+    res = {"fit_t_star": fit, "fit_t_star_per_seed": {str(k): v for k, v in per_seed.items()},
+           "fit_plateau_len": fit_len, "table": table, "speed": _speed(runs, wall),
            "runs": [{"N": c.bio.n_individuals, "seed": c.seed, "plateau": r["plateau"], "steps": r["steps"],
                      "history": r["history"]} for (c, _), r in zip(jobs, runs)]}
     write_report(out, "plateau length against N", "The plateau ends after a number of steps that grows almost "
