@@ -210,7 +210,8 @@ def bench_generation(repeats: int, bandwidth: float) -> list[tuple[str, float, f
         if run_cpp is not None:
             contenders["llama.cpp"] = run_cpp
         t = interleaved(contenders, repeats)
-        del run_cpp  # the llama.cpp model is freed before its file goes
+        contenders.pop("llama.cpp", None)
+        del run_cpp  # the last references to the llama.cpp model: it is freed before its file goes
     same_lookup = run_ours_lookup() == ids_ours and run_hf_lookup() == ids_hf
     tps_ours, tps_hf = NEW_TOKENS / t["lmlab"].median, NEW_TOKENS / t["transformers"].median
     bound = bandwidth / (w_bytes + kv_bytes)

@@ -38,7 +38,9 @@ DROP = """([name, text]) => {
     zone.dispatchEvent(new DragEvent(type, {dataTransfer: dt, bubbles: true, cancelable: true}));
 }"""
 
-STEPS = 60
+# Long enough that a trainer let run on while this process is descheduled cannot finish; under 200 steps the
+# server logs every step, so the chart's counts are the step counts.
+STEPS = 196
 RECORD_POINTS = """() => {
   const chart = document.querySelector("#chart-loss");
   window.lossPointCounts = [];
@@ -62,7 +64,11 @@ def _run_until_logged(pid: int, metrics: Path, more: int) -> None:
     try:
         wait_for(lambda: _logged(metrics) >= target, 120, 0.002, f"{target} metrics lines")
     finally:
-        os.kill(pid, signal.SIGSTOP)
+        try:
+            os.kill(pid, signal.SIGSTOP)
+        except ProcessLookupError:
+            raise AssertionError(f"the trainer finished while it was to log {more} more lines "
+                                 f"({_logged(metrics)} logged): it ran on unobserved") from None
 
 
 @pytest.fixture()
@@ -133,17 +139,17 @@ def test_upload_create_train_watch_generate_download(tmp_path, browser):
         page.fill("#t-batch_size", "16")
         page.click("#train-form details summary")
         page.fill("#t-seq_len", "64")
-        page.fill("#t-eval_every", "15")
+        page.fill("#t-eval_every", str(STEPS // 4))
         page.fill("#t-eval_batches", "2")
-        page.fill("#t-save_every", "15")
+        page.fill("#t-save_every", str(STEPS // 4))
         # Every redraw of the loss chart with a new point count is recorded in the page, so "the chart updates
         # while training runs" is checked without racing a run that may finish between two of our looks.
         page.evaluate(RECORD_POINTS)
         page.click("#start-training")
-        # A 60-step run of this model can finish within one metrics poll of the server, so the test paces the
-        # trainer: frozen (SIGSTOP) as soon as it exists, let run until it has logged a few steps, frozen while
-        # the chart catches up, then a few steps more. Two redraws of a run still going are then certain, unless
-        # the trainer runs ~50 steps past a target before this process polls its file again.
+        # A run of this model can finish within one metrics poll of the server (CI saw a 60-step one do so), so
+        # the test paces the trainer: frozen (SIGSTOP) as soon as it exists, let run until it has logged a few
+        # steps, frozen while the chart catches up, then a few steps more. Two redraws of a run still going are
+        # then certain, unless the trainer runs ~190 steps past a target before this process polls its file.
         with server.client() as c:
             # .get: the click only sent the browser's POST; until the server has stored it, run 1 is a 404
             run_pid = wait_for(lambda: c.get("/api/v1/runs/1").json().get("pid"), 120, 0.01, "the run's process")
