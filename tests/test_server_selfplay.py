@@ -266,3 +266,27 @@ def test_the_migration_keeps_old_runs_as_training(tmp_path):
         assert db.get_model("m")["origin"] is None
     finally:
         db.close()
+
+
+def test_a_half_done_migration_is_finished(tmp_path):
+    """pysqlite commits each ALTER as it runs: a start-up that failed inside migration 2 left runs.kind added
+    at schema version 1. The next start adds only what is missing and reaches version 2."""
+    url = f"sqlite:///{tmp_path / 'half.db'}"
+    engine = create_engine(url)
+
+    def cut_short(conn):
+        conn.execute(text("ALTER TABLE runs ADD COLUMN kind VARCHAR(16) NOT NULL DEFAULT 'train'"))
+        raise RuntimeError("the server died here")
+    with pytest.raises(RuntimeError):
+        migrate(engine, [MIGRATIONS[0], (2, MIGRATIONS[1][1], cut_short)])
+    with engine.connect() as conn:  # the state this test is about: version 1, with the first column added
+        assert conn.execute(text("SELECT max(version) FROM schema_version")).scalar() == 1
+        assert "kind" in [r[1] for r in conn.execute(text("PRAGMA table_info(runs)"))]
+    engine.dispose()
+    db = Database(url)
+    try:
+        assert db.version == MIGRATIONS[-1][0] and schema_drift(db.engine) == []
+        db.add_model("m", {}, None, "char", 64)
+        assert db.add_run("m", [], {}, False, 1)["kind"] == "train" and db.get_model("m")["origin"] is None
+    finally:
+        db.close()

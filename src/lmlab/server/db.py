@@ -5,8 +5,10 @@ metrics stream, so the UI survives a closed tab and the server survives a restar
 by default; any SQLAlchemy URL (PostgreSQL) works, since only SQLAlchemy Core and portable types are used.
 
 Migrations are a versioned list of functions (`MIGRATIONS`), each run once in its own transaction and
-recorded in `schema_version`. That is all Alembic would do for these four tables, without its ini file,
-env.py and template engine; a database newer than this code is refused rather than guessed at.
+recorded in `schema_version`. On SQLite that transaction does not cover DDL (pysqlite commits each ALTER
+as it runs), so a migration must also be safe to run again over its own half-done work. That is all
+Alembic would do for these four tables, without its ini file, env.py and template engine; a database
+newer than this code is refused rather than guessed at.
 """
 
 from __future__ import annotations
@@ -156,10 +158,16 @@ def _v1_initial(conn: Connection) -> None:
 
 def _v2_selfplay_runs(conn: Connection) -> None:
     # ADD COLUMN with a constant default: the same statement on SQLite and PostgreSQL; old runs are training.
-    conn.execute(text("ALTER TABLE runs ADD COLUMN kind VARCHAR(16) NOT NULL DEFAULT 'train'"))
-    conn.execute(text("ALTER TABLE runs ADD COLUMN last_reward FLOAT"))
-    conn.execute(text("ALTER TABLE runs ADD COLUMN last_kl FLOAT"))
-    conn.execute(text("ALTER TABLE models ADD COLUMN origin TEXT"))
+    # Only the columns still missing: pysqlite runs DDL outside the transaction (each ALTER commits at
+    # once), so a start-up that failed half-way left some columns added at version 1, and re-adding them
+    # would fail with "duplicate column name" on every later start.
+    insp = inspect(conn)
+    have = {t: {c["name"] for c in insp.get_columns(t)} for t in ("runs", "models")}
+    for table, column, ddl in (("runs", "kind", "VARCHAR(16) NOT NULL DEFAULT 'train'"),
+                               ("runs", "last_reward", "FLOAT"), ("runs", "last_kl", "FLOAT"),
+                               ("models", "origin", "TEXT")):
+        if column not in have[table]:
+            conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}"))
 
 
 Migration = tuple[int, str, Callable[[Connection], None]]
