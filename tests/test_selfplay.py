@@ -285,6 +285,31 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
         AZRConfig(ind_inputs=3)
 
 
+def test_prompts_file(tmp_path, capsys):
+    """`--prompts-file`: a JSON list of strings, read verbatim; anything else is one line, exit 2, before the
+    model is even looked at."""
+    from lmlab.cli import main
+    from lmlab.lab.selfplay.text import read_prompts_file
+
+    good = tmp_path / "prompts.json"
+    good.write_text(json.dumps(["Once upon", "-starts with a dash", "Жил-был\x00"]), encoding="utf-8")
+    assert read_prompts_file(good) == ["Once upon", "-starts with a dash", "Жил-был\x00"]
+    bad = {"missing.json": None, "not-json.json": "[oops", "object.json": '{"a": 1}', "empty.json": "[]",
+           "numbers.json": '["a", 2]', "latin1.json": b'["\xe9"]'}
+    args = ["selfplay", "text", "--model", str(tmp_path / "none"), "--out", str(tmp_path / "out")]
+    for name, content in bad.items():
+        if isinstance(content, bytes):
+            (tmp_path / name).write_bytes(content)
+        elif content is not None:
+            (tmp_path / name).write_text(content, encoding="utf-8")
+        assert main([*args, "--prompts-file", str(tmp_path / name)]) == 2, name
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("lmlab: error: ") and "prompts file" in err[0], (name, err)
+    assert main([*args, "--prompts-file", str(good), "--prompt", "x"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_short_azr_run_has_proposer_rewards_and_beats_warmup():
     """Must-show: proposer rewards are non-zero and the held-out solve rate rises above warm-up only.

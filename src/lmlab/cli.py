@@ -468,6 +468,8 @@ def _selfplay_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--judge", help="model directory of the judge for --reward perplexity")
     t.add_argument("--reward-file", help="FILE.py:FUNCTION, fn(prompt, completion) -> float, for --reward file")
     t.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable; default: start from <BOS>)")
+    t.add_argument("--prompts-file", metavar="FILE", help="a JSON list of prompt strings, instead of --prompt "
+                                                          "(keeps them off the command line)")
     t.add_argument("--seed", type=int, help="seed for sampling and the update (default 0)")
     t.add_argument("--quick", action="store_true", help="a few small iterations, to check a setup")
     t.add_argument("--iterations", type=int, help="policy updates (default 40)")
@@ -499,10 +501,13 @@ def _selfplay(args: argparse.Namespace) -> int:
         verdict = results["summary"]["verdict"].get("reproduces")
         print(f"reproduces: {verdict}; report: {Path(args.out) / 'report.html'}")
         return 0
-    from .lab.selfplay.text import TextSelfPlayConfig, run_text_selfplay
+    from .lab.selfplay.text import TextSelfPlayConfig, read_prompts_file, run_text_selfplay
+    if args.prompt and args.prompts_file:
+        raise ValueError("give --prompt or --prompts-file, not both")
+    prompts = read_prompts_file(args.prompts_file) if args.prompts_file else args.prompt or [""]
     cfg = TextSelfPlayConfig.quick(reward=args.reward, **overrides) if args.quick else \
         TextSelfPlayConfig(reward=args.reward, **overrides)
-    rows = run_text_selfplay(args.model, args.out, cfg, args.prompt or [""], judge=args.judge,
+    rows = run_text_selfplay(args.model, args.out, cfg, prompts, judge=args.judge,
                              reward_file=args.reward_file)
     print(f"reward {rows[0]['reward']:.4f} -> {rows[-1]['reward']:.4f}, kl {rows[-1]['kl']:.4f}; "
           f"model: {Path(args.out) / 'final'}")

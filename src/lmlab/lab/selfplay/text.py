@@ -165,6 +165,20 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(d) - d - 1
 
 
+def read_prompts_file(path: str | Path) -> list[str]:
+    """The prompts of `--prompts-file`: a JSON list of strings, at least one (the web app writes its run's
+    prompts so, keeping them off the command line). ValueError says what is wrong with the file."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"cannot read the prompts file {path}: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"the prompts file {path} is not UTF-8 JSON: {exc}") from None
+    if not isinstance(data, list) or not data or not all(isinstance(p, str) for p in data):
+        raise ValueError(f"the prompts file {path} must hold a JSON list of strings, at least one")
+    return data
+
+
 def encode_prompts(tok: Any, prompts: Sequence[str], max_new_tokens: int, block_size: int) -> list[list[int]]:
     """Prompt ids ('' starts from <BOS>); ValueError when the longest prompt plus its completion (and EOS)
     does not fit the model's context. The web app calls this before queueing a run, to refuse it at once."""
