@@ -1,12 +1,16 @@
 """Text self-play as a web-app job, against a real `lmlab serve` process that launches real `lmlab selfplay
 text` processes: the run's reward and KL reach the metrics stream one line per iteration, the policy becomes
-a new model of the workspace (loadable, with its origin, weights changed), requests are validated, a
-self-play run cannot be resumed, and a cancelled one leaves no model behind."""
+a new model of the workspace (loadable, with its origin, weights changed), requests are validated (the
+memory check counts the reference copy and the judge), a running self-play guards the models it reads and
+the name it writes against every endpoint (concurrent requests too), a self-play run cannot be resumed, and
+one cancelled mid-run leaves no model behind."""
 
 from __future__ import annotations
 
 import json
+import threading
 
+import httpx
 import pytest
 import torch
 from sqlalchemy import create_engine, text
@@ -15,8 +19,10 @@ from test_server_support import (
     FAST,
     TINY_MODEL,
     ServerProcess,
+    client,
     kill_run_process,
     run_status,
+    settings,
     sse_events,
     upload,
     wait_for,
@@ -25,6 +31,7 @@ from test_server_support import (
 
 from lmlab.models import ModelConfig, Transformer
 from lmlab.models.io import load_pretrained, save_pretrained
+from lmlab.server.api import selfplay_memory
 from lmlab.server.db import MIGRATIONS, Database, migrate, schema_drift
 from lmlab.server.jobs import process_alive
 from lmlab.server.workspace import Workspace
@@ -38,10 +45,19 @@ TINY_SP = {"iterations": 3, "group_size": 4, "prompts_per_iteration": 2, "max_ne
 DONE = lambda r: r["status"] not in ("queued", "running")  # noqa: E731
 
 
+def _save_model(ws, name, tok_vocab=128, **cfg):
+    """A model directory with random weights and a char tokenizer, indexed when a server starts."""
+    tok = Tokenizer.train([BOOK], kind="char", vocab_size=tok_vocab)
+    config = ModelConfig.preset("gpt2-tiny", **{"vocab_size": 128, "block_size": 32, **cfg})
+    save_pretrained(Workspace(ws).model_path(name), Transformer(config), tok)
+
+
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    """A server with a book, a model trained for 12 steps (`tiny`) and one never trained (`blank`)."""
+    """A server with a book, a model trained for 12 steps (`tiny`), one never trained (`blank`), and one
+    with random weights and a char tokenizer (`judge`)."""
     ws = tmp_path_factory.mktemp("ws")
+    _save_model(ws, "judge")
     server = ServerProcess(ws).start()
     try:
         with server.client() as c:
@@ -91,8 +107,13 @@ def test_selfplay_run_makes_a_new_model(lab):
     status = lab.get("/training_status").json()  # seed 000's endpoint shows the latest run's reward too
     assert status["current_reward"] == lines[-1]["reward"] and status["is_training"] is False
     assert [h["reward"] for h in status["history"]] == [m["reward"] for m in lines]
-    log = "\n".join(lab.get(f"/api/v1/runs/{run['id']}/log").json()["lines"])
-    assert "lmlab selfplay text --model" in log and "--reward seed" in log and "--prompt=Жил-был" in log
+    # the prompts reach the process in a file, not on its command line (public in ps, and logged)
+    run_dir = lab.workspace / "runs" / f"run-{run['id']}"
+    command = [x for x in lab.get(f"/api/v1/runs/{run['id']}/log").json()["lines"] if x.startswith("$ lmlab")]
+    assert len(command) == 1 and "lmlab selfplay text --model" in command[0] and "--reward seed" in command[0]
+    assert f"--prompts-file {run_dir / 'prompts.json'}" in command[0], command
+    assert "Once upon" not in command[0] and "Жил-был" not in command[0]
+    assert json.loads((run_dir / "prompts.json").read_text(encoding="utf-8")) == TINY_SP["prompts"]
 
     # the policy is a new model of the workspace, with its origin; the starting model is unchanged
     m = lab.get("/api/v1/models/tiny-sp").json()
@@ -119,6 +140,16 @@ def test_selfplay_run_makes_a_new_model(lab):
     assert [r["id"] for r in lab.get("/api/v1/runs?kind=selfplay").json()] == [run["id"]]
     r = lab.post(f"/api/v1/runs/{run['id']}/resume")
     assert r.status_code == 409 and "self-play" in r.json()["detail"] and "cannot be resumed" in r.json()["detail"]
+
+    # trained further from the policy's weights it still comes from that self-play; trained from scratch, not
+    origin = m["origin"]
+    for init, want in ((True, origin), (False, None)):
+        r = lab.post("/api/v1/runs", json={"model": "tiny-sp", "books": ["tales.txt"], "max_steps": 2,
+                                           "init_from_trained": init, **FAST})
+        assert r.status_code == 201, r.text
+        assert wait_run(lab, r.json()["id"], DONE, "training the self-play model")["status"] == "completed"
+        m = lab.get("/api/v1/models/tiny-sp").json()
+        assert m["trained_run_id"] == r.json()["id"] and m["origin"] == want, (init, m)
 
 
 def test_perplexity_reward_scores_with_a_judge(lab):
@@ -147,7 +178,6 @@ def test_perplexity_reward_scores_with_a_judge(lab):
     ({"reward": "perplexity", "judge": "blank"}, 409, "not been trained"),
     ({"judge": "tiny"}, 422, "only used by reward 'perplexity'"),
     ({"max_new_tokens": 40}, 422, "exceeds the model's context (32)"),
-    ({"prompts": ["a\x00b"]}, 422, "NUL"),
     ({"iterations": 0}, 422, "iterations"),
     ({"iterations": 10**6}, 422, "iterations"),
     ({"group_size": 1}, 422, "group_size"),
@@ -177,10 +207,37 @@ def test_a_prompt_with_a_lone_surrogate_is_refused(lab):
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "prompts", 1], r.text
 
 
+def _post_at_once(lab, path, body, n):
+    """`n` identical POSTs from `n` threads released together: the status codes, sorted."""
+    gate, codes = threading.Barrier(n), []
+
+    def post():
+        with httpx.Client(base_url=lab.base_url, timeout=60) as c:
+            gate.wait()
+            codes.append(c.post(path, json=body).status_code)
+    threads = [threading.Thread(target=post) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sorted(codes)
+
+
 def test_cancelled_selfplay_leaves_no_model(lab):
     """A run of 100000 iterations cannot finish within this test on any machine (each one samples, scores and
-    updates): while it runs, its names are taken; cancelled, its process ends and no model appears."""
+    updates): while it runs, the models it reads can be read by more self-play but not trained, resumed into
+    or deleted, and the name it will write is taken, through every endpoint and for concurrent requests;
+    cancelled, its process ends and no model appears."""
     models = {m["name"] for m in lab.get("/api/v1/models").json()}
+    # a training run of `tiny` stopped after a checkpoint, to be resumed while self-play reads `tiny`
+    r = lab.post("/api/v1/runs", json={"model": "tiny", "books": ["tales.txt"], "max_steps": 100_000,
+                                       "init_from_trained": True, "log_every": 1, **FAST})
+    assert r.status_code == 201, r.text
+    stopped = r.json()["id"]
+    wait_run(lab, stopped, lambda r: r["status"] == "running" and r["current_step"] >= 1, "a training step")
+    lab.post(f"/api/v1/runs/{stopped}/cancel")
+    assert wait_run(lab, stopped, DONE, "the training run to stop")["can_resume"] is True
+
     r = lab.post("/api/v1/runs/selfplay", json={"model": "tiny", "new_model": "tiny-long", **TINY_SP,
                                                  "iterations": 100_000})
     assert r.status_code == 201, r.text
@@ -188,14 +245,48 @@ def test_cancelled_selfplay_leaves_no_model(lab):
     try:
         run = wait_run(lab, run_id, lambda r: r["status"] == "running" and r["current_step"] >= 2, "iterations")
         pid = run["pid"]
-        # the target name is reserved; the starting model can be read by more self-play, not changed or deleted
+        # the target name is reserved, by the seed's endpoint too
         r = lab.post("/api/v1/models", json={"name": "tiny-long", **TINY_MODEL})
         assert r.status_code == 409 and f"self-play run {run_id}" in r.json()["detail"]
+        r = lab.post("/create_model", json={"name": "tiny-long", "vocab_size": 300, "max_seq_len": 32})
+        assert r.status_code == 409 and "being made" in r.json()["detail"], r.text
         r = lab.post("/api/v1/runs/selfplay", json={"model": "tiny", "new_model": "tiny-long", **TINY_SP})
         assert r.status_code == 409 and "being made" in r.json()["detail"]
+        # more self-play may read the starting model (queued behind the running one), here judged by `judge`
+        r = lab.post("/api/v1/runs/selfplay", json={"model": "tiny", "new_model": "tiny-long2", **TINY_SP,
+                                                     "reward": "perplexity", "judge": "judge"})
+        assert r.status_code == 201 and r.json()["status"] == "queued", r.text
+        second = r.json()["id"]
+        # the models read are not training: they say who reads them
+        m = lab.get("/api/v1/models/tiny").json()
+        assert m["active_run_id"] is None and m["selfplay_run_ids"] == [second, run_id], m
+        m = lab.get("/api/v1/models/judge").json()
+        assert m["active_run_id"] is None and m["selfplay_run_ids"] == [second], m
+        # ... and they cannot be trained, resumed into or deleted, whichever endpoint asks and however it is
+        # read; the seed's /train answers 400, its code for a model already in use
         r = lab.post("/api/v1/runs", json={"model": "tiny", "books": ["tales.txt"], "max_steps": 1, **FAST})
         assert r.status_code == 409 and "starting point" in r.json()["detail"]
+        r = lab.post("/api/v1/runs", json={"model": "judge", "books": ["tales.txt"], "max_steps": 1, **FAST})
+        assert r.status_code == 409 and f"the judge of self-play run {second}" in r.json()["detail"]
+        seed_train = {"book_file": "tales.txt", "max_iterations": 1, "batch_size": 4}
+        r = lab.post("/train", json={"model_name": "tiny", **seed_train})
+        assert r.status_code == 400 and "starting point of self-play run" in r.json()["detail"], r.text
+        r = lab.post("/train", json={"model_name": "judge", **seed_train})
+        assert r.status_code == 400 and f"the judge of self-play run {second}" in r.json()["detail"], r.text
+        r = lab.post(f"/api/v1/runs/{stopped}/resume")
+        assert r.status_code == 409 and "starting point of self-play run" in r.json()["detail"], r.text
+        assert run_status(lab, stopped)["status"] == "cancelled"
         assert lab.delete("/api/v1/models/tiny").status_code == 409
+        assert lab.delete("/api/v1/models/judge").status_code == 409
+        # concurrent requests for one new name: exactly one is queued
+        race = {"model": "tiny", "new_model": "tiny-race", **TINY_SP}
+        assert _post_at_once(lab, "/api/v1/runs/selfplay", race, 6) == [201] + [409] * 5
+        raced = [r["id"] for r in lab.get("/api/v1/runs?kind=selfplay").json()
+                 if r["params"]["new_model"] == "tiny-race"]
+        assert len(raced) == 1
+        for queued in (second, raced[0]):
+            assert lab.post(f"/api/v1/runs/{queued}/cancel").json()["status"] == "cancelled"
+
         r = lab.post(f"/api/v1/runs/{run_id}/cancel")
         assert r.status_code == 200 and r.json()["cancel_requested"] is True
         run = wait_run(lab, run_id, DONE, "the cancelled run to stop")
@@ -213,6 +304,56 @@ def test_cancelled_selfplay_leaves_no_model(lab):
         assert lab.delete("/api/v1/models/tiny-long").status_code == 204
     finally:
         kill_run_process(pid)
+
+
+def test_selfplay_never_overwrites_files_it_did_not_make(lab):
+    """A models/<new_model>/ directory that appears while the run goes (a model put there by hand: the server
+    indexes it when it next starts) is left as it was: the run fails and says why, and nothing else is
+    made. A request for a name whose directory exists is refused at once."""
+    r = lab.post("/api/v1/runs/selfplay", json={"model": "tiny", "new_model": "tiny-hand", **TINY_SP,
+                                                 "iterations": 1})
+    assert r.status_code == 201, r.text
+    theirs = lab.workspace / "models" / "tiny-hand"
+    theirs.mkdir()  # the process has not even imported torch yet
+    (theirs / "notes.txt").write_text("mine")
+    run = wait_run(lab, r.json()["id"], DONE, "the self-play run")
+    assert run["status"] == "failed" and "exists though no model of that name is indexed" in run["error"], run
+    assert [p.name for p in theirs.iterdir()] == ["notes.txt"] and (theirs / "notes.txt").read_text() == "mine"
+    assert lab.get("/api/v1/models/tiny-hand").status_code == 404
+    assert not [p for p in (lab.workspace / "models").iterdir() if "selfplay-" in p.name]  # no copy left over
+    assert (lab.workspace / "runs" / f"run-{run['id']}" / "final" / "model.safetensors").is_file()  # kept
+    r = lab.post("/api/v1/runs/selfplay", json={"model": "tiny", "new_model": "tiny-hand", **TINY_SP})
+    assert r.status_code == 409 and "exists in the workspace though no model" in r.json()["detail"]
+
+
+def test_the_memory_check_counts_the_reference_and_the_judge(tmp_path):
+    """One update holds the policy's training, the frozen reference copy and, for reward perplexity, the
+    judge: a request that fits without the judge is refused with a large one, and says what it counted."""
+    _save_model(tmp_path, "m")
+    _save_model(tmp_path, "big", block_size=1024, vocab_size=8192)  # a wide context and vocabulary: big logits
+    policy, big = (ModelConfig.load(tmp_path / "models" / n / "config.json") for n in ("m", "big"))
+    B, T = 8, 1 + 16  # group 4 x 2 prompts; a one-token prompt ('' is <BOS>) and 16 new tokens
+    parts = selfplay_memory(policy, B, T, big)
+    assert parts["policy"] == policy.memory_estimate(B, T, training=True)["total"]
+    assert parts["reference"] == policy.num_parameters() * 4 + 2 * B * T * 128 * 4
+    assert parts["judge"] == big.num_parameters() * 4 + 2 * B * 1024 * 8192 * 4
+    assert parts["total"] == parts["policy"] + parts["reference"] + parts["judge"]
+    alone = selfplay_memory(policy, B, T)
+    budget = (alone["total"] + parts["total"]) // 2
+    body = {"model": "m", "new_model": "m-sp", **TINY_SP, "prompts": [], "reward": "perplexity"}
+    with client(settings(tmp_path, memory_budget_bytes=budget)) as c:
+        r = c.post("/api/v1/runs/selfplay", json={**body, "judge": "big"})
+        assert r.status_code == 422, r.text
+        detail = r.json()["detail"]
+        assert "self-play with 8 completions x 17 tokens" in detail and "the judge 'big'" in detail, detail
+        assert "reference copy" in detail and "a smaller judge" in detail
+        r = c.post("/api/v1/runs/selfplay", json={**body, "judge": "m"})  # the same run with a small judge fits
+        assert r.status_code == 201, r.text
+        c.post(f"/api/v1/runs/{r.json()['id']}/cancel")
+    # the reference alone can tip the balance: a budget that holds the policy's training and half the copy
+    with client(settings(tmp_path, memory_budget_bytes=alone["policy"] + alone["reference"] // 2)) as c:
+        r = c.post("/api/v1/runs/selfplay", json={**body, "reward": "seed"})
+        assert r.status_code == 422 and "reference copy" in r.json()["detail"], r.text
 
 
 def test_a_stopped_or_killed_server_interrupts_selfplay(tmp_path):

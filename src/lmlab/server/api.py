@@ -107,9 +107,13 @@ class ModelInfo(BaseModel):
     trained: bool
     trained_run_id: int | None
     trained_steps: int | None
-    active_run_id: int | None
+    active_run_id: int | None = Field(description="the queued or running training run of this model")
+    selfplay_run_ids: list[int] = Field(default_factory=list, description="queued or running self-play runs that "
+                                        "read this model (start from it, or score with it as the judge)")
     origin: dict[str, Any] | None = Field(None, description="how a derived model was made, e.g. {kind: selfplay, "
-                                                             "parent, reward, judge, run_id, iterations}")
+                                                             "parent, reward, judge, run_id, iterations}; "
+                                                             "cleared when the model is trained from scratch, "
+                                                             "kept when training continues from its weights")
     created_at: float
     updated_at: float
 
@@ -297,14 +301,19 @@ def estimate(cfg: ModelConfig, batch_size: int, budget: int, seq_len: int | None
 
 
 def model_info(state: State, row: dict[str, Any]) -> ModelInfo:
+    name = row["name"]
     cfg = ModelConfig.from_dict(row["config"])
-    active = state.db.list_runs(model_name=row["name"], status=ACTIVE)
-    trained = (state.ws.model_path(row["name"]) / "model.safetensors").is_file()
-    return ModelInfo(name=row["name"], family=cfg.family, preset=row["preset"], config=cfg.to_dict(),
+    active = state.db.list_runs(status=ACTIVE)
+    training = [r["id"] for r in active if r["kind"] == "train" and r["model_name"] == name]
+    readers = [r["id"] for r in active
+               if r["kind"] == "selfplay" and name in (r["model_name"], r["params"].get("judge"))]
+    trained = (state.ws.model_path(name) / "model.safetensors").is_file()
+    return ModelInfo(name=name, family=cfg.family, preset=row["preset"], config=cfg.to_dict(),
                      parameters=cfg.num_parameters(), tokenizer_kind=row["tokenizer_kind"],
                      vocab_size=row["tokenizer_vocab"], trained=trained, trained_run_id=row["trained_run_id"],
-                     trained_steps=row["trained_steps"], active_run_id=active[0]["id"] if active else None,
-                     origin=row["origin"], created_at=row["created_at"], updated_at=row["updated_at"])
+                     trained_steps=row["trained_steps"], active_run_id=training[0] if training else None,
+                     selfplay_run_ids=readers, origin=row["origin"], created_at=row["created_at"],
+                     updated_at=row["updated_at"])
 
 
 def run_info(state: State, row: dict[str, Any], queue: list[int] | None = None) -> Run:
@@ -408,7 +417,13 @@ def default_params(req: RunCreate) -> dict[str, Any]:
 
 
 def start_run(state: State, req: RunCreate) -> dict[str, Any]:
-    """Validate a run request against the model, the books and the memory budget, then queue it."""
+    """Validate a run request against the model, the books and the memory budget, then queue it; under the
+    lock from the first check through add_run, so two requests cannot both pass (see Supervisor.lock)."""
+    with state.lock:
+        return _start_run(state, req)
+
+
+def _start_run(state: State, req: RunCreate) -> dict[str, Any]:
     model = need_model(state, req.model)
     for book in req.books:
         need_book(state, book)
@@ -461,8 +476,26 @@ def need_trained(state: State, name: str, role: str) -> Any:
     return path
 
 
+def selfplay_memory(policy: ModelConfig, batch_size: int, seq_len: int,
+                    judge: ModelConfig | None = None) -> dict[str, int]:
+    """Rough peak bytes of a self-play update, by part. policy: its training, as `estimate` counts it
+    (weights, gradients, AdamW state, activations). reference: the frozen copy of the starting model that
+    the KL is taken to, its weights plus one forward over the same batch, whose fp32 logits (B, T, V) are
+    held twice (the logits and their log_softmax, rl.token_logprobs). judge (reward perplexity): its
+    weights plus such a forward over up to its context per completion, since it re-tokenises the text
+    with its own tokenizer and the length in its tokens is not known before."""
+    T = min(seq_len, policy.block_size)
+    parts = {"policy": policy.memory_estimate(batch_size, T, training=True)["total"],
+             "reference": policy.num_parameters() * 4 + 2 * batch_size * T * policy.vocab_size * 4}
+    if judge is not None:
+        parts["judge"] = judge.num_parameters() * 4 + 2 * batch_size * judge.block_size * judge.vocab_size * 4
+    parts["total"] = sum(parts.values())
+    return parts
+
+
 def start_selfplay(state: State, req: SelfPlayCreate) -> dict[str, Any]:
-    """Validate a self-play request against the workspace and the memory budget, then queue it."""
+    """Validate a self-play request against the workspace and the memory budget, then queue it; under the
+    lock from the first check through add_run, so two requests cannot both pass (see Supervisor.lock)."""
     if req.reward == "file":
         raise HTTPException(422, "reward 'file' runs your own Python function, and the server does not execute "
                                  "user code; use seed, repetition or perplexity here, or run `lmlab selfplay "
@@ -473,14 +506,19 @@ def start_selfplay(state: State, req: SelfPlayCreate) -> dict[str, Any]:
         raise HTTPException(422, "reward 'perplexity' needs a judge: another trained model of the workspace")
     if req.reward != "perplexity" and req.judge is not None:
         raise HTTPException(422, f"a judge is only used by reward 'perplexity', not {req.reward!r}")
-    if any("\x00" in p for p in req.prompts):  # each prompt becomes one argument of the child's command line
-        raise HTTPException(422, "prompts must not contain NUL characters")
     new = check_name(req.new_model, "new model name")
+    with state.lock:
+        return _start_selfplay(state, req, new)
+
+
+def _start_selfplay(state: State, req: SelfPlayCreate, new: str) -> dict[str, Any]:
     path = need_trained(state, req.model, "the model self-play starts from")
-    if req.judge is not None:
-        need_trained(state, req.judge, "the judge")
+    judge_path = need_trained(state, req.judge, "the judge") if req.judge is not None else None
     if state.db.get_model(new) is not None:
         raise HTTPException(409, f"a model named {new!r} already exists; choose another name for the new model")
+    if state.ws.model_path(new).exists():  # the finished run would not overwrite it (Supervisor._register_selfplay)
+        raise HTTPException(409, f"models/{new}/ exists in the workspace though no model of that name is "
+                                 "indexed; remove it or choose another name for the new model")
     # self-play runs may share a starting model or judge (they only read it); training one would change it
     checks = [(new, runs_using(state, new))]
     checks += [(n, [r for r in runs_using(state, n) if r["kind"] == "train"]) for n in (req.model, req.judge) if n]
@@ -491,14 +529,23 @@ def start_selfplay(state: State, req: SelfPlayCreate) -> dict[str, Any]:
     try:
         TextSelfPlayConfig(reward=req.reward, **settings)
         cfg = ModelConfig.load(path / "config.json")
+        judge_cfg = ModelConfig.load(judge_path / "config.json") if judge_path else None
         prompts = encode_prompts(Tokenizer.load(path / "tokenizer.json"), req.prompts or [""],
                                  req.max_new_tokens, cfg.block_size)
     except ValueError as exc:
         raise HTTPException(422, str(exc)) from None
-    longest = max(map(len, prompts)) + req.max_new_tokens
-    est = estimate(cfg, req.group_size * req.prompts_per_iteration, state.memory_budget, longest)
-    if not est.fits:
-        raise HTTPException(422, est.reason)
+    batch, longest = req.group_size * req.prompts_per_iteration, max(map(len, prompts)) + req.max_new_tokens
+    mem, budget = selfplay_memory(cfg, batch, longest, judge_cfg), state.memory_budget
+    if mem["total"] > budget:
+        judged = (f"; the judge {req.judge!r} ~{_fmt_gib(mem['judge'])}: its weights and logits over up to its "
+                  f"context of {judge_cfg.block_size} tokens per completion" if judge_cfg else "")
+        raise HTTPException(422, f"self-play with {batch} completions x {longest} tokens per update needs "
+                                 f"~{_fmt_gib(mem['total'])} (the policy's training ~{_fmt_gib(mem['policy'])}: "
+                                 "weights, gradients, AdamW state and activations; the frozen reference copy "
+                                 f"~{_fmt_gib(mem['reference'])}: its weights and logits{judged}) but the memory "
+                                 f"budget is {_fmt_gib(budget)}; use a smaller group_size, prompts_per_iteration "
+                                 f"or max_new_tokens{', a smaller judge' if judge_cfg else ''}, or raise "
+                                 "--memory-budget-gb")
     params = {**settings, "reward": req.reward, "judge": req.judge, "prompts": list(req.prompts), "new_model": new}
     run = state.db.add_run(req.model, [], params, True, req.iterations, kind="selfplay")
     state.supervisor.submit(run["id"])
@@ -618,12 +665,13 @@ def preview_book(state: Lab, name: str, chars: int = Query(2000, ge=1, le=100_00
 
 @router.delete("/books/{name}", tags=["books"], status_code=204)
 def delete_book(state: Lab, name: str) -> Response:
-    need_book(state, name)
-    users = [r["id"] for r in state.db.list_runs(status=ACTIVE) if name in r["books"]]
-    if users:
-        raise HTTPException(409, f"book {name!r} is in use by run(s) {users}")
-    state.ws.book_path(name).unlink(missing_ok=True)
-    state.db.delete_book(name)
+    with state.lock:  # a run queued meanwhile must not lose its book
+        need_book(state, name)
+        users = [r["id"] for r in state.db.list_runs(status=ACTIVE) if name in r["books"]]
+        if users:
+            raise HTTPException(409, f"book {name!r} is in use by run(s) {users}")
+        state.ws.book_path(name).unlink(missing_ok=True)
+        state.db.delete_book(name)
     return Response(status_code=204)
 
 
@@ -652,15 +700,16 @@ def create_model(state: Lab, spec: ModelCreate) -> ModelInfo:
     est = estimate(cfg, 1, state.memory_budget)
     if not est.fits:
         raise HTTPException(422, est.reason)
-    if state.db.get_model(name) is not None:
-        raise HTTPException(409, f"a model named {name!r} already exists")
-    busy = runs_using(state, name)
-    if busy:
-        raise HTTPException(409, busy_message(name, busy[0]))
-    path = state.ws.model_path(name)
-    shutil.rmtree(path, ignore_errors=True)  # leftovers of a model deleted outside the server
-    cfg.save(path / "config.json")
-    row = state.db.add_model(name, cfg.to_dict(), spec.preset, spec.tokenizer_kind, cfg.vocab_size)
+    with state.lock:  # from the checks through add_model: see Supervisor.lock
+        if state.db.get_model(name) is not None:
+            raise HTTPException(409, f"a model named {name!r} already exists")
+        busy = runs_using(state, name)
+        if busy:
+            raise HTTPException(409, busy_message(name, busy[0]))
+        path = state.ws.model_path(name)
+        shutil.rmtree(path, ignore_errors=True)  # leftovers of a model deleted outside the server
+        cfg.save(path / "config.json")
+        row = state.db.add_model(name, cfg.to_dict(), spec.preset, spec.tokenizer_kind, cfg.vocab_size)
     return model_info(state, row)
 
 
@@ -676,16 +725,17 @@ def get_model(state: Lab, name: str) -> ModelInfo:
 
 @router.delete("/models/{name}", tags=["models"], status_code=204)
 def delete_model(state: Lab, name: str) -> Response:
-    need_model(state, name)
-    busy = runs_using(state, name)
-    if busy:
-        raise HTTPException(409, busy_message(name, busy[0]))
-    for run in state.db.list_runs(model_name=name):
-        shutil.rmtree(state.ws.run_path(run["id"]), ignore_errors=True)
-    path = state.ws.model_path(name)
-    state.cache.forget(path)
-    shutil.rmtree(path, ignore_errors=True)
-    state.db.delete_model(name)
+    with state.lock:  # a run queued meanwhile must not lose its model
+        need_model(state, name)
+        busy = runs_using(state, name)
+        if busy:
+            raise HTTPException(409, busy_message(name, busy[0]))
+        for run in state.db.list_runs(model_name=name):
+            shutil.rmtree(state.ws.run_path(run["id"]), ignore_errors=True)
+        path = state.ws.model_path(name)
+        state.cache.forget(path)
+        shutil.rmtree(path, ignore_errors=True)
+        state.db.delete_model(name)
     return Response(status_code=204)
 
 
@@ -858,23 +908,31 @@ def cancel_run(state: Lab, run_id: RunId) -> Run:
              summary="continue an interrupted, failed or cancelled training run from its last checkpoint "
                      "(self-play runs keep no checkpoints: 409)")
 def resume_run(state: Lab, run_id: RunId, req: ResumeRequest | None = None) -> Run:
-    need_run(state, run_id)
-    try:
-        row = state.supervisor.resume(run_id, {"max_steps": req.max_steps if req else None})
-    except LookupError as exc:
-        raise HTTPException(404, str(exc)) from None
-    except ValueError as exc:
-        raise HTTPException(409, str(exc)) from None
+    with state.lock:  # from the check through queueing: see Supervisor.lock
+        run = need_run(state, run_id)
+        # a training run writes its model when it completes: not while self-play reads it or another run
+        # trains it (a self-play run itself cannot be resumed: the supervisor says so)
+        busy = [r for r in runs_using(state, run["model_name"]) if r["id"] != run_id] \
+            if run["kind"] == "train" and run["status"] not in ACTIVE else []
+        if busy:
+            raise HTTPException(409, busy_message(run["model_name"], busy[0]))
+        try:
+            row = state.supervisor.resume(run_id, {"max_steps": req.max_steps if req else None})
+        except LookupError as exc:
+            raise HTTPException(404, str(exc)) from None
+        except ValueError as exc:
+            raise HTTPException(409, str(exc)) from None
     return run_info(state, row)
 
 
 @router.delete("/runs/{run_id}", tags=["runs"], status_code=204)
 def delete_run(state: Lab, run_id: RunId) -> Response:
-    row = need_run(state, run_id)
-    if row["status"] in ACTIVE:
-        raise HTTPException(409, f"run {run_id} is {row['status']}; cancel it first")
-    shutil.rmtree(state.ws.run_path(run_id), ignore_errors=True)
-    state.db.delete_run(run_id)
+    with state.lock:  # not while it is being resumed
+        row = need_run(state, run_id)
+        if row["status"] in ACTIVE:
+            raise HTTPException(409, f"run {run_id} is {row['status']}; cancel it first")
+        shutil.rmtree(state.ws.run_path(run_id), ignore_errors=True)
+        state.db.delete_run(run_id)
     return Response(status_code=204)
 
 

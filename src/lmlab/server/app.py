@@ -104,6 +104,8 @@ class State:
         self.db = Database(settings.database_url or self.ws.sqlite_url())
         self.supervisor = Supervisor(self.db, self.ws, max_jobs=settings.max_jobs, poll_s=settings.poll_s,
                                      env=settings.child_env)
+        # held by handlers from checking names and runs through acting on them (Supervisor.lock)
+        self.lock = self.supervisor.lock
         self.cache = ModelCache()
         physical = physical_memory()
         self.memory_budget = settings.memory_budget_bytes or (int(physical * 0.7) if physical else 8 * 2**30)

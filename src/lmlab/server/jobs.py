@@ -4,17 +4,19 @@ self-play run), never a thread of the web server and never the model that serves
 One supervisor thread, every `poll_s` seconds:
   * tails each live run's `metrics.jsonl` into the database (the UI's charts and SSE read from there);
   * notices exits: 0 -> completed (the run's `final/` becomes the model's directory; for self-play, a new
-    model of the workspace, indexed with its origin); killed by a signal or interrupted -> interrupted;
-    a cancel request -> cancelled; any other code -> failed, with the child's own `lmlab: error: ...`
-    line as the reason;
+    model of the workspace, indexed with its origin, which a later training run from scratch clears: its
+    weights no longer come from that self-play); killed by a signal or interrupted -> interrupted; a
+    cancel request -> cancelled; any other code -> failed, with the child's own `lmlab: error: ...` line
+    as the reason;
   * starts queued runs, first in first out, while fewer than `max_jobs` are running.
 
 Cancel sends SIGINT: the trainer turns it into KeyboardInterrupt, writes a checkpoint and exits, so a
 cancelled run can be resumed. Resume relaunches `lmlab train --resume --out RUN_DIR`. Self-play writes no
-checkpoints: SIGINT ends it before it writes final/, so a cancelled one leaves no model behind and cannot
-be resumed. On start-up, runs the database still calls running belonged to a server that died: they
-become interrupted, and a child process that outlived that server is asked (SIGINT) to checkpoint and
-exit before any resume starts.
+checkpoints, so a cancelled one cannot be resumed: a cancel that stops it before it has written final/
+leaves no model behind, and one that arrives after final/ is written comes too late (the process exits 0
+and the run completes with its new model). On start-up, runs the database still calls running belonged
+to a server that died: they become interrupted, and a child process that outlived that server is asked
+(SIGINT) to checkpoint and exit before any resume starts.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ..models import ModelConfig
+from ..models.config import atomic_write_text
 from ..tokenizers import Tokenizer
 from ..train import checkpoint_step, latest_checkpoint
 from .db import Database
@@ -162,7 +165,10 @@ class Supervisor:
         self._procs: dict[int, subprocess.Popen] = {}
         self._tails: dict[int, MetricsTail] = {}
         self._cancel_sent: dict[int, float] = {}
-        self._lock = threading.RLock()
+        # One lock for the supervisor's passes and for the API handlers that check names and runs and then
+        # act on them (create/delete a model, queue/resume a run): a check cannot be overtaken by another
+        # request or by a finishing run registering its model. Re-entrant: handlers call resume/cancel.
+        self.lock = threading.RLock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -199,7 +205,7 @@ class Supervisor:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        with self._lock:
+        with self.lock:
             for proc in self._procs.values():
                 _signal_group(proc.pid, signal.SIGINT)
             deadline = time.monotonic() + timeout
@@ -230,7 +236,7 @@ class Supervisor:
     # ---- one pass ----------------------------------------------------------------------------------
 
     def tick(self) -> None:
-        with self._lock:
+        with self.lock:
             for run_id, proc in list(self._procs.items()):
                 self._catch_up(run_id)
                 code = proc.poll()
@@ -289,30 +295,45 @@ class Supervisor:
                 "--reward", p["reward"]]
         if p.get("judge"):
             args += ["--judge", str(self.ws.model_path(p["judge"]))]
-        args += [f"--prompt={x}" for x in p.get("prompts", [])]  # `=`: a prompt may start with '-'
+        if p.get("prompts"):  # a file, not arguments: a command line is public (ps, /proc) and logged
+            prompts_file = run_dir / "prompts.json"
+            atomic_write_text(prompts_file, json.dumps(p["prompts"], ensure_ascii=False))
+            args += ["--prompts-file", str(prompts_file)]
         return args + _flags({k: p[k] for k in SELFPLAY_SETTINGS if k in p})
 
     def _register_selfplay(self, run: dict[str, Any], final: Path, training: dict[str, Any]) -> None:
-        """The policy in `final/` becomes the new model: copied into models/ under a temporary name and
-        renamed into place, then indexed with where it came from; an exception says why it was not."""
+        """The policy in `final/` becomes the new model: copied into models/ under a dot-name of this run's
+        own, indexed with where it came from, then renamed into place; an exception says why it was not.
+        Nothing but that copy is ever removed here: a models/<name>/ that exists already belongs to someone
+        else (a model made meanwhile, or files put there by hand) and makes the registration fail instead."""
         p = run["params"]
         name = p["new_model"]
-        if self.db.get_model(name) is not None:
-            raise ValueError(f"a model named {name!r} exists now; the policy stays in {final}")
         cfg = ModelConfig.load(final / "config.json")
         kind = Tokenizer.load(final / "tokenizer.json").kind
-        parent = self.db.get_model(run["model_name"])
         target = self.ws.model_path(name)
-        replace_dir(final, target)
+        incoming = target.parent / f".{name}.selfplay-{run['id']}"  # not a model name: never indexed
+        shutil.rmtree(incoming, ignore_errors=True)  # this run's own, from an attempt cut short
         origin = {"kind": "selfplay", "parent": run["model_name"], "run_id": run["id"], "reward": p["reward"],
                   "judge": p.get("judge"), "iterations": training.get("steps"),
                   "final_reward": training.get("final_reward"), "final_kl": training.get("final_kl")}
         try:
-            self.db.add_model(name, cfg.to_dict(), parent["preset"] if parent else None, kind, cfg.vocab_size,
-                              origin=origin, trained_run_id=run["id"], trained_steps=training.get("steps"))
-        except Exception:
-            shutil.rmtree(target, ignore_errors=True)  # not indexed: leave no unregistered copy behind
-            raise
+            shutil.copytree(final, incoming)
+            with self.lock:  # the API creates models under the same lock: the checks below stay true
+                if self.db.get_model(name) is not None:
+                    raise ValueError(f"a model named {name!r} exists now; the policy stays in {final}")
+                if target.exists():
+                    raise ValueError(f"{target} exists though no model of that name is indexed; the policy "
+                                     f"stays in {final}")
+                parent = self.db.get_model(run["model_name"])
+                self.db.add_model(name, cfg.to_dict(), parent["preset"] if parent else None, kind, cfg.vocab_size,
+                                  origin=origin, trained_run_id=run["id"], trained_steps=training.get("steps"))
+                try:
+                    os.rename(incoming, target)
+                except OSError:
+                    self.db.delete_model(name)  # the row just added, and nothing else: it has no runs
+                    raise
+        finally:
+            shutil.rmtree(incoming, ignore_errors=True)  # gone after the rename; otherwise ours to remove
 
     def _launch(self, run: dict[str, Any]) -> None:
         run_id = run["id"]
@@ -369,7 +390,11 @@ class Supervisor:
             values.update(status="completed", stop_reason=training.get("stop_reason"), error=None)
             try:
                 replace_dir(final, self.ws.model_path(run["model_name"]))
-                self.db.update_model(run["model_name"], trained_run_id=run_id, trained_steps=training.get("steps"))
+                # weights trained from scratch no longer come from the self-play that made the model; weights
+                # trained further from it still do, so continued training keeps the origin
+                cleared = {} if run["init_from_trained"] else {"origin": None}
+                self.db.update_model(run["model_name"], trained_run_id=run_id, trained_steps=training.get("steps"),
+                                     **cleared)
             except (OSError, ValueError) as exc:
                 values.update(error=f"trained, but the model directory could not be updated: {exc}")
         elif run["cancel_requested"]:
@@ -392,7 +417,7 @@ class Supervisor:
         self.wake()
 
     def cancel(self, run_id: int) -> dict[str, Any] | None:
-        with self._lock:
+        with self.lock:
             run = self.db.get_run(run_id)
             if run is None:
                 return None
@@ -410,7 +435,7 @@ class Supervisor:
 
     def resume(self, run_id: int, overrides: dict[str, Any]) -> dict[str, Any]:
         """Queue a stopped run to continue from its last checkpoint (ValueError says why it cannot)."""
-        with self._lock:
+        with self.lock:
             run = self.db.get_run(run_id)
             if run is None:
                 raise LookupError(f"run {run_id} not found")
@@ -435,5 +460,5 @@ class Supervisor:
             return self.db.get_run(run_id)  # type: ignore[return-value]
 
     def running(self) -> list[int]:
-        with self._lock:
+        with self.lock:
             return list(self._procs)

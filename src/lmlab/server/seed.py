@@ -20,9 +20,11 @@ from .api import (
     ModelSpec,
     RunCreate,
     build_config,
+    busy_message,
     download_response,
     estimate,
     run_generation,
+    runs_using,
     save_upload,
     start_run,
 )
@@ -77,10 +79,14 @@ def create_model(state: Lab, config: SeedModelConfig) -> dict[str, Any]:
     est = estimate(cfg, 1, state.memory_budget)
     if not est.fits:
         raise HTTPException(422, est.reason)
-    if state.db.get_model(name) is not None:
-        raise HTTPException(409, f"a model named {name!r} already exists")
-    cfg.save(state.ws.model_path(name) / "config.json")
-    state.db.add_model(name, cfg.to_dict(), None, kind, cfg.vocab_size)
+    with state.lock:  # from the checks through add_model: see Supervisor.lock
+        if state.db.get_model(name) is not None:
+            raise HTTPException(409, f"a model named {name!r} already exists")
+        busy = runs_using(state, name)  # e.g. the name a running self-play will save its model under
+        if busy:
+            raise HTTPException(409, busy_message(name, busy[0]))
+        cfg.save(state.ws.model_path(name) / "config.json")
+        state.db.add_model(name, cfg.to_dict(), None, kind, cfg.vocab_size)
     return {"status": "success", "message": f"Model '{name}' created successfully",
             "parameters": cfg.num_parameters(), "config": config.model_dump()}
 
@@ -104,13 +110,16 @@ def list_models(state: Lab) -> dict[str, Any]:
 
 @router.post("/train")
 def train(state: Lab, config: SeedTrainingConfig) -> dict[str, Any]:
-    if state.db.get_model(check_name(config.model_name, "model name")) is None:
-        raise HTTPException(404, f"Model '{config.model_name}' not found")
-    if state.db.list_runs(model_name=config.model_name, status=ACTIVE):
-        raise HTTPException(400, f"Model '{config.model_name}' is already training")
-    req = RunCreate(model=config.model_name, books=[config.book_file], max_steps=config.max_iterations,
-                    batch_size=config.batch_size, lr=config.learning_rate, save_every=config.save_every)
-    run = start_run(state, req)  # 404 for an unknown book, 422 for a model over the memory budget
+    with state.lock:  # from the checks through queueing: see Supervisor.lock
+        if state.db.get_model(check_name(config.model_name, "model name")) is None:
+            raise HTTPException(404, f"Model '{config.model_name}' not found")
+        # 400, the seed's answer for a model already training, for any run using it (self-play reads it too)
+        busy = runs_using(state, config.model_name)
+        if busy:
+            raise HTTPException(400, busy_message(config.model_name, busy[0]))
+        req = RunCreate(model=config.model_name, books=[config.book_file], max_steps=config.max_iterations,
+                        batch_size=config.batch_size, lr=config.learning_rate, save_every=config.save_every)
+        run = start_run(state, req)  # 404 for an unknown book, 422 for a model over the memory budget
     ahead = len(state.db.queued_runs()) - 1 + len(state.supervisor.running())
     message = "Training started in background" if ahead <= 0 else \
         f"Training queued in background (run {run['id']}, behind {ahead} other job(s))"
