@@ -60,21 +60,28 @@ def test_selfplay_from_the_ui(tmp_path, browser):  # noqa: F811 (the fixture imp
         assert page.is_visible("#sp-judge-box")
         shot("01-form")
 
-        # 1. a run that cannot finish (100000 iterations): its reward chart fills while it runs; cancel it
-        _start(page, "tiny-long", 100_000)
+        # 1. a run that cannot finish (100000 iterations), under the suggested name: its reward chart fills
+        #    while it runs, and the form suggests another name; cancel it
+        _start(page, "tiny-sp", 100_000)
         row = '#runs-table tr[data-run="2"]'
         page.wait_for_selector(f'{row}[data-kind="selfplay"][data-status="running"]')
         page.wait_for_function(f"() => {POINTS} >= 2", timeout=120_000)
         seen = page.evaluate(f"() => {POINTS}")
         page.wait_for_function(f"() => {POINTS} > {seen}", timeout=120_000)  # redrawn as iterations arrive
         assert page.is_hidden("#train-charts") and int(page.get_attribute("#chart-kl", "data-points")) > 0
-        assert "tiny → tiny-long" in page.inner_text(row)
+        assert "tiny → tiny-sp" in page.inner_text(row)
+        page.click('#tabs button[data-tab="selfplay"]')
+        assert page.input_value("#sp-new_model") == "tiny-sp2"  # tiny-sp is the running run's
+        state = page.inner_text('#models-table tr[data-model="tiny"]')  # read by it, not training
+        assert "read by self-play (run 2)" in state and "training" not in state, state
+        page.click('#tabs button[data-tab="runs"]')
         with server.client() as c:
             pid = c.get("/api/v1/runs/2").json()["pid"]
         shot("02-running")
         page.click(f"{row} button.cancel")
         page.wait_for_selector(f'{row}[data-status="cancelled"]', timeout=60_000)
         assert page.query_selector(f"{row} button.resume") is None
+        assert page.query_selector('#models-table tr[data-model="tiny-sp"]') is None  # cancelled: no model
 
         # 2. a short run to the end: the charts hold one point per iteration; its model appears with its origin
         _start(page, "tiny-sp", 4)
@@ -87,7 +94,6 @@ def test_selfplay_from_the_ui(tmp_path, browser):  # noqa: F811 (the fixture imp
         model_row = '#models-table tr[data-model="tiny-sp"]'
         page.wait_for_selector(model_row)
         assert "self-play of tiny (reward seed, run 3)" in page.inner_text(model_row)
-        assert page.query_selector('#models-table tr[data-model="tiny-long"]') is None
         page.select_option("#lang", "ru")
         assert page.inner_text('#tabs button[data-tab="selfplay"]') == "Самоигра"
         assert "самоигра от tiny" in page.inner_text(model_row)

@@ -294,9 +294,17 @@ function setupModelForm() {
 
 function modelState(m) {
   if (m.active_run_id) return t("models.training", { id: m.active_run_id });
+  const bits = [];
+  if (m.selfplay_run_ids && m.selfplay_run_ids.length) bits.push(t("models.selfplay_reads", { ids: m.selfplay_run_ids.join(", ") }));
+  // the server keeps an origin only while it is true: cleared when the model is trained from scratch
   const o = m.origin;
-  if (o && o.kind === "selfplay") return t("models.selfplay_of", { parent: o.parent, reward: o.reward, id: o.run_id });
-  return m.trained ? t("models.trained", { steps: fmtNum(m.trained_steps) }) : t("models.untrained");
+  const made = o && o.kind === "selfplay" ? t("models.selfplay_of", { parent: o.parent, reward: o.reward, id: o.run_id }) : null;
+  if (made && m.trained_run_id === o.run_id) bits.unshift(made);  // its weights are the self-play's policy
+  else {
+    bits.unshift(m.trained ? t("models.trained", { steps: fmtNum(m.trained_steps) }) : t("models.untrained"));
+    if (made) bits.push(made);  // trained further from that policy
+  }
+  return bits.join(" · ");
 }
 
 function renderModels() {
@@ -417,11 +425,12 @@ function renderSelfPlayForm() {
   if (!$("#sp-new_model").value) onSelfPlayModelChange();
 }
 
-// a name for the new model that no model has yet: <model>-sp, <model>-sp2, ...
+// a name for the new model that no model has, nor will have when an active self-play run ends: <model>-sp, <model>-sp2, ...
 function onSelfPlayModelChange() {
   const base = $("#sp-model").value;
   if (!base) return;
   const taken = new Set(S.models.map((m) => m.name));
+  for (const r of S.runs) if (r.kind === "selfplay" && ACTIVE.has(r.status)) taken.add(r.params.new_model);
   let name = `${base}-sp`;
   for (let i = 2; taken.has(name); i++) name = `${base}-sp${i}`;
   $("#sp-new_model").value = name;
