@@ -74,6 +74,7 @@ def test_seed_create_model_shape_and_parameter_count(lab):
     cfg = ModelConfig.from_dict({k: v for k, v in SEED_MODEL.items() if k != "name"} | {"family": "gpt"})
     assert body["parameters"] == sum(p.numel() for p in Transformer(cfg).parameters())
     assert lab.post("/create_model", json=SEED_MODEL).status_code == 409
+    assert lab.post("/create_model", json={**SEED_MODEL, "name": "SEED-model"}).status_code == 409  # case twin
     defaults = lab.post("/create_model", json={"name": "seed-defaults"}).json()
     assert defaults["config"] == {"name": "seed-defaults", "vocab_size": 8000, "d_model": 256, "num_layers": 6,
                                   "num_heads": 8, "d_ff": 1024, "max_seq_len": 256}
@@ -231,6 +232,9 @@ def test_model_create_get_list_delete_and_refusals(lab):
     assert lab.get("/api/v1/models/Модель-1").json()["config"] == m["config"]
     assert "Модель-1" in [x["name"] for x in lab.get("/api/v1/models").json()]
     assert lab.post("/api/v1/models", json={"name": "Модель-1", **TINY_MODEL}).status_code == 409
+    # a name that differs only in case would share the folder on macOS and Windows
+    r = lab.post("/api/v1/models", json={"name": "мОДЕЛЬ-1", **TINY_MODEL})
+    assert r.status_code == 409 and "only in letter case" in r.json()["detail"], r.text
     assert lab.get("/api/v1/models/Модель-1/download").status_code == 409
     assert lab.delete("/api/v1/models/Модель-1").status_code == 204
     assert lab.get("/api/v1/models/Модель-1").status_code == 404

@@ -169,6 +169,7 @@ def test_perplexity_reward_scores_with_a_judge(lab):
     ({"model": "blank"}, 409, "not been trained"),
     ({"model": "../tiny"}, 400, "path separator"),
     ({"new_model": "tiny"}, 409, "already exists"),
+    ({"new_model": "TINY"}, 409, "only in letter case"),
     ({"new_model": "../../escape"}, 400, "path separator"),
     ({"new_model": ".hidden"}, 400, "must not start with"),
     ({"reward": "file"}, 422, "does not execute"),

@@ -467,6 +467,23 @@ def busy_message(name: str, run: dict[str, Any]) -> str:
     return f"model {name!r} is {role} of self-play run {run['id']}; cancel that run or wait for it"
 
 
+def need_free_model_name(state: State, name: str, hint: str = "") -> None:
+    """409 unless `name` can become a new model now: no model of that name, none whose name differs only in
+    letter case (on macOS and Windows the two would share one folder), and no active run that will write it.
+    Called under state.lock, through the add_model or add_run that takes the name."""
+    if state.db.get_model(name) is not None:
+        raise HTTPException(409, f"a model named {name!r} already exists{hint}")
+    taken = [m["name"] for m in state.db.list_models()]
+    taken += [r["params"]["new_model"] for r in state.db.list_runs(status=ACTIVE) if r["params"].get("new_model")]
+    twin = next((t for t in taken if t != name and t.casefold() == name.casefold()), None)
+    if twin is not None:
+        raise HTTPException(409, f"{twin!r} is taken, and names that differ only in letter case would share one "
+                                 f"folder on some systems{hint}")
+    busy = runs_using(state, name)  # e.g. the name a running self-play will save its model under
+    if busy:
+        raise HTTPException(409, busy_message(name, busy[0]))
+
+
 def need_trained(state: State, name: str, role: str) -> Any:
     """The directory of a workspace model that has weights and a tokenizer (404 unknown, 409 untrained)."""
     need_model(state, name)
@@ -514,14 +531,12 @@ def start_selfplay(state: State, req: SelfPlayCreate) -> dict[str, Any]:
 def _start_selfplay(state: State, req: SelfPlayCreate, new: str) -> dict[str, Any]:
     path = need_trained(state, req.model, "the model self-play starts from")
     judge_path = need_trained(state, req.judge, "the judge") if req.judge is not None else None
-    if state.db.get_model(new) is not None:
-        raise HTTPException(409, f"a model named {new!r} already exists; choose another name for the new model")
+    need_free_model_name(state, new, "; choose another name for the new model")
     if state.ws.model_path(new).exists():  # the finished run would not overwrite it (Supervisor._register_selfplay)
         raise HTTPException(409, f"models/{new}/ exists in the workspace though no model of that name is "
                                  "indexed; remove it or choose another name for the new model")
     # self-play runs may share a starting model or judge (they only read it); training one would change it
-    checks = [(new, runs_using(state, new))]
-    checks += [(n, [r for r in runs_using(state, n) if r["kind"] == "train"]) for n in (req.model, req.judge) if n]
+    checks = [(n, [r for r in runs_using(state, n) if r["kind"] == "train"]) for n in (req.model, req.judge) if n]
     for name, busy in checks:
         if busy:
             raise HTTPException(409, busy_message(name, busy[0]))
@@ -701,11 +716,7 @@ def create_model(state: Lab, spec: ModelCreate) -> ModelInfo:
     if not est.fits:
         raise HTTPException(422, est.reason)
     with state.lock:  # from the checks through add_model: see Supervisor.lock
-        if state.db.get_model(name) is not None:
-            raise HTTPException(409, f"a model named {name!r} already exists")
-        busy = runs_using(state, name)
-        if busy:
-            raise HTTPException(409, busy_message(name, busy[0]))
+        need_free_model_name(state, name)
         path = state.ws.model_path(name)
         shutil.rmtree(path, ignore_errors=True)  # leftovers of a model deleted outside the server
         cfg.save(path / "config.json")

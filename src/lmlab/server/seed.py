@@ -23,6 +23,7 @@ from .api import (
     busy_message,
     download_response,
     estimate,
+    need_free_model_name,
     run_generation,
     runs_using,
     save_upload,
@@ -80,11 +81,7 @@ def create_model(state: Lab, config: SeedModelConfig) -> dict[str, Any]:
     if not est.fits:
         raise HTTPException(422, est.reason)
     with state.lock:  # from the checks through add_model: see Supervisor.lock
-        if state.db.get_model(name) is not None:
-            raise HTTPException(409, f"a model named {name!r} already exists")
-        busy = runs_using(state, name)  # e.g. the name a running self-play will save its model under
-        if busy:
-            raise HTTPException(409, busy_message(name, busy[0]))
+        need_free_model_name(state, name)
         cfg.save(state.ws.model_path(name) / "config.json")
         state.db.add_model(name, cfg.to_dict(), None, kind, cfg.vocab_size)
     return {"status": "success", "message": f"Model '{name}' created successfully",
