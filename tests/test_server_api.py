@@ -17,6 +17,7 @@ from test_server_support import (
     client,
     run_status,
     settings,
+    sse_events,
     upload,
     wait_for,
     wait_run,
@@ -283,17 +284,7 @@ def test_run_detail_metrics_log_and_events_agree_with_the_run_directory(lab):
     log = lab.get(f"/api/v1/runs/{lab.run_id}/log").json()["lines"]
     assert any("lmlab train" in ln for ln in log) and any("stopped after 12 steps" in ln for ln in log)
     # SSE: the history, the status, then the end
-    events = []
-    with lab.stream("GET", f"/api/v1/runs/{lab.run_id}/events") as r:
-        assert r.headers["content-type"].startswith("text/event-stream")
-        event = None
-        for line in r.iter_lines():
-            if line.startswith("event: "):
-                event = line[7:]
-            elif line.startswith("data: "):
-                events.append((event, json.loads(line[6:])))
-                if event == "end":
-                    break
+    events = sse_events(lab, f"/api/v1/runs/{lab.run_id}/events")
     assert [d["step"] for e, d in events if e == "metric"] == list(range(1, 13))
     assert [e for e, _ in events][-2:] == ["status", "end"] and events[-2][1]["status"] == "completed"
     # the model directory now holds the final weights
@@ -393,19 +384,10 @@ def test_generation_matches_the_library(lab):
                                                                          temperature=0.9, top_k=20, top_p=0.95,
                                                                          repetition_penalty=1.1, seed=7))
     # streaming: the pieces add up to the same text as the library's stream
-    pieces, done = [], None
-    with lab.stream("POST", "/api/v1/generate/stream", json=req) as r:
-        assert r.status_code == 200
-        event = None
-        for line in r.iter_lines():
-            if line.startswith("event: "):
-                event = line[7:]
-            elif line.startswith("data: "):
-                data = json.loads(line[6:])
-                if event == "token":
-                    pieces.append(data["text"])
-                elif event == "done":
-                    done = data
+    events = sse_events(lab, "/api/v1/generate/stream", "POST", until="done", json=req)
+    pieces = [d["text"] for e, d in events if e == "token"]
+    assert events[-1][0] == "done", events[-1]
+    done = events[-1][1]
     expected = list(stream(model, tok, req["prompt"], GenerationConfig(max_new_tokens=24, temperature=0.9, top_k=20,
                                                                        top_p=0.95, repetition_penalty=1.1, seed=7)))
     assert pieces == expected and done["text"] == "".join(expected) == a["text"]

@@ -71,17 +71,17 @@ def wait_run(c, run_id: int, pred, what: str, timeout: float = TIMEOUT) -> dict:
     return wait_for(lambda: (lambda r: r if pred(r) else None)(run_status(c, run_id)), timeout, what=what)
 
 
-def sse_events(c, path: str) -> list[tuple[str, dict]]:
-    """(event, data) pairs of a Server-Sent Events endpoint, read until its `end` event."""
+def sse_events(c, path: str, method: str = "GET", until: str = "end", **request) -> list[tuple[str, dict]]:
+    """(event, data) pairs of a Server-Sent Events endpoint, read until its `until` event (or its end)."""
     events, event = [], None
-    with c.stream("GET", path) as r:
-        assert r.headers["content-type"].startswith("text/event-stream"), r.headers
+    with c.stream(method, path, **request) as r:
+        assert r.headers["content-type"].startswith("text/event-stream"), (r.status_code, r.headers)
         for line in r.iter_lines():
             if line.startswith("event: "):
                 event = line[7:]
             elif line.startswith("data: "):
                 events.append((event, json.loads(line[6:])))
-                if event == "end":
+                if event == until:
                     break
     return events
 
