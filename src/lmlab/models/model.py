@@ -67,8 +67,7 @@ class Linear(nn.Linear):
         if wt is None or x.shape[-2] != 1:
             return F.linear(x, self.weight, self.bias)
         x2 = x.reshape(-1, x.shape[-1])
-        y = torch.mm(x2, wt) if self.bias is None else torch.addmm(self.bias, x2, wt)
-        return y.view(*x.shape[:-1], wt.shape[1])
+        return _linear_t(x2, (wt, self.bias)).view(*x.shape[:-1], wt.shape[1])
 
     def transposed_weight(self) -> torch.Tensor:
         """W.T, contiguous; rebuilt only when the weight was replaced or modified in place (its version

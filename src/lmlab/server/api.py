@@ -28,7 +28,7 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
-from ..lab.selfplay.text import TextSelfPlayConfig, encode_prompts
+from ..lab.selfplay.text import REWARDS, TextSelfPlayConfig, encode_prompts
 from ..models import FAMILIES, SIZES, GenerationConfig, ModelConfig, generate, preset_names, stream
 from ..tokenizers import Tokenizer
 from ..tokenizers.tokenizer import KINDS
@@ -157,7 +157,7 @@ class RunCreate(BaseModel):
 
 
 SP = TextSelfPlayConfig  # the defaults of `lmlab selfplay text`, one home
-SERVER_REWARDS = ("seed", "repetition", "perplexity")
+SERVER_REWARDS = tuple(r for r in REWARDS if r != "file")  # `file` runs user code: CLI only
 
 
 class SelfPlayCreate(BaseModel):

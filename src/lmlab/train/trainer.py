@@ -584,8 +584,8 @@ class Trainer:
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     root = Path(run_dir) / "checkpoints"
-    steps = sorted(int(p.name[5:]) for p in root.glob("step-*") if p.name[5:].isdigit()) if root.is_dir() else []
-    return root / f"step-{steps[-1]}" if steps else None
+    found = [p for p in root.glob("step-*") if p.name[len("step-"):].isdigit()] if root.is_dir() else []
+    return max(found, key=checkpoint_step, default=None)
 
 
 def checkpoint_step(checkpoint: str | Path) -> int:
@@ -606,7 +606,6 @@ def train(model: Transformer | ModelConfig, tokenizer: Any, dataset: Any, config
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
                          f"{model.config.vocab_size}")
     global _OWN_PROCESS_GROUP
-    trainer = None
     try:
         trainer = Trainer(model, tokenizer, dataset, config, out_dir, callbacks, provenance=provenance)
         result = trainer.fit(resume=resume)

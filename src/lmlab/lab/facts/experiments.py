@@ -328,7 +328,7 @@ def plateau(seeds: Sequence[int], out: Path, quick: bool = False, scale: Scale |
                 + ("" if fit_len is None else
                    f"; t*−t1 ≈ {fit_len['a']:.3g}·N^{fit_len['b']:.2f} (R² {fit_len['r2']:.3f})")
                 + ("" if not slopes else
-                   "; per seed, the exponent of t*: " + pm(_agg([{"b": b} for b in slopes]), "b", lambda v: f"{v:.2f}")
+                   "; per seed, the exponent of t*: " + _pm(_agg([{"b": b} for b in slopes]), "b", 2)
                    + " (" + ", ".join(f"seed {k}: {f['b']:.2f}" for k, f in per_seed.items()) + ")"))
     res = {"fit_t_star": fit, "fit_t_star_per_seed": {str(k): v for k, v in per_seed.items()},
            "fit_plateau_len": fit_len, "table": table, "speed": _speed(runs, wall),
