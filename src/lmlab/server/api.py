@@ -17,7 +17,7 @@ import shutil
 import time
 import uuid
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, HTTPException, Query, Request, Response, UploadFile
@@ -300,10 +300,11 @@ def estimate(cfg: ModelConfig, batch_size: int, budget: int, seq_len: int | None
                     fits=reason is None, reason=reason)
 
 
-def model_info(state: State, row: dict[str, Any]) -> ModelInfo:
+def model_info(state: State, row: dict[str, Any], active: list[dict[str, Any]] | None = None) -> ModelInfo:
+    """The API view of a model row; `active` (the queued and running runs) is fetched when not given."""
     name = row["name"]
     cfg = ModelConfig.from_dict(row["config"])
-    active = state.db.list_runs(status=ACTIVE)
+    active = state.db.list_runs(status=ACTIVE) if active is None else active
     training = [r["id"] for r in active if r["kind"] == "train" and r["model_name"] == name]
     readers = [r["id"] for r in active
                if r["kind"] == "selfplay" and name in (r["model_name"], r["params"].get("judge"))]
@@ -429,9 +430,7 @@ def _start_run(state: State, req: RunCreate) -> dict[str, Any]:
         need_book(state, book)
     if len(set(req.books)) != len(req.books):
         raise HTTPException(422, "a book is listed twice")
-    busy = runs_using(state, req.model)
-    if busy:
-        raise HTTPException(409, busy_message(req.model, busy[0]))
+    need_unused(state, req.model)
     if req.init_from_trained and not (state.ws.model_path(req.model) / "model.safetensors").is_file():
         raise HTTPException(409, f"model {req.model!r} has no trained weights to continue from")
     params = default_params(req)
@@ -452,11 +451,19 @@ def _start_run(state: State, req: RunCreate) -> dict[str, Any]:
     return run
 
 
-def runs_using(state: State, name: str) -> list[dict[str, Any]]:
-    """Queued or running runs that read or write the model `name`: its training, self-play from it or judged
-    by it, and self-play that will save its policy under that name."""
-    return [r for r in state.db.list_runs(status=ACTIVE)
-            if name in (r["model_name"], r["params"].get("judge"), r["params"].get("new_model"))]
+def runs_using(state: State, name: str, active: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Queued or running runs (`active`, fetched when not given) that read or write the model `name`: its
+    training, self-play from it or judged by it, and self-play that will save its policy under that name."""
+    active = state.db.list_runs(status=ACTIVE) if active is None else active
+    return [r for r in active if name in (r["model_name"], r["params"].get("judge"), r["params"].get("new_model"))]
+
+
+def need_unused(state: State, name: str, keep: Callable[[dict[str, Any]], bool] = lambda r: True,
+                active: list[dict[str, Any]] | None = None, code: int = 409) -> None:
+    """`code` with busy_message if a run in runs_using(name) that `keep` selects is active."""
+    busy = [r for r in runs_using(state, name, active) if keep(r)]
+    if busy:
+        raise HTTPException(code, busy_message(name, busy[0]))
 
 
 def busy_message(name: str, run: dict[str, Any]) -> str:
@@ -473,15 +480,14 @@ def need_free_model_name(state: State, name: str, hint: str = "") -> None:
     Called under state.lock, through the add_model or add_run that takes the name."""
     if state.db.get_model(name) is not None:
         raise HTTPException(409, f"a model named {name!r} already exists{hint}")
+    active = state.db.list_runs(status=ACTIVE)
     taken = [m["name"] for m in state.db.list_models()]
-    taken += [r["params"]["new_model"] for r in state.db.list_runs(status=ACTIVE) if r["params"].get("new_model")]
+    taken += [r["params"]["new_model"] for r in active if r["params"].get("new_model")]
     twin = next((t for t in taken if t != name and t.casefold() == name.casefold()), None)
     if twin is not None:
         raise HTTPException(409, f"{twin!r} is taken, and names that differ only in letter case would share one "
                                  f"folder on some systems{hint}")
-    busy = runs_using(state, name)  # e.g. the name a running self-play will save its model under
-    if busy:
-        raise HTTPException(409, busy_message(name, busy[0]))
+    need_unused(state, name, active=active)  # the name a running self-play will save its model under
 
 
 def need_trained(state: State, name: str, role: str) -> Any:
@@ -536,10 +542,9 @@ def _start_selfplay(state: State, req: SelfPlayCreate, new: str) -> dict[str, An
         raise HTTPException(409, f"models/{new}/ exists in the workspace though no model of that name is "
                                  "indexed; remove it or choose another name for the new model")
     # self-play runs may share a starting model or judge (they only read it); training one would change it
-    checks = [(n, [r for r in runs_using(state, n) if r["kind"] == "train"]) for n in (req.model, req.judge) if n]
-    for name, busy in checks:
-        if busy:
-            raise HTTPException(409, busy_message(name, busy[0]))
+    active = state.db.list_runs(status=ACTIVE)
+    for name in filter(None, (req.model, req.judge)):
+        need_unused(state, name, lambda r: r["kind"] == "train", active)
     settings = req.model_dump(include=set(SELFPLAY_SETTINGS))
     try:
         TextSelfPlayConfig(reward=req.reward, **settings)
@@ -726,7 +731,8 @@ def create_model(state: Lab, spec: ModelCreate) -> ModelInfo:
 
 @router.get("/models", tags=["models"], response_model=list[ModelInfo])
 def list_models(state: Lab) -> list[ModelInfo]:
-    return [model_info(state, r) for r in state.db.list_models()]
+    active = state.db.list_runs(status=ACTIVE)  # once, not once per model
+    return [model_info(state, r, active) for r in state.db.list_models()]
 
 
 @router.get("/models/{name}", tags=["models"], response_model=ModelInfo)
@@ -738,9 +744,7 @@ def get_model(state: Lab, name: str) -> ModelInfo:
 def delete_model(state: Lab, name: str) -> Response:
     with state.lock:  # a run queued meanwhile must not lose its model
         need_model(state, name)
-        busy = runs_using(state, name)
-        if busy:
-            raise HTTPException(409, busy_message(name, busy[0]))
+        need_unused(state, name)
         for run in state.db.list_runs(model_name=name):
             shutil.rmtree(state.ws.run_path(run["id"]), ignore_errors=True)
         path = state.ws.model_path(name)
@@ -923,10 +927,8 @@ def resume_run(state: Lab, run_id: RunId, req: ResumeRequest | None = None) -> R
         run = need_run(state, run_id)
         # a training run writes its model when it completes: not while self-play reads it or another run
         # trains it (a self-play run itself cannot be resumed: the supervisor says so)
-        busy = [r for r in runs_using(state, run["model_name"]) if r["id"] != run_id] \
-            if run["kind"] == "train" and run["status"] not in ACTIVE else []
-        if busy:
-            raise HTTPException(409, busy_message(run["model_name"], busy[0]))
+        if run["kind"] == "train":
+            need_unused(state, run["model_name"], lambda r: r["id"] != run_id)
         try:
             row = state.supervisor.resume(run_id, {"max_steps": req.max_steps if req else None})
         except LookupError as exc:

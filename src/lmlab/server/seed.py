@@ -20,12 +20,11 @@ from .api import (
     ModelSpec,
     RunCreate,
     build_config,
-    busy_message,
     download_response,
     estimate,
     need_free_model_name,
+    need_unused,
     run_generation,
-    runs_using,
     save_upload,
     start_run,
 )
@@ -111,9 +110,7 @@ def train(state: Lab, config: SeedTrainingConfig) -> dict[str, Any]:
         if state.db.get_model(check_name(config.model_name, "model name")) is None:
             raise HTTPException(404, f"Model '{config.model_name}' not found")
         # 400, the seed's answer for a model already training, for any run using it (self-play reads it too)
-        busy = runs_using(state, config.model_name)
-        if busy:
-            raise HTTPException(400, busy_message(config.model_name, busy[0]))
+        need_unused(state, config.model_name, code=400)
         req = RunCreate(model=config.model_name, books=[config.book_file], max_steps=config.max_iterations,
                         batch_size=config.batch_size, lr=config.learning_rate, save_every=config.save_every)
         run = start_run(state, req)  # 404 for an unknown book, 422 for a model over the memory budget
