@@ -50,6 +50,12 @@ _CHILD = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_h
           "signal.signal(signal.SIGTERM, signal.default_int_handler); "
           "from lmlab.cli import main; sys.exit(main(sys.argv[1:]))")
 KILL_AFTER_S = 30.0  # a child that has not exited this long after SIGINT gets SIGKILL
+# What the kinds of run say when they stop early: their process's name, what SIGINT asks of a live one, and
+# what a server stop leaves (training checkpoints on SIGINT and can resume; self-play keeps nothing).
+_KINDS = {"train": {"what": "training", "asked": "was asked to save a checkpoint and exit",
+                    "server_stopped": "the server was stopped; resume to continue from the last checkpoint"},
+          "selfplay": {"what": "self-play", "asked": "was asked to stop (self-play keeps no checkpoints)",
+                       "server_stopped": "the server was stopped; self-play keeps no checkpoints: start it again"}}
 # The numeric settings of a self-play run, passed as `lmlab selfplay text` flags of the same names.
 SELFPLAY_SETTINGS = ("iterations", "group_size", "prompts_per_iteration", "max_new_tokens", "lr", "kl_coef",
                      "temperature", "seed")
@@ -191,10 +197,8 @@ class Supervisor:
                 _signal_group(run["pid"], signal.SIGINT)
             self._catch_up(run["id"])
             note = "the server stopped while this run was running"
-            if alive and run["kind"] == "selfplay":
-                note += f"; its process (pid {run['pid']}) was asked to stop (self-play keeps no checkpoints)"
-            elif alive:
-                note += f"; its process (pid {run['pid']}) was asked to save a checkpoint and exit"
+            if alive:
+                note += f"; its process (pid {run['pid']}) {_KINDS[run['kind']]['asked']}"
             self.db.update_run(run["id"], status="interrupted", error=note, finished_at=time.time(),
                                pid=run["pid"] if alive else None)
             log.warning("run %s: %s", run["id"], note)
@@ -216,8 +220,7 @@ class Supervisor:
                     _signal_group(proc.pid, signal.SIGKILL)
                     proc.wait()
                 self._catch_up(run_id)
-                self._finish(run_id, proc.returncode,
-                             interrupted="the server was stopped; resume to continue from the last checkpoint")
+                self._finish(run_id, proc.returncode, server_stopped=True)
             self._procs.clear()
             self._tails.clear()
 
@@ -364,7 +367,7 @@ class Supervisor:
                            launches=run["launches"] + 1, resumed_from_step=resumed_from)
         log.info("run %s started (pid %s)%s", run_id, proc.pid, f" from step {resumed_from}" if resumed_from else "")
 
-    def _finish(self, run_id: int, code: int, interrupted: str | None = None) -> None:
+    def _finish(self, run_id: int, code: int, server_stopped: bool = False) -> None:
         self._procs.pop(run_id, None)
         self._tails.pop(run_id, None)
         self._cancel_sent.pop(run_id, None)
@@ -401,11 +404,9 @@ class Supervisor:
             values.update(status="cancelled", error=None, stop_reason="cancelled")
         elif code < 0 or code in (0, 130):  # 0 without final/: the trainer stopped early on request
             how = f"killed by {_signame(-code)}" if code < 0 else "interrupted"
-            if interrupted and run["kind"] == "selfplay":
-                interrupted = "the server was stopped; self-play keeps no checkpoints: start it again"
-            what = "training" if run["kind"] == "train" else "self-play"
-            values.update(status="interrupted", error=interrupted or f"the {what} process was {how}",
-                          stop_reason="interrupted")
+            kind = _KINDS[run["kind"]]
+            values.update(status="interrupted", stop_reason="interrupted",
+                          error=kind["server_stopped"] if server_stopped else f"the {kind['what']} process was {how}")
         else:
             values.update(status="failed", error=_error_from_log(run_dir / "log.txt") or f"exit code {code}")
         self.db.update_run(run_id, **values)
