@@ -507,11 +507,13 @@ def selfplay_memory(policy: ModelConfig, batch_size: int, seq_len: int,
     held twice (the logits and their log_softmax, rl.token_logprobs). judge (reward perplexity): its
     weights plus such a forward over up to its context per completion, since it re-tokenises the text
     with its own tokenizer and the length in its tokens is not known before."""
+    def frozen(cfg: ModelConfig, tokens: int) -> int:  # fp32 weights + a forward's logits, held twice
+        return cfg.num_parameters() * 4 + 2 * batch_size * tokens * cfg.vocab_size * 4
+
     T = min(seq_len, policy.block_size)
-    parts = {"policy": policy.memory_estimate(batch_size, T, training=True)["total"],
-             "reference": policy.num_parameters() * 4 + 2 * batch_size * T * policy.vocab_size * 4}
+    parts = {"policy": policy.memory_estimate(batch_size, T, training=True)["total"], "reference": frozen(policy, T)}
     if judge is not None:
-        parts["judge"] = judge.num_parameters() * 4 + 2 * batch_size * judge.block_size * judge.vocab_size * 4
+        parts["judge"] = frozen(judge, judge.block_size)
     parts["total"] = sum(parts.values())
     return parts
 
