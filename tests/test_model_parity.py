@@ -77,3 +77,58 @@ def test_llama_left_padded_logits_match_transformers():
         got = ours(idx, attention_mask=mask, position_ids=pos).logits
     torch.testing.assert_close(got[0, 5:], expected[0, 5:], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got[1], expected[1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gpt"])
+def test_training_loss_and_gradients_match_transformers(family):
+    """The training path (the fused head + cross-entropy on CPU) against autograd through transformers'
+    model and F.cross_entropy: the same loss and the same gradient for every weight, with ignored targets."""
+    hf = hf_model(family)
+    cfg = model_config_from_hf(hf.config)
+    ours = Transformer(cfg).eval()  # eval: no dropout in either; gradients still flow
+    ours.load_state_dict(from_hf_state_dict(hf.state_dict(), cfg))
+    idx = torch.randint(0, 101, (3, 40))
+    targets = torch.randint(0, 101, (3, 40))
+    targets[0, :7] = -100
+    targets[2, 30:] = -100
+    loss = ours(idx, targets).loss
+    loss.backward()
+    logits = hf(idx).logits
+    expected = torch.nn.functional.cross_entropy(logits.view(-1, 101), targets.view(-1), ignore_index=-100)
+    expected.backward()
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+    ours_grads = to_hf_state_dict({n: p.grad for n, p in ours.named_parameters()}, cfg)
+    for name, p in hf.named_parameters():
+        torch.testing.assert_close(ours_grads[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_fused_head_loss_survives_underflow_and_honours_logit_gradients():
+    """Rows whose target probability underflows fp32 (a logit gap > 104) still get the exact loss, and a
+    gradient reaching the returned logits adds to the loss's."""
+    from lmlab.models.model import HeadCrossEntropy
+
+    torch.manual_seed(0)
+    x = torch.randn(12, 8)
+    x[:3] *= 60.0                                                  # confident and wrong: p(target) -> 0
+    w = torch.randn(20, 8)
+    targets = torch.randint(0, 20, (12,))
+    targets[:3] = (x[:3] @ w.t()).argmin(-1)
+    valid = torch.ones(12, dtype=torch.bool)
+    valid[5] = False
+    assert (torch.softmax(x[:3] @ w.t(), -1).gather(1, targets[:3, None]) == 0).all()
+    weights = torch.randn(12, 20)
+    for fused in (True, False):
+        xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
+        if fused:
+            loss, logits = HeadCrossEntropy.apply(xx, ww, targets, valid)
+        else:
+            logits = xx @ ww.t()
+            loss = torch.nn.functional.cross_entropy(logits, targets.masked_fill(~valid, -100), ignore_index=-100)
+        (loss + (logits * weights).sum() * 1e-3).backward()
+        if fused:
+            got = (loss.detach(), xx.grad, ww.grad)
+        else:
+            expected = (loss.detach(), xx.grad, ww.grad)
+    assert torch.isfinite(got[0]) and got[0] > 100
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
