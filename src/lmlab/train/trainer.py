@@ -18,16 +18,12 @@ DDP (gloo on CPU, NCCL on CUDA) or, with `fsdp=True`, FSDP2 (`fully_shard` on ev
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import functools
 import json
 import math
 import os
-import shutil
-import signal
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,6 +44,7 @@ from torch.distributed.checkpoint.state_dict import (
 from ..models import ModelConfig, Transformer
 from ..models.config import atomic_write_text
 from ..models.io import save_pretrained
+from .checkpoint import StopOnSignal, b64, latest_checkpoint, trim_metrics, unb64, write_checkpoint
 from .config import TrainConfig, lr_at
 
 # Full (unsharded) state dicts keyed by parameter name: the same checkpoint files for 1 process, DDP and
@@ -152,14 +149,6 @@ def check_fits(model_config: ModelConfig, config: TrainConfig, device: torch.dev
                          f"available on {device}; lower --batch-size or --seq-len, or pick a smaller preset")
 
 
-def _b64(t: torch.Tensor) -> str:
-    return base64.b64encode(t.numpy().tobytes()).decode("ascii")
-
-
-def _unb64(s: str) -> torch.Tensor:
-    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
-
-
 class Trainer:
     def __init__(self, model: Transformer, tokenizer: Any, dataset: Any, config: TrainConfig,
                  out_dir: str | Path, callbacks: Sequence[Callback] = (), *, provenance: dict[str, Any] | None = None):
@@ -211,7 +200,7 @@ class Trainer:
         self.should_stop = False
         self.history: list[dict[str, Any]] = []
         self.peak_flops = config.peak_flops or (measured_peak_flops(self.device.type) if self.is_main else 0.0)
-        self._interrupted = False
+        self._signals = StopOnSignal(self._print)  # Ctrl-C / SIGTERM: checkpoint after this step and return
         self._torch_rng: torch.Tensor | None = None
         self._tb: Any = None
 
@@ -255,7 +244,7 @@ class Trainer:
         t_start = time.perf_counter() - self.elapsed
         t_window, tokens_window = time.perf_counter(), 0
         in_step = False
-        previous_handlers = self._install_signal_handlers()
+        self._signals.install()
         try:
             while stop_reason is None:
                 lr = lr_at(self.step, c, self.total_steps)  # every optimizer step, never per epoch
@@ -306,8 +295,7 @@ class Trainer:
             if not in_step:
                 self.save_checkpoint()
         finally:
-            for sig, previous in previous_handlers.items():
-                signal.signal(sig, previous)
+            self._signals.restore()
         if stop_reason == "interrupted":
             last = latest_checkpoint(self.out_dir)
             self._print(f"\ninterrupted at step {self.step}; the latest checkpoint is {last}; continue with --resume")
@@ -400,7 +388,7 @@ class Trainer:
 
     def _stop_requested(self) -> str | None:
         """A hook's should_stop or Ctrl-C on any process stops every process after this step."""
-        flags = torch.tensor([float(self._interrupted), float(self.should_stop)], device=self._comm_device)
+        flags = torch.tensor([float(self._signals.requested), float(self.should_stop)], device=self._comm_device)
         if self.world > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         return "interrupted" if flags[0] else "stopped" if flags[1] else None
@@ -423,21 +411,6 @@ class Trainer:
         if not self.peak_flops:
             return None
         return round(self.model_config.flops_per_token(self.seq_len) * tokens_per_s / self.world / self.peak_flops, 4)
-
-    def _install_signal_handlers(self) -> dict[int, Any]:
-        """Ctrl-C (SIGINT) or SIGTERM sets a flag; the loop finishes its step, saves a checkpoint and returns
-        (the web app's cancel and a cluster's preemption notice both arrive this way). A second signal
-        raises KeyboardInterrupt at once."""
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-
-        def handler(signum: int, frame: Any) -> None:
-            if self._interrupted:
-                raise KeyboardInterrupt
-            self._interrupted = True
-            self._print(f"\n{signal.Signals(signum).name}: stopping after this step (again to stop now)")
-
-        return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
 
     # ---- logging -----------------------------------------------------------------------------------
 
@@ -499,34 +472,21 @@ class Trainer:
         optim = get_optimizer_state_dict(self.model, self.optimizer, options=_FULL)
         if not self.is_main:
             return None
-        root = self.out_dir / "checkpoints"
-        root.mkdir(parents=True, exist_ok=True)
-        final = root / f"step-{self.step}"
-        tmp = root / f".tmp-step-{self.step}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            tmp.mkdir()
+
+        def fill(tmp: Path) -> None:
             save_model(weights, str(tmp / "model.safetensors"))
             # tensors and plain numbers only; read back with torch.load(weights_only=True), which unpickles
             # no code
             torch.save(optim, tmp / "optimizer.pt")
-            rng = {"torch": _b64(torch.get_rng_state()), "data": _b64(self.generator.get_state())}
+            rng = {"torch": b64(torch.get_rng_state()), "data": b64(self.generator.get_state())}
             if self.device.type == "cuda":
-                rng["cuda"] = _b64(torch.cuda.get_rng_state(self.device))
+                rng["cuda"] = b64(torch.cuda.get_rng_state(self.device))
             (tmp / "state.json").write_text(json.dumps({
                 "step": self.step, "tokens": self.tokens, "elapsed_s": self.elapsed, "best_val": self.best_val,
                 "bad_evals": self.bad_evals, "world_size": self.world, "rng": rng}))
             (tmp / "config.json").write_text(json.dumps(self._run_config(), indent=2, ensure_ascii=False))
-            if final.exists():  # the same step saved again (resumed and stopped at once): replace it
-                old = root / f".old-step-{self.step}"
-                os.replace(final, old)
-                shutil.rmtree(old)
-            os.replace(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written survives a failure
-        steps = sorted(int(p.name[5:]) for p in root.glob("step-*") if p.name[5:].isdigit())
-        for old_step in steps[: max(0, len(steps) - self.config.keep_last)] if self.config.keep_last else []:
-            shutil.rmtree(root / f"step-{old_step}", ignore_errors=True)
+
+        final = write_checkpoint(self.out_dir, self.step, fill, self.config.keep_last)
         for cb in self.callbacks:
             cb.on_checkpoint(self, final)
         return final
@@ -543,20 +503,15 @@ class Trainer:
         optim = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
         set_optimizer_state_dict(self.model, self.optimizer, optim, options=StateDictOptions(full_state_dict=True))
         state = json.loads((path / "state.json").read_text())
-        self.generator.set_state(_unb64(state["rng"]["data"]))
-        self._torch_rng = _unb64(state["rng"]["torch"])
+        self.generator.set_state(unb64(state["rng"]["data"]))
+        self._torch_rng = unb64(state["rng"]["torch"])
         if "cuda" in state["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(_unb64(state["rng"]["cuda"]), self.device)
+            torch.cuda.set_rng_state(unb64(state["rng"]["cuda"]), self.device)
         self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed_s"]
         self.best_val, self.bad_evals = state["best_val"], state["bad_evals"]
         # metrics logged after the checkpoint will be produced again: drop them
-        metrics = self.out_dir / "metrics.jsonl"
-        lines = metrics.read_text(encoding="utf-8").splitlines() if metrics.exists() else []
-        kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= self.step]
-        self.history = [json.loads(ln) for ln in kept]
-        if self.is_main:
-            atomic_write_text(metrics, "".join(ln + "\n" for ln in kept))
-            self._print(f"resumed from {path} (step {self.step})")
+        self.history = trim_metrics(self.out_dir / "metrics.jsonl", self.step, rewrite=self.is_main)
+        self._print(f"resumed from {path} (step {self.step})")
         if self.world > 1:
             dist.barrier()  # nobody appends to metrics.jsonl before it is trimmed
 
@@ -580,17 +535,6 @@ class Trainer:
                     "best_val_loss": result.best_val_loss, "world_size": self.world,
                     "last_eval": next((m for m in reversed(self.history) if "val_loss" in m), None)}
         return save_pretrained(self.out_dir / "final", model, self.tokenizer, training=training)
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    root = Path(run_dir) / "checkpoints"
-    found = [p for p in root.glob("step-*") if p.name[len("step-"):].isdigit()] if root.is_dir() else []
-    return max(found, key=checkpoint_step, default=None)
-
-
-def checkpoint_step(checkpoint: str | Path) -> int:
-    """The step a checkpoint directory (`.../checkpoints/step-N`) was saved at."""
-    return int(Path(checkpoint).name[len("step-"):])
 
 
 def train(model: Transformer | ModelConfig, tokenizer: Any, dataset: Any, config: TrainConfig,

@@ -1,0 +1,124 @@
+"""Checkpoint directories, shared by the trainer and the labs' own loops (text self-play):
+
+    RUN_DIR/checkpoints/step-N/   written as checkpoints/.tmp-step-N and renamed, so a crash mid-write leaves
+                                  the previous checkpoint as the latest complete one; the last K kept
+    RUN_DIR/metrics.jsonl         lines after the checkpoint a run resumes from are dropped (logged again)
+
+RNG states travel in state.json as base64 text, and Ctrl-C (SIGINT) or SIGTERM becomes a request to stop
+after the current step, so that a checkpoint is written between steps, never in the middle of one.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..models.config import atomic_write_text
+
+
+def b64(state: torch.Tensor) -> str:
+    """A byte tensor (torch.get_rng_state(), Generator.get_state()) as JSON-able text."""
+    return base64.b64encode(state.numpy().tobytes()).decode("ascii")
+
+
+def unb64(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+def checkpoint_step(checkpoint: str | Path) -> int:
+    """The step a checkpoint directory (`.../checkpoints/step-N`) was saved at."""
+    return int(Path(checkpoint).name[len("step-"):])
+
+
+def _checkpoints(root: Path) -> list[Path]:
+    return [p for p in root.glob("step-*") if p.name[len("step-"):].isdigit()] if root.is_dir() else []
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    return max(_checkpoints(Path(run_dir) / "checkpoints"), key=checkpoint_step, default=None)
+
+
+def write_checkpoint(run_dir: str | Path, step: int, fill: Callable[[Path], None], keep_last: int = 0) -> Path:
+    """RUN_DIR/checkpoints/step-N: `fill(folder)` writes the files into a temporary folder that is then renamed,
+    and nothing half-written survives a failure. Keeps the last `keep_last` checkpoints (0: all)."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step}"
+    tmp = root / f".tmp-step-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        fill(tmp)
+        if final.exists():  # the same step saved again (resumed and stopped at once): replace it
+            old = root / f".old-step-{step}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            shutil.rmtree(old)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if keep_last:
+        for old_checkpoint in sorted(_checkpoints(root), key=checkpoint_step)[:-keep_last]:
+            shutil.rmtree(old_checkpoint, ignore_errors=True)
+    return final
+
+
+def trim_metrics(path: str | Path, step: int, *, rewrite: bool = True) -> list[dict[str, Any]]:
+    """The metrics lines of steps <= `step`: those after the checkpoint a run resumes from will be logged again.
+    With `rewrite` the file keeps only them (atomically). A line that does not parse (cut short by a kill) is
+    dropped with the rest: it was being written after the last line the checkpoint covers."""
+    path = Path(path)
+    kept: list[tuple[str, dict[str, Any]]] = []
+    for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else []:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row["step"] <= step:
+            kept.append((line, row))
+    if rewrite:
+        atomic_write_text(path, "".join(line + "\n" for line, _ in kept))
+    return [row for _, row in kept]
+
+
+class StopOnSignal:
+    """Ctrl-C (SIGINT) or SIGTERM sets `requested`: the loop finishes its step, saves a checkpoint and stops (the
+    web app's cancel and a cluster's preemption notice both arrive this way). A second signal raises
+    KeyboardInterrupt at once. Handlers go in only on the main thread (Python's rule) and come out on exit."""
+
+    def __init__(self, say: Callable[[str], None] | None = None) -> None:
+        self.requested = False
+        self._say = say
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        if self._say:
+            self._say(f"\n{signal.Signals(signum).name}: stopping after this step (again to stop now)")
+
+    def install(self) -> StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def restore(self) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
+
+    def __enter__(self) -> StopOnSignal:
+        return self.install()
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
