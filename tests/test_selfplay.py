@@ -3,7 +3,10 @@ the sign of the policy gradient, and short end-to-end runs of both modes."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -18,9 +21,14 @@ from lmlab.lab.selfplay.text import (
     build_reward,
     kl_k3,
     repetition_reward,
+    resume_text_selfplay,
     run_text_selfplay,
     seed_reward,
 )
+from lmlab.models import ModelConfig, Transformer
+from lmlab.models.io import load_pretrained, save_pretrained
+from lmlab.tokenizers import Tokenizer
+from lmlab.train import latest_checkpoint
 
 
 @pytest.fixture(autouse=True)
@@ -248,16 +256,18 @@ def test_azr_arms_run_and_report(tmp_path):
     assert "data:image/png;base64" in (tmp_path / "report.html").read_text()
 
 
-def test_text_selfplay_raises_a_user_reward(tmp_path):
-    from lmlab.models import ModelConfig, Transformer
-    from lmlab.models.io import load_pretrained, save_pretrained
-    from lmlab.tokenizers import Tokenizer
-
+def _start_model(path, seed=0, dropout=0.0):
+    """A 1-layer model with a char tokenizer, saved as a model directory at `path`."""
     tok = Tokenizer.train(["abcdefgh " * 20], kind="char", vocab_size=64)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = Transformer(ModelConfig(family="gpt2", vocab_size=len(tok), n_layer=1, n_head=2, n_embd=32,
-                                    block_size=32))
-    save_pretrained(tmp_path / "start", model, tok)
+                                    block_size=32, dropout=dropout))
+    save_pretrained(path, model, tok)
+    return model
+
+
+def test_text_selfplay_raises_a_user_reward(tmp_path):
+    model = _start_model(tmp_path / "start")
     (tmp_path / "r.py").write_text("def share_of_a(prompt, completion):\n"
                                    "    return completion.count('a') / max(len(completion), 1)\n")
     cfg = TextSelfPlayConfig(iterations=12, prompts_per_iteration=2, group_size=8, max_new_tokens=12, lr=3e-3,
@@ -273,6 +283,112 @@ def test_text_selfplay_raises_a_user_reward(tmp_path):
     assert not torch.equal(trained.lm_head.weight, model.lm_head.weight)
 
 
+def _metrics(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def _calls(action, at):
+    """The seed reward, doing `action()` on its `at`-th call (inside that iteration, before its update)."""
+    seed, calls = build_reward("seed"), []
+
+    def reward(prompts, texts, ids):
+        calls.append(1)
+        if len(calls) == at:
+            action()
+        return seed(prompts, texts, ids)
+    return reward
+
+
+def test_text_selfplay_resumes_exactly(tmp_path):
+    """6 iterations uninterrupted == Ctrl-C in iteration 3 (it finishes, checkpoints and stops), resumed, a crash in
+    iteration 6 (after the checkpoint of 4 and the metrics line of 5), resumed again: the same metrics lines but
+    for wall time, and the same final weights. Dropout is on, so the torch RNG must come back as well as the
+    sampling seeds (python's random)."""
+    _start_model(tmp_path / "start", dropout=0.1)
+    cfg = TextSelfPlayConfig(iterations=6, prompts_per_iteration=2, group_size=4, max_new_tokens=10, lr=3e-3,
+                             save_every=2)
+    prompts = ["ab", ""]
+    full = run_text_selfplay(tmp_path / "start", tmp_path / "full", cfg, prompts, reward=build_reward("seed"),
+                             log=None)
+    assert max(r["kl"] for r in full) > 0 and any(r["reward_std"] > 0 for r in full)  # the policy moved
+
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_text_selfplay(tmp_path / "start", run, cfg, prompts, log=None,
+                          reward=_calls(lambda: os.kill(os.getpid(), signal.SIGINT), at=3))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert latest_checkpoint(run).name == "step-3" and not (run / "final").exists()
+    assert [r["step"] for r in _metrics(run)] == [1, 2, 3]
+
+    def boom():
+        raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"):
+        run_text_selfplay(tmp_path / "start", run, cfg, prompts, log=None, reward=_calls(boom, at=3), resume=True)
+    assert [r["step"] for r in _metrics(run)] == [1, 2, 3, 4, 5]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-3", "step-4"]  # the last two
+
+    rows = run_text_selfplay(tmp_path / "start", run, cfg, prompts, log=None, reward=build_reward("seed"),
+                             resume=True)
+    drop_wall = lambda rows: [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]  # noqa: E731
+    assert drop_wall(_metrics(run)) == drop_wall(rows) == drop_wall(_metrics(tmp_path / "full")) == drop_wall(full)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-4", "step-6"]
+    a, _ = load_pretrained(tmp_path / "full" / "final")
+    b, _ = load_pretrained(run / "final")
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=name)
+
+
+def test_text_selfplay_resume_keeps_its_run(tmp_path):
+    """Resume needs a checkpoint; keeps the run's settings, prompts and starting weights (it may only go further
+    or checkpoint at another pace); and a new run does not start over another run's checkpoints."""
+    start = tmp_path / "start"
+    _start_model(start)
+    cfg = TextSelfPlayConfig(iterations=2, prompts_per_iteration=1, group_size=2, max_new_tokens=4, save_every=0)
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match="no checkpoint to resume from"):
+        run_text_selfplay(start, run, cfg, log=None, resume=True)
+    run_text_selfplay(start, run, cfg, log=None)
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-2"]  # save_every 0: at the end only
+    with pytest.raises(ValueError, match="holds the checkpoints of an earlier run"):
+        run_text_selfplay(start, run, cfg, log=None)
+    with pytest.raises(ValueError, match=r"lr 5e-05 -> 0\.1.*only iterations and save_every may change"):
+        run_text_selfplay(start, run, dataclasses.replace(cfg, lr=0.1), log=None, resume=True)
+    with pytest.raises(ValueError, match="other prompts"):
+        run_text_selfplay(start, run, cfg, ["ab"], log=None, resume=True)
+    with pytest.raises(ValueError, match="at iteration 2, past iterations \\(1\\)"):
+        resume_text_selfplay(run, {"iterations": 1}, log=None)
+    rows = resume_text_selfplay(run, {"iterations": 3, "save_every": 1}, log=None)  # further, from saved settings
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    saved = json.loads((run / "config.json").read_text())["selfplay_text"]
+    assert (saved["iterations"], saved["save_every"], saved["lr"]) == (3, 1, cfg.lr)
+    _start_model(start, seed=1)  # the starting model trained meanwhile: the KL anchor would not be the run's
+    with pytest.raises(ValueError, match="the weights of the starting model differ"):
+        resume_text_selfplay(run, {"iterations": 4}, log=None)
+    with pytest.raises(ValueError, match="save_every"):
+        TextSelfPlayConfig(save_every=-1)
+
+
+def test_cli_resume_continues_the_run(tmp_path, capsys):
+    """`--resume` takes the run's settings from OUT/config.json, goes further with --iterations, and refuses a
+    setting that differs from the run's in one line."""
+    from lmlab.cli import main
+
+    _start_model(tmp_path / "start")
+    run = tmp_path / "run"
+    text = ["selfplay", "text", "--out", str(run)]
+    assert main([*text, "--model", str(tmp_path / "start"), "--reward", "repetition", "--prompt", "ab",
+                 "--iterations", "2", "--group-size", "2", "--prompts-per-iteration", "1",
+                 "--max-new-tokens", "4"]) == 0
+    assert main([*text, "--resume", "--iterations", "3"]) == 0
+    assert f"resumed from {run / 'checkpoints' / 'step-2'} (step 2)" in capsys.readouterr().out
+    assert [r["step"] for r in _metrics(run)] == [1, 2, 3]
+    assert json.loads((run / "final" / "training.json").read_text())["steps"] == 3
+    assert main([*text, "--resume", "--reward", "seed", "--iterations", "4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "reward 'repetition' -> 'seed'" in err[0], err
+
+
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
     from lmlab.cli import main
 
@@ -281,6 +397,13 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
     assert main(["selfplay", "text", "--model", str(tmp_path / "none"), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(e.startswith("lmlab: error: ") for e in err)
+    text = ["selfplay", "text", "--out", str(tmp_path / "run")]
+    for args, words in ((["--resume"], "no checkpoint to resume from"), ([], "--model is required"),
+                        (["--resume", "--quick"], "--quick sets up a new run"),
+                        (["--model", str(tmp_path), "--save-every", "-1"], "save_every (-1)")):
+        assert main([*text, *args]) == 2, args
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("lmlab: error: ") and words in err[0], (args, err)
     with pytest.raises(ValueError, match="ind_inputs"):
         AZRConfig(ind_inputs=3)
 

@@ -460,9 +460,14 @@ def _selfplay_arguments(p: argparse.ArgumentParser) -> None:
     a.add_argument("--lr", type=float, help="Adam learning rate of the RL phase")
     a.add_argument("--eval-every", type=int, help="score the held-out set every N iterations")
     t = sub.add_parser("text", help="RL for a text model: group-relative advantages, KL to the starting model")
-    t.add_argument("--model", required=True, help="model directory to start from (e.g. lmlab-demo/final)")
-    t.add_argument("--out", required=True, help="folder for metrics.jsonl, config.json and final/")
-    t.add_argument("--reward", default="seed", choices=["seed", "repetition", "perplexity", "file"],
+    t.add_argument("--model", help="model directory to start from (e.g. lmlab-demo/final); with --resume, the "
+                                    "run's own by default")
+    t.add_argument("--out", required=True, help="folder for metrics.jsonl, config.json, checkpoints/ and final/")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint; settings not given come from "
+                        "OUT/config.json, and those given must match it (only --iterations and --save-every may "
+                        "change)")
+    t.add_argument("--reward", choices=["seed", "repetition", "perplexity", "file"],
                    help="seed: seed 000's diversity*0.5+length*0.5; repetition: distinct 3-grams; perplexity: "
                         "judge log-prob (--judge); file: your function (--reward-file) (default seed)")
     t.add_argument("--judge", help="model directory of the judge for --reward perplexity")
@@ -479,6 +484,8 @@ def _selfplay_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--lr", type=float, help="AdamW learning rate (default 5e-5)")
     t.add_argument("--kl-coef", type=float, help="weight of the KL penalty to the starting model (default 0.1)")
     t.add_argument("--temperature", type=float, help="sampling temperature (default 1.0)")
+    t.add_argument("--save-every", type=int, help="checkpoint OUT/checkpoints/step-N every N iterations (0: only at "
+                                                  "the end; also on Ctrl-C or SIGTERM) (default 10)")
 
 
 @command("selfplay", "self-play RL: lmlab selfplay azr --out DIR | lmlab selfplay text --model DIR --out DIR",
@@ -487,7 +494,7 @@ def _selfplay(args: argparse.Namespace) -> int:
     names = {"azr": ("arms", "iterations", "warmup_steps", "propose_batch", "solve_batch", "group", "lr",
                      "eval_every"),
              "text": ("seed", "iterations", "group_size", "prompts_per_iteration", "max_new_tokens", "lr",
-                      "kl_coef", "temperature")}[args.mode]
+                      "kl_coef", "temperature", "save_every", "reward")}[args.mode]
     overrides = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     if args.mode == "azr":
         from .lab.selfplay.azr import AZRConfig, parse_seeds, run_experiment
@@ -501,14 +508,21 @@ def _selfplay(args: argparse.Namespace) -> int:
         verdict = results["summary"]["verdict"].get("reproduces")
         print(f"reproduces: {verdict}; report: {Path(args.out) / 'report.html'}")
         return 0
-    from .lab.selfplay.text import TextSelfPlayConfig, read_prompts_file, run_text_selfplay
+    from .lab.selfplay.text import TextSelfPlayConfig, read_prompts_file, resume_text_selfplay, run_text_selfplay
     if args.prompt and args.prompts_file:
         raise ValueError("give --prompt or --prompts-file, not both")
-    prompts = read_prompts_file(args.prompts_file) if args.prompts_file else args.prompt or [""]
-    cfg = TextSelfPlayConfig.quick(reward=args.reward, **overrides) if args.quick else \
-        TextSelfPlayConfig(reward=args.reward, **overrides)
-    rows = run_text_selfplay(args.model, args.out, cfg, prompts, judge=args.judge,
-                             reward_file=args.reward_file)
+    prompts = read_prompts_file(args.prompts_file) if args.prompts_file else args.prompt
+    if args.resume:
+        if args.quick:
+            raise ValueError("--quick sets up a new run; --resume continues one with the settings it was started with")
+        rows = resume_text_selfplay(args.out, overrides, model_dir=args.model, prompts=prompts, judge=args.judge,
+                                    reward_file=args.reward_file)
+    else:
+        if not args.model:
+            raise ValueError("--model is required (except with --resume)")
+        cfg = TextSelfPlayConfig.quick(**overrides) if args.quick else TextSelfPlayConfig(**overrides)
+        rows = run_text_selfplay(args.model, args.out, cfg, prompts or [""], judge=args.judge,
+                                 reward_file=args.reward_file)
     print(f"reward {rows[0]['reward']:.4f} -> {rows[-1]['reward']:.4f}, kl {rows[-1]['kl']:.4f}; "
           f"model: {Path(args.out) / 'final'}")
     return 0

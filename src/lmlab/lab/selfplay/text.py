@@ -15,11 +15,21 @@ Rewards (`--reward`):
 
 Every iteration appends one JSON line to OUT/metrics.jsonl (step, reward, reward_std, kl, loss, length,
 wall_s), the trainer's format, so the web app can chart it; the final policy is a model directory OUT/final.
+
+Resume: every `--save-every` iterations (0: only at the end), at the end, and when Ctrl-C or SIGTERM asks it
+to stop (it finishes the iteration first; a second signal stops at once), the run writes
+OUT/checkpoints/step-N/ (policy weights, AdamW state, the sampling and torch RNG states, wall time; the last
+two kept), the trainer's layout. `--resume` continues from the latest one and reproduces the uninterrupted
+run; settings not given come from OUT/config.json, and those given must match it (only `--iterations`, to
+train further, and `--save-every` may change), as must the weights of the starting model and the judge:
+
+    lmlab selfplay text --out runs/sp-text --resume
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import math
@@ -31,15 +41,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_model, save_model
 
 from ...models import GenerationConfig, generate_ids
 from ...models.config import atomic_write_text
-from ...models.io import load_pretrained, save_pretrained
+from ...models.io import WEIGHTS, load_pretrained, save_pretrained
+from ...train.checkpoint import (
+    StopOnSignal,
+    b64,
+    checkpoint_step,
+    latest_checkpoint,
+    trim_metrics,
+    unb64,
+    write_checkpoint,
+)
 from .rl import grouped_advantages, make_batch, reinforce_loss, token_logprobs
 
 REWARDS = ("seed", "repetition", "perplexity", "file")
 # (prompts, completions as text, completions as ids without EOS) -> one reward per completion
 Reward = Callable[[Sequence[str], Sequence[str], Sequence[Sequence[int]]], list[float]]
+KEEP_CHECKPOINTS = 2  # the latest, and the one before it in case the latest was being replaced
+RESUMABLE_CHANGES = ("iterations", "save_every")  # the settings a resumed run may change
 
 
 @dataclass
@@ -54,12 +76,15 @@ class TextSelfPlayConfig:
     grad_clip: float = 1.0
     seed: int = 0
     reward: str = "seed"
+    save_every: int = 10             # checkpoint every N iterations (0: only at the end); also on Ctrl-C/SIGTERM
 
     def __post_init__(self) -> None:
-        for name in ("iterations", "prompts_per_iteration", "group_size", "max_new_tokens"):
+        for name in ("iterations", "prompts_per_iteration", "group_size", "max_new_tokens", "save_every"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} ({value!r}) must be a positive integer")
+            least = 0 if name == "save_every" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} ({value!r}) must be " + ("an integer >= 0 (0: only at the end)"
+                                                                   if least == 0 else "a positive integer"))
         if self.group_size < 2:
             raise ValueError(f"group_size ({self.group_size}) must be >= 2: advantages compare a group")
         if not (self.temperature > 0 and self.lr > 0 and self.grad_clip > 0):
@@ -189,14 +214,115 @@ def encode_prompts(tok: Any, prompts: Sequence[str], max_new_tokens: int, block_
     return encoded
 
 
+# ---- checkpoints and resume ------------------------------------------------------------------------------
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def run_record(model_dir: str | Path, config: TextSelfPlayConfig, prompts: Sequence[str],
+               judge: str | Path | None = None, reward_file: str | None = None) -> dict[str, Any]:
+    """What OUT/config.json (and each checkpoint) holds: the settings, the starting model and the sha256 of its
+    weights (the KL anchor, which a resumed run must share), the prompts, the judge (and its weights' sha256,
+    for reward perplexity) and the reward file."""
+    judged = judge is not None and config.reward == "perplexity"
+    return {"selfplay_text": dataclasses.asdict(config), "model": str(model_dir),
+            "model_sha256": _sha256(Path(model_dir) / WEIGHTS), "prompts": list(prompts),
+            "judge": str(judge) if judge else None, "judge_sha256": _sha256(Path(judge) / WEIGHTS) if judged else None,
+            "reward_file": reward_file}
+
+
+def saved_run(out: str | Path) -> dict[str, Any]:
+    """OUT/config.json of a text self-play run (see run_record); ValueError if there is none."""
+    path = Path(out) / "config.json"
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"not a self-play run directory (no config.json): {out}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("selfplay_text"), dict) or "model" not in saved:
+        raise ValueError(f"{path} is not the config of a text self-play run")
+    return saved
+
+
+def _resume_point(out: Path) -> Path:
+    checkpoint = latest_checkpoint(out)
+    if checkpoint is None:
+        raise ValueError(f"no checkpoint to resume from in {out / 'checkpoints'}")
+    return checkpoint
+
+
+def _check_same_run(out: Path, saved: dict[str, Any], record: dict[str, Any]) -> None:
+    """ValueError naming what a resumed run would change beyond RESUMABLE_CHANGES."""
+    was, now = saved["selfplay_text"], record["selfplay_text"]
+    changes = [f"{k} {was[k]!r} -> {v!r}" for k, v in now.items()
+               if k not in RESUMABLE_CHANGES and was.get(k, v) != v]
+    for key, what in (("model_sha256", "the starting model"), ("judge_sha256", "the judge")):
+        if saved.get(key) != record[key]:
+            changes.append(f"the weights of {what} differ from those the run started with")
+    if saved.get("prompts") != record["prompts"]:
+        changes.append("other prompts")
+    if saved.get("reward_file") != record["reward_file"]:
+        changes.append(f"reward_file {saved.get('reward_file')!r} -> {record['reward_file']!r}")
+    if changes:
+        raise ValueError(f"cannot resume {out} with {'; '.join(changes)}: a resumed run keeps its settings (only "
+                         f"{' and '.join(RESUMABLE_CHANGES)} may change); start a new run in another folder instead")
+
+
+def _save_checkpoint(out: Path, step: int, policy: torch.nn.Module, opt: torch.optim.Optimizer, rng: random.Random,
+                     elapsed: float, record: dict[str, Any]) -> Path:
+    def fill(tmp: Path) -> None:
+        save_model(policy, str(tmp / WEIGHTS))
+        # tensors and plain numbers only; read back with torch.load(weights_only=True), which unpickles no code
+        torch.save(opt.state_dict(), tmp / "optimizer.pt")
+        version, internal, gauss = rng.getstate()  # the sampling seeds
+        (tmp / "state.json").write_text(json.dumps({
+            "step": step, "elapsed_s": elapsed,
+            "rng": {"python": [version, list(internal), gauss], "torch": b64(torch.get_rng_state())}}))
+        (tmp / "config.json").write_text(json.dumps(record, indent=2))
+    return write_checkpoint(out, step, fill, KEEP_CHECKPOINTS)
+
+
+def _load_checkpoint(path: Path, policy: torch.nn.Module, opt: torch.optim.Optimizer,
+                     rng: random.Random) -> tuple[int, float]:
+    """Restore the policy, AdamW, the sampling RNG and the torch RNG (dropout) -> (step, wall time so far)."""
+    missing, unexpected = load_model(policy, str(path / WEIGHTS), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    opt.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    state = json.loads((path / "state.json").read_text())
+    version, internal, gauss = state["rng"]["python"]
+    rng.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(unb64(state["rng"]["torch"]))
+    return state["step"], state["elapsed_s"]
+
+
+# ---- the run ---------------------------------------------------------------------------------------------
+
 def run_text_selfplay(model_dir: str | Path, out: str | Path, config: TextSelfPlayConfig,
                       prompts: Sequence[str] = ("",), *, reward: Reward | None = None,
                       judge: str | Path | None = None, reward_file: str | None = None,
-                      log: Callable[[str], None] | None = print) -> list[dict[str, Any]]:
-    """Train the model in `model_dir` against a reward; writes OUT/metrics.jsonl, OUT/config.json and the
-    final policy as the model directory OUT/final. Returns the metrics rows."""
+                      log: Callable[[str], None] | None = print, resume: bool = False) -> list[dict[str, Any]]:
+    """Train the model in `model_dir` against a reward; writes OUT/config.json, OUT/metrics.jsonl,
+    OUT/checkpoints/step-N and the final policy as the model directory OUT/final. Returns the metrics rows
+    (resumed: from the first iteration on).
+
+    resume=True continues from the latest checkpoint in OUT; ValueError if there is none, or if the arguments
+    differ from OUT/config.json beyond RESUMABLE_CHANGES (or the starting model's or judge's weights do). A new
+    run refuses an OUT that holds checkpoints: a later resume would take them for its own. Ctrl-C or SIGTERM:
+    the iteration finishes, a checkpoint is written, and KeyboardInterrupt is raised (OUT/final is not)."""
     if not prompts:
         raise ValueError("give at least one prompt ('' starts from <BOS>)")
+    out = Path(out)
+    checkpoint = _resume_point(out) if resume else latest_checkpoint(out)
+    if checkpoint is not None and not resume:
+        raise ValueError(f"{out} holds the checkpoints of an earlier run (latest {checkpoint.name}): continue it "
+                         f"with --resume, or start over in another folder (or after removing {out / 'checkpoints'})")
     reward_fn = reward or build_reward(config.reward, judge=judge, reward_file=reward_file)
     policy, tok = load_pretrained(model_dir)
     if tok is None:
@@ -204,57 +330,93 @@ def run_text_selfplay(model_dir: str | Path, out: str | Path, config: TextSelfPl
     reference, _ = load_pretrained(model_dir)  # the starting model, frozen: the KL anchor
     reference.requires_grad_(False)
     encoded = encode_prompts(tok, prompts, config.max_new_tokens, policy.config.block_size)
-    out = Path(out)
+    record = run_record(model_dir, config, prompts, judge, reward_file)
+    if checkpoint is not None:
+        _check_same_run(out, saved_run(out), record)
+        if checkpoint_step(checkpoint) > config.iterations:
+            raise ValueError(f"the latest checkpoint is at iteration {checkpoint_step(checkpoint)}, past "
+                             f"iterations ({config.iterations})")
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.json", json.dumps(
-        {"selfplay_text": dataclasses.asdict(config), "model": str(model_dir), "prompts": list(prompts),
-         "judge": str(judge) if judge else None, "reward_file": reward_file}, indent=2) + "\n")
+    atomic_write_text(out / "config.json", json.dumps(record, indent=2) + "\n")
     metrics_path = out / "metrics.jsonl"
-    metrics_path.write_text("")
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     opt = torch.optim.AdamW(policy.parameters(), lr=config.lr, weight_decay=0.0)
-    rows: list[dict[str, Any]] = []
-    t0 = time.perf_counter()
-    order = list(range(len(prompts)))
-    for step in range(1, config.iterations + 1):
-        chosen = [order[((step - 1) * config.prompts_per_iteration + j) % len(order)]
-                  for j in range(config.prompts_per_iteration)]
-        idx = [i for i in chosen for _ in range(config.group_size)]
-        groups = [j for j in range(len(chosen)) for _ in range(config.group_size)]
-        gen = GenerationConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                               seed=rng.randrange(2**31))
-        comps = generate_ids(policy, [encoded[i] for i in idx], gen, eos_token_id=tok.eos_id, pad_id=tok.pad_id)
-        texts = [tok.decode(c) for c in comps]
-        rewards = [float(r) for r in reward_fn([prompts[i] for i in idx], texts, comps)]
-        if len(rewards) != len(comps):
-            raise ValueError(f"the reward returned {len(rewards)} values for {len(comps)} completions")
-        adv = grouped_advantages(rewards, groups)
-        trained = [c + [tok.eos_id] if len(c) < config.max_new_tokens else c for c in comps]
-        batch = make_batch([encoded[i] for i in idx], trained, tok.pad_id)
-        policy.train()
-        logp, _ = token_logprobs(policy, batch, temperature=config.temperature)
-        with torch.no_grad():
-            ref_logp, _ = token_logprobs(reference, batch, temperature=config.temperature)
-        m = batch.mask.float()
-        kl = (kl_k3(logp, ref_logp) * m).sum() / m.sum()
-        loss = reinforce_loss(logp, batch.mask, torch.tensor(adv)) + config.kl_coef * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip)
-        opt.step()
-        mean = sum(rewards) / len(rewards)
-        row = {"step": step, "reward": round(mean, 5),
-               "reward_std": round(math.sqrt(sum((r - mean) ** 2 for r in rewards) / len(rewards)), 5),
-               "kl": round(kl.item(), 6), "loss": round(loss.item(), 6),
-               "length": round(sum(map(len, comps)) / len(comps), 2),
-               "wall_s": round(time.perf_counter() - t0, 2), "sample": texts[0][:120]}
-        rows.append(row)
-        with open(metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    start, elapsed, rows = 0, 0.0, []
+    if checkpoint is None:
+        metrics_path.write_text("")
+    else:
+        start, elapsed = _load_checkpoint(checkpoint, policy, opt, rng)
+        rows = trim_metrics(metrics_path, start)  # the lines after the checkpoint are logged again
         if log:
-            log(f"step {step:4d} | reward {row['reward']:.4f} | kl {row['kl']:.4f} | len {row['length']:.1f}")
+            log(f"resumed from {checkpoint} (step {start})")
+    t0 = time.perf_counter() - elapsed
+    order = list(range(len(prompts)))
+    with StopOnSignal(log) as stop:
+        for step in range(start + 1, config.iterations + 1):
+            chosen = [order[((step - 1) * config.prompts_per_iteration + j) % len(order)]
+                      for j in range(config.prompts_per_iteration)]
+            idx = [i for i in chosen for _ in range(config.group_size)]
+            groups = [j for j in range(len(chosen)) for _ in range(config.group_size)]
+            gen = GenerationConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                                   seed=rng.randrange(2**31))
+            comps = generate_ids(policy, [encoded[i] for i in idx], gen, eos_token_id=tok.eos_id, pad_id=tok.pad_id)
+            texts = [tok.decode(c) for c in comps]
+            rewards = [float(r) for r in reward_fn([prompts[i] for i in idx], texts, comps)]
+            if len(rewards) != len(comps):
+                raise ValueError(f"the reward returned {len(rewards)} values for {len(comps)} completions")
+            adv = grouped_advantages(rewards, groups)
+            trained = [c + [tok.eos_id] if len(c) < config.max_new_tokens else c for c in comps]
+            batch = make_batch([encoded[i] for i in idx], trained, tok.pad_id)
+            policy.train()
+            logp, _ = token_logprobs(policy, batch, temperature=config.temperature)
+            with torch.no_grad():
+                ref_logp, _ = token_logprobs(reference, batch, temperature=config.temperature)
+            m = batch.mask.float()
+            kl = (kl_k3(logp, ref_logp) * m).sum() / m.sum()
+            loss = reinforce_loss(logp, batch.mask, torch.tensor(adv)) + config.kl_coef * kl
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip)
+            opt.step()
+            mean = sum(rewards) / len(rewards)
+            row = {"step": step, "reward": round(mean, 5),
+                   "reward_std": round(math.sqrt(sum((r - mean) ** 2 for r in rewards) / len(rewards)), 5),
+                   "kl": round(kl.item(), 6), "loss": round(loss.item(), 6),
+                   "length": round(sum(map(len, comps)) / len(comps), 2),
+                   "wall_s": round(time.perf_counter() - t0, 2), "sample": texts[0][:120]}
+            rows.append(row)
+            with open(metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            if log:
+                log(f"step {step:4d} | reward {row['reward']:.4f} | kl {row['kl']:.4f} | len {row['length']:.1f}")
+            stopping = stop.requested  # read once: a signal from here on is the next iteration's
+            if stopping or step == config.iterations or (config.save_every and step % config.save_every == 0):
+                written = _save_checkpoint(out, step, policy, opt, rng, time.perf_counter() - t0, record)
+            if stopping:
+                if log:
+                    log(f"interrupted at step {step}; the latest checkpoint is {written}; continue with --resume")
+                raise KeyboardInterrupt
     save_pretrained(out / "final", policy, tok, training={
         "selfplay_text": dataclasses.asdict(config), "init": str(model_dir), "steps": config.iterations,
         "final_reward": rows[-1]["reward"], "final_kl": rows[-1]["kl"]})
     return rows
+
+
+def resume_text_selfplay(out: str | Path, overrides: dict[str, Any] | None = None, *,
+                         model_dir: str | Path | None = None, prompts: Sequence[str] | None = None,
+                         judge: str | Path | None = None, reward_file: str | None = None,
+                         reward: Reward | None = None,
+                         log: Callable[[str], None] | None = print) -> list[dict[str, Any]]:
+    """Continue the run in OUT from its latest checkpoint with the settings of OUT/config.json. `overrides`
+    (TextSelfPlayConfig fields) and the other arguments, where given, must match them except for
+    RESUMABLE_CHANGES: {"iterations": 80} trains further."""
+    out = Path(out)
+    _resume_point(out)  # no checkpoint says so before anything else
+    saved = saved_run(out)
+    fields = {f.name for f in dataclasses.fields(TextSelfPlayConfig)}
+    config = TextSelfPlayConfig(**{**{k: v for k, v in saved["selfplay_text"].items() if k in fields},
+                                   **(overrides or {})})
+    return run_text_selfplay(model_dir or saved["model"], out, config, prompts or saved.get("prompts") or [""],
+                             reward=reward, judge=judge or saved.get("judge"),
+                             reward_file=reward_file or saved.get("reward_file"), log=log, resume=True)
