@@ -1,6 +1,7 @@
 """Self-play from the web UI in a real browser (Debian's Chromium driven by Playwright): start a run from the
-Self-play tab, watch its reward and KL charts fill while it runs, cancel it, then run a short one to the end
-and find its model in the Models tab with where it came from. Screenshots go to tests/artifacts/browser-selfplay/."""
+Self-play tab, watch its reward and KL charts fill while it runs, cancel it (it offers to resume), then run a
+short one to the end and find its model in the Models tab with where it came from. Screenshots go to
+tests/artifacts/browser-selfplay/."""
 
 from __future__ import annotations
 
@@ -73,7 +74,7 @@ def test_selfplay_from_the_ui(tmp_path, browser):  # noqa: F811 (the fixture imp
             shot("02-running")
             page.click(f"{row} button.cancel")
             page.wait_for_selector(f'{row}[data-status="cancelled"]', timeout=60_000)
-            assert page.query_selector(f"{row} button.resume") is None
+            page.wait_for_selector(f"{row} button.resume")  # the cancel saved a checkpoint: it can be resumed
             assert page.query_selector('#models-table tr[data-model="tiny-sp"]') is None  # cancelled: no model
 
             # 2. a short run to the end: the charts hold one point per iteration; its model appears with its origin

@@ -8,9 +8,15 @@ import json
 import os
 import signal
 
-from test_server_support import BOOK, FAST, TINY_MODEL, ServerProcess, kill_run_process, wait_for
-
-from lmlab.train import checkpoint_step, latest_checkpoint
+from test_server_support import (
+    BOOK,
+    FAST,
+    TINY_MODEL,
+    ServerProcess,
+    kill_past_a_checkpoint,
+    kill_run_process,
+    wait_for,
+)
 
 LONG = {"books": ["tales.txt"], "max_steps": 100000, "save_every": 3, "log_every": 1, "eval_every": 0, **FAST}
 
@@ -45,24 +51,6 @@ def _check_resumed(c, ws, run_id, step):
     assert c.get("/api/v1/models/" + r["model"]).json()["trained_steps"] == step + 3
 
 
-def _kill_past_a_checkpoint(pid, run_dir):
-    """SIGKILL the trainer at a moment when it has logged steps after its latest checkpoint (those lines must
-    be dropped on resume). The process is frozen (SIGSTOP) while its files are read, so what was seen is what
-    it leaves; the server's view (current_step) lags the files by a poll and cannot tell."""
-    def logged_past_checkpoint():
-        os.kill(pid, signal.SIGSTOP)
-        # the signal is delivered asynchronously: on its own core the trainer may write on for a moment
-        wait_for(lambda: "State:\tT" in open(f"/proc/{pid}/status").read(), 10, 0.001, "the trainer to stop")
-        ckpt = latest_checkpoint(run_dir)
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-        if ckpt is not None and lines and json.loads(lines[-1])["step"] > checkpoint_step(ckpt):
-            return True
-        os.kill(pid, signal.SIGCONT)
-        return False
-    wait_for(logged_past_checkpoint, 60, 0.05, "steps logged after a checkpoint")
-    os.kill(pid, signal.SIGKILL)
-
-
 def test_kill_9_of_the_training_process(tmp_path):
     server = ServerProcess(tmp_path).start()
     pid = None
@@ -70,7 +58,7 @@ def test_kill_9_of_the_training_process(tmp_path):
         with server.client() as c:
             run_id = _setup(c, "k9")
             pid = _wait(c, run_id, lambda r: (r["checkpoint_step"] or 0) >= 3, "a checkpoint")["pid"]
-            _kill_past_a_checkpoint(pid, tmp_path / "runs" / f"run-{run_id}")
+            kill_past_a_checkpoint(pid, tmp_path / "runs" / f"run-{run_id}")
             r = _wait(c, run_id, lambda r: r["status"] != "running", "the supervisor to notice the death")
             assert r["status"] == "interrupted" and r["exit_code"] == -9 and "SIGKILL" in r["error"]
             assert r["can_resume"] and r["pid"] is None

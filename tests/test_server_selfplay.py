@@ -2,12 +2,14 @@
 text` processes: the run's reward and KL reach the metrics stream one line per iteration, the policy becomes
 a new model of the workspace (loadable, with its origin, weights changed), requests are validated (the
 memory check counts the reference copy and the judge), a running self-play guards the models it reads and
-the name it writes against every endpoint (concurrent requests too), a self-play run cannot be resumed, and
-one cancelled mid-run leaves no model behind."""
+the name it writes against every endpoint (concurrent requests too), one cancelled mid-run leaves no model
+behind but a checkpoint, and a stopped run (cancelled, killed, or its server stopped) resumes from its last
+checkpoint to the model it was making, one metrics line per iteration."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 
 import httpx
@@ -20,6 +22,7 @@ from test_server_support import (
     TINY_MODEL,
     ServerProcess,
     client,
+    kill_past_a_checkpoint,
     kill_run_process,
     run_status,
     settings,
@@ -135,11 +138,12 @@ def test_selfplay_run_makes_a_new_model(lab):
     info = lab.get("/api/v1/info").json()
     assert info["selfplay_rewards"] == ["seed", "repetition", "perplexity"]
     assert "/api/v1/runs/selfplay" in lab.get("/openapi.json").json()["paths"]
-    # the runs list tells the kinds apart; a self-play run cannot be resumed
+    # the runs list tells the kinds apart; a completed self-play run has its last checkpoint but is not resumed
     assert {r["kind"] for r in lab.get("/api/v1/runs").json()} == {"train", "selfplay"}
     assert [r["id"] for r in lab.get("/api/v1/runs?kind=selfplay").json()] == [run["id"]]
+    assert run["checkpoint_step"] == 3
     r = lab.post(f"/api/v1/runs/{run['id']}/resume")
-    assert r.status_code == 409 and "self-play" in r.json()["detail"] and "cannot be resumed" in r.json()["detail"]
+    assert r.status_code == 409 and "is completed" in r.json()["detail"], r.text
 
     # trained further from the policy's weights it still comes from that self-play; trained from scratch, not
     origin = m["origin"]
@@ -228,7 +232,8 @@ def test_cancelled_selfplay_leaves_no_model(lab):
     """A run of 100000 iterations cannot finish within this test on any machine (each one samples, scores and
     updates): while it runs, the models it reads can be read by more self-play but not trained, resumed into
     or deleted, and the name it will write is taken, through every endpoint and for concurrent requests;
-    cancelled, its process ends and no model appears."""
+    cancelled, its process ends and no model appears, but a checkpoint of its last iteration does; its name is
+    free again, and while another model holds it the run cannot be resumed."""
     models = {m["name"] for m in lab.get("/api/v1/models").json()}
     # a training run of `tiny` stopped after a checkpoint, to be resumed while self-play reads `tiny`
     r = lab.post("/api/v1/runs", json={"model": "tiny", "books": ["tales.txt"], "max_steps": 100_000,
@@ -292,19 +297,93 @@ def test_cancelled_selfplay_leaves_no_model(lab):
         assert r.status_code == 200 and r.json()["cancel_requested"] is True
         run = wait_run(lab, run_id, DONE, "the cancelled run to stop")
         assert run["status"] == "cancelled" and run["exit_code"] == 130 and run["pid"] is None, run
-        assert run["current_step"] < 100_000 and run["can_resume"] is False
+        assert run["current_step"] < 100_000 and run["can_resume"] is True
+        assert run["checkpoint_step"] == run["current_step"]  # the cancel let the iteration finish and saved it
         wait_for(lambda: not process_alive(pid), 30, what="the self-play process to end")
         assert not (lab.workspace / "runs" / f"run-{run_id}" / "final").exists()
         assert lab.get("/api/v1/models/tiny-long").status_code == 404
         assert not (lab.workspace / "models" / "tiny-long").exists()
         assert {m["name"] for m in lab.get("/api/v1/models").json()} == models
-        r = lab.post(f"/api/v1/runs/{run_id}/resume")
-        assert r.status_code == 409 and "self-play" in r.json()["detail"]
-        # the name is free again
+        # the name is free again; taken by another model, the run cannot resume (it would save its policy there)
         assert lab.post("/api/v1/models", json={"name": "tiny-long", **TINY_MODEL}).status_code == 201
+        r = lab.post(f"/api/v1/runs/{run_id}/resume")
+        assert r.status_code == 409 and "'tiny-long' already exists; resuming this run" in r.json()["detail"], r.text
+        assert run_status(lab, run_id)["status"] == "cancelled"
         assert lab.delete("/api/v1/models/tiny-long").status_code == 204
     finally:
         kill_run_process(pid)
+
+
+def _steps(lab, run_id):
+    steps = [m["step"] for m in lab.get(f"/api/v1/runs/{run_id}/metrics?limit=100000").json()["metrics"]]
+    lines = (lab.workspace / "runs" / f"run-{run_id}" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(x)["step"] for x in lines] == steps  # the server's copy is the file's
+    return steps
+
+
+def test_stopped_selfplay_resumes_to_its_model(lab):
+    """Killed (-9) past a checkpoint, a self-play run resumes from that checkpoint (the lines logged after it are
+    dropped); cancelled, it resumes from the checkpoint the cancel wrote, here with max_steps as its new number
+    of iterations, and completes with its model. One metrics line per iteration, 1..N, nothing twice. A run
+    cancelled before it started has no checkpoint, and resuming it is refused with the reason."""
+    long = {"model": "tiny", "new_model": "tiny-resumed", **TINY_SP, "iterations": 100_000, "save_every": 2}
+    r = lab.post("/api/v1/runs/selfplay", json=long)
+    assert r.status_code == 201 and r.json()["params"]["save_every"] == 2, r.text
+    run_id, pids = r.json()["id"], []
+    run_dir = lab.workspace / "runs" / f"run-{run_id}"
+    try:
+        # queued behind it (one job at a time), then cancelled: nothing to resume from
+        r = lab.post("/api/v1/runs/selfplay", json={**long, "new_model": "tiny-never"})
+        assert r.status_code == 201 and r.json()["status"] == "queued", r.text
+        never = r.json()["id"]
+        assert lab.post(f"/api/v1/runs/{never}/cancel").json()["status"] == "cancelled"
+        r = lab.post(f"/api/v1/runs/{never}/resume")
+        assert r.status_code == 409 and "stopped before its first checkpoint" in r.json()["detail"], r.text
+        assert run_status(lab, never)["can_resume"] is False
+
+        pids.append(wait_run(lab, run_id, lambda r: (r["checkpoint_step"] or 0) >= 2, "a checkpoint")["pid"])
+        kill_past_a_checkpoint(pids[-1], run_dir)
+        run = wait_run(lab, run_id, DONE, "the supervisor to notice the death")
+        assert run["status"] == "interrupted" and run["exit_code"] == -9 and run["can_resume"], run
+        killed_at, last = run["checkpoint_step"], _steps(lab, run_id)[-1]
+        assert last > killed_at  # lines past the checkpoint, to be dropped
+
+        r = lab.post(f"/api/v1/runs/{run_id}/resume")  # as it was: 100000 iterations
+        assert r.status_code == 200 and r.json()["status"] == "queued" and r.json()["max_steps"] == 100_000, r.text
+        # a step past the killed process's last line is the resumed one's, logged inside its loop (a cancel
+        # before that would stop it before it has a checkpoint of its own)
+        run = wait_run(lab, run_id, lambda r: r["status"] == "running" and r["current_step"] > last,
+                       "iterations after the resume")
+        assert run["resumed_from_step"] == killed_at
+        pids.append(run["pid"])
+        lab.post(f"/api/v1/runs/{run_id}/cancel")
+        run = wait_run(lab, run_id, DONE, "the cancelled run to stop")
+        assert run["status"] == "cancelled" and run["can_resume"] and run["exit_code"] == 130, run
+        step = run["checkpoint_step"]
+        assert step == run["current_step"] and _steps(lab, run_id) == list(range(1, step + 1))
+        assert lab.get("/api/v1/models/tiny-resumed").status_code == 404
+
+        r = lab.post(f"/api/v1/runs/{run_id}/resume", json={"max_steps": step})
+        assert r.status_code == 409 and "must be larger" in r.json()["detail"], r.text
+        r = lab.post(f"/api/v1/runs/{run_id}/resume", json={"max_steps": step + 2})
+        assert r.status_code == 200 and r.json()["max_steps"] == step + 2, r.text
+        run = wait_run(lab, run_id, DONE, "the resumed run to finish")
+        assert run["status"] == "completed" and run["resumed_from_step"] == step, run
+        assert run["current_step"] == run["checkpoint_step"] == step + 2 and run["launches"] == 3
+        assert _steps(lab, run_id) == list(range(1, step + 3))
+        log = (run_dir / "log.txt").read_text()
+        for at in (killed_at, step):
+            assert f"resumed from {run_dir / 'checkpoints' / f'step-{at}'} (step {at})" in log
+        commands = [x for x in log.splitlines() if x.startswith("$ lmlab selfplay text")]
+        assert len(commands) == 3 and [c.endswith(" --resume") for c in commands] == [False, True, True], commands
+        assert "--iterations 100000" in commands[1] and f"--iterations {step + 2}" in commands[2]
+        m = lab.get("/api/v1/models/tiny-resumed").json()
+        assert m["trained"] and m["trained_run_id"] == run_id and m["trained_steps"] == step + 2, m
+        assert m["origin"]["iterations"] == step + 2 and m["origin"]["parent"] == "tiny"
+    finally:
+        for pid in pids:
+            kill_run_process(pid)
+    assert lab.delete("/api/v1/models/tiny-resumed").status_code == 204
 
 
 def test_selfplay_never_overwrites_files_it_did_not_make(lab):
@@ -325,6 +404,20 @@ def test_selfplay_never_overwrites_files_it_did_not_make(lab):
     assert (lab.workspace / "runs" / f"run-{run['id']}" / "final" / "model.safetensors").is_file()  # kept
     r = lab.post("/api/v1/runs/selfplay", json={"model": "tiny", "new_model": "tiny-hand", **TINY_SP})
     assert r.status_code == 409 and "exists in the workspace though no model" in r.json()["detail"]
+    # the failed run resumes at its last iteration, as it was, once the folder is gone: it saves its policy
+    assert run["can_resume"] and run["checkpoint_step"] == 1
+    r = lab.post(f"/api/v1/runs/{run['id']}/resume")
+    assert r.status_code == 409 and r.json()["detail"].endswith("is indexed; remove it"), r.text
+    policy = _weights(lab.workspace / "runs" / f"run-{run['id']}" / "final")
+    shutil.rmtree(theirs)
+    assert lab.post(f"/api/v1/runs/{run['id']}/resume").status_code == 200
+    run = wait_run(lab, run["id"], DONE, "the resumed run")
+    assert run["status"] == "completed" and run["resumed_from_step"] == 1 and run["current_step"] == 1, run
+    assert _steps(lab, run["id"]) == [1]
+    assert lab.get("/api/v1/models/tiny-hand").json()["trained_steps"] == 1
+    saved = _weights(lab.workspace / "models" / "tiny-hand")
+    assert all(torch.equal(policy[k], saved[k]) for k in policy)
+    assert lab.delete("/api/v1/models/tiny-hand").status_code == 204
 
 
 def test_the_memory_check_counts_the_reference_and_the_judge(tmp_path):
@@ -359,15 +452,17 @@ def test_the_memory_check_counts_the_reference_and_the_judge(tmp_path):
 
 def test_a_stopped_or_killed_server_interrupts_selfplay(tmp_path):
     """The server stopped (SIGTERM), then killed (SIGKILL), while self-play runs (100000 iterations: they cannot
-    finish first): each run shows as interrupted, says why it cannot be resumed, its process ends, and no
-    model appears."""
+    finish first): each run shows as interrupted and says how to continue; its process (asked by the stopping
+    server, or by the next one for the orphan of a killed server) checkpoints and ends, the run can be resumed,
+    and no model appears."""
     tok = Tokenizer.train([BOOK], kind="char", vocab_size=128)
     cfg = ModelConfig.preset("gpt2-tiny", vocab_size=128, block_size=32)
     save_pretrained(Workspace(tmp_path).model_path("m"), Transformer(cfg), tok)  # indexed when the server starts
     long = {**TINY_SP, "iterations": 100_000}
     server, pids = ServerProcess(tmp_path).start(), []
     try:
-        for stop, words in (("stop", "no checkpoints"), ("kill", "asked to stop")):
+        for stop, words in (("stop", "resume to continue from the last checkpoint"),
+                            ("kill", "was asked to save a checkpoint and exit")):
             with server.client() as c:
                 r = c.post("/api/v1/runs/selfplay", json={"model": "m", "new_model": "m-sp", **long})
                 assert r.status_code == 201, r.text
@@ -378,8 +473,9 @@ def test_a_stopped_or_killed_server_interrupts_selfplay(tmp_path):
             with server.client() as c:
                 run = run_status(c, run_id)
                 assert run["status"] == "interrupted" and words in run["error"], run
-                assert run["can_resume"] is False and c.post(f"/api/v1/runs/{run_id}/resume").status_code == 409
                 wait_for(lambda: not process_alive(pids[-1]), 60, what="the self-play process to end")
+                run = run_status(c, run_id)
+                assert run["can_resume"] is True and run["checkpoint_step"] >= 1, run
                 assert c.get("/api/v1/models/m-sp").status_code == 404
                 assert not (tmp_path / "models" / "m-sp").exists()
     finally:

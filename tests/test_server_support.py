@@ -1,5 +1,5 @@
 """Shared helpers for the web-app tests (no tests here): a book, fast training settings, an in-process
-client, a real `lmlab serve` process, and polling with a deadline."""
+client, a real `lmlab serve` process, polling with a deadline, and a kill -9 past a checkpoint."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import httpx  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 from lmlab.server import Settings, build_asgi  # noqa: E402
+from lmlab.train import checkpoint_step, latest_checkpoint  # noqa: E402
 from lmlab.train.demo_corpus import demo_corpus  # noqa: E402
 
 BOOK = demo_corpus(n_stories=60, seed=3)  # ~18 KB of English and Russian tales
@@ -141,3 +142,21 @@ def kill_run_process(pid: int | None) -> None:
             os.killpg(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
+
+
+def kill_past_a_checkpoint(pid: int, run_dir: Path) -> None:
+    """SIGKILL a training or self-play process at a moment when it has logged steps after its latest checkpoint
+    (those lines must be dropped on resume). The process is frozen (SIGSTOP) while its files are read, so what
+    was seen is what it leaves; the server's view (current_step) lags the files by a poll and cannot tell."""
+    def logged_past_checkpoint():
+        os.kill(pid, signal.SIGSTOP)
+        # the signal is delivered asynchronously: on its own core the process may write on for a moment
+        wait_for(lambda: "State:\tT" in open(f"/proc/{pid}/status").read(), 10, 0.001, "the process to stop")
+        ckpt = latest_checkpoint(run_dir)
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+        if ckpt is not None and lines and json.loads(lines[-1])["step"] > checkpoint_step(ckpt):
+            return True
+        os.kill(pid, signal.SIGCONT)
+        return False
+    wait_for(logged_past_checkpoint, 60, 0.05, "steps logged after a checkpoint")
+    os.kill(pid, signal.SIGKILL)

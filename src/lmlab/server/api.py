@@ -4,7 +4,7 @@ books     upload (multipart), list, detail with stats, preview, delete
 models    presets, estimate (parameters, memory, fits the budget?) before creating, create, list, detail,
           delete, download (zip of the model directory)
 runs      start (training, or text self-play: RL of a trained model into a new one), list, detail, metrics,
-          live events (SSE), log, cancel, resume (training runs), delete
+          live events (SSE), log, cancel, resume (training and self-play), delete
 generate  JSON, or token streaming over Server-Sent Events
 """
 
@@ -183,12 +183,16 @@ class SelfPlayCreate(BaseModel):
     kl_coef: float = Field(SP.kl_coef, ge=0, le=100, description="weight of the KL penalty to the starting model")
     temperature: float = Field(SP.temperature, gt=0, le=10, description="sampling temperature")
     seed: int = Field(SP.seed, ge=0, le=2**31 - 1)
+    save_every: int = Field(SP.save_every, ge=0, le=100_000,
+                            description="checkpoint every N iterations (0: only at the end; a cancel always "
+                                        "checkpoints), so that a stopped run can be resumed")
 
 
 
 class ResumeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    max_steps: int | None = Field(None, ge=1, le=10_000_000, description="train further than first planned")
+    max_steps: int | None = Field(None, ge=1, le=10_000_000, description="train further than first planned (for "
+                                  "a self-play run: its iterations)")
 
 
 class Run(BaseModel):
@@ -536,17 +540,27 @@ def start_selfplay(state: State, req: SelfPlayCreate) -> dict[str, Any]:
         return _start_selfplay(state, req, new)
 
 
-def _start_selfplay(state: State, req: SelfPlayCreate, new: str) -> dict[str, Any]:
-    path = need_trained(state, req.model, "the model self-play starts from")
-    judge_path = need_trained(state, req.judge, "the judge") if req.judge is not None else None
-    need_free_model_name(state, new, "; choose another name for the new model")
+def need_selfplay_models(state: State, model: str, judge: str | None, new: str,
+                         resuming: bool = False) -> tuple[Any, Any]:
+    """What a self-play run needs to start or resume: its starting model and judge trained and not training
+    (self-play runs may share them: they only read them), and the name of the model it makes free. Returns the
+    directories of the starting model and the judge (None without one). Called under state.lock."""
+    path = need_trained(state, model, "the model self-play starts from")
+    judge_path = need_trained(state, judge, "the judge") if judge is not None else None
+    other = "" if resuming else " or choose another name for the new model"
+    need_free_model_name(state, new, "; resuming this run saves its policy under that name" if resuming else
+                         "; choose another name for the new model")
     if state.ws.model_path(new).exists():  # the finished run would not overwrite it (Supervisor._register_selfplay)
         raise HTTPException(409, f"models/{new}/ exists in the workspace though no model of that name is "
-                                 "indexed; remove it or choose another name for the new model")
-    # self-play runs may share a starting model or judge (they only read it); training one would change it
+                                 f"indexed; remove it{other}")
     active = state.db.list_runs(status=ACTIVE)
-    for name in filter(None, (req.model, req.judge)):
+    for name in filter(None, (model, judge)):
         need_unused(state, name, lambda r: r["kind"] == "train", active)
+    return path, judge_path
+
+
+def _start_selfplay(state: State, req: SelfPlayCreate, new: str) -> dict[str, Any]:
+    path, judge_path = need_selfplay_models(state, req.model, req.judge, new)
     settings = req.model_dump(include=set(SELFPLAY_SETTINGS))
     try:
         TextSelfPlayConfig(reward=req.reward, **settings)
@@ -921,18 +935,25 @@ def cancel_run(state: Lab, run_id: RunId) -> Run:
     return run_info(state, state.supervisor.cancel(run_id) or row)
 
 
+def _resumable_models(state: State, run: dict[str, Any]) -> None:
+    """A resumed run reads and writes models as when it started. Training writes its model when it completes:
+    not while self-play reads it or another run trains it. Self-play needs what it needed to start."""
+    if run["kind"] == "train":
+        need_unused(state, run["model_name"], lambda r: r["id"] != run["id"])
+    else:
+        p = run["params"]
+        need_selfplay_models(state, run["model_name"], p.get("judge"), p["new_model"], resuming=True)
+
+
 @router.post("/runs/{run_id}/resume", tags=["runs"], response_model=Run,
-             summary="continue an interrupted, failed or cancelled training run from its last checkpoint "
-                     "(self-play runs keep no checkpoints: 409)")
+             summary="continue an interrupted, failed or cancelled run (training or self-play) from its last "
+                     "checkpoint; max_steps trains further (self-play: iterations)")
 def resume_run(state: Lab, run_id: RunId, req: ResumeRequest | None = None) -> Run:
     with state.lock:  # from the check through queueing: see Supervisor.lock
-        run = need_run(state, run_id)
-        # a training run writes its model when it completes: not while self-play reads it or another run
-        # trains it (a self-play run itself cannot be resumed: the supervisor says so)
-        if run["kind"] == "train":
-            need_unused(state, run["model_name"], lambda r: r["id"] != run_id)
+        need_run(state, run_id)
         try:
-            row = state.supervisor.resume(run_id, {"max_steps": req.max_steps if req else None})
+            row = state.supervisor.resume(run_id, req.max_steps if req else None,
+                                          ready=lambda run: _resumable_models(state, run))
         except LookupError as exc:
             raise HTTPException(404, str(exc)) from None
         except ValueError as exc:

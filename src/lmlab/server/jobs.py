@@ -10,13 +10,15 @@ One supervisor thread, every `poll_s` seconds:
     as the reason;
   * starts queued runs, first in first out, while fewer than `max_jobs` are running.
 
-Cancel sends SIGINT: the trainer turns it into KeyboardInterrupt, writes a checkpoint and exits, so a
-cancelled run can be resumed. Resume relaunches `lmlab train --resume --out RUN_DIR`. Self-play writes no
-checkpoints, so a cancelled one cannot be resumed: a cancel that stops it before it has written final/
-leaves no model behind, and one that arrives after final/ is written comes too late (the process exits 0
-and the run completes with its new model). On start-up, runs the database still calls running belonged
-to a server that died: they become interrupted, and a child process that outlived that server is asked
-(SIGINT) to checkpoint and exit before any resume starts.
+Cancel sends SIGINT: training and self-play both finish the step (iteration) under way, write a checkpoint
+and exit, so a cancelled run can be resumed. Resume relaunches the run's command with `--resume`: `lmlab
+train --resume --out RUN_DIR`, or the `lmlab selfplay text ... --out RUN_DIR` it was started with (the same
+flags, prompts in RUN_DIR/prompts.json) plus `--resume`, which checks that they match the run's
+config.json. A self-play run stopped before final/ leaves no model behind until it is resumed and
+completes; a cancel that arrives after final/ is written comes too late (the process exits 0 and the run
+completes with its new model). On start-up, runs the database still calls running belonged to a server
+that died: they become interrupted, and a child process that outlived that server is asked (SIGINT) to
+checkpoint and exit before any resume starts.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,15 +53,14 @@ _CHILD = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_h
           "signal.signal(signal.SIGTERM, signal.default_int_handler); "
           "from lmlab.cli import main; sys.exit(main(sys.argv[1:]))")
 KILL_AFTER_S = 30.0  # a child that has not exited this long after SIGINT gets SIGKILL
-# What the kinds of run say when they stop early: their process's name, what SIGINT asks of a live one, and
-# what a server stop leaves (training checkpoints on SIGINT and can resume; self-play keeps nothing).
-_KINDS = {"train": {"what": "training", "asked": "was asked to save a checkpoint and exit",
-                    "server_stopped": "the server was stopped; resume to continue from the last checkpoint"},
-          "selfplay": {"what": "self-play", "asked": "was asked to stop (self-play keeps no checkpoints)",
-                       "server_stopped": "the server was stopped; self-play keeps no checkpoints: start it again"}}
+# What a run's process is called when it stops early. Both kinds answer SIGINT alike (checkpoint and exit), so
+# a stopped run of either kind says the same about what is left and how to continue.
+_WHAT = {"train": "training", "selfplay": "self-play"}
+ASKED = "was asked to save a checkpoint and exit"
+SERVER_STOPPED = "the server was stopped; resume to continue from the last checkpoint"
 # The numeric settings of a self-play run, passed as `lmlab selfplay text` flags of the same names.
 SELFPLAY_SETTINGS = ("iterations", "group_size", "prompts_per_iteration", "max_new_tokens", "lr", "kl_coef",
-                     "temperature", "seed")
+                     "temperature", "seed", "save_every")
 
 
 def process_alive(pid: int | None, marker: str | None = None) -> bool:
@@ -198,7 +200,7 @@ class Supervisor:
             self._catch_up(run["id"])
             note = "the server stopped while this run was running"
             if alive:
-                note += f"; its process (pid {run['pid']}) {_KINDS[run['kind']]['asked']}"
+                note += f"; its process (pid {run['pid']}) {ASKED}"
             self.db.update_run(run["id"], status="interrupted", error=note, finished_at=time.time(),
                                pid=run["pid"] if alive else None)
             log.warning("run %s: %s", run["id"], note)
@@ -268,10 +270,11 @@ class Supervisor:
     # ---- launching ---------------------------------------------------------------------------------
 
     def command(self, run: dict[str, Any]) -> list[str]:
-        """`lmlab train ...` for this run (as run by the child: python -c <_CHILD> train ...)."""
+        """`lmlab train ...` or `lmlab selfplay text ...` for this run (as run by the child: python -c <_CHILD>
+        train ...), with --resume when it continues from a checkpoint."""
         run_dir = self.ws.run_path(run["id"])
         if run["kind"] == "selfplay":
-            return self._selfplay_command(run, run_dir)
+            return self._selfplay_command(run, run_dir) + (["--resume"] if run["resume"] else [])
         if run["resume"]:
             args = ["train", "--out", str(run_dir), "--resume"]
         else:
@@ -404,9 +407,8 @@ class Supervisor:
             values.update(status="cancelled", error=None, stop_reason="cancelled")
         elif code < 0 or code in (0, 130):  # 0 without final/: the trainer stopped early on request
             how = f"killed by {_signame(-code)}" if code < 0 else "interrupted"
-            kind = _KINDS[run["kind"]]
             values.update(status="interrupted", stop_reason="interrupted",
-                          error=kind["server_stopped"] if server_stopped else f"the {kind['what']} process was {how}")
+                          error=SERVER_STOPPED if server_stopped else f"the {_WHAT[run['kind']]} process was {how}")
         else:
             values.update(status="failed", error=_error_from_log(run_dir / "log.txt") or f"exit code {code}")
         self.db.update_run(run_id, **values)
@@ -434,28 +436,33 @@ class Supervisor:
             self.wake()
             return self.db.get_run(run_id)
 
-    def resume(self, run_id: int, overrides: dict[str, Any]) -> dict[str, Any]:
-        """Queue a stopped run to continue from its last checkpoint (ValueError says why it cannot)."""
+    def resume(self, run_id: int, max_steps: int | None = None,
+               ready: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+        """Queue a stopped run to continue from its last checkpoint, to `max_steps` if given (a self-play run's
+        iterations); ValueError says why it cannot. `ready(run)`, called after these checks and before the run
+        is queued, is the caller's own (the API's: the models the run reads and writes are free)."""
         with self.lock:
             run = self.db.get_run(run_id)
             if run is None:
                 raise LookupError(f"run {run_id} not found")
-            if run["kind"] == "selfplay":
-                raise ValueError(f"run {run_id} is a self-play run; self-play keeps no checkpoints, so it cannot "
-                                 "be resumed: start a new one")
             if run["status"] not in ("interrupted", "failed", "cancelled"):
                 raise ValueError(f"run {run_id} is {run['status']}; only interrupted, failed or cancelled runs "
                                  "can be resumed")
             ckpt = latest_checkpoint(self.ws.run_path(run_id))
             if ckpt is None:
                 raise ValueError(f"run {run_id} stopped before its first checkpoint; start a new run instead")
-            params = {**run["params"], **{k: v for k, v in overrides.items() if v is not None}}
+            limit = "iterations" if run["kind"] == "selfplay" else "max_steps"
+            params = {**run["params"], **({limit: max_steps} if max_steps is not None else {})}
             step = checkpoint_step(ckpt)
-            if params.get("max_steps") and params["max_steps"] <= step:
-                raise ValueError(f"the last checkpoint is at step {step}; max_steps ({params['max_steps']}) "
-                                 "must be larger to train further")
+            # self-play may resume at its last iteration as it was: to save its policy again (a failed registration)
+            as_it_was = limit == "iterations" and max_steps is None
+            if params.get(limit) and params[limit] <= step and not as_it_was:
+                raise ValueError(f"the last checkpoint is at step {step}; {limit} ({params[limit]}) must be larger "
+                                 "to train further")
+            if ready is not None:
+                ready(run)
             self.db.update_run(run_id, status="queued", resume=True, params=json.dumps(params),
-                               max_steps=params.get("max_steps"), queued_at=time.time(), error=None, exit_code=None,
+                               max_steps=params.get(limit), queued_at=time.time(), error=None, exit_code=None,
                                finished_at=None, cancel_requested=False, stop_reason=None)
             self.wake()
             return self.db.get_run(run_id)  # type: ignore[return-value]
