@@ -3,8 +3,10 @@
 books     upload (multipart), list, detail with stats, preview, delete
 models    presets, estimate (parameters, memory, fits the budget?) before creating, create, list, detail,
           delete, download (zip of the model directory)
-runs      start (training, or text self-play: RL of a trained model into a new one), list, detail, metrics,
-          live events (SSE), log, cancel, resume (training and self-play), delete
+runs      start (training, text self-play: RL of a trained model into a new one, or a lab experiment:
+          `lmlab lab facts EXPERIMENT` / `lmlab selfplay azr`), list, detail, metrics, live events (SSE), log,
+          cancel, resume (training and self-play), delete; an experiment's report.html, results.json and
+          plots (report, files)
 generate  JSON, or token streaming over Server-Sent Events
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -23,11 +26,12 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, File, HTTPException, Query, Request, Response, UploadFile
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
+from ..lab.facts.experiments import EXPERIMENTS as FACTS_EXPERIMENTS
 from ..lab.selfplay.text import REWARDS, TextSelfPlayConfig, encode_prompts
 from ..models import FAMILIES, SIZES, GenerationConfig, ModelConfig, generate, preset_names, stream
 from ..tokenizers import Tokenizer
@@ -189,6 +193,45 @@ class SelfPlayCreate(BaseModel):
 
 
 
+MAX_SEEDS = 5
+
+
+class ExperimentCreate(BaseModel):
+    """A lab experiment, run as its own CLI command into the run directory, which then holds results.json,
+    PNG plots and report.html (GET /runs/{id}/report). It makes no model and keeps no checkpoints."""
+    model_config = ConfigDict(extra="forbid")
+    lab: Literal["facts", "azr"] = Field(description="facts: knowledge acquisition on synthetic biographies "
+                                         "(`lmlab lab facts EXPERIMENT`); azr: the Absolute Zero miniature "
+                                         "(`lmlab selfplay azr`)")
+    experiment: str | None = Field(None, max_length=40, validate_default=True,
+                                   description="lab facts: one of " + ", ".join(FACTS_EXPERIMENTS) +
+                                               "; lab azr has one experiment and takes none",
+                                   examples=list(FACTS_EXPERIMENTS))
+    quick: bool = Field(False, description="the lab's --quick: reduced sizes (facts: minutes; azr: a smoke run in "
+                                           "seconds whose numbers mean nothing)")
+    seeds: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] = Field(
+        [0, 1, 2], min_length=1, max_length=MAX_SEEDS, description=f"distinct seeds, at most {MAX_SEEDS}")
+    workers: int | None = Field(None, ge=1, le=os.cpu_count() or 1,
+                                description="parallel processes, 1 thread each (default: the lab's own)")
+
+    @field_validator("experiment")
+    @classmethod
+    def _experiment(cls, value: str | None, info: ValidationInfo) -> str | None:
+        lab = info.data.get("lab")
+        if lab == "facts" and value not in FACTS_EXPERIMENTS:
+            raise ValueError(f"experiment ({value!r}) must be one of {', '.join(FACTS_EXPERIMENTS)} for lab facts")
+        if lab == "azr" and value not in (None, "azr"):
+            raise ValueError(f"lab azr has one experiment; leave experiment ({value!r}) out")
+        return "azr" if lab == "azr" else value
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"seeds ({value}) must be distinct")
+        return value
+
+
 class ResumeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     max_steps: int | None = Field(None, ge=1, le=10_000_000, description="train further than first planned (for "
@@ -197,8 +240,9 @@ class ResumeRequest(BaseModel):
 
 class Run(BaseModel):
     id: int
-    kind: Literal["train", "selfplay"] = Field(description="train: `lmlab train`; selfplay: `lmlab selfplay text` "
-                                                           "from `model` into params.new_model")
+    kind: Literal["train", "selfplay", "experiment"] = Field(
+        description="train: `lmlab train`; selfplay: `lmlab selfplay text` from `model` into params.new_model; "
+                    "experiment: a lab experiment (params.lab, params.experiment), no model (`model` is empty)")
     model: str
     books: list[str]
     status: str
@@ -337,7 +381,8 @@ def run_info(state: State, row: dict[str, Any], queue: list[int] | None = None) 
         last_val_loss=row["last_val_loss"], best_val_loss=row["best_val_loss"], lr=row["lr"],
         tokens_per_s=row["tokens_per_s"], last_reward=row["last_reward"], last_kl=row["last_kl"],
         checkpoint_step=ckpt_step,
-        can_resume=row["status"] in ("interrupted", "failed", "cancelled") and ckpt_step is not None,
+        can_resume=(row["status"] in ("interrupted", "failed", "cancelled") and ckpt_step is not None
+                    and row["kind"] != "experiment"),  # an experiment keeps no checkpoints of its own
         resumed_from_step=row["resumed_from_step"], launches=row["launches"],
         cancel_requested=bool(row["cancel_requested"]), pid=row["pid"], exit_code=row["exit_code"],
         error=row["error"], stop_reason=row["stop_reason"], metrics_epoch=row["metrics_epoch"],
@@ -663,7 +708,8 @@ def info(state: Lab) -> dict[str, Any]:
             "memory_budget_bytes": state.memory_budget, "max_jobs": s.max_jobs, "families": list(FAMILIES),
             "sizes": list(SIZES), "presets": preset_names(), "tokenizer_kinds": list(KINDS),
             "schedules": list(SCHEDULES), "book_suffixes": list(BOOK_SUFFIXES), "auth": bool(s.api_token),
-            "selfplay_rewards": list(SERVER_REWARDS),
+            "selfplay_rewards": list(SERVER_REWARDS), "facts_experiments": list(FACTS_EXPERIMENTS),
+            "max_seeds": MAX_SEEDS, "cpu_count": os.cpu_count() or 1,
             "running": len(state.supervisor.running()), "queued": len(state.db.queued_runs())}
 
 
@@ -852,10 +898,20 @@ def create_selfplay_run(state: Lab, req: SelfPlayCreate) -> Run:
     return run_info(state, start_selfplay(state, req))
 
 
+@router.post("/runs/experiment", tags=["runs"], status_code=201, response_model=Run,
+             responses={422: {"description": "an unknown lab or experiment, or bad seeds or workers"}},
+             summary="start a lab experiment (lab facts EXPERIMENT, or selfplay azr) into the run directory")
+def create_experiment_run(state: Lab, req: ExperimentCreate) -> Run:
+    params = req.model_dump(exclude_none=True)
+    run = state.db.add_run("", [], params, False, None, kind="experiment")
+    state.supervisor.submit(run["id"])
+    return run_info(state, run)
+
+
 @router.get("/runs", tags=["runs"], response_model=list[Run])
 def list_runs(state: Lab, model: str | None = Query(None, max_length=100),
               status: str | None = Query(None, max_length=20),
-              kind: Literal["train", "selfplay"] | None = Query(None)) -> list[Run]:
+              kind: Literal["train", "selfplay", "experiment"] | None = Query(None)) -> list[Run]:
     queue = [r["id"] for r in state.db.queued_runs()]
     rows = state.db.list_runs(model_name=model, status=[status] if status else None, kind=kind)
     return [run_info(state, r, queue) for r in rows]
@@ -924,6 +980,49 @@ async def run_events(state: Lab, run_id: RunId, request: Request) -> StreamingRe
 
     return StreamingResponse(events(), media_type="text/event-stream",
                              headers={"cache-control": "no-store", "x-accel-buffering": "no"})
+
+
+# What an experiment's run directory may serve: plain names, no dot first, of the kinds the labs write.
+RUN_FILE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*\.(png|json|html)$")
+_MEDIA = {"png": "image/png", "json": "application/json", "html": "text/html; charset=utf-8"}
+# report.html is generated content (plot captions, claims, settings): no scripts, no requests out, its PNGs
+# inlined as data: URIs (lab/*/report.py), framed only by the app itself (the Lab tab's iframe).
+REPORT_CSP = ("default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; base-uri 'none'; "
+              "form-action 'none'; frame-ancestors 'self'")
+
+
+def run_file(state: State, run_id: int, name: str) -> FileResponse:
+    """A file directly in an experiment run's directory, by a name RUN_FILE allows; 404 for anything else:
+    another kind of run, a name with a path in it, a symlink, or a file that resolves outside the directory."""
+    row = need_run(state, run_id)
+    if row["kind"] != "experiment":
+        raise HTTPException(404, f"run {run_id} is a {row['kind']} run; only lab experiment runs serve files")
+    if not RUN_FILE.fullmatch(name):
+        raise HTTPException(404, f"no file {name!r} here: a run serves results.json, its .png plots and report.html")
+    run_dir = state.ws.run_path(run_id).resolve()
+    path = run_dir / name
+    if path.is_symlink() or not path.is_file() or path.resolve().parent != run_dir:
+        if name == "report.html":
+            raise HTTPException(404, f"run {run_id} has no report yet ({row['status']}); it is written when the "
+                                     "experiment completes")
+        raise HTTPException(404, f"run {run_id} has no file {name!r}")
+    return FileResponse(path, media_type=_MEDIA[name.rsplit(".", 1)[1]],
+                        headers={"content-security-policy": REPORT_CSP, "x-frame-options": "SAMEORIGIN",
+                                 "cache-control": "no-store"})
+
+
+@router.get("/runs/{run_id}/report", tags=["runs"], response_class=FileResponse,
+            responses={200: {"content": {"text/html": {}}}, 404: {"description": "no report (yet)"}},
+            summary="a lab experiment's report.html (plots inlined; served with a script-free CSP)")
+def run_report(state: Lab, run_id: RunId) -> FileResponse:
+    return run_file(state, run_id, "report.html")
+
+
+@router.get("/runs/{run_id}/files/{name}", tags=["runs"], response_class=FileResponse,
+            responses={200: {"content": {"application/json": {}, "image/png": {}, "text/html": {}}}},
+            summary="a file of a lab experiment's run directory: results.json, a .png plot, report.html")
+def run_file_endpoint(state: Lab, run_id: RunId, name: str = PathParam(..., max_length=200)) -> FileResponse:
+    return run_file(state, run_id, name)
 
 
 @router.post("/runs/{run_id}/cancel", tags=["runs"], response_model=Run,

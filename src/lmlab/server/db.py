@@ -100,7 +100,7 @@ runs = Table(
     Column("started_at", Float),
     Column("finished_at", Float),
     Column("updated_at", Float, nullable=False),
-    Column("kind", String(16), nullable=False, server_default="train"),  # train | selfplay
+    Column("kind", String(16), nullable=False, server_default="train"),  # train | selfplay | experiment
     Column("last_reward", Float),                      # self-play: the latest iteration's mean reward
     Column("last_kl", Float),                          # ... and its KL to the starting model
 )

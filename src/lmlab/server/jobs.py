@@ -1,5 +1,6 @@
-"""The job supervisor: every run is its own OS process (`lmlab train`, or `lmlab selfplay text` for a
-self-play run), never a thread of the web server and never the model that serves generation.
+"""The job supervisor: every run is its own OS process (`lmlab train`, `lmlab selfplay text` for a self-play
+run, or `lmlab lab facts EXPERIMENT` / `lmlab selfplay azr` for a lab experiment), never a thread of the web
+server and never the model that serves generation.
 
 One supervisor thread, every `poll_s` seconds:
   * tails each live run's `metrics.jsonl` into the database (the UI's charts and SSE read from there);
@@ -7,7 +8,8 @@ One supervisor thread, every `poll_s` seconds:
     model of the workspace, indexed with its origin, which a later training run from scratch clears: its
     weights no longer come from that self-play); killed by a signal or interrupted -> interrupted; a
     cancel request -> cancelled; any other code -> failed, with the child's own `lmlab: error: ...` line
-    as the reason;
+    as the reason. An experiment makes no model: exit 0 with a report.html in its run directory is
+    completed, and nothing is registered;
   * starts queued runs, first in first out, while fewer than `max_jobs` are running.
 
 Cancel sends SIGINT: training and self-play both finish the step (iteration) under way, write a checkpoint
@@ -19,6 +21,9 @@ completes; a cancel that arrives after final/ is written comes too late (the pro
 completes with its new model). On start-up, runs the database still calls running belonged to a server
 that died: they become interrupted, and a child process that outlived that server is asked (SIGINT) to
 checkpoint and exit before any resume starts.
+
+A lab experiment writes results.json, PNG plots and report.html into its run directory and keeps no
+checkpoints: a cancel (SIGINT) ends it, it cannot be resumed, and a stopped one is started again.
 """
 
 from __future__ import annotations
@@ -53,11 +58,13 @@ _CHILD = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_h
           "signal.signal(signal.SIGTERM, signal.default_int_handler); "
           "from lmlab.cli import main; sys.exit(main(sys.argv[1:]))")
 KILL_AFTER_S = 30.0  # a child that has not exited this long after SIGINT gets SIGKILL
-# What a run's process is called when it stops early. Both kinds answer SIGINT alike (checkpoint and exit), so
-# a stopped run of either kind says the same about what is left and how to continue.
-_WHAT = {"train": "training", "selfplay": "self-play"}
+# What a run's process is called when it stops early. Training and self-play answer SIGINT alike (checkpoint
+# and exit), so a stopped run of either kind says the same about what is left and how to continue; a lab
+# experiment keeps no checkpoints, so a stopped one is not resumable and is started again.
+_WHAT = {"train": "training", "selfplay": "self-play", "experiment": "lab experiment"}
 ASKED = "was asked to save a checkpoint and exit"
 SERVER_STOPPED = "the server was stopped; resume to continue from the last checkpoint"
+NOT_RESUMABLE = "a lab experiment keeps no checkpoints and cannot be resumed; start it again"
 # The numeric settings of a self-play run, passed as `lmlab selfplay text` flags of the same names.
 SELFPLAY_SETTINGS = ("iterations", "group_size", "prompts_per_iteration", "max_new_tokens", "lr", "kl_coef",
                      "temperature", "seed", "save_every")
@@ -162,6 +169,24 @@ def _flags(params: dict[str, Any]) -> list[str]:
     return out
 
 
+def experiment_command(params: dict[str, Any], out: Path) -> list[str]:
+    """The lab's own CLI command for an experiment run's params (lab, experiment, quick, seeds, workers),
+    writing into `out`: `lab facts EXPERIMENT --out OUT --seeds 0,1 ...` or `selfplay azr --out OUT ...`."""
+    seeds = ",".join(str(s) for s in params["seeds"])
+    if params["lab"] == "facts":
+        args = ["lab", "facts", params["experiment"], "--out", str(out), "--seeds", seeds]
+    elif params["lab"] == "azr":
+        # `lmlab selfplay azr --seeds 3` means a count (seeds 0..2); a trailing comma makes one seed a list
+        args = ["selfplay", "azr", "--out", str(out), "--seeds", seeds + ("," if len(params["seeds"]) == 1 else "")]
+    else:
+        raise ValueError(f"unknown lab {params['lab']!r}")
+    if params.get("quick"):
+        args.append("--quick")
+    if params.get("workers"):
+        args += ["--workers", str(params["workers"])]
+    return args
+
+
 class Supervisor:
     def __init__(self, db: Database, workspace: Workspace, *, max_jobs: int = 1, python: str = sys.executable,
                  poll_s: float = 0.5, env: dict[str, str] | None = None) -> None:
@@ -200,7 +225,9 @@ class Supervisor:
             self._catch_up(run["id"])
             note = "the server stopped while this run was running"
             if alive:
-                note += f"; its process (pid {run['pid']}) {ASKED}"
+                note += f"; its process (pid {run['pid']}) " + (ASKED if run["kind"] != "experiment" else "was stopped")
+            if run["kind"] == "experiment":
+                note += f"; {NOT_RESUMABLE}"
             self.db.update_run(run["id"], status="interrupted", error=note, finished_at=time.time(),
                                pid=run["pid"] if alive else None)
             log.warning("run %s: %s", run["id"], note)
@@ -270,9 +297,11 @@ class Supervisor:
     # ---- launching ---------------------------------------------------------------------------------
 
     def command(self, run: dict[str, Any]) -> list[str]:
-        """`lmlab train ...` or `lmlab selfplay text ...` for this run (as run by the child: python -c <_CHILD>
-        train ...), with --resume when it continues from a checkpoint."""
+        """`lmlab train ...`, `lmlab selfplay text ...` or a lab experiment's command for this run (as run by the
+        child: python -c <_CHILD> train ...), with --resume when it continues from a checkpoint."""
         run_dir = self.ws.run_path(run["id"])
+        if run["kind"] == "experiment":
+            return experiment_command(run["params"], run_dir)
         if run["kind"] == "selfplay":
             return self._selfplay_command(run, run_dir) + (["--resume"] if run["resume"] else [])
         if run["resume"]:
@@ -386,7 +415,12 @@ class Supervisor:
             except (OSError, json.JSONDecodeError):
                 training = {}
         values: dict[str, Any] = {"exit_code": code, "pid": None, "finished_at": time.time()}
-        if code == 0 and run["kind"] == "selfplay" and (final / "model.safetensors").is_file():
+        if code == 0 and run["kind"] == "experiment":  # no model to register: its report is the product
+            if (run_dir / "report.html").is_file():
+                values.update(status="completed", stop_reason="finished", error=None)
+            else:
+                values.update(status="failed", error="the experiment exited without writing report.html")
+        elif code == 0 and run["kind"] == "selfplay" and (final / "model.safetensors").is_file():
             try:
                 self._register_selfplay(run, final, training)
                 values.update(status="completed", stop_reason="iterations", error=None)
@@ -407,8 +441,9 @@ class Supervisor:
             values.update(status="cancelled", error=None, stop_reason="cancelled")
         elif code < 0 or code in (0, 130):  # 0 without final/: the trainer stopped early on request
             how = f"killed by {_signame(-code)}" if code < 0 else "interrupted"
+            stopped = SERVER_STOPPED if run["kind"] != "experiment" else f"the server was stopped; {NOT_RESUMABLE}"
             values.update(status="interrupted", stop_reason="interrupted",
-                          error=SERVER_STOPPED if server_stopped else f"the {_WHAT[run['kind']]} process was {how}")
+                          error=stopped if server_stopped else f"the {_WHAT[run['kind']]} process was {how}")
         else:
             values.update(status="failed", error=_error_from_log(run_dir / "log.txt") or f"exit code {code}")
         self.db.update_run(run_id, **values)
@@ -448,6 +483,8 @@ class Supervisor:
             if run["status"] not in ("interrupted", "failed", "cancelled"):
                 raise ValueError(f"run {run_id} is {run['status']}; only interrupted, failed or cancelled runs "
                                  "can be resumed")
+            if run["kind"] == "experiment":
+                raise ValueError(f"run {run_id}: {NOT_RESUMABLE}")
             ckpt = latest_checkpoint(self.ws.run_path(run_id))
             if ckpt is None:
                 raise ValueError(f"run {run_id} stopped before its first checkpoint; start a new run instead")
