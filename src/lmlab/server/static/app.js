@@ -97,6 +97,7 @@ const S = {
   info: null, presets: [], books: [], models: [], runs: [],
   selected: new Set(),      // runs overlaid on the charts
   current: null,            // the run whose details are shown
+  labCurrent: null,         // the experiment run whose log and report the Lab tab shows
   metrics: new Map(),       // run id -> [metric, ...] ordered by step
   streams: new Map(),       // run id -> EventSource
 };
@@ -114,6 +115,7 @@ function showTab(name) {
   }
   if (name === "models") scheduleEstimate();
   if (name === "train") renderTrainEstimate();
+  if (name === "lab") loadLabLog();
 }
 
 // ---- books -----------------------------------------------------------------------------------------
@@ -461,6 +463,64 @@ function setupSelfPlayForm() {
   });
 }
 
+// ---- lab experiments -------------------------------------------------------------------------------
+
+const labName = (r) => (r.params.lab === "facts" ? `facts · ${r.params.experiment}` : "azr") + (r.params.quick ? " · quick" : "");
+
+function renderLab() {
+  const runs = S.runs.filter((r) => r.kind === "experiment");
+  $("#lab-table tbody").replaceChildren(...runs.map((r) => h("tr", { "data-run": r.id, "data-status": r.status, class: r.id === S.labCurrent ? "selected" : "" },
+    h("td", { text: r.id }), h("td", { text: labName(r) }), h("td", { text: r.params.seeds.join(", ") }),
+    h("td", {}, h("span", { class: "badge " + r.status, text: statusLabel(r) })),
+    h("td", {},
+      h("button", { type: "button", class: "view", text: t("lab.view"), onclick: () => { S.labCurrent = r.id; renderLab(); loadLabLog(); } }), " ",
+      ACTIVE.has(r.status) && !r.cancel_requested ? h("button", { type: "button", class: "danger cancel", text: t("runs.cancel"), onclick: () => runAction(r.id, "cancel") }) : null, " ",
+      r.status === "completed" ? h("a", { href: withToken(`/api/v1/runs/${r.id}/report`), target: "_blank", rel: "noopener", class: "report", text: t("lab.report") }) : null, " ",
+      !ACTIVE.has(r.status) ? h("button", { type: "button", class: "danger", text: t("runs.delete"), onclick: () => deleteRun(r.id) }) : null))));
+  $("#lab-empty").hidden = runs.length > 0;
+  const r = runs.find((x) => x.id === S.labCurrent);
+  $("#lab-detail").hidden = !r;
+  if (!r) return;
+  $("#lab-detail-head").textContent = `#${r.id} · ${labName(r)} · ${statusLabel(r)}`;
+  $("#lab-error").hidden = !r.error;
+  $("#lab-error").textContent = r.error || "";
+  // the report is written when the experiment completes; the frame loads it once, not on every refresh
+  const done = r.status === "completed", frame = $("#lab-report"), src = withToken(`/api/v1/runs/${r.id}/report`);
+  if (done && frame.dataset.run !== String(r.id)) { frame.src = src; frame.dataset.run = String(r.id); loadLabLog(); }
+  if (!done && frame.dataset.run) { frame.removeAttribute("src"); delete frame.dataset.run; }
+  frame.hidden = !done;
+  $("#lab-report-link").hidden = !done;
+  $("#lab-report-a").href = src;
+}
+
+async function loadLabLog() {
+  if (S.labCurrent == null) return;
+  try { $("#lab-log").textContent = (await api("GET", `/api/v1/runs/${S.labCurrent}/log?lines=200`)).lines.join("\n"); }
+  catch (e) { $("#lab-log").textContent = e.message; }
+}
+
+function setupLabForm() {
+  $("#lab-experiment").replaceChildren(...S.info.facts_experiments.map((x) => h("option", { value: x, text: x })));
+  const syncLab = () => { $("#lab-experiment-box").hidden = $("#lab-lab").value !== "facts"; };
+  $("#lab-lab").addEventListener("change", syncLab);
+  syncLab();
+  $("#lab-form").addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const msg = $("#lab-msg"), lab = $("#lab-lab").value;
+    // what is not a whole number goes to the server as it is, so its 422 names the bad seed
+    const seeds = $("#lab-seeds").value.split(",").map((x) => x.trim()).filter((x) => x).map((x) => (/^\d+$/.test(x) ? parseInt(x, 10) : x));
+    const body = { lab, quick: $("#lab-quick").checked, seeds };
+    if (lab === "facts") body.experiment = $("#lab-experiment").value;
+    try {
+      const run = await api("POST", "/api/v1/runs/experiment", body);
+      setMsg(msg, run.queue_position ? t("train.queued", { id: run.id, pos: run.queue_position + 1 }) : t("lab.started", { id: run.id }));
+      S.labCurrent = run.id;
+      await refreshRuns();
+      loadLabLog();
+    } catch (e) { setMsg(msg, "✗ " + e.message, false); }
+  });
+}
+
 // ---- runs and charts -------------------------------------------------------------------------------
 
 const runColor = (id) => COLORS[(id - 1) % COLORS.length];
@@ -475,11 +535,12 @@ function renderRuns() {
     const pct = r.progress == null ? 0 : Math.round(r.progress * 100);
     const overlay = h("input", { type: "checkbox", checked: S.selected.has(r.id), "aria-label": `overlay run ${r.id}`,
                                  onchange: (e) => (e.target.checked ? selectRun(r.id, false) : unselectRun(r.id)) });
-    const sp = r.kind === "selfplay", product = sp ? r.params.new_model : r.model;
+    const sp = r.kind === "selfplay", lab = r.kind === "experiment", product = sp ? r.params.new_model : r.model;
     const model = S.models.find((m) => m.name === product);
     return h("tr", { "data-run": r.id, "data-status": r.status, "data-kind": r.kind, class: r.id === S.current ? "selected" : "" },
       h("td", {}, overlay), h("td", { text: r.id }),
       sp ? h("td", { title: t("runs.reward", { reward: r.params.reward }) }, `${r.model} → ${product}`, h("span", { class: "kind", text: t("runs.kind_selfplay") }))
+        : lab ? h("td", {}, labName(r), h("span", { class: "kind", text: t("runs.kind_experiment") }))
         : h("td", { text: r.model, title: `${t("runs.books")}: ${r.books.join(", ")}` }),
       h("td", {}, h("span", { class: "badge " + r.status, text: statusLabel(r) })),
       h("td", { class: "num" }, h("span", { class: "bar" }, (() => { const i = h("i"); i.style.width = pct + "%"; return i; })()),
@@ -491,11 +552,13 @@ function renderRuns() {
         h("button", { type: "button", text: t("runs.view"), onclick: () => selectRun(r.id) }), " ",
         ACTIVE.has(r.status) && !r.cancel_requested ? h("button", { type: "button", class: "danger cancel", text: t("runs.cancel"), onclick: () => runAction(r.id, "cancel") }) : null, " ",
         r.can_resume ? h("button", { type: "button", class: "resume", text: t("runs.resume"), onclick: () => runAction(r.id, "resume") }) : null, " ",
+        lab && r.status === "completed" ? h("a", { href: withToken(`/api/v1/runs/${r.id}/report`), target: "_blank", rel: "noopener", class: "report", text: t("lab.report") }) : null, " ",
         r.status === "completed" && model && model.trained_run_id === r.id ? h("a", { href: withToken(`/api/v1/models/${encodeURIComponent(product)}/download`), download: `${product}.zip`, text: t("runs.download") }) : null, " ",
         !ACTIVE.has(r.status) ? h("button", { type: "button", class: "danger", text: t("runs.delete"), onclick: () => deleteRun(r.id) }) : null));
   }));
   $("#runs-empty").hidden = S.runs.length > 0;
   renderRunDetail();
+  renderLab();
 }
 
 function renderRunDetail() {
@@ -504,6 +567,7 @@ function renderRunDetail() {
   if (!r) return;
   const bits = [r.kind === "selfplay"
     ? `#${r.id} · ${t("runs.kind_selfplay")}: ${r.model} → ${r.params.new_model} · ${t("runs.reward", { reward: r.params.reward + (r.params.judge ? ` (${r.params.judge})` : "") })} · ${statusLabel(r)}`
+    : r.kind === "experiment" ? `#${r.id} · ${t("runs.kind_experiment")}: ${labName(r)} · ${statusLabel(r)}`
     : `#${r.id} · ${r.model} · ${t("runs.books")}: ${r.books.join(", ")} · ${statusLabel(r)}`];
   if (r.queue_position != null) bits.push(t("runs.queue", { pos: r.queue_position + 1 }));
   if (r.checkpoint_step != null) bits.push(t("runs.checkpoint", { step: r.checkpoint_step }));
@@ -578,6 +642,7 @@ function redrawCharts() {
   for (const id of S.selected) {
     const ms = S.metrics.get(id) || [], color = runColor(id);
     const run = S.runs.find((r) => r.id === id), kind = run ? run.kind : "train";
+    if (kind === "experiment") continue;  // no metrics stream: its numbers are in its report
     kinds.add(kind);
     if (kind === "selfplay") {  // reward and KL per iteration; its RL loss is not a language-modelling loss
       reward.push({ label: `#${id}`, color, points: pts(ms, "reward") });
@@ -733,6 +798,7 @@ async function main() {
   setupModelForm();
   setupTrainForm();
   setupSelfPlayForm();
+  setupLabForm();
   setupGenerate();
   await Promise.all([refreshBooks(), refreshModels(), refreshRuns()]);
   applyLanguage();
@@ -741,6 +807,7 @@ async function main() {
   setInterval(() => {
     refreshRuns().catch(() => {});
     if ($("#log-box").open && !$("#tab-runs").hidden) loadLog();
+    if (!$("#tab-lab").hidden && $("#lab-log-box").open) loadLabLog();
   }, 2000);
   let resizeTimer = null;
   window.addEventListener("resize", () => { clearTimeout(resizeTimer); resizeTimer = setTimeout(redrawCharts, 150); });
