@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -363,7 +364,14 @@ def test_text_selfplay_resume_keeps_its_run(tmp_path):
     saved = json.loads((run / "config.json").read_text())["selfplay_text"]
     assert (saved["iterations"], saved["save_every"], saved["lr"]) == (3, 1, cfg.lr)
     _start_model(start, seed=1)  # the starting model trained meanwhile: the KL anchor would not be the run's
-    with pytest.raises(ValueError, match="the weights of the starting model differ"):
+    changed = rf"^cannot resume {re.escape(str(run))}: the weights of the starting model differ"
+    with pytest.raises(ValueError, match=changed):
+        resume_text_selfplay(run, {"iterations": 4}, log=None)
+    _start_model(start)
+    config = json.loads((run / "config.json").read_text())
+    config["selfplay_text"]["lr"] = "fast"  # a config.json edited by hand: a refusal naming it, not a TypeError
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config\.json: .*lr"):
         resume_text_selfplay(run, {"iterations": 4}, log=None)
     with pytest.raises(ValueError, match="save_every"):
         TextSelfPlayConfig(save_every=-1)
@@ -454,3 +462,21 @@ def test_short_azr_run_has_proposer_rewards_and_beats_warmup():
         assert max(r.get("proposer_reward_nonzero", 0) for r in run["history"]) > 0
         gains.append(run["history"][-1]["solve_rate"] - start)
     assert sum(gains) / len(gains) > 0, f"AZR minus warm-up only per seed: {gains}"
+
+
+@pytest.mark.parametrize("damage", ["optimizer.pt", "state.json", "model.safetensors"])
+def test_cli_resume_from_a_damaged_checkpoint_is_one_line(damage, tmp_path, capsys):
+    """A checkpoint cut short on disk (written whole, then damaged) is one line naming it and the way on (the
+    one before it is kept), exit 2, not a traceback."""
+    from lmlab.cli import main
+
+    _start_model(tmp_path / "start")
+    run = tmp_path / "run"
+    text = ["selfplay", "text", "--out", str(run)]
+    assert main([*text, "--model", str(tmp_path / "start"), "--iterations", "2", "--group-size", "2",
+                 "--prompts-per-iteration", "1", "--max-new-tokens", "4", "--save-every", "1"]) == 0
+    capsys.readouterr()
+    (run / "checkpoints" / "step-2" / damage).write_bytes(b"{")
+    assert main([*text, "--resume", "--iterations", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"cannot read the checkpoint {run / 'checkpoints' / 'step-2'}" in err[0], err

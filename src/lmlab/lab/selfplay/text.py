@@ -216,7 +216,7 @@ def encode_prompts(tok: Any, prompts: Sequence[str], max_new_tokens: int, block_
 
 # ---- checkpoints and resume ------------------------------------------------------------------------------
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -231,8 +231,9 @@ def run_record(model_dir: str | Path, config: TextSelfPlayConfig, prompts: Seque
     for reward perplexity) and the reward file."""
     judged = judge is not None and config.reward == "perplexity"
     return {"selfplay_text": dataclasses.asdict(config), "model": str(model_dir),
-            "model_sha256": _sha256(Path(model_dir) / WEIGHTS), "prompts": list(prompts),
-            "judge": str(judge) if judge else None, "judge_sha256": _sha256(Path(judge) / WEIGHTS) if judged else None,
+            "model_sha256": file_sha256(Path(model_dir) / WEIGHTS), "prompts": list(prompts),
+            "judge": str(judge) if judge else None,
+            "judge_sha256": file_sha256(Path(judge) / WEIGHTS) if judged else None,
             "reward_file": reward_file}
 
 
@@ -270,7 +271,7 @@ def _check_same_run(out: Path, saved: dict[str, Any], record: dict[str, Any]) ->
     if saved.get("reward_file") != record["reward_file"]:
         changes.append(f"reward_file {saved.get('reward_file')!r} -> {record['reward_file']!r}")
     if changes:
-        raise ValueError(f"cannot resume {out} with {'; '.join(changes)}: a resumed run keeps its settings (only "
+        raise ValueError(f"cannot resume {out}: {'; '.join(changes)}; a resumed run keeps its settings (only "
                          f"{' and '.join(RESUMABLE_CHANGES)} may change); start a new run in another folder instead")
 
 
@@ -291,14 +292,21 @@ def _save_checkpoint(out: Path, step: int, policy: torch.nn.Module, opt: torch.o
 def _load_checkpoint(path: Path, policy: torch.nn.Module, opt: torch.optim.Optimizer,
                      rng: random.Random) -> tuple[int, float]:
     """Restore the policy, AdamW, the sampling RNG and the torch RNG (dropout) -> (step, wall time so far)."""
-    missing, unexpected = load_model(policy, str(path / WEIGHTS), strict=False)
+    try:
+        missing, unexpected = load_model(policy, str(path / WEIGHTS), strict=False)
+        if not (missing or unexpected):
+            opt.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+            state = json.loads((path / "state.json").read_text())
+            version, internal, gauss = state["rng"]["python"]
+            rng.setstate((version, tuple(internal), gauss))
+            torch.set_rng_state(unb64(state["rng"]["torch"]))
+    # a checkpoint is written whole (temporary folder + rename), so this is damage on disk: safetensors,
+    # unpickling (whose own message suggests weights_only=False), JSON or a missing file or key
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"cannot read the checkpoint {path} ({type(exc).__name__}); it is damaged: delete it to "
+                         "resume from the one before, if there is one") from None
     if missing or unexpected:
         raise ValueError(f"{path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    opt.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-    state = json.loads((path / "state.json").read_text())
-    version, internal, gauss = state["rng"]["python"]
-    rng.setstate((version, tuple(internal), gauss))
-    torch.set_rng_state(unb64(state["rng"]["torch"]))
     return state["step"], state["elapsed_s"]
 
 
@@ -415,8 +423,13 @@ def resume_text_selfplay(out: str | Path, overrides: dict[str, Any] | None = Non
     _resume_point(out)  # no checkpoint says so before anything else
     saved = saved_run(out)
     fields = {f.name for f in dataclasses.fields(TextSelfPlayConfig)}
-    config = TextSelfPlayConfig(**{**{k: v for k, v in saved["selfplay_text"].items() if k in fields},
-                                   **(overrides or {})})
+    settings = {**{k: v for k, v in saved["selfplay_text"].items() if k in fields}, **(overrides or {})}
+    # a hand-edited file: a number that is not one would be a TypeError in __post_init__'s comparisons
+    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
+    for name, default in dataclasses.asdict(TextSelfPlayConfig()).items():
+        if name in settings and number(default) and not number(settings[name]):
+            raise ValueError(f"{out / 'config.json'}: {name} ({settings[name]!r}) must be a number")
+    config = TextSelfPlayConfig(**settings)
     return run_text_selfplay(model_dir or saved["model"], out, config, prompts or saved.get("prompts") or [""],
                              reward=reward, judge=judge or saved.get("judge"),
                              reward_file=reward_file or saved.get("reward_file"), log=log, resume=True)
