@@ -216,3 +216,63 @@ def test_the_command_is_the_labs_own(params, tmp_path):
         assert facts_seeds(args.seeds) == params["seeds"]
     else:
         assert args.mode == "azr" and azr_seeds(args.seeds) == params["seeds"]  # one seed: not a count
+
+
+@pytest.mark.parametrize("stopped_by", ["cancel", "server stop"])
+def test_an_experiment_stopped_early_is_not_completed_by_its_partial_report(stopped_by, tmp_path):
+    """The facts lab answers SIGINT as training does (the step loop stops early and returns), so a lab stopped
+    by a cancel or a server stop may still write report.html from a cut-short run and exit 0: that run was
+    stopped, and its report is no result."""
+    from lmlab.server.db import Database
+    from lmlab.server.jobs import Supervisor
+
+    ws = Workspace(tmp_path)
+    db = Database(f"sqlite:///{tmp_path / 'lmlab.db'}")
+    run = db.add_run("", [], {"lab": "facts", "experiment": "plateau", "seeds": [0]}, False, None, kind="experiment")
+    db.update_run(run["id"], status="running", cancel_requested=stopped_by == "cancel")
+    ws.run_path(run["id"]).mkdir(parents=True)
+    (ws.run_path(run["id"]) / "report.html").write_text("<!doctype html><p>does not hold</p>")
+    Supervisor(db, ws)._finish(run["id"], 0, server_stopped=stopped_by == "server stop")
+    done = db.get_run(run["id"])
+    expected = "cancelled" if stopped_by == "cancel" else "interrupted"
+    assert done["status"] == expected and done["stop_reason"] == expected, done
+    if stopped_by == "server stop":
+        assert "cannot be resumed; start it again" in done["error"], done
+
+
+def test_the_token_in_a_report_link_stays_out_of_the_access_log(tmp_path):
+    """The UI's report link and frame (like its downloads) carry the API token as ?token=, and uvicorn logs
+    every request line: the log shows the request, not the token."""
+    token = "not-in-the-log-0123"
+    server = ServerProcess(tmp_path / "ws", token=token).start()
+    try:
+        with server.client() as c:
+            del c.headers["authorization"]  # the token goes in the URL, as in the UI's links
+            r = c.get(f"/api/v1/runs/1/report?lines=2&token={token}")
+            assert r.status_code == 404, r.text  # authorised: there is no run 1
+            logged = wait_for(lambda: [line for line in server.log.read_text().splitlines()
+                                       if "/api/v1/runs/1/report" in line], 30, what="the request in the log")
+    finally:
+        server.stop()
+    assert "token=***" in logged[0] and "lines=2" in logged[0], logged
+    assert token not in server.log.read_text().replace(f"/?token={token}", ""), "only the printed address has it"
+
+
+@pytest.mark.parametrize("status", ["cancelled", "interrupted", "failed"])
+def test_a_stopped_experiment_serves_no_report(status, tmp_path):
+    """A facts lab stopped by a cancel or with its server (an orphan outliving a killed server is asked to
+    stop) can still write report.html from its cut-short run: only a completed run's report is a result."""
+    from lmlab.server.db import Database
+
+    db = Database(f"sqlite:///{tmp_path / 'lmlab.db'}")
+    run = db.add_run("", [], {"lab": "facts", "experiment": "phases", "seeds": [0]}, False, None, kind="experiment")
+    db.update_run(run["id"], status=status)
+    db.close()
+    run_dir = Workspace(tmp_path).run_path(run["id"])
+    run_dir.mkdir(parents=True)
+    for name in ("report.html", "results.json"):
+        (run_dir / name).write_text("{}")
+    with client(settings(tmp_path)) as c:
+        for path in ("report", "files/report.html", "files/results.json"):
+            r = c.get(f"/api/v1/runs/{run['id']}/{path}")
+            assert r.status_code == 404 and f"is {status}" in r.json()["detail"], (path, r.text)

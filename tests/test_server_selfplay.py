@@ -528,3 +528,28 @@ def test_a_half_done_migration_is_finished(tmp_path):
         assert db.add_run("m", [], {}, False, 1)["kind"] == "train" and db.get_model("m")["origin"] is None
     finally:
         db.close()
+
+
+def test_resume_from_a_starting_model_trained_since_is_refused_up_front(tmp_path):
+    """A resumed self-play run must start from the weights it started from (its KL anchor): the launched
+    process refuses other weights, so the request refuses them first, with the reason, rather than queueing a
+    run that fails and still offers Resume."""
+    from lmlab.lab.selfplay.text import file_sha256
+
+    _save_model(tmp_path, "start")
+    weights = Workspace(tmp_path).model_path("start") / "model.safetensors"
+    db = Database(f"sqlite:///{tmp_path / 'lmlab.db'}")
+    run = db.add_run("start", [], {"new_model": "start-sp", "reward": "seed", **TINY_SP}, False, 3, kind="selfplay")
+    db.update_run(run["id"], status="cancelled")
+    run_dir = Workspace(tmp_path).run_path(run["id"])
+    (run_dir / "checkpoints" / "step-2").mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps({"selfplay_text": {}, "model": str(weights.parent),
+                                                     "model_sha256": file_sha256(weights)}))
+    db.close()
+    with client(settings(tmp_path)) as c:
+        assert run_status(c, run["id"])["can_resume"] is True
+        _save_model(tmp_path, "start")  # trained again meanwhile: other weights
+        r = c.post(f"/api/v1/runs/{run['id']}/resume")
+        assert r.status_code == 409, r.text
+        assert "model 'start' has other weights than when this run started" in r.json()["detail"], r.text
+        assert run_status(c, run["id"])["status"] == "cancelled"

@@ -32,8 +32,9 @@ from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
 from ..lab.facts.experiments import EXPERIMENTS as FACTS_EXPERIMENTS
-from ..lab.selfplay.text import REWARDS, TextSelfPlayConfig, encode_prompts
+from ..lab.selfplay.text import REWARDS, TextSelfPlayConfig, encode_prompts, file_sha256, saved_run
 from ..models import FAMILIES, SIZES, GenerationConfig, ModelConfig, generate, preset_names, stream
+from ..models.io import WEIGHTS
 from ..tokenizers import Tokenizer
 from ..tokenizers.tokenizer import KINDS
 from ..train import SCHEDULES, TrainConfig, checkpoint_step, latest_checkpoint
@@ -992,19 +993,23 @@ REPORT_CSP = ("default-src 'none'; img-src 'self' data:; style-src 'unsafe-inlin
 
 
 def run_file(state: State, run_id: int, name: str) -> FileResponse:
-    """A file directly in an experiment run's directory, by a name RUN_FILE allows; 404 for anything else:
-    another kind of run, a name with a path in it, a symlink, or a file that resolves outside the directory."""
+    """A file directly in a completed experiment run's directory, by a name RUN_FILE allows; 404 for anything
+    else: another kind of run, one not completed, a name with a path in it, a symlink, or a file that resolves
+    outside the directory."""
     row = need_run(state, run_id)
     if row["kind"] != "experiment":
         raise HTTPException(404, f"run {run_id} is a {row['kind']} run; only lab experiment runs serve files")
     if not RUN_FILE.fullmatch(name):
         raise HTTPException(404, f"no file {name!r} here: a run serves results.json, its .png plots and report.html")
+    if row["status"] in ACTIVE:
+        raise HTTPException(404, f"run {run_id} has no report yet ({row['status']}); it is written when the "
+                                 "experiment completes")
+    if row["status"] != "completed":  # a facts lab stopped on SIGINT may still report on its cut-short run
+        raise HTTPException(404, f"run {run_id} is {row['status']}: only a completed experiment serves its "
+                                 "report and files; start it again")
     run_dir = state.ws.run_path(run_id).resolve()
     path = run_dir / name
     if path.is_symlink() or not path.is_file() or path.resolve().parent != run_dir:
-        if name == "report.html":
-            raise HTTPException(404, f"run {run_id} has no report yet ({row['status']}); it is written when the "
-                                     "experiment completes")
         raise HTTPException(404, f"run {run_id} has no file {name!r}")
     return FileResponse(path, media_type=_MEDIA[name.rsplit(".", 1)[1]],
                         headers={"content-security-policy": REPORT_CSP, "x-frame-options": "SAMEORIGIN",
@@ -1041,7 +1046,24 @@ def _resumable_models(state: State, run: dict[str, Any]) -> None:
         need_unused(state, run["model_name"], lambda r: r["id"] != run["id"])
     else:
         p = run["params"]
-        need_selfplay_models(state, run["model_name"], p.get("judge"), p["new_model"], resuming=True)
+        paths = need_selfplay_models(state, run["model_name"], p.get("judge"), p["new_model"], resuming=True)
+        need_same_weights(state, run, paths)
+
+
+def need_same_weights(state: State, run: dict[str, Any], paths: tuple[Any, Any]) -> None:
+    """409 if the starting model or judge of a self-play run has other weights than when it started (trained
+    again since): the launched process would refuse them (lab/selfplay/text.py, _check_same_run), after the
+    run was queued, and the run would still offer Resume."""
+    try:
+        saved = saved_run(state.ws.run_path(run["id"]))
+    except ValueError:
+        return  # the process says what is wrong with its folder
+    for key, name, path in (("model_sha256", run["model_name"], paths[0]),
+                            ("judge_sha256", run["params"].get("judge"), paths[1])):
+        if saved.get(key) and path is not None and file_sha256(path / WEIGHTS) != saved[key]:
+            raise HTTPException(409, f"run {run['id']}: model {name!r} has other weights than when this run started "
+                                     "(trained since?); a resumed run keeps its starting weights: start a new "
+                                     "self-play run instead")
 
 
 @router.post("/runs/{run_id}/resume", tags=["runs"], response_model=Run,

@@ -17,6 +17,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 from contextlib import asynccontextmanager
@@ -383,6 +384,21 @@ def build_asgi(settings: Settings) -> Any:
     return Guards(create_app(settings), settings)
 
 
+TOKEN_IN_QUERY = re.compile(r"(?<=[?&]token=)[^&#\s]*")
+
+
+class RedactToken(logging.Filter):
+    """uvicorn's access log writes each request line whole: the UI's links (downloads, reports) carry the API
+    token as ?token=, which a log read by others must not."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and len(record.args) == 5 and isinstance(record.args[2], str):
+            args = list(record.args)
+            args[2] = TOKEN_IN_QUERY.sub("***", args[2])
+            record.args = tuple(args)
+        return True
+
+
 def serve(settings: Settings, *, log_level: str = "info") -> None:
     import uvicorn
 
@@ -393,6 +409,7 @@ def serve(settings: Settings, *, log_level: str = "info") -> None:
         url += "?token=" + settings.api_token
     print(f"lmlab: workspace {Workspace(settings.workspace or default_workspace()).root}", file=sys.stderr)
     print(f"lmlab: open {url}", file=sys.stderr, flush=True)
+    logging.getLogger("uvicorn.access").addFilter(RedactToken())  # uvicorn's dictConfig keeps logger filters
     # SSE streams never end by themselves: give open connections a few seconds, then shut down (the
     # lifespan's shutdown asks training processes to checkpoint and marks them interrupted).
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level, timeout_graceful_shutdown=5)

@@ -9,7 +9,8 @@ One supervisor thread, every `poll_s` seconds:
     weights no longer come from that self-play); killed by a signal or interrupted -> interrupted; a
     cancel request -> cancelled; any other code -> failed, with the child's own `lmlab: error: ...` line
     as the reason. An experiment makes no model: exit 0 with a report.html in its run directory is
-    completed, and nothing is registered;
+    completed, and nothing is registered, unless it was cancelled or stopped with the server (the facts
+    lab's training stops early on SIGINT and may still report on the cut-short run);
   * starts queued runs, first in first out, while fewer than `max_jobs` are running.
 
 Cancel sends SIGINT: training and self-play both finish the step (iteration) under way, write a checkpoint
@@ -415,7 +416,10 @@ class Supervisor:
             except (OSError, json.JSONDecodeError):
                 training = {}
         values: dict[str, Any] = {"exit_code": code, "pid": None, "finished_at": time.time()}
-        if code == 0 and run["kind"] == "experiment":  # no model to register: its report is the product
+        # no model to register: its report is the product, but only of a run that was not stopped: the facts
+        # lab answers SIGINT as training does (the step loop returns early) and may still report and exit 0
+        cut_short = run["kind"] == "experiment" and (run["cancel_requested"] or server_stopped)
+        if code == 0 and run["kind"] == "experiment" and not cut_short:
             if (run_dir / "report.html").is_file():
                 values.update(status="completed", stop_reason="finished", error=None)
             else:
@@ -439,7 +443,7 @@ class Supervisor:
                 values.update(error=f"trained, but the model directory could not be updated: {exc}")
         elif run["cancel_requested"]:
             values.update(status="cancelled", error=None, stop_reason="cancelled")
-        elif code < 0 or code in (0, 130):  # 0 without final/: the trainer stopped early on request
+        elif code < 0 or code in (0, 130) or cut_short:  # 0 without final/: the trainer stopped early on request
             how = f"killed by {_signame(-code)}" if code < 0 else "interrupted"
             stopped = SERVER_STOPPED if run["kind"] != "experiment" else f"the server was stopped; {NOT_RESUMABLE}"
             values.update(status="interrupted", stop_reason="interrupted",
