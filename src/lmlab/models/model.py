@@ -27,7 +27,35 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return _RMSNormFunction.apply(x, self.weight, self.eps)
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """RMSNorm with its gradient written out, for training on CPU. There `F.rms_norm` runs as separate pow,
+    mean, rsqrt and mul ops and autograd builds their backward op by op: forward + backward take ~5x the time
+    of `F.layer_norm` on a (4096, 64) input, and this takes ~0.4x of theirs. With r = 1/rms(x) per row and
+    x̂ = x * r, forward is one dot product per row and two passes; backward, dw = sum(g * x̂) and
+    dx = r * (g*w - x̂ * mean(g*w * x̂)), is five."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        xf = x.float()
+        r = torch.rsqrt(torch.linalg.vecdot(xf, xf).unsqueeze(-1) / x.shape[-1] + eps)   # (..., 1)
+        ctx.save_for_backward(x, weight, r)
+        return weight * (xf * r).to(x.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, r = ctx.saved_tensors
+        xhat = x.float() * r
+        g = grad.float()
+        grad_w = (g * xhat).sum(tuple(range(g.dim() - 1))).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        gw = g * weight.float()
+        mean = torch.linalg.vecdot(gw, xhat).unsqueeze(-1) / x.shape[-1]
+        return gw.sub_(xhat.mul_(mean)).mul_(r).to(x.dtype), grad_w, None
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
