@@ -292,3 +292,47 @@ def test_verdict_grade_from_sub_claims():
     assert grade({"a": False, "b": False, "c": None}) == "does not hold"
     assert grade({"a": True, "c": None}) == "holds"  # a sub-claim not measurable here does not count
     assert grade({"c": None}) == "inconclusive"
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ctrl_c_stops_a_parallel_experiment_at_once(tmp_path, workers):
+    """SIGINT to `lmlab lab facts` (a terminal's Ctrl-C, the web app's cancel) ends the whole experiment with exit
+    130 and no worker left: not after every run it had started has finished (~2 minutes for this one)."""
+    import glob
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "phases"
+    proc = subprocess.Popen([sys.executable, "-m", "lmlab.cli", "lab", "facts", "phases", "--seeds", "0,1",
+                             "--workers", str(workers), "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        while not any(os.path.getsize(f) for f in glob.glob(str(out / "runs" / "*" / "metrics.jsonl"))):
+            assert proc.poll() is None, proc.stdout.read().decode()
+            time.sleep(0.2)
+        children = [int(p) for p in subprocess.run(["ps", "--ppid", str(proc.pid), "-o", "pid="],
+                                                   capture_output=True, text=True).stdout.split()]
+        assert workers == 1 or len(children) >= workers, children  # the workers (and a resource tracker)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+    finally:
+        proc.kill()
+    log = proc.stdout.read().decode()
+    assert "lmlab: interrupted" in log and "Traceback" not in log, log
+    assert not (out / "report.html").exists()
+
+    def alive(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                return "State:\tZ" not in f.read()
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 30
+    while any(alive(c) for c in children):
+        assert time.monotonic() < deadline, "a worker outlived the experiment"
+        time.sleep(0.2)

@@ -14,14 +14,13 @@ import dataclasses
 import math
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..parallel import process_map
 from .data import BioConfig, check_ints
 from .memory import MemoryConfig, run_memory
 from .metrics import curves
@@ -608,8 +607,7 @@ def memory(seeds: Sequence[int], out: Path, quick: bool = False, workers: int | 
     kw = dict(pretrain_steps=4000, finetune_steps=1000) if quick else {}
     cfgs = [MemoryConfig(seed=s, replay_weight=w, **kw) for w in replays for s in seeds]
     t0 = time.perf_counter()
-    with ProcessPoolExecutor(max(1, min(workers or 2, len(cfgs))), mp_context=get_context("spawn")) as pool:
-        runs = list(pool.map(_memory_worker, cfgs))
+    runs = process_map(_memory_worker, cfgs, max(1, min(workers or 2, len(cfgs))))
     wall = time.perf_counter() - t0
     table = []
     groups = _groups(runs, len(seeds))

@@ -15,9 +15,7 @@ import io
 import os
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,7 @@ from safetensors.torch import load_model, save_model
 
 from ...models import ModelConfig, Transformer
 from ...train import Callback, TrainConfig, train
+from ..parallel import process_map
 from .data import BioConfig, Biographies, check_ints
 from .metrics import FactsCallback, attention_probs, plateau_times
 
@@ -213,6 +212,8 @@ def run_one(cfg: RunConfig, out_dir: str | Path, quiet: bool = True) -> dict[str
     sink = io.StringIO() if quiet else None
     with contextlib.redirect_stdout(sink) if sink is not None else contextlib.nullcontext():
         result = train(model, data.tokenizer, data, tc, out, callbacks)
+    if result.stop_reason == "interrupted":  # Ctrl-C stopped this run: stop the experiment, not just the run
+        raise KeyboardInterrupt
     wall = time.perf_counter() - t0
     if snaps and result.steps not in snaps.paths:
         snaps.save(model, result.steps)
@@ -253,5 +254,4 @@ def run_many(jobs: Sequence[tuple[RunConfig, str | Path]], workers: int | None =
             return [_worker(a) for a in args]
         finally:
             torch.set_num_threads(threads)
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        return list(pool.map(_worker, args))
+    return process_map(_worker, args, workers)

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from ...models import GenerationConfig, ModelConfig, Transformer, generate_ids
+from ..parallel import process_map
 from . import dsl
 from .dsl import EOS_ID, PAD_ID, VOCABULARY, DSLError, Triple
 from .rl import grouped_advantages, learnability, make_batch, reinforce_loss, token_logprobs
@@ -604,11 +605,7 @@ def run_experiment(cfg: AZRConfig, seeds: Sequence[int], out: str | Path, worker
     if workers == 1 or len(seeds) == 1:
         per_seed = [_seed_job(j) for j in jobs]
     else:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(min(workers, len(seeds)), mp_context=mp.get_context("spawn")) as pool:
-            per_seed = list(pool.map(_seed_job, jobs))
+        per_seed = process_map(_seed_job, jobs, min(workers, len(seeds)))
     results = {
         "experiment": "selfplay-azr",
         "claim": ("Absolute Zero (Zhao et al. 2025): self-play with a learnability-rewarded proposer and TRR++ "
