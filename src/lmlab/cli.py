@@ -491,10 +491,10 @@ def _selfplay_arguments(p: argparse.ArgumentParser) -> None:
 @command("selfplay", "self-play RL: lmlab selfplay azr --out DIR | lmlab selfplay text --model DIR --out DIR",
          _selfplay_arguments)
 def _selfplay(args: argparse.Namespace) -> int:
+    from .lab.selfplay.text import SETTING_FLAGS
     names = {"azr": ("arms", "iterations", "warmup_steps", "propose_batch", "solve_batch", "group", "lr",
                      "eval_every"),
-             "text": ("seed", "iterations", "group_size", "prompts_per_iteration", "max_new_tokens", "lr",
-                      "kl_coef", "temperature", "save_every", "reward")}[args.mode]
+             "text": (*SETTING_FLAGS, "reward")}[args.mode]
     overrides = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
     if args.mode == "azr":
         from .lab.selfplay.azr import AZRConfig, parse_seeds, run_experiment

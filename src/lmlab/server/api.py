@@ -32,7 +32,14 @@ from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
 from ..lab.facts.experiments import EXPERIMENTS as FACTS_EXPERIMENTS
-from ..lab.selfplay.text import REWARDS, TextSelfPlayConfig, encode_prompts, file_sha256, saved_run
+from ..lab.selfplay.text import (
+    REWARDS,
+    SETTING_FLAGS,
+    TextSelfPlayConfig,
+    encode_prompts,
+    file_sha256,
+    saved_run,
+)
 from ..models import FAMILIES, SIZES, GenerationConfig, ModelConfig, generate, preset_names, stream
 from ..models.io import WEIGHTS
 from ..tokenizers import Tokenizer
@@ -41,7 +48,6 @@ from ..train import SCHEDULES, TrainConfig, checkpoint_step, latest_checkpoint
 from .app import Lab, State
 from .db import ACTIVE
 from .inference import NotTrained
-from .jobs import SELFPLAY_SETTINGS
 from .workspace import BOOK_SUFFIXES, ZipSink, check_book_name, check_name, read_book, text_stats, zip_model_dir
 
 router = APIRouter(prefix="/api/v1")
@@ -607,7 +613,7 @@ def need_selfplay_models(state: State, model: str, judge: str | None, new: str,
 
 def _start_selfplay(state: State, req: SelfPlayCreate, new: str) -> dict[str, Any]:
     path, judge_path = need_selfplay_models(state, req.model, req.judge, new)
-    settings = req.model_dump(include=set(SELFPLAY_SETTINGS))
+    settings = req.model_dump(include=set(SETTING_FLAGS))
     try:
         TextSelfPlayConfig(reward=req.reward, **settings)
         cfg = ModelConfig.load(path / "config.json")

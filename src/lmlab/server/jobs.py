@@ -43,6 +43,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..lab.selfplay.text import SETTING_FLAGS
 from ..models import ModelConfig
 from ..models.config import atomic_write_text
 from ..tokenizers import Tokenizer
@@ -66,9 +67,6 @@ _WHAT = {"train": "training", "selfplay": "self-play", "experiment": "lab experi
 ASKED = "was asked to save a checkpoint and exit"
 SERVER_STOPPED = "the server was stopped; resume to continue from the last checkpoint"
 NOT_RESUMABLE = "a lab experiment keeps no checkpoints and cannot be resumed; start it again"
-# The numeric settings of a self-play run, passed as `lmlab selfplay text` flags of the same names.
-SELFPLAY_SETTINGS = ("iterations", "group_size", "prompts_per_iteration", "max_new_tokens", "lr", "kl_coef",
-                     "temperature", "seed", "save_every")
 
 
 def process_alive(pid: int | None, marker: str | None = None) -> bool:
@@ -335,7 +333,7 @@ class Supervisor:
             prompts_file = run_dir / "prompts.json"
             atomic_write_text(prompts_file, json.dumps(p["prompts"], ensure_ascii=False))
             args += ["--prompts-file", str(prompts_file)]
-        return args + _flags({k: p[k] for k in SELFPLAY_SETTINGS if k in p})
+        return args + _flags({k: p[k] for k in SETTING_FLAGS if k in p})
 
     def _register_selfplay(self, run: dict[str, Any], final: Path, training: dict[str, Any]) -> None:
         """The policy in `final/` becomes the new model: copied into models/ under a dot-name of this run's

@@ -58,6 +58,9 @@ from ...train.checkpoint import (
 from .rl import grouped_advantages, make_batch, reinforce_loss, token_logprobs
 
 REWARDS = ("seed", "repetition", "perplexity", "file")
+# The settings that `lmlab selfplay text` takes as flags of the same names (the web app passes them on).
+SETTING_FLAGS = ("seed", "iterations", "group_size", "prompts_per_iteration", "max_new_tokens", "lr", "kl_coef",
+                 "temperature", "save_every")
 # (prompts, completions as text, completions as ids without EOS) -> one reward per completion
 Reward = Callable[[Sequence[str], Sequence[str], Sequence[Sequence[int]]], list[float]]
 KEEP_CHECKPOINTS = 2  # the latest, and the one before it in case the latest was being replaced
@@ -226,7 +229,7 @@ def file_sha256(path: Path) -> str:
 
 def run_record(model_dir: str | Path, config: TextSelfPlayConfig, prompts: Sequence[str],
                judge: str | Path | None = None, reward_file: str | None = None) -> dict[str, Any]:
-    """What OUT/config.json (and each checkpoint) holds: the settings, the starting model and the sha256 of its
+    """What OUT/config.json holds: the settings, the starting model and the sha256 of its
     weights (the KL anchor, which a resumed run must share), the prompts, the judge (and its weights' sha256,
     for reward perplexity) and the reward file."""
     judged = judge is not None and config.reward == "perplexity"
@@ -276,7 +279,7 @@ def _check_same_run(out: Path, saved: dict[str, Any], record: dict[str, Any]) ->
 
 
 def _save_checkpoint(out: Path, step: int, policy: torch.nn.Module, opt: torch.optim.Optimizer, rng: random.Random,
-                     elapsed: float, record: dict[str, Any]) -> Path:
+                     elapsed: float) -> Path:
     def fill(tmp: Path) -> None:
         save_model(policy, str(tmp / WEIGHTS))
         # tensors and plain numbers only; read back with torch.load(weights_only=True), which unpickles no code
@@ -285,7 +288,6 @@ def _save_checkpoint(out: Path, step: int, policy: torch.nn.Module, opt: torch.o
         (tmp / "state.json").write_text(json.dumps({
             "step": step, "elapsed_s": elapsed,
             "rng": {"python": [version, list(internal), gauss], "torch": b64(torch.get_rng_state())}}))
-        (tmp / "config.json").write_text(json.dumps(record, indent=2))
     return write_checkpoint(out, step, fill, KEEP_CHECKPOINTS)
 
 
@@ -400,7 +402,7 @@ def run_text_selfplay(model_dir: str | Path, out: str | Path, config: TextSelfPl
                 log(f"step {step:4d} | reward {row['reward']:.4f} | kl {row['kl']:.4f} | len {row['length']:.1f}")
             stopping = stop.requested  # read once: a signal from here on is the next iteration's
             if stopping or step == config.iterations or (config.save_every and step % config.save_every == 0):
-                written = _save_checkpoint(out, step, policy, opt, rng, time.perf_counter() - t0, record)
+                written = _save_checkpoint(out, step, policy, opt, rng, time.perf_counter() - t0)
             if stopping:
                 if log:
                     log(f"interrupted at step {step}; the latest checkpoint is {written}; continue with --resume")
