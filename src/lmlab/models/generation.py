@@ -223,7 +223,8 @@ def _draft(ids: torch.Tensor, k: int, max_ngram: int = 3) -> list[int]:
         hits = (windows == ids[L - n:]).all(-1).nonzero()
         if hits.numel():
             start = int(hits[-1]) + n                            # the continuation begins here
-            return ids[start + torch.arange(k) % (L - start)].tolist()
+            draft = ids[start:start + k].tolist()
+            return (draft * -(-k // len(draft)))[:k]             # repeated if it ran into the end
     return []
 
 
