@@ -493,11 +493,7 @@ function renderLab() {
   $("#lab-report-a").href = src;
 }
 
-async function loadLabLog() {
-  if (S.labCurrent == null) return;
-  try { $("#lab-log").textContent = (await api("GET", `/api/v1/runs/${S.labCurrent}/log?lines=200`)).lines.join("\n"); }
-  catch (e) { $("#lab-log").textContent = e.message; }
-}
+function loadLabLog() { return loadLog(S.labCurrent, $("#lab-log")); }
 
 function setupLabForm() {
   $("#lab-experiment").replaceChildren(...S.info.facts_experiments.map((x) => h("option", { value: x, text: x })));
@@ -682,10 +678,10 @@ async function deleteRun(id) {
   catch (e) { toast(e.message, true); }
 }
 
-async function loadLog() {
-  if (S.current == null) return;
-  try { $("#run-log").textContent = (await api("GET", `/api/v1/runs/${S.current}/log?lines=200`)).lines.join("\n"); }
-  catch (e) { $("#run-log").textContent = e.message; }
+async function loadLog(id = S.current, el = $("#run-log")) {  // the last lines of a run's process output
+  if (id == null) return;
+  try { el.textContent = (await api("GET", `/api/v1/runs/${id}/log?lines=200`)).lines.join("\n"); }
+  catch (e) { el.textContent = e.message; }
 }
 
 // ---- generation ------------------------------------------------------------------------------------
