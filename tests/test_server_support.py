@@ -1,14 +1,18 @@
 """Shared helpers for the web-app tests (no tests here): a book, fast training settings, an in-process
-client, a real `lmlab serve` process, polling with a deadline, and a kill -9 past a checkpoint."""
+client, a real `lmlab serve` process, polling with a deadline, a kill -9 past a checkpoint, and a throwaway
+PostgreSQL server."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -160,3 +164,53 @@ def kill_past_a_checkpoint(pid: int, run_dir: Path) -> None:
         return False
     wait_for(logged_past_checkpoint, 60, 0.05, "steps logged after a checkpoint")
     os.kill(pid, signal.SIGKILL)
+
+
+def postgres_bin() -> Path | None:
+    """The folder of PostgreSQL's server programs: Debian's `postgresql` package keeps initdb and pg_ctl off
+    PATH, in /usr/lib/postgresql/VERSION/bin."""
+    found = shutil.which("initdb") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), reverse=True)),
+                                           None)
+    return Path(found).parent if found else None
+
+
+@contextmanager
+def postgres_server():
+    """A throwaway PostgreSQL cluster in a temporary folder, on a free port of 127.0.0.1, trusting local
+    connections: yields the SQLAlchemy URL of its `postgres` database. The server refuses to run as root, so
+    under root it runs as the `postgres` user (runuser). Skips the test where the programs or the driver
+    (psycopg 3) are missing."""
+    pytest.importorskip("psycopg")
+    bindir = postgres_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL's server programs are not installed (Debian: apt-get install postgresql)")
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    folder = Path(tempfile.mkdtemp(prefix="lmlab-pg-"))
+    if as_user:
+        shutil.chown(folder, "postgres")
+    data, port = folder / "data", free_port()
+
+    def pg(*args: str) -> None:
+        subprocess.run([*as_user, *args], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                       stdin=subprocess.DEVNULL, cwd=folder, timeout=120)
+    try:
+        pg(str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
+        pg(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(folder / "log"), "-w", "-o",
+           f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+        try:
+            yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+        finally:
+            pg(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def new_database(server_url: str, name: str) -> str:
+    """CREATE DATABASE `name` on the server of `server_url` (its `postgres` database); its URL."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(server_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    engine.dispose()
+    return server_url.rsplit("/", 1)[0] + "/" + name
