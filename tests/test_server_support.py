@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -52,8 +53,20 @@ def wait_for(predicate, timeout: float = TIMEOUT, interval: float = 0.2, what: s
 CHILD_ENV = {"OMP_NUM_THREADS": "1"}
 
 
+# LMLAB_TEST_POSTGRES=postgresql+psycopg://USER@HOST:PORT/postgres runs the server tests' state in PostgreSQL:
+# each workspace gets a fresh database there, except one whose SQLite database a test wrote itself.
+_DATABASES: dict[Path, str] = {}
+
+
+def database_for(workspace: Path) -> str | None:
+    server = os.environ.get("LMLAB_TEST_POSTGRES")
+    if server and workspace not in _DATABASES and not (workspace / "lmlab.db").exists():
+        _DATABASES[workspace] = new_database(server, f"t{uuid.uuid4().hex}")
+    return _DATABASES.get(workspace)
+
+
 def settings(tmp: Path, **overrides) -> Settings:
-    return Settings(workspace=tmp, poll_s=0.2, child_env=CHILD_ENV, **overrides)
+    return Settings(workspace=tmp, poll_s=0.2, child_env=CHILD_ENV, **{"database_url": database_for(tmp), **overrides})
 
 
 @contextmanager
@@ -109,6 +122,8 @@ class ServerProcess:
 
     def start(self) -> ServerProcess:
         workspace_arg = ["--workspace", str(self.workspace), "--port", str(self.port)]
+        if database_for(self.workspace):
+            workspace_arg += ["--database-url", database_for(self.workspace)]
         token = ["--api-token", self.token] if self.token else []
         self.workspace.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as log:
