@@ -14,8 +14,13 @@ from test_server_support import BOOK, FAST, TINY_MODEL, client, settings, upload
 
 from lmlab.models import ModelConfig, Transformer
 from lmlab.models.io import save_pretrained
-from lmlab.server.workspace import replace_dir
+from lmlab.server.workspace import stage_dir, swap_dir
 from lmlab.tokenizers import Tokenizer
+
+
+def replace_dir(src, dst):
+    """What the supervisor does when a training run finishes: copy final/ beside the model, then swap it in."""
+    swap_dir(stage_dir(src, dst), dst)
 
 
 def _unzip(data: bytes) -> dict[str, bytes]:
@@ -25,7 +30,7 @@ def _unzip(data: bytes) -> dict[str, bytes]:
 
 def test_readers_see_one_whole_version_while_the_model_is_swapped(tmp_path):
     """Two versions of model `m` (1 and 2 layers, other weights, other training.json) swapped in turn as fast as
-    the supervisor's replace_dir can, while 4 threads download, export and generate: every answer is 200 and
+    the supervisor can, while 4 threads download, export and generate: every answer is 200 and
     is exactly version 1's or version 2's."""
     tok = Tokenizer.train([BOOK], kind="char", vocab_size=128)
     sources = []

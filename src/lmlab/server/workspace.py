@@ -215,11 +215,6 @@ def swap_dir(staged: Path, dst: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)  # a snapshot keeps its own links to the old files
 
 
-def replace_dir(src: Path, dst: Path) -> None:
-    """Copy src over dst so that dst is never half-written: copy to a temporary sibling, then swap."""
-    swap_dir(stage_dir(src, dst), dst)
-
-
 def snapshot_dir(src: Path, dest: Path) -> Path:
     """dest (made here) holding the model files of src as they are at this moment, as hard links taken while no
     swap_dir runs: a reader of dest sees one version of the model, whole, however long it reads, and nothing is
