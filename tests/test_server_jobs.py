@@ -1,13 +1,17 @@
-"""Training jobs survive what kills processes: `kill -9` of the training process, and `kill -9` of the
-server itself. Both leave a run that shows as interrupted and resumes from its last checkpoint, with one
-metrics line per step (nothing lost, nothing twice). Uses a real `lmlab serve` process."""
+"""Training jobs survive what kills processes: `kill -9` of the training process leaves a run that shows as
+interrupted and resumes from its last checkpoint, with one metrics line per step (nothing lost, nothing
+twice); `kill -9` of the server itself leaves a training process that the next server adopts (watches, can
+cancel, and registers when it finishes), and one that finished while no server ran is registered as a normal
+finish would have. Uses a real `lmlab serve` process."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+from pathlib import Path
 
+import pytest
 from test_server_support import (
     BOOK,
     FAST,
@@ -18,6 +22,13 @@ from test_server_support import (
     wait_for,
 )
 
+from lmlab.models import ModelConfig, Transformer
+from lmlab.models.io import save_pretrained
+from lmlab.server.jobs import Supervisor, process_alive
+from lmlab.tokenizers import Tokenizer
+from lmlab.train import latest_checkpoint
+
+DONE = lambda r: r["status"] not in ("queued", "running")  # noqa: E731
 LONG = {"books": ["tales.txt"], "max_steps": 100000, "save_every": 3, "log_every": 1, "eval_every": 0, **FAST}
 
 
@@ -29,11 +40,11 @@ def _wait(c, run_id, pred, what, timeout=180):
     return wait_for(lambda: (lambda r: r if pred(r) else None)(_status(c, run_id)), timeout, 0.3, what)
 
 
-def _setup(c, model):
+def _setup(c, model, **change):
     if "tales.txt" not in c.get("/books").json()["books"]:
         assert c.post("/api/v1/books", files={"file": ("tales.txt", BOOK.encode(), "text/plain")}).status_code == 201
     assert c.post("/api/v1/models", json={"name": model, **TINY_MODEL}).status_code == 201
-    r = c.post("/api/v1/runs", json={"model": model, **LONG})
+    r = c.post("/api/v1/runs", json={"model": model, **LONG, **change})
     assert r.status_code == 201, r.text
     return r.json()["id"]
 
@@ -71,6 +82,8 @@ def test_kill_9_of_the_training_process(tmp_path):
 
 
 def test_kill_9_of_the_server_during_a_job(tmp_path):
+    """The training process outlives its server: the next server adopts it (the run stays running, with the
+    same process), its cancel stops it at a checkpoint, and the run resumes from there."""
     server = ServerProcess(tmp_path).start()
     pid = None
     try:
@@ -79,19 +92,140 @@ def test_kill_9_of_the_server_during_a_job(tmp_path):
             r = _wait(c, run_id, lambda r: (r["checkpoint_step"] or 0) >= 3, "a checkpoint")
             pid = r["pid"]
         server.kill(signal.SIGKILL)  # no shutdown hook runs: the child is orphaned, still training
-        assert os.path.exists(f"/proc/{pid}") or os.name != "posix"
+        assert process_alive(pid)
         server = ServerProcess(tmp_path).start()
         with server.client() as c:
             r = _status(c, run_id)
-            assert r["status"] == "interrupted" and "server stopped" in r["error"], r
-            # the orphan was asked to checkpoint and exit; resume waits for it, then continues from its last
-            # checkpoint (which may be later than the one seen before the server died)
-            wait_for(lambda: not os.path.exists(f"/proc/{pid}") or
-                     "State:\tZ" in open(f"/proc/{pid}/status").read(), 60, 0.3, "the orphan to exit")
-            step = _status(c, run_id)["checkpoint_step"]
+            assert r["status"] == "running" and r["pid"] == pid and r["error"] is None, r
+            assert c.post(f"/api/v1/runs/{run_id}/cancel").json()["cancel_requested"] is True
+            r = _wait(c, run_id, lambda r: r["status"] != "running", "the adopted process to stop")
+            assert r["status"] == "cancelled" and r["pid"] is None and r["can_resume"], r
+            assert not process_alive(pid)
+            step = r["checkpoint_step"]
             assert step >= 3
             assert c.post(f"/api/v1/runs/{run_id}/resume", json={"max_steps": step + 3}).status_code == 200
             _check_resumed(c, tmp_path, run_id, step)
     finally:
         kill_run_process(pid)
         server.stop()
+
+
+def _frozen_past_a_checkpoint(c, run_id: int, run_dir: Path) -> int:
+    """The run's training process, stopped (SIGSTOP) once it has written a checkpoint: it cannot finish before
+    the test lets it go on (SIGCONT)."""
+    pid = _wait(c, run_id, lambda r: r["pid"], "the training process")["pid"]
+    wait_for(lambda: latest_checkpoint(run_dir), 120, 0.01, "a checkpoint on disk")
+    os.kill(pid, signal.SIGSTOP)
+    return pid
+
+
+@pytest.mark.parametrize("restart", ["after the process ended", "while it runs"])
+def test_a_run_that_finishes_without_its_server_is_registered(restart, tmp_path):
+    """kill -9 of the server during a 60-step run whose process then trains to its end: after the server was
+    down all along (the process ended first) or after it was adopted by the next server, the run completes as
+    if nothing had happened: its final/ becomes the model directory, the model row says so, and the metrics
+    are the process's 60 lines."""
+    server = ServerProcess(tmp_path).start()
+    pid = None
+    try:
+        with server.client() as c:
+            run_id = _setup(c, "finish", max_steps=60)
+            run_dir = tmp_path / "runs" / f"run-{run_id}"
+            pid = _frozen_past_a_checkpoint(c, run_id, run_dir)
+        server.kill(signal.SIGKILL)
+        if restart == "after the process ended":
+            os.kill(pid, signal.SIGCONT)
+            wait_for(lambda: not process_alive(pid), 120, what="the orphaned process to finish")
+        server = ServerProcess(tmp_path).start()
+        with server.client() as c:
+            if restart == "while it runs":
+                r = _status(c, run_id)
+                assert r["status"] == "running" and r["pid"] == pid, r
+                os.kill(pid, signal.SIGCONT)
+            r = _wait(c, run_id, DONE, "the run to be finished")
+            assert r["status"] == "completed" and r["stop_reason"] == "max_steps" and r["error"] is None, r
+            assert r["current_step"] == 60 and r["pid"] is None and r["exit_code"] is None, r
+            m = c.get("/api/v1/models/finish").json()
+            assert m["trained"] and m["trained_run_id"] == run_id and m["trained_steps"] == 60, m
+            model_dir = tmp_path / "models" / "finish"
+            for name in ("config.json", "model.safetensors", "tokenizer.json", "training.json"):
+                assert (model_dir / name).read_bytes() == (run_dir / "final" / name).read_bytes(), name
+            steps = [m["step"] for m in c.get(f"/api/v1/runs/{run_id}/metrics?limit=1000").json()["metrics"]]
+            assert steps == list(range(1, 61))
+            assert c.post(f"/api/v1/runs/{run_id}/resume", json={"max_steps": 80}).status_code == 409  # completed
+    finally:
+        if pid:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        kill_run_process(pid)
+        server.stop()
+
+
+def _dead_run(tmp_path, kind, params, **values):
+    """A database and workspace as a killed server leaves them: a run still marked running, whose process
+    (pid 0: none) is gone. Returns (db, ws, run id, run dir)."""
+    from lmlab.server.db import Database
+    from lmlab.server.workspace import Workspace
+
+    ws, db = Workspace(tmp_path), Database(f"sqlite:///{tmp_path / 'lmlab.db'}")
+    db.add_model("start", ModelConfig.preset("gpt2-tiny", vocab_size=128, block_size=32).to_dict(), None, "char", 128)
+    run = db.add_run("" if kind == "experiment" else "start", [], params, False, params.get("max_steps"), kind=kind)
+    db.update_run(run["id"], status="running", pid=None, launches=1, **values)
+    run_dir = ws.run_path(run["id"])
+    run_dir.mkdir(parents=True)
+    return db, ws, run["id"], run_dir
+
+
+def _final(run_dir, training):
+    tok = Tokenizer.train([BOOK], kind="char", vocab_size=128)
+    cfg = ModelConfig.preset("gpt2-tiny", vocab_size=128, block_size=32)
+    save_pretrained(run_dir / "final", Transformer(cfg), tok, training=training)
+
+
+def test_a_selfplay_run_that_finished_without_its_server_makes_its_model(tmp_path):
+    db, ws, run_id, run_dir = _dead_run(tmp_path, "selfplay", {"new_model": "start-sp", "reward": "seed",
+                                                               "iterations": 3})
+    _final(run_dir, {"steps": 3, "final_reward": 0.25, "final_kl": 0.01})
+    Supervisor(db, ws).recover()
+    run, model = db.get_run(run_id), db.get_model("start-sp")
+    assert run["status"] == "completed" and run["stop_reason"] == "iterations" and run["pid"] is None, run
+    assert model["trained_run_id"] == run_id and model["trained_steps"] == 3, model
+    assert model["origin"] == {"kind": "selfplay", "parent": "start", "run_id": run_id, "reward": "seed", "judge": None,
+                               "iterations": 3, "final_reward": 0.25, "final_kl": 0.01}
+    assert (ws.model_path("start-sp") / "model.safetensors").read_bytes() == \
+        (run_dir / "final" / "model.safetensors").read_bytes()
+    db.close()
+
+
+@pytest.mark.parametrize("report", [True, False])
+def test_an_experiment_that_finished_without_its_server_is_completed_by_its_report(report, tmp_path):
+    db, ws, run_id, run_dir = _dead_run(tmp_path, "experiment", {"lab": "azr", "experiment": "azr", "seeds": [0]})
+    if report:
+        (run_dir / "report.html").write_text("<!doctype html><p>results</p>")
+    Supervisor(db, ws).recover()
+    run = db.get_run(run_id)
+    if report:
+        assert run["status"] == "completed" and run["stop_reason"] == "finished" and run["error"] is None, run
+    else:  # it ended without its report while no server watched: stopped, not resumable
+        assert run["status"] == "interrupted" and "cannot be resumed; start it again" in run["error"], run
+    db.close()
+
+
+@pytest.mark.parametrize("steps", [5, 8])
+def test_a_resumed_run_is_completed_by_its_own_final_not_the_previous_launchs(steps, tmp_path):
+    """A run that completed at step 5, resumed to 8, whose process then ended without a server: final/ from step
+    5 is what the first launch left (the resumed one died before writing its own), final/ from step 8 is the
+    resumed launch's."""
+    db, ws, run_id, run_dir = _dead_run(tmp_path, "train", {"max_steps": 8}, resume=True, resumed_from_step=5)
+    (run_dir / "checkpoints" / "step-5").mkdir(parents=True)
+    _final(run_dir, {"steps": steps, "stop_reason": "max_steps"})
+    Supervisor(db, ws).recover()
+    run, model = db.get_run(run_id), db.get_model("start")
+    if steps == 8:
+        assert run["status"] == "completed" and model["trained_steps"] == 8 and ws.model_path("start").is_dir(), run
+    else:
+        assert run["status"] == "interrupted" and "resume to continue from the last checkpoint" in run["error"], run
+        assert model["trained_steps"] is None and not ws.model_path("start").exists()
+    db.close()

@@ -1,15 +1,20 @@
 """Shared helpers for the web-app tests (no tests here): a book, fast training settings, an in-process
-client, a real `lmlab serve` process, polling with a deadline, and a kill -9 past a checkpoint."""
+client, a real `lmlab serve` process, polling with a deadline, a kill -9 past a checkpoint, and a throwaway
+PostgreSQL server."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -48,8 +53,20 @@ def wait_for(predicate, timeout: float = TIMEOUT, interval: float = 0.2, what: s
 CHILD_ENV = {"OMP_NUM_THREADS": "1"}
 
 
+# LMLAB_TEST_POSTGRES=postgresql+psycopg://USER@HOST:PORT/postgres runs the server tests' state in PostgreSQL:
+# each workspace gets a fresh database there, except one whose SQLite database a test wrote itself.
+_DATABASES: dict[Path, str] = {}
+
+
+def database_for(workspace: Path) -> str | None:
+    server = os.environ.get("LMLAB_TEST_POSTGRES")
+    if server and workspace not in _DATABASES and not (workspace / "lmlab.db").exists():
+        _DATABASES[workspace] = new_database(server, f"t{uuid.uuid4().hex}")
+    return _DATABASES.get(workspace)
+
+
 def settings(tmp: Path, **overrides) -> Settings:
-    return Settings(workspace=tmp, poll_s=0.2, child_env=CHILD_ENV, **overrides)
+    return Settings(workspace=tmp, poll_s=0.2, child_env=CHILD_ENV, **{"database_url": database_for(tmp), **overrides})
 
 
 @contextmanager
@@ -105,6 +122,8 @@ class ServerProcess:
 
     def start(self) -> ServerProcess:
         workspace_arg = ["--workspace", str(self.workspace), "--port", str(self.port)]
+        if database_for(self.workspace):
+            workspace_arg += ["--database-url", database_for(self.workspace)]
         token = ["--api-token", self.token] if self.token else []
         self.workspace.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as log:
@@ -160,3 +179,53 @@ def kill_past_a_checkpoint(pid: int, run_dir: Path) -> None:
         return False
     wait_for(logged_past_checkpoint, 60, 0.05, "steps logged after a checkpoint")
     os.kill(pid, signal.SIGKILL)
+
+
+def postgres_bin() -> Path | None:
+    """The folder of PostgreSQL's server programs: Debian's `postgresql` package keeps initdb and pg_ctl off
+    PATH, in /usr/lib/postgresql/VERSION/bin."""
+    found = shutil.which("initdb") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), reverse=True)),
+                                           None)
+    return Path(found).parent if found else None
+
+
+@contextmanager
+def postgres_server():
+    """A throwaway PostgreSQL cluster in a temporary folder, on a free port of 127.0.0.1, trusting local
+    connections: yields the SQLAlchemy URL of its `postgres` database. The server refuses to run as root, so
+    under root it runs as the `postgres` user (runuser). Skips the test where the programs or the driver
+    (psycopg 3) are missing."""
+    pytest.importorskip("psycopg")
+    bindir = postgres_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL's server programs are not installed (Debian: apt-get install postgresql)")
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    folder = Path(tempfile.mkdtemp(prefix="lmlab-pg-"))
+    if as_user:
+        shutil.chown(folder, "postgres")
+    data, port = folder / "data", free_port()
+
+    def pg(*args: str) -> None:
+        subprocess.run([*as_user, *args], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                       stdin=subprocess.DEVNULL, cwd=folder, timeout=120)
+    try:
+        pg(str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync")
+        pg(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(folder / "log"), "-w", "-o",
+           f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off", "start")
+        try:
+            yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+        finally:
+            pg(str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def new_database(server_url: str, name: str) -> str:
+    """CREATE DATABASE `name` on the server of `server_url` (its `postgres` database); its URL."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(server_url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    engine.dispose()
+    return server_url.rsplit("/", 1)[0] + "/" + name

@@ -48,7 +48,16 @@ from ..train import SCHEDULES, TrainConfig, checkpoint_step, latest_checkpoint
 from .app import Lab, State
 from .db import ACTIVE
 from .inference import NotTrained
-from .workspace import BOOK_SUFFIXES, ZipSink, check_book_name, check_name, read_book, text_stats, zip_model_dir
+from .workspace import (
+    BOOK_SUFFIXES,
+    ZipSink,
+    check_book_name,
+    check_name,
+    read_book,
+    snapshot_dir,
+    text_stats,
+    zip_model_dir,
+)
 
 router = APIRouter(prefix="/api/v1")
 RunId = Annotated[int, PathParam(ge=1, le=2**62, description="run number")]
@@ -825,10 +834,13 @@ def delete_model(state: Lab, name: str) -> Response:
 
 def download_response(state: State, name: str) -> StreamingResponse:
     need_model(state, name)
-    path = state.ws.model_path(name)
+    tmp = state.ws.tmp / f"download-{uuid.uuid4().hex}"
+    path = snapshot_dir(state.ws.model_path(name), tmp / name)  # one version, whole, however long the download
     if not (path / "model.safetensors").is_file():
+        shutil.rmtree(tmp, ignore_errors=True)
         raise HTTPException(409, f"model {name!r} has not been trained yet: there are no weights to download")
     return StreamingResponse(zip_model_dir(path, name), media_type="application/zip",
+                             background=BackgroundTask(shutil.rmtree, tmp, ignore_errors=True),
                              headers={"content-disposition": f"attachment; filename*=UTF-8''{_quote(name)}.zip"})
 
 
@@ -850,17 +862,17 @@ def download_model(state: Lab, name: str) -> StreamingResponse:
 def export_model(state: Lab, name: str, fmt: Literal["hf", "gguf"],
                  dtype: Literal["f32", "f16", "q8_0"] = Query("f32", description="GGUF weight type")) -> Any:
     need_model(state, name)
-    path = state.ws.model_path(name)
-    if not (path / "model.safetensors").is_file():
-        raise HTTPException(409, f"model {name!r} has not been trained yet: there is nothing to export")
     tmp = state.ws.tmp / f"export-{uuid.uuid4().hex}"
+    path = snapshot_dir(state.ws.model_path(name), tmp / "model" / name)  # one version, whole, while it exports
+    if not (path / "model.safetensors").is_file():
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise HTTPException(409, f"model {name!r} has not been trained yet: there is nothing to export")
     try:
         from ..interop import export_gguf, export_hf
         if fmt == "hf":
             out = export_hf(path, tmp / name)
             files = [f for f in sorted(out.rglob("*")) if f.is_file()]
         else:
-            tmp.mkdir(parents=True)
             out = export_gguf(path, tmp / f"{name}.gguf", dtype=dtype)
     except ImportError as exc:  # an optional dependency of the exporter is missing
         shutil.rmtree(tmp, ignore_errors=True)

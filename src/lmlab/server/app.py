@@ -107,7 +107,7 @@ class State:
                                      env=settings.child_env)
         # held by handlers from checking names and runs through acting on them (Supervisor.lock)
         self.lock = self.supervisor.lock
-        self.cache = ModelCache()
+        self.cache = ModelCache(self.ws.tmp)
         physical = physical_memory()
         self.memory_budget = settings.memory_budget_bytes or (int(physical * 0.7) if physical else 8 * 2**30)
         self._lock_file: Any = None

@@ -103,6 +103,8 @@ runs = Table(
     Column("kind", String(16), nullable=False, server_default="train"),  # train | selfplay | experiment
     Column("last_reward", Float),                      # self-play: the latest iteration's mean reward
     Column("last_kl", Float),                          # ... and its KL to the starting model
+    Column("pid_start", String(80)),                   # with pid, which process: jobs.process_start
+    Column("owner", String(300)),                      # the server that launched it: Supervisor.owner
 )
 
 metrics = Table(
@@ -170,10 +172,20 @@ def _v2_selfplay_runs(conn: Connection) -> None:
             conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}"))
 
 
+def _v3_run_owner(conn: Connection) -> None:
+    # A run's process known by pid and start time, and the server that launched it (two servers may share a
+    # database); only the columns still missing, as in _v2_selfplay_runs.
+    have = {c["name"] for c in inspect(conn).get_columns("runs")}
+    for column, ddl in (("pid_start", "VARCHAR(80)"), ("owner", "VARCHAR(300)")):
+        if column not in have:
+            conn.execute(text(f"ALTER TABLE runs ADD COLUMN {column} {ddl}"))
+
+
 Migration = tuple[int, str, Callable[[Connection], None]]
 MIGRATIONS: list[Migration] = [
     (1, "books, models, runs, metrics", _v1_initial),
     (2, "run kind (train, selfplay), reward and KL summary, model origin", _v2_selfplay_runs),
+    (3, "run process start time and owning server", _v3_run_owner),
 ]
 
 _schema_version = Table("schema_version", MetaData(), Column("version", Integer, nullable=False),
@@ -369,9 +381,14 @@ class Database:
             rows = conn.execute(select(runs).where(runs.c.status == "queued").order_by(runs.c.queued_at, runs.c.id))
             return [self._run(r) for r in rows]
 
-    def update_run(self, run_id: int, **values: Any) -> None:
+    def update_run(self, run_id: int, where: dict[str, Any] | None = None, **values: Any) -> bool:
+        """Set `values` on the run, only if its columns still hold `where` (None: NULL); whether it did. One
+        conditional UPDATE: of two servers claiming a run (where status is queued), exactly one wins, on
+        PostgreSQL (the second waits for the first's row lock, then finds the row changed) as on SQLite."""
+        q = update(runs).where(runs.c.id == run_id, *[runs.c[k].is_(None) if v is None else runs.c[k] == v
+                                                       for k, v in (where or {}).items()])
         with self.engine.begin() as conn:
-            conn.execute(update(runs).where(runs.c.id == run_id).values(updated_at=time.time(), **values))
+            return conn.execute(q.values(updated_at=time.time(), **values)).rowcount == 1
 
     def delete_run(self, run_id: int) -> None:
         with self.engine.begin() as conn:

@@ -4,12 +4,15 @@ object a training process updates: training lives in another process and writes 
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 from ..models.io import WEIGHTS, load_pretrained
+from .workspace import snapshot_dir
 
 
 class NotTrained(LookupError):
@@ -17,29 +20,39 @@ class NotTrained(LookupError):
 
 
 class ModelCache:
-    def __init__(self, size: int = 4) -> None:
-        self.size = size
-        self._items: OrderedDict[Path, tuple[int, Any, Any]] = OrderedDict()
+    """Loads from a snapshot of the directory (workspace.snapshot_dir, in `scratch`: hard links, so on the
+    same file system as the models) so that a finished run swapping the directory in meanwhile cannot hand
+    it one version's config and another's weights."""
+
+    def __init__(self, scratch: Path, size: int = 4) -> None:
+        self.scratch, self.size = scratch, size
+        self._items: OrderedDict[Path, tuple[tuple[int, int], Any, Any]] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, path: Path) -> tuple[Any, Any]:
-        weights = path / WEIGHTS
-        if not weights.is_file():
-            raise NotTrained(f"model {path.name!r} has no weights yet: train it first")
-        stamp = weights.stat().st_mtime_ns
-        with self._lock:  # one loader at a time; a hit costs a dict lookup
-            hit = self._items.get(path)
-            if hit is not None and hit[0] == stamp:
+        tmp = Path(tempfile.mkdtemp(dir=self.scratch, prefix="load-"))
+        try:
+            folder = snapshot_dir(path, tmp / path.name)
+            weights = folder / WEIGHTS
+            if not weights.is_file():
+                raise NotTrained(f"model {path.name!r} has no weights yet: train it first")
+            st = weights.stat()
+            stamp = (st.st_mtime_ns, st.st_size)
+            with self._lock:  # one loader at a time; a hit costs a dict lookup
+                hit = self._items.get(path)
+                if hit is not None and hit[0] == stamp:
+                    self._items.move_to_end(path)
+                    return hit[1], hit[2]
+                model, tokenizer = load_pretrained(folder)
+                if tokenizer is None:
+                    raise NotTrained(f"model {path.name!r} has no tokenizer.json")
+                self._items[path] = (stamp, model, tokenizer)
                 self._items.move_to_end(path)
-                return hit[1], hit[2]
-            model, tokenizer = load_pretrained(path)
-            if tokenizer is None:
-                raise NotTrained(f"model {path.name!r} has no tokenizer.json")
-            self._items[path] = (stamp, model, tokenizer)
-            self._items.move_to_end(path)
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
-            return model, tokenizer
+                while len(self._items) > self.size:
+                    self._items.popitem(last=False)
+                return model, tokenizer
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def forget(self, path: Path) -> None:
         with self._lock:

@@ -10,8 +10,13 @@ One supervisor thread, every `poll_s` seconds:
     cancel request -> cancelled; any other code -> failed, with the child's own `lmlab: error: ...` line
     as the reason. An experiment makes no model: exit 0 with a report.html in its run directory is
     completed, and nothing is registered, unless it was cancelled or stopped with the server (the facts
-    lab's training stops early on SIGINT and may still report on the cut-short run);
-  * starts queued runs, first in first out, while fewer than `max_jobs` are running.
+    lab's training stops early on SIGINT and may still report on the cut-short run). A model directory is
+    copied beside its place first and swapped in under the lock only then (workspace.swap_dir), so a large
+    copy holds up no request, and a reader sees the old version or the new one, whole;
+  * sends SIGINT to its runs whose cancel was asked (through this server or another sharing the database);
+  * starts queued runs, first in first out, while fewer than `max_jobs` are running. A run is claimed by a
+    conditional UPDATE (status still queued) before anything is launched, so two servers sharing one
+    database (PostgreSQL, and a workspace on a shared file system) launch each run once.
 
 Cancel sends SIGINT: training and self-play both finish the step (iteration) under way, write a checkpoint
 and exit, so a cancelled run can be resumed. Resume relaunches the run's command with `--resume`: `lmlab
@@ -19,9 +24,16 @@ train --resume --out RUN_DIR`, or the `lmlab selfplay text ... --out RUN_DIR` it
 flags, prompts in RUN_DIR/prompts.json) plus `--resume`, which checks that they match the run's
 config.json. A self-play run stopped before final/ leaves no model behind until it is resumed and
 completes; a cancel that arrives after final/ is written comes too late (the process exits 0 and the run
-completes with its new model). On start-up, runs the database still calls running belonged to a server
-that died: they become interrupted, and a child process that outlived that server is asked (SIGINT) to
-checkpoint and exit before any resume starts.
+completes with its new model).
+
+A run's process is known by its pid and its start time (`process_start`: a pid alone may be reused), and a
+run by the server that launched it (`Supervisor.owner`: host, pid and start time of the server). On
+start-up, runs still called running whose server is gone (killed on this machine) are taken over: a process
+that outlived its server is adopted, watched until it exits and then finished as its own server would have
+(its exit status went to no one, so its files tell: a complete final/ of this launch, or report.html, is a
+finished run; otherwise it stopped); a process that ended while no server ran is finished so at once. A
+graceful stop interrupts instead (shutdown asks each child to checkpoint and exit). Runs of a live server,
+and of another machine, are left to their own server.
 
 A lab experiment writes results.json, PNG plots and report.html into its run directory and keeps no
 checkpoints: a cancel (SIGINT) ends it, it cannot be resumed, and a stopped one is started again.
@@ -35,13 +47,15 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from ..lab.selfplay.text import SETTING_FLAGS
 from ..models import ModelConfig
@@ -49,7 +63,7 @@ from ..models.config import atomic_write_text
 from ..tokenizers import Tokenizer
 from ..train import checkpoint_step, latest_checkpoint
 from .db import Database
-from .workspace import Workspace, replace_dir
+from .workspace import Workspace, stage_dir, swap_dir
 
 log = logging.getLogger("lmlab.server")
 
@@ -64,30 +78,59 @@ KILL_AFTER_S = 30.0  # a child that has not exited this long after SIGINT gets S
 # and exit), so a stopped run of either kind says the same about what is left and how to continue; a lab
 # experiment keeps no checkpoints, so a stopped one is not resumable and is started again.
 _WHAT = {"train": "training", "selfplay": "self-play", "experiment": "lab experiment"}
-ASKED = "was asked to save a checkpoint and exit"
-SERVER_STOPPED = "the server was stopped; resume to continue from the last checkpoint"
+RESUME = "resume to continue from the last checkpoint"
+UNWATCHED = "its process ended while no server was watching it"
 NOT_RESUMABLE = "a lab experiment keeps no checkpoints and cannot be resumed; start it again"
 
 
-def process_alive(pid: int | None, marker: str | None = None) -> bool:
-    """Is `pid` a live process (and, where /proc exists, one whose command line mentions `marker`)?"""
+def process_start(pid: int) -> str | None:
+    """What tells process `pid` from a later one given the same pid: this boot's id and the process's start in
+    clock ticks since boot (field 22 of /proc/PID/stat), exact and unmoved by changes of the wall clock
+    (psutil's create_time adds the wall-clock boot time, which NTP moves: giampaolo/psutil#2526). None
+    without /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = ""
+    # the command name (field 2) is in parentheses and may hold spaces and ')': count from the last ')'
+    return f"{boot}/{int(stat[stat.rindex(b')') + 2:].split()[19])}"
+
+
+def process_alive(pid: int | None, start: str | None = None, arg: str | None = None) -> bool:
+    """Is `pid` a live process (not a zombie) and, given its `start` (process_start), that same process? A run
+    recorded without a start (by an older lmlab) is known by `arg`, its run directory, as one whole argument
+    of the command line, never a substring of it (`run-1` is in `run-10`). Without /proc: any process `pid`."""
     if not pid:
         return False
     proc = Path(f"/proc/{pid}")
     if proc.is_dir():
         try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             status = (proc / "status").read_text()
+            args = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             return False
         if "\nState:\tZ" in status:
             return False
-        return marker is None or marker in cmdline
+        if start is not None:
+            return process_start(pid) == start
+        return arg is None or os.fsencode(arg) in args
     try:
         os.kill(pid, 0)
     except (ProcessLookupError, PermissionError):
         return False
     return True
+
+
+class Adopted(NamedTuple):
+    """A run's process that outlived the server that launched it: not our child, so only its liveness is
+    known, not its exit status."""
+    pid: int
+    start: str | None
+    arg: str
 
 
 def _signal_group(pid: int, sig: int) -> None:
@@ -134,8 +177,9 @@ class MetricsTail:
         return lines, restart
 
 
-def _error_from_log(path: Path) -> str | None:
-    """The child's own one-line reason (`lmlab: error: ...`), else its last line."""
+def _error_from_log(path: Path, reason_only: bool = False) -> str | None:
+    """The latest launch's own one-line reason (`lmlab: error: ...`), else (unless `reason_only`) the log's last
+    line."""
     try:
         with open(path, "rb") as f:
             f.seek(max(0, os.path.getsize(path) - 16384))
@@ -143,9 +187,45 @@ def _error_from_log(path: Path) -> str | None:
     except OSError:
         return None
     for ln in reversed(lines):
+        if ln.startswith("$ lmlab "):  # the supervisor's line before each launch: older reasons are not this one's
+            break
         if ln.startswith("lmlab: error:"):
             return ln[len("lmlab: error:"):].strip()
-    return lines[-1][-500:] if lines else None
+    return None if reason_only else lines[-1][-500:] if lines else None
+
+
+def finished_model(run: dict[str, Any], final: Path) -> dict[str, Any] | None:
+    """final/'s training.json when final/ is a whole model directory written by the run's latest launch, else
+    None. save_pretrained writes training.json last, so with it the rest is there. A resumed run's final/ may
+    still be the previous launch's, at the step it resumed from: this launch's has more steps (resume asks for
+    more), except a self-play run resumed at its last iteration to save that policy again (the same policy)."""
+    try:
+        training = json.loads((final / "training.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(training, dict) or not all((final / f).is_file() for f in ("config.json", "model.safetensors")):
+        return None
+    steps, since = training.get("steps"), run["resumed_from_step"]
+    if since is not None and not (isinstance(steps, int) and (
+            steps > since or (run["kind"] == "selfplay" and steps == since == run["max_steps"]))):
+        return None
+    return training
+
+
+def _wait(proc: subprocess.Popen | Adopted, timeout: float) -> bool:
+    """Wait up to `timeout` seconds for a run's process to end; whether it did."""
+    if isinstance(proc, subprocess.Popen):
+        try:
+            proc.wait(timeout=max(0.1, timeout))
+            return True
+        except subprocess.TimeoutExpired:
+            return False
+    deadline = time.monotonic() + timeout
+    while process_alive(*proc):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def _signame(number: int) -> str:
@@ -194,7 +274,10 @@ class Supervisor:
         self.db, self.ws = db, workspace
         self.max_jobs, self.python, self.poll_s = max_jobs, python, poll_s
         self.env = env or {}
-        self._procs: dict[int, subprocess.Popen] = {}
+        # who launched a run: this machine, this server's process (pid and start), and this supervisor (two in
+        # one process, as in the tests, are two servers)
+        self.owner = f"{socket.gethostname()} {os.getpid()} {process_start(os.getpid())} {uuid.uuid4().hex[:8]}"
+        self._procs: dict[int, subprocess.Popen | Adopted] = {}
         self._tails: dict[int, MetricsTail] = {}
         self._cancel_sent: dict[int, float] = {}
         # One lock for the supervisor's passes and for the API handlers that check names and runs and then
@@ -213,23 +296,30 @@ class Supervisor:
         self._thread = threading.Thread(target=self._loop, name="lmlab-supervisor", daemon=True)
         self._thread.start()
 
+    def _orphaned(self, owner: str | None) -> bool:
+        """Is the server that launched a run gone? A run of an older lmlab names none (one server then had the
+        database). One on another machine cannot be checked from here: its own server takes it back."""
+        if not owner:
+            return True
+        host, pid, start, _ = owner.split(" ")
+        return host == socket.gethostname() and not process_alive(int(pid), None if start == "None" else start)
+
     def recover(self) -> None:
-        """Runs left 'running' by a previous server become interrupted; their processes, if still alive,
-        are asked to checkpoint and exit (a queued resume waits until they have)."""
+        """Runs left running by a server that is gone: the process of each, if it outlived that server, is
+        adopted (watched by tick, finished when it exits); one that ended meanwhile is finished now."""
         for run in self.db.list_runs(status=["running"]):
-            run_dir = self.ws.run_path(run["id"])
-            alive = process_alive(run["pid"], str(run_dir))
-            if alive:
-                _signal_group(run["pid"], signal.SIGINT)
-            self._catch_up(run["id"])
-            note = "the server stopped while this run was running"
-            if alive:
-                note += f"; its process (pid {run['pid']}) " + (ASKED if run["kind"] != "experiment" else "was stopped")
-            if run["kind"] == "experiment":
-                note += f"; {NOT_RESUMABLE}"
-            self.db.update_run(run["id"], status="interrupted", error=note, finished_at=time.time(),
-                               pid=run["pid"] if alive else None)
-            log.warning("run %s: %s", run["id"], note)
+            if not self._orphaned(run["owner"]) or not self.db.update_run(
+                    run["id"], where={"status": "running", "owner": run["owner"]}, owner=self.owner):
+                continue  # its server is alive, or another starting server took it first
+            adopted = Adopted(run["pid"], run["pid_start"], str(self.ws.run_path(run["id"])))
+            if process_alive(*adopted):
+                with self.lock:
+                    self._procs[run["id"]] = adopted
+                log.warning("run %s: its process (pid %s) outlived the server that launched it; watching it",
+                            run["id"], run["pid"])
+            else:
+                self._catch_up(run["id"])
+                self._finish(run["id"], None)
 
     def shutdown(self, timeout: float = 20.0) -> None:
         """Stop the loop; ask every child to checkpoint and exit; mark them interrupted (resumable)."""
@@ -242,14 +332,12 @@ class Supervisor:
                 _signal_group(proc.pid, signal.SIGINT)
             deadline = time.monotonic() + timeout
             for run_id, proc in list(self._procs.items()):
-                try:
-                    proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
+                if not _wait(proc, deadline - time.monotonic()):
                     _signal_group(proc.pid, signal.SIGKILL)
-                    proc.wait()
+                    _wait(proc, KILL_AFTER_S)
+                del self._procs[run_id]
                 self._catch_up(run_id)
-                self._finish(run_id, proc.returncode, server_stopped=True)
-            self._procs.clear()
+                self._finish(run_id, None if isinstance(proc, Adopted) else proc.returncode, server_stopped=True)
             self._tails.clear()
 
     def _loop(self) -> None:
@@ -267,22 +355,27 @@ class Supervisor:
     # ---- one pass ----------------------------------------------------------------------------------
 
     def tick(self) -> None:
+        ended = []
         with self.lock:
+            if self._procs:  # cancels asked through any server sharing the database
+                for run in self.db.list_runs(status=["running"]):
+                    if run["id"] in self._procs and run["cancel_requested"] and run["id"] not in self._cancel_sent:
+                        _signal_group(self._procs[run["id"]].pid, signal.SIGINT)
+                        self._cancel_sent[run["id"]] = time.monotonic()
             for run_id, proc in list(self._procs.items()):
                 self._catch_up(run_id)
-                code = proc.poll()
-                if code is not None:
-                    self._finish(run_id, code)
+                code = None if isinstance(proc, Adopted) else proc.poll()
+                if code is not None or (isinstance(proc, Adopted) and not process_alive(*proc)):
+                    del self._procs[run_id]  # no signal may reach its pid from now on: it can be reused
+                    ended.append((run_id, code))
                 elif run_id in self._cancel_sent and time.monotonic() - self._cancel_sent[run_id] > KILL_AFTER_S:
                     _signal_group(proc.pid, signal.SIGKILL)
+        for run_id, code in ended:  # outside the lock: registering copies a model directory first
+            self._finish(run_id, code)
+        with self.lock:
             for run in self.db.queued_runs():
                 if len(self._procs) >= self.max_jobs or self._stop.is_set():
                     break
-                run_dir = self.ws.run_path(run["id"])
-                if process_alive(run["pid"], str(run_dir)):  # the previous server's child is still saving
-                    if time.time() - (run["queued_at"] or 0) > KILL_AFTER_S:
-                        _signal_group(run["pid"], signal.SIGKILL)
-                    continue
                 self._launch(run)
 
     def _catch_up(self, run_id: int) -> None:
@@ -371,6 +464,12 @@ class Supervisor:
 
     def _launch(self, run: dict[str, Any]) -> None:
         run_id = run["id"]
+        # the claim: a server sharing the database that read the same queue finds the run no longer queued
+        if not self.db.update_run(run_id, where={"status": "queued", "launches": run["launches"]}, status="running",
+                                  owner=self.owner, pid=None, pid_start=None, launches=run["launches"] + 1,
+                                  started_at=time.time(), finished_at=None, exit_code=None, error=None,
+                                  stop_reason=None, cancel_requested=False):
+            return
         run_dir = self.ws.run_path(run_id)
         run_dir.mkdir(parents=True, exist_ok=True)
         resumed_from = None
@@ -393,13 +492,13 @@ class Supervisor:
         self._procs[run_id] = proc
         self._tails[run_id] = MetricsTail(run_dir / "metrics.jsonl")
         self._cancel_sent.pop(run_id, None)
-        self.db.update_run(run_id, status="running", pid=proc.pid, started_at=time.time(), finished_at=None,
-                           exit_code=None, error=None, stop_reason=None, cancel_requested=False,
-                           launches=run["launches"] + 1, resumed_from_step=resumed_from)
+        self.db.update_run(run_id, pid=proc.pid, pid_start=process_start(proc.pid), resumed_from_step=resumed_from)
         log.info("run %s started (pid %s)%s", run_id, proc.pid, f" from step {resumed_from}" if resumed_from else "")
 
-    def _finish(self, run_id: int, code: int, server_stopped: bool = False) -> None:
-        self._procs.pop(run_id, None)
+    def _finish(self, run_id: int, code: int | None, server_stopped: bool = False) -> None:
+        """Record how a run's process ended and register what it made. `code` None: its exit status is unknown
+        (adopted, or ended while no server ran); what it left tells. Called without the lock held, or by
+        shutdown: a model directory is copied first, and the lock is taken for the swap and the records."""
         self._tails.pop(run_id, None)
         self._cancel_sent.pop(run_id, None)
         run = self.db.get_run(run_id)
@@ -407,48 +506,57 @@ class Supervisor:
             return
         run_dir = self.ws.run_path(run_id)
         final = run_dir / "final"
-        training = {}
-        if (final / "training.json").is_file():
-            try:
-                training = json.loads((final / "training.json").read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError):
-                training = {}
-        values: dict[str, Any] = {"exit_code": code, "pid": None, "finished_at": time.time()}
+        training = finished_model(run, final)
+        values: dict[str, Any] = {"exit_code": code, "pid": None, "pid_start": None, "finished_at": time.time()}
         # no model to register: its report is the product, but only of a run that was not stopped: the facts
         # lab answers SIGINT as training does (the step loop returns early) and may still report and exit 0
         cut_short = run["kind"] == "experiment" and (run["cancel_requested"] or server_stopped)
-        if code == 0 and run["kind"] == "experiment" and not cut_short:
-            if (run_dir / "report.html").is_file():
-                values.update(status="completed", stop_reason="finished", error=None)
-            else:
-                values.update(status="failed", error="the experiment exited without writing report.html")
-        elif code == 0 and run["kind"] == "selfplay" and (final / "model.safetensors").is_file():
+        report = (run_dir / "report.html").is_file()
+        staged = None
+        if code in (0, None) and run["kind"] == "experiment" and report and not cut_short:
+            values.update(status="completed", stop_reason="finished", error=None)
+        elif code == 0 and run["kind"] == "experiment" and not cut_short:
+            values.update(status="failed", error="the experiment exited without writing report.html")
+        elif code in (0, None) and run["kind"] == "selfplay" and training is not None:
             try:
                 self._register_selfplay(run, final, training)
                 values.update(status="completed", stop_reason="iterations", error=None)
             except Exception as exc:  # a database error too: the run must not stay "running"
                 values.update(status="failed", error=f"self-play finished, but its model was not saved: {exc}")
-        elif code == 0 and (final / "model.safetensors").is_file():
+        elif code in (0, None) and run["kind"] == "train" and training is not None:
             values.update(status="completed", stop_reason=training.get("stop_reason"), error=None)
             try:
-                replace_dir(final, self.ws.model_path(run["model_name"]))
-                # weights trained from scratch no longer come from the self-play that made the model; weights
-                # trained further from it still do, so continued training keeps the origin
-                cleared = {} if run["init_from_trained"] else {"origin": None}
-                self.db.update_model(run["model_name"], trained_run_id=run_id, trained_steps=training.get("steps"),
-                                     **cleared)
+                staged = stage_dir(final, self.ws.model_path(run["model_name"]))
             except (OSError, ValueError) as exc:
                 values.update(error=f"trained, but the model directory could not be updated: {exc}")
         elif run["cancel_requested"]:
             values.update(status="cancelled", error=None, stop_reason="cancelled")
-        elif code < 0 or code in (0, 130) or cut_short:  # 0 without final/: the trainer stopped early on request
-            how = f"killed by {_signame(-code)}" if code < 0 else "interrupted"
-            stopped = SERVER_STOPPED if run["kind"] != "experiment" else f"the server was stopped; {NOT_RESUMABLE}"
-            values.update(status="interrupted", stop_reason="interrupted",
-                          error=stopped if server_stopped else f"the {_WHAT[run['kind']]} process was {how}")
+        elif code is None and not server_stopped and (reason := _error_from_log(run_dir / "log.txt", True)):
+            values.update(status="failed", error=reason)
+        elif code is None or code < 0 or code in (0, 130) or cut_short:  # 0 without final/: stopped on request
+            then = RESUME if run["kind"] != "experiment" else NOT_RESUMABLE
+            if server_stopped:
+                error = f"the server was stopped; {then}"
+            elif code is None:
+                error = f"{UNWATCHED}; {then}"
+            else:
+                error = f"the {_WHAT[run['kind']]} process was " + (
+                    f"killed by {_signame(-code)}" if code < 0 else "interrupted")
+            values.update(status="interrupted", stop_reason="interrupted", error=error)
         else:
             values.update(status="failed", error=_error_from_log(run_dir / "log.txt") or f"exit code {code}")
-        self.db.update_run(run_id, **values)
+        with self.lock:
+            if staged is not None:
+                try:
+                    swap_dir(staged, self.ws.model_path(run["model_name"]))
+                    # weights trained from scratch no longer come from the self-play that made the model; weights
+                    # trained further from it still do, so continued training keeps the origin
+                    cleared = {} if run["init_from_trained"] else {"origin": None}
+                    self.db.update_model(run["model_name"], trained_run_id=run_id,
+                                         trained_steps=training.get("steps"), **cleared)
+                except (OSError, ValueError) as exc:
+                    values.update(error=f"trained, but the model directory could not be updated: {exc}")
+            self.db.update_run(run_id, **values)
         log.info("run %s %s (exit %s)", run_id, values["status"], code)
 
     # ---- requests from the API ---------------------------------------------------------------------
@@ -457,19 +565,19 @@ class Supervisor:
         self.wake()
 
     def cancel(self, run_id: int) -> dict[str, Any] | None:
+        """A queued run is cancelled at once; a running one is asked to stop by the server that runs it (tick
+        sends SIGINT), whichever server sharing the database the request came through."""
         with self.lock:
             run = self.db.get_run(run_id)
             if run is None:
                 return None
-            if run["status"] == "queued":
-                self.db.update_run(run_id, status="cancelled", finished_at=time.time(), stop_reason="cancelled")
-            elif run["status"] == "running":
+            # only while still queued: a server sharing the database may have launched it meanwhile
+            if run["status"] == "queued" and not self.db.update_run(
+                    run_id, where={"status": "queued"}, status="cancelled", finished_at=time.time(),
+                    stop_reason="cancelled"):
+                run = self.db.get_run(run_id) or run
+            if run["status"] == "running":
                 self.db.update_run(run_id, cancel_requested=True)
-                proc = self._procs.get(run_id)
-                pid = proc.pid if proc else run["pid"]
-                if pid:
-                    _signal_group(pid, signal.SIGINT)
-                    self._cancel_sent[run_id] = time.monotonic()
             self.wake()
             return self.db.get_run(run_id)
 

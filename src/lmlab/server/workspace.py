@@ -12,6 +12,7 @@ import io
 import os
 import shutil
 import sys
+import threading
 import unicodedata
 import zipfile
 from collections.abc import Iterator
@@ -190,14 +191,44 @@ def zip_model_dir(path: Path, arcname: str, chunk: int = 1 << 20) -> Iterator[by
     yield sink.take()
 
 
-def replace_dir(src: Path, dst: Path) -> None:
-    """Copy src over dst so that dst is never half-written: copy to a temporary sibling, then swap."""
+# Held only for the renames of a swap and for taking a snapshot (links, no copying): a reader's snapshot is then
+# wholly the old directory or wholly the new one. A directory cannot be exchanged by one portable rename.
+_SWAP = threading.Lock()
+
+
+def stage_dir(src: Path, dst: Path) -> Path:
+    """A copy of src beside dst, for swap_dir to put in dst's place: the slow part, done before any lock."""
     tmp = dst.parent / f".{dst.name}.incoming"
-    old = dst.parent / f".{dst.name}.old"
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.rmtree(old, ignore_errors=True)
     shutil.copytree(src, tmp)
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(tmp, dst)
+    return tmp
+
+
+def swap_dir(staged: Path, dst: Path) -> None:
+    """Put the staged copy in dst's place, so that dst is never half-written and no snapshot mixes the two."""
+    old = dst.parent / f".{dst.name}.old"
     shutil.rmtree(old, ignore_errors=True)
+    with _SWAP:
+        if dst.exists():
+            os.replace(dst, old)
+        os.replace(staged, dst)
+    shutil.rmtree(old, ignore_errors=True)  # a snapshot keeps its own links to the old files
+
+
+def snapshot_dir(src: Path, dest: Path) -> Path:
+    """dest (made here) holding the model files of src as they are at this moment, as hard links taken while no
+    swap_dir runs: a reader of dest sees one version of the model, whole, however long it reads, and nothing is
+    copied. (Copies where the file system has no hard links.) The caller removes dest."""
+    dest.mkdir(parents=True)
+    with _SWAP:
+        for name in MODEL_FILES:
+            f = src / name
+            if f.is_symlink() or not f.is_file():
+                continue
+            try:
+                os.link(f, dest / name)
+            except FileNotFoundError:  # removed meanwhile (the model deleted): the reader finds it missing
+                continue
+            except OSError:
+                shutil.copy2(f, dest / name)
+    return dest
