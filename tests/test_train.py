@@ -372,3 +372,32 @@ def test_demo_stopped_by_sigterm_says_how_to_resume(tmp_path, capsys, monkeypatc
     monkeypatch.setattr(Trainer, "train_step", real)
     assert main(["train", "--out", str(tmp_path / "demo"), "--resume"]) == 0
     assert json.loads((tmp_path / "demo" / "final" / "training.json").read_text())["steps"] == 20
+
+
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+def test_written_files_follow_the_umask(tmp_path, book, umask, file_mode, dir_mode):
+    """Every file lmlab writes (run config, tokenizer, token files, metrics, checkpoints, the model directory,
+    generation.json, GGUF and Hugging Face exports) gets what open() gives under the user's umask: 0644 under
+    022 (a group or a web server serving exports can read it), 0600 under 077. Temporary files from mkstemp
+    (and safetensors' own) were 0600 whatever the umask, and the rename kept that."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("transformers")
+    run = tmp_path / "run"
+    old = os.umask(umask)
+    try:
+        assert main(["train", str(book), "--preset", "llama-tiny", "--vocab-size", "300", "--out", str(run),
+                     "--max-steps", "2", "--batch-size", "2", "--seq-len", "32", "--eval-batches", "1",
+                     "--save-every", "1"]) == 0
+        lmlab.GenerationConfig(max_new_tokens=7).save(run / "final" / "generation.json")
+        assert main(["export", "gguf", str(run / "final"), str(run / "model.gguf")]) == 0
+        assert main(["export", "hf", str(run / "final"), str(run / "hf")]) == 0
+    finally:
+        os.umask(old)
+    names = {p.relative_to(run).as_posix(): p.stat().st_mode & 0o777 for p in run.rglob("*")}
+    assert {"config.json", "tokenizer.json", "metrics.jsonl", "data/tokens.bin", "data/tokens.json",
+            "checkpoints/step-2/model.safetensors", "checkpoints/step-2/state.json", "final/model.safetensors",
+            "final/config.json", "final/tokenizer.json", "final/training.json", "final/generation.json",
+            "model.gguf", "hf/model.safetensors", "hf/config.json", "hf/tokenizer.json"} <= set(names)
+    wrong = {name: oct(mode) for name, mode in names.items()
+             if mode != (dir_mode if (run / name).is_dir() else file_mode)}
+    assert not wrong, wrong

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .config import atomic_write_text
+from ..files import atomic_write_text
 from .model import KVCache, Transformer
 
 EOS_ID = 3  # lmlab.tokenizers.EOS_ID; models imported from elsewhere pass their own

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..models.config import atomic_write_text
+from ..files import atomic_write_text, fix_modes
 
 
 def b64(state: torch.Tensor) -> str:
@@ -58,6 +58,7 @@ def write_checkpoint(run_dir: str | Path, step: int, fill: Callable[[Path], None
     try:
         tmp.mkdir()
         fill(tmp)
+        fix_modes(tmp)
         if final.exists():  # the same step saved again (resumed and stopped at once): replace it
             old = root / f".old-step-{step}"
             shutil.rmtree(old, ignore_errors=True)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..models.config import atomic_write_text
+from ..files import atomic_write_text
 
 SCHEDULES = ("cosine", "linear", "constant")
 

@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 
 from ..data import TokenDataset, find_documents, prepare, prepare_texts, read_document
+from ..files import atomic_write_text
 from ..models import ModelConfig, Transformer, generate
-from ..models.config import atomic_write_text
 from ..models.io import load_pretrained
 from ..tokenizers import Tokenizer
 from .config import TrainConfig

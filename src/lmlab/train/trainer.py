@@ -41,8 +41,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from ..files import atomic_write_text
 from ..models import ModelConfig, Transformer
-from ..models.config import atomic_write_text
 from ..models.io import save_pretrained
 from .checkpoint import StopOnSignal, b64, latest_checkpoint, trim_metrics, unb64, write_checkpoint
 from .config import TrainConfig, lr_at
