@@ -235,10 +235,15 @@ def _lookup_steps(ctx: _Context, max_new_tokens: int, k: int, eos_token_id: int 
     rounding between a 1-token and a k-token forward in a near-tie), and every kept draft token saves one
     pass over the weights. Repetitive text (names, refrains, code) gains most."""
     logits = ctx.next_logits()[0]                                # (V,) after the prompt
+    block = ctx.model.config.block_size
     produced = 0
     while produced < max_new_tokens:
         token = int(logits.argmax())
-        room = min(k, max_new_tokens - produced - 1)
+        # The token and its draft fit in what is left of the window: the full cache is then rebuilt with one
+        # token pending, where one-token decoding rebuilds it, so the cropped context and the text stay
+        # greedy's. (A draft longer than the rebuilt 3/4 window misaligned the logits and drove the cache
+        # length negative.)
+        room = max(0, min(k, max_new_tokens - produced - 1, block - ctx.cache.length - 1))
         draft = _draft(torch.cat([ctx.context_ids()[0], ctx.ids.new_tensor([token])]), room) if room else []
         seq = [token, *draft]
         out = ctx.extend(seq)                                    # (len(seq), V)
