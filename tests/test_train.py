@@ -134,6 +134,20 @@ def test_a_crash_leaves_the_last_checkpoint_usable(tmp_path, tok, ds, reference)
     torch.testing.assert_close(first.losses[:6] + second.losses, full.losses, atol=1e-6, rtol=0)
 
 
+def test_a_new_run_refuses_a_folder_holding_another_run(tmp_path, tok, ds):
+    """The library's train() guards a run folder as `lmlab train` does: a new run there would prune the old
+    run's checkpoints with its own, and a later resume could load the old run's weights as the new final/."""
+    train(model_cfg(tok), tok, ds, base(max_steps=4, save_every=2), tmp_path / "a")
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "a" / "checkpoints").iterdir()}
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(model_cfg(tok), tok, ds, base(max_steps=2, seed=8), tmp_path / "a")
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "a" / "checkpoints").iterdir()} == before
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["train"]["seed"] == 7
+    (tmp_path / "b" / "final").mkdir(parents=True)  # a finished run whose checkpoints were deleted
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(model_cfg(tok), tok, ds, base(max_steps=2), tmp_path / "b")
+
+
 def test_a_failed_checkpoint_write_leaves_nothing_half_written(tmp_path, tok, ds, monkeypatch):
     real_save, calls = torch.save, []
 

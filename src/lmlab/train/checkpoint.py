@@ -47,6 +47,16 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return max(_checkpoints(Path(run_dir) / "checkpoints"), key=checkpoint_step, default=None)
 
 
+def refuse_existing_run(run_dir: str | Path) -> None:
+    """ValueError if `run_dir` holds another run (checkpoints or a final model). A new run there would prune
+    the other run's checkpoints with its own, and a later resume could load the other run's weights and save
+    them as the new final/. The one guard of `lmlab train`, `lmlab demo` and the library's train()."""
+    out = Path(run_dir)
+    if (out / "final").exists() or ((out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())):
+        raise ValueError(f"{out} already holds a run; resume it (lmlab train --out {out} --resume) or choose "
+                         "another folder")
+
+
 def write_checkpoint(run_dir: str | Path, step: int, fill: Callable[[Path], None], keep_last: int = 0) -> Path:
     """RUN_DIR/checkpoints/step-N: `fill(folder)` writes the files into a temporary folder that is then renamed,
     and nothing half-written survives a failure. Keeps the last `keep_last` checkpoints (0: all)."""

@@ -26,6 +26,7 @@ from ..files import atomic_write_text
 from ..models import ModelConfig, Transformer, generate
 from ..models.io import load_pretrained
 from ..tokenizers import Tokenizer
+from .checkpoint import refuse_existing_run
 from .config import TrainConfig
 from .demo_corpus import demo_corpus
 from .trainer import TrainResult, check_fits, dist_env, init_distributed, resolve_device, train
@@ -43,8 +44,7 @@ def train_from_sources(out_dir: str | Path, config: TrainConfig, *, sources: Seq
     fails before anything is written."""
     out = Path(out_dir)
     created = not out.exists()
-    if (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
-        raise ValueError(f"{out} already holds a run; use --resume to continue it or choose another --out")
+    refuse_existing_run(out)
     if sum(x is not None for x in (preset, model_config, init)) != 1:
         raise ValueError("choose exactly one of --preset, --config or --init")
     if not sources and dataset is None:
@@ -220,8 +220,7 @@ def run_demo(out_dir: str | Path = "lmlab-demo", *, budget_s: float = 180.0, max
     directory for `lmlab generate`."""
     t0 = time.perf_counter()
     out = Path(out_dir)
-    if (out / "checkpoints").is_dir() or (out / "final").is_dir():
-        raise ValueError(f"{out} already holds a demo run; remove it or pass --out elsewhere")
+    refuse_existing_run(out)
     if budget_s <= 0 or (max_steps is not None and max_steps <= 0):
         raise ValueError("the budget and max_steps must be positive")
     text = demo_corpus(seed=seed)

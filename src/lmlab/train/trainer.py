@@ -44,7 +44,15 @@ from torch.distributed.checkpoint.state_dict import (
 from ..files import atomic_write_text
 from ..models import ModelConfig, Transformer
 from ..models.io import save_pretrained
-from .checkpoint import StopOnSignal, b64, latest_checkpoint, trim_metrics, unb64, write_checkpoint
+from .checkpoint import (
+    StopOnSignal,
+    b64,
+    latest_checkpoint,
+    refuse_existing_run,
+    trim_metrics,
+    unb64,
+    write_checkpoint,
+)
 from .config import TrainConfig, lr_at
 
 # Full (unsharded) state dicts keyed by parameter name: the same checkpoint files for 1 process, DDP and
@@ -226,9 +234,11 @@ class Trainer:
             if path is None:
                 raise FileNotFoundError(f"no checkpoint to resume from in {self.out_dir / 'checkpoints'}")
             self.load_checkpoint(path)
-        elif self.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "metrics.jsonl").write_text("")
+        else:
+            refuse_existing_run(self.out_dir)  # every rank, before anything is written: none waits for rank 0
+            if self.is_main:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                (self.out_dir / "metrics.jsonl").write_text("")
         if self.is_main:
             self._write_run_files()
             if c.tensorboard:
