@@ -149,3 +149,19 @@ def test_prompt_lookup_drafts_longer_than_the_rebuilt_cache(tok, trained, block_
     fast = lmlab.generate_ids(model, [ids], do_sample=False, max_new_tokens=150, stop_at_eos=False,
                               prompt_lookup=64)
     assert fast == plain
+
+
+def test_bad_generation_json_is_one_line_naming_the_field(tmp_path, trained, tok, capsys):
+    """An unknown key (or a wrong type) in a model directory's generation.json was a TypeError traceback."""
+    save_pretrained(tmp_path / "m", trained, tok)
+    gen = tmp_path / "m" / "generation.json"
+    for text, field in (('{"temprature": 0.5}', "temprature"), ('{"temperature": "hot"}', "temperature"),
+                        ('["greedy"]', "JSON object"), ('{"top_k": 4,}', "generation.json")):
+        gen.write_text(text)
+        with pytest.raises(ValueError, match=field):
+            lmlab.GenerationConfig.load(gen)
+    gen.write_text('{"temprature": 0.5}')
+    pytest.importorskip("transformers")
+    assert main(["export", "hf", str(tmp_path / "m"), str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"lmlab: error: {gen}: unknown GenerationConfig field(s): temprature"

@@ -216,6 +216,29 @@ class ModelConfig:
         return cls.from_json(Path(path).read_text(encoding="utf-8"))
 
 
+_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+
+def check_types(config: Any) -> None:
+    """ValueError naming the first field of a config dataclass whose value has the wrong type: JSON and
+    dicts arrive untyped, and a string compared with a number would be a TypeError deep inside."""
+    for f in dataclasses.fields(config):
+        value, kinds = getattr(config, f.name), [k.strip() for k in str(f.type).split("|")]
+        if (value is None and "None" in kinds) or not any(k in _TYPES for k in kinds):
+            continue
+        if not any(isinstance(value, _TYPES[k]) and (k == "bool" or not isinstance(value, bool))
+                   for k in kinds if k in _TYPES):
+            raise ValueError(f"{f.name} ({value!r}) must be {' or '.join(kinds)}")
+
+
+def known_fields(cls: Any, data: dict[str, Any]) -> dict[str, Any]:
+    """`data` if every key is a field of the dataclass `cls`; otherwise ValueError naming the others."""
+    unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(sorted(unknown))}")
+    return data
+
+
 def preset_names() -> list[str]:
     return [f"{fam}-{size}" for fam in FAMILIES for size in SIZES]
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..files import atomic_write_text
+from .config import check_types, known_fields
 from .model import KVCache, Transformer
 
 EOS_ID = 3  # lmlab.tokenizers.EOS_ID; models imported from elsewhere pass their own
@@ -38,6 +39,7 @@ class GenerationConfig:
     prompt_lookup: int = 0            # > 0: greedy drafts of up to this many tokens, verified at once; 0: off
 
     def __post_init__(self) -> None:
+        check_types(self)
         checks = [
             ("max_new_tokens", self.max_new_tokens >= 0, "must be >= 0"),
             ("temperature", self.temperature >= 0, "must be >= 0"),
@@ -50,7 +52,7 @@ class GenerationConfig:
         for name, ok, why in checks:
             if not ok:
                 raise ValueError(f"{name} ({getattr(self, name)}) {why}")
-        if any(not isinstance(s, str) or not s for s in self.stop_strings):
+        if not isinstance(self.stop_strings, list) or any(not isinstance(s, str) or not s for s in self.stop_strings):
             raise ValueError("stop_strings must be non-empty strings")
 
     @property
@@ -62,7 +64,14 @@ class GenerationConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> GenerationConfig:
-        return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
+        """generation.json; ValueError (naming the file, and the field) for bad JSON or an unknown field."""
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            if not isinstance(data, dict):
+                raise ValueError("must hold a JSON object of GenerationConfig fields")
+            return cls(**known_fields(cls, data))
+        except ValueError as exc:  # json.JSONDecodeError too
+            raise ValueError(f"{path}: {exc}") from None
 
 
 def _resolve(config: GenerationConfig | None, overrides: dict[str, Any]) -> GenerationConfig:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..files import atomic_write_text
+from ..models.config import check_types, known_fields
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -43,7 +44,6 @@ HELP = {
     "fsdp": "under torchrun, shard weights, gradients and optimizer state (FSDP2) instead of DDP",
     "peak_flops": "FLOP/s of one device for MFU (default: a matmul measured at start)",
 }
-_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
 
 
 @dataclass
@@ -80,13 +80,7 @@ class TrainConfig:
     peak_flops: float | None = None
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):  # JSON and dicts arrive untyped: check types before ranges
-            value, kinds = getattr(self, f.name), [k.strip() for k in str(f.type).split("|")]
-            if value is None and "None" in kinds:
-                continue
-            if not any(isinstance(value, _TYPES[k]) and (k == "bool" or not isinstance(value, bool))
-                       for k in kinds if k in _TYPES):
-                raise ValueError(f"{f.name} ({value!r}) must be {' or '.join(kinds)}")
+        check_types(self)
         positive = ["batch_size", "grad_accum_steps", "eval_batches", "log_every"]
         for name in positive:
             value = getattr(self, name)
@@ -136,11 +130,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - names
-        if unknown:
-            raise ValueError(f"unknown TrainConfig field(s): {', '.join(sorted(unknown))}")
-        return cls(**data)
+        return cls(**known_fields(cls, data))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
