@@ -6,6 +6,7 @@ import math
 import os
 import signal
 
+import numpy as np
 import pytest
 import torch
 
@@ -330,6 +331,24 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, book, capsys, argv, message)
     err = capsys.readouterr().err.strip()
     assert err.startswith("lmlab: error:") and "\n" not in err and message in err, err
     assert not (tmp_path / "r").exists()  # nothing half-written
+
+
+def test_debug_shows_the_traceback_and_a_bug_is_not_bad_input(capsys, monkeypatch):
+    """Bad input is one line (with --debug, the traceback first); a ValueError from a failed operation deep
+    inside (here numpy's reshape) is a bug: its traceback, a line saying so, exit 1 (it was one line, exit 2,
+    as if the user were at fault)."""
+    assert main(["--debug", "info", "--preset", "gpt2-nope"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == "Traceback (most recent call last):" and err[-1].startswith("lmlab: error: preset ('gpt2-nope')")
+    assert main(["info", "--preset", "gpt2-nope", "--debug"]) == 2 and "Traceback" in capsys.readouterr().err
+    assert main(["info", "--preset", "gpt2-nope"]) == 2
+    assert capsys.readouterr().err.startswith("lmlab: error: preset ('gpt2-nope') is unknown")
+    monkeypatch.setattr(lmlab.ModelConfig, "num_parameters", lambda self: int(np.zeros(3).reshape(2, 2).sum()))
+    assert main(["info", "--preset", "gpt2-tiny"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == "Traceback (most recent call last):" and "cannot reshape array of size 3" in err[-2]
+    assert err[-1] == ("lmlab: internal error: ValueError; this is a bug in lmlab, please report it with the "
+                       "traceback above")
 
 
 def test_every_train_config_field_is_a_documented_flag(capsys):

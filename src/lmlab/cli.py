@@ -4,14 +4,17 @@
     lmlab info runs/demo/final                 # ... or for a model directory
     lmlab generate runs/demo/final --prompt "Once upon a time" --temperature 0.8 --top-k 40
 
-Bad input prints one line `lmlab: error: ...` and exits with code 2.
+Bad input prints one line `lmlab: error: ...` and exits with code 2 (`--debug` adds the traceback); any other
+error is a bug in lmlab: its traceback, a line saying so, and exit code 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import dis
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -563,14 +566,40 @@ def _lab(args: argparse.Namespace) -> int:
     return 0
 
 
+_DEBUG_HELP = "on an error, print the traceback too"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmlab", description="Train, study and ship small language models.")
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, add_arguments, run) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
         add_arguments(p)
         p.set_defaults(run=run)
     return parser
+
+
+_PACKAGE = Path(__file__).resolve().parent
+_RAISE = dis.opmap["RAISE_VARARGS"]
+_PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """Bad input rather than a bug: an OSError about a path, or a ValueError that lmlab's own code raised with
+    its own message (a `raise` statement in the package: the house convention for input it refuses). A
+    ValueError from inside torch, numpy or the standard library, or from an operation that failed in lmlab's
+    code (an unpacking, an int() of something never checked), is a bug."""
+    if isinstance(exc, _PATH_ERRORS):
+        return True
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next  # the frame the exception was raised in
+    if not isinstance(exc, ValueError) or tb is None:
+        return False
+    code = tb.tb_frame.f_code
+    return Path(code.co_filename).resolve().is_relative_to(_PACKAGE) and code.co_code[tb.tb_lasti] == _RAISE
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -581,13 +610,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, IsADirectoryError) as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"lmlab: error: {message}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("lmlab: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        user = is_user_error(exc)
+        if args.debug or not user:
+            traceback.print_exc()
+        if not user:
+            print(f"lmlab: internal error: {type(exc).__name__}; this is a bug in lmlab, please report it with the "
+                  "traceback above", file=sys.stderr)
+            return 1
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"lmlab: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
