@@ -13,7 +13,7 @@ import torch
 import lmlab
 from lmlab.cli import main
 from lmlab.data import prepare_texts
-from lmlab.train import Callback, TrainConfig, latest_checkpoint, lr_at, train
+from lmlab.train import Callback, TrainConfig, Trainer, latest_checkpoint, lr_at, train
 from lmlab.train.demo_corpus import demo_corpus
 
 
@@ -219,6 +219,62 @@ def test_learns_below_the_unigram_baseline_and_logs_well_formed_metrics(tmp_path
         losses = [model(x, y).loss.item() for x, y in ds.eval_batches(8, 32, 4)]
     assert sum(losses) / len(losses) == pytest.approx(rec.evals[-1], abs=1e-5)
     assert tok2.encode("дед лиса") == tok.encode("дед лиса")
+
+
+def test_val_loss_is_the_mean_over_target_tokens_of_padded_batches(tmp_path, tok):
+    """Batches padded unequally (the knowledge lab's are): each batch's mean loss counts once per target token
+    the loss counts, so the val loss is the mean over all tokens. It was weighted by rows, which gives the
+    tokens of a mostly padded row the weight of a full one."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    x = [torch.randint(4, len(tok), (2, 16), generator=g) for _ in range(2)]
+    y = [torch.randint(4, len(tok), (2, 16), generator=g) for _ in range(2)]
+    y[0][1, 3:] = 0      # <PAD>: a row of 3 targets beside one of 16
+    y[1][0, 10:] = -100  # ignored: 10 targets beside 16
+
+    class Padded:
+        train_tokens = 10**6
+
+        def eval_batches(self, batch_size, seq_len, max_batches=None):
+            return zip(x, y)
+
+        def bytes_per_token(self):
+            return 2.0
+
+    model = lmlab.Transformer(lmlab.ModelConfig.preset("llama-tiny", vocab_size=len(tok), block_size=16))
+    trainer = Trainer(model, tok, Padded(), base(device="cpu", peak_flops=1.0), tmp_path)
+    val = trainer.evaluate()["val_loss"]
+    with torch.no_grad():
+        logits = torch.cat([model(xb).logits for xb in x]).flatten(0, 1)
+    targets = torch.cat(y).flatten()
+    counted = (targets != 0) & (targets != -100)
+    reference = torch.nn.functional.cross_entropy(logits[counted], targets[counted]).item()
+    assert counted.sum() == 16 + 3 + 10 + 16
+    assert val == pytest.approx(reference, rel=1e-6, abs=0)
+
+
+def test_dtype_auto_is_fp16_with_a_grad_scaler_on_gpus_without_bf16(monkeypatch, tmp_path, tok, ds):
+    """auto took bf16 on every GPU; T4 and V100 only emulate it (slowly). The capability query is mocked: a GPU
+    whose bf16 is emulated only gets fp16 autocast with a gradient scaler; an Ampere one gets bf16."""
+    from lmlab.train.trainer import autocast_dtype
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert autocast_dtype("auto", cuda) == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert autocast_dtype("auto", cuda) == torch.bfloat16
+    assert autocast_dtype("auto", torch.device("cpu")) is None and autocast_dtype("fp32", cuda) is None
+    assert autocast_dtype("fp16", torch.device("cpu")) == torch.float16
+    # fp16 with its scaler (on the CPU here): stopped and resumed == uninterrupted, the scale included
+    cfg = base(max_steps=6, dtype="fp16")
+    full, first, second = Record(), Record(stop_at=3), Record()
+    train(model_cfg(tok), tok, ds, cfg, tmp_path / "full", [full])
+    train(model_cfg(tok), tok, ds, cfg, tmp_path / "cut", [first])
+    state = json.loads((tmp_path / "cut" / "checkpoints" / "step-3" / "state.json").read_text())
+    assert state["grad_scaler"]["scale"] == 65536.0 and state["grad_scaler"]["_growth_tracker"] == 3
+    train(model_cfg(tok), tok, ds, cfg, tmp_path / "cut", [second], resume=True)
+    assert first.losses + second.losses == full.losses
+    end = json.loads((tmp_path / "cut" / "checkpoints" / "step-6" / "state.json").read_text())["grad_scaler"]
+    assert end["_growth_tracker"] == 6
 
 
 def test_checkpoints_keep_last(tmp_path, tok, ds):

@@ -37,7 +37,8 @@ HELP = {
     "keep_last": "checkpoints to keep (0: all)",
     "seed": "seed for the initial weights, the data order and dropout",
     "device": "auto (cuda if available), cpu, cuda, cuda:N",
-    "dtype": "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16",
+    "dtype": "auto (bf16 autocast on GPUs that have it, fp16 with a gradient scaler on older ones such as T4 "
+             "and V100, fp32 on CPU), fp32, bf16 or fp16",
     "compile": "torch.compile the model (minutes of compilation on a CPU)",
     "log_every": "write a metrics line every N steps",
     "tensorboard": "also write RUN_DIR/tensorboard (needs the tensorboard package)",
@@ -108,8 +109,8 @@ class TrainConfig:
             raise ValueError("beta1 and beta2 must be in [0, 1)")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError("weight_decay and grad_clip must be >= 0")
-        if self.dtype not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"dtype ({self.dtype!r}) must be auto, fp32 or bf16")
+        if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"dtype ({self.dtype!r}) must be auto, fp32, bf16 or fp16")
         if self.peak_flops is not None and not (self.peak_flops > 0 and math.isfinite(self.peak_flops)):
             raise ValueError(f"peak_flops ({self.peak_flops!r}) must be a positive number")
         if self.device != "auto" and self.device.split(":")[0] not in ("cpu", "cuda", "mps"):

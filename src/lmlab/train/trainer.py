@@ -103,6 +103,17 @@ def init_distributed(device: torch.device) -> torch.device:
     return device
 
 
+def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for TrainConfig.dtype on `device` (None: fp32). auto is bf16 on a GPU that has it
+    (compute capability 8 and later), fp16 with a gradient scaler on older ones (T4, V100 only emulate bf16,
+    slowly), and fp32 on a CPU."""
+    if dtype == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -182,7 +193,10 @@ class Trainer:
             except ImportError:
                 raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
         self.model = model.to(self.device).train()  # (a model from load_pretrained arrives in eval mode)
-        self.autocast = config.dtype == "bf16" or (config.dtype == "auto" and self.device.type == "cuda")
+        self.amp_dtype = autocast_dtype(config.dtype, self.device)
+        # fp16's narrow range underflows small gradients: scale the loss up and the gradients back (Micikevicius
+        # et al. 2018, "Mixed Precision Training"); a no-op unless fp16
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.sharded = config.fsdp and self.world > 1
         self.train_model: torch.nn.Module = self.model
         if self.sharded:
@@ -339,36 +353,46 @@ class Trainer:
             elif self.world > 1 and not last:
                 sync = self.train_model.no_sync()            # all-reduce once, after the last micro-step
             with sync:
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                with self._autocast():
                     loss = self.train_model(x, y).loss / c.grad_accum_steps
-                loss.backward()
+                self.scaler.scale(loss).backward()
             total += loss.detach()
         grad_norm = float("nan")
         if c.grad_clip:
+            self.scaler.unscale_(self.optimizer)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip))
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)  # skipped when fp16 gradients overflowed; the scale then shrinks
+        self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         if self.world > 1:  # report the global batch's loss (gloo has no AVG)
             dist.all_reduce(total)
             total /= self.world
         return float(total), grad_norm
 
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16,
+                              enabled=self.amp_dtype is not None)
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean loss over the fixed validation windows; perplexity; bits per byte. The same windows for any
-        number of processes: each takes its rows of every global batch."""
+        """Mean loss per target token over the fixed validation windows; perplexity; bits per byte. Each batch's
+        mean counts as many times as it has targets the loss counts (not -100, not padding), so padded
+        batches do not weigh more than their tokens. The same windows for any number of processes: each
+        takes its rows of every global batch."""
         self.model.eval()
-        stat = torch.zeros(2, device=self.device, dtype=torch.float64)  # (sum of window losses, windows)
+        pad = self.model_config.pad_token_id
+        stat = torch.zeros(2, device=self.device, dtype=torch.float64)  # (sum of token losses, tokens)
         for x, y in self.dataset.eval_batches(self.config.batch_size, self.seq_len, self.config.eval_batches):
             xs, ys = x.tensor_split(self.world)[self.rank], y.tensor_split(self.world)[self.rank]
-            weight = len(xs)
-            if weight == 0:
+            tokens = int(((ys != -100) & (ys != pad if pad is not None else True)).sum())
+            if tokens == 0:
                 if not self.sharded:
                     continue
                 xs, ys = x[:1], y[:1]  # FSDP: every rank joins every forward's all-gathers; counted 0 times
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            with self._autocast():
                 loss = self.model(xs.to(self.device), ys.to(self.device)).loss.double()
-            stat += torch.stack([loss * weight, torch.tensor(float(weight), device=self.device, dtype=torch.float64)])
+            if tokens:
+                stat += torch.stack([loss * tokens, loss.new_tensor(tokens)])
         self.model.train()
         if self.world > 1:
             dist.all_reduce(stat)
@@ -493,7 +517,8 @@ class Trainer:
                 rng["cuda"] = b64(torch.cuda.get_rng_state(self.device))
             (tmp / "state.json").write_text(json.dumps({
                 "step": self.step, "tokens": self.tokens, "elapsed_s": self.elapsed, "best_val": self.best_val,
-                "bad_evals": self.bad_evals, "world_size": self.world, "rng": rng}))
+                "bad_evals": self.bad_evals, "world_size": self.world, "rng": rng,
+                "grad_scaler": self.scaler.state_dict()}))
             (tmp / "config.json").write_text(json.dumps(self._run_config(), indent=2, ensure_ascii=False))
 
         final = write_checkpoint(self.out_dir, self.step, fill, self.config.keep_last)
@@ -519,6 +544,8 @@ class Trainer:
             torch.cuda.set_rng_state(unb64(state["rng"]["cuda"]), self.device)
         self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed_s"]
         self.best_val, self.bad_evals = state["best_val"], state["bad_evals"]
+        if state.get("grad_scaler"):  # fp16: the loss scale reached, so the next steps scale as they would have
+            self.scaler.load_state_dict(state["grad_scaler"])
         # metrics logged after the checkpoint will be produced again: drop them
         self.history = trim_metrics(self.out_dir / "metrics.jsonl", self.step, rewrite=self.is_main)
         self._print(f"resumed from {path} (step {self.step})")
