@@ -1,6 +1,7 @@
 """The trainer and `lmlab train/eval/demo`: exact resume (also after Ctrl-C and crashes), the schedule,
 learning below the unigram baseline, checkpoints, metrics, hooks, early stopping, bad input."""
 
+import dataclasses
 import json
 import math
 import os
@@ -13,7 +14,16 @@ import torch
 import lmlab
 from lmlab.cli import main
 from lmlab.data import prepare_texts
-from lmlab.train import Callback, TrainConfig, Trainer, latest_checkpoint, lr_at, train
+from lmlab.train import (
+    Callback,
+    TrainConfig,
+    Trainer,
+    checkpoints,
+    latest_checkpoint,
+    lr_at,
+    resume_run,
+    train,
+)
 from lmlab.train.demo_corpus import demo_corpus
 
 
@@ -188,6 +198,55 @@ def test_schedule_shapes_and_horizons():
     assert lr_at(9, cosine, 10) == pytest.approx(3e-4) and lr_at(0, cosine, None) == 3e-3
 
 
+def test_extending_a_finished_cosine_run_keeps_the_learning_rate_at_min_lr(tmp_path, tok, ds):
+    """A finished cosine run resumed with a larger max_steps went from min_lr back to about half the peak (the
+    schedule was re-planned over the new horizon). It keeps its horizon and trains on at min_lr; the resume is
+    recorded in resumes.jsonl, config.json stays as the run started, and settings other than stop conditions
+    (and how the run runs) are refused."""
+    cfg = base(max_steps=8, grad_accum_steps=1, warmup_steps=2, min_lr=3e-4)
+    first, second, third = Record(), Record(), Record()
+    train(model_cfg(tok), tok, ds, cfg, tmp_path, [first])
+    assert first.lrs == [lr_at(s, cfg, 8) for s in range(8)] and first.lrs[-1] == 3e-4
+    original = (tmp_path / "config.json").read_bytes()
+    train(model_cfg(tok), tok, ds, dataclasses.replace(cfg, max_steps=12), tmp_path, [second], resume=True)
+    assert second.steps == [9, 10, 11, 12] and second.lrs == [3e-4] * 4
+    with pytest.raises(ValueError, match=r"lr \(0.003 -> 0.001\), seed \(7 -> 8\) cannot change"):
+        train(model_cfg(tok), tok, ds, dataclasses.replace(cfg, max_steps=14, lr=1e-3, seed=8), tmp_path, resume=True)
+    resume_run(tmp_path, {"max_steps": 14}, callbacks=[third])  # the run's settings now: max_steps 12, not 8
+    assert third.steps == [13, 14] and third.lrs == [3e-4] * 2
+    assert (tmp_path / "config.json").read_bytes() == original
+    records = [json.loads(x) for x in (tmp_path / "resumes.jsonl").read_text().splitlines()]
+    assert [(r["from_step"], r["changed"], r["schedule_steps"]) for r in records] == [
+        (8, {"max_steps": [8, 12]}, 8), (12, {"max_steps": [12, 14]}, 8)]
+    assert records[0]["note"] == "the cosine schedule keeps its horizon of 8 steps, and the learning rate stays at " \
+                                 "min_lr past it"
+
+
+def test_a_wsd_run_extended_on_resume_is_the_longer_wsd_run(tmp_path, tok, ds):
+    """Warmup-stable-decay: the peak, then a (1 - sqrt) decay over the last 20% of the steps. A finished 10-step
+    run extended to 20 continues from the checkpoint that ends its stable phase (step 8, kept whatever
+    keep_last says) and decays at the new end: the same learning rates, losses and weights as a run planned
+    for 20 steps from the start."""
+    short = base(max_steps=10, grad_accum_steps=1, warmup_steps=2, schedule="wsd", min_lr=3e-4, keep_last=1)
+    long = dataclasses.replace(short, max_steps=20)
+    ref, first, second = Record(), Record(), Record()
+    train(model_cfg(tok), tok, ds, long, tmp_path / "long", [ref])
+    decay = [3e-4 + 2.7e-3 * (1 - math.sqrt(k / 4)) for k in (1, 2, 3, 4)]
+    assert ref.lrs == [1.5e-3] + [3e-3] * 15 + decay and decay[-1] == 3e-4
+    train(model_cfg(tok), tok, ds, short, tmp_path / "run", [first])
+    assert first.lrs[8:] == [3e-4 + 2.7e-3 * (1 - math.sqrt(0.5)), 3e-4]
+    assert [p.name for p in checkpoints(tmp_path / "run")] == ["step-8", "step-10"]
+    train(model_cfg(tok), tok, ds, long, tmp_path / "run", [second], resume=True)
+    assert second.steps == list(range(9, 21)) and first.lrs[:8] + second.lrs == ref.lrs
+    torch.testing.assert_close(first.losses[:8] + second.losses, ref.losses, atol=1e-6, rtol=0)
+    same_weights(tmp_path / "long" / "final", tmp_path / "run" / "final")
+    assert [p.name for p in checkpoints(tmp_path / "run")] == ["step-16", "step-20"]
+    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 21))  # the first plan's decay steps are not in the log
+    record = json.loads((tmp_path / "run" / "resumes.jsonl").read_text())
+    assert (record["from_step"], record["schedule_steps"]) == (8, 20) and "stable-phase" in record["note"]
+
+
 def test_learns_below_the_unigram_baseline_and_logs_well_formed_metrics(tmp_path, tok, ds):
     rec = Record()
     r = train(model_cfg(tok, dropout=0.0), tok, ds,
@@ -351,8 +410,18 @@ def test_cli_train_resume_eval_generate(tmp_path, book, capsys):
     assert saved["train"]["lr"] == 2e-3 and saved["train"]["schedule"] == "linear"
     assert saved["train"]["max_steps"] == 8 and saved["model"]["family"] == "llama"
     assert saved["model"]["vocab_size"] == 400 and (run / "data" / "tokens.bin").is_file()
+    assert main(["train", "--out", str(run), "--resume", "--lr", "1e-3", "--max-steps", "12"]) == 2
+    assert "lmlab: error: a resumed run keeps the settings it started with: lr (0.002 -> 0.001) cannot change" \
+        in capsys.readouterr().err
+    assert main(["train", str(book), "--out", str(run), "--resume", "--vocab-size", "300", "--max-steps", "12"]) == 2
+    assert capsys.readouterr().err == ("lmlab: error: --resume continues the run in --out with its own data, "
+                                       "tokenizer and model; drop SOURCES, --vocab-size\n")
     assert main(["train", "--out", str(run), "--resume", "--max-steps", "12"]) == 0
-    assert "stopped after 12 steps" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "resuming: max_steps 8 -> 12; the linear schedule keeps its horizon of 8 steps" in out
+    assert "stopped after 12 steps" in out
+    assert json.loads((run / "config.json").read_text()) == saved  # how the run started
+    assert json.loads((run / "resumes.jsonl").read_text())["changed"] == {"max_steps": [8, 12]}
     assert json.loads((run / "final" / "training.json").read_text())["steps"] == 12
     assert main(["eval", str(run / "final"), str(book)]) == 0
     assert "bits per byte" in capsys.readouterr().out
@@ -365,6 +434,20 @@ def test_cli_train_resume_eval_generate(tmp_path, book, capsys):
     trained = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["loss"]
     first = json.loads((tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
     assert abs(first - trained) < abs(first - lines[0]["loss"])  # starts from trained weights, not scratch
+
+
+def test_a_moved_run_directory_resumes(tmp_path, book):
+    """config.json named the run's own data by its absolute path, so a moved (or copied) run directory could
+    not be resumed. A dataset inside the run directory is named relative to it."""
+    run = tmp_path / "run"
+    assert main(["train", str(book), "--preset", "llama-tiny", "--vocab-size", "300", "--out", str(run),
+                 "--max-steps", "4", "--batch-size", "2", "--seq-len", "32", "--eval-batches", "1",
+                 "--save-every", "2"]) == 0
+    assert json.loads((run / "config.json").read_text())["dataset"] == "data"
+    (tmp_path / "moved").mkdir()
+    run = run.rename(tmp_path / "moved" / "run")
+    assert main(["train", "--out", str(run), "--resume", "--max-steps", "6"]) == 0
+    assert json.loads((run / "final" / "training.json").read_text())["steps"] == 6
 
 
 @pytest.mark.parametrize("argv, message", [

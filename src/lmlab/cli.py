@@ -274,7 +274,11 @@ def train_overrides(args: argparse.Namespace) -> dict:
 def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("sources", nargs="*", help="books: files, folders or globs (.txt .md .html .epub .pdf)")
     p.add_argument("--out", required=True, help="run directory (metrics, checkpoints, final model)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint, with its own data, model and settings; "
+                        "only stop conditions (--max-steps, --max-tokens, --epochs, --time-budget-s, "
+                        "--early-stopping-patience) and how it runs (--device, --eval-every, --save-every, ...) may "
+                        "change; each resume is recorded in OUT/resumes.jsonl")
     m = p.add_argument_group("model (one of)")
     m.add_argument("--preset", help="family-size preset, e.g. gpt2-small, llama-tiny, gpt-medium, gpt2-124m")
     m.add_argument("--config", help="a ModelConfig JSON file (seed keys like d_model/num_layers accepted)")
@@ -282,11 +286,16 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     d = p.add_argument_group("data and tokenizer")
     d.add_argument("--dataset", help="a prepared token dataset (lmlab data prepare) instead of SOURCES")
     d.add_argument("--tokenizer", help="reuse this tokenizer.json instead of training one on SOURCES")
-    d.add_argument("--tokenizer-kind", default="bpe", choices=["bpe", "char", "word"], help="kind to train (bpe)")
-    d.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size to train (8192)")
-    d.add_argument("--val-fraction", type=float, default=0.05, help="held-out share of each document (0.05)")
+    d.add_argument("--tokenizer-kind", choices=["bpe", "char", "word"], help="kind to train (bpe)")
+    d.add_argument("--vocab-size", type=int, help="vocabulary size to train (8192)")
+    d.add_argument("--val-fraction", type=float, help="held-out share of each document (0.05)")
     d.add_argument("--weight", action="append", default=[], metavar="NAME=W", help="document sampling weight")
     add_train_config_arguments(p)
+
+
+# what a new run is made of; a resumed run has its own
+_NEW_RUN_ONLY = ("sources", "preset", "config", "init", "dataset", "tokenizer", "tokenizer_kind", "vocab_size",
+                 "val_fraction", "weight")
 
 
 @command("train", "train a model on your books (or resume a run)", _train_arguments)
@@ -297,16 +306,22 @@ def _train(args: argparse.Namespace) -> int:
 
     overrides = train_overrides(args)
     if args.resume:
+        given = ["SOURCES" if k == "sources" else "--" + k.replace("_", "-") for k in _NEW_RUN_ONLY
+                 if getattr(args, k) not in (None, [])]
+        if given:
+            raise ValueError(f"--resume continues the run in --out with its own data, tokenizer and model; drop "
+                             f"{', '.join(given)}")
         result = resume_run(args.out, overrides)
     else:
         if not any(overrides.get(k) for k in ("max_steps", "max_tokens", "epochs", "time_budget_s")):
             overrides["epochs"] = 1.0  # a sensible stop when none is given: one pass over the books
         config = TrainConfig.from_dict(overrides)
         model_config = ModelConfig.load(args.config) if args.config else None
+        data = {k: v for k in ("tokenizer_kind", "vocab_size", "val_fraction") if (v := getattr(args, k)) is not None}
         result = train_from_sources(
             args.out, config, sources=args.sources, dataset=args.dataset, preset=args.preset,
-            model_config=model_config, init=args.init, tokenizer=args.tokenizer, tokenizer_kind=args.tokenizer_kind,
-            vocab_size=args.vocab_size, val_fraction=args.val_fraction, weights=parse_weights(args.weight))
+            model_config=model_config, init=args.init, tokenizer=args.tokenizer, weights=parse_weights(args.weight),
+            **data)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return 0
     print(f"stopped after {result.steps} steps ({result.stop_reason})"

@@ -39,12 +39,15 @@ def checkpoint_step(checkpoint: str | Path) -> int:
     return int(Path(checkpoint).name[len("step-"):])
 
 
-def _checkpoints(root: Path) -> list[Path]:
-    return [p for p in root.glob("step-*") if p.name[len("step-"):].isdigit()] if root.is_dir() else []
+def checkpoints(run_dir: str | Path) -> list[Path]:
+    """RUN_DIR/checkpoints/step-N folders, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    found = [p for p in root.glob("step-*") if p.name[len("step-"):].isdigit()] if root.is_dir() else []
+    return sorted(found, key=checkpoint_step)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    return max(_checkpoints(Path(run_dir) / "checkpoints"), key=checkpoint_step, default=None)
+    return (checkpoints(run_dir) or [None])[-1]
 
 
 def refuse_existing_run(run_dir: str | Path) -> None:
@@ -57,9 +60,11 @@ def refuse_existing_run(run_dir: str | Path) -> None:
                          "another folder")
 
 
-def write_checkpoint(run_dir: str | Path, step: int, fill: Callable[[Path], None], keep_last: int = 0) -> Path:
+def write_checkpoint(run_dir: str | Path, step: int, fill: Callable[[Path], None], keep_last: int = 0,
+                     keep: float | None = None) -> Path:
     """RUN_DIR/checkpoints/step-N: `fill(folder)` writes the files into a temporary folder that is then renamed,
-    and nothing half-written survives a failure. Keeps the last `keep_last` checkpoints (0: all)."""
+    and nothing half-written survives a failure. Keeps the last `keep_last` checkpoints (0: all), and the one
+    of step `keep`."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
@@ -78,8 +83,9 @@ def write_checkpoint(run_dir: str | Path, step: int, fill: Callable[[Path], None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if keep_last:
-        for old_checkpoint in sorted(_checkpoints(root), key=checkpoint_step)[:-keep_last]:
-            shutil.rmtree(old_checkpoint, ignore_errors=True)
+        for old_checkpoint in checkpoints(run_dir)[:-keep_last]:
+            if checkpoint_step(old_checkpoint) != keep:
+                shutil.rmtree(old_checkpoint, ignore_errors=True)
     return final
 
 
