@@ -272,11 +272,12 @@ class Trainer:
             if c.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
                 self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
-        # The torch RNG drives dropout only (data comes from self.generator); restored on resume.
+        # The torch RNG drives dropout only (data comes from self.generator, the same on every rank); seeded per
+        # rank, or every rank of DDP would drop the same units of its own rows. Restored per rank on resume.
         if self._torch_rng is not None:
             torch.set_rng_state(self._torch_rng)
         else:
-            torch.manual_seed(c.seed)
+            torch.manual_seed(c.seed + self.rank)
         stop_reason = self._limit_reached() if resume else None  # resuming a finished run does nothing
         last_loss = next((m["loss"] for m in reversed(self.history) if "loss" in m), None)
         t_start = time.perf_counter() - self.elapsed
@@ -574,9 +575,16 @@ class Trainer:
     def save_checkpoint(self) -> Path | None:
         """checkpoints/step-N/, written under a temporary name and renamed, so a crash mid-write leaves the
         previous checkpoint as the latest complete one. Keeps the last `keep_last` (0: all)."""
-        # every rank takes part (FSDP gathers shards); rank 0 writes
+        # every rank takes part (FSDP gathers shards; each rank's dropout RNG state is gathered); rank 0 writes
         weights = self._full_model_state()
         optim = get_optimizer_state_dict(self.model, self.optimizer, options=_FULL)
+        mine = {"torch": b64(torch.get_rng_state())}
+        if self.device.type == "cuda":
+            mine["cuda"] = b64(torch.cuda.get_rng_state(self.device))
+        ranks: list[Any] = [mine]
+        if self.world > 1:
+            ranks = [None] * self.world
+            dist.all_gather_object(ranks, mine)
         if not self.is_main:
             return None
 
@@ -585,9 +593,8 @@ class Trainer:
             # tensors and plain numbers only; read back with torch.load(weights_only=True), which unpickles
             # no code
             torch.save(optim, tmp / "optimizer.pt")
-            rng = {"torch": b64(torch.get_rng_state()), "data": b64(self.generator.get_state())}
-            if self.device.type == "cuda":
-                rng["cuda"] = b64(torch.cuda.get_rng_state(self.device))
+            # per rank (a list, rank 0 first): the data generator is shared, dropout's RNG is not
+            rng = {"data": b64(self.generator.get_state()), **{k: [r[k] for r in ranks] for k in mine}}
             (tmp / "state.json").write_text(json.dumps({
                 "step": self.step, "tokens": self.tokens, "elapsed_s": self.elapsed, "best_val": self.best_val,
                 "bad_evals": self.bad_evals, "world_size": self.world, "rng": rng,
@@ -613,9 +620,13 @@ class Trainer:
         set_optimizer_state_dict(self.model, self.optimizer, optim, options=StateDictOptions(full_state_dict=True))
         state = json.loads((path / "state.json").read_text())
         self.generator.set_state(unb64(state["rng"]["data"]))
-        self._torch_rng = unb64(state["rng"]["torch"])
-        if "cuda" in state["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(unb64(state["rng"]["cuda"]), self.device)
+        # this rank's dropout RNG (checkpoints before per-rank states held one string); a rank the saving run
+        # did not have is seeded afresh in fit()
+        saved = {k: [v] if isinstance(v, str) else v for k, v in state["rng"].items() if k != "data"}
+        if self.rank < len(saved["torch"]):
+            self._torch_rng = unb64(saved["torch"][self.rank])
+            if "cuda" in saved and self.device.type == "cuda":
+                torch.cuda.set_rng_state(unb64(saved["cuda"][self.rank]), self.device)
         self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed_s"]
         self.best_val, self.bad_evals = state["best_val"], state["bad_evals"]
         if state.get("grad_scaler"):  # fp16: the loss scale reached, so the next steps scale as they would have
