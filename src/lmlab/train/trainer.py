@@ -18,8 +18,8 @@ Run directory:
     final/               a model directory (config.json, model.safetensors, tokenizer.json, training.json)
 
 Resuming with a larger max_steps (or another stop condition) keeps the learning rate continuous: cosine and
-linear keep the horizon they were planned for and stay at min_lr past it (re-planning would jump back up to
-about half the peak, undoing the annealing); wsd moves its decay to the new end, continuing from the
+linear keep the horizon they were planned for and stay at min_lr past it (re-planning over the new horizon
+jumps from min_lr back up, undoing the annealing); wsd moves its decay to the new end, continuing from the
 checkpoint at the end of its stable phase when the old decay had begun.
 
 Distributed: run the same command under `torchrun --nproc_per_node N`; RANK/WORLD_SIZE/LOCAL_RANK select
