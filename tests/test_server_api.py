@@ -350,8 +350,10 @@ def test_stopping_the_server_interrupts_runs_and_a_new_server_resumes_them(tmp_p
     with client(s) as c:
         upload(c)
         c.post("/api/v1/models", json={"name": "m", **TINY_MODEL})
+        # wsd and a val_fraction: the resume command carries the schedule and leaves the data flags out
         run = c.post("/api/v1/runs", json={"model": "m", "books": ["tales.txt"], "max_steps": 100000, "save_every": 2,
-                                           "log_every": 1, "eval_every": 0, **FAST}).json()
+                                           "log_every": 1, "eval_every": 0, "schedule": "wsd", "val_fraction": 0.1,
+                                           **FAST}).json()
         wait_run(c, run["id"], lambda r: r["current_step"] >= 3, "training to start")
     # leaving the block shut the app down: the child was asked to checkpoint and exit
     with client(s) as c:

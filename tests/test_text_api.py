@@ -16,23 +16,27 @@ def tok():
     return lmlab.Tokenizer.train([TEXT], kind="bpe", vocab_size=300)
 
 
-@pytest.fixture(scope="module")
-def trained(tok):
+def fit(tok, block_size=64):
     """A tiny model fitted for a few dozen steps, so generations are not noise."""
     torch.manual_seed(0)
-    cfg = lmlab.ModelConfig.preset("llama-tiny", vocab_size=tok.vocab_size, block_size=64)
+    cfg = lmlab.ModelConfig.preset("llama-tiny", vocab_size=tok.vocab_size, block_size=block_size)
     model = lmlab.Transformer(cfg)
     ids = torch.tensor(tok.encode(TEXT))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for _step in range(60):
-        starts = torch.randint(0, len(ids) - 65, (8,))
-        x = torch.stack([ids[s:s + 64] for s in starts])
-        y = torch.stack([ids[s + 1:s + 65] for s in starts])
+        starts = torch.randint(0, len(ids) - block_size - 1, (8,))
+        x = torch.stack([ids[s:s + block_size] for s in starts])
+        y = torch.stack([ids[s + 1:s + block_size + 1] for s in starts])
         loss = model(x, y).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained(tok):
+    return fit(tok)
 
 
 def test_save_load_identical_logits_and_tokenizer(tmp_path, trained, tok):
@@ -132,3 +136,32 @@ def test_prompt_lookup_gives_the_greedy_text_in_fewer_passes(trained, tok, monke
                                 prompt_lookup=4)) == text
     with pytest.raises(ValueError, match="prompt_lookup"):
         lmlab.GenerationConfig(prompt_lookup=-1)
+
+
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_prompt_lookup_drafts_longer_than_the_rebuilt_cache(tok, trained, block_size):
+    """A draft longer than the 3/4 of the window a full cache is rebuilt from (block_size 64: drafts over 47
+    tokens) fed fewer positions than it had tokens: the draft's logits were misaligned and the cache length
+    went negative. Drafts are clamped to fit, and the text is greedy's."""
+    model = trained if block_size == 64 else fit(tok, block_size)
+    ids = tok.encode("The old man and")
+    plain = lmlab.generate_ids(model, [ids], do_sample=False, max_new_tokens=150, stop_at_eos=False)
+    fast = lmlab.generate_ids(model, [ids], do_sample=False, max_new_tokens=150, stop_at_eos=False,
+                              prompt_lookup=64)
+    assert fast == plain
+
+
+def test_bad_generation_json_is_one_line_naming_the_field(tmp_path, trained, tok, capsys):
+    """An unknown key (or a wrong type) in a model directory's generation.json was a TypeError traceback."""
+    save_pretrained(tmp_path / "m", trained, tok)
+    gen = tmp_path / "m" / "generation.json"
+    for text, field in (('{"temprature": 0.5}', "temprature"), ('{"temperature": "hot"}', "temperature"),
+                        ('["greedy"]', "JSON object"), ('{"top_k": 4,}', "generation.json")):
+        gen.write_text(text)
+        with pytest.raises(ValueError, match=field):
+            lmlab.GenerationConfig.load(gen)
+    gen.write_text('{"temprature": 0.5}')
+    pytest.importorskip("transformers")
+    assert main(["export", "hf", str(tmp_path / "m"), str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"lmlab: error: {gen}: unknown GenerationConfig field(s): temprature"

@@ -1,18 +1,29 @@
 """The trainer and `lmlab train/eval/demo`: exact resume (also after Ctrl-C and crashes), the schedule,
 learning below the unigram baseline, checkpoints, metrics, hooks, early stopping, bad input."""
 
+import dataclasses
 import json
 import math
 import os
 import signal
 
+import numpy as np
 import pytest
 import torch
 
 import lmlab
 from lmlab.cli import main
 from lmlab.data import prepare_texts
-from lmlab.train import Callback, TrainConfig, latest_checkpoint, lr_at, train
+from lmlab.train import (
+    Callback,
+    TrainConfig,
+    Trainer,
+    checkpoints,
+    latest_checkpoint,
+    lr_at,
+    resume_run,
+    train,
+)
 from lmlab.train.demo_corpus import demo_corpus
 
 
@@ -134,6 +145,20 @@ def test_a_crash_leaves_the_last_checkpoint_usable(tmp_path, tok, ds, reference)
     torch.testing.assert_close(first.losses[:6] + second.losses, full.losses, atol=1e-6, rtol=0)
 
 
+def test_a_new_run_refuses_a_folder_holding_another_run(tmp_path, tok, ds):
+    """The library's train() guards a run folder as `lmlab train` does: a new run there would prune the old
+    run's checkpoints with its own, and a later resume could load the old run's weights as the new final/."""
+    train(model_cfg(tok), tok, ds, base(max_steps=4, save_every=2), tmp_path / "a")
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "a" / "checkpoints").iterdir()}
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(model_cfg(tok), tok, ds, base(max_steps=2, seed=8), tmp_path / "a")
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "a" / "checkpoints").iterdir()} == before
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["train"]["seed"] == 7
+    (tmp_path / "b" / "final").mkdir(parents=True)  # a finished run whose checkpoints were deleted
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(model_cfg(tok), tok, ds, base(max_steps=2), tmp_path / "b")
+
+
 def test_a_failed_checkpoint_write_leaves_nothing_half_written(tmp_path, tok, ds, monkeypatch):
     real_save, calls = torch.save, []
 
@@ -173,6 +198,55 @@ def test_schedule_shapes_and_horizons():
     assert lr_at(9, cosine, 10) == pytest.approx(3e-4) and lr_at(0, cosine, None) == 3e-3
 
 
+def test_extending_a_finished_cosine_run_keeps_the_learning_rate_at_min_lr(tmp_path, tok, ds):
+    """A finished cosine run resumed with a larger max_steps went from min_lr back to about half the peak (the
+    schedule was re-planned over the new horizon). It keeps its horizon and trains on at min_lr; the resume is
+    recorded in resumes.jsonl, config.json stays as the run started, and settings other than stop conditions
+    (and how the run runs) are refused."""
+    cfg = base(max_steps=8, grad_accum_steps=1, warmup_steps=2, min_lr=3e-4)
+    first, second, third = Record(), Record(), Record()
+    train(model_cfg(tok), tok, ds, cfg, tmp_path, [first])
+    assert first.lrs == [lr_at(s, cfg, 8) for s in range(8)] and first.lrs[-1] == 3e-4
+    original = (tmp_path / "config.json").read_bytes()
+    train(model_cfg(tok), tok, ds, dataclasses.replace(cfg, max_steps=12), tmp_path, [second], resume=True)
+    assert second.steps == [9, 10, 11, 12] and second.lrs == [3e-4] * 4
+    with pytest.raises(ValueError, match=r"lr \(0.003 -> 0.001\), seed \(7 -> 8\) cannot change"):
+        train(model_cfg(tok), tok, ds, dataclasses.replace(cfg, max_steps=14, lr=1e-3, seed=8), tmp_path, resume=True)
+    resume_run(tmp_path, {"max_steps": 14}, callbacks=[third])  # the run's settings now: max_steps 12, not 8
+    assert third.steps == [13, 14] and third.lrs == [3e-4] * 2
+    assert (tmp_path / "config.json").read_bytes() == original
+    records = [json.loads(x) for x in (tmp_path / "resumes.jsonl").read_text().splitlines()]
+    assert [(r["from_step"], r["changed"], r["schedule_steps"]) for r in records] == [
+        (8, {"max_steps": [8, 12]}, 8), (12, {"max_steps": [12, 14]}, 8)]
+    assert records[0]["note"] == "the cosine schedule keeps its horizon of 8 steps, and the learning rate stays at " \
+                                 "min_lr past it"
+
+
+def test_a_wsd_run_extended_on_resume_is_the_longer_wsd_run(tmp_path, tok, ds):
+    """Warmup-stable-decay: the peak, then a (1 - sqrt) decay over the last 20% of the steps. A finished 10-step
+    run extended to 20 continues from the checkpoint that ends its stable phase (step 8, kept whatever
+    keep_last says) and decays at the new end: the same learning rates, losses and weights as a run planned
+    for 20 steps from the start."""
+    short = base(max_steps=10, grad_accum_steps=1, warmup_steps=2, schedule="wsd", min_lr=3e-4, keep_last=1)
+    long = dataclasses.replace(short, max_steps=20)
+    ref, first, second = Record(), Record(), Record()
+    train(model_cfg(tok), tok, ds, long, tmp_path / "long", [ref])
+    decay = [3e-4 + 2.7e-3 * (1 - math.sqrt(k / 4)) for k in (1, 2, 3, 4)]
+    assert ref.lrs == [1.5e-3] + [3e-3] * 15 + decay and decay[-1] == 3e-4
+    train(model_cfg(tok), tok, ds, short, tmp_path / "run", [first])
+    assert first.lrs[8:] == [3e-4 + 2.7e-3 * (1 - math.sqrt(0.5)), 3e-4]
+    assert [p.name for p in checkpoints(tmp_path / "run")] == ["step-8", "step-10"]
+    train(model_cfg(tok), tok, ds, long, tmp_path / "run", [second], resume=True)
+    assert second.steps == list(range(9, 21)) and first.lrs[:8] + second.lrs == ref.lrs
+    torch.testing.assert_close(first.losses[:8] + second.losses, ref.losses, atol=1e-6, rtol=0)
+    same_weights(tmp_path / "long" / "final", tmp_path / "run" / "final")
+    assert [p.name for p in checkpoints(tmp_path / "run")] == ["step-16", "step-20"]
+    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 21))  # the first plan's decay steps are not in the log
+    record = json.loads((tmp_path / "run" / "resumes.jsonl").read_text())
+    assert (record["from_step"], record["schedule_steps"]) == (8, 20) and "stable-phase" in record["note"]
+
+
 def test_learns_below_the_unigram_baseline_and_logs_well_formed_metrics(tmp_path, tok, ds):
     rec = Record()
     r = train(model_cfg(tok, dropout=0.0), tok, ds,
@@ -204,6 +278,62 @@ def test_learns_below_the_unigram_baseline_and_logs_well_formed_metrics(tmp_path
         losses = [model(x, y).loss.item() for x, y in ds.eval_batches(8, 32, 4)]
     assert sum(losses) / len(losses) == pytest.approx(rec.evals[-1], abs=1e-5)
     assert tok2.encode("дед лиса") == tok.encode("дед лиса")
+
+
+def test_val_loss_is_the_mean_over_target_tokens_of_padded_batches(tmp_path, tok):
+    """Batches padded unequally (the knowledge lab's are): each batch's mean loss counts once per target token
+    the loss counts, so the val loss is the mean over all tokens. It was weighted by rows, which gives the
+    tokens of a mostly padded row the weight of a full one."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    x = [torch.randint(4, len(tok), (2, 16), generator=g) for _ in range(2)]
+    y = [torch.randint(4, len(tok), (2, 16), generator=g) for _ in range(2)]
+    y[0][1, 3:] = 0      # <PAD>: a row of 3 targets beside one of 16
+    y[1][0, 10:] = -100  # ignored: 10 targets beside 16
+
+    class Padded:
+        train_tokens = 10**6
+
+        def eval_batches(self, batch_size, seq_len, max_batches=None):
+            return zip(x, y)
+
+        def bytes_per_token(self):
+            return 2.0
+
+    model = lmlab.Transformer(lmlab.ModelConfig.preset("llama-tiny", vocab_size=len(tok), block_size=16))
+    trainer = Trainer(model, tok, Padded(), base(device="cpu", peak_flops=1.0), tmp_path)
+    val = trainer.evaluate()["val_loss"]
+    with torch.no_grad():
+        logits = torch.cat([model(xb).logits for xb in x]).flatten(0, 1)
+    targets = torch.cat(y).flatten()
+    counted = (targets != 0) & (targets != -100)
+    reference = torch.nn.functional.cross_entropy(logits[counted], targets[counted]).item()
+    assert counted.sum() == 16 + 3 + 10 + 16
+    assert val == pytest.approx(reference, rel=1e-6, abs=0)
+
+
+def test_dtype_auto_is_fp16_with_a_grad_scaler_on_gpus_without_bf16(monkeypatch, tmp_path, tok, ds):
+    """auto took bf16 on every GPU; T4 and V100 only emulate it (slowly). The capability query is mocked: a GPU
+    whose bf16 is emulated only gets fp16 autocast with a gradient scaler; an Ampere one gets bf16."""
+    from lmlab.train.trainer import autocast_dtype
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert autocast_dtype("auto", cuda) == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert autocast_dtype("auto", cuda) == torch.bfloat16
+    assert autocast_dtype("auto", torch.device("cpu")) is None and autocast_dtype("fp32", cuda) is None
+    assert autocast_dtype("fp16", torch.device("cpu")) == torch.float16
+    # fp16 with its scaler (on the CPU here): stopped and resumed == uninterrupted, the scale included
+    cfg = base(max_steps=6, dtype="fp16")
+    full, first, second = Record(), Record(stop_at=3), Record()
+    train(model_cfg(tok), tok, ds, cfg, tmp_path / "full", [full])
+    train(model_cfg(tok), tok, ds, cfg, tmp_path / "cut", [first])
+    state = json.loads((tmp_path / "cut" / "checkpoints" / "step-3" / "state.json").read_text())
+    assert state["grad_scaler"]["scale"] == 65536.0 and state["grad_scaler"]["_growth_tracker"] == 3
+    train(model_cfg(tok), tok, ds, cfg, tmp_path / "cut", [second], resume=True)
+    assert first.losses + second.losses == full.losses
+    end = json.loads((tmp_path / "cut" / "checkpoints" / "step-6" / "state.json").read_text())["grad_scaler"]
+    assert end["_growth_tracker"] == 6
 
 
 def test_checkpoints_keep_last(tmp_path, tok, ds):
@@ -280,8 +410,18 @@ def test_cli_train_resume_eval_generate(tmp_path, book, capsys):
     assert saved["train"]["lr"] == 2e-3 and saved["train"]["schedule"] == "linear"
     assert saved["train"]["max_steps"] == 8 and saved["model"]["family"] == "llama"
     assert saved["model"]["vocab_size"] == 400 and (run / "data" / "tokens.bin").is_file()
+    assert main(["train", "--out", str(run), "--resume", "--lr", "1e-3", "--max-steps", "12"]) == 2
+    assert "lmlab: error: a resumed run keeps the settings it started with: lr (0.002 -> 0.001) cannot change" \
+        in capsys.readouterr().err
+    assert main(["train", str(book), "--out", str(run), "--resume", "--vocab-size", "300", "--max-steps", "12"]) == 2
+    assert capsys.readouterr().err == ("lmlab: error: --resume continues the run in --out with its own data, "
+                                       "tokenizer and model; drop SOURCES, --vocab-size\n")
     assert main(["train", "--out", str(run), "--resume", "--max-steps", "12"]) == 0
-    assert "stopped after 12 steps" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "resuming: max_steps 8 -> 12; the linear schedule keeps its horizon of 8 steps" in out
+    assert "stopped after 12 steps" in out
+    assert json.loads((run / "config.json").read_text()) == saved  # how the run started
+    assert json.loads((run / "resumes.jsonl").read_text())["changed"] == {"max_steps": [8, 12]}
     assert json.loads((run / "final" / "training.json").read_text())["steps"] == 12
     assert main(["eval", str(run / "final"), str(book)]) == 0
     assert "bits per byte" in capsys.readouterr().out
@@ -294,6 +434,20 @@ def test_cli_train_resume_eval_generate(tmp_path, book, capsys):
     trained = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["loss"]
     first = json.loads((tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
     assert abs(first - trained) < abs(first - lines[0]["loss"])  # starts from trained weights, not scratch
+
+
+def test_a_moved_run_directory_resumes(tmp_path, book):
+    """config.json named the run's own data by its absolute path, so a moved (or copied) run directory could
+    not be resumed. A dataset inside the run directory is named relative to it."""
+    run = tmp_path / "run"
+    assert main(["train", str(book), "--preset", "llama-tiny", "--vocab-size", "300", "--out", str(run),
+                 "--max-steps", "4", "--batch-size", "2", "--seq-len", "32", "--eval-batches", "1",
+                 "--save-every", "2"]) == 0
+    assert json.loads((run / "config.json").read_text())["dataset"] == "data"
+    (tmp_path / "moved").mkdir()
+    run = run.rename(tmp_path / "moved" / "run")
+    assert main(["train", "--out", str(run), "--resume", "--max-steps", "6"]) == 0
+    assert json.loads((run / "final" / "training.json").read_text())["steps"] == 6
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -316,6 +470,24 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, book, capsys, argv, message)
     err = capsys.readouterr().err.strip()
     assert err.startswith("lmlab: error:") and "\n" not in err and message in err, err
     assert not (tmp_path / "r").exists()  # nothing half-written
+
+
+def test_debug_shows_the_traceback_and_a_bug_is_not_bad_input(capsys, monkeypatch):
+    """Bad input is one line (with --debug, the traceback first); a ValueError from a failed operation deep
+    inside (here numpy's reshape) is a bug: its traceback, a line saying so, exit 1 (it was one line, exit 2,
+    as if the user were at fault)."""
+    assert main(["--debug", "info", "--preset", "gpt2-nope"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == "Traceback (most recent call last):" and err[-1].startswith("lmlab: error: preset ('gpt2-nope')")
+    assert main(["info", "--preset", "gpt2-nope", "--debug"]) == 2 and "Traceback" in capsys.readouterr().err
+    assert main(["info", "--preset", "gpt2-nope"]) == 2
+    assert capsys.readouterr().err.startswith("lmlab: error: preset ('gpt2-nope') is unknown")
+    monkeypatch.setattr(lmlab.ModelConfig, "num_parameters", lambda self: int(np.zeros(3).reshape(2, 2).sum()))
+    assert main(["info", "--preset", "gpt2-tiny"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == "Traceback (most recent call last):" and "cannot reshape array of size 3" in err[-2]
+    assert err[-1] == ("lmlab: internal error: ValueError; this is a bug in lmlab, please report it with the "
+                       "traceback above")
 
 
 def test_every_train_config_field_is_a_documented_flag(capsys):
@@ -372,3 +544,32 @@ def test_demo_stopped_by_sigterm_says_how_to_resume(tmp_path, capsys, monkeypatc
     monkeypatch.setattr(Trainer, "train_step", real)
     assert main(["train", "--out", str(tmp_path / "demo"), "--resume"]) == 0
     assert json.loads((tmp_path / "demo" / "final" / "training.json").read_text())["steps"] == 20
+
+
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+def test_written_files_follow_the_umask(tmp_path, book, umask, file_mode, dir_mode):
+    """Every file lmlab writes (run config, tokenizer, token files, metrics, checkpoints, the model directory,
+    generation.json, GGUF and Hugging Face exports) gets what open() gives under the user's umask: 0644 under
+    022 (a group or a web server serving exports can read it), 0600 under 077. Temporary files from mkstemp
+    (and safetensors' own) were 0600 whatever the umask, and the rename kept that."""
+    pytest.importorskip("gguf")
+    pytest.importorskip("transformers")
+    run = tmp_path / "run"
+    old = os.umask(umask)
+    try:
+        assert main(["train", str(book), "--preset", "llama-tiny", "--vocab-size", "300", "--out", str(run),
+                     "--max-steps", "2", "--batch-size", "2", "--seq-len", "32", "--eval-batches", "1",
+                     "--save-every", "1"]) == 0
+        lmlab.GenerationConfig(max_new_tokens=7).save(run / "final" / "generation.json")
+        assert main(["export", "gguf", str(run / "final"), str(run / "model.gguf")]) == 0
+        assert main(["export", "hf", str(run / "final"), str(run / "hf")]) == 0
+    finally:
+        os.umask(old)
+    names = {p.relative_to(run).as_posix(): p.stat().st_mode & 0o777 for p in run.rglob("*")}
+    assert {"config.json", "tokenizer.json", "metrics.jsonl", "data/tokens.bin", "data/tokens.json",
+            "checkpoints/step-2/model.safetensors", "checkpoints/step-2/state.json", "final/model.safetensors",
+            "final/config.json", "final/tokenizer.json", "final/training.json", "final/generation.json",
+            "model.gguf", "hf/model.safetensors", "hf/config.json", "hf/tokenizer.json"} <= set(names)
+    wrong = {name: oct(mode) for name, mode in names.items()
+             if mode != (dir_mode if (run / name).is_dir() else file_mode)}
+    assert not wrong, wrong

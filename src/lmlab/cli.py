@@ -4,14 +4,17 @@
     lmlab info runs/demo/final                 # ... or for a model directory
     lmlab generate runs/demo/final --prompt "Once upon a time" --temperature 0.8 --top-k 40
 
-Bad input prints one line `lmlab: error: ...` and exits with code 2.
+Bad input prints one line `lmlab: error: ...` and exits with code 2 (`--debug` adds the traceback); any other
+error is a bug in lmlab: its traceback, a line saying so, and exit code 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import dis
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -271,7 +274,11 @@ def train_overrides(args: argparse.Namespace) -> dict:
 def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("sources", nargs="*", help="books: files, folders or globs (.txt .md .html .epub .pdf)")
     p.add_argument("--out", required=True, help="run directory (metrics, checkpoints, final model)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint, with its own data, model and settings; "
+                        "only stop conditions (--max-steps, --max-tokens, --epochs, --time-budget-s, "
+                        "--early-stopping-patience) and how it runs (--device, --eval-every, --save-every, ...) may "
+                        "change; each resume is recorded in OUT/resumes.jsonl")
     m = p.add_argument_group("model (one of)")
     m.add_argument("--preset", help="family-size preset, e.g. gpt2-small, llama-tiny, gpt-medium, gpt2-124m")
     m.add_argument("--config", help="a ModelConfig JSON file (seed keys like d_model/num_layers accepted)")
@@ -279,11 +286,16 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     d = p.add_argument_group("data and tokenizer")
     d.add_argument("--dataset", help="a prepared token dataset (lmlab data prepare) instead of SOURCES")
     d.add_argument("--tokenizer", help="reuse this tokenizer.json instead of training one on SOURCES")
-    d.add_argument("--tokenizer-kind", default="bpe", choices=["bpe", "char", "word"], help="kind to train (bpe)")
-    d.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size to train (8192)")
-    d.add_argument("--val-fraction", type=float, default=0.05, help="held-out share of each document (0.05)")
+    d.add_argument("--tokenizer-kind", choices=["bpe", "char", "word"], help="kind to train (bpe)")
+    d.add_argument("--vocab-size", type=int, help="vocabulary size to train (8192)")
+    d.add_argument("--val-fraction", type=float, help="held-out share of each document (0.05)")
     d.add_argument("--weight", action="append", default=[], metavar="NAME=W", help="document sampling weight")
     add_train_config_arguments(p)
+
+
+# what a new run is made of; a resumed run has its own
+_NEW_RUN_ONLY = ("sources", "preset", "config", "init", "dataset", "tokenizer", "tokenizer_kind", "vocab_size",
+                 "val_fraction", "weight")
 
 
 @command("train", "train a model on your books (or resume a run)", _train_arguments)
@@ -294,16 +306,22 @@ def _train(args: argparse.Namespace) -> int:
 
     overrides = train_overrides(args)
     if args.resume:
+        given = ["SOURCES" if k == "sources" else "--" + k.replace("_", "-") for k in _NEW_RUN_ONLY
+                 if getattr(args, k) not in (None, [])]
+        if given:
+            raise ValueError(f"--resume continues the run in --out with its own data, tokenizer and model; drop "
+                             f"{', '.join(given)}")
         result = resume_run(args.out, overrides)
     else:
         if not any(overrides.get(k) for k in ("max_steps", "max_tokens", "epochs", "time_budget_s")):
             overrides["epochs"] = 1.0  # a sensible stop when none is given: one pass over the books
         config = TrainConfig.from_dict(overrides)
         model_config = ModelConfig.load(args.config) if args.config else None
+        data = {k: v for k in ("tokenizer_kind", "vocab_size", "val_fraction") if (v := getattr(args, k)) is not None}
         result = train_from_sources(
             args.out, config, sources=args.sources, dataset=args.dataset, preset=args.preset,
-            model_config=model_config, init=args.init, tokenizer=args.tokenizer, tokenizer_kind=args.tokenizer_kind,
-            vocab_size=args.vocab_size, val_fraction=args.val_fraction, weights=parse_weights(args.weight))
+            model_config=model_config, init=args.init, tokenizer=args.tokenizer, weights=parse_weights(args.weight),
+            **data)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return 0
     print(f"stopped after {result.steps} steps ({result.stop_reason})"
@@ -563,14 +581,40 @@ def _lab(args: argparse.Namespace) -> int:
     return 0
 
 
+_DEBUG_HELP = "on an error, print the traceback too"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmlab", description="Train, study and ship small language models.")
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, add_arguments, run) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
         add_arguments(p)
         p.set_defaults(run=run)
     return parser
+
+
+_PACKAGE = Path(__file__).resolve().parent
+_RAISE = dis.opmap["RAISE_VARARGS"]
+_PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """Bad input rather than a bug: an OSError about a path, or a ValueError that lmlab's own code raised with
+    its own message (a `raise` statement in the package: the house convention for input it refuses). A
+    ValueError from inside torch, numpy or the standard library, or from an operation that failed in lmlab's
+    code (an unpacking, an int() of something never checked), is a bug."""
+    if isinstance(exc, _PATH_ERRORS):
+        return True
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next  # the frame the exception was raised in
+    if not isinstance(exc, ValueError) or tb is None:
+        return False
+    code = tb.tb_frame.f_code
+    return Path(code.co_filename).resolve().is_relative_to(_PACKAGE) and code.co_code[tb.tb_lasti] == _RAISE
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -581,13 +625,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, IsADirectoryError) as exc:
-        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        print(f"lmlab: error: {message}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("lmlab: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        user = is_user_error(exc)
+        if args.debug or not user:
+            traceback.print_exc()
+        if not user:
+            print(f"lmlab: internal error: {type(exc).__name__}; this is a bug in lmlab, please report it with the "
+                  "traceback above", file=sys.stderr)
+            return 1
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"lmlab: error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

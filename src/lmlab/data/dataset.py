@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import secrets
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
+from ..files import temp_beside
 from .documents import find_documents, read_document
 
 FORMAT_VERSION = 1
@@ -192,9 +192,8 @@ class _Staged:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.tmp = str(path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp"))
-        # os.open rather than mkstemp: mkstemp's 0600 would survive the rename; this honours the umask.
-        self.file = os.fdopen(os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb")
+        self.tmp = temp_beside(path)
+        self.file = open(self.tmp, "wb")
 
     def __enter__(self) -> _Staged:
         return self
@@ -210,7 +209,7 @@ class _Staged:
 
     def __exit__(self, *exc: object) -> None:
         self.file.close()
-        Path(self.tmp).unlink(missing_ok=True)
+        self.tmp.unlink(missing_ok=True)
 
 
 class TokenDataset:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 
+from ..files import atomic_path, fix_modes
 from ..models import Transformer
 from ..models.io import CONFIG, TOKENIZER, WEIGHTS, load_pretrained
 from ..tokenizers import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
@@ -121,6 +122,7 @@ def staged_dir(out: Path, *, refuse: Path | None = None, stale: tuple[str, ...] 
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
         yield tmp
+        fix_modes(tmp)
         out.mkdir(exist_ok=True)
         produced = {entry.name for entry in tmp.iterdir()}
         for entry in sorted(tmp.iterdir()):
@@ -141,16 +143,9 @@ def staged_dir(out: Path, *, refuse: Path | None = None, stale: tuple[str, ...] 
 
 def staged_file(out: Path, write: Callable[[Path], None]) -> Path:
     """Call write(tmp) for a temporary file beside `out`, then rename it to `out`."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, out)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return out
+    with atomic_path(out) as tmp:
+        write(tmp)
+    return Path(out)
 
 
 __all__ = ["CONFIG", "WEIGHTS", "TOKENIZER", "CHAT_TEMPLATE", "HF_TOKENIZER_DIR", "LMLAB_SPECIALS", "ModelDir",

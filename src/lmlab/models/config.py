@@ -10,11 +10,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ..files import atomic_write_text
 
 FAMILIES = ("gpt", "gpt2", "llama")
 
@@ -216,18 +216,30 @@ class ModelConfig:
         return cls.from_json(Path(path).read_text(encoding="utf-8"))
 
 
+_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+
+def check_types(config: Any) -> None:
+    """ValueError naming the first field of a config dataclass whose value has the wrong type: JSON and
+    dicts arrive untyped, and a string compared with a number would be a TypeError deep inside."""
+    for f in dataclasses.fields(config):
+        value, kinds = getattr(config, f.name), [k.strip() for k in str(f.type).split("|")]
+        if (value is None and "None" in kinds) or not any(k in _TYPES for k in kinds):
+            continue
+        if not any(isinstance(value, _TYPES[k]) and (k == "bool" or not isinstance(value, bool))
+                   for k in kinds if k in _TYPES):
+            raise ValueError(f"{f.name} ({value!r}) must be {' or '.join(kinds)}")
+
+
+def known_fields(cls: Any, data: dict[str, Any]) -> dict[str, Any]:
+    """`data` if every key is a field of the dataclass `cls`; otherwise ValueError naming the others."""
+    unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(sorted(unknown))}")
+    return data
+
+
 def preset_names() -> list[str]:
     return [f"{fam}-{size}" for fam in FAMILIES for size in SIZES]
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file in the same directory and rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

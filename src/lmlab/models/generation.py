@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from .config import atomic_write_text
+from ..files import atomic_write_text
+from .config import check_types, known_fields
 from .model import KVCache, Transformer
 
 EOS_ID = 3  # lmlab.tokenizers.EOS_ID; models imported from elsewhere pass their own
@@ -38,6 +39,7 @@ class GenerationConfig:
     prompt_lookup: int = 0            # > 0: greedy drafts of up to this many tokens, verified at once; 0: off
 
     def __post_init__(self) -> None:
+        check_types(self)
         checks = [
             ("max_new_tokens", self.max_new_tokens >= 0, "must be >= 0"),
             ("temperature", self.temperature >= 0, "must be >= 0"),
@@ -50,7 +52,7 @@ class GenerationConfig:
         for name, ok, why in checks:
             if not ok:
                 raise ValueError(f"{name} ({getattr(self, name)}) {why}")
-        if any(not isinstance(s, str) or not s for s in self.stop_strings):
+        if not isinstance(self.stop_strings, list) or any(not isinstance(s, str) or not s for s in self.stop_strings):
             raise ValueError("stop_strings must be non-empty strings")
 
     @property
@@ -62,7 +64,14 @@ class GenerationConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> GenerationConfig:
-        return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
+        """generation.json; ValueError (naming the file, and the field) for bad JSON or an unknown field."""
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            if not isinstance(data, dict):
+                raise ValueError("must hold a JSON object of GenerationConfig fields")
+            return cls(**known_fields(cls, data))
+        except ValueError as exc:  # json.JSONDecodeError too
+            raise ValueError(f"{path}: {exc}") from None
 
 
 def _resolve(config: GenerationConfig | None, overrides: dict[str, Any]) -> GenerationConfig:
@@ -235,10 +244,15 @@ def _lookup_steps(ctx: _Context, max_new_tokens: int, k: int, eos_token_id: int 
     rounding between a 1-token and a k-token forward in a near-tie), and every kept draft token saves one
     pass over the weights. Repetitive text (names, refrains, code) gains most."""
     logits = ctx.next_logits()[0]                                # (V,) after the prompt
+    block = ctx.model.config.block_size
     produced = 0
     while produced < max_new_tokens:
         token = int(logits.argmax())
-        room = min(k, max_new_tokens - produced - 1)
+        # The token and its draft fit in what is left of the window: the full cache is then rebuilt with one
+        # token pending, where one-token decoding rebuilds it, so the cropped context and the text stay
+        # greedy's. (A draft longer than the rebuilt 3/4 window misaligned the logits and drove the cache
+        # length negative.)
+        room = max(0, min(k, max_new_tokens - produced - 1, block - ctx.cache.length - 1))
         draft = _draft(torch.cat([ctx.context_ids()[0], ctx.ids.new_tensor([token])]), room) if room else []
         seq = [token, *draft]
         out = ctx.extend(seq)                                    # (len(seq), V)

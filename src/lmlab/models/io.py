@@ -6,8 +6,6 @@ Loading executes no code: JSON and safetensors only, never pickle.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +13,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 
+from ..files import atomic_path, atomic_write_text
 from ..tokenizers import Tokenizer
-from .config import ModelConfig, atomic_write_text
+from .config import ModelConfig
 from .generation import GenerationConfig
 from .model import Transformer
 
@@ -32,13 +31,8 @@ def save_pretrained(path: str | Path, model: Transformer, tokenizer: Tokenizer |
     if tokenizer is not None and len(tokenizer) > model.config.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
                          f"{model.config.vocab_size}")
-    fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{WEIGHTS}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_model(model, tmp, metadata={"format": "pt", "lmlab_family": model.config.family})
-        os.replace(tmp, path / WEIGHTS)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic_path(path / WEIGHTS) as tmp:
+        save_model(model, str(tmp), metadata={"format": "pt", "lmlab_family": model.config.family})
     model.config.save(path / CONFIG)
     if tokenizer is not None:
         tokenizer.save(path / TOKENIZER)

@@ -158,7 +158,8 @@ class RunCreate(BaseModel):
     lr: float = Field(3e-4, gt=0, le=10)
     min_lr: float | None = Field(None, ge=0, le=10)
     warmup_steps: int | None = Field(None, ge=0, le=10_000_000)
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    decay_fraction: float | None = Field(None, gt=0, le=1, description="wsd: share of the steps spent decaying")
     weight_decay: float = Field(0.1, ge=0, le=10)
     grad_clip: float = Field(1.0, ge=0, le=1000)
     grad_accum_steps: int = Field(1, ge=1, le=1024)

@@ -396,8 +396,10 @@ class Supervisor:
             return experiment_command(run["params"], run_dir)
         if run["kind"] == "selfplay":
             return self._selfplay_command(run, run_dir) + (["--resume"] if run["resume"] else [])
-        if run["resume"]:
+        params = run["params"]
+        if run["resume"]:  # the run's own data and settings; max_steps may have grown (a stop condition)
             args = ["train", "--out", str(run_dir), "--resume"]
+            params = {k: v for k, v in params.items() if k != "val_fraction"}
         else:
             model = self.db.get_model(run["model_name"])
             if model is None:
@@ -411,7 +413,7 @@ class Supervisor:
                 args += ["--config", str(config_file), "--tokenizer-kind", model["tokenizer_kind"],
                          "--vocab-size", str(model["tokenizer_vocab"])]
             args += ["--out", str(run_dir)]
-        return args + _flags(run["params"])
+        return args + _flags(params)
 
     def _selfplay_command(self, run: dict[str, Any], run_dir: Path) -> list[str]:
         p = run["params"]

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..models.config import atomic_write_text
+from ..files import atomic_write_text, fix_modes
 
 
 def b64(state: torch.Tensor) -> str:
@@ -39,17 +39,32 @@ def checkpoint_step(checkpoint: str | Path) -> int:
     return int(Path(checkpoint).name[len("step-"):])
 
 
-def _checkpoints(root: Path) -> list[Path]:
-    return [p for p in root.glob("step-*") if p.name[len("step-"):].isdigit()] if root.is_dir() else []
+def checkpoints(run_dir: str | Path) -> list[Path]:
+    """RUN_DIR/checkpoints/step-N folders, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    found = [p for p in root.glob("step-*") if p.name[len("step-"):].isdigit()] if root.is_dir() else []
+    return sorted(found, key=checkpoint_step)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    return max(_checkpoints(Path(run_dir) / "checkpoints"), key=checkpoint_step, default=None)
+    return (checkpoints(run_dir) or [None])[-1]
 
 
-def write_checkpoint(run_dir: str | Path, step: int, fill: Callable[[Path], None], keep_last: int = 0) -> Path:
+def refuse_existing_run(run_dir: str | Path) -> None:
+    """ValueError if `run_dir` holds another run (checkpoints or a final model). A new run there would prune
+    the other run's checkpoints with its own, and a later resume could load the other run's weights and save
+    them as the new final/. The one guard of `lmlab train`, `lmlab demo` and the library's train()."""
+    out = Path(run_dir)
+    if (out / "final").exists() or ((out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())):
+        raise ValueError(f"{out} already holds a run; resume it (lmlab train --out {out} --resume) or choose "
+                         "another folder")
+
+
+def write_checkpoint(run_dir: str | Path, step: int, fill: Callable[[Path], None], keep_last: int = 0,
+                     keep: float | None = None) -> Path:
     """RUN_DIR/checkpoints/step-N: `fill(folder)` writes the files into a temporary folder that is then renamed,
-    and nothing half-written survives a failure. Keeps the last `keep_last` checkpoints (0: all)."""
+    and nothing half-written survives a failure. Keeps the last `keep_last` checkpoints (0: all), and the one
+    of step `keep`."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
@@ -58,6 +73,7 @@ def write_checkpoint(run_dir: str | Path, step: int, fill: Callable[[Path], None
     try:
         tmp.mkdir()
         fill(tmp)
+        fix_modes(tmp)
         if final.exists():  # the same step saved again (resumed and stopped at once): replace it
             old = root / f".old-step-{step}"
             shutil.rmtree(old, ignore_errors=True)
@@ -67,8 +83,9 @@ def write_checkpoint(run_dir: str | Path, step: int, fill: Callable[[Path], None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if keep_last:
-        for old_checkpoint in sorted(_checkpoints(root), key=checkpoint_step)[:-keep_last]:
-            shutil.rmtree(old_checkpoint, ignore_errors=True)
+        for old_checkpoint in checkpoints(run_dir)[:-keep_last]:
+            if checkpoint_step(old_checkpoint) != keep:
+                shutil.rmtree(old_checkpoint, ignore_errors=True)
     return final
 
 

@@ -22,13 +22,14 @@ import torch
 import torch.distributed as dist
 
 from ..data import TokenDataset, find_documents, prepare, prepare_texts, read_document
+from ..files import atomic_write_text
 from ..models import ModelConfig, Transformer, generate
-from ..models.config import atomic_write_text
 from ..models.io import load_pretrained
 from ..tokenizers import Tokenizer
+from .checkpoint import refuse_existing_run
 from .config import TrainConfig
 from .demo_corpus import demo_corpus
-from .trainer import TrainResult, check_fits, dist_env, init_distributed, resolve_device, train
+from .trainer import TrainResult, check_fits, dist_env, init_distributed, read_run_config, resolve_device, train
 
 
 def train_from_sources(out_dir: str | Path, config: TrainConfig, *, sources: Sequence[str | Path] = (),
@@ -43,8 +44,7 @@ def train_from_sources(out_dir: str | Path, config: TrainConfig, *, sources: Seq
     fails before anything is written."""
     out = Path(out_dir)
     created = not out.exists()
-    if (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
-        raise ValueError(f"{out} already holds a run; use --resume to continue it or choose another --out")
+    refuse_existing_run(out)
     if sum(x is not None for x in (preset, model_config, init)) != 1:
         raise ValueError("choose exactly one of --preset, --config or --init")
     if not sources and dataset is None:
@@ -111,19 +111,15 @@ def _rank0_first(out: Path, make: Any, save: Any, load: Any, config: TrainConfig
 
 def resume_run(out_dir: str | Path, overrides: dict[str, Any] | None = None,
                callbacks: Sequence[Any] = ()) -> TrainResult:
-    """Continue a run from its last checkpoint; `overrides` may change TrainConfig fields (e.g. max_steps)."""
+    """Continue a run from its last checkpoint with its own settings; `overrides` may change the RESUMABLE
+    TrainConfig fields (stop conditions such as max_steps, and how the run is run); others are refused."""
     out = Path(out_dir)
-    if not (out / "config.json").is_file():
-        raise FileNotFoundError(f"not a run directory (no config.json): {out}")
-    try:
-        saved = json.loads((out / "config.json").read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        saved = None
-    if not isinstance(saved, dict) or not {"train", "model", "dataset"} <= set(saved):
+    saved = read_run_config(out)
+    if "dataset" not in saved:
         raise ValueError(f"{out / 'config.json'} is not a run config (train, model and dataset)")
     config = TrainConfig.from_dict({**saved["train"], **(overrides or {})})
     tok = Tokenizer.load(out / "tokenizer.json")
-    ds = TokenDataset.open(saved["dataset"], tok)
+    ds = TokenDataset.open(out / saved["dataset"], tok)  # a relative path is inside the run directory
     model = Transformer(ModelConfig.from_dict(saved["model"]))
     provenance = {k: v for k, v in saved.items() if k not in ("train", "model")}
     return train(model, tok, ds, config, out, callbacks, resume=True, provenance=provenance)
@@ -220,8 +216,7 @@ def run_demo(out_dir: str | Path = "lmlab-demo", *, budget_s: float = 180.0, max
     directory for `lmlab generate`."""
     t0 = time.perf_counter()
     out = Path(out_dir)
-    if (out / "checkpoints").is_dir() or (out / "final").is_dir():
-        raise ValueError(f"{out} already holds a demo run; remove it or pass --out elsewhere")
+    refuse_existing_run(out)
     if budget_s <= 0 or (max_steps is not None and max_steps <= 0):
         raise ValueError("the budget and max_steps must be positive")
     text = demo_corpus(seed=seed)

@@ -5,12 +5,22 @@
                    TrainConfig(max_steps=200, batch_size=16), "runs/tiny")
 
 Run directory:
-    config.json          resolved TrainConfig + ModelConfig (+ data and tokenizer provenance)
+    config.json          resolved TrainConfig + ModelConfig (+ data and tokenizer provenance) as the run
+                         started; never rewritten. The dataset path is relative when the data is inside the
+                         run directory, so a moved run directory still resumes.
+    resumes.jsonl        one line per resume, appended: when, from which step, what changed (only RESUMABLE
+                         fields may), the schedule's horizon
     tokenizer.json       the tokenizer, so the run resumes and exports without anything else
     metrics.jsonl        one JSON object per logged step (and per evaluation)
     checkpoints/step-N/  model.safetensors, optimizer.pt, state.json (step, tokens, best val, RNG and data
-                         position), config.json; written under a temporary name and renamed; last K kept
+                         position, the schedule's horizon), config.json; written under a temporary name and
+                         renamed; last K kept (and, for wsd, the last step of the stable phase)
     final/               a model directory (config.json, model.safetensors, tokenizer.json, training.json)
+
+Resuming with a larger max_steps (or another stop condition) keeps the learning rate continuous: cosine and
+linear keep the horizon they were planned for and stay at min_lr past it (re-planning over the new horizon
+jumps from min_lr back up, undoing the annealing); wsd moves its decay to the new end, continuing from the
+checkpoint at the end of its stable phase when the old decay had begun.
 
 Distributed: run the same command under `torchrun --nproc_per_node N`; RANK/WORLD_SIZE/LOCAL_RANK select
 DDP (gloo on CPU, NCCL on CUDA) or, with `fsdp=True`, FSDP2 (`fully_shard` on every block).
@@ -23,10 +33,12 @@ import functools
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -41,11 +53,21 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from ..files import atomic_write_text
 from ..models import ModelConfig, Transformer
-from ..models.config import atomic_write_text
 from ..models.io import save_pretrained
-from .checkpoint import StopOnSignal, b64, latest_checkpoint, trim_metrics, unb64, write_checkpoint
-from .config import TrainConfig, lr_at
+from .checkpoint import (
+    StopOnSignal,
+    b64,
+    checkpoint_step,
+    checkpoints,
+    latest_checkpoint,
+    refuse_existing_run,
+    trim_metrics,
+    unb64,
+    write_checkpoint,
+)
+from .config import RESUMABLE, TrainConfig, decay_start, lr_at
 
 # Full (unsharded) state dicts keyed by parameter name: the same checkpoint files for 1 process, DDP and
 # FSDP, so a run can be resumed on a different number of processes.
@@ -93,6 +115,17 @@ def init_distributed(device: torch.device) -> torch.device:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         _OWN_PROCESS_GROUP = True
     return device
+
+
+def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for TrainConfig.dtype on `device` (None: fp32). auto is bf16 on a GPU that has it
+    (compute capability 8 and later), fp16 with a gradient scaler on older ones (T4, V100 only emulate bf16,
+    slowly), and fp32 on a CPU."""
+    if dtype == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -158,6 +191,8 @@ class Trainer:
         self.provenance = dict(provenance or {})
         if getattr(dataset, "path", None) is not None:
             self.provenance.setdefault("dataset", str(Path(dataset.path).resolve()))
+        if "dataset" in self.provenance:
+            self.provenance["dataset"] = dataset_ref(self.provenance["dataset"], self.out_dir)
         self.rank, self.world, _ = dist_env()
         self.is_main = self.rank == 0
         self.device = resolve_device(config.device)
@@ -174,7 +209,10 @@ class Trainer:
             except ImportError:
                 raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
         self.model = model.to(self.device).train()  # (a model from load_pretrained arrives in eval mode)
-        self.autocast = config.dtype == "bf16" or (config.dtype == "auto" and self.device.type == "cuda")
+        self.amp_dtype = autocast_dtype(config.dtype, self.device)
+        # fp16's narrow range underflows small gradients: scale the loss up and the gradients back (Micikevicius
+        # et al. 2018, "Mixed Precision Training"); a no-op unless fp16
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.sharded = config.fsdp and self.world > 1
         self.train_model: torch.nn.Module = self.model
         if self.sharded:
@@ -191,7 +229,8 @@ class Trainer:
             self.train_model = torch.compile(self.train_model)
         self.generator = torch.Generator().manual_seed(config.seed)  # the data order, and nothing else
         self.tokens_per_step = config.batch_size * self.seq_len * config.grad_accum_steps
-        self.total_steps = self._planned_steps()
+        self.total_steps = self._planned_steps(config)  # where the stop conditions end the run
+        self.schedule_steps = self.total_steps          # the LR schedule's horizon (kept on resume)
         self.step = 0
         self.tokens = 0
         self.elapsed = 0.0
@@ -206,10 +245,9 @@ class Trainer:
 
     # ---- planning ----------------------------------------------------------------------------------
 
-    def _planned_steps(self) -> int | None:
+    def _planned_steps(self, c: TrainConfig) -> int | None:
         """The schedule's horizon: the earliest of the step-countable stop conditions (a wall-clock
         budget alone leaves it open, and the learning rate stays at its peak after warm-up)."""
-        c = self.config
         candidates = [c.max_steps] if c.max_steps else []
         if c.max_tokens:
             candidates.append(math.ceil(c.max_tokens / self.tokens_per_step))
@@ -222,23 +260,24 @@ class Trainer:
     def fit(self, resume: bool = False) -> TrainResult:
         c = self.config
         if resume:
-            path = latest_checkpoint(self.out_dir)
-            if path is None:
-                raise FileNotFoundError(f"no checkpoint to resume from in {self.out_dir / 'checkpoints'}")
-            self.load_checkpoint(path)
-        elif self.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "metrics.jsonl").write_text("")
+            self.load_checkpoint(self._plan_resume())
+        else:
+            refuse_existing_run(self.out_dir)  # every rank, before anything is written: none waits for rank 0
+            if self.is_main:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                (self.out_dir / "metrics.jsonl").write_text("")
+                (self.out_dir / RESUMES).unlink(missing_ok=True)  # a failed earlier run's, if any
         if self.is_main:
-            self._write_run_files()
+            self._write_run_files(new=not resume)
             if c.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
                 self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
-        # The torch RNG drives dropout only (data comes from self.generator); restored on resume.
+        # The torch RNG drives dropout only (data comes from self.generator, the same on every rank); seeded per
+        # rank, or every rank of DDP would drop the same units of its own rows. Restored per rank on resume.
         if self._torch_rng is not None:
             torch.set_rng_state(self._torch_rng)
         else:
-            torch.manual_seed(c.seed)
+            torch.manual_seed(c.seed + self.rank)
         stop_reason = self._limit_reached() if resume else None  # resuming a finished run does nothing
         last_loss = next((m["loss"] for m in reversed(self.history) if "loss" in m), None)
         t_start = time.perf_counter() - self.elapsed
@@ -247,7 +286,7 @@ class Trainer:
         self._signals.install()
         try:
             while stop_reason is None:
-                lr = lr_at(self.step, c, self.total_steps)  # every optimizer step, never per epoch
+                lr = lr_at(self.step, c, self.schedule_steps)  # every optimizer step, never per epoch
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 in_step = True
@@ -284,7 +323,8 @@ class Trainer:
                 if log_now or evaluated or len(metrics) > keys:  # a hook's own metrics are always logged
                     self._log(metrics)
                 stop_reason = stop_reason or self._stop_requested()
-                if stop_reason or (c.save_every and self.step % c.save_every == 0):
+                # wsd: the stable phase's last state is kept, to extend the run from
+                if stop_reason or (c.save_every and self.step % c.save_every == 0) or self.step == self._stable_step:
                     t_save = time.perf_counter()
                     self.save_checkpoint()
                     t_window += time.perf_counter() - t_save
@@ -329,36 +369,46 @@ class Trainer:
             elif self.world > 1 and not last:
                 sync = self.train_model.no_sync()            # all-reduce once, after the last micro-step
             with sync:
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                with self._autocast():
                     loss = self.train_model(x, y).loss / c.grad_accum_steps
-                loss.backward()
+                self.scaler.scale(loss).backward()
             total += loss.detach()
         grad_norm = float("nan")
         if c.grad_clip:
+            self.scaler.unscale_(self.optimizer)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip))
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)  # skipped when fp16 gradients overflowed; the scale then shrinks
+        self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         if self.world > 1:  # report the global batch's loss (gloo has no AVG)
             dist.all_reduce(total)
             total /= self.world
         return float(total), grad_norm
 
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16,
+                              enabled=self.amp_dtype is not None)
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean loss over the fixed validation windows; perplexity; bits per byte. The same windows for any
-        number of processes: each takes its rows of every global batch."""
+        """Mean loss per target token over the fixed validation windows; perplexity; bits per byte. Each batch's
+        mean counts as many times as it has targets the loss counts (not -100, not padding), so padded
+        batches do not weigh more than their tokens. The same windows for any number of processes: each
+        takes its rows of every global batch."""
         self.model.eval()
-        stat = torch.zeros(2, device=self.device, dtype=torch.float64)  # (sum of window losses, windows)
+        pad = self.model_config.pad_token_id
+        stat = torch.zeros(2, device=self.device, dtype=torch.float64)  # (sum of token losses, tokens)
         for x, y in self.dataset.eval_batches(self.config.batch_size, self.seq_len, self.config.eval_batches):
             xs, ys = x.tensor_split(self.world)[self.rank], y.tensor_split(self.world)[self.rank]
-            weight = len(xs)
-            if weight == 0:
+            tokens = int(((ys != -100) & (ys != pad if pad is not None else True)).sum())
+            if tokens == 0:
                 if not self.sharded:
                     continue
                 xs, ys = x[:1], y[:1]  # FSDP: every rank joins every forward's all-gathers; counted 0 times
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            with self._autocast():
                 loss = self.model(xs.to(self.device), ys.to(self.device)).loss.double()
-            stat += torch.stack([loss * weight, torch.tensor(float(weight), device=self.device, dtype=torch.float64)])
+            if tokens:
+                stat += torch.stack([loss * tokens, loss.new_tensor(tokens)])
         self.model.train()
         if self.world > 1:
             dist.all_reduce(stat)
@@ -456,20 +506,85 @@ class Trainer:
     def _run_config(self) -> dict[str, Any]:
         return {"train": self.config.to_dict(), "model": self.model_config.to_dict(), **self.provenance}
 
-    def _write_run_files(self) -> None:
-        atomic_write_text(self.out_dir / "config.json", json.dumps(self._run_config(), indent=2, ensure_ascii=False)
-                          + "\n")
-        if self.tokenizer is not None and hasattr(self.tokenizer, "save"):
+    def _write_run_files(self, new: bool) -> None:
+        """config.json and tokenizer.json for a new run; a resumed run keeps its own (resumes.jsonl says what
+        changed)."""
+        if new or not (self.out_dir / "config.json").is_file():
+            atomic_write_text(self.out_dir / "config.json",
+                              json.dumps(self._run_config(), indent=2, ensure_ascii=False) + "\n")
+        if hasattr(self.tokenizer, "save") and (new or not (self.out_dir / "tokenizer.json").is_file()):
             self.tokenizer.save(self.out_dir / "tokenizer.json")
+
+    @property
+    def _stable_step(self) -> float | None:
+        """wsd: the step whose checkpoint ends the stable phase (the decay starts after it)."""
+        return decay_start(self.config, self.schedule_steps) if self.config.schedule == "wsd" else None
+
+    def _plan_resume(self) -> Path:
+        """Check what this resume changes, plan the schedule so that the learning rate does not jump, append the
+        resume to resumes.jsonl (rank 0) and return the checkpoint to load. Only RESUMABLE fields may differ
+        from the run's settings (config.json with the earlier resumes' changes)."""
+        c, out = self.config, self.out_dir
+        path = latest_checkpoint(out)
+        if path is None:
+            raise FileNotFoundError(f"no checkpoint to resume from in {out / 'checkpoints'}")
+        before = TrainConfig.from_dict(read_run_config(out)["train"]) if (out / "config.json").is_file() else c
+        changed = {k: [v, getattr(c, k)] for k, v in before.to_dict().items() if getattr(c, k) != v}
+        fixed = [f"{k} ({old!r} -> {new!r})" for k, (old, new) in changed.items() if k not in RESUMABLE]
+        if fixed:
+            raise ValueError(f"a resumed run keeps the settings it started with: {', '.join(fixed)} cannot change "
+                             f"(only {', '.join(RESUMABLE)} can)")
+        state = json.loads((path / "state.json").read_text())
+        step = state["step"]
+        old = state["schedule_steps"] if "schedule_steps" in state else self._planned_steps(before)
+        new, note, superseded = self.total_steps, None, []
+        self.schedule_steps = old
+        if new != old and c.schedule in ("cosine", "linear"):
+            note = (f"the {c.schedule} schedule keeps its horizon of {old} steps" if old else
+                    f"the {c.schedule} schedule keeps no horizon (the run began without one): the peak learning rate")
+            note += ", and the learning rate stays at min_lr past it" if old and (not new or new > old) else ""
+        elif new != old and c.schedule == "wsd":
+            s_old, s_new = decay_start(c, old), decay_start(c, new)
+            stable = out / "checkpoints" / f"step-{s_old}"
+            if step <= min(s_old, s_new):  # still in the stable phase of both plans: the decay just moves
+                self.schedule_steps = new
+                note = f"wsd decays from step {s_new}" if new else "wsd stays at its peak (no step horizon)"
+            elif new and old and new > old and s_old <= s_new and stable.is_dir():
+                self.schedule_steps, path = new, stable
+                superseded = [p for p in checkpoints(out) if checkpoint_step(p) > s_old]
+                note = (f"wsd: the decay of the {old}-step plan began after step {s_old}; continuing from that "
+                        f"stable-phase checkpoint (later checkpoints removed), to decay from step {s_new}")
+            else:
+                note = f"wsd keeps its horizon of {old} steps (its decay began after step {s_old})"
+        if self.world > 1:
+            dist.barrier()  # every rank has chosen the checkpoint before rank 0 removes any
+        if self.is_main:
+            for p in superseded:
+                shutil.rmtree(p)
+            record = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                      "from_step": checkpoint_step(path), "changed": changed, "schedule_steps": self.schedule_steps,
+                      "world_size": self.world, **({"note": note} if note else {})}
+            with open(out / RESUMES, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()) or "no settings changed"
+        self._print(f"resuming: {what}" + (f"; {note}" if note else ""))
+        return path
 
     # ---- checkpoints -------------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path | None:
         """checkpoints/step-N/, written under a temporary name and renamed, so a crash mid-write leaves the
         previous checkpoint as the latest complete one. Keeps the last `keep_last` (0: all)."""
-        # every rank takes part (FSDP gathers shards); rank 0 writes
+        # every rank takes part (FSDP gathers shards; each rank's dropout RNG state is gathered); rank 0 writes
         weights = self._full_model_state()
         optim = get_optimizer_state_dict(self.model, self.optimizer, options=_FULL)
+        mine = {"torch": b64(torch.get_rng_state())}
+        if self.device.type == "cuda":
+            mine["cuda"] = b64(torch.cuda.get_rng_state(self.device))
+        ranks: list[Any] = [mine]
+        if self.world > 1:
+            ranks = [None] * self.world
+            dist.all_gather_object(ranks, mine)
         if not self.is_main:
             return None
 
@@ -478,15 +593,16 @@ class Trainer:
             # tensors and plain numbers only; read back with torch.load(weights_only=True), which unpickles
             # no code
             torch.save(optim, tmp / "optimizer.pt")
-            rng = {"torch": b64(torch.get_rng_state()), "data": b64(self.generator.get_state())}
-            if self.device.type == "cuda":
-                rng["cuda"] = b64(torch.cuda.get_rng_state(self.device))
+            # per rank (a list, rank 0 first): the data generator is shared, dropout's RNG is not
+            rng = {"data": b64(self.generator.get_state()), **{k: [r[k] for r in ranks] for k in mine}}
             (tmp / "state.json").write_text(json.dumps({
                 "step": self.step, "tokens": self.tokens, "elapsed_s": self.elapsed, "best_val": self.best_val,
-                "bad_evals": self.bad_evals, "world_size": self.world, "rng": rng}))
+                "bad_evals": self.bad_evals, "world_size": self.world, "rng": rng,
+                "schedule_steps": self.schedule_steps,
+                "grad_scaler": self.scaler.state_dict()}))
             (tmp / "config.json").write_text(json.dumps(self._run_config(), indent=2, ensure_ascii=False))
 
-        final = write_checkpoint(self.out_dir, self.step, fill, self.config.keep_last)
+        final = write_checkpoint(self.out_dir, self.step, fill, self.config.keep_last, keep=self._stable_step)
         for cb in self.callbacks:
             cb.on_checkpoint(self, final)
         return final
@@ -504,11 +620,17 @@ class Trainer:
         set_optimizer_state_dict(self.model, self.optimizer, optim, options=StateDictOptions(full_state_dict=True))
         state = json.loads((path / "state.json").read_text())
         self.generator.set_state(unb64(state["rng"]["data"]))
-        self._torch_rng = unb64(state["rng"]["torch"])
-        if "cuda" in state["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(unb64(state["rng"]["cuda"]), self.device)
+        # this rank's dropout RNG (checkpoints before per-rank states held one string); a rank the saving run
+        # did not have is seeded afresh in fit()
+        saved = {k: [v] if isinstance(v, str) else v for k, v in state["rng"].items() if k != "data"}
+        if self.rank < len(saved["torch"]):
+            self._torch_rng = unb64(saved["torch"][self.rank])
+            if "cuda" in saved and self.device.type == "cuda":
+                torch.cuda.set_rng_state(unb64(saved["cuda"][self.rank]), self.device)
         self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed_s"]
         self.best_val, self.bad_evals = state["best_val"], state["bad_evals"]
+        if state.get("grad_scaler"):  # fp16: the loss scale reached, so the next steps scale as they would have
+            self.scaler.load_state_dict(state["grad_scaler"])
         # metrics logged after the checkpoint will be produced again: drop them
         self.history = trim_metrics(self.out_dir / "metrics.jsonl", self.step, rewrite=self.is_main)
         self._print(f"resumed from {path} (step {self.step})")
@@ -535,6 +657,43 @@ class Trainer:
                     "best_val_loss": result.best_val_loss, "world_size": self.world,
                     "last_eval": next((m for m in reversed(self.history) if "val_loss" in m), None)}
         return save_pretrained(self.out_dir / "final", model, self.tokenizer, training=training)
+
+
+RESUMES = "resumes.jsonl"
+
+
+def dataset_ref(path: str | Path, run_dir: str | Path) -> str:
+    """How a run's config.json names its dataset: relative to the run directory when the data is inside it
+    (so the run directory can be moved and still resume), else absolute. A relative name stays as it is."""
+    path = Path(path)
+    if not path.is_absolute():
+        return path.as_posix()
+    try:
+        return path.resolve().relative_to(Path(run_dir).resolve()).as_posix()
+    except ValueError:
+        return str(path.resolve())
+
+
+def read_run_config(run_dir: str | Path) -> dict[str, Any]:
+    """RUN_DIR/config.json as the run started, its "train" fields brought up to date with the changes of every
+    resume since (resumes.jsonl, in order): the settings a resume continues with."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"not a run directory (no config.json): {run_dir}")
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        saved = None
+    if not isinstance(saved, dict) or not isinstance(saved.get("train"), dict) or "model" not in saved:
+        raise ValueError(f"{path} is not a run config (train and model)")
+    resumes = Path(run_dir) / RESUMES
+    for line in resumes.read_text(encoding="utf-8").splitlines() if resumes.is_file() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash: that resume never started
+        saved["train"].update({k: new for k, (_, new) in record["changed"].items()})
+    return saved
 
 
 def train(model: Transformer | ModelConfig, tokenizer: Any, dataset: Any, config: TrainConfig,

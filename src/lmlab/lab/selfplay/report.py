@@ -7,11 +7,10 @@ import base64
 import html
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
-from ...models.config import atomic_write_text
+from ...files import atomic_path, atomic_write_text
 from .azr import ARM_HELP, ARMS, KINDS
 
 DIAGNOSTICS = ("validity", "informative", "proposer_reward", "program_length", "diversity")
@@ -85,9 +84,8 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
 
 def _save(fig: Any, path: Path) -> None:
     """savefig to a temporary name, then rename (atomic, like every other file a report writes)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=110, format="png")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
 
 
 def _plot(results: dict[str, Any], out: Path) -> list[Path]:

@@ -43,8 +43,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_model, save_model
 
+from ...files import atomic_write_text
 from ...models import GenerationConfig, generate_ids
-from ...models.config import atomic_write_text
 from ...models.io import WEIGHTS, load_pretrained, save_pretrained
 from ...train.checkpoint import (
     StopOnSignal,

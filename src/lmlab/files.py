@@ -1,0 +1,63 @@
+"""Atomic writes, one helper for the whole package: a file is written under a temporary name beside its
+target and renamed over it, so a reader never sees half a file and a crash leaves the old file or none.
+
+    with atomic_path(out / "model.safetensors") as tmp:
+        save_model(model, str(tmp))
+    atomic_write_text(out / "config.json", text)
+
+Files get the mode open() gives a new file, 0666 less the umask: mkstemp's 0600 (and safetensors' own
+temporary file, 0600 too) would survive the rename and leave model folders unreadable by the group or by a
+web server serving exports.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def temp_beside(path: str | Path) -> Path:
+    """Create an empty, uniquely named hidden file in `path`'s folder (made if missing); the caller renames
+    it into place or removes it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the kernel applies the umask
+    return tmp
+
+
+def _mode(tmp: Path) -> int:
+    return tmp.stat().st_mode & 0o777
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary file to write `path` through: renamed over `path` when the block succeeds, removed when it
+    fails."""
+    tmp = temp_beside(path)
+    mode = _mode(tmp)
+    try:
+        yield tmp
+        os.chmod(tmp, mode)  # a writer may have replaced the file with its own 0600 one
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def fix_modes(folder: str | Path) -> None:
+    """Give every file under `folder`, a temporary folder about to be renamed into place, the mode of a new
+    file there (some writers, safetensors among them, leave 0600)."""
+    probe = temp_beside(Path(folder) / "mode")
+    mode = _mode(probe)
+    probe.unlink()
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
