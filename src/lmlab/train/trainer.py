@@ -41,7 +41,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from ..models import ModelConfig, Transformer
+from ..models import ModelConfig, Transformer, fast
 from ..models.config import atomic_write_text
 from ..models.io import save_pretrained
 from .checkpoint import StopOnSignal, b64, latest_checkpoint, trim_metrics, unb64, write_checkpoint
@@ -174,6 +174,8 @@ class Trainer:
             except ImportError:
                 raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
         self.model = model.to(self.device).train()  # (a model from load_pretrained arrives in eval mode)
+        if self.device.type == "cpu":
+            fast.for_training(self.model)  # fused head + loss, RMSNorm's gradient: same numbers, less time
         self.autocast = config.dtype == "bf16" or (config.dtype == "auto" and self.device.type == "cuda")
         self.sharded = config.fsdp and self.world > 1
         self.train_model: torch.nn.Module = self.model
