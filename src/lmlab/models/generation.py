@@ -18,6 +18,7 @@ import torch
 
 from ..files import atomic_write_text
 from .config import check_types, known_fields
+from .fast import Decoder, decoder
 from .model import KVCache, Transformer
 
 EOS_ID = 3  # lmlab.tokenizers.EOS_ID; models imported from elsewhere pass their own
@@ -116,8 +117,8 @@ class _Context:
     full, the cache is rebuilt from the last 3/4 of the window (cropping, not a crash)."""
 
     def __init__(self, model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                 pad_id: int) -> None:
-        self.model = model
+                 pad_id: int, step: Decoder | None = None) -> None:
+        self.model, self.step = model, step  # step: fast.py's one-token decoding step, where it applies
         params = next(model.parameters())
         self.device, self.dtype = params.device, params.dtype
         width = max(len(p) for p in prompts)
@@ -163,10 +164,13 @@ class _Context:
         else:
             attention_mask = window
             position_ids = Transformer.positions_from_mask(window)[:, -self.pending:]
-        out = self.model(self.ids[:, cols], attention_mask=attention_mask, position_ids=position_ids,
-                         cache=self.cache, last_only=not last)
+        if self.pending == 1 and self.step is not None:
+            logits = self.step(self.ids[:, cols], self.cache, attention_mask, position_ids).unsqueeze(1)
+        else:
+            logits = self.model(self.ids[:, cols], attention_mask=attention_mask, position_ids=position_ids,
+                                cache=self.cache, last_only=not last).logits
         self.pending = 0
-        return out.logits[:, -last:] if last else out.logits[:, -1]
+        return logits[:, -last:] if last else logits[:, -1]
 
     def context_ids(self) -> torch.Tensor:
         return self.ids[:, : self.length]
@@ -194,7 +198,7 @@ def iter_tokens(model: Transformer, prompts: Sequence[Sequence[int]], cfg: Gener
     caller may also set `finished[row] = True` (stop strings) and the loop honours it. Not beam search."""
     if cfg.num_beams > 1:
         raise ValueError("iter_tokens samples or decodes greedily; use generate_ids for beam search")
-    ctx = _Context(model, prompts, cfg.max_new_tokens, pad_id)
+    ctx = _Context(model, prompts, cfg.max_new_tokens, pad_id, decoder(model, keep=not model.training))
     generator = None
     if cfg.seed is not None:
         generator = torch.Generator(device=ctx.device).manual_seed(cfg.seed)
@@ -203,20 +207,19 @@ def iter_tokens(model: Transformer, prompts: Sequence[Sequence[int]], cfg: Gener
     model.eval()
     lookup = cfg.prompt_lookup if cfg.greedy and len(prompts) == 1 and cfg.repetition_penalty == 1.0 else 0
     try:
-        with model.decoding():
-            if lookup:
-                yield from _lookup_steps(ctx, cfg.max_new_tokens, lookup, eos_token_id if cfg.stop_at_eos else None,
-                                         finished)
-                return
-            for _ in range(cfg.max_new_tokens):
-                logits = process_logits(ctx.next_logits(), cfg, ctx.context_ids())
-                tokens = _choose(logits, cfg, generator).masked_fill(finished, pad_id)
-                ctx.append(tokens)
-                if cfg.stop_at_eos and eos_token_id is not None:
-                    finished |= tokens == eos_token_id
-                yield tokens, finished
-                if bool(finished.all()):
-                    break
+        if lookup:
+            yield from _lookup_steps(ctx, cfg.max_new_tokens, lookup, eos_token_id if cfg.stop_at_eos else None,
+                                     finished)
+            return
+        for _ in range(cfg.max_new_tokens):
+            logits = process_logits(ctx.next_logits(), cfg, ctx.context_ids())
+            tokens = _choose(logits, cfg, generator).masked_fill(finished, pad_id)
+            ctx.append(tokens)
+            if cfg.stop_at_eos and eos_token_id is not None:
+                finished |= tokens == eos_token_id
+            yield tokens, finished
+            if bool(finished.all()):
+                break
     finally:
         model.train(was_training)
 
@@ -311,16 +314,16 @@ def _beam_search(model: Transformer, prompts: Sequence[Sequence[int]], cfg: Gene
     it has num_beams finished hypotheses and no live beam can still beat the worst of them."""
     was_training = model.training
     model.eval()
-    with model.decoding():
-        finished = _beam_loop(model, prompts, cfg, eos_token_id, pad_id)
-    model.train(was_training)
-    return finished
+    try:
+        return _beam_loop(model, prompts, cfg, eos_token_id, pad_id, decoder(model, keep=not was_training))
+    finally:
+        model.train(was_training)
 
 
 def _beam_loop(model: Transformer, prompts: Sequence[Sequence[int]], cfg: GenerationConfig,
-               eos_token_id: int | None, pad_id: int) -> list[list[int]]:
+               eos_token_id: int | None, pad_id: int, step: Decoder | None) -> list[list[int]]:
     nb, B = cfg.num_beams, len(prompts)
-    ctx = _Context(model, prompts, cfg.max_new_tokens, pad_id)
+    ctx = _Context(model, prompts, cfg.max_new_tokens, pad_id, step)
     first = True
     scores = torch.zeros(B, nb, device=ctx.device)
     scores[:, 1:] = float("-inf")  # all beams start identical; only the first may expand at step 0

@@ -54,7 +54,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ..files import atomic_write_text
-from ..models import ModelConfig, Transformer
+from ..models import ModelConfig, Transformer, fast
 from ..models.io import save_pretrained
 from .checkpoint import (
     StopOnSignal,
@@ -209,6 +209,8 @@ class Trainer:
             except ImportError:
                 raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
         self.model = model.to(self.device).train()  # (a model from load_pretrained arrives in eval mode)
+        if self.device.type == "cpu":
+            fast.for_training(self.model)  # fused head + loss, RMSNorm's gradient: same numbers, less time
         self.amp_dtype = autocast_dtype(config.dtype, self.device)
         # fp16's narrow range underflows small gradients: scale the loss up and the gradients back (Micikevicius
         # et al. 2018, "Mixed Precision Training"); a no-op unless fp16
