@@ -255,8 +255,7 @@ def experiment_command(params: dict[str, Any], out: Path) -> list[str]:
     if params["lab"] == "facts":
         args = ["lab", "facts", params["experiment"], "--out", str(out), "--seeds", seeds]
     elif params["lab"] == "azr":
-        # `lmlab selfplay azr --seeds 3` means a count (seeds 0..2); a trailing comma makes one seed a list
-        args = ["selfplay", "azr", "--out", str(out), "--seeds", seeds + ("," if len(params["seeds"]) == 1 else "")]
+        args = ["selfplay", "azr", "--out", str(out), "--seeds", seeds]
     else:
         raise ValueError(f"unknown lab {params['lab']!r}")
     if params.get("quick"):
@@ -410,7 +409,7 @@ class Supervisor:
             else:
                 config_file = run_dir / "model_config.json"
                 config_file.write_text(json.dumps(model["config"], indent=2), encoding="utf-8")
-                args += ["--config", str(config_file), "--tokenizer-kind", model["tokenizer_kind"],
+                args += ["--model-config", str(config_file), "--tokenizer-kind", model["tokenizer_kind"],
                          "--vocab-size", str(model["tokenizer_vocab"])]
             args += ["--out", str(run_dir)]
         return args + _flags(params)
