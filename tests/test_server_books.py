@@ -134,8 +134,10 @@ def test_books_are_read_once_and_served_from_the_stored_text(tmp_path):
             st = (ws / "books" / name).stat()
             os.utime(ws / "books" / name, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
             assert c.get(f"/api/v1/books/{name}/preview?chars=100000").json()["text"] == text
-            stored.unlink()  # and a missing one too
+            stored.unlink()  # and a missing one too, or one whose header is not ours
             assert c.get(f"/api/v1/books/{name}").json()["chars"] == len(text) and stored.is_file()
+            stored.write_text('["size"]\nnot ours', encoding="utf-8")
+            assert c.get(f"/api/v1/books/{name}/preview?chars=100000").json()["text"] == text
         assert c.delete("/api/v1/books/book.pdf").status_code == 204
         assert not (ws / "books" / ".book.pdf.text").exists()
 

@@ -12,6 +12,9 @@ reader that stops at EPUB_MAX_INFLATED bytes for the whole book and at EPUB_MAX_
 size; PDF streams through pypdf's own output limits (pypdf.Configuration), set to PDF_MAX_STREAM; the text of
 either may not pass MAX_TEXT_CHARS. War and Peace is about 3.2 million characters (6 MB of UTF-8 in Russian),
 so real books pass every limit by a factor of ten or more. Past a limit: TooLarge, a ValueError naming the file.
+
+The server runs this file alone in a child process (server/extract.py): it may import the standard library,
+and pypdf inside _pdf_text, nothing else.
 """
 
 from __future__ import annotations

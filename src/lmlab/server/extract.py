@@ -20,6 +20,7 @@ from pathlib import Path
 
 _DOCUMENTS = Path(__file__).resolve().parent.parent / "data" / "documents.py"
 HEADER_LIMIT = 4096  # bytes of the header line a reader accepts
+HEADER_KEYS = ("size", "mtime_ns", "encoding", "chars", "words", "lines", "unique_chars")
 
 
 class Refused(ValueError):
@@ -56,10 +57,11 @@ def read_stored(path: Path, book: Path, chars: int = 0) -> tuple[dict, str] | No
         st = book.stat()
         with open(path, encoding="utf-8") as f:
             header = json.loads(f.readline(HEADER_LIMIT))
-            if header.get("size") != st.st_size or header.get("mtime_ns") != st.st_mtime_ns:
+            if any(k not in header for k in HEADER_KEYS) or (header["size"], header["mtime_ns"]) != (
+                    st.st_size, st.st_mtime_ns):
                 return None
             return header, f.read(chars) if chars else ""
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, TypeError):  # TypeError: a header that is not an object
         return None
 
 
