@@ -19,8 +19,8 @@ from lmlab.data.documents import read_document
 from lmlab.server import build_asgi
 from lmlab.server.extract import text_stats
 
-PDF_REFUSAL = ("bomb.pdf: the PDF goes past a reading limit, refused as a decompression bomb (a stream may unpack "
-               "to at most 32 MiB; pypdf: Limit reached while decompressing.")
+PDF_REFUSAL = ("bomb.pdf: the PDF goes past one of pypdf's reading limits; refused (a stream may unpack to at "
+               "most 32 MiB; pypdf: Limit reached while decompressing.")
 HEADROOM = 200 * 2**20  # what a refused bomb may add to the server's peak memory
 
 

@@ -300,8 +300,8 @@ def _pdf_text(path: Path) -> str:
     except TooLarge:
         raise
     except LimitReachedError as exc:
-        raise TooLarge(f"{path}: the PDF goes past a reading limit, refused as a decompression bomb (a stream may "
-                       f"unpack to at most {PDF_MAX_STREAM // 2**20} MiB; pypdf: {exc})") from None
+        raise TooLarge(f"{path}: the PDF goes past one of pypdf's reading limits; refused (a stream "
+                       f"may unpack to at most {PDF_MAX_STREAM // 2**20} MiB; pypdf: {exc})") from None
     except (PdfReadError, ValueError, KeyError, OSError) as exc:
         raise ValueError(f"{path}: not a readable PDF ({type(exc).__name__}: {exc})") from None
     return "\n".join(pages)
