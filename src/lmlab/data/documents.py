@@ -105,13 +105,17 @@ def read_document(path: str | Path) -> str:
     suffix = path.suffix.lower()
     if suffix in (".epub", ".pdf"):
         text = _epub_text(path) if suffix == ".epub" else _pdf_text(path)
-        if len(text) > MAX_TEXT_CHARS:
-            raise TooLarge(f"{path}: the text is longer than {MAX_TEXT_CHARS:,} characters; refused")
+        _check_length(path, len(text))
         return normalize_text(text)
     data = path.read_bytes()
     if suffix in _MARKUP:
         return normalize_text(html_to_text(decode_bytes(data, path, declared=_declared_charset(data))))
     return normalize_text(decode_bytes(data, path))
+
+
+def _check_length(path: Path, chars: int) -> None:
+    if chars > MAX_TEXT_CHARS:
+        raise TooLarge(f"{path}: the text is longer than {MAX_TEXT_CHARS:,} characters; refused")
 
 
 def decode_bytes(data: bytes, name: str | Path = "<bytes>", declared: str | None = None) -> str:
@@ -295,8 +299,7 @@ def _pdf_text(path: Path) -> str:
             for page in PdfReader(path).pages:
                 pages.append(page.extract_text() or "")
                 total += len(pages[-1])
-                if total > MAX_TEXT_CHARS:
-                    raise TooLarge(f"{path}: the text is longer than {MAX_TEXT_CHARS:,} characters; refused")
+                _check_length(path, total)  # page by page: a few pages can hold gigabytes of text
     except TooLarge:
         raise
     except LimitReachedError as exc:
