@@ -76,7 +76,8 @@ class Settings:
     max_jobs: int = 1                            # training processes at once; the rest wait in a FIFO queue
     max_upload_bytes: int = 100 * 2**20
     # A book's text is read once, in a child process with these limits (extract.py); a book that needs more
-    # is refused. A 100 MiB text file or a 1000-page PDF needs well under a minute and 1 GiB.
+    # is refused. Generous for real books: a text file at the upload limit is read in seconds and a few
+    # hundred MiB, and the reader's own limits (data/documents.py) stop a bomb long before these.
     extract_timeout_s: float = 300.0
     extract_memory_bytes: int = 2 * 2**30
     memory_budget_bytes: int | None = None       # default: 70% of physical memory

@@ -16,11 +16,13 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 _DOCUMENTS = Path(__file__).resolve().parent.parent / "data" / "documents.py"
 HEADER_LIMIT = 4096  # bytes of the header line a reader accepts
 HEADER_KEYS = ("size", "mtime_ns", "encoding", "chars", "words", "lines", "unique_chars")
+_SLOTS = threading.BoundedSemaphore(2)  # books read at once: each child may take its whole memory cap
 
 
 class Refused(ValueError):
@@ -36,8 +38,9 @@ def extract(book: Path, out: Path, shown: str, *, timeout_s: float, memory_bytes
     cmd = [sys.executable, "-I", str(Path(__file__).resolve()), str(book), str(out), shown, str(memory_bytes)]
     try:
         # stderr is dropped: pypdf logs a warning per oddity, and a crafted file can have millions of them
-        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                              timeout=timeout_s)
+        with _SLOTS:
+            proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                  timeout=timeout_s)
         result = json.loads(proc.stdout or b"null") or {
             "status": 422, "error": f"{shown}: the reader stopped without an answer (exit code {proc.returncode})"}
     except subprocess.TimeoutExpired:  # run() has killed the child
@@ -95,7 +98,7 @@ def _decodes_to(data: bytes, encoding: str, text: str) -> bool:
 
 
 def text_stats(text: str) -> dict[str, int]:
-    words = sum(1 for _ in re.finditer(r"\S+", text))  # counted without a list of every word
+    words = sum(1 for _ in re.finditer(r"\S+", text))  # as len(text.split()), without a list of every word
     return {"chars": len(text), "words": words, "lines": text.count("\n") + (1 if text else 0),
             "unique_chars": len(set(text))}
 
