@@ -2,9 +2,11 @@
 
 import json
 import math
+import random
 import re
 import time
 import zipfile
+import zlib
 from collections import Counter
 
 import numpy as np
@@ -15,6 +17,7 @@ from lmlab.cli import main
 from lmlab.data import (
     TokenDataset,
     decode_bytes,
+    documents,
     find_documents,
     html_to_text,
     normalize_text,
@@ -141,9 +144,11 @@ def test_html_blocks_lines_entities_and_scripts():
     assert html_to_text(markup) == "Глава\n\na\nb\n\nAT&T &lt;x&gt; «q»\n\nx\ny\n\nend of it\n"
 
 
-def make_epub(path, chapters):
-    """A minimal EPUB 3 whose file order is the reverse of its spine order, with ../ and %20 in hrefs."""
-    with zipfile.ZipFile(path, "w") as z:
+def make_epub(path, chapters, repeat=1):
+    """A minimal EPUB 3 whose file order is the reverse of its spine order, with ../ and %20 in hrefs; each
+    chapter's paragraphs `repeat` times (streamed: repeat=2**18 of a 1 KiB paragraph is a 256 MiB chapter packed
+    into 256 KiB, a decompression bomb)."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as z:
         z.writestr("mimetype", "application/epub+zip")
         z.writestr("META-INF/container.xml", '<?xml version="1.0"?><container version="1.0" '
                    'xmlns="urn:oasis:names:tc:opendocument:xmlns:container"><rootfiles><rootfile '
@@ -157,10 +162,13 @@ def make_epub(path, chapters):
                    f'version="3.0"><manifest>{items}</manifest><spine>{spine}</spine></package>')
         z.writestr("OEBPS/cover.png", b"\x89PNG not text")
         for k, chapter in enumerate(chapters):  # file chap {n-1-k} holds chapter k: only the spine knows
-            body = "".join(f"<p>{p}</p>" for p in chapter)
-            z.writestr(f"OEBPS/text/chap {n - 1 - k}.xhtml",
-                       f'<?xml version="1.0" encoding="utf-8"?><html xmlns="http://www.w3.org/1999/xhtml">'
-                       f'<head><title>x</title><style>p {{}}</style></head><body>{body}</body></html>')
+            body = "".join(f"<p>{p}</p>" for p in chapter).encode()
+            with z.open(f"OEBPS/text/chap {n - 1 - k}.xhtml", "w", force_zip64=True) as f:
+                f.write(b'<?xml version="1.0" encoding="utf-8"?><html xmlns="http://www.w3.org/1999/xhtml">'
+                        b"<head><title>x</title><style>p {}</style></head><body>")
+                for i in range(0, repeat, 1024):
+                    f.write(body * min(1024, repeat - i))
+                f.write(b"</body></html>")
 
 
 def make_fb2(path, paragraphs):
@@ -172,13 +180,16 @@ def make_fb2(path, paragraphs):
     path.write_bytes(fb2.encode("cp1251"))
 
 
-def make_pdf(path, pages):
-    """A two-object-per-page PDF 1.4 with Helvetica text, xref offsets computed."""
+def make_pdf(path, pages, flate=False):
+    """A two-object-per-page PDF 1.4 with Helvetica text, xref offsets computed. A page given as bytes is its
+    content stream as it is; `flate` packs the streams (FlateDecode)."""
     objs = ["<< /Type /Catalog /Pages 2 0 R >>", "", "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"]
     kids = []
     for text in pages:
-        stream = f"BT /F1 12 Tf 72 720 Td ({text}) Tj ET"
-        objs.append(f"<< /Length {len(stream)} >>\nstream\n{stream}\nendstream")
+        stream = text if isinstance(text, bytes) else f"BT /F1 12 Tf 72 720 Td ({text}) Tj ET".encode("latin-1")
+        stream = zlib.compress(stream, 9) if flate else stream
+        packed = " /Filter /FlateDecode" if flate else ""
+        objs.append(f"<< /Length {len(stream)}{packed} >>\nstream\n{stream.decode('latin-1')}\nendstream")
         objs.append(f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << /Font << /F1 3 0 R >> >> "
                     f"/Contents {len(objs)} 0 R >>")
         kids.append(f"{len(objs)} 0 R")
@@ -207,6 +218,55 @@ def test_epub_html_fb2_and_pdf_give_the_paragraphs(tmp_path):
     _write(tmp_path / "bad.epub", b"PK not a zip")
     with pytest.raises(ValueError, match="bad.epub"):
         read_document(tmp_path / "bad.epub")
+
+
+def war_and_peace_sized(seed=0, size=6_000_000, letters="абвгдежзийклмнопрстуфхцчшщыьэюя"):
+    """Paragraphs of random Russian-looking words, ~6 MB of UTF-8 like War and Peace: text that packs about as
+    well as prose does (repeating a short text would pack hundreds of times better than any book)."""
+    rng = random.Random(seed)
+    vocab = ["".join(rng.choices(letters, k=rng.randint(1, 10))) for _ in range(20000)]
+    paragraphs, n = [], 0
+    while n < size:
+        paragraphs.append(" ".join(rng.choices(vocab, k=rng.randint(20, 120))).capitalize() + ".")
+        n += len(paragraphs[-1].encode()) + 7
+    return paragraphs
+
+
+def test_epub_and_pdf_bombs_are_refused_and_real_books_pass(tmp_path, monkeypatch, capsys):
+    make_epub(tmp_path / "bomb.epub", [["a" * 1017]], repeat=2**18)  # a 258 MiB chapter in ~0.7 MB
+    packed = zipfile.ZipFile(tmp_path / "bomb.epub").getinfo("OEBPS/text/chap 0.xhtml").compress_size
+    with pytest.raises(documents.TooLarge) as err:
+        read_document(tmp_path / "bomb.epub")
+    assert str(err.value) == (f"{tmp_path / 'bomb.epub'}: OEBPS/text/chap 0.xhtml unpacks to more than 100 times "
+                              f"its packed size ({packed} bytes); refused as a decompression bomb")
+    make_pdf(tmp_path / "bomb.pdf", [b" " * (64 * 2**20)], flate=True)  # a 64 MiB page in 64 KB
+    with pytest.raises(documents.TooLarge, match=re.escape(
+            "bomb.pdf: the PDF goes past one of pypdf's reading limits; refused (a stream may unpack to at most 32 "
+            "MiB; pypdf: Limit reached while decompressing.")):
+        read_document(tmp_path / "bomb.pdf")
+    # `lmlab train` reads through the same limits
+    assert main(["train", str(tmp_path / "bomb.epub"), "--out", str(tmp_path / "run"), "--preset", "gpt-tiny"]) == 2
+    assert capsys.readouterr().err == f"lmlab: error: {err.value}\n"
+
+    # War and Peace in one chapter passes every limit; so does a PDF of 500 pages (Latin: the test PDF's font).
+    book = war_and_peace_sized()
+    make_epub(tmp_path / "war.epub", [book])
+    assert read_document(tmp_path / "war.epub") == "".join(p + "\n\n" for p in book)[:-1]
+    pages = war_and_peace_sized(1, 500_000, "abcdefghijklmnopqrstuvwxyz")[:500]
+    make_pdf(tmp_path / "war.pdf", pages, flate=True)
+    assert read_document(tmp_path / "war.pdf") == "\n".join(pages)
+
+    # The budget for a whole EPUB and the cap on the text of any EPUB or PDF
+    monkeypatch.setattr(documents, "EPUB_MAX_INFLATED", 2**16)
+    with pytest.raises(documents.TooLarge, match=r"war.epub: the EPUB unpacks to more than 0.0625 MiB; refused"):
+        read_document(tmp_path / "war.epub")
+    monkeypatch.setattr(documents, "MAX_TEXT_CHARS", 40)
+    make_pdf(tmp_path / "two.pdf", ["First page of the book.", "Second page (here)."])  # 23 + 19 characters
+    with pytest.raises(documents.TooLarge, match=r"two.pdf: the text is longer than 40 characters; refused"):
+        read_document(tmp_path / "two.pdf")
+    make_epub(tmp_path / "short.epub", [["x" * 41]])
+    with pytest.raises(documents.TooLarge, match=r"short.epub: the text is longer than 40 characters; refused"):
+        read_document(tmp_path / "short.epub")
 
 
 def test_find_documents_folders_globs_and_missing(tmp_path):

@@ -5,6 +5,16 @@ we decide by which decoding reads as Russian: the log-likelihood of its letters 
 frequencies, case-folded so that ALL-CAPS text scores like prose, with penalties for what only a wrong code
 page produces (a lower-case letter followed by a capital inside a word, Cyrillic glued to Latin, box-drawing
 characters). On the prose in tests/test_data.py every sentence decides correctly by >= 0.5 nats/letter.
+
+EPUB and PDF are compressed, so a small file can unpack to gigabytes (a "zip bomb", see David Fifield, "A better
+zip bomb", https://www.bamsoftware.com/hacks/zipbomb/). Reading them is bounded: EPUB members are read through a
+reader that stops at EPUB_MAX_INFLATED bytes for the whole book and at EPUB_MAX_RATIO times a member's packed
+size; PDF streams through pypdf's own output limits (pypdf.Configuration), set to PDF_MAX_STREAM; the text of
+either may not pass MAX_TEXT_CHARS. War and Peace is about 3.2 million characters (6 MB of UTF-8 in Russian),
+so real books pass every limit by a factor of ten or more. Past a limit: TooLarge, a ValueError naming the file.
+
+The server runs this file alone in a child process (server/extract.py): it may import the standard library,
+and pypdf inside _pdf_text, nothing else.
 """
 
 from __future__ import annotations
@@ -41,6 +51,18 @@ _CAMEL = re.compile(r"[а-яё][А-ЯЁ]")
 _MIXED = re.compile(r"[A-Za-z][\u0400-\u04ff]|[\u0400-\u04ff][A-Za-z]")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _CHARSET = re.compile(rb"""(?:charset|encoding)\s*=\s*["']?([A-Za-z0-9_.:-]+)""")
+
+MAX_TEXT_CHARS = 64 * 2**20        # text of one EPUB or PDF
+EPUB_MAX_INFLATED = 128 * 2**20    # bytes unpacked from one EPUB, all members read together
+# Deflate cannot pack better than about 1032:1; (X)HTML packs 3-10:1. Members that unpack to less than
+# _RATIO_FLOOR are not held to the ratio (a tiny container.xml may pack oddly).
+EPUB_MAX_RATIO = 100
+_RATIO_FLOOR = 2**20
+PDF_MAX_STREAM = 32 * 2**20        # bytes one PDF stream may unpack to (pypdf's default is 75 MB)
+
+
+class TooLarge(ValueError):
+    """A document that unpacks or extracts past one of the limits above."""
 
 
 def find_documents(sources: Sequence[str | Path]) -> list[Path]:
@@ -81,14 +103,19 @@ def read_document(path: str | Path) -> str:
     if path.is_dir():
         raise ValueError(f"{path} is a folder, not a document")
     suffix = path.suffix.lower()
-    if suffix == ".epub":
-        return normalize_text(_epub_text(path))
-    if suffix == ".pdf":
-        return normalize_text(_pdf_text(path))
+    if suffix in (".epub", ".pdf"):
+        text = _epub_text(path) if suffix == ".epub" else _pdf_text(path)
+        _check_length(path, len(text))
+        return normalize_text(text)
     data = path.read_bytes()
     if suffix in _MARKUP:
         return normalize_text(html_to_text(decode_bytes(data, path, declared=_declared_charset(data))))
     return normalize_text(decode_bytes(data, path))
+
+
+def _check_length(path: Path, chars: int) -> None:
+    if chars > MAX_TEXT_CHARS:
+        raise TooLarge(f"{path}: the text is longer than {MAX_TEXT_CHARS:,} characters; refused")
 
 
 def decode_bytes(data: bytes, name: str | Path = "<bytes>", declared: str | None = None) -> str:
@@ -217,13 +244,14 @@ def html_to_text(markup: str) -> str:
 
 def _epub_text(path: Path) -> str:
     """The spine documents of an EPUB, in reading order (container.xml -> OPF manifest -> spine)."""
+    budget = [EPUB_MAX_INFLATED]
     try:
         with zipfile.ZipFile(path) as z:
             if "META-INF/encryption.xml" in z.namelist():
                 raise ValueError(f"{path}: the EPUB is encrypted (DRM); only DRM-free books can be read")
-            container = ElementTree.fromstring(z.read("META-INF/container.xml"))
+            container = ElementTree.fromstring(_read_member(z, "META-INF/container.xml", path, budget))
             rootfile = next(el for el in container.iter() if el.tag.endswith("rootfile")).attrib["full-path"]
-            opf = ElementTree.fromstring(z.read(rootfile))
+            opf = ElementTree.fromstring(_read_member(z, rootfile, path, budget))
             base = posixpath.dirname(rootfile)
             manifest = {el.attrib["id"]: el.attrib for el in opf.iter() if el.tag.endswith("}item")}
             chapters = []
@@ -232,19 +260,51 @@ def _epub_text(path: Path) -> str:
                 if "html" not in item.get("media-type", "html"):
                     continue  # an image or SVG page in the spine has no text
                 href = posixpath.normpath(posixpath.join(base, unquote(item["href"].split("#")[0])))
-                chapters.append(z.read(href))
+                c = _read_member(z, href, path, budget)
+                chapters.append(html_to_text(decode_bytes(c, path, declared=_declared_charset(c))))
     except (zipfile.BadZipFile, KeyError, StopIteration, ElementTree.ParseError) as exc:
         raise ValueError(f"{path}: not a readable EPUB ({type(exc).__name__}: {exc})") from None
-    return "\n\n".join(html_to_text(decode_bytes(c, path, declared=_declared_charset(c))) for c in chapters)
+    return "\n\n".join(chapters)
+
+
+def _read_member(z: zipfile.ZipFile, name: str, path: Path, budget: list[int]) -> bytes:
+    """One member, unpacked only as far as the limits allow: never more than the book's remaining budget
+    (budget[0], decreased here) nor EPUB_MAX_RATIO times its packed size. Sizes are counted as unpacked,
+    not taken from the zip's headers, which a crafted file can fill with anything."""
+    info = z.getinfo(name)
+    allowed = min(budget[0], max(_RATIO_FLOOR, EPUB_MAX_RATIO * info.compress_size))
+    with z.open(info) as f:
+        data = f.read(allowed + 1)
+    if len(data) > allowed:
+        if allowed < budget[0]:
+            raise TooLarge(f"{path}: {name} unpacks to more than {EPUB_MAX_RATIO} times its packed size "
+                           f"({info.compress_size} bytes); refused as a decompression bomb")
+        raise TooLarge(f"{path}: the EPUB unpacks to more than {EPUB_MAX_INFLATED / 2**20:g} MiB; refused")
+    budget[0] -= len(data)
+    return data
 
 
 def _pdf_text(path: Path) -> str:
     try:
-        from pypdf import PdfReader
-        from pypdf.errors import PdfReadError
+        from pypdf import PdfReader, apply_configuration
+        from pypdf.errors import LimitReachedError, PdfReadError
     except ImportError:
-        raise ValueError(f"{path}: reading PDF needs the pypdf package (pip install pypdf)") from None
+        raise ValueError(f"{path}: reading PDF needs pypdf >= 6.18 (pip install -U pypdf)") from None
+    limits = {k: PDF_MAX_STREAM for k in ("zlib_maximum_output_length", "lzw_maximum_output_length",
+                                          "run_length_maximum_output_length", "maximum_declared_stream_length",
+                                          "array_based_stream_maximum_output_length")}
+    pages, total = [], 0
     try:
-        return "\n".join(page.extract_text() or "" for page in PdfReader(path).pages)
+        with apply_configuration(**limits):
+            for page in PdfReader(path).pages:
+                pages.append(page.extract_text() or "")
+                total += len(pages[-1])
+                _check_length(path, total)  # page by page: a few pages can hold gigabytes of text
+    except TooLarge:
+        raise
+    except LimitReachedError as exc:
+        raise TooLarge(f"{path}: the PDF goes past one of pypdf's reading limits; refused (a stream "
+                       f"may unpack to at most {PDF_MAX_STREAM // 2**20} MiB; pypdf: {exc})") from None
     except (PdfReadError, ValueError, KeyError, OSError) as exc:
         raise ValueError(f"{path}: not a readable PDF ({type(exc).__name__}: {exc})") from None
+    return "\n".join(pages)

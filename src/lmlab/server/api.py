@@ -47,15 +47,15 @@ from ..tokenizers.tokenizer import KINDS
 from ..train import SCHEDULES, TrainConfig, checkpoint_step, latest_checkpoint
 from .app import Lab, State
 from .db import ACTIVE
+from .extract import Refused, extract
 from .inference import NotTrained
 from .workspace import (
     BOOK_SUFFIXES,
     ZipSink,
+    book_text,
     check_book_name,
     check_name,
-    read_book,
     snapshot_dir,
-    text_stats,
     zip_model_dir,
 )
 
@@ -431,15 +431,19 @@ def need_run(state: State, run_id: int) -> dict[str, Any]:
     return row
 
 
-def save_upload(state: State, upload: UploadFile, *, overwrite: bool) -> dict[str, Any]:
-    """Validate and store an uploaded book: safe name, size limit, not empty, decodable text."""
+def save_upload(state: State, upload: UploadFile, *, overwrite: bool, busy_code: int = 409) -> dict[str, Any]:
+    """Validate and store an uploaded book: safe name, size limit, not empty, decodable text, and not in use
+    by a queued or running run when it replaces a book (`busy_code`, as delete_book answers). Its text is read
+    once, in a child process with limits (extract.py), and stored beside it for detail, preview and reindex."""
     name = check_book_name(upload.filename or "")
     target = state.ws.book_path(name)
     if target.exists() and not overwrite:
         raise HTTPException(409, f"a book named {name!r} already exists; delete it first or upload with "
                                  "overwrite=true")
+    need_book_unused(state, name, busy_code)  # before the reading; again below, under the lock
     limit = state.settings.max_upload_bytes
     tmp = state.ws.tmp / f"upload-{uuid.uuid4().hex}{target.suffix.lower()}"
+    text_tmp = state.ws.tmp / f"text-{uuid.uuid4().hex}"
     size = 0
     try:
         with open(tmp, "wb") as out:
@@ -452,20 +456,36 @@ def save_upload(state: State, upload: UploadFile, *, overwrite: bool) -> dict[st
         if size == 0:
             raise HTTPException(400, f"{name} is empty")
         try:
-            text, encoding = read_book(tmp, name)
-        except ValueError as exc:
-            raise HTTPException(422, str(exc)) from None
-        if not text.strip():
-            raise HTTPException(422, f"{name} has no text in it")
-        os.replace(tmp, target)
+            header = extract(tmp, text_tmp, name, **state.extract_limits)
+        except Refused as exc:
+            raise HTTPException(exc.status, str(exc)) from None
+        with state.lock:  # a run queued meanwhile must not have its book replaced under it
+            need_book_unused(state, name, busy_code)
+            os.replace(text_tmp, state.ws.text_path(name))
+            os.replace(tmp, target)
+            row = state.db.add_book(name, size, header["chars"], header["encoding"])
     finally:
         tmp.unlink(missing_ok=True)
-    row = state.db.add_book(name, size, len(text), encoding)
-    return {**row, **text_stats(text)}
+        text_tmp.unlink(missing_ok=True)
+    return {**row, **_stats(header)}
 
 
-def _book_text(state: State, name: str) -> str:
-    return read_book(state.ws.book_path(name))[0]
+def need_book_unused(state: State, name: str, code: int = 409) -> None:
+    users = [r["id"] for r in state.db.list_runs(status=ACTIVE) if name in r["books"]]
+    if users:
+        raise HTTPException(code, f"book {name!r} is in use by run(s) {users}")
+
+
+def _stats(header: dict[str, Any]) -> dict[str, int]:
+    return {k: header[k] for k in ("chars", "words", "lines", "unique_chars")}
+
+
+def _book_text(state: State, name: str, chars: int = 0) -> tuple[dict[str, Any], str]:
+    """The stored text (see book_text); 409 if the book's file can no longer be read as a book."""
+    try:
+        return book_text(state.ws, name, chars, **state.extract_limits)
+    except ValueError as exc:
+        raise HTTPException(409, str(exc)) from None
 
 
 def default_params(req: RunCreate) -> dict[str, Any]:
@@ -746,30 +766,23 @@ def upload_book(state: Lab, file: Annotated[UploadFile, File()], overwrite: bool
 @router.get("/books/{name}", tags=["books"], response_model=Book)
 def get_book(state: Lab, name: str) -> dict[str, Any]:
     row = need_book(state, name)
-    try:
-        return {**row, **text_stats(_book_text(state, name))}
-    except ValueError as exc:
-        raise HTTPException(409, str(exc)) from None
+    return {**row, **_stats(_book_text(state, name)[0])}
 
 
 @router.get("/books/{name}/preview", tags=["books"], response_model=BookPreview)
 def preview_book(state: Lab, name: str, chars: int = Query(2000, ge=1, le=100_000)) -> BookPreview:
     need_book(state, name)
-    try:
-        text = _book_text(state, name)
-    except ValueError as exc:
-        raise HTTPException(409, str(exc)) from None
-    return BookPreview(name=name, text=text[:chars], truncated=len(text) > chars)
+    header, text = _book_text(state, name, chars)
+    return BookPreview(name=name, text=text, truncated=header["chars"] > chars)
 
 
 @router.delete("/books/{name}", tags=["books"], status_code=204)
 def delete_book(state: Lab, name: str) -> Response:
     with state.lock:  # a run queued meanwhile must not lose its book
         need_book(state, name)
-        users = [r["id"] for r in state.db.list_runs(status=ACTIVE) if name in r["books"]]
-        if users:
-            raise HTTPException(409, f"book {name!r} is in use by run(s) {users}")
+        need_book_unused(state, name)
         state.ws.book_path(name).unlink(missing_ok=True)
+        state.ws.text_path(name).unlink(missing_ok=True)
         state.db.delete_book(name)
     return Response(status_code=204)
 

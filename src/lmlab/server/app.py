@@ -75,6 +75,11 @@ class Settings:
     port: int = 8000
     max_jobs: int = 1                            # training processes at once; the rest wait in a FIFO queue
     max_upload_bytes: int = 100 * 2**20
+    # A book's text is read once, in a child process with these limits (extract.py); a book that needs more
+    # is refused. Generous for real books: a text file at the upload limit is read in seconds and a few
+    # hundred MiB, and the reader's own limits (data/documents.py) stop a bomb long before these.
+    extract_timeout_s: float = 300.0
+    extract_memory_bytes: int = 2 * 2**30
     memory_budget_bytes: int | None = None       # default: 70% of physical memory
     allowed_hosts: tuple[str, ...] | None = None  # Host headers accepted without a token (default: loopback)
     poll_s: float = 0.5                          # supervisor and SSE polling period
@@ -89,6 +94,8 @@ class Settings:
             raise ValueError(f"max_jobs ({self.max_jobs}) must be >= 1")
         if self.max_upload_bytes < 1:
             raise ValueError("the upload limit must be positive")
+        if self.extract_timeout_s <= 0 or self.extract_memory_bytes < 2**26:
+            raise ValueError("a book needs a positive time limit and at least 64 MiB of memory to be read")
         if self.api_token is not None and len(self.api_token) < 8:
             raise ValueError("the API token must be at least 8 characters")
         if not is_loopback(self.host) and not self.api_token:
@@ -112,12 +119,17 @@ class State:
         self.memory_budget = settings.memory_budget_bytes or (int(physical * 0.7) if physical else 8 * 2**30)
         self._lock_file: Any = None
 
+    @property
+    def extract_limits(self) -> dict[str, Any]:
+        return {"timeout_s": self.settings.extract_timeout_s, "memory_bytes": self.settings.extract_memory_bytes}
+
     def reindex(self) -> None:
         """The files are the truth: index books and model directories put into the workspace by hand (or
-        by `lmlab train`/`lmlab import`), and forget books whose files are gone."""
+        by `lmlab train`/`lmlab import`), and forget books whose files are gone. A new book is read as an upload
+        is (store_text: a child process with limits), and its text kept beside it."""
         from ..models import ModelConfig
         from ..tokenizers import Tokenizer
-        from .workspace import NameError_, check_book_name, check_name, read_book
+        from .workspace import TEXT_SUFFIX, NameError_, check_book_name, check_name, store_text
 
         for leftover in self.ws.tmp.iterdir():  # uploads and exports cut short by a crash
             if leftover.is_dir():
@@ -129,15 +141,19 @@ class State:
             if not (self.ws.books / name).is_file():
                 self.db.delete_book(name)
         for path in sorted(self.ws.books.iterdir()):
+            if path.name.startswith(".") and path.name.endswith(TEXT_SUFFIX):  # a stored text, not a book
+                if not (self.ws.books / path.name[1:-len(TEXT_SUFFIX)]).is_file():
+                    path.unlink(missing_ok=True)
+                continue
             if path.name in known or not path.is_file():
                 continue
             try:
                 check_book_name(path.name)
-                text, encoding = read_book(path)
+                header = store_text(self.ws, path, path.name, **self.extract_limits)
             except (NameError_, ValueError) as exc:
                 log.warning("not indexing %s: %s", path, exc)
                 continue
-            self.db.add_book(path.name, path.stat().st_size, len(text), encoding)
+            self.db.add_book(path.name, header["size"], header["chars"], header["encoding"])
         models = {m["name"] for m in self.db.list_models()}
         for path in sorted(self.ws.models.iterdir()):
             if path.name in models or not (path / "config.json").is_file():

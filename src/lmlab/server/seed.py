@@ -89,7 +89,9 @@ def create_model(state: Lab, config: SeedModelConfig) -> dict[str, Any]:
 
 @router.post("/upload_book")
 def upload_book(state: Lab, file: Annotated[UploadFile, File()]) -> dict[str, Any]:
-    row = save_upload(state, file, overwrite=True)  # the seed replaced a book of the same name
+    # the seed replaced a book of the same name; not one a queued or running run reads (400: the seed's answer
+    # for a model already training)
+    row = save_upload(state, file, overwrite=True, busy_code=400)
     return {"status": "success", "filename": row["name"], "path": f"books/{row['name']}"}
 
 

@@ -1,5 +1,7 @@
 """The workspace on disk (`books/`, `models/`, `runs/`, the SQLite file) and the checks at its edge:
-names that cannot escape their folder, uploads that are text we can read, zips of model directories.
+names that cannot escape their folder or overflow the file system's name length, uploads that are text we
+can read (read once, in a child process, and stored beside the book: `books/.{name}.text`), zips of model
+directories.
 
 Seed 000 joined `file.filename` and model names straight into paths (`BOOKS_DIR / file.filename`), so
 `../../anything` wrote anywhere; here every name is validated before it touches a path, and the resolved
@@ -14,13 +16,23 @@ import shutil
 import sys
 import threading
 import unicodedata
+import uuid
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..data.documents import SUFFIXES, decode_bytes, read_document
+from ..data.documents import SUFFIXES
+from .extract import extract, read_stored
 
 BOOK_SUFFIXES = SUFFIXES
+TEXT_SUFFIX = ".text"  # books/.{name}.text: a book's text, read once (extract.py); hidden, so never a book
+# Bytes in one path component on Linux (ext4, XFS, Btrfs) and macOS (APFS); NTFS counts 255 UTF-16 units,
+# never more than the UTF-8 bytes. A name must leave room for the longest name the server derives from it in
+# the same folder: models/.{name}.selfplay-{run id} (a self-play policy on its way in, jobs.py; run ids go up
+# to 2**62) is longer than .{name}.incoming, .{name}.old (replace_dir) and .{name}.XXXXXXXX.tmp (staged_dir).
+NAME_MAX = 255
+MODEL_NAME_BYTES = NAME_MAX - len(f"..selfplay-{2**62}")
+BOOK_NAME_BYTES = NAME_MAX - len(f".{TEXT_SUFFIX}")
 _NAME_EXTRA = set(" ._-()[]+,'")
 _WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
 
@@ -29,14 +41,20 @@ class NameError_(ValueError):
     """A user-supplied name that may not become a file name."""
 
 
-def check_name(name: str, what: str = "name", *, max_len: int = 100, allow_space: bool = False) -> str:
+def check_name(name: str, what: str = "name", *, max_len: int = 100, max_bytes: int = MODEL_NAME_BYTES,
+               allow_space: bool = False) -> str:
     """Return `name` (NFC) if it is a safe single path component, else raise NameError_ saying why.
-    Letters of any script, digits and `._-()[]+,'` are allowed; no separators, no leading dot."""
+    Letters of any script, digits and `._-()[]+,'` are allowed; no separators, no leading dot; at most
+    `max_len` characters and `max_bytes` bytes of UTF-8 (what the file system counts)."""
     if not isinstance(name, str) or not name:
         raise NameError_(f"{what} must not be empty")
     name = unicodedata.normalize("NFC", name)
     if len(name) > max_len:
         raise NameError_(f"{what} is longer than {max_len} characters")
+    if len(name.encode("utf-8", "surrogatepass")) > max_bytes:
+        raise NameError_(f"{what} is {len(name.encode('utf-8', 'surrogatepass'))} bytes in UTF-8, longer than the "
+                         f"limit of {max_bytes} bytes (a file name holds {NAME_MAX} bytes, less what the server "
+                         "adds to it)")
     if "/" in name or "\\" in name or "\x00" in name:
         raise NameError_(f"{what} {name!r} must not contain a path separator")
     if name in (".", "..") or name.startswith((".", "-", " ")) or name.endswith((" ", ".")):
@@ -50,7 +68,7 @@ def check_name(name: str, what: str = "name", *, max_len: int = 100, allow_space
 
 
 def check_book_name(name: str) -> str:
-    name = check_name(name, "book file name", max_len=200, allow_space=True)
+    name = check_name(name, "book file name", max_len=200, max_bytes=BOOK_NAME_BYTES, allow_space=True)
     if Path(name).suffix.lower() not in BOOK_SUFFIXES:
         raise NameError_(f"book {name!r} must end in one of {' '.join(BOOK_SUFFIXES)}")
     return name
@@ -88,6 +106,10 @@ class Workspace:
     def book_path(self, name: str) -> Path:
         return inside(self.books, check_book_name(name))
 
+    def text_path(self, name: str) -> Path:
+        """Where the text read from the book `name` is stored (see extract.py)."""
+        return self.books / f".{check_book_name(name)}{TEXT_SUFFIX}"
+
     def model_path(self, name: str) -> Path:
         return inside(self.models, check_name(name, "model name"))
 
@@ -100,50 +122,27 @@ class Workspace:
 
 # ---- books ------------------------------------------------------------------------------------------
 
-def read_book(path: Path, shown_name: str | None = None) -> tuple[str, str]:
-    """(normalised text, encoding label) of a book file, read exactly as training will read it;
-    ValueError (naming the book, not the temporary file) if it cannot be read as text."""
-    try:
-        text = read_document(path)
-    except Exception as exc:  # untrusted bytes meet zip/XML/PDF parsers: any failure means "unreadable"
-        message = str(exc).replace(str(path), shown_name or path.name) or type(exc).__name__
-        if (shown_name or path.name) not in message:
-            message = f"{shown_name or path.name}: cannot read it as a book ({message})"
-        raise ValueError(message) from None
-    return text, encoding_label(path.read_bytes() if path.suffix.lower() not in (".epub", ".pdf") else b"",
-                                path.suffix.lower())
+def store_text(ws: Workspace, book: Path, name: str, *, timeout_s: float, memory_bytes: int) -> dict:
+    """Read `book` (shown as the book `name`) in a child process, store its text as ws.text_path(name), and
+    return the header (size, mtime_ns, encoding, chars, words, lines, unique_chars); extract.Refused if the
+    book cannot be read within the limits."""
+    tmp = ws.tmp / f"text-{uuid.uuid4().hex}"
+    header = extract(book, tmp, name, timeout_s=timeout_s, memory_bytes=memory_bytes)
+    os.replace(tmp, ws.text_path(name))
+    return header
 
 
-def encoding_label(data: bytes, suffix: str) -> str:
-    """Which encoding the reader found: BOMs, UTF-8, or the legacy Russian code page it chose."""
-    if suffix in (".epub", ".pdf"):
-        return suffix[1:]
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return "utf-16"
-    if data.startswith(b"\xef\xbb\xbf"):
-        return "utf-8-sig"
-    try:
-        data.decode("utf-8")
-        return "utf-8"
-    except UnicodeDecodeError:
-        pass
-    try:
-        best = decode_bytes(data)
-    except ValueError:
-        return "unknown"
-    return next((e for e in ("cp1251", "koi8_r") if _decodes_to(data, e, best)), "legacy")
-
-
-def _decodes_to(data: bytes, encoding: str, text: str) -> bool:
-    try:
-        return data.decode(encoding) == text
-    except UnicodeDecodeError:
-        return False
-
-
-def text_stats(text: str) -> dict[str, int]:
-    return {"chars": len(text), "words": len(text.split()), "lines": text.count("\n") + (1 if text else 0),
-            "unique_chars": len(set(text))}
+def book_text(ws: Workspace, name: str, chars: int = 0, **limits: float) -> tuple[dict, str]:
+    """(header, first `chars` characters) of the book's stored text, read again first if it is missing or
+    older than the book (`limits`: those of store_text)."""
+    book, stored = ws.book_path(name), ws.text_path(name)
+    found = read_stored(stored, book, chars)
+    if found is None:
+        store_text(ws, book, name, **limits)
+        found = read_stored(stored, book, chars)
+    if found is None:
+        raise ValueError(f"{name} changed while it was being read; try again")
+    return found
 
 
 # ---- model directories ------------------------------------------------------------------------------

@@ -1,0 +1,150 @@
+"""A book's text, read in a child process with a time budget and a memory cap, and stored beside the book.
+
+An upload is untrusted: EPUB and PDF are compressed, and their readers (zipfile, XML, pypdf) are large. So the
+server never reads a book in its own process: `extract` runs this file as a script (`python -I extract.py`),
+which caps its own address space (RLIMIT_AS), loads lmlab/data/documents.py by path (importing the lmlab
+package would bring in torch and its gigabytes of address space), reads the book with the limits of
+documents.py, and writes one header line of JSON (the book's size and mtime, its encoding and text statistics)
+followed by the text. A book that needs more memory or time than allowed costs the server nothing but the wait.
+Only the standard library may be imported at the top of this file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+_DOCUMENTS = Path(__file__).resolve().parent.parent / "data" / "documents.py"
+HEADER_LIMIT = 4096  # bytes of the header line a reader accepts
+HEADER_KEYS = ("size", "mtime_ns", "encoding", "chars", "words", "lines", "unique_chars")
+_SLOTS = threading.BoundedSemaphore(2)  # books read at once: each child may take its whole memory cap
+
+
+class Refused(ValueError):
+    """A book the server will not take: `status` is the HTTP answer (413 too large, 422 unreadable)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def extract(book: Path, out: Path, shown: str, *, timeout_s: float, memory_bytes: int) -> dict:
+    """Read `book` in a child process into `out` (header line + text); the header, or Refused naming `shown`."""
+    cmd = [sys.executable, "-I", str(Path(__file__).resolve()), str(book), str(out), shown, str(memory_bytes)]
+    try:
+        # stderr is dropped: pypdf logs a warning per oddity, and a crafted file can have millions of them
+        with _SLOTS:
+            proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                  timeout=timeout_s)
+        result = json.loads(proc.stdout or b"null") or {
+            "status": 422, "error": f"{shown}: the reader stopped without an answer (exit code {proc.returncode})"}
+    except subprocess.TimeoutExpired:  # run() has killed the child
+        result = {"status": 422, "error": f"{shown}: reading it took longer than the limit of {timeout_s:g} s"}
+    except ValueError:
+        result = {"status": 422, "error": f"{shown}: the reader's answer was not JSON"}
+    if "error" in result:
+        out.unlink(missing_ok=True)
+        raise Refused(result["status"], result["error"])
+    return result
+
+
+def read_stored(path: Path, book: Path, chars: int = 0) -> tuple[dict, str] | None:
+    """(header, first `chars` characters) of the stored text `path`, or None if it is missing or was not read
+    from `book` as it is now (another size or modification time: the files are the truth)."""
+    try:
+        st = book.stat()
+        with open(path, encoding="utf-8") as f:
+            header = json.loads(f.readline(HEADER_LIMIT))
+            if any(k not in header for k in HEADER_KEYS) or (header["size"], header["mtime_ns"]) != (
+                    st.st_size, st.st_mtime_ns):
+                return None
+            return header, f.read(chars) if chars else ""
+    except (OSError, ValueError, TypeError):  # TypeError: a header that is not an object
+        return None
+
+
+# ---- the child ------------------------------------------------------------------------------------------
+
+def encoding_label(documents, data: bytes, suffix: str) -> str:  # noqa: ANN001
+    """Which encoding the reader found: BOMs, UTF-8, or the legacy Russian code page it chose."""
+    if suffix in (".epub", ".pdf"):
+        return suffix[1:]
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "utf-16"
+    if data.startswith(b"\xef\xbb\xbf"):
+        return "utf-8-sig"
+    try:
+        data.decode("utf-8")
+        return "utf-8"
+    except UnicodeDecodeError:
+        pass
+    try:
+        best = documents.decode_bytes(data)
+    except ValueError:
+        return "unknown"
+    return next((e for e in ("cp1251", "koi8_r") if _decodes_to(data, e, best)), "legacy")
+
+
+def _decodes_to(data: bytes, encoding: str, text: str) -> bool:
+    try:
+        return data.decode(encoding) == text
+    except UnicodeDecodeError:
+        return False
+
+
+def text_stats(text: str) -> dict[str, int]:
+    words = sum(1 for _ in re.finditer(r"\S+", text))  # as len(text.split()), without a list of every word
+    return {"chars": len(text), "words": words, "lines": text.count("\n") + (1 if text else 0),
+            "unique_chars": len(set(text))}
+
+
+def _read(book: Path, out: Path, shown: str) -> dict:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lmlab_documents", _DOCUMENTS)
+    documents = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(documents)
+    try:
+        text = documents.read_document(book)
+    except Exception as exc:  # untrusted bytes meet zip/XML/PDF parsers: any failure means "unreadable"
+        message = str(exc).replace(str(book), shown) or type(exc).__name__
+        if shown not in message:
+            message = f"{shown}: cannot read it as a book ({message})"
+        return {"status": 413 if isinstance(exc, documents.TooLarge) else 422, "error": message}
+    if not text or text.isspace():
+        return {"status": 422, "error": f"{shown} has no text in it"}
+    suffix = book.suffix.lower()
+    st = book.stat()
+    header = {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
+              "encoding": encoding_label(documents, b"" if suffix in (".epub", ".pdf") else book.read_bytes(), suffix),
+              **text_stats(text)}
+    with open(out, "w", encoding="utf-8", newline="") as f:
+        f.write(json.dumps(header) + "\n")
+        f.write(text)
+    return header
+
+
+def main(argv: list[str]) -> None:
+    book, out, shown, memory = Path(argv[0]), Path(argv[1]), argv[2], int(argv[3])
+    try:
+        import resource
+        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+    except (ImportError, ValueError, OSError):
+        pass  # Windows has no rlimits and macOS does not enforce this one: the time budget still holds
+    try:
+        result = _read(book, out, shown)
+    except MemoryError:
+        result = {"status": 413, "error": f"{shown}: reading it needs more than the limit of {memory / 2**20:.0f} "
+                                          "MiB of memory"}
+    sys.stdout.write(json.dumps(result))
+    sys.stdout.flush()
+    os._exit(0)  # no clean-up of a heap that may be huge
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
