@@ -19,7 +19,7 @@ SCHEDULES = ("cosine", "linear", "constant", "wsd")
 # and what it changed are recorded in RUN_DIR/resumes.jsonl, and config.json keeps how the run started.
 STOP_FIELDS = ("max_steps", "max_tokens", "epochs", "time_budget_s", "early_stopping_patience")
 RESUMABLE = (*STOP_FIELDS, "eval_every", "save_every", "keep_last", "log_every", "device", "compile", "fsdp",
-             "tensorboard", "peak_flops")
+             "tensorboard", "tracker", "peak_flops")
 
 HELP = {
     "batch_size": "sequences per micro-step, summed over all processes",
@@ -52,6 +52,8 @@ HELP = {
     "compile": "torch.compile the model (minutes of compilation on a CPU)",
     "log_every": "write a metrics line every N steps",
     "tensorboard": "also write RUN_DIR/tensorboard (needs the tensorboard package)",
+    "tracker": "also log to an experiment tracker: trackio (local, no account: TRACKIO_DIR or "
+               "~/.cache/huggingface/trackio, project lmlab; see it with `trackio show --project lmlab`)",
     "fsdp": "under torchrun, shard weights, gradients and optimizer state (FSDP2) instead of DDP",
     "peak_flops": "FLOP/s of one device for MFU (default: a matmul measured at start)",
 }
@@ -88,6 +90,7 @@ class TrainConfig:
     compile: bool = False
     log_every: int = 10
     tensorboard: bool = False
+    tracker: str | None = None
     fsdp: bool = False
     peak_flops: float | None = None
 
@@ -122,6 +125,8 @@ class TrainConfig:
             raise ValueError("beta1 and beta2 must be in [0, 1)")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError("weight_decay and grad_clip must be >= 0")
+        if self.tracker not in (None, "trackio"):
+            raise ValueError(f"tracker ({self.tracker!r}) must be trackio")
         if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"dtype ({self.dtype!r}) must be auto, fp32, bf16 or fp16")
         if self.peak_flops is not None and not (self.peak_flops > 0 and math.isfinite(self.peak_flops)):
