@@ -487,12 +487,21 @@ def test_bad_configs(tmp_path, tok, ds):
         TrainConfig.from_dict({"max_steps": 1, "lr": "fast"})
     with pytest.raises(ValueError, match="unknown TrainConfig field"):
         TrainConfig.from_dict({"max_steps": 1, "learning_rate": 1e-3})
+    with pytest.raises(ValueError, match=r"^tracker \('wandb'\) must be trackio$"):
+        TrainConfig(max_steps=1, tracker="wandb")
     with pytest.raises(ValueError, match="seq_len"):
         train(model_cfg(tok), tok, ds, base(seq_len=64), tmp_path / "long")
     with pytest.raises(ValueError, match="GiB"):  # a config that does not fit in memory
         train(lmlab.ModelConfig.preset("gpt2-large", vocab_size=len(tok), block_size=32), tok, ds,
               base(batch_size=200000, max_steps=1), tmp_path / "huge")
     assert not (tmp_path / "huge").exists() and not (tmp_path / "long").exists()
+
+
+def test_a_tracker_without_its_package_is_a_clear_error_before_anything_is_written(tmp_path, tok, ds, monkeypatch):
+    monkeypatch.setitem(sys.modules, "trackio", None)  # what an uninstalled package looks like to import
+    with pytest.raises(ValueError, match=r"^--tracker trackio needs the trackio package: pip install trackio$"):
+        train(model_cfg(tok), tok, ds, base(tracker="trackio"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_tensorboard_without_the_package_is_a_clear_error(tmp_path, tok, ds):
