@@ -205,6 +205,21 @@ def test_attention_patch_with_own_patterns_is_exact():
     assert (patched_other(x).logits - want).abs().max() > 1e-3  # someone else's patterns change the output
 
 
+def test_a_quiet_run_shows_nothing_on_the_console_and_a_loud_one_its_progress(tmp_path, capsys):
+    """A lab's runs are quiet through the trainer's logger, not by taking over sys.stdout: under the `lmlab`
+    command's console (console_progress) a quiet run shows nothing and quiet=False shows the progress lines."""
+    from lmlab.lab.facts.runner import RunConfig, run_one
+    from lmlab.train.console import console_progress
+    cfg = RunConfig(bio=BioConfig(n_individuals=40, n_unseen=0, n_eval=8, seed=0, n_templates=5, n_train_templates=4),
+                    n_layer=1, n_head=2, n_embd=16, batch_size=4, steps=4, eval_every=2, probes=False)
+    with console_progress():
+        run_one(cfg, tmp_path / "quiet")
+        assert capsys.readouterr().out == ""
+        run_one(cfg, tmp_path / "loud", quiet=False)
+        out = capsys.readouterr().out
+    assert [line.split()[1] for line in out.splitlines()] == ["1/4", "2/4", "4/4"]  # log_every is off: evaluations
+
+
 def test_short_run_reaches_the_baseline(tmp_path):
     """Phase 1 through the real Trainer: within 300 steps the held-out attribute loss falls from ~7.5 nats
     (ln vocab per value token) to the no-knowledge baseline, with no individual knowledge yet. Five templates

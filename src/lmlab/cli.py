@@ -633,8 +633,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
+    from .train.console import console_progress
+
     try:
-        return args.run(args)
+        with console_progress():  # the Trainer's progress line (it only logs; a library user sees nothing)
+            return args.run(args)
     except KeyboardInterrupt:
         print("lmlab: interrupted", file=sys.stderr)
         return 130

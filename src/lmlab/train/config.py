@@ -21,7 +21,7 @@ SCHEDULES = ("cosine", "linear", "constant", "wsd")
 STOP_CONDITIONS = ("max_steps", "max_tokens", "epochs", "time_budget_s")
 STOP_FIELDS = (*STOP_CONDITIONS, "early_stopping_patience")
 RESUMABLE = (*STOP_FIELDS, "eval_every", "save_every", "keep_last", "log_every", "device", "compile", "fsdp",
-             "tensorboard", "peak_flops")
+             "tensorboard", "tracker", "peak_flops")
 
 
 @dataclass
@@ -60,6 +60,9 @@ class TrainConfig:
     compile: bool = knob(False, "torch.compile the model (minutes of compilation on a CPU)")
     log_every: int = knob(10, "write a metrics line every N steps", gt=0)
     tensorboard: bool = knob(False, "also write RUN_DIR/tensorboard (needs the tensorboard package)")
+    tracker: str | None = knob(None, "also log to an experiment tracker: trackio (local, no account: TRACKIO_DIR or "
+                               "~/.cache/huggingface/trackio, project lmlab; see it with `trackio show --project "
+                               "lmlab`)", choices=("trackio",))
     fsdp: bool = knob(False, "under torchrun, shard weights, gradients and optimizer state (FSDP2) instead of DDP")
     peak_flops: float | None = knob(None, "FLOP/s of one device for MFU (default: a matmul measured at start)", gt=0)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import os
 import time
 from collections.abc import Sequence
@@ -23,7 +22,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from ...models import ModelConfig, Transformer
-from ...train import Callback, TrainConfig, train
+from ...train import Callback, TrainConfig, console, train
 from ..parallel import process_map
 from .data import BioConfig, Biographies, check_ints
 from .metrics import FactsCallback, attention_probs, plateau_times
@@ -209,8 +208,7 @@ def run_one(cfg: RunConfig, out_dir: str | Path, quiet: bool = True) -> dict[str
     for cb in views.values():
         cb.on_eval(_AtStep0(model), {})
     t0 = time.perf_counter()
-    sink = io.StringIO() if quiet else None
-    with contextlib.redirect_stdout(sink) if sink is not None else contextlib.nullcontext():
+    with console.quiet() if quiet else contextlib.nullcontext():
         result = train(model, data.tokenizer, data, tc, out, callbacks)
     if result.stop_reason == "interrupted":  # Ctrl-C stopped this run: stop the experiment, not just the run
         raise KeyboardInterrupt
