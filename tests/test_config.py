@@ -76,7 +76,9 @@ def test_analytic_parameter_count_matches_the_model(family, size):
     assert cfg.flops_per_token() == model.flops_per_token()
 
 
-def test_all_presets_build_configs():
+def test_every_preset_is_its_family_at_its_size_and_round_trips():
     for family in FAMILIES:
-        for size in SIZES:
-            json.loads(ModelConfig.preset(f"{family}-{size}").to_json())
+        for size, shape in SIZES.items():
+            cfg = ModelConfig.preset(f"{family}-{size}")
+            assert cfg.family == family and {k: getattr(cfg, k) for k in shape} == shape
+            assert ModelConfig.from_dict(json.loads(cfg.to_json())) == cfg
