@@ -16,6 +16,7 @@ from lmlab.lab.facts import (
     BioConfig,
     Biographies,
     EvalSet,
+    RunConfig,
     attribute_metrics,
     plateau_times,
 )
@@ -336,3 +337,49 @@ def test_ctrl_c_stops_a_parallel_experiment_at_once(tmp_path, workers):
     while any(alive(c) for c in children):
         assert time.monotonic() < deadline, "a worker outlived the experiment"
         time.sleep(0.2)
+
+
+def test_a_resumed_warmup_run_equals_the_uninterrupted_one(shared, tmp_path):
+    """The warm-up clock (batches drawn) is the dataset's own state, which the Trainer does not checkpoint:
+    DataState saves it into every checkpoint and puts it back, so a run stopped inside the warm-up (after 4 of
+    its 6 warm-up batches) and resumed draws the same individuals and ends with the same weights as the
+    uninterrupted run (without it, the resumed run restarted the warm-up: 6 more batches on 4 individuals)."""
+    from lmlab.lab.facts.runner import DataState, model_config
+    from lmlab.train import Callback, TrainConfig, train
+    pools, tok = shared
+
+    class Recording(Biographies):
+        def _draw(self, batch_size, rng):
+            rows = super()._draw(batch_size, rng)
+            self.drawn.append(rows.tolist())
+            return rows
+
+    class StopAt(Callback):
+        def on_step(self, trainer, metrics):
+            trainer.should_stop = trainer.step == 4
+
+    def run(out, resume=False, stop=False):
+        data = Recording(BioConfig(n_individuals=200, n_unseen=0, n_eval=8, warmup_individuals=4,
+                                   warmup_steps=6), tok, pools)
+        data.drawn = []
+        state = DataState(data)
+        if resume:
+            state.restore(out)
+        torch.manual_seed(0)
+        model = Transformer(model_config(RunConfig(n_layer=1, n_embd=16, n_head=2), data))
+        tc = TrainConfig(batch_size=4, seq_len=data.seq_len, lr=1e-2, warmup_steps=0, max_steps=10, eval_every=0,
+                         save_every=0, log_every=10**9, device="cpu", seed=0, peak_flops=1e12)
+        train(model, tok, data, tc, out, [state] + ([StopAt()] if stop else []), resume=resume)
+        return data, model
+
+    whole, whole_model = run(tmp_path / "whole")
+    first, _ = run(tmp_path / "split", stop=True)
+    assert first.batches_drawn == 4 and first.drawn == whole.drawn[:4]
+    resumed, resumed_model = run(tmp_path / "split", resume=True)
+    assert resumed.drawn == whole.drawn[4:]  # two more warm-up batches on individuals 0-3, then everyone
+    assert resumed.batches_drawn == 10
+    assert all(set(b) <= set(range(4)) for b in whole.drawn[:6]) and len(set(sum(whole.drawn[6:], []))) > 4
+    for (name, a), b in zip(whole_model.state_dict().items(), resumed_model.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="batches_drawn"):
+        resumed.load_state_dict({"batches_drawn": -1})
