@@ -109,7 +109,7 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
 MONTHS = ("january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
           "november", "december")
 
-# Pool sizes. "cpu": the CPU protocol of shared/research/facts_paper.md §6 (V = 48, 48, 32, 32, 40, 48; names
+# Pool sizes. "cpu": this lab's CPU scale (V = 48, 48, 32, 32, 40, 48; names
 # 64/64/128, so a name is still three tokens the model must group). "paper": §1.2 of the paper (first and
 # middle names share 900, last 1,000; 800 cities; 200 universities; 100 majors; 500 companies; dates
 # 1900-2100 x 12 x 31, impossible dates allowed).

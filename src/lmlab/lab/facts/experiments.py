@@ -3,7 +3,7 @@
     lmlab lab facts phases --seeds 0,1,2 --out runs/facts/phases     # ~5 min on 2 cores
     lmlab lab facts all --quick --out runs/facts                      # every experiment, reduced sizes
 
-Sizes follow shared/research/facts_paper.md §6, calibrated on the 2-core machine: a gpt2-family model with
+Sizes are this lab's CPU scale (its README), calibrated on the 2-core machine: a gpt2-family model with
 3 layers, d=64, 4 heads (~150k non-embedding parameters), batch 32, a word tokenizer (~600 tokens), N=1000
 individuals. Budgets are counted in steps; exposures per individual are steps * batch / N.
 """
