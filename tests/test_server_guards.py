@@ -142,6 +142,10 @@ def test_a_proxy_forwarding_to_a_server_without_a_token_is_refused(tmp_path):
         for name, value in PROXY_HEADERS.items():
             assert c.get("/api/v1/info", headers={name: value, "Authorization": f"Bearer {TOKEN}"}).status_code == 200
             assert c.get("/api/v1/info", headers={name: value}).status_code == 401
+        # the UI behind a proxy that rewrites Host: its Origin is the host the proxy names in X-Forwarded-Host
+        ui = {"Authorization": f"Bearer {TOKEN}", "Origin": "https://lab.example.com", "Host": "127.0.0.1:8000"}
+        assert c.post("/api/v1/runs/1/cancel", headers={**ui, "X-Forwarded-Host": "lab.example.com"}).status_code == 404
+        assert c.post("/api/v1/runs/1/cancel", headers=ui).status_code == 403
 
 
 def test_a_real_server_behind_a_local_proxy_sets_a_secure_cookie_and_logs_no_token(tmp_path):
