@@ -16,6 +16,7 @@ from lmlab.lab.facts import (
     BioConfig,
     Biographies,
     EvalSet,
+    RunConfig,
     attribute_metrics,
     plateau_times,
 )
@@ -287,16 +288,18 @@ def test_celebrity_split_groups_are_slices_of_one_population(shared):
 
 
 def test_report_tables_fold_std_over_seeds_into_mean():
-    """Several seeds: every aggregated column is printed as mean ± std (population std, as np.std), and the
-    *_std column itself is not a separate one; with one seed there is no std."""
+    """Several seeds: every aggregated column is printed as mean ± std, the sample std (ddof=1: 0.5, 0.7, 0.9
+    -> 0.2, where the population std would be 0.163), and the *_std column itself is not a separate one; with
+    one seed, or one seed with a value, there is no std."""
     from lmlab.lab.facts.experiments import _agg
     from lmlab.lab.facts.report import html_table
-    row = _agg([{"acc": 0.5, "t": 100, "t_none": None}, {"acc": 0.7, "t": None, "t_none": None}])
-    assert row["acc"] == pytest.approx(0.6) and row["acc_std"] == pytest.approx(0.1)
-    assert row["t"] == 100 and row["t_std"] == 0 and row["t_none"] is None  # seeds without a value are left out
+    row = _agg([{"acc": 0.5, "t": 100, "t_none": None}, {"acc": 0.7, "t": None, "t_none": None},
+                {"acc": 0.9, "t": None, "t_none": None}])
+    assert row["acc"] == pytest.approx(0.7) and row["acc_std"] == pytest.approx(0.2)
+    assert row["t"] == 100 and row["t_std"] is None and row["t_none"] is None  # seeds without a value are left out
     assert set(_agg([{"acc": 0.5}])) == {"acc"}
     page = html_table([{"variant": "a", **row}], "caption")
-    assert "<th>acc</th>" in page and "acc_std" not in page and "<td>0.6 ± 0.1</td>" in page
+    assert "<th>acc</th>" in page and "acc_std" not in page and "<td>0.7 ± 0.2</td>" in page
     assert "<td>—</td>" in page and "<caption>caption</caption>" in page
 
 
@@ -351,3 +354,152 @@ def test_ctrl_c_stops_a_parallel_experiment_at_once(tmp_path, workers):
     while any(alive(c) for c in children):
         assert time.monotonic() < deadline, "a worker outlived the experiment"
         time.sleep(0.2)
+
+
+def test_a_resumed_warmup_run_equals_the_uninterrupted_one(shared, tmp_path):
+    """The warm-up clock (batches drawn) is the dataset's own state, which the Trainer does not checkpoint:
+    DataState saves it into every checkpoint and puts it back, so a run stopped inside the warm-up (after 4 of
+    its 6 warm-up batches) and resumed draws the same individuals and ends with the same weights as the
+    uninterrupted run (without it, the resumed run restarted the warm-up: 6 more batches on 4 individuals)."""
+    from lmlab.lab.facts.runner import DataState, model_config
+    from lmlab.train import Callback, TrainConfig, train
+    pools, tok = shared
+
+    class Recording(Biographies):
+        def _draw(self, batch_size, rng):
+            rows = super()._draw(batch_size, rng)
+            self.drawn.append(rows.tolist())
+            return rows
+
+    class StopAt(Callback):
+        def on_step(self, trainer, metrics):
+            trainer.should_stop = trainer.step == 4
+
+    def run(out, resume=False, stop=False):
+        data = Recording(BioConfig(n_individuals=200, n_unseen=0, n_eval=8, warmup_individuals=4,
+                                   warmup_steps=6), tok, pools)
+        data.drawn = []
+        state = DataState(data)
+        if resume:
+            state.restore(out)
+        torch.manual_seed(0)
+        model = Transformer(model_config(RunConfig(n_layer=1, n_embd=16, n_head=2), data))
+        tc = TrainConfig(batch_size=4, seq_len=data.seq_len, lr=1e-2, warmup_steps=0, max_steps=10, eval_every=0,
+                         save_every=0, log_every=10**9, device="cpu", seed=0, peak_flops=1e12)
+        train(model, tok, data, tc, out, [state] + ([StopAt()] if stop else []), resume=resume)
+        return data, model
+
+    whole, whole_model = run(tmp_path / "whole")
+    first, _ = run(tmp_path / "split", stop=True)
+    assert first.batches_drawn == 4 and first.drawn == whole.drawn[:4]
+    resumed, resumed_model = run(tmp_path / "split", resume=True)
+    assert resumed.drawn == whole.drawn[4:]  # two more warm-up batches on individuals 0-3, then everyone
+    assert resumed.batches_drawn == 10
+    assert all(set(b) <= set(range(4)) for b in whole.drawn[:6]) and len(set(sum(whole.drawn[6:], []))) > 4
+    for (name, a), b in zip(whole_model.state_dict().items(), resumed_model.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="batches_drawn"):
+        resumed.load_state_dict({"batches_drawn": -1})
+
+
+def synthetic_run(baseline: float, losses: list[float], unseen: list[float], every: int = 100) -> dict:
+    """A run's summary as run_one returns it, from hand-written loss curves (one value per evaluation)."""
+    steps = [k * every for k in range(len(losses))]
+    history = [{"step": st, "baseline": baseline, "seen_eval/loss": lo, "seen_eval/acc": 0.0 if lo >= baseline
+                else 0.5, "seen_train/acc": 0.0, "unseen/loss": u, "seen_eval/max_prob": 0.5, "unseen/max_prob": 0.3,
+                "seen_eval/entropy": 1.0, "unseen/entropy": 2.0} for st, lo, u in zip(steps, losses, unseen)]
+    return {"history": history, "plateau": plateau_times(steps, losses, baseline), "baseline": baseline,
+            "steps": steps[-1], "steps_per_s": 1.0}
+
+
+def phase_runs() -> list[dict]:
+    """Three seeds, each with its own population and so its own baseline (3.0, 3.5, 3.25), every plateau exactly
+    at that baseline from step 200 (t1); seeds 0 and 1 leave it at t* = 700, seed 2 never does in its 1000 steps.
+    Unseen individuals sit exactly at the baseline through t* and 1 nat above it from the next evaluation on."""
+    runs = []
+    for base, leaves in ((3.0, True), (3.5, True), (3.25, False)):
+        seen = [base + 4, base + 2] + [base] * 5 + ([base - 0.5, base - 1, base - 1.5, base - 2] if leaves
+                                                     else [base] * 4)
+        unseen = [base + 4, base + 2] + [base] * 6 + ([base + 1] * 3 if leaves else [base] * 3)
+        runs.append(synthetic_run(base, seen, unseen))
+    return runs
+
+
+def test_phases_measure_each_seed_against_its_own_baseline(tmp_path):
+    """Each seed has its own population, so its own baseline: seed 1's plateau sits exactly at its 3.5 nats, not
+    0.5 nats above seed 0's 3.0, for the seen and the unseen loss."""
+    from lmlab.lab.facts.experiments import Scale, hallucination, phases
+    scale = Scale(eval_every=100, n_layer=1)
+    res = phases([0, 1], tmp_path / "p", scale=scale, runs=phase_runs()[:2], wall=1.0)
+    assert [x["plateau_mean_gap"] for x in res["per_seed"]] == [0.0, 0.0]
+    assert [x["steps_within_0.1_of_baseline"] for x in res["per_seed"]] == [500, 500]
+    assert res["baseline"] == [3.0, 3.5]
+    res = hallucination([0, 1], tmp_path / "h", scale=scale, runs=phase_runs()[:2], wall=1.0)
+    assert [x["unseen_plateau_above_baseline"] for x in res["per_seed"]] == [0.0, 0.0]
+    assert [x["unseen_final_above_baseline"] for x in res["per_seed"]] == [1.0, 1.0]
+
+
+def test_a_gap_of_exactly_zero_is_at_the_baseline(tmp_path):
+    """A plateau exactly at the baseline (mean gap 0.0) passes the at-the-baseline checks; `gap or 1.0` read it
+    as 1 nat away and failed them."""
+    from lmlab.lab.facts.experiments import Scale, hallucination, phases
+    scale = Scale(eval_every=100, n_layer=1)
+    res = phases([0], tmp_path / "p", scale=scale, runs=phase_runs()[:1], wall=1.0)
+    assert res["per_seed"][0]["plateau_mean_gap"] == 0.0
+    assert res["checks"]["plateau_at_baseline"] is True and res["verdict"] == "holds"
+    res = hallucination([0], tmp_path / "h", scale=scale, runs=phase_runs()[:1], wall=1.0)
+    assert res["per_seed"][0]["unseen_plateau_above_baseline"] == 0.0
+    assert res["checks"]["unseen_at_baseline_on_plateau"] is True
+
+
+def test_a_seed_that_never_leaves_the_plateau_is_censored_not_dropped(tmp_path):
+    """Seed 2 is still on the plateau when its run ends at step 1000: it counts at 1000, so t* = (700 + 700 +
+    1000) / 3 = 800 ± sqrt((100² + 100² + 200²) / 2) = 173.2, a lower bound with 1 censored seed (dropping it gave
+    700 ± 0). Its unseen loss is measured over the whole plateau, to the end of the run (it had no plateau window,
+    and failed the check)."""
+    from lmlab.lab.facts.experiments import Scale, hallucination, phases
+    scale = Scale(eval_every=100, n_layer=1)
+    res = phases([0, 1, 2], tmp_path / "p", scale=scale, runs=phase_runs(), wall=1.0)
+    s = res["summary"]
+    assert s["t_star"] == pytest.approx(800) and s["t_star_std"] == pytest.approx(math.sqrt(30000))
+    assert s["t_star_censored"] == 1 and s["plateau_len_censored"] == 1
+    assert s["plateau_len"] == pytest.approx((500 + 500 + 800) / 3)
+    assert "t* = ≥ 800 ± 173 (1 censored)" in res["measured"]
+    assert res["checks"]["plateau_at_baseline"] is False  # seed 2 never leaves it
+    res = hallucination([0, 1, 2], tmp_path / "h", scale=scale, runs=phase_runs(), wall=1.0)
+    assert [x["unseen_plateau_above_baseline"] for x in res["per_seed"]] == [0.0, 0.0, 0.0]
+    assert res["summary"]["onset"] == pytest.approx((800 + 800 + 1000) / 3) and res["summary"]["onset_censored"] == 1
+    assert res["checks"]["unseen_at_baseline_on_plateau"] is True
+    # which of two times comes first, when a mean may be a lower bound
+    from lmlab.lab.facts.experiments import _earlier
+    row = {"a": 300, "a_censored": 0, "b": 1000, "b_censored": 2}
+    assert _earlier(row, "a", "b") is True and _earlier(row, "b", "a") is False
+    assert _earlier({**row, "a": 1200}, "a", "b") is None and _earlier({**row, "a_censored": 1}, "a", "b") is None
+
+
+def test_plateau_fit_leaves_out_sizes_with_censored_seeds(tmp_path, monkeypatch):
+    """t* = 2·N^0.8 (seed 0 at 0.9×, seed 1 at 1.1×: the mean is exact) at N = 250 and 500; at N = 1000 seed 0
+    leaves early (0.5 × 2·1000^0.8) and seed 1 is still on the plateau when its 3000 steps end. Averaging the seed
+    that left (as before) put 251 steps at N = 1000 and flattened the fit; now N = 1000 has the lower bound
+    (251.2 + 3000) / 2 with 1 censored seed and is left out of the fits: exactly a = 2, b = 0.8."""
+    from lmlab.lab.facts import experiments
+    factor = {(250, 0): 0.9, (250, 1): 1.1, (500, 0): 0.9, (500, 1): 1.1, (1000, 0): 0.5, (1000, 1): None}
+
+    def fake_run_many(jobs, workers=None):
+        out = []
+        for cfg, _ in jobs:
+            n, f = cfg.bio.n_individuals, factor[cfg.bio.n_individuals, cfg.seed]
+            t_star = None if f is None else f * 2 * n**0.8
+            t1 = 100 if t_star is None else t_star / 2
+            out.append({"plateau": {"t1": t1, "t_star": t_star, "plateau_len": None if t_star is None else t_star - t1},
+                        "history": [{"step": 0}, {"step": cfg.steps}], "steps": cfg.steps, "steps_per_s": 1.0})
+        return out
+
+    monkeypatch.setattr(experiments, "run_many", fake_run_many)
+    res = experiments.plateau([0, 1], tmp_path, scale=experiments.Scale(steps=2000), sizes=(250, 500, 1000))
+    assert res["fit_t_star"]["b"] == pytest.approx(0.8) and res["fit_t_star"]["a"] == pytest.approx(2.0)
+    assert [f["b"] for f in res["fit_t_star_per_seed"].values()] == [pytest.approx(0.8)] * 2
+    assert res["fit_sizes"] == [250, 500]
+    last = res["table"][2]
+    assert last["t_star"] == pytest.approx((0.5 * 2 * 1000**0.8 + 3000) / 2) and last["t_star_censored"] == 1
+    assert "N = 1000 left out of the fits" in res["measured"] and res["verdict"] == "holds"

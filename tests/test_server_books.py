@@ -12,7 +12,17 @@ from pathlib import Path
 
 import pytest
 from test_data import PARAGRAPHS, make_epub, make_pdf
-from test_server_support import BOOK, TINY_MODEL, ServerProcess, TestClient, client, settings, upload, wait_for
+from test_server_support import (
+    API_HEADERS,
+    BOOK,
+    TINY_MODEL,
+    ServerProcess,
+    TestClient,
+    client,
+    settings,
+    upload,
+    wait_for,
+)
 
 from lmlab import __version__
 from lmlab.data.documents import read_document
@@ -189,7 +199,7 @@ def test_long_non_ascii_names_are_refused_on_both_api_families(tmp_path):
 
 def test_a_book_in_use_is_not_overwritten(tmp_path):
     # No lifespan: the supervisor does not start, so the run stays queued (a queued run reads its book later).
-    c = TestClient(build_asgi(settings(tmp_path)), base_url="http://127.0.0.1")
+    c = TestClient(build_asgi(settings(tmp_path)), base_url="http://127.0.0.1", headers=API_HEADERS)
     assert upload(c).status_code == 201
     assert c.post("/api/v1/models", json={"name": "m", **TINY_MODEL}).status_code == 201
     run = c.post("/api/v1/runs", json={"model": "m", "books": ["tales.txt"], "max_steps": 5}).json()

@@ -52,4 +52,4 @@ atexit.register(lambda: (APP.app.state.lab.db.close(), shutil.rmtree(_WS, ignore
 @settings(max_examples=int(os.environ.get("LMLAB_SCHEMA_EXAMPLES", "6")), deadline=None,
           suppress_health_check=list(HealthCheck))
 def test_no_server_errors(case):
-    case.call_and_validate(checks=[not_a_server_error])
+    case.call_and_validate(headers={"X-Lmlab-Request": "1"}, checks=[not_a_server_error])

@@ -69,9 +69,13 @@ def settings(tmp: Path, **overrides) -> Settings:
     return Settings(workspace=tmp, poll_s=0.2, child_env=CHILD_ENV, **{"database_url": database_for(tmp), **overrides})
 
 
+# What a script sends with requests that change something (the server refuses them without it or a JSON body)
+API_HEADERS = {"X-Lmlab-Request": "1"}
+
+
 @contextmanager
-def client(s: Settings):
-    with TestClient(build_asgi(s), base_url="http://127.0.0.1") as c:
+def client(s: Settings, app=None, base_url: str = "http://127.0.0.1"):
+    with TestClient(app or build_asgi(s), base_url=base_url, headers=API_HEADERS) as c:
         yield c
 
 
@@ -143,7 +147,7 @@ class ServerProcess:
 
     def client(self) -> httpx.Client:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=60)
+        return httpx.Client(base_url=self.url, headers={**API_HEADERS, **headers}, timeout=60)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc and self.proc.poll() is None:

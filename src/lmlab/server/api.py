@@ -51,10 +51,12 @@ from .extract import Refused, extract
 from .inference import NotTrained
 from .workspace import (
     BOOK_SUFFIXES,
+    LinkError,
     ZipSink,
     book_text,
     check_book_name,
     check_name,
+    remove_entry,
     snapshot_dir,
     zip_model_dir,
 )
@@ -136,6 +138,8 @@ class ModelInfo(BaseModel):
                                                              "kept when training continues from its weights")
     created_at: float
     updated_at: float
+    problem: str | None = Field(None, description="why the model cannot be used now (e.g. its folder is a symbolic "
+                                                  "link, which the server does not follow); null when it can")
 
 
 class Preset(BaseModel):
@@ -373,17 +377,21 @@ def model_info(state: State, row: dict[str, Any], active: list[dict[str, Any]] |
     training = [r["id"] for r in active if r["kind"] == "train" and r["model_name"] == name]
     readers = [r["id"] for r in active
                if r["kind"] == "selfplay" and name in (r["model_name"], r["params"].get("judge"))]
-    trained = (state.ws.model_path(name) / "model.safetensors").is_file()
+    try:
+        trained, problem = (state.ws.model_path(name) / "model.safetensors").is_file(), None
+    except LinkError as exc:  # listed with the reason; the other models list as usual
+        trained, problem = False, str(exc)
     return ModelInfo(name=name, family=cfg.family, preset=row["preset"], config=cfg.to_dict(),
                      parameters=cfg.num_parameters(), tokenizer_kind=row["tokenizer_kind"],
                      vocab_size=row["tokenizer_vocab"], trained=trained, trained_run_id=row["trained_run_id"],
                      trained_steps=row["trained_steps"], active_run_id=training[0] if training else None,
                      selfplay_run_ids=readers, origin=row["origin"], created_at=row["created_at"],
-                     updated_at=row["updated_at"])
+                     updated_at=row["updated_at"], problem=problem)
 
 
 def run_info(state: State, row: dict[str, Any], queue: list[int] | None = None) -> Run:
-    ckpt = latest_checkpoint(state.ws.run_path(row["id"]))
+    run_dir = state.ws.run_path(row["id"])
+    ckpt = None if run_dir.is_symlink() else latest_checkpoint(run_dir)  # resuming through a link is refused
     ckpt_step = checkpoint_step(ckpt) if ckpt else None
     progress = None
     if row["max_steps"]:
@@ -838,10 +846,10 @@ def delete_model(state: Lab, name: str) -> Response:
         need_model(state, name)
         need_unused(state, name)
         for run in state.db.list_runs(model_name=name):
-            shutil.rmtree(state.ws.run_path(run["id"]), ignore_errors=True)
-        path = state.ws.model_path(name)
+            remove_entry(state.ws.run_path(run["id"]))
+        path = state.ws.models / check_name(name, "model name")  # a link (an unusable model) goes, not its target
         state.cache.forget(path)
-        shutil.rmtree(path, ignore_errors=True)
+        remove_entry(path)
         state.db.delete_model(name)
     return Response(status_code=204)
 
@@ -968,8 +976,10 @@ def run_metrics(state: Lab, run_id: RunId, after_id: int = Query(0, ge=0, le=2**
 @router.get("/runs/{run_id}/log", tags=["runs"], summary="the training process's output (last lines)")
 def run_log(state: Lab, run_id: RunId, lines: int = Query(200, ge=1, le=10000)) -> dict:
     need_run(state, run_id)
-    path = state.ws.run_path(run_id) / "log.txt"
-    text = path.read_text(encoding="utf-8", errors="replace") if path.is_file() else ""
+    try:  # never through a symbolic link (409): a planted log.txt -> /etc/passwd is not served
+        text = state.ws.read_bytes(state.ws.run_path(run_id) / "log.txt").decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        text = ""
     return {"run_id": run_id, "lines": text.splitlines()[-lines:]}
 
 
@@ -1024,10 +1034,10 @@ REPORT_CSP = ("default-src 'none'; img-src 'self' data:; style-src 'unsafe-inlin
               "form-action 'none'; frame-ancestors 'self'")
 
 
-def run_file(state: State, run_id: int, name: str) -> FileResponse:
+def run_file(state: State, run_id: int, name: str) -> Response:
     """A file directly in a completed experiment run's directory, by a name RUN_FILE allows; 404 for anything
-    else: another kind of run, one not completed, a name with a path in it, a symlink, or a file that resolves
-    outside the directory."""
+    else: another kind of run, one not completed, a name with a path in it, or a symbolic link (the file or
+    the run's folder: opened with O_NOFOLLOW at every step)."""
     row = need_run(state, run_id)
     if row["kind"] != "experiment":
         raise HTTPException(404, f"run {run_id} is a {row['kind']} run; only lab experiment runs serve files")
@@ -1039,26 +1049,27 @@ def run_file(state: State, run_id: int, name: str) -> FileResponse:
     if row["status"] != "completed":  # a facts lab stopped on SIGINT may still report on its cut-short run
         raise HTTPException(404, f"run {run_id} is {row['status']}: only a completed experiment serves its "
                                  "report and files; start it again")
-    run_dir = state.ws.run_path(run_id).resolve()
-    path = run_dir / name
-    if path.is_symlink() or not path.is_file() or path.resolve().parent != run_dir:
-        raise HTTPException(404, f"run {run_id} has no file {name!r}")
-    return FileResponse(path, media_type=_MEDIA[name.rsplit(".", 1)[1]],
-                        headers={"content-security-policy": REPORT_CSP, "x-frame-options": "SAMEORIGIN",
-                                 "cache-control": "no-store"})
+    try:
+        data = state.ws.read_bytes(state.ws.run_path(run_id) / name)  # a report, plots inlined: a few MiB at most
+    except (OSError, LinkError) as exc:
+        why = " (a symbolic link, which the server does not follow)" if isinstance(exc, LinkError) else ""
+        raise HTTPException(404, f"run {run_id} has no file {name!r}{why}") from None
+    return Response(data, media_type=_MEDIA[name.rsplit(".", 1)[1]],
+                    headers={"content-security-policy": REPORT_CSP, "x-frame-options": "SAMEORIGIN",
+                             "cache-control": "no-store"})
 
 
 @router.get("/runs/{run_id}/report", tags=["runs"], response_class=FileResponse,
             responses={200: {"content": {"text/html": {}}}, 404: {"description": "no report (yet)"}},
             summary="a lab experiment's report.html (plots inlined; served with a script-free CSP)")
-def run_report(state: Lab, run_id: RunId) -> FileResponse:
+def run_report(state: Lab, run_id: RunId) -> Response:
     return run_file(state, run_id, "report.html")
 
 
 @router.get("/runs/{run_id}/files/{name}", tags=["runs"], response_class=FileResponse,
             responses={200: {"content": {"application/json": {}, "image/png": {}, "text/html": {}}}},
             summary="a file of a lab experiment's run directory: results.json, a .png plot, report.html")
-def run_file_endpoint(state: Lab, run_id: RunId, name: str = PathParam(..., max_length=200)) -> FileResponse:
+def run_file_endpoint(state: Lab, run_id: RunId, name: str = PathParam(..., max_length=200)) -> Response:
     return run_file(state, run_id, name)
 
 
@@ -1120,7 +1131,7 @@ def delete_run(state: Lab, run_id: RunId) -> Response:
         row = need_run(state, run_id)
         if row["status"] in ACTIVE:
             raise HTTPException(409, f"run {run_id} is {row['status']}; cancel it first")
-        shutil.rmtree(state.ws.run_path(run_id), ignore_errors=True)
+        remove_entry(state.ws.run_path(run_id))  # a symbolic link: the link, not where it points
         state.db.delete_run(run_id)
     return Response(status_code=204)
 

@@ -5,9 +5,11 @@ seed 000's endpoints for its old clients — and the guards in front of all of i
     lmlab serve --workspace ./lab --max-jobs 2
     lmlab serve --host 0.0.0.0 --api-token "$(openssl rand -hex 16)"   # any other address needs a token
 
-Guards (outermost first): security headers; Host check against DNS rebinding while no token is set;
-the API token on every request (Bearer header, `?token=`, or the cookie set when the UI is opened with
-`?token=`); a request-body size limit that stops an oversized upload before it is written anywhere.
+Guards (outermost first): security headers; while no token is set, a Host check against DNS rebinding and
+the refusal of requests a reverse proxy forwarded; for every method but GET, HEAD and OPTIONS, the refusal
+of requests another site's page could have sent (cross-site request forgery); the API token on every request
+(Bearer header, `?token=`, or the cookie set when the UI is opened with `?token=`); a request-body size limit
+that stops an oversized upload before it is written anywhere.
 """
 
 from __future__ import annotations
@@ -17,16 +19,13 @@ import ipaddress
 import json
 import logging
 import os
-import re
-import shutil
 import sys
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from http import cookies
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import parse_qs
+from urllib.parse import unquote_plus
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -36,7 +35,7 @@ from fastapi.staticfiles import StaticFiles
 from .db import Database
 from .inference import ModelCache
 from .jobs import Supervisor
-from .workspace import NameError_, Workspace, default_workspace
+from .workspace import LinkError, NameError_, Workspace, default_workspace
 
 log = logging.getLogger("lmlab.server")
 
@@ -44,6 +43,11 @@ LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 COOKIE = "lmlab_token"
 JSON_BODY_LIMIT = 1 << 20
 UPLOAD_PATHS = ("/upload_book", "/api/v1/books")
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+REQUEST_HEADER = "X-Lmlab-Request"  # sent by the UI and by scripts; a page of another site cannot send it
+# Headers a reverse proxy adds (nginx's proxy_set_header examples, Caddy, Traefik and Apache add X-Forwarded-*
+# by default; RFC 7239 Forwarded; Via from HTTP/1.1 proxies). Any X-Forwarded-* counts too.
+PROXY_HEADERS = (b"forwarded", b"x-real-ip", b"via")
 UI_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
           "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
 DOCS_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
@@ -129,13 +133,10 @@ class State:
         is (store_text: a child process with limits), and its text kept beside it."""
         from ..models import ModelConfig
         from ..tokenizers import Tokenizer
-        from .workspace import TEXT_SUFFIX, NameError_, check_book_name, check_name, store_text
+        from .workspace import TEXT_SUFFIX, check_book_name, check_name, no_links, remove_entry, store_text
 
         for leftover in self.ws.tmp.iterdir():  # uploads and exports cut short by a crash
-            if leftover.is_dir():
-                shutil.rmtree(leftover, ignore_errors=True)
-            else:
-                leftover.unlink(missing_ok=True)
+            remove_entry(leftover)
         known = {b["name"] for b in self.db.list_books()}
         for name in known:
             if not (self.ws.books / name).is_file():
@@ -145,12 +146,12 @@ class State:
                 if not (self.ws.books / path.name[1:-len(TEXT_SUFFIX)]).is_file():
                     path.unlink(missing_ok=True)
                 continue
-            if path.name in known or not path.is_file():
+            if path.name in known or not (path.is_file() or path.is_symlink()):
                 continue
             try:
                 check_book_name(path.name)
-                header = store_text(self.ws, path, path.name, **self.extract_limits)
-            except (NameError_, ValueError) as exc:
+                header = store_text(self.ws, no_links(path, self.ws.root), path.name, **self.extract_limits)
+            except ValueError as exc:  # a bad name, a symbolic link (LinkError), not text
                 log.warning("not indexing %s: %s", path, exc)
                 continue
             self.db.add_book(path.name, header["size"], header["chars"], header["encoding"])
@@ -160,9 +161,10 @@ class State:
                 continue
             try:
                 check_name(path.name, "model name")
+                no_links(path, self.ws.root)
                 cfg = ModelConfig.load(path / "config.json")
                 kind = Tokenizer.load(path / "tokenizer.json").kind if (path / "tokenizer.json").is_file() else "bpe"
-            except (NameError_, ValueError, OSError) as exc:
+            except (ValueError, OSError) as exc:  # NameError_ and LinkError are ValueErrors
                 log.warning("not indexing %s: %s", path, exc)
                 continue
             self.db.add_model(path.name, cfg.to_dict(), None, kind, cfg.vocab_size)
@@ -173,7 +175,9 @@ class State:
             import fcntl
         except ImportError:  # Windows: no advisory locks here; run one server per workspace yourself
             return
-        self._lock_file = open(self.ws.root / ".server.lock", "w")  # noqa: SIM115
+        # opened without truncating and without following a link: a planted `.server.lock -> ~/file` is refused
+        fd = self.ws.open(self.ws.root / ".server.lock", os.O_WRONLY | os.O_CREAT)
+        self._lock_file = os.fdopen(fd, "w")
         try:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -211,13 +215,61 @@ def _header(scope: dict[str, Any], name: bytes) -> str | None:
     return None
 
 
+def query_token_spans(query: str) -> list[tuple[int, int]]:
+    """Where the values of `token` parameters sit in a raw query string: every `&`-separated pair whose name
+    percent-decodes to `token`, as parse_qs would read it (`%74oken=` and `tok%65n=` name it too). The guard
+    accepts the first; RedactToken blanks them all, so what is accepted and what is hidden are one set."""
+    spans, start = [], 0
+    for pair in query.split("&"):
+        name, eq, _ = pair.partition("=")
+        if eq and unquote_plus(name) == "token":
+            spans.append((start + len(name) + 1, start + len(pair)))
+        start += len(pair) + 1
+    return spans
+
+
+def cookie_value(header: str, name: str) -> str | None:
+    """The first cookie `name` of a Cookie header, split on ';' by hand (RFC 6265 section 5.4): Python's
+    http.cookies stops at the first value it cannot parse (JSON, spaces), losing every cookie after it."""
+    for pair in header.split(";"):
+        key, eq, value = pair.partition("=")
+        if eq and key.strip() == name:
+            value = value.strip()
+            return value[1:-1] if len(value) > 1 and value[0] == value[-1] == '"' else value
+    return None
+
+
+def cross_site(scope: dict[str, Any]) -> str | None:
+    """Why a state-changing request may come from another site's page, or None. A browser sends `Origin`
+    (and `Sec-Fetch-Site`) with such requests; a page of another origin, even 127.0.0.1 on another port
+    ("same-site"), must not act here. A plain HTML form or a no-cors fetch can send neither a JSON
+    Content-Type nor a custom header, which also guards browsers that send no Origin (OWASP's CSRF
+    prevention cheat sheet: "custom request headers" and "Fetch Metadata")."""
+    origin, site = _header(scope, b"origin"), _header(scope, b"sec-fetch-site")
+    if origin is not None:
+        own = {h.split(",")[0].strip().lower() for h in (_header(scope, b"host"), _header(scope, b"x-forwarded-host"))
+               if h}
+        if origin.partition("://")[2].lower() not in own:
+            return (f"refused: a page of another site ({origin}) may not change anything here; use the web UI "
+                    "of this server, or a script that sends no Origin header")
+    if site not in (None, "same-origin", "none"):
+        return (f"refused: a page of another site (Sec-Fetch-Site: {site}) may not change anything here; use the "
+                "web UI of this server")
+    kind = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
+    if kind != "application/json" and _header(scope, REQUEST_HEADER.lower().encode()) is None:
+        return (f"send the header '{REQUEST_HEADER}: 1' (or a JSON body) with {scope['method']} requests: it shows "
+                "the request does not come from another site's page")
+    return None
+
+
 class BodyTooLarge(HTTPException):
     def __init__(self, limit: int) -> None:
         super().__init__(413, f"the request body is larger than the limit of {limit / 2**20:.1f} MiB")
 
 
 class Guards:
-    """Security headers, Host check, token check and body-size limit as one ASGI layer."""
+    """Security headers, Host and proxy checks, cross-site refusal, token check and body-size limit as one
+    ASGI layer."""
 
     def __init__(self, app: Any, settings: Settings) -> None:
         self.app = app
@@ -237,7 +289,18 @@ class Guards:
         extra = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer"),
                  (b"x-frame-options", b"DENY"), (b"content-security-policy", csp.encode())]
 
-        # 1. Host header (DNS rebinding: a web page's script reaching a loopback server by a foreign name)
+        # 1. Without a token, a reverse proxy on this machine would hand every request from the network to the
+        #    server with a loopback Host; a proxy announces itself with these headers (uvicorn leaves them in).
+        if not self.token:
+            proxied = next((k for k, _ in scope.get("headers", [])
+                            if k in PROXY_HEADERS or k.startswith(b"x-forwarded-")), None)
+            if proxied is not None:
+                await _send_json(send, 403, f"this request came through a proxy ({proxied.decode()} header), and "
+                                 "a server without a token must not be exposed that way: start it with --api-token",
+                                 extra)
+                return
+
+        # 2. Host header (DNS rebinding: a web page's script reaching a loopback server by a foreign name)
         if self.hosts is not None:
             host = (_header(scope, b"host") or "").lower()
             name = host[1:host.index("]")] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
@@ -246,24 +309,28 @@ class Guards:
                                  "localhost, or start it with --api-token", extra)
                 return
 
-        # 2. API token
+        # 3. cross-site request forgery: a page of another site may not change anything, token or not (the token
+        #    cookie is sent with requests from 127.0.0.1 on any port: cookies are not kept apart by port)
+        if scope.get("method") not in SAFE_METHODS:
+            refusal = cross_site(scope)
+            if refusal:
+                await _send_json(send, 403, refusal, extra)
+                return
+
+        # 4. API token
         set_cookie = False
         if self.token:
-            query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+            query = scope.get("query_string", b"").decode("latin-1")
+            spans = query_token_spans(query)
             given = None
             auth = _header(scope, b"authorization")
             if auth and auth.lower().startswith("bearer "):
                 given = auth[7:].strip()
-            elif query.get("token"):
-                given = query["token"][0]
+            elif spans:
+                given = unquote_plus(query[slice(*spans[0])])
                 set_cookie = path == "/"
             else:
-                jar = cookies.SimpleCookie()
-                try:
-                    jar.load(_header(scope, b"cookie") or "")
-                except cookies.CookieError:
-                    pass
-                given = jar[COOKIE].value if COOKIE in jar else None
+                given = cookie_value(_header(scope, b"cookie") or "", COOKIE)
             if not given or not hmac.compare_digest(given.encode(), self.token.encode()):
                 if path == "/":
                     body = (b"<!doctype html><meta charset=utf-8><title>lmlab</title><h1>401</h1><p>This server "
@@ -277,7 +344,7 @@ class Guards:
                                  "or ?token=<token>", [(b"www-authenticate", b"Bearer"), *extra])
                 return
 
-        # 3. body size: refuse by Content-Length at once, and count what actually arrives
+        # 5. body size: refuse by Content-Length at once, and count what actually arrives
         limit = self.upload_limit if path in UPLOAD_PATHS else JSON_BODY_LIMIT
         length = _header(scope, b"content-length")
         if length and length.isdigit() and int(length) > limit:
@@ -304,8 +371,9 @@ class Guards:
                 headers = list(message.get("headers", []))
                 names = {k.lower() for k, _ in headers}
                 headers += [(k, v) for k, v in extra if k not in names]
-                if set_cookie:
-                    headers.append((b"set-cookie", f"{COOKIE}={self.token}; Path=/; HttpOnly; SameSite=Strict"
+                if set_cookie:  # Secure over TLS (behind a proxy: uvicorn sets the scheme from X-Forwarded-Proto)
+                    secure = "; Secure" if scope.get("scheme") == "https" else ""
+                    headers.append((b"set-cookie", f"{COOKIE}={self.token}; Path=/; HttpOnly; SameSite=Strict{secure}"
                                     .encode()))
                 message = {**message, "headers": headers}
             await send(message)
@@ -351,6 +419,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(NameError_)
     async def _bad_name(request: Request, exc: NameError_) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=400)
+
+    @app.exception_handler(LinkError)
+    async def _link(request: Request, exc: LinkError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=409)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -400,7 +472,12 @@ def build_asgi(settings: Settings) -> Any:
     return Guards(create_app(settings), settings)
 
 
-TOKEN_IN_QUERY = re.compile(r"(?<=[?&]token=)[^&#\s]*")
+def redact_token(path: str) -> str:
+    """A request target with the value of every `token` query parameter the guard would read replaced."""
+    base, mark, query = path.partition("?")
+    for start, end in reversed(query_token_spans(query)):
+        query = query[:start] + "***" + query[end:]
+    return base + mark + query
 
 
 class RedactToken(logging.Filter):
@@ -410,7 +487,7 @@ class RedactToken(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple) and len(record.args) == 5 and isinstance(record.args[2], str):
             args = list(record.args)
-            args[2] = TOKEN_IN_QUERY.sub("***", args[2])
+            args[2] = redact_token(args[2])
             record.args = tuple(args)
         return True
 

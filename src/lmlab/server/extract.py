@@ -58,7 +58,8 @@ def read_stored(path: Path, book: Path, chars: int = 0) -> tuple[dict, str] | No
     from `book` as it is now (another size or modification time: the files are the truth)."""
     try:
         st = book.stat()
-        with open(path, encoding="utf-8") as f:
+        # never through a symbolic link (a planted `.book.txt.text -> elsewhere` is read again, and replaced)
+        with open(os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)), encoding="utf-8") as f:
             header = json.loads(f.readline(HEADER_LIMIT))
             if any(k not in header for k in HEADER_KEYS) or (header["size"], header["mtime_ns"]) != (
                     st.st_size, st.st_mtime_ns):

@@ -472,9 +472,9 @@ class Supervisor:
                                   stop_reason=None, cancel_requested=False):
             return
         run_dir = self.ws.run_path(run_id)
-        run_dir.mkdir(parents=True, exist_ok=True)
         resumed_from = None
         try:
+            self.ws.run_dir(run_id).mkdir(parents=True, exist_ok=True)  # LinkError: never written through a link
             if run["resume"]:
                 ckpt = latest_checkpoint(run_dir)
                 if ckpt is None:
@@ -482,7 +482,7 @@ class Supervisor:
                 resumed_from = checkpoint_step(ckpt)
             args = self.command(run)
             env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
-            with open(run_dir / "log.txt", "ab") as logf:
+            with os.fdopen(self.ws.open(run_dir / "log.txt", os.O_WRONLY | os.O_APPEND | os.O_CREAT), "ab") as logf:
                 logf.write(f"\n$ lmlab {shlex.join(args)}\n".encode())
                 logf.flush()
                 proc = subprocess.Popen([self.python, "-c", _CHILD, *args], stdout=logf, stderr=subprocess.STDOUT,

@@ -6,13 +6,22 @@ directories.
 Seed 000 joined `file.filename` and model names straight into paths (`BOOKS_DIR / file.filename`), so
 `../../anything` wrote anywhere; here every name is validated before it touches a path, and the resolved
 path is checked to sit inside its folder as a second line of defence.
+
+Symbolic links: the workspace folder itself may be one (it is resolved once, at start); nothing inside it is
+followed, whether it points out of the workspace or not. A link as `books/`, `models/`, `runs/`, `tmp/` or
+the database refuses the start; a book, a model folder, a file in one, or a run folder that is or holds a
+link is refused with a LinkError naming it (409 in the API, a failed run that says why), and the files the
+server opens itself (run logs and reports, the lock file) are opened with O_NOFOLLOW at every step. Listings
+go on: a model whose folder is a link lists as unusable, with the reason.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import shutil
+import stat
 import sys
 import threading
 import unicodedata
@@ -39,6 +48,11 @@ _WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 1
 
 class NameError_(ValueError):
     """A user-supplied name that may not become a file name."""
+
+
+class LinkError(ValueError):
+    """A symbolic link in the workspace where the server would read or write: never followed (a planted
+    `runs/run-1/log.txt -> /etc/passwd` would be served, a planted `runs/run-2 -> /elsewhere` written)."""
 
 
 def check_name(name: str, what: str = "name", *, max_len: int = 100, max_bytes: int = MODEL_NAME_BYTES,
@@ -75,11 +89,34 @@ def check_book_name(name: str) -> str:
 
 
 def inside(folder: Path, name: str) -> Path:
-    """folder / name, refusing anything that resolves outside folder (symlinks included)."""
-    path = (folder / name).resolve()
-    if path.parent != folder.resolve():
+    """folder / name, refusing anything that resolves outside folder, and a symbolic link there or below."""
+    path = folder / name
+    if path.resolve().parent != folder.resolve() and not path.is_symlink():
         raise NameError_(f"{name!r} resolves outside {folder.name}/")
+    return no_links(path, folder.parent)
+
+
+def link_error(path: Path, root: Path) -> LinkError:
+    return LinkError(f"{path.relative_to(root)} is a symbolic link; the server follows no links inside its "
+                     "workspace: remove it")
+
+
+def no_links(path: Path, root: Path) -> Path:
+    """`path`, unless it or anything below it is a symbolic link: LinkError naming the first one found,
+    relative to `root`. (os.walk does not descend into linked folders; each name is checked with lstat.)"""
+    below = (Path(top, n) for top, dirs, files in os.walk(path) for n in dirs + files)
+    found = path if path.is_symlink() else next((p for p in below if p.is_symlink()), None)
+    if found is not None:
+        raise link_error(found, root)
     return path
+
+
+def remove_entry(path: Path) -> None:
+    """Remove a file, a folder tree or a symbolic link (the link, never what it points to)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def default_workspace() -> Path:
@@ -101,6 +138,9 @@ class Workspace:
         self.runs = self.root / "runs"
         self.tmp = self.root / "tmp"
         for d in (self.books, self.models, self.runs, self.tmp):
+            if d.is_symlink():
+                raise LinkError(f"{d} is a symbolic link, which the server does not follow; make the workspace "
+                                "folder itself the link instead")
             d.mkdir(parents=True, exist_ok=True)
 
     def book_path(self, name: str) -> Path:
@@ -111,13 +151,55 @@ class Workspace:
         return self.books / f".{check_book_name(name)}{TEXT_SUFFIX}"
 
     def model_path(self, name: str) -> Path:
+        """models/<name>; LinkError if the folder or a file in it is a symbolic link."""
         return inside(self.models, check_name(name, "model name"))
 
     def run_path(self, run_id: int) -> Path:
+        """runs/run-<id>, unchecked: run_dir before reading or writing files in it."""
         return self.runs / f"run-{int(run_id)}"
 
+    def run_dir(self, run_id: int) -> Path:
+        """runs/run-<id>; LinkError if it or anything in it is a symbolic link."""
+        return no_links(self.run_path(run_id), self.root)
+
+    def open(self, path: Path, flags: int = os.O_RDONLY, mode: int = 0o644) -> int:
+        """os.open of a path inside the workspace without following a symbolic link at any step: one folder
+        at a time with O_NOFOLLOW, relative to the one before (a link swapped in after a check is refused
+        too); where the platform cannot (Windows), each step is checked with lstat first. LinkError names it."""
+        parts = path.relative_to(self.root).parts
+        nofollow = getattr(os, "O_NOFOLLOW", 0)
+        if os.open not in os.supports_dir_fd or not nofollow:
+            for i in range(1, len(parts) + 1):
+                if self.root.joinpath(*parts[:i]).is_symlink():
+                    raise link_error(self.root.joinpath(*parts[:i]), self.root)
+            return os.open(path, flags, mode)
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+        for i, part in enumerate(parts):
+            last = i + 1 == len(parts)
+            try:
+                fd_next = os.open(part, (flags if last else os.O_RDONLY | os.O_DIRECTORY) | nofollow, mode, dir_fd=fd)
+            except OSError as exc:  # ELOOP on Linux and macOS, EMLINK on FreeBSD
+                if exc.errno == errno.ELOOP or self.root.joinpath(*parts[:i + 1]).is_symlink():
+                    raise link_error(self.root.joinpath(*parts[:i + 1]), self.root) from None
+                raise
+            finally:
+                os.close(fd)
+            fd = fd_next
+        return fd
+
+    def read_bytes(self, path: Path) -> bytes:
+        """The bytes of a regular file inside the workspace, opened as `open` does; FileNotFoundError for
+        anything else (O_NONBLOCK: a planted FIFO would block the open forever)."""
+        with os.fdopen(self.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise FileNotFoundError(f"{path.relative_to(self.root)} is not a file")
+            return f.read()
+
     def sqlite_url(self) -> str:
-        return f"sqlite:///{self.root / 'lmlab.db'}"
+        db = self.root / "lmlab.db"
+        if db.is_symlink():
+            raise LinkError(f"{db} is a symbolic link, which the server does not follow: remove it")
+        return f"sqlite:///{db}"
 
 
 # ---- books ------------------------------------------------------------------------------------------

@@ -109,7 +109,7 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
 MONTHS = ("january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
           "november", "december")
 
-# Pool sizes. "cpu": the CPU protocol of shared/research/facts_paper.md §6 (V = 48, 48, 32, 32, 40, 48; names
+# Pool sizes. "cpu": this lab's CPU scale (V = 48, 48, 32, 32, 40, 48; names
 # 64/64/128, so a name is still three tokens the model must group). "paper": §1.2 of the paper (first and
 # middle names share 900, last 1,000; 800 cities; 200 universities; 100 majors; 500 companies; dates
 # 1900-2100 x 12 x 31, impossible dates allowed).
@@ -300,7 +300,7 @@ class Biographies:
         self._encode()
         self.weights = self.sampling_weights()
         self.seq_len = self.max_tokens - 1           # x and y are one shorter than a whole sequence
-        self.batches_drawn = 0                       # counts sample_batch calls (the warm-up clock)
+        self.batches_drawn = 0                       # counts sample_batch calls (the warm-up clock; state_dict)
         self._eval_cache: dict[str, EvalSet] = {}
 
     # ---- tokenisation (once) -----------------------------------------------------------------------
@@ -407,13 +407,24 @@ class Biographies:
     def sample_batch(self, batch_size: int, seq_len: int, generator: torch.Generator
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """A fresh biography per row (never a repeated one). All randomness comes from `generator`, whose
-        state the Trainer checkpoints, so a resumed run sees the same data."""
+        state the Trainer checkpoints; the warm-up clock is this dataset's own state (`state_dict`, saved into
+        every checkpoint by `runner.DataState`), so a resumed run sees the same data only once it is restored."""
         if seq_len < self.seq_len:
             raise ValueError(f"seq_len ({seq_len}) is shorter than the longest biography ({self.seq_len} tokens)")
         rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
         people = self._draw(batch_size, rng)
         self.batches_drawn += 1
         return self._pack([self.biography(int(p), rng)[0] for p in people], seq_len)
+
+    def state_dict(self) -> dict[str, int]:
+        """What a resumed run needs beyond the Trainer's generator: the number of batches drawn so far."""
+        return {"batches_drawn": self.batches_drawn}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        n = state.get("batches_drawn")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"batches_drawn ({n!r}) must be an integer >= 0")
+        self.batches_drawn = n
 
     # ---- evaluation --------------------------------------------------------------------------------
 

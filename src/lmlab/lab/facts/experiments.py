@@ -3,7 +3,7 @@
     lmlab lab facts phases --seeds 0,1,2 --out runs/facts/phases     # ~5 min on 2 cores
     lmlab lab facts all --quick --out runs/facts                      # every experiment, reduced sizes
 
-Sizes follow shared/research/facts_paper.md §6, calibrated on the 2-core machine: a gpt2-family model with
+Sizes are this lab's CPU scale (its README), calibrated on the 2-core machine: a gpt2-family model with
 3 layers, d=64, 4 heads (~150k non-embedding parameters), batch 32, a word tokenizer (~600 tokens), N=1000
 individuals. Budgets are counted in steps; exposures per individual are steps * batch / N.
 """
@@ -89,21 +89,69 @@ def _mean(values: Sequence[float | None]) -> float | None:
 
 
 def _std(values: Sequence[float | None]) -> float | None:
+    """The sample std (ddof=1): with 2-3 seeds the population std (ddof=0) understates the spread by a factor
+    of up to sqrt(2). None below two values."""
     v = [x for x in values if x is not None]
-    return float(np.std(v)) if v else None
+    return float(np.std(v, ddof=1)) if len(v) > 1 else None
 
 
-def _agg(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def _agg(rows: Sequence[dict[str, Any]], bounds: dict[str, Sequence[float | None]] | None = None
+         ) -> dict[str, Any]:
     """Per-seed rows -> one row: the mean of each key over seeds (None where no seed has a value) and, with
-    several seeds, its std as `key_std` (the report prints "mean ± std"). A `seed` key names the row and is
-    not aggregated."""
+    several seeds, its sample std as `key_std` (the report prints "mean ± std"). A `seed` key names the row
+    and is not aggregated.
+
+    Times to an event that a seed may never reach within its run (t*, say) are right-censored: `bounds[key]`
+    gives each seed's bound, the last step its run evaluated. A seed without the event counts at its bound,
+    so the mean (and std) is then a lower bound, flagged by `key_censored`, the number of such seeds (the
+    report prints "≥ mean ± std (k censored)"). Dropping those seeds instead would bias the mean low exactly
+    where the event comes latest. Other missing values are left out."""
+    bounds = bounds or {}
     out: dict[str, Any] = {}
     for k in (k for k in rows[0] if k != "seed"):
         values = [r[k] for r in rows]
+        censored = 0
+        if k in bounds:
+            censored = sum(v is None and b is not None for v, b in zip(values, bounds[k]))
+            values = [b if v is None else v for v, b in zip(values, bounds[k])]
         out[k] = _mean(values)
         if len(rows) > 1:
             out[f"{k}_std"] = _std(values)
+        if k in bounds:
+            out[f"{k}_censored"] = censored
     return out
+
+
+def _last_step(history: Sequence[dict[str, Any]]) -> int:
+    """The censoring bound of a time measured on this evaluation history: its last step."""
+    return history[-1]["step"]
+
+
+def _earlier(row: dict[str, Any], a: str, b: str) -> bool | None:
+    """Whether time `a` comes before time `b` in an aggregated row whose means may be lower bounds (`_agg`'s
+    `key_censored`); None where the bounds cannot tell."""
+    ta, tb = row[a], row[b]
+    if ta is None or tb is None:
+        return None
+    ca, cb = row.get(f"{a}_censored", 0), row.get(f"{b}_censored", 0)
+    if ca and cb:
+        return None
+    if ca:  # a >= ta
+        return False if ta >= tb else None
+    if cb:  # b >= tb
+        return True if ta < tb else None
+    return bool(ta < tb)
+
+
+def _baselines(runs: Sequence[dict[str, Any]]) -> list[float]:
+    """Each run's own no-knowledge baseline: every seed draws its own population, so its value entropy differs."""
+    return [r["baseline"] for r in runs]
+
+
+def _baseline_line(runs: Sequence[dict[str, Any]]) -> list[tuple[str, float]]:
+    """The plots' baseline line: the mean over the runs' own baselines."""
+    b = _baselines(runs)
+    return [("no-knowledge baseline" + (" (mean over seeds)" if len(set(b)) > 1 else ""), float(np.mean(b)))]
 
 
 def _pm(row: dict[str, Any], key: str, digits: int = 3) -> str:
@@ -148,10 +196,9 @@ def phases(seeds: Sequence[int], out: Path, quick: bool = False, scale: Scale | 
     scale = scale or Scale.default(quick)
     if runs is None:
         runs, wall = _phase_runs(seeds, out, scale)
-    base = runs[0]["baseline"]
     per_seed = []
     for s, r in zip(seeds, runs):
-        h, p = r["history"], r["plateau"]
+        h, p, base = r["history"], r["plateau"], r["baseline"]
         at = {row["step"]: row for row in h}
         acc_t1 = at[p["t1"]]["seen_eval/acc"] if p["t1"] is not None else None
         plateau_rows = [row for row in h if p["t1"] is not None and p["t1"] <= row["step"] < (p["t_star"] or 1e18)]
@@ -169,14 +216,15 @@ def phases(seeds: Sequence[int], out: Path, quick: bool = False, scale: Scale | 
     checks = {"reaches_baseline": all(x["t1"] is not None for x in per_seed),
               "plateau_at_baseline": all(x["t1"] is not None and x["t_star"] is not None
                                          and x["t_star"] - x["t1"] >= 4 * scale.eval_every
-                                         and abs(x["plateau_mean_gap"] or 1.0) <= 0.1
-                                         and (x["plateau_mean_acc"] or 0) < 0.1 for x in per_seed),
+                                         and x["plateau_mean_gap"] is not None and abs(x["plateau_mean_gap"]) <= 0.1
+                                         and x["plateau_mean_acc"] is not None and x["plateau_mean_acc"] < 0.1
+                                         for x in per_seed),
               "knowledge_emerges": all(x["final_acc_heldout"] > 0.3 for x in per_seed)}
     plots = [
         line_plot(out / "loss.png", "attribute loss (Fig. 2 left)", "step", "nats per attribute",
                   [(k, [curves(r["history"], f"{k}/loss") for r in runs])
                    for k in ("seen_eval", "seen_train", "unseen")],
-                  hlines=[("no-knowledge baseline", base)]),
+                  hlines=_baseline_line(runs)),
         line_plot(out / "accuracy.png", "attribute accuracy (Fig. 2 middle)", "step", "accuracy",
                   [(f"{k}", [curves(r["history"], f"{k}/acc") for r in runs]) for k in ("seen_eval", "seen_train")]),
         line_plot(out / "probes.png", "attention from value position to name tokens", "step", "attention mass",
@@ -186,8 +234,12 @@ def phases(seeds: Sequence[int], out: Path, quick: bool = False, scale: Scale | 
                   [(g, [curves(r["history"], f"drift_{g}") for r in runs]) for g in ("name", "value", "template")],
                   logy=True),
     ]
-    agg = _agg(per_seed)
-    measured = (f"baseline {base:.3f} nats; mean gap to it on the plateau {_pm(agg, 'plateau_mean_gap')} nats; "
+    agg = _agg(per_seed, {"t_star": [_last_step(r["history"]) for r in runs],
+                          "plateau_len": [None if x["t1"] is None else _last_step(r["history"]) - x["t1"]
+                                          for x, r in zip(per_seed, runs)]})
+    base = _baselines(runs)
+    measured = (f"baseline {_n(float(np.mean(base)))} nats (each seed's own: {[round(b, 3) for b in base]}); mean "
+                f"gap to it on the plateau {_pm(agg, 'plateau_mean_gap')} nats; "
                 f"steps within 0.1 nats of it {[x['steps_within_0.1_of_baseline'] for x in per_seed]}; t1 = "
                 f"{_pm(agg, 't1', 0)}, t* = {_pm(agg, 't_star', 0)} steps; plateau accuracy "
                 f"{_pm(agg, 'plateau_mean_acc')}; final held-out accuracy {_pm(agg, 'final_acc_heldout')}")
@@ -205,10 +257,9 @@ def hallucination(seeds: Sequence[int], out: Path, quick: bool = False, scale: S
     scale = scale or Scale.default(quick)
     if runs is None:
         runs, wall = _phase_runs(seeds, out, scale)
-    base = runs[0]["baseline"]
     per_seed = []
     for s, r in zip(seeds, runs):
-        h, p = r["history"], r["plateau"]
+        h, p, base = r["history"], r["plateau"], r["baseline"]
         steps = [row["step"] for row in h]
         unseen = [row["unseen/loss"] for row in h]
         # onset: first evaluation after t1 with unseen loss > baseline + 0.1, confirmed by the next one
@@ -218,8 +269,9 @@ def hallucination(seeds: Sequence[int], out: Path, quick: bool = False, scale: S
                     (k + 1 == len(h) or unseen[k + 1] > base + 0.1):
                 onset = steps[k]
                 break
-        plateau_unseen = [u for st, u in zip(steps, unseen)
-                          if p["t1"] is not None and p["t1"] <= st <= (p["t_star"] or 0)]
+        # a seed that never leaves the plateau is on it until the end of its run
+        end = steps[-1] if p["t_star"] is None else p["t_star"]
+        plateau_unseen = [u for st, u in zip(steps, unseen) if p["t1"] is not None and p["t1"] <= st <= end]
         last = h[-1]
         per_seed.append({"seed": s, "t_star": p["t_star"], "onset": onset,
                          "onset_minus_t_star": None if onset is None or p["t_star"] is None else onset - p["t_star"],
@@ -229,7 +281,8 @@ def hallucination(seeds: Sequence[int], out: Path, quick: bool = False, scale: S
                          "entropy_seen": last["seen_eval/entropy"], "entropy_unseen": last["unseen/entropy"]})
     interval = scale.eval_every
     # "at the baseline" on the plateau: within 0.1 nats, the tolerance `phases` uses for the seen loss
-    checks = {"unseen_at_baseline_on_plateau": all(abs(x["unseen_plateau_above_baseline"] or 1.0) <= 0.1
+    checks = {"unseen_at_baseline_on_plateau": all(x["unseen_plateau_above_baseline"] is not None
+                                                   and abs(x["unseen_plateau_above_baseline"]) <= 0.1
                                                    for x in per_seed),
               "onset_near_t_star": all(x["onset"] is not None and x["t_star"] is not None
                                        and abs(x["onset_minus_t_star"]) <= 4 * interval for x in per_seed),
@@ -240,7 +293,7 @@ def hallucination(seeds: Sequence[int], out: Path, quick: bool = False, scale: S
         line_plot(out / "hallucination_loss.png", "unseen individuals (Fig. 5 left)", "step", "nats per attribute",
                   [("unseen", [curves(r["history"], "unseen/loss") for r in runs]),
                    ("seen (held-out templates)", [curves(r["history"], "seen_eval/loss") for r in runs])],
-                  hlines=[("baseline", base)]),
+                  hlines=_baseline_line(runs)),
         line_plot(out / "confidence.png", "max probability at value tokens (Fig. M)", "step", "max prob",
                   [("unseen", [curves(r["history"], "unseen/max_prob") for r in runs]),
                    ("seen", [curves(r["history"], "seen_eval/max_prob") for r in runs])]),
@@ -248,14 +301,14 @@ def hallucination(seeds: Sequence[int], out: Path, quick: bool = False, scale: S
                   [("unseen", [curves(r["history"], "unseen/entropy") for r in runs]),
                    ("seen", [curves(r["history"], "seen_eval/entropy") for r in runs])]),
     ]
-    agg = _agg(per_seed)
+    agg = _agg(per_seed, {k: [_last_step(r["history"]) for r in runs] for k in ("t_star", "onset")})
     measured = (f"t* {_pm(agg, 't_star', 0)}; unseen loss − baseline on the plateau "
                 f"{_pm(agg, 'unseen_plateau_above_baseline')}, at the end {_pm(agg, 'unseen_final_above_baseline')} "
                 f"nats; onset − t* = {_pm(agg, 'onset_minus_t_star', 0)} (per seed "
                 f"{[x['onset_minus_t_star'] for x in per_seed]}) steps (eval interval {interval}); final max prob "
                 f"unseen {_pm(agg, 'max_prob_unseen')} vs seen {_pm(agg, 'max_prob_seen')}; entropy unseen "
                 f"{_pm(agg, 'entropy_unseen')} vs seen {_pm(agg, 'entropy_seen')}")
-    res = {"baseline": base, "per_seed": per_seed, "summary": agg, "speed": _speed(runs, wall or 0.0)}
+    res = {"baseline": _baselines(runs), "per_seed": per_seed, "summary": agg, "speed": _speed(runs, wall or 0.0)}
     write_report(out, "hallucination", "On individuals never seen in training the loss sits at the baseline "
                  "during the plateau and rises above it (confident wrong answers) as knowledge emerges, at the "
                  "end of the plateau; predictions on unseen individuals are less confident than on seen ones "
@@ -296,21 +349,30 @@ def plateau(seeds: Sequence[int], out: Path, quick: bool = False, scale: Scale |
     for (cfg, _), r in zip(jobs, runs):
         by_n.setdefault(cfg.bio.n_individuals, []).append(r)
     for n in sizes:
-        ps = [r["plateau"] for r in by_n[n]]
+        rs = by_n[n]
         rows = [{"t_star": p["t_star"], "t1": p["t1"], "plateau_len": p["plateau_len"],
                  "exposures_at_t_star": None if p["t_star"] is None else p["t_star"] * scale.batch_size / n}
-                for p in ps]
-        table.append({"N": n, **_agg(rows), "seeds_reaching": sum(p["t_star"] is not None for p in ps)})
-    good = [row for row in table if row["t_star"] is not None]
+                for p in (r["plateau"] for r in rs)]
+        ends = [_last_step(r["history"]) for r in rs]
+        table.append({"N": n, **_agg(rows, {"t_star": ends, "exposures_at_t_star": [e * scale.batch_size / n
+                                                                                    for e in ends],
+                                            "plateau_len": [None if x["t1"] is None else e - x["t1"]
+                                                            for x, e in zip(rows, ends)]})})
+    # Censoring: a size where some seed is still on the plateau at the end of its run has only a lower bound
+    # on its mean t*; it is left out of the fits (and named in the report), which use only sizes where every
+    # seed left the plateau. Fitting its lower bound, or the seeds that left early, would flatten the
+    # exponent at the largest N, where plateaus are longest.
+    good = [row for row in table if row["t_star"] is not None and not row["t_star_censored"]]
+    censored = [row for row in table if row["t_star_censored"]]
     fit = loglog_fit([r["N"] for r in good], [r["t_star"] for r in good]) if len(good) >= 2 else None
-    good_len = [row for row in table if row["plateau_len"] is not None and row["plateau_len"] > 0]
+    good_len = [row for row in good if row["plateau_len"] is not None and row["plateau_len"] > 0]
     fit_len = loglog_fit([r["N"] for r in good_len], [r["plateau_len"] for r in good_len]) \
         if len(good_len) >= 2 else None
     rising = all(a["t_star"] < b["t_star"] for a, b in zip(good, good[1:]))
-    per_seed = {}  # the same fit within each seed, over the sizes that seed got past the plateau at
+    per_seed = {}  # the same fit within each seed, over the same sizes
     for seed in seeds:
         pts = [(c.bio.n_individuals, r["plateau"]["t_star"]) for (c, _), r in zip(jobs, runs)
-               if c.seed == seed and r["plateau"]["t_star"] is not None]
+               if c.seed == seed and c.bio.n_individuals in {row["N"] for row in good}]
         if len(pts) >= 2:
             per_seed[seed] = loglog_fit(*zip(*pts))
     slopes = [f["b"] for f in per_seed.values()]
@@ -322,20 +384,23 @@ def plateau(seeds: Sequence[int], out: Path, quick: bool = False, scale: Scale |
                         ("t* − t1 (plateau length)", [(np.array([r["N"] for r in good_len], float),
                                                        np.array([r["plateau_len"] for r in good_len], float))])],
                        logx=True, logy=True)]
-    measured = ("no seed left the plateau" if fit is None else
+    measured = ("fewer than two sizes where every seed left the plateau" if fit is None else
                 f"t* ≈ {fit['a']:.3g}·N^{fit['b']:.2f} (R² {fit['r2']:.3f}) over N = {[r['N'] for r in good]}"
                 + ("" if fit_len is None else
                    f"; t*−t1 ≈ {fit_len['a']:.3g}·N^{fit_len['b']:.2f} (R² {fit_len['r2']:.3f})")
                 + ("" if not slopes else
                    "; per seed, the exponent of t*: " + _pm(_agg([{"b": b} for b in slopes]), "b", 2)
-                   + " (" + ", ".join(f"seed {k}: {f['b']:.2f}" for k, f in per_seed.items()) + ")"))
+                   + " (" + ", ".join(f"seed {k}: {f['b']:.2f}" for k, f in per_seed.items()) + ")")
+                + "".join(f"; N = {r['N']} left out of the fits: t* {_pm(r, 't_star', 0)}, {r['t_star_censored']} of "
+                          f"{len(seeds)} seeds still on the plateau at the end of the run" for r in censored))
     res = {"fit_t_star": fit, "fit_t_star_per_seed": {str(k): v for k, v in per_seed.items()},
-           "fit_plateau_len": fit_len, "table": table, "speed": _speed(runs, wall),
+           "fit_plateau_len": fit_len, "fit_sizes": [r["N"] for r in good], "table": table, "speed": _speed(runs, wall),
            "runs": [{"N": c.bio.n_individuals, "seed": c.seed, "plateau": r["plateau"], "steps": r["steps"],
                      "history": r["history"]} for (c, _), r in zip(jobs, runs)]}
     write_report(out, "plateau length against N", "The plateau ends after a number of steps that grows almost "
                  "linearly with the number of individuals: plateau end ≈ 0.43·N^0.81 (R² 0.998, Fig. 2 right). "
-                 "Holds here if the log-log slope of t* is in [0.6, 1.0] and t* increases with N.",
+                 "Holds here if the log-log slope of t* is in [0.6, 1.0] and t* increases with N, over the sizes "
+                 "where every seed left the plateau.",
                  measured, checks, table, plots, res, _cmd("plateau", seeds, out, quick))
     return res
 
@@ -355,9 +420,10 @@ def alpha(seeds: Sequence[int], out: Path, quick: bool = False, scale: Scale | N
     for a, rs in zip(alphas, _groups(runs, len(seeds))):
         rows = [{"t_star": r["plateau"]["t_star"], "final_loss": _final(r, "seen_eval/loss"),
                  "final_acc": _final(r, "seen_eval/acc")} for r in rs]
-        table.append({"alpha": a, **_agg(rows), "seeds_reaching": sum(r["plateau"]["t_star"] is not None for r in rs),
+        table.append({"alpha": a, **_agg(rows, {"t_star": [_last_step(r["history"]) for r in rs]}),
                       "top_individual_share": rs[0]["data"]["top_individual_share"]})
-    reached = [r for r in table if r["t_star"] is not None and r["seeds_reaching"] == len(seeds)]
+    # the shortest plateau among the α where every seed left it (a censored mean is only a lower bound)
+    reached = [r for r in table if not r["t_star_censored"]]
     best_plateau = min(reached, key=lambda r: r["t_star"])["alpha"] if reached else None
     best_loss = min(table, key=lambda r: r["final_loss"])["alpha"]
     # the paper's Fig. 4: the plateau is shortest at an intermediate α, and the final loss is lower there than
@@ -370,7 +436,7 @@ def alpha(seeds: Sequence[int], out: Path, quick: bool = False, scale: Scale | N
              line_plot(out / "alpha_final.png", "final held-out loss against α (Fig. 4 middle)", "α", "nats",
                        [("final loss", [(np.array([r["alpha"] for r in table]),
                                          np.array([r["final_loss"] for r in table]))])],
-                       hlines=[("baseline", runs[0]["baseline"])])]
+                       hlines=_baseline_line(runs))]
     measured = (f"shortest plateau at α = {best_plateau}; lowest final loss at α = {best_loss} "
                 f"(N = {scale.n_individuals}, {scale.steps} steps)")
     res = {"best_alpha_plateau": best_plateau, "best_alpha_final_loss": best_loss, "table": table,
@@ -405,7 +471,8 @@ def warmup(seeds: Sequence[int], out: Path, quick: bool = False, scale: Scale | 
     for (label, _), rs in zip(variants, groups):
         table.append({"variant": label, **_agg([{"final_acc_all_N": _final(r, "seen_eval/acc"),
                                                   "final_loss": _final(r, "seen_eval/loss"),
-                                                  "t_star": r["plateau"]["t_star"]} for r in rs])})
+                                                  "t_star": r["plateau"]["t_star"]} for r in rs],
+                                                {"t_star": [_last_step(r["history"]) for r in rs]})})
     uni, pl = table[0]["final_acc_all_N"], table[1]["final_acc_all_N"]
     best_w = max(table[2:], key=lambda r: r["final_acc_all_N"])
     checks = {"power_law_beats_uniform": bool(pl > uni),
@@ -471,14 +538,13 @@ def finetune(seeds: Sequence[int], out: Path, quick: bool = False, scale: Scale 
     runs = all_runs[: len(variants) * len(seeds)]
     celeb_runs, rare_runs = _groups(all_runs[len(variants) * len(seeds):], len(seeds))
     wall = time.perf_counter() - t0
-    base = pre[0]["baseline"]
     table = []
     for (label, k, w), rs in zip(variants, _groups(runs, len(seeds))):
         rows = []
         for r in rs:
             old = r["history_old"]
             new = r["history_new"]
-            start = old[0]["seen_eval/loss"]
+            start, base = old[0]["seen_eval/loss"], old[0]["baseline"]  # this seed's population's baseline
             half = start + 0.5 * (base - start)  # forgetting: half-way from the pre-trained loss to the baseline
             t_forget = next((row["step"] for row in old if row["seen_eval/loss"] >= half), None)
             early = [row["seen_eval/loss"] for row in old if row["step"] <= 100]
@@ -488,10 +554,11 @@ def finetune(seeds: Sequence[int], out: Path, quick: bool = False, scale: Scale 
                          "new_acc_at_100": next((row["seen_eval/acc"] for row in new if row["step"] >= 100),
                                                    new[-1]["seen_eval/acc"])})
         share = 0.0 if w == 0 else w * n / (w * n + k)
-        table.append({"variant": label, "replay_share": share, **_agg(rows)})
+        table.append({"variant": label, "replay_share": share,
+                      **_agg(rows, {"t_forget": [_last_step(r["history_old"]) for r in rs]})})
     base_rows = table[: len(n_news)]
     rep_rows = [table[n_news.index(replay_n)]] + table[len(n_news):]
-    forget_fast = all(r["t_forget"] is not None and r["t_forget"] <= 150 for r in base_rows)
+    forget_fast = all(not r["t_forget_censored"] and r["t_forget"] <= 150 for r in base_rows)
     # more new individuals, more forgetting: lower final old accuracy (by > 0.01) or higher old loss (> 0.05)
     grows = all(a["old_acc_end"] > b["old_acc_end"] + 0.01 or b["old_loss_end"] > a["old_loss_end"] + 0.05
                 for a, b in zip(base_rows, base_rows[1:]))
@@ -535,7 +602,7 @@ def finetune(seeds: Sequence[int], out: Path, quick: bool = False, scale: Scale 
     def by_variant(history: str, key: str) -> list[tuple[str, list[tuple[np.ndarray, np.ndarray]]]]:
         return [(label, [curves(r[history], key) for r in rs]) for label, rs in zip(labels, groups)]
     plots = [line_plot(out / "old_loss.png", "old individuals during fine-tuning (Fig. 5 middle)", "fine-tuning step",
-                       "nats", by_variant("history_old", "seen_eval/loss"), hlines=[("baseline", base)]),
+                       "nats", by_variant("history_old", "seen_eval/loss"), hlines=_baseline_line(pre)),
              line_plot(out / "new_acc.png", "new individuals during fine-tuning", "fine-tuning step", "accuracy",
                        by_variant("history_new", "seen_eval/acc")),
              line_plot(out / "old_acc.png", "old accuracy with replay (Fig. 5 right)", "fine-tuning step", "accuracy",
@@ -566,7 +633,7 @@ def finetune(seeds: Sequence[int], out: Path, quick: bool = False, scale: Scale 
                 f"(loss rise {_pm(celeb, 'old_celeb_loss_rise', 2)}), others {_pm(celeb, 'old_rest_acc_start')} → "
                 f"{_pm(celeb, 'old_rest_acc_end')} (loss rise {_pm(celeb, 'old_rest_loss_rise', 2)})")
     celeb_table = [{"fine-tuning on": label, **row} for (label, _, _), row in zip(celeb_variants, (celeb, rare))]
-    res = {"baseline": base, "table": table, "forget_fast": forget_fast, "drop_grows_with_new": grows,
+    res = {"baseline": _baselines(pre), "table": table, "forget_fast": forget_fast, "drop_grows_with_new": grows,
            "replay_improves_final": final_better, "replay_leaves_initial_spike": spike_same,
            "celebrities": {"n_celebrities": n_celeb, "celebrity_weight": celeb_w, "n_new": replay_n,
                            "summary": celeb, "per_seed": celeb_rows,
@@ -621,10 +688,10 @@ def memory(seeds: Sequence[int], out: Path, quick: bool = False, workers: int | 
             rows.append({"old_acc_pre": start, "old_acc_end": ft[-1]["old_acc"], "new_acc_end": ft[-1]["new_acc"],
                          "t_old_half": t_half, "t_new_half": t_new,
                          "old_acc_at_100": next((h["old_acc"] for h in ft if h["step"] >= 100), ft[-1]["old_acc"])})
-        table.append({"replay_w": w, **_agg(rows)})
+        ends = [[h for h in r["history"] if h["phase"] == "finetune"][-1]["step"] for r in rs]
+        table.append({"replay_w": w, **_agg(rows, {"t_old_half": ends, "t_new_half": ends})})
     t0r = table[0]
-    checks = {"old_forgotten_before_new_learned": bool(t0r["t_old_half"] is not None and (
-                  t0r["t_new_half"] is None or t0r["t_old_half"] < t0r["t_new_half"])),
+    checks = {"old_forgotten_before_new_learned": _earlier(t0r, "t_old_half", "t_new_half"),
               "replay_keeps_more_old": bool(table[-1]["old_acc_end"] > t0r["old_acc_end"])}
     hist_curves = []
 
@@ -683,7 +750,7 @@ def patching(seeds: Sequence[int], out: Path, quick: bool = False, scale: Scale 
         return {"reference_step": step,
                 **_agg([{"t_star": r["plateau"]["t_star"], "t1": r["plateau"]["t1"],
                          "final_loss": _final(r, "seen_eval/loss"), "final_acc": _final(r, "seen_eval/acc")}
-                        for r in rs]), "seeds_left_plateau": sum(r["plateau"]["t_star"] is not None for r in rs)}
+                        for r in rs], {"t_star": [_last_step(r["history"]) for r in rs]})}
     # runs[i::len(grid)]: reference step grid[i], one run per seed
     table = [summary_row("none (plain run)", refs)] + [summary_row(g, runs[i::len(grid)]) for i, g in enumerate(grid)]
     removed = [x["removed"] for x in per_seed if x["removed"] is not None]
@@ -697,7 +764,7 @@ def patching(seeds: Sequence[int], out: Path, quick: bool = False, scale: Scale 
                        [("plain", [curves(r["history"], "seen_eval/loss") for r in refs])] +
                        [(f"ref step {g}", [curves(r["history"], "seen_eval/loss") for r in runs[i::len(grid)]])
                         for i, g in enumerate(grid)],
-                       hlines=[("baseline", refs[0]["baseline"])]),
+                       hlines=_baseline_line(refs)),
              line_plot(out / "value_name_attention.png", "value→name attention of the reference runs", "step",
                        "mass", [(f"layer {i}", [curves(r["history"], f"att_value_name_L{i}") for r in refs])
                                 for i in range(scale.n_layer)],

@@ -8,7 +8,7 @@
   individuals (hallucination: loss above the baseline, the max probability and the entropy of the
   prediction at value tokens);
 - plateau detection: t1 = first evaluation within `tol_reach` of the baseline, t* = first evaluation below
-  baseline - `tol_leave`, confirmed by the next one (shared/research/facts_paper.md §6).
+  baseline - `tol_leave`, confirmed by the next one (this lab's convention).
 
 Probes (seed 003's "latent volatility"), usable on any run with a Biographies dataset: the drift of every
 token embedding between consecutive evaluations (mean over name, value and template tokens), and the

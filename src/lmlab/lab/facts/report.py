@@ -26,11 +26,12 @@ def _plt():
 
 
 def mean_std(curves: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean and std over seeds on the steps every seed has (runs that stopped early are cut)."""
+    """Mean and sample std (ddof=1; zero for one seed) over seeds on the steps every seed has (runs that
+    stopped early are cut)."""
     n = min(len(s) for s, _ in curves)
     steps = curves[0][0][:n]
     values = np.stack([v[:n] for _, v in curves])
-    return steps, values.mean(0), values.std(0)
+    return steps, values.mean(0), values.std(0, ddof=1) if len(values) > 1 else np.zeros(n)
 
 
 def line_plot(path: Path, title: str, xlabel: str, ylabel: str,
@@ -100,18 +101,21 @@ def grade(checks: dict[str, bool | None]) -> str:
 
 
 def pm(row: dict[str, Any], key: str, fmt: Callable[[Any], str] | None = None) -> str:
-    """row[key] as "mean ± std" when the row has a `key_std` beside it, else the value alone."""
+    """row[key] as "mean ± std" when the row has a `key_std` beside it, else the value alone; "≥ mean ± std
+    (k censored)" when `key_censored` says k seeds counted at their censoring bound (a lower bound)."""
     fmt = fmt or _fmt
-    v, sd = row.get(key), row.get(f"{key}_std")
-    return fmt(v) + ("" if v is None or sd is None else f" ± {fmt(sd)}")
+    v, sd, cens = row.get(key), row.get(f"{key}_std"), row.get(f"{key}_censored")
+    text = fmt(v) + ("" if v is None or sd is None else f" ± {fmt(sd)}")
+    return f"≥ {text} ({cens} censored)" if cens and v is not None else text
 
 
 def html_table(table: Sequence[dict[str, Any]], caption: str = "") -> str:
-    """An HTML table of rows (dicts); a column `k_std` next to `k` is folded into it as "mean ± std"."""
+    """An HTML table of rows (dicts); columns `k_std` and `k_censored` next to `k` are folded into it as
+    "mean ± std" and "≥ mean ± std (k censored)" (`pm`)."""
     if not table:
         return ""
     keys = list(table[0])
-    cols = [c for c in keys if not (c.endswith("_std") and c[:-4] in keys)]
+    cols = [c for c in keys if not any(c.endswith(x) and c[:-len(x)] in keys for x in ("_std", "_censored"))]
     cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
     rows = f"<table>{cap}<tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in cols) + "</tr>"
     for r in table:
@@ -153,7 +157,9 @@ img{{max-width:100%}}code{{background:#f3f3f3;padding:.1rem .3rem}}.v{{font-weig
 <p><b>Measured here</b>: {html.escape(measured)}</p>
 <p><b>Verdict</b>: <span class="v">{verdict}</span> (sub-claims below)</p>{subs}
 <p>Reproduce: <code>{html.escape(command)}</code></p>{rows}{imgs}
-<p><small>Mean ± std over seeds where there are several. Numbers in results.json.</small></p></body></html>
+<p><small>Mean ± sample std (ddof=1) over seeds where there are several. A time that some seed never reached
+within its run (still on the plateau, say) counts at the run's last evaluated step: the mean is then a lower bound,
+shown as ≥ with the number of such (censored) seeds. Numbers in results.json.</small></p></body></html>
 """
     atomic_write_text(out / "report.html", page)
     return out / "report.html"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -21,8 +22,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_model, save_model
 
+from ...files import atomic_write_text
 from ...models import ModelConfig, Transformer
-from ...train import Callback, TrainConfig, console, train
+from ...train import Callback, TrainConfig, console, latest_checkpoint, train
 from ..parallel import process_map
 from .data import BioConfig, Biographies, check_ints
 from .metrics import FactsCallback, attention_probs, plateau_times
@@ -91,6 +93,29 @@ class Snapshots(Callback):
     def on_step(self, trainer: Any, metrics: dict[str, Any]) -> None:
         if trainer.step in self.steps:
             self.save(trainer.model, trainer.step)
+
+
+class DataState(Callback):
+    """Saves the dataset's own state (Biographies.state_dict: the warm-up clock) into every checkpoint as
+    `data_state.json`, since the Trainer checkpoints only its generator. Before `train(..., resume=True)`,
+    `restore(out_dir)` puts back the state of the checkpoint the Trainer will resume from."""
+
+    FILE = "data_state.json"
+
+    def __init__(self, data: Biographies) -> None:
+        self.data = data
+
+    def on_checkpoint(self, trainer: Any, path: Path) -> None:
+        atomic_write_text(Path(path) / self.FILE, json.dumps(self.data.state_dict()) + "\n")
+
+    def restore(self, out_dir: str | Path) -> None:
+        path = latest_checkpoint(out_dir)
+        if path is None:
+            raise FileNotFoundError(f"no checkpoint to resume from in {Path(out_dir) / 'checkpoints'}")
+        if not (path / self.FILE).is_file():
+            raise ValueError(f"{path} has no {self.FILE}: the run was not trained with DataState, so its warm-up "
+                             f"clock is lost")
+        self.data.load_state_dict(json.loads((path / self.FILE).read_text()))
 
 
 def load_weights(model: Transformer, path: str) -> None:
@@ -185,6 +210,7 @@ def run_one(cfg: RunConfig, out_dir: str | Path, quiet: bool = True) -> dict[str
         facts = FactsCallback(data, sets, probes=cfg.probes and cfg.patch_from is None, stop_at_acc=cfg.stop_at_acc)
         views = {"main": facts}
         callbacks.append(facts)
+    callbacks.append(DataState(data))
     snaps = Snapshots(cfg.snapshot_steps, out / "snapshots") if cfg.snapshot_steps else None
     if snaps:
         callbacks.append(snaps)

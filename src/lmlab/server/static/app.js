@@ -36,6 +36,9 @@ if (query.get("token")) {
 }
 const token = sessionStorage.getItem("lmlab.token");
 const withToken = (url) => (token ? url + (url.includes("?") ? "&" : "?") + "token=" + encodeURIComponent(token) : url);
+// Every request that changes something carries this header: the server refuses such requests without it
+// (or a JSON body), which a page of another site cannot send (app.py, cross_site).
+const apiHeaders = () => ({ "X-Lmlab-Request": "1", ...(token ? { Authorization: "Bearer " + token } : {}) });
 
 function detailText(d) {
   if (!d) return "";
@@ -45,7 +48,7 @@ function detailText(d) {
 }
 
 async function api(method, path, body) {
-  const opts = { method, headers: token ? { Authorization: "Bearer " + token } : {} };
+  const opts = { method, headers: apiHeaders() };
   if (body !== undefined) {
     opts.headers["Content-Type"] = "application/json";
     opts.body = JSON.stringify(body);
@@ -164,7 +167,7 @@ function uploadFile(file) {
   return new Promise((resolve) => {
     const xhr = new XMLHttpRequest();  // (fetch has no upload progress)
     xhr.open("POST", "/api/v1/books?overwrite=true");
-    if (token) xhr.setRequestHeader("Authorization", "Bearer " + token);
+    for (const [k, v] of Object.entries(apiHeaders())) xhr.setRequestHeader(k, v);
     xhr.upload.onprogress = (e) => { if (e.lengthComputable) $("progress", li).value = (100 * e.loaded) / e.total; };
     xhr.onload = () => {
       let data = {};
@@ -295,6 +298,7 @@ function setupModelForm() {
 }
 
 function modelState(m) {
+  if (m.problem) return "⚠ " + m.problem;  // e.g. its folder is a symbolic link: listed, not usable
   if (m.active_run_id) return t("models.training", { id: m.active_run_id });
   const bits = [];
   if (m.selfplay_run_ids && m.selfplay_run_ids.length) bits.push(t("models.selfplay_reads", { ids: m.selfplay_run_ids.join(", ") }));
@@ -712,7 +716,7 @@ let genAbort = null;
 
 async function streamGenerate(body, out) {
   genAbort = new AbortController();
-  const headers = { "Content-Type": "application/json", ...(token ? { Authorization: "Bearer " + token } : {}) };
+  const headers = { "Content-Type": "application/json", ...apiHeaders() };
   const res = await fetch("/api/v1/generate/stream", { method: "POST", headers, body: JSON.stringify(body), signal: genAbort.signal });
   if (!res.ok) {
     const data = await res.json().catch(() => ({}));
