@@ -57,9 +57,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from ..files import atomic_write_text
 from ..lab.selfplay.text import SETTING_FLAGS
 from ..models import ModelConfig
-from ..models.config import atomic_write_text
 from ..tokenizers import Tokenizer
 from ..train import checkpoint_step, latest_checkpoint
 from .db import Database
