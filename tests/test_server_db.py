@@ -11,7 +11,9 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
+from pathlib import Path
 
 import pytest
 from test_server_support import new_database, postgres_server, wait_for
@@ -46,7 +48,16 @@ def _fake_python(tmp_path, body: str) -> str:
 
 
 def _sleeper(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", *args])
+    """A process whose command line holds `args`, returned once it does: between fork and exec the child's
+    /proc/PID/cmdline is still its parent's (pytest's)."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", *args])
+    want = [os.fsencode(a) for a in args]
+    deadline = time.monotonic() + 30
+    while Path("/proc").is_dir() and not all(a in Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
+                                             for a in want):
+        assert time.monotonic() < deadline, "the child never started"
+        time.sleep(0.01)
+    return proc
 
 
 def test_the_schema_migrates_and_runs_are_claimed_once(url):
