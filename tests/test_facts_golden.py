@@ -102,20 +102,27 @@ def fake_process_map(fn, items, workers):
     return runs
 
 
-def results(root: Path, monkeypatch) -> dict:
-    """Every experiment (`all`, sharing the phase runs with hallucination) on synthetic runs, seeds 0 and 1."""
+def fake_training(monkeypatch) -> None:
     monkeypatch.setattr(experiments, "run_many", fake_run_many)
     monkeypatch.setattr(experiments, "process_map", fake_process_map)
     monkeypatch.setattr(experiments.Scale, "default",
                         classmethod(lambda cls, quick=False, workers=None: cls(**SCALE)))
-    experiments.run_experiment("all", [0, 1], root, quick=True, workers=1)
 
+
+def written(root: Path, name: str) -> dict:
+    """out/results.json without timings, with the folder written as OUT."""
     def strip(o):
         if isinstance(o, dict):
             return {k: strip(v) for k, v in o.items() if k not in TIMES}
         return [strip(v) for v in o] if isinstance(o, list) else o
-    return {name: strip(json.loads((root / name / "results.json").read_text().replace(str(root), "OUT")))
-            for name in experiments.EXPERIMENTS}
+    return strip(json.loads((root / name / "results.json").read_text().replace(str(root), "OUT")))
+
+
+def results(root: Path, monkeypatch) -> dict:
+    """Every experiment (`all`, sharing the phase runs with hallucination) on synthetic runs, seeds 0 and 1."""
+    fake_training(monkeypatch)
+    experiments.run_experiment("all", [0, 1], root, quick=True, workers=1)
+    return {name: written(root, name) for name in experiments.EXPERIMENTS}
 
 
 def test_every_experiment_matches_its_golden_results(tmp_path, monkeypatch):
@@ -125,6 +132,12 @@ def test_every_experiment_matches_its_golden_results(tmp_path, monkeypatch):
     for name in got:
         assert got[name] == golden[name], name
         assert json.dumps(got[name]) == json.dumps(golden[name]), name  # key order too: the report's columns
+    # alone, hallucination trains its own phase runs (the same configs, so the same synthetic runs)
+    alone = tmp_path / "alone"
+    experiments.run_experiment("hallucination", [0, 1], alone / "hallucination", quick=True, workers=1)
+    assert written(alone, "hallucination") == golden["hallucination"]
+    with pytest.raises(TypeError, match="sizez"):  # an option an experiment does not take is refused
+        experiments.plateau([0], tmp_path / "typo", sizez=(250,))
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--write"]:
