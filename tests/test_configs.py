@@ -9,6 +9,10 @@ import pytest
 
 from lmlab.cli import build_parser, main
 from lmlab.configs import add_arguments, from_dict, given, knob, parse_seeds, read_config_file, validate
+from lmlab.lab.facts.data import BioConfig
+from lmlab.lab.facts.experiments import Scale
+from lmlab.lab.facts.memory import MemoryConfig
+from lmlab.lab.facts.runner import RunConfig
 from lmlab.lab.selfplay.azr import AZRConfig
 from lmlab.lab.selfplay.text import TextSelfPlayConfig
 from lmlab.models import GenerationConfig, ModelConfig
@@ -59,6 +63,7 @@ def test_from_dict_refuses_unknown_keys_and_maps_aliases():
 
 
 CONFIGS = [TrainConfig, ModelConfig, GenerationConfig, TextSelfPlayConfig, AZRConfig]
+LAB_CONFIGS = [BioConfig, RunConfig, MemoryConfig, Scale]  # set from code and files, not flags
 COMMANDS = {TrainConfig: ["train"], ModelConfig: ["train"], GenerationConfig: ["generate"],
             TextSelfPlayConfig: ["selfplay", "text"], AZRConfig: ["selfplay", "azr"]}
 
@@ -73,6 +78,13 @@ def test_every_config_field_has_help_and_a_flag(cls, capsys):
         if f.name != "vocab_size" or cls is not ModelConfig:  # the model's vocabulary is the tokenizer's
             assert "--" + f.name.replace("_", "-") in text, f.name
             assert " ".join(f.metadata["help"].split()[:3]) in text, f.name
+
+
+@pytest.mark.parametrize("cls", LAB_CONFIGS, ids=lambda c: c.__name__)
+def test_the_labs_configs_declare_help_and_bounds_alike(cls):
+    assert all(f.metadata.get("help") for f in dataclasses.fields(cls)), cls.__name__
+    with pytest.raises(ValueError, match=r"\(0\) must be > 0$"):
+        cls(**{next(f.name for f in dataclasses.fields(cls) if f.metadata.get("gt") == 0): 0})
 
 
 def test_generated_flags_parse_to_the_field_types():

@@ -21,7 +21,7 @@ from lmlab.lab.facts import (
     plateau_times,
 )
 from lmlab.lab.facts.data import Pools, default_tokenizer
-from lmlab.lab.facts.experiments import loglog_fit, parse_seeds
+from lmlab.lab.facts.experiments import loglog_fit
 from lmlab.models import ModelConfig, Transformer
 from lmlab.models.model import ModelOutput
 
@@ -146,9 +146,6 @@ def test_bad_config_is_a_value_error():
                {"warmup_individuals": 5}, {"scale": "huge"}, {"n_individuals": 10**6}):
         with pytest.raises(ValueError):
             BioConfig(**kw)
-    with pytest.raises(ValueError):
-        parse_seeds("a,b")
-    assert parse_seeds("0-2") == [0, 1, 2] and parse_seeds("3,5") == [3, 5]
 
 
 class FixedLogits(torch.nn.Module):

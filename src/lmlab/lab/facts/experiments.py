@@ -26,8 +26,9 @@ from typing import Any
 
 import numpy as np
 
+from ...configs import knob, validate
 from ..parallel import process_map
-from .data import BioConfig, check_ints
+from .data import BioConfig
 from .memory import MemoryConfig, run_memory
 from .metrics import curves
 from .report import line_plot, pm, write_report
@@ -38,20 +39,20 @@ from .runner import RunConfig, run_many
 class Scale:
     """The CPU-scale sizes shared by the experiments; `quick` shrinks the budgets (minutes, not tens)."""
 
-    n_individuals: int = 1000
-    steps: int = 2000
-    eval_every: int = 50
-    lr: float = 5e-3  # calibrated: N=1000 reaches 93% held-out in 3000 steps; 1e-2 and 2e-3 learn far less
-    batch_size: int = 32
-    n_layer: int = 3
-    n_embd: int = 64
-    n_head: int = 4
-    workers: int | None = None   # processes (default: one per CPU core, and all seeds of a small job at once)
+    n_individuals: int = knob(1000, "individuals in the population", gt=0)
+    steps: int = knob(2000, "optimizer steps of a run", gt=0)
+    eval_every: int = knob(50, "evaluate every N steps", gt=0)
+    # calibrated: N=1000 reaches 93% held-out in 3000 steps; 1e-2 and 2e-3 learn far less
+    lr: float = knob(5e-3, "peak learning rate", gt=0)
+    batch_size: int = knob(32, "biographies per step", gt=0)
+    n_layer: int = knob(3, "transformer blocks", gt=0)
+    n_embd: int = knob(64, "model width", gt=0)
+    n_head: int = knob(4, "attention heads", gt=0)
+    workers: int | None = knob(None, "processes (default: one per CPU core, and all seeds of a small job at once)",
+                               gt=0)
 
     def __post_init__(self) -> None:
-        check_ints(self, ("n_individuals", "steps", "eval_every", "batch_size", "n_layer", "n_embd", "n_head"), 1)
-        if self.workers is not None and self.workers < 1:
-            raise ValueError(f"workers ({self.workers}) must be >= 1")
+        validate(self)
 
     @classmethod
     def default(cls, quick: bool = False, workers: int | None = None) -> Scale:
@@ -65,21 +66,6 @@ class Scale:
                          n_layer=self.n_layer, n_embd=self.n_embd, n_head=self.n_head, batch_size=self.batch_size,
                          lr=extra.pop("lr", self.lr), steps=steps or self.steps,
                          eval_every=extra.pop("eval_every", self.eval_every), seed=seed, **extra)
-
-
-def parse_seeds(text: str) -> list[int]:
-    """'0,1,2' or '0-4' -> [0, 1, 2] / [0, 1, 2, 3, 4]."""
-    try:
-        if "-" in text and "," not in text:
-            a, b = (int(v) for v in text.split("-"))
-            seeds = list(range(a, b + 1))
-        else:
-            seeds = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"--seeds ({text!r}) must look like 0,1,2 or 0-4") from None
-    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        raise ValueError(f"--seeds ({text!r}) must be distinct integers >= 0")
-    return seeds
 
 
 def _cmd(name: str, seeds: Sequence[int], out: Path, quick: bool) -> str:
