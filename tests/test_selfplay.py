@@ -164,7 +164,7 @@ def test_trr_normalises_per_task_type_and_role():
 
 
 def test_text_rewards_by_hand():
-    # seed 000: 3 unique of 4 tokens -> 0.75 * 0.5; length 4/100 -> 0.04 * 0.5
+    # the AZR Model Trainer app's reward: 3 unique of 4 tokens -> 0.75 * 0.5; length 4/100 -> 0.04 * 0.5
     assert seed_reward([5, 5, 6, 7]) == pytest.approx(0.375 + 0.02)
     assert seed_reward([]) == 0.0
     assert repetition_reward([1, 2, 3, 1, 2, 3]) == 0.75  # 3-grams 123 231 312 123: 3 distinct of 4

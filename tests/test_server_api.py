@@ -1,6 +1,6 @@
-"""The web app's HTTP API, in process: seed 000's endpoints with exactly its shapes, every /api/v1 endpoint,
-validation and limits, auth, the job queue, and a graceful restart. Training runs are real `lmlab train`
-processes on a tiny model."""
+"""The web app's HTTP API, in process: the AZR Model Trainer app's endpoints with exactly their shapes, every
+/api/v1 endpoint, validation and limits, auth, the job queue, and a graceful restart. Training runs are real
+`lmlab train` processes on a tiny model."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def lab(tmp_path_factory):
         yield c
 
 
-# ---- seed 000's endpoints ---------------------------------------------------------------------------
+# ---- the AZR Model Trainer app's endpoints -----------------------------------------------------------
 
 SEED_MODEL = {"name": "seed-model", "vocab_size": 300, "d_model": 32, "num_layers": 1, "num_heads": 2, "d_ff": 64,
               "max_seq_len": 32}
@@ -71,7 +71,7 @@ def test_seed_create_model_shape_and_parameter_count(lab):
     assert set(body) == {"status", "message", "parameters", "config"}
     assert body["status"] == "success" and "seed-model" in body["message"]
     assert body["config"] == SEED_MODEL
-    # the count is the real model's: build seed 000's architecture (the gpt family) and count
+    # the count is the real model's: build the app's architecture (the gpt family) and count
     cfg = ModelConfig.from_dict({k: v for k, v in SEED_MODEL.items() if k != "name"} | {"family": "gpt"})
     assert body["parameters"] == sum(p.numel() for p in Transformer(cfg).parameters())
     assert lab.post("/create_model", json=SEED_MODEL).status_code == 409

@@ -107,7 +107,7 @@ def test_selfplay_run_makes_a_new_model(lab):
     streamed = [d for e, d in events if e == "metric"]
     assert [(m["step"], m["reward"], m["kl"]) for m in streamed] == [(m["step"], m["reward"], m["kl"]) for m in lines]
     assert run["last_reward"] == lines[-1]["reward"] and run["last_kl"] == lines[-1]["kl"]
-    status = lab.get("/training_status").json()  # seed 000's endpoint shows the latest run's reward too
+    status = lab.get("/training_status").json()  # the AZR Model Trainer app's endpoint: the latest run's reward too
     assert status["current_reward"] == lines[-1]["reward"] and status["is_training"] is False
     assert [h["reward"] for h in status["history"]] == [m["reward"] for m in lines]
     # the prompts reach the process in a file, not on its command line (public in ps, and logged)

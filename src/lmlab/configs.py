@@ -102,7 +102,7 @@ def validate(config: Any) -> None:
 
 def from_dict(cls: type, data: dict[str, Any], aliases: dict[str, str] | None = None) -> Any:
     """`cls(**data)` after refusing keys that are not fields of `cls` (named in one error); `aliases` maps
-    other spellings (e.g. the seeds' config keys) onto field names."""
+    other spellings (e.g. the config keys of the AZR Model Trainer app and llm-arch-research) onto field names."""
     if not isinstance(data, dict):
         raise ValueError(f"a {cls.__name__} must be a mapping of its fields, not {type(data).__name__}")
     names, kwargs, source = {f.name for f in dataclasses.fields(cls)}, {}, {}

@@ -21,8 +21,8 @@ from ..files import atomic_write_text
 FAMILIES = ("gpt", "gpt2", "llama")
 
 # What each family means, as switches of the one implementation in model.py.
-#  gpt   — GPT-1 (Radford et al. 2018) and seed 000's CustomTransformerLM: learned positions, post-LN
-#          blocks, no final norm; HF's OpenAIGPTLMHeadModel ties the head, so we do too.
+#  gpt   — GPT-1 (Radford et al. 2018) and the AZR Model Trainer app's CustomTransformerLM: learned positions,
+#          post-LN blocks, no final norm; HF's OpenAIGPTLMHeadModel ties the head, so we do too.
 #  gpt2  — pre-LN blocks, a final LayerNorm, tied head, biases everywhere.
 #  llama — RMSNorm, RoPE, SwiGLU, grouped-query attention, no biases, untied head.
 _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -34,7 +34,7 @@ _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
                   tie_embeddings=False, bias=False, norm_eps=1e-5),
 }
 
-# Sizes. small/medium/large follow seed 000's table (~5M / ~20M / ~100M parameters, d_model 128-768,
+# Sizes. small/medium/large follow the AZR Model Trainer app's table (~5M / ~20M / ~100M parameters, d_model 128-768,
 # 4-16 layers); gpt2-124m is exactly GPT-2 small. Counts are for the gpt2 family at the listed vocab;
 # `lmlab info --preset` prints the exact number for any family.
 SIZES: dict[str, dict[str, int]] = {
@@ -45,8 +45,10 @@ SIZES: dict[str, dict[str, int]] = {
     "gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257),
 }
 
-# Keys used by the seeds (000: CustomTransformerLM; 004: GPT/GPT2 config dicts) -> our field names.
-_SEED_KEYS = {
+# Config keys of the projects lmlab grew from -> our field names: the AZR Model Trainer app's CustomTransformerLM
+# (github.com/Slavikpro557/ai-neural-network-project) and llm-arch-research's GPT/GPT2 config dicts
+# (github.com/pese-git/llm-arch-research).
+FOREIGN_KEYS = {
     "d_model": "n_embd", "embed_dim": "n_embd", "num_layers": "n_layer", "num_heads": "n_head",
     "num_kv_heads": "n_kv_head", "d_ff": "intermediate_size", "max_seq_len": "block_size",
     "max_position_embeddings": "block_size",
@@ -170,8 +172,9 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        """Build from a dict; also accepts the seeds' keys (d_model, num_layers, embed_dim, ...)."""
-        return configs.from_dict(cls, data, aliases=_SEED_KEYS)
+        """Build from a dict; also accepts the keys of the AZR Model Trainer app and of llm-arch-research (d_model,
+        num_layers, embed_dim, ...)."""
+        return configs.from_dict(cls, data, aliases=FOREIGN_KEYS)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)

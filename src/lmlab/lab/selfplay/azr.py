@@ -14,7 +14,7 @@ What differs from the paper, on purpose (each also goes into results.json):
 - the solver batch of an iteration uses the tasks validated in that iteration (AZR: the previous step);
 - the solver samples at temperature 0.5 (AZR: 1.0; the proposer keeps 1.0): at 1.0 this model's samples
   solve far fewer tasks than its greedy answers, and RL raised the sampled rate without moving the greedy
-  held-out rate (docs/LOG.md, 2026-12-01).
+  held-out rate (docs/LOG.md).
 
 Sequences (role/task tokens mark what the model is asked to do):
 
@@ -79,8 +79,7 @@ class AZRConfig:
     ind_inputs: int = knob(4, "N inputs an induction proposal writes, half of them shown; even (AZR: 10)", ge=2)
     seed_buffer: int = knob(16, "per task type, filled by a no-gradient seeding phase (AZR: 256)", ge=0)
     seed_rounds: int = knob(20, "at most this many proposal rounds to fill the seed buffers", ge=0)
-    # AZR uses 1e-6 on 7B. A pilot (seed 0, 200 iterations, random-task RL at the batch and temperature here):
-    # 3e-4 ends 0.214 -> 0.242, 1e-3 -> 0.233
+    # AZR uses 1e-6 on 7B; 3e-4 beat 1e-3 in a pilot at this size (docs/LOG.md)
     lr: float = knob(3e-4, "Adam learning rate of the RL phase", gt=0)
     entropy_coef: float = knob(1e-3, "entropy bonus weight")
     grad_clip: float = knob(1.0, "clip the gradient norm to this", gt=0)

@@ -5,8 +5,9 @@ to the starting model, so the reward can rise without the text collapsing into w
     lmlab selfplay text --model lmlab-demo/final --out runs/sp-text --reward repetition --iterations 40
 
 Rewards (`--reward`):
-- seed: seed 000's `unique_ratio * 0.5 + min(len / 100, 1) * 0.5` over the completion's tokens. In the seed
-  it was only logged, never trained on; here it is trained on, so you can watch what it rewards (length).
+- seed: the AZR Model Trainer app's `unique_ratio * 0.5 + min(len / 100, 1) * 0.5` over the completion's
+  tokens. In the app it was only logged, never trained on; here it is trained on, so you can watch what it
+  rewards (length).
 - repetition: the share of distinct token 3-grams among the completion's 3-grams (0 if it has none).
 - perplexity: the mean log-probability per token of the completion (and its EOS) under a second model,
   the judge (`--judge DIR`), which re-tokenises the text with its own tokenizer.
@@ -80,8 +81,9 @@ class TextSelfPlayConfig:
     kl_coef: float = knob(0.1, "weight of the k3 KL estimate to the starting model (GRPO, eq. 4)", ge=0)
     grad_clip: float = knob(1.0, "clip the gradient norm to this", gt=0)
     seed: int = knob(0, "seed for sampling and the update")
-    reward: str = knob("seed", "seed: seed 000's diversity*0.5+length*0.5; repetition: distinct 3-grams; "
-                       "perplexity: judge log-prob (--judge); file: your function (--reward-file)", choices=REWARDS)
+    reward: str = knob("seed", "seed: the AZR Model Trainer app's diversity*0.5+length*0.5; repetition: distinct "
+                       "3-grams; perplexity: judge log-prob (--judge); file: your function (--reward-file)",
+                       choices=REWARDS)
     save_every: int = knob(10, "checkpoint every N iterations (0: only at the end; also on Ctrl-C or SIGTERM)",
                            ge=0)
 
@@ -98,7 +100,8 @@ class TextSelfPlayConfig:
 # ---- rewards ---------------------------------------------------------------------------------------------
 
 def seed_reward(ids: Sequence[int]) -> float:
-    """Seed 000 (`azr_trainer.py: compute_reward`): token diversity and length, half each."""
+    """The AZR Model Trainer app (github.com/Slavikpro557/ai-neural-network-project, `azr_trainer.py:
+    compute_reward`): token diversity and length, half each."""
     unique_ratio = len(set(ids)) / max(len(ids), 1)
     return unique_ratio * 0.5 + min(len(ids) / 100.0, 1.0) * 0.5
 
