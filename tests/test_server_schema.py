@@ -20,7 +20,7 @@ from test_server_support import BOOK  # noqa: E402
 from lmlab.models import ModelConfig, Transformer  # noqa: E402
 from lmlab.models.io import save_pretrained  # noqa: E402
 from lmlab.server import Settings, build_asgi  # noqa: E402
-from lmlab.server.app import State  # noqa: E402
+from lmlab.server.app import AppState  # noqa: E402
 from lmlab.tokenizers import Tokenizer  # noqa: E402
 
 _WS = Path(tempfile.mkdtemp(prefix="lmlab-schema-"))
@@ -30,7 +30,7 @@ def _app():
     s = Settings(workspace=_WS, poll_s=0.2, max_upload_bytes=64 * 1024, memory_budget_bytes=2**30,
                  allowed_hosts=("testserver", "127.0.0.1", "localhost"))
     app = build_asgi(s)
-    state: State = app.app.state.lab
+    state: AppState = app.app.state.lmlab
     (state.ws.books / "tales.txt").write_text(BOOK, encoding="utf-8")
     state.db.add_book("tales.txt", len(BOOK.encode()), len(BOOK), "utf-8")
     tok = Tokenizer.train([BOOK], kind="char", vocab_size=128)
@@ -45,7 +45,7 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
 
 
 # built at collection (schemathesis reads the schema then), so removed at exit even when deselected
-atexit.register(lambda: (APP.app.state.lab.db.close(), shutil.rmtree(_WS, ignore_errors=True)))
+atexit.register(lambda: (APP.app.state.lmlab.db.close(), shutil.rmtree(_WS, ignore_errors=True)))
 
 
 @schema.parametrize()
