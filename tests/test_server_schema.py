@@ -1,6 +1,7 @@
 """Property-based run against the OpenAPI schema (schemathesis): whatever the schema allows, and what it
-does not, the server answers with a status below 500. A small example budget keeps it fast; the workspace
-holds a book and a small trained-looking model so generation and downloads reach real code paths."""
+does not, the server answers with a status below 500, for 20 examples per operation (LMLAB_SCHEMA_EXAMPLES
+sets another number). The workspace holds a book and a small trained-looking model so generation and
+downloads reach real code paths."""
 
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ atexit.register(lambda: (APP.app.state.lmlab.db.close(), shutil.rmtree(_WS, igno
 
 
 @schema.parametrize()
-@settings(max_examples=int(os.environ.get("LMLAB_SCHEMA_EXAMPLES", "6")), deadline=None,
+@settings(max_examples=int(os.environ.get("LMLAB_SCHEMA_EXAMPLES", "20")), deadline=None,
           suppress_health_check=list(HealthCheck))
 def test_no_server_errors(case):
     case.call_and_validate(headers={"X-Lmlab-Request": "1"}, checks=[not_a_server_error])
