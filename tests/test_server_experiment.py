@@ -29,7 +29,8 @@ from test_server_support import (
 from lmlab.cli import build_parser
 from lmlab.configs import parse_seeds
 from lmlab.lab.facts.experiments import EXPERIMENTS
-from lmlab.server.jobs import experiment_command, process_alive
+from lmlab.server.commands import experiment_command
+from lmlab.server.jobs import process_alive
 from lmlab.server.workspace import Workspace
 
 QUICK_AZR = {"lab": "azr", "quick": True, "seeds": [0], "workers": 1}  # ~10 s of work on one core

@@ -34,9 +34,9 @@ from test_server_support import (
 
 from lmlab.models import ModelConfig, Transformer
 from lmlab.models.io import load_pretrained, save_pretrained
-from lmlab.server.api import selfplay_memory
 from lmlab.server.db import MIGRATIONS, Database, migrate, schema_drift
 from lmlab.server.jobs import process_alive
+from lmlab.server.services import selfplay_memory
 from lmlab.server.workspace import Workspace
 from lmlab.tokenizers import Tokenizer
 

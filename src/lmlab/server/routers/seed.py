@@ -15,22 +15,12 @@ from fastapi import APIRouter, File, HTTPException, UploadFile
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-from .api import (
-    GenerateRequest,
-    ModelSpec,
-    RunCreate,
-    build_config,
-    download_response,
-    estimate,
-    need_free_model_name,
-    need_unused,
-    run_generation,
-    save_upload,
-    start_run,
-)
-from .app import Lab
-from .db import ACTIVE
-from .workspace import check_name
+from ...models import ModelConfig
+from ..app import StateDep
+from ..db import ACTIVE
+from ..schemas import GenerateRequest, ModelSpec, RunCreate
+from ..services import download_response, make_model, need_unused, run_generation, save_upload, start_run
+from ..workspace import check_name
 
 router = APIRouter(tags=["seed-compatible"])
 
@@ -69,26 +59,18 @@ def seed_config(name: str, cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 @router.post("/create_model")
-def create_model(state: Lab, config: SeedModelConfig) -> dict[str, Any]:
-    name = check_name(config.name, "model name")
-    kind = "bpe" if config.vocab_size >= 260 else "char"
+def create_model(state: StateDep, config: SeedModelConfig) -> dict[str, Any]:
+    # the seed's fields as a `gpt` ModelSpec, made as POST /api/v1/models makes a model (one service)
     spec = ModelSpec(family="gpt", n_layer=config.num_layers, n_head=config.num_heads, n_embd=config.d_model,
                      intermediate_size=config.d_ff, block_size=config.max_seq_len, vocab_size=config.vocab_size,
-                     tokenizer_kind=kind)
-    cfg = build_config(spec)
-    est = estimate(cfg, 1, state.memory_budget)
-    if not est.fits:
-        raise HTTPException(422, est.reason)
-    with state.lock:  # from the checks through add_model: see Supervisor.lock
-        need_free_model_name(state, name)
-        cfg.save(state.ws.model_path(name) / "config.json")
-        state.db.add_model(name, cfg.to_dict(), None, kind, cfg.vocab_size)
-    return {"status": "success", "message": f"Model '{name}' created successfully",
-            "parameters": cfg.num_parameters(), "config": config.model_dump()}
+                     tokenizer_kind="bpe" if config.vocab_size >= 260 else "char")
+    row = make_model(state, config.name, spec)
+    return {"status": "success", "message": f"Model '{row['name']}' created successfully",
+            "parameters": ModelConfig.from_dict(row["config"]).num_parameters(), "config": config.model_dump()}
 
 
 @router.post("/upload_book")
-def upload_book(state: Lab, file: Annotated[UploadFile, File()]) -> dict[str, Any]:
+def upload_book(state: StateDep, file: Annotated[UploadFile, File()]) -> dict[str, Any]:
     # the seed replaced a book of the same name; not one a queued or running run reads (400: the seed's answer
     # for a model already training)
     row = save_upload(state, file, overwrite=True, busy_code=400)
@@ -96,18 +78,18 @@ def upload_book(state: Lab, file: Annotated[UploadFile, File()]) -> dict[str, An
 
 
 @router.get("/books")
-def list_books(state: Lab) -> dict[str, Any]:
+def list_books(state: StateDep) -> dict[str, Any]:
     return {"books": [b["name"] for b in state.db.list_books()]}
 
 
 @router.get("/models")
-def list_models(state: Lab) -> dict[str, Any]:
+def list_models(state: StateDep) -> dict[str, Any]:
     return {"models": [{"name": m["name"], "config": seed_config(m["name"], m["config"])}
                        for m in state.db.list_models()]}
 
 
 @router.post("/train")
-def train(state: Lab, config: SeedTrainingConfig) -> dict[str, Any]:
+def train(state: StateDep, config: SeedTrainingConfig) -> dict[str, Any]:
     with state.lock:  # from the checks through queueing: see Supervisor.lock
         if state.db.get_model(check_name(config.model_name, "model name")) is None:
             raise HTTPException(404, f"Model '{config.model_name}' not found")
@@ -123,7 +105,7 @@ def train(state: Lab, config: SeedTrainingConfig) -> dict[str, Any]:
 
 
 @router.get("/training_status")
-def training_status(state: Lab) -> dict[str, Any]:
+def training_status(state: StateDep) -> dict[str, Any]:
     """The most recent run, in the seed's shape. Training runs have no reward (0.0); self-play runs report
     their mean reward per iteration, as the seed's self-play trainer did."""
     runs = state.db.list_runs()
@@ -144,7 +126,7 @@ def training_status(state: Lab) -> dict[str, Any]:
 
 
 @router.post("/generate")
-def generate(state: Lab, config: SeedGenerateConfig) -> dict[str, Any]:
+def generate(state: StateDep, config: SeedGenerateConfig) -> dict[str, Any]:
     req = GenerateRequest(model=config.model_name, prompt=config.prompt, max_new_tokens=config.max_length,
                           temperature=config.temperature, top_k=config.top_k)
     out = run_generation(state, req)
@@ -154,6 +136,6 @@ def generate(state: Lab, config: SeedGenerateConfig) -> dict[str, Any]:
 
 @router.get("/download_model/{model_name}", response_class=StreamingResponse,
             responses={200: {"content": {"application/zip": {}}}})
-def download_model(state: Lab, model_name: str) -> StreamingResponse:
+def download_model(state: StateDep, model_name: str) -> StreamingResponse:
     return download_response(state, model_name)
 
