@@ -251,7 +251,7 @@ def test_cancelled_selfplay_leaves_no_model(lab):
     try:
         run = wait_run(lab, run_id, lambda r: r["status"] == "running" and r["current_step"] >= 2, "iterations")
         pid = run["pid"]
-        # the target name is reserved, by the seed's endpoint too
+        # the target name is reserved, by the app's endpoint too
         r = lab.post("/api/v1/models", json={"name": "tiny-long", **TINY_MODEL})
         assert r.status_code == 409 and f"self-play run {run_id}" in r.json()["detail"]
         r = lab.post("/create_model", json={"name": "tiny-long", "vocab_size": 300, "max_seq_len": 32})
@@ -269,7 +269,7 @@ def test_cancelled_selfplay_leaves_no_model(lab):
         m = lab.get("/api/v1/models/judge").json()
         assert m["active_run_id"] is None and m["selfplay_run_ids"] == [second], m
         # ... and they cannot be trained, resumed into or deleted, whichever endpoint asks and however it is
-        # read; the seed's /train answers 400, its code for a model already in use
+        # read; the app's /train answers 400, its code for a model already in use
         r = lab.post("/api/v1/runs", json={"model": "tiny", "books": ["tales.txt"], "max_steps": 1, **FAST})
         assert r.status_code == 409 and "starting point" in r.json()["detail"]
         r = lab.post("/api/v1/runs", json={"model": "judge", "books": ["tales.txt"], "max_steps": 1, **FAST})

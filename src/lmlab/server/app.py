@@ -1,5 +1,5 @@
 """`lmlab serve`: the FastAPI application — web UI at `/`, REST API under `/api/v1` (OpenAPI at `/docs`),
-seed 000's endpoints for its old clients — and the guards in front of all of it.
+the AZR Model Trainer app's endpoints for its old clients — and the guards in front of all of it.
 
     lmlab serve                                   # http://127.0.0.1:8000, workspace in your data dir
     lmlab serve --workspace ./lab --max-jobs 2
@@ -413,7 +413,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     from .. import __version__
     app = FastAPI(title="lmlab", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Train small language models on your books, watch them learn, generate text. "
-                              "Versioned API under /api/v1; seed 000's endpoints are kept for old clients.")
+                              "Versioned API under /api/v1; the AZR Model Trainer app's endpoints are kept for "
+                              "its old clients.")
     app.state.lmlab = state
 
     @app.exception_handler(BadName)

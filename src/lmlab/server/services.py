@@ -125,9 +125,9 @@ def need_model(state: AppState, name: str) -> dict[str, Any]:
 
 
 def make_model(state: AppState, name: str, spec: ModelSpec) -> dict[str, Any]:
-    """Create the untrained model `name` from `spec` (the API's POST /models and the seed's /create_model):
-    422 for an invalid config or one whose training at batch 1 exceeds the memory budget, 409 for a name that
-    is taken; then config.json in a fresh folder and the index row, which is returned."""
+    """Create the untrained model `name` from `spec` (the API's POST /models and the AZR Model Trainer app's
+    /create_model): 422 for an invalid config or one whose training at batch 1 exceeds the memory budget, 409
+    for a name that is taken; then config.json in a fresh folder and the index row, which is returned."""
     name = check_name(name, "model name")
     cfg = build_config(spec)
     est = estimate(cfg, 1, state.memory_budget)

@@ -3,7 +3,7 @@ names that cannot escape their folder or overflow the file system's name length,
 can read (read once, in a child process, and stored beside the book: `books/.{name}.text`), zips of model
 directories.
 
-Seed 000 joined `file.filename` and model names straight into paths (`BOOKS_DIR / file.filename`), so
+The AZR Model Trainer app joined `file.filename` and model names straight into paths (`BOOKS_DIR / file.filename`), so
 `../../anything` wrote anywhere; here every name is validated before it touches a path, and the resolved
 path is checked to sit inside its folder as a second line of defence.
 

@@ -1,6 +1,6 @@
 """The HTTP routes, one module per resource; each handler checks its input through services and shapes the
 answer. `api` is the versioned REST API (`/api/v1`, OpenAPI at /docs), in the order of its document; `seed`
-keeps seed 000's endpoints for its old clients."""
+keeps the AZR Model Trainer app's endpoints for its old clients."""
 
 from fastapi import APIRouter
 

@@ -1,6 +1,7 @@
-"""Seed 000's endpoints, kept for its clients: same paths, request fields and response fields.
+"""The endpoints of the AZR Model Trainer app (github.com/Slavikpro557/ai-neural-network-project), which lmlab
+grew from, kept for its clients: same paths, request fields and response fields.
 
-What changed underneath: a model is a ModelConfig of the `gpt` family (the seed's CustomTransformerLM),
+What changed underneath: a model is a ModelConfig of the `gpt` family (the app's CustomTransformerLM),
 its tokenizer is trained from the book when training starts (byte-level BPE; char below 260 tokens);
 `/train` queues a supervised OS process instead of a thread sharing the serving model; errors are 4xx
 with a reason instead of 500s; nothing uploaded is ever unpickled.
@@ -53,14 +54,14 @@ class SeedGenerateConfig(BaseModel):
 
 
 def seed_config(name: str, cfg: dict[str, Any]) -> dict[str, Any]:
-    """A ModelConfig in the seed's keys (what its clients read back)."""
+    """A ModelConfig in the app's keys (what its clients read back)."""
     return {"name": name, "vocab_size": cfg["vocab_size"], "d_model": cfg["n_embd"], "num_layers": cfg["n_layer"],
             "num_heads": cfg["n_head"], "d_ff": cfg["intermediate_size"], "max_seq_len": cfg["block_size"]}
 
 
 @router.post("/create_model")
 def create_model(state: StateDep, config: SeedModelConfig) -> dict[str, Any]:
-    # the seed's fields as a `gpt` ModelSpec, made as POST /api/v1/models makes a model (one service)
+    # the app's fields as a `gpt` ModelSpec, made as POST /api/v1/models makes a model (one service)
     spec = ModelSpec(family="gpt", n_layer=config.num_layers, n_head=config.num_heads, n_embd=config.d_model,
                      intermediate_size=config.d_ff, block_size=config.max_seq_len, vocab_size=config.vocab_size,
                      tokenizer_kind="bpe" if config.vocab_size >= 260 else "char")
@@ -71,7 +72,7 @@ def create_model(state: StateDep, config: SeedModelConfig) -> dict[str, Any]:
 
 @router.post("/upload_book")
 def upload_book(state: StateDep, file: Annotated[UploadFile, File()]) -> dict[str, Any]:
-    # the seed replaced a book of the same name; not one a queued or running run reads (400: the seed's answer
+    # the seed replaced a book of the same name; not one a queued or running run reads (400: the app's answer
     # for a model already training)
     row = save_upload(state, file, overwrite=True, busy_code=400)
     return {"status": "success", "filename": row["name"], "path": f"books/{row['name']}"}
@@ -93,7 +94,7 @@ def train(state: StateDep, config: SeedTrainingConfig) -> dict[str, Any]:
     with state.lock:  # from the checks through queueing: see Supervisor.lock
         if state.db.get_model(check_name(config.model_name, "model name")) is None:
             raise HTTPException(404, f"Model '{config.model_name}' not found")
-        # 400, the seed's answer for a model already training, for any run using it (self-play reads it too)
+        # 400, the app's answer for a model already training, for any run using it (self-play reads it too)
         need_unused(state, config.model_name, code=400)
         req = RunCreate(model=config.model_name, books=[config.book_file], max_steps=config.max_iterations,
                         batch_size=config.batch_size, lr=config.learning_rate, save_every=config.save_every)
@@ -106,8 +107,8 @@ def train(state: StateDep, config: SeedTrainingConfig) -> dict[str, Any]:
 
 @router.get("/training_status")
 def training_status(state: StateDep) -> dict[str, Any]:
-    """The most recent run, in the seed's shape. Training runs have no reward (0.0); self-play runs report
-    their mean reward per iteration, as the seed's self-play trainer did."""
+    """The most recent run, in the app's shape. Training runs have no reward (0.0); self-play runs report
+    their mean reward per iteration, as the app's self-play trainer did."""
     runs = state.db.list_runs()
     if not runs:
         return {"is_training": False, "current_iteration": 0, "max_iterations": 0, "current_loss": 0.0,
