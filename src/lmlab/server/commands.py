@@ -16,11 +16,21 @@ from ..lab.selfplay.text import SETTING_FLAGS
 from .workspace import Workspace
 
 # The child: `lmlab ARGS...`, with SIGINT and SIGTERM restored to KeyboardInterrupt. Python leaves SIGINT
-# ignored when its parent ignored it (true of background jobs of a non-interactive shell), and SIGTERM would
-# otherwise kill without a checkpoint.
-CHILD_BOOTSTRAP = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-                   "signal.signal(signal.SIGTERM, signal.default_int_handler); "
-                   "from lmlab.cli import main; sys.exit(main(sys.argv[1:]))")
+# ignored when its parent ignored it (true of background jobs of a non-interactive shell: `lmlab serve &`),
+# and SIGTERM would otherwise kill without a checkpoint. A SIGINT that arrives before these handlers are set
+# is lost in that case, so the supervisor writes STOP_FILE (named by $LMLAB_STOP_FILE) before it signals, and
+# the child, once its handlers are set, stops at once if it finds that file.
+STOP_FILE = "stop-requested"
+CHILD_BOOTSTRAP = """\
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.signal(signal.SIGTERM, signal.default_int_handler)
+if os.path.exists(os.environ.get("LMLAB_STOP_FILE", "")):
+    print("lmlab: interrupted (asked to stop while starting)", file=sys.stderr)
+    sys.exit(130)
+from lmlab.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
 
 
 def child_argv(python: str, args: list[str]) -> list[str]:

@@ -61,7 +61,7 @@ from ..files import atomic_write_text
 from ..models import ModelConfig
 from ..tokenizers import Tokenizer
 from ..train import checkpoint_step, latest_checkpoint
-from .commands import child_argv, run_command
+from .commands import STOP_FILE, child_argv, run_command
 from .db import Database
 from .workspace import Workspace, stage_dir, swap_dir
 
@@ -291,8 +291,8 @@ class Supervisor:
         if self._thread is not None:
             self._thread.join(timeout=5)
         with self.lock:
-            for proc in self._procs.values():
-                _signal_group(proc.pid, signal.SIGINT)
+            for run_id, proc in self._procs.items():
+                self._ask_to_stop(run_id, proc.pid)
             deadline = time.monotonic() + timeout
             for run_id, proc in list(self._procs.items()):
                 if not _wait(proc, deadline - time.monotonic()):
@@ -323,7 +323,7 @@ class Supervisor:
             if self._procs:  # cancels asked through any server sharing the database
                 for run in self.db.list_runs(status=["running"]):
                     if run["id"] in self._procs and run["cancel_requested"] and run["id"] not in self._cancel_sent:
-                        _signal_group(self._procs[run["id"]].pid, signal.SIGINT)
+                        self._ask_to_stop(run["id"], self._procs[run["id"]].pid)
                         self._cancel_sent[run["id"]] = time.monotonic()
             for run_id, proc in list(self._procs.items()):
                 self._catch_up(run_id)
@@ -405,7 +405,10 @@ class Supervisor:
             args, files = run_command(run, self.ws, self.db.get_model)
             for path, text in files.items():
                 atomic_write_text(path, text)
-            env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+            stop_file = run_dir / STOP_FILE
+            if stop_file.exists() or stop_file.is_symlink():  # the request of an earlier launch, answered
+                stop_file.unlink()
+            env = {**os.environ, "PYTHONUNBUFFERED": "1", "LMLAB_STOP_FILE": str(stop_file), **self.env}
             with os.fdopen(self.ws.open(run_dir / "log.txt", os.O_WRONLY | os.O_APPEND | os.O_CREAT), "ab") as logf:
                 logf.write(f"\n$ lmlab {shlex.join(args)}\n".encode())
                 logf.flush()
@@ -419,6 +422,15 @@ class Supervisor:
         self._cancel_sent.pop(run_id, None)
         self.db.update_run(run_id, pid=proc.pid, pid_start=process_start(proc.pid), resumed_from_step=resumed_from)
         log.info("run %s started (pid %s)%s", run_id, proc.pid, f" from step {resumed_from}" if resumed_from else "")
+
+    def _ask_to_stop(self, run_id: int, pid: int) -> None:
+        """SIGINT to a run's process (it checkpoints and exits), and the stop file first, which a process still
+        starting with SIGINT ignored finds once it can answer (commands.CHILD_BOOTSTRAP)."""
+        try:
+            os.close(self.ws.open(self.ws.run_path(run_id) / STOP_FILE, os.O_WRONLY | os.O_CREAT))
+        except (OSError, ValueError) as exc:  # a run folder gone or made a link meanwhile: the signal still goes
+            log.warning("run %s: could not write its stop file: %s", run_id, exc)
+        _signal_group(pid, signal.SIGINT)
 
     def _finish(self, run_id: int, code: int | None, server_stopped: bool = False) -> None:
         """Record how a run's process ended and register what it made. `code` None: its exit status is unknown
