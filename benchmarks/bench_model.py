@@ -19,18 +19,18 @@ are printed as PASS / BELOW, never asserted. benchmarks/README.md says more.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+import unittest.mock
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from lmlab.interop.hf_mapping import hf_config_dict, to_hf_state_dict
-from lmlab.models import ModelConfig, Transformer, generate_ids
+from lmlab.models import ModelConfig, Transformer, fast, generate_ids, generation
 
 REFERENCE = ModelConfig(family="gpt2", n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=8192)
 TINY = ModelConfig(family="gpt2", n_layer=3, n_head=4, n_embd=64, block_size=128, vocab_size=1024)
@@ -178,18 +178,10 @@ def bench_generation(repeats: int, bandwidth: float) -> list[tuple[str, float, f
         with torch.inference_mode():
             return hf.generate(prompt, **hf_kw)[0, PROMPT_LEN:].tolist()
 
-    @contextlib.contextmanager
-    def module_path() -> Iterator[None]:
-        with Transformer.decoding(ours):
-            ours._decoder = None  # one-token steps go through the modules, as before _decode_one existed
-            yield
-
     def run_ours_modules() -> list[int]:
-        ours.decoding = module_path
-        try:
+        # one-token steps through the nn.Modules of model.py, without fast.Decoder
+        with unittest.mock.patch.object(generation, "decoder", lambda model, keep=True: None):
             return run_ours()
-        finally:
-            del ours.decoding
 
     def run_ours_lookup() -> list[int]:
         return generate_ids(ours, [prompt_list], do_sample=False, max_new_tokens=NEW_TOKENS, stop_at_eos=False,
@@ -226,7 +218,7 @@ def bench_generation(repeats: int, bandwidth: float) -> list[tuple[str, float, f
           f"{tps_ours / tps_hf:7.2f}x{first_ours:11.2f}s")
     tpm = NEW_TOKENS / t["lmlab_modules"].median
     print(f"    {'lmlab, module path':26}{tpm:9.1f}{1e3 / tpm:10.2f}{t['lmlab_modules'].spread:8.0%}"
-          f"{tpm / tps_hf:7.2f}x   (one-token steps through nn.Modules, not _decode_one; same ids: "
+          f"{tpm / tps_hf:7.2f}x   (one-token steps through model.py's modules, not fast.Decoder; same ids: "
           f"{'yes' if same_modules else 'NO'})")
     print(f"    {'transformers generate':26}{tps_hf:9.1f}{1e3 / tps_hf:10.2f}{t['transformers'].spread:8.0%}"
           f"{1.0:7.2f}x{first_hf:11.2f}s")
@@ -260,6 +252,7 @@ def bench_generation(repeats: int, bandwidth: float) -> list[tuple[str, float, f
 def bench_training(cfg: ModelConfig, batch: int, target: float, repeats: int, peak: float,
                    label: str) -> list[tuple[str, float, float]]:
     ours, hf = build_pair(cfg)
+    fast.for_training(ours)  # the CPU fast paths the Trainer applies
     ours.train()
     hf.train()
     T = cfg.block_size

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from lmlab.data import prepare_texts
-from lmlab.models import ModelConfig, Transformer
+from lmlab.models import ModelConfig, Transformer, fast
 from lmlab.tokenizers import Tokenizer
 from lmlab.train import Callback, TrainConfig, train
 from lmlab.train.demo_corpus import demo_corpus
@@ -43,6 +43,8 @@ class StepTimes(Callback):
 def bare_step_times(cfg: ModelConfig, batch: int, steps: int, device: torch.device) -> list[float]:
     torch.manual_seed(0)
     model = Transformer(cfg).to(device)
+    if device.type == "cpu":
+        fast.for_training(model)  # as the Trainer does
     opt = model.configure_optimizer(lr=3e-4, weight_decay=0.1)
     autocast = device.type == "cuda"
     times = []

@@ -44,13 +44,13 @@ def test_json_round_trip(tmp_path):
 
 
 def test_seed_keys_translate():
-    seed004 = {"vocab_size": 50257, "embed_dim": 256, "num_heads": 4, "num_layers": 4,
+    arch_research = {"vocab_size": 50257, "embed_dim": 256, "num_heads": 4, "num_layers": 4,
                "max_position_embeddings": 128, "dropout": 0.1}
-    cfg = ModelConfig.from_dict(seed004)
+    cfg = ModelConfig.from_dict(arch_research)  # llm-arch-research's GPT/GPT2 dicts
     assert (cfg.n_embd, cfg.n_head, cfg.n_layer, cfg.block_size, cfg.dropout) == (256, 4, 4, 128, 0.1)
-    seed000 = {"vocab_size": 8000, "d_model": 256, "num_layers": 6, "num_heads": 8, "d_ff": 1024,
+    azr_app = {"vocab_size": 8000, "d_model": 256, "num_layers": 6, "num_heads": 8, "d_ff": 1024,
                "max_seq_len": 256, "family": "gpt"}
-    cfg = ModelConfig.from_dict(seed000)
+    cfg = ModelConfig.from_dict(azr_app)  # the AZR Model Trainer app's CustomTransformerLM
     assert (cfg.n_embd, cfg.n_layer, cfg.n_head, cfg.intermediate_size, cfg.block_size) == (256, 6, 8, 1024, 256)
     with pytest.raises(ValueError, match="colour"):
         ModelConfig.from_dict({"colour": 3})
@@ -76,7 +76,9 @@ def test_analytic_parameter_count_matches_the_model(family, size):
     assert cfg.flops_per_token() == model.flops_per_token()
 
 
-def test_all_presets_build_configs():
+def test_every_preset_is_its_family_at_its_size_and_round_trips():
     for family in FAMILIES:
-        for size in SIZES:
-            json.loads(ModelConfig.preset(f"{family}-{size}").to_json())
+        for size, shape in SIZES.items():
+            cfg = ModelConfig.preset(f"{family}-{size}")
+            assert cfg.family == family and {k: getattr(cfg, k) for k in shape} == shape
+            assert ModelConfig.from_dict(json.loads(cfg.to_json())) == cfg

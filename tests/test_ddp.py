@@ -147,7 +147,7 @@ def test_ranks_draw_their_own_dropout_and_resume_it(setup):
 
     vocab = lmlab.Tokenizer.load(setup / "tok.json").vocab_size
     lmlab.ModelConfig.preset("gpt2-tiny", vocab_size=vocab, dropout=0.1).save(setup / "dropout.json")
-    model = ("--config", str(setup / "dropout.json"))
+    model = ("--model-config", str(setup / "dropout.json"))
     full = run(2, setup, "dropout", model=model)
     shutil.copytree(setup / "dropout", setup / "dropout-resumed")
     shutil.rmtree(setup / "dropout-resumed" / "checkpoints" / "step-10")

@@ -21,7 +21,7 @@ from lmlab.lab.facts import (
     plateau_times,
 )
 from lmlab.lab.facts.data import Pools, default_tokenizer
-from lmlab.lab.facts.experiments import loglog_fit, parse_seeds
+from lmlab.lab.facts.experiments import loglog_fit
 from lmlab.models import ModelConfig, Transformer
 from lmlab.models.model import ModelOutput
 
@@ -146,9 +146,6 @@ def test_bad_config_is_a_value_error():
                {"warmup_individuals": 5}, {"scale": "huge"}, {"n_individuals": 10**6}):
         with pytest.raises(ValueError):
             BioConfig(**kw)
-    with pytest.raises(ValueError):
-        parse_seeds("a,b")
-    assert parse_seeds("0-2") == [0, 1, 2] and parse_seeds("3,5") == [3, 5]
 
 
 class FixedLogits(torch.nn.Module):
@@ -204,6 +201,21 @@ def test_attention_patch_with_own_patterns_is_exact():
     patched_other = copy.deepcopy(model)
     AttentionPatch(patched_other, other)
     assert (patched_other(x).logits - want).abs().max() > 1e-3  # someone else's patterns change the output
+
+
+def test_a_quiet_run_shows_nothing_on_the_console_and_a_loud_one_its_progress(tmp_path, capsys):
+    """A lab's runs are quiet through the trainer's logger, not by taking over sys.stdout: under the `lmlab`
+    command's console (console_progress) a quiet run shows nothing and quiet=False shows the progress lines."""
+    from lmlab.lab.facts.runner import RunConfig, run_one
+    from lmlab.train.console import console_progress
+    cfg = RunConfig(bio=BioConfig(n_individuals=40, n_unseen=0, n_eval=8, seed=0, n_templates=5, n_train_templates=4),
+                    n_layer=1, n_head=2, n_embd=16, batch_size=4, steps=4, eval_every=2, probes=False)
+    with console_progress():
+        run_one(cfg, tmp_path / "quiet")
+        assert capsys.readouterr().out == ""
+        run_one(cfg, tmp_path / "loud", quiet=False)
+        out = capsys.readouterr().out
+    assert [line.split()[1] for line in out.splitlines()] == ["1/4", "2/4", "4/4"]  # log_every is off: evaluations
 
 
 def test_short_run_reaches_the_baseline(tmp_path):

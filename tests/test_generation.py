@@ -1,11 +1,9 @@
 """KV cache against full recompute, batched left-padded generation against one-by-one, sampling rules."""
 
-import contextlib
-
 import pytest
 import torch
 
-from lmlab.models import GenerationConfig, KVCache, ModelConfig, Transformer, generate_ids, process_logits
+from lmlab.models import GenerationConfig, KVCache, ModelConfig, Transformer, fast, generate_ids, process_logits
 
 FAMILIES = ["gpt", "gpt2", "llama"]
 
@@ -22,18 +20,20 @@ def tiny(family, **kw):
     return model
 
 
-@pytest.mark.parametrize("fast", [False, True], ids=["modules", "decoding"])
+@pytest.mark.parametrize("fast_step", [False, True], ids=["modules", "decoder"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_kv_cache_decoding_equals_recompute(family, fast):
-    """Also inside `decoding()`, where one-token steps take Transformer._decode_one, not the modules."""
+def test_kv_cache_decoding_equals_recompute(family, fast_step):
+    """Also with fast.Decoder taking the one-token steps, as generation does on CPU."""
     model = tiny(family)
+    step = fast.decoder(model, keep=False) if fast_step else None
     idx = torch.randint(4, 61, (2, 30))
-    with torch.no_grad(), model.decoding() if fast else contextlib.nullcontext():
+    with torch.no_grad():
         full = model(idx).logits
         cache = KVCache(model.config, batch_size=2)
         steps = [model(idx[:, :10], cache=cache).logits]         # prefill 10, then chunks of 1 and 5
         for t in range(10, 20):
-            steps.append(model(idx[:, t:t + 1], cache=cache).logits)
+            one = idx[:, t:t + 1]
+            steps.append(step(one, cache)[:, None] if step else model(one, cache=cache).logits)
         steps.append(model(idx[:, 20:25], cache=cache).logits)  # a multi-token chunk after a prefix
         steps.append(model(idx[:, 25:30], cache=cache).logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
@@ -150,14 +150,3 @@ def test_configure_optimizer_decays_only_matrices():
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
-
-
-def test_decoding_fast_path_matches_plain_forward():
-    model = tiny("gpt2")
-    idx = torch.randint(4, 61, (3, 1))
-    with torch.no_grad():
-        plain = model(idx).logits
-        with model.decoding():
-            fast = model(idx).logits
-    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
-    assert all(getattr(m, "decode_weight", None) is None for m in model.modules()) and model._decoder is None

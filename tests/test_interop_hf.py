@@ -130,7 +130,7 @@ def test_trainer_three_steps_lower_the_loss(tmp_path):
 
 
 def test_in_memory_adapters_match(tmp_path):
-    """Seed 004's HFAdapter.from_llm_model / HFTokenizerAdapter, done by value: to_hf_model, from_hf_model."""
+    """llm-arch-research's HFAdapter.from_llm_model / HFTokenizerAdapter, done by value: to_hf_model, from_hf_model."""
     _, model, tok = trained("gpt2", tmp_path, steps=1)
     hf = to_hf_model(model)
     idx = torch.randint(0, model.config.vocab_size, (1, 20))

@@ -11,7 +11,7 @@ from lmlab.interop.hf_mapping import (  # noqa: E402
     model_config_from_hf,
     to_hf_state_dict,
 )
-from lmlab.models import ModelConfig, Transformer  # noqa: E402
+from lmlab.models import ModelConfig, Transformer, fast  # noqa: E402
 
 HF = {
     "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel,
@@ -79,14 +79,18 @@ def test_llama_left_padded_logits_match_transformers():
     torch.testing.assert_close(got[1], expected[1], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
 @pytest.mark.parametrize("family", ["gpt2", "llama", "gpt"])
-def test_training_loss_and_gradients_match_transformers(family):
-    """The training path (the fused head + cross-entropy on CPU) against autograd through transformers'
-    model and F.cross_entropy: the same loss and the same gradient for every weight, with ignored targets."""
+def test_training_loss_and_gradients_match_transformers(family, fused):
+    """The training path, plain and with the Trainer's CPU fast paths (fused head + cross-entropy, RMSNorm's
+    written-out gradient), against autograd through transformers' model and F.cross_entropy: the same loss
+    and the same gradient for every weight, with ignored targets."""
     hf = hf_model(family)
     cfg = model_config_from_hf(hf.config)
     ours = Transformer(cfg).eval()  # eval: no dropout in either; gradients still flow
     ours.load_state_dict(from_hf_state_dict(hf.state_dict(), cfg))
+    if fused:
+        fast.for_training(ours)
     idx = torch.randint(0, 101, (3, 40))
     targets = torch.randint(0, 101, (3, 40))
     targets[0, :7] = -100
@@ -105,7 +109,7 @@ def test_training_loss_and_gradients_match_transformers(family):
 def test_fused_head_loss_survives_underflow_and_honours_logit_gradients():
     """Rows whose target probability underflows fp32 (a logit gap > 104) still get the exact loss, and a
     gradient reaching the returned logits adds to the loss's."""
-    from lmlab.models.model import HeadCrossEntropy
+    from lmlab.models.fast import HeadCrossEntropy
 
     torch.manual_seed(0)
     x = torch.randn(12, 8)

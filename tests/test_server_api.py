@@ -1,11 +1,12 @@
-"""The web app's HTTP API, in process: seed 000's endpoints with exactly its shapes, every /api/v1 endpoint,
-validation and limits, auth, the job queue, and a graceful restart. Training runs are real `lmlab train`
-processes on a tiny model."""
+"""The web app's HTTP API, in process: the AZR Model Trainer app's endpoints with exactly their shapes, every
+/api/v1 endpoint, validation and limits, auth, the job queue, and a graceful restart. Training runs are real
+`lmlab train` processes on a tiny model."""
 
 from __future__ import annotations
 
 import io
 import json
+import shutil
 import zipfile
 
 import pytest
@@ -49,7 +50,7 @@ def lab(tmp_path_factory):
         yield c
 
 
-# ---- seed 000's endpoints ---------------------------------------------------------------------------
+# ---- the AZR Model Trainer app's endpoints -----------------------------------------------------------
 
 SEED_MODEL = {"name": "seed-model", "vocab_size": 300, "d_model": 32, "num_layers": 1, "num_heads": 2, "d_ff": 64,
               "max_seq_len": 32}
@@ -71,7 +72,7 @@ def test_seed_create_model_shape_and_parameter_count(lab):
     assert set(body) == {"status", "message", "parameters", "config"}
     assert body["status"] == "success" and "seed-model" in body["message"]
     assert body["config"] == SEED_MODEL
-    # the count is the real model's: build seed 000's architecture (the gpt family) and count
+    # the count is the real model's: build the app's architecture (the gpt family) and count
     cfg = ModelConfig.from_dict({k: v for k, v in SEED_MODEL.items() if k != "name"} | {"family": "gpt"})
     assert body["parameters"] == sum(p.numel() for p in Transformer(cfg).parameters())
     assert lab.post("/create_model", json=SEED_MODEL).status_code == 409
@@ -81,6 +82,22 @@ def test_seed_create_model_shape_and_parameter_count(lab):
                                   "num_heads": 8, "d_ff": 1024, "max_seq_len": 256}
     bad = lab.post("/create_model", json={**SEED_MODEL, "name": "odd", "num_heads": 3})
     assert bad.status_code == 422 and "divisible" in bad.text
+
+
+@pytest.mark.parametrize("path", ["/api/v1/models", "/create_model"])
+def test_a_new_model_starts_from_a_fresh_folder(lab, path):
+    """A model deleted outside the server leaves its folder, files and no index row: creating that name again,
+    through the API or the seed's endpoint (one service makes both), must not inherit the old weights."""
+    name = "left" + path.replace("/", "-")
+    folder = lab.workspace / "models" / name
+    shutil.copytree(lab.workspace / "models" / "tiny", folder)  # a whole trained model's files
+    body = {"name": name, **TINY_MODEL} if path.startswith("/api") else {**SEED_MODEL, "name": name}
+    r = lab.post(path, json=body)
+    assert r.status_code == (201 if path.startswith("/api") else 200), r.text
+    model = lab.get(f"/api/v1/models/{name}").json()
+    assert model["trained"] is False and model["trained_run_id"] is None
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json"]
+    assert ModelConfig.load(folder / "config.json").to_dict() == model["config"]
 
 
 def test_seed_upload_books_models(lab):

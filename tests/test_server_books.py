@@ -209,7 +209,7 @@ def test_a_book_in_use_is_not_overwritten(tmp_path):
     r = c.post("/api/v1/books?overwrite=true", files={"file": ("tales.txt", other, "text/plain")})
     assert (r.status_code, r.json()) == (409, {"detail": busy})
     r = c.post("/upload_book", files={"file": ("tales.txt", other, "text/plain")})
-    assert (r.status_code, r.json()) == (400, {"detail": busy})  # 400: the seed's answer for a busy model
+    assert (r.status_code, r.json()) == (400, {"detail": busy})  # 400: the app's answer for a busy model
     assert (r := c.delete("/api/v1/books/tales.txt")).status_code == 409 and r.json() == {"detail": busy}
     assert (tmp_path / "books" / "tales.txt").read_bytes() == BOOK.encode()
     assert c.get("/api/v1/books/tales.txt/preview?chars=20").json()["text"] == read_document(

@@ -27,10 +27,10 @@ from test_server_support import (
 )
 
 from lmlab.cli import build_parser
+from lmlab.configs import parse_seeds
 from lmlab.lab.facts.experiments import EXPERIMENTS
-from lmlab.lab.facts.experiments import parse_seeds as facts_seeds
-from lmlab.lab.selfplay.azr import parse_seeds as azr_seeds
-from lmlab.server.jobs import experiment_command, process_alive
+from lmlab.server.commands import experiment_command
+from lmlab.server.jobs import process_alive
 from lmlab.server.workspace import Workspace
 
 QUICK_AZR = {"lab": "azr", "quick": True, "seeds": [0], "workers": 1}  # ~10 s of work on one core
@@ -70,7 +70,7 @@ def test_an_experiment_runs_to_completion_without_a_model(lab):
     assert c.get("/api/v1/models").json() == []  # it never appears as a model
     assert [r["id"] for r in c.get("/api/v1/runs", params={"kind": "experiment"}).json()] == [run["id"]]
     lines = c.get(f"/api/v1/runs/{run['id']}/log").json()["lines"]
-    assert any(ln.startswith("$ lmlab selfplay azr --out ") and ln.endswith("--seeds 0, --quick --workers 1")
+    assert any(ln.startswith("$ lmlab selfplay azr --out ") and ln.endswith("--seeds 0 --quick --workers 1")
                for ln in lines), lines
     assert c.post(f"/api/v1/runs/{run['id']}/resume", json={}).status_code == 409
 
@@ -213,9 +213,9 @@ def test_the_command_is_the_labs_own(params, tmp_path):
     assert args.workers == params.get("workers", 2 if params["lab"] == "azr" else None)
     if params["lab"] == "facts":
         assert (args.lab, args.verb) == ("facts", params["experiment"])
-        assert facts_seeds(args.seeds) == params["seeds"]
+        assert parse_seeds(args.seeds) == params["seeds"]
     else:
-        assert args.mode == "azr" and azr_seeds(args.seeds) == params["seeds"]  # one seed: not a count
+        assert args.mode == "azr" and parse_seeds(args.seeds) == params["seeds"]
 
 
 @pytest.mark.parametrize("stopped_by", ["cancel", "server stop"])

@@ -172,7 +172,7 @@ SECRET = "root:x:0:0:SECRET-CONTENT:/root:/bin/bash\n"
 
 def _failed_run(app, kind: str = "train", status: str = "failed") -> int:
     """A run row that the supervisor leaves alone (not queued)."""
-    db = app.app.state.lab.db
+    db = app.app.state.lmlab.db
     params = {"lab": "azr", "experiment": "azr", "seeds": [0]} if kind == "experiment" else {}
     rid = db.add_run("", [], params, False, None, kind=kind)["id"]
     db.update_run(rid, status=status)
@@ -188,7 +188,7 @@ def test_run_files_behind_symbolic_links_are_not_served(tmp_path):
         (elsewhere / name).write_text(SECRET)
     s = settings(tmp_path / "ws")
     app = build_asgi(s)
-    ws = app.app.state.lab.ws
+    ws = app.app.state.lmlab.ws
     linked_log, linked_dir = _failed_run(app), _failed_run(app)
     linked_report = _failed_run(app, "experiment", "completed")
     ws.run_path(linked_log).mkdir()
@@ -214,7 +214,7 @@ def test_a_run_whose_folder_is_or_holds_a_planted_link_fails_instead_of_writing_
     victim = tmp_path / "victim.txt"
     victim.write_text("precious\n")
     with client(settings(tmp_path / "ws")) as c:
-        ws = c.app.app.state.lab.ws
+        ws = c.app.app.state.lmlab.ws
         assert upload(c).status_code == 201
         assert c.post("/api/v1/models", json={"name": "tiny", **TINY_MODEL}).status_code == 201
         ws.run_path(1).symlink_to(outside)             # the next run's folder, planted beforehand
@@ -244,7 +244,7 @@ def test_a_model_behind_a_link_lists_as_unusable_and_the_others_list(tmp_path):
     secret = tmp_path / "passwd"
     secret.write_text(SECRET)
     with client(settings(tmp_path / "ws")) as c:
-        ws = c.app.app.state.lab.ws
+        ws = c.app.app.state.lmlab.ws
         for name in ("a", "b", "c"):
             assert c.post("/api/v1/models", json={"name": name, **TINY_MODEL}).status_code == 201
         shutil.move(ws.models / "b", tmp_path / "b")

@@ -229,3 +229,45 @@ def test_a_resumed_run_is_completed_by_its_own_final_not_the_previous_launchs(st
         assert run["status"] == "interrupted" and "resume to continue from the last checkpoint" in run["error"], run
         assert model["trained_steps"] is None and not ws.model_path("start").exists()
     db.close()
+
+
+# ---- a cancel that arrives while the run's process is still starting -------------------------------------
+
+def test_a_cancel_while_the_process_starts_with_sigint_ignored_still_stops_it(tmp_path):
+    """A server started as a background job (`lmlab serve &`) passes SIGINT ignored to its children until their
+    bootstrap sets a handler: a cancel signalled in that window was lost, and the run went on (here an AZR
+    experiment to its report) until the 30 s SIGKILL. The stop file the supervisor writes before signalling
+    stops it as soon as it can answer."""
+    import stat
+    import sys
+    import time
+
+    from lmlab.server.db import Database
+    from lmlab.server.workspace import Workspace
+
+    ws = Workspace(tmp_path / "ws")
+    db = Database(ws.sqlite_url())
+    slow_start = tmp_path / "python-slow-start"  # SIGINT ignored, then a slow start, as in `lmlab serve &`
+    slow_start.write_text(f"#!/bin/sh\ntrap '' INT\nsleep 2\nexec {sys.executable} \"$@\"\n")
+    slow_start.chmod(slow_start.stat().st_mode | stat.S_IXUSR)
+    run = db.add_run("", [], {"lab": "azr", "experiment": "azr", "quick": True, "seeds": [0], "workers": 1}, False,
+                     None, kind="experiment")
+    sup = Supervisor(db, ws, python=str(slow_start), poll_s=0.1)
+    try:
+        sup.tick()
+        assert db.get_run(run["id"])["status"] == "running"
+        sup.cancel(run["id"])
+        sup.tick()  # SIGINT now, while the process ignores it
+        deadline = time.monotonic() + 20  # under KILL_AFTER_S: the SIGKILL must not be what ends it
+        while db.get_run(run["id"])["status"] == "running":
+            assert time.monotonic() < deadline, "the cancelled run is still running"
+            time.sleep(0.2)
+            sup.tick()
+        row = db.get_run(run["id"])
+        log = (ws.run_path(run["id"]) / "log.txt").read_text()
+        assert (row["status"], row["exit_code"]) == ("cancelled", 130), (row, log)
+        assert "lmlab: interrupted (asked to stop while starting)" in log
+        assert not (ws.run_path(run["id"]) / "report.html").exists()
+    finally:
+        sup.shutdown(timeout=5)
+        db.close()

@@ -1,6 +1,7 @@
 """Property-based run against the OpenAPI schema (schemathesis): whatever the schema allows, and what it
-does not, the server answers with a status below 500. A small example budget keeps it fast; the workspace
-holds a book and a small trained-looking model so generation and downloads reach real code paths."""
+does not, the server answers with a status below 500, for 20 examples per operation (LMLAB_SCHEMA_EXAMPLES
+sets another number). The workspace holds a book and a small trained-looking model so generation and
+downloads reach real code paths."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from test_server_support import BOOK  # noqa: E402
 from lmlab.models import ModelConfig, Transformer  # noqa: E402
 from lmlab.models.io import save_pretrained  # noqa: E402
 from lmlab.server import Settings, build_asgi  # noqa: E402
-from lmlab.server.app import State  # noqa: E402
+from lmlab.server.app import AppState  # noqa: E402
 from lmlab.tokenizers import Tokenizer  # noqa: E402
 
 _WS = Path(tempfile.mkdtemp(prefix="lmlab-schema-"))
@@ -30,7 +31,7 @@ def _app():
     s = Settings(workspace=_WS, poll_s=0.2, max_upload_bytes=64 * 1024, memory_budget_bytes=2**30,
                  allowed_hosts=("testserver", "127.0.0.1", "localhost"))
     app = build_asgi(s)
-    state: State = app.app.state.lab
+    state: AppState = app.app.state.lmlab
     (state.ws.books / "tales.txt").write_text(BOOK, encoding="utf-8")
     state.db.add_book("tales.txt", len(BOOK.encode()), len(BOOK), "utf-8")
     tok = Tokenizer.train([BOOK], kind="char", vocab_size=128)
@@ -45,11 +46,11 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
 
 
 # built at collection (schemathesis reads the schema then), so removed at exit even when deselected
-atexit.register(lambda: (APP.app.state.lab.db.close(), shutil.rmtree(_WS, ignore_errors=True)))
+atexit.register(lambda: (APP.app.state.lmlab.db.close(), shutil.rmtree(_WS, ignore_errors=True)))
 
 
 @schema.parametrize()
-@settings(max_examples=int(os.environ.get("LMLAB_SCHEMA_EXAMPLES", "6")), deadline=None,
+@settings(max_examples=int(os.environ.get("LMLAB_SCHEMA_EXAMPLES", "20")), deadline=None,
           suppress_health_check=list(HealthCheck))
 def test_no_server_errors(case):
     case.call_and_validate(headers={"X-Lmlab-Request": "1"}, checks=[not_a_server_error])

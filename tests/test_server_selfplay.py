@@ -34,9 +34,9 @@ from test_server_support import (
 
 from lmlab.models import ModelConfig, Transformer
 from lmlab.models.io import load_pretrained, save_pretrained
-from lmlab.server.api import selfplay_memory
 from lmlab.server.db import MIGRATIONS, Database, migrate, schema_drift
 from lmlab.server.jobs import process_alive
+from lmlab.server.services import selfplay_memory
 from lmlab.server.workspace import Workspace
 from lmlab.tokenizers import Tokenizer
 
@@ -107,7 +107,7 @@ def test_selfplay_run_makes_a_new_model(lab):
     streamed = [d for e, d in events if e == "metric"]
     assert [(m["step"], m["reward"], m["kl"]) for m in streamed] == [(m["step"], m["reward"], m["kl"]) for m in lines]
     assert run["last_reward"] == lines[-1]["reward"] and run["last_kl"] == lines[-1]["kl"]
-    status = lab.get("/training_status").json()  # seed 000's endpoint shows the latest run's reward too
+    status = lab.get("/training_status").json()  # the AZR Model Trainer app's endpoint: the latest run's reward too
     assert status["current_reward"] == lines[-1]["reward"] and status["is_training"] is False
     assert [h["reward"] for h in status["history"]] == [m["reward"] for m in lines]
     # the prompts reach the process in a file, not on its command line (public in ps, and logged)
@@ -251,7 +251,7 @@ def test_cancelled_selfplay_leaves_no_model(lab):
     try:
         run = wait_run(lab, run_id, lambda r: r["status"] == "running" and r["current_step"] >= 2, "iterations")
         pid = run["pid"]
-        # the target name is reserved, by the seed's endpoint too
+        # the target name is reserved, by the app's endpoint too
         r = lab.post("/api/v1/models", json={"name": "tiny-long", **TINY_MODEL})
         assert r.status_code == 409 and f"self-play run {run_id}" in r.json()["detail"]
         r = lab.post("/create_model", json={"name": "tiny-long", "vocab_size": 300, "max_seq_len": 32})
@@ -269,7 +269,7 @@ def test_cancelled_selfplay_leaves_no_model(lab):
         m = lab.get("/api/v1/models/judge").json()
         assert m["active_run_id"] is None and m["selfplay_run_ids"] == [second], m
         # ... and they cannot be trained, resumed into or deleted, whichever endpoint asks and however it is
-        # read; the seed's /train answers 400, its code for a model already in use
+        # read; the app's /train answers 400, its code for a model already in use
         r = lab.post("/api/v1/runs", json={"model": "tiny", "books": ["tales.txt"], "max_steps": 1, **FAST})
         assert r.status_code == 409 and "starting point" in r.json()["detail"]
         r = lab.post("/api/v1/runs", json={"model": "judge", "books": ["tales.txt"], "max_steps": 1, **FAST})

@@ -41,7 +41,7 @@ def test_readers_see_one_whole_version_while_the_model_is_swapped(tmp_path):
     files = [{f.name: f.read_bytes() for f in src.iterdir()} for src in sources]
     gen = {"model": "m", "prompt": "Once upon", "max_new_tokens": 6, "do_sample": False}
     with client(settings(tmp_path / "ws")) as c:
-        state = c.app.app.state.lab
+        state = c.app.app.state.lmlab
         state.db.add_model("m", cfg.to_dict(), "gpt2-tiny", "char", 128)
         target = state.ws.model_path("m")
         expected: dict[str, list] = {"download": files, "export": [], "generate": []}

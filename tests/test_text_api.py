@@ -156,7 +156,8 @@ def test_bad_generation_json_is_one_line_naming_the_field(tmp_path, trained, tok
     save_pretrained(tmp_path / "m", trained, tok)
     gen = tmp_path / "m" / "generation.json"
     for text, field in (('{"temprature": 0.5}', "temprature"), ('{"temperature": "hot"}', "temperature"),
-                        ('["greedy"]', "JSON object"), ('{"top_k": 4,}', "generation.json")):
+                        ('["greedy"]', "must be a mapping of its fields, not list"),
+                        ('{"top_k": 4,}', "generation.json")):
         gen.write_text(text)
         with pytest.raises(ValueError, match=field):
             lmlab.GenerationConfig.load(gen)

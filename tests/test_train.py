@@ -2,10 +2,15 @@
 learning below the unigram baseline, checkpoints, metrics, hooks, early stopping, bad input."""
 
 import dataclasses
+import io
 import json
+import logging
 import math
 import os
+import shutil
 import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -25,6 +30,7 @@ from lmlab.train import (
     train,
 )
 from lmlab.train.demo_corpus import demo_corpus
+from lmlab.train.trainer import read_run_config
 
 
 @pytest.fixture(scope="module")
@@ -280,6 +286,118 @@ def test_learns_below_the_unigram_baseline_and_logs_well_formed_metrics(tmp_path
     assert tok2.encode("дед лиса") == tok.encode("дед лиса")
 
 
+# A fixed-seed run's metrics lines as the trainer wrote them when it still read the loss back from the device
+# every step (recorded from that code; timings left out). Each logged loss is its own step's loss (the mean
+# over its micro-batches), not a mean since the previous line. Compared to 1e-6: another CPU's kernels may
+# round differently, and a wrong step or micro-batch is off by 1e-2 or more.
+BEFORE = [
+    {"step": 1, "loss": 5.948378562927246, "lr": 0.001, "grad_norm": 1.096655249595642},
+    {"step": 3, "loss": 5.798048973083496, "lr": 0.0030000000000000005, "grad_norm": 1.1599953174591064,
+     "probe": 1.0},
+    {"step": 4, "loss": 5.6642351150512695, "lr": 0.0027421729424061793, "grad_norm": 1.2191073894500732},
+    {"step": 6, "loss": 5.384860992431641, "lr": 0.0012328270575938211, "grad_norm": 1.1637275218963623,
+     "val_loss": 5.345484018325806},
+    {"step": 8, "loss": 5.369720458984375, "lr": 0.00030000000000000003, "grad_norm": 1.0170444250106812,
+     "val_loss": 5.306360721588135},
+]
+_READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__format__")
+
+
+def test_the_step_loop_reads_the_device_only_on_logged_steps(tmp_path, tok, ds, monkeypatch):
+    """Reading a tensor back (.item(), float(), bool(), .tolist(), .cpu()) makes the host wait for the GPU's
+    queue to drain, so the loop reads only on the steps it writes a metrics line (log_every, evaluations, a
+    hook's own metric) and the logged numbers stay what they were."""
+    import lmlab.train.trainer as trainer_module
+
+    class Probe(Callback):  # a hook's metric on step 3 gets that step a line of its own
+        def on_step(self, trainer, metrics):
+            if trainer.step == 3:
+                metrics["probe"] = 1.0
+
+    read_at = set()  # trainer.step whenever trainer.py reads a tensor
+
+    def watch(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            frame = sys._getframe(1)
+            while frame is not None and frame.f_code.co_filename == trainer_module.__file__:
+                if isinstance(frame.f_locals.get("self"), Trainer):
+                    read_at.add(frame.f_locals["self"].step)
+                    break
+                frame = frame.f_back  # a helper of trainer.py's: the Trainer's method that called it
+            return original(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, read)
+
+    for name in _READS:
+        watch(name)
+    cfg = base(max_steps=8, log_every=4, eval_every=6, device="cpu", peak_flops=1e12)
+    r = train(model_cfg(tok), tok, ds, cfg, tmp_path, [Probe()])
+    monkeypatch.undo()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert read_at == {m["step"] for m in lines} == {1, 3, 4, 6, 8}  # before: every step (0-7 in train_step)
+    assert [{k: m[k] for k in BEFORE[i]} for i, m in enumerate(lines)] == [
+        {k: pytest.approx(v, rel=1e-6) for k, v in want.items()} for want in BEFORE]
+    assert [m["loss"] for m in r.history] == [m["loss"] for m in lines] and r.final_loss == lines[-1]["loss"]
+    assert all(type(m[k]) is float for m in lines for k in ("loss", "grad_norm"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_the_steps_between_logged_steps_never_wait_for_it(tmp_path, tok, ds):
+    """torch.cuda.set_sync_debug_mode("error") raises on any operation that makes the host wait for the GPU; it
+    is on for the steps that write no metrics line (2, 3, 5, 7: log_every 4, evaluations at 6 and at the end)."""
+
+    class Strict(Callback):
+        def on_step(self, trainer, metrics):
+            torch.cuda.set_sync_debug_mode("error" if trainer.step + 1 in (2, 3, 5, 7) else "default")
+
+    try:
+        r = train(model_cfg(tok), tok, ds, base(max_steps=8, log_every=4, eval_every=6, device="cuda", peak_flops=1e12),
+                  tmp_path, [Strict()])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert [m["step"] for m in r.history] == [1, 4, 6, 8]
+
+
+def test_the_library_prints_nothing_and_logs_each_metrics_line(tmp_path, tok, ds, capsys, caplog):
+    """The Trainer only logs (the `lmlab.train` logger); a library user sees output only by configuring logging,
+    and each metrics line is one record: the progress line, with the logged dict as `record.metrics`."""
+    caplog.set_level(logging.INFO, logger="lmlab.train")
+    train(model_cfg(tok), tok, ds, base(max_steps=4, log_every=2, eval_every=4, peak_flops=1e12), tmp_path)
+    assert capsys.readouterr() == ("", "")
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r.metrics for r in caplog.records] == lines
+    assert [r.getMessage().split(" lr ")[0] for r in caplog.records] == [
+        f"step {m['step']}/4 loss {m['loss']:.4f}" for m in lines]
+    assert caplog.records[-1].getMessage().endswith(f"| val {lines[-1]['val_loss']:.4f} ppl {lines[-1]['val_ppl']:.1f} "
+                                                    f"bpb {lines[-1]['val_bpb']:.3f}")
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("stream, shown", [
+    (_Terminal, "\r" + "step 1/8 loss 5.1".ljust(100) + "\r" + "step 2/8 loss 5.0".ljust(100)
+     + "\r" + "step 4/8 loss 4.9 | val 4.8".ljust(100) + "\n" + "\r" + "step 5/8 loss 4.7".ljust(100)
+     + "\ninterrupted at step 5\n"),
+    (io.StringIO, "step 1/8 loss 5.1\nstep 2/8 loss 5.0\nstep 4/8 loss 4.9 | val 4.8\nstep 5/8 loss 4.7\n"
+                  "interrupted at step 5\n"),
+])
+def test_the_console_shows_one_live_line_on_a_terminal_and_plain_lines_elsewhere(stream, shown):
+    """`lmlab train`'s console: on a terminal the progress line is overwritten in place and an evaluation's line
+    stays; a message ends the live line first. In a log file (the web app's jobs) every record is a line."""
+    from lmlab.train.console import console_progress, log
+    out = stream()
+    with console_progress(out):
+        for step, text in [(1, "loss 5.1"), (2, "loss 5.0"), (4, "loss 4.9 | val 4.8"), (5, "loss 4.7")]:
+            log.info("step %d/8 %s", step, text, extra={"metrics": {"step": step, **({"val_loss": 4.8} if
+                                                                                    "val" in text else {})}})
+        log.info("interrupted at step 5")
+    assert out.getvalue() == shown
+
+
 def test_val_loss_is_the_mean_over_target_tokens_of_padded_batches(tmp_path, tok):
     """Batches padded unequally (the knowledge lab's are): each batch's mean loss counts once per target token
     the loss counts, so the val loss is the mean over all tokens. It was weighted by rows, which gives the
@@ -369,12 +487,21 @@ def test_bad_configs(tmp_path, tok, ds):
         TrainConfig.from_dict({"max_steps": 1, "lr": "fast"})
     with pytest.raises(ValueError, match="unknown TrainConfig field"):
         TrainConfig.from_dict({"max_steps": 1, "learning_rate": 1e-3})
+    with pytest.raises(ValueError, match=r"^tracker \('wandb'\) must be one of trackio$"):
+        TrainConfig(max_steps=1, tracker="wandb")
     with pytest.raises(ValueError, match="seq_len"):
         train(model_cfg(tok), tok, ds, base(seq_len=64), tmp_path / "long")
     with pytest.raises(ValueError, match="GiB"):  # a config that does not fit in memory
         train(lmlab.ModelConfig.preset("gpt2-large", vocab_size=len(tok), block_size=32), tok, ds,
               base(batch_size=200000, max_steps=1), tmp_path / "huge")
     assert not (tmp_path / "huge").exists() and not (tmp_path / "long").exists()
+
+
+def test_a_tracker_without_its_package_is_a_clear_error_before_anything_is_written(tmp_path, tok, ds, monkeypatch):
+    monkeypatch.setitem(sys.modules, "trackio", None)  # what an uninstalled package looks like to import
+    with pytest.raises(ValueError, match=r"^--tracker trackio needs the trackio package: pip install trackio$"):
+        train(model_cfg(tok), tok, ds, base(tracker="trackio"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_tensorboard_without_the_package_is_a_clear_error(tmp_path, tok, ds):
@@ -404,6 +531,8 @@ def test_cli_train_resume_eval_generate(tmp_path, book, capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "stopped after 8 steps (max_steps)" in out
+    assert [line.split()[1] for line in out.splitlines() if line.startswith("step ")] == ["1/8", "2/8", "4/8", "6/8",
+                                                                                          "8/8"]
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["step"] == 8 and "val_loss" in lines[-1]
     saved = json.loads((run / "config.json").read_text())
@@ -434,6 +563,45 @@ def test_cli_train_resume_eval_generate(tmp_path, book, capsys):
     trained = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["loss"]
     first = json.loads((tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()[0])["loss"]
     assert abs(first - trained) < abs(first - lines[0]["loss"])  # starts from trained weights, not scratch
+
+
+_TIMINGS = ("elapsed_s", "tokens_per_s", "mfu")
+
+
+def test_trackio_holds_the_metrics_lines_and_a_resume_continues_its_run(tmp_path, book):
+    """`--tracker trackio`: the run's config and every metrics line go to a Trackio run in its local store; a
+    resume after a crash logs on in the same tracker run, without the lines the tracker already holds."""
+    pytest.importorskip("trackio")
+    env = {**os.environ, "TRACKIO_DIR": str(tmp_path / "trackio"), "OMP_NUM_THREADS": "1"}
+
+    def lmlab_cli(*argv):
+        proc = subprocess.run([sys.executable, "-m", "lmlab.cli", *map(str, argv)], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    run = tmp_path / "run"
+    lmlab_cli("train", book, "--preset", "llama-tiny", "--vocab-size", "300", "--out", run, "--max-steps", "6",
+              "--batch-size", "4", "--seq-len", "32", "--eval-every", "3", "--log-every", "2", "--save-every", "4",
+              "--eval-batches", "1", "--device", "cpu", "--peak-flops", "1e12", "--tracker", "trackio")
+    first = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    # a crash after step 6 was logged, before its checkpoint: the resume starts from step 4 and logs 6 again
+    shutil.rmtree(run / "checkpoints" / "step-6")
+    shutil.rmtree(run / "final")
+    lmlab_cli("train", "--out", run, "--resume", "--max-steps", "8")
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3, 4, 6, 8] and lines[:4] == first[:4]
+    name = json.loads((run / "tracker.json").read_text())["run"]
+    read = ("import json, sys; from trackio.sqlite_storage import SQLiteStorage as S; "
+            "print(json.dumps([S.get_runs('lmlab'), S.get_logs('lmlab', sys.argv[1]), "
+            "S.get_run_config('lmlab', sys.argv[1])]))")
+    proc = subprocess.run([sys.executable, "-c", read, name], env=env, capture_output=True, text=True, timeout=120)
+    runs, logs, config = json.loads(proc.stdout)
+    assert runs == [name] and name.startswith("run-")
+    # every line once; step 6 as first logged (the resume logged the same numbers again, with other timings)
+    assert [{k: v for k, v in m.items() if k != "timestamp"} for m in logs] == first[:5] + lines[5:]
+    assert [{k: v for k, v in m.items() if k not in _TIMINGS} for m in (first[4], lines[4])] == [
+        {k: v for k, v in lines[4].items() if k not in _TIMINGS}] * 2
+    assert config["train"] == read_run_config(run)["train"]  # the settings it continued with (max_steps 8)
 
 
 def test_a_moved_run_directory_resumes(tmp_path, book):
@@ -488,17 +656,6 @@ def test_debug_shows_the_traceback_and_a_bug_is_not_bad_input(capsys, monkeypatc
     assert err[0] == "Traceback (most recent call last):" and "cannot reshape array of size 3" in err[-2]
     assert err[-1] == ("lmlab: internal error: ValueError; this is a bug in lmlab, please report it with the "
                        "traceback above")
-
-
-def test_every_train_config_field_is_a_documented_flag(capsys):
-    import dataclasses
-
-    from lmlab.train.config import HELP
-    with pytest.raises(SystemExit):
-        main(["train", "--help"])
-    text = capsys.readouterr().out
-    for f in dataclasses.fields(TrainConfig):
-        assert "--" + f.name.replace("_", "-") in text and HELP[f.name].split()[0] in text, f.name
 
 
 def test_bad_flag_exits_2(capsys):

@@ -11,12 +11,15 @@ error is a bug in lmlab: its traceback, a line saying so, and exit code 1.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import dis
 import os
 import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from .configs import add_arguments, given, parse_seeds, read_config_file
 
 # Subcommands register here: name -> (add_arguments, run). Each run(args) returns an exit code.
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
@@ -41,15 +44,6 @@ def _fmt_bytes(n: float) -> str:
         if n >= size:
             return f"{n / size:.2f} {unit}"
     return f"{int(n)} B"
-
-
-def _device(name: str) -> str:
-    import torch
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda requested but no CUDA device is available")
-    return name
 
 
 # ---- info -------------------------------------------------------------------------------------------
@@ -99,29 +93,12 @@ def _info(args: argparse.Namespace) -> int:
 # ---- generate ---------------------------------------------------------------------------------------
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate (default 100)")
-    p.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature; 0 means greedy")
-    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1.0: off)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL penalty for seen tokens (1.0: off)")
-    p.add_argument("--num-beams", type=int, default=1, help="beam search width (1: no beam search)")
-    p.add_argument("--length-penalty", type=float, default=1.0, help="beam score exponent on length")
-    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
-    p.add_argument("--ignore-eos", action="store_true", help="keep going after <EOS>")
-    p.add_argument("--seed", type=int, help="seed for reproducible sampling")
-    p.add_argument("--prompt-lookup", type=int, default=0, metavar="N",
-                   help="greedy only: draft up to N tokens by prompt lookup and verify them in one pass "
-                        "(faster on repetitive text; 0: off)")
-
-
-def generation_config_from_args(args: argparse.Namespace):
+    """GenerationConfig's fields as flags, plus the short spellings --greedy, --ignore-eos and --stop TEXT."""
     from .models import GenerationConfig
-    return GenerationConfig(
-        max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-        num_beams=args.num_beams, length_penalty=args.length_penalty, stop_strings=list(args.stop),
-        stop_at_eos=not args.ignore_eos, seed=args.seed, prompt_lookup=args.prompt_lookup)
+    add_arguments(p, GenerationConfig, title="sampling (GenerationConfig; default: the model's generation.json)")
+    p.add_argument("--greedy", dest="do_sample", action="store_const", const=False, help="= --no-do-sample")
+    p.add_argument("--ignore-eos", dest="stop_at_eos", action="store_const", const=False, help="= --no-stop-at-eos")
+    p.add_argument("--stop", dest="stop_strings", action="append", metavar="TEXT", help="a stop string (repeatable)")
 
 
 def _generate_arguments(p: argparse.ArgumentParser) -> None:
@@ -135,18 +112,19 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
 
 @command("generate", "generate text from a model directory, streaming to the terminal", _generate_arguments)
 def _generate(args: argparse.Namespace) -> int:
-    from .models import generate, stream
-    from .models.io import load_pretrained
+    from .models import GenerationConfig, generate, stream
+    from .models.io import load_generation_config, load_pretrained
+    from .train.trainer import resolve_device
 
-    cfg = generation_config_from_args(args)
     if args.num_samples < 1:
         raise ValueError("--num-samples must be >= 1")
-    model, tokenizer = load_pretrained(args.model_dir, device=_device(args.device))
+    model, tokenizer = load_pretrained(args.model_dir, device=resolve_device(args.device))
+    cfg = dataclasses.replace(load_generation_config(args.model_dir), **given(args, GenerationConfig))
     if tokenizer is None:
         raise ValueError(f"{args.model_dir} has no tokenizer.json; cannot turn text into tokens")
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     for i in range(args.num_samples):
-        sample_cfg = cfg if cfg.seed is None else type(cfg)(**{**cfg.__dict__, "seed": cfg.seed + i})
+        sample_cfg = cfg if cfg.seed is None else dataclasses.replace(cfg, seed=cfg.seed + i)
         if i:
             print("\n" + "-" * 40)
         print(prompt, end="", flush=True)
@@ -242,35 +220,6 @@ def _data(args: argparse.Namespace) -> int:
 
 # ---- train / eval / demo ----------------------------------------------------------------------------
 
-def add_train_config_arguments(p: argparse.ArgumentParser) -> None:
-    """Every TrainConfig field as a flag (default None = the config's default, or the saved run's value)."""
-    import dataclasses
-    import typing
-
-    from .train import TrainConfig
-    from .train.config import HELP
-
-    hints = typing.get_type_hints(TrainConfig)
-    g = p.add_argument_group("training hyper-parameters (TrainConfig)")
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kind = hints[f.name]
-        base = next((t for t in (bool, int, float, str) if t is kind or t in typing.get_args(kind)), str)
-        help_text = HELP.get(f.name, "")
-        help_text += "" if "default" in help_text else f" (default {f.default})"
-        if base is bool:
-            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            g.add_argument(flag, type=base, default=None, metavar=base.__name__.upper(), help=help_text)
-
-
-def train_overrides(args: argparse.Namespace) -> dict:
-    import dataclasses
-
-    from .train import TrainConfig
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
-
-
 def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("sources", nargs="*", help="books: files, folders or globs (.txt .md .html .epub .pdf)")
     p.add_argument("--out", required=True, help="run directory (metrics, checkpoints, final model)")
@@ -279,9 +228,10 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
                         "only stop conditions (--max-steps, --max-tokens, --epochs, --time-budget-s, "
                         "--early-stopping-patience) and how it runs (--device, --eval-every, --save-every, ...) may "
                         "change; each resume is recorded in OUT/resumes.jsonl")
-    m = p.add_argument_group("model (one of)")
+    m = p.add_argument_group("model: a preset, a file or initial weights, and/or the fields below")
     m.add_argument("--preset", help="family-size preset, e.g. gpt2-small, llama-tiny, gpt-medium, gpt2-124m")
-    m.add_argument("--config", help="a ModelConfig JSON file (seed keys like d_model/num_layers accepted)")
+    m.add_argument("--model-config", metavar="FILE",
+                   help="a ModelConfig JSON file (seed keys like d_model/num_layers accepted)")
     m.add_argument("--init", help="start from this model directory's weights and tokenizer")
     d = p.add_argument_group("data and tokenizer")
     d.add_argument("--dataset", help="a prepared token dataset (lmlab data prepare) instead of SOURCES")
@@ -290,11 +240,15 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--vocab-size", type=int, help="vocabulary size to train (8192)")
     d.add_argument("--val-fraction", type=float, help="held-out share of each document (0.05)")
     d.add_argument("--weight", action="append", default=[], metavar="NAME=W", help="document sampling weight")
-    add_train_config_arguments(p)
+    from .models import ModelConfig
+    from .train import TrainConfig
+    add_arguments(p, ModelConfig, exclude=("vocab_size",), title="model fields (ModelConfig; over --preset or "
+                  "--model-config; the vocabulary comes from the tokenizer)")
+    add_arguments(p, TrainConfig, title="training hyper-parameters (TrainConfig)")
 
 
 # what a new run is made of; a resumed run has its own
-_NEW_RUN_ONLY = ("sources", "preset", "config", "init", "dataset", "tokenizer", "tokenizer_kind", "vocab_size",
+_NEW_RUN_ONLY = ("sources", "preset", "model_config", "init", "dataset", "tokenizer", "tokenizer_kind", "vocab_size",
                  "val_fraction", "weight")
 
 
@@ -302,26 +256,31 @@ _NEW_RUN_ONLY = ("sources", "preset", "config", "init", "dataset", "tokenizer", 
 def _train(args: argparse.Namespace) -> int:
     from .models import ModelConfig
     from .train import TrainConfig
+    from .train.config import STOP_CONDITIONS
     from .train.recipes import resume_run, train_from_sources
 
-    overrides = train_overrides(args)
+    overrides, model_fields = given(args, TrainConfig), given(args, ModelConfig)
+    model_fields.pop("vocab_size", None)  # the tokenizer's (--vocab-size), not a model flag
     if args.resume:
-        given = ["SOURCES" if k == "sources" else "--" + k.replace("_", "-") for k in _NEW_RUN_ONLY
-                 if getattr(args, k) not in (None, [])]
-        if given:
+        new_run = ["SOURCES" if k == "sources" else "--" + k.replace("_", "-") for k in (*_NEW_RUN_ONLY, *model_fields)
+                   if getattr(args, k) not in (None, [])]
+        if new_run:
             raise ValueError(f"--resume continues the run in --out with its own data, tokenizer and model; drop "
-                             f"{', '.join(given)}")
+                             f"{', '.join(new_run)}")
         result = resume_run(args.out, overrides)
     else:
-        if not any(overrides.get(k) for k in ("max_steps", "max_tokens", "epochs", "time_budget_s")):
+        if not any(overrides.get(k) for k in STOP_CONDITIONS):
             overrides["epochs"] = 1.0  # a sensible stop when none is given: one pass over the books
         config = TrainConfig.from_dict(overrides)
-        model_config = ModelConfig.load(args.config) if args.config else None
+        model_config = None
+        if args.model_config:  # the file's fields, then the flags
+            model_config = ModelConfig.from_dict({**read_config_file(args.model_config), **model_fields})
+            model_fields = {}
         data = {k: v for k in ("tokenizer_kind", "vocab_size", "val_fraction") if (v := getattr(args, k)) is not None}
         result = train_from_sources(
             args.out, config, sources=args.sources, dataset=args.dataset, preset=args.preset,
-            model_config=model_config, init=args.init, tokenizer=args.tokenizer, weights=parse_weights(args.weight),
-            **data)
+            model_config=model_config, model_fields=model_fields, init=args.init, tokenizer=args.tokenizer,
+            weights=parse_weights(args.weight), **data)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return 0
     print(f"stopped after {result.steps} steps ({result.stop_reason})"
@@ -347,8 +306,9 @@ def _eval(args: argparse.Namespace) -> int:
     from .data import find_documents, read_document
     from .models.io import load_pretrained
     from .train.recipes import evaluate_texts
+    from .train.trainer import resolve_device
 
-    model, tok = load_pretrained(args.model_dir, device=_device(args.device))
+    model, tok = load_pretrained(args.model_dir, device=resolve_device(args.device))
     if tok is None:
         raise ValueError(f"{args.model_dir} has no tokenizer.json")
     texts = [read_document(p) for p in find_documents(args.texts)]
@@ -461,22 +421,17 @@ def _import(args: argparse.Namespace) -> int:
 # ---- selfplay ---------------------------------------------------------------------------------------
 
 def _selfplay_arguments(p: argparse.ArgumentParser) -> None:
+    from .lab.selfplay.azr import AZRConfig
+    from .lab.selfplay.text import TextSelfPlayConfig
+
     sub = p.add_subparsers(dest="mode", required=True, metavar="MODE")
     a = sub.add_parser("azr", help="Absolute Zero miniature on a program DSL: warm-up only, solver-only RL on "
                                    "random tasks, AZR with a frozen proposer, full AZR (matched compute)")
     a.add_argument("--out", required=True, help="folder for results.json, solve_rate.png, proposer.png, report.html")
-    a.add_argument("--seeds", default="3", help="a count N (seeds 0..N-1) or a comma list like 0,1,2 (default 3)")
+    a.add_argument("--seeds", default="0,1,2", help="seeds: a list 0,1,2, a range 0-4, or one seed (default 0,1,2)")
     a.add_argument("--workers", type=int, default=2, help="seeds run in parallel processes, 1 thread each (2)")
     a.add_argument("--quick", action="store_true", help="a smoke run in seconds; its numbers mean nothing")
-    a.add_argument("--arms", help="comma list of arms (default all: warmup_only,solver_rl_random,"
-                                  "azr_frozen_proposer,azr)")
-    a.add_argument("--iterations", type=int, help="self-play iterations, one gradient step each")
-    a.add_argument("--warmup-steps", type=int, help="next-token warm-up steps on random-program triples")
-    a.add_argument("--propose-batch", type=int, help="proposals per task type per iteration")
-    a.add_argument("--solve-batch", type=int, help="solver answers trained per task type per iteration")
-    a.add_argument("--group", type=int, help="solver samples G that score a proposal's learnability")
-    a.add_argument("--lr", type=float, help="Adam learning rate of the RL phase")
-    a.add_argument("--eval-every", type=int, help="score the held-out set every N iterations")
+    add_arguments(a, AZRConfig, title="experiment settings (AZRConfig)")
     t = sub.add_parser("text", help="RL for a text model: group-relative advantages, KL to the starting model")
     t.add_argument("--model", help="model directory to start from (e.g. lmlab-demo/final); with --resume, the "
                                     "run's own by default")
@@ -485,40 +440,24 @@ def _selfplay_arguments(p: argparse.ArgumentParser) -> None:
                    help="continue the run in --out from its last checkpoint; settings not given come from "
                         "OUT/config.json, and those given must match it (only --iterations and --save-every may "
                         "change)")
-    t.add_argument("--reward", choices=["seed", "repetition", "perplexity", "file"],
-                   help="seed: seed 000's diversity*0.5+length*0.5; repetition: distinct 3-grams; perplexity: "
-                        "judge log-prob (--judge); file: your function (--reward-file) (default seed)")
     t.add_argument("--judge", help="model directory of the judge for --reward perplexity")
     t.add_argument("--reward-file", help="FILE.py:FUNCTION, fn(prompt, completion) -> float, for --reward file")
     t.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable; default: start from <BOS>)")
     t.add_argument("--prompts-file", metavar="FILE", help="a JSON list of prompt strings, instead of --prompt "
                                                           "(keeps them off the command line)")
-    t.add_argument("--seed", type=int, help="seed for sampling and the update (default 0)")
     t.add_argument("--quick", action="store_true", help="a few small iterations, to check a setup")
-    t.add_argument("--iterations", type=int, help="policy updates (default 40)")
-    t.add_argument("--group-size", type=int, help="completions per prompt (default 8)")
-    t.add_argument("--prompts-per-iteration", type=int, help="prompts per update (default 4)")
-    t.add_argument("--max-new-tokens", type=int, help="tokens per completion (default 48)")
-    t.add_argument("--lr", type=float, help="AdamW learning rate (default 5e-5)")
-    t.add_argument("--kl-coef", type=float, help="weight of the KL penalty to the starting model (default 0.1)")
-    t.add_argument("--temperature", type=float, help="sampling temperature (default 1.0)")
-    t.add_argument("--save-every", type=int, help="checkpoint OUT/checkpoints/step-N every N iterations (0: only at "
-                                                  "the end; also on Ctrl-C or SIGTERM) (default 10)")
+    add_arguments(t, TextSelfPlayConfig, title="self-play settings (TextSelfPlayConfig)")
 
 
 @command("selfplay", "self-play RL: lmlab selfplay azr --out DIR | lmlab selfplay text --model DIR --out DIR",
          _selfplay_arguments)
 def _selfplay(args: argparse.Namespace) -> int:
-    from .lab.selfplay.text import SETTING_FLAGS
-    names = {"azr": ("arms", "iterations", "warmup_steps", "propose_batch", "solve_batch", "group", "lr",
-                     "eval_every"),
-             "text": (*SETTING_FLAGS, "reward")}[args.mode]
-    overrides = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+    from .lab.selfplay.azr import AZRConfig
+    from .lab.selfplay.text import TextSelfPlayConfig
+    overrides = given(args, AZRConfig if args.mode == "azr" else TextSelfPlayConfig)
     if args.mode == "azr":
-        from .lab.selfplay.azr import AZRConfig, parse_seeds, run_experiment
+        from .lab.selfplay.azr import run_experiment
         from .lab.selfplay.report import table
-        if "arms" in overrides:
-            overrides["arms"] = tuple(a.strip() for a in overrides["arms"].split(",") if a.strip())
         cfg = AZRConfig.quick(**overrides) if args.quick else AZRConfig(**overrides)
         results = run_experiment(cfg, parse_seeds(args.seeds), args.out, workers=args.workers)
         for row in table(results):
@@ -561,7 +500,7 @@ def _lab_arguments(p: argparse.ArgumentParser) -> None:
                    help="phases | plateau | alpha | warmup | hallucination | finetune | memory | patching | "
                         "ablation | all")
     f.add_argument("--out", required=True, help="folder for results.json, plots and report.html")
-    f.add_argument("--seeds", default="0,1,2", help="comma list (0,1,2) or range (0-4) of seeds (default 0,1,2)")
+    f.add_argument("--seeds", default="0,1,2", help="seeds: a list 0,1,2, a range 0-4, or one seed (default 0,1,2)")
     f.add_argument("--quick", action="store_true", help="reduced sizes and budgets (minutes instead of tens)")
     f.add_argument("--workers", type=int, help="parallel processes, 1 thread each (default: one per CPU core)")
 
@@ -569,7 +508,7 @@ def _lab_arguments(p: argparse.ArgumentParser) -> None:
 @command("lab", "labs: lmlab lab facts phases|plateau|alpha|warmup|hallucination|finetune|memory|patching|"
                 "ablation|all --out DIR", _lab_arguments)
 def _lab(args: argparse.Namespace) -> int:
-    from .lab.facts.experiments import parse_seeds, run_experiment
+    from .lab.facts.experiments import run_experiment
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers ({args.workers}) must be >= 1")
     results = run_experiment(args.verb, parse_seeds(args.seeds), Path(args.out), args.quick, args.workers)
@@ -584,16 +523,83 @@ def _lab(args: argparse.Namespace) -> int:
 _DEBUG_HELP = "on an error, print the traceback too"
 
 
+_CONFIG_HELP = ("read settings from a JSON or YAML file: keys are this command's flag names (dashes or "
+                "underscores; nested mappings such as a run's {train: ..., model: ...} are merged), and flags given "
+                "on the command line win")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmlab", description="Train, study and ship small language models.")
     parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (help_text, add_arguments, run) in COMMANDS.items():
+    for name, (help_text, arguments, run) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
-        add_arguments(p)
+        p.add_argument("--config", metavar="FILE", help=_CONFIG_HELP)
+        arguments(p)
         p.set_defaults(run=run)
     return parser
+
+
+def _parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """`parser` and every (sub)command parser below it."""
+    out = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                out += _parsers(sub)
+    return out
+
+
+def _innermost(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the (sub)command that `args` ran: `lmlab selfplay text` -> the `text` parser."""
+    while True:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs or getattr(args, subs[0].dest, None) is None:
+            return parser
+        parser = subs[0].choices[getattr(args, subs[0].dest)]
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """parser.parse_args, with `--config FILE` for any command: the file's settings become that command's
+    defaults and the command line is parsed again over them, so flags given there win and required flags may
+    come from the file. ValueError for a file that is not a mapping of this command's settings."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not any(a == "--config" or a.startswith("--config=") for a in argv):
+        return parser.parse_args(argv)
+    required = [a for p in _parsers(parser) for a in p._actions
+                if a.required and not isinstance(a, argparse._SubParsersAction)]
+    for action in required:  # a first pass to learn the command and the file; what is missing may be in it
+        action.required = False
+    try:
+        args = parser.parse_args(argv)
+    finally:
+        for action in required:
+            action.required = True
+    if not getattr(args, "config", None):
+        return parser.parse_args(argv)
+    target = _innermost(parser, args)
+    dests = {a.dest: a for a in target._actions if a.dest not in ("help", "config", "debug", "run")
+             and not isinstance(a, argparse._SubParsersAction)}
+    flat: dict[str, object] = {}
+
+    def merge(mapping: dict) -> None:
+        for key, value in mapping.items():
+            name = str(key).replace("-", "_")
+            if isinstance(value, dict) and name not in dests:
+                merge(value)  # a section, e.g. a run's "train" and "model"
+            else:
+                flat[name] = value
+
+    merge(read_config_file(args.config))
+    unknown = sorted(set(flat) - set(dests))
+    if unknown:
+        raise ValueError(f"{args.config}: not settings of this command: {', '.join(unknown)}; it takes "
+                         f"{', '.join(sorted(dests))}")
+    for name in flat:
+        dests[name].required = False
+    target.set_defaults(**flat)
+    return parser.parse_args(argv)
 
 
 _PACKAGE = Path(__file__).resolve().parent
@@ -619,12 +625,19 @@ def is_user_error(exc: BaseException) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)  # argparse itself exits with 2 on unknown flags
+    try:
+        args = parse_arguments(parser, argv)  # argparse itself exits with 2 on unknown flags
+    except (ValueError, OSError) as exc:  # a --config file that is missing or does not fit the command
+        print(f"lmlab: error: {exc}", file=sys.stderr)
+        return 2
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
+    from .train.console import console_progress
+
     try:
-        return args.run(args)
+        with console_progress():  # the Trainer's progress line (it only logs; a library user sees nothing)
+            return args.run(args)
     except KeyboardInterrupt:
         print("lmlab: interrupted", file=sys.stderr)
         return 130

@@ -68,7 +68,7 @@ def _transformers():
     return transformers
 
 
-# ---- in memory (seed 004's HFAdapter / HFTokenizerAdapter) -----------------------------------------
+# ---- in memory (llm-arch-research's HFAdapter / HFTokenizerAdapter) ---------------------------------
 
 def to_hf_model(model: Transformer, *, specials: Specials = LMLAB_SPECIALS) -> Any:
     """The transformers-native model (GPT2LMHeadModel, LlamaForCausalLM or OpenAIGPTLMHeadModel) holding a

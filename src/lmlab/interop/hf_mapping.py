@@ -7,6 +7,7 @@ custom code on the transformers side. Conv1D weights (GPT-1/2) are stored transp
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -41,6 +42,18 @@ _CONV1D_BLOCK = {  # ours -> HF, GPT-1 and GPT-2 blocks (weights need a transpos
 }
 
 
+def _conv1d(src: dict[str, torch.Tensor], src_prefix: str, dst_prefix: str,
+            names: Iterable[tuple[str, str]]) -> dict[str, torch.Tensor]:
+    """A GPT-1/GPT-2 block's tensors renamed from one side to the other: HF's Conv1D keeps each matrix as
+    (in, out), the transpose of nn.Linear's, so matrices are transposed either way; vectors are copied."""
+    out = {}
+    for a, b in names:
+        if src_prefix + a in src:
+            t = src[src_prefix + a]
+            out[dst_prefix + b] = t.t().contiguous() if t.dim() == 2 else t
+    return out
+
+
 def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """lmlab state dict -> the HF class's state dict (tied head included, as HF expects)."""
     block_fmt, top = hf_prefixes(cfg.family)
@@ -51,10 +64,7 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[s
         ours = f"blocks.{i}."
         hf = block_fmt.format(i)
         if cfg.family in ("gpt", "gpt2"):
-            for o, h in _CONV1D_BLOCK.items():
-                if ours + o in state:
-                    t = state[ours + o]
-                    out[hf + h] = t.t().contiguous() if t.dim() == 2 else t
+            out.update(_conv1d(state, ours, hf, _CONV1D_BLOCK.items()))
             continue
         q, k, v = state[ours + "attn.qkv.weight"].split([q_dim, kv_dim, kv_dim])
         gate, up = state[ours + "mlp.fc.weight"].chunk(2)
@@ -78,10 +88,7 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
         ours = f"blocks.{i}."
         pre = block_fmt.format(i)
         if cfg.family in ("gpt", "gpt2"):
-            for o, h in _CONV1D_BLOCK.items():
-                if pre + h in hf:
-                    t = hf[pre + h]
-                    out[ours + o] = t.t().contiguous() if t.dim() == 2 else t
+            out.update(_conv1d(hf, pre, ours, ((h, o) for o, h in _CONV1D_BLOCK.items())))
             continue
         a, m = pre + "self_attn.", pre + "mlp."
         out.update({

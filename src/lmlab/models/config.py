@@ -14,13 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import configs
+from ..configs import knob, validate
 from ..files import atomic_write_text
 
 FAMILIES = ("gpt", "gpt2", "llama")
 
 # What each family means, as switches of the one implementation in model.py.
-#  gpt   — GPT-1 (Radford et al. 2018) and seed 000's CustomTransformerLM: learned positions, post-LN
-#          blocks, no final norm; HF's OpenAIGPTLMHeadModel ties the head, so we do too.
+#  gpt   — GPT-1 (Radford et al. 2018) and the AZR Model Trainer app's CustomTransformerLM: learned positions,
+#          post-LN blocks, no final norm; HF's OpenAIGPTLMHeadModel ties the head, so we do too.
 #  gpt2  — pre-LN blocks, a final LayerNorm, tied head, biases everywhere.
 #  llama — RMSNorm, RoPE, SwiGLU, grouped-query attention, no biases, untied head.
 _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -32,7 +34,7 @@ _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
                   tie_embeddings=False, bias=False, norm_eps=1e-5),
 }
 
-# Sizes. small/medium/large follow seed 000's table (~5M / ~20M / ~100M parameters, d_model 128-768,
+# Sizes. small/medium/large follow the AZR Model Trainer app's table (~5M / ~20M / ~100M parameters, d_model 128-768,
 # 4-16 layers); gpt2-124m is exactly GPT-2 small. Counts are for the gpt2 family at the listed vocab;
 # `lmlab info --preset` prints the exact number for any family.
 SIZES: dict[str, dict[str, int]] = {
@@ -43,8 +45,10 @@ SIZES: dict[str, dict[str, int]] = {
     "gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50257),
 }
 
-# Keys used by the seeds (000: CustomTransformerLM; 004: GPT/GPT2 config dicts) -> our field names.
-_SEED_KEYS = {
+# Config keys of the projects lmlab grew from -> our field names: the AZR Model Trainer app's CustomTransformerLM
+# (github.com/Slavikpro557/ai-neural-network-project) and llm-arch-research's GPT/GPT2 config dicts
+# (github.com/pese-git/llm-arch-research).
+FOREIGN_KEYS = {
     "d_model": "n_embd", "embed_dim": "n_embd", "num_layers": "n_layer", "num_heads": "n_head",
     "num_kv_heads": "n_kv_head", "d_ff": "intermediate_size", "max_seq_len": "block_size",
     "max_position_embeddings": "block_size",
@@ -53,27 +57,30 @@ _SEED_KEYS = {
 
 @dataclass
 class ModelConfig:
-    family: str = "gpt2"
-    vocab_size: int = 8192
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 384
-    block_size: int = 256
-    n_kv_head: int | None = None          # None: n_head (plain multi-head attention)
-    intermediate_size: int | None = None  # None: 4*n_embd (gelu) or ~8/3*n_embd rounded to 64 (swiglu)
-    dropout: float = 0.0
+    family: str = knob("gpt2", "architecture family: what the switches below default to", choices=FAMILIES)
+    vocab_size: int = knob(8192, "tokens in the vocabulary (the tokenizer's size)", ge=5)
+    n_layer: int = knob(6, "transformer blocks", gt=0)
+    n_head: int = knob(6, "attention (query) heads", gt=0)
+    n_embd: int = knob(384, "width of the residual stream", gt=0)
+    block_size: int = knob(256, "context length in tokens", gt=0)
+    n_kv_head: int | None = knob(None, "key/value heads: fewer than n_head is grouped-query attention "
+                                 "(default n_head)", gt=0)
+    intermediate_size: int | None = knob(None, "MLP hidden width (default 4*n_embd for gelu, ~8/3*n_embd "
+                                         "rounded to 64 for swiglu)", gt=0)
+    dropout: float = knob(0.0, "dropout on embeddings, attention and residual branches", ge=0, lt=1)
     # Architectural switches; None means "what the family does".
-    norm: str | None = None               # "layernorm" | "rmsnorm"
-    pos_encoding: str | None = None       # "learned" | "rope"
-    mlp: str | None = None                # "gelu" (tanh approximation, as GPT-1/2) | "swiglu"
-    prenorm: bool | None = None
-    final_norm: bool | None = None
-    tie_embeddings: bool | None = None
-    bias: bool | None = None
-    norm_eps: float | None = None
-    rope_theta: float = 10000.0
-    init_std: float = 0.02
-    pad_token_id: int | None = 0          # targets equal to it are ignored by the loss; None: none are
+    norm: str | None = knob(None, "layernorm or rmsnorm (default: the family's)", choices=("layernorm", "rmsnorm"))
+    pos_encoding: str | None = knob(None, "learned or rope (default: the family's)", choices=("learned", "rope"))
+    mlp: str | None = knob(None, "gelu (tanh approximation, as GPT-1/2) or swiglu (default: the family's)",
+                           choices=("gelu", "swiglu"))
+    prenorm: bool | None = knob(None, "norm before each sublayer (GPT-2, Llama) or after it (GPT-1)")
+    final_norm: bool | None = knob(None, "a norm after the last block")
+    tie_embeddings: bool | None = knob(None, "the output head shares the token embedding's weights")
+    bias: bool | None = knob(None, "biases in linear layers and LayerNorms")
+    norm_eps: float | None = knob(None, "epsilon of the norms (default 1e-5)", gt=0)
+    rope_theta: float = knob(10000.0, "RoPE base", gt=0)
+    init_std: float = knob(0.02, "standard deviation of the initial weights", gt=0)
+    pad_token_id: int | None = knob(0, "targets equal to it are ignored by the loss (null: none are)", ge=0)
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -83,7 +90,7 @@ class ModelConfig:
                 setattr(self, key, value)
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
-        if self.intermediate_size is None:
+        if self.intermediate_size is None and isinstance(self.n_embd, int):
             if self.mlp == "swiglu":  # keep parameters ~ a 4x GELU MLP (Shazeer 2020), multiple of 64
                 self.intermediate_size = 64 * math.ceil(8 * self.n_embd / 3 / 64)
             else:
@@ -91,33 +98,15 @@ class ModelConfig:
         self._validate()
 
     def _validate(self) -> None:
-        for name in ("vocab_size", "n_layer", "n_head", "n_embd", "block_size", "n_kv_head",
-                     "intermediate_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} ({value!r}) must be a positive integer")
-        if self.vocab_size < 5:
-            raise ValueError(f"vocab_size ({self.vocab_size}) must exceed the 4 special tokens")
+        validate(self)
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
         if self.pos_encoding == "rope" and self.head_dim % 2:
             raise ValueError(f"head_dim (n_embd/n_head = {self.head_dim}) must be even for RoPE")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout ({self.dropout}) must be in [0, 1)")
-        choices = {"norm": ("layernorm", "rmsnorm"), "pos_encoding": ("learned", "rope"),
-                   "mlp": ("gelu", "swiglu")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} ({getattr(self, name)!r}) must be one of {', '.join(allowed)}")
-        for name in ("prenorm", "final_norm", "tie_embeddings", "bias"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} ({getattr(self, name)!r}) must be true or false")
-        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+        if self.pad_token_id is not None and self.pad_token_id >= self.vocab_size:
             raise ValueError(f"pad_token_id ({self.pad_token_id}) must be in [0, vocab_size)")
-        if not (self.norm_eps > 0 and self.rope_theta > 0 and self.init_std > 0):
-            raise ValueError("norm_eps, rope_theta and init_std must be positive")
 
     @property
     def head_dim(self) -> int:
@@ -183,17 +172,9 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        """Build from a dict; also accepts the seeds' keys (d_model, num_layers, embed_dim, ...)."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kwargs: dict[str, Any] = {}
-        for key, value in data.items():
-            name = _SEED_KEYS.get(key, key)
-            if name not in fields:
-                raise ValueError(f"{key} is not a ModelConfig field")
-            if name in kwargs and kwargs[name] != value:
-                raise ValueError(f"{key} ({value!r}) conflicts with {name} ({kwargs[name]!r})")
-            kwargs[name] = value
-        return cls(**kwargs)
+        """Build from a dict; also accepts the keys of the AZR Model Trainer app and of llm-arch-research (d_model,
+        num_layers, embed_dim, ...)."""
+        return configs.from_dict(cls, data, aliases=FOREIGN_KEYS)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -214,29 +195,6 @@ class ModelConfig:
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:
         return cls.from_json(Path(path).read_text(encoding="utf-8"))
-
-
-_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
-
-
-def check_types(config: Any) -> None:
-    """ValueError naming the first field of a config dataclass whose value has the wrong type: JSON and
-    dicts arrive untyped, and a string compared with a number would be a TypeError deep inside."""
-    for f in dataclasses.fields(config):
-        value, kinds = getattr(config, f.name), [k.strip() for k in str(f.type).split("|")]
-        if (value is None and "None" in kinds) or not any(k in _TYPES for k in kinds):
-            continue
-        if not any(isinstance(value, _TYPES[k]) and (k == "bool" or not isinstance(value, bool))
-                   for k in kinds if k in _TYPES):
-            raise ValueError(f"{f.name} ({value!r}) must be {' or '.join(kinds)}")
-
-
-def known_fields(cls: Any, data: dict[str, Any]) -> dict[str, Any]:
-    """`data` if every key is a field of the dataclass `cls`; otherwise ValueError naming the others."""
-    unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(sorted(unknown))}")
-    return data
 
 
 def preset_names() -> list[str]:

@@ -10,14 +10,16 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .. import configs
+from ..configs import knob, validate
 from ..files import atomic_write_text
-from .config import check_types, known_fields
+from .fast import Decoder, decoder
 from .model import KVCache, Transformer
 
 EOS_ID = 3  # lmlab.tokenizers.EOS_ID; models imported from elsewhere pass their own
@@ -25,34 +27,26 @@ EOS_ID = 3  # lmlab.tokenizers.EOS_ID; models imported from elsewhere pass their
 
 @dataclass
 class GenerationConfig:
-    max_new_tokens: int = 100
-    do_sample: bool = True            # False, or temperature 0: greedy
-    temperature: float = 1.0
-    top_k: int = 0                    # 0: off
-    top_p: float = 1.0                # 1.0: off
-    repetition_penalty: float = 1.0   # CTRL (Keskar et al. 2019); 1.0: off
-    num_beams: int = 1                # > 1: beam search (deterministic)
-    length_penalty: float = 1.0       # beam score = sum log p / length ** length_penalty
-    stop_strings: list[str] = field(default_factory=list)
-    stop_at_eos: bool = True
-    seed: int | None = None
-    prompt_lookup: int = 0            # > 0: greedy drafts of up to this many tokens, verified at once; 0: off
+    max_new_tokens: int = knob(100, "tokens to generate", ge=0)
+    do_sample: bool = knob(True, "sample; --no-do-sample (or --greedy, or temperature 0) takes the most likely "
+                           "token")
+    temperature: float = knob(1.0, "softmax temperature; 0 means greedy", ge=0)
+    top_k: int = knob(0, "sample from the k most likely tokens (0: off)", ge=0)
+    top_p: float = knob(1.0, "nucleus sampling mass (1.0: off)", gt=0, le=1)
+    repetition_penalty: float = knob(1.0, "CTRL penalty for tokens already in the context (Keskar et al. 2019; "
+                                     "1.0: off)", gt=0)
+    num_beams: int = knob(1, "beam search width (1: no beam search; deterministic)", ge=1)
+    length_penalty: float = knob(1.0, "beam score = sum log p / length ** length_penalty")
+    stop_strings: list[str] = knob(factory=list, help="stop when one of these texts appears (comma list on the "
+                                   "command line; --stop TEXT repeats)")
+    stop_at_eos: bool = knob(True, "stop at <EOS>; --no-stop-at-eos (or --ignore-eos) keeps going")
+    seed: int | None = knob(None, "seed for reproducible sampling")
+    prompt_lookup: int = knob(0, "greedy only: draft up to N tokens by prompt lookup and verify them in one pass "
+                              "(faster on repetitive text; 0: off)", ge=0, le=64)
 
     def __post_init__(self) -> None:
-        check_types(self)
-        checks = [
-            ("max_new_tokens", self.max_new_tokens >= 0, "must be >= 0"),
-            ("temperature", self.temperature >= 0, "must be >= 0"),
-            ("top_k", self.top_k >= 0, "must be >= 0"),
-            ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
-            ("repetition_penalty", self.repetition_penalty > 0, "must be > 0"),
-            ("num_beams", self.num_beams >= 1, "must be >= 1"),
-            ("prompt_lookup", 0 <= self.prompt_lookup <= 64, "must be in [0, 64]"),
-        ]
-        for name, ok, why in checks:
-            if not ok:
-                raise ValueError(f"{name} ({getattr(self, name)}) {why}")
-        if not isinstance(self.stop_strings, list) or any(not isinstance(s, str) or not s for s in self.stop_strings):
+        validate(self)
+        if any(not s for s in self.stop_strings):
             raise ValueError("stop_strings must be non-empty strings")
 
     @property
@@ -66,10 +60,7 @@ class GenerationConfig:
     def load(cls, path: str | Path) -> GenerationConfig:
         """generation.json; ValueError (naming the file, and the field) for bad JSON or an unknown field."""
         try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-            if not isinstance(data, dict):
-                raise ValueError("must hold a JSON object of GenerationConfig fields")
-            return cls(**known_fields(cls, data))
+            return configs.from_dict(cls, json.loads(Path(path).read_text(encoding="utf-8")))
         except ValueError as exc:  # json.JSONDecodeError too
             raise ValueError(f"{path}: {exc}") from None
 
@@ -116,8 +107,8 @@ class _Context:
     full, the cache is rebuilt from the last 3/4 of the window (cropping, not a crash)."""
 
     def __init__(self, model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
-                 pad_id: int) -> None:
-        self.model = model
+                 pad_id: int, step: Decoder | None = None) -> None:
+        self.model, self.step = model, step  # step: fast.py's one-token decoding step, where it applies
         params = next(model.parameters())
         self.device, self.dtype = params.device, params.dtype
         width = max(len(p) for p in prompts)
@@ -163,10 +154,13 @@ class _Context:
         else:
             attention_mask = window
             position_ids = Transformer.positions_from_mask(window)[:, -self.pending:]
-        out = self.model(self.ids[:, cols], attention_mask=attention_mask, position_ids=position_ids,
-                         cache=self.cache, last_only=not last)
+        if self.pending == 1 and self.step is not None:
+            logits = self.step(self.ids[:, cols], self.cache, attention_mask, position_ids).unsqueeze(1)
+        else:
+            logits = self.model(self.ids[:, cols], attention_mask=attention_mask, position_ids=position_ids,
+                                cache=self.cache, last_only=not last).logits
         self.pending = 0
-        return out.logits[:, -last:] if last else out.logits[:, -1]
+        return logits[:, -last:] if last else logits[:, -1]
 
     def context_ids(self) -> torch.Tensor:
         return self.ids[:, : self.length]
@@ -194,7 +188,7 @@ def iter_tokens(model: Transformer, prompts: Sequence[Sequence[int]], cfg: Gener
     caller may also set `finished[row] = True` (stop strings) and the loop honours it. Not beam search."""
     if cfg.num_beams > 1:
         raise ValueError("iter_tokens samples or decodes greedily; use generate_ids for beam search")
-    ctx = _Context(model, prompts, cfg.max_new_tokens, pad_id)
+    ctx = _Context(model, prompts, cfg.max_new_tokens, pad_id, decoder(model, keep=not model.training))
     generator = None
     if cfg.seed is not None:
         generator = torch.Generator(device=ctx.device).manual_seed(cfg.seed)
@@ -203,20 +197,19 @@ def iter_tokens(model: Transformer, prompts: Sequence[Sequence[int]], cfg: Gener
     model.eval()
     lookup = cfg.prompt_lookup if cfg.greedy and len(prompts) == 1 and cfg.repetition_penalty == 1.0 else 0
     try:
-        with model.decoding():
-            if lookup:
-                yield from _lookup_steps(ctx, cfg.max_new_tokens, lookup, eos_token_id if cfg.stop_at_eos else None,
-                                         finished)
-                return
-            for _ in range(cfg.max_new_tokens):
-                logits = process_logits(ctx.next_logits(), cfg, ctx.context_ids())
-                tokens = _choose(logits, cfg, generator).masked_fill(finished, pad_id)
-                ctx.append(tokens)
-                if cfg.stop_at_eos and eos_token_id is not None:
-                    finished |= tokens == eos_token_id
-                yield tokens, finished
-                if bool(finished.all()):
-                    break
+        if lookup:
+            yield from _lookup_steps(ctx, cfg.max_new_tokens, lookup, eos_token_id if cfg.stop_at_eos else None,
+                                     finished)
+            return
+        for _ in range(cfg.max_new_tokens):
+            logits = process_logits(ctx.next_logits(), cfg, ctx.context_ids())
+            tokens = _choose(logits, cfg, generator).masked_fill(finished, pad_id)
+            ctx.append(tokens)
+            if cfg.stop_at_eos and eos_token_id is not None:
+                finished |= tokens == eos_token_id
+            yield tokens, finished
+            if bool(finished.all()):
+                break
     finally:
         model.train(was_training)
 
@@ -311,16 +304,16 @@ def _beam_search(model: Transformer, prompts: Sequence[Sequence[int]], cfg: Gene
     it has num_beams finished hypotheses and no live beam can still beat the worst of them."""
     was_training = model.training
     model.eval()
-    with model.decoding():
-        finished = _beam_loop(model, prompts, cfg, eos_token_id, pad_id)
-    model.train(was_training)
-    return finished
+    try:
+        return _beam_loop(model, prompts, cfg, eos_token_id, pad_id, decoder(model, keep=not was_training))
+    finally:
+        model.train(was_training)
 
 
 def _beam_loop(model: Transformer, prompts: Sequence[Sequence[int]], cfg: GenerationConfig,
-               eos_token_id: int | None, pad_id: int) -> list[list[int]]:
+               eos_token_id: int | None, pad_id: int, step: Decoder | None) -> list[list[int]]:
     nb, B = cfg.num_beams, len(prompts)
-    ctx = _Context(model, prompts, cfg.max_new_tokens, pad_id)
+    ctx = _Context(model, prompts, cfg.max_new_tokens, pad_id, step)
     first = True
     scores = torch.zeros(B, nb, device=ctx.device)
     scores[:, 1:] = float("-inf")  # all beams start identical; only the first may expand at step 0

@@ -1,5 +1,5 @@
 """`lmlab serve`: the FastAPI application — web UI at `/`, REST API under `/api/v1` (OpenAPI at `/docs`),
-seed 000's endpoints for its old clients — and the guards in front of all of it.
+the AZR Model Trainer app's endpoints for its old clients — and the guards in front of all of it.
 
     lmlab serve                                   # http://127.0.0.1:8000, workspace in your data dir
     lmlab serve --workspace ./lab --max-jobs 2
@@ -35,7 +35,7 @@ from fastapi.staticfiles import StaticFiles
 from .db import Database
 from .inference import ModelCache
 from .jobs import Supervisor
-from .workspace import LinkError, NameError_, Workspace, default_workspace
+from .workspace import BadName, LinkError, Workspace, default_workspace
 
 log = logging.getLogger("lmlab.server")
 
@@ -107,7 +107,7 @@ class Settings:
                              "pass --api-token (or set LMLAB_API_TOKEN)")
 
 
-class State:
+class AppState:
     """Everything a request handler needs, built once per app."""
 
     def __init__(self, settings: Settings) -> None:
@@ -164,7 +164,7 @@ class State:
                 no_links(path, self.ws.root)
                 cfg = ModelConfig.load(path / "config.json")
                 kind = Tokenizer.load(path / "tokenizer.json").kind if (path / "tokenizer.json").is_file() else "bpe"
-            except (ValueError, OSError) as exc:  # NameError_ and LinkError are ValueErrors
+            except (ValueError, OSError) as exc:  # BadName and LinkError are ValueErrors
                 log.warning("not indexing %s: %s", path, exc)
                 continue
             self.db.add_model(path.name, cfg.to_dict(), None, kind, cfg.vocab_size)
@@ -191,11 +191,11 @@ class State:
             self._lock_file = None
 
 
-def get_state(request: Request) -> State:
-    return request.app.state.lab
+def get_state(request: Request) -> AppState:
+    return request.app.state.lmlab
 
 
-Lab = Annotated[State, Depends(get_state)]  # a handler parameter of this type receives the app's State
+StateDep = Annotated[AppState, Depends(get_state)]  # a handler parameter of this type receives the AppState
 
 
 # ---- ASGI guards ------------------------------------------------------------------------------------
@@ -393,7 +393,7 @@ def static_dir() -> Path:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    state = State(settings)
+    state = AppState(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202
@@ -413,11 +413,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     from .. import __version__
     app = FastAPI(title="lmlab", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Train small language models on your books, watch them learn, generate text. "
-                              "Versioned API under /api/v1; seed 000's endpoints are kept for old clients.")
-    app.state.lab = state
+                              "Versioned API under /api/v1; the AZR Model Trainer app's endpoints are kept for "
+                              "its old clients.")
+    app.state.lmlab = state
 
-    @app.exception_handler(NameError_)
-    async def _bad_name(request: Request, exc: NameError_) -> JSONResponse:
+    @app.exception_handler(BadName)
+    async def _bad_name(request: Request, exc: BadName) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=400)
 
     @app.exception_handler(LinkError)
@@ -429,8 +430,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
         return JSONResponse({"detail": errors}, status_code=422)
 
-    from . import api, seed
-    app.include_router(api.router)
+    from .routers import api, seed
+    app.include_router(api)
     app.include_router(seed.router)
 
     static = static_dir()

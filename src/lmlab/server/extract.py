@@ -22,7 +22,7 @@ from pathlib import Path
 _DOCUMENTS = Path(__file__).resolve().parent.parent / "data" / "documents.py"
 HEADER_LIMIT = 4096  # bytes of the header line a reader accepts
 HEADER_KEYS = ("size", "mtime_ns", "encoding", "chars", "words", "lines", "unique_chars")
-_SLOTS = threading.BoundedSemaphore(2)  # books read at once: each child may take its whole memory cap
+_READ_SLOTS = threading.BoundedSemaphore(2)  # books read at once: each child may take its whole memory cap
 
 
 class Refused(ValueError):
@@ -38,7 +38,7 @@ def extract(book: Path, out: Path, shown: str, *, timeout_s: float, memory_bytes
     cmd = [sys.executable, "-I", str(Path(__file__).resolve()), str(book), str(out), shown, str(memory_bytes)]
     try:
         # stderr is dropped: pypdf logs a warning per oddity, and a crafted file can have millions of them
-        with _SLOTS:
+        with _READ_SLOTS:
             proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                   timeout=timeout_s)
         result = json.loads(proc.stdout or b"null") or {

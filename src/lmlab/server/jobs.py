@@ -19,10 +19,10 @@ One supervisor thread, every `poll_s` seconds:
     database (PostgreSQL, and a workspace on a shared file system) launch each run once.
 
 Cancel sends SIGINT: training and self-play both finish the step (iteration) under way, write a checkpoint
-and exit, so a cancelled run can be resumed. Resume relaunches the run's command with `--resume`: `lmlab
-train --resume --out RUN_DIR`, or the `lmlab selfplay text ... --out RUN_DIR` it was started with (the same
-flags, prompts in RUN_DIR/prompts.json) plus `--resume`, which checks that they match the run's
-config.json. A self-play run stopped before final/ leaves no model behind until it is resumed and
+and exit, so a cancelled run can be resumed. Resume relaunches the run's command (built by commands.py) with
+`--resume`: `lmlab train --resume --out RUN_DIR`, or the `lmlab selfplay text ... --out RUN_DIR` it was
+started with (the same flags, prompts in RUN_DIR/prompts.json) plus `--resume`, which checks that they match
+the run's config.json. A self-play run stopped before final/ leaves no model behind until it is resumed and
 completes; a cancel that arrives after final/ is written comes too late (the process exits 0 and the run
 completes with its new model).
 
@@ -57,27 +57,21 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ..lab.selfplay.text import SETTING_FLAGS
+from ..files import atomic_write_text
 from ..models import ModelConfig
-from ..models.config import atomic_write_text
 from ..tokenizers import Tokenizer
 from ..train import checkpoint_step, latest_checkpoint
+from .commands import STOP_FILE, child_argv, run_command
 from .db import Database
 from .workspace import Workspace, stage_dir, swap_dir
 
 log = logging.getLogger("lmlab.server")
 
-# The child: `lmlab train ...`, with SIGINT and SIGTERM restored to KeyboardInterrupt. Python leaves
-# SIGINT ignored when its parent ignored it (true of background jobs of a non-interactive shell), and
-# SIGTERM would otherwise kill without a checkpoint.
-_CHILD = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
-          "signal.signal(signal.SIGTERM, signal.default_int_handler); "
-          "from lmlab.cli import main; sys.exit(main(sys.argv[1:]))")
 KILL_AFTER_S = 30.0  # a child that has not exited this long after SIGINT gets SIGKILL
 # What a run's process is called when it stops early. Training and self-play answer SIGINT alike (checkpoint
 # and exit), so a stopped run of either kind says the same about what is left and how to continue; a lab
 # experiment keeps no checkpoints, so a stopped one is not resumable and is started again.
-_WHAT = {"train": "training", "selfplay": "self-play", "experiment": "lab experiment"}
+PROCESS_NAMES = {"train": "training", "selfplay": "self-play", "experiment": "lab experiment"}
 RESUME = "resume to continue from the last checkpoint"
 UNWATCHED = "its process ended while no server was watching it"
 NOT_RESUMABLE = "a lab experiment keeps no checkpoints and cannot be resumed; start it again"
@@ -235,37 +229,6 @@ def _signame(number: int) -> str:
         return f"signal {number}"
 
 
-def _flags(params: dict[str, Any]) -> list[str]:
-    out = []
-    for key, value in params.items():
-        if value is None:
-            continue
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            out.append(flag if value else "--no-" + key.replace("_", "-"))
-        else:
-            out += [flag, str(value)]
-    return out
-
-
-def experiment_command(params: dict[str, Any], out: Path) -> list[str]:
-    """The lab's own CLI command for an experiment run's params (lab, experiment, quick, seeds, workers),
-    writing into `out`: `lab facts EXPERIMENT --out OUT --seeds 0,1 ...` or `selfplay azr --out OUT ...`."""
-    seeds = ",".join(str(s) for s in params["seeds"])
-    if params["lab"] == "facts":
-        args = ["lab", "facts", params["experiment"], "--out", str(out), "--seeds", seeds]
-    elif params["lab"] == "azr":
-        # `lmlab selfplay azr --seeds 3` means a count (seeds 0..2); a trailing comma makes one seed a list
-        args = ["selfplay", "azr", "--out", str(out), "--seeds", seeds + ("," if len(params["seeds"]) == 1 else "")]
-    else:
-        raise ValueError(f"unknown lab {params['lab']!r}")
-    if params.get("quick"):
-        args.append("--quick")
-    if params.get("workers"):
-        args += ["--workers", str(params["workers"])]
-    return args
-
-
 class Supervisor:
     def __init__(self, db: Database, workspace: Workspace, *, max_jobs: int = 1, python: str = sys.executable,
                  poll_s: float = 0.5, env: dict[str, str] | None = None) -> None:
@@ -328,8 +291,8 @@ class Supervisor:
         if self._thread is not None:
             self._thread.join(timeout=5)
         with self.lock:
-            for proc in self._procs.values():
-                _signal_group(proc.pid, signal.SIGINT)
+            for run_id, proc in self._procs.items():
+                self._ask_to_stop(run_id, proc.pid)
             deadline = time.monotonic() + timeout
             for run_id, proc in list(self._procs.items()):
                 if not _wait(proc, deadline - time.monotonic()):
@@ -360,7 +323,7 @@ class Supervisor:
             if self._procs:  # cancels asked through any server sharing the database
                 for run in self.db.list_runs(status=["running"]):
                     if run["id"] in self._procs and run["cancel_requested"] and run["id"] not in self._cancel_sent:
-                        _signal_group(self._procs[run["id"]].pid, signal.SIGINT)
+                        self._ask_to_stop(run["id"], self._procs[run["id"]].pid)
                         self._cancel_sent[run["id"]] = time.monotonic()
             for run_id, proc in list(self._procs.items()):
                 self._catch_up(run_id)
@@ -387,48 +350,6 @@ class Supervisor:
             self.db.add_metrics(run_id, lines, replace=restart)
 
     # ---- launching ---------------------------------------------------------------------------------
-
-    def command(self, run: dict[str, Any]) -> list[str]:
-        """`lmlab train ...`, `lmlab selfplay text ...` or a lab experiment's command for this run (as run by the
-        child: python -c <_CHILD> train ...), with --resume when it continues from a checkpoint."""
-        run_dir = self.ws.run_path(run["id"])
-        if run["kind"] == "experiment":
-            return experiment_command(run["params"], run_dir)
-        if run["kind"] == "selfplay":
-            return self._selfplay_command(run, run_dir) + (["--resume"] if run["resume"] else [])
-        params = run["params"]
-        if run["resume"]:  # the run's own data and settings; max_steps may have grown (a stop condition)
-            args = ["train", "--out", str(run_dir), "--resume"]
-            params = {k: v for k, v in params.items() if k != "val_fraction"}
-        else:
-            model = self.db.get_model(run["model_name"])
-            if model is None:
-                raise ValueError(f"model {run['model_name']!r} no longer exists")
-            args = ["train", *[str(self.ws.book_path(b)) for b in run["books"]]]
-            if run["init_from_trained"]:
-                args += ["--init", str(self.ws.model_path(run["model_name"]))]
-            else:
-                config_file = run_dir / "model_config.json"
-                config_file.write_text(json.dumps(model["config"], indent=2), encoding="utf-8")
-                args += ["--config", str(config_file), "--tokenizer-kind", model["tokenizer_kind"],
-                         "--vocab-size", str(model["tokenizer_vocab"])]
-            args += ["--out", str(run_dir)]
-        return args + _flags(params)
-
-    def _selfplay_command(self, run: dict[str, Any], run_dir: Path) -> list[str]:
-        p = run["params"]
-        for name in (run["model_name"], p.get("judge")):
-            if name and self.db.get_model(name) is None:
-                raise ValueError(f"model {name!r} no longer exists")
-        args = ["selfplay", "text", "--model", str(self.ws.model_path(run["model_name"])), "--out", str(run_dir),
-                "--reward", p["reward"]]
-        if p.get("judge"):
-            args += ["--judge", str(self.ws.model_path(p["judge"]))]
-        if p.get("prompts"):  # a file, not arguments: a command line is public (ps, /proc) and logged
-            prompts_file = run_dir / "prompts.json"
-            atomic_write_text(prompts_file, json.dumps(p["prompts"], ensure_ascii=False))
-            args += ["--prompts-file", str(prompts_file)]
-        return args + _flags({k: p[k] for k in SETTING_FLAGS if k in p})
 
     def _register_selfplay(self, run: dict[str, Any], final: Path, training: dict[str, Any]) -> None:
         """The policy in `final/` becomes the new model: copied into models/ under a dot-name of this run's
@@ -481,12 +402,17 @@ class Supervisor:
                 if ckpt is None:
                     raise ValueError("no checkpoint to resume from")
                 resumed_from = checkpoint_step(ckpt)
-            args = self.command(run)
-            env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+            args, files = run_command(run, self.ws, self.db.get_model)
+            for path, text in files.items():
+                atomic_write_text(path, text)
+            stop_file = run_dir / STOP_FILE
+            if stop_file.exists() or stop_file.is_symlink():  # the request of an earlier launch, answered
+                stop_file.unlink()
+            env = {**os.environ, "PYTHONUNBUFFERED": "1", "LMLAB_STOP_FILE": str(stop_file), **self.env}
             with os.fdopen(self.ws.open(run_dir / "log.txt", os.O_WRONLY | os.O_APPEND | os.O_CREAT), "ab") as logf:
                 logf.write(f"\n$ lmlab {shlex.join(args)}\n".encode())
                 logf.flush()
-                proc = subprocess.Popen([self.python, "-c", _CHILD, *args], stdout=logf, stderr=subprocess.STDOUT,
+                proc = subprocess.Popen(child_argv(self.python, args), stdout=logf, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, cwd=self.ws.root, env=env, start_new_session=True)
         except (OSError, ValueError) as exc:
             self.db.update_run(run_id, status="failed", error=f"could not start: {exc}", finished_at=time.time())
@@ -496,6 +422,15 @@ class Supervisor:
         self._cancel_sent.pop(run_id, None)
         self.db.update_run(run_id, pid=proc.pid, pid_start=process_start(proc.pid), resumed_from_step=resumed_from)
         log.info("run %s started (pid %s)%s", run_id, proc.pid, f" from step {resumed_from}" if resumed_from else "")
+
+    def _ask_to_stop(self, run_id: int, pid: int) -> None:
+        """SIGINT to a run's process (it checkpoints and exits), and the stop file first, which a process still
+        starting with SIGINT ignored finds once it can answer (commands.CHILD_BOOTSTRAP)."""
+        try:
+            os.close(self.ws.open(self.ws.run_path(run_id) / STOP_FILE, os.O_WRONLY | os.O_CREAT))
+        except (OSError, ValueError) as exc:  # a run folder gone or made a link meanwhile: the signal still goes
+            log.warning("run %s: could not write its stop file: %s", run_id, exc)
+        _signal_group(pid, signal.SIGINT)
 
     def _finish(self, run_id: int, code: int | None, server_stopped: bool = False) -> None:
         """Record how a run's process ended and register what it made. `code` None: its exit status is unknown
@@ -542,7 +477,7 @@ class Supervisor:
             elif code is None:
                 error = f"{UNWATCHED}; {then}"
             else:
-                error = f"the {_WHAT[run['kind']]} process was " + (
+                error = f"the {PROCESS_NAMES[run['kind']]} process was " + (
                     f"killed by {_signame(-code)}" if code < 0 else "interrupted")
             values.update(status="interrupted", stop_reason="interrupted", error=error)
         else:

@@ -3,7 +3,7 @@ names that cannot escape their folder or overflow the file system's name length,
 can read (read once, in a child process, and stored beside the book: `books/.{name}.text`), zips of model
 directories.
 
-Seed 000 joined `file.filename` and model names straight into paths (`BOOKS_DIR / file.filename`), so
+The AZR Model Trainer app joined `file.filename` and model names straight into paths (`BOOKS_DIR / file.filename`), so
 `../../anything` wrote anywhere; here every name is validated before it touches a path, and the resolved
 path is checked to sit inside its folder as a second line of defence.
 
@@ -46,7 +46,7 @@ _NAME_EXTRA = set(" ._-()[]+,'")
 _WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
 
 
-class NameError_(ValueError):
+class BadName(ValueError):
     """A user-supplied name that may not become a file name."""
 
 
@@ -57,34 +57,34 @@ class LinkError(ValueError):
 
 def check_name(name: str, what: str = "name", *, max_len: int = 100, max_bytes: int = MODEL_NAME_BYTES,
                allow_space: bool = False) -> str:
-    """Return `name` (NFC) if it is a safe single path component, else raise NameError_ saying why.
+    """Return `name` (NFC) if it is a safe single path component, else raise BadName saying why.
     Letters of any script, digits and `._-()[]+,'` are allowed; no separators, no leading dot; at most
     `max_len` characters and `max_bytes` bytes of UTF-8 (what the file system counts)."""
     if not isinstance(name, str) or not name:
-        raise NameError_(f"{what} must not be empty")
+        raise BadName(f"{what} must not be empty")
     name = unicodedata.normalize("NFC", name)
     if len(name) > max_len:
-        raise NameError_(f"{what} is longer than {max_len} characters")
+        raise BadName(f"{what} is longer than {max_len} characters")
     if len(name.encode("utf-8", "surrogatepass")) > max_bytes:
-        raise NameError_(f"{what} is {len(name.encode('utf-8', 'surrogatepass'))} bytes in UTF-8, longer than the "
+        raise BadName(f"{what} is {len(name.encode('utf-8', 'surrogatepass'))} bytes in UTF-8, longer than the "
                          f"limit of {max_bytes} bytes (a file name holds {NAME_MAX} bytes, less what the server "
                          "adds to it)")
     if "/" in name or "\\" in name or "\x00" in name:
-        raise NameError_(f"{what} {name!r} must not contain a path separator")
+        raise BadName(f"{what} {name!r} must not contain a path separator")
     if name in (".", "..") or name.startswith((".", "-", " ")) or name.endswith((" ", ".")):
-        raise NameError_(f"{what} {name!r} must not start with '.', '-' or a space, nor end with '.' or a space")
+        raise BadName(f"{what} {name!r} must not start with '.', '-' or a space, nor end with '.' or a space")
     bad = sorted({ch for ch in name if not (ch.isalnum() or ch in _NAME_EXTRA) or (ch == " " and not allow_space)})
     if bad:
-        raise NameError_(f"{what} {name!r} contains characters that are not allowed: {''.join(bad)!r}")
+        raise BadName(f"{what} {name!r} contains characters that are not allowed: {''.join(bad)!r}")
     if name.split(".")[0].lower() in _WINDOWS_RESERVED:
-        raise NameError_(f"{what} {name!r} is a reserved device name")
+        raise BadName(f"{what} {name!r} is a reserved device name")
     return name
 
 
 def check_book_name(name: str) -> str:
     name = check_name(name, "book file name", max_len=200, max_bytes=BOOK_NAME_BYTES, allow_space=True)
     if Path(name).suffix.lower() not in BOOK_SUFFIXES:
-        raise NameError_(f"book {name!r} must end in one of {' '.join(BOOK_SUFFIXES)}")
+        raise BadName(f"book {name!r} must end in one of {' '.join(BOOK_SUFFIXES)}")
     return name
 
 
@@ -92,7 +92,7 @@ def inside(folder: Path, name: str) -> Path:
     """folder / name, refusing anything that resolves outside folder, and a symbolic link there or below."""
     path = folder / name
     if path.resolve().parent != folder.resolve() and not path.is_symlink():
-        raise NameError_(f"{name!r} resolves outside {folder.name}/")
+        raise BadName(f"{name!r} resolves outside {folder.name}/")
     return no_links(path, folder.parent)
 
 
@@ -274,7 +274,7 @@ def zip_model_dir(path: Path, arcname: str, chunk: int = 1 << 20) -> Iterator[by
 
 # Held only for the renames of a swap and for taking a snapshot (links, no copying): a reader's snapshot is then
 # wholly the old directory or wholly the new one. A directory cannot be exchanged by one portable rename.
-_SWAP = threading.Lock()
+_SWAP_LOCK = threading.Lock()
 
 
 def stage_dir(src: Path, dst: Path) -> Path:
@@ -289,7 +289,7 @@ def swap_dir(staged: Path, dst: Path) -> None:
     """Put the staged copy in dst's place, so that dst is never half-written and no snapshot mixes the two."""
     old = dst.parent / f".{dst.name}.old"
     shutil.rmtree(old, ignore_errors=True)
-    with _SWAP:
+    with _SWAP_LOCK:
         if dst.exists():
             os.replace(dst, old)
         os.replace(staged, dst)
@@ -301,7 +301,7 @@ def snapshot_dir(src: Path, dest: Path) -> Path:
     swap_dir runs: a reader of dest sees one version of the model, whole, however long it reads, and nothing is
     copied. (Copies where the file system has no hard links.) The caller removes dest."""
     dest.mkdir(parents=True)
-    with _SWAP:
+    with _SWAP_LOCK:
         for name in MODEL_FILES:
             f = src / name
             if f.is_symlink() or not f.is_file():

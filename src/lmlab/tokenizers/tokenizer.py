@@ -6,8 +6,9 @@ Because every kind is an ordinary HF tokenizer, its `tokenizer.json` loads in `t
 - bpe: byte-level BPE (GPT-2 style). Lossless on any Unicode text; never produces <UNK>.
 - char: one token per Unicode code point seen in training (most frequent first). Lossless on text made of
   seen characters; an unseen character encodes as <UNK> and decodes to nothing.
-- word: the seed's SimpleTokenizer: `re.findall(r"\\w+|[^\\w\\s]", text.lower())`, the most frequent words,
-  <UNK> for the rest, decode joins with single spaces. Lossy by design: case, whitespace and newlines go.
+- word: the AZR Model Trainer app's SimpleTokenizer: `re.findall(r"\\w+|[^\\w\\s]", text.lower())`, the most
+  frequent words, <UNK> for the rest, decode joins with single spaces. Lossy by design: case, whitespace and
+  newlines go.
 
 Special tokens are only ever produced by `add_bos`/`add_eos`: the literal text "<EOS>" encodes as ordinary
 text, so any text round-trips and user text cannot inject control tokens. Plain HF loaders match special

@@ -34,19 +34,28 @@ from .trainer import TrainResult, check_fits, dist_env, init_distributed, read_r
 
 def train_from_sources(out_dir: str | Path, config: TrainConfig, *, sources: Sequence[str | Path] = (),
                        dataset: str | Path | None = None, preset: str | None = None,
-                       model_config: ModelConfig | None = None, init: str | Path | None = None,
+                       model_config: ModelConfig | None = None, model_fields: dict[str, Any] | None = None,
+                       init: str | Path | None = None,
                        tokenizer: str | Path | None = None, tokenizer_kind: str = "bpe", vocab_size: int = 8192,
                        val_fraction: float = 0.05, weights: dict[str, float] | None = None,
                        callbacks: Sequence[Any] = ()) -> TrainResult:
     """Everything `lmlab train` does for a new run: tokenizer (reused, or trained on ALL sources), token
     file, model (preset, config or initial weights), then the trainer. The run directory keeps a copy of
-    the tokenizer and records where the data came from, so `resume_run` needs nothing else. Bad input
-    fails before anything is written."""
+    the tokenizer and records where the data came from, so `resume_run` needs nothing else. The model is a
+    preset, a ModelConfig or initial weights; `model_fields` set ModelConfig fields over the preset (or
+    alone, over the defaults of their family); the vocabulary is the tokenizer's. Bad input fails before
+    anything is written."""
     out = Path(out_dir)
     created = not out.exists()
     refuse_existing_run(out)
-    if sum(x is not None for x in (preset, model_config, init)) != 1:
-        raise ValueError("choose exactly one of --preset, --config or --init")
+    model_fields = dict(model_fields or {})
+    if sum(x is not None for x in (preset, model_config, init)) > 1:
+        raise ValueError("choose one of --preset, --model-config or --init")
+    if model_fields and (model_config is not None or init is not None):
+        raise ValueError(f"{'--init brings its own model' if init is not None else 'give model fields in the file'}; "
+                         f"drop {', '.join('--' + k.replace('_', '-') for k in model_fields)}")
+    if preset is None and model_config is None and init is None and not model_fields:
+        raise ValueError("choose a model: --preset, --model-config, --init, or its fields (--family, --n-layer, ...)")
     if not sources and dataset is None:
         raise ValueError("give data: book files/folders, or --dataset DIR")
     if sources and dataset is not None:
@@ -71,7 +80,12 @@ def train_from_sources(out_dir: str | Path, config: TrainConfig, *, sources: Seq
                            lambda t: t.save(out / "tokenizer.json"), lambda: Tokenizer.load(out / "tokenizer.json"),
                            config)
     if model is None:
-        cfg = model_config or ModelConfig.preset(preset or "", vocab_size=tok.vocab_size)
+        if model_config is not None:
+            cfg = model_config
+        elif preset is not None:
+            cfg = ModelConfig.preset(preset, **{**model_fields, "vocab_size": tok.vocab_size})
+        else:
+            cfg = ModelConfig(**{**model_fields, "vocab_size": tok.vocab_size})
         if tok.vocab_size > cfg.vocab_size:
             raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
                              f"{cfg.vocab_size}")

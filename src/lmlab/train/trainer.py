@@ -11,7 +11,9 @@ Run directory:
     resumes.jsonl        one line per resume, appended: when, from which step, what changed (only RESUMABLE
                          fields may), the schedule's horizon
     tokenizer.json       the tokenizer, so the run resumes and exports without anything else
-    metrics.jsonl        one JSON object per logged step (and per evaluation)
+    metrics.jsonl        one JSON object per logged step (and per evaluation); each line also goes to the
+                         Callback.on_log hooks: TensorBoard (tensorboard/) and a tracker (tracker.json names
+                         its run; tracking.py)
     checkpoints/step-N/  model.safetensors, optimizer.pt, state.json (step, tokens, best val, RNG and data
                          position, the schedule's horizon), config.json; written under a temporary name and
                          renamed; last K kept (and, for wsd, the last step of the stable phase)
@@ -21,6 +23,17 @@ Resuming with a larger max_steps (or another stop condition) keeps the learning 
 linear keep the horizon they were planned for and stay at min_lr past it (re-planning over the new horizon
 jumps from min_lr back up, undoing the annealing); wsd moves its decay to the new end, continuing from the
 checkpoint at the end of its stable phase when the old decay had begun.
+
+Output: the Trainer prints nothing. It logs INFO records on the `lmlab.train` logger from rank 0: one per
+metrics line (the progress line as the message, the line's dict as `record.metrics`) and the resume and stop
+messages. A library user sees them only by configuring logging; `lmlab train` renders them with
+console.console_progress() (a live line on a terminal), and the labs silence them with console.quiet().
+
+Host synchronisation: the loss and the gradient norm stay on the device (0-dim tensors) and are read back only
+on the steps that write a metrics line (log_every, evaluations, a hook's own metric), so between them the host
+never waits for the GPU; the logged loss is that step's (the mean over its micro-batches). fp16's overflow
+check stays on the device too (the fused AdamW takes GradScaler's found_inf). Under torchrun the processes agree
+on stopping every step over CPU tensors (a gloo group beside NCCL): that waits for the others, not for the GPU.
 
 Distributed: run the same command under `torchrun --nproc_per_node N`; RANK/WORLD_SIZE/LOCAL_RANK select
 DDP (gloo on CPU, NCCL on CUDA) or, with `fsdp=True`, FSDP2 (`fully_shard` on every block).
@@ -34,7 +47,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -54,7 +66,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ..files import atomic_write_text
-from ..models import ModelConfig, Transformer
+from ..models import ModelConfig, Transformer, fast
 from ..models.io import save_pretrained
 from .checkpoint import (
     StopOnSignal,
@@ -68,6 +80,7 @@ from .checkpoint import (
     write_checkpoint,
 )
 from .config import RESUMABLE, TrainConfig, decay_start, lr_at
+from .console import log
 
 # Full (unsharded) state dicts keyed by parameter name: the same checkpoint files for 1 process, DDP and
 # FSDP, so a run can be resumed on a different number of processes.
@@ -78,10 +91,15 @@ class Callback:
     """Hooks the labs and the web app use to observe and steer a run. Every process calls them (under
     torchrun too). Keys a hook adds to `metrics` (a lab's probe accuracy, say) go into that step's
     metrics.jsonl line. Set `trainer.should_stop = True` from any hook to end the run after the current
-    step: a checkpoint and `final/` are written, and `--resume` can continue it."""
+    step: a checkpoint and `final/` are written, and `--resume` can continue it.
+
+    on_step sees every step; on a step that writes no metrics line, its `loss` and `grad_norm` are 0-dim
+    tensors still on the device (reading one makes the host wait for the device, which the loop itself does
+    only on logged steps). on_log sees each metrics line as written, numbers only."""
 
     def on_step(self, trainer: Trainer, metrics: dict[str, Any]) -> None: ...
     def on_eval(self, trainer: Trainer, metrics: dict[str, Any]) -> None: ...
+    def on_log(self, trainer: Trainer, metrics: dict[str, Any]) -> None: ...
     def on_checkpoint(self, trainer: Trainer, path: Path) -> None: ...
     def on_train_end(self, trainer: Trainer, result: TrainResult) -> None: ...
 
@@ -196,19 +214,22 @@ class Trainer:
         self.rank, self.world, _ = dist_env()
         self.is_main = self.rank == 0
         self.device = resolve_device(config.device)
+        self._cpu_group: Any = None
         if self.world > 1:
             if config.batch_size % self.world:
                 raise ValueError(f"batch_size ({config.batch_size}) must be divisible by the {self.world} processes")
             self.device = init_distributed(self.device)
+            # the processes agree every step on whether to stop: over CPU tensors, which NCCL cannot carry, so
+            # that agreeing never waits for the GPU's queue to drain
+            self._cpu_group = dist.new_group(backend="gloo") if self.device.type == "cuda" else None
         self.model_config: ModelConfig = model.config
         self.seq_len = config.seq_len or self.model_config.block_size
         check_fits(self.model_config, config, self.device, self.world)
-        if config.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter  # noqa: F401
-            except ImportError:
-                raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+        from . import tracking  # (it imports this module)
+        tracking.check_installed(config)
         self.model = model.to(self.device).train()  # (a model from load_pretrained arrives in eval mode)
+        if self.device.type == "cpu":
+            fast.for_training(self.model)  # fused head + loss, RMSNorm's gradient: same numbers, less time
         self.amp_dtype = autocast_dtype(config.dtype, self.device)
         # fp16's narrow range underflows small gradients: scale the loss up and the gradients back (Micikevicius
         # et al. 2018, "Mixed Precision Training"); a no-op unless fp16
@@ -239,9 +260,9 @@ class Trainer:
         self.should_stop = False
         self.history: list[dict[str, Any]] = []
         self.peak_flops = config.peak_flops or (measured_peak_flops(self.device.type) if self.is_main else 0.0)
-        self._signals = StopOnSignal(self._print)  # Ctrl-C / SIGTERM: checkpoint after this step and return
+        # Ctrl-C / SIGTERM: checkpoint after this step and return
+        self._signals = StopOnSignal(lambda text: self._say(text.strip()))
         self._torch_rng: torch.Tensor | None = None
-        self._tb: Any = None
 
     # ---- planning ----------------------------------------------------------------------------------
 
@@ -269,9 +290,8 @@ class Trainer:
                 (self.out_dir / RESUMES).unlink(missing_ok=True)  # a failed earlier run's, if any
         if self.is_main:
             self._write_run_files(new=not resume)
-            if c.tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
-                self._tb = SummaryWriter(str(self.out_dir / "tensorboard"))
+        from . import tracking
+        self.callbacks += tracking.attach(self, resume)  # TensorBoard, a tracker: rank 0, after the run files
         # The torch RNG drives dropout only (data comes from self.generator, the same on every rank); seeded per
         # rank, or every rank of DDP would drop the same units of its own rows. Restored per rank on resume.
         if self._torch_rng is not None:
@@ -295,12 +315,14 @@ class Trainer:
                 self.tokens += self.tokens_per_step
                 in_step = False
                 tokens_window += self.tokens_per_step
-                self.elapsed = time.perf_counter() - t_start
+                log_now = self.step % c.log_every == 0 or self.step == 1
+                if log_now:  # reading a tensor waits for the device: only on the steps that write a line
+                    loss, grad_norm = float(loss), float(grad_norm)
                 last_loss = loss
+                self.elapsed = time.perf_counter() - t_start
                 metrics: dict[str, Any] = {"step": self.step, "tokens": self.tokens,
                                            "elapsed_s": round(self.elapsed, 3), "loss": loss, "lr": lr,
                                            "grad_norm": grad_norm}
-                log_now = self.step % c.log_every == 0 or self.step == 1
                 if log_now:
                     now = time.perf_counter()
                     tps = tokens_window / max(now - t_window, 1e-9)
@@ -309,6 +331,7 @@ class Trainer:
                 stop_reason = self._limit_reached()
                 evaluated = bool(c.eval_every and self.step % c.eval_every == 0) or stop_reason is not None
                 if evaluated:
+                    to_host(metrics)
                     t_eval = time.perf_counter()
                     metrics.update(self.evaluate())
                     early = self._early_stop(metrics.get("val_loss"))  # also tracks the best val loss
@@ -338,20 +361,19 @@ class Trainer:
             self._signals.restore()
         if stop_reason == "interrupted":
             last = latest_checkpoint(self.out_dir)
-            self._print(f"\ninterrupted at step {self.step}; the latest checkpoint is {last}; continue with --resume")
-        result = TrainResult(self.step, self.tokens, stop_reason, last_loss, self.best_val, self.out_dir,
+            self._say(f"interrupted at step {self.step}; the latest checkpoint is {last}; continue with --resume")
+        final_loss = None if last_loss is None else float(last_loss)
+        result = TrainResult(self.step, self.tokens, stop_reason, final_loss, self.best_val, self.out_dir,
                              list(self.history))
         if stop_reason != "interrupted":
             self.save_final(result)
-        if self._tb is not None:
-            self._tb.close()
         for cb in self.callbacks:
             cb.on_train_end(self, result)
-        self._print("")
         return result
 
-    def train_step(self) -> tuple[float, float]:
-        """One optimizer step over grad_accum_steps micro-batches -> (mean loss, grad norm before clipping)."""
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor | float]:
+        """One optimizer step over grad_accum_steps micro-batches -> (mean loss, grad norm before clipping), as
+        0-dim tensors on the device: nothing here waits for the device (fit reads them on logged steps)."""
         c = self.config
         rows = c.batch_size // self.world
         total = torch.zeros((), device=self.device)
@@ -376,14 +398,14 @@ class Trainer:
         grad_norm = float("nan")
         if c.grad_clip:
             self.scaler.unscale_(self.optimizer)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip))
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
         self.scaler.step(self.optimizer)  # skipped when fp16 gradients overflowed; the scale then shrinks
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.world > 1:  # report the global batch's loss (gloo has no AVG)
+        if self.world > 1:  # report the global batch's loss (gloo has no AVG); queued, not waited for
             dist.all_reduce(total)
             total /= self.world
-        return float(total), grad_norm
+        return total, grad_norm
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16,
@@ -429,23 +451,23 @@ class Trainer:
         if c.epochs and self.tokens >= c.epochs * self.dataset.train_tokens:
             return "epochs"
         if c.time_budget_s:
-            elapsed = torch.tensor(self.elapsed, dtype=torch.float64, device=self._comm_device)
+            elapsed = self.elapsed
             if self.world > 1:  # all ranks must agree, or they would deadlock in the next collective
-                dist.broadcast(elapsed, 0)
-            if float(elapsed) >= c.time_budget_s:
+                shared = torch.tensor(elapsed, dtype=torch.float64)
+                dist.broadcast(shared, 0, group=self._cpu_group)
+                elapsed = shared.item()
+            if elapsed >= c.time_budget_s:
                 return "time_budget"
         return None
 
     def _stop_requested(self) -> str | None:
         """A hook's should_stop or Ctrl-C on any process stops every process after this step."""
-        flags = torch.tensor([float(self._signals.requested), float(self.should_stop)], device=self._comm_device)
+        interrupted, stopped = self._signals.requested, self.should_stop
         if self.world > 1:
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        return "interrupted" if flags[0] else "stopped" if flags[1] else None
-
-    @property
-    def _comm_device(self) -> torch.device:
-        return self.device if self.world > 1 and self.device.type == "cuda" else torch.device("cpu")
+            flags = torch.tensor([float(interrupted), float(stopped)])
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._cpu_group)
+            interrupted, stopped = flags.tolist()
+        return "interrupted" if interrupted else "stopped" if stopped else None
 
     def _early_stop(self, val: float | None) -> str | None:
         if val is None:
@@ -465,21 +487,16 @@ class Trainer:
     # ---- logging -----------------------------------------------------------------------------------
 
     def _log(self, metrics: dict[str, Any]) -> None:
+        """One metrics line: metrics.jsonl (rank 0), the on_log hooks (TensorBoard and a tracker among them),
+        and the progress record on the lmlab.train logger."""
+        to_host(metrics)
         self.history.append(metrics)
-        if not self.is_main:
-            return
-        with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(metrics) + "\n")
-        if self._tb is not None:
-            for key, value in metrics.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self._tb.add_scalar(key, value, metrics["step"])
-        tty = sys.stdout.isatty()
-        line = self._progress_line(metrics)
-        if tty:  # one live line, overwritten; evaluation lines stay on screen
-            self._print("\r" + line.ljust(100), end="\n" if "val_loss" in metrics else "")
-        else:
-            self._print(line)
+        if self.is_main:
+            with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(metrics) + "\n")
+            log.info("%s", self._progress_line(metrics), extra={"metrics": metrics})
+        for cb in self.callbacks:
+            cb.on_log(self, metrics)
 
     def _progress_line(self, m: dict[str, Any]) -> str:
         total = self.total_steps
@@ -499,9 +516,10 @@ class Trainer:
             line += f" | val {m['val_loss']:.4f} ppl {m['val_ppl']:.1f} bpb {m['val_bpb']:.3f}"
         return line
 
-    def _print(self, text: str, end: str = "\n") -> None:
+    def _say(self, text: str) -> None:
+        """A message on the lmlab.train logger, from rank 0 (console.py: who shows it, and how)."""
         if self.is_main:
-            print(text, end=end, flush=True)
+            log.info("%s", text)
 
     def _run_config(self) -> dict[str, Any]:
         return {"train": self.config.to_dict(), "model": self.model_config.to_dict(), **self.provenance}
@@ -567,7 +585,7 @@ class Trainer:
             with open(out / RESUMES, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
         what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()) or "no settings changed"
-        self._print(f"resuming: {what}" + (f"; {note}" if note else ""))
+        self._say(f"resuming: {what}" + (f"; {note}" if note else ""))
         return path
 
     # ---- checkpoints -------------------------------------------------------------------------------
@@ -633,7 +651,7 @@ class Trainer:
             self.scaler.load_state_dict(state["grad_scaler"])
         # metrics logged after the checkpoint will be produced again: drop them
         self.history = trim_metrics(self.out_dir / "metrics.jsonl", self.step, rewrite=self.is_main)
-        self._print(f"resumed from {path} (step {self.step})")
+        self._say(f"resumed from {path} (step {self.step})")
         if self.world > 1:
             dist.barrier()  # nobody appends to metrics.jsonl before it is trimmed
 
@@ -660,6 +678,13 @@ class Trainer:
 
 
 RESUMES = "resumes.jsonl"
+
+
+def to_host(metrics: dict[str, Any]) -> None:
+    """Replace the device tensors in `metrics` by their numbers, in place (the host waits for the device)."""
+    for key, value in metrics.items():
+        if isinstance(value, torch.Tensor):
+            metrics[key] = float(value)
 
 
 def dataset_ref(path: str | Path, run_dir: str | Path) -> str:

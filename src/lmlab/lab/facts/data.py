@@ -17,13 +17,13 @@ CPU scale, "day month year" at the paper's scale): the attribute loss sums over 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from ...configs import knob, validate
 from ...tokenizers import Tokenizer
 
 ATTRIBUTES = ("birth_date", "birth_place", "university", "major", "company", "location")
@@ -123,15 +123,6 @@ SAMPLINGS = ("uniform", "power_law", "celebrities")
 _POOL_SEED = 20250327  # pools are fixed across experiment seeds, so all runs share one tokenizer
 
 
-def check_ints(obj: object, names: Sequence[str], minimum: int) -> None:
-    """ValueError unless every named field is an int (not a bool) >= minimum: the configs' shared check."""
-    for name in names:
-        value = getattr(obj, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-            raise ValueError(f"{name} ({value!r}) must be {what}")
-
-
 def pseudo_words(n: int, rng: np.random.Generator, taken: set[str]) -> list[str]:
     """n distinct made-up words of 2-3 syllables, none in `taken` (which grows)."""
     onsets = ["b", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "st",
@@ -198,45 +189,33 @@ def default_tokenizer(pools: Pools) -> Tokenizer:
 class BioConfig:
     """The population and how biographies are sampled from it."""
 
-    n_individuals: int = 1000         # seen in training
-    n_unseen: int = 256               # never sampled in training: the hallucination probe
-    scale: str = "cpu"                # value pools: "cpu" or "paper" (see SCALES)
-    n_templates: int = 25             # per attribute (at most 25)
-    n_train_templates: int = 20       # per individual and attribute; the rest are held out
-    shuffle: bool = True              # shuffle sentence order (False: the fixed-order ablation, Fig. A)
-    sampling: str = "uniform"         # uniform | power_law | celebrities
-    alpha: float = 0.0                # power law: individual i (0-based) drawn with probability ∝ (i+1)^-alpha
-    n_celebrities: int = 0            # celebrities: the first n_celebrities are drawn ...
-    celebrity_weight: float = 1.0     # ... this many times more often
-    warmup_individuals: int = 0       # warm-up curriculum: uniform on the first k individuals ...
-    warmup_steps: int = 0             # ... for this many batches, then the sampling above on everyone
-    first_individual: int = 0         # offset into the population (fine-tuning on "new" individuals)
-    replay_individuals: int = 0       # fine-tuning with replay: the first k seen individuals (the old ones)...
-    replay_weight: float = 1.0        # ... are drawn with this weight each, the others with 1 (0: no replay)
-    n_eval: int = 256                 # individuals in each evaluation set
-    seed: int = 0                     # population (names, values, template splits) and evaluation sets
+    n_individuals: int = knob(1000, "individuals seen in training", gt=0)
+    n_unseen: int = knob(256, "individuals never sampled in training: the hallucination probe", ge=0)
+    scale: str = knob("cpu", "value pools: cpu or paper (see SCALES)", choices=tuple(SCALES))
+    n_templates: int = knob(25, "sentence templates per attribute (at most the 25 written)", gt=0, le=25)
+    n_train_templates: int = knob(20, "templates per individual and attribute seen in training; the rest are "
+                                  "held out", gt=0)
+    shuffle: bool = knob(True, "shuffle sentence order (False: the fixed-order ablation, Fig. A)")
+    sampling: str = knob("uniform", "how individuals are drawn", choices=SAMPLINGS)
+    alpha: float = knob(0.0, "power law: individual i (0-based) drawn with probability ∝ (i+1)^-alpha", ge=0, le=4)
+    n_celebrities: int = knob(0, "celebrities: the first n_celebrities are drawn ...", ge=0)
+    celebrity_weight: float = knob(1.0, "... this many times more often", gt=0)
+    warmup_individuals: int = knob(0, "warm-up curriculum: uniform on the first k individuals ...", ge=0)
+    warmup_steps: int = knob(0, "... for this many batches, then the sampling above on everyone", ge=0)
+    first_individual: int = knob(0, "offset into the population (fine-tuning on new individuals)", ge=0)
+    replay_individuals: int = knob(0, "fine-tuning with replay: the first k seen individuals (the old ones) ...",
+                                   ge=0)
+    replay_weight: float = knob(1.0, "... are drawn with this weight each, the others with 1 (0: no replay)", ge=0)
+    n_eval: int = knob(256, "individuals in each evaluation set", gt=0)
+    seed: int = knob(0, "population (names, values, template splits) and evaluation sets")
 
     def __post_init__(self) -> None:
-        if self.scale not in SCALES:
-            raise ValueError(f"scale ({self.scale!r}) must be one of {', '.join(SCALES)}")
-        check_ints(self, ("n_individuals", "n_templates", "n_train_templates", "n_eval"), 1)
-        check_ints(self, ("n_unseen", "n_celebrities", "warmup_individuals", "warmup_steps", "first_individual",
-                          "replay_individuals"), 0)
-        if self.n_templates > 25:
-            raise ValueError(f"n_templates ({self.n_templates}) must be <= 25 (the templates written per attribute)")
+        validate(self)
         if self.n_train_templates > self.n_templates:
             raise ValueError(f"n_train_templates ({self.n_train_templates}) must be <= n_templates "
                              f"({self.n_templates})")
-        if self.sampling not in SAMPLINGS:
-            raise ValueError(f"sampling ({self.sampling!r}) must be one of {', '.join(SAMPLINGS)}")
-        if not (math.isfinite(self.alpha) and 0 <= self.alpha <= 4):
-            raise ValueError(f"alpha ({self.alpha}) must be in [0, 4]")
-        if not (math.isfinite(self.replay_weight) and self.replay_weight >= 0):
-            raise ValueError(f"replay_weight ({self.replay_weight}) must be a number >= 0")
         if self.replay_individuals >= self.n_individuals and self.replay_individuals:
             raise ValueError("replay_individuals must be < n_individuals (someone must be new)")
-        if not (math.isfinite(self.celebrity_weight) and self.celebrity_weight > 0):
-            raise ValueError(f"celebrity_weight ({self.celebrity_weight}) must be a positive number")
         if self.n_celebrities > self.n_individuals or self.warmup_individuals > self.n_individuals:
             raise ValueError("n_celebrities and warmup_individuals must be <= n_individuals")
         if bool(self.warmup_individuals) != bool(self.warmup_steps):

@@ -17,31 +17,28 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .data import check_ints
+from ...configs import knob, validate
 
 
 @dataclass
 class MemoryConfig:
-    n_pairs: int = 8192
-    n_new: int = 512
-    dim: int = 64
-    hidden: int = 256
-    classes: int = 30
-    pretrain_steps: int = 16000
-    finetune_steps: int = 4000
-    batch_size: int = 128
-    lr: float = 0.03
-    finetune_lr: float = 1e-3
-    weight_decay: float = 0.01
-    replay_weight: float = 0.0   # per old pair, relative to 1 per new pair, during fine-tuning
-    eval_every: int = 50
-    seed: int = 0
+    n_pairs: int = knob(8192, "key-value pairs learned first", gt=0)
+    n_new: int = knob(512, "fresh pairs learned in fine-tuning", gt=0)
+    dim: int = knob(64, "key dimension", gt=0)
+    hidden: int = knob(256, "hidden units of the MLP", gt=0)
+    classes: int = knob(30, "values a key maps to", gt=0)
+    pretrain_steps: int = knob(16000, "steps on the first pairs", gt=0)
+    finetune_steps: int = knob(4000, "steps on the new pairs", gt=0)
+    batch_size: int = knob(128, "pairs per step", gt=0)
+    lr: float = knob(0.03, "learning rate of pre-training", gt=0)
+    finetune_lr: float = knob(1e-3, "learning rate of fine-tuning", gt=0)
+    weight_decay: float = knob(0.01, "weight decay", ge=0)
+    replay_weight: float = knob(0.0, "per old pair, relative to 1 per new pair, during fine-tuning", ge=0)
+    eval_every: int = knob(50, "evaluate every N steps", gt=0)
+    seed: int = knob(0, "keys, values, weights and order")
 
     def __post_init__(self) -> None:
-        check_ints(self, ("n_pairs", "n_new", "dim", "hidden", "classes", "pretrain_steps", "finetune_steps",
-                     "batch_size", "eval_every"), 1)
-        if not (self.lr > 0 and self.finetune_lr > 0 and self.replay_weight >= 0):
-            raise ValueError("lr and finetune_lr must be positive, replay_weight >= 0")
+        validate(self)
 
 
 def _accuracy(model: torch.nn.Module, keys: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:

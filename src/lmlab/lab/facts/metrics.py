@@ -10,9 +10,10 @@
 - plateau detection: t1 = first evaluation within `tol_reach` of the baseline, t* = first evaluation below
   baseline - `tol_leave`, confirmed by the next one (this lab's convention).
 
-Probes (seed 003's "latent volatility"), usable on any run with a Biographies dataset: the drift of every
-token embedding between consecutive evaluations (mean over name, value and template tokens), and the
-attention from the position that predicts a value's first token to the name tokens of its sentence.
+Probes ("latent volatility": how much what a token means moves during training), usable on any run with a
+Biographies dataset: the drift of every token embedding between consecutive evaluations (mean over name,
+value and template tokens), and the attention from the position that predicts a value's first token to the
+name tokens of its sentence.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ...models.config import atomic_write_text
+from ...files import atomic_write_text
 
 
 def _plt():

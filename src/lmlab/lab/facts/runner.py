@@ -11,23 +11,23 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import json
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_model, save_model
 
+from ...configs import knob, validate
+from ...files import atomic_write_text
 from ...models import ModelConfig, Transformer
-from ...models.config import atomic_write_text
-from ...train import Callback, TrainConfig, latest_checkpoint, train
+from ...train import Callback, TrainConfig, console, latest_checkpoint, train
 from ..parallel import process_map
-from .data import BioConfig, Biographies, check_ints
+from .data import BioConfig, Biographies
 from .metrics import FactsCallback, attention_probs, plateau_times
 
 
@@ -35,37 +35,33 @@ from .metrics import FactsCallback, attention_probs, plateau_times
 class RunConfig:
     """A model, an optimiser schedule and a population: everything one run needs (saved with its results)."""
 
-    bio: BioConfig = field(default_factory=BioConfig)
-    family: str = "gpt2"
-    n_layer: int = 3
-    n_head: int = 4
-    n_embd: int = 64
-    batch_size: int = 32
-    lr: float = 3e-3
-    schedule: str = "cosine"          # paper: cosine, no warm-up
-    weight_decay: float = 0.1
-    steps: int = 2000
-    eval_every: int = 50
-    seed: int = 0                     # weights and data order (the population has its own, bio.seed)
-    stop_at_acc: float | None = None  # end the run once held-out accuracy reaches this
-    probes: bool = True
-    init_from: str | None = None      # a saved state dict (safetensors) to start from: fine-tuning
-    patch_from: str | None = None     # a reference state dict whose attention patterns replace the model's
-    snapshot_steps: tuple[int, ...] = ()  # save the weights at these steps (patching references)
-    # Fine-tuning evaluates old and new individuals separately: population rows [0, old) and [old, total).
-    split_old: int = 0
-    # ... and, after celebrity pre-training, old rows [0, c) (the celebrities) and [c, old) apart as well (Fig. P)
-    split_celebrities: int = 0
+    bio: BioConfig = knob(factory=BioConfig, help="the population and how biographies are drawn from it")
+    family: str = knob("gpt2", "model family", choices=("gpt", "gpt2", "llama"))
+    n_layer: int = knob(3, "transformer blocks", gt=0)
+    n_head: int = knob(4, "attention heads", gt=0)
+    n_embd: int = knob(64, "model width", gt=0)
+    batch_size: int = knob(32, "biographies per step", gt=0)
+    lr: float = knob(3e-3, "peak learning rate", gt=0)
+    schedule: str = knob("cosine", "learning-rate schedule (the paper: cosine, no warm-up)")
+    weight_decay: float = knob(0.1, "AdamW weight decay", ge=0)
+    steps: int = knob(2000, "optimizer steps", gt=0)
+    eval_every: int = knob(50, "evaluate every N steps", gt=0)
+    seed: int = knob(0, "weights and data order (the population has its own, bio.seed)")
+    stop_at_acc: float | None = knob(None, "end the run once held-out accuracy reaches this", gt=0, le=1)
+    probes: bool = knob(True, "record the attention and probe metrics")
+    init_from: str | None = knob(None, "a saved state dict (safetensors) to start from: fine-tuning")
+    patch_from: str | None = knob(None, "a reference state dict whose attention patterns replace the model's")
+    snapshot_steps: tuple[int, ...] = knob((), "save the weights at these steps (patching references)")
+    split_old: int = knob(0, "fine-tuning evaluates old and new individuals apart: population rows [0, old) and "
+                          "[old, total)", ge=0)
+    split_celebrities: int = knob(0, "... and, after celebrity pre-training, old rows [0, c) (the celebrities) and "
+                                  "[c, old) apart as well (Fig. P)", ge=0)
 
     def __post_init__(self) -> None:
         if isinstance(self.bio, dict):
             self.bio = BioConfig(**self.bio)
-        check_ints(self, ("n_layer", "n_head", "n_embd", "batch_size", "steps", "eval_every"), 1)
-        if not self.lr > 0:
-            raise ValueError(f"lr ({self.lr}) must be positive")
-        if self.stop_at_acc is not None and not 0 < self.stop_at_acc <= 1:
-            raise ValueError(f"stop_at_acc ({self.stop_at_acc}) must be in (0, 1]")
         self.snapshot_steps = tuple(int(s) for s in self.snapshot_steps)
+        validate(self)
         if not 0 <= self.split_old <= self.bio.n_individuals:
             raise ValueError(f"split_old ({self.split_old}) must be in [0, n_individuals = {self.bio.n_individuals}]")
         if self.split_celebrities and not 0 < self.split_celebrities < self.split_old:
@@ -235,8 +231,7 @@ def run_one(cfg: RunConfig, out_dir: str | Path, quiet: bool = True) -> dict[str
     for cb in views.values():
         cb.on_eval(_AtStep0(model), {})
     t0 = time.perf_counter()
-    sink = io.StringIO() if quiet else None
-    with contextlib.redirect_stdout(sink) if sink is not None else contextlib.nullcontext():
+    with console.quiet() if quiet else contextlib.nullcontext():
         result = train(model, data.tokenizer, data, tc, out, callbacks)
     if result.stop_reason == "interrupted":  # Ctrl-C stopped this run: stop the experiment, not just the run
         raise KeyboardInterrupt

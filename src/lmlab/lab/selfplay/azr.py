@@ -14,7 +14,7 @@ What differs from the paper, on purpose (each also goes into results.json):
 - the solver batch of an iteration uses the tasks validated in that iteration (AZR: the previous step);
 - the solver samples at temperature 0.5 (AZR: 1.0; the proposer keeps 1.0): at 1.0 this model's samples
   solve far fewer tasks than its greedy answers, and RL raised the sampled rate without moving the greedy
-  held-out rate (docs/LOG.md, 2026-12-01).
+  held-out rate (docs/LOG.md).
 
 Sequences (role/task tokens mark what the model is asked to do):
 
@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from ...configs import knob, validate
 from ...models import GenerationConfig, ModelConfig, Transformer, generate_ids
 from ..parallel import process_map
 from . import dsl
@@ -59,61 +60,50 @@ HELDOUT_SEED = 20250506  # fixed: the held-out set never depends on the training
 @dataclass
 class AZRConfig:
     # model: the project's Transformer, a tiny llama-style config over the DSL vocabulary
-    n_layer: int = 2
-    n_head: int = 4
-    n_embd: int = 64
-    block_size: int = 128
+    n_layer: int = knob(2, "transformer blocks", gt=0)
+    n_head: int = knob(4, "attention heads", gt=0)
+    n_embd: int = knob(64, "model width", gt=0)
+    block_size: int = knob(128, "context length", gt=0)
     # warm-up (stands in for pre-training)
-    warmup_steps: int = 1500
-    warmup_batch: int = 64
-    warmup_lr: float = 3e-3
-    train_max_ops: int = 4           # programs of 1..train_max_ops ops in warm-up, baseline and seeds
+    warmup_steps: int = knob(1500, "next-token warm-up steps on random-program triples", ge=0)
+    warmup_batch: int = knob(64, "warm-up batch size", gt=0)
+    warmup_lr: float = knob(3e-3, "warm-up learning rate", gt=0)
+    train_max_ops: int = knob(4, "programs of 1..N ops in warm-up, baseline and seeds", gt=0)
     # self-play
-    iterations: int = 200
-    propose_batch: int = 64          # proposals per task type per iteration (AZR: 64 per task x role)
-    solve_batch: int = 64            # solver answers trained per task type per iteration (AZR: 64); at 16
-                                     # the policy gradients of two independent batches have cosine ~0
-    group: int = 4                   # G solver samples that score a proposal's learnability (AZR: 8)
-    references: int = 2              # K reference triples in each proposer prompt (AZR: 6)
-    ind_inputs: int = 4              # N inputs an induction proposal writes; half are shown (AZR: 10)
-    seed_buffer: int = 16            # per task type, filled by a no-gradient seeding phase (AZR: 256)
-    seed_rounds: int = 20            # at most this many proposal rounds to fill the seed buffers
-    lr: float = 3e-4                 # Adam; AZR 1e-6 on 7B. Pilot (seed 0, 200 its, random-task RL at the
-                                     # batch and temperature here): 3e-4 ends 0.214 -> 0.242, 1e-3 -> 0.233
-    entropy_coef: float = 1e-3
-    grad_clip: float = 1.0
-    temperature: float = 0.5         # solver sampling (trained answers, learnability rollouts); AZR: 1.0.
-                                     # At 1.0 this model's samples solve 0.14 of held-out tasks, greedy 0.21,
-                                     # and RL raises the sampled rate without moving greedy (docs/LOG.md)
-    propose_temperature: float = 1.0  # proposer sampling; AZR samples both roles at 1.0
-    invalid_penalty: float = -1.0    # proposal that does not parse or validate (AZR: -1)
-    format_penalty: float = -0.5     # solver answer that does not parse
-    trivial_reward: float = 0.0      # valid proposal with p in {0, 1}; the released AZR code uses -0.5
+    iterations: int = knob(200, "self-play iterations, one gradient step each", ge=0)
+    propose_batch: int = knob(64, "proposals per task type per iteration (AZR: 64 per task x role)", gt=0)
+    # at 16 the policy gradients of two independent batches have cosine ~0
+    solve_batch: int = knob(64, "solver answers trained per task type per iteration (AZR: 64)", gt=0)
+    group: int = knob(4, "solver samples G that score a proposal's learnability (AZR: 8)", gt=0)
+    references: int = knob(2, "K reference triples in each proposer prompt (AZR: 6)", ge=0)
+    ind_inputs: int = knob(4, "N inputs an induction proposal writes, half of them shown; even (AZR: 10)", ge=2)
+    seed_buffer: int = knob(16, "per task type, filled by a no-gradient seeding phase (AZR: 256)", ge=0)
+    seed_rounds: int = knob(20, "at most this many proposal rounds to fill the seed buffers", ge=0)
+    # AZR uses 1e-6 on 7B; 3e-4 beat 1e-3 in a pilot at this size (docs/LOG.md)
+    lr: float = knob(3e-4, "Adam learning rate of the RL phase", gt=0)
+    entropy_coef: float = knob(1e-3, "entropy bonus weight")
+    grad_clip: float = knob(1.0, "clip the gradient norm to this", gt=0)
+    # AZR: 1.0. At 1.0 this model's samples solve 0.14 of held-out tasks, greedy 0.21, and RL raises the sampled
+    # rate without moving greedy (docs/LOG.md)
+    temperature: float = knob(0.5, "solver sampling temperature (trained answers, learnability rollouts)", gt=0)
+    propose_temperature: float = knob(1.0, "proposer sampling temperature (AZR samples both roles at 1.0)", gt=0)
+    invalid_penalty: float = knob(-1.0, "reward of a proposal that does not parse or validate (AZR: -1)")
+    format_penalty: float = knob(-0.5, "reward of a solver answer that does not parse")
+    trivial_reward: float = knob(0.0, "reward of a valid proposal with p in {0, 1} (the released AZR code: -0.5)")
     # measurement
-    eval_every: int = 25
-    heldout_per_stratum: int = 24    # tasks per (type, program length) on the held-out set
-    heldout_max_ops: int = 5         # lengths 1..this; above train_max_ops is out of distribution
-    arms: tuple[str, ...] = ARMS
+    eval_every: int = knob(25, "score the held-out set every N iterations", gt=0)
+    heldout_per_stratum: int = knob(24, "held-out tasks per (type, program length)", gt=0)
+    heldout_max_ops: int = knob(5, "held-out program lengths 1..N; above train_max_ops is out of distribution",
+                                gt=0)
+    arms: tuple[str, ...] = knob(ARMS, "arms to run (default all: " + ",".join(ARMS) + ")", choices=None)
 
     def __post_init__(self) -> None:
         self.arms = tuple(self.arms)
-        positive = ("n_layer", "n_head", "n_embd", "block_size", "warmup_batch", "propose_batch",
-                    "solve_batch", "group", "eval_every", "heldout_per_stratum", "train_max_ops",
-                    "heldout_max_ops")
-        for name in positive:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} ({value!r}) must be a positive integer")
-        for name in ("warmup_steps", "iterations", "references", "seed_buffer", "seed_rounds"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} ({getattr(self, name)}) must be >= 0")
-        if self.ind_inputs < 2 or self.ind_inputs % 2:
+        validate(self)
+        if self.ind_inputs % 2:
             raise ValueError(f"ind_inputs ({self.ind_inputs}) must be an even number >= 2")
         if not self.train_max_ops <= self.heldout_max_ops <= dsl.MAX_OPS:
             raise ValueError(f"need train_max_ops <= heldout_max_ops <= {dsl.MAX_OPS}")
-        if not (self.lr > 0 and self.warmup_lr > 0 and self.temperature > 0 and self.propose_temperature > 0
-                and self.grad_clip > 0):
-            raise ValueError("lr, warmup_lr, temperatures and grad_clip must be positive")
         unknown = [a for a in self.arms if a not in ARMS]
         if unknown or not self.arms:
             raise ValueError(f"arms ({', '.join(unknown) or 'none'}) must be among {', '.join(ARMS)}")
@@ -572,20 +562,6 @@ def _warm_and_run_arms(cfg: AZRConfig, seed: int, out: str) -> dict[str, Any]:
         with open(Path(out) / "progress.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(line) + "\n")
     return {"seed": seed, "warmup_losses": losses, "warmup_s": round(warm_s, 1), "arms": arms}
-
-
-def parse_seeds(text: str) -> list[int]:
-    """`3` -> [0, 1, 2]; `4,7` -> [4, 7]."""
-    try:
-        if "," in text:
-            seeds = [int(x) for x in text.split(",") if x.strip()]
-        else:
-            seeds = list(range(int(text)))
-    except ValueError:
-        raise ValueError(f"--seeds {text!r} must be a count like 3 or a list like 0,1,2") from None
-    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        raise ValueError(f"--seeds {text!r} must name at least one distinct non-negative seed")
-    return seeds
 
 
 def run_experiment(cfg: AZRConfig, seeds: Sequence[int], out: str | Path, workers: int = 2) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """The policy-gradient pieces both self-play modes share: log-probabilities of sampled completions,
 reward normalisation, and the REINFORCE loss.
 
-Sign convention (the seed's later version got it wrong, see shared/research/seed_systems_and_style.md):
-the loss is `-A * log pi(y)`, so gradient descent raises the log-probability of completions with a
+Sign convention (the later, v2 version of the AZR Model Trainer app, github.com/Slavikpro557/ai-neural-network-
+project, flipped it): the loss is `-A * log pi(y)`, so gradient descent raises the log-probability of completions with a
 positive advantage. tests/test_selfplay.py checks this on a real model after one optimizer step.
 """
 
@@ -81,8 +81,7 @@ def token_logprobs(model: Transformer, batch: Batch, *, with_entropy: bool = Fal
     needs no attention mask: padding only ever follows the real tokens of a row. `temperature` (a float, or
     one per row (B,)) must be the one the completions were sampled at: the policy gradient is that of the
     sampling policy softmax(z / T). Scored with log softmax(z) instead, samples drawn at T < 1 get the
-    wrong baseline term and the policy flattens (measured 2026-12-01, random-task RL at T = 0.7: sampled
-    training reward 0.14 -> 0.04 in 100 steps; with this fix 0.16 -> 0.19 in 80)."""
+    wrong baseline term and the policy flattens (docs/LOG.md has the run that showed it)."""
     if isinstance(temperature, torch.Tensor):
         temperature = temperature.to(batch.inputs.device).view(-1, 1, 1)   # (B, 1, 1)
     logits = model(batch.inputs).logits.float()                        # (B, T-1, V)

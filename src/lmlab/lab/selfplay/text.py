@@ -5,8 +5,9 @@ to the starting model, so the reward can rise without the text collapsing into w
     lmlab selfplay text --model lmlab-demo/final --out runs/sp-text --reward repetition --iterations 40
 
 Rewards (`--reward`):
-- seed: seed 000's `unique_ratio * 0.5 + min(len / 100, 1) * 0.5` over the completion's tokens. In the seed
-  it was only logged, never trained on; here it is trained on, so you can watch what it rewards (length).
+- seed: the AZR Model Trainer app's `unique_ratio * 0.5 + min(len / 100, 1) * 0.5` over the completion's
+  tokens. In the app it was only logged, never trained on; here it is trained on, so you can watch what it
+  rewards (length).
 - repetition: the share of distinct token 3-grams among the completion's 3-grams (0 if it has none).
 - perplexity: the mean log-probability per token of the completion (and its EOS) under a second model,
   the judge (`--judge DIR`), which re-tokenises the text with its own tokenizer.
@@ -43,6 +44,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_model, save_model
 
+from ...configs import knob, validate
 from ...files import atomic_write_text
 from ...models import GenerationConfig, generate_ids
 from ...models.io import WEIGHTS, load_pretrained, save_pretrained
@@ -69,33 +71,24 @@ RESUMABLE_CHANGES = ("iterations", "save_every")  # the settings a resumed run m
 
 @dataclass
 class TextSelfPlayConfig:
-    iterations: int = 40
-    prompts_per_iteration: int = 4   # distinct prompts per step
-    group_size: int = 8              # completions per prompt; advantages are relative to this group
-    max_new_tokens: int = 48
-    temperature: float = 1.0         # log-probs are taken at the same temperature: samples come from the policy
-    lr: float = 5e-5
-    kl_coef: float = 0.1             # weight of the k3 KL estimate to the starting model (GRPO, eq. 4)
-    grad_clip: float = 1.0
-    seed: int = 0
-    reward: str = "seed"
-    save_every: int = 10             # checkpoint every N iterations (0: only at the end); also on Ctrl-C/SIGTERM
+    iterations: int = knob(40, "policy updates", gt=0)
+    prompts_per_iteration: int = knob(4, "distinct prompts per update", gt=0)
+    group_size: int = knob(8, "completions per prompt; advantages are relative to this group", ge=2)
+    max_new_tokens: int = knob(48, "tokens per completion", gt=0)
+    temperature: float = knob(1.0, "sampling temperature; log-probs are taken at the same temperature, so samples "
+                              "come from the policy", gt=0)
+    lr: float = knob(5e-5, "AdamW learning rate", gt=0)
+    kl_coef: float = knob(0.1, "weight of the k3 KL estimate to the starting model (GRPO, eq. 4)", ge=0)
+    grad_clip: float = knob(1.0, "clip the gradient norm to this", gt=0)
+    seed: int = knob(0, "seed for sampling and the update")
+    reward: str = knob("seed", "seed: the AZR Model Trainer app's diversity*0.5+length*0.5; repetition: distinct "
+                       "3-grams; perplexity: judge log-prob (--judge); file: your function (--reward-file)",
+                       choices=REWARDS)
+    save_every: int = knob(10, "checkpoint every N iterations (0: only at the end; also on Ctrl-C or SIGTERM)",
+                           ge=0)
 
     def __post_init__(self) -> None:
-        for name in ("iterations", "prompts_per_iteration", "group_size", "max_new_tokens", "save_every"):
-            value = getattr(self, name)
-            least = 0 if name == "save_every" else 1
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"{name} ({value!r}) must be " + ("an integer >= 0 (0: only at the end)"
-                                                                   if least == 0 else "a positive integer"))
-        if self.group_size < 2:
-            raise ValueError(f"group_size ({self.group_size}) must be >= 2: advantages compare a group")
-        if not (self.temperature > 0 and self.lr > 0 and self.grad_clip > 0):
-            raise ValueError("temperature, lr and grad_clip must be positive")
-        if self.kl_coef < 0:
-            raise ValueError(f"kl_coef ({self.kl_coef}) must be >= 0")
-        if self.reward not in REWARDS:
-            raise ValueError(f"reward ({self.reward!r}) must be one of {', '.join(REWARDS)}")
+        validate(self)
 
     @classmethod
     def quick(cls, **overrides: Any) -> TextSelfPlayConfig:
@@ -107,7 +100,8 @@ class TextSelfPlayConfig:
 # ---- rewards ---------------------------------------------------------------------------------------------
 
 def seed_reward(ids: Sequence[int]) -> float:
-    """Seed 000 (`azr_trainer.py: compute_reward`): token diversity and length, half each."""
+    """The AZR Model Trainer app (github.com/Slavikpro557/ai-neural-network-project, `azr_trainer.py:
+    compute_reward`): token diversity and length, half each."""
     unique_ratio = len(set(ids)) / max(len(ids), 1)
     return unique_ratio * 0.5 + min(len(ids) / 100.0, 1.0) * 0.5
 

@@ -1,6 +1,6 @@
 // lmlab web UI: plain ES modules, no framework, no CDN. Talks only to /api/v1 on the same server.
 
-import { STRINGS } from "/static/i18n.js";
+import { LANGUAGES, STRINGS } from "/static/i18n.js";
 import { drawChart, fmt } from "/static/chart.js";
 
 const $ = (sel, root = document) => root.querySelector(sel);
@@ -13,7 +13,8 @@ const ACTIVE = new Set(["queued", "running"]);
 let lang = localStorage.getItem("lmlab.lang") || ((navigator.language || "en").startsWith("ru") ? "ru" : "en");
 
 export function t(key, params = {}) {
-  const s = (STRINGS[lang] && STRINGS[lang][key]) ?? STRINGS.en[key] ?? key;
+  const texts = STRINGS[key];
+  const s = texts ? texts[Math.max(0, LANGUAGES.indexOf(lang))] : key;
   return s.replace(/\{(\w+)\}/g, (_, k) => (params[k] ?? ""));
 }
 

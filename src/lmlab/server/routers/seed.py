@@ -1,6 +1,7 @@
-"""Seed 000's endpoints, kept for its clients: same paths, request fields and response fields.
+"""The endpoints of the AZR Model Trainer app (github.com/Slavikpro557/ai-neural-network-project), which lmlab
+grew from, kept for its clients: same paths, request fields and response fields.
 
-What changed underneath: a model is a ModelConfig of the `gpt` family (the seed's CustomTransformerLM),
+What changed underneath: a model is a ModelConfig of the `gpt` family (the app's CustomTransformerLM),
 its tokenizer is trained from the book when training starts (byte-level BPE; char below 260 tokens);
 `/train` queues a supervised OS process instead of a thread sharing the serving model; errors are 4xx
 with a reason instead of 500s; nothing uploaded is ever unpickled.
@@ -15,22 +16,12 @@ from fastapi import APIRouter, File, HTTPException, UploadFile
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
-from .api import (
-    GenerateRequest,
-    ModelSpec,
-    RunCreate,
-    build_config,
-    download_response,
-    estimate,
-    need_free_model_name,
-    need_unused,
-    run_generation,
-    save_upload,
-    start_run,
-)
-from .app import Lab
-from .db import ACTIVE
-from .workspace import check_name
+from ...models import ModelConfig
+from ..app import StateDep
+from ..db import ACTIVE
+from ..schemas import GenerateRequest, ModelSpec, RunCreate
+from ..services import download_response, make_model, need_unused, run_generation, save_upload, start_run
+from ..workspace import check_name
 
 router = APIRouter(tags=["seed-compatible"])
 
@@ -63,55 +54,47 @@ class SeedGenerateConfig(BaseModel):
 
 
 def seed_config(name: str, cfg: dict[str, Any]) -> dict[str, Any]:
-    """A ModelConfig in the seed's keys (what its clients read back)."""
+    """A ModelConfig in the app's keys (what its clients read back)."""
     return {"name": name, "vocab_size": cfg["vocab_size"], "d_model": cfg["n_embd"], "num_layers": cfg["n_layer"],
             "num_heads": cfg["n_head"], "d_ff": cfg["intermediate_size"], "max_seq_len": cfg["block_size"]}
 
 
 @router.post("/create_model")
-def create_model(state: Lab, config: SeedModelConfig) -> dict[str, Any]:
-    name = check_name(config.name, "model name")
-    kind = "bpe" if config.vocab_size >= 260 else "char"
+def create_model(state: StateDep, config: SeedModelConfig) -> dict[str, Any]:
+    # the app's fields as a `gpt` ModelSpec, made as POST /api/v1/models makes a model (one service)
     spec = ModelSpec(family="gpt", n_layer=config.num_layers, n_head=config.num_heads, n_embd=config.d_model,
                      intermediate_size=config.d_ff, block_size=config.max_seq_len, vocab_size=config.vocab_size,
-                     tokenizer_kind=kind)
-    cfg = build_config(spec)
-    est = estimate(cfg, 1, state.memory_budget)
-    if not est.fits:
-        raise HTTPException(422, est.reason)
-    with state.lock:  # from the checks through add_model: see Supervisor.lock
-        need_free_model_name(state, name)
-        cfg.save(state.ws.model_path(name) / "config.json")
-        state.db.add_model(name, cfg.to_dict(), None, kind, cfg.vocab_size)
-    return {"status": "success", "message": f"Model '{name}' created successfully",
-            "parameters": cfg.num_parameters(), "config": config.model_dump()}
+                     tokenizer_kind="bpe" if config.vocab_size >= 260 else "char")
+    row = make_model(state, config.name, spec)
+    return {"status": "success", "message": f"Model '{row['name']}' created successfully",
+            "parameters": ModelConfig.from_dict(row["config"]).num_parameters(), "config": config.model_dump()}
 
 
 @router.post("/upload_book")
-def upload_book(state: Lab, file: Annotated[UploadFile, File()]) -> dict[str, Any]:
-    # the seed replaced a book of the same name; not one a queued or running run reads (400: the seed's answer
+def upload_book(state: StateDep, file: Annotated[UploadFile, File()]) -> dict[str, Any]:
+    # the seed replaced a book of the same name; not one a queued or running run reads (400: the app's answer
     # for a model already training)
     row = save_upload(state, file, overwrite=True, busy_code=400)
     return {"status": "success", "filename": row["name"], "path": f"books/{row['name']}"}
 
 
 @router.get("/books")
-def list_books(state: Lab) -> dict[str, Any]:
+def list_books(state: StateDep) -> dict[str, Any]:
     return {"books": [b["name"] for b in state.db.list_books()]}
 
 
 @router.get("/models")
-def list_models(state: Lab) -> dict[str, Any]:
+def list_models(state: StateDep) -> dict[str, Any]:
     return {"models": [{"name": m["name"], "config": seed_config(m["name"], m["config"])}
                        for m in state.db.list_models()]}
 
 
 @router.post("/train")
-def train(state: Lab, config: SeedTrainingConfig) -> dict[str, Any]:
+def train(state: StateDep, config: SeedTrainingConfig) -> dict[str, Any]:
     with state.lock:  # from the checks through queueing: see Supervisor.lock
         if state.db.get_model(check_name(config.model_name, "model name")) is None:
             raise HTTPException(404, f"Model '{config.model_name}' not found")
-        # 400, the seed's answer for a model already training, for any run using it (self-play reads it too)
+        # 400, the app's answer for a model already training, for any run using it (self-play reads it too)
         need_unused(state, config.model_name, code=400)
         req = RunCreate(model=config.model_name, books=[config.book_file], max_steps=config.max_iterations,
                         batch_size=config.batch_size, lr=config.learning_rate, save_every=config.save_every)
@@ -123,9 +106,9 @@ def train(state: Lab, config: SeedTrainingConfig) -> dict[str, Any]:
 
 
 @router.get("/training_status")
-def training_status(state: Lab) -> dict[str, Any]:
-    """The most recent run, in the seed's shape. Training runs have no reward (0.0); self-play runs report
-    their mean reward per iteration, as the seed's self-play trainer did."""
+def training_status(state: StateDep) -> dict[str, Any]:
+    """The most recent run, in the app's shape. Training runs have no reward (0.0); self-play runs report
+    their mean reward per iteration, as the app's self-play trainer did."""
     runs = state.db.list_runs()
     if not runs:
         return {"is_training": False, "current_iteration": 0, "max_iterations": 0, "current_loss": 0.0,
@@ -144,7 +127,7 @@ def training_status(state: Lab) -> dict[str, Any]:
 
 
 @router.post("/generate")
-def generate(state: Lab, config: SeedGenerateConfig) -> dict[str, Any]:
+def generate(state: StateDep, config: SeedGenerateConfig) -> dict[str, Any]:
     req = GenerateRequest(model=config.model_name, prompt=config.prompt, max_new_tokens=config.max_length,
                           temperature=config.temperature, top_k=config.top_k)
     out = run_generation(state, req)
@@ -154,6 +137,6 @@ def generate(state: Lab, config: SeedGenerateConfig) -> dict[str, Any]:
 
 @router.get("/download_model/{model_name}", response_class=StreamingResponse,
             responses={200: {"content": {"application/zip": {}}}})
-def download_model(state: Lab, model_name: str) -> StreamingResponse:
+def download_model(state: StateDep, model_name: str) -> StreamingResponse:
     return download_response(state, model_name)
 

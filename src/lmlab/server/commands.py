@@ -1,0 +1,128 @@
+"""The command line of a run's process: pure functions from a run row and the workspace's paths to the
+arguments of `lmlab` (`train ...`, `selfplay text ...`, `lab facts EXPERIMENT ...` or `selfplay azr ...`),
+and the files the command reads that must be written into the run directory first. No process control and
+no database: the supervisor (jobs.py) looks up the model rows, writes the files and launches
+`python -c CHILD_BOOTSTRAP ARGS...` (child_argv).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from ..lab.selfplay.text import SETTING_FLAGS
+from .workspace import Workspace
+
+# The child: `lmlab ARGS...`, with SIGINT and SIGTERM restored to KeyboardInterrupt. Python leaves SIGINT
+# ignored when its parent ignored it (true of background jobs of a non-interactive shell: `lmlab serve &`),
+# and SIGTERM would otherwise kill without a checkpoint. A SIGINT that arrives before these handlers are set
+# is lost in that case, so the supervisor writes STOP_FILE (named by $LMLAB_STOP_FILE) before it signals, and
+# the child, once its handlers are set, stops at once if it finds that file.
+STOP_FILE = "stop-requested"
+CHILD_BOOTSTRAP = """\
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.signal(signal.SIGTERM, signal.default_int_handler)
+if os.path.exists(os.environ.get("LMLAB_STOP_FILE", "")):
+    print("lmlab: interrupted (asked to stop while starting)", file=sys.stderr)
+    sys.exit(130)
+from lmlab.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def child_argv(python: str, args: list[str]) -> list[str]:
+    """The argv of the process that runs `lmlab ARGS...` under the interpreter `python`."""
+    return [python, "-c", CHILD_BOOTSTRAP, *args]
+
+
+class Command(NamedTuple):
+    args: list[str]  # after `lmlab`
+    files: dict[Path, str]  # text the command reads, to write before it starts: {path in the run directory: text}
+
+
+def flags(params: dict[str, Any]) -> list[str]:
+    """`--key value` per setting (`--key`/`--no-key` for a boolean; None left out)."""
+    out = []
+    for key, value in params.items():
+        if value is None:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            out.append(flag if value else "--no-" + key.replace("_", "-"))
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+def experiment_command(params: dict[str, Any], out: Path) -> list[str]:
+    """The lab's own CLI command for an experiment run's params (lab, experiment, quick, seeds, workers),
+    writing into `out`: `lab facts EXPERIMENT --out OUT --seeds 0,1 ...` or `selfplay azr --out OUT ...`."""
+    seeds = ",".join(str(s) for s in params["seeds"])
+    if params["lab"] == "facts":
+        args = ["lab", "facts", params["experiment"], "--out", str(out), "--seeds", seeds]
+    elif params["lab"] == "azr":
+        args = ["selfplay", "azr", "--out", str(out), "--seeds", seeds]
+    else:
+        raise ValueError(f"unknown lab {params['lab']!r}")
+    if params.get("quick"):
+        args.append("--quick")
+    if params.get("workers"):
+        args += ["--workers", str(params["workers"])]
+    return args
+
+
+def train_command(run: dict[str, Any], ws: Workspace, model: dict[str, Any] | None) -> Command:
+    """`train BOOKS... --out RUN_DIR` from the model's config (or `--init` its trained weights), or
+    `train --out RUN_DIR --resume`. `model` is the model's row; ValueError when it is gone (a resume needs
+    none: the run directory holds its data and settings)."""
+    run_dir = ws.run_path(run["id"])
+    params, files = run["params"], {}
+    if run["resume"]:  # the run's own data and settings; max_steps may have grown (a stop condition)
+        args = ["train", "--out", str(run_dir), "--resume"]
+        params = {k: v for k, v in params.items() if k != "val_fraction"}
+    else:
+        if model is None:
+            raise ValueError(f"model {run['model_name']!r} no longer exists")
+        args = ["train", *[str(ws.book_path(b)) for b in run["books"]]]
+        if run["init_from_trained"]:
+            args += ["--init", str(ws.model_path(run["model_name"]))]
+        else:
+            config_file = run_dir / "model_config.json"
+            files[config_file] = json.dumps(model["config"], indent=2)
+            args += ["--model-config", str(config_file), "--tokenizer-kind", model["tokenizer_kind"],
+                     "--vocab-size", str(model["tokenizer_vocab"])]
+        args += ["--out", str(run_dir)]
+    return Command(args + flags(params), files)
+
+
+def selfplay_command(run: dict[str, Any], ws: Workspace, get_model: Callable[[str], dict[str, Any] | None]) -> Command:
+    """`selfplay text --model DIR --out RUN_DIR --reward R [--judge DIR] [--prompts-file F] SETTINGS...`,
+    plus `--resume` when it continues (the flags it started with: --resume checks they match). ValueError
+    when `get_model` finds the starting model or the judge no longer."""
+    p, run_dir, files = run["params"], ws.run_path(run["id"]), {}
+    for name in (run["model_name"], p.get("judge")):
+        if name and get_model(name) is None:
+            raise ValueError(f"model {name!r} no longer exists")
+    args = ["selfplay", "text", "--model", str(ws.model_path(run["model_name"])), "--out", str(run_dir),
+            "--reward", p["reward"]]
+    if p.get("judge"):
+        args += ["--judge", str(ws.model_path(p["judge"]))]
+    if p.get("prompts"):  # a file, not arguments: a command line is public (ps, /proc) and logged
+        prompts_file = run_dir / "prompts.json"
+        files[prompts_file] = json.dumps(p["prompts"], ensure_ascii=False)
+        args += ["--prompts-file", str(prompts_file)]
+    args += flags({k: p[k] for k in SETTING_FLAGS if k in p})
+    return Command(args + (["--resume"] if run["resume"] else []), files)
+
+
+def run_command(run: dict[str, Any], ws: Workspace, get_model: Callable[[str], dict[str, Any] | None]) -> Command:
+    """The command of any run: `lmlab train ...`, `lmlab selfplay text ...` or a lab experiment's, with
+    --resume when it continues from a checkpoint. `get_model(name)` is the model's row, or None."""
+    if run["kind"] == "experiment":
+        return Command(experiment_command(run["params"], ws.run_path(run["id"])), {})
+    if run["kind"] == "selfplay":
+        return selfplay_command(run, ws, get_model)
+    return train_command(run, ws, None if run["resume"] else get_model(run["model_name"]))

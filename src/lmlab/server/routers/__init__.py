@@ -1,0 +1,13 @@
+"""The HTTP routes, one module per resource; each handler checks its input through services and shapes the
+answer. `api` is the versioned REST API (`/api/v1`, OpenAPI at /docs), in the order of its document; `seed`
+keeps the AZR Model Trainer app's endpoints for its old clients."""
+
+from fastapi import APIRouter
+
+from . import books, generate, info, models, runs, seed
+
+api = APIRouter(prefix="/api/v1")
+for _resource in (info, books, models, runs, generate):
+    api.include_router(_resource.router)
+
+__all__ = ["api", "seed"]

@@ -1,0 +1,275 @@
+"""The request and response bodies of the REST API (`/api/v1`), as pydantic models: what a client sends and
+reads back, with the bounds FastAPI checks (422) before a handler runs. They are the schemas of the OpenAPI
+document; the rules that need the workspace live in services.py."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from ..lab.facts.experiments import EXPERIMENTS as FACTS_EXPERIMENTS
+from ..lab.selfplay.text import REWARDS, TextSelfPlayConfig
+
+SERVER_REWARDS = tuple(r for r in REWARDS if r != "file")  # `file` runs user code: CLI only
+MAX_SEEDS = 5
+
+
+class Book(BaseModel):
+    name: str
+    size_bytes: int
+    chars: int
+    encoding: str
+    created_at: float
+    words: int | None = None
+    lines: int | None = None
+    unique_chars: int | None = None
+
+
+class BookPreview(BaseModel):
+    name: str
+    text: str
+    truncated: bool
+
+
+class ModelSpec(BaseModel):
+    """A preset (family-size, e.g. `gpt2-tiny`) with optional overrides, or custom fields on a family."""
+    model_config = ConfigDict(extra="forbid")
+    preset: str | None = Field(None, description="e.g. gpt2-tiny, llama-small; see /api/v1/presets",
+                               max_length=40)
+    family: Literal["gpt", "gpt2", "llama"] | None = None
+    n_layer: int | None = Field(None, ge=1, le=128)
+    n_head: int | None = Field(None, ge=1, le=128)
+    n_kv_head: int | None = Field(None, ge=1, le=128)
+    n_embd: int | None = Field(None, ge=1, le=16384)
+    block_size: int | None = Field(None, ge=8, le=32768)
+    intermediate_size: int | None = Field(None, ge=1, le=65536)
+    dropout: float | None = Field(None, ge=0.0, lt=1.0)
+    tokenizer_kind: Literal["bpe", "char", "word"] = "bpe"
+    vocab_size: int | None = Field(None, ge=5, le=262144, description="tokenizer and embedding size")
+    batch_size: int = Field(16, ge=1, le=4096, description="for the training-memory estimate only")
+
+
+class ModelCreate(ModelSpec):
+    name: str = Field(..., min_length=1, max_length=100)
+
+
+class Estimate(BaseModel):
+    config: dict[str, Any]
+    parameters: int
+    inference_bytes: int
+    training_bytes: int
+    batch_size: int
+    seq_len: int
+    memory_budget_bytes: int
+    fits: bool
+    reason: str | None = None
+
+
+class ModelInfo(BaseModel):
+    name: str
+    family: str
+    preset: str | None
+    config: dict[str, Any]
+    parameters: int
+    tokenizer_kind: str
+    vocab_size: int
+    trained: bool
+    trained_run_id: int | None
+    trained_steps: int | None
+    active_run_id: int | None = Field(description="the queued or running training run of this model")
+    selfplay_run_ids: list[int] = Field(default_factory=list, description="queued or running self-play runs that "
+                                        "read this model (start from it, or score with it as the judge)")
+    origin: dict[str, Any] | None = Field(None, description="how a derived model was made, e.g. {kind: selfplay, "
+                                                             "parent, reward, judge, run_id, iterations}; "
+                                                             "cleared when the model is trained from scratch, "
+                                                             "kept when training continues from its weights")
+    created_at: float
+    updated_at: float
+    problem: str | None = Field(None, description="why the model cannot be used now (e.g. its folder is a symbolic "
+                                                  "link, which the server does not follow); null when it can")
+
+
+class Preset(BaseModel):
+    name: str
+    family: str
+    size: str
+    parameters: int
+    config: dict[str, Any]
+
+
+class RunCreate(BaseModel):
+    """Hyper-parameters left out get sensible defaults scaled to max_steps (warm-up 10%, ~10 evaluations,
+    ~5 checkpoints); every TrainConfig field is accepted."""
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(..., min_length=1, max_length=100)
+    books: list[str] = Field(..., min_length=1, max_length=100)
+    init_from_trained: bool = Field(False, description="continue from the model's trained weights")
+    max_steps: int = Field(200, ge=1, le=10_000_000)
+    batch_size: int = Field(16, ge=1, le=4096)
+    lr: float = Field(3e-4, gt=0, le=10)
+    min_lr: float | None = Field(None, ge=0, le=10)
+    warmup_steps: int | None = Field(None, ge=0, le=10_000_000)
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    decay_fraction: float | None = Field(None, gt=0, le=1, description="wsd: share of the steps spent decaying")
+    weight_decay: float = Field(0.1, ge=0, le=10)
+    grad_clip: float = Field(1.0, ge=0, le=1000)
+    grad_accum_steps: int = Field(1, ge=1, le=1024)
+    seq_len: int | None = Field(None, ge=2, le=32768)
+    eval_every: int | None = Field(None, ge=0, le=10_000_000)
+    eval_batches: int = Field(10, ge=1, le=1000)
+    save_every: int | None = Field(None, ge=0, le=10_000_000)
+    log_every: int | None = Field(None, ge=1, le=100_000)
+    keep_last: int = Field(3, ge=0, le=100)
+    early_stopping_patience: int = Field(0, ge=0, le=1000)
+    time_budget_s: float | None = Field(None, gt=0, le=30 * 86400)
+    seed: int = Field(1337, ge=0, le=2**31 - 1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    val_fraction: float | None = Field(None, gt=0, lt=1)
+
+
+class SelfPlayCreate(BaseModel):
+    """Text self-play (`lmlab selfplay text`): sample groups of completions from a trained model, score them
+    with a reward, update with group-relative advantages and a KL penalty to the starting model. The final
+    policy becomes the new model `new_model`; the starting model is left as it was."""
+    # the defaults are those of `lmlab selfplay text` (TextSelfPlayConfig), their one home
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(..., min_length=1, max_length=100, description="a trained model of the workspace")
+    new_model: str = Field(..., min_length=1, max_length=100,
+                           description="name of the model the improved policy is saved as; must not exist")
+    reward: str = Field(TextSelfPlayConfig.reward, max_length=40,
+                        description="seed (diversity and length), repetition (distinct 3-grams) or perplexity "
+                                    "(log-probability under `judge`). `file` is CLI-only: the server does not "
+                                    "execute user Python code", examples=list(SERVER_REWARDS))
+    judge: str | None = Field(None, min_length=1, max_length=100,
+                              description="reward perplexity: the trained model of the workspace that scores")
+    prompts: list[Annotated[str, Field(max_length=2000)]] = Field(
+        default_factory=list, max_length=64, description="completions start from these; none: from <BOS>")
+    iterations: int = Field(TextSelfPlayConfig.iterations, ge=1, le=100_000, description="policy updates")
+    group_size: int = Field(TextSelfPlayConfig.group_size, ge=2, le=256, description="completions per prompt")
+    prompts_per_iteration: int = Field(TextSelfPlayConfig.prompts_per_iteration, ge=1, le=256)
+    max_new_tokens: int = Field(TextSelfPlayConfig.max_new_tokens, ge=1, le=2048, description="tokens per completion")
+    lr: float = Field(TextSelfPlayConfig.lr, gt=0, le=1, description="AdamW learning rate")
+    kl_coef: float = Field(TextSelfPlayConfig.kl_coef, ge=0, le=100,
+                           description="weight of the KL penalty to the starting model")
+    temperature: float = Field(TextSelfPlayConfig.temperature, gt=0, le=10, description="sampling temperature")
+    seed: int = Field(TextSelfPlayConfig.seed, ge=0, le=2**31 - 1)
+    save_every: int = Field(TextSelfPlayConfig.save_every, ge=0, le=100_000,
+                            description="checkpoint every N iterations (0: only at the end; a cancel always "
+                                        "checkpoints), so that a stopped run can be resumed")
+
+
+class ExperimentCreate(BaseModel):
+    """A lab experiment, run as its own CLI command into the run directory, which then holds results.json,
+    PNG plots and report.html (GET /runs/{id}/report). It makes no model and keeps no checkpoints."""
+    model_config = ConfigDict(extra="forbid")
+    lab: Literal["facts", "azr"] = Field(description="facts: knowledge acquisition on synthetic biographies "
+                                         "(`lmlab lab facts EXPERIMENT`); azr: the Absolute Zero miniature "
+                                         "(`lmlab selfplay azr`)")
+    experiment: str | None = Field(None, max_length=40, validate_default=True,
+                                   description="lab facts: one of " + ", ".join(FACTS_EXPERIMENTS) +
+                                               "; lab azr has one experiment and takes none",
+                                   examples=list(FACTS_EXPERIMENTS))
+    quick: bool = Field(False, description="the lab's --quick: reduced sizes (facts: minutes; azr: a smoke run in "
+                                           "seconds whose numbers mean nothing)")
+    seeds: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] = Field(
+        [0, 1, 2], min_length=1, max_length=MAX_SEEDS, description=f"distinct seeds, at most {MAX_SEEDS}")
+    workers: int | None = Field(None, ge=1, le=os.cpu_count() or 1,
+                                description="parallel processes, 1 thread each (default: the lab's own)")
+
+    @field_validator("experiment")
+    @classmethod
+    def _experiment(cls, value: str | None, info: ValidationInfo) -> str | None:
+        lab = info.data.get("lab")
+        if lab == "facts" and value not in FACTS_EXPERIMENTS:
+            raise ValueError(f"experiment ({value!r}) must be one of {', '.join(FACTS_EXPERIMENTS)} for lab facts")
+        if lab == "azr" and value not in (None, "azr"):
+            raise ValueError(f"lab azr has one experiment; leave experiment ({value!r}) out")
+        return "azr" if lab == "azr" else value
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"seeds ({value}) must be distinct")
+        return value
+
+
+class ResumeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_steps: int | None = Field(None, ge=1, le=10_000_000, description="train further than first planned (for "
+                                  "a self-play run: its iterations)")
+
+
+class Run(BaseModel):
+    id: int
+    kind: Literal["train", "selfplay", "experiment"] = Field(
+        description="train: `lmlab train`; selfplay: `lmlab selfplay text` from `model` into params.new_model; "
+                    "experiment: a lab experiment (params.lab, params.experiment), no model (`model` is empty)")
+    model: str
+    books: list[str]
+    status: str
+    params: dict[str, Any]
+    init_from_trained: bool
+    current_step: int
+    max_steps: int | None
+    progress: float | None
+    tokens: int | None
+    last_loss: float | None
+    last_val_loss: float | None
+    best_val_loss: float | None
+    lr: float | None
+    tokens_per_s: float | None
+    last_reward: float | None = Field(description="self-play: mean reward of the latest iteration")
+    last_kl: float | None = Field(description="self-play: KL to the starting model at the latest iteration")
+    checkpoint_step: int | None
+    can_resume: bool
+    resumed_from_step: int | None
+    launches: int
+    cancel_requested: bool
+    pid: int | None
+    exit_code: int | None
+    error: str | None
+    stop_reason: str | None
+    metrics_epoch: int
+    queue_position: int | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    updated_at: float
+
+
+class MetricsPage(BaseModel):
+    run_id: int
+    metrics_epoch: int
+    status: str
+    metrics: list[dict[str, Any]]
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(..., min_length=1, max_length=100)
+    prompt: str = Field("", max_length=20000)
+    max_new_tokens: int = Field(100, ge=1, le=2048)
+    do_sample: bool = True
+    temperature: float = Field(0.8, ge=0, le=10)
+    top_k: int = Field(40, ge=0, le=1_000_000)
+    top_p: float = Field(1.0, gt=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0, le=10)
+    num_beams: int = Field(1, ge=1, le=16)
+    length_penalty: float = Field(1.0, ge=-10, le=10)
+    stop_strings: list[str] = Field(default_factory=list, max_length=16)
+    stop_at_eos: bool = True
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+
+
+class Generation(BaseModel):
+    model: str
+    prompt: str
+    text: str
+    new_tokens: int
+    elapsed_s: float
+    tokens_per_s: float
+

@@ -1,0 +1,707 @@
+"""The rules behind the API: what a request needs of the workspace (the need_* checks: 404 unknown, 409 in use
+or untrained, 422 invalid), starting runs within the memory budget, the API's view of models and runs, uploads,
+downloads and generation. Plain functions of the app's state (app.AppState) that raise HTTPException with the
+status and the one-line reason the client gets; the routers (routers/) and the seed-compatible endpoints
+(routers/seed.py) call the same ones.
+
+Checks that must hold until the change they guard is made (a name still free, a run or book not in use) run
+under state.lock from the first check through the database write (see jobs.Supervisor.lock).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+import zipfile
+from collections.abc import Callable, Iterator
+from typing import Any
+from urllib.parse import quote
+
+from fastapi import HTTPException, Response, UploadFile
+from fastapi.responses import FileResponse, StreamingResponse
+from starlette.background import BackgroundTask
+
+from ..lab.selfplay.text import SETTING_FLAGS, TextSelfPlayConfig, encode_prompts, file_sha256, saved_run
+from ..models import GenerationConfig, ModelConfig, generate, stream
+from ..models.io import WEIGHTS
+from ..tokenizers import Tokenizer
+from ..train import TrainConfig, checkpoint_step, latest_checkpoint
+from .app import AppState
+from .db import ACTIVE
+from .extract import Refused, extract
+from .inference import NotTrained
+from .schemas import (
+    SERVER_REWARDS,
+    Estimate,
+    ExperimentCreate,
+    GenerateRequest,
+    Generation,
+    ModelInfo,
+    ModelSpec,
+    Run,
+    RunCreate,
+    SelfPlayCreate,
+)
+from .workspace import (
+    LinkError,
+    ZipSink,
+    book_text,
+    check_book_name,
+    check_name,
+    remove_entry,
+    snapshot_dir,
+    zip_model_dir,
+)
+
+# ---- models -----------------------------------------------------------------------------------------
+
+def human_bytes(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+def build_config(spec: ModelSpec) -> ModelConfig:
+    """ModelConfig from a spec; HTTP 422 with the config's own message when it is invalid."""
+    fields = ("family", "n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "intermediate_size", "dropout")
+    overrides = {k: getattr(spec, k) for k in fields if getattr(spec, k) is not None}
+    if spec.vocab_size is not None:
+        overrides["vocab_size"] = spec.vocab_size
+    try:
+        if spec.preset:
+            cfg = ModelConfig.preset(spec.preset, **overrides)
+        else:
+            cfg = ModelConfig(**overrides)
+        if spec.tokenizer_kind == "bpe" and cfg.vocab_size < 260:
+            raise ValueError(f"vocab_size ({cfg.vocab_size}) must be >= 260 for a bpe tokenizer "
+                             "(4 specials + 256 byte tokens); use char or word for smaller vocabularies")
+    except (ValueError, TypeError) as exc:
+        raise HTTPException(422, str(exc)) from None
+    return cfg
+
+
+def estimate(cfg: ModelConfig, batch_size: int, budget: int, seq_len: int | None = None) -> Estimate:
+    T = min(seq_len or cfg.block_size, cfg.block_size)
+    train = cfg.memory_estimate(batch_size, T, training=True)["total"]
+    infer = cfg.memory_estimate(1, T, training=False)["total"]
+    reason = None
+    if train > budget:
+        reason = (f"training this model with batch {batch_size} x {T} tokens needs ~{human_bytes(train)} (weights, "
+                  f"gradients, AdamW state and activations) but the memory budget is {human_bytes(budget)}; "
+                  "use fewer layers, a smaller width or context, a smaller batch, or raise --memory-budget-gb")
+    return Estimate(config=cfg.to_dict(), parameters=cfg.num_parameters(), inference_bytes=infer,
+                    training_bytes=train, batch_size=batch_size, seq_len=T, memory_budget_bytes=budget,
+                    fits=reason is None, reason=reason)
+
+
+def model_info(state: AppState, row: dict[str, Any], active: list[dict[str, Any]] | None = None) -> ModelInfo:
+    """The API view of a model row; `active` (the queued and running runs) is fetched when not given."""
+    name = row["name"]
+    cfg = ModelConfig.from_dict(row["config"])
+    active = state.db.list_runs(status=ACTIVE) if active is None else active
+    training = [r["id"] for r in active if r["kind"] == "train" and r["model_name"] == name]
+    readers = [r["id"] for r in active
+               if r["kind"] == "selfplay" and name in (r["model_name"], r["params"].get("judge"))]
+    try:
+        trained, problem = (state.ws.model_path(name) / "model.safetensors").is_file(), None
+    except LinkError as exc:  # listed with the reason; the other models list as usual
+        trained, problem = False, str(exc)
+    return ModelInfo(name=name, family=cfg.family, preset=row["preset"], config=cfg.to_dict(),
+                     parameters=cfg.num_parameters(), tokenizer_kind=row["tokenizer_kind"],
+                     vocab_size=row["tokenizer_vocab"], trained=trained, trained_run_id=row["trained_run_id"],
+                     trained_steps=row["trained_steps"], active_run_id=training[0] if training else None,
+                     selfplay_run_ids=readers, origin=row["origin"], created_at=row["created_at"],
+                     updated_at=row["updated_at"], problem=problem)
+
+
+def need_model(state: AppState, name: str) -> dict[str, Any]:
+    check_name(name, "model name")
+    row = state.db.get_model(name)
+    if row is None:
+        raise HTTPException(404, f"model {name!r} not found")
+    return row
+
+
+def make_model(state: AppState, name: str, spec: ModelSpec) -> dict[str, Any]:
+    """Create the untrained model `name` from `spec` (the API's POST /models and the AZR Model Trainer app's
+    /create_model): 422 for an invalid config or one whose training at batch 1 exceeds the memory budget, 409
+    for a name that is taken; then config.json in a fresh folder and the index row, which is returned."""
+    name = check_name(name, "model name")
+    cfg = build_config(spec)
+    est = estimate(cfg, 1, state.memory_budget)
+    if not est.fits:
+        raise HTTPException(422, est.reason)
+    with state.lock:  # from the checks through add_model: see Supervisor.lock
+        need_free_model_name(state, name)
+        path = state.ws.model_path(name)
+        shutil.rmtree(path, ignore_errors=True)  # leftovers of a model deleted outside the server
+        cfg.save(path / "config.json")
+        return state.db.add_model(name, cfg.to_dict(), spec.preset, spec.tokenizer_kind, cfg.vocab_size)
+
+
+def remove_model(state: AppState, name: str) -> None:
+    """The model, its folder and its runs; 409 while a run uses it."""
+    with state.lock:  # a run queued meanwhile must not lose its model
+        need_model(state, name)
+        need_unused(state, name)
+        for run in state.db.list_runs(model_name=name):
+            remove_entry(state.ws.run_path(run["id"]))
+        path = state.ws.models / check_name(name, "model name")  # a link (an unusable model) goes, not its target
+        state.cache.forget(path)
+        remove_entry(path)
+        state.db.delete_model(name)
+
+
+def need_free_model_name(state: AppState, name: str, hint: str = "") -> None:
+    """409 unless `name` can become a new model now: no model of that name, none whose name differs only in
+    letter case (on macOS and Windows the two would share one folder), and no active run that will write it.
+    Called under state.lock, through the add_model or add_run that takes the name."""
+    if state.db.get_model(name) is not None:
+        raise HTTPException(409, f"a model named {name!r} already exists{hint}")
+    active = state.db.list_runs(status=ACTIVE)
+    taken = [m["name"] for m in state.db.list_models()]
+    taken += [r["params"]["new_model"] for r in active if r["params"].get("new_model")]
+    twin = next((t for t in taken if t != name and t.casefold() == name.casefold()), None)
+    if twin is not None:
+        raise HTTPException(409, f"{twin!r} is taken, and names that differ only in letter case would share one "
+                                 f"folder on some systems{hint}")
+    need_unused(state, name, active=active)  # the name a running self-play will save its model under
+
+
+def need_trained(state: AppState, name: str, role: str) -> Any:
+    """The directory of a workspace model that has weights and a tokenizer (404 unknown, 409 untrained)."""
+    need_model(state, name)
+    path = state.ws.model_path(name)
+    if not (path / "model.safetensors").is_file() or not (path / "tokenizer.json").is_file():
+        raise HTTPException(409, f"model {name!r} has not been trained yet: {role} must be a trained model")
+    return path
+
+
+def runs_using(state: AppState, name: str, active: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Queued or running runs (`active`, fetched when not given) that read or write the model `name`: its
+    training, self-play from it or judged by it, and self-play that will save its policy under that name."""
+    active = state.db.list_runs(status=ACTIVE) if active is None else active
+    return [r for r in active if name in (r["model_name"], r["params"].get("judge"), r["params"].get("new_model"))]
+
+
+def need_unused(state: AppState, name: str, keep: Callable[[dict[str, Any]], bool] = lambda r: True,
+                active: list[dict[str, Any]] | None = None, code: int = 409) -> None:
+    """`code` with busy_message if a run in runs_using(name) that `keep` selects is active."""
+    busy = [r for r in runs_using(state, name, active) if keep(r)]
+    if busy:
+        raise HTTPException(code, busy_message(name, busy[0]))
+
+
+def busy_message(name: str, run: dict[str, Any]) -> str:
+    if run["kind"] == "train":
+        return f"model {name!r} is already training (run {run['id']}); cancel that run or wait for it"
+    role = ("the starting point" if run["model_name"] == name else
+            "the judge" if run["params"].get("judge") == name else "the name of the model being made")
+    return f"model {name!r} is {role} of self-play run {run['id']}; cancel that run or wait for it"
+
+
+# ---- books ------------------------------------------------------------------------------------------
+
+def need_book(state: AppState, name: str) -> dict[str, Any]:
+    check_book_name(name)
+    row = state.db.get_book(name)
+    if row is None or not state.ws.book_path(name).is_file():
+        raise HTTPException(404, f"book {name!r} not found")
+    return row
+
+
+def need_book_unused(state: AppState, name: str, code: int = 409) -> None:
+    users = [r["id"] for r in state.db.list_runs(status=ACTIVE) if name in r["books"]]
+    if users:
+        raise HTTPException(code, f"book {name!r} is in use by run(s) {users}")
+
+
+def book_stats(header: dict[str, Any]) -> dict[str, int]:
+    return {k: header[k] for k in ("chars", "words", "lines", "unique_chars")}
+
+
+def need_book_text(state: AppState, name: str, chars: int = 0) -> tuple[dict[str, Any], str]:
+    """The stored text (see book_text); 409 if the book's file can no longer be read as a book."""
+    try:
+        return book_text(state.ws, name, chars, **state.extract_limits)
+    except ValueError as exc:
+        raise HTTPException(409, str(exc)) from None
+
+
+def save_upload(state: AppState, upload: UploadFile, *, overwrite: bool, busy_code: int = 409) -> dict[str, Any]:
+    """Validate and store an uploaded book: safe name, size limit, not empty, decodable text, and not in use
+    by a queued or running run when it replaces a book (`busy_code`, as delete_book answers). Its text is read
+    once, in a child process with limits (extract.py), and stored beside it for detail, preview and reindex."""
+    name = check_book_name(upload.filename or "")
+    target = state.ws.book_path(name)
+    if target.exists() and not overwrite:
+        raise HTTPException(409, f"a book named {name!r} already exists; delete it first or upload with "
+                                 "overwrite=true")
+    need_book_unused(state, name, busy_code)  # before the reading; again below, under the lock
+    limit = state.settings.max_upload_bytes
+    tmp = state.ws.tmp / f"upload-{uuid.uuid4().hex}{target.suffix.lower()}"
+    text_tmp = state.ws.tmp / f"text-{uuid.uuid4().hex}"
+    size = 0
+    try:
+        with open(tmp, "wb") as out:
+            while block := upload.file.read(1 << 20):
+                size += len(block)
+                if size > limit:
+                    raise HTTPException(413, f"{name} is larger than the upload limit of {limit / 2**20:.1f} MiB "
+                                             "(lmlab serve --max-upload-mb)")
+                out.write(block)
+        if size == 0:
+            raise HTTPException(400, f"{name} is empty")
+        try:
+            header = extract(tmp, text_tmp, name, **state.extract_limits)
+        except Refused as exc:
+            raise HTTPException(exc.status, str(exc)) from None
+        with state.lock:  # a run queued meanwhile must not have its book replaced under it
+            need_book_unused(state, name, busy_code)
+            os.replace(text_tmp, state.ws.text_path(name))
+            os.replace(tmp, target)
+            row = state.db.add_book(name, size, header["chars"], header["encoding"])
+    finally:
+        tmp.unlink(missing_ok=True)
+        text_tmp.unlink(missing_ok=True)
+    return {**row, **book_stats(header)}
+
+
+def remove_book(state: AppState, name: str) -> None:
+    with state.lock:  # a run queued meanwhile must not lose its book
+        need_book(state, name)
+        need_book_unused(state, name)
+        state.ws.book_path(name).unlink(missing_ok=True)
+        state.ws.text_path(name).unlink(missing_ok=True)
+        state.db.delete_book(name)
+
+
+# ---- runs -------------------------------------------------------------------------------------------
+
+def run_info(state: AppState, row: dict[str, Any], queue: list[int] | None = None) -> Run:
+    run_dir = state.ws.run_path(row["id"])
+    ckpt = None if run_dir.is_symlink() else latest_checkpoint(run_dir)  # resuming through a link is refused
+    ckpt_step = checkpoint_step(ckpt) if ckpt else None
+    progress = None
+    if row["max_steps"]:
+        progress = min(1.0, row["current_step"] / row["max_steps"])
+    if queue is None and row["status"] == "queued":
+        queue = [r["id"] for r in state.db.queued_runs()]
+    return Run(
+        id=row["id"], kind=row["kind"], model=row["model_name"], books=row["books"], status=row["status"],
+        params=row["params"],
+        init_from_trained=bool(row["init_from_trained"]), current_step=row["current_step"],
+        max_steps=row["max_steps"], progress=progress, tokens=row["tokens"], last_loss=row["last_loss"],
+        last_val_loss=row["last_val_loss"], best_val_loss=row["best_val_loss"], lr=row["lr"],
+        tokens_per_s=row["tokens_per_s"], last_reward=row["last_reward"], last_kl=row["last_kl"],
+        checkpoint_step=ckpt_step,
+        can_resume=(row["status"] in ("interrupted", "failed", "cancelled") and ckpt_step is not None
+                    and row["kind"] != "experiment"),  # an experiment keeps no checkpoints of its own
+        resumed_from_step=row["resumed_from_step"], launches=row["launches"],
+        cancel_requested=bool(row["cancel_requested"]), pid=row["pid"], exit_code=row["exit_code"],
+        error=row["error"], stop_reason=row["stop_reason"], metrics_epoch=row["metrics_epoch"],
+        queue_position=queue.index(row["id"]) if queue and row["id"] in queue else None,
+        created_at=row["created_at"], started_at=row["started_at"], finished_at=row["finished_at"],
+        updated_at=row["updated_at"])
+
+
+def need_run(state: AppState, run_id: int) -> dict[str, Any]:
+    row = state.db.get_run(run_id)
+    if row is None:
+        raise HTTPException(404, f"run {run_id} not found")
+    return row
+
+
+def default_params(req: RunCreate) -> dict[str, Any]:
+    """TrainConfig fields for a run: what was given, plus defaults scaled to max_steps."""
+    n = req.max_steps
+    params = req.model_dump(exclude={"model", "books", "init_from_trained", "val_fraction"})
+    if params["warmup_steps"] is None:
+        params["warmup_steps"] = min(100, n // 10)
+    if params["eval_every"] is None:
+        params["eval_every"] = max(1, min(500, n // 10))
+    if params["save_every"] is None:
+        params["save_every"] = max(1, min(1000, n // 5))
+    if params["log_every"] is None:
+        params["log_every"] = max(1, min(10, n // 100))
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def start_run(state: AppState, req: RunCreate) -> dict[str, Any]:
+    """Validate a run request against the model, the books and the memory budget, then queue it; under the
+    lock from the first check through add_run, so two requests cannot both pass (see Supervisor.lock)."""
+    with state.lock:
+        return _start_run(state, req)
+
+
+def _start_run(state: AppState, req: RunCreate) -> dict[str, Any]:
+    model = need_model(state, req.model)
+    for book in req.books:
+        need_book(state, book)
+    if len(set(req.books)) != len(req.books):
+        raise HTTPException(422, "a book is listed twice")
+    need_unused(state, req.model)
+    if req.init_from_trained and not (state.ws.model_path(req.model) / "model.safetensors").is_file():
+        raise HTTPException(409, f"model {req.model!r} has no trained weights to continue from")
+    params = default_params(req)
+    if req.val_fraction is not None:
+        params["val_fraction"] = req.val_fraction
+    try:
+        TrainConfig.from_dict({k: v for k, v in params.items() if k != "val_fraction"})
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
+    cfg = ModelConfig.from_dict(model["config"])
+    if req.seq_len and req.seq_len > cfg.block_size:
+        raise HTTPException(422, f"seq_len ({req.seq_len}) exceeds the model's context ({cfg.block_size})")
+    est = estimate(cfg, req.batch_size, state.memory_budget, req.seq_len)
+    if not est.fits:
+        raise HTTPException(422, est.reason)
+    run = state.db.add_run(req.model, list(req.books), params, req.init_from_trained, req.max_steps)
+    state.supervisor.submit(run["id"])
+    return run
+
+
+def selfplay_memory(policy: ModelConfig, batch_size: int, seq_len: int,
+                    judge: ModelConfig | None = None) -> dict[str, int]:
+    """Rough peak bytes of a self-play update, by part. policy: its training, as `estimate` counts it
+    (weights, gradients, AdamW state, activations). reference: the frozen copy of the starting model that
+    the KL is taken to, its weights plus one forward over the same batch, whose fp32 logits (B, T, V) are
+    held twice (the logits and their log_softmax, rl.token_logprobs). judge (reward perplexity): its
+    weights plus such a forward over up to its context per completion, since it re-tokenises the text
+    with its own tokenizer and the length in its tokens is not known before."""
+    def frozen(cfg: ModelConfig, tokens: int) -> int:  # fp32 weights + a forward's logits, held twice
+        return cfg.num_parameters() * 4 + 2 * batch_size * tokens * cfg.vocab_size * 4
+
+    T = min(seq_len, policy.block_size)
+    parts = {"policy": policy.memory_estimate(batch_size, T, training=True)["total"], "reference": frozen(policy, T)}
+    if judge is not None:
+        parts["judge"] = frozen(judge, judge.block_size)
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def start_selfplay(state: AppState, req: SelfPlayCreate) -> dict[str, Any]:
+    """Validate a self-play request against the workspace and the memory budget, then queue it; under the
+    lock from the first check through add_run, so two requests cannot both pass (see Supervisor.lock)."""
+    if req.reward == "file":
+        raise HTTPException(422, "reward 'file' runs your own Python function, and the server does not execute "
+                                 "user code; use seed, repetition or perplexity here, or run `lmlab selfplay "
+                                 "text --reward file` on your own machine")
+    if req.reward not in SERVER_REWARDS:
+        raise HTTPException(422, f"reward {req.reward!r} must be one of {', '.join(SERVER_REWARDS)}")
+    if req.reward == "perplexity" and req.judge is None:
+        raise HTTPException(422, "reward 'perplexity' needs a judge: another trained model of the workspace")
+    if req.reward != "perplexity" and req.judge is not None:
+        raise HTTPException(422, f"a judge is only used by reward 'perplexity', not {req.reward!r}")
+    new = check_name(req.new_model, "new model name")
+    with state.lock:
+        return _start_selfplay(state, req, new)
+
+
+def need_selfplay_models(state: AppState, model: str, judge: str | None, new: str,
+                         resuming: bool = False) -> tuple[Any, Any]:
+    """What a self-play run needs to start or resume: its starting model and judge trained and not training
+    (self-play runs may share them: they only read them), and the name of the model it makes free. Returns the
+    directories of the starting model and the judge (None without one). Called under state.lock."""
+    path = need_trained(state, model, "the model self-play starts from")
+    judge_path = need_trained(state, judge, "the judge") if judge is not None else None
+    other = "" if resuming else " or choose another name for the new model"
+    need_free_model_name(state, new, "; resuming this run saves its policy under that name" if resuming else
+                         "; choose another name for the new model")
+    if state.ws.model_path(new).exists():  # the finished run would not overwrite it (Supervisor._register_selfplay)
+        raise HTTPException(409, f"models/{new}/ exists in the workspace though no model of that name is "
+                                 f"indexed; remove it{other}")
+    active = state.db.list_runs(status=ACTIVE)
+    for name in filter(None, (model, judge)):
+        need_unused(state, name, lambda r: r["kind"] == "train", active)
+    return path, judge_path
+
+
+def _start_selfplay(state: AppState, req: SelfPlayCreate, new: str) -> dict[str, Any]:
+    path, judge_path = need_selfplay_models(state, req.model, req.judge, new)
+    settings = req.model_dump(include=set(SETTING_FLAGS))
+    try:
+        TextSelfPlayConfig(reward=req.reward, **settings)
+        cfg = ModelConfig.load(path / "config.json")
+        judge_cfg = ModelConfig.load(judge_path / "config.json") if judge_path else None
+        prompts = encode_prompts(Tokenizer.load(path / "tokenizer.json"), req.prompts or [""],
+                                 req.max_new_tokens, cfg.block_size)
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
+    batch, longest = req.group_size * req.prompts_per_iteration, max(map(len, prompts)) + req.max_new_tokens
+    mem, budget = selfplay_memory(cfg, batch, longest, judge_cfg), state.memory_budget
+    if mem["total"] > budget:
+        judged = (f"; the judge {req.judge!r} ~{human_bytes(mem['judge'])}: its weights and logits over up to its "
+                  f"context of {judge_cfg.block_size} tokens per completion" if judge_cfg else "")
+        raise HTTPException(422, f"self-play with {batch} completions x {longest} tokens per update needs "
+                                 f"~{human_bytes(mem['total'])} (the policy's training ~{human_bytes(mem['policy'])}: "
+                                 "weights, gradients, AdamW state and activations; the frozen reference copy "
+                                 f"~{human_bytes(mem['reference'])}: its weights and logits{judged}) but the memory "
+                                 f"budget is {human_bytes(budget)}; use a smaller group_size, prompts_per_iteration "
+                                 f"or max_new_tokens{', a smaller judge' if judge_cfg else ''}, or raise "
+                                 "--memory-budget-gb")
+    params = {**settings, "reward": req.reward, "judge": req.judge, "prompts": list(req.prompts), "new_model": new}
+    run = state.db.add_run(req.model, [], params, True, req.iterations, kind="selfplay")
+    state.supervisor.submit(run["id"])
+    return run
+
+
+def start_experiment(state: AppState, req: ExperimentCreate) -> dict[str, Any]:
+    """Queue a lab experiment; the request's own validation is all it needs (it reads no model or book)."""
+    params = req.model_dump(exclude_none=True)
+    run = state.db.add_run("", [], params, False, None, kind="experiment")
+    state.supervisor.submit(run["id"])
+    return run
+
+
+def request_cancel(state: AppState, run_id: int) -> dict[str, Any]:
+    row = need_run(state, run_id)
+    if row["status"] not in ACTIVE:
+        raise HTTPException(409, f"run {run_id} is {row['status']}, not queued or running")
+    return state.supervisor.cancel(run_id) or row
+
+
+def request_resume(state: AppState, run_id: int, max_steps: int | None) -> dict[str, Any]:
+    with state.lock:  # from the check through queueing: see Supervisor.lock
+        need_run(state, run_id)
+        try:
+            return state.supervisor.resume(run_id, max_steps, ready=lambda run: need_resumable_models(state, run))
+        except LookupError as exc:
+            raise HTTPException(404, str(exc)) from None
+        except ValueError as exc:
+            raise HTTPException(409, str(exc)) from None
+
+
+def need_resumable_models(state: AppState, run: dict[str, Any]) -> None:
+    """A resumed run reads and writes models as when it started. Training writes its model when it completes:
+    not while self-play reads it or another run trains it. Self-play needs what it needed to start."""
+    if run["kind"] == "train":
+        need_unused(state, run["model_name"], lambda r: r["id"] != run["id"])
+    else:
+        p = run["params"]
+        paths = need_selfplay_models(state, run["model_name"], p.get("judge"), p["new_model"], resuming=True)
+        need_same_weights(state, run, paths)
+
+
+def need_same_weights(state: AppState, run: dict[str, Any], paths: tuple[Any, Any]) -> None:
+    """409 if the starting model or judge of a self-play run has other weights than when it started (trained
+    again since): the launched process would refuse them (lab/selfplay/text.py, _check_same_run), after the
+    run was queued, and the run would still offer Resume."""
+    try:
+        saved = saved_run(state.ws.run_path(run["id"]))
+    except ValueError:
+        return  # the process says what is wrong with its folder
+    for key, name, path in (("model_sha256", run["model_name"], paths[0]),
+                            ("judge_sha256", run["params"].get("judge"), paths[1])):
+        if saved.get(key) and path is not None and file_sha256(path / WEIGHTS) != saved[key]:
+            raise HTTPException(409, f"run {run['id']}: model {name!r} has other weights than when this run started "
+                                     "(trained since?); a resumed run keeps its starting weights: start a new "
+                                     "self-play run instead")
+
+
+def remove_run(state: AppState, run_id: int) -> None:
+    with state.lock:  # not while it is being resumed
+        row = need_run(state, run_id)
+        if row["status"] in ACTIVE:
+            raise HTTPException(409, f"run {run_id} is {row['status']}; cancel it first")
+        remove_entry(state.ws.run_path(run_id))  # a symbolic link: the link, not where it points
+        state.db.delete_run(run_id)
+
+
+# What an experiment's run directory may serve: plain names, no dot first, of the kinds the labs write.
+RUN_FILE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*\.(png|json|html)$")
+RUN_FILE_TYPES = {"png": "image/png", "json": "application/json", "html": "text/html; charset=utf-8"}
+# report.html is generated content (plot captions, claims, settings): no scripts, no requests out, its PNGs
+# inlined as data: URIs (lab/*/report.py), framed only by the app itself (the Lab tab's iframe).
+REPORT_CSP = ("default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; base-uri 'none'; "
+              "form-action 'none'; frame-ancestors 'self'")
+
+
+def run_file(state: AppState, run_id: int, name: str) -> Response:
+    """A file directly in a completed experiment run's directory, by a name RUN_FILE allows; 404 for anything
+    else: another kind of run, one not completed, a name with a path in it, or a symbolic link (the file or
+    the run's folder: opened with O_NOFOLLOW at every step)."""
+    row = need_run(state, run_id)
+    if row["kind"] != "experiment":
+        raise HTTPException(404, f"run {run_id} is a {row['kind']} run; only lab experiment runs serve files")
+    if not RUN_FILE.fullmatch(name):
+        raise HTTPException(404, f"no file {name!r} here: a run serves results.json, its .png plots and report.html")
+    if row["status"] in ACTIVE:
+        raise HTTPException(404, f"run {run_id} has no report yet ({row['status']}); it is written when the "
+                                 "experiment completes")
+    if row["status"] != "completed":  # a facts lab stopped on SIGINT may still report on its cut-short run
+        raise HTTPException(404, f"run {run_id} is {row['status']}: only a completed experiment serves its "
+                                 "report and files; start it again")
+    try:
+        data = state.ws.read_bytes(state.ws.run_path(run_id) / name)  # a report, plots inlined: a few MiB at most
+    except (OSError, LinkError) as exc:
+        why = " (a symbolic link, which the server does not follow)" if isinstance(exc, LinkError) else ""
+        raise HTTPException(404, f"run {run_id} has no file {name!r}{why}") from None
+    return Response(data, media_type=RUN_FILE_TYPES[name.rsplit(".", 1)[1]],
+                    headers={"content-security-policy": REPORT_CSP, "x-frame-options": "SAMEORIGIN",
+                             "cache-control": "no-store"})
+
+
+# ---- downloads --------------------------------------------------------------------------------------
+
+def download_response(state: AppState, name: str) -> StreamingResponse:
+    """The model directory as a zip, streamed from a snapshot (one version, whole, however long the download);
+    409 for an untrained model."""
+    need_model(state, name)
+    tmp = state.ws.tmp / f"download-{uuid.uuid4().hex}"
+    path = snapshot_dir(state.ws.model_path(name), tmp / name)
+    if not (path / "model.safetensors").is_file():
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise HTTPException(409, f"model {name!r} has not been trained yet: there are no weights to download")
+    return StreamingResponse(zip_model_dir(path, name), media_type="application/zip",
+                             background=BackgroundTask(shutil.rmtree, tmp, ignore_errors=True),
+                             headers=attachment(f"{name}.zip"))
+
+
+def export_response(state: AppState, name: str, fmt: str, dtype: str) -> Response:
+    """The model for other tools: `hf` (a transformers checkpoint, zipped, streamed) or `gguf` (a file);
+    409 untrained or without the exporter's optional dependency, 422 what the format cannot express."""
+    need_model(state, name)
+    tmp = state.ws.tmp / f"export-{uuid.uuid4().hex}"
+    path = snapshot_dir(state.ws.model_path(name), tmp / "model" / name)  # one version, whole, while it exports
+    if not (path / "model.safetensors").is_file():
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise HTTPException(409, f"model {name!r} has not been trained yet: there is nothing to export")
+    try:
+        from ..interop import export_gguf, export_hf
+        if fmt == "hf":
+            out = export_hf(path, tmp / name)
+            files = [f for f in sorted(out.rglob("*")) if f.is_file()]
+        else:
+            out = export_gguf(path, tmp / f"{name}.gguf", dtype=dtype)
+    except ImportError as exc:  # an optional dependency of the exporter is missing
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise HTTPException(409, f"{fmt} export is not available on this server: {exc}") from None
+    except ValueError as exc:  # e.g. an architecture the target format has no name for
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise HTTPException(422, str(exc)) from None
+    cleanup = BackgroundTask(shutil.rmtree, tmp, ignore_errors=True)
+    if fmt == "gguf":
+        return FileResponse(out, media_type="application/octet-stream", background=cleanup,
+                            headers=attachment(f"{name}.gguf"))
+
+    def zipped() -> Iterator[bytes]:
+        sink = ZipSink()
+        with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+            for f in files:
+                zf.write(f, f"{name}-hf/{f.relative_to(out)}")
+                yield sink.take()
+        yield sink.take()
+
+    return StreamingResponse(zipped(), media_type="application/zip", background=cleanup,
+                             headers=attachment(f"{name}-hf.zip"))
+
+
+def attachment(filename: str) -> dict[str, str]:
+    """The header that saves a response as `filename`, any characters percent-encoded (RFC 6266, RFC 5987)."""
+    return {"content-disposition": f"attachment; filename*=UTF-8''{quote(filename, safe='')}"}
+
+
+# ---- generation -------------------------------------------------------------------------------------
+
+def sse(event: str, data: Any) -> str:
+    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def generation_events(state: AppState, req: GenerateRequest) -> Iterator[str]:
+    """Server-Sent Events of a generation: `token` per text piece as it is sampled, then `done` with the
+    counts. The checks (422, 404, 409) run now, before the stream starts; an error after it has started is
+    reported in-band as an `error` event, since the status line is already sent."""
+    if req.num_beams > 1:
+        raise HTTPException(422, "streaming needs num_beams=1 (beam search knows its winner only at the end)")
+    cfg = generation_config(req)
+    model, tok = load_for_generation(state, req.model)
+
+    def events() -> Iterator[str]:
+        t0 = time.perf_counter()
+        pieces = []
+        counting = CountingTokenizer(tok)
+        try:
+            for piece in stream(model, counting, req.prompt, cfg):
+                pieces.append(piece)
+                yield sse("token", {"text": piece})
+        except Exception as exc:  # the stream has started: report in-band, not as a status code
+            yield sse("error", {"detail": str(exc)})
+            return
+        text = "".join(pieces)
+        elapsed = time.perf_counter() - t0
+        n = counting.count
+        yield sse("done", {"text": text, "new_tokens": n, "elapsed_s": round(elapsed, 4),
+                           "tokens_per_s": round(n / elapsed, 1) if elapsed > 0 else 0.0})
+
+    return events()
+
+
+def event_stream(events: Any) -> StreamingResponse:
+    """A Server-Sent Events response: not cached, not buffered by a reverse proxy (nginx's X-Accel-Buffering)."""
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"cache-control": "no-store", "x-accel-buffering": "no"})
+
+
+def generation_config(req: GenerateRequest) -> GenerationConfig:
+    if any(not s for s in req.stop_strings) or any(len(s) > 200 for s in req.stop_strings):
+        raise HTTPException(422, "stop strings must be 1 to 200 characters")
+    try:
+        return GenerationConfig(max_new_tokens=req.max_new_tokens, do_sample=req.do_sample,
+                                temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
+                                repetition_penalty=req.repetition_penalty, num_beams=req.num_beams,
+                                length_penalty=req.length_penalty, stop_strings=list(req.stop_strings),
+                                stop_at_eos=req.stop_at_eos, seed=req.seed)
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
+
+
+def load_for_generation(state: AppState, name: str) -> tuple[Any, Any]:
+    need_model(state, name)
+    try:
+        return state.cache.get(state.ws.model_path(name))
+    except NotTrained as exc:
+        raise HTTPException(409, str(exc)) from None
+    except (ValueError, FileNotFoundError) as exc:
+        raise HTTPException(409, f"model {name!r} cannot be loaded: {exc}") from None
+
+
+class CountingTokenizer:
+    """The tokenizer, counting the tokens generation produces: the ids of its final decode (generate) or
+    the pushes into its stream decoder (stream). Re-encoding the text would miscount partial bytes."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tok, self.count = tokenizer, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tok, name)
+
+    def decode(self, ids: Any, **kwargs: Any) -> str:
+        self.count = len(ids)
+        return self._tok.decode(ids, **kwargs)
+
+    def stream_decoder(self) -> Any:
+        inner, outer = self._tok.stream_decoder(), self
+
+        class _Decoder:
+            def push(self, token_id: int) -> str:
+                outer.count += 1
+                return inner.push(token_id)
+
+            def flush(self) -> str:
+                return inner.flush()
+        return _Decoder()
+
+
+def run_generation(state: AppState, req: GenerateRequest) -> Generation:
+    cfg = generation_config(req)
+    model, tok = load_for_generation(state, req.model)
+    counting = CountingTokenizer(tok)
+    t0 = time.perf_counter()
+    text = generate(model, counting, req.prompt, cfg)
+    elapsed = time.perf_counter() - t0
+    n = counting.count
+    return Generation(model=req.model, prompt=req.prompt, text=text, new_tokens=n, elapsed_s=round(elapsed, 4),
+                      tokens_per_s=round(n / elapsed, 1) if elapsed > 0 else 0.0)

@@ -1,0 +1,157 @@
+"""lmlab.configs: one validator, one reader and one flag generator for every config dataclass; `--config FILE`
+for any command; one seed grammar."""
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+import pytest
+
+from lmlab.cli import build_parser, main
+from lmlab.configs import add_arguments, from_dict, given, knob, parse_seeds, read_config_file, validate
+from lmlab.lab.facts.data import BioConfig
+from lmlab.lab.facts.experiments import Scale
+from lmlab.lab.facts.memory import MemoryConfig
+from lmlab.lab.facts.runner import RunConfig
+from lmlab.lab.selfplay.azr import AZRConfig
+from lmlab.lab.selfplay.text import TextSelfPlayConfig
+from lmlab.models import GenerationConfig, ModelConfig
+from lmlab.train import TrainConfig
+
+
+@dataclass
+class Knobs:
+    n: int = knob(3, "a count", gt=0)
+    rate: float | None = knob(None, "a rate", ge=0, lt=1)
+    kind: str = knob("a", "a kind", choices=("a", "b"))
+    on: bool = knob(False, "a switch")
+    names: list[str] = knob(factory=list, help="names")
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(n=0), "n (0) must be > 0"),
+    (dict(n=2.5), "n (2.5) must be an integer"),
+    (dict(n=True), "n (True) must be an integer"),
+    (dict(rate=1), "rate (1) must be < 1"),
+    (dict(rate=-0.5), "rate (-0.5) must be >= 0"),
+    (dict(rate=float("nan")), "rate (nan) must be a finite number"),
+    (dict(rate="0.1"), "rate ('0.1') must be a number or null"),
+    (dict(kind="c"), "kind ('c') must be one of a, b"),
+    (dict(on="yes"), "on ('yes') must be true or false"),
+    (dict(names=["x", 1]), "names (['x', 1]) must be a list of a string"),
+])
+def test_validate_names_the_field_and_the_rule(kwargs, message):
+    with pytest.raises(ValueError) as err:
+        Knobs(**kwargs)
+    assert str(err.value) == message
+
+
+def test_valid_values_pass_and_ints_are_numbers():
+    assert Knobs(n=1, rate=0, kind="b", on=True, names=["x"]).rate == 0
+    assert TrainConfig(max_steps=1, lr=1).lr == 1  # JSON may write 1.0 as 1
+
+
+def test_from_dict_refuses_unknown_keys_and_maps_aliases():
+    with pytest.raises(ValueError, match=r"^unknown Knobs field\(s\): colour, size$"):
+        from_dict(Knobs, {"n": 2, "colour": 1, "size": 2})
+    assert from_dict(Knobs, {"count": 5}, aliases={"count": "n"}).n == 5
+    with pytest.raises(ValueError, match=r"^n_embd \(32\) conflicts with d_model \(64\)$"):
+        ModelConfig.from_dict({"d_model": 64, "n_embd": 32})
+
+
+CONFIGS = [TrainConfig, ModelConfig, GenerationConfig, TextSelfPlayConfig, AZRConfig]
+LAB_CONFIGS = [BioConfig, RunConfig, MemoryConfig, Scale]  # set from code and files, not flags
+COMMANDS = {TrainConfig: ["train"], ModelConfig: ["train"], GenerationConfig: ["generate"],
+            TextSelfPlayConfig: ["selfplay", "text"], AZRConfig: ["selfplay", "azr"]}
+
+
+@pytest.mark.parametrize("cls", CONFIGS, ids=lambda c: c.__name__)
+def test_every_config_field_has_help_and_a_flag(cls, capsys):
+    with pytest.raises(SystemExit):
+        main([*COMMANDS[cls], "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(cls):
+        assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help text"
+        if f.name != "vocab_size" or cls is not ModelConfig:  # the model's vocabulary is the tokenizer's
+            assert "--" + f.name.replace("_", "-") in text, f.name
+            assert " ".join(f.metadata["help"].split()[:3]) in text, f.name
+
+
+@pytest.mark.parametrize("cls", LAB_CONFIGS, ids=lambda c: c.__name__)
+def test_the_labs_configs_declare_help_and_bounds_alike(cls):
+    assert all(f.metadata.get("help") for f in dataclasses.fields(cls)), cls.__name__
+    with pytest.raises(ValueError, match=r"\(0\) must be > 0$"):
+        cls(**{next(f.name for f in dataclasses.fields(cls) if f.metadata.get("gt") == 0): 0})
+
+
+def test_generated_flags_parse_to_the_field_types():
+    import argparse
+    p = argparse.ArgumentParser()
+    add_arguments(p, Knobs)
+    args = p.parse_args(["--n", "4", "--rate", "0.5", "--on", "--names", "a, b"])
+    assert given(args, Knobs) == {"n": 4, "rate": 0.5, "on": True, "names": ["a", "b"]}
+    assert given(p.parse_args([]), Knobs) == {}
+    assert given(p.parse_args(["--no-on"]), Knobs) == {"on": False}
+
+
+def test_config_file_for_any_command(tmp_path, capsys):
+    """Keys are the command's flag names (dashes or underscores, sections merged); flags given win; a file
+    with other keys is one line, exit 2."""
+    (tmp_path / "info.json").write_text(json.dumps({"preset": "gpt2-tiny", "batch-size": 4}))
+    assert main(["info", "--config", str(tmp_path / "info.json")]) == 0
+    assert "preset gpt2-tiny" in (out := capsys.readouterr().out) and "batch 4×128" in out  # the file's values
+    assert main(["info", "--config", str(tmp_path / "info.json"), "--batch-size", "2"]) == 0
+    assert "batch 2×128" in capsys.readouterr().out  # the flag wins over the file
+    (tmp_path / "bad.json").write_text(json.dumps({"preset": "gpt2-tiny", "colour": "red"}))
+    assert main(["info", "--config", str(tmp_path / "bad.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"lmlab: error: {tmp_path / 'bad.json'}: not settings of this command: colour;")
+    assert "\n" not in err
+    assert main(["info", "--config", str(tmp_path / "missing.json")]) == 2
+
+
+def test_config_file_sections_and_required_flags(tmp_path):
+    """A run-like file with `train` and `model` sections fills TrainConfig and ModelConfig flags, and a required
+    flag (--out) may come from it."""
+    (tmp_path / "run.yaml").write_text(f"out: {tmp_path / 'r'}\npreset: gpt2-tiny\n"
+                                       "train:\n  max_steps: 2\n  lr: 0.001\nmodel:\n  n_layer: 1\n")
+    parser = build_parser()
+    from lmlab.cli import parse_arguments
+    args = parse_arguments(parser, ["train", "book.txt", "--config", str(tmp_path / "run.yaml"), "--lr", "0.002"])
+    assert (args.out, args.preset, args.max_steps, args.lr, args.n_layer) == (str(tmp_path / "r"), "gpt2-tiny", 2,
+                                                                               0.002, 1)
+    assert given(args, ModelConfig) == {"n_layer": 1}
+
+
+def test_read_config_file_errors_name_the_file(tmp_path):
+    (tmp_path / "a.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="a.json must hold a mapping of settings, not list"):
+        read_config_file(tmp_path / "a.json")
+    (tmp_path / "b.json").write_text("{nope")
+    with pytest.raises(ValueError, match="b.json is not valid JSON"):
+        read_config_file(tmp_path / "b.json")
+    (tmp_path / "c.yaml").write_text("a: [1, 2\n")
+    with pytest.raises(ValueError, match="c.yaml is not valid YAML"):
+        read_config_file(tmp_path / "c.yaml")
+
+
+@pytest.mark.parametrize("text, seeds", [("0,1,2", [0, 1, 2]), ("0-4", [0, 1, 2, 3, 4]), ("3", [3]),
+                                         ("1-2,7", [1, 2, 7]), (5, [5]), ([4, 2], [4, 2])])
+def test_one_seed_grammar(text, seeds):
+    assert parse_seeds(text) == seeds
+
+
+@pytest.mark.parametrize("text", ["", "a,b", "1,1", "-1", "3-1", [True]])
+def test_bad_seeds_are_refused(text):
+    with pytest.raises(ValueError, match="seeds"):
+        parse_seeds(text)
+
+
+def test_both_labs_read_seeds_alike():
+    """`--seeds 3` is seed 3 for the knowledge lab and for AZR alike (AZR read it as a count of 3 seeds)."""
+    for argv in (["lab", "facts", "phases", "--out", "x", "--seeds", "3"], ["selfplay", "azr", "--out", "x",
+                                                                          "--seeds", "3"]):
+        assert parse_seeds(build_parser().parse_args(argv).seeds) == [3]
