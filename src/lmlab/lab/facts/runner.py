@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from ...configs import knob, validate
-from ...files import atomic_write_text
+from ...files import atomic_path, atomic_write_text
 from ...models import ModelConfig, Transformer
 from ...train import Callback, TrainConfig, console, latest_checkpoint, train
 from ..parallel import process_map
@@ -82,9 +82,8 @@ class Snapshots(Callback):
     def save(self, model: Transformer, step: int) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         path = self.out / f"step-{step}.safetensors"
-        tmp = path.with_suffix(".tmp")
-        save_model(model, str(tmp))  # handles the tied head as the Trainer's checkpoints do
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_model(model, str(tmp))  # handles the tied head as the Trainer's checkpoints do
         self.paths[step] = str(path)
 
     def on_step(self, trainer: Any, metrics: dict[str, Any]) -> None:
