@@ -500,3 +500,10 @@ def test_plateau_fit_leaves_out_sizes_with_censored_seeds(tmp_path, monkeypatch)
     last = res["table"][2]
     assert last["t_star"] == pytest.approx((0.5 * 2 * 1000**0.8 + 3000) / 2) and last["t_star_censored"] == 1
     assert "N = 1000 left out of the fits" in res["measured"] and res["verdict"] == "holds"
+
+
+def test_the_cli_offers_every_experiment_and_all():
+    from lmlab.cli import _FACTS_VERBS
+    from lmlab.lab.facts.experiments import EXPERIMENTS
+
+    assert _FACTS_VERBS == (*EXPERIMENTS, "all")

@@ -487,6 +487,8 @@ def _selfplay(args: argparse.Namespace) -> int:
 
 # ---- lab facts --------------------------------------------------------------------------------------
 
+# lab.facts.experiments.EXPERIMENTS and "all"; spelled out so that `lmlab --help` does not import torch
+# (tests/test_facts.py checks the two agree)
 _FACTS_VERBS = ("phases", "plateau", "alpha", "warmup", "hallucination", "finetune", "memory", "patching",
                 "ablation", "all")
 

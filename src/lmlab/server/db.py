@@ -122,7 +122,6 @@ metrics = Table(
 )
 
 ACTIVE = ("queued", "running")
-STATUSES = ("queued", "running", "completed", "failed", "interrupted", "cancelled")
 
 
 # ---- migrations -------------------------------------------------------------------------------------

@@ -33,7 +33,6 @@ from pathlib import Path
 from ..data.documents import SUFFIXES
 from .extract import extract, read_stored
 
-BOOK_SUFFIXES = SUFFIXES
 TEXT_SUFFIX = ".text"  # books/.{name}.text: a book's text, read once (extract.py); hidden, so never a book
 # Bytes in one path component on Linux (ext4, XFS, Btrfs) and macOS (APFS); NTFS counts 255 UTF-16 units,
 # never more than the UTF-8 bytes. A name must leave room for the longest name the server derives from it in
@@ -83,8 +82,8 @@ def check_name(name: str, what: str = "name", *, max_len: int = 100, max_bytes: 
 
 def check_book_name(name: str) -> str:
     name = check_name(name, "book file name", max_len=200, max_bytes=BOOK_NAME_BYTES, allow_space=True)
-    if Path(name).suffix.lower() not in BOOK_SUFFIXES:
-        raise BadName(f"book {name!r} must end in one of {' '.join(BOOK_SUFFIXES)}")
+    if Path(name).suffix.lower() not in SUFFIXES:
+        raise BadName(f"book {name!r} must end in one of {' '.join(SUFFIXES)}")
     return name
 
 

@@ -70,10 +70,6 @@ class DSLError(Exception):
     """A program that does not parse, type-check or run within the caps."""
 
 
-def type_of(value: int | tuple[int, ...]) -> str:
-    return INT if isinstance(value, int) else LIST
-
-
 def check_program(program: Sequence[str]) -> str:
     """Type-check a program applied to a list; return its output type or raise DSLError."""
     if not 1 <= len(program) <= MAX_OPS:

@@ -8,13 +8,13 @@ from typing import Any
 from fastapi import APIRouter
 
 from ... import __version__
+from ...data.documents import SUFFIXES
 from ...lab.facts.experiments import EXPERIMENTS as FACTS_EXPERIMENTS
 from ...models import FAMILIES, SIZES, preset_names
 from ...tokenizers.tokenizer import KINDS
 from ...train import SCHEDULES
 from ..app import StateDep
 from ..schemas import MAX_SEEDS, SERVER_REWARDS
-from ..workspace import BOOK_SUFFIXES
 
 router = APIRouter()
 
@@ -25,7 +25,7 @@ def info(state: StateDep) -> dict[str, Any]:
     return {"version": __version__, "schema_version": state.db.version, "max_upload_bytes": s.max_upload_bytes,
             "memory_budget_bytes": state.memory_budget, "max_jobs": s.max_jobs, "families": list(FAMILIES),
             "sizes": list(SIZES), "presets": preset_names(), "tokenizer_kinds": list(KINDS),
-            "schedules": list(SCHEDULES), "book_suffixes": list(BOOK_SUFFIXES), "auth": bool(s.api_token),
+            "schedules": list(SCHEDULES), "book_suffixes": list(SUFFIXES), "auth": bool(s.api_token),
             "selfplay_rewards": list(SERVER_REWARDS), "facts_experiments": list(FACTS_EXPERIMENTS),
             "max_seeds": MAX_SEEDS, "cpu_count": os.cpu_count() or 1,
             "running": len(state.supervisor.running()), "queued": len(state.db.queued_runs())}
