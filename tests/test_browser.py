@@ -179,9 +179,9 @@ def test_upload_create_train_watch_generate_download(tmp_path, browser):
                     shot("03-training")
             os.kill(run_pid, signal.SIGCONT)
             page.wait_for_selector(f"{row}[data-status=completed]", timeout=180_000)
-            page.wait_for_function("() => document.querySelector('#chart-loss path[data-label=\"#1 train\"]')"
+            page.wait_for_function("() => document.querySelector('#chart-loss .lg[data-label=\"#1 train\"]')"
                                    f"?.dataset.count === '{STEPS}'")
-            assert page.get_attribute('#chart-loss path[data-label="#1 val"]', "data-count") == "4"
+            assert page.get_attribute('#chart-loss .lg[data-label="#1 val"]', "data-count") == "4"
             assert int(page.get_attribute("#chart-lr", "data-points")) == STEPS
             seen = page.evaluate("() => window.lossPointCounts")
             partial = [n for n in seen if 0 < n < STEPS + 4]  # train + val points of a run still going

@@ -61,7 +61,7 @@ def test_seed_root_serves_the_ui(lab):
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
     assert '<script type="module" src="/static/app.js">' in r.text
     assert "cdn" not in r.text.lower() and "https://" not in r.text
-    for asset in ("app.js", "chart.js", "i18n.js", "app.css"):
+    for asset in ("app.js", "charts.js", "i18n.js", "app.css", "vendor/uPlot.iife.min.js", "vendor/uPlot.min.css"):
         assert lab.get(f"/static/{asset}").status_code == 200
 
 

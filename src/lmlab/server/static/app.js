@@ -1,7 +1,7 @@
 // lmlab web UI: plain ES modules, no framework, no CDN. Talks only to /api/v1 on the same server.
 
 import { LANGUAGES, STRINGS } from "/static/i18n.js";
-import { drawChart, fmt } from "/static/chart.js";
+import { drawCharts } from "/static/charts.js";
 
 const $ = (sel, root = document) => root.querySelector(sel);
 const $$ = (sel, root = document) => [...root.querySelectorAll(sel)];
@@ -638,33 +638,10 @@ function scheduleRedraw() {
 }
 
 function redrawCharts() {
-  const loss = [], lr = [], tps = [], reward = [], kl = [], kinds = new Set();
-  const pts = (ms, key) => ms.filter((m) => m[key] != null).map((m) => [m.step, m[key]]);
-  for (const id of S.selected) {
-    const ms = S.metrics.get(id) || [], color = runColor(id);
-    const run = S.runs.find((r) => r.id === id), kind = run ? run.kind : "train";
-    if (kind === "experiment") continue;  // no metrics stream: its numbers are in its report
-    kinds.add(kind);
-    if (kind === "selfplay") {  // reward and KL per iteration; its RL loss is not a language-modelling loss
-      reward.push({ label: `#${id}`, color, points: pts(ms, "reward") });
-      kl.push({ label: `#${id}`, color, points: pts(ms, "kl") });
-      continue;
-    }
-    loss.push({ label: `#${id} train`, color, points: pts(ms, "loss") });
-    loss.push({ label: `#${id} val`, color, dashed: true, points: pts(ms, "val_loss") });
-    lr.push({ label: `#${id}`, color, points: pts(ms, "lr") });
-    tps.push({ label: `#${id}`, color, points: pts(ms, "tokens_per_s") });
-  }
-  // shown before drawing: a chart is drawn at its element's width
-  $("#sp-charts").hidden = !kinds.has("selfplay");
-  $("#train-charts").hidden = kinds.has("selfplay") && !kinds.has("train");
-  const opts = { xLabel: t("chart.step"), empty: t("chart.empty") };
-  drawChart($("#chart-loss"), { series: loss, ...opts });
-  drawChart($("#chart-lr"), { series: lr, ...opts });
-  drawChart($("#chart-tps"), { series: tps, ...opts });
-  const spOpts = { xLabel: t("chart.iteration"), empty: t("chart.empty") };
-  drawChart($("#chart-reward"), { series: reward, ...spOpts });
-  drawChart($("#chart-kl"), { series: kl, ...spOpts });
+  // an experiment has no metrics stream: its numbers are in its report
+  drawCharts([...S.selected].map((id) => ({ id, color: runColor(id), metrics: S.metrics.get(id) || [],
+                                            kind: S.runs.find((r) => r.id === id)?.kind ?? "train" }))
+    .filter((r) => r.kind !== "experiment"), t);
 }
 
 async function runAction(id, action) {

@@ -172,6 +172,18 @@ export const STRINGS = {
   "chart.reward": ["Self-play: mean reward per iteration", "Самоигра: средняя награда за итерацию"],
   "chart.kl": ["KL to the starting model", "KL к исходной модели"],
   "chart.iteration": ["iteration", "итерация"],
+  // ---- charts (charts.js): controls, legend, export
+  "chart.bpb": ["Validation bits per byte (comparable across tokenizers)", "Биты на байт на валидации (сравнимы между токенизаторами)"],
+  "chart.train": ["train", "обучение"],
+  "chart.val": ["val", "валидация"],
+  "chart.x": ["X axis", "Ось X"],
+  "chart.x_tokens": ["tokens", "токены"],
+  "chart.x_time": ["time, s", "время, с"],
+  "chart.log": ["log scale", "логарифмическая шкала"],
+  "chart.smooth": ["Smoothing", "Сглаживание"],
+  "chart.reset": ["Reset zoom", "Сбросить масштаб"],
+  "chart.csv": ["CSV", "CSV"],
+  "chart.png": ["PNG", "PNG"],
   "jobs.indicator": ["{running} running · {queued} queued", "{running} идёт · {queued} в очереди"],
   "error.network": ["Cannot reach the server: {detail}", "Сервер недоступен: {detail}"],
 };
