@@ -8,6 +8,7 @@ import io
 import json
 import shutil
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -63,6 +64,18 @@ def test_seed_root_serves_the_ui(lab):
     assert "cdn" not in r.text.lower() and "https://" not in r.text
     for asset in ("app.js", "charts.js", "i18n.js", "app.css", "vendor/uPlot.iife.min.js", "vendor/uPlot.min.css"):
         assert lab.get(f"/static/{asset}").status_code == 200
+
+
+def test_every_static_file_ships_with_the_package():
+    """The UI's files, vendored libraries in static/vendor/ among them, are in the wheel: pyproject's
+    package-data globs (as setuptools reads them, relative to the package) match every file under static/."""
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).parents[1]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["lmlab"]
+    package = root / "src" / "lmlab"
+    shipped = {p for g in globs for p in package.glob(g) if p.is_file()}
+    files = {p for p in (package / "server" / "static").rglob("*") if p.is_file()}
+    assert files - shipped == set() and (package / "server/static/vendor/uPlot.iife.min.js") in files
 
 
 def test_seed_create_model_shape_and_parameter_count(lab):
