@@ -5,6 +5,8 @@ Russian. Screenshots of each stage go to tests/artifacts/browser/ (kept by CI as
 from __future__ import annotations
 
 import io
+import json
+import math
 import os
 import shutil
 import signal
@@ -183,6 +185,14 @@ def test_upload_create_train_watch_generate_download(tmp_path, browser):
                                    f"?.dataset.count === '{STEPS}'")
             assert page.get_attribute('#chart-loss .lg[data-label="#1 val"]', "data-count") == "4"
             assert int(page.get_attribute("#chart-lr", "data-points")) == STEPS
+            # bits per byte by hand: val loss (nats/token) / ln 2 / (UTF-8 bytes of the val text / its tokens, as
+            # the data preparation recorded them), on the chart once per evaluation
+            header = json.loads((tmp_path / "ws" / "runs" / "run-1" / "data" / "tokens.json").read_text())
+            with server.client() as c:
+                evals = [m for m in c.get("/api/v1/runs/1/metrics").json()["metrics"] if "val_loss" in m]
+            assert [m["val_bpb"] for m in evals] == pytest.approx(
+                [m["val_loss"] / math.log(2) / (header["val_bytes"] / header["val_tokens"]) for m in evals], rel=1e-9)
+            assert page.get_attribute('#chart-bpb .lg[data-label="#1 val"]', "data-count") == "4" == str(len(evals))
             seen = page.evaluate("() => window.lossPointCounts")
             partial = [n for n in seen if 0 < n < STEPS + 4]  # train + val points of a run still going
             assert len(partial) >= 2 and seen[-1] == STEPS + 4, seen

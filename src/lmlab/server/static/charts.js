@@ -52,14 +52,17 @@ const xLabel = (t, chart) => view.x === "step" ? t(chart.group === "sp-charts" ?
   : t(view.x === "tokens" ? "chart.x_tokens" : "chart.x_time");
 
 // runs: [{id, color, metrics}] -> one line per run and key: raw points [[x, y]], smoothed y
+// x of a metrics line; text self-play logs its wall time as wall_s
+const xOf = (m) => (view.x === "time" ? m.elapsed_s ?? m.wall_s : m[X_KEYS[view.x]]);
+
 function seriesOf(chart, runs, t) {
-  const out = [], xk = X_KEYS[view.x];
+  const out = [];
   for (const run of runs) for (const [key, role] of chart.keys) {
-    const ms = run.metrics.filter((m) => m[key] != null && m[xk] != null && (!view.log || m[key] > 0));
+    const ms = run.metrics.filter((m) => m[key] != null && xOf(m) != null && (!view.log || m[key] > 0));
     if (!ms.length) continue;
     const ys = ms.map((m) => m[key]);
     out.push({ label: `#${run.id}${role ? " " + t("chart." + role) : ""}`, run: run.id, key, role, color: run.color,
-               xs: ms.map((m) => m[xk]), ys, smooth: ema(ys, view.smooth), rows: ms });
+               xs: ms.map(xOf), ys, smooth: ema(ys, view.smooth), rows: ms });
   }
   return out;
 }
@@ -209,7 +212,9 @@ function draw(chart, runs, t) {
     state.set(chart.id, st);
     const empty = document.createElement("p");
     empty.className = "chart-empty";
-    empty.textContent = t("chart.empty");
+    // runs with points, none of them on this x axis (self-play logs no tokens), or with y <= 0 on a log axis
+    const other = runs.some((r) => r.metrics.some((m) => chart.keys.some(([k]) => m[k] != null)));
+    empty.textContent = t(other ? "chart.no_x" : "chart.empty");
     el.replaceChildren(empty);
     return;
   }
