@@ -164,7 +164,7 @@ def test_every_chart_reads_out_the_point_under_the_mouse_and_its_toggles_export(
             for chart in ("loss", "bpb", "reward") if x == "time" else ("loss", "bpb"):
                 check_hover(page, chart, expected_series(metrics, chart, X_KEYS[x]))
             if x == "tokens":  # self-play logs no tokens: said so, not "no data yet"
-                assert page.inner_text("#chart-reward .chart-empty").startswith("nothing to draw on this axis")
+                assert page.inner_text("#chart-reward .chart-empty").startswith("nothing to draw on this x axis")
         page.select_option("#chart-x", "step")
 
         # 3. log y: positions follow log10(y) between the scale's ends; the readout is still the data

@@ -51,10 +51,10 @@ export function ema(values, weight) {
 const xLabel = (t, chart) => view.x === "step" ? t(chart.group === "sp-charts" ? "chart.iteration" : "chart.step")
   : t(view.x === "tokens" ? "chart.x_tokens" : "chart.x_time");
 
-// runs: [{id, color, metrics}] -> one line per run and key: raw points [[x, y]], smoothed y
 // x of a metrics line; text self-play logs its wall time as wall_s
 const xOf = (m) => (view.x === "time" ? m.elapsed_s ?? m.wall_s : m[X_KEYS[view.x]]);
 
+// runs: [{id, color, metrics}] -> one line per run and key: its x, raw y, smoothed y and metrics lines
 function seriesOf(chart, runs, t) {
   const out = [];
   for (const run of runs) for (const [key, role] of chart.keys) {
@@ -90,20 +90,19 @@ function uSeries(series) {
   return out;
 }
 
+function svgEl(name, attrs) {
+  const e = document.createElementNS("http://www.w3.org/2000/svg", name);
+  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+  return e;
+}
+
+// a sample of each line as drawn: validation dashed with a marker, train solid
 function legend(series) {
-  const NS = "http://www.w3.org/2000/svg";
-  const items = series.map((s) => {
-    const svg = document.createElementNS(NS, "svg");
-    svg.setAttribute("width", "24"); svg.setAttribute("height", "10"); svg.setAttribute("aria-hidden", "true");
-    const line = document.createElementNS(NS, "line");
-    for (const [k, v] of Object.entries({ x1: 1, x2: 23, y1: 5, y2: 5, stroke: s.color, "stroke-width": 2 })) line.setAttribute(k, v);
-    if (s.role === "val") line.setAttribute("stroke-dasharray", "5 3");
-    svg.append(line);
-    if (s.role === "val") {
-      const dot = document.createElementNS(NS, "circle");
-      for (const [k, v] of Object.entries({ cx: 12, cy: 5, r: 3, fill: s.color })) dot.setAttribute(k, v);
-      svg.append(dot);
-    }
+  return series.map((s) => {
+    const svg = svgEl("svg", { width: 24, height: 10, "aria-hidden": "true" });
+    svg.append(svgEl("line", { x1: 1, x2: 23, y1: 5, y2: 5, stroke: s.color, "stroke-width": 2,
+                               ...(s.role === "val" ? { "stroke-dasharray": "5 3" } : {}) }));
+    if (s.role === "val") svg.append(svgEl("circle", { cx: 12, cy: 5, r: 3, fill: s.color }));
     const item = document.createElement("span");
     item.className = "lg";
     item.dataset.label = s.label;
@@ -111,24 +110,21 @@ function legend(series) {
     item.append(svg, s.label);
     return item;
   });
-  return items;
 }
 
 // The points under the cursor: for each line the logged point nearest to it (uPlot's cursor.idxs skip nulls).
+// With smoothing each line is two uPlot series, raw then smoothed.
 function readout(u, st, box) {
-  const idx = u.cursor.idx;
-  if (idx == null) { box.replaceChildren(); return; }
-  const step = view.smooth ? 2 : 1, xs = u.data[0];
+  if (u.cursor.idx == null) { box.replaceChildren(); return; }
+  const per = view.smooth ? 2 : 1;
   box.replaceChildren(...st.series.map((s, k) => {
-    const i = u.cursor.idxs[1 + k * step + step - 1];
+    const col = (k + 1) * per, i = u.cursor.idxs[col], y = i == null ? null : u.data[col][i];
     const span = document.createElement("span");
     span.className = "ro";
-    if (i == null || u.data[1 + k * step + step - 1][i] == null) return span;
-    const y = u.data[1 + k * step + step - 1][i], x = xs[i];
+    if (y == null) return span;
+    const x = u.data[0][i], raw = view.smooth ? ` (${num(u.data[col - 1][i])})` : "";
     span.dataset.label = s.label; span.dataset.x = String(x); span.dataset.y = String(y);
-    const raw = view.smooth ? ` (${num(u.data[1 + k * step][i])})` : "";
     span.textContent = `${s.label} ${num(y)}${raw} @${num(x)}`;
-    span.style.color = s.color;
     return span;
   }));
 }
@@ -150,7 +146,8 @@ function download(name, blob) {
 }
 
 function exportPng(chart, st) {
-  const src = st.u.ctx.canvas, title = document.querySelector(`#chart-${chart.id}`).closest("figure").querySelector("figcaption span").textContent;
+  const src = st.u.ctx.canvas;
+  const title = document.querySelector(`#chart-${chart.id}`).closest("figure").querySelector("figcaption span").textContent;
   const c = document.createElement("canvas"), top = 44 * devicePixelRatio;
   c.width = src.width; c.height = src.height + top;
   const ctx = c.getContext("2d");

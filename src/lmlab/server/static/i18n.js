@@ -184,7 +184,7 @@ export const STRINGS = {
   "chart.reset": ["Reset zoom", "Сбросить масштаб"],
   "chart.csv": ["CSV", "CSV"],
   "chart.png": ["PNG", "PNG"],
-  "chart.no_x": ["nothing to draw on this axis: the selected runs do not log it", "на этой оси рисовать нечего: выбранные запуски её не записывают"],
+  "chart.no_x": ["nothing to draw on this x axis or scale: the selected runs do not log it", "на этой оси или шкале рисовать нечего: выбранные запуски её не записывают"],
   "jobs.indicator": ["{running} running · {queued} queued", "{running} идёт · {queued} в очереди"],
   "error.network": ["Cannot reach the server: {detail}", "Сервер недоступен: {detail}"],
 };
