@@ -232,7 +232,15 @@ def test_every_chart_reads_out_the_point_under_the_mouse_and_its_toggles_export(
                                "return [c.width, c.height]; }")
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and [width, height] == [canvas[0], canvas[1] + 44]
 
-        # 8. at phone width each chart is redrawn to its box's width
+        # 8. in Russian: the controls, the legend and the axis names follow the language
+        page.select_option("#lang", "ru")
+        page.wait_for_function("() => document.querySelector('#chart-reset').textContent === 'Сбросить масштаб'")
+        assert page.eval_on_selector_all("#chart-loss .lg", "els => els.map(e => e.dataset.label)") == [
+            "#1 обучение", "#1 валидация", "#2 обучение", "#2 валидация"]
+        shot("runs-ru-1400")
+        page.select_option("#lang", "en")
+
+        # 9. at phone width each chart is redrawn to its box's width
         page.set_viewport_size({"width": 390, "height": 844})
         page.wait_for_function("() => [...document.querySelectorAll('.chart')].every(e => !e.uplot || "
                                "e.uplot.width === e.clientWidth)")

@@ -28,7 +28,7 @@ export function fmt(v) {
   if (v === 0) return "0";
   const a = Math.abs(v);
   if (a >= 1e6) return (v / 1e6).toFixed(a >= 1e7 ? 0 : 1) + "M";
-  if (a >= 1e4) return (v / 1e3).toFixed(0) + "k";
+  if (a >= 1e4) return +(v / 1e3).toPrecision(3) + "k";
   if (a >= 100) return v.toFixed(0);
   if (a >= 1e-3) return +v.toPrecision(4) + "";
   return v.toExponential(1).replace(".0e", "e");
