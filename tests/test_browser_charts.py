@@ -15,7 +15,7 @@ import struct
 from pathlib import Path
 
 import pytest
-from test_browser import ARTIFACTS, TOKEN, browser, playwright_api, ui_page  # noqa: F401
+from test_browser import ARTIFACTS, TOKEN, browser, playwright_api, pytestmark, ui_page  # noqa: F401
 from test_server_support import ServerProcess
 
 from lmlab.server.db import Database
