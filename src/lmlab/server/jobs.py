@@ -206,6 +206,13 @@ def finished_model(run: dict[str, Any], final: Path) -> dict[str, Any] | None:
     return training
 
 
+def total_steps(run: dict[str, Any], training: dict[str, Any]) -> int | None:
+    """The model's steps after `run`: its parent's (step_offset) and its own, so a continued model's count
+    goes on from where it was."""
+    steps = training.get("steps")
+    return (run["step_offset"] or 0) + steps if isinstance(steps, int) else None
+
+
 def _wait(proc: subprocess.Popen | Adopted, timeout: float) -> bool:
     """Wait up to `timeout` seconds for a run's process to end; whether it did."""
     if isinstance(proc, subprocess.Popen):
@@ -376,7 +383,7 @@ class Supervisor:
                                      f"stays in {final}")
                 parent = self.db.get_model(run["model_name"])
                 self.db.add_model(name, cfg.to_dict(), parent["preset"] if parent else None, kind, cfg.vocab_size,
-                                  origin=origin, trained_run_id=run["id"], trained_steps=training.get("steps"))
+                                  origin=origin, trained_run_id=run["id"], trained_steps=total_steps(run, training))
                 try:
                     os.rename(incoming, target)
                 except OSError:
@@ -490,7 +497,7 @@ class Supervisor:
                     # trained further from it still do, so continued training keeps the origin
                     cleared = {} if run["init_from_trained"] else {"origin": None}
                     self.db.update_model(run["model_name"], trained_run_id=run_id,
-                                         trained_steps=training.get("steps"), **cleared)
+                                         trained_steps=total_steps(run, training), **cleared)
                 except (OSError, ValueError) as exc:
                     values.update(error=f"trained, but the model directory could not be updated: {exc}")
             self.db.update_run(run_id, **values)
