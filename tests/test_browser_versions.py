@@ -7,7 +7,6 @@ tests/artifacts/browser-versions/."""
 from __future__ import annotations
 
 import hashlib
-import io
 import zipfile
 from pathlib import Path
 
@@ -72,6 +71,11 @@ def test_a_retrain_keeps_the_earlier_version_downloadable(tmp_path, browser):  #
             with server.client() as c:
                 assert c.get("/api/v1/runs/2").json()["init_from_trained"] is False
             assert _sha((ws / "models" / "tiny" / "model.safetensors").read_bytes()) != first
+            # run 1 keeps its download in the runs table though the model's weights are run 2's now
+            with page.expect_download() as info:
+                page.click('#runs-table tr[data-run="1"] a.download')
+            assert info.value.suggested_filename == "tiny-run1.zip"
+            assert _sha(zipfile.ZipFile(info.value.path()).read("tiny-run1/model.safetensors")) == first
 
             # 2. the earlier version downloads from the Models tab, byte for byte
             page.click('#tabs button[data-tab="models"]')
@@ -83,8 +87,7 @@ def test_a_retrain_keeps_the_earlier_version_downloadable(tmp_path, browser):  #
             with page.expect_download() as info:
                 page.click(f"{row} a.download")
             assert info.value.suggested_filename == "tiny-run1.zip"
-            zf = zipfile.ZipFile(io.BytesIO(Path(info.value.path()).read_bytes()))
-            assert _sha(zf.read("tiny-run1/model.safetensors")) == first
+            assert _sha(zipfile.ZipFile(info.value.path()).read("tiny-run1/model.safetensors")) == first
             for width in (1400, 390):
                 page.set_viewport_size({"width": width, "height": 900})
                 shot(f"01-models-versions-{width}")

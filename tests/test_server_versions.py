@@ -53,7 +53,7 @@ def lab(tmp_path_factory):
         c.a_weights = (ws / "models" / "tiny" / "model.safetensors").read_bytes()
         # from scratch on trained weights: refused, saying how to choose; nothing was queued
         r = c.post("/api/v1/runs", json={"model": "tiny", "books": ["tales.txt"], "max_steps": 6, **FAST})
-        c.refusal = (r.status_code, r.json()["detail"], len(c.get("/api/v1/runs").json()))
+        c.refusal = (r.status_code, r.json().get("detail"), len(c.get("/api/v1/runs").json()))
         c.b = train(c, max_steps=6, save_every=3, seed=2, new_version=True)
         c.b_model = c.get("/api/v1/models/tiny").json()
         c.c = train(c, max_steps=4, save_every=0, init_from_trained=True)
