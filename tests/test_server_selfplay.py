@@ -123,6 +123,10 @@ def test_selfplay_run_makes_a_new_model(lab):
     # its steps go on from the starting model's 12 (a self-play iteration is one update of the weights)
     assert m["trained"] is True and m["trained_run_id"] == run["id"] and m["trained_steps"] == 12 + 3
     assert run["parent_run_id"] == lab.get("/api/v1/models/tiny").json()["trained_run_id"] and run["step_offset"] == 12
+    # stored once: the model's files are links to the run's final model, which stays a version of it
+    weights = [p / "model.safetensors" for p in (lab.workspace / "models" / "tiny-sp", run_dir / "final")]
+    assert weights[0].stat().st_ino == weights[1].stat().st_ino
+    assert [v["run"] for v in lab.get("/api/v1/models/tiny-sp/versions").json()] == [run["id"]]
     assert m["origin"]["kind"] == "selfplay" and m["origin"]["parent"] == "tiny"
     assert m["origin"]["reward"] == "seed" and m["origin"]["run_id"] == run["id"]
     assert m["config"] == lab.get("/api/v1/models/tiny").json()["config"]

@@ -63,7 +63,7 @@ from ..tokenizers import Tokenizer
 from ..train import checkpoint_step, latest_checkpoint
 from .commands import STOP_FILE, child_argv, run_command
 from .db import Database
-from .workspace import Workspace, stage_dir, swap_dir
+from .workspace import Workspace, link_or_copy, stage_dir, swap_dir
 
 log = logging.getLogger("lmlab.server")
 
@@ -374,7 +374,7 @@ class Supervisor:
                   "judge": p.get("judge"), "iterations": training.get("steps"),
                   "final_reward": training.get("final_reward"), "final_kl": training.get("final_kl")}
         try:
-            shutil.copytree(final, incoming)
+            shutil.copytree(final, incoming, copy_function=link_or_copy)  # stored once (stage_dir)
             with self.lock:  # the API creates models under the same lock: the checks below stay true
                 if self.db.get_model(name) is not None:
                     raise ValueError(f"a model named {name!r} exists now; the policy stays in {final}")
