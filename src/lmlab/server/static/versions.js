@@ -60,6 +60,7 @@ export function lineageText(m) {
 // Returns the request to send, or null when the user declines.
 export function confirmNewVersion(body, model) {
   if (!model || !model.trained || body.init_from_trained) return body;
-  if (!confirm(t("versions.confirm_new", { name: model.name, id: model.trained_run_id, steps: model.trained_steps }))) return null;
+  const ask = { name: model.name, id: model.trained_run_id ?? "—", steps: model.trained_steps ?? "—" };  // none: weights put there by hand
+  if (!confirm(t("versions.confirm_new", ask))) return null;
   return { ...body, new_version: true };
 }
