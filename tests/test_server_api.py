@@ -622,4 +622,6 @@ def test_continue_training_from_the_trained_weights(lab):
     # it starts where the first run ended, not from a random initialisation
     assert again[0]["loss"] < first[0]["loss"] - 0.3
     m = lab.get("/api/v1/models/tiny").json()
-    assert m["trained_run_id"] == run["id"] and m["trained_steps"] == 4
+    # the model's steps go on from the first run's 12; the run's own curve starts after them
+    assert m["trained_run_id"] == run["id"] and m["trained_steps"] == 12 + 4
+    assert (run["parent_run_id"], run["step_offset"]) == (lab.run_id, 12)

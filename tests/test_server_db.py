@@ -74,6 +74,33 @@ def test_the_schema_migrates_and_runs_are_claimed_once(url):
         db.close()
 
 
+def test_version_4_adds_run_lineage_to_a_version_3_database_even_half_done(url):
+    """A database of version 3 with a run, one of version 4's columns already added (pysqlite commits each
+    ALTER at once, so a start-up cut short leaves that): opening it migrates to 4, the run keeps its row with
+    no parent, and a new run records its parent and step offset."""
+    from sqlalchemy import create_engine, text
+
+    from lmlab.server.db import migrate
+
+    engine = create_engine(url)
+    assert migrate(engine, MIGRATIONS[:3]) == 3
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO runs (model_name, books, params, init_from_trained, status, resume, "
+                          "cancel_requested, current_step, launches, metrics_epoch, created_at, updated_at, kind) "
+                          "VALUES ('m', '[]', '{}', false, 'completed', false, false, 12, 1, 0, 1.0, 1.0, 'train')"))
+        conn.execute(text("ALTER TABLE runs ADD COLUMN parent_run_id INTEGER"))
+    engine.dispose()
+    db = Database(url)
+    try:
+        assert db.version == 4 and MIGRATIONS[-1][0] == 4 and schema_drift(db.engine) == []
+        old = db.list_runs()[0]
+        assert (old["current_step"], old["parent_run_id"], old["step_offset"]) == (12, None, None)
+        new = db.add_run("m", [], {}, True, 4, parent_run_id=old["id"], step_offset=12)
+        assert (db.get_run(new["id"])["parent_run_id"], db.get_run(new["id"])["step_offset"]) == (old["id"], 12)
+    finally:
+        db.close()
+
+
 def test_two_servers_launch_each_queued_run_once(url, tmp_path):
     """Two supervisors with their own database connections over one workspace folder (as two machines sharing
     a file system and a PostgreSQL server would be) both read the same 8 queued runs before either launches

@@ -120,7 +120,13 @@ def test_selfplay_run_makes_a_new_model(lab):
 
     # the policy is a new model of the workspace, with its origin; the starting model is unchanged
     m = lab.get("/api/v1/models/tiny-sp").json()
-    assert m["trained"] is True and m["trained_run_id"] == run["id"] and m["trained_steps"] == 3
+    # its steps go on from the starting model's 12 (a self-play iteration is one update of the weights)
+    assert m["trained"] is True and m["trained_run_id"] == run["id"] and m["trained_steps"] == 12 + 3
+    assert run["parent_run_id"] == lab.get("/api/v1/models/tiny").json()["trained_run_id"] and run["step_offset"] == 12
+    # stored once: the model's files are links to the run's final model, which stays a version of it
+    weights = [p / "model.safetensors" for p in (lab.workspace / "models" / "tiny-sp", run_dir / "final")]
+    assert weights[0].stat().st_ino == weights[1].stat().st_ino
+    assert [v["run"] for v in lab.get("/api/v1/models/tiny-sp/versions").json()] == [run["id"]]
     assert m["origin"]["kind"] == "selfplay" and m["origin"]["parent"] == "tiny"
     assert m["origin"]["reward"] == "seed" and m["origin"]["run_id"] == run["id"]
     assert m["config"] == lab.get("/api/v1/models/tiny").json()["config"]
@@ -149,7 +155,7 @@ def test_selfplay_run_makes_a_new_model(lab):
     origin = m["origin"]
     for init, want in ((True, origin), (False, None)):
         r = lab.post("/api/v1/runs", json={"model": "tiny-sp", "books": ["tales.txt"], "max_steps": 2,
-                                           "init_from_trained": init, **FAST})
+                                           "init_from_trained": init, "new_version": not init, **FAST})
         assert r.status_code == 201, r.text
         assert wait_run(lab, r.json()["id"], DONE, "training the self-play model")["status"] == "completed"
         m = lab.get("/api/v1/models/tiny-sp").json()
@@ -378,7 +384,7 @@ def test_stopped_selfplay_resumes_to_its_model(lab):
         assert len(commands) == 3 and [c.endswith(" --resume") for c in commands] == [False, True, True], commands
         assert "--iterations 100000" in commands[1] and f"--iterations {step + 2}" in commands[2]
         m = lab.get("/api/v1/models/tiny-resumed").json()
-        assert m["trained"] and m["trained_run_id"] == run_id and m["trained_steps"] == step + 2, m
+        assert m["trained"] and m["trained_run_id"] == run_id and m["trained_steps"] == 12 + step + 2, m
         assert m["origin"]["iterations"] == step + 2 and m["origin"]["parent"] == "tiny"
     finally:
         for pid in pids:
@@ -414,7 +420,7 @@ def test_selfplay_never_overwrites_files_it_did_not_make(lab):
     run = wait_run(lab, run["id"], DONE, "the resumed run")
     assert run["status"] == "completed" and run["resumed_from_step"] == 1 and run["current_step"] == 1, run
     assert _steps(lab, run["id"]) == [1]
-    assert lab.get("/api/v1/models/tiny-hand").json()["trained_steps"] == 1
+    assert lab.get("/api/v1/models/tiny-hand").json()["trained_steps"] == 12 + 1
     saved = _weights(lab.workspace / "models" / "tiny-hand")
     assert all(torch.equal(policy[k], saved[k]) for k in policy)
     assert lab.delete("/api/v1/models/tiny-hand").status_code == 204

@@ -105,6 +105,8 @@ runs = Table(
     Column("last_kl", Float),                          # ... and its KL to the starting model
     Column("pid_start", String(80)),                   # with pid, which process: jobs.process_start
     Column("owner", String(300)),                      # the server that launched it: Supervisor.owner
+    Column("parent_run_id", Integer),                  # continued from: the run whose weights it started from
+    Column("step_offset", Integer),                    # the model's steps before this run (its parent's total)
 )
 
 metrics = Table(
@@ -180,11 +182,22 @@ def _v3_run_owner(conn: Connection) -> None:
             conn.execute(text(f"ALTER TABLE runs ADD COLUMN {column} {ddl}"))
 
 
+def _v4_run_lineage(conn: Connection) -> None:
+    # A continued run's parent and the steps before it, so that its curve and the model's step count go on
+    # from its parent's; only the columns still missing, as in _v2_selfplay_runs. Older runs have no parent
+    # recorded (NULL): they are shown from step 0, as before.
+    have = {c["name"] for c in inspect(conn).get_columns("runs")}
+    for column in ("parent_run_id", "step_offset"):
+        if column not in have:
+            conn.execute(text(f"ALTER TABLE runs ADD COLUMN {column} INTEGER"))
+
+
 Migration = tuple[int, str, Callable[[Connection], None]]
 MIGRATIONS: list[Migration] = [
     (1, "books, models, runs, metrics", _v1_initial),
     (2, "run kind (train, selfplay), reward and KL summary, model origin", _v2_selfplay_runs),
     (3, "run process start time and owning server", _v3_run_owner),
+    (4, "a continued run's parent run and step offset", _v4_run_lineage),
 ]
 
 _schema_version = Table("schema_version", MetaData(), Column("version", Integer, nullable=False),
@@ -339,11 +352,13 @@ class Database:
     # ---- runs --------------------------------------------------------------------------------------
 
     def add_run(self, model_name: str, book_names: list[str], params: dict[str, Any], init_from_trained: bool,
-                max_steps: int | None, kind: str = "train") -> dict[str, Any]:
+                max_steps: int | None, kind: str = "train", parent_run_id: int | None = None,
+                step_offset: int | None = None) -> dict[str, Any]:
         now = time.time()
         with self.engine.begin() as conn:
             run_id = conn.execute(insert(runs).values(
                 kind=kind, model_name=model_name, books=json.dumps(book_names), params=json.dumps(params),
+                parent_run_id=parent_run_id, step_offset=step_offset,
                 init_from_trained=init_from_trained, status="queued", resume=False, cancel_requested=False,
                 current_step=0, max_steps=max_steps, launches=0, metrics_epoch=0, created_at=now, queued_at=now,
                 updated_at=now)).inserted_primary_key[0]

@@ -8,6 +8,7 @@ import shutil
 import tempfile
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +30,11 @@ class ModelCache:
         self._items: OrderedDict[Path, tuple[tuple[int, int], Any, Any]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def get(self, path: Path) -> tuple[Any, Any]:
+    def get(self, path: Path, snapshot: Callable[[Path, Path], Path] = snapshot_dir) -> tuple[Any, Any]:
+        """The model of the directory `path` (or of a checkpoint: `snapshot` makes the model directory of it)."""
         tmp = Path(tempfile.mkdtemp(dir=self.scratch, prefix="load-"))
         try:
-            folder = snapshot_dir(path, tmp / path.name)
+            folder = snapshot(path, tmp / path.name)
             weights = folder / WEIGHTS
             if not weights.is_file():
                 raise NotTrained(f"model {path.name!r} has no weights yet: train it first")

@@ -63,7 +63,7 @@ from ..tokenizers import Tokenizer
 from ..train import checkpoint_step, latest_checkpoint
 from .commands import STOP_FILE, child_argv, run_command
 from .db import Database
-from .workspace import Workspace, stage_dir, swap_dir
+from .workspace import Workspace, link_or_copy, stage_dir, swap_dir
 
 log = logging.getLogger("lmlab.server")
 
@@ -204,6 +204,13 @@ def finished_model(run: dict[str, Any], final: Path) -> dict[str, Any] | None:
             steps > since or (run["kind"] == "selfplay" and steps == since == run["max_steps"]))):
         return None
     return training
+
+
+def total_steps(run: dict[str, Any], training: dict[str, Any]) -> int | None:
+    """The model's steps after `run`: its parent's (step_offset) and its own, so a continued model's count
+    goes on from where it was."""
+    steps = training.get("steps")
+    return (run["step_offset"] or 0) + steps if isinstance(steps, int) else None
 
 
 def _wait(proc: subprocess.Popen | Adopted, timeout: float) -> bool:
@@ -367,7 +374,7 @@ class Supervisor:
                   "judge": p.get("judge"), "iterations": training.get("steps"),
                   "final_reward": training.get("final_reward"), "final_kl": training.get("final_kl")}
         try:
-            shutil.copytree(final, incoming)
+            shutil.copytree(final, incoming, copy_function=link_or_copy)  # stored once (stage_dir)
             with self.lock:  # the API creates models under the same lock: the checks below stay true
                 if self.db.get_model(name) is not None:
                     raise ValueError(f"a model named {name!r} exists now; the policy stays in {final}")
@@ -376,7 +383,7 @@ class Supervisor:
                                      f"stays in {final}")
                 parent = self.db.get_model(run["model_name"])
                 self.db.add_model(name, cfg.to_dict(), parent["preset"] if parent else None, kind, cfg.vocab_size,
-                                  origin=origin, trained_run_id=run["id"], trained_steps=training.get("steps"))
+                                  origin=origin, trained_run_id=run["id"], trained_steps=total_steps(run, training))
                 try:
                     os.rename(incoming, target)
                 except OSError:
@@ -490,7 +497,7 @@ class Supervisor:
                     # trained further from it still do, so continued training keeps the origin
                     cleared = {} if run["init_from_trained"] else {"origin": None}
                     self.db.update_model(run["model_name"], trained_run_id=run_id,
-                                         trained_steps=training.get("steps"), **cleared)
+                                         trained_steps=total_steps(run, training), **cleared)
                 except (OSError, ValueError) as exc:
                     values.update(error=f"trained, but the model directory could not be updated: {exc}")
             self.db.update_run(run_id, **values)

@@ -85,6 +85,8 @@ class ModelInfo(BaseModel):
                                                              "parent, reward, judge, run_id, iterations}; "
                                                              "cleared when the model is trained from scratch, "
                                                              "kept when training continues from its weights")
+    lineage: list[int] = Field(default_factory=list, description="the runs whose weights the current ones continue, "
+                               "newest first: trained_run_id, its parent run, and so on")
     created_at: float
     updated_at: float
     problem: str | None = Field(None, description="why the model cannot be used now (e.g. its folder is a symbolic "
@@ -106,6 +108,8 @@ class RunCreate(BaseModel):
     model: str = Field(..., min_length=1, max_length=100)
     books: list[str] = Field(..., min_length=1, max_length=100)
     init_from_trained: bool = Field(False, description="continue from the model's trained weights")
+    new_version: bool = Field(False, description="train a model that has trained weights from scratch anyway: "
+                                                 "a new version; the earlier ones stay with their runs")
     max_steps: int = Field(200, ge=1, le=10_000_000)
     batch_size: int = Field(16, ge=1, le=4096)
     lr: float = Field(3e-4, gt=0, le=10)
@@ -224,6 +228,9 @@ class Run(BaseModel):
     tokens_per_s: float | None
     last_reward: float | None = Field(description="self-play: mean reward of the latest iteration")
     last_kl: float | None = Field(description="self-play: KL to the starting model at the latest iteration")
+    parent_run_id: int | None = Field(None, description="the run whose final weights this run started from")
+    step_offset: int = Field(0, description="the model's steps before this run: its step s is step "
+                                            "step_offset + s of the model (0 from scratch)")
     checkpoint_step: int | None
     can_resume: bool
     resumed_from_step: int | None
@@ -244,6 +251,7 @@ class Run(BaseModel):
 class MetricsPage(BaseModel):
     run_id: int
     metrics_epoch: int
+    step_offset: int = Field(0, description="add to each step for the model's step count (Run.step_offset)")
     status: str
     metrics: list[dict[str, Any]]
 
@@ -263,6 +271,19 @@ class GenerateRequest(BaseModel):
     stop_strings: list[str] = Field(default_factory=list, max_length=16)
     stop_at_eos: bool = True
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    run: int | None = Field(None, ge=1, le=2**62, description="a version: this run's final model, or with "
+                                                             "`step` its checkpoint (GET /models/NAME/versions)")
+    step: int | None = Field(None, ge=0, le=2**62, description="with `run`: the checkpoint at this step")
+
+
+class Version(BaseModel):
+    """A model's weights as one run left them: its final model or one of its checkpoints."""
+    run: int
+    kind: Literal["train", "selfplay"]
+    step: int | None = Field(description="the checkpoint's step in its run; null for the run's final model")
+    steps: int = Field(description="the model's steps at this version: the run's step_offset + its steps")
+    current: bool = Field(description="the weights the model has now (its final model of trained_run_id)")
+    created_at: float
 
 
 class Generation(BaseModel):

@@ -29,7 +29,7 @@ from ..lab.selfplay.text import SETTING_FLAGS, TextSelfPlayConfig, encode_prompt
 from ..models import GenerationConfig, ModelConfig, generate, stream
 from ..models.io import WEIGHTS
 from ..tokenizers import Tokenizer
-from ..train import TrainConfig, checkpoint_step, latest_checkpoint
+from ..train import TrainConfig, checkpoint_step, checkpoints, latest_checkpoint
 from .app import AppState
 from .db import ACTIVE
 from .extract import Refused, extract
@@ -45,6 +45,7 @@ from .schemas import (
     Run,
     RunCreate,
     SelfPlayCreate,
+    Version,
 )
 from .workspace import (
     LinkError,
@@ -53,6 +54,7 @@ from .workspace import (
     check_book_name,
     check_name,
     remove_entry,
+    snapshot_checkpoint,
     snapshot_dir,
     zip_model_dir,
 )
@@ -112,8 +114,82 @@ def model_info(state: AppState, row: dict[str, Any], active: list[dict[str, Any]
                      parameters=cfg.num_parameters(), tokenizer_kind=row["tokenizer_kind"],
                      vocab_size=row["tokenizer_vocab"], trained=trained, trained_run_id=row["trained_run_id"],
                      trained_steps=row["trained_steps"], active_run_id=training[0] if training else None,
-                     selfplay_run_ids=readers, origin=row["origin"], created_at=row["created_at"],
+                     selfplay_run_ids=readers, origin=row["origin"], lineage=lineage(state, row["trained_run_id"]),
+                     created_at=row["created_at"],
                      updated_at=row["updated_at"], problem=problem)
+
+
+def lineage(state: AppState, run_id: int | None) -> list[int]:
+    """run_id, the run it continued from, and so on (a deleted run ends the chain)."""
+    chain: list[int] = []
+    while run_id is not None and run_id not in chain and (run := state.db.get_run(run_id)) is not None:
+        chain.append(run_id)
+        run_id = run["parent_run_id"]
+    return chain
+
+
+def made_by(run: dict[str, Any], name: str) -> bool:
+    """Whether `run` trains the model `name` (training of it, or self-play saving its policy under it)."""
+    return (run["kind"] == "train" and run["model_name"] == name) or (
+        run["kind"] == "selfplay" and run["params"].get("new_model") == name)
+
+
+def model_versions(state: AppState, name: str) -> list[Version]:
+    """Every version of the model that its runs' folders still hold, oldest first: each completed run's final
+    model and each training checkpoint. (A self-play run's checkpoints hold its policy without a model config
+    of their own, so only its final model is offered.)"""
+    row = need_model(state, name)
+    out = []
+    for run in state.db.list_runs(newest_first=False):
+        if not made_by(run, name):
+            continue
+        try:
+            run_dir = state.ws.run_dir(run["id"])
+        except LinkError:
+            continue
+        offset = run["step_offset"] or 0
+        found = [(checkpoint_step(c), c) for c in checkpoints(run_dir)] if run["kind"] == "train" else []
+        if run["status"] == "completed":
+            found.append((None, run_dir / "final"))
+        for step, path in found:
+            try:
+                created = (path / WEIGHTS).stat().st_mtime
+                steps = step if step is not None else json.loads((path / "training.json").read_text())["steps"]
+            except (OSError, ValueError, KeyError):  # pruned meanwhile, or not a whole model
+                continue
+            out.append(Version(run=run["id"], kind=run["kind"], step=step, steps=offset + steps, created_at=created,
+                               current=step is None and run["id"] == row["trained_run_id"]))
+    return out
+
+
+def version_source(state: AppState, name: str, run_id: int | None,
+                   step: int | None) -> tuple[Any, Callable[[Any, Any], Any], str]:
+    """Where a version of the model is and how to snapshot it as a model directory, and its name for files:
+    the model's current directory (no run), run `run_id`'s final model, or its checkpoint at `step`. 404 for
+    a run that did not make this model or a version its folder no longer holds."""
+    need_model(state, name)
+    if run_id is None:
+        if step is not None:
+            raise HTTPException(422, "step needs run: the run whose checkpoint it is")
+        return state.ws.model_path(name), snapshot_dir, name
+    run = need_run(state, run_id)
+    if not made_by(run, name):
+        raise HTTPException(404, f"run {run_id} did not train model {name!r}")
+    try:
+        run_dir = state.ws.run_dir(run_id)
+    except LinkError as exc:
+        raise HTTPException(409, str(exc)) from None
+    if step is None:
+        if run["status"] != "completed" or not (run_dir / "final" / WEIGHTS).is_file():
+            raise HTTPException(404, f"run {run_id} has no final model (it is {run['status']}); choose one of its "
+                                     "checkpoints")
+        return run_dir / "final", snapshot_dir, f"{name}-run{run_id}"
+    ckpt = run_dir / "checkpoints" / f"step-{step}"
+    if run["kind"] != "train" or not (ckpt / WEIGHTS).is_file():
+        have = ", ".join(str(checkpoint_step(c)) for c in checkpoints(run_dir)) if run["kind"] == "train" else ""
+        raise HTTPException(404, f"run {run_id} has no checkpoint at step {step}" +
+                                 (f"; it has {have}" if have else ""))
+    return ckpt, snapshot_checkpoint, f"{name}-run{run_id}-step{step}"
 
 
 def need_model(state: AppState, name: str) -> dict[str, Any]:
@@ -296,7 +372,7 @@ def run_info(state: AppState, row: dict[str, Any], queue: list[int] | None = Non
         max_steps=row["max_steps"], progress=progress, tokens=row["tokens"], last_loss=row["last_loss"],
         last_val_loss=row["last_val_loss"], best_val_loss=row["best_val_loss"], lr=row["lr"],
         tokens_per_s=row["tokens_per_s"], last_reward=row["last_reward"], last_kl=row["last_kl"],
-        checkpoint_step=ckpt_step,
+        parent_run_id=row["parent_run_id"], step_offset=row["step_offset"] or 0, checkpoint_step=ckpt_step,
         can_resume=(row["status"] in ("interrupted", "failed", "cancelled") and ckpt_step is not None
                     and row["kind"] != "experiment"),  # an experiment keeps no checkpoints of its own
         resumed_from_step=row["resumed_from_step"], launches=row["launches"],
@@ -317,7 +393,7 @@ def need_run(state: AppState, run_id: int) -> dict[str, Any]:
 def default_params(req: RunCreate) -> dict[str, Any]:
     """TrainConfig fields for a run: what was given, plus defaults scaled to max_steps."""
     n = req.max_steps
-    params = req.model_dump(exclude={"model", "books", "init_from_trained", "val_fraction"})
+    params = req.model_dump(exclude={"model", "books", "init_from_trained", "new_version", "val_fraction"})
     if params["warmup_steps"] is None:
         params["warmup_steps"] = min(100, n // 10)
     if params["eval_every"] is None:
@@ -343,7 +419,8 @@ def _start_run(state: AppState, req: RunCreate) -> dict[str, Any]:
     if len(set(req.books)) != len(req.books):
         raise HTTPException(422, "a book is listed twice")
     need_unused(state, req.model)
-    if req.init_from_trained and not (state.ws.model_path(req.model) / "model.safetensors").is_file():
+    trained = (state.ws.model_path(req.model) / WEIGHTS).is_file()
+    if req.init_from_trained and not trained:
         raise HTTPException(409, f"model {req.model!r} has no trained weights to continue from")
     params = default_params(req)
     if req.val_fraction is not None:
@@ -358,7 +435,15 @@ def _start_run(state: AppState, req: RunCreate) -> dict[str, Any]:
     est = estimate(cfg, req.batch_size, state.memory_budget, req.seq_len)
     if not est.fits:
         raise HTTPException(422, est.reason)
-    run = state.db.add_run(req.model, list(req.books), params, req.init_from_trained, req.max_steps)
+    # asked last, of a request that is otherwise valid: a new version from scratch, or continue
+    if trained and not req.init_from_trained and not req.new_version:
+        by = f" (run {model['trained_run_id']}, {model['trained_steps']} steps)" if model["trained_run_id"] else ""
+        raise HTTPException(409, f"model {req.model!r} already has trained weights{by}; continue from them "
+                                 "(init_from_trained) or train a new version from scratch (new_version): either "
+                                 "way the earlier version stays downloadable")
+    parent = (model["trained_run_id"], model["trained_steps"] or 0) if req.init_from_trained else (None, None)
+    run = state.db.add_run(req.model, list(req.books), params, req.init_from_trained, req.max_steps,
+                           parent_run_id=parent[0], step_offset=parent[1])
     state.supervisor.submit(run["id"])
     return run
 
@@ -443,7 +528,9 @@ def _start_selfplay(state: AppState, req: SelfPlayCreate, new: str) -> dict[str,
                                  f"or max_new_tokens{', a smaller judge' if judge_cfg else ''}, or raise "
                                  "--memory-budget-gb")
     params = {**settings, "reward": req.reward, "judge": req.judge, "prompts": list(req.prompts), "new_model": new}
-    run = state.db.add_run(req.model, [], params, True, req.iterations, kind="selfplay")
+    start = state.db.get_model(req.model)  # its steps go on from the starting model's
+    run = state.db.add_run(req.model, [], params, True, req.iterations, kind="selfplay",
+                           parent_run_id=start["trained_run_id"], step_offset=start["trained_steps"] or 0)
     state.supervisor.submit(run["id"])
     return run
 
@@ -546,29 +633,40 @@ def run_file(state: AppState, run_id: int, name: str) -> Response:
 
 # ---- downloads --------------------------------------------------------------------------------------
 
-def download_response(state: AppState, name: str) -> StreamingResponse:
-    """The model directory as a zip, streamed from a snapshot (one version, whole, however long the download);
-    409 for an untrained model."""
-    need_model(state, name)
+def snapshot_version(state: AppState, name: str, run_id: int | None, step: int | None, tmp: Any,
+                     nothing: str) -> tuple[Any, str]:
+    """A snapshot of a version (version_source) in tmp/model, and its file name; 409 `nothing` for an untrained
+    model, 404 for a checkpoint pruned meanwhile. tmp is removed on a refusal."""
+    src, snapshot, label = version_source(state, name, run_id, step)
+    try:
+        path = snapshot(src, tmp / "model" / label)  # one version, whole, however long it is read
+    except FileNotFoundError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise HTTPException(404, f"run {run_id} no longer has a checkpoint at step {step}") from None
+    if not (path / WEIGHTS).is_file():
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise HTTPException(409, f"model {name!r} has not been trained yet: {nothing}")
+    return path, label
+
+
+def download_response(state: AppState, name: str, run_id: int | None = None,
+                      step: int | None = None) -> StreamingResponse:
+    """The model directory as a zip, streamed from a snapshot (one version, whole, however long the download):
+    its current weights, or a run's final model or checkpoint (version_source); 409 for an untrained model."""
     tmp = state.ws.tmp / f"download-{uuid.uuid4().hex}"
-    path = snapshot_dir(state.ws.model_path(name), tmp / name)
-    if not (path / "model.safetensors").is_file():
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise HTTPException(409, f"model {name!r} has not been trained yet: there are no weights to download")
-    return StreamingResponse(zip_model_dir(path, name), media_type="application/zip",
+    path, label = snapshot_version(state, name, run_id, step, tmp, "there are no weights to download")
+    return StreamingResponse(zip_model_dir(path, label), media_type="application/zip",
                              background=BackgroundTask(shutil.rmtree, tmp, ignore_errors=True),
-                             headers=attachment(f"{name}.zip"))
+                             headers=attachment(f"{label}.zip"))
 
 
-def export_response(state: AppState, name: str, fmt: str, dtype: str) -> Response:
-    """The model for other tools: `hf` (a transformers checkpoint, zipped, streamed) or `gguf` (a file);
-    409 untrained or without the exporter's optional dependency, 422 what the format cannot express."""
-    need_model(state, name)
+def export_response(state: AppState, name: str, fmt: str, dtype: str, run_id: int | None = None,
+                    step: int | None = None) -> Response:
+    """The model (or a version of it, as download_response) for other tools: `hf` (a transformers checkpoint,
+    zipped, streamed) or `gguf` (a file); 409 untrained or without the exporter's optional dependency, 422 what
+    the format cannot express."""
     tmp = state.ws.tmp / f"export-{uuid.uuid4().hex}"
-    path = snapshot_dir(state.ws.model_path(name), tmp / "model" / name)  # one version, whole, while it exports
-    if not (path / "model.safetensors").is_file():
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise HTTPException(409, f"model {name!r} has not been trained yet: there is nothing to export")
+    path, name = snapshot_version(state, name, run_id, step, tmp, "there is nothing to export")
     try:
         from ..interop import export_gguf, export_hf
         if fmt == "hf":
@@ -617,7 +715,7 @@ def generation_events(state: AppState, req: GenerateRequest) -> Iterator[str]:
     if req.num_beams > 1:
         raise HTTPException(422, "streaming needs num_beams=1 (beam search knows its winner only at the end)")
     cfg = generation_config(req)
-    model, tok = load_for_generation(state, req.model)
+    model, tok = load_for_generation(state, req)
 
     def events() -> Iterator[str]:
         t0 = time.perf_counter()
@@ -658,10 +756,11 @@ def generation_config(req: GenerateRequest) -> GenerationConfig:
         raise HTTPException(422, str(exc)) from None
 
 
-def load_for_generation(state: AppState, name: str) -> tuple[Any, Any]:
-    need_model(state, name)
+def load_for_generation(state: AppState, req: GenerateRequest) -> tuple[Any, Any]:
+    name = req.model
+    src, snapshot, _ = version_source(state, name, req.run, req.step)
     try:
-        return state.cache.get(state.ws.model_path(name))
+        return state.cache.get(src, snapshot)
     except NotTrained as exc:
         raise HTTPException(409, str(exc)) from None
     except (ValueError, FileNotFoundError) as exc:
@@ -697,7 +796,7 @@ class CountingTokenizer:
 
 def run_generation(state: AppState, req: GenerateRequest) -> Generation:
     cfg = generation_config(req)
-    model, tok = load_for_generation(state, req.model)
+    model, tok = load_for_generation(state, req)
     counting = CountingTokenizer(tok)
     t0 = time.perf_counter()
     text = generate(model, counting, req.prompt, cfg)

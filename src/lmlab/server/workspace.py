@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import os
 import shutil
 import stat
@@ -276,11 +277,22 @@ def zip_model_dir(path: Path, arcname: str, chunk: int = 1 << 20) -> Iterator[by
 _SWAP_LOCK = threading.Lock()
 
 
+def link_or_copy(src: str | Path, dst: str | Path) -> None:
+    """A hard link of src at dst, or a copy where the file system has none (or src is on another one)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 def stage_dir(src: Path, dst: Path) -> Path:
-    """A copy of src beside dst, for swap_dir to put in dst's place: the slow part, done before any lock."""
+    """src's files linked (see link_or_copy) beside dst, for swap_dir to put in dst's place. A run's final/
+    becomes the model's directory this way: the weights are stored once, however many runs' versions are
+    kept, and stay the model's when the run is deleted. Safe because no file of a model directory is ever
+    written in place: save_pretrained and every JSON write replace files by rename (lmlab.files)."""
     tmp = dst.parent / f".{dst.name}.incoming"
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
+    shutil.copytree(src, tmp, copy_function=link_or_copy)
     return tmp
 
 
@@ -311,4 +323,20 @@ def snapshot_dir(src: Path, dest: Path) -> Path:
                 continue
             except OSError:
                 shutil.copy2(f, dest / name)
+    return dest
+
+
+def snapshot_checkpoint(ckpt: Path, dest: Path) -> Path:
+    """dest (made here) as a model directory of a training checkpoint (RUN_DIR/checkpoints/step-N): its
+    weights and the run's tokenizer.json linked (see link_or_copy), config.json the run config's model part.
+    Checkpoint files are never rewritten, only pruned: one pruned meanwhile is FileNotFoundError. The caller
+    removes dest."""
+    from ..models import ModelConfig  # the workspace module itself needs no torch
+    dest.mkdir(parents=True)
+    for f in (ckpt / "model.safetensors", ckpt.parent.parent / "tokenizer.json"):
+        if f.is_symlink():
+            raise FileNotFoundError(f"{f.name} of {ckpt.name} is a symbolic link")
+        link_or_copy(f, dest / f.name)
+    run_config = json.loads((ckpt / "config.json").read_text(encoding="utf-8"))
+    ModelConfig.from_dict(run_config["model"]).save(dest / "config.json")
     return dest

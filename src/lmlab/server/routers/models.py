@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 from ...models import ModelConfig, preset_names
 from ..app import StateDep
 from ..db import ACTIVE
-from ..schemas import Estimate, ModelCreate, ModelInfo, ModelSpec, Preset
+from ..schemas import Estimate, ModelCreate, ModelInfo, ModelSpec, Preset, Version
 from ..services import (
     build_config,
     download_response,
@@ -19,11 +19,16 @@ from ..services import (
     export_response,
     make_model,
     model_info,
+    model_versions,
     need_model,
     remove_model,
 )
 
 router = APIRouter()
+# A version of the model, for download, export and generation: a run's final model or one of its checkpoints
+RunParam = Query(None, ge=1, le=2**62, description="a run of this model: its final model (the current weights "
+                                                   "when left out)")
+StepParam = Query(None, ge=0, le=2**62, description="with run: that run's checkpoint at this step")
 
 
 @router.get("/presets", tags=["models"], response_model=list[Preset])
@@ -64,16 +69,24 @@ def delete_model(state: StateDep, name: str) -> Response:
     return Response(status_code=204)
 
 
+@router.get("/models/{name}/versions", tags=["models"], response_model=list[Version],
+            summary="every version its runs keep: each run's final model and training checkpoints, oldest first")
+def list_versions(state: StateDep, name: str) -> list[Version]:
+    return model_versions(state, name)
+
+
 @router.get("/models/{name}/download", tags=["models"], response_class=StreamingResponse,
             responses={200: {"content": {"application/zip": {}}, "description": "zip of the model directory"}},
             summary="the model directory (config.json, model.safetensors, tokenizer.json, training.json) as a zip")
-def download_model(state: StateDep, name: str) -> StreamingResponse:
-    return download_response(state, name)
+def download_model(state: StateDep, name: str, run: int | None = RunParam,
+                   step: int | None = StepParam) -> StreamingResponse:
+    return download_response(state, name, run, step)
 
 
 @router.get("/models/{name}/export/{fmt}", tags=["models"], response_class=StreamingResponse,
             responses={200: {"content": {"application/zip": {}, "application/octet-stream": {}}}},
             summary="export for other tools: `hf` (a transformers checkpoint, zipped) or `gguf` (llama.cpp)")
 def export_model(state: StateDep, name: str, fmt: Literal["hf", "gguf"],
-                 dtype: Literal["f32", "f16", "q8_0"] = Query("f32", description="GGUF weight type")) -> Any:
-    return export_response(state, name, fmt, dtype)
+                 dtype: Literal["f32", "f16", "q8_0"] = Query("f32", description="GGUF weight type"),
+                 run: int | None = RunParam, step: int | None = StepParam) -> Any:
+    return export_response(state, name, fmt, dtype, run, step)

@@ -76,7 +76,8 @@ def get_run(state: StateDep, run_id: RunId) -> Run:
 def run_metrics(state: StateDep, run_id: RunId, after_id: int = Query(0, ge=0, le=2**62),
                 limit: int = Query(10000, ge=1, le=100000)) -> MetricsPage:
     row = need_run(state, run_id)
-    return MetricsPage(run_id=run_id, metrics_epoch=row["metrics_epoch"], status=row["status"],
+    return MetricsPage(run_id=run_id, metrics_epoch=row["metrics_epoch"], step_offset=row["step_offset"] or 0,
+                       status=row["status"],
                        metrics=state.db.get_metrics(run_id, after_id, limit))
 
 

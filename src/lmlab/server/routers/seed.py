@@ -96,8 +96,10 @@ def train(state: StateDep, config: SeedTrainingConfig) -> dict[str, Any]:
             raise HTTPException(404, f"Model '{config.model_name}' not found")
         # 400, the app's answer for a model already training, for any run using it (self-play reads it too)
         need_unused(state, config.model_name, code=400)
+        # the app trains from scratch each time; the earlier version stays with its run (new_version)
         req = RunCreate(model=config.model_name, books=[config.book_file], max_steps=config.max_iterations,
-                        batch_size=config.batch_size, lr=config.learning_rate, save_every=config.save_every)
+                        batch_size=config.batch_size, lr=config.learning_rate, save_every=config.save_every,
+                        new_version=True)
         run = start_run(state, req)  # 404 for an unknown book, 422 for a model over the memory budget
     ahead = len(state.db.queued_runs()) - 1 + len(state.supervisor.running())
     message = "Training started in background" if ahead <= 0 else \

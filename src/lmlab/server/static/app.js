@@ -2,6 +2,7 @@
 
 import { LANGUAGES, STRINGS } from "/static/i18n.js";
 import { drawCharts } from "/static/charts.js";
+import { confirmNewVersion, fillVersions, lineageText, versionParams, versionPicker } from "/static/versions.js";
 
 const $ = (sel, root = document) => root.querySelector(sel);
 const $$ = (sel, root = document) => [...root.querySelectorAll(sel)];
@@ -36,7 +37,7 @@ if (query.get("token")) {
   history.replaceState(null, "", location.pathname + (query.toString() ? "?" + query : "") + location.hash);
 }
 const token = sessionStorage.getItem("lmlab.token");
-const withToken = (url) => (token ? url + (url.includes("?") ? "&" : "?") + "token=" + encodeURIComponent(token) : url);
+export const withToken = (url) => (token ? url + (url.includes("?") ? "&" : "?") + "token=" + encodeURIComponent(token) : url);
 // Every request that changes something carries this header: the server refuses such requests without it
 // (or a JSON body), which a page of another site cannot send (app.py, cross_site).
 const apiHeaders = () => ({ "X-Lmlab-Request": "1", ...(token ? { Authorization: "Bearer " + token } : {}) });
@@ -48,7 +49,7 @@ function detailText(d) {
   return JSON.stringify(d);
 }
 
-async function api(method, path, body) {
+export async function api(method, path, body) {
   const opts = { method, headers: apiHeaders() };
   if (body !== undefined) {
     opts.headers["Content-Type"] = "application/json";
@@ -84,7 +85,7 @@ const fmtBytes = (n) => n >= 2 ** 30 ? (n / 2 ** 30).toFixed(2) + " GiB" : n >= 
 const fmtNum = (n) => (n == null ? "—" : Number(n).toLocaleString(lang === "ru" ? "ru-RU" : "en-US"));
 const fmtLoss = (x) => (x == null ? "—" : x.toFixed(4));
 
-function h(tag, attrs = {}, ...children) {
+export function h(tag, attrs = {}, ...children) {
   const e = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs)) {
     if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
@@ -311,6 +312,7 @@ function modelState(m) {
     bits.unshift(m.trained ? t("models.trained", { steps: fmtNum(m.trained_steps) }) : t("models.untrained"));
     if (made) bits.push(made);  // trained further from that policy
   }
+  if (lineageText(m)) bits.push(lineageText(m));
   return bits.join(" · ");
 }
 
@@ -322,6 +324,7 @@ function renderModels() {
       h("button", { type: "button", text: t("models.train"), onclick: () => { $("#train-model").value = m.name; onTrainModelChange(); showTab("train"); } }), " ",
       m.trained ? h("button", { type: "button", text: t("models.generate"), onclick: () => { renderGenModels(); $("#gen-model").value = m.name; showTab("generate"); } }) : null, " ",
       m.trained ? h("button", { type: "button", class: "selfplay", text: t("models.selfplay"), onclick: () => { renderSelfPlayForm(); $("#sp-model").value = m.name; onSelfPlayModelChange(); showTab("selfplay"); } }) : null, " ",
+      m.trained ? versionPicker(m) : null, " ",
       m.trained ? h("a", { href: withToken(`/api/v1/models/${encodeURIComponent(m.name)}/download`), download: `${m.name}.zip`, class: "download", text: t("models.download") }) : null, " ",
       m.trained ? h("a", { href: withToken(`/api/v1/models/${encodeURIComponent(m.name)}/export/hf`), download: `${m.name}-hf.zip`, class: "export-hf", title: t("models.export_hf"), text: "HF" }) : null, " ",
       m.trained && m.family !== "gpt" ? h("a", { href: withToken(`/api/v1/models/${encodeURIComponent(m.name)}/export/gguf`), download: `${m.name}.gguf`, class: "export-gguf", title: t("models.export_gguf"), text: "GGUF" }) : null, " ",
@@ -402,10 +405,11 @@ function setupTrainForm() {
     const msg = $("#train-msg");
     const books = $$("#train-books input:checked").map((i) => i.value);
     if (!books.length) { setMsg(msg, t("train.pick_book"), false); return; }
-    const body = { model: $("#train-model").value, books, init_from_trained: $("#t-init_from_trained").checked,
+    const body = confirmNewVersion({ model: $("#train-model").value, books, init_from_trained: $("#t-init_from_trained").checked,
                    schedule: $("#t-schedule").value, device: $("#t-device").value,
                    ...readNumbers("#t-", ["max_steps", "batch_size", "seq_len", "warmup_steps", "eval_every", "eval_batches", "save_every", "seed"],
-                                  ["lr", "weight_decay", "grad_clip"]) };
+                                  ["lr", "weight_decay", "grad_clip"]) }, S.models.find((m) => m.name === $("#train-model").value));
+    if (!body) return;
     try {
       const run = await api("POST", "/api/v1/runs", body);
       setMsg(msg, run.queue_position ? t("train.queued", { id: run.id, pos: run.queue_position + 1 }) : t("train.started", { id: run.id }));
@@ -554,7 +558,8 @@ function renderRuns() {
         ACTIVE.has(r.status) && !r.cancel_requested ? h("button", { type: "button", class: "danger cancel", text: t("runs.cancel"), onclick: () => runAction(r.id, "cancel") }) : null, " ",
         r.can_resume ? h("button", { type: "button", class: "resume", text: t("runs.resume"), onclick: () => runAction(r.id, "resume") }) : null, " ",
         lab && r.status === "completed" ? h("a", { href: withToken(`/api/v1/runs/${r.id}/report`), target: "_blank", rel: "noopener", class: "report", text: t("lab.report") }) : null, " ",
-        r.status === "completed" && model && model.trained_run_id === r.id ? h("a", { href: withToken(`/api/v1/models/${encodeURIComponent(product)}/download`), download: `${product}.zip`, text: t("runs.download") }) : null, " ",
+        // every completed run keeps its own final model (versions.js), not only the model's latest
+        r.status === "completed" && model && !lab ? h("a", { href: withToken(`/api/v1/models/${encodeURIComponent(product)}/download?run=${r.id}`), download: `${product}-run${r.id}.zip`, class: "download", text: t("runs.download") }) : null, " ",
         !ACTIVE.has(r.status) ? h("button", { type: "button", class: "danger", text: t("runs.delete"), onclick: () => deleteRun(r.id) }) : null));
   }));
   $("#runs-empty").hidden = S.runs.length > 0;
@@ -573,6 +578,7 @@ function renderRunDetail() {
   if (r.queue_position != null) bits.push(t("runs.queue", { pos: r.queue_position + 1 }));
   if (r.checkpoint_step != null) bits.push(t("runs.checkpoint", { step: r.checkpoint_step }));
   if (r.resumed_from_step != null) bits.push(t("runs.resumed_from", { step: r.resumed_from_step }));
+  if (r.parent_run_id != null) bits.push(t("versions.continues", { id: r.parent_run_id, step: r.step_offset }));
   $("#run-detail-head").textContent = bits.join(" · ");
   $("#run-error").hidden = !r.error;
   $("#run-error").textContent = r.error || "";
@@ -617,6 +623,9 @@ function subscribe(id) {
   S.streams.set(id, es);
   es.addEventListener("metric", (e) => {
     const m = JSON.parse(e.data), list = S.metrics.get(id) || [];
+    // a continued run's steps go on from its parent's: plotted at the model's step (run_step: the run's own)
+    m.run_step = m.step;
+    m.step += (S.runs.find((r) => r.id === id) || {}).step_offset || 0;
     while (list.length && list[list.length - 1].step >= m.step) list.pop();  // re-logged after a resume
     list.push(m);
     S.metrics.set(id, list);
@@ -672,6 +681,7 @@ function renderGenModels() {
   const sel = $("#gen-model"), keep = sel.value, trained = S.models.filter((m) => m.trained);
   sel.replaceChildren(...trained.map((m) => h("option", { value: m.name, text: m.name })));
   if (trained.some((m) => m.name === keep)) sel.value = keep;
+  fillVersions($("#gen-version"), sel.value);
   $("#gen-go").disabled = !trained.length;
   if (!trained.length) setMsg($("#gen-msg"), t("gen.no_models"), false);
   else if ($("#gen-msg").textContent === t("gen.no_models")) $("#gen-msg").textContent = "";
@@ -687,7 +697,7 @@ function genRequest() {
     stop_strings: $("#g-stop").value.split("\n").filter((s) => s.length),
   };
   if ($("#g-seed").value !== "") body.seed = parseInt($("#g-seed").value, 10);
-  return body;
+  return { ...body, ...versionParams($("#gen-version").value) };
 }
 
 let genAbort = null;
@@ -729,6 +739,7 @@ function setupGenerate() {
     sync();
   }
   $("#gen-stop").addEventListener("click", () => genAbort && genAbort.abort());
+  $("#gen-model").addEventListener("change", () => fillVersions($("#gen-version"), $("#gen-model").value));
   $("#gen-form").addEventListener("submit", async (ev) => {
     ev.preventDefault();
     const body = genRequest(), out = $("#gen-output"), msg = $("#gen-msg");

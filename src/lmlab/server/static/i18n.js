@@ -187,4 +187,13 @@ export const STRINGS = {
   "chart.no_x": ["nothing to draw on this x axis or scale: the selected runs do not log it", "на этой оси или шкале рисовать нечего: выбранные запуски её не записывают"],
   "jobs.indicator": ["{running} running · {queued} queued", "{running} идёт · {queued} в очереди"],
   "error.network": ["Cannot reach the server: {detail}", "Сервер недоступен: {detail}"],
+  // versions of a model (versions.js)
+  "versions.label": ["Version", "Версия"],
+  "versions.current": ["current", "текущая"],
+  "versions.final": ["run {run}: final, {steps} steps", "запуск {run}: итог, {steps} шагов"],
+  "versions.checkpoint": ["run {run}: step {step} ({steps} in all)", "запуск {run}: шаг {step} ({steps} всего)"],
+  "versions.pick": ["Version of {name} to download or export", "Версия {name} для скачивания или экспорта"],
+  "versions.lineage": ["runs {runs}", "запуски {runs}"],
+  "versions.continues": ["continues run {id} (after its step {step})", "продолжает запуск {id} (после его шага {step})"],
+  "versions.confirm_new": ["{name} is already trained (run {id}, {steps} steps). Train a new version from scratch? The earlier one stays: pick it under Models → version to download or generate. To continue from it instead, press Cancel and tick “Continue from trained weights”.", "{name} уже обучена (запуск {id}, {steps} шагов). Обучить новую версию с нуля? Прежняя сохранится: её можно выбрать в «Модели» → версия, чтобы скачать или генерировать. Чтобы продолжить с неё, нажмите «Отмена» и отметьте «Продолжить с обученных весов»."],
 };
