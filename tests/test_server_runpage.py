@@ -17,6 +17,7 @@ from test_server_support import FAST, TINY_MODEL, client, settings, upload, wait
 from lmlab.cli import build_parser, parse_arguments
 from lmlab.configs import given, read_config_file
 from lmlab.models import ModelConfig
+from lmlab.server.services import trainings
 from lmlab.train import TrainConfig
 
 DONE = lambda r: r["status"] not in ("queued", "running")  # noqa: E731
@@ -134,3 +135,15 @@ def test_selfplay_completions_come_with_their_rewards(lab):
                                    for m in metrics]
     assert [c["step"] for c in page["completions"]] == [1, 2] and page["clone"] is None and page["config"] is None
     assert shlex.split(page["command"])[:3] == ["lmlab", "selfplay", "text"]
+
+
+def test_an_experiments_trainings_are_counted_without_following_links(tmp_path):
+    run = tmp_path / "run-1"
+    for sub, done in (("phases/seed-0", True), ("phases/seed-1", True), ("phases/seed-2", False), ("plateau/a", False)):
+        (run / sub).mkdir(parents=True)
+        (run / sub / "metrics.jsonl").write_text("")
+        if done:
+            (run / sub / "final").mkdir()
+    (run / "metrics.jsonl").write_text("")  # the experiment's own folder is not one of its trainings
+    (run / "elsewhere").symlink_to(run / "phases")
+    assert trainings(run) == {"started": 4, "finished": 2}

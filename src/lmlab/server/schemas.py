@@ -263,6 +263,8 @@ class RunOverview(BaseModel):
     command: str | None = Field(description="the `lmlab ...` command line that makes this run again (into "
                                             "./run-N-again)")
     clone: dict[str, Any] | None = Field(description="training: a POST /runs body with this run's settings")
+    trainings: dict[str, int] | None = Field(description="an experiment: its model trainings so far, started and "
+                                                          "finished (each a run folder of its own inside this run's)")
     load: dict[str, Any] = Field(description="the machine: load_1m, cpus, memory_total_bytes, "
                                              "memory_available_bytes, process_rss_bytes (the run's process)")
 

@@ -391,9 +391,22 @@ def run_overview(state: AppState, run_id: int) -> RunOverview:
         command = None
     clone = ({"model": row["model_name"], "books": row["books"], "init_from_trained": bool(row["init_from_trained"]),
               **row["params"]} if row["kind"] == "train" else None)
+    lab = trainings(run_dir) if row["kind"] == "experiment" and not run_dir.is_symlink() else None
     return RunOverview(run=run_info(state, row), config=config, samples=parsed(SAMPLES_FILE, 50),
                        completions=completions, log_tail=lines("log.txt", 8), command=command, clone=clone,
+                       trainings=lab,
                        load=machine_load(row["pid"] if row["status"] == "running" else None))
+
+
+def trainings(run_dir: Any) -> dict[str, int]:
+    """The model trainings inside an experiment's folder: folders with a metrics.jsonl (started) and those with
+    a final/ model too (finished). Symbolic links are not followed."""
+    started = finished = 0
+    for folder, dirs, files in os.walk(run_dir):
+        if "metrics.jsonl" in files and folder != str(run_dir):
+            started += 1
+            finished += "final" in dirs
+    return {"started": started, "finished": finished}
 
 
 def machine_load(pid: int | None) -> dict[str, Any]:
