@@ -2,6 +2,7 @@
 
 import { LANGUAGES, STRINGS } from "/static/i18n.js";
 import { drawChart, fmt } from "/static/chart.js";
+import { chartEmpty, initRunPage, metricsChanged, openRun, patchRows, renderCompare, tableRuns } from "/static/runpage.js";
 
 const $ = (sel, root = document) => root.querySelector(sel);
 const $$ = (sel, root = document) => [...root.querySelectorAll(sel)];
@@ -109,10 +110,13 @@ const S = {
 // ---- tabs ------------------------------------------------------------------------------------------
 
 function showTab(name) {
-  if (!$("#tab-" + name)) name = "books";
+  const page = /^run\/(\d+)$/.exec(name);  // a run's own page: #run/ID (runpage.js)
+  if (page) { name = "run"; openRun(+page[1]); }
+  if (!$("#tab-" + name) || (name === "run" && !page)) name = "books";
   for (const s of $$(".tab")) s.hidden = s.id !== "tab-" + name;
   for (const b of $$("#tabs button")) b.setAttribute("aria-selected", String(b.dataset.tab === name));
-  if (location.hash !== "#" + name) history.replaceState(null, "", "#" + name);
+  const hash = page ? page[0] : name;
+  if (location.hash !== "#" + hash) history.replaceState(null, "", "#" + hash);
   if (name === "runs") {
     if (!S.selected.size && S.runs.length) selectRun(S.runs[0].id);
     else redrawCharts();  // hidden charts were drawn at a guessed width
@@ -532,14 +536,14 @@ function statusLabel(r) {
 }
 
 function renderRuns() {
-  $("#runs-table tbody").replaceChildren(...S.runs.map((r) => {
+  patchRows($("#runs-table tbody"), tableRuns(S.runs).map((r) => {
     const pct = r.progress == null ? 0 : Math.round(r.progress * 100);
     const overlay = h("input", { type: "checkbox", checked: S.selected.has(r.id), "aria-label": `overlay run ${r.id}`,
                                  onchange: (e) => (e.target.checked ? selectRun(r.id, false) : unselectRun(r.id)) });
     const sp = r.kind === "selfplay", lab = r.kind === "experiment", product = sp ? r.params.new_model : r.model;
     const model = S.models.find((m) => m.name === product);
     return h("tr", { "data-run": r.id, "data-status": r.status, "data-kind": r.kind, class: r.id === S.current ? "selected" : "" },
-      h("td", {}, overlay), h("td", { text: r.id }),
+      h("td", {}, overlay), h("td", {}, h("a", { href: `#run/${r.id}`, class: "run-link", text: `#${r.id}` })),
       sp ? h("td", { title: t("runs.reward", { reward: r.params.reward }) }, `${r.model} → ${product}`, h("span", { class: "kind", text: t("runs.kind_selfplay") }))
         : lab ? h("td", {}, labName(r), h("span", { class: "kind", text: t("runs.kind_experiment") }))
         : h("td", { text: r.model, title: `${t("runs.books")}: ${r.books.join(", ")}` }),
@@ -547,7 +551,7 @@ function renderRuns() {
       h("td", { class: "num" }, h("span", { class: "bar" }, (() => { const i = h("i"); i.style.width = pct + "%"; return i; })()),
         `${fmtNum(r.current_step)} / ${fmtNum(r.max_steps)}`),
       h("td", { class: "num", text: fmtLoss(sp ? null : r.last_loss) }), h("td", { class: "num", text: fmtLoss(r.best_val_loss) }),
-      h("td", { class: "num", text: r.tokens_per_s == null ? "—" : fmtNum(Math.round(r.tokens_per_s)) }),
+      h("td", { class: "num", text: r.tokens_per_s_mean == null ? "—" : fmtNum(Math.round(r.tokens_per_s_mean)) }),
       h("td", { class: "num", text: r.last_reward == null ? "—" : `${fmtLoss(r.last_reward)} · ${fmtLoss(r.last_kl)}` }),
       h("td", {},
         h("button", { type: "button", text: t("runs.view"), onclick: () => selectRun(r.id) }), " ",
@@ -558,6 +562,7 @@ function renderRuns() {
         !ACTIVE.has(r.status) ? h("button", { type: "button", class: "danger", text: t("runs.delete"), onclick: () => deleteRun(r.id) }) : null));
   }));
   $("#runs-empty").hidden = S.runs.length > 0;
+  renderCompare();
   renderRunDetail();
   renderLab();
 }
@@ -658,13 +663,23 @@ function redrawCharts() {
   // shown before drawing: a chart is drawn at its element's width
   $("#sp-charts").hidden = !kinds.has("selfplay");
   $("#train-charts").hidden = kinds.has("selfplay") && !kinds.has("train");
-  const opts = { xLabel: t("chart.step"), empty: t("chart.empty") };
+  const opts = { xLabel: t("chart.step"), empty: chartEmpty([...S.selected]) };
   drawChart($("#chart-loss"), { series: loss, ...opts });
   drawChart($("#chart-lr"), { series: lr, ...opts });
   drawChart($("#chart-tps"), { series: tps, ...opts });
-  const spOpts = { xLabel: t("chart.iteration"), empty: t("chart.empty") };
+  const spOpts = { xLabel: t("chart.iteration"), empty: chartEmpty([...S.selected]) };
   drawChart($("#chart-reward"), { series: reward, ...spOpts });
   drawChart($("#chart-kl"), { series: kl, ...spOpts });
+  metricsChanged();
+}
+
+// One chart of one run for its page (runpage.js): `key` is a metric; loss also draws val_loss, dashed.
+function runChart(el, id, key, empty) {
+  const ms = S.metrics.get(id) || [], color = runColor(id), run = S.runs.find((r) => r.id === id);
+  const pts = (k) => ms.filter((m) => m[k] != null).map((m) => [m.step, m[k]]);
+  const series = [{ label: key === "loss" ? "train" : key, color, points: pts(key) }];
+  if (key === "loss") series.push({ label: "val", color, dashed: true, points: pts("val_loss") });
+  drawChart(el, { series, xLabel: t(run && run.kind === "selfplay" ? "chart.iteration" : "chart.step"), empty });
 }
 
 async function runAction(id, action) {
@@ -801,6 +816,8 @@ async function main() {
   setupSelfPlayForm();
   setupLabForm();
   setupGenerate();
+  initRunPage({ S, t, h, api, fmtNum, fmtBytes, fmtLoss, statusLabel, labName, subscribe, runChart, showTab, toast, renderRuns });
+  window.addEventListener("hashchange", () => showTab(location.hash.slice(1)));
   await Promise.all([refreshBooks(), refreshModels(), refreshRuns()]);
   applyLanguage();
   const start = location.hash.slice(1) || (!S.books.length ? "books" : !S.models.length ? "models" : "runs");
