@@ -81,6 +81,7 @@ def test_train_from_sources_reports_its_phases(tmp_path, monkeypatch):
     monkeypatch.setattr(recipes, "write_phase", record)
     book = tmp_path / "book.txt"
     book.write_text(demo_corpus(n_stories=20, seed=1), encoding="utf-8")
+    (tmp_path / "run").mkdir()  # as the web app makes it (a folder that is not there is not made for the phase)
     train_from_sources(tmp_path / "run", config(max_steps=4, eval_every=2, save_every=0, sample_every=0),
                        sources=[book], preset="gpt2-tiny", model_fields={"block_size": 32}, tokenizer_kind="char")
     assert seen == ["tokenizer", "data", "training", "evaluating", "training", "evaluating", "training", "saving",

@@ -113,7 +113,9 @@ def train_from_sources(out_dir: str | Path, config: TrainConfig, *, sources: Seq
 
 
 def _phase(out: Path, phase: str) -> None:
-    if dist_env()[0] == 0:
+    """phase.json in a run folder that exists (the web app's, made before the run starts): bad input must
+    leave no folder behind."""
+    if dist_env()[0] == 0 and out.is_dir():
         write_phase(out, phase)
 
 

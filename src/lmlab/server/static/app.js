@@ -483,6 +483,7 @@ function renderLab() {
     h("td", {}, h("span", { class: "badge " + r.status, text: statusLabel(r) })),
     h("td", {},
       h("button", { type: "button", class: "view", text: t("lab.view"), onclick: () => { S.labCurrent = r.id; renderLab(); loadLabLog(); } }), " ",
+      h("a", { href: `#run/${r.id}`, class: "run-link", text: t("rp.details") }), " ",
       ACTIVE.has(r.status) && !r.cancel_requested ? h("button", { type: "button", class: "danger cancel", text: t("runs.cancel"), onclick: () => runAction(r.id, "cancel") }) : null, " ",
       r.status === "completed" ? h("a", { href: withToken(`/api/v1/runs/${r.id}/report`), target: "_blank", rel: "noopener", class: "report", text: t("lab.report") }) : null, " ",
       !ACTIVE.has(r.status) ? h("button", { type: "button", class: "danger", text: t("runs.delete"), onclick: () => deleteRun(r.id) }) : null))));
