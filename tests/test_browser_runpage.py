@@ -84,6 +84,14 @@ def test_runs_table_and_run_page(tmp_path, browser):  # noqa: F811 (the fixture 
             page.select_option("#runs-status", "")
             page.click('button.sort[data-sort="id"]')
             assert rows() == sorted(ids)
+            # by a setting: the sort list holds every setting of the runs
+            page.select_option("#runs-sort", "p:lr -1")
+            assert rows() == sorted(ids, key=lambda i: (-runs[i]["params"]["lr"], -i))
+            page.select_option("#runs-sort", "p:max_steps 1")
+            assert rows() == sorted(ids, key=lambda i: (runs[i]["params"]["max_steps"], -i))
+            assert page.get_attribute('th:has(button[data-sort="loss"])', "aria-sort") == "none"
+            page.click('button.sort[data-sort="id"]')
+            assert page.input_value("#runs-sort") == "id 1"
             shot("runs-table-1400")
 
             # compare a and b: only the settings that differ
@@ -156,6 +164,22 @@ def test_runs_table_and_run_page(tmp_path, browser):  # noqa: F811 (the fixture 
             assert [page.input_value(f"#t-{k}") for k in ("max_steps", "batch_size", "lr", "seed", "eval_every")] == \
                 ["6", "4", "0.002", "3", "3"]
             assert page.eval_on_selector_all("#train-books input:checked", "i => i.map(x => x.value)") == ["tales.txt"]
+
+            # a self-play run's page: its sampled completions with their rewards
+            sp = c.post("/api/v1/runs/selfplay", json={"model": "tiny", "new_model": "tiny-sp", "iterations": 2,
+                                                       "group_size": 2, "prompts_per_iteration": 1,
+                                                       "max_new_tokens": 6, "prompts": ["Once"]}).json()["id"]
+            wait_for(lambda: c.get(f"/api/v1/runs/{sp}").json()["status"] == "completed", what="the self-play run")
+            page.goto(f"{server.url}/#run/{sp}")
+            page.wait_for_selector("#rp-completions tbody tr")
+            spm = [json.loads(x) for x in (tmp_path / "ws" / "runs" / f"run-{sp}" / "metrics.jsonl").read_text()
+                   .splitlines()]
+            got = page.eval_on_selector_all("#rp-completions tbody tr",
+                                            "rs => rs.map(r => [...r.cells].map(c => c.textContent))")
+            assert got == [[str(m["step"]), f"{m['reward']:.4f}", f"{m['kl']:.4f}", m["sample"]] for m in reversed(spm)]
+            assert page.inner_text("#rp-title") == f"Run #{sp} · tiny → tiny-sp"
+            page.wait_for_function("() => +document.querySelector('#rp-chart-reward').dataset.points === 2")
+            shot("run-page-selfplay-1400")
 
             # a run that prepares: its charts say so (not "no data yet — select a run")
             e = c.post("/api/v1/runs", json={"model": "tiny2", **base, "max_steps": 100000}).json()["id"]

@@ -48,7 +48,7 @@ function sortValue(r, key) {
     case "val": return r.best_val_loss;
     case "tps": return r.tokens_per_s_mean;
     case "reward": return r.last_reward;
-    default: return r[key];
+    default: return key.startsWith("p:") ? r.params[key.slice(2)] : r[key];  // p:NAME, a setting
   }
 }
 
@@ -85,6 +85,7 @@ export function matches(r, text) {
 export function tableRuns(runs) {
   for (const b of document.querySelectorAll("#runs-table thead button.sort"))
     b.parentElement.setAttribute("aria-sort", b.dataset.sort !== view.sort ? "none" : view.dir > 0 ? "ascending" : "descending");
+  sortOptions(runs);
   const rows = runs.filter((r) => (!view.kind || r.kind === view.kind) && (!view.status || r.status === view.status) && matches(r, view.text));
   const cmp = (a, b) => {
     const x = sortValue(a, view.sort), y = sortValue(b, view.sort);
@@ -118,9 +119,27 @@ function setupTable() {
     select("runs-kind", "rp.filter_kind", kinds, "kind"), select("runs-status", "col.status", statuses, "status"),
     h("label", { class: "grow" }, h("span", { "data-i18n": "rp.filter", text: t("rp.filter") }),
       h("input", { id: "runs-filter", type: "search", placeholder: "lr<0.001 loss<3 tales", oninput: (e) => { view.text = e.target.value; A.renderRuns(); } })),
+    h("label", {}, h("span", { "data-i18n": "rp.sort_by", text: t("rp.sort_by") }),
+      h("select", { id: "runs-sort", onchange: (e) => { const [key, dir] = e.target.value.split(" "); view.sort = key; view.dir = +dir; A.renderRuns(); } })),
     h("button", { type: "button", id: "runs-compare-btn", class: "secondary", "data-i18n": "rp.compare", text: t("rp.compare"), onclick: () => { compareOpen = !compareOpen; renderCompare(); } }));
   table.before(bar);
   table.after(h("div", { id: "runs-compare", class: "card", hidden: true }));
+}
+
+// The sort select: the columns, the kind, and every setting any run has (ascending and descending each).
+function sortOptions(runs) {
+  const sel = $("#runs-sort");
+  if (!sel) return;
+  const keys = ["id", "kind", "model", "status", "progress", "loss", "val", "tps", "reward",
+                ...[...new Set(runs.flatMap((r) => Object.keys(r.params)))].sort().map((k) => "p:" + k)];
+  const label = (k) => (k.startsWith("p:") ? k.slice(2) : A.t("rp.sort." + k));
+  const options = keys.flatMap((k) => [[`${k} 1`, `${label(k)} ↑`], [`${k} -1`, `${label(k)} ↓`]]);
+  const sig = options.map((o) => o.join("=")).join("|");
+  if (sel.dataset.sig !== sig) {  // rebuilt only when the choices change: an open select keeps its state
+    sel.replaceChildren(...options.map(([v, text]) => A.h("option", { value: v, text })));
+    sel.dataset.sig = sig;
+  }
+  sel.value = `${view.sort} ${view.dir}`;
 }
 
 // Rows are matched by run id; a row's attributes are updated and only its cells that changed are replaced,
@@ -261,7 +280,7 @@ function renderPage() {
                fact("col.loss", A.fmtLoss(r.last_loss), "loss"), fact("col.val_loss", A.fmtLoss(r.best_val_loss), "val"));
   }
   if (sp) facts.push(fact("col.reward", r.last_reward == null ? "—" : `${A.fmtLoss(r.last_reward)} · ${A.fmtLoss(r.last_kl)}`, "reward"));
-  if (lab && d && d.trainings) facts.push(fact("rp.trainings", t("rp.trainings_n", d.trainings), "trainings"));
+  if (lab && d && d.trainings && d.trainings.started) facts.push(fact("rp.trainings", t("rp.trainings_n", d.trainings), "trainings"));
   if (load) facts.push(fact("rp.load", t("rp.load_v", { load: load.load_1m == null ? "—" : load.load_1m.toFixed(2), cpus: load.cpus,
     mem: load.memory_total_bytes ? A.fmtBytes(load.memory_total_bytes - load.memory_available_bytes) + " / " + A.fmtBytes(load.memory_total_bytes) : "—" }), "load"),
     fact("rp.rss", load.process_rss_bytes == null ? "—" : A.fmtBytes(load.process_rss_bytes), "rss"));
@@ -286,7 +305,7 @@ function renderPage() {
   if (d && d.completions && d.completions.length) {
     sections.push(h("section", { class: "card", id: "rp-completions", "data-part": "completions" }, h("h3", { text: t("rp.completions") }),
       h("div", { class: "scroll-x" }, h("table", { class: "grid" },
-        h("thead", {}, h("tr", {}, h("th", { text: t("rp.iteration") }), h("th", { text: t("col.reward") }), h("th", { text: "KL" }), h("th", { text: t("rp.completion") }))),
+        h("thead", {}, h("tr", {}, h("th", { text: t("rp.iteration") }), h("th", { text: t("rp.reward") }), h("th", { text: "KL" }), h("th", { text: t("rp.completion") }))),
         h("tbody", {}, ...d.completions.slice().reverse().map((c) => h("tr", { "data-step": c.step },
           h("td", { class: "num", text: c.step }), h("td", { class: "num", text: A.fmtLoss(c.reward) }), h("td", { class: "num", text: A.fmtLoss(c.kl) }),
           h("td", { class: "output", text: c.sample }))))))));
