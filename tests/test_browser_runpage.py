@@ -180,6 +180,13 @@ def test_runs_table_and_run_page(tmp_path, browser):  # noqa: F811 (the fixture 
             assert page.inner_text("#rp-title") == f"Run #{sp} · tiny → tiny-sp"
             page.wait_for_function("() => +document.querySelector('#rp-chart-reward').dataset.points === 2")
             shot("run-page-selfplay-1400")
+            page.select_option("#lang", "ru")  # the page in Russian: its strings are translated
+            title = f"Запуск №{sp} · tiny → tiny-sp"
+            page.wait_for_function(f"() => document.querySelector('#rp-title').textContent === {json.dumps(title)}")
+            assert page.inner_text('[data-fact="phase"] dt') == "Этап" and page.inner_text("#rp-completions h3") == \
+                "Сгенерированные продолжения и их награды"
+            shot("run-page-selfplay-ru-1400")
+            page.select_option("#lang", "en")
 
             # a run that prepares: its charts say so (not "no data yet — select a run")
             e = c.post("/api/v1/runs", json={"model": "tiny2", **base, "max_steps": 100000}).json()["id"]

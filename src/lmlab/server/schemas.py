@@ -247,8 +247,9 @@ class Run(BaseModel):
                                                 "or saving (training's RUN_DIR/phase.json); running (an experiment)")
     elapsed_s: float | None = Field(None, description="seconds since the run's process started (to its end)")
     eta_s: float | None = Field(None, description="a running run: seconds left at its pace so far")
-    tokens_per_s_mean: float | None = Field(None, description="training: tokens / seconds of training, over the "
-                                                              "whole run (tokens_per_s is the latest window's)")
+    tokens_per_s_mean: float | None = Field(None, description="training: tokens / seconds since training began "
+                                                              "(evaluations and checkpoints included), over the whole "
+                                                              "run; tokens_per_s is the latest window's")
 
 
 class RunOverview(BaseModel):
