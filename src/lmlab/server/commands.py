@@ -8,6 +8,7 @@ no database: the supervisor (jobs.py) looks up the model rows, writes the files 
 from __future__ import annotations
 
 import json
+import shlex
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -126,3 +127,12 @@ def run_command(run: dict[str, Any], ws: Workspace, get_model: Callable[[str], d
     if run["kind"] == "selfplay":
         return selfplay_command(run, ws, get_model)
     return train_command(run, ws, None if run["resume"] else get_model(run["model_name"]))
+
+
+def again_command(run: dict[str, Any], ws: Workspace, get_model: Callable[[str], dict[str, Any] | None]) -> str:
+    """The shell line that makes the run again as it started (not as a resume), into ./run-N-again: the same
+    books, model config file, tokenizer and settings, so the command's TrainConfig and ModelConfig equal the
+    run's (tests/test_server_runpage.py parses it with the CLI). ValueError as run_command."""
+    args = run_command({**run, "resume": False}, ws, get_model).args
+    args[args.index("--out") + 1] = f"run-{run['id']}-again"
+    return shlex.join(["lmlab", *args])

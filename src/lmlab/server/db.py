@@ -448,3 +448,11 @@ class Database:
             q = q.limit(limit)
         with self.engine.connect() as conn:
             return [{"id": r.id, **json.loads(r.data)} for r in conn.execute(q)]
+
+    def training_clock(self, run_ids: Sequence[int]) -> dict[int, float]:
+        """Seconds of training so far per run: the largest elapsed_s its metrics logged (the trainer's clock,
+        which a resume carries on); runs without one are left out."""
+        q = (select(metrics.c.run_id, func.max(metrics.c.elapsed_s)).where(metrics.c.run_id.in_(list(run_ids)))
+             .group_by(metrics.c.run_id))
+        with self.engine.connect() as conn:
+            return {r[0]: r[1] for r in conn.execute(q) if r[1] is not None}

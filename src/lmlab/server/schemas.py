@@ -132,6 +132,10 @@ class RunCreate(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "fp32", "bf16"] = "auto"
     val_fraction: float | None = Field(None, gt=0, lt=1)
+    sample_every: int | None = Field(None, ge=0, le=10_000_000,
+                                     description="generations into samples.jsonl every N steps (default: at each "
+                                                 "evaluation; 0: never)")
+    sample_tokens: int | None = Field(None, ge=1, le=1024, description="tokens per sample (48)")
 
 
 class SelfPlayCreate(BaseModel):
@@ -246,6 +250,31 @@ class Run(BaseModel):
     started_at: float | None
     finished_at: float | None
     updated_at: float
+    phase: str | None = Field(None, description="a running run: starting, tokenizer, data, training, evaluating "
+                                                "or saving (training's RUN_DIR/phase.json); running (an experiment)")
+    elapsed_s: float | None = Field(None, description="seconds since the run's process started (to its end)")
+    eta_s: float | None = Field(None, description="a running run: seconds left at its pace so far")
+    tokens_per_s_mean: float | None = Field(None, description="training: tokens / seconds since training began "
+                                                              "(evaluations and checkpoints included), over the whole "
+                                                              "run; tokens_per_s is the latest window's")
+
+
+class RunOverview(BaseModel):
+    """Everything the run page shows besides the metrics stream."""
+    run: Run
+    config: dict[str, Any] | None = Field(description="training: RUN_DIR/config.json (train, model, data stats)")
+    samples: list[dict[str, Any]] = Field(description="training: RUN_DIR/samples.jsonl, the latest lines: "
+                                                      "{step, samples: [{prompt, text}]}")
+    completions: list[dict[str, Any]] = Field(description="self-play: a sampled completion per iteration with its "
+                                                          "reward: {step, reward, kl, sample}")
+    log_tail: list[str] = Field(description="the last lines of the process's output (an experiment's progress)")
+    command: str | None = Field(description="the `lmlab ...` command line that makes this run again (into "
+                                            "./run-N-again)")
+    clone: dict[str, Any] | None = Field(description="training: a POST /runs body with this run's settings")
+    trainings: dict[str, int] | None = Field(description="an experiment: its model trainings so far, started and "
+                                                          "finished (each a run folder of its own inside this run's)")
+    load: dict[str, Any] = Field(description="the machine: load_1m, cpus, memory_total_bytes, "
+                                             "memory_available_bytes, process_rss_bytes (the run's process)")
 
 
 class MetricsPage(BaseModel):

@@ -30,7 +30,9 @@ from ..models import GenerationConfig, ModelConfig, generate, stream
 from ..models.io import WEIGHTS
 from ..tokenizers import Tokenizer
 from ..train import TrainConfig, checkpoint_step, checkpoints, latest_checkpoint
+from ..train.progress import PHASE_FILE, PHASES, SAMPLES_FILE
 from .app import AppState
+from .commands import again_command
 from .db import ACTIVE
 from .extract import Refused, extract
 from .inference import NotTrained
@@ -44,6 +46,7 @@ from .schemas import (
     ModelSpec,
     Run,
     RunCreate,
+    RunOverview,
     SelfPlayCreate,
     Version,
 )
@@ -356,7 +359,10 @@ def remove_book(state: AppState, name: str) -> None:
 
 # ---- runs -------------------------------------------------------------------------------------------
 
-def run_info(state: AppState, row: dict[str, Any], queue: list[int] | None = None) -> Run:
+def run_info(state: AppState, row: dict[str, Any], queue: list[int] | None = None,
+             clock: dict[int, float] | None = None) -> Run:
+    """The API view of a run row; `queue` (the queued runs' ids) and `clock` (db.training_clock of the runs
+    listed) are fetched when not given."""
     run_dir = state.ws.run_path(row["id"])
     ckpt = None if run_dir.is_symlink() else latest_checkpoint(run_dir)  # resuming through a link is refused
     ckpt_step = checkpoint_step(ckpt) if ckpt else None
@@ -380,7 +386,42 @@ def run_info(state: AppState, row: dict[str, Any], queue: list[int] | None = Non
         error=row["error"], stop_reason=row["stop_reason"], metrics_epoch=row["metrics_epoch"],
         queue_position=queue.index(row["id"]) if queue and row["id"] in queue else None,
         created_at=row["created_at"], started_at=row["started_at"], finished_at=row["finished_at"],
-        updated_at=row["updated_at"])
+        updated_at=row["updated_at"], **run_timing(state, row, clock))
+
+
+def run_timing(state: AppState, row: dict[str, Any], clock: dict[int, float] | None) -> dict[str, Any]:
+    """phase, elapsed_s, eta_s and tokens_per_s_mean of a run (schemas.Run says what each is)."""
+    out: dict[str, Any] = {}
+    if row["started_at"] and row["status"] not in ("queued",):
+        out["elapsed_s"] = round((row["finished_at"] or time.time()) - row["started_at"], 1)
+    trained = (state.db.training_clock([row["id"]]) if clock is None else clock).get(row["id"])
+    if trained and row["tokens"]:
+        out["tokens_per_s_mean"] = round(row["tokens"] / trained, 1)
+    if row["status"] != "running":
+        return out
+    out["phase"] = run_phase(state, row)
+    # the pace of this launch: a resumed run's steps before it came with its checkpoint
+    done = row["current_step"] - (row["resumed_from_step"] or 0)
+    if row["max_steps"] and done > 0 and out.get("elapsed_s"):
+        pace = (trained / row["current_step"]) if trained and row["kind"] == "train" else out["elapsed_s"] / done
+        out["eta_s"] = round(max(0, row["max_steps"] - row["current_step"]) * pace, 1)
+    return out
+
+
+def run_phase(state: AppState, row: dict[str, Any]) -> str:
+    """What a running run is doing: a training run's RUN_DIR/phase.json when this launch wrote it, else
+    starting; self-play trains once it has logged; an experiment is running (its log says how far)."""
+    if row["kind"] == "experiment":
+        return "running"
+    if row["kind"] == "selfplay":
+        return "training" if row["current_step"] > (row["resumed_from_step"] or 0) else "starting"
+    try:
+        phase = json.loads(state.ws.read_bytes(state.ws.run_path(row["id"]) / PHASE_FILE))
+        if phase["time"] >= row["started_at"] and phase["phase"] in PHASES:  # not an earlier launch's
+            return phase["phase"]
+    except (OSError, LinkError, ValueError, KeyError, TypeError):
+        pass
+    return "starting"
 
 
 def need_run(state: AppState, run_id: int) -> dict[str, Any]:
@@ -388,6 +429,78 @@ def need_run(state: AppState, run_id: int) -> dict[str, Any]:
     if row is None:
         raise HTTPException(404, f"run {run_id} not found")
     return row
+
+
+def run_overview(state: AppState, run_id: int) -> RunOverview:
+    """The run page: the run, its settings and data as it started, samples over time (training) or sampled
+    completions with their rewards (self-play), the last lines of its output, the command that makes it again,
+    the train form's settings to clone it, and the machine's load."""
+    row = need_run(state, run_id)
+    run_dir = state.ws.run_path(run_id)
+
+    def lines(name: str, keep: int) -> list[str]:
+        try:  # never through a symbolic link
+            return state.ws.read_bytes(run_dir / name).decode("utf-8", errors="replace").splitlines()[-keep:]
+        except (OSError, LinkError):
+            return []
+
+    def parsed(name: str, keep: int) -> list[Any]:
+        out = []
+        for line in lines(name, keep):
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line being written
+        return out
+
+    config = None
+    if row["kind"] == "train":
+        try:
+            config = json.loads(state.ws.read_bytes(run_dir / "config.json"))
+        except (OSError, LinkError, ValueError):  # not written yet, or not JSON
+            pass
+    completions = [{k: m.get(k) for k in ("step", "reward", "kl", "sample")}
+                   for m in state.db.get_metrics(run_id) if "sample" in m][-50:] if row["kind"] == "selfplay" else []
+    try:
+        command = again_command(row, state.ws, state.db.get_model)
+    except ValueError:  # its model is gone
+        command = None
+    clone = ({"model": row["model_name"], "books": row["books"], "init_from_trained": bool(row["init_from_trained"]),
+              **row["params"]} if row["kind"] == "train" else None)
+    lab = trainings(run_dir) if row["kind"] == "experiment" and not run_dir.is_symlink() else None
+    return RunOverview(run=run_info(state, row), config=config, samples=parsed(SAMPLES_FILE, 50),
+                       completions=completions, log_tail=lines("log.txt", 8), command=command, clone=clone,
+                       trainings=lab,
+                       load=machine_load(row["pid"] if row["status"] == "running" else None))
+
+
+def trainings(run_dir: Any) -> dict[str, int]:
+    """The model trainings inside an experiment's folder: folders with a metrics.jsonl (started) and those with
+    a final/ model too (finished). Symbolic links are not followed."""
+    started = finished = 0
+    for folder, dirs, files in os.walk(run_dir):
+        if "metrics.jsonl" in files and folder != str(run_dir):
+            started += 1
+            finished += "final" in dirs
+    return {"started": started, "finished": finished}
+
+
+def machine_load(pid: int | None) -> dict[str, Any]:
+    """The server machine's load average, CPUs and memory (Linux /proc; None where absent), and the resident
+    memory of the process `pid`."""
+    def proc_kib(path: str, key: str) -> int | None:
+        try:
+            for line in open(path, encoding="ascii"):
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+        except (OSError, ValueError):
+            pass
+        return None
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {"load_1m": load, "cpus": os.cpu_count(), "memory_total_bytes": proc_kib("/proc/meminfo", "MemTotal"),
+            "memory_available_bytes": proc_kib("/proc/meminfo", "MemAvailable"),
+            "process_rss_bytes": proc_kib(f"/proc/{pid}/status", "VmRSS") if pid else None}
 
 
 def default_params(req: RunCreate) -> dict[str, Any]:

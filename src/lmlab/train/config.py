@@ -21,7 +21,7 @@ SCHEDULES = ("cosine", "linear", "constant", "wsd")
 STOP_CONDITIONS = ("max_steps", "max_tokens", "epochs", "time_budget_s")
 STOP_FIELDS = (*STOP_CONDITIONS, "early_stopping_patience")
 RESUMABLE = (*STOP_FIELDS, "eval_every", "save_every", "keep_last", "log_every", "device", "compile", "fsdp",
-             "tensorboard", "tracker", "peak_flops")
+             "tensorboard", "tracker", "peak_flops", "sample_every", "sample_prompts", "sample_tokens")
 
 
 @dataclass
@@ -65,6 +65,11 @@ class TrainConfig:
                                "lmlab`)", choices=("trackio",))
     fsdp: bool = knob(False, "under torchrun, shard weights, gradients and optimizer state (FSDP2) instead of DDP")
     peak_flops: float | None = knob(None, "FLOP/s of one device for MFU (default: a matmul measured at start)", gt=0)
+    sample_every: int | None = knob(None, "write generations at --sample-prompts to RUN_DIR/samples.jsonl every N "
+                                    "steps (default: at each evaluation; 0: never)", ge=0)
+    sample_prompts: list[str] = knob(help="prompts of the samples, a comma list (default: one empty prompt, the "
+                                     "model's own start of a text)", factory=lambda: [""])
+    sample_tokens: int = knob(48, "tokens per sample", gt=0)
 
     def __post_init__(self) -> None:
         validate(self)

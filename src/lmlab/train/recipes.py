@@ -29,6 +29,7 @@ from ..tokenizers import Tokenizer
 from .checkpoint import refuse_existing_run
 from .config import TrainConfig
 from .demo_corpus import demo_corpus
+from .progress import write_phase
 from .trainer import TrainResult, check_fits, dist_env, init_distributed, read_run_config, resolve_device, train
 
 
@@ -72,6 +73,7 @@ def train_from_sources(out_dir: str | Path, config: TrainConfig, *, sources: Seq
     elif dataset is not None:
         raise ValueError("--dataset needs the tokenizer it was made with: pass --tokenizer or --init")
     else:
+        _phase(out, "tokenizer")
         texts = [read_document(p) for p in paths]
         if not any(t.strip() for t in texts):
             raise ValueError("the corpus is empty: no document has any text")
@@ -96,6 +98,7 @@ def train_from_sources(out_dir: str | Path, config: TrainConfig, *, sources: Seq
     if dataset is not None:
         ds = TokenDataset.open(dataset, tok)
     else:
+        _phase(out, "data")
         try:
             ds = _rank0_first(out, lambda: prepare(paths, tok, out / "data", val_fraction=val_fraction,
                                                    weights=weights, seq_len=seq_len),
@@ -107,6 +110,13 @@ def train_from_sources(out_dir: str | Path, config: TrainConfig, *, sources: Seq
     provenance = {"dataset": str(Path(ds.path).resolve()), "sources": [str(p) for p in paths],
                   "init": str(init) if init else None, "data_stats": ds.stats()}
     return train(model, tok, ds, config, out, callbacks, provenance=provenance)
+
+
+def _phase(out: Path, phase: str) -> None:
+    """phase.json in a run folder that exists (the web app's, made before the run starts): bad input must
+    leave no folder behind."""
+    if dist_env()[0] == 0 and out.is_dir():
+        write_phase(out, phase)
 
 
 def _rank0_first(out: Path, make: Any, save: Any, load: Any, config: TrainConfig) -> Any:

@@ -290,8 +290,9 @@ class Trainer:
                 (self.out_dir / RESUMES).unlink(missing_ok=True)  # a failed earlier run's, if any
         if self.is_main:
             self._write_run_files(new=not resume)
-        from . import tracking
+        from . import progress, tracking
         self.callbacks += tracking.attach(self, resume)  # TensorBoard, a tracker: rank 0, after the run files
+        self.callbacks += progress.attach(self)  # generations at fixed prompts: samples.jsonl
         # The torch RNG drives dropout only (data comes from self.generator, the same on every rank); seeded per
         # rank, or every rank of DDP would drop the same units of its own rows. Restored per rank on resume.
         if self._torch_rng is not None:
@@ -304,6 +305,7 @@ class Trainer:
         t_window, tokens_window = time.perf_counter(), 0
         in_step = False
         self._signals.install()
+        self._phase("training")
         try:
             while stop_reason is None:
                 lr = lr_at(self.step, c, self.schedule_steps)  # every optimizer step, never per epoch
@@ -333,14 +335,18 @@ class Trainer:
                 if evaluated:
                     to_host(metrics)
                     t_eval = time.perf_counter()
+                    self._phase("evaluating")
                     metrics.update(self.evaluate())
                     early = self._early_stop(metrics.get("val_loss"))  # also tracks the best val loss
                     stop_reason = stop_reason or early
                     t_window += time.perf_counter() - t_eval  # tokens/s counts training time only
                 keys = len(metrics)
                 if evaluated:
+                    t_eval = time.perf_counter()
                     for cb in self.callbacks:
                         cb.on_eval(self, metrics)
+                    self._phase("training")
+                    t_window += time.perf_counter() - t_eval  # a lab's probes, the samples: not training either
                 for cb in self.callbacks:
                     cb.on_step(self, metrics)
                 if log_now or evaluated or len(metrics) > keys:  # a hook's own metrics are always logged
@@ -349,7 +355,9 @@ class Trainer:
                 # wsd: the stable phase's last state is kept, to extend the run from
                 if stop_reason or (c.save_every and self.step % c.save_every == 0) or self.step == self._stable_step:
                     t_save = time.perf_counter()
+                    self._phase("saving")
                     self.save_checkpoint()
+                    self._phase("training")
                     t_window += time.perf_counter() - t_save
         except KeyboardInterrupt:
             # A second Ctrl-C (or one outside the main thread's handler) lands anywhere; a checkpoint is
@@ -366,6 +374,7 @@ class Trainer:
         result = TrainResult(self.step, self.tokens, stop_reason, final_loss, self.best_val, self.out_dir,
                              list(self.history))
         if stop_reason != "interrupted":
+            self._phase("saving")
             self.save_final(result)
         for cb in self.callbacks:
             cb.on_train_end(self, result)
@@ -516,6 +525,12 @@ class Trainer:
             line += f" | val {m['val_loss']:.4f} ppl {m['val_ppl']:.1f} bpb {m['val_bpb']:.3f}"
         return line
 
+    def _phase(self, phase: str) -> None:
+        """RUN_DIR/phase.json (rank 0): what the run is doing now, for the web app's run page."""
+        if self.is_main:
+            from .progress import write_phase
+            write_phase(self.out_dir, phase, self.step)
+
     def _say(self, text: str) -> None:
         """A message on the lmlab.train logger, from rank 0 (console.py: who shows it, and how)."""
         if self.is_main:
@@ -651,6 +666,8 @@ class Trainer:
             self.scaler.load_state_dict(state["grad_scaler"])
         # metrics logged after the checkpoint will be produced again: drop them
         self.history = trim_metrics(self.out_dir / "metrics.jsonl", self.step, rewrite=self.is_main)
+        if self.is_main and (self.out_dir / "samples.jsonl").is_file():  # samples after it will be written again
+            trim_metrics(self.out_dir / "samples.jsonl", self.step)
         self._say(f"resumed from {path} (step {self.step})")
         if self.world > 1:
             dist.barrier()  # nobody appends to metrics.jsonl before it is trimmed

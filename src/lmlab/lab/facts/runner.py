@@ -225,7 +225,8 @@ def run_one(cfg: RunConfig, out_dir: str | Path, quiet: bool = True) -> dict[str
                      schedule=cfg.schedule, min_lr=cfg.lr / 10 if cfg.schedule != "constant" else None,
                      weight_decay=cfg.weight_decay, max_steps=cfg.steps, eval_every=cfg.eval_every,
                      eval_batches=1, save_every=0, keep_last=1, log_every=10**9, device="cpu", seed=cfg.seed,
-                     peak_flops=1e12)  # a fixed MFU denominator: skips the start-up matmul timing
+                     peak_flops=1e12,  # a fixed MFU denominator: skips the start-up matmul timing
+                     sample_every=0)  # no text samples: the lab measures with its own probes
     # step 0: the untrained model, so every curve starts at initialisation
     for cb in views.values():
         cb.on_eval(_AtStep0(model), {})

@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..app import StateDep
 from ..db import ACTIVE
-from ..schemas import ExperimentCreate, MetricsPage, ResumeRequest, Run, RunCreate, SelfPlayCreate
+from ..schemas import ExperimentCreate, MetricsPage, ResumeRequest, Run, RunCreate, RunOverview, SelfPlayCreate
 from ..services import (
     event_stream,
     need_run,
@@ -24,6 +24,7 @@ from ..services import (
     request_resume,
     run_file,
     run_info,
+    run_overview,
     sse,
     start_experiment,
     start_run,
@@ -62,12 +63,20 @@ def list_runs(state: StateDep, model: str | None = Query(None, max_length=100),
               kind: Literal["train", "selfplay", "experiment"] | None = Query(None)) -> list[Run]:
     queue = [r["id"] for r in state.db.queued_runs()]
     rows = state.db.list_runs(model_name=model, status=[status] if status else None, kind=kind)
-    return [run_info(state, r, queue) for r in rows]
+    clock = state.db.training_clock([r["id"] for r in rows])
+    return [run_info(state, r, queue, clock) for r in rows]
 
 
 @router.get("/runs/{run_id}", tags=["runs"], response_model=Run)
 def get_run(state: StateDep, run_id: RunId) -> Run:
     return run_info(state, need_run(state, run_id))
+
+
+@router.get("/runs/{run_id}/overview", tags=["runs"], response_model=RunOverview,
+            summary="the run page: settings and data, samples or sampled completions, output, the command that "
+                    "makes it again, the train form's settings to clone it, the machine's load")
+def get_run_overview(state: StateDep, run_id: RunId) -> RunOverview:
+    return run_overview(state, run_id)
 
 
 @router.get("/runs/{run_id}/metrics", tags=["runs"], response_model=MetricsPage,

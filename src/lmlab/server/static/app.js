@@ -1,8 +1,9 @@
 // lmlab web UI: plain ES modules, no framework, no CDN. Talks only to /api/v1 on the same server.
 
 import { LANGUAGES, STRINGS } from "/static/i18n.js";
-import { drawCharts } from "/static/charts.js";
+import { drawChartInto, drawCharts } from "/static/charts.js";
 import { confirmNewVersion, fillVersions, lineageText, versionParams, versionPicker } from "/static/versions.js";
+import { chartEmpty, initRunPage, metricsChanged, openRun, patchRows, renderCompare, tableRuns } from "/static/runpage.js";
 
 const $ = (sel, root = document) => root.querySelector(sel);
 const $$ = (sel, root = document) => [...root.querySelectorAll(sel)];
@@ -110,10 +111,13 @@ const S = {
 // ---- tabs ------------------------------------------------------------------------------------------
 
 function showTab(name) {
-  if (!$("#tab-" + name)) name = "books";
+  const page = /^run\/(\d+)$/.exec(name);  // a run's own page: #run/ID (runpage.js)
+  if (page) { name = "run"; openRun(+page[1]); }
+  if (!$("#tab-" + name) || (name === "run" && !page)) name = "books";
   for (const s of $$(".tab")) s.hidden = s.id !== "tab-" + name;
   for (const b of $$("#tabs button")) b.setAttribute("aria-selected", String(b.dataset.tab === name));
-  if (location.hash !== "#" + name) history.replaceState(null, "", "#" + name);
+  const hash = page ? page[0] : name;
+  if (location.hash !== "#" + hash) history.replaceState(null, "", "#" + hash);
   if (name === "runs") {
     if (!S.selected.size && S.runs.length) selectRun(S.runs[0].id);
     else redrawCharts();  // hidden charts were drawn at a guessed width
@@ -483,6 +487,7 @@ function renderLab() {
     h("td", {}, h("span", { class: "badge " + r.status, text: statusLabel(r) })),
     h("td", {},
       h("button", { type: "button", class: "view", text: t("lab.view"), onclick: () => { S.labCurrent = r.id; renderLab(); loadLabLog(); } }), " ",
+      h("a", { href: `#run/${r.id}`, class: "run-link", text: t("rp.details") }), " ",
       ACTIVE.has(r.status) && !r.cancel_requested ? h("button", { type: "button", class: "danger cancel", text: t("runs.cancel"), onclick: () => runAction(r.id, "cancel") }) : null, " ",
       r.status === "completed" ? h("a", { href: withToken(`/api/v1/runs/${r.id}/report`), target: "_blank", rel: "noopener", class: "report", text: t("lab.report") }) : null, " ",
       !ACTIVE.has(r.status) ? h("button", { type: "button", class: "danger", text: t("runs.delete"), onclick: () => deleteRun(r.id) }) : null))));
@@ -536,14 +541,14 @@ function statusLabel(r) {
 }
 
 function renderRuns() {
-  $("#runs-table tbody").replaceChildren(...S.runs.map((r) => {
+  patchRows($("#runs-table tbody"), tableRuns(S.runs).map((r) => {
     const pct = r.progress == null ? 0 : Math.round(r.progress * 100);
     const overlay = h("input", { type: "checkbox", checked: S.selected.has(r.id), "aria-label": `overlay run ${r.id}`,
                                  onchange: (e) => (e.target.checked ? selectRun(r.id, false) : unselectRun(r.id)) });
     const sp = r.kind === "selfplay", lab = r.kind === "experiment", product = sp ? r.params.new_model : r.model;
     const model = S.models.find((m) => m.name === product);
     return h("tr", { "data-run": r.id, "data-status": r.status, "data-kind": r.kind, class: r.id === S.current ? "selected" : "" },
-      h("td", {}, overlay), h("td", { text: r.id }),
+      h("td", {}, overlay), h("td", {}, h("a", { href: `#run/${r.id}`, class: "run-link", text: `#${r.id}` })),
       sp ? h("td", { title: t("runs.reward", { reward: r.params.reward }) }, `${r.model} → ${product}`, h("span", { class: "kind", text: t("runs.kind_selfplay") }))
         : lab ? h("td", {}, labName(r), h("span", { class: "kind", text: t("runs.kind_experiment") }))
         : h("td", { text: r.model, title: `${t("runs.books")}: ${r.books.join(", ")}` }),
@@ -551,7 +556,7 @@ function renderRuns() {
       h("td", { class: "num" }, h("span", { class: "bar" }, (() => { const i = h("i"); i.style.width = pct + "%"; return i; })()),
         `${fmtNum(r.current_step)} / ${fmtNum(r.max_steps)}`),
       h("td", { class: "num", text: fmtLoss(sp ? null : r.last_loss) }), h("td", { class: "num", text: fmtLoss(r.best_val_loss) }),
-      h("td", { class: "num", text: r.tokens_per_s == null ? "—" : fmtNum(Math.round(r.tokens_per_s)) }),
+      h("td", { class: "num", text: r.tokens_per_s_mean == null ? "—" : fmtNum(Math.round(r.tokens_per_s_mean)) }),
       h("td", { class: "num", text: r.last_reward == null ? "—" : `${fmtLoss(r.last_reward)} · ${fmtLoss(r.last_kl)}` }),
       h("td", {},
         h("button", { type: "button", text: t("runs.view"), onclick: () => selectRun(r.id) }), " ",
@@ -563,6 +568,7 @@ function renderRuns() {
         !ACTIVE.has(r.status) ? h("button", { type: "button", class: "danger", text: t("runs.delete"), onclick: () => deleteRun(r.id) }) : null));
   }));
   $("#runs-empty").hidden = S.runs.length > 0;
+  renderCompare();
   renderRunDetail();
   renderLab();
 }
@@ -650,7 +656,15 @@ function redrawCharts() {
   // an experiment has no metrics stream: its numbers are in its report
   drawCharts([...S.selected].map((id) => ({ id, color: runColor(id), metrics: S.metrics.get(id) || [],
                                             kind: S.runs.find((r) => r.id === id)?.kind ?? "train" }))
-    .filter((r) => r.kind !== "experiment"), t);
+    .filter((r) => r.kind !== "experiment"), t, chartEmpty([...S.selected]));
+  metricsChanged();
+}
+
+// One chart of one run for its page (runpage.js): `key` is a metric (loss draws val_loss too, dashed).
+const PAGE_CHARTS = { loss: "loss", tokens_per_s: "tps", reward: "reward", kl: "kl" };
+function runChart(el, id, key, empty) {
+  const kind = S.runs.find((r) => r.id === id)?.kind ?? "train";
+  drawChartInto(el, PAGE_CHARTS[key], [{ id, color: runColor(id), metrics: S.metrics.get(id) || [], kind }], t, empty);
 }
 
 async function runAction(id, action) {
@@ -789,6 +803,8 @@ async function main() {
   setupSelfPlayForm();
   setupLabForm();
   setupGenerate();
+  initRunPage({ S, t, h, api, fmtNum, fmtBytes, fmtLoss, statusLabel, labName, subscribe, runChart, showTab, toast, renderRuns });
+  window.addEventListener("hashchange", () => showTab(location.hash.slice(1)));
   await Promise.all([refreshBooks(), refreshModels(), refreshRuns()]);
   applyLanguage();
   const start = location.hash.slice(1) || (!S.books.length ? "books" : !S.models.length ? "models" : "runs");

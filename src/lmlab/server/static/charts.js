@@ -194,24 +194,24 @@ function figureButtons(chart, t) {
   }
 }
 
-function draw(chart, runs, t) {
-  const el = document.querySelector(`#chart-${chart.id}`);
+// el and sid: the runs view's #chart-<id> by default; a run's page passes its own element (and state key)
+function draw(chart, runs, t, el = document.querySelector(`#chart-${chart.id}`), sid = chart.id, emptyText = null) {
   const series = seriesOf(chart, runs, t), total = series.reduce((n, s) => n + s.xs.length, 0);
   el.dataset.points = String(total);
-  let st = state.get(chart.id) || {};
-  state.set(chart.id, st);
+  let st = state.get(sid) || {};
+  state.set(sid, st);
   const width = el.clientWidth, height = el.classList.contains("tall") ? 300 : 240;
   const key = JSON.stringify([series.map((s) => [s.label, s.color, s.role]), view, xLabel(t, chart), width]);
   if (!total || !width) {
     if (st.u) st.u.destroy();
     st = { series: [] };
     el.uplot = null;
-    state.set(chart.id, st);
+    state.set(sid, st);
     const empty = document.createElement("p");
     empty.className = "chart-empty";
     // runs with points, none of them on this x axis (self-play logs no tokens), or with y <= 0 on a log axis
     const other = runs.some((r) => r.metrics.some((m) => chart.keys.some(([k]) => m[k] != null)));
-    empty.textContent = t(other ? "chart.no_x" : "chart.empty");
+    empty.textContent = other ? t("chart.no_x") : emptyText ?? t("chart.empty");
     el.replaceChildren(empty);
     return;
   }
@@ -242,7 +242,7 @@ function draw(chart, runs, t) {
              ...(view.x === "time" ? {} : { incrs: WHOLE }) },  // steps and tokens are whole numbers
            { values: (u, vals) => vals.map(fmt), size: 60 }],
     series: uSeries(series),
-    hooks: { setCursor: [(u) => readout(u, state.get(chart.id), ro)] },
+    hooks: { setCursor: [(u) => readout(u, state.get(sid), ro)] },
   };
   st.key = key;
   st.full = [data[0][0], data[0][data[0].length - 1]];
@@ -279,8 +279,9 @@ export function resetZoom() {
   for (const st of state.values()) if (st.u) st.u.setData(st.u.data, true);
 }
 
-// runs: [{id, kind, color, metrics: [metrics line, ...]}] in the order they were selected
-export function drawCharts(runs, t) {
+// runs: [{id, kind, color, metrics: [metrics line, ...]}] in the order they were selected; empty: what a chart
+// without points says (a selected run's phase while it prepares)
+export function drawCharts(runs, t, empty = null) {
   last = { runs, t };
   controls(t);
   const kinds = new Set(runs.map((r) => r.kind));
@@ -288,7 +289,12 @@ export function drawCharts(runs, t) {
   document.querySelector("#sp-charts").hidden = !kinds.has("selfplay");
   document.querySelector("#train-charts").hidden = kinds.has("selfplay") && !kinds.has("train");
   for (const chart of CHARTS) {
-    draw(chart, runs.filter((r) => (r.kind === "selfplay") === (chart.group === "sp-charts")), t);
+    draw(chart, runs.filter((r) => (r.kind === "selfplay") === (chart.group === "sp-charts")), t, undefined, chart.id, empty);
     figureButtons(chart, t);
   }
+}
+
+// One chart (an id of CHARTS) of the given runs into `el`, with its own state: a run's page (runpage.js).
+export function drawChartInto(el, id, runs, t, empty = null) {
+  draw(CHARTS.find((c) => c.id === id), runs, t, el, el, empty);
 }
