@@ -249,8 +249,9 @@ def save_upload(state: AppState, upload: UploadFile, *, overwrite: bool, busy_co
             while block := upload.file.read(1 << 20):
                 size += len(block)
                 if size > limit:
-                    raise HTTPException(413, f"{name} is larger than the upload limit of {limit / 2**20:.1f} MiB "
-                                             "(lmlab serve --max-upload-mb)")
+                    # said to whoever uploads, often in a browser: no command-line flags
+                    raise HTTPException(413, f"{name} is larger than this server's upload limit of "
+                                             f"{limit / 2**20:g} MiB")
                 out.write(block)
         if size == 0:
             raise HTTPException(400, f"{name} is empty")
