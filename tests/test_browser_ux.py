@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from test_browser import ARTIFACTS, TOKEN, browser, ui_page  # noqa: F401 (browser: the fixture)
-from test_server_support import BOOK, ServerProcess, wait_for
+from test_server_support import BOOK, ServerProcess
 
 from lmlab.server.routers.demo import DEMO_BOOK, DEMO_VOCAB
 from lmlab.train.demo_corpus import demo_corpus
@@ -24,8 +24,8 @@ DEMO_STEPS = 30  # the button asks for the demo's 300 steps; the test's request 
 
 def axe_violations(page) -> list[str]:
     """Serious and critical axe-core findings on the page as it is: 'rule: target' per offending node."""
-    if not page.evaluate("() => !!window.axe"):
-        page.add_script_tag(path=str(AXE))
+    if not page.evaluate("() => !!window.axe"):  # evaluated, not a <script>: the app's CSP allows no inline script
+        page.evaluate(AXE.read_text(encoding="utf-8") + "\n;void 0")
     found = page.evaluate("""async () => (await axe.run(document, {resultTypes: ["violations"]})).violations
         .filter(v => v.impact === "serious" || v.impact === "critical")
         .flatMap(v => v.nodes.map(n => `${v.id}: ${n.target.join(" ")}`))""")
@@ -62,7 +62,7 @@ def test_demo_from_an_empty_workspace_then_every_view_at_1400_and_390_px(tmp_pat
             show(page, "books")
             assert "✓" in page.inner_text("#guide li:nth-child(3)")
             assert page.inner_text('#books-table tr[data-book="demo-tales.txt"] td:nth-child(4)') == \
-                f"≈ {round(len(demo_corpus()) / 4):,}"
+                f"≈ {int(len(demo_corpus()) / 4 + 0.5):,}"  # JavaScript rounds halves up
             show(page, "generate")
             page.fill("#g-seed", "1")
             page.click("#gen-go")
@@ -78,15 +78,14 @@ def test_demo_from_an_empty_workspace_then_every_view_at_1400_and_390_px(tmp_pat
                     wide[(view, width)] = page.evaluate("() => document.scrollingElement.scrollWidth")
                     shot(f"{view}-{width}")
                     problems += [f"{view} @{width}: {v}" for v in axe_violations(page)]
-            assert all(wide[(v, 390)] <= 390 for v in VIEWS), wide
+            assert {v: wide[(v, 390)] for v in VIEWS if wide[(v, 390)] > 390} == {}
             assert not problems, problems
             # at 390 px the header stays within its bar and every tab is on screen (or scrolls within the nav)
             page.set_viewport_size({"width": 390, "height": 900})
-            header = page.eval_on_selector("header", "e => e.getBoundingClientRect().height")
-            inside = page.eval_on_selector_all("header > *", "es => es.every(e => { const r = e.getBoundingClientRect(),"
-                                               " h = e.parentElement.getBoundingClientRect();"
-                                               " return r.top >= h.top && r.bottom <= h.bottom && r.right <= 390; })")
-            assert inside, header
+            outside = page.eval_on_selector_all("header > *, #tabs button", """es => es.filter(e => {
+                const r = e.getBoundingClientRect(), h = document.querySelector("header").getBoundingClientRect();
+                return r.top < h.top || r.bottom > h.bottom || r.left < 0 || r.right > 390; }).map(e => e.outerHTML)""")
+            assert outside == []
             page.select_option("#lang", "ru")
             for view in VIEWS:
                 show(page, view)
@@ -125,7 +124,13 @@ def test_errors_name_the_field_exports_keep_focus_and_generate_switches(tmp_path
             page.fill("#model-vocab", "3")
             page.wait_for_function("() => document.querySelector('#estimate').textContent.includes('Vocabulary')")
             assert page.inner_text("#estimate") == "✗ Vocabulary size: must be at least 5"
-            shot("estimate-error")
+            page.fill("#model-vocab", "300")
+            # the custom-architecture fields take the form's width, in columns (they stacked in one cell)
+            page.select_option("#model-source", "custom")
+            columns = page.eval_on_selector_all("#custom-fields label", "ls => new Set(ls.map(l => l.offsetLeft)).size")
+            assert columns == 4  # six fields of 210 px or more: four to a row in the 1280 px page's form
+            shot("custom-fields")
+            page.select_option("#model-source", "preset")
             # GGUF holds byte-level BPE only: not offered for the character-tokenizer model
             assert page.is_visible('tr[data-model="bpe-model"] a.export-gguf')
             assert page.is_visible('tr[data-model="char-model"] a.export-hf')

@@ -8,8 +8,16 @@ export function setupUx(c) {
   ctx = c;
   const guide = ctx.h("section", { id: "guide", class: "card", "aria-labelledby": "guide-title", hidden: true });
   document.querySelector("main").prepend(guide);
-  document.querySelector('#tabs button[data-tab="generate"]').addEventListener("click", () => localStorage.setItem("lmlab.guide.done", "1"));
+  document.querySelector('#tabs button[data-tab="generate"]').addEventListener("click", () => { localStorage.setItem("lmlab.guide.done", "1"); renderGuide(); });
   setupGenerateSwitches();
+  // a chart drawn as an image is named by its caption (WCAG 1.1.1; axe-core's svg-img-alt)
+  for (const img of document.querySelectorAll("figure [role=img]")) {
+    const caption = img.closest("figure").querySelector("figcaption");
+    if (caption && !img.hasAttribute("aria-labelledby")) {
+      caption.id ||= "caption-" + img.id;
+      img.setAttribute("aria-labelledby", caption.id);
+    }
+  }
 }
 
 // ---- errors ----------------------------------------------------------------------------------------
@@ -89,13 +97,13 @@ export function renderGuide() {
   if (box.hidden) return;
   const steps = [["books", S.books.length > 0], ["models", S.models.length > 0], ["train", trained || training], ["generate", false]];
   const focused = document.activeElement && box.contains(document.activeElement) ? document.activeElement.id : null;
-  box.replaceChildren(
+  box.replaceChildren(...[
     h("h2", { id: "guide-title", text: t("guide.title") }),
     S.models.length ? null : h("p", {}, h("button", { type: "button", id: "demo-go", onclick: startDemo, text: t("guide.demo") }), " ",
       h("span", { class: "muted", text: t("guide.demo_note") }), " ", h("span", { id: "demo-msg", class: "msg" })),
     h("ol", { class: "steps" }, ...steps.map(([tab, done], i) => h("li", { class: done ? "done" : "" },
       h("button", { type: "button", class: "secondary", id: `guide-${tab}`, onclick: () => showTab(tab), text: t(`guide.step${i + 1}`) }),
-      " ", h("span", { class: "muted", text: (done ? "✓ " : "") + t(`guide.step${i + 1}_note`) })))));
+      " ", h("span", { class: "muted", text: (done ? "✓ " : "") + t(`guide.step${i + 1}_note`) }))))].filter((e) => e));
   if (focused) document.getElementById(focused)?.focus();
 }
 
