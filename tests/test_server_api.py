@@ -611,3 +611,15 @@ def test_continue_training_from_the_trained_weights(lab):
     assert again[0]["loss"] < first[0]["loss"] - 0.3
     m = lab.get("/api/v1/models/tiny").json()
     assert m["trained_run_id"] == run["id"] and m["trained_steps"] == 4
+
+
+def test_validation_errors_carry_what_the_web_app_words_them_with(lab):
+    """The 422 body names the field, the error type, its limits (ctx) and a short input: ux.js turns them into
+    '<the field's label>: must be at least 5' in the page's language; a long input is not echoed."""
+    r = lab.post("/api/v1/models/estimate", json={"preset": "gpt2-tiny", "vocab_size": 3})
+    assert r.status_code == 422
+    assert r.json()["detail"] == [{"loc": ["body", "vocab_size"], "msg": "Input should be greater than or equal to 5",
+                                   "type": "greater_than_equal", "ctx": {"ge": 5}, "input": 3}]
+    r = lab.post("/api/v1/runs/experiment", json={"lab": "azr", "seeds": ["x", "y" * 101]})
+    assert [(e["loc"], e["type"], e.get("input")) for e in r.json()["detail"]] == [
+        (["body", "seeds", 0], "int_parsing", "x"), (["body", "seeds", 1], "int_parsing", None)]
