@@ -120,6 +120,10 @@ def test_errors_name_the_field_exports_keep_focus_and_generate_switches(tmp_path
             label = page.inner_text('label:has(#lab-seeds) span')
             assert page.inner_text("#lab-msg") == f"✗ {label}: «x» — не целое число"
             page.select_option("#lang", "en")
+            # every interface string has a Russian text of its own (Loss, Val loss, Weight decay, Seed had none)
+            same = page.evaluate("""async () => Object.entries((await import("/static/i18n.js")).STRINGS)
+                .filter(([k, [en, ru]]) => en === ru).map(([k]) => k)""")
+            assert same == ["api.docs"]  # "API" is the same word in Russian
             show(page, "models")
             page.fill("#model-vocab", "3")
             page.wait_for_function("() => document.querySelector('#estimate').textContent.includes('Vocabulary')")
