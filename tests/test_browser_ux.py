@@ -68,6 +68,20 @@ def test_demo_from_an_empty_workspace_then_every_view_at_1400_and_390_px(tmp_pat
             page.click("#gen-go")
             page.wait_for_function("() => document.querySelector('#gen-msg').textContent.includes('tokens/s')")
 
+            # a quick lab experiment, so that the Lab view shows a report: its table scrolls within the report
+            # (it was wider than the frame, cut at the frame's edge)
+            with server.client() as c:
+                azr = {"lab": "azr", "quick": True, "seeds": [0]}
+                assert c.post("/api/v1/runs/experiment", json=azr).status_code == 201
+            show(page, "lab")
+            page.click('#lab-table tr[data-run="2"][data-status=completed] button.view', timeout=300_000)
+            report = page.frame_locator("#lab-report")
+            assert report.locator("h1").inner_text(timeout=60_000) == "Absolute Zero miniature"
+            for width in (1400, 390):
+                page.set_viewport_size({"width": width, "height": 900})
+                sizes = page.frames[1].evaluate("() => [document.scrollingElement.scrollWidth, innerWidth]")
+                assert sizes[0] <= sizes[1], (width, sizes)
+
             wide, problems = {}, []
             for width in (1400, 390):
                 page.set_viewport_size({"width": width, "height": 900})

@@ -10,6 +10,8 @@ export function setupUx(c) {
   document.querySelector("main").prepend(guide);
   document.querySelector('#tabs button[data-tab="generate"]').addEventListener("click", () => { localStorage.setItem("lmlab.guide.done", "1"); renderGuide(); });
   setupGenerateSwitches();
+  // boxes of text that scroll (logs, previews) scroll from the keyboard too (axe-core's scrollable-region-focusable)
+  for (const pre of document.querySelectorAll("pre.preview")) pre.tabIndex = 0;
   // a chart drawn as an image is named by its caption (WCAG 1.1.1; axe-core's svg-img-alt)
   for (const img of document.querySelectorAll("figure [role=img]")) {
     const caption = img.closest("figure").querySelector("figcaption");
