@@ -156,7 +156,8 @@ def write_report(results: dict[str, Any], out: str | Path) -> None:
     paired = {k: v for k, v in verdict.items() if k.startswith("paired")}
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>lmlab selfplay azr</title>
 <style>body{{font-family:sans-serif;max-width:60rem;margin:2rem auto}}td,th{{padding:.2rem .6rem;
-border-bottom:1px solid #ddd;text-align:left}}code{{background:#f4f4f4}}.scroll{{overflow-x:auto}}img{{max-width:100%}}p{{overflow-wrap:anywhere}}</style></head><body>
+border-bottom:1px solid #ddd;text-align:left}}code{{background:#f4f4f4}}
+.scroll{{overflow-x:auto}}img{{max-width:100%}}p{{overflow-wrap:anywhere}}</style></head><body>
 <h1>Absolute Zero miniature</h1>
 <p>{html.escape(results['claim'])}</p>
 <p><b>Warm-up:</b> {html.escape(results['warmup_note'])} ({cfg['warmup_steps']} steps of {cfg['warmup_batch']}
