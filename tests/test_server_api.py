@@ -623,3 +623,10 @@ def test_validation_errors_carry_what_the_web_app_words_them_with(lab):
     r = lab.post("/api/v1/runs/experiment", json={"lab": "azr", "seeds": ["x", "y" * 101]})
     assert [(e["loc"], e["type"], e.get("input")) for e in r.json()["detail"]] == [
         (["body", "seeds", 0], "int_parsing", "x"), (["body", "seeds", 1], "int_parsing", None)]
+
+
+def test_over_budget_reason_names_no_command_line_flag(lab):
+    spec = {"family": "gpt2", "n_layer": 48, "n_head": 32, "n_embd": 4096, "block_size": 2048, "vocab_size": 50000}
+    reason = lab.post("/api/v1/models/estimate", json=spec).json()["reason"]
+    assert reason.endswith("but the memory budget is 2.00 GiB; use fewer layers, a smaller width or context, or a "
+                           "smaller batch (the budget is set where the server is started)"), reason
