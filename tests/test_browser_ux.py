@@ -81,6 +81,7 @@ def test_demo_from_an_empty_workspace_then_every_view_at_1400_and_390_px(tmp_pat
                 page.set_viewport_size({"width": width, "height": 900})
                 sizes = page.frames[1].evaluate("() => [document.scrollingElement.scrollWidth, innerWidth]")
                 assert sizes[0] <= sizes[1], (width, sizes)
+                page.locator("#lab-report").screenshot(path=str(SHOTS / f"lab-report-{width}.png"))
 
             wide, problems = {}, []
             for width in (1400, 390):
