@@ -208,7 +208,8 @@ def test_book_upload_is_validated(lab, name, data, status):
 def test_oversized_upload_is_refused_before_it_is_stored(lab):
     big = b"a" * (256 * 1024 + 1)  # the module's limit is 256 KiB
     r = lab.post("/api/v1/books", files={"file": ("big.txt", big, "text/plain")})
-    assert r.status_code == 413 and "limit" in r.json()["detail"]
+    assert r.status_code == 413
+    assert r.json()["detail"] == "big.txt is larger than this server's upload limit of 0.25 MiB"  # no CLI flag
     r = lab.post("/upload_book", files={"file": ("big.txt", b"a" * (3 * 2**20), "text/plain")})
     assert r.status_code == 413  # refused by Content-Length, before the body is read
     assert "big.txt" not in lab.get("/books").json()["books"]
@@ -625,3 +626,22 @@ def test_continue_training_from_the_trained_weights(lab):
     # the model's steps go on from the first run's 12; the run's own curve starts after them
     assert m["trained_run_id"] == run["id"] and m["trained_steps"] == 12 + 4
     assert (run["parent_run_id"], run["step_offset"]) == (lab.run_id, 12)
+
+
+def test_validation_errors_carry_what_the_web_app_words_them_with(lab):
+    """The 422 body names the field, the error type, its limits (ctx) and a short input: ux.js turns them into
+    '<the field's label>: must be at least 5' in the page's language; a long input is not echoed."""
+    r = lab.post("/api/v1/models/estimate", json={"preset": "gpt2-tiny", "vocab_size": 3})
+    assert r.status_code == 422
+    assert r.json()["detail"] == [{"loc": ["body", "vocab_size"], "msg": "Input should be greater than or equal to 5",
+                                   "type": "greater_than_equal", "ctx": {"ge": 5}, "input": 3}]
+    r = lab.post("/api/v1/runs/experiment", json={"lab": "azr", "seeds": ["x", "y" * 101]})
+    assert [(e["loc"], e["type"], e.get("input")) for e in r.json()["detail"]] == [
+        (["body", "seeds", 0], "int_parsing", "x"), (["body", "seeds", 1], "int_parsing", None)]
+
+
+def test_over_budget_reason_names_no_command_line_flag(lab):
+    spec = {"family": "gpt2", "n_layer": 48, "n_head": 32, "n_embd": 4096, "block_size": 2048, "vocab_size": 50000}
+    reason = lab.post("/api/v1/models/estimate", json=spec).json()["reason"]
+    assert reason.endswith("but the memory budget is 2.00 GiB; use fewer layers, a smaller width or context, or a "
+                           "smaller batch (the budget is set where the server is started)"), reason

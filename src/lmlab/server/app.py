@@ -262,6 +262,18 @@ def cross_site(scope: dict[str, Any]) -> str | None:
     return None
 
 
+def validation_error(e: dict[str, Any]) -> dict[str, Any]:
+    """One of pydantic's errors as the API answers it: loc, msg, type, and what the web app needs to say it in
+    words in its language (ux.js): the limits (ctx, as plain values) and a short scalar input, echoed only
+    up to 100 characters (a body may be large)."""
+    out = {k: e[k] for k in ("loc", "msg", "type")}
+    if e.get("ctx"):
+        out["ctx"] = {k: v if isinstance(v, (int, float, str)) else str(v) for k, v in e["ctx"].items()}
+    if isinstance(e.get("input"), (int, float, str)) and len(str(e["input"])) <= 100:
+        out["input"] = e["input"]
+    return out
+
+
 class BodyTooLarge(HTTPException):
     def __init__(self, limit: int) -> None:
         super().__init__(413, f"the request body is larger than the limit of {limit / 2**20:.1f} MiB")
@@ -427,8 +439,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
-        return JSONResponse({"detail": errors}, status_code=422)
+        return JSONResponse({"detail": [validation_error(e) for e in exc.errors()]}, status_code=422)
 
     from .routers import api, seed
     app.include_router(api)

@@ -95,7 +95,8 @@ def estimate(cfg: ModelConfig, batch_size: int, budget: int, seq_len: int | None
     if train > budget:
         reason = (f"training this model with batch {batch_size} x {T} tokens needs ~{human_bytes(train)} (weights, "
                   f"gradients, AdamW state and activations) but the memory budget is {human_bytes(budget)}; "
-                  "use fewer layers, a smaller width or context, a smaller batch, or raise --memory-budget-gb")
+                  "use fewer layers, a smaller width or context, or a smaller batch (the budget is set where the "
+                  "server is started)")  # said to web users too: no command-line flags
     return Estimate(config=cfg.to_dict(), parameters=cfg.num_parameters(), inference_bytes=infer,
                     training_bytes=train, batch_size=batch_size, seq_len=T, memory_budget_bytes=budget,
                     fits=reason is None, reason=reason)
@@ -328,8 +329,9 @@ def save_upload(state: AppState, upload: UploadFile, *, overwrite: bool, busy_co
             while block := upload.file.read(1 << 20):
                 size += len(block)
                 if size > limit:
-                    raise HTTPException(413, f"{name} is larger than the upload limit of {limit / 2**20:.1f} MiB "
-                                             "(lmlab serve --max-upload-mb)")
+                    # said to whoever uploads, often in a browser: no command-line flags
+                    raise HTTPException(413, f"{name} is larger than this server's upload limit of "
+                                             f"{limit / 2**20:g} MiB")
                 out.write(block)
         if size == 0:
             raise HTTPException(400, f"{name} is empty")

@@ -156,7 +156,8 @@ def write_report(results: dict[str, Any], out: str | Path) -> None:
     paired = {k: v for k, v in verdict.items() if k.startswith("paired")}
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>lmlab selfplay azr</title>
 <style>body{{font-family:sans-serif;max-width:60rem;margin:2rem auto}}td,th{{padding:.2rem .6rem;
-border-bottom:1px solid #ddd;text-align:left}}code{{background:#f4f4f4}}</style></head><body>
+border-bottom:1px solid #ddd;text-align:left}}code{{background:#f4f4f4}}
+.scroll{{overflow-x:auto}}img{{max-width:100%}}p{{overflow-wrap:anywhere}}</style></head><body>
 <h1>Absolute Zero miniature</h1>
 <p>{html.escape(results['claim'])}</p>
 <p><b>Warm-up:</b> {html.escape(results['warmup_note'])} ({cfg['warmup_steps']} steps of {cfg['warmup_batch']}
@@ -164,7 +165,7 @@ sequences.)</p>
 <p>Seeds: {results['seeds']}; held-out tasks: {results['heldout_size']} (stratified by task type and program
 length 1–{cfg['heldout_max_ops']}; lengths above {cfg['train_max_ops']} never appear in training);
 {cfg['iterations']} iterations, one gradient step each; total wall time {results['wall_s']:.0f} s.</p>
-<table><tr>{head}</tr>{body}</table>
+<div class="scroll"><table><tr>{head}</tr>{body}</table></div>
 <p><b>Reproduces the paper's claim here:</b> {verdict.get('reproduces')} — {html.escape(str(verdict.get('rule', '')))}.
 Differences of means: {html.escape(json.dumps({k: v for k, v in verdict.items() if k.startswith('azr_minus')}))}.
 Paired by seed (same warm-up): {html.escape(json.dumps(paired))}</p>

@@ -4,6 +4,7 @@ import { LANGUAGES, STRINGS } from "/static/i18n.js";
 import { drawChartInto, drawCharts } from "/static/charts.js";
 import { confirmNewVersion, fillVersions, lineageText, versionParams, versionPicker } from "/static/versions.js";
 import { chartEmpty, initRunPage, metricsChanged, openRun, patchRows, renderCompare, tableRuns } from "/static/runpage.js";
+import { errorText as detailText, keepFocus, renderGuide, setupUx, tokenEstimate } from "/static/ux.js";
 
 const $ = (sel, root = document) => root.querySelector(sel);
 const $$ = (sel, root = document) => [...root.querySelectorAll(sel)];
@@ -43,13 +44,6 @@ export const withToken = (url) => (token ? url + (url.includes("?") ? "&" : "?")
 // (or a JSON body), which a page of another site cannot send (app.py, cross_site).
 const apiHeaders = () => ({ "X-Lmlab-Request": "1", ...(token ? { Authorization: "Bearer " + token } : {}) });
 
-function detailText(d) {
-  if (!d) return "";
-  if (typeof d === "string") return d;
-  if (Array.isArray(d)) return d.map((e) => `${(e.loc || []).slice(1).join(".") || "body"}: ${e.msg}`).join("; ");
-  return JSON.stringify(d);
-}
-
 export async function api(method, path, body) {
   const opts = { method, headers: apiHeaders() };
   if (body !== undefined) {
@@ -70,7 +64,7 @@ export async function api(method, path, body) {
 
 function toast(text, bad = false) {
   const d = document.createElement("div");
-  d.textContent = text;
+  d.textContent = bad ? "✗ " + text : text;  // errors look as in the forms' messages
   if (bad) d.className = "bad";
   $("#toast").appendChild(d);
   setTimeout(() => d.remove(), bad ? 8000 : 4000);
@@ -131,13 +125,14 @@ function showTab(name) {
 
 function renderBooks() {
   const body = $("#books-table tbody");
-  body.replaceChildren(...S.books.map((b) => h("tr", { "data-book": b.name },
+  keepFocus(body, S.books.map((b) => h("tr", { "data-book": b.name },
     h("td", { text: b.name }), h("td", { class: "num", text: fmtBytes(b.size_bytes) }),
-    h("td", { class: "num", text: fmtNum(b.chars) }), h("td", { text: b.encoding }),
+    h("td", { class: "num", text: fmtNum(b.chars) }), h("td", { class: "num", text: "≈ " + fmtNum(tokenEstimate(b.chars)) }), h("td", { text: b.encoding }),
     h("td", {},
       h("button", { type: "button", text: t("books.preview"), onclick: () => previewBook(b.name) }), " ",
-      h("button", { type: "button", class: "danger", text: t("books.delete"), onclick: () => deleteBook(b.name) })))));
+      h("button", { type: "button", class: "danger", text: t("books.delete"), onclick: () => deleteBook(b.name) })))), "data-book");
   $("#books-empty").hidden = S.books.length > 0;
+  renderGuide();
   if (S.info) {
     $("#drop-hint").textContent = t("books.hint", { suffixes: S.info.book_suffixes.join(" "),
                                                     limit: fmtBytes(S.info.max_upload_bytes) });
@@ -321,19 +316,21 @@ function modelState(m) {
 }
 
 function renderModels() {
-  $("#models-table tbody").replaceChildren(...S.models.map((m) => h("tr", { "data-model": m.name },
+  keepFocus($("#models-table tbody"), S.models.map((m) => h("tr", { "data-model": m.name },
     h("td", { text: m.name }), h("td", { text: m.preset || m.family }), h("td", { class: "num", text: fmtNum(m.parameters) }),
     h("td", { text: `${m.tokenizer_kind} · ${m.vocab_size}` }), h("td", { text: modelState(m) }),
     h("td", {},
-      h("button", { type: "button", text: t("models.train"), onclick: () => { $("#train-model").value = m.name; onTrainModelChange(); showTab("train"); } }), " ",
+      h("button", { type: "button", class: "train", text: t("models.train"), onclick: () => { $("#train-model").value = m.name; onTrainModelChange(); showTab("train"); } }), " ",
       m.trained ? h("button", { type: "button", text: t("models.generate"), onclick: () => { renderGenModels(); $("#gen-model").value = m.name; showTab("generate"); } }) : null, " ",
       m.trained ? h("button", { type: "button", class: "selfplay", text: t("models.selfplay"), onclick: () => { renderSelfPlayForm(); $("#sp-model").value = m.name; onSelfPlayModelChange(); showTab("selfplay"); } }) : null, " ",
       m.trained ? versionPicker(m) : null, " ",
       m.trained ? h("a", { href: withToken(`/api/v1/models/${encodeURIComponent(m.name)}/download`), download: `${m.name}.zip`, class: "download", text: t("models.download") }) : null, " ",
       m.trained ? h("a", { href: withToken(`/api/v1/models/${encodeURIComponent(m.name)}/export/hf`), download: `${m.name}-hf.zip`, class: "export-hf", title: t("models.export_hf"), text: "HF" }) : null, " ",
-      m.trained && m.family !== "gpt" ? h("a", { href: withToken(`/api/v1/models/${encodeURIComponent(m.name)}/export/gguf`), download: `${m.name}.gguf`, class: "export-gguf", title: t("models.export_gguf"), text: "GGUF" }) : null, " ",
-      h("button", { type: "button", class: "danger", text: t("models.delete"), onclick: () => deleteModel(m.name) })))));
+      // GGUF holds llama.cpp's architectures and byte-level BPE only (interop/gguf_export.py)
+      m.trained && m.family !== "gpt" && m.tokenizer_kind === "bpe" ? h("a", { href: withToken(`/api/v1/models/${encodeURIComponent(m.name)}/export/gguf`), download: `${m.name}.gguf`, class: "export-gguf", title: t("models.export_gguf"), text: "GGUF" }) : null, " ",
+      h("button", { type: "button", class: "danger", text: t("models.delete"), onclick: () => deleteModel(m.name) })))), "data-model");
   $("#models-empty").hidden = S.models.length > 0;
+  renderGuide();
 }
 
 async function refreshModels() {
@@ -805,6 +802,12 @@ async function main() {
   setupGenerate();
   initRunPage({ S, t, h, api, fmtNum, fmtBytes, fmtLoss, statusLabel, labName, subscribe, runChart, showTab, toast, renderRuns });
   window.addEventListener("hashchange", () => showTab(location.hash.slice(1)));
+  setupUx({ t, api, S, h, showTab, openRun: async (run) => {
+    await Promise.all([refreshBooks(), refreshModels(), refreshRuns()]);
+    S.selected.clear();
+    selectRun(run.id);
+    showTab("runs");
+  } });
   await Promise.all([refreshBooks(), refreshModels(), refreshRuns()]);
   applyLanguage();
   const start = location.hash.slice(1) || (!S.books.length ? "books" : !S.models.length ? "models" : "runs");
