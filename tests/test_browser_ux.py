@@ -89,7 +89,7 @@ def test_demo_from_an_empty_workspace_then_every_view_at_1400_and_390_px(tmp_pat
                 for view in VIEWS:
                     show(page, view)
                     if view == "runs":
-                        page.wait_for_selector("#chart-loss path.series")
+                        page.wait_for_function("() => +document.querySelector('#chart-loss').dataset.points > 0")
                     wide[(view, width)] = page.evaluate("() => document.scrollingElement.scrollWidth")
                     shot(f"{view}-{width}")
                     problems += [f"{view} @{width}: {v}" for v in axe_violations(page)]
@@ -138,7 +138,7 @@ def test_errors_name_the_field_exports_keep_focus_and_generate_switches(tmp_path
             # every interface string has a Russian text of its own (Loss, Val loss, Weight decay, Seed had none)
             same = page.evaluate("""async () => Object.entries((await import("/static/i18n.js")).STRINGS)
                 .filter(([k, [en, ru]]) => en === ru).map(([k]) => k)""")
-            assert same == ["api.docs"]  # "API" is the same word in Russian
+            assert same == ["api.docs", "chart.csv", "chart.png", "rp.mfu"]  # API, CSV, PNG, MFU: the same in Russian
             show(page, "models")
             page.fill("#model-vocab", "3")
             page.wait_for_function("() => document.querySelector('#estimate').textContent.includes('Vocabulary')")
@@ -160,7 +160,7 @@ def test_errors_name_the_field_exports_keep_focus_and_generate_switches(tmp_path
             page.eval_on_selector('tr[data-model="char-model"]', "tr => { tr.dataset.old = '1'; }")
             with server.client() as c:
                 assert c.post("/api/v1/runs", json={"model": "bpe-model", "books": ["tales.txt"],
-                                                    "max_steps": 1}).status_code == 201
+                                                    "max_steps": 1, "new_version": True}).status_code == 201
             # the row is drawn anew (without the mark) once the page has seen the run
             page.wait_for_function("() => !document.querySelector('tr[data-model=\"char-model\"]').dataset.old",
                                    timeout=60_000)
@@ -168,11 +168,11 @@ def test_errors_name_the_field_exports_keep_focus_and_generate_switches(tmp_path
                                     " document.activeElement.className]")
             assert focused == ["char-model", "train"]
 
-            # Generate: the prompt right after the model; settings that do not apply are switched off
+            # Generate: the prompt right after the model and its version; settings that do not apply are switched off
             show(page, "generate")
             order = page.eval_on_selector_all("#gen-form input, #gen-form select, #gen-form textarea",
                                               "es => es.map(e => e.id)")
-            assert order[:2] == ["gen-model", "gen-prompt"]
+            assert order[:3] == ["gen-model", "gen-version", "gen-prompt"]
             sampling = ["#g-temperature", "#g-top_k", "#g-top_p", "#g-seed"]
             assert [page.is_disabled(s) for s in [*sampling, "#g-length_penalty"]] == [False] * 4 + [True]
             page.check("#g-greedy")
