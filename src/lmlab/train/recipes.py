@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from ..data import TokenDataset, find_documents, prepare, prepare_texts, read_document
+from ..eval.scorer import bits_per_byte, sequence_nll
 from ..files import atomic_write_text
 from ..models import ModelConfig, Transformer, generate
 from ..models.io import load_pretrained
@@ -139,11 +140,12 @@ def resume_run(out_dir: str | Path, overrides: dict[str, Any] | None = None,
     return train(model, tok, ds, config, out, callbacks, resume=True, provenance=provenance)
 
 
-@torch.no_grad()
 def evaluate_texts(model: Transformer, tokenizer: Any, texts: Sequence[str], *, seq_len: int | None = None,
-                   batch_size: int = 8) -> dict[str, float]:
-    """Loss (nats/token), perplexity and bits per byte of `model` over `texts` (documents joined by EOS),
-    in non-overlapping windows that cover every token once."""
+                   batch_size: int = 8, stride: int | None = None) -> dict[str, float]:
+    """Loss (nats/token), perplexity and bits per byte of `model` over `texts` (documents joined by EOS, as in
+    training), in windows of seq_len (default: the model's context) that score each token once; with
+    `stride` < seq_len each window after the first scores `stride` tokens after seq_len - stride of context.
+    lmlab.eval's sequence_nll does the scoring."""
     seq_len = min(seq_len or model.config.block_size, model.config.block_size)
     if seq_len < 1 or batch_size < 1:
         raise ValueError("seq_len and batch_size must be >= 1")
@@ -152,24 +154,10 @@ def evaluate_texts(model: Transformer, tokenizer: Any, texts: Sequence[str], *, 
         ids += enc + [tokenizer.eos_id]
     if len(ids) < 2:
         raise ValueError("the texts are empty")
-    flat = torch.tensor(ids)
-    n = len(flat) - 1  # positions that have a next token
-    starts = list(range(0, n - seq_len + 1, seq_len))
-    windows = [starts[i:i + batch_size] for i in range(0, len(starts), batch_size)]
-    tail = n - len(starts) * seq_len  # the short last window, a batch of its own
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total = 0.0
-    for chunk, length in [(c, seq_len) for c in windows] + ([([n - tail], tail)] if tail else []):
-        x = torch.stack([flat[s:s + length] for s in chunk]).to(device)
-        y = torch.stack([flat[s + 1:s + length + 1] for s in chunk]).to(device)
-        logits = model(x).logits.float()
-        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
-    model.train(was_training)
+    total, n = sequence_nll(model, ids, seq_len=seq_len, stride=stride or seq_len, batch_size=batch_size)
     loss = total / n
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "bits_per_byte": total / math.log(2) / n_bytes,
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "bits_per_byte": bits_per_byte(total, n_bytes),
             "tokens": n}
 
 
