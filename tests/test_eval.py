@@ -215,3 +215,23 @@ def test_bad_task_files(tmp_path):
         load_task(tmp_path / "t.yaml")
     with pytest.raises(ValueError, match="unknown task 'nope'"):
         load_task("nope")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_shared_context_through_the_kv_cache_equals_each_pair_alone(family, tok):
+    """Choices of one question read their context once (left-padded into the cache, then copied per choice):
+    the same log-likelihoods and greedy flags as each pair scored on its own."""
+    model = tiny(family)
+    questions = [("The fox saw", [" the grapes", " them", " Ряба and the vine"]),
+                 ("Жили-были дед да баба, и была", [" у них", " курочка"]),
+                 ("could", [" not reach them.", " reach"])]
+    pairs = [(tok.encode(c), tok.encode(c + x)[len(tok.encode(c)):]) for c, xs in questions for x in xs]
+    ids = [c + x for c, x in pairs]
+    pairs.append((ids[0][:-1], ids[0][-1:]))  # the model's own greedy continuation, to see a True flag
+    with torch.no_grad():
+        pairs.append((ids[0], [int(model(torch.tensor([ids[0]])).logits[0, -1].argmax())]))
+    pairs.append((ids[0], [5]))  # shares its context with the pair before
+    together = loglikelihood(model, pairs, batch_size=16)  # 4 contexts of different lengths per forward
+    alone = [loglikelihood(model, [p])[0] for p in pairs]
+    assert [g for _, g in together] == [g for _, g in alone] and any(g for _, g in alone)
+    np.testing.assert_allclose([ll for ll, _ in together], [ll for ll, _ in alone], atol=1e-5, rtol=0)

@@ -162,14 +162,63 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
 def loglikelihood(model: Transformer, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *,
                   batch_size: int = 16) -> list[tuple[float, bool]]:
     """(log p(continuation | context), whether greedy decoding gives exactly the continuation) per pair of id
-    lists; a context too long for the model is cut from the left."""
+    lists; a context too long for the model is cut from the left. Pairs that share a context (the choices of
+    one question) read it once: it goes through the KV cache, which is then copied for each continuation."""
     limit = model.config.block_size + 1
-    rows = [(list(c) + list(x))[-limit:] for c, x in pairs]
-    out = []
-    for (_, cont), (logp, greedy) in zip(pairs, token_logprobs(model, rows, batch_size=batch_size)):
-        k = len(cont)
-        out.append((float(logp[-k:].sum()) if k else 0.0, bool(greedy[-k:].all()) if k else True))
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (c, x) in enumerate(pairs):
+        if len(c) + len(x) <= limit and x:
+            groups.setdefault(tuple(c), []).append(i)
+    shared = {i for g in groups.values() if len(g) > 1 for i in g}
+    out: list[Any] = [None] * len(pairs)
+    contexts = sorted((c for c, g in groups.items() if len(g) > 1), key=len)
+    for b in range(0, len(contexts), max(1, batch_size // 4)):
+        chunk = contexts[b:b + max(1, batch_size // 4)]
+        for i, res in zip([i for c in chunk for i in groups[c]],
+                          _shared_context(model, chunk, [[list(pairs[i][1]) for i in groups[c]] for c in chunk])):
+            out[i] = res
+    rest = [i for i in range(len(pairs)) if i not in shared]
+    rows = [(list(pairs[i][0]) + list(pairs[i][1]))[-limit:] for i in rest]
+    for i, (logp, greedy) in zip(rest, token_logprobs(model, rows, batch_size=batch_size)):
+        k = len(pairs[i][1])
+        out[i] = (float(logp[-k:].sum()) if k else 0.0, bool(greedy[-k:].all()) if k else True)
     return out
+
+
+@torch.no_grad()
+def _shared_context(model: Transformer, contexts: Sequence[Sequence[int]],
+                    continuations: Sequence[Sequence[list[int]]]) -> list[tuple[float, bool]]:
+    """Contexts left-padded in one forward into the KV cache; the cache rows repeated once per continuation;
+    the continuations right-padded in a second forward. Returns the pairs in order."""
+    was_training = model.training
+    model.eval()
+    device = _device(model)
+    W = max(len(c) for c in contexts)
+    ids = torch.zeros(len(contexts), W, dtype=torch.long)
+    mask = torch.zeros(len(contexts), W, dtype=torch.bool)
+    for r, c in enumerate(contexts):
+        ids[r, W - len(c):], mask[r, W - len(c):] = torch.as_tensor(list(c)), True
+    conts = [x for xs in continuations for x in xs]
+    owner = torch.tensor([r for r, xs in enumerate(continuations) for _ in xs])
+    C = max(len(x) for x in conts)
+    cache = KVCache(model.config, len(contexts), W + C - 1, device=device, dtype=next(model.parameters()).dtype)
+    ids, mask = ids.to(device), mask.to(device)
+    first = model(ids, attention_mask=mask, position_ids=Transformer.positions_from_mask(mask), cache=cache,
+                  last_only=True).logits                                     # (B, 1, V)
+    cache.reorder(owner.to(device))
+    logits = first[owner.to(device)]
+    if C > 1:
+        x = torch.zeros(len(conts), C - 1, dtype=torch.long)
+        for r, cont in enumerate(conts):
+            x[r, :len(cont) - 1] = torch.as_tensor(cont[:-1])
+        full = torch.cat([mask[owner.to(device)], torch.ones(len(conts), C - 1, dtype=torch.bool, device=device)], 1)
+        pos = Transformer.positions_from_mask(full)[:, W:]
+        logits = torch.cat([logits, model(x.to(device), attention_mask=full, position_ids=pos, cache=cache).logits], 1)
+    y = torch.zeros(len(conts), C, dtype=torch.long)
+    for r, cont in enumerate(conts):
+        y[r, :len(cont)] = torch.as_tensor(cont)
+    model.train(was_training)
+    return [(float(lp.sum()), bool(g.all())) for lp, g in _pick(logits, y.to(device), [len(x) for x in conts])]
 
 
 def score_choices(model: Transformer, tokenizer: Any, items: Sequence[dict[str, Any]], *, delimiter: str = " ",
