@@ -67,19 +67,35 @@ def main() -> None:
         t_native = time.perf_counter() - t0
 
         def harness(model, **kw):
+            # lm-eval's first call in a process builds its task and dataset caches: a warm-up keeps that
+            # fixed cost out of both timed runs
+            simple_evaluate(model=model, tasks=["bench_mc"], task_manager=manager, bootstrap_iters=0,
+                            log_samples=False, limit=4, **kw)
             t0 = time.perf_counter()
             out = simple_evaluate(model=model, tasks=["bench_mc"], task_manager=manager, bootstrap_iters=0,
                                   log_samples=False, **kw)
             return time.perf_counter() - t0, out["results"]["bench_mc"]["acc,none"]
 
-        t_bridge, acc_bridge = harness(LmlabLM(path=str(root / "model"), batch_size=args.batch_size))
+        bridge = LmlabLM(path=str(root / "model"), batch_size=args.batch_size)
+        scoring = [0.0]
+        inner = bridge.loglikelihood
+
+        def timed(requests, disable_tqdm=False):
+            t0 = time.perf_counter()
+            out = inner(requests)
+            scoring[0] += time.perf_counter() - t0
+            return out
+
+        bridge.loglikelihood = timed
+        t_bridge, acc_bridge = harness(bridge)
         t_hf, acc_hf = harness("hf", model_args=dict(pretrained=str(root / "hf"), dtype="float32"), device="cpu",
                                batch_size=args.batch_size)
     print(f"{n} items x 4 choices, batch {args.batch_size}, {torch.get_num_threads()} threads")
     print(f"native scorer     {t_native:7.2f} s  {n / t_native:8.1f} items/s  acc {native['metrics']['acc']:.3f}")
     print(f"lm-eval + lmlab   {t_bridge:7.2f} s  {n / t_bridge:8.1f} items/s  acc {acc_bridge:.3f}")
     print(f"lm-eval + hf      {t_hf:7.2f} s  {n / t_hf:8.1f} items/s  acc {acc_hf:.3f}")
-    print(f"bridge / native wall time: {t_bridge / t_native:.2f}x (target <= 1.2x)")
+    print(f"bridge / native wall time: {t_bridge / t_native:.2f}x (target <= 1.2x); inside the bridge's "
+          f"loglikelihood: {scoring[0]:.2f} s ({scoring[0] / t_native:.2f}x native), the rest is lm-eval's own")
     print(f"native / hf items per second: {t_hf / t_native:.2f}x (target >= 2x)")
 
 

@@ -231,7 +231,11 @@ def test_shared_context_through_the_kv_cache_equals_each_pair_alone(family, tok)
     with torch.no_grad():
         pairs.append((ids[0], [int(model(torch.tensor([ids[0]])).logits[0, -1].argmax())]))
     pairs.append((ids[0], [5]))  # shares its context with the pair before
-    together = loglikelihood(model, pairs, batch_size=16)  # 4 contexts of different lengths per forward
+    # a short context with a long continuation and a long context with short ones: each fits the model's
+    # context of 24, both in one cache would not
+    long_ctx = tok.encode(TEXT)[:20]
+    pairs += [(ids[0][:3], long_ctx[:15]), (ids[0][:3], long_ctx[:2]), (long_ctx, [7]), (long_ctx, [8, 9])]
+    together = loglikelihood(model, pairs, batch_size=64)  # every context of different length in one forward
     alone = [loglikelihood(model, [p])[0] for p in pairs]
     assert [g for _, g in together] == [g for _, g in alone] and any(g for _, g in alone)
     np.testing.assert_allclose([ll for ll, _ in together], [ll for ll, _ in alone], atol=1e-5, rtol=0)

@@ -17,7 +17,7 @@ from lmlab.tokenizers import Tokenizer
 from lmlab.train.demo_corpus import demo_corpus
 
 TRAIN = ["--preset", "llama-tiny", "--vocab-size", "400", "--batch-size", "8", "--seq-len", "64",
-         "--eval-every", "1000", "--save-every", "1000", "--log-every", "1000", "--warmup-steps", "5", "--lr", "3e-3",
+         "--eval-every", "1000", "--save-every", "30", "--log-every", "1000", "--warmup-steps", "5", "--lr", "3e-3",
          "--val-fraction", "0.2", "--no-compile"]
 
 
@@ -89,6 +89,24 @@ def test_eval_tasks_json_and_table_equal_the_library(runs, capsys):
     assert lines[2].startswith("fables-gen") and "corpus_bleu" in lines[2]
     assert lines[3].split() [:3] == ["sacrebleu", "bleu:", "nrefs:var|case:mixed|eff:no|tok:13a|smooth:exp|version:"
                                      + lines[3].split("version:")[1]]
+
+
+def test_all_checkpoints_write_a_trajectory(runs, capsys):
+    from lmlab.train.checkpoint import checkpoint_model
+    root, tales = runs
+    assert main(["eval", str(root / "a"), "--all-checkpoints", "--tasks", "fables-mc", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["step"], r["metric"]) for r in rows] == [(30, "acc"), (30, "acc_norm"), (60, "acc"), (60, "acc_norm")]
+    tok = Tokenizer.load(root / "a" / "tokenizer.json")
+    for step in (30, 60):
+        model = checkpoint_model(root / "a" / "checkpoints" / f"step-{step}")
+        expected = run_task(model, tok, load_task("fables-mc"), batch_size=8)["metrics"]
+        assert {r["metric"]: r["value"] for r in rows if r["step"] == step} == expected
+    saved = (root / "a" / "eval" / "trajectory.jsonl").read_text().splitlines()
+    assert [json.loads(x) for x in saved] == rows
+    assert (root / "a" / "eval" / "trajectory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["eval", str(root / "a" / "final"), "--all-checkpoints", "--tasks", "fables-mc"]) == 2
+    assert "is not a training run with checkpoints" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -305,6 +305,8 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (8)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--json", action="store_true", help="print the results (with per-item scores) as JSON")
+    p.add_argument("--all-checkpoints", action="store_true", help="MODEL_DIR is a run: score each checkpoint and "
+                   "write RUN/eval/trajectory.jsonl and trajectory.png (metric against step)")
 
 
 def _model_dir(path: str) -> Path:
@@ -348,6 +350,8 @@ def _eval(args: argparse.Namespace) -> int:
     if not args.texts and not args.tasks:
         raise ValueError("give texts to evaluate on, --tasks, or both")
     tasks = [load_task(t.strip()) for t in (args.tasks or "").split(",") if t.strip()]  # bad files fail first
+    if args.all_checkpoints:
+        return _trajectory(args, tasks)
     model, tok = _load_for_eval(args.model_dir, args.device)
     out: dict[str, Any] = {"model": args.model_dir}
     if args.texts:
@@ -364,6 +368,57 @@ def _eval(args: argparse.Namespace) -> int:
               f"bits per byte {r['bits_per_byte']:.4f} | {r['tokens']:,} tokens")
     if tasks:
         _print_table(out["tasks"])
+    return 0
+
+
+def _trajectory(args: argparse.Namespace, tasks: list[Any]) -> int:
+    """Every checkpoint of a run on the tasks (and texts): metric against step, beside the run's metrics."""
+    import json
+
+    import numpy as np
+
+    from .data import find_documents, read_document
+    from .files import atomic_write_text
+    from .tokenizers import Tokenizer
+    from .train.checkpoint import checkpoint_model, checkpoint_step, checkpoints
+    from .train.recipes import evaluate_texts
+    from .train.trainer import resolve_device
+
+    run = Path(args.model_dir)
+    found = checkpoints(run)
+    if not found or not (run / "tokenizer.json").is_file():
+        raise ValueError(f"{run} is not a training run with checkpoints (--all-checkpoints takes a run directory)")
+    tok = Tokenizer.load(run / "tokenizer.json")
+    texts = [read_document(p) for p in find_documents(args.texts)] if args.texts else []
+    rows = []
+    for ckpt in found:
+        model, step = checkpoint_model(ckpt).to(resolve_device(args.device)), checkpoint_step(ckpt)
+        if texts:
+            r = evaluate_texts(model, tok, texts, seq_len=args.seq_len, batch_size=args.batch_size,
+                               stride=args.stride)
+            rows.append({"step": step, "task": "texts", "metric": "bits_per_byte", "value": r["bits_per_byte"]})
+        for result in _score_tasks(model, tok, tasks, args.batch_size):
+            rows += [{"step": step, "task": result["task"], "metric": k, "value": v}
+                     for k, v in result["metrics"].items()]
+    out = run / "eval"
+    out.mkdir(exist_ok=True)
+    atomic_write_text(out / "trajectory.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in rows:
+        series.setdefault(f"{r['task']} {r['metric']}", []).append((r["step"], r["value"]))
+    try:
+        from .lab.facts.report import line_plot
+        line_plot(out / "trajectory.png", f"{run.name}: evaluation by checkpoint", "step", "value",
+                  [(k, [(np.array([s for s, _ in v]), np.array([x for _, x in v]))]) for k, v in series.items()])
+        plot = f" and {out / 'trajectory.png'}"
+    except ValueError:  # no matplotlib: the numbers are written all the same
+        plot = " (no PNG: pip install 'lmlab[lab]' for matplotlib)"
+    if args.json:
+        print(json.dumps(rows, ensure_ascii=False, indent=1))
+        return 0
+    for name, points in series.items():
+        print(f"{name:<32} " + "  ".join(f"{s}: {v:.4f}" for s, v in points))
+    print(f"{len(found)} checkpoints: {out / 'trajectory.jsonl'}{plot}")
     return 0
 
 

@@ -171,9 +171,16 @@ def loglikelihood(model: Transformer, pairs: Sequence[tuple[Sequence[int], Seque
             groups.setdefault(tuple(c), []).append(i)
     shared = {i for g in groups.values() if len(g) > 1 for i in g}
     out: list[Any] = [None] * len(pairs)
-    contexts = sorted((c for c, g in groups.items() if len(g) > 1), key=len)
-    for b in range(0, len(contexts), max(1, batch_size // 4)):
-        chunk = contexts[b:b + max(1, batch_size // 4)]
+    chunks: list[list[tuple[int, ...]]] = []
+    cont = 0  # a chunk's longest context (the last, by the sort) and longest continuation must fit in one cache
+    for c in sorted((c for c, g in groups.items() if len(g) > 1), key=len):
+        longest = max(len(pairs[i][1]) for i in groups[c])
+        if not chunks or len(chunks[-1]) * 4 >= batch_size or len(c) + max(cont, longest) > limit:
+            chunks.append([])
+            cont = 0
+        chunks[-1].append(c)
+        cont = max(cont, longest)
+    for chunk in chunks:
         for i, res in zip([i for c in chunk for i in groups[c]],
                           _shared_context(model, chunk, [[list(pairs[i][1]) for i in groups[c]] for c in chunk])):
             out[i] = res
