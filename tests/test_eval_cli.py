@@ -31,7 +31,8 @@ def runs(tmp_path_factory):
     docs = [m.__doc__ for m in (argparse, json, random, shutil, pytest) if m.__doc__]
     other.write_text("\n\n".join(docs * 3), encoding="utf-8")
     for name, book in (("a", tales), ("b", other)):
-        assert main(["train", str(book), "--out", str(root / name), "--max-steps", "60", *TRAIN]) == 0
+        extra = ["--eval-tasks", "fables-mc", "--eval-every", "30"] if name == "a" else []
+        assert main(["train", str(book), "--out", str(root / name), "--max-steps", "60", *TRAIN, *extra]) == 0
     return root, tales
 
 
@@ -104,6 +105,11 @@ def test_all_checkpoints_write_a_trajectory(runs, capsys):
         assert {r["metric"]: r["value"] for r in rows if r["step"] == step} == expected
     saved = (root / "a" / "eval" / "trajectory.jsonl").read_text().splitlines()
     assert [json.loads(x) for x in saved] == rows
+    # `lmlab train --eval-tasks` logged the same numbers while training (the checkpoint of step 30 is the model
+    # that step evaluated)
+    logged = {m["step"]: m for m in map(json.loads, (root / "a" / "metrics.jsonl").read_text().splitlines())}
+    for r in rows:
+        assert logged[r["step"]][f"fables-mc/{r['metric']}"] == r["value"]
     assert (root / "a" / "eval" / "trajectory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["eval", str(root / "a" / "final"), "--all-checkpoints", "--tasks", "fables-mc"]) == 2
     assert "is not a training run with checkpoints" in capsys.readouterr().err

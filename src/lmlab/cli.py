@@ -241,6 +241,8 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--vocab-size", type=int, help="vocabulary size to train (8192)")
     d.add_argument("--val-fraction", type=float, help="held-out share of each document (0.05)")
     d.add_argument("--weight", action="append", default=[], metavar="NAME=W", help="document sampling weight")
+    p.add_argument("--eval-tasks", help="comma list of tasks (files or shipped names) scored at every evaluation; "
+                   "their metrics join metrics.jsonl as TASK/METRIC (give it again on --resume)")
     from .models import ModelConfig
     from .train import TrainConfig
     add_arguments(p, ModelConfig, exclude=("vocab_size",), title="model fields (ModelConfig; over --preset or "
@@ -255,11 +257,14 @@ _NEW_RUN_ONLY = ("sources", "preset", "model_config", "init", "dataset", "tokeni
 
 @command("train", "train a model on your books (or resume a run)", _train_arguments)
 def _train(args: argparse.Namespace) -> int:
+    from .eval import load_task
     from .models import ModelConfig
     from .train import TrainConfig
     from .train.config import STOP_CONDITIONS
-    from .train.recipes import resume_run, train_from_sources
+    from .train.recipes import TaskEval, resume_run, train_from_sources
 
+    tasks = [load_task(t.strip()) for t in (args.eval_tasks or "").split(",") if t.strip()]
+    callbacks = [TaskEval(tasks)] if tasks else []
     overrides, model_fields = given(args, TrainConfig), given(args, ModelConfig)
     model_fields.pop("vocab_size", None)  # the tokenizer's (--vocab-size), not a model flag
     if args.resume:
@@ -268,7 +273,7 @@ def _train(args: argparse.Namespace) -> int:
         if new_run:
             raise ValueError(f"--resume continues the run in --out with its own data, tokenizer and model; drop "
                              f"{', '.join(new_run)}")
-        result = resume_run(args.out, overrides)
+        result = resume_run(args.out, overrides, callbacks)
     else:
         if not any(overrides.get(k) for k in STOP_CONDITIONS):
             overrides["epochs"] = 1.0  # a sensible stop when none is given: one pass over the books
@@ -281,7 +286,7 @@ def _train(args: argparse.Namespace) -> int:
         result = train_from_sources(
             args.out, config, sources=args.sources, dataset=args.dataset, preset=args.preset,
             model_config=model_config, model_fields=model_fields, init=args.init, tokenizer=args.tokenizer,
-            weights=parse_weights(args.weight), **data)
+            weights=parse_weights(args.weight), callbacks=callbacks, **data)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return 0
     print(f"stopped after {result.steps} steps ({result.stop_reason})"

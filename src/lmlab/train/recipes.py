@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from ..data import TokenDataset, find_documents, prepare, prepare_texts, read_document
+from ..eval import Task, run_task
 from ..eval.scorer import bits_per_byte, sequence_nll
 from ..files import atomic_write_text
 from ..models import ModelConfig, Transformer, generate
@@ -30,7 +31,16 @@ from ..tokenizers import Tokenizer
 from .checkpoint import refuse_existing_run
 from .config import TrainConfig
 from .demo_corpus import demo_corpus
-from .trainer import TrainResult, check_fits, dist_env, init_distributed, read_run_config, resolve_device, train
+from .trainer import (
+    Callback,
+    TrainResult,
+    check_fits,
+    dist_env,
+    init_distributed,
+    read_run_config,
+    resolve_device,
+    train,
+)
 
 
 def train_from_sources(out_dir: str | Path, config: TrainConfig, *, sources: Sequence[str | Path] = (),
@@ -138,6 +148,25 @@ def resume_run(out_dir: str | Path, overrides: dict[str, Any] | None = None,
     model = Transformer(ModelConfig.from_dict(saved["model"]))
     provenance = {k: v for k, v in saved.items() if k not in ("train", "model")}
     return train(model, tok, ds, config, out, callbacks, resume=True, provenance=provenance)
+
+
+class TaskEval(Callback):
+    """`lmlab train --eval-tasks`: the tasks scored at every evaluation, their metrics added to that step's
+    metrics line as TASK/METRIC. One process only: under torchrun every rank would score the same items."""
+
+    def __init__(self, tasks: Sequence[Task]) -> None:
+        self.tasks = list(tasks)
+
+    def on_eval(self, trainer: Any, metrics: dict[str, Any]) -> None:
+        if trainer.world > 1:
+            return
+        model = trainer.model
+        was_training = model.training
+        model.eval()  # no dropout in the scores, nor in a generation task's samples
+        for task in self.tasks:
+            result = run_task(model, trainer.tokenizer, task, batch_size=trainer.config.batch_size)
+            metrics.update({f"{task.name}/{k}": v for k, v in result["metrics"].items()})
+        model.train(was_training)
 
 
 def evaluate_texts(model: Transformer, tokenizer: Any, texts: Sequence[str], *, seq_len: int | None = None,
