@@ -1,6 +1,7 @@
 """The scorer against references: batched = one by one = KV-cached, the strided bits per byte against a
 brute-force loop, the metrics against sacrebleu / rouge-score called directly, probes, the bootstrap, tasks."""
 
+import json
 import math
 
 import numpy as np
@@ -215,6 +216,13 @@ def test_bad_task_files(tmp_path):
         load_task(tmp_path / "t.yaml")
     with pytest.raises(ValueError, match="unknown task 'nope'"):
         load_task("nope")
+    (tmp_path / "t.yaml").write_text("name: t\nkind: lm\ndata: x.jsonl\nseed: abc\n")
+    with pytest.raises(ValueError, match="t.yaml: seed must be an integer >= 0"):
+        load_task(tmp_path / "t.yaml")
+    (tmp_path / "t.yaml").write_text("name: t\nkind: lm\ndata: x.jsonl\n")
+    (tmp_path / "x.jsonl").write_bytes('{"context": "Жили", "continuation": "x"}\n'.encode("cp1251"))
+    with pytest.raises(ValueError, match=r"x.jsonl: not UTF-8 text \(byte 13\)"):
+        load_task(tmp_path / "t.yaml")
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -239,3 +247,23 @@ def test_shared_context_through_the_kv_cache_equals_each_pair_alone(family, tok)
     alone = [loglikelihood(model, [p])[0] for p in pairs]
     assert [g for _, g in together] == [g for _, g in alone] and any(g for _, g in alone)
     np.testing.assert_allclose([ll for ll, _ in together], [ll for ll, _ in alone], atol=1e-5, rtol=0)
+
+
+def test_fewshot_prompts_hold_k_solved_other_items_then_the_item(tmp_path):
+    from lmlab.eval import prompts
+    items = [{"context": f"Q{i}:", "choices": [f"a{i}", f"b{i}"], "answer": i % 2} for i in range(6)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(x) + "\n" for x in items))
+    (tmp_path / "t.yaml").write_text("name: t\nkind: multiple_choice\ndata: d.jsonl\nfewshot: 2\n"
+                                     "description: \"Answer.\\n\"\nfewshot_delimiter: ' | '\n")
+    task = load_task(tmp_path / "t.yaml")
+    solved = [f"Q{i}: {it['choices'][it['answer']]}" for i, it in enumerate(items)]
+    out = prompts(task)
+    for i, p in enumerate(out):
+        assert p["choices"] == items[i]["choices"] and p["answer"] == items[i]["answer"]
+        head, *shots, last = p["context"].split(" | ")
+        shots = [head.removeprefix("Answer.\n")] + shots
+        assert head.startswith("Answer.\n") and last == f"Q{i}:" and len(shots) == 2
+        assert set(shots) <= set(solved) - {solved[i]} and len(set(shots)) == 2
+    assert prompts(task) == out  # the same examples every time
+    task.seed = 1
+    assert prompts(task) != out

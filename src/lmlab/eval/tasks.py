@@ -70,9 +70,11 @@ def load_task(spec: str | Path) -> Task:
             raise ValueError(f"{path}: {key!r} must be a non-empty string")
     if meta["kind"] not in FIELDS:
         raise ValueError(f"{path}: kind must be one of {', '.join(FIELDS)}, not {meta['kind']!r}")
+    for key in ("fewshot", "seed"):
+        value = meta.get(key, 0)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{path}: {key} must be an integer >= 0")
     fewshot = meta.get("fewshot", 0)
-    if not isinstance(fewshot, int) or isinstance(fewshot, bool) or fewshot < 0:
-        raise ValueError(f"{path}: fewshot must be an integer >= 0")
     for key in ("description", "target_delimiter", "fewshot_delimiter"):
         if key in meta and not isinstance(meta[key], str):
             raise ValueError(f"{path}: {key!r} must be a string")
@@ -84,15 +86,19 @@ def load_task(spec: str | Path) -> Task:
     if fewshot >= len(items):
         raise ValueError(f"{path}: fewshot ({fewshot}) must be below the number of items ({len(items)})")
     return Task(meta["name"], meta["kind"], items, meta.get("description", ""), fewshot,
-                meta.get("target_delimiter", " "), meta.get("fewshot_delimiter", "\n\n"), int(meta.get("seed", 0)), gen)
+                meta.get("target_delimiter", " "), meta.get("fewshot_delimiter", "\n\n"), meta.get("seed", 0), gen)
 
 
 def read_items(path: Path, kind: str) -> list[dict[str, Any]]:
     """The JSONL items of a task, each checked: `FILE:LINE: reason` for the first bad one."""
     if not path.is_file():
         raise ValueError(f"task data not found: {path}")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     items = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
