@@ -115,13 +115,28 @@ def test_all_checkpoints_write_a_trajectory(runs, capsys):
     assert "is not a training run with checkpoints" in capsys.readouterr().err
 
 
+def test_probes_on_the_command_line_equal_the_library(runs, capsys):
+    from lmlab.eval import probes
+    from lmlab.models import GenerationConfig, generate
+    root, _ = runs
+    assert main(["eval", str(root / "a"), "--probes", "3", "--prompt", "Жили-были", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)["probes"]
+    model, tok = load_pretrained(root / "a" / "final")
+    samples = [generate(model, tok, "Жили-были", GenerationConfig(seed=s)) for s in range(3)]
+    ds = TokenDataset.open(root / "a" / "data", tok)
+    assert got == probes(samples, tok.decode(ds.tokens[:ds.train_tokens].tolist()))
+    assert set(got) == {"distinct_1", "distinct_2", "repetition_4", "self_bleu", "compression_ratio",
+                        "longest_shared_ngram"}
+
+
 @pytest.mark.parametrize("argv, message", [
     (["eval", "{a}", "--tasks", "nope"], "lmlab: error: unknown task 'nope': not a file, nor a shipped task "
                                          "(fables-gen, fables-lm, fables-mc)"),
     (["eval", "{a}", "--tasks", "{bad}"], "lmlab: error: {badjsonl}:2: missing 'answer' (a multiple_choice item has "
                                           "context, choices, answer)"),
     (["eval", "{tmp}/missing", "--tasks", "fables-mc"], "lmlab: error: model directory not found: {tmp}/missing"),
-    (["eval", "{a}"], "lmlab: error: give texts to evaluate on, --tasks, or both"),
+    (["eval", "{a}"], "lmlab: error: give texts to evaluate on, --tasks, --probes N, or several"),
+    (["eval", "{a}", "--probes", "0"], "lmlab: error: --probes must be >= 1"),
     (["compare", "{a}", "--tasks", "fables-mc"], "lmlab: error: compare needs at least two models"),
 ])
 def test_bad_input_is_one_line_and_exit_2(runs, tmp_path, capsys, argv, message):

@@ -310,6 +310,10 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (8)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--json", action="store_true", help="print the results (with per-item scores) as JSON")
+    p.add_argument("--probes", type=int, metavar="N", help="generate N samples (seeds 0..N-1, the model's "
+                   "generation.json) and report distinct-n, repetition, self-BLEU, compression ratio and, for a run, "
+                   "the longest word n-gram shared with its training text")
+    p.add_argument("--prompt", default="", help="the prompt of the --probes samples (default: none)")
     p.add_argument("--all-checkpoints", action="store_true", help="MODEL_DIR is a run: score each checkpoint and "
                    "write RUN/eval/trajectory.jsonl and trajectory.png (metric against step)")
 
@@ -352,8 +356,10 @@ def _eval(args: argparse.Namespace) -> int:
     from .eval import load_task
     from .train.recipes import evaluate_texts
 
-    if not args.texts and not args.tasks:
-        raise ValueError("give texts to evaluate on, --tasks, or both")
+    if args.probes is not None and args.probes < 1:
+        raise ValueError("--probes must be >= 1")
+    if not args.texts and not args.tasks and not args.probes:
+        raise ValueError("give texts to evaluate on, --tasks, --probes N, or several")
     tasks = [load_task(t.strip()) for t in (args.tasks or "").split(",") if t.strip()]  # bad files fail first
     if args.all_checkpoints:
         return _trajectory(args, tasks)
@@ -364,6 +370,8 @@ def _eval(args: argparse.Namespace) -> int:
         out["texts"] = evaluate_texts(model, tok, texts, seq_len=args.seq_len, batch_size=args.batch_size,
                                       stride=args.stride)
     out["tasks"] = _score_tasks(model, tok, tasks, args.batch_size)
+    if args.probes:
+        out["probes"] = _probes(model, tok, args)
     if args.json:
         print(json.dumps(out, ensure_ascii=False, indent=1))
         return 0
@@ -373,7 +381,27 @@ def _eval(args: argparse.Namespace) -> int:
               f"bits per byte {r['bits_per_byte']:.4f} | {r['tokens']:,} tokens")
     if tasks:
         _print_table(out["tasks"])
+    if args.probes:
+        print(f"probes on {args.probes} samples: " + "  ".join(f"{k} {v:.4g}" for k, v in out["probes"].items()))
     return 0
+
+
+def _probes(model: Any, tok: Any, args: argparse.Namespace) -> dict[str, float]:
+    """The generation probes; memorisation against the training split when MODEL_DIR is a run."""
+    import dataclasses
+
+    from .data import TokenDataset
+    from .eval import probes
+    from .models import generate
+    from .models.io import load_generation_config
+
+    base = load_generation_config(_model_dir(args.model_dir))
+    samples = [generate(model, tok, args.prompt, dataclasses.replace(base, seed=seed)) for seed in range(args.probes)]
+    run, training = Path(args.model_dir), None
+    if (run / "data" / "tokens.json").is_file():
+        ds = TokenDataset.open(run / "data", tok)
+        training = tok.decode(ds.tokens[:ds.train_tokens].tolist())
+    return probes(samples, training)
 
 
 def _trajectory(args: argparse.Namespace, tasks: list[Any]) -> int:
