@@ -137,6 +137,9 @@ def test_probes_on_the_command_line_equal_the_library(runs, capsys):
     (["eval", "{tmp}/missing", "--tasks", "fables-mc"], "lmlab: error: model directory not found: {tmp}/missing"),
     (["eval", "{a}"], "lmlab: error: give texts to evaluate on, --tasks, --probes N, or several"),
     (["eval", "{a}", "--probes", "0"], "lmlab: error: --probes must be >= 1"),
+    (["eval", "{a}", "--tasks", "fables-mc", "--batch-size", "0"], "lmlab: error: --batch-size must be >= 1"),
+    (["eval", "{a}", "{a}/../tales.txt", "--stride", "0"], "lmlab: error: stride (0) must be in [1, context length "
+                                                           "128]"),
     (["compare", "{a}", "--tasks", "fables-mc"], "lmlab: error: compare needs at least two models"),
 ])
 def test_bad_input_is_one_line_and_exit_2(runs, tmp_path, capsys, argv, message):

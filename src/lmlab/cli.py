@@ -358,6 +358,8 @@ def _eval(args: argparse.Namespace) -> int:
 
     if args.probes is not None and args.probes < 1:
         raise ValueError("--probes must be >= 1")
+    if args.batch_size < 1:
+        raise ValueError("--batch-size must be >= 1")
     if not args.texts and not args.tasks and not args.probes:
         raise ValueError("give texts to evaluate on, --tasks, --probes N, or several")
     tasks = [load_task(t.strip()) for t in (args.tasks or "").split(",") if t.strip()]  # bad files fail first
@@ -499,6 +501,8 @@ def _compare(args: argparse.Namespace) -> int:
 
     if len(args.models) < 2:
         raise ValueError("compare needs at least two models")
+    if args.batch_size < 1 or args.resamples < 1:
+        raise ValueError("--batch-size and --resamples must be >= 1")
     tasks = [load_task(t.strip()) for t in args.tasks.split(",") if t.strip()]
     results = []
     for m in args.models:

@@ -33,7 +33,7 @@ def windows(n: int, length: int, stride: int | None = None) -> list[tuple[int, i
     `length` tokens before them, so each target has at least length - stride tokens of context (Press et
     al. 2021, "Shortformer", sliding-window evaluation). stride == length is lm-evaluation-harness's
     loglikelihood_rolling."""
-    stride = stride or length
+    stride = length if stride is None else stride
     if not 1 <= stride <= length:
         raise ValueError(f"stride ({stride}) must be in [1, context length {length}]")
     if n < 1:

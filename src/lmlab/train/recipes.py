@@ -183,7 +183,8 @@ def evaluate_texts(model: Transformer, tokenizer: Any, texts: Sequence[str], *, 
         ids += enc + [tokenizer.eos_id]
     if len(ids) < 2:
         raise ValueError("the texts are empty")
-    total, n = sequence_nll(model, ids, seq_len=seq_len, stride=stride or seq_len, batch_size=batch_size)
+    total, n = sequence_nll(model, ids, seq_len=seq_len, stride=seq_len if stride is None else stride,
+                            batch_size=batch_size)
     loss = total / n
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "bits_per_byte": bits_per_byte(total, n_bytes),
