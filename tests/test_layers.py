@@ -12,11 +12,13 @@ ALLOWED = {
     "tokenizers": {"configs", "files"},
     "data": {"configs", "files"},
     "models": {"configs", "files", "tokenizers"},
-    "train": {"configs", "files", "data", "models", "tokenizers"},
-    "interop": {"configs", "files", "data", "models", "tokenizers", "train"},
-    "lab": {"configs", "files", "data", "models", "tokenizers", "train"},
-    "server": {"configs", "files", "data", "models", "tokenizers", "train", "interop", "lab", "__init__"},
-    "cli": {"configs", "files", "data", "models", "tokenizers", "train", "interop", "lab", "server", "__init__"},
+    "eval": {"configs", "files", "data", "models", "tokenizers"},
+    "train": {"configs", "files", "data", "models", "tokenizers", "eval"},
+    "interop": {"configs", "files", "data", "models", "tokenizers", "train", "eval"},
+    "lab": {"configs", "files", "data", "models", "tokenizers", "train", "eval"},
+    "server": {"configs", "files", "data", "models", "tokenizers", "train", "interop", "lab", "eval", "__init__"},
+    "cli": {"configs", "files", "data", "models", "tokenizers", "train", "interop", "lab", "server", "eval",
+            "__init__"},
     "__init__": {"models", "tokenizers", "train", "data"},
 }
 

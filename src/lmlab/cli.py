@@ -18,6 +18,7 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from .configs import add_arguments, given, parse_seeds, read_config_file
 
@@ -240,6 +241,8 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--vocab-size", type=int, help="vocabulary size to train (8192)")
     d.add_argument("--val-fraction", type=float, help="held-out share of each document (0.05)")
     d.add_argument("--weight", action="append", default=[], metavar="NAME=W", help="document sampling weight")
+    p.add_argument("--eval-tasks", help="comma list of tasks (files or shipped names) scored at every evaluation; "
+                   "their metrics join metrics.jsonl as TASK/METRIC (give it again on --resume)")
     from .models import ModelConfig
     from .train import TrainConfig
     add_arguments(p, ModelConfig, exclude=("vocab_size",), title="model fields (ModelConfig; over --preset or "
@@ -254,11 +257,14 @@ _NEW_RUN_ONLY = ("sources", "preset", "model_config", "init", "dataset", "tokeni
 
 @command("train", "train a model on your books (or resume a run)", _train_arguments)
 def _train(args: argparse.Namespace) -> int:
+    from .eval import load_task
     from .models import ModelConfig
     from .train import TrainConfig
     from .train.config import STOP_CONDITIONS
-    from .train.recipes import resume_run, train_from_sources
+    from .train.recipes import TaskEval, resume_run, train_from_sources
 
+    tasks = [load_task(t.strip()) for t in (args.eval_tasks or "").split(",") if t.strip()]
+    callbacks = [TaskEval(tasks)] if tasks else []
     overrides, model_fields = given(args, TrainConfig), given(args, ModelConfig)
     model_fields.pop("vocab_size", None)  # the tokenizer's (--vocab-size), not a model flag
     if args.resume:
@@ -267,7 +273,7 @@ def _train(args: argparse.Namespace) -> int:
         if new_run:
             raise ValueError(f"--resume continues the run in --out with its own data, tokenizer and model; drop "
                              f"{', '.join(new_run)}")
-        result = resume_run(args.out, overrides)
+        result = resume_run(args.out, overrides, callbacks)
     else:
         if not any(overrides.get(k) for k in STOP_CONDITIONS):
             overrides["epochs"] = 1.0  # a sensible stop when none is given: one pass over the books
@@ -280,7 +286,7 @@ def _train(args: argparse.Namespace) -> int:
         result = train_from_sources(
             args.out, config, sources=args.sources, dataset=args.dataset, preset=args.preset,
             model_config=model_config, model_fields=model_fields, init=args.init, tokenizer=args.tokenizer,
-            weights=parse_weights(args.weight), **data)
+            weights=parse_weights(args.weight), callbacks=callbacks, **data)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return 0
     print(f"stopped after {result.steps} steps ({result.stop_reason})"
@@ -294,27 +300,228 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model_dir", help="a model directory")
-    p.add_argument("texts", nargs="+", help="files, folders or globs to evaluate on")
+    p.add_argument("model_dir", help="a model directory (or a run directory: its final/ model)")
+    p.add_argument("texts", nargs="*", help="files, folders or globs: loss, perplexity and bits per byte on them")
+    p.add_argument("--tasks", help="comma list of task YAML files or shipped task names "
+                   "(lmlab.eval.shipped_tasks(): fables-mc, fables-lm, fables-gen); see docs/EVAL.md")
     p.add_argument("--seq-len", type=int, help="window length (default: the model's context)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (8)")
+    p.add_argument("--stride", type=int, help="score the texts with a sliding window: each window after the first "
+                   "counts this many new tokens (default: --seq-len, non-overlapping)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (8)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--json", action="store_true", help="print the results (with per-item scores) as JSON")
+    p.add_argument("--probes", type=int, metavar="N", help="generate N samples (seeds 0..N-1, the model's "
+                   "generation.json) and report distinct-n, repetition, self-BLEU, compression ratio and, for a run, "
+                   "the longest word n-gram shared with its training text")
+    p.add_argument("--prompt", default="", help="the prompt of the --probes samples (default: none)")
+    p.add_argument("--all-checkpoints", action="store_true", help="MODEL_DIR is a run: score each checkpoint and "
+                   "write RUN/eval/trajectory.jsonl and trajectory.png (metric against step)")
 
 
-@command("eval", "loss, perplexity and bits per byte of a model on texts", _eval_arguments)
-def _eval(args: argparse.Namespace) -> int:
-    from .data import find_documents, read_document
+def _model_dir(path: str) -> Path:
+    """A model directory, or a training run's final model."""
+    p = Path(path)
+    return p / "final" if (p / "final" / "config.json").is_file() else p
+
+
+def _load_for_eval(path: str, device: str) -> tuple[Any, Any]:
     from .models.io import load_pretrained
+    from .train.trainer import resolve_device
+    model, tok = load_pretrained(_model_dir(path), device=resolve_device(device))
+    if tok is None:
+        raise ValueError(f"{path} has no tokenizer.json")
+    return model, tok
+
+
+def _score_tasks(model: Any, tok: Any, tasks: list[Any], batch_size: int) -> list[dict[str, Any]]:
+    from .eval import run_task
+    return [run_task(model, tok, t, batch_size=batch_size) for t in tasks]
+
+
+def _print_table(results: list[dict[str, Any]]) -> None:
+    print(f"{'task':<24} {'kind':<16} {'n':>5}  metrics")
+    for r in results:
+        metrics = "  ".join(f"{k} {v:.4f}" for k, v in r["metrics"].items())
+        print(f"{r['task']:<24} {r['kind']:<16} {r['n']:>5}  {metrics}")
+        for name, sig in r.get("signatures", {}).items():
+            print(f"{'':<24} sacrebleu {name}: {sig}")
+
+
+@command("eval", "score a model: bits per byte on texts and/or tasks (multiple choice, LM, generation); "
+         "`lmlab eval make-task` builds a task from your books", _eval_arguments)
+def _eval(args: argparse.Namespace) -> int:
+    import json
+
+    from .data import find_documents, read_document
+    from .eval import load_task
+    from .train.recipes import evaluate_texts
+
+    if args.probes is not None and args.probes < 1:
+        raise ValueError("--probes must be >= 1")
+    if args.batch_size < 1:
+        raise ValueError("--batch-size must be >= 1")
+    if not args.texts and not args.tasks and not args.probes:
+        raise ValueError("give texts to evaluate on, --tasks, --probes N, or several")
+    tasks = [load_task(t.strip()) for t in (args.tasks or "").split(",") if t.strip()]  # bad files fail first
+    if args.all_checkpoints:
+        return _trajectory(args, tasks)
+    model, tok = _load_for_eval(args.model_dir, args.device)
+    out: dict[str, Any] = {"model": args.model_dir}
+    if args.texts:
+        texts = [read_document(p) for p in find_documents(args.texts)]
+        out["texts"] = evaluate_texts(model, tok, texts, seq_len=args.seq_len, batch_size=args.batch_size,
+                                      stride=args.stride)
+    out["tasks"] = _score_tasks(model, tok, tasks, args.batch_size)
+    if args.probes:
+        out["probes"] = _probes(model, tok, args)
+    if args.json:
+        print(json.dumps(out, ensure_ascii=False, indent=1))
+        return 0
+    if args.texts:
+        r = out["texts"]
+        print(f"loss {r['loss']:.4f} nats/token | perplexity {r['perplexity']:.2f} | "
+              f"bits per byte {r['bits_per_byte']:.4f} | {r['tokens']:,} tokens")
+    if tasks:
+        _print_table(out["tasks"])
+    if args.probes:
+        print(f"probes on {args.probes} samples: " + "  ".join(f"{k} {v:.4g}" for k, v in out["probes"].items()))
+    return 0
+
+
+def _probes(model: Any, tok: Any, args: argparse.Namespace) -> dict[str, float]:
+    """The generation probes; memorisation against the training split when MODEL_DIR is a run."""
+    import dataclasses
+
+    from .data import TokenDataset
+    from .eval import probes
+    from .models import generate
+    from .models.io import load_generation_config
+
+    base = load_generation_config(_model_dir(args.model_dir))
+    samples = [generate(model, tok, args.prompt, dataclasses.replace(base, seed=seed)) for seed in range(args.probes)]
+    run, training = Path(args.model_dir), None
+    if (run / "data" / "tokens.json").is_file():
+        ds = TokenDataset.open(run / "data", tok)
+        training = tok.decode(ds.tokens[:ds.train_tokens].tolist())
+    return probes(samples, training)
+
+
+def _trajectory(args: argparse.Namespace, tasks: list[Any]) -> int:
+    """Every checkpoint of a run on the tasks (and texts): metric against step, beside the run's metrics."""
+    import json
+
+    import numpy as np
+
+    from .data import find_documents, read_document
+    from .files import atomic_write_text
+    from .tokenizers import Tokenizer
+    from .train.checkpoint import checkpoint_model, checkpoint_step, checkpoints
     from .train.recipes import evaluate_texts
     from .train.trainer import resolve_device
 
-    model, tok = load_pretrained(args.model_dir, device=resolve_device(args.device))
-    if tok is None:
-        raise ValueError(f"{args.model_dir} has no tokenizer.json")
-    texts = [read_document(p) for p in find_documents(args.texts)]
-    r = evaluate_texts(model, tok, texts, seq_len=args.seq_len, batch_size=args.batch_size)
-    print(f"loss {r['loss']:.4f} nats/token | perplexity {r['perplexity']:.2f} | "
-          f"bits per byte {r['bits_per_byte']:.4f} | {r['tokens']:,} tokens")
+    run = Path(args.model_dir)
+    found = checkpoints(run)
+    if not found or not (run / "tokenizer.json").is_file():
+        raise ValueError(f"{run} is not a training run with checkpoints (--all-checkpoints takes a run directory)")
+    tok = Tokenizer.load(run / "tokenizer.json")
+    texts = [read_document(p) for p in find_documents(args.texts)] if args.texts else []
+    rows = []
+    for ckpt in found:
+        model, step = checkpoint_model(ckpt).to(resolve_device(args.device)), checkpoint_step(ckpt)
+        if texts:
+            r = evaluate_texts(model, tok, texts, seq_len=args.seq_len, batch_size=args.batch_size,
+                               stride=args.stride)
+            rows.append({"step": step, "task": "texts", "metric": "bits_per_byte", "value": r["bits_per_byte"]})
+        for result in _score_tasks(model, tok, tasks, args.batch_size):
+            rows += [{"step": step, "task": result["task"], "metric": k, "value": v}
+                     for k, v in result["metrics"].items()]
+    out = run / "eval"
+    out.mkdir(exist_ok=True)
+    atomic_write_text(out / "trajectory.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in rows:
+        series.setdefault(f"{r['task']} {r['metric']}", []).append((r["step"], r["value"]))
+    try:
+        from .lab.facts.report import line_plot
+        line_plot(out / "trajectory.png", f"{run.name}: evaluation by checkpoint", "step", "value",
+                  [(k, [(np.array([s for s, _ in v]), np.array([x for _, x in v]))]) for k, v in series.items()])
+        plot = f" and {out / 'trajectory.png'}"
+    except ValueError:  # no matplotlib: the numbers are written all the same
+        plot = " (no PNG: pip install 'lmlab[lab]' for matplotlib)"
+    if args.json:
+        print(json.dumps(rows, ensure_ascii=False, indent=1))
+        return 0
+    for name, points in series.items():
+        print(f"{name:<32} " + "  ".join(f"{s}: {v:.4f}" for s, v in points))
+    print(f"{len(found)} checkpoints: {out / 'trajectory.jsonl'}{plot}")
+    return 0
+
+
+def _make_task_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("books", nargs="*", help="documents of the run's dataset to use (name, file name or stem; "
+                   "default: all)")
+    p.add_argument("--run", dest="run_dir", required=True, help="the training run whose held-out (validation) text "
+                   "is used")
+    p.add_argument("--kind", choices=["cloze", "next-sentence"], default="cloze", help="item kind (cloze)")
+    p.add_argument("--out", required=True, help="the task file to write (NAME.yaml, with NAME.jsonl beside it)")
+    p.add_argument("--items", type=int, default=200, help="at most this many items (200)")
+    p.add_argument("--seed", type=int, default=0, help="which sentences and distractors")
+
+
+@command("make-task", "build a multiple-choice task from the held-out text of a run's books (also spelled "
+         "`lmlab eval make-task`)", _make_task_arguments)
+def _make_task(args: argparse.Namespace) -> int:
+    from .eval.maketask import held_out_texts, make_items, write_task
+
+    texts = held_out_texts(args.run_dir, args.books)
+    items = make_items(list(texts.values()), args.kind, n=args.items, seed=args.seed)
+    path = write_task(args.out, Path(args.out).stem, items, source=", ".join(texts))
+    print(f"{len(items)} {args.kind} items from the held-out text of {len(texts)} document(s): {path}")
+    return 0
+
+
+def _compare_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("models", nargs="+", help="two or more model or run directories; the first is the baseline")
+    p.add_argument("--tasks", required=True, help="comma list of task files or shipped task names")
+    p.add_argument("--out", default="lmlab-compare", help="folder for compare.json and report.html")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (8)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (2000)")
+    p.add_argument("--json", action="store_true", help="print the comparison as JSON")
+
+
+@command("compare", "compare models on tasks: deltas with paired-bootstrap 95% intervals, flipped items, "
+         "report.html", _compare_arguments)
+def _compare(args: argparse.Namespace) -> int:
+    import json
+
+    from .eval import load_task
+    from .eval.compare import compare, report_html
+    from .files import atomic_write_text
+
+    if len(args.models) < 2:
+        raise ValueError("compare needs at least two models")
+    if args.batch_size < 1 or args.resamples < 1:
+        raise ValueError("--batch-size and --resamples must be >= 1")
+    tasks = [load_task(t.strip()) for t in args.tasks.split(",") if t.strip()]
+    results = []
+    for m in args.models:
+        model, tok = _load_for_eval(m, args.device)
+        results.append({"model": m, "tasks": _score_tasks(model, tok, tasks, args.batch_size)})
+    c = compare(results, resamples=args.resamples)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "compare.json", json.dumps({**c, "results": results}, ensure_ascii=False, indent=1))
+    atomic_write_text(out / "report.html", report_html(c))
+    if args.json:
+        print(json.dumps(c, ensure_ascii=False, indent=1))
+        return 0
+    print(f"baseline {c['base']}")
+    print(f"{'task':<20} {'metric':<10} {'model':<28} {'delta':>9}  95% interval")
+    for r in c["rows"]:
+        print(f"{r['task']:<20} {r['metric']:<10} {r['model'][-28:]:<28} {r['delta']:+9.4f}  "
+              f"[{r['low']:+.4f}, {r['high']:+.4f}]")
+    print(f"{len(c['flips'])} items flipped; report: {out / 'report.html'}")
     return 0
 
 
@@ -626,6 +833,9 @@ def is_user_error(exc: BaseException) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["eval", "make-task"]:  # the spelling of the docs; one parser per command keeps it flat
+        argv = argv[1:]
     parser = build_parser()
     try:
         args = parse_arguments(parser, argv)  # argparse itself exits with 2 on unknown flags

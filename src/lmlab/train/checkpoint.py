@@ -46,6 +46,19 @@ def checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
+def checkpoint_model(checkpoint: str | Path) -> Any:
+    """The model of checkpoints/step-N in eval mode, on the CPU (its config.json says which)."""
+    from safetensors.torch import load_model
+
+    from ..models import ModelConfig, Transformer
+    path = Path(checkpoint)
+    model = Transformer(ModelConfig.from_dict(json.loads((path / "config.json").read_text(encoding="utf-8"))["model"]))
+    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model.eval()
+
+
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return (checkpoints(run_dir) or [None])[-1]
 

@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 
 from ..data import TokenDataset, find_documents, prepare, prepare_texts, read_document
+from ..eval import Task, run_task
+from ..eval.scorer import bits_per_byte, sequence_nll
 from ..files import atomic_write_text
 from ..models import ModelConfig, Transformer, generate
 from ..models.io import load_pretrained
@@ -30,7 +32,16 @@ from .checkpoint import refuse_existing_run
 from .config import TrainConfig
 from .demo_corpus import demo_corpus
 from .progress import write_phase
-from .trainer import TrainResult, check_fits, dist_env, init_distributed, read_run_config, resolve_device, train
+from .trainer import (
+    Callback,
+    TrainResult,
+    check_fits,
+    dist_env,
+    init_distributed,
+    read_run_config,
+    resolve_device,
+    train,
+)
 
 
 def train_from_sources(out_dir: str | Path, config: TrainConfig, *, sources: Sequence[str | Path] = (),
@@ -149,11 +160,31 @@ def resume_run(out_dir: str | Path, overrides: dict[str, Any] | None = None,
     return train(model, tok, ds, config, out, callbacks, resume=True, provenance=provenance)
 
 
-@torch.no_grad()
+class TaskEval(Callback):
+    """`lmlab train --eval-tasks`: the tasks scored at every evaluation, their metrics added to that step's
+    metrics line as TASK/METRIC. One process only: under torchrun every rank would score the same items."""
+
+    def __init__(self, tasks: Sequence[Task]) -> None:
+        self.tasks = list(tasks)
+
+    def on_eval(self, trainer: Any, metrics: dict[str, Any]) -> None:
+        if trainer.world > 1:
+            return
+        model = trainer.model
+        was_training = model.training
+        model.eval()  # no dropout in the scores, nor in a generation task's samples
+        for task in self.tasks:
+            result = run_task(model, trainer.tokenizer, task, batch_size=trainer.config.batch_size)
+            metrics.update({f"{task.name}/{k}": v for k, v in result["metrics"].items()})
+        model.train(was_training)
+
+
 def evaluate_texts(model: Transformer, tokenizer: Any, texts: Sequence[str], *, seq_len: int | None = None,
-                   batch_size: int = 8) -> dict[str, float]:
-    """Loss (nats/token), perplexity and bits per byte of `model` over `texts` (documents joined by EOS),
-    in non-overlapping windows that cover every token once."""
+                   batch_size: int = 8, stride: int | None = None) -> dict[str, float]:
+    """Loss (nats/token), perplexity and bits per byte of `model` over `texts` (documents joined by EOS, as in
+    training), in windows of seq_len (default: the model's context) that score each token once; with
+    `stride` < seq_len each window after the first scores `stride` tokens after seq_len - stride of context.
+    lmlab.eval's sequence_nll does the scoring."""
     seq_len = min(seq_len or model.config.block_size, model.config.block_size)
     if seq_len < 1 or batch_size < 1:
         raise ValueError("seq_len and batch_size must be >= 1")
@@ -162,24 +193,11 @@ def evaluate_texts(model: Transformer, tokenizer: Any, texts: Sequence[str], *, 
         ids += enc + [tokenizer.eos_id]
     if len(ids) < 2:
         raise ValueError("the texts are empty")
-    flat = torch.tensor(ids)
-    n = len(flat) - 1  # positions that have a next token
-    starts = list(range(0, n - seq_len + 1, seq_len))
-    windows = [starts[i:i + batch_size] for i in range(0, len(starts), batch_size)]
-    tail = n - len(starts) * seq_len  # the short last window, a batch of its own
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total = 0.0
-    for chunk, length in [(c, seq_len) for c in windows] + ([([n - tail], tail)] if tail else []):
-        x = torch.stack([flat[s:s + length] for s in chunk]).to(device)
-        y = torch.stack([flat[s + 1:s + length + 1] for s in chunk]).to(device)
-        logits = model(x).logits.float()
-        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum").item()
-    model.train(was_training)
+    total, n = sequence_nll(model, ids, seq_len=seq_len, stride=seq_len if stride is None else stride,
+                            batch_size=batch_size)
     loss = total / n
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "bits_per_byte": total / math.log(2) / n_bytes,
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "bits_per_byte": bits_per_byte(total, n_bytes),
             "tokens": n}
 
 

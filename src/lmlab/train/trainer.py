@@ -65,6 +65,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from ..eval.scorer import bits_per_byte
 from ..files import atomic_write_text
 from ..models import ModelConfig, Transformer, fast
 from ..models.io import save_pretrained
@@ -446,10 +447,9 @@ class Trainer:
         if stat[1] == 0:
             return {}
         val = float(stat[0] / stat[1])
-        bpt = self.dataset.bytes_per_token()
-        # bits per byte = nats/token / ln 2 / (bytes/token): comparable across tokenizers
+        # nats/token over bytes/token: comparable across tokenizers
         return {"val_loss": val, "val_ppl": math.exp(min(val, 50.0)),
-                "val_bpb": val / math.log(2) / bpt if bpt else float("nan")}
+                "val_bpb": bits_per_byte(val, self.dataset.bytes_per_token())}
 
     def _limit_reached(self) -> str | None:
         c = self.config

@@ -1,0 +1,76 @@
+"""The bridge to EleutherAI's lm-evaluation-harness (https://github.com/EleutherAI/lm-evaluation-harness): an
+`LM` registered as `lmlab` that scores with lmlab.eval's scorer, so an lmlab model directory is evaluated
+directly (no transformers round trip) and gives the numbers `lmlab eval` gives.
+
+    pip install 'lmlab[eval]'
+    python -m lmlab.eval.harness --model lmlab --model_args path=runs/demo/final --tasks my_task \\
+        --include_path my_tasks/      # lm_eval's own flags; this only registers the model first
+    lmlab-lm-eval ...                 # the same, as a command
+
+lm-eval lists its models in a fixed table, so `lm_eval` itself finds `lmlab` only after `import
+lmlab.eval.harness` (in Python: lm_eval.simple_evaluate(model="lmlab", ...) after the import).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+try:
+    # lm-eval fills its registry with its own models only while the registry is empty: fill it first, or
+    # registering `lmlab` would hide `hf` and the others
+    import lm_eval.models  # noqa: F401
+    from lm_eval.api.model import LM
+    from lm_eval.api.registry import register_model
+except ImportError as exc:  # the optional extra
+    raise ImportError("the lm-evaluation-harness bridge needs lm_eval: pip install 'lmlab[eval]'") from exc
+
+from ..models import GenerationConfig, generate
+from ..models.io import load_pretrained
+from .scorer import encode_pair, loglikelihood, nll_many
+
+
+@register_model("lmlab")
+class LmlabLM(LM):
+    """model_args: path=MODEL_DIR (required), device=cpu|cuda (cpu), batch_size=N (16)."""
+
+    def __init__(self, path: str | None = None, device: str = "cpu", batch_size: int | str = 16, **_: Any) -> None:
+        super().__init__()
+        if not path:
+            raise ValueError("--model_args needs path=MODEL_DIR")
+        if not device or (str(device).startswith("cuda") and not torch.cuda.is_available()):
+            device = "cpu"  # lm_eval's command line asks for cuda unless told otherwise
+        self.model, self.tokenizer = load_pretrained(path, device=device)
+        if self.tokenizer is None:
+            raise ValueError(f"{path} has no tokenizer.json")
+        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16  # "auto" -> the default
+
+    def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        pairs = [encode_pair(self.tokenizer, *r.args) for r in requests]
+        return loglikelihood(self.model, pairs, batch_size=self.batch_size)
+
+    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
+        """Each text after one <EOS>, in disjoint windows of the model's context: lm-eval's rolling windows."""
+        tok = self.tokenizer
+        seqs = [[tok.eos_id, *tok.encode(r.args[0])] for r in requests]
+        return [-total for total, _ in nll_many(self.model, seqs, batch_size=self.batch_size)]
+
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        out = []
+        for r in requests:
+            context, kwargs = r.args
+            until = kwargs.get("until") or []
+            cfg = GenerationConfig(max_new_tokens=int(kwargs.get("max_gen_toks", 256)), do_sample=False,
+                                   stop_strings=[until] if isinstance(until, str) else list(until))
+            out.append(generate(self.model, self.tokenizer, context, cfg))
+        return out
+
+
+def main() -> None:
+    from lm_eval.__main__ import cli_evaluate
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""Tasks: a small YAML file naming a JSONL file of items, local only (nothing is downloaded).
+
+    name: fables-mc                 # shown in results
+    kind: multiple_choice           # multiple_choice | lm | generate
+    data: fables-mc.jsonl           # relative to the YAML file
+    description: ""                 # text before everything (optional)
+    fewshot: 0                      # solved examples before each item, drawn from the other items
+    target_delimiter: " "           # between a context and its choice / continuation / reference
+    fewshot_delimiter: "\\n\\n"       # between examples
+    seed: 0                         # which few-shot examples
+    generation: {max_new_tokens: 32, do_sample: false}   # generate only: GenerationConfig fields
+
+One JSON object per line: multiple_choice {"context", "choices": [...], "answer": index}; lm {"context",
+"continuation"}; generate {"prompt", "references": [...]}. docs/EVAL.md has the details.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..configs import from_dict, read_config_file
+from ..models import GenerationConfig, Transformer
+from .scorer import score_choices, score_generation, score_greedy
+
+SHIPPED = Path(__file__).parent / "tasks"
+FIELDS = {"multiple_choice": {"context": str, "choices": list, "answer": int},
+          "lm": {"context": str, "continuation": str},
+          "generate": {"prompt": str, "references": list}}
+METRICS = {"multiple_choice": ("acc", "acc_norm"), "lm": ("exact",), "generate": ("chrf", "rougeL")}
+KEYS = {"name", "kind", "data", "description", "fewshot", "target_delimiter", "fewshot_delimiter", "seed",
+        "generation"}
+
+
+@dataclass
+class Task:
+    name: str
+    kind: str
+    items: list[dict[str, Any]]
+    description: str = ""
+    fewshot: int = 0
+    target_delimiter: str = " "
+    fewshot_delimiter: str = "\n\n"
+    seed: int = 0
+    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=32, do_sample=False))
+
+
+def shipped_tasks() -> list[str]:
+    return sorted(p.stem for p in SHIPPED.glob("*.yaml"))
+
+
+def load_task(spec: str | Path) -> Task:
+    """A shipped task by name or a YAML file; ValueError naming the file (and line) for anything wrong."""
+    path = Path(spec)
+    if not path.suffix and (SHIPPED / f"{spec}.yaml").is_file():
+        path = SHIPPED / f"{spec}.yaml"
+    if not path.is_file():
+        raise ValueError(f"unknown task {str(spec)!r}: not a file, nor a shipped task ({', '.join(shipped_tasks())})")
+    meta = read_config_file(path)
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: a task file is a mapping (name, kind, data, ...)")
+    unknown = sorted(set(meta) - KEYS)
+    if unknown:
+        raise ValueError(f"{path}: unknown key {unknown[0]!r} (known: {', '.join(sorted(KEYS))})")
+    for key in ("name", "kind", "data"):
+        if not isinstance(meta.get(key), str) or not meta[key]:
+            raise ValueError(f"{path}: {key!r} must be a non-empty string")
+    if meta["kind"] not in FIELDS:
+        raise ValueError(f"{path}: kind must be one of {', '.join(FIELDS)}, not {meta['kind']!r}")
+    for key in ("fewshot", "seed"):
+        value = meta.get(key, 0)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{path}: {key} must be an integer >= 0")
+    fewshot = meta.get("fewshot", 0)
+    for key in ("description", "target_delimiter", "fewshot_delimiter"):
+        if key in meta and not isinstance(meta[key], str):
+            raise ValueError(f"{path}: {key!r} must be a string")
+    try:
+        gen = from_dict(GenerationConfig, {"max_new_tokens": 32, "do_sample": False, **(meta.get("generation") or {})})
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{path}: generation: {exc}") from None
+    items = read_items(path.parent / meta["data"], meta["kind"])
+    if fewshot >= len(items):
+        raise ValueError(f"{path}: fewshot ({fewshot}) must be below the number of items ({len(items)})")
+    return Task(meta["name"], meta["kind"], items, meta.get("description", ""), fewshot,
+                meta.get("target_delimiter", " "), meta.get("fewshot_delimiter", "\n\n"), meta.get("seed", 0), gen)
+
+
+def read_items(path: Path, kind: str) -> list[dict[str, Any]]:
+    """The JSONL items of a task, each checked: `FILE:LINE: reason` for the first bad one."""
+    if not path.is_file():
+        raise ValueError(f"task data not found: {path}")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    items = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{n}: not JSON ({exc.msg})") from None
+        problem = _check(item, kind)
+        if problem:
+            raise ValueError(f"{path}:{n}: {problem}")
+        items.append(item)
+    if not items:
+        raise ValueError(f"{path}: no items")
+    return items
+
+
+def _check(item: Any, kind: str) -> str | None:
+    if not isinstance(item, dict):
+        return "each line must be a JSON object"
+    for key, typ in FIELDS[kind].items():
+        if key not in item:
+            return f"missing {key!r} (a {kind} item has {', '.join(FIELDS[kind])})"
+        if not isinstance(item[key], typ) or isinstance(item[key], bool):
+            return f"{key!r} must be a {typ.__name__}"
+    listed = item.get("choices", item.get("references"))
+    if listed is not None and (not listed or not all(isinstance(c, str) and c for c in listed)):
+        name = "choices" if kind == "multiple_choice" else "references"
+        return f"{name} must be a non-empty list of non-empty strings"
+    if kind == "multiple_choice" and not 0 <= item["answer"] < len(item["choices"]):
+        return f"answer {item['answer']} is not an index of the {len(item['choices'])} choices"
+    return None
+
+
+def prompts(task: Task) -> list[dict[str, Any]]:
+    """Items with their full prompt: description, `fewshot` solved examples from the other items (the same
+    for every run: seeded by the task's seed and the item's index), then the item."""
+    key = "prompt" if task.kind == "generate" else "context"
+    out = []
+    for i, item in enumerate(task.items):
+        others = [j for j in range(len(task.items)) if j != i]
+        shots = random.Random(task.seed * 1_000_003 + i).sample(others, task.fewshot) if task.fewshot else []
+        parts = [_solved(task, task.items[j]) for j in shots]
+        prefix = task.description + task.fewshot_delimiter.join(parts) + (task.fewshot_delimiter if parts else "")
+        out.append({**item, key: prefix + item[key]})
+    return out
+
+
+def _solved(task: Task, item: dict[str, Any]) -> str:
+    d = task.target_delimiter
+    if task.kind == "multiple_choice":
+        return item["context"] + d + item["choices"][item["answer"]]
+    if task.kind == "lm":
+        return item["context"] + d + item["continuation"]
+    return item["prompt"] + d + item["references"][0]
+
+
+def run_task(model: Transformer, tokenizer: Any, task: Task, *, batch_size: int = 16) -> dict[str, Any]:
+    """Score `model` on `task`: {"task", "kind", "n", "metrics": {name: mean}, "items": [per-item scores]}."""
+    items = prompts(task)
+    extra: dict[str, Any] = {}
+    if task.kind == "multiple_choice":
+        scored = score_choices(model, tokenizer, items, delimiter=task.target_delimiter, batch_size=batch_size)
+    elif task.kind == "lm":
+        scored = score_greedy(model, tokenizer, items, delimiter=task.target_delimiter, batch_size=batch_size)
+    else:
+        scored, extra = score_generation(model, tokenizer, items, task.generation, batch_size=batch_size)
+    metrics = {m: sum(s[m] for s in scored) / len(scored) for m in METRICS[task.kind]}
+    for k in ("bleu", "chrf", "rouge1", "rouge2", "rougeL"):
+        if k in extra:
+            metrics[f"corpus_{k}"] = extra[k]
+    out = {"task": task.name, "kind": task.kind, "n": len(scored), "metrics": metrics, "items": scored}
+    if "signatures" in extra:
+        out["signatures"] = extra["signatures"]
+    return out

@@ -1,0 +1,269 @@
+"""The scorer against references: batched = one by one = KV-cached, the strided bits per byte against a
+brute-force loop, the metrics against sacrebleu / rouge-score called directly, probes, the bootstrap, tasks."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lmlab.eval import (
+    corpus_scores,
+    load_task,
+    loglikelihood,
+    paired_bootstrap,
+    probes,
+    run_task,
+    sentence_scores,
+    sequence_nll,
+    text_nll,
+    token_logprobs,
+    windows,
+)
+from lmlab.eval.metrics import WordTokenizer
+from lmlab.models import ModelConfig, Transformer
+from lmlab.tokenizers import Tokenizer
+
+TEXT = ("The fox saw the grapes hanging high on the vine and could not reach them. " * 3
+        + "Жили-были дед да баба, и была у них курочка Ряба. ")
+
+
+def tiny(family="llama", block_size=24, seed=0):
+    cfg = ModelConfig.preset(f"{family}-tiny", vocab_size=300, block_size=block_size,
+                             n_kv_head=2 if family == "llama" else None)
+    torch.manual_seed(seed)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():  # far from uniform, so a wrong context shows in the numbers
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(8)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.train([TEXT * 4], kind="bpe", vocab_size=300)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_bpb_is_the_same_batched_one_by_one_and_kv_cached(family, tok):
+    model = tiny(family)
+    texts = [TEXT, TEXT[:40], "Колобок."]  # windows of 25, 21 and 9 tokens share batches
+    batched = text_nll(model, tok, texts, stride=8, batch_size=16)
+    single = text_nll(model, tok, texts, stride=8, batch_size=1)
+    cached = text_nll(model, tok, texts, stride=8, cache_chunk=5)
+    assert batched["tokens"] > 3 * model.config.block_size  # long enough for many windows
+    for r in (single, cached):
+        assert r["tokens"] == batched["tokens"] and r["bytes"] == batched["bytes"]
+        assert abs(r["bits_per_byte"] - batched["bits_per_byte"]) < 1e-6
+
+
+def brute_force_nll(model, ids, L, S):
+    """One forward per target: target i (predicted from ids[:i]) is read in the window that ends at the end of
+    its chunk: the first L targets from the start, then chunks of S, each window the L tokens before its end."""
+    total = 0.0
+    n = len(ids) - 1
+    for i in range(1, n + 1):
+        end = i if i <= L else min(L + math.ceil((i - L) / S) * S, n)
+        start = 0 if i <= L else end - L
+        with torch.no_grad():
+            logits = model(torch.tensor([ids[start:i]])).logits[0, -1].double()
+        total -= float(logits.log_softmax(-1)[ids[i]])
+    return total
+
+
+@pytest.mark.parametrize("stride", [24, 10, 1])
+def test_strided_nll_on_a_document_longer_than_the_context_equals_brute_force(stride, tok):
+    model = tiny(block_size=24)
+    ids = [tok.eos_id, *tok.encode(TEXT)][:90]
+    assert len(ids) == 90 > 3 * 24
+    total, n = sequence_nll(model, ids, stride=stride, batch_size=4)
+    assert n == 89
+    # float32 forwards of different lengths differ in the last bits: compared per token (a wrong context
+    # moves a token's loss by ~1e-1 here)
+    assert abs(total - brute_force_nll(model, ids, 24, stride)) / n < 1e-6
+
+
+def test_windows_count_every_target_once_with_enough_context():
+    for n, L, S in [(1, 4, 4), (10, 4, 4), (10, 4, 3), (37, 8, 1), (8, 8, 2)]:
+        spans = windows(n, L, S)
+        counted = [t for _, first, end in spans for t in range(first + 1, end + 1)]
+        assert counted == list(range(1, n + 1))
+        assert all(end - start <= L and (start == 0 or first - start >= L - S) for start, first, end in spans)
+    with pytest.raises(ValueError, match="stride"):
+        windows(10, 4, 5)
+
+
+def test_masked_targets_are_not_counted(tok):
+    model = tiny()
+    ids = [tok.eos_id, *tok.encode(TEXT)][:25]  # one window
+    per = token_logprobs(model, [ids])[0][0]
+    count = [i % 3 != 0 for i in range(24)]
+    total, n = sequence_nll(model, ids, count=count)
+    assert n == 16
+    assert total == pytest.approx(-sum(per[i] for i in range(24) if count[i]), abs=1e-9)
+
+
+def test_loglikelihood_and_greedy_flag_match_a_plain_forward(tok):
+    model = tiny()
+    ctx, cont = tok.encode("The fox saw"), tok.encode(" the grapes")
+    (ll, greedy), = loglikelihood(model, [(ctx, cont)])
+    with torch.no_grad():
+        logp = model(torch.tensor([ctx + cont])).logits[0].double().log_softmax(-1)
+    ref = sum(float(logp[len(ctx) - 1 + k, t]) for k, t in enumerate(cont))
+    assert ll == pytest.approx(ref, abs=1e-5)  # one token shorter forward: float32 last bits
+    assert greedy == all(int(logp[len(ctx) - 1 + k].argmax()) == t for k, t in enumerate(cont))
+    # the model's own greedy continuation is flagged as greedy
+    ids = list(ctx)
+    for _ in range(3):
+        with torch.no_grad():
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    assert loglikelihood(model, [(ctx, ids[len(ctx):])])[0][1] is True
+
+
+def test_metrics_equal_sacrebleu_and_rouge_score_called_directly():
+    import sacrebleu
+    from rouge_score import rouge_scorer
+    hyps = ["the cat sat on the mat", "a fox ate the grapes", "жили-были дед да баба"]
+    refs = [["the cat is on the mat", "there is a cat on the mat"], ["the fox ate sour grapes"],
+            ["жили были дед и баба"]]
+    ours = corpus_scores(hyps, refs)
+    streams = [[r[0] for r in refs], ["there is a cat on the mat", None, None]]
+    assert ours["bleu"] == sacrebleu.corpus_bleu(hyps, streams).score
+    assert ours["chrf"] == sacrebleu.corpus_chrf(hyps, streams).score
+    assert ours["signatures"]["bleu"].startswith("nrefs:var|case:mixed|eff:no|tok:13a|smooth:exp|version:")
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], tokenizer=WordTokenizer())
+    for t in ("rouge1", "rouge2", "rougeL"):
+        assert ours[t] == pytest.approx(100 * np.mean([scorer.score_multi(r, h)[t].fmeasure
+                                                       for h, r in zip(hyps, refs)]), abs=1e-12)
+    assert ours["rouge1"] > 0  # the Cyrillic item counts (rouge-score's default tokenizer would drop it)
+    one = sentence_scores(hyps[0], refs[0])
+    assert one["chrf"] == sacrebleu.sentence_chrf(hyps[0], refs[0]).score
+    assert one["rougeL"] == pytest.approx(100 * scorer.score_multi(refs[0], hyps[0])["rougeL"].fmeasure)
+
+
+def test_probes_separate_a_looping_model_from_a_healthy_one(tok):
+    """A model whose head is its (large) embedding repeats its last token; a near-uniform one does not."""
+    from lmlab.models import generate
+    healthy, looping = [], []
+    for seed in range(5):
+        good = Transformer(ModelConfig.preset("gpt2-tiny", vocab_size=300, block_size=64)).eval()
+        bad = Transformer(ModelConfig.preset("gpt2-tiny", vocab_size=300, block_size=64)).eval()
+        with torch.no_grad():
+            bad.tok_emb.weight.mul_(60)  # tied head: logits ~ e(last) . e(v), the largest at v = last
+        for model, out in ((good, healthy), (bad, looping)):
+            samples = generate(model, tok, ["The fox", "Жили-были", "Once", "A crow"], max_new_tokens=40,
+                               seed=seed, stop_at_eos=False)
+            out.append(probes(samples, tokenize=tok.encode))  # this text has no spaces: n-grams of tokens
+    assert max(p["repetition_4"] for p in healthy) < min(p["repetition_4"] for p in looping)
+    assert min(p["distinct_2"] for p in healthy) > max(p["distinct_2"] for p in looping)
+
+
+def test_probe_values_on_known_strings():
+    s = ["a b a b a b", "c d e"]
+    p = probes(s, training_text="x c d y a b a z")
+    assert p["distinct_1"] == 5 / 9 and p["distinct_2"] == 4 / 7  # (a b) (b a) (c d) (d e) of 5 + 2 bigrams
+    assert p["repetition_4"] == pytest.approx((1 - 2 / 3) / 1)  # only the first sample has 4-grams
+    assert p["longest_shared_ngram"] == 3  # "a b a"
+
+
+def test_bootstrap_intervals_cover_the_true_difference_at_95_percent():
+    """1000 simulated comparisons, 200 paired items each: the interval holds the true mean difference
+    95% +- 3% of the time."""
+    rng = np.random.default_rng(1)
+    hits = 0
+    for k in range(1000):
+        skill = rng.normal(size=200)  # items differ in difficulty; the pairing removes it
+        a = skill + rng.normal(0, 1, 200)
+        b = skill + 0.3 + rng.normal(0, 1, 200)
+        ci = paired_bootstrap(a, b, resamples=1000, seed=k)
+        hits += ci["low"] <= 0.3 <= ci["high"]
+    assert 0.92 <= hits / 1000 <= 0.98
+
+
+def test_shipped_tasks_run(tok):
+    model = tiny(block_size=64)
+    mc = run_task(model, tok, load_task("fables-mc"))
+    assert mc["n"] == 8 and set(mc["metrics"]) == {"acc", "acc_norm"}
+    assert mc["metrics"]["acc"] == np.mean([r["acc"] for r in mc["items"]])
+    lm = run_task(model, tok, load_task("fables-lm"))
+    assert lm["n"] == 6
+    gen = run_task(model, tok, load_task("fables-gen"))
+    assert gen["signatures"]["chrf"].startswith("nrefs:var|case:mixed|eff:yes|nc:6|nw:0|space:no|version:")
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"context": "a", "choices": ["x"], "answer": 2}', "fx.jsonl:2: answer 2 is not an index of the 1 choices"),
+    ('{"context": "a", "answer": 0}', "fx.jsonl:2: missing 'choices'"),
+    ('{"context": "a", "choices": [], "answer": 0}', "fx.jsonl:2: choices must be a non-empty list"),
+    ('{"context": "a", "choices": ["x"], "answer": true}', "fx.jsonl:2: 'answer' must be a int"),
+    ("{oops", "fx.jsonl:2: not JSON"),
+])
+def test_bad_items_name_file_and_line(tmp_path, line, message):
+    (tmp_path / "t.yaml").write_text("name: t\nkind: multiple_choice\ndata: fx.jsonl\n")
+    (tmp_path / "fx.jsonl").write_text('{"context": "a", "choices": ["x", "y"], "answer": 1}\n' + line + "\n")
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_task(tmp_path / "t.yaml")
+
+
+def test_bad_task_files(tmp_path):
+    (tmp_path / "t.yaml").write_text("name: t\nkind: essay\ndata: x.jsonl\n")
+    with pytest.raises(ValueError, match="kind must be one of multiple_choice, lm, generate, not 'essay'"):
+        load_task(tmp_path / "t.yaml")
+    (tmp_path / "t.yaml").write_text("name: t\nkind: lm\ndata: x.jsonl\nshots: 2\n")
+    with pytest.raises(ValueError, match="unknown key 'shots'"):
+        load_task(tmp_path / "t.yaml")
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        load_task("nope")
+    (tmp_path / "t.yaml").write_text("name: t\nkind: lm\ndata: x.jsonl\nseed: abc\n")
+    with pytest.raises(ValueError, match="t.yaml: seed must be an integer >= 0"):
+        load_task(tmp_path / "t.yaml")
+    (tmp_path / "t.yaml").write_text("name: t\nkind: lm\ndata: x.jsonl\n")
+    (tmp_path / "x.jsonl").write_bytes('{"context": "Жили", "continuation": "x"}\n'.encode("cp1251"))
+    with pytest.raises(ValueError, match=r"x.jsonl: not UTF-8 text \(byte 13\)"):
+        load_task(tmp_path / "t.yaml")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_shared_context_through_the_kv_cache_equals_each_pair_alone(family, tok):
+    """Choices of one question read their context once (left-padded into the cache, then copied per choice):
+    the same log-likelihoods and greedy flags as each pair scored on its own."""
+    model = tiny(family)
+    questions = [("The fox saw", [" the grapes", " them", " Ряба and the vine"]),
+                 ("Жили-были дед да баба, и была", [" у них", " курочка"]),
+                 ("could", [" not reach them.", " reach"])]
+    pairs = [(tok.encode(c), tok.encode(c + x)[len(tok.encode(c)):]) for c, xs in questions for x in xs]
+    ids = [c + x for c, x in pairs]
+    pairs.append((ids[0][:-1], ids[0][-1:]))  # the model's own greedy continuation, to see a True flag
+    with torch.no_grad():
+        pairs.append((ids[0], [int(model(torch.tensor([ids[0]])).logits[0, -1].argmax())]))
+    pairs.append((ids[0], [5]))  # shares its context with the pair before
+    # a short context with a long continuation and a long context with short ones: each fits the model's
+    # context of 24, both in one cache would not
+    long_ctx = tok.encode(TEXT)[:20]
+    pairs += [(ids[0][:3], long_ctx[:15]), (ids[0][:3], long_ctx[:2]), (long_ctx, [7]), (long_ctx, [8, 9])]
+    together = loglikelihood(model, pairs, batch_size=64)  # every context of different length in one forward
+    alone = [loglikelihood(model, [p])[0] for p in pairs]
+    assert [g for _, g in together] == [g for _, g in alone] and any(g for _, g in alone)
+    np.testing.assert_allclose([ll for ll, _ in together], [ll for ll, _ in alone], atol=1e-5, rtol=0)
+
+
+def test_fewshot_prompts_hold_k_solved_other_items_then_the_item(tmp_path):
+    from lmlab.eval import prompts
+    items = [{"context": f"Q{i}:", "choices": [f"a{i}", f"b{i}"], "answer": i % 2} for i in range(6)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(x) + "\n" for x in items))
+    (tmp_path / "t.yaml").write_text("name: t\nkind: multiple_choice\ndata: d.jsonl\nfewshot: 2\n"
+                                     "description: \"Answer.\\n\"\nfewshot_delimiter: ' | '\n")
+    task = load_task(tmp_path / "t.yaml")
+    solved = [f"Q{i}: {it['choices'][it['answer']]}" for i, it in enumerate(items)]
+    out = prompts(task)
+    for i, p in enumerate(out):
+        assert p["choices"] == items[i]["choices"] and p["answer"] == items[i]["answer"]
+        head, *shots, last = p["context"].split(" | ")
+        shots = [head.removeprefix("Answer.\n")] + shots
+        assert head.startswith("Answer.\n") and last == f"Q{i}:" and len(shots) == 2
+        assert set(shots) <= set(solved) - {solved[i]} and len(set(shots)) == 2
+    assert prompts(task) == out  # the same examples every time
+    task.seed = 1
+    assert prompts(task) != out
