@@ -189,7 +189,8 @@ def test_runs_table_and_run_page(tmp_path, browser):  # noqa: F811 (the fixture 
             page.select_option("#lang", "en")
 
             # a run that prepares: its charts say so (not "no data yet — select a run")
-            e = c.post("/api/v1/runs", json={"model": "tiny2", **base, "max_steps": 100000, "new_version": True}).json()["id"]
+            body = {"model": "tiny2", **base, "max_steps": 100000, "new_version": True}
+            e = c.post("/api/v1/runs", json=body).json()["id"]
             frozen = wait_for(lambda: c.get(f"/api/v1/runs/{e}").json()["pid"], 60, 0.02, "the run's process")
             os.killpg(frozen, signal.SIGSTOP)
             run = c.get(f"/api/v1/runs/{e}").json()
