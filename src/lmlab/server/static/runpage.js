@@ -320,7 +320,7 @@ function renderPage() {
   }
   if (d && d.log_tail && d.log_tail.length) {
     sections.push(h("section", { class: "card", id: "rp-log", "data-part": "log" }, h("h3", { text: lab ? t("rp.progress") : t("runs.log") }),
-      h("pre", { class: "preview", text: d.log_tail.join("\n") })));
+      h("pre", { class: "preview", tabindex: "0", text: d.log_tail.join("\n") })));
   }
   patchParts(root, sections);
   drawPageCharts();
