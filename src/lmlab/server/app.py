@@ -269,9 +269,18 @@ def validation_error(e: dict[str, Any]) -> dict[str, Any]:
     out = {k: e[k] for k in ("loc", "msg", "type")}
     if e.get("ctx"):
         out["ctx"] = {k: v if isinstance(v, (int, float, str)) else str(v) for k, v in e["ctx"].items()}
-    if isinstance(e.get("input"), (int, float, str)) and len(str(e["input"])) <= 100:
-        out["input"] = e["input"]
+    value = e.get("input")
+    if isinstance(value, (int, float, str)) and len(str(value)) <= 100 and _utf8(str(value)):
+        out["input"] = value  # a lone surrogate is not echoed: it cannot be written as UTF-8 JSON
     return out
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class BodyTooLarge(HTTPException):
