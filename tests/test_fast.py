@@ -120,3 +120,20 @@ def test_the_decoder_is_kept_for_an_eval_model_and_rebuilt_when_a_weight_changes
     assert second is not first
     torch.testing.assert_close(second.layers[0].fc[0], model.blocks[0].mlp.fc.weight.t())
     assert fast.decoder(model, keep=False) is second and fast.decoder(model, keep=False) is not second
+
+
+def test_a_kept_decoder_is_rebuilt_after_a_fused_optimizer_step():
+    """The fused AdamW kernel writes the weights without moving their version counters: a decoder kept from
+    before the step generated from the old weights (a model that trains and generates in turn)."""
+    model = build("gpt2", "bias", True)
+    optimizer = model.configure_optimizer(lr=0.1)                       # fused=True, as the Trainer's
+    ids = torch.tensor([[1, 2, 3]])
+    model.eval()
+    before = fast.decoder(model)
+    model.train()
+    model(ids, ids).loss.backward()
+    optimizer.step()
+    model.eval()
+    after = fast.decoder(model)
+    assert after is not before
+    torch.testing.assert_close(after.layers[0].fc[0], model.blocks[0].mlp.fc.weight.t())

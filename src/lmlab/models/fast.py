@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .config import ModelConfig
 from .model import KVCache, LMHead, RMSNorm, Transformer
@@ -177,10 +178,23 @@ def _linear_t(x: torch.Tensor, wb: tuple[torch.Tensor, torch.Tensor | None]) -> 
     return torch.mm(x, wt) if b is None else torch.addmm(b, x, wt)
 
 
-def _weights_key(model: Transformer) -> tuple[tuple[int, int], ...]:
-    """Changes when any weight is replaced or modified in place (the version counter moves with every in-place
-    write: optimizer steps, load_state_dict, `p.mul_()`)."""
-    return tuple((p.data_ptr(), p._version) for p in model.parameters())
+# Optimizer steps taken in this process. The fused AdamW kernel (the Trainer's) writes the parameters without
+# moving their version counters, so a key of versions alone kept a decoder of the weights before the step.
+_optimizer_steps = 0
+
+
+def _count_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_step)
+
+
+def _weights_key(model: Transformer) -> tuple[Any, ...]:
+    """Changes when any weight is replaced or modified in place: the version counter moves with in-place writes
+    (load_state_dict, `p.mul_()`, the unfused optimizers), and any optimizer step in the process counts."""
+    return (_optimizer_steps, *((p.data_ptr(), p._version) for p in model.parameters()))
 
 
 class Decoder:
