@@ -21,6 +21,7 @@ from lmlab.cli import main
 from lmlab.data import prepare_texts
 from lmlab.train import (
     Callback,
+    Objective,
     TrainConfig,
     Trainer,
     checkpoints,
@@ -113,6 +114,39 @@ def test_resume_continues_exactly(tmp_path, tok, ds, reference):
     assert steps == list(range(1, 17))  # the lines after the checkpoint were not logged twice
     # a finished run resumed does nothing more
     assert train(model_cfg(tok), tok, ds, base(), tmp_path, resume=True).steps == 16
+
+
+class NextToken(Objective):
+    """Language modelling as an objective: the same numbers as the built-in step, with a metric and a state."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def loss(self, model, batch):
+        self.calls += 1
+        x, y = batch
+        loss = model(x, y).loss
+        return loss, {"double_loss": 2 * loss, "calls": torch.tensor(float(self.calls))}
+
+    def state_dict(self):
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state):
+        self.calls = state["calls"]
+
+
+def test_an_objective_steps_as_the_loop_does_logs_its_metrics_and_resumes_with_its_state(tmp_path, tok, ds,
+                                                                                        reference):
+    full, full_dir = reference
+    first, second = Record(stop_at=8), Record()
+    train(model_cfg(tok), tok, ds, base(), tmp_path, [first], objective=NextToken())
+    train(model_cfg(tok), tok, ds, base(), tmp_path, [second], resume=True, objective=NextToken())
+    torch.testing.assert_close(first.losses + second.losses, full.losses, atol=1e-6, rtol=0)
+    same_weights(full_dir / "final", tmp_path / "final")
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["double_loss"] for m in lines] == pytest.approx([2 * m["loss"] for m in lines], abs=1e-6)
+    # two micro-batches a step: the mean of the calls' numbers; the count resumed from the checkpoint's state
+    assert [m["calls"] for m in lines] == [2 * m["step"] - 0.5 for m in lines]
 
 
 def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(tmp_path, tok, ds, reference):

@@ -3,8 +3,8 @@
 from .checkpoint import checkpoint_step, checkpoints, latest_checkpoint
 from .config import SCHEDULES, TrainConfig, lr_at
 from .recipes import evaluate_texts, resume_run, run_demo, train_from_sources
-from .trainer import Callback, Trainer, TrainResult, check_fits, train
+from .trainer import Callback, Objective, Trainer, TrainResult, check_fits, train
 
-__all__ = ["SCHEDULES", "TrainConfig", "lr_at", "Callback", "Trainer", "TrainResult", "check_fits",
+__all__ = ["SCHEDULES", "TrainConfig", "lr_at", "Callback", "Objective", "Trainer", "TrainResult", "check_fits",
            "checkpoint_step", "checkpoints", "latest_checkpoint", "train", "evaluate_texts", "resume_run", "run_demo",
            "train_from_sources"]

@@ -105,6 +105,42 @@ class Callback:
     def on_train_end(self, trainer: Trainer, result: TrainResult) -> None: ...
 
 
+class Objective:
+    """What a step minimises when it is not next-token prediction over `(inputs, targets)` batches: preference
+    and reward objectives, whose batches are anything the dataset's sample_batch returns (a tensor, a tuple or a
+    dict of tensors with one row per example along dim 0; each process keeps its rows of the global batch, as
+    for language modelling). Supervised fine-tuning needs none: its targets are -100 where nothing is trained.
+
+    loss(model, batch) -> (the scalar to minimise, metrics): `model` is what the step differentiates (the DDP or
+    compiled wrapper); the metrics are 0-dim tensors (rewards, margins, KL), averaged over the micro-batches and
+    the processes and logged with the loss under their own names. evaluate(trainer) replaces the validation
+    loss when it returns a dict. state_dict()/load_state_dict() travel in each checkpoint's state.json (plain
+    JSON), so a run with an objective that keeps state resumes exactly."""
+
+    def loss(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def evaluate(self, trainer: Trainer) -> dict[str, float] | None:
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def _rows(batch: Any, lo: int, hi: int, device: torch.device) -> Any:
+    """This process's rows [lo, hi) of a global batch (a tensor, or tuples, lists and dicts of them; anything
+    else passes as it is), on the device."""
+    if isinstance(batch, torch.Tensor):
+        return batch[lo:hi].to(device, non_blocking=True)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_rows(b, lo, hi, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _rows(v, lo, hi, device) for k, v in batch.items()}
+    return batch
+
+
 @dataclass
 class TrainResult:
     steps: int
@@ -203,8 +239,11 @@ def check_fits(model_config: ModelConfig, config: TrainConfig, device: torch.dev
 
 class Trainer:
     def __init__(self, model: Transformer, tokenizer: Any, dataset: Any, config: TrainConfig,
-                 out_dir: str | Path, callbacks: Sequence[Callback] = (), *, provenance: dict[str, Any] | None = None):
+                 out_dir: str | Path, callbacks: Sequence[Callback] = (), *, provenance: dict[str, Any] | None = None,
+                 objective: Objective | None = None):
         self.config, self.tokenizer, self.dataset = config, tokenizer, dataset
+        self.objective = objective
+        self._step_metrics: dict[str, torch.Tensor] = {}
         self.out_dir = Path(out_dir)
         self.callbacks = list(callbacks)
         self.provenance = dict(provenance or {})
@@ -325,7 +364,9 @@ class Trainer:
                 self.elapsed = time.perf_counter() - t_start
                 metrics: dict[str, Any] = {"step": self.step, "tokens": self.tokens,
                                            "elapsed_s": round(self.elapsed, 3), "loss": loss, "lr": lr,
-                                           "grad_norm": grad_norm}
+                                           "grad_norm": grad_norm, **self._step_metrics}
+                if log_now:
+                    to_host(metrics)
                 if log_now:
                     now = time.perf_counter()
                     tps = tokens_window / max(now - t_window, 1e-9)
@@ -387,13 +428,13 @@ class Trainer:
         c = self.config
         rows = c.batch_size // self.world
         total = torch.zeros((), device=self.device)
+        extra: dict[str, torch.Tensor] = {}
         for micro in range(c.grad_accum_steps):
             # Every process draws the whole global batch from the same generator and keeps its rows, so
             # N processes see exactly the batch one process would, and one generator state is the data
             # position for resuming on any number of processes.
-            x, y = self.dataset.sample_batch(c.batch_size, self.seq_len, self.generator)
-            x = x[self.rank * rows:(self.rank + 1) * rows].to(self.device, non_blocking=True)
-            y = y[self.rank * rows:(self.rank + 1) * rows].to(self.device, non_blocking=True)
+            batch = _rows(self.dataset.sample_batch(c.batch_size, self.seq_len, self.generator),
+                          self.rank * rows, (self.rank + 1) * rows, self.device)
             last = micro == c.grad_accum_steps - 1
             sync = contextlib.nullcontext()
             if self.sharded:
@@ -402,7 +443,13 @@ class Trainer:
                 sync = self.train_model.no_sync()            # all-reduce once, after the last micro-step
             with sync:
                 with self._autocast():
-                    loss = self.train_model(x, y).loss / c.grad_accum_steps
+                    if self.objective is None:
+                        loss = self.train_model(*batch).loss / c.grad_accum_steps
+                    else:
+                        loss, step_metrics = self.objective.loss(self.train_model, batch)
+                        loss = loss / c.grad_accum_steps
+                        for k, v in step_metrics.items():
+                            extra[k] = extra.get(k, 0) + v.detach().float() / c.grad_accum_steps
                 self.scaler.scale(loss).backward()
             total += loss.detach()
         grad_norm = float("nan")
@@ -413,8 +460,11 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         if self.world > 1:  # report the global batch's loss (gloo has no AVG); queued, not waited for
-            dist.all_reduce(total)
-            total /= self.world
+            packed = torch.stack([total, *extra.values()])
+            dist.all_reduce(packed)
+            packed /= self.world
+            total, extra = packed[0], dict(zip(extra, packed[1:]))
+        self._step_metrics = extra
         return total, grad_norm
 
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -426,7 +476,11 @@ class Trainer:
         """Mean loss per target token over the fixed validation windows; perplexity; bits per byte. Each batch's
         mean counts as many times as it has targets the loss counts (not -100, not padding), so padded
         batches do not weigh more than their tokens. The same windows for any number of processes: each
-        takes its rows of every global batch."""
+        takes its rows of every global batch. An objective's own evaluation replaces all of it."""
+        if self.objective is not None:
+            own = self.objective.evaluate(self)
+            if own is not None:
+                return own
         self.model.eval()
         pad = self.model_config.pad_token_id
         stat = torch.zeros(2, device=self.device, dtype=torch.float64)  # (sum of token losses, tokens)
@@ -632,7 +686,8 @@ class Trainer:
                 "step": self.step, "tokens": self.tokens, "elapsed_s": self.elapsed, "best_val": self.best_val,
                 "bad_evals": self.bad_evals, "world_size": self.world, "rng": rng,
                 "schedule_steps": self.schedule_steps,
-                "grad_scaler": self.scaler.state_dict()}))
+                "grad_scaler": self.scaler.state_dict(),
+                "objective": self.objective.state_dict() if self.objective is not None else {}}))
             (tmp / "config.json").write_text(json.dumps(self._run_config(), indent=2, ensure_ascii=False))
 
         final = write_checkpoint(self.out_dir, self.step, fill, self.config.keep_last, keep=self._stable_step)
@@ -644,11 +699,14 @@ class Trainer:
         """Restore weights, optimizer, step, RNG and data position from checkpoints/step-N (any number of
         processes may load a checkpoint written by any other)."""
         path = Path(path)
-        plain = Transformer(self.model_config)  # on CPU: load_model resolves tied weights
+        # sharded: into a plain model on CPU (load_model resolves tied weights), then scattered; else straight into
+        # the model, whatever modules it carries (a LoRA model's adapters are in its checkpoints too)
+        plain = Transformer(self.model_config) if self.sharded else self.model
         missing, unexpected = load_model(plain, str(path / "model.safetensors"), strict=False)
         if missing or unexpected:
             raise ValueError(f"{path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        set_model_state_dict(self.model, plain.state_dict(), options=StateDictOptions(full_state_dict=True))
+        if self.sharded:
+            set_model_state_dict(self.model, plain.state_dict(), options=StateDictOptions(full_state_dict=True))
         optim = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
         set_optimizer_state_dict(self.model, self.optimizer, optim, options=StateDictOptions(full_state_dict=True))
         state = json.loads((path / "state.json").read_text())
@@ -662,6 +720,8 @@ class Trainer:
                 torch.cuda.set_rng_state(unb64(saved["cuda"][self.rank]), self.device)
         self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed_s"]
         self.best_val, self.bad_evals = state["best_val"], state["bad_evals"]
+        if self.objective is not None:
+            self.objective.load_state_dict(state.get("objective", {}))
         if state.get("grad_scaler"):  # fp16: the loss scale reached, so the next steps scale as they would have
             self.scaler.load_state_dict(state["grad_scaler"])
         # metrics logged after the checkpoint will be produced again: drop them
@@ -740,7 +800,7 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
 
 def train(model: Transformer | ModelConfig, tokenizer: Any, dataset: Any, config: TrainConfig,
           out_dir: str | Path, callbacks: Sequence[Callback] = (), *, resume: bool = False,
-          provenance: dict[str, Any] | None = None) -> TrainResult:
+          provenance: dict[str, Any] | None = None, objective: Objective | None = None) -> TrainResult:
     """Train `model` (or a fresh Transformer for a ModelConfig, initialised from config.seed) on `dataset`
     and write the run directory. resume=True continues from the last checkpoint in out_dir."""
     if isinstance(model, ModelConfig):
@@ -752,7 +812,8 @@ def train(model: Transformer | ModelConfig, tokenizer: Any, dataset: Any, config
                          f"{model.config.vocab_size}")
     global _OWN_PROCESS_GROUP
     try:
-        trainer = Trainer(model, tokenizer, dataset, config, out_dir, callbacks, provenance=provenance)
+        trainer = Trainer(model, tokenizer, dataset, config, out_dir, callbacks, provenance=provenance,
+                          objective=objective)
         result = trainer.fit(resume=resume)
         if _OWN_PROCESS_GROUP and dist.is_initialized():
             # Leave together: a rank that tears gloo down while rank 0 is still writing final/ sometimes
