@@ -692,6 +692,34 @@ def _selfplay(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- tune -------------------------------------------------------------------------------------------
+
+# Post-training methods register here like the commands: `lmlab tune MODE ...`, mode -> (help, add_arguments,
+# run). Each method's block below registers its own mode.
+TUNE: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+
+
+def tune_mode(name: str, help: str, arguments: Callable[[argparse.ArgumentParser], None]):
+    def register(fn: Callable[[argparse.Namespace], int]):
+        TUNE[name] = (help, arguments, fn)
+        return fn
+    return register
+
+
+def _tune_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="mode", required=True, metavar="MODE")
+    for name, (help_text, arguments, run) in TUNE.items():
+        t = sub.add_parser(name, help=help_text, description=help_text)
+        arguments(t)
+        t.set_defaults(tune_run=run)
+
+
+@command("tune", "post-training of a trained model: lmlab tune MODE --model DIR --data FILE.jsonl --out DIR",
+         _tune_arguments)
+def _tune(args: argparse.Namespace) -> int:
+    return args.tune_run(args)
+
+
 # ---- lab facts --------------------------------------------------------------------------------------
 
 # lab.facts.experiments.EXPERIMENTS and "all"; spelled out so that `lmlab --help` does not import torch
