@@ -94,8 +94,9 @@ def expected_series(metrics, chart, xk, smooth=0.0, log=False):
 READOUT = re.compile(r"^(#\d+(?: \w+)?) (\S+)(?: \((\S+)\))? @(\S+)$")
 
 
-def check_hover(page, chart, series, fractions=(0.04, 0.31, 0.5, 0.77, 0.96), x_range=None):
-    """Move the mouse over `chart` to points of its first line and compare the readout with `series`."""
+def check_hover(page, chart, series, fractions=(0.04, 0.31, 0.5, 0.77, 0.96), x_range=None, point=None):
+    """Move the mouse over `chart` to points of its first line and compare the readout with `series`.
+    point(x, y): how to get there instead of the mouse (a finger: touch_at)."""
     xs = sorted({x for pts in series.values() for x, _, _ in pts})
     lo, hi = x_range or (xs[0], xs[-1])
     page.locator(f"#chart-{chart}").scroll_into_view_if_needed()
@@ -105,7 +106,7 @@ def check_hover(page, chart, series, fractions=(0.04, 0.31, 0.5, 0.77, 0.96), x_
     for f in fractions:
         target = min((x for x, _, _ in first if lo <= x <= hi), key=lambda x: abs(x - (lo + f * (hi - lo))))
         px = (target - lo) / (hi - lo) * box["width"]  # kept half a pixel inside: the edge may hit-test outside
-        page.mouse.move(box["x"] + min(max(px, 0.5), box["width"] - 0.5), box["y"] + box["height"] / 2)
+        (point or page.mouse.move)(box["x"] + min(max(px, 0.5), box["width"] - 0.5), box["y"] + box["height"] / 2)
         try:  # waited for (a loaded machine may take seconds to deliver the event); a wrong one fails below
             page.wait_for_function(f"() => document.querySelector('#chart-{chart} .chart-readout .ro')?.dataset.x"
                                    f" == {target}", timeout=15_000)
@@ -291,3 +292,31 @@ def test_a_zoomed_chart_keeps_its_x_range_when_the_window_is_resized(server, bro
         # a chart first drawn with one point (a run's first metrics line) was taken for zoomed: it kept that
         # point's range (0..2) while the rest arrived
         assert page.evaluate(FIRST_ONE_POINT, sp_lines(12)) == [1, 12]
+
+
+FRAMES = "() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))"  # two frames drawn
+
+
+def test_a_finger_on_a_chart_reads_out_the_point_under_it_at_phone_width(server, browser):  # noqa: F811
+    """At 390 px on a touch screen: a finger put on a chart and drawn along it shows, at each place, the
+    logged points there (uPlot follows the mouse only), on every chart; lifted, the readout stays."""
+    with server.client() as c:
+        metrics = {i: c.get(f"/api/v1/runs/{i}/metrics").json()["metrics"] for i in (1, 2, 3)}
+    with ui_page(browser, SHOTS / "touch", has_touch=True, is_mobile=True) as (page, shot):
+        open_runs(page, server, 390)
+        cdp = page.context.new_cdp_session(page)
+        down = []
+
+        def touch_at(x, y):  # the finger goes down at the first place, then moves (Chromium's touch events)
+            kind = "touchMove" if down else "touchStart"
+            cdp.send("Input.dispatchTouchEvent", {"type": kind, "touchPoints": [{"x": x, "y": y}]})
+            down.append((x, y))
+
+        for chart in ("loss", "bpb", "lr", "tps", "reward", "kl"):
+            assert check_hover(page, chart, expected_series(metrics, chart, "step"), point=touch_at) >= 5, chart
+            shown = page.inner_text(f"#chart-{chart} .chart-readout")
+            cdp.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+            down.clear()
+            page.evaluate(FRAMES)  # what the page does after the finger is lifted (a tap's mouse events)
+            assert page.inner_text(f"#chart-{chart} .chart-readout") == shown, chart
+        shot("touch-390")

@@ -249,7 +249,14 @@ function draw(chart, runs, t, el = document.querySelector(`#chart-${chart.id}`),
   };
   st.key = key;
   st.full = [data[0][0], data[0][data[0].length - 1]];
-  st.u = el.uplot = new uPlot(opts, data, plot);  // el.uplot: for the browser tests
+  const u = st.u = el.uplot = new uPlot(opts, data, plot);  // el.uplot: for the browser tests
+  // uPlot follows the mouse only: a finger put on the plot and drawn along it (a phone) moves the cursor, so the
+  // readout shows the points under it (.u-over's touch-action lets vertical drags scroll the page)
+  const follow = (e) => {
+    const r = u.over.getBoundingClientRect(), p = e.touches[0];
+    if (p) u.setCursor({ left: p.clientX - r.left, top: p.clientY - r.top });
+  };
+  for (const type of ["touchstart", "touchmove"]) u.over.addEventListener(type, follow, { passive: true });
 }
 
 function controls(t) {
