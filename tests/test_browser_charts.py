@@ -49,19 +49,27 @@ def sp_lines(iterations: int):
              "loss": 0.1, "length": 20.0, "wall_s": round(1.7 * i, 2)} for i in range(1, iterations + 1)]
 
 
-@pytest.fixture()
-def server(tmp_path):
-    ws = tmp_path / "ws"
+def write_runs(ws: Path, train: list[tuple], iterations: int) -> Database:
+    """A new workspace `ws` whose database holds completed training runs (train_lines of each tuple of
+    arguments) and then one completed text self-play run of `iterations`; returned open."""
     ws.mkdir()
     db = Database(Workspace(ws).sqlite_url())
-    for lines in (train_lines(60, 1, 10, 512, 0.37, 1.3), train_lines(44, 2, 8, 1024, 0.61, 2.9)):
+    for args in train:
+        lines = train_lines(*args)
         run = db.add_run("tiny", ["tales.txt"], {}, False, lines[-1]["step"])
         db.add_metrics(run["id"], lines)
         db.update_run(run["id"], status="completed", finished_at=lines[-1]["elapsed_s"])
-    run = db.add_run("tiny", ["tales.txt"], {"new_model": "tiny-sp", "reward": "repetition"}, True, 12, kind="selfplay")
-    db.add_metrics(run["id"], sp_lines(12))
+    run = db.add_run("tiny", ["tales.txt"], {"new_model": "tiny-sp", "reward": "repetition"}, True, iterations,
+                     kind="selfplay")
+    db.add_metrics(run["id"], sp_lines(iterations))
     db.update_run(run["id"], status="completed")
-    db.close()
+    return db
+
+
+@pytest.fixture()
+def server(tmp_path):
+    ws = tmp_path / "ws"
+    write_runs(ws, [(60, 1, 10, 512, 0.37, 1.3), (44, 2, 8, 1024, 0.61, 2.9)], 12).close()
     server = ServerProcess(ws, token=TOKEN).start()
     yield server
     server.stop()
