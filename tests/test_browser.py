@@ -84,13 +84,13 @@ def browser():
 
 
 @contextmanager
-def ui_page(browser, artifacts: Path, ignore: str | None = None):
+def ui_page(browser, artifacts: Path, ignore: str | None = None, **options):
     """A page of the app, and shot(name), a full-page screenshot into `artifacts` (emptied first). Page
     errors and console errors (but those containing `ignore`) are collected; a body that finishes must
-    have caused none."""
+    have caused none. `options`: more of Playwright's new_page options (has_touch=True: a touch screen)."""
     shutil.rmtree(artifacts, ignore_errors=True)
     artifacts.mkdir(parents=True)
-    page = browser.new_page(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+    page = browser.new_page(**{"viewport": {"width": 1280, "height": 900}, "accept_downloads": True, **options})
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.on("console", lambda m: errors.append(m.text)

@@ -49,19 +49,27 @@ def sp_lines(iterations: int):
              "loss": 0.1, "length": 20.0, "wall_s": round(1.7 * i, 2)} for i in range(1, iterations + 1)]
 
 
-@pytest.fixture()
-def server(tmp_path):
-    ws = tmp_path / "ws"
+def write_runs(ws: Path, train: list[tuple], iterations: int) -> Database:
+    """A new workspace `ws` whose database holds completed training runs (train_lines of each tuple of
+    arguments) and then one completed text self-play run of `iterations`; returned open."""
     ws.mkdir()
     db = Database(Workspace(ws).sqlite_url())
-    for lines in (train_lines(60, 1, 10, 512, 0.37, 1.3), train_lines(44, 2, 8, 1024, 0.61, 2.9)):
+    for args in train:
+        lines = train_lines(*args)
         run = db.add_run("tiny", ["tales.txt"], {}, False, lines[-1]["step"])
         db.add_metrics(run["id"], lines)
         db.update_run(run["id"], status="completed", finished_at=lines[-1]["elapsed_s"])
-    run = db.add_run("tiny", ["tales.txt"], {"new_model": "tiny-sp", "reward": "repetition"}, True, 12, kind="selfplay")
-    db.add_metrics(run["id"], sp_lines(12))
+    run = db.add_run("tiny", ["tales.txt"], {"new_model": "tiny-sp", "reward": "repetition"}, True, iterations,
+                     kind="selfplay")
+    db.add_metrics(run["id"], sp_lines(iterations))
     db.update_run(run["id"], status="completed")
-    db.close()
+    return db
+
+
+@pytest.fixture()
+def server(tmp_path):
+    ws = tmp_path / "ws"
+    write_runs(ws, [(60, 1, 10, 512, 0.37, 1.3), (44, 2, 8, 1024, 0.61, 2.9)], 12).close()
     server = ServerProcess(ws, token=TOKEN).start()
     yield server
     server.stop()
@@ -94,8 +102,9 @@ def expected_series(metrics, chart, xk, smooth=0.0, log=False):
 READOUT = re.compile(r"^(#\d+(?: \w+)?) (\S+)(?: \((\S+)\))? @(\S+)$")
 
 
-def check_hover(page, chart, series, fractions=(0.04, 0.31, 0.5, 0.77, 0.96), x_range=None):
-    """Move the mouse over `chart` to points of its first line and compare the readout with `series`."""
+def check_hover(page, chart, series, fractions=(0.04, 0.31, 0.5, 0.77, 0.96), x_range=None, point=None):
+    """Move the mouse over `chart` to points of its first line and compare the readout with `series`.
+    point(x, y): how to get there instead of the mouse (a finger: touch_at)."""
     xs = sorted({x for pts in series.values() for x, _, _ in pts})
     lo, hi = x_range or (xs[0], xs[-1])
     page.locator(f"#chart-{chart}").scroll_into_view_if_needed()
@@ -105,7 +114,7 @@ def check_hover(page, chart, series, fractions=(0.04, 0.31, 0.5, 0.77, 0.96), x_
     for f in fractions:
         target = min((x for x, _, _ in first if lo <= x <= hi), key=lambda x: abs(x - (lo + f * (hi - lo))))
         px = (target - lo) / (hi - lo) * box["width"]  # kept half a pixel inside: the edge may hit-test outside
-        page.mouse.move(box["x"] + min(max(px, 0.5), box["width"] - 0.5), box["y"] + box["height"] / 2)
+        (point or page.mouse.move)(box["x"] + min(max(px, 0.5), box["width"] - 0.5), box["y"] + box["height"] / 2)
         try:  # waited for (a loaded machine may take seconds to deliver the event); a wrong one fails below
             page.wait_for_function(f"() => document.querySelector('#chart-{chart} .chart-readout .ro')?.dataset.x"
                                    f" == {target}", timeout=15_000)
@@ -130,21 +139,41 @@ def check_hover(page, chart, series, fractions=(0.04, 0.31, 0.5, 0.77, 0.96), x_
     return checked
 
 
+COUNTS = {"loss": 60 + 6 + 23 + 5, "bpb": 6 + 5, "lr": 60 + 23, "tps": 60 + 23, "reward": 12, "kl": 12}
+
+
+def open_runs(page, server, width: int) -> None:
+    """The runs view at `width` px with the three runs overlaid and every chart drawn with all its points."""
+    page.set_viewport_size({"width": width, "height": 900})
+    page.goto(f"{server.url}/?token={TOKEN}#runs")
+    page.wait_for_selector("body[data-ready]")
+    page.evaluate("localStorage.removeItem('lmlab.charts')")
+    for run_id in (1, 2, 3):
+        box = page.locator(f'#runs-table tr[data-run="{run_id}"] input[type=checkbox]')
+        if not box.is_checked():
+            box.check()
+    for chart, n in COUNTS.items():
+        page.wait_for_function(f"() => document.querySelector('#chart-{chart}').dataset.points === '{n}'")
+
+
+def drag_zoom(page, chart: str, x0: float, x1: float) -> list[float]:
+    """Drag the mouse across `chart` from x0 to x1 (fractions of its plot's width) -> the x scale's [min, max]."""
+    page.locator(f"#chart-{chart}").scroll_into_view_if_needed()
+    box = page.locator(f"#chart-{chart} .u-over").bounding_box()
+    y = box["y"] + box["height"] / 2
+    page.mouse.move(box["x"] + box["width"] * x0, y)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * x1, y, steps=5)
+    page.mouse.up()
+    return page.evaluate(f"() => {{ const s = document.querySelector('#chart-{chart}').uplot.scales.x; "
+                         "return [s.min, s.max]; }")
+
+
 def test_every_chart_reads_out_the_point_under_the_mouse_and_its_toggles_export(server, browser):  # noqa: F811
     with server.client() as c:
         metrics = {i: c.get(f"/api/v1/runs/{i}/metrics").json()["metrics"] for i in (1, 2, 3)}
     with ui_page(browser, SHOTS) as (page, shot):
-        page.set_viewport_size({"width": 1400, "height": 900})
-        page.goto(f"{server.url}/?token={TOKEN}#runs")
-        page.wait_for_selector("body[data-ready]")
-        page.evaluate("localStorage.removeItem('lmlab.charts')")
-        for run_id in (1, 2, 3):
-            box = page.locator(f'#runs-table tr[data-run="{run_id}"] input[type=checkbox]')
-            if not box.is_checked():
-                box.check()
-        counts = {"loss": 60 + 6 + 23 + 5, "bpb": 6 + 5, "lr": 60 + 23, "tps": 60 + 23, "reward": 12, "kl": 12}
-        for chart, n in counts.items():
-            page.wait_for_function(f"() => document.querySelector('#chart-{chart}').dataset.points === '{n}'")
+        open_runs(page, server, 1400)
         # the legend tells train from validation: a dashed line with a marker for val, solid for train
         assert page.eval_on_selector_all("#chart-loss .lg", "els => els.map(e => [e.dataset.label, "
                                          "e.querySelector('line').getAttribute('stroke-dasharray'), "
@@ -191,23 +220,12 @@ def test_every_chart_reads_out_the_point_under_the_mouse_and_its_toggles_export(
 
         # 5. zoom: a drag over steps ~15..30 shows only them, and the readout maps the mouse within them;
         # a double-click and the reset button show everything again
-        page.locator("#chart-loss").scroll_into_view_if_needed()
-        box = page.locator("#chart-loss .u-over").bounding_box()
-        y = box["y"] + box["height"] / 2
-        page.mouse.move(box["x"] + box["width"] * 14 / 59, y)
-        page.mouse.down()
-        page.mouse.move(box["x"] + box["width"] * 30 / 59, y, steps=5)
-        page.mouse.up()
-        zoom = page.evaluate("() => { const s = document.querySelector('#chart-loss').uplot.scales.x; "
-                             "return [s.min, s.max]; }")
+        zoom = drag_zoom(page, "loss", 14 / 59, 30 / 59)
         assert zoom == pytest.approx([15, 31], abs=0.3)
         check_hover(page, "loss", expected_series(metrics, "loss", "step"), (0.1, 0.5, 0.9), x_range=zoom)
         page.dblclick("#chart-loss .u-over")
         page.wait_for_function("() => document.querySelector('#chart-loss').uplot.scales.x.max === 60")
-        page.mouse.move(box["x"] + box["width"] * 0.2, y)
-        page.mouse.down()
-        page.mouse.move(box["x"] + box["width"] * 0.4, y, steps=5)
-        page.mouse.up()
+        drag_zoom(page, "loss", 0.2, 0.4)
         page.wait_for_function("() => document.querySelector('#chart-loss').uplot.scales.x.max < 60")
         page.click("#chart-reset")
         page.wait_for_function("() => { const s = document.querySelector('#chart-loss').uplot.scales.x; "
@@ -246,3 +264,67 @@ def test_every_chart_reads_out_the_point_under_the_mouse_and_its_toggles_export(
                                "e.uplot.width === e.clientWidth)")
         assert page.evaluate("() => document.querySelector('#chart-loss').uplot.width") < 390
         shot("runs-390")
+
+
+FIRST_ONE_POINT = """async (lines) => {
+  const { drawChartInto } = await import("/static/charts.js");
+  const el = document.createElement("div");
+  el.style.width = "600px";
+  document.body.append(el);
+  for (const n of [1, lines.length]) {  // each drawn in a frame of its own, as the metrics stream's lines are
+    drawChartInto(el, "reward", [{ id: 9, color: "#000", kind: "selfplay", metrics: lines.slice(0, n) }], (k) => k);
+    await new Promise(requestAnimationFrame);
+  }
+  const s = el.uplot.scales.x;
+  el.remove();
+  return [s.min, s.max];
+}"""
+
+
+def test_a_zoomed_chart_keeps_its_x_range_when_the_window_is_resized(server, browser):  # noqa: F811
+    """Zoomed in, then the window narrowed (a phone turned, a side panel opened): the chart is drawn at the new
+    width over the same steps; a chart not zoomed still shows all of them."""
+    with ui_page(browser, SHOTS / "zoom") as (page, shot):
+        open_runs(page, server, 1400)
+        zoom = drag_zoom(page, "loss", 14 / 59, 30 / 59)
+        assert zoom == pytest.approx([15, 31], abs=0.3)
+        for width in (1000, 390):
+            page.set_viewport_size({"width": width, "height": 900})
+            page.wait_for_function("() => [...document.querySelectorAll('.chart')].every(e => !e.uplot || "
+                                   "e.uplot.width === e.clientWidth)")
+            got = page.evaluate("() => ['loss', 'lr'].map(id => { const u = document.querySelector('#chart-' + id)"
+                                ".uplot; return [u.width, u.scales.x.min, u.scales.x.max]; })")
+            assert got[0][0] < {1000: 1000, 390: 390}[width] and got[0][1:] == zoom, (width, got)
+            assert got[1][1:] == [1, 60], (width, got)
+            shot(f"zoomed-{width}")
+        # a chart first drawn with one point (a run's first metrics line) was taken for zoomed: it kept that
+        # point's range (0..2) while the rest arrived
+        assert page.evaluate(FIRST_ONE_POINT, sp_lines(12)) == [1, 12]
+
+
+FRAMES = "() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))"  # two frames drawn
+
+
+def test_a_finger_on_a_chart_reads_out_the_point_under_it_at_phone_width(server, browser):  # noqa: F811
+    """At 390 px on a touch screen: a finger put on a chart and drawn along it shows, at each place, the
+    logged points there (uPlot follows the mouse only), on every chart; lifted, the readout stays."""
+    with server.client() as c:
+        metrics = {i: c.get(f"/api/v1/runs/{i}/metrics").json()["metrics"] for i in (1, 2, 3)}
+    with ui_page(browser, SHOTS / "touch", has_touch=True, is_mobile=True) as (page, shot):
+        open_runs(page, server, 390)
+        cdp = page.context.new_cdp_session(page)
+        down = []
+
+        def touch_at(x, y):  # the finger goes down at the first place, then moves (Chromium's touch events)
+            kind = "touchMove" if down else "touchStart"
+            cdp.send("Input.dispatchTouchEvent", {"type": kind, "touchPoints": [{"x": x, "y": y}]})
+            down.append((x, y))
+
+        for chart in ("loss", "bpb", "lr", "tps", "reward", "kl"):
+            assert check_hover(page, chart, expected_series(metrics, chart, "step"), point=touch_at) >= 5, chart
+            shown = page.inner_text(f"#chart-{chart} .chart-readout")
+            cdp.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+            down.clear()
+            page.evaluate(FRAMES)  # what the page does after the finger is lifted (a tap's mouse events)
+            assert page.inner_text(f"#chart-{chart} .chart-readout") == shown, chart
+        shot("touch-390")

@@ -126,3 +126,33 @@ def test_a_retrain_keeps_the_earlier_version_downloadable(tmp_path, browser):  #
             shot("03-lineage-1280")
     finally:
         server.stop()
+
+
+def test_self_play_versions_are_named_as_such(tmp_path, browser):  # noqa: F811 (fixture import)
+    """A self-play model's versions (the API's list, tested with real runs in test_server_selfplay.py) are
+    offered as the self-play run's iterations and final model, in English and Russian."""
+    ws = tmp_path / "ws"
+    server = ServerProcess(ws).start()
+    with server.client() as c:
+        assert c.post("/api/v1/models", json={"name": "tiny-sp", **TINY_MODEL}).status_code == 201
+    (ws / "models" / "tiny-sp" / "model.safetensors").write_bytes(b"")  # listed as trained
+    versions = [{"run": 3, "kind": "selfplay", "step": 30, "steps": 42, "current": False, "created_at": 1.0},
+                {"run": 3, "kind": "selfplay", "step": None, "steps": 52, "current": True, "created_at": 2.0}]
+    try:
+        with ui_page(browser, ARTIFACTS / "selfplay") as (page, shot):
+            page.route("**/api/v1/models/tiny-sp/versions", lambda route: route.fulfill(json=versions))
+            page.goto(f"{server.url}/#models")
+            page.wait_for_selector("body[data-ready]")
+            picker = 'tr[data-model="tiny-sp"] select.version'
+            page.wait_for_selector(f'{picker} option[value="3:30"]', state="attached")
+            assert page.eval_on_selector_all(f"{picker} option", "os => os.map(o => [o.value, o.textContent])") == [
+                ["", "current"], ["3:30", "self-play run 3: iteration 30 (42 steps in all)"]]
+            for width in (1400, 390):
+                page.set_viewport_size({"width": width, "height": 900})
+                shot(f"models-selfplay-versions-{width}")
+            page.select_option("#lang", "ru")
+            page.wait_for_selector(f'{picker} option[value="3:30"]', state="attached")
+            assert page.inner_text(f'{picker} option[value="3:30"]') == \
+                "самоигра, запуск 3: итерация 30 (42 шагов всего)"
+    finally:
+        server.stop()

@@ -8,9 +8,11 @@ checkpoint to the model it was making, one metrics line per iteration."""
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import threading
+import zipfile
 
 import httpx
 import pytest
@@ -32,7 +34,7 @@ from test_server_support import (
     wait_run,
 )
 
-from lmlab.models import ModelConfig, Transformer
+from lmlab.models import GenerationConfig, ModelConfig, Transformer, generate
 from lmlab.models.io import load_pretrained, save_pretrained
 from lmlab.server.db import MIGRATIONS, Database, migrate, schema_drift
 from lmlab.server.jobs import process_alive
@@ -126,7 +128,8 @@ def test_selfplay_run_makes_a_new_model(lab):
     # stored once: the model's files are links to the run's final model, which stays a version of it
     weights = [p / "model.safetensors" for p in (lab.workspace / "models" / "tiny-sp", run_dir / "final")]
     assert weights[0].stat().st_ino == weights[1].stat().st_ino
-    assert [v["run"] for v in lab.get("/api/v1/models/tiny-sp/versions").json()] == [run["id"]]
+    assert [(v["run"], v["kind"], v["step"], v["steps"]) for v in lab.get("/api/v1/models/tiny-sp/versions").json()] \
+        == [(run["id"], "selfplay", 3, 12 + 3), (run["id"], "selfplay", None, 12 + 3)]
     assert m["origin"]["kind"] == "selfplay" and m["origin"]["parent"] == "tiny"
     assert m["origin"]["reward"] == "seed" and m["origin"]["run_id"] == run["id"]
     assert m["config"] == lab.get("/api/v1/models/tiny").json()["config"]
@@ -160,6 +163,54 @@ def test_selfplay_run_makes_a_new_model(lab):
         assert wait_run(lab, r.json()["id"], DONE, "training the self-play model")["status"] == "completed"
         m = lab.get("/api/v1/models/tiny-sp").json()
         assert m["trained_run_id"] == r.json()["id"] and m["origin"] == want, (init, m)
+
+
+def _selfplay(lab, new_model, **settings):
+    r = lab.post("/api/v1/runs/selfplay", json={"model": "tiny", "new_model": new_model, **TINY_SP, **settings})
+    assert r.status_code == 201, r.text
+    run = wait_run(lab, r.json()["id"], DONE, "the self-play run")
+    assert run["status"] == "completed", run
+    return run["id"], lab.workspace / "runs" / f"run-{run['id']}"
+
+
+def test_selfplay_checkpoints_are_versions_of_its_model(lab, tmp_path):
+    """Every checkpoint a self-play run keeps is a version of the model it made, like a training run's: listed
+    with its steps, downloadable as a whole model directory (the checkpoint's weights, the final model's config
+    and tokenizer) and generated from."""
+    n, run_dir = _selfplay(lab, "tiny-spv", iterations=4, save_every=1)
+    got = [(v["run"], v["kind"], v["step"], v["steps"], v["current"])
+           for v in lab.get("/api/v1/models/tiny-spv/versions").json()]
+    # the last two checkpoints are kept (KEEP_CHECKPOINTS); the model's steps go on from tiny's 12
+    assert got == [(n, "selfplay", 3, 15, False), (n, "selfplay", 4, 16, False), (n, "selfplay", None, 16, True)]
+    d = lab.get(f"/api/v1/models/tiny-spv/download?run={n}&step=3")
+    assert d.status_code == 200 and f"tiny-spv-run{n}-step3.zip" in d.headers["content-disposition"]
+    zipfile.ZipFile(io.BytesIO(d.content)).extractall(tmp_path)
+    folder = tmp_path / f"tiny-spv-run{n}-step3"
+    assert (folder / "model.safetensors").read_bytes() == (run_dir / "checkpoints" / "step-3" / "model.safetensors") \
+        .read_bytes() != (run_dir / "final" / "model.safetensors").read_bytes()
+    for name in ("config.json", "tokenizer.json"):
+        assert (folder / name).read_bytes() == (run_dir / "final" / name).read_bytes()
+    model, tok = load_pretrained(folder)
+    assert tok is not None
+    cfg = {"max_new_tokens": 12, "temperature": 0.8, "top_k": 40, "seed": 5}  # the request's top_k is 40
+    g = lab.post("/api/v1/generate", json={"model": "tiny-spv", "prompt": "Once", "run": n, "step": 3, **cfg})
+    want = generate(model, tok, "Once", GenerationConfig(**cfg))
+    assert g.status_code == 200 and g.json()["text"] == want, g.text
+    assert lab.delete("/api/v1/models/tiny-spv").status_code == 204
+
+
+def test_a_model_made_again_under_a_self_play_models_name_has_none_of_its_versions(lab):
+    """Deleted and made again under the same name, the model lists none of the self-play run's versions, and
+    they are refused for it: they were the old model's."""
+    n, _ = _selfplay(lab, "tiny-again", iterations=1)
+    assert [v["run"] for v in lab.get("/api/v1/models/tiny-again/versions").json()] == [n, n]
+    assert lab.delete("/api/v1/models/tiny-again").status_code == 204
+    assert lab.post("/api/v1/models", json={"name": "tiny-again", **TINY_MODEL}).status_code == 201
+    assert lab.get("/api/v1/models/tiny-again/versions").json() == []
+    for query in (f"run={n}", f"run={n}&step=1"):
+        d = lab.get(f"/api/v1/models/tiny-again/download?{query}")
+        assert (d.status_code, d.json()["detail"]) == (404, f"run {n} did not train model 'tiny-again'"), query
+    assert lab.delete("/api/v1/models/tiny-again").status_code == 204
 
 
 def test_perplexity_reward_scores_with_a_judge(lab):

@@ -132,27 +132,31 @@ def lineage(state: AppState, run_id: int | None) -> list[int]:
     return chain
 
 
-def made_by(run: dict[str, Any], name: str) -> bool:
-    """Whether `run` trains the model `name` (training of it, or self-play saving its policy under it)."""
-    return (run["kind"] == "train" and run["model_name"] == name) or (
-        run["kind"] == "selfplay" and run["params"].get("new_model") == name)
+def made_by(run: dict[str, Any], model: dict[str, Any]) -> bool:
+    """Whether `run` trains `model` (a models row): training of it, or the self-play that created it by saving
+    its policy under its name. The server writes a self-play run's row for the last time once it has created
+    the model (jobs.Supervisor._finish); a model created after that is another of the same name, made after
+    the run's was deleted, and the run's policy is no version of it."""
+    if run["kind"] == "train":
+        return run["model_name"] == model["name"]
+    return (run["kind"] == "selfplay" and run["params"].get("new_model") == model["name"]
+            and run["status"] == "completed" and model["created_at"] <= run["updated_at"])
 
 
 def model_versions(state: AppState, name: str) -> list[Version]:
     """Every version of the model that its runs' folders still hold, oldest first: each completed run's final
-    model and each training checkpoint. (A self-play run's checkpoints hold its policy without a model config
-    of their own, so only its final model is offered.)"""
+    model and each checkpoint (of training, or of the self-play that made the model)."""
     row = need_model(state, name)
     out = []
     for run in state.db.list_runs(newest_first=False):
-        if not made_by(run, name):
+        if not made_by(run, row):
             continue
         try:
             run_dir = state.ws.run_dir(run["id"])
         except LinkError:
             continue
         offset = run["step_offset"] or 0
-        found = [(checkpoint_step(c), c) for c in checkpoints(run_dir)] if run["kind"] == "train" else []
+        found = [(checkpoint_step(c), c) for c in checkpoints(run_dir)]
         if run["status"] == "completed":
             found.append((None, run_dir / "final"))
         for step, path in found:
@@ -171,13 +175,13 @@ def version_source(state: AppState, name: str, run_id: int | None,
     """Where a version of the model is and how to snapshot it as a model directory, and its name for files:
     the model's current directory (no run), run `run_id`'s final model, or its checkpoint at `step`. 404 for
     a run that did not make this model or a version its folder no longer holds."""
-    need_model(state, name)
+    row = need_model(state, name)
     if run_id is None:
         if step is not None:
             raise HTTPException(422, "step needs run: the run whose checkpoint it is")
         return state.ws.model_path(name), snapshot_dir, name
     run = need_run(state, run_id)
-    if not made_by(run, name):
+    if not made_by(run, row):
         raise HTTPException(404, f"run {run_id} did not train model {name!r}")
     try:
         run_dir = state.ws.run_dir(run_id)
@@ -189,8 +193,8 @@ def version_source(state: AppState, name: str, run_id: int | None,
                                      "checkpoints")
         return run_dir / "final", snapshot_dir, f"{name}-run{run_id}"
     ckpt = run_dir / "checkpoints" / f"step-{step}"
-    if run["kind"] != "train" or not (ckpt / WEIGHTS).is_file():
-        have = ", ".join(str(checkpoint_step(c)) for c in checkpoints(run_dir)) if run["kind"] == "train" else ""
+    if not (ckpt / WEIGHTS).is_file():
+        have = ", ".join(str(checkpoint_step(c)) for c in checkpoints(run_dir))
         raise HTTPException(404, f"run {run_id} has no checkpoint at step {step}" +
                                  (f"; it has {have}" if have else ""))
     return ckpt, snapshot_checkpoint, f"{name}-run{run_id}-step{step}"

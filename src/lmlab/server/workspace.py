@@ -327,16 +327,21 @@ def snapshot_dir(src: Path, dest: Path) -> Path:
 
 
 def snapshot_checkpoint(ckpt: Path, dest: Path) -> Path:
-    """dest (made here) as a model directory of a training checkpoint (RUN_DIR/checkpoints/step-N): its
-    weights and the run's tokenizer.json linked (see link_or_copy), config.json the run config's model part.
-    Checkpoint files are never rewritten, only pruned: one pruned meanwhile is FileNotFoundError. The caller
-    removes dest."""
+    """dest (made here) as a model directory of a checkpoint (RUN_DIR/checkpoints/step-N): its weights and
+    the run's tokenizer.json linked (see link_or_copy), config.json the run config's model part. A self-play
+    checkpoint holds weights and optimizer state only: its tokenizer.json and config.json are those of the
+    run's final model (self-play changes neither). Checkpoint files are never rewritten, only pruned: one
+    pruned meanwhile is FileNotFoundError. The caller removes dest."""
     from ..models import ModelConfig  # the workspace module itself needs no torch
     dest.mkdir(parents=True)
-    for f in (ckpt / "model.safetensors", ckpt.parent.parent / "tokenizer.json"):
+    run_dir, own = ckpt.parent.parent, (ckpt / "config.json").is_file()
+    files = [ckpt / "model.safetensors", run_dir / "tokenizer.json"] if own else \
+        [ckpt / "model.safetensors", run_dir / "final" / "tokenizer.json", run_dir / "final" / "config.json"]
+    for f in files:
         if f.is_symlink():
             raise FileNotFoundError(f"{f.name} of {ckpt.name} is a symbolic link")
         link_or_copy(f, dest / f.name)
-    run_config = json.loads((ckpt / "config.json").read_text(encoding="utf-8"))
-    ModelConfig.from_dict(run_config["model"]).save(dest / "config.json")
+    if own:
+        run_config = json.loads((ckpt / "config.json").read_text(encoding="utf-8"))
+        ModelConfig.from_dict(run_config["model"]).save(dest / "config.json")
     return dest

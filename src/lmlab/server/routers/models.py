@@ -70,7 +70,8 @@ def delete_model(state: StateDep, name: str) -> Response:
 
 
 @router.get("/models/{name}/versions", tags=["models"], response_model=list[Version],
-            summary="every version its runs keep: each run's final model and training checkpoints, oldest first")
+            summary="every version its runs keep: each run's final model and checkpoints (training, self-play), "
+                    "oldest first")
 def list_versions(state: StateDep, name: str) -> list[Version]:
     return model_versions(state, name)
 

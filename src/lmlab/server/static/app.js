@@ -479,7 +479,7 @@ const labName = (r) => (r.params.lab === "facts" ? `facts · ${r.params.experime
 
 function renderLab() {
   const runs = S.runs.filter((r) => r.kind === "experiment");
-  $("#lab-table tbody").replaceChildren(...runs.map((r) => h("tr", { "data-run": r.id, "data-status": r.status, class: r.id === S.labCurrent ? "selected" : "" },
+  keepFocus($("#lab-table tbody"), runs.map((r) => h("tr", { "data-run": r.id, "data-status": r.status, class: r.id === S.labCurrent ? "selected" : "" },
     h("td", { text: r.id }), h("td", { text: labName(r) }), h("td", { text: r.params.seeds.join(", ") }),
     h("td", {}, h("span", { class: "badge " + r.status, text: statusLabel(r) })),
     h("td", {},
@@ -487,7 +487,7 @@ function renderLab() {
       h("a", { href: `#run/${r.id}`, class: "run-link", text: t("rp.details") }), " ",
       ACTIVE.has(r.status) && !r.cancel_requested ? h("button", { type: "button", class: "danger cancel", text: t("runs.cancel"), onclick: () => runAction(r.id, "cancel") }) : null, " ",
       r.status === "completed" ? h("a", { href: withToken(`/api/v1/runs/${r.id}/report`), target: "_blank", rel: "noopener", class: "report", text: t("lab.report") }) : null, " ",
-      !ACTIVE.has(r.status) ? h("button", { type: "button", class: "danger", text: t("runs.delete"), onclick: () => deleteRun(r.id) }) : null))));
+      !ACTIVE.has(r.status) ? h("button", { type: "button", class: "danger", text: t("runs.delete"), onclick: () => deleteRun(r.id) }) : null))), "data-run");
   $("#lab-empty").hidden = runs.length > 0;
   const r = runs.find((x) => x.id === S.labCurrent);
   $("#lab-detail").hidden = !r;
@@ -560,8 +560,9 @@ function renderRuns() {
         ACTIVE.has(r.status) && !r.cancel_requested ? h("button", { type: "button", class: "danger cancel", text: t("runs.cancel"), onclick: () => runAction(r.id, "cancel") }) : null, " ",
         r.can_resume ? h("button", { type: "button", class: "resume", text: t("runs.resume"), onclick: () => runAction(r.id, "resume") }) : null, " ",
         lab && r.status === "completed" ? h("a", { href: withToken(`/api/v1/runs/${r.id}/report`), target: "_blank", rel: "noopener", class: "report", text: t("lab.report") }) : null, " ",
-        // every completed run keeps its own final model (versions.js), not only the model's latest
-        r.status === "completed" && model && !lab ? h("a", { href: withToken(`/api/v1/models/${encodeURIComponent(product)}/download?run=${r.id}`), download: `${product}-run${r.id}.zip`, class: "download", text: t("runs.download") }) : null, " ",
+        // every completed run keeps its own final model (versions.js), not only the model's latest; a self-play
+        // run's is not a version of a model made again under its name after it finished (services.made_by)
+        r.status === "completed" && model && !lab && (!sp || model.created_at <= r.updated_at) ? h("a", { href: withToken(`/api/v1/models/${encodeURIComponent(product)}/download?run=${r.id}`), download: `${product}-run${r.id}.zip`, class: "download", text: t("runs.download") }) : null, " ",
         !ACTIVE.has(r.status) ? h("button", { type: "button", class: "danger", text: t("runs.delete"), onclick: () => deleteRun(r.id) }) : null));
   }));
   $("#runs-empty").hidden = S.runs.length > 0;

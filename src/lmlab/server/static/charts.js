@@ -201,7 +201,7 @@ function draw(chart, runs, t, el = document.querySelector(`#chart-${chart.id}`),
   let st = state.get(sid) || {};
   state.set(sid, st);
   const width = el.clientWidth, height = el.classList.contains("tall") ? 300 : 240;
-  const key = JSON.stringify([series.map((s) => [s.label, s.color, s.role]), view, xLabel(t, chart), width]);
+  const key = JSON.stringify([series.map((s) => [s.label, s.color, s.role]), view, xLabel(t, chart)]);
   if (!total || !width) {
     if (st.u) st.u.destroy();
     st = { series: [] };
@@ -219,7 +219,10 @@ function draw(chart, runs, t, el = document.querySelector(`#chart-${chart.id}`),
   st.series = series;
   st.csv = csvOf(chart, series);
   if (st.u && st.key === key) {
-    const x = st.u.scales.x, zoomed = st.full && (x.min !== st.full[0] || x.max !== st.full[1]);
+    // resized (the window, the phone turned): the same plot at the new width keeps its zoom
+    if (st.u.width !== width || st.u.height !== height) st.u.setSize({ width, height });
+    // zoomed: the x range leaves out logged points (a single point's range is wider than the data, not zoomed)
+    const x = st.u.scales.x, zoomed = st.full && (x.min > st.full[0] || x.max < st.full[1]);
     st.full = [data[0][0], data[0][data[0].length - 1]];
     st.u.setData(data, !zoomed);
     el.querySelectorAll(".lg").forEach((item, i) => { item.dataset.count = String(series[i].xs.length); });
@@ -246,7 +249,14 @@ function draw(chart, runs, t, el = document.querySelector(`#chart-${chart.id}`),
   };
   st.key = key;
   st.full = [data[0][0], data[0][data[0].length - 1]];
-  st.u = el.uplot = new uPlot(opts, data, plot);  // el.uplot: for the browser tests
+  const u = st.u = el.uplot = new uPlot(opts, data, plot);  // el.uplot: for the browser tests
+  // uPlot follows the mouse only: a finger put on the plot and drawn along it (a phone) moves the cursor, so the
+  // readout shows the points under it (.u-over's touch-action lets vertical drags scroll the page)
+  const follow = (e) => {
+    const r = u.over.getBoundingClientRect(), p = e.touches[0];
+    if (p) u.setCursor({ left: p.clientX - r.left, top: p.clientY - r.top });
+  };
+  for (const type of ["touchstart", "touchmove"]) u.over.addEventListener(type, follow, { passive: true });
 }
 
 function controls(t) {

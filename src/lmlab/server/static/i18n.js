@@ -290,4 +290,7 @@ export const STRINGS = {
   "err.too_many": ["{field}: at most {max_length}", "{field}: не больше {max_length}"],
   "err.choice": ["{field}: must be one of {expected}", "{field}: должно быть одним из: {expected}"],
   "err.bool": ["{field}: must be yes or no", "{field}: должно быть «да» или «нет»"],
+  // self-play versions, keyboard and touch (issue 14, the rest)
+  "versions.sp_final": ["self-play run {run}: final, {steps} steps", "самоигра, запуск {run}: итог, {steps} шагов"],
+  "versions.sp_checkpoint": ["self-play run {run}: iteration {step} ({steps} steps in all)", "самоигра, запуск {run}: итерация {step} ({steps} шагов всего)"],
 };

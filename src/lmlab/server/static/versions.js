@@ -14,8 +14,9 @@ export function versionParams(value) {
 const versionQuery = (value) => new URLSearchParams(versionParams(value)).toString();
 
 function versionLabel(v) {
-  return v.step == null ? t("versions.final", { run: v.run, steps: v.steps })
-    : t("versions.checkpoint", { run: v.run, step: v.step, steps: v.steps });
+  const sp = v.kind === "selfplay" ? "versions.sp_" : "versions.";  // lineage: "self-play run N: ..."
+  return v.step == null ? t(sp + "final", { run: v.run, steps: v.steps })
+    : t(sp + "checkpoint", { run: v.run, step: v.step, steps: v.steps });
 }
 
 // Fill `select` with the model's versions, newest first; keeps the picked one while it is still there.
