@@ -39,6 +39,10 @@ def test_evaluate_compare_and_trajectory_from_the_view(tmp_path, browser):  # no
             # the tab sits after Generate, in workflow order
             tabs = page.eval_on_selector_all("#tabs button", "bs => bs.map(b => b.dataset.tab)")
             assert tabs[tabs.index("generate") + 1] == "evaluate"
+            # offered first: the first trained model and the first multiple-choice task
+            checked = "es => es.filter(e => e.checked).map(e => e.value)"
+            assert page.eval_on_selector_all("#ev-models input", checked) == ["rand"]
+            assert page.eval_on_selector_all("#ev-tasks input", checked) == ["fables-mc"]
             # a refusal in words, before anything is sent
             for box in page.query_selector_all("#ev-tasks input:checked"):
                 box.uncheck()

@@ -60,14 +60,15 @@ function setMsg(text, ok = true) {
   $("#ev-msg").className = "msg " + (ok ? "ok" : "bad");
 }
 
-// checkboxes (value, label, disabled reason) redrawn only when the choices change, keeping what was checked
-function checks(box, key, items, checkFirst) {
+// checkboxes (value, label, disabled reason) redrawn only when the choices change, keeping what was checked;
+// the first time choices are offered, `preferred` (else the first) is checked
+function checks(box, key, items, preferred) {
   const sig = JSON.stringify(items) + A.t("ev.items");
   if (E.sigs[key] === sig) return;
-  const first = E.sigs[key] === undefined, kept = new Set([...box.querySelectorAll("input:checked")].map((x) => x.value));
+  const first = !box.querySelector("input"), kept = new Set([...box.querySelectorAll("input:checked")].map((x) => x.value));
   E.sigs[key] = sig;
-  box.replaceChildren(...items.map(([value, text, problem], n) => A.h("label", { class: "check", title: problem || null },
-    A.h("input", { type: "checkbox", value, disabled: !!problem, checked: !problem && (first ? n === 0 && checkFirst : kept.has(value)) }),
+  box.replaceChildren(...items.map(([value, text, problem]) => A.h("label", { class: "check", title: problem || null },
+    A.h("input", { type: "checkbox", value, disabled: !!problem, checked: !problem && (first ? value === (preferred ?? items[0][0]) : kept.has(value)) }),
     " " + text, problem ? A.h("span", { class: "muted", text: ` — ${problem}` }) : null)));
 }
 
@@ -76,10 +77,10 @@ function renderForm(modeChanged = false) {
   $("#ev-run-box").hidden = !byRun;
   $("#ev-models-box").hidden = byRun;
   const trained = S.models.filter((m) => m.trained);
-  checks($("#ev-models"), "models", trained.map((m) => [m.name, m.name]), true);
+  checks($("#ev-models"), "models", trained.map((m) => [m.name, m.name]));
   if (!trained.length) $("#ev-models").replaceChildren(A.h("p", { class: "muted", text: t("gen.no_models") }));
   checks($("#ev-tasks"), "tasks", E.tasks.map((x) => [x.id, x.problem ? x.id : `${x.name} · ${x.kind} · ${t("ev.items", { n: x.items })}` +
-    (x.source === "workspace" ? ` · ${x.id}` : ""), x.problem]), true);
+    (x.source === "workspace" ? ` · ${x.id}` : ""), x.problem]), E.tasks.find((x) => x.kind === "multiple_choice")?.id);
   // a trajectory reads a stopped training run's checkpoints
   const runs = S.runs.filter((r) => r.kind === "train" && !ACTIVE.has(r.status) && r.checkpoint_step != null), sel = $("#ev-run"), keep = sel.value;
   sel.replaceChildren(...runs.map((r) => A.h("option", { value: r.id, text: t("ev.run_option", { id: r.id, model: r.model, step: r.checkpoint_step }) })));
@@ -115,6 +116,7 @@ export function renderEvaluate() {
       ACTIVE.has(r.status) && !r.cancel_requested ? h("button", { type: "button", class: "danger cancel", text: t("runs.cancel"), onclick: () => cancel(r.id) }) : null, " ",
       !ACTIVE.has(r.status) ? h("button", { type: "button", class: "danger", text: t("runs.delete"), onclick: () => A.deleteRun(r.id) }) : null))));
   $("#ev-empty").hidden = runs.length > 0;
+  $("#ev-table").hidden = !runs.length;
   renderDetail(runs.find((r) => r.id === E.current));
 }
 
