@@ -125,12 +125,20 @@ def test_a_runs_checkpoints_give_the_trajectory_of_lmlab_eval_all_checkpoints(ev
     assert not (ev.workspace / "runs" / f"run-{ev.train_run}" / "eval").exists()  # the run's folder is not written
 
 
-def test_cancel_stops_a_running_evaluation(ev):
-    r = ev.post("/api/v1/runs/eval", json={"models": ["tiny"], "tasks": ["fables-gen"]})
+def test_what_an_evaluation_reads_stays_until_it_is_cancelled(ev):
+    """A trajectory reads a run's checkpoints and its model: neither can be deleted while it runs; cancel
+    stops it (not resumable), and then they can."""
+    r = ev.post("/api/v1/runs/eval", json={"run": ev.train_run, "tasks": ["fables-gen"]})
     run_id = r.json()["id"]
     pid = wait_for(lambda: ev.get(f"/api/v1/runs/{run_id}").json()["pid"], 60, 0.01, "the evaluation to start")
     os.kill(pid, signal.SIGSTOP)  # held until the cancel is sent: it cannot finish first
     try:
+        r = ev.delete(f"/api/v1/runs/{ev.train_run}")
+        assert (r.status_code, r.json()["detail"]) == (409, f"run {ev.train_run}'s checkpoints are being evaluated "
+                                                            f"(run {run_id}); cancel that run or wait for it")
+        r = ev.delete("/api/v1/models/tiny")
+        assert (r.status_code, r.json()["detail"]) == (409, f"model 'tiny' is being evaluated (run {run_id}); cancel "
+                                                            "that run or wait for it")
         assert ev.post(f"/api/v1/runs/{run_id}/cancel").json()["cancel_requested"] is True
         wait_for(lambda: (ev.workspace / "runs" / f"run-{run_id}" / "stop-requested").exists(), 60, 0.05,
                  "the supervisor to ask it to stop")
@@ -139,8 +147,10 @@ def test_cancel_stops_a_running_evaluation(ev):
     run = done(ev, run_id)
     # stopped by its KeyboardInterrupt (130), or by the signal itself if it came before Python's handler was set
     assert run["status"] == "cancelled" and run["exit_code"] in (130, -signal.SIGINT) and not run["can_resume"]
-    assert ev.get(f"/api/v1/runs/{run_id}/eval").json()["results"] == []
-    assert "cannot be resumed" in ev.post(f"/api/v1/runs/{run_id}/resume").json()["detail"]
+    assert ev.get(f"/api/v1/runs/{run_id}/eval").json()["trajectory"] is None
+    assert ev.post(f"/api/v1/runs/{run_id}/resume").json()["detail"] == (
+        f"run {run_id}: this evaluation keeps no checkpoints and cannot be resumed; start it again")
+    assert ev.delete(f"/api/v1/runs/{run_id}").status_code == 204  # (the model and its run stay for the others)
 
 
 @pytest.mark.parametrize("body, status, detail", [

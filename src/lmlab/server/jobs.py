@@ -76,7 +76,7 @@ KILL_AFTER_S = 30.0  # a child that has not exited this long after SIGINT gets S
 PROCESS_NAMES = {"train": "training", "selfplay": "self-play", "experiment": "lab experiment", "eval": "evaluation"}
 RESUME = "resume to continue from the last checkpoint"
 UNWATCHED = "its process ended while no server was watching it"
-NOT_RESUMABLE = "a {} keeps no checkpoints and cannot be resumed; start it again"  # PROCESS_NAMES[kind]
+NOT_RESUMABLE = "this {} keeps no checkpoints and cannot be resumed; start it again"  # PROCESS_NAMES[kind]
 
 
 def process_start(pid: int) -> str | None:
