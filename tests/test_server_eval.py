@@ -81,6 +81,9 @@ def test_one_model_on_tasks_gives_the_numbers_of_lmlab_eval(ev):
     assert run["status"] == "completed", run
     got = ev.get(f"/api/v1/runs/{run['id']}/eval").json()
     want = cli_json(ev.workspace, "eval", "models/tiny", "--tasks", ",".join([*TASKS, "tasks/mine.yaml"]))
+    # the run page's command is the one the job ran, into another folder
+    assert ev.get(f"/api/v1/runs/{run['id']}/overview").json()["command"] == (
+        f"lmlab eval models/tiny --tasks fables-mc,fables-lm,tasks/mine.yaml --out run-{run['id']}-again")
     assert [r["model"] for r in got["results"]] == ["tiny"] and got["comparison"] is None and not got["report"]
     summary = got["results"][0]["tasks"]
     assert [(t["task"], t["kind"], t["n"]) for t in summary] == [(t["task"], t["kind"], t["n"]) for t in want["tasks"]]
