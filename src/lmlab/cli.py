@@ -316,6 +316,8 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", default="", help="the prompt of the --probes samples (default: none)")
     p.add_argument("--all-checkpoints", action="store_true", help="MODEL_DIR is a run: score each checkpoint and "
                    "write RUN/eval/trajectory.jsonl and trajectory.png (metric against step)")
+    p.add_argument("--out", help="a folder for the results too: OUT/eval.json (what --json prints); with "
+                   "--all-checkpoints, OUT/trajectory.jsonl and .png instead of RUN/eval/ (the web app's jobs)")
 
 
 def _model_dir(path: str) -> Path:
@@ -374,6 +376,10 @@ def _eval(args: argparse.Namespace) -> int:
     out["tasks"] = _score_tasks(model, tok, tasks, args.batch_size)
     if args.probes:
         out["probes"] = _probes(model, tok, args)
+    if args.out:
+        from .files import atomic_write_text
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(args.out) / "eval.json", json.dumps(out, ensure_ascii=False, indent=1))
     if args.json:
         print(json.dumps(out, ensure_ascii=False, indent=1))
         return 0
@@ -435,8 +441,8 @@ def _trajectory(args: argparse.Namespace, tasks: list[Any]) -> int:
         for result in _score_tasks(model, tok, tasks, args.batch_size):
             rows += [{"step": step, "task": result["task"], "metric": k, "value": v}
                      for k, v in result["metrics"].items()]
-    out = run / "eval"
-    out.mkdir(exist_ok=True)
+    out = Path(args.out) if args.out else run / "eval"
+    out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "trajectory.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     series: dict[str, list[tuple[int, float]]] = {}
     for r in rows:

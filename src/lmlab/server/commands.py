@@ -1,5 +1,6 @@
 """The command line of a run's process: pure functions from a run row and the workspace's paths to the
-arguments of `lmlab` (`train ...`, `selfplay text ...`, `lab facts EXPERIMENT ...` or `selfplay azr ...`),
+arguments of `lmlab` (`train ...`, `selfplay text ...`, `lab facts EXPERIMENT ...`, `selfplay azr ...`, or an
+evaluation's `eval ...` / `compare ...`),
 and the files the command reads that must be written into the run directory first. No process control and
 no database: the supervisor (jobs.py) looks up the model rows, writes the files and launches
 `python -c CHILD_BOOTSTRAP ARGS...` (child_argv).
@@ -75,6 +76,30 @@ def experiment_command(params: dict[str, Any], out: Path) -> list[str]:
     return args
 
 
+def eval_command(params: dict[str, Any], out: str) -> list[str]:
+    """An evaluation run's command (params: models, tasks, and run for a trajectory), writing into `out`:
+    `eval models/NAME --tasks T --out OUT` (OUT/eval.json), `compare models/A models/B ... --tasks T --out OUT`
+    (the first the baseline; OUT/compare.json and report.html), or `eval runs/run-N --all-checkpoints --tasks T
+    --out OUT` (OUT/trajectory.jsonl). Paths are relative to the workspace, where the supervisor starts every
+    run: results name models as `models/NAME`, and the command works as shown from the workspace folder."""
+    common = ["--tasks", ",".join(params["tasks"]), "--out", out]
+    if params.get("run"):
+        return ["eval", f"runs/run-{params['run']}", "--all-checkpoints", *common]
+    models = [f"models/{m}" for m in params["models"]]
+    return ["compare" if len(models) > 1 else "eval", *models, *common]
+
+
+def product(run: dict[str, Any]) -> str | None:
+    """The file in its run directory that a run making no model leaves when it finishes (a lab experiment's
+    report, an evaluation's results); None for training and self-play, which make a model."""
+    if run["kind"] == "experiment":
+        return "report.html"
+    if run["kind"] == "eval":
+        p = run["params"]
+        return "trajectory.jsonl" if p.get("run") else "compare.json" if len(p["models"]) > 1 else "eval.json"
+    return None
+
+
 def train_command(run: dict[str, Any], ws: Workspace, model: dict[str, Any] | None) -> Command:
     """`train BOOKS... --out RUN_DIR` from the model's config (or `--init` its trained weights), or
     `train --out RUN_DIR --resume`. `model` is the model's row; ValueError when it is gone (a resume needs
@@ -124,6 +149,8 @@ def run_command(run: dict[str, Any], ws: Workspace, get_model: Callable[[str], d
     --resume when it continues from a checkpoint. `get_model(name)` is the model's row, or None."""
     if run["kind"] == "experiment":
         return Command(experiment_command(run["params"], ws.run_path(run["id"])), {})
+    if run["kind"] == "eval":
+        return Command(eval_command(run["params"], str(ws.run_path(run["id"]).relative_to(ws.root))), {})
     if run["kind"] == "selfplay":
         return selfplay_command(run, ws, get_model)
     return train_command(run, ws, None if run["resume"] else get_model(run["model_name"]))

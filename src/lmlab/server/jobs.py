@@ -37,6 +37,8 @@ and of another machine, are left to their own server.
 
 A lab experiment writes results.json, PNG plots and report.html into its run directory and keeps no
 checkpoints: a cancel (SIGINT) ends it, it cannot be resumed, and a stopped one is started again.
+An evaluation (`lmlab eval` or `lmlab compare`, commands.eval_command) is alike: its results file
+(commands.product) is what it makes.
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ from ..files import atomic_write_text
 from ..models import ModelConfig
 from ..tokenizers import Tokenizer
 from ..train import checkpoint_step, latest_checkpoint
-from .commands import STOP_FILE, child_argv, run_command
+from .commands import STOP_FILE, child_argv, product, run_command
 from .db import Database
 from .workspace import Workspace, link_or_copy, stage_dir, swap_dir
 
@@ -71,10 +73,10 @@ KILL_AFTER_S = 30.0  # a child that has not exited this long after SIGINT gets S
 # What a run's process is called when it stops early. Training and self-play answer SIGINT alike (checkpoint
 # and exit), so a stopped run of either kind says the same about what is left and how to continue; a lab
 # experiment keeps no checkpoints, so a stopped one is not resumable and is started again.
-PROCESS_NAMES = {"train": "training", "selfplay": "self-play", "experiment": "lab experiment"}
+PROCESS_NAMES = {"train": "training", "selfplay": "self-play", "experiment": "lab experiment", "eval": "evaluation"}
 RESUME = "resume to continue from the last checkpoint"
 UNWATCHED = "its process ended while no server was watching it"
-NOT_RESUMABLE = "a lab experiment keeps no checkpoints and cannot be resumed; start it again"
+NOT_RESUMABLE = "this {} keeps no checkpoints and cannot be resumed; start it again"  # PROCESS_NAMES[kind]
 
 
 def process_start(pid: int) -> str | None:
@@ -452,15 +454,16 @@ class Supervisor:
         final = run_dir / "final"
         training = finished_model(run, final)
         values: dict[str, Any] = {"exit_code": code, "pid": None, "pid_start": None, "finished_at": time.time()}
-        # no model to register: its report is the product, but only of a run that was not stopped: the facts
-        # lab answers SIGINT as training does (the step loop returns early) and may still report and exit 0
-        cut_short = run["kind"] == "experiment" and (run["cancel_requested"] or server_stopped)
-        report = (run_dir / "report.html").is_file()
+        # no model to register (an experiment, an evaluation): its report or results are the product, but only of
+        # a run that was not stopped: the facts lab answers SIGINT as training does (the step loop returns early)
+        # and may still report and exit 0
+        made = product(run)
+        cut_short = made is not None and (run["cancel_requested"] or server_stopped)
         staged = None
-        if code in (0, None) and run["kind"] == "experiment" and report and not cut_short:
+        if code in (0, None) and made and (run_dir / made).is_file() and not cut_short:
             values.update(status="completed", stop_reason="finished", error=None)
-        elif code == 0 and run["kind"] == "experiment" and not cut_short:
-            values.update(status="failed", error="the experiment exited without writing report.html")
+        elif code == 0 and made and not cut_short:
+            values.update(status="failed", error=f"the {run['kind']} exited without writing {made}")
         elif code in (0, None) and run["kind"] == "selfplay" and training is not None:
             try:
                 self._register_selfplay(run, final, training)
@@ -478,7 +481,7 @@ class Supervisor:
         elif code is None and not server_stopped and (reason := _error_from_log(run_dir / "log.txt", True)):
             values.update(status="failed", error=reason)
         elif code is None or code < 0 or code in (0, 130) or cut_short:  # 0 without final/: stopped on request
-            then = RESUME if run["kind"] != "experiment" else NOT_RESUMABLE
+            then = RESUME if made is None else NOT_RESUMABLE.format(PROCESS_NAMES[run["kind"]])
             if server_stopped:
                 error = f"the server was stopped; {then}"
             elif code is None:
@@ -537,8 +540,8 @@ class Supervisor:
             if run["status"] not in ("interrupted", "failed", "cancelled"):
                 raise ValueError(f"run {run_id} is {run['status']}; only interrupted, failed or cancelled runs "
                                  "can be resumed")
-            if run["kind"] == "experiment":
-                raise ValueError(f"run {run_id}: {NOT_RESUMABLE}")
+            if product(run) is not None:
+                raise ValueError(f"run {run_id}: {NOT_RESUMABLE.format(PROCESS_NAMES[run['kind']])}")
             ckpt = latest_checkpoint(self.ws.run_path(run_id))
             if ckpt is None:
                 raise ValueError(f"run {run_id} stopped before its first checkpoint; start a new run instead")

@@ -205,6 +205,48 @@ class ExperimentCreate(BaseModel):
         return value
 
 
+MAX_EVAL_MODELS, MAX_EVAL_TASKS = 8, 20
+
+
+class EvalCreate(BaseModel):
+    """An evaluation, run as its own CLI command into the run directory: models on tasks (one model: `lmlab
+    eval`; several: `lmlab compare`, the first the baseline), or every checkpoint of a training run (`lmlab
+    eval RUN --all-checkpoints`). It makes no model and keeps no checkpoints; GET /runs/{id}/eval reads it."""
+    model_config = ConfigDict(extra="forbid")
+    models: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(
+        [], max_length=MAX_EVAL_MODELS, description="trained models of the workspace; the first is the baseline of "
+                                                    "the comparison")
+    run: int | None = Field(None, ge=1, le=2**62, description="instead of models: a training run whose checkpoints "
+                                                              "are scored, metric against step")
+    tasks: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        ..., min_length=1, max_length=MAX_EVAL_TASKS, description="ids of GET /eval/tasks")
+
+
+class EvalTask(BaseModel):
+    id: str = Field(description="what EvalCreate.tasks takes: a shipped task's name, or tasks/FILE.yaml of the "
+                                "workspace")
+    name: str
+    kind: str = Field(description="multiple_choice, lm or generate (empty for a task file that does not load)")
+    items: int
+    source: Literal["shipped", "workspace"]
+    problem: str | None = Field(None, description="why a workspace task file cannot be used, in one line")
+
+
+class EvalResults(BaseModel):
+    run: Run
+    models: list[str]
+    tasks: list[str]
+    trajectory_of: int | None = Field(description="the training run whose checkpoints were scored")
+    results: list[dict[str, Any]] = Field(description="per model: {model, tasks: [{task, kind, n, metrics: {name: "
+                                                      "{value, low, high}}}]}: the mean over items and its 95% "
+                                                      "bootstrap interval (null for corpus-level metrics)")
+    comparison: dict[str, Any] | None = Field(description="several models: lmlab.eval.compare's {base, models, "
+                                                          "rows: [{task, metric, model, base, value, delta, low, "
+                                                          "high}], flips: [{task, item, model, metric, from, to}]}")
+    trajectory: list[dict[str, Any]] | None = Field(description="a run's checkpoints: [{step, task, metric, value}]")
+    report: bool = Field(description="a comparison's report.html is served at GET /runs/{id}/report")
+
+
 class ResumeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     max_steps: int | None = Field(None, ge=1, le=10_000_000, description="train further than first planned (for "
@@ -213,9 +255,10 @@ class ResumeRequest(BaseModel):
 
 class Run(BaseModel):
     id: int
-    kind: Literal["train", "selfplay", "experiment"] = Field(
+    kind: Literal["train", "selfplay", "experiment", "eval"] = Field(
         description="train: `lmlab train`; selfplay: `lmlab selfplay text` from `model` into params.new_model; "
-                    "experiment: a lab experiment (params.lab, params.experiment), no model (`model` is empty)")
+                    "experiment: a lab experiment (params.lab, params.experiment), no model (`model` is empty); "
+                    "eval: an evaluation (params.models, params.tasks, params.run), no model (GET /runs/{id}/eval)")
     model: str
     books: list[str]
     status: str

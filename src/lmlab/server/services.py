@@ -265,9 +265,11 @@ def need_trained(state: AppState, name: str, role: str) -> Any:
 
 def runs_using(state: AppState, name: str, active: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Queued or running runs (`active`, fetched when not given) that read or write the model `name`: its
-    training, self-play from it or judged by it, and self-play that will save its policy under that name."""
+    training, self-play from it or judged by it, self-play that will save its policy under that name, and
+    evaluations of it."""
     active = state.db.list_runs(status=ACTIVE) if active is None else active
-    return [r for r in active if name in (r["model_name"], r["params"].get("judge"), r["params"].get("new_model"))]
+    return [r for r in active if name in (r["model_name"], r["params"].get("judge"), r["params"].get("new_model"),
+                                          *r["params"].get("models", ()))]
 
 
 def need_unused(state: AppState, name: str, keep: Callable[[dict[str, Any]], bool] = lambda r: True,
@@ -281,6 +283,8 @@ def need_unused(state: AppState, name: str, keep: Callable[[dict[str, Any]], boo
 def busy_message(name: str, run: dict[str, Any]) -> str:
     if run["kind"] == "train":
         return f"model {name!r} is already training (run {run['id']}); cancel that run or wait for it"
+    if run["kind"] == "eval":
+        return f"model {name!r} is being evaluated (run {run['id']}); cancel that run or wait for it"
     role = ("the starting point" if run["model_name"] == name else
             "the judge" if run["params"].get("judge") == name else "the name of the model being made")
     return f"model {name!r} is {role} of self-play run {run['id']}; cancel that run or wait for it"
@@ -386,7 +390,7 @@ def run_info(state: AppState, row: dict[str, Any], queue: list[int] | None = Non
         tokens_per_s=row["tokens_per_s"], last_reward=row["last_reward"], last_kl=row["last_kl"],
         parent_run_id=row["parent_run_id"], step_offset=row["step_offset"] or 0, checkpoint_step=ckpt_step,
         can_resume=(row["status"] in ("interrupted", "failed", "cancelled") and ckpt_step is not None
-                    and row["kind"] != "experiment"),  # an experiment keeps no checkpoints of its own
+                    and row["kind"] not in ("experiment", "eval")),  # these keep no checkpoints of their own
         resumed_from_step=row["resumed_from_step"], launches=row["launches"],
         cancel_requested=bool(row["cancel_requested"]), pid=row["pid"], exit_code=row["exit_code"],
         error=row["error"], stop_reason=row["stop_reason"], metrics_epoch=row["metrics_epoch"],
@@ -417,7 +421,7 @@ def run_timing(state: AppState, row: dict[str, Any], clock: dict[int, float] | N
 def run_phase(state: AppState, row: dict[str, Any]) -> str:
     """What a running run is doing: a training run's RUN_DIR/phase.json when this launch wrote it, else
     starting; self-play trains once it has logged; an experiment is running (its log says how far)."""
-    if row["kind"] == "experiment":
+    if row["kind"] in ("experiment", "eval"):
         return "running"
     if row["kind"] == "selfplay":
         return "training" if row["current_step"] > (row["resumed_from_step"] or 0) else "starting"
@@ -712,6 +716,10 @@ def remove_run(state: AppState, run_id: int) -> None:
         row = need_run(state, run_id)
         if row["status"] in ACTIVE:
             raise HTTPException(409, f"run {run_id} is {row['status']}; cancel it first")
+        readers = [r["id"] for r in state.db.list_runs(status=ACTIVE, kind="eval") if r["params"].get("run") == run_id]
+        if readers:
+            raise HTTPException(409, f"run {run_id}'s checkpoints are being evaluated (run {readers[0]}); cancel that "
+                                     "run or wait for it")
         remove_entry(state.ws.run_path(run_id))  # a symbolic link: the link, not where it points
         state.db.delete_run(run_id)
 
@@ -730,8 +738,9 @@ def run_file(state: AppState, run_id: int, name: str) -> Response:
     else: another kind of run, one not completed, a name with a path in it, or a symbolic link (the file or
     the run's folder: opened with O_NOFOLLOW at every step)."""
     row = need_run(state, run_id)
-    if row["kind"] != "experiment":
-        raise HTTPException(404, f"run {run_id} is a {row['kind']} run; only lab experiment runs serve files")
+    if row["kind"] not in ("experiment", "eval"):
+        raise HTTPException(404, f"run {run_id} is a {row['kind']} run; only lab experiment runs serve files, and "
+                                 "evaluation runs")
     if not RUN_FILE.fullmatch(name):
         raise HTTPException(404, f"no file {name!r} here: a run serves results.json, its .png plots and report.html")
     if row["status"] in ACTIVE:

@@ -137,7 +137,8 @@ class Workspace:
         self.models = self.root / "models"
         self.runs = self.root / "runs"
         self.tmp = self.root / "tmp"
-        for d in (self.books, self.models, self.runs, self.tmp):
+        self.tasks = self.root / "tasks"  # the workspace's own evaluation tasks (NAME.yaml + NAME.jsonl)
+        for d in (self.books, self.models, self.runs, self.tmp, self.tasks):
             if d.is_symlink():
                 raise LinkError(f"{d} is a symbolic link, which the server does not follow; make the workspace "
                                 "folder itself the link instead")

@@ -4,10 +4,10 @@ keeps the AZR Model Trainer app's endpoints for its old clients."""
 
 from fastapi import APIRouter
 
-from . import books, demo, generate, info, models, runs, seed
+from . import books, demo, evals, generate, info, models, runs, seed
 
 api = APIRouter(prefix="/api/v1")
-for _resource in (info, books, models, runs, generate, demo):
+for _resource in (info, books, models, runs, generate, evals, demo):
     api.include_router(_resource.router)
 
 __all__ = ["api", "seed"]

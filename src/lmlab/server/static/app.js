@@ -5,6 +5,7 @@ import { drawChartInto, drawCharts } from "/static/charts.js";
 import { confirmNewVersion, fillVersions, lineageText, versionParams, versionPicker } from "/static/versions.js";
 import { chartEmpty, initRunPage, metricsChanged, openRun, patchRows, renderCompare, tableRuns } from "/static/runpage.js";
 import { errorText as detailText, keepFocus, renderGuide, setupUx, tokenEstimate } from "/static/ux.js";
+import { evalName, hasReport, initEvaluate, renderEvaluate, showEvaluate } from "/static/evaluate.js";
 
 const $ = (sel, root = document) => root.querySelector(sel);
 const $$ = (sel, root = document) => [...root.querySelectorAll(sel)];
@@ -119,6 +120,7 @@ function showTab(name) {
   if (name === "models") scheduleEstimate();
   if (name === "train") renderTrainEstimate();
   if (name === "lab") loadLabLog();
+  if (name === "evaluate") showEvaluate();
 }
 
 // ---- books -----------------------------------------------------------------------------------------
@@ -475,7 +477,7 @@ function setupSelfPlayForm() {
 
 // ---- lab experiments -------------------------------------------------------------------------------
 
-const labName = (r) => (r.params.lab === "facts" ? `facts · ${r.params.experiment}` : "azr") + (r.params.quick ? " · quick" : "");
+const labName = (r) => r.kind === "eval" ? evalName(r) : (r.params.lab === "facts" ? `facts · ${r.params.experiment}` : "azr") + (r.params.quick ? " · quick" : "");
 
 function renderLab() {
   const runs = S.runs.filter((r) => r.kind === "experiment");
@@ -542,12 +544,12 @@ function renderRuns() {
     const pct = r.progress == null ? 0 : Math.round(r.progress * 100);
     const overlay = h("input", { type: "checkbox", checked: S.selected.has(r.id), "aria-label": `overlay run ${r.id}`,
                                  onchange: (e) => (e.target.checked ? selectRun(r.id, false) : unselectRun(r.id)) });
-    const sp = r.kind === "selfplay", lab = r.kind === "experiment", product = sp ? r.params.new_model : r.model;
+    const sp = r.kind === "selfplay", lab = ["experiment", "eval"].includes(r.kind), product = sp ? r.params.new_model : r.model;
     const model = S.models.find((m) => m.name === product);
     return h("tr", { "data-run": r.id, "data-status": r.status, "data-kind": r.kind, class: r.id === S.current ? "selected" : "" },
       h("td", {}, overlay), h("td", {}, h("a", { href: `#run/${r.id}`, class: "run-link", text: `#${r.id}` })),
       sp ? h("td", { title: t("runs.reward", { reward: r.params.reward }) }, `${r.model} → ${product}`, h("span", { class: "kind", text: t("runs.kind_selfplay") }))
-        : lab ? h("td", {}, labName(r), h("span", { class: "kind", text: t("runs.kind_experiment") }))
+        : lab ? h("td", {}, labName(r), h("span", { class: "kind", text: t("runs.kind_" + r.kind) }))
         : h("td", { text: r.model, title: `${t("runs.books")}: ${r.books.join(", ")}` }),
       h("td", {}, h("span", { class: "badge " + r.status, text: statusLabel(r) })),
       h("td", { class: "num" }, h("span", { class: "bar" }, (() => { const i = h("i"); i.style.width = pct + "%"; return i; })()),
@@ -559,7 +561,7 @@ function renderRuns() {
         h("button", { type: "button", text: t("runs.view"), onclick: () => selectRun(r.id) }), " ",
         ACTIVE.has(r.status) && !r.cancel_requested ? h("button", { type: "button", class: "danger cancel", text: t("runs.cancel"), onclick: () => runAction(r.id, "cancel") }) : null, " ",
         r.can_resume ? h("button", { type: "button", class: "resume", text: t("runs.resume"), onclick: () => runAction(r.id, "resume") }) : null, " ",
-        lab && r.status === "completed" ? h("a", { href: withToken(`/api/v1/runs/${r.id}/report`), target: "_blank", rel: "noopener", class: "report", text: t("lab.report") }) : null, " ",
+        lab && r.status === "completed" && (r.kind === "experiment" || hasReport(r)) ? h("a", { href: withToken(`/api/v1/runs/${r.id}/report`), target: "_blank", rel: "noopener", class: "report", text: t("lab.report") }) : null, " ",
         // every completed run keeps its own final model (versions.js), not only the model's latest; a self-play
         // run's is not a version of a model made again under its name after it finished (services.made_by)
         r.status === "completed" && model && !lab && (!sp || model.created_at <= r.updated_at) ? h("a", { href: withToken(`/api/v1/models/${encodeURIComponent(product)}/download?run=${r.id}`), download: `${product}-run${r.id}.zip`, class: "download", text: t("runs.download") }) : null, " ",
@@ -569,6 +571,7 @@ function renderRuns() {
   renderCompare();
   renderRunDetail();
   renderLab();
+  renderEvaluate();
 }
 
 function renderRunDetail() {
@@ -577,7 +580,7 @@ function renderRunDetail() {
   if (!r) return;
   const bits = [r.kind === "selfplay"
     ? `#${r.id} · ${t("runs.kind_selfplay")}: ${r.model} → ${r.params.new_model} · ${t("runs.reward", { reward: r.params.reward + (r.params.judge ? ` (${r.params.judge})` : "") })} · ${statusLabel(r)}`
-    : r.kind === "experiment" ? `#${r.id} · ${t("runs.kind_experiment")}: ${labName(r)} · ${statusLabel(r)}`
+    : ["experiment", "eval"].includes(r.kind) ? `#${r.id} · ${t("runs.kind_" + r.kind)}: ${labName(r)} · ${statusLabel(r)}`
     : `#${r.id} · ${r.model} · ${t("runs.books")}: ${r.books.join(", ")} · ${statusLabel(r)}`];
   if (r.queue_position != null) bits.push(t("runs.queue", { pos: r.queue_position + 1 }));
   if (r.checkpoint_step != null) bits.push(t("runs.checkpoint", { step: r.checkpoint_step }));
@@ -654,7 +657,7 @@ function redrawCharts() {
   // an experiment has no metrics stream: its numbers are in its report
   drawCharts([...S.selected].map((id) => ({ id, color: runColor(id), metrics: S.metrics.get(id) || [],
                                             kind: S.runs.find((r) => r.id === id)?.kind ?? "train" }))
-    .filter((r) => r.kind !== "experiment"), t, chartEmpty([...S.selected]));
+    .filter((r) => r.kind !== "experiment" && r.kind !== "eval"), t, chartEmpty([...S.selected]));
   metricsChanged();
 }
 
@@ -801,6 +804,7 @@ async function main() {
   setupSelfPlayForm();
   setupLabForm();
   setupGenerate();
+  initEvaluate({ S, t, h, api, withToken, statusLabel, refreshRuns, deleteRun, toast });
   initRunPage({ S, t, h, api, fmtNum, fmtBytes, fmtLoss, statusLabel, labName, subscribe, runChart, showTab, toast, renderRuns });
   window.addEventListener("hashchange", () => showTab(location.hash.slice(1)));
   setupUx({ t, api, S, h, showTab, openRun: async (run) => {

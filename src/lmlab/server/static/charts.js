@@ -16,7 +16,7 @@ export const CHARTS = [
   { id: "kl", keys: [["kl", ""]], group: "sp-charts" },
 ];
 const X_KEYS = { step: "step", tokens: "tokens", time: "elapsed_s" };
-const WHOLE = Array.from({ length: 30 }, (_, i) => [1, 2, 5][i % 3] * 10 ** Math.floor(i / 3));
+export const WHOLE = Array.from({ length: 30 }, (_, i) => [1, 2, 5][i % 3] * 10 ** Math.floor(i / 3));
 
 const saved = JSON.parse(localStorage.getItem("lmlab.charts") || "{}");
 const view = { x: X_KEYS[saved.x] ? saved.x : "step", log: !!saved.log, smooth: Math.min(0.99, Math.max(0, +saved.smooth || 0)) };
