@@ -284,6 +284,16 @@ def test_text_selfplay_raises_a_user_reward(tmp_path):
     assert not torch.equal(trained.lm_head.weight, model.lm_head.weight)
 
 
+def test_text_selfplay_scores_as_it_samples_under_dropout(tmp_path):
+    """A model whose config carries dropout 0.1 (imported GPT-2 models do): completions are sampled with dropout
+    off, and scored so too, so the first iteration's KL to the identical starting model is exactly 0. Scored
+    with dropout on (as self-play did), it was not, and the update was off-policy."""
+    _start_model(tmp_path / "start", dropout=0.1)
+    cfg = TextSelfPlayConfig(iterations=1, prompts_per_iteration=2, group_size=4, max_new_tokens=8, save_every=0)
+    rows = run_text_selfplay(tmp_path / "start", tmp_path / "run", cfg, ["ab", ""], log=None)
+    assert rows[0]["reward_std"] > 0 and rows[0]["kl"] == 0.0
+
+
 def _metrics(run_dir):
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
 

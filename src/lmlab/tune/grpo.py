@@ -133,7 +133,7 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, 
     clipped = ratio.clamp(1 - epsilon, 1 + epsilon_high)
     adv = advantages[:, None]
     per_token = -torch.min(ratio * adv, clipped * adv)
-    stats = {"ratio": (ratio.detach() * m).sum() / tokens,
+    stats = {"ratio": ((ratio.detach() - 1) * m).sum() / tokens + 1,  # 1 over no tokens: nothing off-policy
              "clipped": ((clipped.detach() != ratio.detach()).float() * m).sum() / tokens}
     if ref_logp is not None:
         kl = kl_k3(logp, ref_logp)
