@@ -294,6 +294,19 @@ def test_text_selfplay_scores_as_it_samples_under_dropout(tmp_path):
     assert rows[0]["reward_std"] > 0 and rows[0]["kl"] == 0.0
 
 
+def test_a_run_of_the_earlier_loop_is_refused_in_one_line(tmp_path):
+    """A run directory made before self-play ran on the Trainer (its config.json has no "train", its checkpoints
+    another layout) is refused with the reason, not a traceback from inside the Trainer."""
+    _start_model(tmp_path / "start")
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-2").mkdir(parents=True)
+    cfg = TextSelfPlayConfig(iterations=3, group_size=2, max_new_tokens=4)
+    (run / "config.json").write_text(json.dumps({"selfplay_text": dataclasses.asdict(cfg),
+                                                 "model": str(tmp_path / "start")}))
+    with pytest.raises(ValueError, match="a self-play run of an earlier lmlab"):
+        run_text_selfplay(tmp_path / "start", run, cfg, log=None, resume=True)
+
+
 def _metrics(run_dir):
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
 
