@@ -284,6 +284,29 @@ def test_text_selfplay_raises_a_user_reward(tmp_path):
     assert not torch.equal(trained.lm_head.weight, model.lm_head.weight)
 
 
+def test_text_selfplay_scores_as_it_samples_under_dropout(tmp_path):
+    """A model whose config carries dropout 0.1 (imported GPT-2 models do): completions are sampled with dropout
+    off, and scored so too, so the first iteration's KL to the identical starting model is exactly 0. Scored
+    with dropout on (as self-play did), it was not, and the update was off-policy."""
+    _start_model(tmp_path / "start", dropout=0.1)
+    cfg = TextSelfPlayConfig(iterations=1, prompts_per_iteration=2, group_size=4, max_new_tokens=8, save_every=0)
+    rows = run_text_selfplay(tmp_path / "start", tmp_path / "run", cfg, ["ab", ""], log=None)
+    assert rows[0]["reward_std"] > 0 and rows[0]["kl"] == 0.0
+
+
+def test_a_run_of_the_earlier_loop_is_refused_in_one_line(tmp_path):
+    """A run directory made before self-play ran on the Trainer (its config.json has no "train", its checkpoints
+    another layout) is refused with the reason, not a traceback from inside the Trainer."""
+    _start_model(tmp_path / "start")
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-2").mkdir(parents=True)
+    cfg = TextSelfPlayConfig(iterations=3, group_size=2, max_new_tokens=4)
+    (run / "config.json").write_text(json.dumps({"selfplay_text": dataclasses.asdict(cfg),
+                                                 "model": str(tmp_path / "start")}))
+    with pytest.raises(ValueError, match="a self-play run of an earlier lmlab"):
+        run_text_selfplay(tmp_path / "start", run, cfg, log=None, resume=True)
+
+
 def _metrics(run_dir):
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
 
@@ -303,8 +326,8 @@ def _calls(action, at):
 def test_text_selfplay_resumes_exactly(tmp_path):
     """6 iterations uninterrupted == Ctrl-C in iteration 3 (it finishes, checkpoints and stops), resumed, a crash in
     iteration 6 (after the checkpoint of 4 and the metrics line of 5), resumed again: the same metrics lines but
-    for wall time, and the same final weights. Dropout is on, so the torch RNG must come back as well as the
-    sampling seeds (python's random)."""
+    for the timings, and the same final weights. The prompts and sampling seeds come from the Trainer's data
+    generator, which the checkpoint brings back; the model's dropout (0.1) is off in sampling and scoring."""
     _start_model(tmp_path / "start", dropout=0.1)
     cfg = TextSelfPlayConfig(iterations=6, prompts_per_iteration=2, group_size=4, max_new_tokens=10, lr=3e-3,
                              save_every=2)
@@ -333,7 +356,8 @@ def test_text_selfplay_resumes_exactly(tmp_path):
 
     rows = run_text_selfplay(tmp_path / "start", run, cfg, prompts, log=None, reward=build_reward("seed"),
                              resume=True)
-    drop_wall = lambda rows: [{k: v for k, v in r.items() if k != "wall_s"} for r in rows]  # noqa: E731
+    timings = ("elapsed_s", "tokens_per_s", "mfu")
+    drop_wall = lambda rows: [{k: v for k, v in r.items() if k not in timings} for r in rows]  # noqa: E731
     assert drop_wall(_metrics(run)) == drop_wall(rows) == drop_wall(_metrics(tmp_path / "full")) == drop_wall(full)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-4", "step-6"]
     a, _ = load_pretrained(tmp_path / "full" / "final")

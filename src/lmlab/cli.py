@@ -726,6 +726,56 @@ def _tune(args: argparse.Namespace) -> int:
     return args.tune_run(args)
 
 
+# ---- tune grpo --------------------------------------------------------------------------------------
+
+def _grpo_arguments(p: argparse.ArgumentParser) -> None:
+    from .tune.grpo import GRPOConfig
+    from .tune.rewards import REWARDS, TASKS
+
+    p.add_argument("--model", help="model directory to start from; with --resume, the run's own")
+    p.add_argument("--out", required=True, help="run folder: config.json, metrics.jsonl, checkpoints/, final/")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint; "
+                   "settings not given come from OUT/config.json (only --steps, --save-every, --eval-every and "
+                   "--device may change)")
+    p.add_argument("--task", help=f"a verifiable task: {', '.join(TASKS)} (its prompts, its checker, held-out "
+                   "pass@1 at each evaluation)")
+    p.add_argument("--reward", help=f"instead of --task, a reward over --prompt completions: {', '.join(REWARDS)}")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt for --reward (repeatable)")
+    p.add_argument("--prompts-file", metavar="FILE", help="a JSON list of prompt strings, instead of --prompt")
+    p.add_argument("--judge", help="model directory of the judge for --reward perplexity")
+    p.add_argument("--reward-file", help="FILE.py:FUNCTION, fn(prompt, completion) -> float, for --reward file")
+    add_arguments(p, GRPOConfig, title="GRPO settings (GRPOConfig)")
+
+
+@tune_mode("grpo", "GRPO with verifiable rewards (variants grpo, dr_grpo, dapo): lmlab tune grpo --model DIR "
+           "--task addition --out DIR", _grpo_arguments)
+def _tune_grpo(args: argparse.Namespace) -> int:
+    from .lab.selfplay.text import read_prompts_file
+    from .tune.grpo import GRPOConfig, resume_grpo, run_grpo
+
+    overrides = given(args, GRPOConfig)
+    if args.prompt and args.prompts_file:
+        raise ValueError("give --prompt or --prompts-file, not both")
+    prompts = read_prompts_file(args.prompts_file) if args.prompts_file else args.prompt
+    if args.resume:
+        new_run = [f for f in ("model", "task", "reward", "prompts_file", "judge", "reward_file") if getattr(args, f)]
+        if new_run or prompts:
+            raise ValueError("--resume continues the run in --out with its own model, task or reward and prompts; "
+                             f"drop {', '.join('--' + f.replace('_', '-') for f in new_run) or '--prompt'}")
+        result = resume_grpo(args.out, overrides)
+    else:
+        if not args.model:
+            raise ValueError("--model is required (except with --resume)")
+        result = run_grpo(args.model, args.out, GRPOConfig(**overrides), task=args.task, reward=args.reward,
+                          prompts=prompts, judge=args.judge, reward_file=args.reward_file)
+    rows = [m for m in result.history if "reward" in m]
+    held = [m["heldout_pass1"] for m in result.history if "heldout_pass1" in m]
+    print(f"reward {rows[0]['reward']:.4f} -> {rows[-1]['reward']:.4f}" if rows else "no steps taken", end="")
+    print(f"; held-out pass@1 {held[-1]:.3f}" if held else "", end="")
+    print(f"; model: {Path(args.out) / 'final'}")
+    return 0
+
+
 # ---- lab facts --------------------------------------------------------------------------------------
 
 # lab.facts.experiments.EXPERIMENTS and "all"; spelled out so that `lmlab --help` does not import torch

@@ -14,13 +14,18 @@ Rewards (`--reward`):
 - file: your own function, `--reward-file my_reward.py:fn` with `fn(prompt: str, completion: str) -> float`,
   imported from your local file (your code, run by you; nothing is unpickled).
 
+The loop is GRPO's (lmlab.tune.grpo, on the Trainer): the `dapo` variant, whose token mean over the batch is
+the aggregation this mode always had, with the KL to the starting model always measured (and weighted by
+kl_coef). Scoring agrees with sampling: both with dropout off, so the KL is 0 at the first iteration.
+
 Every iteration appends one JSON line to OUT/metrics.jsonl (step, reward, reward_std, kl, loss, length,
-wall_s), the trainer's format, so the web app can chart it; the final policy is a model directory OUT/final.
+zero_spread_groups, sample and the Trainer's own keys), so the web app can chart it; the final policy is a
+model directory OUT/final.
 
 Resume: every `--save-every` iterations (0: only at the end), at the end, and when Ctrl-C or SIGTERM asks it
 to stop (it finishes the iteration first; a second signal stops at once), the run writes
-OUT/checkpoints/step-N/ (policy weights, AdamW state, the sampling and torch RNG states, wall time; the last
-two kept), the trainer's layout. `--resume` continues from the latest one and reproduces the uninterrupted
+OUT/checkpoints/step-N/ (the Trainer's: policy weights, AdamW state, the generator the prompts and sampling
+seeds come from; the last two kept). `--resume` continues from the latest one and reproduces the uninterrupted
 run; settings not given come from OUT/config.json, and those given must match it (only `--iterations`, to
 train further, and `--save-every` may change), as must the weights of the starting model and the judge:
 
@@ -30,41 +35,44 @@ train further, and `--save-every` may change), as must the weights of the starti
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import importlib.util
 import json
-import math
-import random
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import load_model, save_model
-
 from ...configs import knob, validate
 from ...files import atomic_write_text
-from ...models import GenerationConfig, generate_ids
-from ...models.io import WEIGHTS, load_pretrained, save_pretrained
-from ...train.checkpoint import (
-    StopOnSignal,
-    b64,
-    checkpoint_step,
-    latest_checkpoint,
-    trim_metrics,
-    unb64,
-    write_checkpoint,
+from ...models.io import load_pretrained
+from ...train.checkpoint import checkpoint_step, latest_checkpoint
+from ...tune.grpo import (
+    GRPOConfig,
+    PromptSource,
+    check_same_run,
+    file_sha256,
+    kl_k3,
+    read_record,
+    settings_from,
+    train_config,
+    train_grpo,
+    weights_sha,
 )
-from .rl import grouped_advantages, make_batch, reinforce_loss, token_logprobs
+from ...tune.rewards import (
+    REWARDS,
+    JudgeReward,
+    Reward,
+    build_reward,
+    load_reward_file,
+    repetition_reward,
+    seed_reward,
+)
 
-REWARDS = ("seed", "repetition", "perplexity", "file")
+__all__ = ["REWARDS", "JudgeReward", "Reward", "build_reward", "file_sha256", "kl_k3", "load_reward_file",
+           "repetition_reward", "seed_reward"]
+
 # The settings that `lmlab selfplay text` takes as flags of the same names (the web app passes them on).
 SETTING_FLAGS = ("seed", "iterations", "group_size", "prompts_per_iteration", "max_new_tokens", "lr", "kl_coef",
                  "temperature", "save_every")
-# (prompts, completions as text, completions as ids without EOS) -> one reward per completion
-Reward = Callable[[Sequence[str], Sequence[str], Sequence[Sequence[int]]], list[float]]
 KEEP_CHECKPOINTS = 2  # the latest, and the one before it in case the latest was being replaced
 RESUMABLE_CHANGES = ("iterations", "save_every")  # the settings a resumed run may change
 
@@ -96,95 +104,12 @@ class TextSelfPlayConfig:
         return cls(**{"iterations": 5, "prompts_per_iteration": 2, "group_size": 4, "max_new_tokens": 16,
                       **overrides})
 
-
-# ---- rewards ---------------------------------------------------------------------------------------------
-
-def seed_reward(ids: Sequence[int]) -> float:
-    """The AZR Model Trainer app (github.com/Slavikpro557/ai-neural-network-project, `azr_trainer.py:
-    compute_reward`): token diversity and length, half each."""
-    unique_ratio = len(set(ids)) / max(len(ids), 1)
-    return unique_ratio * 0.5 + min(len(ids) / 100.0, 1.0) * 0.5
-
-
-def repetition_reward(ids: Sequence[int], n: int = 3) -> float:
-    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
-    return len(set(grams)) / len(grams) if grams else 0.0
-
-
-class JudgeReward:
-    """Mean log p_judge(completion + EOS | prompt) per token: fluency as judged by a second model."""
-
-    def __init__(self, judge_dir: str | Path, device: str = "cpu") -> None:
-        self.model, self.tokenizer = load_pretrained(judge_dir, device=device)
-        if self.tokenizer is None:
-            raise ValueError(f"judge {judge_dir} has no tokenizer.json")
-
-    @torch.no_grad()
-    def __call__(self, prompts: Sequence[str], completions: Sequence[str], ids: Sequence[Sequence[int]]) -> list[float]:
-        tok = self.tokenizer
-        prompt_ids = [tok.encode(p) or [tok.bos_id] for p in prompts]
-        comp_ids = [tok.encode(c) + [tok.eos_id] for c in completions]
-        limit = self.model.config.block_size
-        for i, (p, c) in enumerate(zip(prompt_ids, comp_ids)):  # keep the end of a too-long row
-            if len(p) + len(c) > limit + 1:
-                prompt_ids[i] = p[-max(1, limit + 1 - len(c)):]
-                comp_ids[i] = c[: limit]
-        batch = make_batch(prompt_ids, comp_ids, tok.pad_id)
-        logp, _ = token_logprobs(self.model, batch)
-        m = batch.mask.float()
-        return ((logp * m).sum(1) / m.sum(1).clamp_min(1)).tolist()
-
-
-def load_reward_file(spec: str) -> Callable[[str, str], float]:
-    """`path/to/file.py:function` -> that function, imported from the user's own local file."""
-    path, sep, name = spec.rpartition(":")
-    if not sep or not path or not name:
-        raise ValueError(f"--reward-file {spec!r} must look like my_reward.py:function_name")
-    file = Path(path)
-    if not file.is_file() or file.suffix != ".py":
-        raise ValueError(f"reward file {path} is not a .py file")
-    module_spec = importlib.util.spec_from_file_location(f"lmlab_user_reward_{file.stem}", file)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)  # the user's own code, on the user's machine (see module docstring)
-    fn = getattr(module, name, None)
-    if not callable(fn):
-        raise ValueError(f"{path} has no function {name!r}")
-    return fn
-
-
-def build_reward(name: str, *, judge: str | Path | None = None, reward_file: str | None = None) -> Reward:
-    if name not in REWARDS:
-        raise ValueError(f"reward ({name!r}) must be one of {', '.join(REWARDS)}")
-    if name == "seed":
-        return lambda prompts, texts, ids: [seed_reward(i) for i in ids]
-    if name == "repetition":
-        return lambda prompts, texts, ids: [repetition_reward(i) for i in ids]
-    if name == "perplexity":
-        if judge is None:
-            raise ValueError("--reward perplexity needs --judge MODEL_DIR")
-        return JudgeReward(judge)
-    if reward_file is None:
-        raise ValueError("--reward file needs --reward-file my_reward.py:function_name")
-    fn = load_reward_file(reward_file)
-
-    def user(prompts: Sequence[str], texts: Sequence[str], ids: Sequence[Sequence[int]]) -> list[float]:
-        out = []
-        for p, t in zip(prompts, texts):
-            value = fn(p, t)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{reward_file} returned {value!r}; a reward must be a finite number")
-            out.append(float(value))
-        return out
-    return user
-
-
-# ---- the loop -------------------------------------------------------------------------------------------
-
-def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Per-token KL(pi || pi_ref) estimate exp(d) - d - 1 with d = log pi_ref - log pi on tokens sampled
-    from pi: unbiased, always >= 0 (Schulman 2020, "Approximating KL divergence"; GRPO's choice)."""
-    d = ref_logp - logp
-    return torch.exp(d) - d - 1
+    def grpo(self) -> GRPOConfig:
+        """The GRPO run this is: dapo's token mean over the batch, one update per batch."""
+        return GRPOConfig(steps=self.iterations, prompts_per_step=self.prompts_per_iteration,
+                          group_size=self.group_size, max_new_tokens=self.max_new_tokens,
+                          temperature=self.temperature, variant="dapo", lr=self.lr, kl_coef=self.kl_coef,
+                          grad_clip=self.grad_clip, seed=self.seed, save_every=self.save_every)
 
 
 def read_prompts_file(path: str | Path) -> list[str]:
@@ -204,109 +129,28 @@ def read_prompts_file(path: str | Path) -> list[str]:
 def encode_prompts(tok: Any, prompts: Sequence[str], max_new_tokens: int, block_size: int) -> list[list[int]]:
     """Prompt ids ('' starts from <BOS>); ValueError when the longest prompt plus its completion (and EOS)
     does not fit the model's context. The web app calls this before queueing a run, to refuse it at once."""
-    encoded = [tok.encode(p) or [tok.bos_id] for p in prompts]
-    longest = max(len(p) for p in encoded) + max_new_tokens + 1
-    if longest > block_size:
-        raise ValueError(f"prompt + max_new_tokens ({longest} tokens) exceeds the model's context ({block_size})")
-    return encoded
+    return PromptSource(tok, block_size, max_new_tokens, prompts=prompts).encode(prompts)
 
 
-# ---- checkpoints and resume ------------------------------------------------------------------------------
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
+# ---- the run's record, and resume -------------------------------------------------------------------------
 
 def run_record(model_dir: str | Path, config: TextSelfPlayConfig, prompts: Sequence[str],
                judge: str | Path | None = None, reward_file: str | None = None) -> dict[str, Any]:
-    """What OUT/config.json holds: the settings, the starting model and the sha256 of its
-    weights (the KL anchor, which a resumed run must share), the prompts, the judge (and its weights' sha256,
-    for reward perplexity) and the reward file."""
+    """What OUT/config.json holds besides the Trainer's settings: these settings, the starting model ("init")
+    and the sha256 of its weights (the KL anchor, which a resumed run must share), the prompts, the judge (and
+    its weights' sha256, for reward perplexity) and the reward file."""
     judged = judge is not None and config.reward == "perplexity"
-    return {"selfplay_text": dataclasses.asdict(config), "model": str(model_dir),
-            "model_sha256": file_sha256(Path(model_dir) / WEIGHTS), "prompts": list(prompts),
+    return {"selfplay_text": dataclasses.asdict(config), "init": str(model_dir),
+            "model_sha256": weights_sha(model_dir), "prompts": list(prompts),
             "judge": str(judge) if judge else None,
-            "judge_sha256": file_sha256(Path(judge) / WEIGHTS) if judged else None,
+            "judge_sha256": weights_sha(judge) if judged else None,
             "reward_file": reward_file}
 
 
 def saved_run(out: str | Path) -> dict[str, Any]:
     """OUT/config.json of a text self-play run (see run_record); ValueError if there is none."""
-    path = Path(out) / "config.json"
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"not a self-play run directory (no config.json): {out}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"cannot read {path}: {exc}") from None
-    if not isinstance(saved, dict) or not isinstance(saved.get("selfplay_text"), dict) or "model" not in saved:
-        raise ValueError(f"{path} is not the config of a text self-play run")
-    return saved
+    return read_record(out, "selfplay_text", "text self-play")
 
-
-def _resume_point(out: Path) -> Path:
-    checkpoint = latest_checkpoint(out)
-    if checkpoint is None:
-        raise ValueError(f"no checkpoint to resume from in {out / 'checkpoints'}")
-    return checkpoint
-
-
-def _check_same_run(out: Path, saved: dict[str, Any], record: dict[str, Any]) -> None:
-    """ValueError naming what a resumed run would change beyond RESUMABLE_CHANGES."""
-    was, now = saved["selfplay_text"], record["selfplay_text"]
-    changes = [f"{k} {was[k]!r} -> {v!r}" for k, v in now.items()
-               if k not in RESUMABLE_CHANGES and was.get(k, v) != v]
-    for key, what in (("model_sha256", "the starting model"), ("judge_sha256", "the judge")):
-        if saved.get(key) != record[key]:
-            changes.append(f"the weights of {what} differ from those the run started with")
-    if saved.get("prompts") != record["prompts"]:
-        changes.append("other prompts")
-    if saved.get("reward_file") != record["reward_file"]:
-        changes.append(f"reward_file {saved.get('reward_file')!r} -> {record['reward_file']!r}")
-    if changes:
-        raise ValueError(f"cannot resume {out}: {'; '.join(changes)}; a resumed run keeps its settings (only "
-                         f"{' and '.join(RESUMABLE_CHANGES)} may change); start a new run in another folder instead")
-
-
-def _save_checkpoint(out: Path, step: int, policy: torch.nn.Module, opt: torch.optim.Optimizer, rng: random.Random,
-                     elapsed: float) -> Path:
-    def fill(tmp: Path) -> None:
-        save_model(policy, str(tmp / WEIGHTS))
-        # tensors and plain numbers only; read back with torch.load(weights_only=True), which unpickles no code
-        torch.save(opt.state_dict(), tmp / "optimizer.pt")
-        version, internal, gauss = rng.getstate()  # the sampling seeds
-        (tmp / "state.json").write_text(json.dumps({
-            "step": step, "elapsed_s": elapsed,
-            "rng": {"python": [version, list(internal), gauss], "torch": b64(torch.get_rng_state())}}))
-    return write_checkpoint(out, step, fill, KEEP_CHECKPOINTS)
-
-
-def _load_checkpoint(path: Path, policy: torch.nn.Module, opt: torch.optim.Optimizer,
-                     rng: random.Random) -> tuple[int, float]:
-    """Restore the policy, AdamW, the sampling RNG and the torch RNG (dropout) -> (step, wall time so far)."""
-    try:
-        missing, unexpected = load_model(policy, str(path / WEIGHTS), strict=False)
-        if not (missing or unexpected):
-            opt.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
-            state = json.loads((path / "state.json").read_text())
-            version, internal, gauss = state["rng"]["python"]
-            rng.setstate((version, tuple(internal), gauss))
-            torch.set_rng_state(unb64(state["rng"]["torch"]))
-    # a checkpoint is written whole (temporary folder + rename), so this is damage on disk: safetensors,
-    # unpickling (whose own message suggests weights_only=False), JSON or a missing file or key
-    except Exception as exc:  # noqa: BLE001
-        raise ValueError(f"cannot read the checkpoint {path} ({type(exc).__name__}); it is damaged: delete it to "
-                         "resume from the one before, if there is one") from None
-    if missing or unexpected:
-        raise ValueError(f"{path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    return state["step"], state["elapsed_s"]
-
-
-# ---- the run ---------------------------------------------------------------------------------------------
 
 def run_text_selfplay(model_dir: str | Path, out: str | Path, config: TextSelfPlayConfig,
                       prompts: Sequence[str] = ("",), *, reward: Reward | None = None,
@@ -323,7 +167,9 @@ def run_text_selfplay(model_dir: str | Path, out: str | Path, config: TextSelfPl
     if not prompts:
         raise ValueError("give at least one prompt ('' starts from <BOS>)")
     out = Path(out)
-    checkpoint = _resume_point(out) if resume else latest_checkpoint(out)
+    checkpoint = latest_checkpoint(out)
+    if resume and checkpoint is None:
+        raise ValueError(f"no checkpoint to resume from in {out / 'checkpoints'}")
     if checkpoint is not None and not resume:
         raise ValueError(f"{out} holds the checkpoints of an earlier run (latest {checkpoint.name}): continue it "
                          f"with --resume, or start over in another folder (or after removing {out / 'checkpoints'})")
@@ -331,80 +177,31 @@ def run_text_selfplay(model_dir: str | Path, out: str | Path, config: TextSelfPl
     policy, tok = load_pretrained(model_dir)
     if tok is None:
         raise ValueError(f"{model_dir} has no tokenizer.json; text self-play needs one")
-    reference, _ = load_pretrained(model_dir)  # the starting model, frozen: the KL anchor
-    reference.requires_grad_(False)
-    encoded = encode_prompts(tok, prompts, config.max_new_tokens, policy.config.block_size)
+    reference = load_pretrained(model_dir)[0].requires_grad_(False)  # the starting model, frozen: the KL anchor
+    grpo = config.grpo()
+    source = PromptSource(tok, policy.config.block_size, grpo.max_new_tokens, prompts=prompts)
     record = run_record(model_dir, config, prompts, judge, reward_file)
+    settings = train_config(grpo, min(policy.config.block_size, source.longest() + grpo.max_new_tokens),
+                            KEEP_CHECKPOINTS)
     if checkpoint is not None:
-        _check_same_run(out, saved_run(out), record)
+        if "train" not in saved_run(out):
+            raise ValueError(f"{out} is a self-play run of an earlier lmlab, whose checkpoints this version cannot "
+                             "continue; start a new run in another folder")
+        check_same_run(out, saved_run(out), record, "selfplay_text", RESUMABLE_CHANGES,
+                       {"model_sha256": "the weights of the starting model differ from those the run started with",
+                        "judge_sha256": "the weights of the judge differ from those the run started with",
+                        "prompts": "other prompts", "reward_file": ""})
         if checkpoint_step(checkpoint) > config.iterations:
             raise ValueError(f"the latest checkpoint is at iteration {checkpoint_step(checkpoint)}, past "
                              f"iterations ({config.iterations})")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.json", json.dumps(record, indent=2) + "\n")
-    metrics_path = out / "metrics.jsonl"
-    torch.manual_seed(config.seed)
-    rng = random.Random(config.seed)
-    opt = torch.optim.AdamW(policy.parameters(), lr=config.lr, weight_decay=0.0)
-    start, elapsed, rows = 0, 0.0, []
-    if checkpoint is None:
-        metrics_path.write_text("")
-    else:
-        start, elapsed = _load_checkpoint(checkpoint, policy, opt, rng)
-        rows = trim_metrics(metrics_path, start)  # the lines after the checkpoint are logged again
-        if log:
-            log(f"resumed from {checkpoint} (step {start})")
-    t0 = time.perf_counter() - elapsed
-    order = list(range(len(prompts)))
-    with StopOnSignal(log) as stop:
-        for step in range(start + 1, config.iterations + 1):
-            chosen = [order[((step - 1) * config.prompts_per_iteration + j) % len(order)]
-                      for j in range(config.prompts_per_iteration)]
-            idx = [i for i in chosen for _ in range(config.group_size)]
-            groups = [j for j in range(len(chosen)) for _ in range(config.group_size)]
-            gen = GenerationConfig(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                                   seed=rng.randrange(2**31))
-            comps = generate_ids(policy, [encoded[i] for i in idx], gen, eos_token_id=tok.eos_id, pad_id=tok.pad_id)
-            texts = [tok.decode(c) for c in comps]
-            rewards = [float(r) for r in reward_fn([prompts[i] for i in idx], texts, comps)]
-            if len(rewards) != len(comps):
-                raise ValueError(f"the reward returned {len(rewards)} values for {len(comps)} completions")
-            adv = grouped_advantages(rewards, groups)
-            trained = [c + [tok.eos_id] if len(c) < config.max_new_tokens else c for c in comps]
-            batch = make_batch([encoded[i] for i in idx], trained, tok.pad_id)
-            policy.train()
-            logp, _ = token_logprobs(policy, batch, temperature=config.temperature)
-            with torch.no_grad():
-                ref_logp, _ = token_logprobs(reference, batch, temperature=config.temperature)
-            m = batch.mask.float()
-            kl = (kl_k3(logp, ref_logp) * m).sum() / m.sum()
-            loss = reinforce_loss(logp, batch.mask, torch.tensor(adv)) + config.kl_coef * kl
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), config.grad_clip)
-            opt.step()
-            mean = sum(rewards) / len(rewards)
-            row = {"step": step, "reward": round(mean, 5),
-                   "reward_std": round(math.sqrt(sum((r - mean) ** 2 for r in rewards) / len(rewards)), 5),
-                   "kl": round(kl.item(), 6), "loss": round(loss.item(), 6),
-                   "length": round(sum(map(len, comps)) / len(comps), 2),
-                   "wall_s": round(time.perf_counter() - t0, 2), "sample": texts[0][:120]}
-            rows.append(row)
-            with open(metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            if log:
-                log(f"step {step:4d} | reward {row['reward']:.4f} | kl {row['kl']:.4f} | len {row['length']:.1f}")
-            stopping = stop.requested  # read once: a signal from here on is the next iteration's
-            if stopping or step == config.iterations or (config.save_every and step % config.save_every == 0):
-                written = _save_checkpoint(out, step, policy, opt, rng, time.perf_counter() - t0)
-            if stopping:
-                if log:
-                    log(f"interrupted at step {step}; the latest checkpoint is {written}; continue with --resume")
-                raise KeyboardInterrupt
-    save_pretrained(out / "final", policy, tok, training={
-        "selfplay_text": dataclasses.asdict(config), "init": str(model_dir), "steps": config.iterations,
-        "final_reward": rows[-1]["reward"], "final_kl": rows[-1]["kl"]})
-    return rows
+        # the settings it goes on with (further iterations), so that a later resume starts from them
+        atomic_write_text(out / "config.json", json.dumps({"train": settings.to_dict(), "model":
+                                                           policy.config.to_dict(), **record}, indent=2) + "\n")
+    result = train_grpo(policy, tok, out, grpo, source, reward_fn, reference=reference, provenance=record,
+                        resume=resume, log=log, train_settings=settings)
+    if result.stop_reason == "interrupted":
+        raise KeyboardInterrupt
+    return result.history
 
 
 def resume_text_selfplay(out: str | Path, overrides: dict[str, Any] | None = None, *,
@@ -416,16 +213,10 @@ def resume_text_selfplay(out: str | Path, overrides: dict[str, Any] | None = Non
     (TextSelfPlayConfig fields) and the other arguments, where given, must match them except for
     RESUMABLE_CHANGES: {"iterations": 80} trains further."""
     out = Path(out)
-    _resume_point(out)  # no checkpoint says so before anything else
+    if latest_checkpoint(out) is None:  # says so before anything else
+        raise ValueError(f"no checkpoint to resume from in {out / 'checkpoints'}")
     saved = saved_run(out)
-    fields = {f.name for f in dataclasses.fields(TextSelfPlayConfig)}
-    settings = {**{k: v for k, v in saved["selfplay_text"].items() if k in fields}, **(overrides or {})}
-    # a hand-edited file: a number that is not one would be a TypeError in __post_init__'s comparisons
-    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
-    for name, default in dataclasses.asdict(TextSelfPlayConfig()).items():
-        if name in settings and number(default) and not number(settings[name]):
-            raise ValueError(f"{out / 'config.json'}: {name} ({settings[name]!r}) must be a number")
-    config = TextSelfPlayConfig(**settings)
-    return run_text_selfplay(model_dir or saved["model"], out, config, prompts or saved.get("prompts") or [""],
+    config = settings_from(saved["selfplay_text"], TextSelfPlayConfig, overrides or {}, out / "config.json")
+    return run_text_selfplay(model_dir or saved["init"], out, config, prompts or saved.get("prompts") or [""],
                              reward=reward, judge=judge or saved.get("judge"),
                              reward_file=reward_file or saved.get("reward_file"), log=log, resume=True)

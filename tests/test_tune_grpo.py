@@ -1,0 +1,277 @@
+"""`lmlab tune grpo`: advantages and each variant's loss against the formulas written out here, zero-spread
+groups dropped and counted, scoring that agrees with sampling under dropout, exact resume, the tasks'
+checkers on hand cases, and bad flags as one-line errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from lmlab.models import ModelConfig, Transformer
+from lmlab.models.io import load_pretrained, save_pretrained
+from lmlab.tokenizers import Tokenizer
+from lmlab.tune.grpo import (
+    GRPO,
+    GRPOConfig,
+    PromptSource,
+    group_advantages,
+    has_spread,
+    policy_loss,
+    resume_grpo,
+    run_grpo,
+)
+from lmlab.tune.rewards import TASKS, get_task
+
+TIMINGS = ("elapsed_s", "tokens_per_s", "mfu")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _start_model(path, seed=0, dropout=0.0):
+    """A 1-layer model with a char tokenizer that knows the tasks' characters, saved at `path`."""
+    tok = Tokenizer.train(["0123456789+= abcdefghijklmnopqrstuvwxyz[]:\n" * 5], kind="char", vocab_size=64)
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig(family="gpt2", vocab_size=len(tok), n_layer=1, n_head=2, n_embd=32,
+                                    block_size=48, dropout=dropout))
+    save_pretrained(path, model, tok)
+    return model, tok
+
+
+def _metrics(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+# ---- advantages and losses against the formulas ---------------------------------------------------------------
+
+
+def test_group_advantages_by_hand():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0, 0.0, 0.0, 0.0, 3.0])
+    # group 1: mean 0.5, sample std sqrt(4 * 0.25 / 3) = 0.577350; group 2 flat; group 3: mean 0.75, sample std
+    # sqrt((3 * 0.5625 + 5.0625) / 3) = 1.5
+    s1 = math.sqrt(1 / 3) + 1e-4
+    want = [0.5 / s1, -0.5 / s1, -0.5 / s1, 0.5 / s1, 0, 0, 0, 0, -0.75 / 1.5001, -0.75 / 1.5001, -0.75 / 1.5001,
+            2.25 / 1.5001]
+    assert group_advantages(r, 4).tolist() == pytest.approx(want, abs=1e-6)
+    assert group_advantages(r, 4, scale=False).tolist() == pytest.approx(
+        [0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0, -0.75, -0.75, -0.75, 2.25])  # Dr. GRPO: no std
+    assert has_spread(r, 4).tolist() == [True, False, True]
+
+
+def _fixed_batch():
+    """Three completions of lengths 3, 1 and 2 (of 3 columns), with ratios on both sides of the clip range."""
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 1, 1]], dtype=torch.bool)
+    old = torch.log(torch.tensor([[0.5, 0.4, 0.2], [0.3, 0.9, 0.9], [0.1, 0.25, 0.6]]))
+    ratios = torch.tensor([[1.0, 1.25, 0.7], [1.5, 1.0, 1.0], [1.0, 0.9, 1.1]])
+    logp = old + torch.log(ratios)
+    ref = torch.log(torch.tensor([[0.4, 0.5, 0.2], [0.3, 0.5, 0.5], [0.5, 0.2, 0.5]]))
+    adv = torch.tensor([1.0, -2.0, 0.5])
+    return logp, old, ref, mask, adv, ratios
+
+
+def _by_hand(variant, eps_low, eps_high, beta, max_new_tokens=5):
+    logp, old, ref, mask, adv, ratios = _fixed_batch()
+    per_row, lengths = [], []
+    for i in range(3):
+        terms = []
+        for t in range(3):
+            if not mask[i, t]:
+                continue
+            rho, a = ratios[i, t].item(), adv[i].item()
+            surrogate = -min(rho * a, min(max(rho, 1 - eps_low), 1 + eps_high) * a)
+            d = ref[i, t].item() - logp[i, t].item()
+            terms.append(surrogate + beta * (math.exp(d) - d - 1))
+        per_row.append(terms)
+        lengths.append(len(terms))
+    if variant == "grpo":   # each completion's token mean, then the mean over completions
+        return sum(sum(t) / n for t, n in zip(per_row, lengths)) / 3
+    if variant == "dr_grpo":  # token sum over completions x max_new_tokens
+        return sum(map(sum, per_row)) / (3 * max_new_tokens)
+    return sum(map(sum, per_row)) / sum(lengths)  # dapo: token sum over all completion tokens
+
+
+@pytest.mark.parametrize("variant, eps_high", [("grpo", 0.2), ("dr_grpo", 0.2), ("dapo", 0.28)])
+@pytest.mark.parametrize("beta", [0.0, 0.1])
+def test_each_variant_loss_on_a_fixed_batch(variant, eps_high, beta):
+    logp, old, ref, mask, adv, ratios = _fixed_batch()
+    loss, stats = policy_loss(logp, old, mask, adv, variant=variant, epsilon=0.2, epsilon_high=eps_high,
+                              max_new_tokens=5, ref_logp=ref, kl_coef=beta)
+    assert loss.item() == pytest.approx(_by_hand(variant, 0.2, eps_high, beta), abs=1e-6)
+    # clipped: 1.25 (above 1.2, not above 1.28), 0.7, 1.5 of the six completion tokens
+    assert stats["clipped"].item() == pytest.approx((3 if eps_high == 0.2 else 2) / 6)
+    assert stats["ratio"].item() == pytest.approx((1 + 1.25 + 0.7 + 1.5 + 0.9 + 1.1) / 6)
+
+
+def test_the_gradient_is_the_policy_gradient_at_ratio_one():
+    """At pi = pi_old the surrogate's gradient is -A * grad log pi per token, normalised by the variant."""
+    logp = torch.log(torch.tensor([[0.5, 0.25], [0.2, 0.4]])).requires_grad_()
+    mask = torch.tensor([[True, True], [True, False]])
+    loss, _ = policy_loss(logp, logp.detach(), mask, torch.tensor([2.0, -1.0]), variant="dapo", epsilon=0.2,
+                          epsilon_high=0.28, max_new_tokens=2)
+    loss.backward()
+    assert logp.grad.flatten().tolist() == pytest.approx([-2 / 3, -2 / 3, 1 / 3, 0.0])
+
+
+# ---- the rollout source -------------------------------------------------------------------------------------
+
+
+def test_zero_spread_groups_are_dropped_and_counted(tmp_path):
+    model, tok = _start_model(tmp_path / "m")
+    cfg = GRPOConfig(prompts_per_step=3, group_size=4, max_new_tokens=6)
+    source = PromptSource(tok, 48, 6, prompts=["ab", "cd", "ef"])
+
+    def reward(prompts, texts, ids):  # "cd" always 1, "ef" always 0: no signal; "ab" by length
+        return [1.0 if p == "cd" else 0.0 if p == "ef" else float(len(i)) + i[0] for p, i in zip(prompts, ids)]
+    grpo = GRPO(model, tok, cfg, source, reward)
+    batch = grpo.sample_batch(12, 20, torch.Generator().manual_seed(0))
+    assert batch["inputs"].shape[0] == 4 and batch["advantages"].shape == (4,)  # only the "ab" group
+    assert grpo.stats["zero_spread_groups"].item() == 2
+    assert batch["inputs"][:, :2].tolist() == [tok.encode("ab")] * 4
+    loss, metrics = grpo.loss(model, batch)
+    assert metrics["zero_spread_groups"].item() == 2 and loss.requires_grad
+
+    flat = GRPO(model, tok, cfg, source, lambda p, t, i: [0.5] * len(p))  # nothing to learn: an empty batch
+    batch = flat.sample_batch(12, 20, torch.Generator().manual_seed(0))
+    assert batch["inputs"].shape[0] == 0 and flat.stats["zero_spread_groups"].item() == 3
+    loss, _ = flat.loss(model, batch)
+    loss.backward()
+    assert loss.item() == 0.0 and all(p.grad is None or not p.grad.any() for p in model.parameters())
+
+
+def test_scoring_agrees_with_sampling_under_dropout(tmp_path):
+    """A model whose config carries dropout 0.1 (as imported GPT-2 models do): the first step's importance
+    ratio is exactly 1 and its KL to the (identical) starting model exactly 0, since both are taken with dropout
+    off as the samples were drawn. Scored in train mode, as self-play did, neither holds."""
+    _start_model(tmp_path / "start", dropout=0.1)
+    cfg = GRPOConfig(steps=2, prompts_per_step=3, group_size=8, max_new_tokens=12, kl_coef=0.1, lr=1e-2,
+                     save_every=0)
+    rows = run_grpo(tmp_path / "start", tmp_path / "run", cfg, reward="seed", prompts=["ab", "c", "de"],
+                    log=None).history
+    assert rows[0]["zero_spread_groups"] < 3  # some completions were trained on
+    assert rows[0]["ratio"] == 1.0 and rows[0]["kl"] == 0.0
+    assert rows[1]["kl"] > 0  # the policy moved after the first update
+
+
+# ---- runs -----------------------------------------------------------------------------------------------------
+
+
+def test_a_grpo_run_resumes_exactly(tmp_path):
+    """Stopped at step 3 and resumed to 6: the same metric rows (within 1e-6, timings aside) and the same final
+    weights as 6 steps at once; the prompts and sampling seeds come from the Trainer's generator, the prompts'
+    turn from the objective's state in the checkpoint."""
+    _start_model(tmp_path / "start", dropout=0.1)
+    cfg = GRPOConfig(steps=6, prompts_per_step=2, group_size=4, max_new_tokens=8, kl_coef=0.05, lr=5e-3,
+                     variant="dr_grpo", save_every=2)
+    prompts = ["ab", "c", "de"]
+    run_grpo(tmp_path / "start", tmp_path / "full", cfg, reward="seed", prompts=prompts, log=None)
+    run = tmp_path / "run"
+    run_grpo(tmp_path / "start", run, GRPOConfig(**{**cfg.__dict__, "steps": 3}), reward="seed", prompts=prompts,
+             log=None)
+    rows = resume_grpo(run, {"steps": 6}, log=None).history
+    full = _metrics(tmp_path / "full")
+    assert [r["step"] for r in rows] == list(range(1, 7)) and any(r["reward_std"] > 0 for r in full)
+    for a, b in zip(_metrics(run), full, strict=True):
+        assert a.keys() == b.keys()
+        for k in a.keys() - set(TIMINGS):
+            assert a[k] == (pytest.approx(b[k], abs=1e-6) if isinstance(b[k], float) else b[k]), k
+    x, _ = load_pretrained(tmp_path / "full" / "final")
+    y, _ = load_pretrained(run / "final")
+    moved = load_pretrained(tmp_path / "start")[0]
+    assert max((p - q).abs().max().item() for p, q in zip(x.parameters(), moved.parameters())) > 1e-3
+    for (name, p), q in zip(x.state_dict().items(), y.state_dict().values()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=name)
+    with pytest.raises(ValueError, match=r"kl_coef 0\.05 -> 0\.2.*only steps"):
+        resume_grpo(run, {"steps": 7, "kl_coef": 0.2}, log=None)
+
+
+def test_cli_tune_grpo_on_a_task(tmp_path, capsys):
+    from lmlab.cli import main
+
+    _start_model(tmp_path / "start")
+    out = tmp_path / "run"
+    assert main(["tune", "grpo", "--model", str(tmp_path / "start"), "--task", "format", "--out", str(out),
+                 "--steps", "2", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "6",
+                 "--eval-prompts", "8"]) == 0
+    assert "held-out pass@1 0.000" in capsys.readouterr().out  # an untrained model wraps nothing
+    rows = _metrics(out)
+    assert [r["step"] for r in rows] == [1, 2] and rows[-1]["heldout_pass1"] == 0.0
+    assert all(r["sample"] is not None and "reward" in r for r in rows)
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["task"] == "format" and saved["grpo"]["steps"] == 2
+    assert main(["tune", "grpo", "--out", str(out), "--resume", "--steps", "3"]) == 0
+    assert [r["step"] for r in _metrics(out)] == [1, 2, 3]
+    assert json.loads((out / "final" / "training.json").read_text())["steps"] == 3
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--task", "format", "--variant", "ppo"], "variant ('ppo') must be one of grpo, dr_grpo, dapo"),
+    (["--task", "nope"], "task ('nope') must be one of addition, count, sort, format"),
+    (["--task", "format", "--reward", "seed"], "give --task NAME"),
+    ([], "give --task NAME"),
+    (["--task", "format", "--group-size", "1"], "group_size"),
+    (["--task", "format", "--prompt", "x"], "drop --prompt"),
+    (["--reward", "file"], "--reward-file"),
+    (["--reward", "seed", "--max-new-tokens", "60"], "exceeds the model's context (48)"),
+    (["--resume"], "drop --model"),
+])
+def test_bad_flags_are_one_line_errors(tmp_path, capsys, flags, words):
+    from lmlab.cli import main
+
+    _start_model(tmp_path / "start")
+    argv = ["tune", "grpo", "--model", str(tmp_path / "start"), "--out", str(tmp_path / "run"), *flags]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lmlab: error:") and words in err[0], err
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_resume_without_a_checkpoint_is_refused(tmp_path, capsys):
+    from lmlab.cli import main
+
+    assert main(["tune", "grpo", "--out", str(tmp_path / "none"), "--resume"]) == 2
+    assert "no checkpoint to resume from" in capsys.readouterr().err
+
+
+# ---- the tasks ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task, prompt, answer, right, wrong", [
+    ("addition", "37+485=", "522", ["522", " 522 \n1+1=2", "522\n"], ["523", "5 22", "0522", "522x", ""]),
+    ("addition", "999+1=", "1000", ["1000"], ["100"]),
+    ("count", "count a in banaka:", "3", ["3", "3\nmore"], ["2", "three", "3 a"]),
+    ("count", "count z in kotime:", "0", ["0"], ["1"]),
+    ("sort", "sort 7 2 9 4:", "2 4 7 9", ["2 4 7 9", "2 4 7 9\n"], ["2 4 9 7", "2479", "9 7 4 2"]),
+    ("sort", "sort 3 3 1:", "1 3 3", ["1 3 3"], ["1 3"]),
+    ("format", "wrap kotime:", "[kotime]", ["[kotime]", "[kotime]\nok"], ["kotime", "[kotime", "[kotime] x",
+                                                                          "[kotim]"]),
+])
+def test_task_checkers_on_hand_cases(task, prompt, answer, right, wrong):
+    t = get_task(task)
+    assert t.answer(prompt) == answer
+    for text in right:
+        assert t.check(prompt, text), text
+    for text in wrong:
+        assert not t.check(prompt, text), text
+    assert t.reward([prompt, prompt], [right[0], wrong[0]], [[], []]) == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_train_and_heldout_prompts_are_apart(name):
+    import random
+
+    task = get_task(name)
+    heldout = task.heldout(50)
+    assert heldout == task.heldout(50) and len(set(heldout)) == 50  # fixed and distinct
+    train = task.train_prompts(random.Random(7), 300, set(heldout))
+    assert not set(train) & set(heldout)
+    assert train == task.train_prompts(random.Random(7), 300, set(heldout))  # by the seed
+    for p in train[:20]:
+        assert task.check(p, task.answer(p))
