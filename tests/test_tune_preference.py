@@ -154,7 +154,7 @@ def test_the_kto_loss_is_the_papers_with_trls_kl_estimate(model_dir, kto_file, t
 
 # ---- against TRL ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("loss,trl_type", [("dpo", "sigmoid")])
+@pytest.mark.parametrize("loss,trl_type", [("dpo", "sigmoid"), ("ipo", "ipo")])
 def test_the_first_step_loss_equals_trls_dpo_trainer_on_the_hf_export(loss, trl_type, model_dir, pairs_file, tok,
                                                                      tmp_path, monkeypatch):
     """TRL's DPOTrainer on the transformers export of the same weights, fed the same token ids (its own text
@@ -171,10 +171,10 @@ def test_the_first_step_loss_equals_trls_dpo_trainer_on_the_hf_export(loss, trl_
             p.add_(0.02 * torch.randn_like(p, generator=torch.Generator().manual_seed(3)))
     ds = P.PreferenceData(pairs_file, tok, "pairs", 48)
     ds.attach_reference(ref, None)
-    cfg = P.PreferenceConfig(loss=loss, beta=0.1)  # TRL's default
+    cfg = P.PreferenceConfig(loss=loss, beta=0.3)
     batch = {k: v for k, v in ds.tensors.items()}
     ours = P.PreferenceObjective(cfg).loss(P.no_dropout(model).train(), batch)[0].detach()
-    assert float(ours) != pytest.approx(math.log(2) if loss == "dpo" else 5.0 ** 2, abs=1e-2)
+    assert float(ours) != pytest.approx(math.log(2) if loss == "dpo" else (1 / 0.6) ** 2, abs=1e-2)
 
     rows = [json.loads(line) for line in pairs_file.read_text().splitlines()]
     ids = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
@@ -186,10 +186,11 @@ def test_the_first_step_loss_equals_trls_dpo_trainer_on_the_hf_export(loss, trl_
         ids["chosen_ids"].append(c)
         ids["rejected_ids"].append(rj)
     monkeypatch.setattr(trl.DPOTrainer, "_prepare_dataset", lambda self, dataset, *a, **k: dataset)
-    # eval mode: TRL's disable_dropout zeroes nn.Dropout modules but not the float attention_dropout of
+    # fp32 (TRL's configs default to bf16 autocast, which its reference model then runs under); eval mode: TRL's
+    # disable_dropout zeroes nn.Dropout modules but not the float attention_dropout of
     # transformers' Llama attention, which our export sets from the model's dropout
     hf, ref_hf = to_hf_model(model), to_hf_model(ref)
-    args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), loss_type=[trl_type], beta=0.1, report_to=[],
+    args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), loss_type=[trl_type], beta=0.3, bf16=False, report_to=[],
                          per_device_train_batch_size=len(rows), max_steps=1, learning_rate=0.0, logging_steps=1,
                          remove_unused_columns=False, use_cpu=True, max_length=None, save_strategy="no")
     trainer = trl.DPOTrainer(model=hf, ref_model=ref_hf, args=args, train_dataset=datasets.Dataset.from_dict(ids),
