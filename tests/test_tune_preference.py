@@ -305,3 +305,18 @@ def test_the_cli_trains_kto_and_prints_its_metrics(model_dir, kto_file, tmp_path
     assert [m["step"] for m in lines] == [1, 2, 3]
     assert {"rewards_chosen", "rewards_rejected", "margin", "accuracy", "kl", "kto_z0"} <= lines[0].keys()
     assert json.loads((tmp_path / "run" / "config.json").read_text())["preference"]["config"]["loss"] == "kto"
+
+
+def test_the_shipped_rule_task_is_the_generators_output_and_its_rule_separates_the_pairs(tmp_path):
+    from lmlab.tune import preference_task as task
+
+    task.write(tmp_path)
+    for name in ("pairs.jsonl", "sft.jsonl", "test.jsonl"):
+        assert (tmp_path / name).read_bytes() == (task.shipped() / name).read_bytes(), name
+    rows = [json.loads(x) for x in (task.shipped() / "pairs.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert all(task.follows_rule(r["prompt"], r["chosen"]) and not task.follows_rule(r["prompt"], r["rejected"])
+               for r in rows)
+    assert task.follows_rule("слова: кот дом ->", " кот, дом.") and not task.follows_rule("words: a b ->", " b, a.")
+    assert 0.4 < sum(r["prompt"].startswith("слова") for r in rows) / len(rows) < 0.6  # both languages
+    sft = [json.loads(x) for x in (task.shipped() / "sft.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert sum(task.follows_rule(r["prompt"], r["completion"]) for r in sft) == len(sft) // 2
