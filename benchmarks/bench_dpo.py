@@ -110,7 +110,7 @@ def part_winrate(sft_minutes: float, dpo_minutes: float, beta: float) -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
-    print(f"SFT: {step} steps in {time.perf_counter() - t0:.0f} s, last loss {float(loss):.4f}")
+    print(f"SFT: {step} steps in {time.perf_counter() - t0:.0f} s, last loss {loss.item():.4f}")
     sft_dir = save_pretrained(tmp / "sft", model.eval(), tok)
     ref = Transformer(model.config).eval()
     ref.load_state_dict(model.state_dict())

@@ -297,12 +297,13 @@ def test_a_bad_kto_label_is_a_one_line_error(model_dir, tmp_path, capsys):
 
 def test_the_cli_trains_kto_and_prints_its_metrics(model_dir, kto_file, tmp_path, capsys):
     code = main(["tune", "dpo", "--loss", "kto", "--model", str(model_dir), "--data", str(kto_file), "--out",
-                 str(tmp_path / "run"), "--ref-cache", str(tmp_path / "cache"), "--max-steps", "3",
+                 str(tmp_path / "run"), "--ref-cache", str(tmp_path / "cache"), "--epochs", "3",
                  "--batch-size", "4", "--device", "cpu", "--log-every", "1"])
     out = capsys.readouterr().out
-    assert code == 0 and "stopped after 3 steps" in out and "computed and cached in" in out
+    # --epochs counts passes over the examples: 3 x 6 examples / 4 a step, rounded up
+    assert code == 0 and "stopped after 5 steps (epochs)" in out and "computed and cached in" in out
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in lines] == [1, 2, 3]
+    assert [m["step"] for m in lines] == [1, 2, 3, 4, 5]
     assert {"rewards_chosen", "rewards_rejected", "margin", "accuracy", "kl", "kto_z0"} <= lines[0].keys()
     assert json.loads((tmp_path / "run" / "config.json").read_text())["preference"]["config"]["loss"] == "kto"
 

@@ -119,7 +119,7 @@ class PreferenceData:
         rows = read_jsonl(path, kind)
         lines = [r["line"] for r in rows]
         self.tensors: dict[str, torch.Tensor] = {}
-        self.truncated = 0
+        self.truncated, self.n = 0, len(rows)
         if kind == "pairs":
             sides = {"chosen": [render(tokenizer, r["prompt"], r["chosen"]) for r in rows],
                      "rejected": [render(tokenizer, r["prompt"], r["rejected"]) for r in rows]}
@@ -133,8 +133,7 @@ class PreferenceData:
             ids, mask, cut = _pack(seqs, max_len, lines, pad_id)
             self.tensors[side], self.tensors[side + "_mask"] = ids, mask
             self.truncated = max(self.truncated, cut)
-        self.n = len(rows)
-        self.train_tokens = sum(int(self.tensors[s].numel()) for s in sides)
+        self.train_tokens = self.n * max_len  # the Trainer's tokens per row: --epochs counts passes over the rows
 
     @property
     def sides(self) -> tuple[str, str]:
