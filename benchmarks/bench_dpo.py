@@ -99,7 +99,7 @@ def part_winrate(sft_minutes: float, dpo_minutes: float, beta: float) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench_dpo_"))
     rows = [json.loads(x) for x in (task.shipped() / "sft.jsonl").read_text(encoding="utf-8").splitlines()]
     seqs = [P.render(tok, r["prompt"], r["completion"]) for r in rows]
-    ids, mask, _ = P._pack(seqs, model.config.block_size, range(1, len(rows) + 1), 0)
+    ids, mask, _ = P._pack(seqs, model.config.block_size, [f"sft.jsonl:{i}" for i in range(1, len(rows) + 1)], 0)
     fast.for_training(model.train())
     opt = model.configure_optimizer(2e-3)
     g, t0, step = torch.Generator().manual_seed(0), time.perf_counter(), 0

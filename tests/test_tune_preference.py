@@ -274,7 +274,9 @@ BAD = [('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chose
         "pairs.jsonl:3: chosen and rejected are the same text"),
        ('{"prompt": "", "chosen": "b", "rejected": "c"}\n', "pairs.jsonl:1: 'prompt' is empty"),
        ('{"prompt": "a", "chosen": 3, "rejected": "c"}\n', "pairs.jsonl:1: 'chosen' must be a string"),
-       ('[1, 2]\n', "pairs.jsonl:1: expected an object")]
+       ('[1, 2]\n', "pairs.jsonl:1: expected an object"),
+       ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "%s", "rejected": "c"}\n'
+        % ("ё" * 60), "pairs.jsonl:2: the completion has")]
 
 
 @pytest.mark.parametrize("text,message", BAD)
@@ -305,7 +307,9 @@ def test_the_cli_trains_kto_and_prints_its_metrics(model_dir, kto_file, tmp_path
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3, 4, 5]
     assert {"rewards_chosen", "rewards_rejected", "margin", "accuracy", "kl", "kto_z0"} <= lines[0].keys()
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["preference"]["config"]["loss"] == "kto"
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    # the data is the JSONL under "preference"; "dataset" is a token file that `lmlab train --resume` would open
+    assert saved["preference"]["config"]["loss"] == "kto" and "dataset" not in saved
 
 
 def test_the_shipped_rule_task_is_the_generators_output_and_its_rule_separates_the_pairs(tmp_path):

@@ -83,17 +83,17 @@ def render(tokenizer: Any, prompt: str, completion: str) -> tuple[list[int], lis
     return full[:k], full[k:] + [tokenizer.eos_id]
 
 
-def _pack(seqs: Sequence[tuple[list[int], list[int]]], max_len: int, lines: Sequence[int], pad: int
+def _pack(seqs: Sequence[tuple[list[int], list[int]]], max_len: int, where: Sequence[str], pad: int
           ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Right-padded (N, L) ids and a mask of the scored (completion) tokens; a sequence longer than max_len
     loses its prompt's first tokens (keeps its end). -> (ids, mask, how many were cut)."""
     cut, rows = 0, []
-    for (p, c), line in zip(seqs, lines):
+    for (p, c), at in zip(seqs, where):
         if len(c) + 1 > max_len:
-            raise ValueError(f"line {line}: the completion has {len(c)} tokens with EOS; the model's context of "
+            raise ValueError(f"{at}: the completion has {len(c)} tokens with EOS; the model's context of "
                              f"{max_len} leaves no room for the prompt")
         if not p:
-            raise ValueError(f"line {line}: the prompt has no tokens of its own")
+            raise ValueError(f"{at}: the prompt has no tokens of its own")
         if len(p) + len(c) > max_len:
             cut += 1
             p = p[len(p) + len(c) - max_len:]
@@ -115,9 +115,10 @@ class PreferenceData:
     each row also carries its reference per-token log-probabilities."""
 
     def __init__(self, path: str | Path, tokenizer: Any, kind: str, max_len: int, pad_id: int = 0):
-        self.path, self.kind = Path(path), kind
+        # (not `path`: the Trainer records a dataset's path as a token file that `lmlab train --resume` opens)
+        self.file, self.kind = Path(path), kind
         rows = read_jsonl(path, kind)
-        lines = [r["line"] for r in rows]
+        lines = [f"{path}:{r['line']}" for r in rows]
         self.tensors: dict[str, torch.Tensor] = {}
         self.truncated, self.n = 0, len(rows)
         if kind == "pairs":
@@ -378,10 +379,5 @@ def run_preference(out: str | Path, train_config: Any = None, *, model_dir: str 
     provenance = {"preference": {"model": str(Path(model_dir).resolve()), "data": str(Path(data).resolve()),
                                  "cache_dir": None if cache_dir is None else str(cache_dir),
                                  "config": dict(vars(cfg))}}
-    # the Trainer's dataset provenance is the books' token file; here the JSONL named above
-    ds_path, ds.path = ds.path, None
-    try:
-        return train(model.train(), tok, ds, train_config, out, callbacks, resume=resume, provenance=provenance,
-                     objective=PreferenceObjective(cfg))
-    finally:
-        ds.path = ds_path
+    return train(model.train(), tok, ds, train_config, out, callbacks, resume=resume, provenance=provenance,
+                 objective=PreferenceObjective(cfg))
