@@ -201,6 +201,42 @@ def test_the_first_step_loss_equals_trls_dpo_trainer_on_the_hf_export(loss, trl_
     assert float(ours) == pytest.approx(float(theirs), abs=1e-4)
 
 
+def test_the_kto_loss_equals_trls_kto_trainer_on_the_hf_export(model_dir, kto_file, tok, tmp_path, monkeypatch):
+    """TRL's KTOTrainer with one batch of the whole file in order: its KL pairs (completions rotated by one
+    within the batch) are ours, and so is its first-step loss."""
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    from lmlab.interop import to_hf_model, to_hf_tokenizer
+
+    ref, _ = load_pretrained(model_dir)
+    model, _ = load_pretrained(model_dir)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p, generator=torch.Generator().manual_seed(4)))
+    ds = P.PreferenceData(kto_file, tok, "kto", 48)
+    ds.attach_reference(ref, None)
+    cfg = P.PreferenceConfig(loss="kto", beta=0.3, undesirable_weight=1.5)
+    ours = P.PreferenceObjective(cfg).loss(P.no_dropout(model).train(), dict(ds.tensors))[0].detach()
+
+    rows = [json.loads(line) for line in kto_file.read_text().splitlines()]
+    ids = {"prompt_ids": [], "completion_ids": [], "KL_completion_ids": [], "label": []}
+    for r in rows:
+        p, c = P.render(tok, r["prompt"], r["completion"])
+        ids["prompt_ids"].append(p)
+        ids["completion_ids"].append(c)
+        ids["label"].append(r["label"])
+    ids["KL_completion_ids"] = ids["completion_ids"][-1:] + ids["completion_ids"][:-1]  # TRL's rotation
+    monkeypatch.setattr(trl.KTOTrainer, "_prepare_dataset", lambda self, dataset, *a, **k: dataset)
+    args = trl.KTOConfig(output_dir=str(tmp_path / "trl"), beta=0.3, undesirable_weight=1.5, bf16=False,
+                         report_to=[], per_device_train_batch_size=len(rows), max_steps=1, learning_rate=0.0,
+                         remove_unused_columns=False, use_cpu=True, max_length=None, save_strategy="no")
+    trainer = trl.KTOTrainer(model=to_hf_model(model), ref_model=to_hf_model(ref), args=args,
+                             train_dataset=datasets.Dataset.from_dict(ids), processing_class=to_hf_tokenizer(tok))
+    inputs = trainer.data_collator([{k: v[i] for k, v in ids.items()} for i in range(len(rows))])
+    theirs = trainer.compute_loss(trainer.model.eval(), inputs).detach()
+    assert float(ours) == pytest.approx(float(theirs), abs=1e-4)
+
+
 # ---- runs: resume, cache, CLI -------------------------------------------------------------------------
 
 class StopAt(Callback):
