@@ -201,6 +201,53 @@ def test_the_first_step_loss_equals_trls_dpo_trainer_on_the_hf_export(loss, trl_
     assert float(ours) == pytest.approx(float(theirs), abs=1e-4)
 
 
+@pytest.mark.parametrize("loss", ["simpo", "orpo"])
+def test_simpo_and_orpo_equal_trls_cpo_and_orpo_trainers_on_the_hf_export(loss, model_dir, pairs_file, tok, tmp_path,
+                                                                         monkeypatch):
+    """The reference-free losses against TRL's experimental CPOTrainer (loss_type="simpo", no NLL term) and
+    ORPOTrainer (its odds-ratio term), their rows tokenised by our render (their tokenize_row adds specials)."""
+    pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    from lmlab.interop import to_hf_model, to_hf_tokenizer
+
+    model, _ = load_pretrained(model_dir)
+    ds = P.PreferenceData(pairs_file, tok, "pairs", 48)
+    ds.attach_reference(model, None)
+    cfg = P.PreferenceConfig(loss=loss, beta=2.0 if loss == "simpo" else 0.3, gamma=0.8)
+    ours = P.PreferenceObjective(cfg).loss(P.no_dropout(model).train(), dict(ds.tensors))[0].detach()
+
+    def tokenize_row(self, feature, model=None):
+        row = {}
+        for side in ("chosen", "rejected"):
+            p, c = P.render(tok, feature["prompt"], feature[side])
+            row.update({f"{side}_input_ids": p + c, f"{side}_attention_mask": [1] * (len(p) + len(c)),
+                        f"{side}_labels": [-100] * len(p) + c})
+        return {**row, "prompt_input_ids": p, "prompt_attention_mask": [1] * len(p)}
+
+    common = dict(output_dir=str(tmp_path / "trl"), bf16=False, report_to=[], per_device_train_batch_size=6,
+                  max_steps=1, learning_rate=0.0, remove_unused_columns=False, use_cpu=True, save_strategy="no",
+                  max_length=48)
+    if loss == "simpo":
+        trainer_cls, args = CPOTrainer, CPOConfig(loss_type="simpo", beta=2.0, simpo_gamma=0.8, cpo_alpha=0.0,
+                                                  **common)
+    else:
+        trainer_cls, args = ORPOTrainer, ORPOConfig(beta=0.3, **common)
+    monkeypatch.setattr(trainer_cls, "tokenize_row", tokenize_row)
+    rows = [json.loads(line) for line in pairs_file.read_text().splitlines()]
+    data = datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
+    trainer = trainer_cls(model=to_hf_model(model), args=args, train_dataset=data,
+                          processing_class=to_hf_tokenizer(tok))
+    inputs = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
+    theirs, metrics = trainer.get_batch_loss_metrics(trainer.model.eval(), inputs, "train")
+    if loss == "orpo":  # TRL's NLL term counts the prompt's tokens too; the paper's (and ours) the completion's
+        chosen = full_logps(model.eval(), ds.tensors["chosen"], ds.tensors["chosen_mask"])
+        ours, theirs = ours + sum(map(sum, chosen)) / sum(map(len, chosen)), theirs - metrics["nll_loss"]
+    assert float(ours) == pytest.approx(float(theirs), abs=1e-4)
+
+
 def test_the_kto_loss_equals_trls_kto_trainer_on_the_hf_export(model_dir, kto_file, tok, tmp_path, monkeypatch):
     """TRL's KTOTrainer with one batch of the whole file in order: its KL pairs (completions rotated by one
     within the batch) are ours, and so is its first-step loss."""
