@@ -776,6 +776,61 @@ def _tune_grpo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- tune dpo (preference optimisation) --------------------------------------------------------------
+
+def _dpo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="the model directory to start from (and the frozen reference)")
+    p.add_argument("--data", help="JSONL: {prompt, chosen, rejected} a line; for --loss kto {prompt, completion, "
+                   "label: true|false}")
+    p.add_argument("--out", required=True, help="run directory (metrics, checkpoints, final model)")
+    p.add_argument("--loss", choices=["dpo", "ipo", "simpo", "orpo", "kto"], help="the objective (dpo)")
+    p.add_argument("--beta", type=float, help="the loss's beta (ORPO: lambda); default per loss: 0.1, SimPO 2.0")
+    p.add_argument("--gamma", type=float, help="SimPO's target reward margin (1.0)")
+    p.add_argument("--ref-cache", metavar="DIR", help="where reference log-probabilities are cached "
+                   "(default ~/.cache/lmlab/reference; 'none' computes them every run)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out with its own model, data and "
+                   "loss; only stop conditions and how it runs may change")
+    from .train import TrainConfig
+    add_arguments(p, TrainConfig, title="training hyper-parameters (TrainConfig)")
+
+
+@tune_mode("dpo", "preference optimisation (DPO, IPO, SimPO, ORPO, KTO) of a trained model on JSONL pairs",
+           _dpo_arguments)
+def _tune_dpo(args: argparse.Namespace) -> int:
+    from .train import TrainConfig
+    from .tune.preference import PreferenceConfig, default_cache_dir, run_preference
+
+    overrides = given(args, TrainConfig)
+    if args.resume:
+        given_new = [f"--{k.replace('_', '-')}" for k in ("model", "data", "loss", "beta", "gamma", "ref_cache")
+                     if getattr(args, k) is not None]
+        if given_new:
+            raise ValueError(f"--resume continues the run in --out with its own model, data and loss; drop "
+                             f"{', '.join(given_new)}")
+        result = run_preference(args.out, overrides, resume=True)
+    else:
+        if not args.model or not args.data:
+            raise ValueError("--model and --data are required (except with --resume)")
+        if not any(overrides.get(k) for k in ("max_steps", "max_tokens", "epochs", "time_budget_s")):
+            overrides["max_steps"] = 100
+        cache = None if args.ref_cache == "none" else Path(args.ref_cache) if args.ref_cache else default_cache_dir()
+        cfg = PreferenceConfig(loss=args.loss or "dpo", beta=args.beta,
+                               **({"gamma": args.gamma} if args.gamma is not None else {}))
+        result = run_preference(args.out, TrainConfig.from_dict(overrides), model_dir=args.model, data=args.data,
+                                cfg=cfg, cache_dir=cache)
+    if os.environ.get("RANK", "0") != "0":
+        return 0
+    last = next((m for m in reversed(result.history) if "margin" in m), {})
+    print(f"stopped after {result.steps} steps ({result.stop_reason})"
+          + (f"; loss {result.final_loss:.4f}" if result.final_loss is not None else "")
+          + (f", margin {last['margin']:.4f}, accuracy {last['accuracy']:.2f}, kl {last['kl']:.4f}" if last else ""))
+    if result.stop_reason == "interrupted":
+        print(f"continue with: lmlab tune dpo --out {args.out} --resume")
+        return 130
+    print(f"model: {Path(args.out) / 'final'}")
+    return 0
+
+
 # ---- lab facts --------------------------------------------------------------------------------------
 
 # lab.facts.experiments.EXPERIMENTS and "all"; spelled out so that `lmlab --help` does not import torch
