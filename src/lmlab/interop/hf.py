@@ -28,6 +28,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from ..models import GenerationConfig, Transformer
 from ..models.io import GENERATION, TRAINING, save_pretrained
 from ..tokenizers import SPECIAL_TOKENS, Tokenizer
+from ..tune.chat import CHAT_TOKENS
 from ._files import (
     CHAT_TEMPLATE,
     CONFIG,
@@ -96,13 +97,17 @@ def to_hf_tokenizer(tokenizer: Tokenizer | HFTokenizer, *, special_tokens: dict[
                     model_max_length: int | None = None, chat_template: str | None = None) -> Any:
     """A `transformers.PreTrainedTokenizerFast` over the same `tokenizers` object, with lmlab's specials
     (or `special_tokens`, e.g. {"eos_token": "<|endoftext|>"}) registered as bos/eos/unk/pad. It adds no
-    BOS/EOS when encoding and decodes without clean-up, so ids and text equal lmlab's."""
+    BOS/EOS when encoding and decodes without clean-up, so ids and text equal lmlab's (for a model with lmlab's
+    chat template: on text that does not spell a special token, see lmlab.tune.chat)."""
     tf = _transformers()
     hf = tokenizer.hf if isinstance(tokenizer, Tokenizer) else tokenizer
     extra: dict[str, Any] = {"model_max_length": model_max_length} if model_max_length else {}
     if special_tokens is None or isinstance(tokenizer, Tokenizer):
         special_tokens = dict(zip(("pad_token", "unk_token", "bos_token", "eos_token"), SPECIAL_TOKENS))
-    if special_tokens.get("bos_token") == SPECIAL_TOKENS[2]:  # lmlab encodes the text "<EOS>" as text, not as EOS
+    # lmlab encodes the text "<EOS>" as text, not as EOS; but lmlab's chat template writes its role tokens as
+    # text, which only matching special tokens in text turns back into their ids (as in every HF chat model)
+    chat = chat_template is not None and all(hf.token_to_id(t) is not None for t in CHAT_TOKENS)
+    if special_tokens.get("bos_token") == SPECIAL_TOKENS[2] and not chat:
         extra["split_special_tokens"] = True
     fast = tf.PreTrainedTokenizerFast(tokenizer_object=hf, clean_up_tokenization_spaces=False,
                                       padding_side="left", **special_tokens, **extra)
