@@ -84,7 +84,7 @@ def add_chat_tokens(model: Transformer, tokenizer: Tokenizer) -> tuple[Transform
             rows = state[key]
             state[key] = torch.cat([rows, rows.new_zeros(len(new_tok) - cfg.vocab_size, rows.shape[1])])
         grown.load_state_dict(state)
-        model = grown
+        model = grown.train(model.training)  # a loaded model arrives in eval mode: so does its grown copy
     new_ids = [new_tok.token_to_id(t) for t in missing]
     with torch.no_grad():
         heads = [model.tok_emb.weight] + ([] if cfg.tie_embeddings else [model.lm_head.weight])
@@ -130,7 +130,7 @@ def load_chat_model(path: str | Path, device: str | torch.device = "cpu") -> tup
 
 
 def fit_history(messages: list[dict[str, str]], tokenizer: Tokenizer, room: int) -> list[dict[str, str]]:
-    """The conversation without its oldest turns (a leading system turn stays) until its prompt takes at most
+    """The conversation without its oldest rounds (a leading system turn stays) until its prompt takes at most
     `room` tokens; ValueError when even the last message alone does not fit."""
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
     turns = messages[len(system):]
@@ -142,6 +142,8 @@ def fit_history(messages: list[dict[str, str]], tokenizer: Tokenizer, room: int)
             raise ValueError(f"the message is too long for the model's context ({room} tokens with room "
                              "for a reply)")
         turns = turns[1:]
+        while len(turns) > 1 and turns[0]["role"] != "user":  # whole rounds go: no answer without its question
+            turns = turns[1:]
 
 
 def reply(model: Transformer, tokenizer: Tokenizer, messages: Sequence[dict[str, str]],

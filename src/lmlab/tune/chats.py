@@ -93,7 +93,8 @@ def main() -> None:
     p.add_argument("-n", type=int, default=2000, help="conversations (2000)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    atomic_write_text(args.out, "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in make_chats(args.n, args.seed)))
+    chats = make_chats(args.n, args.seed)
+    atomic_write_text(args.out, "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in chats))
 
 
 if __name__ == "__main__":
