@@ -28,7 +28,6 @@ from tokenizers import Tokenizer as HFTokenizer
 from ..models import GenerationConfig, Transformer
 from ..models.io import GENERATION, TRAINING, save_pretrained
 from ..tokenizers import SPECIAL_TOKENS, Tokenizer
-from ..tune.chat import CHAT_TOKENS
 from ._files import (
     CHAT_TEMPLATE,
     CONFIG,
@@ -104,9 +103,10 @@ def to_hf_tokenizer(tokenizer: Tokenizer | HFTokenizer, *, special_tokens: dict[
     extra: dict[str, Any] = {"model_max_length": model_max_length} if model_max_length else {}
     if special_tokens is None or isinstance(tokenizer, Tokenizer):
         special_tokens = dict(zip(("pad_token", "unk_token", "bos_token", "eos_token"), SPECIAL_TOKENS))
-    # lmlab encodes the text "<EOS>" as text, not as EOS; but lmlab's chat template writes its role tokens as
-    # text, which only matching special tokens in text turns back into their ids (as in every HF chat model)
-    chat = chat_template is not None and all(hf.token_to_id(t) is not None for t in CHAT_TOKENS)
+    # lmlab encodes the text "<EOS>" as text, not as EOS; but a chat template that writes special tokens of its
+    # own (lmlab's <|user|> ...) needs them matched in text to turn back into their ids, as every HF chat model
+    own = [t.content for t in hf.get_added_tokens_decoder().values() if t.special and t.content not in SPECIAL_TOKENS]
+    chat = chat_template is not None and any(t in chat_template for t in own)
     if special_tokens.get("bos_token") == SPECIAL_TOKENS[2] and not chat:
         extra["split_special_tokens"] = True
     fast = tf.PreTrainedTokenizerFast(tokenizer_object=hf, clean_up_tokenization_spaces=False,
