@@ -91,6 +91,8 @@ def test_gguf_metadata_carries_the_template(tmp_path):
     reader = gguf.GGUFReader(export_gguf(model_dir, tmp_path / "chat.gguf"))
     field = reader.fields["tokenizer.chat_template"]
     assert bytes(field.parts[field.data[0]]).decode("utf-8") == TEMPLATE
+    eot = reader.fields["tokenizer.ggml.eot_token_id"]
+    assert int(eot.parts[eot.data[0]][0]) == tok.token_to_id(END)
     types = reader.fields["tokenizer.ggml.token_type"]
     for t in CHAT_TOKENS:  # llama.cpp parses them in a rendered template only as control tokens
         assert int(types.parts[types.data[tok.token_to_id(t)]][0]) == gguf.TokenType.CONTROL
@@ -131,3 +133,24 @@ def test_history_drops_the_oldest_turns_and_keeps_the_system_turn(tmp_path):
     assert fit_history(messages, tok, 12) == [system, messages[-1]]
     with pytest.raises(ValueError, match="too long for the model's context"):
         fit_history(messages, tok, 3)
+
+
+def test_llama_cpp_renders_the_gguf_template_to_lmlab_ids(tmp_path):
+    """llama-cpp-python's chat formatter on the GGUF's template, tokenised by llama.cpp (role tokens parsed):
+    the prompt lmlab's renderer makes for the model's next turn."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    model_dir, _, tok = chat_model(tmp_path)
+    llm = llama_cpp.Llama(model_path=str(export_gguf(model_dir, tmp_path / "chat.gguf")), vocab_only=True,
+                          verbose=False)
+    try:
+        formatter = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token="<EOS>",
+                                        bos_token="<BOS>")
+        rng = random.Random(1)
+        for _ in range(50):
+            messages = random_conversation(rng)
+            prompt = formatter(messages=messages).prompt
+            assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == \
+                render(messages, tok, add_generation_prompt=True)[0]
+    finally:
+        llm.close()
