@@ -95,7 +95,7 @@ def test_masked_loss_equals_a_hand_computed_loss_over_the_assistant_tokens(base_
     model, tok, _ = add_chat_tokens(model, tok)
     rows = [(i + 1, c["messages"]) for i, c in enumerate(CHATS[:8])]
     examples, _ = encode_examples("messages", rows, tok, 96)
-    ds = SFTDataset(examples, examples, tok)
+    ds = SFTDataset(examples, examples, tok, 96)
     x, y = next(ds.eval_batches(8, 96))
     with torch.no_grad():
         loss = model(x, y).loss
@@ -127,14 +127,15 @@ def test_packing_fills_rows_and_never_trains_across_a_seam(base_dir):
     _, tok = lmlab.load(base_dir)
     _, tok, _ = add_chat_tokens(lmlab.load(base_dir)[0], tok)
     examples, _ = encode_examples("messages", [(i, c["messages"]) for i, c in enumerate(CHATS)], tok, 96)
-    packed = SFTDataset(examples, [], tok, packing=True)
+    packed = SFTDataset(examples, [], tok, 96, packing=True)
     x, y = packed.sample_batch(4, 96, torch.Generator().manual_seed(0))
     assert (x != tok.pad_id).all()  # no padding when packed
     starts = {tok.token_to_id(MARKERS["user"]), tok.token_to_id(MARKERS["system"])}
     targets = set(y[y != -100].tolist())
     # a turn's end is learned, a new example's start never
     assert not targets & starts and tok.token_to_id(END) in targets
-    single = SFTDataset(examples, [], tok)
+    single = SFTDataset(examples, [], tok, 96)
+    assert single.train_tokens == 60 * 96 and packed.train_tokens == sum(len(e.ids) for e in examples)
     x1, y1 = single.sample_batch(4, 96, torch.Generator().manual_seed(0))
     assert (x1 == tok.pad_id).any() and int((y1 != -100).sum()) < int((y != -100).sum())
 
@@ -222,10 +223,12 @@ def test_chat_refuses_a_model_without_a_template(base_dir, capsys):
     assert len(err) == 1 and err[0].startswith(f"lmlab: error: {base_dir} has no chat template")
 
 
-def test_truncated_count_is_reported(tmp_path, base_dir):
+def test_truncated_count_is_reported_and_an_epoch_counts_examples(tmp_path, base_dir):
     said = []
     long_answer = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "word " * 200}]}
     data = write_jsonl(tmp_path / "d.jsonl", [GOOD] * 5 + [long_answer] * 3)
-    run_sft(base_dir, data, tmp_path / "r", _config(max_steps=1, eval_every=0), echo=said.append)
+    result = run_sft(base_dir, data, tmp_path / "r", _config(max_steps=None, epochs=2, batch_size=2, grad_accum_steps=1,
+                                                             eval_every=0), echo=said.append)
+    assert result.steps == 7  # an epoch is one row per training example: 2 epochs of 7 in rows of 2
     assert said[1].startswith("7 conversations for training, 1 held out; 3 cut to the context of 97 tokens; ")
     assert np.isfinite(json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[0])["loss"])

@@ -87,11 +87,14 @@ class SFTDataset:
     comes from the Trainer's generator, whose state each checkpoint holds, so a resumed run draws the same
     rows as an uninterrupted one."""
 
-    def __init__(self, train: list[Example], val: list[Example], tokenizer: Tokenizer, *, packing: bool = False):
+    def __init__(self, train: list[Example], val: list[Example], tokenizer: Tokenizer, seq_len: int, *,
+                 packing: bool = False):
         if not train:
             raise ValueError("no training examples")
         self.train, self.val, self.packing, self.pad = train, val, packing, tokenizer.pad_id
-        self.train_tokens = sum(len(e.ids) for e in train)
+        # what an epoch is to the Trainer (steps = train_tokens / (rows x seq_len)): one row per example
+        # unpacked, padding included; packed, the examples' own tokens
+        self.train_tokens = sum(len(e.ids) for e in train) if packing else len(train) * seq_len
         # bits per byte of the trained text: its UTF-8 bytes over its tokens
         held = val or train
         n_tokens = sum(int(e.mask.sum()) for e in held)
@@ -159,7 +162,7 @@ def build_dataset(data: str | Path, tokenizer: Tokenizer, seq_len: int, *, compl
     train_ex, val_ex = split(examples, val_fraction, seed)
     info = {"kind": found, "examples": len(train_ex), "val_examples": len(val_ex), "truncated": truncated,
             "supervised_tokens": int(sum(e.mask.sum() for e in train_ex))}
-    return SFTDataset(train_ex, val_ex, tokenizer, packing=packing), info
+    return SFTDataset(train_ex, val_ex, tokenizer, seq_len, packing=packing), info
 
 
 def _describe(info: dict[str, Any], seq_len: int) -> str:
