@@ -202,6 +202,11 @@ def test_cli_sft_then_chat(tmp_path, base_dir, capsys, monkeypatch):
     assert "added 4 chat tokens" in printed and "1800 conversations for training, 200 held out" in printed
     assert "cut to the context of 97 tokens" in printed
     assert json.loads((out / "config.json").read_text())["sft"]["kind"] == "messages"
+    # final/ is a model directory like any other: generate and the exports take it, the template goes along
+    assert main(["generate", str(out / "final"), "--prompt", "hi", "--max-new-tokens", "3"]) == 0
+    assert main(["export", "hf", str(out / "final"), str(tmp_path / "hf")]) == 0
+    assert json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())["chat_template"] == TEMPLATE
+    capsys.readouterr()
     code = main(["tune", "sft", "--out", str(out), "--resume", "--data", str(SHIPPED)])
     assert code == 2 and "drop --data" in capsys.readouterr().err
     # the fine-tuned model chats: greedy replies equal the library's, streamed to stdout

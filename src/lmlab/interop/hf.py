@@ -160,6 +160,8 @@ def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
         config_file = tmp / "tokenizer_config.json"
         config = json.loads(config_file.read_text(encoding="utf-8"))
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        if md.chat_template:  # recent transformers write chat_template.jinja; older ones read only this key
+            config["chat_template"] = md.chat_template
         config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return Path(out_dir)
 
