@@ -2,7 +2,7 @@
 minutes it took (target, issue 16: >= 95% within 10 minutes on a 2-core CPU).
 
     python benchmarks/bench_sft.py                      # trains the base (lmlab demo's model), then SFT
-    python benchmarks/bench_sft.py --base lmlab-demo/final --steps 300
+    python benchmarks/bench_sft.py --base lmlab-demo/final --steps 100
 
 The base is `lmlab demo`'s ~1M-parameter Llama trained on its generated tales (--base-steps steps), so it has
 never seen a question, "Answer:" or a role token. SFT trains it on the shipped chats (lmlab.tune.chats,
@@ -37,8 +37,8 @@ from lmlab.tune.sft import encode_examples, run_sft, split
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--base", help="a base model directory (default: train lmlab demo's model first)")
-    p.add_argument("--base-steps", type=int, default=600, help="demo training steps for the base (600)")
-    p.add_argument("--steps", type=int, default=300, help="SFT steps (300)")
+    p.add_argument("--base-steps", type=int, default=200, help="demo training steps for the base (200)")
+    p.add_argument("--steps", type=int, default=200, help="SFT steps (200)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--out", help="work folder (default: a temporary one)")
