@@ -16,8 +16,9 @@ ALLOWED = {
     "train": {"configs", "files", "data", "models", "tokenizers", "eval"},
     "interop": {"configs", "files", "data", "models", "tokenizers", "train", "eval"},
     "lab": {"configs", "files", "data", "models", "tokenizers", "train", "eval"},
+    "tune": {"configs", "files", "data", "models", "tokenizers", "train", "eval"},
     "server": {"configs", "files", "data", "models", "tokenizers", "train", "interop", "lab", "eval", "__init__"},
-    "cli": {"configs", "files", "data", "models", "tokenizers", "train", "interop", "lab", "server", "eval",
+    "cli": {"configs", "files", "data", "models", "tokenizers", "train", "interop", "lab", "tune", "server", "eval",
             "__init__"},
     "__init__": {"models", "tokenizers", "train", "data"},
 }

@@ -831,6 +831,102 @@ def _tune_dpo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- tune sft / chat ---------------------------------------------------------------------------------
+
+def _sft_arguments(p: argparse.ArgumentParser) -> None:
+    from .train import TrainConfig
+    p.add_argument("--model", help="the model directory to fine-tune (e.g. lmlab-demo/final)")
+    p.add_argument("--data", help="JSONL: conversations {\"messages\": [{\"role\", \"content\"}]} or "
+                   "{\"prompt\", \"completion\"} pairs (docs/TUNE.md)")
+    p.add_argument("--out", required=True, help="run directory (metrics, checkpoints, final model with its template)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint, "
+                   "on its own copy of the data; only what `lmlab train --resume` lets change may change")
+    p.add_argument("--packing", action="store_true", help="lay short examples end to end in each context instead "
+                   "of one per row (packed examples attend to the ones before them)")
+    p.add_argument("--completion-only", action="store_true",
+                   help="prompt–completion data: train on the completion only (default: the whole text)")
+    p.add_argument("--val-fraction", type=float, help="held-out share of the examples for validation (0.1)")
+    add_arguments(p, TrainConfig, title="training hyper-parameters (TrainConfig)")
+
+
+@tune_mode("sft", "supervised fine-tuning on conversations (assistant turns only) or prompt–completion pairs",
+           _sft_arguments)
+def _tune_sft(args: argparse.Namespace) -> int:
+    from .train import TrainConfig
+    from .train.config import STOP_CONDITIONS
+    from .tune.sft import resume_sft, run_sft
+
+    overrides = given(args, TrainConfig)
+    if args.resume:
+        new_run = [f for f, v in (("--model", args.model), ("--data", args.data), ("--packing", args.packing),
+                                  ("--completion-only", args.completion_only),
+                                  ("--val-fraction", args.val_fraction)) if v]
+        if new_run:
+            raise ValueError(f"--resume continues the run in --out with its own model and data; drop "
+                             f"{', '.join(new_run)}")
+        result = resume_sft(args.out, overrides)
+    else:
+        if not args.model or not args.data:
+            raise ValueError("--model and --data are required (except with --resume)")
+        if not any(overrides.get(k) for k in STOP_CONDITIONS):
+            overrides["epochs"] = 1.0  # as lmlab train: one pass over the examples
+        result = run_sft(args.model, args.data, args.out, TrainConfig.from_dict(overrides), packing=args.packing,
+                         completion_only=args.completion_only,
+                         val_fraction=0.1 if args.val_fraction is None else args.val_fraction)
+    if os.environ.get("RANK", "0") != "0":
+        return 0
+    print(f"stopped after {result.steps} steps ({result.stop_reason})"
+          + (f"; final loss {result.final_loss:.4f}" if result.final_loss is not None else "")
+          + (f", best val loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""))
+    if result.stop_reason == "interrupted":
+        print(f"continue with: lmlab tune sft --out {args.out} --resume")
+        return 130
+    print(f"model: {Path(args.out) / 'final'} (try: lmlab chat {Path(args.out) / 'final'})")
+    return 0
+
+
+def _chat_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_dir", help="a model directory with lmlab's chat template (from lmlab tune sft), or its run")
+    p.add_argument("--system", help="a system message at the start of the conversation")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
+    add_sampling_arguments(p)
+
+
+@command("chat", "talk to a fine-tuned model in the terminal: streaming, with the conversation's history "
+         "(oldest turns dropped when the context fills); an empty line or Ctrl-D ends it", _chat_arguments)
+def _chat(args: argparse.Namespace) -> int:
+    from .models import GenerationConfig
+    from .models.io import load_generation_config
+    from .train.trainer import resolve_device
+    from .tune.chat import fit_history, load_chat_model, reply
+
+    path = _model_dir(args.model_dir)
+    model, tok = load_chat_model(path, resolve_device(args.device))
+    cfg = dataclasses.replace(load_generation_config(path), **given(args, GenerationConfig))
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    room = model.config.block_size - min(cfg.max_new_tokens, model.config.block_size // 2)  # keep room to answer
+    interactive = sys.stdin.isatty()
+    while True:
+        try:
+            text = input("> " if interactive else "")
+        except EOFError:
+            break
+        if not text.strip():
+            break
+        try:
+            history = fit_history([*history, {"role": "user", "content": text}], tok, room)
+        except ValueError as exc:
+            print(f"lmlab: {exc}; say it shorter", file=sys.stderr)
+            continue
+        answer = ""
+        for piece in reply(model, tok, history, cfg):
+            answer += piece
+            print(piece, end="", flush=True)
+        print()
+        history.append({"role": "assistant", "content": answer})
+    return 0
+
+
 # ---- lab facts --------------------------------------------------------------------------------------
 
 # lab.facts.experiments.EXPERIMENTS and "all"; spelled out so that `lmlab --help` does not import torch

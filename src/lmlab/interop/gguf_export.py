@@ -165,6 +165,9 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, *, dtype: str = "f3
         w.add_add_eos_token(False)
         if md.chat_template:
             w.add_chat_template(md.chat_template)
+            end = md.tokenizer.token_to_id("<|end|>")  # lmlab's end of turn (lmlab.tune.chat.END)
+            if end is not None and "<|end|>" in md.chat_template:
+                w.add_eot_token_id(end)  # llama.cpp's chat stops a reply there, not only at <EOS>
         for name, tensor in tensors.items():
             array = tensor.contiguous().numpy()
             qtype = _tensor_type(gguf, name, array, dtype)

@@ -96,13 +96,18 @@ def to_hf_tokenizer(tokenizer: Tokenizer | HFTokenizer, *, special_tokens: dict[
                     model_max_length: int | None = None, chat_template: str | None = None) -> Any:
     """A `transformers.PreTrainedTokenizerFast` over the same `tokenizers` object, with lmlab's specials
     (or `special_tokens`, e.g. {"eos_token": "<|endoftext|>"}) registered as bos/eos/unk/pad. It adds no
-    BOS/EOS when encoding and decodes without clean-up, so ids and text equal lmlab's."""
+    BOS/EOS when encoding and decodes without clean-up, so ids and text equal lmlab's (for a model with lmlab's
+    chat template: on text that does not spell a special token, see lmlab.tune.chat)."""
     tf = _transformers()
     hf = tokenizer.hf if isinstance(tokenizer, Tokenizer) else tokenizer
     extra: dict[str, Any] = {"model_max_length": model_max_length} if model_max_length else {}
     if special_tokens is None or isinstance(tokenizer, Tokenizer):
         special_tokens = dict(zip(("pad_token", "unk_token", "bos_token", "eos_token"), SPECIAL_TOKENS))
-    if special_tokens.get("bos_token") == SPECIAL_TOKENS[2]:  # lmlab encodes the text "<EOS>" as text, not as EOS
+    # lmlab encodes the text "<EOS>" as text, not as EOS; but a chat template that writes special tokens of its
+    # own (lmlab's <|user|> ...) needs them matched in text to turn back into their ids, as every HF chat model
+    own = [t.content for t in hf.get_added_tokens_decoder().values() if t.special and t.content not in SPECIAL_TOKENS]
+    chat = chat_template is not None and any(t in chat_template for t in own)
+    if special_tokens.get("bos_token") == SPECIAL_TOKENS[2] and not chat:
         extra["split_special_tokens"] = True
     fast = tf.PreTrainedTokenizerFast(tokenizer_object=hf, clean_up_tokenization_spaces=False,
                                       padding_side="left", **special_tokens, **extra)
@@ -155,6 +160,8 @@ def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
         config_file = tmp / "tokenizer_config.json"
         config = json.loads(config_file.read_text(encoding="utf-8"))
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        if md.chat_template:  # recent transformers write chat_template.jinja; older ones read only this key
+            config["chat_template"] = md.chat_template
         config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return Path(out_dir)
 
