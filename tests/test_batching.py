@@ -22,15 +22,20 @@ def events(handle):
     return list(handle)  # the engine ran to the end: every event is queued
 
 
+@pytest.mark.parametrize("fast_step", [True, False], ids=["decoder", "modules"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_sequences_joining_and_leaving_between_steps_get_what_they_get_alone(family):
+def test_sequences_joining_and_leaving_between_steps_get_what_they_get_alone(family, fast_step):
+    """With fast.Decoder's step, and with model.py's forward (other devices and dtypes take it)."""
     model = tiny(family)
     engine = BatchEngine(model, Digits(), start=False)
+    if not fast_step:
+        engine.step_fn = None
     greedy = GenerationConfig(max_new_tokens=14, do_sample=False, stop_at_eos=False)
     sampled = GenerationConfig(max_new_tokens=10, temperature=0.9, top_p=0.9, seed=11, stop_at_eos=False)
     first = [([5, 9, 11], greedy), ([40], sampled)]
     later = [([7] * 20, greedy), ([12, 13], sampled), ([30, 31, 32, 33, 34], GenerationConfig(max_new_tokens=6, seed=2,
-                                                                                             stop_at_eos=False))]
+                                                                                             stop_at_eos=False,
+                                                                                             repetition_penalty=1.5))]
     h1 = engine.submit(first)
     for _ in range(4):
         engine.step()

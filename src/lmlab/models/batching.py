@@ -53,10 +53,10 @@ class Finish:
 
 class _Sequence:
     def __init__(self, prompt: Sequence[int], cfg: GenerationConfig, index: int, logprobs: int | None,
-                 out: queue.Queue) -> None:
+                 out: queue.Queue, device: torch.device) -> None:
         self.prompt, self.cfg, self.index, self.logprobs, self.out = list(prompt), cfg, index, logprobs, out
         seed = cfg.seed if cfg.seed is not None else secrets.randbits(63)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator(device=device).manual_seed(seed)  # iter_tokens' generator, alone
         self.ids: list[int] = []
         self.count = 0
         self.cancelled = False
@@ -120,7 +120,7 @@ class BatchEngine:
         log-probability and that many alternatives (None: none). Each prompt plus its max_new_tokens must fit
         the model's context (the caller checks: a lone generation would crop it, a batch row cannot)."""
         out: queue.Queue = queue.Queue()
-        seqs = [_Sequence(p, cfg, i, logprobs, out) for i, (p, cfg) in enumerate(requests)]
+        seqs = [_Sequence(p, cfg, i, logprobs, out, self.device) for i, (p, cfg) in enumerate(requests)]
         block = self.model.config.block_size
         for seq in seqs:
             if not seq.prompt or len(seq.prompt) + seq.cfg.max_new_tokens > block or seq.cfg.num_beams > 1:
@@ -210,7 +210,8 @@ class BatchEngine:
         """Choose the row's next token from its (1, V) logits as iter_tokens would alone; True when the
         sequence has ended (its Finish is sent)."""
         cfg = seq.cfg
-        context = torch.tensor([seq.prompt + seq.ids]) if cfg.repetition_penalty != 1.0 else None
+        penalty = cfg.repetition_penalty != 1.0
+        context = torch.tensor([seq.prompt + seq.ids], device=self.device) if penalty else None
         token = int(_choose(process_logits(logits, cfg, context), cfg, seq.generator)[0])
         seq.count += 1
         if cfg.stop_at_eos and token == self.eos:
