@@ -18,6 +18,8 @@ choice only in a near-tie, as with generate_ids on a batch.
 
 One thread per engine runs the steps; callers block on their handle's queue. A step costs about one read of
 the weights whatever the number of rows, which is where the throughput comes from on a memory-bound CPU.
+A joining prompt is prefilled whole between two steps, so a long one delays the rows for that time (vLLM's
+chunked prefill would interleave it with decoding; not done here).
 """
 
 from __future__ import annotations
