@@ -411,25 +411,47 @@ def stream(model: Transformer, tokenizer: Any, prompt: str, config: GenerationCo
         raise ValueError("streaming needs num_beams=1 (beam search only knows the winner at the end)")
     ids = _encode_prompt(tokenizer, prompt, add_bos)
     eos = getattr(tokenizer, "eos_id", EOS_ID)
-    decoder = tokenizer.stream_decoder()
-    held = ""
-    stops = cfg.stop_strings
+    text = StopText(tokenizer, cfg.stop_strings)
     for tokens, finished in iter_tokens(model, [ids], cfg, eos_token_id=eos, pad_id=getattr(tokenizer, "pad_id", 0)):
         if finished[0] and tokens[0].item() == eos:
             break
-        held += decoder.push(tokens[0].item())
-        cut = _cut_at_stop(held, stops)
-        if len(cut) < len(held):  # a stop string appeared
-            if cut:
-                yield cut
+        piece = text.push(tokens[0].item())
+        if piece:
+            yield piece
+        if text.stopped:
             return
+    piece = text.flush()
+    if piece:
+        yield piece
+
+
+class StopText:
+    """The text of token ids pushed one at a time, as it may be shown: a stop string and what follows it are
+    cut, and text that might be the start of a stop string is held back until it is known not to be one.
+    The pieces push and flush return add up to generate's text of the same ids."""
+
+    def __init__(self, tokenizer: Any, stops: Sequence[str]) -> None:
+        self.decoder, self.stops = tokenizer.stream_decoder(), list(stops)
+        self.held, self.stopped = "", False
+
+    def push(self, token_id: int) -> str:
+        """The text that can be shown now; after a stop string, `stopped` is True and nothing more comes."""
+        if self.stopped:
+            return ""
+        self.held += self.decoder.push(token_id)
+        cut = _cut_at_stop(self.held, self.stops)
+        if len(cut) < len(self.held):  # a stop string appeared
+            self.stopped, self.held = True, ""
+            return cut
         # hold back the longest suffix that is a prefix of some stop string
-        keep = max((k for s in stops for k in range(1, min(len(s), len(held)) + 1) if held.endswith(s[:k])),
-                   default=0)
-        if len(held) > keep:
-            yield held[: len(held) - keep]
-            held = held[len(held) - keep:]
-    held += decoder.flush()
-    held = _cut_at_stop(held, stops)
-    if held:
-        yield held
+        keep = max((k for s in self.stops for k in range(1, min(len(s), len(self.held)) + 1)
+                    if self.held.endswith(s[:k])), default=0)
+        piece, self.held = self.held[:len(self.held) - keep], self.held[len(self.held) - keep:]
+        return piece
+
+    def flush(self) -> str:
+        """What is still held, once no more tokens come."""
+        if self.stopped:
+            return ""
+        piece, self.held = _cut_at_stop(self.held + self.decoder.flush(), self.stops), ""
+        return piece

@@ -7,7 +7,8 @@ Needs the `server` extra: `pip install -e ".[server]"`. Nothing in the library i
     services.py   the rules: need_* checks, starting runs within the memory budget, model and run views,
                   uploads, downloads, generation; plain functions of the app state, raising HTTPException
     routers/      thin HTTP handlers by resource: info, books, models, runs, generate (/api/v1), seed
-                  (the AZR Model Trainer app's endpoints, through the same services)
+                  (the AZR Model Trainer app's endpoints, through the same services), openai (the
+                  OpenAI-compatible API at /v1, on a batching engine per loaded model: models/batching.py)
     jobs.py       the supervisor: launches, watches, cancels and recovers each run's OS process
     commands.py   a run's command line (argv and the files it reads), pure: no process, no database
     db.py         the database (SQLite or PostgreSQL) and its migrations

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import sys
+from collections import OrderedDict
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
@@ -119,6 +120,7 @@ class AppState:
         # held by handlers from checking names and runs through acting on them (Supervisor.lock)
         self.lock = self.supervisor.lock
         self.cache = ModelCache(self.ws.tmp)
+        self.engines: OrderedDict[Path, Any] = OrderedDict()  # routers/openai.py: a batching engine per model
         physical = physical_memory()
         self.memory_budget = settings.memory_budget_bytes or (int(physical * 0.7) if physical else 8 * 2**30)
         self._lock_file: Any = None
@@ -200,12 +202,24 @@ StateDep = Annotated[AppState, Depends(get_state)]  # a handler parameter of thi
 
 # ---- ASGI guards ------------------------------------------------------------------------------------
 
-async def _send_json(send: Any, status: int, detail: str, headers: list[tuple[bytes, bytes]] = ()) -> None:
-    body = json.dumps({"detail": detail}).encode()
+async def _send_json(send: Any, status: int, detail: str, headers: list[tuple[bytes, bytes]] = (), *,
+                     openai: bool = False) -> None:
+    """A refusal: {"detail": ...}, or under /v1/ (routers/openai.py) the OpenAI API's error shape."""
+    body = json.dumps(openai_error(status, detail) if openai else {"detail": detail}).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             *headers]})
     await send({"type": "http.response.body", "body": body})
+
+
+def openai_error(status: int, message: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """An error as the OpenAI API answers it (https://platform.openai.com/docs/guides/error-codes)."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    if status == 401:
+        kind, code = "authentication_error", code or "invalid_api_key"
+    elif status == 403:
+        kind = "permission_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def _header(scope: dict[str, Any], name: bytes) -> str | None:
@@ -306,6 +320,7 @@ class Guards:
             await self.app(scope, receive, send)
             return
         path = scope.get("path", "")
+        api = path.startswith("/v1/")  # the OpenAI-compatible API: its clients read OpenAI's error shape
         csp = DOCS_CSP if path.startswith(("/docs", "/redoc")) else UI_CSP
         extra = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer"),
                  (b"x-frame-options", b"DENY"), (b"content-security-policy", csp.encode())]
@@ -318,7 +333,7 @@ class Guards:
             if proxied is not None:
                 await _send_json(send, 403, f"this request came through a proxy ({proxied.decode()} header), and "
                                  "a server without a token must not be exposed that way: start it with --api-token",
-                                 extra)
+                                 extra, openai=api)
                 return
 
         # 2. Host header (DNS rebinding: a web page's script reaching a loopback server by a foreign name)
@@ -327,7 +342,7 @@ class Guards:
             name = host[1:host.index("]")] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
             if name not in self.hosts:
                 await _send_json(send, 400, f"Host {host!r} is not allowed; open the server by 127.0.0.1 or "
-                                 "localhost, or start it with --api-token", extra)
+                                 "localhost, or start it with --api-token", extra, openai=api)
                 return
 
         # 3. cross-site request forgery: a page of another site may not change anything, token or not (the token
@@ -335,7 +350,7 @@ class Guards:
         if scope.get("method") not in SAFE_METHODS:
             refusal = cross_site(scope)
             if refusal:
-                await _send_json(send, 403, refusal, extra)
+                await _send_json(send, 403, refusal, extra, openai=api)
                 return
 
         # 4. API token
@@ -362,7 +377,7 @@ class Guards:
                     await send({"type": "http.response.body", "body": body})
                     return
                 await _send_json(send, 401, "missing or wrong API token: send 'Authorization: Bearer <token>' "
-                                 "or ?token=<token>", [(b"www-authenticate", b"Bearer"), *extra])
+                                 "or ?token=<token>", [(b"www-authenticate", b"Bearer"), *extra], openai=api)
                 return
 
         # 5. body size: refuse by Content-Length at once, and count what actually arrives
@@ -370,7 +385,7 @@ class Guards:
         length = _header(scope, b"content-length")
         if length and length.isdigit() and int(length) > limit:
             await _send_json(send, 413, f"the request body ({int(length) / 2**20:.1f} MiB) is larger than the "
-                             f"limit of {limit / 2**20:.1f} MiB", extra)
+                             f"limit of {limit / 2**20:.1f} MiB", extra, openai=api)
             return
         received = 0
 
@@ -403,7 +418,7 @@ class Guards:
             await self.app(scope, counted_receive, send_with_headers)
         except BodyTooLarge as exc:
             if not started:
-                await _send_json(send, 413, exc.detail, extra)
+                await _send_json(send, 413, exc.detail, extra, openai=api)
 
 
 # ---- the application --------------------------------------------------------------------------------
@@ -428,6 +443,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             state.supervisor.shutdown()
+            for engine in state.engines.values():
+                engine.close()
             state.unlock_workspace()
             state.db.close()
 
@@ -450,9 +467,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         return JSONResponse({"detail": [validation_error(e) for e in exc.errors()]}, status_code=422)
 
-    from .routers import api, seed
+    from .routers import api, openai, seed
     app.include_router(api)
     app.include_router(seed.router)
+    app.include_router(openai.router)
 
     static = static_dir()
     app.mount("/static", StaticFiles(directory=static), name="static")

@@ -1,13 +1,13 @@
 """The HTTP routes, one module per resource; each handler checks its input through services and shapes the
 answer. `api` is the versioned REST API (`/api/v1`, OpenAPI at /docs), in the order of its document; `seed`
-keeps the AZR Model Trainer app's endpoints for its old clients."""
+keeps the AZR Model Trainer app's endpoints for its old clients; `openai` is the OpenAI-compatible API (`/v1`)."""
 
 from fastapi import APIRouter
 
-from . import books, demo, evals, generate, info, models, runs, seed
+from . import books, demo, evals, generate, info, models, openai, runs, seed
 
 api = APIRouter(prefix="/api/v1")
 for _resource in (info, books, models, runs, generate, evals, demo):
     api.include_router(_resource.router)
 
-__all__ = ["api", "seed"]
+__all__ = ["api", "openai", "seed"]

@@ -1,0 +1,281 @@
+"""Continuous batching: generation requests that arrive together are decoded together, one step over every
+active sequence, with sequences joining and leaving between steps (iteration-level scheduling: Orca, Yu et al.
+OSDI 2022; vLLM's and Hugging Face TGI's schedulers work this way).
+
+    engine = BatchEngine(model, tokenizer)
+    handle = engine.submit([(prompt_ids, GenerationConfig(max_new_tokens=64, seed=1))])
+    for event in handle: ...        # Token per new token of each sequence, Finish when one ends
+
+Each sequence keeps what it would have alone: its GenerationConfig (temperature, top-k, top-p, stop strings,
+EOS, length), its own torch.Generator seeded with its seed, its positions. That makes it produce what
+`generate` produces for it alone: its prompt is prefilled alone (the forward generation alone makes), and
+each step samples its row with process_logits and the multinomial draw of iter_tokens from its own generator
+only, so neighbours never consume its random numbers. After the prefill its keys and values join the batch's
+cache right-aligned, rows left-padded as in generate_ids: the attention mask hides the padding and positions
+count from each row's first real token, so a row sees exactly its own context. The batch's rows differ from
+a lone row only in float rounding (a matmul over B rows may sum in another order), which can flip a greedy
+choice only in a near-tie, as with generate_ids on a batch.
+
+One thread per engine runs the steps; callers block on their handle's queue. A step costs about one read of
+the weights whatever the number of rows, which is where the throughput comes from on a memory-bound CPU.
+A joining prompt is prefilled whole between two steps, so a long one delays the rows for that time (vLLM's
+chunked prefill would interleave it with decoding; not done here).
+"""
+
+from __future__ import annotations
+
+import queue
+import secrets
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .fast import decoder
+from .generation import EOS_ID, GenerationConfig, _choose, process_logits
+from .model import KVCache, Transformer
+
+
+@dataclass
+class Token:
+    index: int                    # the caller's number for the sequence (the choice)
+    id: int
+    logprob: float | None = None  # log-softmax of the model's logits (before temperature and top-k/p)
+    top: list[tuple[int, float]] = field(default_factory=list)  # the `logprobs` most likely ids
+
+
+@dataclass
+class Finish:
+    index: int
+    reason: str                   # "stop" (EOS or a stop string), "length" (max_new_tokens)
+    tokens: int                   # tokens sampled, a final EOS included
+    ids: list[int]                # the new ids, EOS not included
+
+
+class _Sequence:
+    def __init__(self, prompt: Sequence[int], cfg: GenerationConfig, index: int, logprobs: int | None,
+                 out: queue.Queue, device: torch.device) -> None:
+        self.prompt, self.cfg, self.index, self.logprobs, self.out = list(prompt), cfg, index, logprobs, out
+        seed = cfg.seed if cfg.seed is not None else secrets.randbits(63)
+        self.generator = torch.Generator(device=device).manual_seed(seed)  # iter_tokens' generator, alone
+        self.ids: list[int] = []
+        self.count = 0
+        self.cancelled = False
+
+
+class _Rows(KVCache):
+    """The first B rows of the engine's storage, as the KVCache the model and fast.Decoder write into."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, length: int) -> None:
+        self.k, self.v, self.max_len, self.length = k, v, k.size(3), length
+
+
+class Handle:
+    """The events of one submit: a Token per new token of each of its sequences and a Finish per sequence.
+    Iterating ends after the last Finish; an engine error is raised here."""
+
+    def __init__(self, engine: BatchEngine, seqs: list[_Sequence], out: queue.Queue) -> None:
+        self._engine, self._seqs, self._out = engine, seqs, out
+
+    def __iter__(self) -> Iterator[Token | Finish]:
+        left = len(self._seqs)
+        while left:
+            event = self._out.get()
+            if isinstance(event, BaseException):
+                raise event
+            left -= isinstance(event, Finish)
+            yield event
+
+    def cancel(self) -> None:
+        """Stop decoding these sequences (a client went away): their rows leave before the next step."""
+        for seq in self._seqs:
+            seq.cancelled = True
+
+
+class BatchEngine:
+    """Decodes every submitted sequence of one model in shared steps, up to `max_rows` at a time (the rest
+    wait their turn). `max_rows_seen` is the most rows one step has decoded, `steps` the steps taken. The
+    model's weights must not change while the engine lives (the server makes a new engine for new weights)."""
+
+    def __init__(self, model: Transformer, tokenizer: object, *, max_rows: int = 32,
+                 eos_token_id: int | None = None, start: bool = True) -> None:
+        self.model, self.tokenizer, self.max_rows = model.eval(), tokenizer, max_rows
+        self.eos = eos_token_id if eos_token_id is not None else getattr(tokenizer, "eos_id", EOS_ID)
+        params = next(model.parameters())
+        self.device, self.dtype = params.device, params.dtype
+        self.step_fn = decoder(model)
+        self.rows: list[_Sequence] = []       # row r of the cache is rows[r]
+        self.k = self.v = self.mask = None    # (n_layer, capacity, K, width, D) and (capacity, width)
+        self.length = 0                       # columns in use; every row ends at the last of them
+        self.waiting: list[_Sequence] = []
+        self.cv = threading.Condition()
+        self.closed = False
+        self.max_rows_seen = self.steps = 0
+        self.thread = threading.Thread(target=self._run, name="lmlab-batching", daemon=True)
+        if start:
+            self.thread.start()
+
+    def submit(self, requests: Sequence[tuple[Sequence[int], GenerationConfig]], *,
+               logprobs: int | None = None) -> Handle:
+        """Queue sequences (prompt ids, settings), numbered 0.. in order; `logprobs`: report each new token's
+        log-probability and that many alternatives (None: none). Each prompt plus its max_new_tokens must fit
+        the model's context (the caller checks: a lone generation would crop it, a batch row cannot)."""
+        out: queue.Queue = queue.Queue()
+        seqs = [_Sequence(p, cfg, i, logprobs, out, self.device) for i, (p, cfg) in enumerate(requests)]
+        block = self.model.config.block_size
+        for seq in seqs:
+            if not seq.prompt or len(seq.prompt) + seq.cfg.max_new_tokens > block or seq.cfg.num_beams > 1:
+                raise ValueError(f"a sequence needs 1 to {block} prompt and new tokens together, and no beams")
+        with self.cv:
+            if self.closed:
+                raise RuntimeError("this engine is closed")
+            self.waiting += seqs
+            self.cv.notify()
+        return Handle(self, seqs, out)
+
+    def close(self) -> None:
+        """Finish what was submitted, then end the thread."""
+        with self.cv:
+            self.closed = True
+            self.cv.notify()
+
+    # ---- the scheduler thread -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self.cv:
+                while not self.waiting and not self.rows and not self.closed:
+                    self.cv.wait()
+                if self.closed and not self.waiting and not self.rows:
+                    return
+            self.step()
+
+    def step(self) -> None:
+        """One round of the scheduler: admit waiting sequences (as many as there is room for), drop cancelled
+        rows, decode one token for every row. The engine's thread calls it; with start=False, the caller."""
+        with self.cv:
+            room = self.max_rows - len(self.rows)
+            joining, self.waiting = self.waiting[:room], self.waiting[room:]
+        try:
+            with torch.inference_mode():
+                for seq in joining:
+                    self._admit(seq)
+                self._leave([s for s in self.rows if s.cancelled])
+                if self.rows:
+                    self._step()
+        except Exception as exc:  # noqa: BLE001 - the callers get the error; the engine starts afresh
+            for seq in {*self.rows, *joining}:
+                seq.out.put(exc)
+            self.rows, self.k, self.v, self.mask, self.length = [], None, None, None, 0
+
+    def _admit(self, seq: _Sequence) -> None:
+        """Prefill the prompt alone, as generation alone does, sample the first token, and give the row a
+        place in the batch (unless that token already ended it)."""
+        if seq.cancelled:
+            return
+        P = len(seq.prompt)
+        cache = KVCache(self.model.config, 1, device=self.device, dtype=self.dtype)
+        ids = torch.tensor([seq.prompt], device=self.device)
+        logits = self.model(ids, cache=cache, last_only=True).logits[:, -1]
+        if self._sample(seq, logits):
+            return
+        B, L = len(self.rows), max(self.length, P)
+        self._reserve(B + 1, L + 1)
+        if L > self.length:  # a longer prompt than any row so far: shift the rows right
+            self._shift(self.length, L)
+        self.k[:, B, :, L - P:L] = cache.k[:, 0, :, :P]
+        self.v[:, B, :, L - P:L] = cache.v[:, 0, :, :P]
+        self.mask[B].zero_()
+        self.mask[B, L - P:L] = True
+        self.rows.append(seq)
+
+    def _step(self) -> None:
+        B, L = len(self.rows), self.length
+        self._reserve(B, L + 1)
+        self.mask[:B, L] = True
+        mask = self.mask[:B, :L + 1]
+        positions = mask.sum(1, keepdim=True) - 1                            # (B, 1): each row's own position
+        idx = torch.tensor([[s.ids[-1]] for s in self.rows], device=self.device)
+        cache = _Rows(self.k[:, :B], self.v[:, :B], L)
+        if self.step_fn is not None:
+            logits = self.step_fn(idx, cache, mask, positions)
+        else:
+            logits = self.model(idx, attention_mask=mask, position_ids=positions, cache=cache,
+                                last_only=True).logits[:, -1]
+        self.length += 1
+        self.steps += 1
+        self.max_rows_seen = max(self.max_rows_seen, B)
+        self._leave([s for r, s in enumerate(self.rows) if self._sample(s, logits[r:r + 1])])
+
+    def _sample(self, seq: _Sequence, logits: torch.Tensor) -> bool:
+        """Choose the row's next token from its (1, V) logits as iter_tokens would alone; True when the
+        sequence has ended (its Finish is sent)."""
+        cfg = seq.cfg
+        penalty = cfg.repetition_penalty != 1.0
+        context = torch.tensor([seq.prompt + seq.ids], device=self.device) if penalty else None
+        token = int(_choose(process_logits(logits, cfg, context), cfg, seq.generator)[0])
+        seq.count += 1
+        if cfg.stop_at_eos and token == self.eos:
+            return self._finish(seq, "stop")
+        seq.ids.append(token)
+        event = Token(seq.index, token)
+        if seq.logprobs is not None:
+            logp = logits[0].float().log_softmax(-1)
+            event.logprob = float(logp[token])
+            if seq.logprobs:
+                top = logp.topk(min(seq.logprobs, logp.numel()))
+                event.top = list(zip(top.indices.tolist(), top.values.tolist()))
+        seq.out.put(event)
+        stops = cfg.stop_strings
+        if stops:  # generate's rule: a stop string in the text of the last tokens (a char is <= 4 tokens)
+            tail = self.tokenizer.decode(seq.ids[-(4 * max(map(len, stops)) + 1):])
+            if any(s in tail for s in stops):
+                return self._finish(seq, "stop")
+        return self._finish(seq, "length") if seq.count >= cfg.max_new_tokens else False
+
+    def _finish(self, seq: _Sequence, reason: str) -> bool:
+        seq.out.put(Finish(seq.index, reason, seq.count, seq.ids))
+        return True
+
+    # ---- the cache: rows right-aligned at column `length`, padding on the left -------------------------
+
+    def _reserve(self, rows: int, width: int) -> None:
+        """Storage for `rows` rows of `width` columns, grown by doubling (capped by max_rows and the context)."""
+        cap, have = (0, 0) if self.k is None else (self.k.size(1), self.k.size(3))
+        if rows <= cap and width <= have:
+            return
+        cfg = self.model.config
+        cap = max(rows, min(2 * cap, self.max_rows))
+        have = min(cfg.block_size, max(width, 2 * have))
+        shape = (cfg.n_layer, cap, cfg.n_kv_head, have, cfg.head_dim)
+        k = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        v = torch.zeros_like(k)
+        mask = torch.zeros(cap, have, dtype=torch.bool, device=self.device)
+        if self.k is not None:
+            B, L = len(self.rows), self.length
+            k[:, :B, :, :L], v[:, :B, :, :L], mask[:B, :L] = self.k[:, :B, :, :L], self.v[:, :B, :, :L], \
+                self.mask[:B, :L]
+        self.k, self.v, self.mask = k, v, mask
+
+    def _shift(self, old: int, new: int) -> None:
+        """Move the rows' last min(old, new) columns to end at column `new` (padding added or dropped left)."""
+        B, w = len(self.rows), min(old, new)
+        for t in (self.k, self.v):
+            t[:, :B, :, new - w:new] = t[:, :B, :, old - w:old].clone()
+        self.mask[:B, new - w:new] = self.mask[:B, old - w:old].clone()
+        self.mask[:B, :new - w] = False
+        self.length = new
+
+    def _leave(self, done: list[_Sequence]) -> None:
+        """Drop ended rows (the others move up), then the columns that are padding in every row left."""
+        if not done:
+            return
+        keep = [s for s in self.rows if s not in done]
+        index = torch.tensor([self.rows.index(s) for s in keep], dtype=torch.long, device=self.device)
+        B = len(keep)
+        self.k[:, :B], self.v[:, :B] = self.k[:, index], self.v[:, index]
+        self.mask[:B] = self.mask[index]
+        self.rows = keep
+        real = self.mask[:B, :self.length].any(0).nonzero()
+        self._shift(self.length, self.length - int(real[0]) if B else 0)

@@ -1,0 +1,403 @@
+"""The OpenAI-compatible API: `GET /v1/models`, `POST /v1/completions`, `POST /v1/chat/completions`, in the
+shapes of the OpenAI API reference (https://platform.openai.com/docs/api-reference), so any OpenAI client
+talks to the workspace's trained models:
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=TOKEN)   # any api_key without --api-token
+    client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=64, seed=1)
+
+Requests to one model are decoded together by its BatchEngine (models/batching.py), whatever their
+settings. A request's sequence `i` of `n` samples with seed + i, as `lmlab generate --seed S --num-samples n`
+does, and gets the same text as `lmlab generate` with those settings (the model's generation.json is not
+applied here: a request's defaults are the API's, temperature 1 and top_p 1). Errors are OpenAI-shaped:
+`{"error": {"message", "type", "param", "code"}}` with a 4xx status, the guards' (app.py) included.
+`GET /v1/batching` (lmlab's own) tells how many rows the engines have decoded in one step.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ConfigDict, Field
+
+from ...models import GenerationConfig
+from ...models.batching import BatchEngine, Token
+from ...models.generation import StopText
+from ...models.io import WEIGHTS
+from ..app import StateDep, openai_error
+from ..inference import NotTrained
+from ..services import event_stream, need_model, version_source
+from ..workspace import BadName
+
+MAX_SEQUENCES = 128   # prompts x n of one request (OpenAI's limit on n)
+MAX_ENGINES = 4       # models with a scheduler thread at once (the model cache holds 4)
+
+
+class OpenAIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+def _param(loc: tuple[Any, ...]) -> str | None:
+    """pydantic's error location as OpenAI names a parameter (`messages[0].content`); a union's member
+    names in the location (`str`, `list[int]`) end it."""
+    out = ""
+    for part in loc[1:]:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif isinstance(part, str) and part.isidentifier() and part not in ("str", "int", "float", "bool"):
+            out += f".{part}" if out else part
+        else:
+            break
+    return out or None
+
+
+class OpenAIRoute(APIRoute):
+    """Answers this router's errors in OpenAI's shape: validation errors as 400 naming the parameter, the
+    services' HTTPExceptions with their status (404 for an unknown model: model_not_found)."""
+
+    def get_route_handler(self) -> Any:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Any:
+            try:
+                return await handler(request)
+            except RequestValidationError as exc:
+                e = exc.errors()[0]
+                param = _param(tuple(e["loc"]))
+                if e["type"] == "extra_forbidden":
+                    message = f"Unrecognized request argument supplied: {param}"
+                else:
+                    message = f"Invalid value for '{param}': {e['msg']}" if param else e["msg"]
+                return JSONResponse(openai_error(400, message, param, e["type"]), status_code=400)
+            except OpenAIError as exc:
+                return JSONResponse(openai_error(exc.status, exc.message, exc.param, exc.code), status_code=exc.status)
+            except BadName as exc:  # a name no model can have
+                return JSONResponse(openai_error(404, str(exc), "model", "model_not_found"), status_code=404)
+            except HTTPException as exc:
+                code, param = ("model_not_found", "model") if exc.status_code == 404 else (None, None)
+                return JSONResponse(openai_error(exc.status_code, str(exc.detail), param, code),
+                                    status_code=exc.status_code, headers=exc.headers)
+        return route
+
+
+router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
+
+
+# ---- requests --------------------------------------------------------------------------------------
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool | None = None
+
+
+class Sampling(BaseModel):
+    """The settings both endpoints share; null means the default, as in OpenAI's API."""
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(..., min_length=1, max_length=100)
+    max_tokens: int | None = Field(None, ge=1, le=1_000_000)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    n: int | None = Field(None, ge=1, le=MAX_SEQUENCES)
+    stop: str | list[str] | None = Field(None, description="up to 4 strings; generation stops before them")
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, max_length=1000, description="accepted and ignored")
+    frequency_penalty: float | None = Field(None, ge=0, le=0, description="0 only (not implemented)")
+    presence_penalty: float | None = Field(None, ge=0, le=0, description="0 only (not implemented)")
+
+
+class CompletionRequest(Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]] = Field("", description="text, texts, or token ids")
+    logprobs: int | None = Field(None, ge=0, le=20, description="log-probabilities of each token and this many "
+                                                                "alternatives")
+    echo: Literal[False] | None = None
+    best_of: Literal[1] | None = None
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = Field(None, max_length=100)
+
+
+class ChatRequest(Sampling):
+    messages: list[ChatMessage] = Field(..., min_length=1, max_length=1000)
+    max_completion_tokens: int | None = Field(None, ge=1, le=1_000_000)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+# ---- the engines ------------------------------------------------------------------------------------
+
+_ENGINES = threading.Lock()
+
+
+def engine_for(state: Any, name: str) -> tuple[BatchEngine, Path]:
+    """The batching engine of the model `name` as the model cache holds it now (a model retrained since gets
+    a new engine; the old one finishes its sequences and ends), and the model's directory."""
+    src, snapshot, _ = version_source(state, name, None, None)
+    try:
+        model, tokenizer = state.cache.get(src, snapshot)
+    except NotTrained as exc:
+        raise OpenAIError(404, str(exc), "model", "model_not_found") from None
+    except (ValueError, FileNotFoundError) as exc:
+        raise OpenAIError(409, f"model {name!r} cannot be loaded: {exc}", "model") from None
+    with _ENGINES:
+        engine = state.engines.pop(src, None)
+        if engine is None or engine.model is not model:
+            if engine is not None:
+                engine.close()
+            engine = BatchEngine(model, tokenizer)
+        state.engines[src] = engine
+        while len(state.engines) > MAX_ENGINES:
+            state.engines.popitem(last=False)[1].close()
+    return engine, src
+
+
+def render_chat(model_dir: Path, tokenizer: Any, messages: list[ChatMessage]) -> list[int]:
+    """The prompt ids of a conversation, ending where the assistant's reply begins.
+
+    A model without a chat template continues the text of the conversation: the messages' contents (a list of
+    text parts joined), joined with one newline, roles left out, encoded as /v1/completions encodes a prompt
+    (an empty text starts from <BOS>). A single user message is thus exactly that prompt."""
+    # TODO(chat template, issue 16): src/lmlab/tune/chat.py (another branch) brings a model directory's chat
+    # template and `render(messages, tokenizer) -> (ids, mask)`. When it lands: if `model_dir` has a template,
+    # return its rendering of `messages` followed by the opening of an assistant turn (the generation prompt),
+    # read through workspace.no_links as every file of the workspace is; keep the fallback below otherwise.
+    text = "\n".join(m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])
+                     for m in messages)
+    return _encode(tokenizer, text)
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return tokenizer.encode(text) or [tokenizer.bos_id]  # generation.generate's rule for an empty prompt
+
+
+# ---- the endpoints ----------------------------------------------------------------------------------
+
+def _model_card(row: dict[str, Any]) -> dict[str, Any]:
+    return {"id": row["name"], "object": "model", "created": int(row["created_at"]), "owned_by": "lmlab"}
+
+
+@router.get("/models", summary="The workspace's models that have weights")
+def list_models(state: StateDep) -> dict[str, Any]:
+    rows = [r for r in state.db.list_models() if (state.ws.model_path(r["name"]) / WEIGHTS).is_file()]
+    return {"object": "list", "data": [_model_card(r) for r in rows]}
+
+
+@router.get("/models/{model}", summary="One model")
+def get_model(state: StateDep, model: str) -> dict[str, Any]:
+    row = need_model(state, model)
+    if not (state.ws.model_path(model) / WEIGHTS).is_file():
+        raise OpenAIError(404, f"model {model!r} has no weights yet: train it first", "model", "model_not_found")
+    return _model_card(row)
+
+
+@router.get("/batching", summary="lmlab's own: each loaded model's batching engine (the most rows it decoded "
+                                 "in one step, its steps, its rows now)")
+def batching(state: StateDep) -> dict[str, Any]:
+    with _ENGINES:
+        engines = list(state.engines.items())
+    return {"object": "list", "data": [{"model": path.name, "max_rows": e.max_rows_seen, "steps": e.steps,
+                                        "active": len(e.rows)} for path, e in engines]}
+
+
+@router.post("/completions", summary="Text completion (OpenAI's legacy Completions API)")
+def completions(state: StateDep, req: CompletionRequest) -> Any:
+    engine, _ = engine_for(state, req.model)
+    tok = engine.tokenizer
+    prompt = req.prompt
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        prompt = [prompt]
+    prompts = [_encode(tok, p) if isinstance(p, str) else list(p) for p in prompt] or [[tok.bos_id]]
+    vocab = engine.model.config.vocab_size
+    if any(not p or not all(0 <= t < vocab for t in p) for p in prompts):
+        raise OpenAIError(400, f"a prompt of token ids needs 1 or more ids in [0, {vocab})", "prompt")
+    return _answer(engine, req, prompts, req.max_tokens or 16, "prompt", req.logprobs, chat=False)
+
+
+@router.post("/chat/completions", summary="Chat completion (OpenAI's Chat Completions API)")
+def chat_completions(state: StateDep, req: ChatRequest) -> Any:
+    if req.top_logprobs is not None and not req.logprobs:
+        raise OpenAIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    engine, model_dir = engine_for(state, req.model)
+    prompt = render_chat(model_dir, engine.tokenizer, req.messages)
+    max_new = req.max_completion_tokens or req.max_tokens or engine.model.config.block_size - len(prompt)
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    return _answer(engine, req, [prompt], max_new, "messages", logprobs, chat=True)
+
+
+def _answer(engine: BatchEngine, req: Sampling, prompts: list[list[int]], max_new: int, prompt_param: str,
+            logprobs: int | None, *, chat: bool) -> Any:
+    n = req.n or 1
+    block = engine.model.config.block_size
+    for p in prompts:
+        if len(p) + max(max_new, 1) > block:
+            raise OpenAIError(400, f"This model's maximum context length is {block} tokens. However, you requested "
+                              f"{len(p) + max_new} tokens ({len(p)} in the {prompt_param}, {max_new} for the "
+                              "completion). Please reduce the length of the prompt or the completion.",
+                              "max_tokens" if len(p) < block else prompt_param, "context_length_exceeded")
+    if len(prompts) * n > MAX_SEQUENCES:
+        raise OpenAIError(400, f"{len(prompts)} prompts x n={n} is more than {MAX_SEQUENCES} sequences", "n")
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stops) > 4 or any(not 1 <= len(s) <= 200 for s in stops):
+        raise OpenAIError(400, "stop takes up to 4 strings of 1 to 200 characters", "stop")
+    top_p = 1.0 if req.top_p is None else req.top_p
+    temperature = 1.0 if req.temperature is None else req.temperature
+
+    def settings(i: int) -> GenerationConfig:  # sample i of a prompt: seed + i, as `lmlab generate --num-samples`
+        seed = None if req.seed is None else req.seed + i
+        return GenerationConfig(max_new_tokens=max_new, do_sample=top_p > 0, temperature=temperature,
+                                top_p=top_p or 1.0, stop_strings=stops, seed=seed)
+
+    handle = engine.submit([(p, settings(i)) for p in prompts for i in range(n)], logprobs=logprobs)
+    meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
+            "model": req.model}
+    prompt_tokens = sum(len(p) for p in prompts)
+    if req.stream:
+        usage = bool(req.stream_options and req.stream_options.include_usage)
+        return event_stream(_chunks(engine, handle, meta, stops, chat, prompt_tokens, usage, logprobs is not None))
+    choices: dict[int, dict[str, Any]] = {}
+    tokens: dict[int, list[Token]] = {i: [] for i in range(len(prompts) * n)}
+    completion_tokens = 0
+    for event in handle:
+        if isinstance(event, Token):
+            tokens[event.index].append(event)
+            continue
+        completion_tokens += event.tokens
+        text = StopText(engine.tokenizer, stops)
+        content = "".join(text.push(t) for t in event.ids) + text.flush()
+        choice: dict[str, Any] = {"index": event.index}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": content, "refusal": None}
+        else:
+            choice["text"] = content
+        choice["logprobs"] = _logprobs(engine.tokenizer, tokens[event.index], chat) if logprobs is not None else None
+        choice["finish_reason"] = event.reason
+        choices[event.index] = choice
+    return {**meta, "object": "chat.completion" if chat else "text_completion",
+            "choices": [choices[i] for i in sorted(choices)],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens}}
+
+
+def _chunks(engine: BatchEngine, handle: Any, meta: dict[str, Any], stops: list[str], chat: bool,
+            prompt_tokens: int, usage: bool, with_logprobs: bool) -> Iterator[str]:
+    """OpenAI's stream: a chunk per piece of text of each choice as it is decoded (text that may begin a stop
+    string held back), a last chunk per choice with its finish_reason, the usage chunk if asked, [DONE]."""
+    kind = "chat.completion.chunk" if chat else "text_completion"
+    texts: dict[int, StopText] = {}
+    pending: dict[int, list[Token]] = {}
+    completion_tokens = 0
+
+    def chunk(index: int, piece: str | None, finish: str | None) -> str:
+        choice: dict[str, Any] = {"index": index}
+        if chat:
+            choice["delta"] = {} if piece is None else {"content": piece}
+        else:
+            choice["text"] = piece or ""
+        tokens = pending.pop(index, [])
+        choice["logprobs"] = _logprobs(engine.tokenizer, tokens, chat) if with_logprobs and tokens else None
+        choice["finish_reason"] = finish
+        body = {**meta, "object": kind, "choices": [choice]}
+        if usage:
+            body["usage"] = None
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    try:
+        for event in handle:
+            i = event.index
+            if i not in texts:
+                texts[i] = StopText(engine.tokenizer, stops)
+                if chat:  # the first chunk of a choice names the role
+                    body = {**meta, "object": kind, "choices": [{"index": i, "delta": {"role": "assistant",
+                            "content": ""}, "logprobs": None, "finish_reason": None}]}
+                    yield f"data: {json.dumps({**body, **({'usage': None} if usage else {})})}\n\n"
+            if isinstance(event, Token):
+                pending.setdefault(i, []).append(event)
+                piece = texts[i].push(event.id)
+                if piece:
+                    yield chunk(i, piece, None)
+                continue
+            completion_tokens += event.tokens
+            piece = texts[i].flush()
+            if piece or pending.get(i):
+                yield chunk(i, piece, None)
+            yield chunk(i, None, event.reason)
+    except Exception as exc:  # noqa: BLE001 - the status line is sent: report in-band
+        yield f"data: {json.dumps(openai_error(500, str(exc)))}\n\n"
+        return
+    finally:
+        handle.cancel()  # a client that went away leaves the batch at the next step
+    if usage:
+        body = {**meta, "object": kind, "choices": [],
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": prompt_tokens + completion_tokens}}
+        yield f"data: {json.dumps(body)}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+# ---- log-probabilities ------------------------------------------------------------------------------
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet (each byte a printable character), reversed: a byte-level BPE token's
+    characters -> its bytes (Radford et al. 2019, the `bytes_to_unicode` of openai/gpt-2's encoder.py)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTES = _byte_decoder()
+
+
+def _token_bytes(tokenizer: Any, token_id: int) -> tuple[str, list[int]]:
+    """A token as OpenAI shows it: its text (what it decodes to alone) and its UTF-8 bytes, which for a
+    byte-level BPE token may be part of a character."""
+    text = tokenizer.decode([token_id], skip_special_tokens=False)
+    raw = tokenizer.id_to_token(token_id) if getattr(tokenizer, "kind", None) == "bpe" else None
+    if raw is not None and all(c in _BYTES for c in raw):
+        return text, [_BYTES[c] for c in raw]
+    return text, list(text.encode("utf-8", "replace"))
+
+
+def _logprobs(tokenizer: Any, tokens: list[Token], chat: bool) -> dict[str, Any]:
+    if chat:
+        def entry(token_id: int, logprob: float) -> dict[str, Any]:
+            text, raw = _token_bytes(tokenizer, token_id)
+            return {"token": text, "logprob": logprob, "bytes": raw}
+        return {"content": [{**entry(t.id, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top]}
+                            for t in tokens], "refusal": None}
+    decoder, offset, offsets = tokenizer.stream_decoder(), 0, []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(decoder.push(t.id))
+    return {"tokens": [_token_bytes(tokenizer, t.id)[0] for t in tokens],
+            "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [{_token_bytes(tokenizer, i)[0]: lp for i, lp in t.top} for t in tokens],
+            "text_offset": offsets}

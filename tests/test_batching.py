@@ -1,0 +1,98 @@
+"""Continuous batching (models/batching.py) against generation alone: sequences that join a batch mid-flight
+(with prompts longer and shorter than its rows), leave it at EOS, a stop string or their length, and sample
+with their own seeds produce what generate_ids produces for each alone."""
+
+import pytest
+import torch
+from test_generation import FAMILIES, tiny
+
+from lmlab.models import GenerationConfig, generate_ids
+from lmlab.models.batching import BatchEngine, Finish, Token
+
+
+class Digits:
+    """A tokenizer for ids: each id is its text, space-separated."""
+    eos_id = 3
+
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+
+def events(handle):
+    return list(handle)  # the engine ran to the end: every event is queued
+
+
+@pytest.mark.parametrize("fast_step", [True, False], ids=["decoder", "modules"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sequences_joining_and_leaving_between_steps_get_what_they_get_alone(family, fast_step):
+    """With fast.Decoder's step, and with model.py's forward (other devices and dtypes take it)."""
+    model = tiny(family)
+    engine = BatchEngine(model, Digits(), start=False)
+    if not fast_step:
+        engine.step_fn = None
+    greedy = GenerationConfig(max_new_tokens=14, do_sample=False, stop_at_eos=False)
+    sampled = GenerationConfig(max_new_tokens=10, temperature=0.9, top_p=0.9, seed=11, stop_at_eos=False)
+    first = [([5, 9, 11], greedy), ([40], sampled)]
+    later = [([7] * 20, greedy), ([12, 13], sampled), ([30, 31, 32, 33, 34], GenerationConfig(max_new_tokens=6, seed=2,
+                                                                                             stop_at_eos=False,
+                                                                                             repetition_penalty=1.5))]
+    h1 = engine.submit(first)
+    for _ in range(4):
+        engine.step()
+    assert len(engine.rows) == 2 and engine.length == 3 + 4
+    h2 = engine.submit(later)  # a 20-token prompt: the rows shift right to make room
+    engine.step()
+    assert engine.max_rows_seen == 5 and engine.length == 21
+    while engine.rows or engine.waiting:
+        engine.step()
+    assert engine.length == 0
+    got = {}
+    for base, handle in ((0, h1), (2, h2)):
+        for ev in events(handle):
+            if isinstance(ev, Finish):
+                got[base + ev.index] = ev.ids
+    alone = [generate_ids(model, [p], cfg)[0] for p, cfg in first + later]
+    assert [got[i] for i in range(5)] == alone
+
+
+def test_eos_stop_strings_length_and_logprobs():
+    model = tiny("gpt2")
+    engine = BatchEngine(model, Digits(), start=False)
+    prompt = [5, 9, 11]
+    free = generate_ids(model, [prompt], do_sample=False, max_new_tokens=12, stop_at_eos=False)[0]
+    stop = f" {free[4]} {free[5]} "                                  # appears once token 7 is out
+    j = next(j for j in range(2, 12) if free[j] not in free[:j])
+    eos = free[j]                                                     # pretend this id is the EOS
+    assert stop not in Digits().decode(free[:6])
+    engine.eos = eos
+    cases = [GenerationConfig(max_new_tokens=12, do_sample=False, stop_at_eos=False, stop_strings=[stop]),
+             GenerationConfig(max_new_tokens=12, do_sample=False),
+             GenerationConfig(max_new_tokens=5, do_sample=False, stop_at_eos=False)]
+    handle = engine.submit([(prompt, cfg) for cfg in cases], logprobs=2)
+    while engine.rows or engine.waiting:
+        engine.step()
+    evs = events(handle)
+    finish = {ev.index: ev for ev in evs if isinstance(ev, Finish)}
+    assert [(f.reason, f.tokens, f.ids) for f in (finish[0], finish[1], finish[2])] == [
+        ("stop", 7, free[:7]), ("stop", j + 1, free[:j]), ("length", 5, free[:5])]
+    tokens = [ev for ev in evs if isinstance(ev, Token) and ev.index == 0]
+    with torch.no_grad():
+        logp = model(torch.tensor([prompt + free[:7]])).logits[0, len(prompt) - 1:-1].log_softmax(-1)
+    torch.testing.assert_close(torch.tensor([t.logprob for t in tokens]), logp[torch.arange(7), free[:7]],
+                               atol=1e-4, rtol=1e-4)
+    top = logp.topk(2)
+    assert [[i for i, _ in t.top] for t in tokens] == top.indices.tolist()
+
+
+def test_a_thread_serves_concurrent_submits_and_a_cancelled_sequence_leaves():
+    model = tiny("llama")
+    engine = BatchEngine(model, Digits())
+    cfg = GenerationConfig(max_new_tokens=20, do_sample=False, stop_at_eos=False)
+    gone = engine.submit([([4, 5], GenerationConfig(max_new_tokens=40, do_sample=False, stop_at_eos=False))])
+    gone.cancel()
+    handles = [engine.submit([([10 + i] * (1 + i), cfg)]) for i in range(6)]
+    got = [[ev for ev in events(h) if isinstance(ev, Finish)][0].ids for h in handles]
+    assert got == [generate_ids(model, [[10 + i] * (1 + i)], cfg)[0] for i in range(6)]
+    engine.close()
+    engine.thread.join(10)
+    assert not engine.thread.is_alive() and engine.rows == []

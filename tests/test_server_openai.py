@@ -1,0 +1,202 @@
+"""The OpenAI-compatible API of a real `lmlab serve` (with an API token), driven by the official `openai`
+client: the text equals `lmlab generate` and the Python API with the same seed and settings, streaming and
+not; usage counts, stop strings, n > 1 and logprobs against the model's own numbers; 20 concurrent requests
+each get their text alone and were decoded in shared steps; bad requests get OpenAI-shaped 4xx errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from test_server_support import BOOK, CHILD_ENV, ServerProcess
+
+from lmlab.models import GenerationConfig, ModelConfig, Transformer, generate, generate_ids
+from lmlab.models.io import load_pretrained, save_pretrained
+from lmlab.tokenizers import Tokenizer
+
+openai = pytest.importorskip("openai")
+
+TOKEN = "openai-test-token"
+PROMPT = "Once upon a time"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """`lmlab serve --api-token` over a workspace with one model: gpt2-tiny with a byte-level BPE tokenizer,
+    weights scaled up from the init so its logits are far from uniform (no near-ties between batched and
+    lone arithmetic), and the same model loaded here as the reference."""
+    ws = tmp_path_factory.mktemp("ws")
+    tok = Tokenizer.train([BOOK], kind="bpe", vocab_size=400)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("gpt2-tiny", vocab_size=400, block_size=128)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(4)
+    save_pretrained(ws / "models" / "tiny", model, tok)
+    server = ServerProcess(ws, token=TOKEN).start()
+    try:
+        server.model, server.tok = load_pretrained(ws / "models" / "tiny")
+        server.openai = openai.OpenAI(base_url=server.url + "/v1", api_key=TOKEN, max_retries=0)
+        yield server
+    finally:
+        server.stop()
+
+
+def alone(served, prompt: str, **settings) -> str:
+    return generate(served.model, served.tok, prompt, GenerationConfig(**settings))
+
+
+def new_ids(served, prompt: str, **settings) -> list[int]:
+    """The tokens generation samples alone (EOS included when it ends there): usage's completion_tokens."""
+    cfg = GenerationConfig(**settings)
+    ids = generate_ids(served.model, [served.tok.encode(prompt)], cfg)[0]
+    return ids + [served.tok.eos_id] * (len(ids) < cfg.max_new_tokens)
+
+
+def test_models_lists_the_trained_model(served):
+    assert [m.id for m in served.openai.models.list().data] == ["tiny"]
+    assert served.openai.models.retrieve("tiny").owned_by == "lmlab"
+
+
+def test_completions_equal_lmlab_generate_with_the_same_seed_streaming_and_not(served):
+    settings = {"max_tokens": 40, "temperature": 0.8, "top_p": 0.9, "seed": 5}
+    out = subprocess.run([sys.executable, "-m", "lmlab.cli", "generate", str(served.workspace / "models" / "tiny"),
+                          "--prompt", PROMPT, "--max-new-tokens", "40", "--temperature", "0.8", "--top-p", "0.9",
+                          "--seed", "5", "--no-stream"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, **CHILD_ENV})
+    assert out.returncode == 0, out.stderr
+    cli = out.stdout.removeprefix(PROMPT).removesuffix("\n")
+    assert cli == alone(served, PROMPT, max_new_tokens=40, temperature=0.8, top_p=0.9, seed=5)
+
+    r = served.openai.completions.create(model="tiny", prompt=PROMPT, **settings)
+    assert r.object == "text_completion" and r.choices[0].text == cli
+    ids = new_ids(served, PROMPT, max_new_tokens=40, temperature=0.8, top_p=0.9, seed=5)
+    assert r.choices[0].finish_reason == ("length" if len(ids) == 40 and ids[-1] != 3 else "stop")
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(served.tok.encode(PROMPT)), len(ids))
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+    chunks = list(served.openai.completions.create(model="tiny", prompt=PROMPT, stream=True,
+                                                   stream_options={"include_usage": True}, **settings))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == cli
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == r.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(ids)
+
+
+def test_chat_without_a_template_continues_the_messages_text(served):
+    """The fallback of a model without a chat template: the contents joined by newlines, completed."""
+    messages = [{"role": "system", "content": "Once"}, {"role": "user", "content": "upon a time"}]
+    settings = {"max_new_tokens": 30, "temperature": 0.7, "seed": 9}
+    want = alone(served, "Once\nupon a time", **settings)
+    r = served.openai.chat.completions.create(model="tiny", messages=messages, max_tokens=30, temperature=0.7, seed=9)
+    assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == want
+    assert r.usage.prompt_tokens == len(served.tok.encode("Once\nupon a time"))
+    assert r.usage.completion_tokens == len(new_ids(served, "Once\nupon a time", **settings))
+    stream = served.openai.chat.completions.create(model="tiny", messages=messages, max_tokens=30, temperature=0.7,
+                                                   seed=9, stream=True)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want
+    assert chunks[-1].choices[0].finish_reason == r.choices[0].finish_reason
+
+
+def test_n_samples_take_seed_plus_i_and_stop_strings_cut_the_text(served):
+    r = served.openai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPT}],
+                                              max_completion_tokens=24, seed=40, n=3)
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    want = [alone(served, PROMPT, max_new_tokens=24, seed=40 + i) for i in range(3)]
+    assert [c.message.content for c in r.choices] == want and len(set(want)) == 3
+    assert r.usage.completion_tokens == sum(len(new_ids(served, PROMPT, max_new_tokens=24, seed=40 + i))
+                                            for i in range(3))
+
+    free = alone(served, PROMPT, max_new_tokens=30, do_sample=False)
+    stop = free[12:15]
+    assert len(stop) == 3 and stop not in free[:14]
+    for stream in (False, True):
+        r = served.openai.completions.create(model="tiny", prompt=PROMPT, max_tokens=30, temperature=0,
+                                             stop=[stop, "\x00never"], stream=stream)
+        chunks = list(r) if stream else [r]
+        assert "".join(c.choices[0].text for c in chunks) == free[:12]
+        assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_logprobs_are_the_models_log_softmax(served):
+    r = served.openai.completions.create(model="tiny", prompt=PROMPT, max_tokens=10, temperature=0, logprobs=3)
+    c = served.openai.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPT}],
+                                              max_tokens=10, temperature=0, logprobs=True, top_logprobs=2)
+    prompt = served.tok.encode(PROMPT)
+    ids = generate_ids(served.model, [prompt], do_sample=False, max_new_tokens=10, stop_at_eos=False)[0]
+    with torch.no_grad():
+        logp = served.model(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1:-1].log_softmax(-1)
+    chosen = logp[torch.arange(10), ids]
+    lp = r.choices[0].logprobs
+    assert lp.tokens == [served.tok.decode([i], skip_special_tokens=False) for i in ids]
+    torch.testing.assert_close(torch.tensor(lp.token_logprobs), chosen, atol=1e-4, rtol=1e-4)
+    top = logp.topk(3)
+    for row, values, indices in zip(lp.top_logprobs, top.values.tolist(), top.indices.tolist()):
+        want = {served.tok.decode([i], skip_special_tokens=False): v for i, v in zip(indices, values)}
+        assert row == pytest.approx(want, abs=1e-4)  # keyed by text, as OpenAI's are
+    content = c.choices[0].logprobs.content
+    assert [e.token for e in content] == lp.tokens
+    raw = b"".join(bytes(e.bytes) for e in content)  # the bytes of the text, also where a token splits a char
+    assert raw.decode("utf-8", "replace") == served.tok.decode(ids) and raw != served.tok.decode(ids).encode()
+    torch.testing.assert_close(torch.tensor([e.logprob for e in content]), chosen, atol=1e-4, rtol=1e-4)
+    top = logp.topk(2)
+    assert [[t.token for t in e.top_logprobs] for e in content] == [
+        [served.tok.decode([i], skip_special_tokens=False) for i in row] for row in top.indices.tolist()]
+    torch.testing.assert_close(torch.tensor([[t.logprob for t in e.top_logprobs] for e in content]), top.values,
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_twenty_concurrent_requests_each_get_their_text_alone_decoded_together(served):
+    prompts = [PROMPT[:3 + i] + " " * (i % 3) + "x" * (i % 5) for i in range(20)]
+    lengths = [16 + 3 * i for i in range(20)]
+
+    def ask(i):
+        return served.openai.completions.create(model="tiny", prompt=prompts[i], max_tokens=lengths[i],
+                                                temperature=0).choices[0].text
+
+    with ThreadPoolExecutor(20) as pool:
+        got = list(pool.map(ask, range(20)))
+    assert got == [alone(served, p, max_new_tokens=n, do_sample=False) for p, n in zip(prompts, lengths)]
+    with served.client() as c:
+        stats = {e["model"]: e for e in c.get("/v1/batching").json()["data"]}
+    assert stats["tiny"]["max_rows"] > 1
+
+
+def test_bad_requests_get_openai_shaped_errors_naming_the_parameter(served):
+    with served.client() as c:
+        cases = [({"model": "nope", "prompt": "x"}, 404, "model", "model_not_found"),
+                 ({"model": "tiny", "prompt": "x", "temperature": 3}, 400, "temperature", "less_than_equal"),
+                 ({"model": "tiny", "prompt": "x", "n": 0}, 400, "n", "greater_than_equal"),
+                 ({"model": "tiny", "prompt": "x", "best_of": 4}, 400, "best_of", "literal_error"),
+                 ({"model": "tiny", "prompt": "x", "max_tokens": 200}, 400, "max_tokens", "context_length_exceeded"),
+                 ({"model": "tiny", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None),
+                 ({"model": "tiny", "prompt": [5, 400]}, 400, "prompt", None),
+                 ({"model": "tiny", "prompt": "x", "tools": []}, 400, "tools", "extra_forbidden"),
+                 ({"model": "tiny", "messages": []}, 400, "messages", "too_short"),
+                 ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400,
+                  "top_logprobs", None),
+                 ({"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role",
+                  "literal_error")]
+        for body, status, param, code in cases:
+            path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+            r = c.post(path, json=body)
+            error = r.json()["error"]
+            assert (r.status_code, error["param"], error["code"]) == (status, param, code), (body, r.text)
+            assert error["type"] == "invalid_request_error" and error["message"]
+
+    anonymous = openai.OpenAI(base_url=served.url + "/v1", api_key="wrong-token", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as e:
+        anonymous.models.list()
+    assert e.value.status_code == 401 and e.value.body["type"] == "authentication_error"
+    elsewhere = openai.OpenAI(base_url=served.url + "/v1", api_key=TOKEN, max_retries=0,
+                              default_headers={"Origin": "https://evil.example"})
+    with pytest.raises(openai.PermissionDeniedError) as e:
+        elsewhere.completions.create(model="tiny", prompt="x", max_tokens=2)
+    assert e.value.status_code == 403 and "another site" in e.value.body["message"]
