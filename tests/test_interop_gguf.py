@@ -9,6 +9,8 @@ import torch
 
 gguf = pytest.importorskip("gguf")
 
+from test_quant import TEXT, fit  # noqa: E402
+
 from lmlab.interop import export_gguf, permute_for_rope  # noqa: E402
 from lmlab.interop.gguf_export import gguf_tensors  # noqa: E402
 from lmlab.models import ModelConfig, Transformer, generate_ids  # noqa: E402
@@ -16,8 +18,6 @@ from lmlab.models.io import save_pretrained  # noqa: E402
 from lmlab.models.model import apply_rope, rope_tables  # noqa: E402
 from lmlab.tokenizers import Tokenizer  # noqa: E402
 
-TEXT = ("the cat sat on the mat. the dog sat on the log. a bird flew over the tree and sang a song. "
-        "the fox ran into the wood, and the cat ran after the fox. ") * 30
 STEPS = 32
 
 
@@ -25,16 +25,7 @@ def trained(family, tmp_path, steps=60, kind="bpe", **overrides):
     tok = Tokenizer.train([TEXT], kind=kind, vocab_size=300)
     cfg = ModelConfig.preset(f"{family}-tiny", vocab_size=tok.vocab_size + 3, block_size=128, **overrides)
     torch.manual_seed(0)
-    model = Transformer(cfg)
-    ids = torch.tensor(tok.encode(TEXT))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(steps):
-        starts = torch.randint(0, len(ids) - 33, (8,)).tolist()
-        batch = torch.stack([ids[s:s + 33] for s in starts])
-        loss = model(batch[:, :-1], batch[:, 1:]).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    model = fit(Transformer(cfg), tok, steps)
     return save_pretrained(tmp_path / f"lmlab-{family}", model.eval(), tok), model, tok
 
 
