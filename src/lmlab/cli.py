@@ -583,8 +583,9 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
     g = sub.add_parser("gguf", help="one GGUF file for llama.cpp (llama and gpt2 families, bpe tokenizers)")
     g.add_argument("model_dir", help="an lmlab model directory")
     g.add_argument("out_file", help="the .gguf file to write")
-    g.add_argument("--dtype", default="f32", choices=["f32", "f16", "q8_0"],
-                   help="weight type of the matrices (default f32; norms and biases stay f32)")
+    g.add_argument("--dtype", default="f32", choices=["f32", "f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"],
+                   help="weight type of the matrices (default f32; norms and biases stay f32); the plan printed "
+                        "shows each tensor's type, any fallback to f16 and why, and the bits per weight")
 
 
 @command("export", "export a model: lmlab export hf MODEL_DIR OUT_DIR | lmlab export gguf MODEL_DIR OUT.gguf",
@@ -596,7 +597,9 @@ def _export(args: argparse.Namespace) -> int:
             out = export_hf(args.model_dir, args.out_dir)
             print(f"wrote {out} (load with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}))")
         else:
-            out = export_gguf(args.model_dir, args.out_file, dtype=args.dtype)
+            plan = export_gguf(args.model_dir, args.out_file, dtype=args.dtype)
+            out = plan.path
+            print("\n".join(plan.lines()))
             print(f"wrote {out} ({args.dtype}, {out.stat().st_size / 2**20:.1f} MiB; run with llama.cpp: "
                   f"llama-cli -m {out})")
     except ImportError as exc:  # an optional dependency is missing: say which extra to install
