@@ -171,7 +171,7 @@ def _norm_params(m: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]
 
 def _transposed(m: torch.nn.Module) -> Any:
     if not isinstance(m, torch.nn.Linear):
-        return m  # a quantized linear (quant.py): its own int8/int4 kernel, called as it is
+        return m._prepared()[1]  # a quantized linear (quant.py): its int8/int4 kernel with the operands bound
     return m.weight.t().contiguous(), m.bias
 
 

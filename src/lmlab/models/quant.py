@@ -30,11 +30,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import configs
@@ -219,40 +221,46 @@ class QuantLinear(nn.Module):
         z = None if self.zeros is None else _expand(self.zeros[rows], self.group_size)
         return dequantize_columns(self.integers(rows), _expand(self.scales[rows], self.group_size), z, self.bits)
 
-    def _prepared(self) -> tuple[str, Any]:
-        """The kernel's operands (or the fallback's dequantised weight), built once per weight."""
+    def _prepared(self) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]]:
+        """(kind, fn): fn(x (M, in)) = x @ Ŵ.T + b, (M, out) in x's dtype, with the kernel's operands (or the
+        fallback's dequantised weight) built once per weight and bound; the Decoder calls fn directly."""
         w = self.qweight
         key = (w.data_ptr(), w._version, self.scales._version, w.device, QuantLinear.use_kernels)
         if self._cache[0] == key:
             return self._cache[1]
+        b, n, gs, bf16 = self.bias, self.out_features, self.group_size, torch.bfloat16
         if QuantLinear.use_kernels and w.device.type == "cpu" and kernels_available(self.bits):
+            kind = f"int{self.bits}"
             if self.bits == 8:
-                prepared = ("int8", (w, self.scales[:, 0].to(torch.bfloat16).contiguous()))
+                scales = self.scales[:, 0].to(bf16).contiguous()
+
+                def mm(x: torch.Tensor) -> torch.Tensor:
+                    return torch.ops.aten._weight_int8pack_mm(x.to(bf16), w, scales)
             else:
                 # the kernel wants rows in multiples of 16: pad with zero rows, sliced off after
-                pad = -self.out_features % 16
-                q = torch.nn.functional.pad(_unpack4(w).int(), (0, 0, 0, pad))
-                sz = torch.stack([self.scales, self.zeros], dim=-1).to(torch.bfloat16)  # (N, G, 2)
-                sz = torch.nn.functional.pad(sz, (0, 0, 0, 0, 0, pad)).transpose(0, 1).contiguous()
-                prepared = ("int4", (torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), sz))
+                pad = -n % 16
+                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(F.pad(_unpack4(w).int(), (0, 0, 0, pad)), 1)
+                sz = torch.stack([self.scales, self.zeros], dim=-1).to(bf16)               # (N, G, 2)
+                sz = F.pad(sz, (0, 0, 0, 0, 0, pad)).transpose(0, 1).contiguous()           # (G, N + pad, 2)
+
+                def mm(x: torch.Tensor) -> torch.Tensor:
+                    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(bf16), packed, gs, sz)
+                    return y[:, :n] if pad else y
+
+            def fn(x: torch.Tensor) -> torch.Tensor:  # bf16 + fp32 bias promotes: one op back to fp32
+                y = mm(x)
+                return (y if b is None else torch.add(y, b)).to(x.dtype)
         else:
-            prepared = ("fallback", self.dequantized().t().contiguous())
-        self._cache = (key, prepared)
-        return prepared
+            kind, wt = "fallback", self.dequantized().t().contiguous()
+
+            def fn(x: torch.Tensor) -> torch.Tensor:
+                w_x = wt.to(x.dtype)
+                return x @ w_x if b is None else torch.addmm(b.to(x.dtype), x, w_x)
+        self._cache = (key, (kind, fn))
+        return kind, fn
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kind, operands = self._prepared()
-        x2 = x.reshape(-1, self.in_features)
-        if kind == "fallback":
-            y = x2 @ operands.to(x.dtype)
-        elif kind == "int8":
-            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), *operands).to(x.dtype)
-        else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), operands[0], self.group_size,
-                                                           operands[1])[:, :self.out_features].to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.view(*x.shape[:-1], self.out_features)
+        return self._prepared()[1](x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, int{self.bits}, group_size={self.group_size}"
