@@ -210,4 +210,6 @@ def test_bad_input_is_refused_in_one_line(capsys, trained_dir):
     assert code == 2 and "is an lmlab int8/int4 model" in err, err
     code, _, err = run(capsys, "quantize", tmp / "q8", "--to", "int4", "--out", tmp / "q4")
     assert code == 2 and "already quantized" in err, err
+    code, _, err = run(capsys, "train", tmp / "book.txt", "--init", tmp / "q8", "--out", tmp / "run", "--max-steps", 1)
+    assert code == 2 and "is an int8/int4 model, which cannot train" in err and not (tmp / "run").exists(), err
     assert not list(tmp.glob(".*.tmp"))

@@ -303,7 +303,10 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 def apply_quantization(model: nn.Module, qc: QuantConfig) -> nn.Module:
     """Give `model` empty quantized linears where `qc` names them (for loading a quantized directory)."""
     for name in qc.modules:
-        linear = model.get_submodule(name)
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            linear = None
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"quantization.json names {name}, which is not a linear layer of this model")
         q = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, qc.bits, qc.group_size)
