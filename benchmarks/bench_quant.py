@@ -95,6 +95,7 @@ def main() -> None:
     s = sub.add_parser("speed")
     s.add_argument("--repeats", type=int, default=5)
     s.add_argument("--new-tokens", type=int, default=128)
+    s.add_argument("--threads", type=int, help="torch's and llama.cpp's threads (default: torch's default)")
     q = sub.add_parser("ppl")
     q.add_argument("model_dir")
     q.add_argument("held_out", nargs="+")
@@ -103,6 +104,9 @@ def main() -> None:
     if args.what == "ppl":
         perplexities(args.model_dir, args.held_out, args.calibration)
         return
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"{torch.get_num_threads()} threads")
     tps = bench_speed(ModelConfig.preset("gpt2-124m"), "gpt2-124m shape", args.repeats, args.new_tokens, peers=True)
     for name, target in (("int8", 1.8), ("int4 g32", 2.5)):
         print(f"    {name} vs fp32: {tps[name] / tps['fp32']:.2f}x (target >= {target}): "

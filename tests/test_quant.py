@@ -38,8 +38,14 @@ def quant_linear(bits, group_size, n_out=40, n_in=256):
     return linear, QuantLinear.from_quantized(linear, *rtn(linear.weight, bits, group_size), bits, group_size)
 
 
+@pytest.fixture
+def kernels_for_all_sizes(monkeypatch):
+    """The test models are small enough that every linear would take the dequantised fp32 path."""
+    monkeypatch.setattr(QuantLinear, "kernel_min_weights", 0)
+
+
 @pytest.mark.parametrize("bits,group_size", FORMATS)
-def test_matmuls_equal_a_dequantised_fp32_reference(bits, group_size):
+def test_matmuls_equal_a_dequantised_fp32_reference(bits, group_size, kernels_for_all_sizes):
     """The kernels take bf16 activations and return bf16 outputs (fp32 accumulation): against
     x_bf16 @ Ŵ.T in fp32 each output is within 2^-8 of its magnitude (one bf16 rounding) plus 1e-3 of the
     largest output. The fallback (a cached dequantised weight, fp32 throughout) equals it to fp32 rounding."""
@@ -62,10 +68,13 @@ def test_matmuls_equal_a_dequantised_fp32_reference(bits, group_size):
         assert ((y - reference).abs() <= tol).all(), float((y - reference).abs().max())
         QuantLinear.use_kernels = False
         try:
-            assert q._prepared()[0] == "fallback"
+            assert q._prepared()[0] == "dequantised"
             torch.testing.assert_close(q(x), exact, rtol=1e-5, atol=1e-5)
         finally:
             QuantLinear.use_kernels = True
+        QuantLinear.kernel_min_weights = 40 * 256 + 1  # one weight more than this layer has
+        assert q._prepared()[0] == "dequantised"
+        torch.testing.assert_close(q(x), exact, rtol=1e-5, atol=1e-5)
 
 
 def test_gptq_beats_round_to_nearest_on_layer_output_error():
@@ -123,7 +132,7 @@ def run(capsys, *argv):
 
 @pytest.mark.parametrize("argv", [["--to", "int8"], ["--to", "int4", "--group-size", "64", "--keep-head"],
                                   ["--to", "int4", "--method", "gptq", "--calibration", "BOOK"]])
-def test_a_quantized_model_saves_loads_and_generates(capsys, trained_dir, argv):
+def test_a_quantized_model_saves_loads_and_generates(capsys, trained_dir, argv, kernels_for_all_sizes):
     src, tmp = trained_dir
     out = tmp / "-".join(a.strip("-") for a in argv if "BOOK" not in a)
     argv = [str(tmp / "book.txt") if a == "BOOK" else a for a in argv]
@@ -161,7 +170,7 @@ def test_a_quantized_model_saves_loads_and_generates(capsys, trained_dir, argv):
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 @pytest.mark.parametrize("bits,group_size,keep", [(8, None, False), (4, 32, False), (4, 32, True)])
-def test_the_fast_decoder_runs_the_quantized_model(family, bits, group_size, keep):
+def test_the_fast_decoder_runs_the_quantized_model(family, bits, group_size, keep, kernels_for_all_sizes):
     """Decoder steps (the batch-1 generation path, where speed is measured) give the full forward's logits
     at every position, left-padded batches included; without the quantized linears in the Decoder it
     would read fp32 weights the model no longer has."""

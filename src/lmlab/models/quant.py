@@ -11,9 +11,9 @@ integers are chosen against the rounded scales, so the dequantised weight is exa
 The matmuls run on PyTorch's own CPU kernels (`aten::_weight_int8pack_mm`, `aten::_weight_int4pack_mm_for_cpu`,
 as torchchat does), which read 1 or 0.5 bytes per weight instead of 4; both are fast only with bf16
 activations (their fp32 path is several times slower than fp32 sgemv), so a quantized linear rounds its input
-and output to bf16. Where a kernel is missing (another device, an older torch) the fallback is a plain matmul
-with a dequantised weight built once and cached, never dequantising per call (torchao's eager path, slower
-than fp32 on CPU).
+and output to bf16. Where a kernel is missing (another device, an older torch), and for matrices small enough
+to stay in cache (QuantLinear.kernel_min_weights), the fallback is a plain matmul with a dequantised weight
+built once and cached, never dequantising per call (torchao's eager path, slower than fp32 on CPU).
 
 method "gptq" is GPTQ (Frantar et al. 2022, https://arxiv.org/abs/2210.17323) in its plain form: each
 linear's Hessian H = 2/n X^T X from calibration activations (every linear's inputs collected in one pass of
@@ -186,6 +186,11 @@ class QuantLinear(nn.Module):
     """nn.Linear with an int8 (per row) or int4 (per group) weight; forward is x @ Ŵ.T + b."""
 
     use_kernels = True  # False: the fallback everywhere (tests compare the two)
+    # Below this many weights a matrix runs as an fp32 matmul on its dequantised weight, cached (at most
+    # 1 MiB): such a matrix stays in cache, so reading fewer bytes gains nothing, and the kernels' fixed
+    # cost (casting to bf16 and back) made the tiny preset decode at half the fp32 speed. Measured at batch
+    # 1 on one thread, the int8 kernel overtakes fp32 sgemv near 2^18 weights (768x384: 1.1x, 256x64: 0.4x).
+    kernel_min_weights = 2**18
 
     def __init__(self, in_features: int, out_features: int, bias: bool, bits: int, group_size: int | None) -> None:
         super().__init__()
@@ -225,11 +230,13 @@ class QuantLinear(nn.Module):
         """(kind, fn): fn(x (M, in)) = x @ Ŵ.T + b, (M, out) in x's dtype, with the kernel's operands (or the
         fallback's dequantised weight) built once per weight and bound; the Decoder calls fn directly."""
         w = self.qweight
-        key = (w.data_ptr(), w._version, self.scales._version, w.device, QuantLinear.use_kernels)
+        key = (w.data_ptr(), w._version, self.scales._version, w.device, QuantLinear.use_kernels,
+               QuantLinear.kernel_min_weights)
         if self._cache[0] == key:
             return self._cache[1]
         b, n, gs, bf16 = self.bias, self.out_features, self.group_size, torch.bfloat16
-        if QuantLinear.use_kernels and w.device.type == "cpu" and kernels_available(self.bits):
+        if (QuantLinear.use_kernels and w.device.type == "cpu" and kernels_available(self.bits)
+                and self.in_features * n >= QuantLinear.kernel_min_weights):
             kind = f"int{self.bits}"
             if self.bits == 8:
                 scales = self.scales[:, 0].to(bf16).contiguous()
@@ -251,7 +258,7 @@ class QuantLinear(nn.Module):
                 y = mm(x)
                 return (y if b is None else torch.add(y, b)).to(x.dtype)
         else:
-            kind, wt = "fallback", self.dequantized().t().contiguous()
+            kind, wt = "dequantised", self.dequantized().t().contiguous()
 
             def fn(x: torch.Tensor) -> torch.Tensor:
                 w_x = wt.to(x.dtype)
