@@ -72,9 +72,12 @@ def test_matmuls_equal_a_dequantised_fp32_reference(bits, group_size, kernels_fo
             torch.testing.assert_close(q(x), exact, rtol=1e-5, atol=1e-5)
         finally:
             QuantLinear.use_kernels = True
+        rows = torch.tensor([5, 0, 39, 5])  # a tied embedding's lookups, from the packed weight...
+        torch.testing.assert_close(q.rows(rows), w_hat[rows], rtol=0, atol=0)
         QuantLinear.kernel_min_weights = 40 * 256 + 1  # one weight more than this layer has
         assert q._prepared()[0] == "dequantised"
         torch.testing.assert_close(q(x), exact, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(q.rows(rows), w_hat[rows], rtol=0, atol=0)  # ... and from the cached table
 
 
 def test_gptq_beats_round_to_nearest_on_layer_output_error():
@@ -170,10 +173,14 @@ def test_a_quantized_model_saves_loads_and_generates(capsys, trained_dir, argv, 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 @pytest.mark.parametrize("bits,group_size,keep", [(8, None, False), (4, 32, False), (4, 32, True)])
-def test_the_fast_decoder_runs_the_quantized_model(family, bits, group_size, keep, kernels_for_all_sizes):
+@pytest.mark.parametrize("kernels", [True, False])
+def test_the_fast_decoder_runs_the_quantized_model(family, bits, group_size, keep, kernels, monkeypatch):
     """Decoder steps (the batch-1 generation path, where speed is measured) give the full forward's logits
-    at every position, left-padded batches included; without the quantized linears in the Decoder it
-    would read fp32 weights the model no longer has."""
+    at every position, left-padded batches included, on the kernels and on the cached dequantised weights
+    of small matrices; without the quantized linears in the Decoder it would read fp32 weights the model no
+    longer has."""
+    if kernels:
+        monkeypatch.setattr(QuantLinear, "kernel_min_weights", 0)
     kv = {"n_kv_head": 2} if family == "llama" else {}
     cfg = ModelConfig.preset(f"{family}-tiny", vocab_size=301, block_size=64, **kv)
     model, _, _ = quantize_model(Transformer(cfg).eval(), bits, group_size, keep_head=keep)

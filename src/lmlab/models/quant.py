@@ -202,7 +202,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("scales", torch.ones(out_features, groups, dtype=torch.bfloat16))
         self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.bfloat16) if bits == 4 else None)
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        self._cache: tuple[Any, Any] = (None, None)
+        self._cache: tuple[Any, ...] = (None, None, None)
 
     @classmethod
     def from_quantized(cls, linear: nn.Linear, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
@@ -261,10 +261,17 @@ class QuantLinear(nn.Module):
             kind, wt = "dequantised", self.dequantized().t().contiguous()
 
             def fn(x: torch.Tensor) -> torch.Tensor:
-                w_x = wt.to(x.dtype)
-                return x @ w_x if b is None else torch.addmm(b.to(x.dtype), x, w_x)
-        self._cache = (key, (kind, fn))
+                if x.dtype != wt.dtype:
+                    return x @ wt.to(x.dtype) if b is None else torch.addmm(b.to(x.dtype), x, wt.to(x.dtype))
+                return torch.mm(x, wt) if b is None else torch.addmm(b, x, wt)
+        self._cache = (key, (kind, fn), wt if kind == "dequantised" else None)
         return kind, fn
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Ŵ[idx] (a tied embedding's lookups): from the cached dequantised weight where there is one."""
+        self._prepared()
+        table = self._cache[2]
+        return self.dequantized(idx) if table is None else table.t()[idx]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._prepared()[1](x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
@@ -282,7 +289,15 @@ class QuantEmbedding(nn.Module):
         self.__dict__["head"] = head  # not a submodule: its buffers belong to lm_head
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.head.dequantized(idx.reshape(-1)).view(*idx.shape, self.head.in_features)
+        return self.head.rows(idx.reshape(-1)).view(*idx.shape, self.head.in_features)
+
+    def lookup(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """ids (B,) -> rows (B, C), for the Decoder: a small head's dequantised table is indexed directly
+        (a contiguous copy, at most 1 MiB), as an fp32 embedding would be."""
+        head = self.head
+        if head.in_features * head.out_features < QuantLinear.kernel_min_weights:
+            return head.dequantized().__getitem__
+        return head.rows
 
 
 # ---- whole models ---------------------------------------------------------------------------------
