@@ -126,9 +126,10 @@ def decode_bytes_per_token(model: Transformer, context: float) -> tuple[int, int
 
 # ---- 1. generation --------------------------------------------------------------------------------
 
-def llama_cpp_greedy(model: Transformer, prompt: list[int], workdir: Path) -> Callable[[], list[int]] | None:
+def llama_cpp_greedy(model: Transformer, prompt: list[int], workdir: Path, dtype: str = "f32",
+                     new_tokens: int = NEW_TOKENS) -> Callable[[], list[int]] | None:
     """Greedy decoding of the same weights in llama.cpp (llama-cpp-python, when installed), from lmlab's GGUF
-    f32 export: a C++ engine's speed on this CPU, for scale. None without llama_cpp."""
+    export at `dtype`: a C++ engine's speed on this CPU, for scale. None without llama_cpp."""
     try:
         import llama_cpp
     except ImportError:
@@ -141,8 +142,9 @@ def llama_cpp_greedy(model: Transformer, prompt: list[int], workdir: Path) -> Ca
 
     # the export embeds a tokenizer; ids are fed directly, so any small one will do
     tok = Tokenizer.train(["the cat sat on the mat. " * 20], kind="bpe", vocab_size=300)
-    path = export_gguf(save_pretrained(workdir / "model", model, tok), workdir / "model.gguf", dtype="f32")
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=PROMPT_LEN + NEW_TOKENS, n_threads=torch.get_num_threads(),
+    path = export_gguf(save_pretrained(workdir / "model", model, tok), workdir / f"model-{dtype}.gguf",
+                       dtype=dtype).path
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=PROMPT_LEN + new_tokens, n_threads=torch.get_num_threads(),
                           verbose=False)
     vocab = (llm.n_vocab(),)
 
@@ -150,7 +152,7 @@ def llama_cpp_greedy(model: Transformer, prompt: list[int], workdir: Path) -> Ca
         llm.reset()
         llm.eval(prompt)
         out: list[int] = []
-        for _ in range(NEW_TOKENS):  # the last position's logits (llama.cpp keeps no others here)
+        for _ in range(new_tokens):  # the last position's logits (llama.cpp keeps no others here)
             out.append(int(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=vocab).argmax()))
             llm.eval(out[-1:])
         return out

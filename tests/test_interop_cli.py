@@ -75,7 +75,7 @@ def test_export_errors(capsys, model_dir, tmp_path):
           tmp_path / "x.gguf")
     assert not (tmp_path / "out").exists()
     with pytest.raises(SystemExit):  # argparse rejects an unknown dtype itself (exit code 2)
-        main(["export", "gguf", str(model_dir), str(tmp_path / "x.gguf"), "--dtype", "q4_0"])
+        main(["export", "gguf", str(model_dir), str(tmp_path / "x.gguf"), "--dtype", "q4_k"])
 
 
 def test_import_errors(capsys, model_dir, tmp_path):

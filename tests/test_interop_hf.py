@@ -206,7 +206,7 @@ def test_foreign_vocabulary_exports_to_gguf_with_its_own_specials(tmp_path):
     from lmlab.interop import export_gguf
 
     hf, fast = gpt2_style_checkpoint(tmp_path / "gpt2")
-    path = export_gguf(import_hf(tmp_path / "gpt2", tmp_path / "lmlab"), tmp_path / "gpt2.gguf")
+    path = export_gguf(import_hf(tmp_path / "gpt2", tmp_path / "lmlab"), tmp_path / "gpt2.gguf").path
     fields = {k: f.contents() for k, f in gguf.GGUFReader(path).fields.items() if k.startswith("tokenizer.")}
     eot = fast.eos_token_id
     assert fields["tokenizer.ggml.tokens"][:4] == ["!", '"', "#", "$"]

@@ -589,8 +589,9 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
     g = sub.add_parser("gguf", help="one GGUF file for llama.cpp (llama and gpt2 families, bpe tokenizers)")
     g.add_argument("model_dir", help="an lmlab model directory")
     g.add_argument("out_file", help="the .gguf file to write")
-    g.add_argument("--dtype", default="f32", choices=["f32", "f16", "q8_0"],
-                   help="weight type of the matrices (default f32; norms and biases stay f32)")
+    g.add_argument("--dtype", default="f32", choices=["f32", "f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"],
+                   help="weight type of the matrices (default f32; norms and biases stay f32); the plan printed "
+                        "shows each tensor's type, any fallback to f16 and why, and the bits per weight")
 
 
 @command("export", "export a model: lmlab export hf MODEL_DIR OUT_DIR | lmlab export gguf MODEL_DIR OUT.gguf",
@@ -602,7 +603,9 @@ def _export(args: argparse.Namespace) -> int:
             out = export_hf(args.model_dir, args.out_dir)
             print(f"wrote {out} (load with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}))")
         else:
-            out = export_gguf(args.model_dir, args.out_file, dtype=args.dtype)
+            plan = export_gguf(args.model_dir, args.out_file, dtype=args.dtype)
+            out = plan.path
+            print("\n".join(plan.lines()))
             print(f"wrote {out} ({args.dtype}, {out.stat().st_size / 2**20:.1f} MiB; run with llama.cpp: "
                   f"llama-cli -m {out})")
     except ImportError as exc:  # an optional dependency is missing: say which extra to install
@@ -626,6 +629,47 @@ def _import(args: argparse.Namespace) -> int:
     else:
         print(f"wrote {out}; its tokenizer does not put <PAD> <UNK> <BOS> <EOS> at ids 0-3, so it is kept "
               f"unchanged in {out / 'hf_tokenizer'} (used by lmlab export; see docs/interop.md)")
+    return 0
+
+
+# ---- quantize ---------------------------------------------------------------------------------------
+
+def _quantize_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_dir", help="the model directory to quantize (it is left as it is)")
+    p.add_argument("--to", required=True, metavar="FORMAT",
+                   help="int8 (one scale per output row) or int4 (a scale and a zero per group of columns)")
+    p.add_argument("--out", required=True, help="the NEW model directory to write (refused if it exists)")
+    p.add_argument("--group-size", type=int, help="int4: input columns per group, 32, 64 or 128 (32)")
+    p.add_argument("--method", default="rtn", metavar="METHOD",
+                   help="rtn (round to nearest, default) or gptq (error feedback on calibration text)")
+    p.add_argument("--calibration", nargs="+", metavar="BOOKS", help="gptq: books (files, folders or globs)")
+    p.add_argument("--calibration-tokens", type=int, default=32768, help="gptq: tokens of calibration text (32768)")
+    p.add_argument("--keep-head", action="store_true", help="keep the output head (and a tied embedding) in fp32")
+
+
+@command("quantize", "int8/int4 weight-only quantization: lmlab quantize MODEL_DIR --to int8|int4 --out DIR",
+         _quantize_arguments)
+def _quantize(args: argparse.Namespace) -> int:
+    from .models.io import WEIGHTS
+    from .models.quant import FORMATS, METHODS, quantize_dir
+
+    if args.to not in FORMATS:
+        raise ValueError(f"--to {args.to!r} is not a format; choose {' or '.join(FORMATS)}")
+    if args.method not in METHODS:
+        raise ValueError(f"--method {args.method!r} is not a method; choose {' or '.join(METHODS)}")
+    if args.to == "int8" and args.group_size is not None:
+        raise ValueError("--group-size is for int4; int8 has one scale per output row")
+    group_size = args.group_size or 32 if args.to == "int4" else None
+    out, qc, stats = quantize_dir(args.model_dir, args.out, FORMATS[args.to], group_size, method=args.method,
+                                  keep_head=args.keep_head, calibration=args.calibration,
+                                  calibration_tokens=args.calibration_tokens)
+    source, written = Path(args.model_dir) / WEIGHTS, out / WEIGHTS
+    how = f"{args.to}" + (f" g{qc.group_size}" if qc.group_size else "") + f" {qc.method}"
+    print(f"wrote {out} ({how}; {len(qc.modules)} linears quantized, head {'fp32' if args.keep_head else args.to}; "
+          f"{written.stat().st_size / 2**20:.1f} MiB from {source.stat().st_size / 2**20:.1f} MiB)")
+    if stats:
+        rtn, gptq = sum(s["rtn"] for s in stats.values()), sum(s["gptq"] for s in stats.values())
+        print(f"layer output error on the calibration text: rtn {rtn:.4g}, gptq {gptq:.4g} ({gptq / rtn:.2f}x)")
     return 0
 
 

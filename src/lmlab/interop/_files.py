@@ -21,6 +21,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from ..files import atomic_path, fix_modes
 from ..models import Transformer
 from ..models.io import CONFIG, TOKENIZER, WEIGHTS, load_pretrained
+from ..models.quant import QUANTIZATION
 from ..tokenizers import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
 
 HF_TOKENIZER_DIR = "hf_tokenizer"     # a foreign tokenizer, as transformers saved it
@@ -91,6 +92,9 @@ def read_hf_tokenizer_files(folder: Path) -> tuple[HFTokenizer, dict[str, str], 
 def load_model_dir(path: str | Path) -> ModelDir:
     """Load a model directory for export; it must carry a tokenizer that fits the model."""
     path = Path(path)
+    if (path / QUANTIZATION).is_file():
+        raise ValueError(f"{path} is an lmlab int8/int4 model; export the model it was quantized from "
+                         f"(see {QUANTIZATION}: source)")
     model, tok = load_pretrained(path)  # FileNotFoundError / ValueError with a clear message
     template_file = path / CHAT_TEMPLATE
     template = template_file.read_text(encoding="utf-8") if template_file.is_file() else None

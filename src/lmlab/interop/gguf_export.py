@@ -13,7 +13,9 @@ the HF export would give.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ from ..models import ModelConfig
 from ._files import ModelDir, load_model_dir, staged_file
 from .hf_mapping import hf_config_dict
 
-DTYPES = ("f32", "f16", "q8_0")
+DTYPES = ("f32", "f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
 GGUF_ARCHITECTURES = {"llama": "llama", "gpt2": "gpt2"}
 
 
@@ -78,13 +80,60 @@ def gguf_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, 
     return out
 
 
-def _tensor_type(gguf: Any, name: str, array: np.ndarray, dtype: str) -> Any:
-    """convert_hf_to_gguf.py's rule: 1-D tensors, norms and position embeddings stay F32; matrices take
-    the requested type."""
+@dataclass(frozen=True)
+class TensorPlan:
+    name: str                 # llama.cpp's tensor name
+    shape: tuple[int, ...]    # (rows, values per row), numpy order
+    type: str                 # the type written: f32, f16, q8_0, q4_0, ...
+    note: str                 # why it is not the requested type ("" when it is)
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class GGUFPlan:
+    """What export_gguf writes (or would write): every tensor's type, each fallback and why, the achieved
+    bits per weight. A block type quantizes runs of 32 values along a row; rows of another length cannot be
+    cut into blocks and fall back to f16 (llama.cpp's converter does the same), which costs bits: printing it
+    is how a model that silently ended at many more bits per weight than asked for is caught."""
+    dtype: str
+    tensors: tuple[TensorPlan, ...]
+    path: Path | None = None  # the file, once written
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * sum(t.nbytes for t in self.tensors) / sum(int(np.prod(t.shape)) for t in self.tensors)
+
+    @property
+    def fallbacks(self) -> list[TensorPlan]:
+        return [t for t in self.tensors if t.note.startswith("fallback")]
+
+    def lines(self) -> list[str]:
+        width = max(len(t.name) for t in self.tensors)
+        rows = [f"{t.name:<{width}}  {'x'.join(map(str, t.shape)):>12}  {t.type:<5} {t.note}".rstrip()
+                for t in self.tensors]
+        return rows + [f"{len(self.tensors)} tensors, {len(self.fallbacks)} fallbacks; {self.dtype} requested, "
+                       f"{self.bits_per_weight:.3f} bits per weight overall"]
+
+
+def gguf_plan(tensors: dict[str, np.ndarray], dtype: str) -> GGUFPlan:
+    """The type of each tensor. convert_hf_to_gguf.py's rule: 1-D tensors, norms and position embeddings stay
+    f32; matrices take the requested type, or f16 where their rows are not whole blocks of the type."""
+    gguf = _gguf()
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype ({dtype!r}) must be one of {', '.join(DTYPES)}")
     T = gguf.GGMLQuantizationType
-    if array.ndim <= 1 or name.endswith("_norm.weight") or name.startswith("position_embd"):
-        return T.F32
-    return {"f32": T.F32, "f16": T.F16, "q8_0": T.Q8_0}[dtype]
+    plan = []
+    for name, array in tensors.items():
+        wanted, note = T[dtype.upper()], ""
+        if array.ndim <= 1 or name.endswith("_norm.weight") or name.startswith("position_embd"):
+            wanted, note = T.F32, ("kept f32 (1-D)" if array.ndim <= 1 else "kept f32 (as llama.cpp's converter)")
+        block = gguf.GGML_QUANT_SIZES[wanted][0]
+        if array.shape[-1] % block:
+            note = f"fallback: rows of {array.shape[-1]} values are not whole blocks of {block}"
+            wanted = T.F16
+        nbytes = int(np.prod(gguf.quant_shape_to_byte_shape(array.shape, wanted)))
+        plan.append(TensorPlan(name, tuple(array.shape), wanted.name.lower(), note, nbytes))
+    return GGUFPlan(dtype, tuple(plan))
 
 
 def _vocab(md: ModelDir, vocab_size: int) -> tuple[list[str], list[int], list[str]]:
@@ -115,10 +164,11 @@ def _vocab(md: ModelDir, vocab_size: int) -> tuple[list[str], list[int], list[st
     return tokens, [int(t) for t in types], merges
 
 
-def export_gguf(model_dir: str | Path, out_path: str | Path, *, dtype: str = "f32") -> Path:
-    """Write `model_dir` as one GGUF file that llama.cpp loads, tokenizer included. dtype: f32, f16 or
-    q8_0 (8-bit blocks of 32 with one f16 scale; matrices whose rows are not a multiple of 32 fall back
-    to f16, as llama.cpp's converter does)."""
+def export_gguf(model_dir: str | Path, out_path: str | Path, *, dtype: str = "f32") -> GGUFPlan:
+    """Write `model_dir` as one GGUF file that llama.cpp loads, tokenizer included -> its plan (with `path`).
+    dtype: f32, f16, or a block type of llama.cpp (blocks of 32 values along a row): q8_0 (8-bit, one f16
+    scale), q5_1 / q4_1 (5 / 4 bits with an f16 scale and minimum), q5_0 / q4_0 (5 / 4 bits, one f16 scale).
+    Matrices whose rows are not a multiple of 32 fall back to f16, as llama.cpp's converter does."""
     gguf = _gguf()
     if dtype not in DTYPES:
         raise ValueError(f"dtype ({dtype!r}) must be one of {', '.join(DTYPES)}")
@@ -130,9 +180,9 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, *, dtype: str = "f3
     hf_config_dict(cfg)  # ValueError for switches the standard architecture lacks (llama.cpp would misread them)
     tokens, types, merges = _vocab(md, cfg.vocab_size)
     state = {k: v.detach().to("cpu", torch.float32) for k, v in md.model.state_dict().items()}
-    tensors = gguf_tensors(state, cfg)
-    file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                 "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
+    tensors = {name: t.contiguous().numpy() for name, t in gguf_tensors(state, cfg).items()}
+    plan = gguf_plan(tensors, dtype)
+    file_type = gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType[f"MOSTLY_{dtype.upper()}"]
 
     def write(tmp: Path) -> None:
         w = gguf.GGUFWriter(tmp, GGUF_ARCHITECTURES[cfg.family])
@@ -168,18 +218,12 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, *, dtype: str = "f3
             end = md.tokenizer.token_to_id("<|end|>")  # lmlab's end of turn (lmlab.tune.chat.END)
             if end is not None and "<|end|>" in md.chat_template:
                 w.add_eot_token_id(end)  # llama.cpp's chat stops a reply there, not only at <EOS>
-        for name, tensor in tensors.items():
-            array = tensor.contiguous().numpy()
-            qtype = _tensor_type(gguf, name, array, dtype)
-            try:
-                data = gguf.quants.quantize(array, qtype)
-            except gguf.QuantError:  # rows not a multiple of the block size
-                qtype = gguf.GGMLQuantizationType.F16
-                data = gguf.quants.quantize(array, qtype)
-            w.add_tensor(name, data, raw_dtype=qtype)
+        for t in plan.tensors:
+            qtype = gguf.GGMLQuantizationType[t.type.upper()]
+            w.add_tensor(t.name, gguf.quants.quantize(tensors[t.name], qtype), raw_dtype=qtype)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
 
-    return staged_file(Path(out_path), write)
+    return dataclasses.replace(plan, path=staged_file(Path(out_path), write))

@@ -169,11 +169,15 @@ def _norm_params(m: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]
     return m.weight, getattr(m, "bias", None)  # RMSNorm and LayerNorm(bias=False) have none
 
 
-def _transposed(m: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _transposed(m: torch.nn.Module) -> Any:
+    if not isinstance(m, torch.nn.Linear):
+        return m._prepared()[1]  # a quantized linear (quant.py): its int8/int4 kernel with the operands bound
     return m.weight.t().contiguous(), m.bias
 
 
-def _linear_t(x: torch.Tensor, wb: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+def _linear_t(x: torch.Tensor, wb: Any) -> torch.Tensor:
+    if not isinstance(wb, tuple):
+        return wb(x)
     wt, b = wb
     return torch.mm(x, wt) if b is None else torch.addmm(b, x, wt)
 
@@ -194,7 +198,7 @@ register_optimizer_step_post_hook(_count_step)
 def _weights_key(model: Transformer) -> tuple[Any, ...]:
     """Changes when any weight is replaced or modified in place: the version counter moves with in-place writes
     (load_state_dict, `p.mul_()`, the unfused optimizers), and any optimizer step in the process counts."""
-    return (_optimizer_steps, *((p.data_ptr(), p._version) for p in model.parameters()))
+    return (_optimizer_steps, *((p.data_ptr(), p._version) for p in (*model.parameters(), *model.buffers())))
 
 
 class Decoder:
@@ -215,9 +219,10 @@ class Decoder:
             self.layers = [_Layer(_norm_params(b.norm1), _transposed(b.attn.qkv), _transposed(b.attn.proj),
                                   _norm_params(b.norm2), _transposed(b.mlp.fc), _transposed(b.mlp.proj))
                            for b in model.blocks]
-            self.head = model.lm_head.weight.t().contiguous()                # (C, vocab)
+            self.head = _transposed(model.lm_head)                           # (C, vocab), no bias
         self.final = _norm_params(model.norm_f) if model.norm_f is not None else None
-        self.tok_emb = model.tok_emb.weight
+        emb = model.tok_emb  # a QuantEmbedding (quant.py) reads rows of the quantized head
+        self.tok_emb = emb.weight.__getitem__ if isinstance(emb, torch.nn.Embedding) else emb.lookup()
         self.pos_emb = model.pos_emb.weight if model.pos_emb is not None else None
         self.rope = (model.rope_cos, model.rope_sin) if cfg.pos_encoding == "rope" else None
 
@@ -240,7 +245,7 @@ class Decoder:
             return F.layer_norm(x, (C,), wb[0], wb[1], eps)
 
         at = pos if position_ids is None else position_ids[:, -1]           # int, or (B,) per row
-        x = self.tok_emb[idx[:, 0]]                                          # (B, C)
+        x = self.tok_emb(idx[:, 0])                                          # (B, C)
         if self.pos_emb is not None:
             x = x + self.pos_emb[at]
         if self.rope is not None:
@@ -281,7 +286,7 @@ class Decoder:
         cache.length += 1
         if self.final is not None:
             x = norm(x, self.final)
-        return torch.mm(x, self.head)                                        # (B, vocab)
+        return _linear_t(x, self.head)                                       # (B, vocab)
 
 
 # Decoders of models that generate again and again (the server's loaded models), kept between calls: building

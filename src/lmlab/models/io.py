@@ -1,4 +1,5 @@
-"""The model directory: config.json + model.safetensors + tokenizer.json (+ generation.json, training.json).
+"""The model directory: config.json + model.safetensors + tokenizer.json (+ generation.json, training.json,
+quantization.json).
 
 Loading executes no code: JSON and safetensors only, never pickle.
 """
@@ -18,6 +19,7 @@ from ..tokenizers import Tokenizer
 from .config import ModelConfig
 from .generation import GenerationConfig
 from .model import Transformer
+from .quant import QUANTIZATION, QuantConfig, apply_quantization
 
 CONFIG, WEIGHTS, TOKENIZER, GENERATION, TRAINING = (
     "config.json", "model.safetensors", "tokenizer.json", "generation.json", "training.json")
@@ -54,6 +56,8 @@ def load_pretrained(path: str | Path, *, device: str | torch.device = "cpu",
             raise FileNotFoundError(f"{path} is not a model directory: {name} is missing")
     config = ModelConfig.load(path / CONFIG)
     model = Transformer(config)
+    if (path / QUANTIZATION).is_file():  # int8/int4 linears (quant.py) in place of nn.Linear
+        apply_quantization(model, QuantConfig.load(path / QUANTIZATION))
     try:
         missing, unexpected = load_model(model, path / WEIGHTS, strict=False, device=str(device))
     except (SafetensorError, OSError) as exc:

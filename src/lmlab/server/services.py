@@ -801,7 +801,7 @@ def export_response(state: AppState, name: str, fmt: str, dtype: str, run_id: in
             out = export_hf(path, tmp / name)
             files = [f for f in sorted(out.rglob("*")) if f.is_file()]
         else:
-            out = export_gguf(path, tmp / f"{name}.gguf", dtype=dtype)
+            out = export_gguf(path, tmp / f"{name}.gguf", dtype=dtype).path
     except ImportError as exc:  # an optional dependency of the exporter is missing
         shutil.rmtree(tmp, ignore_errors=True)
         raise HTTPException(409, f"{fmt} export is not available on this server: {exc}") from None

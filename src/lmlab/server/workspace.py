@@ -230,7 +230,8 @@ def book_text(ws: Workspace, name: str, chars: int = 0, **limits: float) -> tupl
 
 # ---- model directories ------------------------------------------------------------------------------
 
-MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "generation.json", "training.json")
+MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "generation.json", "training.json",
+               "quantization.json")
 
 
 class ZipSink(io.RawIOBase):
