@@ -170,7 +170,9 @@ def _norm_params(m: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]
 
 
 def _transposed(m: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
-    return m.weight.t().contiguous(), m.bias
+    # a LoRA layer (tune/lora.py) applies W + its low-rank update unless that is merged into W already
+    weight = m.effective_weight() if hasattr(m, "effective_weight") else m.weight
+    return weight.t().contiguous(), m.bias
 
 
 def _linear_t(x: torch.Tensor, wb: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
