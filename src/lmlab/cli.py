@@ -308,8 +308,8 @@ def add_lora_arguments(p: argparse.ArgumentParser) -> None:
     """The LoRA flags, PEFT's LoraConfig fields (r, lora_alpha, lora_dropout, target_modules) by name."""
     g = p.add_argument_group("LoRA: train low-rank adapters on the frozen model instead of all its weights")
     g.add_argument("--lora-rank", type=int, metavar="R", help="adapter rank r; LoRA is on when given (e.g. 8)")
-    g.add_argument("--lora-alpha", type=float, help="the update is scaled by alpha / r (default 2 * r)")
-    g.add_argument("--lora-dropout", type=float, help="dropout on the adapters' input (default 0)")
+    g.add_argument("--lora-alpha", type=float, metavar="ALPHA", help="the update is scaled by alpha / r (default 2r)")
+    g.add_argument("--lora-dropout", type=float, metavar="P", help="dropout on the adapters' input (default 0)")
     g.add_argument("--lora-targets", metavar="NAMES",
                    help="comma list of modules as named in the HF export, as PEFT's target_modules: q_proj, k_proj, "
                         "v_proj, o_proj, gate_proj, up_proj, down_proj (llama); c_attn, c_proj, c_fc (gpt2, gpt); "
