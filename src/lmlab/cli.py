@@ -243,6 +243,7 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--weight", action="append", default=[], metavar="NAME=W", help="document sampling weight")
     p.add_argument("--eval-tasks", help="comma list of tasks (files or shipped names) scored at every evaluation; "
                    "their metrics join metrics.jsonl as TASK/METRIC (give it again on --resume)")
+    add_lora_arguments(p)
     from .models import ModelConfig
     from .train import TrainConfig
     add_arguments(p, ModelConfig, exclude=("vocab_size",), title="model fields (ModelConfig; over --preset or "
@@ -252,7 +253,7 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
 
 # what a new run is made of; a resumed run has its own
 _NEW_RUN_ONLY = ("sources", "preset", "model_config", "init", "dataset", "tokenizer", "tokenizer_kind", "vocab_size",
-                 "val_fraction", "weight")
+                 "val_fraction", "weight", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
 
 
 @command("train", "train a model on your books (or resume a run)", _train_arguments)
@@ -286,7 +287,7 @@ def _train(args: argparse.Namespace) -> int:
         result = train_from_sources(
             args.out, config, sources=args.sources, dataset=args.dataset, preset=args.preset,
             model_config=model_config, model_fields=model_fields, init=args.init, tokenizer=args.tokenizer,
-            weights=parse_weights(args.weight), callbacks=callbacks, **data)
+            weights=parse_weights(args.weight), callbacks=callbacks, lora=lora_config(args), **data)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return 0
     print(f"stopped after {result.steps} steps ({result.stop_reason})"
@@ -296,6 +297,50 @@ def _train(args: argparse.Namespace) -> int:
         print(f"continue with: lmlab train --out {args.out} --resume")
         return 130
     print(f"model: {Path(args.out) / 'final'}")
+    if (Path(args.out) / "adapter").is_dir():
+        print(f"LoRA adapter (PEFT layout): {Path(args.out) / 'adapter'}; final/ has it merged")
+    return 0
+
+
+# ---- LoRA (tune/lora.py) ----------------------------------------------------------------------------
+
+def add_lora_arguments(p: argparse.ArgumentParser) -> None:
+    """The LoRA flags, PEFT's LoraConfig fields (r, lora_alpha, lora_dropout, target_modules) by name."""
+    g = p.add_argument_group("LoRA: train low-rank adapters on the frozen model instead of all its weights")
+    g.add_argument("--lora-rank", type=int, metavar="R", help="adapter rank r; LoRA is on when given (e.g. 8)")
+    g.add_argument("--lora-alpha", type=float, metavar="ALPHA", help="the update is scaled by alpha / r (default 2r)")
+    g.add_argument("--lora-dropout", type=float, metavar="P", help="dropout on the adapters' input (default 0)")
+    g.add_argument("--lora-targets", metavar="NAMES",
+                   help="comma list of modules as named in the HF export, as PEFT's target_modules: q_proj, k_proj, "
+                        "v_proj, o_proj, gate_proj, up_proj, down_proj (llama); c_attn, c_proj, c_fc (gpt2, gpt); "
+                        "default all-linear (every linear of the blocks, not the output head)")
+
+
+def lora_config(args: argparse.Namespace) -> Any:
+    """A LoRAConfig from add_lora_arguments' flags, or None without --lora-rank."""
+    given_flags = [f"--lora-{k}" for k in ("alpha", "dropout", "targets") if getattr(args, f"lora_{k}") is not None]
+    if args.lora_rank is None:
+        if given_flags:
+            raise ValueError(f"{', '.join(given_flags)} needs --lora-rank")
+        return None
+    from .tune.lora import ALL_LINEAR, LoRAConfig
+    targets = tuple(t.strip() for t in (args.lora_targets or ALL_LINEAR).split(",") if t.strip())
+    return LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout or 0.0, targets=targets)
+
+
+def _lora_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    m = sub.add_parser("merge", help="fold an adapter into its base model's weights: a new, plain model directory")
+    m.add_argument("model_dir", help="the base model directory the adapter was trained on")
+    m.add_argument("adapter_dir", help="adapter_config.json + adapter_model.safetensors (PEFT's layout)")
+    m.add_argument("--out", required=True, help="model directory to write (must not exist)")
+
+
+@command("lora", "LoRA adapters: lmlab lora merge MODEL_DIR ADAPTER_DIR --out DIR", _lora_arguments)
+def _lora(args: argparse.Namespace) -> int:
+    from .tune.lora import merge_lora_dir
+    out = merge_lora_dir(args.model_dir, args.adapter_dir, args.out)
+    print(f"wrote {out} (the base model with the adapter merged)")
     return 0
 
 

@@ -170,6 +170,8 @@ def _norm_params(m: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]
 
 
 def _transposed(m: torch.nn.Module) -> Any:
+    if hasattr(m, "effective_weight"):  # a LoRA layer (tune/lora.py): W + its low-rank update unless merged already
+        return m.effective_weight().t().contiguous(), m.bias
     if not isinstance(m, torch.nn.Linear):
         return m._prepared()[1]  # a quantized linear (quant.py): its int8/int4 kernel with the operands bound
     return m.weight.t().contiguous(), m.bias

@@ -51,13 +51,14 @@ def train_from_sources(out_dir: str | Path, config: TrainConfig, *, sources: Seq
                        init: str | Path | None = None,
                        tokenizer: str | Path | None = None, tokenizer_kind: str = "bpe", vocab_size: int = 8192,
                        val_fraction: float = 0.05, weights: dict[str, float] | None = None,
-                       callbacks: Sequence[Any] = ()) -> TrainResult:
+                       callbacks: Sequence[Any] = (), lora: Any = None) -> TrainResult:
     """Everything `lmlab train` does for a new run: tokenizer (reused, or trained on ALL sources), token
     file, model (preset, config or initial weights), then the trainer. The run directory keeps a copy of
     the tokenizer and records where the data came from, so `resume_run` needs nothing else. The model is a
     preset, a ModelConfig or initial weights; `model_fields` set ModelConfig fields over the preset (or
-    alone, over the defaults of their family); the vocabulary is the tokenizer's. Bad input fails before
-    anything is written."""
+    alone, over the defaults of their family); the vocabulary is the tokenizer's. `lora` (a LoRAConfig) trains
+    adapters on the frozen `init` model instead of all weights (tune/lora.py: RUN/adapter, RUN/final merged). Bad
+    input fails before anything is written."""
     out = Path(out_dir)
     created = not out.exists()
     refuse_existing_run(out)
@@ -67,6 +68,8 @@ def train_from_sources(out_dir: str | Path, config: TrainConfig, *, sources: Seq
     if model_fields and (model_config is not None or init is not None):
         raise ValueError(f"{'--init brings its own model' if init is not None else 'give model fields in the file'}; "
                          f"drop {', '.join('--' + k.replace('_', '-') for k in model_fields)}")
+    if lora is not None and init is None:
+        raise ValueError("LoRA adapts a trained model: give it with --init MODEL_DIR")
     if preset is None and model_config is None and init is None and not model_fields:
         raise ValueError("choose a model: --preset, --model-config, --init, or its fields (--family, --n-layer, ...)")
     if not sources and dataset is None:
@@ -83,6 +86,8 @@ def train_from_sources(out_dir: str | Path, config: TrainConfig, *, sources: Seq
         if tok is None:
             raise ValueError(f"{init} has no tokenizer.json")
         model.train()
+        if lora is not None:  # here, so that a target the model lacks fails before anything is written
+            _add_lora(model, lora.to_dict(), config.seed)
     elif tokenizer is not None:
         tok = Tokenizer.load(tokenizer)
     elif dataset is not None:
@@ -124,7 +129,9 @@ def train_from_sources(out_dir: str | Path, config: TrainConfig, *, sources: Seq
             raise
     provenance = {"dataset": str(Path(ds.path).resolve()), "sources": [str(p) for p in paths],
                   "init": str(init) if init else None, "data_stats": ds.stats()}
-    return train(model, tok, ds, config, out, callbacks, provenance=provenance)
+    if lora is not None:
+        provenance["lora"] = lora.to_dict()
+    return _train_lora(model, tok, ds, config, out, callbacks, provenance=provenance)
 
 
 def _phase(out: Path, phase: str) -> None:
@@ -161,7 +168,28 @@ def resume_run(out_dir: str | Path, overrides: dict[str, Any] | None = None,
     ds = TokenDataset.open(out / saved["dataset"], tok)  # a relative path is inside the run directory
     model = Transformer(ModelConfig.from_dict(saved["model"]))
     provenance = {k: v for k, v in saved.items() if k not in ("train", "model")}
-    return train(model, tok, ds, config, out, callbacks, resume=True, provenance=provenance)
+    return _train_lora(model, tok, ds, config, out, callbacks, resume=True, provenance=provenance)
+
+
+def _train_lora(model: Transformer, tok: Any, ds: Any, config: TrainConfig, out: Path, callbacks: Sequence[Any],
+                *, resume: bool = False, provenance: dict[str, Any]) -> TrainResult:
+    """train(), with the adapters of provenance["lora"] put on the model first (the checkpoint of a resumed run
+    holds them) and written out after (RUN/adapter, RUN/final merged)."""
+    if not provenance.get("lora"):
+        return train(model, tok, ds, config, out, callbacks, resume=resume, provenance=provenance)
+    from ..tune.lora import lora_layers, save_lora_run
+    if not lora_layers(model):
+        _add_lora(model, provenance["lora"], config.seed)
+    result = train(model, tok, ds, config, out, callbacks, resume=resume, provenance=provenance)
+    if dist_env()[0] == 0:
+        save_lora_run(model, out, tok)
+    return result
+
+
+def _add_lora(model: Transformer, lora: dict[str, Any], seed: int) -> None:
+    from ..tune.lora import LoRAConfig, apply_lora
+    torch.manual_seed(seed)  # the adapters' initialisation
+    apply_lora(model, LoRAConfig(**lora))
 
 
 class TaskEval(Callback):

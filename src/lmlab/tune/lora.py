@@ -1,0 +1,328 @@
+"""LoRA: low-rank adapters on a frozen model (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language
+Models", https://arxiv.org/abs/2106.09685), saved in PEFT's layout so `peft` loads them onto the HF export.
+
+    from lmlab.tune.lora import LoRAConfig, apply_lora, save_adapter
+    apply_lora(model, LoRAConfig(rank=8))          # base frozen; configure_optimizer now sees the adapters only
+    ...train...
+    save_adapter(model, "run/adapter")             # adapter_config.json + adapter_model.safetensors
+    peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("demo-hf"), "run/adapter")
+
+    lmlab train BOOKS --init runs/demo/final --lora-rank 8 --out runs/lora    # RUN/adapter, RUN/final merged
+    lmlab lora merge runs/demo/final runs/lora/adapter --out merged           # a plain model directory
+
+A targeted linear computes W x + (alpha / rank) · B A dropout(x), with A (rank, in) Kaiming-uniform and B
+(out, rank) zero, so training starts from the base model exactly (PEFT's initialisation). Targets are named
+as in the HF export, the names PEFT users give as `target_modules`: q_proj, k_proj, v_proj, o_proj, gate_proj,
+up_proj, down_proj (Llama); c_attn, c_proj, c_fc (GPT-2, GPT-1); "all-linear" (the default) is every linear of
+the blocks, never the output head. lmlab fuses q, k, v into one matrix (and gate, up into another): each HF
+module is a segment of it with its own A and B, as in PEFT, so an adapter means the same thing on both sides
+and converts both ways exactly; only the dropout mask is shared by the segments of one fused matrix.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..interop._files import staged_dir
+from ..interop.hf_mapping import hf_prefixes
+from ..models import Transformer
+from ..models.io import TRAINING, WEIGHTS, load_pretrained, save_pretrained
+
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # PEFT's file names
+ALL_LINEAR = "all-linear"  # PEFT's spelling for "every linear layer but the output head"
+_PREFIX = "base_model.model."  # PEFT's prefix of a PeftModelForCausalLM's keys
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """rank r, alpha (the update is scaled by alpha / r), dropout on the adapter's input, target modules."""
+    rank: int = 8
+    alpha: float | None = None  # None: 2 * rank, LLaMA-Factory's default (PEFT's own is 8 whatever the rank)
+    dropout: float = 0.0
+    targets: tuple[str, ...] = (ALL_LINEAR,)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise ValueError(f"the LoRA rank must be a positive integer, not {self.rank!r}")
+        if self.alpha is not None and not (isinstance(self.alpha, (int, float)) and self.alpha > 0):
+            raise ValueError(f"LoRA alpha must be positive, not {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), not {self.dropout!r}")
+        if isinstance(self.targets, str) or not self.targets or not all(isinstance(t, str) and t for t in self.targets):
+            raise ValueError(f"LoRA targets must be a non-empty list of module names, not {self.targets!r}")
+        object.__setattr__(self, "targets", tuple(self.targets))
+        if self.alpha is None:
+            object.__setattr__(self, "alpha", float(2 * self.rank))
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "targets": list(self.targets)}
+
+
+def block_segments(model: Transformer) -> dict[str, list[tuple[str, int]]]:
+    """Each block linear (our name within a block) -> its segments: (HF module name within the block, rows)."""
+    cfg, block = model.config, model.blocks[0]
+    if cfg.family != "llama":
+        return {"attn.qkv": [("attn.c_attn", block.attn.qkv.out_features)], "attn.proj": [("attn.c_proj", cfg.n_embd)],
+                "mlp.fc": [("mlp.c_fc", block.mlp.fc.out_features)], "mlp.proj": [("mlp.c_proj", cfg.n_embd)]}
+    q, k, v = block.attn.split
+    fc = block.mlp.fc.out_features
+    return {"attn.qkv": [("self_attn.q_proj", q), ("self_attn.k_proj", k), ("self_attn.v_proj", v)],
+            "attn.proj": [("self_attn.o_proj", cfg.n_embd)],
+            "mlp.fc": [("mlp.gate_proj", fc // 2), ("mlp.up_proj", fc // 2)] if block.mlp.swiglu
+            else [("mlp.up_proj", fc)],
+            "mlp.proj": [("mlp.down_proj", cfg.n_embd)]}
+
+
+def _matches(name: str, target: str) -> bool:
+    """PEFT's rule for a target module given by name: the module's name is it, or ends with '.' + it."""
+    return target == ALL_LINEAR or name == target or name.endswith("." + target)
+
+
+class LoRALinear(nn.Linear):
+    """nn.Linear plus scale · B A dropout(x). Rows of the weight fall in segments (the HF modules fused into it);
+    each adapted segment j has its own A_j (rank, in) and B_j (rows_j, rank): lora_A stacks the A_j, lora_B the
+    B_j, and the update's B is their block diagonal with zero rows for the segments left alone."""
+
+    lora_A: nn.Parameter
+    lora_B: nn.Parameter
+
+    def add_adapter(self, segments: list[tuple[int, bool]], config: LoRAConfig) -> None:
+        """segments: (rows, adapted) in the weight's row order."""
+        n, r = sum(a for _, a in segments), config.rank
+        w = self.weight
+        self.segments, self.rank, self.scale, self.merged = segments, r, config.scale, False
+        self.lora_A = nn.Parameter(torch.empty(n * r, self.in_features, device=w.device, dtype=w.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(sum(rows for rows, a in segments if a), r, device=w.device,
+                                               dtype=w.dtype))
+        for a in self.lora_A.data.split(r):  # PEFT's init per module: kaiming_uniform_(a=sqrt(5)), B zero
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        # in the layer's mode: an adapter put on a model in eval mode must not drop anything
+        self.lora_dropout = (nn.Dropout(config.dropout) if config.dropout else nn.Identity()).train(self.training)
+
+    def lora_pieces(self) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Per segment: (A_j, B_j), or None for a segment without an adapter."""
+        a_parts = iter(self.lora_A.split(self.rank))
+        b_parts = iter(self.lora_B.split([rows for rows, a in self.segments if a]))
+        return [(next(a_parts), next(b_parts)) if a else None for _, a in self.segments]
+
+    def _full_B(self) -> torch.Tensor:
+        """(out, n_adapted * rank): block-diagonal; a segment without an adapter is a block of zero columns."""
+        return torch.block_diag(*(p[1] if p else self.lora_B.new_zeros(rows, 0)
+                                  for p, (rows, _) in zip(self.lora_pieces(), self.segments)))
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scale * (self._full_B() @ self.lora_A)                # (out, in)
+
+    def effective_weight(self) -> torch.Tensor:
+        """The weight the layer applies: W + scale · B A unless merged into W already (fast.py's decoder)."""
+        return self.weight if self.merged else self.weight + self.delta_weight()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return y
+        return y + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self._full_B()) * self.scale
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.weight += self.delta_weight()
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.weight -= self.delta_weight()
+            self.merged = False
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def apply_lora(model: Transformer, config: LoRAConfig) -> Transformer:
+    """Freeze every parameter of `model` and give the targeted block linears trainable adapters, in place
+    (parameter names and the state dict keep theirs, plus `...lora_A` and `...lora_B`). Returns the model.
+    ValueError for a target that names no module of this model, or a model that has adapters already."""
+    if lora_layers(model):
+        raise ValueError("this model has LoRA adapters already; merge them first (lmlab lora merge)")
+    segments = block_segments(model)
+    names = [hf for segs in segments.values() for hf, _ in segs]
+    unknown = [t for t in config.targets if not any(_matches(n, t) for n in names)]
+    if unknown:
+        raise ValueError(f"unknown LoRA target {unknown[0]!r} for a {model.config.family} model; choose from "
+                         f"{', '.join(dict.fromkeys(n.split('.')[-1] for n in names))} or {ALL_LINEAR}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for block in model.blocks:
+        for ours, segs in segments.items():
+            adapted = [(rows, any(_matches(hf, t) for t in config.targets)) for hf, rows in segs]
+            if any(a for _, a in adapted):
+                module = block.get_submodule(ours)
+                module.__class__ = LoRALinear
+                module.add_adapter(adapted, config)
+    model.lora_config = config  # what save_adapter writes into adapter_config.json
+    return model
+
+
+def merge(model: nn.Module) -> None:
+    """Fold every adapter into its weight (W += scale · B A): the same outputs with plain matmuls."""
+    for m in lora_layers(model).values():
+        m.merge()
+
+
+def unmerge(model: nn.Module) -> None:
+    """Undo merge(): W -= scale · B A (W is back up to float rounding)."""
+    for m in lora_layers(model).values():
+        m.unmerge()
+
+
+def merge_and_unload(model: Transformer) -> Transformer:
+    """PEFT's merge_and_unload: fold the adapters into the weights and drop them, leaving a plain Transformer
+    (in place) whose state dict is a model directory's again."""
+    for m in lora_layers(model).values():
+        m.merge()
+        del m.lora_A, m.lora_B, m.lora_dropout, m.segments, m.rank, m.scale, m.merged
+        m.__class__ = nn.Linear
+    model.__dict__.pop("lora_config", None)
+    return model
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, all) parameters, as PEFT's print_trainable_parameters counts them (adapters included)."""
+    params = list(model.parameters())  # unique: a tied head counts once
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+# ---- PEFT's layout ----------------------------------------------------------------------------------
+
+def _peft_tensors(model: Transformer) -> dict[str, torch.Tensor]:
+    """PEFT's key -> tensor for every adapter of `model`: base_model.model.<HF module>.lora_A/B.weight."""
+    block_fmt = hf_prefixes(model.config.family)[0]
+    out = {}
+    for i, block in enumerate(model.blocks):
+        for ours, segs in block_segments(model).items():
+            module = block.get_submodule(ours)
+            if isinstance(module, LoRALinear):
+                for (hf, _), piece in zip(segs, module.lora_pieces()):
+                    if piece is not None:
+                        key = _PREFIX + block_fmt.format(i) + hf
+                        out[key + ".lora_A.weight"], out[key + ".lora_B.weight"] = piece
+    return out
+
+
+def save_adapter(model: Transformer, out_dir: str | Path, *, base_model: str | None = None) -> Path:
+    """Write the adapters of `model` in PEFT's layout: adapter_config.json and adapter_model.safetensors, keys
+    named for the HF export (`lmlab export hf`), so peft.PeftModel.from_pretrained(export, out_dir) loads them.
+    Files are written beside and renamed into place; other files in out_dir are kept."""
+    config: LoRAConfig | None = getattr(model, "lora_config", None)
+    tensors = _peft_tensors(model)
+    if config is None or not tensors:
+        raise ValueError("this model has no LoRA adapters to save")
+    targets = sorted({key[len(_PREFIX):].split(".", 3)[-1].rsplit(".lora_", 1)[0] for key in tensors})
+    peft_config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.rank, "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout, "target_modules": targets, "bias": "none",
+        # HF's GPT-1/GPT-2 keep their linears as Conv1D, (in, out): PEFT transposes the update for them
+        "fan_in_fan_out": model.config.family != "llama", "use_rslora": False, "init_lora_weights": True,
+        "modules_to_save": None, "base_model_name_or_path": base_model, "inference_mode": True,
+    }
+    with staged_dir(Path(out_dir)) as tmp:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp / ADAPTER_WEIGHTS),
+                  metadata={"format": "pt"})
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n", encoding="utf-8")
+    return Path(out_dir)
+
+
+def read_adapter_config(adapter_dir: str | Path) -> LoRAConfig:
+    """adapter_config.json (PEFT's, lmlab's or one PEFT wrote) -> LoRAConfig; ValueError for anything else."""
+    path = Path(adapter_dir) / ADAPTER_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{adapter_dir} is not a LoRA adapter: {ADAPTER_CONFIG} is missing")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(d, dict) or d.get("peft_type") != "LORA":
+        raise ValueError(f"{path} does not describe a LoRA adapter (peft_type LORA)")
+    unsupported = [k for k in ("use_rslora", "use_dora", "modules_to_save", "layers_to_transform", "rank_pattern",
+                               "alpha_pattern") if d.get(k)]
+    if d.get("bias", "none") != "none":
+        unsupported.append("bias")
+    if unsupported:
+        raise ValueError(f"{path}: lmlab does not read adapters with {', '.join(unsupported)}")
+    targets = d.get("target_modules")
+    targets = [targets] if isinstance(targets, str) else targets
+    return LoRAConfig(rank=d.get("r"), alpha=d.get("lora_alpha"), dropout=d.get("lora_dropout", 0.0),
+                      targets=tuple(targets or ()))
+
+
+def load_adapter(model: Transformer, adapter_dir: str | Path) -> Transformer:
+    """Give `model` (frozen) the adapters saved in `adapter_dir` in PEFT's layout, ours or one PEFT trained on
+    the HF export of this model. Returns the model; ValueError when the file does not fit it."""
+    config = read_adapter_config(adapter_dir)
+    apply_lora(model, config)
+    file = Path(adapter_dir) / ADAPTER_WEIGHTS
+    try:
+        saved = load_file(str(file))
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{file} is not a readable safetensors file: {exc}") from None
+    saved = {k.replace(".default.", "."): v for k, v in saved.items()}  # some writers keep the adapter name
+    want = _peft_tensors(model)
+    missing, extra = sorted(want.keys() - saved.keys()), sorted(saved.keys() - want.keys())
+    if missing or extra:
+        raise ValueError(f"{file} does not fit this {model.config.family} model: missing {missing[:2]}, "
+                         f"unexpected {extra[:2]}")
+    with torch.no_grad():
+        for key, param in want.items():
+            if saved[key].shape != param.shape:
+                raise ValueError(f"{file}: {key} has shape {tuple(saved[key].shape)}, this model needs "
+                                 f"{tuple(param.shape)}")
+            param.copy_(saved[key])  # a view into lora_A / lora_B
+    return model
+
+
+def save_lora_run(model: Transformer, run_dir: str | Path, tokenizer: Any = None) -> Path:
+    """After training a LoRA model into `run_dir`: RUN/adapter in PEFT's layout, and RUN/final (which the trainer
+    wrote with the adapters as extra tensors) rewritten as a plain model directory with the adapters merged, so
+    that `lmlab generate`, `lmlab export` and the web app read it like any other. Returns RUN/adapter."""
+    run = Path(run_dir)
+    adapter = save_adapter(model, run / "adapter")
+    if (run / "final").is_dir():  # training.json stays as the trainer wrote it
+        save_pretrained(run / "final", merge_and_unload(copy.deepcopy(model)), tokenizer)
+    return adapter
+
+
+def merge_lora_dir(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path) -> Path:
+    """`lmlab lora merge`: a new model directory `out_dir` holding `model_dir` with the adapter merged (its other
+    files copied; training.json says what was merged). Refuses an `out_dir` that exists; written beside, renamed."""
+    out = Path(out_dir)
+    if out.exists():
+        raise ValueError(f"{out} exists; choose a new --out (lmlab never overwrites a model)")
+    model, _ = load_pretrained(model_dir)
+    config = read_adapter_config(adapter_dir)
+    merge_and_unload(load_adapter(model, adapter_dir))
+    with staged_dir(out) as tmp:
+        for entry in Path(model_dir).iterdir():
+            if entry.name not in (WEIGHTS, TRAINING):
+                (shutil.copytree if entry.is_dir() else shutil.copyfile)(entry, tmp / entry.name)
+        merged = {"model": str(Path(model_dir).resolve()), "adapter": str(Path(adapter_dir).resolve()),
+                  "lora": config.to_dict()}
+        save_pretrained(tmp, model, training={"merged": merged})
+    return out

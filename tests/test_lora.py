@@ -1,0 +1,233 @@
+"""LoRA (tune/lora.py): merge and unmerge, a frozen base under the Trainer, exact resume, PEFT's layout loaded by
+`peft` on the HF export (and PEFT's adapters loaded by lmlab), `lmlab lora merge`, bad input."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_interop_cli import fails, run  # the CLI's one-line error check
+
+from lmlab.models import KVCache, ModelConfig, Transformer, fast
+from lmlab.models.io import load_pretrained, save_pretrained
+from lmlab.tokenizers import Tokenizer
+from lmlab.train import Callback, TrainConfig, resume_run
+from lmlab.train.demo_corpus import demo_corpus
+from lmlab.train.recipes import train_from_sources
+from lmlab.tune.lora import (
+    LoRAConfig,
+    apply_lora,
+    count_parameters,
+    load_adapter,
+    lora_layers,
+    merge,
+    merge_and_unload,
+    save_adapter,
+    unmerge,
+)
+
+CONFIGS = {"gpt2": dict(family="gpt2"), "llama": dict(family="llama", n_kv_head=2), "gpt": dict(family="gpt")}
+
+
+def tiny(family, vocab=96):
+    torch.manual_seed(0)
+    return Transformer(ModelConfig(**CONFIGS[family], vocab_size=vocab, n_layer=2, n_head=4, n_embd=32,
+                                   block_size=32, dropout=0.0)).eval()
+
+
+def randomise(model, seed=1):
+    """Non-zero B (zero at initialisation), so that an adapter which is ignored changes nothing and fails."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.3)
+    return model
+
+
+@pytest.mark.parametrize("family,targets", [("gpt2", ("all-linear",)), ("llama", ("all-linear",)),
+                                            ("llama", ("q_proj", "v_proj", "down_proj")), ("gpt", ("c_proj",))])
+def test_merged_and_unmerged_logits_agree_and_unmerge_restores_the_weights(family, targets):
+    model = tiny(family)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randint(0, 96, (2, 20))
+    with torch.no_grad():
+        plain = model(x).logits
+        randomise(apply_lora(model, LoRAConfig(rank=4, alpha=8, targets=targets)))
+        adapted = model(x).logits
+        merge(model)
+        merged = model(x).logits
+        unmerge(model)
+        unmerged = model(x).logits
+    assert (adapted - plain).abs().max() > 0.01  # the adapter is applied
+    torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=0)
+    torch.testing.assert_close(unmerged, adapted, atol=1e-5, rtol=0)
+    for name, weight in model.state_dict().items():
+        if "lora_" not in name:
+            torch.testing.assert_close(weight, before[name], atol=1e-6, rtol=0, msg=name)
+    # the update is alpha / r * B_j A_j on each adapted segment's rows and zero on the others (test: the formula)
+    for layer in lora_layers(model).values():
+        want = [torch.zeros(rows, layer.in_features) if piece is None else 2.0 * piece[1] @ piece[0]
+                for piece, (rows, _) in zip(layer.lora_pieces(), layer.segments)]
+        assert [p is None for p in layer.lora_pieces()] == [not a for _, a in layer.segments]
+        torch.testing.assert_close(layer.delta_weight(), torch.cat(want), atol=1e-6, rtol=0)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == count_parameters(model)[0]
+
+
+def test_rank_8_counts_as_peft_counts_and_only_adapters_get_gradients():
+    model = tiny("llama")
+    apply_lora(model, LoRAConfig(rank=8))
+    # PEFT's count on the HF Llama: per layer q, k, v, o, gate, up, down each r * (in + out)
+    c, kv, h = 32, 16, model.config.intermediate_size
+    per_layer = 8 * ((c + c) + 2 * (c + kv) + (c + c) + 2 * (c + h) + (h + c))
+    assert count_parameters(model)[0] == 2 * per_layer
+    randomise(model)
+    model.train()
+    x = torch.randint(0, 96, (2, 16))
+    model(x, x).loss.backward()
+    for name, p in model.named_parameters():
+        assert (p.grad is not None) == ("lora_" in name), name
+    assert all(p.grad.abs().sum() > 0 for name, p in model.named_parameters() if "lora_" in name)
+
+
+def test_the_fast_decoder_applies_an_unmerged_adapter():
+    model = randomise(apply_lora(tiny("llama"), LoRAConfig(rank=4)))
+    x = torch.randint(0, 96, (1, 6))
+    with torch.no_grad():
+        want = model(x).logits[:, -1]
+        cache = KVCache(model.config, 1)
+        model(x[:, :-1], cache=cache)
+        got = fast.decoder(model, keep=False)(x[:, -1:], cache)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def book(tmp_path_factory):
+    path = tmp_path_factory.mktemp("books") / "tales.txt"
+    path.write_text(demo_corpus(n_stories=60, seed=2), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def base_dir(book, tmp_path_factory):
+    tok = Tokenizer.train([book.read_text(encoding="utf-8")], kind="bpe", vocab_size=300)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("llama-tiny", vocab_size=tok.vocab_size, block_size=32))
+    return save_pretrained(tmp_path_factory.mktemp("base") / "model", model, tok)
+
+
+class StopAt(Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step(self, trainer, metrics):
+        trainer.should_stop = trainer.step == self.step
+
+
+def lora_run(out, base_dir, book, callbacks=()):
+    config = TrainConfig(max_steps=6, batch_size=4, seq_len=32, lr=1e-2, warmup_steps=1, log_every=1, eval_every=3,
+                         eval_batches=1, save_every=3, seed=3, device="cpu")
+    return train_from_sources(out, config, sources=[book], init=base_dir, callbacks=callbacks,
+                              lora=LoRAConfig(rank=4, dropout=0.1))
+
+
+def test_a_lora_run_trains_the_adapters_only_and_resumes_exactly(tmp_path, base_dir, book):
+    lora_run(tmp_path / "whole", base_dir, book)
+    base = load_file(base_dir / "model.safetensors")
+    saved = load_file(tmp_path / "whole" / "checkpoints" / "step-6" / "model.safetensors")
+    assert {k for k in saved if "lora_" not in k} == set(base)
+    for name, weight in base.items():  # the frozen base, bit for bit, after 6 steps of AdamW with weight decay
+        assert torch.equal(saved[name], weight), name
+    adapter = load_file(tmp_path / "whole" / "adapter" / "adapter_model.safetensors")
+    assert all(v.abs().max() > 0 for k, v in adapter.items() if "lora_B" in k)  # trained (B starts at zero)
+    # final/ is a plain model directory: the base with the adapter merged
+    model, _ = load_pretrained(tmp_path / "whole" / "final")
+    adapted = load_adapter(load_pretrained(base_dir)[0], tmp_path / "whole" / "adapter")
+    x = torch.randint(4, 300, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, adapted(x).logits, atol=1e-5, rtol=0)
+    # stopped at step 3 and resumed: the same adapters as the run that went through
+    assert lora_run(tmp_path / "part", base_dir, book, [StopAt(3)]).stop_reason == "stopped"
+    assert resume_run(tmp_path / "part").steps == 6
+    again = load_file(tmp_path / "part" / "adapter" / "adapter_model.safetensors")
+    assert again.keys() == adapter.keys()
+    for key in adapter:
+        torch.testing.assert_close(again[key], adapter[key], atol=1e-6, rtol=0, msg=key)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gpt"])
+def test_peft_loads_the_adapter_on_the_hf_export_and_lmlab_loads_peft_s(family, tmp_path):
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from lmlab.interop import export_hf
+    model = tiny(family)
+    tok = Tokenizer.train(["the cat sat on the mat"], kind="char")
+    export_hf(save_pretrained(tmp_path / "base", model, tok), tmp_path / "hf")
+    targets = ("q_proj", "v_proj", "up_proj") if family == "llama" else ("all-linear",)
+    randomise(apply_lora(model, LoRAConfig(rank=4, alpha=12, targets=targets)))
+    save_adapter(model, tmp_path / "adapter", base_model=str(tmp_path / "hf"))
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 12
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    with_adapter = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    x = torch.randint(0, 96, (2, 20))
+    with torch.no_grad():
+        ours = model(x).logits
+        torch.testing.assert_close(with_adapter(input_ids=x).logits, ours, atol=1e-4, rtol=0)
+    # the other way: an adapter PEFT made (its own A per module) read by lmlab gives PEFT's logits
+    fresh = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    peft_targets = ["c_attn", "c_fc"] if family != "llama" else ["k_proj", "o_proj", "gate_proj"]
+    theirs = peft.get_peft_model(fresh, peft.LoraConfig(r=3, lora_alpha=5, target_modules=peft_targets,
+                                                        fan_in_fan_out=family != "llama"))
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    theirs.save_pretrained(tmp_path / "theirs")
+    loaded = load_adapter(tiny(family), tmp_path / "theirs")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, theirs.eval()(input_ids=x).logits, atol=1e-4, rtol=0)
+        assert (loaded(x).logits - tiny(family)(x).logits).abs().max() > 0.01
+
+
+def test_lmlab_lora_merge_writes_a_new_model_and_never_overwrites(capsys, tmp_path, base_dir):
+    model, _ = load_pretrained(base_dir)
+    randomise(apply_lora(model, LoRAConfig(rank=2, targets=("o_proj", "down_proj"))))
+    save_adapter(model, tmp_path / "adapter")
+    code, out, _ = run(capsys, "lora", "merge", base_dir, tmp_path / "adapter", "--out", tmp_path / "merged")
+    assert code == 0 and "merged" in out
+    merged, tok = load_pretrained(tmp_path / "merged")
+    assert tok is not None and json.loads((tmp_path / "merged" / "training.json").read_text())["merged"]["lora"][
+        "rank"] == 2
+    x = torch.randint(4, 300, (1, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x).logits, model(x).logits, atol=1e-5, rtol=0)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    fails(capsys, "exists; choose a new --out", "lora", "merge", base_dir, tmp_path / "adapter", "--out",
+          tmp_path / "mine")
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+    fails(capsys, "is not a LoRA adapter", "lora", "merge", base_dir, tmp_path, "--out", tmp_path / "m2")
+    other = merge_and_unload(randomise(apply_lora(tiny("gpt2"), LoRAConfig(rank=2))))
+    assert not lora_layers(other) and "lora_A" not in str(other.state_dict().keys())
+    save_adapter(randomise(apply_lora(tiny("gpt2"), LoRAConfig(rank=2))), tmp_path / "gpt2-adapter")
+    fails(capsys, "unknown LoRA target 'attn.c_attn' for a llama model", "lora", "merge", base_dir,
+          tmp_path / "gpt2-adapter", "--out", tmp_path / "m3")
+    assert not (tmp_path / "m2").exists() and not (tmp_path / "m3").exists()
+
+
+def test_bad_lora_settings_are_one_line_errors(capsys, tmp_path, base_dir, book):
+    with pytest.raises(ValueError, match="the LoRA rank must be a positive integer, not 0"):
+        LoRAConfig(rank=0)
+    with pytest.raises(ValueError, match="LoRA dropout must be in"):
+        LoRAConfig(rank=2, dropout=1.0)
+    with pytest.raises(ValueError, match="has LoRA adapters already"):
+        apply_lora(apply_lora(tiny("gpt2"), LoRAConfig()), LoRAConfig())
+    train = ["train", book, "--out", tmp_path / "run", "--max-steps", "1"]
+    fails(capsys, "the LoRA rank must be a positive integer, not 0", *train, "--init", base_dir, "--lora-rank", "0")
+    fails(capsys, "unknown LoRA target 'qkv' for a llama model; choose from q_proj, k_proj, v_proj, o_proj, "
+          "gate_proj, up_proj, down_proj or all-linear", *train, "--init", base_dir, "--lora-rank", "4",
+          "--lora-targets", "q_proj,qkv")
+    fails(capsys, "--lora-alpha needs --lora-rank", *train, "--init", base_dir, "--lora-alpha", "4")
+    fails(capsys, "LoRA adapts a trained model: give it with --init", *train, "--preset", "llama-tiny",
+          "--lora-rank", "4")
+    assert not (tmp_path / "run").exists()
