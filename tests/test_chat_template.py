@@ -88,7 +88,7 @@ def test_render_by_hand(tmp_path):
 def test_gguf_metadata_carries_the_template(tmp_path):
     gguf = pytest.importorskip("gguf")
     model_dir, _, tok = chat_model(tmp_path)
-    reader = gguf.GGUFReader(export_gguf(model_dir, tmp_path / "chat.gguf"))
+    reader = gguf.GGUFReader(export_gguf(model_dir, tmp_path / "chat.gguf").path)
     field = reader.fields["tokenizer.chat_template"]
     assert bytes(field.parts[field.data[0]]).decode("utf-8") == TEMPLATE
     eot = reader.fields["tokenizer.ggml.eot_token_id"]
@@ -141,7 +141,7 @@ def test_llama_cpp_renders_the_gguf_template_to_lmlab_ids(tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp")
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
     model_dir, _, tok = chat_model(tmp_path)
-    llm = llama_cpp.Llama(model_path=str(export_gguf(model_dir, tmp_path / "chat.gguf")), vocab_only=True,
+    llm = llama_cpp.Llama(model_path=str(export_gguf(model_dir, tmp_path / "chat.gguf").path), vocab_only=True,
                           verbose=False)
     try:
         formatter = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token="<EOS>",
