@@ -14,6 +14,7 @@ from lmlab.tokenizers import Tokenizer
 from lmlab.train import Callback, TrainConfig, resume_run
 from lmlab.train.demo_corpus import demo_corpus
 from lmlab.train.recipes import train_from_sources
+from lmlab.train.trainer import read_run_config
 from lmlab.tune.lora import (
     LoRAConfig,
     apply_lora,
@@ -147,7 +148,9 @@ def test_a_lora_run_trains_the_adapters_only_and_resumes_exactly(tmp_path, base_
         torch.testing.assert_close(model(x).logits, adapted(x).logits, atol=1e-5, rtol=0)
     # stopped at step 3 and resumed: the same adapters as the run that went through
     assert lora_run(tmp_path / "part", base_dir, book, [StopAt(3)]).stop_reason == "stopped"
-    assert resume_run(tmp_path / "part").steps == 6
+    with pytest.raises(ValueError, match="LoRA settings"):  # without its adapters' settings: refused, not all weights
+        resume_run(tmp_path / "part")
+    assert resume_run(tmp_path / "part", lora=LoRAConfig(**read_run_config(tmp_path / "part")["lora"])).steps == 6
     again = load_file(tmp_path / "part" / "adapter" / "adapter_model.safetensors")
     assert again.keys() == adapter.keys()
     for key in adapter:

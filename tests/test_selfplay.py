@@ -16,7 +16,6 @@ import torch
 from lmlab.lab.selfplay import azr, dsl
 from lmlab.lab.selfplay.azr import AZRConfig, Sample, Task
 from lmlab.lab.selfplay.dsl import DSLError
-from lmlab.lab.selfplay.rl import grouped_advantages, learnability, make_batch, normalize, token_logprobs
 from lmlab.lab.selfplay.text import (
     TextSelfPlayConfig,
     build_reward,
@@ -30,6 +29,7 @@ from lmlab.models import ModelConfig, Transformer
 from lmlab.models.io import load_pretrained, save_pretrained
 from lmlab.tokenizers import Tokenizer
 from lmlab.train import latest_checkpoint
+from lmlab.tune.rl import grouped_advantages, learnability, make_batch, normalize, token_logprobs
 
 
 @pytest.fixture(autouse=True)

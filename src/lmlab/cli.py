@@ -274,7 +274,13 @@ def _train(args: argparse.Namespace) -> int:
         if new_run:
             raise ValueError(f"--resume continues the run in --out with its own data, tokenizer and model; drop "
                              f"{', '.join(new_run)}")
-        result = resume_run(args.out, overrides, callbacks)
+        from .train.trainer import read_run_config
+        saved = read_run_config(args.out).get("lora")
+        lora = None
+        if saved:
+            from .tune.lora import LoRAConfig
+            lora = LoRAConfig(**saved)
+        result = resume_run(args.out, overrides, callbacks, lora)
     else:
         if not any(overrides.get(k) for k in STOP_CONDITIONS):
             overrides["epochs"] = 1.0  # a sensible stop when none is given: one pass over the books

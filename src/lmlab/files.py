@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -61,3 +63,36 @@ def fix_modes(folder: str | Path) -> None:
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+@contextmanager
+def staged_dir(out: Path, *, refuse: Path | None = None, stale: tuple[str, ...] = ()) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `out`; on success its entries replace those of `out`
+    (rename, so readers never see half a file) and the `stale` entries it did not produce are removed
+    (a previous model's leftovers must not be read with the new one); on failure `out` is untouched."""
+    out = Path(out)
+    if refuse is not None and out.resolve() == Path(refuse).resolve():
+        raise ValueError(f"the output folder must differ from the input folder ({out})")
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} exists and is not a folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        fix_modes(tmp)
+        out.mkdir(exist_ok=True)
+        produced = {entry.name for entry in tmp.iterdir()}
+        for entry in sorted(tmp.iterdir()):
+            target = out / entry.name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            os.replace(entry, target)
+        for name in stale:
+            target = out / name
+            if name not in produced:
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                else:
+                    target.unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

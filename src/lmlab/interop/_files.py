@@ -8,17 +8,13 @@ model imported from a checkpoint whose vocabulary puts other tokens there (real 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
 
-from ..files import atomic_path, fix_modes
+from ..files import atomic_path, staged_dir
 from ..models import Transformer
 from ..models.io import CONFIG, TOKENIZER, WEIGHTS, load_pretrained
 from ..models.quant import QUANTIZATION
@@ -110,39 +106,6 @@ def load_model_dir(path: str | Path) -> ModelDir:
     ids = {k: hf.token_to_id(v) for k, v in names.items()}
     specials = Specials(ids.get("bos_token"), ids.get("eos_token"), ids.get("unk_token"), ids.get("pad_token"))
     return ModelDir(path, model, hf, specials, names, template or foreign_template, None)
-
-
-@contextmanager
-def staged_dir(out: Path, *, refuse: Path | None = None, stale: tuple[str, ...] = ()) -> Iterator[Path]:
-    """Yield an empty temporary folder beside `out`; on success its entries replace those of `out`
-    (rename, so readers never see half a file) and the `stale` entries it did not produce are removed
-    (a previous model's leftovers must not be read with the new one); on failure `out` is untouched."""
-    out = Path(out)
-    if refuse is not None and out.resolve() == Path(refuse).resolve():
-        raise ValueError(f"the output folder must differ from the input folder ({out})")
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"{out} exists and is not a folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
-        yield tmp
-        fix_modes(tmp)
-        out.mkdir(exist_ok=True)
-        produced = {entry.name for entry in tmp.iterdir()}
-        for entry in sorted(tmp.iterdir()):
-            target = out / entry.name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            os.replace(entry, target)
-        for name in stale:
-            target = out / name
-            if name not in produced:
-                if target.is_dir() and not target.is_symlink():
-                    shutil.rmtree(target)
-                else:
-                    target.unlink(missing_ok=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def staged_file(out: Path, write: Callable[[Path], None]) -> Path:

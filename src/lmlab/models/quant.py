@@ -426,7 +426,7 @@ def quantize_dir(model_dir: str | Path, out: str | Path, bits: int, group_size: 
                  method: str = "rtn", keep_head: bool = False, calibration: list[str] | None = None,
                  calibration_tokens: int = 32768) -> tuple[Path, QuantConfig, dict[str, dict[str, float]]]:
     """Quantize a model directory into a new one (refused if `out` exists; written beside it and renamed)."""
-    from ..interop._files import staged_dir
+    from ..files import staged_dir
     from .io import GENERATION, TRAINING, load_pretrained, save_pretrained
 
     out, model_dir = Path(out), Path(model_dir)

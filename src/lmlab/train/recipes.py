@@ -87,7 +87,7 @@ def train_from_sources(out_dir: str | Path, config: TrainConfig, *, sources: Seq
             raise ValueError(f"{init} has no tokenizer.json")
         model.train()
         if lora is not None:  # here, so that a target the model lacks fails before anything is written
-            _add_lora(model, lora.to_dict(), config.seed)
+            lora.attach(model, config.seed)
     elif tokenizer is not None:
         tok = Tokenizer.load(tokenizer)
     elif dataset is not None:
@@ -131,7 +131,7 @@ def train_from_sources(out_dir: str | Path, config: TrainConfig, *, sources: Seq
                   "init": str(init) if init else None, "data_stats": ds.stats()}
     if lora is not None:
         provenance["lora"] = lora.to_dict()
-    return _train_lora(model, tok, ds, config, out, callbacks, provenance=provenance)
+    return _train_lora(model, tok, ds, config, out, callbacks, lora, provenance=provenance)
 
 
 def _phase(out: Path, phase: str) -> None:
@@ -156,9 +156,10 @@ def _rank0_first(out: Path, make: Any, save: Any, load: Any, config: TrainConfig
 
 
 def resume_run(out_dir: str | Path, overrides: dict[str, Any] | None = None,
-               callbacks: Sequence[Any] = ()) -> TrainResult:
+               callbacks: Sequence[Any] = (), lora: Any = None) -> TrainResult:
     """Continue a run from its last checkpoint with its own settings; `overrides` may change the RESUMABLE
-    TrainConfig fields (stop conditions such as max_steps, and how the run is run); others are refused."""
+    TrainConfig fields (stop conditions such as max_steps, and how the run is run); others are refused. A run
+    that trains LoRA adapters needs its LoRAConfig back: `LoRAConfig(**read_run_config(out_dir)["lora"])`."""
     out = Path(out_dir)
     saved = read_run_config(out)
     if "dataset" not in saved:
@@ -168,28 +169,23 @@ def resume_run(out_dir: str | Path, overrides: dict[str, Any] | None = None,
     ds = TokenDataset.open(out / saved["dataset"], tok)  # a relative path is inside the run directory
     model = Transformer(ModelConfig.from_dict(saved["model"]))
     provenance = {k: v for k, v in saved.items() if k not in ("train", "model")}
-    return _train_lora(model, tok, ds, config, out, callbacks, resume=True, provenance=provenance)
+    if (lora.to_dict() if lora is not None else None) != (provenance.get("lora") or None):
+        raise ValueError(f"{out} was trained with LoRA settings {provenance.get('lora')}; resume it with the same "
+                         "(lmlab train --resume reads them from the run)")
+    return _train_lora(model, tok, ds, config, out, callbacks, lora, resume=True, provenance=provenance)
 
 
 def _train_lora(model: Transformer, tok: Any, ds: Any, config: TrainConfig, out: Path, callbacks: Sequence[Any],
-                *, resume: bool = False, provenance: dict[str, Any]) -> TrainResult:
-    """train(), with the adapters of provenance["lora"] put on the model first (the checkpoint of a resumed run
-    holds them) and written out after (RUN/adapter, RUN/final merged)."""
-    if not provenance.get("lora"):
+                lora: Any, *, resume: bool = False, provenance: dict[str, Any]) -> TrainResult:
+    """train(), with `lora`'s adapters (a tune.lora.LoRAConfig, passed in: train sits below tune) put on the model
+    first (the checkpoint of a resumed run holds them) and written out after (RUN/adapter, RUN/final merged)."""
+    if lora is None:
         return train(model, tok, ds, config, out, callbacks, resume=resume, provenance=provenance)
-    from ..tune.lora import lora_layers, save_lora_run
-    if not lora_layers(model):
-        _add_lora(model, provenance["lora"], config.seed)
+    lora.attach(model, config.seed)
     result = train(model, tok, ds, config, out, callbacks, resume=resume, provenance=provenance)
     if dist_env()[0] == 0:
-        save_lora_run(model, out, tok)
+        lora.finish(model, out, tok)
     return result
-
-
-def _add_lora(model: Transformer, lora: dict[str, Any], seed: int) -> None:
-    from ..tune.lora import LoRAConfig, apply_lora
-    torch.manual_seed(seed)  # the adapters' initialisation
-    apply_lora(model, LoRAConfig(**lora))
 
 
 class TaskEval(Callback):

@@ -52,12 +52,12 @@ from typing import Any
 import torch
 
 from ..configs import knob, validate
-from ..lab.selfplay.rl import Batch, make_batch, token_logprobs
 from ..models import GenerationConfig, generate_ids
 from ..models.io import WEIGHTS
 from ..train import TrainConfig
 from ..train.trainer import Callback, Objective, Trainer, train
 from .rewards import Reward, Task
+from .rl import Batch, make_batch, token_logprobs
 
 VARIANTS = ("grpo", "dr_grpo", "dapo")
 STD_EPS = 1e-4   # TRL's guard on the group std

@@ -35,7 +35,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..interop._files import staged_dir
+from ..files import staged_dir
 from ..interop.hf_mapping import hf_prefixes
 from ..models import Transformer
 from ..models.io import TRAINING, WEIGHTS, load_pretrained, save_pretrained
@@ -72,6 +72,15 @@ class LoRAConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "targets": list(self.targets)}
+
+    def attach(self, model: Transformer, seed: int) -> None:
+        """The adapters on `model`, initialised from `seed`, unless it carries them already (train.recipes)."""
+        if not lora_layers(model):
+            torch.manual_seed(seed)
+            apply_lora(model, self)
+
+    def finish(self, model: Transformer, run_dir: str | Path, tokenizer: Any = None) -> None:
+        save_lora_run(model, run_dir, tokenizer)
 
 
 def block_segments(model: Transformer) -> dict[str, list[tuple[str, int]]]:

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from ..lab.selfplay.rl import make_batch, token_logprobs
 from ..models.io import load_pretrained
+from .rl import make_batch, token_logprobs
 
 REWARDS = ("seed", "repetition", "perplexity", "file")
 # (prompts, completions as text, completions as ids without EOS) -> one reward per completion

@@ -41,10 +41,10 @@ import torch
 
 from ...configs import knob, validate
 from ...models import GenerationConfig, ModelConfig, Transformer, generate_ids
+from ...tune.rl import grouped_advantages, learnability, make_batch, reinforce_loss, token_logprobs
 from ..parallel import process_map
 from . import dsl
 from .dsl import EOS_ID, PAD_ID, VOCABULARY, DSLError, Triple
-from .rl import grouped_advantages, learnability, make_batch, reinforce_loss, token_logprobs
 
 KINDS = ("ded", "abd", "ind")
 ARMS = ("warmup_only", "solver_rl_random", "azr_frozen_proposer", "azr")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ...models import Transformer
+from ..models import Transformer
 
 EPS = 1e-6
 
