@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from test_server_support import CHILD_ENV, FAST, TINY_MODEL, client, settings, upload, wait_for, wait_run
@@ -134,6 +135,10 @@ def test_what_an_evaluation_reads_stays_until_it_is_cancelled(ev):
     r = ev.post("/api/v1/runs/eval", json={"run": ev.train_run, "tasks": ["fables-gen"]})
     run_id = r.json()["id"]
     pid = wait_for(lambda: ev.get(f"/api/v1/runs/{run_id}").json()["pid"], 60, 0.01, "the evaluation to start")
+    # past torch's import (seen in CI under load: a SIGINT landing inside a C extension's import surfaced as another
+    # exception, exit 1): lmlab.models imports safetensors' extension after torch, inside the command's handler
+    wait_for(lambda: "_safetensors_rust" in Path(f"/proc/{pid}/maps").read_text(), 60, 0.01,
+             "the evaluation to import its libraries")
     os.kill(pid, signal.SIGSTOP)  # held until the cancel is sent: it cannot finish first
     try:
         r = ev.delete(f"/api/v1/runs/{ev.train_run}")
