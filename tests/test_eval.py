@@ -221,7 +221,7 @@ def test_bad_task_files(tmp_path):
         load_task(tmp_path / "t.yaml")
     (tmp_path / "t.yaml").write_text("name: t\nkind: lm\ndata: x.jsonl\n")
     (tmp_path / "x.jsonl").write_bytes('{"context": "Жили", "continuation": "x"}\n'.encode("cp1251"))
-    with pytest.raises(ValueError, match=r"x.jsonl: not UTF-8 text \(byte 13\)"):
+    with pytest.raises(ValueError, match=r"x.jsonl:1: not UTF-8 \(byte 14\)"):  # the line, and its 1-based byte
         load_task(tmp_path / "t.yaml")
 
 

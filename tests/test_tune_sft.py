@@ -41,7 +41,7 @@ GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "c
 
 
 @pytest.mark.parametrize("bad, why", [
-    ('{"messages": [', "not valid JSON"),
+    ('{"messages": [', "not JSON"),
     ({"messages": [{"content": "hi"}, {"role": "assistant", "content": "x"}]}, "message 1: no 'role'"),
     ({"messages": [{"role": "bot", "content": "hi"}, {"role": "assistant", "content": "x"}]},
      "message 1: unknown role 'bot'"),

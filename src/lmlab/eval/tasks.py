@@ -16,13 +16,13 @@ One JSON object per line: multiple_choice {"context", "choices": [...], "answer"
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..configs import from_dict, read_config_file
+from ..data.jsonl import read_jsonl
 from ..models import GenerationConfig, Transformer
 from .scorer import score_choices, score_generation, score_greedy
 
@@ -93,25 +93,14 @@ def read_items(path: Path, kind: str) -> list[dict[str, Any]]:
     """The JSONL items of a task, each checked: `FILE:LINE: reason` for the first bad one."""
     if not path.is_file():
         raise ValueError(f"task data not found: {path}")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-    items = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{n}: not JSON ({exc.msg})") from None
-        problem = _check(item, kind)
-        if problem:
-            raise ValueError(f"{path}:{n}: {problem}")
-        items.append(item)
-    if not items:
-        raise ValueError(f"{path}: no items")
-    return items
+    return [item for _, item in read_jsonl(path, lambda item: _checked(item, kind))]
+
+
+def _checked(item: Any, kind: str) -> dict[str, Any]:
+    problem = _check(item, kind)
+    if problem:
+        raise ValueError(problem)
+    return item
 
 
 def _check(item: Any, kind: str) -> str | None:

@@ -5,47 +5,18 @@
                   {"role": "assistant", "content": "Answer: 5."}]}          # a conversation
     {"prompt": "Once upon a time", "completion": " there was a fox."}       # prompt–completion
 
-`read_jsonl(path, check)` is the reader every format shares: `check(obj)` returns the example or raises
+Every format is read by data.jsonl.read_jsonl(path, check): `check(obj)` returns the example or raises
 ValueError with the reason, which comes out as one line naming the file and the line.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-T = TypeVar("T")
+from ..data.jsonl import read_jsonl
+
 ROLES = ("system", "user", "assistant")
-
-
-def read_jsonl(path: str | Path, check: Callable[[Any], T]) -> list[tuple[int, T]]:
-    """(line number, check(record)) for every non-blank line of a UTF-8 JSONL file; ValueError naming the line
-    at the first bad one (bad UTF-8, bad JSON, or whatever `check` refuses)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file not found: {path}")
-    out = []
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not UTF-8 (byte {exc.start + 1})") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not valid JSON ({exc.msg}, column {exc.colno})") from None
-            try:
-                out.append((number, check(record)))
-            except ValueError as exc:
-                raise ValueError(f"{path}:{number}: {exc}") from None
-    if not out:
-        raise ValueError(f"{path}: no examples (an empty file)")
-    return out
 
 
 def _text(record: dict[str, Any], key: str, where: str = "") -> str:

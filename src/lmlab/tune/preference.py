@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from ..data.jsonl import read_jsonl
 from ..files import atomic_path
 from ..train.trainer import Objective
 
@@ -35,41 +36,31 @@ RENDER = "plain-v1"  # changes whenever render() does: part of the reference cac
 
 # ---- data -------------------------------------------------------------------------------------------
 
-def read_jsonl(path: str | Path, kind: str) -> list[dict[str, Any]]:
+def read_examples(path: str | Path, kind: str) -> list[dict[str, Any]]:
     """The examples of a pairs (`kind="pairs"`) or KTO (`kind="kto"`) file, validated: ValueError naming the
     file and line for bad JSON, a missing or non-string field, an empty string, chosen == rejected, a label
     that is not true/false."""
-    fields = ("prompt", "chosen", "rejected") if kind == "pairs" else ("prompt", "completion")
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such data file: {path}")
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not JSON ({e.msg})") from None
+    fields = ("prompt", "chosen", "rejected") if kind == "pairs" else ("prompt", "completion", "label")
+
+    def check(row: Any) -> dict[str, Any]:
         if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected an object with {', '.join(fields)}")
-        for f in fields:
+            raise ValueError(f"expected an object with {', '.join(fields)}")
+        for f in fields[:3 if kind == "pairs" else 2]:
             if f not in row:
-                raise ValueError(f"{where}: missing field {f!r}")
+                raise ValueError(f"missing field {f!r}")
             if not isinstance(row[f], str):
-                raise ValueError(f"{where}: {f!r} must be a string")
+                raise ValueError(f"{f!r} must be a string")
             if not row[f].strip():
-                raise ValueError(f"{where}: {f!r} is empty")
+                raise ValueError(f"{f!r} is empty")
         if kind == "pairs" and row["chosen"] == row["rejected"]:
-            raise ValueError(f"{where}: chosen and rejected are the same text")
+            raise ValueError("chosen and rejected are the same text")
         if kind == "kto" and not isinstance(row.get("label"), bool):
-            raise ValueError(f"{where}: 'label' must be true or false")
-        rows.append({"line": n, **{f: row[f] for f in (*fields, *(("label",) if kind == "kto" else ()))}})
+            raise ValueError("'label' must be true or false")
+        return {f: row[f] for f in fields}
+
+    rows = [{"line": n, **row} for n, row in read_jsonl(path, check)]
     if kind == "kto" and len(rows) < 2:
         raise ValueError(f"{path}: KTO needs 2 examples or more (its KL estimate pairs prompts with other completions)")
-    if not rows:
-        raise ValueError(f"{path}: no examples")
     return rows
 
 
@@ -117,7 +108,7 @@ class PreferenceData:
     def __init__(self, path: str | Path, tokenizer: Any, kind: str, max_len: int, pad_id: int = 0):
         # (not `path`: the Trainer records a dataset's path as a token file that `lmlab train --resume` opens)
         self.file, self.kind = Path(path), kind
-        rows = read_jsonl(path, kind)
+        rows = read_examples(path, kind)
         lines = [f"{path}:{r['line']}" for r in rows]
         self.tensors: dict[str, torch.Tensor] = {}
         self.truncated, self.n = 0, len(rows)
