@@ -269,11 +269,7 @@ def _train(args: argparse.Namespace) -> int:
     overrides, model_fields = given(args, TrainConfig), given(args, ModelConfig)
     model_fields.pop("vocab_size", None)  # the tokenizer's (--vocab-size), not a model flag
     if args.resume:
-        new_run = ["SOURCES" if k == "sources" else "--" + k.replace("_", "-") for k in (*_NEW_RUN_ONLY, *model_fields)
-                   if getattr(args, k) not in (None, [])]
-        if new_run:
-            raise ValueError(f"--resume continues the run in --out with its own data, tokenizer and model; drop "
-                             f"{', '.join(new_run)}")
+        refuse_on_resume(args, (*_NEW_RUN_ONLY, *model_fields), "data, tokenizer and model")
         from .train.trainer import read_run_config
         saved = read_run_config(args.out).get("lora")
         lora = None
@@ -294,17 +290,31 @@ def _train(args: argparse.Namespace) -> int:
             args.out, config, sources=args.sources, dataset=args.dataset, preset=args.preset,
             model_config=model_config, model_fields=model_fields, init=args.init, tokenizer=args.tokenizer,
             weights=parse_weights(args.weight), callbacks=callbacks, lora=lora_config(args), **data)
+    adapter = Path(args.out) / "adapter"
+    return report_run(args, result, "train", after=f"\nLoRA adapter (PEFT layout): {adapter}; final/ has it merged"
+                      if adapter.is_dir() else "")
+
+
+def refuse_on_resume(args: argparse.Namespace, flags: Sequence[str], what: str) -> None:
+    """--resume keeps the run's own settings: ValueError naming the given flags among `flags` (dest names)."""
+    given_flags = ["SOURCES" if k == "sources" else "--" + k.replace("_", "-") for k in flags
+                   if getattr(args, k, None) not in (None, False, [])]
+    if given_flags:
+        raise ValueError(f"--resume continues the run in --out with its own {what}; drop {', '.join(given_flags)}")
+
+
+def report_run(args: argparse.Namespace, result: Any, command: str, extra: str = "", after: str = "") -> int:
+    """The closing lines of a run on the Trainer (rank 0 only): where it stopped, how to continue an interrupted
+    run (exit 130), where its model is."""
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
         return 0
     print(f"stopped after {result.steps} steps ({result.stop_reason})"
           + (f"; final loss {result.final_loss:.4f}" if result.final_loss is not None else "")
-          + (f", best val loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""))
+          + (f", best val loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else "") + extra)
     if result.stop_reason == "interrupted":
-        print(f"continue with: lmlab train --out {args.out} --resume")
+        print(f"continue with: lmlab {command} --out {args.out} --resume")
         return 130
-    print(f"model: {Path(args.out) / 'final'}")
-    if (Path(args.out) / "adapter").is_dir():
-        print(f"LoRA adapter (PEFT layout): {Path(args.out) / 'adapter'}; final/ has it merged")
+    print(f"model: {Path(args.out) / 'final'}{after}")
     return 0
 
 
@@ -853,10 +863,8 @@ def _tune_grpo(args: argparse.Namespace) -> int:
         raise ValueError("give --prompt or --prompts-file, not both")
     prompts = read_prompts_file(args.prompts_file) if args.prompts_file else args.prompt
     if args.resume:
-        new_run = [f for f in ("model", "task", "reward", "prompts_file", "judge", "reward_file") if getattr(args, f)]
-        if new_run or prompts:
-            raise ValueError("--resume continues the run in --out with its own model, task or reward and prompts; "
-                             f"drop {', '.join('--' + f.replace('_', '-') for f in new_run) or '--prompt'}")
+        refuse_on_resume(args, ("model", "task", "reward", "prompt", "prompts_file", "judge", "reward_file"),
+                         "model, task or reward and prompts")
         result = resume_grpo(args.out, overrides)
     else:
         if not args.model:
@@ -893,37 +901,26 @@ def _dpo_arguments(p: argparse.ArgumentParser) -> None:
            _dpo_arguments)
 def _tune_dpo(args: argparse.Namespace) -> int:
     from .train import TrainConfig
+    from .train.config import STOP_CONDITIONS
     from .tune.preference import PreferenceConfig, default_cache_dir, run_preference
 
     overrides = given(args, TrainConfig)
     if args.resume:
-        given_new = [f"--{k.replace('_', '-')}" for k in ("model", "data", "loss", "beta", "gamma", "ref_cache")
-                     if getattr(args, k) is not None]
-        if given_new:
-            raise ValueError(f"--resume continues the run in --out with its own model, data and loss; drop "
-                             f"{', '.join(given_new)}")
+        refuse_on_resume(args, ("model", "data", "loss", "beta", "gamma", "ref_cache"), "model, data and loss")
         result = run_preference(args.out, overrides, resume=True)
     else:
         if not args.model or not args.data:
             raise ValueError("--model and --data are required (except with --resume)")
-        if not any(overrides.get(k) for k in ("max_steps", "max_tokens", "epochs", "time_budget_s")):
+        if not any(overrides.get(k) for k in STOP_CONDITIONS):
             overrides["max_steps"] = 100
         cache = None if args.ref_cache == "none" else Path(args.ref_cache) if args.ref_cache else default_cache_dir()
         cfg = PreferenceConfig(loss=args.loss or "dpo", beta=args.beta,
                                **({"gamma": args.gamma} if args.gamma is not None else {}))
         result = run_preference(args.out, TrainConfig.from_dict(overrides), model_dir=args.model, data=args.data,
                                 cfg=cfg, cache_dir=cache)
-    if os.environ.get("RANK", "0") != "0":
-        return 0
     last = next((m for m in reversed(result.history) if "margin" in m), {})
-    print(f"stopped after {result.steps} steps ({result.stop_reason})"
-          + (f"; loss {result.final_loss:.4f}" if result.final_loss is not None else "")
-          + (f", margin {last['margin']:.4f}, accuracy {last['accuracy']:.2f}, kl {last['kl']:.4f}" if last else ""))
-    if result.stop_reason == "interrupted":
-        print(f"continue with: lmlab tune dpo --out {args.out} --resume")
-        return 130
-    print(f"model: {Path(args.out) / 'final'}")
-    return 0
+    return report_run(args, result, "tune dpo", f", margin {last['margin']:.4f}, accuracy {last['accuracy']:.2f}, "
+                      f"kl {last['kl']:.4f}" if last else "")
 
 
 # ---- tune sft / chat ---------------------------------------------------------------------------------
@@ -953,12 +950,7 @@ def _tune_sft(args: argparse.Namespace) -> int:
 
     overrides = given(args, TrainConfig)
     if args.resume:
-        new_run = [f for f, v in (("--model", args.model), ("--data", args.data), ("--packing", args.packing),
-                                  ("--completion-only", args.completion_only),
-                                  ("--val-fraction", args.val_fraction)) if v]
-        if new_run:
-            raise ValueError(f"--resume continues the run in --out with its own model and data; drop "
-                             f"{', '.join(new_run)}")
+        refuse_on_resume(args, ("model", "data", "packing", "completion_only", "val_fraction"), "model and data")
         result = resume_sft(args.out, overrides)
     else:
         if not args.model or not args.data:
@@ -968,16 +960,7 @@ def _tune_sft(args: argparse.Namespace) -> int:
         result = run_sft(args.model, args.data, args.out, TrainConfig.from_dict(overrides), packing=args.packing,
                          completion_only=args.completion_only,
                          val_fraction=0.1 if args.val_fraction is None else args.val_fraction)
-    if os.environ.get("RANK", "0") != "0":
-        return 0
-    print(f"stopped after {result.steps} steps ({result.stop_reason})"
-          + (f"; final loss {result.final_loss:.4f}" if result.final_loss is not None else "")
-          + (f", best val loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""))
-    if result.stop_reason == "interrupted":
-        print(f"continue with: lmlab tune sft --out {args.out} --resume")
-        return 130
-    print(f"model: {Path(args.out) / 'final'} (try: lmlab chat {Path(args.out) / 'final'})")
-    return 0
+    return report_run(args, result, "tune sft", after=f" (try: lmlab chat {Path(args.out) / 'final'})")
 
 
 def _chat_arguments(p: argparse.ArgumentParser) -> None:
