@@ -257,18 +257,19 @@ def test_azr_arms_run_and_report(tmp_path):
     assert "data:image/png;base64" in (tmp_path / "report.html").read_text()
 
 
-def _start_model(path, seed=0, dropout=0.0):
-    """A 1-layer model with a char tokenizer, saved as a model directory at `path`."""
-    tok = Tokenizer.train(["abcdefgh " * 20], kind="char", vocab_size=64)
+def start_model(path, seed=0, dropout=0.0, text="abcdefgh " * 20, block_size=32):
+    """A 1-layer model with a char tokenizer of `text`'s characters, saved as a model directory at `path` ->
+    (model, tokenizer). (tests/test_tune_grpo.py uses it too.)"""
+    tok = Tokenizer.train([text], kind="char", vocab_size=64)
     torch.manual_seed(seed)
     model = Transformer(ModelConfig(family="gpt2", vocab_size=len(tok), n_layer=1, n_head=2, n_embd=32,
-                                    block_size=32, dropout=dropout))
+                                    block_size=block_size, dropout=dropout))
     save_pretrained(path, model, tok)
-    return model
+    return model, tok
 
 
 def test_text_selfplay_raises_a_user_reward(tmp_path):
-    model = _start_model(tmp_path / "start")
+    model, _ = start_model(tmp_path / "start")
     (tmp_path / "r.py").write_text("def share_of_a(prompt, completion):\n"
                                    "    return completion.count('a') / max(len(completion), 1)\n")
     cfg = TextSelfPlayConfig(iterations=12, prompts_per_iteration=2, group_size=8, max_new_tokens=12, lr=3e-3,
@@ -288,7 +289,7 @@ def test_text_selfplay_scores_as_it_samples_under_dropout(tmp_path):
     """A model whose config carries dropout 0.1 (imported GPT-2 models do): completions are sampled with dropout
     off, and scored so too, so the first iteration's KL to the identical starting model is exactly 0. Scored
     with dropout on (as self-play did), it was not, and the update was off-policy."""
-    _start_model(tmp_path / "start", dropout=0.1)
+    start_model(tmp_path / "start", dropout=0.1)
     cfg = TextSelfPlayConfig(iterations=1, prompts_per_iteration=2, group_size=4, max_new_tokens=8, save_every=0)
     rows = run_text_selfplay(tmp_path / "start", tmp_path / "run", cfg, ["ab", ""], log=None)
     assert rows[0]["reward_std"] > 0 and rows[0]["kl"] == 0.0
@@ -297,7 +298,7 @@ def test_text_selfplay_scores_as_it_samples_under_dropout(tmp_path):
 def test_a_run_of_the_earlier_loop_is_refused_in_one_line(tmp_path):
     """A run directory made before self-play ran on the Trainer (its config.json has no "train", its checkpoints
     another layout) is refused with the reason, not a traceback from inside the Trainer."""
-    _start_model(tmp_path / "start")
+    start_model(tmp_path / "start")
     run = tmp_path / "run"
     (run / "checkpoints" / "step-2").mkdir(parents=True)
     cfg = TextSelfPlayConfig(iterations=3, group_size=2, max_new_tokens=4)
@@ -328,7 +329,7 @@ def test_text_selfplay_resumes_exactly(tmp_path):
     iteration 6 (after the checkpoint of 4 and the metrics line of 5), resumed again: the same metrics lines but
     for the timings, and the same final weights. The prompts and sampling seeds come from the Trainer's data
     generator, which the checkpoint brings back; the model's dropout (0.1) is off in sampling and scoring."""
-    _start_model(tmp_path / "start", dropout=0.1)
+    start_model(tmp_path / "start", dropout=0.1)
     cfg = TextSelfPlayConfig(iterations=6, prompts_per_iteration=2, group_size=4, max_new_tokens=10, lr=3e-3,
                              save_every=2)
     prompts = ["ab", ""]
@@ -370,7 +371,7 @@ def test_text_selfplay_resume_keeps_its_run(tmp_path):
     """Resume needs a checkpoint; keeps the run's settings, prompts and starting weights (it may only go further
     or checkpoint at another pace); and a new run does not start over another run's checkpoints."""
     start = tmp_path / "start"
-    _start_model(start)
+    start_model(start)
     cfg = TextSelfPlayConfig(iterations=2, prompts_per_iteration=1, group_size=2, max_new_tokens=4, save_every=0)
     run = tmp_path / "run"
     with pytest.raises(ValueError, match="no checkpoint to resume from"):
@@ -389,11 +390,11 @@ def test_text_selfplay_resume_keeps_its_run(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3]
     saved = json.loads((run / "config.json").read_text())["selfplay_text"]
     assert (saved["iterations"], saved["save_every"], saved["lr"]) == (3, 1, cfg.lr)
-    _start_model(start, seed=1)  # the starting model trained meanwhile: the KL anchor would not be the run's
+    start_model(start, seed=1)  # the starting model trained meanwhile: the KL anchor would not be the run's
     changed = rf"^cannot resume {re.escape(str(run))}: the weights of the starting model differ"
     with pytest.raises(ValueError, match=changed):
         resume_text_selfplay(run, {"iterations": 4}, log=None)
-    _start_model(start)
+    start_model(start)
     config = json.loads((run / "config.json").read_text())
     config["selfplay_text"]["lr"] = "fast"  # a config.json edited by hand: a refusal naming it, not a TypeError
     (run / "config.json").write_text(json.dumps(config))
@@ -408,7 +409,7 @@ def test_cli_resume_continues_the_run(tmp_path, capsys):
     setting that differs from the run's in one line."""
     from lmlab.cli import main
 
-    _start_model(tmp_path / "start")
+    start_model(tmp_path / "start")
     run = tmp_path / "run"
     text = ["selfplay", "text", "--out", str(run)]
     assert main([*text, "--model", str(tmp_path / "start"), "--reward", "repetition", "--prompt", "ab",
@@ -496,7 +497,7 @@ def test_cli_resume_from_a_damaged_checkpoint_is_one_line(damage, tmp_path, caps
     one before it is kept), exit 2, not a traceback."""
     from lmlab.cli import main
 
-    _start_model(tmp_path / "start")
+    start_model(tmp_path / "start")
     run = tmp_path / "run"
     text = ["selfplay", "text", "--out", str(run)]
     assert main([*text, "--model", str(tmp_path / "start"), "--iterations", "2", "--group-size", "2",

@@ -9,10 +9,9 @@ import math
 
 import pytest
 import torch
+from test_selfplay import start_model
 
-from lmlab.models import ModelConfig, Transformer
-from lmlab.models.io import load_pretrained, save_pretrained
-from lmlab.tokenizers import Tokenizer
+from lmlab.models.io import load_pretrained
 from lmlab.tune.grpo import (
     GRPO,
     GRPOConfig,
@@ -38,12 +37,7 @@ def _one_thread():
 
 def _start_model(path, seed=0, dropout=0.0):
     """A 1-layer model with a char tokenizer that knows the tasks' characters, saved at `path`."""
-    tok = Tokenizer.train(["0123456789+= abcdefghijklmnopqrstuvwxyz[]:\n" * 5], kind="char", vocab_size=64)
-    torch.manual_seed(seed)
-    model = Transformer(ModelConfig(family="gpt2", vocab_size=len(tok), n_layer=1, n_head=2, n_embd=32,
-                                    block_size=48, dropout=dropout))
-    save_pretrained(path, model, tok)
-    return model, tok
+    return start_model(path, seed, dropout, "0123456789+= abcdefghijklmnopqrstuvwxyz[]:\n" * 5, block_size=48)
 
 
 def _metrics(run_dir):
