@@ -229,3 +229,15 @@ def test_bad_input_is_refused_in_one_line(capsys, trained_dir):
     code, _, err = run(capsys, "train", tmp / "book.txt", "--init", tmp / "q8", "--out", tmp / "run", "--max-steps", 1)
     assert code == 2 and "is an int8/int4 model, which cannot train" in err and not (tmp / "run").exists(), err
     assert not list(tmp.glob(".*.tmp"))
+
+
+def test_no_run_on_the_trainer_takes_a_quantized_model(capsys, trained_dir, tmp_path):
+    """The Trainer refuses it, so every command that trains does (tune dpo trained the norms alone and wrote a
+    final/ no loader reads before the check moved there from `lmlab train`)."""
+    src, tmp = trained_dir
+    assert run(capsys, "quantize", src, "--to", "int8", "--out", tmp_path / "q8")[0] == 0
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "the cat", "chosen": " sat on the mat.", "rejected": " ran."}) + "\n")
+    code, _, err = run(capsys, "tune", "dpo", "--model", tmp_path / "q8", "--data", pairs, "--out", tmp_path / "run",
+                       "--max-steps", 1, "--ref-cache", "none")
+    assert code == 2 and "is an int8/int4 model, which cannot train" in err, err

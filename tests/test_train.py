@@ -557,6 +557,20 @@ def book(tmp_path_factory):
     return path
 
 
+def test_cli_train_resume_from_a_damaged_checkpoint_is_one_line(tmp_path, book, capsys):
+    """The Trainer reads a checkpoint's files before loading any (before: an UnpicklingError traceback, exit 1)."""
+    run = tmp_path / "run"
+    assert main(["train", str(book), "--preset", "llama-tiny", "--vocab-size", "300", "--out", str(run),
+                 "--max-steps", "2", "--batch-size", "2", "--seq-len", "32", "--save-every", "2",
+                 "--eval-batches", "1"]) == 0
+    capsys.readouterr()
+    (run / "checkpoints" / "step-2" / "optimizer.pt").write_bytes(b"{")
+    assert main(["train", "--out", str(run), "--resume", "--max-steps", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"lmlab: error: cannot read the checkpoint {run / 'checkpoints' / 'step-2'} (UnpicklingError); it "
+                   "is damaged: delete it to resume from the one before, if there is one"], err
+
+
 def test_cli_train_resume_eval_generate(tmp_path, book, capsys):
     run = tmp_path / "run"
     args = ["train", str(book), "--preset", "llama-tiny", "--vocab-size", "400", "--out", str(run),

@@ -302,6 +302,14 @@ class QuantEmbedding(nn.Module):
 
 # ---- whole models ---------------------------------------------------------------------------------
 
+def refuse_quantized(model: nn.Module) -> None:
+    """ValueError for a model with int8/int4 layers, which cannot train: their integer weights are buffers, so a
+    run would train the norms alone and write a final/ that no loader reads."""
+    if any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules()):
+        raise ValueError("this model is an int8/int4 model, which cannot train; start from the model it was "
+                         f"quantized from (its {QUANTIZATION}: source)")
+
+
 def plan_modules(model: nn.Module, keep_head: bool) -> tuple[list[str], list[str]]:
     """(the linears to quantize, the weights kept in fp32). The head is quantized unless keep_head; with a
     tied head the embedding then reads the quantized rows. An untied embedding, position table, norms and

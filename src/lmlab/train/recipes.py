@@ -27,7 +27,7 @@ from ..eval.scorer import bits_per_byte, sequence_nll
 from ..files import atomic_write_text
 from ..models import ModelConfig, Transformer, generate
 from ..models.io import load_pretrained
-from ..models.quant import QUANTIZATION
+from ..models.quant import refuse_quantized
 from ..tokenizers import Tokenizer
 from .checkpoint import refuse_existing_run
 from .config import TrainConfig
@@ -79,10 +79,8 @@ def train_from_sources(out_dir: str | Path, config: TrainConfig, *, sources: Seq
     paths = find_documents(sources) if sources else []
     model = None
     if init is not None:
-        if (Path(init) / QUANTIZATION).is_file():
-            raise ValueError(f"{init} is an int8/int4 model, which cannot train; start from the model it was "
-                             f"quantized from")
         model, tok = load_pretrained(init)
+        refuse_quantized(model)  # before anything is written (the Trainer would refuse it after the data)
         if tok is None:
             raise ValueError(f"{init} has no tokenizer.json")
         model.train()

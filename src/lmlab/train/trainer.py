@@ -56,6 +56,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -69,6 +70,7 @@ from ..eval.scorer import bits_per_byte
 from ..files import atomic_write_text
 from ..models import ModelConfig, Transformer, fast
 from ..models.io import save_pretrained
+from ..models.quant import refuse_quantized
 from .checkpoint import (
     StopOnSignal,
     b64,
@@ -262,6 +264,7 @@ class Trainer:
             # the processes agree every step on whether to stop: over CPU tensors, which NCCL cannot carry, so
             # that agreeing never waits for the GPU's queue to drain
             self._cpu_group = dist.new_group(backend="gloo") if self.device.type == "cuda" else None
+        refuse_quantized(model)  # every command trains through here: train, tune sft/dpo/grpo, self-play
         self.model_config: ModelConfig = model.config
         self.seq_len = config.seq_len or self.model_config.block_size
         check_fits(self.model_config, config, self.device, self.world)
@@ -358,20 +361,17 @@ class Trainer:
                 in_step = False
                 tokens_window += self.tokens_per_step
                 log_now = self.step % c.log_every == 0 or self.step == 1
-                if log_now:  # reading a tensor waits for the device: only on the steps that write a line
-                    loss, grad_norm = float(loss), float(grad_norm)
-                last_loss = loss
                 self.elapsed = time.perf_counter() - t_start
                 metrics: dict[str, Any] = {"step": self.step, "tokens": self.tokens,
                                            "elapsed_s": round(self.elapsed, 3), "loss": loss, "lr": lr,
                                            "grad_norm": grad_norm, **self._step_metrics}
-                if log_now:
+                if log_now:  # reading a tensor waits for the device: only on the steps that write a line
                     to_host(metrics)
-                if log_now:
                     now = time.perf_counter()
                     tps = tokens_window / max(now - t_window, 1e-9)
                     t_window, tokens_window = now, 0
                     metrics.update(tokens_per_s=round(tps, 1), mfu=self._mfu(tps))
+                last_loss = metrics["loss"]
                 stop_reason = self._limit_reached()
                 evaluated = bool(c.eval_every and self.step % c.eval_every == 0) or stop_reason is not None
                 if evaluated:
@@ -702,14 +702,21 @@ class Trainer:
         # sharded: into a plain model on CPU (load_model resolves tied weights), then scattered; else straight into
         # the model, whatever modules it carries (a LoRA model's adapters are in its checkpoints too)
         plain = Transformer(self.model_config) if self.sharded else self.model
+        try:  # a checkpoint is written whole (temporary folder + rename): what does not read is damage on disk
+            state = json.loads((path / "state.json").read_text())
+            state["step"], state["rng"]["data"]  # noqa: B018 (what resume reads first)
+            optim = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+            with safe_open(str(path / "model.safetensors"), "pt") as f:
+                f.keys()
+        except Exception as exc:  # noqa: BLE001 - safetensors, unpickling, JSON, a missing file or key
+            raise ValueError(f"cannot read the checkpoint {path} ({type(exc).__name__}); it is damaged: delete it to "
+                             "resume from the one before, if there is one") from None
         missing, unexpected = load_model(plain, str(path / "model.safetensors"), strict=False)
         if missing or unexpected:
             raise ValueError(f"{path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
         if self.sharded:
             set_model_state_dict(self.model, plain.state_dict(), options=StateDictOptions(full_state_dict=True))
-        optim = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
         set_optimizer_state_dict(self.model, self.optimizer, optim, options=StateDictOptions(full_state_dict=True))
-        state = json.loads((path / "state.json").read_text())
         self.generator.set_state(unb64(state["rng"]["data"]))
         # this rank's dropout RNG (checkpoints before per-rank states held one string); a rank the saving run
         # did not have is seeded afresh in fit()

@@ -319,30 +319,11 @@ def train_grpo(policy: torch.nn.Module, tokenizer: Any, out: str | Path, config:
     if dist_env()[1] > 1:
         raise ValueError("GRPO runs in one process; start it without torchrun")
     if resume:
-        from ..train import latest_checkpoint
-        readable_checkpoint(latest_checkpoint(out))
+        pass
     grpo = GRPO(policy, tokenizer, config, source, reward, reference)
     seq_len = min(policy.config.block_size, source.longest() + config.max_new_tokens)
     return train(policy, tokenizer, grpo, train_settings or train_config(config, seq_len), out,
                  [_Report(grpo, log)], resume=resume, provenance=provenance, objective=grpo)
-
-
-def readable_checkpoint(path: Path | None) -> None:
-    """ValueError naming a checkpoint whose files do not read (the Trainer would stop on it with a traceback).
-    A checkpoint is written whole (temporary folder + rename), so this is damage on disk: safetensors,
-    unpickling (whose own message suggests weights_only=False), JSON, or a missing file or key."""
-    if path is None:
-        return
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path / WEIGHTS), "pt") as f:
-            f.keys()
-        torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-        state = json.loads((path / "state.json").read_text())
-        state["step"], state["rng"]["data"]  # noqa: B018 (what resume reads first)
-    except Exception as exc:  # noqa: BLE001
-        raise ValueError(f"cannot read the checkpoint {path} ({type(exc).__name__}); it is damaged: delete it to "
-                         "resume from the one before, if there is one") from None
 
 
 # ---- a run's record: what resume keeps ---------------------------------------------------------------------
