@@ -621,8 +621,11 @@ class Trainer:
         if fixed:
             raise ValueError(f"a resumed run keeps the settings it started with: {', '.join(fixed)} cannot change "
                              f"(only {', '.join(RESUMABLE)} can)")
-        state = json.loads((path / "state.json").read_text())
-        step = state["step"]
+        try:
+            state = json.loads((path / "state.json").read_text())
+            step = state["step"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise damaged(path, exc) from None
         old = state["schedule_steps"] if "schedule_steps" in state else self._planned_steps(before)
         new, note, superseded = self.total_steps, None, []
         self.schedule_steps = old
@@ -702,15 +705,14 @@ class Trainer:
         # sharded: into a plain model on CPU (load_model resolves tied weights), then scattered; else straight into
         # the model, whatever modules it carries (a LoRA model's adapters are in its checkpoints too)
         plain = Transformer(self.model_config) if self.sharded else self.model
-        try:  # a checkpoint is written whole (temporary folder + rename): what does not read is damage on disk
+        try:
             state = json.loads((path / "state.json").read_text())
             state["step"], state["rng"]["data"]  # noqa: B018 (what resume reads first)
             optim = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
             with safe_open(str(path / "model.safetensors"), "pt") as f:
                 f.keys()
         except Exception as exc:  # noqa: BLE001 - safetensors, unpickling, JSON, a missing file or key
-            raise ValueError(f"cannot read the checkpoint {path} ({type(exc).__name__}); it is damaged: delete it to "
-                             "resume from the one before, if there is one") from None
+            raise damaged(path, exc) from None
         missing, unexpected = load_model(plain, str(path / "model.safetensors"), strict=False)
         if missing or unexpected:
             raise ValueError(f"{path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
@@ -762,6 +764,12 @@ class Trainer:
 
 
 RESUMES = "resumes.jsonl"
+
+
+def damaged(path: Path, exc: BaseException) -> ValueError:
+    """A checkpoint is written whole (temporary folder + rename): one whose files do not read is damage on disk."""
+    return ValueError(f"cannot read the checkpoint {path} ({type(exc).__name__}); it is damaged: delete it to resume "
+                      "from the one before, if there is one")
 
 
 def to_host(metrics: dict[str, Any]) -> None:
