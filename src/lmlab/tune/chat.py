@@ -29,6 +29,7 @@ from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
 
 from ..files import atomic_write_text
+from ..interop._files import CHAT_TEMPLATE
 from ..models import GenerationConfig, Transformer
 from ..models.generation import iter_tokens
 from ..models.io import load_pretrained
@@ -37,7 +38,7 @@ from ..tokenizers import Tokenizer
 MARKERS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 END = "<|end|>"
 CHAT_TOKENS = (*MARKERS.values(), END)
-TEMPLATE_FILE = "chat_template.jinja"  # = interop._files.CHAT_TEMPLATE
+TEMPLATE_FILE = CHAT_TEMPLATE  # the file name transformers itself uses
 TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'system' -%}<|system|>{{ message['content'] }}<|end|>"

@@ -57,7 +57,7 @@ from ..models.io import WEIGHTS
 from ..train import TrainConfig
 from ..train.trainer import Callback, Objective, Trainer, train
 from .rewards import Reward, Task
-from .rl import Batch, make_batch, token_logprobs
+from .rl import Batch, kl_k3, make_batch, token_logprobs
 
 VARIANTS = ("grpo", "dr_grpo", "dapo")
 STD_EPS = 1e-4   # TRL's guard on the group std
@@ -96,13 +96,6 @@ class GRPOConfig:
 
 
 # ---- the loss, on tensors ----------------------------------------------------------------------------------
-
-def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Per-token KL(pi || pi_ref) estimate exp(d) - d - 1 with d = log pi_ref - log pi on tokens sampled
-    from pi: unbiased, always >= 0 (Schulman 2020, "Approximating KL divergence"; GRPO's choice)."""
-    d = ref_logp - logp
-    return torch.exp(d) - d - 1
-
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: bool = True) -> torch.Tensor:
     """(N,) rewards, consecutive groups of `group_size` -> (N,) advantages: r minus its group's mean, divided by

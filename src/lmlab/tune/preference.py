@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from ..data.jsonl import read_jsonl
 from ..files import atomic_path
 from ..train.trainer import Objective
+from .rl import kl_k3
 
 LOSSES = ("dpo", "ipo", "simpo", "orpo", "kto")
 # beta's usual value per loss: DPO/IPO/KTO papers and TRL's default 0.1; SimPO's paper sweeps 2.0-2.5; ORPO's
@@ -107,7 +108,7 @@ class PreferenceData:
 
     def __init__(self, path: str | Path, tokenizer: Any, kind: str, max_len: int, pad_id: int = 0):
         # (not `path`: the Trainer records a dataset's path as a token file that `lmlab train --resume` opens)
-        self.file, self.kind = Path(path), kind
+        self.kind = kind
         rows = read_examples(path, kind)
         lines = [f"{path}:{r['line']}" for r in rows]
         self.tensors: dict[str, torch.Tensor] = {}
@@ -267,10 +268,8 @@ def kto_loss(cfg: PreferenceConfig, logps: torch.Tensor, ref: torch.Tensor, labe
 
 
 def k3(policy: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean per-token KL(policy || reference) over the masked tokens by Schulman's k3 estimator
-    (http://joschu.net/blog/kl-approx.html): (e^d - 1) - d, d = log pi_ref - log pi; non-negative per token."""
-    d = (ref - policy)[mask]
-    return (torch.expm1(d) - d).sum() / mask.sum().clamp_min(1)
+    """Mean per-token KL(policy || reference) over the masked tokens by Schulman's k3 estimator (rl.kl_k3)."""
+    return kl_k3(policy, ref)[mask].sum() / mask.sum().clamp_min(1)
 
 
 class PreferenceObjective(Objective):
@@ -325,9 +324,6 @@ class PreferenceObjective(Objective):
 
     def evaluate(self, trainer: Any) -> dict[str, float]:
         return {}  # no held-out pairs yet: the step's metrics are the record (books' validation does not apply)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"loss": self.cfg.loss, "beta": self.cfg.beta}
 
 
 def _stack(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -103,3 +103,11 @@ def reinforce_loss(logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Ten
     if entropy is not None and entropy_coef:
         loss = loss - entropy_coef * (entropy * m).sum() / n
     return loss
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(pi || pi_ref) estimate exp(d) - d - 1 with d = log pi_ref - log pi on tokens sampled
+    from pi: unbiased, always >= 0 (Schulman 2020, "Approximating KL divergence", http://joschu.net/blog/kl-approx.html;
+    GRPO's choice). GRPO and the preference losses' KL metric both use it."""
+    d = ref_logp - logp
+    return torch.expm1(d) - d

@@ -50,7 +50,6 @@ from ...tune.grpo import (
     PromptSource,
     check_same_run,
     file_sha256,
-    kl_k3,
     read_record,
     settings_from,
     train_config,
@@ -66,6 +65,7 @@ from ...tune.rewards import (
     repetition_reward,
     seed_reward,
 )
+from ...tune.rl import kl_k3
 
 __all__ = ["REWARDS", "JudgeReward", "Reward", "build_reward", "file_sha256", "kl_k3", "load_reward_file",
            "repetition_reward", "seed_reward"]
