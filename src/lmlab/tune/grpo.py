@@ -23,11 +23,11 @@ KL_it is the k3 estimate exp(d) - d - 1, d = log pi_ref - log pi (Schulman 2020,
 divergence"; the paper's eq. 4), to the starting model, loaded only when kl_coef > 0 (TRL's default beta is 0).
 
 Scoring agrees with sampling: log-probabilities for the update and the KL are taken in eval mode (dropout off,
-as the samples were drawn) at the sampling temperature, and pi_old is the policy's own log-probability of the
-batch, taken when it was sampled. So at the first step the KL is exactly 0 and every ratio exactly 1, and the
+as the samples were drawn) at the sampling temperature. So at the first step the KL is exactly 0, and the
 update is on-policy even for a model whose config carries dropout (imported GPT-2 models: 0.1). One update per
-batch (TRL's num_iterations 1): the ratio is 1 in value and the clip never binds; it is kept as the surrogate's
-gradient and as a check (metric `ratio`).
+batch (TRL's num_iterations 1), on the weights that sampled it: pi_old is the policy's log-probability itself,
+detached (no second forward), so the ratio is 1 in value and the clip never binds; it is kept for the
+surrogate's gradient.
 
 Groups whose completions all got the same reward carry no signal (every advantage is 0): they are dropped from
 the batch before the forward and backward, and counted (metric `zero_spread_groups`); DAPO's dynamic sampling
@@ -225,8 +225,7 @@ class GRPO(Objective):
         else:  # nothing to learn from: an empty batch (a zero gradient)
             empty = torch.zeros(0, 1, dtype=torch.long, device=device)
             batch = Batch(empty, empty, empty.bool())
-        out = {"inputs": batch.inputs, "targets": batch.targets, "mask": batch.mask, "advantages": adv[keep].to(device),
-               "old_logp": token_logprobs(self.policy, batch, temperature=c.temperature)[0]}
+        out = {"inputs": batch.inputs, "targets": batch.targets, "mask": batch.mask, "advantages": adv[keep].to(device)}
         if self.reference is not None:
             self.reference.to(device).eval()
             out["ref_logp"] = token_logprobs(self.reference, batch, temperature=c.temperature)[0]
@@ -238,7 +237,9 @@ class GRPO(Objective):
         model.eval()  # dropout off: the policy is scored as it sampled (the update stays on-policy)
         logp, _ = token_logprobs(model, Batch(batch["inputs"], batch["targets"], batch["mask"]),
                                  temperature=c.temperature)
-        loss, stats = policy_loss(logp, batch["old_logp"], batch["mask"], batch["advantages"], variant=c.variant,
+        # one update per batch, on the weights that sampled it: the old policy's log-probs are these, detached (TRL
+        # with num_iterations=1), so no second forward; the ratio (1) keeps the clipped surrogate's gradient
+        loss, stats = policy_loss(logp, logp.detach(), batch["mask"], batch["advantages"], variant=c.variant,
                                   epsilon=c.epsilon, epsilon_high=c.clip_high, max_new_tokens=c.max_new_tokens,
                                   ref_logp=batch.get("ref_logp"), kl_coef=c.kl_coef)
         device = loss.device
