@@ -873,10 +873,8 @@ def _tune_grpo(args: argparse.Namespace) -> int:
                           prompts=prompts, judge=args.judge, reward_file=args.reward_file)
     rows = [m for m in result.history if "reward" in m]
     held = [m["heldout_pass1"] for m in result.history if "heldout_pass1" in m]
-    print(f"reward {rows[0]['reward']:.4f} -> {rows[-1]['reward']:.4f}" if rows else "no steps taken", end="")
-    print(f"; held-out pass@1 {held[-1]:.3f}" if held else "", end="")
-    print(f"; model: {Path(args.out) / 'final'}")
-    return 0
+    extra = f"; reward {rows[0]['reward']:.4f} -> {rows[-1]['reward']:.4f}" if rows else ""
+    return report_run(args, result, "tune grpo", extra + (f"; held-out pass@1 {held[-1]:.3f}" if held else ""))
 
 
 # ---- tune dpo (preference optimisation) --------------------------------------------------------------

@@ -422,11 +422,8 @@ def run_grpo(model_dir: str | Path, out: str | Path, config: GRPOConfig, *, task
         check_same_run(out, read_record(out, "grpo", "GRPO"), record, "grpo", RESUMABLE_CHANGES,
                        {"model_sha256": "the weights of the starting model differ from those the run started with",
                         "prompts": "other prompts", "task": "", "reward": "", "reward_file": ""})
-    result = train_grpo(policy, tok, out, config, source, score, reference=reference, provenance=record,
-                        resume=resume, log=log)
-    if result.stop_reason == "interrupted":
-        raise KeyboardInterrupt
-    return result
+    return train_grpo(policy, tok, out, config, source, score, reference=reference, provenance=record,
+                      resume=resume, log=log)
 
 
 def resume_grpo(out: str | Path, overrides: dict[str, Any] | None = None, *,
