@@ -17,6 +17,21 @@ class Digits:
     def decode(self, ids):
         return " ".join(map(str, ids))
 
+    def stream_decoder(self):
+        return DigitsStream()
+
+
+class DigitsStream:
+    def __init__(self):
+        self.first = True
+
+    def push(self, token_id):
+        piece, self.first = ("" if self.first else " ") + str(token_id), False
+        return piece
+
+    def flush(self):
+        return ""
+
 
 def events(handle):
     return list(handle)  # the engine ran to the end: every event is queued

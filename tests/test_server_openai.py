@@ -17,6 +17,7 @@ from test_server_support import BOOK, CHILD_ENV, ServerProcess
 from lmlab.models import GenerationConfig, ModelConfig, Transformer, generate, generate_ids
 from lmlab.models.io import load_pretrained, save_pretrained
 from lmlab.tokenizers import Tokenizer
+from lmlab.tune import chat
 
 openai = pytest.importorskip("openai")
 
@@ -38,6 +39,18 @@ def served(tmp_path_factory):
             if p.dim() == 2:
                 p.mul_(4)
     save_pretrained(ws / "models" / "tiny", model, tok)
+    # the same weights with lmlab's chat format (as `lmlab tune sft` leaves a model), and a copy that always says
+    # <|end|>: its final norm outputs a constant vector (weight 0, bias 1) and only <|end|>'s head row meets it
+    chatty, chat_tok, _ = chat.add_chat_tokens(model, tok)
+    save_pretrained(ws / "models" / "chatty", chatty, chat_tok)
+    chat.write_template(ws / "models" / "chatty")
+    with torch.no_grad():
+        chatty.norm_f.weight.zero_()
+        chatty.norm_f.bias.fill_(1.0)
+        chatty.lm_head.weight.zero_()
+        chatty.lm_head.weight[chat.chat_token_ids(chat_tok)["end"]] = 1.0
+    save_pretrained(ws / "models" / "ender", chatty, chat_tok)
+    chat.write_template(ws / "models" / "ender")
     server = ServerProcess(ws, token=TOKEN).start()
     try:
         server.model, server.tok = load_pretrained(ws / "models" / "tiny")
@@ -59,7 +72,7 @@ def new_ids(served, prompt: str, **settings) -> list[int]:
 
 
 def test_models_lists_the_trained_model(served):
-    assert [m.id for m in served.openai.models.list().data] == ["tiny"]
+    assert sorted(m.id for m in served.openai.models.list().data) == ["chatty", "ender", "tiny"]
     assert served.openai.models.retrieve("tiny").owned_by == "lmlab"
 
 
@@ -141,6 +154,16 @@ def test_logprobs_are_the_models_log_softmax(served):
     for row, values, indices in zip(lp.top_logprobs, top.values.tolist(), top.indices.tolist()):
         want = {served.tok.decode([i], skip_special_tokens=False): v for i, v in zip(indices, values)}
         assert row == pytest.approx(want, abs=1e-4)  # keyed by text, as OpenAI's are
+    # each token's offset in the completion's text, the same in a stream's chunks (they counted from each chunk)
+    stream, starts, decoded = served.tok.stream_decoder(), [], 0
+    for i in ids:
+        starts.append(decoded)
+        decoded += len(stream.push(i))
+    assert lp.text_offset == starts
+    chunks = served.openai.completions.create(model="tiny", prompt=PROMPT, max_tokens=10, temperature=0, logprobs=3,
+                                              stream=True)
+    assert [o for ch in chunks if ch.choices and ch.choices[0].logprobs
+            for o in ch.choices[0].logprobs.text_offset] == starts
     content = c.choices[0].logprobs.content
     assert [e.token for e in content] == lp.tokens
     raw = b"".join(bytes(e.bytes) for e in content)  # the bytes of the text, also where a token splits a char
@@ -200,3 +223,16 @@ def test_bad_requests_get_openai_shaped_errors_naming_the_parameter(served):
     with pytest.raises(openai.PermissionDeniedError) as e:
         elsewhere.completions.create(model="tiny", prompt="x", max_tokens=2)
     assert e.value.status_code == 403 and "another site" in e.value.body["message"]
+
+
+def test_a_chat_model_is_prompted_with_its_template_and_its_reply_ends_at_end_of_turn(served):
+    """A model with lmlab's chat template: the prompt is tune.chat's rendering (as `lmlab chat` sends it), the
+    reply equals the terminal chat's greedy reply, and <|end|> ends it (finish_reason stop) as EOS would."""
+    messages = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": PROMPT}]
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPT}]
+    model, tok = chat.load_chat_model(served.workspace / "models" / "chatty")
+    r = served.openai.chat.completions.create(model="chatty", messages=messages, max_tokens=20, temperature=0)
+    assert r.usage.prompt_tokens == len(chat.render(turns, tok, add_generation_prompt=True)[0])
+    assert r.choices[0].message.content == chat.generate_reply(model, tok, turns, do_sample=False, max_new_tokens=20)
+    r = served.openai.chat.completions.create(model="ender", messages=messages, max_tokens=20, temperature=0)
+    assert (r.choices[0].message.content, r.choices[0].finish_reason, r.usage.completion_tokens) == ("", "stop", 1)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .fast import decoder
-from .generation import EOS_ID, GenerationConfig, _choose, process_logits
+from .generation import EOS_ID, GenerationConfig, StopText, _choose, process_logits
 from .model import KVCache, Transformer
 
 
@@ -41,6 +41,8 @@ from .model import KVCache, Transformer
 class Token:
     index: int                    # the caller's number for the sequence (the choice)
     id: int
+    text: str = ""                # the text this token releases (text that may begin a stop string is held)
+    offset: int = 0               # where the token's own text starts in the completion
     logprob: float | None = None  # log-softmax of the model's logits (before temperature and top-k/p)
     top: list[tuple[int, float]] = field(default_factory=list)  # the `logprobs` most likely ids
 
@@ -51,12 +53,14 @@ class Finish:
     reason: str                   # "stop" (EOS or a stop string), "length" (max_new_tokens)
     tokens: int                   # tokens sampled, a final EOS included
     ids: list[int]                # the new ids, EOS not included
+    text: str = ""                # the text still held back when it ended (the completion: Tokens' text + this)
 
 
 class _Sequence:
     def __init__(self, prompt: Sequence[int], cfg: GenerationConfig, index: int, logprobs: int | None,
-                 out: queue.Queue, device: torch.device) -> None:
+                 out: queue.Queue, device: torch.device, text: StopText, ends: frozenset[int]) -> None:
         self.prompt, self.cfg, self.index, self.logprobs, self.out = list(prompt), cfg, index, logprobs, out
+        self.text, self.ends = text, ends  # its text as shown (stop strings cut); the ids that end it (EOS)
         seed = cfg.seed if cfg.seed is not None else secrets.randbits(63)
         self.generator = torch.Generator(device=device).manual_seed(seed)  # iter_tokens' generator, alone
         self.ids: list[int] = []
@@ -117,12 +121,15 @@ class BatchEngine:
             self.thread.start()
 
     def submit(self, requests: Sequence[tuple[Sequence[int], GenerationConfig]], *,
-               logprobs: int | None = None) -> Handle:
+               logprobs: int | None = None, end_ids: Sequence[int] = ()) -> Handle:
         """Queue sequences (prompt ids, settings), numbered 0.. in order; `logprobs`: report each new token's
-        log-probability and that many alternatives (None: none). Each prompt plus its max_new_tokens must fit
-        the model's context (the caller checks: a lone generation would crop it, a batch row cannot)."""
+        log-probability and that many alternatives (None: none); `end_ids`: ids that end a sequence as EOS does
+        (a chat model's end of turn). Each prompt plus its max_new_tokens must fit the model's context (the
+        caller checks: a lone generation would crop it, a batch row cannot)."""
         out: queue.Queue = queue.Queue()
-        seqs = [_Sequence(p, cfg, i, logprobs, out, self.device) for i, (p, cfg) in enumerate(requests)]
+        ends = frozenset({self.eos, *end_ids})
+        seqs = [_Sequence(p, cfg, i, logprobs, out, self.device, StopText(self.tokenizer, cfg.stop_strings), ends)
+                for i, (p, cfg) in enumerate(requests)]
         block = self.model.config.block_size
         for seq in seqs:
             if not seq.prompt or len(seq.prompt) + seq.cfg.max_new_tokens > block or seq.cfg.num_beams > 1:
@@ -216,10 +223,10 @@ class BatchEngine:
         context = torch.tensor([seq.prompt + seq.ids], device=self.device) if penalty else None
         token = int(_choose(process_logits(logits, cfg, context), cfg, seq.generator)[0])
         seq.count += 1
-        if cfg.stop_at_eos and token == self.eos:
+        if cfg.stop_at_eos and token in seq.ends:
             return self._finish(seq, "stop")
         seq.ids.append(token)
-        event = Token(seq.index, token)
+        event = Token(seq.index, token, seq.text.push(token), seq.text.offset)
         if seq.logprobs is not None:
             logp = logits[0].float().log_softmax(-1)
             event.logprob = float(logp[token])
@@ -227,15 +234,12 @@ class BatchEngine:
                 top = logp.topk(min(seq.logprobs, logp.numel()))
                 event.top = list(zip(top.indices.tolist(), top.values.tolist()))
         seq.out.put(event)
-        stops = cfg.stop_strings
-        if stops:  # generate's rule: a stop string in the text of the last tokens (a char is <= 4 tokens)
-            tail = self.tokenizer.decode(seq.ids[-(4 * max(map(len, stops)) + 1):])
-            if any(s in tail for s in stops):
-                return self._finish(seq, "stop")
+        if seq.text.stopped:  # a stop string appeared: its text and what follows are cut
+            return self._finish(seq, "stop")
         return self._finish(seq, "length") if seq.count >= cfg.max_new_tokens else False
 
     def _finish(self, seq: _Sequence, reason: str) -> bool:
-        seq.out.put(Finish(seq.index, reason, seq.count, seq.ids))
+        seq.out.put(Finish(seq.index, reason, seq.count, seq.ids, seq.text.flush()))
         return True
 
     # ---- the cache: rows right-aligned at column `length`, padding on the left -------------------------
@@ -277,5 +281,9 @@ class BatchEngine:
         self.k[:, :B], self.v[:, :B] = self.k[:, index], self.v[:, index]
         self.mask[:B] = self.mask[index]
         self.rows = keep
+        if not B:  # an idle engine holds no cache (it grew to the busiest batch's size)
+            self.k = self.v = self.mask = None
+            self.length = 0
+            return
         real = self.mask[:B, :self.length].any(0).nonzero()
-        self._shift(self.length, self.length - int(real[0]) if B else 0)
+        self._shift(self.length, self.length - int(real[0]))

@@ -433,12 +433,16 @@ class StopText:
     def __init__(self, tokenizer: Any, stops: Sequence[str]) -> None:
         self.decoder, self.stops = tokenizer.stream_decoder(), list(stops)
         self.held, self.stopped = "", False
+        self.decoded = 0  # characters decoded so far (held or not)
+        self.offset = 0   # where the latest token's text starts (OpenAI's text_offset)
 
     def push(self, token_id: int) -> str:
         """The text that can be shown now; after a stop string, `stopped` is True and nothing more comes."""
         if self.stopped:
             return ""
-        self.held += self.decoder.push(token_id)
+        text = self.decoder.push(token_id)
+        self.offset, self.decoded = self.decoded, self.decoded + len(text)
+        self.held += text
         cut = _cut_at_stop(self.held, self.stops)
         if len(cut) < len(self.held):  # a stop string appeared
             self.stopped, self.held = True, ""

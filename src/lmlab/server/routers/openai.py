@@ -20,7 +20,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,8 +32,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ...models import GenerationConfig
 from ...models.batching import BatchEngine, Token
-from ...models.generation import StopText
 from ...models.io import WEIGHTS
+from ...tune import chat as chat_format
 from ..app import StateDep, openai_error
 from ..inference import NotTrained
 from ..services import event_stream, need_model, version_source
@@ -174,19 +174,25 @@ def engine_for(state: Any, name: str) -> tuple[BatchEngine, Path]:
     return engine, src
 
 
-def render_chat(model_dir: Path, tokenizer: Any, messages: list[ChatMessage]) -> list[int]:
-    """The prompt ids of a conversation, ending where the assistant's reply begins.
+def render_chat(model_dir: Path, tokenizer: Any, messages: list[ChatMessage]) -> tuple[list[int], list[int]]:
+    """The prompt ids of a conversation, ending where the assistant's reply begins, and the ids that end the
+    reply besides EOS.
 
-    A model without a chat template continues the text of the conversation: the messages' contents (a list of
-    text parts joined), joined with one newline, roles left out, encoded as /v1/completions encodes a prompt
+    A model fine-tuned with lmlab's chat template (`lmlab tune sft`: chat_template.jinja in its directory) gets
+    the conversation rendered by it (tune.chat.render; a developer message counts as a system one) and its reply
+    ends at <|end|>. A model without one continues the text of the conversation: the messages' contents (a list
+    of text parts joined), joined with one newline, roles left out, encoded as /v1/completions encodes a prompt
     (an empty text starts from <BOS>). A single user message is thus exactly that prompt."""
-    # TODO(chat template, issue 16): src/lmlab/tune/chat.py (another branch) brings a model directory's chat
-    # template and `render(messages, tokenizer) -> (ids, mask)`. When it lands: if `model_dir` has a template,
-    # return its rendering of `messages` followed by the opening of an assistant turn (the generation prompt),
-    # read through workspace.no_links as every file of the workspace is; keep the fallback below otherwise.
-    text = "\n".join(m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])
-                     for m in messages)
-    return _encode(tokenizer, text)
+    texts = [m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])
+             for m in messages]
+    template = model_dir / chat_format.TEMPLATE_FILE
+    if not template.is_symlink() and template.is_file() \
+            and template.read_text(encoding="utf-8") == chat_format.TEMPLATE:
+        turns = [{"role": "system" if m.role == "developer" else m.role, "content": t}
+                 for m, t in zip(messages, texts, strict=True)]
+        ids, _ = chat_format.render(turns, tokenizer, add_generation_prompt=True)
+        return ids, [chat_format.chat_token_ids(tokenizer)["end"]]
+    return _encode(tokenizer, "\n".join(texts)), []
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
@@ -241,14 +247,14 @@ def chat_completions(state: StateDep, req: ChatRequest) -> Any:
     if req.top_logprobs is not None and not req.logprobs:
         raise OpenAIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
     engine, model_dir = engine_for(state, req.model)
-    prompt = render_chat(model_dir, engine.tokenizer, req.messages)
+    prompt, ends = render_chat(model_dir, engine.tokenizer, req.messages)
     max_new = req.max_completion_tokens or req.max_tokens or engine.model.config.block_size - len(prompt)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    return _answer(engine, req, [prompt], max_new, "messages", logprobs, chat=True)
+    return _answer(engine, req, [prompt], max_new, "messages", logprobs, chat=True, end_ids=ends)
 
 
 def _answer(engine: BatchEngine, req: Sampling, prompts: list[list[int]], max_new: int, prompt_param: str,
-            logprobs: int | None, *, chat: bool) -> Any:
+            logprobs: int | None, *, chat: bool, end_ids: Sequence[int] = ()) -> Any:
     n = req.n or 1
     block = engine.model.config.block_size
     for p in prompts:
@@ -270,13 +276,13 @@ def _answer(engine: BatchEngine, req: Sampling, prompts: list[list[int]], max_ne
         return GenerationConfig(max_new_tokens=max_new, do_sample=top_p > 0, temperature=temperature,
                                 top_p=top_p or 1.0, stop_strings=stops, seed=seed)
 
-    handle = engine.submit([(p, settings(i)) for p in prompts for i in range(n)], logprobs=logprobs)
+    handle = engine.submit([(p, settings(i)) for p in prompts for i in range(n)], logprobs=logprobs, end_ids=end_ids)
     meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
             "model": req.model}
     prompt_tokens = sum(len(p) for p in prompts)
     if req.stream:
         usage = bool(req.stream_options and req.stream_options.include_usage)
-        return event_stream(_chunks(engine, handle, meta, stops, chat, prompt_tokens, usage, logprobs is not None))
+        return event_stream(_chunks(engine, handle, meta, chat, prompt_tokens, usage, logprobs is not None))
     choices: dict[int, dict[str, Any]] = {}
     tokens: dict[int, list[Token]] = {i: [] for i in range(len(prompts) * n)}
     completion_tokens = 0
@@ -285,8 +291,7 @@ def _answer(engine: BatchEngine, req: Sampling, prompts: list[list[int]], max_ne
             tokens[event.index].append(event)
             continue
         completion_tokens += event.tokens
-        text = StopText(engine.tokenizer, stops)
-        content = "".join(text.push(t) for t in event.ids) + text.flush()
+        content = "".join(t.text for t in tokens[event.index]) + event.text
         choice: dict[str, Any] = {"index": event.index}
         if chat:
             choice["message"] = {"role": "assistant", "content": content, "refusal": None}
@@ -301,12 +306,12 @@ def _answer(engine: BatchEngine, req: Sampling, prompts: list[list[int]], max_ne
                       "total_tokens": prompt_tokens + completion_tokens}}
 
 
-def _chunks(engine: BatchEngine, handle: Any, meta: dict[str, Any], stops: list[str], chat: bool,
-            prompt_tokens: int, usage: bool, with_logprobs: bool) -> Iterator[str]:
+def _chunks(engine: BatchEngine, handle: Any, meta: dict[str, Any], chat: bool, prompt_tokens: int, usage: bool,
+            with_logprobs: bool) -> Iterator[str]:
     """OpenAI's stream: a chunk per piece of text of each choice as it is decoded (text that may begin a stop
     string held back), a last chunk per choice with its finish_reason, the usage chunk if asked, [DONE]."""
     kind = "chat.completion.chunk" if chat else "text_completion"
-    texts: dict[int, StopText] = {}
+    started: set[int] = set()
     pending: dict[int, list[Token]] = {}
     completion_tokens = 0
 
@@ -327,22 +332,20 @@ def _chunks(engine: BatchEngine, handle: Any, meta: dict[str, Any], stops: list[
     try:
         for event in handle:
             i = event.index
-            if i not in texts:
-                texts[i] = StopText(engine.tokenizer, stops)
+            if i not in started:
+                started.add(i)
                 if chat:  # the first chunk of a choice names the role
                     body = {**meta, "object": kind, "choices": [{"index": i, "delta": {"role": "assistant",
                             "content": ""}, "logprobs": None, "finish_reason": None}]}
                     yield f"data: {json.dumps({**body, **({'usage': None} if usage else {})})}\n\n"
             if isinstance(event, Token):
                 pending.setdefault(i, []).append(event)
-                piece = texts[i].push(event.id)
-                if piece:
-                    yield chunk(i, piece, None)
+                if event.text:
+                    yield chunk(i, event.text, None)
                 continue
             completion_tokens += event.tokens
-            piece = texts[i].flush()
-            if piece or pending.get(i):
-                yield chunk(i, piece, None)
+            if event.text or pending.get(i):
+                yield chunk(i, event.text, None)
             yield chunk(i, None, event.reason)
     except Exception as exc:  # noqa: BLE001 - the status line is sent: report in-band
         yield f"data: {json.dumps(openai_error(500, str(exc)))}\n\n"
@@ -376,10 +379,14 @@ def _byte_decoder() -> dict[str, int]:
 _BYTES = _byte_decoder()
 
 
+def _token_text(tokenizer: Any, token_id: int) -> str:
+    return tokenizer.decode([token_id], skip_special_tokens=False)
+
+
 def _token_bytes(tokenizer: Any, token_id: int) -> tuple[str, list[int]]:
     """A token as OpenAI shows it: its text (what it decodes to alone) and its UTF-8 bytes, which for a
     byte-level BPE token may be part of a character."""
-    text = tokenizer.decode([token_id], skip_special_tokens=False)
+    text = _token_text(tokenizer, token_id)
     raw = tokenizer.id_to_token(token_id) if getattr(tokenizer, "kind", None) == "bpe" else None
     if raw is not None and all(c in _BYTES for c in raw):
         return text, [_BYTES[c] for c in raw]
@@ -393,11 +400,7 @@ def _logprobs(tokenizer: Any, tokens: list[Token], chat: bool) -> dict[str, Any]
             return {"token": text, "logprob": logprob, "bytes": raw}
         return {"content": [{**entry(t.id, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top]}
                             for t in tokens], "refusal": None}
-    decoder, offset, offsets = tokenizer.stream_decoder(), 0, []
-    for t in tokens:
-        offsets.append(offset)
-        offset += len(decoder.push(t.id))
-    return {"tokens": [_token_bytes(tokenizer, t.id)[0] for t in tokens],
+    return {"tokens": [_token_text(tokenizer, t.id) for t in tokens],
             "token_logprobs": [t.logprob for t in tokens],
-            "top_logprobs": [{_token_bytes(tokenizer, i)[0]: lp for i, lp in t.top} for t in tokens],
-            "text_offset": offsets}
+            "top_logprobs": [{_token_text(tokenizer, i): lp for i, lp in t.top} for t in tokens],
+            "text_offset": [t.offset for t in tokens]}  # from the choice's start, in every chunk of a stream
