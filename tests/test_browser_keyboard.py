@@ -49,6 +49,8 @@ def server(tmp_path):
     db = write_runs(ws, [(30, 1, 10, 512, 0.37, 1.3), (20, 2, 4, 1024, 0.61, 2.9)], 6)
     run = db.add_run("", [], {"lab": "azr", "quick": True, "seeds": [0]}, False, None, kind="experiment")
     db.update_run(run["id"], status="completed")
+    failed = db.add_run("tiny", [], {"models": ["tiny"], "tasks": ["fables-mc"]}, False, None, kind="eval")
+    db.update_run(failed["id"], status="failed", error="the eval exited")  # a row of the Evaluate table
     db.close()
     (ws / "runs" / f"run-{run['id']}").mkdir(parents=True)
     (ws / "runs" / f"run-{run['id']}" / "report.html").write_text("<!doctype html><title>r</title><p>a report")
@@ -167,10 +169,13 @@ KEEP_FOCUS_OFF = "export function keepFocus(tbody, rows) { tbody.replaceChildren
 
 
 @pytest.mark.parametrize("keep_focus", [True, False])
-def test_the_lab_table_redrawn_every_2_s_keeps_the_focus(server, browser, keep_focus):  # noqa: F811
-    """The Lab tab's table is drawn anew on every refresh of the runs (every 2 s); the focused button of a row
-    has the focus after two redraws, as it had. With keepFocus made a plain replace, the focus is lost: the
-    check is one that can fail."""
+@pytest.mark.parametrize("tab, table, run, after", [("lab", "#lab-table", 4, "a.run-link[0]"),
+                                                    ("evaluate", "#ev-table", 5, "button.danger[1]")])
+def test_the_lab_table_redrawn_every_2_s_keeps_the_focus(server, browser, keep_focus, tab, table, run,  # noqa: F811
+                                                         after):
+    """The Lab and Evaluate tabs' tables are drawn anew on every refresh of the runs (every 2 s); the focused
+    button of a row has the focus after two redraws, as it had. With keepFocus made a plain replace, the focus is
+    lost: the check is one that can fail."""
     with ui_page(browser, SHOTS / ("focus" if keep_focus else "focus-off")) as (page, shot):
         if not keep_focus:
             def patched(route):
@@ -179,17 +184,18 @@ def test_the_lab_table_redrawn_every_2_s_keeps_the_focus(server, browser, keep_f
                 end = body.index("\n}\n", start) + 3
                 route.fulfill(body=body[:start] + KEEP_FOCUS_OFF + body[end:], content_type="text/javascript")
             page.route("**/static/ux.js", patched)
-        page.goto(f"{server.url}/?token={TOKEN}#lab")
+        page.goto(f"{server.url}/?token={TOKEN}#{tab}")
         page.wait_for_selector("body[data-ready]")
         page.evaluate(DESCRIBE)
-        tab_to(page, "tr[4] button.view[0]")
+        tab_to(page, f"tr[{run}] button.view[0]")
+        row = f'{table} tr[data-run="{run}"]'
         for _ in range(2):  # a mark on the row, gone once the row is drawn anew
-            page.eval_on_selector('#lab-table tr[data-run="4"]', "tr => { tr.dataset.old = '1'; }")
-            page.wait_for_function("() => !document.querySelector('#lab-table tr[data-run=\"4\"]').dataset.old")
+            page.eval_on_selector(row, "tr => { tr.dataset.old = '1'; }")
+            page.wait_for_function(f"() => !document.querySelector('{row}').dataset.old")
         kept = focused(page)
         if keep_focus:
-            assert kept == "tr[4] button.view[0]"
+            assert kept == f"tr[{run}] button.view[0]"
             page.keyboard.press("Tab")  # and the walk goes on from it
-            assert focused(page) == "tr[4] a.run-link[0]"
+            assert focused(page) == f"tr[{run}] {after}"
         else:
             assert kept is None

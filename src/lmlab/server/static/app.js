@@ -804,7 +804,7 @@ async function main() {
   setupSelfPlayForm();
   setupLabForm();
   setupGenerate();
-  initEvaluate({ S, t, h, api, withToken, statusLabel, refreshRuns, deleteRun, toast });
+  initEvaluate({ S, t, h, api, withToken, statusLabel, refreshRuns, deleteRun, runAction, toast, fmtLoss, ACTIVE, COLORS });
   initRunPage({ S, t, h, api, fmtNum, fmtBytes, fmtLoss, statusLabel, labName, subscribe, runChart, showTab, toast, renderRuns });
   window.addEventListener("hashchange", () => showTab(location.hash.slice(1)));
   setupUx({ t, api, S, h, showTab, openRun: async (run) => {

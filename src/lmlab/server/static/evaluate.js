@@ -6,14 +6,15 @@
 // drawn with uPlot (vendored, as charts.js uses it), and the comparison's report.html.
 
 import { WHOLE } from "/static/charts.js";
+import { keepFocus } from "/static/ux.js";
 
-let A = null;  // from app.js: { S, t, h, api, withToken, statusLabel, refreshRuns, deleteRun, toast }
+// from app.js: { S, t, h, api, withToken, statusLabel, refreshRuns, deleteRun, runAction, toast, fmtLoss, ACTIVE,
+// COLORS }
+let A = null;
 const E = { tasks: [], current: null, results: new Map(), sigs: {}, chart: null };
-const ACTIVE = new Set(["queued", "running"]);
-const COLORS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#be185d", "#4d7c0f"];
 const MAX_MODELS = 8;  // schemas.MAX_EVAL_MODELS
 const $ = (s) => document.querySelector(s);
-const f4 = (v) => (v == null ? "—" : v.toFixed(4));
+const f4 = (v) => A.fmtLoss(v);
 const signed = (v) => (v > 0 ? "+" : "") + v.toFixed(4);
 
 // what an evaluation scores, in a line: "tiny vs rand · fables-mc" or "#3 checkpoints · fables-mc"
@@ -82,7 +83,7 @@ function renderForm(modeChanged = false) {
   checks($("#ev-tasks"), "tasks", E.tasks.map((x) => [x.id, x.problem ? x.id : `${x.name} · ${x.kind} · ${t("ev.items", { n: x.items })}` +
     (x.source === "workspace" ? ` · ${x.id}` : ""), x.problem]), E.tasks.find((x) => x.kind === "multiple_choice")?.id);
   // a trajectory reads a stopped training run's checkpoints
-  const runs = S.runs.filter((r) => r.kind === "train" && !ACTIVE.has(r.status) && r.checkpoint_step != null), sel = $("#ev-run"), keep = sel.value;
+  const runs = S.runs.filter((r) => r.kind === "train" && !A.ACTIVE.has(r.status) && r.checkpoint_step != null), sel = $("#ev-run"), keep = sel.value;
   sel.replaceChildren(...runs.map((r) => A.h("option", { value: r.id, text: t("ev.run_option", { id: r.id, model: r.model, step: r.checkpoint_step }) })));
   if (runs.some((r) => String(r.id) === keep)) sel.value = keep;
   $("#ev-start").disabled = byRun ? !runs.length : !trained.length;
@@ -108,32 +109,29 @@ export function renderEvaluate() {
   const { S, t, h } = A;
   renderForm();
   const runs = S.runs.filter((r) => r.kind === "eval");
-  $("#ev-table tbody").replaceChildren(...runs.map((r) => h("tr", { "data-run": r.id, "data-status": r.status, class: r.id === E.current ? "selected" : "" },
+  // redrawn on every refresh of the runs: the focused control keeps its focus (ux.keepFocus)
+  keepFocus($("#ev-table tbody"), runs.map((r) => h("tr", { "data-run": r.id, "data-status": r.status, class: r.id === E.current ? "selected" : "" },
     h("td", {}, h("a", { href: `#run/${r.id}`, class: "run-link", text: `#${r.id}` })), h("td", { text: evalName(r) }),
     h("td", {}, h("span", { class: "badge " + r.status, text: A.statusLabel(r) })),
     h("td", {},
       h("button", { type: "button", class: "view", text: t("lab.view"), onclick: () => { E.current = r.id; renderEvaluate(); } }), " ",
-      ACTIVE.has(r.status) && !r.cancel_requested ? h("button", { type: "button", class: "danger cancel", text: t("runs.cancel"), onclick: () => cancel(r.id) }) : null, " ",
-      !ACTIVE.has(r.status) ? h("button", { type: "button", class: "danger", text: t("runs.delete"), onclick: () => A.deleteRun(r.id) }) : null))));
+      A.ACTIVE.has(r.status) && !r.cancel_requested ? h("button", { type: "button", class: "danger cancel", text: t("runs.cancel"), onclick: () => A.runAction(r.id, "cancel") }) : null, " ",
+      !A.ACTIVE.has(r.status) ? h("button", { type: "button", class: "danger", text: t("runs.delete"), onclick: () => A.deleteRun(r.id) }) : null))), "data-run");
   $("#ev-empty").hidden = runs.length > 0;
   $("#ev-table").hidden = !runs.length;
   renderDetail(runs.find((r) => r.id === E.current));
 }
 
-async function cancel(id) {
-  try { await A.api("POST", `/api/v1/runs/${id}/cancel`); await A.refreshRuns(); } catch (e) { A.toast(e.message, true); }
-}
-
-// the results of a run as it is now: fetched again when its status changed (they are written when it completes)
+// the results of a completed run (written when it completes): fetched once; a failed fetch is not retried on
+// every refresh (it would repeat its message every 2 s)
 function results(r) {
-  const got = E.results.get(r.id);
-  if (got && got.status === r.status) return got.data;
-  if (!got || got.status !== r.status + "…") {
-    E.results.set(r.id, { status: r.status + "…", data: got && got.data });
-    A.api("GET", `/api/v1/runs/${r.id}/eval`).then((data) => { E.results.set(r.id, { status: r.status, data }); renderEvaluate(); })
-      .catch((e) => { E.results.delete(r.id); A.toast(e.message, true); });
+  if (r.status !== "completed") return null;
+  if (!E.results.has(r.id)) {
+    E.results.set(r.id, null);
+    A.api("GET", `/api/v1/runs/${r.id}/eval`).then((data) => { E.results.set(r.id, data); renderEvaluate(); })
+      .catch((e) => A.toast(e.message, true));
   }
-  return got && got.data;
+  return E.results.get(r.id);
 }
 
 // tabindex: on a narrow screen a table scrolls sideways (app.css), and must scroll from the keyboard too
@@ -149,16 +147,16 @@ function renderDetail(r) {
   const box = $("#ev-detail"), { t, h } = A;
   box.hidden = !r;
   if (!r) return;
-  const d = results(r), got = E.results.get(r.id);
+  const d = results(r);
   // drawn again only when something shown changed (the runs list is refreshed every 2 s): the flipped items
   // stay open, and the chart is drawn at the tab's width once it is visible
-  const sig = JSON.stringify([r.id, r.status, r.error, ACTIVE.has(r.status) && Math.round(r.elapsed_s || 0), got && got.status,
+  const sig = JSON.stringify([r.id, r.status, r.error, A.ACTIVE.has(r.status) && Math.round(r.elapsed_s || 0), d != null,
                               t("ev.results"), $("#tab-evaluate").clientWidth]);
   if (box.dataset.sig === sig) return;
   box.dataset.sig = sig;
   const parts = [h("h3", { id: "ev-head", text: `#${r.id} · ${evalName(r)} · ${A.statusLabel(r)}` })];
   if (r.error) parts.push(h("div", { class: "error", text: r.error }));
-  if (ACTIVE.has(r.status)) parts.push(h("p", { class: "muted", id: "ev-progress", text: t("ev.in_progress", { s: Math.round(r.elapsed_s || 0) }) }));
+  if (A.ACTIVE.has(r.status)) parts.push(h("p", { class: "muted", id: "ev-progress", text: t("ev.in_progress", { s: Math.round(r.elapsed_s || 0) }) }));
   if (d && d.results.length) {
     parts.push(h("h4", { text: t("ev.results") }), table("ev-results", ["ev.model", "ev.task", "ev.metric", "ev.value", "ev.interval", "ev.n"],
       d.results.flatMap((m) => m.tasks.flatMap((x) => Object.entries(x.metrics).map(([name, v]) =>
@@ -203,7 +201,7 @@ function drawTrajectory(el, points) {
   const data = [steps, ...names.map((n) => steps.map((s) => at.get(`${n}@${s}`) ?? null))];
   E.chart = new globalThis.uPlot({
     width: el.clientWidth, height: 240, scales: { x: { time: false } },
-    series: [{ label: A.t("chart.step") }, ...names.map((n, i) => ({ label: n, stroke: COLORS[i % COLORS.length], width: 2, points: { show: true, size: 6 } }))],
+    series: [{ label: A.t("chart.step") }, ...names.map((n, i) => ({ label: n, stroke: A.COLORS[i % A.COLORS.length], width: 2, points: { show: true, size: 6 } }))],
     axes: [{ label: A.t("chart.step"), incrs: WHOLE }, {}],  // steps are whole numbers
   }, data, el);
 }
