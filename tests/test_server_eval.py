@@ -195,3 +195,22 @@ def test_a_trajectory_needs_a_training_run(ev):
     done(ev, other)
     r = ev.get(f"/api/v1/runs/{ev.train_run}/eval")
     assert (r.status_code, r.json()["detail"]) == (404, f"run {ev.train_run} is a train run, not an evaluation")
+
+
+def test_a_model_being_trained_is_not_evaluated(ev):
+    """Its weights would be replaced under `lmlab compare` when the training ends (before: the evaluation
+    started, 201)."""
+    r = ev.post("/api/v1/runs", json={"model": "tiny", "books": ["tales.txt"], "max_steps": 50, "eval_every": 0,
+                                      "init_from_trained": True, **FAST})
+    assert r.status_code == 201, r.text
+    train_id = r.json()["id"]
+    pid = wait_for(lambda: ev.get(f"/api/v1/runs/{train_id}").json()["pid"], 60, 0.01, "the training to start")
+    os.kill(pid, signal.SIGSTOP)  # still training when the evaluation is asked for
+    try:
+        r = ev.post("/api/v1/runs/eval", json={"models": ["rand", "tiny"], "tasks": ["fables-mc"]})
+        assert (r.status_code, r.json()["detail"]) == (409, f"model 'tiny' is already training (run {train_id}); "
+                                                            "cancel that run or wait for it")
+        assert ev.post(f"/api/v1/runs/{train_id}/cancel").json()["cancel_requested"] is True
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert done(ev, train_id)["status"] == "cancelled"

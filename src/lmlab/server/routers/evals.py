@@ -20,7 +20,7 @@ from ..app import AppState, StateDep
 from ..commands import product
 from ..db import ACTIVE
 from ..schemas import EvalCreate, EvalResults, EvalTask, Run
-from ..services import need_run, need_trained, run_info
+from ..services import need_run, need_trained, need_unused, run_info
 from ..workspace import LinkError
 
 router = APIRouter()
@@ -82,6 +82,8 @@ def create_eval_run(state: StateDep, req: EvalCreate) -> Run:
         models = list(req.models)
         for name in models:
             need_trained(state, name, "a model to evaluate")
+            # a model in training gets new weights when the run ends, under the evaluation's feet
+            need_unused(state, name, lambda r: r["kind"] == "train")
         if req.run is not None:
             source = need_run(state, req.run)
             if source["kind"] != "train":
