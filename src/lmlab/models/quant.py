@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import configs
-from ..files import atomic_write_text
+from ..files import atomic_write_text, staged_dir
 
 QUANTIZATION = "quantization.json"
 FORMATS = {"int8": 8, "int4": 4}
@@ -434,7 +434,6 @@ def quantize_dir(model_dir: str | Path, out: str | Path, bits: int, group_size: 
                  method: str = "rtn", keep_head: bool = False, calibration: list[str] | None = None,
                  calibration_tokens: int = 32768) -> tuple[Path, QuantConfig, dict[str, dict[str, float]]]:
     """Quantize a model directory into a new one (refused if `out` exists; written beside it and renamed)."""
-    from ..files import staged_dir
     from .io import GENERATION, TRAINING, load_pretrained, save_pretrained
 
     out, model_dir = Path(out), Path(model_dir)
