@@ -151,8 +151,9 @@ class _ChatTemplate(Callback):
 
 def build_dataset(data: str | Path, tokenizer: Tokenizer, seq_len: int, *, completion_only: bool,
                   val_fraction: float, seed: int, packing: bool, kind: str | None = None,
-                  ) -> tuple[SFTDataset, dict[str, Any]]:
-    found, rows = read_sft(data)
+                  read: tuple[str, list[tuple[int, Any]]] | None = None) -> tuple[SFTDataset, dict[str, Any]]:
+    """`read`: read_sft(data) when the caller has it already."""
+    found, rows = read or read_sft(data)
     if kind is not None and found != kind:
         raise ValueError(f"{data} no longer holds {kind} examples")
     if completion_only and found == "messages":
@@ -182,13 +183,14 @@ def run_sft(model_dir: str | Path, data: str | Path, out_dir: str | Path, config
     model, tok = load_pretrained(model_dir)
     if tok is None:
         raise ValueError(f"{model_dir} has no tokenizer.json (lmlab tune sft needs lmlab's own tokenizer)")
-    kind = read_sft(data)[0]
+    read = read_sft(data)
+    kind = read[0]
     added = 0
     if kind == "messages":
         model, tok, added = add_chat_tokens(model, tok)
     seq_len = config.seq_len or model.config.block_size
     ds, info = build_dataset(data, tok, seq_len, completion_only=completion_only, val_fraction=val_fraction,
-                             seed=config.seed, packing=packing)
+                             seed=config.seed, packing=packing, read=read)
     if added:
         echo(f"added {added} chat tokens to the tokenizer ({len(tok)} tokens now)")
     echo(_describe(info, seq_len))
