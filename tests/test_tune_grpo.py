@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from test_selfplay import start_model
+from test_selfplay import _one_thread, start_model  # noqa: F401 (_one_thread: an autouse fixture)
 
 from lmlab.models.io import load_pretrained
 from lmlab.tune.grpo import (
@@ -25,14 +25,6 @@ from lmlab.tune.grpo import (
 from lmlab.tune.rewards import TASKS, get_task
 
 TIMINGS = ("elapsed_s", "tokens_per_s", "mfu")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _start_model(path, seed=0, dropout=0.0):
