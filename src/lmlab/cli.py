@@ -1011,11 +1011,32 @@ _FACTS_VERBS = ("phases", "plateau", "alpha", "warmup", "hallucination", "finetu
                 "ablation", "all")
 
 
+# Labs register here like the tune modes: `lmlab lab NAME ...`, name -> (help, add_arguments, run). Each lab's
+# block registers its own name.
+LABS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+
+
+def lab_mode(name: str, help: str, arguments: Callable[[argparse.ArgumentParser], None]):
+    def register(fn: Callable[[argparse.Namespace], int]):
+        LABS[name] = (help, arguments, fn)
+        return fn
+    return register
+
+
 def _lab_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="lab", required=True, metavar="LAB")
-    f = sub.add_parser("facts", help="knowledge acquisition on synthetic biographies (Zucchet et al. 2025)",
-                       description="Experiments of Zucchet et al. 2025 at CPU scale; each writes results.json, PNG "
-                                   "plots and report.html into --out. Example: lmlab lab facts phases --out runs/facts")
+    for name, (help_text, arguments, run) in LABS.items():
+        t = sub.add_parser(name, help=help_text, description=help_text)
+        arguments(t)
+        t.set_defaults(lab_run=run)
+
+
+@command("lab", "labs: lmlab lab NAME ... --out DIR (facts: Zucchet et al. 2025's experiments)", _lab_arguments)
+def _lab(args: argparse.Namespace) -> int:
+    return args.lab_run(args)
+
+
+def _facts_arguments(f: argparse.ArgumentParser) -> None:
     f.add_argument("verb", choices=_FACTS_VERBS, metavar="EXPERIMENT",
                    help="phases | plateau | alpha | warmup | hallucination | finetune | memory | patching | "
                         "ablation | all")
@@ -1025,9 +1046,10 @@ def _lab_arguments(p: argparse.ArgumentParser) -> None:
     f.add_argument("--workers", type=int, help="parallel processes, 1 thread each (default: one per CPU core)")
 
 
-@command("lab", "labs: lmlab lab facts phases|plateau|alpha|warmup|hallucination|finetune|memory|patching|"
-                "ablation|all --out DIR", _lab_arguments)
-def _lab(args: argparse.Namespace) -> int:
+@lab_mode("facts", "knowledge acquisition on synthetic biographies (Zucchet et al. 2025); each experiment writes "
+          "results.json, PNG plots and report.html into --out. Example: lmlab lab facts phases --out runs/facts",
+          _facts_arguments)
+def _lab_facts(args: argparse.Namespace) -> int:
     from .lab.facts.experiments import run_experiment
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers ({args.workers}) must be >= 1")
