@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from fastapi import APIRouter, HTTPException
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from ...files import atomic_write_text
 from ...models import ModelConfig
@@ -160,7 +160,10 @@ def model_card(state: AppState, name: str) -> ModelCard:
     cfg = ModelConfig.from_dict(row["config"])
     trained = (path / WEIGHTS).is_file() and not (path / WEIGHTS).is_symlink()
     size = sum(f.stat().st_size for f in path.iterdir() if f.is_file() and not f.is_symlink()) if path.is_dir() else 0
-    bpw, qbpw = weight_bits(path / WEIGHTS, cfg.num_parameters()) if trained else (None, None)
+    try:
+        bpw, qbpw = weight_bits(path / WEIGHTS, cfg.num_parameters()) if trained else (None, None)
+    except (SafetensorError, OSError, KeyError):  # not a whole safetensors file: loading it says why
+        bpw = qbpw = None
     template = path / TEMPLATE_FILE
     chat = trained and template.is_file() and not template.is_symlink() and \
         template.read_text(encoding="utf-8") == TEMPLATE  # what the chat route renders with (openai.render_chat)
