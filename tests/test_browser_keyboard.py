@@ -2,10 +2,10 @@
 (the tabs are pressed with Enter, a run's page and a model's page are opened from their tables' links), and
 every control on it (buttons, links, inputs, selects, the charts' controls and export buttons, the tables' row
 controls, what the page styles as clickable) gets the focus in the walk and shows that it has it (the pixels
-around it differ from the same control without focus); and a table that redraws every 2 s (the Lab tab's, on every refresh
-of the runs) keeps the focus on the control that had it, which it does not without ux.js's keepFocus (the same
-check, run on a page whose keepFocus is a plain replace, must fail). Screenshots at 1400 and 390 px go to
-tests/artifacts/browser-keyboard/."""
+around it differ from the same control without focus); and a table that redraws every 2 s (the Lab tab's, on
+every refresh of the runs) keeps the focus on the control that had it, which it does not without ux.js's
+keepFocus (the same check, run on a page whose keepFocus is a plain replace, must fail). Screenshots at 1400
+and 390 px go to tests/artifacts/browser-keyboard/."""
 
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ from ...files import atomic_write_text
 from ...models import ModelConfig
 from ...models.generation import generate_ids
 from ...models.io import TRAINING, WEIGHTS
-from ...models.quant import FORMATS, GROUP_SIZES, METHODS, QUANTIZATION
+from ...models.quant import FORMATS, GROUP_SIZES, METHODS, QUANTIZATION, QuantConfig
 from ...tune.chat import TEMPLATE, TEMPLATE_FILE
 from ..app import AppState, StateDep
 from ..inference import NotTrained
@@ -104,7 +104,7 @@ def weight_bits(path: Path, parameters: int) -> tuple[float | None, float | None
     return (total / parameters if parameters else None), (quant / weights if weights else None)
 
 
-def made(state: AppState, row: dict[str, Any], path: Path, trained: bool) -> dict[str, Any]:
+def made(state: AppState, row: dict[str, Any], path: Path, trained: bool, qc: QuantConfig | None) -> dict[str, Any]:
     """How the model came to be: quantized or self-played from another model of the workspace (its origin),
     tuned (training.json of `lmlab tune`), trained (its steps), or untrained."""
     origin = row["origin"] or {}
@@ -123,17 +123,25 @@ def made(state: AppState, row: dict[str, Any], path: Path, trained: bool) -> dic
         base = training[tuned].get("base") or training[tuned].get("model")
         return {"how": "tuned", "mode": tuned, "from": Path(base).name if base else None,
                 "steps": training.get("steps"), "run": row["trained_run_id"]}
-    if (path / QUANTIZATION).is_file():  # quantized outside the server and put into the workspace
-        source = json.loads(state.ws.read_bytes(path / QUANTIZATION)).get("source")
-        return {"how": "quantized", "from": Path(source).name if source else None, "run": None}
+    if qc is not None:  # quantized outside the server and put into the workspace
+        return {"how": "quantized", "from": Path(qc.source).name if qc.source else None, "run": None}
     return {"how": "trained", "steps": row["trained_steps"], "run": row["trained_run_id"]}
 
 
-def weights_format(path: Path) -> str:
+def quantization(path: Path) -> QuantConfig | str | None:
+    """The model's quantization.json (None: fp32), or why it does not read."""
     if not (path / QUANTIZATION).is_file():
-        return "fp32"
-    q = json.loads(path.joinpath(QUANTIZATION).read_text(encoding="utf-8"))
-    return f"int{q['bits']}" + (f" g{q['group_size']}" if q.get("group_size") else "") + f" {q['method']}"
+        return None
+    try:
+        return QuantConfig.load(path / QUANTIZATION)
+    except (OSError, ValueError, TypeError) as exc:
+        return f"unreadable {QUANTIZATION}: {exc}"
+
+
+def weights_format(qc: QuantConfig | str | None) -> str:
+    if qc is None or isinstance(qc, str):
+        return qc or "fp32"
+    return f"int{qc.bits}" + (f" g{qc.group_size}" if qc.group_size else "") + f" {qc.method}"
 
 
 def stamp(path: Path) -> list[int]:
@@ -164,12 +172,14 @@ def model_card(state: AppState, name: str) -> ModelCard:
         bpw, qbpw = weight_bits(path / WEIGHTS, cfg.num_parameters()) if trained else (None, None)
     except (SafetensorError, OSError, KeyError):  # not a whole safetensors file: loading it says why
         bpw = qbpw = None
-    template = path / TEMPLATE_FILE
-    chat = trained and template.is_file() and not template.is_symlink() and \
-        template.read_text(encoding="utf-8") == TEMPLATE  # what the chat route renders with (openai.render_chat)
+    try:  # the template the chat route renders with (openai.render_chat)
+        chat = trained and state.ws.read_bytes(path / TEMPLATE_FILE) == TEMPLATE.encode()
+    except (OSError, LinkError):
+        chat = False
+    qc = quantization(path) if trained else None
     return ModelCard(name=name, trained=trained, size_bytes=size, parameters=cfg.num_parameters(),
-                     weights=weights_format(path) if trained else "fp32", bits_per_weight=bpw,
-                     quantized_bits_per_weight=qbpw, made=made(state, row, path, trained), chat=chat,
+                     weights=weights_format(qc), bits_per_weight=bpw, quantized_bits_per_weight=qbpw,
+                     made=made(state, row, path, trained, qc if isinstance(qc, QuantConfig) else None), chat=chat,
                      speed=stored_speed(state, path) if trained else None)
 
 
