@@ -39,12 +39,13 @@ def done(c, run_id: int) -> dict:
 @pytest.fixture(scope="module")
 def mp(tmp_path_factory):
     """A server with `tiny` trained for 4 steps, `blank` (never trained) and `chatty` (weights saved by hand,
-    with lmlab's chat tokens and template)."""
+    with lmlab's chat tokens and template, and the provenance `lmlab tune sft` writes)."""
     ws = tmp_path_factory.mktemp("ws")
     tok = Tokenizer.train([demo_corpus(n_stories=10, seed=1)], kind="char", vocab_size=120)
     chat_model, chat_tok, _ = add_chat_tokens(Transformer(ModelConfig.preset("gpt2-tiny", vocab_size=120, n_layer=1,
                                                                              block_size=64)), tok)
-    save_pretrained(ws / "models" / "chatty", chat_model, chat_tok)
+    save_pretrained(ws / "models" / "chatty", chat_model, chat_tok,
+                    training={"sft": {"base": "/somewhere/runs/base/final"}, "steps": 7})
     write_template(ws / "models" / "chatty")
     with client(settings(ws, max_jobs=1)) as c:
         assert upload(c).status_code == 201
@@ -133,6 +134,8 @@ def test_cards_count_bits_per_weight_as_by_hand(mp, quantized):
     assert cards["blank"] == {**cards["blank"], "trained": False, "bits_per_weight": None, "speed": None,
                               "made": {"how": "untrained"}}
     assert [n for n, c in cards.items() if c["chat"]] == ["chatty"]
+    assert cards["chatty"]["made"] == {"how": "tuned", "mode": "sft", "from": "/somewhere/runs/base/final",
+                                       "steps": 7, "run": None}
 
 
 def test_tokens_per_second_exist_only_once_measured_and_for_those_weights(mp):

@@ -121,7 +121,9 @@ def made(state: AppState, row: dict[str, Any], path: Path, trained: bool, qc: Qu
     tuned = next((k for k in ("sft", "preference", "grpo") if isinstance(training.get(k), dict)), None)
     if tuned:
         base = training[tuned].get("base") or training[tuned].get("model")
-        return {"how": "tuned", "mode": tuned, "from": Path(base).name if base else None,
+        if base and Path(base).parent == state.ws.models.resolve():  # a model of this workspace: its name
+            base = Path(base).name
+        return {"how": "tuned", "mode": tuned, "from": base,
                 "steps": training.get("steps"), "run": row["trained_run_id"]}
     if qc is not None:  # quantized outside the server and put into the workspace
         return {"how": "quantized", "from": Path(qc.source).name if qc.source else None, "run": None}
