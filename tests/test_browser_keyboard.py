@@ -1,11 +1,11 @@
 """The web app from the keyboard alone, in a real browser: every view is reached and walked with the Tab key
-(the tabs are pressed with Enter, a run's page is opened from the runs table's link), and every control on
-it (buttons, links, inputs, selects, the charts' controls and export buttons, the tables' row controls, what
-the page styles as clickable) gets the focus in the walk and shows that it has it (the pixels around it differ
-from the same control without focus); and a table that redraws every 2 s (the Lab tab's, on every refresh
-of the runs) keeps the focus on the control that had it, which it does not without ux.js's keepFocus (the same
-check, run on a page whose keepFocus is a plain replace, must fail). Screenshots at 1400 and 390 px go to
-tests/artifacts/browser-keyboard/."""
+(the tabs are pressed with Enter, a run's page and a model's page are opened from their tables' links), and
+every control on it (buttons, links, inputs, selects, the charts' controls and export buttons, the tables' row
+controls, what the page styles as clickable) gets the focus in the walk and shows that it has it (the pixels
+around it differ from the same control without focus); and a table that redraws every 2 s (the Lab tab's, on
+every refresh of the runs) keeps the focus on the control that had it, which it does not without ux.js's
+keepFocus (the same check, run on a page whose keepFocus is a plain replace, must fail). Screenshots at 1400
+and 390 px go to tests/artifacts/browser-keyboard/."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from test_browser_charts import write_runs
 from test_server_support import BOOK, TINY_MODEL, ServerProcess
 
 SHOTS = ARTIFACTS.parent / "browser-keyboard"
-VIEWS = ("books", "models", "train", "runs", "generate", "evaluate", "selfplay", "lab")
+VIEWS = ("books", "models", "train", "runs", "generate", "evaluate", "chat", "selfplay", "lab")
 
 # A name for a control that stays the same when its table row is drawn anew: its id, else its row's key or
 # the nearest element with an id, its tag and class, and its place among the controls of that tag there.
@@ -124,13 +124,19 @@ def test_every_view_is_walked_with_the_tab_key_and_every_control_shows_its_focus
         problems = []
         for width in (1400, 390):
             page.set_viewport_size({"width": width, "height": 900})
-            for view in (*VIEWS, "run"):
+            for view in (*VIEWS, "run", "model"):
                 if view == "run":  # a run's own page, from its link in the runs table
                     tab_to(page, f"#tabs button.[{VIEWS.index('runs')}]")
                     page.keyboard.press("Enter")
                     tab_to(page, "tr[1] a.run-link[0]")
                     page.keyboard.press("Enter")
                     page.wait_for_selector("#tab-run:not([hidden]) #rp-chart-loss .uplot")
+                elif view == "model":  # a model's own page, from its link in the models table: card and actions
+                    tab_to(page, f"#tabs button.[{VIEWS.index('models')}]")
+                    page.keyboard.press("Enter")
+                    tab_to(page, "tr[tiny] a.model-link[0]")
+                    page.keyboard.press("Enter")
+                    page.wait_for_selector("#tab-model:not([hidden]) #mp-measure")
                 else:
                     tab_to(page, f"#tabs button.[{VIEWS.index(view)}]")
                     page.keyboard.press("Enter")

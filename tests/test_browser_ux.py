@@ -18,7 +18,7 @@ from lmlab.train.recipes import demo_model_config
 
 SHOTS = ARTIFACTS.parent / "ux"
 AXE = Path(__file__).parent / "data" / "axe.min.js"
-VIEWS = ("books", "models", "train", "runs", "generate", "evaluate", "selfplay", "lab")
+VIEWS = ("books", "models", "train", "runs", "generate", "evaluate", "chat", "selfplay", "lab")
 DEMO_STEPS = 30  # the button asks for the demo's 300 steps; the test's request is cut to these
 
 
@@ -102,7 +102,13 @@ def test_demo_from_an_empty_workspace_then_every_view_at_1400_and_390_px(tmp_pat
                 wide[("run", width)] = page.evaluate("() => document.scrollingElement.scrollWidth")
                 shot(f"run-{width}")
                 problems += [f"run @{width}: {v}" for v in axe_violations(page)]
-            assert {v: wide[(v, 390)] for v in (*VIEWS, "run") if wide[(v, 390)] > 390} == {}
+                # the demo model's own page (#model/demo, modelpage.js): its card, once loaded, and its actions
+                page.evaluate("() => { location.hash = 'model/demo'; }")
+                page.wait_for_selector('#tab-model:not([hidden]) #mp-card [data-fact="bpw"] dd:text-is("32")')
+                wide[("model", width)] = page.evaluate("() => document.scrollingElement.scrollWidth")
+                shot(f"model-{width}")
+                problems += [f"model @{width}: {v}" for v in axe_violations(page)]
+            assert {v: wide[(v, 390)] for v in (*VIEWS, "run", "model") if wide[(v, 390)] > 390} == {}
             assert not problems, problems
             # at 390 px the header stays within its bar and every tab is on screen (or scrolls within the nav)
             page.set_viewport_size({"width": 390, "height": 900})

@@ -10,10 +10,19 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from test_server_support import CHILD_ENV, FAST, TINY_MODEL, client, settings, upload, wait_for, wait_run
+from test_server_support import (
+    CHILD_ENV,
+    FAST,
+    TINY_MODEL,
+    client,
+    held_once_started,
+    settings,
+    upload,
+    wait_for,
+    wait_run,
+)
 
 from lmlab.eval import paired_bootstrap
 from lmlab.eval.tasks import SHIPPED
@@ -134,13 +143,7 @@ def test_what_an_evaluation_reads_stays_until_it_is_cancelled(ev):
     stops it (not resumable), and then they can."""
     r = ev.post("/api/v1/runs/eval", json={"run": ev.train_run, "tasks": ["fables-gen"]})
     run_id = r.json()["id"]
-    pid = wait_for(lambda: ev.get(f"/api/v1/runs/{run_id}").json()["pid"], 60, 0.01, "the evaluation to start")
-    # past torch's import (seen in CI under load: a SIGINT landing inside a C extension's import surfaced as another
-    # exception, exit 1): lmlab.models imports safetensors' extension after torch, inside the command's handler
-    wait_for(lambda: "_safetensors_rust" in Path(f"/proc/{pid}/maps").read_text(), 60, 0.01,
-             "the evaluation to import its libraries")
-    os.kill(pid, signal.SIGSTOP)  # held until the cancel is sent: it cannot finish first
-    try:
+    with held_once_started(ev, run_id):  # held until the cancel is sent: it cannot finish first
         r = ev.delete(f"/api/v1/runs/{ev.train_run}")
         assert (r.status_code, r.json()["detail"]) == (409, f"run {ev.train_run}'s checkpoints are being evaluated "
                                                             f"(run {run_id}); cancel that run or wait for it")
@@ -150,8 +153,6 @@ def test_what_an_evaluation_reads_stays_until_it_is_cancelled(ev):
         assert ev.post(f"/api/v1/runs/{run_id}/cancel").json()["cancel_requested"] is True
         wait_for(lambda: (ev.workspace / "runs" / f"run-{run_id}" / "stop-requested").exists(), 60, 0.05,
                  "the supervisor to ask it to stop")
-    finally:
-        os.kill(pid, signal.SIGCONT)
     run = done(ev, run_id)
     # stopped by its KeyboardInterrupt (130), or by the signal itself if it came before Python's handler was set
     assert run["status"] == "cancelled" and run["exit_code"] in (130, -signal.SIGINT) and not run["can_resume"]

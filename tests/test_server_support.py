@@ -158,6 +158,22 @@ class ServerProcess:
         self.kill(signal.SIGTERM)
 
 
+@contextmanager
+def held_once_started(c, run_id: int):
+    """The run's process, stopped (SIGSTOP) once it has imported its libraries, and continued on leaving: a
+    cancel sent meanwhile reaches it before it can finish. Past torch's import: seen in CI under load, a SIGINT
+    landing inside a C extension's import surfaced as another exception (exit 1); lmlab.models imports
+    safetensors' extension after torch, inside the command's handler."""
+    pid = wait_for(lambda: c.get(f"/api/v1/runs/{run_id}").json()["pid"], 60, 0.01, f"run {run_id} to start")
+    wait_for(lambda: "_safetensors_rust" in Path(f"/proc/{pid}/maps").read_text(), 60, 0.01,
+             f"run {run_id} to import its libraries")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield pid
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
 def kill_run_process(pid: int | None) -> None:
     """Test clean-up: end a training process group that outlived its server."""
     if pid:

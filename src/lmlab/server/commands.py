@@ -1,6 +1,6 @@
 """The command line of a run's process: pure functions from a run row and the workspace's paths to the
-arguments of `lmlab` (`train ...`, `selfplay text ...`, `lab facts EXPERIMENT ...`, `selfplay azr ...`, or an
-evaluation's `eval ...` / `compare ...`),
+arguments of `lmlab` (`train ...`, `selfplay text ...`, `lab facts EXPERIMENT ...`, `selfplay azr ...`, an
+evaluation's `eval ...` / `compare ...`, or a model made from others: `quantize ...`),
 and the files the command reads that must be written into the run directory first. No process control and
 no database: the supervisor (jobs.py) looks up the model rows, writes the files and launches
 `python -c CHILD_BOOTSTRAP ARGS...` (child_argv).
@@ -89,6 +89,27 @@ def eval_command(params: dict[str, Any], out: str) -> list[str]:
     return ["compare" if len(models) > 1 else "eval", *models, *common]
 
 
+# Runs that make a new model of the workspace from existing ones in one pass, written into RUN_DIR/DERIVED_DIR
+# and registered under params.new_model when they exit 0 (jobs.Supervisor._register_model). They keep no
+# checkpoints: a stopped one is started again. One entry per kind: its command from the run's params.
+DERIVED_DIR = "model"
+
+
+def quantize_command(params: dict[str, Any], out: str) -> list[str]:
+    """`quantize models/NAME --to int8|int4 [--group-size G] [--method gptq --calibration books/B ...]
+    [--keep-head] --out OUT`, paths relative to the workspace (as eval_command)."""
+    args = ["quantize", f"models/{params['model']}", "--to", params["to"]]
+    if params.get("group_size"):
+        args += ["--group-size", str(params["group_size"])]
+    args += ["--method", params["method"]]
+    if params.get("calibration"):
+        args += ["--calibration", *[f"books/{b}" for b in params["calibration"]]]
+    return args + (["--keep-head"] if params.get("keep_head") else []) + ["--out", out]
+
+
+DERIVED = {"quantize": quantize_command}
+
+
 def product(run: dict[str, Any]) -> str | None:
     """The file in its run directory that a run making no model leaves when it finishes (a lab experiment's
     report, an evaluation's results); None for training and self-play, which make a model."""
@@ -151,6 +172,9 @@ def run_command(run: dict[str, Any], ws: Workspace, get_model: Callable[[str], d
         return Command(experiment_command(run["params"], ws.run_path(run["id"])), {})
     if run["kind"] == "eval":
         return Command(eval_command(run["params"], str(ws.run_path(run["id"]).relative_to(ws.root))), {})
+    if run["kind"] in DERIVED:
+        out = ws.run_path(run["id"]).relative_to(ws.root) / DERIVED_DIR
+        return Command(DERIVED[run["kind"]]({"model": run["model_name"], **run["params"]}, str(out)), {})
     if run["kind"] == "selfplay":
         return selfplay_command(run, ws, get_model)
     return train_command(run, ws, None if run["resume"] else get_model(run["model_name"]))

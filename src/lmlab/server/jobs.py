@@ -38,7 +38,9 @@ and of another machine, are left to their own server.
 A lab experiment writes results.json, PNG plots and report.html into its run directory and keeps no
 checkpoints: a cancel (SIGINT) ends it, it cannot be resumed, and a stopped one is started again.
 An evaluation (`lmlab eval` or `lmlab compare`, commands.eval_command) is alike: its results file
-(commands.product) is what it makes.
+(commands.product) is what it makes. A run that derives a model from others in one pass (`lmlab quantize`:
+commands.DERIVED) keeps no checkpoints either; its RUN_DIR/model becomes the new model params.new_model, as a
+self-play run's policy does.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ from ..files import atomic_write_text
 from ..models import ModelConfig
 from ..tokenizers import Tokenizer
 from ..train import checkpoint_step, latest_checkpoint
-from .commands import STOP_FILE, child_argv, product, run_command
+from .commands import DERIVED, DERIVED_DIR, STOP_FILE, child_argv, product, run_command
 from .db import Database
 from .workspace import Workspace, link_or_copy, stage_dir, swap_dir
 
@@ -73,7 +75,8 @@ KILL_AFTER_S = 30.0  # a child that has not exited this long after SIGINT gets S
 # What a run's process is called when it stops early. Training and self-play answer SIGINT alike (checkpoint
 # and exit), so a stopped run of either kind says the same about what is left and how to continue; a lab
 # experiment keeps no checkpoints, so a stopped one is not resumable and is started again.
-PROCESS_NAMES = {"train": "training", "selfplay": "self-play", "experiment": "lab experiment", "eval": "evaluation"}
+PROCESS_NAMES = {"train": "training", "selfplay": "self-play", "experiment": "lab experiment", "eval": "evaluation",
+                 "quantize": "quantization"}
 RESUME = "resume to continue from the last checkpoint"
 UNWATCHED = "its process ended while no server was watching it"
 NOT_RESUMABLE = "this {} keeps no checkpoints and cannot be resumed; start it again"  # PROCESS_NAMES[kind]
@@ -361,31 +364,41 @@ class Supervisor:
     # ---- launching ---------------------------------------------------------------------------------
 
     def _register_selfplay(self, run: dict[str, Any], final: Path, training: dict[str, Any]) -> None:
-        """The policy in `final/` becomes the new model: copied into models/ under a dot-name of this run's
-        own, indexed with where it came from, then renamed into place; an exception says why it was not.
-        Nothing but that copy is ever removed here: a models/<name>/ that exists already belongs to someone
-        else (a model made meanwhile, or files put there by hand) and makes the registration fail instead."""
         p = run["params"]
-        name = p["new_model"]
+        self._register_model(run, final, {
+            "kind": "selfplay", "parent": run["model_name"], "run_id": run["id"], "reward": p["reward"],
+            "judge": p.get("judge"), "iterations": training.get("steps"), "final_reward": training.get("final_reward"),
+            "final_kl": training.get("final_kl")}, total_steps(run, training))
+
+    def _register_derived(self, run: dict[str, Any], made: Path) -> None:
+        """A quantized model (commands.DERIVED) becomes the new model; its origin is the run's settings. Its
+        steps are its parent's (the weights it was made from)."""
+        params = {k: v for k, v in run["params"].items() if k != "new_model"}
+        self._register_model(run, made, {"kind": run["kind"], "parent": run["model_name"], "run_id": run["id"],
+                                         **params}, run["step_offset"])
+
+    def _register_model(self, run: dict[str, Any], final: Path, origin: dict[str, Any], steps: int | None) -> None:
+        """The model directory `final` becomes the new model params.new_model: copied into models/ under a
+        dot-name of this run's own, indexed with where it came from (`origin`), then renamed into place; an
+        exception says why it was not. Nothing but that copy is ever removed here: a models/<name>/ that exists
+        already belongs to someone else (a model made meanwhile, or files put there by hand) and makes the
+        registration fail instead."""
+        name = run["params"]["new_model"]
         cfg = ModelConfig.load(final / "config.json")
         kind = Tokenizer.load(final / "tokenizer.json").kind
         target = self.ws.model_path(name)
-        incoming = target.parent / f".{name}.selfplay-{run['id']}"  # not a model name: never indexed
+        incoming = target.parent / f".{name}.{run['kind']}-{run['id']}"  # not a model name: never indexed
         shutil.rmtree(incoming, ignore_errors=True)  # this run's own, from an attempt cut short
-        origin = {"kind": "selfplay", "parent": run["model_name"], "run_id": run["id"], "reward": p["reward"],
-                  "judge": p.get("judge"), "iterations": training.get("steps"),
-                  "final_reward": training.get("final_reward"), "final_kl": training.get("final_kl")}
         try:
             shutil.copytree(final, incoming, copy_function=link_or_copy)  # stored once (stage_dir)
             with self.lock:  # the API creates models under the same lock: the checks below stay true
                 if self.db.get_model(name) is not None:
-                    raise ValueError(f"a model named {name!r} exists now; the policy stays in {final}")
+                    raise ValueError(f"a model named {name!r} exists now; it stays in {final}")
                 if target.exists():
-                    raise ValueError(f"{target} exists though no model of that name is indexed; the policy "
-                                     f"stays in {final}")
+                    raise ValueError(f"{target} exists though no model of that name is indexed; it stays in {final}")
                 parent = self.db.get_model(run["model_name"])
                 self.db.add_model(name, cfg.to_dict(), parent["preset"] if parent else None, kind, cfg.vocab_size,
-                                  origin=origin, trained_run_id=run["id"], trained_steps=total_steps(run, training))
+                                  origin=origin, trained_run_id=run["id"], trained_steps=steps)
                 try:
                     os.rename(incoming, target)
                 except OSError:
@@ -464,6 +477,14 @@ class Supervisor:
             values.update(status="completed", stop_reason="finished", error=None)
         elif code == 0 and made and not cut_short:
             values.update(status="failed", error=f"the {run['kind']} exited without writing {made}")
+        elif (code in (0, None) and run["kind"] in DERIVED and not run["cancel_requested"] and not server_stopped
+              and (run_dir / DERIVED_DIR / "model.safetensors").is_file()):  # written whole, then renamed
+            try:
+                self._register_derived(run, run_dir / DERIVED_DIR)
+                values.update(status="completed", stop_reason="finished", error=None)
+            except Exception as exc:  # a database error too: the run must not stay "running"
+                values.update(status="failed", error=f"the {PROCESS_NAMES[run['kind']]} finished, but its model "
+                                                     f"was not saved: {exc}")
         elif code in (0, None) and run["kind"] == "selfplay" and training is not None:
             try:
                 self._register_selfplay(run, final, training)
@@ -481,7 +502,8 @@ class Supervisor:
         elif code is None and not server_stopped and (reason := _error_from_log(run_dir / "log.txt", True)):
             values.update(status="failed", error=reason)
         elif code is None or code < 0 or code in (0, 130) or cut_short:  # 0 without final/: stopped on request
-            then = RESUME if made is None else NOT_RESUMABLE.format(PROCESS_NAMES[run["kind"]])
+            then = RESUME if made is None and run["kind"] not in DERIVED else NOT_RESUMABLE.format(
+                PROCESS_NAMES[run["kind"]])
             if server_stopped:
                 error = f"the server was stopped; {then}"
             elif code is None:
@@ -540,7 +562,7 @@ class Supervisor:
             if run["status"] not in ("interrupted", "failed", "cancelled"):
                 raise ValueError(f"run {run_id} is {run['status']}; only interrupted, failed or cancelled runs "
                                  "can be resumed")
-            if product(run) is not None:
+            if product(run) is not None or run["kind"] in DERIVED:
                 raise ValueError(f"run {run_id}: {NOT_RESUMABLE.format(PROCESS_NAMES[run['kind']])}")
             ckpt = latest_checkpoint(self.ws.run_path(run_id))
             if ckpt is None:

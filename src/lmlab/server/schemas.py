@@ -255,10 +255,11 @@ class ResumeRequest(BaseModel):
 
 class Run(BaseModel):
     id: int
-    kind: Literal["train", "selfplay", "experiment", "eval"] = Field(
+    kind: Literal["train", "selfplay", "experiment", "eval", "quantize"] = Field(
         description="train: `lmlab train`; selfplay: `lmlab selfplay text` from `model` into params.new_model; "
                     "experiment: a lab experiment (params.lab, params.experiment), no model (`model` is empty); "
-                    "eval: an evaluation (params.models, params.tasks, params.run), no model (GET /runs/{id}/eval)")
+                    "eval: an evaluation (params.models, params.tasks, params.run), no model (GET /runs/{id}/eval); "
+                    "quantize: `lmlab quantize` of `model` into params.new_model")
     model: str
     books: list[str]
     status: str
@@ -366,3 +367,45 @@ class Generation(BaseModel):
     elapsed_s: float
     tokens_per_s: float
 
+
+
+# ---- a model's page: quantization as a job, the model card (routers/modelpage.py) ----
+
+class QuantizeCreate(BaseModel):
+    """`lmlab quantize` of a trained model into a new model of the workspace; the model stays as it was."""
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(..., min_length=1, max_length=100, description="a trained model of the workspace")
+    new_model: str = Field(..., min_length=1, max_length=100, description="name of the quantized model; must not exist")
+    to: str = Field(..., max_length=10, description="int8 (one scale per output row) or int4 (a scale and a zero "
+                                                    "per group of input columns)")
+    group_size: int | None = Field(None, description="int4: input columns per group, 32, 64 or 128 (32)")
+    method: str = Field("rtn", max_length=10, description="rtn (round to nearest) or gptq (error feedback on "
+                                                          "calibration text)")
+    calibration: list[str] = Field(default_factory=list, max_length=64,
+                                   description="gptq: books of the workspace to calibrate on")
+    keep_head: bool = Field(False, description="keep the output head (and a tied embedding) in fp32")
+
+
+class Speed(BaseModel):
+    """A measured greedy decode on the server: batch 1 from <BOS>, `new_tokens` tokens, after a short warm-up."""
+    tokens_per_s: float
+    new_tokens: int
+    elapsed_s: float
+    threads: int = Field(description="torch's intra-op threads in the server process")
+    measured_at: float = Field(description="Unix time of the measurement")
+
+
+class ModelCard(BaseModel):
+    name: str
+    trained: bool
+    size_bytes: int = Field(description="the model directory's files on disk")
+    parameters: int = Field(description="the model's parameters (a tied embedding counted once)")
+    weights: str = Field(description="fp32, int8, or int4 gN (with rtn or gptq): the format of the linears")
+    bits_per_weight: float | None = Field(description="bits of every tensor in model.safetensors (integers, their "
+                                                     "scales and zeros, what stays fp32) per parameter")
+    quantized_bits_per_weight: float | None = Field(description="the quantized linears alone: their integers with "
+                                                               "their scales and zeros, per weight")
+    made: dict[str, Any] = Field(description="how it was made: {how: untrained|trained|tuned|selfplay|quantized, "
+                                             "from: the model it came from, ...}")
+    chat: bool = Field(description="it has lmlab's chat template (chat_template.jinja): the Chat view offers it")
+    speed: Speed | None = Field(description="the last measurement of these weights (POST .../speed); null until one")

@@ -6,6 +6,8 @@ import { confirmNewVersion, fillVersions, lineageText, versionParams, versionPic
 import { chartEmpty, initRunPage, metricsChanged, openRun, patchRows, renderCompare, tableRuns } from "/static/runpage.js";
 import { errorText as detailText, keepFocus, renderGuide, setupUx, tokenEstimate } from "/static/ux.js";
 import { evalName, hasReport, initEvaluate, renderEvaluate, showEvaluate } from "/static/evaluate.js";
+import { DERIVED_KINDS, derivedName, initModelPage, openModel, renderModelPage } from "/static/modelpage.js";
+import { initChat, renderChat, showChat } from "/static/chat.js";
 
 const $ = (sel, root = document) => root.querySelector(sel);
 const $$ = (sel, root = document) => [...root.querySelectorAll(sel)];
@@ -43,7 +45,7 @@ const token = sessionStorage.getItem("lmlab.token");
 export const withToken = (url) => (token ? url + (url.includes("?") ? "&" : "?") + "token=" + encodeURIComponent(token) : url);
 // Every request that changes something carries this header: the server refuses such requests without it
 // (or a JSON body), which a page of another site cannot send (app.py, cross_site).
-const apiHeaders = () => ({ "X-Lmlab-Request": "1", ...(token ? { Authorization: "Bearer " + token } : {}) });
+export const apiHeaders = () => ({ "X-Lmlab-Request": "1", ...(token ? { Authorization: "Bearer " + token } : {}) });
 
 export async function api(method, path, body) {
   const opts = { method, headers: apiHeaders() };
@@ -108,10 +110,12 @@ const S = {
 function showTab(name) {
   const page = /^run\/(\d+)$/.exec(name);  // a run's own page: #run/ID (runpage.js)
   if (page) { name = "run"; openRun(+page[1]); }
-  if (!$("#tab-" + name) || (name === "run" && !page)) name = "books";
+  const mpage = /^model\/(.+)$/.exec(name);  // a model's own page: #model/NAME (modelpage.js)
+  if (mpage) { name = "model"; openModel(decodeURIComponent(mpage[1])); }
+  if (!$("#tab-" + name) || (name === "run" && !page) || (name === "model" && !mpage)) name = "books";
   for (const s of $$(".tab")) s.hidden = s.id !== "tab-" + name;
   for (const b of $$("#tabs button")) b.setAttribute("aria-selected", String(b.dataset.tab === name));
-  const hash = page ? page[0] : name;
+  const hash = page ? page[0] : mpage ? mpage[0] : name;
   if (location.hash !== "#" + hash) history.replaceState(null, "", "#" + hash);
   if (name === "runs") {
     if (!S.selected.size && S.runs.length) selectRun(S.runs[0].id);
@@ -121,6 +125,8 @@ function showTab(name) {
   if (name === "train") renderTrainEstimate();
   if (name === "lab") loadLabLog();
   if (name === "evaluate") showEvaluate();
+  if (name === "model") renderModelPage();
+  if (name === "chat") showChat();
 }
 
 // ---- books -----------------------------------------------------------------------------------------
@@ -319,7 +325,7 @@ function modelState(m) {
 
 function renderModels() {
   keepFocus($("#models-table tbody"), S.models.map((m) => h("tr", { "data-model": m.name },
-    h("td", { text: m.name }), h("td", { text: m.preset || m.family }), h("td", { class: "num", text: fmtNum(m.parameters) }),
+    h("td", {}, h("a", { href: `#model/${encodeURIComponent(m.name)}`, class: "model-link", text: m.name })), h("td", { text: m.preset || m.family }), h("td", { class: "num", text: fmtNum(m.parameters) }),
     h("td", { text: `${m.tokenizer_kind} · ${m.vocab_size}` }), h("td", { text: modelState(m) }),
     h("td", {},
       h("button", { type: "button", class: "train", text: t("models.train"), onclick: () => { $("#train-model").value = m.name; onTrainModelChange(); showTab("train"); } }), " ",
@@ -333,6 +339,7 @@ function renderModels() {
       h("button", { type: "button", class: "danger", text: t("models.delete"), onclick: () => deleteModel(m.name) })))), "data-model");
   $("#models-empty").hidden = S.models.length > 0;
   renderGuide();
+  renderModelPage();
 }
 
 async function refreshModels() {
@@ -477,7 +484,7 @@ function setupSelfPlayForm() {
 
 // ---- lab experiments -------------------------------------------------------------------------------
 
-const labName = (r) => r.kind === "eval" ? evalName(r) : (r.params.lab === "facts" ? `facts · ${r.params.experiment}` : "azr") + (r.params.quick ? " · quick" : "");
+const labName = (r) => r.kind === "eval" ? evalName(r) : DERIVED_KINDS.includes(r.kind) ? derivedName(r) : (r.params.lab === "facts" ? `facts · ${r.params.experiment}` : "azr") + (r.params.quick ? " · quick" : "");
 
 function renderLab() {
   const runs = S.runs.filter((r) => r.kind === "experiment");
@@ -544,7 +551,7 @@ function renderRuns() {
     const pct = r.progress == null ? 0 : Math.round(r.progress * 100);
     const overlay = h("input", { type: "checkbox", checked: S.selected.has(r.id), "aria-label": `overlay run ${r.id}`,
                                  onchange: (e) => (e.target.checked ? selectRun(r.id, false) : unselectRun(r.id)) });
-    const sp = r.kind === "selfplay", lab = ["experiment", "eval"].includes(r.kind), product = sp ? r.params.new_model : r.model;
+    const sp = r.kind === "selfplay", lab = ["experiment", "eval", ...DERIVED_KINDS].includes(r.kind), product = sp ? r.params.new_model : r.model;
     const model = S.models.find((m) => m.name === product);
     return h("tr", { "data-run": r.id, "data-status": r.status, "data-kind": r.kind, class: r.id === S.current ? "selected" : "" },
       h("td", {}, overlay), h("td", {}, h("a", { href: `#run/${r.id}`, class: "run-link", text: `#${r.id}` })),
@@ -572,6 +579,7 @@ function renderRuns() {
   renderRunDetail();
   renderLab();
   renderEvaluate();
+  renderModelPage();
 }
 
 function renderRunDetail() {
@@ -580,7 +588,7 @@ function renderRunDetail() {
   if (!r) return;
   const bits = [r.kind === "selfplay"
     ? `#${r.id} · ${t("runs.kind_selfplay")}: ${r.model} → ${r.params.new_model} · ${t("runs.reward", { reward: r.params.reward + (r.params.judge ? ` (${r.params.judge})` : "") })} · ${statusLabel(r)}`
-    : ["experiment", "eval"].includes(r.kind) ? `#${r.id} · ${t("runs.kind_" + r.kind)}: ${labName(r)} · ${statusLabel(r)}`
+    : ["experiment", "eval", ...DERIVED_KINDS].includes(r.kind) ? `#${r.id} · ${t("runs.kind_" + r.kind)}: ${labName(r)} · ${statusLabel(r)}`
     : `#${r.id} · ${r.model} · ${t("runs.books")}: ${r.books.join(", ")} · ${statusLabel(r)}`];
   if (r.queue_position != null) bits.push(t("runs.queue", { pos: r.queue_position + 1 }));
   if (r.checkpoint_step != null) bits.push(t("runs.checkpoint", { step: r.checkpoint_step }));
@@ -787,7 +795,7 @@ function setupGenerate() {
 
 function renderAll() {
   if (!S.info) return;
-  renderBooks(); renderModels(); renderRuns(); renderTrainForm(); renderGenModels(); renderSelfPlayForm(); redrawCharts();
+  renderBooks(); renderModels(); renderRuns(); renderTrainForm(); renderGenModels(); renderSelfPlayForm(); renderChat(); redrawCharts();
   scheduleEstimate();
 }
 
@@ -805,6 +813,8 @@ async function main() {
   setupLabForm();
   setupGenerate();
   initEvaluate({ S, t, h, api, withToken, statusLabel, refreshRuns, deleteRun, runAction, toast, fmtLoss, ACTIVE, COLORS });
+  initModelPage({ S, t, h, api, fmtNum, fmtBytes, statusLabel, refreshRuns, runAction, toast, ACTIVE });
+  initChat({ S, t, h, api, apiHeaders, toast });
   initRunPage({ S, t, h, api, fmtNum, fmtBytes, fmtLoss, statusLabel, labName, subscribe, runChart, showTab, toast, renderRuns });
   window.addEventListener("hashchange", () => showTab(location.hash.slice(1)));
   setupUx({ t, api, S, h, showTab, openRun: async (run) => {

@@ -111,7 +111,7 @@ function setupTable() {
       A.renderRuns();
     });
   });
-  const kinds = ["", "train", "selfplay", "experiment", "eval"], statuses = ["", "queued", "running", "completed", "failed", "interrupted", "cancelled"];
+  const kinds = ["", "train", "selfplay", "experiment", "eval", "quantize"], statuses = ["", "queued", "running", "completed", "failed", "interrupted", "cancelled"];
   const select = (id, label, options, name) => h("label", {}, h("span", { "data-i18n": label, text: t(label) }),
     h("select", { id, onchange: (e) => { view[name] = e.target.value; A.renderRuns(); } },
       ...options.map((o) => h("option", { value: o, "data-i18n": o ? (name === "kind" ? "rp.kind." + o : "status." + o) : "rp.all", text: t(o ? (name === "kind" ? "rp.kind." + o : "status." + o) : "rp.all") }))));
@@ -249,7 +249,7 @@ function renderPage() {
     page.charts = null;
     return;
   }
-  const sp = r.kind === "selfplay", lab = ["experiment", "eval"].includes(r.kind), load = d ? d.load : null;
+  const sp = r.kind === "selfplay", lab = ["experiment", "eval", "quantize"].includes(r.kind), load = d ? d.load : null;
   const name = sp ? `${r.model} → ${r.params.new_model}` : lab ? A.labName(r) : r.model;
   const phase = r.status === "running" ? t("rp.phase." + (r.phase || "starting")) : r.status === "queued" ? t("rp.phase.queued") : A.statusLabel(r);
   const sections = [];
