@@ -97,13 +97,27 @@ def pretrained_base(model: str, work: Path, pretrain: str = "tales") -> tuple[Tr
     return load_pretrained(work / "base" / "final")
 
 
+def train_rows(model: Transformer, rows: list[int]) -> int:
+    """Also train these rows of the (frozen) embedding and head, as PEFT's trainable_token_indices: the other rows'
+    gradients are zeroed, so AdamW without weight decay leaves them as they are. -> the parameters so trained."""
+    weights = {id(w): w for w in (model.tok_emb.weight, model.lm_head.weight)}.values()  # a tied head once
+    for w in weights:
+        keep = torch.zeros(w.shape[0], 1)
+        keep[rows] = 1.0
+        w.requires_grad_(True).register_hook(lambda g, keep=keep: g * keep)
+    return sum(len(rows) * w.shape[1] for w in weights)
+
+
 def fine_tune(base: Transformer, tok: Tokenizer, ds, seq_len: int, out: Path, steps: int, batch: int, lr: float,
-              lora: LoRAConfig | None) -> tuple[float, int, int]:
+              lora: LoRAConfig | None, new_rows: list[int] = ()) -> tuple[float, int, int]:
     model = copy.deepcopy(base).train()
+    trainable = 0
     if lora is not None:
         torch.manual_seed(0)
         apply_lora(model, lora)
-    trainable, total = count_parameters(model)
+        trainable = count_parameters(model)[0] + (train_rows(model, list(new_rows)) if new_rows else 0)
+    n_trainable, total = count_parameters(model)
+    trainable = trainable or n_trainable
     train(model, tok, ds, TrainConfig(max_steps=steps, batch_size=batch, seq_len=seq_len, lr=lr, min_lr=lr / 10,
                                       warmup_steps=10, weight_decay=0.0 if lora else 0.1, eval_every=steps,
                                       eval_batches=4, log_every=steps, save_every=0, seed=1), out)
@@ -121,6 +135,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=200, help="fine-tuning steps, every run")
     p.add_argument("--batch-size", type=int, help="fine-tuning rows a step (default: 16 demo, 8 wide)")
     p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--lora-new-tokens", action="store_true", help="--data chats: LoRA also trains the added chat "
+                   "tokens' embedding and head rows (PEFT's trainable_token_indices); counted as trainable")
     p.add_argument("--lrs-full", default=SWEEP["full"], help="learning rates of full fine-tuning (comma list)")
     p.add_argument("--lrs-lora", default=SWEEP["lora"], help="learning rates of LoRA (comma list)")
     args = p.parse_args()
@@ -136,6 +152,7 @@ def main() -> None:
             if args.base:
                 save_pretrained(args.base, base, tok)
             print(f"pre-trained the {args.model} base in {time.time() - start:.0f} s", flush=True)
+        new_rows: list[int] = []
         if args.data == "docs":
             docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
             seq_len = base.config.block_size
@@ -143,7 +160,9 @@ def main() -> None:
                                names=[d.name for d in docs], val_fraction=0.1, seq_len=seq_len)
             what = f"{len(docs)} documentation files, {ds.train_tokens:,} train / {ds.val_tokens:,} val tokens"
         else:
+            old_n = len(tok)
             base, tok, _ = add_chat_tokens(base, tok)
+            new_rows = list(range(old_n, len(tok))) if args.lora_new_tokens else []
             seq_len = base.config.block_size  # packed, as lmlab tune sft --packing
             ds, info = build_dataset(SHIPPED, tok, seq_len, completion_only=False, val_fraction=0.1, seed=0,
                                      packing=True)
@@ -157,7 +176,7 @@ def main() -> None:
             for lr in (float(x) for x in lrs.split(",")):
                 t = time.time()
                 loss, trainable, total = fine_tune(base, tok, ds, seq_len, work / f"{method}-{lr:g}", args.steps,
-                                                   batch, lr, lora_cfg if method == "lora" else None)
+                                                   batch, lr, lora_cfg if method == "lora" else None, new_rows)
                 results[method].append((loss, lr))
                 print(f"{method:4s} lr {lr:<7g} val loss {loss:.4f}  ({trainable:,} trainable of {total:,}; "
                       f"{time.time() - t:.0f} s)", flush=True)
@@ -169,8 +188,9 @@ def main() -> None:
     print(f"setting: --data {args.data} on a base of {c.n_layer} layers, d {c.n_embd}, vocab {c.vocab_size}; "
           f"{args.steps} steps of {batch} x {seq_len} tokens each")
     print(f"best full fine-tuning: lr {lr_full:g}, val loss {full:.4f}")
-    print(f"best LoRA rank {args.rank} alpha {lora_cfg.alpha:g}: lr {lr_lora:g}, val loss {lora:.4f} ({trainable:,} "
-          f"trainable = {share:.2%} of {total:,}; {trainable / blocks:.2%} of the block weights)")
+    rows = f" + the {len(new_rows)} chat tokens' rows" if new_rows else ""
+    print(f"best LoRA rank {args.rank} alpha {lora_cfg.alpha:g}{rows}: lr {lr_lora:g}, val loss {lora:.4f} "
+          f"({trainable:,} trainable = {share:.2%} of {total:,}; {trainable / blocks:.2%} of the block weights)")
     print(f"LoRA / full val loss: {lora / full:.4f} (target <= 1.05 at <= 2% trainable: "
           f"{'PASS' if lora / full <= 1.05 and share <= 0.02 else 'MISS'}); {time.time() - start:.0f} s in all")
     print(f"largest all-linear rank with <= 2% trainable parameters on this model: "
