@@ -1,16 +1,37 @@
 """LoRA against full fine-tuning on the same data and steps: validation loss, and the share of trained parameters.
 
-    python benchmarks/bench_lora.py                        # ~10 minutes on a 2-core CPU
-    python benchmarks/bench_lora.py --base lmlab-demo/final --steps 300
+    python benchmarks/bench_lora.py                                   # the demo model, documentation shift
+    python benchmarks/bench_lora.py --model wide --base /tmp/wide --data chats       # rank 8 = 1.82% of it
+    python benchmarks/bench_lora.py --model wide --base /tmp/wide --data docs
+    python benchmarks/bench_lora.py --model wide --pretrain tales+qa --base /tmp/wide-qa --data chats
 
-The base is a demo-sized model (the `lmlab demo` Llama: 4 layers, d 128, vocab 1024) pre-trained on the generated
-tales (or given with --base). Both contenders fine-tune a copy of it with the Trainer on a different text, this
-repository's own documentation (README.md, docs/*.md: technical English the tales never show), for the same
-steps, batch, schedule and seed; LoRA trains rank-8 adapters on every block linear (alpha 16) with the base frozen,
-full fine-tuning trains every weight. Each gets its usual learning rate (LoRA's is higher: its update starts at
-zero and is scaled by alpha / r; Hu et al. 2021 tune it per method too). The validation loss is the mean over
-every held-out window of the documentation. Target (issue 16): LoRA within 5% of full fine-tuning at rank 8 and
-<= 2% trainable parameters; the script also prints the largest rank that stays within 2% for this model.
+The base is pre-trained here on the generated tales (or read from --base; a --base folder that does not exist
+yet is where the pre-trained base is kept, so the next setting reuses it), or with `--pretrain tales+qa` on the
+tales and bare question-answer lines of the chats' kinds ("What is 2 minus 1? 1", English and Russian): a base
+that knows the chats' language, digits and Cyrillic, so that SFT teaches only the format (roles, "Answer: X.").
+A tales-only base has never seen Cyrillic or digits: their output rows were pushed down throughout pre-training,
+and LoRA, which leaves the embeddings and the head frozen, cannot lift them as full fine-tuning does. --model
+picks the shape:
+
+    demo   the `lmlab demo` Llama (4 layers, d 128, vocab 1024): rank 8 on every block linear is 6.84% of it
+    wide   1 layer, d 512, 8 heads, vocab 1024: rank 8 on every block linear is 1.82% of it (2.45% of the
+           block weights). The issue's target needs <= 2%: the adapter grows with d, the weights with d^2, so at
+           rank 8 that takes d >= ~500 with this vocabulary (2 layers of d 512: 2.07%). One layer keeps the
+           runs within minutes on a shared 2-core CPU.
+
+--data picks what both contenders fine-tune on: `docs`, this repository's documentation (README.md, docs/*.md:
+technical English the tales never show; the loss over every held-out window), or `chats`, SFT on the shipped
+conversations (lmlab.tune.chats: en/ru questions answered "Answer: X."; the loss on the held-out replies'
+tokens, assistant turns only) -- the kind of adaptation LoRA is used for. For chats the chat tokens are added
+to the base first; LoRA leaves their new embedding rows frozen at their initial mean (as PEFT does without
+modules_to_save), full fine-tuning trains them.
+
+Both fine-tune a copy of the base with the Trainer for the same steps, batch, schedule (warm-up 10, cosine to
+lr / 10) and seed; LoRA trains rank-8 adapters on every block linear (alpha 16) with the base frozen and no
+weight decay, full fine-tuning trains every weight (weight decay 0.1). Each gets its own learning rate: a sweep
+of three per method (Hu et al. 2021 tune it per method too), the best validation loss of each compared. The
+sweep picks on the same held-out data it reports, for both methods alike. Target (issue 16): LoRA within 5% of
+full fine-tuning at rank 8 and <= 2% trainable parameters.
 """
 
 from __future__ import annotations
@@ -19,83 +40,159 @@ import argparse
 import copy
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
-from lmlab.data import TokenDataset, prepare_texts
-from lmlab.models import Transformer
-from lmlab.models.io import load_pretrained
+from lmlab.data import prepare_texts
+from lmlab.models import ModelConfig, Transformer
+from lmlab.models.io import load_pretrained, save_pretrained
 from lmlab.tokenizers import Tokenizer
 from lmlab.train import TrainConfig, train
 from lmlab.train.demo_corpus import demo_corpus
-from lmlab.train.recipes import demo_model_config
+from lmlab.tune.chat import add_chat_tokens
+from lmlab.tune.chats import SHIPPED, make_chats
 from lmlab.tune.lora import LoRAConfig, apply_lora, count_parameters
+from lmlab.tune.sft import build_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
+# shape, pre-training (steps, batch, lr) and fine-tuning batch of each base
+MODELS = {"demo": dict(shape=dict(n_layer=4, n_head=4, n_kv_head=2, n_embd=128), base=(600, 16, 3e-3), batch=16),
+          "wide": dict(shape=dict(n_layer=1, n_head=8, n_kv_head=8, n_embd=512), base=(600, 8, 1e-3), batch=8)}
+SWEEP = {"full": "3e-4,1e-3,3e-3", "lora": "3e-3,1e-2,3e-2"}
 
 
-def val_loss(model: Transformer, ds: TokenDataset, seq_len: int) -> float:
+def val_loss(model: Transformer, ds, seq_len: int) -> float:
+    """Mean loss per target token over every held-out row (SFT rows: the trained tokens only)."""
     model.eval()
+    total = count = 0
     with torch.no_grad():
-        losses = [(model(x, y).loss.item(), x.shape[0]) for x, y in ds.eval_batches(16, seq_len)]
-    return sum(loss * n for loss, n in losses) / sum(n for _, n in losses)
+        for x, y in ds.eval_batches(16, seq_len):
+            n = int((y != -100).sum())
+            total, count = total + model(x, y).loss.item() * n, count + n
+    return total / count
 
 
-def pretrained_base(steps: int, work: Path) -> tuple[Transformer, Tokenizer]:
-    text = demo_corpus(seed=0)
+def qa_text(n: int = 3000, seed: int = 99) -> str:
+    """Generated questions of the chats' kinds with their bare answers, one a line ("What is 2 minus 1? 1"): the
+    language, digits and words of the chats without their reply format, roles or chat tokens."""
+    lines = [f"{q['content']} {a['content'].split(': ', 1)[1].rstrip('.')}" for c in make_chats(n, seed=seed)
+             for q, a in zip(c["messages"][c["messages"][0]["role"] == "system"::2],
+                             c["messages"][1 + (c["messages"][0]["role"] == "system")::2])]
+    return "\n".join(lines) + "\n"
+
+
+def pretrained_base(model: str, work: Path, pretrain: str = "tales") -> tuple[Transformer, Tokenizer]:
+    steps, batch, lr = MODELS[model]["base"]
+    text = demo_corpus(seed=0) + ("\n\n" + qa_text() if pretrain == "tales+qa" else "")
     tok = Tokenizer.train([text], kind="bpe", vocab_size=1024)
-    cfg = demo_model_config(tok.vocab_size)
+    cfg = ModelConfig(family="llama", block_size=128, vocab_size=tok.vocab_size, **MODELS[model]["shape"])
     ds = prepare_texts([text], tok, work / "tales", seq_len=cfg.block_size)
     torch.manual_seed(0)
-    model = Transformer(cfg)
-    train(model, tok, ds, TrainConfig(max_steps=steps, batch_size=16, lr=3e-3, min_lr=3e-4, warmup_steps=30,
-                                      eval_every=steps, eval_batches=8, log_every=steps, save_every=0, seed=0),
+    base = Transformer(cfg)
+    train(base, tok, ds, TrainConfig(max_steps=steps, batch_size=batch, lr=lr, min_lr=lr / 10, warmup_steps=30,
+                                     eval_every=steps, eval_batches=8, log_every=steps, save_every=0, seed=0),
           work / "base")
     return load_pretrained(work / "base" / "final")
 
 
-def fine_tune(base: Transformer, tok: Tokenizer, ds: TokenDataset, out: Path, steps: int, lr: float,
-              lora: LoRAConfig | None) -> tuple[float, int, int]:
+def train_rows(model: Transformer, rows: list[int]) -> int:
+    """Also train these rows of the (frozen) embedding and head, as PEFT's trainable_token_indices: the other rows'
+    gradients are zeroed, so AdamW without weight decay leaves them as they are. -> the parameters so trained."""
+    weights = {id(w): w for w in (model.tok_emb.weight, model.lm_head.weight)}.values()  # a tied head once
+    for w in weights:
+        keep = torch.zeros(w.shape[0], 1)
+        keep[rows] = 1.0
+        w.requires_grad_(True).register_hook(lambda g, keep=keep: g * keep)
+    return sum(len(rows) * w.shape[1] for w in weights)
+
+
+def fine_tune(base: Transformer, tok: Tokenizer, ds, seq_len: int, out: Path, steps: int, batch: int, lr: float,
+              lora: LoRAConfig | None, new_rows: list[int] = ()) -> tuple[float, int, int]:
     model = copy.deepcopy(base).train()
+    trainable = 0
     if lora is not None:
         torch.manual_seed(0)
         apply_lora(model, lora)
-    trainable, total = count_parameters(model)
-    train(model, tok, ds, TrainConfig(max_steps=steps, batch_size=16, lr=lr, min_lr=lr / 10, warmup_steps=10,
-                                      weight_decay=0.0 if lora else 0.1, eval_every=steps, eval_batches=4,
-                                      log_every=steps, save_every=0, seed=1), out)
-    return val_loss(model, ds, base.config.block_size), trainable, total
+        trainable = count_parameters(model)[0] + (train_rows(model, list(new_rows)) if new_rows else 0)
+    n_trainable, total = count_parameters(model)
+    trainable = trainable or n_trainable
+    train(model, tok, ds, TrainConfig(max_steps=steps, batch_size=batch, seq_len=seq_len, lr=lr, min_lr=lr / 10,
+                                      warmup_steps=10, weight_decay=0.0 if lora else 0.1, eval_every=steps,
+                                      eval_batches=4, log_every=steps, save_every=0, seed=1), out)
+    return val_loss(model, ds, seq_len), trainable, total
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--base", help="a model directory to fine-tune (default: pre-train the demo model here)")
-    p.add_argument("--base-steps", type=int, default=600, help="pre-training steps of the demo base")
-    p.add_argument("--steps", type=int, default=200, help="fine-tuning steps, both contenders")
+    p.add_argument("--model", choices=MODELS, default="demo", help="the base's shape (see the docstring)")
+    p.add_argument("--base", help="a model directory to fine-tune; one that does not exist yet receives the base "
+                   "pre-trained here")
+    p.add_argument("--data", choices=["docs", "chats"], default="docs", help="what both fine-tune on")
+    p.add_argument("--pretrain", choices=["tales", "tales+qa"], default="tales", help="the base's pre-training "
+                   "text: the tales, or the tales and bare question-answer lines of the chats' kinds (qa_text)")
+    p.add_argument("--steps", type=int, default=200, help="fine-tuning steps, every run")
+    p.add_argument("--batch-size", type=int, help="fine-tuning rows a step (default: 16 demo, 8 wide)")
     p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--lr-full", type=float, default=1e-3)
-    p.add_argument("--lr-lora", type=float, default=1e-2)
+    p.add_argument("--lora-new-tokens", action="store_true", help="--data chats: LoRA also trains the added chat "
+                   "tokens' embedding and head rows (PEFT's trainable_token_indices); counted as trainable")
+    p.add_argument("--lrs-full", default=SWEEP["full"], help="learning rates of full fine-tuning (comma list)")
+    p.add_argument("--lrs-lora", default=SWEEP["lora"], help="learning rates of LoRA (comma list)")
     args = p.parse_args()
-    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, torch {torch.__version__}")
+    batch = args.batch_size or MODELS[args.model]["batch"]
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores, torch {torch.__version__}", flush=True)
+    start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        base, tok = load_pretrained(args.base) if args.base else pretrained_base(args.base_steps, work)
-        docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-        ds = prepare_texts([d.read_text(encoding="utf-8") for d in docs], tok, work / "docs",
-                           names=[d.name for d in docs], val_fraction=0.1, seq_len=base.config.block_size)
-        print(f"fine-tuning text: {len(docs)} documentation files, {ds.train_tokens:,} train / {ds.val_tokens:,} "
-              f"val tokens; base: {base.num_parameters():,} parameters, val loss {val_loss(base, ds, 128):.4f}")
-        full, _, total = fine_tune(base, tok, ds, work / "full", args.steps, args.lr_full, None)
+        if args.base and Path(args.base).is_dir():
+            base, tok = load_pretrained(args.base)
+        else:
+            base, tok = pretrained_base(args.model, work, args.pretrain)
+            if args.base:
+                save_pretrained(args.base, base, tok)
+            print(f"pre-trained the {args.model} base in {time.time() - start:.0f} s", flush=True)
+        new_rows: list[int] = []
+        if args.data == "docs":
+            docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+            seq_len = base.config.block_size
+            ds = prepare_texts([d.read_text(encoding="utf-8") for d in docs], tok, work / "docs",
+                               names=[d.name for d in docs], val_fraction=0.1, seq_len=seq_len)
+            what = f"{len(docs)} documentation files, {ds.train_tokens:,} train / {ds.val_tokens:,} val tokens"
+        else:
+            old_n = len(tok)
+            base, tok, _ = add_chat_tokens(base, tok)
+            new_rows = list(range(old_n, len(tok))) if args.lora_new_tokens else []
+            seq_len = base.config.block_size  # packed, as lmlab tune sft --packing
+            ds, info = build_dataset(SHIPPED, tok, seq_len, completion_only=False, val_fraction=0.1, seed=0,
+                                     packing=True)
+            what = f"the shipped chats, {info['examples']} train / {info['val_examples']} held-out conversations"
+        blocks = sum(p.numel() for p in base.blocks.parameters())
+        print(f"fine-tuning data: {what}; base: {base.num_parameters():,} parameters ({blocks:,} in the blocks), "
+              f"val loss {val_loss(base, ds, seq_len):.4f}", flush=True)
         lora_cfg = LoRAConfig(rank=args.rank)
-        lora, trainable, with_adapters = fine_tune(base, tok, ds, work / "lora", args.steps, args.lr_lora, lora_cfg)
-    share = trainable / with_adapters
+        results: dict[str, list[tuple[float, float]]] = {"full": [], "lora": []}
+        for method, lrs in (("full", args.lrs_full), ("lora", args.lrs_lora)):
+            for lr in (float(x) for x in lrs.split(",")):
+                t = time.time()
+                loss, trainable, total = fine_tune(base, tok, ds, seq_len, work / f"{method}-{lr:g}", args.steps,
+                                                   batch, lr, lora_cfg if method == "lora" else None, new_rows)
+                results[method].append((loss, lr))
+                print(f"{method:4s} lr {lr:<7g} val loss {loss:.4f}  ({trainable:,} trainable of {total:,}; "
+                      f"{time.time() - t:.0f} s)", flush=True)
+    share = trainable / total
     fits = [r for r in range(1, 65) if (lambda n: n[0] / n[1])(count_parameters(apply_lora(
         copy.deepcopy(base), LoRAConfig(rank=r)))) <= 0.02]
-    print(f"full fine-tuning  lr {args.lr_full:g}: val loss {full:.4f} ({total:,} trainable parameters)")
-    print(f"LoRA rank {args.rank} alpha {lora_cfg.alpha:g} lr {args.lr_lora:g}: val loss {lora:.4f} "
-          f"({trainable:,} trainable = {share:.2%} of {with_adapters:,})")
-    print(f"LoRA / full val loss: {lora / full:.4f} (target <= 1.05); {args.steps} steps each")
+    (full, lr_full), (lora, lr_lora) = min(results["full"]), min(results["lora"])
+    c = base.config
+    print(f"setting: --data {args.data} on a base of {c.n_layer} layers, d {c.n_embd}, vocab {c.vocab_size}; "
+          f"{args.steps} steps of {batch} x {seq_len} tokens each")
+    print(f"best full fine-tuning: lr {lr_full:g}, val loss {full:.4f}")
+    rows = f" + the {len(new_rows)} chat tokens' rows" if new_rows else ""
+    print(f"best LoRA rank {args.rank} alpha {lora_cfg.alpha:g}{rows}: lr {lr_lora:g}, val loss {lora:.4f} "
+          f"({trainable:,} trainable = {share:.2%} of {total:,}; {trainable / blocks:.2%} of the block weights)")
+    print(f"LoRA / full val loss: {lora / full:.4f} (target <= 1.05 at <= 2% trainable: "
+          f"{'PASS' if lora / full <= 1.05 and share <= 0.02 else 'MISS'}); {time.time() - start:.0f} s in all")
     print(f"largest all-linear rank with <= 2% trainable parameters on this model: "
           f"{max(fits) if fits else 'none (rank 1 is above 2%)'}")
 

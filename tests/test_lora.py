@@ -17,6 +17,7 @@ from lmlab.train.recipes import train_from_sources
 from lmlab.train.trainer import read_run_config
 from lmlab.tune.lora import (
     LoRAConfig,
+    adapters_disabled,
     apply_lora,
     count_parameters,
     load_adapter,
@@ -101,6 +102,33 @@ def test_the_fast_decoder_applies_an_unmerged_adapter():
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
+def test_disabled_adapters_give_the_base_s_logits_and_come_back():
+    """The reference of a LoRA preference or GRPO run is the policy with its adapters off: the base's logits, in
+    the forward and in a kept fast decoder (which held the adapters' weights before)."""
+    plain = tiny("llama")
+    model = randomise(apply_lora(tiny("llama"), LoRAConfig(rank=4)))
+    x = torch.randint(0, 96, (1, 6))
+    with torch.no_grad():
+        base, adapted = plain(x).logits, model(x).logits
+        assert (adapted - base).abs().max() > 0.01
+        fast.decoder(model)  # kept, with W + scale * B A
+
+        def last(m):
+            cache = KVCache(m.config, 1)
+            m(x[:, :-1], cache=cache)
+            return fast.decoder(m)(x[:, -1:], cache)
+        with adapters_disabled(model) as reference:
+            assert reference is model
+            torch.testing.assert_close(model(x).logits, base, atol=1e-6, rtol=0)
+            torch.testing.assert_close(last(model), base[:, -1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(model(x).logits, adapted, atol=0, rtol=0)
+        torch.testing.assert_close(last(model), adapted[:, -1], atol=1e-5, rtol=0)
+        merge(model)
+        with pytest.raises(ValueError, match="merged adapters cannot be disabled"):
+            with adapters_disabled(model):
+                pass
+
+
 @pytest.fixture(scope="module")
 def book(tmp_path_factory):
     path = tmp_path_factory.mktemp("books") / "tales.txt"
@@ -157,25 +185,36 @@ def test_a_lora_run_trains_the_adapters_only_and_resumes_exactly(tmp_path, base_
         torch.testing.assert_close(again[key], adapter[key], atol=1e-6, rtol=0, msg=key)
 
 
+def assert_peft_agrees(base_dir, adapter_dir, ours, hf_dir):
+    """`peft` loads the adapter in adapter_dir (PEFT's layout) onto the HF export of base_dir (written to hf_dir)
+    and gives the logits of `ours`, lmlab's model with that adapter, within 1e-4 (tests/test_tune_*.py use it
+    on the adapters of LoRA runs)."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from lmlab.interop import export_hf
+    export_hf(base_dir, hf_dir)
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == ours.lora_config.rank
+    with_adapter = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(hf_dir),
+                                                  adapter_dir).eval()
+    x = torch.randint(0, ours.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(with_adapter(input_ids=x).logits, ours.eval()(x).logits, atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama", "gpt"])
 def test_peft_loads_the_adapter_on_the_hf_export_and_lmlab_loads_peft_s(family, tmp_path):
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
-    from lmlab.interop import export_hf
     model = tiny(family)
     tok = Tokenizer.train(["the cat sat on the mat"], kind="char")
-    export_hf(save_pretrained(tmp_path / "base", model, tok), tmp_path / "hf")
+    base_dir = save_pretrained(tmp_path / "base", model, tok)
     targets = ("q_proj", "v_proj", "up_proj") if family == "llama" else ("all-linear",)
     randomise(apply_lora(model, LoRAConfig(rank=4, alpha=12, targets=targets)))
     save_adapter(model, tmp_path / "adapter", base_model=str(tmp_path / "hf"))
-    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 12
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
-    with_adapter = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["lora_alpha"] == 12
+    assert_peft_agrees(base_dir, tmp_path / "adapter", model, tmp_path / "hf")
     x = torch.randint(0, 96, (2, 20))
-    with torch.no_grad():
-        ours = model(x).logits
-        torch.testing.assert_close(with_adapter(input_ids=x).logits, ours, atol=1e-4, rtol=0)
     # the other way: an adapter PEFT made (its own A per module) read by lmlab gives PEFT's logits
     fresh = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
     peft_targets = ["c_attn", "c_fc"] if family != "llama" else ["k_proj", "o_proj", "gate_proj"]

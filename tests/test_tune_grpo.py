@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from test_selfplay import _one_thread, start_model  # noqa: F401 (_one_thread: an autouse fixture)
 
 from lmlab.models.io import load_pretrained
@@ -178,6 +179,45 @@ def test_a_grpo_run_resumes_exactly(tmp_path):
         resume_grpo(run, {"steps": 7, "kl_coef": 0.2}, log=None)
 
 
+def test_a_lora_grpo_run_keeps_the_base_as_its_reference_and_resumes_exactly(tmp_path, capsys):
+    """--lora-rank: only the adapters train (the base's weights bit for bit the same after the run); the KL is to
+    the base, the policy with its adapters off (0 at step 1, then not: were the adapters left on, the policy
+    would be its own reference and the KL 0 throughout); stopped at 3 and resumed to 6, the same rows as 6 at
+    once; `peft` reads RUN/adapter on the HF export with lmlab's logits."""
+    from test_lora import assert_peft_agrees
+
+    from lmlab.cli import main
+    from lmlab.tune.lora import LoRAConfig, load_adapter
+    _start_model(tmp_path / "start", dropout=0.1)
+    cfg = GRPOConfig(steps=6, prompts_per_step=2, group_size=4, max_new_tokens=8, kl_coef=0.05, lr=3e-2,
+                     save_every=3)
+    run = dict(reward="seed", prompts=["ab", "c", "de"], log=None, lora=LoRAConfig(rank=4))
+    run_grpo(tmp_path / "start", tmp_path / "full", cfg, **run)
+    run_grpo(tmp_path / "start", tmp_path / "run", GRPOConfig(**{**cfg.__dict__, "steps": 3}), **run)
+    assert resume_grpo(tmp_path / "run", {"steps": 6}, log=None).steps == 6
+    full = _metrics(tmp_path / "full")
+    assert full[0]["kl"] == 0.0 and full[-1]["kl"] > 1e-4
+    for a, b in zip(_metrics(tmp_path / "run"), full, strict=True):
+        assert a.keys() == b.keys()
+        for k in a.keys() - set(TIMINGS):
+            assert a[k] == (pytest.approx(b[k], abs=1e-6) if isinstance(b[k], float) else b[k]), k
+    base = load_file(tmp_path / "start" / "model.safetensors")
+    saved = load_file(tmp_path / "full" / "checkpoints" / "step-6" / "model.safetensors")
+    assert {k for k in saved if "lora_" not in k} == set(base)
+    for name, weight in base.items():
+        assert torch.equal(saved[name], weight), name
+    adapted = load_adapter(load_pretrained(tmp_path / "start")[0], tmp_path / "full" / "adapter")
+    x = torch.randint(0, adapted.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        for run_dir in ("full", "run"):  # final/: the base with the adapter merged, the resumed run's too
+            torch.testing.assert_close(load_pretrained(tmp_path / run_dir / "final")[0].eval()(x).logits,
+                                       adapted.eval()(x).logits, atol=1e-5, rtol=0)
+    assert_peft_agrees(tmp_path / "start", tmp_path / "full" / "adapter", adapted, tmp_path / "hf")
+    # a resumed run keeps its own adapters' settings
+    assert main(["tune", "grpo", "--out", str(tmp_path / "run"), "--resume", "--lora-rank", "8"]) == 2
+    assert "drop --lora-rank" in capsys.readouterr().err
+
+
 def test_cli_tune_grpo_on_a_task(tmp_path, capsys):
     from lmlab.cli import main
 
@@ -207,6 +247,10 @@ def test_cli_tune_grpo_on_a_task(tmp_path, capsys):
     (["--reward", "file"], "--reward-file"),
     (["--reward", "seed", "--max-new-tokens", "60"], "exceeds the model's context (48)"),
     (["--resume"], "drop --model"),
+    (["--task", "format", "--lora-rank", "4", "--lora-dropout", "0.1"], "--lora-dropout does not apply"),
+    (["--task", "format", "--lora-targets", "c_attn"], "--lora-targets needs --lora-rank"),
+    (["--task", "format", "--lora-rank", "4", "--lora-targets", "q_proj"], "unknown LoRA target 'q_proj' for a "
+                                                                           "gpt2 model"),
 ])
 def test_bad_flags_are_one_line_errors(tmp_path, capsys, flags, words):
     from lmlab.cli import main

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from lmlab.cli import main
 from lmlab.models import ModelConfig, Transformer
@@ -323,6 +324,52 @@ def test_a_dpo_run_resumes_exactly(model_dir, pairs_file, tmp_path):
         torch.testing.assert_close(x, y, atol=1e-6, rtol=0, msg=name)
 
 
+@pytest.mark.parametrize("loss", P.LOSSES)
+def test_a_lora_run_trains_adapters_on_the_base_as_its_reference_and_resumes_exactly(loss, model_dir, pairs_file,
+                                                                                     kto_file, tmp_path):
+    """Every loss with --lora-rank: the base's weights bit for bit the same after the run (AdamW with weight decay
+    saw only the adapters), the cached reference log-probabilities those of the base (no second model), a run
+    stopped at step 3 and resumed gives the uninterrupted run's rows, and `peft` reads RUN/adapter on the HF
+    export with lmlab's logits."""
+    from test_lora import assert_peft_agrees
+
+    from lmlab.tune.lora import LoRAConfig, load_adapter
+    cfg, lora = P.PreferenceConfig(loss=loss), LoRAConfig(rank=4, dropout=0.1)
+    data = kto_file if loss == "kto" else pairs_file
+    run = dict(model_dir=model_dir, data=data, cfg=cfg, cache_dir=tmp_path / "cache", say=lambda s: None, lora=lora)
+    full, first, second = StopAt(), StopAt(3), StopAt()
+    P.run_preference(tmp_path / "full", config(save_every=4), callbacks=[full], **run)
+    P.run_preference(tmp_path / "cut", config(), callbacks=[first], **run)
+    P.run_preference(tmp_path / "cut", resume=True, callbacks=[second], say=lambda s: None)
+    rows = first.rows + second.rows
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert full.rows[0]["kl"] == 0 and full.rows[-1]["kl"] > 0  # step 1 is at the reference, then it moves
+    for a, b in zip(rows, full.rows):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k] == pytest.approx(b[k], abs=1e-6, nan_ok=True), k
+    base = load_file(model_dir / "model.safetensors")
+    saved = load_file(tmp_path / "full" / "checkpoints" / "step-8" / "model.safetensors")
+    assert {k for k in saved if "lora_" not in k} == set(base) and any("lora_B" in k for k in saved)
+    for name, weight in base.items():
+        assert torch.equal(saved[name], weight), name
+    # the reference: the base model's log-probabilities (dropout off), as a run without LoRA caches them
+    plain, tok = load_pretrained(model_dir)
+    ds = P.PreferenceData(data, tok, cfg.kind, 48)
+    assert ds.attach_reference(P.no_dropout(plain), tmp_path / "cache")  # the LoRA run's cache entry: found
+    for side in ds.sides:
+        torch.testing.assert_close(ds.tensors["ref_" + side], P.token_logps(
+            plain, ds.tensors[side], ds.tensors[side + "_mask"], grad=False), atol=0, rtol=0)
+    # RUN/adapter (PEFT's layout) on the base = RUN/final (merged), the same for the resumed run; peft agrees
+    adapted = load_adapter(load_pretrained(model_dir)[0], tmp_path / "full" / "adapter")
+    x = torch.randint(0, len(tok), (2, 24))
+    with torch.no_grad():
+        for run_dir in ("full", "cut"):
+            torch.testing.assert_close(load_pretrained(tmp_path / run_dir / "final")[0].eval()(x).logits,
+                                       adapted.eval()(x).logits, atol=1e-5, rtol=0)
+    assert_peft_agrees(model_dir, tmp_path / "full" / "adapter", adapted, tmp_path / "hf")
+
+
 def test_the_reference_cache_is_reused_and_invalidated(model_dir, pairs_file, tok, tmp_path, monkeypatch):
     model, _ = load_pretrained(model_dir)
     calls = []
@@ -393,6 +440,21 @@ def test_the_cli_trains_kto_and_prints_its_metrics(model_dir, kto_file, tmp_path
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     # the data is the JSONL under "preference"; "dataset" is a token file that `lmlab train --resume` would open
     assert saved["preference"]["config"]["loss"] == "kto" and "dataset" not in saved
+
+
+def test_the_cli_trains_adapters_with_lora_flags_and_resumes_with_its_own(model_dir, pairs_file, tmp_path, capsys):
+    argv = ["tune", "dpo", "--out", str(tmp_path / "run"), "--max-steps", "1"]
+    assert main([*argv, "--model", str(model_dir), "--data", str(pairs_file), "--loss", "ipo", "--lora-rank", "2",
+                 "--ref-cache", "none",
+                 "--lora-targets", "q_proj,down_proj", "--batch-size", "2", "--save-every", "1"]) == 0
+    assert f"LoRA adapter (PEFT layout): {tmp_path / 'run' / 'adapter'}" in capsys.readouterr().out
+    adapter = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == 2 and adapter["target_modules"] == ["mlp.down_proj", "self_attn.q_proj"]
+    assert main([*argv, "--resume", "--lora-rank", "4"]) == 2
+    assert "drop --lora-rank" in capsys.readouterr().err
+    assert main([*argv, "--resume", "--max-steps", "2"]) == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["preference"]["lora"]["rank"] == 2
+    assert json.loads((tmp_path / "run" / "final" / "training.json").read_text())["steps"] == 2
 
 
 def test_the_shipped_rule_task_is_the_generators_output_and_its_rule_separates_the_pairs(tmp_path):

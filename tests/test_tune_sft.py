@@ -194,6 +194,43 @@ def test_sft_resumes_exactly_like_pretraining(tmp_path, base_dir):
     assert (tmp_path / "cut" / "final" / "chat_template.jinja").read_text() == TEMPLATE
 
 
+def test_a_lora_sft_run_trains_the_adapters_only_and_resumes_exactly(tmp_path, base_dir, capsys):
+    """--lora-rank on conversations: the base (with the chat tokens' rows as add_chat_tokens makes them) bit for
+    bit the same after the run, a run stopped at 4 and resumed gives the same rows and adapter as 8 at once, and
+    `peft` reads RUN/adapter on the HF export of that base with lmlab's logits."""
+    from safetensors.torch import load_file
+    from test_lora import assert_peft_agrees
+
+    from lmlab.tune.lora import LoRAConfig, load_adapter
+    data = write_jsonl(tmp_path / "chats.jsonl", CHATS)
+    lora = LoRAConfig(rank=4, dropout=0.1, targets=("q_proj", "v_proj", "down_proj"))
+    run_sft(base_dir, data, tmp_path / "full", _config(save_every=4), packing=True, echo=lambda s: None, lora=lora)
+    run_sft(base_dir, data, tmp_path / "cut", _config(), packing=True, callbacks=[StopAt(4)], echo=lambda s: None,
+            lora=lora)
+    assert resume_sft(tmp_path / "cut", echo=lambda s: None).steps == 8
+    a, b = _rows(tmp_path / "full"), _rows(tmp_path / "cut")
+    assert [r["step"] for r in b] == list(range(1, 9)) and a[-1]["val_loss"] < a[2]["val_loss"]
+    for ra, rb in zip(a, b, strict=True):
+        assert ra.keys() == rb.keys()
+        for k in ra:
+            assert ra[k] == pytest.approx(rb[k], abs=1e-6), (ra["step"], k)
+    base, tok, _ = add_chat_tokens(*lmlab.load(base_dir))
+    saved = load_file(tmp_path / "full" / "checkpoints" / "step-8" / "model.safetensors")
+    assert {k for k in saved if "lora_" not in k} == set(base.state_dict())
+    for name, weight in base.state_dict().items():
+        assert torch.equal(saved[name], weight), name
+    base_with_tokens = save_pretrained(tmp_path / "base", base, tok)
+    adapted = load_adapter(lmlab.load(base_with_tokens)[0], tmp_path / "full" / "adapter")
+    x = torch.randint(0, len(tok), (2, 24))
+    with torch.no_grad():
+        for run in ("full", "cut"):  # final/: the base with the adapter merged, the resumed run's too
+            torch.testing.assert_close(lmlab.load(tmp_path / run / "final")[0].eval()(x).logits,
+                                       adapted.eval()(x).logits, atol=1e-5, rtol=0)
+    assert_peft_agrees(base_with_tokens, tmp_path / "full" / "adapter", adapted, tmp_path / "hf")
+    assert main(["tune", "sft", "--out", str(tmp_path / "cut"), "--resume", "--lora-rank", "8"]) == 2
+    assert "drop --lora-rank" in capsys.readouterr().err
+
+
 def test_cli_sft_then_chat(tmp_path, base_dir, capsys, monkeypatch):
     out = tmp_path / "run"
     assert main(["tune", "sft", "--model", str(base_dir), "--data", str(SHIPPED), "--out", str(out),

@@ -252,8 +252,9 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # what a new run is made of; a resumed run has its own
+_LORA_FLAGS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
 _NEW_RUN_ONLY = ("sources", "preset", "model_config", "init", "dataset", "tokenizer", "tokenizer_kind", "vocab_size",
-                 "val_fraction", "weight", "lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
+                 "val_fraction", "weight", *_LORA_FLAGS)
 
 
 @command("train", "train a model on your books (or resume a run)", _train_arguments)
@@ -290,9 +291,7 @@ def _train(args: argparse.Namespace) -> int:
             args.out, config, sources=args.sources, dataset=args.dataset, preset=args.preset,
             model_config=model_config, model_fields=model_fields, init=args.init, tokenizer=args.tokenizer,
             weights=parse_weights(args.weight), callbacks=callbacks, lora=lora_config(args), **data)
-    adapter = Path(args.out) / "adapter"
-    return report_run(args, result, "train", after=f"\nLoRA adapter (PEFT layout): {adapter}; final/ has it merged"
-                      if adapter.is_dir() else "")
+    return report_run(args, result, "train", after=_adapter_note(args.out))
 
 
 def refuse_on_resume(args: argparse.Namespace, flags: Sequence[str], what: str) -> None:
@@ -342,6 +341,12 @@ def lora_config(args: argparse.Namespace) -> Any:
     from .tune.lora import ALL_LINEAR, LoRAConfig
     targets = tuple(t.strip() for t in (args.lora_targets or ALL_LINEAR).split(",") if t.strip())
     return LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout or 0.0, targets=targets)
+
+
+def _adapter_note(out: str | Path) -> str:
+    """report_run's closing words for a run that trained LoRA adapters (tune/lora.py wrote RUN/adapter)."""
+    adapter = Path(out) / "adapter"
+    return f"\nLoRA adapter (PEFT layout): {adapter}; final/ has it merged" if adapter.is_dir() else ""
 
 
 def _lora_arguments(p: argparse.ArgumentParser) -> None:
@@ -849,6 +854,7 @@ def _grpo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts-file", metavar="FILE", help="a JSON list of prompt strings, instead of --prompt")
     p.add_argument("--judge", help="model directory of the judge for --reward perplexity")
     p.add_argument("--reward-file", help="FILE.py:FUNCTION, fn(prompt, completion) -> float, for --reward file")
+    add_lora_arguments(p)
     add_arguments(p, GRPOConfig, title="GRPO settings (GRPOConfig)")
 
 
@@ -863,18 +869,19 @@ def _tune_grpo(args: argparse.Namespace) -> int:
         raise ValueError("give --prompt or --prompts-file, not both")
     prompts = read_prompts_file(args.prompts_file) if args.prompts_file else args.prompt
     if args.resume:
-        refuse_on_resume(args, ("model", "task", "reward", "prompt", "prompts_file", "judge", "reward_file"),
-                         "model, task or reward and prompts")
+        refuse_on_resume(args, ("model", "task", "reward", "prompt", "prompts_file", "judge", "reward_file",
+                                *_LORA_FLAGS), "model, task or reward, prompts and LoRA settings")
         result = resume_grpo(args.out, overrides)
     else:
         if not args.model:
             raise ValueError("--model is required (except with --resume)")
         result = run_grpo(args.model, args.out, GRPOConfig(**overrides), task=args.task, reward=args.reward,
-                          prompts=prompts, judge=args.judge, reward_file=args.reward_file)
+                          prompts=prompts, judge=args.judge, reward_file=args.reward_file, lora=lora_config(args))
     rows = [m for m in result.history if "reward" in m]
     held = [m["heldout_pass1"] for m in result.history if "heldout_pass1" in m]
     extra = f"; reward {rows[0]['reward']:.4f} -> {rows[-1]['reward']:.4f}" if rows else ""
-    return report_run(args, result, "tune grpo", extra + (f"; held-out pass@1 {held[-1]:.3f}" if held else ""))
+    return report_run(args, result, "tune grpo", extra + (f"; held-out pass@1 {held[-1]:.3f}" if held else ""),
+                      after=_adapter_note(args.out))
 
 
 # ---- tune dpo (preference optimisation) --------------------------------------------------------------
@@ -891,6 +898,7 @@ def _dpo_arguments(p: argparse.ArgumentParser) -> None:
                    "(default ~/.cache/lmlab/reference; 'none' computes them every run)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out with its own model, data and "
                    "loss; only stop conditions and how it runs may change")
+    add_lora_arguments(p)
     from .train import TrainConfig
     add_arguments(p, TrainConfig, title="training hyper-parameters (TrainConfig)")
 
@@ -904,7 +912,8 @@ def _tune_dpo(args: argparse.Namespace) -> int:
 
     overrides = given(args, TrainConfig)
     if args.resume:
-        refuse_on_resume(args, ("model", "data", "loss", "beta", "gamma", "ref_cache"), "model, data and loss")
+        refuse_on_resume(args, ("model", "data", "loss", "beta", "gamma", "ref_cache", *_LORA_FLAGS),
+                         "model, data, loss and LoRA settings")
         result = run_preference(args.out, overrides, resume=True)
     else:
         if not args.model or not args.data:
@@ -915,10 +924,10 @@ def _tune_dpo(args: argparse.Namespace) -> int:
         cfg = PreferenceConfig(loss=args.loss or "dpo", beta=args.beta,
                                **({"gamma": args.gamma} if args.gamma is not None else {}))
         result = run_preference(args.out, TrainConfig.from_dict(overrides), model_dir=args.model, data=args.data,
-                                cfg=cfg, cache_dir=cache)
+                                cfg=cfg, cache_dir=cache, lora=lora_config(args))
     last = next((m for m in reversed(result.history) if "margin" in m), {})
     return report_run(args, result, "tune dpo", f", margin {last['margin']:.4f}, accuracy {last['accuracy']:.2f}, "
-                      f"kl {last['kl']:.4f}" if last else "")
+                      f"kl {last['kl']:.4f}" if last else "", after=_adapter_note(args.out))
 
 
 # ---- tune sft / chat ---------------------------------------------------------------------------------
@@ -936,6 +945,7 @@ def _sft_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--completion-only", action="store_true",
                    help="prompt–completion data: train on the completion only (default: the whole text)")
     p.add_argument("--val-fraction", type=float, help="held-out share of the examples for validation (0.1)")
+    add_lora_arguments(p)
     add_arguments(p, TrainConfig, title="training hyper-parameters (TrainConfig)")
 
 
@@ -948,7 +958,8 @@ def _tune_sft(args: argparse.Namespace) -> int:
 
     overrides = given(args, TrainConfig)
     if args.resume:
-        refuse_on_resume(args, ("model", "data", "packing", "completion_only", "val_fraction"), "model and data")
+        refuse_on_resume(args, ("model", "data", "packing", "completion_only", "val_fraction", *_LORA_FLAGS),
+                         "model, data and LoRA settings")
         result = resume_sft(args.out, overrides)
     else:
         if not args.model or not args.data:
@@ -956,9 +967,10 @@ def _tune_sft(args: argparse.Namespace) -> int:
         if not any(overrides.get(k) for k in STOP_CONDITIONS):
             overrides["epochs"] = 1.0  # as lmlab train: one pass over the examples
         result = run_sft(args.model, args.data, args.out, TrainConfig.from_dict(overrides), packing=args.packing,
-                         completion_only=args.completion_only,
+                         completion_only=args.completion_only, lora=lora_config(args),
                          val_fraction=0.1 if args.val_fraction is None else args.val_fraction)
-    return report_run(args, result, "tune sft", after=f" (try: lmlab chat {Path(args.out) / 'final'})")
+    return report_run(args, result, "tune sft", after=f" (try: lmlab chat {Path(args.out) / 'final'})"
+                      + _adapter_note(args.out))
 
 
 def _chat_arguments(p: argparse.ArgumentParser) -> None:

@@ -296,6 +296,12 @@ class Decoder:
 _KEPT: weakref.WeakKeyDictionary[Transformer, Decoder] = weakref.WeakKeyDictionary()
 
 
+def forget(model: Transformer) -> None:
+    """Drop the Decoder held for `model` (its weights change in a way _weights_key does not see: LoRA adapters
+    switched off, tune/lora.py)."""
+    _KEPT.pop(model, None)
+
+
 def decoder(model: Transformer, *, keep: bool = True) -> Decoder | None:
     """A Decoder for `model` (in eval mode), or None where it does not apply: weights other than fp32 on the
     CPU, or a config outside SWITCHES. keep: hold it (a second copy of the weights) for the next call, rebuilt

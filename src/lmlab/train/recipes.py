@@ -129,7 +129,7 @@ def train_from_sources(out_dir: str | Path, config: TrainConfig, *, sources: Seq
                   "init": str(init) if init else None, "data_stats": ds.stats()}
     if lora is not None:
         provenance["lora"] = lora.to_dict()
-    return _train_lora(model, tok, ds, config, out, callbacks, lora, provenance=provenance)
+    return train_with_lora(model, tok, ds, config, out, callbacks, lora, provenance=provenance)
 
 
 def _phase(out: Path, phase: str) -> None:
@@ -170,17 +170,19 @@ def resume_run(out_dir: str | Path, overrides: dict[str, Any] | None = None,
     if (lora.to_dict() if lora is not None else None) != (provenance.get("lora") or None):
         raise ValueError(f"{out} was trained with LoRA settings {provenance.get('lora')}; resume it with the same "
                          "(lmlab train --resume reads them from the run)")
-    return _train_lora(model, tok, ds, config, out, callbacks, lora, resume=True, provenance=provenance)
+    return train_with_lora(model, tok, ds, config, out, callbacks, lora, resume=True, provenance=provenance)
 
 
-def _train_lora(model: Transformer, tok: Any, ds: Any, config: TrainConfig, out: Path, callbacks: Sequence[Any],
-                lora: Any, *, resume: bool = False, provenance: dict[str, Any]) -> TrainResult:
+def train_with_lora(model: Transformer, tok: Any, ds: Any, config: TrainConfig, out: str | Path,
+                    callbacks: Sequence[Any], lora: Any, *, resume: bool = False, provenance: dict[str, Any],
+                    objective: Any = None) -> TrainResult:
     """train(), with `lora`'s adapters (a tune.lora.LoRAConfig, passed in: train sits below tune) put on the model
-    first (the checkpoint of a resumed run holds them) and written out after (RUN/adapter, RUN/final merged)."""
+    first (the checkpoint of a resumed run holds them) and written out after (RUN/adapter, RUN/final merged).
+    Every run on the Trainer that may train adapters (lmlab train, tune dpo, tune grpo) goes through here."""
     if lora is None:
-        return train(model, tok, ds, config, out, callbacks, resume=resume, provenance=provenance)
+        return train(model, tok, ds, config, out, callbacks, resume=resume, provenance=provenance, objective=objective)
     lora.attach(model, config.seed)
-    result = train(model, tok, ds, config, out, callbacks, resume=resume, provenance=provenance)
+    result = train(model, tok, ds, config, out, callbacks, resume=resume, provenance=provenance, objective=objective)
     if dist_env()[0] == 0:
         lora.finish(model, out, tok)
     return result

@@ -21,6 +21,8 @@ arXiv:2402.03300, eq. 3). `--variant` picks the normalisations, as TRL's GRPOTra
 
 KL_it is the k3 estimate exp(d) - d - 1, d = log pi_ref - log pi (Schulman 2020, "Approximating KL
 divergence"; the paper's eq. 4), to the starting model, loaded only when kl_coef > 0 (TRL's default beta is 0).
+With LoRA (`--lora-rank`: adapters trained on the frozen model, RUN/adapter in PEFT's layout) the starting model
+is the policy with its adapters switched off, as TRL does with a PEFT model: no second copy of the weights.
 
 Scoring agrees with sampling: log-probabilities for the update and the KL are taken in eval mode (dropout off,
 as the samples were drawn) at the sampling temperature. So at the first step the KL is exactly 0, and the
@@ -55,7 +57,8 @@ from ..configs import knob, validate
 from ..models import GenerationConfig, generate_ids
 from ..models.io import WEIGHTS
 from ..train import TrainConfig
-from ..train.trainer import Callback, Objective, Trainer, train
+from ..train.trainer import Callback, Objective, Trainer
+from .lora import LoRAConfig, adapters_disabled
 from .rewards import Reward, Task
 from .rl import Batch, kl_k3, make_batch, token_logprobs
 
@@ -227,8 +230,9 @@ class GRPO(Objective):
             batch = Batch(empty, empty, empty.bool())
         out = {"inputs": batch.inputs, "targets": batch.targets, "mask": batch.mask, "advantages": adv[keep].to(device)}
         if self.reference is not None:
-            self.reference.to(device).eval()
-            out["ref_logp"] = token_logprobs(self.reference, batch, temperature=c.temperature)[0]
+            # a LoRA run's reference is the policy itself with its adapters off; a no-op for a separate model
+            with adapters_disabled(self.reference.to(device).eval()) as reference:
+                out["ref_logp"] = token_logprobs(reference, batch, temperature=c.temperature)[0]
         return out
 
     # the Objective
@@ -307,17 +311,18 @@ def train_config(config: GRPOConfig, seq_len: int, keep_last: int = 2) -> TrainC
 def train_grpo(policy: torch.nn.Module, tokenizer: Any, out: str | Path, config: GRPOConfig, source: PromptSource,
                reward: Reward, *, reference: torch.nn.Module | None = None, provenance: dict[str, Any] | None = None,
                resume: bool = False, log: Callable[[str], None] | None = print,
-               train_settings: TrainConfig | None = None) -> Any:
-    """The one RL loop: `policy` trained by the Trainer on its own samples; returns the TrainResult."""
+               train_settings: TrainConfig | None = None, lora: LoRAConfig | None = None) -> Any:
+    """The one RL loop: `policy` trained by the Trainer on its own samples; returns the TrainResult. `lora`:
+    adapters trained on the frozen policy (then a `reference` must be the policy itself, or None)."""
+    from ..train.recipes import train_with_lora
     from ..train.trainer import dist_env
     if dist_env()[1] > 1:
         raise ValueError("GRPO runs in one process; start it without torchrun")
-    if resume:
-        pass
     grpo = GRPO(policy, tokenizer, config, source, reward, reference)
     seq_len = min(policy.config.block_size, source.longest() + config.max_new_tokens)
-    return train(policy, tokenizer, grpo, train_settings or train_config(config, seq_len), out,
-                 [_Report(grpo, log)], resume=resume, provenance=provenance, objective=grpo)
+    settings = train_settings or train_config(config, seq_len)
+    return train_with_lora(policy, tokenizer, grpo, settings, out, [_Report(grpo, log)], lora, resume=resume,
+                           provenance=provenance, objective=grpo)
 
 
 # ---- a run's record: what resume keeps ---------------------------------------------------------------------
@@ -383,11 +388,12 @@ RESUMABLE_CHANGES = ("steps", "save_every", "eval_every", "device")  # what a re
 def run_grpo(model_dir: str | Path, out: str | Path, config: GRPOConfig, *, task: str | None = None,
              reward: str | None = None, prompts: Sequence[str] = (), judge: str | Path | None = None,
              reward_file: str | None = None, resume: bool = False,
-             log: Callable[[str], None] | None = print) -> Any:
+             log: Callable[[str], None] | None = print, lora: LoRAConfig | None = None) -> Any:
     """GRPO on `task` (a verifiable task of tune.rewards, scored by its checker, with held-out pass@1 at each
     evaluation) or on `prompts` with `reward` (a self-play reward, or a user's function: reward "file" with
     reward_file FILE.py:FUNCTION). resume=True continues OUT from its last checkpoint; the settings must match
-    OUT/config.json but for RESUMABLE_CHANGES, and the starting model's weights must be the same."""
+    OUT/config.json but for RESUMABLE_CHANGES, and the starting model's weights must be the same. `lora`: train
+    adapters on the frozen model (their dropout must be 0: the policy is scored with dropout off)."""
     from ..models.io import load_pretrained
     from ..train import latest_checkpoint
     from .rewards import build_reward, get_task
@@ -404,12 +410,17 @@ def run_grpo(model_dir: str | Path, out: str | Path, config: GRPOConfig, *, task
     if not resume and checkpoint is not None:
         raise ValueError(f"{out} holds the checkpoints of an earlier run (latest {checkpoint.name}): continue it "
                          "with --resume, or start over in another folder")
+    if lora is not None and lora.dropout:
+        raise ValueError("GRPO scores the policy with dropout off, as it samples (the update stays on-policy): "
+                         "--lora-dropout does not apply; leave it out")
     the_task = get_task(task) if task is not None else None
     score = the_task.reward if the_task else build_reward(reward, judge=judge, reward_file=reward_file)
     policy, tok = load_pretrained(model_dir)
     if tok is None:
         raise ValueError(f"{model_dir} has no tokenizer.json; GRPO needs one")
-    reference = load_pretrained(model_dir)[0].requires_grad_(False) if config.kl_coef > 0 else None
+    reference = None
+    if config.kl_coef > 0:  # with LoRA the policy itself, its adapters switched off when it scores the reference
+        reference = policy if lora is not None else load_pretrained(model_dir)[0].requires_grad_(False)
     if the_task is not None:
         source = PromptSource(tok, policy.config.block_size, config.max_new_tokens, task=the_task,
                               heldout=the_task.heldout(config.eval_prompts))
@@ -417,13 +428,13 @@ def run_grpo(model_dir: str | Path, out: str | Path, config: GRPOConfig, *, task
         source = PromptSource(tok, policy.config.block_size, config.max_new_tokens, prompts=list(prompts) or [""])
     record = {"grpo": dataclasses.asdict(config), "task": task, "reward": reward, "init": str(model_dir),
               "model_sha256": weights_sha(model_dir), "prompts": list(prompts), "reward_file": reward_file,
-              "judge": str(judge) if judge else None}
+              "judge": str(judge) if judge else None, "lora": lora.to_dict() if lora else None}
     if resume:
         check_same_run(out, read_record(out, "grpo", "GRPO"), record, "grpo", RESUMABLE_CHANGES,
                        {"model_sha256": "the weights of the starting model differ from those the run started with",
-                        "prompts": "other prompts", "task": "", "reward": "", "reward_file": ""})
+                        "prompts": "other prompts", "task": "", "reward": "", "reward_file": "", "lora": ""})
     return train_grpo(policy, tok, out, config, source, score, reference=reference, provenance=record,
-                      resume=resume, log=log)
+                      resume=resume, log=log, lora=lora)
 
 
 def resume_grpo(out: str | Path, overrides: dict[str, Any] | None = None, *,
@@ -441,4 +452,5 @@ def resume_grpo(out: str | Path, overrides: dict[str, Any] | None = None, *,
     config = settings_from({**saved["grpo"], **now}, GRPOConfig, overrides or {}, out / "config.json")
     return run_grpo(saved["init"], out, config, task=saved.get("task"), reward=saved.get("reward"),
                     prompts=saved.get("prompts") or (), judge=saved.get("judge"),
-                    reward_file=saved.get("reward_file"), resume=True, log=log)
+                    reward_file=saved.get("reward_file"), resume=True, log=log,
+                    lora=LoRAConfig(**saved["lora"]) if saved.get("lora") else None)

@@ -21,10 +21,12 @@ and converts both ways exactly; only the dropout mask is shared by the segments 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import shutil
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -115,7 +117,7 @@ class LoRALinear(nn.Linear):
         """segments: (rows, adapted) in the weight's row order."""
         n, r = sum(a for _, a in segments), config.rank
         w = self.weight
-        self.segments, self.rank, self.scale, self.merged = segments, r, config.scale, False
+        self.segments, self.rank, self.scale, self.merged, self.disabled = segments, r, config.scale, False, False
         self.lora_A = nn.Parameter(torch.empty(n * r, self.in_features, device=w.device, dtype=w.dtype))
         self.lora_B = nn.Parameter(torch.zeros(sum(rows for rows, a in segments if a), r, device=w.device,
                                                dtype=w.dtype))
@@ -139,12 +141,13 @@ class LoRALinear(nn.Linear):
         return self.scale * (self._full_B() @ self.lora_A)                # (out, in)
 
     def effective_weight(self) -> torch.Tensor:
-        """The weight the layer applies: W + scale · B A unless merged into W already (fast.py's decoder)."""
-        return self.weight if self.merged else self.weight + self.delta_weight()
+        """The weight the layer applies: W + scale · B A unless merged into W already or disabled (fast.py's
+        decoder)."""
+        return self.weight if self.merged or self.disabled else self.weight + self.delta_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        if self.merged:
+        if self.merged or self.disabled:
             return y
         return y + F.linear(F.linear(self.lora_dropout(x), self.lora_A), self._full_B()) * self.scale
 
@@ -190,6 +193,26 @@ def apply_lora(model: Transformer, config: LoRAConfig) -> Transformer:
     return model
 
 
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, `model` is its frozen base: every adapter is skipped (PEFT's disable_adapter). This is how
+    a LoRA run's reference model (DPO's, GRPO's KL) is the base itself, without a second copy of its weights. A
+    model without adapters passes through unchanged; merged adapters are refused (W holds them)."""
+    layers = lora_layers(model).values()
+    if any(m.merged for m in layers):
+        raise ValueError("merged adapters cannot be disabled; unmerge them first")
+    from ..models import fast
+    fast.forget(model)  # a decoder kept with the adapters in its weights must not serve the base
+    for m in layers:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.disabled = False
+        fast.forget(model)
+
+
 def merge(model: nn.Module) -> None:
     """Fold every adapter into its weight (W += scale · B A): the same outputs with plain matmuls."""
     for m in lora_layers(model).values():
@@ -207,7 +230,7 @@ def merge_and_unload(model: Transformer) -> Transformer:
     (in place) whose state dict is a model directory's again."""
     for m in lora_layers(model).values():
         m.merge()
-        del m.lora_A, m.lora_B, m.lora_dropout, m.segments, m.rank, m.scale, m.merged
+        del m.lora_A, m.lora_B, m.lora_dropout, m.segments, m.rank, m.scale, m.merged, m.disabled
         m.__class__ = nn.Linear
     model.__dict__.pop("lora_config", None)
     return model

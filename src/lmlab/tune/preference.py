@@ -2,6 +2,7 @@
 on the project's Trainer (its resume, checkpoints, metrics and DDP).
 
     lmlab tune dpo --model runs/sft/final --data pairs.jsonl --out runs/dpo --loss dpo --max-steps 200
+    lmlab tune dpo --model runs/sft/final --data pairs.jsonl --out runs/dpo-lora --lora-rank 8   # RUN/adapter
 
 Data (JSONL, one example a line): preference pairs {"prompt", "chosen", "rejected"} for dpo, ipo, simpo and orpo;
 unpaired labels {"prompt", "completion", "label": true|false} for kto. The prompt's tokens are context, the
@@ -26,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from ..data.jsonl import read_jsonl
 from ..files import atomic_path
 from ..train.trainer import Objective
+from .lora import LoRAConfig
 from .rl import kl_k3
 
 LOSSES = ("dpo", "ipo", "simpo", "orpo", "kto")
@@ -335,12 +337,14 @@ def _stack(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def run_preference(out: str | Path, train_config: Any = None, *, model_dir: str | Path | None = None,
                    data: str | Path | None = None, cfg: PreferenceConfig | None = None,
                    cache_dir: str | Path | None = None, resume: bool = False, callbacks: Sequence[Any] = (),
-                   say: Any = print) -> Any:
+                   say: Any = print, lora: LoRAConfig | None = None) -> Any:
     """Fine-tune the model in model_dir on data with cfg's loss and write the run directory `out` (the
     Trainer's: checkpoints, metrics.jsonl, final/). resume=True continues `out` with its saved settings
-    (train_config then holds only the changes, as a dict)."""
+    (train_config then holds only the changes, as a dict). `lora`: train adapters on the frozen model instead of
+    its weights (tune/lora.py: RUN/adapter in PEFT's layout, RUN/final merged)."""
     from ..models.io import load_pretrained
-    from ..train import TrainConfig, train
+    from ..train import TrainConfig
+    from ..train.recipes import train_with_lora
     from ..train.trainer import read_run_config
 
     if resume:
@@ -350,6 +354,7 @@ def run_preference(out: str | Path, train_config: Any = None, *, model_dir: str 
         p = saved["preference"]
         model_dir, data, cache_dir = p["model"], p["data"], p.get("cache_dir")
         cfg = PreferenceConfig(**p["config"])
+        lora = LoRAConfig(**p["lora"]) if p.get("lora") else None
         train_config = TrainConfig.from_dict({**saved["train"], **(train_config or {})})
     if model_dir is None or data is None or cfg is None or train_config is None:
         raise ValueError("a new preference run needs a model, data, a loss and a training config")
@@ -360,11 +365,15 @@ def run_preference(out: str | Path, train_config: Any = None, *, model_dir: str 
     ds = PreferenceData(data, tok, cfg.kind, max_len, pad_id=getattr(tok, "pad_id", 0))
     if ds.truncated:
         say(f"{ds.truncated} examples were longer than {max_len} tokens: their prompts lost their first tokens")
+    # With LoRA the reference is the base itself, no second copy of its weights: its log-probabilities are taken
+    # here, before the adapters go on (a resumed run's come from its checkpoint later, in the Trainer), so they
+    # and their cache entry are those of the plain model. Its dropout goes off first; the adapters' own is kept
+    # when asked for (B starts at zero: the implicit reward still starts at exactly 0).
     cached = ds.attach_reference(no_dropout(model), cache_dir)
     say(f"reference log-probabilities: {'read from' if cached else 'computed and cached in'} {cache_dir}"
         if cache_dir is not None else "reference log-probabilities computed (no cache)")
     provenance = {"preference": {"model": str(Path(model_dir).resolve()), "data": str(Path(data).resolve()),
                                  "cache_dir": None if cache_dir is None else str(cache_dir),
-                                 "config": dict(vars(cfg))}}
-    return train(model.train(), tok, ds, train_config, out, callbacks, resume=resume, provenance=provenance,
-                 objective=PreferenceObjective(cfg))
+                                 "config": dict(vars(cfg)), "lora": lora.to_dict() if lora else None}}
+    return train_with_lora(model.train(), tok, ds, train_config, out, callbacks, lora, resume=resume,
+                           provenance=provenance, objective=PreferenceObjective(cfg))

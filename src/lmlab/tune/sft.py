@@ -3,6 +3,7 @@ metrics and DDP), not a second training loop.
 
     lmlab tune sft --model lmlab-demo/final --data chats.jsonl --out runs/sft --max-steps 300
     lmlab tune sft --out runs/sft --resume
+    lmlab tune sft --model lmlab-demo/final --data chats.jsonl --out runs/sft-lora --lora-rank 8   # RUN/adapter
     lmlab chat runs/sft/final
 
 A conversation trains on its assistant turns only (chat.render's mask); a prompt–completion pair on all of it,
@@ -34,9 +35,11 @@ from ..models.io import load_pretrained
 from ..tokenizers import Tokenizer
 from ..train import TrainConfig
 from ..train.checkpoint import refuse_existing_run
-from ..train.trainer import Callback, TrainResult, read_run_config, train
+from ..train.recipes import train_with_lora
+from ..train.trainer import Callback, TrainResult, read_run_config
 from .chat import TEMPLATE_FILE, add_chat_tokens, render, write_template
 from .data import read_sft
+from .lora import LoRAConfig
 
 DATA = "data.jsonl"
 
@@ -174,10 +177,12 @@ def _describe(info: dict[str, Any], seq_len: int) -> str:
 
 def run_sft(model_dir: str | Path, data: str | Path, out_dir: str | Path, config: TrainConfig, *,
             packing: bool = False, completion_only: bool = False, val_fraction: float = 0.1,
-            callbacks: Sequence[Callback] = (), echo: Any = print) -> TrainResult:
+            callbacks: Sequence[Callback] = (), echo: Any = print, lora: LoRAConfig | None = None) -> TrainResult:
     """Fine-tune the model in `model_dir` on `data` (conversations or prompt–completion JSONL) into `out_dir`.
-    Conversations add the chat tokens to the tokenizer when it lacks them. Bad data fails before anything
-    is written."""
+    Conversations add the chat tokens to the tokenizer when it lacks them. `lora`: train adapters on the frozen
+    model instead of its weights (tune/lora.py: RUN/adapter in PEFT's layout, RUN/final merged); chat tokens
+    added here keep their initial rows (the mean), as PEFT leaves embeddings alone without modules_to_save.
+    Bad data fails before anything is written."""
     out = Path(out_dir)
     refuse_existing_run(out)
     model, tok = load_pretrained(model_dir)
@@ -191,6 +196,8 @@ def run_sft(model_dir: str | Path, data: str | Path, out_dir: str | Path, config
     seq_len = config.seq_len or model.config.block_size
     ds, info = build_dataset(data, tok, seq_len, completion_only=completion_only, val_fraction=val_fraction,
                              seed=config.seed, packing=packing, read=read)
+    if lora is not None:  # here, so that a target the model lacks fails before anything is written
+        lora.attach(model, config.seed)
     if added:
         echo(f"added {added} chat tokens to the tokenizer ({len(tok)} tokens now)")
     echo(_describe(info, seq_len))
@@ -202,7 +209,10 @@ def run_sft(model_dir: str | Path, data: str | Path, out_dir: str | Path, config
     provenance = {"sft": {**info, "base": str(Path(model_dir).resolve()), "source": str(Path(data).resolve()),
                           "data": DATA, "packing": packing, "completion_only": completion_only,
                           "val_fraction": val_fraction, "added_tokens": added}}
-    return train(model.train(), tok, ds, config, out, [*callbacks, _ChatTemplate()], provenance=provenance)
+    if lora is not None:
+        provenance["lora"] = lora.to_dict()
+    return train_with_lora(model.train(), tok, ds, config, out, [*callbacks, _ChatTemplate()], lora,
+                           provenance=provenance)
 
 
 def resume_sft(out_dir: str | Path, overrides: dict[str, Any] | None = None, callbacks: Sequence[Callback] = (),
@@ -223,4 +233,5 @@ def resume_sft(out_dir: str | Path, overrides: dict[str, Any] | None = None, cal
     echo(_describe(info, seq_len))
     cbs = [*callbacks, _ChatTemplate()] if (out / TEMPLATE_FILE).is_file() else list(callbacks)
     provenance = {k: v for k, v in saved.items() if k not in ("train", "model")}
-    return train(model, tok, ds, config, out, cbs, resume=True, provenance=provenance)
+    lora = LoRAConfig(**saved["lora"]) if saved.get("lora") else None
+    return train_with_lora(model, tok, ds, config, out, cbs, lora, resume=True, provenance=provenance)
