@@ -117,10 +117,10 @@ def exact_kl(model: Transformer, ref: Transformer, tok: Any, prompts: Sequence[s
     for i in range(0, len(prompts), batch):
         ps = [tok.encode(p) for p in prompts[i:i + batch]]
         cs = [list(c) + [tok.eos_id] * (len(c) < max_new_tokens) for c in completions[i:i + batch]]
-        b = make_batch(ps, cs, tok.pad_id)
+        b = make_batch(ps, cs, tok.pad_id, next(model.parameters()).device)
         lp = F.log_softmax(model.eval()(b.inputs).logits.float(), -1)   # (B, T-1, V)
-        lq = F.log_softmax(ref.eval()(b.inputs).logits.float(), -1)
-        kl = (lp.exp() * (lp - lq)).sum(-1)                              # (B, T-1)
+        lq = F.log_softmax(ref.eval()(b.inputs.to(next(ref.parameters()).device)).logits.float(), -1)
+        kl = (lp.exp() * (lp - lq.to(lp.device))).sum(-1)               # (B, T-1)
         total += float(kl[b.mask].sum())
         count += int(b.mask.sum())
     return total / max(count, 1)
