@@ -928,7 +928,7 @@ def _arena_arguments(p: argparse.ArgumentParser) -> None:
                    "method's run")
     p.add_argument("--model", help="the base model directory (default: a fresh ~3M llama with a tokenizer trained "
                    "on the task's text)")
-    p.add_argument("--steps", type=int, help="optimizer steps per method, the same for all (150; --quick 3)")
+    p.add_argument("--steps", type=int, help="optimizer steps per method, the same for all (60; --quick 3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the base, the data order and the sampling (0)")
     p.add_argument("--quick", action="store_true", help="a tiny model, few steps, pairs and prompts: a smoke run "
                    "in seconds, not a measurement")

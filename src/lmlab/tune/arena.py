@@ -53,12 +53,12 @@ METHODS = (*PREFERENCE, "grpo")
 
 @dataclasses.dataclass
 class ArenaConfig:
-    steps: int = 150           # optimizer steps per method
+    steps: int = 60            # optimizer steps per method
     sequences: int = 32        # completions with a gradient per step (the budget's other half)
     group_size: int = 4        # GRPO's samples per prompt
     lr: float = 5e-4
     warmup_steps: int = 10
-    sft_steps: int = 600
+    sft_steps: int = 1200
     sft_lr: float = 2e-3
     preset: str = "llama-small"   # the base when no --model is given
     block_size: int = 48
@@ -239,10 +239,15 @@ def run_arena(out: str | Path, cfg: ArenaConfig, *, model_dir: str | Path | None
 
     say(f"SFT: {cfg.sft_steps} steps on {files['sft']}")
     t0, c0 = time.perf_counter(), time.process_time()
+    base_tok = Tokenizer.load(base / "tokenizer.json")
+    # rows as long as the longest example (sft.py pads every row to seq_len): ~2x less compute than the context
+    block = json.loads((base / "config.json").read_text(encoding="utf-8"))["block_size"]
+    longest = max(len(base_tok.encode(r["prompt"])) + len(base_tok.encode(r["completion"])) + 1
+                  for r in _rows(files["sft"]))
     run_sft(base, files["sft"], out / "sft", TrainConfig(
-        batch_size=32, lr=cfg.sft_lr, warmup_steps=min(20, cfg.sft_steps // 10), max_steps=cfg.sft_steps,
-        eval_every=0, save_every=0, log_every=max(1, cfg.sft_steps // 10), seed=cfg.seed, device="cpu",
-        sample_every=0), completion_only=True, val_fraction=0.05, echo=say)
+        batch_size=32, seq_len=min(longest - 1, block), lr=cfg.sft_lr, schedule="constant", warmup_steps=0,
+        max_steps=cfg.sft_steps, eval_every=0, save_every=0, log_every=max(1, cfg.sft_steps // 10), seed=cfg.seed,
+        device="cpu", sample_every=0), completion_only=True, val_fraction=0.05, echo=say)
     timing = {"sft": {"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}}
     sft_dir = out / "sft" / "final"
     sft, tok = load_pretrained(sft_dir)
