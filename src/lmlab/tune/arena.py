@@ -1,7 +1,7 @@
 """The arena: SFT, then DPO, IPO, SimPO, ORPO, KTO and GRPO from the same SFT model at an equal budget, on the
 shipped rule task (lmlab.tune.preference_task), measured by the rule.
 
-    lmlab tune arena --out runs/arena                 # a ~3M llama, ~30 minutes on a 2-core CPU
+    lmlab tune arena --out runs/arena                 # a ~3.5M llama, ~6 minutes on a 2-core CPU
     lmlab tune arena --out /tmp/arena --quick         # a tiny model and a few steps: seconds
 
 Without --model the base is a fresh llama whose BPE tokenizer is trained on the task's text; SFT on sft.jsonl
