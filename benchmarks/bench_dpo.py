@@ -24,14 +24,14 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from lmlab.models import ModelConfig, Transformer, fast, generate_ids
+from lmlab.models import ModelConfig, Transformer, fast
 from lmlab.models.io import save_pretrained
 from lmlab.tokenizers import Tokenizer
 from lmlab.train import TrainConfig
 from lmlab.tune import preference as P
 from lmlab.tune import preference_task as task
+from lmlab.tune.arena import win_rate_and_kl  # the arena's measure: sampled win-rate and exact KL
 
 
 def setup(block_size: int = 48) -> tuple[Tokenizer, Transformer]:
@@ -77,23 +77,6 @@ def part_step(batch_size: int, reps: int) -> None:
     print(f"DPO / SFT on the {batch_size} chosen rows: {med['dpo'] / med['sft_chosen_rows']:.3f}x")
 
 
-def win_rate_and_kl(model: Transformer, ref: Transformer, tok: Tokenizer, prompts: list[str]
-                    ) -> tuple[float, float]:
-    model.eval()
-    ids = [tok.encode(p) for p in prompts]
-    outs = generate_ids(model, ids, max_new_tokens=24, temperature=1.0, seed=0, eos_token_id=tok.eos_id)
-    wins = sum(task.follows_rule(p, tok.decode(o)) for p, o in zip(prompts, outs)) / len(prompts)
-    kl_sum, n = 0.0, 0
-    with torch.no_grad():
-        for p, o in zip(ids, outs):
-            full = torch.tensor([p + o + [tok.eos_id]])
-            lp = F.log_softmax(model(full).logits[0, len(p) - 1:-1].float(), -1)
-            lq = F.log_softmax(ref(full).logits[0, len(p) - 1:-1].float(), -1)
-            kl_sum += float((lp.exp() * (lp - lq)).sum())
-            n += lp.shape[0]
-    return wins, kl_sum / n
-
-
 def part_winrate(sft_minutes: float, dpo_minutes: float, beta: float) -> None:
     tok, model = setup()
     tmp = Path(tempfile.mkdtemp(prefix="bench_dpo_"))
@@ -115,7 +98,7 @@ def part_winrate(sft_minutes: float, dpo_minutes: float, beta: float) -> None:
     ref = Transformer(model.config).eval()
     ref.load_state_dict(model.state_dict())
     prompts = [json.loads(x)["prompt"] for x in (task.shipped() / "test.jsonl").read_text().splitlines()]
-    before, _ = win_rate_and_kl(model, ref, tok, prompts)
+    before, _, _ = win_rate_and_kl(model, ref, tok, prompts)
     print(f"before DPO: rule win-rate {before:.1%}")
     t0 = time.perf_counter()
     result = P.run_preference(tmp / "dpo", TrainConfig(batch_size=16, lr=5e-4, warmup_steps=10, log_every=10,
@@ -125,7 +108,7 @@ def part_winrate(sft_minutes: float, dpo_minutes: float, beta: float) -> None:
                               cfg=P.PreferenceConfig("dpo", beta=beta), cache_dir=None)
     from lmlab.models.io import load_pretrained
     tuned, _ = load_pretrained(tmp / "dpo" / "final")
-    after, kl = win_rate_and_kl(tuned, ref, tok, prompts)
+    after, kl, _ = win_rate_and_kl(tuned, ref, tok, prompts)
     print(f"DPO: {result.steps} steps in {time.perf_counter() - t0:.0f} s (beta {beta})")
     print(f"after DPO: rule win-rate {after:.1%}, mean per-token KL to the SFT model {kl:.3f} nats "
           f"(targets: >= 85%, <= 0.5)")

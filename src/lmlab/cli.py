@@ -930,6 +930,34 @@ def _tune_dpo(args: argparse.Namespace) -> int:
                       f"kl {last['kl']:.4f}" if last else "", after=_adapter_note(args.out))
 
 
+# ---- tune arena ---------------------------------------------------------------------------------------
+
+def _arena_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="a new folder: results.json, frontier.png, report.html and each "
+                   "method's run")
+    p.add_argument("--model", help="the base model directory (default: a fresh ~3M llama with a tokenizer trained "
+                   "on the task's text)")
+    p.add_argument("--steps", type=int, help="optimizer steps per method, the same for all (60; --quick 3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the base, the data order and the sampling (0)")
+    p.add_argument("--quick", action="store_true", help="a tiny model, few steps, pairs and prompts: a smoke run "
+                   "in seconds, not a measurement")
+
+
+@tune_mode("arena", "SFT, then DPO, IPO, SimPO, ORPO, KTO and GRPO from it at an equal budget on the shipped rule "
+           "task: win-rates, KL to the SFT model, a report", _arena_arguments)
+def _tune_arena(args: argparse.Namespace) -> int:
+    from .tune.arena import ArenaConfig, run_arena
+
+    given_ = {"seed": args.seed, **({"steps": args.steps} if args.steps is not None else {})}
+    cfg = ArenaConfig.quick(**given_) if args.quick else ArenaConfig(**given_)
+    command = (f"lmlab tune arena --out {args.out}" + (f" --model {args.model}" if args.model else "")
+               + (f" --steps {args.steps}" if args.steps is not None else "") + f" --seed {args.seed}"
+               + (" --quick" if args.quick else ""))
+    run_arena(args.out, cfg, model_dir=args.model, command=command)
+    print(f"report: {Path(args.out) / 'report.html'}")
+    return 0
+
+
 # ---- tune sft / chat ---------------------------------------------------------------------------------
 
 def _sft_arguments(p: argparse.ArgumentParser) -> None:

@@ -14,6 +14,10 @@ import numpy as np
 
 from ...files import atomic_write_text
 
+NOTE = ("Mean ± sample std (ddof=1) over seeds where there are several. A time that some seed never reached within "
+        "its run (still on the plateau, say) counts at the run's last evaluated step: the mean is then a lower bound, "
+        "shown as ≥ with the number of such (censored) seeds. Numbers in results.json.")
+
 
 def _plt():
     try:
@@ -125,13 +129,17 @@ def html_table(table: Sequence[dict[str, Any]], caption: str = "") -> str:
 
 def write_report(out: Path, name: str, claim: str, measured: str, checks: dict[str, bool | None],
                  table: Sequence[dict[str, Any]], plots: Sequence[Path], results: dict[str, Any],
-                 command: str, extra_tables: Sequence[tuple[str, Sequence[dict[str, Any]]]] = ()) -> Path:
+                 command: str, extra_tables: Sequence[tuple[str, Sequence[dict[str, Any]]]] = (), *,
+                 title: str = "lmlab lab facts", claim_label: str = "<b>Paper's claim</b> (Zucchet et al. 2025)",
+                 extra_html: str = "", note: str = NOTE) -> Path:
     """Write out/results.json and out/report.html (plots inlined as base64, so the file stands alone).
 
     `checks` are the experiment's sub-claims (name -> holds, None where not measurable); the verdict is
     graded from them (`grade`), and `holds` is True only when every decided one holds. Tables hold means
     over seeds with `k_std` columns beside them where there are several seeds; `extra_tables` are
-    (caption, rows) shown after the main one and stored in results.json under `extra_tables`."""
+    (caption, rows) shown after the main one and stored in results.json under `extra_tables`. Other reports
+    than lab facts' (tune arena) give their own `title`, `claim_label` (HTML), `note` and `extra_html` (after the
+    plots)."""
     out.mkdir(parents=True, exist_ok=True)
     verdict = grade(checks)
     holds = {"holds": True, "inconclusive": None}.get(verdict, False)
@@ -152,14 +160,12 @@ def write_report(out: Path, name: str, claim: str, measured: str, checks: dict[s
 <style>body{{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}}
 table{{border-collapse:collapse;margin:1rem 0}}td,th{{border:1px solid #ccc;padding:.25rem .5rem;font-size:.9rem}}
 img{{max-width:100%}}code{{background:#f3f3f3;padding:.1rem .3rem}}.v{{font-weight:bold;color:{color}}}</style>
-</head><body><h1>lmlab lab facts — {html.escape(name)}</h1>
-<p><b>Paper's claim</b> (Zucchet et al. 2025): {html.escape(claim)}</p>
+</head><body><h1>{html.escape(title)} — {html.escape(name)}</h1>
+<p>{claim_label}: {html.escape(claim)}</p>
 <p><b>Measured here</b>: {html.escape(measured)}</p>
 <p><b>Verdict</b>: <span class="v">{verdict}</span> (sub-claims below)</p>{subs}
-<p>Reproduce: <code>{html.escape(command)}</code></p>{rows}{imgs}
-<p><small>Mean ± sample std (ddof=1) over seeds where there are several. A time that some seed never reached
-within its run (still on the plateau, say) counts at the run's last evaluated step: the mean is then a lower bound,
-shown as ≥ with the number of such (censored) seeds. Numbers in results.json.</small></p></body></html>
+<p>Reproduce: <code>{html.escape(command)}</code></p>{rows}{imgs}{extra_html}
+<p><small>{html.escape(note)}</small></p></body></html>
 """
     atomic_write_text(out / "report.html", page)
     return out / "report.html"
