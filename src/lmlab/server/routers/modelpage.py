@@ -217,6 +217,8 @@ def measure_speed(state: StateDep, name: str) -> ModelCard:
     except (ValueError, FileNotFoundError) as exc:
         raise HTTPException(409, f"model {name!r} cannot be loaded: {exc}") from None
     n = min(SPEED_TOKENS, model.config.block_size - 1)
+    if state.settings.torch_threads:  # OpenMP's thread count is per thread: this request's worker gets the server's
+        torch.set_num_threads(state.settings.torch_threads)
     prompt = [[tok.bos_id]]
     generate_ids(model, prompt, max_new_tokens=2, do_sample=False, eos_token_id=None)  # warm-up: first-call costs
     t0 = time.perf_counter()
