@@ -128,19 +128,10 @@ def _refuse_folder(path: Path) -> None:
             raise ValueError(f"{path} is not a model directory: {name} is missing")
 
 
-def merge_dirs(parents: list[str | Path], out: str | Path, method: str, *, base: str | Path | None = None,
-               weights: list[float] | None = None, t: float = 0.5, density: float = 1.0, lam: float = 1.0,
-               seed: int = 0) -> Path:
-    """Merge model directories into a new one (refused if `out` has anything in it; written beside it and renamed).
-    The tokenizer and chat template are copied from the first parent; merge.json records how it was made."""
-    from .io import CONFIG, GENERATION, TOKENIZER, load_pretrained, save_pretrained
-    from .quant import refuse_quantized
+def check_parents(every: list[Path]) -> None:
+    """ValueError unless every folder is an fp32 model directory of one architecture and one tokenizer."""
+    from .io import CONFIG, TOKENIZER
 
-    out, paths = Path(out), [Path(p) for p in parents]
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{out} exists and is not empty; choose a new folder for the merged model")
-    check_parameters(method, len(paths), base, weights, t, density)
-    every = paths + ([Path(base)] if base is not None else [])
     for p in every:
         _refuse_folder(p)
     first = every[0]
@@ -153,6 +144,23 @@ def merge_dirs(parents: list[str | Path], out: str | Path, method: str, *, base:
         if a != b:
             diff = [f"{k} {a.get(k)} vs {b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
             raise ValueError(f"{first} and {p} have different architectures ({CONFIG}: {', '.join(diff[:3])})")
+
+
+def merge_dirs(parents: list[str | Path], out: str | Path, method: str, *, base: str | Path | None = None,
+               weights: list[float] | None = None, t: float = 0.5, density: float = 1.0, lam: float = 1.0,
+               seed: int = 0) -> Path:
+    """Merge model directories into a new one (refused if `out` has anything in it; written beside it and renamed).
+    The tokenizer and chat template are copied from the first parent; merge.json records how it was made."""
+    from .io import GENERATION, load_pretrained, save_pretrained
+    from .quant import refuse_quantized
+
+    out, paths = Path(out), [Path(p) for p in parents]
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} exists and is not empty; choose a new folder for the merged model")
+    check_parameters(method, len(paths), base, weights, t, density)
+    every = paths + ([Path(base)] if base is not None else [])
+    check_parents(every)
+    first = every[0]
     loaded = [load_pretrained(p) for p in every]
     for model, _ in loaded:
         refuse_quantized(model)
