@@ -421,7 +421,7 @@ class ModelCard(BaseModel):
                                                      "scales and zeros, what stays fp32) per parameter")
     quantized_bits_per_weight: float | None = Field(description="the quantized linears alone: their integers with "
                                                                "their scales and zeros, per weight")
-    made: dict[str, Any] = Field(description="how it was made: {how: untrained|trained|tuned|selfplay|quantized|merged, "
-                                             "from: the model it came from, ...}")
+    made: dict[str, Any] = Field(description="how it was made: {how: untrained|trained|tuned|selfplay|quantized|"
+                                             "merged, from: the model(s) it came from, ...}")
     chat: bool = Field(description="it has lmlab's chat template (chat_template.jinja): the Chat view offers it")
     speed: Speed | None = Field(description="the last measurement of these weights (POST .../speed); null until one")
