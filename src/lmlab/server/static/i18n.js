@@ -352,6 +352,7 @@ export const STRINGS = {
   "mp.merge_lambda": ["Lambda (delta scale)", "Лямбда (масштаб разницы)"],
   "mp.merge_seed": ["Seed (dare)", "Зерно (dare)"],
   "mp.merge_start": ["Start merge", "Начать слияние"],
+  "mp.merge_started": ["Merge #{id} started: the new model {name} appears when it completes.", "Слияние #{id} запущено: новая модель {name} появится, когда оно завершится."],
   "mp.merge_note": ["Runs on the server as its own process (lmlab merge); the parents stay as they were. They must share the architecture and the tokenizer. task-arithmetic, ties and dare add the parents' differences from the base.", "Идёт на сервере в отдельном процессе (lmlab merge); сами модели не меняются. У них должны быть одна архитектура и один токенизатор. task-arithmetic, ties и dare складывают отличия моделей от основы."],
   "mp.made_merged": ["merged from {from} ({method})", "слита из {from} ({method})"],
   "rp.kind.quantize": ["quantization", "квантование"],

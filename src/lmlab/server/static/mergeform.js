@@ -47,7 +47,7 @@ async function start(A, m, form) {
   }
   try {
     const run = await A.api("POST", "/api/v1/runs/merge", body);
-    msg.textContent = A.t("mp.started", { id: run.id, name: body.new_model });
+    msg.textContent = A.t("mp.merge_started", { id: run.id, name: body.new_model });
     msg.className = "msg ok";
     await A.refreshRuns();
   } catch (e) {
