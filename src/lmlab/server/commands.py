@@ -107,7 +107,21 @@ def quantize_command(params: dict[str, Any], out: str) -> list[str]:
     return args + (["--keep-head"] if params.get("keep_head") else []) + ["--out", out]
 
 
-DERIVED = {"quantize": quantize_command}
+def merge_command(params: dict[str, Any], out: str) -> list[str]:
+    """`merge models/NAME models/OTHER ... --method M [--base models/BASE] [--weights ...] [--t T]
+    [--density D] [--lambda L] [--seed S] --out OUT` (the parameters the method uses only)."""
+    args = ["merge", *[f"models/{m}" for m in [params["model"], *params["others"]]], "--method", params["method"]]
+    if params.get("base"):
+        args += ["--base", f"models/{params['base']}"]
+    if params.get("weights"):
+        args += ["--weights", ",".join(repr(float(w)) for w in params["weights"])]
+    for flag in ("t", "density", "lambda", "seed"):
+        if params.get(flag) is not None:
+            args += [f"--{flag}", str(params[flag])]
+    return args + ["--out", out]
+
+
+DERIVED = {"quantize": quantize_command, "merge": merge_command}
 
 
 def product(run: dict[str, Any]) -> str | None:

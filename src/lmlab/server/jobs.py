@@ -76,7 +76,7 @@ KILL_AFTER_S = 30.0  # a child that has not exited this long after SIGINT gets S
 # and exit), so a stopped run of either kind says the same about what is left and how to continue; a lab
 # experiment keeps no checkpoints, so a stopped one is not resumable and is started again.
 PROCESS_NAMES = {"train": "training", "selfplay": "self-play", "experiment": "lab experiment", "eval": "evaluation",
-                 "quantize": "quantization"}
+                 "quantize": "quantization", "merge": "merge"}
 RESUME = "resume to continue from the last checkpoint"
 UNWATCHED = "its process ended while no server was watching it"
 NOT_RESUMABLE = "this {} keeps no checkpoints and cannot be resumed; start it again"  # PROCESS_NAMES[kind]

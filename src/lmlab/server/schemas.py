@@ -255,11 +255,12 @@ class ResumeRequest(BaseModel):
 
 class Run(BaseModel):
     id: int
-    kind: Literal["train", "selfplay", "experiment", "eval", "quantize"] = Field(
+    kind: Literal["train", "selfplay", "experiment", "eval", "quantize", "merge"] = Field(
         description="train: `lmlab train`; selfplay: `lmlab selfplay text` from `model` into params.new_model; "
                     "experiment: a lab experiment (params.lab, params.experiment), no model (`model` is empty); "
                     "eval: an evaluation (params.models, params.tasks, params.run), no model (GET /runs/{id}/eval); "
-                    "quantize: `lmlab quantize` of `model` into params.new_model")
+                    "quantize: `lmlab quantize` of `model` into params.new_model; "
+                    "merge: `lmlab merge` of `model` and params.others into params.new_model")
     model: str
     books: list[str]
     status: str
@@ -386,6 +387,21 @@ class QuantizeCreate(BaseModel):
     keep_head: bool = Field(False, description="keep the output head (and a tied embedding) in fp32")
 
 
+class MergeCreate(BaseModel):
+    """`lmlab merge` of trained models of the workspace into a new model; the parents stay as they were."""
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(..., min_length=1, max_length=100, description="the first parent, a trained model")
+    others: list[str] = Field(..., min_length=1, max_length=16, description="the other parent(s)")
+    new_model: str = Field(..., min_length=1, max_length=100, description="name of the merged model; must not exist")
+    method: str = Field(..., max_length=20, description="linear, slerp, task-arithmetic, ties or dare")
+    base: str | None = Field(None, max_length=100, description="task-arithmetic/ties/dare: the common parent")
+    weights: list[float] | None = Field(None, max_length=17, description="one per parent (equal by default)")
+    t: float | None = Field(None, description="slerp: 0 gives `model`, 1 the other (0.5)")
+    density: float | None = Field(None, description="ties/dare: the fraction of each delta kept (1)")
+    lam: float | None = Field(None, alias="lambda", description="task-arithmetic/ties/dare: delta scale (1)")
+    seed: int | None = Field(None, description="dare: the seed of the dropped entries (0)")
+
+
 class Speed(BaseModel):
     """A measured greedy decode on the server: batch 1 from <BOS>, `new_tokens` tokens, after a short warm-up."""
     tokens_per_s: float
@@ -405,7 +421,7 @@ class ModelCard(BaseModel):
                                                      "scales and zeros, what stays fp32) per parameter")
     quantized_bits_per_weight: float | None = Field(description="the quantized linears alone: their integers with "
                                                                "their scales and zeros, per weight")
-    made: dict[str, Any] = Field(description="how it was made: {how: untrained|trained|tuned|selfplay|quantized, "
-                                             "from: the model it came from, ...}")
+    made: dict[str, Any] = Field(description="how it was made: {how: untrained|trained|tuned|selfplay|quantized|"
+                                             "merged, from: the model(s) it came from, ...}")
     chat: bool = Field(description="it has lmlab's chat template (chat_template.jinja): the Chat view offers it")
     speed: Speed | None = Field(description="the last measurement of these weights (POST .../speed); null until one")

@@ -287,7 +287,7 @@ def busy_message(name: str, run: dict[str, Any]) -> str:
         return f"model {name!r} is being evaluated (run {run['id']}); cancel that run or wait for it"
     role = ("the starting point" if run["model_name"] == name else
             "the judge" if run["params"].get("judge") == name else "the name of the model being made")
-    kind = "quantization" if run["kind"] == "quantize" else "self-play"
+    kind = {"quantize": "quantization", "merge": "merge"}.get(run["kind"], "self-play")
     return f"model {name!r} is {role} of {kind} run {run['id']}; cancel that run or wait for it"
 
 
@@ -422,7 +422,7 @@ def run_timing(state: AppState, row: dict[str, Any], clock: dict[int, float] | N
 def run_phase(state: AppState, row: dict[str, Any]) -> str:
     """What a running run is doing: a training run's RUN_DIR/phase.json when this launch wrote it, else
     starting; self-play trains once it has logged; an experiment is running (its log says how far)."""
-    if row["kind"] in ("experiment", "eval", "quantize"):
+    if row["kind"] in ("experiment", "eval", "quantize", "merge"):
         return "running"
     if row["kind"] == "selfplay":
         return "training" if row["current_step"] > (row["resumed_from_step"] or 0) else "starting"

@@ -25,11 +25,12 @@ from ...files import atomic_write_text
 from ...models import ModelConfig
 from ...models.generation import generate_ids
 from ...models.io import TRAINING, WEIGHTS
+from ...models.merge import NEEDS_BASE, check_parameters, check_parents
 from ...models.quant import FORMATS, GROUP_SIZES, METHODS, QUANTIZATION, QuantConfig
 from ...tune.chat import TEMPLATE, TEMPLATE_FILE
 from ..app import AppState, StateDep
 from ..inference import NotTrained
-from ..schemas import ModelCard, QuantizeCreate, Run, Speed
+from ..schemas import MergeCreate, ModelCard, QuantizeCreate, Run, Speed
 from ..services import need_book, need_free_model_name, need_model, need_trained, need_unused, run_info
 from ..workspace import LinkError, check_name
 
@@ -86,6 +87,46 @@ def create_quantize_run(state: StateDep, req: QuantizeCreate) -> Run:
     return run_info(state, run)
 
 
+# ---- merging as a job -----------------------------------------------------------------------------
+
+@router.post("/runs/merge", tags=["models"], status_code=201, response_model=Run,
+             responses={404: {"description": "an unknown model"},
+                        409: {"description": "an untrained parent, a model in training, a name that is taken"},
+                        422: {"description": "a method or parameters that do not fit, parents that cannot merge "
+                                             "(another architecture or tokenizer, quantized)"}},
+             summary="merge trained models (`lmlab merge`) into a new model of the workspace")
+def create_merge_run(state: StateDep, req: MergeCreate) -> Run:
+    parents = [req.model, *req.others]
+    try:
+        check_parameters(req.method, len(parents), req.base, req.weights, 0.5 if req.t is None else req.t,
+                         1.0 if req.density is None else req.density)
+    except ValueError as exc:
+        raise HTTPException(422, str(exc).replace("--base BASE", "base").replace("--", "")) from None
+    new = check_name(req.new_model, "new model name")
+    with state.lock:  # from the checks through add_run: see Supervisor.lock
+        paths = [need_trained(state, m, "every model to merge") for m in [*parents, *([req.base] if req.base else [])]]
+        try:
+            check_parents(paths)
+        except ValueError as exc:  # named by model, not by the workspace's folders
+            raise HTTPException(422, str(exc).replace(str(state.ws.models) + "/", "model ")) from None
+        need_free_model_name(state, new, "; choose another name for the new model")
+        if state.ws.model_path(new).exists():  # the finished run would not overwrite it (Supervisor._register_model)
+            raise HTTPException(409, f"models/{new}/ exists in the workspace though no model of that name is "
+                                     "indexed; remove it or choose another name for the new model")
+        for m in {*parents, *([req.base] if req.base else [])}:  # new weights under the merge's feet
+            need_unused(state, m, lambda r: r["kind"] == "train")
+        source = state.db.get_model(req.model)
+        uses = {"t": req.method == "slerp", "density": req.method in ("ties", "dare"),
+                "lambda": req.method in NEEDS_BASE, "seed": req.method == "dare"}
+        given = {"t": req.t, "density": req.density, "lambda": req.lam, "seed": req.seed}
+        params = {"new_model": new, "others": list(req.others), "method": req.method, "base": req.base,
+                  "weights": req.weights, **{k: v if uses[k] else None for k, v in given.items()}}
+        run = state.db.add_run(req.model, [], params, False, None, kind="merge",
+                               parent_run_id=source["trained_run_id"], step_offset=source["trained_steps"] or 0)
+    state.supervisor.submit(run["id"])
+    return run_info(state, run)
+
+
 # ---- the card -------------------------------------------------------------------------------------
 
 def weight_bits(path: Path, parameters: int) -> tuple[float | None, float | None]:
@@ -110,6 +151,9 @@ def made(state: AppState, row: dict[str, Any], path: Path, trained: bool, qc: Qu
     origin = row["origin"] or {}
     if origin.get("kind") == "quantize" and origin.get("run_id") == row["trained_run_id"]:
         return {"how": "quantized", "from": origin["parent"], "run": origin["run_id"]}
+    if origin.get("kind") == "merge" and origin.get("run_id") == row["trained_run_id"]:
+        return {"how": "merged", "from": [origin["parent"], *origin["others"]], "method": origin["method"],
+                "run": origin["run_id"]}
     if origin.get("kind") == "selfplay" and origin.get("run_id") == row["trained_run_id"]:
         return {"how": "selfplay", "from": origin["parent"], "run": origin["run_id"], "reward": origin.get("reward")}
     if not trained:

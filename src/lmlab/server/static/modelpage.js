@@ -3,18 +3,22 @@
 // model from it as a job of the server's supervisor (closing the page stops nothing, Cancel does). ACTIONS holds
 // one entry per kind of job: quantization (`lmlab quantize`); a merge is one more entry there.
 
+import { mergeForm, mergeLabel } from "/static/mergeform.js";
+
 let A = null;  // app.js: { S, t, h, api, fmtNum, fmtBytes, statusLabel, refreshRuns, runAction, toast, ACTIVE }
 const P = { name: null, card: null, error: null, stamp: null, sigs: {} };
 const $ = (s) => document.querySelector(s);
 
 // the runs that make a model from others (commands.DERIVED on the server); the runs table names them "A → B"
-export const DERIVED_KINDS = ["quantize"];
+export const DERIVED_KINDS = ["quantize", "merge"];
 export const derivedName = (r) => `${r.model} → ${r.params.new_model}`;
 
 // One entry per action: its title, whether the model allows it (else the reason, an i18n key), its form.
 const ACTIONS = [
   { kind: "quantize", title: "mp.quantize", form: quantizeForm,
     problem: (m, card) => (!m.trained ? "mp.need_trained" : card && card.weights !== "fp32" ? "mp.already_quantized" : null) },
+  { kind: "merge", title: "mp.merge", form: (m) => mergeForm(A, m),
+    problem: (m, card) => (!m.trained ? "mp.merge_need_trained" : card && card.weights !== "fp32" ? "mp.merge_quantized" : null) },
 ];
 
 export function initModelPage(app) {
@@ -36,6 +40,7 @@ const fmtBits = (b) => (b == null ? "—" : (Math.round(b * 1000) / 1000).toStri
 
 function madeText(made) {
   const t = A.t, run = made.run ? ` (#${made.run})` : "";
+  if (made.how === "merged") return t("mp.made_merged", { from: made.from.join(" + "), method: made.method }) + run;
   if (made.how === "quantized") return t("mp.made_quantized", { from: made.from ?? "?" }) + run;
   if (made.how === "selfplay") return t("mp.made_selfplay", { from: made.from, reward: made.reward ?? "" }) + run;
   if (made.how === "tuned") return t("mp.made_tuned", { mode: made.mode, from: made.from ?? "?" }) + run;
@@ -126,7 +131,7 @@ function jobs(runs) {
       return h("tr", { "data-run": r.id, "data-status": r.status },
         h("td", {}, h("a", { href: `#run/${r.id}`, class: "run-link", text: `#${r.id}` })),
         h("td", {}, made ? h("a", { href: `#model/${encodeURIComponent(r.params.new_model)}`, class: "model-link", text: r.params.new_model }) : r.params.new_model,
-          h("span", { class: "kind", text: quantLabel(r.params) })),
+          h("span", { class: "kind", text: r.kind === "merge" ? mergeLabel(r.params) : quantLabel(r.params) })),
         h("td", {}, h("span", { class: "badge " + r.status, text: A.statusLabel(r) }), r.error ? h("div", { class: "error", text: r.error }) : null),
         h("td", {}, A.ACTIVE.has(r.status) && !r.cancel_requested ? h("button", { type: "button", class: "danger cancel", text: t("runs.cancel"), onclick: () => A.runAction(r.id, "cancel") }) : null));
     })));

@@ -1,0 +1,195 @@
+"""Model merging: several model directories of one architecture and one tokenizer -> one model directory.
+
+    merged = merge_tensors([a, b], "slerp", t=0.5)                       # one tensor
+    merge_dirs(["a", "b"], "out", "ties", base="parent", density=0.5)    # whole models, as `lmlab merge`
+
+The methods are those of mergekit (https://github.com/arcee-ai/mergekit), each in fp32 over every tensor of the
+state dict (a tied embedding/head merged once):
+- linear: the weighted mean of the parents (weights normalised to sum 1, as mergekit's default).
+- slerp: spherical linear interpolation of two parents at t (Shoemake 1985, "Animating rotation with quaternion
+  curves", https://doi.org/10.1145/325165.325242, as mergekit applies it per tensor: the angle between the
+  flattened tensors, falling back to linear interpolation when they are nearly parallel).
+- task-arithmetic: base + lambda * sum_i w_i (theta_i - base) (Ilharco et al. 2023, "Editing models with task
+  arithmetic", https://arxiv.org/abs/2212.04089).
+- ties: trim each task vector to its top-density fraction by magnitude, elect each entry's sign by the summed
+  mass, take the disjoint (weighted) mean of the entries agreeing with it, times lambda (Yadav et al. 2023,
+  "TIES-Merging", https://arxiv.org/abs/2306.01708).
+- dare: drop each delta entry with p = 1 - density, rescale the kept ones by 1/density, then add them as task
+  arithmetic does (Yu et al. 2024, "Language models are Super Mario", https://arxiv.org/abs/2311.03099;
+  mergekit's dare_linear).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..files import atomic_write_text, staged_dir
+
+METHODS = ("linear", "slerp", "task-arithmetic", "ties", "dare")
+NEEDS_BASE = ("task-arithmetic", "ties", "dare")
+MERGE = "merge.json"
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float, eps: float = 1e-8) -> torch.Tensor:
+    """mergekit's slerp: the angle from the normalised tensors, the weights applied to the originals, so t = 0
+    and t = 1 give the parents exactly (sin(x)/sin(x) = 1, sin(0) = 0)."""
+    na, nb = a / max(a.norm().item(), eps), b / max(b.norm().item(), eps)
+    dot = float((na.double() * nb.double()).sum().clamp(-1, 1))
+    if abs(dot) > 0.9995:  # nearly parallel: the angle is ill-conditioned, lerp is the limit
+        return (1 - t) * a + t * b
+    theta = math.acos(dot)
+    s0, s1 = math.sin(theta - theta * t) / math.sin(theta), math.sin(theta * t) / math.sin(theta)
+    return s0 * a + s1 * b
+
+
+def ties_delta(deltas: list[torch.Tensor], weights: list[float], density: float) -> torch.Tensor:
+    """Trim, elect, disjoint merge (TIES): the merged task vector before lambda."""
+    trimmed = []
+    for d in deltas:
+        k = int(round(density * d.numel()))
+        if k >= d.numel():
+            trimmed.append(d)
+            continue
+        keep = torch.zeros(d.numel(), dtype=torch.bool)
+        if k > 0:
+            keep[d.abs().flatten().topk(k).indices] = True
+        trimmed.append(d * keep.view_as(d))
+    w = torch.tensor(weights, dtype=torch.float32).view(-1, *[1] * deltas[0].dim())
+    stacked = torch.stack(trimmed) * w
+    sign = torch.where(stacked.sum(0) >= 0, 1.0, -1.0)   # the elected sign: the sign of the summed mass
+    agree = stacked.sign() == sign                        # zeros (trimmed) agree with nothing
+    total = (w * agree).sum(0)
+    return torch.where(total > 0, (stacked * agree).sum(0) / total.clamp(min=1e-12), torch.zeros_like(total))
+
+
+def dare_delta(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
+    """Drop and rescale (DARE): E[result] = delta."""
+    if density >= 1:
+        return delta
+    keep = torch.rand(delta.shape, generator=generator) < density
+    return delta * keep / density
+
+
+def merge_tensors(tensors: list[torch.Tensor], method: str, *, base: torch.Tensor | None = None,
+                  weights: list[float] | None = None, t: float = 0.5, density: float = 1.0, lam: float = 1.0,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """One tensor of the merged model from the parents' (fp32)."""
+    weights = weights or [1.0] * len(tensors)
+    if method == "linear":
+        return sum(w * x for w, x in zip(weights, tensors)) / sum(weights)
+    if method == "slerp":
+        return slerp(tensors[0], tensors[1], t)
+    deltas = [x - base for x in tensors]
+    if method == "ties":
+        return base + lam * ties_delta(deltas, weights, density)
+    if method == "dare":
+        generator = generator or torch.Generator().manual_seed(0)
+        deltas = [dare_delta(d, density, generator) for d in deltas]
+    return base + lam * sum(w * d for w, d in zip(weights, deltas))
+
+
+def check_parameters(method: str, n: int, base: Any, weights: list[float] | None, t: float, density: float) -> None:
+    if method not in METHODS:
+        raise ValueError(f"--method {method!r} is not a method; choose one of {', '.join(METHODS)}")
+    if method in NEEDS_BASE and base is None:
+        raise ValueError(f"--method {method} needs --base BASE (the model the parents were fine-tuned from)")
+    if method == "slerp" and n != 2:
+        raise ValueError(f"--method slerp merges exactly two models, not {n}")
+    if method not in NEEDS_BASE and base is not None:
+        raise ValueError(f"--base is used by {', '.join(NEEDS_BASE)} only")
+    if n < (1 if method in NEEDS_BASE else 2):
+        raise ValueError(f"--method {method} needs at least {1 if method in NEEDS_BASE else 2} models")
+    if weights is not None and len(weights) != n:
+        raise ValueError(f"--weights has {len(weights)} numbers for {n} models; give one per model")
+    if weights is not None and method == "linear" and sum(weights) == 0:
+        raise ValueError("--weights sum to 0; a linear merge divides by their sum")
+    if not 0 <= t <= 1:
+        raise ValueError(f"--t must be between 0 and 1, not {t}")
+    if not 0 < density <= 1:
+        raise ValueError(f"--density must be in (0, 1], not {density}")
+
+
+def _refuse_folder(path: Path) -> None:
+    from ..tune.lora import ADAPTER_CONFIG
+    from .io import CONFIG, WEIGHTS
+    from .quant import QUANTIZATION
+
+    if (path / ADAPTER_CONFIG).is_file():
+        raise ValueError(f"{path} is a LoRA adapter, not a model; merge it into its base first (lmlab lora merge)")
+    if (path / QUANTIZATION).is_file():
+        raise ValueError(f"{path} is an int8/int4 model; merge the models it was quantized from")
+    for name in (CONFIG, WEIGHTS):
+        if not (path / name).is_file():
+            raise ValueError(f"{path} is not a model directory: {name} is missing")
+
+
+def check_parents(every: list[Path]) -> None:
+    """ValueError unless every folder is an fp32 model directory of one architecture and one tokenizer."""
+    from .io import CONFIG, TOKENIZER
+
+    for p in every:
+        _refuse_folder(p)
+    first = every[0]
+    for p in every[1:]:
+        mine, theirs = (first / TOKENIZER), (p / TOKENIZER)
+        if mine.is_file() != theirs.is_file() or (mine.is_file() and mine.read_bytes() != theirs.read_bytes()):
+            raise ValueError(f"{first} and {p} have different tokenizers ({TOKENIZER} differs); "
+                             "merging needs one vocabulary")
+        a, b = json.loads((first / CONFIG).read_text()), json.loads((p / CONFIG).read_text())
+        if a != b:
+            diff = [f"{k} {a.get(k)} vs {b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            raise ValueError(f"{first} and {p} have different architectures ({CONFIG}: {', '.join(diff[:3])})")
+
+
+def merge_dirs(parents: list[str | Path], out: str | Path, method: str, *, base: str | Path | None = None,
+               weights: list[float] | None = None, t: float = 0.5, density: float = 1.0, lam: float = 1.0,
+               seed: int = 0) -> Path:
+    """Merge model directories into a new one (refused if `out` has anything in it; written beside it and renamed).
+    The tokenizer and chat template are copied from the first parent; merge.json records how it was made."""
+    from .io import GENERATION, load_pretrained, save_pretrained
+    from .quant import refuse_quantized
+
+    out, paths = Path(out), [Path(p) for p in parents]
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} exists and is not empty; choose a new folder for the merged model")
+    check_parameters(method, len(paths), base, weights, t, density)
+    every = paths + ([Path(base)] if base is not None else [])
+    check_parents(every)
+    first = every[0]
+    loaded = [load_pretrained(p) for p in every]
+    for model, _ in loaded:
+        refuse_quantized(model)
+    model, tok = loaded[0]
+    states = [m.state_dict() for m, _ in loaded]
+    base_state = states[-1] if base is not None else None
+    generator = torch.Generator().manual_seed(seed)
+    merged: dict[str, torch.Tensor] = {}
+    done: dict[int, torch.Tensor] = {}  # data_ptr -> merged: a tied embedding/head is one tensor, merged once
+    for key, value in states[0].items():
+        if not value.is_floating_point():
+            merged[key] = value
+            continue
+        if value.data_ptr() not in done:
+            done[value.data_ptr()] = merge_tensors(
+                [s[key].float() for s in states[:len(paths)]], method,
+                base=base_state[key].float() if base_state is not None else None,
+                weights=weights, t=t, density=density, lam=lam, generator=generator)
+        merged[key] = done[value.data_ptr()]
+    model.load_state_dict(merged)
+    record = {"method": method, "parents": [str(p.resolve()) for p in paths],
+              "base": str(Path(base).resolve()) if base is not None else None,
+              "weights": weights, "t": t if method == "slerp" else None,
+              "density": density if method in ("ties", "dare") else None,
+              "lambda": lam if method in NEEDS_BASE else None, "seed": seed if method == "dare" else None}
+    with staged_dir(out) as tmp:
+        save_pretrained(tmp, model.float(), tok)
+        atomic_write_text(tmp / MERGE, json.dumps(record, indent=2) + "\n")
+        for extra in (GENERATION, "chat_template.jinja"):
+            if (first / extra).is_file():
+                (tmp / extra).write_bytes((first / extra).read_bytes())
+    return out
