@@ -1131,6 +1131,24 @@ def _lab_facts(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge_lab_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="a new folder for results.json, paths.png, report.html and the runs")
+    p.add_argument("--seeds", default="0,1,2", help="seeds: a list 0,1,2, a range 0-4, or one seed (default 0,1,2)")
+    p.add_argument("--quick", action="store_true", help="tiny budgets: a smoke run in a minute, not a measurement")
+
+
+@lab_mode("merge", "the merge explorer: held-out loss along the path between two fine-tunings of one parent "
+          "(siblings) and between two models trained from scratch (strangers), barrier heights over seeds. "
+          "Example: lmlab lab merge --out runs/merge", _merge_lab_arguments)
+def _lab_merge(args: argparse.Namespace) -> int:
+    from .lab.merge import MergeLabConfig, run_merge_lab
+    cfg = MergeLabConfig.quick() if args.quick else MergeLabConfig()
+    res = run_merge_lab(args.out, parse_seeds(args.seeds), cfg, command="lmlab " + " ".join(sys.argv[1:]))
+    print(f"merge: {res['verdict']} ({res['measured']}); wall {res['speed']['wall_s']:.0f} s; "
+          f"report: {Path(args.out) / 'report.html'}")
+    return 0
+
+
 _DEBUG_HELP = "on an error, print the traceback too"
 
 
