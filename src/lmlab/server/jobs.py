@@ -73,7 +73,8 @@ KILL_AFTER_S = 30.0  # a child that has not exited this long after SIGINT gets S
 # What a run's process is called when it stops early. Training and self-play answer SIGINT alike (checkpoint
 # and exit), so a stopped run of either kind says the same about what is left and how to continue; a lab
 # experiment keeps no checkpoints, so a stopped one is not resumable and is started again.
-PROCESS_NAMES = {"train": "training", "selfplay": "self-play", "experiment": "lab experiment", "eval": "evaluation"}
+PROCESS_NAMES = {"train": "training", "selfplay": "self-play", "experiment": "lab experiment", "eval": "evaluation",
+                 "tune": "fine-tuning"}
 RESUME = "resume to continue from the last checkpoint"
 UNWATCHED = "its process ended while no server was watching it"
 NOT_RESUMABLE = "this {} keeps no checkpoints and cannot be resumed; start it again"  # PROCESS_NAMES[kind]
@@ -361,8 +362,9 @@ class Supervisor:
     # ---- launching ---------------------------------------------------------------------------------
 
     def _register_selfplay(self, run: dict[str, Any], final: Path, training: dict[str, Any]) -> None:
-        """The policy in `final/` becomes the new model: copied into models/ under a dot-name of this run's
-        own, indexed with where it came from, then renamed into place; an exception says why it was not.
+        """The policy in `final/` (of self-play, or of a fine-tuning run) becomes the new model: copied into
+        models/ under a dot-name of this run's own, indexed with where it came from, then renamed into place; an
+        exception says why it was not.
         Nothing but that copy is ever removed here: a models/<name>/ that exists already belongs to someone
         else (a model made meanwhile, or files put there by hand) and makes the registration fail instead."""
         p = run["params"]
@@ -370,11 +372,16 @@ class Supervisor:
         cfg = ModelConfig.load(final / "config.json")
         kind = Tokenizer.load(final / "tokenizer.json").kind
         target = self.ws.model_path(name)
-        incoming = target.parent / f".{name}.selfplay-{run['id']}"  # not a model name: never indexed
+        incoming = target.parent / f".{name}.{run['kind']}-{run['id']}"  # not a model name: never indexed
         shutil.rmtree(incoming, ignore_errors=True)  # this run's own, from an attempt cut short
-        origin = {"kind": "selfplay", "parent": run["model_name"], "run_id": run["id"], "reward": p["reward"],
-                  "judge": p.get("judge"), "iterations": training.get("steps"),
-                  "final_reward": training.get("final_reward"), "final_kl": training.get("final_kl")}
+        if run["kind"] == "tune":
+            origin = {"kind": "tune", "parent": run["model_name"], "run_id": run["id"], "method": p["method"],
+                      **{k: p[k] for k in ("loss", "task", "dataset", "lora_rank") if p.get(k) is not None},
+                      "steps": training.get("steps")}
+        else:
+            origin = {"kind": "selfplay", "parent": run["model_name"], "run_id": run["id"], "reward": p["reward"],
+                      "judge": p.get("judge"), "iterations": training.get("steps"),
+                      "final_reward": training.get("final_reward"), "final_kl": training.get("final_kl")}
         try:
             shutil.copytree(final, incoming, copy_function=link_or_copy)  # stored once (stage_dir)
             with self.lock:  # the API creates models under the same lock: the checks below stay true
@@ -464,12 +471,14 @@ class Supervisor:
             values.update(status="completed", stop_reason="finished", error=None)
         elif code == 0 and made and not cut_short:
             values.update(status="failed", error=f"the {run['kind']} exited without writing {made}")
-        elif code in (0, None) and run["kind"] == "selfplay" and training is not None:
+        elif code in (0, None) and run["kind"] in ("selfplay", "tune") and training is not None:
             try:
                 self._register_selfplay(run, final, training)
-                values.update(status="completed", stop_reason="iterations", error=None)
+                stop = "iterations" if run["kind"] == "selfplay" else training.get("stop_reason")
+                values.update(status="completed", stop_reason=stop, error=None)
             except Exception as exc:  # a database error too: the run must not stay "running"
-                values.update(status="failed", error=f"self-play finished, but its model was not saved: {exc}")
+                values.update(status="failed", error=f"{PROCESS_NAMES[run['kind']]} finished, but its model was "
+                                                     f"not saved: {exc}")
         elif code in (0, None) and run["kind"] == "train" and training is not None:
             values.update(status="completed", stop_reason=training.get("stop_reason"), error=None)
             try:
