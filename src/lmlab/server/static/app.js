@@ -6,6 +6,7 @@ import { confirmNewVersion, fillVersions, lineageText, versionParams, versionPic
 import { chartEmpty, initRunPage, metricsChanged, openRun, patchRows, renderCompare, tableRuns } from "/static/runpage.js";
 import { errorText as detailText, keepFocus, renderGuide, setupUx, tokenEstimate } from "/static/ux.js";
 import { evalName, hasReport, initEvaluate, renderEvaluate, showEvaluate } from "/static/evaluate.js";
+import { initTune, renderTune, renderTuneCharts, showTune, tuneName } from "/static/tune.js";
 
 const $ = (sel, root = document) => root.querySelector(sel);
 const $$ = (sel, root = document) => [...root.querySelectorAll(sel)];
@@ -121,6 +122,7 @@ function showTab(name) {
   if (name === "train") renderTrainEstimate();
   if (name === "lab") loadLabLog();
   if (name === "evaluate") showEvaluate();
+  if (name === "tune") showTune();
 }
 
 // ---- books -----------------------------------------------------------------------------------------
@@ -544,12 +546,13 @@ function renderRuns() {
     const pct = r.progress == null ? 0 : Math.round(r.progress * 100);
     const overlay = h("input", { type: "checkbox", checked: S.selected.has(r.id), "aria-label": `overlay run ${r.id}`,
                                  onchange: (e) => (e.target.checked ? selectRun(r.id, false) : unselectRun(r.id)) });
-    const sp = r.kind === "selfplay", lab = ["experiment", "eval"].includes(r.kind), product = sp ? r.params.new_model : r.model;
+    const sp = r.kind === "selfplay", tn = r.kind === "tune", lab = ["experiment", "eval"].includes(r.kind);
+    const product = sp || tn ? r.params.new_model : r.model;
     const model = S.models.find((m) => m.name === product);
     return h("tr", { "data-run": r.id, "data-status": r.status, "data-kind": r.kind, class: r.id === S.current ? "selected" : "" },
       h("td", {}, overlay), h("td", {}, h("a", { href: `#run/${r.id}`, class: "run-link", text: `#${r.id}` })),
       sp ? h("td", { title: t("runs.reward", { reward: r.params.reward }) }, `${r.model} → ${product}`, h("span", { class: "kind", text: t("runs.kind_selfplay") }))
-        : lab ? h("td", {}, labName(r), h("span", { class: "kind", text: t("runs.kind_" + r.kind) }))
+        : lab || tn ? h("td", {}, tn ? tuneName(r) : labName(r), h("span", { class: "kind", text: t("runs.kind_" + r.kind) }))
         : h("td", { text: r.model, title: `${t("runs.books")}: ${r.books.join(", ")}` }),
       h("td", {}, h("span", { class: "badge " + r.status, text: statusLabel(r) })),
       h("td", { class: "num" }, h("span", { class: "bar" }, (() => { const i = h("i"); i.style.width = pct + "%"; return i; })()),
@@ -564,7 +567,7 @@ function renderRuns() {
         lab && r.status === "completed" && (r.kind === "experiment" || hasReport(r)) ? h("a", { href: withToken(`/api/v1/runs/${r.id}/report`), target: "_blank", rel: "noopener", class: "report", text: t("lab.report") }) : null, " ",
         // every completed run keeps its own final model (versions.js), not only the model's latest; a self-play
         // run's is not a version of a model made again under its name after it finished (services.made_by)
-        r.status === "completed" && model && !lab && (!sp || model.created_at <= r.updated_at) ? h("a", { href: withToken(`/api/v1/models/${encodeURIComponent(product)}/download?run=${r.id}`), download: `${product}-run${r.id}.zip`, class: "download", text: t("runs.download") }) : null, " ",
+        r.status === "completed" && model && !lab && (!(sp || tn) || model.created_at <= r.updated_at) ? h("a", { href: withToken(`/api/v1/models/${encodeURIComponent(product)}/download?run=${r.id}`), download: `${product}-run${r.id}.zip`, class: "download", text: t("runs.download") }) : null, " ",
         !ACTIVE.has(r.status) ? h("button", { type: "button", class: "danger", text: t("runs.delete"), onclick: () => deleteRun(r.id) }) : null));
   }));
   $("#runs-empty").hidden = S.runs.length > 0;
@@ -572,6 +575,7 @@ function renderRuns() {
   renderRunDetail();
   renderLab();
   renderEvaluate();
+  renderTune();
 }
 
 function renderRunDetail() {
@@ -580,7 +584,7 @@ function renderRunDetail() {
   if (!r) return;
   const bits = [r.kind === "selfplay"
     ? `#${r.id} · ${t("runs.kind_selfplay")}: ${r.model} → ${r.params.new_model} · ${t("runs.reward", { reward: r.params.reward + (r.params.judge ? ` (${r.params.judge})` : "") })} · ${statusLabel(r)}`
-    : ["experiment", "eval"].includes(r.kind) ? `#${r.id} · ${t("runs.kind_" + r.kind)}: ${labName(r)} · ${statusLabel(r)}`
+    : ["experiment", "eval", "tune"].includes(r.kind) ? `#${r.id} · ${t("runs.kind_" + r.kind)}: ${r.kind === "tune" ? tuneName(r) : labName(r)} · ${statusLabel(r)}`
     : `#${r.id} · ${r.model} · ${t("runs.books")}: ${r.books.join(", ")} · ${statusLabel(r)}`];
   if (r.queue_position != null) bits.push(t("runs.queue", { pos: r.queue_position + 1 }));
   if (r.checkpoint_step != null) bits.push(t("runs.checkpoint", { step: r.checkpoint_step }));
@@ -659,6 +663,7 @@ function redrawCharts() {
                                             kind: S.runs.find((r) => r.id === id)?.kind ?? "train" }))
     .filter((r) => r.kind !== "experiment" && r.kind !== "eval"), t, chartEmpty([...S.selected]));
   metricsChanged();
+  renderTuneCharts();
 }
 
 // One chart of one run for its page (runpage.js): `key` is a metric (loss draws val_loss too, dashed).
@@ -805,6 +810,7 @@ async function main() {
   setupLabForm();
   setupGenerate();
   initEvaluate({ S, t, h, api, withToken, statusLabel, refreshRuns, deleteRun, runAction, toast, fmtLoss, ACTIVE, COLORS });
+  initTune({ S, t, h, api, apiHeaders, statusLabel, refreshRuns, deleteRun, runAction, toast, subscribe, fmtNum, fmtBytes, ACTIVE, COLORS });
   initRunPage({ S, t, h, api, fmtNum, fmtBytes, fmtLoss, statusLabel, labName, subscribe, runChart, showTab, toast, renderRuns });
   window.addEventListener("hashchange", () => showTab(location.hash.slice(1)));
   setupUx({ t, api, S, h, showTab, openRun: async (run) => {
