@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import subprocess
 import sys
 
@@ -158,13 +157,11 @@ def test_lora_settings_reach_the_command_for_every_method(tmp_path):
                                                                  "--max-steps", "3"]
 
 
-def cli_metrics(tn, run_id, out):
-    """The run's own command (its log's `$ lmlab ...` line) run by hand into `out`, as the supervisor runs it."""
-    line = next(x for x in tn.get(f"/api/v1/runs/{run_id}/log").json()["lines"] if x.startswith("$ lmlab "))
-    args = shlex.split(line)[2:]
-    args[args.index("--out") + 1] = str(out)
-    subprocess.run([sys.executable, "-m", "lmlab.cli", *args], cwd=tn.workspace, capture_output=True, check=True,
-                   env={**os.environ, **CHILD_ENV})
+def cli_metrics(tn, out, *args):
+    """`lmlab tune ARGS... --out OUT` run by hand, as the supervisor runs its processes (in the workspace, with
+    the same threads): its metrics without the clock's."""
+    subprocess.run([sys.executable, "-m", "lmlab.cli", "tune", *args, "--out", str(out)], cwd=tn.workspace,
+                   capture_output=True, check=True, env={**os.environ, **CHILD_ENV})
     return metrics_file(out / "metrics.jsonl")
 
 
@@ -177,7 +174,11 @@ def test_an_sft_run_equals_the_cli_and_makes_a_chat_model(tn, tmp_path):
     got = [{k: v for k, v in m.items() if k not in (*TIMING, "id", "time")}
            for m in tn.get(f"/api/v1/runs/{run['id']}/metrics").json()["metrics"]]
     assert [m["step"] for m in got] == [1, 2, 3] and got == metrics_file(run_dir / "metrics.jsonl")
-    assert got == cli_metrics(tn, run["id"], tmp_path / "cli")  # loss, lr, val_loss: the CLI's, row for row
+    # loss, lr, val_loss: the CLI's, row for row, with the request's settings and the tab's defaults for SFT
+    cli = cli_metrics(tn, tmp_path / "cli", "sft", "--model", "models/base", "--data", "datasets/chats.jsonl",
+                      "--max-steps", "3", "--batch-size", "2", "--lr", "0.001", "--save-every", "2", "--seed", "0",
+                      "--warmup-steps", "0", "--log-every", "1", "--eval-every", "0")
+    assert got == cli
     model = tn.get("/api/v1/models/base-chat").json()
     assert model["trained"] and model["origin"] == {"kind": "tune", "parent": "base", "run_id": run["id"],
                                                     "method": "sft", "dataset": "chats.jsonl", "steps": 3}
