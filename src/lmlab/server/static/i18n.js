@@ -405,6 +405,7 @@ export const STRINGS = {
   "tune.lora_rank": ["Rank", "Ранг"],
   "tune.lora_off": ["off", "выкл."],
   "tune.lora_alpha": ["Alpha", "Альфа"],
+  "tune.lora_alpha_default": ["2 × rank", "2 × ранг"],
   "tune.lora_dropout": ["Dropout", "Прореживание"],
   "tune.lora_targets": ["Modules", "Модули"],
   "tune.start": ["Start fine-tuning", "Начать дообучение"],
@@ -420,4 +421,5 @@ export const STRINGS = {
   "tune.chart_kl": ["KL to the starting model, per token", "KL к исходной модели, на токен"],
   "tune.chart_reward": ["Mean reward", "Средняя награда"],
   "tune.waiting": ["Waiting for the first step…", "Ждём первого шага…"],
+  "tune.model_of": ["fine-tuned from {parent} ({how}, run {id})", "дообучена из {parent} ({how}, запуск {id})"],
 };

@@ -77,7 +77,7 @@ export function initTune(app) {
       field("tune.kl", num("tn-kl", { min: 0, step: "any", value: 0 }), { class: "tn-only-grpo" }),
       h("fieldset", { class: "wide form-grid" }, i("tune.lora", { tag: "legend" }),
         field("tune.lora_rank", num("tn-lora-rank", { min: 1, placeholder: A.t("tune.lora_off") })),
-        field("tune.lora_alpha", num("tn-lora-alpha", { min: 0, step: "any", placeholder: A.t("tune.default") })),
+        field("tune.lora_alpha", num("tn-lora-alpha", { min: 0, step: "any", placeholder: A.t("tune.lora_alpha_default") })),
         field("tune.lora_dropout", num("tn-lora-dropout", { min: 0, max: 0.99, step: "any", placeholder: "0" })),
         field("tune.lora_targets", h("input", { id: "tn-lora-targets", placeholder: "all-linear" }))),
       h("div", { class: "actions wide" }, i("tune.start", { tag: "button", type: "submit", id: "tn-start" }),
@@ -90,7 +90,7 @@ export function initTune(app) {
   $("#tn-upload").addEventListener("submit", (ev) => { ev.preventDefault(); upload(); });
   $("#tn-kind").addEventListener("change", renderFormat);
   $("#tn-form").addEventListener("submit", (ev) => { ev.preventDefault(); start(); });
-  $("#tn-method").addEventListener("change", () => renderForm(true));
+  $("#tn-method").addEventListener("change", () => { $("#tn-msg").textContent = ""; renderForm(true); });
   $("#tn-loss").addEventListener("change", () => renderForm(true));
   $("#tn-model").addEventListener("change", () => renderForm(true));
   $("#tn-new").addEventListener("input", () => { T.named = true; });
@@ -206,7 +206,8 @@ function options(sel, items) {
 
 function renderForm(changed = false) {
   const { t } = A, method = $("#tn-method").value, o = T.options;
-  for (const id of ["#tn-lr", "#tn-lora-alpha"]) $(id).placeholder = t("tune.default");
+  $("#tn-lr").placeholder = t("tune.default");
+  $("#tn-lora-alpha").placeholder = t("tune.lora_alpha_default");
   $("#tn-lora-rank").placeholder = t("tune.lora_off");
   fillModels($("#tn-model"));
   if (o) {
@@ -269,12 +270,19 @@ export function renderTune() {
     h("td", { class: "num", text: `${A.fmtNum(r.current_step)} / ${A.fmtNum(r.max_steps)}` }),
     h("td", {},
       h("button", { type: "button", class: "view", text: t("lab.view"), onclick: () => select(r.id) }), " ",
-      A.ACTIVE.has(r.status) && !r.cancel_requested ? h("button", { type: "button", class: "danger cancel", text: t("runs.cancel"), onclick: () => A.runAction(r.id, "cancel") }) : null, " ",
-      r.can_resume ? h("button", { type: "button", class: "resume", text: t("runs.resume"), onclick: () => A.runAction(r.id, "resume") }) : null, " ",
+      A.ACTIVE.has(r.status) && !r.cancel_requested ? h("button", { type: "button", class: "danger cancel", text: t("runs.cancel"), onclick: () => act(r.id, "cancel") }) : null, " ",
+      r.can_resume ? h("button", { type: "button", class: "resume", text: t("runs.resume"), onclick: () => act(r.id, "resume") }) : null, " ",
       !A.ACTIVE.has(r.status) ? h("button", { type: "button", class: "danger", text: t("runs.delete"), onclick: () => A.deleteRun(r.id) }) : null))), "data-run");
   $("#tn-runs").hidden = !runs.length;
   $("#tn-runs-empty").hidden = runs.length > 0;
   renderDetail(runs.find((r) => r.id === T.current));
+}
+
+// cancel or resume (app.js closes the run's metrics stream, and opens it again for the runs tab's selection
+// only): the run shown here follows its metrics again
+async function act(id, action) {
+  await A.runAction(id, action);
+  if (id === T.current) A.subscribe(id);
 }
 
 function renderDetail(r) {
