@@ -90,7 +90,8 @@ def test_upload_preview_and_a_run_with_its_chart_from_the_view(tmp_path, browser
                 for width in (1400, 390):
                     page.set_viewport_size({"width": width, "height": 900})
                     page.wait_for_function("""() => { const el = document.querySelector('#chart-tune-loss');
-                        const u = el && el.querySelector('.uplot'); return u && u.offsetWidth <= el.clientWidth; }""")
+                        const u = el && el.querySelector('.uplot');
+                        return u && u.offsetWidth <= el.clientWidth && u.offsetWidth > el.clientWidth - 4; }""")
                     wide = page.evaluate("() => document.scrollingElement.scrollWidth")
                     assert wide <= width, (lang, width, wide)
                     shot(f"tune-{width}{'-ru' if lang == 'ru' else ''}")
