@@ -18,7 +18,7 @@ from lmlab.train.recipes import demo_model_config
 
 SHOTS = ARTIFACTS.parent / "ux"
 AXE = Path(__file__).parent / "data" / "axe.min.js"
-VIEWS = ("books", "models", "train", "runs", "generate", "evaluate", "chat", "selfplay", "lab")
+VIEWS = ("books", "models", "train", "runs", "generate", "evaluate", "chat", "selfplay", "tune", "lab")
 DEMO_STEPS = 30  # the button asks for the demo's 300 steps; the test's request is cut to these
 
 

@@ -1,6 +1,7 @@
 """The command line of a run's process: pure functions from a run row and the workspace's paths to the
 arguments of `lmlab` (`train ...`, `selfplay text ...`, `lab facts EXPERIMENT ...`, `selfplay azr ...`, an
-evaluation's `eval ...` / `compare ...`, or a model made from others: `quantize ...`),
+evaluation's `eval ...` / `compare ...`, a fine-tuning run's `tune sft|dpo|grpo ...`, or a model made
+from others: `quantize ...`, `merge ...`),
 and the files the command reads that must be written into the run directory first. No process control and
 no database: the supervisor (jobs.py) looks up the model rows, writes the files and launches
 `python -c CHILD_BOOTSTRAP ARGS...` (child_argv).
@@ -179,6 +180,37 @@ def selfplay_command(run: dict[str, Any], ws: Workspace, get_model: Callable[[st
     return Command(args + (["--resume"] if run["resume"] else []), files)
 
 
+# A fine-tuning run's settings, by method, as its command's flags (GRPO counts its updates in --steps). The
+# data it reads is the run's own copy (DATASET, made when it was started), so a resume finds the same examples
+# whatever happens to the workspace's dataset meanwhile.
+TUNE_SETTINGS = {
+    "sft": ("max_steps", "batch_size", "lr", "warmup_steps", "seed", "save_every", "log_every", "eval_every",
+            "packing", "completion_only"),
+    "dpo": ("max_steps", "batch_size", "lr", "warmup_steps", "seed", "save_every", "log_every", "beta"),
+    "grpo": ("max_steps", "prompts_per_step", "group_size", "max_new_tokens", "lr", "kl_coef", "seed", "save_every",
+             "eval_every", "eval_prompts"),
+}
+LORA_SETTINGS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
+DATASET = "dataset.jsonl"
+
+
+def tune_command(run: dict[str, Any], ws: Workspace) -> Command:
+    """`tune sft|dpo|grpo --model DIR --out RUN_DIR (--data RUN_DIR/dataset.jsonl | --task T) SETTINGS...`, or
+    `tune METHOD --out RUN_DIR --resume` with its step limit (the run keeps its own model, data and settings)."""
+    p, run_dir = run["params"], ws.run_path(run["id"])
+    method = p["method"]
+    steps = {"steps" if method == "grpo" else "max_steps": p["max_steps"]}
+    if run["resume"]:
+        return Command(["tune", method, "--out", str(run_dir), "--resume", *flags(steps)], {})
+    args = ["tune", method, "--model", str(ws.model_path(run["model_name"])), "--out", str(run_dir)]
+    args += ["--task", p["task"]] if method == "grpo" else ["--data", str(run_dir / DATASET)]
+    if method == "dpo":  # the reference log-probabilities cached in the run, not in the server's home
+        args += ["--loss", p["loss"], "--ref-cache", str(run_dir / "reference")]
+    settings = {k: p.get(k) for k in TUNE_SETTINGS[method] if k != "max_steps"}
+    settings.update({k: v or None for k, v in settings.items() if isinstance(v, bool)})  # store_true flags only
+    return Command(args + flags({**steps, **settings, **{k: p.get(k) for k in LORA_SETTINGS}}), {})
+
+
 def run_command(run: dict[str, Any], ws: Workspace, get_model: Callable[[str], dict[str, Any] | None]) -> Command:
     """The command of any run: `lmlab train ...`, `lmlab selfplay text ...` or a lab experiment's, with
     --resume when it continues from a checkpoint. `get_model(name)` is the model's row, or None."""
@@ -191,6 +223,10 @@ def run_command(run: dict[str, Any], ws: Workspace, get_model: Callable[[str], d
         return Command(DERIVED[run["kind"]]({"model": run["model_name"], **run["params"]}, str(out)), {})
     if run["kind"] == "selfplay":
         return selfplay_command(run, ws, get_model)
+    if run["kind"] == "tune":
+        if not run["resume"] and get_model(run["model_name"]) is None:
+            raise ValueError(f"model {run['model_name']!r} no longer exists")
+        return tune_command(run, ws)
     return train_command(run, ws, None if run["resume"] else get_model(run["model_name"]))
 
 

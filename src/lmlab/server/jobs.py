@@ -76,7 +76,7 @@ KILL_AFTER_S = 30.0  # a child that has not exited this long after SIGINT gets S
 # and exit), so a stopped run of either kind says the same about what is left and how to continue; a lab
 # experiment keeps no checkpoints, so a stopped one is not resumable and is started again.
 PROCESS_NAMES = {"train": "training", "selfplay": "self-play", "experiment": "lab experiment", "eval": "evaluation",
-                 "quantize": "quantization", "merge": "merge"}
+                 "quantize": "quantization", "merge": "merge", "tune": "fine-tuning"}
 RESUME = "resume to continue from the last checkpoint"
 UNWATCHED = "its process ended while no server was watching it"
 NOT_RESUMABLE = "this {} keeps no checkpoints and cannot be resumed; start it again"  # PROCESS_NAMES[kind]
@@ -364,11 +364,17 @@ class Supervisor:
     # ---- launching ---------------------------------------------------------------------------------
 
     def _register_selfplay(self, run: dict[str, Any], final: Path, training: dict[str, Any]) -> None:
+        """The policy in `final/` of a self-play or a fine-tuning run becomes the new model (_register_model)."""
         p = run["params"]
-        self._register_model(run, final, {
-            "kind": "selfplay", "parent": run["model_name"], "run_id": run["id"], "reward": p["reward"],
-            "judge": p.get("judge"), "iterations": training.get("steps"), "final_reward": training.get("final_reward"),
-            "final_kl": training.get("final_kl")}, total_steps(run, training))
+        if run["kind"] == "tune":
+            origin = {"kind": "tune", "parent": run["model_name"], "run_id": run["id"], "method": p["method"],
+                      **{k: p[k] for k in ("loss", "task", "dataset", "lora_rank") if p.get(k) is not None},
+                      "steps": training.get("steps")}
+        else:
+            origin = {"kind": "selfplay", "parent": run["model_name"], "run_id": run["id"], "reward": p["reward"],
+                      "judge": p.get("judge"), "iterations": training.get("steps"),
+                      "final_reward": training.get("final_reward"), "final_kl": training.get("final_kl")}
+        self._register_model(run, final, origin, total_steps(run, training))
 
     def _register_derived(self, run: dict[str, Any], made: Path) -> None:
         """A quantized model (commands.DERIVED) becomes the new model; its origin is the run's settings. Its
@@ -485,12 +491,14 @@ class Supervisor:
             except Exception as exc:  # a database error too: the run must not stay "running"
                 values.update(status="failed", error=f"the {PROCESS_NAMES[run['kind']]} finished, but its model "
                                                      f"was not saved: {exc}")
-        elif code in (0, None) and run["kind"] == "selfplay" and training is not None:
+        elif code in (0, None) and run["kind"] in ("selfplay", "tune") and training is not None:
             try:
                 self._register_selfplay(run, final, training)
-                values.update(status="completed", stop_reason="iterations", error=None)
+                stop = "iterations" if run["kind"] == "selfplay" else training.get("stop_reason")
+                values.update(status="completed", stop_reason=stop, error=None)
             except Exception as exc:  # a database error too: the run must not stay "running"
-                values.update(status="failed", error=f"self-play finished, but its model was not saved: {exc}")
+                values.update(status="failed", error=f"{PROCESS_NAMES[run['kind']]} finished, but its model was "
+                                                     f"not saved: {exc}")
         elif code in (0, None) and run["kind"] == "train" and training is not None:
             values.update(status="completed", stop_reason=training.get("stop_reason"), error=None)
             try:

@@ -255,8 +255,9 @@ class ResumeRequest(BaseModel):
 
 class Run(BaseModel):
     id: int
-    kind: Literal["train", "selfplay", "experiment", "eval", "quantize", "merge"] = Field(
+    kind: Literal["train", "selfplay", "experiment", "eval", "quantize", "merge", "tune"] = Field(
         description="train: `lmlab train`; selfplay: `lmlab selfplay text` from `model` into params.new_model; "
+                    "tune: `lmlab tune METHOD` (params.method: sft, dpo, grpo) from `model` into params.new_model; "
                     "experiment: a lab experiment (params.lab, params.experiment), no model (`model` is empty); "
                     "eval: an evaluation (params.models, params.tasks, params.run), no model (GET /runs/{id}/eval); "
                     "quantize: `lmlab quantize` of `model` into params.new_model; "
@@ -353,7 +354,7 @@ class GenerateRequest(BaseModel):
 class Version(BaseModel):
     """A model's weights as one run left them: its final model or one of its checkpoints."""
     run: int
-    kind: Literal["train", "selfplay"]
+    kind: Literal["train", "selfplay", "tune"]
     step: int | None = Field(description="the checkpoint's step in its run; null for the run's final model")
     steps: int = Field(description="the model's steps at this version: the run's step_offset + its steps")
     current: bool = Field(description="the weights the model has now (its final model of trained_run_id)")
@@ -425,3 +426,78 @@ class ModelCard(BaseModel):
                                              "merged, from: the model(s) it came from, ...}")
     chat: bool = Field(description="it has lmlab's chat template (chat_template.jinja): the Chat view offers it")
     speed: Speed | None = Field(description="the last measurement of these weights (POST .../speed); null until one")
+# ---- fine-tuning (routers/tune.py) -------------------------------------------------------------------
+
+DATASET_KINDS = ("conversations", "prompt_completion", "pairs", "kto")
+
+
+class Dataset(BaseModel):
+    name: str
+    kind: str = Field(description="conversations, prompt_completion, pairs or kto (empty for a file whose "
+                                  "record is missing)")
+    examples: int
+    size: int
+    created_at: float | None = None
+    problem: str | None = None
+
+
+class PreviewToken(BaseModel):
+    text: str
+    trained: bool = Field(description="the token is a training target (its loss counts)")
+
+
+class PreviewRow(BaseModel):
+    line: int
+    side: str = Field(description="'' for a conversation or prompt-completion pair; chosen, rejected or "
+                                  "completion (kto) for preference data")
+    tokens: list[PreviewToken]
+    ids: list[int]
+    mask: list[int]
+    truncated: bool
+
+
+class DatasetPreview(BaseModel):
+    name: str
+    kind: str
+    model: str
+    examples: int
+    context: int = Field(description="tokens per example the model trains on (its block_size + 1 for SFT)")
+    supervised_tokens: int = Field(description="trained tokens over the whole dataset, after truncation")
+    truncated: int = Field(description="examples cut to the context")
+    added_tokens: list[str] = Field(description="chat tokens the model's tokenizer lacks; fine-tuning adds them")
+    rows: list[PreviewRow]
+
+
+class TuneCreate(BaseModel):
+    """A fine-tuning run: `lmlab tune sft` on conversations or prompt-completion pairs, `lmlab tune dpo --loss L`
+    on preference pairs (KTO: labelled completions), or `lmlab tune grpo --task T`, from a trained model into a
+    new one, optionally with LoRA adapters. Settings of another method are refused."""
+    model_config = ConfigDict(extra="forbid")
+    method: Literal["sft", "dpo", "grpo"]
+    model: str = Field(..., min_length=1, max_length=100, description="the trained model to start from")
+    new_model: str = Field(..., min_length=1, max_length=100, description="the name of the model it makes")
+    dataset: str | None = Field(None, max_length=200, description="sft and dpo: a dataset of the workspace")
+    loss: Literal["dpo", "ipo", "simpo", "orpo", "kto"] | None = Field(None, description="dpo (default dpo)")
+    task: str | None = Field(None, max_length=40, description="grpo: a verifiable task")
+    max_steps: int = Field(50, ge=1, le=1_000_000, description="optimizer steps (grpo: updates)")
+    batch_size: int | None = Field(None, ge=1, le=4096, description="sft, dpo: examples per step (8)")
+    lr: float | None = Field(None, gt=0, le=1, description="learning rate (the method's default)")
+    warmup_steps: int | None = Field(None, ge=0, le=1_000_000, description="sft, dpo: warm-up steps (0)")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    save_every: int = Field(10, ge=0, le=1_000_000, description="checkpoint every N steps (0: only at the end)")
+    log_every: int | None = Field(None, ge=1, le=1_000_000, description="sft, dpo: a metrics line every N steps (1)")
+    eval_every: int | None = Field(None, ge=0, le=1_000_000, description="sft: validation, grpo: held-out pass@1 "
+                                                                        "every N steps (0: at the end)")
+    packing: bool | None = Field(None, description="sft: lay short examples end to end")
+    completion_only: bool | None = Field(None, description="sft on prompt-completion pairs: the completion only")
+    beta: float | None = Field(None, gt=0, le=100, description="dpo: the loss's beta (ORPO: lambda)")
+    prompts_per_step: int | None = Field(None, ge=1, le=1024, description="grpo: prompts per update (4)")
+    group_size: int | None = Field(None, ge=2, le=256, description="grpo: completions per prompt (4)")
+    max_new_tokens: int | None = Field(None, ge=1, le=4096, description="grpo: tokens per completion (16)")
+    kl_coef: float | None = Field(None, ge=0, le=100, description="grpo: weight of the KL to the starting model")
+    eval_prompts: int | None = Field(None, ge=1, le=100_000, description="grpo: held-out prompts for pass@1 (50)")
+    lora_rank: int | None = Field(None, ge=1, le=1024, description="LoRA adapters of this rank (none: all weights)")
+    lora_alpha: float | None = Field(None, gt=0, le=1e6, description="LoRA: scale alpha / rank (default 2 x rank)")
+    lora_dropout: float | None = Field(None, ge=0, lt=1, description="LoRA: dropout on the adapters' input")
+    lora_targets: str | None = Field(None, max_length=300, pattern=r"^[A-Za-z0-9_]+(,[A-Za-z0-9_]+)*$",
+                                     description="LoRA: comma list of module names (default all linear layers)")

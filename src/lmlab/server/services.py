@@ -109,7 +109,7 @@ def model_info(state: AppState, row: dict[str, Any], active: list[dict[str, Any]
     active = state.db.list_runs(status=ACTIVE) if active is None else active
     training = [r["id"] for r in active if r["kind"] == "train" and r["model_name"] == name]
     readers = [r["id"] for r in active
-               if r["kind"] == "selfplay" and name in (r["model_name"], r["params"].get("judge"))]
+               if r["kind"] in MAKERS and name in (r["model_name"], r["params"].get("judge"))]
     try:
         trained, problem = (state.ws.model_path(name) / "model.safetensors").is_file(), None
     except LinkError as exc:  # listed with the reason; the other models list as usual
@@ -132,6 +132,10 @@ def lineage(state: AppState, run_id: int | None) -> list[int]:
     return chain
 
 
+# runs that make a new model (params.new_model) from a trained one, and what their process is called
+MAKERS = {"selfplay": "self-play", "tune": "fine-tuning"}
+
+
 def made_by(run: dict[str, Any], model: dict[str, Any]) -> bool:
     """Whether `run` trains `model` (a models row): training of it, or the self-play that created it by saving
     its policy under its name. The server writes a self-play run's row for the last time once it has created
@@ -139,7 +143,7 @@ def made_by(run: dict[str, Any], model: dict[str, Any]) -> bool:
     the run's was deleted, and the run's policy is no version of it."""
     if run["kind"] == "train":
         return run["model_name"] == model["name"]
-    return (run["kind"] == "selfplay" and run["params"].get("new_model") == model["name"]
+    return (run["kind"] in MAKERS and run["params"].get("new_model") == model["name"]
             and run["status"] == "completed" and model["created_at"] <= run["updated_at"])
 
 
@@ -287,7 +291,7 @@ def busy_message(name: str, run: dict[str, Any]) -> str:
         return f"model {name!r} is being evaluated (run {run['id']}); cancel that run or wait for it"
     role = ("the starting point" if run["model_name"] == name else
             "the judge" if run["params"].get("judge") == name else "the name of the model being made")
-    kind = {"quantize": "quantization", "merge": "merge"}.get(run["kind"], "self-play")
+    kind = {**MAKERS, "quantize": "quantization", "merge": "merge"}.get(run["kind"], run["kind"])
     return f"model {name!r} is {role} of {kind} run {run['id']}; cancel that run or wait for it"
 
 
@@ -329,21 +333,10 @@ def save_upload(state: AppState, upload: UploadFile, *, overwrite: bool, busy_co
         raise HTTPException(409, f"a book named {name!r} already exists; delete it first or upload with "
                                  "overwrite=true")
     need_book_unused(state, name, busy_code)  # before the reading; again below, under the lock
-    limit = state.settings.max_upload_bytes
     tmp = state.ws.tmp / f"upload-{uuid.uuid4().hex}{target.suffix.lower()}"
     text_tmp = state.ws.tmp / f"text-{uuid.uuid4().hex}"
-    size = 0
     try:
-        with open(tmp, "wb") as out:
-            while block := upload.file.read(1 << 20):
-                size += len(block)
-                if size > limit:
-                    # said to whoever uploads, often in a browser: no command-line flags
-                    raise HTTPException(413, f"{name} is larger than this server's upload limit of "
-                                             f"{limit / 2**20:g} MiB")
-                out.write(block)
-        if size == 0:
-            raise HTTPException(400, f"{name} is empty")
+        size = receive_upload(state, upload, name, tmp)
         try:
             header = extract(tmp, text_tmp, name, **state.extract_limits)
         except Refused as exc:
@@ -357,6 +350,23 @@ def save_upload(state: AppState, upload: UploadFile, *, overwrite: bool, busy_co
         tmp.unlink(missing_ok=True)
         text_tmp.unlink(missing_ok=True)
     return {**row, **book_stats(header)}
+
+
+def receive_upload(state: AppState, upload: UploadFile, name: str, tmp: Any) -> int:
+    """The uploaded file written to `tmp` (in the workspace's tmp/; the caller removes it), and its size: 413
+    over the server's upload limit, 400 when it is empty."""
+    limit, size = state.settings.max_upload_bytes, 0
+    with open(tmp, "wb") as out:
+        while block := upload.file.read(1 << 20):
+            size += len(block)
+            if size > limit:
+                # said to whoever uploads, often in a browser: no command-line flags
+                raise HTTPException(413, f"{name} is larger than this server's upload limit of "
+                                         f"{limit / 2**20:g} MiB")
+            out.write(block)
+    if size == 0:
+        raise HTTPException(400, f"{name} is empty")
+    return size
 
 
 def remove_book(state: AppState, name: str) -> None:
@@ -609,12 +619,12 @@ def start_selfplay(state: AppState, req: SelfPlayCreate) -> dict[str, Any]:
         return _start_selfplay(state, req, new)
 
 
-def need_selfplay_models(state: AppState, model: str, judge: str | None, new: str,
-                         resuming: bool = False) -> tuple[Any, Any]:
+def need_selfplay_models(state: AppState, model: str, judge: str | None, new: str, resuming: bool = False,
+                         role: str = "the model self-play starts from") -> tuple[Any, Any]:
     """What a self-play run needs to start or resume: its starting model and judge trained and not training
     (self-play runs may share them: they only read them), and the name of the model it makes free. Returns the
     directories of the starting model and the judge (None without one). Called under state.lock."""
-    path = need_trained(state, model, "the model self-play starts from")
+    path = need_trained(state, model, role)
     judge_path = need_trained(state, judge, "the judge") if judge is not None else None
     other = "" if resuming else " or choose another name for the new model"
     need_free_model_name(state, new, "; resuming this run saves its policy under that name" if resuming else
@@ -690,6 +700,9 @@ def need_resumable_models(state: AppState, run: dict[str, Any]) -> None:
     not while self-play reads it or another run trains it. Self-play needs what it needed to start."""
     if run["kind"] == "train":
         need_unused(state, run["model_name"], lambda r: r["id"] != run["id"])
+    elif run["kind"] == "tune":  # its process checks the rest: the starting weights (GRPO), its data (a copy)
+        need_selfplay_models(state, run["model_name"], None, run["params"]["new_model"], resuming=True,
+                             role="the model a fine-tuning run starts from")
     else:
         p = run["params"]
         paths = need_selfplay_models(state, run["model_name"], p.get("judge"), p["new_model"], resuming=True)

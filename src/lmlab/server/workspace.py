@@ -138,7 +138,8 @@ class Workspace:
         self.runs = self.root / "runs"
         self.tmp = self.root / "tmp"
         self.tasks = self.root / "tasks"  # the workspace's own evaluation tasks (NAME.yaml + NAME.jsonl)
-        for d in (self.books, self.models, self.runs, self.tmp, self.tasks):
+        self.datasets = self.root / "datasets"  # fine-tuning data: NAME.jsonl, its kind in .NAME.jsonl.json
+        for d in (self.books, self.models, self.runs, self.tmp, self.tasks, self.datasets):
             if d.is_symlink():
                 raise LinkError(f"{d} is a symbolic link, which the server does not follow; make the workspace "
                                 "folder itself the link instead")

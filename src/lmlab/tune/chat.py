@@ -62,6 +62,18 @@ def chat_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
     return ids  # type: ignore[return-value]
 
 
+def with_chat_tokens(tokenizer: Tokenizer) -> tuple[Tokenizer, list[str]]:
+    """The tokenizer with the chat tokens it lacks added as special tokens (itself when it has them all), and
+    the ones added: what fine-tuning on conversations makes of it (add_chat_tokens), for a preview without the
+    model."""
+    missing = [t for t in CHAT_TOKENS if tokenizer.token_to_id(t) is None]
+    if not missing:
+        return tokenizer, []
+    hf = HFTokenizer.from_str(tokenizer.hf.to_str())
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+    return Tokenizer(hf), missing
+
+
 def add_chat_tokens(model: Transformer, tokenizer: Tokenizer) -> tuple[Transformer, Tokenizer, int]:
     """The model and tokenizer with the chat tokens (those missing), and how many were added. The embedding
     (and an untied head) grows to the new vocabulary; the new rows start at the mean of the rows of the
@@ -71,12 +83,9 @@ def add_chat_tokens(model: Transformer, tokenizer: Tokenizer) -> tuple[Transform
     model is at most log(1 + k/n) for k new of n tokens), where a random or zero row can outrank real tokens
     and make early fine-tuning steps spend themselves undoing it; on the input side the mean is a point
     inside the region the layers were trained on."""
-    missing = [t for t in CHAT_TOKENS if tokenizer.token_to_id(t) is None]
+    new_tok, missing = with_chat_tokens(tokenizer)
     if not missing:
         return model, tokenizer, 0
-    hf = HFTokenizer.from_str(tokenizer.hf.to_str())
-    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
-    new_tok = Tokenizer(hf)
     old_n, cfg = len(tokenizer), model.config
     if len(new_tok) > cfg.vocab_size:
         grown = Transformer(dataclasses.replace(cfg, vocab_size=len(new_tok))).to(model.tok_emb.weight.device)

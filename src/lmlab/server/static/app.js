@@ -8,6 +8,7 @@ import { errorText as detailText, keepFocus, renderGuide, setupUx, tokenEstimate
 import { evalName, hasReport, initEvaluate, renderEvaluate, showEvaluate } from "/static/evaluate.js";
 import { DERIVED_KINDS, derivedName, initModelPage, openModel, renderModelPage } from "/static/modelpage.js";
 import { initChat, renderChat, showChat } from "/static/chat.js";
+import { initTune, renderTune, renderTuneCharts, showTune, tuneName } from "/static/tune.js";
 
 const $ = (sel, root = document) => root.querySelector(sel);
 const $$ = (sel, root = document) => [...root.querySelectorAll(sel)];
@@ -127,6 +128,7 @@ function showTab(name) {
   if (name === "evaluate") showEvaluate();
   if (name === "model") renderModelPage();
   if (name === "chat") showChat();
+  if (name === "tune") showTune();
 }
 
 // ---- books -----------------------------------------------------------------------------------------
@@ -313,7 +315,8 @@ function modelState(m) {
   if (m.selfplay_run_ids && m.selfplay_run_ids.length) bits.push(t("models.selfplay_reads", { ids: m.selfplay_run_ids.join(", ") }));
   // the server keeps an origin only while it is true: cleared when the model is trained from scratch
   const o = m.origin;
-  const made = o && o.kind === "selfplay" ? t("models.selfplay_of", { parent: o.parent, reward: o.reward, id: o.run_id }) : null;
+  const made = o && o.kind === "selfplay" ? t("models.selfplay_of", { parent: o.parent, reward: o.reward, id: o.run_id })
+    : o && o.kind === "tune" ? t("tune.model_of", { parent: o.parent, how: (o.loss || o.method).toUpperCase() + (o.task ? " " + o.task : ""), id: o.run_id }) : null;
   if (made && m.trained_run_id === o.run_id) bits.unshift(made);  // its weights are the self-play's policy
   else {
     bits.unshift(m.trained ? t("models.trained", { steps: fmtNum(m.trained_steps) }) : t("models.untrained"));
@@ -551,12 +554,13 @@ function renderRuns() {
     const pct = r.progress == null ? 0 : Math.round(r.progress * 100);
     const overlay = h("input", { type: "checkbox", checked: S.selected.has(r.id), "aria-label": `overlay run ${r.id}`,
                                  onchange: (e) => (e.target.checked ? selectRun(r.id, false) : unselectRun(r.id)) });
-    const sp = r.kind === "selfplay", lab = ["experiment", "eval", ...DERIVED_KINDS].includes(r.kind), product = sp ? r.params.new_model : r.model;
+    const sp = r.kind === "selfplay", tn = r.kind === "tune", lab = ["experiment", "eval", ...DERIVED_KINDS].includes(r.kind);
+    const product = sp || tn ? r.params.new_model : r.model;
     const model = S.models.find((m) => m.name === product);
     return h("tr", { "data-run": r.id, "data-status": r.status, "data-kind": r.kind, class: r.id === S.current ? "selected" : "" },
       h("td", {}, overlay), h("td", {}, h("a", { href: `#run/${r.id}`, class: "run-link", text: `#${r.id}` })),
       sp ? h("td", { title: t("runs.reward", { reward: r.params.reward }) }, `${r.model} → ${product}`, h("span", { class: "kind", text: t("runs.kind_selfplay") }))
-        : lab ? h("td", {}, labName(r), h("span", { class: "kind", text: t("runs.kind_" + r.kind) }))
+        : lab || tn ? h("td", {}, tn ? tuneName(r) : labName(r), h("span", { class: "kind", text: t("runs.kind_" + r.kind) }))
         : h("td", { text: r.model, title: `${t("runs.books")}: ${r.books.join(", ")}` }),
       h("td", {}, h("span", { class: "badge " + r.status, text: statusLabel(r) })),
       h("td", { class: "num" }, h("span", { class: "bar" }, (() => { const i = h("i"); i.style.width = pct + "%"; return i; })()),
@@ -571,7 +575,7 @@ function renderRuns() {
         lab && r.status === "completed" && (r.kind === "experiment" || hasReport(r)) ? h("a", { href: withToken(`/api/v1/runs/${r.id}/report`), target: "_blank", rel: "noopener", class: "report", text: t("lab.report") }) : null, " ",
         // every completed run keeps its own final model (versions.js), not only the model's latest; a self-play
         // run's is not a version of a model made again under its name after it finished (services.made_by)
-        r.status === "completed" && model && !lab && (!sp || model.created_at <= r.updated_at) ? h("a", { href: withToken(`/api/v1/models/${encodeURIComponent(product)}/download?run=${r.id}`), download: `${product}-run${r.id}.zip`, class: "download", text: t("runs.download") }) : null, " ",
+        r.status === "completed" && model && !lab && (!(sp || tn) || model.created_at <= r.updated_at) ? h("a", { href: withToken(`/api/v1/models/${encodeURIComponent(product)}/download?run=${r.id}`), download: `${product}-run${r.id}.zip`, class: "download", text: t("runs.download") }) : null, " ",
         !ACTIVE.has(r.status) ? h("button", { type: "button", class: "danger", text: t("runs.delete"), onclick: () => deleteRun(r.id) }) : null));
   }));
   $("#runs-empty").hidden = S.runs.length > 0;
@@ -580,6 +584,7 @@ function renderRuns() {
   renderLab();
   renderEvaluate();
   renderModelPage();
+  renderTune();
 }
 
 function renderRunDetail() {
@@ -588,7 +593,7 @@ function renderRunDetail() {
   if (!r) return;
   const bits = [r.kind === "selfplay"
     ? `#${r.id} · ${t("runs.kind_selfplay")}: ${r.model} → ${r.params.new_model} · ${t("runs.reward", { reward: r.params.reward + (r.params.judge ? ` (${r.params.judge})` : "") })} · ${statusLabel(r)}`
-    : ["experiment", "eval", ...DERIVED_KINDS].includes(r.kind) ? `#${r.id} · ${t("runs.kind_" + r.kind)}: ${labName(r)} · ${statusLabel(r)}`
+    : ["experiment", "eval", "tune", ...DERIVED_KINDS].includes(r.kind) ? `#${r.id} · ${t("runs.kind_" + r.kind)}: ${r.kind === "tune" ? tuneName(r) : labName(r)} · ${statusLabel(r)}`
     : `#${r.id} · ${r.model} · ${t("runs.books")}: ${r.books.join(", ")} · ${statusLabel(r)}`];
   if (r.queue_position != null) bits.push(t("runs.queue", { pos: r.queue_position + 1 }));
   if (r.checkpoint_step != null) bits.push(t("runs.checkpoint", { step: r.checkpoint_step }));
@@ -667,6 +672,7 @@ function redrawCharts() {
                                             kind: S.runs.find((r) => r.id === id)?.kind ?? "train" }))
     .filter((r) => r.kind !== "experiment" && r.kind !== "eval"), t, chartEmpty([...S.selected]));
   metricsChanged();
+  renderTuneCharts();
 }
 
 // One chart of one run for its page (runpage.js): `key` is a metric (loss draws val_loss too, dashed).
@@ -815,6 +821,7 @@ async function main() {
   initEvaluate({ S, t, h, api, withToken, statusLabel, refreshRuns, deleteRun, runAction, toast, fmtLoss, ACTIVE, COLORS });
   initModelPage({ S, t, h, api, fmtNum, fmtBytes, statusLabel, refreshRuns, runAction, toast, ACTIVE });
   initChat({ S, t, h, api, apiHeaders, toast });
+  initTune({ S, t, h, api, apiHeaders, statusLabel, refreshRuns, deleteRun, runAction, toast, subscribe, fmtNum, fmtBytes, ACTIVE, COLORS });
   initRunPage({ S, t, h, api, fmtNum, fmtBytes, fmtLoss, statusLabel, labName, subscribe, runChart, showTab, toast, renderRuns });
   window.addEventListener("hashchange", () => showTab(location.hash.slice(1)));
   setupUx({ t, api, S, h, showTab, openRun: async (run) => {

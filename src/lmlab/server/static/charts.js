@@ -54,14 +54,15 @@ const xLabel = (t, chart) => view.x === "step" ? t(chart.group === "sp-charts" ?
 // x of a metrics line; text self-play logs its wall time as wall_s
 const xOf = (m) => (view.x === "time" ? m.elapsed_s ?? m.wall_s : m[X_KEYS[view.x]]);
 
-// runs: [{id, color, metrics}] -> one line per run and key: its x, raw y, smoothed y and metrics lines
+// runs: [{id, color, metrics}] -> one line per run and key: its x, raw y, smoothed y and metrics lines; a key's
+// own colour (a third item) tells apart the lines of one run (the Tune tab's chosen, rejected and margin)
 function seriesOf(chart, runs, t) {
   const out = [];
-  for (const run of runs) for (const [key, role] of chart.keys) {
+  for (const run of runs) for (const [key, role, color] of chart.keys) {
     const ms = run.metrics.filter((m) => m[key] != null && xOf(m) != null && (!view.log || m[key] > 0));
     if (!ms.length) continue;
     const ys = ms.map((m) => m[key]);
-    out.push({ label: `#${run.id}${role ? " " + t("chart." + role) : ""}`, run: run.id, key, role, color: run.color,
+    out.push({ label: `#${run.id}${role ? " " + t("chart." + role) : ""}`, run: run.id, key, role, color: color ?? run.color,
                xs: ms.map(xOf), ys, smooth: ema(ys, view.smooth), rows: ms });
   }
   return out;
@@ -304,7 +305,8 @@ export function drawCharts(runs, t, empty = null) {
   }
 }
 
-// One chart (an id of CHARTS) of the given runs into `el`, with its own state: a run's page (runpage.js).
+// One chart (an id of CHARTS, or a chart of the same shape) of the given runs into `el`, with its own state: a
+// run's page (runpage.js), the Tune tab (tune.js).
 export function drawChartInto(el, id, runs, t, empty = null) {
-  draw(CHARTS.find((c) => c.id === id), runs, t, el, el, empty);
+  draw(typeof id === "string" ? CHARTS.find((c) => c.id === id) : id, runs, t, el, el, empty);
 }

@@ -111,7 +111,7 @@ function setupTable() {
       A.renderRuns();
     });
   });
-  const kinds = ["", "train", "selfplay", "experiment", "eval", "quantize"], statuses = ["", "queued", "running", "completed", "failed", "interrupted", "cancelled"];
+  const kinds = ["", "train", "selfplay", "experiment", "eval", "quantize", "merge", "tune"], statuses = ["", "queued", "running", "completed", "failed", "interrupted", "cancelled"];
   const select = (id, label, options, name) => h("label", {}, h("span", { "data-i18n": label, text: t(label) }),
     h("select", { id, onchange: (e) => { view[name] = e.target.value; A.renderRuns(); } },
       ...options.map((o) => h("option", { value: o, "data-i18n": o ? (name === "kind" ? "rp.kind." + o : "status." + o) : "rp.all", text: t(o ? (name === "kind" ? "rp.kind." + o : "status." + o) : "rp.all") }))));
@@ -249,8 +249,8 @@ function renderPage() {
     page.charts = null;
     return;
   }
-  const sp = r.kind === "selfplay", lab = ["experiment", "eval", "quantize"].includes(r.kind), load = d ? d.load : null;
-  const name = sp ? `${r.model} → ${r.params.new_model}` : lab ? A.labName(r) : r.model;
+  const sp = r.kind === "selfplay", lab = ["experiment", "eval", "quantize", "merge"].includes(r.kind), load = d ? d.load : null;
+  const name = sp || r.kind === "tune" ? `${r.model} → ${r.params.new_model}` : lab ? A.labName(r) : r.model;
   const phase = r.status === "running" ? t("rp.phase." + (r.phase || "starting")) : r.status === "queued" ? t("rp.phase.queued") : A.statusLabel(r);
   const sections = [];
   sections.push(h("div", { class: "rp-head", "data-part": "head" },
@@ -281,7 +281,8 @@ function renderPage() {
   sections.push(h("dl", { class: "facts card", "data-part": "facts" }, ...facts));
   // charts: made once per page (and language), drawn by app.js
   if (!lab) {
-    const keys = sp ? ["reward", "kl"] : ["loss", "tokens_per_s"], sig = keys.join() + A.t("rp.chart.loss");
+    const rl = sp || (r.kind === "tune" && r.params.method === "grpo");  // GRPO logs a reward and a KL too
+    const keys = rl ? ["reward", "kl"] : ["loss", "tokens_per_s"], sig = keys.join() + A.t("rp.chart.loss");
     if (!page.charts || page.chartsSig !== sig) {
       page.charts = Object.fromEntries(keys.map((k) => [k, h("div", { class: "chart", role: "img", id: "rp-chart-" + k, "aria-label": t("rp.chart." + k) })]));
       page.chartsPart = h("div", { class: "charts rp-charts", "data-part": "charts" },

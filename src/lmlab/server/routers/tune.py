@@ -1,0 +1,271 @@
+"""/api/v1/datasets and /api/v1/runs/tune: fine-tuning in the web app (docs/TUNE.md; the Tune view).
+
+Datasets are JSONL files of the workspace, `datasets/NAME.jsonl`, each of one kind: conversations, prompt–completion
+pairs (both for SFT), preference pairs (DPO, IPO, SimPO, ORPO) or labelled completions (KTO). An upload is checked
+by the reader the run uses (lmlab.tune.data, lmlab.tune.preference) before anything is stored: a bad file is a 422
+with the reader's one line naming the line. Its kind and count are kept beside it in `datasets/.NAME.jsonl.json`.
+A preview shows, for a chosen model, the ids an example becomes and which of them are trained: the chat renderer's
+mask (lmlab.tune.chat.render) for conversations, exactly as `lmlab tune sft` builds its examples
+(tune.sft.encode_examples), or the scored completion of a preference example (tune.preference.render).
+
+A fine-tuning run is `lmlab tune sft | dpo --loss L | grpo --task T` (commands.tune_command) under the supervisor,
+from a trained model into a new one, registered when it completes as self-play's is (jobs.Supervisor). It reads
+its own copy of the dataset (runs/run-N/dataset.jsonl, a hard link where the file system has them), so the
+workspace's dataset can be replaced or deleted while the run is stopped and it still resumes on its data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, File, Form, HTTPException, Query, Response, UploadFile
+
+from ...data.jsonl import read_jsonl
+from ...models import ModelConfig
+from ...tokenizers import Tokenizer
+from ...tune.chat import with_chat_tokens
+from ...tune.data import check_conversation, check_prompt_completion
+from ...tune.preference import read_examples
+from ...tune.preference import render as render_completion
+from ...tune.rewards import TASKS
+from ...tune.sft import encode_examples
+from ..app import AppState, StateDep
+from ..commands import DATASET, LORA_SETTINGS, TUNE_SETTINGS
+from ..schemas import DATASET_KINDS, Dataset, DatasetPreview, Run, TuneCreate
+from ..services import estimate, need_selfplay_models, need_trained, receive_upload, run_info
+from ..workspace import NAME_MAX, BadName, check_name, inside, link_or_copy, remove_entry
+
+router = APIRouter()
+META = ".json"  # datasets/.NAME.jsonl.json: the dataset's kind and count
+SUFFIX = ".jsonl"
+# what each method trains on (dpo: the pairs; its loss kto: labelled completions)
+METHOD_KINDS = {"sft": ("conversations", "prompt_completion"), "dpo": ("pairs",), "kto": ("kto",)}
+# each method's own defaults where TuneCreate leaves a setting out: a metrics line every step, for the live charts
+DEFAULTS = {"sft": {"batch_size": 8, "warmup_steps": 0, "log_every": 1, "eval_every": 0},
+            "dpo": {"batch_size": 8, "warmup_steps": 0, "log_every": 1, "loss": "dpo"},
+            "grpo": {"prompts_per_step": 4, "group_size": 4, "max_new_tokens": 16, "eval_every": 0, "eval_prompts": 50}}
+COMMON = {"method", "model", "new_model", "max_steps", "lr", "seed", "save_every", *LORA_SETTINGS}
+OWN = {"sft": {"dataset"}, "dpo": {"dataset", "loss"}, "grpo": {"task"}}
+
+
+# ---- datasets ---------------------------------------------------------------------------------------
+
+def check_dataset_name(name: str) -> str:
+    name = check_name(name, "dataset file name", max_len=200, max_bytes=NAME_MAX - len(f".{META}"))
+    if not name.lower().endswith(SUFFIX):
+        raise BadName(f"dataset {name!r} must end in {SUFFIX}")
+    return name
+
+
+def dataset_path(state: AppState, name: str) -> Any:
+    return inside(state.ws.datasets, check_dataset_name(name))
+
+
+def read_dataset(path: Any, kind: str) -> list[tuple[int, Any]]:
+    """(line, example) of a file of `kind`, checked by the reader its run uses; ValueError naming the line."""
+    if kind == "conversations":
+        return read_jsonl(path, check_conversation)
+    if kind == "prompt_completion":
+        return read_jsonl(path, check_prompt_completion)
+    return [(r["line"], r) for r in read_examples(path, kind)]
+
+
+def dataset_info(state: AppState, name: str) -> dict[str, Any]:
+    """The dataset's record (kind, examples, size, created_at), or a problem saying why it has none."""
+    path = dataset_path(state, name)
+    try:
+        meta = json.loads(state.ws.read_bytes(path.parent / f".{name}{META}"))
+        return {"name": name, "size": path.stat().st_size, **{k: meta[k] for k in ("kind", "examples", "created_at")}}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {"name": name, "kind": "", "examples": 0, "size": path.stat().st_size,
+                "problem": "no record of its kind: upload it again"}
+
+
+def need_dataset(state: AppState, name: str) -> dict[str, Any]:
+    try:
+        path = dataset_path(state, name)
+    except BadName as exc:
+        raise HTTPException(400, str(exc)) from None
+    if not path.is_file():
+        raise HTTPException(404, f"dataset {name!r} not found")
+    return dataset_info(state, name)
+
+
+@router.get("/datasets", tags=["tune"], response_model=list[Dataset], summary="the workspace's fine-tuning datasets")
+def list_datasets(state: StateDep) -> list[dict[str, Any]]:
+    folder = state.ws.datasets
+    return [dataset_info(state, p.name) for p in sorted(folder.glob(f"*{SUFFIX}"))
+            if not p.name.startswith(".") and p.is_file() and not p.is_symlink()]
+
+
+@router.post("/datasets", tags=["tune"], status_code=201, response_model=Dataset,
+             responses={409: {"description": "a dataset of that name exists (overwrite=true replaces it)"},
+                        413: {"description": "larger than the upload limit"},
+                        422: {"description": "not a valid file of its kind: the reason, naming the line"}},
+             summary="upload a JSONL dataset of a kind: conversations, prompt_completion, pairs or kto")
+def upload_dataset(state: StateDep, file: Annotated[UploadFile, File()],
+                   kind: Annotated[Literal["conversations", "prompt_completion", "pairs", "kto"], Form()],
+                   overwrite: bool = Query(False)) -> dict[str, Any]:
+    try:
+        target = dataset_path(state, file.filename or "")
+    except BadName as exc:
+        raise HTTPException(400, str(exc)) from None
+    name = target.name
+    if target.exists() and not overwrite:
+        raise HTTPException(409, f"a dataset named {name!r} already exists; delete it first or upload with "
+                                 "overwrite=true")
+    tmp = state.ws.tmp / f"upload-{uuid.uuid4().hex}{SUFFIX}"
+    try:
+        receive_upload(state, file, name, tmp)
+        try:
+            examples = len(read_dataset(tmp, kind))
+        except ValueError as exc:  # the reader's line names the file: the user's name, not the server's temp file
+            raise HTTPException(422, str(exc).replace(str(tmp), name)) from None
+        meta = json.dumps({"kind": kind, "examples": examples, "created_at": time.time()})
+        # a run never reads this file after it was queued (it has its own copy): replaced at any time
+        meta_tmp = tmp.with_suffix(".meta")
+        meta_tmp.write_text(meta, encoding="utf-8")
+        os.replace(meta_tmp, target.parent / f".{name}{META}")
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+        tmp.with_suffix(".meta").unlink(missing_ok=True)
+    return dataset_info(state, name)
+
+
+@router.delete("/datasets/{name}", tags=["tune"], status_code=204)
+def delete_dataset(state: StateDep, name: str) -> Response:
+    need_dataset(state, name)
+    path = dataset_path(state, name)
+    remove_entry(path)
+    remove_entry(path.parent / f".{name}{META}")
+    return Response(status_code=204)
+
+
+@router.get("/datasets/{name}/preview", tags=["tune"], response_model=DatasetPreview,
+            responses={409: {"description": "an untrained model"},
+                       422: {"description": "an example that leaves nothing to train on in the model's context"}},
+            summary="the first examples as the model's tokens, with which of them are trained (the mask), and the "
+                    "dataset's trained and truncated counts")
+def preview_dataset(state: StateDep, name: str, model: str = Query(..., max_length=100),
+                    rows: int = Query(5, ge=1, le=50)) -> DatasetPreview:
+    info = need_dataset(state, name)
+    if not info["kind"]:
+        raise HTTPException(409, f"dataset {name!r} has {info['problem']}")
+    model_dir = need_trained(state, model, "the model to preview with")
+    tok = Tokenizer.load(model_dir / "tokenizer.json")
+    block = ModelConfig.load(model_dir / "config.json").block_size
+    path, kind, added = dataset_path(state, name), info["kind"], []
+    try:
+        examples = read_dataset(path, kind)
+        if kind == "conversations":
+            tok, added = with_chat_tokens(tok)  # as `lmlab tune sft` adds them
+        out = sft_rows(examples, kind, tok, block, rows) if kind in METHOD_KINDS["sft"] else \
+            preference_rows(examples, kind, tok, block, rows, name)
+    except ValueError as exc:
+        raise HTTPException(422, str(exc).replace(str(path), name)) from None
+    return DatasetPreview(name=name, kind=kind, model=model, examples=len(examples), added_tokens=added, **out)
+
+
+def _row(tok: Tokenizer, line: int, side: str, ids: list[int], mask: list[int], cut: bool) -> dict[str, Any]:
+    pieces = tok.decode_batch([[i] for i in ids], skip_special_tokens=False)
+    return {"line": line, "side": side, "ids": ids, "mask": mask, "truncated": cut,
+            "tokens": [{"text": p, "trained": bool(m)} for p, m in zip(pieces, mask)]}
+
+
+def sft_rows(examples: list[tuple[int, Any]], kind: str, tok: Tokenizer, block: int, n: int) -> dict[str, Any]:
+    """What `lmlab tune sft` trains on: its examples (encode_examples) over the whole file for the counts, the
+    first `n` shown; an example is cut to block + 1 ids (the model's inputs and targets)."""
+    found = "messages" if kind == "conversations" else "prompt"
+    encoded, truncated = encode_examples(found, examples, tok, block)
+    shown = [_row(tok, e.line, "", e.ids.tolist(), e.mask.astype(int).tolist(),
+                  encode_examples(found, [ex], tok, block)[1] > 0) for e, ex in zip(encoded[:n], examples)]
+    return {"context": block + 1, "supervised_tokens": int(sum(e.mask.sum() for e in encoded)),
+            "truncated": truncated, "rows": shown}
+
+
+def preference_rows(examples: list[tuple[int, Any]], kind: str, tok: Tokenizer, block: int, n: int,
+                    name: str) -> dict[str, Any]:
+    """What `lmlab tune dpo` scores: each completion's tokens and the EOS after them (tune.preference.render),
+    after its prompt, whose first tokens go when the two are longer than the context."""
+    shown, supervised, truncated = [], 0, 0
+    for i, (line, r) in enumerate(examples):
+        sides = ([("chosen", r["chosen"]), ("rejected", r["rejected"])] if kind == "pairs" else
+                 [("desirable" if r["label"] else "undesirable", r["completion"])])
+        cut_any = False
+        for side, completion in sides:
+            p, c = render_completion(tok, r["prompt"], completion)
+            if len(c) + 1 > block:
+                raise ValueError(f"{name}:{line}: the completion has {len(c)} tokens with EOS; the model's context of "
+                                 f"{block} leaves no room for the prompt")
+            cut = len(p) + len(c) > block
+            p = p[len(p) + len(c) - block:] if cut else p
+            cut_any |= cut
+            supervised += len(c)
+            if i < n:
+                shown.append(_row(tok, line, side, p + c, [0] * len(p) + [1] * len(c), cut))
+        truncated += cut_any
+    return {"context": block, "supervised_tokens": supervised, "truncated": truncated, "rows": shown}
+
+
+# ---- runs -------------------------------------------------------------------------------------------
+
+@router.get("/tune/options", tags=["tune"], summary="what a fine-tuning run can be: methods, losses, tasks, kinds")
+def tune_options() -> dict[str, Any]:
+    return {"methods": list(TUNE_SETTINGS), "losses": ["dpo", "ipo", "simpo", "orpo", "kto"], "tasks": list(TASKS),
+            "kinds": list(DATASET_KINDS), "method_kinds": METHOD_KINDS, "defaults": DEFAULTS}
+
+
+@router.post("/runs/tune", tags=["tune"], status_code=201, response_model=Run,
+             responses={400: {"description": "a name that may not become a file name"},
+                        404: {"description": "an unknown model or dataset"},
+                        409: {"description": "a model that is untrained, in training, or a name already taken"},
+                        422: {"description": "settings that do not fit the method, data of the wrong kind, or a run "
+                                             "over the memory budget"}},
+             summary="start fine-tuning (sft, dpo with a loss, grpo on a task; LoRA optional) into a new model")
+def create_tune_run(state: StateDep, req: TuneCreate) -> Run:
+    given = req.model_dump(exclude_none=True)
+    allowed = COMMON | OWN[req.method] | set(TUNE_SETTINGS[req.method])
+    foreign = [k for k in given if k not in allowed]
+    if foreign:
+        verb = "is not a setting" if len(foreign) == 1 else "are not settings"
+        raise HTTPException(422, f"{', '.join(foreign)} {verb} of {req.method} runs")
+    params = {**DEFAULTS[req.method], **given}
+    if req.method == "grpo" and params.get("task") not in TASKS:
+        raise HTTPException(422, f"task ({params.get('task')!r}) must be one of {', '.join(TASKS)}")
+    if req.method != "grpo" and not req.dataset:
+        raise HTTPException(422, f"{req.method} needs a dataset")
+    lora = {k: params[k] for k in LORA_SETTINGS if k in params}
+    if lora and "lora_rank" not in lora:
+        raise HTTPException(422, f"{', '.join(lora)} needs lora_rank")
+    new = check_name(req.new_model, "new model name")
+    with state.lock:  # from the checks through add_run: see Supervisor.lock
+        path, _ = need_selfplay_models(state, req.model, None, new, role="the model a fine-tuning run starts from")
+        if req.dataset:
+            kind = need_dataset(state, req.dataset)["kind"]
+            how = "kto" if params.get("loss") == "kto" else req.method
+            if kind not in METHOD_KINDS[how]:
+                raise HTTPException(422, f"dataset {req.dataset!r} holds {kind or 'unknown'} data; {how} trains on "
+                                         f"{' or '.join(METHOD_KINDS[how])}")
+            if params.get("completion_only") and kind != "prompt_completion":
+                raise HTTPException(422, "completion_only is for prompt_completion data; conversations train on "
+                                         "the assistant turns")
+        cfg = ModelConfig.load(path / "config.json")
+        batch = (params["group_size"] * params["prompts_per_step"] if req.method == "grpo" else
+                 params["batch_size"] * (2 if req.method == "dpo" else 1))  # dpo: chosen and rejected rows
+        est = estimate(cfg, batch, state.memory_budget)
+        if not est.fits:
+            raise HTTPException(422, est.reason)
+        start = state.db.get_model(req.model)  # its steps go on from the starting model's
+        run = state.db.add_run(req.model, [], params, True, req.max_steps, kind="tune",
+                               parent_run_id=start["trained_run_id"], step_offset=start["trained_steps"] or 0)
+        if req.dataset:  # the run's own copy: what it trains on, and resumes on
+            run_dir = state.ws.run_path(run["id"])
+            run_dir.mkdir(parents=True, exist_ok=True)
+            link_or_copy(dataset_path(state, req.dataset), run_dir / DATASET)
+    state.supervisor.submit(run["id"])
+    return run_info(state, run)

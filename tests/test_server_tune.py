@@ -1,0 +1,229 @@
+"""Fine-tuning in the web app (routers/tune.py): datasets are checked by the readers the runs use (the one-line
+error naming the line, nothing stored), the preview's mask is the chat renderer's, and SFT, preference and GRPO
+runs are `lmlab tune ...` processes under the supervisor whose metrics equal the CLI's for the same settings,
+whose final model joins the workspace, and which cancel and resume like training."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from test_server_support import CHILD_ENV, client, settings, wait_run
+
+from lmlab.models import ModelConfig, Transformer
+from lmlab.models.io import save_pretrained
+from lmlab.server.commands import tune_command
+from lmlab.server.workspace import Workspace
+from lmlab.tokenizers import Tokenizer
+from lmlab.tune.chat import render, with_chat_tokens
+from lmlab.tune.preference import render as render_completion
+
+CHATS = [{"messages": [{"role": "user", "content": f"{a}+{b}?"}, {"role": "assistant", "content": f"{a + b}."}]}
+         for a, b in ((2, 3), (4, 1), (7, 2), (5, 5), (3, 6), (8, 1), (1, 1), (6, 2))]
+CHATS[1]["messages"].insert(0, {"role": "system", "content": "Кратко."})
+LONG = {"messages": [{"role": "user", "content": "7" * 40}, {"role": "assistant", "content": "seven " * 8}]}
+PAIRS = [{"prompt": f"{a}+{b}=", "chosen": f"{a + b}.", "rejected": f"{a + b + 1}."}
+         for a, b in ((2, 3), (4, 1), (3, 3))]
+KTO = [{"prompt": "2+3=", "completion": "5.", "label": True}, {"prompt": "4+1=", "completion": "6.", "label": False}]
+TEXT = "".join(m["content"] for c in CHATS + [LONG] for m in c["messages"]) + "0123456789+=?.Кратко seven"
+TIMING = ("elapsed_s", "tokens_per_s", "mfu")  # the clock's, not the run's
+SFT = {"method": "sft", "model": "base", "dataset": "chats.jsonl", "max_steps": 3, "batch_size": 2, "lr": 1e-3,
+       "save_every": 2}
+
+
+def jsonl(records) -> bytes:
+    return "".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in records).encode()
+
+
+def put(c, name, kind, records, **query):
+    return c.post("/api/v1/datasets", params=query, data={"kind": kind},
+                  files={"file": (name, jsonl(records), "application/jsonl")})
+
+
+def done(c, run_id):
+    return wait_run(c, run_id, lambda r: r["status"] not in ("queued", "running"), f"fine-tuning run {run_id}")
+
+
+def metrics_file(path):
+    return [{k: v for k, v in json.loads(x).items() if k not in TIMING} for x in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def tn(tmp_path_factory):
+    """A server with `base`: a one-layer model with random weights, a character tokenizer without chat tokens
+    (room for them in its embedding) and a 48-token context; the conversations and pairs uploaded."""
+    ws = tmp_path_factory.mktemp("ws")
+    tok = Tokenizer.train([TEXT], kind="char", vocab_size=120)
+    cfg = ModelConfig.preset("gpt2-tiny", vocab_size=len(tok) + 8, n_layer=1, block_size=48)
+    save_pretrained(Workspace(ws).model_path("base"), Transformer(cfg), tok)
+    with client(settings(ws, max_jobs=1)) as c:
+        assert put(c, "chats.jsonl", "conversations", CHATS + [LONG]).status_code == 201
+        assert put(c, "pairs.jsonl", "pairs", PAIRS).status_code == 201
+        c.workspace, c.tok = ws, tok
+        yield c
+
+
+@pytest.mark.parametrize("kind, bad, why", [
+    ("conversations", '{"messages": [}', "not JSON (Expecting value, column 15)"),
+    ("conversations", {"messages": [{"content": "hi"}, {"role": "assistant", "content": "x"}]}, "message 1: no 'role'"),
+    ("conversations", {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]},
+     "message 2: empty assistant turn"),
+    ("pairs", {"prompt": "1+1=", "chosen": "2.", "rejected": "2."}, "chosen and rejected are the same text"),
+    ("kto", {"prompt": "1+1=", "completion": "2.", "label": "yes"}, "'label' must be true or false"),
+    ("prompt_completion", {"prompt": "1+1=", "completion": ""}, "empty completion"),
+])
+def test_a_bad_dataset_is_refused_with_its_line_and_nothing_is_stored(tn, kind, bad, why):
+    good = {"conversations": CHATS[0], "pairs": PAIRS[0], "kto": KTO[0],
+            "prompt_completion": {"prompt": "1+1=", "completion": "2."}}[kind]
+    before = sorted(p.name for p in (tn.workspace / "datasets").iterdir())
+    r = put(tn, "bad.jsonl", kind, [good, bad, good])
+    assert (r.status_code, r.json()["detail"]) == (422, f"bad.jsonl:2: {why}")
+    assert sorted(p.name for p in (tn.workspace / "datasets").iterdir()) == before
+    assert list((tn.workspace / "tmp").iterdir()) == []
+    assert "bad.jsonl" not in [d["name"] for d in tn.get("/api/v1/datasets").json()]
+
+
+def test_datasets_are_listed_kept_apart_and_deleted(tn):
+    listed = {d["name"]: (d["kind"], d["examples"]) for d in tn.get("/api/v1/datasets").json()}
+    assert listed["chats.jsonl"] == ("conversations", 9) and listed["pairs.jsonl"] == ("pairs", 3)
+    assert put(tn, "chats.jsonl", "conversations", CHATS).status_code == 409  # no overwrite without asking
+    r = put(tn, "../x.jsonl", "conversations", CHATS)
+    assert r.status_code == 400 and "path separator" in r.json()["detail"]
+    assert put(tn, "k.jsonl", "kto", KTO).json()["examples"] == 2
+    assert tn.delete("/api/v1/datasets/k.jsonl").status_code == 204
+    assert not (tn.workspace / "datasets" / "k.jsonl").exists()
+    assert not (tn.workspace / "datasets" / ".k.jsonl.json").exists()
+    assert tn.delete("/api/v1/datasets/k.jsonl").status_code == 404
+
+
+def test_the_preview_mask_is_the_renderers(tn):
+    p = tn.get("/api/v1/datasets/chats.jsonl/preview", params={"model": "base", "rows": 9}).json()
+    tok, added = with_chat_tokens(tn.tok)
+    assert p["added_tokens"] == added == ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+    assert p["examples"] == 9 and p["context"] == 49
+    for row, chat in zip(p["rows"], CHATS):
+        ids, mask = render(chat["messages"], tok)
+        assert (row["ids"], row["mask"], row["truncated"]) == (ids, mask, False)
+        # the trained text: the assistant's reply and the <|end|> after it
+        assert "".join(t["text"] for t in row["tokens"] if t["trained"]) == chat["messages"][-1]["content"] + "<|end|>"
+    long = p["rows"][8]
+    full_ids, full_mask = render(LONG["messages"], tok)
+    assert long["truncated"] and (long["ids"], long["mask"]) == (full_ids[:49], full_mask[:49])
+    assert p["truncated"] == 1
+    assert p["supervised_tokens"] == sum(sum(render(c["messages"], tok)[1][:49]) for c in CHATS + [LONG])
+
+    p = tn.get("/api/v1/datasets/pairs.jsonl/preview", params={"model": "base", "rows": 1}).json()
+    assert [r["side"] for r in p["rows"]] == ["chosen", "rejected"]
+    prompt, completion = render_completion(tn.tok, PAIRS[0]["prompt"], PAIRS[0]["chosen"])
+    assert p["rows"][0]["ids"] == prompt + completion
+    assert p["rows"][0]["mask"] == [0] * len(prompt) + [1] * len(completion)
+    assert p["supervised_tokens"] == sum(len(render_completion(tn.tok, x["prompt"], x[s])[1])
+                                         for x in PAIRS for s in ("chosen", "rejected"))
+
+
+def test_settings_of_another_method_and_data_of_another_kind_are_refused(tn):
+    r = tn.post("/api/v1/runs/tune", json={**SFT, "new_model": "x", "task": "addition", "group_size": 4})
+    assert (r.status_code, r.json()["detail"]) == (422, "task, group_size are not settings of sft runs")
+    r = tn.post("/api/v1/runs/tune", json={**SFT, "method": "dpo", "new_model": "x"})
+    assert (r.status_code, r.json()["detail"]) == (422, "dataset 'chats.jsonl' holds conversations data; dpo trains "
+                                                        "on pairs")
+    r = tn.post("/api/v1/runs/tune", json={**SFT, "new_model": "x", "lora_alpha": 8})
+    assert (r.status_code, r.json()["detail"]) == (422, "lora_alpha needs lora_rank")
+    r = tn.post("/api/v1/runs/tune", json={"method": "grpo", "model": "base", "new_model": "x", "task": "chess"})
+    assert (r.status_code, r.json()["detail"]) == (422, "task ('chess') must be one of addition, count, sort, format")
+    r = tn.post("/api/v1/runs/tune", json={**SFT, "new_model": "base"})
+    assert (r.status_code, r.json()["detail"]) == (409, "a model named 'base' already exists; choose another name "
+                                                        "for the new model")
+
+
+def test_lora_settings_reach_the_command_for_every_method(tmp_path):
+    ws = Workspace(tmp_path)
+    lora = {"lora_rank": 4, "lora_alpha": 8.0, "lora_dropout": 0.1, "lora_targets": "c_attn,c_fc"}
+    for method, extra in (("sft", {"dataset": "d.jsonl"}), ("dpo", {"dataset": "d.jsonl", "loss": "ipo"}),
+                          ("grpo", {"task": "addition"})):
+        run = {"id": 7, "model_name": "base", "resume": False, "params": {"method": method, "max_steps": 3, **extra,
+                                                                          **lora}}
+        args = tune_command(run, ws).args
+        assert args[:2] == ["tune", method]
+        at = args.index("--lora-rank")
+        assert args[at:at + 8] == ["--lora-rank", "4", "--lora-alpha", "8.0", "--lora-dropout", "0.1",
+                                   "--lora-targets", "c_attn,c_fc"]
+        assert args[args.index("--steps" if method == "grpo" else "--max-steps") + 1] == "3"
+        resumed = tune_command({**run, "resume": True}, ws).args  # the run keeps its own model, data and adapters
+        assert "--lora-rank" not in resumed and resumed[-3:] == ["--resume", "--steps" if method == "grpo" else
+                                                                 "--max-steps", "3"]
+
+
+def cli_metrics(tn, out, *args):
+    """`lmlab tune ARGS... --out OUT` run by hand, as the supervisor runs its processes (in the workspace, with
+    the same threads): its metrics without the clock's."""
+    subprocess.run([sys.executable, "-m", "lmlab.cli", "tune", *args, "--out", str(out)], cwd=tn.workspace,
+                   capture_output=True, check=True, env={**os.environ, **CHILD_ENV})
+    return metrics_file(out / "metrics.jsonl")
+
+
+def test_an_sft_run_equals_the_cli_and_makes_a_chat_model(tn, tmp_path):
+    r = tn.post("/api/v1/runs/tune", json={**SFT, "new_model": "base-chat"})
+    assert r.status_code == 201, r.text
+    run = done(tn, r.json()["id"])
+    assert (run["status"], run["kind"], run["current_step"], run["max_steps"]) == ("completed", "tune", 3, 3)
+    run_dir = tn.workspace / "runs" / f"run-{run['id']}"
+    got = [{k: v for k, v in m.items() if k not in (*TIMING, "id", "time")}
+           for m in tn.get(f"/api/v1/runs/{run['id']}/metrics").json()["metrics"]]
+    assert [m["step"] for m in got] == [1, 2, 3] and got == metrics_file(run_dir / "metrics.jsonl")
+    # loss, lr, val_loss: the CLI's, row for row, with the request's settings and the tab's defaults for SFT
+    cli = cli_metrics(tn, tmp_path / "cli", "sft", "--model", "models/base", "--data", "datasets/chats.jsonl",
+                      "--max-steps", "3", "--batch-size", "2", "--lr", "0.001", "--save-every", "2", "--seed", "0",
+                      "--warmup-steps", "0", "--log-every", "1", "--eval-every", "0")
+    assert got == cli
+    model = tn.get("/api/v1/models/base-chat").json()
+    assert model["trained"] and model["origin"] == {"kind": "tune", "parent": "base", "run_id": run["id"],
+                                                    "method": "sft", "dataset": "chats.jsonl", "steps": 3}
+    assert (tn.workspace / "models" / "base-chat" / "chat_template.jinja").is_file()
+    # the chat tokens joined its tokenizer (its embedding had room for them)
+    assert len(Tokenizer.load(tn.workspace / "models" / "base-chat" / "tokenizer.json")) == len(tn.tok) + 4
+
+
+def test_preference_and_grpo_runs_log_their_own_metrics(tn):
+    runs = [tn.post("/api/v1/runs/tune", json={"method": "dpo", "model": "base", "new_model": "base-dpo",
+                                               "dataset": "pairs.jsonl", "loss": "ipo", "max_steps": 2,
+                                               "batch_size": 2}),
+            tn.post("/api/v1/runs/tune", json={"method": "grpo", "model": "base", "new_model": "base-grpo",
+                                               "task": "addition", "max_steps": 2, "group_size": 2,
+                                               "prompts_per_step": 2, "max_new_tokens": 4, "kl_coef": 0.1,
+                                               "eval_prompts": 2})]
+    assert [r.status_code for r in runs] == [201, 201], [r.text for r in runs]
+    keys = ({"rewards_chosen", "rewards_rejected", "margin", "accuracy", "kl"}, {"reward", "kl", "zero_spread_groups"})
+    for r, want in zip(runs, keys):
+        run = done(tn, r.json()["id"])
+        assert run["status"] == "completed", run
+        rows = tn.get(f"/api/v1/runs/{run['id']}/metrics").json()["metrics"]
+        assert [m["step"] for m in rows] == [1, 2] and all(want <= m.keys() for m in rows)
+        made = tn.get(f"/api/v1/models/{run['params']['new_model']}").json()
+        assert made["origin"]["method"] == run["params"]["method"]
+    assert runs[0].json()["params"]["loss"] == "ipo"
+
+
+def test_a_cancelled_run_resumes_and_continues_its_metrics(tn):
+    r = tn.post("/api/v1/runs/tune", json={**SFT, "new_model": "base-long", "max_steps": 500, "save_every": 1})
+    run_id = r.json()["id"]
+    wait_run(tn, run_id, lambda x: x["current_step"] >= 3, "three steps")
+    assert tn.post(f"/api/v1/runs/{run_id}/cancel").status_code == 200
+    run = done(tn, run_id)
+    assert run["status"] == "cancelled" and run["can_resume"] and tn.get("/api/v1/models/base-long").status_code == 404
+    ckpt = run["checkpoint_step"]
+    before = [m for m in tn.get(f"/api/v1/runs/{run_id}/metrics").json()["metrics"] if m["step"] <= ckpt]
+    r = tn.post(f"/api/v1/runs/{run_id}/resume", json={"max_steps": ckpt + 2})
+    assert r.status_code == 200, r.text
+    run = done(tn, run_id)
+    assert (run["status"], run["resumed_from_step"], run["current_step"]) == ("completed", ckpt, ckpt + 2)
+    after = tn.get(f"/api/v1/runs/{run_id}/metrics").json()["metrics"]
+    assert [m["step"] for m in after] == list(range(1, ckpt + 3))
+    strip = lambda ms: [{k: v for k, v in m.items() if k not in ("id", "time")} for m in ms]  # noqa: E731
+    assert strip(after[:ckpt]) == strip(before)  # the steps before the checkpoint as they were
+    command = [x for x in tn.get(f"/api/v1/runs/{run_id}/log").json()["lines"] if x.startswith("$ lmlab ")]
+    assert command[-1].endswith(f"--resume --max-steps {ckpt + 2}")
+    assert tn.get("/api/v1/models/base-long").json()["origin"]["steps"] == ckpt + 2
