@@ -60,7 +60,8 @@ def create_experiment_run(state: StateDep, req: ExperimentCreate) -> Run:
 @router.get("/runs", tags=["runs"], response_model=list[Run])
 def list_runs(state: StateDep, model: str | None = Query(None, max_length=100),
               status: str | None = Query(None, max_length=20),
-              kind: Literal["train", "selfplay", "experiment", "eval", "quantize", "merge", "tune"] | None = Query(None)) -> list[Run]:
+              kind: Literal["train", "selfplay", "experiment", "eval", "quantize", "merge", "tune"] | None = Query(
+                  None)) -> list[Run]:
     queue = [r["id"] for r in state.db.queued_runs()]
     rows = state.db.list_runs(model_name=model, status=[status] if status else None, kind=kind)
     clock = state.db.training_clock([r["id"] for r in rows])
