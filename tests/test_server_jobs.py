@@ -248,7 +248,8 @@ def test_a_cancel_while_the_process_starts_with_sigint_ignored_still_stops_it(tm
     ws = Workspace(tmp_path / "ws")
     db = Database(ws.sqlite_url())
     slow_start = tmp_path / "python-slow-start"  # SIGINT ignored, then a slow start, as in `lmlab serve &`
-    slow_start.write_text(f"#!/bin/sh\ntrap '' INT\nsleep 2\nexec {sys.executable} \"$@\"\n")
+    trapped = tmp_path / "trapped"  # written once SIGINT is ignored: a SIGINT before that kills the shell itself
+    slow_start.write_text(f"#!/bin/sh\ntrap '' INT\ntouch {trapped}\nsleep 2\nexec {sys.executable} \"$@\"\n")
     slow_start.chmod(slow_start.stat().st_mode | stat.S_IXUSR)
     run = db.add_run("", [], {"lab": "azr", "experiment": "azr", "quick": True, "seeds": [0], "workers": 1}, False,
                      None, kind="experiment")
@@ -256,6 +257,10 @@ def test_a_cancel_while_the_process_starts_with_sigint_ignored_still_stops_it(tm
     try:
         sup.tick()
         assert db.get_run(run["id"])["status"] == "running"
+        deadline = time.monotonic() + 20
+        while not trapped.exists():  # as `lmlab serve &` is: ignoring SIGINT before the supervisor ever signals
+            assert time.monotonic() < deadline, "the slow start never began"
+            time.sleep(0.05)
         sup.cancel(run["id"])
         sup.tick()  # SIGINT now, while the process ignores it
         deadline = time.monotonic() + 20  # under KILL_AFTER_S: the SIGKILL must not be what ends it
