@@ -1072,6 +1072,60 @@ def _chat(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- tune distill (tune/distill.py) -----------------------------------------------------------------
+
+def _distill_arguments(p: argparse.ArgumentParser) -> None:
+    from .train import TrainConfig
+    p.add_argument("--teacher", help="the teacher's model directory (an int8/int4 one too: it only runs forward)")
+    p.add_argument("--preset", help="a new student of this preset, with the teacher's tokenizer (e.g. gpt2-tiny)")
+    p.add_argument("--model", help="instead of --preset, a trained student to start from (the teacher's tokenizer)")
+    p.add_argument("--data", nargs="+", metavar="BOOK", help="book files or folders (the held-out part is evaluated)")
+    p.add_argument("--out", required=True, help="run directory (metrics, checkpoints, final model)")
+    p.add_argument("--mode", choices=["logits", "sequence"], help="logits: KL to the teacher's softened "
+                   "distribution mixed with the data's loss (Hinton et al. 2015); sequence: train on the teacher's "
+                   "continuations of book windows (Kim & Rush 2016). Default logits")
+    p.add_argument("--temperature", type=float, help="logits: the softmax temperature T (2.0)")
+    p.add_argument("--alpha", type=float, help="logits: weight of the KD term, 1 - alpha on the data (0.5)")
+    p.add_argument("--teacher-samples", type=int, help="sequence: teacher continuations to write (256)")
+    p.add_argument("--prompt-tokens", type=int, help="sequence: book tokens that start each continuation (16)")
+    p.add_argument("--continuation-tokens", type=int, help="sequence: tokens per continuation, at most (128)")
+    p.add_argument("--teacher-temperature", type=float, help="sequence: the teacher's sampling temperature, 0 greedy "
+                   "(1.0)")
+    p.add_argument("--val-fraction", type=float, help="held-out share of each book (0.05)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out with its own teacher, data and "
+                   "settings (sequence mode: its own teacher samples); only stop conditions and how it runs may change")
+    add_arguments(p, TrainConfig, title="training hyper-parameters (TrainConfig)")
+
+
+_DISTILL = ("mode", "temperature", "alpha", "teacher_samples", "prompt_tokens", "continuation_tokens",
+            "teacher_temperature")
+
+
+@tune_mode("distill", "knowledge distillation of a teacher into a smaller student (logits or sequence level): "
+           "lmlab tune distill --teacher DIR --preset gpt2-tiny --data BOOKS --out DIR", _distill_arguments)
+def _tune_distill(args: argparse.Namespace) -> int:
+    from .train import TrainConfig
+    from .train.config import STOP_CONDITIONS
+    from .tune.distill import DistillConfig, resume_distill, run_distill
+
+    overrides = given(args, TrainConfig)
+    if args.resume:
+        refuse_on_resume(args, ("teacher", "preset", "model", "data", "val_fraction", *_DISTILL),
+                         "teacher, student, data and distillation settings")
+        result = resume_distill(args.out, overrides)
+    else:
+        if not args.teacher or not args.data:
+            raise ValueError("--teacher and --data are required (except with --resume)")
+        if not any(overrides.get(k) for k in STOP_CONDITIONS):
+            overrides["epochs"] = 1.0  # as lmlab train: one pass over the books
+        cfg = DistillConfig(**{k: v for k in _DISTILL if (v := getattr(args, k)) is not None})
+        result = run_distill(args.teacher, args.data, args.out, TrainConfig.from_dict(overrides), cfg,
+                             preset=args.preset, student_dir=args.model,
+                             val_fraction=0.05 if args.val_fraction is None else args.val_fraction)
+    last = next((m for m in reversed(result.history) if "val_kl" in m), {})
+    return report_run(args, result, "tune distill", f"; val KL to the teacher {last['val_kl']:.4f}" if last else "")
+
+
 # ---- lab facts --------------------------------------------------------------------------------------
 
 # lab.facts.experiments.EXPERIMENTS and "all"; spelled out so that `lmlab --help` does not import torch
