@@ -346,7 +346,7 @@ export const STRINGS = {
   "mp.merge_with": ["Merge with", "Слить с"],
   "mp.merge_no_others": ["No other trained model in the workspace.", "В рабочей папке нет другой обученной модели."],
   "mp.merge_base": ["Base (common parent)", "Основа (общий предок)"],
-  "mp.merge_t": ["t (slerp)", "t (slerp)"],
+  "mp.merge_t": ["t (slerp)", "t (для slerp)"],
   "mp.merge_weights": ["Weights, one per model", "Веса, по одному на модель"],
   "mp.merge_density": ["Density (ties, dare)", "Плотность (ties, dare)"],
   "mp.merge_lambda": ["Lambda (delta scale)", "Лямбда (масштаб разницы)"],
