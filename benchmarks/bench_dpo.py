@@ -25,13 +25,13 @@ from pathlib import Path
 
 import torch
 
+from lmlab.lab.arena import win_rate_and_kl  # the arena's measure: sampled win-rate and exact KL
 from lmlab.models import ModelConfig, Transformer, fast
 from lmlab.models.io import save_pretrained
 from lmlab.tokenizers import Tokenizer
 from lmlab.train import TrainConfig
 from lmlab.tune import preference as P
 from lmlab.tune import preference_task as task
-from lmlab.tune.arena import win_rate_and_kl  # the arena's measure: sampled win-rate and exact KL
 
 
 def setup(block_size: int = 48) -> tuple[Tokenizer, Transformer]:

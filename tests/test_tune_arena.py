@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from test_selfplay import _one_thread  # noqa: F401 (an autouse fixture)
 
 from lmlab.cli import main
+from lmlab.lab.arena import METHODS, PREFERENCE, pairwise, win_rate
 from lmlab.models import generate_ids
 from lmlab.models.io import load_pretrained
 from lmlab.tune import preference_task as task
-from lmlab.tune.arena import METHODS, PREFERENCE, pairwise, win_rate
 
 
 @pytest.fixture(scope="module")

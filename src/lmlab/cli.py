@@ -975,7 +975,7 @@ def _arena_arguments(p: argparse.ArgumentParser) -> None:
 @tune_mode("arena", "SFT, then DPO, IPO, SimPO, ORPO, KTO and GRPO from it at an equal budget on the shipped rule "
            "task: win-rates, KL to the SFT model, a report", _arena_arguments)
 def _tune_arena(args: argparse.Namespace) -> int:
-    from .tune.arena import ArenaConfig, run_arena
+    from .lab.arena import ArenaConfig, run_arena
 
     given_ = {"seed": args.seed, **({"steps": args.steps} if args.steps is not None else {})}
     cfg = ArenaConfig.quick(**given_) if args.quick else ArenaConfig(**given_)

@@ -115,11 +115,10 @@ def check_parameters(method: str, n: int, base: Any, weights: list[float] | None
 
 
 def _refuse_folder(path: Path) -> None:
-    from ..tune.lora import ADAPTER_CONFIG
     from .io import CONFIG, WEIGHTS
     from .quant import QUANTIZATION
 
-    if (path / ADAPTER_CONFIG).is_file():
+    if (path / "adapter_config.json").is_file():  # PEFT's adapter layout (tune/lora.py writes it)
         raise ValueError(f"{path} is a LoRA adapter, not a model; merge it into its base first (lmlab lora merge)")
     if (path / QUANTIZATION).is_file():
         raise ValueError(f"{path} is an int8/int4 model; merge the models it was quantized from")

@@ -43,9 +43,9 @@ from ..models import GenerationConfig, ModelConfig, Transformer, generate_ids
 from ..models.io import load_pretrained, save_pretrained
 from ..tokenizers import Tokenizer
 from ..train import TrainConfig
-from . import preference as P
-from . import preference_task as task
-from .rl import make_batch
+from ..tune import preference as P
+from ..tune import preference_task as task
+from ..tune.rl import make_batch
 
 PREFERENCE = ("dpo", "ipo", "simpo", "orpo", "kto")
 METHODS = (*PREFERENCE, "grpo")
@@ -221,9 +221,9 @@ def run_arena(out: str | Path, cfg: ArenaConfig, *, model_dir: str | Path | None
               command: str = "lmlab tune arena", say: Any = print) -> dict[str, Any]:
     """Run the arena into `out` (which must not hold a run yet) and write results.json, frontier.png and
     report.html there. -> the results."""
-    from ..lab.facts.report import line_plot, write_report
-    from .grpo import GRPOConfig, PromptSource, train_grpo
-    from .sft import run_sft
+    from ..tune.grpo import GRPOConfig, PromptSource, train_grpo
+    from ..tune.sft import run_sft
+    from .facts.report import line_plot, write_report
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):
