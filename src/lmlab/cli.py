@@ -262,7 +262,6 @@ def _train(args: argparse.Namespace) -> int:
     from .eval import load_task
     from .models import ModelConfig
     from .train import TrainConfig
-    from .train.config import STOP_CONDITIONS
     from .train.recipes import TaskEval, resume_run, train_from_sources
 
     tasks = [load_task(t.strip()) for t in (args.eval_tasks or "").split(",") if t.strip()]
@@ -279,8 +278,7 @@ def _train(args: argparse.Namespace) -> int:
             lora = LoRAConfig(**saved)
         result = resume_run(args.out, overrides, callbacks, lora)
     else:
-        if not any(overrides.get(k) for k in STOP_CONDITIONS):
-            overrides["epochs"] = 1.0  # a sensible stop when none is given: one pass over the books
+        default_stop(overrides)
         config = TrainConfig.from_dict(overrides)
         model_config = None
         if args.model_config:  # the file's fields, then the flags
@@ -292,6 +290,14 @@ def _train(args: argparse.Namespace) -> int:
             model_config=model_config, model_fields=model_fields, init=args.init, tokenizer=args.tokenizer,
             weights=parse_weights(args.weight), callbacks=callbacks, lora=lora_config(args), **data)
     return report_run(args, result, "train", after=_adapter_note(args.out))
+
+
+def default_stop(overrides: dict[str, Any], **default: Any) -> None:
+    """A run needs a stop: when `overrides` name none of TrainConfig's stop conditions, `default` (lmlab train's:
+    one pass over the data, epochs=1)."""
+    from .train.config import STOP_CONDITIONS
+    if not any(overrides.get(k) for k in STOP_CONDITIONS):
+        overrides.update(default or {"epochs": 1.0})
 
 
 def refuse_on_resume(args: argparse.Namespace, flags: Sequence[str], what: str) -> None:
@@ -936,7 +942,6 @@ def _dpo_arguments(p: argparse.ArgumentParser) -> None:
            _dpo_arguments)
 def _tune_dpo(args: argparse.Namespace) -> int:
     from .train import TrainConfig
-    from .train.config import STOP_CONDITIONS
     from .tune.preference import PreferenceConfig, default_cache_dir, run_preference
 
     overrides = given(args, TrainConfig)
@@ -947,8 +952,7 @@ def _tune_dpo(args: argparse.Namespace) -> int:
     else:
         if not args.model or not args.data:
             raise ValueError("--model and --data are required (except with --resume)")
-        if not any(overrides.get(k) for k in STOP_CONDITIONS):
-            overrides["max_steps"] = 100
+        default_stop(overrides, max_steps=100)
         cache = None if args.ref_cache == "none" else Path(args.ref_cache) if args.ref_cache else default_cache_dir()
         cfg = PreferenceConfig(loss=args.loss or "dpo", beta=args.beta,
                                **({"gamma": args.gamma} if args.gamma is not None else {}))
@@ -1010,7 +1014,6 @@ def _sft_arguments(p: argparse.ArgumentParser) -> None:
            _sft_arguments)
 def _tune_sft(args: argparse.Namespace) -> int:
     from .train import TrainConfig
-    from .train.config import STOP_CONDITIONS
     from .tune.sft import resume_sft, run_sft
 
     overrides = given(args, TrainConfig)
@@ -1021,8 +1024,7 @@ def _tune_sft(args: argparse.Namespace) -> int:
     else:
         if not args.model or not args.data:
             raise ValueError("--model and --data are required (except with --resume)")
-        if not any(overrides.get(k) for k in STOP_CONDITIONS):
-            overrides["epochs"] = 1.0  # as lmlab train: one pass over the examples
+        default_stop(overrides)
         result = run_sft(args.model, args.data, args.out, TrainConfig.from_dict(overrides), packing=args.packing,
                          completion_only=args.completion_only, lora=lora_config(args),
                          val_fraction=0.1 if args.val_fraction is None else args.val_fraction)
@@ -1105,7 +1107,6 @@ _DISTILL = ("mode", "temperature", "alpha", "teacher_samples", "prompt_tokens", 
            "lmlab tune distill --teacher DIR --preset gpt2-tiny --data BOOKS --out DIR", _distill_arguments)
 def _tune_distill(args: argparse.Namespace) -> int:
     from .train import TrainConfig
-    from .train.config import STOP_CONDITIONS
     from .tune.distill import DistillConfig, resume_distill, run_distill
 
     overrides = given(args, TrainConfig)
@@ -1116,8 +1117,7 @@ def _tune_distill(args: argparse.Namespace) -> int:
     else:
         if not args.teacher or not args.data:
             raise ValueError("--teacher and --data are required (except with --resume)")
-        if not any(overrides.get(k) for k in STOP_CONDITIONS):
-            overrides["epochs"] = 1.0  # as lmlab train: one pass over the books
+        default_stop(overrides)
         cfg = DistillConfig(**{k: v for k in _DISTILL if (v := getattr(args, k)) is not None})
         result = run_distill(args.teacher, args.data, args.out, TrainConfig.from_dict(overrides), cfg,
                              preset=args.preset, student_dir=args.model,
