@@ -1062,6 +1062,46 @@ def _lab_facts(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interp_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("view", choices=("lens", "attention", "patch"), metavar="VIEW",
+                   help="lens (logit lens) | attention (every head's pattern) | patch (activation patching)")
+    p.add_argument("--model", required=True, help="a model directory")
+    p.add_argument("--prompt", required=True, help="the prompt (patch: the clean one)")
+    p.add_argument("--corrupt", help="patch: the corrupted prompt, with as many tokens as --prompt")
+    p.add_argument("--target", help="lens, patch: the token traced (its first token; default: the model's top token "
+                                    "after --prompt)")
+    p.add_argument("--foil", help="patch: the token the target's logit is compared with (default: the corrupted "
+                                  "run's top token other than the target)")
+    p.add_argument("--top-k", type=int, default=5, help="lens: tokens kept per stream and position (default 5)")
+    p.add_argument("--out", required=True, help="folder for results.json, PNG heatmaps and report.html")
+
+
+@lab_mode("interp", "look inside a model: logit lens, attention patterns, activation patching; writes results.json, "
+          "PNG heatmaps and report.html. Example: lmlab lab interp lens --model runs/demo/final --prompt 'Once upon "
+          "a time' --out runs/interp/lens", _interp_arguments)
+def _lab_interp(args: argparse.Namespace) -> int:
+    import shlex
+
+    from .lab.interp.report import run_attention, run_lens, run_patch
+    if (args.view == "patch") != (args.corrupt is not None):
+        raise ValueError("--corrupt is needed by patch and only by patch")
+    if args.foil is not None and args.view != "patch":
+        raise ValueError("--foil is for patch only")
+    if args.target is not None and args.view == "attention":
+        raise ValueError("--target is for lens and patch")
+    if args.top_k < 1:
+        raise ValueError(f"--top-k ({args.top_k}) must be >= 1")
+    command = shlex.join(["lmlab", "lab", "interp", *sys.argv[3:]]) if sys.argv[1:3] == ["lab", "interp"] else ""
+    if args.view == "lens":
+        res = run_lens(args.model, args.prompt, args.out, args.target, args.top_k, command)
+    elif args.view == "attention":
+        res = run_attention(args.model, args.prompt, args.out, command)
+    else:
+        res = run_patch(args.model, args.prompt, args.corrupt, args.out, args.target, args.foil, command)
+    print(f"{args.view}: {res['measured']}; checks {res['verdict']}; report: {Path(args.out) / 'report.html'}")
+    return 0
+
+
 _DEBUG_HELP = "on an error, print the traceback too"
 
 

@@ -66,11 +66,16 @@ def line_plot(path: Path, title: str, xlabel: str, ylabel: str,
     ax.grid(alpha=0.3)
     if drawn or hlines or vlines:
         ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """The figure as a PNG, written to a temporary name and renamed; the figure is closed."""
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp)
-    plt.close(fig)
+    _plt().close(fig)
     tmp.replace(path)
     return path
 
@@ -123,10 +128,18 @@ def html_table(table: Sequence[dict[str, Any]], caption: str = "") -> str:
     return rows + "</table>"
 
 
+FACTS_NOTE = ("Mean ± sample std (ddof=1) over seeds where there are several. A time that some seed never reached "
+              "within its run (still on the plateau, say) counts at the run's last evaluated step: the mean is then a "
+              "lower bound, shown as ≥ with the number of such (censored) seeds. Numbers in results.json.")
+
+
 def write_report(out: Path, name: str, claim: str, measured: str, checks: dict[str, bool | None],
                  table: Sequence[dict[str, Any]], plots: Sequence[Path], results: dict[str, Any],
-                 command: str, extra_tables: Sequence[tuple[str, Sequence[dict[str, Any]]]] = ()) -> Path:
+                 command: str, extra_tables: Sequence[tuple[str, Sequence[dict[str, Any]]]] = (), *,
+                 heading: str = "lmlab lab facts", claim_label: str = "Paper's claim (Zucchet et al. 2025)",
+                 note: str = FACTS_NOTE) -> Path:
     """Write out/results.json and out/report.html (plots inlined as base64, so the file stands alone).
+    `heading`, `claim_label` and `note` (text) name the lab; other labs (interp, ttc) pass their own.
 
     `checks` are the experiment's sub-claims (name -> holds, None where not measurable); the verdict is
     graded from them (`grade`), and `holds` is True only when every decided one holds. Tables hold means
@@ -152,14 +165,12 @@ def write_report(out: Path, name: str, claim: str, measured: str, checks: dict[s
 <style>body{{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}}
 table{{border-collapse:collapse;margin:1rem 0}}td,th{{border:1px solid #ccc;padding:.25rem .5rem;font-size:.9rem}}
 img{{max-width:100%}}code{{background:#f3f3f3;padding:.1rem .3rem}}.v{{font-weight:bold;color:{color}}}</style>
-</head><body><h1>lmlab lab facts — {html.escape(name)}</h1>
-<p><b>Paper's claim</b> (Zucchet et al. 2025): {html.escape(claim)}</p>
+</head><body><h1>{html.escape(heading)} — {html.escape(name)}</h1>
+<p><b>{html.escape(claim_label)}</b>: {html.escape(claim)}</p>
 <p><b>Measured here</b>: {html.escape(measured)}</p>
 <p><b>Verdict</b>: <span class="v">{verdict}</span> (sub-claims below)</p>{subs}
 <p>Reproduce: <code>{html.escape(command)}</code></p>{rows}{imgs}
-<p><small>Mean ± sample std (ddof=1) over seeds where there are several. A time that some seed never reached
-within its run (still on the plateau, say) counts at the run's last evaluated step: the mean is then a lower bound,
-shown as ≥ with the number of such (censored) seeds. Numbers in results.json.</small></p></body></html>
+<p><small>{html.escape(note)}</small></p></body></html>
 """
     atomic_write_text(out / "report.html", page)
     return out / "report.html"
