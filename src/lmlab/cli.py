@@ -109,6 +109,73 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
     p.add_argument("--no-stream", action="store_true", help="print when done instead of token by token")
     add_sampling_arguments(p)
+    from .tune.rewards import TASKS
+
+    t = p.add_argument_group("test-time compute (models/ttc.py): one of --best-of, --vote, --beam")
+    t.add_argument("--best-of", type=int, metavar="N", help="N samples (seeds seed .. seed+N-1), print the one "
+                   "--verifier scores highest")
+    t.add_argument("--vote", type=int, metavar="N", help="N samples, majority vote over the answers --task extracts "
+                   "(self-consistency, Wang et al. 2023)")
+    t.add_argument("--beam", type=int, metavar="W", help="step-wise beam search of width W, scored by the model's "
+                   "mean log-prob per token or by --verifier")
+    t.add_argument("--verifier", "--task", dest="verifier", metavar="TASK",
+                   help=f"a post-training task ({', '.join(TASKS)}; the prompt then starts a text, <BOS> first, as in "
+                   "lmlab tune grpo): its checker scores (--best-of, --beam), its extractor finds answers (--vote); "
+                   "or logprob: the model's own mean log-prob per token (--best-of, --beam)")
+    t.add_argument("--step-tokens", type=int, help="--beam: tokens per step (default 4)")
+
+
+def _ttc_flag(args: argparse.Namespace) -> tuple[str, int] | None:
+    """The test-time compute flag given (--best-of, --vote or --beam) and its N, checked before any loading."""
+    chosen = [f for f in ("best_of", "vote", "beam") if getattr(args, f) is not None]
+    if not chosen:
+        for extra in ("verifier", "step_tokens"):
+            if getattr(args, extra) is not None:
+                raise ValueError(f"--{extra.replace('_', '-')} is for --best-of, --vote or --beam")
+        return None
+    if len(chosen) > 1:
+        raise ValueError("give one of --best-of, --vote and --beam")
+    flag, n = chosen[0].replace("_", "-"), getattr(args, chosen[0])
+    if n < 1:
+        raise ValueError(f"--{flag} ({n}) must be >= 1")
+    if args.num_samples != 1:
+        raise ValueError(f"--{flag} chooses among its own samples: leave out --num-samples")
+    if args.step_tokens is not None and (flag != "beam" or args.step_tokens < 1):
+        raise ValueError("--step-tokens (a number >= 1) is for --beam")
+    if flag != "beam" and args.verifier is None:
+        raise ValueError(f"--{flag} needs --verifier TASK" + (" or logprob" if flag == "best-of" else ""))
+    if flag == "vote" and args.verifier == "logprob":
+        raise ValueError("--vote needs a task (its answer extractor), not logprob")
+    if args.verifier not in (None, "logprob"):
+        from .tune.rewards import get_task
+        get_task(args.verifier)
+    return flag, n
+
+
+def _test_time_compute(args: argparse.Namespace, flag: str, n: int, model: Any, tokenizer: Any, prompt: str,
+                       cfg: Any) -> int:
+    """--best-of / --vote / --beam: the chosen completion, then one line on what was spent."""
+    from .models import ttc
+    from .tune.rewards import get_task
+
+    if cfg.num_beams != 1:
+        raise ValueError(f"--{flag} searches on its own: leave out --num-beams")
+    task = get_task(args.verifier) if args.verifier not in (None, "logprob") else None
+    reward = None if task is None else lambda p, t: float(task.check(p, t))
+    bos = task is not None
+    if flag == "best-of":
+        res = ttc.best_of_n(model, tokenizer, prompt, cfg, n, reward, add_bos=bos)
+        line = f"best of {n} by {args.verifier}: score {max(res.scores):.4g}"
+    elif flag == "vote":
+        res = ttc.self_consistency(model, tokenizer, prompt, cfg, n, task.extract, add_bos=bos)
+        line = f"vote of {n}: answer {res.answer!r} with {res.votes.get(res.answer, 0)} votes ({res.votes})"
+    else:
+        res = ttc.step_beam_search(model, tokenizer, prompt, n, step_tokens=args.step_tokens or 4,
+                                   max_new_tokens=cfg.max_new_tokens, reward=reward, add_bos=bos)
+        line = f"beam {n} by {args.verifier or 'logprob'}: score {res.scores[0]:.4g}"
+    print(prompt + res.text)
+    print(f"{line}; {res.tokens} tokens generated", file=sys.stderr)
+    return 0
 
 
 @command("generate", "generate text from a model directory, streaming to the terminal", _generate_arguments)
@@ -119,11 +186,14 @@ def _generate(args: argparse.Namespace) -> int:
 
     if args.num_samples < 1:
         raise ValueError("--num-samples must be >= 1")
+    ttc = _ttc_flag(args)
     model, tokenizer = load_pretrained(args.model_dir, device=resolve_device(args.device))
     cfg = dataclasses.replace(load_generation_config(args.model_dir), **given(args, GenerationConfig))
     if tokenizer is None:
         raise ValueError(f"{args.model_dir} has no tokenizer.json; cannot turn text into tokens")
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if ttc is not None:
+        return _test_time_compute(args, *ttc, model, tokenizer, prompt, cfg)
     for i in range(args.num_samples):
         sample_cfg = cfg if cfg.seed is None else dataclasses.replace(cfg, seed=cfg.seed + i)
         if i:
