@@ -163,3 +163,32 @@ def test_cli_bad_flags_are_one_line_exit_2(model_dir, capsys, flags, message):
     assert main(["generate", str(model_dir), "--prompt", "x", *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("lmlab: error: ") and message in err and "\n" not in err
+
+
+def test_lab_ttc_bookkeeping(tmp_path, monkeypatch):
+    """`lmlab lab ttc` at a toy scale: with one try every sampling strategy is the one sample, a width-1 beam is
+    greedy decoding, an exact verifier over more tries never loses, and the report is written."""
+    import json
+
+    from lmlab.lab import ttc as lab
+
+    monkeypatch.setattr(lab.Scale, "default", classmethod(lambda cls, quick: cls(
+        task="count", steps=80, prompts=4, small=(1, 32), large=(1, 48), max_new_tokens=6, step_tokens=2)))
+    assert main(["lab", "ttc", "--out", str(tmp_path / "ttc"), "--quick"]) == 0
+    res = json.loads((tmp_path / "ttc" / "results.json").read_text())
+    small = res["models"]["small"]
+    one = {k: v["acc"][0] for k, v in small["strategies"].items()}
+    assert 0 < one["sample"] < 1                            # the toy model is right sometimes: the checks bite
+    assert one["vote"] == one["best-of (verifier)"] == one["best-of (log-prob)"] == one["sample"]
+    assert one["beam (log-prob)"] == one["beam (verifier)"] == small["greedy"]["acc"]
+    assert small["strategies"]["beam (log-prob)"]["tokens"][0] == small["greedy"]["tokens"]
+    oracle = small["strategies"]["best-of (verifier)"]["acc"]
+    assert oracle == sorted(oracle) and oracle[-1] > oracle[0]
+    tokens = small["strategies"]["vote"]["tokens"]
+    assert tokens == pytest.approx([tokens[0] * n for n in (1, 2, 4, 8, 16)])  # N tries cost N times one try
+    assert "beam (verifier)" not in res["models"]["large"]["strategies"]
+    assert res["flops_ratio"] == pytest.approx(res["models"]["large"]["inference_flops_per_token"]
+                                               / small["inference_flops_per_token"])
+    assert {p.name for p in (tmp_path / "ttc").glob("*.png")} == {"accuracy_tokens_small.png",
+                                                                  "accuracy_tokens_large.png", "small_vs_large.png"}
+    assert main(["lab", "ttc", "--out", str(tmp_path / "ttc")]) == 2               # never over earlier results

@@ -1172,6 +1172,35 @@ def _lab_interp(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ttc_arguments(p: argparse.ArgumentParser) -> None:
+    from .tune.rewards import TASKS
+    p.add_argument("--out", required=True, help="folder for the two models, results.json, PNG plots and report.html")
+    p.add_argument("--quick", action="store_true", help="fewer training steps and prompts (minutes)")
+    p.add_argument("--task", choices=tuple(TASKS), help="the verifiable task (default sort)")
+    p.add_argument("--steps", type=int, help="pre-training steps of each model")
+    p.add_argument("--prompts", type=int, help="held-out prompts scored")
+
+
+@lab_mode("ttc", "test-time compute on a verifiable task: accuracy against generated tokens for sampling, voting, "
+          "best-of-N and step-wise beam search, and a small model with N tries against a larger one with one at equal "
+          "FLOPs. Example: lmlab lab ttc --out runs/ttc --quick", _ttc_arguments)
+def _lab_ttc(args: argparse.Namespace) -> int:
+    from .lab.ttc import Scale, run
+    for flag in ("steps", "prompts"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} ({getattr(args, flag)}) must be >= 1")
+    if Path(args.out, "results.json").exists():
+        raise ValueError(f"{args.out} already holds results.json; choose another --out")
+    scale = dataclasses.replace(Scale.default(args.quick), **{k: getattr(args, k) for k in ("task", "steps", "prompts")
+                                                              if getattr(args, k) is not None})
+    command = " ".join(["lmlab", "lab", "ttc", "--out", args.out] + ["--quick"] * args.quick
+                       + [f"--{k} {getattr(args, k)}" for k in ("task", "steps", "prompts") if getattr(args, k)])
+    res = run(args.out, args.quick, scale, command)
+    print(f"ttc: {res['verdict']} ({res['measured']}); wall {res['speed']['wall_s']:.0f} s; report: "
+          f"{Path(args.out) / 'report.html'}")
+    return 0
+
+
 _DEBUG_HELP = "on an error, print the traceback too"
 
 
