@@ -5,7 +5,7 @@
 
 Two models of different sizes are pre-trained here (lmlab's Trainer) on one of the post-training tasks
 (lmlab.tune.rewards: prompt + right answer, one example per row), for the same steps, so that each gets the task
-right only sometimes. On held-out prompts each model draws 16 samples per prompt (temperature 1, seeds 0..15,
+right only sometimes. On held-out prompts each model draws 16 samples per prompt (temperature 0.7, seeds 0..15,
 models/ttc.py's sample_n) and every strategy is scored from them at N = 1, 2, 4, 8, 16 using disjoint groups of
 N samples (16/N groups per prompt, averaged), so that every N uses the same samples:
 
@@ -82,6 +82,7 @@ class Scale:
     large: tuple[int, int] = (4, 128)
     max_new_tokens: int = 16
     step_tokens: int = 4
+    temperature: float = 0.7                                 # Wang et al. 2023 sample at 0.5-0.7 for voting
 
     @classmethod
     def default(cls, quick: bool) -> Scale:
@@ -110,7 +111,7 @@ def score_model(model_dir: Path, task_name: str, prompts: list[str], scale: Scal
     """Per strategy and N: accuracy and mean generated tokens per prompt (module docstring)."""
     task = get_task(task_name)
     model, tok = load_pretrained(model_dir)
-    cfg = GenerationConfig(max_new_tokens=scale.max_new_tokens, temperature=1.0, seed=0)
+    cfg = GenerationConfig(max_new_tokens=scale.max_new_tokens, temperature=scale.temperature, seed=0)
     acc = {s: np.zeros(len(NS)) for s in ("sample", *STRATEGIES)}
     tokens = {s: np.zeros(len(NS)) for s in acc}
     greedy = [0.0, 0.0]
@@ -192,8 +193,9 @@ def run(out: str | Path, quick: bool = False, scale: Scale | None = None, comman
     plots = [line_plot(out / f"accuracy_tokens_{name}.png", f"{scale.task}: accuracy against generated tokens "
                        f"({name} model)", "generated tokens per prompt", "accuracy",
                        [(strat, [(np.array(v["tokens"]), np.array(v["acc"]))]) for strat, v in r["strategies"].items()
-                        if strat != "sample"], hlines=[("one sample", r["strategies"]["sample"]["acc"][0]),
-                                                       ("greedy", r["greedy"]["acc"])], logx=True)
+                        if strat != "sample"] + [("greedy", [(np.array([r["greedy"]["tokens"]]),
+                                                              np.array([r["greedy"]["acc"]]))])],
+                       hlines=[("one sample", r["strategies"]["sample"]["acc"][0])], logx=True)
              for name, r in res.items()]
     def by_flops(r: dict[str, Any], strat: str) -> tuple[np.ndarray, np.ndarray]:
         v = r["strategies"][strat]
