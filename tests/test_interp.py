@@ -18,6 +18,7 @@ from lmlab.lab.interp import (
     restored_fraction,
     run_with_residuals,
 )
+from lmlab.lab.interp.report import label
 from lmlab.models import ModelConfig, Transformer
 from lmlab.models.io import save_pretrained
 from lmlab.tokenizers import Tokenizer
@@ -186,6 +187,11 @@ def test_cli_writes_reports(model_dir, tmp_path, capsys):
         res = json.loads((out / "results.json").read_text())
         assert res["verdict"] == "holds" and (out / png).is_file()
     assert len(res["attention"]) == 2 and len(res["attention"][0][0]) == 7
+    tok = Tokenizer.load(model_dir / "tokenizer.json")
+    assert main(["lab", "interp", "lens", "--model", str(model_dir), "--prompt", "the cat", "--bos",
+                 "--out", str(tmp_path / "bos")]) == 0
+    tokens = json.loads((tmp_path / "bos" / "results.json").read_text())["tokens"]
+    assert tokens == [label(tok, i) for i in [tok.bos_id, *tok.encode("the cat")]]
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -1143,6 +1143,8 @@ def _interp_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--foil", help="patch: the token the target's logit is compared with (default: the corrupted "
                                   "run's top token other than the target)")
     p.add_argument("--top-k", type=int, default=5, help="lens: tokens kept per stream and position (default 5)")
+    p.add_argument("--bos", action="store_true", help="start the prompts with <BOS> (models trained on texts that "
+                   "start with it, such as lmlab tune grpo's and lmlab lab ttc's task models)")
     p.add_argument("--out", required=True, help="folder for results.json, PNG heatmaps and report.html")
 
 
@@ -1163,11 +1165,11 @@ def _lab_interp(args: argparse.Namespace) -> int:
         raise ValueError(f"--top-k ({args.top_k}) must be >= 1")
     command = shlex.join(["lmlab", "lab", "interp", *sys.argv[3:]]) if sys.argv[1:3] == ["lab", "interp"] else ""
     if args.view == "lens":
-        res = run_lens(args.model, args.prompt, args.out, args.target, args.top_k, command)
+        res = run_lens(args.model, args.prompt, args.out, args.target, args.top_k, command, args.bos)
     elif args.view == "attention":
-        res = run_attention(args.model, args.prompt, args.out, command)
+        res = run_attention(args.model, args.prompt, args.out, command, args.bos)
     else:
-        res = run_patch(args.model, args.prompt, args.corrupt, args.out, args.target, args.foil, command)
+        res = run_patch(args.model, args.prompt, args.corrupt, args.out, args.target, args.foil, command, args.bos)
     print(f"{args.view}: {res['measured']}; checks {res['verdict']}; report: {Path(args.out) / 'report.html'}")
     return 0
 

@@ -34,10 +34,13 @@ def load(model_dir: str | Path) -> tuple[Any, Any]:
     return model, tok
 
 
-def encode(model: Any, tok: Any, text: str, flag: str = "--prompt") -> list[int]:
+def encode(model: Any, tok: Any, text: str, flag: str = "--prompt", bos: bool = False) -> list[int]:
+    """The prompt's ids; `bos` puts <BOS> first (models trained on texts that start with it, such as the
+    post-training tasks' models)."""
     ids = tok.encode(text)
     if not ids:
         raise ValueError(f"{flag} is empty: give some text")
+    ids = [tok.bos_id, *ids] if bos else ids
     if len(ids) > model.config.block_size:
         raise ValueError(f"{flag} is {len(ids)} tokens, more than the model's context ({model.config.block_size})")
     return ids
@@ -79,12 +82,12 @@ def heatmap(path: Path, title: str, values: np.ndarray, xlabels: list[str], ylab
 
 
 def run_lens(model_dir: str | Path, prompt: str, out: str | Path, target: str | None = None, k: int = 5,
-             command: str = "") -> dict[str, Any]:
+             command: str = "", bos: bool = False) -> dict[str, Any]:
     """The logit lens of every residual stream at every position; the target (default: the model's own top
     token after the prompt) by probability and rank."""
     out = Path(out)
     model, tok = load(model_dir)
-    ids = encode(model, tok, prompt)
+    ids = encode(model, tok, prompt, bos=bos)
     lens = logit_lens(model, ids)                                             # (L + 1, T, V)
     with torch.no_grad():
         own = model(torch.tensor([ids])).logits[0]
@@ -116,11 +119,12 @@ def run_lens(model_dir: str | Path, prompt: str, out: str | Path, target: str | 
     return results
 
 
-def run_attention(model_dir: str | Path, prompt: str, out: str | Path, command: str = "") -> dict[str, Any]:
+def run_attention(model_dir: str | Path, prompt: str, out: str | Path, command: str = "",
+                  bos: bool = False) -> dict[str, Any]:
     """Every head's attention probabilities on the prompt, one small heatmap per layer and head."""
     out = Path(out)
     model, tok = load(model_dir)
-    ids = encode(model, tok, prompt)
+    ids = encode(model, tok, prompt, bos=bos)
     probs = attention_patterns(model, ids)                                    # (L, H, T, T)
     L, H, T, _ = probs.shape
     tokens = [label(tok, i) for i in ids]
@@ -155,12 +159,12 @@ def run_attention(model_dir: str | Path, prompt: str, out: str | Path, command: 
 
 
 def run_patch(model_dir: str | Path, prompt: str, corrupt: str, out: str | Path, target: str | None = None,
-              foil: str | None = None, command: str = "") -> dict[str, Any]:
+              foil: str | None = None, command: str = "", bos: bool = False) -> dict[str, Any]:
     """Activation patching from the clean prompt into the corrupted one: the layer x position heatmap of the
     restored fraction of the logit difference. Target: the clean run's top token unless given."""
     out = Path(out)
     model, tok = load(model_dir)
-    clean, bad = encode(model, tok, prompt), encode(model, tok, corrupt, "--corrupt")
+    clean, bad = encode(model, tok, prompt, bos=bos), encode(model, tok, corrupt, "--corrupt", bos)
     if len(clean) != len(bad):
         raise ValueError(f"--prompt and --corrupt must have the same number of tokens ({len(clean)} vs {len(bad)})")
     logits, _ = run_with_residuals(model, clean)
