@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from lmlab.lab.ttc import TaskText
 from lmlab.models import ModelConfig, Transformer, generate_ids
 from lmlab.models.io import load_pretrained
 from lmlab.tokenizers import Tokenizer
@@ -34,31 +35,6 @@ from lmlab.tune.grpo import GRPOConfig, PromptSource, pass_at_1, run_grpo
 from lmlab.tune.rewards import get_task
 
 FORMATS = (("{}", 0.35), ("[{}]", 0.25), ("({})", 0.20), ("{{{}}}", 0.20))
-
-
-class TaskText:
-    """The Trainer's dataset: one task example per row, <BOS> prompt completion <EOS>, padded (targets -100)."""
-
-    def __init__(self, tok: Tokenizer, texts: list[str], seq_len: int) -> None:
-        rows = [[tok.bos_id, *tok.encode(t), tok.eos_id][: seq_len + 1] for t in texts]
-        self.ids = torch.full((len(rows), seq_len + 1), tok.pad_id, dtype=torch.long)
-        self.targets = torch.full((len(rows), seq_len), -100, dtype=torch.long)
-        for i, r in enumerate(rows):
-            self.ids[i, : len(r)] = torch.tensor(r)
-            self.targets[i, : len(r) - 1] = torch.tensor(r[1:])
-        self.train_tokens = int((self.targets != -100).sum())
-
-    def sample_batch(self, batch_size: int, seq_len: int, generator: torch.Generator):
-        i = torch.randint(len(self.ids) - 256, (batch_size,), generator=generator)
-        return self.ids[i, :seq_len], self.targets[i, :seq_len]
-
-    def eval_batches(self, batch_size: int, seq_len: int, n: int):
-        for k in range(min(n, 256 // batch_size)):  # the last 256 rows are held back
-            i = torch.arange(len(self.ids) - 256 + k * batch_size, len(self.ids) - 256 + (k + 1) * batch_size)
-            yield self.ids[i, :seq_len], self.targets[i, :seq_len]
-
-    def bytes_per_token(self) -> float:
-        return 1.0
 
 
 @torch.no_grad()

@@ -22,15 +22,32 @@ from typing import Any
 
 from .configs import add_arguments, given, parse_seeds, read_config_file
 
-# Subcommands register here: name -> (add_arguments, run). Each run(args) returns an exit code.
-COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+Registry = dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]]
 
 
-def command(name: str, help: str, arguments: Callable[[argparse.ArgumentParser], None]):
-    def register(fn: Callable[[argparse.Namespace], int]):
-        COMMANDS[name] = (help, arguments, fn)
-        return fn
-    return register
+def registrar(registry: Registry):
+    """A decorator factory: @reg(name, help, add_arguments) on run(args) -> exit code puts it into `registry`."""
+    def mode(name: str, help: str, arguments: Callable[[argparse.ArgumentParser], None]):
+        def register(fn: Callable[[argparse.Namespace], int]):
+            registry[name] = (help, arguments, fn)
+            return fn
+        return register
+    return mode
+
+
+def registry_arguments(p: argparse.ArgumentParser, registry: Registry, dest: str, metavar: str, run_key: str) -> None:
+    """One subcommand per registry entry; the chosen run lands in args.<run_key> (a key of its own per level,
+    so that a nested registry does not overwrite its parent's)."""
+    sub = p.add_subparsers(dest=dest, required=True, metavar=metavar)
+    for name, (help_text, arguments, run) in registry.items():
+        t = sub.add_parser(name, help=help_text, description=help_text)
+        arguments(t)
+        t.set_defaults(**{run_key: run})
+
+
+# Subcommands register here: name -> (help, add_arguments, run). Each run(args) returns an exit code.
+COMMANDS: Registry = {}
+command = registrar(COMMANDS)
 
 
 def _fmt_count(n: float) -> str:
@@ -109,6 +126,73 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
     p.add_argument("--no-stream", action="store_true", help="print when done instead of token by token")
     add_sampling_arguments(p)
+    from .tune.rewards import TASKS
+
+    t = p.add_argument_group("test-time compute (models/ttc.py): one of --best-of, --vote, --beam")
+    t.add_argument("--best-of", type=int, metavar="N", help="N samples (seeds seed .. seed+N-1), print the one "
+                   "--verifier scores highest")
+    t.add_argument("--vote", type=int, metavar="N", help="N samples, majority vote over the answers --task extracts "
+                   "(self-consistency, Wang et al. 2023)")
+    t.add_argument("--beam", type=int, metavar="W", help="step-wise beam search of width W, scored by the model's "
+                   "mean log-prob per token or by --verifier")
+    t.add_argument("--verifier", "--task", dest="verifier", metavar="TASK",
+                   help=f"a post-training task ({', '.join(TASKS)}; the prompt then starts a text, <BOS> first, as in "
+                   "lmlab tune grpo): its checker scores (--best-of, --beam), its extractor finds answers (--vote); "
+                   "or logprob: the model's own mean log-prob per token (--best-of, --beam)")
+    t.add_argument("--step-tokens", type=int, help="--beam: tokens per step (default 4)")
+
+
+def _ttc_flag(args: argparse.Namespace) -> tuple[str, int] | None:
+    """The test-time compute flag given (--best-of, --vote or --beam) and its N, checked before any loading."""
+    chosen = [f for f in ("best_of", "vote", "beam") if getattr(args, f) is not None]
+    if not chosen:
+        for extra in ("verifier", "step_tokens"):
+            if getattr(args, extra) is not None:
+                raise ValueError(f"--{extra.replace('_', '-')} is for --best-of, --vote or --beam")
+        return None
+    if len(chosen) > 1:
+        raise ValueError("give one of --best-of, --vote and --beam")
+    flag, n = chosen[0].replace("_", "-"), getattr(args, chosen[0])
+    if n < 1:
+        raise ValueError(f"--{flag} ({n}) must be >= 1")
+    if args.num_samples != 1:
+        raise ValueError(f"--{flag} chooses among its own samples: leave out --num-samples")
+    if args.step_tokens is not None and (flag != "beam" or args.step_tokens < 1):
+        raise ValueError("--step-tokens (a number >= 1) is for --beam")
+    if flag != "beam" and args.verifier is None:
+        raise ValueError(f"--{flag} needs --verifier TASK" + (" or logprob" if flag == "best-of" else ""))
+    if flag == "vote" and args.verifier == "logprob":
+        raise ValueError("--vote needs a task (its answer extractor), not logprob")
+    if args.verifier not in (None, "logprob"):
+        from .tune.rewards import get_task
+        get_task(args.verifier)
+    return flag, n
+
+
+def _test_time_compute(args: argparse.Namespace, flag: str, n: int, model: Any, tokenizer: Any, prompt: str,
+                       cfg: Any) -> int:
+    """--best-of / --vote / --beam: the chosen completion, then one line on what was spent."""
+    from .models import ttc
+    from .tune.rewards import get_task
+
+    if cfg.num_beams != 1:
+        raise ValueError(f"--{flag} searches on its own: leave out --num-beams")
+    task = get_task(args.verifier) if args.verifier not in (None, "logprob") else None
+    reward = None if task is None else lambda p, t: float(task.check(p, t))
+    bos = task is not None
+    if flag == "best-of":
+        res = ttc.best_of_n(model, tokenizer, prompt, cfg, n, reward, add_bos=bos)
+        line = f"best of {n} by {args.verifier}: score {max(res.scores):.4g}"
+    elif flag == "vote":
+        res = ttc.self_consistency(model, tokenizer, prompt, cfg, n, task.extract, add_bos=bos)
+        line = f"vote of {n}: answer {res.answer!r} with {res.votes.get(res.answer, 0)} votes ({res.votes})"
+    else:
+        res = ttc.step_beam_search(model, tokenizer, prompt, n, step_tokens=args.step_tokens or 4,
+                                   max_new_tokens=cfg.max_new_tokens, reward=reward, add_bos=bos)
+        line = f"beam {n} by {args.verifier or 'logprob'}: score {res.scores[0]:.4g}"
+    print(prompt + res.text)
+    print(f"{line}; {res.tokens} tokens generated", file=sys.stderr)
+    return 0
 
 
 @command("generate", "generate text from a model directory, streaming to the terminal", _generate_arguments)
@@ -119,11 +203,14 @@ def _generate(args: argparse.Namespace) -> int:
 
     if args.num_samples < 1:
         raise ValueError("--num-samples must be >= 1")
+    ttc = _ttc_flag(args)
     model, tokenizer = load_pretrained(args.model_dir, device=resolve_device(args.device))
     cfg = dataclasses.replace(load_generation_config(args.model_dir), **given(args, GenerationConfig))
     if tokenizer is None:
         raise ValueError(f"{args.model_dir} has no tokenizer.json; cannot turn text into tokens")
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if ttc is not None:
+        return _test_time_compute(args, *ttc, model, tokenizer, prompt, cfg)
     for i in range(args.num_samples):
         sample_cfg = cfg if cfg.seed is None else dataclasses.replace(cfg, seed=cfg.seed + i)
         if i:
@@ -847,26 +934,12 @@ def _selfplay(args: argparse.Namespace) -> int:
 
 # Post-training methods register here like the commands: `lmlab tune MODE ...`, mode -> (help, add_arguments,
 # run). Each method's block below registers its own mode.
-TUNE: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
-
-
-def tune_mode(name: str, help: str, arguments: Callable[[argparse.ArgumentParser], None]):
-    def register(fn: Callable[[argparse.Namespace], int]):
-        TUNE[name] = (help, arguments, fn)
-        return fn
-    return register
-
-
-def _tune_arguments(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="mode", required=True, metavar="MODE")
-    for name, (help_text, arguments, run) in TUNE.items():
-        t = sub.add_parser(name, help=help_text, description=help_text)
-        arguments(t)
-        t.set_defaults(tune_run=run)
+TUNE: Registry = {}
+tune_mode = registrar(TUNE)
 
 
 @command("tune", "post-training of a trained model: lmlab tune MODE --model DIR --data FILE.jsonl --out DIR",
-         _tune_arguments)
+         lambda p: registry_arguments(p, TUNE, "mode", "MODE", "tune_run"))
 def _tune(args: argparse.Namespace) -> int:
     return args.tune_run(args)
 
@@ -1136,27 +1209,25 @@ _FACTS_VERBS = ("phases", "plateau", "alpha", "warmup", "hallucination", "finetu
 
 # Labs register here like the tune modes: `lmlab lab NAME ...`, name -> (help, add_arguments, run). Each lab's
 # block registers its own name.
-LABS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+LABS: Registry = {}
+lab_mode = registrar(LABS)
 
 
-def lab_mode(name: str, help: str, arguments: Callable[[argparse.ArgumentParser], None]):
-    def register(fn: Callable[[argparse.Namespace], int]):
-        LABS[name] = (help, arguments, fn)
-        return fn
-    return register
-
-
-def _lab_arguments(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="lab", required=True, metavar="LAB")
-    for name, (help_text, arguments, run) in LABS.items():
-        t = sub.add_parser(name, help=help_text, description=help_text)
-        arguments(t)
-        t.set_defaults(lab_run=run)
-
-
-@command("lab", "labs: lmlab lab NAME ... --out DIR (facts: Zucchet et al. 2025's experiments)", _lab_arguments)
+@command("lab", "labs: lmlab lab NAME ... --out DIR (facts: Zucchet et al. 2025's experiments)",
+         lambda p: registry_arguments(p, LABS, "lab", "LAB", "lab_run"))
 def _lab(args: argparse.Namespace) -> int:
     return args.lab_run(args)
+
+
+# Data experiments (`lmlab lab data NAME ...`) register here the same way: name -> (help, add_arguments, run).
+DATA_LABS: Registry = {}
+data_lab = registrar(DATA_LABS)
+
+
+@lab_mode("data", "data experiments: what the data does to a model (lmlab lab data NAME ... --out DIR)",
+          lambda p: registry_arguments(p, DATA_LABS, "data_lab", "EXPERIMENT", "data_run"))
+def _lab_data(args: argparse.Namespace) -> int:
+    return args.data_run(args)
 
 
 def _facts_arguments(f: argparse.ArgumentParser) -> None:
@@ -1200,6 +1271,77 @@ def _lab_merge(args: argparse.Namespace) -> int:
     res = run_merge_lab(args.out, parse_seeds(args.seeds), cfg, command="lmlab " + " ".join(sys.argv[1:]))
     print(f"merge: {res['verdict']} ({res['measured']}); wall {res['speed']['wall_s']:.0f} s; "
           f"report: {Path(args.out) / 'report.html'}")
+    return 0
+
+
+def _interp_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("view", choices=("lens", "attention", "patch"), metavar="VIEW",
+                   help="lens (logit lens) | attention (every head's pattern) | patch (activation patching)")
+    p.add_argument("--model", required=True, help="a model directory")
+    p.add_argument("--prompt", required=True, help="the prompt (patch: the clean one)")
+    p.add_argument("--corrupt", help="patch: the corrupted prompt, with as many tokens as --prompt")
+    p.add_argument("--target", help="lens, patch: the token traced (its first token; default: the model's top token "
+                                    "after --prompt)")
+    p.add_argument("--foil", help="patch: the token the target's logit is compared with (default: the corrupted "
+                                  "run's top token other than the target)")
+    p.add_argument("--top-k", type=int, default=5, help="lens: tokens kept per stream and position (default 5)")
+    p.add_argument("--bos", action="store_true", help="start the prompts with <BOS> (models trained on texts that "
+                   "start with it, such as lmlab tune grpo's and lmlab lab ttc's task models)")
+    p.add_argument("--out", required=True, help="folder for results.json, PNG heatmaps and report.html")
+
+
+@lab_mode("interp", "look inside a model: logit lens, attention patterns, activation patching; writes results.json, "
+          "PNG heatmaps and report.html. Example: lmlab lab interp lens --model runs/demo/final --prompt 'Once upon "
+          "a time' --out runs/interp/lens", _interp_arguments)
+def _lab_interp(args: argparse.Namespace) -> int:
+    import shlex
+
+    from .lab.interp.report import run_attention, run_lens, run_patch
+    if (args.view == "patch") != (args.corrupt is not None):
+        raise ValueError("--corrupt is needed by patch and only by patch")
+    if args.foil is not None and args.view != "patch":
+        raise ValueError("--foil is for patch only")
+    if args.target is not None and args.view == "attention":
+        raise ValueError("--target is for lens and patch")
+    if args.top_k < 1:
+        raise ValueError(f"--top-k ({args.top_k}) must be >= 1")
+    command = shlex.join(["lmlab", "lab", "interp", *sys.argv[3:]]) if sys.argv[1:3] == ["lab", "interp"] else ""
+    if args.view == "lens":
+        res = run_lens(args.model, args.prompt, args.out, args.target, args.top_k, command, args.bos)
+    elif args.view == "attention":
+        res = run_attention(args.model, args.prompt, args.out, command, args.bos)
+    else:
+        res = run_patch(args.model, args.prompt, args.corrupt, args.out, args.target, args.foil, command, args.bos)
+    print(f"{args.view}: {res['measured']}; checks {res['verdict']}; report: {Path(args.out) / 'report.html'}")
+    return 0
+
+
+def _ttc_arguments(p: argparse.ArgumentParser) -> None:
+    from .tune.rewards import TASKS
+    p.add_argument("--out", required=True, help="folder for the two models, results.json, PNG plots and report.html")
+    p.add_argument("--quick", action="store_true", help="fewer training steps and prompts (minutes)")
+    p.add_argument("--task", choices=tuple(TASKS), help="the verifiable task (default sort)")
+    p.add_argument("--steps", type=int, help="pre-training steps of each model")
+    p.add_argument("--prompts", type=int, help="held-out prompts scored")
+
+
+@lab_mode("ttc", "test-time compute on a verifiable task: accuracy against generated tokens for sampling, voting, "
+          "best-of-N and step-wise beam search, and a small model with N tries against a larger one with one at equal "
+          "FLOPs. Example: lmlab lab ttc --out runs/ttc --quick", _ttc_arguments)
+def _lab_ttc(args: argparse.Namespace) -> int:
+    from .lab.ttc import Scale, run
+    for flag in ("steps", "prompts"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} ({getattr(args, flag)}) must be >= 1")
+    if Path(args.out, "results.json").exists():
+        raise ValueError(f"{args.out} already holds results.json; choose another --out")
+    scale = dataclasses.replace(Scale.default(args.quick), **{k: getattr(args, k) for k in ("task", "steps", "prompts")
+                                                              if getattr(args, k) is not None})
+    command = " ".join(["lmlab", "lab", "ttc", "--out", args.out] + ["--quick"] * args.quick
+                       + [f"--{k} {getattr(args, k)}" for k in ("task", "steps", "prompts") if getattr(args, k)])
+    res = run(args.out, args.quick, scale, command)
+    print(f"ttc: {res['verdict']} ({res['measured']}); wall {res['speed']['wall_s']:.0f} s; report: "
+          f"{Path(args.out) / 'report.html'}")
     return 0
 
 

@@ -381,7 +381,15 @@ def generate(model: Transformer, tokenizer: Any, prompt: str | Sequence[str], co
     """Generate a continuation for one prompt (returns str) or a batch (returns list[str]); the prompt
     itself is not repeated. Stops at EOS, at any stop string (excluded), or after max_new_tokens."""
     cfg = _resolve(config, overrides)
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    texts, _ = generate_rows(model, tokenizer, [prompt] if isinstance(prompt, str) else list(prompt), cfg,
+                             add_bos=add_bos)
+    return texts[0] if isinstance(prompt, str) else texts
+
+
+def generate_rows(model: Transformer, tokenizer: Any, prompts: Sequence[str], cfg: GenerationConfig, *,
+                  add_bos: bool = False) -> tuple[list[str], list[list[int]]]:
+    """generate's texts and the token ids each row produced (EOS not included; up to where a stop string
+    ended the row), for callers that count tokens (test-time compute, models/ttc.py)."""
     ids = [_encode_prompt(tokenizer, p, add_bos) for p in prompts]
     eos = getattr(tokenizer, "eos_id", EOS_ID)
     pad = getattr(tokenizer, "pad_id", 0)
@@ -391,9 +399,7 @@ def generate(model: Transformer, tokenizer: Any, prompt: str | Sequence[str], co
         tail = 4 * max(len(s) for s in cfg.stop_strings) + 1  # a char is at most 4 byte-level tokens
         rows = _collect(iter_tokens(model, ids, cfg, eos_token_id=eos, pad_id=pad), len(ids), eos,
                         stop=lambda row: any(s in tokenizer.decode(row[-tail:]) for s in cfg.stop_strings))
-    texts = [tokenizer.decode(row) for row in rows]
-    texts = [_cut_at_stop(t, cfg.stop_strings) for t in texts]
-    return texts[0] if isinstance(prompt, str) else texts
+    return [_cut_at_stop(tokenizer.decode(row), cfg.stop_strings) for row in rows], rows
 
 
 def _cut_at_stop(text: str, stops: Sequence[str]) -> str:

@@ -50,8 +50,12 @@ class Task:
     make: Callable[[random.Random], str]
     answer: Callable[[str], str]
 
+    def extract(self, completion: str) -> str:
+        """The answer a completion gives: its first line (what check compares and majority voting counts)."""
+        return first_line(completion)
+
     def check(self, prompt: str, completion: str) -> bool:
-        return first_line(completion) == self.answer(prompt)
+        return self.extract(completion) == self.answer(prompt)
 
     def reward(self, prompts: Sequence[str], texts: Sequence[str], ids: Sequence[Sequence[int]]) -> list[float]:
         """The selfplay Reward signature: (prompts, completions as text, as ids) -> one reward each."""

@@ -7,8 +7,9 @@ Python: `Biographies(BioConfig(...))` is a Trainer dataset; `FactsCallback` adds
 probes to any run on it; `run_one` / `run_many` train; `lmlab.lab.facts.experiments` holds the experiments.
 """
 
+from ..interp.hooks import AttentionRecorder
 from .data import ATTRIBUTES, TEMPLATES, BioConfig, Biographies, EvalSet, Pools, default_tokenizer
-from .metrics import AttentionRecorder, FactsCallback, attribute_metrics, plateau_times, value_to_name_attention
+from .metrics import FactsCallback, attribute_metrics, plateau_times, value_to_name_attention
 from .runner import AttentionPatch, RunConfig, run_many, run_one
 
 __all__ = [

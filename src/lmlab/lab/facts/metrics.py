@@ -18,7 +18,6 @@ name tokens of its sentence.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,8 +25,8 @@ import numpy as np
 import torch
 
 from ...models import Transformer
-from ...models.model import apply_rope
 from ...train import Callback
+from ..interp.hooks import AttentionRecorder
 from .data import Biographies, EvalSet
 
 EVAL_SETS = ("seen_eval", "seen_train", "unseen")
@@ -80,44 +79,6 @@ def plateau_times(steps: Sequence[int], losses: Sequence[float], baseline: float
 
 
 # ---- attention probe -------------------------------------------------------------------------------------
-
-class AttentionRecorder:
-    """Recomputes every layer's attention probabilities (B, H, T, T) from its input, via forward hooks on the
-    attention modules: the model calls fused SDPA, which never materialises them."""
-
-    def __init__(self, model: Transformer) -> None:
-        self.model = model
-        self.probs: list[torch.Tensor] = []
-        self._handles: list[Any] = []
-
-    def __enter__(self) -> AttentionRecorder:
-        for block in self.model.blocks:
-            self._handles.append(block.attn.register_forward_hook(self._hook))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-
-    def _hook(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
-        self.probs.append(attention_probs(module, args[0], args[1]))
-
-
-def attention_probs(attn: torch.nn.Module, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
-                    ) -> torch.Tensor:
-    """Causal softmax(q k^T / sqrt(d)) of one Attention module on its input x (B, T, C) -> (B, H, T, T)."""
-    B, T, _ = x.shape
-    q, k, _v = attn.qkv(x).split(attn.split, dim=-1)
-    q = q.view(B, T, attn.n_head, attn.head_dim).transpose(1, 2)
-    k = k.view(B, T, attn.n_kv_head, attn.head_dim).transpose(1, 2)
-    if rope is not None:
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    k = k.repeat_interleave(attn.n_head // attn.n_kv_head, dim=1)
-    scores = q @ k.transpose(-2, -1) / math.sqrt(attn.head_dim)
-    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-    return scores.masked_fill(~causal, float("-inf")).softmax(-1)
-
 
 @torch.no_grad()
 def value_to_name_attention(model: Transformer, es: EvalSet, n: int = 64) -> list[float]:

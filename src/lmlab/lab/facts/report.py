@@ -70,11 +70,16 @@ def line_plot(path: Path, title: str, xlabel: str, ylabel: str,
     ax.grid(alpha=0.3)
     if drawn or hlines or vlines:
         ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: Path) -> Path:
+    """The figure as a PNG, written to a temporary name and renamed; the figure is closed."""
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp)
-    plt.close(fig)
+    _plt().close(fig)
     tmp.replace(path)
     return path
 

@@ -26,9 +26,10 @@ from ...configs import knob, validate
 from ...files import atomic_path, atomic_write_text
 from ...models import ModelConfig, Transformer
 from ...train import Callback, TrainConfig, console, latest_checkpoint, train
+from ..interp.hooks import AttentionRecorder
 from ..parallel import process_map
 from .data import BioConfig, Biographies
-from .metrics import FactsCallback, attention_probs, plateau_times
+from .metrics import FactsCallback, plateau_times
 
 
 @dataclass
@@ -133,15 +134,9 @@ class AttentionPatch:
             block.attn.forward = self._patched(block.attn, i)
 
     def _pre(self, module: torch.nn.Module, args: tuple) -> None:
-        idx = args[0]
-        captured: list[torch.Tensor] = []
-        handles = [b.attn.register_forward_hook(lambda m, a, o: captured.append(attention_probs(m, a[0], a[1])))
-                   for b in self.reference.blocks]
-        with torch.no_grad():
-            self.reference(idx)
-        for h in handles:
-            h.remove()
-        self.probs = captured
+        with torch.no_grad(), AttentionRecorder(self.reference) as rec:
+            self.reference(args[0])
+        self.probs = rec.probs
 
     def _patched(self, attn: torch.nn.Module, layer: int):
         def forward(x, rope, mask, cache, _layer):

@@ -1,0 +1,226 @@
+"""`lmlab lab ttc`: test-time compute on a verifiable task, measured end to end on a CPU.
+
+    lmlab lab ttc --out runs/ttc --quick        # a few minutes on 2 cores
+    lmlab lab ttc --out runs/ttc                # the full-size run
+
+Two models of different sizes are pre-trained here (lmlab's Trainer) on one of the post-training tasks
+(lmlab.tune.rewards: prompt + right answer, one example per row), for the same steps, so that each gets the task
+right only sometimes. On held-out prompts each model draws 16 samples per prompt (temperature 0.7, seeds 0..15,
+models/ttc.py's sample_n) and every strategy is scored from them at N = 1, 2, 4, 8, 16 using disjoint groups of
+N samples (16/N groups per prompt, averaged), so that every N uses the same samples:
+
+- sample: one try (N = 1): pass@1 of sampling;
+- vote: self-consistency, the majority answer of N samples (Wang et al. 2023);
+- best-of-N (verifier): the task's exact checker picks (with an exact checker this is pass@N, an upper bound for
+  any verifier; Brown et al. 2024);
+- best-of-N (log-prob): the sample the model itself finds likeliest (no verifier);
+- beam (log-prob), beam (verifier): step-wise beam search of width N (models/ttc.py);
+- greedy: one deterministic try.
+
+Compute is counted in generated tokens (each sample's tokens and its EOS; a beam's every branch) and in inference
+FLOPs: the forward pass's share of ModelConfig.flops_per_token (2N + 4·L·T·d per token, a third of the training
+6N + 12·L·T·d of Kaplan et al. 2020), prompts not counted (one prefill is shared by all tries). The comparison
+"small model + N tries" against "large model + 1 try" sets N to the ratio of their FLOPs per token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..models import GenerationConfig, ModelConfig, Transformer, ttc
+from ..models.io import load_pretrained
+from ..tokenizers import Tokenizer
+from ..train import TrainConfig, train
+from ..train.console import quiet
+from ..tune.rewards import get_task
+from .facts.report import line_plot, write_report
+
+NS = (1, 2, 4, 8, 16)
+SAMPLES = max(NS)
+STRATEGIES = ("vote", "best-of (verifier)", "best-of (log-prob)", "beam (log-prob)", "beam (verifier)")
+
+
+class TaskText:
+    """The Trainer's dataset: one task example per row, <BOS> prompt completion <EOS>, padded (targets -100);
+    the last 256 rows are held back for its evaluation."""
+
+    def __init__(self, tok: Tokenizer, texts: list[str], seq_len: int) -> None:
+        rows = [[tok.bos_id, *tok.encode(t), tok.eos_id][: seq_len + 1] for t in texts]
+        self.ids = torch.full((len(rows), seq_len + 1), tok.pad_id, dtype=torch.long)
+        self.targets = torch.full((len(rows), seq_len), -100, dtype=torch.long)
+        for i, r in enumerate(rows):
+            self.ids[i, : len(r)] = torch.tensor(r)
+            self.targets[i, : len(r) - 1] = torch.tensor(r[1:])
+        self.train_tokens = int((self.targets != -100).sum())
+
+    def sample_batch(self, batch_size: int, seq_len: int, generator: torch.Generator):
+        i = torch.randint(len(self.ids) - 256, (batch_size,), generator=generator)
+        return self.ids[i, :seq_len], self.targets[i, :seq_len]
+
+    def eval_batches(self, batch_size: int, seq_len: int, n: int):
+        for k in range(min(n, 256 // batch_size)):
+            i = torch.arange(len(self.ids) - 256 + k * batch_size, len(self.ids) - 256 + (k + 1) * batch_size)
+            yield self.ids[i, :seq_len], self.targets[i, :seq_len]
+
+    def bytes_per_token(self) -> float:
+        return 1.0
+
+
+@dataclasses.dataclass
+class Scale:
+    task: str = "sort"
+    steps: int = 600
+    prompts: int = 150                                       # held-out prompts scored
+    small: tuple[int, int] = (2, 48)                         # (n_layer, n_embd)
+    large: tuple[int, int] = (4, 128)
+    max_new_tokens: int = 16
+    step_tokens: int = 4
+    temperature: float = 0.7                                 # Wang et al. 2023 sample at 0.5-0.7 for voting
+
+    @classmethod
+    def default(cls, quick: bool) -> Scale:
+        return cls(steps=300, prompts=40) if quick else cls()
+
+
+def pretrain(task_name: str, size: tuple[int, int], steps: int, out: Path, seed: int = 0) -> Path:
+    """A model that knows the task's format and gets some answers right: the Trainer on prompt + answer text."""
+    task = get_task(task_name)
+    rng = random.Random(seed)
+    prompts = task.train_prompts(rng, 20000, set(task.heldout(1000)))
+    texts = [f"{p}{task.answer(p)}" for p in prompts]
+    tok = Tokenizer.train(texts[:2000], kind="char", vocab_size=64)
+    longest = max(len(tok.encode(t)) for t in texts) + 2
+    n_layer, n_embd = size
+    model = Transformer(ModelConfig(family="gpt2", vocab_size=len(tok), n_layer=n_layer, n_head=4, n_embd=n_embd,
+                                    block_size=64, dropout=0.0))
+    with quiet():
+        train(model, tok, TaskText(tok, texts, longest), TrainConfig(
+            batch_size=64, seq_len=longest, lr=3e-3, warmup_steps=min(50, steps // 10), max_steps=steps,
+            eval_every=0, save_every=0, log_every=100, sample_every=0, device="cpu", seed=seed), out)
+    return out / "final"
+
+
+def score_model(model_dir: Path, task_name: str, prompts: list[str], scale: Scale, beam: bool) -> dict[str, Any]:
+    """Per strategy and N: accuracy and mean generated tokens per prompt (module docstring)."""
+    task = get_task(task_name)
+    model, tok = load_pretrained(model_dir)
+    cfg = GenerationConfig(max_new_tokens=scale.max_new_tokens, temperature=scale.temperature, seed=0)
+    acc = {s: np.zeros(len(NS)) for s in ("sample", *STRATEGIES)}
+    tokens = {s: np.zeros(len(NS)) for s in acc}
+    greedy = [0.0, 0.0]
+    ctx: list[int] = []
+    for prompt in prompts:
+        texts, rows, _ = ttc.sample_n(model, tok, prompt, cfg, SAMPLES, add_bos=True)
+        right = [task.check(prompt, t) for t in texts]
+        answers = [task.extract(t) for t in texts]
+        spent = [min(len(r) + 1, cfg.max_new_tokens) for r in rows]
+        bos_prompt = [tok.bos_id, *tok.encode(prompt)]
+        logp = [ttc.mean_logprob(model, bos_prompt, r + ([tok.eos_id] if s > len(r) else []))
+                for r, s in zip(rows, spent)]
+        ctx += [len(bos_prompt) + s for s in spent]
+        for k, n in enumerate(NS):
+            groups = [range(g * n, (g + 1) * n) for g in range(SAMPLES // n)]
+            cost = np.mean([sum(spent[i] for i in g) for g in groups])
+            for s in ("vote", "best-of (verifier)", "best-of (log-prob)", "sample"):
+                tokens[s][k] += cost
+            acc["sample"][k] += np.mean(right)
+            acc["vote"][k] += np.mean([ttc.majority_vote([answers[i] for i in g])[0] == task.answer(prompt)
+                                       for g in groups])
+            acc["best-of (verifier)"][k] += np.mean([any(right[i] for i in g) for g in groups])
+            acc["best-of (log-prob)"][k] += np.mean([right[max(g, key=lambda i: (logp[i], -i))] for g in groups])
+            if beam:
+                for s, reward in (("beam (log-prob)", None), ("beam (verifier)", lambda p, t: float(task.check(p, t)))):
+                    res = ttc.step_beam_search(model, tok, prompt, n, step_tokens=scale.step_tokens,
+                                               max_new_tokens=scale.max_new_tokens, reward=reward, add_bos=True)
+                    acc[s][k] += task.check(prompt, res.text)
+                    tokens[s][k] += res.tokens
+        g = ttc.step_beam_search(model, tok, prompt, 1, step_tokens=scale.max_new_tokens,
+                                 max_new_tokens=scale.max_new_tokens, add_bos=True)  # width 1: greedy decoding
+        greedy[0] += task.check(prompt, g.text)
+        greedy[1] += g.tokens
+    P = len(prompts)
+    T = int(round(np.mean(ctx)))
+    flops = model.config.flops_per_token(T) / 3
+    return {"model": str(model_dir), "parameters": model.num_parameters(), "context_tokens": T,
+            "inference_flops_per_token": flops, "greedy": {"acc": greedy[0] / P, "tokens": greedy[1] / P},
+            "strategies": {s: {"acc": (acc[s] / P).tolist(), "tokens": (tokens[s] / P).tolist()}
+                           for s in acc if beam or not s.startswith("beam")}}
+
+
+def _at(curve: dict[str, list[float]], n: float) -> float:
+    """Accuracy at N tries, linear in log2 N between the measured Ns."""
+    return float(np.interp(np.log2(n), np.log2(NS), curve["acc"]))
+
+
+def run(out: str | Path, quick: bool = False, scale: Scale | None = None, command: str = "") -> dict[str, Any]:
+    out = Path(out)
+    scale = scale or Scale.default(quick)
+    t0 = time.perf_counter()
+    prompts = get_task(scale.task).heldout(scale.prompts)
+    models = {name: pretrain(scale.task, size, scale.steps, out / "models" / name)
+              for name, size in (("small", scale.small), ("large", scale.large))}
+    t_train = time.perf_counter() - t0
+    res = {name: score_model(path, scale.task, prompts, scale, beam=name == "small") for name, path in models.items()}
+    small, large = res["small"], res["large"]
+    ratio = large["inference_flops_per_token"] / small["inference_flops_per_token"]
+    n_eq = min(ratio, max(NS))
+    s, s1 = small["strategies"], small["strategies"]["sample"]["acc"][0]
+    l1 = large["strategies"]["sample"]["acc"][0]
+    i8 = NS.index(8)
+    gain8 = {k: s[k]["acc"][i8] - s1 for k in ("vote", "best-of (verifier)", "best-of (log-prob)")}
+    equal = {k: _at(s[k], n_eq) for k in ("vote", "best-of (verifier)", "best-of (log-prob)")}
+    checks = {"N=8 vote or best-of raises accuracy >= 15 points over N=1 (small model)":
+              max(gain8["vote"], gain8["best-of (verifier)"]) >= 0.15,
+              "small + N tries (vote, no verifier) beats large + 1 sampled try at equal FLOPs": equal["vote"] > l1,
+              "small + N tries (verifier) beats large + 1 sampled try at equal FLOPs": equal["best-of (verifier)"] > l1}
+    table = []
+    for name, r in res.items():
+        for strat, v in r["strategies"].items():
+            table.append({"model": name, "strategy": strat,
+                          **{f"N={n}": f"{a:.3f} ({t:.0f} tok)" for n, a, t in zip(NS, v["acc"], v["tokens"])}})
+        table.append({"model": name, "strategy": "greedy", "N=1": f"{r['greedy']['acc']:.3f} "
+                      f"({r['greedy']['tokens']:.0f} tok)", **{f"N={n}": "" for n in NS[1:]}})
+    sizes = [{"model": n, "parameters": r["parameters"], "FLOPs/token": f"{r['inference_flops_per_token']:.3g}",
+              "sampled pass@1": round(r["strategies"]["sample"]["acc"][0], 3), "greedy": round(r["greedy"]["acc"], 3)}
+             for n, r in res.items()]
+    plots = [line_plot(out / f"accuracy_tokens_{name}.png", f"{scale.task}: accuracy against generated tokens "
+                       f"({name} model)", "generated tokens per prompt", "accuracy",
+                       [(strat, [(np.array(v["tokens"]), np.array(v["acc"]))]) for strat, v in r["strategies"].items()
+                        if strat != "sample"] + [("greedy", [(np.array([r["greedy"]["tokens"]]),
+                                                              np.array([r["greedy"]["acc"]]))])],
+                       hlines=[("one sample", r["strategies"]["sample"]["acc"][0])], logx=True)
+             for name, r in res.items()]
+    def by_flops(r: dict[str, Any], strat: str) -> tuple[np.ndarray, np.ndarray]:
+        v = r["strategies"][strat]
+        return np.array(v["tokens"]) * r["inference_flops_per_token"], np.array(v["acc"])
+
+    plots.append(line_plot(out / "small_vs_large.png", "small model + N tries against large model + 1 try",
+                           "inference FLOPs per prompt (generated tokens)", "accuracy",
+                           [(f"{name}: {strat}", [by_flops(r, strat)]) for name, r in res.items()
+                            for strat in ("vote", "best-of (verifier)")],
+                           hlines=[("large, one sample", l1)], logx=True))
+    at8 = ", ".join(f"{k} {s[k]['acc'][i8]:.3f}" for k in STRATEGIES)
+    measured = (f"task {scale.task}, {len(prompts)} held-out prompts; small model {small['parameters']:,} parameters, "
+                f"large {large['parameters']:,} ({ratio:.1f}x the FLOPs per token). Small: one sample {s1:.3f}, "
+                f"greedy {small['greedy']['acc']:.3f}; N=8: {at8}. Large: one sample {l1:.3f}, greedy "
+                f"{large['greedy']['acc']:.3f}. At equal FLOPs (small N = {n_eq:.1f}): "
+                + ", ".join(f"{k} {v:.3f}" for k, v in equal.items()) + f" against the large model's {l1:.3f}")
+    results = {"task": scale.task, "scale": dataclasses.asdict(scale), "models": res, "flops_ratio": ratio,
+               "equal_flops_n": n_eq, "equal_flops_small": equal, "large_one_sample": l1, "gain_at_8": gain8,
+               "speed": {"train_s": round(t_train, 1), "wall_s": round(time.perf_counter() - t0, 1)}}
+    write_report(out, "test-time compute", "More inference on one prompt (many samples with a verifier or a vote, "
+                 "or search) raises accuracy, and a small model with enough tries can beat a larger one at equal "
+                 "inference compute (Wang et al. 2023; Snell et al. 2024; Beeching et al. 2024).", measured, checks,
+                 table, plots, results, command, [("models", sizes)], title="lmlab lab ttc",
+                 claim_label="<b>Claim</b>",
+                 note="best-of (verifier) uses the task's exact checker: an oracle, so it is "
+                 "pass@N, the ceiling for any verifier. N tries are disjoint groups of the 16 samples per prompt. "
+                 "FLOPs count generated tokens only (the prompt's prefill is shared). Numbers in results.json.")
+    return results
