@@ -255,9 +255,18 @@ def _tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
-def _data_arguments(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    d = sub.add_parser("prepare", help="tokenise documents once into a token file with a held-out split")
+# Data tools register here like the labs: `lmlab data ACTION ...`, name -> (help, add_arguments, run).
+DATA_TOOLS: Registry = {}
+data_tool = registrar(DATA_TOOLS)
+
+
+@command("data", "data tools: lmlab data ACTION ... (prepare: token files; lmlab data --help lists the others)",
+         lambda p: registry_arguments(p, DATA_TOOLS, "action", "ACTION", "data_tool_run"))
+def _data(args: argparse.Namespace) -> int:
+    return args.data_tool_run(args)
+
+
+def _prepare_arguments(d: argparse.ArgumentParser) -> None:
     d.add_argument("sources", nargs="+", help="files, folders or globs (.txt .md .html .epub .pdf)")
     d.add_argument("--tokenizer", required=True, help="tokenizer.json, or a model directory holding one")
     d.add_argument("--out", required=True, help="output folder (tokens.bin + tokens.json)")
@@ -281,8 +290,8 @@ def parse_weights(items: Sequence[str]) -> dict[str, float]:
     return weights
 
 
-@command("data", "prepare token files (lmlab data prepare SOURCES --tokenizer T --out DIR)", _data_arguments)
-def _data(args: argparse.Namespace) -> int:
+@data_tool("prepare", "tokenise documents once into a token file with a held-out split", _prepare_arguments)
+def _data_prepare(args: argparse.Namespace) -> int:
     from .data import prepare
     from .models import ModelConfig
     from .tokenizers import Tokenizer
