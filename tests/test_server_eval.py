@@ -15,13 +15,10 @@ import pytest
 from test_server_support import (
     CHILD_ENV,
     FAST,
-    TINY_MODEL,
-    client,
+    finished,
     held_once_started,
-    settings,
-    upload,
+    tiny_workspace,
     wait_for,
-    wait_run,
 )
 
 from lmlab.eval import paired_bootstrap
@@ -33,9 +30,6 @@ from lmlab.train.demo_corpus import demo_corpus
 
 TASKS = ["fables-mc", "fables-lm"]
 
-
-def done(c, run_id: int) -> dict:
-    return wait_run(c, run_id, lambda r: r["status"] not in ("queued", "running"), f"evaluation run {run_id}")
 
 
 def cli_json(ws, *args: str):
@@ -59,15 +53,7 @@ def ev(tmp_path_factory):
     (ws / "tasks" / "mine.jsonl").write_text("\n".join(mc[:3]) + "\n", encoding="utf-8")
     (ws / "tasks" / "broken.yaml").write_text("name: broken\nkind: multiple_choice\ndata: broken.jsonl\n")
     (ws / "tasks" / "broken.jsonl").write_text('{"context": "a", "choices": ["b"], "answer": 2}\n')
-    with client(settings(ws, max_jobs=1)) as c:
-        assert upload(c).status_code == 201
-        for name in ("tiny", "blank"):
-            assert c.post("/api/v1/models", json={"name": name, **TINY_MODEL}).status_code == 201
-        r = c.post("/api/v1/runs", json={"model": "tiny", "books": ["tales.txt"], "max_steps": 8, "save_every": 4,
-                                         "eval_every": 0, **FAST})
-        assert r.status_code == 201, r.text
-        assert done(c, r.json()["id"])["status"] == "completed"
-        c.workspace, c.train_run = ws, r.json()["id"]
+    with tiny_workspace(ws, steps=8, save_every=4) as c:
         yield c
 
 
@@ -87,7 +73,7 @@ def test_one_model_on_tasks_gives_the_numbers_of_lmlab_eval(ev):
     r = ev.post("/api/v1/runs/eval", json=body)
     assert r.status_code == 201, r.text
     assert r.json()["kind"] == "eval" and r.json()["params"] == body
-    run = done(ev, r.json()["id"])
+    run = finished(ev, r.json()["id"])
     assert run["status"] == "completed", run
     got = ev.get(f"/api/v1/runs/{run['id']}/eval").json()
     want = cli_json(ev.workspace, "eval", "models/tiny", "--tasks", ",".join([*TASKS, "tasks/mine.yaml"]))
@@ -106,7 +92,7 @@ def test_one_model_on_tasks_gives_the_numbers_of_lmlab_eval(ev):
 
 def test_several_models_give_the_comparison_of_lmlab_compare(ev, tmp_path):
     r = ev.post("/api/v1/runs/eval", json={"models": ["tiny", "rand"], "tasks": ["fables-mc"]})
-    run = done(ev, r.json()["id"])
+    run = finished(ev, r.json()["id"])
     assert run["status"] == "completed", run
     got = ev.get(f"/api/v1/runs/{run['id']}/eval").json()
     want = cli_json(ev.workspace, "compare", "models/tiny", "models/rand", "--tasks", "fables-mc", "--out",
@@ -128,7 +114,7 @@ def test_a_runs_checkpoints_give_the_trajectory_of_lmlab_eval_all_checkpoints(ev
     r = ev.post("/api/v1/runs/eval", json={"run": ev.train_run, "tasks": ["fables-mc"]})
     assert r.status_code == 201, r.text
     assert r.json()["params"] == {"models": ["tiny"], "tasks": ["fables-mc"], "run": ev.train_run}
-    run = done(ev, r.json()["id"])
+    run = finished(ev, r.json()["id"])
     assert run["status"] == "completed", run
     got = ev.get(f"/api/v1/runs/{run['id']}/eval").json()
     want = cli_json(ev.workspace, "eval", f"runs/run-{ev.train_run}", "--all-checkpoints", "--tasks", "fables-mc",
@@ -153,7 +139,7 @@ def test_what_an_evaluation_reads_stays_until_it_is_cancelled(ev):
         assert ev.post(f"/api/v1/runs/{run_id}/cancel").json()["cancel_requested"] is True
         wait_for(lambda: (ev.workspace / "runs" / f"run-{run_id}" / "stop-requested").exists(), 60, 0.05,
                  "the supervisor to ask it to stop")
-    run = done(ev, run_id)
+    run = finished(ev, run_id)
     # stopped by its KeyboardInterrupt (130), or by the signal itself if it came before Python's handler was set
     assert run["status"] == "cancelled" and run["exit_code"] in (130, -signal.SIGINT) and not run["can_resume"]
     assert ev.get(f"/api/v1/runs/{run_id}/eval").json()["trajectory"] is None
@@ -193,7 +179,7 @@ def test_a_trajectory_needs_a_training_run(ev):
     assert (r.status_code, r.json()["detail"]) == (409, f"run {other} is not a training run; a trajectory scores a "
                                                         "training run's checkpoints")
     ev.post(f"/api/v1/runs/{other}/cancel")
-    done(ev, other)
+    finished(ev, other)
     r = ev.get(f"/api/v1/runs/{ev.train_run}/eval")
     assert (r.status_code, r.json()["detail"]) == (404, f"run {ev.train_run} is a train run, not an evaluation")
 
@@ -214,4 +200,4 @@ def test_a_model_being_trained_is_not_evaluated(ev):
         assert ev.post(f"/api/v1/runs/{train_id}/cancel").json()["cancel_requested"] is True
     finally:
         os.kill(pid, signal.SIGCONT)
-    assert done(ev, train_id)["status"] == "cancelled"
+    assert finished(ev, train_id)["status"] == "cancelled"

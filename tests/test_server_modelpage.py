@@ -14,14 +14,10 @@ import pytest
 import torch
 from test_server_support import (
     CHILD_ENV,
-    FAST,
-    TINY_MODEL,
-    client,
+    finished,
     held_once_started,
-    settings,
-    upload,
+    tiny_workspace,
     wait_for,
-    wait_run,
 )
 
 from lmlab.models import ModelConfig, Transformer
@@ -30,10 +26,6 @@ from lmlab.models.quant import QuantConfig
 from lmlab.tokenizers import Tokenizer
 from lmlab.train.demo_corpus import demo_corpus
 from lmlab.tune.chat import add_chat_tokens, write_template
-
-
-def done(c, run_id: int) -> dict:
-    return wait_run(c, run_id, lambda r: r["status"] not in ("queued", "running"), f"run {run_id}")
 
 
 @pytest.fixture(scope="module")
@@ -47,14 +39,7 @@ def mp(tmp_path_factory):
     save_pretrained(ws / "models" / "chatty", chat_model, chat_tok,
                     training={"sft": {"base": "/somewhere/runs/base/final"}, "steps": 7})
     write_template(ws / "models" / "chatty")
-    with client(settings(ws, max_jobs=1)) as c:
-        assert upload(c).status_code == 201
-        for name in ("tiny", "blank"):
-            assert c.post("/api/v1/models", json={"name": name, **TINY_MODEL}).status_code == 201
-        r = c.post("/api/v1/runs", json={"model": "tiny", "books": ["tales.txt"], "max_steps": 4, "save_every": 0,
-                                         "eval_every": 0, **FAST})
-        assert done(c, r.json()["id"])["status"] == "completed"
-        c.workspace, c.train_run = ws, r.json()["id"]
+    with tiny_workspace(ws, steps=4, save_every=0) as c:
         yield c
 
 
@@ -89,7 +74,7 @@ def quantized(mp) -> dict[str, dict]:
         r = mp.post("/api/v1/runs/quantize", json={"model": "tiny", "new_model": name, **body})
         assert r.status_code == 201, r.text
         assert r.json()["kind"] == "quantize" and r.json()["model"] == "tiny"
-        runs[name] = done(mp, r.json()["id"])
+        runs[name] = finished(mp, r.json()["id"])
     return runs
 
 
@@ -171,7 +156,7 @@ def test_a_cancelled_quantization_makes_no_model_and_holds_its_names_until_then(
         assert mp.post(f"/api/v1/runs/{run_id}/cancel").json()["cancel_requested"] is True
         wait_for(lambda: (mp.workspace / "runs" / f"run-{run_id}" / "stop-requested").exists(), 60, 0.05,
                  "the supervisor to ask it to stop")
-    run = done(mp, run_id)
+    run = finished(mp, run_id)
     assert run["status"] == "cancelled" and not run["can_resume"]
     assert mp.get("/api/v1/models/never").status_code == 404 and not (mp.workspace / "models" / "never").exists()
     assert mp.post(f"/api/v1/runs/{run_id}/resume").json()["detail"] == (

@@ -93,6 +93,27 @@ def wait_run(c, run_id: int, pred, what: str, timeout: float = TIMEOUT) -> dict:
     return wait_for(lambda: (lambda r: r if pred(r) else None)(run_status(c, run_id)), timeout, what=what)
 
 
+def finished(c, run_id: int) -> dict:
+    """The run once it is neither queued nor running."""
+    return wait_run(c, run_id, lambda r: r["status"] not in ("queued", "running"), f"run {run_id}")
+
+
+@contextmanager
+def tiny_workspace(ws: Path, steps: int, save_every: int):
+    """A client on `ws` with tales.txt uploaded, `blank` (never trained) and `tiny` trained for `steps` steps;
+    c.workspace and c.train_run (the training run's id) are set."""
+    with client(settings(ws, max_jobs=1)) as c:
+        assert upload(c).status_code == 201
+        for name in ("tiny", "blank"):
+            assert c.post("/api/v1/models", json={"name": name, **TINY_MODEL}).status_code == 201
+        r = c.post("/api/v1/runs", json={"model": "tiny", "books": ["tales.txt"], "max_steps": steps,
+                                         "save_every": save_every, "eval_every": 0, **FAST})
+        assert r.status_code == 201, r.text
+        assert finished(c, r.json()["id"])["status"] == "completed"
+        c.workspace, c.train_run = ws, r.json()["id"]
+        yield c
+
+
 def sse_events(c, path: str, method: str = "GET", until: str = "end", **request) -> list[tuple[str, dict]]:
     """(event, data) pairs of a Server-Sent Events endpoint, read until its `until` event (or its end)."""
     events, event = [], None

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from test_server_support import CHILD_ENV, client, settings, wait_run
+from test_server_support import CHILD_ENV, client, finished, settings, wait_run
 
 from lmlab.models import ModelConfig, Transformer
 from lmlab.models.io import save_pretrained
@@ -41,10 +41,6 @@ def jsonl(records) -> bytes:
 def put(c, name, kind, records, **query):
     return c.post("/api/v1/datasets", params=query, data={"kind": kind},
                   files={"file": (name, jsonl(records), "application/jsonl")})
-
-
-def done(c, run_id):
-    return wait_run(c, run_id, lambda r: r["status"] not in ("queued", "running"), f"fine-tuning run {run_id}")
 
 
 def metrics_file(path):
@@ -168,7 +164,7 @@ def cli_metrics(tn, out, *args):
 def test_an_sft_run_equals_the_cli_and_makes_a_chat_model(tn, tmp_path):
     r = tn.post("/api/v1/runs/tune", json={**SFT, "new_model": "base-chat"})
     assert r.status_code == 201, r.text
-    run = done(tn, r.json()["id"])
+    run = finished(tn, r.json()["id"])
     assert (run["status"], run["kind"], run["current_step"], run["max_steps"]) == ("completed", "tune", 3, 3)
     run_dir = tn.workspace / "runs" / f"run-{run['id']}"
     got = [{k: v for k, v in m.items() if k not in (*TIMING, "id", "time")}
@@ -198,7 +194,7 @@ def test_preference_and_grpo_runs_log_their_own_metrics(tn):
     assert [r.status_code for r in runs] == [201, 201], [r.text for r in runs]
     keys = ({"rewards_chosen", "rewards_rejected", "margin", "accuracy", "kl"}, {"reward", "kl", "zero_spread_groups"})
     for r, want in zip(runs, keys):
-        run = done(tn, r.json()["id"])
+        run = finished(tn, r.json()["id"])
         assert run["status"] == "completed", run
         rows = tn.get(f"/api/v1/runs/{run['id']}/metrics").json()["metrics"]
         assert [m["step"] for m in rows] == [1, 2] and all(want <= m.keys() for m in rows)
@@ -212,13 +208,13 @@ def test_a_cancelled_run_resumes_and_continues_its_metrics(tn):
     run_id = r.json()["id"]
     wait_run(tn, run_id, lambda x: x["current_step"] >= 3, "three steps")
     assert tn.post(f"/api/v1/runs/{run_id}/cancel").status_code == 200
-    run = done(tn, run_id)
+    run = finished(tn, run_id)
     assert run["status"] == "cancelled" and run["can_resume"] and tn.get("/api/v1/models/base-long").status_code == 404
     ckpt = run["checkpoint_step"]
     before = [m for m in tn.get(f"/api/v1/runs/{run_id}/metrics").json()["metrics"] if m["step"] <= ckpt]
     r = tn.post(f"/api/v1/runs/{run_id}/resume", json={"max_steps": ckpt + 2})
     assert r.status_code == 200, r.text
-    run = done(tn, run_id)
+    run = finished(tn, run_id)
     assert (run["status"], run["resumed_from_step"], run["current_step"]) == ("completed", ckpt, ckpt + 2)
     after = tn.get(f"/api/v1/runs/{run_id}/metrics").json()["metrics"]
     assert [m["step"] for m in after] == list(range(1, ckpt + 3))

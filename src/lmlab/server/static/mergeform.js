@@ -45,9 +45,14 @@ async function start(A, m, form) {
   for (const key of ["base", "t", "density", "lambda", "seed"]) {
     if (!f(key).disabled && f(key).value !== "") body[key] = key === "base" ? f(key).value : Number(f(key).value);
   }
+  await startJob(A, "/api/v1/runs/merge", body, msg, "mp.merge_started");
+}
+
+// POST a job from a model page form (merge here, quantize in modelpage.js) and say in `msg` how it went.
+export async function startJob(A, path, body, msg, startedKey) {
   try {
-    const run = await A.api("POST", "/api/v1/runs/merge", body);
-    msg.textContent = A.t("mp.merge_started", { id: run.id, name: body.new_model });
+    const run = await A.api("POST", path, body);
+    msg.textContent = A.t(startedKey, { id: run.id, name: body.new_model });
     msg.className = "msg ok";
     await A.refreshRuns();
   } catch (e) {

@@ -3,7 +3,7 @@
 // model from it as a job of the server's supervisor (closing the page stops nothing, Cancel does). ACTIONS holds
 // one entry per kind of job: quantization (`lmlab quantize`); a merge is one more entry there.
 
-import { mergeForm, mergeLabel } from "/static/mergeform.js";
+import { mergeForm, mergeLabel, startJob } from "/static/mergeform.js";
 
 let A = null;  // app.js: { S, t, h, api, fmtNum, fmtBytes, statusLabel, refreshRuns, runAction, toast, ACTIVE }
 const P = { name: null, card: null, error: null, stamp: null, sigs: {} };
@@ -175,13 +175,5 @@ async function startQuantize(m) {
   const calibration = method === "gptq" ? [...document.querySelectorAll("#mp-calibration input:checked")].map((x) => x.value) : [];
   const body = { model: m.name, new_model: f("new_model").value.trim(), to, method, calibration, keep_head: f("keep_head").checked };
   if (to === "int4") body.group_size = +f("group_size").value;
-  try {
-    const run = await A.api("POST", "/api/v1/runs/quantize", body);
-    msg.textContent = A.t("mp.started", { id: run.id, name: body.new_model });
-    msg.className = "msg ok";
-    await A.refreshRuns();
-  } catch (e) {
-    msg.textContent = "✗ " + e.message;
-    msg.className = "msg bad";
-  }
+  await startJob(A, "/api/v1/runs/quantize", body, msg, "mp.started");
 }
