@@ -166,3 +166,22 @@ def test_refusals_are_one_line_with_exit_2(setup, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("lmlab: error: ") and why in err and "\n" not in err, err
         assert not out.exists()  # nothing written
+
+
+def test_windows_fit_the_shorter_context_of_teacher_and_student(setup, tmp_path, capsys):
+    """A preset student (llama-tiny: a 128-token context) under the 32-token teacher: without --seq-len the
+    windows are the teacher's 32 tokens (the teacher must read every window it scores); a longer --seq-len is
+    refused in one line before anything is written."""
+    root, book, _ = setup
+    out = tmp_path / "preset"
+    assert main(["tune", "distill", "--teacher", str(root / "teacher" / "final"), "--preset", "llama-tiny",
+                 "--data", str(book), "--out", str(out), "--max-steps", "2", "--batch-size", "2",
+                 "--eval-every", "0", "--save-every", "0"]) == 0
+    assert json.loads((out / "config.json").read_text())["train"]["seq_len"] == 32
+    assert lmlab.ModelConfig.load(out / "final" / "config.json").block_size == 128
+    capsys.readouterr()
+    assert main(["tune", "distill", "--teacher", str(root / "teacher" / "final"), "--preset", "llama-tiny",
+                 "--data", str(book), "--out", str(tmp_path / "long"), "--max-steps", "2", "--seq-len", "64"]) == 2
+    assert capsys.readouterr().err.strip() == ("lmlab: error: --seq-len (64) is longer than the teacher's context "
+                                               "(32 tokens); the teacher scores every window")
+    assert not (tmp_path / "long").exists()

@@ -183,6 +183,16 @@ def _sequence_data(out: Path, teacher: Transformer, tok: Tokenizer, books: Token
     return SamplesDataset(data, books)
 
 
+def _window(config: TrainConfig, teacher: Transformer, student: Transformer) -> int:
+    """The training window: --seq-len, else the shorter of the two contexts (the teacher scores every window
+    the student trains on, so a window past its context cannot be scored)."""
+    limit = teacher.config.block_size
+    if config.seq_len and config.seq_len > limit:
+        raise ValueError(f"--seq-len ({config.seq_len}) is longer than the teacher's context ({limit} tokens); the "
+                         "teacher scores every window")
+    return config.seq_len or min(student.config.block_size, limit)
+
+
 def _load_teacher(teacher_dir: str | Path) -> tuple[Transformer, Tokenizer]:
     teacher, tok = load_pretrained(teacher_dir)  # an int8/int4 teacher loads too: it only runs forward
     if tok is None:
@@ -219,7 +229,8 @@ def run_distill(teacher_dir: str | Path, books: Sequence[str | Path], out_dir: s
         torch.manual_seed(config.seed)  # as train() initialises a ModelConfig
         student = Transformer(mc)
     _check_vocab(teacher, student.config)
-    seq_len = config.seq_len or student.config.block_size
+    seq_len = _window(config, teacher, student)
+    config = dataclasses.replace(config, seq_len=seq_len)
     paths = find_documents(books)
     ds: Any = prepare(paths, tok, out / "data", val_fraction=val_fraction, seq_len=seq_len)
     provenance = {"dataset": str(Path(ds.path).resolve()), "sources": [str(p) for p in paths],
