@@ -1,7 +1,8 @@
 """The Tune tab in a real browser, on a real `lmlab serve` with a tiny model: a bad dataset refused with the
 server's line naming the line, a good one uploaded and previewed with its trained tokens marked (the API's mask,
 token for token), a tiny SFT run started from the form whose loss chart is drawn while it runs, cancelled from
-its row, the chart then holding every logged point; the form's fields per method; no console errors, no
+its row, the chart then holding every logged point; the form's fields per method; a distillation run
+into a new student started from the form, its two loss parts charted; no console errors, no
 serious or critical axe-core finding, no sideways scroll at 390 px; screenshots at 1400 and 390 px in English
 and Russian in tests/artifacts/ux/tune/."""
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 from test_browser import TOKEN, browser, ui_page  # noqa: F401 (browser: the fixture)
 from test_browser_ux import SHOTS, axe_violations
-from test_server_support import ServerProcess
+from test_server_support import ServerProcess, upload
 from test_server_tune import CHATS, TEXT, jsonl
 
 from lmlab.models import ModelConfig, Transformer
@@ -30,6 +31,8 @@ def test_upload_preview_and_a_run_with_its_chart_from_the_view(tmp_path, browser
     save_pretrained(Workspace(ws).model_path("base"), Transformer(ModelConfig.preset(
         "gpt2-tiny", vocab_size=len(tok) + 8, n_layer=1, block_size=48)), tok)
     server = ServerProcess(ws, token=TOKEN).start()
+    with server.client() as c:  # a book for the distillation below
+        assert upload(c, "lessons.txt", ((TEXT + "\n") * 30).encode()).status_code == 201
     try:
         with ui_page(browser, SHOTS / "tune", ignore="status of 422") as (page, shot):
             page.set_viewport_size({"width": 1400, "height": 900})
@@ -114,5 +117,31 @@ def test_upload_preview_and_a_run_with_its_chart_from_the_view(tmp_path, browser
             assert page.eval_on_selector_all("#tn-task option", "os => os.map(o => o.value)") == [
                 "addition", "count", "sort", "format"]
             shot("tune-grpo-form-1400")
+
+            # distillation: the model teaches a new student of a preset on books; no dataset, no LoRA; the
+            # temperature and alpha belong to the logits mode only
+            page.select_option("#tn-method", "distill")
+            assert page.is_visible("#tn-preset") and page.is_visible("#tn-books") and page.is_visible("#tn-alpha")
+            assert not page.is_visible("#tn-dataset") and not page.is_visible("#tn-lora-rank")
+            page.select_option("#tn-mode", "sequence")
+            assert not page.is_visible("#tn-temperature") and not page.is_visible("#tn-alpha")
+            page.select_option("#tn-mode", "logits")
+            page.select_option("#tn-preset", "gpt2-tiny")
+            assert page.input_value("#tn-new") == "base-gpt2-tiny"
+            page.click("#tn-start")
+            assert page.inner_text("#tn-msg") == "✗ Choose at least one book for the student."
+            page.check('#tn-books input[value="lessons.txt"]')
+            page.fill("#tn-steps", "3")
+            page.fill("#tn-batch", "2")
+            page.click("#tn-start")
+            page.wait_for_selector('#tn-runs tr[data-run="2"][data-status="completed"]', timeout=120_000)
+            with server.client() as c:
+                rows = [m for m in c.get("/api/v1/runs/2/metrics").json()["metrics"] if "kd_loss" in m]
+                assert c.get("/api/v1/models/base-gpt2-tiny").json()["origin"]["method"] == "distill"
+            assert [m["step"] for m in rows] == [1, 2, 3]
+            page.wait_for_function("() => +document.querySelector('#chart-tune-kd').dataset.points === 6")
+            assert page.inner_text("#tn-detail-head") == \
+                "#2 · base → base-gpt2-tiny · distilled into gpt2-tiny on lessons.txt · completed"
+            shot("tune-distill-1400")
     finally:
         server.stop()

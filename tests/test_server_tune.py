@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from test_server_support import CHILD_ENV, client, finished, settings, wait_run
+from test_server_support import CHILD_ENV, client, finished, settings, upload, wait_run
 
 from lmlab.models import ModelConfig, Transformer
 from lmlab.models.io import save_pretrained
@@ -223,3 +223,34 @@ def test_a_cancelled_run_resumes_and_continues_its_metrics(tn):
     command = [x for x in tn.get(f"/api/v1/runs/{run_id}/log").json()["lines"] if x.startswith("$ lmlab ")]
     assert command[-1].endswith(f"--resume --max-steps {ckpt + 2}")
     assert tn.get("/api/v1/models/base-long").json()["origin"]["steps"] == ckpt + 2
+
+
+def test_a_distill_run_equals_the_cli_and_makes_a_student(tn, tmp_path):
+    """The tab's distillation: `base` teaches a new gpt2-tiny student on a book; the metrics equal the CLI's
+    with the flags written out, and the student is registered with its teacher as parent and steps of its own."""
+    assert upload(tn, "lessons.txt", ((TEXT + "\n") * 30).encode()).status_code == 201
+    body = {"method": "distill", "model": "base", "new_model": "base-student", "books": ["lessons.txt"],
+            "preset": "gpt2-tiny", "max_steps": 3, "batch_size": 2, "lr": 1e-3, "save_every": 2,
+            "temperature": 1.5, "alpha": 0.7}
+    r = tn.post("/api/v1/runs/tune", json=body)
+    assert r.status_code == 201, r.text
+    run = finished(tn, r.json()["id"])
+    assert (run["status"], run["current_step"], run["books"]) == ("completed", 3, ["lessons.txt"]), run
+    got = [{k: v for k, v in m.items() if k not in (*TIMING, "id", "time")}
+           for m in tn.get(f"/api/v1/runs/{run['id']}/metrics").json()["metrics"]]
+    assert [m["step"] for m in got if "loss" in m] == [1, 2, 3] and all("kd_loss" in m for m in got if "loss" in m)
+    cli = cli_metrics(tn, tmp_path / "cli", "distill", "--teacher", "models/base", "--preset", "gpt2-tiny",
+                      "--data", "books/lessons.txt", "--max-steps", "3", "--batch-size", "2", "--lr", "0.001",
+                      "--save-every", "2", "--seed", "0", "--log-every", "1", "--eval-every", "0",
+                      "--mode", "logits", "--temperature", "1.5", "--alpha", "0.7")
+    assert got == cli
+    model = tn.get("/api/v1/models/base-student").json()
+    assert model["origin"] == {"kind": "tune", "parent": "base", "run_id": run["id"], "method": "distill",
+                               "preset": "gpt2-tiny", "mode": "logits", "steps": 3}
+    assert model["trained_steps"] == 3  # its own, not the teacher's
+    for extra, code, why in (({"lora_rank": 4}, 422, "lora_rank is not a setting of distill runs"),
+                             ({"preset": "gpt2-huge"}, 422, "preset ('gpt2-huge') is unknown; choose one of "),
+                             ({"books": ["nope.txt"]}, 404, "book 'nope.txt' not found"),
+                             ({"dataset": "chats.jsonl"}, 422, "dataset is not a setting of distill runs")):
+        r = tn.post("/api/v1/runs/tune", json={**body, "new_model": "x", **extra})
+        assert r.status_code == code and r.json()["detail"].startswith(why), r.text

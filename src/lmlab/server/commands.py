@@ -189,21 +189,29 @@ TUNE_SETTINGS = {
     "dpo": ("max_steps", "batch_size", "lr", "warmup_steps", "seed", "save_every", "log_every", "beta"),
     "grpo": ("max_steps", "prompts_per_step", "group_size", "max_new_tokens", "lr", "kl_coef", "seed", "save_every",
              "eval_every", "eval_prompts"),
+    "distill": ("max_steps", "batch_size", "lr", "warmup_steps", "seed", "save_every", "log_every", "eval_every",
+                "mode", "temperature", "alpha"),
 }
 LORA_SETTINGS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
 DATASET = "dataset.jsonl"
 
 
 def tune_command(run: dict[str, Any], ws: Workspace) -> Command:
-    """`tune sft|dpo|grpo --model DIR --out RUN_DIR (--data RUN_DIR/dataset.jsonl | --task T) SETTINGS...`, or
+    """`tune sft|dpo|grpo --model DIR --out RUN_DIR (--data RUN_DIR/dataset.jsonl | --task T) SETTINGS...`,
+    `tune distill --teacher DIR --preset P --out RUN_DIR --data BOOKS... SETTINGS...`, or
     `tune METHOD --out RUN_DIR --resume` with its step limit (the run keeps its own model, data and settings)."""
     p, run_dir = run["params"], ws.run_path(run["id"])
     method = p["method"]
     steps = {"steps" if method == "grpo" else "max_steps": p["max_steps"]}
     if run["resume"]:
         return Command(["tune", method, "--out", str(run_dir), "--resume", *flags(steps)], {})
-    args = ["tune", method, "--model", str(ws.model_path(run["model_name"])), "--out", str(run_dir)]
-    args += ["--task", p["task"]] if method == "grpo" else ["--data", str(run_dir / DATASET)]
+    model = str(ws.model_path(run["model_name"]))
+    if method == "distill":  # a new student of a preset, taught by the model on the run's books
+        args = ["tune", method, "--teacher", model, "--preset", p["preset"], "--out", str(run_dir), "--data",
+                *[str(ws.book_path(b)) for b in run["books"]]]
+    else:
+        args = ["tune", method, "--model", model, "--out", str(run_dir)]
+        args += ["--task", p["task"]] if method == "grpo" else ["--data", str(run_dir / DATASET)]
     if method == "dpo":  # the reference log-probabilities cached in the run, not in the server's home
         args += ["--loss", p["loss"], "--ref-cache", str(run_dir / "reference")]
     settings = {k: p.get(k) for k in TUNE_SETTINGS[method] if k != "max_steps"}

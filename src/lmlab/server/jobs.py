@@ -367,8 +367,9 @@ class Supervisor:
         """The policy in `final/` of a self-play or a fine-tuning run becomes the new model (_register_model)."""
         p = run["params"]
         if run["kind"] == "tune":
+            told = ("loss", "task", "dataset", "lora_rank", "preset", "mode")  # distill: the teacher is the parent
             origin = {"kind": "tune", "parent": run["model_name"], "run_id": run["id"], "method": p["method"],
-                      **{k: p[k] for k in ("loss", "task", "dataset", "lora_rank") if p.get(k) is not None},
+                      **{k: p[k] for k in told if p.get(k) is not None},
                       "steps": training.get("steps")}
         else:
             origin = {"kind": "selfplay", "parent": run["model_name"], "run_id": run["id"], "reward": p["reward"],

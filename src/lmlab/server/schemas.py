@@ -257,7 +257,8 @@ class Run(BaseModel):
     id: int
     kind: Literal["train", "selfplay", "experiment", "eval", "quantize", "merge", "tune"] = Field(
         description="train: `lmlab train`; selfplay: `lmlab selfplay text` from `model` into params.new_model; "
-                    "tune: `lmlab tune METHOD` (params.method: sft, dpo, grpo) from `model` into params.new_model; "
+                    "tune: `lmlab tune METHOD` (params.method: sft, dpo, grpo, distill) from `model` into "
+                    "params.new_model; "
                     "experiment: a lab experiment (params.lab, params.experiment), no model (`model` is empty); "
                     "eval: an evaluation (params.models, params.tasks, params.run), no model (GET /runs/{id}/eval); "
                     "quantize: `lmlab quantize` of `model` into params.new_model; "
@@ -473,12 +474,21 @@ class TuneCreate(BaseModel):
     on preference pairs (KTO: labelled completions), or `lmlab tune grpo --task T`, from a trained model into a
     new one, optionally with LoRA adapters. Settings of another method are refused."""
     model_config = ConfigDict(extra="forbid")
-    method: Literal["sft", "dpo", "grpo"]
-    model: str = Field(..., min_length=1, max_length=100, description="the trained model to start from")
+    method: Literal["sft", "dpo", "grpo", "distill"]
+    model: str = Field(..., min_length=1, max_length=100, description="the trained model to start from (distill: "
+                                                                      "the teacher)")
     new_model: str = Field(..., min_length=1, max_length=100, description="the name of the model it makes")
     dataset: str | None = Field(None, max_length=200, description="sft and dpo: a dataset of the workspace")
     loss: Literal["dpo", "ipo", "simpo", "orpo", "kto"] | None = Field(None, description="dpo (default dpo)")
     task: str | None = Field(None, max_length=40, description="grpo: a verifiable task")
+    books: list[str] | None = Field(None, min_length=1, max_length=100, description="distill: books it trains on")
+    preset: str | None = Field(None, max_length=40, description="distill: the new student's preset (the teacher's "
+                                                                "tokenizer), e.g. gpt2-tiny")
+    mode: Literal["logits", "sequence"] | None = Field(None, description="distill: logits (KL to the teacher's "
+                                                       "softened predictions mixed with the data's loss) or sequence "
+                                                       "(train on the teacher's continuations); default logits")
+    temperature: float | None = Field(None, gt=0, le=100, description="distill, logits: the softmax temperature (2)")
+    alpha: float | None = Field(None, ge=0, le=1, description="distill, logits: weight of the KD term (0.5)")
     max_steps: int = Field(50, ge=1, le=1_000_000, description="optimizer steps (grpo: updates)")
     batch_size: int | None = Field(None, ge=1, le=4096, description="sft, dpo: examples per step (8)")
     lr: float | None = Field(None, gt=0, le=1, description="learning rate (the method's default)")

@@ -9,7 +9,8 @@ mask (lmlab.tune.chat.render) for conversations, exactly as `lmlab tune sft` bui
 (tune.sft.encode_examples), or the scored completion of a preference example (tune.preference.render).
 
 A fine-tuning run is `lmlab tune sft | dpo --loss L | grpo --task T` (commands.tune_command) under the supervisor,
-from a trained model into a new one, registered when it completes as self-play's is (jobs.Supervisor). It reads
+from a trained model into a new one (or `lmlab tune distill`: the trained model teaches a new student of a preset
+on books of the workspace), registered when it completes as self-play's is (jobs.Supervisor). It reads
 its own copy of the dataset (runs/run-N/dataset.jsonl, a hard link where the file system has them), so the
 workspace's dataset can be replaced or deleted while the run is stopped and it still resumes on its data.
 """
@@ -25,7 +26,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, File, Form, HTTPException, Query, Response, UploadFile
 
 from ...data.jsonl import read_jsonl
-from ...models import ModelConfig
+from ...models import ModelConfig, preset_names
 from ...tokenizers import Tokenizer
 from ...tune.chat import with_chat_tokens
 from ...tune.data import check_conversation, check_prompt_completion
@@ -36,7 +37,7 @@ from ...tune.sft import encode_examples
 from ..app import AppState, StateDep
 from ..commands import DATASET, LORA_SETTINGS, TUNE_SETTINGS
 from ..schemas import DATASET_KINDS, Dataset, DatasetPreview, Run, TuneCreate
-from ..services import estimate, need_selfplay_models, need_trained, receive_upload, run_info
+from ..services import estimate, need_book, need_selfplay_models, need_trained, receive_upload, run_info
 from ..workspace import NAME_MAX, BadName, check_name, inside, link_or_copy, remove_entry
 
 router = APIRouter()
@@ -47,9 +48,12 @@ METHOD_KINDS = {"sft": ("conversations", "prompt_completion"), "dpo": ("pairs",)
 # each method's own defaults where TuneCreate leaves a setting out: a metrics line every step, for the live charts
 DEFAULTS = {"sft": {"batch_size": 8, "warmup_steps": 0, "log_every": 1, "eval_every": 0},
             "dpo": {"batch_size": 8, "warmup_steps": 0, "log_every": 1, "loss": "dpo"},
-            "grpo": {"prompts_per_step": 4, "group_size": 4, "max_new_tokens": 16, "eval_every": 0, "eval_prompts": 50}}
-COMMON = {"method", "model", "new_model", "max_steps", "lr", "seed", "save_every", *LORA_SETTINGS}
-OWN = {"sft": {"dataset"}, "dpo": {"dataset", "loss"}, "grpo": {"task"}}
+            "grpo": {"prompts_per_step": 4, "group_size": 4, "max_new_tokens": 16, "eval_every": 0, "eval_prompts": 50},
+            "distill": {"batch_size": 8, "log_every": 1, "eval_every": 0, "mode": "logits"}}
+COMMON = {"method", "model", "new_model", "max_steps", "lr", "seed", "save_every"}
+# distill trains a new student whole: no LoRA
+OWN = {"sft": {"dataset", *LORA_SETTINGS}, "dpo": {"dataset", "loss", *LORA_SETTINGS}, "grpo": {"task", *LORA_SETTINGS},
+       "distill": {"books", "preset"}}
 
 
 # ---- datasets ---------------------------------------------------------------------------------------
@@ -214,10 +218,12 @@ def preference_rows(examples: list[tuple[int, Any]], kind: str, tok: Tokenizer, 
 
 # ---- runs -------------------------------------------------------------------------------------------
 
-@router.get("/tune/options", tags=["tune"], summary="what a fine-tuning run can be: methods, losses, tasks, kinds")
+@router.get("/tune/options", tags=["tune"],
+            summary="what a fine-tuning run can be: methods, losses, tasks, kinds, student presets")
 def tune_options() -> dict[str, Any]:
     return {"methods": list(TUNE_SETTINGS), "losses": ["dpo", "ipo", "simpo", "orpo", "kto"], "tasks": list(TASKS),
-            "kinds": list(DATASET_KINDS), "method_kinds": METHOD_KINDS, "defaults": DEFAULTS}
+            "kinds": list(DATASET_KINDS), "method_kinds": METHOD_KINDS, "defaults": DEFAULTS,
+            "presets": preset_names()}
 
 
 @router.post("/runs/tune", tags=["tune"], status_code=201, response_model=Run,
@@ -226,7 +232,8 @@ def tune_options() -> dict[str, Any]:
                         409: {"description": "a model that is untrained, in training, or a name already taken"},
                         422: {"description": "settings that do not fit the method, data of the wrong kind, or a run "
                                              "over the memory budget"}},
-             summary="start fine-tuning (sft, dpo with a loss, grpo on a task; LoRA optional) into a new model")
+             summary="start fine-tuning (sft, dpo with a loss, grpo on a task; LoRA optional) into a new model, or "
+                     "distillation of the model into a new student")
 def create_tune_run(state: StateDep, req: TuneCreate) -> Run:
     given = req.model_dump(exclude_none=True)
     allowed = COMMON | OWN[req.method] | set(TUNE_SETTINGS[req.method])
@@ -237,14 +244,22 @@ def create_tune_run(state: StateDep, req: TuneCreate) -> Run:
     params = {**DEFAULTS[req.method], **given}
     if req.method == "grpo" and params.get("task") not in TASKS:
         raise HTTPException(422, f"task ({params.get('task')!r}) must be one of {', '.join(TASKS)}")
-    if req.method != "grpo" and not req.dataset:
+    if req.method in ("sft", "dpo") and not req.dataset:
         raise HTTPException(422, f"{req.method} needs a dataset")
+    if req.method == "distill":
+        if not req.books or not req.preset:
+            raise HTTPException(422, "distill needs books and the student's preset")
+        if req.preset not in preset_names():
+            raise HTTPException(422, f"preset ({req.preset!r}) is unknown; choose one of {', '.join(preset_names())}")
     lora = {k: params[k] for k in LORA_SETTINGS if k in params}
     if lora and "lora_rank" not in lora:
         raise HTTPException(422, f"{', '.join(lora)} needs lora_rank")
     new = check_name(req.new_model, "new model name")
     with state.lock:  # from the checks through add_run: see Supervisor.lock
-        path, _ = need_selfplay_models(state, req.model, None, new, role="the model a fine-tuning run starts from")
+        path, _ = need_selfplay_models(state, req.model, None, new, role="the teacher" if req.method == "distill" else
+                                       "the model a fine-tuning run starts from")
+        for book in req.books or ():
+            need_book(state, book)
         if req.dataset:
             kind = need_dataset(state, req.dataset)["kind"]
             how = "kto" if params.get("loss") == "kto" else req.method
@@ -260,9 +275,10 @@ def create_tune_run(state: StateDep, req: TuneCreate) -> Run:
         est = estimate(cfg, batch, state.memory_budget)
         if not est.fits:
             raise HTTPException(422, est.reason)
-        start = state.db.get_model(req.model)  # its steps go on from the starting model's
-        run = state.db.add_run(req.model, [], params, True, req.max_steps, kind="tune",
-                               parent_run_id=start["trained_run_id"], step_offset=start["trained_steps"] or 0)
+        # its steps go on from the starting model's; a distilled student is new
+        start = {} if req.method == "distill" else state.db.get_model(req.model)
+        run = state.db.add_run(req.model, req.books or [], params, True, req.max_steps, kind="tune",
+                               parent_run_id=start.get("trained_run_id"), step_offset=start.get("trained_steps") or 0)
         if req.dataset:  # the run's own copy: what it trains on, and resumes on
             run_dir = state.ws.run_path(run["id"])
             run_dir.mkdir(parents=True, exist_ok=True)

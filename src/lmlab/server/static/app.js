@@ -316,7 +316,7 @@ function modelState(m) {
   // the server keeps an origin only while it is true: cleared when the model is trained from scratch
   const o = m.origin;
   const made = o && o.kind === "selfplay" ? t("models.selfplay_of", { parent: o.parent, reward: o.reward, id: o.run_id })
-    : o && o.kind === "tune" ? t("tune.model_of", { parent: o.parent, how: (o.loss || o.method).toUpperCase() + (o.task ? " " + o.task : ""), id: o.run_id }) : null;
+    : o && o.kind === "tune" ? t("tune.model_of", { parent: o.parent, how: (o.loss || o.method).toUpperCase() + (o.task || o.preset ? " " + (o.task || o.preset) : ""), id: o.run_id }) : null;
   if (made && m.trained_run_id === o.run_id) bits.unshift(made);  // its weights are the self-play's policy
   else {
     bits.unshift(m.trained ? t("models.trained", { steps: fmtNum(m.trained_steps) }) : t("models.untrained"));

@@ -1,9 +1,10 @@
 // The Tune tab: fine-tuning a trained model (routers/tune.py). Datasets of JSONL (uploaded for a kind, checked by
 // the server with the reader the runs use: a bad file is refused with the line that is wrong), a preview of what
 // a model would be trained on (its tokens, the trained ones marked: the chat renderer's mask), and runs of
-// `lmlab tune sft | dpo --loss L | grpo --task T` (LoRA optional) as jobs of the server's supervisor, listed
-// with cancel and resume, and charted live from the run's metrics stream (app.js subscribe): loss for SFT,
-// chosen/rejected rewards, margin and accuracy for the preference losses, reward and KL for GRPO.
+// `lmlab tune sft | dpo --loss L | grpo --task T` (LoRA optional) or `lmlab tune distill` (the model teaches a new
+// student of a preset on books) as jobs of the server's supervisor, listed with cancel and resume, and charted live
+// from the run's metrics stream (app.js subscribe): loss for SFT, chosen/rejected rewards, margin and accuracy for
+// the preference losses, reward and KL for GRPO, the loss's two parts and the KL to the teacher for distillation.
 
 import { drawChartInto } from "/static/charts.js";
 import { errorText, keepFocus } from "/static/ux.js";
@@ -23,12 +24,18 @@ const CHARTS = {
         { id: "tune-kl", key: "tune.chart_kl", keys: [["kl", ""]] }],
   grpo: [{ id: "tune-reward", key: "tune.chart_reward", keys: [["reward", ""]] },
          { id: "tune-kl", key: "tune.chart_kl", keys: [["kl", ""]] }],
+  // logits mode: the loss is (1 - alpha) x data + alpha x KD, both parts logged; val_kl at each evaluation
+  distill: [{ id: "tune-loss", key: "tune.chart_loss", keys: [["loss", "train"], ["val_loss", "val"]] },
+            { id: "tune-kd", key: "tune.chart_kd", keys: [["kd_loss", "kd", "#7c3aed"], ["ce_loss", "ce", "#0891b2"]] },
+            { id: "tune-val-kl", key: "tune.chart_val_kl", keys: [["val_kl", ""]] }],
 };
 
 // "base → base-chat · SFT on chats.jsonl" / "· IPO on pairs.jsonl" / "· GRPO, addition"
 export function tuneName(r) {
   const p = r.params, t = A.t;
-  const how = p.method === "grpo" ? t("tune.what_grpo", { task: t("tune.task_" + p.task) }) : t("tune.what_data", { method: (p.method === "dpo" ? p.loss : "sft").toUpperCase(), data: p.dataset });
+  const how = p.method === "grpo" ? t("tune.what_grpo", { task: t("tune.task_" + p.task) })
+    : p.method === "distill" ? t("tune.what_distill", { preset: p.preset, books: (r.books || []).join(", ") })
+    : t("tune.what_data", { method: (p.method === "dpo" ? p.loss : "sft").toUpperCase(), data: p.dataset });
   return `${r.model} → ${p.new_model} · ${how}${p.lora_rank ? " · LoRA r" + p.lora_rank : ""}`;
 }
 
@@ -62,20 +69,27 @@ export function initTune(app) {
     h("form", { id: "tn-form", class: "card form-grid", autocomplete: "off" },
       i("tune.start_title", { tag: "h3", class: "wide" }),
       field("tune.method", h("select", { id: "tn-method" }, i("tune.method_sft", { tag: "option", value: "sft" }),
-        i("tune.method_dpo", { tag: "option", value: "dpo" }), i("tune.method_grpo", { tag: "option", value: "grpo" }))),
+        i("tune.method_dpo", { tag: "option", value: "dpo" }), i("tune.method_grpo", { tag: "option", value: "grpo" }),
+        i("tune.method_distill", { tag: "option", value: "distill" }))),
       field("tune.model", h("select", { id: "tn-model", required: true })),
       field("tune.new_model", h("input", { id: "tn-new", required: true, maxlength: "100" })),
       field("tune.dataset", h("select", { id: "tn-dataset" }), { class: "tn-data" }),
+      field("tune.preset", h("select", { id: "tn-preset" }), { class: "tn-only-distill" }),
+      field("tune.mode", h("select", { id: "tn-mode" }, i("tune.mode_logits", { tag: "option", value: "logits" }),
+        i("tune.mode_sequence", { tag: "option", value: "sequence" })), { class: "tn-only-distill" }),
+      h("fieldset", { class: "wide tn-only-distill", id: "tn-books" }, i("tune.books", { tag: "legend" }), h("div", { class: "checks" })),
       field("tune.loss", h("select", { id: "tn-loss" }), { class: "tn-only-dpo" }),
       field("tune.task", h("select", { id: "tn-task" }), { class: "tn-only-grpo" }),
       field("tune.steps", num("tn-steps", { min: 1, value: 50 })),
-      field("tune.batch", num("tn-batch", { min: 1, value: 8 }), { class: "tn-data" }),
+      field("tune.batch", num("tn-batch", { min: 1, value: 8 }), { class: "tn-batch" }),
       field("tune.lr", num("tn-lr", { min: 0, step: "any", placeholder: A.t("tune.default") })),
       field("tune.group", num("tn-group", { min: 2, value: 4 }), { class: "tn-only-grpo" }),
       field("tune.prompts", num("tn-prompts", { min: 1, value: 4 }), { class: "tn-only-grpo" }),
       field("tune.max_new", num("tn-max-new", { min: 1, value: 16 }), { class: "tn-only-grpo" }),
       field("tune.kl", num("tn-kl", { min: 0, step: "any", value: 0 }), { class: "tn-only-grpo" }),
-      h("fieldset", { class: "wide form-grid" }, i("tune.lora", { tag: "legend" }),
+      field("tune.temperature", num("tn-temperature", { min: 0, step: "any", value: 2 }), { class: "tn-only-logits" }),
+      field("tune.alpha", num("tn-alpha", { min: 0, max: 1, step: "any", value: 0.5 }), { class: "tn-only-logits" }),
+      h("fieldset", { class: "wide form-grid tn-lora" }, i("tune.lora", { tag: "legend" }),
         field("tune.lora_rank", num("tn-lora-rank", { min: 1, placeholder: A.t("tune.lora_off") })),
         field("tune.lora_alpha", num("tn-lora-alpha", { min: 0, step: "any", placeholder: A.t("tune.lora_alpha_default") })),
         field("tune.lora_dropout", num("tn-lora-dropout", { min: 0, max: 0.99, step: "any", placeholder: "0" })),
@@ -92,6 +106,8 @@ export function initTune(app) {
   $("#tn-form").addEventListener("submit", (ev) => { ev.preventDefault(); start(); });
   $("#tn-method").addEventListener("change", () => { $("#tn-msg").textContent = ""; renderForm(true); });
   $("#tn-loss").addEventListener("change", () => renderForm(true));
+  $("#tn-mode").addEventListener("change", () => renderForm());
+  $("#tn-preset").addEventListener("change", () => renderForm(true));
   $("#tn-model").addEventListener("change", () => renderForm(true));
   $("#tn-new").addEventListener("input", () => { T.named = true; });
   $("#tn-preview-model").addEventListener("change", () => preview(T.previewName));
@@ -216,21 +232,36 @@ function renderForm(changed = false) {
   }
   const wanted = o ? o.method_kinds[method === "dpo" && $("#tn-loss").value === "kto" ? "kto" : method] || [] : [];
   options($("#tn-dataset"), T.datasets.filter((d) => wanted.includes(d.kind)).map((d) => [d.name, `${d.name} · ${t("tune.kind_" + d.kind)}`]));
-  for (const e of document.querySelectorAll("#tn-form .tn-data")) e.hidden = method === "grpo";
-  for (const e of document.querySelectorAll("#tn-form .tn-only-dpo")) e.hidden = method !== "dpo";
-  for (const e of document.querySelectorAll("#tn-form .tn-only-grpo")) e.hidden = method !== "grpo";
-  if (!T.named && $("#tn-model").value && (changed || !$("#tn-new").value)) $("#tn-new").value = `${$("#tn-model").value}-${method === "dpo" ? $("#tn-loss").value || "dpo" : method}`;
+  if (o) options($("#tn-preset"), o.presets.map((x) => [x, x]));
+  const books = A.S.books.map((b) => b.name), box = $("#tn-books .checks");
+  if (box.dataset.sig !== JSON.stringify(books)) {  // keep what is ticked
+    const ticked = new Set([...box.querySelectorAll("input:checked")].map((x) => x.value));
+    box.replaceChildren(...(books.length ? books.map((b) => A.h("label", { class: "check" }, A.h("input", { type: "checkbox", value: b, checked: ticked.has(b) }), " " + b))
+      : [A.h("p", { class: "muted", text: t("train.no_books") })]));
+    box.dataset.sig = JSON.stringify(books);
+  }
+  const shown = { "tn-data": ["sft", "dpo"], "tn-batch": ["sft", "dpo", "distill"], "tn-only-dpo": ["dpo"], "tn-only-grpo": ["grpo"],
+                  "tn-only-distill": ["distill"], "tn-lora": ["sft", "dpo", "grpo"] };
+  for (const [cls, methods] of Object.entries(shown)) for (const e of document.querySelectorAll(`#tn-form .${cls}`)) e.hidden = !methods.includes(method);
+  for (const e of document.querySelectorAll("#tn-form .tn-only-logits")) e.hidden = method !== "distill" || $("#tn-mode").value !== "logits";
+  const suffix = method === "dpo" ? $("#tn-loss").value || "dpo" : method === "distill" ? $("#tn-preset").value || "student" : method;
+  if (!T.named && $("#tn-model").value && (changed || !$("#tn-new").value)) $("#tn-new").value = `${$("#tn-model").value}-${suffix}`;
   $("#tn-start").disabled = !trained().length;
 }
 
 async function start() {
   const { t } = A, method = $("#tn-method").value, msg = $("#tn-msg");
   const val = (id) => $(id).value.trim(), n = (id) => (val(id) === "" ? undefined : Number(val(id)));
-  const body = { method, model: val("#tn-model"), new_model: val("#tn-new"), max_steps: n("#tn-steps"), lr: n("#tn-lr"),
-                 lora_rank: n("#tn-lora-rank"), lora_alpha: n("#tn-lora-alpha"), lora_dropout: n("#tn-lora-dropout"),
-                 lora_targets: val("#tn-lora-targets") || undefined };
+  const body = { method, model: val("#tn-model"), new_model: val("#tn-new"), max_steps: n("#tn-steps"), lr: n("#tn-lr") };
+  if (method !== "distill") Object.assign(body, { lora_rank: n("#tn-lora-rank"), lora_alpha: n("#tn-lora-alpha"), lora_dropout: n("#tn-lora-dropout"),
+                                                   lora_targets: val("#tn-lora-targets") || undefined });
   if (method === "grpo") Object.assign(body, { task: val("#tn-task"), group_size: n("#tn-group"), prompts_per_step: n("#tn-prompts"), max_new_tokens: n("#tn-max-new"), kl_coef: n("#tn-kl") });
-  else {
+  else if (method === "distill") {
+    const books = [...document.querySelectorAll("#tn-books input:checked")].map((x) => x.value);
+    if (!books.length) return setMsg(msg, t("tune.pick_books"), false);
+    Object.assign(body, { books, preset: val("#tn-preset"), mode: val("#tn-mode"), batch_size: n("#tn-batch") });
+    if (body.mode === "logits") Object.assign(body, { temperature: n("#tn-temperature"), alpha: n("#tn-alpha") });
+  } else {
     if (!val("#tn-dataset")) return setMsg(msg, t("tune.pick_dataset"), false);
     Object.assign(body, { dataset: val("#tn-dataset"), batch_size: n("#tn-batch") });
     if (method === "dpo") body.loss = val("#tn-loss");
