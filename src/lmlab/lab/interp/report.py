@@ -9,18 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from ...models.io import load_pretrained
 from ..facts.report import _plt, save_figure, write_report
-from .hooks import (
-    activation_patching,
-    attention_patterns,
-    lens_table,
-    logit_lens,
-    restored_fraction,
-    run_with_residuals,
-)
+from .views import attention_view, encode, label, lens_view, patch_view, token_id
 
 HEADING = "lmlab lab interp"
 NOTE = ("Residual streams: 'embeddings' is the input of block 0, 'block i' the output of block i (the last one before "
@@ -32,34 +24,6 @@ def load(model_dir: str | Path) -> tuple[Any, Any]:
     if tok is None:
         raise ValueError(f"{model_dir} has no tokenizer.json; cannot turn text into tokens")
     return model, tok
-
-
-def encode(model: Any, tok: Any, text: str, flag: str = "--prompt", bos: bool = False) -> list[int]:
-    """The prompt's ids; `bos` puts <BOS> first (models trained on texts that start with it, such as the
-    post-training tasks' models)."""
-    ids = tok.encode(text)
-    if not ids:
-        raise ValueError(f"{flag} is empty: give some text")
-    ids = [tok.bos_id, *ids] if bos else ids
-    if len(ids) > model.config.block_size:
-        raise ValueError(f"{flag} is {len(ids)} tokens, more than the model's context ({model.config.block_size})")
-    return ids
-
-
-def token_id(tok: Any, text: str, flag: str) -> int:
-    """The first token of `text` (a target such as " Paris" may be one token or several; the first decides)."""
-    ids = tok.encode(text)
-    if not ids:
-        raise ValueError(f"{flag} {text!r} encodes to no tokens")
-    return ids[0]
-
-
-def label(tok: Any, i: int) -> str:
-    return repr(tok.decode([i]))[1:-1] or f"<{i}>"
-
-
-def stream_labels(n_layer: int) -> list[str]:
-    return ["embeddings", *(f"block {i}" for i in range(n_layer))]
 
 
 def heatmap(path: Path, title: str, values: np.ndarray, xlabels: list[str], ylabels: list[str],
@@ -88,30 +52,19 @@ def run_lens(model_dir: str | Path, prompt: str, out: str | Path, target: str | 
     out = Path(out)
     model, tok = load(model_dir)
     ids = encode(model, tok, prompt, bos=bos)
-    lens = logit_lens(model, ids)                                             # (L + 1, T, V)
-    with torch.no_grad():
-        own = model(torch.tensor([ids])).logits[0]
-    tid = token_id(tok, target, "--target") if target is not None else int(own[-1].argmax())
-    table = lens_table(lens, tid, k)
-    gap = float((lens[-1] - own).abs().max())
-    streams, tokens = stream_labels(model.config.n_layer), [label(tok, i) for i in ids]
-    top = [[label(tok, row[0]) for row in layer] for layer in table["top_ids"]]
-    probs = np.array(table["target_prob"])
+    view = lens_view(model, tok, ids, token_id(tok, target, "--target") if target is not None else None, k)
+    tid, gap, streams, tokens = view["target"]["id"], view["max_abs_diff_last_stream"], view["streams"], view["tokens"]
+    top = [[pos[0]["token"] for pos in layer] for layer in view["top"]]
+    probs = np.array(view["target"]["prob"])
     plot = heatmap(out / "lens.png", f"logit lens: p({label(tok, tid)}) by stream and position", probs,
                    tokens, streams, text=top, vmin=0, vmax=1)
-    first = next((s for s in range(len(streams)) if table["target_rank"][s][-1] == 0), None)
+    first = next((s for s in range(len(streams)) if view["target"]["rank"][s][-1] == 0), None)
     measured = (f"p({label(tok, tid)}) after the prompt by stream: "
                 + ", ".join(f"{s} {p:.3f}" for s, p in zip(streams, probs[:, -1]))
                 + (f"; it is the top token from {streams[first]} on" if first is not None else "; never the top token")
                 + f"; the last stream's lens differs from the model's logits by at most {gap:.2g}")
     rows = [{"stream": s, **{f"{t}@{p}": top[i][p] for p, t in enumerate(tokens)}} for i, s in enumerate(streams)]
-    results = {"model": str(model_dir), "prompt": prompt, "tokens": tokens, "streams": streams,
-               "target": {"id": tid, "text": label(tok, tid), "prob": table["target_prob"],
-                          "rank": table["target_rank"]},
-               "top": [[[{"token": label(tok, i), "id": i, "prob": p} for i, p in zip(ids_, ps)]
-                        for ids_, ps in zip(layer_ids, layer_ps)]
-                       for layer_ids, layer_ps in zip(table["top_ids"], table["top_probs"])],
-               "max_abs_diff_last_stream": gap}
+    results = {"model": str(model_dir), "prompt": prompt, **view}
     write_report(out, "logit lens", "Each residual stream, read through the final norm and the head, shows what the "
                  "model would predict if it stopped there (nostalgebraist 2020).", measured,
                  {"last_stream_equals_logits": gap <= 1e-5}, rows, [plot], results, command,
@@ -125,11 +78,10 @@ def run_attention(model_dir: str | Path, prompt: str, out: str | Path, command: 
     out = Path(out)
     model, tok = load(model_dir)
     ids = encode(model, tok, prompt, bos=bos)
-    probs = attention_patterns(model, ids)                                    # (L, H, T, T)
+    view = attention_view(model, tok, ids)
+    probs, tokens = view["attention"], view["tokens"]
+    row_err, future = view["max_row_sum_error"], view["max_future_weight"]
     L, H, T, _ = probs.shape
-    tokens = [label(tok, i) for i in ids]
-    row_err = float((probs.sum(-1) - 1).abs().max())
-    future = float(probs.triu(1).abs().max())
     plt = _plt()
     fig, axes = plt.subplots(L, H, figsize=(min(1.8 * H, 30), min(1.8 * L, 30)), dpi=100, squeeze=False)
     for layer in range(L):
@@ -148,8 +100,7 @@ def run_attention(model_dir: str | Path, prompt: str, out: str | Path, command: 
             for layer in range(L) for h in range(H)]
     measured = (f"{L} layers x {H} heads on {T} tokens; rows sum to 1 within {row_err:.2g}, largest weight on a "
                 f"later token {future:.2g}")
-    results = {"model": str(model_dir), "prompt": prompt, "tokens": tokens,
-               "attention": probs.numpy().round(5), "max_row_sum_error": row_err, "max_future_weight": future}
+    results = {"model": str(model_dir), "prompt": prompt, **view, "attention": probs.numpy().round(5)}
     write_report(out, "attention patterns", "The softmax weights of every head as the model computes them (causal "
                  "mask, RoPE and shared key/value heads included).", measured,
                  {"rows_are_distributions": row_err <= 1e-5, "causal": future == 0.0}, rows, [plot], results,
@@ -165,35 +116,22 @@ def run_patch(model_dir: str | Path, prompt: str, corrupt: str, out: str | Path,
     out = Path(out)
     model, tok = load(model_dir)
     clean, bad = encode(model, tok, prompt, bos=bos), encode(model, tok, corrupt, "--corrupt", bos)
-    if len(clean) != len(bad):
-        raise ValueError(f"--prompt and --corrupt must have the same number of tokens ({len(clean)} vs {len(bad)})")
-    logits, _ = run_with_residuals(model, clean)
-    tid = token_id(tok, target, "--target") if target is not None else int(logits[0, -1].argmax())
-    fid = token_id(tok, foil, "--foil") if foil is not None else None
-    if fid == tid:
-        raise ValueError("--foil must be a different token from --target")
-    res = activation_patching(model, clean, bad, tid, fid)
-    restored = res["restored"].numpy()
-    T = len(clean)
-    everything = restored_fraction(model, clean, bad, tid, res["foil"], {0: torch.ones(1, T, dtype=torch.bool)})
-    nothing = restored_fraction(model, clean, bad, tid, res["foil"], {0: torch.zeros(1, T, dtype=torch.bool)})
-    streams = stream_labels(model.config.n_layer)
-    tokens = [label(tok, a) if a == b else f"{label(tok, a)}/{label(tok, b)}" for a, b in zip(clean, bad)]
+    view = patch_view(model, tok, clean, bad, token_id(tok, target, "--target") if target is not None else None,
+                      token_id(tok, foil, "--foil") if foil is not None else None)
+    tid, fid, streams, tokens = view["target"]["id"], view["foil"]["id"], view["streams"], view["tokens"]
+    restored = view["restored"].numpy()
+    everything, nothing = view["restored_all_positions_stream0"], view["restored_nothing"]
     lim = max(1.0, float(np.abs(restored).max()))
-    plot = heatmap(out / "patch.png", f"restored share of logit({label(tok, tid)}) - logit({label(tok, res['foil'])})",
+    plot = heatmap(out / "patch.png", f"restored share of logit({label(tok, tid)}) - logit({label(tok, fid)})",
                    restored, tokens, streams, text=[[f"{v:.2f}" for v in row] for row in restored], cmap="coolwarm",
                    vmin=-lim, vmax=lim, xlabel="position (clean/corrupted token)")
     s, p = np.unravel_index(int(np.argmax(restored)), restored.shape)
-    measured = (f"logit difference {res['d_clean']:.3f} clean, {res['d_corrupt']:.3f} corrupted; the largest "
-                f"restoration {restored[s, p]:.3f} at {streams[s]}, position {p} ({tokens[p]}); patching every "
-                f"position at the embeddings restores {everything:.6f}, patching none {nothing:.6f}")
+    measured = (f"logit difference {view['logit_diff_clean']:.3f} clean, {view['logit_diff_corrupt']:.3f} corrupted; "
+                f"the largest restoration {restored[s, p]:.3f} at {streams[s]}, position {p} ({tokens[p]}); patching "
+                f"every position at the embeddings restores {everything:.6f}, patching none {nothing:.6f}")
     rows = [{"stream": streams[i], **{f"{p}:{t}": round(float(v), 4) for p, (t, v) in enumerate(zip(tokens, row))}}
             for i, row in enumerate(restored)]
-    results = {"model": str(model_dir), "prompt": prompt, "corrupt": corrupt, "tokens": tokens, "streams": streams,
-               "target": {"id": tid, "text": label(tok, tid)},
-               "foil": {"id": res["foil"], "text": label(tok, res["foil"])},
-               "logit_diff_clean": res["d_clean"], "logit_diff_corrupt": res["d_corrupt"], "restored": restored,
-               "restored_all_positions_stream0": everything, "restored_nothing": nothing}
+    results = {"model": str(model_dir), "prompt": prompt, "corrupt": corrupt, **view, "restored": restored}
     write_report(out, "activation patching", "Restoring the clean run's residual stream at one layer and position "
                  "in the corrupted run shows where the information that decides the prediction sits (Meng et al. "
                  "2022's causal tracing; Heimersheim & Nanda 2024).", measured,
