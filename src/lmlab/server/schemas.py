@@ -469,6 +469,21 @@ class DatasetPreview(BaseModel):
     rows: list[PreviewRow]
 
 
+class InterpRequest(BaseModel):
+    """A view of a model on a prompt (lmlab lab interp): lens, attention, or patch (with a corrupted prompt of
+    as many tokens)."""
+    model_config = ConfigDict(extra="forbid")
+    view: Literal["lens", "attention", "patch"]
+    prompt: str = Field(..., min_length=1, max_length=2000, description="the prompt (patch: the clean one)")
+    corrupt: str | None = Field(None, min_length=1, max_length=2000, description="patch: the corrupted prompt")
+    target: str | None = Field(None, min_length=1, max_length=200, description="lens, patch: the token traced (its "
+                               "first token; default the model's top token after the prompt)")
+    foil: str | None = Field(None, min_length=1, max_length=200, description="patch: the token the target's logit "
+                             "is compared with (default the corrupted run's top other token)")
+    top_k: int = Field(5, ge=1, le=20, description="lens: tokens kept per stream and position")
+    bos: bool = Field(False, description="start the prompts with <BOS> (models trained on texts that start with it)")
+
+
 class TuneCreate(BaseModel):
     """A fine-tuning run: `lmlab tune sft` on conversations or prompt-completion pairs, `lmlab tune dpo --loss L`
     on preference pairs (KTO: labelled completions), or `lmlab tune grpo --task T`, from a trained model into a

@@ -1,8 +1,10 @@
 // A model's page (#model/NAME): its card (GET /api/v1/models/NAME/card: size on disk, bits per weight,
 // parameters, how it was made, tokens/s measured on request by POST .../speed) and the actions that make a new
 // model from it as a job of the server's supervisor (closing the page stops nothing, Cancel does). ACTIONS holds
-// one entry per kind of job: quantization (`lmlab quantize`); a merge is one more entry there.
+// one entry per kind of job: quantization (`lmlab quantize`); a merge is one more entry there. Below them, "Look
+// inside" (interp.js): the interpretability lab's views of the model on a prompt.
 
+import { interpSection } from "/static/interp.js";
 import { mergeForm, mergeLabel, startJob } from "/static/mergeform.js";
 
 let A = null;  // app.js: { S, t, h, api, fmtNum, fmtBytes, statusLabel, refreshRuns, runAction, toast, ACTIVE }
@@ -93,7 +95,8 @@ export function renderModelPage() {
     root.dataset.name = P.name;
     P.sigs = {};
     root.replaceChildren(h("div", { id: "mp-head" }), h("div", { id: "mp-card-box" }),
-      h("p", { id: "mp-speed-msg", class: "msg", "aria-live": "polite" }), h("div", { id: "mp-actions" }), h("div", { id: "mp-jobs-box" }));
+      h("p", { id: "mp-speed-msg", class: "msg", "aria-live": "polite" }), h("div", { id: "mp-actions" }), h("div", { id: "mp-jobs-box" }),
+      h("section", { class: "card", id: "mp-interp", "aria-labelledby": "mp-h-interp" }));
   }
   // the card again when the model changed (trained, quantized from, measured elsewhere): its row's updated_at tells
   if (P.stamp !== `${m.updated_at}`) { P.stamp = `${m.updated_at}`; loadCard(); }
@@ -116,6 +119,8 @@ export function renderModelPage() {
     ACTIONS.map((a, i) => h("section", { class: "card", id: "mp-action-" + a.kind, "aria-labelledby": "mp-h-" + a.kind },
       h("h3", { id: "mp-h-" + a.kind, text: t(a.title) }),
       problems[i] ? h("p", { class: "muted", text: t(problems[i]) }) : a.form(m))));
+  part("mp-interp", JSON.stringify([lang, m.name, m.trained]), () => [h("h3", { id: "mp-h-interp", text: t("ip.title") }),
+    ...(m.trained ? interpSection(A, m) : [h("p", { class: "muted", text: t("ip.need_trained") })])]);
   const runs = S.runs.filter((r) => DERIVED_KINDS.includes(r.kind) && r.model === m.name);
   part("mp-jobs-box", JSON.stringify([lang, runs.map((r) => [r.id, r.status, r.cancel_requested, r.error]), S.models.map((x) => x.name)]), () => [jobs(runs)]);
 }

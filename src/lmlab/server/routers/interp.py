@@ -1,0 +1,68 @@
+"""/api/v1/models/{name}/interp: the interpretability lab's views of a trained model on a prompt, as JSON for the
+model page's "Look inside" section (lab/interp/views.py, the same numbers `lmlab lab interp` writes): the logit
+lens, every head's attention, activation patching between a clean and a corrupted prompt.
+
+Computed in the request, on a private copy of the model: the views hook the model's modules (patching even
+replaces activations), and the cached copy serves generation at the same time."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from fastapi import APIRouter, HTTPException
+
+from ...lab.interp.views import attention_view, encode, lens_view, patch_view, token_id
+from ..app import StateDep
+from ..inference import NotTrained
+from ..schemas import InterpRequest
+from ..services import need_trained
+
+router = APIRouter()
+MAX_TOKENS = 64  # the page draws a cell per position (attention: layers x heads x T x T numbers)
+
+
+def _check(req: InterpRequest) -> None:
+    if (req.view == "patch") != (req.corrupt is not None):
+        raise HTTPException(422, "corrupt is needed by patch and only by patch")
+    if req.foil is not None and req.view != "patch":
+        raise HTTPException(422, "foil is for patch only")
+    if req.target is not None and req.view == "attention":
+        raise HTTPException(422, "target is for lens and patch")
+
+
+@router.post("/models/{name}/interp", tags=["models"],
+             responses={409: {"description": "an untrained model, or one that cannot be loaded"},
+                        422: {"description": "a prompt that is empty, too long or of the wrong length for patching"}},
+             summary="look inside a model on a prompt: logit lens, attention patterns or activation patching")
+def interp(state: StateDep, name: str, req: InterpRequest) -> dict[str, Any]:
+    _check(req)
+    path = need_trained(state, name, "a model to look inside")
+    try:
+        cached, tok = state.cache.get(path)
+    except NotTrained as exc:
+        raise HTTPException(409, str(exc)) from None
+    except (ValueError, FileNotFoundError) as exc:
+        raise HTTPException(409, f"model {name!r} cannot be loaded: {exc}") from None
+    if state.settings.torch_threads:  # OpenMP's thread count is per thread: this worker gets the server's
+        torch.set_num_threads(state.settings.torch_threads)
+    model = copy.deepcopy(cached).eval()
+    try:
+        ids = encode(model, tok, req.prompt, "prompt", req.bos)
+        if len(ids) > MAX_TOKENS:
+            raise ValueError(f"prompt is {len(ids)} tokens; the page shows at most {MAX_TOKENS}")
+        target = token_id(tok, req.target, "target") if req.target is not None else None
+        if req.view == "lens":
+            view = lens_view(model, tok, ids, target, req.top_k)
+        elif req.view == "attention":
+            view = attention_view(model, tok, ids)
+            view["attention"] = view["attention"].numpy().round(4).tolist()
+        else:
+            corrupt = encode(model, tok, req.corrupt or "", "corrupt", req.bos)
+            foil = token_id(tok, req.foil, "foil") if req.foil is not None else None
+            view = patch_view(model, tok, ids, corrupt, target, foil, ("prompt", "corrupt", "target", "foil"))
+            view["restored"] = view["restored"].tolist()
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
+    return {"model": name, "view": req.view, **view}

@@ -1,0 +1,102 @@
+"""POST /api/v1/models/NAME/interp: the model page's views (logit lens, attention, activation patching) equal the
+library's (lab/interp/views.py) on the same model and prompt, number for number; they run on a private copy of
+the served model (the views hook its modules while generation may use the cached one); bad requests get the
+reason."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_server_support import TINY_MODEL, client, settings
+
+from lmlab.lab.interp import views
+from lmlab.models import ModelConfig, Transformer
+from lmlab.models.io import load_pretrained, save_pretrained
+from lmlab.server.routers import interp
+from lmlab.tokenizers import Tokenizer
+
+TEXT = "the cat sat on the mat. the dog sat on the log. a cat and a dog. 0123456789"
+
+
+@pytest.fixture(scope="module")
+def ip(tmp_path_factory):
+    """A server with `m`: a two-layer model with random weights (seeded) and a character tokenizer; `blank`
+    has no weights."""
+    ws = tmp_path_factory.mktemp("ws")
+    tok = Tokenizer.train([TEXT], kind="char", vocab_size=60)
+    torch.manual_seed(0)
+    save_pretrained(ws / "models" / "m", Transformer(ModelConfig.preset(
+        "gpt2-tiny", vocab_size=len(tok), n_layer=2, block_size=128)), tok)
+    with client(settings(ws)) as c:
+        assert c.post("/api/v1/models", json={"name": "blank", **TINY_MODEL}).status_code == 201
+        c.model, c.tok = load_pretrained(ws / "models" / "m")
+        yield c
+
+
+def post(c, **body):
+    return c.post("/api/v1/models/m/interp", json=body)
+
+
+def test_the_lens_is_the_librarys(ip):
+    r = post(ip, view="lens", prompt="the cat sat", target=" ", top_k=3)
+    assert r.status_code == 200, r.text
+    ids = ip.tok.encode("the cat sat")
+    want = views.lens_view(ip.model, ip.tok, ids, ip.tok.encode(" ")[0], 3)
+    assert r.json() == {"model": "m", "view": "lens", **want}
+    assert len(want["top"]) == 3 and len(want["top"][0]) == len(ids) and len(want["top"][0][0]) == 3
+
+
+def test_attention_is_the_librarys_rounded(ip):
+    got = post(ip, view="attention", prompt="a dog").json()
+    want = views.attention_view(ip.model, ip.tok, ip.tok.encode("a dog"))
+    assert got["tokens"] == want["tokens"] == ["a", " ", "d", "o", "g"]
+    assert got["attention"] == want["attention"].numpy().round(4).tolist()
+    assert got["max_future_weight"] == 0.0 and got["max_row_sum_error"] == want["max_row_sum_error"]
+
+
+def test_patching_is_the_librarys(ip):
+    got = post(ip, view="patch", prompt="the cat sat", corrupt="the dog sat", foil="x").json()
+    clean, bad = ip.tok.encode("the cat sat"), ip.tok.encode("the dog sat")
+    want = views.patch_view(ip.model, ip.tok, clean, bad, None, ip.tok.encode("x")[0])
+    assert got["restored"] == want["restored"].tolist() and got["tokens"][4] == "c/d"
+    assert {k: got[k] for k in ("target", "foil", "logit_diff_clean", "logit_diff_corrupt")} == \
+        {k: want[k] for k in ("target", "foil", "logit_diff_clean", "logit_diff_corrupt")}
+    assert abs(got["restored_all_positions_stream0"] - 1) < 1e-5 and abs(got["restored_nothing"]) < 1e-6
+
+
+def test_the_views_hook_a_copy_not_the_served_model(ip, monkeypatch):
+    seen = []
+    monkeypatch.setattr(interp, "patch_view", lambda model, *a: seen.append(model) or views.patch_view(model, *a))
+    greedy = {"model": "m", "prompt": "the", "max_new_tokens": 8, "do_sample": False}
+    before = ip.post("/api/v1/generate", json=greedy).json()["text"]
+    assert post(ip, view="patch", prompt="the cat", corrupt="the dog").status_code == 200
+    state = ip.app.app.state.lmlab
+    served, _ = state.cache.get(state.ws.model_path("m"))
+    assert seen and seen[0] is not served
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in served.modules())
+    after = ip.post("/api/v1/generate", json=greedy).json()["text"]
+    assert after == before
+
+
+@pytest.mark.parametrize("body, status, detail", [
+    ({"view": "patch", "prompt": "the cat"}, 422, "corrupt is needed by patch and only by patch"),
+    ({"view": "lens", "prompt": "the cat", "corrupt": "the dog"}, 422, "corrupt is needed by patch and only by patch"),
+    ({"view": "attention", "prompt": "the cat", "target": "a"}, 422, "target is for lens and patch"),
+    ({"view": "lens", "prompt": "the cat", "foil": "a"}, 422, "foil is for patch only"),
+    ({"view": "patch", "prompt": "the cat", "corrupt": "a dog"}, 422,
+     "prompt and corrupt must have the same number of tokens (7 vs 5)"),
+    ({"view": "patch", "prompt": "the cat", "corrupt": "the dog", "target": "a", "foil": "a"}, 422,
+     "foil must be a different token from target"),
+    ({"view": "lens", "prompt": "a" * 65}, 422, "prompt is 65 tokens; the page shows at most 64"),
+    ({"view": "lens", "prompt": "a" * 129}, 422, "prompt is 129 tokens, more than the model's context (128)"),
+])
+def test_bad_requests_are_refused_with_the_reason(ip, body, status, detail):
+    r = post(ip, **body)
+    assert (r.status_code, r.json()["detail"]) == (status, detail)
+
+
+def test_untrained_and_unknown_models(ip):
+    r = ip.post("/api/v1/models/blank/interp", json={"view": "lens", "prompt": "a"})
+    assert (r.status_code, r.json()["detail"]) == (409, "model 'blank' has not been trained yet: a model to look "
+                                                        "inside must be a trained model")
+    assert ip.post("/api/v1/models/nope/interp", json={"view": "lens", "prompt": "a"}).status_code == 404
