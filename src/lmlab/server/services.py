@@ -899,8 +899,12 @@ def generation_config(req: GenerateRequest) -> GenerationConfig:
 
 
 def load_for_generation(state: AppState, req: GenerateRequest) -> tuple[Any, Any]:
-    name = req.model
-    src, snapshot, _ = version_source(state, name, req.run, req.step)
+    src, snapshot, _ = version_source(state, req.model, req.run, req.step)
+    return cached_model(state, req.model, src, snapshot)
+
+
+def cached_model(state: AppState, name: str, src: Any, snapshot: Any = snapshot_dir) -> tuple[Any, Any]:
+    """The served (shared, cached) model and tokenizer of `src`; 409 where it has no weights or cannot load."""
     try:
         return state.cache.get(src, snapshot)
     except NotTrained as exc:

@@ -15,9 +15,8 @@ from fastapi import APIRouter, HTTPException
 
 from ...lab.interp.views import attention_view, encode, lens_view, patch_view, token_id
 from ..app import StateDep
-from ..inference import NotTrained
 from ..schemas import InterpRequest
-from ..services import need_trained
+from ..services import cached_model, need_trained
 
 router = APIRouter()
 MAX_TOKENS = 64  # the page draws a cell per position (attention: layers x heads x T x T numbers)
@@ -39,12 +38,7 @@ def _check(req: InterpRequest) -> None:
 def interp(state: StateDep, name: str, req: InterpRequest) -> dict[str, Any]:
     _check(req)
     path = need_trained(state, name, "a model to look inside")
-    try:
-        cached, tok = state.cache.get(path)
-    except NotTrained as exc:
-        raise HTTPException(409, str(exc)) from None
-    except (ValueError, FileNotFoundError) as exc:
-        raise HTTPException(409, f"model {name!r} cannot be loaded: {exc}") from None
+    cached, tok = cached_model(state, name, path)
     if state.settings.torch_threads:  # OpenMP's thread count is per thread: this worker gets the server's
         torch.set_num_threads(state.settings.torch_threads)
     model = copy.deepcopy(cached).eval()

@@ -29,9 +29,16 @@ from ...models.merge import NEEDS_BASE, check_parameters, check_parents
 from ...models.quant import FORMATS, GROUP_SIZES, METHODS, QUANTIZATION, QuantConfig
 from ...tune.chat import TEMPLATE, TEMPLATE_FILE
 from ..app import AppState, StateDep
-from ..inference import NotTrained
 from ..schemas import MergeCreate, ModelCard, QuantizeCreate, Run, Speed
-from ..services import need_book, need_free_model_name, need_model, need_trained, need_unused, run_info
+from ..services import (
+    cached_model,
+    need_book,
+    need_free_model_name,
+    need_model,
+    need_trained,
+    need_unused,
+    run_info,
+)
 from ..workspace import LinkError, check_name
 
 router = APIRouter()
@@ -254,12 +261,7 @@ def get_card(state: StateDep, name: str) -> ModelCard:
 def measure_speed(state: StateDep, name: str) -> ModelCard:
     path = need_trained(state, name, "a model to measure")
     weights = stamp(path)
-    try:
-        model, tok = state.cache.get(path)
-    except NotTrained as exc:
-        raise HTTPException(409, str(exc)) from None
-    except (ValueError, FileNotFoundError) as exc:
-        raise HTTPException(409, f"model {name!r} cannot be loaded: {exc}") from None
+    model, tok = cached_model(state, name, path)
     n = min(SPEED_TOKENS, model.config.block_size - 1)
     if state.settings.torch_threads:  # OpenMP's thread count is per thread: this request's worker gets the server's
         torch.set_num_threads(state.settings.torch_threads)
