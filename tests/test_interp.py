@@ -17,6 +17,7 @@ from lmlab.lab.interp import (
     logit_lens,
     restored_fraction,
     run_with_residuals,
+    views,
 )
 from lmlab.lab.interp.report import label
 from lmlab.models import ModelConfig, Transformer
@@ -200,8 +201,42 @@ def test_cli_writes_reports(model_dir, tmp_path, capsys):
     (["lens", "--prompt", "the cat", "--foil", "x"], "--foil is for patch only"),
     (["lens", "--prompt", "", ], "--prompt is empty"),
     (["lens", "--prompt", "the cat", "--top-k", "0"], "--top-k (0) must be >= 1"),
+    (["lens", "--prompt", "the cat", "--target", "Ж"], "--target 'Ж' starts with a character the tokenizer does not "
+                                                      "know (it reads as <UNK>)"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(model_dir, tmp_path, capsys, argv, message):
     assert main(["lab", "interp", argv[0], "--model", str(model_dir), *argv[1:], "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("lmlab: error: ") and message in err and "\n" not in err
+
+
+def test_a_folder_with_results_is_not_overwritten(model_dir, tmp_path, capsys):
+    out = tmp_path / "lens"
+    assert main(["lab", "interp", "lens", "--model", str(model_dir), "--prompt", "the cat", "--out", str(out)]) == 0
+    before = (out / "results.json").read_bytes()
+    assert main(["lab", "interp", "lens", "--model", str(model_dir), "--prompt", "the dog", "--out", str(out)]) == 2
+    assert f"{out} already holds results.json; choose another --out" in capsys.readouterr().err
+    assert (out / "results.json").read_bytes() == before
+
+
+def test_top_k_past_the_vocabulary_keeps_every_token():
+    model = tiny("gpt2")
+    view = views.lens_view(model, Tokenizer.train(["abc"], kind="char", vocab_size=61), IDS, k=1000)
+    assert [len(pos) for pos in view["top"][0]] == [61] * len(IDS)
+    assert sorted(x["id"] for x in view["top"][-1][-1]) == list(range(61))
+
+
+def test_patched_runs_compute_the_last_position_only():
+    """Each stream's T patched rows need logit(target) - logit(foil) at the last position only: logits for
+    every position would hold T x T x vocab numbers (gigabytes for a long prompt on a large vocabulary)."""
+    model = tiny("llama")
+    shapes = []
+    handle = model.lm_head.register_forward_hook(lambda m, args, out: shapes.append(tuple(out.shape)))
+    try:
+        res = activation_patching(model, IDS, CORRUPT, 3)
+    finally:
+        handle.remove()
+    T = len(IDS)
+    assert shapes[:2] == [(1, 1, 61), (1, 1, 61)]                             # the clean and corrupted runs
+    assert shapes[2:] == [(T, 1, 61)] * (model.config.n_layer + 1)            # one batch of T rows per stream
+    torch.testing.assert_close(res["restored"][0], torch.eye(T)[2], atol=1e-5, rtol=0)

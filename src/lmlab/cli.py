@@ -1306,12 +1306,10 @@ def _lab_interp(args: argparse.Namespace) -> int:
     import shlex
 
     from .lab.interp.report import run_attention, run_lens, run_patch
-    if (args.view == "patch") != (args.corrupt is not None):
-        raise ValueError("--corrupt is needed by patch and only by patch")
-    if args.foil is not None and args.view != "patch":
-        raise ValueError("--foil is for patch only")
-    if args.target is not None and args.view == "attention":
-        raise ValueError("--target is for lens and patch")
+    from .lab.interp.views import check_view
+    check_view(args.view, args.corrupt, args.target, args.foil)
+    if Path(args.out, "results.json").exists():
+        raise ValueError(f"{args.out} already holds results.json; choose another --out")
     if args.top_k < 1:
         raise ValueError(f"--top-k ({args.top_k}) must be >= 1")
     command = shlex.join(["lmlab", "lab", "interp", *sys.argv[3:]]) if sys.argv[1:3] == ["lab", "interp"] else ""

@@ -91,15 +91,23 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                mask: torch.Tensor | None, cache: KVCache | None, layer: int) -> torch.Tensor:
-        B, T, C = x.shape
+    def heads(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (B, H, T, D), k and v (B, K, T, D) of the input x (B, T, C), RoPE applied: the one projection of
+        the forward and of the interpretability lab's attention recorder."""
+        B, T, _ = x.shape
         q, k, v = self.qkv(x).split(self.split, dim=-1)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)     # (B, H, T, D)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                mask: torch.Tensor | None, cache: KVCache | None, layer: int) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.heads(x, rope)
         causal = mask is None and (cache is None or cache.length == 0) and T > 1
         if cache is not None:
             k, v = cache.update(layer, k, v)                              # (B, K, S, D)

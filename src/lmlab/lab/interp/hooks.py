@@ -16,7 +16,6 @@ from typing import Any
 import torch
 
 from ...models import Transformer
-from ...models.model import apply_rope
 
 
 class _Hooks:
@@ -102,12 +101,8 @@ def attention_probs(attn: torch.nn.Module, x: torch.Tensor, rope: tuple[torch.Te
                     mask: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T / sqrt(D)) of one Attention module on its input x (B, T, C) -> (B, H, T, T): causal when
     `mask` is None (the model's `is_causal`), else the model's boolean mask (True: may attend)."""
-    B, T, _ = x.shape
-    q, k, _v = attn.qkv(x).split(attn.split, dim=-1)
-    q = q.view(B, T, attn.n_head, attn.head_dim).transpose(1, 2)              # (B, H, T, D)
-    k = k.view(B, T, attn.n_kv_head, attn.head_dim).transpose(1, 2)           # (B, K, T, D)
-    if rope is not None:
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    T = x.shape[1]
+    q, k, _v = attn.heads(x, rope)                                            # (B, H, T, D), (B, K, T, D)
     k = k.repeat_interleave(attn.n_head // attn.n_kv_head, dim=1)             # SDPA's enable_gqa: kv head h // (H/K)
     scores = q @ k.transpose(-2, -1) / math.sqrt(attn.head_dim)               # (B, H, T, T)
     if mask is None:
@@ -124,13 +119,15 @@ def _ids(idx: torch.Tensor | list[int], model: Transformer) -> torch.Tensor:
 
 @torch.no_grad()
 def run_with_residuals(model: Transformer, idx: torch.Tensor | list[int], patch: dict[int, torch.Tensor] | None = None,
-                       source: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """One forward of `idx` ((T,) or (B, T)) in eval mode: (logits (B, T, V), the residual streams)."""
+                       source: list[torch.Tensor] | None = None, last_only: bool = False,
+                       ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One forward of `idx` ((T,) or (B, T)) in eval mode: (logits (B, T, V), or (B, 1, V) with `last_only`,
+    the residual streams)."""
     was = model.training
     model.eval()
     try:
         with Residuals(model, patch, source) as res:
-            logits = model(_ids(idx, model)).logits
+            logits = model(_ids(idx, model), last_only=last_only).logits
     finally:
         model.train(was)
     return logits, res.streams
@@ -192,19 +189,22 @@ def activation_patching(model: Transformer, clean: list[int], corrupt: list[int]
     if len(clean) != len(corrupt):
         raise ValueError(f"the clean and corrupted prompts must have the same number of tokens ({len(clean)} vs "
                          f"{len(corrupt)})")
-    clean_logits, source = run_with_residuals(model, clean)
-    corrupt_logits, _ = run_with_residuals(model, corrupt)
+    # logits at the last position only, in every run here: logit_diff reads nothing else, and the patched runs
+    # (T rows per stream) would otherwise hold T x T x vocab numbers
+    clean_logits, source = run_with_residuals(model, clean, last_only=True)
+    corrupt_logits, _ = run_with_residuals(model, corrupt, last_only=True)
     if foil is None:
         order = corrupt_logits[0, -1].argsort(descending=True).tolist()
         foil = next(t for t in order if t != target)
     d_clean, d_corrupt = float(logit_diff(clean_logits, target, foil)), float(logit_diff(corrupt_logits, target, foil))
-    if d_clean == d_corrupt:
+    if abs(d_clean - d_corrupt) <= 1e-6 * max(1.0, abs(d_clean)):  # a ratio of rounding errors otherwise
         raise ValueError("the clean and corrupted prompts give the same logit difference: nothing to restore")
     T = len(clean)
     one_each = torch.eye(T, dtype=torch.bool)                                 # row p patches position p
     rows = torch.tensor([corrupt] * T)
     restored = torch.stack([
-        (logit_diff(run_with_residuals(model, rows, {s: one_each}, source)[0], target, foil) - d_corrupt)
+        (logit_diff(run_with_residuals(model, rows, {s: one_each}, source, last_only=True)[0], target, foil)
+         - d_corrupt)
         / (d_clean - d_corrupt) for s in range(model.config.n_layer + 1)])
     return {"restored": restored, "target": target, "foil": foil, "d_clean": d_clean, "d_corrupt": d_corrupt}
 
@@ -212,8 +212,8 @@ def activation_patching(model: Transformer, clean: list[int], corrupt: list[int]
 def restored_fraction(model: Transformer, clean: list[int], corrupt: list[int], target: int, foil: int,
                       patch: dict[int, torch.Tensor]) -> float:
     """The restored fraction of one patched run: `patch` {stream: mask (1, T)} of clean values."""
-    clean_logits, source = run_with_residuals(model, clean)
+    clean_logits, source = run_with_residuals(model, clean, last_only=True)
     d_clean = logit_diff(clean_logits, target, foil)
-    d_corrupt = logit_diff(run_with_residuals(model, corrupt)[0], target, foil)
-    d = logit_diff(run_with_residuals(model, corrupt, patch, source)[0], target, foil)
+    d_corrupt = logit_diff(run_with_residuals(model, corrupt, last_only=True)[0], target, foil)
+    d = logit_diff(run_with_residuals(model, corrupt, patch, source, last_only=True)[0], target, foil)
     return float((d - d_corrupt) / (d_clean - d_corrupt))

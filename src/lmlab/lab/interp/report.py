@@ -58,10 +58,12 @@ def run_lens(model_dir: str | Path, prompt: str, out: str | Path, target: str | 
     probs = np.array(view["target"]["prob"])
     plot = heatmap(out / "lens.png", f"logit lens: p({label(tok, tid)}) by stream and position", probs,
                    tokens, streams, text=top, vmin=0, vmax=1)
-    first = next((s for s in range(len(streams)) if view["target"]["rank"][s][-1] == 0), None)
+    top_at = [view["target"]["rank"][s][-1] == 0 for s in range(len(streams))]
+    first = next((s for s in range(len(streams)) if all(top_at[s:])), None)  # top there and in every later stream
     measured = (f"p({label(tok, tid)}) after the prompt by stream: "
                 + ", ".join(f"{s} {p:.3f}" for s, p in zip(streams, probs[:, -1]))
-                + (f"; it is the top token from {streams[first]} on" if first is not None else "; never the top token")
+                + (f"; it is the top token from {streams[first]} on" if first is not None else
+                   "; not the top token of the last stream" if not top_at[-1] else "")
                 + f"; the last stream's lens differs from the model's logits by at most {gap:.2g}")
     rows = [{"stream": s, **{f"{t}@{p}": top[i][p] for p, t in enumerate(tokens)}} for i, s in enumerate(streams)]
     results = {"model": str(model_dir), "prompt": prompt, **view}

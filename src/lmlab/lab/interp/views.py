@@ -18,6 +18,16 @@ from .hooks import (
 )
 
 
+def check_view(view: str, corrupt: str | None, target: str | None, foil: str | None, dash: str = "--") -> None:
+    """Which inputs a view takes (the CLI's flags, dash "--"; the API's fields, dash "")."""
+    if (view == "patch") != (corrupt is not None):
+        raise ValueError(f"{dash}corrupt is needed by patch and only by patch")
+    if foil is not None and view != "patch":
+        raise ValueError(f"{dash}foil is for patch only")
+    if target is not None and view == "attention":
+        raise ValueError(f"{dash}target is for lens and patch")
+
+
 def encode(model: Any, tok: Any, text: str, flag: str = "--prompt", bos: bool = False) -> list[int]:
     """The prompt's ids; `bos` puts <BOS> first (models trained on texts that start with it, such as the
     post-training tasks' models)."""
@@ -35,6 +45,8 @@ def token_id(tok: Any, text: str, flag: str) -> int:
     ids = tok.encode(text)
     if not ids:
         raise ValueError(f"{flag} {text!r} encodes to no tokens")
+    if ids[0] == tok.unk_id:  # a char or word tokenizer's unseen character or word
+        raise ValueError(f"{flag} {text!r} starts with a character the tokenizer does not know (it reads as <UNK>)")
     return ids[0]
 
 
@@ -53,7 +65,7 @@ def lens_view(model: Any, tok: Any, ids: list[int], target: int | None = None, k
     with torch.no_grad():
         own = model(torch.tensor([ids])).logits[0]
     tid = int(own[-1].argmax()) if target is None else target
-    table = lens_table(lens, tid, k)
+    table = lens_table(lens, tid, min(k, lens.shape[-1]))  # all tokens where the vocabulary is smaller than k
     return {"tokens": [label(tok, i) for i in ids], "streams": stream_labels(model.config.n_layer),
             "target": {"id": tid, "text": label(tok, tid), "prob": table["target_prob"],
                        "rank": table["target_rank"]},

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from fastapi import APIRouter, HTTPException
 
-from ...lab.interp.views import attention_view, encode, lens_view, patch_view, token_id
+from ...lab.interp.views import attention_view, check_view, encode, lens_view, patch_view, token_id
 from ..app import StateDep
 from ..schemas import InterpRequest
 from ..services import cached_model, need_trained
@@ -22,21 +22,15 @@ router = APIRouter()
 MAX_TOKENS = 64  # the page draws a cell per position (attention: layers x heads x T x T numbers)
 
 
-def _check(req: InterpRequest) -> None:
-    if (req.view == "patch") != (req.corrupt is not None):
-        raise HTTPException(422, "corrupt is needed by patch and only by patch")
-    if req.foil is not None and req.view != "patch":
-        raise HTTPException(422, "foil is for patch only")
-    if req.target is not None and req.view == "attention":
-        raise HTTPException(422, "target is for lens and patch")
-
-
 @router.post("/models/{name}/interp", tags=["models"],
              responses={409: {"description": "an untrained model, or one that cannot be loaded"},
                         422: {"description": "a prompt that is empty, too long or of the wrong length for patching"}},
              summary="look inside a model on a prompt: logit lens, attention patterns or activation patching")
 def interp(state: StateDep, name: str, req: InterpRequest) -> dict[str, Any]:
-    _check(req)
+    try:
+        check_view(req.view, req.corrupt, req.target, req.foil, dash="")
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
     path = need_trained(state, name, "a model to look inside")
     cached, tok = cached_model(state, name, path)
     if state.settings.torch_threads:  # OpenMP's thread count is per thread: this worker gets the server's
