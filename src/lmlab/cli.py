@@ -275,6 +275,23 @@ def _prepare_arguments(d: argparse.ArgumentParser) -> None:
                    help="sampling weight of a document by file name or stem (repeatable)")
     d.add_argument("--preset", help="report tokens per parameter for this preset, e.g. gpt2-small")
     d.add_argument("--seq-len", type=int, help="refuse a corpus without one training window of this length")
+    d.add_argument("--filters", help=_FILTERS_HELP + "; recorded in tokens.json, receipts with examples in "
+                   "OUT/receipts.json")
+
+
+_FILTERS_HELP = ("quality filters run before tokenising, in order: a comma list of gopher, c4, fineweb, lang=CODE "
+                 "(lang=ru+uk), each with optional :KEY=VALUE thresholds, e.g. gopher:max_words=1000000")
+
+
+def _print_receipts(receipts: dict) -> None:
+    print(f"filters: {receipts['documents_kept']} of {receipts['documents_in']} documents kept, "
+          f"{receipts['characters_kept']:,} of {receipts['characters_in']:,} characters")
+    for r in receipts["filters"]:
+        rules = ", ".join(f"{k} {v}" for k, v in {**r["removed_by_rule"], **r["lines_removed_by_rule"]}.items())
+        print(f"  {r['name']:<8} removed {r['documents_removed']} of {r['documents_in']} documents, "
+              f"{r['characters_removed']:,} characters" + (f" ({rules})" if rules else ""))
+        for ex in r["examples"][:3]:
+            print(f"    {ex['document']}: {ex['rule']} = {ex['value']} (keep: {ex['limit']})")
 
 
 def parse_weights(items: Sequence[str]) -> dict[str, float]:
@@ -298,8 +315,15 @@ def _data_prepare(args: argparse.Namespace) -> int:
 
     tok = Tokenizer.load(args.tokenizer)
     cfg = ModelConfig.preset(args.preset, vocab_size=tok.vocab_size) if args.preset else None
+    import json
+
+    from .data.filters import parse_filters
+
+    filters = parse_filters(args.filters) if args.filters is not None else ()
     ds = prepare(args.sources, tok, args.out, val_fraction=args.val_fraction, weights=parse_weights(args.weight),
-                 seq_len=args.seq_len)
+                 seq_len=args.seq_len, filters=filters)
+    if filters:
+        _print_receipts(json.loads((Path(args.out) / "receipts.json").read_text(encoding="utf-8")))
     st = ds.stats(cfg)
     print(f"documents:  {st['documents']} ({st['documents_without_val']} too short to hold out a val slice)")
     print(f"characters: {st['characters']:,}")
@@ -312,6 +336,42 @@ def _data_prepare(args: argparse.Namespace) -> int:
         print(f"tokens per parameter: {st['tokens_per_parameter']:.2f} for {args.preset} "
               f"({st['parameters']:,} parameters; Chinchilla-optimal is ~20, i.e. {st['chinchilla_tokens']:,} tokens)")
     print(f"written to {args.out}")
+    return 0
+
+
+def _filter_arguments(d: argparse.ArgumentParser) -> None:
+    d.add_argument("sources", nargs="+", help="files, folders or globs (.txt .md .html .epub .pdf)")
+    d.add_argument("--filters", required=True, help=_FILTERS_HELP)
+    d.add_argument("--out", required=True, help="a new or empty folder: the kept texts (NAME.txt) + receipts.json")
+
+
+@data_tool("filter", "quality filters (Gopher, C4, FineWeb, language) with receipts: kept texts + receipts.json",
+           _filter_arguments)
+def _data_filter(args: argparse.Namespace) -> int:
+    import json
+
+    from .data import find_documents, read_document
+    from .data.dataset import _document_names
+    from .data.filters import apply_filters, parse_filters
+    from .files import staged_dir
+
+    filters = parse_filters(args.filters)
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out} exists and is not an empty folder; choose a new one (nothing is overwritten)")
+    paths = find_documents(args.sources)
+    names = _document_names(paths)
+    kept, receipts = apply_filters([read_document(p) for p in paths], names, filters)
+    with staged_dir(out) as tmp:
+        for name, text in zip(names, kept):
+            if text is not None:
+                target = tmp / (name if name.endswith(".txt") else name + ".txt")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(text, encoding="utf-8")
+        (tmp / "receipts.json").write_text(json.dumps(receipts, ensure_ascii=False, indent=1) + "\n",
+                                           encoding="utf-8")
+    _print_receipts(receipts)
+    print(f"written to {out} (receipts.json)")
     return 0
 
 
