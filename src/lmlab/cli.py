@@ -375,6 +375,57 @@ def _data_filter(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect_arguments(d: argparse.ArgumentParser) -> None:
+    d.add_argument("sources", nargs="+", help="files, folders or globs (.txt .md .html .epub .pdf); a row each")
+    d.add_argument("--tokenizer", help="tokenizer.json or a model directory: count tokens")
+    d.add_argument("--preset", help="report tokens per parameter for this preset, e.g. gpt2-small")
+    b = d.add_argument_group("planned budget, for the epoch advisor (needs --tokenizer)")
+    b.add_argument("--planned-tokens", type=int, help="training tokens you plan to spend")
+    b.add_argument("--max-steps", type=int, help="... or optimizer steps, times --batch-size × --seq-len × "
+                   "--grad-accum-steps")
+    b.add_argument("--batch-size", type=int, default=16, help="sequences per micro-step (16, train's default)")
+    b.add_argument("--seq-len", type=int, help="tokens per sequence (default: the preset's block_size)")
+    b.add_argument("--grad-accum-steps", type=int, default=1, help="micro-steps per optimizer step (1)")
+    d.add_argument("--out", help="folder to write inspect.json into")
+
+
+@data_tool("inspect", "documents, characters, tokens, languages, encodings, duplicates, length histogram and an "
+           "epoch advisor per source", _inspect_arguments)
+def _data_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from .data.inspect import format_report, inspect
+    from .files import atomic_write_text
+    from .models import ModelConfig
+    from .tokenizers import Tokenizer
+
+    if args.planned_tokens is not None and args.max_steps is not None:
+        raise ValueError("give --planned-tokens or --max-steps, not both")
+    if any(v is not None and v <= 0 for v in (args.planned_tokens, args.max_steps, args.batch_size, args.seq_len,
+                                              args.grad_accum_steps)):
+        raise ValueError("--planned-tokens, --max-steps, --batch-size, --seq-len and --grad-accum-steps must be > 0")
+    tok = Tokenizer.load(args.tokenizer) if args.tokenizer else None
+    cfg = ModelConfig.preset(args.preset, **({"vocab_size": tok.vocab_size} if tok else {})) if args.preset else None
+    planned = args.planned_tokens
+    if args.max_steps is not None:
+        seq_len = args.seq_len or (cfg.block_size if cfg else None)
+        if seq_len is None:
+            raise ValueError("--max-steps needs --seq-len or --preset (its block_size) to count tokens")
+        planned = args.max_steps * args.batch_size * seq_len * args.grad_accum_steps
+    if cfg is not None and tok is None:
+        raise ValueError("--preset needs --tokenizer (tokens per parameter)")
+    report = inspect(args.sources, tok, model_config=cfg, planned_tokens=planned)
+    print(format_report(report))
+    if args.out:
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise NotADirectoryError(f"--out {out} exists and is not a folder")
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "inspect.json", json.dumps(report, ensure_ascii=False, indent=1) + "\n")
+        print(f"written to {out / 'inspect.json'}")
+    return 0
+
+
 # ---- train / eval / demo ----------------------------------------------------------------------------
 
 def _train_arguments(p: argparse.ArgumentParser) -> None:
