@@ -11,7 +11,7 @@ import torch
 
 from lmlab.cli import main
 from lmlab.data import TokenDataset, prepare
-from lmlab.data.filters import C4, FineWeb, Gopher, Lang, apply_filters, identify, parse_filters
+from lmlab.data.filters import C4, FineWeb, Gopher, Lang, apply_filters, filter_help, identify, parse_filters
 from lmlab.tokenizers import EOS_ID
 
 # 50 words of mean length exactly 3 ("(cat)" is 3 once its brackets are stripped; "—" is not a word) and two
@@ -138,6 +138,9 @@ def test_parse_filters_and_its_errors(tmp_path):
                           (",", "no filter"), ("c4:bad_words=" + str(tmp_path / "no.txt"), "no bad-words file")]:
         with pytest.raises((ValueError, FileNotFoundError), match=message):
             parse_filters(spec)
+    helps = filter_help().splitlines()  # every threshold with its default, as `lmlab data filter --help` shows
+    assert "    max_words=100000: remove documents with more words (a novel has more: raise it for books)" in helps
+    assert "  lang=CODE[+CODE]" in helps and "    langs=ru: ISO 639-1 codes to keep (lang=ru+uk)" in helps
 
 
 def test_receipts_count_removals_in_order():

@@ -275,11 +275,11 @@ def _prepare_arguments(d: argparse.ArgumentParser) -> None:
                    help="sampling weight of a document by file name or stem (repeatable)")
     d.add_argument("--preset", help="report tokens per parameter for this preset, e.g. gpt2-small")
     d.add_argument("--seq-len", type=int, help="refuse a corpus without one training window of this length")
-    d.add_argument("--filters", help=_FILTERS_HELP + "; recorded in tokens.json, receipts with examples in "
+    d.add_argument("--filters", help=_FILTERS_HELP + "; they run before tokenising and are recorded in tokens.json, receipts with examples in "
                    "OUT/receipts.json")
 
 
-_FILTERS_HELP = ("quality filters run before tokenising, in order: a comma list of gopher, c4, fineweb, lang=CODE "
+_FILTERS_HELP = ("quality filters, run in order: a comma list of gopher, c4, fineweb, lang=CODE "
                  "(lang=ru+uk), each with optional :KEY=VALUE thresholds, e.g. gopher:max_words=1000000")
 
 
@@ -343,6 +343,9 @@ def _filter_arguments(d: argparse.ArgumentParser) -> None:
     d.add_argument("sources", nargs="+", help="files, folders or globs (.txt .md .html .epub .pdf)")
     d.add_argument("--filters", required=True, help=_FILTERS_HELP)
     d.add_argument("--out", required=True, help="a new or empty folder: the kept texts (NAME.txt) + receipts.json")
+    from .data.filters import filter_help
+
+    d.formatter_class, d.epilog = argparse.RawDescriptionHelpFormatter, filter_help()
 
 
 @data_tool("filter", "quality filters (Gopher, C4, FineWeb, language) with receipts: kept texts + receipts.json",

@@ -275,6 +275,16 @@ class Lang(_Filter):
 FILTERS = {f.name: f for f in (Gopher, C4, FineWeb, Lang)}
 
 
+def filter_help() -> str:
+    """Each filter's thresholds with their defaults, for `lmlab data filter --help`."""
+    out = ["filters and their thresholds (NAME:KEY=VALUE):"]
+    for name, cls in FILTERS.items():
+        out.append(f"  {name if name != 'lang' else 'lang=CODE[+CODE]'}")
+        out += [f"    {f.name}={f.default if not isinstance(f.default, tuple) else '+'.join(f.default)}: "
+                f"{f.metadata['help']}" for f in dataclasses.fields(cls)]
+    return "\n".join(out)
+
+
 def parse_filters(spec: str) -> list[_Filter]:
     """"gopher,c4:min_sentences=5,lang=ru+uk" -> [Gopher(), C4(min_sentences=5), Lang(langs=("ru", "uk"))]."""
     out = []
