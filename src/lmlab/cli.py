@@ -275,8 +275,8 @@ def _prepare_arguments(d: argparse.ArgumentParser) -> None:
                    help="sampling weight of a document by file name or stem (repeatable)")
     d.add_argument("--preset", help="report tokens per parameter for this preset, e.g. gpt2-small")
     d.add_argument("--seq-len", type=int, help="refuse a corpus without one training window of this length")
-    d.add_argument("--filters", help=_FILTERS_HELP + "; they run before tokenising and are recorded in tokens.json, receipts with examples in "
-                   "OUT/receipts.json")
+    d.add_argument("--filters", help=_FILTERS_HELP + "; they run before tokenising and are recorded in "
+                   "tokens.json, receipts with examples in OUT/receipts.json")
 
 
 _FILTERS_HELP = ("quality filters, run in order: a comma list of gopher, c4, fineweb, lang=CODE "
