@@ -212,6 +212,7 @@ def test_prepare_with_filters_records_them_and_keeps_val_out_of_training(tmp_pat
     assert c4["params"] == {"min_words_per_line": 5, "min_sentences": 1, "bad_words": ""}
     assert (fw["documents_in"], fw["documents_removed"]) == (2, 0)
     assert "examples" not in c4 and receipts["filters"][0]["examples"][0]["document"] == "c.txt"
+    assert ds.stats()["filters"] == header["filters"]  # train puts stats() into the run's config.json
     assert {k: v for k, v in receipts.items() if k != "filters"} == \
         {k: v for k, v in header["filters"].items() if k != "filters"} == \
         {"documents_in": 3, "documents_kept": 2, "characters_in": sum(len((tmp_path / f"{b}.txt").read_text())
@@ -232,7 +233,7 @@ def test_prepare_with_filters_records_them_and_keeps_val_out_of_training(tmp_pat
         assert not val_ids & (set(x.flatten().tolist()) | set(y.flatten().tolist()))
     # a prepare without filters records none and leaves no stale receipts
     ds2 = prepare([tmp_path / "a.txt"], tok, tmp_path / "ds", val_fraction=0.2)
-    assert "filters" not in ds2.header and not (tmp_path / "ds" / "receipts.json").exists()
+    assert "filters" not in ds2.header and "filters" not in ds2.stats() and not (tmp_path / "ds" / "receipts.json").exists()
     assert np.array_equal(TokenDataset.open(tmp_path / "ds").tokens, ds2.tokens)
 
 

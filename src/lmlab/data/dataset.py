@@ -370,12 +370,15 @@ class TokenDataset:
         return self.header.get(f"{split}_bytes", 0) / tokens if tokens else 0.0
 
     def stats(self, model_config: Any = None) -> dict[str, Any]:
-        """Corpus size; with a ModelConfig also training tokens per parameter against Chinchilla's ~20."""
+        """Corpus size (and the filters' receipts, if any); with a ModelConfig also training tokens per parameter
+        against Chinchilla's ~20."""
         out = {"documents": len(self.documents), "characters": sum(d.chars for d in self.documents),
                "tokens": self.num_tokens, "train_tokens": self.train_tokens, "val_tokens": self.val_tokens,
                "documents_without_val": sum(d.val_tokens == 0 for d in self.documents),
                "skipped_empty": list(self.header.get("skipped_empty", [])),
                "bytes_per_token": self.bytes_per_token("val") or self.bytes_per_token("train")}
+        if "filters" in self.header:  # what the data went through; a run's config.json keeps these stats
+            out["filters"] = self.header["filters"]
         if model_config is not None:
             n = model_config.num_parameters()
             # Hoffmann et al. 2022 (Chinchilla): compute-optimal training uses ~20 tokens per parameter.
