@@ -63,7 +63,8 @@ def histogram(lengths: Sequence[int]) -> list[dict[str, int]]:
 
 
 def epoch_advice(tokens: int, planned_tokens: int) -> dict[str, Any]:
-    """How often a planned budget repeats the corpus, and whether that is still worth it."""
+    """How often a planned budget repeats the corpus (all its tokens: prepare holds out 5% of each document for
+    validation, so training repeats its part slightly more often), and whether that is still worth it."""
     epochs = planned_tokens / tokens if tokens else math.inf
     if epochs > WORTHLESS_EPOCHS:
         warning = (f"the plan repeats the data {epochs:.1f} times: past ~{WORTHLESS_EPOCHS} epochs further passes "
