@@ -246,6 +246,8 @@ def test_cli_filter_and_prepare_filters(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "1 of 2 documents kept" in printed and "curly_brace 1" in printed
     assert sorted(p.name for p in out.iterdir()) == ["a.txt", "receipts.json"]
+    for name in ("a.txt.md", "a.txt.md.txt"):
+        (tmp_path / name).write_text("Some text.", encoding="utf-8")
     assert out.joinpath("a.txt").read_text(encoding="utf-8") == "\n".join(
         line for line in (tmp_path / "a.txt").read_text(encoding="utf-8").split("\n") if "drop" not in line)
     for argv, message in [(["filter", str(tmp_path / "a.txt"), "--filters", "gopher", "--out", str(out)],
@@ -255,7 +257,9 @@ def test_cli_filter_and_prepare_filters(tmp_path, capsys):
                           (["filter", str(tmp_path / "a.txt"), "--filters", "gopher:min_words=x", "--out",
                             str(tmp_path / "o")], "not int"),
                           (["filter", str(tmp_path / "nope.txt"), "--filters", "c4", "--out", str(tmp_path / "o")],
-                           "nope.txt")]:
+                           "nope.txt"),
+                          (["filter", *(str(tmp_path / n) for n in ("a.txt", "a.txt.md", "a.txt.md.txt")),
+                            "--filters", "c4", "--out", str(tmp_path / "o")], "the same file: a.txt.md.txt")]:
         assert main(["data", *argv]) == 2
         err = capsys.readouterr().err
         assert err.startswith("lmlab: error:") and message in err and err.count("\n") == 1, err

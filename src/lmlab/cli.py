@@ -309,17 +309,16 @@ def parse_weights(items: Sequence[str]) -> dict[str, float]:
 
 @data_tool("prepare", "tokenise documents once into a token file with a held-out split", _prepare_arguments)
 def _data_prepare(args: argparse.Namespace) -> int:
+    import json
+
     from .data import prepare
+    from .data.filters import parse_filters
     from .models import ModelConfig
     from .tokenizers import Tokenizer
 
+    filters = parse_filters(args.filters) if args.filters is not None else ()
     tok = Tokenizer.load(args.tokenizer)
     cfg = ModelConfig.preset(args.preset, vocab_size=tok.vocab_size) if args.preset else None
-    import json
-
-    from .data.filters import parse_filters
-
-    filters = parse_filters(args.filters) if args.filters is not None else ()
     ds = prepare(args.sources, tok, args.out, val_fraction=args.val_fraction, weights=parse_weights(args.weight),
                  seq_len=args.seq_len, filters=filters)
     if filters:
@@ -352,6 +351,7 @@ def _filter_arguments(d: argparse.ArgumentParser) -> None:
            _filter_arguments)
 def _data_filter(args: argparse.Namespace) -> int:
     import json
+    from collections import Counter
 
     from .data import find_documents, read_document
     from .data.dataset import _document_names
@@ -365,10 +365,13 @@ def _data_filter(args: argparse.Namespace) -> int:
     paths = find_documents(args.sources)
     names = _document_names(paths)
     kept, receipts = apply_filters([read_document(p) for p in paths], names, filters)
+    targets = [name if name.endswith(".txt") else name + ".txt" for name in names]
+    if len(set(targets)) < len(targets):  # a.md beside a.md.txt
+        raise ValueError(f"two documents would be written as the same file: {Counter(targets).most_common(1)[0][0]}")
     with staged_dir(out) as tmp:
-        for name, text in zip(names, kept):
+        for name, text in zip(targets, kept):
             if text is not None:
-                target = tmp / (name if name.endswith(".txt") else name + ".txt")
+                target = tmp / name
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_text(text, encoding="utf-8")
         (tmp / "receipts.json").write_text(json.dumps(receipts, ensure_ascii=False, indent=1) + "\n",
