@@ -275,6 +275,23 @@ def _prepare_arguments(d: argparse.ArgumentParser) -> None:
                    help="sampling weight of a document by file name or stem (repeatable)")
     d.add_argument("--preset", help="report tokens per parameter for this preset, e.g. gpt2-small")
     d.add_argument("--seq-len", type=int, help="refuse a corpus without one training window of this length")
+    d.add_argument("--filters", help=_FILTERS_HELP + "; they run before tokenising and are recorded in "
+                   "tokens.json, receipts with examples in OUT/receipts.json")
+
+
+_FILTERS_HELP = ("quality filters, run in order: a comma list of gopher, c4, fineweb, lang=CODE "
+                 "(lang=ru+uk), each with optional :KEY=VALUE thresholds, e.g. gopher:max_words=1000000")
+
+
+def _print_receipts(receipts: dict) -> None:
+    print(f"filters: {receipts['documents_kept']} of {receipts['documents_in']} documents kept, "
+          f"{receipts['characters_kept']:,} of {receipts['characters_in']:,} characters")
+    for r in receipts["filters"]:
+        rules = ", ".join(f"{k} {v}" for k, v in {**r["removed_by_rule"], **r["lines_removed_by_rule"]}.items())
+        print(f"  {r['name']:<8} removed {r['documents_removed']} of {r['documents_in']} documents, "
+              f"{r['characters_removed']:,} characters" + (f" ({rules})" if rules else ""))
+        for ex in r["examples"][:3]:
+            print(f"    {ex['document']}: {ex['rule']} = {ex['value']} (keep: {ex['limit']})")
 
 
 def parse_weights(items: Sequence[str]) -> dict[str, float]:
@@ -292,14 +309,20 @@ def parse_weights(items: Sequence[str]) -> dict[str, float]:
 
 @data_tool("prepare", "tokenise documents once into a token file with a held-out split", _prepare_arguments)
 def _data_prepare(args: argparse.Namespace) -> int:
+    import json
+
     from .data import prepare
+    from .data.filters import parse_filters
     from .models import ModelConfig
     from .tokenizers import Tokenizer
 
+    filters = parse_filters(args.filters) if args.filters is not None else ()
     tok = Tokenizer.load(args.tokenizer)
     cfg = ModelConfig.preset(args.preset, vocab_size=tok.vocab_size) if args.preset else None
     ds = prepare(args.sources, tok, args.out, val_fraction=args.val_fraction, weights=parse_weights(args.weight),
-                 seq_len=args.seq_len)
+                 seq_len=args.seq_len, filters=filters)
+    if filters:
+        _print_receipts(json.loads((Path(args.out) / "receipts.json").read_text(encoding="utf-8")))
     st = ds.stats(cfg)
     print(f"documents:  {st['documents']} ({st['documents_without_val']} too short to hold out a val slice)")
     print(f"characters: {st['characters']:,}")
@@ -312,6 +335,100 @@ def _data_prepare(args: argparse.Namespace) -> int:
         print(f"tokens per parameter: {st['tokens_per_parameter']:.2f} for {args.preset} "
               f"({st['parameters']:,} parameters; Chinchilla-optimal is ~20, i.e. {st['chinchilla_tokens']:,} tokens)")
     print(f"written to {args.out}")
+    return 0
+
+
+def _filter_arguments(d: argparse.ArgumentParser) -> None:
+    d.add_argument("sources", nargs="+", help="files, folders or globs (.txt .md .html .epub .pdf)")
+    d.add_argument("--filters", required=True, help=_FILTERS_HELP)
+    d.add_argument("--out", required=True, help="a new or empty folder: the kept texts (NAME.txt) + receipts.json")
+    from .data.filters import filter_help
+
+    d.formatter_class, d.epilog = argparse.RawDescriptionHelpFormatter, filter_help()
+
+
+@data_tool("filter", "quality filters (Gopher, C4, FineWeb, language) with receipts: kept texts + receipts.json",
+           _filter_arguments)
+def _data_filter(args: argparse.Namespace) -> int:
+    import json
+    from collections import Counter
+
+    from .data import find_documents, read_document
+    from .data.dataset import _document_names
+    from .data.filters import apply_filters, parse_filters
+    from .files import staged_dir
+
+    filters = parse_filters(args.filters)
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out} exists and is not an empty folder; choose a new one (nothing is overwritten)")
+    paths = find_documents(args.sources)
+    names = _document_names(paths)
+    kept, receipts = apply_filters([read_document(p) for p in paths], names, filters)
+    targets = [name if name.endswith(".txt") else name + ".txt" for name in names]
+    if len(set(targets)) < len(targets):  # a.md beside a.md.txt
+        raise ValueError(f"two documents would be written as the same file: {Counter(targets).most_common(1)[0][0]}")
+    with staged_dir(out) as tmp:
+        for name, text in zip(targets, kept):
+            if text is not None:
+                target = tmp / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(text, encoding="utf-8")
+        (tmp / "receipts.json").write_text(json.dumps(receipts, ensure_ascii=False, indent=1) + "\n",
+                                           encoding="utf-8")
+    _print_receipts(receipts)
+    print(f"written to {out} (receipts.json)")
+    return 0
+
+
+def _inspect_arguments(d: argparse.ArgumentParser) -> None:
+    d.add_argument("sources", nargs="+", help="files, folders or globs (.txt .md .html .epub .pdf); a row each")
+    d.add_argument("--tokenizer", help="tokenizer.json or a model directory: count tokens")
+    d.add_argument("--preset", help="report tokens per parameter for this preset, e.g. gpt2-small")
+    b = d.add_argument_group("planned budget, for the epoch advisor (needs --tokenizer)")
+    b.add_argument("--planned-tokens", type=int, help="training tokens you plan to spend")
+    b.add_argument("--max-steps", type=int, help="... or optimizer steps, times --batch-size × --seq-len × "
+                   "--grad-accum-steps")
+    b.add_argument("--batch-size", type=int, default=16, help="sequences per micro-step (16, train's default)")
+    b.add_argument("--seq-len", type=int, help="tokens per sequence (default: the preset's block_size)")
+    b.add_argument("--grad-accum-steps", type=int, default=1, help="micro-steps per optimizer step (1)")
+    d.add_argument("--out", help="folder to write inspect.json into")
+
+
+@data_tool("inspect", "documents, characters, tokens, languages, encodings, duplicates, length histogram and an "
+           "epoch advisor per source", _inspect_arguments)
+def _data_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from .data.inspect import format_report, inspect
+    from .files import atomic_write_text
+    from .models import ModelConfig
+    from .tokenizers import Tokenizer
+
+    if args.planned_tokens is not None and args.max_steps is not None:
+        raise ValueError("give --planned-tokens or --max-steps, not both")
+    if any(v is not None and v <= 0 for v in (args.planned_tokens, args.max_steps, args.batch_size, args.seq_len,
+                                              args.grad_accum_steps)):
+        raise ValueError("--planned-tokens, --max-steps, --batch-size, --seq-len and --grad-accum-steps must be > 0")
+    tok = Tokenizer.load(args.tokenizer) if args.tokenizer else None
+    cfg = ModelConfig.preset(args.preset, **({"vocab_size": tok.vocab_size} if tok else {})) if args.preset else None
+    planned = args.planned_tokens
+    if args.max_steps is not None:
+        seq_len = args.seq_len or (cfg.block_size if cfg else None)
+        if seq_len is None:
+            raise ValueError("--max-steps needs --seq-len or --preset (its block_size) to count tokens")
+        planned = args.max_steps * args.batch_size * seq_len * args.grad_accum_steps
+    if cfg is not None and tok is None:
+        raise ValueError("--preset needs --tokenizer (tokens per parameter)")
+    report = inspect(args.sources, tok, model_config=cfg, planned_tokens=planned)
+    print(format_report(report))
+    if args.out:
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise NotADirectoryError(f"--out {out} exists and is not a folder")
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "inspect.json", json.dumps(report, ensure_ascii=False, indent=1) + "\n")
+        print(f"written to {out / 'inspect.json'}")
     return 0
 
 

@@ -7,7 +7,8 @@
 
     out_dir/tokens.json  format, dtype, eos_id, vocab_size, tokenizer_fingerprint, totals (num/train/val
                          tokens, characters, train/val UTF-8 bytes) and per document: name, chars, weight,
-                         `train` and `val` as [start, end) token ranges into tokens.bin (EOS not included).
+                         `train` and `val` as [start, end) token ranges into tokens.bin (EOS not included);
+                         "filters" when quality filters ran first (filters.py; examples in receipts.json).
 
 Each document's validation part is the held-out slice at its end (`val_fraction` of its tokens). All
 training parts come first, so a training window (sampled entirely inside the train region) can never
@@ -28,11 +29,12 @@ import numpy as np
 import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
-from ..files import temp_beside
+from ..files import atomic_write_text, temp_beside
 from .documents import find_documents, read_document
+from .filters import apply_filters, without_examples
 
 FORMAT_VERSION = 1
-BIN, HEADER = "tokens.bin", "tokens.json"
+BIN, HEADER, RECEIPTS = "tokens.bin", "tokens.json", "receipts.json"
 MIN_DOC_TOKENS_FOR_VAL = 32  # shorter documents go to training whole
 _ENCODE_CHUNK_CHARS = 32 << 20  # tokenise ~32M characters at a time: bounds the Python lists of ids
 
@@ -55,11 +57,14 @@ class Document:
 
 
 def prepare(sources: Sequence[str | Path], tokenizer: Any, out_dir: str | Path, *, val_fraction: float = 0.05,
-            weights: Mapping[str, float] | None = None, seq_len: int | None = None) -> TokenDataset:
+            weights: Mapping[str, float] | None = None, seq_len: int | None = None,
+            filters: Sequence[Any] = ()) -> TokenDataset:
     """Read every document under `sources` (files, folders, globs), tokenise each once and write
     `out_dir/tokens.bin` + `out_dir/tokens.json`. `weights` maps a document's name, file name or stem to its
     sampling weight (default 1.0). With `seq_len`, refuse a corpus without one training window of seq_len+1.
-    Nothing is written unless every document reads."""
+    `filters` (filters.parse_filters) run on the texts before tokenising: what they removed is recorded in
+    tokens.json under "filters" and, with examples, in out_dir/receipts.json; the held-out val slice is the
+    tail of each *filtered* document. Nothing is written unless every document reads."""
     paths = find_documents(sources)
     names = _document_names(paths)
     doc_weights = [1.0] * len(paths)
@@ -70,8 +75,21 @@ def prepare(sources: Sequence[str | Path], tokenizer: Any, out_dir: str | Path, 
         for i in hits:
             doc_weights[i] = w
     texts = [read_document(p) for p in paths]
-    return prepare_texts(texts, tokenizer, out_dir, names=names, weights=doc_weights,
-                         val_fraction=val_fraction, seq_len=seq_len)
+    receipts = None
+    if filters:
+        kept, receipts = apply_filters(texts, names, filters)
+        if not any(t is not None and t.strip() for t in kept):
+            raise ValueError(f"the filters removed every document ({', '.join(f.name for f in filters)}); "
+                             "see `lmlab data filter` for their receipts")
+        texts, names, doc_weights = ([x[i] for i, t in enumerate(kept) if t is not None]
+                                     for x in (kept, names, doc_weights))
+    ds = prepare_texts(texts, tokenizer, out_dir, names=names, weights=doc_weights, val_fraction=val_fraction,
+                       seq_len=seq_len, metadata={"filters": without_examples(receipts)} if receipts else None)
+    if receipts:
+        atomic_write_text(Path(out_dir) / RECEIPTS, json.dumps(receipts, ensure_ascii=False, indent=1) + "\n")
+    else:
+        (Path(out_dir) / RECEIPTS).unlink(missing_ok=True)  # an earlier prepare's receipts are not this data's
+    return ds
 
 
 def _document_names(paths: Sequence[Path]) -> list[str]:
@@ -85,9 +103,9 @@ def _document_names(paths: Sequence[Path]) -> list[str]:
 
 def prepare_texts(texts: Sequence[str], tokenizer: Any, out_dir: str | Path, *, names: Sequence[str] | None = None,
                   weights: Sequence[float] | Mapping[str, float] | None = None, val_fraction: float = 0.05,
-                  seq_len: int | None = None) -> TokenDataset:
+                  seq_len: int | None = None, metadata: Mapping[str, Any] | None = None) -> TokenDataset:
     """`prepare` for in-memory texts (named text-0, text-1, ... unless `names` is given); `weights` is one
-    per text, or a mapping from name to weight."""
+    per text, or a mapping from name to weight; `metadata` adds keys to tokens.json (e.g. "filters")."""
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction ({val_fraction}) must be in [0, 1)")
     names = list(names) if names is not None else [f"text-{i}" for i in range(len(texts))]
@@ -105,6 +123,8 @@ def prepare_texts(texts: Sequence[str], tokenizer: Any, out_dir: str | Path, *, 
     if not keep:
         raise ValueError("the corpus is empty: no document has any text")
 
+    if metadata and set(metadata) & {"format", "dtype", "num_tokens", "train_tokens", "val_tokens", "documents"}:
+        raise ValueError(f"metadata may not replace the header's own keys ({', '.join(sorted(metadata))})")
     vocab = len(tokenizer)
     dtype = np.dtype(np.uint16 if vocab <= 2**16 else np.uint32)  # ids < vocab <= 65,536 fit in uint16
     train_parts, val_parts = [], []
@@ -144,6 +164,7 @@ def prepare_texts(texts: Sequence[str], tokenizer: Any, out_dir: str | Path, *, 
         "characters": sum(len(texts[i]) for i in keep),
         "train_bytes": sum(doc_bytes) - sum(val_bytes), "val_bytes": sum(val_bytes),
         "skipped_empty": [names[i] for i, t in enumerate(texts) if not t.strip()],
+        **(metadata or {}),
         "documents": [{"name": names[i], "chars": len(texts[i]), "weight": weights[i],
                        "train": span[:2], "val": span[2:]} for i, span in zip(keep, docs)],
     }
@@ -349,12 +370,15 @@ class TokenDataset:
         return self.header.get(f"{split}_bytes", 0) / tokens if tokens else 0.0
 
     def stats(self, model_config: Any = None) -> dict[str, Any]:
-        """Corpus size; with a ModelConfig also training tokens per parameter against Chinchilla's ~20."""
+        """Corpus size (and the filters' receipts, if any); with a ModelConfig also training tokens per parameter
+        against Chinchilla's ~20."""
         out = {"documents": len(self.documents), "characters": sum(d.chars for d in self.documents),
                "tokens": self.num_tokens, "train_tokens": self.train_tokens, "val_tokens": self.val_tokens,
                "documents_without_val": sum(d.val_tokens == 0 for d in self.documents),
                "skipped_empty": list(self.header.get("skipped_empty", [])),
                "bytes_per_token": self.bytes_per_token("val") or self.bytes_per_token("train")}
+        if "filters" in self.header:  # what the data went through; a run's config.json keeps these stats
+            out["filters"] = self.header["filters"]
         if model_config is not None:
             n = model_config.num_parameters()
             # Hoffmann et al. 2022 (Chinchilla): compute-optimal training uses ~20 tokens per parameter.

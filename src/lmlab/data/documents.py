@@ -151,6 +151,34 @@ def decode_bytes(data: bytes, name: str | Path = "<bytes>", declared: str | None
                      "KOI8-R Russian); convert it to UTF-8")
 
 
+def encoding_label(data: bytes, suffix: str = ".txt") -> str:
+    """Which encoding `decode_bytes` finds in `data`: utf-16, utf-8-sig (a BOM), utf-8, or the legacy Russian
+    code page it chose (cp1251, koi8_r); "epub" and "pdf" for those containers, "unknown" if none reads."""
+    if suffix in (".epub", ".pdf"):
+        return suffix[1:]
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "utf-16"
+    if data.startswith(b"\xef\xbb\xbf"):
+        return "utf-8-sig"
+    try:
+        data.decode("utf-8")
+        return "utf-8"
+    except UnicodeDecodeError:
+        pass
+    try:
+        best = decode_bytes(data)
+    except ValueError:
+        return "unknown"
+    return next((e for e in _LEGACY if _decodes_to(data, e, best)), "legacy")
+
+
+def _decodes_to(data: bytes, encoding: str, text: str) -> bool:
+    try:
+        return data.decode(encoding) == text
+    except UnicodeDecodeError:
+        return False
+
+
 def _russian_score(text: str) -> float:
     """Mean log-probability (nats) per non-ASCII character of `text` read as Russian prose."""
     text = text[:200_000]

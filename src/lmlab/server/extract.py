@@ -71,33 +71,6 @@ def read_stored(path: Path, book: Path, chars: int = 0) -> tuple[dict, str] | No
 
 # ---- the child ------------------------------------------------------------------------------------------
 
-def encoding_label(documents, data: bytes, suffix: str) -> str:  # noqa: ANN001
-    """Which encoding the reader found: BOMs, UTF-8, or the legacy Russian code page it chose."""
-    if suffix in (".epub", ".pdf"):
-        return suffix[1:]
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return "utf-16"
-    if data.startswith(b"\xef\xbb\xbf"):
-        return "utf-8-sig"
-    try:
-        data.decode("utf-8")
-        return "utf-8"
-    except UnicodeDecodeError:
-        pass
-    try:
-        best = documents.decode_bytes(data)
-    except ValueError:
-        return "unknown"
-    return next((e for e in ("cp1251", "koi8_r") if _decodes_to(data, e, best)), "legacy")
-
-
-def _decodes_to(data: bytes, encoding: str, text: str) -> bool:
-    try:
-        return data.decode(encoding) == text
-    except UnicodeDecodeError:
-        return False
-
-
 def text_stats(text: str) -> dict[str, int]:
     words = sum(1 for _ in re.finditer(r"\S+", text))  # as len(text.split()), without a list of every word
     return {"chars": len(text), "words": words, "lines": text.count("\n") + (1 if text else 0),
@@ -122,7 +95,7 @@ def _read(book: Path, out: Path, shown: str) -> dict:
     suffix = book.suffix.lower()
     st = book.stat()
     header = {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
-              "encoding": encoding_label(documents, b"" if suffix in (".epub", ".pdf") else book.read_bytes(), suffix),
+              "encoding": documents.encoding_label(b"" if suffix in (".epub", ".pdf") else book.read_bytes(), suffix),
               **text_stats(text)}
     with open(out, "w", encoding="utf-8", newline="") as f:
         f.write(json.dumps(header) + "\n")
