@@ -12,8 +12,7 @@ import pytest
 from datasketch import MinHash, MinHashLSH
 
 from lmlab.cli import main
-from lmlab.data.dedup import (DedupConfig, candidate_pairs, dedup_texts, kept_texts, open_cluster, shingles,
-                              signatures)
+from lmlab.data.dedup import DedupConfig, candidate_pairs, dedup_texts, kept_texts, open_cluster, shingles, signatures
 
 
 def planted_pair(s: Fraction, n: int, fresh) -> tuple[str, str]:
@@ -206,8 +205,9 @@ def test_cli_errors_exit_2_with_one_line(tmp_path, capsys, argv, message):
     capsys.readouterr()
     argv = [a.replace("SRC", str(tmp_path / "SRC")).replace("OUT", str(tmp_path / "OUT"))
             .replace("NEW", str(tmp_path / "NEW")) for a in argv]
+    message = message.replace("SRC", str(tmp_path / "SRC")).replace("OUT", str(tmp_path / "OUT"))
     assert main(argv) == 2
-    assert capsys.readouterr().err == f"lmlab: error: {message.replace('SRC', str(tmp_path / 'SRC')).replace('OUT', str(tmp_path / 'OUT'))}\n"
+    assert capsys.readouterr().err == f"lmlab: error: {message}\n"
     assert not (tmp_path / "NEW").exists() and (tmp_path / "OUT" / "clusters.json").read_bytes() == before
 
 

@@ -365,7 +365,8 @@ def _data_clusters(args: argparse.Namespace) -> int:
                   f"{c['members'][0]['preview']}")
         return 0
     c = open_cluster(args.folder, args.show, args.limit)
-    print(f"cluster {c['id']} ({c['kind']}): {len(c['members'])} members, {c['shared_shingles']} shingles shared by all")
+    print(f"cluster {c['id']} ({c['kind']}): {len(c['members'])} members, "
+          f"{c['shared_shingles']} shingles shared by all")
     for m in c["members"]:
         print(f"  {'kept   ' if m['kept'] else 'removed'}  {m['doc']} [{m['start']}:{m['end']}]  "
               f"{m['shingles']} shingles, Jaccard with the first {m['jaccard_with_first']:.3f}: {m['preview']}")
