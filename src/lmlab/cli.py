@@ -375,6 +375,42 @@ def _data_clusters(args: argparse.Namespace) -> int:
     return 0
 
 
+def _contamination_arguments(d: argparse.ArgumentParser) -> None:
+    d.add_argument("--train", nargs="+", required=True, metavar="SOURCE", help="training files, folders or globs")
+    d.add_argument("--eval", required=True, dest="eval_spec", metavar="TASK_OR_TEXT",
+                   help="a shipped task, a task .yaml (make-task's too), or a text file or folder (items: paragraphs)")
+    d.add_argument("--n", type=int, default=13, help="words per n-gram (default 13, as lm-evaluation-harness)")
+    d.add_argument("--model", help="also score the task on all items and on the clean ones with this model")
+    d.add_argument("--device", default="auto", help="device for --model (default auto)")
+    d.add_argument("--batch-size", type=int, default=16, help="scoring batch size for --model (default 16)")
+    d.add_argument("--out", help="write the full result (per item) to this JSON file")
+
+
+@data_tool("contamination", "which eval items share a word n-gram (13 by default) with the training text",
+           _contamination_arguments)
+def _data_contamination(args: argparse.Namespace) -> int:
+    import json
+
+    from .data.contamination import check, eval_items
+
+    eval_items(args.eval_spec, need_task=bool(args.model))  # a bad --eval fails before a model loads
+    model, tok = _load_for_eval(args.model, args.device) if args.model else (None, None)
+    r = check(args.train, args.eval_spec, n=args.n, model=model, tokenizer=tok, batch_size=args.batch_size)
+    print(f"{r['eval']}: {len(r['contaminated'])} of {r['items']} items share a {r['n']}-gram with the training "
+          f"text ({r['clean']} clean)")
+    for i in r["contaminated"]:
+        p = r["per_item"][i]
+        print(f"  item {i}: {p['matched']}/{p['ngrams']} n-grams ({p['overlap']:.0%}) in "
+              f"{', '.join(p['documents'][:3])}: {p['example']!r}")
+    for subset, scores in r.get("scores", {}).items():
+        print(f"{subset:>5} ({scores['n']} items): " + "  ".join(
+            f"{k} {v:.4f}" if v is not None else f"{k} -" for k, v in scores.items() if k != "n"))
+    if args.out:
+        from .files import atomic_write_text
+        atomic_write_text(args.out, json.dumps(r, ensure_ascii=False, indent=1))
+    return 0
+
+
 # ---- train / eval / demo ----------------------------------------------------------------------------
 
 def _train_arguments(p: argparse.ArgumentParser) -> None:

@@ -84,10 +84,11 @@ def words(text: str) -> list[str]:
 
 def shingles(text: str, n: int = 5) -> set[str]:
     """Word n-grams joined by spaces; a text of fewer than n words is one shingle (none if it has no word)."""
-    return _shingles(words(text), n)
+    return ngrams(words(text), n)
 
 
-def _shingles(w: list, n: int) -> set:
+def ngrams(w: list[str], n: int) -> set[str]:
+    """Word n-grams of the words `w`, joined by spaces; fewer than n words make one shorter gram."""
     if len(w) < n:
         return {" ".join(w)} if w else set()
     return set(map(" ".join, zip(*(w[k:] for k in range(n)))))
@@ -95,7 +96,7 @@ def _shingles(w: list, n: int) -> set:
 
 def shingle_hashes(w: list[str], n: int = 5) -> np.ndarray:
     """datasketch's sha1_hash32 of each shingle of the words `w` (UTF-8): SHA-1's first 4 bytes, little-endian."""
-    digests = b"".join([_sha1(s.encode()).digest() for s in _shingles(w, n)])
+    digests = b"".join([_sha1(s.encode()).digest() for s in ngrams(w, n)])
     return np.frombuffer(digests, dtype="<u4")[::5].astype(np.uint32)  # 20-byte digests: every 5th word
 
 
