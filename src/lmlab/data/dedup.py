@@ -94,9 +94,17 @@ def ngrams(w: list[str], n: int) -> set[str]:
     return set(map(" ".join, zip(*(w[k:] for k in range(n)))))
 
 
-def shingle_hashes(w: list[str], n: int = 5) -> np.ndarray:
-    """datasketch's sha1_hash32 of each shingle of the words `w` (UTF-8): SHA-1's first 4 bytes, little-endian."""
-    digests = b"".join([_sha1(s.encode()).digest() for s in ngrams(w, n)])
+def word_bytes(text: str) -> bytes:
+    """The words of `text` as UTF-8, joined by single spaces: what exact dedup hashes and shingles are cut from."""
+    return " ".join(words(text)).encode()
+
+
+def shingle_hashes(joined: bytes, n: int = 5) -> np.ndarray:
+    """datasketch's sha1_hash32 of each shingle (UTF-8): SHA-1's first 4 bytes, little-endian. `joined` is
+    word_bytes(text); its words are cut once, so no shingle is encoded on its own."""
+    w = joined.split(b" ") if joined else []
+    grams = {b" ".join(w)} if 0 < len(w) < n else set(map(b" ".join, zip(*(w[k:] for k in range(n)))))
+    digests = b"".join([_sha1(s).digest() for s in grams])
     return np.frombuffer(digests, dtype="<u4")[::5].astype(np.uint32)  # 20-byte digests: every 5th word
 
 
@@ -119,10 +127,10 @@ def _fmix32(h: np.ndarray) -> np.ndarray:
 
 def signatures(texts: Iterable[str], config: DedupConfig = DedupConfig()) -> np.ndarray:
     """(len(texts), bands*rows) uint32 MinHash signatures; a text without words gets all 0xFFFFFFFF."""
-    return _signatures(map(words, texts), config)
+    return _signatures(map(word_bytes, texts), config)
 
 
-def _signatures(word_lists: Iterable[list[str]], config: DedupConfig) -> np.ndarray:
+def _signatures(joined_texts: Iterable[bytes], config: DedupConfig) -> np.ndarray:
     a, b = (p[:, None] for p in permutations(config.num_perm, config.seed))
     rows: list[np.ndarray] = []  # finished (num_perm, k) blocks of signatures, transposed
     pending: list[np.ndarray] = []
@@ -144,8 +152,8 @@ def _signatures(word_lists: Iterable[list[str]], config: DedupConfig) -> np.ndar
         rows.append(sig)
         pending.clear()
 
-    for w in word_lists:
-        pending.append(shingle_hashes(w, config.ngram))
+    for joined in joined_texts:
+        pending.append(shingle_hashes(joined, config.ngram))
         size += len(pending[-1])
         if size >= 4 * _BLOCK_ROWS:
             flush()
@@ -224,16 +232,16 @@ def dedup_texts(texts: Sequence[str], config: DedupConfig = DedupConfig()) -> De
 
     def new_units():  # one pass over the text: exact duplicates join their first copy, the rest are signed
         for u, unit in enumerate(units):
-            w = words(texts[unit.doc][unit.start:unit.end])
-            if not w:
+            joined = word_bytes(texts[unit.doc][unit.start:unit.end])
+            if not joined:
                 continue  # blank or punctuation only: neither duplicate nor original
-            key = hashlib.blake2b(" ".join(w).encode(), digest_size=16).digest()
+            key = hashlib.blake2b(joined, digest_size=16).digest()
             if key in seen:
                 parent[u] = seen[key]
             else:
                 seen[key] = u
                 reps.append(u)
-                yield w
+                yield joined
 
     near_pairs, candidates = np.zeros((0, 3)), 0
     if config.near:
