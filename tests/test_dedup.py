@@ -197,6 +197,7 @@ def test_cli_dedup_writes_texts_clusters_and_opens_a_cluster(tmp_path, capsys):
     (["data", "dedup", "SRC/missing.txt", "--out", "NEW"], "no such file or folder: SRC/missing.txt"),
     (["data", "clusters", "SRC"], "no clusters.json in SRC: not a folder written by lmlab data dedup"),
     (["data", "clusters", "OUT", "--show", "5"], "no cluster 5 in OUT (it has 1: 0..0)"),
+    (["data", "clusters", "OUT", "--limit", "0"], "--limit (0) must be at least 1"),
 ])
 def test_cli_errors_exit_2_with_one_line(tmp_path, capsys, argv, message):
     _corpus(tmp_path / "SRC")

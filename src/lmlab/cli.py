@@ -357,6 +357,8 @@ def _clusters_arguments(d: argparse.ArgumentParser) -> None:
 def _data_clusters(args: argparse.Namespace) -> int:
     from .data.dedup import load_clusters, open_cluster
 
+    if args.limit < 1:
+        raise ValueError(f"--limit ({args.limit}) must be at least 1")
     if args.show is None:
         clusters = load_clusters(args.folder)["clusters"]
         print(f"{len(clusters)} clusters")
