@@ -4,14 +4,17 @@
     lmlab data contamination --train books/ --eval held-out.txt --n 8     # ... or a text (one item a paragraph)
     lmlab data contamination --train runs/demo/data/book.txt --eval my-task.yaml --model runs/demo/final
 
-As lm-evaluation-harness's decontamination (https://github.com/EleutherAI/lm-evaluation-harness, "Janitor",
-after GPT-3's paper, Brown et al. 2020, appendix C): texts are compared as words (case-folded `\\w+` runs, so
-punctuation and case do not hide a copy), an item is contaminated when any of its 13-grams occurs in the
-training text, and an item shorter than n words counts as one n-gram of its length. An item's text is what a
-model would have memorised: the context with its answer (multiple choice: the right choice; lm: the
-continuation; generate: the first reference). Per item: its n-grams, how many occur in training, the training
-documents they occur in and one example. With a model, the task is scored once and its metrics are averaged
-over all items and over the clean ones (Lee et al. 2022, https://arxiv.org/abs/2107.06499, report both).
+As lm-evaluation-harness's decontamination (https://github.com/EleutherAI/lm-evaluation-harness,
+lm_eval/decontamination, after GPT-3's paper, Brown et al. 2020, appendix C): texts are compared as words, so
+punctuation and case do not hide a copy (its Janitor lower-cases ASCII and deletes punctuation; here words are
+case-folded Unicode `\\w+` runs, so Russian text compares the same way), and an item is contaminated when any
+of its 13-grams occurs in the training text. Unlike the harness, whose items shorter than n words have no
+n-gram and are never flagged, such an item here counts as one gram of its length, so a short item copied word
+for word is caught. An item's text is what a model would have memorised: the context with its answer
+(multiple choice: the right choice; lm: the continuation; generate: the first reference). Per item: its
+n-grams, how many occur in training, the training documents they occur in and one example. With a model, the
+task is scored once and its metrics are averaged over all items and over the clean ones, as GPT-3's paper
+compares each benchmark with its clean subset.
 """
 
 from __future__ import annotations
