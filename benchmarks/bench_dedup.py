@@ -117,9 +117,10 @@ def main() -> None:
           f"median of {args.repeats} interleaved repeats; {len(ours):,} candidate pairs, equal in both")
     for name, r in rate.items():
         print(f"    {name:20}{r:10,.0f} docs/s wall  {cpu_rate[name]:10,.0f} docs per CPU-second")
-    ours_rate = rate["lmlab dedup_texts"]
-    print(f"    lmlab / datasketch: {ours_rate / rate['datasketch LSH']:.2f}x; target >= 2,000 docs/s  "
-          f"{'PASS' if ours_rate >= 2000 else 'BELOW'}")
+    wall, per_cpu = rate["lmlab dedup_texts"], cpu_rate["lmlab dedup_texts"]
+    print(f"    lmlab / datasketch: {wall / rate['datasketch LSH']:.2f}x wall, "
+          f"{per_cpu / cpu_rate['datasketch LSH']:.2f}x CPU; target >= 2,000 docs/s per core: "
+          f"{'PASS' if wall >= 2000 else 'BELOW'} wall, {'PASS' if per_cpu >= 2000 else 'BELOW'} per CPU-second")
     if args.mb:
         print(f"memory: {args.mb:g} MB of ~1 KB documents in a child process")
         subprocess.run([sys.executable, __file__, "--memory-child", str(args.mb)], check=True)
