@@ -432,6 +432,104 @@ def _data_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dedup_arguments(d: argparse.ArgumentParser) -> None:
+    d.add_argument("sources", nargs="+", help="files, folders or globs (.txt .md .html .epub .pdf)")
+    d.add_argument("--out", required=True, help="new folder: texts/, clusters.json, report.json (never overwritten)")
+    d.add_argument("--level", choices=["doc", "paragraph"], default="doc", help="what a duplicate is (default doc)")
+    d.add_argument("--near", action=argparse.BooleanOptionalAction, default=True,
+                   help="MinHash/LSH near duplicates besides exact ones (--no-near: exact only)")
+    d.add_argument("--ngram", type=int, default=5, help="words per shingle (default 5, as datatrove)")
+    d.add_argument("--bands", type=int, default=14, help="LSH bands (default 14)")
+    d.add_argument("--rows", type=int, default=8, help="permutations per band (default 8; bands x rows in all)")
+    d.add_argument("--seed", type=int, default=1, help="permutation seed (default 1, datasketch's)")
+    d.add_argument("--threshold", type=float,
+                   help="keep only candidates whose signatures agree on this share of permutations "
+                        "(default: every LSH candidate is a duplicate, as datatrove)")
+    d.add_argument("--keep", choices=["one", "none"], default="one",
+                   help="one: the first member of each cluster stays (default); none: all go")
+
+
+@data_tool("dedup", "remove exact and near-duplicate documents or paragraphs (MinHash + LSH)", _dedup_arguments)
+def _data_dedup(args: argparse.Namespace) -> int:
+    from .data.dedup import DedupConfig, dedup
+
+    cfg = DedupConfig(level=args.level, near=args.near, ngram=args.ngram, bands=args.bands, rows=args.rows,
+                      seed=args.seed, threshold=args.threshold, keep=args.keep)
+    st = dedup(args.sources, args.out, cfg).stats
+    print(f"{st['units']:,} {'documents' if cfg.level == 'doc' else 'paragraphs'}: removed {st['removed']:,} "
+          f"({st['exact_duplicates']:,} exact copies), {st['clusters']:,} clusters ({st['near_clusters']:,} near)")
+    print(f"characters: {st['chars_in']:,} -> {st['chars_out']:,}; LSH candidate pairs {st['candidate_pairs']:,}, "
+          f"near pairs kept {st['near_pairs']:,}")
+    print(f"written to {args.out} (lmlab data clusters {args.out} --show ID opens a cluster)")
+    return 0
+
+
+def _clusters_arguments(d: argparse.ArgumentParser) -> None:
+    d.add_argument("folder", help="a folder written by lmlab data dedup")
+    d.add_argument("--show", type=int, metavar="ID", help="open one cluster: its members and shared shingles")
+    d.add_argument("--limit", type=int, default=20, help="clusters listed, or shared shingles shown (default 20)")
+
+
+@data_tool("clusters", "list the duplicate clusters of lmlab data dedup, or open one", _clusters_arguments)
+def _data_clusters(args: argparse.Namespace) -> int:
+    from .data.dedup import load_clusters, open_cluster
+
+    if args.limit < 1:
+        raise ValueError(f"--limit ({args.limit}) must be at least 1")
+    if args.show is None:
+        clusters = load_clusters(args.folder)["clusters"]
+        print(f"{len(clusters)} clusters")
+        for c in clusters[:args.limit]:
+            print(f"  {c['id']:>5}  {c['kind']:<5}  {len(c['members'])} members  {c['members'][0]['doc']}: "
+                  f"{c['members'][0]['preview']}")
+        return 0
+    c = open_cluster(args.folder, args.show, args.limit)
+    print(f"cluster {c['id']} ({c['kind']}): {len(c['members'])} members, "
+          f"{c['shared_shingles']} shingles shared by all")
+    for m in c["members"]:
+        print(f"  {'kept   ' if m['kept'] else 'removed'}  {m['doc']} [{m['start']}:{m['end']}]  "
+              f"{m['shingles']} shingles, Jaccard with the first {m['jaccard_with_first']:.3f}: {m['preview']}")
+    for s in c["shared_examples"]:
+        print(f"    | {s}")
+    return 0
+
+
+def _contamination_arguments(d: argparse.ArgumentParser) -> None:
+    d.add_argument("--train", nargs="+", required=True, metavar="SOURCE", help="training files, folders or globs")
+    d.add_argument("--eval", required=True, dest="eval_spec", metavar="TASK_OR_TEXT",
+                   help="a shipped task, a task .yaml (make-task's too), or a text file or folder (items: paragraphs)")
+    d.add_argument("--n", type=int, default=13, help="words per n-gram (default 13, as lm-evaluation-harness)")
+    d.add_argument("--model", help="also score the task on all items and on the clean ones with this model")
+    d.add_argument("--device", default="auto", help="device for --model (default auto)")
+    d.add_argument("--batch-size", type=int, default=16, help="scoring batch size for --model (default 16)")
+    d.add_argument("--out", help="write the full result (per item) to this JSON file")
+
+
+@data_tool("contamination", "which eval items share a word n-gram (13 by default) with the training text",
+           _contamination_arguments)
+def _data_contamination(args: argparse.Namespace) -> int:
+    import json
+
+    from .data.contamination import check, eval_items
+
+    eval_items(args.eval_spec, need_task=bool(args.model))  # a bad --eval fails before a model loads
+    model, tok = _load_for_eval(args.model, args.device) if args.model else (None, None)
+    r = check(args.train, args.eval_spec, n=args.n, model=model, tokenizer=tok, batch_size=args.batch_size)
+    print(f"{r['eval']}: {len(r['contaminated'])} of {r['items']} items share a {r['n']}-gram with the training "
+          f"text ({r['clean']} clean)")
+    for i in r["contaminated"]:
+        p = r["per_item"][i]
+        print(f"  item {i}: {p['matched']}/{p['ngrams']} n-grams ({p['overlap']:.0%}) in "
+              f"{', '.join(p['documents'][:3])}: {p['example']!r}")
+    for subset, scores in r.get("scores", {}).items():
+        print(f"{subset:>5} ({scores['n']} items): " + "  ".join(
+            f"{k} {v:.4f}" if v is not None else f"{k} -" for k, v in scores.items() if k != "n"))
+    if args.out:
+        from .files import atomic_write_text
+        atomic_write_text(args.out, json.dumps(r, ensure_ascii=False, indent=1))
+    return 0
+
+
 # ---- train / eval / demo ----------------------------------------------------------------------------
 
 def _train_arguments(p: argparse.ArgumentParser) -> None:

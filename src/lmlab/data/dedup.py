@@ -1,0 +1,375 @@
+"""Exact and near-duplicate removal, at document or paragraph level, with clusters that can be opened.
+
+    lmlab data dedup books/ --out books-dedup                 # documents; exact + MinHash/LSH near duplicates
+    lmlab data dedup books/ --out paras --level paragraph --keep none --threshold 0.8
+    lmlab data clusters books-dedup --show 3                  # the members of cluster 3 and their shared shingles
+
+Text is compared as its words: case-folded `\\w+` runs joined by one space (punctuation, case and spacing do
+not make two texts different). Exact duplicates share a BLAKE2b digest of that form. Near duplicates follow
+MinHash + LSH as datatrove's FineWeb pipeline runs it (word 5-gram shingles, 14 bands of 8 rows = 112
+permutations, https://github.com/huggingface/datatrove): a pair sharing all rows of any band is a candidate,
+so a pair of Jaccard similarity s is caught with probability 1 - (1 - s^rows)^bands (0.92 at s = 0.8).
+By default every candidate is a duplicate, as in datatrove; with `threshold`, a candidate is kept only if the
+signatures agree on at least that share of the permutations (the MinHash estimate of its Jaccard).
+
+Signatures are bit-identical to datasketch's MinHash (scheme "affine32", its default since 2.0.0,
+https://github.com/ekzhu/datasketch): a shingle's hash is the first 4 bytes of its SHA-1 read little-endian,
+mixed once by the MurmurHash3 finalizer, then permuted as a*h + b mod 2^32 with odd a and b drawn from
+numpy's RandomState(seed). So the candidate pairs equal those of datasketch's MinHashLSH with
+params=(bands, rows) (tests/test_dedup.py checks it). Here each shingle is hashed once and the permutations
+run as one numpy product over blocks of shingles, so memory stays bounded by the block and the
+(units x permutations) uint32 signature matrix (45 MB for 100,000 units).
+
+Clusters are the connected components (union-find) of exact groups and near pairs; `keep="one"` keeps each
+cluster's first member in source order, `keep="none"` drops the whole cluster (Lee et al. 2022, "Deduplicating
+Training Data Makes Language Models Better", https://arxiv.org/abs/2107.06499, removes all but one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..files import fix_modes
+from .dataset import _document_names
+from .documents import find_documents, read_document
+
+CLUSTERS, REPORT, TEXTS = "clusters.json", "report.json", "texts"
+_WORD = re.compile(r"\w+")
+_PARAGRAPH = re.compile(r"[^\n]*\S[^\n]*(?:\n[^\n]*\S[^\n]*)*")  # a run of non-blank lines
+_MAX32 = np.uint32(0xFFFFFFFF)
+_sha1 = hashlib.sha1
+_BLOCK_ROWS = 1 << 15  # shingles permuted at once: 32768 x 112 x 4 bytes = 14 MB of temporaries
+
+
+@dataclass(frozen=True)
+class DedupConfig:
+    level: str = "doc"  # "doc" or "paragraph"
+    near: bool = True  # MinHash near duplicates besides exact ones
+    ngram: int = 5  # words per shingle
+    bands: int = 14
+    rows: int = 8  # permutations per band; bands x rows permutations in all
+    seed: int = 1  # datasketch's default seed
+    threshold: float | None = None  # verify candidates: estimated Jaccard >= threshold; None keeps every candidate
+    keep: str = "one"  # "one": the first member of each cluster stays; "none": every member goes
+
+    def __post_init__(self) -> None:
+        if self.level not in ("doc", "paragraph"):
+            raise ValueError(f"level must be doc or paragraph, not {self.level!r}")
+        if self.keep not in ("one", "none"):
+            raise ValueError(f"keep must be one or none, not {self.keep!r}")
+        for name in ("ngram", "bands", "rows"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} ({getattr(self, name)}) must be at least 1")
+        if self.threshold is not None and not 0 <= self.threshold <= 1:
+            raise ValueError(f"threshold ({self.threshold}) must be in [0, 1]")
+
+    @property
+    def num_perm(self) -> int:
+        return self.bands * self.rows
+
+
+def words(text: str) -> list[str]:
+    return _WORD.findall(text.casefold())
+
+
+def shingles(text: str, n: int = 5) -> set[str]:
+    """Word n-grams joined by spaces; a text of fewer than n words is one shingle (none if it has no word)."""
+    return ngrams(words(text), n)
+
+
+def ngrams(w: list[str], n: int) -> set[str]:
+    """Word n-grams of the words `w`, joined by spaces; fewer than n words make one shorter gram."""
+    if len(w) < n:
+        return {" ".join(w)} if w else set()
+    return set(map(" ".join, zip(*(w[k:] for k in range(n)))))
+
+
+def word_bytes(text: str) -> bytes:
+    """The words of `text` as UTF-8, joined by single spaces: what exact dedup hashes and shingles are cut from."""
+    return " ".join(words(text)).encode()
+
+
+def shingle_hashes(joined: bytes, n: int = 5) -> np.ndarray:
+    """datasketch's sha1_hash32 of each shingle (UTF-8): SHA-1's first 4 bytes, little-endian. `joined` is
+    word_bytes(text); its words are cut once, so no shingle is encoded on its own."""
+    w = joined.split(b" ") if joined else []
+    grams = {b" ".join(w)} if 0 < len(w) < n else set(map(b" ".join, zip(*(w[k:] for k in range(n)))))
+    digests = b"".join([_sha1(s).digest() for s in grams])
+    return np.frombuffer(digests, dtype="<u4")[::5].astype(np.uint32)  # 20-byte digests: every 5th word
+
+
+def permutations(num_perm: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """datasketch's affine32 permutation parameters: odd a and any b, uint32, from RandomState(seed)."""
+    gen = np.random.RandomState(seed)
+    a = gen.randint(0, 1 << 31, num_perm, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
+    b = gen.randint(0, 1 << 32, num_perm, dtype=np.uint32)
+    return a, b
+
+
+def _fmix32(h: np.ndarray) -> np.ndarray:
+    """MurmurHash3's 32-bit finalizer, the bijection datasketch applies before permuting."""
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> np.uint32(13))
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
+
+
+def signatures(texts: Iterable[str], config: DedupConfig = DedupConfig()) -> np.ndarray:
+    """(len(texts), bands*rows) uint32 MinHash signatures; a text without words gets all 0xFFFFFFFF."""
+    return _signatures(map(word_bytes, texts), config)
+
+
+def _signatures(joined_texts: Iterable[bytes], config: DedupConfig) -> np.ndarray:
+    a, b = (p[:, None] for p in permutations(config.num_perm, config.seed))
+    rows: list[np.ndarray] = []  # finished (num_perm, k) blocks of signatures, transposed
+    pending: list[np.ndarray] = []
+    size = 0
+
+    def flush() -> None:
+        sig = np.full((config.num_perm, len(pending)), _MAX32, dtype=np.uint32)
+        lengths = np.array([len(p) for p in pending])
+        nonempty = np.flatnonzero(lengths)
+        if len(nonempty):
+            hv = _fmix32(np.concatenate(pending))
+            owner = np.repeat(nonempty, lengths[nonempty])
+            for start in range(0, len(hv), _BLOCK_ROWS):
+                block = a * hv[start:start + _BLOCK_ROWS] + b  # (num_perm, shingles), wraps mod 2^32
+                own = owner[start:start + _BLOCK_ROWS]
+                cuts = np.flatnonzero(np.r_[True, own[1:] != own[:-1]])
+                docs = own[cuts]  # distinct within a block: a text's shingles are contiguous
+                sig[:, docs] = np.minimum(sig[:, docs], np.minimum.reduceat(block, cuts, axis=1))
+        rows.append(sig)
+        pending.clear()
+
+    for joined in joined_texts:
+        pending.append(shingle_hashes(joined, config.ngram))
+        size += len(pending[-1])
+        if size >= 4 * _BLOCK_ROWS:
+            flush()
+            size = 0
+    if pending or not rows:
+        flush()
+    return np.ascontiguousarray(np.concatenate(rows, axis=1).T)
+
+
+def candidate_pairs(sig: np.ndarray, bands: int, rows: int, valid: np.ndarray | None = None) -> np.ndarray:
+    """(P, 2) int64 pairs i < j, sorted, that agree on every row of at least one band (MinHashLSH's
+    candidates). Rows where `valid` is False take no part. Each bucket of k members gives k(k-1)/2 pairs, so
+    exact duplicates are best collapsed first (dedup_texts does)."""
+    idx = np.arange(len(sig)) if valid is None else np.flatnonzero(valid)
+    found: list[np.ndarray] = []
+    for band in range(bands):
+        cols = sig[idx, band * rows:(band + 1) * rows]
+        order = np.lexsort(cols.T[::-1])
+        srt = cols[order]
+        starts = np.flatnonzero(np.r_[True, np.any(srt[1:] != srt[:-1], axis=1)])
+        sizes = np.diff(np.r_[starts, len(srt)])
+        for s, k in zip(starts[sizes > 1], sizes[sizes > 1]):
+            members = np.sort(idx[order[s:s + k]])
+            i, j = np.triu_indices(k, 1)
+            found.append(members[i] * len(sig) + members[j])
+    if not found:
+        return np.zeros((0, 2), dtype=np.int64)
+    codes = np.unique(np.concatenate(found))
+    return np.stack([codes // len(sig), codes % len(sig)], axis=1)
+
+
+def estimated_jaccard(sig: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """Share of permutations on which each pair's signatures agree."""
+    out = np.empty(len(pairs))
+    for s in range(0, len(pairs), 4096):
+        p = pairs[s:s + 4096]
+        out[s:s + 4096] = (sig[p[:, 0]] == sig[p[:, 1]]).mean(axis=1)
+    return out
+
+
+def _find(parent: list[int], x: int) -> int:
+    while parent[x] != x:
+        parent[x] = parent[parent[x]]  # path halving
+        x = parent[x]
+    return x
+
+
+@dataclass
+class Unit:
+    doc: int  # index of the document
+    start: int  # [start, end) characters in the document's text
+    end: int
+
+
+@dataclass
+class DedupResult:
+    units: list[Unit]
+    clusters: list[dict]  # {"id", "kind": exact|near, "members": [unit], "kept": [unit], "pairs": [[u, v, J]]}
+    keep: np.ndarray  # bool per unit
+    stats: dict = field(default_factory=dict)
+
+
+def split_units(texts: Sequence[str], level: str) -> list[Unit]:
+    if level == "doc":
+        return [Unit(i, 0, len(t)) for i, t in enumerate(texts)]
+    return [Unit(i, m.start(), m.end()) for i, t in enumerate(texts) for m in _PARAGRAPH.finditer(t)]
+
+
+def dedup_texts(texts: Sequence[str], config: DedupConfig = DedupConfig()) -> DedupResult:
+    """Find exact and (with config.near) near duplicates among the units of `texts`; nothing is written."""
+    units = split_units(texts, config.level)
+    n = len(units)
+    parent = list(range(n))
+    reps: list[int] = []
+    seen: dict[bytes, int] = {}
+
+    def new_units():  # one pass over the text: exact duplicates join their first copy, the rest are signed
+        for u, unit in enumerate(units):
+            joined = word_bytes(texts[unit.doc][unit.start:unit.end])
+            if not joined:
+                continue  # blank or punctuation only: neither duplicate nor original
+            key = hashlib.blake2b(joined, digest_size=16).digest()
+            if key in seen:
+                parent[u] = seen[key]
+            else:
+                seen[key] = u
+                reps.append(u)
+                yield joined
+
+    near_pairs, candidates = np.zeros((0, 3)), 0
+    if config.near:
+        sig = _signatures(new_units(), config)
+    else:
+        sig = None
+        for _ in new_units():
+            pass
+    exact_removable = sum(1 for u in range(n) if parent[u] != u)
+    if sig is not None and len(reps) > 1:
+        pairs = candidate_pairs(sig, config.bands, config.rows)
+        jac = estimated_jaccard(sig, pairs)
+        candidates = len(pairs)
+        if config.threshold is not None:
+            pairs, jac = pairs[jac >= config.threshold], jac[jac >= config.threshold]
+        rep = np.array(reps)
+        near_pairs = np.c_[rep[pairs], jac] if len(pairs) else near_pairs
+        for i, j in rep[pairs]:
+            ri, rj = _find(parent, int(i)), _find(parent, int(j))
+            if ri != rj:
+                parent[max(ri, rj)] = min(ri, rj)  # the root is the earliest unit: it is the one kept
+    roots = [_find(parent, u) for u in range(n)]
+    members: dict[int, list[int]] = {}
+    for u, r in enumerate(roots):
+        members.setdefault(r, []).append(u)
+    pair_lists: dict[int, list] = {}
+    for i, j, jv in near_pairs:
+        pair_lists.setdefault(roots[int(i)], []).append([int(i), int(j), round(float(jv), 4)])
+    keep = np.ones(n, dtype=bool)
+    clusters = []
+    for r in sorted(r for r, m in members.items() if len(m) > 1):
+        m = members[r]
+        kept = m[:1] if config.keep == "one" else []
+        keep[[u for u in m if u not in kept]] = False
+        clusters.append({"id": len(clusters), "kind": "near" if r in pair_lists else "exact", "members": m,
+                         "kept": kept, "pairs": pair_lists.get(r, [])})
+    chars_in = sum(u.end - u.start for u in units)
+    chars_out = sum(u.end - u.start for u, k in zip(units, keep) if k)
+    stats = {"units": n, "removed": int(n - keep.sum()), "exact_duplicates": exact_removable,
+             "clusters": len(clusters), "near_clusters": sum(c["kind"] == "near" for c in clusters),
+             "candidate_pairs": int(candidates), "near_pairs": len(near_pairs),
+             "chars_in": chars_in, "chars_out": chars_out, "config": asdict(config)}
+    return DedupResult(units, clusters, keep, stats)
+
+
+def kept_texts(texts: Sequence[str], result: DedupResult) -> list[str]:
+    """Each document with its removed units left out (paragraphs joined by a blank line); "" if none stays."""
+    parts: list[list[str]] = [[] for _ in texts]
+    for unit, k in zip(result.units, result.keep):
+        if k:
+            parts[unit.doc].append(texts[unit.doc][unit.start:unit.end])
+    if result.stats["config"]["level"] == "doc":
+        return [p[0] if p else "" for p in parts]
+    return ["\n\n".join(p) + "\n" if p else "" for p in parts]
+
+
+def dedup(sources: Sequence[str | Path], out_dir: str | Path, config: DedupConfig = DedupConfig()) -> DedupResult:
+    """Read every document under `sources`, deduplicate and write `out_dir` (refused if it exists):
+    texts/NAME.txt for each document with text left, clusters.json and report.json. The folder appears
+    whole or not at all (written under a temporary name, then renamed)."""
+    out = Path(out_dir)
+    if out.exists():
+        raise ValueError(f"{out} already exists; choose a new --out (nothing is overwritten)")
+    paths = find_documents(sources)
+    names = _document_names(paths)
+    texts = [read_document(p) for p in paths]
+    result = dedup_texts(texts, config)
+    tmp = out.with_name(f".{out.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        (tmp / TEXTS).mkdir(parents=True)
+        written = []
+        for name, text in zip(names, kept_texts(texts, result)):
+            if text.strip():
+                target = tmp / TEXTS / (name if name.endswith((".txt", ".md")) else name + ".txt")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(text, encoding="utf-8")
+                written.append(name)
+        sources_json = [{"name": n, "path": str(p.resolve())} for n, p in zip(names, paths)]
+        clusters = [{**c, "members": [_member(u, result.units[u], texts, names, u in c["kept"])
+                                      for u in c["members"]]} for c in result.clusters]
+        (tmp / CLUSTERS).write_text(json.dumps({"config": asdict(config), "sources": sources_json,
+                                                "clusters": clusters}, ensure_ascii=False, indent=1))
+        result.stats.update(documents=len(texts), documents_out=len(written))
+        (tmp / REPORT).write_text(json.dumps(result.stats, indent=1))
+        fix_modes(tmp)
+        if out.exists():
+            raise ValueError(f"{out} appeared while deduplicating; nothing was overwritten")
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return result
+
+
+def _member(u: int, unit: Unit, texts: Sequence[str], names: Sequence[str], kept: bool) -> dict:
+    text = texts[unit.doc][unit.start:unit.end]
+    return {"unit": u, "doc": names[unit.doc], "source": unit.doc, "start": unit.start, "end": unit.end,
+            "sha1": hashlib.sha1(text.encode()).hexdigest(), "kept": kept, "preview": " ".join(text.split())[:80]}
+
+
+def load_clusters(out_dir: str | Path) -> dict:
+    path = Path(out_dir) / CLUSTERS
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CLUSTERS} in {out_dir}: not a folder written by lmlab data dedup")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def open_cluster(out_dir: str | Path, cluster_id: int, max_shingles: int = 20) -> dict:
+    """A cluster's members with their texts (re-read from the sources, checked against the recorded SHA-1),
+    each member's exact shingle Jaccard with the first, and the shingles every member shares."""
+    data = load_clusters(out_dir)
+    clusters = data["clusters"]
+    if not 0 <= cluster_id < len(clusters):
+        raise ValueError(f"no cluster {cluster_id} in {out_dir} (it has {len(clusters)}: 0..{len(clusters) - 1})")
+    cluster, n = clusters[cluster_id], data["config"]["ngram"]
+    cache: dict[int, str] = {}
+    members = []
+    for m in cluster["members"]:
+        if m["source"] not in cache:
+            cache[m["source"]] = read_document(data["sources"][m["source"]]["path"])
+        text = cache[m["source"]][m["start"]:m["end"]]
+        if hashlib.sha1(text.encode()).hexdigest() != m["sha1"]:
+            raise ValueError(f"{data['sources'][m['source']]['path']} changed since it was deduplicated")
+        members.append({**m, "text": text, "shingles": shingles(text, n)})
+    first = members[0]["shingles"]
+    shared = set.intersection(*(m["shingles"] for m in members))
+    for m in members:
+        s = m.pop("shingles")
+        m["jaccard_with_first"] = round(len(s & first) / max(1, len(s | first)), 4)
+        m["shingles"] = len(s)
+    return {**cluster, "members": members, "shared_shingles": len(shared),
+            "shared_examples": sorted(shared)[:max_shingles]}
