@@ -32,11 +32,11 @@ TASK_SUFFIXES = (".yaml", ".yml", ".json")
 
 def eval_items(spec: str, need_task: bool = False) -> tuple[str, list[str], Any]:
     """(name, item texts, Task or None) for a shipped task name, a task file, or text documents (paragraphs)."""
-    from ..eval.tasks import SHIPPED, _solved, load_task
+    from ..eval.tasks import SHIPPED, load_task, solved_text
     path = Path(spec)
     if path.suffix.lower() in TASK_SUFFIXES or (not path.suffix and (SHIPPED / f"{spec}.yaml").is_file()):
         task = load_task(spec)
-        return task.name, [_solved(task, item) for item in task.items], task
+        return task.name, [solved_text(task, item) for item in task.items], task
     if need_task:
         raise ValueError(f"--model scores tasks; {spec} is a text")
     texts = [read_document(p) for p in find_documents([spec])]

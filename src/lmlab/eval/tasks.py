@@ -128,13 +128,14 @@ def prompts(task: Task) -> list[dict[str, Any]]:
     for i, item in enumerate(task.items):
         others = [j for j in range(len(task.items)) if j != i]
         shots = random.Random(task.seed * 1_000_003 + i).sample(others, task.fewshot) if task.fewshot else []
-        parts = [_solved(task, task.items[j]) for j in shots]
+        parts = [solved_text(task, task.items[j]) for j in shots]
         prefix = task.description + task.fewshot_delimiter.join(parts) + (task.fewshot_delimiter if parts else "")
         out.append({**item, key: prefix + item[key]})
     return out
 
 
-def _solved(task: Task, item: dict[str, Any]) -> str:
+def solved_text(task: Task, item: dict[str, Any]) -> str:
+    """An item with its answer, as a few-shot example shows it (and as a model that memorised it saw it)."""
     d = task.target_delimiter
     if task.kind == "multiple_choice":
         return item["context"] + d + item["choices"][item["answer"]]

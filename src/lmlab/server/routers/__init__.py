@@ -4,10 +4,10 @@ keeps the AZR Model Trainer app's endpoints for its old clients; `openai` is the
 
 from fastapi import APIRouter
 
-from . import books, demo, evals, generate, info, interp, modelpage, models, openai, runs, seed, tune
+from . import books, data, demo, evals, generate, info, interp, modelpage, models, openai, runs, seed, tune
 
 api = APIRouter(prefix="/api/v1")
-for _resource in (info, books, models, modelpage, interp, runs, generate, evals, tune, demo):
+for _resource in (info, books, data, models, modelpage, interp, runs, generate, evals, tune, demo):
     api.include_router(_resource.router)
 
 __all__ = ["api", "openai", "seed"]

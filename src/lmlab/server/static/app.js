@@ -8,6 +8,7 @@ import { errorText as detailText, keepFocus, renderGuide, setupUx, tokenEstimate
 import { evalName, hasReport, initEvaluate, renderEvaluate, showEvaluate } from "/static/evaluate.js";
 import { DERIVED_KINDS, derivedName, initModelPage, openModel, renderModelPage } from "/static/modelpage.js";
 import { initChat, renderChat, showChat } from "/static/chat.js";
+import { initData, renderData, showData } from "/static/data.js";
 import { initTune, renderTune, renderTuneCharts, showTune, tuneName } from "/static/tune.js";
 
 const $ = (sel, root = document) => root.querySelector(sel);
@@ -129,6 +130,7 @@ function showTab(name) {
   if (name === "model") renderModelPage();
   if (name === "chat") showChat();
   if (name === "tune") showTune();
+  if (name === "data") showData();
 }
 
 // ---- books -----------------------------------------------------------------------------------------
@@ -585,6 +587,7 @@ function renderRuns() {
   renderEvaluate();
   renderModelPage();
   renderTune();
+  renderData();
 }
 
 function renderRunDetail() {
@@ -822,6 +825,7 @@ async function main() {
   initModelPage({ S, t, h, api, fmtNum, fmtBytes, statusLabel, refreshRuns, runAction, toast, ACTIVE });
   initChat({ S, t, h, api, apiHeaders, toast });
   initTune({ S, t, h, api, apiHeaders, statusLabel, refreshRuns, deleteRun, runAction, toast, subscribe, fmtNum, fmtBytes, ACTIVE, COLORS });
+  initData({ S, t, h, api, fmtNum, toast });
   initRunPage({ S, t, h, api, fmtNum, fmtBytes, fmtLoss, statusLabel, labName, subscribe, runChart, showTab, toast, renderRuns });
   window.addEventListener("hashchange", () => showTab(location.hash.slice(1)));
   setupUx({ t, api, S, h, showTab, openRun: async (run) => {

@@ -1,0 +1,125 @@
+"""/api/v1/books/{name}/data/...: the Data tab's cards for one book, computed on its stored text (the text
+extracted at upload, in a child process with limits; the upload itself is never parsed here): what it holds
+(language, exact duplicates, tokens for a model, tokens per parameter, the epoch advisor), its duplicate
+paragraphs (exact and MinHash near duplicates, clusters with the shingles they share), what the quality
+filters would do (receipts, nothing written), and which items of an evaluation task it contains (word n-gram
+overlap). The same library functions as `lmlab data inspect | dedup | filter | contamination`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Query
+
+from ...data.contamination import contamination
+from ...data.dedup import DedupConfig, dedup_texts, shingles
+from ...data.filters import apply_filters, identify, parse_filters
+from ...data.inspect import duplicates, epoch_advice, histogram
+from ...eval.tasks import load_task, solved_text
+from ...models import ModelConfig
+from ...tokenizers import Tokenizer
+from ..app import AppState, StateDep
+from ..services import need_book, need_book_text, need_model
+from .evals import task_files
+
+router = APIRouter()
+PREVIEW = 160  # characters of a paragraph shown in a cluster or a contaminated item
+
+
+def _text(state: AppState, name: str) -> tuple[dict[str, Any], str]:
+    """The book's row and its whole stored text."""
+    row = need_book(state, name)
+    header, _ = need_book_text(state, name)
+    return row, need_book_text(state, name, max(1, header["chars"]))[1]
+
+
+def _bad(exc: ValueError) -> HTTPException:
+    return HTTPException(422, str(exc))
+
+
+@router.get("/books/{name}/data/overview", tags=["data"],
+            summary="what a book holds: characters, language, exact duplicates; with a model its tokens, tokens "
+                    "per parameter and a paragraph-length histogram; with planned_tokens the epoch advisor")
+def overview(state: StateDep, name: str, model: str | None = Query(None, max_length=100),
+             planned_tokens: int | None = Query(None, ge=1, le=10**13)) -> dict[str, Any]:
+    row, text = _text(state, name)
+    lang, score = identify(text) if text.strip() else ("und", 0.0)
+    out: dict[str, Any] = {"book": name, "characters": len(text), "encoding": row.get("encoding"),
+                           "language": lang, "language_score": round(score, 4), **duplicates([text])}
+    if planned_tokens is not None and model is None:
+        raise HTTPException(422, "the epoch advisor counts tokens: choose a model (its tokenizer)")
+    if model is not None:
+        need_model(state, model)
+        path = state.ws.model_path(model)
+        if not (path / "tokenizer.json").is_file():
+            raise HTTPException(409, f"model {model!r} has no tokenizer yet: train it first")
+        tok, cfg = Tokenizer.load(path / "tokenizer.json"), ModelConfig.load(path / "config.json")
+        paragraphs = [p for p in (p.strip() for p in text.split("\n\n")) if p]
+        lengths = [len(ids) for ids in tok.encode_batch(paragraphs)] if paragraphs else []
+        tokens = len(tok.encode(text))
+        n = cfg.num_parameters()
+        # Hoffmann et al. 2022 (Chinchilla): compute-optimal training uses ~20 tokens per parameter
+        out.update(model=model, tokens=tokens, parameters=n, tokens_per_parameter=tokens / n,
+                   chinchilla_tokens=20 * n, paragraph_histogram=histogram(lengths))
+        if planned_tokens is not None:
+            out["epoch_advice"] = epoch_advice(tokens, planned_tokens)
+    return out
+
+
+@router.get("/books/{name}/data/duplicates", tags=["data"],
+            summary="exact and near-duplicate paragraphs of a book (MinHash + LSH, as lmlab data dedup --level "
+                    "paragraph): statistics and the first clusters, each with the shingles its members share")
+def book_duplicates(state: StateDep, name: str, ngram: int = Query(5, ge=1, le=50),
+                    bands: int = Query(14, ge=1, le=64), rows: int = Query(8, ge=1, le=64),
+                    threshold: float | None = Query(None, ge=0, le=1),
+                    limit: int = Query(20, ge=1, le=200)) -> dict[str, Any]:
+    _, text = _text(state, name)
+    cfg = DedupConfig(level="paragraph", ngram=ngram, bands=bands, rows=rows, threshold=threshold)
+    res = dedup_texts([text], cfg)
+    clusters = []
+    for c in res.clusters[:limit]:
+        parts = [text[res.units[u].start:res.units[u].end] for u in c["members"]]
+        sets = [shingles(p, ngram) for p in parts]
+        shared = set.intersection(*sets)
+        clusters.append({"id": c["id"], "kind": c["kind"], "pairs": c["pairs"],
+                         "members": [{"start": res.units[u].start, "end": res.units[u].end, "kept": u in c["kept"],
+                                      "jaccard_with_first": round(len(s & sets[0]) / max(1, len(s | sets[0])), 4),
+                                      "preview": " ".join(p.split())[:PREVIEW]}
+                                     for u, p, s in zip(c["members"], parts, sets)],
+                         "shared_shingles": len(shared), "shared_examples": sorted(shared)[:10]})
+    return {"book": name, "stats": res.stats, "clusters": clusters}
+
+
+@router.get("/books/{name}/data/filters", tags=["data"],
+            summary="what the quality filters would do to a book (as lmlab data filter; nothing is written): "
+                    "receipts per filter with the rule, value and limit of each removal")
+def book_filters(state: StateDep, name: str,
+                 spec: str = Query(..., min_length=1, max_length=500, description="e.g. gopher,c4,fineweb,lang=ru")
+                 ) -> dict[str, Any]:
+    _, text = _text(state, name)
+    try:
+        kept, receipts = apply_filters([text], [name], parse_filters(spec))
+    except ValueError as exc:
+        raise _bad(exc) from None
+    return {"book": name, "spec": spec, "kept": kept[0] is not None, **receipts}
+
+
+@router.get("/books/{name}/data/contamination", tags=["data"],
+            summary="which items of an evaluation task the book contains: word n-gram overlap (13 by default, "
+                    "as lm-evaluation-harness's decontamination), per contaminated item")
+def book_contamination(state: StateDep, name: str, task: str = Query(..., max_length=200),
+                       n: int = Query(13, ge=1, le=100)) -> dict[str, Any]:
+    _, text = _text(state, name)
+    files = task_files(state)
+    if task not in files:
+        raise HTTPException(404, f"task {task!r} not found")
+    try:
+        t = load_task(files[task])
+    except ValueError as exc:
+        raise _bad(exc) from None
+    items = [solved_text(t, item) for item in t.items]
+    per_item = contamination([text], items, n=n, train_names=[name])
+    dirty = [r for r in per_item if r["contaminated"]]
+    return {"book": name, "task": task, "n": n, "items": len(items), "contaminated": len(dirty),
+            "clean": len(items) - len(dirty),
+            "per_item": [{**r, "text": " ".join(items[r["index"]].split())[:PREVIEW]} for r in dirty]}

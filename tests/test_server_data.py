@@ -1,0 +1,97 @@
+"""The Data tab's API (routers/data.py) on a book's stored text: each card equals the data library's function
+on the same text (inspect's duplicates and tokens, dedup_texts, apply_filters, contamination), planted
+duplicates and contaminated items are found, and bad requests get the reason."""
+
+from __future__ import annotations
+
+import pytest
+from test_server_support import client, settings, upload
+
+from lmlab.data.contamination import contamination
+from lmlab.data.dedup import DedupConfig, dedup_texts
+from lmlab.data.filters import apply_filters, parse_filters
+from lmlab.data.inspect import duplicates
+from lmlab.models import ModelConfig, Transformer
+from lmlab.models.io import save_pretrained
+from lmlab.tokenizers import Tokenizer
+
+PARAS = [f"The {w} walked to the river on day {i} and counted {i * 7} stones by the old mill before supper."
+         for i, w in enumerate(["fox", "hare", "wolf", "bear", "owl", "crow", "mouse", "cat"])]
+NEAR = PARAS[2].replace("supper", "dinner")  # its last word of 19 changed: a near copy
+# a multiple-choice task of the workspace; item 1's solved text is in the book word for word
+ITEMS = ['{"context": "The owl walked to the river on day 4 and counted 28 stones by the old mill", '
+         '"choices": [" before supper.", " at noon."], "answer": 0}',
+         '{"context": "A dragon flew over seven silver mountains", "choices": [" at dawn.", " at dusk."], "answer": 1}']
+BOOK = "\n\n".join(PARAS + [PARAS[0], NEAR, PARAS[5]]) + "\n"
+
+
+@pytest.fixture(scope="module")
+def dt(tmp_path_factory):
+    ws = tmp_path_factory.mktemp("ws")
+    tok = Tokenizer.train([BOOK], kind="char", vocab_size=80)
+    save_pretrained(ws / "models" / "m", Transformer(ModelConfig.preset("gpt2-tiny", vocab_size=80, n_layer=1,
+                                                                        block_size=32)), tok)
+    (ws / "tasks").mkdir()
+    (ws / "tasks" / "river.yaml").write_text("name: river\nkind: multiple_choice\ndata: river.jsonl\n")
+    (ws / "tasks" / "river.jsonl").write_text("\n".join(ITEMS[::-1]) + "\n")  # the book's item second
+    with client(settings(ws)) as c:
+        assert upload(c, "river.txt", BOOK.encode()).status_code == 201
+        c.tok = tok
+        yield c
+
+
+def get(c, card, **query):
+    return c.get(f"/api/v1/books/river.txt/data/{card}", params=query)
+
+
+def test_overview_counts_as_the_library(dt):
+    o = get(dt, "overview", model="m", planned_tokens=10 * len(BOOK)).json()
+    assert {k: o[k] for k in duplicates([BOOK])} == duplicates([BOOK])
+    assert (o["paragraphs"], o["duplicate_paragraphs"], o["characters"]) == (11, 2, len(BOOK))
+    assert o["tokens"] == len(dt.tok.encode(BOOK)) and o["parameters"] == o["chinchilla_tokens"] // 20
+    assert o["epoch_advice"]["epochs"] == 10 * len(BOOK) / o["tokens"] and o["epoch_advice"]["warning"]
+    assert sum(b["documents"] for b in o["paragraph_histogram"]) == 11
+    assert o["language"] == "en" and "tokens" not in get(dt, "overview").json()
+
+
+def test_duplicates_are_dedup_texts_clusters_with_shared_shingles(dt):
+    d = get(dt, "duplicates").json()
+    want = dedup_texts([BOOK], DedupConfig(level="paragraph"))
+    assert d["stats"] == {**want.stats, "config": want.stats["config"]}
+    assert (want.stats["exact_duplicates"], want.stats["removed"]) == (2, 3)  # two copies and the near one
+    kinds = {c["kind"]: c for c in d["clusters"]}
+    near = kinds["near"]
+    assert [m["kept"] for m in near["members"]] == [True, False]
+    assert near["members"][1]["preview"] == NEAR.strip()
+    assert near["shared_shingles"] == 14  # 19 words: 15 shingles each, the last differs ("supper" / "dinner")
+    assert near["members"][1]["jaccard_with_first"] == round(14 / 16, 4)
+
+
+def test_filters_are_apply_filters(dt):
+    f = get(dt, "filters", spec="c4,fineweb").json()
+    kept, receipts = apply_filters([BOOK], ["river.txt"], parse_filters("c4,fineweb"))
+    assert f["kept"] == (kept[0] is not None)
+    assert {k: f[k] for k in receipts} == receipts
+
+
+def test_contamination_flags_the_planted_item(dt):
+    r = get(dt, "contamination", task="tasks/river.yaml").json()
+    assert (r["items"], r["contaminated"], r["clean"]) == (2, 1, 1)
+    (item,) = r["per_item"]
+    assert item["index"] == 1 and item["matched"] == item["ngrams"] == 7  # 19 words: seven 13-grams
+    solved = ("The owl walked to the river on day 4 and counted 28 stones by the old mill before supper.")
+    assert item == {**contamination([BOOK], [solved])[0], "index": 1, "documents": ["river.txt"], "text": solved}
+    # an item shorter than n words counts as one n-gram of its own length (found here word for word)
+    assert get(dt, "contamination", task="tasks/river.yaml", n=20).json()["contaminated"] == 1
+
+
+@pytest.mark.parametrize("card, query, status, detail", [
+    ("filters", {"spec": "gopher,nope"}, 422, "unknown filter 'nope'"),
+    ("contamination", {"task": "tasks/none.yaml"}, 404, "task 'tasks/none.yaml' not found"),
+    ("overview", {"planned_tokens": 5}, 422, "the epoch advisor counts tokens: choose a model (its tokenizer)"),
+    ("overview", {"model": "ghost"}, 404, "model 'ghost' not found"),
+])
+def test_bad_requests(dt, card, query, status, detail):
+    r = get(dt, card, **query)
+    assert r.status_code == status and r.json()["detail"].startswith(detail), r.text
+    assert dt.get("/api/v1/books/nope.txt/data/overview").status_code == 404
