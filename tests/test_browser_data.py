@@ -7,7 +7,7 @@ Russian in tests/artifacts/ux/data/."""
 from __future__ import annotations
 
 from test_browser import TOKEN, browser, ui_page  # noqa: F401 (browser: the fixture)
-from test_browser_ux import SHOTS, axe_violations
+from test_browser_ux import SHOTS, every_layout
 from test_server_data import BOOK, ITEMS, NEAR
 from test_server_support import ServerProcess, upload
 
@@ -65,15 +65,7 @@ def test_the_data_tab(tmp_path, browser):  # noqa: F811
                 "1 of 2 items share a 13-word n-gram with the book; 1 are clean."
             assert page.inner_text("#dt-contam-items tbody td:first-child") == "1"
 
-            problems = []
-            for lang in ("en", "ru"):
-                page.select_option("#lang", lang)
-                for width in (1400, 390):
-                    page.set_viewport_size({"width": width, "height": 900})
-                    wide = page.evaluate("() => document.scrollingElement.scrollWidth")
-                    assert wide <= width, (lang, width, wide)
-                    shot(f"data-{width}{'-ru' if lang == 'ru' else ''}")
-                    problems += [f"{lang} @{width}: {v}" for v in axe_violations(page)]
+            problems = every_layout(page, shot, "data")
             assert not problems, problems
             assert page.inner_text("#tab-data h2") == "Что в книге"
     finally:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 from test_browser import TOKEN, browser, ui_page  # noqa: F401 (browser: the fixture)
-from test_browser_ux import SHOTS, axe_violations
+from test_browser_ux import SHOTS, every_layout
 from test_server_support import ServerProcess
 
 from lmlab.models import ModelConfig, Transformer
@@ -77,18 +77,9 @@ def test_look_inside_a_model(tmp_path, browser):  # noqa: F811
                 f"logit(“{patch['target']['text']}”) − logit(“{patch['foil']['text']}”): "
                 f"{patch['logit_diff_clean']:.3f} clean, {patch['logit_diff_corrupt']:.3f} corrupted.")
 
-            problems = []
-            for lang in ("en", "ru"):
-                page.select_option("#lang", lang)
-                page.click("#ip-go")  # the section is drawn anew in the language; the last view comes back
-                page.wait_for_selector("#ip-patch")
-                for width in (1400, 390):
-                    page.set_viewport_size({"width": width, "height": 900})
-                    wide = page.evaluate("() => document.scrollingElement.scrollWidth")
-                    assert wide <= width, (lang, width, wide)
-                    page.locator("#mp-interp").scroll_into_view_if_needed()
-                    shot(f"interp-{width}{'-ru' if lang == 'ru' else ''}")
-                    problems += [f"{lang} @{width}: {v}" for v in axe_violations(page)]
+            # the section is drawn anew in each language, with the last view
+            problems = every_layout(page, shot, "interp", lambda p: (p.wait_for_selector("#ip-patch"),
+                                                                     p.locator("#mp-interp").scroll_into_view_if_needed()))
             assert not problems, problems
             assert page.inner_text("#mp-h-interp") == "Заглянуть внутрь"
     finally:

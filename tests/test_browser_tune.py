@@ -9,7 +9,7 @@ and Russian in tests/artifacts/ux/tune/."""
 from __future__ import annotations
 
 from test_browser import TOKEN, browser, ui_page  # noqa: F401 (browser: the fixture)
-from test_browser_ux import SHOTS, axe_violations
+from test_browser_ux import SHOTS, every_layout
 from test_server_support import ServerProcess, upload
 from test_server_tune import CHATS, TEXT, jsonl
 
@@ -87,18 +87,9 @@ def test_upload_preview_and_a_run_with_its_chart_from_the_view(tmp_path, browser
             assert run["can_resume"] and page.inner_text("#tn-detail-head") == \
                 "#1 · base → base-sft · SFT on chats.jsonl · cancelled"
 
-            problems = []
-            for lang in ("en", "ru"):
-                page.select_option("#lang", lang)
-                for width in (1400, 390):
-                    page.set_viewport_size({"width": width, "height": 900})
-                    page.wait_for_function("""() => { const el = document.querySelector('#chart-tune-loss');
-                        const u = el && el.querySelector('.uplot');
-                        return u && u.offsetWidth <= el.clientWidth && u.offsetWidth > el.clientWidth - 4; }""")
-                    wide = page.evaluate("() => document.scrollingElement.scrollWidth")
-                    assert wide <= width, (lang, width, wide)
-                    shot(f"tune-{width}{'-ru' if lang == 'ru' else ''}")
-                    problems += [f"{lang} @{width}: {v}" for v in axe_violations(page)]
+            problems = every_layout(page, shot, "tune", lambda p: p.wait_for_function("""() => {
+                const el = document.querySelector('#chart-tune-loss'), u = el && el.querySelector('.uplot');
+                return u && u.offsetWidth <= el.clientWidth && u.offsetWidth > el.clientWidth - 4; }"""))
             assert not problems, problems
             assert page.inner_text("#tab-tune h2") == "Дообучение обученной модели"
             page.select_option("#lang", "en")

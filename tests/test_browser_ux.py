@@ -18,7 +18,7 @@ from lmlab.train.recipes import demo_model_config
 
 SHOTS = ARTIFACTS.parent / "ux"
 AXE = Path(__file__).parent / "data" / "axe.min.js"
-VIEWS = ("books", "models", "train", "runs", "generate", "evaluate", "chat", "selfplay", "tune", "lab")
+VIEWS = ("books", "data", "models", "train", "runs", "generate", "evaluate", "chat", "selfplay", "tune", "lab")
 DEMO_STEPS = 30  # the button asks for the demo's 300 steps; the test's request is cut to these
 
 
@@ -30,6 +30,24 @@ def axe_violations(page) -> list[str]:
         .filter(v => v.impact === "serious" || v.impact === "critical")
         .flatMap(v => v.nodes.map(n => `${v.id}: ${n.target.join(" ")}`))""")
     return found
+
+
+def every_layout(page, shot, name: str, ready=None) -> list[str]:
+    """English, then Russian, at 1400 and 390 px: no sideways scroll of the page, a full-page screenshot
+    NAME-WIDTH[-ru], and the serious or critical axe findings as 'lang @width: finding'. `ready(page)` waits,
+    after each switch, for what is drawn again."""
+    problems = []
+    for lang in ("en", "ru"):
+        page.select_option("#lang", lang)
+        for width in (1400, 390):
+            page.set_viewport_size({"width": width, "height": 900})
+            if ready is not None:
+                ready(page)
+            wide = page.evaluate("() => document.scrollingElement.scrollWidth")
+            assert wide <= width, (lang, width, wide)
+            shot(f"{name}-{width}{'-ru' if lang == 'ru' else ''}")
+            problems += [f"{lang} @{width}: {v}" for v in axe_violations(page)]
+    return problems
 
 
 def show(page, view: str) -> None:
