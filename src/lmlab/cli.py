@@ -1325,6 +1325,13 @@ def _lab_interp(args: argparse.Namespace) -> int:
     return 0
 
 
+def require_positive(args: argparse.Namespace, *flags: str) -> None:
+    """ValueError for an integer flag given below 1."""
+    for flag in flags:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} ({getattr(args, flag)}) must be >= 1")
+
+
 def _ttc_arguments(p: argparse.ArgumentParser) -> None:
     from .tune.rewards import TASKS
     p.add_argument("--out", required=True, help="folder for the two models, results.json, PNG plots and report.html")
@@ -1339,9 +1346,7 @@ def _ttc_arguments(p: argparse.ArgumentParser) -> None:
           "FLOPs. Example: lmlab lab ttc --out runs/ttc --quick", _ttc_arguments)
 def _lab_ttc(args: argparse.Namespace) -> int:
     from .lab.ttc import Scale, run
-    for flag in ("steps", "prompts"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise ValueError(f"--{flag} ({getattr(args, flag)}) must be >= 1")
+    require_positive(args, "steps", "prompts")
     if Path(args.out, "results.json").exists():
         raise ValueError(f"{args.out} already holds results.json; choose another --out")
     scale = dataclasses.replace(Scale.default(args.quick), **{k: getattr(args, k) for k in ("task", "steps", "prompts")
@@ -1351,6 +1356,36 @@ def _lab_ttc(args: argparse.Namespace) -> int:
     res = run(args.out, args.quick, scale, command)
     print(f"ttc: {res['verdict']} ({res['measured']}); wall {res['speed']['wall_s']:.0f} s; report: "
           f"{Path(args.out) / 'report.html'}")
+    return 0
+
+
+def _mix_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sources", nargs="*", help="two or more sources, each a file, folder or glob (default: three "
+                   "built-in ones, tales, sums and logs, with held-out tales as the target)")
+    p.add_argument("--target", help="the target text (file, folder or glob) whose loss the mixture should minimise")
+    p.add_argument("--out", required=True, help="a new folder for results.json, fit.png, report.html and the runs")
+    p.add_argument("--proxies", type=int, help="proxy models, one per random mixture (default 24; --quick 12)")
+    p.add_argument("--fit", choices=("linear", "quadratic"), help="the regression: Scheffé quadratic (default) or "
+                   "linear in the shares")
+    p.add_argument("--seeds", default="0,1,2", help="seeds of the check on the bigger model (default 0,1,2)")
+    p.add_argument("--workers", type=int, help="parallel processes, 1 thread each (default 2)")
+    p.add_argument("--quick", action="store_true", help="tiny proxies and budgets: a smoke run in a minute")
+
+
+@data_lab("mix", "a mixture of SOURCES chosen by experiment (RegMix): proxy models on random mixtures, a regression "
+          "of their target loss on the shares, the proposal checked against the uniform mixture on a bigger model. "
+          "Example: lmlab lab data mix --quick --out runs/mix", _mix_arguments)
+def _lab_data_mix(args: argparse.Namespace) -> int:
+    import shlex
+
+    from .lab.mix import MixLabConfig, run_mix_lab
+    require_positive(args, "proxies", "workers")
+    cfg = MixLabConfig.quick() if args.quick else MixLabConfig()
+    cfg = dataclasses.replace(cfg, **{k: getattr(args, k) for k in ("proxies", "fit") if getattr(args, k) is not None})
+    res = run_mix_lab(args.out, args.sources, args.target, parse_seeds(args.seeds), cfg, args.workers,
+                      command=shlex.join(["lmlab", *sys.argv[1:]]))
+    print(f"mix: {res['verdict']} ({res['measured']}); wall {res['speed']['wall_s']:.0f} s; "
+          f"report: {Path(args.out) / 'report.html'}")
     return 0
 
 
