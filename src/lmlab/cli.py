@@ -1389,6 +1389,30 @@ def _lab_data_mix(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sources", nargs="+", help="files, folders or globs (.txt .md .html .epub .pdf)")
+    p.add_argument("--model", help="a model directory: adds each passage's loss, its robust z-score (a rule: "
+                   "z > 3 is noise) and gradient norm")
+    p.add_argument("--unit", choices=("paragraph", "document"), default="paragraph",
+                   help="what gets a label: a paragraph (text between blank lines; default) or a whole document")
+    p.add_argument("--out", required=True, help="a new folder for passages.jsonl, reasoning.txt, knowledge.txt, "
+                   "noise.txt, results.json and report.html")
+
+
+@data_lab("split", "label each passage reasoning, knowledge or noise by documented rules (heuristics in English and "
+          "Russian, plus a model's loss with --model), with the scores behind each label; the three classes are "
+          "written as text files to use as mixture sources. Example: lmlab lab data split books/ --out runs/split",
+          _split_arguments)
+def _lab_data_split(args: argparse.Namespace) -> int:
+    import shlex
+
+    from .lab.split import run_split
+    res = run_split(args.sources, args.out, args.model, args.unit, command=shlex.join(["lmlab", *sys.argv[1:]]))
+    print(f"split: {res['measured']}; files: " + ", ".join(str(Path(args.out) / f) for f in res["files"].values())
+          + f"; report: {Path(args.out) / 'report.html'}")
+    return 0
+
+
 _DEBUG_HELP = "on an error, print the traceback too"
 
 
