@@ -4,6 +4,7 @@ model's signals against a direct computation, the files a mixture takes, and the
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -58,9 +59,10 @@ def test_scores_by_hand():
 
 def test_the_model_rule_and_the_order_of_rules():
     s = heuristic_scores(FIXTURE[0][0])
-    assert label({**s, "loss_z": 3.5}) == ("noise", "noise/model")
-    assert label({**s, "loss_z": 2.9}) == ("reasoning", "reasoning/markers")
-    assert label({**heuristic_scores("Ok, see you."), "loss_z": 9.0})[1] == "noise/short"  # the first match wins
+    assert label({**s, "loss_z": 3.5, "loss_gap": 0.6}) == ("noise", "noise/model")
+    assert label({**s, "loss_z": 2.9, "loss_gap": 0.6}) == ("reasoning", "reasoning/markers")
+    assert label({**s, "loss_z": 9.0, "loss_gap": 0.4}) == ("reasoning", "reasoning/markers")  # a tight corpus's z
+    assert label({**heuristic_scores("Ok, see you."), "loss_z": 9.0, "loss_gap": 3.0})[1] == "noise/short"  # in order
 
 
 def test_passages():
@@ -94,7 +96,14 @@ def test_model_signals_against_a_direct_computation(model_dir):
     norm = torch.stack([p.grad.norm() ** 2 for p in model.parameters() if p.grad is not None]).sum().sqrt()
     assert got["loss"] == pytest.approx(loss.item(), rel=1e-5)
     assert got["grad_norm"] == pytest.approx(norm.item(), rel=1e-4)
-    assert got["loss_z"] is None  # one passage: no z-score
+    assert got["loss_z"] is None and got["loss_gap"] == 0.0  # one passage: no z-score, the median is its own loss
+    # the z-score over MIN_PASSAGES_FOR_Z passages: by hand from the losses
+    texts = [t for t, _, _ in FIXTURE] + [FIXTURE[0][0] + " " + FIXTURE[1][0]]
+    rows = model_scores(path, texts)
+    losses = [r["loss"] for r in rows]
+    med = statistics.median(losses)
+    mad = 1.4826 * statistics.median([abs(v - med) for v in losses])
+    assert [r["loss_z"] for r in rows] == pytest.approx([(v - med) / mad for v in losses])
 
 
 def test_cli_writes_labels_files_and_report(tmp_path, model_dir):

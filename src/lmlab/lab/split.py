@@ -16,15 +16,16 @@ A passage is a paragraph (text between blank lines) or, with unit="document", a 
   start a sentence), definitions (DEFINITION_PATTERNS such as "is a", "refers to", "— это", "называется").
 - reasoning = 100 × MARKER_WEIGHT × markers / words; knowledge = 100 × (numbers + dates + entities +
   DEFINITION_WEIGHT × definitions) / words.
-- with a model: loss (mean token NLL of the passage), loss_z (robust z-score: (loss − median) / (1.4826 × MAD) over
-  all passages) and grad_norm (the L2 norm of the gradient of the passage's loss: how hard one step on it would
-  push the model). grad_norm is shown, not used by the rules.
+- with a model: loss (mean token NLL of the passage), loss_gap (loss − the median loss of all passages), loss_z
+  (robust z-score: loss_gap / (1.4826 × MAD) over all passages) and grad_norm (the L2 norm of the gradient of the
+  passage's loss: how hard one step on it would push the model). grad_norm is shown, not used by the rules.
 
 Rules, first match wins (the `rule` field names the one that fired):
 1. noise/short: fewer than MIN_WORDS words;  2. noise/symbols: symbol_ratio > MAX_SYMBOL_RATIO;
 3. noise/repetition: repetition > MAX_REPETITION;  4. noise/short_lines: at least 3 lines and short_lines >
-MAX_SHORT_LINES;  5. noise/model: loss_z > MAX_LOSS_Z (the model finds it far less predictable than the rest; needs
-a model and at least MIN_PASSAGES_FOR_Z passages);  6. reasoning/markers: reasoning > knowledge;
+MAX_SHORT_LINES;  5. noise/model: loss_z > MAX_LOSS_Z and loss_gap > MIN_LOSS_GAP nats (the model finds it far less
+predictable than the rest; the gap keeps a homogeneous corpus, whose MAD is tiny, from flagging ordinary passages;
+needs a model and at least MIN_PASSAGES_FOR_Z passages);  6. reasoning/markers: reasoning > knowledge;
 7. knowledge/default: everything else (facts and plain narrative alike: it is what the model stores, not argues).
 """
 
@@ -47,7 +48,7 @@ from .facts.report import write_report
 
 LABELS = ("reasoning", "knowledge", "noise")
 MIN_WORDS, MAX_SYMBOL_RATIO, MAX_REPETITION, MAX_SHORT_LINES = 5, 0.3, 0.5, 0.5
-MAX_LOSS_Z, MIN_PASSAGES_FOR_Z = 3.0, 10
+MAX_LOSS_Z, MIN_LOSS_GAP, MIN_PASSAGES_FOR_Z = 3.0, 0.5, 10
 MARKER_WEIGHT, DEFINITION_WEIGHT = 3, 2
 
 REASONING_WORDS = frozenset("""
@@ -117,7 +118,7 @@ def label(s: dict[str, float]) -> tuple[str, str]:
         return "noise", "noise/repetition"
     if s["lines"] >= 3 and s["short_lines"] > MAX_SHORT_LINES:
         return "noise", "noise/short_lines"
-    if s.get("loss_z") is not None and s["loss_z"] > MAX_LOSS_Z:
+    if s.get("loss_z") is not None and s["loss_z"] > MAX_LOSS_Z and s["loss_gap"] > MIN_LOSS_GAP:
         return "noise", "noise/model"
     if s["reasoning"] > s["knowledge"]:
         return "reasoning", "reasoning/markers"
@@ -151,7 +152,8 @@ def model_scores(model_dir: str | Path, texts: list[str]) -> list[dict[str, floa
     mad = 1.4826 * statistics.median([abs(v - med) for v in losses]) if losses else 0.0
     for o in out:
         ok = o["loss"] is not None and len(losses) >= MIN_PASSAGES_FOR_Z and mad > 0
-        o["loss_z"] = (o["loss"] - med) / mad if ok else None
+        o["loss_gap"] = o["loss"] - med if o["loss"] is not None else None
+        o["loss_z"] = o["loss_gap"] / mad if ok else None
     return out
 
 
@@ -208,16 +210,16 @@ def run_split(sources: list[str | Path], out: str | Path, model_dir: str | Path 
 
 _RULES_NOTE = (f"Rules, first match wins: fewer than {MIN_WORDS} words, symbol ratio > {MAX_SYMBOL_RATIO}, repeated "
                f"word 3-grams > {MAX_REPETITION}, short lines > {MAX_SHORT_LINES} (3+ lines), or model loss z > "
-               f"{MAX_LOSS_Z} → noise; reasoning score (100 × {MARKER_WEIGHT} × markers / words) above knowledge "
-               f"score (100 × (numbers + dates + entities + {DEFINITION_WEIGHT} × definitions) / words) → reasoning; "
-               "else knowledge. Every passage with its scores: passages.jsonl.")
+               f"{MAX_LOSS_Z} and {MIN_LOSS_GAP} nats above the median → noise; reasoning score (100 × {MARKER_WEIGHT} "
+               f"× markers / words) above knowledge score (100 × (numbers + dates + entities + {DEFINITION_WEIGHT} "
+               "× definitions) / words) → reasoning; else knowledge. Every passage with its scores: passages.jsonl.")
 
 
 def _examples(rows: list[dict[str, Any]], per_class: int = 5) -> str:
     """Up to `per_class` passages of each class with their scores (the most typical first: highest own score)."""
     key = {"reasoning": "reasoning", "knowledge": "knowledge", "noise": "symbol_ratio"}
-    shown = ("rule", "words", "reasoning", "knowledge", "symbol_ratio", "repetition", "short_lines", "loss", "loss_z",
-             "grad_norm")
+    shown = ("rule", "words", "reasoning", "knowledge", "symbol_ratio", "repetition", "short_lines", "loss", "loss_gap",
+             "loss_z", "grad_norm")
     parts = []
     for lab in LABELS:
         mine = sorted((r for r in rows if r["label"] == lab), key=lambda r: -r["scores"][key[lab]])[:per_class]
