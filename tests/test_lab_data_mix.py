@@ -113,3 +113,26 @@ def test_an_existing_folder_is_refused(tmp_path, capsys):
     assert main(["lab", "data", "mix", "--quick", "--out", str(tmp_path)]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
     assert (tmp_path / "mine.txt").read_text() == "keep"
+
+
+def test_user_sources_and_weights_for_data_prepare(tmp_path):
+    # two sources whose files share a name: data prepare then names them by relative path, and so must the weights
+    from lmlab.lab.mix import builtin_sources
+    paths, target = builtin_sources(tmp_path / "src", 6000)
+    for p in paths[:2]:
+        (tmp_path / p.stem).mkdir()
+        p.rename(tmp_path / p.stem / "book.txt")
+    out = tmp_path / "out"
+    assert main(["lab", "data", "mix", str(tmp_path / "tales"), str(tmp_path / "sums"), "--target", str(target),
+                 "--quick", "--seeds", "0", "--workers", "1", "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["sources"] == ["tales", "sums"] and sorted(res["prepare_weights"]) == ["sums/book.txt", "tales/book.txt"]
+    argv = ["data", "prepare", str(tmp_path / "tales"), str(tmp_path / "sums"), "--tokenizer",
+            str(out / "tokenizer.json"), "--out", str(tmp_path / "tokens")]
+    argv += [f"--weight={k}={v}" for k, v in res["prepare_weights"].items()]
+    assert main(argv) == 0
+    ds = TokenDataset.open(tmp_path / "tokens")
+    p_doc = np.diff(np.concatenate([[0.0], ds._sampler(8)[2]]))
+    got = {d.name.split("/")[0]: p for d, p in zip(ds.documents, p_doc)}
+    # the prepared token file samples the two sources in the proposed shares
+    np.testing.assert_allclose([got["tales"], got["sums"]], res["proposal"], atol=5e-3)

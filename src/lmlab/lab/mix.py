@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from ..data import TokenDataset, find_documents, prepare_texts, read_document
+from ..data.dataset import _document_names
 from ..models import ModelConfig, Transformer
 from ..models.io import load_pretrained
 from ..tokenizers import Tokenizer
@@ -294,7 +295,8 @@ def run_mix_lab(out: str | Path, sources: list[str | Path] | None, target: str |
         tokens[s] += d.train_tokens
     # `lmlab data prepare --weight FILE=W`: per document, share / tokens of its source, scaled so the largest is 1
     doc_w = proposal[source_of] / tokens[source_of]
-    prepare_weights = {p.name: float(w / doc_w.max()) for p, w in zip([p for d in docs for p in d], doc_w)}
+    # keyed as `data prepare` names documents given all the sources at once (relative paths where file names clash)
+    prepare_weights = {n: float(w / doc_w.max()) for n, w in zip(_document_names([p for d in docs for p in d]), doc_w)}
     checks = {"the proposal beats uniform on >= 70% of seeds": share >= 0.7,
               "the regression ranks unseen mixtures (leave-one-out Spearman rho >= 0.5)":
                   None if not np.isfinite(quality["loo_spearman"]) else quality["loo_spearman"] >= 0.5}
