@@ -309,7 +309,7 @@ def run_mix_lab(out: str | Path, sources: list[str | Path] | None, target: str |
     table = [{"seed": r["seed"], "proposal target loss": r["proposal"], "uniform target loss": r["uniform"],
               "proposal wins": r["win"]} for r in per_seed]
     weights_table = [{"source": n, "proposal share": float(p), "uniform share": 1 / k, "training tokens": int(t),
-                      "best single-source proxy loss": _best_near_vertex(mixes, losses, i)}
+                      "loss of the proxy with most of it": _best_near_vertex(mixes, losses, i)}
                      for i, (n, p, t) in enumerate(zip(names, proposal, tokens))]
     results = {"config": dataclasses.asdict(cfg), "seeds": seeds, "sources": names, "proposal": proposal.tolist(),
                "uniform": uniform.tolist(), "predicted": pred, "coefficients": coef.tolist(), "fit": quality,
@@ -342,7 +342,7 @@ def _scatter(path: Path, y: np.ndarray, loo: np.ndarray, mixes: np.ndarray, name
         ax.scatter(loo[sel], y[sel], s=18, label=f"largest share: {n}")
     lo, hi = float(min(y.min(), loo.min())), float(max(y.max(), loo.max()))
     ax.plot([lo, hi], [lo, hi], ls="--", color="grey", lw=1)
-    ax.set(title="proxies: measured target loss against the leave-one-out prediction",
+    ax.set(title="proxies: target loss, measured and predicted (leave-one-out)",
            xlabel="predicted (fit without this proxy)", ylabel="measured (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
