@@ -11,7 +11,16 @@ import torch
 
 from lmlab.cli import main
 from lmlab.data import TokenDataset
-from lmlab.lab.mix import features, fit_mixture, fit_quality, mixture_dataset, propose, spearman, target_loss
+from lmlab.lab.mix import (
+    choose_fit,
+    features,
+    fit_mixture,
+    fit_quality,
+    mixture_dataset,
+    propose,
+    spearman,
+    target_loss,
+)
 from lmlab.models.io import load_pretrained
 
 
@@ -45,6 +54,20 @@ def test_the_proposal_minimises_the_planted_response():
     np.testing.assert_allclose(propose(coef, 3, "quadratic", 100_000, 50), m, atol=0.02)
 
 
+def test_auto_takes_the_fit_that_ranks_held_out_mixtures_better():
+    rng = np.random.default_rng(2)
+    w = rng.dirichlet(np.ones(3), 30)
+    # a bowl with its minimum inside: the linear model cannot rank it, the quadratic can
+    fit, q = choose_fit(w, ((w - [0.5, 0.3, 0.2]) ** 2).sum(1), "auto")
+    assert fit == "quadratic" and q["quadratic"]["loo_spearman"] > q["linear"]["loo_spearman"]
+    # a planted linear response: both rank perfectly, and the tie goes to the linear model
+    fit, q = choose_fit(w, w @ [3.0, 1.0, 2.0], "auto")
+    assert fit == "linear" and q["linear"]["loo_spearman"] == pytest.approx(q["quadratic"]["loo_spearman"])
+    # too few mixtures for the quadratic: auto uses the linear one alone; an explicit fit is used as asked
+    assert choose_fit(w[:6], w[:6] @ [3.0, 1.0, 2.0], "auto")[1].keys() == {"linear"}
+    assert choose_fit(w, w @ [3.0, 1.0, 2.0], "quadratic")[0] == "quadratic"
+
+
 def test_too_few_proxies_for_the_fit():
     with pytest.raises(ValueError, match="needs more mixtures"):
         fit_mixture(np.full((6, 3), 1 / 3), np.zeros(6), "quadratic")
@@ -67,8 +90,9 @@ def test_quick_run_weights_up_the_source_the_target_came_from(quick):
     # the stored fit is the fit of the stored proxies, and the verdict's win is the two stored losses compared
     w = np.array([p["shares"] for p in res["proxies"]])
     y = np.array([p["target_loss"] for p in res["proxies"]])
-    np.testing.assert_allclose(res["coefficients"], fit_mixture(w, y, "quadratic"), rtol=1e-9)
-    np.testing.assert_allclose(res["fit"]["r2"], fit_quality(w, y, "quadratic")["r2"])
+    assert res["fit_used"] == choose_fit(w, y, "auto")[0]
+    np.testing.assert_allclose(res["coefficients"], fit_mixture(w, y, res["fit_used"]), rtol=1e-9)
+    np.testing.assert_allclose(res["fit"]["r2"], fit_quality(w, y, res["fit_used"])["r2"])
     row = res["per_seed"][0]
     assert row["win"] == (row["proposal"] < row["uniform"]) and res["win_share"] == float(row["win"])
     # the stored target loss is the saved model's loss on the saved target tokens
@@ -96,7 +120,8 @@ def test_mixture_dataset_samples_the_shares(quick):
     (["--target", "t.txt"], "give both SOURCES and --target"),
     (["a.txt", "--target", "t.txt"], "at least two sources"),
     (["--proxies", "0"], "--proxies (0) must be >= 1"),
-    (["a.txt", "b.txt", "c.txt", "--target", "t.txt", "--proxies", "5"], "needs more mixtures"),
+    (["a.txt", "b.txt", "c.txt", "--target", "t.txt", "--proxies", "5", "--fit", "quadratic"], "needs more mixtures"),
+    (["a.txt", "b.txt", "c.txt", "--target", "t.txt", "--proxies", "3"], "needs more mixtures"),  # auto: linear
 ])
 def test_cli_refuses_bad_input(tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)

@@ -1365,8 +1365,8 @@ def _mix_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", help="the target text (file, folder or glob) whose loss the mixture should minimise")
     p.add_argument("--out", required=True, help="a new folder for results.json, fit.png, report.html and the runs")
     p.add_argument("--proxies", type=int, help="proxy models, one per random mixture (default 24; --quick 12)")
-    p.add_argument("--fit", choices=("linear", "quadratic"), help="the regression: Scheffé quadratic (default) or "
-                   "linear in the shares")
+    p.add_argument("--fit", choices=("auto", "linear", "quadratic"), help="the regression: linear in the shares, "
+                   "Scheffé quadratic, or auto (default): the one that ranks held-out proxies better")
     p.add_argument("--seeds", default="0,1,2", help="seeds of the check on the bigger model (default 0,1,2)")
     p.add_argument("--workers", type=int, help="parallel processes, 1 thread each (default 2)")
     p.add_argument("--quick", action="store_true", help="tiny proxies and budgets: a smoke run in a minute")
