@@ -1538,6 +1538,13 @@ def _lab_interp(args: argparse.Namespace) -> int:
     return 0
 
 
+def require_positive(args: argparse.Namespace, *flags: str) -> None:
+    """ValueError for an integer flag given below 1."""
+    for flag in flags:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} ({getattr(args, flag)}) must be >= 1")
+
+
 def _ttc_arguments(p: argparse.ArgumentParser) -> None:
     from .tune.rewards import TASKS
     p.add_argument("--out", required=True, help="folder for the two models, results.json, PNG plots and report.html")
@@ -1552,9 +1559,7 @@ def _ttc_arguments(p: argparse.ArgumentParser) -> None:
           "FLOPs. Example: lmlab lab ttc --out runs/ttc --quick", _ttc_arguments)
 def _lab_ttc(args: argparse.Namespace) -> int:
     from .lab.ttc import Scale, run
-    for flag in ("steps", "prompts"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise ValueError(f"--{flag} ({getattr(args, flag)}) must be >= 1")
+    require_positive(args, "steps", "prompts")
     if Path(args.out, "results.json").exists():
         raise ValueError(f"{args.out} already holds results.json; choose another --out")
     scale = dataclasses.replace(Scale.default(args.quick), **{k: getattr(args, k) for k in ("task", "steps", "prompts")
@@ -1564,6 +1569,60 @@ def _lab_ttc(args: argparse.Namespace) -> int:
     res = run(args.out, args.quick, scale, command)
     print(f"ttc: {res['verdict']} ({res['measured']}); wall {res['speed']['wall_s']:.0f} s; report: "
           f"{Path(args.out) / 'report.html'}")
+    return 0
+
+
+def _mix_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sources", nargs="*", help="two or more sources, each a file, folder or glob (default: three "
+                   "built-in ones, tales, sums and logs, with held-out tales as the target)")
+    p.add_argument("--target", help="the target text (file, folder or glob) whose loss the mixture should minimise")
+    p.add_argument("--out", required=True, help="a new folder for results.json, fit.png, report.html and the runs")
+    p.add_argument("--proxies", type=int, help="proxy models, one per random mixture (default 24; --quick 12)")
+    p.add_argument("--fit", choices=("auto", "linear", "quadratic"), help="the regression: linear in the shares, "
+                   "Scheffé quadratic, or auto (default): the one that ranks held-out proxies better")
+    p.add_argument("--seeds", default="0,1,2", help="seeds of the check on the bigger model (default 0,1,2)")
+    p.add_argument("--workers", type=int, help="parallel processes, 1 thread each (default 2)")
+    p.add_argument("--quick", action="store_true", help="tiny proxies and budgets: a smoke run in a minute")
+
+
+@data_lab("mix", "a mixture of SOURCES chosen by experiment (RegMix): proxy models on random mixtures, a regression "
+          "of their target loss on the shares, the proposal checked against the uniform mixture on a bigger model. "
+          "Example: lmlab lab data mix --quick --out runs/mix", _mix_arguments)
+def _lab_data_mix(args: argparse.Namespace) -> int:
+    import shlex
+
+    from .lab.mix import MixLabConfig, run_mix_lab
+    require_positive(args, "proxies", "workers")
+    cfg = MixLabConfig.quick() if args.quick else MixLabConfig()
+    cfg = dataclasses.replace(cfg, **{k: getattr(args, k) for k in ("proxies", "fit") if getattr(args, k) is not None})
+    res = run_mix_lab(args.out, args.sources, args.target, parse_seeds(args.seeds), cfg, args.workers,
+                      command=shlex.join(["lmlab", *sys.argv[1:]]))
+    print(f"mix: {res['verdict']} ({res['measured']}); wall {res['speed']['wall_s']:.0f} s; "
+          f"report: {Path(args.out) / 'report.html'}")
+    return 0
+
+
+def _split_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sources", nargs="+", help="files, folders or globs (.txt .md .html .epub .pdf)")
+    p.add_argument("--model", help="a model directory: adds each passage's loss, its robust z-score (a rule: "
+                   "z > 3 is noise) and gradient norm")
+    p.add_argument("--unit", choices=("paragraph", "document"), default="paragraph",
+                   help="what gets a label: a paragraph (text between blank lines; default) or a whole document")
+    p.add_argument("--out", required=True, help="a new folder for passages.jsonl, reasoning.txt, knowledge.txt, "
+                   "noise.txt, results.json and report.html")
+
+
+@data_lab("split", "label each passage reasoning, knowledge or noise by documented rules (heuristics in English and "
+          "Russian, plus a model's loss with --model), with the scores behind each label; the three classes are "
+          "written as text files to use as mixture sources. Example: lmlab lab data split books/ --out runs/split",
+          _split_arguments)
+def _lab_data_split(args: argparse.Namespace) -> int:
+    import shlex
+
+    from .lab.split import run_split
+    res = run_split(args.sources, args.out, args.model, args.unit, command=shlex.join(["lmlab", *sys.argv[1:]]))
+    print(f"split: {res['measured']}; files: " + ", ".join(str(Path(args.out) / f) for f in res["files"].values())
+          + f"; report: {Path(args.out) / 'report.html'}")
     return 0
 
 
