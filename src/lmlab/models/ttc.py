@@ -1,6 +1,7 @@
 """Test-time compute: spending more inference on one prompt for a better answer, with the model as it is.
 
-- best_of_n: N samples (seeds seed, seed + 1, ... as `lmlab generate --num-samples` draws them) and the one a
+- best_of_n: N samples (seeds seed, seed + 1, ... as `lmlab generate --num-samples` draws them; 0, 1, ... without
+  a seed, so the same samples on every call, where plain sampling without a seed varies) and the one a
   reward or verifier scores highest, ties to the earliest (Cobbe et al. 2021's verifiers; with an exact checker
   this is pass@N made usable, Brown et al. 2024, "Large Language Monkeys").
 - self_consistency: N samples, each one's answer extracted, the most frequent answer wins (Wang et al. 2023);
@@ -37,7 +38,7 @@ class Result:
     text: str                                  # the chosen completion
     candidates: list[str]                      # every completion considered (samples, or the final beams)
     scores: list[float | None] = field(default_factory=list)  # each candidate's score (reward, log-prob)
-    tokens: int = 0                            # tokens generated in all, EOS included
+    tokens: int = 0                            # tokens generated in all, each EOS generated included
     answer: str | None = None                  # self-consistency: the winning answer
     votes: dict[str, int] = field(default_factory=dict)
 
