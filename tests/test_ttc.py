@@ -2,8 +2,10 @@
 planted answers, step-wise beam search of width 1 against greedy decoding, and the CLI's flags."""
 
 import dataclasses
+import re
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,9 +22,9 @@ def tok():
     return Tokenizer.train([TEXT], kind="char", vocab_size=60)
 
 
-def tiny(tok, family="llama"):
+def tiny(tok, family="llama", **overrides):
     cfg = ModelConfig.preset(f"{family}-tiny", vocab_size=len(tok), block_size=64,
-                             n_kv_head=2 if family == "llama" else None)
+                             n_kv_head=2 if family == "llama" else None, **overrides)
     torch.manual_seed(0)
     model = Transformer(cfg).eval()
     with torch.no_grad():  # peaked predictions, so samples and beams differ from one another
@@ -36,6 +38,27 @@ def a_count(prompt, text):
     return float(text.count("a"))
 
 
+def by_hand(tok, ids, max_new_tokens, stop=None):
+    """What a sample costs, walked token by token over the same draw without EOS or stop strings: (tokens
+    generated, ended on EOS). An EOS is a generated token; a stop string ends the sample at its last token."""
+    for j, t in enumerate(ids):
+        if t == tok.eos_id:
+            return j + 1, True
+        if stop is not None and stop in tok.decode(ids[:j + 1]):
+            return j + 1, False
+    return max_new_tokens, False
+
+
+def mean_logp(model, prompt, ids):
+    """Mean log-probability per token of ids after prompt, one plain forward in eval mode."""
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        logp = model(torch.tensor([prompt + ids])).logits[0].log_softmax(-1)
+    model.train(was)
+    return sum(float(logp[len(prompt) - 1 + j, t]) for j, t in enumerate(ids)) / len(ids)
+
+
 def test_best_of_n_picks_the_best_of_generates_own_samples(tok):
     model = tiny(tok)
     cfg = GenerationConfig(max_new_tokens=12, seed=7, temperature=1.0)
@@ -47,10 +70,38 @@ def test_best_of_n_picks_the_best_of_generates_own_samples(tok):
     assert res.text == samples[rewards.index(max(rewards))]      # the first of the best
     # best-of-1 is plain sampling with the same seed
     assert ttc.best_of_n(model, tok, "count a in ", cfg, 1, a_count).text == generate(model, tok, "count a in ", cfg)
-    # tokens: each sample's ids, plus its EOS where it stopped before max_new_tokens
-    rows = [generate_ids(model, [tok.encode("count a in ")], cfg, seed=7 + i, eos_token_id=tok.eos_id)[0]
-            for i in range(6)]
-    assert res.tokens == sum(min(len(r) + 1, 12) for r in rows)
+    # tokens: counted by hand on the draws without EOS (an EOS costs one token)
+    raw = [generate_ids(model, [tok.encode("count a in ")], cfg, seed=7 + i, eos_token_id=None)[0] for i in range(6)]
+    assert res.tokens == sum(by_hand(tok, r, 12)[0] for r in raw)
+
+
+def test_a_stop_string_costs_its_tokens_and_no_eos(tok):
+    """A sample that a stop string ends generated no EOS: it is neither counted nor scored with one. Counted and
+    scored by hand, token by token, on draws of the same seeds without EOS or stop strings."""
+    model = tiny(tok)
+    cfg = GenerationConfig(max_new_tokens=12, seed=7, temperature=1.0, stop_strings=["["])
+    prompt = tok.encode("count a in ")
+    raw = [generate_ids(model, [prompt], cfg, seed=7 + i, eos_token_id=None, stop_strings=[])[0] for i in range(6)]
+    cost = [by_hand(tok, r, 12, "[") for r in raw]
+    assert {e for _, e in cost} == {True, False} and any(n < 12 for n, e in cost if not e)  # both endings occur
+    res = ttc.best_of_n(model, tok, "count a in ", cfg, 6)
+    assert res.tokens == sum(n for n, _ in cost)
+    # each sample scored over what it generated: its ids up to the stop string, or up to and with its EOS
+    want = [mean_logp(model, prompt, r[:n]) for r, (n, _) in zip(raw, cost)]
+    assert res.scores == pytest.approx(want, abs=1e-5)
+    assert ttc.self_consistency(model, tok, "count a in ", cfg, 6, lambda t: t).tokens == res.tokens
+
+
+def test_best_of_n_logprob_scores_in_eval_mode(tok):
+    """With dropout in training mode the scores (and so the winner) would be random: they are the eval-mode
+    ones, the same on every call, and the model is left in the mode it was in."""
+    model = tiny(tok, "gpt2", dropout=0.5).train()
+    cfg = GenerationConfig(max_new_tokens=8, seed=3, stop_at_eos=False)
+    prompt = tok.encode("wrap ")
+    want = [mean_logp(model, prompt, generate_ids(model, [prompt], cfg, seed=3 + i, eos_token_id=tok.eos_id)[0])
+            for i in range(4)]
+    assert ttc.best_of_n(model, tok, "wrap ", cfg, 4).scores == pytest.approx(want, abs=1e-5)
+    assert model.training
 
 
 def test_best_of_n_without_a_reward_takes_the_likeliest_sample(tok):
@@ -99,7 +150,8 @@ def test_beam_width_one_is_greedy(tok, family, scorer):
     greedy = generate_ids(model, [tok.encode("wrap ")], max_new_tokens=20, do_sample=False, eos_token_id=tok.eos_id)[0]
     res = ttc.step_beam_search(model, tok, "wrap ", 1, step_tokens=3, max_new_tokens=20, reward=scorer)
     assert res.text == tok.decode(greedy) and len(greedy) > 3
-    assert res.tokens == min(len(greedy) + 1, 20)
+    raw = generate_ids(model, [tok.encode("wrap ")], max_new_tokens=20, do_sample=False, eos_token_id=None)[0]
+    assert res.tokens == by_hand(tok, raw, 20)[0]
 
 
 def test_beam_follows_its_scorer(tok):
@@ -143,7 +195,7 @@ def test_cli_best_of_vote_and_beam(model_dir, capsys):
     assert out.startswith("count a in banaka:") and "best of 3 by count: score" in err
     assert main([*base, "--vote", "3", "--task", "count"]) == 0
     assert "vote of 3: answer" in capsys.readouterr().err
-    assert main([*base, "--beam", "2", "--step-tokens", "2"]) == 0
+    assert main([*base[:-2], "--beam", "2", "--step-tokens", "2"]) == 0
     assert "beam 2 by logprob" in capsys.readouterr().err
 
 
@@ -158,6 +210,18 @@ def test_cli_best_of_vote_and_beam(model_dir, capsys):
     (["--vote", "2", "--task", "count", "--step-tokens", "2"], "--step-tokens (a number >= 1) is for --beam"),
     (["--best-of", "2", "--verifier", "count", "--num-samples", "2"], "leave out --num-samples"),
     (["--beam", "2", "--num-beams", "2"], "leave out --num-beams"),
+    # a prompt the task cannot check: refused before the model loads, not after all the sampling
+    (["--best-of", "2", "--verifier", "addition", "--prompt", "the"], "not an addition prompt"),
+    (["--best-of", "2", "--verifier", "sort", "--prompt", "sort 1 x:"], "not a sort prompt"),
+    (["--best-of", "3", "--verifier", "sort", "--prompt", "the"], "not a sort prompt"),
+    (["--vote", "3", "--task", "format", "--prompt", "the"], "not a format prompt"),
+    # scoring prompt + sample + EOS in one forward must fit the context (64)
+    (["--best-of", "2", "--verifier", "logprob", "--max-new-tokens", "200", "--ignore-eos"],
+     "exceeds the model's context (64): lower --max-new-tokens"),
+    # step-wise beam search is deterministic and stops at EOS: sampling flags would be silently ignored
+    (["--beam", "2", "--temperature", "0.5"], "leave out --temperature"),
+    (["--beam", "2", "--seed", "1", "--stop", "x", "--ignore-eos", "--top-k", "3"],
+     "leave out --top-k, --stop, --stop-at-eos/--ignore-eos, --seed"),
 ])
 def test_cli_bad_flags_are_one_line_exit_2(model_dir, capsys, flags, message):
     assert main(["generate", str(model_dir), "--prompt", "x", *flags]) == 2
@@ -165,6 +229,79 @@ def test_cli_bad_flags_are_one_line_exit_2(model_dir, capsys, flags, message):
     assert err.startswith("lmlab: error: ") and message in err and "\n" not in err
 
 
+def test_prompt_is_checked_before_the_model_loads(tmp_path, capsys):
+    assert main(["generate", str(tmp_path / "no-model"), "--prompt", "the", "--best-of", "2",
+                 "--verifier", "addition"]) == 2
+    assert "not an addition prompt (like 37+485=): 'the'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task, prompt", [("addition", "37+x="), ("addition", "the"), ("count", "count ab in x:"),
+                                          ("sort", "sort :"), ("sort", "sort 1 x:"), ("format", "wrap a b:")])
+def test_task_answer_refuses_a_prompt_of_another_shape(task, prompt):
+    from lmlab.tune.rewards import get_task
+    with pytest.raises(ValueError, match=f"^not an? {task} prompt .*: {re.escape(repr(prompt))}$"):
+        get_task(task).answer(prompt)
+
+
+def test_lab_scores_groups_of_samples_as_counted_by_hand():
+    """16 samples of one prompt whose right answer is A, scored at N = 1, 2, 4, 8, 16 over disjoint groups."""
+    from lmlab.lab.ttc import score_samples
+
+    answers = ["A", "B", "B", "", "A", "A", "B", "C"] + ["B"] * 4 + ["A"] * 4
+    logp = [-1.0] * 16
+    logp[1], logp[5], logp[9] = -0.5, -0.2, -0.1          # the likeliest: 1 (wrong), 5 (right), 9 (wrong)
+    spent = [3] * 8 + [5] * 8
+    got = score_samples([a == "A" for a in answers], answers, "A", logp, spent)
+    acc = {k: [a for a, _ in v] for k, v in got.items()}
+    assert acc["sample"] == [7 / 16] * 5                                  # 7 of 16 right
+    # vote: pairs A|B (tie: A, seen first), B|-, A|A, B|C, B|B, B|B, A|A, A|A; quads BB-A, AABC, BBBB, AAAA;
+    # eights A3:B3 (A first), B4:A4 (B first); all sixteen A7:B7 (A first)
+    assert acc["vote"] == [7 / 16, 4 / 8, 2 / 4, 1 / 2, 1.0]
+    assert acc["best-of (verifier)"] == [7 / 16, 4 / 8, 3 / 4, 1.0, 1.0]  # any right in the group
+    # log-prob: pairs pick 1, 2 (a tie: the earlier), 5, 6, 9, 10, 12, 14 -> 5, 12, 14 right; quads 1, 5, 9, 12;
+    # eights 5, 9; all sixteen 9
+    assert acc["best-of (log-prob)"] == [7 / 16, 3 / 8, 2 / 4, 1 / 2, 0.0]
+    assert [t for _, t in got["vote"]] == [4, 8, 16, 32, 64]              # mean tokens of N samples
+
+
+def small_large(vote, l1, small_tokens, large_tokens, verifier=(0.3, 0.5, 0.7, 0.9, 1.0)):
+    curves = lambda acc, t: {"acc": list(acc), "tokens": [t * n for n in (1, 2, 4, 8, 16)]}  # noqa: E731
+    small = {"inference_flops_per_token": 1000.0, "strategies": {
+        "sample": curves([vote[0]] * 5, small_tokens), "vote": curves(vote, small_tokens),
+        "best-of (verifier)": curves(verifier, small_tokens), "best-of (log-prob)": curves(vote, small_tokens)}}
+    large = {"inference_flops_per_token": 4000.0, "strategies": {"sample": curves([l1] * 5, large_tokens)}}
+    return small, large
+
+
+def test_lab_checks_rest_on_the_vote_at_measured_equal_compute():
+    from lmlab.lab.ttc import compare
+
+    # the vote gains 0.1 at N=8, the exact checker (the ceiling) 0.6: the check is the vote's, and fails
+    cmp = compare(*small_large([0.3, 0.33, 0.36, 0.4, 0.45], 0.2, 4, 8))
+    gain, beats = cmp["checks"].values()
+    assert not gain and cmp["gain_at_8"]["vote"] == pytest.approx(0.1)
+    assert cmp["gain_at_8"]["best-of (verifier)"] == pytest.approx(0.6)
+    # compute = tokens x FLOPs per token: the large model's one try (8 x 4000) equals 8 small tries (8 x 4 x 1000),
+    # not the 4 the FLOPs-per-token ratio alone would give
+    small, large = small_large([0.1, 0.2, 0.3, 0.4, 0.5], 0.35, 4, 8)
+    cmp = compare(small, large)
+    assert cmp["n"] == 8 and cmp["where"] == "N = 8, measured" and cmp["small"]["vote"] == pytest.approx(0.4)
+    assert cmp["flops_ratio"] == 4 and list(cmp["checks"].values()) == [True, True]  # gain 0.3; 0.4 > 0.35
+    # between measured Ns the accuracy is interpolated in log2 N, and labelled so
+    cmp = compare(*small_large([0.1, 0.2, 0.3, 0.4, 0.5], 0.35, 4, 6))
+    assert cmp["n"] == 6 and cmp["where"] == "N = 6.00, interpolated between N = 4 and 8"
+    assert cmp["small"]["vote"] == pytest.approx(0.3 + 0.1 * (np.log2(6) - 2))
+
+
+def test_lab_training_prompts_leave_out_every_prompt_scored():
+    from lmlab.lab.ttc import training_prompts
+    from lmlab.tune.rewards import get_task
+
+    scored = get_task("sort").heldout(1500)                # sort has ~10^5 prompts: 20000 draws would hit some
+    assert len(scored) == 1500 and not set(training_prompts("sort", 1500)) & set(scored)
+
+
+@pytest.mark.slow
 def test_lab_ttc_bookkeeping(tmp_path, monkeypatch):
     """`lmlab lab ttc` at a toy scale: with one try every sampling strategy is the one sample, a width-1 beam is
     greedy decoding, an exact verifier over more tries never loses, and the report is written."""

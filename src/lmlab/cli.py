@@ -129,17 +129,26 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     from .tune.rewards import TASKS
 
     t = p.add_argument_group("test-time compute (models/ttc.py): one of --best-of, --vote, --beam")
-    t.add_argument("--best-of", type=int, metavar="N", help="N samples (seeds seed .. seed+N-1), print the one "
-                   "--verifier scores highest")
-    t.add_argument("--vote", type=int, metavar="N", help="N samples, majority vote over the answers --task extracts "
-                   "(self-consistency, Wang et al. 2023)")
+    t.add_argument("--best-of", type=int, metavar="N", help="N samples (seeds seed .. seed+N-1; without --seed "
+                   "0 .. N-1, so the same every run), print the one --verifier scores highest")
+    t.add_argument("--vote", type=int, metavar="N", help="N samples (seeds as --best-of), majority vote over the "
+                   "answers --task extracts (self-consistency, Wang et al. 2023)")
     t.add_argument("--beam", type=int, metavar="W", help="step-wise beam search of width W, scored by the model's "
-                   "mean log-prob per token or by --verifier")
+                   "mean log-prob per token or by --verifier; deterministic (the raw distribution, greedy within a "
+                   "step, stops at EOS: no sampling flags) and without a KV cache (each step recomputes the "
+                   "context: slow past short answers)")
     t.add_argument("--verifier", "--task", dest="verifier", metavar="TASK",
                    help=f"a post-training task ({', '.join(TASKS)}; the prompt then starts a text, <BOS> first, as in "
                    "lmlab tune grpo): its checker scores (--best-of, --beam), its extractor finds answers (--vote); "
                    "or logprob: the model's own mean log-prob per token (--best-of, --beam)")
     t.add_argument("--step-tokens", type=int, help="--beam: tokens per step (default 4)")
+
+
+# GenerationConfig fields step-wise beam search has no use for (it reads max_new_tokens only), as flags
+_BEAM_IGNORES = {"do_sample": "--do-sample/--greedy", "temperature": "--temperature", "top_k": "--top-k",
+                 "top_p": "--top-p", "repetition_penalty": "--repetition-penalty", "length_penalty": "--length-penalty",
+                 "stop_strings": "--stop", "stop_at_eos": "--stop-at-eos/--ignore-eos", "seed": "--seed",
+                 "prompt_lookup": "--prompt-lookup"}
 
 
 def _ttc_flag(args: argparse.Namespace) -> tuple[str, int] | None:
@@ -163,6 +172,11 @@ def _ttc_flag(args: argparse.Namespace) -> tuple[str, int] | None:
         raise ValueError(f"--{flag} needs --verifier TASK" + (" or logprob" if flag == "best-of" else ""))
     if flag == "vote" and args.verifier == "logprob":
         raise ValueError("--vote needs a task (its answer extractor), not logprob")
+    if flag == "beam":
+        from .models import GenerationConfig
+        ignored = [_BEAM_IGNORES[k] for k in given(args, GenerationConfig) if k in _BEAM_IGNORES]
+        if ignored:
+            raise ValueError(f"--beam is deterministic and stops at EOS (see --help): leave out {', '.join(ignored)}")
     if args.verifier not in (None, "logprob"):
         from .tune.rewards import get_task
         get_task(args.verifier)
@@ -204,11 +218,14 @@ def _generate(args: argparse.Namespace) -> int:
     if args.num_samples < 1:
         raise ValueError("--num-samples must be >= 1")
     ttc = _ttc_flag(args)
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if ttc is not None and args.verifier not in (None, "logprob"):
+        from .tune.rewards import get_task
+        get_task(args.verifier).answer(prompt)  # a prompt the checker cannot read: now, not after all the sampling
     model, tokenizer = load_pretrained(args.model_dir, device=resolve_device(args.device))
     cfg = dataclasses.replace(load_generation_config(args.model_dir), **given(args, GenerationConfig))
     if tokenizer is None:
         raise ValueError(f"{args.model_dir} has no tokenizer.json; cannot turn text into tokens")
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if ttc is not None:
         return _test_time_compute(args, *ttc, model, tokenizer, prompt, cfg)
     for i in range(args.num_samples):

@@ -274,26 +274,27 @@ def generate_ids(model: Transformer, prompts: Sequence[Sequence[int]], config: G
     if cfg.num_beams > 1:
         return _beam_search(model, prompts, cfg, eos_token_id, pad_id)
     return _collect(iter_tokens(model, prompts, cfg, eos_token_id=eos_token_id, pad_id=pad_id), len(prompts),
-                    eos_token_id)
+                    eos_token_id)[0]
 
 
 def _collect(steps: Iterator[tuple[torch.Tensor, torch.Tensor]], n: int, eos_token_id: int | None,
-             stop: Any = None) -> list[list[int]]:
-    """Gather each row's tokens up to (not including) EOS; `stop(row_ids) -> bool` ends a row early."""
+             stop: Any = None) -> tuple[list[list[int]], list[bool]]:
+    """Gather each row's tokens up to (not including) EOS; `stop(row_ids) -> bool` ends a row early.
+    -> (rows, whether each row ended on EOS)."""
     rows: list[list[int]] = [[] for _ in range(n)]
-    done = [False] * n
+    done, eos = [False] * n, [False] * n
     for tokens, finished in steps:
         ended = finished.tolist()  # one conversion per step, not one tensor index per row
         for r, tok in enumerate(tokens.tolist()):
             if done[r]:
                 continue
             if ended[r] and tok == eos_token_id:
-                done[r] = True
+                done[r] = eos[r] = True
                 continue
             rows[r].append(tok)
             if stop is not None and stop(rows[r]):
                 finished[r] = done[r] = True
-    return rows
+    return rows, eos
 
 
 @torch.inference_mode()
@@ -381,25 +382,30 @@ def generate(model: Transformer, tokenizer: Any, prompt: str | Sequence[str], co
     """Generate a continuation for one prompt (returns str) or a batch (returns list[str]); the prompt
     itself is not repeated. Stops at EOS, at any stop string (excluded), or after max_new_tokens."""
     cfg = _resolve(config, overrides)
-    texts, _ = generate_rows(model, tokenizer, [prompt] if isinstance(prompt, str) else list(prompt), cfg,
-                             add_bos=add_bos)
+    texts = generate_rows(model, tokenizer, [prompt] if isinstance(prompt, str) else list(prompt), cfg,
+                          add_bos=add_bos)[0]
     return texts[0] if isinstance(prompt, str) else texts
 
 
 def generate_rows(model: Transformer, tokenizer: Any, prompts: Sequence[str], cfg: GenerationConfig, *,
-                  add_bos: bool = False) -> tuple[list[str], list[list[int]]]:
-    """generate's texts and the token ids each row produced (EOS not included; up to where a stop string
-    ended the row), for callers that count tokens (test-time compute, models/ttc.py)."""
+                  add_bos: bool = False) -> tuple[list[str], list[list[int]], list[bool]]:
+    """generate's texts, the token ids each row produced (EOS not included; up to where a stop string ended
+    the row) and whether each row ended on EOS (which also cost a token), for callers that count tokens or
+    score the ending (test-time compute, models/ttc.py)."""
     ids = [_encode_prompt(tokenizer, p, add_bos) for p in prompts]
     eos = getattr(tokenizer, "eos_id", EOS_ID)
     pad = getattr(tokenizer, "pad_id", 0)
-    if cfg.num_beams > 1 or not cfg.stop_strings:
+    if cfg.num_beams > 1:  # beam search ignores stop strings: a hypothesis cut short ended on EOS
         rows = generate_ids(model, ids, cfg, eos_token_id=eos, pad_id=pad)
+        ended = [len(r) < cfg.max_new_tokens for r in rows]
     else:
-        tail = 4 * max(len(s) for s in cfg.stop_strings) + 1  # a char is at most 4 byte-level tokens
-        rows = _collect(iter_tokens(model, ids, cfg, eos_token_id=eos, pad_id=pad), len(ids), eos,
-                        stop=lambda row: any(s in tokenizer.decode(row[-tail:]) for s in cfg.stop_strings))
-    return [_cut_at_stop(tokenizer.decode(row), cfg.stop_strings) for row in rows], rows
+        tail = 4 * max((len(s) for s in cfg.stop_strings), default=0) + 1  # a char is at most 4 byte-level tokens
+
+        def stop(row: list[int]) -> bool:
+            return any(s in tokenizer.decode(row[-tail:]) for s in cfg.stop_strings)
+        rows, ended = _collect(iter_tokens(model, ids, cfg, eos_token_id=eos, pad_id=pad), len(ids), eos,
+                               stop if cfg.stop_strings else None)
+    return [_cut_at_stop(tokenizer.decode(row), cfg.stop_strings) for row in rows], rows, ended
 
 
 def _cut_at_stop(text: str, stops: Sequence[str]) -> str:

@@ -1,6 +1,7 @@
 """Test-time compute: spending more inference on one prompt for a better answer, with the model as it is.
 
-- best_of_n: N samples (seeds seed, seed + 1, ... as `lmlab generate --num-samples` draws them) and the one a
+- best_of_n: N samples (seeds seed, seed + 1, ... as `lmlab generate --num-samples` draws them; 0, 1, ... without
+  a seed, so the same samples on every call, where plain sampling without a seed varies) and the one a
   reward or verifier scores highest, ties to the earliest (Cobbe et al. 2021's verifiers; with an exact checker
   this is pass@N made usable, Brown et al. 2024, "Large Language Monkeys").
 - self_consistency: N samples, each one's answer extracted, the most frequent answer wins (Wang et al. 2023);
@@ -37,48 +38,72 @@ class Result:
     text: str                                  # the chosen completion
     candidates: list[str]                      # every completion considered (samples, or the final beams)
     scores: list[float | None] = field(default_factory=list)  # each candidate's score (reward, log-prob)
-    tokens: int = 0                            # tokens generated in all, EOS included
+    tokens: int = 0                            # tokens generated in all, each EOS generated included
     answer: str | None = None                  # self-consistency: the winning answer
     votes: dict[str, int] = field(default_factory=dict)
 
 
 def sample_n(model: Transformer, tokenizer: Any, prompt: str, cfg: GenerationConfig, n: int, *,
-             add_bos: bool = False) -> tuple[list[str], list[list[int]], int]:
-    """n samples of one prompt, sample i with seed cfg.seed + i (0 + i without a seed): exactly what
-    `generate(..., seed=seed + i)` returns. -> (texts, ids, tokens generated: a row that ended before
-    max_new_tokens also produced its EOS or stop token)."""
+             add_bos: bool = False) -> tuple[list[str], list[list[int]], list[bool], int]:
+    """n samples of one prompt, sample i with seed cfg.seed + i (0 + i without a seed, so the same samples
+    every call): exactly what `generate(..., seed=seed + i)` returns. Each sample prefills the prompt again
+    (one at a time keeps each sample equal to generate's with its seed). -> (texts, ids without EOS, whether
+    each ended on EOS, tokens generated: the ids, plus one for each EOS; a stop string's tokens are in the
+    ids)."""
     if n < 1:
         raise ValueError(f"n ({n}) must be >= 1")
     if cfg.num_beams > 1:
         raise ValueError("test-time compute samples one sequence at a time; num_beams must be 1")
     base = cfg.seed if cfg.seed is not None else 0
-    texts, rows = [], []
+    texts, rows, eos = [], [], []
     for i in range(n):
-        t, r = generate_rows(model, tokenizer, [prompt], dataclasses.replace(cfg, seed=base + i), add_bos=add_bos)
+        t, r, e = generate_rows(model, tokenizer, [prompt], dataclasses.replace(cfg, seed=base + i), add_bos=add_bos)
         texts.append(t[0])
         rows.append(r[0])
-    return texts, rows, sum(min(len(r) + 1, cfg.max_new_tokens) for r in rows)
+        eos.append(e[0])
+    return texts, rows, eos, sum(len(r) + e for r, e in zip(rows, eos))
+
+
+def check_context(model: Transformer, prompt_ids: Sequence[int], max_new_tokens: int) -> None:
+    """Scoring a whole sample (or a beam) feeds the prompt and every token in one forward: refuse up front
+    what would not fit the model's context, rather than after the sampling."""
+    if len(prompt_ids) + max_new_tokens > model.config.block_size:
+        raise ValueError(f"prompt + max_new_tokens ({len(prompt_ids)} + {max_new_tokens} tokens) exceeds the "
+                         f"model's context ({model.config.block_size}): lower --max-new-tokens")
 
 
 @torch.inference_mode()
-def mean_logprob(model: Transformer, prompt_ids: Sequence[int], ids: Sequence[int]) -> float:
-    """The model's mean log-probability per token of `ids` after `prompt_ids` (raw distribution)."""
-    if not ids:
-        return float("-inf")
-    x = torch.tensor([[*prompt_ids, *ids]], device=next(model.parameters()).device)
-    logp = model(x).logits[0, len(prompt_ids) - 1:-1].float().log_softmax(-1)
-    return float(logp.gather(1, x[0, len(prompt_ids):, None]).mean())
+def mean_logprobs(model: Transformer, prompt_ids: Sequence[int], rows: Sequence[Sequence[int]]) -> list[float]:
+    """The model's mean log-probability per token of each row after `prompt_ids` (raw distribution, eval mode:
+    dropout would make the scores, and so best_of_n's choice, random); -inf for an empty row. One batch, as the
+    policy-gradient code scores its samples (tune/rl.py)."""
+    from ..tune.rl import make_batch, token_logprobs  # lazy: lmlab.tune imports lmlab.models
+
+    if not any(rows):
+        return [float("-inf")] * len(rows)
+    was = model.training
+    model.eval()
+    try:
+        batch = make_batch([prompt_ids] * len(rows), rows, device=next(model.parameters()).device)
+        logp, _ = token_logprobs(model, batch)
+    finally:
+        model.train(was)
+    m = batch.mask.float()
+    return [s / k if k else float("-inf") for s, k in zip((logp * m).sum(1).tolist(), m.sum(1).tolist())]
 
 
 def best_of_n(model: Transformer, tokenizer: Any, prompt: str, cfg: GenerationConfig, n: int,
               reward: Reward | None = None, *, add_bos: bool = False) -> Result:
     """The highest-reward of n samples (the earliest among equals). Without a reward, the sample the model
-    itself finds likeliest: its mean log-probability per token, EOS included where the sample ended with it."""
-    texts, rows, tokens = sample_n(model, tokenizer, prompt, cfg, n, add_bos=add_bos)
+    itself finds likeliest: its mean log-probability per token, EOS included where the sample ended on it (not
+    where a stop string ended it)."""
+    prompt_ids = _encode_prompt(tokenizer, prompt, add_bos)
     if reward is None:
-        prompt_ids, eos = _encode_prompt(tokenizer, prompt, add_bos), getattr(tokenizer, "eos_id", None)
-        ended = [[eos] if len(r) < cfg.max_new_tokens and eos is not None else [] for r in rows]
-        scores = [mean_logprob(model, prompt_ids, r + e) for r, e in zip(rows, ended)]
+        check_context(model, prompt_ids, cfg.max_new_tokens)
+    texts, rows, ended, tokens = sample_n(model, tokenizer, prompt, cfg, n, add_bos=add_bos)
+    if reward is None:
+        eos = getattr(tokenizer, "eos_id", None)
+        scores = mean_logprobs(model, prompt_ids, [r + [eos] if e else r for r, e in zip(rows, ended)])
     else:
         scores = [float(reward(prompt, t)) for t in texts]
     best = max(range(n), key=lambda i: (scores[i], -i))
@@ -99,7 +124,7 @@ def self_consistency(model: Transformer, tokenizer: Any, prompt: str, cfg: Gener
                      extract: Callable[[str], str], *, add_bos: bool = False) -> Result:
     """Majority vote over the answers `extract` finds in n samples; the text is the first sample giving the
     winning answer (the first sample if none gave one)."""
-    texts, _, tokens = sample_n(model, tokenizer, prompt, cfg, n, add_bos=add_bos)
+    texts, _, _, tokens = sample_n(model, tokenizer, prompt, cfg, n, add_bos=add_bos)
     answers = [extract(t) for t in texts]
     winner, votes = majority_vote(answers)
     text = texts[answers.index(winner)] if winner is not None else texts[0]
@@ -123,9 +148,7 @@ def step_beam_search(model: Transformer, tokenizer: Any, prompt: str, width: int
     if step_tokens < 1:
         raise ValueError(f"step_tokens ({step_tokens}) must be >= 1")
     prompt_ids = _encode_prompt(tokenizer, prompt, add_bos)
-    if len(prompt_ids) + max_new_tokens > model.config.block_size:
-        raise ValueError(f"prompt + max_new_tokens ({len(prompt_ids) + max_new_tokens} tokens) exceeds the model's "
-                         f"context ({model.config.block_size})")
+    check_context(model, prompt_ids, max_new_tokens)
     eos = getattr(tokenizer, "eos_id", None)
     device = next(model.parameters()).device
 

@@ -93,8 +93,10 @@ def _addition(rng: random.Random) -> str:
 
 
 def _add_answer(prompt: str) -> str:
-    a, b = prompt.rstrip("=").split("+")
-    return str(int(a) + int(b))
+    m = re.fullmatch(r"(\d+)\+(\d+)=", prompt)
+    if m is None:
+        raise ValueError(f"not an addition prompt (like 37+485=): {prompt!r}")
+    return str(int(m.group(1)) + int(m.group(2)))
 
 
 def _word(rng: random.Random) -> str:
@@ -110,7 +112,7 @@ def _count(rng: random.Random) -> str:
 def _count_answer(prompt: str) -> str:
     m = re.fullmatch(r"count (\w) in (\w+):", prompt)
     if m is None:
-        raise ValueError(f"not a count prompt: {prompt!r}")
+        raise ValueError(f"not a count prompt (like count a in banaka:): {prompt!r}")
     return str(m.group(2).count(m.group(1)))
 
 
@@ -119,7 +121,10 @@ def _sort(rng: random.Random) -> str:
 
 
 def _sort_answer(prompt: str) -> str:
-    return " ".join(sorted(prompt[len("sort "):-1].split(), key=int))
+    m = re.fullmatch(r"sort ((?:\d+ )*\d+):", prompt)
+    if m is None:
+        raise ValueError(f"not a sort prompt (like sort 7 2 9 4:): {prompt!r}")
+    return " ".join(sorted(m.group(1).split(), key=int))
 
 
 def _format(rng: random.Random) -> str:
@@ -127,7 +132,10 @@ def _format(rng: random.Random) -> str:
 
 
 def _format_answer(prompt: str) -> str:
-    return f"[{prompt[len('wrap '):-1]}]"
+    m = re.fullmatch(r"wrap (\w+):", prompt)
+    if m is None:
+        raise ValueError(f"not a format prompt (like wrap kotime:): {prompt!r}")
+    return f"[{m.group(1)}]"
 
 
 TASKS = {t.name: t for t in (Task("addition", _addition, _add_answer), Task("count", _count, _count_answer),
