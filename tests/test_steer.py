@@ -10,8 +10,8 @@ import torch
 from lmlab.cli import main
 from lmlab.lab.interp import Residuals
 from lmlab.lab.interp.steer import Direction, Steering, cyrillic_share, difference_of_means, neutral_kl
-from lmlab.models import ModelConfig, Transformer, fast, generate_ids
-from lmlab.models.io import save_pretrained
+from lmlab.models import GenerationConfig, ModelConfig, Transformer, fast, generate, generate_ids
+from lmlab.models.io import load_pretrained, save_pretrained
 from lmlab.tokenizers import Tokenizer
 
 IDS = [5, 9, 11, 30, 2, 7, 8, 40]
@@ -156,3 +156,91 @@ def test_cyrillic_share_and_kl():
             q = model(torch.tensor([IDS])).logits[0].log_softmax(-1)
     want = float((p.exp() * (p - q)).sum(-1).mean())
     assert neutral_kl(model, [IDS], d, 0.5) == pytest.approx(want, rel=1e-5)
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    text = "the cat sat on the mat. кот сидел на ковре. " * 20
+    tok = Tokenizer.train([text], kind="char", vocab_size=60)
+    cfg = ModelConfig.preset("llama-tiny", vocab_size=len(tok), block_size=48, n_kv_head=2)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    (tmp_path / "ru.txt").write_text("кот сидел\nна ковре\n", encoding="utf-8")
+    (tmp_path / "en.txt").write_text("the cat sat\non the mat\n\n", encoding="utf-8")
+    return save_pretrained(tmp_path / "model", model, tok)
+
+
+def steer_argv(model_dir, out, *extra):
+    d = model_dir.parent
+    return ["lab", "interp", "steer", "--model", str(model_dir), "--positive", str(d / "ru.txt"), "--negative",
+            str(d / "en.txt"), "--neutral", str(d / "ru.txt"), "--layer", "1", "--coefs", "0,8", "--samples", "2",
+            "--max-new-tokens", "6", "--out", str(out), *extra]
+
+
+def test_cli_builds_measures_and_generates_with_a_direction(model_dir, tmp_path, capsys):
+    out = tmp_path / "steer"
+    assert main(steer_argv(model_dir, out)) == 0
+    res = json.loads((out / "results.json").read_text())
+    model, tok = load_pretrained(model_dir)
+    want = difference_of_means(model, [tok.encode("кот сидел"), tok.encode("на ковре")],
+                               [tok.encode("the cat sat"), tok.encode("on the mat")], 1)
+    d = Direction.load(out)
+    torch.testing.assert_close(d.vector, want.vector, atol=1e-6, rtol=0)
+    assert [r["coefficient"] for r in res["coefficients"]] == ["0", "8", "ablate"]
+    assert res["coefficients"][0]["kl_neutral"] == 0.0 and res["coefficients"][1]["kl_neutral"] > 0
+    assert res["checks"]["coefficient_0_costs_no_kl"] and res["checks"]["ablation_removes_the_component"]
+    assert res["layer"] == 1 and res["norm"] == pytest.approx(want.norm, rel=1e-5)
+    assert (out / "steer.png").is_file() and "steering direction" in (out / "report.html").read_text()
+    # the samples at coefficient 8 are what generate gives with the same direction, coefficient and seed
+    cfg = GenerationConfig(max_new_tokens=6, temperature=0.8, top_k=40, seed=0, stop_at_eos=False)
+    with Steering(model, d, 8.0):
+        assert generate(model, tok, ["the cat sat", "on the mat"], cfg) == res["samples"]["8"]
+    capsys.readouterr()
+    gen = ["generate", str(model_dir), "--prompt", "the cat", "--greedy", "--max-new-tokens", "8", "--ignore-eos",
+           "--no-stream"]
+    assert main([*gen, "--steer", str(out / "direction.safetensors"), "--steer-coef", "8"]) == 0
+    with Steering(model, d, 8.0):
+        steered = generate(model, tok, "the cat", max_new_tokens=8, do_sample=False, stop_at_eos=False)
+    assert capsys.readouterr().out == "the cat" + steered + "\n"
+    assert main([*gen, "--steer", str(out), "--steer-ablate"]) == 0
+    with Steering(model, d, ablate=True):
+        ablated = generate(model, tok, "the cat", max_new_tokens=8, do_sample=False, stop_at_eos=False)
+    assert capsys.readouterr().out == "the cat" + ablated + "\n"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steer-coef", "2"], "--steer-coef and --steer-ablate need --steer DIR_OR_FILE"),
+    (["--steer", "NOPE"], "NOPE does not exist"),
+    (["--steer", "DIR", "--steer-coef", "1", "--steer-ablate"], "not both"),
+    (["--steer", "DIR", "--steer-coef", "nan"], "--steer-coef (nan) must be a finite number"),
+    (["--steer", "WIDE"], "the direction has width 7, the model's residual stream 64"),
+])
+def test_generate_bad_steering_is_one_line_exit_2(model_dir, tmp_path, capsys, argv, message):
+    Direction(torch.ones(64), 1).save(tmp_path / "DIR")
+    Direction(torch.ones(7), 1).save(tmp_path / "WIDE")
+    argv = [str(tmp_path / a) if a in ("DIR", "WIDE", "NOPE") else a for a in argv]
+    message = message.replace("NOPE", str(tmp_path / "NOPE"))
+    assert main(["generate", str(model_dir), "--prompt", "the", "--max-new-tokens", "2", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lmlab: error: ") and message in err and "\n" not in err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--layer", "9"], "layer 9 out of range: the model has residual streams 0..2"),
+    (["--coefs", "0,x"], "--coefs '0,x': give numbers separated by commas"),
+    (["--positive", "MISSING"], "--positive MISSING: no such file"),
+    (["--negative", "EMPTY"], "--negative EMPTY: no line of text"),
+])
+def test_steer_bad_input_is_one_line_exit_2(model_dir, tmp_path, capsys, extra, message):
+    (tmp_path / "EMPTY").write_text("\n  \n")
+    extra = [str(tmp_path / a) if a in ("MISSING", "EMPTY") else a for a in extra]
+    message = message.replace("MISSING", str(tmp_path / "MISSING")).replace("EMPTY", str(tmp_path / "EMPTY"))
+    assert main([*steer_argv(model_dir, tmp_path / "o"), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lmlab: error: ") and message in err and "\n" not in err
+    assert not (tmp_path / "o" / "direction.safetensors").exists()
+
+
+def test_other_views_still_need_a_prompt(model_dir, tmp_path, capsys):
+    assert main(["lab", "interp", "lens", "--model", str(model_dir), "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.strip() == "lmlab: error: lens needs --prompt"
