@@ -25,5 +25,6 @@ from .hooks import (
 )
 from .steer import Direction, Steering, difference_of_means
 
-__all__ = ["AttentionRecorder", "Direction", "Residuals", "Steering", "difference_of_means", "activation_patching", "attention_patterns", "attention_probs",
-           "lens_table", "logit_lens", "restored_fraction", "run_with_residuals"]
+__all__ = ["AttentionRecorder", "Direction", "Residuals", "Steering", "activation_patching", "attention_patterns",
+           "attention_probs", "difference_of_means", "lens_table", "logit_lens", "restored_fraction",
+           "run_with_residuals"]
