@@ -36,8 +36,8 @@ def test_generate_with_a_steering_direction(tmp_path, browser):  # noqa: F811
     try:
         with server.client() as c:
             plain = c.post("/api/v1/generate", json=REQUEST).json()["text"]
-            added = c.post("/api/v1/generate", json={**REQUEST, "steer": "ru-en", "steer_coef": 4}).json()["text"]
-            ablated = c.post("/api/v1/generate", json={**REQUEST, "steer": "ru-en", "steer_ablate": True}).json()["text"]
+            added, ablated = (c.post("/api/v1/generate", json={**REQUEST, "steer": "ru-en", **how}).json()["text"]
+                              for how in ({"steer_coef": 4}, {"steer_ablate": True}))
         assert len({plain, added, ablated}) == 3  # each setting gives its own text
         with ui_page(browser, SHOTS / "steer") as (page, shot):
             page.set_viewport_size({"width": 1400, "height": 900})
