@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import dis
+import math
 import os
 import sys
 import traceback
@@ -142,6 +143,12 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
                    "lmlab tune grpo): its checker scores (--best-of, --beam), its extractor finds answers (--vote); "
                    "or logprob: the model's own mean log-prob per token (--best-of, --beam)")
     t.add_argument("--step-tokens", type=int, help="--beam: tokens per step (default 4)")
+    s = p.add_argument_group("steering (lab/interp/steer.py; make a direction with lmlab lab interp steer)")
+    s.add_argument("--steer", metavar="DIR_OR_FILE", help="a steering direction: its folder or direction.safetensors")
+    s.add_argument("--steer-coef", type=float, metavar="C", help="add C times the direction at its layer, every "
+                   "position and every decoding step (default 1)")
+    s.add_argument("--steer-ablate", action="store_true", help="project the direction out of every layer's residual "
+                   "stream instead (Arditi et al. 2024)")
 
 
 # GenerationConfig fields step-wise beam search has no use for (it reads max_new_tokens only), as flags
@@ -211,13 +218,14 @@ def _test_time_compute(args: argparse.Namespace, flag: str, n: int, model: Any, 
 
 @command("generate", "generate text from a model directory, streaming to the terminal", _generate_arguments)
 def _generate(args: argparse.Namespace) -> int:
-    from .models import GenerationConfig, generate, stream
+    from .models import GenerationConfig
     from .models.io import load_generation_config, load_pretrained
     from .train.trainer import resolve_device
 
     if args.num_samples < 1:
         raise ValueError("--num-samples must be >= 1")
     ttc = _ttc_flag(args)
+    direction = _steer_direction(args)
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if ttc is not None and args.verifier not in (None, "logprob"):
         from .tune.rewards import get_task
@@ -226,8 +234,31 @@ def _generate(args: argparse.Namespace) -> int:
     cfg = dataclasses.replace(load_generation_config(args.model_dir), **given(args, GenerationConfig))
     if tokenizer is None:
         raise ValueError(f"{args.model_dir} has no tokenizer.json; cannot turn text into tokens")
-    if ttc is not None:
-        return _test_time_compute(args, *ttc, model, tokenizer, prompt, cfg)
+    from .lab.interp.steer import Steering
+    coef = 1.0 if args.steer_coef is None and not args.steer_ablate else args.steer_coef or 0.0
+    with Steering(model, direction, coef, args.steer_ablate):  # no hooks without --steer
+        if ttc is not None:
+            return _test_time_compute(args, *ttc, model, tokenizer, prompt, cfg)
+        _samples(args, model, tokenizer, prompt, cfg)
+    return 0
+
+
+def _steer_direction(args: argparse.Namespace) -> Any:
+    """--steer's direction (None without it), its flags checked before the model loads."""
+    if args.steer is None:
+        if args.steer_coef is not None or args.steer_ablate:
+            raise ValueError("--steer-coef and --steer-ablate need --steer DIR_OR_FILE")
+        return None
+    if args.steer_ablate and args.steer_coef is not None:
+        raise ValueError("give --steer-coef (add the direction) or --steer-ablate (project it out), not both")
+    if args.steer_coef is not None and not math.isfinite(args.steer_coef):
+        raise ValueError(f"--steer-coef ({args.steer_coef}) must be a finite number")
+    from .lab.interp.steer import Direction
+    return Direction.load(args.steer)
+
+
+def _samples(args: argparse.Namespace, model: Any, tokenizer: Any, prompt: str, cfg: Any) -> None:
+    from .models import generate, stream
     for i in range(args.num_samples):
         sample_cfg = cfg if cfg.seed is None else dataclasses.replace(cfg, seed=cfg.seed + i)
         if i:
@@ -239,7 +270,6 @@ def _generate(args: argparse.Namespace) -> int:
             for piece in stream(model, tokenizer, prompt, sample_cfg):
                 print(piece, end="", flush=True)
         print()
-    return 0
 
 
 
@@ -1516,10 +1546,11 @@ def _lab_merge(args: argparse.Namespace) -> int:
 
 
 def _interp_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("view", choices=("lens", "attention", "patch"), metavar="VIEW",
-                   help="lens (logit lens) | attention (every head's pattern) | patch (activation patching)")
+    p.add_argument("view", choices=("lens", "attention", "patch", "steer"), metavar="VIEW",
+                   help="lens (logit lens) | attention (every head's pattern) | patch (activation patching) | steer "
+                   "(build and measure a steering direction)")
     p.add_argument("--model", required=True, help="a model directory")
-    p.add_argument("--prompt", required=True, help="the prompt (patch: the clean one)")
+    p.add_argument("--prompt", help="the prompt (patch: the clean one); lens, attention and patch need it")
     p.add_argument("--corrupt", help="patch: the corrupted prompt, with as many tokens as --prompt")
     p.add_argument("--target", help="lens, patch: the token traced (its first token; default: the model's top token "
                                     "after --prompt)")
@@ -1528,23 +1559,62 @@ def _interp_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=5, help="lens: tokens kept per stream and position (default 5)")
     p.add_argument("--bos", action="store_true", help="start the prompts with <BOS> (models trained on texts that "
                    "start with it, such as lmlab tune grpo's and lmlab lab ttc's task models)")
-    p.add_argument("--out", required=True, help="folder for results.json, PNG heatmaps and report.html")
+    p.add_argument("--out", required=True, help="folder for results.json, PNG heatmaps and report.html (steer: and "
+                   "the direction, direction.safetensors + direction.json)")
+    s = p.add_argument_group("steer (lab/interp/steer.py): the --positive minus --negative direction at --layer")
+    s.add_argument("--positive", help="a text file, one prompt per line: the behaviour steered towards")
+    s.add_argument("--negative", help="a text file, one prompt per line: the behaviour steered away from")
+    s.add_argument("--layer", type=int, help="the residual stream: 0 the embeddings, i the output of block i-1")
+    s.add_argument("--neutral", help="a text file, one text per line, for the KL cost (up to 64 lines)")
+    s.add_argument("--prompts", help="prompts to generate from, one per line (default: --negative's lines)")
+    s.add_argument("--coefs", default="0,0.5,1,2,4", help="coefficients measured, a comma list (default 0,0.5,1,2,4)")
+    s.add_argument("--samples", type=int, default=16, help="prompts generated from per coefficient (default 16)")
+    s.add_argument("--max-new-tokens", type=int, default=32, help="tokens per sample (default 32)")
+    s.add_argument("--word", help="the property measured: whether a sample contains WORD (default: the share of "
+                   "Cyrillic among its letters)")
+    s.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
 
 
-@lab_mode("interp", "look inside a model: logit lens, attention patterns, activation patching; writes results.json, "
+def _steer_flags(args: argparse.Namespace) -> list[float]:
+    """lmlab lab interp steer's flags, checked before any loading; the coefficients."""
+    missing = [f"--{f}" for f in ("positive", "negative", "layer", "neutral") if getattr(args, f) is None]
+    if missing:
+        raise ValueError(f"steer needs {', '.join(missing)}")
+    if args.samples < 1 or args.max_new_tokens < 1:
+        raise ValueError("--samples and --max-new-tokens must be >= 1")
+    try:
+        coefs = [float(c) for c in args.coefs.split(",")]
+    except ValueError:
+        raise ValueError(f"--coefs {args.coefs!r}: give numbers separated by commas, e.g. 0,1,2") from None
+    if not all(math.isfinite(c) for c in coefs):
+        raise ValueError("--coefs must be finite numbers")
+    return coefs
+
+
+@lab_mode("interp", "look inside a model: logit lens, attention patterns, activation patching, steering directions; "
+          "writes results.json, "
           "PNG heatmaps and report.html. Example: lmlab lab interp lens --model runs/demo/final --prompt 'Once upon "
           "a time' --out runs/interp/lens", _interp_arguments)
 def _lab_interp(args: argparse.Namespace) -> int:
     import shlex
 
-    from .lab.interp.report import run_attention, run_lens, run_patch
+    from .lab.interp.report import run_attention, run_lens, run_patch, run_steer
     from .lab.interp.views import check_view
-    check_view(args.view, args.corrupt, args.target, args.foil)
     if Path(args.out, "results.json").exists():
         raise ValueError(f"{args.out} already holds results.json; choose another --out")
+    command = shlex.join(["lmlab", "lab", "interp", *sys.argv[3:]]) if sys.argv[1:3] == ["lab", "interp"] else ""
+    if args.view == "steer":
+        coefs = _steer_flags(args)
+        res = run_steer(args.model, args.positive, args.negative, args.layer, args.out, neutral=args.neutral,
+                        prompts=args.prompts, coefs=coefs, n_prompts=args.samples, max_new_tokens=args.max_new_tokens,
+                        word=args.word, seed=args.seed, command=command, bos=args.bos)
+        print(f"steer: {res['measured']}; checks {res['verdict']}; direction and report: {args.out}")
+        return 0
+    if args.prompt is None:
+        raise ValueError(f"{args.view} needs --prompt")
+    check_view(args.view, args.corrupt, args.target, args.foil)
     if args.top_k < 1:
         raise ValueError(f"--top-k ({args.top_k}) must be >= 1")
-    command = shlex.join(["lmlab", "lab", "interp", *sys.argv[3:]]) if sys.argv[1:3] == ["lab", "interp"] else ""
     if args.view == "lens":
         res = run_lens(args.model, args.prompt, args.out, args.target, args.top_k, command, args.bos)
     elif args.view == "attention":

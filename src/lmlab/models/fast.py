@@ -304,10 +304,14 @@ def forget(model: Transformer) -> None:
 
 def decoder(model: Transformer, *, keep: bool = True) -> Decoder | None:
     """A Decoder for `model` (in eval mode), or None where it does not apply: weights other than fp32 on the
-    CPU, or a config outside SWITCHES. keep: hold it (a second copy of the weights) for the next call, rebuilt
-    when a weight has changed since; False drops a held one (a model that trains between generations)."""
+    CPU, a config outside SWITCHES, or a model with forward hooks (steering, lab/interp/steer.py: the Decoder
+    calls no module, so a hook would silently not run). keep: hold it (a second copy of the weights) for the next
+    call, rebuilt when a weight has changed since; False drops a held one (a model that trains between
+    generations)."""
     params = list(model.parameters())
     if not supports(model.config) or any(p.device.type != "cpu" or p.dtype != torch.float32 for p in params):
+        return None
+    if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
         return None
     held = _KEPT.get(model)
     dec = held if held is not None and held.key == _weights_key(model) else Decoder(model)

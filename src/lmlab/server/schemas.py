@@ -350,6 +350,19 @@ class GenerateRequest(BaseModel):
     run: int | None = Field(None, ge=1, le=2**62, description="a version: this run's final model, or with "
                                                              "`step` its checkpoint (GET /models/NAME/versions)")
     step: int | None = Field(None, ge=0, le=2**62, description="with `run`: the checkpoint at this step")
+    steer: str | None = Field(None, min_length=1, max_length=100, description="a steering direction of the model "
+                              "(GET /models/NAME/steering): added at its layer, or projected out with steer_ablate")
+    steer_coef: float | None = Field(None, ge=-1000, le=1000, description="with `steer`: the coefficient (default 1)")
+    steer_ablate: bool = Field(False, description="with `steer`: project the direction out of every layer instead")
+
+
+class SteeringDirection(BaseModel):
+    """A steering direction saved with a model (models/NAME/steering/DIR, written by lmlab lab interp steer)."""
+    name: str
+    layer: int = Field(description="the residual stream: 0 the embeddings, i the output of block i-1")
+    n_embd: int
+    norm: float
+    method: str | None = None
 
 
 class Version(BaseModel):

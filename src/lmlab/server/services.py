@@ -18,6 +18,7 @@ import time
 import uuid
 import zipfile
 from collections.abc import Callable, Iterator
+from copy import deepcopy
 from typing import Any
 from urllib.parse import quote
 
@@ -25,6 +26,7 @@ from fastapi import HTTPException, Response, UploadFile
 from fastapi.responses import FileResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
+from ..lab.interp.steer import Direction, Steering
 from ..lab.selfplay.text import SETTING_FLAGS, TextSelfPlayConfig, encode_prompts, file_sha256, saved_run
 from ..models import GenerationConfig, ModelConfig, generate, stream
 from ..models.io import WEIGHTS
@@ -48,6 +50,7 @@ from .schemas import (
     RunCreate,
     RunOverview,
     SelfPlayCreate,
+    SteeringDirection,
     Version,
 )
 from .workspace import (
@@ -858,6 +861,7 @@ def generation_events(state: AppState, req: GenerateRequest) -> Iterator[str]:
         raise HTTPException(422, "streaming needs num_beams=1 (beam search knows its winner only at the end)")
     cfg = generation_config(req)
     model, tok = load_for_generation(state, req)
+    model = steered(state, req, model)
 
     def events() -> Iterator[str]:
         t0 = time.perf_counter()
@@ -940,9 +944,55 @@ class CountingTokenizer:
         return _Decoder()
 
 
+STEERING = "steering"  # models/NAME/steering/DIR: direction.safetensors + direction.json (lab/interp/steer.py)
+
+
+def steering_directions(state: AppState, name: str) -> list[SteeringDirection]:
+    """The readable steering directions saved with model `name`, by folder name."""
+    need_model(state, name)
+    try:
+        folder = state.ws.model_path(name) / STEERING
+    except LinkError as exc:
+        raise HTTPException(409, str(exc)) from None
+    found = []
+    for d in sorted(folder.iterdir()) if folder.is_dir() else []:
+        try:
+            direction = Direction.load(d)
+        except ValueError:
+            continue  # not a direction (or a broken one): nothing to offer
+        found.append(SteeringDirection(name=d.name, layer=direction.layer, n_embd=direction.vector.numel(),
+                                       norm=round(direction.norm, 6), method=direction.meta.get("method")))
+    return found
+
+
+def steered(state: AppState, req: GenerateRequest, model: Any) -> Any:
+    """The model to generate with: itself, or with `req.steer` a copy carrying the steering hooks (the cached
+    model is shared by concurrent requests, which must not see them). 404 for an unknown direction, 422 for one
+    that does not fit the model (its width or layer) or conflicting settings."""
+    if req.steer is None:
+        if req.steer_coef is not None or req.steer_ablate:
+            raise HTTPException(422, "steer_coef and steer_ablate need steer: the direction's name")
+        return model
+    if req.steer_ablate and req.steer_coef is not None:
+        raise HTTPException(422, "give steer_coef (add the direction) or steer_ablate (project it out), not both")
+    try:
+        folder = state.ws.model_path(req.model) / STEERING / check_name(req.steer, "direction name")
+        if not folder.is_dir():
+            raise HTTPException(404, f"model {req.model!r} has no steering direction {req.steer!r}")
+        direction = Direction.load(folder)
+        copy = deepcopy(model)
+        # entered for the copy's lifetime: it is this request's alone and is dropped with it
+        Steering(copy, direction, 1.0 if req.steer_coef is None and not req.steer_ablate else req.steer_coef or 0.0,
+                 req.steer_ablate).__enter__()
+    except (ValueError, LinkError) as exc:  # BadName is a ValueError
+        raise HTTPException(422, f"steering direction {req.steer!r}: {exc}") from None
+    return copy
+
+
 def run_generation(state: AppState, req: GenerateRequest) -> Generation:
     cfg = generation_config(req)
     model, tok = load_for_generation(state, req)
+    model = steered(state, req, model)
     counting = CountingTokenizer(tok)
     t0 = time.perf_counter()
     text = generate(model, counting, req.prompt, cfg)

@@ -5,14 +5,19 @@ clean residual restores 100% and patching nothing 0%."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from ...models.generation import GenerationConfig, generate_rows
 from ...models.io import load_pretrained
 from ..facts.report import _plt, save_figure, write_report
-from .views import attention_view, encode, label, lens_view, patch_view, token_id
+from . import steer
+from .hooks import run_with_residuals
+from .views import attention_view, encode, label, lens_view, patch_view, stream_labels, token_id
 
 HEADING = "lmlab lab interp"
 NOTE = ("Residual streams: 'embeddings' is the input of block 0, 'block i' the output of block i (the last one before "
@@ -140,3 +145,117 @@ def run_patch(model_dir: str | Path, prompt: str, corrupt: str, out: str | Path,
                  {"everything_restores_100%": abs(everything - 1) <= 1e-5, "nothing_restores_0%": abs(nothing) <= 1e-6},
                  rows, [plot], results, command, title=HEADING, claim_label="<b>Method</b>", note=NOTE)
     return results
+
+
+# ---- steering directions (steer.py) ---------------------------------------------------------------------------
+
+def read_prompts(path: str | Path, flag: str, model: Any, tok: Any, bos: bool = False,
+                 limit: int | None = None) -> tuple[list[str], list[list[int]]]:
+    """The non-empty lines of a text file (up to `limit`) and their ids, cut to the model's context."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{flag} {path}: no such file")
+    try:
+        lines = [s.strip() for s in path.read_text(encoding="utf-8").splitlines() if s.strip()][:limit]
+    except UnicodeDecodeError:
+        raise ValueError(f"{flag} {path}: not UTF-8 text") from None
+    ids = [[tok.bos_id] * bos + tok.encode(s) for s in lines]
+    ids = [i[:model.config.block_size] for i in ids if i]
+    if not ids:
+        raise ValueError(f"{flag} {path}: no line of text (one prompt per line)")
+    return lines, ids
+
+
+def scorer(word: str | None) -> tuple[str, Any]:
+    """The rule-checked property of a generated text: (its name, text -> (value, on?)). Cyrillic share by
+    default; with `word`, whether the text contains it."""
+    if word is not None:
+        return f"contains {word!r}", lambda t: (float(word in t), word in t)
+
+    def cyr(t: str) -> tuple[float | None, bool]:
+        share = steer.cyrillic_share(t)
+        return share, share is not None and share > 0.5
+    return "Cyrillic share of letters", cyr
+
+
+def run_steer(model_dir: str | Path, positive: str | Path, negative: str | Path, layer: int, out: str | Path, *,
+              neutral: str | Path, prompts: str | Path | None = None, coefs: Sequence[float] = (0, 0.5, 1, 2, 4),
+              n_prompts: int = 16, max_new_tokens: int = 32, temperature: float = 0.8, word: str | None = None,
+              seed: int = 0, command: str = "", bos: bool = False) -> dict[str, Any]:
+    """Build the positive - negative direction at `layer`, save it in `out`, and measure it: the rule-checked
+    property of sampled continuations of the prompts (default: the negative set's lines) for each coefficient
+    and with the direction ablated, and the mean per-token KL it costs on the neutral texts."""
+    out = Path(out)
+    model, tok = load(model_dir)
+    _, pos_ids = read_prompts(positive, "--positive", model, tok, bos)
+    _, neg_ids = read_prompts(negative, "--negative", model, tok, bos)
+    _, neutral_ids = read_prompts(neutral, "--neutral", model, tok, bos, limit=64)
+    prompt_src = prompts if prompts is not None else negative
+    prompt_text, _ = read_prompts(prompt_src, "--prompts", model, tok, bos, limit=n_prompts)
+    direction = steer.difference_of_means(model, pos_ids, neg_ids, layer, {
+        "positive": str(positive), "negative": str(negative), "model": str(model_dir)})
+    direction.save(out)
+    name, score = scorer(word)
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_k=40, seed=seed,
+                           stop_at_eos=False)
+    rows, samples = [], {}
+    for coef, ablate in [*((float(c), False) for c in coefs), (0.0, True)]:
+        with steer.Steering(model, direction, coef, ablate):
+            texts, _, _ = generate_rows(model, tok, prompt_text, cfg, add_bos=bos)
+        values = [score(t) for t in texts]
+        measured_values = [v for v, _ in values if v is not None]
+        key = "ablate" if ablate else f"{coef:g}"
+        samples[key] = texts
+        rows.append({"coefficient": key, "property_mean": float(np.mean(measured_values)) if measured_values else None,
+                     "share_on": float(np.mean([on for _, on in values])),
+                     "kl_neutral": steer.neutral_kl(model, neutral_ids, direction, coef, ablate)})
+    leak = ablation_leak(model, direction, neutral_ids[0])
+    added = [r for r in rows if r["coefficient"] != "ablate"]
+    plt = _plt()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=100)
+    xs = [float(r["coefficient"]) for r in added]
+    a.plot(xs, [r["property_mean"] for r in added], "o-", label=f"mean {name}")
+    a.plot(xs, [r["share_on"] for r in added], "s--", label="share of samples where it holds" if word else
+           "share of samples mostly Cyrillic")
+    a.set(xlabel="coefficient", ylabel="property", ylim=(-0.05, 1.05),
+          title=f"added at {stream_labels(model.config.n_layer)[layer]}")
+    a.legend(fontsize=8)
+    b.plot(xs, [r["kl_neutral"] for r in added], "o-")
+    b.set(xlabel="coefficient", ylabel="nats per token", title="KL(unsteered || steered) on neutral text")
+    plot = save_figure(fig, out / "steer.png")
+    base = next((r for r in added if r["coefficient"] == "0"), None)
+    best = max(added, key=lambda r: r["share_on"])
+    abl = rows[-1]
+    measured = (f"{name} of {len(prompt_text)} sampled continuations: "
+                + ", ".join(f"coef {r['coefficient']}: {_fmt(r['property_mean'])} (holds in {r['share_on']:.0%}, KL "
+                            f"{r['kl_neutral']:.4f})" for r in rows)
+                + f"; direction norm {direction.norm:.4g} at stream {layer}; after ablation the largest component left "
+                f"along it is {leak:.2g}")
+    results = {"model": str(model_dir), "layer": layer, "norm": direction.norm, "property": name,
+               "coefficients": rows, "samples": samples, "ablation_leak": leak,
+               "best": {"coefficient": best["coefficient"], "share_on": best["share_on"], "kl": best["kl_neutral"]},
+               "direction": dict(direction.meta)}
+    checks = {"coefficient_0_costs_no_kl": None if base is None else base["kl_neutral"] == 0.0,
+              "ablation_removes_the_component": leak <= 1e-4, "ablation_kl_reported": abl["kl_neutral"] >= 0}
+    write_report(out, "steering direction", "The difference of the mean residual stream over two contrastive sets of "
+                 "texts, added to the stream with a coefficient (Turner et al. 2023; Rimsky et al. 2024) or projected "
+                 "out of every stream (Arditi et al. 2024), moves a rule-checked property of the generated text; the "
+                 "KL on neutral text is its cost.", measured, checks, rows, [plot], results, command, title=HEADING,
+                 claim_label="<b>Method</b>", note="KL: mean over every position of the neutral texts of "
+                 "KL(P_unsteered || P_steered), nats. direction.safetensors + direction.json in this folder: use them "
+                 "with lmlab generate --steer FOLDER --steer-coef C (or --steer-ablate).")
+    return results
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+@torch.no_grad()
+def ablation_leak(model: Any, direction: steer.Direction, ids: list[int]) -> float:
+    """The largest |component along the direction| left in any residual stream at any position once it is
+    ablated, relative to the stream's largest entry: ~1e-7 in float32."""
+    unit = direction.vector / direction.vector.norm()
+    with steer.Steering(model, direction, ablate=True):
+        _, streams = run_with_residuals(model, ids)
+    return max(float((s[0] @ unit.to(s.dtype)).abs().max() / s.abs().max()) for s in streams)

@@ -10,6 +10,7 @@ import { DERIVED_KINDS, derivedName, initModelPage, openModel, renderModelPage }
 import { initChat, renderChat, showChat } from "/static/chat.js";
 import { initData, renderData, showData } from "/static/data.js";
 import { initTune, renderTune, renderTuneCharts, showTune, tuneName } from "/static/tune.js";
+import { fillSteering, initSteering, steerParams } from "/static/steer.js";
 
 const $ = (sel, root = document) => root.querySelector(sel);
 const $$ = (sel, root = document) => [...root.querySelectorAll(sel)];
@@ -714,6 +715,7 @@ function renderGenModels() {
   sel.replaceChildren(...trained.map((m) => h("option", { value: m.name, text: m.name })));
   if (trained.some((m) => m.name === keep)) sel.value = keep;
   fillVersions($("#gen-version"), sel.value);
+  fillSteering(sel.value);
   $("#gen-go").disabled = !trained.length;
   if (!trained.length) setMsg($("#gen-msg"), t("gen.no_models"), false);
   else if ($("#gen-msg").textContent === t("gen.no_models")) $("#gen-msg").textContent = "";
@@ -729,7 +731,7 @@ function genRequest() {
     stop_strings: $("#g-stop").value.split("\n").filter((s) => s.length),
   };
   if ($("#g-seed").value !== "") body.seed = parseInt($("#g-seed").value, 10);
-  return { ...body, ...versionParams($("#gen-version").value) };
+  return { ...body, ...versionParams($("#gen-version").value), ...steerParams() };
 }
 
 let genAbort = null;
@@ -771,7 +773,8 @@ function setupGenerate() {
     sync();
   }
   $("#gen-stop").addEventListener("click", () => genAbort && genAbort.abort());
-  $("#gen-model").addEventListener("change", () => fillVersions($("#gen-version"), $("#gen-model").value));
+  $("#gen-model").addEventListener("change", () => { fillVersions($("#gen-version"), $("#gen-model").value); fillSteering($("#gen-model").value); });
+  initSteering();
   $("#gen-form").addEventListener("submit", async (ev) => {
     ev.preventDefault();
     const body = genRequest(), out = $("#gen-output"), msg = $("#gen-msg");

@@ -172,6 +172,13 @@ export const STRINGS = {
   "chart.reward": ["Self-play: mean reward per iteration", "Самоигра: средняя награда за итерацию"],
   "chart.kl": ["KL to the starting model", "KL к исходной модели"],
   "chart.iteration": ["iteration", "итерация"],
+  // ---- steering directions in the Generate view (steer.js) ----
+  "steer.legend": ["Steering direction", "Направление управления (steering)"],
+  "steer.direction": ["Direction", "Направление"],
+  "steer.none": ["none", "нет"],
+  "steer.option": ["{name} (layer {layer}, norm {norm})", "{name} (слой {layer}, норма {norm})"],
+  "steer.coef": ["Coefficient", "Коэффициент"],
+  "steer.ablate": ["Project out of every layer", "Вычесть проекцию на всех слоях"],
   // ---- charts (charts.js): controls, legend, export
   "chart.bpb": ["Validation bits per byte (comparable across tokenizers)", "Биты на байт на валидации (сравнимы между токенизаторами)"],
   "chart.train": ["train", "обучение"],
