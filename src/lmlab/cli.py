@@ -1284,10 +1284,12 @@ def _lab_merge(args: argparse.Namespace) -> int:
 
 
 def _interp_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("view", choices=("lens", "attention", "patch"), metavar="VIEW",
-                   help="lens (logit lens) | attention (every head's pattern) | patch (activation patching)")
-    p.add_argument("--model", required=True, help="a model directory")
-    p.add_argument("--prompt", required=True, help="the prompt (patch: the clean one)")
+    p.add_argument("view", choices=("lens", "attention", "patch", "sae", "sae-facts"), metavar="VIEW",
+                   help="lens (logit lens) | attention (every head's pattern) | patch (activation patching) | sae "
+                        "(a sparse autoencoder on --books, with a feature browser) | sae-facts (SAE feature purity "
+                        "on a biographies model against a random-init one)")
+    p.add_argument("--model", help="a model directory (every view but sae-facts)")
+    p.add_argument("--prompt", help="lens, attention, patch: the prompt (patch: the clean one)")
     p.add_argument("--corrupt", help="patch: the corrupted prompt, with as many tokens as --prompt")
     p.add_argument("--target", help="lens, patch: the token traced (its first token; default: the model's top token "
                                     "after --prompt)")
@@ -1296,7 +1298,37 @@ def _interp_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=5, help="lens: tokens kept per stream and position (default 5)")
     p.add_argument("--bos", action="store_true", help="start the prompts with <BOS> (models trained on texts that "
                    "start with it, such as lmlab tune grpo's and lmlab lab ttc's task models)")
+    p.add_argument("--books", nargs="+", metavar="BOOKS", help="sae: the text to train on (files, folders or globs)")
+    p.add_argument("--tokens", type=int, default=65536, help="sae: tokens of --books used, a tenth held out (65536)")
+    p.add_argument("--layer", type=int, help="sae: residual stream, 0 (embeddings) .. n_layer (default: the middle)")
+    p.add_argument("--kind", default="topk", help="sae: topk (Gao et al. 2024) or l1 (Bricken et al. 2023)")
+    p.add_argument("--features", type=int, help="sae: dictionary size (default 8 x the model width)")
+    p.add_argument("--k", type=int, default=16, help="sae --kind topk: features per token (16)")
+    p.add_argument("--l1", type=float, default=5.0, help="sae --kind l1: sparsity coefficient (5)")
+    p.add_argument("--steps", type=int, default=2000, help="sae: optimizer steps (2000)")
+    p.add_argument("--name", help="sae: folder name under MODEL/sae/ (default layerN-KIND; never overwritten)")
+    p.add_argument("--seeds", default="0,1,2", help="sae-facts: seeds (0,1,2)")
+    p.add_argument("--quick", action="store_true", help="sae-facts: smaller models and budgets (minutes)")
     p.add_argument("--out", required=True, help="folder for results.json, PNG heatmaps and report.html")
+
+
+def _lab_sae(args: argparse.Namespace, command: str) -> dict:
+    from .lab.interp.sae import KINDS
+    from .lab.interp.saelab import run_sae, run_sae_facts
+    if args.view == "sae-facts":
+        return run_sae_facts(args.out, parse_seeds(args.seeds), args.quick, command)
+    if not args.books:
+        raise ValueError("sae needs --books (the text whose activations it learns)")
+    if args.kind not in KINDS:
+        raise ValueError(f"--kind {args.kind!r} is not an SAE kind; choose {' or '.join(KINDS)}")
+    for flag in ("tokens", "features", "k", "steps"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} ({getattr(args, flag)}) must be >= 1")
+    if args.l1 < 0:
+        raise ValueError(f"--l1 ({args.l1}) must be >= 0")
+    settings = {"kind": args.kind, "k": args.k, "l1": args.l1, "steps": args.steps, "stream": args.layer,
+                "n_features": args.features}
+    return run_sae(args.model, args.books, args.out, settings, args.tokens, name=args.name, command=command)
 
 
 @lab_mode("interp", "look inside a model: logit lens, attention patterns, activation patching; writes results.json, "
@@ -1315,7 +1347,15 @@ def _lab_interp(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise ValueError(f"--top-k ({args.top_k}) must be >= 1")
     command = shlex.join(["lmlab", "lab", "interp", *sys.argv[3:]]) if sys.argv[1:3] == ["lab", "interp"] else ""
-    if args.view == "lens":
+    sae = args.view in ("sae", "sae-facts")
+    if (args.model is None) != (args.view == "sae-facts"):
+        raise ValueError("--model is needed by every view but sae-facts" if args.model is None
+                         else "sae-facts trains its own biographies models; leave out --model")
+    if (args.prompt is None) != sae:
+        raise ValueError("--prompt is for lens, attention and patch" if sae else f"{args.view} needs --prompt")
+    if sae:
+        res = _lab_sae(args, command)
+    elif args.view == "lens":
         res = run_lens(args.model, args.prompt, args.out, args.target, args.top_k, command, args.bos)
     elif args.view == "attention":
         res = run_attention(args.model, args.prompt, args.out, command, args.bos)
