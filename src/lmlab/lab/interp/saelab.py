@@ -214,11 +214,16 @@ def run_sae_facts(out: str | Path, seeds: list[int], quick: bool = False, comman
             row = {"seed": seed, "model": name, "loss_clean": m["loss_clean"], "l0": m["l0"], "fvu": m["fvu"],
                    "dead_share": m["dead_share"], "loss_recovered": m["loss_recovered"]}
             for site, lab in (("value", value), ("cue", cue)):
-                p = purity(f, lab[keep], len(ATTRIBUTES))
-                p = p[~np.isnan(p)]
+                lab = lab[keep]
+                p = purity(f, lab, len(ATTRIBUTES))
+                # the same share with only the labelled tokens in the denominator: which attribute a feature
+                # prefers once it fires on values at all (1/6 = no preference, 1 = one attribute)
+                c = purity(f[lab >= 0], lab[lab >= 0], len(ATTRIBUTES))
+                p, c = p[~np.isnan(p)], c[~np.isnan(c)]
                 dist[name, site].append(p)
                 row.update({f"{site}_features": len(p), f"{site}_purity_mean": float(p.mean()) if len(p) else None,
-                            f"{site}_purity_share_over_0.5": float((p > 0.5).mean()) if len(p) else None})
+                            f"{site}_purity_share_over_0.5": float((p > 0.5).mean()) if len(p) else None,
+                            f"{site}_purity_among_labelled_mean": float(c.mean()) if len(c) else None})
             rows.append(row)
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=100)
@@ -241,7 +246,7 @@ def run_sae_facts(out: str | Path, seeds: list[int], quick: bool = False, comman
                                                            if r["model"] == "trained")
         + " vs random " + ", ".join(f"{r[f'{site}_purity_mean']:.3f}" for r in rows if r["model"] == "random")
         + " (seeds " + ",".join(map(str, seeds)) + ")" for site in ("value", "cue"))
-    results = {"seeds": seeds, "quick": quick, "gaps": gaps, "wall_s": time.perf_counter() - t0,
+    results = {"seeds": seeds, "quick": quick, "stream": stream, "gaps": gaps, "wall_s": time.perf_counter() - t0,
                "purity": {f"{n}/{s}": [d.tolist() for d in v] for (n, s), v in dist.items()}}
     write_report(out, "SAE feature purity on biographies", "Where each value token's attribute is known, features "
                  "of an SAE on a trained model should each belong to one attribute type, clearly more than features "
@@ -251,5 +256,6 @@ def run_sae_facts(out: str | Path, seeds: list[int], quick: bool = False, comman
                             for site, g in gaps.items()}, rows, [plot], results, command, title=HEADING,
                  claim_label="<b>Question</b>", note="Features firing on fewer than 5 labelled tokens are left out. "
                  "Value: the value's own tokens; cue: the token just before a value, where the model predicts it. "
+                 "'among_labelled': the same share with only value (or cue) tokens in the denominator. "
                  "Numbers in results.json.")
     return results
