@@ -22,7 +22,7 @@ from lmlab.lab.interp.sae import (
     save_sae,
     train_sae,
 )
-from lmlab.lab.interp.saelab import attribute_labels
+from lmlab.lab.interp.saelab import attribute_labels, trace_sites
 from lmlab.models import ModelConfig, Transformer
 from lmlab.models.io import save_pretrained
 from lmlab.tokenizers import Tokenizer
@@ -162,6 +162,11 @@ def test_attribute_labels_mark_the_value_tokens():
             assert es.x[i, at].tolist() == ids                               # exactly the value's tokens
             c = (cue[i] == j).nonzero().flatten()
             assert c.tolist() == [int(at[0]) - 1] and es.y[i, c].tolist() == ids[:1]
+
+
+def test_trace_sites_group_positions_as_rome():
+    # subject at 2, 3, 4 (the last one alone), the prediction at the last position, the rest "other"
+    assert trace_sites(8, [2, 3, 4]) == [3, 3, 0, 0, 1, 3, 3, 2]
 
 
 @pytest.fixture

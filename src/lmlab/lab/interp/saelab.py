@@ -18,7 +18,7 @@ import torch
 
 from ...models import Transformer
 from ..facts.report import _plt, save_figure, write_report
-from .report import HEADING, label, load
+from .report import HEADING, label, load, stream_labels
 from .sae import SAEConfig, evaluate, purity, save_sae, stream_activations, train_sae
 
 CONTEXT = (12, 3)  # tokens shown before and after the activating one
@@ -184,7 +184,7 @@ def run_sae_facts(out: str | Path, seeds: list[int], quick: bool = False, comman
 
     out = Path(out)
     steps, sae_steps, bios = (300, 600, 256) if quick else (1500, 2000, 1024)
-    rows, dist = [], {(m, s): [] for m in ("trained", "random") for s in ("value", "cue")}
+    rows, traces, dist = [], [], {(m, s): [] for m in ("trained", "random") for s in ("value", "cue")}
     t0 = time.perf_counter()
     for seed in seeds:
         rc = RunConfig(bio=BioConfig(n_individuals=200 if quick else 1000, n_unseen=0, seed=seed), steps=steps,
@@ -202,6 +202,7 @@ def run_sae_facts(out: str | Path, seeds: list[int], quick: bool = False, comman
         y = es.y.masked_fill(es.y == 0, -100)
         value, cue = attribute_labels(es, len(ATTRIBUTES))
         stream = mc.n_layer // 2 + 1
+        traces.append(trace_attributes(trained.eval(), data, 12 if quick else 32, seed))
         for name, model in (("trained", trained), ("random", random)):
             model.eval()
             cfg = SAEConfig(d_in=mc.n_embd, n_features=8 * mc.n_embd, kind="topk", k=8, stream=stream,
@@ -234,6 +235,19 @@ def run_sae_facts(out: str | Path, seeds: list[int], quick: bool = False, comman
                "attribute)", ylabel="features (all seeds)")
         ax.legend()
     plot = save_figure(fig, out / "purity.png")
+    trace = np.mean(traces, 0)                                                # (A, L + 1, sites)
+    fig, axes = plt.subplots(1, len(ATTRIBUTES), figsize=(3 * len(ATTRIBUTES), 3.2), dpi=100, sharey=True)
+    for ax, attr, t in zip(axes, ATTRIBUTES, trace):
+        ax.imshow(t, cmap="coolwarm", vmin=-1, vmax=1, origin="lower", aspect="auto")
+        ax.set_xticks(range(len(SITES)), SITES, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(t)), stream_labels(len(t) - 1), fontsize=8)
+        ax.set_title(attr, fontsize=9)
+        for r in range(len(t)):
+            for c in range(len(SITES)):
+                ax.text(c, r, f"{t[r, c]:.2f}", ha="center", va="center", fontsize=7)
+    tplot = save_figure(fig, out / "tracing.png")
+    trace_rows = [{"attribute": attr, "stream": sl, **{site: round(float(v), 4) for site, v in zip(SITES, row)}}
+                  for attr, t in zip(ATTRIBUTES, trace) for sl, row in zip(stream_labels(len(t) - 1), t)]
 
     def gap(site: str, seed: int) -> float:
         t, r = (next(r[f"{site}_purity_mean"] for r in rows if r["seed"] == seed and r["model"] == n) or 0.0
@@ -247,15 +261,71 @@ def run_sae_facts(out: str | Path, seeds: list[int], quick: bool = False, comman
         + " vs random " + ", ".join(f"{r[f'{site}_purity_mean']:.3f}" for r in rows if r["model"] == "random")
         + " (seeds " + ",".join(map(str, seeds)) + ")" for site in ("value", "cue"))
     results = {"seeds": seeds, "quick": quick, "stream": stream, "gaps": gaps, "wall_s": time.perf_counter() - t0,
-               "purity": {f"{n}/{s}": [d.tolist() for d in v] for (n, s), v in dist.items()}}
+               "purity": {f"{n}/{s}": [d.tolist() for d in v] for (n, s), v in dist.items()},
+               "tracing": {"sites": list(SITES), "per_seed": np.array(traces)}}
     write_report(out, "SAE feature purity on biographies", "Where each value token's attribute is known, features "
                  "of an SAE on a trained model should each belong to one attribute type, clearly more than features "
                  "of the same SAE on an untrained model of the same shape. Purity of a feature: the share of its "
                  "activation mass (over all tokens of held-out biographies) on the tokens of its majority attribute.",
                  measured, {f"{site}_purity_higher_than_random_by_0.1_every_seed": min(g) >= 0.1
-                            for site, g in gaps.items()}, rows, [plot], results, command, title=HEADING,
+                            for site, g in gaps.items()}, rows, [plot, tplot], results, command,
+                 [("causal tracing on the trained models: restored fraction by attribute, stream and site (mean over "
+                   "seeds and individuals)", trace_rows)], title=HEADING,
                  claim_label="<b>Question</b>", note="Features firing on fewer than 5 labelled tokens are left out. "
                  "Value: the value's own tokens; cue: the token just before a value, where the model predicts it. "
-                 "'among_labelled': the same share with only value (or cue) tokens in the denominator. "
+                 "'among_labelled': the same share with only value (or cue) tokens in the denominator. Causal tracing: "
+                 "the prompt runs up to a value; the corrupted one has another individual's name in every sentence. "
                  "Numbers in results.json.")
     return results
+
+
+SITES = ("subject", "subject last", "cue", "other")
+
+
+def trace_sites(T: int, name_pos: list[int]) -> list[int]:
+    """The site of every position of a prompt of T tokens whose current sentence names its subject at name_pos:
+    0 subject tokens but the last, 1 the subject's last token, 2 the last position (where the value is
+    predicted), 3 anything else (ROME's grouping, Meng et al. 2022 Fig. 1)."""
+    sites = [3] * T
+    for p in name_pos[:-1]:
+        sites[p] = 0
+    sites[name_pos[-1]] = 1
+    sites[T - 1] = 2
+    return sites
+
+
+def trace_attributes(model: Transformer, data: Any, people: int = 12, seed: int = 0) -> np.ndarray:
+    """Causal tracing per attribute: the prompt is a biography up to one attribute's value; the corrupted run has
+    another individual's name everywhere; restoring the clean stream at one (stream, position) gives the restored
+    fraction of logit(own value) - logit(the other's value) (hooks.activation_patching). Returns (A, n_layer + 1,
+    len(SITES)): the mean over individuals and over the positions of each site."""
+    from ..facts.data import ATTRIBUTES
+    from .hooks import activation_patching
+
+    rng = np.random.default_rng([seed, 7])
+    total = np.zeros((len(ATTRIBUTES), model.config.n_layer + 1, len(SITES)))
+    count = np.zeros((len(ATTRIBUTES), 1, len(SITES)))
+    for _ in range(people):
+        a, b = (int(p) for p in rng.choice(data.seen, 2, replace=False))
+        ids, vpos, npos = data.biography(a, rng)
+        other = [*data.first_ids[data.names[b, 0]], *data.middle_ids[data.names[b, 1]],
+                 *data.last_ids[data.names[b, 2]]]
+        bad = list(ids)
+        for j in range(len(ATTRIBUTES)):
+            for p, t in zip(npos[j], other):
+                bad[p] = t
+        for j, attr in enumerate(ATTRIBUTES):
+            v = vpos[j][0]
+            target, foil = ids[v], data.value_ids[attr][data.values[b, j]][0]
+            if target == foil:
+                continue
+            try:
+                res = activation_patching(model, ids[:v], bad[:v], target, foil)
+            except ValueError:  # the corruption changes nothing here: nothing to restore
+                continue
+            sites = np.array(trace_sites(v, npos[j]))
+            for s in range(len(SITES)):
+                if (sites == s).any():
+                    total[j, :, s] += res["restored"].numpy()[:, sites == s].mean(1)
+                    count[j, 0, s] += 1
+    return total / np.maximum(count, 1)
