@@ -230,9 +230,9 @@ def run_sae_facts(out: str | Path, seeds: list[int], quick: bool = False, comman
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=100)
     for ax, site in zip(axes, ("value", "cue")):
         for name in ("trained", "random"):
-            ax.hist(np.concatenate(dist[name, site]), bins=20, range=(0, 1), alpha=0.5, label=name)
+            ax.hist(np.concatenate(dist[name, site]), bins=20, range=(0, 1), alpha=0.5, label=name, density=True)
         ax.set(title=f"purity for attribute type at {site} tokens", xlabel="purity (share of mass on the majority "
-               "attribute)", ylabel="features (all seeds)")
+               "attribute)", ylabel="density over features (all seeds)", yscale="log")
         ax.legend()
     plot = save_figure(fig, out / "purity.png")
     trace = np.mean(traces, 0)                                                # (A, L + 1, sites)
