@@ -1304,7 +1304,7 @@ def _interp_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kind", default="topk", help="sae: topk (Gao et al. 2024) or l1 (Bricken et al. 2023)")
     p.add_argument("--features", type=int, help="sae: dictionary size (default 8 x the model width)")
     p.add_argument("--k", type=int, default=16, help="sae --kind topk: features per token (16)")
-    p.add_argument("--l1", type=float, default=5.0, help="sae --kind l1: sparsity coefficient (5)")
+    p.add_argument("--l1", type=float, default=1.0, help="sae --kind l1: sparsity coefficient (1)")
     p.add_argument("--steps", type=int, default=2000, help="sae: optimizer steps (2000)")
     p.add_argument("--name", help="sae: folder name under MODEL/sae/ (default layerN-KIND; never overwritten)")
     p.add_argument("--seeds", default="0,1,2", help="sae-facts: seeds (0,1,2)")

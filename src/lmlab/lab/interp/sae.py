@@ -49,7 +49,7 @@ class SAEConfig:
     n_features: int = knob(512, "dictionary size", gt=0)
     kind: str = knob("topk", "topk (Gao et al. 2024) or l1 (Bricken et al. 2023)", choices=KINDS)
     k: int = knob(32, "topk: features kept per token", gt=0)
-    l1: float = knob(5.0, "l1: sparsity coefficient on sum_i f_i ||d_i|| (inputs scaled to E||x||^2 = d_in)", ge=0)
+    l1: float = knob(1.0, "l1: sparsity coefficient on sum_i f_i ||d_i|| (inputs scaled to E||x||^2 = d_in)", ge=0)
     stream: int = knob(1, "residual stream (0 = embeddings, s = output of block s - 1)", ge=0)
     steps: int = knob(2000, "optimizer steps", gt=0)
     batch_size: int = knob(1024, "activations per step", gt=0)
