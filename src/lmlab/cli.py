@@ -1546,11 +1546,13 @@ def _lab_merge(args: argparse.Namespace) -> int:
 
 
 def _interp_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("view", choices=("lens", "attention", "patch", "steer"), metavar="VIEW",
+    p.add_argument("view", choices=("lens", "attention", "patch", "steer", "sae", "sae-facts"), metavar="VIEW",
                    help="lens (logit lens) | attention (every head's pattern) | patch (activation patching) | steer "
-                   "(build and measure a steering direction)")
-    p.add_argument("--model", required=True, help="a model directory")
-    p.add_argument("--prompt", help="the prompt (patch: the clean one); lens, attention and patch need it")
+                        "(build and measure a steering direction) | sae (a sparse autoencoder on --books, with a "
+                        "feature browser) | sae-facts (SAE feature purity on a biographies model against a random-init "
+                        "one)")
+    p.add_argument("--model", help="a model directory (every view but sae-facts)")
+    p.add_argument("--prompt", help="lens, attention, patch: the prompt (patch: the clean one)")
     p.add_argument("--corrupt", help="patch: the corrupted prompt, with as many tokens as --prompt")
     p.add_argument("--target", help="lens, patch: the token traced (its first token; default: the model's top token "
                                     "after --prompt)")
@@ -1559,12 +1561,13 @@ def _interp_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=5, help="lens: tokens kept per stream and position (default 5)")
     p.add_argument("--bos", action="store_true", help="start the prompts with <BOS> (models trained on texts that "
                    "start with it, such as lmlab tune grpo's and lmlab lab ttc's task models)")
+    p.add_argument("--layer", type=int, help="steer, sae: the residual stream, 0 the embeddings, i the output of "
+                   "block i-1 (sae's default: the middle one)")
     p.add_argument("--out", required=True, help="folder for results.json, PNG heatmaps and report.html (steer: and "
                    "the direction, direction.safetensors + direction.json)")
     s = p.add_argument_group("steer (lab/interp/steer.py): the --positive minus --negative direction at --layer")
     s.add_argument("--positive", help="a text file, one prompt per line: the behaviour steered towards")
     s.add_argument("--negative", help="a text file, one prompt per line: the behaviour steered away from")
-    s.add_argument("--layer", type=int, help="the residual stream: 0 the embeddings, i the output of block i-1")
     s.add_argument("--neutral", help="a text file, one text per line, for the KL cost (up to 64 lines)")
     s.add_argument("--prompts", help="prompts to generate from, one per line (default: --negative's lines)")
     s.add_argument("--coefs", default="0,0.5,1,2,4", help="coefficients measured, a comma list (default 0,0.5,1,2,4)")
@@ -1573,6 +1576,17 @@ def _interp_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--word", help="the property measured: whether a sample contains WORD (default: the share of "
                    "Cyrillic among its letters)")
     s.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    a = p.add_argument_group("sae, sae-facts (lab/interp/sae.py, saelab.py): a sparse autoencoder on a residual stream")
+    a.add_argument("--books", nargs="+", metavar="BOOKS", help="sae: the text to train on (files, folders or globs)")
+    a.add_argument("--tokens", type=int, default=65536, help="sae: tokens of --books used, a tenth held out (65536)")
+    a.add_argument("--kind", default="topk", help="sae: topk (Gao et al. 2024) or l1 (Bricken et al. 2023)")
+    a.add_argument("--features", type=int, help="sae: dictionary size (default 8 x the model width)")
+    a.add_argument("--k", type=int, default=16, help="sae --kind topk: features per token (16)")
+    a.add_argument("--l1", type=float, default=1.0, help="sae --kind l1: sparsity coefficient (1)")
+    a.add_argument("--steps", type=int, default=2000, help="sae: optimizer steps (2000)")
+    a.add_argument("--name", help="sae: folder name under MODEL/sae/ (default layerN-KIND; never overwritten)")
+    a.add_argument("--seeds", default="0,1,2", help="sae-facts: seeds (0,1,2)")
+    a.add_argument("--quick", action="store_true", help="sae-facts: smaller models and budgets (minutes)")
 
 
 def _steer_flags(args: argparse.Namespace) -> list[float]:
@@ -1591,10 +1605,28 @@ def _steer_flags(args: argparse.Namespace) -> list[float]:
     return coefs
 
 
-@lab_mode("interp", "look inside a model: logit lens, attention patterns, activation patching, steering directions; "
-          "writes results.json, "
-          "PNG heatmaps and report.html. Example: lmlab lab interp lens --model runs/demo/final --prompt 'Once upon "
-          "a time' --out runs/interp/lens", _interp_arguments)
+def _lab_sae(args: argparse.Namespace, command: str) -> dict:
+    from .lab.interp.sae import KINDS
+    from .lab.interp.saelab import run_sae, run_sae_facts
+    if args.view == "sae-facts":
+        return run_sae_facts(args.out, parse_seeds(args.seeds), args.quick, command)
+    if not args.books:
+        raise ValueError("sae needs --books (the text whose activations it learns)")
+    if args.kind not in KINDS:
+        raise ValueError(f"--kind {args.kind!r} is not an SAE kind; choose {' or '.join(KINDS)}")
+    for flag in ("tokens", "features", "k", "steps"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} ({getattr(args, flag)}) must be >= 1")
+    if args.l1 < 0:
+        raise ValueError(f"--l1 ({args.l1}) must be >= 0")
+    settings = {"kind": args.kind, "k": args.k, "l1": args.l1, "steps": args.steps, "stream": args.layer,
+                "n_features": args.features}
+    return run_sae(args.model, args.books, args.out, settings, args.tokens, name=args.name, command=command)
+
+
+@lab_mode("interp", "look inside a model: logit lens, attention patterns, activation patching, steering directions, "
+          "sparse autoencoders; writes results.json, PNG heatmaps and report.html. Example: lmlab lab interp lens "
+          "--model runs/demo/final --prompt 'Once upon a time' --out runs/interp/lens", _interp_arguments)
 def _lab_interp(args: argparse.Namespace) -> int:
     import shlex
 
@@ -1603,6 +1635,9 @@ def _lab_interp(args: argparse.Namespace) -> int:
     if Path(args.out, "results.json").exists():
         raise ValueError(f"{args.out} already holds results.json; choose another --out")
     command = shlex.join(["lmlab", "lab", "interp", *sys.argv[3:]]) if sys.argv[1:3] == ["lab", "interp"] else ""
+    if (args.model is None) != (args.view == "sae-facts"):
+        raise ValueError("--model is needed by every view but sae-facts" if args.model is None
+                         else "sae-facts trains its own biographies models; leave out --model")
     if args.view == "steer":
         coefs = _steer_flags(args)
         res = run_steer(args.model, args.positive, args.negative, args.layer, args.out, neutral=args.neutral,
@@ -1610,17 +1645,22 @@ def _lab_interp(args: argparse.Namespace) -> int:
                         word=args.word, seed=args.seed, command=command, bos=args.bos)
         print(f"steer: {res['measured']}; checks {res['verdict']}; direction and report: {args.out}")
         return 0
-    if args.prompt is None:
-        raise ValueError(f"{args.view} needs --prompt")
-    check_view(args.view, args.corrupt, args.target, args.foil)
-    if args.top_k < 1:
-        raise ValueError(f"--top-k ({args.top_k}) must be >= 1")
-    if args.view == "lens":
-        res = run_lens(args.model, args.prompt, args.out, args.target, args.top_k, command, args.bos)
-    elif args.view == "attention":
-        res = run_attention(args.model, args.prompt, args.out, command, args.bos)
+    sae = args.view in ("sae", "sae-facts")
+    if (args.prompt is None) != sae:
+        raise ValueError("--prompt is for lens, attention and patch" if sae else f"{args.view} needs --prompt")
+    if sae:
+        res = _lab_sae(args, command)
     else:
-        res = run_patch(args.model, args.prompt, args.corrupt, args.out, args.target, args.foil, command, args.bos)
+        check_view(args.view, args.corrupt, args.target, args.foil)
+        if args.top_k < 1:
+            raise ValueError(f"--top-k ({args.top_k}) must be >= 1")
+        if args.view == "lens":
+            res = run_lens(args.model, args.prompt, args.out, args.target, args.top_k, command, args.bos)
+        elif args.view == "attention":
+            res = run_attention(args.model, args.prompt, args.out, command, args.bos)
+        else:
+            res = run_patch(args.model, args.prompt, args.corrupt, args.out, args.target, args.foil, command,
+                            args.bos)
     print(f"{args.view}: {res['measured']}; checks {res['verdict']}; report: {Path(args.out) / 'report.html'}")
     return 0
 
