@@ -1501,6 +1501,49 @@ def _lab_data(args: argparse.Namespace) -> int:
     return args.data_run(args)
 
 
+def _influence_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="a new folder for results.json and report.html")
+    p.add_argument("--seeds", default="0", help="seeds: a list 0,1,2, a range 0-4, or one seed (default 0)")
+    p.add_argument("--quick", action="store_true", help="60 documents instead of 200: a smoke run, not the check")
+
+
+@data_lab("influence", "what each document does: TracIn influence (random-projected gradient similarity over "
+          "checkpoints) of 200 synthetic documents on a target text, checked against true leave-one-out retraining "
+          "(Spearman rho). Example: lmlab lab data influence --out runs/influence --quick", _influence_arguments)
+def _lab_data_influence(args: argparse.Namespace) -> int:
+    from .lab.influence import InfluenceLabConfig, run_influence_lab
+    cfg = InfluenceLabConfig.quick() if args.quick else InfluenceLabConfig()
+    res = run_influence_lab(args.out, parse_seeds(args.seeds), cfg, command="lmlab " + " ".join(sys.argv[1:]))
+    print(f"influence: {res['verdict']} ({res['measured']}); wall {res['speed']['wall_s']:.0f} s; "
+          f"report: {Path(args.out) / 'report.html'}")
+    return 0
+
+
+def _drift_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", dest="run_dir", required=True,
+                   help="a run directory with at least two checkpoints (train with --keep-last 0)")
+    p.add_argument("--out", required=True, help="folder for results.json, PNG plots and report.html")
+    p.add_argument("--probe", action="append", default=[], metavar="TEXT",
+                   help="a probe text whose hidden states' drift is reported (repeatable)")
+    p.add_argument("--token", action="append", default=[], metavar="TOKEN",
+                   help="a token whose nearest neighbours are compared (repeatable)")
+    p.add_argument("--top", type=int, default=20, help="the most volatile tokens listed (default 20)")
+
+
+@data_lab("drift", "embedding drift between a run's checkpoints: per token against its frequency in the training data, "
+          "the most volatile tokens, neighbour changes, probe texts' hidden states. Example: lmlab lab data drift "
+          "--run runs/demo --out runs/demo-drift", _drift_arguments)
+def _lab_data_drift(args: argparse.Namespace) -> int:
+    import shlex
+
+    from .lab.drift import run_drift
+    if args.top < 1:
+        raise ValueError(f"--top ({args.top}) must be >= 1")
+    res = run_drift(args.run_dir, args.out, args.probe, args.token, args.top, shlex.join(["lmlab", *sys.argv[1:]]))
+    print(f"drift: {res['measured']}; report: {Path(args.out) / 'report.html'}")
+    return 0
+
+
 def _facts_arguments(f: argparse.ArgumentParser) -> None:
     f.add_argument("verb", choices=_FACTS_VERBS, metavar="EXPERIMENT",
                    help="phases | plateau | alpha | warmup | hallucination | finetune | memory | patching | "

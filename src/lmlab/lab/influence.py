@@ -1,0 +1,302 @@
+"""What each document does (`lmlab lab data influence`): per-document influence on a target text, checked against
+true leave-one-out retraining.
+
+    lmlab lab data influence --out runs/influence --quick
+
+Influence is TracInCP (Pruthi et al. 2020, "Estimating Training Data Influence by Tracing Gradient Descent",
+https://arxiv.org/abs/2002.08484): score(doc) = sum over saved checkpoints k of lr_k <grad L(target; w_k),
+grad L(doc; w_k)>. A positive score means a step on the document lowers the target's loss (it helped). Per-example
+gradients come from torch.func (vmap over grad, one document per row), and are multiplied by a Gaussian random
+matrix P (d x k, entries N(0, 1/k)) before the dot product, as TRAK does (Park et al. 2023,
+https://arxiv.org/abs/2303.14186): by Johnson-Lindenstrauss <Pa, Pb> = <a, b> in expectation, with standard
+deviation sqrt((|a|^2 |b|^2 + <a, b>^2) / k), and only k numbers per document are kept. P is drawn block by block
+from a seed, so it is never held whole.
+
+The check: a tiny model is trained on N short synthetic biographies with plain SGD (TracIn's derivation is for SGD;
+AdamW's per-coordinate scaling is not in the score), in a fixed order of batches, and retrained N more times, each
+time with one document's term removed from the loss of its batches and nothing else changed: same initialisation,
+same batches (the document stays in its row with weight 0, so every other row's arithmetic is bit for bit the same),
+single-threaded and deterministic. The difference in the target's loss is then that document's effect and nothing
+else (no seed noise to average away), and Spearman's rho compares it with the scores.
+TracIn is a first-order estimate: the default run (lr 0.01, 2 epochs, a barely trained model) is in that regime; with
+lr 0.1 and 4 epochs, later steps undo and amplify early ones and rho fell to 0.08 in one measurement. Scores come
+both per step (TracIn) and from epoch-start checkpoints (TracInCP).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..models import ModelConfig, Transformer
+from ..tokenizers import Tokenizer
+from .facts.data import pseudo_words
+from .facts.report import write_report
+
+
+def examples(texts_ids: Sequence[Sequence[int]], answer_starts: Sequence[int] | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists -> (x, y) padded to one length: y is x shifted by one, -100 where nothing is scored
+    (padding, and the prompt before answer_starts[i] when given: an eval item scores its answer only)."""
+    T = max(len(ids) for ids in texts_ids) - 1
+    x = torch.zeros(len(texts_ids), T, dtype=torch.long)
+    y = torch.full((len(texts_ids), T), -100, dtype=torch.long)
+    for i, ids in enumerate(texts_ids):
+        ids = torch.as_tensor(list(ids), dtype=torch.long)
+        x[i, :len(ids) - 1], y[i, :len(ids) - 1] = ids[:-1], ids[1:]
+        if answer_starts is not None:
+            y[i, :max(0, answer_starts[i] - 1)] = -100
+    return x, y
+
+
+def doc_losses(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per row: the mean next-token loss over its scored targets, (B,); as the model's own loss, targets equal to
+    its pad_token_id are not scored."""
+    pad = model.config.pad_token_id
+    if pad is not None:
+        y = y.masked_fill(y == pad, -100)
+    logits = model(x).logits
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100, reduction="none")
+    scored = (y != -100).sum(1).clamp_min(1)
+    return nll.view_as(y.float()).sum(1) / scored
+
+
+def per_example_grads(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(B, d): the gradient of each row's doc_losses with respect to every trained parameter, flattened in
+    parameters() order (a tied head counts once). One backward per row: torch.func's vmap(grad) gives the same
+    numbers, but on CPU it falls back to a per-row loop for scaled_dot_product_attention and took 10x longer
+    on this model size."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    was = model.training
+    model.eval()  # no dropout: the gradient of the function the checkpoint computes
+    try:
+        rows = [torch.cat([g.flatten() for g in torch.autograd.grad(doc_losses(model, x[i:i + 1], y[i:i + 1])[0],
+                                                                      params)]) for i in range(x.shape[0])]
+    finally:
+        model.train(was)
+    return torch.stack(rows)
+
+
+class Projector:
+    """x -> x @ P for a Gaussian P (d x k, entries N(0, 1/k)), drawn in blocks of rows from `seed` on first use and
+    kept (d * k float32: 0.1M parameters at k = 128 hold 58 MB); the same seed gives the same P, so scores from
+    different checkpoints and calls add up. k = None: the identity (exact dot products, in float64)."""
+
+    def __init__(self, dim: int, k: int | None, seed: int = 0, block_elems: int = 1 << 22) -> None:
+        if k is not None and k < 1:
+            raise ValueError(f"projection dimension ({k}) must be >= 1")
+        self.dim, self.k, self.seed = dim, k, seed
+        self.rows = max(1, block_elems // (k or 1))
+        self.blocks: list[torch.Tensor] = []
+
+    def __call__(self, g: torch.Tensor) -> torch.Tensor:
+        if g.shape[1] != self.dim:
+            raise ValueError(f"gradients have {g.shape[1]} entries; the projection was made for {self.dim}")
+        if self.k is None:
+            return g.double()
+        if not self.blocks:
+            for b, lo in enumerate(range(0, self.dim, self.rows)):
+                gen = torch.Generator().manual_seed(self.seed * 1_000_003 + b)
+                rows = min(self.rows, self.dim - lo)
+                self.blocks.append(torch.randn(rows, self.k, generator=gen) / math.sqrt(self.k))
+        return sum(g[:, lo:lo + len(p)] @ p for lo, p in zip(range(0, self.dim, self.rows), self.blocks)).double()
+
+
+def tracin(checkpoints: Sequence[tuple[torch.nn.Module, float]], docs: tuple[torch.Tensor, torch.Tensor],
+           target: tuple[torch.Tensor, torch.Tensor], k: int | None = 512, seed: int = 0,
+           batches: Sequence[Sequence[int]] | None = None, chunk: int = 64) -> np.ndarray:
+    """TracIn scores of every document (rows of docs = (x, y)) on the target (one or more rows, their losses
+    summed): sum over (model, lr) of lr * <P g(target), P g(doc)>. k=None: no projection (exact dot products).
+
+    batches=None: every document at every checkpoint (TracInCP, Pruthi et al. §3.2: checkpoints saved now and
+    then, lr the learning rate over the interval they stand for). batches[c]: only the documents of the batch
+    trained right after checkpoint c (TracIn's ideal form, §3.1: each step's own first-order effect)."""
+    scores = np.zeros(docs[0].shape[0])
+    proj = Projector(sum(p.numel() for p in checkpoints[0][0].parameters() if p.requires_grad), k, seed)
+    for c, (model, lr) in enumerate(checkpoints):
+        gt = proj(per_example_grads(model, *target)).sum(0)
+        rows = torch.arange(len(scores)) if batches is None else torch.as_tensor(list(batches[c]), dtype=torch.long)
+        for part in rows.split(chunk):
+            g = proj(per_example_grads(model, docs[0][part], docs[1][part]))
+            np.add.at(scores, part.numpy(), lr * (g @ gt).numpy())
+    return scores
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman's rho: Pearson's correlation of the ranks (ties get their average rank)."""
+    def ranks(v: Sequence[float]) -> np.ndarray:
+        v = np.asarray(v, dtype=np.float64)
+        r = np.empty(len(v))
+        r[np.argsort(v, kind="stable")] = np.arange(len(v))
+        _, inv = np.unique(v, return_inverse=True)
+        return (np.bincount(inv, r) / np.bincount(inv))[inv]
+    return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
+
+
+# ---- the experiment ---------------------------------------------------------------------------------------
+
+CITIES_TEMPLATES = ("{n} lives in {c} .", "{n} has a home in {c} .", "{n} moved to {c} .", "the city of {n} is {c} .")
+JOB_TEMPLATES = ("{n} works as a {j} .", "{n} is a {j} .", "the job of {n} is {j} .")
+
+
+@dataclasses.dataclass
+class InfluenceLabConfig:
+    documents: int = 200
+    people: int = 40
+    cities: int = 8
+    jobs: int = 8
+    n_layer: int = 2
+    n_embd: int = 64
+    n_head: int = 4
+    epochs: int = 2
+    batch_size: int = 20
+    lr: float = 0.01
+    # 0: exact dot products. At k = 128 the projection's noise (std ~ |a||b| / sqrt(k)) swamps the small dot
+    # products of unrelated documents at this model size: rho fell from 0.92 to 0.28 in one measurement
+    proj_dim: int = 0
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) < 0 or (getattr(self, f.name) == 0 and f.name != "proj_dim"):
+                raise ValueError(f"{f.name} must be positive, got {getattr(self, f.name)}")
+
+    @classmethod
+    def quick(cls) -> InfluenceLabConfig:
+        return cls(documents=60, people=12, batch_size=10)
+
+
+def biographies(cfg: InfluenceLabConfig, seed: int) -> tuple[list[str], str, int]:
+    """(documents, the target text "NAME lives in CITY .", the number of its prompt words): one or two facts per
+    document about a person of a small population; the target is person 0's city."""
+    rng = np.random.default_rng(seed)
+    taken: set[str] = set()
+    names = pseudo_words(cfg.people, rng, taken)
+    cities, jobs = pseudo_words(cfg.cities, rng, taken), pseudo_words(cfg.jobs, rng, taken)
+    city = rng.integers(cfg.cities, size=cfg.people)
+    job = rng.integers(cfg.jobs, size=cfg.people)
+    docs = []
+    for _ in range(cfg.documents):
+        p = int(rng.integers(cfg.people))
+        facts = [CITIES_TEMPLATES[int(rng.integers(4))].format(n=names[p], c=cities[city[p]]),
+                 JOB_TEMPLATES[int(rng.integers(3))].format(n=names[p], j=jobs[job[p]])]
+        docs.append(" ".join(facts if rng.random() < 0.5 else facts[int(rng.integers(2))::2]))
+    return docs, f"{names[0]} lives in {cities[city[0]]} .", 3
+
+
+def train_sgd(cfg: InfluenceLabConfig, mc: ModelConfig, docs: tuple[torch.Tensor, torch.Tensor], order: np.ndarray,
+              weights: torch.Tensor, seed: int, keep: bool = False
+              ) -> tuple[Transformer, list[tuple[Transformer, list[int]]]]:
+    """Plain SGD over the documents in `order` (one row per document, (epochs, N)), batch loss = sum over the batch
+    of weight_i * loss_i / batch_size: weight 0 removes a document's term and nothing else. Returns the model and,
+    with keep, a copy before every step with the documents of that step."""
+    torch.manual_seed(seed)
+    model = Transformer(mc)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    saved = []
+    for epoch in order:
+        for lo in range(0, len(epoch), cfg.batch_size):
+            rows = torch.as_tensor(epoch[lo:lo + cfg.batch_size])
+            if keep:
+                saved.append((_copy(model), rows.tolist()))
+            loss = (doc_losses(model, docs[0][rows], docs[1][rows]) * weights[rows]).sum() / cfg.batch_size
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return model, saved
+
+
+def _copy(model: Transformer) -> Transformer:
+    clone = Transformer(model.config)
+    clone.load_state_dict(model.state_dict())
+    return clone
+
+
+@torch.no_grad()
+def target_loss(model: Transformer, target: tuple[torch.Tensor, torch.Tensor]) -> float:
+    return float(doc_losses(model.eval(), *target).sum())
+
+
+def run_influence_lab(out: str | Path, seeds: list[int], cfg: InfluenceLabConfig, command: str = "") -> dict[str, Any]:
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} exists and is not empty; choose a new folder")
+    t0 = time.perf_counter()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: the same arithmetic in every retraining (and a fair share of the host)
+    per_seed, table, extra = [], [], []
+    try:
+        for seed in seeds:
+            texts, target_text, prompt_words = biographies(cfg, seed)
+            tok = Tokenizer.train([*texts, target_text], kind="word", vocab_size=1000, min_frequency=1)
+            ids = [tok.encode(t) for t in texts]
+            docs = examples(ids)
+            tids = tok.encode(target_text)
+            target = examples([tids], [prompt_words])
+            mc = ModelConfig(family="llama", vocab_size=len(tok), n_layer=cfg.n_layer, n_head=cfg.n_head,
+                             n_embd=cfg.n_embd, block_size=docs[0].shape[1])
+            rng = np.random.default_rng(seed)
+            order = np.stack([rng.permutation(cfg.documents) for _ in range(cfg.epochs)])
+            ones = torch.ones(cfg.documents)
+            t1 = time.perf_counter()
+            model, steps = train_sgd(cfg, mc, docs, order, ones, seed, keep=True)
+            full = target_loss(model, target)
+            t_train = time.perf_counter() - t1
+            t1 = time.perf_counter()
+            lr = cfg.lr / cfg.batch_size  # each document's term is weighted 1 / batch_size in its step
+            scores = tracin([(m, lr) for m, _ in steps], docs, target, cfg.proj_dim or None, seed,
+                            [b for _, b in steps])
+            t_score = time.perf_counter() - t1
+            t1 = time.perf_counter()
+            per_epoch = len(steps) // cfg.epochs  # TracInCP: the checkpoint at each epoch's start, lr over its steps
+            scores_cp = tracin([(m, lr) for m, _ in steps[::per_epoch]], docs, target, cfg.proj_dim or None, seed)
+            t_cp = time.perf_counter() - t1
+            t1 = time.perf_counter()
+            loo = np.array([target_loss(train_sgd(cfg, mc, docs, order, ones.index_fill(0, torch.tensor([i]), 0.0),
+                                                  seed)[0], target) - full for i in range(cfg.documents)])
+            t_loo = time.perf_counter() - t1
+            rho, rho_cp = spearman(scores, loo), spearman(scores_cp, loo)
+            per_seed.append({"seed": seed, "spearman": rho, "spearman_cp": rho_cp, "scores_cp": scores_cp.tolist(),
+                             "target": target_text, "target_loss": full, "parameters": model.num_parameters(),
+                             "scores": scores.tolist(), "loo": loo.tolist(),
+                             "documents": texts,
+                             "wall_s": {"train": t_train, "tracin": t_score, "tracin_cp": t_cp, "loo": t_loo}})
+            table.append({"seed": seed, "parameters": model.num_parameters(), "documents": cfg.documents,
+                          "target": target_text, "target loss": full, "Spearman ρ (TracIn vs LOO)": rho,
+                          "Spearman ρ (TracInCP vs LOO)": rho_cp, "TracIn s": t_score, "TracInCP s": t_cp,
+                          "LOO retraining s": t_loo})
+            rank = np.argsort(-scores)
+            for label, pick in (("helped", rank[:5]), ("hurt", rank[::-1][:5])):
+                extra.append((f"seed {seed}: documents that {label} “{target_text}” most (by TracIn)",
+                              [{"document": texts[i], "TracIn score": float(scores[i]),
+                                "LOO: target loss without it − with it": float(loo[i])} for i in pick]))
+    finally:
+        torch.set_num_threads(threads)
+    rhos = [r["spearman"] for r in per_seed]
+    mean_rho = float(np.mean(rhos))
+    measured = (f"Spearman ρ between TracIn scores and true leave-one-out effects: {mean_rho:.3f} (per seed: "
+                f"{', '.join(f'{r:.3f}' for r in rhos)}), {cfg.documents} documents, "
+                f"{per_seed[0]['parameters']:,} parameters")
+    checks = {"Spearman ρ ≥ 0.3 on every seed": all(r >= 0.3 for r in rhos)}
+    results = {"config": dataclasses.asdict(cfg), "seeds": seeds, "per_seed": per_seed,
+               "speed": {"wall_s": time.perf_counter() - t0}}
+    write_report(out, "influence", "Gradient-similarity influence (TracInCP with a random projection) ranks documents "
+                 "by their true leave-one-out effect on a target text (Pruthi et al. 2020; Park et al. 2023).",
+                 measured, checks, table, [], results, command or "lmlab lab data influence", extra,
+                 title="lmlab lab data", claim_label="<b>Claim</b>",
+                 extra_html="", note="LOO: the model retrained without one document (its term removed from its "
+                 "batches; same initialisation, order and arithmetic otherwise) minus the full model, in target loss "
+                 "(nats): positive = the document helped. TracIn: sum over epoch-start checkpoints of lr/batch × "
+                 "the projected gradient dot product.")
+    return results
+
+
+__all__ = ["InfluenceLabConfig", "Projector", "examples", "per_example_grads", "run_influence_lab", "spearman",
+           "tracin"]

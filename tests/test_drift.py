@@ -1,0 +1,110 @@
+"""Embedding drift (lab/drift.py): rows of tokens that never occur in training move exactly as AdamW's weight decay
+alone predicts (untied head), the callback and the checkpoint report agree, and the CLI's errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lmlab.cli import main
+from lmlab.data import prepare_texts
+from lmlab.lab.drift import DriftCallback, neighbours, row_drift, token_counts
+from lmlab.models import ModelConfig, Transformer
+from lmlab.tokenizers import Tokenizer
+from lmlab.train import TrainConfig, lr_at, train
+from lmlab.train.console import quiet
+from lmlab.train.demo_corpus import demo_corpus
+
+UNSEEN = "zebra quokka narwhal axolotl pangolin okapi"  # in the tokenizer, never in the training data
+
+
+def _run(tmp, family: str):
+    text = demo_corpus(n_stories=30, seed=0)
+    tok = Tokenizer.train([text, UNSEEN], kind="word", vocab_size=400, min_frequency=1)
+    ds = prepare_texts([text], tok, tmp / "data", seq_len=16)
+    mc = ModelConfig(family=family, vocab_size=len(tok), n_layer=1, n_head=2, n_embd=16, block_size=16)
+    torch.manual_seed(0)
+    model = Transformer(mc)
+    cb = DriftCallback(model, every=10)
+    tc = TrainConfig(max_steps=30, batch_size=4, lr=3e-2, warmup_steps=5, weight_decay=0.5, eval_every=0,
+                     save_every=10, keep_last=0, log_every=100, device="cpu", seed=0, peak_flops=1e12, sample_every=0)
+    with quiet():
+        train(model, tok, ds, tc, tmp / "run", [cb])
+    return tok, ds, tc, cb
+
+
+@pytest.fixture(scope="module")
+def untied(tmp_path_factory):
+    torch.set_num_threads(1)
+    return _run(tmp_path_factory.mktemp("drift"), "llama")
+
+
+def _prediction(tc: TrainConfig, start: int, end: int) -> float:
+    """1 - prod (1 - lr_t wd) over optimizer steps start..end-1, from the schedule itself."""
+    return 1 - math.prod(1 - lr_at(t, tc, tc.max_steps) * tc.weight_decay for t in range(start, end))
+
+
+def test_never_seen_rows_drift_as_weight_decay_alone_predicts(untied):
+    tok, ds, tc, cb = untied
+    counts = token_counts(ds, len(tok))
+    unseen = np.flatnonzero(counts == 0)
+    assert {tok.id_to_token(int(i)) for i in unseen} >= set(UNSEEN.split())
+    assert [step for step, _, _ in cb.records] == [10, 20, 30]
+    for step, drift, decay in cb.records:
+        expected = _prediction(tc, 0, step)
+        assert decay == pytest.approx(expected, rel=1e-12)
+        np.testing.assert_allclose(drift[unseen], expected, rtol=0, atol=2e-6)
+        # the seen rows get gradients and move far more: the prediction is about the unseen ones only
+        assert drift[counts > 50].min() > 2 * expected
+
+
+def test_a_tied_head_gives_never_seen_rows_a_gradient(tmp_path):
+    tok, ds, tc, cb = _run(tmp_path, "gpt2")
+    unseen = np.flatnonzero(token_counts(ds, len(tok)) == 0)
+    step, drift, decay = cb.records[-1]
+    # the softmax pushes never-seen tokens' logits down through the shared rows: not decay alone
+    assert np.abs(drift[unseen] - _prediction(tc, 0, step)).min() > 1e-3
+
+
+def test_report_from_checkpoints(untied, tmp_path, capsys):
+    tok, ds, tc, cb = untied
+    run = ds.path.parent / "run"
+    out = tmp_path / "report"
+    assert main(["lab", "data", "drift", "--run", str(run), "--out", str(out), "--token", "the",
+                 "--probe", "the old man", "--top", "5"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["steps"] == [10, 20, 30] and res["verdict"] == "holds"
+    # from checkpoint 10 to 30: the callback's rows (both measured from step 0) give the same interval drift
+    first, last = cb.records[0][1], cb.records[-1][1]
+    unseen = np.flatnonzero(np.array(res["counts"]) == 0)
+    assert res["unseen_tokens"] == len(unseen)
+    assert res["decay_only"][-1] == pytest.approx(_prediction(tc, 10, 30), rel=1e-12)
+    np.testing.assert_allclose(np.array(res["drift_final"])[unseen], _prediction(tc, 10, 30), atol=2e-6)
+    assert first[unseen].max() < last[unseen].min()  # decay keeps going
+    assert len(res["volatile"]) == 5 and res["volatile"][0]["drift"] == max(res["drift_final"])
+    assert res["neighbours"][0]["token"] == "the" and len(res["probes"]) == 1
+    assert (out / "drift_vs_frequency.png").stat().st_size > 0 and "drift" in (out / "report.html").read_text()
+    assert main(["lab", "data", "drift", "--run", str(run), "--out", str(out)]) == 2  # never overwrites
+    assert "already holds results.json" in capsys.readouterr().err
+
+
+def test_too_few_checkpoints_and_unknown_tokens_are_refused(untied, tmp_path, capsys):
+    tok, ds, tc, cb = untied
+    run = ds.path.parent / "run"
+    assert main(["lab", "data", "drift", "--run", str(run), "--out", str(tmp_path / "a"), "--token", "qqqq"]) == 2
+    assert "not tokens of this run's tokenizer: qqqq" in capsys.readouterr().err
+    (tmp_path / "one" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "one" / "config.json").write_text(json.dumps({"train": {}, "model": {}}))
+    assert main(["lab", "data", "drift", "--run", str(tmp_path / "one"), "--out", str(tmp_path / "b")]) == 2
+    assert "drift needs at least two" in capsys.readouterr().err
+
+
+def test_row_drift_and_neighbours_by_hand():
+    a = torch.tensor([[3.0, 4.0], [1.0, 0.0], [0.0, 1.0], [0.9, 0.1]])
+    b = torch.tensor([[3.0, 4.0], [2.0, 0.0], [0.0, 0.5], [0.9, 0.1]])
+    assert row_drift(a, b).tolist() == pytest.approx([0.0, 1.0, 0.5, 0.0])
+    assert neighbours(a, [1], k=2) == {1: [3, 0]}
