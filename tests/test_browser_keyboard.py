@@ -12,10 +12,10 @@ from __future__ import annotations
 import pytest
 from test_browser import ARTIFACTS, TOKEN, browser, pytestmark, ui_page  # noqa: F401
 from test_browser_charts import write_runs
+from test_browser_ux import VIEWS  # the tabs in their order
 from test_server_support import BOOK, TINY_MODEL, ServerProcess
 
 SHOTS = ARTIFACTS.parent / "browser-keyboard"
-VIEWS = ("books", "models", "train", "runs", "generate", "evaluate", "chat", "selfplay", "tune", "lab")
 
 # A name for a control that stays the same when its table row is drawn anew: its id, else its row's key or
 # the nearest element with an id, its tag and class, and its place among the controls of that tag there.
