@@ -1,4 +1,4 @@
-"""Contamination (src/lmlab/data/contamination.py): planted copies of eval items in the training text are all
+"""Contamination (src/lmlab/eval/contamination.py): planted copies of eval items in the training text are all
 found, near misses (12 shared words at n = 13) and clean items are not; the clean-subset score equals the task
 scored on its clean items alone; `lmlab data contamination` and its errors."""
 
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from lmlab.cli import main
-from lmlab.data.contamination import check, contamination
 from lmlab.eval import load_task, run_task
+from lmlab.eval.contamination import check, contamination
 from lmlab.models import ModelConfig, Transformer
 from lmlab.models.io import save_pretrained
 from lmlab.tokenizers import Tokenizer

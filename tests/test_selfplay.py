@@ -27,9 +27,10 @@ from lmlab.lab.selfplay.text import (
 )
 from lmlab.models import ModelConfig, Transformer
 from lmlab.models.io import load_pretrained, save_pretrained
+from lmlab.models.scoring import make_batch, token_logprobs
 from lmlab.tokenizers import Tokenizer
 from lmlab.train import latest_checkpoint
-from lmlab.tune.rl import grouped_advantages, learnability, make_batch, normalize, token_logprobs
+from lmlab.tune.rl import grouped_advantages, learnability, normalize
 
 
 @pytest.fixture(autouse=True)

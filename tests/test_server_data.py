@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 from test_server_support import client, settings, upload
 
-from lmlab.data.contamination import contamination
 from lmlab.data.dedup import DedupConfig, dedup_texts
 from lmlab.data.filters import apply_filters, parse_filters
 from lmlab.data.inspect import duplicates
+from lmlab.eval.contamination import contamination
 from lmlab.models import ModelConfig, Transformer
 from lmlab.models.io import save_pretrained
 from lmlab.tokenizers import Tokenizer

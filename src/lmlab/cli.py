@@ -557,7 +557,7 @@ def _contamination_arguments(d: argparse.ArgumentParser) -> None:
 def _data_contamination(args: argparse.Namespace) -> int:
     import json
 
-    from .data.contamination import check, eval_items
+    from .eval.contamination import check, eval_items
 
     eval_items(args.eval_spec, need_task=bool(args.model))  # a bad --eval fails before a model loads
     model, tok = _load_for_eval(args.model, args.device) if args.model else (None, None)

@@ -41,11 +41,11 @@ import torch.nn.functional as F
 from ..files import atomic_write_text
 from ..models import GenerationConfig, ModelConfig, Transformer, generate_ids
 from ..models.io import load_pretrained, save_pretrained
+from ..models.scoring import make_batch
 from ..tokenizers import Tokenizer
 from ..train import TrainConfig
 from ..tune import preference as P
 from ..tune import preference_task as task
-from ..tune.rl import make_batch
 
 PREFERENCE = ("dpo", "ipo", "simpo", "orpo", "kto")
 METHODS = (*PREFERENCE, "grpo")

@@ -29,6 +29,7 @@ import torch
 
 from .generation import GenerationConfig, _encode_prompt, generate_rows
 from .model import Transformer
+from .scoring import make_batch, token_logprobs
 
 Reward = Callable[[str, str], float]  # (prompt, completion) -> score; higher is better
 
@@ -77,7 +78,6 @@ def mean_logprobs(model: Transformer, prompt_ids: Sequence[int], rows: Sequence[
     """The model's mean log-probability per token of each row after `prompt_ids` (raw distribution, eval mode:
     dropout would make the scores, and so best_of_n's choice, random); -inf for an empty row. One batch, as the
     policy-gradient code scores its samples (tune/rl.py)."""
-    from ..tune.rl import make_batch, token_logprobs  # lazy: lmlab.tune imports lmlab.models
 
     if not any(rows):
         return [float("-inf")] * len(rows)

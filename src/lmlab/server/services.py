@@ -590,7 +590,7 @@ def selfplay_memory(policy: ModelConfig, batch_size: int, seq_len: int,
     """Rough peak bytes of a self-play update, by part. policy: its training, as `estimate` counts it
     (weights, gradients, AdamW state, activations). reference: the frozen copy of the starting model that
     the KL is taken to, its weights plus one forward over the same batch, whose fp32 logits (B, T, V) are
-    held twice (the logits and their log_softmax, rl.token_logprobs). judge (reward perplexity): its
+    held twice (the logits and their log_softmax, models.scoring.token_logprobs). judge (reward perplexity): its
     weights plus such a forward over up to its context per completion, since it re-tokenises the text
     with its own tokenizer and the length in its tokens is not known before."""
     def frozen(cfg: ModelConfig, tokens: int) -> int:  # fp32 weights + a forward's logits, held twice

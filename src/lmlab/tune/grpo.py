@@ -56,11 +56,12 @@ import torch
 from ..configs import knob, validate
 from ..models import GenerationConfig, generate_ids
 from ..models.io import WEIGHTS
+from ..models.scoring import Batch, make_batch, token_logprobs
 from ..train import TrainConfig
 from ..train.trainer import Callback, Objective, Trainer
 from .lora import LoRAConfig, adapters_disabled
 from .rewards import Reward, Task
-from .rl import Batch, kl_k3, make_batch, token_logprobs
+from .rl import kl_k3
 
 VARIANTS = ("grpo", "dr_grpo", "dapo")
 STD_EPS = 1e-4   # TRL's guard on the group std

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from ..models.io import load_pretrained
-from .rl import make_batch, token_logprobs
+from ..models.scoring import make_batch, token_logprobs
 
 REWARDS = ("seed", "repetition", "perplexity", "file")
 # (prompts, completions as text, completions as ids without EOS) -> one reward per completion

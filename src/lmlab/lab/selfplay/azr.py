@@ -41,7 +41,8 @@ import torch
 
 from ...configs import knob, validate
 from ...models import GenerationConfig, ModelConfig, Transformer, generate_ids
-from ...tune.rl import grouped_advantages, learnability, make_batch, reinforce_loss, token_logprobs
+from ...models.scoring import make_batch, token_logprobs
+from ...tune.rl import grouped_advantages, learnability, reinforce_loss
 from ..parallel import process_map
 from . import dsl
 from .dsl import EOS_ID, PAD_ID, VOCABULARY, DSLError, Triple

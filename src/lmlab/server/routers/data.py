@@ -11,10 +11,10 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException, Query
 
-from ...data.contamination import contamination
 from ...data.dedup import DedupConfig, dedup_texts, shingles
 from ...data.filters import apply_filters, identify, parse_filters
 from ...data.inspect import duplicates, epoch_advice, histogram
+from ...eval.contamination import contamination
 from ...eval.tasks import load_task, solved_text
 from ...models import ModelConfig
 from ...tokenizers import Tokenizer

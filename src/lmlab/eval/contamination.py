@@ -23,16 +23,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .dataset import _document_names
-from .dedup import ngrams, split_units, words
-from .documents import find_documents, read_document
+from ..data.dataset import _document_names
+from ..data.dedup import ngrams, split_units, words
+from ..data.documents import find_documents, read_document
+from .tasks import METRICS, SHIPPED, load_task, run_task, solved_text
 
 TASK_SUFFIXES = (".yaml", ".yml", ".json")
 
 
 def eval_items(spec: str, need_task: bool = False) -> tuple[str, list[str], Any]:
     """(name, item texts, Task or None) for a shipped task name, a task file, or text documents (paragraphs)."""
-    from ..eval.tasks import SHIPPED, load_task, solved_text
     path = Path(spec)
     if path.suffix.lower() in TASK_SUFFIXES or (not path.suffix and (SHIPPED / f"{spec}.yaml").is_file()):
         task = load_task(spec)
@@ -85,7 +85,6 @@ def check(train_sources: Sequence[str | Path], eval_spec: str, *, n: int = 13, m
     out: dict[str, Any] = {"eval": name, "n": n, "items": len(items), "contaminated": dirty,
                            "clean": len(items) - len(dirty), "per_item": per_item}
     if model is not None:
-        from ..eval.tasks import METRICS, run_task
         scored = run_task(model, tokenizer, task, batch_size=batch_size)["items"]
         clean = [s for s, r in zip(scored, per_item) if not r["contaminated"]]
         out["scores"] = {subset: {m: sum(s[m] for s in rows) / len(rows) if rows else None
