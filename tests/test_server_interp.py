@@ -9,9 +9,11 @@ import math
 
 import pytest
 import torch
-from test_server_support import TINY_MODEL, client, settings
+from test_server_support import TINY_MODEL, client, settings, upload
 
 from lmlab.lab.interp import views
+from lmlab.lab.interp.sae import SAEConfig, save_sae, stream_activations, train_sae
+from lmlab.lab.interp.saelab import feature_browser
 from lmlab.models import ModelConfig, Transformer
 from lmlab.models.io import load_pretrained, save_pretrained
 from lmlab.server.routers import interp
@@ -117,3 +119,59 @@ def test_untrained_and_unknown_models(ip):
     assert (r.status_code, r.json()["detail"]) == (409, "model 'blank' has not been trained yet: a model to look "
                                                         "inside must be a trained model")
     assert ip.post("/api/v1/models/nope/interp", json={"view": "lens", "prompt": "a"}).status_code == 404
+
+
+@pytest.fixture(scope="module")
+def with_sae(ip):
+    """`m` with an SAE on stream 1 (trained a few steps on its own activations) saved as m/sae/s1, and a book of
+    TEXT."""
+    state = ip.app.app.state.lmlab
+    ids = torch.tensor([ip.tok.encode(TEXT * 8)[:128 * 3]]).view(3, 128)
+    acts = stream_activations(ip.model, ids, 1)
+    sae, _ = train_sae(acts.flatten(0, 1), SAEConfig(d_in=64, n_features=32, kind="topk", k=4, stream=1, steps=20,
+                                                     batch_size=64))
+    folder = state.ws.model_path("m") / "sae"
+    save_sae(sae, folder / "s1", {"metrics": {"l0": 4.0}})
+    assert upload(ip, "story.txt", (TEXT + "\n") * 12).status_code == 201
+    return sae
+
+
+def test_the_sae_browser_is_the_reports(ip, with_sae):
+    assert ip.get("/api/v1/models/m/saes").json() == [
+        {"name": "s1", "kind": "topk", "stream": 1, "n_features": 32, "d_in": 64, "k": 4, "metrics": {"l0": 4.0}}]
+    r = ip.post("/api/v1/models/m/saes/s1/browse", json={"book": "story.txt", "features": [0, 5], "tokens": 300})
+    assert r.status_code == 200, r.text
+    got = r.json()
+    ids = ip.tok.encode((TEXT + "\n") * 12)[:300]
+    x = torch.tensor([ids[i:i + 128] for i in range(0, len(ids) - 127, 128)])  # two whole windows
+    want = feature_browser(with_sae, ip.model, ip.tok, x, stream_activations(ip.model, x, 1), [0, 5])
+    assert got["tokens"] == 256 and same(got["features"], want)
+    default = ip.post("/api/v1/models/m/saes/s1/browse", json={"book": "story.txt", "count": 3}).json()
+    assert len(default["features"]) == min(3, default["alive"]) and default["alive"] > 0
+
+
+@pytest.mark.parametrize("path, body, status, detail", [
+    ("/saes/s2/browse", {"book": "story.txt"}, 404, "model 'm' has no sparse autoencoder 's2'"),
+    ("/saes/s1/browse", {"book": "story.txt", "features": [32]}, 422,
+     "feature 32 out of range: the SAE has features 0..31"),
+    ("/saes/s1/browse", {"book": "story.txt", "tokens": 50}, 422,
+     "book 'story.txt' gives 50 tokens, fewer than one window of 128"),
+    ("/saes/s1/browse", {"book": "nope.txt"}, 404, "book 'nope.txt' not found"),
+])
+def test_sae_refusals(ip, with_sae, path, body, status, detail):
+    r = ip.post("/api/v1/models/m" + path, json=body)
+    assert (r.status_code, r.json()["detail"]) == (status, detail)
+
+
+def test_a_symbolic_link_beside_the_model_is_never_followed(ip, with_sae):
+    """models/m/sae/linked -> /tmp-anything: the workspace refuses the model's folder while it holds a link
+    (409 naming it), for the SAEs and the steering directions alike; removed, all is served again."""
+    link = ip.app.app.state.lmlab.ws.models / "m" / "sae" / "linked"
+    link.symlink_to(link.parent / "s1", target_is_directory=True)
+    try:
+        for path in ("/api/v1/models/m/saes", "/api/v1/models/m/steering"):
+            r = ip.get(path)
+            assert r.status_code == 409 and "link" in r.json()["detail"], r.text
+    finally:
+        link.unlink()
+    assert [x["name"] for x in ip.get("/api/v1/models/m/saes").json()] == ["s1"]

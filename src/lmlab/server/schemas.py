@@ -497,6 +497,16 @@ class InterpRequest(BaseModel):
     bos: bool = Field(False, description="start the prompts with <BOS> (models trained on texts that start with it)")
 
 
+class SAEBrowse(BaseModel):
+    """Feature cards of a saved sparse autoencoder over a book of the workspace."""
+    model_config = ConfigDict(extra="forbid")
+    book: str = Field(..., min_length=1, max_length=200, description="the book whose text the features are read on")
+    features: list[int] | None = Field(None, min_length=1, max_length=50, description="the features shown (default: "
+                                       "a seeded sample of those that fire on the book)")
+    count: int = Field(12, ge=1, le=50, description="features in the default sample")
+    tokens: int = Field(8192, ge=16, le=65536, description="the book's first tokens read")
+
+
 class TuneCreate(BaseModel):
     """A fine-tuning run: `lmlab tune sft` on conversations or prompt-completion pairs, `lmlab tune dpo --loss L`
     on preference pairs (KTO: labelled completions), or `lmlab tune grpo --task T`, from a trained model into a

@@ -314,6 +314,13 @@ def need_book_unused(state: AppState, name: str, code: int = 409) -> None:
         raise HTTPException(code, f"book {name!r} is in use by run(s) {users}")
 
 
+def book_full_text(state: AppState, name: str) -> tuple[dict[str, Any], str]:
+    """The book's row and its whole stored text (extracted at upload, in a child process with limits)."""
+    row = need_book(state, name)
+    header, _ = need_book_text(state, name)
+    return row, need_book_text(state, name, max(1, header["chars"]))[1]
+
+
 def book_stats(header: dict[str, Any]) -> dict[str, int]:
     return {k: header[k] for k in ("chars", "words", "lines", "unique_chars")}
 
@@ -947,15 +954,33 @@ class CountingTokenizer:
 STEERING = "steering"  # models/NAME/steering/DIR: direction.safetensors + direction.json (lab/interp/steer.py)
 
 
-def steering_directions(state: AppState, name: str) -> list[SteeringDirection]:
-    """The readable steering directions saved with model `name`, by folder name."""
+def saved_folders(state: AppState, name: str, kind: str) -> list[Any]:
+    """The folders of models/NAME/KIND/ (steering directions, sparse autoencoders) that are real folders of
+    regular files: a symbolic link there (to anywhere) is never followed."""
     need_model(state, name)
     try:
-        folder = state.ws.model_path(name) / STEERING
+        folder = state.ws.model_path(name) / kind
     except LinkError as exc:
         raise HTTPException(409, str(exc)) from None
+    if folder.is_symlink() or not folder.is_dir():
+        return []
+    return [d for d in sorted(folder.iterdir()) if not d.is_symlink() and d.is_dir()
+            and all(f.is_file() and not f.is_symlink() for f in d.iterdir())]
+
+
+def saved_folder(state: AppState, name: str, kind: str, item: str, what: str) -> Any:
+    """models/NAME/KIND/ITEM among saved_folders; 404 naming `what` otherwise."""
+    item = check_name(item, f"{what} name")
+    found = next((d for d in saved_folders(state, name, kind) if d.name == item), None)
+    if found is None:
+        raise HTTPException(404, f"model {name!r} has no {what} {item!r}")
+    return found
+
+
+def steering_directions(state: AppState, name: str) -> list[SteeringDirection]:
+    """The readable steering directions saved with model `name`, by folder name."""
     found = []
-    for d in sorted(folder.iterdir()) if folder.is_dir() else []:
+    for d in saved_folders(state, name, STEERING):
         try:
             direction = Direction.load(d)
         except ValueError:
@@ -976,10 +1001,7 @@ def steered(state: AppState, req: GenerateRequest, model: Any) -> Any:
     if req.steer_ablate and req.steer_coef is not None:
         raise HTTPException(422, "give steer_coef (add the direction) or steer_ablate (project it out), not both")
     try:
-        folder = state.ws.model_path(req.model) / STEERING / check_name(req.steer, "direction name")
-        if not folder.is_dir():
-            raise HTTPException(404, f"model {req.model!r} has no steering direction {req.steer!r}")
-        direction = Direction.load(folder)
+        direction = Direction.load(saved_folder(state, req.model, STEERING, req.steer, "steering direction"))
         copy = deepcopy(model)
         # entered for the copy's lifetime: it is this request's alone and is dropped with it
         Steering(copy, direction, 1.0 if req.steer_coef is None and not req.steer_ablate else req.steer_coef or 0.0,

@@ -18,19 +18,12 @@ from ...eval.contamination import contamination
 from ...eval.tasks import load_task, solved_text
 from ...models import ModelConfig
 from ...tokenizers import Tokenizer
-from ..app import AppState, StateDep
-from ..services import need_book, need_book_text, need_model
+from ..app import StateDep
+from ..services import book_full_text, need_model
 from .evals import task_files
 
 router = APIRouter()
 PREVIEW = 160  # characters of a paragraph shown in a cluster or a contaminated item
-
-
-def _text(state: AppState, name: str) -> tuple[dict[str, Any], str]:
-    """The book's row and its whole stored text."""
-    row = need_book(state, name)
-    header, _ = need_book_text(state, name)
-    return row, need_book_text(state, name, max(1, header["chars"]))[1]
 
 
 def _bad(exc: ValueError) -> HTTPException:
@@ -42,7 +35,7 @@ def _bad(exc: ValueError) -> HTTPException:
                     "per parameter and a paragraph-length histogram; with planned_tokens the epoch advisor")
 def overview(state: StateDep, name: str, model: str | None = Query(None, max_length=100),
              planned_tokens: int | None = Query(None, ge=1, le=10**13)) -> dict[str, Any]:
-    row, text = _text(state, name)
+    row, text = book_full_text(state, name)
     lang, score = identify(text) if text.strip() else ("und", 0.0)
     out: dict[str, Any] = {"book": name, "characters": len(text), "encoding": row.get("encoding"),
                            "language": lang, "language_score": round(score, 4), **duplicates([text])}
@@ -73,7 +66,7 @@ def book_duplicates(state: StateDep, name: str, ngram: int = Query(5, ge=1, le=5
                     bands: int = Query(14, ge=1, le=64), rows: int = Query(8, ge=1, le=64),
                     threshold: float | None = Query(None, ge=0, le=1),
                     limit: int = Query(20, ge=1, le=200)) -> dict[str, Any]:
-    _, text = _text(state, name)
+    _, text = book_full_text(state, name)
     cfg = DedupConfig(level="paragraph", ngram=ngram, bands=bands, rows=rows, threshold=threshold)
     res = dedup_texts([text], cfg)
     clusters = []
@@ -96,7 +89,7 @@ def book_duplicates(state: StateDep, name: str, ngram: int = Query(5, ge=1, le=5
 def book_filters(state: StateDep, name: str,
                  spec: str = Query(..., min_length=1, max_length=500, description="e.g. gopher,c4,fineweb,lang=ru")
                  ) -> dict[str, Any]:
-    _, text = _text(state, name)
+    _, text = book_full_text(state, name)
     try:
         kept, receipts = apply_filters([text], [name], parse_filters(spec))
     except ValueError as exc:
@@ -109,7 +102,7 @@ def book_filters(state: StateDep, name: str,
                     "as lm-evaluation-harness's decontamination), per contaminated item")
 def book_contamination(state: StateDep, name: str, task: str = Query(..., max_length=200),
                        n: int = Query(13, ge=1, le=100)) -> dict[str, Any]:
-    _, text = _text(state, name)
+    _, text = book_full_text(state, name)
     files = task_files(state)
     if task not in files:
         raise HTTPException(404, f"task {task!r} not found")

@@ -2,7 +2,8 @@
 // computed by the server on request (POST /api/v1/models/NAME/interp; the numbers `lmlab lab interp` writes):
 // the logit lens (each residual stream read through the final norm and head: its top token per position, the
 // cell shaded by the target token's probability), one head's attention (query × key), and activation patching
-// (the restored share of the target's logit difference when the clean stream is put back at one place).
+// (the restored share of the target's logit difference when the clean stream is put back at one place); and
+// the feature browser of the sparse autoencoders saved beside the model.
 
 const I = { result: null, head: [0, 0] };  // the last view shown, kept while the page is drawn again
 
@@ -21,7 +22,61 @@ export function interpSection(A, m) {
   queueMicrotask(() => sync(form));
   const out = h("div", { id: "ip-out" });
   if (I.result && I.result.model === m.name) queueMicrotask(() => show(A, I.result));
-  return [form, out];
+  return [form, out, saeBlock(A, m)];
+}
+
+// ---- the sparse autoencoders saved beside the model (lmlab lab interp sae): a feature browser over a book
+
+function saeBlock(A, m) {
+  const { t, h, S } = A, label = (key, ...control) => h("label", {}, h("span", { text: t(key) }), ...control);
+  const box = h("div", { id: "ip-sae" }, h("h4", { text: t("ip.sae_title") }), h("p", { class: "muted", id: "ip-sae-none", text: t("ip.sae_loading") }));
+  const form = h("form", { id: "ip-sae-form", class: "form-grid", autocomplete: "off", hidden: true, onsubmit: (e) => { e.preventDefault(); browse(A, m, form); } },
+    label("ip.sae", h("select", { id: "ip-sae-name" })),
+    label("ip.sae_book", h("select", { id: "ip-sae-book" }, ...S.books.map((b) => h("option", { value: b.name, text: b.name })))),
+    label("ip.sae_features", h("input", { id: "ip-sae-features", maxlength: "200", placeholder: t("ip.sae_features_hint") })),
+    h("div", { class: "actions wide" }, h("button", { type: "submit", id: "ip-sae-go", text: t("ip.sae_go") }),
+      h("span", { id: "ip-sae-msg", class: "msg", "aria-live": "polite" })));
+  box.append(form, h("div", { id: "ip-sae-out" }));
+  A.api("GET", `/api/v1/models/${encodeURIComponent(m.name)}/saes`).then((saes) => {
+    box.querySelector("#ip-sae-name").replaceChildren(...saes.map((x) => h("option", { value: x.name,
+      text: `${x.name} · ${x.kind} · ${t("ip.sae_stream", { stream: x.stream })} · ${x.n_features}` })));
+    box.querySelector("#ip-sae-none").textContent = saes.length ? "" : t("ip.sae_none");
+    form.hidden = !saes.length || !S.books.length;
+    if (saes.length && !S.books.length) box.querySelector("#ip-sae-none").textContent = t("train.no_books");
+  }).catch((e) => { box.querySelector("#ip-sae-none").textContent = "✗ " + e.message; });
+  return box;
+}
+
+async function browse(A, m, form) {
+  const f = (id) => form.querySelector("#ip-sae-" + id), msg = f("msg"), out = document.querySelector("#ip-sae-out");
+  const body = { book: f("book").value };
+  const wanted = f("features").value.split(",").map((x) => x.trim()).filter(Boolean);
+  if (wanted.length) {
+    if (wanted.some((x) => !/^\d+$/.test(x))) { msg.textContent = "✗ " + A.t("ip.sae_features_bad"); msg.className = "msg bad"; return; }
+    body.features = wanted.map(Number);
+  }
+  msg.textContent = A.t("ip.working");
+  msg.className = "msg";
+  try {
+    const r = await A.api("POST", `/api/v1/models/${encodeURIComponent(m.name)}/saes/${encodeURIComponent(f("name").value)}/browse`, body);
+    msg.textContent = A.t("ip.sae_summary", { alive: r.alive, n: r.n_features, tokens: r.tokens });
+    out.replaceChildren(...r.features.map((c) => card(A, c)));
+  } catch (e) {
+    msg.textContent = "✗ " + e.message;
+    msg.className = "msg bad";
+  }
+}
+
+// one feature: where it fires most (the token marked), the tokens it fires on, what it promotes and suppresses
+function card(A, c) {
+  const { t, h } = A, list = (key, items) => h("p", {}, h("b", { text: t(key) + " " }), items.join(" · "));
+  return h("article", { class: "ip-card", "data-feature": c.feature },
+    h("h5", { text: t("ip.sae_feature", { id: c.feature, pct: pct(c.frequency), max: c.max_activation.toFixed(2) }) }),
+    h("ol", { class: "ip-contexts" }, ...c.contexts.map((x) => h("li", { title: x.activation.toFixed(3) },
+      ...x.tokens.map((tok, i) => (i === x.at ? h("mark", { text: tok }) : tok))))),
+    list("ip.sae_fires", c.tokens.map((x) => `${x.token} (${x.count})`)),
+    list("ip.sae_promotes", c.promotes.map((x) => x.token)),
+    list("ip.sae_suppresses", c.suppresses.map((x) => x.token)));
 }
 
 function sync(form) {
