@@ -1772,6 +1772,35 @@ def _lab_data_mix(args: argparse.Namespace) -> int:
     return 0
 
 
+def _design_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sources", nargs="*", help="the pool: files, folders or globs (default: a built-in pool of tales, "
+                   "their near copies, sums, logs and junk, with held-out tales as the target)")
+    p.add_argument("--target", help="the target text (file, folder or glob) whose loss the arms are scored on")
+    p.add_argument("--out", required=True, help="a new folder for results.json, report.html and the runs")
+    p.add_argument("--larger", type=float, help="the scale baseline's tokens, a multiple of the designed set's (4)")
+    p.add_argument("--steps", type=int, help="training steps of every arm (default 300; --quick 120)")
+    p.add_argument("--seeds", default="0,1,2", help="seeds (default 0,1,2)")
+    p.add_argument("--workers", type=int, help="parallel processes, 1 thread each (default 2)")
+    p.add_argument("--quick", action="store_true", help="smaller pool, model and budget: minutes")
+
+
+@data_lab("design", "a designed micro-dataset against a scale baseline: the pool's paragraphs deduplicated and "
+          "cleaned of noise, against a random sample of the same size and a larger one, on a target text over "
+          "seeds. Example: lmlab lab data design --quick --out runs/design", _design_arguments)
+def _lab_data_design(args: argparse.Namespace) -> int:
+    import shlex
+
+    from .lab.design import DesignLabConfig, run_design_lab
+    require_positive(args, "steps", "workers")
+    cfg = DesignLabConfig.quick() if args.quick else DesignLabConfig()
+    cfg = dataclasses.replace(cfg, **{k: getattr(args, k) for k in ("larger", "steps") if getattr(args, k) is not None})
+    res = run_design_lab(args.out, args.sources, args.target, parse_seeds(args.seeds), cfg, args.workers,
+                         command=shlex.join(["lmlab", *sys.argv[1:]]))
+    print(f"design: {res['verdict']} ({res['measured']}); wall {res['speed']['wall_s']:.0f} s; "
+          f"report: {Path(args.out) / 'report.html'}")
+    return 0
+
+
 def _split_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("sources", nargs="+", help="files, folders or globs (.txt .md .html .epub .pdf)")
     p.add_argument("--model", help="a model directory: adds each passage's loss, its robust z-score (a rule: "

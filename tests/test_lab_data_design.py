@@ -1,0 +1,63 @@
+"""lmlab lab data design: curation removes exactly the planted near copies and the noise the split rules name,
+samples reach their token budget in a seeded order, a --quick run's verdict and numbers follow from its own
+models, and the refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lmlab.cli import main
+from lmlab.lab.design import DesignLabConfig, design, run_design_lab, sample
+from lmlab.lab.mix import target_loss
+from lmlab.models.io import load_pretrained
+
+TALE = ("Жили-были дед да баба. Однажды дед пошёл в лес и нашёл большую репку. Дед обрадовался и всё рассказал "
+        "бабе, и они пошли вместе домой.")
+OTHER = ("Once upon a time a fox walked along the river and found a silver key. The fox was glad and told the hare, "
+         "and they went home together before supper.")
+
+
+def test_design_drops_near_copies_and_noise():
+    copy = TALE.replace("большую", "огромную")  # one word changed: a near copy
+    junk = "# $ % & * + = < > | ~ ^ # $ % & * + = < > | ~ ^ a b c d e f g h"  # words enough, mostly symbols
+    paragraphs = [TALE, OTHER, copy, junk, "too short", TALE]
+    kept, removed = design(paragraphs)
+    assert kept == [0, 1]
+    assert removed == {"duplicates": 2, "noise/symbols": 1, "noise/short": 1}
+
+
+def test_samples_reach_their_budget_in_a_seeded_order():
+    lengths = [5, 7, 3, 9, 4, 6]
+    a, b = sample(lengths, 12, seed=3), sample(lengths, 12, seed=3)
+    assert a == b and sum(lengths[i] for i in a) >= 12
+    assert sum(lengths[i] for i in a) - max(lengths[i] for i in a) < 12  # one paragraph fewer is under budget
+    assert sample(lengths, 10**6, seed=0) == list(range(6))  # the whole pool at most
+
+
+def test_a_quick_run_scores_its_own_models(tmp_path):
+    cfg = DesignLabConfig.quick()
+    res = run_design_lab(tmp_path / "d", None, None, [0, 1], cfg, workers=1)
+    assert res["designed"] < res["paragraphs"] and res["removed"]["duplicates"] >= 11 * 20 // 2
+    ids = np.load(tmp_path / "d" / "target.npy")
+    for r in res["per_seed"]:
+        t = r["tokens"]
+        assert t["designed"] == res["budget_tokens"] <= t["same budget"]
+        assert t["larger"] >= min(4 * res["budget_tokens"], res["pool_tokens"])
+        model, _ = load_pretrained(tmp_path / "d" / "runs" / f"designed-{r['seed']}" / "final")
+        assert target_loss(model, ids, cfg.block_size) == pytest.approx(r["designed"], rel=1e-6)
+    beats = sum(r["designed"] < r["same budget"] for r in res["per_seed"])
+    assert res["checks"]["the designed set beats a random sample of the same size on >= 2/3 of the seeds"] == (
+        beats / 2 >= 2 / 3)
+    assert (tmp_path / "d" / "report.html").is_file()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--larger", "1"], "larger (1.0) must be above 1"),
+    (["books.txt"], "give both SOURCES and --target, or neither"),
+    (["--steps", "0"], "--steps (0) must be >= 1"),
+])
+def test_refusals_exit_2(tmp_path, capsys, argv, message):
+    assert main(["lab", "data", "design", *argv, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lmlab: error: ") and message in err and "\n" not in err
