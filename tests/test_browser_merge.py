@@ -57,7 +57,9 @@ def test_merge_from_the_model_page(tmp_path, browser):  # noqa: F811
                     "t": 0.25, "density": None, "lambda": None, "seed": None}
             problems += shots(page, shot, "merge-job")
             page.click('#mp-jobs tr[data-status="completed"] a.model-link')
-            page.wait_for_selector('#mp-card [data-fact="made"] dd')
+            # the card shows "—" until its request answers (the first CI run under load read it then)
+            page.wait_for_function("""() => { const dd = document.querySelector('#mp-card [data-fact="made"] dd');
+                return dd && dd.textContent !== '—'; }""")
             assert page.inner_text('#mp-card [data-fact="made"] dd') == f"merged from a + b (slerp) (#{run_id})"
             page.select_option("#lang", "ru")
             problems += shots(page, shot, "merge-ru")
