@@ -1742,16 +1742,38 @@ def _lab_ttc(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pool_lab_arguments(p: argparse.ArgumentParser, sources_help: str, target_help: str, seeds_help: str) -> None:
+    """The flags lab data mix and design share: SOURCES and --target (or the built-in ones), --out, seeds, workers."""
+    p.add_argument("sources", nargs="*", help=sources_help)
+    p.add_argument("--target", help=target_help)
+    p.add_argument("--out", required=True, help="a new folder for results.json, report.html and the runs")
+    p.add_argument("--seeds", default="0,1,2", help=seeds_help)
+    p.add_argument("--workers", type=int, help="parallel processes, 1 thread each (default 2)")
+
+
+def _run_pool_lab(args: argparse.Namespace, name: str, config: Any, run: Callable[..., dict[str, Any]],
+                  knobs: tuple[str, ...]) -> int:
+    """lab data mix or design: the config (--quick's, then the given knobs), the run, its one-line verdict."""
+    import shlex
+
+    require_positive(args, *[k for k in knobs if isinstance(getattr(args, k), int)], "workers")
+    cfg = config.quick() if args.quick else config()
+    cfg = dataclasses.replace(cfg, **{k: getattr(args, k) for k in knobs if getattr(args, k) is not None})
+    res = run(args.out, args.sources, args.target, parse_seeds(args.seeds), cfg, args.workers,
+              command=shlex.join(["lmlab", *sys.argv[1:]]))
+    print(f"{name}: {res['verdict']} ({res['measured']}); wall {res['speed']['wall_s']:.0f} s; "
+          f"report: {Path(args.out) / 'report.html'}")
+    return 0
+
+
 def _mix_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("sources", nargs="*", help="two or more sources, each a file, folder or glob (default: three "
-                   "built-in ones, tales, sums and logs, with held-out tales as the target)")
-    p.add_argument("--target", help="the target text (file, folder or glob) whose loss the mixture should minimise")
-    p.add_argument("--out", required=True, help="a new folder for results.json, fit.png, report.html and the runs")
+    _pool_lab_arguments(p, "two or more sources, each a file, folder or glob (default: three built-in ones, tales, "
+                        "sums and logs, with held-out tales as the target)",
+                        "the target text (file, folder or glob) whose loss the mixture should minimise",
+                        "seeds of the check on the bigger model (default 0,1,2)")
     p.add_argument("--proxies", type=int, help="proxy models, one per random mixture (default 24; --quick 12)")
     p.add_argument("--fit", choices=("auto", "linear", "quadratic"), help="the regression: linear in the shares, "
                    "Scheffé quadratic, or auto (default): the one that ranks held-out proxies better")
-    p.add_argument("--seeds", default="0,1,2", help="seeds of the check on the bigger model (default 0,1,2)")
-    p.add_argument("--workers", type=int, help="parallel processes, 1 thread each (default 2)")
     p.add_argument("--quick", action="store_true", help="tiny proxies and budgets: a smoke run in a minute")
 
 
@@ -1759,28 +1781,17 @@ def _mix_arguments(p: argparse.ArgumentParser) -> None:
           "of their target loss on the shares, the proposal checked against the uniform mixture on a bigger model. "
           "Example: lmlab lab data mix --quick --out runs/mix", _mix_arguments)
 def _lab_data_mix(args: argparse.Namespace) -> int:
-    import shlex
-
     from .lab.mix import MixLabConfig, run_mix_lab
-    require_positive(args, "proxies", "workers")
-    cfg = MixLabConfig.quick() if args.quick else MixLabConfig()
-    cfg = dataclasses.replace(cfg, **{k: getattr(args, k) for k in ("proxies", "fit") if getattr(args, k) is not None})
-    res = run_mix_lab(args.out, args.sources, args.target, parse_seeds(args.seeds), cfg, args.workers,
-                      command=shlex.join(["lmlab", *sys.argv[1:]]))
-    print(f"mix: {res['verdict']} ({res['measured']}); wall {res['speed']['wall_s']:.0f} s; "
-          f"report: {Path(args.out) / 'report.html'}")
-    return 0
+    return _run_pool_lab(args, "mix", MixLabConfig, run_mix_lab, ("proxies", "fit"))
 
 
 def _design_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("sources", nargs="*", help="the pool: files, folders or globs (default: a built-in pool of tales, "
-                   "their near copies, sums, logs and junk, with held-out tales as the target)")
-    p.add_argument("--target", help="the target text (file, folder or glob) whose loss the arms are scored on")
-    p.add_argument("--out", required=True, help="a new folder for results.json, report.html and the runs")
+    _pool_lab_arguments(p, "the pool: files, folders or globs (default: a built-in pool of tales, their near copies, "
+                        "sums, logs and junk, with held-out tales as the target)",
+                        "the target text (file, folder or glob) whose loss the arms are scored on",
+                        "seeds (default 0,1,2)")
     p.add_argument("--larger", type=float, help="the scale baseline's tokens, a multiple of the designed set's (4)")
     p.add_argument("--steps", type=int, help="training steps of every arm (default 300; --quick 120)")
-    p.add_argument("--seeds", default="0,1,2", help="seeds (default 0,1,2)")
-    p.add_argument("--workers", type=int, help="parallel processes, 1 thread each (default 2)")
     p.add_argument("--quick", action="store_true", help="smaller pool, model and budget: minutes")
 
 
@@ -1788,17 +1799,8 @@ def _design_arguments(p: argparse.ArgumentParser) -> None:
           "cleaned of noise, against a random sample of the same size and a larger one, on a target text over "
           "seeds. Example: lmlab lab data design --quick --out runs/design", _design_arguments)
 def _lab_data_design(args: argparse.Namespace) -> int:
-    import shlex
-
     from .lab.design import DesignLabConfig, run_design_lab
-    require_positive(args, "steps", "workers")
-    cfg = DesignLabConfig.quick() if args.quick else DesignLabConfig()
-    cfg = dataclasses.replace(cfg, **{k: getattr(args, k) for k in ("larger", "steps") if getattr(args, k) is not None})
-    res = run_design_lab(args.out, args.sources, args.target, parse_seeds(args.seeds), cfg, args.workers,
-                         command=shlex.join(["lmlab", *sys.argv[1:]]))
-    print(f"design: {res['verdict']} ({res['measured']}); wall {res['speed']['wall_s']:.0f} s; "
-          f"report: {Path(args.out) / 'report.html'}")
-    return 0
+    return _run_pool_lab(args, "design", DesignLabConfig, run_design_lab, ("larger", "steps"))
 
 
 def _split_arguments(p: argparse.ArgumentParser) -> None:

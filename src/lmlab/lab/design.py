@@ -1,10 +1,9 @@
 """A designed micro-dataset against a scale baseline (`lmlab lab data design`): does a small dataset built with
 the data tools teach a model the target better than a random sample of the same size, or than a larger one?
 
-The project's seed 003 asks for exactly this test ("build a micro-dataset of a new kind and test it against a
-scale baseline"); Lee et al. 2022 ("Deduplicating Training Data Makes Language Models Better",
-https://arxiv.org/abs/2107.06499) and the FineWeb filters (Penedo et al. 2024) are the published cases of
-curation beating raw scale.
+Lee et al. 2022 ("Deduplicating Training Data Makes Language Models Better", https://arxiv.org/abs/2107.06499)
+and the FineWeb filters (Penedo et al. 2024, "The FineWeb Datasets", https://arxiv.org/abs/2406.17557) are the
+published cases of curation beating raw scale; this lab runs that comparison on the user's own sources.
 
     lmlab lab data design --quick --out runs/design            # the built-in pool, 3 seeds, minutes
     lmlab lab data design books/ --target val.txt --out runs/design2
@@ -200,7 +199,7 @@ def run_design_lab(out: str | Path, sources: list[str | Path] | None, target: st
                "speed": {"wall_s": time.perf_counter() - t0}}
     write_report(out, "design", "A small dataset designed with the data tools (near-duplicates removed, noise "
                  "dropped) teaches the target better than a random sample of the same size, and as well as a larger "
-                 "one (the project's seed 003; Lee et al. 2022; Penedo et al. 2024).", measured, checks, table, [],
+                 "one (Lee et al. 2022; Penedo et al. 2024).", measured, checks, table, [],
                  results, command or "lmlab lab data design",
                  [("what curation removed", [{"step": k, "paragraphs": v} for k, v in removed.items()])],
                  title="lmlab lab data", claim_label="<b>Claim</b> (designed data against scale)",

@@ -203,7 +203,7 @@ def run_split(sources: list[str | Path], out: str | Path, model_dir: str | Path 
     write_report(out, "split", "Passages split into reasoning, knowledge and noise by the documented rules below; "
                  "each label shows the scores behind it.", measured, checks, table, [], results,
                  command or "lmlab lab data split", [("passages per source", per_source)],
-                 title="lmlab lab data", claim_label="<b>What this is</b> (seed 003: the dataset as a designed object)",
+                 title="lmlab lab data", claim_label="<b>What this is</b> (the dataset as a designed object)",
                  extra_html=_examples(rows), note=_RULES_NOTE)
     return results
 
