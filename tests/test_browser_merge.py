@@ -57,9 +57,11 @@ def test_merge_from_the_model_page(tmp_path, browser):  # noqa: F811
                     "t": 0.25, "density": None, "lambda": None, "seed": None}
             problems += shots(page, shot, "merge-job")
             page.click('#mp-jobs tr[data-status="completed"] a.model-link')
-            # the card shows "—" until its request answers (the first CI run under load read it then)
+            # the new model's page, once its card's request has answered: until then the card shows "—" (or, for a
+            # moment after the click, still the parent's card); CI runs under load read both
             page.wait_for_function("""() => { const dd = document.querySelector('#mp-card [data-fact="made"] dd');
-                return dd && dd.textContent !== '—'; }""")
+                return location.hash === '#model/ab' && document.querySelector('#model-page').dataset.name === 'ab'
+                    && dd && dd.textContent !== '—'; }""")
             assert page.inner_text('#mp-card [data-fact="made"] dd') == f"merged from a + b (slerp) (#{run_id})"
             page.select_option("#lang", "ru")
             problems += shots(page, shot, "merge-ru")

@@ -33,8 +33,12 @@ export function openModel(name) {
 }
 
 async function loadCard() {
-  try { P.card = await A.api("GET", `/api/v1/models/${encodeURIComponent(P.name)}/card`); P.error = null; }
-  catch (e) { P.card = null; P.error = e.message; }
+  const name = P.name;
+  let card = null, error = null;
+  try { card = await A.api("GET", `/api/v1/models/${encodeURIComponent(name)}/card`); }
+  catch (e) { error = e.message; }
+  if (P.name !== name) return;  // another model's page opened meanwhile: this answer is not its card
+  Object.assign(P, { card, error });
   renderModelPage();
 }
 
