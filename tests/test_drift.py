@@ -10,14 +10,16 @@ import numpy as np
 import pytest
 import torch
 
+import lmlab
 from lmlab.cli import main
 from lmlab.data import prepare_texts
-from lmlab.lab.drift import DriftCallback, neighbours, row_drift, token_counts
+from lmlab.lab.drift import DriftCallback, drift_by_kind, hidden_drift, neighbours, row_drift, token_kinds
 from lmlab.models import ModelConfig, Transformer
 from lmlab.tokenizers import Tokenizer
-from lmlab.train import TrainConfig, lr_at, train
+from lmlab.train import Callback, TrainConfig, lr_at, train
 from lmlab.train.console import quiet
 from lmlab.train.demo_corpus import demo_corpus
+from lmlab.train.drift import token_counts
 
 UNSEEN = "zebra quokka narwhal axolotl pangolin okapi"  # in the tokenizer, never in the training data
 
@@ -108,3 +110,91 @@ def test_row_drift_and_neighbours_by_hand():
     b = torch.tensor([[3.0, 4.0], [2.0, 0.0], [0.0, 0.5], [0.9, 0.1]])
     assert row_drift(a, b).tolist() == pytest.approx([0.0, 1.0, 0.5, 0.0])
     assert neighbours(a, [1], k=2) == {1: [3, 0]}
+
+
+class StopAt(Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step(self, trainer, metrics):
+        trainer.should_stop = trainer.should_stop or trainer.step == self.step
+
+
+def _tracked(tmp, tok, ds, callbacks=(), resume=False):
+    """`--drift-every 5 --drift-probes "the old man"` on the untied model of _run, 30 steps."""
+    mc = ModelConfig(family="llama", vocab_size=len(tok), n_layer=1, n_head=2, n_embd=16, block_size=16)
+    torch.manual_seed(0)
+    model = Transformer(mc)
+    tc = TrainConfig(max_steps=30, batch_size=4, lr=3e-2, warmup_steps=5, weight_decay=0.5, eval_every=0,
+                     save_every=10, keep_last=0, log_every=100, device="cpu", seed=0, peak_flops=1e12, sample_every=0,
+                     drift_every=5, drift_probes=["the old man"])
+    with quiet():
+        train(model, tok, ds, tc, tmp, list(callbacks), resume=resume)
+    return tc, json.loads((tmp / "drift.json").read_text())
+
+
+def test_drift_every_writes_drift_json_and_a_resumed_run_records_what_an_uninterrupted_one_does(untied, tmp_path):
+    tok, ds, _, _ = untied
+    tc, whole = _tracked(tmp_path / "whole", tok, ds)
+    assert [r["step"] for r in whole["records"]] == [5, 10, 15, 20, 25, 30] and whole["step"] == 30
+    counts = token_counts(ds, len(tok))
+    assert whole["counts"] == counts.tolist() and whole["probes"] == ["the old man"]
+    for r in whole["records"]:  # decay alone, from the learning rates the run used
+        assert r["decay_only"] == pytest.approx(_prediction(tc, 0, r["step"]), rel=1e-12)
+    unseen = np.flatnonzero(counts == 0)
+    np.testing.assert_allclose(np.array(whole["drift"])[unseen], _prediction(tc, 0, 30), rtol=0, atol=2e-6)
+    # the probe's drift is its last hidden states' relative change from step 0 to the final weights
+    mc = ModelConfig(family="llama", vocab_size=len(tok), n_layer=1, n_head=2, n_embd=16, block_size=16)
+    torch.manual_seed(0)
+    start, final = Transformer(mc), lmlab.load(tmp_path / "whole" / "final")[0]
+    assert whole["records"][-1]["probes"][0] == pytest.approx(
+        hidden_drift(start, final, [tok.encode("the old man")])[0], rel=1e-6)
+    lines = [json.loads(x) for x in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines if "drift/mean" in m] == [5, 10, 15, 20, 25, 30]
+    # stopped at step 10 (a checkpoint), resumed to 30: the same records as the run that never stopped
+    _tracked(tmp_path / "parts", tok, ds, [StopAt(10)])
+    _, parts = _tracked(tmp_path / "parts", tok, ds, resume=True)
+    assert [r["step"] for r in parts["records"]] == [5, 10, 15, 20, 25, 30]
+    for a, b in zip(whole["records"], parts["records"]):
+        assert b["decay_only"] == pytest.approx(a["decay_only"], rel=1e-12)
+        for key in ("mean", "max"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5)
+        assert b["probes"][0] == pytest.approx(a["probes"][0], rel=1e-5)
+    np.testing.assert_allclose(parts["drift"], whole["drift"], rtol=1e-4, atol=1e-7)
+
+
+def test_drift_by_kind_by_hand():
+    kinds = token_kinds({"reasoning": np.array([3, 0, 1, 0, 2]), "knowledge": np.array([0, 4, 1, 0, 1]),
+                         "noise": np.array([0, 0, 1, 0, 0])})
+    assert kinds.tolist() == ["reasoning", "knowledge", "mixed", "absent", "reasoning"]  # 2 of 3 is enough
+    drift, counts = np.array([0.2, 0.4, 0.1, 0.05, 0.3]), np.array([1, 1, 4, 0, 5])
+    # count bins (powers of two): [1, 1, 3, 0, 3]; their median drifts 0.3, 0.3, 0.2, 0.05, 0.2
+    rows = {r["kind"]: r for r in drift_by_kind(drift, kinds, counts)}
+    assert list(rows) == ["knowledge", "reasoning", "mixed", "absent"]
+    assert rows["reasoning"] == pytest.approx({"kind": "reasoning", "tokens": 2, "median_count": 3.0,
+                                               "mean_drift": 0.25, "mean_adjusted_drift": (0.2 / 0.3 + 1.5) / 2})
+    assert rows["knowledge"]["mean_adjusted_drift"] == pytest.approx(0.4 / 0.3)
+    assert rows["mixed"]["mean_adjusted_drift"] == pytest.approx(0.5)
+    assert rows["absent"] == pytest.approx({"kind": "absent", "tokens": 1, "median_count": 0.0, "mean_drift": 0.05,
+                                            "mean_adjusted_drift": 1.0})
+
+
+def test_report_by_kind_of_text_from_lab_data_split(untied, tmp_path, capsys):
+    tok, ds, tc, cb = untied
+    book = tmp_path / "book.txt"
+    book.write_text(demo_corpus(n_stories=30, seed=0) + "\n\nIf it rains, then the ground is wet; therefore we "
+                    "stay in, because we conclude that it follows.\n")
+    assert main(["lab", "data", "split", str(book), "--out", str(tmp_path / "split")]) == 0
+    out = tmp_path / "kinds"
+    run = ds.path.parent / "run"
+    assert main(["lab", "data", "drift", "--run", str(run), "--out", str(out), "--kinds", str(tmp_path / "split")]) == 0
+    res = json.loads((out / "results.json").read_text())
+    rows = {r["kind"]: r for r in res["by_kind"]}
+    assert sum(r["tokens"] for r in rows.values()) == len(tok)
+    assert rows["absent"]["tokens"] >= len(UNSEEN.split()) and rows["knowledge"]["tokens"] > 100
+    assert "reasoning" in rows  # the one argued paragraph's own words
+    assert "drift by the kind of text" in (out / "report.html").read_text()
+    assert main(["lab", "data", "drift", "--run", str(run), "--out", str(tmp_path / "x"),
+                 "--kinds", str(tmp_path)]) == 2
+    assert "lacks reasoning.txt, knowledge.txt, noise.txt: give the --out folder of `lmlab lab data split`" \
+        in capsys.readouterr().err

@@ -1528,6 +1528,8 @@ def _drift_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token", action="append", default=[], metavar="TOKEN",
                    help="a token whose nearest neighbours are compared (repeatable)")
     p.add_argument("--top", type=int, default=20, help="the most volatile tokens listed (default 20)")
+    p.add_argument("--kinds", metavar="DIR", help="the --out folder of `lmlab lab data split`: drift per kind of "
+                   "text (reasoning, knowledge, noise), also adjusted for frequency")
 
 
 @data_lab("drift", "embedding drift between a run's checkpoints: per token against its frequency in the training data, "
@@ -1539,7 +1541,8 @@ def _lab_data_drift(args: argparse.Namespace) -> int:
     from .lab.drift import run_drift
     if args.top < 1:
         raise ValueError(f"--top ({args.top}) must be >= 1")
-    res = run_drift(args.run_dir, args.out, args.probe, args.token, args.top, shlex.join(["lmlab", *sys.argv[1:]]))
+    res = run_drift(args.run_dir, args.out, args.probe, args.token, args.top, shlex.join(["lmlab", *sys.argv[1:]]),
+                    args.kinds)
     print(f"drift: {res['measured']}; report: {Path(args.out) / 'report.html'}")
     return 0
 

@@ -10,9 +10,15 @@ its drift is exactly 1 - prod_t (1 - lr_t wd): the weight-decay line in the repo
 head only (the llama family): a tied head (gpt, gpt2) hands every row the output-side gradient of the softmax,
 which pushes never-seen tokens' logits down, so those rows move more than decay explains.
 
-During training, `DriftCallback(model)` records the same per-row drift from the initial weights every `every`
-steps (and its metrics `drift/...` go into metrics.jsonl); from a finished run, `run_drift` compares the saved
-checkpoints (the first is the reference: the Trainer saves no step 0).
+During training, `lmlab train --drift-every N` (train/drift.py's DriftCallback) records the same per-row drift from
+step 0 into RUN_DIR/drift.json (and its metrics `drift/...` into metrics.jsonl); from a finished run, `run_drift`
+compares the saved checkpoints (the first is the reference: the Trainer saves no step 0).
+
+Drift against the kind of text (`--kinds DIR`, the folder `lmlab lab data split` wrote: reasoning.txt,
+knowledge.txt, noise.txt): each token belongs to the kind that holds at least KIND_SHARE of its occurrences in
+those files (else "mixed"; never there: "absent"). Drift grows with frequency, so beside each kind's mean drift
+the report gives its mean frequency-adjusted drift: a token's drift over the median drift of all tokens whose
+training count falls in the same power-of-two bin (1 = as much as its frequency predicts).
 """
 
 from __future__ import annotations
@@ -27,28 +33,13 @@ import numpy as np
 import torch
 
 from ..data import TokenDataset
-from ..train import Callback, TrainConfig, checkpoint_step, checkpoints, lr_at
+from ..train import TrainConfig, checkpoint_step, checkpoints, lr_at
 from ..train.checkpoint import checkpoint_model
+from ..train.drift import DriftCallback, decay_drift, last_hidden, row_drift, token_counts
 from ..train.trainer import read_run_config
 from .facts.report import _plt, line_plot, save_figure, write_report
-from .interp.hooks import run_with_residuals
 
-
-def row_drift(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
-    """Per row: ||after - before|| / ||before|| (float64)."""
-    before, after = before.double(), after.double()
-    return (after - before).norm(dim=1) / before.norm(dim=1).clamp_min(1e-30)
-
-
-def decay_drift(lrs: Sequence[float], weight_decay: float) -> float:
-    """The drift of a row that gets no gradient, after AdamW steps at learning rates `lrs`: 1 - prod(1 - lr wd)."""
-    return 1.0 - float(np.prod([1.0 - lr * weight_decay for lr in lrs], dtype=np.float64))
-
-
-def token_counts(dataset: TokenDataset, vocab_size: int) -> np.ndarray:
-    """How often each token id occurs in the training region (the inputs the model sees)."""
-    train = dataset.tokens[: dataset.train_tokens]
-    return np.bincount(np.asarray(train, dtype=np.int64), minlength=vocab_size)[:vocab_size]
+__all__ = ["DriftCallback", "decay_drift", "neighbours", "row_drift", "run_drift", "token_counts"]
 
 
 def neighbours(emb: torch.Tensor, ids: Sequence[int], k: int = 5) -> dict[int, list[int]]:
@@ -61,35 +52,49 @@ def neighbours(emb: torch.Tensor, ids: Sequence[int], k: int = 5) -> dict[int, l
 
 def hidden_drift(model_a: Any, model_b: Any, probes: Sequence[Sequence[int]]) -> list[float]:
     """Per probe text: mean over its positions of the relative change of the last residual stream."""
-    out = []
-    for ids in probes:
-        ha = run_with_residuals(model_a, list(ids))[1][-1][0]
-        hb = run_with_residuals(model_b, list(ids))[1][-1][0]
-        out.append(float(row_drift(ha, hb).mean()))
+    return [float(row_drift(last_hidden(model_a, ids), last_hidden(model_b, ids)).mean()) for ids in probes]
+
+
+KIND_SHARE = 2 / 3
+
+
+def token_kinds(kind_counts: dict[str, np.ndarray]) -> np.ndarray:
+    """Per token id: the kind holding >= KIND_SHARE of its occurrences, "mixed", or "absent" (no occurrence)."""
+    names = list(kind_counts)
+    table = np.stack([kind_counts[k] for k in names]).astype(np.float64)  # (kinds, V)
+    total = table.sum(0)
+    best = table.argmax(0)
+    out = np.where(total == 0, "absent", "mixed").astype(object)
+    strong = (total > 0) & (table[best, np.arange(table.shape[1])] >= KIND_SHARE * total)
+    out[strong] = np.array(names, dtype=object)[best[strong]]
     return out
 
 
-class DriftCallback(Callback):
-    """Per-row embedding drift from the weights at construction (step 0), every `every` steps: `records` holds
-    (step, drift per row as float64 numpy, the weight-decay-only drift predicted from the learning rates seen so
-    far), and the step's metrics get drift/mean, drift/max and drift/decay_only."""
+def drift_by_kind(drift: np.ndarray, kinds: np.ndarray, counts: np.ndarray) -> list[dict[str, Any]]:
+    """Per kind: tokens, median count, mean drift, and mean drift over the median drift of the tokens in the same
+    power-of-two count bin (bins over every token; count 0 is a bin of its own)."""
+    bins = np.where(counts > 0, np.floor(np.log2(np.maximum(counts, 1))) + 1, 0).astype(np.int64)
+    expected = np.zeros_like(drift)
+    for b in np.unique(bins):
+        expected[bins == b] = np.median(drift[bins == b])
+    adjusted = drift / np.maximum(expected, 1e-30)
+    rows = []
+    for kind in [k for k in (*sorted(set(kinds) - {"mixed", "absent"}), "mixed", "absent") if (kinds == k).any()]:
+        sel = kinds == kind
+        rows.append({"kind": kind, "tokens": int(sel.sum()), "median_count": float(np.median(counts[sel])),
+                     "mean_drift": float(drift[sel].mean()), "mean_adjusted_drift": float(adjusted[sel].mean())})
+    return rows
 
-    def __init__(self, model: Any, every: int = 10) -> None:
-        if every < 1:
-            raise ValueError(f"every ({every}) must be >= 1")
-        self.every, self.start = every, model.tok_emb.weight.detach().clone()
-        self.lrs: list[float] = []
-        self.records: list[tuple[int, np.ndarray, float]] = []
 
-    def on_step(self, trainer: Any, metrics: dict[str, Any]) -> None:
-        self.lrs.append(float(metrics["lr"]))
-        if trainer.step % self.every and not trainer.should_stop:
-            return
-        drift = row_drift(self.start, trainer.model.tok_emb.weight.detach().cpu()).numpy()
-        decay = decay_drift(self.lrs, trainer.config.weight_decay)
-        self.records.append((trainer.step, drift, decay))
-        metrics.update({"drift/mean": float(drift.mean()), "drift/max": float(drift.max()),
-                        "drift/decay_only": decay})
+def split_counts(folder: str | Path, tok: Any, vocab_size: int) -> dict[str, np.ndarray]:
+    """Token counts per kind from the text files `lmlab lab data split` wrote."""
+    from .split import LABELS
+    folder = Path(folder)
+    missing = [f"{k}.txt" for k in LABELS if not (folder / f"{k}.txt").is_file()]
+    if missing:
+        raise ValueError(f"{folder} lacks {', '.join(missing)}: give the --out folder of `lmlab lab data split`")
+    return {k: np.bincount(np.asarray(tok.encode((folder / f"{k}.txt").read_text(encoding="utf-8")), dtype=np.int64),
+                           minlength=vocab_size)[:vocab_size] for k in LABELS}
 
 
 def _scatter(path: Path, counts: np.ndarray, drift: np.ndarray, decay: float | None, title: str) -> Path:
@@ -104,7 +109,7 @@ def _scatter(path: Path, counts: np.ndarray, drift: np.ndarray, decay: float | N
 
 
 def run_drift(run_dir: str | Path, out: str | Path, probes: Sequence[str] = (), tokens: Sequence[str] = (),
-              top: int = 20, command: str = "") -> dict[str, Any]:
+              top: int = 20, command: str = "", kinds: str | Path | None = None) -> dict[str, Any]:
     """The drift report of a run from its saved checkpoints: results.json, report.html,
     drift_vs_frequency.png, drift_over_time.png."""
     from ..tokenizers import Tokenizer
@@ -152,6 +157,11 @@ def run_drift(run_dir: str | Path, out: str | Path, probes: Sequence[str] = (), 
                             " ".join(tok.id_to_token(j) or "?" for j in first[i]),
                             f"neighbours at step {steps[-1]}": " ".join(tok.id_to_token(j) or "?" for j in last[i]),
                             "kept": f"{kept}/{len(first[i])}"})
+    by_kind = []
+    if kinds is not None:
+        per_kind = split_counts(kinds, tok, V)
+        base = counts if counts is not None else sum(per_kind.values())
+        by_kind = drift_by_kind(final, token_kinds(per_kind), base)
     probe_rows = [{"probe": text, **{f"step {s}": hidden_drift(models[0], m, [tok.encode(text)])[0]
                                      for s, m in zip(steps[1:], models[1:])}} for text in probes]
     checks: dict[str, bool | None] = {}
@@ -171,10 +181,11 @@ def run_drift(run_dir: str | Path, out: str | Path, probes: Sequence[str] = (), 
                            series))
     results = {"run": str(run_dir), "steps": steps, "tied_embeddings": tied, "weight_decay": tc.weight_decay,
                "decay_only": decay, "unseen_tokens": len(unseen), "volatile": volatile, "neighbours": nn_rows,
-               "probes": probe_rows, "drift_final": final.tolist(),
+               "probes": probe_rows, "by_kind": by_kind, "drift_final": final.tolist(),
                "counts": None if counts is None else counts.tolist(),
                "speed": {"wall_s": time.perf_counter() - t0}}
-    extra = [("neighbour changes of chosen tokens", nn_rows), ("hidden-state drift of probe texts", probe_rows)]
+    extra = [("neighbour changes of chosen tokens", nn_rows), ("hidden-state drift of probe texts", probe_rows),
+             ("drift by the kind of text a token occurs in (lmlab lab data split)", by_kind)]
     write_report(out, "drift", "A token's embedding moves with the gradient it gets; a token that never occurs in "
                  "training (untied head) only shrinks by weight decay.", measured, checks, volatile, plots, results,
                  command or f"lmlab lab data drift --run {run_dir} --out {out}",

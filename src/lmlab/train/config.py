@@ -70,6 +70,10 @@ class TrainConfig:
     sample_prompts: list[str] = knob(help="prompts of the samples, a comma list (default: one empty prompt, the "
                                      "model's own start of a text)", factory=lambda: [""])
     sample_tokens: int = knob(48, "tokens per sample", gt=0)
+    drift_every: int = knob(0, "record every token's embedding drift from step 0 (and the probes') every N steps "
+                            "into RUN_DIR/drift.json, for the Data view and `lmlab lab data drift` (0: off)", ge=0)
+    drift_probes: list[str] = knob(help="texts whose last hidden states' drift from step 0 is recorded with "
+                                   "--drift-every, a comma list", factory=list)
 
     def __post_init__(self) -> None:
         validate(self)

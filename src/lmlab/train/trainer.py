@@ -333,9 +333,10 @@ class Trainer:
                 (self.out_dir / RESUMES).unlink(missing_ok=True)  # a failed earlier run's, if any
         if self.is_main:
             self._write_run_files(new=not resume)
-        from . import progress, tracking
+        from . import drift, progress, tracking
         self.callbacks += tracking.attach(self, resume)  # TensorBoard, a tracker: rank 0, after the run files
         self.callbacks += progress.attach(self)  # generations at fixed prompts: samples.jsonl
+        self.callbacks += drift.attach(self, resume)  # embedding drift from step 0: drift.json
         # The torch RNG drives dropout only (data comes from self.generator, the same on every rank); seeded per
         # rank, or every rank of DDP would drop the same units of its own rows. Restored per rank on resume.
         if self._torch_rng is not None:
