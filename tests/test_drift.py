@@ -76,7 +76,7 @@ def test_report_from_checkpoints(untied, tmp_path, capsys):
     tok, ds, tc, cb = untied
     run = ds.path.parent / "run"
     out = tmp_path / "report"
-    assert main(["lab", "data", "drift", "--run", str(run), "--out", str(out), "--token", "the",
+    assert main(["lab", "data", "drift", "--run", str(run), "--out", str(out), "--token", "the", "--token", " old",
                  "--probe", "the old man", "--top", "5"]) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["steps"] == [10, 20, 30] and res["verdict"] == "holds"
@@ -88,7 +88,8 @@ def test_report_from_checkpoints(untied, tmp_path, capsys):
     np.testing.assert_allclose(np.array(res["drift_final"])[unseen], _prediction(tc, 10, 30), atol=2e-6)
     assert first[unseen].max() < last[unseen].min()  # decay keeps going
     assert len(res["volatile"]) == 5 and res["volatile"][0]["drift"] == max(res["drift_final"])
-    assert res["neighbours"][0]["token"] == "the" and len(res["probes"]) == 1
+    # a token by its name, or by a text that is one token; shown as text
+    assert [r["token"] for r in res["neighbours"]] == ["'the'", "'old'"] and len(res["probes"]) == 1
     assert (out / "drift_vs_frequency.png").stat().st_size > 0 and "drift" in (out / "report.html").read_text()
     assert main(["lab", "data", "drift", "--run", str(run), "--out", str(out)]) == 2  # never overwrites
     assert "already holds results.json" in capsys.readouterr().err
@@ -98,7 +99,7 @@ def test_too_few_checkpoints_and_unknown_tokens_are_refused(untied, tmp_path, ca
     tok, ds, tc, cb = untied
     run = ds.path.parent / "run"
     assert main(["lab", "data", "drift", "--run", str(run), "--out", str(tmp_path / "a"), "--token", "qqqq"]) == 2
-    assert "not tokens of this run's tokenizer: qqqq" in capsys.readouterr().err
+    assert "not tokens of this run's tokenizer (nor texts of one token): 'qqqq'" in capsys.readouterr().err
     (tmp_path / "one" / "checkpoints").mkdir(parents=True)
     (tmp_path / "one" / "config.json").write_text(json.dumps({"train": {}, "model": {}}))
     assert main(["lab", "data", "drift", "--run", str(tmp_path / "one"), "--out", str(tmp_path / "b")]) == 2
@@ -139,6 +140,9 @@ def test_drift_every_writes_drift_json_and_a_resumed_run_records_what_an_uninter
     assert [r["step"] for r in whole["records"]] == [5, 10, 15, 20, 25, 30] and whole["step"] == 30
     counts = token_counts(ds, len(tok))
     assert whole["counts"] == counts.tolist() and whole["probes"] == ["the old man"]
+    top = np.argsort(-np.array(whole["drift"]))[:20]
+    assert [v["id"] for v in whole["volatile"]] == top.tolist()
+    assert [v["token"] for v in whole["volatile"]] == [tok.decode([int(i)]) for i in top]
     for r in whole["records"]:  # decay alone, from the learning rates the run used
         assert r["decay_only"] == pytest.approx(_prediction(tc, 0, r["step"]), rel=1e-12)
     unseen = np.flatnonzero(counts == 0)

@@ -1,12 +1,18 @@
 """The Data tab's API (routers/data.py) on a book's stored text: each card equals the data library's function
 on the same text (inspect's duplicates and tokens, dedup_texts, apply_filters, contamination), planted
-duplicates and contaminated items are found, and bad requests get the reason."""
+duplicates and contaminated items are found, the drift card relays the drift.json of the runs on the book, and bad
+requests get the reason."""
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
+import torch
 from test_server_support import client, settings, upload
 
+from lmlab.data import prepare_texts
 from lmlab.data.dedup import DedupConfig, dedup_texts
 from lmlab.data.filters import apply_filters, parse_filters
 from lmlab.data.inspect import duplicates
@@ -14,6 +20,8 @@ from lmlab.eval.contamination import contamination
 from lmlab.models import ModelConfig, Transformer
 from lmlab.models.io import save_pretrained
 from lmlab.tokenizers import Tokenizer
+from lmlab.train import TrainConfig, train
+from lmlab.train.console import quiet
 
 PARAS = [f"The {w} walked to the river on day {i} and counted {i * 7} stones by the old mill before supper."
          for i, w in enumerate(["fox", "hare", "wolf", "bear", "owl", "crow", "mouse", "cat"])]
@@ -37,7 +45,27 @@ def dt(tmp_path_factory):
     with client(settings(ws)) as c:
         assert upload(c, "river.txt", BOOK.encode()).status_code == 201
         c.tok = tok
+        state = c.app.app.state.lmlab
+        c.drift_run = drift_run(state.db, ws, tok)
+        other = state.db.add_run("m", ["other.txt"], {}, False, 30)  # another book's run: not listed
+        drift_run(state.db, ws, tok, run=other)
+        state.db.add_run("m", ["river.txt"], {}, False, 30)  # a run on the book without drift tracking
         yield c
+
+
+def drift_run(db, ws, tok, run=None) -> dict:
+    """A completed 30-step run on river.txt that tracked drift every 10 steps (its drift.json), in the database."""
+    run = run or db.add_run("m", ["river.txt"], {"drift_every": 10}, False, 30)
+    run_dir = ws / "runs" / f"run-{run['id']}"
+    ds = prepare_texts([BOOK], tok, run_dir / "data", seq_len=16)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(family="llama", vocab_size=len(tok), n_layer=1, n_head=2, n_embd=16, block_size=16))
+    tc = TrainConfig(max_steps=30, batch_size=4, lr=3e-2, warmup_steps=5, eval_every=0, save_every=0, log_every=100,
+                     device="cpu", seed=0, peak_flops=1e12, sample_every=0, drift_every=10)
+    with quiet():
+        train(model, tok, ds, tc, run_dir)
+    db.update_run(run["id"], status="completed")
+    return json.loads((run_dir / "drift.json").read_text())
 
 
 def get(c, card, **query):
@@ -95,3 +123,22 @@ def test_bad_requests(dt, card, query, status, detail):
     r = get(dt, card, **query)
     assert r.status_code == status and r.json()["detail"].startswith(detail), r.text
     assert dt.get("/api/v1/books/nope.txt/data/overview").status_code == 404
+
+
+def test_drift_relays_the_runs_drift_json(dt):
+    (run,) = get(dt, "drift").json()["runs"]
+    want = dt.drift_run
+    assert (run["model"], run["status"], run["step"], run["tied_embeddings"]) == ("m", "completed", 30, False)
+    assert run["records"] == want["records"] and [r["step"] for r in run["records"]] == [10, 20, 30]
+    assert run["volatile"] == want["volatile"] and run["vocab_size"] == len(dt.tok) == 40
+    assert run["points"] == {"count": want["counts"], "drift": want["drift"]}  # 40 tokens: all of them
+    counts, drift = np.array(want["counts"]), np.array(want["drift"])
+    assert run["unseen_tokens"] == int((counts == 0).sum()) > 0
+    assert run["unseen_mean"] == pytest.approx(drift[counts == 0].mean(), rel=1e-12)
+    assert run["mean"] == pytest.approx(drift.mean(), rel=1e-12)
+    # at most `points` tokens: a fixed sample of (count, drift) pairs of the same tokens, the same on every call
+    few = get(dt, "drift", points=10).json()["runs"][0]["points"]
+    assert few == get(dt, "drift", points=10).json()["runs"][0]["points"] and len(few["drift"]) == 10
+    pairs = set(zip(want["counts"], want["drift"]))
+    assert set(zip(few["count"], few["drift"])) <= pairs
+    assert dt.get("/api/v1/books/nope.txt/data/drift").status_code == 404

@@ -22,7 +22,7 @@ from lmlab.train import TrainConfig
 
 DONE = lambda r: r["status"] not in ("queued", "running")  # noqa: E731
 SETTINGS = {"max_steps": 8, "eval_every": 4, "log_every": 1, "save_every": 4, "sample_tokens": 5, "seed": 11,
-            "schedule": "wsd", "weight_decay": 0.05, **FAST}
+            "schedule": "wsd", "weight_decay": 0.05, "drift_every": 4, **FAST}
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
@@ -100,6 +100,13 @@ def test_the_command_line_parses_into_the_runs_configs_and_makes_the_same_run(la
     assert (mine["train"], mine["model"], mine["data_stats"]) == (saved["train"], saved["model"], saved["data_stats"])
     assert [m["loss"] for m in lines(again / "metrics.jsonl")] == \
         pytest.approx([m["loss"] for m in lines(run_dir / "metrics.jsonl")], abs=1e-5)
+    # the train form's drift option (--drift-every 4): both runs tracked it, and the Data view lists the run's
+    assert saved["train"]["drift_every"] == 4
+    drift = json.loads((run_dir / "drift.json").read_text())
+    assert [r["step"] for r in drift["records"]] == [4, 8]
+    assert [r["step"] for r in json.loads((again / "drift.json").read_text())["records"]] == [4, 8]
+    (listed,) = lab.get("/api/v1/books/tales.txt/data/drift").json()["runs"]
+    assert (listed["id"], listed["records"]) == (lab.run_id, drift["records"])
 
 def test_a_running_runs_phase_follows_its_phase_file(tmp_path):
     """phase.json of this launch names the phase; one older than the launch (an earlier launch's) is not

@@ -1505,6 +1505,9 @@ def _influence_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="a new folder for results.json and report.html")
     p.add_argument("--seeds", default="0", help="seeds: a list 0,1,2, a range 0-4, or one seed (default 0)")
     p.add_argument("--quick", action="store_true", help="60 documents instead of 200: a smoke run, not the check")
+    p.add_argument("--proj-dim", type=int, default=0, metavar="K",
+                   help="random-project the per-document gradients to K numbers (TRAK's projection; 0: exact dot "
+                        "products, the default)")
 
 
 @data_lab("influence", "what each document does: TracIn influence (random-projected gradient similarity over "
@@ -1513,6 +1516,7 @@ def _influence_arguments(p: argparse.ArgumentParser) -> None:
 def _lab_data_influence(args: argparse.Namespace) -> int:
     from .lab.influence import InfluenceLabConfig, run_influence_lab
     cfg = InfluenceLabConfig.quick() if args.quick else InfluenceLabConfig()
+    cfg = dataclasses.replace(cfg, proj_dim=args.proj_dim)
     res = run_influence_lab(args.out, parse_seeds(args.seeds), cfg, command="lmlab " + " ".join(sys.argv[1:]))
     print(f"influence: {res['verdict']} ({res['measured']}); wall {res['speed']['wall_s']:.0f} s; "
           f"report: {Path(args.out) / 'report.html'}")

@@ -142,20 +142,27 @@ def run_drift(run_dir: str | Path, out: str | Path, probes: Sequence[str] = (), 
     final = drift[-1]
     unseen = np.flatnonzero(counts == 0) if counts is not None else np.array([], dtype=np.int64)
     order = np.argsort(-final)
-    volatile = [{"token": tok.id_to_token(int(i)) if int(i) < len(tok) else f"#{i}", "id": int(i),
+    name = lambda i: repr(tok.decode([i])) if i < len(tok) else f"#{i}"  # noqa: E731 (" the", not "Ġthe")
+    volatile = [{"token": name(int(i)), "id": int(i),
                  "drift": float(final[i]), "count": None if counts is None else int(counts[i])} for i in order[:top]]
-    chosen = [i for t in tokens if (i := tok.token_to_id(t)) is not None]
-    missing = [t for t in tokens if tok.token_to_id(t) is None]
+    # a token by its name in the vocabulary ("Ġthe") or by a text that is one token (" the"; not the unknown token)
+    def one_token(t: str) -> int | None:
+        if tok.token_to_id(t) is not None:
+            return tok.token_to_id(t)
+        ids = tok.encode(t)
+        return ids[0] if len(ids) == 1 and tok.decode(ids).strip() == t.strip() else None
+    one = {t: one_token(t) for t in tokens}
+    chosen = [i for i in one.values() if i is not None]
+    missing = [repr(t) for t, i in one.items() if i is None]
     if missing:
-        raise ValueError(f"not tokens of this run's tokenizer: {', '.join(missing)}")
+        raise ValueError(f"not tokens of this run's tokenizer (nor texts of one token): {', '.join(missing)}")
     nn_rows = []
     if chosen:
         first, last = neighbours(embs[0], chosen), neighbours(embs[-1], chosen)
         for i in chosen:
             kept = len(set(first[i]) & set(last[i]))
-            nn_rows.append({"token": tok.id_to_token(i), f"neighbours at step {steps[0]}":
-                            " ".join(tok.id_to_token(j) or "?" for j in first[i]),
-                            f"neighbours at step {steps[-1]}": " ".join(tok.id_to_token(j) or "?" for j in last[i]),
+            nn_rows.append({"token": name(i), f"neighbours at step {steps[0]}": " ".join(name(j) for j in first[i]),
+                            f"neighbours at step {steps[-1]}": " ".join(name(j) for j in last[i]),
                             "kept": f"{kept}/{len(first[i])}"})
     by_kind = []
     if kinds is not None:

@@ -136,6 +136,9 @@ class RunCreate(BaseModel):
                                      description="generations into samples.jsonl every N steps (default: at each "
                                                  "evaluation; 0: never)")
     sample_tokens: int | None = Field(None, ge=1, le=1024, description="tokens per sample (48)")
+    drift_every: int | None = Field(None, ge=0, le=10_000_000,
+                                    description="record every token's embedding drift from step 0 every N steps "
+                                                "(drift.json: the Data view's drift card); 0 or none: off")
 
 
 class SelfPlayCreate(BaseModel):

@@ -16,6 +16,7 @@ record and checkpoint:
      "records": [{"step": 10, "tokens": 20480, "elapsed_s": 3.1, "mean": 0.01, "max": 0.2, "decay_only": 1e-4,
                   "probes": [0.05]}, ...],
      "step": 200, "drift": [per row at the last record], "counts": [per token id in the training data] or null,
+     "volatile": [{"id": 17, "token": "the", "drift": 0.9, "count": 5120}, ...],  # the last record's top 20
      "decay_at": {"100": 0.99...}}          # prod (1 - lr wd) at each checkpoint's step, for resuming
 """
 
@@ -35,6 +36,7 @@ from .console import log
 from .trainer import Callback, Trainer
 
 DRIFT_FILE, START_FILE = "drift.json", "drift_start.safetensors"
+TOP = 20  # the most volatile tokens kept in drift.json
 
 
 def row_drift(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
@@ -80,7 +82,7 @@ class DriftCallback(Callback):
 
     def __init__(self, model: Any, every: int = 10, *, probes: Sequence[str] = (),
                  probe_ids: Sequence[Sequence[int]] = (), out_dir: str | Path | None = None,
-                 counts: np.ndarray | None = None, weight_decay: float | None = None) -> None:
+                 counts: np.ndarray | None = None, weight_decay: float | None = None, tokenizer: Any = None) -> None:
         if every < 1:
             raise ValueError(f"every ({every}) must be >= 1")
         if len(probes) != len(probe_ids):
@@ -89,7 +91,7 @@ class DriftCallback(Callback):
         self.probes, self.probe_ids = list(probes), [list(p) for p in probe_ids]
         self.probe_start = [last_hidden(model, p) for p in self.probe_ids]
         self.out_dir = None if out_dir is None else Path(out_dir)
-        self.counts, self.weight_decay = counts, weight_decay
+        self.counts, self.weight_decay, self.tokenizer = counts, weight_decay, tokenizer
         self.tied = bool(model.config.tie_embeddings)
         self.keep = 1.0  # prod (1 - lr wd) so far: a never-updated row's share of its start
         self.decay_at: dict[str, float] = {}
@@ -116,7 +118,7 @@ class DriftCallback(Callback):
         self.probes = list(found.get("probes", c.drift_probes))
         self.probe_ids = [trainer.tokenizer.encode(p) for p in self.probes]
         self.probe_start = [saved[f"probe.{i}"] for i in range(len(self.probes))]
-        self.out_dir, self.weight_decay = out, c.weight_decay
+        self.out_dir, self.weight_decay, self.tokenizer = out, c.weight_decay, trainer.tokenizer
         self.counts = token_counts(trainer.dataset, self.start.shape[0])
         self.tied = bool(trainer.model_config.tie_embeddings)
         self.decay_at = {k: v for k, v in found.get("decay_at", {}).items() if int(k) <= trainer.step}
@@ -170,11 +172,16 @@ class DriftCallback(Callback):
         drift = self.drift
         if drift is None:  # resumed past the last record and nothing recorded since
             return
+        # the token as text (byte-level pieces such as "Ġthe" decoded), when the run has a tokenizer
+        name = (lambda i: self.tokenizer.decode([i])) if hasattr(self.tokenizer, "decode") else (lambda i: None)
+        volatile = [{"id": int(i), "token": name(int(i)), "drift": float(drift[i]),
+                     "count": None if self.counts is None else int(self.counts[i])} for i in np.argsort(-drift)[:TOP]]
         atomic_write_text(self.out_dir / DRIFT_FILE, json.dumps({
             "every": self.every, "tied_embeddings": self.tied, "weight_decay": self.weight_decay,
             "vocab_size": int(self.start.shape[0]), "probes": self.probes, "records": self.summary,
             "step": self.summary[-1]["step"], "drift": [float(f"{v:.6g}") for v in drift],
-            "counts": None if self.counts is None else self.counts.tolist(), "decay_at": self.decay_at}))
+            "counts": None if self.counts is None else self.counts.tolist(), "volatile": volatile,
+            "decay_at": self.decay_at}))
 
 
 def attach(trainer: Trainer, resume: bool) -> list[Callback]:
@@ -193,4 +200,4 @@ def attach(trainer: Trainer, resume: bool) -> list[Callback]:
     return [DriftCallback(trainer.model, c.drift_every, probes=c.drift_probes,
                           probe_ids=[trainer.tokenizer.encode(p) for p in c.drift_probes], out_dir=trainer.out_dir,
                           counts=token_counts(trainer.dataset, trainer.model_config.vocab_size),
-                          weight_decay=c.weight_decay)]
+                          weight_decay=c.weight_decay, tokenizer=trainer.tokenizer)]

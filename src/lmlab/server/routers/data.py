@@ -3,12 +3,15 @@ extracted at upload, in a child process with limits; the upload itself is never 
 (language, exact duplicates, tokens for a model, tokens per parameter, the epoch advisor), its duplicate
 paragraphs (exact and MinHash near duplicates, clusters with the shingles they share), what the quality
 filters would do (receipts, nothing written), and which items of an evaluation task it contains (word n-gram
-overlap). The same library functions as `lmlab data inspect | dedup | filter | contamination`."""
+overlap), and how far the embeddings of the runs trained on it drifted (drift.json of runs that track it). The
+same library functions as `lmlab data inspect | dedup | filter | contamination`."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+import numpy as np
 from fastapi import APIRouter, HTTPException, Query
 
 from ...data.dedup import DedupConfig, dedup_texts, shingles
@@ -18,8 +21,10 @@ from ...eval.contamination import contamination
 from ...eval.tasks import load_task, solved_text
 from ...models import ModelConfig
 from ...tokenizers import Tokenizer
+from ...train.drift import DRIFT_FILE
 from ..app import StateDep
-from ..services import book_full_text, need_model
+from ..services import book_full_text, need_book, need_model
+from ..workspace import LinkError
 from .evals import task_files
 
 router = APIRouter()
@@ -116,3 +121,33 @@ def book_contamination(state: StateDep, name: str, task: str = Query(..., max_le
     return {"book": name, "task": task, "n": n, "items": len(items), "contaminated": len(dirty),
             "clean": len(items) - len(dirty),
             "per_item": [{**r, "text": " ".join(items[r["index"]].split())[:PREVIEW]} for r in dirty]}
+
+
+@router.get("/books/{name}/data/drift", tags=["data"],
+            summary="embedding drift of the training runs on this book that track it (lmlab train --drift-every; "
+                    "the train form's drift option): per record the mean and largest drift from step 0 and what "
+                    "weight decay alone gives; the last record's drift against each token's count in the training "
+                    "data (at most `points` tokens, a fixed sample) and the most volatile tokens")
+def book_drift(state: StateDep, name: str, points: int = Query(3000, ge=10, le=100_000)) -> dict[str, Any]:
+    need_book(state, name)
+    runs = []
+    for run in state.db.list_runs():
+        if run["kind"] != "train" or name not in run["books"]:
+            continue
+        try:  # never through a symbolic link; a run without drift tracking has no drift.json
+            found = json.loads(state.ws.read_bytes(state.ws.run_path(run["id"]) / DRIFT_FILE))
+        except (FileNotFoundError, LinkError, json.JSONDecodeError):
+            continue
+        drift, counts = np.asarray(found["drift"], dtype=np.float64), found.get("counts")
+        keep = np.arange(len(drift))
+        if len(keep) > points:  # the same sample on every call: the chart does not jump between refreshes
+            keep = np.sort(np.random.default_rng(0).choice(len(drift), points, replace=False))
+        unseen = np.flatnonzero(np.asarray(counts) == 0) if counts is not None else np.array([], dtype=np.int64)
+        runs.append({"id": run["id"], "model": run["model_name"], "status": run["status"],
+                     "tied_embeddings": found["tied_embeddings"], "step": found["step"],
+                     "records": found["records"], "probes": found["probes"], "volatile": found.get("volatile", []),
+                     "vocab_size": len(drift), "mean": float(drift.mean()),
+                     "unseen_tokens": len(unseen), "unseen_mean": float(drift[unseen].mean()) if len(unseen) else None,
+                     "points": {"count": None if counts is None else [counts[i] for i in keep],
+                                "drift": [float(drift[i]) for i in keep]}})
+    return {"book": name, "runs": runs}

@@ -423,7 +423,7 @@ function setupTrainForm() {
     if (!books.length) { setMsg(msg, t("train.pick_book"), false); return; }
     const body = confirmNewVersion({ model: $("#train-model").value, books, init_from_trained: $("#t-init_from_trained").checked,
                    schedule: $("#t-schedule").value, device: $("#t-device").value,
-                   ...readNumbers("#t-", ["max_steps", "batch_size", "seq_len", "warmup_steps", "eval_every", "eval_batches", "save_every", "seed"],
+                   ...readNumbers("#t-", ["max_steps", "batch_size", "seq_len", "warmup_steps", "eval_every", "eval_batches", "save_every", "seed", "drift_every"],
                                   ["lr", "weight_decay", "grad_clip"]) }, S.models.find((m) => m.name === $("#train-model").value));
     if (!body) return;
     try {
@@ -828,7 +828,7 @@ async function main() {
   initModelPage({ S, t, h, api, fmtNum, fmtBytes, statusLabel, refreshRuns, runAction, toast, ACTIVE });
   initChat({ S, t, h, api, apiHeaders, toast });
   initTune({ S, t, h, api, apiHeaders, statusLabel, refreshRuns, deleteRun, runAction, toast, subscribe, fmtNum, fmtBytes, ACTIVE, COLORS });
-  initData({ S, t, h, api, fmtNum, toast });
+  initData({ S, t, h, api, fmtNum, toast, COLORS });
   initRunPage({ S, t, h, api, fmtNum, fmtBytes, fmtLoss, statusLabel, labName, subscribe, runChart, showTab, toast, renderRuns });
   window.addEventListener("hashchange", () => showTab(location.hash.slice(1)));
   setupUx({ t, api, S, h, showTab, openRun: async (run) => {

@@ -1,11 +1,14 @@
 // The Data tab: one book at a time, the data lab's tools on its stored text (routers/data.py; the same functions
 // as `lmlab data inspect | dedup | filter | contamination`): what it holds (language, duplicates, tokens for a
 // model, tokens per parameter, the epoch advisor), its duplicate paragraphs as clusters that open to show the
-// shingles their members share, what the quality filters would remove and why (receipts), and which items of
-// an evaluation task it contains.
+// shingles their members share, what the quality filters would remove and why (receipts), which items of an
+// evaluation task it contains, and how far the embeddings of the runs trained on it drifted (their drift.json:
+// drift over the steps with weight decay's share, each token's drift against its count, the most volatile).
 
-let A = null;  // app.js: { S, t, h, api, fmtNum, toast }
-const D = { tasks: null, results: {}, lang: null };  // the last answer of each card, drawn again on a language change
+import { drawChartInto, fmt } from "/static/charts.js";
+
+let A = null;  // app.js: { S, t, h, api, fmtNum, toast, COLORS }
+const D = { tasks: null, results: {}, lang: null, driftRun: null };  // the last answer of each card, drawn again on a language change
 const $ = (s) => document.querySelector(s);
 const pct = (v) => (Math.round(v * 1000) / 10).toString() + "%";
 
@@ -29,8 +32,17 @@ export function initData(app) {
       h("div", { class: "actions" }, i("data.check", { tag: "button", type: "button", id: "dt-filters-go", onclick: () => run("filters") })), h("div", { class: "dt-out" })),
     card("dt-contam", "data.contam", i("data.contam_note", { tag: "p", class: "muted" }),
       h("div", { class: "form-grid" }, field("data.task", h("select", { id: "dt-task" })), field("data.n", h("input", { id: "dt-n", type: "number", min: 1, max: 100, value: 13 }))),
-      h("div", { class: "actions" }, i("data.check", { tag: "button", type: "button", id: "dt-contam-go", onclick: () => run("contamination") })), h("div", { class: "dt-out" })));
+      h("div", { class: "actions" }, i("data.check", { tag: "button", type: "button", id: "dt-contam-go", onclick: () => run("contamination") })), h("div", { class: "dt-out" })),
+    card("dt-drift", "data.drift", i("data.drift_note", { tag: "p", class: "muted" }),
+      h("div", { class: "actions" }, i("data.show", { tag: "button", type: "button", id: "dt-drift-go", onclick: () => run("drift") })), h("div", { class: "dt-out" })));
 }
+
+// the drift charts are drawn at their box's width: drawn again when the window's width changes
+let resizeTimer = null;
+window.addEventListener("resize", () => {
+  clearTimeout(resizeTimer);
+  resizeTimer = setTimeout(() => { if (D.results.drift && !$("#tab-data").hidden) drawDrift(D.results.drift); }, 150);
+});
 
 export async function showData() {
   if (!D.tasks) {
@@ -57,8 +69,9 @@ export function renderData() {
   if (D.lang !== t("data.title")) { D.lang = t("data.title"); draw(); }  // drawn again in a new language only:
 }                                                                       // an opened cluster stays open
 
-const PATHS = { overview: "overview", duplicates: "duplicates", filters: "filters", contamination: "contamination" };
-const OUT = { overview: "#dt-overview .dt-out", duplicates: "#dt-dups .dt-out", filters: "#dt-filters .dt-out", contamination: "#dt-contam .dt-out" };
+const PATHS = { overview: "overview", duplicates: "duplicates", filters: "filters", contamination: "contamination", drift: "drift" };
+const OUT = { overview: "#dt-overview .dt-out", duplicates: "#dt-dups .dt-out", filters: "#dt-filters .dt-out", contamination: "#dt-contam .dt-out",
+  drift: "#dt-drift .dt-out" };
 
 async function run(card) {
   const book = $("#dt-book").value, q = new URLSearchParams(), out = $(OUT[card]);
@@ -125,10 +138,59 @@ function draw() {
       [...Object.entries(r.removed_by_rule), ...Object.entries(r.lines_removed_by_rule).map(([k, v]) => [k + " " + t("data.lines"), v])].map(([k, v]) => `${k}: ${v}`).join(", ") || "—"])),
     ...f.filters.flatMap((r) => r.examples.map((e) => h("p", { class: "muted dt-why", text: `${r.name}: ${e.rule} = ${e.value} (${e.limit})` }))));
   }
+  if (R.drift) drawDrift(R.drift);
   if (R.contamination) {
     const c = R.contamination;
     $(OUT.contamination).replaceChildren(h("p", { id: "dt-contam-summary", class: c.contaminated ? "bad" : "ok", text: t("data.contam_summary", { n: c.n, dirty: c.contaminated, items: c.items, clean: c.clean }) }),
       ...(c.per_item.length ? [table("dt-contam-items", ["#", t("data.ngrams"), t("data.example"), t("data.text")],
         c.per_item.map((r) => [String(r.index), `${r.matched}/${r.ngrams} (${pct(r.overlap)})`, r.example, r.text]))] : []));
   }
+}
+
+// ---- drift of runs ---------------------------------------------------------------------------------------
+
+const DRIFT_KEYS = [["drift/mean", "drift_mean", "#2563eb"], ["drift/max", "drift_max", "#dc2626"], ["drift/decay_only", "drift_decay", "#6b7280"]];
+
+function drawDrift(res) {
+  const { t, h } = A, out = $(OUT.drift);
+  if (!res.runs.length) return message(out, t("data.drift_none"));
+  const r = res.runs.find((x) => x.id === D.driftRun) || res.runs[res.runs.length - 1];
+  D.driftRun = r.id;
+  const pick = h("select", { id: "dt-drift-run", onchange: (e) => { D.driftRun = +e.target.value; drawDrift(res); } },
+    ...res.runs.map((x) => h("option", { value: x.id, text: `#${x.id} · ${x.model} · ${A.t("status." + x.status)}` })));
+  pick.value = String(r.id);
+  const decay = r.records.length ? r.records[r.records.length - 1].decay_only : null;
+  const steps = h("div", { class: "chart", id: "dt-drift-steps", role: "img", "aria-label": t("data.drift_steps") });
+  const dots = h("div", { class: "chart", id: "dt-drift-scatter", role: "img", "aria-label": t("data.drift_scatter") });
+  out.replaceChildren(...[h("label", {}, h("span", { text: t("data.drift_run") }), pick),
+    h("p", { id: "dt-drift-summary", text: t("data.drift_summary", { id: r.id, model: r.model, step: r.step, mean: fmt(r.mean), vocab: A.fmtNum(r.vocab_size) }) }),
+    r.unseen_tokens ? h("p", { id: "dt-drift-unseen", text: t("data.drift_unseen", { n: A.fmtNum(r.unseen_tokens), mean: fmt(r.unseen_mean), decay: fmt(decay) }) }) : null,
+    r.tied_embeddings ? h("p", { class: "muted", text: t("data.drift_tied") }) : null,
+    h("figure", { class: "chart-box" }, h("figcaption", { text: t("data.drift_steps") }), steps),
+    r.points.count ? h("figure", { class: "chart-box" }, h("figcaption", { text: t("data.drift_scatter") }), dots) : null,
+    h("h4", { text: t("data.drift_volatile") }),
+    table("dt-drift-volatile", [t("data.drift_token"), t("data.drift_value"), t("data.drift_times")],
+      r.volatile.map((v) => [JSON.stringify(v.token ?? `#${v.id}`), fmt(v.drift), v.count == null ? "—" : A.fmtNum(v.count)]))].filter(Boolean));
+  const keys = [...DRIFT_KEYS, ...r.probes.map((p, k) => [`drift/probe${k}`, "drift_probe", A.COLORS[(k + 2) % A.COLORS.length]])];
+  const metrics = r.records.map((m) => ({ step: m.step, tokens: m.tokens, elapsed_s: m.elapsed_s, "drift/mean": m.mean, "drift/max": m.max,
+    "drift/decay_only": m.decay_only, ...Object.fromEntries(m.probes.map((v, k) => [`drift/probe${k}`, v])) }));
+  drawChartInto(steps, { id: "dt-drift-steps", keys, group: "train-charts" }, [{ id: r.id, kind: "train", color: "#2563eb", metrics }], t);
+  if (r.points.count) scatter(dots, r.points, r.tied_embeddings ? null : decay);
+}
+
+// every token as a point: x its count in the training data + 1 (log axis), y its drift; the dashed line is
+// what weight decay alone gives a row that gets no gradient
+function scatter(el, pts, decay) {
+  const { t } = A, order = pts.count.map((c, i) => [c + 1, pts.drift[i]]).sort((a, b) => a[0] - b[0]);
+  const xs = order.map((p) => p[0]), data = [xs, order.map((p) => p[1]), xs.map(() => decay)];
+  el.dataset.points = String(xs.length);
+  if (el.uplot) el.uplot.destroy();
+  el.replaceChildren();
+  el.uplot = new globalThis.uPlot({
+    width: el.clientWidth || 600, height: 260, legend: { show: false }, cursor: { drag: { x: true, y: true } },
+    scales: { x: { time: false, distr: 3 } },
+    axes: [{ label: t("data.drift_count") }, { label: t("data.drift_y"), size: 60 }],
+    series: [{}, { stroke: "#2563eb", paths: () => null, points: { show: true, size: 4, fill: "#2563eb66", stroke: "#2563eb" } },
+      { stroke: "#6b7280", width: 1.5, dash: [6, 4], points: { show: false } }],
+  }, data, el);
 }
