@@ -12,7 +12,7 @@ import torch
 from lmlab.cli import main
 from lmlab.data import TokenDataset, prepare
 from lmlab.data.filters import C4, FineWeb, Gopher, Lang, apply_filters, filter_help, identify, parse_filters
-from lmlab.tokenizers import EOS_ID
+from lmlab.tokenizers import EOS_ID, Tokenizer
 
 # 50 words of mean length exactly 3 ("(cat)" is 3 once its brackets are stripped; "—" is not a word) and two
 # of Gopher's stop words.
@@ -267,8 +267,6 @@ def test_cli_filter_and_prepare_filters(tmp_path, capsys):
 
 
 def test_cli_prepare_filters_removing_everything_writes_nothing(tmp_path, capsys):
-    from lmlab.tokenizers import Tokenizer
-
     filtered_corpus(tmp_path)
     Tokenizer.train([(tmp_path / f"{b}.txt").read_text() for b in "ac"], kind="char").save(tmp_path / "tok.json")
     base = ["data", "prepare", str(tmp_path / "c.txt"), "--tokenizer", str(tmp_path / "tok.json")]
@@ -279,3 +277,29 @@ def test_cli_prepare_filters_removing_everything_writes_nothing(tmp_path, capsys
     printed = capsys.readouterr().out
     assert "1 of 1 documents kept" in printed and "fineweb  removed 0 of 1" in printed
     assert json.loads((tmp_path / "ds" / "tokens.json").read_text())["filters"]["filters"][0]["name"] == "fineweb"
+
+
+def test_cli_train_filters_its_sources_before_the_tokenizer_and_records_them(tmp_path, capsys):
+    filtered_corpus(tmp_path)
+    run = tmp_path / "run"
+    books = [str(tmp_path / f"{b}.txt") for b in "abc"]
+    args = ["train", *books, "--out", str(run), "--tokenizer-kind", "word", "--vocab-size", "2000",
+            "--preset", "llama-tiny", "--n-layer", "1", "--block-size", "16", "--max-steps", "2", "--batch-size", "2",
+            "--eval-every", "0", "--no-compile", "--sample-every", "0"]
+    assert main([*args, "--filters", "c4:min_sentences=1"]) == 0
+    capsys.readouterr()
+    saved = json.loads((run / "config.json").read_text())
+    c4 = saved["data_stats"]["filters"]["filters"][0]  # the run knows what its data went through
+    assert (c4["name"], c4["documents_removed"], c4["lines_removed_by_rule"]) == ("c4", 1, {"line_min_words": 30})
+    header = json.loads((run / "data" / "tokens.json").read_text())
+    assert [d["name"] for d in header["documents"]] == ["a.txt", "b.txt"]
+    vocab = Tokenizer.load(run / "tokenizer.json").hf.get_vocab()
+    assert "a0w1" in vocab and not any("drop" in w or w.startswith("c") for w in vocab)  # learnt on the kept text
+    assert (run / "data" / "receipts.json").is_file()
+    prepared = ["train", "--dataset", str(run / "data"), "--tokenizer", str(run / "tokenizer.json"), *args[6:]]
+    for argv, message in [([*prepared, "--filters", "c4"], "--filters run on book files/folders; a prepared"),
+                          ([*args, "--filters", "bert"], "unknown filter")]:
+        assert main([*argv, "--out", str(tmp_path / "x")]) == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert main(["train", "--out", str(run), "--resume", "--filters", "c4"]) == 2
+    assert "drop --filters" in capsys.readouterr().err

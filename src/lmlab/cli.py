@@ -599,6 +599,8 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--vocab-size", type=int, help="vocabulary size to train (8192)")
     d.add_argument("--val-fraction", type=float, help="held-out share of each document (0.05)")
     d.add_argument("--weight", action="append", default=[], metavar="NAME=W", help="document sampling weight")
+    d.add_argument("--filters", help=_FILTERS_HELP + "; they run on SOURCES before the tokenizer and the token file "
+                   "are made, and are recorded with the data (RUN/data/tokens.json, receipts.json)")
     p.add_argument("--eval-tasks", help="comma list of tasks (files or shipped names) scored at every evaluation; "
                    "their metrics join metrics.jsonl as TASK/METRIC (give it again on --resume)")
     add_lora_arguments(p)
@@ -612,7 +614,7 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
 # what a new run is made of; a resumed run has its own
 _LORA_FLAGS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
 _NEW_RUN_ONLY = ("sources", "preset", "model_config", "init", "dataset", "tokenizer", "tokenizer_kind", "vocab_size",
-                 "val_fraction", "weight", *_LORA_FLAGS)
+                 "val_fraction", "weight", "filters", *_LORA_FLAGS)
 
 
 @command("train", "train a model on your books (or resume a run)", _train_arguments)
@@ -643,6 +645,9 @@ def _train(args: argparse.Namespace) -> int:
             model_config = ModelConfig.from_dict({**read_config_file(args.model_config), **model_fields})
             model_fields = {}
         data = {k: v for k in ("tokenizer_kind", "vocab_size", "val_fraction") if (v := getattr(args, k)) is not None}
+        if args.filters is not None:
+            from .data.filters import parse_filters
+            data["filters"] = parse_filters(args.filters)
         result = train_from_sources(
             args.out, config, sources=args.sources, dataset=args.dataset, preset=args.preset,
             model_config=model_config, model_fields=model_fields, init=args.init, tokenizer=args.tokenizer,

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from ..data import TokenDataset, find_documents, prepare, prepare_texts, read_document
+from ..data.filters import apply_filters
 from ..eval import Task, run_task
 from ..eval.scorer import bits_per_byte, sequence_nll
 from ..files import atomic_write_text
@@ -51,14 +52,15 @@ def train_from_sources(out_dir: str | Path, config: TrainConfig, *, sources: Seq
                        init: str | Path | None = None,
                        tokenizer: str | Path | None = None, tokenizer_kind: str = "bpe", vocab_size: int = 8192,
                        val_fraction: float = 0.05, weights: dict[str, float] | None = None,
-                       callbacks: Sequence[Any] = (), lora: Any = None) -> TrainResult:
+                       callbacks: Sequence[Any] = (), lora: Any = None, filters: Sequence[Any] = ()) -> TrainResult:
     """Everything `lmlab train` does for a new run: tokenizer (reused, or trained on ALL sources), token
     file, model (preset, config or initial weights), then the trainer. The run directory keeps a copy of
     the tokenizer and records where the data came from, so `resume_run` needs nothing else. The model is a
     preset, a ModelConfig or initial weights; `model_fields` set ModelConfig fields over the preset (or
     alone, over the defaults of their family); the vocabulary is the tokenizer's. `lora` (a LoRAConfig) trains
-    adapters on the frozen `init` model instead of all weights (tune/lora.py: RUN/adapter, RUN/final merged). Bad
-    input fails before anything is written."""
+    adapters on the frozen `init` model instead of all weights (tune/lora.py: RUN/adapter, RUN/final merged).
+    `filters` (data.filters.parse_filters) run on the sources first: the tokenizer is trained on what they keep, and
+    the token file records their receipts. Bad input fails before anything is written."""
     out = Path(out_dir)
     created = not out.exists()
     refuse_existing_run(out)
@@ -76,6 +78,9 @@ def train_from_sources(out_dir: str | Path, config: TrainConfig, *, sources: Seq
         raise ValueError("give data: book files/folders, or --dataset DIR")
     if sources and dataset is not None:
         raise ValueError("give either book files/folders or --dataset, not both")
+    if filters and dataset is not None:
+        raise ValueError("--filters run on book files/folders; a prepared --dataset went through its own "
+                         "(lmlab data prepare --filters)")
     paths = find_documents(sources) if sources else []
     model = None
     if init is not None:
@@ -93,6 +98,11 @@ def train_from_sources(out_dir: str | Path, config: TrainConfig, *, sources: Seq
     else:
         _phase(out, "tokenizer")
         texts = [read_document(p) for p in paths]
+        if filters:  # the tokenizer learns the text the model will see (prepare filters the same texts again)
+            texts = [t for t in apply_filters(texts, [p.name for p in paths], filters)[0] if t is not None]
+            if not any(t.strip() for t in texts):
+                raise ValueError(f"the filters removed every document ({', '.join(f.name for f in filters)}); "
+                                 "see `lmlab data filter` for their receipts")
         if not any(t.strip() for t in texts):
             raise ValueError("the corpus is empty: no document has any text")
         # under torchrun, rank 0 trains the tokenizer and the others load its file
@@ -119,7 +129,7 @@ def train_from_sources(out_dir: str | Path, config: TrainConfig, *, sources: Seq
         _phase(out, "data")
         try:
             ds = _rank0_first(out, lambda: prepare(paths, tok, out / "data", val_fraction=val_fraction,
-                                                   weights=weights, seq_len=seq_len),
+                                                   weights=weights, seq_len=seq_len, filters=filters),
                               lambda d: None, lambda: TokenDataset.open(out / "data", tok), config)
         except BaseException:
             if created and dist_env()[0] == 0:  # e.g. a corpus shorter than one window: no half-made run
