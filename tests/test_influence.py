@@ -82,3 +82,73 @@ def test_tracin_ranks_documents_like_leave_one_out(tmp_path):
     res = json.loads((tmp_path / "inf" / "results.json").read_text())
     assert len(res["per_seed"][0]["loo"]) == 200
     assert res["per_seed"][0]["spearman"] >= 0.3
+
+
+@pytest.fixture(scope="module")
+def word_run(tmp_path_factory):
+    """A 30-step run on a small book of distinct paragraphs, checkpoints at 10, 20 and 30."""
+    from lmlab.train.demo_corpus import demo_corpus
+    tmp = tmp_path_factory.mktemp("influence-run")
+    book = tmp / "tales.txt"
+    book.write_text(demo_corpus(n_stories=40, seed=1), encoding="utf-8")
+    run = tmp / "run"
+    torch.set_num_threads(1)
+    assert main(["train", str(book), "--out", str(run), "--tokenizer-kind", "word", "--vocab-size", "600",
+                 "--family", "llama", "--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--block-size", "32",
+                 "--max-steps", "30", "--batch-size", "8", "--lr", "1e-2", "--warmup-steps", "5", "--eval-every", "0",
+                 "--save-every", "10", "--keep-last", "0", "--sample-every", "0", "--no-compile"]) == 0
+    return book, run
+
+
+def test_a_runs_passages_scored_on_a_target_equal_autograds_sum_over_its_checkpoints(word_run, tmp_path, capsys):
+    from lmlab.tokenizers import Tokenizer
+    from lmlab.train import TrainConfig, checkpoints, lr_at
+    from lmlab.train.checkpoint import checkpoint_model
+    book, run = word_run
+    paragraphs = [p.strip() for p in book.read_text(encoding="utf-8").split("\n\n") if p.strip()]
+    target = paragraphs[7]
+    out = tmp_path / "inf"
+    assert main(["lab", "data", "influence", "--run", str(run), "--target", target, "--out", str(out)]) == 0
+    capsys.readouterr()
+    res = json.loads((out / "results.json").read_text())
+    assert [p["text"] for p in res["passages"]] == paragraphs and res["checkpoints"] == [10, 20, 30]
+    # the reference: lr at each checkpoint x the 10 steps it stands for x autograd's dot product of the
+    # model's own mean losses, one window (a passage cut at the context of 32) at a time
+    tok, tc = Tokenizer.load(run / "tokenizer.json"), TrainConfig.from_dict(json.loads((run / "config.json")
+                                                                                       .read_text())["train"])
+    models = [checkpoint_model(p) for p in checkpoints(run)]
+    weights = [lr_at(s - 1, tc, 30) * 10 for s in (10, 20, 30)]
+    assert res["weights"] == pytest.approx(weights, rel=1e-12)
+    cut = lambda ids: [ids[i:i + 33] for i in range(0, len(ids) - 1, 32) if len(ids[i:i + 33]) > 1]  # noqa: E731
+    def grad(model, ids):
+        x, y = torch.tensor(ids[:-1]), torch.tensor(ids[1:])
+        return _autograd_grad(model, x, y)
+    for k in (0, 7, 19):
+        want = sum(w * sum(float(grad(m, t) @ grad(m, d)) for t in cut(tok.encode(target))
+                           for d in cut(tok.encode(paragraphs[k]))) for m, w in zip(models, weights))
+        assert res["passages"][k]["score"] == pytest.approx(want, rel=1e-6)
+    # the report's lists: the highest scores above 0, the lowest below 0
+    scores = sorted((p["score"] for p in res["passages"]), reverse=True)
+    assert [h["TracIn score"] for h in res["helped"]] == [v for v in scores[:10] if v > 0]
+    assert [h["TracIn score"] for h in res["hurt"]] == [v for v in scores[::-1][:10] if v < 0]
+    assert res["helped"][0]["passage"][:20] in (out / "report.html").read_text()
+
+
+def test_a_runs_influence_refuses_what_it_cannot_score(word_run, tmp_path, capsys):
+    book, run = word_run
+    base = ["lab", "data", "influence", "--out", str(tmp_path / "o")]
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "config.json").write_text(json.dumps({**json.loads((run / "config.json").read_text()),
+                                                   "sources": [str(tmp_path / "gone.txt")]}))
+    (moved / "checkpoints" / "step-10").mkdir(parents=True)
+    for argv, message in [(["--run", str(run)], "takes --run and one of --target or --target-file"),
+                          (["--run", str(run), "--target", "a", "--target-file", str(book)], "one of --target"),
+                          (["--target", "a"], "takes --run"),
+                          (["--run", str(tmp_path), "--target", "the fox"], "config.json"),
+                          (["--run", str(moved), "--target", "the fox"], "the run's books are not where it read them"),
+                          (["--run", str(run), "--target", "  "], "the target text is empty")]:
+        assert main([*base, *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("lmlab: error:") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()

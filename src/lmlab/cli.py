@@ -1513,13 +1513,33 @@ def _influence_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--proj-dim", type=int, default=0, metavar="K",
                    help="random-project the per-document gradients to K numbers (TRAK's projection; 0: exact dot "
                         "products, the default)")
+    u = p.add_argument_group("your run: which of its training passages helped or hurt a text (with --run)")
+    u.add_argument("--run", dest="run_dir", help="a run directory with checkpoints (its books must still be there)")
+    u.add_argument("--target", help="the text whose loss the passages move")
+    u.add_argument("--target-file", help="read the target text from this file")
+    u.add_argument("--unit", choices=("paragraph", "document"), default="paragraph", help="what is scored (paragraph)")
+    u.add_argument("--max-passages", type=int, default=2000, help="score a fixed random sample of this many (2000)")
+    u.add_argument("--top", type=int, default=10, help="passages listed as helping and hurting most (10)")
 
 
 @data_lab("influence", "what each document does: TracIn influence (random-projected gradient similarity over "
           "checkpoints) of 200 synthetic documents on a target text, checked against true leave-one-out retraining "
-          "(Spearman rho). Example: lmlab lab data influence --out runs/influence --quick", _influence_arguments)
+          "(Spearman rho); with --run, which passages of your run's books helped or hurt a --target text. "
+          "Example: lmlab lab data influence --out runs/influence --quick", _influence_arguments)
 def _lab_data_influence(args: argparse.Namespace) -> int:
-    from .lab.influence import InfluenceLabConfig, run_influence_lab
+    from .lab.influence import InfluenceLabConfig, run_influence, run_influence_lab
+    if args.run_dir is not None or args.target is not None or args.target_file is not None:
+        if args.run_dir is None or (args.target is None) == (args.target_file is None):
+            raise ValueError("scoring a run's passages takes --run and one of --target or --target-file")
+        if args.max_passages < 1 or args.top < 1 or args.proj_dim < 0:
+            raise ValueError("--max-passages and --top must be >= 1, --proj-dim >= 0")
+        target = args.target if args.target is not None else Path(args.target_file).read_text(encoding="utf-8")
+        res = run_influence(args.run_dir, args.out, target, unit=args.unit, max_passages=args.max_passages,
+                            proj_dim=args.proj_dim, top=args.top, command="lmlab " + " ".join(sys.argv[1:]))
+        best = res["helped"][0]["passage"][:80] if res["helped"] else "none"
+        print(f"influence: {len(res['passages'])} passages; helped most: {best!r}; report: "
+              f"{Path(args.out) / 'report.html'}")
+        return 0
     cfg = InfluenceLabConfig.quick() if args.quick else InfluenceLabConfig()
     cfg = dataclasses.replace(cfg, proj_dim=args.proj_dim)
     res = run_influence_lab(args.out, parse_seeds(args.seeds), cfg, command="lmlab " + " ".join(sys.argv[1:]))

@@ -26,6 +26,7 @@ both per step (TracIn) and from epoch-start checkpoints (TracInCP).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from collections.abc import Sequence
@@ -159,8 +160,8 @@ class InfluenceLabConfig:
     epochs: int = 2
     batch_size: int = 20
     lr: float = 0.01
-    # 0: exact dot products. At k = 128 the projection's noise (std ~ |a||b| / sqrt(k)) swamps the small dot
-    # products of unrelated documents at this model size: rho fell from 0.92 to 0.28 in one measurement
+    # 0: exact dot products. A small k lets the projection's noise (std ~ |a||b| / sqrt(k)) swamp the small dot
+    # products of unrelated documents at this model size (rho against k: docs/LOG.md)
     proj_dim: int = 0
 
     def __post_init__(self) -> None:
@@ -300,3 +301,99 @@ def run_influence_lab(out: str | Path, seeds: list[int], cfg: InfluenceLabConfig
 
 __all__ = ["InfluenceLabConfig", "Projector", "examples", "per_example_grads", "run_influence_lab", "spearman",
            "tracin"]
+
+
+# ---- a user's run: which of its training passages helped or hurt a text ------------------------------------
+
+def passages(texts: Sequence[str], names: Sequence[str], unit: str = "paragraph") -> list[tuple[str, str]]:
+    """(document name, passage text) per paragraph (text between blank lines) or per whole document."""
+    out = []
+    for name, text in zip(names, texts):
+        parts = [text] if unit == "document" else text.split("\n\n")
+        out += [(name, p.strip()) for p in parts if p.strip()]
+    return out
+
+
+def windows(ids: Sequence[int], size: int) -> list[list[int]]:
+    """Consecutive windows of at most size + 1 tokens (size next-token targets each), overlapping by one token so
+    that every next-token pair of `ids` is in exactly one window; nothing for fewer than two tokens."""
+    return [list(ids[i:i + size + 1]) for i in range(0, max(1, len(ids) - 1), size) if len(ids[i:i + size + 1]) > 1]
+
+
+def run_influence(run_dir: str | Path, out: str | Path, target: str, *, unit: str = "paragraph",
+                  max_passages: int = 2000, proj_dim: int = 0, top: int = 10, seed: int = 0,
+                  command: str = "") -> dict[str, Any]:
+    """TracInCP scores of a run's training passages on `target`, from the run's saved checkpoints: per checkpoint c,
+    lr_c × (steps since the previous checkpoint) × <g(target; w_c), g(passage; w_c)>, summed (Pruthi et al. 2020
+    §3.2). A passage longer than the model's context is cut into windows whose scores add up. Exact dot products
+    by default: each passage's gradient is used and dropped, so memory stays at a few gradients whatever the
+    corpus; proj_dim=K projects them first (as TRAK, Park et al. 2023; approximate). `max_passages`: a random sample
+    (fixed by `seed`) of that many when the run has more. results.json has every score; report.html the passages
+    that helped and hurt most."""
+    from ..data import read_document
+    from ..train import TrainConfig, checkpoint_step, checkpoints, lr_at
+    from ..train.checkpoint import checkpoint_model
+    from ..train.trainer import read_run_config
+    run_dir, out = Path(run_dir), Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} exists and is not empty; choose a new folder")
+    if unit not in ("paragraph", "document"):
+        raise ValueError(f"unit must be paragraph or document, got {unit!r}")
+    if not target.strip():
+        raise ValueError("the target text is empty")
+    saved = read_run_config(run_dir)
+    cps = checkpoints(run_dir)
+    if not cps:
+        raise ValueError(f"{run_dir} has no checkpoints (train with --save-every N --keep-last 0 to keep several)")
+    sources = [Path(p) for p in saved.get("sources") or []]
+    missing = [str(p) for p in sources if not p.is_file()]
+    if not sources or missing:
+        raise ValueError(f"the run's books are not where it read them: {', '.join(missing) or 'none recorded'}")
+    t0 = time.perf_counter()
+    tok = Tokenizer.load(run_dir / "tokenizer.json")
+    tc = TrainConfig.from_dict(saved["train"])
+    horizon = json.loads((cps[-1] / "state.json").read_text(encoding="utf-8")).get("schedule_steps")
+    models = [checkpoint_model(p) for p in cps]
+    size = models[0].config.block_size
+    steps = [checkpoint_step(p) for p in cps]
+    # the checkpoint at step s stands for the steps since the previous one; its lr is the schedule's there
+    weights = [lr_at(s - 1, tc, horizon) * (s - prev) for s, prev in zip(steps, [0, *steps[:-1]])]
+    units = passages([read_document(p) for p in sources], [p.name for p in sources], unit)
+    if len(units) > max_passages:
+        keep = np.sort(np.random.default_rng(seed).choice(len(units), max_passages, replace=False))
+        units = [units[i] for i in keep]
+    rows, owner = [], []
+    for u, (_, text) in enumerate(units):
+        for w in windows(tok.encode(text), size):
+            rows.append(w)
+            owner.append(u)
+    tids = tok.encode(target)
+    if len(tids) < 2:
+        raise ValueError("the target text is shorter than two tokens")
+    target_rows = windows(tids, size)
+    window_scores = np.zeros(len(rows))
+    for lo in range(0, len(rows), 256):  # padded to the longest window of each part, not of the whole corpus
+        part = rows[lo:lo + 256]
+        window_scores[lo:lo + len(part)] = tracin(list(zip(models, weights)), examples(part), examples(target_rows),
+                                                  proj_dim or None, seed)
+    scores = np.zeros(len(units))
+    np.add.at(scores, np.asarray(owner, dtype=np.int64), window_scores)
+    rank = np.argsort(-scores)
+    row = lambda i: {"document": units[i][0], "passage": units[i][1][:300], "TracIn score": float(scores[i])}  # noqa: E731
+    helped, hurt = [row(i) for i in rank[:top] if scores[i] > 0], [row(i) for i in rank[::-1][:top] if scores[i] < 0]
+    measured = (f"{len(units)} {unit}s ({len(rows)} windows of up to {size} tokens) scored at {len(cps)} checkpoints "
+                f"(steps {', '.join(map(str, steps))}); {int((scores > 0).sum())} helped, {int((scores < 0).sum())} "
+                f"hurt the target's loss")
+    results = {"run": str(run_dir), "target": target, "unit": unit, "checkpoints": steps, "weights": weights,
+               "proj_dim": proj_dim or None, "passages": [{"document": d, "text": t, "score": float(s)}
+                                                          for (d, t), s in zip(units, scores)],
+               "helped": helped, "hurt": hurt, "speed": {"wall_s": time.perf_counter() - t0}}
+    write_report(out, "influence", "Which training passages lowered (helped) or raised (hurt) the loss of a text, by "
+                 "gradient similarity over the run's checkpoints (TracInCP, Pruthi et al. 2020).", measured, {},
+                 helped, [], results, command or f"lmlab lab data influence --run {run_dir}",
+                 [("passages that hurt most", hurt)], title="lmlab lab data", claim_label="<b>What it shows</b>",
+                 note="TracIn score: sum over checkpoints of lr × steps it stands for × <gradient of the target's "
+                 "loss, gradient of the passage's loss> (exact unless --proj-dim). Positive: a step on the passage "
+                 "lowers the target's loss. On a tiny model `lmlab lab data influence` (without --run) checks these "
+                 "scores against true leave-one-out retraining.")
+    return results
