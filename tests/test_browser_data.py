@@ -37,6 +37,8 @@ def test_the_data_tab(tmp_path, browser):  # noqa: F811
             ("overview", {"model": "m", "planned_tokens": 10 * len(BOOK)}), ("duplicates", {}),
             ("filters", {"spec": "gopher,c4,fineweb"}), ("contamination", {"task": "tasks/river.yaml"}),
             ("drift", {}))}
+        paragraphs = c.get("/api/v1/books/river.txt/data/filters", params={"spec": "fineweb",
+                                                                             "level": "paragraph"}).json()
     try:
         with ui_page(browser, SHOTS / "data") as (page, shot):
             page.set_viewport_size({"width": 1400, "height": 900})
@@ -64,6 +66,14 @@ def test_the_data_tab(tmp_path, browser):  # noqa: F811
             page.wait_for_selector("#dt-receipts")
             names = page.eval_on_selector_all("#dt-receipts tbody td:first-child", "ds => ds.map(d => d.textContent)")
             assert names == [r["name"] for r in api["filters"]["filters"]]
+            for name in ("gopher", "c4"):  # Gopher's 50 words and C4's 3 sentences: no paragraph here has them
+                page.uncheck(f'#dt-filters .checks input[value="{name}"]')
+            page.check("#dt-per-paragraph")
+            page.click("#dt-filters-go")
+            page.wait_for_selector("#dt-filters-summary:has-text('paragraph by paragraph')")
+            assert page.inner_text("#dt-filters-summary") == (
+                f"Judged paragraph by paragraph: {paragraphs['paragraphs_kept']} of 11 paragraphs pass, "
+                f"{paragraphs['characters_kept']:,} of {len(BOOK):,} characters stay.")
 
             page.select_option("#dt-task", "tasks/river.yaml")
             page.click("#dt-contam-go")

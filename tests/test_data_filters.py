@@ -303,3 +303,33 @@ def test_cli_train_filters_its_sources_before_the_tokenizer_and_records_them(tmp
         assert message in capsys.readouterr().err and not (tmp_path / "x").exists()
     assert main(["train", "--out", str(run), "--resume", "--filters", "c4"]) == 2
     assert "drop --filters" in capsys.readouterr().err
+
+
+def test_paragraph_level_judges_each_paragraph_and_a_document_keeps_those_that_pass(tmp_path, capsys):
+    a = ("Alpha one two three four five six seven eight.\n\nBeta { one two three four five six seven eight.\n\n\n"
+         "Gamma one two three four five six seven eight.")
+    b = "Delta { one two three four five six seven eight."
+    kept, r = apply_filters([a, b], ["a.txt", "b.txt"], parse_filters("c4:min_sentences=1,fineweb", "paragraph"))
+    assert kept == ["Alpha one two three four five six seven eight.\n\n"
+                    "Gamma one two three four five six seven eight.", None]
+    assert apply_filters([a, b], ["a.txt", "b.txt"], parse_filters("c4:min_sentences=1"))[0] == [None, None]
+    assert {k: r[k] for k in ("level", "documents_in", "documents_kept", "paragraphs_in", "paragraphs_kept")} == \
+        {"level": "paragraph", "documents_in": 2, "documents_kept": 1, "paragraphs_in": 4, "paragraphs_kept": 2}
+    c4, fw = r["filters"]
+    assert (c4["paragraphs_in"], c4["paragraphs_removed"], c4["documents_in"], c4["documents_removed"]) == (4, 2, 2, 1)
+    assert c4["removed_by_rule"] == {"curly_brace": 2} and [e["document"] for e in c4["examples"]] == ["a.txt ¶2",
+                                                                                                      "b.txt ¶1"]
+    assert c4["characters_removed"] == len("Beta { one two three four five six seven eight.") + len(b)
+    assert (fw["paragraphs_in"], fw["paragraphs_removed"], fw["documents_in"], fw["documents_removed"]) == (2, 0, 1, 0)
+    with pytest.raises(ValueError, match="the filter level must be one of document, paragraph"):
+        parse_filters("c4", "line")
+    (tmp_path / "a.txt").write_text(a, encoding="utf-8")
+    (tmp_path / "b.txt").write_text(b, encoding="utf-8")
+    assert main(["data", "filter", str(tmp_path / "a.txt"), str(tmp_path / "b.txt"), "--filters", "c4:min_sentences=1",
+                 "--filter-level", "paragraph", "--out", str(tmp_path / "kept")]) == 0
+    assert "1 of 2 documents kept, 2 of 4 paragraphs" in capsys.readouterr().out
+    assert (tmp_path / "kept" / "a.txt").read_text(encoding="utf-8") == kept[0]
+    assert not (tmp_path / "kept" / "b.txt").exists()
+    assert main(["data", "prepare", str(tmp_path / "a.txt"), "--tokenizer", "x", "--out", str(tmp_path / "d"),
+                 "--filter-level", "paragraph"]) == 2
+    assert "--filter-level applies to --filters" in capsys.readouterr().err

@@ -100,6 +100,14 @@ def test_filters_are_apply_filters(dt):
     kept, receipts = apply_filters([BOOK], ["river.txt"], parse_filters("c4,fineweb"))
     assert f["kept"] == (kept[0] is not None)
     assert {k: f[k] for k in receipts} == receipts
+    # each paragraph judged on its own: C4's three-sentence minimum removes all eleven one-sentence paragraphs
+    p = get(dt, "filters", spec="c4,fineweb", level="paragraph").json()
+    kept, receipts = apply_filters([BOOK], ["river.txt"], parse_filters("c4,fineweb", "paragraph"))
+    assert {k: p[k] for k in receipts} == receipts and p["level"] == "paragraph"
+    assert (p["paragraphs_in"], p["paragraphs_kept"], p["kept"]) == (11, 0, False)
+    p = get(dt, "filters", spec="c4:min_sentences=1", level="paragraph").json()
+    assert (p["paragraphs_in"], p["paragraphs_kept"], p["kept"]) == (11, 11, True)
+    assert get(dt, "filters", spec="c4", level="line").status_code == 422
 
 
 def test_contamination_flags_the_planted_item(dt):

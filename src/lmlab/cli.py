@@ -324,18 +324,39 @@ def _prepare_arguments(d: argparse.ArgumentParser) -> None:
     d.add_argument("--seq-len", type=int, help="refuse a corpus without one training window of this length")
     d.add_argument("--filters", help=_FILTERS_HELP + "; they run before tokenising and are recorded in "
                    "tokens.json, receipts with examples in OUT/receipts.json")
+    _filter_level_argument(d)
 
 
 _FILTERS_HELP = ("quality filters, run in order: a comma list of gopher, c4, fineweb, lang=CODE "
                  "(lang=ru+uk), each with optional :KEY=VALUE thresholds, e.g. gopher:max_words=1000000")
 
 
+def _filter_level_argument(d: Any) -> None:
+    d.add_argument("--filter-level", choices=("document", "paragraph"),
+                   help="what the filters judge: whole documents (a book is one), or each paragraph on its own "
+                        "(a document keeps the paragraphs that pass); default document")
+
+
+def _filters(args: argparse.Namespace) -> Any:
+    """--filters and --filter-level as a FilterPlan, or () without --filters."""
+    from .data.filters import parse_filters
+    if args.filters is None:
+        if args.filter_level is not None:
+            raise ValueError("--filter-level applies to --filters: give them too")
+        return ()
+    return parse_filters(args.filters, args.filter_level or "document")
+
+
 def _print_receipts(receipts: dict) -> None:
-    print(f"filters: {receipts['documents_kept']} of {receipts['documents_in']} documents kept, "
+    paragraphs = (f"{receipts['paragraphs_kept']} of {receipts['paragraphs_in']} paragraphs, "
+                  if "paragraphs_in" in receipts else "")
+    print(f"filters: {receipts['documents_kept']} of {receipts['documents_in']} documents kept, {paragraphs}"
           f"{receipts['characters_kept']:,} of {receipts['characters_in']:,} characters")
     for r in receipts["filters"]:
         rules = ", ".join(f"{k} {v}" for k, v in {**r["removed_by_rule"], **r["lines_removed_by_rule"]}.items())
-        print(f"  {r['name']:<8} removed {r['documents_removed']} of {r['documents_in']} documents, "
+        paragraphs = (f"{r['paragraphs_removed']} of {r['paragraphs_in']} paragraphs, " if "paragraphs_in" in r
+                      else "")
+        print(f"  {r['name']:<8} removed {paragraphs}{r['documents_removed']} of {r['documents_in']} documents, "
               f"{r['characters_removed']:,} characters" + (f" ({rules})" if rules else ""))
         for ex in r["examples"][:3]:
             print(f"    {ex['document']}: {ex['rule']} = {ex['value']} (keep: {ex['limit']})")
@@ -359,11 +380,10 @@ def _data_prepare(args: argparse.Namespace) -> int:
     import json
 
     from .data import prepare
-    from .data.filters import parse_filters
     from .models import ModelConfig
     from .tokenizers import Tokenizer
 
-    filters = parse_filters(args.filters) if args.filters is not None else ()
+    filters = _filters(args)
     tok = Tokenizer.load(args.tokenizer)
     cfg = ModelConfig.preset(args.preset, vocab_size=tok.vocab_size) if args.preset else None
     ds = prepare(args.sources, tok, args.out, val_fraction=args.val_fraction, weights=parse_weights(args.weight),
@@ -388,6 +408,7 @@ def _data_prepare(args: argparse.Namespace) -> int:
 def _filter_arguments(d: argparse.ArgumentParser) -> None:
     d.add_argument("sources", nargs="+", help="files, folders or globs (.txt .md .html .epub .pdf)")
     d.add_argument("--filters", required=True, help=_FILTERS_HELP)
+    _filter_level_argument(d)
     d.add_argument("--out", required=True, help="a new or empty folder: the kept texts (NAME.txt) + receipts.json")
     from .data.filters import filter_help
 
@@ -402,10 +423,10 @@ def _data_filter(args: argparse.Namespace) -> int:
 
     from .data import find_documents, read_document
     from .data.dataset import _document_names
-    from .data.filters import apply_filters, parse_filters
+    from .data.filters import apply_filters
     from .files import staged_dir
 
-    filters = parse_filters(args.filters)
+    filters = _filters(args)
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"--out {out} exists and is not an empty folder; choose a new one (nothing is overwritten)")
@@ -601,6 +622,7 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     d.add_argument("--weight", action="append", default=[], metavar="NAME=W", help="document sampling weight")
     d.add_argument("--filters", help=_FILTERS_HELP + "; they run on SOURCES before the tokenizer and the token file "
                    "are made, and are recorded with the data (RUN/data/tokens.json, receipts.json)")
+    _filter_level_argument(d)
     p.add_argument("--eval-tasks", help="comma list of tasks (files or shipped names) scored at every evaluation; "
                    "their metrics join metrics.jsonl as TASK/METRIC (give it again on --resume)")
     add_lora_arguments(p)
@@ -614,7 +636,7 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
 # what a new run is made of; a resumed run has its own
 _LORA_FLAGS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
 _NEW_RUN_ONLY = ("sources", "preset", "model_config", "init", "dataset", "tokenizer", "tokenizer_kind", "vocab_size",
-                 "val_fraction", "weight", "filters", *_LORA_FLAGS)
+                 "val_fraction", "weight", "filters", "filter_level", *_LORA_FLAGS)
 
 
 @command("train", "train a model on your books (or resume a run)", _train_arguments)
@@ -645,9 +667,8 @@ def _train(args: argparse.Namespace) -> int:
             model_config = ModelConfig.from_dict({**read_config_file(args.model_config), **model_fields})
             model_fields = {}
         data = {k: v for k in ("tokenizer_kind", "vocab_size", "val_fraction") if (v := getattr(args, k)) is not None}
-        if args.filters is not None:
-            from .data.filters import parse_filters
-            data["filters"] = parse_filters(args.filters)
+        if args.filters is not None or args.filter_level is not None:
+            data["filters"] = _filters(args)
         result = train_from_sources(
             args.out, config, sources=args.sources, dataset=args.dataset, preset=args.preset,
             model_config=model_config, model_fields=model_fields, init=args.init, tokenizer=args.tokenizer,

@@ -13,7 +13,8 @@ symbol (Unicode categories P*, S*), so "—" and "..." are not words; a word's *
 punctuation at its ends. The heuristics were made for English web pages: the rules marked "language-specific"
 below choose their word lists by the text's script (Cyrillic when it has more Cyrillic letters than Latin
 ones), the rest hold for any alphabetic language. A whole book is one document: Gopher's max_words (100,000)
-removes a novel; raise it for books (War and Peace is about 560,000 words).
+removes a novel; raise it for books (War and Peace is about 560,000 words), or judge each paragraph on its own
+(`--filter-level paragraph`: a book keeps the paragraphs that pass).
 """
 
 from __future__ import annotations
@@ -285,8 +286,25 @@ def filter_help() -> str:
     return "\n".join(out)
 
 
-def parse_filters(spec: str) -> list[_Filter]:
-    """"gopher,c4:min_sentences=5,lang=ru+uk" -> [Gopher(), C4(min_sentences=5), Lang(langs=("ru", "uk"))]."""
+LEVELS = ("document", "paragraph")
+_PARAGRAPH = re.compile(r"\n[ \t\r\f\v]*\n\s*")  # a blank line (and what follows it up to the next text)
+
+
+class FilterPlan(list):
+    """The filters in order, and what each judges: whole documents (`level` "document"), or each paragraph (text
+    between blank lines) of them as a document of its own, a document keeping the paragraphs that pass."""
+
+    def __init__(self, filters: Sequence[_Filter] = (), level: str = "document") -> None:
+        if level not in LEVELS:
+            raise ValueError(f"the filter level must be one of {', '.join(LEVELS)}, got {level!r}")
+        super().__init__(filters)
+        self.level = level
+
+
+def parse_filters(spec: str, level: str = "document") -> FilterPlan:
+    """"gopher,c4:min_sentences=5,lang=ru+uk" -> [Gopher(), C4(min_sentences=5), Lang(langs=("ru", "uk"))], judging
+    `level` units (document or paragraph)."""
+    plan = FilterPlan(level=level)  # the level first: a bad one fails before the spec is read
     out = []
     for item in (s.strip() for s in spec.split(",")):
         if not item:
@@ -315,14 +333,18 @@ def parse_filters(spec: str) -> list[_Filter]:
             raise ValueError(f"filter {name}: {exc}") from None
     if not out:
         raise ValueError(f"no filter named in {spec!r}")
-    return out
+    plan.extend(out)
+    return plan
 
 
 def apply_filters(texts: Sequence[str], names: Sequence[str], filters: Sequence[_Filter],
                   ) -> tuple[list[str | None], dict[str, Any]]:
     """Run the filters in order over the documents; a document removed by one is not shown to the next.
     Returns the kept texts (None where removed) and the receipts: per filter its parameters, the documents
-    and characters it removed, the count per rule, the lines it dropped, and the first EXAMPLES removals."""
+    and characters it removed, the count per rule, the lines it dropped, and the first EXAMPLES removals.
+    A FilterPlan at level "paragraph" judges every paragraph alone (see by_paragraph)."""
+    if getattr(filters, "level", "document") == "paragraph":
+        return by_paragraph(texts, names, filters)
     kept: list[str | None] = list(texts)
     receipts = []
     for f in filters:
@@ -350,6 +372,40 @@ def apply_filters(texts: Sequence[str], names: Sequence[str], filters: Sequence[
                "characters_in": sum(map(len, texts)), "characters_kept": sum(len(t) for t in kept if t is not None),
                "filters": receipts}
     return kept, summary
+
+
+def by_paragraph(texts: Sequence[str], names: Sequence[str], filters: Sequence[_Filter],
+                 ) -> tuple[list[str | None], dict[str, Any]]:
+    """The filters on each paragraph (named "NAME ¶K") as a document of its own; a document keeps its passing
+    paragraphs, joined by blank lines, and is removed when none passes. Each filter's receipt counts paragraphs
+    (paragraphs_in, paragraphs_removed; removed_by_rule and examples are per paragraph) and the documents it left
+    without any (documents_in, documents_removed); characters count the paragraphs' own text."""
+    units, owner, unit_names = [], [], []
+    for d, text in enumerate(texts):
+        for k, part in enumerate(p for p in _PARAGRAPH.split(text) if p.strip()):
+            units.append(part.strip("\n"))
+            owner.append(d)
+            unit_names.append(f"{names[d]} ¶{k + 1}")
+    kept: list[str | None] = list(units)
+    alive = lambda: {owner[i] for i, u in enumerate(kept) if u is not None}  # noqa: E731
+    receipts = []
+    for f in filters:
+        idx, before = [i for i, u in enumerate(kept) if u is not None], alive()
+        out, summary = apply_filters([kept[i] for i in idx], [unit_names[i] for i in idx], [f])
+        for j, i in enumerate(idx):
+            kept[i] = out[j]
+        r = summary["filters"][0]
+        r.update(paragraphs_in=r.pop("documents_in"), paragraphs_removed=r.pop("documents_removed"))
+        receipts.append({"name": r.pop("name"), "params": r.pop("params"), "documents_in": len(before),
+                         "documents_removed": len(before - alive()), **r})
+    docs: list[str | None] = [None] * len(texts)
+    for d in range(len(texts)):
+        parts = [u for i, u in enumerate(kept) if owner[i] == d and u is not None]
+        docs[d] = "\n\n".join(parts) if parts else None
+    return docs, {"level": "paragraph", "documents_in": len(texts), "documents_kept": sum(t is not None for t in docs),
+                  "paragraphs_in": len(units), "paragraphs_kept": sum(u is not None for u in kept),
+                  "characters_in": sum(map(len, texts)), "characters_kept": sum(len(t) for t in docs if t is not None),
+                  "filters": receipts}
 
 
 def without_examples(receipts: dict[str, Any]) -> dict[str, Any]:

@@ -9,7 +9,7 @@ same library functions as `lmlab data inspect | dedup | filter | contamination`.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, HTTPException, Query
@@ -92,14 +92,16 @@ def book_duplicates(state: StateDep, name: str, ngram: int = Query(5, ge=1, le=5
             summary="what the quality filters would do to a book (as lmlab data filter; nothing is written): "
                     "receipts per filter with the rule, value and limit of each removal")
 def book_filters(state: StateDep, name: str,
-                 spec: str = Query(..., min_length=1, max_length=500, description="e.g. gopher,c4,fineweb,lang=ru")
+                 spec: str = Query(..., min_length=1, max_length=500, description="e.g. gopher,c4,fineweb,lang=ru"),
+                 level: Literal["document", "paragraph"] = Query("document", description="what the filters judge: "
+                                                                 "the whole book, or each paragraph on its own")
                  ) -> dict[str, Any]:
     _, text = book_full_text(state, name)
     try:
-        kept, receipts = apply_filters([text], [name], parse_filters(spec))
+        kept, receipts = apply_filters([text], [name], parse_filters(spec, level))
     except ValueError as exc:
         raise _bad(exc) from None
-    return {"book": name, "spec": spec, "kept": kept[0] is not None, **receipts}
+    return {"book": name, "spec": spec, "level": level, "kept": kept[0] is not None, **receipts}
 
 
 @router.get("/books/{name}/data/contamination", tags=["data"],

@@ -28,7 +28,8 @@ export function initData(app) {
       h("div", { class: "actions" }, i("data.find", { tag: "button", type: "button", id: "dt-dups-go", onclick: () => run("duplicates") })), h("div", { class: "dt-out" })),
     card("dt-filters", "data.filters", i("data.filters_note", { tag: "p", class: "muted" }),
       h("div", { class: "checks" }, ...["gopher", "c4", "fineweb"].map((f) => h("label", { class: "check" }, h("input", { type: "checkbox", value: f, checked: true }), " " + f)),
-        field("data.lang", h("input", { id: "dt-lang", placeholder: "ru", size: 6, maxlength: "20" }))),
+        field("data.lang", h("input", { id: "dt-lang", placeholder: "ru", size: 6, maxlength: "20" })),
+        h("label", { class: "check" }, h("input", { type: "checkbox", id: "dt-per-paragraph" }), " ", i("data.per_paragraph"))),
       h("div", { class: "actions" }, i("data.check", { tag: "button", type: "button", id: "dt-filters-go", onclick: () => run("filters") })), h("div", { class: "dt-out" })),
     card("dt-contam", "data.contam", i("data.contam_note", { tag: "p", class: "muted" }),
       h("div", { class: "form-grid" }, field("data.task", h("select", { id: "dt-task" })), field("data.n", h("input", { id: "dt-n", type: "number", min: 1, max: 100, value: 13 }))),
@@ -80,10 +81,11 @@ async function run(card) {
     if ($("#dt-model").value) q.set("model", $("#dt-model").value);
     if ($("#dt-planned").value) q.set("planned_tokens", $("#dt-planned").value);
   } else if (card === "filters") {
-    const names = [...document.querySelectorAll("#dt-filters .checks input:checked")].map((x) => x.value);
+    const names = [...document.querySelectorAll("#dt-filters .checks input:checked:not(#dt-per-paragraph)")].map((x) => x.value);
     if ($("#dt-lang").value.trim()) names.push("lang=" + $("#dt-lang").value.trim());
     if (!names.length) return message(out, A.t("data.pick_filter"), false);
     q.set("spec", names.join(","));
+    if ($("#dt-per-paragraph").checked) q.set("level", "paragraph");
   } else if (card === "contamination") {
     q.set("task", $("#dt-task").value);
     q.set("n", $("#dt-n").value || "13");
@@ -131,8 +133,10 @@ function draw() {
   }
   if (R.filters) {
     const f = R.filters;
-    $(OUT.filters).replaceChildren(h("p", { id: "dt-filters-summary", class: f.kept ? "ok" : "bad", text: f.kept
-      ? t("data.filters_kept", { kept: A.fmtNum(f.characters_kept), total: A.fmtNum(f.characters_in) }) : t("data.filters_removed") }),
+    $(OUT.filters).replaceChildren(h("p", { id: "dt-filters-summary", class: f.kept ? "ok" : "bad", text: !f.kept ? t("data.filters_removed")
+      : f.level === "paragraph" ? t("data.filters_kept_paragraphs", { kept: A.fmtNum(f.characters_kept), total: A.fmtNum(f.characters_in),
+        pkept: A.fmtNum(f.paragraphs_kept), ptotal: A.fmtNum(f.paragraphs_in) })
+        : t("data.filters_kept", { kept: A.fmtNum(f.characters_kept), total: A.fmtNum(f.characters_in) }) }),
     table("dt-receipts", [t("data.filter"), t("data.removed_doc"), t("data.removed_chars"), t("data.rules")], f.filters.map((r) => [r.name,
       r.documents_removed ? t("data.yes") : "—", A.fmtNum(r.characters_removed),
       [...Object.entries(r.removed_by_rule), ...Object.entries(r.lines_removed_by_rule).map(([k, v]) => [k + " " + t("data.lines"), v])].map(([k, v]) => `${k}: ${v}`).join(", ") || "—"])),
