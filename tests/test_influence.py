@@ -77,10 +77,10 @@ def test_spearman_with_ties():
                                                                math.sqrt(float(r @ r) * 5.0))
 @pytest.mark.slow
 def test_tracin_ranks_documents_like_leave_one_out(tmp_path):
-    """The must-show: 200 documents, a 0.12M model, rho >= 0.3 against true (deterministic) leave-one-out."""
+    """The must-show: 200 documents, a 0.19M model, rho >= 0.3 against true (deterministic) leave-one-out."""
     assert main(["lab", "data", "influence", "--out", str(tmp_path / "inf")]) == 0
     res = json.loads((tmp_path / "inf" / "results.json").read_text())
-    assert len(res["per_seed"][0]["loo"]) == 200
+    assert len(res["per_seed"][0]["loo"]) == 200 and res["per_seed"][0]["parameters"] == 186_480
     assert res["per_seed"][0]["spearman"] >= 0.3
 
 

@@ -155,7 +155,7 @@ class InfluenceLabConfig:
     cities: int = 8
     jobs: int = 8
     n_layer: int = 2
-    n_embd: int = 64
+    n_embd: int = 80  # 186,480 parameters with the biographies' vocabulary: the issue's "0.2M model"
     n_head: int = 4
     epochs: int = 2
     batch_size: int = 20
