@@ -256,7 +256,7 @@ def purity(feats: torch.Tensor, labels: torch.Tensor, n_classes: int, min_count:
     tokens at all (`labelled_share`), not which class it belongs to, and counting it as impurity made a
     feature's score mostly that selectivity. feats (N, F) >= 0; labels (N,) in -1 or 0..n_classes-1. NaN for
     features firing on fewer than `min_count` labelled tokens: the majority share of a few firings is biased up
-    (5 firings spread at random over 6 balanced classes give ~0.45)."""
+    (by count, 5 firings spread at random over 6 balanced classes give 0.43 on average, 20 give 0.29)."""
     m = labels >= 0
     feats, labels = feats[m].double(), labels[m]
     onehot = F.one_hot(labels, n_classes).double()                             # (N, C)
