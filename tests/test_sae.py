@@ -15,11 +15,13 @@ from lmlab.lab.interp.sae import (
     SparseAutoencoder,
     Splice,
     evaluate,
+    labelled_share,
     lm_loss,
     load_sae,
     loss_recovered,
     purity,
     save_sae,
+    superiority,
     train_sae,
 )
 from lmlab.lab.interp.saelab import attribute_labels, trace_sites
@@ -144,11 +146,27 @@ def test_topk_sae_recovers_planted_sparse_features(one_thread):
 
 
 def test_purity_on_a_hand_made_fixture():
-    feats = torch.tensor([[1.0, 1, 0], [2, 0, 0], [0, 1, 0], [0, 2, 0], [0, 0, 3]])
-    labels = torch.tensor([0, 0, 1, -1, 1])
+    feats = torch.tensor([[1.0, 1, 0, 1], [2, 0, 0, 0], [0, 1, 0, 0], [0, 2, 0, 5], [0, 0, 3, 0], [0, 0, 0, 1]])
+    labels = torch.tensor([0, 0, 1, -1, 1, 1])
     p = purity(feats, labels, 2, min_count=2)
-    # f0: 3 of 3 on class 0; f1: 1 on class 0, 1 on class 1, 2 unlabelled -> 1/4; f2: one labelled firing only
-    assert p[0] == 1.0 and p[1] == 0.25 and np.isnan(p[2])
+    # f0: 3 of 3 on class 0; f1: 1 on class 0, 1 on class 1 (its 2 on an unlabelled token do not count) -> 1/2;
+    # f2: one labelled firing only; f3: 1 on each class, 5 unlabelled -> 1/2, not 1/7
+    assert p[0] == 1.0 and p[1] == 0.5 and np.isnan(p[2]) and p[3] == 0.5
+    np.testing.assert_array_equal(labelled_share(feats, labels), [1.0, 0.5, 1.0, 2 / 7])
+    # the default asks for 20 labelled firings: a feature seen 19 times is not scored
+    assert np.isnan(purity(torch.ones(19, 1), torch.zeros(19, dtype=torch.long), 2)[0])
+    assert purity(torch.ones(20, 1), torch.zeros(20, dtype=torch.long), 2)[0] == 1.0
+
+
+def test_superiority_is_vargha_delaney_a_and_mann_whitney():
+    assert superiority([3, 4], [1, 2])[0] == 1.0 and superiority([1, 2], [3, 4])[0] == 0.0
+    assert superiority([1, 2], [1, 2])[0] == 0.5 and superiority([1], [1]) == (0.5, 0.5)
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 10, 40) / 10, rng.integers(0, 12, 55) / 12       # ties within and across
+    A, p = superiority(a, b)
+    ref = stats.mannwhitneyu(a, b, alternative="greater", method="asymptotic", use_continuity=True)
+    assert A == pytest.approx(ref.statistic / (40 * 55), abs=1e-12) and p == pytest.approx(ref.pvalue, rel=1e-9)
 
 
 def test_attribute_labels_mark_the_value_tokens():

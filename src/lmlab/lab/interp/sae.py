@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -247,15 +248,46 @@ def load_sae(path: str | Path) -> SparseAutoencoder:
 
 # ---- ground truth: purity -----------------------------------------------------------------------------------
 
-def purity(feats: torch.Tensor, labels: torch.Tensor, n_classes: int, min_count: int = 5) -> np.ndarray:
-    """Per feature, the share of its activation mass (over all tokens given) on the tokens of its majority class:
-    max_j sum_{t: label_t = j} f_t / sum_t f_t. feats (N, F) >= 0; labels (N,) in -1 (no class) or 0..n_classes-1.
-    NaN for features that fire on fewer than `min_count` labelled tokens (nothing to be pure about)."""
-    feats = feats.double()
-    onehot = F.one_hot(labels.clamp_min(0), n_classes).double() * (labels >= 0)[:, None]   # (N, C)
+def purity(feats: torch.Tensor, labels: torch.Tensor, n_classes: int, min_count: int = 20) -> np.ndarray:
+    """Per feature, the share of its activation mass on labelled tokens that falls on its majority class:
+    max_j sum_{t: label_t = j} f_t / sum_{t: label_t >= 0} f_t (1 / n_classes at best spread, 1 = one class),
+    Bricken et al. 2023's activation-weighted specificity taken over the labelled tokens only. Tokens without a
+    class (label -1) are left out: firing on a template word says how selective a feature is for labelled
+    tokens at all (`labelled_share`), not which class it belongs to, and counting it as impurity made a
+    feature's score mostly that selectivity. feats (N, F) >= 0; labels (N,) in -1 or 0..n_classes-1. NaN for
+    features firing on fewer than `min_count` labelled tokens: the majority share of a few firings is biased up
+    (by count, 5 firings spread at random over 6 balanced classes give 0.43 on average, 20 give 0.29)."""
+    m = labels >= 0
+    feats, labels = feats[m].double(), labels[m]
+    onehot = F.one_hot(labels, n_classes).double()                             # (N, C)
     mass = onehot.T @ feats                                                    # (C, F)
-    count = onehot.T @ (feats > 0).double()
-    total = feats.sum(0)
-    out = (mass.max(0).values / total.clamp_min(1e-30)).numpy()
-    out[(count.sum(0) < min_count).numpy()] = np.nan
+    out = (mass.max(0).values / feats.sum(0).clamp_min(1e-30)).numpy()
+    out[((feats > 0).sum(0) < min_count).numpy()] = np.nan
     return out
+
+
+def labelled_share(feats: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+    """Per feature, the share of its activation mass on labelled tokens (labels >= 0); NaN if it never fires."""
+    feats = feats.double()
+    total = feats.sum(0)
+    return (feats[labels >= 0].sum(0) / total).where(total > 0, torch.nan).numpy()
+
+
+def superiority(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """Vargha & Delaney's A = P(a > b) + P(a = b) / 2 for one draw from each sample (Mann-Whitney U / (n_a n_b)),
+    and the one-sided p-value of a Mann-Whitney U test of "a tends to be larger", from the normal approximation
+    with the tie correction (Mann & Whitney 1947; exact enough for the hundreds of features compared here)."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    n, m = len(a), len(b)
+    if not n or not m:
+        raise ValueError(f"both samples must be non-empty (got {n} and {m})")
+    both = np.concatenate([a, b])
+    _, inv, counts = np.unique(both, return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2)[inv]                        # average ranks, 1-based
+    u = ranks[:n].sum() - n * (n + 1) / 2
+    N = n + m
+    var = n * m / 12 * (N + 1 - (counts ** 3 - counts).sum() / (N * (N - 1))) if N > 1 else 0.0
+    if var <= 0:  # every value equal: no evidence either way
+        return float(u / (n * m)), 0.5
+    z = (u - n * m / 2 - 0.5) / var ** 0.5                                     # continuity-corrected
+    return float(u / (n * m)), float(0.5 * math.erfc(z / 2 ** 0.5))

@@ -19,7 +19,7 @@ import torch
 from ...models import Transformer
 from ..facts.report import _plt, save_figure, write_report
 from .report import HEADING, label, load, stream_labels
-from .sae import SAEConfig, evaluate, purity, save_sae, stream_activations, train_sae
+from .sae import SAEConfig, evaluate, labelled_share, purity, save_sae, stream_activations, superiority, train_sae
 
 CONTEXT = (12, 3)  # tokens shown before and after the activating one
 
@@ -175,19 +175,35 @@ def attribute_labels(es: Any, n_attr: int) -> tuple[torch.Tensor, torch.Tensor]:
     return value, cue
 
 
+# The verdict, fixed before the final 3-seed run: at each site, in every seed, the trained model's features are
+# purer than the control's by a one-sided Mann-Whitney U test at p < 0.01 with a large effect, Vargha & Delaney's
+# A >= 0.71 (their "large" cut-off, https://doi.org/10.3102/10769986025002101: a trained feature is purer than a
+# control feature in at least 71% of pairs). A difference of means was the earlier check; purity is bounded and
+# skewed (many features at 1), so a rank statistic over the two distributions says more.
+VERDICT_P, VERDICT_A = 0.01, 0.71
+QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+
+
 def run_sae_facts(out: str | Path, seeds: list[int], quick: bool = False, command: str = "") -> dict[str, Any]:
     """Per seed: a biographies model trained with the facts lab's runner and an untrained one of the same shape
-    (the control), one TopK SAE on each's middle residual stream, and the purity of every feature for attribute
-    type at value tokens and at the tokens that predict a value."""
+    (the control), one TopK SAE on each's middle residual stream (trained on every token of training
+    biographies), and the purity of every feature for attribute type over the value tokens, and over the tokens
+    that predict a value, of every seen individual's biography on held-out templates."""
     from ..facts.data import ATTRIBUTES, BioConfig, Biographies
+    from ..facts.metrics import attribute_metrics
     from ..facts.runner import RunConfig, load_weights, model_config, run_one
 
     out = Path(out)
-    steps, sae_steps, bios = (300, 600, 256) if quick else (1500, 2000, 1024)
-    rows, traces, dist = [], [], {(m, s): [] for m in ("trained", "random") for s in ("value", "cue")}
+    steps, sae_steps, bios, n = (300, 600, 256, 200) if quick else (1500, 2000, 1024, 1000)
+    sites = ("value", "cue")
+    rows, qrows, stats, traces = [], [], [], []
+    dist = {(m, s): [] for m in ("trained", "random") for s in sites}
+    chance = {(m, s): [] for m in ("trained", "random") for s in sites}
     t0 = time.perf_counter()
     for seed in seeds:
-        rc = RunConfig(bio=BioConfig(n_individuals=200 if quick else 1000, n_unseen=0, seed=seed), steps=steps,
+        # n_eval = n: the purity set holds every seen individual once (7 value tokens each), so a feature that
+        # fires on 1% of tokens still has its 20 labelled firings; 256 biographies left most features unscored
+        rc = RunConfig(bio=BioConfig(n_individuals=n, n_unseen=0, n_eval=n, seed=seed), steps=steps,
                        eval_every=steps, probes=False, seed=seed)
         summary = run_one(rc, out / f"seed{seed}")
         data = Biographies(rc.bio)
@@ -200,7 +216,7 @@ def run_sae_facts(out: str | Path, seeds: list[int], quick: bool = False, comman
         es = data.eval_set("seen_eval")
         keep = es.x != 0                                                      # PAD after the biography
         y = es.y.masked_fill(es.y == 0, -100)
-        value, cue = attribute_labels(es, len(ATTRIBUTES))
+        labels = dict(zip(sites, (lab[keep] for lab in attribute_labels(es, len(ATTRIBUTES)))))
         stream = mc.n_layer // 2 + 1
         traces.append(trace_attributes(trained.eval(), data, 12 if quick else 32, seed))
         for name, model in (("trained", trained), ("random", random)):
@@ -210,30 +226,44 @@ def run_sae_facts(out: str | Path, seeds: list[int], quick: bool = False, comman
             sae, _ = train_sae(stream_activations(model, xt, stream)[xt != 0], cfg)
             acts = stream_activations(model, es.x, stream)
             m = evaluate(sae, model, es.x, y, acts, keep)
+            facts = attribute_metrics(model, es, data.baseline())
             with torch.no_grad():
                 f = sae.encode(acts[keep])
-            row = {"seed": seed, "model": name, "loss_clean": m["loss_clean"], "l0": m["l0"], "fvu": m["fvu"],
-                   "dead_share": m["dead_share"], "loss_recovered": m["loss_recovered"]}
-            for site, lab in (("value", value), ("cue", cue)):
-                lab = lab[keep]
+            rows.append({"seed": seed, "model": name, "fact_acc": facts["acc"], "fact_loss": facts["loss"],
+                         "fact_baseline": data.baseline(), "loss_clean": m["loss_clean"], "l0": m["l0"],
+                         "fvu": m["fvu"], "dead_share": m["dead_share"], "dense_share": m["dense_share"],
+                         "loss_recovered": m["loss_recovered"]})
+            for site, lab in labels.items():
                 p = purity(f, lab, len(ATTRIBUTES))
-                # the same share with only the labelled tokens in the denominator: which attribute a feature
-                # prefers once it fires on values at all (1/6 = no preference, 1 = one attribute)
-                c = purity(f[lab >= 0], lab[lab >= 0], len(ATTRIBUTES))
-                p, c = p[~np.isnan(p)], c[~np.isnan(c)]
-                dist[name, site].append(p)
-                row.update({f"{site}_features": len(p), f"{site}_purity_mean": float(p.mean()) if len(p) else None,
-                            f"{site}_purity_share_over_0.5": float((p > 0.5).mean()) if len(p) else None,
-                            f"{site}_purity_among_labelled_mean": float(c.mean()) if len(c) else None})
-            rows.append(row)
+                scored = ~np.isnan(p)
+                # the null: the same features with the labels shuffled among the labelled tokens
+                shuffled = lab.clone()
+                at = (lab >= 0).nonzero().flatten()
+                shuffled[at] = lab[at[torch.randperm(len(at), generator=torch.Generator().manual_seed(seed))]]
+                c = purity(f, shuffled, len(ATTRIBUTES))
+                share = labelled_share(f, lab)[scored]
+                dist[name, site].append(p[scored])
+                chance[name, site].append(c[~np.isnan(c)])
+                qrows.append({"seed": seed, "model": name, "site": site, "features_scored": int(scored.sum()),
+                              **{f"q{round(100 * q)}": v for q, v in zip(QUANTILES, np.quantile(p[scored], QUANTILES))},
+                              "mean": float(p[scored].mean()), "chance_mean": float(c[~np.isnan(c)].mean()),
+                              "labelled_share_mean": float(share.mean()),
+                              "purity_x_share_mean": float((p[scored] * share).mean())})
+        for site in sites:
+            A, pv = superiority(dist["trained", site][-1], dist["random", site][-1])
+            stats.append({"seed": seed, "site": site, "A": A, "p": pv,
+                          "holds": bool(pv < VERDICT_P and A >= VERDICT_A)})
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), dpi=100)
-    for ax, site in zip(axes, ("value", "cue")):
-        for name in ("trained", "random"):
-            ax.hist(np.concatenate(dist[name, site]), bins=20, range=(0, 1), alpha=0.5, label=name, density=True)
-        ax.set(title=f"purity for attribute type at {site} tokens", xlabel="purity (share of mass on the majority "
-               "attribute)", ylabel="density over features (all seeds)", yscale="log")
-        ax.legend()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), dpi=100)
+    for ax, site in zip(axes, sites):
+        for i, seed in enumerate(seeds):
+            for name, ls in (("trained", "-"), ("random", "--")):
+                ax.hist(dist[name, site][i], bins=20, range=(0, 1), histtype="step", density=True, ls=ls,
+                        color=f"C{i}", label=f"{name}, seed {seed}")
+        ax.axvline(1 / len(ATTRIBUTES), color="grey", lw=0.8)
+        ax.set(title=f"purity for attribute type at {site} tokens", xlabel="purity (share of the mass on "
+               f"{site} tokens on the majority attribute)", ylabel="density over scored features")
+        ax.legend(fontsize=7)
     plot = save_figure(fig, out / "purity.png")
     trace = np.mean(traces, 0)                                                # (A, L + 1, sites)
     fig, axes = plt.subplots(1, len(ATTRIBUTES), figsize=(3 * len(ATTRIBUTES), 3.2), dpi=100, sharey=True)
@@ -249,32 +279,41 @@ def run_sae_facts(out: str | Path, seeds: list[int], quick: bool = False, comman
     trace_rows = [{"attribute": attr, "stream": sl, **{site: round(float(v), 4) for site, v in zip(SITES, row)}}
                   for attr, t in zip(ATTRIBUTES, trace) for sl, row in zip(stream_labels(len(t) - 1), t)]
 
-    def gap(site: str, seed: int) -> float:
-        t, r = (next(r[f"{site}_purity_mean"] for r in rows if r["seed"] == seed and r["model"] == n) or 0.0
-                for n in ("trained", "random"))
-        return t - r
+    def per_seed(site: str, model: str, key: str) -> str:
+        return ", ".join(f"{r[key]:.3f}" for r in qrows if r["site"] == site and r["model"] == model)
 
-    gaps = {site: [gap(site, s) for s in seeds] for site in ("value", "cue")}
     measured = "; ".join(
-        f"{site} tokens: mean purity trained " + ", ".join(f"{r[f'{site}_purity_mean']:.3f}" for r in rows
-                                                           if r["model"] == "trained")
-        + " vs random " + ", ".join(f"{r[f'{site}_purity_mean']:.3f}" for r in rows if r["model"] == "random")
-        + " (seeds " + ",".join(map(str, seeds)) + ")" for site in ("value", "cue"))
-    results = {"seeds": seeds, "quick": quick, "stream": stream, "gaps": gaps, "wall_s": time.perf_counter() - t0,
+        f"{site} tokens: median purity trained {per_seed(site, 'trained', 'q50')} vs random "
+        f"{per_seed(site, 'random', 'q50')} (chance {per_seed(site, 'random', 'chance_mean')}), A "
+        + ", ".join(f"{r['A']:.2f}" for r in stats if r["site"] == site) + ", p "
+        + ", ".join(f"{r['p']:.1e}" for r in stats if r["site"] == site) + " (seeds " + ",".join(map(str, seeds))
+        + ")" for site in sites)
+    results = {"seeds": seeds, "quick": quick, "stream": stream, "stats": stats, "wall_s": time.perf_counter() - t0,
+               "verdict_rule": {"p_below": VERDICT_P, "A_at_least": VERDICT_A},
                "purity": {f"{n}/{s}": [d.tolist() for d in v] for (n, s), v in dist.items()},
+               "chance": {f"{n}/{s}": [d.tolist() for d in v] for (n, s), v in chance.items()},
                "tracing": {"sites": list(SITES), "per_seed": np.array(traces)}}
+    checks = {f"{site}_trained_purer_every_seed (Mann-Whitney p < {VERDICT_P}, A >= {VERDICT_A})":
+              all(r["holds"] for r in stats if r["site"] == site) for site in sites}
     write_report(out, "SAE feature purity on biographies", "Where each value token's attribute is known, features "
                  "of an SAE on a trained model should each belong to one attribute type, clearly more than features "
                  "of the same SAE on an untrained model of the same shape. Purity of a feature: the share of its "
-                 "activation mass (over all tokens of held-out biographies) on the tokens of its majority attribute.",
-                 measured, {f"{site}_purity_higher_than_random_by_0.1_every_seed": min(g) >= 0.1
-                            for site, g in gaps.items()}, rows, [plot, tplot], results, command,
-                 [("causal tracing on the trained models: restored fraction by attribute, stream and site (mean over "
+                 "activation mass over the labelled tokens (value tokens, or the tokens that predict a value) that "
+                 "falls on its majority attribute (1/6: spread evenly, 1: one attribute).",
+                 measured, checks, rows, [plot, tplot], results, command,
+                 [("purity distribution per seed, model and site (quantiles over the scored features)", qrows),
+                  (f"trained against random per seed: Vargha-Delaney A = P(trained feature purer), one-sided "
+                   f"Mann-Whitney p; holds if p < {VERDICT_P} and A >= {VERDICT_A}", stats),
+                  ("causal tracing on the trained models: restored fraction by attribute, stream and site (mean over "
                    "seeds and individuals)", trace_rows)], title=HEADING,
-                 claim_label="<b>Question</b>", note="Features firing on fewer than 5 labelled tokens are left out. "
-                 "Value: the value's own tokens; cue: the token just before a value, where the model predicts it. "
-                 "'among_labelled': the same share with only value (or cue) tokens in the denominator. Causal tracing: "
-                 "the prompt runs up to a value; the corrupted one has another individual's name in every sentence. "
+                 claim_label="<b>Question</b>", note="The SAE is trained on every token; purity is scored on held-out "
+                 "biographies (every seen individual once, held-out templates). Features firing on fewer than 20 "
+                 "labelled tokens are left out. Value: the value's own tokens; cue: the token just before a value, "
+                 "where the model predicts it. chance_mean: the same purity with the labels shuffled among the "
+                 "labelled tokens. labelled_share: the share of a feature's mass on labelled tokens at all; "
+                 "purity_x_share is the earlier all-token measure. fact_acc / fact_loss: the facts lab's attribute "
+                 "accuracy and loss (nats per value; fact_baseline = knowing no individual). Causal tracing: the "
+                 "prompt runs up to a value; the corrupted one has another individual's name in every sentence. "
                  "Numbers in results.json.")
     return results
 
