@@ -329,3 +329,51 @@ def test_lab_ttc_bookkeeping(tmp_path, monkeypatch):
     assert {p.name for p in (tmp_path / "ttc").glob("*.png")} == {"accuracy_tokens_small.png",
                                                                   "accuracy_tokens_large.png", "small_vs_large.png"}
     assert main(["lab", "ttc", "--out", str(tmp_path / "ttc")]) == 2               # never over earlier results
+
+
+def test_api_generate_best_of_vote_and_beam_are_the_librarys(tmp_path, tok):
+    from test_server_support import client, settings
+
+    from lmlab.models.io import load_pretrained
+    from lmlab.server.schemas import GenerateRequest
+    from lmlab.server.services import generation_config
+    from lmlab.tune.rewards import TASKS
+
+    ws = tmp_path / "ws"
+    save_pretrained(ws / "models" / "m", tiny(tok), tok)
+    model, _ = load_pretrained(ws / "models" / "m")
+    prompt, count = "count a in banaka:", TASKS["count"]
+    base = {"model": "m", "prompt": prompt, "max_new_tokens": 6, "seed": 1}
+    cfg = generation_config(GenerateRequest(**base))
+    check = lambda p, t: float(count.check(p, t))  # noqa: E731
+    with client(settings(ws)) as c:
+        got = c.post("/api/v1/generate", json={**base, "best_of": 3, "verifier": "count"}).json()
+        want = ttc.best_of_n(model, tok, prompt, cfg, 3, check, add_bos=True)
+        assert (got["text"], got["candidates"], got["scores"], got["new_tokens"], got["strategy"]) == \
+            (want.text, want.candidates, want.scores, want.tokens, "best-of")
+        got = c.post("/api/v1/generate", json={**base, "best_of": 3}).json()  # the model's own log-prob
+        want = ttc.best_of_n(model, tok, prompt, cfg, 3)
+        assert got["text"] == want.text and got["scores"] == pytest.approx(want.scores, abs=1e-6)
+        got = c.post("/api/v1/generate", json={**base, "vote": 4, "verifier": "count"}).json()
+        want = ttc.self_consistency(model, tok, prompt, cfg, 4, count.extract, add_bos=True)
+        assert (got["text"], got["answer"], got["votes"]) == (want.text, want.answer, want.votes or None)
+        got = c.post("/api/v1/generate", json={"model": "m", "prompt": "sort ", "max_new_tokens": 6, "beam": 2,
+                                               "step_tokens": 2}).json()
+        want = ttc.step_beam_search(model, tok, "sort ", 2, step_tokens=2, max_new_tokens=6)
+        assert (got["text"], got["candidates"], got["new_tokens"]) == (want.text, want.candidates, want.tokens)
+        for body, status, detail in [
+            ({"best_of": 2, "vote": 2, "verifier": "count"}, 422, "give one of best_of, vote and beam"),
+            ({"vote": 2}, 422, "vote needs a task as verifier"),
+            ({"best_of": 2, "verifier": "nope"}, 422, "verifier must be logprob or one of addition"),
+            ({"verifier": "count"}, 422, "verifier and step_tokens are for best_of, vote or beam"),
+            ({"beam": 2, "temperature": 0.5}, 422, "beam is deterministic and stops at EOS: leave out seed, "
+                                                   "temperature"),
+            ({"best_of": 2, "verifier": "addition"}, 422, "the addition task cannot read this prompt"),
+            ({"best_of": 2, "num_beams": 2}, 422, "best_of searches on its own: leave num_beams at 1"),
+            ({"best_of": 2, "max_new_tokens": 200, "stop_at_eos": False}, 422,
+             "prompt + max_new_tokens (18 + 200 tokens) exceeds the model's context (64)"),
+        ]:
+            r = c.post("/api/v1/generate", json={**base, **body})
+            assert r.status_code == status and r.json()["detail"].startswith(detail), (body, r.text)
+        r = c.post("/api/v1/generate/stream", json={**base, "best_of": 2})
+        assert r.status_code == 422 and "use POST /api/v1/generate" in r.json()["detail"]

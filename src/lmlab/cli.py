@@ -199,20 +199,9 @@ def _test_time_compute(args: argparse.Namespace, flag: str, n: int, model: Any, 
     if cfg.num_beams != 1:
         raise ValueError(f"--{flag} searches on its own: leave out --num-beams")
     task = get_task(args.verifier) if args.verifier not in (None, "logprob") else None
-    reward = None if task is None else lambda p, t: float(task.check(p, t))
-    bos = task is not None
-    if flag == "best-of":
-        res = ttc.best_of_n(model, tokenizer, prompt, cfg, n, reward, add_bos=bos)
-        line = f"best of {n} by {args.verifier}: score {max(res.scores):.4g}"
-    elif flag == "vote":
-        res = ttc.self_consistency(model, tokenizer, prompt, cfg, n, task.extract, add_bos=bos)
-        line = f"vote of {n}: answer {res.answer!r} with {res.votes.get(res.answer, 0)} votes ({res.votes})"
-    else:
-        res = ttc.step_beam_search(model, tokenizer, prompt, n, step_tokens=args.step_tokens or 4,
-                                   max_new_tokens=cfg.max_new_tokens, reward=reward, add_bos=bos)
-        line = f"beam {n} by {args.verifier or 'logprob'}: score {res.scores[0]:.4g}"
+    res, line = ttc.run_strategy(model, tokenizer, prompt, cfg, flag, n, task, args.step_tokens or 4)
     print(prompt + res.text)
-    print(f"{line}; {res.tokens} tokens generated", file=sys.stderr)
+    print(line, file=sys.stderr)
     return 0
 
 

@@ -189,3 +189,31 @@ def step_beam_search(model: Transformer, tokenizer: Any, prompt: str, width: int
     finally:
         model.train(was)
     return Result(text(beams[0]), [text(b) for b in beams], [key(b)[0] for b in beams], spent)
+
+
+STRATEGIES = ("best-of", "vote", "beam")
+
+
+def run_strategy(model: Transformer, tokenizer: Any, prompt: str, cfg: GenerationConfig, strategy: str, n: int,
+                 task: Any = None, step_tokens: int = 4) -> tuple[Result, str]:
+    """One test-time compute strategy as `lmlab generate --best-of | --vote | --beam` and POST /api/v1/generate
+    run it -> (the result, one line on what was chosen and spent). `task` is a post-training task (its check
+    scores best-of and beam, its extract finds vote's answers; the prompt then starts a text, BOS first, as in
+    lmlab tune grpo) or None: the model's own mean log-prob per token (best-of, beam)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy ({strategy!r}) must be one of {', '.join(STRATEGIES)}")
+    if strategy == "vote" and task is None:
+        raise ValueError("voting needs a task: its answer extractor")
+    reward = None if task is None else lambda p, t: float(task.check(p, t))
+    bos, by = task is not None, getattr(task, "name", "logprob")
+    if strategy == "best-of":
+        res = best_of_n(model, tokenizer, prompt, cfg, n, reward, add_bos=bos)
+        line = f"best of {n} by {by}: score {max(res.scores):.4g}"
+    elif strategy == "vote":
+        res = self_consistency(model, tokenizer, prompt, cfg, n, task.extract, add_bos=bos)
+        line = f"vote of {n}: answer {res.answer!r} with {res.votes.get(res.answer, 0)} votes ({res.votes})"
+    else:
+        res = step_beam_search(model, tokenizer, prompt, n, step_tokens=step_tokens,
+                               max_new_tokens=cfg.max_new_tokens, reward=reward, add_bos=bos)
+        line = f"beam {n} by {by}: score {res.scores[0]:.4g}"
+    return res, f"{line}; {res.tokens} tokens generated"

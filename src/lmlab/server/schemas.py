@@ -357,6 +357,16 @@ class GenerateRequest(BaseModel):
                               "(GET /models/NAME/steering): added at its layer, or projected out with steer_ablate")
     steer_coef: float | None = Field(None, ge=-1000, le=1000, description="with `steer`: the coefficient (default 1)")
     steer_ablate: bool = Field(False, description="with `steer`: project the direction out of every layer instead")
+    # test-time compute (models/ttc.py, as lmlab generate --best-of | --vote | --beam): one of the three
+    best_of: int | None = Field(None, ge=1, le=64, description="N samples (seeds seed .. seed+N-1; 0 .. N-1 without "
+                                "a seed), the one `verifier` scores highest (default: the model's mean log-prob)")
+    vote: int | None = Field(None, ge=1, le=64, description="N samples, majority vote over the answers the "
+                             "`verifier` task extracts (self-consistency)")
+    beam: int | None = Field(None, ge=1, le=16, description="step-wise beam search of this width, scored by "
+                             "`verifier` or the mean log-prob; deterministic: the sampling fields are not used")
+    verifier: str | None = Field(None, max_length=40, description="a post-training task (addition, count, sort, "
+                                 "format: the prompt then starts a text, BOS first) or logprob")
+    step_tokens: int | None = Field(None, ge=1, le=64, description="beam: tokens per step (4)")
 
 
 class SteeringDirection(BaseModel):
@@ -382,9 +392,17 @@ class Generation(BaseModel):
     model: str
     prompt: str
     text: str
-    new_tokens: int
+    new_tokens: int = Field(description="tokens generated (with test-time compute: by every sample or beam)")
     elapsed_s: float
     tokens_per_s: float
+    # with best_of, vote or beam: what was compared and how each scored
+    strategy: str | None = None
+    candidates: list[str] | None = None
+    scores: list[float | None] | None = Field(None, description="each candidate's score (reward, mean log-prob, "
+                                               "or its answer's votes)")
+    answer: str | None = Field(None, description="vote: the winning answer")
+    votes: dict[str, int] | None = None
+    summary: str | None = None
 
 
 

@@ -866,6 +866,8 @@ def generation_events(state: AppState, req: GenerateRequest) -> Iterator[str]:
     reported in-band as an `error` event, since the status line is already sent."""
     if req.num_beams > 1:
         raise HTTPException(422, "streaming needs num_beams=1 (beam search knows its winner only at the end)")
+    if ttc_request(req) is not None:
+        raise HTTPException(422, "best_of, vote and beam choose among whole completions: use POST /api/v1/generate")
     cfg = generation_config(req)
     model, tok = load_for_generation(state, req)
     model = steered(state, req, model)
@@ -1011,14 +1013,62 @@ def steered(state: AppState, req: GenerateRequest, model: Any) -> Any:
     return copy
 
 
+# the sampling fields step-wise beam search does not use (it reads max_new_tokens only)
+_BEAM_IGNORES = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "length_penalty",
+                 "stop_strings", "stop_at_eos", "seed")
+
+
+def ttc_request(req: GenerateRequest) -> tuple[str, int, Any] | None:
+    """(strategy, N, task or None) when the request asks for best_of, vote or beam; 422 with the reason when the
+    combination cannot run (the same rules as lmlab generate's flags)."""
+    from ..tune.rewards import TASKS
+    chosen = [f for f in ("best_of", "vote", "beam") if getattr(req, f) is not None]
+    if not chosen:
+        if req.verifier is not None or req.step_tokens is not None:
+            raise HTTPException(422, "verifier and step_tokens are for best_of, vote or beam")
+        return None
+    if len(chosen) > 1:
+        raise HTTPException(422, "give one of best_of, vote and beam")
+    field, n = chosen[0], getattr(req, chosen[0])
+    if req.num_beams != 1:
+        raise HTTPException(422, f"{field} searches on its own: leave num_beams at 1")
+    if req.step_tokens is not None and field != "beam":
+        raise HTTPException(422, "step_tokens is for beam")
+    if req.verifier not in (None, "logprob", *TASKS):
+        raise HTTPException(422, f"verifier must be logprob or one of {', '.join(TASKS)}")
+    if field == "vote" and req.verifier in (None, "logprob"):
+        raise HTTPException(422, f"vote needs a task as verifier (one of {', '.join(TASKS)}): its answer extractor")
+    if field == "beam" and (ignored := sorted(set(_BEAM_IGNORES) & req.model_fields_set)):
+        raise HTTPException(422, f"beam is deterministic and stops at EOS: leave out {', '.join(ignored)}")
+    task = TASKS.get(req.verifier or "")
+    if task is not None:
+        try:
+            task.answer(req.prompt)  # a prompt the checker cannot read: now, not after the sampling
+        except ValueError as exc:
+            raise HTTPException(422, f"the {task.name} task cannot read this prompt: {exc}") from None
+    return field.replace("_", "-"), n, task
+
+
 def run_generation(state: AppState, req: GenerateRequest) -> Generation:
+    ttc = ttc_request(req)
     cfg = generation_config(req)
     model, tok = load_for_generation(state, req)
     model = steered(state, req, model)
     counting = CountingTokenizer(tok)
     t0 = time.perf_counter()
-    text = generate(model, counting, req.prompt, cfg)
+    extra: dict[str, Any] = {}
+    if ttc is None:
+        text = generate(model, counting, req.prompt, cfg)
+        n = counting.count
+    else:
+        from ..models.ttc import run_strategy
+        try:
+            res, summary = run_strategy(model, tok, req.prompt, cfg, ttc[0], ttc[1], ttc[2], req.step_tokens or 4)
+        except ValueError as exc:  # a prompt and samples that overflow the context: the request's numbers
+            raise HTTPException(422, str(exc)) from None
+        text, n = res.text, res.tokens
+        extra = {"strategy": ttc[0], "candidates": res.candidates, "scores": res.scores, "answer": res.answer,
+                 "votes": res.votes or None, "summary": summary}
     elapsed = time.perf_counter() - t0
-    n = counting.count
     return Generation(model=req.model, prompt=req.prompt, text=text, new_tokens=n, elapsed_s=round(elapsed, 4),
-                      tokens_per_s=round(n / elapsed, 1) if elapsed > 0 else 0.0)
+                      tokens_per_s=round(n / elapsed, 1) if elapsed > 0 else 0.0, **extra)
