@@ -192,12 +192,24 @@ def test_twenty_concurrent_requests_each_get_their_text_alone_decoded_together(s
     assert stats["tiny"]["max_rows"] > 1
 
 
+def test_best_of_returns_the_samples_of_highest_mean_logprob_per_token(served):
+    many = served.openai.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, n=4, seed=7, logprobs=0)
+    means = [sum(c.logprobs.token_logprobs) / len(c.logprobs.token_logprobs) for c in many.choices]
+    order = sorted(range(4), key=lambda i: (-means[i], i))
+    assert order[:2] != [0, 1]  # the best are not simply the first samples: the ranking is seen
+    best = served.openai.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, n=2, best_of=4, seed=7)
+    assert [c.text for c in best.choices] == [many.choices[i].text for i in order[:2]]
+    assert [c.index for c in best.choices] == [0, 1] and best.choices[0].logprobs is None  # not asked for
+    assert best.usage.completion_tokens == many.usage.completion_tokens  # every sample's tokens count
+
+
 def test_bad_requests_get_openai_shaped_errors_naming_the_parameter(served):
     with served.client() as c:
         cases = [({"model": "nope", "prompt": "x"}, 404, "model", "model_not_found"),
                  ({"model": "tiny", "prompt": "x", "temperature": 3}, 400, "temperature", "less_than_equal"),
                  ({"model": "tiny", "prompt": "x", "n": 0}, 400, "n", "greater_than_equal"),
-                 ({"model": "tiny", "prompt": "x", "best_of": 4}, 400, "best_of", "literal_error"),
+                 ({"model": "tiny", "prompt": "x", "best_of": 1, "n": 2}, 400, "best_of", None),
+                 ({"model": "tiny", "prompt": "x", "best_of": 2, "stream": True}, 400, "best_of", None),
                  ({"model": "tiny", "prompt": "x", "max_tokens": 200}, 400, "max_tokens", "context_length_exceeded"),
                  ({"model": "tiny", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None),
                  ({"model": "tiny", "prompt": [5, 400]}, 400, "prompt", None),

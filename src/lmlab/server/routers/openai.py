@@ -124,7 +124,8 @@ class CompletionRequest(Sampling):
     logprobs: int | None = Field(None, ge=0, le=20, description="log-probabilities of each token and this many "
                                                                 "alternatives")
     echo: Literal[False] | None = None
-    best_of: Literal[1] | None = None
+    best_of: int | None = Field(None, ge=1, le=MAX_SEQUENCES, description="sample this many per prompt and return "
+                                "the n with the highest mean log-probability per token (not with stream)")
 
 
 class TextPart(BaseModel):
@@ -256,6 +257,14 @@ def chat_completions(state: StateDep, req: ChatRequest) -> Any:
 def _answer(engine: BatchEngine, req: Sampling, prompts: list[list[int]], max_new: int, prompt_param: str,
             logprobs: int | None, *, chat: bool, end_ids: Sequence[int] = ()) -> Any:
     n = req.n or 1
+    best = getattr(req, "best_of", None) or n  # the Completions API's best_of: samples drawn per prompt
+    if best < n:
+        raise OpenAIError(400, f"best_of ({best}) must be at least n ({n})", "best_of")
+    if best > n and req.stream:
+        raise OpenAIError(400, "best_of > n cannot be streamed: the best are known only at the end", "best_of")
+    if len(prompts) * best > MAX_SEQUENCES:
+        raise OpenAIError(400, f"{len(prompts)} prompts x best_of={best} is more than {MAX_SEQUENCES} sequences",
+                          "best_of")
     block = engine.model.config.block_size
     for p in prompts:
         if len(p) + max(max_new, 1) > block:
@@ -276,7 +285,9 @@ def _answer(engine: BatchEngine, req: Sampling, prompts: list[list[int]], max_ne
         return GenerationConfig(max_new_tokens=max_new, do_sample=top_p > 0, temperature=temperature,
                                 top_p=top_p or 1.0, stop_strings=stops, seed=seed)
 
-    handle = engine.submit([(p, settings(i)) for p in prompts for i in range(n)], logprobs=logprobs, end_ids=end_ids)
+    # best_of ranks the samples by their tokens' log-probabilities: reported for every token, shown if asked
+    scored = logprobs if logprobs is not None or best == n else 0
+    handle = engine.submit([(p, settings(i)) for p in prompts for i in range(best)], logprobs=scored, end_ids=end_ids)
     meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
             "model": req.model}
     prompt_tokens = sum(len(p) for p in prompts)
@@ -284,7 +295,7 @@ def _answer(engine: BatchEngine, req: Sampling, prompts: list[list[int]], max_ne
         usage = bool(req.stream_options and req.stream_options.include_usage)
         return event_stream(_chunks(engine, handle, meta, chat, prompt_tokens, usage, logprobs is not None))
     choices: dict[int, dict[str, Any]] = {}
-    tokens: dict[int, list[Token]] = {i: [] for i in range(len(prompts) * n)}
+    tokens: dict[int, list[Token]] = {i: [] for i in range(len(prompts) * best)}
     completion_tokens = 0
     for event in handle:
         if isinstance(event, Token):
@@ -300,8 +311,19 @@ def _answer(engine: BatchEngine, req: Sampling, prompts: list[list[int]], max_ne
         choice["logprobs"] = _logprobs(engine.tokenizer, tokens[event.index], chat) if logprobs is not None else None
         choice["finish_reason"] = event.reason
         choices[event.index] = choice
+    ranked = [choices[i] for i in sorted(choices)]
+    if best > n:  # per prompt, the n samples of highest mean log-prob per token (the earliest among equals)
+        def mean(i: int) -> float:
+            lp = [t.logprob for t in tokens[i] if t.logprob is not None]
+            return sum(lp) / len(lp) if lp else float("-inf")
+        ranked = []
+        for k in range(len(prompts)):
+            ids = sorted(range(k * best, (k + 1) * best), key=lambda i: (-mean(i), i))[:n]
+            for j, i in enumerate(ids):
+                ranked.append({**choices[i], "index": k * n + j,
+                               **({} if logprobs is not None else {"logprobs": None})})
     return {**meta, "object": "chat.completion" if chat else "text_completion",
-            "choices": [choices[i] for i in sorted(choices)],
+            "choices": ranked,
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens}}
 
