@@ -1,4 +1,4 @@
-"""Weight-only int8 / int4 quantization of a model directory, and the modules that run it.
+"""int8 / int4 quantization of a model's weights (int8 rounds activations too), and the modules that run it.
 
     lmlab quantize runs/demo/final --to int8 --out runs/demo/int8
     lmlab quantize runs/demo/final --to int4 --group-size 32 --method gptq --calibration books/ --out runs/demo/int4
