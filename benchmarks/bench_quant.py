@@ -5,7 +5,8 @@
 
 speed: batch-1 greedy generation (16-token prompt, --new-tokens new ones) of a gpt2-124m-shaped model with
 random weights (speed does not depend on their values), lmlab fp32 against int8 and int4 (g32, RTN; head
-quantized, and int8 with --keep-head's fp32 head), and against llama.cpp (llama-cpp-python) running lmlab's
+quantized, and int8 with --keep-head's fp32 head; "int8 weight-only": int8 on its fallback kernel with bf16
+activations instead of 8-bit ones), and against llama.cpp (llama-cpp-python) running lmlab's
 q8_0 GGUF export of the same weights; then the tiny preset. Repeats interleaved as in bench_model.py.
 
 ppl: perplexity of held-out text (lmlab.eval.text_nll) for a trained model and its int8, int4 g32 RTN and
@@ -17,6 +18,7 @@ Targets are printed PASS / BELOW, never asserted.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import sys
 import tempfile
@@ -26,10 +28,22 @@ import torch
 from bench_model import PROMPT_LEN, interleaved, llama_cpp_greedy, load_note, verdict
 
 from lmlab.models import ModelConfig, Transformer, generate_ids
-from lmlab.models.quant import calibration_windows, quantize_model
+from lmlab.models.quant import QuantLinear, calibration_windows, quantize_model
 
+WEIGHT_ONLY = "int8 weight-only"  # int8 on the bf16 kernel without FBGEMM (quant.py), for comparison
 VARIANTS = {"int8": (8, None, False), "int8 fp32 head": (8, None, True),
             "int4 g32": (4, 32, False), "int4 g32 fp32 head": (4, 32, True)}
+
+
+@contextlib.contextmanager
+def int8_activations(on: bool):
+    """int8 on its default kernel (8-bit activations, FBGEMM) or on the weight-only bf16 kernel it falls back
+    to. A model keeps the kernel it first ran with in its Decoder, so each model always runs under one setting."""
+    QuantLinear.int8_activations = on
+    try:
+        yield
+    finally:
+        QuantLinear.int8_activations = True
 
 
 def bench_speed(cfg: ModelConfig, label: str, repeats: int, new_tokens: int, peers: bool) -> dict[str, float]:
@@ -37,12 +51,16 @@ def bench_speed(cfg: ModelConfig, label: str, repeats: int, new_tokens: int, pee
     fp32 = Transformer(cfg).eval()
     models = {"fp32": fp32} | {name: quantize_model(copy.deepcopy(fp32), bits, gs, keep_head=keep)[0]
                                for name, (bits, gs, keep) in VARIANTS.items() if name != "int4 g32 fp32 head"}
+    models[WEIGHT_ONLY] = quantize_model(copy.deepcopy(fp32), 8, None)[0]
     prompt = torch.randint(4, cfg.vocab_size, (PROMPT_LEN,), generator=torch.Generator().manual_seed(1)).tolist()
 
-    def runner(model):
-        return lambda: generate_ids(model, [prompt], do_sample=False, max_new_tokens=new_tokens, stop_at_eos=False)
+    def runner(model, name):
+        def run():
+            with int8_activations(name != WEIGHT_ONLY):
+                return generate_ids(model, [prompt], do_sample=False, max_new_tokens=new_tokens, stop_at_eos=False)
+        return run
 
-    contenders = {name: runner(m) for name, m in models.items()}
+    contenders = {name: runner(m, name) for name, m in models.items()}
     with tempfile.TemporaryDirectory() as tmp:
         if peers:
             run = llama_cpp_greedy(fp32, prompt, Path(tmp), dtype="q8_0", new_tokens=new_tokens)
@@ -72,8 +90,12 @@ def perplexities(model_dir: str, held_out: list[str], calibration: list[str]) ->
     for keep in (False, True):
         name = "int4 g32" + (" fp32 head" if keep else "") + " gptq"
         rows[name] = quantize_model(copy.deepcopy(fp32), 4, 32, method="gptq", keep_head=keep, calibration=windows)[0]
+    rows[WEIGHT_ONLY + " rtn"] = quantize_model(copy.deepcopy(fp32), 8, None)[0]
     with torch.no_grad():
-        ppl = {name: text_nll(m, tok, texts)["perplexity"] for name, m in rows.items()}
+        ppl = {}
+        for name, m in rows.items():
+            with int8_activations(not name.startswith(WEIGHT_ONLY)):
+                ppl[name] = text_nll(m, tok, texts)["perplexity"]
     n = text_nll(fp32, tok, texts)["tokens"]
     print(f"\nperplexity of {n:,} held-out tokens ({', '.join(held_out)}), model {model_dir}; calibration "
           f"{windows.numel():,} tokens of {', '.join(calibration)}")
@@ -115,7 +137,8 @@ def main() -> None:
               f"{verdict(tps[name] / tps['fp32'], target)}")
     if "llama.cpp q8_0" in tps:
         r = tps["int8"] / tps["llama.cpp q8_0"]
-        print(f"    int8 vs llama.cpp q8_0: {r:.2f}x (target >= 1.0): {verdict(r, 1.0)}")
+        print(f"    int8 vs llama.cpp q8_0: {r:.2f}x (target >= 1.0): {verdict(r, 1.0)}; int8 weight-only: "
+              f"{tps[WEIGHT_ONLY] / tps['llama.cpp q8_0']:.2f}x")
     tiny = bench_speed(ModelConfig.preset("gpt2-tiny"), "tiny preset (gpt2)", args.repeats * 2, args.new_tokens,
                        peers=False)
     for name in ("int8", "int8 fp32 head", "int4 g32"):

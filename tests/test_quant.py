@@ -10,7 +10,7 @@ from torch import nn
 
 import lmlab
 from lmlab.cli import main
-from lmlab.models import ModelConfig, Transformer, fast, generate_ids
+from lmlab.models import ModelConfig, Transformer, fast, generate_ids, quant
 from lmlab.models.io import load_pretrained, save_pretrained
 from lmlab.models.model import KVCache
 from lmlab.models.quant import (
@@ -21,6 +21,7 @@ from lmlab.models.quant import (
     output_error,
     quantize_model,
     rtn,
+    w8a8_available,
 )
 from lmlab.tokenizers import Tokenizer
 
@@ -45,10 +46,12 @@ def kernels_for_all_sizes(monkeypatch):
 
 
 @pytest.mark.parametrize("bits,group_size", FORMATS)
-def test_matmuls_equal_a_dequantised_fp32_reference(bits, group_size, kernels_for_all_sizes):
-    """The kernels take bf16 activations and return bf16 outputs (fp32 accumulation): against
+def test_matmuls_equal_a_dequantised_fp32_reference(bits, group_size, kernels_for_all_sizes, monkeypatch):
+    """The weight-only kernels take bf16 activations and return bf16 outputs (fp32 accumulation): against
     x_bf16 @ Ŵ.T in fp32 each output is within 2^-8 of its magnitude (one bf16 rounding) plus 1e-3 of the
-    largest output. The fallback (a cached dequantised weight, fp32 throughout) equals it to fp32 rounding."""
+    largest output. The fallback (a cached dequantised weight, fp32 throughout) equals it to fp32 rounding.
+    (int8's default kernel, with 8-bit activations, is test_int8_activations_are_quantized_per_row's.)"""
+    monkeypatch.setattr(QuantLinear, "int8_activations", False)
     linear, q = quant_linear(bits, group_size)
     x = torch.randn(5, 3, 256)
     w_hat = q.dequantized()
@@ -78,6 +81,34 @@ def test_matmuls_equal_a_dequantised_fp32_reference(bits, group_size, kernels_fo
         assert q._prepared()[0] == "dequantised"
         torch.testing.assert_close(q(x), exact, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(q.rows(rows), w_hat[rows], rtol=0, atol=0)  # ... and from the cached table
+
+
+@pytest.mark.skipif(not w8a8_available(), reason="this torch has no FBGEMM")
+@pytest.mark.parametrize("full_range", [True, False])
+def test_int8_activations_are_quantized_per_row(full_range, kernels_for_all_sizes, monkeypatch):
+    """int8's default kernel rounds each input row to a grid of its own (8 bits, or 7 where FBGEMM's int16
+    pair sums could saturate) over [-max|x|, max|x|]: x̂ is within half a step (2 max|x| / 255 or / 127) of x,
+    so each output is within half a step times the row's sum |Ŵ| of x @ Ŵ.T + b (plus fp32 rounding), and a
+    row gives the same numbers alone as beside rows 100x larger (one grid for the batch would zero it)."""
+    monkeypatch.setattr(quant, "_full_range_activations", lambda: full_range)
+    linear, q = quant_linear(8, None)
+    x = torch.randn(6, 256) * torch.tensor([1e-3, 1, 1, 100, 7, 0.1])[:, None]
+    x[2, 5] = 30.0  # an activation outlier: its row's grid is coarse, the others' are not
+    x[4] = 0.0
+    with torch.no_grad():
+        assert q._prepared()[0] == "int8 w8a8"
+        y = q(x)
+        exact = x @ q.dequantized().T + linear.bias
+        step = 2 * x.abs().amax(1, keepdim=True) / (255 if full_range else 127)
+        bound = step / 2 * q.dequantized().abs().sum(1) + 1e-5 * exact.abs()
+        err = (y - exact).abs()
+        assert (err <= bound).all(), float((err / bound).max())
+        assert (err.amax(1) > 0.05 * bound.amax(1)).sum() >= 4  # the activations really are rounded
+        torch.testing.assert_close(y[4], linear.bias, rtol=0, atol=0)  # a zero row gives the bias exactly
+        for i in range(6):
+            torch.testing.assert_close(q(x[i:i + 1])[0], y[i], rtol=0, atol=0)
+        relative = (err / exact.abs().amax(1, keepdim=True)).amax(1)
+        assert relative[0] < 0.02 and relative[1] < 0.02  # a small row keeps its own precision
 
 
 def test_gptq_beats_round_to_nearest_on_layer_output_error():

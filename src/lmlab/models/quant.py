@@ -1,4 +1,4 @@
-"""Weight-only int8 / int4 quantization of a model directory, and the modules that run it.
+"""int8 / int4 quantization of a model's weights (int8 rounds activations too), and the modules that run it.
 
     lmlab quantize runs/demo/final --to int8 --out runs/demo/int8
     lmlab quantize runs/demo/final --to int4 --group-size 32 --method gptq --calibration books/ --out runs/demo/int4
@@ -8,12 +8,18 @@ int8 keeps one scale per output row (symmetric, q in [-127, 127]); int4 one scal
 PyTorch's int4 CPU kernel). Scales and zeros are stored in bf16, the precision those kernels read, and the
 integers are chosen against the rounded scales, so the dequantised weight is exactly what the kernel uses.
 
-The matmuls run on PyTorch's own CPU kernels (`aten::_weight_int8pack_mm`, `aten::_weight_int4pack_mm_for_cpu`,
-as torchchat does), which read 1 or 0.5 bytes per weight instead of 4; both are fast only with bf16
-activations (their fp32 path is several times slower than fp32 sgemv), so a quantized linear rounds its input
-and output to bf16. Where a kernel is missing (another device, an older torch), and for matrices small enough
-to stay in cache (QuantLinear.kernel_min_weights), the fallback is a plain matmul with a dequantised weight
-built once and cached, never dequantising per call (torchao's eager path, slower than fp32 on CPU).
+The matmuls run on PyTorch's own CPU kernels, which read 1 or 0.5 bytes per weight instead of 4. int8 runs on
+FBGEMM's int8 x int8 GEMM (`quantized::linear_dynamic`, https://github.com/pytorch/FBGEMM) with each input row
+quantized to 8 bits on the fly, as llama.cpp's Q8_0 x Q8_0 dot products do (per 32-block there, per row here, the
+per-token dynamic quantization of ZeroQuant, Yao et al. 2022, https://arxiv.org/abs/2206.01861): integer dot
+products (VNNI) instead of widening every weight to bf16 made int8 decoding 1.5-2x faster than
+`aten::_weight_int8pack_mm`, which is compute-bound at batch 1 and scales with the rows after it. That kernel
+(weight-only, bf16 activations) stays as the int8 fallback where FBGEMM is missing; int4 runs on
+`aten::_weight_int4pack_mm_for_cpu` (as torchchat does). Both bf16 kernels are fast only with bf16 activations
+(their fp32 path is several times slower than fp32 sgemv), so they round a linear's input and output to bf16.
+Where no kernel applies (another device, an older torch), and for matrices small enough to stay in cache
+(QuantLinear.kernel_min_weights), the fallback is a plain matmul with a dequantised weight built once and cached,
+never dequantising per call (torchao's eager path, slower than fp32 on CPU).
 
 method "gptq" is GPTQ (Frantar et al. 2022, https://arxiv.org/abs/2210.17323) in its plain form: each
 linear's Hessian H = 2/n X^T X from calibration activations (every linear's inputs collected in one pass of
@@ -29,7 +35,9 @@ linear, `qweight` (int8, or uint8 with two int4 per byte, low nibble first), `sc
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,10 +190,51 @@ def kernels_available(bits: int) -> bool:
         torch.ops.aten, "_convert_weight_to_int4pack_for_cpu"))
 
 
+def w8a8_available() -> bool:
+    return "fbgemm" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized, "linear_dynamic")
+
+
+@functools.cache
+def _full_range_activations() -> bool:
+    """Does FBGEMM multiply 8-bit activations exactly here? Without VNNI its AVX2 kernel sums pairs of u8 x s8
+    products in int16 (vpmaddubsw), which saturates above 32767 (2 * 255 * 127 = 64770): PyTorch then quantizes
+    activations to 7 bits (reduce_range). Probed on the worst case, every activation and weight at its extreme:
+    exact up to the activation's rounding (half a step, 1/255 of it), where a saturated sum is off by 99%."""
+    n, k = 16, 64
+    q = torch.full((n, k), 127, dtype=torch.int8)
+    y = _w8a8(q, torch.ones(n, 1), None, reduce_range=False)(torch.ones(1, k))
+    return bool(((y - 127 * k).abs() <= 127 * k / 200).all())
+
+
+def _w8a8(q: torch.Tensor, scales: torch.Tensor, b: torch.Tensor | None,
+          reduce_range: bool | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """fn(x (M, K)) = x̂ @ Ŵ.T + b in fp32, x̂ each row of x on its own 8-bit grid (7-bit with reduce_range).
+
+    FBGEMM's dynamic linear quantizes its whole input on one grid spanning its min and max; a row's grid must not
+    depend on the rows beside it (a batch, a prompt's other tokens), so each row is divided by its largest |x|
+    and two columns, -1 and +1 against zero weights, pin every input's span to [-1, 1]: each row then has the
+    same grid, scaled by its own maximum, and a row gives the same numbers alone as in any batch."""
+    n, k = q.shape
+    with warnings.catch_warnings():  # quantized tensors are deprecated; w8a8_available() says when they are gone
+        warnings.simplefilter("ignore", UserWarning)
+        wq = torch._make_per_channel_quantized_tensor(F.pad(q, (0, 2)), scales.reshape(n).double(),
+                                                      torch.zeros(n, dtype=torch.long), 0)
+    packed = torch.ops.quantized.linear_prepack(wq, None)
+    rr = not _full_range_activations() if reduce_range is None else reduce_range
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        a = torch.linalg.vector_norm(xf, float("inf"), dim=1, keepdim=True).clamp_min_(1e-30)   # (M, 1)
+        y = torch.ops.quantized.linear_dynamic(torch.cat([xf, -a, a], 1).div_(a), packed, rr)
+        return (y.mul_(a) if b is None else torch.addcmul(b, y, a)).to(x.dtype)
+    return fn
+
+
 class QuantLinear(nn.Module):
     """nn.Linear with an int8 (per row) or int4 (per group) weight; forward is x @ Ŵ.T + b."""
 
     use_kernels = True  # False: the fallback everywhere (tests compare the two)
+    int8_activations = True  # False: int8 on the weight-only bf16 kernel even where FBGEMM is present
     # Below this many weights a matrix runs as an fp32 matmul on its dequantised weight, cached (at most
     # 1 MiB): such a matrix stays in cache, so reading fewer bytes gains nothing, and the kernels' fixed
     # cost (casting to bf16 and back) made the tiny preset decode at half the fp32 speed. Measured at batch
@@ -231,13 +280,17 @@ class QuantLinear(nn.Module):
         fallback's dequantised weight) built once per weight and bound; the Decoder calls fn directly."""
         w = self.qweight
         key = (w.data_ptr(), w._version, self.scales._version, w.device, QuantLinear.use_kernels,
-               QuantLinear.kernel_min_weights)
+               QuantLinear.kernel_min_weights, QuantLinear.int8_activations)
         if self._cache[0] == key:
             return self._cache[1]
         b, n, gs, bf16 = self.bias, self.out_features, self.group_size, torch.bfloat16
         if (QuantLinear.use_kernels and w.device.type == "cpu" and kernels_available(self.bits)
                 and self.in_features * n >= QuantLinear.kernel_min_weights):
             kind = f"int{self.bits}"
+            if self.bits == 8 and QuantLinear.int8_activations and w8a8_available():
+                fn = _w8a8(w, self.scales, b)
+                self._cache = (key, ("int8 w8a8", fn), None)
+                return self._cache[1]
             if self.bits == 8:
                 scales = self.scales[:, 0].to(bf16).contiguous()
 
