@@ -97,27 +97,33 @@ def pretrained_base(model: str, work: Path, pretrain: str = "tales") -> tuple[Tr
     return load_pretrained(work / "base" / "final")
 
 
-def train_rows(model: Transformer, rows: list[int]) -> int:
-    """Also train these rows of the (frozen) embedding and head, as PEFT's trainable_token_indices: the other rows'
-    gradients are zeroed, so AdamW without weight decay leaves them as they are. -> the parameters so trained."""
-    weights = {id(w): w for w in (model.tok_emb.weight, model.lm_head.weight)}.values()  # a tied head once
-    for w in weights:
-        keep = torch.zeros(w.shape[0], 1)
-        keep[rows] = 1.0
-        w.requires_grad_(True).register_hook(lambda g, keep=keep: g * keep)
-    return sum(len(rows) * w.shape[1] for w in weights)
+def scale_lrs(model: Transformer, b_scale: float, rows_scale: float) -> None:
+    """The adapters' B matrices learn at b_scale x the schedule's rate (LoRA+, Hayou et al. 2024,
+    https://arxiv.org/abs/2402.12354: B's rate well above A's; they suggest 16) and the token rows at rows_scale x:
+    the model's optimizer gets a group per scale, and a pre-step hook scales the rate the Trainer sets on every
+    group before each step."""
+    def configure(lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95), eps: float = 1e-8) -> torch.optim.AdamW:
+        groups: dict[float, list] = {}
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                scale = b_scale if name.endswith("lora_B") else rows_scale if name.endswith("lora_rows") else 1.0
+                groups.setdefault(scale, []).append(p)
+        opt = torch.optim.AdamW([{"params": ps, "scale": k} for k, ps in groups.items()], lr=lr,
+                                weight_decay=weight_decay, betas=betas, eps=eps, fused=True)
+        opt.register_step_pre_hook(lambda o, *_: [g.update(lr=g["lr"] * g["scale"]) for g in o.param_groups])
+        return opt
+    model.configure_optimizer = configure
 
 
 def fine_tune(base: Transformer, tok: Tokenizer, ds, seq_len: int, out: Path, steps: int, batch: int, lr: float,
-              lora: LoRAConfig | None, new_rows: list[int] = ()) -> tuple[float, int, int]:
+              lora: LoRAConfig | None, lr_scales: tuple[float, float] = (1.0, 1.0)) -> tuple[float, int, int]:
     model = copy.deepcopy(base).train()
-    trainable = 0
     if lora is not None:
         torch.manual_seed(0)
-        apply_lora(model, lora)
-        trainable = count_parameters(model)[0] + (train_rows(model, list(new_rows)) if new_rows else 0)
-    n_trainable, total = count_parameters(model)
-    trainable = trainable or n_trainable
+        apply_lora(model, lora, tok)
+        if lr_scales != (1.0, 1.0):
+            scale_lrs(model, *lr_scales)
+    trainable, total = count_parameters(model)
     train(model, tok, ds, TrainConfig(max_steps=steps, batch_size=batch, seq_len=seq_len, lr=lr, min_lr=lr / 10,
                                       warmup_steps=10, weight_decay=0.0 if lora else 0.1, eval_every=steps,
                                       eval_batches=4, log_every=steps, save_every=0, seed=1), out)
@@ -135,9 +141,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=200, help="fine-tuning steps, every run")
     p.add_argument("--batch-size", type=int, help="fine-tuning rows a step (default: 16 demo, 8 wide)")
     p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--lora-new-tokens", action="store_true", help="--data chats: LoRA also trains the added chat "
-                   "tokens' embedding and head rows (PEFT's trainable_token_indices); counted as trainable")
-    p.add_argument("--lrs-full", default=SWEEP["full"], help="learning rates of full fine-tuning (comma list)")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha: the update is scaled by alpha / rank "
+                   "(rsLoRA's alpha / sqrt(rank) is alpha * sqrt(rank) here)")
+    p.add_argument("--lora-new-tokens", action="store_true", help="--data chats: LoRA also trains the chat tokens' "
+                   "embedding and head rows (lmlab's --lora-new-tokens, PEFT's trainable_token_indices)")
+    p.add_argument("--lora-plus", type=float, default=1.0, help="LoRA+: B's learning rate over A's (1: plain LoRA)")
+    p.add_argument("--rows-lr", type=float, default=1.0, help="the token rows' learning rate over the adapters'")
+    p.add_argument("--lrs-full", default=SWEEP["full"], help="learning rates of full fine-tuning (comma list; "
+                   "empty: LoRA only)")
     p.add_argument("--lrs-lora", default=SWEEP["lora"], help="learning rates of LoRA (comma list)")
     args = p.parse_args()
     batch = args.batch_size or MODELS[args.model]["batch"]
@@ -152,7 +163,6 @@ def main() -> None:
             if args.base:
                 save_pretrained(args.base, base, tok)
             print(f"pre-trained the {args.model} base in {time.time() - start:.0f} s", flush=True)
-        new_rows: list[int] = []
         if args.data == "docs":
             docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
             seq_len = base.config.block_size
@@ -160,9 +170,7 @@ def main() -> None:
                                names=[d.name for d in docs], val_fraction=0.1, seq_len=seq_len)
             what = f"{len(docs)} documentation files, {ds.train_tokens:,} train / {ds.val_tokens:,} val tokens"
         else:
-            old_n = len(tok)
             base, tok, _ = add_chat_tokens(base, tok)
-            new_rows = list(range(old_n, len(tok))) if args.lora_new_tokens else []
             seq_len = base.config.block_size  # packed, as lmlab tune sft --packing
             ds, info = build_dataset(SHIPPED, tok, seq_len, completion_only=False, val_fraction=0.1, seed=0,
                                      packing=True)
@@ -170,29 +178,36 @@ def main() -> None:
         blocks = sum(p.numel() for p in base.blocks.parameters())
         print(f"fine-tuning data: {what}; base: {base.num_parameters():,} parameters ({blocks:,} in the blocks), "
               f"val loss {val_loss(base, ds, seq_len):.4f}", flush=True)
-        lora_cfg = LoRAConfig(rank=args.rank)
+        lora_cfg = LoRAConfig(rank=args.rank, alpha=args.alpha, chat_tokens=args.lora_new_tokens)
         results: dict[str, list[tuple[float, float]]] = {"full": [], "lora": []}
         for method, lrs in (("full", args.lrs_full), ("lora", args.lrs_lora)):
-            for lr in (float(x) for x in lrs.split(",")):
+            for lr in (float(x) for x in lrs.split(",") if x.strip()):
                 t = time.time()
                 loss, trainable, total = fine_tune(base, tok, ds, seq_len, work / f"{method}-{lr:g}", args.steps,
-                                                   batch, lr, lora_cfg if method == "lora" else None, new_rows)
+                                                   batch, lr, lora_cfg if method == "lora" else None,
+                                                   (args.lora_plus, args.rows_lr))
                 results[method].append((loss, lr))
                 print(f"{method:4s} lr {lr:<7g} val loss {loss:.4f}  ({trainable:,} trainable of {total:,}; "
                       f"{time.time() - t:.0f} s)", flush=True)
     share = trainable / total
     fits = [r for r in range(1, 65) if (lambda n: n[0] / n[1])(count_parameters(apply_lora(
         copy.deepcopy(base), LoRAConfig(rank=r)))) <= 0.02]
-    (full, lr_full), (lora, lr_lora) = min(results["full"]), min(results["lora"])
     c = base.config
     print(f"setting: --data {args.data} on a base of {c.n_layer} layers, d {c.n_embd}, vocab {c.vocab_size}; "
-          f"{args.steps} steps of {batch} x {seq_len} tokens each")
-    print(f"best full fine-tuning: lr {lr_full:g}, val loss {full:.4f}")
-    rows = f" + the {len(new_rows)} chat tokens' rows" if new_rows else ""
-    print(f"best LoRA rank {args.rank} alpha {lora_cfg.alpha:g}{rows}: lr {lr_lora:g}, val loss {lora:.4f} "
+          f"{args.steps} steps of {batch} x {seq_len} tokens each; {time.time() - start:.0f} s in all")
+    if results["full"]:
+        full, lr_full = min(results["full"])
+        print(f"best full fine-tuning: lr {lr_full:g}, val loss {full:.4f}")
+    if not results["lora"]:
+        return
+    lora, lr_lora = min(results["lora"])
+    rows = f" + the {len(lora_cfg.token_ids(tok))} chat tokens' rows" if args.lora_new_tokens else ""
+    knobs = f", LoRA+ {args.lora_plus:g}, rows lr x{args.rows_lr:g}" if (args.lora_plus, args.rows_lr) != (1, 1) else ""
+    print(f"best LoRA rank {args.rank} alpha {lora_cfg.alpha:g}{rows}{knobs}: lr {lr_lora:g}, val loss {lora:.4f} "
           f"({trainable:,} trainable = {share:.2%} of {total:,}; {trainable / blocks:.2%} of the block weights)")
-    print(f"LoRA / full val loss: {lora / full:.4f} (target <= 1.05 at <= 2% trainable: "
-          f"{'PASS' if lora / full <= 1.05 and share <= 0.02 else 'MISS'}); {time.time() - start:.0f} s in all")
+    if results["full"]:
+        print(f"LoRA / full val loss: {lora / full:.4f} (target <= 1.05 at <= 2% trainable: "
+              f"{'PASS' if lora / full <= 1.05 and share <= 0.02 else 'MISS'})")
     print(f"largest all-linear rank with <= 2% trainable parameters on this model: "
           f"{max(fits) if fits else 'none (rank 1 is above 2%)'}")
 
