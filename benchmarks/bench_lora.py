@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from lmlab.data import prepare_texts
 from lmlab.models import ModelConfig, Transformer
@@ -51,7 +52,7 @@ from lmlab.models.io import load_pretrained, save_pretrained
 from lmlab.tokenizers import Tokenizer
 from lmlab.train import TrainConfig, train
 from lmlab.train.demo_corpus import demo_corpus
-from lmlab.tune.chat import add_chat_tokens
+from lmlab.tune.chat import END, add_chat_tokens
 from lmlab.tune.chats import SHIPPED, make_chats
 from lmlab.tune.lora import LoRAConfig, apply_lora, count_parameters
 from lmlab.tune.sft import build_dataset
@@ -63,15 +64,18 @@ MODELS = {"demo": dict(shape=dict(n_layer=4, n_head=4, n_kv_head=2, n_embd=128),
 SWEEP = {"full": "3e-4,1e-3,3e-3", "lora": "3e-3,1e-2,3e-2"}
 
 
-def val_loss(model: Transformer, ds, seq_len: int) -> float:
-    """Mean loss per target token over every held-out row (SFT rows: the trained tokens only)."""
+def val_loss(model: Transformer, ds, seq_len: int, token: int | None = None) -> tuple[float, float]:
+    """Mean loss per target token over every held-out row (SFT rows: the trained tokens only), and the share of
+    that loss on `token` (0.0 without one)."""
     model.eval()
-    total = count = 0
+    total = on_token = count = 0.0
     with torch.no_grad():
         for x, y in ds.eval_batches(16, seq_len):
-            n = int((y != -100).sum())
-            total, count = total + model(x, y).loss.item() * n, count + n
-    return total / count
+            n, out = int((y != -100).sum()), model(x, y)
+            total, count = total + out.loss.item() * n, count + n
+            if token is not None:
+                on_token += F.cross_entropy(out.logits[y == token].float(), y[y == token], reduction="sum").item()
+    return total / count, on_token / total
 
 
 def qa_text(n: int = 3000, seed: int = 99) -> str:
@@ -110,13 +114,17 @@ def scale_lrs(model: Transformer, b_scale: float, rows_scale: float) -> None:
                 groups.setdefault(scale, []).append(p)
         opt = torch.optim.AdamW([{"params": ps, "scale": k} for k, ps in groups.items()], lr=lr,
                                 weight_decay=weight_decay, betas=betas, eps=eps, fused=True)
-        opt.register_step_pre_hook(lambda o, *_: [g.update(lr=g["lr"] * g["scale"]) for g in o.param_groups])
+        def scale(o: torch.optim.Optimizer, *_) -> None:
+            for g in o.param_groups:
+                g["lr"] *= g["scale"]
+        opt.register_step_pre_hook(scale)
         return opt
     model.configure_optimizer = configure
 
 
 def fine_tune(base: Transformer, tok: Tokenizer, ds, seq_len: int, out: Path, steps: int, batch: int, lr: float,
-              lora: LoRAConfig | None, lr_scales: tuple[float, float] = (1.0, 1.0)) -> tuple[float, int, int]:
+              lora: LoRAConfig | None, lr_scales: tuple[float, float] = (1.0, 1.0),
+              token: int | None = None) -> tuple[tuple[float, float], int, int]:
     model = copy.deepcopy(base).train()
     if lora is not None:
         torch.manual_seed(0)
@@ -127,7 +135,7 @@ def fine_tune(base: Transformer, tok: Tokenizer, ds, seq_len: int, out: Path, st
     train(model, tok, ds, TrainConfig(max_steps=steps, batch_size=batch, seq_len=seq_len, lr=lr, min_lr=lr / 10,
                                       warmup_steps=10, weight_decay=0.0 if lora else 0.1, eval_every=steps,
                                       eval_batches=4, log_every=steps, save_every=0, seed=1), out)
-    return val_loss(model, ds, seq_len), trainable, total
+    return val_loss(model, ds, seq_len, token), trainable, total
 
 
 def main() -> None:
@@ -163,6 +171,7 @@ def main() -> None:
             if args.base:
                 save_pretrained(args.base, base, tok)
             print(f"pre-trained the {args.model} base in {time.time() - start:.0f} s", flush=True)
+        end = None  # --data chats: the end-of-turn token, whose row starts at the mean (add_chat_tokens)
         if args.data == "docs":
             docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
             seq_len = base.config.block_size
@@ -171,24 +180,26 @@ def main() -> None:
             what = f"{len(docs)} documentation files, {ds.train_tokens:,} train / {ds.val_tokens:,} val tokens"
         else:
             base, tok, _ = add_chat_tokens(base, tok)
+            end = tok.token_to_id(END)
             seq_len = base.config.block_size  # packed, as lmlab tune sft --packing
             ds, info = build_dataset(SHIPPED, tok, seq_len, completion_only=False, val_fraction=0.1, seed=0,
                                      packing=True)
             what = f"the shipped chats, {info['examples']} train / {info['val_examples']} held-out conversations"
         blocks = sum(p.numel() for p in base.blocks.parameters())
         print(f"fine-tuning data: {what}; base: {base.num_parameters():,} parameters ({blocks:,} in the blocks), "
-              f"val loss {val_loss(base, ds, seq_len):.4f}", flush=True)
+              f"val loss {val_loss(base, ds, seq_len)[0]:.4f}", flush=True)
         lora_cfg = LoRAConfig(rank=args.rank, alpha=args.alpha, chat_tokens=args.lora_new_tokens)
         results: dict[str, list[tuple[float, float]]] = {"full": [], "lora": []}
         for method, lrs in (("full", args.lrs_full), ("lora", args.lrs_lora)):
             for lr in (float(x) for x in lrs.split(",") if x.strip()):
                 t = time.time()
-                loss, trainable, total = fine_tune(base, tok, ds, seq_len, work / f"{method}-{lr:g}", args.steps,
-                                                   batch, lr, lora_cfg if method == "lora" else None,
-                                                   (args.lora_plus, args.rows_lr))
+                (loss, on_end), trainable, total = fine_tune(
+                    base, tok, ds, seq_len, work / f"{method}-{lr:g}", args.steps, batch, lr,
+                    lora_cfg if method == "lora" else None, (args.lora_plus, args.rows_lr), end)
                 results[method].append((loss, lr))
-                print(f"{method:4s} lr {lr:<7g} val loss {loss:.4f}  ({trainable:,} trainable of {total:,}; "
-                      f"{time.time() - t:.0f} s)", flush=True)
+                share_end = f", {on_end:.1%} of it on {END}" if end is not None else ""
+                print(f"{method:4s} lr {lr:<7g} val loss {loss:.4f}{share_end}  ({trainable:,} trainable of "
+                      f"{total:,}; {time.time() - t:.0f} s)", flush=True)
     share = trainable / total
     fits = [r for r in range(1, 65) if (lambda n: n[0] / n[1])(count_parameters(apply_lora(
         copy.deepcopy(base), LoRAConfig(rank=r)))) <= 0.02]
