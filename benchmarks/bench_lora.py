@@ -38,7 +38,13 @@ sweep picks on the same held-out data it reports, for both methods alike. Target
 full fine-tuning at rank 8 and <= 2% trainable parameters. The LoRA knobs, for a sweep (docs/LOG.md has the
 results): --alpha (rsLoRA, Kalajdzievski 2023, https://arxiv.org/abs/2312.03732, scales by alpha / sqrt(rank):
 at a fixed rank that is a larger alpha here), --lora-plus (B's learning rate over A's), --rows-lr (the token
-rows' rate over the adapters'), and --rank with --all-rows to measure what the gap is made of.
+rows' rate over the adapters'), --top-rows K (the rows of K more tokens, chosen on the training split only: the
+most frequent in its replies, or with --rows-by loss those the base model finds hardest there; 2% of the wide
+model leaves room for 8 rows beside rank-8 adapters), --seed, and --rank with --all-rows to measure what the gap
+is made of. The setting closest to the target (docs/LOG.md has its numbers and seeds):
+
+    python benchmarks/bench_lora.py --model wide --pretrain tales+qa --base /tmp/wide-qa --data chats \
+        --lora-new-tokens --top-rows 4 --rows-by loss --lrs-full 5.6e-4 --lrs-lora 5.6e-3
 """
 
 from __future__ import annotations
@@ -145,17 +151,17 @@ def scale_lrs(model: Transformer, b_scale: float, rows_scale: float) -> None:
 
 def fine_tune(base: Transformer, tok: Tokenizer, ds, seq_len: int, out: Path, steps: int, batch: int, lr: float,
               lora: LoRAConfig | None, lr_scales: tuple[float, float] = (1.0, 1.0),
-              token: int | None = None) -> tuple[tuple[float, float], int, int]:
+              token: int | None = None, seed: int = 1) -> tuple[tuple[float, float], int, int]:
     model = copy.deepcopy(base).train()
     if lora is not None:
-        torch.manual_seed(0)
+        torch.manual_seed(seed - 1)
         apply_lora(model, lora, tok)
         if lr_scales != (1.0, 1.0):
             scale_lrs(model, *lr_scales)
     trainable, total = count_parameters(model)
     train(model, tok, ds, TrainConfig(max_steps=steps, batch_size=batch, seq_len=seq_len, lr=lr, min_lr=lr / 10,
                                       warmup_steps=10, weight_decay=0.0 if lora else 0.1, eval_every=steps,
-                                      eval_batches=4, log_every=steps, save_every=0, seed=1), out)
+                                      eval_batches=4, log_every=steps, save_every=0, seed=seed), out)
     return val_loss(model, ds, seq_len, token), trainable, total
 
 
@@ -170,6 +176,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=200, help="fine-tuning steps, every run")
     p.add_argument("--batch-size", type=int, help="fine-tuning rows a step (default: 16 demo, 8 wide)")
     p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--seed", type=int, default=1, help="fine-tuning seed (data order; LoRA's init from seed - 1)")
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha: the update is scaled by alpha / rank "
                    "(rsLoRA's alpha / sqrt(rank) is alpha * sqrt(rank) here)")
     p.add_argument("--lora-new-tokens", action="store_true", help="--data chats: LoRA also trains the chat tokens' "
@@ -230,7 +237,7 @@ def main() -> None:
                 t = time.time()
                 (loss, on_end), trainable, total = fine_tune(
                     base, tok, ds, seq_len, work / f"{method}-{lr:g}", args.steps, batch, lr,
-                    lora_cfg if method == "lora" else None, (args.lora_plus, args.rows_lr), end)
+                    lora_cfg if method == "lora" else None, (args.lora_plus, args.rows_lr), end, args.seed)
                 results[method].append((loss, lr))
                 share_end = f", {on_end:.1%} of it on {END}" if end is not None else ""
                 print(f"{method:4s} lr {lr:<7g} val loss {loss:.4f}{share_end}  ({trainable:,} trainable of "
@@ -247,7 +254,8 @@ def main() -> None:
     if not results["lora"]:
         return
     lora, lr_lora = min(results["lora"])
-    rows = f" + the {len(lora_cfg.token_ids(tok))} chat tokens' rows" if args.lora_new_tokens else ""
+    n_rows = len(lora_cfg.token_ids(tok))
+    rows = f" + {n_rows} tokens' rows" if n_rows and not args.all_rows else " + every row" if args.all_rows else ""
     knobs = f", LoRA+ {args.lora_plus:g}, rows lr x{args.rows_lr:g}" if (args.lora_plus, args.rows_lr) != (1, 1) else ""
     print(f"best LoRA rank {args.rank} alpha {lora_cfg.alpha:g}{rows}{knobs}: lr {lr_lora:g}, val loss {lora:.4f} "
           f"({trainable:,} trainable = {share:.2%} of {total:,}; {trainable / blocks:.2%} of the block weights)")
