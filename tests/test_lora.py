@@ -2,6 +2,7 @@
 `peft` on the HF export (and PEFT's adapters loaded by lmlab), `lmlab lora merge`, bad input."""
 
 import json
+from collections import Counter
 
 import pytest
 import torch
@@ -31,10 +32,10 @@ from lmlab.tune.lora import (
 CONFIGS = {"gpt2": dict(family="gpt2"), "llama": dict(family="llama", n_kv_head=2), "gpt": dict(family="gpt")}
 
 
-def tiny(family, vocab=96):
+def tiny(family, vocab=96, **fields):
     torch.manual_seed(0)
     return Transformer(ModelConfig(**CONFIGS[family], vocab_size=vocab, n_layer=2, n_head=4, n_embd=32,
-                                   block_size=32, dropout=0.0)).eval()
+                                   block_size=32, dropout=0.0, **fields)).eval()
 
 
 def randomise(model, seed=1):
@@ -91,9 +92,10 @@ def test_rank_8_counts_as_peft_counts_and_only_adapters_get_gradients():
     assert all(p.grad.abs().sum() > 0 for name, p in model.named_parameters() if "lora_" in name)
 
 
-def test_the_fast_decoder_applies_an_unmerged_adapter():
-    model = randomise(apply_lora(tiny("llama"), LoRAConfig(rank=4)))
-    x = torch.randint(0, 96, (1, 6))
+@pytest.mark.parametrize("rows", [False, True])
+def test_the_fast_decoder_applies_an_unmerged_adapter(rows):
+    model = with_rows(tiny("llama")) if rows else randomise(apply_lora(tiny("llama"), LoRAConfig(rank=4)))
+    x = torch.tensor([[5, 7, 11, 2, 40, 90]])  # the last token's trained row read, every head row scored
     with torch.no_grad():
         want = model(x).logits[:, -1]
         cache = KVCache(model.config, 1)
@@ -127,6 +129,100 @@ def test_disabled_adapters_give_the_base_s_logits_and_come_back():
         with pytest.raises(ValueError, match="merged adapters cannot be disabled"):
             with adapters_disabled(model):
                 pass
+
+
+ROWS = (7, 2, 90)  # out of order, as a PEFT user may list them: the saved rows follow the list
+HF_EMBEDDING = {"gpt2": "transformer.wte", "llama": "model.embed_tokens"}
+
+
+def with_rows(model, targets=("all-linear",)):
+    """Rank-4 adapters and trained rows for ROWS on `model`, B and the rows random (so that any part ignored
+    fails)."""
+    randomise(apply_lora(model, LoRAConfig(rank=4, alpha=8, targets=targets, tokens=ROWS)))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for m in (model.tok_emb, model.lm_head):
+            if "lora_rows" in m._parameters:
+                m.lora_rows.copy_(torch.randn(m.lora_rows.shape, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("family,tie", [("gpt2", True), ("llama", False), ("llama", True)])
+def test_trained_token_rows_replace_those_rows_only_and_merge_exactly(family, tie):
+    model = tiny(family, tie_embeddings=tie)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.tensor([[7, 2, 90, 5, 11, 7, 40, 2, 63]])
+    with torch.no_grad():
+        with_rows(model)
+        adapted = model(x).logits
+        # reference: the adapters merged into a plain copy, and the rows written into its weights by hand
+        ref = merge_and_unload(randomise(apply_lora(tiny(family, tie_embeddings=tie), LoRAConfig(rank=4, alpha=8))))
+        ref.tok_emb.weight[list(ROWS)] = model.tok_emb.lora_rows
+        if not tie:
+            ref.lm_head.weight[list(ROWS)] = model.lm_head.lora_rows
+        torch.testing.assert_close(adapted, ref(x).logits, atol=1e-5, rtol=0)
+        for m in (model.tok_emb, model.lm_head):  # every other row is the base's, bit for bit
+            w, base = m.effective_weight(), before[("tok_emb" if m is model.tok_emb or tie else "lm_head") + ".weight"]
+            others = [i for i in range(96) if i not in ROWS]
+            assert torch.equal(w[others], base[others]) and not torch.equal(w[list(ROWS)], base[list(ROWS)])
+        merge(model)
+        merged = model(x).logits
+        unmerge(model)
+        unmerged = model(x).logits
+    torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=0)
+    torch.testing.assert_close(unmerged, adapted, atol=1e-5, rtol=0)
+    for name in ("tok_emb.weight", "lm_head.weight"):  # the originals written back exactly
+        assert torch.equal(model.state_dict()[name], before[name]), name
+    adapters = count_parameters(apply_lora(tiny(family, tie_embeddings=tie), LoRAConfig(rank=4)))[0]
+    assert count_parameters(model)[0] == adapters + 3 * 32 * (1 if tie else 2)  # one set of rows for a tied head
+    assert model.tok_emb.lora_rows.shape == (3, 32) and ("lora_rows" in model.lm_head._parameters) == (not tie)
+    plain = merge_and_unload(model)
+    assert "lora_rows" not in str(plain.state_dict().keys()) and type(plain.tok_emb) is torch.nn.Embedding
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x).logits, adapted, atol=1e-5, rtol=0)
+        with adapters_disabled(with_rows(tiny(family, tie_embeddings=tie))) as off:  # the base again
+            torch.testing.assert_close(off(x).logits, tiny(family, tie_embeddings=tie)(x).logits, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("family,tie", [("gpt2", True), ("llama", False), ("llama", True)])
+def test_peft_loads_trained_token_rows_on_the_hf_export_and_lmlab_loads_peft_s(family, tie, tmp_path):
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    model = tiny(family, tie_embeddings=tie)
+    tok = Tokenizer.train(["the cat sat on the mat"], kind="char")
+    base_dir = save_pretrained(tmp_path / "base", model, tok)
+    with_rows(model, ("q_proj", "down_proj") if family == "llama" else ("all-linear",))
+    save_adapter(model, tmp_path / "adapter")
+    # PEFT's own layout (peft/tuners/trainable_tokens): a list for the embedding (and a head tied to it), a dict
+    # naming an untied head too; the rows themselves under token_adapter.trainable_tokens_delta
+    emb = HF_EMBEDDING[family]
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    rows = {emb.split(".")[-1]: list(ROWS), "lm_head": list(ROWS)}
+    assert config["trainable_token_indices"] == (list(ROWS) if tie else rows)
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    key = ".token_adapter.trainable_tokens_delta"
+    assert torch.equal(saved[f"base_model.model.{emb}{key}"], model.tok_emb.lora_rows)
+    assert torch.equal(saved["base_model.model.lm_head" + key], model.lm_head.lora_rows) if not tie else (
+        "base_model.model.lm_head" + key not in saved)
+    assert_peft_agrees(base_dir, tmp_path / "adapter", model, tmp_path / "hf")
+    x = torch.tensor([[7, 2, 90, 5, 11, 7, 40, 2, 63], [1, 90, 3, 2, 7, 8, 9, 10, 11]])
+    with torch.no_grad():
+        torch.testing.assert_close(load_adapter(tiny(family, tie_embeddings=tie), tmp_path / "adapter")(x).logits,
+                                   model(x).logits, atol=1e-6, rtol=0)
+    # the other way: PEFT trains the rows (a list: the embedding's only, which for an untied head leaves its rows)
+    fresh = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    theirs = peft.get_peft_model(fresh, peft.LoraConfig(r=3, lora_alpha=5, target_modules=["down_proj"] if
+                                                        family == "llama" else ["c_fc"], trainable_token_indices=[
+                                                        90, 7], fan_in_fan_out=family != "llama"))
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_B" in name or "trainable_tokens_delta" in name:
+                p.normal_(0, 0.3)
+    theirs.save_pretrained(tmp_path / "theirs")
+    loaded = load_adapter(tiny(family, tie_embeddings=tie), tmp_path / "theirs")
+    assert loaded.lora_config.tokens == (90, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, theirs.eval()(input_ids=x).logits, atol=1e-4, rtol=0)
 
 
 @pytest.fixture(scope="module")
@@ -185,6 +281,24 @@ def test_a_lora_run_trains_the_adapters_only_and_resumes_exactly(tmp_path, base_
         torch.testing.assert_close(again[key], adapter[key], atol=1e-6, rtol=0, msg=key)
 
 
+def test_a_lora_run_trains_the_chosen_token_rows_and_no_other(tmp_path, base_dir, book):
+    """The rows of the tokens given train (PEFT's trainable_token_indices); every other row of the embedding and
+    the untied head leaves the run bit for bit as it came, weight decay and all."""
+    tok = Tokenizer.load(base_dir / "tokenizer.json")
+    ids = tuple(i for i, _ in Counter(tok.encode(book.read_text(encoding="utf-8"))).most_common(3))
+    config = TrainConfig(max_steps=4, batch_size=4, seq_len=32, lr=1e-2, warmup_steps=1, log_every=1, eval_every=4,
+                         eval_batches=1, save_every=0, seed=3, device="cpu")
+    train_from_sources(tmp_path / "run", config, sources=[book], init=base_dir, lora=LoRAConfig(rank=4, tokens=ids))
+    base = load_file(base_dir / "model.safetensors")
+    final = load_file(tmp_path / "run" / "final" / "model.safetensors")  # the adapters and rows merged
+    others = [i for i in range(len(tok)) if i not in ids]
+    for name in ("tok_emb.weight", "lm_head.weight"):
+        assert torch.equal(final[name][others], base[name][others]), name
+        assert ((final[name][list(ids)] - base[name][list(ids)]).abs().amax(1) > 1e-3).all(), name
+    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert config["trainable_token_indices"] == {"embed_tokens": list(ids), "lm_head": list(ids)}
+
+
 def assert_peft_agrees(base_dir, adapter_dir, ours, hf_dir):
     """`peft` loads the adapter in adapter_dir (PEFT's layout) onto the HF export of base_dir (written to hf_dir)
     and gives the logits of `ours`, lmlab's model with that adapter, within 1e-4 (tests/test_tune_*.py use it
@@ -198,6 +312,9 @@ def assert_peft_agrees(base_dir, adapter_dir, ours, hf_dir):
     with_adapter = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(hf_dir),
                                                   adapter_dir).eval()
     x = torch.randint(0, ours.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    tokens = list(ours.lora_config.tokens)
+    if tokens:  # their trained rows are read too
+        x[:, :len(tokens)] = torch.tensor(tokens)
     with torch.no_grad():
         torch.testing.assert_close(with_adapter(input_ids=x).logits, ours.eval()(x).logits, atol=1e-4, rtol=0)
 
@@ -233,14 +350,17 @@ def test_peft_loads_the_adapter_on_the_hf_export_and_lmlab_loads_peft_s(family, 
 
 def test_lmlab_lora_merge_writes_a_new_model_and_never_overwrites(capsys, tmp_path, base_dir):
     model, _ = load_pretrained(base_dir)
-    randomise(apply_lora(model, LoRAConfig(rank=2, targets=("o_proj", "down_proj"))))
+    randomise(apply_lora(model, LoRAConfig(rank=2, targets=("o_proj", "down_proj"), tokens=(9, 5))))
+    with torch.no_grad():  # trained rows, folded in too
+        model.tok_emb.lora_rows.normal_()
+        model.lm_head.lora_rows.normal_()
     save_adapter(model, tmp_path / "adapter")
     code, out, _ = run(capsys, "lora", "merge", base_dir, tmp_path / "adapter", "--out", tmp_path / "merged")
     assert code == 0 and "merged" in out
     merged, tok = load_pretrained(tmp_path / "merged")
     assert tok is not None and json.loads((tmp_path / "merged" / "training.json").read_text())["merged"]["lora"][
         "rank"] == 2
-    x = torch.randint(4, 300, (1, 24))
+    x = torch.cat([torch.tensor([[5, 9, 5]]), torch.randint(4, 300, (1, 21))], 1)
     with torch.no_grad():
         torch.testing.assert_close(merged(x).logits, model(x).logits, atol=1e-5, rtol=0)
     (tmp_path / "mine").mkdir()
@@ -270,6 +390,10 @@ def test_bad_lora_settings_are_one_line_errors(capsys, tmp_path, base_dir, book)
           "gate_proj, up_proj, down_proj or all-linear", *train, "--init", base_dir, "--lora-rank", "4",
           "--lora-targets", "q_proj,qkv")
     fails(capsys, "--lora-alpha needs --lora-rank", *train, "--init", base_dir, "--lora-alpha", "4")
+    fails(capsys, "--lora-new-tokens: the tokenizer has no chat tokens", *train, "--init", base_dir, "--lora-rank", "4",
+          "--lora-new-tokens")
+    with pytest.raises(ValueError, match="LoRA token 300 is outside the model's vocabulary of 300"):
+        apply_lora(load_pretrained(base_dir)[0], LoRAConfig(rank=2, tokens=(3, 300)))
     fails(capsys, "LoRA adapts a trained model: give it with --init", *train, "--preset", "llama-tiny",
           "--lora-rank", "4")
     assert not (tmp_path / "run").exists()

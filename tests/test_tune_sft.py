@@ -231,6 +231,38 @@ def test_a_lora_sft_run_trains_the_adapters_only_and_resumes_exactly(tmp_path, b
     assert "drop --lora-rank" in capsys.readouterr().err
 
 
+def test_lora_new_tokens_trains_the_chat_tokens_rows_and_no_other(tmp_path, base_dir, capsys):
+    """`tune sft --lora-rank 4 --lora-new-tokens`: the rows of the 4 chat tokens (added at the mean row) train with
+    the adapters, every other row stays the base's bit for bit, RUN/adapter names them as PEFT's
+    trainable_token_indices, and `peft` reads it on the HF export with lmlab's logits."""
+    from safetensors.torch import load_file
+    from test_lora import assert_peft_agrees
+
+    from lmlab.tune.chat import chat_token_ids
+    from lmlab.tune.lora import load_adapter
+    out = tmp_path / "run"
+    assert main(["tune", "sft", "--model", str(base_dir), "--data", str(write_jsonl(tmp_path / "c.jsonl", CHATS)),
+                 "--out", str(out), "--max-steps", "3", "--batch-size", "2", "--lr", "1e-2", "--eval-every", "0",
+                 "--lora-rank", "4", "--lora-new-tokens"]) == 0
+    base, tok, _ = add_chat_tokens(*lmlab.load(base_dir))
+    ids = sorted(chat_token_ids(tok).values())
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["trainable_token_indices"] == {
+        "embed_tokens": ids, "lm_head": ids}
+    final = load_file(out / "final" / "model.safetensors")
+    others = [i for i in range(len(tok)) if i not in ids]
+    for name in ("tok_emb.weight", "lm_head.weight"):
+        before = base.state_dict()[name]
+        assert torch.equal(final[name][others], before[others]), name
+        assert ((final[name][ids] - before[ids]).abs().amax(1) > 1e-4).all(), name
+    base_with_tokens = save_pretrained(tmp_path / "base", base, tok)
+    adapted = load_adapter(lmlab.load(base_with_tokens)[0], out / "adapter")
+    assert_peft_agrees(base_with_tokens, out / "adapter", adapted, tmp_path / "hf")
+    capsys.readouterr()
+    assert main(["tune", "sft", "--model", str(base_dir), "--data", str(tmp_path / "c.jsonl"), "--out",
+                 str(tmp_path / "r2"), "--lora-new-tokens"]) == 2
+    assert "--lora-new-tokens needs --lora-rank" in capsys.readouterr().err
+
+
 def test_cli_sft_then_chat(tmp_path, base_dir, capsys, monkeypatch):
     out = tmp_path / "run"
     assert main(["tune", "sft", "--model", str(base_dir), "--data", str(SHIPPED), "--out", str(out),

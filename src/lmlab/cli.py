@@ -623,7 +623,7 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # what a new run is made of; a resumed run has its own
-_LORA_FLAGS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
+_LORA_FLAGS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_new_tokens")
 _NEW_RUN_ONLY = ("sources", "preset", "model_config", "init", "dataset", "tokenizer", "tokenizer_kind", "vocab_size",
                  "val_fraction", "weight", "filters", "filter_level", *_LORA_FLAGS)
 
@@ -708,18 +708,23 @@ def add_lora_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma list of modules as named in the HF export, as PEFT's target_modules: q_proj, k_proj, "
                         "v_proj, o_proj, gate_proj, up_proj, down_proj (llama); c_attn, c_proj, c_fc (gpt2, gpt); "
                         "default all-linear (every linear of the blocks, not the output head)")
+    g.add_argument("--lora-new-tokens", action="store_true",
+                   help="also train the embedding (and untied head) rows of the chat format's tokens, which "
+                        "fine-tuning on conversations adds at the mean row (PEFT's trainable_token_indices)")
 
 
 def lora_config(args: argparse.Namespace) -> Any:
     """A LoRAConfig from add_lora_arguments' flags, or None without --lora-rank."""
-    given_flags = [f"--lora-{k}" for k in ("alpha", "dropout", "targets") if getattr(args, f"lora_{k}") is not None]
+    given_flags = [f"--lora-{k.replace('_', '-')}" for k in ("alpha", "dropout", "targets", "new_tokens")
+                   if getattr(args, f"lora_{k}") not in (None, False)]
     if args.lora_rank is None:
         if given_flags:
             raise ValueError(f"{', '.join(given_flags)} needs --lora-rank")
         return None
     from .tune.lora import ALL_LINEAR, LoRAConfig
     targets = tuple(t.strip() for t in (args.lora_targets or ALL_LINEAR).split(",") if t.strip())
-    return LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout or 0.0, targets=targets)
+    return LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout or 0.0, targets=targets,
+                      chat_tokens=args.lora_new_tokens)
 
 
 def _adapter_note(out: str | Path) -> str:

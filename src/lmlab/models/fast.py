@@ -224,7 +224,11 @@ class Decoder:
             self.head = _transposed(model.lm_head)                           # (C, vocab), no bias
         self.final = _norm_params(model.norm_f) if model.norm_f is not None else None
         emb = model.tok_emb  # a QuantEmbedding (quant.py) reads rows of the quantized head
-        self.tok_emb = emb.weight.__getitem__ if isinstance(emb, torch.nn.Embedding) else emb.lookup()
+        if isinstance(emb, torch.nn.Embedding):
+            with torch.no_grad():  # with LoRA's trained rows (tune/lora.py) in place
+                self.tok_emb = (emb.effective_weight() if hasattr(emb, "effective_weight") else emb.weight).__getitem__
+        else:
+            self.tok_emb = emb.lookup()
         self.pos_emb = model.pos_emb.weight if model.pos_emb is not None else None
         self.rope = (model.rope_cos, model.rope_sin) if cfg.pos_encoding == "rope" else None
 

@@ -90,7 +90,7 @@ def train_from_sources(out_dir: str | Path, config: TrainConfig, *, sources: Seq
             raise ValueError(f"{init} has no tokenizer.json")
         model.train()
         if lora is not None:  # here, so that a target the model lacks fails before anything is written
-            lora.attach(model, config.seed)
+            lora.attach(model, config.seed, tok)
     elif tokenizer is not None:
         tok = Tokenizer.load(tokenizer)
     elif dataset is not None:
@@ -191,7 +191,7 @@ def train_with_lora(model: Transformer, tok: Any, ds: Any, config: TrainConfig, 
     Every run on the Trainer that may train adapters (lmlab train, tune dpo, tune grpo) goes through here."""
     if lora is None:
         return train(model, tok, ds, config, out, callbacks, resume=resume, provenance=provenance, objective=objective)
-    lora.attach(model, config.seed)
+    lora.attach(model, config.seed, tok)
     result = train(model, tok, ds, config, out, callbacks, resume=resume, provenance=provenance, objective=objective)
     if dist_env()[0] == 0:
         lora.finish(model, out, tok)

@@ -17,6 +17,12 @@ up_proj, down_proj (Llama); c_attn, c_proj, c_fc (GPT-2, GPT-1); "all-linear" (t
 the blocks, never the output head. lmlab fuses q, k, v into one matrix (and gate, up into another): each HF
 module is a segment of it with its own A and B, as in PEFT, so an adapter means the same thing on both sides
 and converts both ways exactly; only the dropout mask is shared by the segments of one fused matrix.
+
+`tokens` (and `chat_tokens`, `--lora-new-tokens`: the chat format's tokens, which add_chat_tokens appends to the
+tokenizer with rows at the mean) also trains the embedding rows of those tokens, and the output head's when it is
+untied: PEFT's `trainable_token_indices` (its TrainableTokens layer), which stores the trained rows themselves
+and puts them in place of the frozen ones. A token LoRA cannot otherwise move, such as a new end-of-turn token
+whose row starts at the mean, costs a frozen-embedding run most of its loss (docs/LOG.md, issue 16).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import json
 import math
 import shutil
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +47,12 @@ from ..files import staged_dir
 from ..interop.hf_mapping import hf_prefixes
 from ..models import Transformer
 from ..models.io import TRAINING, WEIGHTS, load_pretrained, save_pretrained
+from ..models.model import LMHead
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # PEFT's file names
 ALL_LINEAR = "all-linear"  # PEFT's spelling for "every linear layer but the output head"
 _PREFIX = "base_model.model."  # PEFT's prefix of a PeftModelForCausalLM's keys
+_ROWS = ".token_adapter.trainable_tokens_delta"  # PEFT's key of a TrainableTokens layer: the rows, not a delta
 
 
 @dataclass(frozen=True)
@@ -54,6 +62,8 @@ class LoRAConfig:
     alpha: float | None = None  # None: 2 * rank, LLaMA-Factory's default (PEFT's own is 8 whatever the rank)
     dropout: float = 0.0
     targets: tuple[str, ...] = (ALL_LINEAR,)
+    tokens: tuple[int, ...] = ()  # token ids whose embedding (and untied head) rows train too
+    chat_tokens: bool = False  # and the chat format's tokens (tune/chat.py), found in the run's tokenizer
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
@@ -65,6 +75,12 @@ class LoRAConfig:
         if isinstance(self.targets, str) or not self.targets or not all(isinstance(t, str) and t for t in self.targets):
             raise ValueError(f"LoRA targets must be a non-empty list of module names, not {self.targets!r}")
         object.__setattr__(self, "targets", tuple(self.targets))
+        if isinstance(self.tokens, (str, bytes)) or not all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.tokens):
+            raise ValueError(f"LoRA tokens must be a list of token ids, not {self.tokens!r}")
+        if len(set(self.tokens)) < len(self.tokens):
+            raise ValueError(f"LoRA tokens are listed more than once in {list(self.tokens)}")
+        object.__setattr__(self, "tokens", tuple(self.tokens))  # in order: PEFT's rows follow its list
         if self.alpha is None:
             object.__setattr__(self, "alpha", float(2 * self.rank))
 
@@ -73,13 +89,26 @@ class LoRAConfig:
         return self.alpha / self.rank
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "targets": list(self.targets)}
+        return {**asdict(self), "targets": list(self.targets), "tokens": list(self.tokens)}
 
-    def attach(self, model: Transformer, seed: int) -> None:
+    def token_ids(self, tokenizer: Any = None) -> list[int]:
+        """The ids whose rows train: `tokens`, and with chat_tokens the chat format's tokens in `tokenizer`."""
+        ids = list(self.tokens)
+        if self.chat_tokens:
+            from .chat import chat_token_ids  # chat.py sits above the model code this module needs alone
+            if tokenizer is None:
+                raise ValueError("--lora-new-tokens needs the model's tokenizer")
+            try:
+                ids += [i for i in sorted(chat_token_ids(tokenizer).values()) if i not in ids]
+            except ValueError as exc:
+                raise ValueError(f"--lora-new-tokens: {exc}") from None
+        return ids
+
+    def attach(self, model: Transformer, seed: int, tokenizer: Any = None) -> None:
         """The adapters on `model`, initialised from `seed`, unless it carries them already (train.recipes)."""
         if not lora_layers(model):
             torch.manual_seed(seed)
-            apply_lora(model, self)
+            apply_lora(model, self, tokenizer)
 
     def finish(self, model: Transformer, run_dir: str | Path, tokenizer: Any = None) -> None:
         save_lora_run(model, run_dir, tokenizer)
@@ -164,14 +193,71 @@ class LoRALinear(nn.Linear):
             self.merged = False
 
 
+class TokenRows:
+    """The embedding or the output head with the rows of some tokens taken from a trainable (k, in) `lora_rows`
+    instead of its frozen weight (PEFT's TrainableTokens layer: it too keeps the rows themselves, not a delta).
+    A head tied to the embedding reads the embedding's rows (`rows_of`), so one set of rows serves both, as in
+    PEFT; merging writes the rows into the weight, unmerging writes back the originals."""
+
+    weight: nn.Parameter
+
+    def add_rows(self, ids: list[int], rows_of: Any = None) -> None:
+        self.merged, self.disabled = False, False
+        if rows_of is not None:  # not a submodule: its parameters are the embedding's
+            self.__dict__["rows_of"] = rows_of
+            return
+        w = self.weight
+        self.register_buffer("token_ids", torch.tensor(ids, dtype=torch.long, device=w.device), persistent=False)
+        self.register_buffer("lora_original", w.detach()[ids].clone(), persistent=False)
+        self.lora_rows = nn.Parameter(w.detach()[ids].clone())
+
+    def _owner(self) -> Any:
+        return self.__dict__.get("rows_of", self)
+
+    def effective_weight(self) -> torch.Tensor:
+        """The weight the layer applies (also fast.py's decoder): the trained rows in place unless merged already
+        or disabled."""
+        o = self._owner()
+        return self.weight if self.merged or self.disabled else self.weight.index_copy(0, o.token_ids, o.lora_rows)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.weight.index_copy_(0, self._owner().token_ids, self._owner().lora_rows)
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.weight.index_copy_(0, self._owner().token_ids, self._owner().lora_original)
+            self.merged = False
+
+
+class TokenRowsEmbedding(TokenRows, nn.Embedding):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.embedding(x, self.effective_weight())
+
+
+class TokenRowsHead(TokenRows, LMHead):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.effective_weight(), self.bias)
+
+
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def apply_lora(model: Transformer, config: LoRAConfig) -> Transformer:
+def _adapted(model: nn.Module) -> list[Any]:
+    """Every module that carries an adapter: the LoRA linears and the embedding and head with trained rows."""
+    return [m for m in model.modules() if isinstance(m, (LoRALinear, TokenRows))]
+
+
+def apply_lora(model: Transformer, config: LoRAConfig, tokenizer: Any = None) -> Transformer:
     """Freeze every parameter of `model` and give the targeted block linears trainable adapters, in place
-    (parameter names and the state dict keep theirs, plus `...lora_A` and `...lora_B`). Returns the model.
-    ValueError for a target that names no module of this model, or a model that has adapters already."""
+    (parameter names and the state dict keep theirs, plus `...lora_A` and `...lora_B`), and the config's tokens
+    trainable rows (`tok_emb.lora_rows`, and `lm_head.lora_rows` for an untied head). Returns the model.
+    ValueError for a target that names no module of this model, a token outside its vocabulary, or a model that
+    has adapters already. `tokenizer`: where chat_tokens finds the chat format's tokens."""
     if lora_layers(model):
         raise ValueError("this model has LoRA adapters already; merge them first (lmlab lora merge)")
     segments = block_segments(model)
@@ -189,7 +275,16 @@ def apply_lora(model: Transformer, config: LoRAConfig) -> Transformer:
                 module = block.get_submodule(ours)
                 module.__class__ = LoRALinear
                 module.add_adapter(adapted, config)
-    model.lora_config = config  # what save_adapter writes into adapter_config.json
+    ids = config.token_ids(tokenizer)
+    if ids:
+        if max(ids) >= model.config.vocab_size:
+            raise ValueError(f"LoRA token {max(ids)} is outside the model's vocabulary of {model.config.vocab_size}")
+        model.tok_emb.__class__ = TokenRowsEmbedding
+        model.tok_emb.add_rows(ids)
+        model.lm_head.__class__ = TokenRowsHead
+        model.lm_head.add_rows(ids, model.tok_emb if model.config.tie_embeddings else None)
+    # what save_adapter writes into adapter_config.json: the tokens as ids
+    model.lora_config = replace(config, tokens=tuple(ids), chat_tokens=False)
     return model
 
 
@@ -198,7 +293,7 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block, `model` is its frozen base: every adapter is skipped (PEFT's disable_adapter). This is how
     a LoRA run's reference model (DPO's, GRPO's KL) is the base itself, without a second copy of its weights. A
     model without adapters passes through unchanged; merged adapters are refused (W holds them)."""
-    layers = lora_layers(model).values()
+    layers = _adapted(model)
     if any(m.merged for m in layers):
         raise ValueError("merged adapters cannot be disabled; unmerge them first")
     from ..models import fast
@@ -214,14 +309,15 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def merge(model: nn.Module) -> None:
-    """Fold every adapter into its weight (W += scale · B A): the same outputs with plain matmuls."""
-    for m in lora_layers(model).values():
+    """Fold every adapter into its weight (W += scale · B A; trained rows written in place): the same outputs with
+    plain matmuls."""
+    for m in _adapted(model):
         m.merge()
 
 
 def unmerge(model: nn.Module) -> None:
-    """Undo merge(): W -= scale · B A (W is back up to float rounding)."""
-    for m in lora_layers(model).values():
+    """Undo merge(): W -= scale · B A (W is back up to float rounding), the tokens' original rows back."""
+    for m in _adapted(model):
         m.unmerge()
 
 
@@ -232,6 +328,15 @@ def merge_and_unload(model: Transformer) -> Transformer:
         m.merge()
         del m.lora_A, m.lora_B, m.lora_dropout, m.segments, m.rank, m.scale, m.merged, m.disabled
         m.__class__ = nn.Linear
+    rows = [(m, plain) for m, plain in ((model.tok_emb, nn.Embedding), (model.lm_head, LMHead))
+            if isinstance(m, TokenRows)]
+    for m, _ in rows:  # all merged before any is stripped: a tied head reads the embedding's rows
+        m.merge()
+    for m, plain in rows:
+        for store in (m.__dict__, m._parameters, m._buffers):
+            for name in ("lora_rows", "token_ids", "lora_original", "rows_of", "merged", "disabled"):
+                store.pop(name, None)
+        m.__class__ = plain
     model.__dict__.pop("lora_config", None)
     return model
 
@@ -256,7 +361,18 @@ def _peft_tensors(model: Transformer) -> dict[str, torch.Tensor]:
                     if piece is not None:
                         key = _PREFIX + block_fmt.format(i) + hf
                         out[key + ".lora_A.weight"], out[key + ".lora_B.weight"] = piece
+    for hf, m in _row_modules(model).items():
+        out[_PREFIX + hf + _ROWS] = m.lora_rows
     return out
+
+
+def _row_modules(model: Transformer) -> dict[str, Any]:
+    """HF module name -> our module that holds trained rows: the embedding, and the head unless tied to it (PEFT
+    then ties a TrainableTokens layer on the head to the embedding's and saves one set of rows)."""
+    if not isinstance(model.tok_emb, TokenRows):
+        return {}
+    emb = hf_prefixes(model.config.family)[1]["tok_emb.weight"].removesuffix(".weight")
+    return {emb: model.tok_emb, **({} if model.config.tie_embeddings else {"lm_head": model.lm_head})}
 
 
 def save_adapter(model: Transformer, out_dir: str | Path, *, base_model: str | None = None) -> Path:
@@ -267,13 +383,19 @@ def save_adapter(model: Transformer, out_dir: str | Path, *, base_model: str | N
     tensors = _peft_tensors(model)
     if config is None or not tensors:
         raise ValueError("this model has no LoRA adapters to save")
-    targets = sorted({key[len(_PREFIX):].split(".", 3)[-1].rsplit(".lora_", 1)[0] for key in tensors})
+    targets = sorted({key[len(_PREFIX):].split(".", 3)[-1].rsplit(".lora_", 1)[0] for key in tensors
+                      if not key.endswith(_ROWS)})
+    ids = list(config.tokens)
+    # PEFT's trainable_token_indices: a list means the input embedding (and a head tied to it); an untied head is
+    # named with the embedding in a dict (PEFT's key is the module's last name)
+    rows = {hf.rsplit(".", 1)[-1]: ids for hf in _row_modules(model)}
     peft_config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.rank, "lora_alpha": config.alpha,
         "lora_dropout": config.dropout, "target_modules": targets, "bias": "none",
         # HF's GPT-1/GPT-2 keep their linears as Conv1D, (in, out): PEFT transposes the update for them
         "fan_in_fan_out": model.config.family != "llama", "use_rslora": False, "init_lora_weights": True,
         "modules_to_save": None, "base_model_name_or_path": base_model, "inference_mode": True,
+        "trainable_token_indices": (ids if len(rows) == 1 else rows) if rows else None,
     }
     with staged_dir(Path(out_dir)) as tmp:
         save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp / ADAPTER_WEIGHTS),
@@ -301,8 +423,13 @@ def read_adapter_config(adapter_dir: str | Path) -> LoRAConfig:
         raise ValueError(f"{path}: lmlab does not read adapters with {', '.join(unsupported)}")
     targets = d.get("target_modules")
     targets = [targets] if isinstance(targets, str) else targets
+    rows = d.get("trainable_token_indices") or []
+    lists = list(rows.values()) if isinstance(rows, dict) else [rows]
+    if rows and not all(isinstance(ids, list) and ids == lists[0] for ids in lists):
+        raise ValueError(f"{path}: lmlab reads trainable_token_indices as one list of token ids, the same for the "
+                         "embedding and the head")
     return LoRAConfig(rank=d.get("r"), alpha=d.get("lora_alpha"), dropout=d.get("lora_dropout", 0.0),
-                      targets=tuple(targets or ()))
+                      targets=tuple(targets or ()), tokens=tuple(lists[0]) if rows else ())
 
 
 def load_adapter(model: Transformer, adapter_dir: str | Path) -> Transformer:
@@ -317,16 +444,20 @@ def load_adapter(model: Transformer, adapter_dir: str | Path) -> Transformer:
         raise ValueError(f"{file} is not a readable safetensors file: {exc}") from None
     saved = {k.replace(".default.", "."): v for k, v in saved.items()}  # some writers keep the adapter name
     want = _peft_tensors(model)
-    missing, extra = sorted(want.keys() - saved.keys()), sorted(saved.keys() - want.keys())
+    # rows a file leaves out stay as the base has them: PEFT given a list trains no rows of an untied head
+    missing = sorted(k for k in want.keys() - saved.keys() if not k.endswith(_ROWS))
+    extra = sorted(saved.keys() - want.keys())
     if missing or extra:
         raise ValueError(f"{file} does not fit this {model.config.family} model: missing {missing[:2]}, "
                          f"unexpected {extra[:2]}")
     with torch.no_grad():
         for key, param in want.items():
+            if key not in saved:
+                continue
             if saved[key].shape != param.shape:
                 raise ValueError(f"{file}: {key} has shape {tuple(saved[key].shape)}, this model needs "
                                  f"{tuple(param.shape)}")
-            param.copy_(saved[key])  # a view into lora_A / lora_B
+            param.copy_(saved[key])  # a view into lora_A / lora_B, or the rows
     return model
 
 

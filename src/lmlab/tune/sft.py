@@ -197,7 +197,7 @@ def run_sft(model_dir: str | Path, data: str | Path, out_dir: str | Path, config
     ds, info = build_dataset(data, tok, seq_len, completion_only=completion_only, val_fraction=val_fraction,
                              seed=config.seed, packing=packing, read=read)
     if lora is not None:  # here, so that a target the model lacks fails before anything is written
-        lora.attach(model, config.seed)
+        lora.attach(model, config.seed, tok)
     if added:
         echo(f"added {added} chat tokens to the tokenizer ({len(tok)} tokens now)")
     echo(_describe(info, seq_len))
