@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -25,9 +26,10 @@ from pathlib import Path
 
 import torch
 
-from lmlab.lab.arena import win_rate_and_kl  # the arena's measure: sampled win-rate and exact KL
+from lmlab.lab import arena
+from lmlab.lab.arena import ArenaConfig, win_rate_and_kl  # the arena's measure: sampled win-rate and exact KL
 from lmlab.models import ModelConfig, Transformer, fast
-from lmlab.models.io import save_pretrained
+from lmlab.models.io import load_pretrained
 from lmlab.tokenizers import Tokenizer
 from lmlab.train import TrainConfig
 from lmlab.tune import preference as P
@@ -77,41 +79,36 @@ def part_step(batch_size: int, reps: int) -> None:
     print(f"DPO / SFT on the {batch_size} chosen rows: {med['dpo'] / med['sft_chosen_rows']:.3f}x")
 
 
-def part_winrate(sft_minutes: float, dpo_minutes: float, beta: float) -> None:
-    tok, model = setup()
+def part_winrate(a: argparse.Namespace) -> None:
+    cfg = ArenaConfig(sft_steps=a.sft_steps, seed=a.seed)
     tmp = Path(tempfile.mkdtemp(prefix="bench_dpo_"))
-    rows = [json.loads(x) for x in (task.shipped() / "sft.jsonl").read_text(encoding="utf-8").splitlines()]
-    seqs = [P.render(tok, r["prompt"], r["completion"]) for r in rows]
-    ids, mask, _ = P._pack(seqs, model.config.block_size, [f"sft.jsonl:{i}" for i in range(1, len(rows) + 1)], 0)
-    fast.for_training(model.train())
-    opt = model.configure_optimizer(2e-3)
-    g, t0, step = torch.Generator().manual_seed(0), time.perf_counter(), 0
-    while time.perf_counter() - t0 < sft_minutes * 60:
-        idx = torch.randint(len(rows), (32,), generator=g)
-        loss = sft_loss(model, ids[idx], mask[idx])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-    print(f"SFT: {step} steps in {time.perf_counter() - t0:.0f} s, last loss {loss.item():.4f}")
-    sft_dir = save_pretrained(tmp / "sft", model.eval(), tok)
-    ref = Transformer(model.config).eval()
-    ref.load_state_dict(model.state_dict())
+    files = arena.write_data(tmp, cfg)
+    loads = [os.getloadavg()[0]]
+    t0, c0 = time.perf_counter(), time.process_time()
+    sft_dir = arena.train_sft(arena.make_base(tmp, cfg), files["sft"], tmp / "sft", cfg, say=lambda s: None)
+    sft_s = (time.perf_counter() - t0, time.process_time() - c0)
+    sft, tok = load_pretrained(sft_dir)
+    print(f"SFT: {sft.num_parameters() / 1e6:.2f}M params, {a.sft_steps} steps in {sft_s[0]:.0f} s wall, "
+          f"{sft_s[1]:.0f} s CPU")
     prompts = [json.loads(x)["prompt"] for x in (task.shipped() / "test.jsonl").read_text().splitlines()]
-    before, _, _ = win_rate_and_kl(model, ref, tok, prompts)
+    before, _, _ = win_rate_and_kl(sft, sft, tok, prompts, seed=a.seed)
     print(f"before DPO: rule win-rate {before:.1%}")
-    t0 = time.perf_counter()
-    result = P.run_preference(tmp / "dpo", TrainConfig(batch_size=16, lr=5e-4, warmup_steps=10, log_every=10,
-                                                       time_budget_s=dpo_minutes * 60, eval_every=0, save_every=0,
-                                                       device="cpu", seed=0),
-                              model_dir=sft_dir, data=task.shipped() / "pairs.jsonl",
-                              cfg=P.PreferenceConfig("dpo", beta=beta), cache_dir=None)
-    from lmlab.models.io import load_pretrained
+    t0, c0 = time.perf_counter(), time.process_time()
+    P.run_preference(tmp / "dpo", TrainConfig(batch_size=16, lr=a.lr, warmup_steps=10, max_steps=a.dpo_steps,
+                                              log_every=50, eval_every=0, save_every=0, device="cpu", seed=a.seed,
+                                              sample_every=0),
+                     model_dir=sft_dir, data=files["pairs"], cfg=P.PreferenceConfig(
+                         "dpo", beta=a.beta, sft_weight=a.sft_weight), cache_dir=None, say=lambda s: None)
+    dpo_s = (time.perf_counter() - t0, time.process_time() - c0)
+    loads.append(os.getloadavg()[0])
     tuned, _ = load_pretrained(tmp / "dpo" / "final")
-    after, kl, _ = win_rate_and_kl(tuned, ref, tok, prompts)
-    print(f"DPO: {result.steps} steps in {time.perf_counter() - t0:.0f} s (beta {beta})")
+    after, kl, _ = win_rate_and_kl(tuned, sft, tok, prompts, seed=a.seed)
+    print(f"DPO (lr {a.lr}, beta {a.beta}, sft weight {a.sft_weight}): {a.dpo_steps} steps in {dpo_s[0]:.0f} s wall, "
+          f"{dpo_s[1]:.0f} s CPU")
     print(f"after DPO: rule win-rate {after:.1%}, mean per-token KL to the SFT model {kl:.3f} nats "
           f"(targets: >= 85%, <= 0.5)")
+    print(f"SFT + DPO: {sft_s[0] + dpo_s[0]:.0f} s wall, {sft_s[1] + dpo_s[1]:.0f} s CPU (target 15 minutes); "
+          f"load average {loads[0]:.1f} at the start, {loads[1]:.1f} at the end, {torch.get_num_threads()} threads")
 
 
 if __name__ == "__main__":
@@ -119,11 +116,14 @@ if __name__ == "__main__":
     ap.add_argument("--part", choices=["step", "winrate"], default="step")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--sft-minutes", type=float, default=5.0)
-    ap.add_argument("--dpo-minutes", type=float, default=8.0)
-    ap.add_argument("--beta", type=float, default=0.1)
+    ap.add_argument("--sft-steps", type=int, default=4000, help="SFT steps (the arena's recipe)")
+    ap.add_argument("--dpo-steps", type=int, default=300)
+    ap.add_argument("--lr", type=float, default=1e-4, help="DPO's peak lr (10 warm-up steps, cosine)")
+    ap.add_argument("--beta", type=float, default=1.0)
+    ap.add_argument("--sft-weight", type=float, default=0.0, help="the NLL term's weight (DPO + NLL, RPO)")
+    ap.add_argument("--seed", type=int, default=0, help="base, data order and sampling")
     a = ap.parse_args()
     if a.part == "step":
         part_step(a.batch_size, a.reps)
     else:
-        part_winrate(a.sft_minutes, a.dpo_minutes, a.beta)
+        part_winrate(a)
