@@ -15,7 +15,8 @@ term on the chosen completions (--sft-weight 1: DPO + NLL, Pang et al. 2024's RP
 rule win-rate on 200 held-out prompts (sampled at temperature 1) before and after, and the mean per-token
 KL(policy || SFT model) on the policy's own samples, exact over the vocabulary. Target: ~50% -> >= 85% at
 KL <= 0.5 nats, SFT + DPO within 15 minutes. Wall and CPU time are printed (on a shared machine wall time
-says little).
+says little). --on-policy K: DPO on pairs built from the SFT model's own samples (on_policy_pairs; the sampling
+counts in DPO's time).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import tempfile
 import time
@@ -83,6 +85,29 @@ def part_step(batch_size: int, reps: int) -> None:
     print(f"DPO / SFT on the {batch_size} chosen rows: {med['dpo'] / med['sft_chosen_rows']:.3f}x")
 
 
+def on_policy_pairs(model: Transformer, tok: Tokenizer, pairs: Path, k: int, seed: int) -> Path:
+    """Pairs from the model's own samples (online / iterative DPO: Xu et al. 2023, "Some things are more CRINGE
+    than others"; Guo et al. 2024, "Direct Language Model Alignment from Online AI Feedback"): k samples (T = 1)
+    per training prompt, labelled by the rule; chosen a following sample (else the shipped chosen), rejected a
+    failing one (else the shipped rejected). The SFT model's failures are mostly copying errors, which the
+    shipped pairs (list against bare words) never show."""
+    rows = [json.loads(x) for x in pairs.read_text(encoding="utf-8").splitlines()]
+    samples = [[] for _ in rows]
+    for j in range(k):
+        for s, ids in zip(samples, arena.complete(model, tok, [r["prompt"] for r in rows], greedy=False,
+                                                  seed=seed * 100 + j)):
+            s.append(tok.decode(ids))
+    rng, out = random.Random(seed), []
+    for r, s in zip(rows, samples):
+        good = [t for t in s if task.follows_rule(r["prompt"], t)]
+        bad = [t for t in s if t.strip() and not task.follows_rule(r["prompt"], t)]
+        chosen, rejected = rng.choice(good) if good else r["chosen"], rng.choice(bad) if bad else r["rejected"]
+        out.append({"prompt": r["prompt"], "chosen": chosen, "rejected": rejected})
+    same = sum(r == x for r, x in zip(out, rows))
+    print(f"on-policy pairs: {len(rows) - same} of {len(rows)} differ from the shipped ones")
+    return arena._dump(pairs.with_name("pairs_on_policy.jsonl"), out)
+
+
 def part_winrate(a: argparse.Namespace) -> None:
     cfg = ArenaConfig(sft_steps=a.sft_steps, seed=a.seed)
     tmp = Path(tempfile.mkdtemp(prefix="bench_dpo_"))
@@ -98,10 +123,11 @@ def part_winrate(a: argparse.Namespace) -> None:
     before, _, _ = win_rate_and_kl(sft, sft, tok, prompts, seed=a.seed)
     print(f"before DPO: rule win-rate {before:.1%}")
     t0, c0 = time.perf_counter(), time.process_time()
+    pairs = on_policy_pairs(sft, tok, files["pairs"], a.on_policy, a.seed) if a.on_policy else files["pairs"]
     P.run_preference(tmp / "dpo", TrainConfig(batch_size=16, lr=a.lr, warmup_steps=10, max_steps=a.dpo_steps,
                                               log_every=50, eval_every=0, save_every=0, device="cpu", seed=a.seed,
                                               sample_every=0),
-                     model_dir=sft_dir, data=files["pairs"], cfg=P.PreferenceConfig(
+                     model_dir=sft_dir, data=pairs, cfg=P.PreferenceConfig(
                          "dpo", beta=a.beta, sft_weight=a.sft_weight), cache_dir=None, say=lambda s: None)
     dpo_s = (time.perf_counter() - t0, time.process_time() - c0)
     loads.append(os.getloadavg()[0])
@@ -125,6 +151,8 @@ if __name__ == "__main__":
     ap.add_argument("--lr", type=float, default=2e-4, help="DPO's peak lr (10 warm-up steps, cosine)")
     ap.add_argument("--beta", type=float, default=1.0)
     ap.add_argument("--sft-weight", type=float, default=1.0, help="the NLL term's weight (DPO + NLL, RPO)")
+    ap.add_argument("--on-policy", type=int, default=0, metavar="K", help="DPO on pairs built from K samples per "
+                    "training prompt from the SFT model, labelled by the rule (0: the shipped pairs)")
     ap.add_argument("--seed", type=int, default=0, help="base, data order and sampling")
     a = ap.parse_args()
     if a.part == "step":
