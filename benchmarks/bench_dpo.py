@@ -2,22 +2,29 @@
 whether DPO teaches the rule.
 
     python benchmarks/bench_dpo.py --part step          # (a) ~1 minute on a 2-core CPU
-    python benchmarks/bench_dpo.py --part winrate       # (b) SFT then DPO, ~15 minutes
+    python benchmarks/bench_dpo.py --part winrate       # (b) SFT then DPO + NLL; ~10 CPU-minutes, one thread
 
 (a) One optimizer step of DPO with cached reference log-probabilities against an SFT step (mean NLL over the
 completion tokens) on the same batch: the same 2B rows (chosen and rejected; the same forward shape) and the B
 chosen rows alone. lmlab.fast's fused CPU head serves the SFT step's model(x, targets), as in the Trainer.
 Interleaved, median of --reps. Target: DPO <= 1.1x the SFT step on the same rows.
-(b) A ~5M llama learns the task's format from sft.jsonl (both styles equally often), then DPO on pairs.jsonl
-from it: the rule win-rate on 200 held-out prompts (sampled at temperature 1) before and after, and the mean
-per-token KL(policy || SFT model) on the policy's own samples, exact over the vocabulary. Target: ~50% ->
->= 85% at KL <= 0.5 nats.
+(b) The arena's SFT stage (lmlab.lab.arena.train_sft: a fresh llama-small, 3.48M params, --sft-steps on
+sft.jsonl, where both styles are equally common), then DPO on pairs.jsonl from it, by default with an added NLL
+term on the chosen completions (--sft-weight 1: DPO + NLL, Pang et al. 2024's RPO, TRL's loss_type
+["sigmoid", "sft"]; --sft-weight 0 is plain DPO, which drifts on this task: docs/LOG.md). The
+rule win-rate on 200 held-out prompts (sampled at temperature 1) before and after, and the mean per-token
+KL(policy || SFT model) on the policy's own samples, exact over the vocabulary. Target: ~50% -> >= 85% at
+KL <= 0.5 nats, SFT + DPO within 15 minutes. Wall and CPU time are printed (on a shared machine wall time
+says little). --on-policy K: DPO on pairs built from the SFT model's own samples (on_policy_pairs; the sampling
+counts in DPO's time).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import random
 import statistics
 import tempfile
 import time
@@ -25,9 +32,10 @@ from pathlib import Path
 
 import torch
 
-from lmlab.lab.arena import win_rate_and_kl  # the arena's measure: sampled win-rate and exact KL
+from lmlab.lab import arena
+from lmlab.lab.arena import ArenaConfig, win_rate_and_kl  # the arena's measure: sampled win-rate and exact KL
 from lmlab.models import ModelConfig, Transformer, fast
-from lmlab.models.io import save_pretrained
+from lmlab.models.io import load_pretrained
 from lmlab.tokenizers import Tokenizer
 from lmlab.train import TrainConfig
 from lmlab.tune import preference as P
@@ -77,41 +85,60 @@ def part_step(batch_size: int, reps: int) -> None:
     print(f"DPO / SFT on the {batch_size} chosen rows: {med['dpo'] / med['sft_chosen_rows']:.3f}x")
 
 
-def part_winrate(sft_minutes: float, dpo_minutes: float, beta: float) -> None:
-    tok, model = setup()
+def on_policy_pairs(model: Transformer, tok: Tokenizer, pairs: Path, k: int, seed: int) -> Path:
+    """Pairs from the model's own samples (online / iterative DPO: Xu et al. 2023, "Some things are more CRINGE
+    than others"; Guo et al. 2024, "Direct Language Model Alignment from Online AI Feedback"): k samples (T = 1)
+    per training prompt, labelled by the rule; chosen a following sample (else the shipped chosen), rejected a
+    failing one (else the shipped rejected). The SFT model's failures are mostly copying errors, which the
+    shipped pairs (list against bare words) never show."""
+    rows = [json.loads(x) for x in pairs.read_text(encoding="utf-8").splitlines()]
+    samples = [[] for _ in rows]
+    for j in range(k):
+        for s, ids in zip(samples, arena.complete(model, tok, [r["prompt"] for r in rows], greedy=False,
+                                                  seed=seed * 100 + j)):
+            s.append(tok.decode(ids))
+    rng, out = random.Random(seed), []
+    for r, s in zip(rows, samples):
+        good = [t for t in s if task.follows_rule(r["prompt"], t)]
+        bad = [t for t in s if t.strip() and not task.follows_rule(r["prompt"], t)]
+        chosen, rejected = rng.choice(good) if good else r["chosen"], rng.choice(bad) if bad else r["rejected"]
+        out.append({"prompt": r["prompt"], "chosen": chosen, "rejected": rejected})
+    same = sum(r == x for r, x in zip(out, rows))
+    print(f"on-policy pairs: {len(rows) - same} of {len(rows)} differ from the shipped ones")
+    return arena._dump(pairs.with_name("pairs_on_policy.jsonl"), out)
+
+
+def part_winrate(a: argparse.Namespace) -> None:
+    cfg = ArenaConfig(sft_steps=a.sft_steps, seed=a.seed)
     tmp = Path(tempfile.mkdtemp(prefix="bench_dpo_"))
-    rows = [json.loads(x) for x in (task.shipped() / "sft.jsonl").read_text(encoding="utf-8").splitlines()]
-    seqs = [P.render(tok, r["prompt"], r["completion"]) for r in rows]
-    ids, mask, _ = P._pack(seqs, model.config.block_size, [f"sft.jsonl:{i}" for i in range(1, len(rows) + 1)], 0)
-    fast.for_training(model.train())
-    opt = model.configure_optimizer(2e-3)
-    g, t0, step = torch.Generator().manual_seed(0), time.perf_counter(), 0
-    while time.perf_counter() - t0 < sft_minutes * 60:
-        idx = torch.randint(len(rows), (32,), generator=g)
-        loss = sft_loss(model, ids[idx], mask[idx])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-    print(f"SFT: {step} steps in {time.perf_counter() - t0:.0f} s, last loss {loss.item():.4f}")
-    sft_dir = save_pretrained(tmp / "sft", model.eval(), tok)
-    ref = Transformer(model.config).eval()
-    ref.load_state_dict(model.state_dict())
+    files = arena.write_data(tmp, cfg)
+    loads = [os.getloadavg()[0]]
+    t0, c0 = time.perf_counter(), time.process_time()
+    sft_dir = arena.train_sft(arena.make_base(tmp, cfg), files["sft"], tmp / "sft", cfg, say=lambda s: None)
+    sft_s = (time.perf_counter() - t0, time.process_time() - c0)
+    sft, tok = load_pretrained(sft_dir)
+    print(f"SFT: {sft.num_parameters() / 1e6:.2f}M params, {a.sft_steps} steps in {sft_s[0]:.0f} s wall, "
+          f"{sft_s[1]:.0f} s CPU")
     prompts = [json.loads(x)["prompt"] for x in (task.shipped() / "test.jsonl").read_text().splitlines()]
-    before, _, _ = win_rate_and_kl(model, ref, tok, prompts)
+    before, _, _ = win_rate_and_kl(sft, sft, tok, prompts, seed=a.seed)
     print(f"before DPO: rule win-rate {before:.1%}")
-    t0 = time.perf_counter()
-    result = P.run_preference(tmp / "dpo", TrainConfig(batch_size=16, lr=5e-4, warmup_steps=10, log_every=10,
-                                                       time_budget_s=dpo_minutes * 60, eval_every=0, save_every=0,
-                                                       device="cpu", seed=0),
-                              model_dir=sft_dir, data=task.shipped() / "pairs.jsonl",
-                              cfg=P.PreferenceConfig("dpo", beta=beta), cache_dir=None)
-    from lmlab.models.io import load_pretrained
+    t0, c0 = time.perf_counter(), time.process_time()
+    pairs = on_policy_pairs(sft, tok, files["pairs"], a.on_policy, a.seed) if a.on_policy else files["pairs"]
+    P.run_preference(tmp / "dpo", TrainConfig(batch_size=16, lr=a.lr, warmup_steps=10, max_steps=a.dpo_steps,
+                                              log_every=50, eval_every=0, save_every=0, device="cpu", seed=a.seed,
+                                              sample_every=0),
+                     model_dir=sft_dir, data=pairs, cfg=P.PreferenceConfig(
+                         "dpo", beta=a.beta, sft_weight=a.sft_weight), cache_dir=None, say=lambda s: None)
+    dpo_s = (time.perf_counter() - t0, time.process_time() - c0)
+    loads.append(os.getloadavg()[0])
     tuned, _ = load_pretrained(tmp / "dpo" / "final")
-    after, kl, _ = win_rate_and_kl(tuned, ref, tok, prompts)
-    print(f"DPO: {result.steps} steps in {time.perf_counter() - t0:.0f} s (beta {beta})")
+    after, kl, _ = win_rate_and_kl(tuned, sft, tok, prompts, seed=a.seed)
+    print(f"DPO (lr {a.lr}, beta {a.beta}, sft weight {a.sft_weight}): {a.dpo_steps} steps in {dpo_s[0]:.0f} s wall, "
+          f"{dpo_s[1]:.0f} s CPU")
     print(f"after DPO: rule win-rate {after:.1%}, mean per-token KL to the SFT model {kl:.3f} nats "
           f"(targets: >= 85%, <= 0.5)")
+    print(f"SFT + DPO: {sft_s[0] + dpo_s[0]:.0f} s wall, {sft_s[1] + dpo_s[1]:.0f} s CPU (target 15 minutes); "
+          f"load average {loads[0]:.1f} at the start, {loads[1]:.1f} at the end, {torch.get_num_threads()} threads")
 
 
 if __name__ == "__main__":
@@ -119,11 +146,16 @@ if __name__ == "__main__":
     ap.add_argument("--part", choices=["step", "winrate"], default="step")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--sft-minutes", type=float, default=5.0)
-    ap.add_argument("--dpo-minutes", type=float, default=8.0)
-    ap.add_argument("--beta", type=float, default=0.1)
+    ap.add_argument("--sft-steps", type=int, default=4000, help="SFT steps (the arena's recipe)")
+    ap.add_argument("--dpo-steps", type=int, default=300)
+    ap.add_argument("--lr", type=float, default=2e-4, help="DPO's peak lr (10 warm-up steps, cosine)")
+    ap.add_argument("--beta", type=float, default=1.0)
+    ap.add_argument("--sft-weight", type=float, default=1.0, help="the NLL term's weight (DPO + NLL, RPO)")
+    ap.add_argument("--on-policy", type=int, default=0, metavar="K", help="DPO on pairs built from K samples per "
+                    "training prompt from the SFT model, labelled by the rule (0: the shipped pairs)")
+    ap.add_argument("--seed", type=int, default=0, help="base, data order and sampling")
     a = ap.parse_args()
     if a.part == "step":
         part_step(a.batch_size, a.reps)
     else:
-        part_winrate(a.sft_minutes, a.dpo_minutes, a.beta)
+        part_winrate(a)

@@ -155,12 +155,14 @@ def test_the_kto_loss_is_the_papers_with_trls_kl_estimate(model_dir, kto_file, t
 
 # ---- against TRL ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("loss,trl_type", [("dpo", "sigmoid"), ("ipo", "ipo")])
-def test_the_first_step_loss_equals_trls_dpo_trainer_on_the_hf_export(loss, trl_type, model_dir, pairs_file, tok,
-                                                                     tmp_path, monkeypatch):
+@pytest.mark.parametrize("loss,trl_type,sft_weight", [("dpo", "sigmoid", 0.0), ("ipo", "ipo", 0.0),
+                                                     ("dpo", "sigmoid", 0.7)])
+def test_the_first_step_loss_equals_trls_dpo_trainer_on_the_hf_export(loss, trl_type, sft_weight, model_dir,
+                                                                     pairs_file, tok, tmp_path, monkeypatch):
     """TRL's DPOTrainer on the transformers export of the same weights, fed the same token ids (its own text
     tokenisation would append the EOS token's text, which lmlab's tokenizer splits as text): the loss of its
-    first step equals ours."""
+    first step equals ours. sft_weight: DPO + NLL (RPO), TRL's loss_type ["sigmoid", "sft"] with loss_weights
+    [1, w]."""
     trl = pytest.importorskip("trl")
     datasets = pytest.importorskip("datasets")
     from lmlab.interop import to_hf_model, to_hf_tokenizer
@@ -172,10 +174,13 @@ def test_the_first_step_loss_equals_trls_dpo_trainer_on_the_hf_export(loss, trl_
             p.add_(0.02 * torch.randn_like(p, generator=torch.Generator().manual_seed(3)))
     ds = P.PreferenceData(pairs_file, tok, "pairs", 48)
     ds.attach_reference(ref, None)
-    cfg = P.PreferenceConfig(loss=loss, beta=0.3)
+    cfg = P.PreferenceConfig(loss=loss, beta=0.3, sft_weight=sft_weight)
     batch = {k: v for k, v in ds.tensors.items()}
     ours = P.PreferenceObjective(cfg).loss(P.no_dropout(model).train(), batch)[0].detach()
     assert float(ours) != pytest.approx(math.log(2) if loss == "dpo" else (1 / 0.6) ** 2, abs=1e-2)
+    if sft_weight:  # the NLL term is far above the tolerance: without it the losses differ
+        plain = P.PreferenceObjective(P.PreferenceConfig(loss=loss, beta=0.3)).loss(model, batch)[0].detach()
+        assert float(ours - plain) > 1.0
 
     rows = [json.loads(line) for line in pairs_file.read_text().splitlines()]
     ids = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
@@ -191,7 +196,9 @@ def test_the_first_step_loss_equals_trls_dpo_trainer_on_the_hf_export(loss, trl_
     # disable_dropout zeroes nn.Dropout modules but not the float attention_dropout of
     # transformers' Llama attention, which our export sets from the model's dropout
     hf, ref_hf = to_hf_model(model), to_hf_model(ref)
-    args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), loss_type=[trl_type], beta=0.3, bf16=False, report_to=[],
+    types = dict(loss_type=[trl_type, "sft"], loss_weights=[1.0, sft_weight]) if sft_weight else dict(
+        loss_type=[trl_type])
+    args = trl.DPOConfig(output_dir=str(tmp_path / "trl"), **types, beta=0.3, bf16=False, report_to=[],
                          per_device_train_batch_size=len(rows), max_steps=1, learning_rate=0.0, logging_steps=1,
                          remove_unused_columns=False, use_cpu=True, max_length=None, save_strategy="no")
     trainer = trl.DPOTrainer(model=hf, ref_model=ref_hf, args=args, train_dataset=datasets.Dataset.from_dict(ids),
@@ -455,6 +462,19 @@ def test_the_cli_trains_adapters_with_lora_flags_and_resumes_with_its_own(model_
     assert main([*argv, "--resume", "--max-steps", "2"]) == 0
     assert json.loads((tmp_path / "run" / "config.json").read_text())["preference"]["lora"]["rank"] == 2
     assert json.loads((tmp_path / "run" / "final" / "training.json").read_text())["steps"] == 2
+
+
+def test_the_cli_records_sft_weight_and_refuses_it_where_it_does_not_apply(model_dir, pairs_file, tmp_path,
+                                                                          capsys):
+    argv = ["tune", "dpo", "--model", str(model_dir), "--data", str(pairs_file), "--ref-cache", "none",
+            "--max-steps", "1", "--batch-size", "2"]
+    assert main([*argv, "--out", str(tmp_path / "run"), "--sft-weight", "0.5"]) == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["preference"]["config"]["sft_weight"] == 0.5
+    assert main([*argv, "--out", str(tmp_path / "orpo"), "--loss", "orpo", "--sft-weight", "0.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("lmlab: error: sft_weight is for dpo, ipo and simpo, not orpo (ORPO has its own NLL term; KTO "
+                   "has no chosen side)")
+    assert not (tmp_path / "orpo").exists()
 
 
 def test_the_shipped_rule_task_is_the_generators_output_and_its_rule_separates_the_pairs(tmp_path):

@@ -1293,6 +1293,8 @@ def _dpo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loss", choices=["dpo", "ipo", "simpo", "orpo", "kto"], help="the objective (dpo)")
     p.add_argument("--beta", type=float, help="the loss's beta (ORPO: lambda); default per loss: 0.1, SimPO 2.0")
     p.add_argument("--gamma", type=float, help="SimPO's target reward margin (1.0)")
+    p.add_argument("--sft-weight", type=float, help="add this weight x the chosen completions' NLL per token to "
+                   "dpo, ipo or simpo (DPO + NLL: RPO, TRL's loss_type sigmoid+sft; 0)")
     p.add_argument("--ref-cache", metavar="DIR", help="where reference log-probabilities are cached "
                    "(default ~/.cache/lmlab/reference; 'none' computes them every run)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out with its own model, data and "
@@ -1310,7 +1312,7 @@ def _tune_dpo(args: argparse.Namespace) -> int:
 
     overrides = given(args, TrainConfig)
     if args.resume:
-        refuse_on_resume(args, ("model", "data", "loss", "beta", "gamma", "ref_cache", *_LORA_FLAGS),
+        refuse_on_resume(args, ("model", "data", "loss", "beta", "gamma", "sft_weight", "ref_cache", *_LORA_FLAGS),
                          "model, data, loss and LoRA settings")
         result = run_preference(args.out, overrides, resume=True)
     else:
@@ -1319,7 +1321,8 @@ def _tune_dpo(args: argparse.Namespace) -> int:
         default_stop(overrides, max_steps=100)
         cache = None if args.ref_cache == "none" else Path(args.ref_cache) if args.ref_cache else default_cache_dir()
         cfg = PreferenceConfig(loss=args.loss or "dpo", beta=args.beta,
-                               **({"gamma": args.gamma} if args.gamma is not None else {}))
+                               **({"gamma": args.gamma} if args.gamma is not None else {}),
+                               **({"sft_weight": args.sft_weight} if args.sft_weight is not None else {}))
         result = run_preference(args.out, TrainConfig.from_dict(overrides), model_dir=args.model, data=args.data,
                                 cfg=cfg, cache_dir=cache, lora=lora_config(args))
     last = next((m for m in reversed(result.history) if "margin" in m), {})

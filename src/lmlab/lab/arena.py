@@ -217,12 +217,27 @@ def make_base(out: Path, cfg: ArenaConfig) -> Path:
     return save_pretrained(out / "base", model.eval(), tok)
 
 
+def train_sft(base: Path, sft_file: Path, out: Path, cfg: ArenaConfig, say: Any = print) -> Path:
+    """The arena's SFT stage (tune sft, completion-only, cfg.sft_steps at cfg.sft_lr) of base on sft_file into
+    out. -> the SFT model's directory."""
+    from ..tune.sft import run_sft
+
+    tok = Tokenizer.load(base / "tokenizer.json")
+    # rows as long as the longest example (sft.py pads every row to seq_len): ~2x less compute than the context
+    block = json.loads((base / "config.json").read_text(encoding="utf-8"))["block_size"]
+    longest = max(len(tok.encode(r["prompt"])) + len(tok.encode(r["completion"])) + 1 for r in _rows(sft_file))
+    run_sft(base, sft_file, out, TrainConfig(
+        batch_size=32, seq_len=min(longest - 1, block), lr=cfg.sft_lr, schedule="constant", warmup_steps=0,
+        max_steps=cfg.sft_steps, eval_every=0, save_every=0, log_every=max(1, cfg.sft_steps // 10), seed=cfg.seed,
+        device="cpu", sample_every=0), completion_only=True, val_fraction=0.05, echo=say)
+    return out / "final"
+
+
 def run_arena(out: str | Path, cfg: ArenaConfig, *, model_dir: str | Path | None = None,
               command: str = "lmlab tune arena", say: Any = print) -> dict[str, Any]:
     """Run the arena into `out` (which must not hold a run yet) and write results.json, frontier.png and
     report.html there. -> the results."""
     from ..tune.grpo import GRPOConfig, PromptSource, train_grpo
-    from ..tune.sft import run_sft
     from .facts.report import line_plot, write_report
 
     out = Path(out)
@@ -239,17 +254,8 @@ def run_arena(out: str | Path, cfg: ArenaConfig, *, model_dir: str | Path | None
 
     say(f"SFT: {cfg.sft_steps} steps on {files['sft']}")
     t0, c0 = time.perf_counter(), time.process_time()
-    base_tok = Tokenizer.load(base / "tokenizer.json")
-    # rows as long as the longest example (sft.py pads every row to seq_len): ~2x less compute than the context
-    block = json.loads((base / "config.json").read_text(encoding="utf-8"))["block_size"]
-    longest = max(len(base_tok.encode(r["prompt"])) + len(base_tok.encode(r["completion"])) + 1
-                  for r in _rows(files["sft"]))
-    run_sft(base, files["sft"], out / "sft", TrainConfig(
-        batch_size=32, seq_len=min(longest - 1, block), lr=cfg.sft_lr, schedule="constant", warmup_steps=0,
-        max_steps=cfg.sft_steps, eval_every=0, save_every=0, log_every=max(1, cfg.sft_steps // 10), seed=cfg.seed,
-        device="cpu", sample_every=0), completion_only=True, val_fraction=0.05, echo=say)
+    sft_dir = train_sft(base, files["sft"], out / "sft", cfg, say)
     timing = {"sft": {"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0}}
-    sft_dir = out / "sft" / "final"
     sft, tok = load_pretrained(sft_dir)
 
     # reference log-probabilities once, before any clock starts (SimPO and ORPO do not use them)

@@ -3,6 +3,7 @@ on the project's Trainer (its resume, checkpoints, metrics and DDP).
 
     lmlab tune dpo --model runs/sft/final --data pairs.jsonl --out runs/dpo --loss dpo --max-steps 200
     lmlab tune dpo --model runs/sft/final --data pairs.jsonl --out runs/dpo-lora --lora-rank 8   # RUN/adapter
+    lmlab tune dpo --model runs/sft/final --data pairs.jsonl --out runs/rpo --sft-weight 1   # DPO + NLL (RPO)
 
 Data (JSONL, one example a line): preference pairs {"prompt", "chosen", "rejected"} for dpo, ipo, simpo and orpo;
 unpaired labels {"prompt", "completion", "label": true|false} for kto. The prompt's tokens are context, the
@@ -223,6 +224,10 @@ class PreferenceConfig:
     gamma: float = 1.0          # SimPO's target reward margin (Meng et al. 2024 use gamma/beta ~ 0.5)
     desirable_weight: float = 1.0    # KTO's lambda_D
     undesirable_weight: float = 1.0  # KTO's lambda_U
+    # weight of an added NLL term on the chosen completions (DPO + NLL: Pang et al. 2024, "Iterative Reasoning
+    # Preference Optimization", RPO; TRL's DPOTrainer loss_type=["sigmoid", "sft"]): the per-token mean over the
+    # batch's chosen tokens, as TRL's "sft" term. Plain DPO can lower the chosen text's likelihood too
+    sft_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -231,6 +236,11 @@ class PreferenceConfig:
             self.beta = DEFAULT_BETA[self.loss]
         if not self.beta > 0:
             raise ValueError(f"beta must be positive, got {self.beta}")
+        if self.sft_weight < 0:
+            raise ValueError(f"sft_weight must be 0 or more, got {self.sft_weight}")
+        if self.sft_weight and self.loss in ("orpo", "kto"):
+            raise ValueError(f"sft_weight is for dpo, ipo and simpo, not {self.loss} "
+                             "(ORPO has its own NLL term; KTO has no chosen side)")
 
     @property
     def kind(self) -> str:
@@ -294,8 +304,9 @@ class PreferenceObjective(Objective):
         ref_c, ref_r = batch["ref_chosen"].sum(1), batch["ref_rejected"].sum(1)
         losses, rw_c, rw_r = pair_loss(self.cfg, seq[:B], seq[B:], ref_c, ref_r, n[:B], n[B:])
         loss = losses.mean()
-        if self.cfg.loss == "orpo":  # + the chosen completions' NLL per token (TRL's ORPOTrainer: over the batch)
-            loss = loss - per_token[:B].sum() / n[:B].sum()
+        weight = 1.0 if self.cfg.loss == "orpo" else self.cfg.sft_weight
+        if weight:  # + the chosen completions' NLL per token over the batch (TRL's ORPOTrainer and "sft" loss)
+            loss = loss - weight * per_token[:B].sum() / n[:B].sum()
         c_tok = per_token[:B, :batch["ref_chosen"].shape[1]].detach()
         return loss, {"rewards_chosen": rw_c.mean().detach(), "rewards_rejected": rw_r.mean().detach(),
                       "logps_chosen": seq[:B].mean().detach(), "logps_rejected": seq[B:].mean().detach(),
