@@ -40,6 +40,10 @@ def test_unprojected_scores_equal_autograd_dot_products():
         for i in range(len(want)):
             want[i] += lr * float(_autograd_grad(m, docs[0][i], docs[1][i]) @ gt)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-12)
+    # the same documents in two parts, each padded to its own longest row (rows 0-2 are 4, 8 and 11 targets long)
+    ids = [torch.cat([x[y != -100][:1], y[y != -100]]).tolist() for x, y in zip(*docs)]
+    parts = tracin(list(zip(models, lrs)), [examples(ids[:3]), examples(ids[3:])], target, k=None, chunk=4)
+    np.testing.assert_allclose(parts, want, rtol=1e-6, atol=1e-12)
     # ideal TracIn: each checkpoint scores only its own batch
     only = tracin(list(zip(models, lrs)), docs, target, k=None, batches=[[0, 1], [1, 5]])
     g = [[_autograd_grad(m, docs[0][i], docs[1][i]) @ _autograd_grad(m, target[0][0], target[1][0])

@@ -111,23 +111,31 @@ class Projector:
         return sum(g[:, lo:lo + len(p)] @ p for lo, p in zip(range(0, self.dim, self.rows), self.blocks)).double()
 
 
-def tracin(checkpoints: Sequence[tuple[torch.nn.Module, float]], docs: tuple[torch.Tensor, torch.Tensor],
+def tracin(checkpoints: Sequence[tuple[torch.nn.Module, float]],
+           docs: tuple[torch.Tensor, torch.Tensor] | Sequence[tuple[torch.Tensor, torch.Tensor]],
            target: tuple[torch.Tensor, torch.Tensor], k: int | None = 512, seed: int = 0,
            batches: Sequence[Sequence[int]] | None = None, chunk: int = 64) -> np.ndarray:
     """TracIn scores of every document (rows of docs = (x, y)) on the target (one or more rows, their losses
     summed): sum over (model, lr) of lr * <P g(target), P g(doc)>. k=None: no projection (exact dot products).
+    `docs` may also be a list of (x, y) parts, each padded to its own longest row, numbered one after another:
+    the target's gradient and P are still made once per checkpoint.
 
     batches=None: every document at every checkpoint (TracInCP, Pruthi et al. §3.2: checkpoints saved now and
     then, lr the learning rate over the interval they stand for). batches[c]: only the documents of the batch
     trained right after checkpoint c (TracIn's ideal form, §3.1: each step's own first-order effect)."""
-    scores = np.zeros(docs[0].shape[0])
+    parts = [docs] if isinstance(docs, tuple) else list(docs)
+    if batches is not None and len(parts) != 1:
+        raise ValueError("batches index the rows of one (x, y) tensor pair")
+    starts = np.cumsum([0, *(x.shape[0] for x, _ in parts)])
+    scores = np.zeros(int(starts[-1]))
     proj = Projector(sum(p.numel() for p in checkpoints[0][0].parameters() if p.requires_grad), k, seed)
     for c, (model, lr) in enumerate(checkpoints):
         gt = proj(per_example_grads(model, *target)).sum(0)
-        rows = torch.arange(len(scores)) if batches is None else torch.as_tensor(list(batches[c]), dtype=torch.long)
-        for part in rows.split(chunk):
-            g = proj(per_example_grads(model, docs[0][part], docs[1][part]))
-            np.add.at(scores, part.numpy(), lr * (g @ gt).numpy())
+        for (x, y), start in zip(parts, starts):
+            rows = torch.arange(x.shape[0]) if batches is None else torch.as_tensor(list(batches[c]), dtype=torch.long)
+            for part in rows.split(chunk):
+                g = proj(per_example_grads(model, x[part], y[part]))
+                np.add.at(scores, start + part.numpy(), lr * (g @ gt).numpy())
     return scores
 
 
@@ -371,11 +379,9 @@ def run_influence(run_dir: str | Path, out: str | Path, target: str, *, unit: st
     if len(tids) < 2:
         raise ValueError("the target text is shorter than two tokens")
     target_rows = windows(tids, size)
-    window_scores = np.zeros(len(rows))
-    for lo in range(0, len(rows), 256):  # padded to the longest window of each part, not of the whole corpus
-        part = rows[lo:lo + 256]
-        window_scores[lo:lo + len(part)] = tracin(list(zip(models, weights)), examples(part), examples(target_rows),
-                                                  proj_dim or None, seed)
+    # parts of 256 windows, each padded to its own longest window, not to the corpus's
+    window_scores = tracin(list(zip(models, weights)), [examples(rows[lo:lo + 256]) for lo in range(0, len(rows), 256)],
+                           examples(target_rows), proj_dim or None, seed)
     scores = np.zeros(len(units))
     np.add.at(scores, np.asarray(owner, dtype=np.int64), window_scores)
     rank = np.argsort(-scores)
