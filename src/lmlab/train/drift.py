@@ -82,14 +82,19 @@ class DriftCallback(Callback):
 
     def __init__(self, model: Any, every: int = 10, *, probes: Sequence[str] = (),
                  probe_ids: Sequence[Sequence[int]] = (), out_dir: str | Path | None = None,
-                 counts: np.ndarray | None = None, weight_decay: float | None = None, tokenizer: Any = None) -> None:
+                 counts: np.ndarray | None = None, weight_decay: float | None = None, tokenizer: Any = None,
+                 saved: dict[str, torch.Tensor] | None = None) -> None:
+        """`saved`: step 0 as drift_start.safetensors holds it (a resumed run), instead of the model's weights now."""
         if every < 1:
             raise ValueError(f"every ({every}) must be >= 1")
         if len(probes) != len(probe_ids):
             raise ValueError("give the ids of every probe text")
-        self.every, self.start = every, model.tok_emb.weight.detach().cpu().clone()
-        self.probes, self.probe_ids = list(probes), [list(p) for p in probe_ids]
-        self.probe_start = [last_hidden(model, p) for p in self.probe_ids]
+        self.every, self.probes, self.probe_ids = every, list(probes), [list(p) for p in probe_ids]
+        if saved is None:
+            self.start = model.tok_emb.weight.detach().cpu().clone()
+            self.probe_start = [last_hidden(model, p) for p in self.probe_ids]
+        else:
+            self.start, self.probe_start = saved["tok_emb"], [saved[f"probe.{i}"] for i in range(len(probes))]
         self.out_dir = None if out_dir is None else Path(out_dir)
         self.counts, self.weight_decay, self.tokenizer = counts, weight_decay, tokenizer
         self.tied = bool(model.config.tie_embeddings)
@@ -98,7 +103,7 @@ class DriftCallback(Callback):
         self.records: list[tuple[int, np.ndarray, float]] = []
         self.summary: list[dict[str, Any]] = []
         self.drift: np.ndarray | None = None  # per row at the last record
-        if self.out_dir is not None:
+        if self.out_dir is not None and saved is None:
             from safetensors.torch import save_file
             tensors = {"tok_emb": self.start.contiguous(),
                        **{f"probe.{i}": h.contiguous() for i, h in enumerate(self.probe_start)}}
@@ -111,28 +116,22 @@ class DriftCallback(Callback):
         records up to this step from drift.json, the decay product at this checkpoint."""
         from safetensors.torch import load_file
         out, c = trainer.out_dir, trainer.config
-        saved = load_file(str(out / START_FILE))
         found = json.loads((out / DRIFT_FILE).read_text(encoding="utf-8")) if (out / DRIFT_FILE).is_file() else {}
-        self = cls.__new__(cls)
-        self.every, self.start = c.drift_every, saved["tok_emb"]
-        self.probes = list(found.get("probes", c.drift_probes))
-        self.probe_ids = [trainer.tokenizer.encode(p) for p in self.probes]
-        self.probe_start = [saved[f"probe.{i}"] for i in range(len(self.probes))]
-        self.out_dir, self.weight_decay, self.tokenizer = out, c.weight_decay, trainer.tokenizer
-        self.counts = token_counts(trainer.dataset, self.start.shape[0])
-        self.tied = bool(trainer.model_config.tie_embeddings)
-        self.decay_at = {k: v for k, v in found.get("decay_at", {}).items() if int(k) <= trainer.step}
-        if str(trainer.step) in self.decay_at:
-            self.keep = self.decay_at[str(trainer.step)]
+        probes = list(found.get("probes", c.drift_probes))
+        cb = cls(trainer.model, c.drift_every, probes=probes, probe_ids=[trainer.tokenizer.encode(p) for p in probes],
+              out_dir=out, counts=token_counts(trainer.dataset, trainer.model_config.vocab_size),
+              weight_decay=c.weight_decay, tokenizer=trainer.tokenizer, saved=load_file(str(out / START_FILE)))
+        cb.decay_at = {k: v for k, v in found.get("decay_at", {}).items() if int(k) <= trainer.step}
+        if str(trainer.step) in cb.decay_at:
+            cb.keep = cb.decay_at[str(trainer.step)]
         else:  # a checkpoint saved before its drift.json was: the schedule's learning rates, as planned now
-            self.keep = 1.0 - decay_drift([lr_at(t, c, trainer.schedule_steps) for t in range(trainer.step)],
+            cb.keep = 1.0 - decay_drift([lr_at(t, c, trainer.schedule_steps) for t in range(trainer.step)],
                                           c.weight_decay)
-        self.records = []
-        self.summary = [r for r in found.get("records", []) if r["step"] <= trainer.step]
+        cb.summary = [r for r in found.get("records", []) if r["step"] <= trainer.step]
         # the rows of the last record kept, unless it was past this checkpoint (a wsd run resumed earlier)
         kept = found.get("drift") if found.get("step", -1) <= trainer.step else None
-        self.drift = np.asarray(kept, dtype=np.float64) if kept and self.summary else None
-        return self
+        cb.drift = np.asarray(kept, dtype=np.float64) if kept and cb.summary else None
+        return cb
 
     def on_step(self, trainer: Any, metrics: dict[str, Any]) -> None:
         wd = trainer.config.weight_decay if self.weight_decay is None else self.weight_decay
