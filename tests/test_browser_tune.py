@@ -99,6 +99,11 @@ def test_upload_preview_and_a_run_with_its_chart_from_the_view(tmp_path, browser
             page.select_option("#tn-method", "dpo")
             assert page.is_visible("#tn-loss") and not page.is_visible("#tn-task")
             assert page.input_value("#tn-new") == "base-dpo"
+            # DPO + NLL's weight goes with the losses it is added to, not with orpo or kto
+            assert page.is_visible("#tn-sft-weight")
+            page.select_option("#tn-loss", "orpo")
+            assert not page.is_visible("#tn-sft-weight")
+            page.select_option("#tn-loss", "dpo")
             # conversations are not pairs: no dataset offered
             assert page.eval_on_selector_all("#tn-dataset option", "os => os.length") == 0
             page.click("#tn-start")
@@ -108,6 +113,22 @@ def test_upload_preview_and_a_run_with_its_chart_from_the_view(tmp_path, browser
             assert page.eval_on_selector_all("#tn-task option", "os => os.map(o => o.value)") == [
                 "addition", "count", "sort", "format"]
             shot("tune-grpo-form-1400")
+            # LoRA with the chat tokens' rows: the form sends the switch (the request is held here and answered
+            # with a 422, which the form shows)
+            sent = []
+
+            def hold(route):
+                sent.append(route.request.post_data_json)
+                route.fulfill(status=422, content_type="application/json", body='{"detail": "held by the test"}')
+            page.route("**/api/v1/runs/tune", hold)
+            page.fill("#tn-lora-rank", "2")
+            page.check("#tn-lora-new-tokens")
+            page.click("#tn-start")
+            page.wait_for_selector("#tn-msg.bad")
+            page.unroute("**/api/v1/runs/tune")
+            assert (sent[0]["method"], sent[0]["lora_rank"], sent[0]["lora_new_tokens"]) == ("grpo", 2, True)
+            page.fill("#tn-lora-rank", "")
+            page.uncheck("#tn-lora-new-tokens")
 
             # distillation: the model teaches a new student of a preset on books; no dataset, no LoRA; the
             # temperature and alpha belong to the logits mode only

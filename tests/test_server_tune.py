@@ -128,6 +128,13 @@ def test_settings_of_another_method_and_data_of_another_kind_are_refused(tn):
                                                         "on pairs")
     r = tn.post("/api/v1/runs/tune", json={**SFT, "new_model": "x", "lora_alpha": 8})
     assert (r.status_code, r.json()["detail"]) == (422, "lora_alpha needs lora_rank")
+    r = tn.post("/api/v1/runs/tune", json={**SFT, "new_model": "x", "lora_new_tokens": True})
+    assert (r.status_code, r.json()["detail"]) == (422, "lora_new_tokens needs lora_rank")
+    r = tn.post("/api/v1/runs/tune", json={**SFT, "new_model": "x", "sft_weight": 0.5})
+    assert (r.status_code, r.json()["detail"]) == (422, "sft_weight is not a setting of sft runs")
+    r = tn.post("/api/v1/runs/tune", json={"method": "dpo", "model": "base", "new_model": "x", "dataset": "pairs.jsonl",
+                                           "loss": "orpo", "sft_weight": 0.5})
+    assert (r.status_code, r.json()["detail"]) == (422, "sft_weight is for the dpo, ipo and simpo losses, not orpo")
     r = tn.post("/api/v1/runs/tune", json={"method": "grpo", "model": "base", "new_model": "x", "task": "chess"})
     assert (r.status_code, r.json()["detail"]) == (422, "task ('chess') must be one of addition, count, sort, format")
     r = tn.post("/api/v1/runs/tune", json={**SFT, "new_model": "base"})
@@ -137,16 +144,25 @@ def test_settings_of_another_method_and_data_of_another_kind_are_refused(tn):
 
 def test_lora_settings_reach_the_command_for_every_method(tmp_path):
     ws = Workspace(tmp_path)
-    lora = {"lora_rank": 4, "lora_alpha": 8.0, "lora_dropout": 0.1, "lora_targets": "c_attn,c_fc"}
-    for method, extra in (("sft", {"dataset": "d.jsonl"}), ("dpo", {"dataset": "d.jsonl", "loss": "ipo"}),
+    lora = {"lora_rank": 4, "lora_alpha": 8.0, "lora_dropout": 0.1, "lora_targets": "c_attn,c_fc",
+            "lora_new_tokens": True}
+    for method, extra in (("sft", {"dataset": "d.jsonl"}), ("dpo", {"dataset": "d.jsonl", "loss": "ipo",
+                                                                    "sft_weight": 0.5}),
                           ("grpo", {"task": "addition"})):
         run = {"id": 7, "model_name": "base", "resume": False, "params": {"method": method, "max_steps": 3, **extra,
                                                                           **lora}}
         args = tune_command(run, ws).args
         assert args[:2] == ["tune", method]
         at = args.index("--lora-rank")
-        assert args[at:at + 8] == ["--lora-rank", "4", "--lora-alpha", "8.0", "--lora-dropout", "0.1",
-                                   "--lora-targets", "c_attn,c_fc"]
+        assert args[at:at + 9] == ["--lora-rank", "4", "--lora-alpha", "8.0", "--lora-dropout", "0.1",
+                                   "--lora-targets", "c_attn,c_fc", "--lora-new-tokens"]
+        if method == "dpo":
+            assert args[args.index("--sft-weight") + 1] == "0.5"
+        else:
+            assert "--sft-weight" not in args
+        # a run without the switch has no flag (the CLI's --lora-new-tokens is store_true: no --no- form)
+        off = tune_command({**run, "params": {**run["params"], "lora_new_tokens": False}}, ws).args
+        assert "--lora-new-tokens" not in off and "--no-lora-new-tokens" not in off
         assert args[args.index("--steps" if method == "grpo" else "--max-steps") + 1] == "3"
         resumed = tune_command({**run, "resume": True}, ws).args  # the run keeps its own model, data and adapters
         assert "--lora-rank" not in resumed and resumed[-3:] == ["--resume", "--steps" if method == "grpo" else
@@ -186,7 +202,7 @@ def test_an_sft_run_equals_the_cli_and_makes_a_chat_model(tn, tmp_path):
 def test_preference_and_grpo_runs_log_their_own_metrics(tn):
     runs = [tn.post("/api/v1/runs/tune", json={"method": "dpo", "model": "base", "new_model": "base-dpo",
                                                "dataset": "pairs.jsonl", "loss": "ipo", "max_steps": 2,
-                                               "batch_size": 2}),
+                                               "batch_size": 2, "sft_weight": 0.5}),
             tn.post("/api/v1/runs/tune", json={"method": "grpo", "model": "base", "new_model": "base-grpo",
                                                "task": "addition", "max_steps": 2, "group_size": 2,
                                                "prompts_per_step": 2, "max_new_tokens": 4, "kl_coef": 0.1,
@@ -201,6 +217,10 @@ def test_preference_and_grpo_runs_log_their_own_metrics(tn):
         made = tn.get(f"/api/v1/models/{run['params']['new_model']}").json()
         assert made["origin"]["method"] == run["params"]["method"]
     assert runs[0].json()["params"]["loss"] == "ipo"
+    # DPO + NLL: the weight reaches the run's own settings and the new model's origin
+    saved = json.loads((tn.workspace / "runs" / f"run-{runs[0].json()['id']}" / "config.json").read_text())
+    assert saved["preference"]["config"]["sft_weight"] == 0.5
+    assert tn.get("/api/v1/models/base-dpo").json()["origin"]["sft_weight"] == 0.5
 
 
 def test_a_cancelled_run_resumes_and_continues_its_metrics(tn):

@@ -186,13 +186,13 @@ def selfplay_command(run: dict[str, Any], ws: Workspace, get_model: Callable[[st
 TUNE_SETTINGS = {
     "sft": ("max_steps", "batch_size", "lr", "warmup_steps", "seed", "save_every", "log_every", "eval_every",
             "packing", "completion_only"),
-    "dpo": ("max_steps", "batch_size", "lr", "warmup_steps", "seed", "save_every", "log_every", "beta"),
+    "dpo": ("max_steps", "batch_size", "lr", "warmup_steps", "seed", "save_every", "log_every", "beta", "sft_weight"),
     "grpo": ("max_steps", "prompts_per_step", "group_size", "max_new_tokens", "lr", "kl_coef", "seed", "save_every",
              "eval_every", "eval_prompts"),
     "distill": ("max_steps", "batch_size", "lr", "warmup_steps", "seed", "save_every", "log_every", "eval_every",
                 "mode", "temperature", "alpha"),
 }
-LORA_SETTINGS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
+LORA_SETTINGS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_new_tokens")
 DATASET = "dataset.jsonl"
 
 
@@ -214,9 +214,9 @@ def tune_command(run: dict[str, Any], ws: Workspace) -> Command:
         args += ["--task", p["task"]] if method == "grpo" else ["--data", str(run_dir / DATASET)]
     if method == "dpo":  # the reference log-probabilities cached in the run, not in the server's home
         args += ["--loss", p["loss"], "--ref-cache", str(run_dir / "reference")]
-    settings = {k: p.get(k) for k in TUNE_SETTINGS[method] if k != "max_steps"}
+    settings = {k: p.get(k) for k in (*TUNE_SETTINGS[method], *LORA_SETTINGS) if k != "max_steps"}
     settings.update({k: v or None for k, v in settings.items() if isinstance(v, bool)})  # store_true flags only
-    return Command(args + flags({**steps, **settings, **{k: p.get(k) for k in LORA_SETTINGS}}), {})
+    return Command(args + flags({**steps, **settings}), {})
 
 
 def run_command(run: dict[str, Any], ws: Workspace, get_model: Callable[[str], dict[str, Any] | None]) -> Command:

@@ -367,7 +367,8 @@ class Supervisor:
         """The policy in `final/` of a self-play or a fine-tuning run becomes the new model (_register_model)."""
         p = run["params"]
         if run["kind"] == "tune":
-            told = ("loss", "task", "dataset", "lora_rank", "preset", "mode")  # distill: the teacher is the parent
+            # distill: the teacher is the parent
+            told = ("loss", "sft_weight", "task", "dataset", "lora_rank", "lora_new_tokens", "preset", "mode")
             origin = {"kind": "tune", "parent": run["model_name"], "run_id": run["id"], "method": p["method"],
                       **{k: p[k] for k in told if p.get(k) is not None},
                       "steps": training.get("steps")}

@@ -560,6 +560,8 @@ class TuneCreate(BaseModel):
     packing: bool | None = Field(None, description="sft: lay short examples end to end")
     completion_only: bool | None = Field(None, description="sft on prompt-completion pairs: the completion only")
     beta: float | None = Field(None, gt=0, le=100, description="dpo: the loss's beta (ORPO: lambda)")
+    sft_weight: float | None = Field(None, ge=0, le=100, description="dpo with loss dpo, ipo or simpo: add this weight "
+                                     "x the chosen completions' NLL per token (DPO + NLL, RPO; 0)")
     prompts_per_step: int | None = Field(None, ge=1, le=1024, description="grpo: prompts per update (4)")
     group_size: int | None = Field(None, ge=2, le=256, description="grpo: completions per prompt (4)")
     max_new_tokens: int | None = Field(None, ge=1, le=4096, description="grpo: tokens per completion (16)")
@@ -570,3 +572,5 @@ class TuneCreate(BaseModel):
     lora_dropout: float | None = Field(None, ge=0, lt=1, description="LoRA: dropout on the adapters' input")
     lora_targets: str | None = Field(None, max_length=300, pattern=r"^[A-Za-z0-9_]+(,[A-Za-z0-9_]+)*$",
                                      description="LoRA: comma list of module names (default all linear layers)")
+    lora_new_tokens: bool | None = Field(None, description="LoRA: also train the embedding (and untied head) rows "
+                                         "of the chat format's tokens (PEFT's trainable_token_indices)")

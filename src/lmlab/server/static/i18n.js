@@ -625,6 +625,8 @@ export const STRINGS = {
   "tune.lora_alpha_default": ["2 × rank", "2 × ранг"],
   "tune.lora_dropout": ["Dropout", "Прореживание"],
   "tune.lora_targets": ["Modules", "Модули"],
+  "tune.lora_new_tokens": ["Also train the rows of the chat tokens in the embedding (and an untied head)", "Также обучать строки токенов чата в эмбеддингах (и в отдельной выходной матрице)"],
+  "tune.sft_weight": ["Weight of the chosen answers' NLL (DPO + NLL)", "Вес NLL выбранных ответов (DPO + NLL)"],
   "tune.start": ["Start fine-tuning", "Начать дообучение"],
   "tune.pick_dataset": ["Choose a dataset of the kind this method trains on (upload one above).", "Выберите набор данных того вида, на котором учится этот метод (загрузите его выше)."],
   "tune.started": ["Run #{id} started; its charts are below.", "Запуск #{id} начат; его графики ниже."],

@@ -79,6 +79,7 @@ export function initTune(app) {
         i("tune.mode_sequence", { tag: "option", value: "sequence" })), { class: "tn-only-distill" }),
       h("fieldset", { class: "wide tn-only-distill", id: "tn-books" }, i("tune.books", { tag: "legend" }), h("div", { class: "checks" })),
       field("tune.loss", h("select", { id: "tn-loss" }), { class: "tn-only-dpo" }),
+      field("tune.sft_weight", num("tn-sft-weight", { min: 0, step: "any", placeholder: "0" }), { class: "tn-only-nll" }),
       field("tune.task", h("select", { id: "tn-task" }), { class: "tn-only-grpo" }),
       field("tune.steps", num("tn-steps", { min: 1, value: 50 })),
       field("tune.batch", num("tn-batch", { min: 1, value: 8 }), { class: "tn-batch" }),
@@ -93,7 +94,9 @@ export function initTune(app) {
         field("tune.lora_rank", num("tn-lora-rank", { min: 1, placeholder: A.t("tune.lora_off") })),
         field("tune.lora_alpha", num("tn-lora-alpha", { min: 0, step: "any", placeholder: A.t("tune.lora_alpha_default") })),
         field("tune.lora_dropout", num("tn-lora-dropout", { min: 0, max: 0.99, step: "any", placeholder: "0" })),
-        field("tune.lora_targets", h("input", { id: "tn-lora-targets", placeholder: "all-linear" }))),
+        field("tune.lora_targets", h("input", { id: "tn-lora-targets", placeholder: "all-linear" })),
+        h("label", { class: "check wide" }, h("input", { type: "checkbox", id: "tn-lora-new-tokens" }), " ",
+          i("tune.lora_new_tokens", { tag: "span" }))),
       h("div", { class: "actions wide" }, i("tune.start", { tag: "button", type: "submit", id: "tn-start" }),
         h("span", { id: "tn-msg", class: "msg", role: "status" }))),
     h("table", { id: "tn-runs", class: "grid", tabindex: "0" }, h("thead", {}, h("tr", {}, h("th", { text: "#" }), i("tune.what", { tag: "th" }),
@@ -244,6 +247,8 @@ function renderForm(changed = false) {
                   "tn-only-distill": ["distill"], "tn-lora": ["sft", "dpo", "grpo"] };
   for (const [cls, methods] of Object.entries(shown)) for (const e of document.querySelectorAll(`#tn-form .${cls}`)) e.hidden = !methods.includes(method);
   for (const e of document.querySelectorAll("#tn-form .tn-only-logits")) e.hidden = method !== "distill" || $("#tn-mode").value !== "logits";
+  // DPO + NLL: the chosen completions' NLL added to the losses that have a reference-free pair term
+  for (const e of document.querySelectorAll("#tn-form .tn-only-nll")) e.hidden = method !== "dpo" || !["dpo", "ipo", "simpo"].includes($("#tn-loss").value || "dpo");
   const suffix = method === "dpo" ? $("#tn-loss").value || "dpo" : method === "distill" ? $("#tn-preset").value || "student" : method;
   if (!T.named && $("#tn-model").value && (changed || !$("#tn-new").value)) $("#tn-new").value = `${$("#tn-model").value}-${suffix}`;
   $("#tn-start").disabled = !trained().length;
@@ -254,7 +259,8 @@ async function start() {
   const val = (id) => $(id).value.trim(), n = (id) => (val(id) === "" ? undefined : Number(val(id)));
   const body = { method, model: val("#tn-model"), new_model: val("#tn-new"), max_steps: n("#tn-steps"), lr: n("#tn-lr") };
   if (method !== "distill") Object.assign(body, { lora_rank: n("#tn-lora-rank"), lora_alpha: n("#tn-lora-alpha"), lora_dropout: n("#tn-lora-dropout"),
-                                                   lora_targets: val("#tn-lora-targets") || undefined });
+                                                   lora_targets: val("#tn-lora-targets") || undefined,
+                                                   lora_new_tokens: $("#tn-lora-new-tokens").checked || undefined });
   if (method === "grpo") Object.assign(body, { task: val("#tn-task"), group_size: n("#tn-group"), prompts_per_step: n("#tn-prompts"), max_new_tokens: n("#tn-max-new"), kl_coef: n("#tn-kl") });
   else if (method === "distill") {
     const books = [...document.querySelectorAll("#tn-books input:checked")].map((x) => x.value);
@@ -264,7 +270,7 @@ async function start() {
   } else {
     if (!val("#tn-dataset")) return setMsg(msg, t("tune.pick_dataset"), false);
     Object.assign(body, { dataset: val("#tn-dataset"), batch_size: n("#tn-batch") });
-    if (method === "dpo") body.loss = val("#tn-loss");
+    if (method === "dpo") Object.assign(body, { loss: val("#tn-loss"), sft_weight: $("#tn-sft-weight").closest("[hidden]") ? undefined : n("#tn-sft-weight") });
   }
   try {
     const run = await A.api("POST", "/api/v1/runs/tune", body);
