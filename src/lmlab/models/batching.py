@@ -182,7 +182,7 @@ class BatchEngine:
         if seq.cancelled:
             return
         P = len(seq.prompt)
-        cache = KVCache(self.model.config, 1, device=self.device, dtype=self.dtype)
+        cache = KVCache(self.model.config, 1, P, device=self.device, dtype=self.dtype)  # the prompt's positions
         ids = torch.tensor([seq.prompt], device=self.device)
         logits = self.model(ids, cache=cache, last_only=True).logits[:, -1]
         if self._sample(seq, logits):
