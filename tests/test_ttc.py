@@ -293,6 +293,19 @@ def test_lab_checks_rest_on_the_vote_at_measured_equal_compute():
     assert cmp["small"]["vote"] == pytest.approx(0.3 + 0.1 * (np.log2(6) - 2))
 
 
+def test_the_lab_check_is_best_of_n_or_voting_without_a_verifier():
+    """The issue's "best-of-N or voting with N = 8 raises accuracy by >= 15 points over N = 1": either strategy
+    that needs no verifier may carry it; the exact checker's best-of (pass@N, the ceiling) never does."""
+    from lmlab.lab.ttc import compare
+
+    def gain_held(vote8, logprob8):
+        small, large = small_large([0.2, 0.2, 0.2, vote8, vote8], 0.9, 4, 8)
+        small["strategies"]["best-of (log-prob)"]["acc"] = [0.2, 0.2, 0.2, logprob8, logprob8]
+        return list(compare(small, large)["checks"].values())[0]
+    assert gain_held(0.36, 0.2) and gain_held(0.2, 0.36)                  # +16 points by either
+    assert not gain_held(0.34, 0.34)                                       # +14: below, whatever pass@N says
+
+
 def test_lab_training_prompts_leave_out_every_prompt_scored():
     from lmlab.lab.ttc import training_prompts
     from lmlab.tune.rewards import get_task

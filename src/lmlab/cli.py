@@ -1772,6 +1772,7 @@ def _ttc_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", choices=tuple(TASKS), help="the verifiable task (default sort)")
     p.add_argument("--steps", type=int, help="pre-training steps of each model")
     p.add_argument("--prompts", type=int, help="held-out prompts scored")
+    p.add_argument("--seed", type=int, help="the models' training seed (and the samples' seeds 16s..16s+15); 0")
 
 
 @lab_mode("ttc", "test-time compute on a verifiable task: accuracy against generated tokens for sampling, voting, "
@@ -1780,12 +1781,14 @@ def _ttc_arguments(p: argparse.ArgumentParser) -> None:
 def _lab_ttc(args: argparse.Namespace) -> int:
     from .lab.ttc import Scale, run
     require_positive(args, "steps", "prompts")
+    if args.seed is not None and args.seed < 0:
+        raise ValueError(f"--seed ({args.seed}) must be >= 0")
     if Path(args.out, "results.json").exists():
         raise ValueError(f"{args.out} already holds results.json; choose another --out")
-    scale = dataclasses.replace(Scale.default(args.quick), **{k: getattr(args, k) for k in ("task", "steps", "prompts")
-                                                              if getattr(args, k) is not None})
+    told = [k for k in ("task", "steps", "prompts", "seed") if getattr(args, k) is not None]
+    scale = dataclasses.replace(Scale.default(args.quick), **{k: getattr(args, k) for k in told})
     command = " ".join(["lmlab", "lab", "ttc", "--out", args.out] + ["--quick"] * args.quick
-                       + [f"--{k} {getattr(args, k)}" for k in ("task", "steps", "prompts") if getattr(args, k)])
+                       + [f"--{k} {getattr(args, k)}" for k in told])
     res = run(args.out, args.quick, scale, command)
     print(f"ttc: {res['verdict']} ({res['measured']}); wall {res['speed']['wall_s']:.0f} s; report: "
           f"{Path(args.out) / 'report.html'}")
