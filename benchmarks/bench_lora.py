@@ -39,7 +39,8 @@ full fine-tuning at rank 8 and <= 2% trainable parameters. The LoRA knobs, for a
 results): --alpha (rsLoRA, Kalajdzievski 2023, https://arxiv.org/abs/2312.03732, scales by alpha / sqrt(rank):
 at a fixed rank that is a larger alpha here), --lora-plus (B's learning rate over A's), --rows-lr (the token
 rows' rate over the adapters'), --top-rows K (the rows of K more tokens, chosen on the training split only: the
-most frequent in its replies, or with --rows-by loss those the base model finds hardest there; 2% of the wide
+most frequent in its replies, or with --rows-by loss those the base model finds hardest there, as `lmlab tune sft
+--lora-hard-tokens K`; 2% of the wide
 model leaves room for 8 rows beside rank-8 adapters), --seed, and --rank with --all-rows to measure what the gap
 is made of. The setting closest to the target (docs/LOG.md has its numbers and seeds):
 
@@ -69,7 +70,7 @@ from lmlab.train.demo_corpus import demo_corpus
 from lmlab.tune.chat import CHAT_TOKENS, END, add_chat_tokens
 from lmlab.tune.chats import SHIPPED, make_chats
 from lmlab.tune.lora import LoRAConfig, apply_lora, count_parameters
-from lmlab.tune.sft import build_dataset
+from lmlab.tune.sft import build_dataset, hardest_tokens
 
 ROOT = Path(__file__).resolve().parent.parent
 # shape, pre-training (steps, batch, lr) and fine-tuning batch of each base
@@ -90,19 +91,6 @@ def val_loss(model: Transformer, ds, seq_len: int, token: int | None = None) -> 
             if token is not None:
                 on_token += F.cross_entropy(out.logits[y == token].float(), y[y == token], reduction="sum").item()
     return total / count, on_token / total
-
-
-def base_losses(model: Transformer, ds, seq_len: int) -> Counter:
-    """Token id -> its summed loss under `model` over the training split's trained tokens."""
-    model.eval()
-    out: Counter = Counter()
-    with torch.no_grad():
-        for i in range(0, len(ds.train), 64):
-            x, y = ds._rows([(e.ids, e.mask) for e in ds.train[i:i + 64]], seq_len)
-            losses = F.cross_entropy(model(x).logits[y != -100].float(), y[y != -100], reduction="none")
-            for t, v in zip(y[y != -100].tolist(), losses.tolist()):
-                out[t] += v
-    return out
 
 
 def qa_text(n: int = 3000, seed: int = 99) -> str:
@@ -224,10 +212,12 @@ def main() -> None:
               f"val loss {val_loss(base, ds, seq_len)[0]:.4f}", flush=True)
         top: list[int] = []
         if args.top_rows:  # counted on the training split only: the held-out replies pick nothing
-            counts = Counter(i for e in ds.train for i in e.ids[e.mask].tolist())
-            if args.rows_by == "loss":
-                counts = base_losses(base, ds, seq_len)
-            top = [i for i, _ in counts.most_common() if tok.id_to_token(i) not in CHAT_TOKENS][:args.top_rows]
+            if args.rows_by == "loss":  # lmlab tune sft --lora-hard-tokens K
+                chat = LoRAConfig(chat_tokens=True).token_ids(tok)
+                top = hardest_tokens(base, ds, seq_len, args.top_rows, exclude=chat)
+            else:
+                counts = Counter(i for e in ds.train for i in e.ids[e.mask].tolist())
+                top = [i for i, _ in counts.most_common() if tok.id_to_token(i) not in CHAT_TOKENS][:args.top_rows]
             print(f"top rows: {[tok.decode([i]) for i in top]}", flush=True)
         lora_cfg = LoRAConfig(rank=args.rank, alpha=args.alpha, chat_tokens=args.lora_new_tokens,
                               tokens=tuple(range(len(tok))) if args.all_rows else tuple(top))

@@ -123,12 +123,20 @@ def test_upload_preview_and_a_run_with_its_chart_from_the_view(tmp_path, browser
             page.route("**/api/v1/runs/tune", hold)
             page.fill("#tn-lora-rank", "2")
             page.check("#tn-lora-new-tokens")
+            assert not page.is_visible("#tn-lora-hard")  # the hardest tokens' rows: SFT only
             page.click("#tn-start")
             page.wait_for_selector("#tn-msg.bad")
+            page.select_option("#tn-method", "sft")
+            page.fill("#tn-lora-hard", "3")
+            page.click("#tn-start")
+            page.wait_for_function("() => document.querySelector('#tn-msg').textContent.includes('held')")
             page.unroute("**/api/v1/runs/tune")
-            assert (sent[0]["method"], sent[0]["lora_rank"], sent[0]["lora_new_tokens"]) == ("grpo", 2, True)
+            assert [(r["method"], r["lora_rank"], r["lora_new_tokens"], r.get("lora_hard_tokens")) for r in sent] == [
+                ("grpo", 2, True, None), ("sft", 2, True, 3)]
             page.fill("#tn-lora-rank", "")
+            page.fill("#tn-lora-hard", "")
             page.uncheck("#tn-lora-new-tokens")
+            page.select_option("#tn-method", "grpo")
 
             # distillation: the model teaches a new student of a preset on books; no dataset, no LoRA; the
             # temperature and alpha belong to the logits mode only

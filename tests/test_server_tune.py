@@ -130,6 +130,8 @@ def test_settings_of_another_method_and_data_of_another_kind_are_refused(tn):
     assert (r.status_code, r.json()["detail"]) == (422, "lora_alpha needs lora_rank")
     r = tn.post("/api/v1/runs/tune", json={**SFT, "new_model": "x", "lora_new_tokens": True})
     assert (r.status_code, r.json()["detail"]) == (422, "lora_new_tokens needs lora_rank")
+    r = tn.post("/api/v1/runs/tune", json={**SFT, "new_model": "x", "lora_hard_tokens": 4})
+    assert (r.status_code, r.json()["detail"]) == (422, "lora_hard_tokens needs lora_rank")
     r = tn.post("/api/v1/runs/tune", json={**SFT, "new_model": "x", "sft_weight": 0.5})
     assert (r.status_code, r.json()["detail"]) == (422, "sft_weight is not a setting of sft runs")
     r = tn.post("/api/v1/runs/tune", json={"method": "dpo", "model": "base", "new_model": "x", "dataset": "pairs.jsonl",
@@ -146,8 +148,8 @@ def test_lora_settings_reach_the_command_for_every_method(tmp_path):
     ws = Workspace(tmp_path)
     lora = {"lora_rank": 4, "lora_alpha": 8.0, "lora_dropout": 0.1, "lora_targets": "c_attn,c_fc",
             "lora_new_tokens": True}
-    for method, extra in (("sft", {"dataset": "d.jsonl"}), ("dpo", {"dataset": "d.jsonl", "loss": "ipo",
-                                                                    "sft_weight": 0.5}),
+    for method, extra in (("sft", {"dataset": "d.jsonl", "lora_hard_tokens": 3}),
+                          ("dpo", {"dataset": "d.jsonl", "loss": "ipo", "sft_weight": 0.5}),
                           ("grpo", {"task": "addition"})):
         run = {"id": 7, "model_name": "base", "resume": False, "params": {"method": method, "max_steps": 3, **extra,
                                                                           **lora}}
@@ -160,6 +162,8 @@ def test_lora_settings_reach_the_command_for_every_method(tmp_path):
             assert args[args.index("--sft-weight") + 1] == "0.5"
         else:
             assert "--sft-weight" not in args
+        assert args[args.index("--lora-hard-tokens") + 1:][:1] == ["3"] if method == "sft" else \
+            "--lora-hard-tokens" not in args
         # a run without the switch has no flag (the CLI's --lora-new-tokens is store_true: no --no- form)
         off = tune_command({**run, "params": {**run["params"], "lora_new_tokens": False}}, ws).args
         assert "--lora-new-tokens" not in off and "--no-lora-new-tokens" not in off

@@ -263,6 +263,44 @@ def test_lora_new_tokens_trains_the_chat_tokens_rows_and_no_other(tmp_path, base
     assert "--lora-new-tokens needs --lora-rank" in capsys.readouterr().err
 
 
+def test_lora_hard_tokens_are_those_of_largest_summed_loss_on_the_training_split(tmp_path, base_dir, capsys):
+    """`--lora-hard-tokens 3`: LoRA also trains the rows of the 3 tokens with the largest summed loss under the
+    starting model over the training split's trained tokens (summed here example by example), the chat tokens
+    aside; the run records them as its LoRA tokens, trains their rows, and resumes on them."""
+    from safetensors.torch import load_file
+
+    from lmlab.tune.chat import chat_token_ids
+    from lmlab.tune.sft import build_dataset
+    data, out = write_jsonl(tmp_path / "c.jsonl", CHATS), tmp_path / "run"
+    args = ["--max-steps", "2", "--batch-size", "2", "--lr", "1e-2", "--eval-every", "0"]
+    assert main(["tune", "sft", "--model", str(base_dir), "--data", str(data), "--out", str(out), *args,
+                 "--lora-rank", "4", "--lora-new-tokens", "--lora-hard-tokens", "3"]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    base, tok, _ = add_chat_tokens(*lmlab.load(base_dir))
+    chat = set(chat_token_ids(tok).values())
+    ds, _ = build_dataset(data, tok, 96, completion_only=False, val_fraction=0.1, seed=saved["train"]["seed"],
+                          packing=False)
+    summed: dict[int, float] = {}
+    base.eval()
+    with torch.no_grad():
+        for e in ds.train:
+            ids = torch.as_tensor(e.ids)
+            loss = torch.nn.functional.cross_entropy(base(ids[None, :-1]).logits[0], ids[1:], reduction="none")
+            for t, v in zip(ids[1:][torch.as_tensor(e.mask[1:])].tolist(), loss[torch.as_tensor(e.mask[1:])].tolist()):
+                summed[t] = summed.get(t, 0.0) + v
+    want = sorted((t for t in summed if t not in chat), key=lambda t: (-summed[t], t))[:3]
+    assert saved["lora"]["tokens"] == want and saved["lora"]["chat_tokens"]
+    assert "hardest for the model on the training split" in capsys.readouterr().out
+    final = load_file(out / "final" / "model.safetensors")
+    assert ((final["tok_emb.weight"][want] - base.state_dict()["tok_emb.weight"][want]).abs().amax(1) > 1e-4).all()
+    assert main(["tune", "sft", "--out", str(out), "--resume", "--max-steps", "3"]) == 0
+    assert json.loads((out / "config.json").read_text())["lora"]["tokens"] == want
+    assert main(["tune", "sft", "--out", str(out), "--resume", "--lora-hard-tokens", "2"]) == 2
+    assert main(["tune", "sft", "--model", str(base_dir), "--data", str(data), "--out", str(tmp_path / "r2"),
+                 "--lora-hard-tokens", "2"]) == 2
+    assert "--lora-hard-tokens needs --lora-rank" in capsys.readouterr().err
+
+
 def test_cli_sft_then_chat(tmp_path, base_dir, capsys, monkeypatch):
     out = tmp_path / "run"
     assert main(["tune", "sft", "--model", str(base_dir), "--data", str(SHIPPED), "--out", str(out),

@@ -1374,6 +1374,9 @@ def _sft_arguments(p: argparse.ArgumentParser) -> None:
                    help="prompt–completion data: train on the completion only (default: the whole text)")
     p.add_argument("--val-fraction", type=float, help="held-out share of the examples for validation (0.1)")
     add_lora_arguments(p)
+    p.add_argument("--lora-hard-tokens", type=int, metavar="K", help="LoRA also trains the embedding (and untied "
+                   "head) rows of the K tokens the model finds hardest on the training split (largest summed loss): "
+                   "those of a fixed reply wording; each row adds n_embd trainable parameters (twice untied)")
     add_arguments(p, TrainConfig, title="training hyper-parameters (TrainConfig)")
 
 
@@ -1385,8 +1388,8 @@ def _tune_sft(args: argparse.Namespace) -> int:
 
     overrides = given(args, TrainConfig)
     if args.resume:
-        refuse_on_resume(args, ("model", "data", "packing", "completion_only", "val_fraction", *_LORA_FLAGS),
-                         "model, data and LoRA settings")
+        refuse_on_resume(args, ("model", "data", "packing", "completion_only", "val_fraction", "lora_hard_tokens",
+                                *_LORA_FLAGS), "model, data and LoRA settings")
         result = resume_sft(args.out, overrides)
     else:
         if not args.model or not args.data:
@@ -1394,7 +1397,8 @@ def _tune_sft(args: argparse.Namespace) -> int:
         default_stop(overrides)
         result = run_sft(args.model, args.data, args.out, TrainConfig.from_dict(overrides), packing=args.packing,
                          completion_only=args.completion_only, lora=lora_config(args),
-                         val_fraction=0.1 if args.val_fraction is None else args.val_fraction)
+                         val_fraction=0.1 if args.val_fraction is None else args.val_fraction,
+                         lora_hard_tokens=args.lora_hard_tokens or 0)
     return report_run(args, result, "tune sft", after=f" (try: lmlab chat {Path(args.out) / 'final'})"
                       + _adapter_note(args.out))
 

@@ -185,7 +185,7 @@ def selfplay_command(run: dict[str, Any], ws: Workspace, get_model: Callable[[st
 # whatever happens to the workspace's dataset meanwhile.
 TUNE_SETTINGS = {
     "sft": ("max_steps", "batch_size", "lr", "warmup_steps", "seed", "save_every", "log_every", "eval_every",
-            "packing", "completion_only"),
+            "packing", "completion_only", "lora_hard_tokens"),
     "dpo": ("max_steps", "batch_size", "lr", "warmup_steps", "seed", "save_every", "log_every", "beta", "sft_weight"),
     "grpo": ("max_steps", "prompts_per_step", "group_size", "max_new_tokens", "lr", "kl_coef", "seed", "save_every",
              "eval_every", "eval_prompts"),

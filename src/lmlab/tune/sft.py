@@ -175,13 +175,37 @@ def _describe(info: dict[str, Any], seq_len: int) -> str:
             f"to the context of {seq_len + 1} tokens; {info['supervised_tokens']:,} trained tokens")
 
 
+def hardest_tokens(model: Transformer, ds: SFTDataset, seq_len: int, k: int, exclude: Sequence[int] = (),
+                   batch_size: int = 64) -> list[int]:
+    """The k token ids with the largest summed loss under `model` over the training split's trained tokens (ties:
+    the lower id), `exclude` left out: the rows worth training beside LoRA's adapters. Fine-tuning that teaches a
+    fixed wording (a reply's opening) is held back most by the frozen embedding and head rows of its tokens; the
+    summed loss finds them from the training data and the starting model alone (docs/LOG.md, issue 16)."""
+    was = model.training
+    model.eval()
+    total = torch.zeros(model.config.vocab_size, dtype=torch.float64)
+    with torch.no_grad():
+        for i in range(0, len(ds.train), batch_size):
+            x, y = ds._rows([(e.ids, e.mask) for e in ds.train[i:i + batch_size]], seq_len)
+            keep = y != -100
+            losses = torch.nn.functional.cross_entropy(model(x).logits[keep].float(), y[keep], reduction="none")
+            total.index_add_(0, y[keep], losses.double())
+    model.train(was)
+    total[list(exclude)] = 0.0
+    order = sorted(range(len(total)), key=lambda i: (-float(total[i]), i))
+    return [i for i in order[:k] if total[i] > 0]
+
+
 def run_sft(model_dir: str | Path, data: str | Path, out_dir: str | Path, config: TrainConfig, *,
             packing: bool = False, completion_only: bool = False, val_fraction: float = 0.1,
-            callbacks: Sequence[Callback] = (), echo: Any = print, lora: LoRAConfig | None = None) -> TrainResult:
+            callbacks: Sequence[Callback] = (), echo: Any = print, lora: LoRAConfig | None = None,
+            lora_hard_tokens: int = 0) -> TrainResult:
     """Fine-tune the model in `model_dir` on `data` (conversations or prompt–completion JSONL) into `out_dir`.
     Conversations add the chat tokens to the tokenizer when it lacks them. `lora`: train adapters on the frozen
     model instead of its weights (tune/lora.py: RUN/adapter in PEFT's layout, RUN/final merged); chat tokens
     added here keep their initial rows (the mean), as PEFT leaves embeddings alone without modules_to_save.
+    `lora_hard_tokens` K: LoRA also trains the embedding (and untied head) rows of the K tokens the starting
+    model finds hardest on the training split (hardest_tokens), recorded in the run as `lora.tokens`.
     Bad data fails before anything is written."""
     out = Path(out_dir)
     refuse_existing_run(out)
@@ -196,6 +220,15 @@ def run_sft(model_dir: str | Path, data: str | Path, out_dir: str | Path, config
     seq_len = config.seq_len or model.config.block_size
     ds, info = build_dataset(data, tok, seq_len, completion_only=completion_only, val_fraction=val_fraction,
                              seed=config.seed, packing=packing, read=read)
+    if lora_hard_tokens and lora is None:
+        raise ValueError("--lora-hard-tokens needs --lora-rank")
+    if lora_hard_tokens < 0:
+        raise ValueError(f"--lora-hard-tokens ({lora_hard_tokens}) must be >= 0")
+    if lora is not None and lora_hard_tokens:
+        hard = hardest_tokens(model, ds, seq_len, lora_hard_tokens, exclude=lora.token_ids(tok))
+        lora = dataclasses.replace(lora, tokens=(*lora.tokens, *hard))
+        echo(f"LoRA also trains the rows of the {len(hard)} tokens hardest for the model on the training split: "
+             + " ".join(repr(tok.decode([i])) for i in hard))
     if lora is not None:  # here, so that a target the model lacks fails before anything is written
         lora.attach(model, config.seed, tok)
     if added:

@@ -253,7 +253,7 @@ def create_tune_run(state: StateDep, req: TuneCreate) -> Run:
             raise HTTPException(422, f"preset ({req.preset!r}) is unknown; choose one of {', '.join(preset_names())}")
     if params.get("sft_weight") and params.get("loss") in ("orpo", "kto"):
         raise HTTPException(422, f"sft_weight is for the dpo, ipo and simpo losses, not {params['loss']}")
-    lora = {k: params[k] for k in LORA_SETTINGS if params.get(k) not in (None, False)}
+    lora = {k: params[k] for k in (*LORA_SETTINGS, "lora_hard_tokens") if params.get(k) not in (None, False)}
     if lora and "lora_rank" not in lora:
         raise HTTPException(422, f"{', '.join(lora)} needs lora_rank")
     new = check_name(req.new_model, "new model name")

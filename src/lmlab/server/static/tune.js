@@ -95,6 +95,7 @@ export function initTune(app) {
         field("tune.lora_alpha", num("tn-lora-alpha", { min: 0, step: "any", placeholder: A.t("tune.lora_alpha_default") })),
         field("tune.lora_dropout", num("tn-lora-dropout", { min: 0, max: 0.99, step: "any", placeholder: "0" })),
         field("tune.lora_targets", h("input", { id: "tn-lora-targets", placeholder: "all-linear" })),
+        field("tune.lora_hard_tokens", num("tn-lora-hard", { min: 1, placeholder: "0" }), { class: "tn-only-sft" }),
         h("label", { class: "check wide" }, h("input", { type: "checkbox", id: "tn-lora-new-tokens" }), " ",
           i("tune.lora_new_tokens", { tag: "span" }))),
       h("div", { class: "actions wide" }, i("tune.start", { tag: "button", type: "submit", id: "tn-start" }),
@@ -244,7 +245,7 @@ function renderForm(changed = false) {
     box.dataset.sig = JSON.stringify(books);
   }
   const shown = { "tn-data": ["sft", "dpo"], "tn-batch": ["sft", "dpo", "distill"], "tn-only-dpo": ["dpo"], "tn-only-grpo": ["grpo"],
-                  "tn-only-distill": ["distill"], "tn-lora": ["sft", "dpo", "grpo"] };
+                  "tn-only-distill": ["distill"], "tn-lora": ["sft", "dpo", "grpo"], "tn-only-sft": ["sft"] };
   for (const [cls, methods] of Object.entries(shown)) for (const e of document.querySelectorAll(`#tn-form .${cls}`)) e.hidden = !methods.includes(method);
   for (const e of document.querySelectorAll("#tn-form .tn-only-logits")) e.hidden = method !== "distill" || $("#tn-mode").value !== "logits";
   // DPO + NLL: the chosen completions' NLL added to the losses that have a reference-free pair term
@@ -270,6 +271,7 @@ async function start() {
   } else {
     if (!val("#tn-dataset")) return setMsg(msg, t("tune.pick_dataset"), false);
     Object.assign(body, { dataset: val("#tn-dataset"), batch_size: n("#tn-batch") });
+    if (method === "sft") body.lora_hard_tokens = n("#tn-lora-hard");
     if (method === "dpo") Object.assign(body, { loss: val("#tn-loss"), sft_weight: $("#tn-sft-weight").closest("[hidden]") ? undefined : n("#tn-sft-weight") });
   }
   try {
