@@ -126,6 +126,13 @@ def decode_bytes_per_token(model: Transformer, context: float) -> tuple[int, int
 
 # ---- 1. generation --------------------------------------------------------------------------------
 
+def _has_amx() -> bool:
+    try:
+        return "amx_int8" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
 def llama_cpp_greedy(model: Transformer, prompt: list[int], workdir: Path, dtype: str = "f32",
                      new_tokens: int = NEW_TOKENS) -> Callable[[], list[int]] | None:
     """Greedy decoding of the same weights in llama.cpp (llama-cpp-python, when installed), from lmlab's GGUF
@@ -144,8 +151,21 @@ def llama_cpp_greedy(model: Transformer, prompt: list[int], workdir: Path, dtype
     tok = Tokenizer.train(["the cat sat on the mat. " * 20], kind="bpe", vocab_size=300)
     path = export_gguf(save_pretrained(workdir / "model", model, tok), workdir / f"model-{dtype}.gguf",
                        dtype=dtype).path
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=PROMPT_LEN + new_tokens, n_threads=torch.get_num_threads(),
-                          verbose=False)
+    defaults = llama_cpp.llama_model_default_params
+    if dtype != "f32" and _has_amx():
+        # llama-cpp-python 0.3.36 segfaults in the first decode of a quantized file on AMX CPUs unless llama.cpp's
+        # extra CPU buffer types (its repacked layouts) are off, as llama-cli's --no-repack
+        # (tests/test_interop_gguf.py's load_without_repack): llama.cpp then runs its plain CPU kernels
+        def no_repack():
+            p = defaults()
+            p.use_extra_bufts = False
+            return p
+        llama_cpp.llama_cpp.llama_model_default_params = no_repack
+    try:
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=PROMPT_LEN + new_tokens,
+                              n_threads=torch.get_num_threads(), verbose=False)
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = defaults
     vocab = (llm.n_vocab(),)
 
     def run() -> list[int]:

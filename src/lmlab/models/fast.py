@@ -173,7 +173,7 @@ def _transposed(m: torch.nn.Module) -> Any:
     if hasattr(m, "effective_weight"):  # a LoRA layer (tune/lora.py): W + its low-rank update unless merged already
         return m.effective_weight().t().contiguous(), m.bias
     if not isinstance(m, torch.nn.Linear):
-        return m._prepared()[1]  # a quantized linear (quant.py): its int8/int4 kernel with the operands bound
+        return m.operands()  # a quantized linear (quant.py): its kernel with the operands bound, or (Ŵ.T, b)
     return m.weight.t().contiguous(), m.bias
 
 

@@ -320,6 +320,12 @@ class QuantLinear(nn.Module):
         self._cache = (key, (kind, fn), wt if kind == "dequantised" else None)
         return kind, fn
 
+    def operands(self) -> Any:
+        """What fast.Decoder multiplies by: (Ŵ.T, b) where the matrix runs dequantised, as an nn.Linear's
+        transposed copy (so its step is the fp32 model's, without a call through fn), else the kernel's fn."""
+        kind, fn = self._prepared()
+        return (self._cache[2], self.bias) if kind == "dequantised" else fn
+
     def rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Ŵ[idx] (a tied embedding's lookups): from the cached dequantised weight where there is one."""
         self._prepared()
