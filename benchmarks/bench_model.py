@@ -19,6 +19,7 @@ are printed as PASS / BELOW, never asserted. benchmarks/README.md says more.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import tempfile
@@ -143,7 +144,7 @@ def llama_cpp_greedy(model: Transformer, prompt: list[int], workdir: Path, dtype
         return None
     import numpy as np
 
-    from lmlab.interop import export_gguf
+    from lmlab.interop import export_gguf, llama_cpp_without_repack
     from lmlab.models.io import save_pretrained
     from lmlab.tokenizers import Tokenizer
 
@@ -151,21 +152,11 @@ def llama_cpp_greedy(model: Transformer, prompt: list[int], workdir: Path, dtype
     tok = Tokenizer.train(["the cat sat on the mat. " * 20], kind="bpe", vocab_size=300)
     path = export_gguf(save_pretrained(workdir / "model", model, tok), workdir / f"model-{dtype}.gguf",
                        dtype=dtype).path
-    defaults = llama_cpp.llama_model_default_params
-    if dtype != "f32" and _has_amx():
-        # llama-cpp-python 0.3.36 segfaults in the first decode of a quantized file on AMX CPUs unless llama.cpp's
-        # extra CPU buffer types (its repacked layouts) are off, as llama-cli's --no-repack
-        # (tests/test_interop_gguf.py's load_without_repack): llama.cpp then runs its plain CPU kernels
-        def no_repack():
-            p = defaults()
-            p.use_extra_bufts = False
-            return p
-        llama_cpp.llama_cpp.llama_model_default_params = no_repack
-    try:
+    # llama-cpp-python 0.3.36 segfaults in the first decode of a quantized file on AMX CPUs unless llama.cpp's
+    # extra CPU buffer types (its repacked layouts) are off: llama.cpp then runs its plain CPU kernels there
+    with llama_cpp_without_repack(llama_cpp) if dtype != "f32" and _has_amx() else contextlib.nullcontext():
         llm = llama_cpp.Llama(model_path=str(path), n_ctx=PROMPT_LEN + new_tokens,
                               n_threads=torch.get_num_threads(), verbose=False)
-    finally:
-        llama_cpp.llama_cpp.llama_model_default_params = defaults
     vocab = (llm.n_vocab(),)
 
     def run() -> list[int]:

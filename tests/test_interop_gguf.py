@@ -121,23 +121,12 @@ def test_refuses_what_llama_cpp_cannot_run(tmp_path):
 # ---- llama.cpp itself -----------------------------------------------------------------------------
 
 def load_without_repack(llama_cpp, path):
-    """llama_cpp.Llama with llama.cpp's extra CPU buffer types off (llama-cli's `--no-repack`). On CPUs with
-    AMX (this machine and CI's), llama-cpp-python 0.3.36 segfaults in its first decode of any q8_0 file when
-    they are on (measured: tiny and d=256 models, every vocab size tried; f32/f16 are unaffected), so the
-    q8_0 comparison could not run at all. Llama() exposes no switch for it, hence the patched defaults."""
-    defaults = llama_cpp.llama_model_default_params
-
-    def params():
-        p = defaults()
-        p.use_extra_bufts = False
-        return p
-
-    llama_cpp.llama_cpp.llama_model_default_params = params
-    try:
+    """llama_cpp.Llama with llama.cpp's extra CPU buffer types off (lmlab.interop.llama_cpp_without_repack): on
+    CPUs with AMX (this machine and CI's) the q8_0 comparison could not run at all with them on."""
+    from lmlab.interop import llama_cpp_without_repack
+    with llama_cpp_without_repack(llama_cpp):
         return llama_cpp.Llama(model_path=str(path), n_ctx=128, n_threads=2, logits_all=False, verbose=False,
                                seed=0)
-    finally:
-        llama_cpp.llama_cpp.llama_model_default_params = defaults
 
 
 def llama_cpp_greedy(path, prompt: list[int], reference: list[int]):

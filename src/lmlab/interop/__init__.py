@@ -8,8 +8,8 @@
 transformers and gguf are optional ([hf], [gguf] extras) and imported only when used.
 """
 
-from .gguf_export import export_gguf, permute_for_rope
+from .gguf_export import export_gguf, llama_cpp_without_repack, permute_for_rope
 from .hf import export_hf, from_hf_model, import_hf, to_hf_model, to_hf_tokenizer
 
-__all__ = ["export_gguf", "export_hf", "from_hf_model", "import_hf", "permute_for_rope", "to_hf_model",
-           "to_hf_tokenizer"]
+__all__ = ["export_gguf", "export_hf", "from_hf_model", "import_hf", "llama_cpp_without_repack", "permute_for_rope",
+           "to_hf_model", "to_hf_tokenizer"]

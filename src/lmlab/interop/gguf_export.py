@@ -13,8 +13,10 @@ the HF export would give.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -227,3 +229,23 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, *, dtype: str = "f3
         w.close()
 
     return dataclasses.replace(plan, path=staged_file(Path(out_path), write))
+
+
+@contextlib.contextmanager
+def llama_cpp_without_repack(llama_cpp: Any) -> Iterator[None]:
+    """Inside, `llama_cpp.Llama(...)` loads with llama.cpp's extra CPU buffer types off (llama-cli's `--no-repack`).
+    On CPUs with AMX, llama-cpp-python 0.3.36 segfaults in its first decode of a q8_0 file when they are on
+    (measured on tiny and d=256 models, every vocab size tried; f32/f16 are unaffected), and Llama() has no
+    switch for it: the module's default model parameters are patched for the duration."""
+    defaults = llama_cpp.llama_model_default_params
+
+    def params() -> Any:
+        p = defaults()
+        p.use_extra_bufts = False
+        return p
+
+    llama_cpp.llama_cpp.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = defaults
