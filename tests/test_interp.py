@@ -128,6 +128,9 @@ def test_patching_everything_restores_all_and_nothing_restores_none(family):
     T = len(IDS)
     every = torch.ones(1, T, dtype=torch.bool)
     assert restored_fraction(model, IDS, CORRUPT, target, res["foil"], {0: every}) == 1.0
+    clean, source = run_with_residuals(model, IDS)
+    patched, _ = run_with_residuals(model, CORRUPT, {0: every}, source)  # the corrupt run, every stream clean
+    assert torch.equal(patched, clean)                                      # every logit, not only the difference
     assert restored_fraction(model, IDS, CORRUPT, target, res["foil"], {0: ~every}) == 0.0
     restored = res["restored"]
     assert restored.shape == (model.config.n_layer + 1, T)
