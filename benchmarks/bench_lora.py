@@ -175,6 +175,7 @@ def main() -> None:
                    "K more tokens of the training split's replies (chat tokens aside), ranked by --rows-by")
     p.add_argument("--rows-by", choices=["count", "loss"], default="count", help="--top-rows: the tokens trained "
                    "most often, or those with the largest summed loss under the base model")
+    p.add_argument("--targets", help="LoRA's target modules, comma list of HF names (default all-linear)")
     p.add_argument("--lora-plus", type=float, default=1.0, help="LoRA+: B's learning rate over A's (1: plain LoRA)")
     p.add_argument("--rows-lr", type=float, default=1.0, help="the token rows' learning rate over the adapters'")
     p.add_argument("--lrs-full", default=SWEEP["full"], help="learning rates of full fine-tuning (comma list; "
@@ -220,6 +221,7 @@ def main() -> None:
                 top = [i for i, _ in counts.most_common() if tok.id_to_token(i) not in CHAT_TOKENS][:args.top_rows]
             print(f"top rows: {[tok.decode([i]) for i in top]}", flush=True)
         lora_cfg = LoRAConfig(rank=args.rank, alpha=args.alpha, chat_tokens=args.lora_new_tokens,
+                              **({"targets": tuple(args.targets.split(","))} if args.targets else {}),
                               tokens=tuple(range(len(tok))) if args.all_rows else tuple(top))
         results: dict[str, list[tuple[float, float]]] = {"full": [], "lora": []}
         for method, lrs in (("full", args.lrs_full), ("lora", args.lrs_lora)):

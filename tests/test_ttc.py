@@ -306,6 +306,19 @@ def test_the_lab_check_is_best_of_n_or_voting_without_a_verifier():
     assert not gain_held(0.34, 0.34)                                       # +14: below, whatever pass@N says
 
 
+def test_lab_models_are_the_same_for_the_same_seed_whatever_the_global_generator(tmp_path):
+    """`lab ttc --seed S` reproduces its models: the initialisation is seeded too, not only the data order."""
+    from safetensors.torch import load_file
+
+    from lmlab.lab.ttc import pretrain
+    made = []
+    for run, state in enumerate((1, 2)):
+        torch.manual_seed(state)
+        made.append(load_file(pretrain("count", (1, 16), 2, tmp_path / str(run), seed=3, scored=4)
+                              / "model.safetensors"))
+    assert made[0].keys() == made[1].keys() and all(torch.equal(made[0][k], made[1][k]) for k in made[0])
+
+
 def test_lab_training_prompts_leave_out_every_prompt_scored():
     from lmlab.lab.ttc import training_prompts
     from lmlab.tune.rewards import get_task

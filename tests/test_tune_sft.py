@@ -270,7 +270,7 @@ def test_lora_hard_tokens_are_those_of_largest_summed_loss_on_the_training_split
     from safetensors.torch import load_file
 
     from lmlab.tune.chat import chat_token_ids
-    from lmlab.tune.sft import build_dataset
+    from lmlab.tune.sft import build_dataset, hardest_tokens
     data, out = write_jsonl(tmp_path / "c.jsonl", CHATS), tmp_path / "run"
     args = ["--max-steps", "2", "--batch-size", "2", "--lr", "1e-2", "--eval-every", "0"]
     assert main(["tune", "sft", "--model", str(base_dir), "--data", str(data), "--out", str(out), *args,
@@ -295,6 +295,12 @@ def test_lora_hard_tokens_are_those_of_largest_summed_loss_on_the_training_split
     assert ((final["tok_emb.weight"][want] - base.state_dict()["tok_emb.weight"][want]).abs().amax(1) > 1e-4).all()
     assert main(["tune", "sft", "--out", str(out), "--resume", "--max-steps", "3"]) == 0
     assert json.loads((out / "config.json").read_text())["lora"]["tokens"] == want
+    # chunks of any size sum the same losses
+    assert hardest_tokens(base, ds, 96, 3, exclude=chat, max_logits=1) == want
+    # without --lora-new-tokens the chat tokens (added at the mean row, the "hardest" of all) are left out still
+    assert main(["tune", "sft", "--model", str(base_dir), "--data", str(data), "--out", str(tmp_path / "r3"), *args,
+                 "--lora-rank", "4", "--lora-hard-tokens", "3"]) == 0
+    assert json.loads((tmp_path / "r3" / "config.json").read_text())["lora"]["tokens"] == want
     assert main(["tune", "sft", "--out", str(out), "--resume", "--lora-hard-tokens", "2"]) == 2
     assert main(["tune", "sft", "--model", str(base_dir), "--data", str(data), "--out", str(tmp_path / "r2"),
                  "--lora-hard-tokens", "2"]) == 2

@@ -114,6 +114,7 @@ def pretrain(task_name: str, size: tuple[int, int], steps: int, out: Path, seed:
     tok = Tokenizer.train(texts[:2000], kind="char", vocab_size=64)
     longest = max(len(tok.encode(t)) for t in texts) + 2
     n_layer, n_embd = size
+    torch.manual_seed(seed)  # the initialisation (the Trainer seeds the data order and dropout, not a built model)
     model = Transformer(ModelConfig(family="gpt2", vocab_size=len(tok), n_layer=n_layer, n_head=4, n_embd=n_embd,
                                     block_size=64, dropout=0.0))
     with quiet():

@@ -368,7 +368,8 @@ class Supervisor:
         p = run["params"]
         if run["kind"] == "tune":
             # distill: the teacher is the parent
-            told = ("loss", "sft_weight", "task", "dataset", "lora_rank", "lora_new_tokens", "preset", "mode")
+            told = ("loss", "sft_weight", "task", "dataset", "lora_rank", "lora_new_tokens", "lora_hard_tokens",
+                    "preset", "mode")
             origin = {"kind": "tune", "parent": run["model_name"], "run_id": run["id"], "method": p["method"],
                       **{k: p[k] for k in told if p.get(k) is not None},
                       "steps": training.get("steps")}

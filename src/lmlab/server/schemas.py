@@ -574,5 +574,5 @@ class TuneCreate(BaseModel):
                                      description="LoRA: comma list of module names (default all linear layers)")
     lora_new_tokens: bool | None = Field(None, description="LoRA: also train the embedding (and untied head) rows "
                                          "of the chat format's tokens (PEFT's trainable_token_indices)")
-    lora_hard_tokens: int | None = Field(None, ge=1, le=4096, description="sft with LoRA: also train the rows of the "
+    lora_hard_tokens: int | None = Field(None, ge=0, le=4096, description="sft with LoRA: also train the rows of the "
                                          "K tokens the model finds hardest on the training split")

@@ -37,7 +37,7 @@ from ..train import TrainConfig
 from ..train.checkpoint import refuse_existing_run
 from ..train.recipes import train_with_lora
 from ..train.trainer import Callback, TrainResult, read_run_config
-from .chat import TEMPLATE_FILE, add_chat_tokens, render, write_template
+from .chat import TEMPLATE_FILE, add_chat_tokens, chat_token_ids, render, write_template
 from .data import read_sft
 from .lora import LoRAConfig
 
@@ -176,17 +176,26 @@ def _describe(info: dict[str, Any], seq_len: int) -> str:
 
 
 def hardest_tokens(model: Transformer, ds: SFTDataset, seq_len: int, k: int, exclude: Sequence[int] = (),
-                   batch_size: int = 64) -> list[int]:
+                   max_logits: int = 2**25) -> list[int]:
     """The k token ids with the largest summed loss under `model` over the training split's trained tokens (ties:
     the lower id), `exclude` left out: the rows worth training beside LoRA's adapters. Fine-tuning that teaches a
     fixed wording (a reply's opening) is held back most by the frozen embedding and head rows of its tokens; the
-    summed loss finds them from the training data and the starting model alone (docs/LOG.md, issue 16)."""
+    summed loss finds them from the training data and the starting model alone (docs/LOG.md, issue 16). Examples
+    go through in chunks of at most `max_logits` logits (128 MiB), each cut to its longest example."""
     was = model.training
     model.eval()
-    total = torch.zeros(model.config.vocab_size, dtype=torch.float64)
+    V = model.config.vocab_size
+    total = torch.zeros(V, dtype=torch.float64)
+    train = sorted(ds.train, key=lambda e: len(e.ids))  # chunks of like lengths pad little
     with torch.no_grad():
-        for i in range(0, len(ds.train), batch_size):
-            x, y = ds._rows([(e.ids, e.mask) for e in ds.train[i:i + batch_size]], seq_len)
+        i = 0
+        while i < len(train):
+            n = 1  # the chunk's last example is its longest
+            while i + n < len(train) and (n + 1) * min(seq_len, len(train[i + n].ids) - 1) * V <= max_logits:
+                n += 1
+            width = max(1, min(seq_len, len(train[i + n - 1].ids) - 1))
+            x, y = ds._rows([(e.ids, e.mask) for e in train[i:i + n]], width)
+            i += n
             keep = y != -100
             losses = torch.nn.functional.cross_entropy(model(x).logits[keep].float(), y[keep], reduction="none")
             total.index_add_(0, y[keep], losses.double())
@@ -225,7 +234,8 @@ def run_sft(model_dir: str | Path, data: str | Path, out_dir: str | Path, config
     if lora_hard_tokens < 0:
         raise ValueError(f"--lora-hard-tokens ({lora_hard_tokens}) must be >= 0")
     if lora is not None and lora_hard_tokens:
-        hard = hardest_tokens(model, ds, seq_len, lora_hard_tokens, exclude=lora.token_ids(tok))
+        chat = chat_token_ids(tok).values() if kind == "messages" else ()  # added at the mean row: not "hard"
+        hard = hardest_tokens(model, ds, seq_len, lora_hard_tokens, exclude={*lora.token_ids(tok), *chat})
         lora = dataclasses.replace(lora, tokens=(*lora.tokens, *hard))
         echo(f"LoRA also trains the rows of the {len(hard)} tokens hardest for the model on the training split: "
              + " ".join(repr(tok.decode([i])) for i in hard))
