@@ -224,7 +224,7 @@ def _w8a8(q: torch.Tensor, scales: torch.Tensor, b: torch.Tensor | None,
 
     def fn(x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        a = torch.linalg.vector_norm(xf, float("inf"), dim=1, keepdim=True).clamp_min_(1e-30)   # (M, 1)
+        a = xf.abs().amax(1, keepdim=True).clamp_min_(1e-30)   # (M, 1); vector_norm(inf) is 2-3x slower here
         y = torch.ops.quantized.linear_dynamic(torch.cat([xf, -a, a], 1).div_(a), packed, rr)
         return (y.mul_(a) if b is None else torch.addcmul(b, y, a)).to(x.dtype)
     return fn
