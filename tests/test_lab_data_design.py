@@ -1,16 +1,20 @@
 """lmlab lab data design: curation removes exactly the planted near copies and the noise the split rules name,
-samples reach their token budget in a seeded order, a --quick run's verdict and numbers follow from its own
-models, and the refusals."""
+samples reach their token budget in a seeded order, a --quick run's verdict and numbers (target loss and an eval
+task's accuracy) follow from its own models, and the refusals."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
 
 from lmlab.cli import main
+from lmlab.eval.tasks import load_task, run_task
 from lmlab.lab.design import DesignLabConfig, design, run_design_lab, sample
 from lmlab.lab.mix import target_loss
 from lmlab.models.io import load_pretrained
+from lmlab.tokenizers import Tokenizer
 
 TALE = ("Жили-были дед да баба. Однажды дед пошёл в лес и нашёл большую репку. Дед обрадовался и всё рассказал "
         "бабе, и они пошли вместе домой.")
@@ -35,9 +39,45 @@ def test_samples_reach_their_budget_in_a_seeded_order():
     assert sample(lengths, 10**6, seed=0) == list(range(6))  # the whole pool at most
 
 
+def tale_endings_task(folder, n=80):
+    """A multiple-choice task on held-out tales of the pool's grammar: a sentence's first three words, and its own
+    ending against the endings of two other sentences."""
+    import json
+    import random
+    import re
+
+    from lmlab.train.demo_corpus import demo_corpus
+    text = demo_corpus(n_stories=60, seed=7)
+    sentences = [x.split() for x in re.split(r"(?<=[.!?])\s+", text) if len(x.split()) >= 6]
+    rng, items = random.Random(0), []
+    for words in rng.sample(sentences, n):
+        others = [" ".join(o[3:]) for o in rng.sample(sentences, 2)]
+        choices = [" ".join(words[3:]), *others]
+        rng.shuffle(choices)
+        answer = choices.index(" ".join(words[3:]))
+        items.append({"context": " ".join(words[:3]), "choices": choices, "answer": answer})
+    lines = "".join(json.dumps(i, ensure_ascii=False) + "\n" for i in items)
+    (folder / "endings.jsonl").write_text(lines, encoding="utf-8")
+    (folder / "endings.yaml").write_text("name: endings\nkind: multiple_choice\ndata: endings.jsonl\n",
+                                         encoding="utf-8")
+    return folder / "endings.yaml"
+
+
 def test_a_quick_run_scores_its_own_models(tmp_path):
-    cfg = DesignLabConfig.quick()
+    task = tale_endings_task(tmp_path)
+    cfg = dataclasses.replace(DesignLabConfig.quick(), tasks=(str(task),))
     res = run_design_lab(tmp_path / "d", None, None, [0, 1], cfg, workers=1)
+    tok = Tokenizer.load(tmp_path / "d" / "tokenizer.json")
+    got = {}
+    for r in res["per_seed"]:  # each arm's model on the eval task, as lmlab eval scores it
+        for arm in ("designed", "same budget", "larger"):
+            model, _ = load_pretrained(tmp_path / "d" / "runs" / f"{arm.replace(' ', '-')}-{r['seed']}" / "final")
+            got[arm, r["seed"]] = run_task(model, tok, load_task(task))["metrics"]["acc"]
+            assert r["tasks"]["endings"][arm] == got[arm, r["seed"]]
+    assert len(set(got.values())) > 2  # the arms' models score differently: a mix-up of arms would show
+    wins = sum(r["tasks"]["endings"]["designed"] >= r["tasks"]["endings"]["same budget"] for r in res["per_seed"])
+    assert res["checks"]["on endings (acc), the designed set scores at least as well as the same-size sample on "
+                         ">= 2/3 of the seeds"] == (wins / 2 >= 2 / 3)
     assert res["designed"] < res["paragraphs"] and res["removed"]["duplicates"] >= 11 * 20 // 2
     ids = np.load(tmp_path / "d" / "target.npy")
     for r in res["per_seed"]:
@@ -56,6 +96,7 @@ def test_a_quick_run_scores_its_own_models(tmp_path):
     (["--larger", "1"], "larger (1.0) must be above 1"),
     (["books.txt"], "give both SOURCES and --target, or neither"),
     (["--steps", "0"], "--steps (0) must be >= 1"),
+    (["--tasks", "nope"], "unknown task 'nope'"),
 ])
 def test_refusals_exit_2(tmp_path, capsys, argv, message):
     assert main(["lab", "data", "design", *argv, "--out", str(tmp_path / "o")]) == 2

@@ -63,10 +63,12 @@ def test_coefficient_zero_changes_nothing(family):
             assert hooks(model) == 1
             zero = model(torch.tensor([IDS])).logits
             zero_text = generate_ids(model, [IDS], max_new_tokens=12, do_sample=False)
+            zero_sampled = generate_ids(model, [IDS], max_new_tokens=12, temperature=0.9, top_k=20, seed=3)
         with Steering(model, d, 1.0):
             one = model(torch.tensor([IDS])).logits
     assert torch.equal(zero, plain)
     assert zero_text == generate_ids(model, [IDS], max_new_tokens=12, do_sample=False)
+    assert zero_sampled == generate_ids(model, [IDS], max_new_tokens=12, temperature=0.9, top_k=20, seed=3)
     assert (one - plain).abs().max() > 0.1  # the same hook with a coefficient does act
 
 

@@ -69,6 +69,14 @@ def test_the_loss_is_the_formula(setup):
     entropy = -(p_t * p_t.log()).sum(-1)[keep].mean()
     loss, _ = DistillObjective(teacher, 1.0, 1.0).loss(student, (x, y))
     assert float(loss.detach()) == pytest.approx(float(soft_ce - entropy), abs=1e-6)
+    # ... so the student's gradient is the cross-entropy's own
+    student.zero_grad()
+    loss.backward()
+    ours = [p.grad.clone() for p in student.parameters()]
+    student.zero_grad()
+    (-(p_t.float() * torch.log_softmax(student(x).logits, -1)).sum(-1)[keep].mean()).backward()
+    for g, want in zip(ours, (p.grad for p in student.parameters())):
+        torch.testing.assert_close(g, want, atol=1e-6, rtol=1e-4)
     # the teacher is not trained
     assert not any(p.requires_grad for p in teacher.parameters()) and not teacher.training
 

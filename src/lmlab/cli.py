@@ -1849,6 +1849,9 @@ def _design_arguments(p: argparse.ArgumentParser) -> None:
                         "seeds (default 0,1,2)")
     p.add_argument("--larger", type=float, help="the scale baseline's tokens, a multiple of the designed set's (4)")
     p.add_argument("--steps", type=int, help="training steps of every arm (default 300; --quick 120)")
+    p.add_argument("--tasks", type=lambda s: tuple(t.strip() for t in s.split(",") if t.strip()), metavar="TASKS",
+                   help="eval tasks every arm's model is also scored on: comma list of shipped task names "
+                        "(fables-mc, fables-lm, fables-gen) or task YAML files; see docs/EVAL.md")
     p.add_argument("--quick", action="store_true", help="smaller pool, model and budget: minutes")
 
 
@@ -1857,7 +1860,7 @@ def _design_arguments(p: argparse.ArgumentParser) -> None:
           "seeds. Example: lmlab lab data design --quick --out runs/design", _design_arguments)
 def _lab_data_design(args: argparse.Namespace) -> int:
     from .lab.design import DesignLabConfig, run_design_lab
-    return _run_pool_lab(args, "design", DesignLabConfig, run_design_lab, ("larger", "steps"))
+    return _run_pool_lab(args, "design", DesignLabConfig, run_design_lab, ("larger", "steps", "tasks"))
 
 
 def _split_arguments(p: argparse.ArgumentParser) -> None:

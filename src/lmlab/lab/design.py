@@ -15,8 +15,10 @@ The pool is every paragraph of the sources. The designed set is the pool after
 Its tokens are the budget B. Three arms then train the same model for the same steps from the same
 initialisation, per seed: the designed set; a random sample of the pool's paragraphs with B tokens ("same
 budget"); a random sample with `larger` x B tokens ("larger"; the whole pool at most). Each is scored by its
-mean token loss on the target text. The verdict: the designed set beats the same-budget sample on at least 2/3
-of the seeds, and is at least as good as the larger sample on at least 2/3 of them.
+mean token loss on the target text, and with `tasks` also on eval tasks (lmlab.eval: a shipped task's name or a
+task YAML; the task's first metric, e.g. multiple choice's acc). The verdict: the designed set beats the
+same-budget sample on at least 2/3 of the seeds, and is at least as good as the larger sample on at least 2/3 of
+them; on each task, it scores at least as well as the same-budget sample on at least 2/3 of the seeds.
 
 The built-in pool (offline, deterministic): folk tales of the demo grammar, a tenth of them copied 20 times
 each with one word changed (duplicate spam, as scraped corpora hold it), arithmetic lines and sensor logs
@@ -38,7 +40,9 @@ import numpy as np
 
 from ..data import find_documents, prepare_texts, read_document
 from ..data.dedup import DedupConfig, dedup_texts
+from ..eval.tasks import METRICS, load_task, run_task
 from ..models import ModelConfig
+from ..models.io import load_pretrained
 from ..tokenizers import Tokenizer
 from ..train.demo_corpus import demo_corpus
 from .facts.report import write_report
@@ -59,6 +63,7 @@ class DesignLabConfig:
     larger: float = 4.0         # the scale baseline's tokens, as a multiple of the designed set's
     stories: int = 240          # built-in pool: tales (and as many held out for the target, a fifth of them)
     copies: int = 20            # built-in pool: near copies of each of the first tenth of the tales (spam)
+    tasks: tuple[str, ...] = ()  # eval tasks every arm's model is also scored on (names or YAML paths)
 
     def __post_init__(self) -> None:
         for name in ("steps", "layers", "embd", "block_size", "batch_size", "stories"):
@@ -66,6 +71,7 @@ class DesignLabConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.larger <= 1:
             raise ValueError(f"larger ({self.larger}) must be above 1: it is the scale baseline's multiple")
+        object.__setattr__(self, "tasks", tuple(self.tasks))
 
     @classmethod
     def quick(cls) -> DesignLabConfig:
@@ -134,6 +140,7 @@ def run_design_lab(out: str | Path, sources: list[str | Path] | None, target: st
     if bool(sources) != (target is not None):
         raise ValueError("give both SOURCES and --target, or neither (the built-in pool and target)")
     t0 = time.perf_counter()
+    tasks = [load_task(spec) for spec in cfg.tasks]  # an unknown task fails before anything trains
     if sources:
         paths = find_documents(sources)
         if not paths:
@@ -175,9 +182,17 @@ def run_design_lab(out: str | Path, sources: list[str | Path] | None, target: st
     workers = max(1, min(workers or 2, len(jobs)))
     losses = [_run(j) for j in jobs] if workers == 1 else process_map(_run, jobs, workers)
     loss = dict(zip(arms, losses))
+    scores = {}  # (task, arm, seed) -> the task's first metric for that arm's model
+    for (arm, s), job in zip(arms, jobs):
+        if tasks:
+            model = load_pretrained(Path(job["out"]) / "final")[0]
+            for task in tasks:
+                scores[task.name, arm, s] = run_task(model, tok, task)["metrics"][METRICS[task.kind][0]]
     per_seed = [{"seed": s, **{arm: loss[arm, s] for arm in ("designed", "same budget", "larger")},
                  "tokens": {arm: sum(lengths[i] for i in arms[arm, s])
-                            for arm in ("designed", "same budget", "larger")}}
+                            for arm in ("designed", "same budget", "larger")},
+                 "tasks": {t.name: {arm: scores[t.name, arm, s] for arm in ("designed", "same budget", "larger")}
+                           for t in tasks}}
                 for s in seeds]
     beats = sum(r["designed"] < r["same budget"] for r in per_seed)
     matches = sum(r["designed"] <= r["larger"] for r in per_seed)
@@ -186,16 +201,27 @@ def run_design_lab(out: str | Path, sources: list[str | Path] | None, target: st
               beats / len(seeds) >= need,
               f"the designed set is at least as good as a random sample {cfg.larger:g}x larger on >= 2/3 of the seeds":
               matches / len(seeds) >= need}
+    task_means = {}
+    for t in tasks:
+        metric = METRICS[t.kind][0]
+        wins = sum(r["tasks"][t.name]["designed"] >= r["tasks"][t.name]["same budget"] for r in per_seed)
+        checks[f"on {t.name} ({metric}), the designed set scores at least as well as the same-size sample on >= "
+               "2/3 of the seeds"] = wins / len(seeds) >= need
+        task_means[t.name] = {arm: statistics.mean(r["tasks"][t.name][arm] for r in per_seed)
+                              for arm in ("designed", "same budget", "larger")}
     mean = {arm: statistics.mean(r[arm] for r in per_seed) for arm in ("designed", "same budget", "larger")}
     measured = (f"target loss designed {mean['designed']:.3f}, same budget {mean['same budget']:.3f}, "
                 f"{cfg.larger:g}x larger {mean['larger']:.3f} (means over {len(seeds)} seed(s)); the designed set "
                 f"wins against the same budget on {beats} and is at least as good as the larger sample on "
-                f"{matches} of {len(seeds)}; {len(designed)} of {len(pool)} paragraphs kept ({budget:,} tokens)")
-    table = [{"seed": r["seed"], "designed": r["designed"], "same budget": r["same budget"], "larger": r["larger"]}
+                f"{matches} of {len(seeds)}; {len(designed)} of {len(pool)} paragraphs kept ({budget:,} tokens)"
+                + "".join(f"; {name}: designed {m['designed']:.3f}, same budget {m['same budget']:.3f}, larger "
+                          f"{m['larger']:.3f}" for name, m in task_means.items()))
+    table = [{"seed": r["seed"], "designed": r["designed"], "same budget": r["same budget"], "larger": r["larger"],
+              **{f"{name}: {arm}": round(v, 4) for name, by_arm in r["tasks"].items() for arm, v in by_arm.items()}}
              for r in per_seed]
     results = {"config": dataclasses.asdict(cfg), "seeds": seeds, "paragraphs": len(pool), "designed": len(designed),
                "pool_tokens": sum(lengths), "budget_tokens": budget, "removed": removed, "per_seed": per_seed,
-               "mean": mean,
+               "mean": mean, "task_means": task_means,
                "speed": {"wall_s": time.perf_counter() - t0}}
     write_report(out, "design", "A small dataset designed with the data tools (near-duplicates removed, noise "
                  "dropped) teaches the target better than a random sample of the same size, and as well as a larger "
