@@ -197,6 +197,30 @@ def filtered_corpus(folder):
         (folder / f"{b}.txt").write_text("\n".join(rows), encoding="utf-8")
 
 
+def test_paragraph_level_filters_keep_val_out_of_training(tmp_path):
+    """--filter-level paragraph: each book keeps its paragraphs that pass (here all but the one with a brace),
+    and the held-out slice is the tail of what is kept, so no training batch holds a validation token."""
+    for b in "ab":
+        paragraphs = [" ".join(f"{b}{p}s{i}w{k}" for k in range(6)) + "." for p in range(12) for i in range(3)]
+        paragraphs = ["\n".join(paragraphs[i:i + 3]) for i in range(0, len(paragraphs), 3)]
+        paragraphs[4] += f"\n{b}{{brace"
+        (tmp_path / f"{b}.txt").write_text("\n\n".join(paragraphs), encoding="utf-8")
+    tok = WordTokenizer()
+    ds = prepare([tmp_path / "a.txt", tmp_path / "b.txt"], tok, tmp_path / "ds", val_fraction=0.2,
+                 filters=parse_filters("c4:min_sentences=1", "paragraph"))
+    words = {i: w for w, i in tok.ids.items()}
+    flat = ds.tokens.tolist()
+    assert [d.name for d in ds.documents] == ["a.txt", "b.txt"]
+    assert not any(words.get(t, "").startswith(("a4s", "b4s")) or "brace" in words.get(t, "") for t in flat)
+    assert sum(d.train[1] - d.train[0] + d.val_tokens for d in ds.documents) == 2 * 11 * 3 * 6
+    val_ids = set(flat[ds.train_tokens:]) - {EOS_ID}
+    assert len(val_ids) >= 2 * 0.2 * 11 * 3 * 6 - 2
+    g = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        x, y = ds.sample_batch(16, 32, g)
+        assert not val_ids & (set(x.flatten().tolist()) | set(y.flatten().tolist()))
+
+
 def test_prepare_with_filters_records_them_and_keeps_val_out_of_training(tmp_path):
     filtered_corpus(tmp_path)
     tok = WordTokenizer()
