@@ -98,6 +98,22 @@ def test_a_retrain_keeps_the_earlier_version_downloadable(tmp_path, browser):  #
             page.select_option("#gen-model", "tiny")
             page.wait_for_selector('#gen-version option[value="1"]', state="attached")
             page.select_option("#gen-version", "1")
+            # a version chosen while a refresh of the list is still loading stays chosen (it went back to the current
+            # weights: the list kept the value from before its wait, and CI's loaded runs generated from run 2)
+            assert page.evaluate("""async () => {
+                const real = window.fetch, sleep = (ms) => new Promise((ok) => setTimeout(ok, ms));
+                window.fetch = async (...a) => { const r = await real(...a);
+                                                 if (String(a[0]).includes("/versions")) await sleep(800); return r; };
+                try {
+                    const sel = document.querySelector("#gen-version");
+                    sel.value = "";
+                    document.querySelector("#gen-model").dispatchEvent(new Event("change"));  // the list reloads
+                    await sleep(100);
+                    sel.value = "1";                                   // chosen meanwhile
+                    await sleep(1500);
+                    return sel.value;
+                } finally { window.fetch = real; }
+            }""") == "1"
             page.fill("#gen-prompt", "Once upon")
             page.fill("#g-max_new_tokens", "24")
             page.fill("#g-seed", "5")

@@ -5,10 +5,11 @@ import { api, h, t } from "/static/app.js";
 
 // Fill the direction picker with `model`'s directions; keeps the picked one while it is still there.
 export async function fillSteering(model) {
-  const select = document.querySelector("#g-steer"), keep = select.value;
+  const select = document.querySelector("#g-steer");
   let found = [];
   try { if (model) found = await api("GET", `/api/v1/models/${encodeURIComponent(model)}/steering`); }
   catch { found = []; }  // generation without steering stays possible; the list comes back with the next refresh
+  const keep = select.value;  // after the wait: a choice made while the list loaded stays (fillVersions)
   select.replaceChildren(h("option", { value: "", text: t("steer.none") }),
     ...found.map((d) => h("option", { value: d.name,
                                       text: t("steer.option", { name: d.name, layer: d.layer, norm: d.norm.toFixed(2) }) })));

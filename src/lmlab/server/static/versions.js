@@ -21,10 +21,12 @@ function versionLabel(v) {
 
 // Fill `select` with the model's versions, newest first; keeps the picked one while it is still there.
 export async function fillVersions(select, model) {
-  const keep = select.value;
   let versions = [];
   try { if (model) versions = await api("GET", `/api/v1/models/${encodeURIComponent(model)}/versions`); }
   catch { versions = []; }  // the current weights stay selectable; the list comes back with the next refresh
+  // what is chosen now, after the wait: a choice made while the list loaded (a refresh runs every few seconds)
+  // is kept, not reset to the value from before the wait
+  const keep = select.value;
   select.replaceChildren(h("option", { value: "", text: t("versions.current") }),
     ...versions.filter((v) => !v.current).reverse().map((v) =>
       h("option", { value: v.step == null ? `${v.run}` : `${v.run}:${v.step}`, text: versionLabel(v) })));
