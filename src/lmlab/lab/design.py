@@ -183,11 +183,10 @@ def run_design_lab(out: str | Path, sources: list[str | Path] | None, target: st
     losses = [_run(j) for j in jobs] if workers == 1 else process_map(_run, jobs, workers)
     loss = dict(zip(arms, losses))
     scores = {}  # (task, arm, seed) -> the task's first metric for that arm's model
-    for (arm, s), job in zip(arms, jobs):
-        if tasks:
-            model = load_pretrained(Path(job["out"]) / "final")[0]
-            for task in tasks:
-                scores[task.name, arm, s] = run_task(model, tok, task)["metrics"][METRICS[task.kind][0]]
+    for (arm, s), job in zip(arms, jobs) if tasks else ():
+        model = load_pretrained(Path(job["out"]) / "final")[0]
+        for task in tasks:
+            scores[task.name, arm, s] = run_task(model, tok, task)["metrics"][METRICS[task.kind][0]]
     per_seed = [{"seed": s, **{arm: loss[arm, s] for arm in ("designed", "same budget", "larger")},
                  "tokens": {arm: sum(lengths[i] for i in arms[arm, s])
                             for arm in ("designed", "same budget", "larger")},

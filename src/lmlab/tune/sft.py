@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..eval.scorer import token_logprobs
 from ..files import atomic_path
 from ..models import ModelConfig, Transformer
 from ..models.io import load_pretrained
@@ -180,28 +181,17 @@ def hardest_tokens(model: Transformer, ds: SFTDataset, seq_len: int, k: int, exc
     """The k token ids with the largest summed loss under `model` over the training split's trained tokens (ties:
     the lower id), `exclude` left out: the rows worth training beside LoRA's adapters. Fine-tuning that teaches a
     fixed wording (a reply's opening) is held back most by the frozen embedding and head rows of its tokens; the
-    summed loss finds them from the training data and the starting model alone (docs/LOG.md, issue 16). Examples
-    go through in chunks of at most `max_logits` logits (128 MiB), each cut to its longest example."""
-    was = model.training
-    model.eval()
+    summed loss finds them from the training data and the starting model alone (docs/LOG.md, issue 16). Scored
+    by eval's token_logprobs, in batches of at most `max_logits` logits."""
     V = model.config.vocab_size
-    total = torch.zeros(V, dtype=torch.float64)
-    train = sorted(ds.train, key=lambda e: len(e.ids))  # chunks of like lengths pad little
-    with torch.no_grad():
-        i = 0
-        while i < len(train):
-            n = 1  # the chunk's last example is its longest
-            while i + n < len(train) and (n + 1) * min(seq_len, len(train[i + n].ids) - 1) * V <= max_logits:
-                n += 1
-            width = max(1, min(seq_len, len(train[i + n - 1].ids) - 1))
-            x, y = ds._rows([(e.ids, e.mask) for e in train[i:i + n]], width)
-            i += n
-            keep = y != -100
-            losses = torch.nn.functional.cross_entropy(model(x).logits[keep].float(), y[keep], reduction="none")
-            total.index_add_(0, y[keep], losses.double())
-    model.train(was)
+    total = np.zeros(V)
+    rows = [e.ids[:seq_len + 1].tolist() for e in ds.train]
+    scored = token_logprobs(model, rows, batch_size=max(1, max_logits // (seq_len * V)))
+    for e, (logp, _) in zip(ds.train, scored):
+        keep = e.mask[1:len(logp) + 1]
+        np.add.at(total, e.ids[1:len(logp) + 1][keep], -logp[keep])
     total[list(exclude)] = 0.0
-    order = sorted(range(len(total)), key=lambda i: (-float(total[i]), i))
+    order = sorted(range(V), key=lambda i: (-float(total[i]), i))
     return [i for i in order[:k] if total[i] > 0]
 
 
