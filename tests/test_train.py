@@ -718,7 +718,7 @@ def test_demo_learns_the_book(tmp_path, capsys):
     works with `lmlab generate`."""
     assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
-    assert "Before training:" in out and "After training:" in out
+    assert "Before training (random weights):" in out and "After training:" in out
     training = json.loads((tmp_path / "demo" / "final" / "training.json").read_text())
     before = training["demo"]["val_loss_before"]
     after, unigram = training["last_eval"]["val_loss"], training["demo"]["unigram_baseline"]
