@@ -60,13 +60,15 @@ def test_runs_table_and_run_page(tmp_path, browser):  # noqa: F811 (the fixture 
             rows = lambda: page.eval_on_selector_all("#runs-table tbody tr", "rs => rs.map(r => +r.dataset.run)")  # noqa: E731
             assert rows() == sorted(ids, reverse=True)  # newest first
             # sorting: by the loss, ascending, then reversed; the tokens/s column is the run's mean
+            # equal values keep the newest first (runpage.js tableRuns): runs a and b log the same tokens, so their
+            # means are equal whenever their clocks agree to the millisecond (CI saw it once, 3-2-1 for 3-1-2)
             page.click('button.sort[data-sort="loss"]')
-            assert rows() == sorted(ids, key=lambda i: runs[i]["last_loss"])
+            assert rows() == sorted(ids, key=lambda i: (runs[i]["last_loss"], -i))
             assert page.get_attribute('th:has(button[data-sort="loss"])', "aria-sort") == "ascending"
             page.click('button.sort[data-sort="loss"]')
-            assert rows() == sorted(ids, key=lambda i: -runs[i]["last_loss"])
+            assert rows() == sorted(ids, key=lambda i: (-runs[i]["last_loss"], -i))
             page.click('button.sort[data-sort="tps"]')
-            assert rows() == sorted(ids, key=lambda i: runs[i]["tokens_per_s_mean"])
+            assert rows() == sorted(ids, key=lambda i: (runs[i]["tokens_per_s_mean"], -i))
             for i in ids:
                 tds = page.eval_on_selector_all(f'#runs-table tr[data-run="{i}"] td', "t => t.map(x => x.textContent)")
                 assert tds[7] == f"{js_round(runs[i]['tokens_per_s_mean']):,}"

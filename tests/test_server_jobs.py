@@ -276,3 +276,35 @@ def test_a_cancel_while_the_process_starts_with_sigint_ignored_still_stops_it(tm
     finally:
         sup.shutdown(timeout=5)
         db.close()
+
+
+def test_the_lines_a_run_writes_just_before_it_exits_are_not_lost(tmp_path):
+    """The supervisor read a run's new metrics lines, then asked whether its process had ended: a process that
+    wrote its last lines and exited in between ended with them unread, and the run kept an earlier step's loss,
+    tokens and clock (so its tokens/s mean too). Fails with the read before the question."""
+    db, ws, run_id, run_dir = _dead_run(tmp_path, "train", {"max_steps": 2})
+    metrics = run_dir / "metrics.jsonl"
+    line = lambda step: json.dumps({"step": step, "tokens": 128 * step, "elapsed_s": 0.5 * step,  # noqa: E731
+                                    "loss": 5.0 - step}) + "\n"
+    metrics.write_text(line(1))
+    _final(run_dir, {"steps": 2, "stop_reason": "max_steps"})
+
+    class Exits:  # the training process: its last line, then its exit, between one read and the next
+        pid = 0
+
+        def poll(self):
+            if metrics.read_text().count("\n") == 1:
+                with open(metrics, "a") as f:
+                    f.write(line(2))
+            return 0
+
+    sup = Supervisor(db, ws)
+    sup._procs[run_id] = Exits()
+    sup._catch_up(run_id)  # an earlier pass read step 1
+    assert db.get_run(run_id)["current_step"] == 1
+    sup.tick()
+    run = db.get_run(run_id)
+    assert run["status"] == "completed", run
+    assert (run["current_step"], run["tokens"], run["last_loss"]) == (2, 256, 3.0), run
+    assert [m["step"] for m in db.get_metrics(run_id)] == [1, 2]
+    db.close()

@@ -338,9 +338,12 @@ class Supervisor:
                         self._ask_to_stop(run["id"], self._procs[run["id"]].pid)
                         self._cancel_sent[run["id"]] = time.monotonic()
             for run_id, proc in list(self._procs.items()):
-                self._catch_up(run_id)
+                # whether it ended is asked before its metrics are read: lines it wrote just before exiting are
+                # read now (read first, they were lost with its tail, and the run kept an earlier step's numbers)
                 code = None if isinstance(proc, Adopted) else proc.poll()
-                if code is not None or (isinstance(proc, Adopted) and not process_alive(*proc)):
+                gone = code is not None or (isinstance(proc, Adopted) and not process_alive(*proc))
+                self._catch_up(run_id)
+                if gone:
                     del self._procs[run_id]  # no signal may reach its pid from now on: it can be reused
                     ended.append((run_id, code))
                 elif run_id in self._cancel_sent and time.monotonic() - self._cancel_sent[run_id] > KILL_AFTER_S:
