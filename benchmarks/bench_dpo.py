@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import statistics
 import tempfile
 import time
@@ -114,7 +115,14 @@ def part_winrate(a: argparse.Namespace) -> None:
     files = arena.write_data(tmp, cfg)
     loads = [os.getloadavg()[0]]
     t0, c0 = time.perf_counter(), time.process_time()
-    sft_dir = arena.train_sft(arena.make_base(tmp, cfg), files["sft"], tmp / "sft", cfg, say=lambda s: None)
+    kept = Path(a.sft_dir) if a.sft_dir else None
+    if kept is not None and (kept / "model.safetensors").is_file():
+        sft_dir = kept
+        print(f"SFT: the model in {kept} (its time not counted here)")
+    else:
+        sft_dir = arena.train_sft(arena.make_base(tmp, cfg), files["sft"], tmp / "sft", cfg, say=lambda s: None)
+        if kept is not None:
+            shutil.copytree(sft_dir, kept)
     sft_s = (time.perf_counter() - t0, time.process_time() - c0)
     sft, tok = load_pretrained(sft_dir)
     print(f"SFT: {sft.num_parameters() / 1e6:.2f}M params, {a.sft_steps} steps in {sft_s[0]:.0f} s wall, "
@@ -123,18 +131,29 @@ def part_winrate(a: argparse.Namespace) -> None:
     before, _, _ = win_rate_and_kl(sft, sft, tok, prompts, seed=a.seed)
     print(f"before DPO: rule win-rate {before:.1%}")
     t0, c0 = time.perf_counter(), time.process_time()
-    pairs = on_policy_pairs(sft, tok, files["pairs"], a.on_policy, a.seed) if a.on_policy else files["pairs"]
-    P.run_preference(tmp / "dpo", TrainConfig(batch_size=16, lr=a.lr, warmup_steps=10, max_steps=a.dpo_steps,
-                                              log_every=50, eval_every=0, save_every=0, device="cpu", seed=a.seed,
-                                              sample_every=0),
-                     model_dir=sft_dir, data=pairs, cfg=P.PreferenceConfig(
-                         "dpo", beta=a.beta, sft_weight=a.sft_weight), cache_dir=None, say=lambda s: None)
+    policy_dir = sft_dir
+    for r in range(a.rounds):  # iterative: each round's pairs come from the policy the last one made
+        policy = sft if r == 0 else load_pretrained(policy_dir)[0]
+        pairs = (on_policy_pairs(policy, tok, files["pairs"], a.on_policy, a.seed + 1000 * r) if a.on_policy
+                 else files["pairs"])
+        out = tmp / f"dpo-{r}"
+        P.run_preference(out, TrainConfig(batch_size=16, lr=a.lr, warmup_steps=10, max_steps=a.dpo_steps,
+                                          log_every=50, eval_every=0, save_every=0, device="cpu", seed=a.seed + r,
+                                          sample_every=0),
+                         model_dir=policy_dir, data=pairs, cfg=P.PreferenceConfig(
+                             "dpo", beta=a.beta, sft_weight=a.sft_weight), cache_dir=None, say=lambda s: None)
+        policy_dir = out / "final"
+        if a.rounds > 1:
+            mid, kl_mid, _ = win_rate_and_kl(load_pretrained(policy_dir)[0], sft, tok, prompts, seed=a.seed)
+            print(f"  round {r + 1}: rule win-rate {mid:.1%}, KL to the SFT model {kl_mid:.3f} nats "
+                  f"({time.perf_counter() - t0:.0f} s wall so far)", flush=True)
     dpo_s = (time.perf_counter() - t0, time.process_time() - c0)
     loads.append(os.getloadavg()[0])
-    tuned, _ = load_pretrained(tmp / "dpo" / "final")
+    tuned, _ = load_pretrained(policy_dir)
     after, kl, _ = win_rate_and_kl(tuned, sft, tok, prompts, seed=a.seed)
-    print(f"DPO (lr {a.lr}, beta {a.beta}, sft weight {a.sft_weight}): {a.dpo_steps} steps in {dpo_s[0]:.0f} s wall, "
-          f"{dpo_s[1]:.0f} s CPU")
+    rounds = f" x {a.rounds} rounds" if a.rounds > 1 else ""
+    print(f"DPO (lr {a.lr}, beta {a.beta}, sft weight {a.sft_weight}): {a.dpo_steps} steps{rounds} in {dpo_s[0]:.0f} "
+          f"s wall, {dpo_s[1]:.0f} s CPU")
     print(f"after DPO: rule win-rate {after:.1%}, mean per-token KL to the SFT model {kl:.3f} nats "
           f"(targets: >= 85%, <= 0.5)")
     print(f"SFT + DPO: {sft_s[0] + dpo_s[0]:.0f} s wall, {sft_s[1] + dpo_s[1]:.0f} s CPU (target 15 minutes); "
@@ -153,6 +172,10 @@ if __name__ == "__main__":
     ap.add_argument("--sft-weight", type=float, default=1.0, help="the NLL term's weight (DPO + NLL, RPO)")
     ap.add_argument("--on-policy", type=int, default=0, metavar="K", help="DPO on pairs built from K samples per "
                     "training prompt from the SFT model, labelled by the rule (0: the shipped pairs)")
+    ap.add_argument("--rounds", type=int, default=1, help="with --on-policy: rounds of DPO, each on pairs sampled from "
+                    "the policy the last round made, with that policy as its reference (iterative DPO)")
+    ap.add_argument("--sft-dir", help="keep the SFT model here, or reuse the one already here (its time is then not "
+                    "counted)")
     ap.add_argument("--seed", type=int, default=0, help="base, data order and sampling")
     a = ap.parse_args()
     if a.part == "step":

@@ -41,8 +41,10 @@ at a fixed rank that is a larger alpha here), --lora-plus (B's learning rate ove
 rows' rate over the adapters'), --top-rows K (the rows of K more tokens, chosen on the training split only: the
 most frequent in its replies, or with --rows-by loss those the base model finds hardest there, as `lmlab tune sft
 --lora-hard-tokens K`; 2% of the wide
-model leaves room for 8 rows beside rank-8 adapters), --seed, and --rank with --all-rows to measure what the gap
-is made of. The setting closest to the target (docs/LOG.md has its numbers and seeds):
+model leaves room for 8 rows beside rank-8 adapters), --init pissa (PiSSA's start from the weights' top singular
+directions), --head-rank R (a rank-R LoRA on the output head too, as PEFT's lm_head target), --seed, and --rank
+with --all-rows to measure what the gap is made of. The setting closest to the target (docs/LOG.md has its
+numbers and seeds):
 
     python benchmarks/bench_lora.py --model wide --pretrain tales+qa --base /tmp/wide-qa --data chats \
         --lora-new-tokens --top-rows 4 --rows-by loss --lrs-full 5.6e-4 --lrs-lora 5.6e-3
@@ -137,13 +139,50 @@ def scale_lrs(model: Transformer, b_scale: float, rows_scale: float) -> None:
     model.configure_optimizer = configure
 
 
+@torch.no_grad()
+def pissa_init(model: Transformer) -> None:
+    """PiSSA (Meng et al. 2024, https://arxiv.org/abs/2404.02948): each adapted segment's A and B start at its
+    weight's top-`rank` singular directions (scale * B A = U_r S_r V_r^T) and the frozen weight keeps the rest, so
+    the model's function is unchanged at step 0 and training moves the principal part."""
+    from lmlab.tune.lora import lora_layers
+    for layer in lora_layers(model).values():
+        start = 0
+        for (rows, _), piece in zip(layer.segments, layer.lora_pieces()):
+            if piece is not None:
+                a, b = piece
+                w = layer.weight[start:start + rows]
+                u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+                r = layer.rank
+                root = (s[:r] / layer.scale).sqrt()
+                b.copy_((u[:, :r] * root).to(b.dtype))
+                a.copy_((root[:, None] * vh[:r]).to(a.dtype))
+                w -= (layer.scale * (b @ a))
+            start += rows
+
+
+def head_lora(model: Transformer, rank: int, alpha: float) -> None:
+    """A rank-`rank` LoRA on the output head (PEFT targets it by the name lm_head; "all-linear" leaves it out):
+    every token's logit can move, along `rank` directions of the final hidden state."""
+    head = model.lm_head
+    head.lora_head_A = torch.nn.Parameter(torch.empty(rank, head.in_features))
+    head.lora_head_B = torch.nn.Parameter(torch.zeros(head.out_features, rank))
+    torch.nn.init.kaiming_uniform_(head.lora_head_A, a=5 ** 0.5)
+    plain, scale = head.forward, alpha / rank
+    head.forward = lambda x: plain(x) + F.linear(F.linear(x, head.lora_head_A), head.lora_head_B) * scale
+
+
 def fine_tune(base: Transformer, tok: Tokenizer, ds, seq_len: int, out: Path, steps: int, batch: int, lr: float,
               lora: LoRAConfig | None, lr_scales: tuple[float, float] = (1.0, 1.0),
-              token: int | None = None, seed: int = 1) -> tuple[tuple[float, float], int, int]:
+              token: int | None = None, seed: int = 1, init: str = "lora",
+              head_rank: int = 0) -> tuple[tuple[float, float], int, int]:
     model = copy.deepcopy(base).train()
     if lora is not None:
         torch.manual_seed(seed - 1)
         apply_lora(model, lora, tok)
+        if init == "pissa":
+            pissa_init(model)
+        if head_rank:
+            head_lora(model, head_rank, lora.alpha)
         if lr_scales != (1.0, 1.0):
             scale_lrs(model, *lr_scales)
     trainable, total = count_parameters(model)
@@ -176,6 +215,9 @@ def main() -> None:
     p.add_argument("--rows-by", choices=["count", "loss"], default="count", help="--top-rows: the tokens trained "
                    "most often, or those with the largest summed loss under the base model")
     p.add_argument("--targets", help="LoRA's target modules, comma list of HF names (default all-linear)")
+    p.add_argument("--init", choices=["lora", "pissa"], default="lora", help="the adapters' start: LoRA's (B zero) "
+                   "or PiSSA's (the weight's top singular directions, the rest left frozen)")
+    p.add_argument("--head-rank", type=int, default=0, help="a LoRA of this rank on the output head too")
     p.add_argument("--lora-plus", type=float, default=1.0, help="LoRA+: B's learning rate over A's (1: plain LoRA)")
     p.add_argument("--rows-lr", type=float, default=1.0, help="the token rows' learning rate over the adapters'")
     p.add_argument("--lrs-full", default=SWEEP["full"], help="learning rates of full fine-tuning (comma list; "
@@ -229,7 +271,8 @@ def main() -> None:
                 t = time.time()
                 (loss, on_end), trainable, total = fine_tune(
                     base, tok, ds, seq_len, work / f"{method}-{lr:g}", args.steps, batch, lr,
-                    lora_cfg if method == "lora" else None, (args.lora_plus, args.rows_lr), end, args.seed)
+                    lora_cfg if method == "lora" else None, (args.lora_plus, args.rows_lr), end, args.seed,
+                    args.init, args.head_rank)
                 results[method].append((loss, lr))
                 share_end = f", {on_end:.1%} of it on {END}" if end is not None else ""
                 print(f"{method:4s} lr {lr:<7g} val loss {loss:.4f}{share_end}  ({trainable:,} trainable of "
