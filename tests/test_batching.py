@@ -111,3 +111,32 @@ def test_a_thread_serves_concurrent_submits_and_a_cancelled_sequence_leaves():
     engine.close()
     engine.thread.join(10)
     assert not engine.thread.is_alive() and engine.rows == []
+
+
+@pytest.mark.parametrize("fails_at", [1, 3], ids=["at-admission", "mid-batch"])
+def test_a_sequence_whose_sampling_fails_ends_alone(fails_at):
+    """An error in one sequence's sampling (its own settings: a NaN from a temperature the logits overflowed at,
+    before process_logits shifted them) went to every row of the batch, which was dropped. Now that sequence
+    ends with its error and the others decode on to what they get alone."""
+    model = tiny("llama")
+    engine = BatchEngine(model, Digits(), start=False)
+    greedy = GenerationConfig(max_new_tokens=8, do_sample=False, stop_at_eos=False)
+    bad = GenerationConfig(max_new_tokens=8, seed=99, stop_at_eos=False)
+    sample = engine._sample
+
+    def failing(seq, logits):
+        if seq.cfg is bad and seq.count + 1 >= fails_at:
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return sample(seq, logits)
+
+    engine._sample = failing
+    good = engine.submit([([5, 9, 11], greedy)])
+    engine.step()
+    doomed = engine.submit([([40, 41], bad)])
+    others = engine.submit([([7, 7], greedy)])
+    while engine.rows or engine.waiting:
+        engine.step()
+    with pytest.raises(RuntimeError, match="inf, nan"):
+        events(doomed)
+    got = [ev.ids for h in (good, others) for ev in events(h) if isinstance(ev, Finish)]
+    assert got == [generate_ids(model, [p], greedy)[0] for p in ([5, 9, 11], [7, 7])]

@@ -148,12 +148,13 @@ def test_logprobs_are_the_models_log_softmax(served):
         logp = served.model(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1:-1].log_softmax(-1)
     chosen = logp[torch.arange(10), ids]
     lp = r.choices[0].logprobs
-    assert lp.tokens == [served.tok.decode([i], skip_special_tokens=False) for i in ids]
+    assert lp.tokens == [completion_name(served.tok, i) for i in ids]
+    assert any(t.startswith("bytes:") for t in lp.tokens)  # a token here is part of a character
     torch.testing.assert_close(torch.tensor(lp.token_logprobs), chosen, atol=1e-4, rtol=1e-4)
     top = logp.topk(3)
     for row, values, indices in zip(lp.top_logprobs, top.values.tolist(), top.indices.tolist()):
-        want = {served.tok.decode([i], skip_special_tokens=False): v for i, v in zip(indices, values)}
-        assert row == pytest.approx(want, abs=1e-4)  # keyed by text, as OpenAI's are
+        want = {completion_name(served.tok, i): v for i, v in zip(indices, values)}
+        assert row == pytest.approx(want, abs=1e-4)  # keyed by text (or bytes), as OpenAI's are
     # each token's offset in the completion's text, the same in a stream's chunks (they counted from each chunk)
     stream, starts, decoded = served.tok.stream_decoder(), [], 0
     for i in ids:
@@ -165,7 +166,7 @@ def test_logprobs_are_the_models_log_softmax(served):
     assert [o for ch in chunks if ch.choices and ch.choices[0].logprobs
             for o in ch.choices[0].logprobs.text_offset] == starts
     content = c.choices[0].logprobs.content
-    assert [e.token for e in content] == lp.tokens
+    assert [e.token for e in content] == [served.tok.decode([i], skip_special_tokens=False) for i in ids]
     raw = b"".join(bytes(e.bytes) for e in content)  # the bytes of the text, also where a token splits a char
     assert raw.decode("utf-8", "replace") == served.tok.decode(ids) and raw != served.tok.decode(ids).encode()
     torch.testing.assert_close(torch.tensor([e.logprob for e in content]), chosen, atol=1e-4, rtol=1e-4)
@@ -174,6 +175,34 @@ def test_logprobs_are_the_models_log_softmax(served):
         [served.tok.decode([i], skip_special_tokens=False) for i in row] for row in top.indices.tolist()]
     torch.testing.assert_close(torch.tensor([[t.logprob for t in e.top_logprobs] for e in content]), top.values,
                                atol=1e-4, rtol=1e-4)
+
+
+def completion_name(tok, token_id: int) -> str:
+    """The Completions API's name of a token: its text, or `bytes:\\xNN...` when its bytes are part of a UTF-8
+    character (they are found here with transformers' GPT-2 byte alphabet)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    raw = bytes({c: b for b, c in bytes_to_unicode().items()}[ch] for ch in tok.id_to_token(token_id))
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+def test_top_logprobs_keep_tokens_that_are_parts_of_one_character_apart(served):
+    """Tokens that each hold part of a UTF-8 character all decode to U+FFFD alone: keyed by that text they
+    collided, and a row lost entries (the chosen token's own among them)."""
+    r = served.openai.completions.create(model="tiny", prompt="Жил-был", max_tokens=10, temperature=0, logprobs=5)
+    lp = r.choices[0].logprobs
+    for token, logprob, row in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert len(row) == 5 and row[token] == pytest.approx(logprob) == pytest.approx(max(row.values())), row
+    assert any(len([k for k in row if k.startswith("bytes:")]) > 1 for row in lp.top_logprobs)
+
+
+def test_a_tiny_temperature_samples_the_top_token_and_fails_no_one(served):
+    """temperature 1e-40 is in [0, 2]: the logits divided by it overflowed, sampling met NaN and failed every
+    request of the batch with a plain 500. It now samples as greedy does (the top token has all the mass)."""
+    tiny = served.openai.completions.create(model="tiny", prompt=PROMPT, max_tokens=12, temperature=1e-40, seed=3)
+    assert tiny.choices[0].text == alone(served, PROMPT, max_new_tokens=12, do_sample=False)
 
 
 def test_twenty_concurrent_requests_each_get_their_text_alone_decoded_together(served):
@@ -218,13 +247,32 @@ def test_bad_requests_get_openai_shaped_errors_naming_the_parameter(served):
                  ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400,
                   "top_logprobs", None),
                  ({"model": "tiny", "messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role",
-                  "literal_error")]
-        for body, status, param, code in cases:
-            path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
-            r = c.post(path, json=body)
+                  "literal_error"),
+                 ({"model": "tiny", "prompt": ["x"] * 200}, 400, "prompt", None),
+                 ({"model": "tiny", "prompt": ["x"] * 100, "n": 2}, 400, "n", None),
+                 ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 500}, 400,
+                  "max_completion_tokens", "context_length_exceeded")]
+        # a lone surrogate: JSON may hold one, UTF-8 may not (pydantic let it through these union fields: 500)
+        raw = [('{"model": "tiny", "prompt": "a\\ud800b"}', "prompt"),
+               ('{"model": "tiny", "prompt": ["a", "\\ud800"]}', "prompt"),
+               ('{"model": "tiny", "prompt": "a", "stop": ["\\ud800"]}', "stop"),
+               ('{"model": "tiny", "messages": [{"role": "user", "content": "a\\ud800"}]}', "messages[0].content"),
+               ('{"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud800"}]}]}',
+                "messages[0].content[0].text"),
+               ('{"model": "tiny", "prompt": ', None)]  # not JSON at all: no parameter (it named "[27]")
+        for body, status, param, code in [*cases, *((text, 400, param, None) for text, param in raw)]:
+            chat = "messages" in body
+            path = "/v1/chat/completions" if chat else "/v1/completions"
+            r = c.post(path, json=body) if isinstance(body, dict) else \
+                c.post(path, content=body.encode(), headers={"content-type": "application/json"})
             error = r.json()["error"]
+            if isinstance(body, str) and param is None:
+                code = "json_invalid"
             assert (r.status_code, error["param"], error["code"]) == (status, param, code), (body, r.text)
             assert error["type"] == "invalid_request_error" and error["message"]
+        # an unknown path or method under /v1: OpenAI's shape as well
+        for r, status in ((c.get("/v1/nope"), 404), (c.get("/v1/completions"), 405)):
+            assert r.status_code == status and set(r.json()["error"]) == {"message", "type", "param", "code"}
 
     anonymous = openai.OpenAI(base_url=served.url + "/v1", api_key="wrong-token", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as e:
@@ -248,3 +296,31 @@ def test_a_chat_model_is_prompted_with_its_template_and_its_reply_ends_at_end_of
     assert r.choices[0].message.content == chat.generate_reply(model, tok, turns, do_sample=False, max_new_tokens=20)
     r = served.openai.chat.completions.create(model="ender", messages=messages, max_tokens=20, temperature=0)
     assert (r.choices[0].message.content, r.choices[0].finish_reason, r.usage.completion_tokens) == ("", "stop", 1)
+
+
+def test_a_request_whose_engine_closed_before_it_submitted_gets_the_new_one():
+    """engine_for closes the oldest engine when a fifth model's starts (and a reloaded model's): a request that
+    got that engine just before submitted to a closed engine and answered 500. It now asks once more; a second
+    closed engine is a 503 in OpenAI's shape."""
+    from lmlab.models.batching import BatchEngine, EngineClosed
+    from lmlab.server.routers.openai import OpenAIError, _once_more
+
+    model = Transformer(ModelConfig.preset("gpt2-tiny", vocab_size=400, block_size=32)).eval()
+    tok = Tokenizer.train([BOOK], kind="bpe", vocab_size=400)
+    engines = [BatchEngine(model, tok, start=False) for _ in range(3)]
+    engines[0].close()
+    calls = []
+
+    def answer():
+        engine = engines[len(calls)]
+        calls.append(engine)
+        return engine.submit([([5, 6], GenerationConfig(max_new_tokens=2, do_sample=False))])
+
+    assert _once_more(answer) is not None and calls == engines[:2]
+    calls.clear()
+    engines[1] = engines[0]  # closed again
+    with pytest.raises(OpenAIError) as e:
+        _once_more(answer)
+    assert e.value.status == 503 and len(calls) == 2
+    with pytest.raises(EngineClosed):
+        engines[0].submit([([5], GenerationConfig(max_new_tokens=1))])

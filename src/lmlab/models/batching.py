@@ -97,6 +97,10 @@ class Handle:
             seq.cancelled = True
 
 
+class EngineClosed(RuntimeError):
+    """submit() on a closed engine: the caller may get the model's engine again and submit there."""
+
+
 class BatchEngine:
     """Decodes every submitted sequence of one model in shared steps, up to `max_rows` at a time (the rest
     wait their turn). `max_rows_seen` is the most rows one step has decoded, `steps` the steps taken. The
@@ -136,7 +140,7 @@ class BatchEngine:
                 raise ValueError(f"a sequence needs 1 to {block} prompt and new tokens together, and no beams")
         with self.cv:
             if self.closed:
-                raise RuntimeError("this engine is closed")
+                raise EngineClosed("this engine is closed")
             self.waiting += seqs
             self.cv.notify()
         return Handle(self, seqs, out)
@@ -185,7 +189,7 @@ class BatchEngine:
         cache = KVCache(self.model.config, 1, P, device=self.device, dtype=self.dtype)  # the prompt's positions
         ids = torch.tensor([seq.prompt], device=self.device)
         logits = self.model(ids, cache=cache, last_only=True).logits[:, -1]
-        if self._sample(seq, logits):
+        if self._sample_or_fail(seq, logits):
             return
         B, L = len(self.rows), max(self.length, P)
         self._reserve(B + 1, L + 1)
@@ -213,7 +217,16 @@ class BatchEngine:
         self.length += 1
         self.steps += 1
         self.max_rows_seen = max(self.max_rows_seen, B)
-        self._leave([s for r, s in enumerate(self.rows) if self._sample(s, logits[r:r + 1])])
+        self._leave([s for r, s in enumerate(self.rows) if self._sample_or_fail(s, logits[r:r + 1])])
+
+    def _sample_or_fail(self, seq: _Sequence, logits: torch.Tensor) -> bool:
+        """_sample; an error there (the row's own settings) ends that row alone, with the error as its answer: the
+        other rows decode on."""
+        try:
+            return self._sample(seq, logits)
+        except Exception as exc:  # noqa: BLE001 - its caller gets it
+            seq.out.put(exc)
+            return True
 
     def _sample(self, seq: _Sequence, logits: torch.Tensor) -> bool:
         """Choose the row's next token from its (1, V) logits as iter_tokens would alone; True when the

@@ -71,6 +71,8 @@ def _resolve(config: GenerationConfig | None, overrides: dict[str, Any]) -> Gene
 
 # ---- logits processing ----------------------------------------------------------------------------
 
+TINY_TEMPERATURE = 1e-3  # below it the logits are shifted before they are divided (process_logits)
+
 def process_logits(logits: torch.Tensor, cfg: GenerationConfig, context: torch.Tensor | None = None) -> torch.Tensor:
     """(B, V) raw logits -> (B, V) logits to sample from, in HF's order: repetition penalty, temperature,
     top-k, top-p. `context` (B, L) ids already in each row, for the repetition penalty."""
@@ -81,6 +83,8 @@ def process_logits(logits: torch.Tensor, cfg: GenerationConfig, context: torch.T
         logits = logits.scatter(1, context, seen)
     if cfg.greedy:
         return logits
+    if cfg.temperature < TINY_TEMPERATURE:  # l / T overflows to inf for a small enough T, and softmax gives NaN:
+        logits = logits - logits.amax(-1, keepdim=True)  # the largest at 0 first (softmax is unchanged by it)
     logits = logits / cfg.temperature
     if 0 < cfg.top_k < logits.size(-1):
         kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]

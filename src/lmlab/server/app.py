@@ -29,9 +29,11 @@ from typing import Annotated, Any
 from urllib.parse import unquote_plus
 
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .db import Database
 from .inference import ModelCache
@@ -462,6 +464,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(LinkError)
     async def _link(request: Request, exc: LinkError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=409)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Any:
+        """An unknown path or method under /v1 is answered in OpenAI's shape too (its routes' own errors are
+        already: routers/openai.py); elsewhere FastAPI's."""
+        if request.url.path == "/v1" or request.url.path.startswith("/v1/"):
+            return JSONResponse(openai_error(exc.status_code, str(exc.detail)), status_code=exc.status_code,
+                                headers=getattr(exc, "headers", None))
+        return await http_exception_handler(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

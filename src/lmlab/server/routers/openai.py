@@ -31,7 +31,7 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 
 from ...models import GenerationConfig
-from ...models.batching import BatchEngine, Token
+from ...models.batching import BatchEngine, EngineClosed, Token
 from ...models.io import WEIGHTS
 from ...tune import chat as chat_format
 from ..app import StateDep, openai_error
@@ -75,7 +75,7 @@ class OpenAIRoute(APIRoute):
                 return await handler(request)
             except RequestValidationError as exc:
                 e = exc.errors()[0]
-                param = _param(tuple(e["loc"]))
+                param = None if e["type"] == "json_invalid" else _param(tuple(e["loc"]))  # its loc: a character
                 if e["type"] == "extra_forbidden":
                     message = f"Unrecognized request argument supplied: {param}"
                 else:
@@ -200,6 +200,17 @@ def _encode(tokenizer: Any, text: str) -> list[int]:
     return tokenizer.encode(text) or [tokenizer.bos_id]  # generation.generate's rule for an empty prompt
 
 
+def _text(text: str, param: str) -> str:
+    """`text` if it is Unicode text that UTF-8 can hold; a lone surrogate (JSON's "\\ud800", which pydantic lets
+    through a union field) is a 400 naming the parameter."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise OpenAIError(400, f"Invalid value for '{param}': not valid Unicode text (a lone surrogate)",
+                          param) from None
+    return text
+
+
 # ---- the endpoints ----------------------------------------------------------------------------------
 
 def _model_card(row: dict[str, Any]) -> dict[str, Any]:
@@ -229,14 +240,32 @@ def batching(state: StateDep) -> dict[str, Any]:
                                         "active": len(e.rows)} for path, e in engines]}
 
 
+def _once_more(answer: Any) -> Any:
+    """answer(), and once more if the engine it got was closed before its sequences reached it (engine_for closes
+    the oldest when a fifth model's engine starts, and a reloaded model's); a second time is a 503."""
+    try:
+        return answer()
+    except EngineClosed:
+        pass
+    try:
+        return answer()
+    except EngineClosed:
+        raise OpenAIError(503, "the model's engine was replaced twice while this request waited; send it again",
+                          "model") from None
+
+
 @router.post("/completions", summary="Text completion (OpenAI's legacy Completions API)")
 def completions(state: StateDep, req: CompletionRequest) -> Any:
+    return _once_more(lambda: _completions(state, req))
+
+
+def _completions(state: Any, req: CompletionRequest) -> Any:
     engine, _ = engine_for(state, req.model)
     tok = engine.tokenizer
     prompt = req.prompt
     if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
         prompt = [prompt]
-    prompts = [_encode(tok, p) if isinstance(p, str) else list(p) for p in prompt] or [[tok.bos_id]]
+    prompts = [_encode(tok, _text(p, "prompt")) if isinstance(p, str) else list(p) for p in prompt] or [[tok.bos_id]]
     vocab = engine.model.config.vocab_size
     if any(not p or not all(0 <= t < vocab for t in p) for p in prompts):
         raise OpenAIError(400, f"a prompt of token ids needs 1 or more ids in [0, {vocab})", "prompt")
@@ -247,35 +276,42 @@ def completions(state: StateDep, req: CompletionRequest) -> Any:
 def chat_completions(state: StateDep, req: ChatRequest) -> Any:
     if req.top_logprobs is not None and not req.logprobs:
         raise OpenAIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    for i, m in enumerate(req.messages):
+        for j, part in enumerate([m.content] if isinstance(m.content, str) else [p.text for p in m.content or []]):
+            _text(part, f"messages[{i}].content" + ("" if isinstance(m.content, str) else f"[{j}].text"))
+    return _once_more(lambda: _chat(state, req))
+
+
+def _chat(state: Any, req: ChatRequest) -> Any:
     engine, model_dir = engine_for(state, req.model)
     prompt, ends = render_chat(model_dir, engine.tokenizer, req.messages)
     max_new = req.max_completion_tokens or req.max_tokens or engine.model.config.block_size - len(prompt)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    return _answer(engine, req, [prompt], max_new, "messages", logprobs, chat=True, end_ids=ends)
+    return _answer(engine, req, [prompt], max_new, "messages", logprobs, chat=True, end_ids=ends,
+                   max_param="max_tokens" if req.max_completion_tokens is None else "max_completion_tokens")
 
 
 def _answer(engine: BatchEngine, req: Sampling, prompts: list[list[int]], max_new: int, prompt_param: str,
-            logprobs: int | None, *, chat: bool, end_ids: Sequence[int] = ()) -> Any:
+            logprobs: int | None, *, chat: bool, end_ids: Sequence[int] = (), max_param: str = "max_tokens") -> Any:
     n = req.n or 1
     best = getattr(req, "best_of", None) or n  # the Completions API's best_of: samples drawn per prompt
     if best < n:
         raise OpenAIError(400, f"best_of ({best}) must be at least n ({n})", "best_of")
     if best > n and req.stream:
         raise OpenAIError(400, "best_of > n cannot be streamed: the best are known only at the end", "best_of")
-    if len(prompts) * best > MAX_SEQUENCES:
-        raise OpenAIError(400, f"{len(prompts)} prompts x best_of={best} is more than {MAX_SEQUENCES} sequences",
-                          "best_of")
+    if len(prompts) * best > MAX_SEQUENCES:  # the setting that multiplies the prompts, or the prompts themselves
+        name, param = ("best_of", "best_of") if best > n else ("n", "n") if n > 1 else ("", prompt_param)
+        raise OpenAIError(400, f"{len(prompts)} prompts" + (f" x {name}={best}" if name else "")
+                          + f" is more than {MAX_SEQUENCES} sequences", param)
     block = engine.model.config.block_size
     for p in prompts:
         if len(p) + max(max_new, 1) > block:
             raise OpenAIError(400, f"This model's maximum context length is {block} tokens. However, you requested "
                               f"{len(p) + max_new} tokens ({len(p)} in the {prompt_param}, {max_new} for the "
                               "completion). Please reduce the length of the prompt or the completion.",
-                              "max_tokens" if len(p) < block else prompt_param, "context_length_exceeded")
-    if len(prompts) * n > MAX_SEQUENCES:
-        raise OpenAIError(400, f"{len(prompts)} prompts x n={n} is more than {MAX_SEQUENCES} sequences", "n")
+                              max_param if len(p) < block else prompt_param, "context_length_exceeded")
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    if len(stops) > 4 or any(not 1 <= len(s) <= 200 for s in stops):
+    if len(stops) > 4 or any(not 1 <= len(_text(s, "stop")) <= 200 for s in stops):
         raise OpenAIError(400, "stop takes up to 4 strings of 1 to 200 characters", "stop")
     top_p = 1.0 if req.top_p is None else req.top_p
     temperature = 1.0 if req.temperature is None else req.temperature
@@ -297,7 +333,11 @@ def _answer(engine: BatchEngine, req: Sampling, prompts: list[list[int]], max_ne
     choices: dict[int, dict[str, Any]] = {}
     tokens: dict[int, list[Token]] = {i: [] for i in range(len(prompts) * best)}
     completion_tokens = 0
-    for event in handle:
+    try:
+        events = list(handle)
+    except Exception as exc:  # noqa: BLE001 - the engine's error (the others' requests decode on): OpenAI's shape
+        raise OpenAIError(500, f"generation failed: {exc}") from None
+    for event in events:
         if isinstance(event, Token):
             tokens[event.index].append(event)
             continue
@@ -422,7 +462,24 @@ def _logprobs(tokenizer: Any, tokens: list[Token], chat: bool) -> dict[str, Any]
             return {"token": text, "logprob": logprob, "bytes": raw}
         return {"content": [{**entry(t.id, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top]}
                             for t in tokens], "refusal": None}
-    return {"tokens": [_token_text(tokenizer, t.id) for t in tokens],
+    def top(pairs: list[tuple[int, float]]) -> dict[str, float]:  # highest first: a text shown twice keeps its best
+        out: dict[str, float] = {}
+        for i, lp in pairs:
+            out.setdefault(_completion_token(tokenizer, i), lp)
+        return out
+    return {"tokens": [_completion_token(tokenizer, t.id) for t in tokens],
             "token_logprobs": [t.logprob for t in tokens],
-            "top_logprobs": [{_token_text(tokenizer, i): lp for i, lp in t.top} for t in tokens],
+            "top_logprobs": [top(t.top) for t in tokens],
             "text_offset": [t.offset for t in tokens]}  # from the choice's start, in every chunk of a stream
+
+
+def _completion_token(tokenizer: Any, token_id: int) -> str:
+    """A token as the Completions API names it: its text, or, for a token whose bytes are part of a UTF-8
+    character (alone it decodes to U+FFFD), those bytes as OpenAI writes them (`bytes:` and `\\xNN` each), so
+    that such tokens stay apart in top_logprobs."""
+    text, raw = _token_bytes(tokenizer, token_id)
+    try:
+        bytes(raw).decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+    return text
