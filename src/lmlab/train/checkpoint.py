@@ -63,14 +63,23 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return (checkpoints(run_dir) or [None])[-1]
 
 
-def refuse_existing_run(run_dir: str | Path) -> None:
-    """ValueError if `run_dir` holds another run (checkpoints or a final model). A new run there would prune
-    the other run's checkpoints with its own, and a later resume could load the other run's weights and save
-    them as the new final/. The one guard of `lmlab train`, `lmlab demo` and the library's train()."""
+RUN_FILES = ("config.json", "metrics.jsonl")  # what the Trainer writes into a new run's folder first
+
+
+def refuse_existing_run(run_dir: str | Path, overwrites: tuple[str, ...] = RUN_FILES) -> None:
+    """ValueError if `run_dir` holds another run (checkpoints or a final model), or any of `overwrites`, the
+    files a new run writes there (a model directory's config.json, a user's own metrics.jsonl): nothing there
+    is overwritten without asking. A new run over another would prune its checkpoints with its own, and a later
+    resume could load its weights and save them as the new final/. The one guard of `lmlab train`, `lmlab demo`,
+    the tune commands and the library's train(); the callers that write more before the Trainer name those
+    too."""
     out = Path(run_dir)
     if (out / "final").exists() or ((out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())):
         raise ValueError(f"{out} already holds a run; resume it (lmlab train --out {out} --resume) or choose "
                          "another folder")
+    held = [name for name in overwrites if (out / name).exists() or (out / name).is_symlink()]
+    if held:
+        raise ValueError(f"{out} holds {held[0]}, which a new run would overwrite; choose a new folder for the run")
 
 
 def write_checkpoint(run_dir: str | Path, step: int, fill: Callable[[Path], None], keep_last: int = 0,

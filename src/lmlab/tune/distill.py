@@ -43,7 +43,7 @@ from ..models import GenerationConfig, ModelConfig, Transformer, generate_ids
 from ..models.io import load_pretrained
 from ..tokenizers import Tokenizer
 from ..train import TrainConfig
-from ..train.checkpoint import refuse_existing_run
+from ..train.checkpoint import RUN_FILES, refuse_existing_run
 from ..train.trainer import Callback, Objective, TrainResult, read_run_config, train
 
 SAMPLES = "teacher_samples.jsonl"
@@ -214,7 +214,7 @@ def run_distill(teacher_dir: str | Path, books: Sequence[str | Path], out_dir: s
     tokenizer) or into the model in `student_dir` (same tokenizer), on `books`. Bad input fails before anything
     is written."""
     out = Path(out_dir)
-    refuse_existing_run(out)
+    refuse_existing_run(out, (*RUN_FILES, "tokenizer.json", "data"))
     if sum(x is not None for x in (preset, model_config, student_dir)) != 1:
         raise ValueError("choose the student: --preset NAME or --model DIR (one of them)")
     teacher, tok = _load_teacher(teacher_dir)

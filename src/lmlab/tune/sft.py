@@ -35,7 +35,7 @@ from ..models import ModelConfig, Transformer
 from ..models.io import load_pretrained
 from ..tokenizers import Tokenizer
 from ..train import TrainConfig
-from ..train.checkpoint import refuse_existing_run
+from ..train.checkpoint import RUN_FILES, refuse_existing_run
 from ..train.recipes import train_with_lora
 from ..train.trainer import Callback, TrainResult, read_run_config
 from .chat import TEMPLATE_FILE, add_chat_tokens, chat_token_ids, render, write_template
@@ -207,7 +207,7 @@ def run_sft(model_dir: str | Path, data: str | Path, out_dir: str | Path, config
     model finds hardest on the training split (hardest_tokens), recorded in the run as `lora.tokens`.
     Bad data fails before anything is written."""
     out = Path(out_dir)
-    refuse_existing_run(out)
+    refuse_existing_run(out, (*RUN_FILES, "tokenizer.json", DATA, TEMPLATE_FILE))
     model, tok = load_pretrained(model_dir)
     if tok is None:
         raise ValueError(f"{model_dir} has no tokenizer.json (lmlab tune sft needs lmlab's own tokenizer)")

@@ -1,0 +1,87 @@
+"""A new run never writes over what a folder holds: `lmlab train`, `tune sft|dpo|grpo|distill` refuse an --out that
+holds a file they would write (a model directory's config.json, a user's metrics.jsonl or data.jsonl) in one line,
+exit 2, and leave every file as it was. They wrote into such a folder and exited 0: `tune sft --out MODEL` replaced
+the model's config.json and tokenizer.json, and the model no longer loaded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmlab.cli import main
+from lmlab.models import ModelConfig, Transformer
+from lmlab.models.io import save_pretrained
+from lmlab.tokenizers import Tokenizer
+from lmlab.tune import preference_task
+from lmlab.tune.chats import SHIPPED
+
+BOOK = "Once upon a time a small fox lived by the river. " * 40
+
+
+@pytest.fixture(scope="module")
+def start(tmp_path_factory):
+    root = tmp_path_factory.mktemp("start")
+    (root / "book.txt").write_text(BOOK, encoding="utf-8")
+    tok = Tokenizer.train([BOOK, SHIPPED.read_text(encoding="utf-8")], kind="bpe", vocab_size=320)
+    torch.manual_seed(0)
+    save_pretrained(root / "model", Transformer(ModelConfig.preset("llama-tiny", vocab_size=len(tok),
+                                                                   block_size=128)), tok)
+    return root
+
+
+def commands(root, out):
+    model, book, few = str(root / "model"), str(root / "book.txt"), ["--max-steps", "1", "--batch-size", "2"]
+    return {
+        "train": ["train", book, "--preset", "llama-tiny", "--out", out, *few],
+        "sft": ["tune", "sft", "--model", model, "--data", str(SHIPPED), "--out", out, *few],
+        "dpo": ["tune", "dpo", "--model", model, "--data", str(preference_task.shipped() / "pairs.jsonl"),
+                "--out", out, *few],
+        "grpo": ["tune", "grpo", "--model", model, "--task", "format", "--out", out, "--steps", "1",
+                 "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "4", "--eval-prompts", "2"],
+        "distill": ["tune", "distill", "--teacher", model, "--preset", "llama-tiny", "--data", book, "--out", out,
+                    *few],
+    }
+
+
+@pytest.mark.parametrize("command", ["train", "sft", "dpo", "grpo", "distill"])
+@pytest.mark.parametrize("held", ["config.json", "metrics.jsonl", "a model"])
+def test_a_new_run_refuses_a_folder_holding_what_it_would_write(tmp_path, start, capsys, command, held):
+    out = tmp_path / "out"
+    if held == "a model":  # --out is a model directory (the one being fine-tuned, say)
+        save_pretrained(out, Transformer(ModelConfig.preset("llama-tiny", vocab_size=320, block_size=128)),
+                        Tokenizer.load(start / "model" / "tokenizer.json"))
+        held = "config.json"
+    else:
+        out.mkdir()
+        (out / held).write_text("the user's own\n")
+    (out / "notes.txt").write_text("mine\n")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(commands(start, str(out))[command]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"lmlab: error: {out} holds {held}, which a new run would overwrite; choose a new folder for "
+                   "the run"], err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize("command", ["train", "sft", "distill"])
+def test_files_the_command_writes_before_training_are_guarded_too(tmp_path, start, capsys, command):
+    """tokenizer.json (all three) and the copy of the data (sft's data.jsonl, train's and distill's data/)."""
+    names = {"train": ["tokenizer.json", "data"], "sft": ["tokenizer.json", "data.jsonl", "chat_template.jinja"],
+             "distill": ["tokenizer.json", "data"]}[command]
+    for name in names:
+        out = tmp_path / name
+        out.mkdir()
+        (out / name).write_text("the user's own\n") if "." in name else (out / name).mkdir()
+        assert main(commands(start, str(out))[command]) == 2
+        assert f"{out} holds {name}, which a new run would overwrite" in capsys.readouterr().err
+        assert [p.name for p in out.iterdir()] == [name]
+
+
+def test_a_folder_of_other_files_still_takes_a_run(tmp_path, start, capsys):
+    """Files no run writes stay, and the run goes in beside them (the server puts a run's log and its copy of
+    the data there first)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "log.txt").write_text("the server's\n")
+    assert main(commands(start, str(out))["sft"]) == 0
+    assert (out / "log.txt").read_text() == "the server's\n" and (out / "final" / "config.json").is_file()
