@@ -278,3 +278,32 @@ def test_a_distill_run_equals_the_cli_and_makes_a_student(tn, tmp_path):
                              ({"dataset": "chats.jsonl"}, 422, "dataset is not a setting of distill runs")):
         r = tn.post("/api/v1/runs/tune", json={**body, "new_model": "x", **extra})
         assert r.status_code == code and r.json()["detail"].startswith(why), r.text
+
+
+def test_a_run_is_refused_where_a_link_would_take_its_copy_of_the_data_out_of_the_workspace(tmp_path):
+    """runs/run-N (or its dataset.jsonl) made a symbolic link before the run starts: the copy of the dataset
+    went through it, outside the workspace (a file there overwritten). Now a 409 naming the link, no run, and
+    nothing written outside."""
+    ws, outside = tmp_path / "ws", tmp_path / "outside"
+    outside.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's own\n")
+    tok = Tokenizer.train([TEXT], kind="char", vocab_size=120)
+    save_pretrained(Workspace(ws).model_path("base"), Transformer(ModelConfig.preset(
+        "gpt2-tiny", vocab_size=len(tok) + 8, n_layer=1, block_size=48)), tok)
+    with client(settings(ws, max_jobs=1)) as c:
+        assert put(c, "chats.jsonl", "conversations", CHATS).status_code == 201
+        runs = ws / "runs"
+        runs.mkdir(exist_ok=True)
+        for i in range(1, 4):
+            (runs / f"run-{i}").symlink_to(outside, target_is_directory=True)
+        r = c.post("/api/v1/runs/tune", json={**SFT, "new_model": "linked"})
+        assert r.status_code == 409 and "symbolic link" in r.json()["detail"], r.text
+        for i in range(1, 4):
+            (runs / f"run-{i}").unlink()
+            (runs / f"run-{i}").mkdir()
+            (runs / f"run-{i}" / "dataset.jsonl").symlink_to(victim)
+        r = c.post("/api/v1/runs/tune", json={**SFT, "new_model": "linked"})
+        assert r.status_code == 409 and "symbolic link" in r.json()["detail"], r.text
+        assert c.get("/api/v1/runs").json() == []
+    assert list(outside.iterdir()) == [] and victim.read_text() == "the user's own\n"

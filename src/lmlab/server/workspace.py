@@ -281,11 +281,21 @@ _SWAP_LOCK = threading.Lock()
 
 
 def link_or_copy(src: str | Path, dst: str | Path) -> None:
-    """A hard link of src at dst, or a copy where the file system has none (or src is on another one)."""
+    """A hard link of src at dst, or a copy where the file system has none (or src is on another one). The copy
+    is written beside dst and renamed onto it: an entry already at dst (a symbolic link planted there) is
+    replaced, never written through."""
     try:
         os.link(src, dst)
+        return
     except OSError:
-        shutil.copy2(src, dst)
+        pass
+    tmp = Path(dst).with_name(f".{Path(dst).name}.copy")
+    try:
+        shutil.copy2(src, tmp, follow_symlinks=False)
+        os.replace(tmp, dst)
+    finally:
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
 
 
 def stage_dir(src: Path, dst: Path) -> Path:

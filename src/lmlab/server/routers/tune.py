@@ -282,8 +282,11 @@ def create_tune_run(state: StateDep, req: TuneCreate) -> Run:
         run = state.db.add_run(req.model, req.books or [], params, True, req.max_steps, kind="tune",
                                parent_run_id=start.get("trained_run_id"), step_offset=start.get("trained_steps") or 0)
         if req.dataset:  # the run's own copy: what it trains on, and resumes on
-            run_dir = state.ws.run_path(run["id"])
-            run_dir.mkdir(parents=True, exist_ok=True)
-            link_or_copy(dataset_path(state, req.dataset), run_dir / DATASET)
+            try:  # a link where the run's folder or its copy goes is refused (LinkError: 409), the run undone
+                state.ws.run_dir(run["id"]).mkdir(parents=True, exist_ok=True)
+                link_or_copy(dataset_path(state, req.dataset), state.ws.run_dir(run["id"]) / DATASET)
+            except BaseException:
+                state.db.delete_run(run["id"])
+                raise
     state.supervisor.submit(run["id"])
     return run_info(state, run)
