@@ -53,6 +53,10 @@ GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "c
     ({"messages": []}, '"messages" must be a non-empty list'),
     ({"prompt": "a", "completion": "b"}, "a prompt–completion pair in a file of conversations"),
     ({"text": "a"}, "expected a conversation"),
+    # JSON may hold these, and they reached the tokenizer (a TypeError, exit 1) or the stack (RecursionError)
+    ('{"messages": [{"role": "user", "content": "a\\ud800"}, {"role": "assistant", "content": "x"}]}',
+     "a \\u escape that is half of a character (a lone surrogate), not text"),
+    ('{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}", "JSON nested too deeply"),
 ])
 def test_a_bad_line_is_a_one_line_error_naming_it(tmp_path, base_dir, capsys, bad, why):
     data = write_jsonl(tmp_path / "bad.jsonl", [GOOD, "", bad, GOOD])  # a blank line still counts

@@ -1971,7 +1971,7 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None)
 
 _PACKAGE = Path(__file__).resolve().parent
 _RAISE = dis.opmap["RAISE_VARARGS"]
-_PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+_PATH_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 def is_user_error(exc: BaseException) -> bool:

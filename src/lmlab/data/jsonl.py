@@ -29,8 +29,14 @@ def read_jsonl(path: str | Path, check: Callable[[Any], T]) -> list[tuple[int, T
                 continue
             try:
                 record = json.loads(line)
+                json.dumps(record, ensure_ascii=False).encode("utf-8")  # a lone surrogate escape ("\ud800")
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{number}: not JSON ({exc.msg}, column {exc.colno})") from None
+            except UnicodeEncodeError:
+                raise ValueError(f"{path}:{number}: a \\u escape that is half of a character (a lone surrogate), "
+                                 "not text") from None
+            except RecursionError:
+                raise ValueError(f"{path}:{number}: JSON nested too deeply") from None
             try:
                 out.append((number, check(record)))
             except ValueError as exc:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -62,13 +63,14 @@ class DistillConfig:
     def __post_init__(self) -> None:
         if self.mode not in ("logits", "sequence"):
             raise ValueError(f"mode ({self.mode!r}) must be logits or sequence")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature ({self.temperature}) must be > 0")
+        if not 0 < self.temperature < math.inf:
+            raise ValueError(f"temperature ({self.temperature}) must be a finite number > 0")
         if not 0 <= self.alpha <= 1:
             raise ValueError(f"alpha ({self.alpha}) must be in [0, 1]")
-        if min(self.teacher_samples, self.prompt_tokens, self.continuation_tokens) < 1 or self.teacher_temperature < 0:
+        if (min(self.teacher_samples, self.prompt_tokens, self.continuation_tokens) < 1
+                or not 0 <= self.teacher_temperature < math.inf):
             raise ValueError("teacher_samples, prompt_tokens and continuation_tokens must be >= 1, "
-                             "teacher_temperature >= 0")
+                             "teacher_temperature finite and >= 0")
 
 
 def kd_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -68,9 +68,11 @@ class LoRAConfig:
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise ValueError(f"the LoRA rank must be a positive integer, not {self.rank!r}")
-        if self.alpha is not None and not (isinstance(self.alpha, (int, float)) and self.alpha > 0):
-            raise ValueError(f"LoRA alpha must be positive, not {self.alpha!r}")
-        if not 0.0 <= self.dropout < 1.0:
+        if self.alpha is not None and not (isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool)
+                                           and 0 < self.alpha < math.inf):
+            raise ValueError(f"LoRA alpha must be a positive finite number, not {self.alpha!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
+                or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), not {self.dropout!r}")
         if isinstance(self.targets, str) or not self.targets or not all(isinstance(t, str) and t for t in self.targets):
             raise ValueError(f"LoRA targets must be a non-empty list of module names, not {self.targets!r}")

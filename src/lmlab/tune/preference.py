@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -234,10 +235,12 @@ class PreferenceConfig:
             raise ValueError(f"unknown loss {self.loss!r}; one of {', '.join(LOSSES)}")
         if self.beta is None:
             self.beta = DEFAULT_BETA[self.loss]
-        if not self.beta > 0:
-            raise ValueError(f"beta must be positive, got {self.beta}")
-        if self.sft_weight < 0:
-            raise ValueError(f"sft_weight must be 0 or more, got {self.sft_weight}")
+        if not 0 < self.beta < math.inf:
+            raise ValueError(f"beta must be a positive finite number, got {self.beta}")
+        if not 0 <= self.sft_weight < math.inf:
+            raise ValueError(f"sft_weight must be a finite number, 0 or more, got {self.sft_weight}")
+        if not math.isfinite(self.gamma):
+            raise ValueError(f"gamma must be a finite number, got {self.gamma}")
         if self.sft_weight and self.loss in ("orpo", "kto"):
             raise ValueError(f"sft_weight is for dpo, ipo and simpo, not {self.loss} "
                              "(ORPO has its own NLL term; KTO has no chosen side)")
