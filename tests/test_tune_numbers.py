@@ -48,3 +48,38 @@ def test_an_out_that_is_a_file_is_one_line(tmp_path, start, capsys):  # noqa: F8
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("lmlab: error: ") and "Traceback" not in err[0], err
     assert out.read_text() == "the user's own\n"
+
+
+@pytest.fixture(scope="module")
+def quantized(start, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("q") / "q8"
+    assert main(["quantize", str(start / "model"), "--to", "int8", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("command, extra", [("sft", []), ("sft", ["--lora-rank", "2"]), ("dpo", ["--lora-rank", "2"]),
+                                            ("grpo", []), ("distill", [])])
+def test_an_int8_model_is_refused_before_anything_is_written(tmp_path, start, quantized, capsys, command,  # noqa: F811
+                                                             extra):
+    """It crashed in the chat tokens' resize (KeyError) or the adapters' (AttributeError), or was refused after
+    the run's copy of the data was written."""
+    out = tmp_path / "run"
+    args = commands(start, str(out))[command]
+    flag = "--model" if command != "distill" else "--teacher"
+    args[args.index(flag) + 1] = str(quantized)
+    if command == "distill":  # the teacher may be int8 (it runs forward only); the student may not
+        args += ["--model", str(quantized)]
+        args.remove("--preset"), args.remove("llama-tiny")
+    assert main([*args, *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["lmlab: error: this model is an int8/int4 model, which cannot train; start from the model it was "
+                   "quantized from (its quantization.json: source)"], err
+    assert not out.exists()
+
+
+def test_lora_merge_refuses_an_int8_model(tmp_path, start, quantized, capsys):  # noqa: F811
+    model = Transformer(ModelConfig.load(start / "model" / "config.json"))
+    save_adapter(apply_lora(model, LoRAConfig(rank=2)), tmp_path / "adapter")
+    assert main(["lora", "merge", str(quantized), str(tmp_path / "adapter"), "--out", str(tmp_path / "m")]) == 2
+    assert "this model is an int8/int4 model, which cannot train" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()

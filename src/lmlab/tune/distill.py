@@ -42,6 +42,7 @@ from ..data import TokenDataset, find_documents, prepare, prepare_texts
 from ..files import atomic_write_text
 from ..models import GenerationConfig, ModelConfig, Transformer, generate_ids
 from ..models.io import load_pretrained
+from ..models.quant import refuse_quantized
 from ..tokenizers import Tokenizer
 from ..train import TrainConfig
 from ..train.checkpoint import RUN_FILES, refuse_existing_run
@@ -222,6 +223,7 @@ def run_distill(teacher_dir: str | Path, books: Sequence[str | Path], out_dir: s
     teacher, tok = _load_teacher(teacher_dir)
     if student_dir is not None:
         student, student_tok = load_pretrained(student_dir)
+        refuse_quantized(student)  # before the data is written
         if student_tok is None or student_tok.fingerprint() != tok.fingerprint():
             raise ValueError(f"the student {student_dir} does not share the teacher's tokenizer; distillation "
                              "compares their predictions token by token")

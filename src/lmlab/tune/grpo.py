@@ -56,6 +56,7 @@ import torch
 from ..configs import knob, validate
 from ..models import GenerationConfig, generate_ids
 from ..models.io import WEIGHTS
+from ..models.quant import refuse_quantized
 from ..models.scoring import Batch, make_batch, token_logprobs
 from ..train import TrainConfig
 from ..train.trainer import Callback, Objective, Trainer
@@ -417,6 +418,7 @@ def run_grpo(model_dir: str | Path, out: str | Path, config: GRPOConfig, *, task
     the_task = get_task(task) if task is not None else None
     score = the_task.reward if the_task else build_reward(reward, judge=judge, reward_file=reward_file)
     policy, tok = load_pretrained(model_dir)
+    refuse_quantized(policy)  # before the adapters go on
     if tok is None:
         raise ValueError(f"{model_dir} has no tokenizer.json; GRPO needs one")
     reference = None

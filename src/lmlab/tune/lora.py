@@ -48,6 +48,7 @@ from ..interop.hf_mapping import hf_prefixes
 from ..models import Transformer
 from ..models.io import TRAINING, WEIGHTS, load_pretrained, save_pretrained
 from ..models.model import LMHead
+from ..models.quant import refuse_quantized
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # PEFT's file names
 ALL_LINEAR = "all-linear"  # PEFT's spelling for "every linear layer but the output head"
@@ -262,6 +263,7 @@ def apply_lora(model: Transformer, config: LoRAConfig, tokenizer: Any = None) ->
     has adapters already. `tokenizer`: where chat_tokens finds the chat format's tokens."""
     if lora_layers(model):
         raise ValueError("this model has LoRA adapters already; merge them first (lmlab lora merge)")
+    refuse_quantized(model)  # its integer weights are buffers: no adapter goes on them
     segments = block_segments(model)
     names = [hf for segs in segments.values() for hf, _ in segs]
     unknown = [t for t in config.targets if not any(_matches(n, t) for n in names)]

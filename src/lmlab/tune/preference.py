@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 
 from ..data.jsonl import read_jsonl
 from ..files import atomic_path
+from ..models.quant import refuse_quantized
 from ..train.trainer import Objective
 from .lora import LoRAConfig
 from .rl import kl_k3
@@ -373,6 +374,7 @@ def run_preference(out: str | Path, train_config: Any = None, *, model_dir: str 
     if model_dir is None or data is None or cfg is None or train_config is None:
         raise ValueError("a new preference run needs a model, data, a loss and a training config")
     model, tok = load_pretrained(model_dir)
+    refuse_quantized(model)  # before the adapters go on
     if tok is None:
         raise ValueError(f"{model_dir} has no tokenizer.json")
     max_len = train_config.seq_len or model.config.block_size

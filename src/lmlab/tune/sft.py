@@ -33,6 +33,7 @@ from ..eval.scorer import token_logprobs
 from ..files import atomic_path
 from ..models import ModelConfig, Transformer
 from ..models.io import load_pretrained
+from ..models.quant import refuse_quantized
 from ..tokenizers import Tokenizer
 from ..train import TrainConfig
 from ..train.checkpoint import RUN_FILES, refuse_existing_run
@@ -209,6 +210,7 @@ def run_sft(model_dir: str | Path, data: str | Path, out_dir: str | Path, config
     out = Path(out_dir)
     refuse_existing_run(out, (*RUN_FILES, "tokenizer.json", DATA, TEMPLATE_FILE))
     model, tok = load_pretrained(model_dir)
+    refuse_quantized(model)  # before the chat tokens or adapters go on, and before anything is written
     if tok is None:
         raise ValueError(f"{model_dir} has no tokenizer.json (lmlab tune sft needs lmlab's own tokenizer)")
     read = read_sft(data)
