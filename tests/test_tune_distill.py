@@ -193,3 +193,22 @@ def test_windows_fit_the_shorter_context_of_teacher_and_student(setup, tmp_path,
     assert capsys.readouterr().err.strip() == ("lmlab: error: --seq-len (64) is longer than the teacher's context "
                                                "(32 tokens); the teacher scores every window")
     assert not (tmp_path / "long").exists()
+
+
+def test_a_distill_run_will_not_resume_on_another_teacher(setup, tmp_path):
+    """The teacher's weights changed since the run began (same tokenizer): the resumed run would learn from
+    another model. It resumed without a word; now it is refused naming the teacher."""
+    import shutil
+
+    from lmlab.models.io import load_pretrained, save_pretrained
+    root, book, _ = setup
+    teacher = tmp_path / "teacher"
+    shutil.copytree(root / "teacher" / "final", teacher)
+    run_distill(teacher, [book], tmp_path / "cut", tiny(max_steps=8), DistillConfig(), callbacks=[StopAt(4)],
+                model_config=student_config(300), echo=lambda *_: None)
+    model, tok = load_pretrained(teacher)
+    with torch.no_grad():
+        next(model.parameters()).add_(0.01)
+    save_pretrained(teacher, model, tok)
+    with pytest.raises(ValueError, match=r"the teacher's weights \(.*\) differ from those the run started with"):
+        resume_distill(tmp_path / "cut", echo=lambda *_: None)

@@ -315,8 +315,13 @@ def test_a_dpo_run_resumes_exactly(model_dir, pairs_file, tmp_path):
     P.run_preference(tmp_path / "full", config(), model_dir=model_dir, data=pairs_file, cfg=cfg,
                      cache_dir=tmp_path / "cache", callbacks=[full], say=lambda s: None)
     first, second = StopAt(3), StopAt()
-    P.run_preference(tmp_path / "cut", config(), model_dir=model_dir, data=pairs_file, cfg=cfg,
+    mine = tmp_path / "mine.jsonl"  # the user's file, changed before the resume: the run reads its own copy
+    mine.write_bytes(pairs_file.read_bytes())
+    P.run_preference(tmp_path / "cut", config(), model_dir=model_dir, data=mine, cfg=cfg,
                      cache_dir=tmp_path / "cache", callbacks=[first], say=lambda s: None)
+    swapped = [json.loads(x) for x in mine.read_text().splitlines()]
+    mine.write_text("".join(json.dumps({**r, "chosen": r["rejected"], "rejected": r["chosen"]}) + "\n"
+                            for r in swapped))
     P.run_preference(tmp_path / "cut", resume=True, callbacks=[second], say=lambda s: None)
     rows = first.rows + second.rows
     assert [r["step"] for r in rows] == list(range(1, 9))
@@ -329,6 +334,22 @@ def test_a_dpo_run_resumes_exactly(model_dir, pairs_file, tmp_path):
     b, _ = load_pretrained(tmp_path / "cut" / "final")
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(x, y, atol=1e-6, rtol=0, msg=name)
+
+
+def test_a_dpo_run_will_not_resume_on_other_starting_weights(model_dir, pairs_file, tmp_path):
+    """The starting model is the run's reference: other weights there since (a retrained model of the same name)
+    would make the resumed run another one. It resumed on them without a word."""
+    import shutil
+    start = tmp_path / "start"
+    shutil.copytree(model_dir, start)
+    P.run_preference(tmp_path / "cut", config(), model_dir=start, data=pairs_file, cfg=P.PreferenceConfig("dpo"),
+                     callbacks=[StopAt(3)], say=lambda s: None)
+    model, tok = load_pretrained(start)
+    with torch.no_grad():
+        next(model.parameters()).add_(0.01)
+    save_pretrained(start, model, tok)
+    with pytest.raises(ValueError, match="the weights of .* differ from those the run started from"):
+        P.run_preference(tmp_path / "cut", resume=True, say=lambda s: None)
 
 
 @pytest.mark.parametrize("loss", P.LOSSES)

@@ -12,6 +12,7 @@ web server serving exports.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 import shutil
@@ -96,3 +97,12 @@ def staged_dir(out: Path, *, refuse: Path | None = None, stale: tuple[str, ...] 
                     target.unlink(missing_ok=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB blocks: how a run records the weights it started from."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

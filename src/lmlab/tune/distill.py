@@ -39,9 +39,9 @@ import torch
 import torch.nn.functional as F
 
 from ..data import TokenDataset, find_documents, prepare, prepare_texts
-from ..files import atomic_write_text
+from ..files import atomic_write_text, file_sha256
 from ..models import GenerationConfig, ModelConfig, Transformer, generate_ids
-from ..models.io import load_pretrained
+from ..models.io import WEIGHTS, load_pretrained
 from ..models.quant import refuse_quantized
 from ..tokenizers import Tokenizer
 from ..train import TrainConfig
@@ -239,7 +239,8 @@ def run_distill(teacher_dir: str | Path, books: Sequence[str | Path], out_dir: s
     ds: Any = prepare(paths, tok, out / "data", val_fraction=val_fraction, seq_len=seq_len)
     provenance = {"dataset": str(Path(ds.path).resolve()), "sources": [str(p) for p in paths],
                   "init": str(student_dir) if student_dir else None, "data_stats": ds.stats(),
-                  "distill": {**dataclasses.asdict(cfg), "teacher": str(Path(teacher_dir).resolve())}}
+                  "distill": {**dataclasses.asdict(cfg), "teacher": str(Path(teacher_dir).resolve()),
+                              "teacher_sha256": file_sha256(Path(teacher_dir) / WEIGHTS)}}
     return _fit(teacher, tok, student, ds, cfg, config, out, callbacks, provenance, echo, resume=False)
 
 
@@ -282,7 +283,10 @@ def resume_distill(out_dir: str | Path, overrides: dict[str, Any] | None = None,
     teacher, tok = _load_teacher(d["teacher"])
     if tok.fingerprint() != Tokenizer.load(out / "tokenizer.json").fingerprint():
         raise ValueError(f"the teacher {d['teacher']} no longer has the run's tokenizer")
-    cfg = DistillConfig(**{k: v for k, v in d.items() if k != "teacher"})
+    if d.get("teacher_sha256") and file_sha256(Path(d["teacher"]) / WEIGHTS) != d["teacher_sha256"]:
+        raise ValueError(f"cannot resume {out}: the teacher's weights ({d['teacher']}) differ from those the run "
+                         "started with; start a new run")
+    cfg = DistillConfig(**{k: v for k, v in d.items() if k not in ("teacher", "teacher_sha256")})
     config = TrainConfig.from_dict({**saved["train"], **(overrides or {})})
     student = Transformer(ModelConfig.from_dict(saved["model"]))
     books = TokenDataset.open(out / "data", tok)

@@ -43,7 +43,6 @@ Objective; checkpoints, resume, metrics.jsonl and final/ are those of `lmlab tra
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import random
 from collections.abc import Callable, Sequence
@@ -54,6 +53,7 @@ from typing import Any
 import torch
 
 from ..configs import knob, validate
+from ..files import file_sha256
 from ..models import GenerationConfig, generate_ids
 from ..models.io import WEIGHTS
 from ..models.quant import refuse_quantized
@@ -328,14 +328,6 @@ def train_grpo(policy: torch.nn.Module, tokenizer: Any, out: str | Path, config:
 
 
 # ---- a run's record: what resume keeps ---------------------------------------------------------------------
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def read_record(out: str | Path, section: str, what: str) -> dict[str, Any]:
     """OUT/config.json of a run with its settings under `section`; ValueError if there is none."""

@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,13 +28,16 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ..data.jsonl import read_jsonl
-from ..files import atomic_path
+from ..files import atomic_path, file_sha256
+from ..models.io import WEIGHTS
 from ..models.quant import refuse_quantized
+from ..train.checkpoint import RUN_FILES, refuse_existing_run
 from ..train.trainer import Objective
 from .lora import LoRAConfig
 from .rl import kl_k3
 
 LOSSES = ("dpo", "ipo", "simpo", "orpo", "kto")
+DATA_COPY = "data.jsonl"  # a run's own copy of its pairs (or KTO examples)
 # beta's usual value per loss: DPO/IPO/KTO papers and TRL's default 0.1; SimPO's paper sweeps 2.0-2.5; ORPO's
 # lambda 0.1 (Hong et al. 2024, section 6)
 DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "simpo": 2.0, "orpo": 0.1, "kto": 0.1}
@@ -362,15 +366,23 @@ def run_preference(out: str | Path, train_config: Any = None, *, model_dir: str 
     from ..train.recipes import train_with_lora
     from ..train.trainer import read_run_config
 
+    out = Path(out)
     if resume:
         saved = read_run_config(out)
         if "preference" not in saved:
             raise ValueError(f"{out} is not a preference run (no 'preference' in its config.json)")
         p = saved["preference"]
-        model_dir, data, cache_dir = p["model"], p["data"], p.get("cache_dir")
+        # its own copy of the data (runs before it kept none read the file they started from)
+        model_dir, cache_dir = p["model"], p.get("cache_dir")
+        data = out / p["copy"] if p.get("copy") else p["data"]
+        if p.get("model_sha256") and file_sha256(Path(model_dir) / WEIGHTS) != p["model_sha256"]:
+            raise ValueError(f"cannot resume {out}: the weights of {model_dir} differ from those the run started "
+                             "from (its reference); start a new run")
         cfg = PreferenceConfig(**p["config"])
         lora = LoRAConfig(**p["lora"]) if p.get("lora") else None
         train_config = TrainConfig.from_dict({**saved["train"], **(train_config or {})})
+    else:
+        refuse_existing_run(out, (*RUN_FILES, DATA_COPY))
     if model_dir is None or data is None or cfg is None or train_config is None:
         raise ValueError("a new preference run needs a model, data, a loss and a training config")
     model, tok = load_pretrained(model_dir)
@@ -388,7 +400,13 @@ def run_preference(out: str | Path, train_config: Any = None, *, model_dir: str 
     cached = ds.attach_reference(no_dropout(model), cache_dir)
     say(f"reference log-probabilities: {'read from' if cached else 'computed and cached in'} {cache_dir}"
         if cache_dir is not None else "reference log-probabilities computed (no cache)")
-    provenance = {"preference": {"model": str(Path(model_dir).resolve()), "data": str(Path(data).resolve()),
+    if not resume:  # the run's own copy of the data, what a resume reads: the file it started from may change
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out / DATA_COPY) as tmp:
+            shutil.copyfile(data, tmp)
+    provenance = {"preference": {"model": str(Path(model_dir).resolve()),
+                                 "model_sha256": file_sha256(Path(model_dir) / WEIGHTS),
+                                 "data": str(Path(data).resolve()) if not resume else p["data"], "copy": DATA_COPY,
                                  "cache_dir": None if cache_dir is None else str(cache_dir),
                                  "config": dict(vars(cfg)), "lora": lora.to_dict() if lora else None}}
     return train_with_lora(model.train(), tok, ds, train_config, out, callbacks, lora, resume=resume,
