@@ -134,6 +134,17 @@ def test_settings_of_another_method_and_data_of_another_kind_are_refused(tn):
     assert (r.status_code, r.json()["detail"]) == (422, "lora_hard_tokens needs lora_rank")
     r = tn.post("/api/v1/runs/tune", json={**SFT, "new_model": "x", "sft_weight": 0.5})
     assert (r.status_code, r.json()["detail"]) == (422, "sft_weight is not a setting of sft runs")
+    # what the run would refuse as it starts is refused here (a 201 and a failed run before)
+    r = tn.post("/api/v1/runs/tune", json={**SFT, "new_model": "x", "lora_rank": 2, "lora_targets": "q_proj"})
+    assert (r.status_code, r.json()["detail"]) == (422, "unknown LoRA target 'q_proj' for a gpt2 model; choose from "
+                                                        "c_attn, c_proj, c_fc or all-linear")
+    r = tn.post("/api/v1/runs/tune", json={"method": "grpo", "model": "base", "new_model": "x", "task": "addition",
+                                           "lora_rank": 2, "lora_dropout": 0.5})
+    assert (r.status_code, r.json()["detail"]) == (422, "lora_dropout does not apply to grpo: it scores the policy "
+                                                        "with dropout off, as it samples")
+    r = put(tn, "pc.jsonl", "prompt_completion", [{"prompt": "1+1=", "completion": "2."},
+                                                  {"prompt": "a", "completion": " b", "messages": "see prompt"}])
+    assert (r.status_code, r.json()["detail"]) == (422, 'pc.jsonl:2: "messages" must be a non-empty list')
     r = tn.post("/api/v1/runs/tune", json={"method": "dpo", "model": "base", "new_model": "x", "dataset": "pairs.jsonl",
                                            "loss": "orpo", "sft_weight": 0.5})
     assert (r.status_code, r.json()["detail"]) == (422, "sft_weight is for the dpo, ipo and simpo losses, not orpo")

@@ -23,13 +23,15 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
+import torch
 from fastapi import APIRouter, File, Form, HTTPException, Query, Response, UploadFile
 
 from ...data.jsonl import read_jsonl
-from ...models import ModelConfig, preset_names
+from ...models import ModelConfig, Transformer, preset_names
 from ...tokenizers import Tokenizer
 from ...tune.chat import with_chat_tokens
-from ...tune.data import check_conversation, check_prompt_completion
+from ...tune.data import check_conversation, check_sft_example
+from ...tune.lora import LoRAConfig, apply_lora
 from ...tune.preference import read_examples
 from ...tune.preference import render as render_completion
 from ...tune.rewards import TASKS
@@ -73,8 +75,13 @@ def read_dataset(path: Any, kind: str) -> list[tuple[int, Any]]:
     """(line, example) of a file of `kind`, checked by the reader its run uses; ValueError naming the line."""
     if kind == "conversations":
         return read_jsonl(path, check_conversation)
-    if kind == "prompt_completion":
-        return read_jsonl(path, check_prompt_completion)
+    if kind == "prompt_completion":  # as read_sft reads it: a record with "messages" is a conversation
+        def check(record: Any) -> Any:
+            what, example = check_sft_example(record)
+            if what != "prompt":
+                raise ValueError("a conversation in a file of prompt–completion pairs")
+            return example
+        return read_jsonl(path, check)
     return [(r["line"], r) for r in read_examples(path, kind)]
 
 
@@ -256,6 +263,9 @@ def create_tune_run(state: StateDep, req: TuneCreate) -> Run:
     lora = {k: params[k] for k in (*LORA_SETTINGS, "lora_hard_tokens") if params.get(k) not in (None, False)}
     if lora and "lora_rank" not in lora:
         raise HTTPException(422, f"{', '.join(lora)} needs lora_rank")
+    if req.method == "grpo" and params.get("lora_dropout"):  # what `tune grpo` refuses, refused before it starts
+        raise HTTPException(422, "lora_dropout does not apply to grpo: it scores the policy with dropout off, as it "
+                                 "samples")
     new = check_name(req.new_model, "new model name")
     with state.lock:  # from the checks through add_run: see Supervisor.lock
         path, _ = need_selfplay_models(state, req.model, None, new, role="the teacher" if req.method == "distill" else
@@ -272,6 +282,13 @@ def create_tune_run(state: StateDep, req: TuneCreate) -> Run:
                 raise HTTPException(422, "completion_only is for prompt_completion data; conversations train on "
                                          "the assistant turns")
         cfg = ModelConfig.load(path / "config.json")
+        if params.get("lora_targets"):  # a target the model lacks: the run's own check, on a weightless copy
+            try:
+                with torch.device("meta"):
+                    apply_lora(Transformer(cfg), LoRAConfig(rank=1, targets=tuple(
+                        t.strip() for t in str(params["lora_targets"]).split(",") if t.strip())))
+            except ValueError as exc:
+                raise HTTPException(422, str(exc)) from None
         batch = (params["group_size"] * params["prompts_per_step"] if req.method == "grpo" else
                  params["batch_size"] * (2 if req.method == "dpo" else 1))  # dpo: chosen and rejected rows
         est = estimate(cfg, batch, state.memory_budget)
