@@ -83,3 +83,12 @@ def test_lora_merge_refuses_an_int8_model(tmp_path, start, quantized, capsys):  
     assert main(["lora", "merge", str(quantized), str(tmp_path / "adapter"), "--out", str(tmp_path / "m")]) == 2
     assert "this model is an int8/int4 model, which cannot train" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+def test_sequence_distillation_from_books_shorter_than_its_prompts_is_one_line(tmp_path, start, capsys):  # noqa: F811
+    """torch.randint over a negative range (a RuntimeError, exit 1), with the run's data left behind."""
+    out = tmp_path / "run"
+    assert main([*commands(start, str(out))["distill"], "--mode", "sequence", "--prompt-tokens", "100000"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not more than --prompt-tokens (100000)" in err[0], err
+    assert not out.exists()

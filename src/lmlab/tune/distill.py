@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -236,7 +237,12 @@ def run_distill(teacher_dir: str | Path, books: Sequence[str | Path], out_dir: s
     seq_len = _window(config, teacher, student)
     config = dataclasses.replace(config, seq_len=seq_len)
     paths = find_documents(books)
+    created = not out.exists()
     ds: Any = prepare(paths, tok, out / "data", val_fraction=val_fraction, seq_len=seq_len)
+    if cfg.mode == "sequence" and ds.train_tokens <= cfg.prompt_tokens:  # no window to start a teacher sample
+        shutil.rmtree(out if created else out / "data", ignore_errors=True)
+        raise ValueError(f"the books' training part has {ds.train_tokens} tokens, not more than --prompt-tokens "
+                         f"({cfg.prompt_tokens}): sequence mode starts each teacher sample from that many")
     provenance = {"dataset": str(Path(ds.path).resolve()), "sources": [str(p) for p in paths],
                   "init": str(student_dir) if student_dir else None, "data_stats": ds.stats(),
                   "distill": {**dataclasses.asdict(cfg), "teacher": str(Path(teacher_dir).resolve()),
