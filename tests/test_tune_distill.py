@@ -212,3 +212,15 @@ def test_a_distill_run_will_not_resume_on_another_teacher(setup, tmp_path):
     save_pretrained(teacher, model, tok)
     with pytest.raises(ValueError, match=r"the teacher's weights \(.*\) differ from those the run started with"):
         resume_distill(tmp_path / "cut", echo=lambda *_: None)
+
+
+def test_a_hand_edited_setting_of_the_wrong_type_is_refused_on_resume(setup, tmp_path):
+    root, book, _ = setup
+    run_distill(root / "teacher" / "final", [book], tmp_path / "cut", tiny(max_steps=8), DistillConfig(),
+                callbacks=[StopAt(4)], model_config=student_config(300), echo=lambda *_: None)
+    path = tmp_path / "cut" / "config.json"
+    saved = json.loads(path.read_text())
+    saved["distill"]["temperature"] = "hot"
+    path.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"config.json: temperature \('hot'\) must be a number"):
+        resume_distill(tmp_path / "cut", echo=lambda *_: None)

@@ -511,3 +511,15 @@ def test_the_shipped_rule_task_is_the_generators_output_and_its_rule_separates_t
     assert 0.4 < sum(r["prompt"].startswith("слова") for r in rows) / len(rows) < 0.6  # both languages
     sft = [json.loads(x) for x in (task.shipped() / "sft.jsonl").read_text(encoding="utf-8").splitlines()]
     assert sum(task.follows_rule(r["prompt"], r["completion"]) for r in sft) == len(sft) // 2
+
+
+def test_a_hand_edited_setting_of_the_wrong_type_is_refused_on_resume(model_dir, pairs_file, tmp_path):
+    """A TypeError from PreferenceConfig's comparisons before (GRPO's resume already named the file)."""
+    P.run_preference(tmp_path / "cut", config(), model_dir=model_dir, data=pairs_file, cfg=P.PreferenceConfig("dpo"),
+                     callbacks=[StopAt(3)], say=lambda s: None)
+    path = tmp_path / "cut" / "config.json"
+    saved = json.loads(path.read_text())
+    saved["preference"]["config"]["beta"] = "high"
+    path.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"config.json: beta \('high'\) must be a number"):
+        P.run_preference(tmp_path / "cut", resume=True, say=lambda s: None)

@@ -223,3 +223,18 @@ def parse_seeds(text: str | int | Sequence[int]) -> list[int]:
             or len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds ({text!r}) must be distinct integers >= 0, at least one")
     return seeds
+
+
+def settings_from(saved: dict[str, Any], cls: type, overrides: dict[str, Any], where: Path) -> Any:
+    """`cls` from a run's saved settings with `overrides` on top; a hand-edited number that is not one, or a
+    value its __post_init__ cannot compare, is a ValueError naming the file (not a TypeError)."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    settings = {**{k: v for k, v in saved.items() if k in fields}, **overrides}
+    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
+    for name, default in dataclasses.asdict(cls()).items():
+        if name in settings and number(default) and not number(settings[name]):
+            raise ValueError(f"{where}: {name} ({settings[name]!r}) must be a number")
+    try:
+        return cls(**settings)
+    except TypeError as exc:
+        raise ValueError(f"{where}: a setting of the wrong type ({exc})") from None

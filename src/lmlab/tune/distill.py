@@ -39,6 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..configs import settings_from
 from ..data import TokenDataset, find_documents, prepare, prepare_texts
 from ..files import atomic_write_text, file_sha256
 from ..models import GenerationConfig, ModelConfig, Transformer, generate_ids
@@ -292,7 +293,8 @@ def resume_distill(out_dir: str | Path, overrides: dict[str, Any] | None = None,
     if d.get("teacher_sha256") and file_sha256(Path(d["teacher"]) / WEIGHTS) != d["teacher_sha256"]:
         raise ValueError(f"cannot resume {out}: the teacher's weights ({d['teacher']}) differ from those the run "
                          "started with; start a new run")
-    cfg = DistillConfig(**{k: v for k, v in d.items() if k not in ("teacher", "teacher_sha256")})
+    cfg = settings_from({k: v for k, v in d.items() if k not in ("teacher", "teacher_sha256")}, DistillConfig, {},
+                        out / "config.json")
     config = TrainConfig.from_dict({**saved["train"], **(overrides or {})})
     student = Transformer(ModelConfig.from_dict(saved["model"]))
     books = TokenDataset.open(out / "data", tok)

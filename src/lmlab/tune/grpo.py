@@ -52,7 +52,7 @@ from typing import Any
 
 import torch
 
-from ..configs import knob, validate
+from ..configs import knob, settings_from, validate
 from ..files import file_sha256
 from ..models import GenerationConfig, generate_ids
 from ..models.io import WEIGHTS
@@ -356,18 +356,6 @@ def check_same_run(out: Path, saved: dict[str, Any], record: dict[str, Any], sec
     if changes:
         raise ValueError(f"cannot resume {out}: {'; '.join(changes)}; a resumed run keeps its settings (only "
                          f"{' and '.join(resumable)} may change); start a new run in another folder instead")
-
-
-def settings_from(saved: dict[str, Any], cls: type, overrides: dict[str, Any], where: Path) -> Any:
-    """`cls` from a run's saved settings with `overrides` on top; a hand-edited number that is not one is a
-    ValueError naming it (not a TypeError in the comparisons of __post_init__)."""
-    fields = {f.name for f in dataclasses.fields(cls)}
-    settings = {**{k: v for k, v in saved.items() if k in fields}, **overrides}
-    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
-    for name, default in dataclasses.asdict(cls()).items():
-        if name in settings and number(default) and not number(settings[name]):
-            raise ValueError(f"{where}: {name} ({settings[name]!r}) must be a number")
-    return cls(**settings)
 
 
 def weights_sha(model_dir: str | Path) -> str:

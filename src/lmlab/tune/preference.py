@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from ..configs import settings_from
 from ..data.jsonl import read_jsonl
 from ..files import atomic_path, file_sha256
 from ..models.io import WEIGHTS
@@ -378,7 +379,7 @@ def run_preference(out: str | Path, train_config: Any = None, *, model_dir: str 
         if p.get("model_sha256") and file_sha256(Path(model_dir) / WEIGHTS) != p["model_sha256"]:
             raise ValueError(f"cannot resume {out}: the weights of {model_dir} differ from those the run started "
                              "from (its reference); start a new run")
-        cfg = PreferenceConfig(**p["config"])
+        cfg = settings_from(p["config"], PreferenceConfig, {}, out / "config.json")
         lora = LoRAConfig(**p["lora"]) if p.get("lora") else None
         train_config = TrainConfig.from_dict({**saved["train"], **(train_config or {})})
     else:
