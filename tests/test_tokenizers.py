@@ -209,3 +209,13 @@ def test_foreign_tokenizers_are_refused():
     unigram = tokenizers.Tokenizer(tokenizers.models.Unigram([(t, 0.0) for t in SPECIAL_TOKENS]))
     with pytest.raises(ValueError, match="unsupported tokenizer model Unigram"):
         Tokenizer.from_hf(unigram)
+
+
+def test_a_lone_surrogate_is_a_one_line_error_not_a_type_error():
+    """JSON's "\\ud800" and the command line's undecodable bytes reach Python as lone surrogates; the Rust tokenizer
+    raised a TypeError on them (exit 1 from `lmlab generate --prompt`, a 500 from the API)."""
+    tok = Tokenizer.train(["hello world " * 20], kind="bpe", vocab_size=300)
+    for encode in (tok.encode, lambda t: tok.encode_batch(["fine", t])):
+        with pytest.raises(ValueError, match=r"not valid Unicode: a lone surrogate at character 4 \('abc\\udcff'\)"):
+            encode("abc\udcff")
+    assert tok.encode("abc") == tok.encode_batch(["abc"])[0]

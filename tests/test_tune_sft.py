@@ -328,15 +328,20 @@ def test_cli_sft_then_chat(tmp_path, base_dir, capsys, monkeypatch):
     assert code == 2 and "drop --data" in capsys.readouterr().err
     # the fine-tuned model chats: greedy replies equal the library's, streamed to stdout
     from lmlab.tune.chat import fit_history, generate_reply
-    monkeypatch.setattr("sys.stdin", __import__("io").StringIO("What is 2 plus 3?\nПовтори слово лиса.\n"))
+    # a line that was not UTF-8 (stdin keeps its bytes as lone surrogates) is asked again, not a traceback
+    lines = "What is 2 plus 3?\n\udcff\udcfe\nПовтори слово лиса.\n"
+    monkeypatch.setattr("sys.stdin", __import__("io").StringIO(lines))
     assert main(["chat", str(out), "--greedy", "--max-new-tokens", "8"]) == 0
+    said = capsys.readouterr()
+    printed_chat = said.out
+    assert said.err == "lmlab: that line is not UTF-8 text; type it again\n"
     model, tok = lmlab.load(out / "final")
     first = generate_reply(model, tok, [{"role": "user", "content": "What is 2 plus 3?"}], do_sample=False,
                            max_new_tokens=8)
     history = fit_history([{"role": "user", "content": "What is 2 plus 3?"}, {"role": "assistant", "content": first},
                            {"role": "user", "content": "Повтори слово лиса."}], tok, 96 - 8)
     second = generate_reply(model, tok, history, do_sample=False, max_new_tokens=8)
-    assert capsys.readouterr().out == f"{first}\n{second}\n"
+    assert printed_chat == f"{first}\n{second}\n"
 
 
 def test_chat_refuses_a_model_without_a_template(base_dir, capsys):

@@ -1432,6 +1432,11 @@ def _chat(args: argparse.Namespace) -> int:
         if not text.strip():
             break
         try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # stdin's bytes that are not UTF-8 (Python keeps them as lone surrogates)
+            print("lmlab: that line is not UTF-8 text; type it again", file=sys.stderr)
+            continue
+        try:
             history = fit_history([*history, {"role": "user", "content": text}], tok, room)
         except ValueError as exc:
             print(f"lmlab: {exc}; say it shorter", file=sys.stderr)

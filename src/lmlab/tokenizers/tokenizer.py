@@ -147,13 +147,21 @@ class Tokenizer:
         return self.hf.id_to_token(idx)
 
     def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
-        ids = self.hf.encode(text, add_special_tokens=False).ids
+        try:
+            ids = self.hf.encode(text, add_special_tokens=False).ids
+        except TypeError:
+            _refuse_surrogates([text])
+            raise
         return [BOS_ID] * add_bos + ids + [EOS_ID] * add_eos
 
     def encode_batch(self, texts: Sequence[str], *, add_bos: bool = False, add_eos: bool = False) -> list[list[int]]:
         """Encodes in parallel on Rust threads (TOKENIZERS_PARALLELISM=false turns that off)."""
-        return [[BOS_ID] * add_bos + e.ids + [EOS_ID] * add_eos
-                for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
+        try:
+            encodings = self.hf.encode_batch(list(texts), add_special_tokens=False)
+        except TypeError:
+            _refuse_surrogates(texts)
+            raise
+        return [[BOS_ID] * add_bos + e.ids + [EOS_ID] * add_eos for e in encodings]
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -242,3 +250,16 @@ class StreamDecoder:
         new = self._decode()[self.emitted:]
         self.ids, self.emitted = [], 0
         return new
+
+
+def _refuse_surrogates(texts: Sequence[object]) -> None:
+    """ValueError for a text holding a lone surrogate (half of a UTF-16 pair: a JSON escape such as "\\ud800", or
+    bytes that were not UTF-8 on the command line or stdin), which the tokenizer cannot read (it raises a
+    TypeError); nothing for other texts."""
+    for text in texts:
+        if isinstance(text, str):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ValueError(f"the text is not valid Unicode: a lone surrogate at character {exc.start + 1} "
+                                 f"({text[max(0, exc.start - 20):exc.start + 1]!r})") from None
