@@ -85,3 +85,20 @@ def test_a_folder_of_other_files_still_takes_a_run(tmp_path, start, capsys):
     (out / "log.txt").write_text("the server's\n")
     assert main(commands(start, str(out))["sft"]) == 0
     assert (out / "log.txt").read_text() == "the server's\n" and (out / "final" / "config.json").is_file()
+
+
+def test_only_the_first_ddp_rank_checks_the_files(tmp_path, monkeypatch):
+    """Every rank checks a new run's folder before training, but rank 0 writes config.json and metrics.jsonl
+    as soon as its own check passes: a later rank found them and refused its own run (CI: a DDP run's rank 1
+    exited, rank 0 lost its peer in backward). Other runs' checkpoints are still refused on every rank."""
+    from lmlab.train.checkpoint import refuse_existing_run
+    (tmp_path / "config.json").write_text("{}")
+    monkeypatch.setenv("RANK", "1")
+    refuse_existing_run(tmp_path)
+    (tmp_path / "final").mkdir()
+    with pytest.raises(ValueError, match="already holds a run"):
+        refuse_existing_run(tmp_path)
+    monkeypatch.setenv("RANK", "0")
+    (tmp_path / "final").rmdir()
+    with pytest.raises(ValueError, match="holds config.json, which a new run would overwrite"):
+        refuse_existing_run(tmp_path)

@@ -77,6 +77,8 @@ def refuse_existing_run(run_dir: str | Path, overwrites: tuple[str, ...] = RUN_F
     if (out / "final").exists() or ((out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())):
         raise ValueError(f"{out} already holds a run; resume it (lmlab train --out {out} --resume) or choose "
                          "another folder")
+    if os.environ.get("RANK", "0") not in ("", "0"):  # a DDP rank but the first would find rank 0's own new files
+        return                                        # there: rank 0 checks them (torchrun stops the rest if it exits)
     held = [name for name in overwrites if (out / name).exists() or (out / name).is_symlink()]
     if held:
         raise ValueError(f"{out} holds {held[0]}, which a new run would overwrite; choose a new folder for the run")
