@@ -246,7 +246,8 @@ def test_cli_tune_grpo_on_a_task(tmp_path, capsys):
     (["--task", "format", "--prompt", "x"], "drop --prompt"),
     (["--reward", "file"], "--reward-file"),
     (["--reward", "seed", "--max-new-tokens", "60"], "exceeds the model's context (48)"),
-    (["--reward", "seed", "--prompt", "a\udcff"], "prompt 1 ('a\\udcff') is not valid Unicode text"),  # argv's bytes
+    (["--reward", "seed", "--prompt", "a\udcff"],  # argv's bytes that are not UTF-8
+     "the text is not valid Unicode: a lone surrogate at character 2"),
     (["--resume"], "drop --model"),
     (["--task", "format", "--lora-rank", "4", "--lora-dropout", "0.1"], "--lora-dropout does not apply"),
     (["--task", "format", "--lora-targets", "c_attn"], "--lora-targets needs --lora-rank"),

@@ -29,7 +29,8 @@ def read_jsonl(path: str | Path, check: Callable[[Any], T]) -> list[tuple[int, T
                 continue
             try:
                 record = json.loads(line)
-                json.dumps(record, ensure_ascii=False).encode("utf-8")  # a lone surrogate escape ("\ud800")
+                if "\\u" in line:  # only an escape can hold a lone surrogate ("\ud800"): check those lines alone
+                    json.dumps(record, ensure_ascii=False).encode("utf-8")
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{number}: not JSON ({exc.msg}, column {exc.colno})") from None
             except UnicodeEncodeError:

@@ -167,11 +167,6 @@ class PromptSource:
         """Ids of each prompt: a task's prompt starts a text (<BOS> first); a given one as it is ('' starts
         from <BOS>). ValueError when prompt + max_new_tokens (and EOS) exceeds the model's context."""
         tok = self.tok
-        for i, p in enumerate(prompts):  # a lone surrogate (a JSON escape, or argv's undecodable bytes) is not text
-            try:
-                p.encode("utf-8")
-            except UnicodeEncodeError:
-                raise ValueError(f"prompt {i + 1} ({p[:40]!r}) is not valid Unicode text") from None
         ids = [[tok.bos_id, *tok.encode(p)] if self.task else tok.encode(p) or [tok.bos_id] for p in prompts]
         longest = max(len(p) for p in ids) + self.max_new_tokens + 1
         if longest > self.block_size:
