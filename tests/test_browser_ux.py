@@ -67,6 +67,9 @@ def test_demo_from_an_empty_workspace_then_every_view_at_1400_and_390_px(tmp_pat
             page.route("**/api/v1/demo", lambda route: route.continue_(post_data=json.dumps({"max_steps": DEMO_STEPS})))
             page.click("#demo-go")
             page.wait_for_selector('#tab-runs:not([hidden]) #runs-table tr[data-run="1"]')
+            # while it runs the header says so, legibly on its dark bar (it was .muted grey, 3.7:1)
+            assert page.inner_text("#jobs-indicator") in ("1 running · 0 queued", "0 running · 1 queued")
+            assert [v for v in axe_violations(page) if v.endswith("#jobs-indicator")] == []
             with server.client() as c:
                 run = c.get("/api/v1/runs/1").json()
                 model = c.get("/api/v1/models/demo").json()

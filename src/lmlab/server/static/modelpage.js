@@ -117,10 +117,12 @@ export function renderModelPage() {
     fact("mp.tps", c ? speedText(c.speed) : "—", "tps", " ",
       c && c.trained ? h("button", { type: "button", class: "secondary", id: "mp-measure", onclick: (e) => measure(e.target), text: t("mp.measure") }) : null)),
     ...(P.error ? [h("div", { class: "error", text: P.error })] : [])]);
-  // the forms: once per model, language, availability and list of books
-  const problems = ACTIONS.map((a) => a.problem(m, c));
-  part("mp-actions", JSON.stringify([lang, m.name, problems, S.books.map((b) => b.name), c != null]), () =>
-    ACTIONS.map((a, i) => h("section", { class: "card", id: "mp-action-" + a.kind, "aria-labelledby": "mp-h-" + a.kind },
+  // the forms: once the card is known (or failed: they were drawn before it came and again after, losing what had
+  // been filled in), then again only when the model, language, availability or list of books change
+  const problems = ACTIONS.map((a) => a.problem(m, c)), known = c != null || P.error != null;
+  part("mp-actions", JSON.stringify([lang, m.name, problems, S.books.map((b) => b.name), known]), () => !known
+    ? [h("p", { class: "muted", id: "mp-actions-loading", text: t("rp.loading") })]
+    : ACTIONS.map((a, i) => h("section", { class: "card", id: "mp-action-" + a.kind, "aria-labelledby": "mp-h-" + a.kind },
       h("h3", { id: "mp-h-" + a.kind, text: t(a.title) }),
       problems[i] ? h("p", { class: "muted", text: t(problems[i]) }) : a.form(m))));
   part("mp-interp", JSON.stringify([lang, m.name, m.trained]), () => [h("h3", { id: "mp-h-interp", text: t("ip.title") }),
