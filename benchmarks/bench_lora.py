@@ -20,6 +20,7 @@ picks the shape:
            block weights). The issue's target needs <= 2%: the adapter grows with d, the weights with d^2, so at
            rank 8 that takes d >= ~500 with this vocabulary (2 layers of d 512: 2.07%). One layer keeps the
            runs within minutes on a shared 2-core CPU.
+    wide4  the same with 4 layers: rank 8 on every block linear is ~1.9% of it; each run takes ~4x as long
 
 --data picks what both contenders fine-tune on: `docs`, this repository's documentation (README.md, docs/*.md:
 technical English the tales never show; the loss over every held-out window), or `chats`, SFT on the shipped
@@ -77,7 +78,8 @@ from lmlab.tune.sft import build_dataset, hardest_tokens
 ROOT = Path(__file__).resolve().parent.parent
 # shape, pre-training (steps, batch, lr) and fine-tuning batch of each base
 MODELS = {"demo": dict(shape=dict(n_layer=4, n_head=4, n_kv_head=2, n_embd=128), base=(600, 16, 3e-3), batch=16),
-          "wide": dict(shape=dict(n_layer=1, n_head=8, n_kv_head=8, n_embd=512), base=(600, 8, 1e-3), batch=8)}
+          "wide": dict(shape=dict(n_layer=1, n_head=8, n_kv_head=8, n_embd=512), base=(600, 8, 1e-3), batch=8),
+          "wide4": dict(shape=dict(n_layer=4, n_head=8, n_kv_head=8, n_embd=512), base=(600, 8, 1e-3), batch=8)}
 SWEEP = {"full": "3e-4,1e-3,3e-3", "lora": "3e-3,1e-2,3e-2"}
 
 
