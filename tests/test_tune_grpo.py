@@ -124,6 +124,7 @@ def test_zero_spread_groups_are_dropped_and_counted(tmp_path):
     assert batch["inputs"][:, :2].tolist() == [tok.encode("ab")] * 4
     loss, metrics = grpo.loss(model, batch)
     assert metrics["zero_spread_groups"].item() == 2 and loss.requires_grad
+    assert grpo.trained_tokens(batch) == 4 * batch["inputs"].shape[1]  # tokens/s and MFU count these rows only
 
     flat = GRPO(model, tok, cfg, source, lambda p, t, i: [0.5] * len(p))  # nothing to learn: an empty batch
     batch = flat.sample_batch(12, 20, torch.Generator().manual_seed(0))
@@ -131,6 +132,18 @@ def test_zero_spread_groups_are_dropped_and_counted(tmp_path):
     loss, _ = flat.loss(model, batch)
     loss.backward()
     assert loss.item() == 0.0 and all(p.grad is None or not p.grad.any() for p in model.parameters())
+
+
+def test_tokens_per_s_and_mfu_count_only_the_rows_trained_on(tmp_path):
+    """A reward that is the same for every completion: every group is dropped, no row is trained on, and the
+    logged tokens/s and MFU are 0. They counted the whole batch, trained or not (the arena's last GRPO steps,
+    every group solved, showed an MFU of 140%)."""
+    _start_model(tmp_path / "start")
+    (tmp_path / "flat.py").write_text("def reward(prompt, text):\n    return 0.5\n", encoding="utf-8")
+    cfg = GRPOConfig(steps=2, prompts_per_step=2, group_size=2, max_new_tokens=4, save_every=0)
+    rows = run_grpo(tmp_path / "start", tmp_path / "run", cfg, reward="file", prompts=["ab", "c"],
+                    reward_file=f"{tmp_path / 'flat.py'}:reward", log=None).history
+    assert [(r["zero_spread_groups"], r["tokens_per_s"], r["mfu"]) for r in rows] == [(2.0, 0.0, 0.0)] * 2
 
 
 def test_scoring_agrees_with_sampling_under_dropout(tmp_path):

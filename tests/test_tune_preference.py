@@ -98,6 +98,9 @@ def test_each_pair_loss_on_a_fixed_batch_is_the_papers_formula(loss, model_dir, 
     batch = ds.sample_batch(6, 48, torch.Generator().manual_seed(0))
     got, metrics = P.PreferenceObjective(cfg).loss(P.no_dropout(model).train(), batch)
     got = got.detach()
+    # tokens/s and MFU count both sides of the 6 pairs, padded to one length as the step runs them
+    longest = max(batch["chosen"].shape[1], batch["rejected"].shape[1])
+    assert P.PreferenceObjective(cfg).trained_tokens(batch) == 12 * longest
     model.eval()
     c, r = full_logps(model, batch["chosen"], batch["chosen_mask"]), full_logps(model, batch["rejected"],
                                                                                   batch["rejected_mask"])

@@ -117,10 +117,16 @@ class Objective:
     compiled wrapper); the metrics are 0-dim tensors (rewards, margins, KL), averaged over the micro-batches and
     the processes and logged with the loss under their own names. evaluate(trainer) replaces the validation
     loss when it returns a dict. state_dict()/load_state_dict() travel in each checkpoint's state.json (plain
-    JSON), so a run with an objective that keeps state resumes exactly."""
+    JSON), so a run with an objective that keeps state resumes exactly. trained_tokens(batch) is the number of
+    positions the step runs forward and backward over in a global batch, for tokens_per_s and mfu (None:
+    batch_size x seq_len, as for language modelling): a preference batch holds two rows a pair, a GRPO batch
+    only the groups with a reward spread."""
 
     def loss(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
+
+    def trained_tokens(self, batch: Any) -> int | None:
+        return None
 
     def evaluate(self, trainer: Trainer) -> dict[str, float] | None:
         return None
@@ -246,6 +252,7 @@ class Trainer:
         self.config, self.tokenizer, self.dataset = config, tokenizer, dataset
         self.objective = objective
         self._step_metrics: dict[str, torch.Tensor] = {}
+        self._step_tokens = 0
         self.out_dir = Path(out_dir)
         self.callbacks = list(callbacks)
         self.provenance = dict(provenance or {})
@@ -360,7 +367,7 @@ class Trainer:
                 self.step += 1
                 self.tokens += self.tokens_per_step
                 in_step = False
-                tokens_window += self.tokens_per_step
+                tokens_window += self._step_tokens
                 log_now = self.step % c.log_every == 0 or self.step == 1
                 self.elapsed = time.perf_counter() - t_start
                 metrics: dict[str, Any] = {"step": self.step, "tokens": self.tokens,
@@ -428,14 +435,17 @@ class Trainer:
         0-dim tensors on the device: nothing here waits for the device (fit reads them on logged steps)."""
         c = self.config
         rows = c.batch_size // self.world
+        self._step_tokens = 0  # the global batch's, for tokens_per_s and mfu
         total = torch.zeros((), device=self.device)
         extra: dict[str, torch.Tensor] = {}
         for micro in range(c.grad_accum_steps):
             # Every process draws the whole global batch from the same generator and keeps its rows, so
             # N processes see exactly the batch one process would, and one generator state is the data
             # position for resuming on any number of processes.
-            batch = _rows(self.dataset.sample_batch(c.batch_size, self.seq_len, self.generator),
-                          self.rank * rows, (self.rank + 1) * rows, self.device)
+            batch = self.dataset.sample_batch(c.batch_size, self.seq_len, self.generator)
+            counted = self.objective.trained_tokens(batch) if self.objective is not None else None
+            self._step_tokens += c.batch_size * self.seq_len if counted is None else counted
+            batch = _rows(batch, self.rank * rows, (self.rank + 1) * rows, self.device)
             last = micro == c.grad_accum_steps - 1
             sync = contextlib.nullcontext()
             if self.sharded:

@@ -238,6 +238,9 @@ class GRPO(Objective):
         return out
 
     # the Objective
+    def trained_tokens(self, batch: dict[str, Any]) -> int:
+        return batch["inputs"].numel()  # the kept groups' rows (sampling them is not counted)
+
     def loss(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         c = self.config
         model.eval()  # dropout off: the policy is scored as it sampled (the update stays on-policy)

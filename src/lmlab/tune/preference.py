@@ -302,6 +302,12 @@ class PreferenceObjective(Objective):
     def __init__(self, cfg: PreferenceConfig):
         self.cfg = cfg
 
+    def trained_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        if self.cfg.loss == "kto":  # (its KL rows run forward only)
+            return batch["completion"].numel()
+        c, r = batch["chosen"], batch["rejected"]
+        return 2 * c.shape[0] * max(c.shape[1], r.shape[1])  # one forward over both sides (_stack)
+
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.cfg.loss == "kto":
