@@ -20,7 +20,8 @@ picks the shape:
            block weights). The issue's target needs <= 2%: the adapter grows with d, the weights with d^2, so at
            rank 8 that takes d >= ~500 with this vocabulary (2 layers of d 512: 2.07%). One layer keeps the
            runs within minutes on a shared 2-core CPU.
-    wide4  the same with 4 layers: rank 8 on every block linear is ~1.9% of it; each run takes ~4x as long
+    wide4  the same with 4 layers: rank 8 on every block linear and 8 token rows are 2.27% of it (over the 2%
+           limit: rank 7 fits); each run takes 2-3x as long. A test of depth: it did not close the gap
 
 --data picks what both contenders fine-tune on: `docs`, this repository's documentation (README.md, docs/*.md:
 technical English the tales never show; the loss over every held-out window), or `chats`, SFT on the shipped
