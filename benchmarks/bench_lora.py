@@ -107,8 +107,10 @@ def qa_text(n: int = 3000, seed: int = 99) -> str:
     return "\n".join(lines) + "\n"
 
 
-def pretrained_base(model: str, work: Path, pretrain: str = "tales") -> tuple[Transformer, Tokenizer]:
-    steps, batch, lr = MODELS[model]["base"]
+def pretrained_base(model: str, work: Path, pretrain: str = "tales", steps: int | None = None
+                    ) -> tuple[Transformer, Tokenizer]:
+    default_steps, batch, lr = MODELS[model]["base"]
+    steps = steps or default_steps
     text = demo_corpus(seed=0) + ("\n\n" + qa_text() if pretrain == "tales+qa" else "")
     tok = Tokenizer.train([text], kind="bpe", vocab_size=1024)
     cfg = ModelConfig(family="llama", block_size=128, vocab_size=tok.vocab_size, **MODELS[model]["shape"])
@@ -204,6 +206,7 @@ def main() -> None:
     p.add_argument("--pretrain", choices=["tales", "tales+qa"], default="tales", help="the base's pre-training "
                    "text: the tales, or the tales and bare question-answer lines of the chats' kinds (qa_text)")
     p.add_argument("--steps", type=int, default=200, help="fine-tuning steps, every run")
+    p.add_argument("--base-steps", type=int, help="pre-training steps of a new base (default 600)")
     p.add_argument("--batch-size", type=int, help="fine-tuning rows a step (default: 16 demo, 8 wide)")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--seed", type=int, default=1, help="fine-tuning seed (data order; LoRA's init from seed - 1)")
@@ -235,7 +238,7 @@ def main() -> None:
         if args.base and Path(args.base).is_dir():
             base, tok = load_pretrained(args.base)
         else:
-            base, tok = pretrained_base(args.model, work, args.pretrain)
+            base, tok = pretrained_base(args.model, work, args.pretrain, args.base_steps)
             if args.base:
                 save_pretrained(args.base, base, tok)
             print(f"pre-trained the {args.model} base in {time.time() - start:.0f} s", flush=True)
