@@ -150,7 +150,9 @@ def test_runs_table_and_run_page(tmp_path, browser):  # noqa: F811 (the fixture 
             assert fact("mfu") == f"{[m for m in metrics if m.get('mfu') is not None][-1]['mfu'] * 100:.2f} %"
             shot("run-page-1400")
             page.set_viewport_size({"width": 390, "height": 844})
-            page.wait_for_timeout(300)
+            # the charts are drawn again at the new width (a debounced resize handler), as test_browser_ux waits
+            page.wait_for_function("""() => [...document.querySelectorAll('#run-page [id^="rp-chart-"]')].every(el => {
+                const u = el.querySelector('.uplot'); return !u || u.offsetWidth <= el.clientWidth; })""")
             # nothing of the page reaches past the screen's right edge (the header is the phone layout's work)
             assert page.evaluate(WIDEST, "#run-page") <= 390
             shot("run-page-390")

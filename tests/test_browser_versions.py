@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("playwright.sync_api")
+from playwright.sync_api import expect  # noqa: E402
 from test_browser import browser, pytestmark, ui_page  # noqa: E402, F401
 from test_server_support import FAST, TINY_MODEL, ServerProcess, upload, wait_run  # noqa: E402
 
@@ -138,7 +139,9 @@ def test_a_retrain_keeps_the_earlier_version_downloadable(tmp_path, browser):  #
             page.click('#runs-table tr[data-run="3"] button')
             assert "continues run 2 (after its step 6)" in page.inner_text("#run-detail-head")
             page.click('#tabs button[data-tab="models"]')
-            assert "trained, 12 steps" in page.inner_text(row) and "runs #3 ← #2" in page.inner_text(row)
+            # the models table follows the runs' refresh (GET /runs, then /models): waited for, not read at once
+            expect(page.locator(row)).to_contain_text("trained, 12 steps")
+            assert "runs #3 ← #2" in page.inner_text(row)
             shot("03-lineage-1280")
     finally:
         server.stop()

@@ -93,7 +93,7 @@ async function run(card) {
   message(out, A.t("data.working"));
   try {
     D.results[card] = await A.api("GET", `/api/v1/books/${encodeURIComponent(book)}/data/${PATHS[card]}?${q}`);
-    draw();
+    draw(card);  // this card only: another card's opened cluster or picked run stays as it is
   } catch (e) { delete D.results[card]; message(out, "✗ " + e.message, false); }
 }
 
@@ -104,10 +104,11 @@ function message(out, text, ok = true) {
 const table = (id, head, rows) => A.h("table", { id, class: "grid" }, A.h("thead", {}, A.h("tr", {}, ...head.map((x) => A.h("th", { text: x })))),
   A.h("tbody", {}, ...rows.map((r) => A.h("tr", {}, ...r.map((c) => (c instanceof Node ? A.h("td", {}, c) : A.h("td", { text: c })))))));
 
-function draw() {
-  const { t, h } = A, R = D.results, fact = (key, text, id) => h("div", { class: "fact", "data-fact": id }, h("dt", { text: t(key) }), h("dd", { text }));
+// every card that has a result (a new language), or only the card `only`
+function draw(only = null) {
+  const { t, h } = A, R = D.results, want = (card) => R[card] && (only == null || only === card), fact = (key, text, id) => h("div", { class: "fact", "data-fact": id }, h("dt", { text: t(key) }), h("dd", { text }));
   for (const card of Object.keys(OUT)) if (!R[card] && $(OUT[card])?.querySelector("table, dl")) $(OUT[card]).replaceChildren();
-  if (R.overview) {
+  if (want("overview")) {
     const o = R.overview;
     $(OUT.overview).replaceChildren(h("dl", { class: "facts", id: "dt-facts" },
       fact("data.characters", A.fmtNum(o.characters), "characters"),
@@ -122,7 +123,7 @@ function draw() {
       ...(o.paragraph_histogram ? [table("dt-hist", [t("data.hist_tokens"), t("data.hist_paragraphs")],
         o.paragraph_histogram.map((b) => [`${b.min}–${b.max - 1}`, A.fmtNum(b.documents)]))] : []));
   }
-  if (R.duplicates) {
+  if (want("duplicates")) {
     const d = R.duplicates, s = d.stats;
     $(OUT.duplicates).replaceChildren(h("p", { id: "dt-dups-summary", text: t("data.dups_summary", { units: A.fmtNum(s.units), removed: A.fmtNum(s.removed),
       exact: A.fmtNum(s.exact_duplicates), clusters: A.fmtNum(s.clusters), near: A.fmtNum(s.near_clusters) }) }),
@@ -131,7 +132,7 @@ function draw() {
       table(null, [t("data.kept"), t("data.where"), "Jaccard", t("data.text")], c.members.map((m) => [m.kept ? "✓" : "✗", `${m.start}–${m.end}`, m.jaccard_with_first.toFixed(2), m.preview])),
       c.shared_examples.length ? h("p", { class: "muted", text: t("data.shared_examples") + " " + c.shared_examples.map((x) => `«${x}»`).join(" · ") }) : null)));
   }
-  if (R.filters) {
+  if (want("filters")) {
     const f = R.filters;
     $(OUT.filters).replaceChildren(h("p", { id: "dt-filters-summary", class: f.kept ? "ok" : "bad", text: !f.kept ? t("data.filters_removed")
       : f.level === "paragraph" ? t("data.filters_kept_paragraphs", { kept: A.fmtNum(f.characters_kept), total: A.fmtNum(f.characters_in),
@@ -142,8 +143,8 @@ function draw() {
       [...Object.entries(r.removed_by_rule), ...Object.entries(r.lines_removed_by_rule).map(([k, v]) => [k + " " + t("data.lines"), v])].map(([k, v]) => `${k}: ${v}`).join(", ") || "—"])),
     ...f.filters.flatMap((r) => r.examples.map((e) => h("p", { class: "muted dt-why", text: `${r.name}: ${e.rule} = ${e.value} (${e.limit})` }))));
   }
-  if (R.drift) drawDrift(R.drift);
-  if (R.contamination) {
+  if (want("drift")) drawDrift(R.drift);
+  if (want("contamination")) {
     const c = R.contamination;
     $(OUT.contamination).replaceChildren(h("p", { id: "dt-contam-summary", class: c.contaminated ? "bad" : "ok", text: t("data.contam_summary", { n: c.n, dirty: c.contaminated, items: c.items, clean: c.clean }) }),
       ...(c.per_item.length ? [table("dt-contam-items", ["#", t("data.ngrams"), t("data.example"), t("data.text")],

@@ -5,10 +5,11 @@ import { api, h, t } from "/static/app.js";
 
 // Fill the direction picker with `model`'s directions; keeps the picked one while it is still there.
 export async function fillSteering(model) {
-  const select = document.querySelector("#g-steer");
+  const select = document.querySelector("#g-steer"), ticket = (select.fills = (select.fills || 0) + 1);
   let found = [];
   try { if (model) found = await api("GET", `/api/v1/models/${encodeURIComponent(model)}/steering`); }
   catch { found = []; }  // generation without steering stays possible; the list comes back with the next refresh
+  if (select.fills !== ticket) return;  // stale: a later call, for the model picked now, fills it (fillVersions)
   const keep = select.value;  // after the wait: a choice made while the list loaded stays (fillVersions)
   select.replaceChildren(h("option", { value: "", text: t("steer.none") }),
     ...found.map((d) => h("option", { value: d.name,

@@ -21,9 +21,11 @@ function versionLabel(v) {
 
 // Fill `select` with the model's versions, newest first; keeps the picked one while it is still there.
 export async function fillVersions(select, model) {
+  const ticket = (select.fills = (select.fills || 0) + 1);
   let versions = [];
   try { if (model) versions = await api("GET", `/api/v1/models/${encodeURIComponent(model)}/versions`); }
   catch { versions = []; }  // the current weights stay selectable; the list comes back with the next refresh
+  if (select.fills !== ticket) return;  // a later call (another model picked meanwhile) fills it: this answer is stale
   // what is chosen now, after the wait: a choice made while the list loaded (a refresh runs every few seconds)
   // is kept, not reset to the value from before the wait
   const keep = select.value;
@@ -33,11 +35,20 @@ export async function fillVersions(select, model) {
   select.value = [...select.options].some((o) => o.value === keep) ? keep : "";
 }
 
-// A picker for a models-table row: changing it points the row's download and export links at that version.
+// A picker for a models-table row: changing it points the row's download and export links at that version. The
+// table is drawn anew when runs change: the version picked in a row is kept here and picked again in its new row.
+const picked = new Map();
+
 export function versionPicker(model) {
   const select = h("select", { class: "version", "aria-label": t("versions.pick", { name: model.name }),
-                               onchange: () => retarget(select, model.name) });
-  fillVersions(select, model.name);
+                               onchange: () => { picked.set(model.name, select.value); retarget(select, model.name); } });
+  fillVersions(select, model.name).then(() => {
+    const want = picked.get(model.name);
+    if (want && select.value !== want && [...select.options].some((o) => o.value === want)) {
+      select.value = want;
+      retarget(select, model.name);
+    }
+  });
   return select;
 }
 
