@@ -721,10 +721,9 @@ def lora_config(args: argparse.Namespace) -> Any:
         if given_flags:
             raise ValueError(f"{', '.join(given_flags)} needs --lora-rank")
         return None
-    from .tune.lora import ALL_LINEAR, LoRAConfig
-    targets = tuple(t.strip() for t in (args.lora_targets or ALL_LINEAR).split(",") if t.strip())
-    return LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout or 0.0, targets=targets,
-                      chat_tokens=args.lora_new_tokens)
+    from .tune.lora import LoRAConfig, parse_targets
+    return LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout or 0.0,
+                      targets=parse_targets(args.lora_targets), chat_tokens=args.lora_new_tokens)
 
 
 def _adapter_note(out: str | Path) -> str:

@@ -52,6 +52,11 @@ from ..models.quant import refuse_quantized
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # PEFT's file names
 ALL_LINEAR = "all-linear"  # PEFT's spelling for "every linear layer but the output head"
+
+
+def parse_targets(text: str | None) -> tuple[str, ...]:
+    """--lora-targets (the API's lora_targets): a comma list of module names; none given is every linear."""
+    return tuple(t.strip() for t in (text or ALL_LINEAR).split(",") if t.strip())
 _PREFIX = "base_model.model."  # PEFT's prefix of a PeftModelForCausalLM's keys
 _ROWS = ".token_adapter.trainable_tokens_delta"  # PEFT's key of a TrainableTokens layer: the rows, not a delta
 

@@ -31,7 +31,7 @@ from ...models import ModelConfig, Transformer, preset_names
 from ...tokenizers import Tokenizer
 from ...tune.chat import with_chat_tokens
 from ...tune.data import check_conversation, check_sft_example
-from ...tune.lora import LoRAConfig, apply_lora
+from ...tune.lora import LoRAConfig, apply_lora, parse_targets
 from ...tune.preference import read_examples
 from ...tune.preference import render as render_completion
 from ...tune.rewards import TASKS
@@ -285,8 +285,7 @@ def create_tune_run(state: StateDep, req: TuneCreate) -> Run:
         if params.get("lora_targets"):  # a target the model lacks: the run's own check, on a weightless copy
             try:
                 with torch.device("meta"):
-                    apply_lora(Transformer(cfg), LoRAConfig(rank=1, targets=tuple(
-                        t.strip() for t in str(params["lora_targets"]).split(",") if t.strip())))
+                    apply_lora(Transformer(cfg), LoRAConfig(rank=1, targets=parse_targets(params["lora_targets"])))
             except ValueError as exc:
                 raise HTTPException(422, str(exc)) from None
         batch = (params["group_size"] * params["prompts_per_step"] if req.method == "grpo" else
