@@ -3,6 +3,7 @@
     python benchmarks/bench_lora.py                                   # the demo model, documentation shift
     python benchmarks/bench_lora.py --model wide --base /tmp/wide --data chats       # rank 8 = 1.82% of it
     python benchmarks/bench_lora.py --model wide --base /tmp/wide --data docs
+    python benchmarks/bench_lora.py --model wide --pretrain tales+python --base /tmp/wide-py --data docs
     python benchmarks/bench_lora.py --model wide --pretrain tales+qa --base /tmp/wide-qa --data chats
     python benchmarks/bench_lora.py --model wide --pretrain tales+qa --base /tmp/wide-qa --data chats \
         --lora-new-tokens --lrs-full 3e-4,5.6e-4,1e-3,1.8e-3,3e-3 --lrs-lora 1.8e-3,3e-3,5.6e-3,1e-2,3e-2
@@ -10,7 +11,9 @@
 The base is pre-trained here on the generated tales (or read from --base; a --base folder that does not exist
 yet is where the pre-trained base is kept, so the next setting reuses it), or with `--pretrain tales+qa` on the
 tales and bare question-answer lines of the chats' kinds ("What is 2 minus 1? 1", English and Russian): a base
-that knows the chats' language, digits and Cyrillic, so that SFT teaches only the format (roles, "Answer: X.").
+that knows the chats' language, digits and Cyrillic, so that SFT teaches only the format (roles, "Answer: X."),
+or with `--pretrain tales+python` on the tales and the Python language reference (python_reference): a base that
+has read technical English, so that `--data docs` is a shift of domain, every token seen in pre-training.
 A tales-only base has never seen Cyrillic or digits: their output rows were pushed down throughout pre-training,
 and LoRA, which leaves the embeddings and the head frozen, cannot lift them as full fine-tuning does. --model
 picks the shape:
@@ -107,11 +110,20 @@ def qa_text(n: int = 3000, seed: int = 99) -> str:
     return "\n".join(lines) + "\n"
 
 
+def python_reference() -> str:
+    """The Python language reference's topics as pydoc shows them (CPython's pydoc_data, ~465 KB of technical
+    English shipped with every Python): a base that has read technical prose, code and its symbols, so that
+    fine-tuning on this repository's documentation is a shift of domain, not of alphabet."""
+    from pydoc_data.topics import topics
+    return "\n\n".join(topics[k] for k in sorted(topics)) + "\n"
+
+
 def pretrained_base(model: str, work: Path, pretrain: str = "tales", steps: int | None = None
                     ) -> tuple[Transformer, Tokenizer]:
     default_steps, batch, lr = MODELS[model]["base"]
     steps = steps or default_steps
-    text = demo_corpus(seed=0) + ("\n\n" + qa_text() if pretrain == "tales+qa" else "")
+    extra = {"tales": "", "tales+qa": qa_text(), "tales+python": python_reference()}[pretrain]
+    text = demo_corpus(seed=0) + ("\n\n" + extra if extra else "")
     tok = Tokenizer.train([text], kind="bpe", vocab_size=1024)
     cfg = ModelConfig(family="llama", block_size=128, vocab_size=tok.vocab_size, **MODELS[model]["shape"])
     ds = prepare_texts([text], tok, work / "tales", seq_len=cfg.block_size)
@@ -203,8 +215,9 @@ def main() -> None:
     p.add_argument("--base", help="a model directory to fine-tune; one that does not exist yet receives the base "
                    "pre-trained here")
     p.add_argument("--data", choices=["docs", "chats"], default="docs", help="what both fine-tune on")
-    p.add_argument("--pretrain", choices=["tales", "tales+qa"], default="tales", help="the base's pre-training "
-                   "text: the tales, or the tales and bare question-answer lines of the chats' kinds (qa_text)")
+    p.add_argument("--pretrain", choices=["tales", "tales+qa", "tales+python"], default="tales",
+                   help="the base's pre-training text: the tales, or the tales and bare question-answer lines of the "
+                   "chats' kinds (qa_text), or the tales and the Python language reference (python_reference)")
     p.add_argument("--steps", type=int, default=200, help="fine-tuning steps, every run")
     p.add_argument("--base-steps", type=int, help="pre-training steps of a new base (default 600)")
     p.add_argument("--batch-size", type=int, help="fine-tuning rows a step (default: 16 demo, 8 wide)")
