@@ -5,9 +5,13 @@ each get their text alone and were decoded in shared steps; bad requests get Ope
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -51,6 +55,8 @@ def served(tmp_path_factory):
         chatty.lm_head.weight[chat.chat_token_ids(chat_tok)["end"]] = 1.0
     save_pretrained(ws / "models" / "ender", chatty, chat_tok)
     chat.write_template(ws / "models" / "ender")
+    save_pretrained(ws / "models" / "foreign", model, tok)  # a chat template that is not lmlab's
+    (ws / "models" / "foreign" / chat.TEMPLATE_FILE).write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
     server = ServerProcess(ws, token=TOKEN).start()
     try:
         server.model, server.tok = load_pretrained(ws / "models" / "tiny")
@@ -72,7 +78,7 @@ def new_ids(served, prompt: str, **settings) -> list[int]:
 
 
 def test_models_lists_the_trained_model(served):
-    assert sorted(m.id for m in served.openai.models.list().data) == ["chatty", "ender", "tiny"]
+    assert sorted(m.id for m in served.openai.models.list().data) == ["chatty", "ender", "foreign", "tiny"]
     assert served.openai.models.retrieve("tiny").owned_by == "lmlab"
 
 
@@ -127,6 +133,19 @@ def test_n_samples_take_seed_plus_i_and_stop_strings_cut_the_text(served):
     assert r.usage.completion_tokens == sum(len(new_ids(served, PROMPT, max_new_tokens=24, seed=40 + i))
                                             for i in range(3))
 
+    # a stop string that is one whole token: its log-probability is not shown either (it was, with no text)
+    ids = generate_ids(served.model, [served.tok.encode(PROMPT)], do_sample=False, max_new_tokens=30,
+                       stop_at_eos=False)[0]
+    texts = [served.tok.decode(ids[:k]) for k in range(31)]
+    k = next(k for k in range(5, 30) if texts[k + 1].startswith(texts[k]) and len(texts[k + 1]) > len(texts[k])
+             and texts[k + 1][len(texts[k]):] not in texts[k])
+    for stream in (False, True):
+        r = served.openai.completions.create(model="tiny", prompt=PROMPT, max_tokens=30, temperature=0, logprobs=0,
+                                             stop=texts[k + 1][len(texts[k]):], stream=stream)
+        chunks = list(r) if stream else [r]
+        assert "".join(c.choices[0].text for c in chunks) == texts[k]
+        assert sum(len(c.choices[0].logprobs.tokens) for c in chunks if c.choices[0].logprobs) == k
+
     free = alone(served, PROMPT, max_new_tokens=30, do_sample=False)
     stop = free[12:15]
     assert len(stop) == 3 and stop not in free[:14]
@@ -155,8 +174,9 @@ def test_logprobs_are_the_models_log_softmax(served):
     for row, values, indices in zip(lp.top_logprobs, top.values.tolist(), top.indices.tolist()):
         want = {completion_name(served.tok, i): v for i, v in zip(indices, values)}
         assert row == pytest.approx(want, abs=1e-4)  # keyed by text (or bytes), as OpenAI's are
-    # each token's offset in the completion's text, the same in a stream's chunks (they counted from each chunk)
-    stream, starts, decoded = served.tok.stream_decoder(), [], 0
+    # each token's offset in the text of prompt + completion, as OpenAI's and llama-cpp-python's count it (they
+    # counted from the completion's start), the same in a stream's chunks (they once counted from each chunk)
+    stream, starts, decoded = served.tok.stream_decoder(), [], len(PROMPT)
     for i in ids:
         starts.append(decoded)
         decoded += len(stream.push(i))
@@ -221,6 +241,76 @@ def test_twenty_concurrent_requests_each_get_their_text_alone_decoded_together(s
     assert stats["tiny"]["max_rows"] > 1
 
 
+def _steps(served) -> int:
+    """Decoding steps the tiny model's engine has taken, once it has stopped taking them."""
+    def now():
+        with served.client() as c:
+            return {e["model"]: e["steps"] for e in c.get("/v1/batching").json()["data"]}.get("tiny", 0)
+    last = now()
+    while True:
+        time.sleep(0.5)
+        if (step := now()) == last:
+            return step
+        last = step
+
+
+def test_a_request_whose_client_has_gone_leaves_the_batch(served):
+    """Neither a stream whose client closed the connection before its first chunk nor a request whose client
+    timed out was decoded to its end (the stream's cancel ran only once its generator had started; nothing
+    watched a waiting non-streaming request): a client that retries on timeouts (the openai client tries 3
+    times) cost the server 3 full decodes."""
+    body = {"model": "tiny", "prompt": "Once", "max_tokens": 100, "n": 128, "seed": 1}
+    start, t = _steps(served), time.time()
+    with served.client() as c:
+        assert c.post("/v1/completions", json=body).status_code == 200
+    took, full = time.time() - t, _steps(served) - start
+    assert full >= 300  # 128 sequences in waves of 32 rows, up to 100 steps each
+
+    data = json.dumps({**body, "stream": True}).encode()
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1:{served.port}\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n").encode()
+    start = _steps(served)
+    with socket.create_connection(("127.0.0.1", served.port)) as sock:
+        sock.sendall(head + data)
+    assert _steps(served) - start < full / 4
+
+    start = _steps(served)
+    quick = openai.OpenAI(base_url=served.url + "/v1", api_key=TOKEN, max_retries=0, timeout=took / 5)
+    with pytest.raises(openai.APITimeoutError):
+        quick.completions.create(**body)
+    assert _steps(served) - start < full / 2
+
+
+def test_waiting_requests_hold_no_thread_the_other_endpoints_need(served):
+    """Each waiting non-streaming request held one of the server's worker threads (anyio's 40) until its
+    decode ended, so with 40 waiting, /v1/models and the rest of the API answered only once one had ended."""
+    long = {"model": "tiny", "prompt": "Once", "max_tokens": 120, "n": 128, "seed": 2}
+    short = {"model": "tiny", "prompt": "Once", "max_tokens": 4, "seed": 3}
+    done = []
+
+    def ask(body):
+        with served.client() as c:
+            assert c.post("/v1/completions", json=body).status_code == 200
+        done.append(body is short)
+
+    with ThreadPoolExecutor(47) as pool:
+        # two requests of 128 sequences first: 8 waves of 32 rows, 120 steps each, before any short one's turn
+        futures = [pool.submit(ask, long) for _ in range(2)]
+        with served.client() as c:
+            def until(queued):  # sequences in the engine, or a request done (a failure), or a minute
+                deadline = time.time() + 60
+                while not done and time.time() < deadline and sum(
+                        e["active"] + e["waiting"] for e in c.get("/v1/batching").json()["data"]) < queued:
+                    time.sleep(0.02)
+            until(256)
+            futures += [pool.submit(ask, short) for _ in range(45)]
+            until(256 + 38)  # (with the old threads, 38 short ones could be waiting, no more)
+            assert c.get("/v1/models").status_code == 200
+            assert not done  # answered while the long requests still decode, every short one waiting behind
+        for f in futures:
+            f.result()
+
+
 def test_best_of_returns_the_samples_of_highest_mean_logprob_per_token(served):
     many = served.openai.completions.create(model="tiny", prompt=PROMPT, max_tokens=8, n=4, seed=7, logprobs=0)
     means = [sum(c.logprobs.token_logprobs) / len(c.logprobs.token_logprobs) for c in many.choices]
@@ -251,7 +341,17 @@ def test_bad_requests_get_openai_shaped_errors_naming_the_parameter(served):
                  ({"model": "tiny", "prompt": ["x"] * 200}, 400, "prompt", None),
                  ({"model": "tiny", "prompt": ["x"] * 100, "n": 2}, 400, "n", None),
                  ({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 500}, 400,
-                  "max_completion_tokens", "context_length_exceeded")]
+                  "max_completion_tokens", "context_length_exceeded"),
+                 # wrong JSON types are refused, as OpenAI does, not coerced ("yes" streamed, true was 1 token)
+                 ({"model": "tiny", "prompt": "x", "max_tokens": "3"}, 400, "max_tokens", "int_type"),
+                 ({"model": "tiny", "prompt": "x", "max_tokens": True}, 400, "max_tokens", "int_type"),
+                 ({"model": "tiny", "prompt": "x", "stream": "yes"}, 400, "stream", "bool_type"),
+                 ({"model": "tiny", "prompt": "x", "seed": "7"}, 400, "seed", "int_type"),
+                 ({"model": "tiny", "prompt": "x", "temperature": "0.5"}, 400, "temperature", "float_type"),
+                 ({"model": "tiny", "prompt": [True, False]}, 400, "prompt", "string_type"),
+                 ({"model": "tiny", "prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options",
+                  None),
+                 ({"model": "foreign", "messages": [{"role": "user", "content": "x"}]}, 400, "model", None)]
         # a lone surrogate: JSON may hold one, UTF-8 may not (pydantic let it through these union fields: 500)
         raw = [('{"model": "tiny", "prompt": "a\\ud800b"}', "prompt"),
                ('{"model": "tiny", "prompt": ["a", "\\ud800"]}', "prompt"),
@@ -270,6 +370,15 @@ def test_bad_requests_get_openai_shaped_errors_naming_the_parameter(served):
                 code = "json_invalid"
             assert (r.status_code, error["param"], error["code"]) == (status, param, code), (body, r.text)
             assert error["type"] == "invalid_request_error" and error["message"]
+        # a chat prompt that fills the context, no max_tokens: the message counts 1 token for the completion (it
+        # said "-16 for the completion")
+        long = [{"role": "user", "content": "x " * 200}]
+        r = c.post("/v1/chat/completions", json={"model": "tiny", "messages": long})
+        assert r.json()["error"]["code"] == "context_length_exceeded"
+        assert "1 for the completion" in r.json()["error"]["message"]
+        # an integer where a float is asked is a number all the same
+        assert c.post("/v1/completions", json={"model": "tiny", "prompt": "x", "temperature": 0,
+                                               "max_tokens": 2}).status_code == 200
         # an unknown path or method under /v1: OpenAI's shape as well
         for r, status in ((c.get("/v1/nope"), 404), (c.get("/v1/completions"), 405)):
             assert r.status_code == status and set(r.json()["error"]) == {"message", "type", "param", "code"}
@@ -303,7 +412,7 @@ def test_a_request_whose_engine_closed_before_it_submitted_gets_the_new_one():
     got that engine just before submitted to a closed engine and answered 500. It now asks once more; a second
     closed engine is a 503 in OpenAI's shape."""
     from lmlab.models.batching import BatchEngine, EngineClosed
-    from lmlab.server.routers.openai import OpenAIError, _once_more
+    from lmlab.server.routers.openai import OpenAIError, _Plan, _serve
 
     model = Transformer(ModelConfig.preset("gpt2-tiny", vocab_size=400, block_size=32)).eval()
     tok = Tokenizer.train([BOOK], kind="bpe", vocab_size=400)
@@ -311,16 +420,19 @@ def test_a_request_whose_engine_closed_before_it_submitted_gets_the_new_one():
     engines[0].close()
     calls = []
 
-    def answer():
+    def plan():  # what _completions builds, on the engine engine_for would give at this call (streamed: no wait)
         engine = engines[len(calls)]
         calls.append(engine)
-        return engine.submit([([5, 6], GenerationConfig(max_new_tokens=2, do_sample=False))])
+        return _Plan(engine=engine, requests=[([5, 6], GenerationConfig(max_new_tokens=2, do_sample=False))],
+                     prompts=[[5, 6]], offsets=[0], n=1, best=1, scored=None, shown=False, chat=False, end_ids=(),
+                     stream=True, usage=False, meta={})
 
-    assert _once_more(answer) is not None and calls == engines[:2]
+    assert asyncio.run(_serve(None, plan)) is not None and calls == engines[:2]
+    assert len(engines[1].waiting) == 1 and not engines[0].waiting
     calls.clear()
     engines[1] = engines[0]  # closed again
     with pytest.raises(OpenAIError) as e:
-        _once_more(answer)
+        asyncio.run(_serve(None, plan))
     assert e.value.status == 503 and len(calls) == 2
     with pytest.raises(EngineClosed):
         engines[0].submit([([5], GenerationConfig(max_new_tokens=1))])

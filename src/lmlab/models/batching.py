@@ -16,18 +16,21 @@ count from each row's first real token, so a row sees exactly its own context. T
 a lone row only in float rounding (a matmul over B rows may sum in another order), which can flip a greedy
 choice only in a near-tie, as with generate_ids on a batch.
 
-One thread per engine runs the steps; callers block on their handle's queue. A step costs about one read of
-the weights whatever the number of rows, which is where the throughput comes from on a memory-bound CPU.
+One thread per engine runs the steps; callers block on their handle's queue, or await it (`submit(...,
+loop=)`, then `async for event in handle`: a server's coroutine waits without holding a thread). A step costs
+about one read of the weights whatever the number of rows, which is where the throughput comes from on a
+memory-bound CPU.
 A joining prompt is prefilled whole between two steps, so a long one delays the rows for that time (vLLM's
 chunked prefill would interleave it with decoding; not done here).
 """
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import secrets
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -58,7 +61,7 @@ class Finish:
 
 class _Sequence:
     def __init__(self, prompt: Sequence[int], cfg: GenerationConfig, index: int, logprobs: int | None,
-                 out: queue.Queue, device: torch.device, text: StopText, ends: frozenset[int]) -> None:
+                 out: queue.Queue | _LoopQueue, device: torch.device, text: StopText, ends: frozenset[int]) -> None:
         self.prompt, self.cfg, self.index, self.logprobs, self.out = list(prompt), cfg, index, logprobs, out
         self.text, self.ends = text, ends  # its text as shown (stop strings cut); the ids that end it (EOS)
         seed = cfg.seed if cfg.seed is not None else secrets.randbits(63)
@@ -66,6 +69,20 @@ class _Sequence:
         self.ids: list[int] = []
         self.count = 0
         self.cancelled = False
+
+
+class _LoopQueue:
+    """A handle's queue read by a coroutine: the engine's thread hands each event to the event loop (an
+    asyncio.Queue is not thread-safe); once the loop is closed nobody reads, and the event is dropped."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop, self.queue = loop, asyncio.Queue()
+
+    def put(self, item: object) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:
+            pass
 
 
 class _Rows(KVCache):
@@ -79,13 +96,25 @@ class Handle:
     """The events of one submit: a Token per new token of each of its sequences and a Finish per sequence.
     Iterating ends after the last Finish; an engine error is raised here."""
 
-    def __init__(self, engine: BatchEngine, seqs: list[_Sequence], out: queue.Queue) -> None:
+    def __init__(self, engine: BatchEngine, seqs: list[_Sequence], out: queue.Queue | _LoopQueue) -> None:
         self._engine, self._seqs, self._out = engine, seqs, out
 
     def __iter__(self) -> Iterator[Token | Finish]:
         left = len(self._seqs)
         while left:
             event = self._out.get()
+            if isinstance(event, BaseException):
+                raise event
+            left -= isinstance(event, Finish)
+            yield event
+
+    async def __aiter__(self) -> AsyncIterator[Token | Finish]:
+        """The events, awaited (a handle submitted with `loop=`, iterated on that loop)."""
+        if not isinstance(self._out, _LoopQueue):
+            raise TypeError("async iteration needs a handle submitted with loop=")
+        left = len(self._seqs)
+        while left:
+            event = await self._out.queue.get()
             if isinstance(event, BaseException):
                 raise event
             left -= isinstance(event, Finish)
@@ -125,12 +154,14 @@ class BatchEngine:
             self.thread.start()
 
     def submit(self, requests: Sequence[tuple[Sequence[int], GenerationConfig]], *,
-               logprobs: int | None = None, end_ids: Sequence[int] = ()) -> Handle:
+               logprobs: int | None = None, end_ids: Sequence[int] = (),
+               loop: asyncio.AbstractEventLoop | None = None) -> Handle:
         """Queue sequences (prompt ids, settings), numbered 0.. in order; `logprobs`: report each new token's
         log-probability and that many alternatives (None: none); `end_ids`: ids that end a sequence as EOS does
-        (a chat model's end of turn). Each prompt plus its max_new_tokens must fit the model's context (the
-        caller checks: a lone generation would crop it, a batch row cannot)."""
-        out: queue.Queue = queue.Queue()
+        (a chat model's end of turn); `loop`: the handle is read with `async for` on that event loop. Each
+        prompt plus its max_new_tokens must fit the model's context (the caller checks: a lone generation
+        would crop it, a batch row cannot)."""
+        out = queue.Queue() if loop is None else _LoopQueue(loop)
         ends = frozenset({self.eos, *end_ids})
         seqs = [_Sequence(p, cfg, i, logprobs, out, self.device, StopText(self.tokenizer, cfg.stop_strings), ends)
                 for i, (p, cfg) in enumerate(requests)]

@@ -892,10 +892,26 @@ def generation_events(state: AppState, req: GenerateRequest) -> Iterator[str]:
     return events()
 
 
-def event_stream(events: Any) -> StreamingResponse:
-    """A Server-Sent Events response: not cached, not buffered by a reverse proxy (nginx's X-Accel-Buffering)."""
-    return StreamingResponse(events, media_type="text/event-stream",
-                             headers={"cache-control": "no-store", "x-accel-buffering": "no"})
+class _ClosingStream(StreamingResponse):
+    """A StreamingResponse that calls `on_close` however it ends: sent in full, the client gone mid-stream, or
+    gone before the first chunk (then the body's generator never starts, and its own `finally` never runs)."""
+
+    def __init__(self, content: Any, on_close: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+def event_stream(events: Any, on_close: Callable[[], None] | None = None) -> StreamingResponse:
+    """A Server-Sent Events response: not cached, not buffered by a reverse proxy (nginx's X-Accel-Buffering);
+    `on_close` is called when it ends, however it ends."""
+    kwargs = dict(media_type="text/event-stream", headers={"cache-control": "no-store", "x-accel-buffering": "no"})
+    return StreamingResponse(events, **kwargs) if on_close is None else _ClosingStream(events, on_close, **kwargs)
 
 
 def generation_config(req: GenerateRequest) -> GenerationConfig:

@@ -16,22 +16,25 @@ applied here: a request's defaults are the API's, temperature 1 and top_p 1). Er
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import APIRouter, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 
 from ...models import GenerationConfig
-from ...models.batching import BatchEngine, EngineClosed, Token
+from ...models.batching import BatchEngine, EngineClosed, Finish, Token
 from ...models.io import WEIGHTS
 from ...tune import chat as chat_format
 from ..app import StateDep, openai_error
@@ -41,6 +44,7 @@ from ..workspace import BadName
 
 MAX_SEQUENCES = 128   # prompts x n of one request (OpenAI's limit on n)
 MAX_ENGINES = 4       # models with a scheduler thread at once (the model cache holds 4)
+DISCONNECT_POLL_S = 0.1  # how often a waiting non-streaming request checks that its client is still there
 
 
 class OpenAIError(Exception):
@@ -98,13 +102,13 @@ router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
 # ---- requests --------------------------------------------------------------------------------------
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # OpenAI refuses "3" or true for 3
     include_usage: bool | None = None
 
 
 class Sampling(BaseModel):
     """The settings both endpoints share; null means the default, as in OpenAI's API."""
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # OpenAI refuses "3" or true for 3
     model: str = Field(..., min_length=1, max_length=100)
     max_tokens: int | None = Field(None, ge=1, le=1_000_000)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -129,13 +133,13 @@ class CompletionRequest(Sampling):
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # OpenAI refuses "3" or true for 3
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # OpenAI refuses "3" or true for 3
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
     name: str | None = Field(None, max_length=100)
@@ -181,14 +185,19 @@ def render_chat(model_dir: Path, tokenizer: Any, messages: list[ChatMessage]) ->
 
     A model fine-tuned with lmlab's chat template (`lmlab tune sft`: chat_template.jinja in its directory) gets
     the conversation rendered by it (tune.chat.render; a developer message counts as a system one) and its reply
-    ends at <|end|>. A model without one continues the text of the conversation: the messages' contents (a list
+    ends at <|end|>; another template is a 400 (it is not rendered by guesswork, as `lmlab chat` refuses it). A model
+    without one continues the text of the conversation: the messages' contents (a list
     of text parts joined), joined with one newline, roles left out, encoded as /v1/completions encodes a prompt
     (an empty text starts from <BOS>). A single user message is thus exactly that prompt."""
     texts = [m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])
              for m in messages]
     template = model_dir / chat_format.TEMPLATE_FILE
-    if not template.is_symlink() and template.is_file() \
-            and template.read_text(encoding="utf-8") == chat_format.TEMPLATE:
+    if template.is_symlink() or template.exists():
+        if template.is_symlink() or not template.is_file() \
+                or template.read_text(encoding="utf-8", errors="replace") != chat_format.TEMPLATE:
+            raise OpenAIError(400, f"model {model_dir.name!r} has a chat template that is not lmlab's "
+                              "(<|user|>...<|end|>), the only one this server renders: send the conversation as a "
+                              "prompt to /v1/completions", "model")
         turns = [{"role": "system" if m.role == "developer" else m.role, "content": t}
                  for m, t in zip(messages, texts, strict=True)]
         ids, _ = chat_format.render(turns, tokenizer, add_generation_prompt=True)
@@ -232,34 +241,90 @@ def get_model(state: StateDep, model: str) -> dict[str, Any]:
 
 
 @router.get("/batching", summary="lmlab's own: each loaded model's batching engine (the most rows it decoded "
-                                 "in one step, its steps, its rows now)")
+                                 "in one step, its steps, its rows now, the sequences waiting for a row)")
 def batching(state: StateDep) -> dict[str, Any]:
     with _ENGINES:
         engines = list(state.engines.items())
     return {"object": "list", "data": [{"model": path.name, "max_rows": e.max_rows_seen, "steps": e.steps,
-                                        "active": len(e.rows)} for path, e in engines]}
+                                        "active": len(e.rows), "waiting": len(e.waiting)} for path, e in engines]}
 
 
-def _once_more(answer: Any) -> Any:
-    """answer(), and once more if the engine it got was closed before its sequences reached it (engine_for closes
-    the oldest when a fifth model's engine starts, and a reloaded model's); a second time is a 503."""
-    try:
-        return answer()
-    except EngineClosed:
-        pass
-    try:
-        return answer()
-    except EngineClosed:
+@dataclass
+class _Plan:
+    """A validated request, ready to submit: its sequences (prompt x samples, in choice order), what to report."""
+    engine: BatchEngine
+    requests: list[tuple[list[int], GenerationConfig]]
+    prompts: list[list[int]]
+    offsets: list[int]          # per prompt: where the completion starts in prompt + completion (text_offset)
+    n: int
+    best: int
+    scored: int | None          # log-probabilities the engine reports (best_of ranks by them)
+    shown: bool                 # ... and whether the answer shows them
+    chat: bool
+    end_ids: Sequence[int]
+    stream: bool
+    usage: bool
+    meta: dict[str, Any]
+
+
+class _ClientGone(Exception):
+    """The client closed the connection before its answer was ready."""
+
+
+async def _serve(request: Request, plan: Callable[[], _Plan]) -> Any:
+    """Build the plan in a worker thread (loading the model, encoding), submit it to the engine, and await the
+    answer on the event loop: a waiting request holds no thread, so the other endpoints are answered while
+    generations run. The sequences leave the batch when the client goes away, streaming or not.
+
+    The plan is built and submitted once more if the engine it got was closed before its sequences reached it
+    (engine_for closes the oldest when a fifth model's engine starts, and a reloaded model's); a second time is
+    a 503."""
+    loop = asyncio.get_running_loop()
+    for _ in range(2):
+        p = await run_in_threadpool(plan)
+        try:
+            handle = p.engine.submit(p.requests, logprobs=p.scored, end_ids=p.end_ids, loop=loop)
+            break
+        except EngineClosed:
+            continue
+    else:
         raise OpenAIError(503, "the model's engine was replaced twice while this request waited; send it again",
-                          "model") from None
+                          "model")
+    if p.stream:
+        return event_stream(_chunks(p, handle), on_close=handle.cancel)
+    try:
+        events = await _collect(handle, request)
+    except _ClientGone:
+        return Response(status_code=499)  # nobody reads it (nginx's code for a client that closed the request)
+    except Exception as exc:  # noqa: BLE001 - the engine's error (the others' requests decode on): OpenAI's shape
+        raise OpenAIError(500, f"generation failed: {exc}") from None
+    return _response(p, events)
+
+
+async def _collect(handle: Any, request: Request) -> list[Token | Finish]:
+    """Every event of the handle; _ClientGone (the sequences cancelled) as soon as the client has gone."""
+    async def drain() -> list[Token | Finish]:
+        return [event async for event in handle]
+    task = asyncio.ensure_future(drain())
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise _ClientGone
+    finally:
+        if not task.done():
+            task.cancel()
+            handle.cancel()
 
 
 @router.post("/completions", summary="Text completion (OpenAI's legacy Completions API)")
-def completions(state: StateDep, req: CompletionRequest) -> Any:
-    return _once_more(lambda: _completions(state, req))
+async def completions(state: StateDep, req: CompletionRequest, request: Request) -> Any:
+    return await _serve(request, lambda: _completions(state, req))
 
 
-def _completions(state: Any, req: CompletionRequest) -> Any:
+def _completions(state: Any, req: CompletionRequest) -> _Plan:
     engine, _ = engine_for(state, req.model)
     tok = engine.tokenizer
     prompt = req.prompt
@@ -269,43 +334,50 @@ def _completions(state: Any, req: CompletionRequest) -> Any:
     vocab = engine.model.config.vocab_size
     if any(not p or not all(0 <= t < vocab for t in p) for p in prompts):
         raise OpenAIError(400, f"a prompt of token ids needs 1 or more ids in [0, {vocab})", "prompt")
-    return _answer(engine, req, prompts, req.max_tokens or 16, "prompt", req.logprobs, chat=False)
+    # text_offset counts from the start of the prompt's text, as OpenAI's (and llama.cpp's server's) do
+    offsets = [len(p) if isinstance(p, str) else len(tok.decode(ids)) for p, ids in zip(prompt or [""], prompts)]
+    return _plan(engine, req, prompts, req.max_tokens or 16, "prompt", req.logprobs, chat=False, offsets=offsets)
 
 
 @router.post("/chat/completions", summary="Chat completion (OpenAI's Chat Completions API)")
-def chat_completions(state: StateDep, req: ChatRequest) -> Any:
+async def chat_completions(state: StateDep, req: ChatRequest, request: Request) -> Any:
     if req.top_logprobs is not None and not req.logprobs:
         raise OpenAIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
     for i, m in enumerate(req.messages):
         for j, part in enumerate([m.content] if isinstance(m.content, str) else [p.text for p in m.content or []]):
             _text(part, f"messages[{i}].content" + ("" if isinstance(m.content, str) else f"[{j}].text"))
-    return _once_more(lambda: _chat(state, req))
+    return await _serve(request, lambda: _chat(state, req))
 
 
-def _chat(state: Any, req: ChatRequest) -> Any:
+def _chat(state: Any, req: ChatRequest) -> _Plan:
     engine, model_dir = engine_for(state, req.model)
     prompt, ends = render_chat(model_dir, engine.tokenizer, req.messages)
-    max_new = req.max_completion_tokens or req.max_tokens or engine.model.config.block_size - len(prompt)
+    room = max(engine.model.config.block_size - len(prompt), 1)  # a full context: 1, which the check refuses
+    max_new = req.max_completion_tokens or req.max_tokens or room
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    return _answer(engine, req, [prompt], max_new, "messages", logprobs, chat=True, end_ids=ends,
-                   max_param="max_tokens" if req.max_completion_tokens is None else "max_completion_tokens")
+    return _plan(engine, req, [prompt], max_new, "messages", logprobs, chat=True, end_ids=ends,
+                 max_param="max_tokens" if req.max_completion_tokens is None else "max_completion_tokens")
 
 
-def _answer(engine: BatchEngine, req: Sampling, prompts: list[list[int]], max_new: int, prompt_param: str,
-            logprobs: int | None, *, chat: bool, end_ids: Sequence[int] = (), max_param: str = "max_tokens") -> Any:
+def _plan(engine: BatchEngine, req: Sampling, prompts: list[list[int]], max_new: int, prompt_param: str,
+          logprobs: int | None, *, chat: bool, end_ids: Sequence[int] = (), max_param: str = "max_tokens",
+          offsets: list[int] | None = None) -> _Plan:
     n = req.n or 1
     best = getattr(req, "best_of", None) or n  # the Completions API's best_of: samples drawn per prompt
     if best < n:
         raise OpenAIError(400, f"best_of ({best}) must be at least n ({n})", "best_of")
     if best > n and req.stream:
         raise OpenAIError(400, "best_of > n cannot be streamed: the best are known only at the end", "best_of")
+    if req.stream_options is not None and not req.stream:
+        raise OpenAIError(400, "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                          "stream_options")
     if len(prompts) * best > MAX_SEQUENCES:  # the setting that multiplies the prompts, or the prompts themselves
         name, param = ("best_of", "best_of") if best > n else ("n", "n") if n > 1 else ("", prompt_param)
         raise OpenAIError(400, f"{len(prompts)} prompts" + (f" x {name}={best}" if name else "")
                           + f" is more than {MAX_SEQUENCES} sequences", param)
     block = engine.model.config.block_size
     for p in prompts:
-        if len(p) + max(max_new, 1) > block:
+        if len(p) + max_new > block:
             raise OpenAIError(400, f"This model's maximum context length is {block} tokens. However, you requested "
                               f"{len(p) + max_new} tokens ({len(p)} in the {prompt_param}, {max_new} for the "
                               "completion). Please reduce the length of the prompt or the completion.",
@@ -321,101 +393,110 @@ def _answer(engine: BatchEngine, req: Sampling, prompts: list[list[int]], max_ne
         return GenerationConfig(max_new_tokens=max_new, do_sample=top_p > 0, temperature=temperature,
                                 top_p=top_p or 1.0, stop_strings=stops, seed=seed)
 
-    # best_of ranks the samples by their tokens' log-probabilities: reported for every token, shown if asked
-    scored = logprobs if logprobs is not None or best == n else 0
-    handle = engine.submit([(p, settings(i)) for p in prompts for i in range(best)], logprobs=scored, end_ids=end_ids)
-    meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
-            "model": req.model}
-    prompt_tokens = sum(len(p) for p in prompts)
-    if req.stream:
-        usage = bool(req.stream_options and req.stream_options.include_usage)
-        return event_stream(_chunks(engine, handle, meta, chat, prompt_tokens, usage, logprobs is not None))
+    return _Plan(engine=engine, requests=[(p, settings(i)) for p in prompts for i in range(best)], prompts=prompts,
+                 offsets=offsets or [0] * len(prompts), n=n, best=best,
+                 # best_of ranks the samples by their tokens' log-probabilities: reported for every token
+                 scored=logprobs if logprobs is not None or best == n else 0, shown=logprobs is not None,
+                 chat=chat, end_ids=end_ids, stream=bool(req.stream),
+                 usage=bool(req.stream_options and req.stream_options.include_usage),
+                 meta={"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
+                       "model": req.model})
+
+
+def _returned(tokens: list[Token], length: int) -> list[Token]:
+    """The tokens whose text is in the returned completion of `length` characters: a token that only held a
+    stop string (cut from the text) is not shown in the log-probabilities either."""
+    return [t for t in tokens if t.offset < length]
+
+
+def _response(p: _Plan, events: list[Token | Finish]) -> dict[str, Any]:
+    tok = p.engine.tokenizer
     choices: dict[int, dict[str, Any]] = {}
-    tokens: dict[int, list[Token]] = {i: [] for i in range(len(prompts) * best)}
+    tokens: dict[int, list[Token]] = {i: [] for i in range(len(p.prompts) * p.best)}
     completion_tokens = 0
-    try:
-        events = list(handle)
-    except Exception as exc:  # noqa: BLE001 - the engine's error (the others' requests decode on): OpenAI's shape
-        raise OpenAIError(500, f"generation failed: {exc}") from None
     for event in events:
         if isinstance(event, Token):
             tokens[event.index].append(event)
             continue
         completion_tokens += event.tokens
         content = "".join(t.text for t in tokens[event.index]) + event.text
+        tokens[event.index] = _returned(tokens[event.index], len(content))
         choice: dict[str, Any] = {"index": event.index}
-        if chat:
+        if p.chat:
             choice["message"] = {"role": "assistant", "content": content, "refusal": None}
         else:
             choice["text"] = content
-        choice["logprobs"] = _logprobs(engine.tokenizer, tokens[event.index], chat) if logprobs is not None else None
+        offset = p.offsets[event.index // p.best]
+        choice["logprobs"] = _logprobs(tok, tokens[event.index], p.chat, offset) if p.shown else None
         choice["finish_reason"] = event.reason
         choices[event.index] = choice
     ranked = [choices[i] for i in sorted(choices)]
-    if best > n:  # per prompt, the n samples of highest mean log-prob per token (the earliest among equals)
+    if p.best > p.n:  # per prompt, the n samples of highest mean log-prob per token (the earliest among equals)
         def mean(i: int) -> float:
             lp = [t.logprob for t in tokens[i] if t.logprob is not None]
             return sum(lp) / len(lp) if lp else float("-inf")
         ranked = []
-        for k in range(len(prompts)):
-            ids = sorted(range(k * best, (k + 1) * best), key=lambda i: (-mean(i), i))[:n]
-            for j, i in enumerate(ids):
-                ranked.append({**choices[i], "index": k * n + j,
-                               **({} if logprobs is not None else {"logprobs": None})})
-    return {**meta, "object": "chat.completion" if chat else "text_completion",
-            "choices": ranked,
+        for k in range(len(p.prompts)):
+            ids = sorted(range(k * p.best, (k + 1) * p.best), key=lambda i: (-mean(i), i))[:p.n]
+            ranked += [{**choices[i], "index": k * p.n + j} for j, i in enumerate(ids)]
+    prompt_tokens = sum(len(x) for x in p.prompts)
+    return {**p.meta, "object": "chat.completion" if p.chat else "text_completion", "choices": ranked,
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens}}
 
 
-def _chunks(engine: BatchEngine, handle: Any, meta: dict[str, Any], chat: bool, prompt_tokens: int, usage: bool,
-            with_logprobs: bool) -> Iterator[str]:
+async def _chunks(p: _Plan, handle: Any) -> AsyncIterator[str]:
     """OpenAI's stream: a chunk per piece of text of each choice as it is decoded (text that may begin a stop
     string held back), a last chunk per choice with its finish_reason, the usage chunk if asked, [DONE]."""
-    kind = "chat.completion.chunk" if chat else "text_completion"
+    kind = "chat.completion.chunk" if p.chat else "text_completion"
     started: set[int] = set()
     pending: dict[int, list[Token]] = {}
+    sent: dict[int, int] = {}  # characters of each choice sent so far
     completion_tokens = 0
 
     def chunk(index: int, piece: str | None, finish: str | None) -> str:
         choice: dict[str, Any] = {"index": index}
-        if chat:
+        if p.chat:
             choice["delta"] = {} if piece is None else {"content": piece}
         else:
             choice["text"] = piece or ""
         tokens = pending.pop(index, [])
-        choice["logprobs"] = _logprobs(engine.tokenizer, tokens, chat) if with_logprobs and tokens else None
+        sent[index] = sent.get(index, 0) + len(piece or "")
+        offset = p.offsets[index // p.best]
+        choice["logprobs"] = _logprobs(p.engine.tokenizer, tokens, p.chat, offset) if p.shown and tokens else None
         choice["finish_reason"] = finish
-        body = {**meta, "object": kind, "choices": [choice]}
-        if usage:
+        body = {**p.meta, "object": kind, "choices": [choice]}
+        if p.usage:
             body["usage"] = None
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
     try:
-        for event in handle:
+        async for event in handle:
             i = event.index
             if i not in started:
                 started.add(i)
-                if chat:  # the first chunk of a choice names the role
-                    body = {**meta, "object": kind, "choices": [{"index": i, "delta": {"role": "assistant",
+                if p.chat:  # the first chunk of a choice names the role
+                    body = {**p.meta, "object": kind, "choices": [{"index": i, "delta": {"role": "assistant",
                             "content": ""}, "logprobs": None, "finish_reason": None}]}
-                    yield f"data: {json.dumps({**body, **({'usage': None} if usage else {})})}\n\n"
+                    yield f"data: {json.dumps({**body, **({'usage': None} if p.usage else {})})}\n\n"
             if isinstance(event, Token):
                 pending.setdefault(i, []).append(event)
                 if event.text:
                     yield chunk(i, event.text, None)
                 continue
             completion_tokens += event.tokens
-            if event.text or pending.get(i):
+            pending[i] = _returned(pending.get(i, []), sent.get(i, 0) + len(event.text))
+            if event.text or pending[i]:
                 yield chunk(i, event.text, None)
             yield chunk(i, None, event.reason)
     except Exception as exc:  # noqa: BLE001 - the status line is sent: report in-band
         yield f"data: {json.dumps(openai_error(500, str(exc)))}\n\n"
         return
     finally:
-        handle.cancel()  # a client that went away leaves the batch at the next step
-    if usage:
-        body = {**meta, "object": kind, "choices": [],
+        handle.cancel()  # a client that went away leaves the batch at the next step (and event_stream's on_close)
+    if p.usage:
+        prompt_tokens = sum(len(x) for x in p.prompts)
+        body = {**p.meta, "object": kind, "choices": [],
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "total_tokens": prompt_tokens + completion_tokens}}
         yield f"data: {json.dumps(body)}\n\n"
@@ -455,7 +536,7 @@ def _token_bytes(tokenizer: Any, token_id: int) -> tuple[str, list[int]]:
     return text, list(text.encode("utf-8", "replace"))
 
 
-def _logprobs(tokenizer: Any, tokens: list[Token], chat: bool) -> dict[str, Any]:
+def _logprobs(tokenizer: Any, tokens: list[Token], chat: bool, offset: int = 0) -> dict[str, Any]:
     if chat:
         def entry(token_id: int, logprob: float) -> dict[str, Any]:
             text, raw = _token_bytes(tokenizer, token_id)
@@ -470,7 +551,7 @@ def _logprobs(tokenizer: Any, tokens: list[Token], chat: bool) -> dict[str, Any]
     return {"tokens": [_completion_token(tokenizer, t.id) for t in tokens],
             "token_logprobs": [t.logprob for t in tokens],
             "top_logprobs": [top(t.top) for t in tokens],
-            "text_offset": [t.offset for t in tokens]}  # from the choice's start, in every chunk of a stream
+            "text_offset": [offset + t.offset for t in tokens]}  # from the prompt's start, in every chunk
 
 
 def _completion_token(tokenizer: Any, token_id: int) -> str:
