@@ -141,6 +141,10 @@ def test_bad_input_is_refused_in_one_line(capsys, family):
     fails("--method 'avg' is not a method; choose one of linear, slerp, task-arithmetic, ties, dare",
           a, b, "--method", "avg")
     fails("--weights has 1 numbers for 2 models; give one per model", a, b, "--method", "linear", "--weights", "1")
+    # NaN or inf wrote a model of NaN without complaint
+    fails("--weights must be finite numbers, not 1.0,nan", a, b, "--method", "linear", "--weights", "1,nan")
+    fails("--lambda must be a finite number, not inf", a, "--method", "task-arithmetic", "--base", b, "--lambda", "inf")
+    fails("--lambda must be a finite number, not nan", a, b, "--method", "ties", "--base", a, "--lambda", "nan")
     tok2 = Tokenizer.train([TEXT.upper()], kind="bpe", vocab_size=280)
     config = lmlab.load(a)[0].config
     save_pretrained(family / "othertok", Transformer(config).eval(), tok2)

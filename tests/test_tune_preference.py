@@ -5,6 +5,7 @@ import json
 import math
 
 import pytest
+import safetensors.torch
 import torch
 from safetensors.torch import load_file
 
@@ -419,6 +420,15 @@ def test_the_reference_cache_is_reused_and_invalidated(model_dir, pairs_file, to
     assert again.attach_reference(model, tmp_path) and len(calls) == n  # read, not recomputed
     for side in ("ref_chosen", "ref_rejected"):
         assert torch.equal(again.tensors[side], fresh.tensors[side])
+    # a damaged cache file (cut short; another file's tensors) is computed again and written anew: it crashed
+    cache = next(tmp_path.glob("*.safetensors"))
+    whole = cache.read_bytes()
+    for damaged in (whole[:len(whole) // 2], safetensors.torch.save({"ref_chosen": torch.zeros(2, 3)})):
+        cache.write_bytes(damaged)
+        redone = P.PreferenceData(pairs_file, tok, "pairs", 48)
+        assert not redone.attach_reference(model, tmp_path) and cache.read_bytes() == whole
+        assert all(torch.equal(redone.tensors[s], fresh.tensors[s]) for s in ("ref_chosen", "ref_rejected"))
+    n = len(calls)
     with torch.no_grad():  # other weights: recomputed
         model.lm_head.weight[0, 0] += 1e-3
     assert not P.PreferenceData(pairs_file, tok, "pairs", 48).attach_reference(model, tmp_path)

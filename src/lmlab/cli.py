@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import dis
+import errno
 import math
 import os
 import sys
@@ -36,12 +37,18 @@ def registrar(registry: Registry):
     return mode
 
 
+def _literal(help_text: str) -> str:
+    """A command's help as argparse's help= takes it: %-formatted there ("95% intervals" crashed `lmlab --help`),
+    unlike description=."""
+    return help_text.replace("%", "%%")
+
+
 def registry_arguments(p: argparse.ArgumentParser, registry: Registry, dest: str, metavar: str, run_key: str) -> None:
     """One subcommand per registry entry; the chosen run lands in args.<run_key> (a key of its own per level,
     so that a nested registry does not overwrite its parent's)."""
     sub = p.add_subparsers(dest=dest, required=True, metavar=metavar)
     for name, (help_text, arguments, run) in registry.items():
-        t = sub.add_parser(name, help=help_text, description=help_text)
+        t = sub.add_parser(name, help=_literal(help_text), description=help_text)
         arguments(t)
         t.set_defaults(**{run_key: run})
 
@@ -1037,7 +1044,8 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
     h.add_argument("out_dir", help="folder to write (created, or updated in place)")
     g = sub.add_parser("gguf", help="one GGUF file for llama.cpp (llama and gpt2 families, bpe tokenizers)")
     g.add_argument("model_dir", help="an lmlab model directory")
-    g.add_argument("out_file", help="the .gguf file to write")
+    g.add_argument("out_file", help="the .gguf file to write (an existing file is replaced only with --force)")
+    g.add_argument("--force", action="store_true", help="replace OUT_FILE if it exists")
     g.add_argument("--dtype", default="f32", choices=["f32", "f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0"],
                    help="weight type of the matrices (default f32; norms and biases stay f32); the plan printed "
                         "shows each tensor's type, any fallback to f16 and why, and the bits per weight")
@@ -1052,6 +1060,8 @@ def _export(args: argparse.Namespace) -> int:
             out = export_hf(args.model_dir, args.out_dir)
             print(f"wrote {out} (load with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}))")
         else:
+            if (Path(args.out_file).exists() or Path(args.out_file).is_symlink()) and not args.force:
+                raise FileExistsError(f"{args.out_file} exists; add --force to replace it, or choose another name")
             plan = export_gguf(args.model_dir, args.out_file, dtype=args.dtype)
             out = plan.path
             print("\n".join(plan.lines()))
@@ -1108,7 +1118,7 @@ def _quantize(args: argparse.Namespace) -> int:
         raise ValueError(f"--method {args.method!r} is not a method; choose {' or '.join(METHODS)}")
     if args.to == "int8" and args.group_size is not None:
         raise ValueError("--group-size is for int4; int8 has one scale per output row")
-    group_size = args.group_size or 32 if args.to == "int4" else None
+    group_size = (32 if args.group_size is None else args.group_size) if args.to == "int4" else None  # 0 is 0
     out, qc, stats = quantize_dir(args.model_dir, args.out, FORMATS[args.to], group_size, method=args.method,
                                   keep_head=args.keep_head, calibration=args.calibration,
                                   calibration_tokens=args.calibration_tokens)
@@ -1904,7 +1914,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, arguments, run) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=_literal(help_text), description=help_text)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
         p.add_argument("--config", metavar="FILE", help=_CONFIG_HELP)
         arguments(p)
@@ -1976,6 +1986,8 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None)
 _PACKAGE = Path(__file__).resolve().parent
 _RAISE = dis.opmap["RAISE_VARARGS"]
 _PATH_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+# a name longer than the file system takes (255 bytes a component on most), a read-only file system, a full disk
+_USER_ERRNOS = {errno.ENAMETOOLONG, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
 
 
 def is_user_error(exc: BaseException) -> bool:
@@ -1983,7 +1995,7 @@ def is_user_error(exc: BaseException) -> bool:
     its own message (a `raise` statement in the package: the house convention for input it refuses). A
     ValueError from inside torch, numpy or the standard library, or from an operation that failed in lmlab's
     code (an unpacking, an int() of something never checked), is a bug."""
-    if isinstance(exc, _PATH_ERRORS):
+    if isinstance(exc, _PATH_ERRORS) or (isinstance(exc, OSError) and exc.errno in _USER_ERRNOS):
         return True
     tb = exc.__traceback__
     while tb is not None and tb.tb_next is not None:
@@ -2006,6 +2018,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if not getattr(args, "run", None):
         parser.print_help()
+        return 2
+    if isinstance(getattr(args, "out", None), str) and not args.out.strip():  # Path("") is the current folder
+        print("lmlab: error: --out is empty; name the folder (or file) to write", file=sys.stderr)
         return 2
     from .train.console import console_progress
 

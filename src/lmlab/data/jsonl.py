@@ -38,6 +38,8 @@ def read_jsonl(path: str | Path, check: Callable[[Any], T]) -> list[tuple[int, T
                                  "not text") from None
             except RecursionError:
                 raise ValueError(f"{path}:{number}: JSON nested too deeply") from None
+            except ValueError as exc:  # json's own limits, such as an integer of more than 4300 digits
+                raise ValueError(f"{path}:{number}: not JSON that can be read ({exc})") from None
             try:
                 out.append((number, check(record)))
             except ValueError as exc:

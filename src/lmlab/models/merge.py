@@ -93,7 +93,8 @@ def merge_tensors(tensors: list[torch.Tensor], method: str, *, base: torch.Tenso
     return base + lam * sum(w * d for w, d in zip(weights, deltas))
 
 
-def check_parameters(method: str, n: int, base: Any, weights: list[float] | None, t: float, density: float) -> None:
+def check_parameters(method: str, n: int, base: Any, weights: list[float] | None, t: float, density: float,
+                     lam: float = 1.0) -> None:
     if method not in METHODS:
         raise ValueError(f"--method {method!r} is not a method; choose one of {', '.join(METHODS)}")
     if method in NEEDS_BASE and base is None:
@@ -106,6 +107,10 @@ def check_parameters(method: str, n: int, base: Any, weights: list[float] | None
         raise ValueError(f"--method {method} needs at least {1 if method in NEEDS_BASE else 2} models")
     if weights is not None and len(weights) != n:
         raise ValueError(f"--weights has {len(weights)} numbers for {n} models; give one per model")
+    if weights is not None and not all(math.isfinite(w) for w in weights):
+        raise ValueError(f"--weights must be finite numbers, not {','.join(map(str, weights))}")
+    if not math.isfinite(lam):  # nan or inf: a model of NaN, written without complaint
+        raise ValueError(f"--lambda must be a finite number, not {lam}")
     if weights is not None and method == "linear" and sum(weights) == 0:
         raise ValueError("--weights sum to 0; a linear merge divides by their sum")
     if not 0 <= t <= 1:
@@ -156,7 +161,7 @@ def merge_dirs(parents: list[str | Path], out: str | Path, method: str, *, base:
     out, paths = Path(out), [Path(p) for p in parents]
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} exists and is not empty; choose a new folder for the merged model")
-    check_parameters(method, len(paths), base, weights, t, density)
+    check_parameters(method, len(paths), base, weights, t, density, lam)
     every = paths + ([Path(base)] if base is not None else [])
     check_parents(every)
     first = every[0]

@@ -504,6 +504,8 @@ def quantize_dir(model_dir: str | Path, out: str | Path, bits: int, group_size: 
         raise ValueError("--method gptq needs --calibration BOOKS (text to measure the layers' inputs on)")
     if method == "rtn" and calibration:
         raise ValueError("--calibration is used by --method gptq only")
+    if isinstance(calibration_tokens, bool) or not isinstance(calibration_tokens, int) or calibration_tokens < 1:
+        raise ValueError(f"--calibration-tokens must be a positive number of tokens, not {calibration_tokens!r}")
     if bits == 4 and group_size not in GROUP_SIZES:
         raise ValueError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))} for int4")
     model, tok = load_pretrained(model_dir)

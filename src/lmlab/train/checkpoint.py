@@ -66,16 +66,17 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 RUN_FILES = ("config.json", "metrics.jsonl")  # what the Trainer writes into a new run's folder first
 
 
-def refuse_existing_run(run_dir: str | Path, overwrites: tuple[str, ...] = RUN_FILES) -> None:
+def refuse_existing_run(run_dir: str | Path, overwrites: tuple[str, ...] = RUN_FILES, command: str = "lmlab train"
+                        ) -> None:
     """ValueError if `run_dir` holds another run (checkpoints or a final model), or any of `overwrites`, the
     files a new run writes there (a model directory's config.json, a user's own metrics.jsonl): nothing there
     is overwritten without asking. A new run over another would prune its checkpoints with its own, and a later
     resume could load its weights and save them as the new final/. The one guard of `lmlab train`, `lmlab demo`,
     the tune commands and the library's train(); the callers that write more before the Trainer name those
-    too."""
+    too, and the `command` that resumes their runs."""
     out = Path(run_dir)
     if (out / "final").exists() or ((out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())):
-        raise ValueError(f"{out} already holds a run; resume it (lmlab train --out {out} --resume) or choose "
+        raise ValueError(f"{out} already holds a run; resume it ({command} --out {out} --resume) or choose "
                          "another folder")
     if os.environ.get("RANK", "0") not in ("", "0"):  # a DDP rank but the first would find rank 0's own new files
         return                                        # there: rank 0 checks them (torchrun stops the rest if it exits)

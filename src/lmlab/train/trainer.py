@@ -196,7 +196,10 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("device cuda requested but no CUDA device is available")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:  # torch's message lists every device type it knows
+        raise ValueError(f"{name!r} is not a device: give cpu, cuda, cuda:N or auto") from None
 
 
 @functools.cache

@@ -219,7 +219,7 @@ def run_distill(teacher_dir: str | Path, books: Sequence[str | Path], out_dir: s
     tokenizer) or into the model in `student_dir` (same tokenizer), on `books`. Bad input fails before anything
     is written."""
     out = Path(out_dir)
-    refuse_existing_run(out, (*RUN_FILES, "tokenizer.json", "data"))
+    refuse_existing_run(out, (*RUN_FILES, "tokenizer.json", "data"), "lmlab tune distill")
     if sum(x is not None for x in (preset, model_config, student_dir)) != 1:
         raise ValueError("choose the student: --preset NAME or --model DIR (one of them)")
     teacher, tok = _load_teacher(teacher_dir)

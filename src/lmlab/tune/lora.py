@@ -275,6 +275,12 @@ def apply_lora(model: Transformer, config: LoRAConfig, tokenizer: Any = None) ->
     if unknown:
         raise ValueError(f"unknown LoRA target {unknown[0]!r} for a {model.config.family} model; choose from "
                          f"{', '.join(dict.fromkeys(n.split('.')[-1] for n in names))} or {ALL_LINEAR}")
+    shapes = [(rows, model.blocks[0].get_submodule(ours).in_features) for ours, segs in segments.items()
+              for hf, rows in segs if any(_matches(hf, t) for t in config.targets)]
+    most = min(min(shape) for shape in shapes)
+    if config.rank > most:  # a larger B A spans no more: it only adds parameters (rank 10^5 wrote a 977 MB file)
+        raise ValueError(f"LoRA rank {config.rank} is above what the targeted matrices can use: the smallest is "
+                         f"{min(shapes, key=min)[0]}x{min(shapes, key=min)[1]}; choose a rank of at most {most}")
     for p in model.parameters():
         p.requires_grad_(False)
     for block in model.blocks:
@@ -384,10 +390,12 @@ def _row_modules(model: Transformer) -> dict[str, Any]:
     return {emb: model.tok_emb, **({} if model.config.tie_embeddings else {"lm_head": model.lm_head})}
 
 
-def save_adapter(model: Transformer, out_dir: str | Path, *, base_model: str | None = None) -> Path:
+def save_adapter(model: Transformer, out_dir: str | Path, *, base_model: str | None = None,
+                 tokenizer: Any = None) -> Path:
     """Write the adapters of `model` in PEFT's layout: adapter_config.json and adapter_model.safetensors, keys
-    named for the HF export (`lmlab export hf`), so peft.PeftModel.from_pretrained(export, out_dir) loads them.
-    Files are written beside and renamed into place; other files in out_dir are kept."""
+    named for the HF export (`lmlab export hf`), so peft.PeftModel.from_pretrained(export, out_dir) loads them,
+    and the `tokenizer` it was trained with, if given (tokenizer.json beside them, as TRL saves one; PEFT reads
+    only its own two files). Files are written beside and renamed into place; other files in out_dir are kept."""
     config: LoRAConfig | None = getattr(model, "lora_config", None)
     tensors = _peft_tensors(model)
     if config is None or not tensors:
@@ -410,6 +418,9 @@ def save_adapter(model: Transformer, out_dir: str | Path, *, base_model: str | N
         save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp / ADAPTER_WEIGHTS),
                   metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n", encoding="utf-8")
+        if tokenizer is not None:
+            from ..models.io import TOKENIZER
+            tokenizer.save(tmp / TOKENIZER)
     return Path(out_dir)
 
 
@@ -475,26 +486,60 @@ def save_lora_run(model: Transformer, run_dir: str | Path, tokenizer: Any = None
     wrote with the adapters as extra tensors) rewritten as a plain model directory with the adapters merged, so
     that `lmlab generate`, `lmlab export` and the web app read it like any other. Returns RUN/adapter."""
     run = Path(run_dir)
-    adapter = save_adapter(model, run / "adapter")
+    adapter = save_adapter(model, run / "adapter", tokenizer=tokenizer)
     if (run / "final").is_dir():  # training.json stays as the trainer wrote it
         save_pretrained(run / "final", merge_and_unload(copy.deepcopy(model)), tokenizer)
     return adapter
 
 
+def _vocabulary(tokenizer: Any) -> list[str | None]:
+    return [tokenizer.id_to_token(i) for i in range(len(tokenizer))]
+
+
 def merge_lora_dir(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path) -> Path:
     """`lmlab lora merge`: a new model directory `out_dir` holding `model_dir` with the adapter merged (its other
-    files copied; training.json says what was merged). Refuses an `out_dir` that exists; written beside, renamed."""
+    files copied, symbolic links left out; training.json says what was merged). Refuses an `out_dir` that exists;
+    written beside, renamed.
+
+    An adapter saved with its tokenizer (lmlab's runs save it) must have been trained with the model's: an adapter
+    of the same widths on another vocabulary would merge without a complaint into a model that means nothing.
+    The tokenizer of a chat fine-tuning run (`lmlab tune sft --lora-rank`) is the model's plus the chat tokens:
+    they are added here as the run added them (tune.chat.add_chat_tokens: rows at the mean, deterministic) and
+    the chat template is written, so the merged model is the run's own final model."""
+    from ..models.io import TOKENIZER
+    from ..tokenizers import Tokenizer
+    from .chat import TEMPLATE_FILE, add_chat_tokens, write_template
+
     out = Path(out_dir)
     if out.exists():
         raise ValueError(f"{out} exists; choose a new --out (lmlab never overwrites a model)")
-    model, _ = load_pretrained(model_dir)
+    model, tok = load_pretrained(model_dir)
     config = read_adapter_config(adapter_dir)
+    chat = False
+    if (Path(adapter_dir) / TOKENIZER).is_file():
+        trained = _vocabulary(Tokenizer.load(Path(adapter_dir) / TOKENIZER))
+        if tok is None or _vocabulary(tok) != trained:
+            if tok is not None:
+                chat_model, chat_tok, added = add_chat_tokens(model, tok)
+                chat = added > 0 and _vocabulary(chat_tok) == trained
+            if not chat:
+                raise ValueError(f"{adapter_dir} was trained with another tokenizer than {model_dir}'s "
+                                 f"({len(trained)} tokens, this model {len(tok) if tok is not None else 'none'}): "
+                                 "merge it onto the model it was trained from")
+            model, tok = chat_model, chat_tok
     merge_and_unload(load_adapter(model, adapter_dir))
     with staged_dir(out) as tmp:
         for entry in Path(model_dir).iterdir():
-            if entry.name not in (WEIGHTS, TRAINING):
-                (shutil.copytree if entry.is_dir() else shutil.copyfile)(entry, tmp / entry.name)
+            if entry.is_symlink() or entry.name in (WEIGHTS, TRAINING) or (chat and entry.name == TOKENIZER):
+                continue
+            if entry.is_dir():
+                shutil.copytree(entry, tmp / entry.name,
+                                ignore=lambda d, names: [n for n in names if (Path(d) / n).is_symlink()])
+            elif entry.is_file():
+                shutil.copyfile(entry, tmp / entry.name)
         merged = {"model": str(Path(model_dir).resolve()), "adapter": str(Path(adapter_dir).resolve()),
-                  "lora": config.to_dict()}
-        save_pretrained(tmp, model, training={"merged": merged})
+                  "lora": config.to_dict(), **({"chat_tokens_added": True} if chat else {})}
+        save_pretrained(tmp, model, tok if chat else None, training={"merged": merged})
+        if chat and not (tmp / TEMPLATE_FILE).is_file():
+            write_template(tmp)
     return out

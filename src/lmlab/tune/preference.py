@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..configs import settings_from
@@ -157,13 +158,20 @@ class PreferenceData:
     def attach_reference(self, model: torch.nn.Module, cache_dir: str | Path | None, batch_size: int = 16
                          ) -> bool:
         """Give each row its reference per-token log-probabilities ("ref_" + side, (N, L-1)), read from
-        cache_dir when a file for this model and data is there, else computed (dropout off) and written there.
-        -> whether the cache was used."""
+        cache_dir when a file for this model and data is there, else computed (dropout off) and written there
+        (also over a file that is damaged or holds other shapes). -> whether the cache was used."""
         key = hashlib.sha256((weights_hash(model) + self.fingerprint()).encode()).hexdigest()[:32]
         file = Path(cache_dir) / f"{key}.safetensors" if cache_dir is not None else None
         if file is not None and file.is_file():
-            self.tensors.update(load_file(file))
-            return True
+            try:
+                found = load_file(file)
+                cached = {k: tuple(v.shape) for k, v in found.items()}
+            except (SafetensorError, OSError):
+                cached = None  # cut short or overwritten: computed again below, and the file written anew
+            want = {"ref_" + side: (self.n, self.tensors[side].shape[1] - 1) for side in self.sides}
+            if cached == want:
+                self.tensors.update(found)
+                return True
         refs = {}
         for side in self.sides:
             ids, mask = self.tensors[side], self.tensors[side + "_mask"]
@@ -389,7 +397,7 @@ def run_preference(out: str | Path, train_config: Any = None, *, model_dir: str 
         lora = LoRAConfig(**p["lora"]) if p.get("lora") else None
         train_config = TrainConfig.from_dict({**saved["train"], **(train_config or {})})
     else:
-        refuse_existing_run(out, (*RUN_FILES, DATA_COPY))
+        refuse_existing_run(out, (*RUN_FILES, DATA_COPY), "lmlab tune dpo")
     if model_dir is None or data is None or cfg is None or train_config is None:
         raise ValueError("a new preference run needs a model, data, a loss and a training config")
     model, tok = load_pretrained(model_dir)

@@ -208,7 +208,7 @@ def run_sft(model_dir: str | Path, data: str | Path, out_dir: str | Path, config
     model finds hardest on the training split (hardest_tokens), recorded in the run as `lora.tokens`.
     Bad data fails before anything is written."""
     out = Path(out_dir)
-    refuse_existing_run(out, (*RUN_FILES, "tokenizer.json", DATA, TEMPLATE_FILE))
+    refuse_existing_run(out, (*RUN_FILES, "tokenizer.json", DATA, TEMPLATE_FILE), "lmlab tune sft")
     model, tok = load_pretrained(model_dir)
     refuse_quantized(model)  # before the chat tokens or adapters go on, and before anything is written
     if tok is None:

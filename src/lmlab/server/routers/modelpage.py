@@ -106,7 +106,7 @@ def create_merge_run(state: StateDep, req: MergeCreate) -> Run:
     parents = [req.model, *req.others]
     try:
         check_parameters(req.method, len(parents), req.base, req.weights, 0.5 if req.t is None else req.t,
-                         1.0 if req.density is None else req.density)
+                         1.0 if req.density is None else req.density, 1.0 if req.lam is None else req.lam)
     except ValueError as exc:
         raise HTTPException(422, str(exc).replace("--base BASE", "base").replace("--", "")) from None
     new = check_name(req.new_model, "new model name")

@@ -1,0 +1,134 @@
+"""Defects an adversarial review of the command line found (each test fails without its fix): the help that
+crashed, names and numbers that reached the file system or the math unchecked, a merge that followed symbolic
+links or took another tokenizer's base, and hints that named the wrong command."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import lmlab
+from lmlab.cli import _parsers, build_parser, main
+from lmlab.data.jsonl import read_jsonl
+from lmlab.models import ModelConfig, Transformer
+from lmlab.models.io import load_pretrained, save_pretrained
+from lmlab.tokenizers import Tokenizer
+from lmlab.train.trainer import resolve_device
+from lmlab.tune import chat
+from lmlab.tune.chats import SHIPPED
+from lmlab.tune.lora import LoRAConfig, apply_lora, lora_layers, merge_and_unload, merge_lora_dir, save_adapter
+
+TEXT = "Once upon a time a small fox ran to the river. Жил-был кот у синего моря. " * 40
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("review")
+    tok = Tokenizer.train([TEXT], kind="bpe", vocab_size=300)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("llama-tiny", vocab_size=len(tok), block_size=64)).eval()
+    save_pretrained(tmp / "base", model, tok)
+    return tmp / "base"
+
+
+def test_every_help_text_prints(capsys):
+    """`lmlab --help` (and `lmlab` alone) crashed: the compare command's "95% intervals" went through argparse's
+    %-formatting (TypeError: %i format)."""
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0 and "compare" in capsys.readouterr().out
+    assert main([]) == 2 and "95% intervals" in " ".join(capsys.readouterr().out.split())  # one %, as written
+    for parser in _parsers(build_parser()):  # every command's and subcommand's help, each argument's too
+        assert parser.format_help()
+
+
+def test_names_and_numbers_the_file_system_or_math_refuse_are_one_line_errors(capsys, base, tmp_path):
+    long = tmp_path / ("a" * 300)  # a component over 255 bytes: OSError ENAMETOOLONG, "internal error" before
+    code, _, err = run(capsys, "quantize", base, "--to", "int8", "--out", long)
+    assert code == 2 and err.startswith("lmlab: error: ") and "File name too long" in err and err.count("\n") == 1
+    code, _, err = run(capsys, "quantize", base, "--to", "int8", "--out", "")  # "" is the current folder
+    assert (code, err) == (2, "lmlab: error: --out is empty; name the folder (or file) to write\n")
+    code, _, err = run(capsys, "quantize", base, "--to", "int4", "--group-size", "0", "--out", tmp_path / "q")
+    assert (code, err) == (2, "lmlab: error: --group-size must be one of 32, 64, 128 for int4\n")  # was 32
+    code, _, err = run(capsys, "quantize", base, "--to", "int8", "--method", "gptq", "--calibration", base,
+                       "--calibration-tokens", "0", "--out", tmp_path / "q")
+    assert (code, err) == (2, "lmlab: error: --calibration-tokens must be a positive number of tokens, not 0\n")
+    with pytest.raises(ValueError, match="'nonsense' is not a device"):  # chat and generate: a RuntimeError
+        resolve_device("nonsense")
+    with pytest.raises(ValueError, match="choose a rank of at most 64"):  # 10^5 wrote a 977 MB adapter
+        apply_lora(lmlab.load(base)[0], LoRAConfig(rank=100_000))
+
+
+def test_a_json_line_that_json_cannot_read_names_its_line(tmp_path):
+    data = tmp_path / "chats.jsonl"
+    data.write_text('{"messages": []}\n{"messages": [{"role": "user", "content": ' + "9" * 5000 + "}]}\n")
+    with pytest.raises(ValueError, match=rf"^{data}:2: not JSON that can be read \(Exceeds the limit"):
+        read_jsonl(data, lambda record: record)
+
+
+def test_an_existing_gguf_file_is_replaced_only_when_asked(capsys, base, tmp_path):
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"mine")
+    code, _, err = run(capsys, "export", "gguf", base, out)
+    assert code == 2 and "exists; add --force" in err and out.read_bytes() == b"mine"
+    pytest.importorskip("gguf")
+    assert run(capsys, "export", "gguf", base, out, "--force")[0] == 0 and out.read_bytes()[:4] == b"GGUF"
+
+
+def test_a_refused_run_names_the_command_that_resumes_it(capsys, base, tmp_path):
+    (tmp_path / "run" / "final").mkdir(parents=True)
+    code, _, err = run(capsys, "tune", "sft", "--model", base, "--data", SHIPPED, "--out", tmp_path / "run")
+    assert code == 2 and f"resume it (lmlab tune sft --out {tmp_path / 'run'} --resume)" in err  # said lmlab train
+
+
+def _adapter(model, tok, out, rank=2):
+    """model with a rank-`rank` adapter of random B (so it changes the weights), saved with its tokenizer."""
+    torch.manual_seed(1)
+    apply_lora(model, LoRAConfig(rank=rank), tok)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.normal_(0, 0.05)
+    save_adapter(model, out, tokenizer=tok)
+    return merge_and_unload(copy.deepcopy(model))
+
+
+def test_lora_merge_rebuilds_a_chat_run_and_refuses_another_tokenizer(base, tmp_path):
+    """An adapter of a chat fine-tuning run (trained on the base plus the chat tokens) merged onto that base gave
+    a model without the chat tokens or template; one of another tokenizer's base of the same widths merged without
+    a word. Symbolic links in the base's folder were copied as the files they point to."""
+    model, tok = load_pretrained(base)
+    chat_model, chat_tok, added = chat.add_chat_tokens(model, tok)
+    assert added == 4
+    want = _adapter(chat_model, chat_tok, tmp_path / "adapter")
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("not the model's")
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    for f in base.iterdir():
+        (linked / f.name).write_bytes(f.read_bytes())
+    (linked / "notes.txt").symlink_to(outside / "secret.txt")
+    (linked / "extra").symlink_to(outside)
+    merge_lora_dir(linked, tmp_path / "adapter", tmp_path / "merged")
+    got, got_tok = load_pretrained(tmp_path / "merged")
+    assert [got_tok.id_to_token(i) for i in range(len(got_tok))] == \
+        [chat_tok.id_to_token(i) for i in range(len(chat_tok))]
+    assert all(torch.equal(v, want.state_dict()[k]) for k, v in got.state_dict().items())
+    assert chat.load_chat_model(tmp_path / "merged")  # the template, as `lmlab tune sft` leaves it
+    assert not (tmp_path / "merged" / "notes.txt").exists() and not (tmp_path / "merged" / "extra").exists()
+
+    other = Tokenizer.train([TEXT.upper()], kind="bpe", vocab_size=300)
+    save_pretrained(tmp_path / "other", Transformer(model.config).eval(), other)
+    _adapter(lmlab.load(tmp_path / "other")[0], other, tmp_path / "other-adapter")
+    with pytest.raises(ValueError, match="was trained with another tokenizer"):
+        merge_lora_dir(base, tmp_path / "other-adapter", tmp_path / "wrong")
+    assert not (tmp_path / "wrong").exists()
