@@ -162,6 +162,8 @@ def merge_dirs(parents: list[str | Path], out: str | Path, method: str, *, base:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} exists and is not empty; choose a new folder for the merged model")
     check_parameters(method, len(paths), base, weights, t, density, lam)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"--seed must be an integer from 0 to 2^63 - 1, not {seed}")
     every = paths + ([Path(base)] if base is not None else [])
     check_parents(every)
     first = every[0]

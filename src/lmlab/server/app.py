@@ -45,7 +45,7 @@ log = logging.getLogger("lmlab.server")
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 COOKIE = "lmlab_token"
 JSON_BODY_LIMIT = 1 << 20
-UPLOAD_PATHS = ("/upload_book", "/api/v1/books")
+UPLOAD_PATHS = ("/upload_book", "/api/v1/books", "/api/v1/datasets")  # files: the upload limit, not JSON's
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 REQUEST_HEADER = "X-Lmlab-Request"  # sent by the UI and by scripts; a page of another site cannot send it
 # Headers a reverse proxy adds (nginx's proxy_set_header examples, Caddy, Traefik and Apache add X-Forwarded-*
@@ -457,13 +457,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                               "its old clients.")
     app.state.lmlab = state
 
+    def _error(request: Request, status: int, message: str) -> JSONResponse:
+        """FastAPI's shape, or OpenAI's under /v1 (whose clients read that one)."""
+        v1 = request.url.path == "/v1" or request.url.path.startswith("/v1/")
+        return JSONResponse(openai_error(status, message) if v1 else {"detail": message}, status_code=status)
+
     @app.exception_handler(BadName)
     async def _bad_name(request: Request, exc: BadName) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=400)
+        return _error(request, 400, str(exc))
 
     @app.exception_handler(LinkError)
     async def _link(request: Request, exc: LinkError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=409)
+        return _error(request, 409, str(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Any:

@@ -435,7 +435,7 @@ class MergeCreate(BaseModel):
     t: float | None = Field(None, description="slerp: 0 gives `model`, 1 the other (0.5)")
     density: float | None = Field(None, description="ties/dare: the fraction of each delta kept (1)")
     lam: float | None = Field(None, alias="lambda", description="task-arithmetic/ties/dare: delta scale (1)")
-    seed: int | None = Field(None, description="dare: the seed of the dropped entries (0)")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="dare: the seed of the dropped entries (0)")
 
 
 class Speed(BaseModel):

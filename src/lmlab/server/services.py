@@ -272,11 +272,12 @@ def need_trained(state: AppState, name: str, role: str) -> Any:
 
 def runs_using(state: AppState, name: str, active: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """Queued or running runs (`active`, fetched when not given) that read or write the model `name`: its
-    training, self-play from it or judged by it, self-play that will save its policy under that name, and
-    evaluations of it."""
+    training, self-play from it or judged by it, self-play that will save its policy under that name,
+    evaluations of it, and merges that read it (as a parent or as the base)."""
     active = state.db.list_runs(status=ACTIVE) if active is None else active
     return [r for r in active if name in (r["model_name"], r["params"].get("judge"), r["params"].get("new_model"),
-                                          *r["params"].get("models", ()))]
+                                          *r["params"].get("models", ()), *r["params"].get("others", ()),
+                                          r["params"].get("base"))]
 
 
 def need_unused(state: AppState, name: str, keep: Callable[[dict[str, Any]], bool] = lambda r: True,
@@ -292,8 +293,10 @@ def busy_message(name: str, run: dict[str, Any]) -> str:
         return f"model {name!r} is already training (run {run['id']}); cancel that run or wait for it"
     if run["kind"] == "eval":
         return f"model {name!r} is being evaluated (run {run['id']}); cancel that run or wait for it"
-    role = ("the starting point" if run["model_name"] == name else
-            "the judge" if run["params"].get("judge") == name else "the name of the model being made")
+    params = run["params"]
+    role = ("the starting point" if run["model_name"] == name else "the judge" if params.get("judge") == name
+            else "a parent" if name in params.get("others", ()) else "the base" if params.get("base") == name
+            else "the name of the model being made")
     kind = {**MAKERS, "quantize": "quantization", "merge": "merge"}.get(run["kind"], run["kind"])
     return f"model {name!r} is {role} of {kind} run {run['id']}; cancel that run or wait for it"
 
@@ -309,7 +312,8 @@ def need_book(state: AppState, name: str) -> dict[str, Any]:
 
 
 def need_book_unused(state: AppState, name: str, code: int = 409) -> None:
-    users = [r["id"] for r in state.db.list_runs(status=ACTIVE) if name in r["books"]]
+    users = [r["id"] for r in state.db.list_runs(status=ACTIVE)  # a gptq quantization reads its calibration books
+             if name in r["books"] or name in r["params"].get("calibration", ())]
     if users:
         raise HTTPException(code, f"book {name!r} is in use by run(s) {users}")
 

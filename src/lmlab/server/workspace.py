@@ -232,7 +232,7 @@ def book_text(ws: Workspace, name: str, chars: int = 0, **limits: float) -> tupl
 # ---- model directories ------------------------------------------------------------------------------
 
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "generation.json", "training.json",
-               "quantization.json")
+               "quantization.json", "chat_template.jinja")  # a chat model without its template is not one
 
 
 class ZipSink(io.RawIOBase):
@@ -354,6 +354,9 @@ def snapshot_checkpoint(ckpt: Path, dest: Path) -> Path:
         if f.is_symlink():
             raise FileNotFoundError(f"{f.name} of {ckpt.name} is a symbolic link")
         link_or_copy(f, dest / f.name)
+    template = run_dir / "chat_template.jinja"  # a chat fine-tuning run's (lmlab tune sft): its versions chat too
+    if template.is_file() and not template.is_symlink():
+        link_or_copy(template, dest / template.name)
     if own:
         run_config = json.loads((ckpt / "config.json").read_text(encoding="utf-8"))
         ModelConfig.from_dict(run_config["model"]).save(dest / "config.json")

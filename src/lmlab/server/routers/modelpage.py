@@ -22,11 +22,11 @@ from fastapi import APIRouter, HTTPException
 from safetensors import SafetensorError, safe_open
 
 from ...files import atomic_write_text
-from ...models import ModelConfig
+from ...models import ModelConfig, Transformer
 from ...models.generation import generate_ids
 from ...models.io import TRAINING, WEIGHTS
 from ...models.merge import NEEDS_BASE, check_parameters, check_parents
-from ...models.quant import FORMATS, GROUP_SIZES, METHODS, QUANTIZATION, QuantConfig
+from ...models.quant import FORMATS, GROUP_SIZES, METHODS, QUANTIZATION, QuantConfig, check_shapes, plan_modules
 from ...tune.chat import TEMPLATE, TEMPLATE_FILE
 from ..app import AppState, StateDep
 from ..schemas import MergeCreate, ModelCard, QuantizeCreate, Run, Speed
@@ -77,6 +77,13 @@ def create_quantize_run(state: StateDep, req: QuantizeCreate) -> Run:
         path = need_trained(state, req.model, "the model to quantize")
         if (path / QUANTIZATION).is_file():
             raise HTTPException(409, f"model {req.model!r} is already quantized; quantize the model it was made from")
+        if req.to == "int4":  # a width the group size does not divide: the job's own check, on a weightless copy
+            with torch.device("meta"):
+                skeleton = Transformer(ModelConfig.load(path / "config.json"))
+            try:
+                check_shapes(skeleton, plan_modules(skeleton, req.keep_head)[0], 4, req.group_size or 32)
+            except ValueError as exc:
+                raise HTTPException(422, str(exc).replace("--group-size", "group_size")) from None
         for book in req.calibration:
             need_book(state, book)
         need_free_model_name(state, new, "; choose another name for the new model")

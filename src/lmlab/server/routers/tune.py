@@ -28,6 +28,7 @@ from fastapi import APIRouter, File, Form, HTTPException, Query, Response, Uploa
 
 from ...data.jsonl import read_jsonl
 from ...models import ModelConfig, Transformer, preset_names
+from ...models.quant import QUANTIZATION
 from ...tokenizers import Tokenizer
 from ...tune.chat import with_chat_tokens
 from ...tune.data import check_conversation, check_sft_example
@@ -109,8 +110,8 @@ def need_dataset(state: AppState, name: str) -> dict[str, Any]:
 @router.get("/datasets", tags=["tune"], response_model=list[Dataset], summary="the workspace's fine-tuning datasets")
 def list_datasets(state: StateDep) -> list[dict[str, Any]]:
     folder = state.ws.datasets
-    return [dataset_info(state, p.name) for p in sorted(folder.glob(f"*{SUFFIX}"))
-            if not p.name.startswith(".") and p.is_file() and not p.is_symlink()]
+    return [dataset_info(state, p.name) for p in sorted(folder.iterdir())  # any case: A.JSONL is a dataset too
+            if p.name.lower().endswith(SUFFIX) and not p.name.startswith(".") and p.is_file() and not p.is_symlink()]
 
 
 @router.post("/datasets", tags=["tune"], status_code=201, response_model=Dataset,
@@ -129,6 +130,10 @@ def upload_dataset(state: StateDep, file: Annotated[UploadFile, File()],
     if target.exists() and not overwrite:
         raise HTTPException(409, f"a dataset named {name!r} already exists; delete it first or upload with "
                                  "overwrite=true")
+    record = target.parent / f".{name}{META}"
+    for entry in (target, record):  # a folder (or a link) there: os.replace would fail on it (a 500)
+        if entry.is_symlink() or (entry.exists() and not entry.is_file()):
+            raise HTTPException(409, f"datasets/{entry.name} is not a file; remove it, or choose another name")
     tmp = state.ws.tmp / f"upload-{uuid.uuid4().hex}{SUFFIX}"
     try:
         receive_upload(state, file, name, tmp)
@@ -140,7 +145,7 @@ def upload_dataset(state: StateDep, file: Annotated[UploadFile, File()],
         # a run never reads this file after it was queued (it has its own copy): replaced at any time
         meta_tmp = tmp.with_suffix(".meta")
         meta_tmp.write_text(meta, encoding="utf-8")
-        os.replace(meta_tmp, target.parent / f".{name}{META}")
+        os.replace(meta_tmp, record)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
@@ -281,11 +286,15 @@ def create_tune_run(state: StateDep, req: TuneCreate) -> Run:
             if params.get("completion_only") and kind != "prompt_completion":
                 raise HTTPException(422, "completion_only is for prompt_completion data; conversations train on "
                                          "the assistant turns")
+        if req.method != "distill" and (path / QUANTIZATION).is_file():  # the run's own refusal, up front
+            raise HTTPException(422, f"model {req.model!r} is an int8/int4 model, which cannot train; fine-tune the "
+                                     "model it was quantized from")
         cfg = ModelConfig.load(path / "config.json")
-        if params.get("lora_targets"):  # a target the model lacks: the run's own check, on a weightless copy
-            try:
+        if params.get("lora_rank"):  # a target the model lacks, a rank above its matrices: the run's own checks,
+            try:                     # on a weightless copy
                 with torch.device("meta"):
-                    apply_lora(Transformer(cfg), LoRAConfig(rank=1, targets=parse_targets(params["lora_targets"])))
+                    apply_lora(Transformer(cfg), LoRAConfig(rank=params["lora_rank"],
+                                                            targets=parse_targets(params.get("lora_targets"))))
             except ValueError as exc:
                 raise HTTPException(422, str(exc)) from None
         batch = (params["group_size"] * params["prompts_per_step"] if req.method == "grpo" else

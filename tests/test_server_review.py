@@ -1,0 +1,112 @@
+"""Defects an adversarial review of the web API found (each test fails without its fix): models and books a queued
+job reads that could be deleted under it, uploads and names the server took to a 500 or never listed, and checks
+left to a job that the API promises up front."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+
+import pytest
+import torch
+from test_server_support import API_HEADERS, client, finished, settings, upload
+from test_server_tune import CHATS, SFT, TEXT, put
+
+from lmlab.models import ModelConfig, Transformer
+from lmlab.models.io import save_pretrained
+from lmlab.server.workspace import Workspace
+from lmlab.tokenizers import Tokenizer
+
+
+def make_ws(ws, names=("base",)):
+    """Models of one tiny shape (width 64) with a character tokenizer, as test_server_tune's."""
+    tok = Tokenizer.train([TEXT], kind="char", vocab_size=120)
+    cfg = ModelConfig.preset("gpt2-tiny", vocab_size=len(tok) + 8, n_layer=1, block_size=48)
+    for n in names:
+        torch.manual_seed(len(n))
+        save_pretrained(Workspace(ws).model_path(n), Transformer(cfg), tok)
+    return ws
+
+
+def test_a_queued_merge_or_quantization_keeps_what_it_reads(tmp_path):
+    """A merge's other parents and its base, and a gptq quantization's calibration books, could be deleted (204)
+    or trained anew while the job waited; the job then failed on a missing model or book."""
+    with client(settings(make_ws(tmp_path, ("base", "b2", "b3", "b4")), max_jobs=1)) as c:
+        assert put(c, "chats.jsonl", "conversations", CHATS).status_code == 201
+        assert upload(c, "calib.txt", (TEXT * 20).encode()).status_code == 201
+        busy = c.post("/api/v1/runs/tune", json={**SFT, "new_model": "occ", "max_steps": 100000}).json()["id"]
+        merge = c.post("/api/v1/runs/merge", json={"model": "base", "others": ["b2"], "new_model": "merged",
+                                                   "method": "task-arithmetic", "base": "b3"}).json()["id"]
+        quant = c.post("/api/v1/runs/quantize", json={"model": "b4", "new_model": "b4q", "to": "int8",
+                                                      "method": "gptq", "calibration": ["calib.txt"]}).json()["id"]
+        r = c.delete("/api/v1/models/b2")
+        assert (r.status_code, r.json()["detail"]) == (409, f"model 'b2' is a parent of merge run {merge}; cancel "
+                                                            "that run or wait for it")
+        r = c.delete("/api/v1/models/b3")
+        assert r.status_code == 409 and f"'b3' is the base of merge run {merge}" in r.json()["detail"]
+        r = c.post("/api/v1/runs", json={"model": "b2", "books": ["calib.txt"], "max_steps": 2, "new_version": True,
+                                         "batch_size": 2, "seq_len": 16})
+        assert r.status_code == 409
+        r = c.delete("/api/v1/books/calib.txt")
+        assert (r.status_code, r.json()["detail"]) == (409, f"book 'calib.txt' is in use by run(s) [{quant}]")
+        assert c.post(f"/api/v1/runs/{busy}/cancel").status_code == 200
+        assert finished(c, merge)["status"] == "completed" and finished(c, quant)["status"] == "completed"
+
+
+def test_datasets_take_the_upload_limit_any_case_and_no_folder_in_their_place(tmp_path):
+    with client(settings(make_ws(tmp_path))) as c:
+        big = [CHATS[0]] * 16000  # 1.5 MiB: the JSON body limit (1 MiB) refused it with 413
+        r = put(c, "big.jsonl", "conversations", big)
+        assert r.status_code == 201 and r.json()["size"] > 1 << 20
+        assert put(c, "A.JSONL", "conversations", CHATS).status_code == 201  # accepted, but never listed
+        assert sorted(d["name"] for d in c.get("/api/v1/datasets").json()) == ["A.JSONL", "big.jsonl"]
+        (tmp_path / "datasets" / "d.jsonl").mkdir()  # a folder where the file goes: os.replace failed, a 500
+        r = put(c, "d.jsonl", "conversations", CHATS, overwrite="true")
+        assert (r.status_code, r.json()["detail"]) == (409, "datasets/d.jsonl is not a file; remove it, or choose "
+                                                            "another name")
+        (tmp_path / "datasets" / ".m.jsonl.json").mkdir()  # ... or where its record goes
+        assert put(c, "m.jsonl", "conversations", CHATS).status_code == 409
+
+
+def test_what_a_job_would_refuse_is_refused_before_it_is_queued(tmp_path):
+    with client(settings(make_ws(tmp_path))) as c:
+        assert put(c, "chats.jsonl", "conversations", CHATS).status_code == 201
+        r = c.post("/api/v1/runs/quantize", json={"model": "base", "new_model": "q4", "to": "int4",
+                                                  "group_size": 128})
+        assert (r.status_code, r.json()["detail"]) == (422, "group_size 128 does not divide blocks.0.attn.qkv's 64 "
+                                                            "input columns")
+        r = c.post("/api/v1/runs/merge", json={"model": "base", "others": ["base"], "new_model": "m",
+                                               "method": "dare", "base": "base", "seed": 2**64})
+        assert r.status_code == 422  # the job died on it: "internal error ... a bug in lmlab"
+        r = c.post("/api/v1/runs/tune", json={**SFT, "new_model": "wide", "lora_rank": 100})
+        assert r.status_code == 422 and "choose a rank of at most 64" in r.json()["detail"]
+        q8 = c.post("/api/v1/runs/quantize", json={"model": "base", "new_model": "q8", "to": "int8"}).json()["id"]
+        assert finished(c, q8)["status"] == "completed"
+        r = c.post("/api/v1/runs/tune", json={**SFT, "model": "q8", "new_model": "t"})
+        assert (r.status_code, r.json()["detail"]) == (422, "model 'q8' is an int8/int4 model, which cannot train; "
+                                                            "fine-tune the model it was quantized from")
+
+
+def test_a_chat_models_downloads_keep_its_template(tmp_path):
+    """A tuned chat model's download (current or a run's version) left chat_template.jinja out: a copy put back in
+    a workspace was no chat model."""
+    with client(settings(make_ws(tmp_path))) as c:
+        assert put(c, "chats.jsonl", "conversations", CHATS).status_code == 201
+        run = c.post("/api/v1/runs/tune", json={**SFT, "new_model": "chat", "max_steps": 4, "save_every": 2}).json()
+        assert finished(c, run["id"])["status"] == "completed"
+        for query in ("", f"?run={run['id']}&step=2"):
+            d = c.get(f"/api/v1/models/chat/download{query}")
+            assert d.status_code == 200
+            assert any(n.endswith("/chat_template.jinja") for n in zipfile.ZipFile(io.BytesIO(d.content)).namelist())
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_a_link_in_a_model_folder_is_refused_in_openais_shape(tmp_path, path):
+    ws = make_ws(tmp_path)
+    (tmp_path / "outside.json").write_text("{}")
+    with client(settings(ws)) as c:  # planted once the model is indexed (a link found at start: not indexed)
+        (Workspace(ws).model_path("base") / "generation.json").symlink_to(tmp_path / "outside.json")
+        body = {"model": "base", "max_tokens": 2, **({"messages": [{"role": "user", "content": "1+2?"}]}
+                                                    if "chat" in path else {"prompt": "1+2?"})}
+        r = c.post(path, json=body, headers=API_HEADERS)
+        assert r.status_code == 409 and "symbolic link" in r.json()["error"]["message"]  # it was {"detail": ...}
