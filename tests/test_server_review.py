@@ -110,3 +110,24 @@ def test_a_link_in_a_model_folder_is_refused_in_openais_shape(tmp_path, path):
                                                     if "chat" in path else {"prompt": "1+2?"})}
         r = c.post(path, json=body, headers=API_HEADERS)
         assert r.status_code == 409 and "symbolic link" in r.json()["error"]["message"]  # it was {"detail": ...}
+
+
+def test_deleting_a_model_keeps_the_runs_that_made_other_models(tmp_path):
+    """Deleting `base` deleted every run that started from it, the finished fine-tuning that made `chat` and the
+    quantization that made `base-q` too: their records, metrics and checkpoints (chat's versions), unasked."""
+    with client(settings(make_ws(tmp_path), max_jobs=1)) as c:
+        assert put(c, "chats.jsonl", "conversations", CHATS).status_code == 201
+        tune = c.post("/api/v1/runs/tune", json={**SFT, "new_model": "chat", "max_steps": 4, "save_every": 2}).json()
+        assert finished(c, tune["id"])["status"] == "completed"
+        quant = c.post("/api/v1/runs/quantize", json={"model": "base", "new_model": "base-q", "to": "int8"}).json()
+        assert finished(c, quant["id"])["status"] == "completed"
+        before = c.get("/api/v1/models/chat/versions").json()
+        assert c.delete("/api/v1/models/base").status_code == 204
+        assert c.get(f"/api/v1/runs/{tune['id']}").status_code == 200
+        assert c.get(f"/api/v1/runs/{quant['id']}").status_code == 200
+        assert c.get("/api/v1/models/chat/versions").json() == before and len(before) == 3
+        assert c.get("/api/v1/models/chat/download", params={"run": tune["id"], "step": 2}).status_code == 200
+        assert c.delete("/api/v1/models/chat").status_code == 204  # its history goes with it now
+        assert c.get(f"/api/v1/runs/{tune['id']}").status_code == 404
+        assert not Workspace(tmp_path).run_path(tune["id"]).exists()
+        assert c.get(f"/api/v1/runs/{quant['id']}").status_code == 200  # base-q's, still there

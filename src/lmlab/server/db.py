@@ -341,9 +341,11 @@ class Database:
         with self.engine.begin() as conn:
             conn.execute(update(models).where(models.c.name == name).values(updated_at=time.time(), **values))
 
-    def delete_model(self, name: str) -> None:
+    def delete_model(self, name: str, keep_runs: Sequence[int] = ()) -> None:
+        """The model's row and its runs' (but `keep_runs`) with their metrics."""
         with self.engine.begin() as conn:
-            ids = [r.id for r in conn.execute(select(runs.c.id).where(runs.c.model_name == name))]
+            ids = [r.id for r in conn.execute(select(runs.c.id).where(runs.c.model_name == name))
+                   if r.id not in keep_runs]
             if ids:
                 conn.execute(delete(metrics).where(metrics.c.run_id.in_(ids)))
                 conn.execute(delete(runs).where(runs.c.id.in_(ids)))

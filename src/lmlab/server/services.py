@@ -233,16 +233,28 @@ def make_model(state: AppState, name: str, spec: ModelSpec) -> dict[str, Any]:
 
 
 def remove_model(state: AppState, name: str) -> None:
-    """The model, its folder and its runs; 409 while a run uses it."""
+    """The model, its folder and its runs; 409 while a run uses it. A run that started from it and made another
+    model that is still there (a fine-tuning, a quantization, a merge) is that model's history, its versions and
+    checkpoints: it stays."""
     with state.lock:  # a run queued meanwhile must not lose its model
         need_model(state, name)
         need_unused(state, name)
+        keep = []
         for run in state.db.list_runs(model_name=name):
-            remove_entry(state.ws.run_path(run["id"]))
+            made = run["params"].get("new_model")
+            if made and made != name and state.db.get_model(made) is not None:
+                keep.append(run["id"])
+            else:
+                remove_entry(state.ws.run_path(run["id"]))
+        for run in state.db.list_runs():  # runs that made it from a model deleted since (kept as its history)
+            if run["params"].get("new_model") == name and run["model_name"] != name \
+                    and state.db.get_model(run["model_name"]) is None:
+                remove_entry(state.ws.run_path(run["id"]))
+                state.db.delete_run(run["id"])
         path = state.ws.models / check_name(name, "model name")  # a link (an unusable model) goes, not its target
         state.cache.forget(path)
         remove_entry(path)
-        state.db.delete_model(name)
+        state.db.delete_model(name, keep_runs=keep)
 
 
 def need_free_model_name(state: AppState, name: str, hint: str = "") -> None:
