@@ -9,6 +9,7 @@ import zipfile
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from test_server_support import API_HEADERS, client, finished, settings, upload
 from test_server_tune import CHATS, SFT, TEXT, put
 
@@ -131,3 +132,24 @@ def test_deleting_a_model_keeps_the_runs_that_made_other_models(tmp_path):
         assert c.get(f"/api/v1/runs/{tune['id']}").status_code == 404
         assert not Workspace(tmp_path).run_path(tune["id"]).exists()
         assert c.get(f"/api/v1/runs/{quant['id']}").status_code == 200  # base-q's, still there
+
+
+def test_a_fine_tuning_whose_model_could_not_be_saved_saves_it_when_resumed_as_it_was(tmp_path):
+    """A finished fine-tuning run whose model could not be registered (a folder of that name in the way) could not
+    be resumed to register it: 'max_steps (6) must be larger', and training further makes another model. Resumed
+    as it was (no max_steps), it saves its final model now, as self-play does."""
+    with client(settings(make_ws(tmp_path), max_jobs=1)) as c:
+        assert put(c, "chats.jsonl", "conversations", CHATS).status_code == 201
+        rid = c.post("/api/v1/runs/tune", json={**SFT, "new_model": "x", "max_steps": 6, "save_every": 3}).json()["id"]
+        (tmp_path / "models" / "x").mkdir()  # put there by hand while the run trains
+        run = finished(c, rid)
+        assert run["status"] == "failed" and "its model was not saved" in run["error"] and run["can_resume"]
+        final = load_file(Workspace(tmp_path).run_path(rid) / "final" / "model.safetensors")
+        (tmp_path / "models" / "x").rmdir()
+        r = c.post(f"/api/v1/runs/{rid}/resume", json={})
+        assert r.status_code == 200, r.text
+        run = finished(c, rid)
+        assert run["status"] == "completed", run["error"]
+        saved = load_file(Workspace(tmp_path).model_path("x") / "model.safetensors")
+        assert saved.keys() == final.keys() and all(torch.equal(saved[k], final[k]) for k in final)
+        assert c.post(f"/api/v1/runs/{rid}/resume", json={"max_steps": 6}).status_code == 409  # nothing to train

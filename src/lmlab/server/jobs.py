@@ -197,7 +197,8 @@ def finished_model(run: dict[str, Any], final: Path) -> dict[str, Any] | None:
     """final/'s training.json when final/ is a whole model directory written by the run's latest launch, else
     None. save_pretrained writes training.json last, so with it the rest is there. A resumed run's final/ may
     still be the previous launch's, at the step it resumed from: this launch's has more steps (resume asks for
-    more), except a self-play run resumed at its last iteration to save that policy again (the same policy)."""
+    more), except a self-play or fine-tuning run resumed at its last step to save that model again (the same
+    model, which could not be registered the first time)."""
     try:
         training = json.loads((final / "training.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -206,7 +207,7 @@ def finished_model(run: dict[str, Any], final: Path) -> dict[str, Any] | None:
         return None
     steps, since = training.get("steps"), run["resumed_from_step"]
     if since is not None and not (isinstance(steps, int) and (
-            steps > since or (run["kind"] == "selfplay" and steps == since == run["max_steps"]))):
+            steps > since or (run["kind"] in ("selfplay", "tune") and steps == since == run["max_steps"]))):
         return None
     return training
 
@@ -584,8 +585,10 @@ class Supervisor:
             limit = "iterations" if run["kind"] == "selfplay" else "max_steps"
             params = {**run["params"], **({limit: max_steps} if max_steps is not None else {})}
             step = checkpoint_step(ckpt)
-            # self-play may resume at its last iteration as it was: to save its policy again (a failed registration)
-            as_it_was = limit == "iterations" and max_steps is None
+            # self-play may resume at its last iteration as it was: to save its policy again (a failed registration);
+            # so may a fine-tuning run that finished (its final/ is there) but whose model could not be registered
+            as_it_was = max_steps is None and (limit == "iterations" or (
+                run["kind"] == "tune" and (self.ws.run_path(run_id) / "final").is_dir()))
             if params.get(limit) and params[limit] <= step and not as_it_was:
                 raise ValueError(f"the last checkpoint is at step {step}; {limit} ({params[limit]}) must be larger "
                                  "to train further")
