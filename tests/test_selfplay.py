@@ -188,6 +188,13 @@ def test_reward_file(tmp_path):
             build_reward("file", reward_file=spec)
     with pytest.raises(ValueError, match="judge"):
         build_reward("perplexity")
+    # the user's function or module raising is their error, said in one line: it was "a bug in lmlab", exit 1
+    f.write_text(f.read_text() + "def broken(prompt, completion):\n    return 1 / 0\n")
+    with pytest.raises(ValueError, match=r"my_reward.py:broken raised ZeroDivisionError: division by zero \(scoring"):
+        build_reward("file", reward_file=f"{f}:broken")(["x"], ["a"], [[1]])
+    (tmp_path / "wrong.py").write_text("import not_a_module_anywhere\n")
+    with pytest.raises(ValueError, match="wrong.py raised ModuleNotFoundError"):
+        build_reward("file", reward_file=f"{tmp_path / 'wrong.py'}:score")
 
 
 # ---- the sign of the policy gradient --------------------------------------------------------------------

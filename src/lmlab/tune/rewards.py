@@ -196,7 +196,10 @@ def load_reward_file(spec: str) -> Callable[[str, str], float]:
         raise ValueError(f"reward file {path} is not a .py file")
     module_spec = importlib.util.spec_from_file_location(f"lmlab_user_reward_{file.stem}", file)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)  # the user's own code, on the user's machine (see module docstring)
+    try:
+        module_spec.loader.exec_module(module)  # the user's own code, on the user's machine (see module docstring)
+    except Exception as exc:  # noqa: BLE001 - the user's code: their error, said in one line (--debug: traceback)
+        raise ValueError(f"importing {path} raised {type(exc).__name__}: {exc}") from exc
     fn = getattr(module, name, None)
     if not callable(fn):
         raise ValueError(f"{path} has no function {name!r}")
@@ -221,7 +224,11 @@ def build_reward(name: str, *, judge: str | Path | None = None, reward_file: str
     def user(prompts: Sequence[str], texts: Sequence[str], ids: Sequence[Sequence[int]]) -> list[float]:
         out = []
         for p, t in zip(prompts, texts):
-            value = fn(p, t)
+            try:
+                value = fn(p, t)
+            except Exception as exc:  # noqa: BLE001 - the user's function failed, not lmlab: one line, as bad input
+                raise ValueError(f"{reward_file} raised {type(exc).__name__}: {exc} (scoring {t[:40]!r}; run with "
+                                 "--debug for its traceback)") from exc
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{reward_file} returned {value!r}; a reward must be a finite number")
             out.append(float(value))
