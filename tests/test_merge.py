@@ -141,6 +141,11 @@ def test_bad_input_is_refused_in_one_line(capsys, family):
     fails("--method 'avg' is not a method; choose one of linear, slerp, task-arithmetic, ties, dare",
           a, b, "--method", "avg")
     fails("--weights has 1 numbers for 2 models; give one per model", a, b, "--method", "linear", "--weights", "1")
+    # a setting the method does not read was ignored without a word
+    fails("--t is used by slerp only, not by --method linear", a, b, "--method", "linear", "--t", "0.3")
+    fails("--density is used by ties, dare only, not by --method task-arithmetic", a, "--method", "task-arithmetic",
+          "--base", b, "--density", "0.5")
+    fails("--seed is used by dare only, not by --method ties", a, "--method", "ties", "--base", b, "--seed", "2")
     # NaN or inf wrote a model of NaN without complaint
     fails("--weights must be finite numbers, not 1.0,nan", a, b, "--method", "linear", "--weights", "1,nan")
     fails("--lambda must be a finite number, not inf", a, "--method", "task-arithmetic", "--base", b, "--lambda", "inf")

@@ -79,6 +79,9 @@ def test_what_a_job_would_refuse_is_refused_before_it_is_queued(tmp_path):
         r = c.post("/api/v1/runs/merge", json={"model": "base", "others": ["base"], "new_model": "m",
                                                "method": "dare", "base": "base", "seed": 2**64})
         assert r.status_code == 422  # the job died on it: "internal error ... a bug in lmlab"
+        r = c.post("/api/v1/runs/merge", json={"model": "base", "others": ["base"], "new_model": "m",
+                                               "method": "linear", "t": 0.3})  # a setting linear does not read
+        assert (r.status_code, r.json()["detail"]) == (422, "t is used by slerp only, not by method linear")
         r = c.post("/api/v1/runs/tune", json={**SFT, "new_model": "wide", "lora_rank": 100})
         assert r.status_code == 422 and "choose a rank of at most 64" in r.json()["detail"]
         q8 = c.post("/api/v1/runs/quantize", json={"model": "base", "new_model": "q8", "to": "int8"}).json()["id"]

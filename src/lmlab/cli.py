@@ -1139,24 +1139,26 @@ def _merge_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", required=True, help="linear, slerp, task-arithmetic, ties or dare")
     p.add_argument("--base", help="task-arithmetic/ties/dare: the model the others were fine-tuned from")
     p.add_argument("--weights", help="one number per model, comma-separated (equal by default)")
-    p.add_argument("--t", type=float, default=0.5, help="slerp: 0 gives the first model, 1 the second (0.5)")
-    p.add_argument("--density", type=float, default=1.0, help="ties/dare: the fraction of each delta kept (1)")
-    p.add_argument("--lambda", dest="lam", type=float, default=1.0, help="task-arithmetic/ties/dare: delta scale (1)")
-    p.add_argument("--seed", type=int, default=0, help="dare: the seed of the dropped entries (0)")
+    p.add_argument("--t", type=float, help="slerp: 0 gives the first model, 1 the second (0.5)")
+    p.add_argument("--density", type=float, help="ties/dare: the fraction of each delta kept (1)")
+    p.add_argument("--lambda", dest="lam", type=float, help="task-arithmetic/ties/dare: delta scale (1)")
+    p.add_argument("--seed", type=int, help="dare: the seed of the dropped entries (0)")
     p.add_argument("--out", required=True, help="the NEW model directory to write (refused unless absent or empty)")
 
 
 @command("merge", "merge models: lmlab merge A B [C...] --method linear|slerp|task-arithmetic|ties|dare --out DIR",
          _merge_arguments)
 def _merge(args: argparse.Namespace) -> int:
-    from .models.merge import merge_dirs
+    from .models.merge import check_used, merge_dirs
 
     try:
         weights = [float(w) for w in args.weights.split(",")] if args.weights else None
     except ValueError:
         raise ValueError(f"--weights {args.weights!r} must be numbers separated by commas") from None
-    out = merge_dirs(args.models, args.out, args.method, base=args.base, weights=weights, t=args.t,
-                     density=args.density, lam=args.lam, seed=args.seed)
+    check_used(args.method, {"t": args.t, "density": args.density, "lambda": args.lam, "seed": args.seed})
+    out = merge_dirs(args.models, args.out, args.method, base=args.base, weights=weights,
+                     t=0.5 if args.t is None else args.t, density=1.0 if args.density is None else args.density,
+                     lam=1.0 if args.lam is None else args.lam, seed=0 if args.seed is None else args.seed)
     print(f"wrote {out} ({args.method} of {len(args.models)} models)")
     return 0
 

@@ -93,6 +93,16 @@ def merge_tensors(tensors: list[torch.Tensor], method: str, *, base: torch.Tenso
     return base + lam * sum(w * d for w, d in zip(weights, deltas))
 
 
+USES = {"t": ("slerp",), "density": ("ties", "dare"), "lambda": NEEDS_BASE, "seed": ("dare",)}
+
+
+def check_used(method: str, given: dict[str, Any]) -> None:
+    """ValueError for a setting given (not None) that `method` does not read: it was ignored without a word."""
+    for key, value in given.items():
+        if value is not None and method in METHODS and method not in USES[key]:
+            raise ValueError(f"--{key} is used by {', '.join(USES[key])} only, not by --method {method}")
+
+
 def check_parameters(method: str, n: int, base: Any, weights: list[float] | None, t: float, density: float,
                      lam: float = 1.0) -> None:
     if method not in METHODS:
