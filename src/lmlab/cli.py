@@ -1149,16 +1149,14 @@ def _merge_arguments(p: argparse.ArgumentParser) -> None:
 @command("merge", "merge models: lmlab merge A B [C...] --method linear|slerp|task-arithmetic|ties|dare --out DIR",
          _merge_arguments)
 def _merge(args: argparse.Namespace) -> int:
-    from .models.merge import check_used, merge_dirs
+    from .models.merge import merge_dirs
 
     try:
         weights = [float(w) for w in args.weights.split(",")] if args.weights else None
     except ValueError:
         raise ValueError(f"--weights {args.weights!r} must be numbers separated by commas") from None
-    check_used(args.method, {"t": args.t, "density": args.density, "lambda": args.lam, "seed": args.seed})
-    out = merge_dirs(args.models, args.out, args.method, base=args.base, weights=weights,
-                     t=0.5 if args.t is None else args.t, density=1.0 if args.density is None else args.density,
-                     lam=1.0 if args.lam is None else args.lam, seed=0 if args.seed is None else args.seed)
+    out = merge_dirs(args.models, args.out, args.method, base=args.base, weights=weights, t=args.t,
+                     density=args.density, lam=args.lam, seed=args.seed)
     print(f"wrote {out} ({args.method} of {len(args.models)} models)")
     return 0
 

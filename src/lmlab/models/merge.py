@@ -93,18 +93,20 @@ def merge_tensors(tensors: list[torch.Tensor], method: str, *, base: torch.Tenso
     return base + lam * sum(w * d for w, d in zip(weights, deltas))
 
 
-USES = {"t": ("slerp",), "density": ("ties", "dare"), "lambda": NEEDS_BASE, "seed": ("dare",)}
+# which method reads which setting (the merge.json key and --flag is "lambda" for lam), and its default
+USES = {"t": ("slerp",), "density": ("ties", "dare"), "lam": NEEDS_BASE, "seed": ("dare",)}
+DEFAULTS = {"t": 0.5, "density": 1.0, "lam": 1.0, "seed": 0}
 
 
-def check_used(method: str, given: dict[str, Any]) -> None:
-    """ValueError for a setting given (not None) that `method` does not read: it was ignored without a word."""
-    for key, value in given.items():
-        if value is not None and method in METHODS and method not in USES[key]:
-            raise ValueError(f"--{key} is used by {', '.join(USES[key])} only, not by --method {method}")
+def _flag(key: str) -> str:
+    return "lambda" if key == "lam" else key
 
 
-def check_parameters(method: str, n: int, base: Any, weights: list[float] | None, t: float, density: float,
-                     lam: float = 1.0) -> None:
+def check_parameters(method: str, n: int, base: Any, weights: list[float] | None, *, t: float | None = None,
+                     density: float | None = None, lam: float | None = None, seed: int | None = None
+                     ) -> dict[str, Any]:
+    """ValueError for settings that do not fit; else every setting (t, density, lam, seed), a default where None.
+    A setting given (not None) that `method` does not read is refused: it would be ignored without a word."""
     if method not in METHODS:
         raise ValueError(f"--method {method!r} is not a method; choose one of {', '.join(METHODS)}")
     if method in NEEDS_BASE and base is None:
@@ -115,18 +117,27 @@ def check_parameters(method: str, n: int, base: Any, weights: list[float] | None
         raise ValueError(f"--base is used by {', '.join(NEEDS_BASE)} only")
     if n < (1 if method in NEEDS_BASE else 2):
         raise ValueError(f"--method {method} needs at least {1 if method in NEEDS_BASE else 2} models")
+    given = {"t": t, "density": density, "lam": lam, "seed": seed}
+    for key, value in given.items():
+        if value is not None and method not in USES[key]:
+            raise ValueError(f"--{_flag(key)} is used by {', '.join(USES[key])} only, not by --method {method}")
+    settings = {key: DEFAULTS[key] if value is None else value for key, value in given.items()}
     if weights is not None and len(weights) != n:
         raise ValueError(f"--weights has {len(weights)} numbers for {n} models; give one per model")
     if weights is not None and not all(math.isfinite(w) for w in weights):
         raise ValueError(f"--weights must be finite numbers, not {','.join(map(str, weights))}")
-    if not math.isfinite(lam):  # nan or inf: a model of NaN, written without complaint
-        raise ValueError(f"--lambda must be a finite number, not {lam}")
+    if not math.isfinite(settings["lam"]):  # nan or inf: a model of NaN, written without complaint
+        raise ValueError(f"--lambda must be a finite number, not {settings['lam']}")
     if weights is not None and method == "linear" and sum(weights) == 0:
         raise ValueError("--weights sum to 0; a linear merge divides by their sum")
-    if not 0 <= t <= 1:
-        raise ValueError(f"--t must be between 0 and 1, not {t}")
-    if not 0 < density <= 1:
-        raise ValueError(f"--density must be in (0, 1], not {density}")
+    if not 0 <= settings["t"] <= 1:
+        raise ValueError(f"--t must be between 0 and 1, not {settings['t']}")
+    if not 0 < settings["density"] <= 1:
+        raise ValueError(f"--density must be in (0, 1], not {settings['density']}")
+    seed = settings["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"--seed must be an integer from 0 to 2^63 - 1, not {seed}")
+    return settings
 
 
 def _refuse_folder(path: Path) -> None:
@@ -161,19 +172,19 @@ def check_parents(every: list[Path]) -> None:
 
 
 def merge_dirs(parents: list[str | Path], out: str | Path, method: str, *, base: str | Path | None = None,
-               weights: list[float] | None = None, t: float = 0.5, density: float = 1.0, lam: float = 1.0,
-               seed: int = 0) -> Path:
+               weights: list[float] | None = None, t: float | None = None, density: float | None = None,
+               lam: float | None = None, seed: int | None = None) -> Path:
     """Merge model directories into a new one (refused if `out` has anything in it; written beside it and renamed).
-    The tokenizer and chat template are copied from the first parent; merge.json records how it was made."""
+    The tokenizer and chat template are copied from the first parent; merge.json records how it was made. The
+    settings the method does not read stay None (DEFAULTS where it reads them: t 0.5, density 1, lam 1, seed 0)."""
     from .io import GENERATION, load_pretrained, save_pretrained
     from .quant import refuse_quantized
 
     out, paths = Path(out), [Path(p) for p in parents]
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} exists and is not empty; choose a new folder for the merged model")
-    check_parameters(method, len(paths), base, weights, t, density, lam)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-        raise ValueError(f"--seed must be an integer from 0 to 2^63 - 1, not {seed}")
+    settings = check_parameters(method, len(paths), base, weights, t=t, density=density, lam=lam, seed=seed)
+    t, density, lam, seed = (settings[k] for k in ("t", "density", "lam", "seed"))
     every = paths + ([Path(base)] if base is not None else [])
     check_parents(every)
     first = every[0]
@@ -199,9 +210,7 @@ def merge_dirs(parents: list[str | Path], out: str | Path, method: str, *, base:
     model.load_state_dict(merged)
     record = {"method": method, "parents": [str(p.resolve()) for p in paths],
               "base": str(Path(base).resolve()) if base is not None else None,
-              "weights": weights, "t": t if method == "slerp" else None,
-              "density": density if method in ("ties", "dare") else None,
-              "lambda": lam if method in NEEDS_BASE else None, "seed": seed if method == "dare" else None}
+              "weights": weights, **{_flag(k): v if method in USES[k] else None for k, v in settings.items()}}
     with staged_dir(out) as tmp:
         save_pretrained(tmp, model.float(), tok)
         atomic_write_text(tmp / MERGE, json.dumps(record, indent=2) + "\n")

@@ -52,13 +52,13 @@ from ..models.quant import refuse_quantized
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # PEFT's file names
 ALL_LINEAR = "all-linear"  # PEFT's spelling for "every linear layer but the output head"
+_PREFIX = "base_model.model."  # PEFT's prefix of a PeftModelForCausalLM's keys
+_ROWS = ".token_adapter.trainable_tokens_delta"  # PEFT's key of a TrainableTokens layer: the rows, not a delta
 
 
 def parse_targets(text: str | None) -> tuple[str, ...]:
     """--lora-targets (the API's lora_targets): a comma list of module names; none given is every linear."""
     return tuple(t.strip() for t in (text or ALL_LINEAR).split(",") if t.strip())
-_PREFIX = "base_model.model."  # PEFT's prefix of a PeftModelForCausalLM's keys
-_ROWS = ".token_adapter.trainable_tokens_delta"  # PEFT's key of a TrainableTokens layer: the rows, not a delta
 
 
 @dataclass(frozen=True)
@@ -277,10 +277,10 @@ def apply_lora(model: Transformer, config: LoRAConfig, tokenizer: Any = None) ->
                          f"{', '.join(dict.fromkeys(n.split('.')[-1] for n in names))} or {ALL_LINEAR}")
     shapes = [(rows, model.blocks[0].get_submodule(ours).in_features) for ours, segs in segments.items()
               for hf, rows in segs if any(_matches(hf, t) for t in config.targets)]
-    most = min(min(shape) for shape in shapes)
-    if config.rank > most:  # a larger B A spans no more: it only adds parameters (rank 10^5 wrote a 977 MB file)
+    rows, cols = min(shapes, key=min)
+    if config.rank > min(rows, cols):  # a larger B A spans no more, only adds parameters (10^5 wrote 977 MB)
         raise ValueError(f"LoRA rank {config.rank} is above what the targeted matrices can use: the smallest is "
-                         f"{min(shapes, key=min)[0]}x{min(shapes, key=min)[1]}; choose a rank of at most {most}")
+                         f"{rows}x{cols}; choose a rank of at most {min(rows, cols)}")
     for p in model.parameters():
         p.requires_grad_(False)
     for block in model.blocks:
@@ -492,10 +492,6 @@ def save_lora_run(model: Transformer, run_dir: str | Path, tokenizer: Any = None
     return adapter
 
 
-def _vocabulary(tokenizer: Any) -> list[str | None]:
-    return [tokenizer.id_to_token(i) for i in range(len(tokenizer))]
-
-
 def merge_lora_dir(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path) -> Path:
     """`lmlab lora merge`: a new model directory `out_dir` holding `model_dir` with the adapter merged (its other
     files copied, symbolic links left out; training.json says what was merged). Refuses an `out_dir` that exists;
@@ -517,11 +513,11 @@ def merge_lora_dir(model_dir: str | Path, adapter_dir: str | Path, out_dir: str 
     config = read_adapter_config(adapter_dir)
     chat = False
     if (Path(adapter_dir) / TOKENIZER).is_file():
-        trained = _vocabulary(Tokenizer.load(Path(adapter_dir) / TOKENIZER))
-        if tok is None or _vocabulary(tok) != trained:
+        trained = Tokenizer.load(Path(adapter_dir) / TOKENIZER)
+        if tok is None or tok.fingerprint() != trained.fingerprint():
             if tok is not None:
                 chat_model, chat_tok, added = add_chat_tokens(model, tok)
-                chat = added > 0 and _vocabulary(chat_tok) == trained
+                chat = added > 0 and chat_tok.fingerprint() == trained.fingerprint()
             if not chat:
                 raise ValueError(f"{adapter_dir} was trained with another tokenizer than {model_dir}'s "
                                  f"({len(trained)} tokens, this model {len(tok) if tok is not None else 'none'}): "

@@ -25,7 +25,7 @@ from ...files import atomic_write_text
 from ...models import ModelConfig, Transformer
 from ...models.generation import generate_ids
 from ...models.io import TRAINING, WEIGHTS
-from ...models.merge import NEEDS_BASE, check_parameters, check_parents, check_used
+from ...models.merge import NEEDS_BASE, check_parameters, check_parents
 from ...models.quant import FORMATS, GROUP_SIZES, METHODS, QUANTIZATION, QuantConfig, check_shapes, plan_modules
 from ...tune.chat import TEMPLATE, TEMPLATE_FILE
 from ..app import AppState, StateDep
@@ -112,9 +112,8 @@ def create_quantize_run(state: StateDep, req: QuantizeCreate) -> Run:
 def create_merge_run(state: StateDep, req: MergeCreate) -> Run:
     parents = [req.model, *req.others]
     try:
-        check_parameters(req.method, len(parents), req.base, req.weights, 0.5 if req.t is None else req.t,
-                         1.0 if req.density is None else req.density, 1.0 if req.lam is None else req.lam)
-        check_used(req.method, {"t": req.t, "density": req.density, "lambda": req.lam, "seed": req.seed})
+        check_parameters(req.method, len(parents), req.base, req.weights, t=req.t, density=req.density,
+                         lam=req.lam, seed=req.seed)
     except ValueError as exc:
         raise HTTPException(422, str(exc).replace("--base BASE", "base").replace("--", "")) from None
     new = check_name(req.new_model, "new model name")

@@ -262,8 +262,13 @@ class _Plan:
     chat: bool
     end_ids: Sequence[int]
     stream: bool
-    usage: bool
+    usage: bool                 # a stream's usage chunk was asked for
     meta: dict[str, Any]
+
+    def usage_of(self, completion_tokens: int) -> dict[str, int]:
+        prompt_tokens = sum(len(x) for x in self.prompts)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens}
 
 
 class _ClientGone(Exception):
@@ -444,10 +449,8 @@ def _response(p: _Plan, events: list[Token | Finish]) -> dict[str, Any]:
         for k in range(len(p.prompts)):
             ids = sorted(range(k * p.best, (k + 1) * p.best), key=lambda i: (-mean(i), i))[:p.n]
             ranked += [{**choices[i], "index": k * p.n + j} for j, i in enumerate(ids)]
-    prompt_tokens = sum(len(x) for x in p.prompts)
     return {**p.meta, "object": "chat.completion" if p.chat else "text_completion", "choices": ranked,
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens}}
+            "usage": p.usage_of(completion_tokens)}
 
 
 async def _chunks(p: _Plan, handle: Any) -> AsyncIterator[str]:
@@ -500,10 +503,7 @@ async def _chunks(p: _Plan, handle: Any) -> AsyncIterator[str]:
     finally:
         handle.cancel()  # a client that went away leaves the batch at the next step (and event_stream's on_close)
     if p.usage:
-        prompt_tokens = sum(len(x) for x in p.prompts)
-        body = {**p.meta, "object": kind, "choices": [],
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                          "total_tokens": prompt_tokens + completion_tokens}}
+        body = {**p.meta, "object": kind, "choices": [], "usage": p.usage_of(completion_tokens)}
         yield f"data: {json.dumps(body)}\n\n"
     yield "data: [DONE]\n\n"
 
