@@ -12,6 +12,7 @@ import torch
 import lmlab
 from lmlab.cli import _parsers, build_parser, main
 from lmlab.data.jsonl import read_jsonl
+from lmlab.interop import export_gguf, export_hf, import_hf
 from lmlab.models import ModelConfig, Transformer
 from lmlab.models.io import load_pretrained, save_pretrained
 from lmlab.tokenizers import Tokenizer
@@ -78,9 +79,36 @@ def test_an_existing_gguf_file_is_replaced_only_when_asked(capsys, base, tmp_pat
     out = tmp_path / "m.gguf"
     out.write_bytes(b"mine")
     code, _, err = run(capsys, "export", "gguf", base, out)
-    assert code == 2 and "exists; add --force" in err and out.read_bytes() == b"mine"
+    assert code == 2 and "exists; replace it with --force" in err and out.read_bytes() == b"mine"
+    with pytest.raises(FileExistsError, match="overwrite=True in Python"):  # the library wrote over it
+        export_gguf(base, out)
+    assert out.read_bytes() == b"mine"
     pytest.importorskip("gguf")
     assert run(capsys, "export", "gguf", base, out, "--force")[0] == 0 and out.read_bytes()[:4] == b"GGUF"
+
+
+def test_hf_export_and_import_replace_a_folder_that_holds_files_only_when_asked(capsys, base, tmp_path):
+    """`export hf` / `import hf` into a folder holding another model replaced its config and weights (they
+    updated the folder in place): `import hf HF runs/x/final` destroyed the model there without a word."""
+    pytest.importorskip("transformers")
+    mine = tmp_path / "mine"
+    other = Transformer(ModelConfig.preset("gpt2-tiny", vocab_size=50))
+    save_pretrained(mine, other, Tokenizer.train([TEXT], kind="word", vocab_size=50))
+    before = {f.name: f.read_bytes() for f in mine.iterdir()}
+    code, _, err = run(capsys, "export", "hf", base, mine)
+    assert code == 2 and f"{mine} exists and is not empty; replace what it holds with --force" in err
+    assert run(capsys, "export", "hf", base, tmp_path / "hf")[0] == 0  # a new folder
+    code, _, err = run(capsys, "import", "hf", tmp_path / "hf", mine)
+    assert code == 2 and "exists and is not empty" in err
+    for call in (lambda: export_hf(base, mine), lambda: import_hf(tmp_path / "hf", mine)):
+        with pytest.raises(FileExistsError, match="overwrite=True in Python"):
+            call()
+    assert {f.name: f.read_bytes() for f in mine.iterdir()} == before  # untouched
+    (tmp_path / "empty").mkdir()
+    assert run(capsys, "import", "hf", tmp_path / "hf", tmp_path / "empty")[0] == 0  # an empty folder is new
+    assert run(capsys, "import", "hf", tmp_path / "hf", mine, "--force")[0] == 0
+    assert load_pretrained(mine)[0].config == load_pretrained(base)[0].config
+    assert run(capsys, "export", "hf", base, tmp_path / "hf", "--force")[0] == 0
 
 
 def test_a_refused_run_names_the_command_that_resumes_it(capsys, base, tmp_path):

@@ -140,6 +140,6 @@ def test_import_replaces_a_previous_model_completely(model_dir, tmp_path):
     other = Tokenizer.train([TEXT], kind="word", vocab_size=50)
     save_pretrained(target, Transformer(ModelConfig.preset("gpt2-tiny", vocab_size=50)), other,
                     training={"steps": 5})
-    import_hf(hf, target)
+    import_hf(hf, target, overwrite=True)
     model, tok = load_pretrained(target)
     assert tok.kind == "bpe" and model.config.family == "llama" and not (target / "training.json").exists()

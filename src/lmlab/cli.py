@@ -1041,7 +1041,8 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
     h = sub.add_parser("hf", help="a transformers-native checkpoint (GPT2LMHeadModel, LlamaForCausalLM, "
                                   "OpenAIGPTLMHeadModel) with its tokenizer; no custom code needed to load it")
     h.add_argument("model_dir", help="an lmlab model directory")
-    h.add_argument("out_dir", help="folder to write (created, or updated in place)")
+    h.add_argument("out_dir", help="folder to write (new or empty; one that holds files only with --force)")
+    h.add_argument("--force", action="store_true", help="replace the checkpoint files in OUT_DIR if it holds any")
     g = sub.add_parser("gguf", help="one GGUF file for llama.cpp (llama and gpt2 families, bpe tokenizers)")
     g.add_argument("model_dir", help="an lmlab model directory")
     g.add_argument("out_file", help="the .gguf file to write (an existing file is replaced only with --force)")
@@ -1057,12 +1058,10 @@ def _export(args: argparse.Namespace) -> int:
     from .interop import export_gguf, export_hf
     try:
         if args.format == "hf":
-            out = export_hf(args.model_dir, args.out_dir)
+            out = export_hf(args.model_dir, args.out_dir, overwrite=args.force)
             print(f"wrote {out} (load with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}))")
         else:
-            if (Path(args.out_file).exists() or Path(args.out_file).is_symlink()) and not args.force:
-                raise FileExistsError(f"{args.out_file} exists; add --force to replace it, or choose another name")
-            plan = export_gguf(args.model_dir, args.out_file, dtype=args.dtype)
+            plan = export_gguf(args.model_dir, args.out_file, dtype=args.dtype, overwrite=args.force)
             out = plan.path
             print("\n".join(plan.lines()))
             print(f"wrote {out} ({args.dtype}, {out.stat().st_size / 2**20:.1f} MiB; run with llama.cpp: "
@@ -1076,13 +1075,15 @@ def _import_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="format", required=True, metavar="FORMAT")
     h = sub.add_parser("hf", help="a local transformers checkpoint (GPT-2, Llama, GPT-1; safetensors)")
     h.add_argument("hf_dir", help="folder with config.json, model.safetensors and tokenizer.json")
-    h.add_argument("model_dir", help="lmlab model directory to write")
+    h.add_argument("model_dir", help="lmlab model directory to write (new or empty; one that holds files only "
+                                     "with --force, which replaces the model in it)")
+    h.add_argument("--force", action="store_true", help="replace the model in MODEL_DIR if it holds one")
 
 
 @command("import", "import a model: lmlab import hf HF_DIR MODEL_DIR", _import_arguments)
 def _import(args: argparse.Namespace) -> int:
     from .interop import import_hf
-    out = import_hf(args.hf_dir, args.model_dir)
+    out = import_hf(args.hf_dir, args.model_dir, overwrite=args.force)
     if (out / "tokenizer.json").is_file():
         print(f"wrote {out} (continue training with: lmlab train SOURCES --init {out} --out RUN_DIR)")
     else:

@@ -99,6 +99,13 @@ def staged_dir(out: Path, *, refuse: Path | None = None, stale: tuple[str, ...] 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def refuse_nonempty(out: Path) -> None:
+    """FileExistsError if the folder `out` holds anything: what a user made there is replaced only when asked."""
+    if out.is_dir() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty; replace what it holds with --force (overwrite=True "
+                              "in Python), or choose another folder")
+
+
 def file_sha256(path: str | Path) -> str:
     """The SHA-256 of a file's bytes, read in 1 MiB blocks: how a run records the weights it started from."""
     digest = hashlib.sha256()

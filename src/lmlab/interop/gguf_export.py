@@ -166,11 +166,17 @@ def _vocab(md: ModelDir, vocab_size: int) -> tuple[list[str], list[int], list[st
     return tokens, [int(t) for t in types], merges
 
 
-def export_gguf(model_dir: str | Path, out_path: str | Path, *, dtype: str = "f32") -> GGUFPlan:
+def export_gguf(model_dir: str | Path, out_path: str | Path, *, dtype: str = "f32", overwrite: bool = False
+                ) -> GGUFPlan:
     """Write `model_dir` as one GGUF file that llama.cpp loads, tokenizer included -> its plan (with `path`).
     dtype: f32, f16, or a block type of llama.cpp (blocks of 32 values along a row): q8_0 (8-bit, one f16
     scale), q5_1 / q4_1 (5 / 4 bits with an f16 scale and minimum), q5_0 / q4_0 (5 / 4 bits, one f16 scale).
-    Matrices whose rows are not a multiple of 32 fall back to f16, as llama.cpp's converter does."""
+    Matrices whose rows are not a multiple of 32 fall back to f16, as llama.cpp's converter does. An existing
+    `out_path` is replaced only with overwrite=True."""
+    out = Path(out_path)
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise FileExistsError(f"{out} exists; replace it with --force (overwrite=True in Python), or choose another "
+                              "name")
     gguf = _gguf()
     if dtype not in DTYPES:
         raise ValueError(f"dtype ({dtype!r}) must be one of {', '.join(DTYPES)}")

@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tokenizers import Tokenizer as HFTokenizer
 
+from ..files import refuse_nonempty
 from ..models import GenerationConfig, Transformer
 from ..models.io import GENERATION, TRAINING, save_pretrained
 from ..tokenizers import SPECIAL_TOKENS, Tokenizer
@@ -142,8 +143,11 @@ def _hf_generation_config(tf: Any, ours: GenerationConfig, specials: Specials) -
     return tf.GenerationConfig(**kwargs)
 
 
-def export_hf(model_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write `model_dir` as a transformers-native checkpoint in `out_dir` (created or updated in place)."""
+def export_hf(model_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
+    """Write `model_dir` as a transformers-native checkpoint in `out_dir`: a new or empty folder, or with
+    overwrite=True one whose checkpoint files are replaced (and a previous export's leftovers removed)."""
+    if not overwrite and Path(out_dir).resolve() != Path(model_dir).resolve():  # that one: staged_dir's error
+        refuse_nonempty(Path(out_dir))
     tf = _transformers()
     md = load_model_dir(model_dir)
     hf_model = to_hf_model(md.model, specials=md.specials)
@@ -235,15 +239,18 @@ def _normalised(hf: HFTokenizer) -> HFTokenizer:
     return HFTokenizer.from_str(json.dumps(data))
 
 
-def import_hf(hf_dir: str | Path, model_dir: str | Path) -> Path:
+def import_hf(hf_dir: str | Path, model_dir: str | Path, overwrite: bool = False) -> Path:
     """Read a local transformers checkpoint (GPT-2, Llama or GPT-1 causal LM: config.json, safetensors and
     a fast tokenizer) into an lmlab model directory.
 
     If the tokenizer puts lmlab's four specials at ids 0..3 (every lmlab export does), it becomes the
     model's tokenizer.json. If it has none of them (real GPT-2: ids 0..3 are ``! " # $``), the model is
     imported all the same, its tokenizer files are kept unchanged in `hf_tokenizer/` (exports use them),
-    and pad_token_id comes from the checkpoint. Having them at other ids is an error."""
+    and pad_token_id comes from the checkpoint. Having them at other ids is an error. `model_dir` must be new
+    or empty, unless overwrite=True: then the model it holds is replaced completely."""
     hf_dir = Path(hf_dir)
+    if not overwrite and Path(model_dir).resolve() != hf_dir.resolve():  # that one: staged_dir's error
+        refuse_nonempty(Path(model_dir))
     if not hf_dir.is_dir():
         raise FileNotFoundError(f"checkpoint folder not found: {hf_dir}")
     if not (hf_dir / CONFIG).is_file():
