@@ -68,6 +68,15 @@ def test_names_and_numbers_the_file_system_or_math_refuse_are_one_line_errors(ca
         apply_lora(lmlab.load(base)[0], LoRAConfig(rank=100_000))
 
 
+def test_lora_targets_that_name_nothing_are_refused(capsys, base, tmp_path):
+    for text in ("", " , "):  # both trained every linear layer
+        code, _, err = run(capsys, "tune", "sft", "--model", base, "--data", SHIPPED, "--lora-rank", "2",
+                           "--lora-targets", text, "--out", tmp_path / "run")
+        assert (code, err) == (2, f"lmlab: error: --lora-targets names no module ({text!r}); leave it out to adapt "
+                                  "every linear layer\n")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_json_line_that_json_cannot_read_names_its_line(tmp_path):
     data = tmp_path / "chats.jsonl"
     data.write_text('{"messages": []}\n{"messages": [{"role": "user", "content": ' + "9" * 5000 + "}]}\n")

@@ -57,8 +57,12 @@ _ROWS = ".token_adapter.trainable_tokens_delta"  # PEFT's key of a TrainableToke
 
 
 def parse_targets(text: str | None) -> tuple[str, ...]:
-    """--lora-targets (the API's lora_targets): a comma list of module names; none given is every linear."""
-    return tuple(t.strip() for t in (text or ALL_LINEAR).split(",") if t.strip())
+    """--lora-targets (the API's lora_targets): a comma list of module names; None (not given) is every linear.
+    A list that names nothing ("" or ",") is refused: it would have trained every linear layer unasked."""
+    names = tuple(t.strip() for t in (ALL_LINEAR if text is None else text).split(",") if t.strip())
+    if not names:
+        raise ValueError(f"--lora-targets names no module ({text!r}); leave it out to adapt every linear layer")
+    return names
 
 
 @dataclass(frozen=True)
