@@ -1117,9 +1117,8 @@ def _quantize(args: argparse.Namespace) -> int:
         raise ValueError(f"--to {args.to!r} is not a format; choose {' or '.join(FORMATS)}")
     if args.method not in METHODS:
         raise ValueError(f"--method {args.method!r} is not a method; choose {' or '.join(METHODS)}")
-    if args.to == "int8" and args.group_size is not None:
-        raise ValueError("--group-size is for int4; int8 has one scale per output row")
-    group_size = (32 if args.group_size is None else args.group_size) if args.to == "int4" else None  # 0 is 0
+    # int8 passes its --group-size on, for quantize_dir to refuse; int4's default is 32 (0 is 0, refused)
+    group_size = (32 if args.group_size is None else args.group_size) if args.to == "int4" else args.group_size
     out, qc, stats = quantize_dir(args.model_dir, args.out, FORMATS[args.to], group_size, method=args.method,
                                   keep_head=args.keep_head, calibration=args.calibration,
                                   calibration_tokens=args.calibration_tokens)

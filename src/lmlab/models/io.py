@@ -7,11 +7,12 @@ Loading executes no code: JSON and safetensors only, never pickle.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
 from ..files import atomic_path, atomic_write_text
@@ -54,7 +55,14 @@ def load_pretrained(path: str | Path, *, device: str | torch.device = "cpu",
     for name in (CONFIG, WEIGHTS):
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path} is not a model directory: {name} is missing")
-    config = ModelConfig.load(path / CONFIG)
+    try:
+        config = ModelConfig.load(path / CONFIG)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path / CONFIG} is not UTF-8 text: {exc}") from None
+    stored = _stored_values(path / WEIGHTS)
+    if config.num_parameters() > 8 * stored + 1_000_000:  # 8: int4 packs 2 values a byte, with room to spare
+        raise ValueError(f"{path / CONFIG} describes {config.num_parameters():,} parameters but {WEIGHTS} holds "
+                         f"{stored:,} values: they do not belong together (nothing was allocated)")
     model = Transformer(config)
     if (path / QUANTIZATION).is_file():  # int8/int4 linears (quant.py) in place of nn.Linear
         apply_quantization(model, QuantConfig.load(path / QUANTIZATION))
@@ -72,6 +80,15 @@ def load_pretrained(path: str | Path, *, device: str | torch.device = "cpu",
     if tokenizer is not None and len(tokenizer) > config.vocab_size:
         raise ValueError(f"{path / TOKENIZER} has {len(tokenizer)} tokens but vocab_size is {config.vocab_size}")
     return model.eval(), tokenizer
+
+
+def _stored_values(file: Path) -> int:
+    """How many values a safetensors file holds, read from its header alone (no tensor is loaded)."""
+    try:
+        with safe_open(str(file), "pt") as f:
+            return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{file} is not a readable safetensors file: {exc}") from None
 
 
 def load_generation_config(path: str | Path) -> GenerationConfig:

@@ -171,6 +171,15 @@ def check_parents(every: list[Path]) -> None:
             raise ValueError(f"{first} and {p} have different architectures ({CONFIG}: {', '.join(diff[:3])})")
 
 
+def require_finite(tensors: dict[str, torch.Tensor], what: str, why: str) -> None:
+    """ValueError naming the first tensor of `tensors` with an inf or a NaN: a merge that overflows fp32 must not
+    write a model of NaN without a word (finite settings can overflow: weights 1e308, lambda 1e39)."""
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"{what} gives non-finite weights ({len(bad)} tensors, the first {bad[0]}): {why}; "
+                         "nothing was written")
+
+
 def merge_dirs(parents: list[str | Path], out: str | Path, method: str, *, base: str | Path | None = None,
                weights: list[float] | None = None, t: float | None = None, density: float | None = None,
                lam: float | None = None, seed: int | None = None) -> Path:
@@ -207,6 +216,7 @@ def merge_dirs(parents: list[str | Path], out: str | Path, method: str, *, base:
                 base=base_state[key].float() if base_state is not None else None,
                 weights=weights, t=t, density=density, lam=lam, generator=generator)
         merged[key] = done[value.data_ptr()]
+    require_finite(merged, "the merge", "the --weights or --lambda are too large for fp32")
     model.load_state_dict(merged)
     record = {"method": method, "parents": [str(p.resolve()) for p in paths],
               "base": str(Path(base).resolve()) if base is not None else None,
@@ -215,6 +225,6 @@ def merge_dirs(parents: list[str | Path], out: str | Path, method: str, *, base:
         save_pretrained(tmp, model.float(), tok)
         atomic_write_text(tmp / MERGE, json.dumps(record, indent=2) + "\n")
         for extra in (GENERATION, "chat_template.jinja"):
-            if (first / extra).is_file():
+            if (first / extra).is_file() and not (first / extra).is_symlink():  # never read out of the folder
                 (tmp / extra).write_bytes((first / extra).read_bytes())
     return out

@@ -506,6 +506,10 @@ def quantize_dir(model_dir: str | Path, out: str | Path, bits: int, group_size: 
         raise ValueError("--calibration is used by --method gptq only")
     if isinstance(calibration_tokens, bool) or not isinstance(calibration_tokens, int) or calibration_tokens < 1:
         raise ValueError(f"--calibration-tokens must be a positive number of tokens, not {calibration_tokens!r}")
+    if isinstance(calibration, (str, Path)):  # one path, not its characters
+        calibration = [str(calibration)]
+    if bits == 8 and group_size is not None:
+        raise ValueError("--group-size is for int4; int8 has one scale per output row")
     if bits == 4 and group_size not in GROUP_SIZES:
         raise ValueError(f"--group-size must be one of {', '.join(map(str, GROUP_SIZES))} for int4")
     model, tok = load_pretrained(model_dir)
@@ -523,7 +527,7 @@ def quantize_dir(model_dir: str | Path, out: str | Path, bits: int, group_size: 
         save_pretrained(tmp, model, tok)
         qc.save(tmp / QUANTIZATION)
         for extra in (GENERATION, TRAINING, "chat_template.jinja"):
-            if (model_dir / extra).is_file():
+            if (model_dir / extra).is_file() and not (model_dir / extra).is_symlink():  # never read out of it
                 (tmp / extra).write_bytes((model_dir / extra).read_bytes())
     return out, qc, stats
 

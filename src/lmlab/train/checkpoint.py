@@ -63,7 +63,20 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return (checkpoints(run_dir) or [None])[-1]
 
 
-RUN_FILES = ("config.json", "metrics.jsonl")  # what the Trainer writes into a new run's folder first
+# What the Trainer writes into a new run's folder (a user's file of that name would be replaced, appended to or
+# deleted): the run files, and what its callbacks and LoRA write. RUN_DIR/phase.json too, but `lmlab train`'s
+# recipe writes that one before the Trainer starts: the callers name it (PHASE_FILE) in their own check.
+RUN_FILES = ("config.json", "metrics.jsonl", "resumes.jsonl", "samples.jsonl", "drift.json", "tracker.json",
+             "tensorboard", "adapter")
+NEW_RUN_FILES = (*RUN_FILES, "phase.json")  # what a caller checks before it writes anything
+
+
+def run_folder(out: str | Path) -> Path:
+    """A run's folder as given to the library: "" (which Path reads as the current folder, where a run would
+    write among whatever is there) is refused, as the CLI refuses --out ''."""
+    if not str(out).strip():
+        raise ValueError("the run's folder (out) is empty; name the folder to write the run to")
+    return Path(out)
 
 
 def refuse_existing_run(run_dir: str | Path, overwrites: tuple[str, ...] = RUN_FILES, command: str = "lmlab train"

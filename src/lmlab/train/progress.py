@@ -51,6 +51,7 @@ class Samples(Callback):
     def on_step(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         every = trainer.config.sample_every
         if every and trainer.step % every == 0:
+            trainer.require_finite(metrics, weights=True)  # a diverged model's probabilities are NaN
             self.write(trainer)
 
     @torch.no_grad()

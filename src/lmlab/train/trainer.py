@@ -78,6 +78,7 @@ from .checkpoint import (
     checkpoints,
     latest_checkpoint,
     refuse_existing_run,
+    run_folder,
     trim_metrics,
     unb64,
     write_checkpoint,
@@ -256,7 +257,7 @@ class Trainer:
         self.objective = objective
         self._step_metrics: dict[str, torch.Tensor] = {}
         self._step_tokens = 0
-        self.out_dir = Path(out_dir)
+        self.out_dir = run_folder(out_dir)
         self.callbacks = list(callbacks)
         self.provenance = dict(provenance or {})
         if getattr(dataset, "path", None) is not None:
@@ -378,6 +379,7 @@ class Trainer:
                                            "grad_norm": grad_norm, **self._step_metrics}
                 if log_now:  # reading a tensor waits for the device: only on the steps that write a line
                     to_host(metrics)
+                    self.require_finite(metrics)
                     now = time.perf_counter()
                     tps = tokens_window / max(now - t_window, 1e-9)
                     t_window, tokens_window = now, 0
@@ -387,6 +389,7 @@ class Trainer:
                 evaluated = bool(c.eval_every and self.step % c.eval_every == 0) or stop_reason is not None
                 if evaluated:
                     to_host(metrics)
+                    self.require_finite(metrics)
                     t_eval = time.perf_counter()
                     self._phase("evaluating")
                     metrics.update(self.evaluate())
@@ -407,6 +410,7 @@ class Trainer:
                 stop_reason = stop_reason or self._stop_requested()
                 # wsd: the stable phase's last state is kept, to extend the run from
                 if stop_reason or (c.save_every and self.step % c.save_every == 0) or self.step == self._stable_step:
+                    self.require_finite(metrics, weights=True)  # a diverged model never replaces the last good one
                     t_save = time.perf_counter()
                     self._phase("saving")
                     self.save_checkpoint()
@@ -432,6 +436,21 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_train_end(self, result)
         return result
+
+    def require_finite(self, metrics: dict[str, Any], weights: bool = False) -> None:
+        """ValueError when this step's loss (read from the device) or, with `weights`, a weight the step updated
+        is inf or NaN: the run has diverged, and saving or sampling it would only replace the last good
+        checkpoint or crash in the sampler. The loss is the weights' before the step: the weights are checked
+        too where they are saved or sampled (a pass over them, on those steps only)."""
+        loss = metrics["loss"] = float(metrics["loss"])
+        bad = not math.isfinite(loss) or (weights and not all(bool(torch.isfinite(p).all())
+                                                             for p in self.model.parameters() if p.requires_grad))
+        if bad:
+            last = latest_checkpoint(self.out_dir)
+            kept = f"its last checkpoint, {last.name}, is kept" if last else "no checkpoint had been written"
+            what = f"the loss is {loss}" if not math.isfinite(loss) else "its weights are no longer finite"
+            raise ValueError(f"training diverged: {what} at step {self.step}; {kept}. Lower the learning rate "
+                             "(--lr) and start again")
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor | float]:
         """One optimizer step over grad_accum_steps micro-batches -> (mean loss, grad norm before clipping), as

@@ -59,6 +59,7 @@ from ..models.io import WEIGHTS
 from ..models.quant import refuse_quantized
 from ..models.scoring import Batch, make_batch, token_logprobs
 from ..train import TrainConfig
+from ..train.checkpoint import NEW_RUN_FILES, refuse_existing_run, run_folder
 from ..train.trainer import Callback, Objective, Trainer
 from .lora import LoRAConfig, adapters_disabled
 from .rewards import Reward, Task
@@ -388,13 +389,15 @@ def run_grpo(model_dir: str | Path, out: str | Path, config: GRPOConfig, *, task
     if task is not None and (prompts or judge or reward_file):
         raise ValueError("--task makes its own prompts and checks its answers: drop --prompt, --judge and "
                          "--reward-file")
-    out = Path(out)
+    out = run_folder(out)
     checkpoint = latest_checkpoint(out)
     if resume and checkpoint is None:
         raise ValueError(f"no checkpoint to resume from in {out / 'checkpoints'}")
     if not resume and checkpoint is not None:
         raise ValueError(f"{out} holds the checkpoints of an earlier run (latest {checkpoint.name}): continue it "
                          "with --resume, or start over in another folder")
+    if not resume:
+        refuse_existing_run(out, NEW_RUN_FILES, "lmlab tune grpo")
     if lora is not None and lora.dropout:
         raise ValueError("GRPO scores the policy with dropout off, as it samples (the update stays on-policy): "
                          "--lora-dropout does not apply; leave it out")

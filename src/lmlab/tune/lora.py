@@ -47,6 +47,7 @@ from ..files import staged_dir
 from ..interop.hf_mapping import hf_prefixes
 from ..models import Transformer
 from ..models.io import TRAINING, WEIGHTS, load_pretrained, save_pretrained
+from ..models.merge import require_finite
 from ..models.model import LMHead
 from ..models.quant import refuse_quantized
 
@@ -447,6 +448,8 @@ def read_adapter_config(adapter_dir: str | Path) -> LoRAConfig:
         raise ValueError(f"{path}: lmlab does not read adapters with {', '.join(unsupported)}")
     targets = d.get("target_modules")
     targets = [targets] if isinstance(targets, str) else targets
+    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise ValueError(f"{path}: target_modules must be a list of module names, not {targets!r}")
     rows = d.get("trainable_token_indices") or []
     lists = list(rows.values()) if isinstance(rows, dict) else [rows]
     if rows and not all(isinstance(ids, list) and ids == lists[0] for ids in lists):
@@ -528,6 +531,7 @@ def merge_lora_dir(model_dir: str | Path, adapter_dir: str | Path, out_dir: str 
                                  "merge it onto the model it was trained from")
             model, tok = chat_model, chat_tok
     merge_and_unload(load_adapter(model, adapter_dir))
+    require_finite(model.state_dict(), f"merging {adapter_dir}", "its tensors or its lora_alpha are not usable")
     with staged_dir(out) as tmp:
         for entry in Path(model_dir).iterdir():
             if entry.is_symlink() or entry.name in (WEIGHTS, TRAINING) or (chat and entry.name == TOKENIZER):

@@ -33,8 +33,8 @@ from ..data.jsonl import read_jsonl
 from ..files import atomic_path, file_sha256
 from ..models.io import WEIGHTS
 from ..models.quant import refuse_quantized
-from ..train.checkpoint import RUN_FILES, refuse_existing_run
-from ..train.trainer import Objective
+from ..train.checkpoint import NEW_RUN_FILES, refuse_existing_run, run_folder
+from ..train.trainer import Objective, check_fits, dist_env
 from .lora import LoRAConfig
 from .rl import kl_k3
 
@@ -249,6 +249,13 @@ class PreferenceConfig:
             raise ValueError(f"unknown loss {self.loss!r}; one of {', '.join(LOSSES)}")
         if self.beta is None:
             self.beta = DEFAULT_BETA[self.loss]
+        for name in ("beta", "gamma", "sft_weight", "desirable_weight", "undesirable_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name} must be a number, not {value!r}")
+        for name in ("desirable_weight", "undesirable_weight"):  # a negative one turns KTO's objective around
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a positive finite number, got {getattr(self, name)}")
         if not 0 < self.beta < math.inf:
             raise ValueError(f"beta must be a positive finite number, got {self.beta}")
         if not 0 <= self.sft_weight < math.inf:
@@ -381,7 +388,7 @@ def run_preference(out: str | Path, train_config: Any = None, *, model_dir: str 
     from ..train.recipes import train_with_lora
     from ..train.trainer import read_run_config
 
-    out = Path(out)
+    out = run_folder(out)
     if resume:
         saved = read_run_config(out)
         if "preference" not in saved:
@@ -397,7 +404,7 @@ def run_preference(out: str | Path, train_config: Any = None, *, model_dir: str 
         lora = LoRAConfig(**p["lora"]) if p.get("lora") else None
         train_config = TrainConfig.from_dict({**saved["train"], **(train_config or {})})
     else:
-        refuse_existing_run(out, (*RUN_FILES, DATA_COPY), "lmlab tune dpo")
+        refuse_existing_run(out, (*NEW_RUN_FILES, DATA_COPY), "lmlab tune dpo")
     if model_dir is None or data is None or cfg is None or train_config is None:
         raise ValueError("a new preference run needs a model, data, a loss and a training config")
     model, tok = load_pretrained(model_dir)
@@ -405,6 +412,7 @@ def run_preference(out: str | Path, train_config: Any = None, *, model_dir: str 
     if tok is None:
         raise ValueError(f"{model_dir} has no tokenizer.json")
     max_len = train_config.seq_len or model.config.block_size
+    check_fits(model.config, train_config, world=dist_env()[1])  # the Trainer's check, before anything is written
     ds = PreferenceData(data, tok, cfg.kind, max_len, pad_id=getattr(tok, "pad_id", 0))
     if ds.truncated:
         say(f"{ds.truncated} examples were longer than {max_len} tokens: their prompts lost their first tokens")

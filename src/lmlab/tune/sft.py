@@ -36,9 +36,9 @@ from ..models.io import load_pretrained
 from ..models.quant import refuse_quantized
 from ..tokenizers import Tokenizer
 from ..train import TrainConfig
-from ..train.checkpoint import RUN_FILES, refuse_existing_run
+from ..train.checkpoint import NEW_RUN_FILES, refuse_existing_run, run_folder
 from ..train.recipes import train_with_lora
-from ..train.trainer import Callback, TrainResult, read_run_config
+from ..train.trainer import Callback, TrainResult, check_fits, dist_env, read_run_config
 from .chat import TEMPLATE_FILE, add_chat_tokens, chat_token_ids, render, write_template
 from .data import read_sft
 from .lora import LoRAConfig
@@ -207,8 +207,8 @@ def run_sft(model_dir: str | Path, data: str | Path, out_dir: str | Path, config
     `lora_hard_tokens` K: LoRA also trains the embedding (and untied head) rows of the K tokens the starting
     model finds hardest on the training split (hardest_tokens), recorded in the run as `lora.tokens`.
     Bad data fails before anything is written."""
-    out = Path(out_dir)
-    refuse_existing_run(out, (*RUN_FILES, "tokenizer.json", DATA, TEMPLATE_FILE), "lmlab tune sft")
+    out = run_folder(out_dir)
+    refuse_existing_run(out, (*NEW_RUN_FILES, "tokenizer.json", DATA, TEMPLATE_FILE), "lmlab tune sft")
     model, tok = load_pretrained(model_dir)
     refuse_quantized(model)  # before the chat tokens or adapters go on, and before anything is written
     if tok is None:
@@ -219,6 +219,7 @@ def run_sft(model_dir: str | Path, data: str | Path, out_dir: str | Path, config
     if kind == "messages":
         model, tok, added = add_chat_tokens(model, tok)
     seq_len = config.seq_len or model.config.block_size
+    check_fits(model.config, config, world=dist_env()[1])  # the Trainer's own check, before anything is written
     ds, info = build_dataset(data, tok, seq_len, completion_only=completion_only, val_fraction=val_fraction,
                              seed=config.seed, packing=packing, read=read)
     if lora_hard_tokens and lora is None:

@@ -44,7 +44,7 @@ from typing import Any
 from ...configs import knob, validate
 from ...files import atomic_write_text
 from ...models.io import load_pretrained
-from ...train.checkpoint import checkpoint_step, latest_checkpoint
+from ...train.checkpoint import checkpoint_step, latest_checkpoint, run_folder
 from ...tune.grpo import (
     GRPOConfig,
     PromptSource,
@@ -166,7 +166,7 @@ def run_text_selfplay(model_dir: str | Path, out: str | Path, config: TextSelfPl
     the iteration finishes, a checkpoint is written, and KeyboardInterrupt is raised (OUT/final is not)."""
     if not prompts:
         raise ValueError("give at least one prompt ('' starts from <BOS>)")
-    out = Path(out)
+    out = run_folder(out)
     checkpoint = latest_checkpoint(out)
     if resume and checkpoint is None:
         raise ValueError(f"no checkpoint to resume from in {out / 'checkpoints'}")
