@@ -169,3 +169,14 @@ def test_quantize_keeps_the_cli_guards_and_does_not_follow_links(base, tmp_path)
     merge_dirs([model, copy.copy(base / "other")], tmp_path / "m", "linear")
     for out in (tmp_path / "q", tmp_path / "m"):
         assert not (out / "generation.json").exists() and not (out / "chat_template.jinja").exists()
+
+
+def test_a_reply_to_bad_messages_and_a_string_of_prompts_are_one_line_errors(base):
+    from lmlab.tune.chat import add_chat_tokens, generate_reply
+    model, tok, _ = add_chat_tokens(*load_pretrained(base / "base"))
+    with pytest.raises(ValueError, match="message 1 needs a role"):  # KeyError: 'bot'
+        generate_reply(model, tok, [{"role": "bot", "content": "hi"}])
+    with pytest.raises(ValueError, match="message 2 needs a role"):  # TypeError deep in the renderer
+        generate_reply(model, tok, [{"role": "user", "content": "hi"}, {"role": "user", "content": 5}])
+    with pytest.raises(ValueError, match="prompts must be a list of prompts, not one string"):  # 5 prompts: h e l l o
+        run_grpo(base / "base", base / "grpo", GRPOConfig(steps=1), reward="length", prompts="hello")

@@ -34,6 +34,7 @@ from ..models import GenerationConfig, Transformer
 from ..models.generation import iter_tokens
 from ..models.io import load_pretrained
 from ..tokenizers import Tokenizer
+from .data import ROLES
 
 MARKERS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 END = "<|end|>"
@@ -159,6 +160,9 @@ def fit_history(messages: list[dict[str, str]], tokenizer: Tokenizer, room: int)
 def reply(model: Transformer, tokenizer: Tokenizer, messages: Sequence[dict[str, str]],
           config: GenerationConfig) -> Iterator[str]:
     """Stream the assistant's next turn as text; it ends at <|end|> (or <EOS>), or when the context is full."""
+    for i, m in enumerate(messages, 1):  # the library's callers too: a KeyError deep in render() otherwise
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise ValueError(f"message {i} needs a role ({', '.join(ROLES)}) and a text content, not {m!r:.80}")
     ids, _ = render(messages, tokenizer, add_generation_prompt=True)
     end = chat_token_ids(tokenizer)["end"]
     room = model.config.block_size - len(ids)

@@ -384,6 +384,8 @@ def run_grpo(model_dir: str | Path, out: str | Path, config: GRPOConfig, *, task
     from ..train import latest_checkpoint
     from .rewards import build_reward, get_task
 
+    if isinstance(prompts, str):  # one prompt, not one per character
+        raise ValueError("prompts must be a list of prompts, not one string")
     if (task is None) == (reward is None):
         raise ValueError("give --task NAME (a verifiable task) or --reward NAME (with --prompt), not both")
     if task is not None and (prompts or judge or reward_file):
