@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from lmlab.interop import export_hf, import_hf
 from lmlab.models import ModelConfig, Transformer
 from lmlab.models.io import load_pretrained, save_pretrained
 from lmlab.models.merge import merge_dirs
@@ -24,7 +25,7 @@ from lmlab.tune.chats import SHIPPED
 from lmlab.tune.grpo import GRPOConfig, run_grpo
 from lmlab.tune.lora import LoRAConfig, apply_lora, lora_layers, merge_lora_dir, save_adapter
 from lmlab.tune.preference import PreferenceConfig, run_preference
-from lmlab.tune.sft import run_sft
+from lmlab.tune.sft import resume_sft, run_sft
 
 TEXT = "Once upon a time a small fox ran to the river. Жил-был кот у синего моря. " * 40
 
@@ -72,7 +73,7 @@ def test_sizes_in_config_json_are_checked_against_the_weights_before_anything_is
     save_pretrained(model, *load_pretrained(base / "base"))
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**config, "n_layer": 10**7}))  # ~5e11 parameters
-    with pytest.raises(ValueError, match=r"describes 533,760,[\d,]+ parameters but model.safetensors holds "
+    with pytest.raises(ValueError, match=r"describes 533,760,[\d,]+ parameters but the weights hold "
                                          r"[\d,]+ values: they do not belong together"):
         load_pretrained(model)
     (model / "config.json").write_bytes(b"\xff\xfe{")
@@ -180,3 +181,19 @@ def test_a_reply_to_bad_messages_and_a_string_of_prompts_are_one_line_errors(bas
         generate_reply(model, tok, [{"role": "user", "content": "hi"}, {"role": "user", "content": 5}])
     with pytest.raises(ValueError, match="prompts must be a list of prompts, not one string"):  # 5 prompts: h e l l o
         run_grpo(base / "base", base / "grpo", GRPOConfig(steps=1), reward="length", prompts="hello")
+
+
+def test_a_resume_and_an_import_check_sizes_before_allocating(base, tmp_path):
+    out = tmp_path / "run"
+    run_sft(base / "base", base / "chats.jsonl", out, train_config(save_every=1), echo=lambda *_: None)
+    config = json.loads((out / "config.json").read_text())
+    config["model"]["n_layer"] = 10**7
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="describes 533,76"):
+        resume_sft(out)
+    pytest.importorskip("transformers")
+    hf = export_hf(base / "base", tmp_path / "hf")
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 10**7}))
+    with pytest.raises(ValueError, match="describes 533,76"):
+        import_hf(hf, tmp_path / "back")

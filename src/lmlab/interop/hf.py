@@ -27,7 +27,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from ..files import refuse_nonempty
 from ..models import GenerationConfig, Transformer
-from ..models.io import GENERATION, TRAINING, save_pretrained
+from ..models.io import GENERATION, TRAINING, require_size, save_pretrained
 from ..tokenizers import SPECIAL_TOKENS, Tokenizer
 from ._files import (
     CHAT_TEMPLATE,
@@ -289,9 +289,11 @@ def import_hf(hf_dir: str | Path, model_dir: str | Path, overwrite: bool = False
     elif cfg.pad_token_id is None and "pad_token" in names:
         cfg = dataclasses.replace(cfg, pad_token_id=tokenizer.token_to_id(names["pad_token"]))
 
+    weights = _read_hf_weights(hf_dir)
+    require_size(cfg, sum(t.numel() for t in weights.values()), hf_dir / CONFIG)
     model = Transformer(cfg)
     try:
-        model.load_state_dict(_mapped(_read_hf_weights(hf_dir), cfg, str(hf_dir)))
+        model.load_state_dict(_mapped(weights, cfg, str(hf_dir)))
     except RuntimeError as exc:  # shapes in the weights disagree with config.json
         raise ValueError(f"{hf_dir} weights do not match its {CONFIG}: {str(exc).splitlines()[-1].strip()}") from None
 

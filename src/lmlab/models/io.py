@@ -59,10 +59,7 @@ def load_pretrained(path: str | Path, *, device: str | torch.device = "cpu",
         config = ModelConfig.load(path / CONFIG)
     except UnicodeDecodeError as exc:
         raise ValueError(f"{path / CONFIG} is not UTF-8 text: {exc}") from None
-    stored = _stored_values(path / WEIGHTS)
-    if config.num_parameters() > 8 * stored + 1_000_000:  # 8: int4 packs 2 values a byte, with room to spare
-        raise ValueError(f"{path / CONFIG} describes {config.num_parameters():,} parameters but {WEIGHTS} holds "
-                         f"{stored:,} values: they do not belong together (nothing was allocated)")
+    require_size(config, stored_values(path / WEIGHTS), path / CONFIG)
     model = Transformer(config)
     if (path / QUANTIZATION).is_file():  # int8/int4 linears (quant.py) in place of nn.Linear
         apply_quantization(model, QuantConfig.load(path / QUANTIZATION))
@@ -82,7 +79,15 @@ def load_pretrained(path: str | Path, *, device: str | torch.device = "cpu",
     return model.eval(), tokenizer
 
 
-def _stored_values(file: Path) -> int:
+def require_size(config: ModelConfig, stored: int, where: str | Path) -> None:
+    """ValueError, before a model is allocated, when `config` describes far more parameters than the `stored`
+    values of the weights meant for it (a config.json with n_layer 10**7 would take all memory first)."""
+    if config.num_parameters() > 8 * stored + 1_000_000:  # 8: int4 packs 2 values a byte, with room to spare
+        raise ValueError(f"{where} describes {config.num_parameters():,} parameters but the weights hold "
+                         f"{stored:,} values: they do not belong together (nothing was allocated)")
+
+
+def stored_values(file: str | Path) -> int:
     """How many values a safetensors file holds, read from its header alone (no tensor is loaded)."""
     try:
         with safe_open(str(file), "pt") as f:

@@ -51,12 +51,27 @@ def checkpoint_model(checkpoint: str | Path) -> Any:
     from safetensors.torch import load_model
 
     from ..models import ModelConfig, Transformer
+    from ..models.io import require_size, stored_values
     path = Path(checkpoint)
-    model = Transformer(ModelConfig.from_dict(json.loads((path / "config.json").read_text(encoding="utf-8"))["model"]))
+    config = ModelConfig.from_dict(json.loads((path / "config.json").read_text(encoding="utf-8"))["model"])
+    require_size(config, stored_values(path / "model.safetensors"), path / "config.json")
+    model = Transformer(config)
     missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
     if missing or unexpected:
         raise ValueError(f"{path} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return model.eval()
+
+
+def resumed_model(run_dir: str | Path, model: dict[str, Any]) -> Any:
+    """The Transformer that a run's config.json (its `model` section) describes, for a resume: its size is checked
+    against the last checkpoint's weights before it is allocated."""
+    from ..models import ModelConfig, Transformer
+    from ..models.io import require_size, stored_values
+    config, last = ModelConfig.from_dict(model), latest_checkpoint(run_dir)
+    if last is None:
+        raise ValueError(f"no checkpoint to resume from in {Path(run_dir) / 'checkpoints'}")
+    require_size(config, stored_values(last / "model.safetensors"), Path(run_dir) / "config.json")
+    return Transformer(config)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:

@@ -47,7 +47,7 @@ from ..models.io import WEIGHTS, load_pretrained
 from ..models.quant import refuse_quantized
 from ..tokenizers import Tokenizer
 from ..train import TrainConfig
-from ..train.checkpoint import NEW_RUN_FILES, refuse_existing_run, run_folder
+from ..train.checkpoint import NEW_RUN_FILES, refuse_existing_run, resumed_model, run_folder
 from ..train.trainer import Callback, Objective, TrainResult, read_run_config, train
 
 SAMPLES = "teacher_samples.jsonl"
@@ -296,7 +296,7 @@ def resume_distill(out_dir: str | Path, overrides: dict[str, Any] | None = None,
     cfg = settings_from({k: v for k, v in d.items() if k not in ("teacher", "teacher_sha256")}, DistillConfig, {},
                         out / "config.json")
     config = TrainConfig.from_dict({**saved["train"], **(overrides or {})})
-    student = Transformer(ModelConfig.from_dict(saved["model"]))
+    student = resumed_model(out, saved["model"])
     books = TokenDataset.open(out / "data", tok)
     provenance = {k: v for k, v in saved.items() if k not in ("train", "model")}
     return _fit(teacher, tok, student, books, cfg, config, out, callbacks, provenance, echo, resume=True)

@@ -31,12 +31,12 @@ import torch
 
 from ..eval.scorer import token_logprobs
 from ..files import atomic_path
-from ..models import ModelConfig, Transformer
+from ..models import Transformer
 from ..models.io import load_pretrained
 from ..models.quant import refuse_quantized
 from ..tokenizers import Tokenizer
 from ..train import TrainConfig
-from ..train.checkpoint import NEW_RUN_FILES, refuse_existing_run, run_folder
+from ..train.checkpoint import NEW_RUN_FILES, refuse_existing_run, resumed_model, run_folder
 from ..train.recipes import train_with_lora
 from ..train.trainer import Callback, TrainResult, check_fits, dist_env, read_run_config
 from .chat import TEMPLATE_FILE, add_chat_tokens, chat_token_ids, render, write_template
@@ -261,7 +261,7 @@ def resume_sft(out_dir: str | Path, overrides: dict[str, Any] | None = None, cal
         raise ValueError(f"{out} is not an SFT run (its config.json has no sft section)")
     config = TrainConfig.from_dict({**saved["train"], **(overrides or {})})
     tok = Tokenizer.load(out / "tokenizer.json")
-    model = Transformer(ModelConfig.from_dict(saved["model"]))
+    model = resumed_model(out, saved["model"])
     seq_len = config.seq_len or model.config.block_size
     ds, info = build_dataset(out / sft["data"], tok, seq_len, completion_only=sft["completion_only"],
                              val_fraction=sft["val_fraction"], seed=config.seed, packing=sft["packing"],
