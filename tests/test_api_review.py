@@ -197,3 +197,24 @@ def test_a_resume_and_an_import_check_sizes_before_allocating(base, tmp_path):
     (hf / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 10**7}))
     with pytest.raises(ValueError, match="describes 533,76"):
         import_hf(hf, tmp_path / "back")
+
+
+def test_a_chat_model_stays_one_through_preference_and_grpo_runs(base, tmp_path):
+    """DPO and GRPO from a chat model wrote final/ without the chat template (the Chat view then no longer offered
+    the model); SFT on prompt-completion data from a plain model wrote one although it has no chat tokens."""
+    from lmlab.tune.chat import add_chat_tokens, write_template
+    chatty = tmp_path / "chatty"
+    save_pretrained(chatty, *add_chat_tokens(*load_pretrained(base / "base"))[:2])
+    write_template(chatty)
+    run_preference(tmp_path / "dpo", train_config(), model_dir=chatty, data=base / "pairs.jsonl",
+                   cfg=PreferenceConfig("dpo"), say=lambda *_: None)
+    run_grpo(chatty, tmp_path / "grpo", GRPOConfig(steps=1, prompts_per_step=2, group_size=2, max_new_tokens=4,
+                                                   eval_prompts=2, device="cpu"), task="addition", log=None)
+    template = (chatty / "chat_template.jinja").read_text()
+    for run in ("dpo", "grpo"):
+        assert (tmp_path / run / "final" / "chat_template.jinja").read_text() == template
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps({"prompt": f"Say {w}:", "completion": f" {w}."}) + "\n"
+                             for w in ("fox", "cat", "sea", "river") * 3))
+    run_sft(base / "base", plain, tmp_path / "sft", train_config(), echo=lambda *_: None)
+    assert not (tmp_path / "sft" / "final" / "chat_template.jinja").exists()

@@ -141,12 +141,51 @@ def test_quantize_from_the_model_page_and_chat_with_a_template_model(tmp_path, b
                 history.append({"role": "assistant", "content": want})
             assert page.eval_on_selector_all("#chat-log .chat-turn", "ts => ts.map(t => t.dataset.role)") == [
                 "user", "assistant", "user", "assistant"]
+            # a conversation that outgrows the context (96 tokens) leaves out its oldest rounds, the system prompt
+            # kept, as `lmlab chat` does (every later message failed with the server's context error)
+            text, kept = "The fox ran to the river and", history[1:]
+            with server.client() as c:
+                while True:
+                    r = c.post("/v1/chat/completions", json={"model": "chatty", "temperature": 0, "max_tokens": 12,
+                               "messages": history[:1] + kept + [{"role": "user", "content": text}]})
+                    if r.status_code == 200:
+                        break
+                    assert r.json()["error"]["code"] == "context_length_exceeded" and kept, r.text
+                    kept = kept[2:]
+            dropped = len(history) - 1 - len(kept)
+            assert dropped >= 2  # the setting overflows
+            page.fill("#chat-input", text)
+            page.press("#chat-input", "Enter")
+            page.wait_for_function(f"() => document.querySelectorAll('{TURN}:not(.streaming)').length == 3")
+            assert page.inner_text(f"{TURN} >> nth=2 >> .chat-text") == r.json()["choices"][0]["message"]["content"]
+            assert page.eval_on_selector_all("#chat-log .chat-turn.dropped", "ts => ts.length") == dropped
+            assert page.inner_text("#chat-msg").startswith("The oldest turns no longer fit in the model's context: ")
             problems += shots(page, shot, "chat")
+            hint = page.get_attribute("#chat-system", "placeholder")
             page.select_option("#lang", "ru")
             problems += shots(page, shot, "chat-ru")
+            # what the form was made with follows the language (it stayed English)
+            assert (hint, page.get_attribute("#chat-system", "placeholder")) == ("e.g. Answer briefly.",
+                                                                                 "например: Отвечай кратко.")
+            assert page.get_attribute("#chat-max_tokens", "placeholder") == "до конца контекста"
             page.select_option("#lang", "en")
             page.click("#chat-clear")
             assert page.inner_text("#chat-log") == "The conversation is empty."
+
+            # a double click on a start button sends one request (the second got a 409 shown over the first's
+            # success, although the job ran)
+            posts = []
+            page.on("request", lambda q: posts.append(q.url) if q.method == "POST" and "/runs/quantize" in q.url
+                    else None)
+            page.goto(f"{server.url}/?token={TOKEN}#model/base")
+            page.wait_for_selector("#tab-model:not([hidden]) #mp-quantize")
+            page.select_option("#mp-to", "int8")
+            page.select_option("#mp-method", "rtn")
+            page.fill("#mp-new_model", "base-int8")
+            page.dblclick("#mp-quantize")
+            page.wait_for_selector("#mp-msg.ok")
+            page.wait_for_timeout(300)
+            assert len(posts) == 1 and page.get_attribute("#mp-msg", "class") == "msg ok", posts
     finally:
         server.stop()
     assert not problems, problems

@@ -8,6 +8,8 @@ and Russian in tests/artifacts/ux/tune/."""
 
 from __future__ import annotations
 
+import json
+
 from test_browser import TOKEN, browser, ui_page  # noqa: F401 (browser: the fixture)
 from test_browser_ux import SHOTS, every_layout
 from test_server_support import ServerProcess, upload
@@ -124,7 +126,7 @@ def test_upload_preview_and_a_run_with_its_chart_from_the_view(tmp_path, browser
             page.fill("#tn-lora-rank", "2")
             page.check("#tn-lora-new-tokens")
             assert not page.is_visible("#tn-lora-hard")  # the hardest tokens' rows: SFT only
-            page.click("#tn-start")
+            page.dblclick("#tn-start")  # one request, not two
             page.wait_for_selector("#tn-msg.bad")
             page.select_option("#tn-method", "sft")
             page.fill("#tn-lora-hard", "3")
@@ -133,6 +135,14 @@ def test_upload_preview_and_a_run_with_its_chart_from_the_view(tmp_path, browser
             page.unroute("**/api/v1/runs/tune")
             assert [(r["method"], r["lora_rank"], r["lora_new_tokens"], r.get("lora_hard_tokens")) for r in sent] == [
                 ("grpo", 2, True, None), ("sft", 2, True, 3)]
+            # a run behind another in the queue is announced as queued (a new run is at position 0 until the
+            # supervisor starts it: queued only when every job slot is taken)
+            page.route("**/api/v1/runs/tune", lambda route: route.fulfill(
+                status=201, content_type="application/json", body=json.dumps({**run, "queue_position": 1})))
+            page.click("#tn-start")
+            page.wait_for_function("() => document.querySelector('#tn-msg').textContent.includes('queued')")
+            assert page.inner_text("#tn-msg") == "Run 1 is queued (position 2)"
+            page.unroute("**/api/v1/runs/tune")
             page.fill("#tn-lora-rank", "")
             page.fill("#tn-lora-hard", "")
             page.uncheck("#tn-lora-new-tokens")
@@ -163,5 +173,11 @@ def test_upload_preview_and_a_run_with_its_chart_from_the_view(tmp_path, browser
             assert page.inner_text("#tn-detail-head") == \
                 "#2 · base → base-gpt2-tiny · distilled into gpt2-tiny on lessons.txt · completed"
             shot("tune-distill-1400")
+            # a deleted dataset's preview goes with it (it stayed, its model selector doing nothing)
+            assert page.is_visible("#tn-preview")
+            page.once("dialog", lambda d: d.accept())
+            page.click('#tn-datasets tr[data-dataset="chats.jsonl"] button.danger')
+            page.wait_for_selector('#tn-datasets tr[data-dataset="chats.jsonl"]', state="detached")
+            assert not page.is_visible("#tn-preview")
     finally:
         server.stop()

@@ -14,7 +14,7 @@ from test_server_support import API_HEADERS, client, finished, settings, upload
 from test_server_tune import CHATS, SFT, TEXT, put
 
 from lmlab.models import ModelConfig, Transformer
-from lmlab.models.io import save_pretrained
+from lmlab.models.io import load_pretrained, save_pretrained
 from lmlab.server.workspace import Workspace
 from lmlab.tokenizers import Tokenizer
 
@@ -156,3 +156,48 @@ def test_a_fine_tuning_whose_model_could_not_be_saved_saves_it_when_resumed_as_i
         saved = load_file(Workspace(tmp_path).model_path("x") / "model.safetensors")
         assert saved.keys() == final.keys() and all(torch.equal(saved[k], final[k]) for k in final)
         assert c.post(f"/api/v1/runs/{rid}/resume", json={"max_steps": 6}).status_code == 409  # nothing to train
+
+
+def test_what_the_ui_review_found_in_the_api(tmp_path):
+    """A GRPO model's card said it was tuned from "?" (GRPO keeps its parent under `init`); a preview's error named
+    the file "data"; dataset names with a space were refused (book names take one); the preset list offered
+    "llama-gpt2-124m" and "gpt2-gpt2-124m"."""
+    ws = make_ws(tmp_path)
+    model, tok = load_pretrained(Workspace(ws).model_path("base"))
+    save_pretrained(Workspace(ws).model_path("rl"), model, tok,
+                    training={"grpo": {"steps": 3}, "init": str(Workspace(ws).model_path("base")), "steps": 3})
+    with client(settings(ws)) as c:
+        made = c.get("/api/v1/models/rl/card").json()["made"]
+        assert (made["how"], made["mode"], made["from"]) == ("tuned", "grpo", "base")
+        assert put(c, "my chats.jsonl", "conversations", CHATS).status_code == 201
+        long = [{"messages": [{"role": "user", "content": "x" * 80}, {"role": "assistant", "content": "y"}]}]
+        assert put(c, "long.jsonl", "conversations", long).status_code == 201
+        r = c.get("/api/v1/datasets/long.jsonl/preview", params={"model": "base"})
+        assert r.status_code == 422 and r.json()["detail"].startswith("long.jsonl:1: no token to train on"), r.text
+        presets = [p["name"] for p in c.get("/api/v1/presets").json()]
+        assert "gpt2-124m" in presets and not [p for p in presets if p.endswith("-gpt2-124m")]
+        assert {p["name"]: p["size"] for p in c.get("/api/v1/presets").json()}["gpt2-124m"] == "gpt2-124m"
+
+
+def test_the_chat_view_asks_which_oldest_rounds_no_longer_fit(tmp_path):
+    """POST /api/v1/chat/fit: the rounds `lmlab chat` would leave out (tune.chat.fit_history), counted by the
+    server; the Chat view sent the whole history, and every message failed once it outgrew the context."""
+    from lmlab.tune.chat import add_chat_tokens, fit_history, write_template
+    ws = make_ws(tmp_path)
+    model, tok, _ = add_chat_tokens(*load_pretrained(Workspace(ws).model_path("base")))
+    save_pretrained(Workspace(ws).model_path("chatty"), model, tok)
+    write_template(Workspace(ws).model_path("chatty"))
+    rounds = [m for i in range(6) for m in ({"role": "user", "content": f"q{i}?"},
+                                            {"role": "assistant", "content": f"a{i}."})]
+    messages = [{"role": "system", "content": "Be brief."}, *rounds, {"role": "user", "content": "and now?"}]
+    with client(settings(ws)) as c:
+        r = c.post("/api/v1/chat/fit", json={"model": "chatty", "messages": messages, "max_tokens": 4})
+        kept = fit_history(messages, tok, 48 - 4)
+        assert r.json() == {"drop": len(messages) - len(kept)} and 0 < r.json()["drop"] < len(rounds)
+        assert r.json()["drop"] % 2 == 0 and kept[0]["role"] == "system"  # whole rounds; the system prompt stays
+        r = c.post("/api/v1/chat/fit", json={"model": "chatty", "messages": messages[-1:], "max_tokens": 8})
+        assert r.json() == {"drop": 0}
+        r = c.post("/api/v1/chat/fit", json={"model": "chatty", "messages": [{"role": "user", "content": "x" * 60}]})
+        assert r.status_code == 422 and "too long for the model's context" in r.json()["detail"]
+        r = c.post("/api/v1/chat/fit", json={"model": "base", "messages": messages})
+        assert (r.status_code, r.json()["detail"]) == (409, "model 'base' has no lmlab chat template")

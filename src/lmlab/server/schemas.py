@@ -408,6 +408,22 @@ class Generation(BaseModel):
 
 # ---- a model's page: quantization as a job, the model card (routers/modelpage.py) ----
 
+class ChatTurn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(..., max_length=100_000)
+
+
+class ChatFit(BaseModel):
+    """A conversation for the Chat view, before it is sent to /v1/chat/completions: which of its oldest rounds no
+    longer fit in the model's context (`lmlab chat` leaves them out the same way)."""
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field(..., min_length=1, max_length=100, description="a workspace model with lmlab's chat template")
+    messages: list[ChatTurn] = Field(..., min_length=1, max_length=1000)
+    max_tokens: int | None = Field(None, ge=1, le=1_000_000,
+                                   description="the reply's room (default: a quarter of the context)")
+
+
 class QuantizeCreate(BaseModel):
     """`lmlab quantize` of a trained model into a new model of the workspace; the model stays as it was."""
     model_config = ConfigDict(extra="forbid")

@@ -34,6 +34,7 @@ from ..models import GenerationConfig, Transformer
 from ..models.generation import iter_tokens
 from ..models.io import load_pretrained
 from ..tokenizers import Tokenizer
+from ..train.trainer import Callback
 from .data import ROLES
 
 MARKERS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
@@ -123,6 +124,21 @@ def render(messages: Sequence[dict[str, str]], tokenizer: Tokenizer, *,
 
 def write_template(model_dir: str | Path) -> None:
     atomic_write_text(Path(model_dir) / TEMPLATE_FILE, TEMPLATE)
+
+
+def has_template(model_dir: str | Path) -> bool:
+    """Whether a model directory holds lmlab's chat template (a plain file, not a link)."""
+    file = Path(model_dir) / TEMPLATE_FILE
+    return file.is_file() and not file.is_symlink() and file.read_text(encoding="utf-8", errors="replace") == TEMPLATE
+
+
+class ChatTemplate(Callback):
+    """final/ of a run carries the chat template, so lmlab chat, the Chat view and the exports find it: a run on
+    conversations (SFT), or a preference or GRPO run that started from a chat model."""
+
+    def on_train_end(self, trainer: Any, result: Any) -> None:
+        if trainer.is_main and (trainer.out_dir / "final").is_dir():
+            write_template(trainer.out_dir / "final")
 
 
 def load_chat_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, Tokenizer]:

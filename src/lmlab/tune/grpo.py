@@ -61,6 +61,7 @@ from ..models.scoring import Batch, make_batch, token_logprobs
 from ..train import TrainConfig
 from ..train.checkpoint import NEW_RUN_FILES, refuse_existing_run, run_folder
 from ..train.trainer import Callback, Objective, Trainer
+from .chat import ChatTemplate, has_template
 from .lora import LoRAConfig, adapters_disabled
 from .rewards import Reward, Task
 from .rl import kl_k3
@@ -317,9 +318,11 @@ def train_config(config: GRPOConfig, seq_len: int, keep_last: int = 2) -> TrainC
 def train_grpo(policy: torch.nn.Module, tokenizer: Any, out: str | Path, config: GRPOConfig, source: PromptSource,
                reward: Reward, *, reference: torch.nn.Module | None = None, provenance: dict[str, Any] | None = None,
                resume: bool = False, log: Callable[[str], None] | None = print,
-               train_settings: TrainConfig | None = None, lora: LoRAConfig | None = None) -> Any:
+               train_settings: TrainConfig | None = None, lora: LoRAConfig | None = None,
+               keep_template: bool = False) -> Any:
     """The one RL loop: `policy` trained by the Trainer on its own samples; returns the TrainResult. `lora`:
-    adapters trained on the frozen policy (then a `reference` must be the policy itself, or None)."""
+    adapters trained on the frozen policy (then a `reference` must be the policy itself, or None). `keep_template`:
+    final/ gets lmlab's chat template (a run from a chat model)."""
     from ..train.recipes import train_with_lora
     from ..train.trainer import dist_env
     if dist_env()[1] > 1:
@@ -327,7 +330,8 @@ def train_grpo(policy: torch.nn.Module, tokenizer: Any, out: str | Path, config:
     grpo = GRPO(policy, tokenizer, config, source, reward, reference)
     seq_len = min(policy.config.block_size, source.longest() + config.max_new_tokens)
     settings = train_settings or train_config(config, seq_len)
-    return train_with_lora(policy, tokenizer, grpo, settings, out, [_Report(grpo, log)], lora, resume=resume,
+    callbacks = [_Report(grpo, log), *([ChatTemplate()] if keep_template else [])]
+    return train_with_lora(policy, tokenizer, grpo, settings, out, callbacks, lora, resume=resume,
                            provenance=provenance, objective=grpo)
 
 
@@ -425,7 +429,7 @@ def run_grpo(model_dir: str | Path, out: str | Path, config: GRPOConfig, *, task
                        {"model_sha256": "the weights of the starting model differ from those the run started with",
                         "prompts": "other prompts", "task": "", "reward": "", "reward_file": "", "lora": ""})
     return train_grpo(policy, tok, out, config, source, score, reference=reference, provenance=record,
-                      resume=resume, log=log, lora=lora)
+                      resume=resume, log=log, lora=lora, keep_template=has_template(model_dir))
 
 
 def resume_grpo(out: str | Path, overrides: dict[str, Any] | None = None, *,

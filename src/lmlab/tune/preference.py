@@ -35,6 +35,7 @@ from ..models.io import WEIGHTS
 from ..models.quant import refuse_quantized
 from ..train.checkpoint import NEW_RUN_FILES, refuse_existing_run, run_folder
 from ..train.trainer import Objective, check_fits, dist_env
+from .chat import ChatTemplate, has_template
 from .lora import LoRAConfig
 from .rl import kl_k3
 
@@ -432,5 +433,7 @@ def run_preference(out: str | Path, train_config: Any = None, *, model_dir: str 
                                  "data": str(Path(data).resolve()) if not resume else p["data"], "copy": DATA_COPY,
                                  "cache_dir": None if cache_dir is None else str(cache_dir),
                                  "config": dict(vars(cfg)), "lora": lora.to_dict() if lora else None}}
+    if has_template(model_dir):  # a chat model stays one: final/ keeps the template (the Chat view offers it)
+        callbacks = [*callbacks, ChatTemplate()]
     return train_with_lora(model.train(), tok, ds, train_config, out, callbacks, lora, resume=resume,
                            provenance=provenance, objective=PreferenceObjective(cfg))

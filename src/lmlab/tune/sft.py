@@ -39,7 +39,7 @@ from ..train import TrainConfig
 from ..train.checkpoint import NEW_RUN_FILES, refuse_existing_run, resumed_model, run_folder
 from ..train.recipes import train_with_lora
 from ..train.trainer import Callback, TrainResult, check_fits, dist_env, read_run_config
-from .chat import TEMPLATE_FILE, add_chat_tokens, chat_token_ids, render, write_template
+from .chat import TEMPLATE_FILE, ChatTemplate, add_chat_tokens, chat_token_ids, has_template, render, write_template
 from .data import read_sft
 from .lora import LoRAConfig
 
@@ -146,14 +146,6 @@ class SFTDataset:
             yield self._rows([(e.ids, e.mask) for e in chosen[i:i + batch_size]], seq_len)
 
 
-class _ChatTemplate(Callback):
-    """final/ of a conversation run carries the chat template, so lmlab chat and the exports find it."""
-
-    def on_train_end(self, trainer: Any, result: TrainResult) -> None:
-        if trainer.is_main and (trainer.out_dir / "final").is_dir():
-            write_template(trainer.out_dir / "final")
-
-
 def build_dataset(data: str | Path, tokenizer: Tokenizer, seq_len: int, *, completion_only: bool,
                   val_fraction: float, seed: int, packing: bool, kind: str | None = None,
                   read: tuple[str, list[tuple[int, Any]]] | None = None) -> tuple[SFTDataset, dict[str, Any]]:
@@ -240,14 +232,15 @@ def run_sft(model_dir: str | Path, data: str | Path, out_dir: str | Path, config
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / DATA) as tmp:
         shutil.copyfile(data, tmp)
-    if kind == "messages":
+    chat = kind == "messages" or has_template(model_dir)  # prompt-completion from a chat model stays one
+    if chat:
         write_template(out)
     provenance = {"sft": {**info, "base": str(Path(model_dir).resolve()), "source": str(Path(data).resolve()),
                           "data": DATA, "packing": packing, "completion_only": completion_only,
                           "val_fraction": val_fraction, "added_tokens": added}}
     if lora is not None:
         provenance["lora"] = lora.to_dict()
-    return train_with_lora(model.train(), tok, ds, config, out, [*callbacks, _ChatTemplate()], lora,
+    return train_with_lora(model.train(), tok, ds, config, out, [*callbacks, *([ChatTemplate()] if chat else [])], lora,
                            provenance=provenance)
 
 
@@ -267,7 +260,7 @@ def resume_sft(out_dir: str | Path, overrides: dict[str, Any] | None = None, cal
                              val_fraction=sft["val_fraction"], seed=config.seed, packing=sft["packing"],
                              kind=sft["kind"])
     echo(_describe(info, seq_len))
-    cbs = [*callbacks, _ChatTemplate()] if (out / TEMPLATE_FILE).is_file() else list(callbacks)
+    cbs = [*callbacks, ChatTemplate()] if (out / TEMPLATE_FILE).is_file() else list(callbacks)
     provenance = {k: v for k, v in saved.items() if k not in ("train", "model")}
     lora = LoRAConfig(**saved["lora"]) if saved.get("lora") else None
     return train_with_lora(model, tok, ds, config, out, cbs, lora, resume=True, provenance=provenance)

@@ -27,9 +27,10 @@ from ...models.generation import generate_ids
 from ...models.io import TRAINING, WEIGHTS
 from ...models.merge import NEEDS_BASE, check_parameters, check_parents
 from ...models.quant import FORMATS, GROUP_SIZES, METHODS, QUANTIZATION, QuantConfig, check_shapes, plan_modules
-from ...tune.chat import TEMPLATE, TEMPLATE_FILE
+from ...tokenizers import Tokenizer
+from ...tune.chat import TEMPLATE, TEMPLATE_FILE, fit_history
 from ..app import AppState, StateDep
-from ..schemas import MergeCreate, ModelCard, QuantizeCreate, Run, Speed
+from ..schemas import ChatFit, MergeCreate, ModelCard, QuantizeCreate, Run, Speed
 from ..services import (
     cached_model,
     need_book,
@@ -50,6 +51,28 @@ DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32,
 
 
 # ---- quantization as a job ------------------------------------------------------------------------
+
+@router.post("/chat/fit", tags=["models"], summary="how many of a conversation's oldest messages to leave out")
+def chat_fit(state: StateDep, req: ChatFit) -> dict[str, int]:
+    """{"drop": N}: the Chat view leaves out the first N messages after the system prompt (whole rounds, oldest
+    first) so that the prompt and `max_tokens` (a quarter of the context when not given) fit in the model's
+    context, as `lmlab chat` does (tune.chat.fit_history). 422 when the last message alone does not fit."""
+    path = need_trained(state, req.model, "the model to chat with")
+    try:
+        template = state.ws.read_bytes(path / TEMPLATE_FILE).decode("utf-8", "replace")
+    except (OSError, LinkError):
+        template = None
+    if template != TEMPLATE:
+        raise HTTPException(409, f"model {req.model!r} has no lmlab chat template")
+    block = ModelConfig.load(path / "config.json").block_size
+    room = block - min(req.max_tokens or max(block // 4, 1), block - 1)
+    messages = [m.model_dump() for m in req.messages]
+    try:
+        kept = fit_history(messages, Tokenizer.load(path / "tokenizer.json"), room)
+    except ValueError as exc:
+        raise HTTPException(422, str(exc)) from None
+    return {"drop": len(messages) - len(kept)}
+
 
 @router.post("/runs/quantize", tags=["models"], status_code=201, response_model=Run,
              responses={404: {"description": "an unknown model or book"},
@@ -178,7 +201,7 @@ def made(state: AppState, row: dict[str, Any], path: Path, trained: bool, qc: Qu
         training = {}
     tuned = next((k for k in ("sft", "preference", "grpo") if isinstance(training.get(k), dict)), None)
     if tuned:
-        base = training[tuned].get("base") or training[tuned].get("model")
+        base = training[tuned].get("base") or training[tuned].get("model") or training.get("init")  # grpo: init
         if base and Path(base).parent == state.ws.models.resolve():  # a model of this workspace: its name
             base = Path(base).name
         return {"how": "tuned", "mode": tuned, "from": base,

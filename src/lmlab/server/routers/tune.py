@@ -62,7 +62,7 @@ OWN = {"sft": {"dataset", *LORA_SETTINGS}, "dpo": {"dataset", "loss", *LORA_SETT
 # ---- datasets ---------------------------------------------------------------------------------------
 
 def check_dataset_name(name: str) -> str:
-    name = check_name(name, "dataset file name", max_len=200, max_bytes=NAME_MAX - len(f".{META}"))
+    name = check_name(name, "dataset file name", max_len=200, max_bytes=NAME_MAX - len(f".{META}"), allow_space=True)
     if not name.lower().endswith(SUFFIX):
         raise BadName(f"dataset {name!r} must end in {SUFFIX}")
     return name
@@ -180,7 +180,7 @@ def preview_dataset(state: StateDep, name: str, model: str = Query(..., max_leng
         examples = read_dataset(path, kind)
         if kind == "conversations":
             tok, added = with_chat_tokens(tok)  # as `lmlab tune sft` adds them
-        out = sft_rows(examples, kind, tok, block, rows) if kind in METHOD_KINDS["sft"] else \
+        out = sft_rows(examples, kind, tok, block, rows, name) if kind in METHOD_KINDS["sft"] else \
             preference_rows(examples, kind, tok, block, rows, name)
     except ValueError as exc:
         raise HTTPException(422, str(exc).replace(str(path), name)) from None
@@ -193,13 +193,14 @@ def _row(tok: Tokenizer, line: int, side: str, ids: list[int], mask: list[int], 
             "tokens": [{"text": p, "trained": bool(m)} for p, m in zip(pieces, mask)]}
 
 
-def sft_rows(examples: list[tuple[int, Any]], kind: str, tok: Tokenizer, block: int, n: int) -> dict[str, Any]:
+def sft_rows(examples: list[tuple[int, Any]], kind: str, tok: Tokenizer, block: int, n: int,
+             name: str = "data") -> dict[str, Any]:
     """What `lmlab tune sft` trains on: its examples (encode_examples) over the whole file for the counts, the
     first `n` shown; an example is cut to block + 1 ids (the model's inputs and targets)."""
     found = "messages" if kind == "conversations" else "prompt"
-    encoded, truncated = encode_examples(found, examples, tok, block)
+    encoded, truncated = encode_examples(found, examples, tok, block, path=name)  # errors name the file's line
     shown = [_row(tok, e.line, "", e.ids.tolist(), e.mask.astype(int).tolist(),
-                  encode_examples(found, [ex], tok, block)[1] > 0) for e, ex in zip(encoded[:n], examples)]
+                  encode_examples(found, [ex], tok, block, path=name)[1] > 0) for e, ex in zip(encoded[:n], examples)]
     return {"context": block + 1, "supervised_tokens": int(sum(e.mask.sum() for e in encoded)),
             "truncated": truncated, "rows": shown}
 

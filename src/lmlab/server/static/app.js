@@ -17,6 +17,14 @@ const $$ = (sel, root = document) => [...root.querySelectorAll(sel)];
 const COLORS = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#be185d", "#4d7c0f"];
 const ACTIVE = new Set(["queued", "running"]);
 
+// what a new run's start says: it waits when runs are queued before it, or when every job slot is taken (a new
+// run is "queued" at position 0 until the supervisor starts it, which a free slot does at once)
+function startedOrQueued(run, key, params = {}) {
+  const busy = S.runs.filter((r) => r.status === "running").length >= ((S.info && S.info.max_jobs) || 1);
+  return run.queue_position != null && (run.queue_position > 0 || busy)
+    ? t("train.queued", { id: run.id, pos: run.queue_position + 1 }) : t(key, { id: run.id, ...params });
+}
+
 // ---- language --------------------------------------------------------------------------------------
 
 let lang = localStorage.getItem("lmlab.lang") || ((navigator.language || "en").startsWith("ru") ? "ru" : "en");
@@ -428,7 +436,7 @@ function setupTrainForm() {
     if (!body) return;
     try {
       const run = await api("POST", "/api/v1/runs", body);
-      setMsg(msg, run.queue_position ? t("train.queued", { id: run.id, pos: run.queue_position + 1 }) : t("train.started", { id: run.id }));
+      setMsg(msg, startedOrQueued(run, "train.started"));
       await refreshRuns();
       S.selected.clear();
       selectRun(run.id);
@@ -478,7 +486,7 @@ function setupSelfPlayForm() {
     if (body.reward === "perplexity") body.judge = $("#sp-judge").value;
     try {
       const run = await api("POST", "/api/v1/runs/selfplay", body);
-      setMsg(msg, run.queue_position ? t("train.queued", { id: run.id, pos: run.queue_position + 1 }) : t("sp.started", { id: run.id }));
+      setMsg(msg, startedOrQueued(run, "sp.started"));
       $("#sp-new_model").value = "";
       await refreshRuns();
       S.selected.clear();
@@ -535,7 +543,7 @@ function setupLabForm() {
     if (lab === "facts") body.experiment = $("#lab-experiment").value;
     try {
       const run = await api("POST", "/api/v1/runs/experiment", body);
-      setMsg(msg, run.queue_position ? t("train.queued", { id: run.id, pos: run.queue_position + 1 }) : t("lab.started", { id: run.id }));
+      setMsg(msg, startedOrQueued(run, "lab.started"));
       S.labCurrent = run.id;
       await refreshRuns();
       loadLabLog();
@@ -824,10 +832,10 @@ async function main() {
   setupSelfPlayForm();
   setupLabForm();
   setupGenerate();
-  initEvaluate({ S, t, h, api, withToken, statusLabel, refreshRuns, deleteRun, runAction, toast, fmtLoss, ACTIVE, COLORS });
-  initModelPage({ S, t, h, api, fmtNum, fmtBytes, statusLabel, refreshRuns, runAction, toast, ACTIVE });
+  initEvaluate({ S, t, h, api, startedOrQueued, withToken, statusLabel, refreshRuns, deleteRun, runAction, toast, fmtLoss, ACTIVE, COLORS });
+  initModelPage({ S, t, h, api, startedOrQueued, fmtNum, fmtBytes, statusLabel, refreshRuns, runAction, toast, ACTIVE });
   initChat({ S, t, h, api, apiHeaders, toast });
-  initTune({ S, t, h, api, apiHeaders, statusLabel, refreshRuns, deleteRun, runAction, toast, subscribe, fmtNum, fmtBytes, ACTIVE, COLORS });
+  initTune({ S, t, h, api, startedOrQueued, apiHeaders, statusLabel, refreshRuns, deleteRun, runAction, toast, subscribe, fmtNum, fmtBytes, ACTIVE, COLORS });
   initData({ S, t, h, api, fmtNum, toast, COLORS });
   initRunPage({ S, t, h, api, fmtNum, fmtBytes, fmtLoss, statusLabel, labName, subscribe, runChart, showTab, toast, renderRuns });
   window.addEventListener("hashchange", () => showTab(location.hash.slice(1)));

@@ -6,7 +6,7 @@
 // this page only.
 
 let A = null;  // app.js: { S, t, h, apiHeaders, toast }
-const C = { cards: [], messages: [], abort: null, sig: null, note: "" };  // note: an i18n key, said under the form
+const C = { cards: [], messages: [], abort: null, sig: null, notes: [] };  // notes: i18n keys, said under the form
 const $ = (s) => document.querySelector(s);
 
 export function initChat(app) {
@@ -52,8 +52,12 @@ export function renderChat() {
     $("#chat-why").textContent = (chatty.length ? "" : t("chat.none") + " ") + t("chat.why") +
       (others.length ? " " + t("chat.without", { names: others.map((c) => c.name).join(", ") }) : "");
   }
+  // what initChat wrote in one language, rewritten in the current one
+  $("#chat-max_tokens").placeholder = t("chat.max_tokens_auto");
+  $("#chat-system").placeholder = t("chat.system_hint");
+  $("#chat-log").setAttribute("aria-label", t("chat.title"));
   $("#chat-send").disabled = !chatty.length || C.abort != null;
-  if (C.note) $("#chat-msg").textContent = t(C.note);
+  if (C.notes.length) $("#chat-msg").textContent = C.notes.map((key) => t(key)).join(" ");
   if (!C.messages.length && !$("#chat-log").children.length) $("#chat-log").append(h("p", { class: "muted", id: "chat-empty", text: t("chat.empty") }));
   else if ($("#chat-empty")) $("#chat-empty").textContent = t("chat.empty");
 }
@@ -63,7 +67,7 @@ function clear() {
   C.messages = [];
   $("#chat-log").replaceChildren();
   $("#chat-msg").textContent = "";
-  C.note = "";
+  C.notes = [];
   renderChat();
 }
 
@@ -90,22 +94,30 @@ async function send() {
   const text = $("#chat-input").value, model = $("#chat-model").value, msg = $("#chat-msg");
   if (!text.trim() || !model || C.abort) return;
   const system = $("#chat-system").value.trim();
-  const messages = [...(system ? [{ role: "system", content: system }] : []), ...C.messages, { role: "user", content: text }];
-  bubble("user", text);
+  const messages = () => [...(system ? [{ role: "system", content: system }] : []),
+    ...C.messages.map(({ role, content }) => ({ role, content })), { role: "user", content: text }];
+  const asked = bubble("user", text).parentElement;
   $("#chat-input").value = "";
   const out = bubble("assistant", "");
   out.parentElement.classList.add("streaming");
   msg.textContent = "";
   msg.className = "msg";
-  C.note = "";
+  C.notes = [];
   C.abort = new AbortController();
   $("#chat-stop").disabled = false;
   renderChat();
   let reply = "", finish = null;
   try {
+    // the oldest rounds that no longer fit in the model's context with room for the reply are left out (drawn dashed),
+    // the system prompt kept, as `lmlab chat` does; the server counts the tokens (its template, its tokenizer)
+    const { drop } = await A.api("POST", "/api/v1/chat/fit", { model, messages: messages(), max_tokens: settings().max_tokens });
+    if (drop) {
+      for (const m of C.messages.splice(0, drop)) m.el.classList.add("dropped");
+      C.notes.push("chat.trimmed");
+    }
     const res = await fetch("/v1/chat/completions", {
       method: "POST", signal: C.abort.signal, headers: { "Content-Type": "application/json", ...A.apiHeaders() },
-      body: JSON.stringify({ model, messages, stream: true, ...settings() }) });
+      body: JSON.stringify({ model, messages: messages(), stream: true, ...settings() }) });
     if (!res.ok) {
       const data = await res.json().catch(() => ({}));
       throw new Error((data.error && data.error.message) || `${res.status} ${res.statusText}`);
@@ -130,10 +142,10 @@ async function send() {
       }
     }
     // the turn joins the history once it is whole: a stopped or failed reply is not sent back to the model
-    C.messages.push({ role: "user", content: text }, { role: "assistant", content: reply });
-    if (finish === "length") C.note = "chat.cut";
+    C.messages.push({ role: "user", content: text, el: asked }, { role: "assistant", content: reply, el: out.parentElement });
+    if (finish === "length") C.notes.push("chat.cut");
   } catch (e) {
-    if (e.name === "AbortError") C.note = "chat.stopped";
+    if (e.name === "AbortError") C.notes.push("chat.stopped");
     else { msg.textContent = "✗ " + e.message; msg.className = "msg bad"; }
     out.parentElement.classList.add("failed");
   } finally {

@@ -98,7 +98,7 @@ async function start() {
   if (!byRun && models.length > MAX_MODELS) return setMsg("✗ " + t("ev.too_many", { n: MAX_MODELS }), false);
   try {
     const run = await A.api("POST", "/api/v1/runs/eval", byRun ? { run: +$("#ev-run").value, tasks } : { models, tasks });
-    setMsg(run.queue_position ? t("train.queued", { id: run.id, pos: run.queue_position + 1 }) : t("ev.started", { id: run.id }));
+    setMsg(A.startedOrQueued(run, "ev.started"));
     E.current = run.id;
     await A.refreshRuns();
   } catch (e) { setMsg("✗ " + e.message, false); }

@@ -418,6 +418,7 @@ export const STRINGS = {
   "chat.role_user": ["You", "Вы"],
   "chat.role_assistant": ["Model", "Модель"],
   "chat.cut": ["The reply stopped at the token limit or the end of the model's context.", "Ответ оборван: кончился лимит токенов или контекст модели."],
+  "chat.trimmed": ["The oldest turns no longer fit in the model's context: they are drawn dashed and no longer sent to it.", "Старые реплики больше не помещаются в контекст модели: они обведены пунктиром и модели не отправляются."],
   "chat.stopped": ["Stopped: that reply is not kept in the conversation.", "Остановлено: этот ответ не сохранён в разговоре."],
   // ---- the Tune tab: fine-tuning datasets and runs (tune.js) ----
   "tab.tune": ["Tune", "Дообучение"],
@@ -638,6 +639,7 @@ export const STRINGS = {
   "tune.chart_loss": ["Loss (train, and validation when evaluated)", "Потери (обучение и проверка при оценке)"],
   "tune.chart_rewards": ["Rewards of the chosen and rejected answers, and their margin", "Награды предпочтённых и отвергнутых ответов и их отрыв"],
   "tune.chart_accuracy": ["Accuracy: chosen reward above rejected", "Точность: награда предпочтённого выше"],
+  "tune.chart_drift": ["Drift from the starting model on the data's tokens (k3, per token)", "Отход от исходной модели на токенах данных (k3, на токен)"],
   "tune.chart_kl": ["KL to the starting model, per token", "KL к исходной модели, на токен"],
   "tune.chart_reward": ["Mean reward", "Средняя награда"],
   "tune.waiting": ["Waiting for the first step…", "Ждём первого шага…"],

@@ -49,14 +49,20 @@ async function start(A, m, form) {
 }
 
 // POST a job from a model page form (merge here, quantize in modelpage.js) and say in `msg` how it went.
+const starting = new Set();  // the routes with a start in flight: a double click sends one request, not two
+
 export async function startJob(A, path, body, msg, startedKey) {
+  if (starting.has(path)) return;
+  starting.add(path);
   try {
     const run = await A.api("POST", path, body);
-    msg.textContent = A.t(startedKey, { id: run.id, name: body.new_model });
+    msg.textContent = A.startedOrQueued(run, startedKey, { name: body.new_model });
     msg.className = "msg ok";
     await A.refreshRuns();
   } catch (e) {
     msg.textContent = "✗ " + e.message;
     msg.className = "msg bad";
+  } finally {
+    starting.delete(path);
   }
 }

@@ -17,11 +17,13 @@ const $ = (s) => document.querySelector(s);
 const KINDS = ["conversations", "prompt_completion", "pairs", "kto"];
 
 // what each trainer writes to metrics.jsonl, a chart per line of this list (charts.js draws them)
+// a run's charts: GRPO logs no KL when its kl_coef is 0 (no reference model is kept), so that chart is left out
+const chartsOf = (r) => CHARTS[r.params.method].filter((c) => !(r.params.method === "grpo" && c.id === "tune-kl" && !r.params.kl_coef));
 const CHARTS = {
   sft: [{ id: "tune-loss", key: "tune.chart_loss", keys: [["loss", "train"], ["val_loss", "val"]] }],
   dpo: [{ id: "tune-rewards", key: "tune.chart_rewards", keys: [["rewards_chosen", "chosen", "#16a34a"], ["rewards_rejected", "rejected", "#dc2626"], ["margin", "margin", "#2563eb"]] },
         { id: "tune-accuracy", key: "tune.chart_accuracy", keys: [["accuracy", ""]] },
-        { id: "tune-kl", key: "tune.chart_kl", keys: [["kl", ""]] }],
+        { id: "tune-kl", key: "tune.chart_drift", keys: [["kl", ""]] }],
   grpo: [{ id: "tune-reward", key: "tune.chart_reward", keys: [["reward", ""]] },
          { id: "tune-kl", key: "tune.chart_kl", keys: [["kl", ""]] }],
   // logits mode: the loss is (1 - alpha) x data + alpha x KD, both parts logged; val_kl at each evaluation
@@ -158,7 +160,7 @@ async function removeDataset(name) {
   if (!confirm(A.t("tune.confirm_delete", { name }))) return;
   try {
     await A.api("DELETE", `/api/v1/datasets/${encodeURIComponent(name)}`);
-    if (T.previewName === name) { T.previewName = null; T.preview = null; }
+    if (T.previewName === name) { T.previewName = null; T.preview = null; $("#tn-preview").hidden = true; }
     T.datasets = await A.api("GET", "/api/v1/datasets");
     renderTune();
   } catch (e) { A.toast(e.message, true); }
@@ -274,13 +276,15 @@ async function start() {
     if (method === "sft") body.lora_hard_tokens = n("#tn-lora-hard");
     if (method === "dpo") Object.assign(body, { loss: val("#tn-loss"), sft_weight: $("#tn-sft-weight").closest("[hidden]") ? undefined : n("#tn-sft-weight") });
   }
+  if (T.starting) return;  // a double click sends one request, not two
+  T.starting = true;
   try {
     const run = await A.api("POST", "/api/v1/runs/tune", body);
-    setMsg(msg, run.queue_position ? t("train.queued", { id: run.id, pos: run.queue_position + 1 }) : t("tune.started", { id: run.id }));
+    setMsg(msg, A.startedOrQueued(run, "tune.started"));
     T.named = false;
     select(run.id);
     await A.refreshRuns();
-  } catch (e) { setMsg(msg, e.message, false); }
+  } catch (e) { setMsg(msg, e.message, false); } finally { T.starting = false; }
 }
 
 function select(id) {
@@ -331,7 +335,7 @@ function renderDetail(r) {
   $("#tn-detail-head").textContent = `#${r.id} · ${tuneName(r)} · ${A.statusLabel(r)}`;
   $("#tn-error").hidden = !r.error;
   $("#tn-error").textContent = r.error || "";
-  const charts = CHARTS[r.params.method], sig = JSON.stringify([r.id, charts.map((c) => t(c.key))]);
+  const charts = chartsOf(r), sig = JSON.stringify([r.id, charts.map((c) => t(c.key))]);
   if (T.sigs.charts !== sig) {  // made once per run and language; drawn on every new metrics line
     T.sigs.charts = sig;
     $("#tn-charts").replaceChildren(...charts.map((c) => h("figure", { class: "chart-box" }, h("figcaption", { text: t(c.key) }),
@@ -345,7 +349,7 @@ export function renderTuneCharts() {
   const r = A && A.S.runs.find((x) => x.id === T.current && x.kind === "tune");
   if (!r || $("#tab-tune").hidden) return;
   const runs = [{ id: r.id, kind: "tune", color: A.COLORS[(r.id - 1) % A.COLORS.length], metrics: A.S.metrics.get(r.id) || [] }];
-  for (const c of CHARTS[r.params.method]) {
+  for (const c of chartsOf(r)) {
     const el = document.getElementById("chart-" + c.id);
     if (el) drawChartInto(el, { id: c.id, keys: c.keys, group: "train-charts" }, runs, A.t, A.t(A.ACTIVE.has(r.status) ? "tune.waiting" : "chart.empty"));
   }
