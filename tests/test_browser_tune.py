@@ -66,6 +66,24 @@ def test_upload_preview_and_a_run_with_its_chart_from_the_view(tmp_path, browser
             assert shown == [[[x["text"], x["trained"]] for x in r["tokens"]] for r in api["rows"]]
             first = "".join(text for text, trained in shown[0] if trained)
             assert first == CHATS[0]["messages"][-1]["content"] + "<|end|>" == "5.<|end|>"
+            # the same name again: replaced only when the user says so (it was replaced without a word)
+            asked = []
+            page.once("dialog", lambda d: (asked.append(d.message), d.dismiss()))
+            page.set_input_files("#tn-file", files("chats.jsonl", CHATS[:3]))
+            page.click("#tn-upload-go")
+            page.wait_for_selector("#tn-upload-msg.bad")
+            assert asked == ["chats.jsonl exists already: replace it with this file?"]
+            assert page.inner_text("#tn-upload-msg") == "✗ chats.jsonl exists already and was kept as it was"
+            with server.client() as c:
+                assert c.get("/api/v1/datasets").json()[0]["examples"] == 8
+            page.once("dialog", lambda d: d.accept())
+            page.click("#tn-upload-go")
+            page.wait_for_function("() => document.querySelector('#tn-upload-msg').textContent.includes('3 examples')")
+            page.once("dialog", lambda d: d.accept())
+            page.set_input_files("#tn-file", files("chats.jsonl", CHATS))
+            page.click("#tn-upload-go")
+            page.wait_for_function("() => document.querySelector('#tn-upload-msg').textContent.includes('8 examples')")
+            page.wait_for_selector('#tn-preview-rows .tn-row[data-line="1"]')
 
             # a tiny SFT run from the form: its loss chart is drawn while it runs (the metrics stream), and it
             # is cancelled from its row (it checkpoints and stops); the chart then holds every logged point

@@ -186,9 +186,16 @@ function uploadFile(file) {
     li.textContent = "✗ " + problem;
     return Promise.resolve();
   }
+  // a book of that name is replaced only when the user says so (it was replaced without a word)
+  const exists = S.books.some((b) => b.name === file.name);
+  if (exists && !confirm(t("books.confirm_replace", { name: file.name }))) {
+    li.className = "bad";
+    li.textContent = "✗ " + t("books.kept", { name: file.name });
+    return Promise.resolve();
+  }
   return new Promise((resolve) => {
     const xhr = new XMLHttpRequest();  // (fetch has no upload progress)
-    xhr.open("POST", "/api/v1/books?overwrite=true");
+    xhr.open("POST", "/api/v1/books" + (exists ? "?overwrite=true" : ""));
     for (const [k, v] of Object.entries(apiHeaders())) xhr.setRequestHeader(k, v);
     xhr.upload.onprogress = (e) => { if (e.lengthComputable) $("progress", li).value = (100 * e.loaded) / e.total; };
     xhr.onload = () => {

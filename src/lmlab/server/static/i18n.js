@@ -15,6 +15,8 @@ export const STRINGS = {
   "books.hint": ["{suffixes} · up to {limit} · UTF-8, UTF-16, cp1251 or KOI8-R", "{suffixes} · до {limit} · UTF-8, UTF-16, cp1251 или KOI8-R"],
   "books.empty": ["No books yet: drop a text file above.", "Книг пока нет: перетащите текстовый файл выше."],
   "books.uploading": ["Uploading {name}…", "Загрузка {name}…"],
+  "books.confirm_replace": ["{name} exists already: replace it with this file?", "{name} уже есть: заменить его этим файлом?"],
+  "books.kept": ["{name} exists already and was kept as it was", "{name} уже есть и оставлен как был"],
   "books.uploaded": ["{name}: {chars} characters, encoding {encoding}", "{name}: {chars} символов, кодировка {encoding}"],
   "books.bad_suffix": ["{name}: not a book file — use one of {suffixes}", "{name}: это не файл книги — нужен один из {suffixes}"],
   "books.too_big": ["{name}: {size} is over the upload limit of {limit}", "{name}: {size} — больше предела загрузки {limit}"],

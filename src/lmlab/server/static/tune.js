@@ -143,9 +143,12 @@ async function upload() {
   const form = new FormData();
   form.append("file", file, file.name);
   form.append("kind", $("#tn-kind").value);
+  // a dataset of that name is replaced only when the user says so (it was replaced without a word)
+  const exists = T.datasets.some((d) => d.name === file.name);
+  if (exists && !confirm(A.t("books.confirm_replace", { name: file.name }))) return setMsg(msg, A.t("books.kept", { name: file.name }), false);
   setMsg(msg, A.t("books.uploading", { name: file.name }));
   try {
-    const res = await fetch("/api/v1/datasets?overwrite=true", { method: "POST", headers: A.apiHeaders(), body: form });
+    const res = await fetch("/api/v1/datasets" + (exists ? "?overwrite=true" : ""), { method: "POST", headers: A.apiHeaders(), body: form });
     const data = await res.json().catch(() => ({}));
     // the server's reason names the file (and the line that is wrong)
     if (res.status !== 201) return setMsg(msg, errorText(data.detail) || `${file.name}: ${res.status} ${res.statusText}`, false);
