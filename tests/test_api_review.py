@@ -218,3 +218,15 @@ def test_a_chat_model_stays_one_through_preference_and_grpo_runs(base, tmp_path)
                              for w in ("fox", "cat", "sea", "river") * 3))
     run_sft(base / "base", plain, tmp_path / "sft", train_config(), echo=lambda *_: None)
     assert not (tmp_path / "sft" / "final" / "chat_template.jinja").exists()
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(method="slerp", t="0.5"), "--t must be a number, not '0.5'"),
+    (dict(method="ties", base=True, density="0.5"), "--density must be a number, not '0.5'"),
+    (dict(method="linear", weights="12"), "--weights must be a list of numbers, not '12'"),
+])
+def test_merge_settings_of_the_wrong_type_are_one_line_errors(settings, message):
+    from lmlab.models.merge import check_parameters  # a TypeError from a comparison, or '12' read as 2 weights
+    method, base = settings.pop("method"), settings.pop("base", None)
+    with pytest.raises(ValueError, match=message):
+        check_parameters(method, 2, base, settings.pop("weights", None), **settings)

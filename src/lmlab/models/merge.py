@@ -122,6 +122,12 @@ def check_parameters(method: str, n: int, base: Any, weights: list[float] | None
         if value is not None and method not in USES[key]:
             raise ValueError(f"--{_flag(key)} is used by {', '.join(USES[key])} only, not by --method {method}")
     settings = {key: DEFAULTS[key] if value is None else value for key, value in given.items()}
+    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731 (the library's callers)
+    for key in ("t", "density", "lam"):
+        if not number(settings[key]):
+            raise ValueError(f"--{_flag(key)} must be a number, not {settings[key]!r}")
+    if weights is not None and (isinstance(weights, (str, bytes)) or not all(number(w) for w in weights)):
+        raise ValueError(f"--weights must be a list of numbers, not {weights!r}")
     if weights is not None and len(weights) != n:
         raise ValueError(f"--weights has {len(weights)} numbers for {n} models; give one per model")
     if weights is not None and not all(math.isfinite(w) for w in weights):
