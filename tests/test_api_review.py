@@ -114,7 +114,7 @@ def test_settings_the_trainer_refuses_are_refused_before_a_run_writes_anything(b
     assert not (tmp_path / "sft").exists() and not (tmp_path / "dpo").exists()
 
 
-@pytest.mark.parametrize("name", ["phase.json", "resumes.jsonl", "samples.jsonl", "drift.json", "adapter"])
+@pytest.mark.parametrize("name", ["resumes.jsonl", "samples.jsonl", "drift.json", "adapter"])
 def test_a_run_does_not_replace_a_users_file_of_a_name_it_writes(base, tmp_path, name):
     out = tmp_path / "run"
     (out / name).parent.mkdir(parents=True)
@@ -128,7 +128,7 @@ def test_a_diverged_run_stops_with_a_one_line_error_and_keeps_its_last_checkpoin
     """At --lr 1e30 the weights became inf and the sampler crashed (RuntimeError: probability tensor contains
     inf or nan); without samples, the non-finite weights were saved as a checkpoint over the last good one."""
     with pytest.raises(ValueError, match=r"^training diverged: its weights are no longer finite at step \d+; no "
-                                         r"checkpoint had been written\. Lower the learning rate"):
+                                         r"checkpoint had been written\. Start a new run \(in another folder\)"):
         run_sft(base / "base", base / "chats.jsonl", tmp_path / "lr", train_config(
             max_steps=6, lr=1e30, warmup_steps=0, sample_every=1, sample_prompts=["Hi"]), echo=lambda *_: None)
 
@@ -230,3 +230,35 @@ def test_merge_settings_of_the_wrong_type_are_one_line_errors(settings, message)
     method, base = settings.pop("method"), settings.pop("base", None)
     with pytest.raises(ValueError, match=message):
         check_parameters(method, 2, base, settings.pop("weights", None), **settings)
+
+
+def test_what_the_review_of_these_fixes_found(base, tmp_path):
+    """A reviewer of the fixes above found: numpy scalars refused as merge or preference settings; `import hf
+    --force` over a quantized model leaving its quantization.json (the imported weights then unreadable); a train
+    resume still allocating what config.json says before any check; a failed start's phase.json blocking the
+    retry."""
+    import numpy as np
+
+    from lmlab.models.merge import check_parameters
+    from lmlab.models.quant import quantize_dir
+    from lmlab.train.recipes import resume_run, train_from_sources
+    assert check_parameters("slerp", 2, None, [np.int64(1), np.float32(2)], t=np.float32(0.3))["t"] == \
+        pytest.approx(0.3)
+    assert PreferenceConfig("dpo", beta=np.float64(0.2)).beta == 0.2
+    pytest.importorskip("transformers")
+    hf = export_hf(base / "base", tmp_path / "hf")
+    quantize_dir(base / "base", tmp_path / "q", 8)
+    import_hf(hf, tmp_path / "q", overwrite=True)
+    assert not (tmp_path / "q" / "quantization.json").exists() and load_pretrained(tmp_path / "q")
+    book = tmp_path / "book.txt"
+    book.write_text(TEXT)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "phase.json").write_text('{"phase": "data"}')  # what a start that failed in its checks left
+    train_from_sources(out, TrainConfig(max_steps=2, batch_size=2, seq_len=16, device="cpu", save_every=1),
+                       sources=[book], preset="llama-tiny", model_fields={"block_size": 16}, vocab_size=300)
+    config = json.loads((out / "config.json").read_text())
+    config["model"]["n_layer"] = 10**7
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="describes 533,76"):
+        resume_run(out)

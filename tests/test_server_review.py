@@ -160,8 +160,7 @@ def test_a_fine_tuning_whose_model_could_not_be_saved_saves_it_when_resumed_as_i
 
 def test_what_the_ui_review_found_in_the_api(tmp_path):
     """A GRPO model's card said it was tuned from "?" (GRPO keeps its parent under `init`); a preview's error named
-    the file "data"; dataset names with a space were refused (book names take one); the preset list offered
-    "llama-gpt2-124m" and "gpt2-gpt2-124m"."""
+    the file "data"; dataset names with a space were refused (book names take one)."""
     ws = make_ws(tmp_path)
     model, tok = load_pretrained(Workspace(ws).model_path("base"))
     save_pretrained(Workspace(ws).model_path("rl"), model, tok,
@@ -174,9 +173,6 @@ def test_what_the_ui_review_found_in_the_api(tmp_path):
         assert put(c, "long.jsonl", "conversations", long).status_code == 201
         r = c.get("/api/v1/datasets/long.jsonl/preview", params={"model": "base"})
         assert r.status_code == 422 and r.json()["detail"].startswith("long.jsonl:1: no token to train on"), r.text
-        presets = [p["name"] for p in c.get("/api/v1/presets").json()]
-        assert "gpt2-124m" in presets and not [p for p in presets if p.endswith("-gpt2-124m")]
-        assert {p["name"]: p["size"] for p in c.get("/api/v1/presets").json()}["gpt2-124m"] == "gpt2-124m"
 
 
 def test_the_chat_view_asks_which_oldest_rounds_no_longer_fit(tmp_path):
@@ -199,5 +195,8 @@ def test_the_chat_view_asks_which_oldest_rounds_no_longer_fit(tmp_path):
         assert r.json() == {"drop": 0}
         r = c.post("/api/v1/chat/fit", json={"model": "chatty", "messages": [{"role": "user", "content": "x" * 60}]})
         assert r.status_code == 422 and "too long for the model's context" in r.json()["detail"]
+        r = c.post("/api/v1/chat/fit", json={"model": "chatty", "messages": messages[-1:], "max_tokens": 48})
+        assert (r.status_code, r.json()["detail"]) == (422, "max_tokens (48) leaves no room for the conversation in "
+                                                            "the model's context of 48 tokens; ask for fewer")
         r = c.post("/api/v1/chat/fit", json={"model": "base", "messages": messages})
         assert (r.status_code, r.json()["detail"]) == (409, "model 'base' has no lmlab chat template")

@@ -58,7 +58,10 @@ _BUFFERS = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq", "position_
 # What a previous export or import may have left in the output folder that the new one would not write.
 _HF_STALE = ("model.safetensors.index.json", "pytorch_model.bin", "generation_config.json", CHAT_TEMPLATE,
              "special_tokens_map.json", "tokenizer_config.json", "vocab.json", "merges.txt")
-_LMLAB_STALE = (TOKENIZER, GENERATION, TRAINING, HF_TOKENIZER_DIR, CHAT_TEMPLATE)
+# what an lmlab model folder may hold beside the weights: an import replaces the model completely (a quantized
+# model's quantization.json left behind would make the imported fp32 weights unreadable)
+_LMLAB_STALE = (TOKENIZER, GENERATION, TRAINING, HF_TOKENIZER_DIR, CHAT_TEMPLATE, "quantization.json", "merge.json",
+                "speed.json")
 
 
 def _transformers():

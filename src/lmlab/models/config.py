@@ -198,8 +198,6 @@ class ModelConfig:
 
 
 def preset_names() -> list[str]:
-    """family-size for every family and size; a size that names a model (gpt2-124m) once, as itself (its shape
-    in another family stays preset("gpt2-124m", family=...), not "llama-gpt2-124m")."""
-    return [f"{fam}-{size}" for fam in FAMILIES for size in SIZES if "-" not in size] + [s for s in SIZES if "-" in s]
+    return [f"{fam}-{size}" for fam in FAMILIES for size in SIZES]
 
 

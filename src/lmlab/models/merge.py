@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from pathlib import Path
 from typing import Any
 
@@ -122,7 +123,7 @@ def check_parameters(method: str, n: int, base: Any, weights: list[float] | None
         if value is not None and method not in USES[key]:
             raise ValueError(f"--{_flag(key)} is used by {', '.join(USES[key])} only, not by --method {method}")
     settings = {key: DEFAULTS[key] if value is None else value for key, value in given.items()}
-    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731 (the library's callers)
+    number = lambda x: isinstance(x, numbers.Real) and not isinstance(x, bool)  # noqa: E731 (numpy's scalars too)
     for key in ("t", "density", "lam"):
         if not number(settings[key]):
             raise ValueError(f"--{_flag(key)} must be a number, not {settings[key]!r}")

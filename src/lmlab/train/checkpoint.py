@@ -79,11 +79,11 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 # What the Trainer writes into a new run's folder (a user's file of that name would be replaced, appended to or
-# deleted): the run files, and what its callbacks and LoRA write. RUN_DIR/phase.json too, but `lmlab train`'s
-# recipe writes that one before the Trainer starts: the callers name it (PHASE_FILE) in their own check.
+# deleted): the run files, and what its callbacks and LoRA write. Not RUN_DIR/phase.json, a progress note that
+# `lmlab train`'s recipe writes before its checks: a start that failed there must not block the retry.
 RUN_FILES = ("config.json", "metrics.jsonl", "resumes.jsonl", "samples.jsonl", "drift.json", "tracker.json",
              "tensorboard", "adapter")
-NEW_RUN_FILES = (*RUN_FILES, "phase.json")  # what a caller checks before it writes anything
+NEW_RUN_FILES = RUN_FILES  # what a caller checks before it writes anything
 
 
 def run_folder(out: str | Path) -> Path:

@@ -30,7 +30,7 @@ from ..models import ModelConfig, Transformer, generate
 from ..models.io import load_pretrained
 from ..models.quant import refuse_quantized
 from ..tokenizers import Tokenizer
-from .checkpoint import NEW_RUN_FILES, refuse_existing_run, run_folder
+from .checkpoint import NEW_RUN_FILES, refuse_existing_run, resumed_model, run_folder
 from .config import TrainConfig
 from .demo_corpus import demo_corpus
 from .progress import write_phase
@@ -175,7 +175,7 @@ def resume_run(out_dir: str | Path, overrides: dict[str, Any] | None = None,
     config = TrainConfig.from_dict({**saved["train"], **(overrides or {})})
     tok = Tokenizer.load(out / "tokenizer.json")
     ds = TokenDataset.open(out / saved["dataset"], tok)  # a relative path is inside the run directory
-    model = Transformer(ModelConfig.from_dict(saved["model"]))
+    model = resumed_model(out, saved["model"])  # its size checked against the last checkpoint first
     provenance = {k: v for k, v in saved.items() if k not in ("train", "model")}
     if (lora.to_dict() if lora is not None else None) != (provenance.get("lora") or None):
         raise ValueError(f"{out} was trained with LoRA settings {provenance.get('lora')}; resume it with the same "

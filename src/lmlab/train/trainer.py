@@ -443,14 +443,15 @@ class Trainer:
         checkpoint or crash in the sampler. The loss is the weights' before the step: the weights are checked
         too where they are saved or sampled (a pass over them, on those steps only)."""
         loss = metrics["loss"] = float(metrics["loss"])
-        bad = not math.isfinite(loss) or (weights and not all(bool(torch.isfinite(p).all())
-                                                             for p in self.model.parameters() if p.requires_grad))
+        # FSDP: each rank holds a shard of the weights and would answer for its own; the loss is every rank's
+        bad = not math.isfinite(loss) or (weights and not self.config.fsdp and not all(
+            bool(torch.isfinite(p).all()) for p in self.model.parameters() if p.requires_grad))
         if bad:
             last = latest_checkpoint(self.out_dir)
             kept = f"its last checkpoint, {last.name}, is kept" if last else "no checkpoint had been written"
             what = f"the loss is {loss}" if not math.isfinite(loss) else "its weights are no longer finite"
-            raise ValueError(f"training diverged: {what} at step {self.step}; {kept}. Lower the learning rate "
-                             "(--lr) and start again")
+            raise ValueError(f"training diverged: {what} at step {self.step}; {kept}. Start a new run (in "
+                             "another folder) with a lower learning rate (--lr)")
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor | float]:
         """One optimizer step over grad_accum_steps micro-batches -> (mean loss, grad norm before clipping), as

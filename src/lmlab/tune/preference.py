@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 import os
 import shutil
 from collections.abc import Sequence
@@ -252,7 +253,7 @@ class PreferenceConfig:
             self.beta = DEFAULT_BETA[self.loss]
         for name in ("beta", "gamma", "sft_weight", "desirable_weight", "undesirable_weight"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy's scalars are numbers too
                 raise ValueError(f"{name} must be a number, not {value!r}")
         for name in ("desirable_weight", "undesirable_weight"):  # a negative one turns KTO's objective around
             if not 0 < getattr(self, name) < math.inf:

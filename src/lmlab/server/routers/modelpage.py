@@ -65,7 +65,10 @@ def chat_fit(state: StateDep, req: ChatFit) -> dict[str, int]:
     if template != TEMPLATE:
         raise HTTPException(409, f"model {req.model!r} has no lmlab chat template")
     block = ModelConfig.load(path / "config.json").block_size
-    room = block - min(req.max_tokens or max(block // 4, 1), block - 1)
+    if req.max_tokens is not None and req.max_tokens >= block:
+        raise HTTPException(422, f"max_tokens ({req.max_tokens}) leaves no room for the conversation in the model's "
+                                 f"context of {block} tokens; ask for fewer")
+    room = block - (req.max_tokens or max(block // 4, 1))
     messages = [m.model_dump() for m in req.messages]
     try:
         kept = fit_history(messages, Tokenizer.load(path / "tokenizer.json"), room)

@@ -9,7 +9,6 @@ from fastapi import APIRouter, Query, Response
 from fastapi.responses import StreamingResponse
 
 from ...models import ModelConfig, preset_names
-from ...models.config import SIZES
 from ..app import StateDep
 from ..db import ACTIVE
 from ..schemas import Estimate, ModelCreate, ModelInfo, ModelSpec, Preset, Version
@@ -37,7 +36,7 @@ def presets() -> list[Preset]:
     out = []
     for name in preset_names():
         cfg = ModelConfig.preset(name)
-        out.append(Preset(name=name, family=cfg.family, size=name if name in SIZES else name.split("-", 1)[1],
+        out.append(Preset(name=name, family=cfg.family, size=name.split("-", 1)[1],
                           parameters=cfg.num_parameters(), config=cfg.to_dict()))
     return out
 
