@@ -83,7 +83,6 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 # `lmlab train`'s recipe writes before its checks: a start that failed there must not block the retry.
 RUN_FILES = ("config.json", "metrics.jsonl", "resumes.jsonl", "samples.jsonl", "drift.json", "tracker.json",
              "tensorboard", "adapter")
-NEW_RUN_FILES = RUN_FILES  # what a caller checks before it writes anything
 
 
 def run_folder(out: str | Path) -> Path:

@@ -30,7 +30,7 @@ from ..models import ModelConfig, Transformer, generate
 from ..models.io import load_pretrained
 from ..models.quant import refuse_quantized
 from ..tokenizers import Tokenizer
-from .checkpoint import NEW_RUN_FILES, refuse_existing_run, resumed_model, run_folder
+from .checkpoint import RUN_FILES, refuse_existing_run, resumed_model, run_folder
 from .config import TrainConfig
 from .demo_corpus import demo_corpus
 from .progress import write_phase
@@ -63,7 +63,7 @@ def train_from_sources(out_dir: str | Path, config: TrainConfig, *, sources: Seq
     the token file records their receipts. Bad input fails before anything is written."""
     out = run_folder(out_dir)
     created = not out.exists()
-    refuse_existing_run(out, (*NEW_RUN_FILES, "tokenizer.json", "data"))
+    refuse_existing_run(out, (*RUN_FILES, "tokenizer.json", "data"))
     model_fields = dict(model_fields or {})
     if sum(x is not None for x in (preset, model_config, init)) > 1:
         raise ValueError("choose one of --preset, --model-config or --init")
@@ -296,7 +296,7 @@ def run_demo(out_dir: str | Path = "lmlab-demo", *, budget_s: float = 180.0, max
     directory for `lmlab generate`."""
     t0 = time.perf_counter()
     out = run_folder(out_dir)
-    refuse_existing_run(out, (*NEW_RUN_FILES, "tokenizer.json", "data"))
+    refuse_existing_run(out, (*RUN_FILES, "tokenizer.json", "data"))
     if budget_s <= 0 or (max_steps is not None and max_steps <= 0):
         raise ValueError("the budget and max_steps must be positive")
     text = demo_corpus(seed=seed)

@@ -340,8 +340,7 @@ class Trainer:
             refuse_existing_run(self.out_dir)  # every rank, before anything is written: none waits for rank 0
             if self.is_main:
                 self.out_dir.mkdir(parents=True, exist_ok=True)
-                (self.out_dir / "metrics.jsonl").write_text("")
-                (self.out_dir / RESUMES).unlink(missing_ok=True)  # a failed earlier run's, if any
+                (self.out_dir / "metrics.jsonl").write_text("")  # resumes.jsonl: refused above if there is one
         if self.is_main:
             self._write_run_files(new=not resume)
         from . import drift, progress, tracking

@@ -47,7 +47,7 @@ from ..models.io import WEIGHTS, load_pretrained
 from ..models.quant import refuse_quantized
 from ..tokenizers import Tokenizer
 from ..train import TrainConfig
-from ..train.checkpoint import NEW_RUN_FILES, refuse_existing_run, resumed_model, run_folder
+from ..train.checkpoint import RUN_FILES, refuse_existing_run, resumed_model, run_folder
 from ..train.trainer import Callback, Objective, TrainResult, read_run_config, train
 
 SAMPLES = "teacher_samples.jsonl"
@@ -219,7 +219,7 @@ def run_distill(teacher_dir: str | Path, books: Sequence[str | Path], out_dir: s
     tokenizer) or into the model in `student_dir` (same tokenizer), on `books`. Bad input fails before anything
     is written."""
     out = run_folder(out_dir)
-    refuse_existing_run(out, (*NEW_RUN_FILES, "tokenizer.json", "data"), "lmlab tune distill")
+    refuse_existing_run(out, (*RUN_FILES, "tokenizer.json", "data"), "lmlab tune distill")
     if sum(x is not None for x in (preset, model_config, student_dir)) != 1:
         raise ValueError("choose the student: --preset NAME or --model DIR (one of them)")
     teacher, tok = _load_teacher(teacher_dir)

@@ -59,7 +59,7 @@ from ..models.io import WEIGHTS
 from ..models.quant import refuse_quantized
 from ..models.scoring import Batch, make_batch, token_logprobs
 from ..train import TrainConfig
-from ..train.checkpoint import NEW_RUN_FILES, refuse_existing_run, run_folder
+from ..train.checkpoint import RUN_FILES, refuse_existing_run, run_folder
 from ..train.trainer import Callback, Objective, Trainer
 from .chat import ChatTemplate, has_template
 from .lora import LoRAConfig, adapters_disabled
@@ -403,7 +403,7 @@ def run_grpo(model_dir: str | Path, out: str | Path, config: GRPOConfig, *, task
         raise ValueError(f"{out} holds the checkpoints of an earlier run (latest {checkpoint.name}): continue it "
                          "with --resume, or start over in another folder")
     if not resume:
-        refuse_existing_run(out, NEW_RUN_FILES, "lmlab tune grpo")
+        refuse_existing_run(out, RUN_FILES, "lmlab tune grpo")
     if lora is not None and lora.dropout:
         raise ValueError("GRPO scores the policy with dropout off, as it samples (the update stays on-policy): "
                          "--lora-dropout does not apply; leave it out")

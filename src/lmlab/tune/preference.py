@@ -34,7 +34,7 @@ from ..data.jsonl import read_jsonl
 from ..files import atomic_path, file_sha256
 from ..models.io import WEIGHTS
 from ..models.quant import refuse_quantized
-from ..train.checkpoint import NEW_RUN_FILES, refuse_existing_run, run_folder
+from ..train.checkpoint import RUN_FILES, refuse_existing_run, run_folder
 from ..train.trainer import Objective, check_fits, dist_env
 from .chat import ChatTemplate, has_template
 from .lora import LoRAConfig
@@ -406,7 +406,7 @@ def run_preference(out: str | Path, train_config: Any = None, *, model_dir: str 
         lora = LoRAConfig(**p["lora"]) if p.get("lora") else None
         train_config = TrainConfig.from_dict({**saved["train"], **(train_config or {})})
     else:
-        refuse_existing_run(out, (*NEW_RUN_FILES, DATA_COPY), "lmlab tune dpo")
+        refuse_existing_run(out, (*RUN_FILES, DATA_COPY), "lmlab tune dpo")
     if model_dir is None or data is None or cfg is None or train_config is None:
         raise ValueError("a new preference run needs a model, data, a loss and a training config")
     model, tok = load_pretrained(model_dir)

@@ -36,7 +36,7 @@ from ..models.io import load_pretrained
 from ..models.quant import refuse_quantized
 from ..tokenizers import Tokenizer
 from ..train import TrainConfig
-from ..train.checkpoint import NEW_RUN_FILES, refuse_existing_run, resumed_model, run_folder
+from ..train.checkpoint import RUN_FILES, refuse_existing_run, resumed_model, run_folder
 from ..train.recipes import train_with_lora
 from ..train.trainer import Callback, TrainResult, check_fits, dist_env, read_run_config
 from .chat import TEMPLATE_FILE, ChatTemplate, add_chat_tokens, chat_token_ids, has_template, render, write_template
@@ -200,7 +200,7 @@ def run_sft(model_dir: str | Path, data: str | Path, out_dir: str | Path, config
     model finds hardest on the training split (hardest_tokens), recorded in the run as `lora.tokens`.
     Bad data fails before anything is written."""
     out = run_folder(out_dir)
-    refuse_existing_run(out, (*NEW_RUN_FILES, "tokenizer.json", DATA, TEMPLATE_FILE), "lmlab tune sft")
+    refuse_existing_run(out, (*RUN_FILES, "tokenizer.json", DATA, TEMPLATE_FILE), "lmlab tune sft")
     model, tok = load_pretrained(model_dir)
     refuse_quantized(model)  # before the chat tokens or adapters go on, and before anything is written
     if tok is None:

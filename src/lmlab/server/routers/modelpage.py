@@ -28,7 +28,7 @@ from ...models.io import TRAINING, WEIGHTS
 from ...models.merge import NEEDS_BASE, check_parameters, check_parents
 from ...models.quant import FORMATS, GROUP_SIZES, METHODS, QUANTIZATION, QuantConfig, check_shapes, plan_modules
 from ...tokenizers import Tokenizer
-from ...tune.chat import TEMPLATE, TEMPLATE_FILE, fit_history
+from ...tune.chat import TEMPLATE, TEMPLATE_FILE, fit_history, has_template
 from ..app import AppState, StateDep
 from ..schemas import ChatFit, MergeCreate, ModelCard, QuantizeCreate, Run, Speed
 from ..services import (
@@ -58,11 +58,7 @@ def chat_fit(state: StateDep, req: ChatFit) -> dict[str, int]:
     first) so that the prompt and `max_tokens` (a quarter of the context when not given) fit in the model's
     context, as `lmlab chat` does (tune.chat.fit_history). 422 when the last message alone does not fit."""
     path = need_trained(state, req.model, "the model to chat with")
-    try:
-        template = state.ws.read_bytes(path / TEMPLATE_FILE).decode("utf-8", "replace")
-    except (OSError, LinkError):
-        template = None
-    if template != TEMPLATE:
+    if not has_template(path):
         raise HTTPException(409, f"model {req.model!r} has no lmlab chat template")
     block = ModelConfig.load(path / "config.json").block_size
     if req.max_tokens is not None and req.max_tokens >= block:
