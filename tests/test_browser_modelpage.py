@@ -189,3 +189,50 @@ def test_quantize_from_the_model_page_and_chat_with_a_template_model(tmp_path, b
     finally:
         server.stop()
     assert not problems, problems
+
+
+def test_what_is_filled_in_on_the_model_page_survives_a_language_switch(tmp_path, browser):  # noqa: F811
+    """The quantize and merge forms are drawn again in the new language; what was chosen and typed stays, and the
+    forms' own rules still hold (a typed name is kept when the format changes; an untyped one follows it)."""
+    ws = tmp_path / "ws"
+    make_models(ws)
+    server = ServerProcess(ws, token=TOKEN).start()
+    try:
+        with server.client() as c:
+            assert c.post("/api/v1/books", files={"file": ("tales.txt", BOOK.encode())}).status_code == 201
+        with ui_page(browser, SHOTS / "modelpage-language") as (page, _shot):
+            page.goto(f"{server.url}/?token={TOKEN}#model/base")
+            page.wait_for_selector("#mp-quantize-form #mp-to")
+            page.select_option("#mp-to", "int4")
+            page.select_option("#mp-group_size", "64")
+            page.select_option("#mp-method", "gptq")
+            page.check('#mp-calibration input[value="tales.txt"]')
+            page.check("#mp-keep_head")
+            page.select_option("#mpm-method", "ties")
+            page.check('#mpm-others input[value="chatty"]')
+            page.fill("#mpm-density", "0.7")
+            assert page.input_value("#mp-new_model") == "base-int4"
+            page.select_option("#lang", "ru")
+            page.wait_for_selector('#mp-h-quantize:text-is("Квантовать в новую модель")')
+            page.wait_for_timeout(100)
+            values = page.evaluate("""() => { const q = (s) => document.querySelector(s); return {
+                to: q('#mp-to').value, g: q('#mp-group_size').value, g_off: q('#mp-group_size').disabled,
+                method: q('#mp-method').value, name: q('#mp-new_model').value,
+                cal: q('#mp-calibration input[value="tales.txt"]').checked, cal_off: q('#mp-calibration input').disabled,
+                head: q('#mp-keep_head').checked, merge: q('#mpm-method').value, density: q('#mpm-density').value,
+                density_off: q('#mpm-density').disabled, other: q('#mpm-others input[value="chatty"]').checked}; }""")
+            assert values == {"to": "int4", "g": "64", "g_off": False, "method": "gptq", "name": "base-int4",
+                              "cal": True, "cal_off": False, "head": True, "merge": "ties", "density": "0.7",
+                              "density_off": False, "other": True}
+            # an untyped name still follows the format; a typed one stays through a switch and a change of format
+            page.select_option("#mp-to", "int8")
+            assert page.input_value("#mp-new_model") == "base-int8"
+            page.fill("#mp-new_model", "mine")
+            page.select_option("#lang", "en")
+            page.wait_for_selector('#mp-h-quantize:text-is("Quantize into a new model")')
+            page.wait_for_timeout(100)
+            assert page.input_value("#mp-new_model") == "mine"
+            page.select_option("#mp-to", "int4")
+            assert page.input_value("#mp-new_model") == "mine"
+    finally:
+        server.stop()

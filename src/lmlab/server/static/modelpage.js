@@ -6,6 +6,7 @@
 
 import { interpSection } from "/static/interp.js";
 import { mergeForm, mergeLabel, startJob } from "/static/mergeform.js";
+import { keepFields } from "/static/ux.js";
 
 let A = null;  // app.js: { S, t, h, api, fmtNum, fmtBytes, statusLabel, refreshRuns, runAction, toast, ACTIVE }
 const P = { name: null, card: null, error: null, stamp: null, sigs: {} };
@@ -82,7 +83,7 @@ function fact(label, text, id, ...extra) {
 function part(id, sig, make) {
   if (P.sigs[id] === sig) return;
   P.sigs[id] = sig;
-  $("#" + id).replaceChildren(...make());
+  keepFields($("#" + id), make());  // what was filled in stays, in the new language too
 }
 
 export function renderModelPage() {
@@ -117,8 +118,8 @@ export function renderModelPage() {
     fact("mp.tps", c ? speedText(c.speed) : "—", "tps", " ",
       c && c.trained ? h("button", { type: "button", class: "secondary", id: "mp-measure", onclick: (e) => measure(e.target), text: t("mp.measure") }) : null)),
     ...(P.error ? [h("div", { class: "error", text: P.error })] : [])]);
-  // the forms: once the card is known (or failed: they were drawn before it came and again after, losing what had
-  // been filled in), then again only when the model, language, availability or list of books change
+  // the forms: once the card is known, then again only when the model, language, availability or list of books
+  // change (what was filled in is kept: part)
   const problems = ACTIONS.map((a) => a.problem(m, c)), known = c != null || P.error != null;
   part("mp-actions", JSON.stringify([lang, m.name, problems, S.books.map((b) => b.name), known]), () => !known
     ? [h("p", { class: "muted", id: "mp-actions-loading", text: t("rp.loading") })]

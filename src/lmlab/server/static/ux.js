@@ -83,6 +83,37 @@ export function keepFocus(tbody, rows, key) {
   (same || list.find((c) => c.className === place[2]) || list[place[1]])?.focus();
 }
 
+// ---- forms that redraw ------------------------------------------------------------------------------
+
+// Replace a box's contents (a form drawn again in another language, or for a new list of books or models)
+// keeping what had been chosen or typed into it: each field is found again by its id, a checkbox without one by
+// its name and value. Choices go back first, with a change event (the form's own listeners, which may refill
+// other fields, run as on a click), then typed text that differs from what the form now shows, with an input
+// event. After the form's own queued set-up, so that it starts from a drawn form.
+export function keepFields(box, children) {
+  const key = (e) => e.id || (e.name ? `${e.name}=${e.value}` : null), kept = new Map();
+  for (const e of box.querySelectorAll("input, select, textarea")) {
+    if (key(e) && e.type !== "submit") kept.set(key(e), e.type === "checkbox" || e.type === "radio" ? e.checked : e.value);
+  }
+  box.replaceChildren(...children);
+  if (!kept.size) return;
+  queueMicrotask(() => {
+    const fields = [...box.querySelectorAll("input, select, textarea")].filter((e) => kept.has(key(e)));
+    const choice = (e) => e.tagName === "SELECT" || e.type === "checkbox" || e.type === "radio";
+    for (const e of fields.filter(choice)) {
+      const was = kept.get(key(e)), now = e.tagName === "SELECT" ? e.value : e.checked;
+      if (was === now || (e.tagName === "SELECT" && ![...e.options].some((o) => o.value === was))) continue;
+      if (e.tagName === "SELECT") e.value = was; else e.checked = was;
+      e.dispatchEvent(new Event("change", { bubbles: true }));
+    }
+    for (const e of fields.filter((x) => !choice(x))) {
+      if (e.value === kept.get(key(e))) continue;
+      e.value = kept.get(key(e));
+      e.dispatchEvent(new Event("input", { bubbles: true }));
+    }
+  });
+}
+
 // ---- books -----------------------------------------------------------------------------------------
 
 // Tokens per character depend on the tokenizer a model trains; about 4 characters per token is the usual
