@@ -218,7 +218,8 @@ def test_what_is_filled_in_on_the_model_page_survives_a_language_switch(tmp_path
             values = page.evaluate("""() => { const q = (s) => document.querySelector(s); return {
                 to: q('#mp-to').value, g: q('#mp-group_size').value, g_off: q('#mp-group_size').disabled,
                 method: q('#mp-method').value, name: q('#mp-new_model').value,
-                cal: q('#mp-calibration input[value="tales.txt"]').checked, cal_off: q('#mp-calibration input').disabled,
+                cal: q('#mp-calibration input[value="tales.txt"]').checked,
+                cal_off: q('#mp-calibration input').disabled,
                 head: q('#mp-keep_head').checked, merge: q('#mpm-method').value, density: q('#mpm-density').value,
                 density_off: q('#mpm-density').disabled, other: q('#mpm-others input[value="chatty"]').checked}; }""")
             assert values == {"to": "int4", "g": "64", "g_off": False, "method": "gptq", "name": "base-int4",
