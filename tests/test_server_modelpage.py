@@ -124,9 +124,12 @@ def test_cards_count_bits_per_weight_as_by_hand(mp, quantized):
 
 
 def test_tokens_per_second_exist_only_once_measured_and_for_those_weights(mp):
-    assert mp.get("/api/v1/models/tiny/card").json()["speed"] is None
+    card = mp.get("/api/v1/models/tiny/card").json()
+    assert card["speed"] is None
     r = mp.post("/api/v1/models/tiny/speed")
     assert r.status_code == 200, r.text
+    # the size on disk is the model's files: the stored measurement does not change it
+    assert mp.get("/api/v1/models/tiny/card").json()["size_bytes"] == card["size_bytes"]
     speed = r.json()["speed"]
     # 32 tokens, but the model's context is 32 with <BOS>; the server's own threads (Settings.torch_threads), not
     # whatever the worker thread or the test's thread was left with

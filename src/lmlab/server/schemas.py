@@ -466,7 +466,7 @@ class Speed(BaseModel):
 class ModelCard(BaseModel):
     name: str
     trained: bool
-    size_bytes: int = Field(description="the model directory's files on disk")
+    size_bytes: int = Field(description="the model directory's files on disk (not the speed the server measured)")
     parameters: int = Field(description="the model's parameters (a tied embedding counted once)")
     weights: str = Field(description="fp32, int8, or int4 gN (with rtn or gptq): the format of the linears")
     bits_per_weight: float | None = Field(description="bits of every tensor in model.safetensors (integers, their "

@@ -249,7 +249,9 @@ def model_card(state: AppState, name: str) -> ModelCard:
         raise HTTPException(409, str(exc)) from None
     cfg = ModelConfig.from_dict(row["config"])
     trained = (path / WEIGHTS).is_file() and not (path / WEIGHTS).is_symlink()
-    size = sum(f.stat().st_size for f in path.iterdir() if f.is_file() and not f.is_symlink()) if path.is_dir() else 0
+    # the model's own files: not the server's note of its measured speed, which would change the size it reports
+    size = sum(f.stat().st_size for f in path.iterdir()
+               if f.is_file() and not f.is_symlink() and f.name != SPEED_FILE) if path.is_dir() else 0
     try:
         bpw, qbpw = weight_bits(path / WEIGHTS, cfg.num_parameters()) if trained else (None, None)
     except (SafetensorError, OSError, KeyError):  # not a whole safetensors file: loading it says why
