@@ -7,6 +7,8 @@ tests/artifacts/ux/ (model-page-*.png, chat-*.png)."""
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import torch
 from test_browser import TOKEN, browser, ui_page  # noqa: F401 (browser: the fixture)
@@ -235,5 +237,14 @@ def test_what_is_filled_in_on_the_model_page_survives_a_language_switch(tmp_path
             assert page.input_value("#mp-new_model") == "mine"
             page.select_option("#mp-to", "int4")
             assert page.input_value("#mp-new_model") == "mine"
+            # a quantization behind another run in the queue is announced as queued, not as started (the
+            # request is answered here, as the server answers when a run waits)
+            answer = {"id": 7, "kind": "quantize", "status": "queued", "queue_position": 1, "model": "base",
+                      "params": {"new_model": "mine"}}
+            page.route("**/api/v1/runs/quantize", lambda route: route.fulfill(
+                status=201, content_type="application/json", body=json.dumps(answer)))
+            page.click("#mp-quantize")
+            page.wait_for_selector("#mp-msg.ok")
+            assert page.inner_text("#mp-msg") == "Run 7 is queued (position 2)"
     finally:
         server.stop()
