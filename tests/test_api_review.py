@@ -172,6 +172,17 @@ def test_quantize_keeps_the_cli_guards_and_does_not_follow_links(base, tmp_path)
         assert not (out / "generation.json").exists() and not (out / "chat_template.jinja").exists()
 
 
+def test_one_calibration_path_as_a_string_is_that_book(base, tmp_path):
+    """calibration="book.txt" is the book, not its characters read as paths: the same model as [book]."""
+    book = tmp_path / "book.txt"
+    book.write_text(TEXT, encoding="utf-8")
+    quantize_dir(base / "base", tmp_path / "one", 4, 32, method="gptq", calibration=str(book), calibration_tokens=512)
+    quantize_dir(base / "base", tmp_path / "list", 4, 32, method="gptq", calibration=[str(book)],
+                 calibration_tokens=512)
+    one, listed = (load_file(tmp_path / name / "model.safetensors") for name in ("one", "list"))
+    assert one.keys() == listed.keys() and all(torch.equal(one[k], listed[k]) for k in one)
+
+
 def test_a_reply_to_bad_messages_and_a_string_of_prompts_are_one_line_errors(base):
     from lmlab.tune.chat import add_chat_tokens, generate_reply
     model, tok, _ = add_chat_tokens(*load_pretrained(base / "base"))
