@@ -191,6 +191,18 @@ def test_upload_preview_and_a_run_with_its_chart_from_the_view(tmp_path, browser
             assert page.inner_text("#tn-detail-head") == \
                 "#2 · base → base-gpt2-tiny · distilled into gpt2-tiny on lessons.txt · completed"
             shot("tune-distill-1400")
+            # a GRPO run without a KL term logs no KL: its view has the reward chart only
+            with server.client() as c:
+                r = c.post("/api/v1/runs/tune", json={"method": "grpo", "model": "base", "new_model": "base-grpo",
+                                                      "task": "addition", "max_steps": 2, "group_size": 2,
+                                                      "prompts_per_step": 2, "max_new_tokens": 4, "kl_coef": 0,
+                                                      "eval_prompts": 2})
+                assert r.status_code == 201, r.text
+            page.wait_for_selector(f'#tn-runs tr[data-run="{r.json()["id"]}"][data-status="completed"]',
+                                   timeout=120_000)
+            page.click(f'#tn-runs tr[data-run="{r.json()["id"]}"] button.view')
+            page.wait_for_function("() => +document.querySelector('#chart-tune-reward').dataset.points === 2")
+            assert page.eval_on_selector_all("#tn-charts .chart", "cs => cs.map(c => c.id)") == ["chart-tune-reward"]
             # a deleted dataset's preview goes with it (it stayed, its model selector doing nothing)
             assert page.is_visible("#tn-preview")
             page.once("dialog", lambda d: d.accept())
