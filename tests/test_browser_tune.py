@@ -209,5 +209,13 @@ def test_upload_preview_and_a_run_with_its_chart_from_the_view(tmp_path, browser
             page.click('#tn-datasets tr[data-dataset="chats.jsonl"] button.danger')
             page.wait_for_selector('#tn-datasets tr[data-dataset="chats.jsonl"]', state="detached")
             assert not page.is_visible("#tn-preview")
+            # a long name (the server takes up to 200 characters) wraps at 390 px instead of widening the page
+            long = "chats_" + "of_the_long_winter_evenings_" * 6 + ".jsonl"  # no space to break at
+            page.set_viewport_size({"width": 390, "height": 900})
+            page.set_input_files("#tn-file", files(long, CHATS))
+            page.click("#tn-upload-go")
+            page.wait_for_selector(f'#tn-datasets tr[data-dataset="{long}"]')
+            page.wait_for_selector('#tn-preview-rows .tn-row[data-line="1"]')
+            assert page.evaluate("() => document.scrollingElement.scrollWidth") <= 390
     finally:
         server.stop()
