@@ -134,6 +134,45 @@ def test_zero_spread_groups_are_dropped_and_counted(tmp_path):
     assert loss.item() == 0.0 and all(p.grad is None or not p.grad.any() for p in model.parameters())
 
 
+def _reward_ab_by_length(prompts, texts, ids):  # "cd" always 1, "ef" always 0: no signal; "ab" by length
+    return [1.0 if p == "cd" else 0.0 if p == "ef" else float(len(i)) + i[0] for p, i in zip(prompts, ids)]
+
+
+@pytest.mark.parametrize("variant", ["grpo", "dr_grpo", "dapo"])
+def test_dropping_the_flat_groups_changes_no_gradient(tmp_path, monkeypatch, variant):
+    """The step on the batch without its flat groups is the step on the whole batch (TRL's, whose normalisers
+    count every completion): each variant normalises by the whole batch's completions or tokens. It normalised by
+    the kept rows, a step 3x too large here (1 group of 3 kept)."""
+    model, tok = _start_model(tmp_path / "m")
+    cfg = GRPOConfig(prompts_per_step=3, group_size=4, max_new_tokens=6, variant=variant)
+    source = PromptSource(tok, 48, 6, prompts=["ab", "cd", "ef"])
+    grads = []
+    for keep_all in (False, True):
+        if keep_all:  # every group kept, as TRL trains on the batch
+            monkeypatch.setattr("lmlab.tune.grpo.has_spread", lambda r, g: torch.ones(r.numel() // g, dtype=torch.bool))
+        grpo = GRPO(model, tok, cfg, source, _reward_ab_by_length)
+        batch = grpo.sample_batch(12, 20, torch.Generator().manual_seed(0))
+        assert batch["inputs"].shape[0] == (12 if keep_all else 4)
+        model.zero_grad(set_to_none=True)
+        grpo.loss(model, batch)[0].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert grads[0].abs().max() > 0
+    assert torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-8), (grads[0] - grads[1]).abs().max()
+    assert batch["batch_tokens"] == batch["mask"].sum().item() and batch["batch_rows"] == 12
+
+
+def test_with_a_kl_term_the_flat_groups_stay_for_their_kl(tmp_path):
+    """kl_coef > 0: the KL penalises every completion (DeepSeekMath eq. 3, TRL), so no group is dropped; the
+    flat ones are counted and have advantage 0."""
+    model, tok = _start_model(tmp_path / "m")
+    cfg = GRPOConfig(prompts_per_step=3, group_size=4, max_new_tokens=6, kl_coef=0.1)
+    grpo = GRPO(model, tok, cfg, PromptSource(tok, 48, 6, prompts=["ab", "cd", "ef"]), _reward_ab_by_length,
+                reference=load_pretrained(tmp_path / "m")[0])
+    batch = grpo.sample_batch(12, 20, torch.Generator().manual_seed(0))
+    assert batch["inputs"].shape[0] == 12 and grpo.stats["zero_spread_groups"].item() == 2
+    assert batch["advantages"][4:].tolist() == [0.0] * 8 and batch["ref_logp"].shape[0] == 12
+
+
 def test_tokens_per_s_and_mfu_count_only_the_rows_trained_on(tmp_path):
     """A reward that is the same for every completion: every group is dropped, no row is trained on, and the
     logged tokens/s and MFU are 0. They counted the whole batch, trained or not (the arena's last GRPO steps,

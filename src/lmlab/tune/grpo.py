@@ -31,9 +31,13 @@ batch (TRL's num_iterations 1), on the weights that sampled it: pi_old is the po
 detached (no second forward), so the ratio is 1 in value and the clip never binds; it is kept for the
 surrogate's gradient.
 
-Groups whose completions all got the same reward carry no signal (every advantage is 0): they are dropped from
-the batch before the forward and backward, and counted (metric `zero_spread_groups`); DAPO's dynamic sampling
-refills them, here the step is simply smaller. A step with nothing left still steps (a zero gradient).
+Groups whose completions all got the same reward have advantage 0: they are counted (metric
+`zero_spread_groups`) and, without a KL term (kl_coef 0), dropped from the batch before the forward and backward,
+which they would only cost. The loss is still normalised over the whole batch (its completions, or for dapo its
+completion tokens), so dropping them changes no gradient: the step is TRL's on the full batch. With kl_coef > 0
+they stay, since the KL penalises every completion (the paper's eq. 3; TRL). DAPO's dynamic sampling would
+replace them with new groups; here the step simply has less signal. A step with nothing left still steps (a
+zero gradient).
 
 The run is the Trainer's (lmlab.train): this module is both its dataset (sample_batch draws the prompts and the
 sampling seed from the trainer's generator, so a resumed run samples what the uninterrupted one would) and its
@@ -122,13 +126,16 @@ def has_spread(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor, *,
                 variant: str, epsilon: float, epsilon_high: float, max_new_tokens: int,
-                ref_logp: torch.Tensor | None = None,
-                kl_coef: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                ref_logp: torch.Tensor | None = None, kl_coef: float = 0.0, batch_rows: int | None = None,
+                batch_tokens: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The variant's loss over (B, T) per-token log-probs (mask: completion tokens) and (B,) advantages, and its
     statistics over the completion tokens: the mean ratio, the share of tokens whose ratio was clipped, the mean
-    k3 KL (with ref_logp)."""
+    k3 KL (with ref_logp). batch_rows / batch_tokens: the completions and completion tokens of the batch these rows
+    were taken from (rows of advantage 0 left out), which the variants normalise by; default these rows'."""
     m = mask.float()
-    rows, tokens = m.shape[0], m.sum().clamp_min(1.0)
+    tokens = m.sum().clamp_min(1.0)
+    rows = m.shape[0] if batch_rows is None else batch_rows
+    norm_tokens = tokens if batch_tokens is None else max(float(batch_tokens), 1.0)
     ratio = torch.exp(logp - old_logp)
     clipped = ratio.clamp(1 - epsilon, 1 + epsilon_high)
     adv = advantages[:, None]
@@ -145,7 +152,7 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, 
     elif variant == "dr_grpo":
         loss = (per_token * m).sum() / (max(rows, 1) * max_new_tokens)
     elif variant == "dapo":
-        loss = (per_token * m).sum() / tokens
+        loss = (per_token * m).sum() / norm_tokens
     else:
         raise ValueError(f"variant ({variant!r}) must be one of {', '.join(VARIANTS)}")
     return loss, stats
@@ -219,20 +226,23 @@ class GRPO(Objective):
             raise ValueError(f"the reward returned {len(rewards)} values for {len(comps)} completions")
         r = torch.tensor(rewards, dtype=torch.float32)
         adv = group_advantages(r, G, scale=c.variant != "dr_grpo")
-        keep = has_spread(r, G).repeat_interleave(G)
+        # advantage-0 rows add nothing but their KL: without one they are left out (the normalisers count them)
+        keep = has_spread(r, G).repeat_interleave(G) if not c.kl_coef else torch.ones(len(comps), dtype=torch.bool)
         self.sample = texts[0][:120]
         self.stats = {"reward": r.mean(), "reward_std": r.std(correction=0),
                       "length": torch.tensor(sum(map(len, comps)) / len(comps)),
                       "zero_spread_groups": (~has_spread(r, G)).sum().float()}
         kept = keep.nonzero().flatten().tolist()
-        trained = [comps[i] + [tok.eos_id] if len(comps[i]) < c.max_new_tokens else comps[i] for i in kept]
+        whole = [comps[i] + [tok.eos_id] if len(comps[i]) < c.max_new_tokens else comps[i] for i in range(len(comps))]
+        trained = [whole[i] for i in kept]
         device = next(self.policy.parameters()).device
         if kept:
             batch = make_batch([rows[i] for i in kept], trained, tok.pad_id, device)
         else:  # nothing to learn from: an empty batch (a zero gradient)
             empty = torch.zeros(0, 1, dtype=torch.long, device=device)
             batch = Batch(empty, empty, empty.bool())
-        out = {"inputs": batch.inputs, "targets": batch.targets, "mask": batch.mask, "advantages": adv[keep].to(device)}
+        out = {"inputs": batch.inputs, "targets": batch.targets, "mask": batch.mask, "advantages": adv[keep].to(device),
+               "batch_rows": len(whole), "batch_tokens": sum(map(len, whole))}
         if self.reference is not None:
             # a LoRA run's reference is the policy itself with its adapters off; a no-op for a separate model
             with adapters_disabled(self.reference.to(device).eval()) as reference:
@@ -252,7 +262,8 @@ class GRPO(Objective):
         # with num_iterations=1), so no second forward; the ratio (1) keeps the clipped surrogate's gradient
         loss, stats = policy_loss(logp, logp.detach(), batch["mask"], batch["advantages"], variant=c.variant,
                                   epsilon=c.epsilon, epsilon_high=c.clip_high, max_new_tokens=c.max_new_tokens,
-                                  ref_logp=batch.get("ref_logp"), kl_coef=c.kl_coef)
+                                  ref_logp=batch.get("ref_logp"), kl_coef=c.kl_coef,
+                                  batch_rows=batch.get("batch_rows"), batch_tokens=batch.get("batch_tokens"))
         device = loss.device
         return loss, {**{k: v.to(device) for k, v in self.stats.items()}, **stats}
 
