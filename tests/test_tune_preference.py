@@ -126,6 +126,23 @@ def test_each_pair_loss_on_a_fixed_batch_is_the_papers_formula(loss, model_dir, 
     assert float(metrics["kl"]) == pytest.approx(sum(math.expm1(v) - v for v in d) / len(d), abs=1e-6)
 
 
+@pytest.mark.parametrize("mean_c, mean_r", [(-1e-6, -2e-6), (-5e-8, -1e-7), (-2e-8, -3e-8), (-0.5, -3.0),
+                                            (-40.0, -41.0)])
+def test_orpo_log_odds_stay_exact_for_a_confident_model(mean_c, mean_r):
+    """ORPO's log odds need log(1 - P) with P = exp(mean log-prob); for a mean near 0 (a near-memorised
+    completion), log1p(-exp(m)) in fp32 loses it (-2e-8 vs -3e-8 gave a loss of 0 instead of 0.511). Against the
+    formula in float64 with log(-expm1(m)); the gradient stays finite."""
+    cfg = P.PreferenceConfig(loss="orpo", beta=1.0)
+    c = torch.tensor([mean_c * 10], requires_grad=True)
+    r = torch.tensor([mean_r * 10])
+    one = torch.ones(1)
+    loss = P.pair_loss(cfg, c, r, one, one, one * 10, one * 10)[0]
+    log_odds = (mean_c - math.log(-math.expm1(mean_c))) - (mean_r - math.log(-math.expm1(mean_r)))
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-log_odds)), rel=1e-5, abs=1e-12)
+    loss.sum().backward()
+    assert torch.isfinite(c.grad).all()
+
+
 def test_the_kto_loss_is_the_papers_with_trls_kl_estimate(model_dir, kto_file, tok):
     model, _ = load_pretrained(model_dir)
     ds = P.PreferenceData(kto_file, tok, "kto", 48)

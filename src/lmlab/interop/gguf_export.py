@@ -7,8 +7,10 @@ Families: `llama` (llama.cpp's LLAMA architecture) and `gpt2` (its GPT2 architec
 GPT-1 (post-LN, no final norm) architecture, so `gpt` is refused. The tokenizer must be byte-level BPE
 with GPT-2's split (every lmlab `bpe` tokenizer is): it is embedded as llama.cpp's "gpt2" tokenizer
 model with pre-tokenizer "gpt-2", its merges and the special-token ids. Tensor names, the dtype of each
-tensor and the Q/K permutation follow llama.cpp's convert_hf_to_gguf.py, so the file is what converting
-the HF export would give.
+tensor and the Q/K permutation follow llama.cpp's convert_hf_to_gguf.py, so an f32, f16 or q8_0 file is what
+converting the HF export would give. q4_0, q4_1, q5_0 and q5_1, which that script does not write, put every
+matrix the plan allows in the one type, the output head included, as `llama-quantize --pure` does (without
+--pure, llama-quantize gives the output head, or a tied token_embd, q6_K or q8_0).
 """
 
 from __future__ import annotations

@@ -290,8 +290,16 @@ def pair_loss(cfg: PreferenceConfig, c: torch.Tensor, r: torch.Tensor, ref_c: to
         return -F.logsigmoid(b * mc - b * mr - cfg.gamma), b * mc, b * mr
     # ORPO (Hong et al. 2024, eq. 6-8): odds(y) = P/(1-P) with P the per-token mean probability; the NLL of
     # the chosen completions is added by the objective (it is per token, not per pair)
-    log_odds = (mc - torch.log1p(-torch.exp(mc))) - (mr - torch.log1p(-torch.exp(mr)))
+    log_odds = (mc - log1mexp(mc)) - (mr - log1mexp(mr))
     return -b * F.logsigmoid(log_odds), b * mc, b * mr
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, accurate near 0 too (Mächler 2012, "Accurately Computing log(1 - exp(-|a|))"):
+    log(-expm1(x)) above -ln 2, log1p(-exp(x)) below. Each branch sees only inputs of its side, so the one not
+    taken has a finite gradient (a torch.where over an infinite one would give NaN)."""
+    cut = -math.log(2)
+    return torch.where(x > cut, torch.log(-torch.expm1(x.clamp(min=cut))), torch.log1p(-torch.exp(x.clamp(max=cut))))
 
 
 def kto_loss(cfg: PreferenceConfig, logps: torch.Tensor, ref: torch.Tensor, label: torch.Tensor,
@@ -337,7 +345,9 @@ class PreferenceObjective(Objective):
         losses, rw_c, rw_r = pair_loss(self.cfg, seq[:B], seq[B:], ref_c, ref_r, n[:B], n[B:])
         loss = losses.mean()
         weight = 1.0 if self.cfg.loss == "orpo" else self.cfg.sft_weight
-        if weight:  # + the chosen completions' NLL per token over the batch (TRL's ORPOTrainer and "sft" loss)
+        # + the chosen completions' NLL per token over the batch: the paper's L_SFT on the response (TRL's DPO "sft"
+        # loss; TRL's ORPOTrainer also counts the prompt's tokens)
+        if weight:
             loss = loss - weight * per_token[:B].sum() / n[:B].sum()
         c_tok = per_token[:B, :batch["ref_chosen"].shape[1]].detach()
         return loss, {"rewards_chosen": rw_c.mean().detach(), "rewards_rejected": rw_r.mean().detach(),
