@@ -11,7 +11,8 @@ state dict (a tied embedding/head merged once):
   flattened tensors, falling back to linear interpolation when they are nearly parallel).
 - task-arithmetic: base + lambda * sum_i w_i (theta_i - base) (Ilharco et al. 2023, "Editing models with task
   arithmetic", https://arxiv.org/abs/2212.04089).
-- ties: trim each task vector to its top-density fraction by magnitude, elect each entry's sign by the summed
+- ties: trim each task vector to its round(density x size) largest entries by magnitude (mergekit truncates
+  instead: at most one entry fewer per tensor), elect each entry's sign by the summed
   mass, take the disjoint (weighted) mean of the entries agreeing with it, times lambda (Yadav et al. 2023,
   "TIES-Merging", https://arxiv.org/abs/2306.01708).
 - dare: drop each delta entry with p = 1 - density, rescale the kept ones by 1/density, then add them as task
