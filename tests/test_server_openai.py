@@ -407,6 +407,32 @@ def test_a_chat_model_is_prompted_with_its_template_and_its_reply_ends_at_end_of
     assert (r.choices[0].message.content, r.choices[0].finish_reason, r.usage.completion_tokens) == ("", "stop", 1)
 
 
+def test_a_conversation_goes_on_with_the_servers_own_reply_and_null_for_what_is_not_implemented(served):
+    """The usual client loop: the reply's message (with its "refusal": null) appended to the history and sent back;
+    parameters the caller passed as None (the client sends null: tools=None, response_format=None) and an empty
+    logit_bias are the defaults. A 400 refused both (the message's refusal, and every such parameter); a value
+    for them is still refused, naming it."""
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": PROMPT}]
+    first = served.openai.chat.completions.create(model="chatty", messages=messages, max_tokens=8, temperature=0)
+    messages += [first.choices[0].message, {"role": "user", "content": "and then?"}]
+    model, tok = chat.load_chat_model(served.workspace / "models" / "chatty")
+    turns = [*messages[:2], {"role": "assistant", "content": first.choices[0].message.content}, messages[3]]
+    again = served.openai.chat.completions.create(model="chatty", messages=messages, max_tokens=8, temperature=0,
+                                                  tools=None, tool_choice=None, response_format=None, logit_bias={})
+    assert again.choices[0].message.content == chat.generate_reply(model, tok, turns, do_sample=False,
+                                                                   max_new_tokens=8)
+    with served.client() as c:
+        for extra, param in (({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+                             ({"logit_bias": {"5": 10}}, "logit_bias"),
+                             ({"messages": [{"role": "assistant", "content": "x", "refusal": "no"}]},
+                              "messages[0].refusal")):
+            r = c.post("/v1/chat/completions", json={"model": "chatty", "messages": messages[:2], **extra})
+            err = r.json()["error"]
+            assert (r.status_code, err["param"]) == (400, param)
+            assert err["message"] == f"Invalid value for '{param}': Value error, not supported by this server: leave " \
+                                     "it out or send null"
+
+
 def test_a_request_whose_engine_closed_before_it_submitted_gets_the_new_one():
     """engine_for closes the oldest engine when a fifth model's starts (and a reloaded model's): a request that
     got that engine just before submitted to a closed engine and answered 500. It now asks once more; a second

@@ -24,14 +24,14 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from ...models import GenerationConfig
 from ...models.batching import BatchEngine, EngineClosed, Finish, Token
@@ -100,6 +100,16 @@ router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
 
 # ---- requests --------------------------------------------------------------------------------------
 
+def _unset(empty: Any = None) -> Any:
+    """A parameter this server does not implement, taken only as null (or `empty`): OpenAI's clients send null
+    for what the caller passed as None (`tools=tools or None`), and an assistant message sent back as the server
+    returned it carries `"refusal": null`. A value is refused with a 400 naming it."""
+    def check(v: Any) -> None:
+        if v is not None and v != empty:
+            raise ValueError("not supported by this server: leave it out or send null")
+    return Annotated[None, BeforeValidator(check), Field(None, description="null only (not implemented)")]
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)  # OpenAI refuses "3" or true for 3
     include_usage: bool | None = None
@@ -120,6 +130,7 @@ class Sampling(BaseModel):
     user: str | None = Field(None, max_length=1000, description="accepted and ignored")
     frequency_penalty: float | None = Field(None, ge=0, le=0, description="0 only (not implemented)")
     presence_penalty: float | None = Field(None, ge=0, le=0, description="0 only (not implemented)")
+    logit_bias: _unset({}) = None
 
 
 class CompletionRequest(Sampling):
@@ -142,6 +153,10 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
     name: str | None = Field(None, max_length=100)
+    refusal: _unset() = None          # what the server's own replies carry (null), sent back with the history
+    tool_calls: _unset() = None
+    function_call: _unset() = None
+    audio: _unset() = None
 
 
 class ChatRequest(Sampling):
@@ -149,6 +164,12 @@ class ChatRequest(Sampling):
     max_completion_tokens: int | None = Field(None, ge=1, le=1_000_000)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: _unset() = None
+    tool_choice: _unset() = None
+    parallel_tool_calls: _unset() = None
+    functions: _unset() = None
+    function_call: _unset() = None
+    response_format: _unset() = None
 
 
 # ---- the engines ------------------------------------------------------------------------------------
