@@ -462,3 +462,40 @@ def test_a_request_whose_engine_closed_before_it_submitted_gets_the_new_one():
     assert e.value.status == 503 and len(calls) == 2
     with pytest.raises(EngineClosed):
         engines[0].submit([([5], GenerationConfig(max_new_tokens=1))])
+
+
+def test_a_whole_answer_is_built_off_the_event_loop(monkeypatch):
+    """A non-streamed answer (n x tokens x top_logprobs entries: tens of MB for n 128) is built and encoded in a
+    worker thread: on the event loop it held every other request and stream for seconds."""
+    import threading
+
+    from lmlab.models.batching import BatchEngine
+    from lmlab.server.routers import openai as api
+
+    model = Transformer(ModelConfig.preset("gpt2-tiny", vocab_size=400, block_size=32)).eval()
+    tok = Tokenizer.train([BOOK], kind="bpe", vocab_size=400)
+    engine, threads, built = BatchEngine(model, tok), [], api._response
+
+    def spy(p, events):
+        threads.append(threading.get_ident())
+        return built(p, events)
+    monkeypatch.setattr(api, "_response", spy)
+    cfg = GenerationConfig(max_new_tokens=3, do_sample=False)
+
+    def plan():
+        return api._Plan(engine=engine, requests=[([5, 6], cfg)], prompts=[[5, 6]], offsets=[0], n=1, best=1,
+                         scored=None, shown=False, chat=False, end_ids=(), stream=False, usage=False, meta={})
+
+    class Connected:  # a client that stays
+        async def receive(self):
+            await asyncio.sleep(3600)
+
+    async def serve():
+        return threading.get_ident(), await api._serve(Connected(), plan)
+    try:
+        loop_thread, response = asyncio.run(serve())
+    finally:
+        engine.close()
+    assert threads and threads[0] != loop_thread
+    body = json.loads(response.body)
+    assert body["choices"][0]["text"] == tok.decode(generate_ids(model, [[5, 6]], cfg)[0])

@@ -323,7 +323,9 @@ async def _serve(request: Request, plan: Callable[[], _Plan]) -> Any:
         return Response(status_code=499)  # nobody reads it (nginx's code for a client that closed the request)
     except Exception as exc:  # noqa: BLE001 - the engine's error (the others' requests decode on): OpenAI's shape
         raise OpenAIError(500, f"generation failed: {exc}") from None
-    return _response(p, events)
+    # built and encoded in a worker thread: n x tokens x top_logprobs entries (tens of MB) held the event loop,
+    # and with it every other request and stream, for seconds
+    return await run_in_threadpool(lambda: JSONResponse(_response(p, events)))
 
 
 async def _collect(handle: Any, request: Request) -> list[Token | Finish]:
