@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lmlab.models import GenerationConfig, KVCache, ModelConfig, Transformer, fast, generate_ids, process_logits
+from lmlab.models.generation import sampling_generator
 
 FAMILIES = ["gpt", "gpt2", "llama"]
 
@@ -84,6 +85,17 @@ def test_seeded_sampling_is_reproducible_and_seed_matters():
     a = generate_ids(model, [[5, 6]], seed=7, **kw)
     assert a == generate_ids(model, [[5, 6]], seed=7, **kw)
     assert any(generate_ids(model, [[5, 6]], seed=s, **kw) != a for s in range(8, 12))
+
+
+def test_seeds_that_differ_only_above_32_bits_sample_differently():
+    """PyTorch's CPU generator keeps a seed's low 32 bits: 7 and 7 + 2**32 (and -1 and 2**63 - 1) sampled the
+    same text. Seeds in [0, 2**32) sample as they always did (torch.Generator().manual_seed(seed))."""
+    model = tiny("llama")
+    kw = dict(max_new_tokens=20, temperature=1.0, stop_at_eos=False)
+    runs = {s: generate_ids(model, [[5, 6]], seed=s, **kw)[0] for s in (7, 7 + 2**32, -1, 2**63 - 1)}
+    assert runs[7] != runs[7 + 2**32] and runs[-1] != runs[2**63 - 1]
+    assert sampling_generator(7).initial_seed() == 7 and sampling_generator(2**32 - 1).initial_seed() == 2**32 - 1
+    assert runs[7 + 2**32] == generate_ids(model, [[5, 6]], seed=7 + 2**32, **kw)[0]  # still reproducible
 
 
 def test_eos_stops_a_row_and_is_not_returned():

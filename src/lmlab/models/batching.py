@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .fast import decoder
-from .generation import EOS_ID, GenerationConfig, StopText, _choose, process_logits
+from .generation import EOS_ID, GenerationConfig, StopText, _choose, process_logits, sampling_generator
 from .model import KVCache, Transformer
 
 
@@ -65,7 +65,7 @@ class _Sequence:
         self.prompt, self.cfg, self.index, self.logprobs, self.out = list(prompt), cfg, index, logprobs, out
         self.text, self.ends = text, ends  # its text as shown (stop strings cut); the ids that end it (EOS)
         seed = cfg.seed if cfg.seed is not None else secrets.randbits(63)
-        self.generator = torch.Generator(device=device).manual_seed(seed)  # iter_tokens' generator, alone
+        self.generator = sampling_generator(seed, device)  # iter_tokens' generator, alone
         self.ids: list[int] = []
         self.count = 0
         self.cancelled = False

@@ -189,6 +189,23 @@ class _Context:
             self.cache.length -= n
 
 
+_U64 = 2**64 - 1
+
+
+def sampling_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator sampling draws from for `seed`. PyTorch's CPU generator keeps only a seed's low 32 bits (5
+    and 5 + 2**32, or -1 and 2**63 - 1, sample alike), so a seed outside [0, 2**32) is first mixed into 32 bits
+    by splitmix64's finaliser (Steele et al. 2014, "Fast splittable pseudorandom number generators"); a seed in
+    that range is used as it is."""
+    if not 0 <= seed < 2**32:
+        z = seed & _U64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _U64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _U64
+        z ^= z >> 31
+        seed = (z ^ (z >> 32)) & 0xFFFFFFFF
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 def iter_tokens(model: Transformer, prompts: Sequence[Sequence[int]], cfg: GenerationConfig, *,
                 eos_token_id: int | None = EOS_ID, pad_id: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (tokens (B,), finished (B,) bool) once per step. A row is finished after it emits EOS; the
@@ -198,7 +215,7 @@ def iter_tokens(model: Transformer, prompts: Sequence[Sequence[int]], cfg: Gener
     ctx = _Context(model, prompts, cfg.max_new_tokens, pad_id, decoder(model, keep=not model.training))
     generator = None
     if cfg.seed is not None:
-        generator = torch.Generator(device=ctx.device).manual_seed(cfg.seed)
+        generator = sampling_generator(cfg.seed, ctx.device)
     finished = torch.zeros(len(prompts), dtype=torch.bool, device=ctx.device)
     was_training = model.training
     model.eval()
