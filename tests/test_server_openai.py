@@ -499,3 +499,38 @@ def test_a_whole_answer_is_built_off_the_event_loop(monkeypatch):
     assert threads and threads[0] != loop_thread
     body = json.loads(response.body)
     assert body["choices"][0]["text"] == tok.decode(generate_ids(model, [[5, 6]], cfg)[0])
+
+
+def test_a_failed_sequence_cancels_the_rest_of_its_request():
+    """One of a request's sequences fails in the engine: the request is a 500 in OpenAI's shape, and its other
+    sequences leave the batch (they decoded on for nobody)."""
+    from lmlab.server.routers import openai as api
+
+    class Failing:  # the engine's handle: one event, then the failure
+        cancelled = False
+
+        def __aiter__(self):
+            return self._events()
+
+        async def _events(self):
+            yield api.Token(0, 5, "x", 0)
+            raise RuntimeError("sequence 1 failed")
+
+        def cancel(self):
+            Failing.cancelled = True
+
+    class Engine:
+        def submit(self, *args, **kwargs):
+            return Failing()
+
+    def plan():
+        return api._Plan(engine=Engine(), requests=[], prompts=[[5]], offsets=[0], n=2, best=2, scored=None,
+                         shown=False, chat=False, end_ids=(), stream=False, usage=False, meta={})
+
+    class Connected:
+        async def receive(self):
+            await asyncio.sleep(3600)
+
+    with pytest.raises(api.OpenAIError) as e:
+        asyncio.run(api._serve(Connected(), plan))
+    assert (e.value.status, e.value.message) == (500, "generation failed: sequence 1 failed") and Failing.cancelled

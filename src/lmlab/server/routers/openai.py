@@ -322,6 +322,7 @@ async def _serve(request: Request, plan: Callable[[], _Plan]) -> Any:
     except _ClientGone:
         return Response(status_code=499)  # nobody reads it (nginx's code for a client that closed the request)
     except Exception as exc:  # noqa: BLE001 - the engine's error (the others' requests decode on): OpenAI's shape
+        handle.cancel()  # this request's other sequences, which would decode on for nobody
         raise OpenAIError(500, f"generation failed: {exc}") from None
     # built and encoded in a worker thread: n x tokens x top_logprobs entries (tens of MB) held the event loop,
     # and with it every other request and stream, for seconds
