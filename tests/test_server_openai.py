@@ -352,6 +352,12 @@ def test_bad_requests_get_openai_shaped_errors_naming_the_parameter(served):
                  ({"model": "tiny", "prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options",
                   None),
                  ({"model": "foreign", "messages": [{"role": "user", "content": "x"}]}, 400, "model", None)]
+        # NaN (Python's JSON reads it): not a finite number, not "less than or equal to 2"
+        with served.client() as c2:
+            r = c2.post("/v1/completions", content='{"model": "tiny", "prompt": "x", "temperature": NaN}',
+                        headers={"Content-Type": "application/json"})
+        assert (r.status_code, r.json()["error"]["param"], r.json()["error"]["code"]) == (400, "temperature",
+                                                                                        "finite_number")
         # a lone surrogate: JSON may hold one, UTF-8 may not (pydantic let it through these union fields: 500)
         raw = [('{"model": "tiny", "prompt": "a\\ud800b"}', "prompt"),
                ('{"model": "tiny", "prompt": ["a", "\\ud800"]}', "prompt"),

@@ -120,8 +120,8 @@ class Sampling(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)  # OpenAI refuses "3" or true for 3
     model: str = Field(..., min_length=1, max_length=100)
     max_tokens: int | None = Field(None, ge=1, le=1_000_000)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, ge=0, le=1)
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
     n: int | None = Field(None, ge=1, le=MAX_SEQUENCES)
     stop: str | list[str] | None = Field(None, description="up to 4 strings; generation stops before them")
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
