@@ -122,6 +122,23 @@ def test_the_budget_is_the_same_for_every_method(arena):
             assert g["prompts_per_step"] * g["group_size"] == seqs and g["steps"] == steps
         else:
             assert run["train"]["batch_size"] * (1 if method == "kto" else 2) == seqs
+        # what each trained on, read back: the tokens, and GRPO's completions that carried a gradient (a group
+        # whose samples all scored the same has none; logged every step here)
+        assert res["budget"]["methods"][method]["trained_tokens"] == lines[-1]["tokens"] > 0
+        if method == "grpo":
+            flat = sum(x["zero_spread_groups"] for x in lines if "zero_spread_groups" in x)
+            assert len([x for x in lines if "zero_spread_groups" in x]) == steps
+            made = res["budget"]["methods"]["grpo"]
+            assert made["completions_with_gradient"] == steps * seqs - flat * g["group_size"]
+            assert made["completions_sampled"] == steps * seqs
+
+
+def test_held_out_prompts_are_not_training_prompts():
+    trained = {json.loads(x)["prompt"] for name in ("pairs.jsonl", "sft.jsonl")
+               for x in (task.shipped() / name).read_text(encoding="utf-8").splitlines()}
+    heldout = [json.loads(x)["prompt"]
+               for x in (task.shipped() / "test.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(heldout) == 200 and not trained & set(heldout)  # 24 of them were, drawn apart
 
 
 def test_pairwise_and_win_rate_on_hand_made_answers():
@@ -140,9 +157,14 @@ def test_pairwise_and_win_rate_on_hand_made_answers():
     (["--steps", "0"], "steps must be positive, got 0"),
     (["--model", "{tmp}/nowhere"], "is not a model directory"),
     (["--out", "{tmp}"], "is not empty"),
+    (["--seed", "-1"], "seed must be a whole number in [0, 2**63), not -1"),  # numpy's traceback, --out half-made
+    (["--seed", str(2**64)], "seed must be a whole number in [0, 2**63)"),
+    (["--model", "{tmp}/run"], "run is not a model directory: model.safetensors is missing"),  # a run, no final/
 ])
 def test_bad_arguments_are_one_line_errors(tmp_path, capsys, argv, message):
     (tmp_path / "mine.txt").write_text("keep me")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"train": {"max_steps": 5}, "model": {}}))
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     out = [] if "--out" in argv else ["--out", str(tmp_path / "new")]
     assert main(["tune", "arena", *out, *argv]) == 2

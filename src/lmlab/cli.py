@@ -1344,8 +1344,8 @@ def _tune_dpo(args: argparse.Namespace) -> int:
 def _arena_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="a new folder: results.json, frontier.png, report.html and each "
                    "method's run")
-    p.add_argument("--model", help="the base model directory (default: a fresh ~3M llama with a tokenizer trained "
-                   "on the task's text)")
+    p.add_argument("--model", help="the base model directory, or a training run (its final model) (default: a "
+                   "fresh ~3M llama with a tokenizer trained on the task's text)")
     p.add_argument("--steps", type=int, help="optimizer steps per method, the same for all (60; --quick 3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the base, the data order and the sampling (0)")
     p.add_argument("--quick", action="store_true", help="a tiny model, few steps, pairs and prompts: a smoke run "
@@ -1362,7 +1362,7 @@ def _tune_arena(args: argparse.Namespace) -> int:
     command = (f"lmlab tune arena --out {args.out}" + (f" --model {args.model}" if args.model else "")
                + (f" --steps {args.steps}" if args.steps is not None else "") + f" --seed {args.seed}"
                + (" --quick" if args.quick else ""))
-    run_arena(args.out, cfg, model_dir=args.model, command=command)
+    run_arena(args.out, cfg, model_dir=_model_dir(args.model) if args.model else None, command=command)
     print(f"report: {Path(args.out) / 'report.html'}")
     return 0
 

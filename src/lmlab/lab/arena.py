@@ -72,6 +72,8 @@ class ArenaConfig:
         for name in ("steps", "sequences", "group_size", "sft_steps", "heldout", "max_new_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be a whole number in [0, 2**63), not {self.seed!r}")
         if self.sequences % 2 or self.sequences % self.group_size:
             raise ValueError(f"sequences ({self.sequences}) must be even and a multiple of group_size "
                              f"({self.group_size}): pairs and GRPO groups fill it exactly")
@@ -89,11 +91,13 @@ class ArenaConfig:
             per[m]["unit"] = f"{self.sequences // 2} pairs (chosen + rejected)"
         per["kto"]["unit"] = (f"{self.sequences} labelled completions (+ {self.sequences} mismatched ones without a "
                               "gradient for its KL estimate)")
-        per["grpo"]["unit"] = (f"{self.sequences // self.group_size} prompts x {self.group_size} samples "
-                               "(zero-spread groups dropped)")
-        return {"definition": f"{self.steps} optimizer steps x {self.sequences} completions with a gradient per step, "
-                              f"AdamW lr {self.lr} (warm-up {self.warmup_steps} steps, cosine decay), seed "
-                              f"{self.seed}, for every method",
+        per["grpo"]["unit"] = (f"{self.sequences // self.group_size} prompts x {self.group_size} samples (a "
+                               "group whose samples all scored the same has no gradient)")
+        warmup = (f"warm-up {self.warmup_steps} steps, cosine decay" if self.warmup_steps < self.steps else
+                  f"warm-up over all {self.steps} steps (to {self.lr * self.steps / self.warmup_steps:g}), no decay")
+        return {"definition": f"{self.steps} optimizer steps x {self.sequences} completions per step (GRPO's sampled: "
+                              f"those of groups with no reward spread carry no gradient), AdamW lr {self.lr} "
+                              f"({warmup}), seed {self.seed}, for every method",
                 "methods": per}
 
 
@@ -123,7 +127,7 @@ def exact_kl(model: Transformer, ref: Transformer, tok: Any, prompts: Sequence[s
         kl = (lp.exp() * (lp - lq.to(lp.device))).sum(-1)               # (B, T-1)
         total += float(kl[b.mask].sum())
         count += int(b.mask.sum())
-    return total / max(count, 1)
+    return max(total / max(count, 1), 0.0)  # >= 0 exactly; float rounding gave -3.6e-10 for an unchanged model
 
 
 def win_rate(prompts: Sequence[str], texts: Sequence[str]) -> float:
@@ -249,8 +253,11 @@ def run_arena(out: str | Path, cfg: ArenaConfig, *, model_dir: str | Path | None
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} is not empty; the arena writes a new folder (choose another --out)")
-    if model_dir is not None and not (Path(model_dir) / "config.json").is_file():
-        raise ValueError(f"{model_dir} is not a model directory (no config.json)")
+    if model_dir is not None:
+        if not (Path(model_dir) / "config.json").is_file():
+            raise ValueError(f"{model_dir} is not a model directory (no config.json)")
+        if load_pretrained(model_dir)[1] is None:  # a whole model (a run folder's config.json is not one)
+            raise ValueError(f"{model_dir} has no tokenizer.json")
     out.mkdir(parents=True, exist_ok=True)
     files = write_data(out, cfg)
     base = Path(model_dir) if model_dir is not None else make_base(out, cfg)
@@ -319,11 +326,19 @@ def run_arena(out: str | Path, cfg: ArenaConfig, *, model_dir: str | Path | None
                       for r in table], hlines=[("target 85%", 0.85)], vlines=[("KL 0.5", 0.5)])
     dpo, base_rate = next(r for r in table if r["method"] == "dpo"), table[0]["win_rate_sampled"]
     budget = cfg.budget()
+    for m in METHODS:  # what each method's steps trained on, from its run's metrics
+        rows = _rows(out / m / "metrics.jsonl")
+        budget["methods"][m]["trained_tokens"] = next((r["tokens"] for r in reversed(rows) if "tokens" in r), None)
+        if m == "grpo":
+            flat = int(next(r["zero_spread_groups_total"] for r in reversed(rows) if "zero_spread_groups_total" in r))
+            groups = cfg.steps * (cfg.sequences // cfg.group_size)
+            budget["methods"][m]["completions_with_gradient"] = (groups - flat) * cfg.group_size
+            budget["methods"][m]["completions_sampled"] = groups * cfg.group_size
     results = {"config": dataclasses.asdict(cfg), "model": str(base), "budget": budget, "prompts": prompts,
                "samples": samples, "greedy": greedy, "token_changes": changes, "pairwise": pairwise(prompts, samples)}
     write_report(out, "rule task", "DPO on a ~5M model takes the rule win-rate from ~50% (the SFT model) to >= 85% "
                  "at mean per-token KL <= 0.5 nats (issue 16)",
-                 f"SFT {base_rate:.0%}; DPO {dpo['win_rate_sampled']:.0%} at KL {dpo['kl_to_sft']:.3f}. "
+                 f"SFT {base_rate:.1%}; DPO {dpo['win_rate_sampled']:.1%} at KL {dpo['kl_to_sft']:.3f}. "
                  f"Budget: {budget['definition']}.",
                  {"dpo_win_rate_at_least_85": dpo["win_rate_sampled"] >= 0.85, "dpo_kl_at_most_0.5":
                   dpo["kl_to_sft"] <= 0.5}, table, [plot], results, command,

@@ -204,6 +204,7 @@ class GRPO(Objective):
         self.policy, self.tok, self.config, self.source, self.reward = policy, tokenizer, config, prompts, reward
         self.reference = reference
         self.calls = 0            # sample_batch calls so far: the fixed prompts' turn (travels in checkpoints)
+        self.flat_total = 0       # groups without reward spread so far (logged: those between logged steps count)
         self.stats: dict[str, torch.Tensor] = {}  # the latest rollout's, logged with its step
         self.sample = ""
 
@@ -229,9 +230,12 @@ class GRPO(Objective):
         # advantage-0 rows add nothing but their KL: without one they are left out (the normalisers count them)
         keep = has_spread(r, G).repeat_interleave(G) if not c.kl_coef else torch.ones(len(comps), dtype=torch.bool)
         self.sample = texts[0][:120]
+        flat = int((~has_spread(r, G)).sum())
+        self.flat_total += flat
         self.stats = {"reward": r.mean(), "reward_std": r.std(correction=0),
                       "length": torch.tensor(sum(map(len, comps)) / len(comps)),
-                      "zero_spread_groups": (~has_spread(r, G)).sum().float()}
+                      "zero_spread_groups": torch.tensor(float(flat)),
+                      "zero_spread_groups_total": torch.tensor(float(self.flat_total))}
         kept = keep.nonzero().flatten().tolist()
         whole = [comps[i] + [tok.eos_id] if len(comps[i]) < c.max_new_tokens else comps[i] for i in range(len(comps))]
         trained = [whole[i] for i in kept]
@@ -273,10 +277,11 @@ class GRPO(Objective):
         return {"heldout_pass1": pass_at_1(self.policy, self.tok, self.source, self.source.heldout)}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"calls": self.calls}
+        return {"calls": self.calls, "flat_total": self.flat_total}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.calls = int(state.get("calls", 0))
+        self.flat_total = int(state.get("flat_total", 0))
 
 
 @torch.no_grad()

@@ -5,7 +5,8 @@ with a full stop (preferred) rather than as bare words (rejected). English and R
 
 pairs.jsonl ({prompt, chosen, rejected}: the preference data), sft.jsonl ({prompt, completion}: both styles
 equally often, the format a model learns before preference tuning, so it follows the rule about half the time)
-and test.jsonl (held-out prompts). follows_rule(prompt, completion) is the checker.
+and test.jsonl (held-out prompts: none of them among the training prompts). follows_rule(prompt, completion) is
+the checker.
 """
 
 from __future__ import annotations
@@ -42,19 +43,24 @@ def follows_rule(prompt: str, completion: str) -> bool:
     return completion.strip() == preferred(words_of(prompt)).strip()
 
 
-def make(n: int, seed: int) -> list[tuple[list[str], bool]]:
+def make(n: int, seed: int, exclude: set[str] = frozenset()) -> list[tuple[list[str], bool]]:
+    """n prompts' (words, russian), drawn with `seed`; none whose prompt is in `exclude` (the held-out prompts
+    leave out the training ones: drawn apart, 24 of 200 were among them)."""
     rng = random.Random(seed)
     out = []
-    for _ in range(n):
+    while len(out) < n:
         russian = rng.random() < 0.5
-        out.append((rng.sample(RU if russian else EN, rng.randint(2, 4)), russian))
+        words = rng.sample(RU if russian else EN, rng.randint(2, 4))
+        if prompt_of(words, russian) not in exclude:
+            out.append((words, russian))
     return out
 
 
 def write(folder: str | Path, n_train: int = 2000, n_test: int = 200) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    train, test = make(n_train, seed=0), make(n_test, seed=1)
+    train = make(n_train, seed=0)
+    test = make(n_test, seed=1, exclude={prompt_of(w, ru) for w, ru in train})
 
     def dump(name: str, rows: list[dict]) -> None:
         (folder / name).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
