@@ -1420,7 +1420,8 @@ def _chat_arguments(p: argparse.ArgumentParser) -> None:
 
 
 @command("chat", "talk to a fine-tuned model in the terminal: streaming, with the conversation's history "
-         "(oldest turns dropped when the context fills); an empty line or Ctrl-D ends it", _chat_arguments)
+         "(oldest turns dropped, and said so, when the context fills); Ctrl-C stops a reply; an empty line or "
+         "Ctrl-D ends the chat", _chat_arguments)
 def _chat(args: argparse.Namespace) -> int:
     from .models import GenerationConfig
     from .models.io import load_generation_config
@@ -1430,8 +1431,18 @@ def _chat(args: argparse.Namespace) -> int:
     path = _model_dir(args.model_dir)
     model, tok = load_chat_model(path, resolve_device(args.device))
     cfg = dataclasses.replace(load_generation_config(path), **given(args, GenerationConfig))
+    if cfg.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1 for a chat, not {cfg.max_new_tokens}")
     history = [{"role": "system", "content": args.system}] if args.system else []
     room = model.config.block_size - min(cfg.max_new_tokens, model.config.block_size // 2)  # keep room to answer
+    if history:  # a system message that leaves no room for a question would refuse every line as too long
+        try:
+            fit_history([*history, {"role": "user", "content": "?"}], tok, room)
+        except ValueError:
+            raise ValueError(f"--system is too long: it leaves no room for a message in the model's context "
+                             f"({room} tokens with room for a reply)") from None
+    if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 arrive as lone surrogates, in any locale
+        sys.stdin.reconfigure(errors="surrogateescape")
     interactive = sys.stdin.isatty()
     while True:
         try:
@@ -1442,18 +1453,27 @@ def _chat(args: argparse.Namespace) -> int:
             break
         try:
             text.encode("utf-8")
-        except UnicodeEncodeError:  # stdin's bytes that are not UTF-8 (Python keeps them as lone surrogates)
+        except UnicodeEncodeError:  # stdin's bytes that are not UTF-8 (lone surrogates, as read above)
             print("lmlab: that line is not UTF-8 text; type it again", file=sys.stderr)
             continue
+        rounds = sum(m["role"] == "user" for m in history) + 1
         try:
             history = fit_history([*history, {"role": "user", "content": text}], tok, room)
         except ValueError as exc:
             print(f"lmlab: {exc}; say it shorter", file=sys.stderr)
             continue
-        answer = ""
-        for piece in reply(model, tok, history, cfg):
-            answer += piece
-            print(piece, end="", flush=True)
+        dropped = rounds - sum(m["role"] == "user" for m in history)
+        if dropped:
+            print(f"lmlab: the oldest {dropped} round{'s' * (dropped > 1)} of the conversation no longer fit the "
+                  f"model's context and {'are' if dropped > 1 else 'is'} left out", file=sys.stderr)
+        answer, pieces = "", reply(model, tok, history, cfg)
+        try:
+            for piece in pieces:
+                answer += piece
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:  # Ctrl-C stops this reply (what was shown stays in the history), not the chat
+            pieces.close()
+            print(" [stopped]", end="", flush=True)
         print()
         history.append({"role": "assistant", "content": answer})
     return 0
