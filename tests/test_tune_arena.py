@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from test_selfplay import _one_thread  # noqa: F401 (an autouse fixture)
 
 from lmlab.cli import main
-from lmlab.lab.arena import METHODS, PREFERENCE, pairwise, win_rate
+from lmlab.lab.arena import METHODS, PREFERENCE, pairwise, wilson, win_rate
 from lmlab.models import generate_ids
 from lmlab.models.io import load_pretrained
 from lmlab.tune import preference_task as task
@@ -47,6 +47,7 @@ def test_samples_win_rates_and_kl_recomputed(arena):
         assert [tok.decode(o) for o in outs] == res["samples"][name]
         assert rows[name]["win_rate_sampled"] == sum(task.follows_rule(p, t) for p, t in
                                                      zip(prompts, res["samples"][name])) / len(prompts)
+        assert rows[name]["sampled_95ci"] == wilson(rows[name]["win_rate_sampled"], len(prompts))
         # greedy, recomputed without the KV cache: argmax of a full forward, token by token
         greedy = []
         with torch.no_grad():
@@ -131,6 +132,13 @@ def test_the_budget_is_the_same_for_every_method(arena):
             made = res["budget"]["methods"]["grpo"]
             assert made["completions_with_gradient"] == steps * seqs - flat * g["group_size"]
             assert made["completions_sampled"] == steps * seqs
+
+
+@pytest.mark.parametrize("k, n", [(191, 200), (99, 200), (200, 200), (0, 200), (3, 16)])
+def test_win_rate_intervals_are_wilsons(k, n):
+    from scipy.stats import binomtest
+    ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    assert wilson(k / n, n) == pytest.approx([ci.low, ci.high], abs=1e-4)
 
 
 def test_held_out_prompts_are_not_training_prompts():
