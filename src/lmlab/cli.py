@@ -432,7 +432,7 @@ def _data_filter(args: argparse.Namespace) -> int:
     targets = [name if name.endswith(".txt") else name + ".txt" for name in names]
     if len(set(targets)) < len(targets):  # a.md beside a.md.txt
         raise ValueError(f"two documents would be written as the same file: {Counter(targets).most_common(1)[0][0]}")
-    with staged_dir(out) as tmp:
+    with staged_dir(out, replace=False) as tmp:
         for name, text in zip(targets, kept):
             if text is not None:
                 target = tmp / name

@@ -12,6 +12,7 @@ web server serving exports.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import secrets
@@ -66,11 +67,51 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def _dir_mode(parent: Path) -> int:
+    """The mode a folder made in `parent` gets (0777 less the umask; mkdtemp's is 0700)."""
+    probe = parent / f".mode.{secrets.token_hex(6)}.tmp"
+    os.mkdir(probe)
+    try:
+        return _mode(probe)
+    finally:
+        os.rmdir(probe)
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """dst: the same files as src, hard-linked (copied where links are not possible): kept across a swap."""
+    def link(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+    if src.is_dir() and not src.is_symlink():
+        shutil.copytree(src, dst, symlinks=True, copy_function=link)
+    elif src.is_symlink():
+        os.symlink(os.readlink(src), dst)
+    else:
+        link(str(src), str(dst))
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux's renameat2 with RENAME_EXCHANGE, through the C library); False where
+    that is not available (another system, an old kernel or C library, a file system without it)."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
 @contextmanager
-def staged_dir(out: Path, *, refuse: Path | None = None, stale: tuple[str, ...] = ()) -> Iterator[Path]:
-    """Yield an empty temporary folder beside `out`; on success its entries replace those of `out`
-    (rename, so readers never see half a file) and the `stale` entries it did not produce are removed
-    (a previous model's leftovers must not be read with the new one); on failure `out` is untouched."""
+def staged_dir(out: Path, *, refuse: Path | None = None, stale: tuple[str, ...] = (),
+               replace: bool = True) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `out`; on success it becomes `out` in one rename, so a reader (or
+    a process killed meanwhile) sees the old folder or the whole new one, never a half-made one. Where `out`
+    holds files, those the new folder does not replace are kept (hard links into it) but for the `stale` ones
+    (a previous model's leftovers must not be read with the new one), and the old folder is renamed aside, then
+    removed. On failure `out` is untouched. With replace=False (a new model: the caller refused an existing
+    `out`), a folder that holds anything by then, another process's, is not replaced: FileExistsError."""
     out = Path(out)
     if refuse is not None and out.resolve() == Path(refuse).resolve():
         raise ValueError(f"the output folder must differ from the input folder ({out})")
@@ -78,25 +119,32 @@ def staged_dir(out: Path, *, refuse: Path | None = None, stale: tuple[str, ...] 
         raise NotADirectoryError(f"{out} exists and is not a folder")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    aside: Path | None = None
+    swapped = False
     try:
         yield tmp
         fix_modes(tmp)
-        out.mkdir(exist_ok=True)
+        os.chmod(tmp, _dir_mode(out.parent))
         produced = {entry.name for entry in tmp.iterdir()}
-        for entry in sorted(tmp.iterdir()):
-            target = out / entry.name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            os.replace(entry, target)
-        for name in stale:
-            target = out / name
-            if name not in produced:
-                if target.is_dir() and not target.is_symlink():
-                    shutil.rmtree(target)
-                else:
-                    target.unlink(missing_ok=True)
+        if replace and out.is_dir() and any(out.iterdir()):
+            for entry in out.iterdir():
+                if entry.name not in produced and entry.name not in stale:
+                    _link_tree(entry, tmp / entry.name)
+            if _exchange(tmp, out):  # the new folder is `out` and the old one `tmp`, in one step
+                return
+            aside = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
+            os.rename(out, aside / "old")  # elsewhere: two renames, the only moment without `out`
+        try:
+            os.rename(tmp, out)  # replaces an empty folder; refuses one that holds anything
+            swapped = True
+        except OSError as exc:
+            if aside is not None:
+                os.rename(aside / "old", out)  # the old folder back where it was
+            raise FileExistsError(f"{out} was made by another process meanwhile; nothing was replaced") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if aside is not None and (swapped or not (aside / "old").exists()):  # never the only copy left
+            shutil.rmtree(aside, ignore_errors=True)
 
 
 def refuse_nonempty(out: Path) -> None:

@@ -229,7 +229,7 @@ def merge_dirs(parents: list[str | Path], out: str | Path, method: str, *, base:
     record = {"method": method, "parents": [str(p.resolve()) for p in paths],
               "base": str(Path(base).resolve()) if base is not None else None,
               "weights": weights, **{_flag(k): v if method in USES[k] else None for k, v in settings.items()}}
-    with staged_dir(out) as tmp:
+    with staged_dir(out, replace=False) as tmp:
         save_pretrained(tmp, model.float(), tok)
         atomic_write_text(tmp / MERGE, json.dumps(record, indent=2) + "\n")
         for extra in (GENERATION, "chat_template.jinja"):

@@ -526,7 +526,7 @@ def quantize_dir(model_dir: str | Path, out: str | Path, bits: int, group_size: 
     if qc.calibration is not None:
         qc.calibration["documents"] = docs
     qc.source = str(model_dir.resolve())
-    with staged_dir(out) as tmp:
+    with staged_dir(out, replace=False) as tmp:
         save_pretrained(tmp, model, tok)
         qc.save(tmp / QUANTIZATION)
         for extra in (GENERATION, TRAINING, "chat_template.jinja"):

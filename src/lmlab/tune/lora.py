@@ -532,7 +532,7 @@ def merge_lora_dir(model_dir: str | Path, adapter_dir: str | Path, out_dir: str 
             model, tok = chat_model, chat_tok
     merge_and_unload(load_adapter(model, adapter_dir))
     require_finite(model.state_dict(), f"merging {adapter_dir}", "its tensors or its lora_alpha are not usable")
-    with staged_dir(out) as tmp:
+    with staged_dir(out, replace=False) as tmp:
         for entry in Path(model_dir).iterdir():
             if entry.is_symlink() or entry.name in (WEIGHTS, TRAINING) or (chat and entry.name == TOKENIZER):
                 continue

@@ -230,7 +230,7 @@ def save_sae(sae: SparseAutoencoder, out: str | Path, extra: dict[str, Any] | No
     out = Path(out)
     if out.exists():
         raise ValueError(f"{out} already exists; remove it or choose another --name for the new SAE")
-    with staged_dir(out) as tmp:
+    with staged_dir(out, replace=False) as tmp:
         save_file({k: v.detach().contiguous() for k, v in sae.state_dict().items()}, str(tmp / WEIGHTS))
         atomic_write_text(tmp / CONFIG, json.dumps({"sae": asdict(sae.cfg), **(extra or {})}, indent=1) + "\n")
     return out

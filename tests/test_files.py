@@ -1,0 +1,96 @@
+"""files.staged_dir, a model folder made or replaced as a whole: a process killed at any rename leaves the old
+folder or the whole new one, never a half-made one (a killed `lmlab quantize` left config and weights without
+a tokenizer, a killed `export hf --force` new weights beside the old tokenizer); a folder that holds files keeps
+those the new one does not replace, less the stale ones; two writers of one new folder cannot both win."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from lmlab.files import staged_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# a child that writes a 3-file folder through staged_dir and is killed (os._exit, as SIGKILL: no cleanup) just
+# before its N-th rename of any kind
+CHILD = textwrap.dedent("""
+    import os, sys
+    sys.path.insert(0, sys.argv[3])
+    from pathlib import Path
+    from lmlab import files
+    n, calls = int(sys.argv[2]), [0]
+    def dying(real):
+        def call(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == n:
+                os._exit(137)
+            return real(*args, **kwargs)
+        return call
+    os.rename, os.replace = dying(os.rename), dying(os.replace)
+    if hasattr(files, "_exchange"):
+        files._exchange = dying(files._exchange)
+    with files.staged_dir(Path(sys.argv[1]), stale=("stale.txt",)) as tmp:
+        for name in ("config.json", "model.safetensors", "tokenizer.json"):
+            (tmp / name).write_text("new " + name)
+""")
+
+
+def _state(out: Path) -> dict[str, str] | None:
+    return {p.name: p.read_text() for p in sorted(out.iterdir())} if out.is_dir() else None
+
+
+@pytest.mark.parametrize("existing", [False, True], ids=["new folder", "replaced (--force)"])
+def test_a_kill_at_any_rename_leaves_the_old_folder_or_the_whole_new_one(tmp_path, existing):
+    new = {n: "new " + n for n in ("config.json", "model.safetensors", "tokenizer.json")}
+    for n in range(1, 6):
+        out = tmp_path / f"run{n}" / "model"
+        old = None
+        if existing:
+            out.mkdir(parents=True)
+            old = {"config.json": "old", "model.safetensors": "old", "tokenizer.json": "old", "notes.txt": "mine",
+                   "stale.txt": "old"}
+            for name, text in old.items():
+                (out / name).write_text(text)
+        r = subprocess.run([sys.executable, "-c", CHILD, str(out), str(n), str(ROOT / "src")], capture_output=True,
+                           timeout=60)
+        assert r.returncode in (0, 137), r.stderr.decode()
+        after = _state(out)
+        whole_new = {**new, "notes.txt": "mine"} if existing else new
+        assert after in ((old, whole_new) if existing else (None, whole_new)), (n, after)
+
+
+def test_what_the_new_folder_does_not_replace_stays_but_the_stale(tmp_path):
+    out = tmp_path / "m"
+    out.mkdir()
+    for name in ("a.txt", "mine.txt", "stale.txt"):
+        (out / name).write_text("old " + name)
+    (out / "sub").mkdir()
+    (out / "sub" / "x").write_text("kept")
+    with staged_dir(out, stale=("stale.txt",)) as tmp:
+        (tmp / "a.txt").write_text("new")
+    assert sorted(os.listdir(out)) == ["a.txt", "mine.txt", "sub"] and (out / "sub" / "x").read_text() == "kept"
+    assert (out / "a.txt").read_text() == "new" and (out / "mine.txt").read_text() == "old mine.txt"
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no staging folder left
+    assert out.stat().st_mode & 0o777 == 0o777 & ~_umask()
+
+
+def test_two_writers_of_one_new_folder_cannot_both_win(tmp_path):
+    out = tmp_path / "q"
+    with pytest.raises(FileExistsError, match="was made by another process meanwhile"):
+        with staged_dir(out, replace=False) as tmp:  # a new model: the caller found no `out`
+            (tmp / "model.safetensors").write_text("mine")
+            out.mkdir()  # the other process, first
+            (out / "model.safetensors").write_text("theirs")
+    assert (out / "model.safetensors").read_text() == "theirs"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
