@@ -359,3 +359,29 @@ def test_truncated_count_is_reported_and_an_epoch_counts_examples(tmp_path, base
     assert result.steps == 7  # an epoch is one row per training example: 2 epochs of 7 in rows of 2
     assert said[1].startswith("7 conversations for training, 1 held out; 3 cut to the context of 97 tokens; ")
     assert np.isfinite(json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[0])["loss"])
+
+
+@pytest.mark.parametrize("where", ["lmlab.tune.lora.save_pretrained", "lmlab.tune.chat.write_template"],
+                         ids=["merging the adapters", "writing the template"])
+def test_final_appears_whole_or_not_at_all(tmp_path, base_dir, monkeypatch, where):
+    """A LoRA SFT run killed while final/ was completed (its adapters merged, its chat template written) left a
+    final/ that looked whole: unmerged lora_A/lora_B tensors that do not load, or no template (`lmlab chat`
+    refused it). final/ is now staged and renamed into place after both; --resume then writes it."""
+    from lmlab.tune.lora import LoRAConfig
+    data = write_jsonl(tmp_path / "d.jsonl", [GOOD] * 8)
+    out = tmp_path / "run"
+    real = __import__("importlib").import_module(where.rsplit(".", 1)[0])
+    name = where.rsplit(".", 1)[1]
+    original = getattr(real, name)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # as a kill at this moment: nothing after it runs
+    monkeypatch.setattr(where, killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_sft(base_dir, data, out, _config(max_steps=2, save_every=1), lora=LoRAConfig(rank=2), echo=print)
+    assert not (out / "final").exists() and latest_checkpoint(out) is not None
+    monkeypatch.setattr(where, original)
+    resume_sft(out, echo=print)
+    model, tok = lmlab.load(out / "final")  # a plain model with the adapters merged, and the template
+    assert (out / "final" / "chat_template.jinja").read_text() == TEMPLATE and (out / "adapter").is_dir()
+    assert not any("lora_" in k for k in model.state_dict())

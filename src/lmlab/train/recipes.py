@@ -192,10 +192,19 @@ def train_with_lora(model: Transformer, tok: Any, ds: Any, config: TrainConfig, 
     if lora is None:
         return train(model, tok, ds, config, out, callbacks, resume=resume, provenance=provenance, objective=objective)
     lora.attach(model, config.seed, tok)
-    result = train(model, tok, ds, config, out, callbacks, resume=resume, provenance=provenance, objective=objective)
-    if dist_env()[0] == 0:
-        lora.finish(model, out, tok)
-    return result
+    finish = _LoRAFinal(lora, model, Path(out), tok)  # into final/'s staging folder: merged before it appears
+    return train(model, tok, ds, config, out, [*callbacks, finish], resume=resume, provenance=provenance,
+                 objective=objective)
+
+
+class _LoRAFinal(Callback):
+    """RUN/adapter, and final/ with the adapters merged, written while final/ is staged (Trainer.save_final)."""
+
+    def __init__(self, lora: Any, model: Any, out: Path, tok: Any) -> None:
+        self.lora, self.model, self.out, self.tok = lora, model, out, tok
+
+    def on_final(self, trainer: Any, folder: Path) -> None:
+        self.lora.finish(self.model, self.out, self.tok, final=folder)
 
 
 class TaskEval(Callback):

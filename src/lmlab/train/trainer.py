@@ -67,7 +67,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from ..eval.scorer import bits_per_byte
-from ..files import atomic_write_text
+from ..files import atomic_write_text, staged_dir
 from ..models import ModelConfig, Transformer, fast
 from ..models.io import save_pretrained
 from ..models.quant import refuse_quantized
@@ -105,6 +105,9 @@ class Callback:
     def on_eval(self, trainer: Trainer, metrics: dict[str, Any]) -> None: ...
     def on_log(self, trainer: Trainer, metrics: dict[str, Any]) -> None: ...
     def on_checkpoint(self, trainer: Trainer, path: Path) -> None: ...
+    # final/ is written in a staging folder renamed into place after this hook: what a hook adds to `folder` (the
+    # chat template, LoRA's merged weights) appears with the rest of final/ or not at all (main process only)
+    def on_final(self, trainer: Trainer, folder: Path) -> None: ...
     def on_train_end(self, trainer: Trainer, result: TrainResult) -> None: ...
 
 
@@ -793,7 +796,14 @@ class Trainer:
                     "tokens": result.tokens, "stop_reason": result.stop_reason, "final_loss": result.final_loss,
                     "best_val_loss": result.best_val_loss, "world_size": self.world,
                     "last_eval": next((m for m in reversed(self.history) if "val_loss" in m), None)}
-        return save_pretrained(self.out_dir / "final", model, self.tokenizer, training=training)
+        final = self.out_dir / "final"
+        # whole or not at all: a run killed while final/ is written leaves the previous one (or none), and --resume
+        # writes it again; never config and weights without the tokenizer, the template or merged adapters
+        with staged_dir(final) as tmp:
+            save_pretrained(tmp, model, self.tokenizer, training=training)
+            for cb in self.callbacks:
+                cb.on_final(self, tmp)
+        return final
 
 
 RESUMES = "resumes.jsonl"

@@ -136,9 +136,8 @@ class ChatTemplate(Callback):
     """final/ of a run carries the chat template, so lmlab chat, the Chat view and the exports find it: a run on
     conversations (SFT), or a preference or GRPO run that started from a chat model."""
 
-    def on_train_end(self, trainer: Any, result: Any) -> None:
-        if trainer.is_main and (trainer.out_dir / "final").is_dir():
-            write_template(trainer.out_dir / "final")
+    def on_final(self, trainer: Any, folder: Path) -> None:
+        write_template(folder)
 
 
 def load_chat_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Transformer, Tokenizer]:
