@@ -102,3 +102,28 @@ def test_only_the_first_ddp_rank_checks_the_files(tmp_path, monkeypatch):
     (tmp_path / "final").rmdir()
     with pytest.raises(ValueError, match="holds config.json, which a new run would overwrite"):
         refuse_existing_run(tmp_path)
+
+
+def test_a_lora_checkpoint_or_a_foreign_one_is_a_one_line_error(tmp_path):
+    """load_model gives the names it missed as sets: `missing[:3]` raised TypeError ('set' object is not
+    subscriptable), so `lmlab eval RUN --all-checkpoints` on a LoRA run ended in "internal error"."""
+    import json
+
+    import pytest
+    import torch
+    from safetensors.torch import save_file
+
+    from lmlab.models import ModelConfig, Transformer
+    from lmlab.train.checkpoint import checkpoint_model
+
+    cfg = ModelConfig.preset("gpt2-tiny", vocab_size=64, n_layer=1, block_size=16)
+    tensors = {k: v.contiguous() for k, v in Transformer(cfg).state_dict().items() if k != "lm_head.weight"}
+    for name, extra in (("lora", "blocks.0.attn.proj.lora_A"), ("foreign", "blocks.0.attn.proj.other")):
+        step = tmp_path / name / "step-1"
+        step.mkdir(parents=True)
+        (step / "config.json").write_text(json.dumps({"model": cfg.to_dict()}))
+        save_file({**tensors, extra: torch.zeros(2, 2)}, str(step / "model.safetensors"))
+        message = ("is a checkpoint of a LoRA run" if name == "lora" else
+                   f"does not match its config: missing \\[\\], unexpected \\['{extra}'\\]")
+        with pytest.raises(ValueError, match=message):
+            checkpoint_model(step)

@@ -46,6 +46,12 @@ def checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
+def mismatch(path: str | Path, what: str, missing: Any, unexpected: Any) -> ValueError:
+    """A weights file whose tensors are not the model's (safetensors' load_model gives the names as sets)."""
+    return ValueError(f"{path} does not match {what}: missing {sorted(missing)[:3]}, "
+                      f"unexpected {sorted(unexpected)[:3]}")
+
+
 def checkpoint_model(checkpoint: str | Path) -> Any:
     """The model of checkpoints/step-N in eval mode, on the CPU (its config.json says which)."""
     from safetensors.torch import load_model
@@ -57,8 +63,11 @@ def checkpoint_model(checkpoint: str | Path) -> Any:
     require_size(config, stored_values(path / "model.safetensors"), path / "config.json")
     model = Transformer(config)
     missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    if any(".lora_" in k for k in unexpected):
+        raise ValueError(f"{path} is a checkpoint of a LoRA run (adapters beside the frozen weights), which is not "
+                         "read as a model: evaluate the run's final/, where the adapters are merged")
     if missing or unexpected:
-        raise ValueError(f"{path} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise mismatch(path, "its config", missing, unexpected)
     return model.eval()
 
 

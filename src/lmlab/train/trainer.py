@@ -77,6 +77,7 @@ from .checkpoint import (
     checkpoint_step,
     checkpoints,
     latest_checkpoint,
+    mismatch,
     refuse_existing_run,
     run_folder,
     trim_metrics,
@@ -751,7 +752,7 @@ class Trainer:
             raise damaged(path, exc) from None
         missing, unexpected = load_model(plain, str(path / "model.safetensors"), strict=False)
         if missing or unexpected:
-            raise ValueError(f"{path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+            raise mismatch(path, "the model", missing, unexpected)
         if self.sharded:
             set_model_state_dict(self.model, plain.state_dict(), options=StateDictOptions(full_state_dict=True))
         set_optimizer_state_dict(self.model, self.optimizer, optim, options=StateDictOptions(full_state_dict=True))

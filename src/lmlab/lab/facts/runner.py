@@ -26,6 +26,7 @@ from ...configs import knob, validate
 from ...files import atomic_path, atomic_write_text
 from ...models import ModelConfig, Transformer
 from ...train import Callback, TrainConfig, console, latest_checkpoint, train
+from ...train.checkpoint import mismatch
 from ..interp.hooks import AttentionRecorder
 from ..parallel import process_map
 from .data import BioConfig, Biographies
@@ -118,7 +119,7 @@ class DataState(Callback):
 def load_weights(model: Transformer, path: str) -> None:
     missing, unexpected = load_model(model, path, strict=False)  # resolves the tied head
     if missing or unexpected:
-        raise ValueError(f"{path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise mismatch(path, "the model", missing, unexpected)
 
 
 class AttentionPatch:
