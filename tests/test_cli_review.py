@@ -169,3 +169,30 @@ def test_lora_merge_rebuilds_a_chat_run_and_refuses_another_tokenizer(base, tmp_
     with pytest.raises(ValueError, match="was trained with another tokenizer"):
         merge_lora_dir(base, tmp_path / "other-adapter", tmp_path / "wrong")
     assert not (tmp_path / "wrong").exists()
+
+
+@pytest.mark.parametrize("argv", [["quantize", "{base}", "--to", "int8", "--out", "{tmp}/q"],
+                                  ["export", "hf", "{base}", "{tmp}/hf"],
+                                  ["merge", "{base}", "{base}", "--method", "linear", "--out", "{tmp}/m"]])
+def test_a_write_that_finds_no_room_is_a_one_line_error(base, tmp_path, argv):
+    """A file size limit (ulimit -f; a full disk reads the same): safetensors' IoError was "internal error:
+    SafetensorError; this is a bug in lmlab", exit 1. It is exit 2 with one line, and nothing half-made is left."""
+    import resource
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def limit():  # 64 KiB a file: the weights do not fit
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+    args = [a.replace("{base}", str(base)).replace("{tmp}", str(tmp_path)) for a in argv]
+    r = subprocess.run([sys.executable, "-m", "lmlab.cli", *args], capture_output=True, text=True, timeout=300,
+                       preexec_fn=limit, env={"PYTHONPATH": str(root / "src"), "OMP_NUM_THREADS": "1",
+                                              "PYTHONDONTWRITEBYTECODE": "1",  # a cut .pyc would break imports
+                                              "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lmlab: error: a write found no room: the disk is full, or a "
+                                                   "quota or file size limit was reached (")
+    assert "File too large" in lines[0] and sorted(p.name for p in tmp_path.iterdir()) == []

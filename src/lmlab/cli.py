@@ -2007,7 +2007,28 @@ _PACKAGE = Path(__file__).resolve().parent
 _RAISE = dis.opmap["RAISE_VARARGS"]
 _PATH_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
 # a name longer than the file system takes (255 bytes a component on most), a read-only file system, a full disk
-_USER_ERRNOS = {errno.ENAMETOOLONG, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+_USER_ERRNOS = {errno.ENAMETOOLONG, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+# what a write that ran out of room says where it is not an OSError with its errno: safetensors' Rust IoError,
+# torch.save's stream writer, a short write
+_FULL = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122", "File too large",
+         "os error 27", "unexpected pos", "requested and")
+_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether `exc` (or what it was raised from) is a write that found no room: a full disk, a quota, a file
+    size limit. Not a bug: the user frees space and runs again."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, OSError) and seen.errno in _FULL_ERRNOS:
+            return True
+        if isinstance(seen, (OSError, RuntimeError)) or type(seen).__name__ == "SafetensorError":
+            if any(marker in str(seen) for marker in _FULL):
+                return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def is_user_error(exc: BaseException) -> bool:
@@ -2051,6 +2072,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("lmlab: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
+        if disk_full(exc):
+            if args.debug:
+                traceback.print_exc()
+            print(f"lmlab: error: a write found no room: the disk is full, or a quota or file size limit was reached "
+                  f"({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}); free some space and run "
+                  "it again (a run: --resume, from its last checkpoint)", file=sys.stderr)
+            return 2
         user = is_user_error(exc)
         if args.debug or not user:
             traceback.print_exc()
