@@ -59,7 +59,7 @@ def test_a_new_run_refuses_a_folder_holding_what_it_would_write(tmp_path, start,
     assert main(commands(start, str(out))[command]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"lmlab: error: {out} holds {held}, which a new run would overwrite; choose a new folder for "
-                   "the run"], err
+                   "the run (if it is what a run stopped before its first checkpoint left, delete the folder)"], err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 

@@ -71,6 +71,11 @@ def checkpoint_model(checkpoint: str | Path) -> Any:
     return model.eval()
 
 
+# why a run folder may have no checkpoint, and what to do: said wherever a resume finds none
+NO_CHECKPOINT = ("the run stopped before its first checkpoint (--save-every); start it again in a new folder, or "
+                 "delete this one")
+
+
 def resumed_model(run_dir: str | Path, model: dict[str, Any]) -> Any:
     """The Transformer that a run's config.json (its `model` section) describes, for a resume: its size is checked
     against the last checkpoint's weights before it is allocated."""
@@ -78,7 +83,7 @@ def resumed_model(run_dir: str | Path, model: dict[str, Any]) -> Any:
     from ..models.io import require_size, stored_values
     config, last = ModelConfig.from_dict(model), latest_checkpoint(run_dir)
     if last is None:
-        raise ValueError(f"no checkpoint to resume from in {Path(run_dir) / 'checkpoints'}")
+        raise ValueError(f"no checkpoint to resume from in {Path(run_dir) / 'checkpoints'}: {NO_CHECKPOINT}")
     require_size(config, stored_values(last / "model.safetensors"), Path(run_dir) / "config.json")
     return Transformer(config)
 
@@ -118,7 +123,8 @@ def refuse_existing_run(run_dir: str | Path, overwrites: tuple[str, ...] = RUN_F
         return                                        # there: rank 0 checks them (torchrun stops the rest if it exits)
     held = [name for name in overwrites if (out / name).exists() or (out / name).is_symlink()]
     if held:
-        raise ValueError(f"{out} holds {held[0]}, which a new run would overwrite; choose a new folder for the run")
+        raise ValueError(f"{out} holds {held[0]}, which a new run would overwrite; choose a new folder for the run "
+                         "(if it is what a run stopped before its first checkpoint left, delete the folder)")
 
 
 def write_checkpoint(run_dir: str | Path, step: int, fill: Callable[[Path], None], keep_last: int = 0,
