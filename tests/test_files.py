@@ -33,8 +33,8 @@ CHILD = textwrap.dedent("""
             return real(*args, **kwargs)
         return call
     os.rename, os.replace = dying(os.rename), dying(os.replace)
-    if hasattr(files, "_exchange"):
-        files._exchange = dying(files._exchange)
+    if hasattr(files, "exchange_paths"):
+        files.exchange_paths = dying(files.exchange_paths)
     with files.staged_dir(Path(sys.argv[1]), stale=("stale.txt",)) as tmp:
         for name in ("config.json", "model.safetensors", "tokenizer.json"):
             (tmp / name).write_text("new " + name)
@@ -94,3 +94,25 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_a_checkpoint_saved_again_at_its_step_is_never_missing(tmp_path, monkeypatch):
+    """The same step saved twice (a resume stopped at once): the old step-N was deleted before the new one was
+    renamed in, so a kill between left none (with --keep-last 1, the run's only checkpoint)."""
+    from lmlab.train.checkpoint import latest_checkpoint, write_checkpoint
+
+    write_checkpoint(tmp_path, 5, lambda d: (d / "model.safetensors").write_text("first"), keep_last=1)
+    calls = []
+
+    def replace(a, b):  # a kill at the second rename
+        calls.append((a, b))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        os.rename(a, b)
+    monkeypatch.setattr(os, "replace", replace)
+    try:
+        write_checkpoint(tmp_path, 5, lambda d: (d / "model.safetensors").write_text("second"), keep_last=1)
+    except KeyboardInterrupt:
+        pass
+    last = latest_checkpoint(tmp_path)
+    assert last is not None and (last / "model.safetensors").read_text() in ("first", "second")

@@ -92,7 +92,7 @@ def _link_tree(src: Path, dst: Path) -> None:
         link(str(src), str(dst))
 
 
-def _exchange(a: Path, b: Path) -> bool:
+def exchange_paths(a: Path, b: Path) -> bool:
     """Swap two paths in one step (Linux's renameat2 with RENAME_EXCHANGE, through the C library); False where
     that is not available (another system, an old kernel or C library, a file system without it)."""
     try:
@@ -130,7 +130,7 @@ def staged_dir(out: Path, *, refuse: Path | None = None, stale: tuple[str, ...] 
             for entry in out.iterdir():
                 if entry.name not in produced and entry.name not in stale:
                     _link_tree(entry, tmp / entry.name)
-            if _exchange(tmp, out):  # the new folder is `out` and the old one `tmp`, in one step
+            if exchange_paths(tmp, out):  # the new folder is `out` and the old one `tmp`, in one step
                 return
             aside = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
             os.rename(out, aside / "old")  # elsewhere: two renames, the only moment without `out`

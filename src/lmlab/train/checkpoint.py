@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..files import atomic_write_text, fix_modes
+from ..files import atomic_write_text, exchange_paths, fix_modes
 
 
 def b64(state: torch.Tensor) -> str:
@@ -141,12 +141,15 @@ def write_checkpoint(run_dir: str | Path, step: int, fill: Callable[[Path], None
         tmp.mkdir()
         fill(tmp)
         fix_modes(tmp)
-        if final.exists():  # the same step saved again (resumed and stopped at once): replace it
-            old = root / f".old-step-{step}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            shutil.rmtree(old)
-        os.replace(tmp, final)
+        if final.exists():  # the same step saved again (resumed and stopped at once): replace it, never leaving
+            if not exchange_paths(tmp, final):  # a moment without it (with keep_last 1, the run's only one)
+                old = root / f".old-step-{step}"
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if keep_last:
