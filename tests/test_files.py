@@ -116,3 +116,21 @@ def test_a_checkpoint_saved_again_at_its_step_is_never_missing(tmp_path, monkeyp
         pass
     last = latest_checkpoint(tmp_path)
     assert last is not None and (last / "model.safetensors").read_text() in ("first", "second")
+
+
+def test_a_new_file_is_not_written_over_one_made_meanwhile(tmp_path):
+    """Two `tune sft` runs started into one folder: both passed the check for a run there, and the second's
+    data copy replaced the first's (whose resume then trained on the other data). A run's copy is now linked
+    into place, which refuses a name that exists."""
+    from lmlab.files import atomic_path
+
+    target = tmp_path / "data.jsonl"
+    with pytest.raises(FileExistsError, match="was written by another process meanwhile"):
+        with atomic_path(target, new=True) as tmp:
+            tmp.write_text("second run's data")
+            target.write_text("first run's data")  # the other process, first
+    assert target.read_text() == "first run's data" and [p.name for p in tmp_path.iterdir()] == ["data.jsonl"]
+    with atomic_path(tmp_path / "other.jsonl", new=True) as tmp:
+        tmp.write_text("x")
+    assert (tmp_path / "other.jsonl").read_text() == "x" and (tmp_path / "other.jsonl").stat().st_mode & 0o777 \
+        == 0o666 & ~_umask()

@@ -38,15 +38,23 @@ def _mode(tmp: Path) -> int:
 
 
 @contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
+def atomic_path(path: str | Path, *, new: bool = False) -> Iterator[Path]:
     """A temporary file to write `path` through: renamed over `path` when the block succeeds, removed when it
-    fails."""
+    fails. `new`: `path` must not exist by then (linked into place, which refuses an existing name): a file
+    another process wrote meanwhile, such as a second run started into the same folder, is not replaced."""
     tmp = temp_beside(path)
     mode = _mode(tmp)
     try:
         yield tmp
         os.chmod(tmp, mode)  # a writer may have replaced the file with its own 0600 one
-        os.replace(tmp, path)
+        if not new:
+            os.replace(tmp, path)
+            return
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise FileExistsError(f"{path} was written by another process meanwhile (a second run started into "
+                                  "the same folder?); nothing was replaced") from None
     finally:
         tmp.unlink(missing_ok=True)
 

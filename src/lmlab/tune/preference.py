@@ -437,7 +437,7 @@ def run_preference(out: str | Path, train_config: Any = None, *, model_dir: str 
         if cache_dir is not None else "reference log-probabilities computed (no cache)")
     if not resume:  # the run's own copy of the data, what a resume reads: the file it started from may change
         out.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out / DATA_COPY) as tmp:
+        with atomic_path(out / DATA_COPY, new=True) as tmp:  # another run's copy is never replaced
             shutil.copyfile(data, tmp)
     provenance = {"preference": {"model": str(Path(model_dir).resolve()),
                                  "model_sha256": file_sha256(Path(model_dir) / WEIGHTS),

@@ -230,7 +230,7 @@ def run_sft(model_dir: str | Path, data: str | Path, out_dir: str | Path, config
         echo(f"added {added} chat tokens to the tokenizer ({len(tok)} tokens now)")
     echo(_describe(info, seq_len))
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / DATA) as tmp:
+    with atomic_path(out / DATA, new=True) as tmp:  # a run started into this folder meanwhile keeps its copy
         shutil.copyfile(data, tmp)
     chat = kind == "messages" or has_template(model_dir)  # prompt-completion from a chat model stays one
     if chat:
