@@ -96,11 +96,18 @@ def _umask() -> int:
     return mask
 
 
-def test_a_checkpoint_saved_again_at_its_step_is_never_missing(tmp_path, monkeypatch):
+@pytest.mark.parametrize("swap", [True, False], ids=["folders swapped", "two renames"])
+def test_a_checkpoint_saved_again_at_its_step_is_never_missing(tmp_path, monkeypatch, swap):
     """The same step saved twice (a resume stopped at once): the old step-N was deleted before the new one was
-    renamed in, so a kill between left none (with --keep-last 1, the run's only checkpoint)."""
+    renamed in, so a kill between left none (with --keep-last 1, the run's only checkpoint). Where folders
+    cannot be swapped in one step, a kill between the two renames leaves .old-step-N, which counts as step-N."""
+    from lmlab import files
+    from lmlab.train import checkpoint
     from lmlab.train.checkpoint import latest_checkpoint, write_checkpoint
 
+    if not swap:
+        monkeypatch.setattr(checkpoint, "exchange_paths", lambda a, b: False)
+    assert files.exchange_paths is not None
     write_checkpoint(tmp_path, 5, lambda d: (d / "model.safetensors").write_text("first"), keep_last=1)
     calls = []
 
@@ -116,6 +123,9 @@ def test_a_checkpoint_saved_again_at_its_step_is_never_missing(tmp_path, monkeyp
         pass
     last = latest_checkpoint(tmp_path)
     assert last is not None and (last / "model.safetensors").read_text() in ("first", "second")
+    assert len(calls) == (0 if swap else 2)  # the swap needs no rename of either folder
+    write_checkpoint(tmp_path, 6, lambda d: (d / "model.safetensors").write_text("third"), keep_last=1)
+    assert [p.name for p in checkpoint.checkpoints(tmp_path)] == ["step-6"]  # pruned like any other
 
 
 def test_a_new_file_is_not_written_over_one_made_meanwhile(tmp_path):
@@ -134,3 +144,32 @@ def test_a_new_file_is_not_written_over_one_made_meanwhile(tmp_path):
         tmp.write_text("x")
     assert (tmp_path / "other.jsonl").read_text() == "x" and (tmp_path / "other.jsonl").stat().st_mode & 0o777 \
         == 0o666 & ~_umask()
+
+
+def test_a_link_the_current_folder_and_the_folders_mode(tmp_path, monkeypatch):
+    """A link to a folder is written through (the link stays, its target is replaced, no stale file left); the
+    current folder, which cannot be renamed away, gets the entries moved in; a replaced folder keeps its mode."""
+    (tmp_path / "v3").mkdir()
+    (tmp_path / "v3" / "stale.txt").write_text("old")
+    (tmp_path / "current").symlink_to("v3")
+    with staged_dir(tmp_path / "current", stale=("stale.txt",)) as tmp:
+        (tmp / "model.safetensors").write_text("new")
+    assert (tmp_path / "current").is_symlink() and os.readlink(tmp_path / "current") == "v3"
+    assert sorted(os.listdir(tmp_path / "v3")) == ["model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["current", "v3"]  # nothing left beside them
+
+    here = tmp_path / "here"
+    here.mkdir()
+    (here / "mine.txt").write_text("mine")
+    monkeypatch.chdir(here)
+    with staged_dir(Path(".")) as tmp:
+        (tmp / "config.json").write_text("{}")
+    assert sorted(os.listdir(here)) == ["config.json", "mine.txt"]
+
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    os.chmod(private, 0o700)
+    (private / "a").write_text("old")
+    with staged_dir(private) as tmp:
+        (tmp / "a").write_text("new")
+    assert private.stat().st_mode & 0o777 == 0o700 and (private / "a").read_text() == "new"

@@ -13,6 +13,7 @@ web server serving exports.
 from __future__ import annotations
 
 import ctypes
+import errno
 import hashlib
 import os
 import secrets
@@ -55,6 +56,9 @@ def atomic_path(path: str | Path, *, new: bool = False) -> Iterator[Path]:
         except FileExistsError:
             raise FileExistsError(f"{path} was written by another process meanwhile (a second run started into "
                                   "the same folder?); nothing was replaced") from None
+        except OSError:  # no hard links there (vfat, some network mounts): claim the name, then rename over it
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -111,28 +115,58 @@ def exchange_paths(a: Path, b: Path) -> bool:
     return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
+def _move_entries(tmp: Path, out: Path, stale: tuple[str, ...]) -> None:
+    """tmp's entries moved into `out` one by one (each a rename), and the `stale` ones it did not produce
+    removed: for a folder that cannot itself be renamed (the current folder, or one above it)."""
+    produced = {entry.name for entry in tmp.iterdir()}
+    for entry in sorted(tmp.iterdir()):
+        target = out / entry.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(entry, target)
+    for name in stale:
+        target = out / name
+        if name not in produced:
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
+
+
 @contextmanager
 def staged_dir(out: Path, *, refuse: Path | None = None, stale: tuple[str, ...] = (),
                replace: bool = True) -> Iterator[Path]:
     """Yield an empty temporary folder beside `out`; on success it becomes `out` in one rename, so a reader (or
     a process killed meanwhile) sees the old folder or the whole new one, never a half-made one. Where `out`
     holds files, those the new folder does not replace are kept (hard links into it) but for the `stale` ones
-    (a previous model's leftovers must not be read with the new one), and the old folder is renamed aside, then
-    removed. On failure `out` is untouched. With replace=False (a new model: the caller refused an existing
-    `out`), a folder that holds anything by then, another process's, is not replaced: FileExistsError."""
+    (a previous model's leftovers must not be read with the new one); the folder keeps its mode. On failure
+    `out` is untouched. With replace=False (a new model: the caller refused an existing `out`), a folder that
+    holds anything by then, another process's, is not replaced: FileExistsError.
+
+    A link to a folder is written through (its target is the folder replaced; the link stays). The current
+    folder, or one above it, cannot be renamed away: there the entries are moved in one by one, as before."""
     out = Path(out)
     if refuse is not None and out.resolve() == Path(refuse).resolve():
         raise ValueError(f"the output folder must differ from the input folder ({out})")
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out} exists and is not a folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    out = Path(os.path.abspath(out.resolve() if out.is_symlink() else out))
+    cwd = Path.cwd()
+    in_place = out == cwd or out in cwd.parents
+    if in_place:
+        out.mkdir(parents=True, exist_ok=True)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out if in_place else out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     aside: Path | None = None
     swapped = False
     try:
         yield tmp
         fix_modes(tmp)
-        os.chmod(tmp, _dir_mode(out.parent))
+        if in_place:
+            _move_entries(tmp, out, stale)
+            return
+        os.chmod(tmp, out.stat().st_mode & 0o7777 if out.is_dir() else _dir_mode(out.parent))
         produced = {entry.name for entry in tmp.iterdir()}
         if replace and out.is_dir() and any(out.iterdir()):
             for entry in out.iterdir():
@@ -148,7 +182,9 @@ def staged_dir(out: Path, *, refuse: Path | None = None, stale: tuple[str, ...] 
         except OSError as exc:
             if aside is not None:
                 os.rename(aside / "old", out)  # the old folder back where it was
-            raise FileExistsError(f"{out} was made by another process meanwhile; nothing was replaced") from exc
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise FileExistsError(f"{out} was made by another process meanwhile; nothing was replaced") from exc
+            raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if aside is not None and (swapped or not (aside / "old").exists()):  # never the only copy left

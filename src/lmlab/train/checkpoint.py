@@ -36,14 +36,20 @@ def unb64(text: str) -> torch.Tensor:
 
 def checkpoint_step(checkpoint: str | Path) -> int:
     """The step a checkpoint directory (`.../checkpoints/step-N`) was saved at."""
-    return int(Path(checkpoint).name[len("step-"):])
+    return int(Path(checkpoint).name.rsplit("step-", 1)[1])
 
 
 def checkpoints(run_dir: str | Path) -> list[Path]:
-    """RUN_DIR/checkpoints/step-N folders, oldest first."""
+    """RUN_DIR/checkpoints/step-N folders, oldest first. A `.old-step-N` whose step-N is missing (a save of the
+    same step killed between its two renames, where the file system cannot swap folders) counts as step-N."""
     root = Path(run_dir) / "checkpoints"
-    found = [p for p in root.glob("step-*") if p.name[len("step-"):].isdigit()] if root.is_dir() else []
-    return sorted(found, key=checkpoint_step)
+    if not root.is_dir():
+        return []
+    found = {checkpoint_step(p): p for p in root.glob("step-*") if p.name[len("step-"):].isdigit()}
+    for p in root.glob(".old-step-*"):
+        if p.name[len(".old-step-"):].isdigit():
+            found.setdefault(checkpoint_step(p), p)
+    return [found[k] for k in sorted(found)]
 
 
 def mismatch(path: str | Path, what: str, missing: Any, unexpected: Any) -> ValueError:
@@ -143,12 +149,13 @@ def write_checkpoint(run_dir: str | Path, step: int, fill: Callable[[Path], None
         fix_modes(tmp)
         if final.exists():  # the same step saved again (resumed and stopped at once): replace it, never leaving
             if not exchange_paths(tmp, final):  # a moment without it (with keep_last 1, the run's only one)
-                old = root / f".old-step-{step}"
+                old = root / f".old-step-{step}"  # elsewhere: found by checkpoints() until the new one is in
                 shutil.rmtree(old, ignore_errors=True)
                 os.replace(final, old)
                 os.replace(tmp, final)
                 shutil.rmtree(old)
         else:
+            shutil.rmtree(root / f".old-step-{step}", ignore_errors=True)  # a killed swap's: superseded now
             os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
