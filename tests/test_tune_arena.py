@@ -123,9 +123,8 @@ def test_the_budget_is_the_same_for_every_method(arena):
             assert g["prompts_per_step"] * g["group_size"] == seqs and g["steps"] == steps
         else:
             assert run["train"]["batch_size"] * (1 if method == "kto" else 2) == seqs
-        # what each trained on, read back: the tokens, and GRPO's completions that carried a gradient (a group
-        # whose samples all scored the same has none; logged every step here)
-        assert res["budget"]["methods"][method]["trained_tokens"] == lines[-1]["tokens"] > 0
+        # GRPO's completions that carried a gradient, read back (a group whose samples all scored the same has
+        # none; logged every step here)
         if method == "grpo":
             flat = sum(x["zero_spread_groups"] for x in lines if "zero_spread_groups" in x)
             assert len([x for x in lines if "zero_spread_groups" in x]) == steps

@@ -338,14 +338,12 @@ def run_arena(out: str | Path, cfg: ArenaConfig, *, model_dir: str | Path | None
                       for r in table], hlines=[("target 85%", 0.85)], vlines=[("KL 0.5", 0.5)])
     dpo, base_rate = next(r for r in table if r["method"] == "dpo"), table[0]["win_rate_sampled"]
     budget = cfg.budget()
-    for m in METHODS:  # what each method's steps trained on, from its run's metrics
-        rows = _rows(out / m / "metrics.jsonl")
-        budget["methods"][m]["trained_tokens"] = next((r["tokens"] for r in reversed(rows) if "tokens" in r), None)
-        if m == "grpo":
-            flat = int(next(r["zero_spread_groups_total"] for r in reversed(rows) if "zero_spread_groups_total" in r))
-            groups = cfg.steps * (cfg.sequences // cfg.group_size)
-            budget["methods"][m]["completions_with_gradient"] = (groups - flat) * cfg.group_size
-            budget["methods"][m]["completions_sampled"] = groups * cfg.group_size
+    # GRPO learns only from groups whose samples scored differently: how many it had, from its run's metrics
+    rows = _rows(out / "grpo" / "metrics.jsonl")
+    flat = int(next(r["zero_spread_groups_total"] for r in reversed(rows) if "zero_spread_groups_total" in r))
+    groups = cfg.steps * (cfg.sequences // cfg.group_size)
+    budget["methods"]["grpo"]["completions_with_gradient"] = (groups - flat) * cfg.group_size
+    budget["methods"]["grpo"]["completions_sampled"] = groups * cfg.group_size
     results = {"config": dataclasses.asdict(cfg), "model": str(base), "budget": budget, "prompts": prompts,
                "samples": samples, "greedy": greedy, "token_changes": changes, "pairwise": pairwise(prompts, samples)}
     write_report(out, "rule task", "DPO on a ~5M model takes the rule win-rate from ~50% (the SFT model) to >= 85% "
