@@ -321,7 +321,14 @@ def test_resume_without_a_checkpoint_is_refused(tmp_path, capsys):
     from lmlab.cli import main
 
     assert main(["tune", "grpo", "--out", str(tmp_path / "none"), "--resume"]) == 2
-    assert "no checkpoint to resume from" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # a folder that is no run (a typo in --out) is not to be deleted: it is said to be no run
+    assert "no checkpoint to resume from" in err and "is not a run folder (no config.json)" in err
+    assert "delete" not in err
+    (tmp_path / "started").mkdir()
+    (tmp_path / "started" / "config.json").write_text("{}")  # a run stopped before its first checkpoint
+    assert main(["tune", "grpo", "--out", str(tmp_path / "started"), "--resume"]) == 2
+    assert "the run stopped before its first checkpoint" in capsys.readouterr().err
 
 
 # ---- the tasks ------------------------------------------------------------------------------------------------

@@ -77,9 +77,14 @@ def checkpoint_model(checkpoint: str | Path) -> Any:
     return model.eval()
 
 
-# why a run folder may have no checkpoint, and what to do: said wherever a resume finds none
-NO_CHECKPOINT = ("the run stopped before its first checkpoint (--save-every); start it again in a new folder, or "
-                 "delete this one")
+def no_checkpoint(run_dir: str | Path) -> str:
+    """What a resume that finds no checkpoint says: why a run may have none and what to do, or that the folder
+    is no run at all (a typo in --out must not be told to delete a folder)."""
+    out = Path(run_dir)
+    if not (out / "config.json").is_file():
+        return f"no checkpoint to resume from in {out / 'checkpoints'}: {out} is not a run folder (no config.json)"
+    return (f"no checkpoint to resume from in {out / 'checkpoints'}: the run stopped before its first checkpoint "
+            "(--save-every); start it again in a new folder, or delete this one")
 
 
 def resumed_model(run_dir: str | Path, model: dict[str, Any]) -> Any:
@@ -89,7 +94,7 @@ def resumed_model(run_dir: str | Path, model: dict[str, Any]) -> Any:
     from ..models.io import require_size, stored_values
     config, last = ModelConfig.from_dict(model), latest_checkpoint(run_dir)
     if last is None:
-        raise ValueError(f"no checkpoint to resume from in {Path(run_dir) / 'checkpoints'}: {NO_CHECKPOINT}")
+        raise ValueError(no_checkpoint(run_dir))
     require_size(config, stored_values(last / "model.safetensors"), Path(run_dir) / "config.json")
     return Transformer(config)
 

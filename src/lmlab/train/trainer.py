@@ -72,13 +72,13 @@ from ..models import ModelConfig, Transformer, fast
 from ..models.io import save_pretrained
 from ..models.quant import refuse_quantized
 from .checkpoint import (
-    NO_CHECKPOINT,
     StopOnSignal,
     b64,
     checkpoint_step,
     checkpoints,
     latest_checkpoint,
     mismatch,
+    no_checkpoint,
     refuse_existing_run,
     run_folder,
     trim_metrics,
@@ -652,7 +652,7 @@ class Trainer:
         c, out = self.config, self.out_dir
         path = latest_checkpoint(out)
         if path is None:
-            raise FileNotFoundError(f"no checkpoint to resume from in {out / 'checkpoints'}: {NO_CHECKPOINT}")
+            raise FileNotFoundError(no_checkpoint(out))
         before = TrainConfig.from_dict(read_run_config(out)["train"]) if (out / "config.json").is_file() else c
         changed = {k: [v, getattr(c, k)] for k, v in before.to_dict().items() if getattr(c, k) != v}
         fixed = [f"{k} ({old!r} -> {new!r})" for k, (old, new) in changed.items() if k not in RESUMABLE]

@@ -63,7 +63,7 @@ from ..models.io import WEIGHTS
 from ..models.quant import refuse_quantized
 from ..models.scoring import Batch, make_batch, token_logprobs
 from ..train import TrainConfig
-from ..train.checkpoint import NO_CHECKPOINT, RUN_FILES, refuse_existing_run, run_folder
+from ..train.checkpoint import RUN_FILES, no_checkpoint, refuse_existing_run, run_folder
 from ..train.trainer import Callback, Objective, Trainer
 from .chat import ChatTemplate, has_template
 from .lora import LoRAConfig, adapters_disabled
@@ -414,7 +414,7 @@ def run_grpo(model_dir: str | Path, out: str | Path, config: GRPOConfig, *, task
     out = run_folder(out)
     checkpoint = latest_checkpoint(out)
     if resume and checkpoint is None:
-        raise ValueError(f"no checkpoint to resume from in {out / 'checkpoints'}: {NO_CHECKPOINT}")
+        raise ValueError(no_checkpoint(out))
     if not resume and checkpoint is not None:
         raise ValueError(f"{out} holds the checkpoints of an earlier run (latest {checkpoint.name}): continue it "
                          "with --resume, or start over in another folder")
@@ -454,7 +454,7 @@ def resume_grpo(out: str | Path, overrides: dict[str, Any] | None = None, *,
     from ..train import latest_checkpoint
     out = Path(out)
     if latest_checkpoint(out) is None:
-        raise ValueError(f"no checkpoint to resume from in {out / 'checkpoints'}: {NO_CHECKPOINT}")
+        raise ValueError(no_checkpoint(out))
     from ..train.trainer import read_run_config
     saved = read_record(out, "grpo", "GRPO")
     # config.json is the run as it started; the Trainer records each resume's changes in resumes.jsonl

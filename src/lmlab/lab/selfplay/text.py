@@ -44,7 +44,7 @@ from typing import Any
 from ...configs import knob, validate
 from ...files import atomic_write_text
 from ...models.io import load_pretrained
-from ...train.checkpoint import NO_CHECKPOINT, checkpoint_step, latest_checkpoint, run_folder
+from ...train.checkpoint import checkpoint_step, latest_checkpoint, no_checkpoint, run_folder
 from ...tune.grpo import (
     GRPOConfig,
     PromptSource,
@@ -169,7 +169,7 @@ def run_text_selfplay(model_dir: str | Path, out: str | Path, config: TextSelfPl
     out = run_folder(out)
     checkpoint = latest_checkpoint(out)
     if resume and checkpoint is None:
-        raise ValueError(f"no checkpoint to resume from in {out / 'checkpoints'}: {NO_CHECKPOINT}")
+        raise ValueError(no_checkpoint(out))
     if checkpoint is not None and not resume:
         raise ValueError(f"{out} holds the checkpoints of an earlier run (latest {checkpoint.name}): continue it "
                          f"with --resume, or start over in another folder (or after removing {out / 'checkpoints'})")
@@ -214,7 +214,7 @@ def resume_text_selfplay(out: str | Path, overrides: dict[str, Any] | None = Non
     RESUMABLE_CHANGES: {"iterations": 80} trains further."""
     out = Path(out)
     if latest_checkpoint(out) is None:  # says so before anything else
-        raise ValueError(f"no checkpoint to resume from in {out / 'checkpoints'}: {NO_CHECKPOINT}")
+        raise ValueError(no_checkpoint(out))
     saved = saved_run(out)
     config = settings_from(saved["selfplay_text"], TextSelfPlayConfig, overrides or {}, out / "config.json")
     return run_text_selfplay(model_dir or saved["init"], out, config, prompts or saved.get("prompts") or [""],
