@@ -126,7 +126,8 @@ class NextToken(Objective):
         self.calls += 1
         x, y = batch
         loss = model(x, y).loss
-        return loss, {"double_loss": 2 * loss, "calls": torch.tensor(float(self.calls))}
+        return loss, {"double_loss": 2 * loss, "calls": torch.tensor(float(self.calls)),
+                      "calls_total": torch.tensor(float(self.calls))}
 
     def state_dict(self):
         return {"calls": self.calls}
@@ -147,6 +148,8 @@ def test_an_objective_steps_as_the_loop_does_logs_its_metrics_and_resumes_with_i
     assert [m["double_loss"] for m in lines] == pytest.approx([2 * m["loss"] for m in lines], abs=1e-6)
     # two micro-batches a step: the mean of the calls' numbers; the count resumed from the checkpoint's state
     assert [m["calls"] for m in lines] == [2 * m["step"] - 0.5 for m in lines]
+    # a running count (a name ending in _total) is its last micro-batch's value, not a mean
+    assert [m["calls_total"] for m in lines] == [2 * m["step"] for m in lines]
 
 
 def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(tmp_path, tok, ds, reference):

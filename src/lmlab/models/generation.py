@@ -194,10 +194,10 @@ _U64 = 2**64 - 1
 
 def sampling_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
     """The generator sampling draws from for `seed`. PyTorch's CPU generator keeps only a seed's low 32 bits (5
-    and 5 + 2**32, or -1 and 2**63 - 1, sample alike), so a seed outside [0, 2**32) is first mixed into 32 bits
-    by splitmix64's finaliser (Steele et al. 2014, "Fast splittable pseudorandom number generators"); a seed in
-    that range is used as it is."""
-    if not 0 <= seed < 2**32:
+    and 5 + 2**32, or -1 and 2**63 - 1, sample alike), so there a seed outside [0, 2**32) is first mixed into 32
+    bits by splitmix64's finaliser (Steele et al. 2014, "Fast splittable pseudorandom number generators"); a seed
+    in that range, and any seed on CUDA (whose Philox generator keeps 64 bits), is used as it is."""
+    if torch.device(device).type == "cpu" and not 0 <= seed < 2**32:
         z = seed & _U64
         z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _U64
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _U64

@@ -120,7 +120,8 @@ class Objective:
     for language modelling). Supervised fine-tuning needs none: its targets are -100 where nothing is trained.
 
     loss(model, batch) -> (the scalar to minimise, metrics): `model` is what the step differentiates (the DDP or
-    compiled wrapper); the metrics are 0-dim tensors (rewards, margins, KL), averaged over the micro-batches and
+    compiled wrapper); the metrics are 0-dim tensors (rewards, margins, KL), averaged over the micro-batches (one
+    named *_total, a running count, keeps its last micro-batch's value) and
     the processes and logged with the loss under their own names. evaluate(trainer) replaces the validation
     loss when it returns a dict. state_dict()/load_state_dict() travel in each checkpoint's state.json (plain
     JSON), so a run with an objective that keeps state resumes exactly. trained_tokens(batch) is the number of
@@ -486,8 +487,9 @@ class Trainer:
                     else:
                         loss, step_metrics = self.objective.loss(self.train_model, batch)
                         loss = loss / c.grad_accum_steps
-                        for k, v in step_metrics.items():
-                            extra[k] = extra.get(k, 0) + v.detach().float() / c.grad_accum_steps
+                        for k, v in step_metrics.items():  # the micro-steps' mean; a running total: its last
+                            v = v.detach().float()
+                            extra[k] = v if k.endswith("_total") else extra.get(k, 0) + v / c.grad_accum_steps
                 self.scaler.scale(loss).backward()
             total += loss.detach()
         grad_norm = float("nan")
