@@ -381,7 +381,9 @@ def test_final_appears_whole_or_not_at_all(tmp_path, base_dir, monkeypatch, wher
         run_sft(base_dir, data, out, _config(max_steps=2, save_every=1), lora=LoRAConfig(rank=2), echo=print)
     assert not (out / "final").exists() and latest_checkpoint(out) is not None
     monkeypatch.setattr(where, original)
+    (out / ".final.k1ll3d.tmp").mkdir()  # what a SIGKILL (no cleanup) leaves: the resume removes it
     resume_sft(out, echo=print)
+    assert not list(out.glob(".final.*"))
     model, tok = lmlab.load(out / "final")  # a plain model with the adapters merged, and the template
     assert (out / "final" / "chat_template.jinja").read_text() == TEMPLATE and (out / "adapter").is_dir()
     assert not any("lora_" in k for k in model.state_dict())

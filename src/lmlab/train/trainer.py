@@ -803,6 +803,8 @@ class Trainer:
         final = self.out_dir / "final"
         # whole or not at all: a run killed while final/ is written leaves the previous one (or none), and --resume
         # writes it again; never config and weights without the tokenizer, the template or merged adapters
+        for left in [*self.out_dir.glob(".final.*.tmp"), *self.out_dir.glob(".final.*.old")]:
+            shutil.rmtree(left, ignore_errors=True)  # a killed save's staging folder: this run's, and superseded
         with staged_dir(final) as tmp:
             save_pretrained(tmp, model, self.tokenizer, training=training)
             for cb in self.callbacks:
