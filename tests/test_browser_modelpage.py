@@ -57,14 +57,23 @@ def shots(page, shot, name: str) -> list[str]:
     return problems
 
 
-def test_quantize_from_the_model_page_and_chat_with_a_template_model(tmp_path, browser):  # noqa: F811
-    ws = tmp_path / "ws"
-    make_models(ws)
-    server = ServerProcess(ws, token=TOKEN).start()
-    problems = []
+def served_models(tmp_path) -> ServerProcess:
+    """make_models' workspace and the book tales.txt, served (the caller stops it)."""
+    make_models(tmp_path / "ws")
+    server = ServerProcess(tmp_path / "ws", token=TOKEN).start()
     try:
         with server.client() as c:
             assert c.post("/api/v1/books", files={"file": ("tales.txt", BOOK.encode())}).status_code == 201
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def test_quantize_from_the_model_page_and_chat_with_a_template_model(tmp_path, browser):  # noqa: F811
+    server = served_models(tmp_path)
+    problems = []
+    try:
         # (the 409 of the refusal the test asks for is logged by Chromium as a failed load)
         with ui_page(browser, SHOTS / "modelpage", ignore="status of 409") as (page, shot):
             page.set_viewport_size({"width": 1400, "height": 900})
@@ -196,12 +205,8 @@ def test_quantize_from_the_model_page_and_chat_with_a_template_model(tmp_path, b
 def test_what_is_filled_in_on_the_model_page_survives_a_language_switch(tmp_path, browser):  # noqa: F811
     """The quantize and merge forms are drawn again in the new language; what was chosen and typed stays, and the
     forms' own rules still hold (a typed name is kept when the format changes; an untyped one follows it)."""
-    ws = tmp_path / "ws"
-    make_models(ws)
-    server = ServerProcess(ws, token=TOKEN).start()
+    server = served_models(tmp_path)
     try:
-        with server.client() as c:
-            assert c.post("/api/v1/books", files={"file": ("tales.txt", BOOK.encode())}).status_code == 201
         with ui_page(browser, SHOTS / "modelpage-language") as (page, _shot):
             page.goto(f"{server.url}/?token={TOKEN}#model/base")
             page.wait_for_selector("#mp-quantize-form #mp-to")

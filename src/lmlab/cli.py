@@ -2006,8 +2006,9 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None)
 _PACKAGE = Path(__file__).resolve().parent
 _RAISE = dis.opmap["RAISE_VARARGS"]
 _PATH_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
-# a name longer than the file system takes (255 bytes a component on most), a read-only file system, a full disk
-_USER_ERRNOS = {errno.ENAMETOOLONG, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+# a name longer than the file system takes (255 bytes a component on most), a read-only file system (a full disk
+# and its kin: disk_full, which main asks first)
+_USER_ERRNOS = {errno.ENAMETOOLONG, errno.EROFS}
 # what a write that ran out of room says where it is not an OSError with its errno: safetensors' Rust IoError,
 # torch.save's stream writer, a short write
 _FULL = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122", "File too large",

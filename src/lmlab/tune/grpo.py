@@ -227,10 +227,11 @@ class GRPO(Objective):
             raise ValueError(f"the reward returned {len(rewards)} values for {len(comps)} completions")
         r = torch.tensor(rewards, dtype=torch.float32)
         adv = group_advantages(r, G, scale=c.variant != "dr_grpo")
+        spread = has_spread(r, G)
         # advantage-0 rows add nothing but their KL: without one they are left out (the normalisers count them)
-        keep = has_spread(r, G).repeat_interleave(G) if not c.kl_coef else torch.ones(len(comps), dtype=torch.bool)
+        keep = spread.repeat_interleave(G) if not c.kl_coef else torch.ones(len(comps), dtype=torch.bool)
         self.sample = texts[0][:120]
-        flat = int((~has_spread(r, G)).sum())
+        flat = int((~spread).sum())
         self.flat_total += flat
         self.stats = {"reward": r.mean(), "reward_std": r.std(correction=0),
                       "length": torch.tensor(sum(map(len, comps)) / len(comps)),

@@ -123,7 +123,7 @@ class LoRAConfig:
             torch.manual_seed(seed)
             apply_lora(model, self, tokenizer)
 
-    def finish(self, model: Transformer, run_dir: str | Path, tokenizer: Any = None, final: Path | None = None) -> None:
+    def finish(self, model: Transformer, run_dir: str | Path, tokenizer: Any, final: Path) -> None:
         save_lora_run(model, run_dir, tokenizer, final)
 
 
@@ -488,16 +488,13 @@ def load_adapter(model: Transformer, adapter_dir: str | Path) -> Transformer:
     return model
 
 
-def save_lora_run(model: Transformer, run_dir: str | Path, tokenizer: Any = None, final: Path | None = None) -> Path:
-    """A LoRA run's model as it ends: RUN/adapter in PEFT's layout, and final/ (which the trainer writes with the
-    adapters as extra tensors; `final`: its staging folder, else RUN/final) rewritten as a plain model directory
-    with the adapters merged, so that `lmlab generate`, `lmlab export` and the web app read it like any other.
-    Returns RUN/adapter."""
-    run = Path(run_dir)
-    adapter = save_adapter(model, run / "adapter", tokenizer=tokenizer)
-    final = run / "final" if final is None else final
-    if final.is_dir():  # training.json stays as the trainer wrote it
-        save_pretrained(final, merge_and_unload(copy.deepcopy(model)), tokenizer)
+def save_lora_run(model: Transformer, run_dir: str | Path, tokenizer: Any, final: Path) -> Path:
+    """A LoRA run's model as it ends: RUN/adapter in PEFT's layout, and `final` (final/'s staging folder, which the
+    trainer wrote with the adapters as extra tensors) rewritten as a plain model directory with the adapters
+    merged, so that `lmlab generate`, `lmlab export` and the web app read it like any other (training.json stays
+    as the trainer wrote it). Returns RUN/adapter."""
+    adapter = save_adapter(model, Path(run_dir) / "adapter", tokenizer=tokenizer)
+    save_pretrained(final, merge_and_unload(copy.deepcopy(model)), tokenizer)
     return adapter
 
 
