@@ -140,3 +140,28 @@ def test_a_sequence_whose_sampling_fails_ends_alone(fails_at):
         events(doomed)
     got = [ev.ids for h in (good, others) for ev in events(h) if isinstance(ev, Finish)]
     assert got == [generate_ids(model, [p], greedy)[0] for p in ([5, 9, 11], [7, 7])]
+
+
+def test_prompts_joining_together_are_prefilled_in_one_forward():
+    """Prompts that join between two steps were prefilled one forward each (twenty short prompts cost twenty
+    forwards, most of the concurrent run's time beyond the steps on a CPU); now the joiners share one
+    left-padded forward, and a row that ends on its first token (EOS) still leaves the others their place."""
+    model = tiny("gpt2")
+    engine = BatchEngine(model, Digits(), start=False)
+    greedy = GenerationConfig(max_new_tokens=6, do_sample=False, stop_at_eos=False)
+    prompts = [[5, 9, 11], [40], [7] * 9, [12, 13]]
+    first = generate_ids(model, [prompts[1]], max_new_tokens=1, do_sample=False, stop_at_eos=False)[0][0]
+    engine.eos = first  # the second prompt's first token ends it at admission
+    calls = []
+    forward = model.forward
+    model.forward = lambda *a, **k: calls.append(a[0].shape) or forward(*a, **k)
+    handle = engine.submit([(p, greedy if i != 1 else GenerationConfig(max_new_tokens=6, do_sample=False))
+                            for i, p in enumerate(prompts)])
+    engine.step()
+    assert calls == [(4, 9)] and len(engine.rows) == 3
+    while engine.rows or engine.waiting:
+        engine.step()
+    finish = {ev.index: ev for ev in events(handle) if isinstance(ev, Finish)}
+    assert finish[1].reason == "stop" and finish[1].ids == []
+    del model.forward
+    assert [finish[i].ids for i in (0, 2, 3)] == [generate_ids(model, [prompts[i]], greedy)[0] for i in (0, 2, 3)]

@@ -8,8 +8,9 @@ OSDI 2022; vLLM's and Hugging Face TGI's schedulers work this way).
 
 Each sequence keeps what it would have alone: its GenerationConfig (temperature, top-k, top-p, stop strings,
 EOS, length), its own torch.Generator seeded with its seed, its positions. That makes it produce what
-`generate` produces for it alone: its prompt is prefilled alone (the forward generation alone makes), and
-each step samples its row with process_logits and the multinomial draw of iter_tokens from its own generator
+`generate` produces for it alone: the prompts that join between two steps are prefilled together, left-padded
+as generate_ids prefills a batch (a lone prompt takes the very forward generation alone takes), and each step
+samples its row with process_logits and the multinomial draw of iter_tokens from its own generator
 only, so neighbours never consume its random numbers. After the prefill its keys and values join the batch's
 cache right-aligned, rows left-padded as in generate_ids: the attention mask hides the padding and positions
 count from each row's first real token, so a row sees exactly its own context. The batch's rows differ from
@@ -20,8 +21,9 @@ One thread per engine runs the steps; callers block on their handle's queue, or 
 loop=)`, then `async for event in handle`: a server's coroutine waits without holding a thread). A step costs
 about one read of the weights whatever the number of rows, which is where the throughput comes from on a
 memory-bound CPU.
-A joining prompt is prefilled whole between two steps, so a long one delays the rows for that time (vLLM's
-chunked prefill would interleave it with decoding; not done here).
+Joining prompts are prefilled whole between two steps, so a long one delays the rows for that time (vLLM's
+chunked prefill would interleave it with decoding; not done here). Prefilling them in one forward rather than
+one by one matters on a CPU: twenty short prompts cost a few of those forwards' time, not twenty.
 """
 
 from __future__ import annotations
@@ -201,8 +203,7 @@ class BatchEngine:
             joining, self.waiting = self.waiting[:room], self.waiting[room:]
         try:
             with torch.inference_mode():
-                for seq in joining:
-                    self._admit(seq)
+                self._admit(joining)
                 self._leave([s for s in self.rows if s.cancelled])
                 if self.rows:
                     self._step()
@@ -211,26 +212,38 @@ class BatchEngine:
                 seq.out.put(exc)
             self.rows, self.k, self.v, self.mask, self.length = [], None, None, None, 0
 
-    def _admit(self, seq: _Sequence) -> None:
-        """Prefill the prompt alone, as generation alone does, sample the first token, and give the row a
-        place in the batch (unless that token already ended it)."""
-        if seq.cancelled:
+    def _admit(self, seqs: list[_Sequence]) -> None:
+        """Prefill the joining prompts together (one forward over the left-padded prompts, as generate_ids
+        prefills a batch; a lone prompt, or prompts of one length, take the plain causal forward generation
+        alone takes), sample each one's first token, and give each row that did not end there a place in the
+        batch."""
+        seqs = [s for s in seqs if not s.cancelled]
+        if not seqs:
             return
-        P = len(seq.prompt)
-        cache = KVCache(self.model.config, 1, P, device=self.device, dtype=self.dtype)  # the prompt's positions
-        ids = torch.tensor([seq.prompt], device=self.device)
-        logits = self.model(ids, cache=cache, last_only=True).logits[:, -1]
-        if self._sample_or_fail(seq, logits):
+        P = max(len(s.prompt) for s in seqs)
+        ids = torch.zeros(len(seqs), P, dtype=torch.long, device=self.device)
+        pmask = torch.zeros(len(seqs), P, dtype=torch.bool, device=self.device)
+        for r, seq in enumerate(seqs):
+            ids[r, P - len(seq.prompt):] = torch.tensor(seq.prompt, device=self.device)
+            pmask[r, P - len(seq.prompt):] = True
+        padded = any(len(s.prompt) != P for s in seqs)
+        cache = KVCache(self.model.config, len(seqs), P, device=self.device, dtype=self.dtype)
+        logits = self.model(ids, attention_mask=pmask if padded else None,
+                            position_ids=Transformer.positions_from_mask(pmask) if padded else None,
+                            cache=cache, last_only=True).logits[:, -1]
+        alive = [r for r, seq in enumerate(seqs) if not self._sample_or_fail(seq, logits[r:r + 1])]
+        if not alive:
             return
-        B, L = len(self.rows), max(self.length, P)
-        self._reserve(B + 1, L + 1)
+        B, L, n = len(self.rows), max(self.length, P), len(alive)
+        self._reserve(B + n, L + 1)
         if L > self.length:  # a longer prompt than any row so far: shift the rows right
             self._shift(self.length, L)
-        self.k[:, B, :, L - P:L] = cache.k[:, 0, :, :P]
-        self.v[:, B, :, L - P:L] = cache.v[:, 0, :, :P]
-        self.mask[B].zero_()
-        self.mask[B, L - P:L] = True
-        self.rows.append(seq)
+        index = torch.tensor(alive, device=self.device)
+        self.k[:, B:B + n, :, L - P:L] = cache.k[:, index, :, :P]
+        self.v[:, B:B + n, :, L - P:L] = cache.v[:, index, :, :P]
+        self.mask[B:B + n].zero_()
+        self.mask[B:B + n, L - P:L] = pmask[index]
+        self.rows += [seqs[r] for r in alive]
 
     def _step(self) -> None:
         B, L = len(self.rows), self.length
