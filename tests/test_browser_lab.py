@@ -1,6 +1,7 @@
 """The Lab tab in a real browser (Debian's Chromium driven by Playwright): it offers the facts lab's own list of
-experiments, shows a refused request's reason, cancels a running experiment, runs a quick Absolute Zero
-experiment to the end and shows its report (heading and inlined plots) in the page, with the process's log.
+experiments, shows a refused request's reason, cancels a running experiment and starts it again, runs a quick
+Absolute Zero experiment to the end and shows its report (heading and inlined plots) in the page, with the
+process's log.
 Screenshots go to tests/artifacts/browser-lab/."""
 
 from __future__ import annotations
@@ -50,6 +51,16 @@ def test_lab_from_the_ui(tmp_path, browser):  # noqa: F811 (the fixture imported
             assert page.query_selector(f"{row} button.cancel") is None
             assert page.query_selector(f"{row} a.report") is None
             assert page.is_hidden("#lab-report")
+            # an experiment keeps no checkpoints: a stopped one is started again, with its settings, in place
+            assert page.inner_text(f"{row} button.restart") == "Start again"
+            page.click(f"{row} button.restart")
+            page.wait_for_selector(f'{row}[data-status="running"] button.cancel', timeout=120_000)
+            with server.client() as c:
+                r = c.get("/api/v1/runs/1").json()
+                pid = r["pid"]
+                assert r["launches"] == 2 and r["params"]["seeds"] == [1] and not r["params"]["quick"], r
+            page.click(f"{row} button.cancel")
+            page.wait_for_selector(f'{row}[data-status="cancelled"] button.restart', timeout=120_000)
 
             # 2. a quick run to the end: its report shows in the page, its plots loaded
             page.fill("#lab-seeds", "0")
@@ -73,6 +84,7 @@ def test_lab_from_the_ui(tmp_path, browser):  # noqa: F811 (the fixture imported
             assert page.inner_text('#tabs button[data-tab="lab"]') == "Лаборатория"
             page.click('#tabs button[data-tab="lab"]')
             assert page.inner_text("#lab-detail-head").endswith("завершён")
+            assert page.inner_text('#lab-table tr[data-run="1"] button.restart') == "Запустить заново"
             shot("03-lab-ru")
     finally:
         kill_run_process(pid)

@@ -308,3 +308,53 @@ def test_the_lines_a_run_writes_just_before_it_exits_are_not_lost(tmp_path):
     assert (run["current_step"], run["tokens"], run["last_loss"]) == (2, 256, 3.0), run
     assert [m["step"] for m in db.get_metrics(run_id)] == [1, 2]
     db.close()
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_again_in_its_own_folder(tmp_path):
+    """A run killed before its first checkpoint, or cancelled while it waited in the queue, had nothing to
+    resume from, and the app offered only Delete (the settings had to be entered again). Restart starts it again
+    from the beginning in its own folder: what the stopped launch wrote moves to attempt-1/ (nothing lost), its
+    stored metrics go, and the new launch logs steps from 1 once each. A run with a checkpoint is resumed, not
+    started again."""
+    server = ServerProcess(tmp_path).start()
+    pid = None
+    try:
+        with server.client() as c:
+            first = _setup(c, "again", save_every=100000)
+            queued = _setup(c, "waited", max_steps=6, save_every=1000)
+            assert _status(c, queued)["status"] == "queued"
+            assert c.post(f"/api/v1/runs/{queued}/cancel").json()["status"] == "cancelled"
+            r = _status(c, queued)
+            assert not r["can_resume"] and r["can_restart"], r
+            assert c.post(f"/api/v1/runs/{queued}/resume", json={}).status_code == 409
+
+            pid = _wait(c, first, lambda r: r["current_step"] >= 3, "steps before any checkpoint")["pid"]
+            os.kill(pid, signal.SIGKILL)
+            r = _wait(c, first, lambda r: r["status"] != "running", "the supervisor to notice the death")
+            assert r["status"] == "interrupted" and r["checkpoint_step"] is None, r
+            assert not r["can_resume"] and r["can_restart"], r
+            run_dir = tmp_path / "runs" / f"run-{first}"
+            old_lines = (run_dir / "metrics.jsonl").read_text()
+            r = c.post(f"/api/v1/runs/{first}/restart")
+            assert r.status_code == 200 and r.json()["status"] in ("queued", "running"), r.text
+            assert r.json()["current_step"] == 0 and not r.json()["can_restart"]
+            assert (run_dir / "attempt-1" / "metrics.jsonl").read_text() == old_lines
+            assert (run_dir / "attempt-1" / "config.json").is_file() and (run_dir / "log.txt").is_file()
+            pid = _wait(c, first, lambda r: r["status"] == "running" and r["current_step"] >= 4,
+                        "the new launch's steps")["pid"]
+            assert c.post(f"/api/v1/runs/{first}/cancel").status_code == 200
+            r = _wait(c, first, DONE, "the cancel's checkpoint")
+            assert r["status"] == "cancelled" and r["can_resume"] and not r["can_restart"], r
+            steps = [m["step"] for m in c.get(f"/api/v1/runs/{first}/metrics?limit=100000").json()["metrics"]]
+            assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 4
+            assert (run_dir / "log.txt").read_text().count("$ lmlab train") == 2
+            r = c.post(f"/api/v1/runs/{first}/restart")
+            assert r.status_code == 409 and "resume it instead" in r.json()["detail"], r.text
+
+            assert c.post(f"/api/v1/runs/{queued}/restart").status_code == 200
+            r = _wait(c, queued, DONE, "the run that had waited")
+            assert r["status"] == "completed" and r["current_step"] == 6, r
+            assert not (tmp_path / "runs" / f"run-{queued}" / "attempt-1").exists()  # it had written nothing
+    finally:
+        kill_run_process(pid)
+        server.stop()

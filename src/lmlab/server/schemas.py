@@ -287,6 +287,8 @@ class Run(BaseModel):
                                             "step_offset + s of the model (0 from scratch)")
     checkpoint_step: int | None
     can_resume: bool
+    can_restart: bool = Field(False, description="stopped with nothing to resume from (before its first checkpoint, "
+                                                 "or a kind that keeps none): POST .../restart starts it again")
     resumed_from_step: int | None
     launches: int
     cancel_requested: bool

@@ -1,6 +1,7 @@
 """/api/v1/runs: start (training, text self-play: RL of a trained model into a new one, or a lab experiment:
 `lmlab lab facts EXPERIMENT` / `lmlab selfplay azr`), list, detail, metrics, live events (SSE), log, cancel,
-resume (training and self-play), delete; an experiment's report.html, results.json and plots (report, files)."""
+resume (training and self-play), restart (a stopped run with nothing to resume from), delete; an experiment's
+report.html, results.json and plots (report, files)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from ..services import (
     need_run,
     remove_run,
     request_cancel,
+    request_restart,
     request_resume,
     run_file,
     run_info,
@@ -167,6 +169,13 @@ def cancel_run(state: StateDep, run_id: RunId) -> Run:
                      "checkpoint; max_steps trains further (self-play: iterations)")
 def resume_run(state: StateDep, run_id: RunId, req: ResumeRequest | None = None) -> Run:
     return run_info(state, request_resume(state, run_id, req.max_steps if req else None))
+
+
+@router.post("/runs/{run_id}/restart", tags=["runs"], response_model=Run,
+             summary="start a stopped run that has nothing to resume from (it stopped before its first checkpoint, "
+                     "or keeps none) again from the beginning, in its own folder; what it wrote moves to attempt-N/")
+def restart_run(state: StateDep, run_id: RunId) -> Run:
+    return run_info(state, request_restart(state, run_id))
 
 
 @router.delete("/runs/{run_id}", tags=["runs"], status_code=204)

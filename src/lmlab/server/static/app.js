@@ -516,6 +516,7 @@ function renderLab() {
       h("button", { type: "button", class: "view", text: t("lab.view"), onclick: () => { S.labCurrent = r.id; renderLab(); loadLabLog(); } }), " ",
       h("a", { href: `#run/${r.id}`, class: "run-link", text: t("rp.details") }), " ",
       ACTIVE.has(r.status) && !r.cancel_requested ? h("button", { type: "button", class: "danger cancel", text: t("runs.cancel"), onclick: () => runAction(r.id, "cancel") }) : null, " ",
+      r.can_restart ? h("button", { type: "button", class: "restart", text: t("runs.restart"), onclick: () => runAction(r.id, "restart") }) : null, " ",
       r.status === "completed" ? h("a", { href: withToken(`/api/v1/runs/${r.id}/report`), target: "_blank", rel: "noopener", class: "report", text: t("lab.report") }) : null, " ",
       !ACTIVE.has(r.status) ? h("button", { type: "button", class: "danger", text: t("runs.delete"), onclick: () => deleteRun(r.id) }) : null))), "data-run");
   $("#lab-empty").hidden = runs.length > 0;
@@ -590,6 +591,7 @@ function renderRuns() {
         h("button", { type: "button", text: t("runs.view"), onclick: () => selectRun(r.id) }), " ",
         ACTIVE.has(r.status) && !r.cancel_requested ? h("button", { type: "button", class: "danger cancel", text: t("runs.cancel"), onclick: () => runAction(r.id, "cancel") }) : null, " ",
         r.can_resume ? h("button", { type: "button", class: "resume", text: t("runs.resume"), onclick: () => runAction(r.id, "resume") }) : null, " ",
+        r.can_restart ? h("button", { type: "button", class: "restart", text: t("runs.restart"), onclick: () => runAction(r.id, "restart") }) : null, " ",
         lab && r.status === "completed" && (r.kind === "experiment" || hasReport(r)) ? h("a", { href: withToken(`/api/v1/runs/${r.id}/report`), target: "_blank", rel: "noopener", class: "report", text: t("lab.report") }) : null, " ",
         // every completed run keeps its own final model (versions.js), not only the model's latest; a self-play
         // run's is not a version of a model made again under its name after it finished (services.made_by)

@@ -116,6 +116,7 @@ export function renderEvaluate() {
     h("td", {},
       h("button", { type: "button", class: "view", text: t("lab.view"), onclick: () => { E.current = r.id; renderEvaluate(); } }), " ",
       A.ACTIVE.has(r.status) && !r.cancel_requested ? h("button", { type: "button", class: "danger cancel", text: t("runs.cancel"), onclick: () => A.runAction(r.id, "cancel") }) : null, " ",
+      r.can_restart ? h("button", { type: "button", class: "restart", text: t("runs.restart"), onclick: () => A.runAction(r.id, "restart") }) : null, " ",
       !A.ACTIVE.has(r.status) ? h("button", { type: "button", class: "danger", text: t("runs.delete"), onclick: () => A.deleteRun(r.id) }) : null))), "data-run");
   $("#ev-empty").hidden = runs.length > 0;
   $("#ev-table").hidden = !runs.length;

@@ -318,6 +318,7 @@ export function renderTune() {
       h("button", { type: "button", class: "view", text: t("lab.view"), onclick: () => select(r.id) }), " ",
       A.ACTIVE.has(r.status) && !r.cancel_requested ? h("button", { type: "button", class: "danger cancel", text: t("runs.cancel"), onclick: () => act(r.id, "cancel") }) : null, " ",
       r.can_resume ? h("button", { type: "button", class: "resume", text: t("runs.resume"), onclick: () => act(r.id, "resume") }) : null, " ",
+      r.can_restart ? h("button", { type: "button", class: "restart", text: t("runs.restart"), onclick: () => act(r.id, "restart") }) : null, " ",
       !A.ACTIVE.has(r.status) ? h("button", { type: "button", class: "danger", text: t("runs.delete"), onclick: () => A.deleteRun(r.id) }) : null))), "data-run");
   $("#tn-runs").hidden = !runs.length;
   $("#tn-runs-empty").hidden = runs.length > 0;
