@@ -129,9 +129,10 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, 
                 ref_logp: torch.Tensor | None = None, kl_coef: float = 0.0, batch_rows: int | None = None,
                 batch_tokens: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The variant's loss over (B, T) per-token log-probs (mask: completion tokens) and (B,) advantages, and its
-    statistics over the completion tokens: the mean ratio, the share of tokens whose ratio was clipped, the mean
-    k3 KL (with ref_logp). batch_rows / batch_tokens: the completions and completion tokens of the batch these rows
-    were taken from (rows of advantage 0 left out), which the variants normalise by; default these rows'."""
+    statistics over the completion tokens: the mean ratio, the share of tokens the clip took out of the gradient,
+    the mean k3 KL (with ref_logp). batch_rows / batch_tokens: the completions and completion tokens of the batch
+    these rows were taken from (rows of advantage 0 left out), which the variants normalise by; default these
+    rows'."""
     m = mask.float()
     tokens = m.sum().clamp_min(1.0)
     rows = m.shape[0] if batch_rows is None else batch_rows
@@ -141,7 +142,9 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor, 
     adv = advantages[:, None]
     per_token = -torch.min(ratio * adv, clipped * adv)
     stats = {"ratio": ((ratio.detach() - 1) * m).sum() / tokens + 1,  # 1 over no tokens: nothing off-policy
-             "clipped": ((clipped.detach() != ratio.detach()).float() * m).sum() / tokens}
+             # where the clip binds (the clipped term is the smaller: no gradient), TRL's clip_ratio/region_mean; a
+             # ratio outside the range on the other side of its advantage keeps its gradient and is not counted
+             "clipped": (((clipped * adv).detach() < (ratio * adv).detach()).float() * m).sum() / tokens}
     if ref_logp is not None:
         kl = kl_k3(logp, ref_logp)
         stats["kl"] = (kl.detach() * m).sum() / tokens
