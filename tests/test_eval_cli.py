@@ -7,6 +7,7 @@ import random
 import shutil
 
 import pytest
+import torch
 
 from lmlab.cli import main
 from lmlab.data import TokenDataset
@@ -113,6 +114,30 @@ def test_all_checkpoints_write_a_trajectory(runs, capsys):
     assert (root / "a" / "eval" / "trajectory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["eval", str(root / "a" / "final"), "--all-checkpoints", "--tasks", "fables-mc"]) == 2
     assert "is not a training run with checkpoints" in capsys.readouterr().err
+
+
+def test_all_checkpoints_of_a_lora_run_are_its_models_at_those_steps(runs, capsys, tmp_path):
+    """A LoRA run's checkpoints hold the frozen weights beside the adapters: `--all-checkpoints` refused them
+    ("evaluate the run's final/"). Now each is put together as the run had it and merged: the last checkpoint is
+    final/'s model, the first another one."""
+    from lmlab.train.checkpoint import checkpoint_model
+    root, tales = runs
+    lo = tmp_path / "lo"
+    assert main(["train", str(tales), "--out", str(lo), "--init", str(root / "a" / "final"), "--lora-rank", "4",
+                 "--max-steps", "6", "--save-every", "3", "--batch-size", "8", "--seq-len", "64", "--lr", "1e-2",
+                 "--eval-every", "0", "--no-compile"]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(lo), "--all-checkpoints", "--tasks", "fables-mc", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["step"], r["metric"]) for r in rows] == [(3, "acc"), (3, "acc_norm"), (6, "acc"), (6, "acc_norm")]
+    final, tok = load_pretrained(lo / "final")
+    expected = run_task(final, tok, load_task("fables-mc"), batch_size=8)["metrics"]
+    assert {r["metric"]: r["value"] for r in rows if r["step"] == 6} == expected
+    x = torch.tensor([tok.encode("Жили-были кот и лиса")])
+    with torch.no_grad():
+        last, first = (checkpoint_model(lo / "checkpoints" / f"step-{s}")(x).logits for s in (6, 3))
+        torch.testing.assert_close(last, final.eval()(x).logits, atol=1e-5, rtol=0)
+        assert (first - last).abs().max() > 1e-3
 
 
 def test_probes_on_the_command_line_equal_the_library(runs, capsys):

@@ -261,6 +261,12 @@ def test_lora_new_tokens_trains_the_chat_tokens_rows_and_no_other(tmp_path, base
     base_with_tokens = save_pretrained(tmp_path / "base", base, tok)
     adapted = load_adapter(lmlab.load(base_with_tokens)[0], out / "adapter")
     assert_peft_agrees(base_with_tokens, out / "adapter", adapted, tmp_path / "hf")
+    # its last checkpoint, the adapters and the chat tokens' rows put on as the run had them, is final/'s model
+    from lmlab.train.checkpoint import checkpoint_model, checkpoints
+    x = torch.tensor([[*ids, 5, 6, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(checkpoint_model(checkpoints(out)[-1])(x).logits,
+                                   lmlab.load(out / "final")[0].eval()(x).logits, atol=1e-5, rtol=0)
     capsys.readouterr()
     assert main(["tune", "sft", "--model", str(base_dir), "--data", str(tmp_path / "c.jsonl"), "--out",
                  str(tmp_path / "r2"), "--lora-new-tokens"]) == 2

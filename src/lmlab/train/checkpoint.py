@@ -59,21 +59,38 @@ def mismatch(path: str | Path, what: str, missing: Any, unexpected: Any) -> Valu
 
 
 def checkpoint_model(checkpoint: str | Path) -> Any:
-    """The model of checkpoints/step-N in eval mode, on the CPU (its config.json says which)."""
+    """The model of checkpoints/step-N in eval mode, on the CPU (its config.json says which). A LoRA run's
+    checkpoint holds the frozen weights and the adapters: they are put on as the run had them (its config.json's
+    `lora` section; the chat tokens' rows found with the run's tokenizer.json) and merged, so the model is the one
+    final/ would have been at that step."""
+    from safetensors import safe_open
     from safetensors.torch import load_model
 
     from ..models import ModelConfig, Transformer
     from ..models.io import require_size, stored_values
     path = Path(checkpoint)
-    config = ModelConfig.from_dict(json.loads((path / "config.json").read_text(encoding="utf-8"))["model"])
+    saved = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    config = ModelConfig.from_dict(saved["model"])
     require_size(config, stored_values(path / "model.safetensors"), path / "config.json")
     model = Transformer(config)
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        lora = any(".lora_" in k for k in f.keys())
+    if lora:
+        if not isinstance(saved.get("lora"), dict):
+            raise ValueError(f"{path} is a checkpoint of a LoRA run (adapters beside the frozen weights) whose "
+                             "config.json has no lora section to put them on with: evaluate the run's final/")
+        from ..tune.lora import LoRAConfig, apply_lora
+        tokenizer = None
+        if saved["lora"].get("chat_tokens"):
+            from ..tokenizers import Tokenizer
+            tokenizer = Tokenizer.load(path.parent.parent / "tokenizer.json")
+        apply_lora(model, LoRAConfig(**saved["lora"]), tokenizer)
     missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
-    if any(".lora_" in k for k in unexpected):
-        raise ValueError(f"{path} is a checkpoint of a LoRA run (adapters beside the frozen weights), which is not "
-                         "read as a model: evaluate the run's final/, where the adapters are merged")
     if missing or unexpected:
         raise mismatch(path, "its config", missing, unexpected)
+    if lora:
+        from ..tune.lora import merge_and_unload
+        merge_and_unload(model)
     return model.eval()
 
 
