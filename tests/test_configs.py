@@ -144,10 +144,33 @@ def test_one_seed_grammar(text, seeds):
     assert parse_seeds(text) == seeds
 
 
-@pytest.mark.parametrize("text", ["", "a,b", "1,1", "-1", "3-1", [True]])
+# 2^31 and up: the labs' derived seeds overflowed torch.manual_seed mid-run; a range of 10^12 seeds was a list
+@pytest.mark.parametrize("text", ["", "a,b", "1,1", "-1", "3-1", [True], "9223372036854775000", [2**31],
+                                  "0-1000000000000"])
 def test_bad_seeds_are_refused(text):
     with pytest.raises(ValueError, match="seeds"):
         parse_seeds(text)
+
+
+def test_config_values_are_read_as_their_flags_read_them(tmp_path, capsys):
+    """set_defaults skips argparse: "false" for a switch was true, a list for a comma-separated flag reached the
+    command as a list (merge: AttributeError, exit 1). Now a switch takes true or false, a list is joined, and a
+    value goes through the flag's type and choices, or is one line naming the file and the setting."""
+    from lmlab.cli import parse_arguments
+    parser = build_parser()
+    (tmp_path / "m.yaml").write_text("method: linear\nweights: [0.7, 0.3]\nseed: 4\n")
+    args = parse_arguments(parser, ["merge", "a", "b", "--out", "o", "--config", str(tmp_path / "m.yaml")])
+    assert (args.weights, args.seed) == ("0.7,0.3", 4)
+    (tmp_path / "q.json").write_text(json.dumps({"to": "int4", "keep_head": False, "group_size": "64"}))
+    args = parse_arguments(parser, ["quantize", "m", "--out", "o", "--config", str(tmp_path / "q.json")])
+    assert (args.keep_head, args.group_size) == (False, 64)
+    for body, message in (({"to": "int4", "keep_head": "false"}, "keep_head must be true or false, not 'false'"),
+                          ({"to": "int4", "group_size": "sixty"}, "group_size must be an integer, not 'sixty'"),
+                          ({"to": "int4", "group_size": [32]}, "group_size takes one value, not a list")):
+        (tmp_path / "bad.json").write_text(json.dumps(body))
+        assert main(["quantize", "m", "--out", "o", "--config", str(tmp_path / "bad.json")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
 
 
 def test_both_labs_read_seeds_alike():

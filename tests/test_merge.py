@@ -146,6 +146,23 @@ def test_bad_input_is_refused_in_one_line(capsys, family):
     fails("--density is used by ties, dare only, not by --method task-arithmetic", a, "--method", "task-arithmetic",
           "--base", b, "--density", "0.5")
     fails("--seed is used by dare only, not by --method ties", a, "--method", "ties", "--base", b, "--seed", "2")
+    fails("--weights is not used by --method slerp; its setting is --t (0: the first model, 1: the second)",
+          a, b, "--method", "slerp", "--weights", "0.9,0.1")  # ignored, and merge.json recorded them
+    # a density so small that 1/density overflows fp32 was blamed on --weights and --lambda alone
+    code, _, err = run(capsys, "merge", a, "--method", "dare", "--base", b, "--density", "1e-46", "--out",
+                       family / "x")
+    assert code == 2 and "--density 1e-46 so small that DARE's rescale 1/density overflows it" in err, err
+    assert not (family / "x").exists()
+    # linear normalises the weights before it sums: 1e308 twice is an equal mean, not an overflow
+    assert run(capsys, "merge", a, b, "--method", "linear", "--weights", "1e308,1e308", "--out", family / "big")[0] == 0
+    assert run(capsys, "merge", a, b, "--method", "linear", "--out", family / "even")[0] == 0
+    for k, v in state(family / "even").items():
+        torch.testing.assert_close(state(family / "big")[k], v, rtol=0, atol=0)
+    # a negative first weight: argparse takes "-1,1" after a space for a flag; --weights=-1,1 is the form
+    assert run(capsys, "merge", a, "--method", "task-arithmetic", "--base", b, "--weights=-1", "--out",
+               family / "negated")[0] == 0
+    with pytest.raises(ValueError, match="parents must be a list of model directories, not the single path"):
+        merge_dirs(str(a), family / "x", "linear")  # its characters were read as model paths
     # NaN or inf wrote a model of NaN without complaint
     fails("--weights must be finite numbers, not 1.0,nan", a, b, "--method", "linear", "--weights", "1,nan")
     fails("--lambda must be a finite number, not inf", a, "--method", "task-arithmetic", "--base", b, "--lambda", "inf")

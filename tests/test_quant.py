@@ -202,9 +202,69 @@ def test_a_quantized_model_saves_loads_and_generates(capsys, trained_dir, argv, 
     assert code == 0 and printed.strip() == "the cat" + tok.decode(ours), (printed, err)
 
 
+def test_info_tells_a_quantized_model_and_its_config_is_checked(trained_dir, tmp_path, capsys):
+    """`lmlab info` described a quantized model as its fp32 source (fp32 weights, a training-memory line); a
+    quantization.json with bits "8" said "bits (8) must be 8 or 4", and modules "lm_head" named layers l, m, ..."""
+    from lmlab.models.quant import QuantConfig
+    src, _ = trained_dir
+    out = tmp_path / "q4"
+    assert main(["quantize", str(src), "--to", "int4", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[3].startswith("quantized:         int4 g32 rtn, 9 linears, head int4;")
+    assert lines[4].startswith("inference memory:") and "stored weights" in lines[4]
+    assert lines[5] == f"training memory:   - (a quantized model does not train; train the model it was made " \
+                       f"from: {src.resolve()})"
+    with pytest.raises(ValueError, match=r"bits \('8'\) must be 8 or 4"):
+        QuantConfig(bits="8")
+    with pytest.raises(ValueError, match="modules must be a list of tensor names, not 'lm_head'"):
+        QuantConfig(bits=8, modules="lm_head")
+
+
+def test_calibration_tokenizes_only_what_its_windows_need(tmp_path):
+    """GPTQ's calibration tokenized every book whole, keeping each token as a Python int (2.9 GB for a 17 MB book,
+    to use 1024 tokens); from books larger than its windows need, each window is now tokenized from a slice at
+    evenly spaced places, over every book, one book in memory at a time."""
+    tok = Tokenizer.train([TEXT], kind="bpe", vocab_size=300)
+    for word in ("cat", "dog"):
+        (tmp_path / f"{word}.txt").write_text(f"the {word} sat on the mat and sang a song. " * 20_000)  # 0.8 MB
+    seen = []
+    encode = tok.encode
+    tok.encode = lambda text: seen.append(len(text)) or encode(text)
+    windows, names = calibration_windows([str(tmp_path)], tok, 64, 8 * 64)
+    assert windows.shape == (8, 64) and names == ["cat.txt", "dog.txt"]
+    assert sum(seen) < 20 * 8 * 64  # characters tokenized: the windows' slices, not the 1.6 MB
+    text = {w: encode(f"the {w} sat on the mat and sang a song. " * 40) for w in ("cat", "dog")}
+    for row, word in zip(windows.tolist(), ["cat"] * 4 + ["dog"] * 4):  # each a stretch of its own book
+        assert any(text[word][k:k + 64] == row for k in range(len(text[word]) - 64))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no documents to calibrate on"):  # it said "0 tokens"
+        calibration_windows([str(tmp_path / "empty")], tok, 64, 512)
+
+
+def test_a_quantized_tied_head_loads_in_bf16_and_fp16(trained_dir, tmp_path):
+    """The embedding of a tied, quantized head gave fp32 rows whatever the model's dtype: `lmlab.load(...,
+    dtype=torch.bfloat16)` failed at its first norm (mixed dtype). Now its rows follow the model's dtype, in the
+    forward and in the fast decoder."""
+    src, tmp = trained_dir
+    out = tmp_path / "q8"
+    assert main(["quantize", str(src), "--to", "int8", "--out", str(out)]) == 0
+    fp32, tok = lmlab.load(out)
+    idx = torch.tensor([tok.encode("the fox ran into the wood")])
+    prompt = tok.encode("the cat")
+    with torch.no_grad():
+        want = fp32(idx).logits
+        for dtype in (torch.bfloat16, torch.float16):
+            model, _ = lmlab.load(out, dtype=dtype)
+            got = model(idx).logits
+            assert got.dtype == dtype and model.tok_emb(idx).dtype == dtype
+            assert (got.float() - want).abs().max() < 0.05 * want.abs().max()
+            assert len(generate_ids(model, [prompt], max_new_tokens=8, do_sample=False, eos_token_id=None)[0]) == 8
+
+@pytest.mark.parametrize("kernels", [True, False])
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 @pytest.mark.parametrize("bits,group_size,keep", [(8, None, False), (4, 32, False), (4, 32, True)])
-@pytest.mark.parametrize("kernels", [True, False])
 def test_the_fast_decoder_runs_the_quantized_model(family, bits, group_size, keep, kernels, monkeypatch):
     """Decoder steps (the batch-1 generation path, where speed is measured) give the full forward's logits
     at every position, left-padded batches included, on the kernels and on the cached dequantised weights

@@ -124,3 +124,14 @@ def test_experiment(tmp_path):
     assert files == {}
     with pytest.raises(ValueError, match="^unknown lab 'nope'$"):
         experiment_command({**params, "lab": "nope"}, ws.run_path(4))
+
+
+def test_a_merge_with_negative_numbers_parses_as_the_cli_reads_it():
+    """`--weights -1.0,1.0` as two arguments: argparse read "-1.0,1.0" as a flag, and the merge job the API had
+    accepted (201) failed with "expected one argument"; so did --lambda -1e-05. Each is one --flag=VALUE now."""
+    from lmlab.server.commands import merge_command
+    args = merge_command({"model": "a", "others": ["b"], "method": "task-arithmetic", "base": "p",
+                          "weights": [-1.0, 1.0], "lambda": -1e-05}, "runs/run-1/model")
+    parsed = build_parser().parse_args(args)
+    assert (parsed.weights, parsed.lam, parsed.base, parsed.models) == ("-1.0,1.0", -1e-05, "models/p",
+                                                                         ["models/a", "models/b"])

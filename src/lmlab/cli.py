@@ -110,9 +110,29 @@ def _info(args: argparse.Namespace) -> int:
           f"vocab {cfg.vocab_size}")
     print(f"parameters:        {n:,} ({_fmt_count(n)})")
     print(f"training FLOPs:    {_fmt_count(flops)} per token (6N + 12·L·T·d, T={T})")
-    print(f"inference memory:  {_fmt_bytes(infer['total'])} (fp32 weights + KV cache for {T} tokens)")
-    print(f"training memory:   ~{_fmt_bytes(train['total'])} (fp32 + AdamW, batch {args.batch_size}×{T})")
+    qc = _quantization(Path(args.model_dir)) if args.model_dir else None
+    if qc is None:
+        print(f"inference memory:  {_fmt_bytes(infer['total'])} (fp32 weights + KV cache for {T} tokens)")
+        print(f"training memory:   ~{_fmt_bytes(train['total'])} (fp32 + AdamW, batch {args.batch_size}×{T})")
+        return 0
+    from .models.io import WEIGHTS
+    from .models.quant import weight_bits
+    bpw, qbpw = weight_bits(Path(args.model_dir) / WEIGHTS, n)
+    head = "int" + str(qc.bits) if "lm_head" in qc.modules else "fp32"
+    print(f"quantized:         int{qc.bits}{f' g{qc.group_size}' if qc.group_size else ''} {qc.method}, "
+          f"{len(qc.modules)} linears, head {head}; {bpw:.2f} bits per parameter"
+          + (f" ({qbpw:.2f} in the quantized linears)" if qbpw else ""))
+    print(f"inference memory:  {_fmt_bytes(int(bpw * n / 8) + infer['kv_cache'])} (the stored weights + fp32 KV "
+          f"cache for {T} tokens)")
+    print("training memory:   - (a quantized model does not train; train the model it was made from: "
+          f"{qc.source or 'its source'})")
     return 0
+
+
+def _quantization(path: Path) -> Any:
+    """The QuantConfig of a quantized model directory, else None."""
+    from .models.quant import QUANTIZATION, QuantConfig
+    return QuantConfig.load(path / QUANTIZATION) if (path / QUANTIZATION).is_file() else None
 
 
 
@@ -1138,10 +1158,12 @@ def _merge_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("models", nargs="+", help="the model directories to merge (one architecture, one tokenizer)")
     p.add_argument("--method", required=True, help="linear, slerp, task-arithmetic, ties or dare")
     p.add_argument("--base", help="task-arithmetic/ties/dare: the model the others were fine-tuned from")
-    p.add_argument("--weights", help="one number per model, comma-separated (equal by default)")
+    p.add_argument("--weights", help="one number per model, comma-separated (equal by default); a negative first "
+                   "one as --weights=-1,1")
     p.add_argument("--t", type=float, help="slerp: 0 gives the first model, 1 the second (0.5)")
     p.add_argument("--density", type=float, help="ties/dare: the fraction of each delta kept (1)")
-    p.add_argument("--lambda", dest="lam", type=float, help="task-arithmetic/ties/dare: delta scale (1)")
+    p.add_argument("--lambda", dest="lam", type=float, help="task-arithmetic/ties/dare: delta scale (1; a negative "
+                   "one as --lambda=-1e-5)")
     p.add_argument("--seed", type=int, help="dare: the seed of the dropped entries (0)")
     p.add_argument("--out", required=True, help="the NEW model directory to write (refused unless absent or empty)")
 
@@ -1151,7 +1173,7 @@ def _merge_arguments(p: argparse.ArgumentParser) -> None:
 def _merge(args: argparse.Namespace) -> int:
     from .models.merge import merge_dirs
 
-    try:
+    try:  # a negative first number as --weights=-1,1 (argparse reads "-1,1" after a space as a flag)
         weights = [float(w) for w in args.weights.split(",")] if args.weights else None
     except ValueError:
         raise ValueError(f"--weights {args.weights!r} must be numbers separated by commas") from None
@@ -1999,8 +2021,46 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None)
                          f"{', '.join(sorted(dests))}")
     for name in flat:
         dests[name].required = False
+        flat[name] = _config_value(args.config, name, dests[name], flat[name])
     target.set_defaults(**flat)
     return parser.parse_args(argv)
+
+
+def _config_value(path: str, name: str, action: argparse.Action, value: object) -> object:
+    """A config file's value as its flag would give it: set_defaults skips argparse's conversion and checks, so
+    "false" for a switch read as true and a list for a comma-separated flag reached the command as a list.
+    A switch takes true or false; a list for a flag of one comma-separated value is joined; each value goes
+    through the flag's type and choices. ValueError, one line, naming the file and the setting."""
+    where = f"{path}: {name}"
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{where} must be true or false, not {value!r}")
+        return value
+    if value is None:
+        return None
+    many = action.nargs in ("*", "+") or isinstance(action.nargs, int) and action.nargs != 1
+    if isinstance(value, list) and not many:
+        if action.type is not None or any(isinstance(v, (list, dict)) for v in value):
+            raise ValueError(f"{where} takes one value, not a list")
+        value = ",".join(map(str, value))  # e.g. merge's weights: [0.7, 0.3] -> "0.7,0.3"
+
+    def one(v: object) -> object:
+        if isinstance(v, (list, dict)) or (isinstance(v, bool) and action.type not in (None, str)):
+            raise ValueError(f"{where} must be a {'number' if action.type in (int, float) else 'value'}, not {v!r}")
+        if action.type is not None:
+            try:
+                v = action.type(v if isinstance(v, str) else str(v))
+            except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
+                kind = {int: "an integer", float: "a number"}.get(action.type)
+                raise ValueError(f"{where} must be {kind}, not {v!r}" if kind else
+                                 f"{where}: {str(exc) or f'not a valid value: {v!r}'}") from None
+        elif not isinstance(v, str):
+            v = str(v)
+        if action.choices is not None and v not in action.choices:
+            raise ValueError(f"{where} is {v!r}; choose one of {', '.join(map(str, action.choices))}")
+        return v
+
+    return [one(v) for v in value] if many and isinstance(value, list) else one(value)
 
 
 _PACKAGE = Path(__file__).resolve().parent

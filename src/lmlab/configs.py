@@ -200,6 +200,9 @@ def given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
 
 # ---- seeds ----------------------------------------------------------------------------------------
 
+MAX_SEEDS = 10_000
+
+
 def parse_seeds(text: str | int | Sequence[int]) -> list[int]:
     """The one seed grammar: `0,1,2` (a list), `0-4` (a range, both ends included), `3` (that one seed) or
     a list of ints; distinct and >= 0. A count is written as a range: `0-2` for three seeds."""
@@ -215,13 +218,18 @@ def parse_seeds(text: str | int | Sequence[int]) -> list[int]:
                 if not part:
                     continue
                 first, dash, last = part.partition("-")
+                if dash and first and int(last) - int(first) >= MAX_SEEDS:
+                    raise ValueError(f"--seeds ({text!r}) names more than {MAX_SEEDS} seeds")
                 seeds += list(range(int(first), int(last) + 1)) if dash and first else [int(part)]
         except ValueError:
             raise ValueError(f"--seeds ({text!r}) must look like 0,1,2 (a list), 0-4 (a range) or 3 (one "
                              "seed)") from None
-    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds) \
-            or len(set(seeds)) != len(seeds):
-        raise ValueError(f"--seeds ({text!r}) must be distinct integers >= 0, at least one")
+    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s < 2**31 for s in seeds) \
+            or len(set(seeds)) != len(seeds) or len(seeds) > MAX_SEEDS:
+        # below 2^31: the labs derive their runs' seeds from these (1000 + s, 2s + 2, ...), which torch.manual_seed
+        # must take (a seed near 2^63 overflowed it half-way through, after the lab had written its folders)
+        raise ValueError(f"--seeds ({text!r}) must be distinct integers from 0 to 2^31 - 1, at least one and at "
+                         f"most {MAX_SEEDS}")
     return seeds
 
 

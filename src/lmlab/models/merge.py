@@ -82,8 +82,10 @@ def merge_tensors(tensors: list[torch.Tensor], method: str, *, base: torch.Tenso
                   generator: torch.Generator | None = None) -> torch.Tensor:
     """One tensor of the merged model from the parents' (fp32)."""
     weights = weights or [1.0] * len(tensors)
-    if method == "linear":
-        return sum(w * x for w, x in zip(weights, tensors)) / sum(weights)
+    if method == "linear":  # normalised before the sum: weights of 1e308 each overflow no sum
+        largest = max(abs(w) for w in weights)
+        scaled = [w / largest for w in weights]
+        return sum((w / sum(scaled)) * x for w, x in zip(scaled, tensors))
     if method == "slerp":
         return slerp(tensors[0], tensors[1], t)
     deltas = [x - base for x in tensors]
@@ -119,6 +121,9 @@ def check_parameters(method: str, n: int, base: Any, weights: list[float] | None
         raise ValueError(f"--base is used by {', '.join(NEEDS_BASE)} only")
     if n < (1 if method in NEEDS_BASE else 2):
         raise ValueError(f"--method {method} needs at least {1 if method in NEEDS_BASE else 2} models")
+    if weights is not None and method == "slerp":  # its one setting is t: weights would be ignored without a word
+        raise ValueError("--weights is not used by --method slerp; its setting is --t (0: the first model, 1: the "
+                         "second)")
     given = {"t": t, "density": density, "lam": lam, "seed": seed}
     for key, value in given.items():
         if value is not None and method not in USES[key]:
@@ -197,6 +202,8 @@ def merge_dirs(parents: list[str | Path], out: str | Path, method: str, *, base:
     from .io import GENERATION, load_pretrained, save_pretrained
     from .quant import refuse_quantized
 
+    if isinstance(parents, (str, bytes, Path)):  # one path: its characters are no list of models
+        raise ValueError(f"parents must be a list of model directories, not the single path {str(parents)!r}")
     out, paths = Path(out), [Path(p) for p in parents]
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} exists and is not empty; choose a new folder for the merged model")
@@ -224,7 +231,8 @@ def merge_dirs(parents: list[str | Path], out: str | Path, method: str, *, base:
                 base=base_state[key].float() if base_state is not None else None,
                 weights=weights, t=t, density=density, lam=lam, generator=generator)
         merged[key] = done[value.data_ptr()]
-    require_finite(merged, "the merge", "the --weights or --lambda are too large for fp32")
+    require_finite(merged, "the merge", "the --weights or --lambda are too large for fp32" + (
+        f", or --density {density} so small that DARE's rescale 1/density overflows it" if method == "dare" else ""))
     model.load_state_dict(merged)
     record = {"method": method, "parents": [str(p.resolve()) for p in paths],
               "base": str(Path(base).resolve()) if base is not None else None,

@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -69,10 +70,14 @@ class QuantConfig:
     source: str | None = None                  # the model directory it was made from
 
     def __post_init__(self) -> None:
-        if self.bits not in (8, 4):
-            raise ValueError(f"bits ({self.bits}) must be 8 or 4")
-        if self.bits == 4 and self.group_size not in GROUP_SIZES:
-            raise ValueError(f"group_size ({self.group_size}) must be one of {', '.join(map(str, GROUP_SIZES))}")
+        if isinstance(self.bits, bool) or self.bits not in (8, 4):  # repr: "8", a string, read as 8 in the message
+            raise ValueError(f"bits ({self.bits!r}) must be 8 or 4")
+        if self.bits == 4 and (isinstance(self.group_size, bool) or self.group_size not in GROUP_SIZES):
+            raise ValueError(f"group_size ({self.group_size!r}) must be one of {', '.join(map(str, GROUP_SIZES))}")
+        for key in ("modules", "kept_fp32"):  # a string is no list: its characters read as layer names
+            names = getattr(self, key)
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise ValueError(f"{key} must be a list of tensor names, not {names!r}")
         if self.bits == 8 and self.group_size is not None:
             raise ValueError("int8 has one scale per output row: no group size")
         if self.method not in METHODS:
@@ -343,23 +348,25 @@ class QuantLinear(nn.Module):
 
 
 class QuantEmbedding(nn.Module):
-    """The token embedding of a model whose tied head is quantized: rows of the head's Ŵ. Holds no tensors
-    of its own (the head's are saved once, under lm_head)."""
+    """The token embedding of a model whose tied head is quantized: rows of the head's Ŵ, in the model's dtype.
+    Holds no weights of its own (the head's are saved once, under lm_head); an empty buffer, not saved, follows
+    model.to(dtype) and says which dtype that is (a bf16 model got fp32 rows, and its first norm failed)."""
 
     def __init__(self, head: QuantLinear) -> None:
         super().__init__()
         self.__dict__["head"] = head  # not a submodule: its buffers belong to lm_head
+        self.register_buffer("dtype_probe", torch.empty(0), persistent=False)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.head.rows(idx.reshape(-1)).view(*idx.shape, self.head.in_features)
+        return self.head.rows(idx.reshape(-1)).view(*idx.shape, self.head.in_features).to(self.dtype_probe.dtype)
 
     def lookup(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """ids (B,) -> rows (B, C), for the Decoder: a small head's dequantised table is indexed directly
         (a contiguous copy, at most 1 MiB), as an fp32 embedding would be."""
-        head = self.head
+        head, dtype = self.head, self.dtype_probe.dtype
         if head.in_features * head.out_features < QuantLinear.kernel_min_weights:
-            return head.dequantized().__getitem__
-        return head.rows
+            return head.dequantized().to(dtype).__getitem__
+        return head.rows if dtype == torch.float32 else lambda idx: head.rows(idx).to(dtype)
 
 
 # ---- whole models ---------------------------------------------------------------------------------
@@ -477,19 +484,71 @@ def quantize_model(model: nn.Module, bits: int, group_size: int | None = None, *
     return model, qc, stats
 
 
+# bits per element of the dtypes model.safetensors holds (U8 is int4 packed two to a byte: 8 bits per element)
+DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8,
+              "BOOL": 8}
+
+
+def weight_bits(path: Path, parameters: int) -> tuple[float | None, float | None]:
+    """(bits of all of model.safetensors' tensors per parameter, bits of the quantized linears alone per weight:
+    their integers, scales and zeros over out x in; None for a model without quantized linears)."""
+    total = quant = weights = 0
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        for key in f.keys():
+            t = f.get_slice(key)
+            n = math.prod(t.get_shape())
+            total += n * DTYPE_BITS[t.get_dtype()]
+            leaf = key.rpartition(".")[2]
+            if leaf in ("qweight", "scales", "zeros"):  # quant.QuantLinear's buffers
+                quant += n * DTYPE_BITS[t.get_dtype()]
+                weights += n * (2 if t.get_dtype() == "U8" else 1) if leaf == "qweight" else 0
+    return (total / parameters if parameters else None), (quant / weights if weights else None)
+
+
 def calibration_windows(sources: list[str], tokenizer: Any, length: int,
                         max_tokens: int) -> tuple[torch.Tensor, list[str]]:
-    """Token windows (n, length) from the user's books, spread evenly over them, up to max_tokens tokens."""
+    """Token windows (n, length) from the user's books, spread evenly over them, up to max_tokens tokens.
+    Books of up to 16 characters per token wanted are tokenized whole; from more, each window is tokenized from
+    a slice of its book at evenly spaced places (a folder of books of hundreds of MB held every token as a Python
+    int: ~175x the text in memory for the few windows used), one book in memory at a time."""
     from ..data import find_documents, read_document
 
     paths = find_documents(sources)
-    ids = [t for p in paths for t in tokenizer.encode(read_document(p))]
-    n = min(len(ids) // length, max(max_tokens // length, 1))
-    if n < 1:
-        raise ValueError(f"the calibration text has {len(ids)} tokens, fewer than one window of {length}")
-    starts = torch.linspace(0, len(ids) - length, n).long().tolist()
-    ids_t = torch.tensor(ids)
-    return torch.stack([ids_t[s:s + length] for s in starts]), [p.name for p in paths]
+    if not paths:
+        raise ValueError(f"no documents to calibrate on in {', '.join(map(str, sources))}")
+    names = [p.name for p in paths]
+    sizes = [len(read_document(p)) for p in paths]
+    total, wanted = sum(sizes), max(max_tokens // length, 1)
+    if total <= 16 * wanted * length:
+        ids = [t for p in paths for t in tokenizer.encode(read_document(p))]
+        n = min(len(ids) // length, wanted)
+        if n < 1:
+            raise ValueError(f"the calibration text has {len(ids)} tokens, fewer than one window of {length}")
+        starts = torch.linspace(0, len(ids) - length, n).long().tolist()
+        ids_t = torch.tensor(ids)
+        return torch.stack([ids_t[s:s + length] for s in starts]), names
+    places = [int(i * total / wanted) for i in range(wanted)]  # character offsets over the books end to end
+    windows, begin = [], 0
+    for path, size in zip(paths, sizes):
+        mine = [c - begin for c in places if begin <= c < begin + size]
+        begin += size
+        if not mine:
+            continue
+        text = read_document(path)
+        for c in mine:
+            span = 8 * length
+            while True:
+                ids = tokenizer.encode(text[c:c + span])
+                if len(ids) > length or c + span >= len(text):
+                    break
+                span *= 2
+            if len(ids) > length:  # the first token may be a word cut by the slice: it is left out
+                windows.append(ids[1:length + 1])
+    if not windows:
+        raise ValueError(f"the calibration text has no stretch of {length} tokens")
+    return torch.tensor(windows), names
 
 
 def quantize_dir(model_dir: str | Path, out: str | Path, bits: int, group_size: int | None = None, *,

@@ -114,11 +114,12 @@ def merge_command(params: dict[str, Any], out: str) -> list[str]:
     args = ["merge", *[f"models/{m}" for m in [params["model"], *params["others"]]], "--method", params["method"]]
     if params.get("base"):
         args += ["--base", f"models/{params['base']}"]
+    # one argument each, --flag=VALUE: a value starting with '-' ("-1.0,1.0", "-1e-05") is no flag then
     if params.get("weights"):
-        args += ["--weights", ",".join(repr(float(w)) for w in params["weights"])]
+        args.append("--weights=" + ",".join(repr(float(w)) for w in params["weights"]))
     for flag in ("t", "density", "lambda", "seed"):
         if params.get(flag) is not None:
-            args += [f"--{flag}", str(params[flag])]
+            args.append(f"--{flag}={params[flag]}")
     return args + ["--out", out]
 
 

@@ -12,21 +12,29 @@ while the weights it measured are still the model's."""
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from fastapi import APIRouter, HTTPException
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 
 from ...files import atomic_write_text
 from ...models import ModelConfig, Transformer
 from ...models.generation import generate_ids
 from ...models.io import TRAINING, WEIGHTS
 from ...models.merge import NEEDS_BASE, check_parameters, check_parents
-from ...models.quant import FORMATS, GROUP_SIZES, METHODS, QUANTIZATION, QuantConfig, check_shapes, plan_modules
+from ...models.quant import (
+    FORMATS,
+    GROUP_SIZES,
+    METHODS,
+    QUANTIZATION,
+    QuantConfig,
+    check_shapes,
+    plan_modules,
+    weight_bits,
+)
 from ...tokenizers import Tokenizer
 from ...tune.chat import TEMPLATE, TEMPLATE_FILE, fit_history, has_template
 from ..app import AppState, StateDep
@@ -45,9 +53,6 @@ from ..workspace import LinkError, check_name
 router = APIRouter()
 SPEED_FILE = "speed.json"
 SPEED_TOKENS = 32  # a short decode: enough steps that the prompt's forward and the warm-up do not dominate
-# bits per element of the dtypes model.safetensors holds (U8 is int4 packed two to a byte: 8 bits per element)
-DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8,
-              "BOOL": 8}
 
 
 # ---- quantization as a job ------------------------------------------------------------------------
@@ -164,22 +169,6 @@ def create_merge_run(state: StateDep, req: MergeCreate) -> Run:
 
 
 # ---- the card -------------------------------------------------------------------------------------
-
-def weight_bits(path: Path, parameters: int) -> tuple[float | None, float | None]:
-    """(bits of all of model.safetensors' tensors per parameter, bits of the quantized linears alone per weight:
-    their integers, scales and zeros over out x in; None for a model without quantized linears)."""
-    total = quant = weights = 0
-    with safe_open(str(path), "pt") as f:
-        for key in f.keys():
-            t = f.get_slice(key)
-            n = math.prod(t.get_shape())
-            total += n * DTYPE_BITS[t.get_dtype()]
-            leaf = key.rpartition(".")[2]
-            if leaf in ("qweight", "scales", "zeros"):  # quant.QuantLinear's buffers
-                quant += n * DTYPE_BITS[t.get_dtype()]
-                weights += n * (2 if t.get_dtype() == "U8" else 1) if leaf == "qweight" else 0
-    return (total / parameters if parameters else None), (quant / weights if weights else None)
-
 
 def made(state: AppState, row: dict[str, Any], path: Path, trained: bool, qc: QuantConfig | None) -> dict[str, Any]:
     """How the model came to be: quantized or self-played from another model of the workspace (its origin),
