@@ -95,6 +95,30 @@ def test_datasets_are_listed_kept_apart_and_deleted(tn):
     assert tn.delete("/api/v1/datasets/k.jsonl").status_code == 404
 
 
+def test_an_overwrite_that_fails_keeps_the_old_dataset_and_its_kind(tn, monkeypatch):
+    """overwrite=true replaced the kind record before the file: an error between the two left the old pairs
+    under the new kind (kto), and the preview and runs refused them. The old record now comes back."""
+    import os
+
+    import lmlab.server.routers.tune as tune_router
+    assert put(tn, "keep.jsonl", "pairs", PAIRS).status_code == 201
+    real = os.replace
+
+    def failing(src, dst):
+        if str(dst).endswith(os.sep + "keep.jsonl"):
+            raise OSError(5, "Input/output error (simulated)")
+        return real(src, dst)
+
+    monkeypatch.setattr(tune_router.os, "replace", failing)
+    with pytest.raises(OSError, match="simulated"):
+        put(tn, "keep.jsonl", "kto", KTO, overwrite="true")
+    monkeypatch.setattr(tune_router.os, "replace", real)
+    listed = {d["name"]: d for d in tn.get("/api/v1/datasets").json()}
+    assert (listed["keep.jsonl"]["kind"], listed["keep.jsonl"]["examples"]) == ("pairs", 3)
+    assert tn.get("/api/v1/datasets/keep.jsonl/preview", params={"model": "base"}).status_code == 200
+    assert tn.delete("/api/v1/datasets/keep.jsonl").status_code == 204
+
+
 def test_the_preview_mask_is_the_renderers(tn):
     p = tn.get("/api/v1/datasets/chats.jsonl/preview", params={"model": "base", "rows": 9}).json()
     tok, added = with_chat_tokens(tn.tok)
@@ -153,6 +177,68 @@ def test_settings_of_another_method_and_data_of_another_kind_are_refused(tn):
     r = tn.post("/api/v1/runs/tune", json={**SFT, "new_model": "base"})
     assert (r.status_code, r.json()["detail"]) == (409, "a model named 'base' already exists; choose another name "
                                                         "for the new model")
+
+
+def test_data_and_settings_the_run_would_refuse_at_its_start_are_refused_at_once(tn):
+    """A run was queued (201) and failed at once where the app could tell: an example with nothing to train on in
+    the context (the preview said so: 422), prompts that fill the context under completion_only, a GRPO task's
+    prompt + max_new_tokens longer than the context, and a pair whose prompt merges into its completion (the
+    preview showed it trained). Each is a 422 naming the dataset's line now, and no run is made."""
+    tail = {**CHATS[0], "messages": [{"role": "user", "content": "7" * 60}, {"role": "assistant", "content": "ok"}]}
+    assert put(tn, "tail.jsonl", "conversations", CHATS[:4] + [tail]).status_code == 201
+    assert put(tn, "full.jsonl", "prompt_completion", [{"prompt": "1" * 60, "completion": "ok"}] * 3).status_code == 201
+    runs = len(tn.get("/api/v1/runs").json())
+    for body, detail in (
+            ({**SFT, "dataset": "tail.jsonl"},
+             "tail.jsonl:5: no token to train on within the context of 49 tokens (the example is longer); shorten "
+             "it: the model's context holds no more"),
+            ({**SFT, "dataset": "full.jsonl", "completion_only": True}, "full.jsonl:1: no token to train on"),
+            ({"method": "grpo", "model": "base", "task": "addition", "max_new_tokens": 100},
+             "prompt + max_new_tokens (")):
+        r = tn.post("/api/v1/runs/tune", json={**body, "new_model": "never"})
+        assert r.status_code == 422 and r.json()["detail"].startswith(detail), r.text
+        assert "/runs/" not in r.json()["detail"]  # the server's own path stays out of it
+    preview = tn.get("/api/v1/datasets/tail.jsonl/preview", params={"model": "base"})
+    assert (preview.status_code, preview.json()["detail"]) == (422, (
+        "tail.jsonl:5: no token to train on within the context of 49 tokens (the example is longer); shorten it: "
+        "the model's context holds no more"))
+    assert len(tn.get("/api/v1/runs").json()) == runs
+
+
+def test_the_preference_preview_refuses_what_the_run_refuses_and_counts_cut_examples(tmp_path):
+    """A prompt merged by BPE into its completion ("hel" + "lo" -> "hello") was shown trained by the preview,
+    and the run refused it; and `tune dpo` counted the examples cut as the larger of the chosen and rejected
+    sides' counts (1 where one example was cut on each side), KTO's mismatched KL pairs among them."""
+    from lmlab.server.routers.tune import preference_rows
+    from lmlab.tune.preference import PreferenceData
+    tok = Tokenizer.train(["hello world " * 200], kind="bpe", vocab_size=270)
+    assert tok.encode("hello") == tok.encode("hel" + "lo") and len(tok.encode("hello")) == 1
+    pair = {"line": 1, "prompt": "hel", "chosen": "lo", "rejected": " world"}
+    with pytest.raises(ValueError, match="^p.jsonl:1: the prompt has no tokens of its own$"):
+        preference_rows([(1, pair)], "pairs", tok, 48, 5, "p.jsonl")
+    long, short = "hello " * 6, "world"
+    pairs = [{"prompt": "hello world", "chosen": long, "rejected": short},   # cut on the chosen side only
+             {"prompt": "hello world", "chosen": short, "rejected": long}]   # on the rejected side only
+    kto = [{"prompt": "hello", "completion": long, "label": True},           # fits: 1 + 7 tokens of 9
+           {"prompt": "hello world hello", "completion": "world", "label": False}]  # KL pair: 3 + 7, cut
+    for kind, rows, cut in (("pairs", pairs, 2), ("kto", kto, 0)):
+        (tmp_path / f"{kind}.jsonl").write_text(jsonl(rows).decode())
+        data = PreferenceData(tmp_path / f"{kind}.jsonl", tok, kind, 9)
+        preview = preference_rows([(i + 1, r) for i, r in enumerate(rows)], kind, tok, 9, 5, kind)
+        assert data.truncated == preview["truncated"] == cut, (kind, data.truncated, preview["truncated"])
+
+
+def test_lora_targets_take_what_the_cli_takes():
+    """The API's pattern refused all-linear and dotted names (attn.c_attn), which --lora-targets takes; a name
+    that would read as a flag stays refused."""
+    from pydantic import ValidationError
+
+    from lmlab.server.schemas import TuneCreate
+    for targets in ("all-linear", "attn.c_attn,mlp.c_fc", "c_attn"):
+        assert TuneCreate(method="sft", model="m", new_model="n", lora_rank=2, lora_targets=targets).lora_targets
+    for targets in ("-x", "a,,b", "a b", ""):
+        with pytest.raises(ValidationError):
+            TuneCreate(method="sft", model="m", new_model="n", lora_rank=2, lora_targets=targets)
 
 
 def test_lora_settings_reach_the_command_for_every_method(tmp_path):

@@ -187,6 +187,24 @@ def test_tokens_per_s_and_mfu_count_only_the_rows_trained_on(tmp_path):
     assert [(r["zero_spread_groups"], r["tokens_per_s"], r["mfu"]) for r in rows] == [(2.0, 0.0, 0.0)] * 2
 
 
+def test_a_resume_refuses_an_edited_reward_file(tmp_path):
+    """Only the reward file's path was recorded: a resume after the file was edited scored the rest of the run
+    with other code (reward 3 -> -100) and reported it as the same run. Its hash is recorded now, and a resume
+    with other code is refused; the same code resumes."""
+    _start_model(tmp_path / "start")
+    reward = tmp_path / "rew.py"
+    reward.write_text("def r(prompt, text):\n    return float(len(text) % 3)\n", encoding="utf-8")
+    cfg = GRPOConfig(steps=1, prompts_per_step=2, group_size=2, max_new_tokens=4, save_every=1)
+    run_grpo(tmp_path / "start", tmp_path / "run", cfg, reward="file", prompts=["ab", "c"],
+             reward_file=f"{reward}:r", log=None)
+    kept = reward.read_text()
+    reward.write_text("def r(prompt, text):\n    return -100.0\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="the reward file's code differs from the code the run started with"):
+        resume_grpo(tmp_path / "run", {"steps": 2}, log=None)
+    reward.write_text(kept, encoding="utf-8")
+    assert len(resume_grpo(tmp_path / "run", {"steps": 2}, log=None).history) == 2
+
+
 def test_scoring_agrees_with_sampling_under_dropout(tmp_path):
     """A model whose config carries dropout 0.1 (as imported GPT-2 models do): the first step's importance
     ratio is exactly 1 and its KL to the (identical) starting model exactly 0, since both are taken with dropout

@@ -95,7 +95,8 @@ def test_each_pair_loss_on_a_fixed_batch_is_the_papers_formula(loss, model_dir, 
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p, generator=torch.Generator().manual_seed(1)))
     ds.attach_reference(ref, None)
-    cfg = P.PreferenceConfig(loss=loss, beta=0.7 if loss != "simpo" else 2.0, gamma=0.3)
+    cfg = P.PreferenceConfig(loss=loss, beta=0.7 if loss != "simpo" else 2.0,
+                             **({"gamma": 0.3} if loss == "simpo" else {}))  # gamma is SimPO's alone
     batch = ds.sample_batch(6, 48, torch.Generator().manual_seed(0))
     got, metrics = P.PreferenceObjective(cfg).loss(P.no_dropout(model).train(), batch)
     got = got.detach()
@@ -245,7 +246,8 @@ def test_simpo_and_orpo_equal_trls_cpo_and_orpo_trainers_on_the_hf_export(loss, 
     model, _ = load_pretrained(model_dir)
     ds = P.PreferenceData(pairs_file, tok, "pairs", 48)
     ds.attach_reference(model, None)
-    cfg = P.PreferenceConfig(loss=loss, beta=2.0 if loss == "simpo" else 0.3, gamma=0.8)
+    cfg = P.PreferenceConfig(loss=loss, beta=2.0 if loss == "simpo" else 0.3,
+                             **({"gamma": 0.8} if loss == "simpo" else {}))
     ours = P.PreferenceObjective(cfg).loss(P.no_dropout(model).train(), dict(ds.tensors))[0].detach()
 
     def tokenize_row(self, feature, model=None):
@@ -526,6 +528,20 @@ def test_the_cli_records_sft_weight_and_refuses_it_where_it_does_not_apply(model
     assert err == ("lmlab: error: sft_weight is for dpo, ipo and simpo, not orpo (ORPO has its own NLL term; KTO "
                    "has no chosen side)")
     assert not (tmp_path / "orpo").exists()
+    # SimPO's gamma with another loss was ignored without a word (exit 0)
+    assert main([*argv, "--out", str(tmp_path / "g"), "--gamma", "3"]) == 2
+    assert capsys.readouterr().err.strip() == ("lmlab: error: gamma is SimPO's target margin, not used by the dpo "
+                                               "loss; leave it out")
+    # a file where the run's folder or the reference cache goes: "[Errno 17] File exists" before
+    (tmp_path / "file").write_text("mine")
+    assert main([*argv, "--out", str(tmp_path / "file")]) == 2
+    assert capsys.readouterr().err.strip() == (f"lmlab: error: {tmp_path / 'file'} is a file, not a folder; name a "
+                                               "folder to write the run to")
+    argv[argv.index("--ref-cache") + 1] = str(tmp_path / "file")
+    assert main([*argv, "--out", str(tmp_path / "c")]) == 2
+    assert capsys.readouterr().err.strip() == (f"lmlab: error: the reference cache {tmp_path / 'file'} is a file; "
+                                               "name a folder (or leave it out)")
+    assert (tmp_path / "file").read_text() == "mine"
 
 
 def test_the_shipped_rule_task_is_the_generators_output_and_its_rule_separates_the_pairs(tmp_path):

@@ -588,8 +588,10 @@ class TuneCreate(BaseModel):
     lora_rank: int | None = Field(None, ge=1, le=1024, description="LoRA adapters of this rank (none: all weights)")
     lora_alpha: float | None = Field(None, gt=0, le=1e6, description="LoRA: scale alpha / rank (default 2 x rank)")
     lora_dropout: float | None = Field(None, ge=0, lt=1, description="LoRA: dropout on the adapters' input")
-    lora_targets: str | None = Field(None, max_length=300, pattern=r"^[A-Za-z0-9_]+(,[A-Za-z0-9_]+)*$",
-                                     description="LoRA: comma list of module names (default all linear layers)")
+    lora_targets: str | None = Field(None, max_length=300,
+                                     pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*(,[A-Za-z0-9_][A-Za-z0-9_.\-]*)*$",
+                                     description="LoRA: comma list of module names, as the CLI's --lora-targets "
+                                                 "(all-linear, c_attn, attn.c_attn; default all linear layers)")
     lora_new_tokens: bool | None = Field(None, description="LoRA: also train the embedding (and untied head) rows "
                                          "of the chat format's tokens (PEFT's trainable_token_indices)")
     lora_hard_tokens: int | None = Field(None, ge=0, le=4096, description="sft with LoRA: also train the rows of the "

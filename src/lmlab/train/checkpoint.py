@@ -132,6 +132,8 @@ def run_folder(out: str | Path) -> Path:
     write among whatever is there) is refused, as the CLI refuses --out ''."""
     if not str(out).strip():
         raise ValueError("the run's folder (out) is empty; name the folder to write the run to")
+    if Path(out).exists() and not Path(out).is_dir():  # it said "[Errno 17] File exists" once it got there
+        raise ValueError(f"{out} is a file, not a folder; name a folder to write the run to")
     return Path(out)
 
 

@@ -443,11 +443,16 @@ def run_grpo(model_dir: str | Path, out: str | Path, config: GRPOConfig, *, task
         source = PromptSource(tok, policy.config.block_size, config.max_new_tokens, prompts=list(prompts) or [""])
     record = {"grpo": dataclasses.asdict(config), "task": task, "reward": reward, "init": str(model_dir),
               "model_sha256": weights_sha(model_dir), "prompts": list(prompts), "reward_file": reward_file,
-              "judge": str(judge) if judge else None, "lora": lora.to_dict() if lora else None}
+              "judge": str(judge) if judge else None, "lora": lora.to_dict() if lora else None,
+              # the reward is the file's code: an edited file would score the rest of a resumed run otherwise
+              "reward_file_sha256": file_sha256(Path(reward_file.rpartition(":")[0])) if reward_file else None}
     if resume:
-        check_same_run(out, read_record(out, "grpo", "GRPO"), record, "grpo", RESUMABLE_CHANGES,
-                       {"model_sha256": "the weights of the starting model differ from those the run started with",
-                        "prompts": "other prompts", "task": "", "reward": "", "reward_file": "", "lora": ""})
+        saved = read_record(out, "grpo", "GRPO")
+        same = {"model_sha256": "the weights of the starting model differ from those the run started with",
+                "prompts": "other prompts", "task": "", "reward": "", "reward_file": "", "lora": ""}
+        if "reward_file_sha256" in saved:  # runs recorded before it have no hash to compare
+            same["reward_file_sha256"] = "the reward file's code differs from the code the run started with"
+        check_same_run(out, saved, record, "grpo", RESUMABLE_CHANGES, same)
     return train_grpo(policy, tok, out, config, source, score, reference=reference, provenance=record,
                       resume=resume, log=log, lora=lora, keep_template=has_template(model_dir))
 

@@ -88,20 +88,27 @@ def render(tokenizer: Any, prompt: str, completion: str) -> tuple[list[int], lis
     return full[:k], full[k:] + [tokenizer.eos_id]
 
 
+def fit(p: list[int], c: list[int], max_len: int, at: str) -> tuple[list[int], bool]:
+    """A prompt and completion in max_len tokens: the completion whole, the prompt's first tokens cut when the two
+    are longer. -> (the prompt kept, whether it was cut). ValueError naming `at` (the file's line) for a pair that
+    cannot be scored: a completion longer than the context, a prompt with no token of its own."""
+    if len(c) + 1 > max_len:
+        raise ValueError(f"{at}: the completion has {len(c)} tokens with EOS; the model's context of {max_len} "
+                         "leaves no room for the prompt")
+    if not p:
+        raise ValueError(f"{at}: the prompt has no tokens of its own")
+    cut = len(p) + len(c) > max_len
+    return (p[len(p) + len(c) - max_len:] if cut else p), cut
+
+
 def _pack(seqs: Sequence[tuple[list[int], list[int]]], max_len: int, where: Sequence[str], pad: int
-          ) -> tuple[torch.Tensor, torch.Tensor, int]:
+          ) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
     """Right-padded (N, L) ids and a mask of the scored (completion) tokens; a sequence longer than max_len
-    loses its prompt's first tokens (keeps its end). -> (ids, mask, how many were cut)."""
-    cut, rows = 0, []
+    loses its prompt's first tokens (keeps its end). -> (ids, mask, whether each row was cut)."""
+    cuts, rows = [], []
     for (p, c), at in zip(seqs, where):
-        if len(c) + 1 > max_len:
-            raise ValueError(f"{at}: the completion has {len(c)} tokens with EOS; the model's context of "
-                             f"{max_len} leaves no room for the prompt")
-        if not p:
-            raise ValueError(f"{at}: the prompt has no tokens of its own")
-        if len(p) + len(c) > max_len:
-            cut += 1
-            p = p[len(p) + len(c) - max_len:]
+        p, cut = fit(p, c, max_len, at)
+        cuts.append(cut)
         rows.append((p, c))
     L = max(len(p) + len(c) for p, c in rows)
     ids = torch.full((len(rows), L), pad, dtype=torch.long)
@@ -109,7 +116,7 @@ def _pack(seqs: Sequence[tuple[list[int], list[int]]], max_len: int, where: Sequ
     for i, (p, c) in enumerate(rows):
         ids[i, :len(p) + len(c)] = torch.tensor(p + c)
         mask[i, len(p):len(p) + len(c)] = True
-    return ids, mask, cut
+    return ids, mask, cuts
 
 
 class PreferenceData:
@@ -125,7 +132,7 @@ class PreferenceData:
         rows = read_examples(path, kind)
         lines = [f"{path}:{r['line']}" for r in rows]
         self.tensors: dict[str, torch.Tensor] = {}
-        self.truncated, self.n = 0, len(rows)
+        self.n = len(rows)
         if kind == "pairs":
             sides = {"chosen": [render(tokenizer, r["prompt"], r["chosen"]) for r in rows],
                      "rejected": [render(tokenizer, r["prompt"], r["rejected"]) for r in rows]}
@@ -135,10 +142,13 @@ class PreferenceData:
             sides = {"completion": done,
                      "kl": [render(tokenizer, r["prompt"], q["completion"]) for r, q in zip(rows, previous)]}
             self.tensors["label"] = torch.tensor([r["label"] for r in rows])
+        cut_rows = [False] * self.n
         for side, seqs in sides.items():
-            ids, mask, cut = _pack(seqs, max_len, lines, pad_id)
+            ids, mask, cuts = _pack(seqs, max_len, lines, pad_id)
             self.tensors[side], self.tensors[side + "_mask"] = ids, mask
-            self.truncated = max(self.truncated, cut)
+            if side != "kl":  # the examples cut, on either side (KTO's mismatched KL pairs are no examples)
+                cut_rows = [a or b for a, b in zip(cut_rows, cuts)]
+        self.truncated = sum(cut_rows)
         self.train_tokens = self.n * max_len  # the Trainer's tokens per row: --epochs counts passes over the rows
 
     @property
@@ -264,6 +274,8 @@ class PreferenceConfig:
             raise ValueError(f"sft_weight must be a finite number, 0 or more, got {self.sft_weight}")
         if not math.isfinite(self.gamma):
             raise ValueError(f"gamma must be a finite number, got {self.gamma}")
+        if self.gamma != 1.0 and self.loss != "simpo":  # read by SimPO alone: ignored without a word otherwise
+            raise ValueError(f"gamma is SimPO's target margin, not used by the {self.loss} loss; leave it out")
         if self.sft_weight and self.loss in ("orpo", "kto"):
             raise ValueError(f"sft_weight is for dpo, ipo and simpo, not {self.loss} "
                              "(ORPO has its own NLL term; KTO has no chosen side)")
@@ -417,6 +429,8 @@ def run_preference(out: str | Path, train_config: Any = None, *, model_dir: str 
         train_config = TrainConfig.from_dict({**saved["train"], **(train_config or {})})
     else:
         refuse_existing_run(out, (*RUN_FILES, DATA_COPY), "lmlab tune dpo")
+    if cache_dir is not None and Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+        raise ValueError(f"the reference cache {cache_dir} is a file; name a folder (or leave it out)")
     if model_dir is None or data is None or cfg is None or train_config is None:
         raise ValueError("a new preference run needs a model, data, a loss and a training config")
     model, tok = load_pretrained(model_dir)

@@ -54,9 +54,10 @@ class Example:
 
 
 def encode_examples(kind: str, rows: Sequence[tuple[int, Any]], tokenizer: Tokenizer, seq_len: int, *,
-                    path: str | Path = "data", completion_only: bool = False) -> tuple[list[Example], int]:
+                    path: str | Path = "data", completion_only: bool = False,
+                    remedy: str = "shorten it or use a longer --seq-len") -> tuple[list[Example], int]:
     """Examples cut to the context (seq_len + 1 ids: seq_len inputs and targets) and how many were cut.
-    ValueError naming the line of an example left without a trained token."""
+    ValueError naming the line of an example left without a trained token (and the `remedy`)."""
     examples, truncated = [], 0
     for line, record in rows:
         if kind == "messages":
@@ -72,7 +73,7 @@ def encode_examples(kind: str, rows: Sequence[tuple[int, Any]], tokenizer: Token
             truncated += 1
         if not any(mask):
             raise ValueError(f"{path}:{line}: no token to train on within the context of {seq_len + 1} tokens "
-                             f"(the example is longer); shorten it or use a longer --seq-len")
+                             f"(the example is longer); {remedy}")
         examples.append(Example(np.array(ids, dtype=np.int64), np.array(mask, dtype=bool), line))
     return examples, truncated
 

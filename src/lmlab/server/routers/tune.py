@@ -27,15 +27,17 @@ import torch
 from fastapi import APIRouter, File, Form, HTTPException, Query, Response, UploadFile
 
 from ...data.jsonl import read_jsonl
+from ...files import atomic_write_text
 from ...models import ModelConfig, Transformer, preset_names
 from ...models.quant import QUANTIZATION
 from ...tokenizers import Tokenizer
 from ...tune.chat import with_chat_tokens
 from ...tune.data import check_conversation, check_sft_example
+from ...tune.grpo import PromptSource
 from ...tune.lora import LoRAConfig, apply_lora, parse_targets
-from ...tune.preference import read_examples
+from ...tune.preference import fit, read_examples
 from ...tune.preference import render as render_completion
-from ...tune.rewards import TASKS
+from ...tune.rewards import TASKS, get_task
 from ...tune.sft import encode_examples
 from ..app import AppState, StateDep
 from ..commands import DATASET, LORA_SETTINGS, TUNE_SETTINGS
@@ -145,8 +147,16 @@ def upload_dataset(state: StateDep, file: Annotated[UploadFile, File()],
         # a run never reads this file after it was queued (it has its own copy): replaced at any time
         meta_tmp = tmp.with_suffix(".meta")
         meta_tmp.write_text(meta, encoding="utf-8")
+        old = record.read_text(encoding="utf-8") if record.is_file() else None
         os.replace(meta_tmp, record)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except BaseException:  # the old file stays: so does its record (the new kind over the old data misnamed it)
+            if old is None:
+                record.unlink(missing_ok=True)
+            else:
+                atomic_write_text(record, old)
+            raise
     finally:
         tmp.unlink(missing_ok=True)
         tmp.with_suffix(".meta").unlink(missing_ok=True)
@@ -193,14 +203,19 @@ def _row(tok: Tokenizer, line: int, side: str, ids: list[int], mask: list[int], 
             "tokens": [{"text": p, "trained": bool(m)} for p, m in zip(pieces, mask)]}
 
 
+REMEDY = "shorten it: the model's context holds no more"  # the web app sets no --seq-len
+
+
 def sft_rows(examples: list[tuple[int, Any]], kind: str, tok: Tokenizer, block: int, n: int,
-             name: str = "data") -> dict[str, Any]:
+             name: str = "data", completion_only: bool = False) -> dict[str, Any]:
     """What `lmlab tune sft` trains on: its examples (encode_examples) over the whole file for the counts, the
     first `n` shown; an example is cut to block + 1 ids (the model's inputs and targets)."""
     found = "messages" if kind == "conversations" else "prompt"
-    encoded, truncated = encode_examples(found, examples, tok, block, path=name)  # errors name the file's line
-    shown = [_row(tok, e.line, "", e.ids.tolist(), e.mask.astype(int).tolist(),
-                  encode_examples(found, [ex], tok, block, path=name)[1] > 0) for e, ex in zip(encoded[:n], examples)]
+    encode = lambda rows: encode_examples(found, rows, tok, block, path=name,  # noqa: E731 (errors name the line)
+                                          completion_only=completion_only, remedy=REMEDY)
+    encoded, truncated = encode(examples)
+    shown = [_row(tok, e.line, "", e.ids.tolist(), e.mask.astype(int).tolist(), encode([ex])[1] > 0)
+             for e, ex in zip(encoded[:n], examples)]
     return {"context": block + 1, "supervised_tokens": int(sum(e.mask.sum() for e in encoded)),
             "truncated": truncated, "rows": shown}
 
@@ -214,19 +229,33 @@ def preference_rows(examples: list[tuple[int, Any]], kind: str, tok: Tokenizer, 
         sides = ([("chosen", r["chosen"]), ("rejected", r["rejected"])] if kind == "pairs" else
                  [("desirable" if r["label"] else "undesirable", r["completion"])])
         cut_any = False
-        for side, completion in sides:
+        for side, completion in sides:  # as the run packs them (a prompt merged into its completion: refused)
             p, c = render_completion(tok, r["prompt"], completion)
-            if len(c) + 1 > block:
-                raise ValueError(f"{name}:{line}: the completion has {len(c)} tokens with EOS; the model's context of "
-                                 f"{block} leaves no room for the prompt")
-            cut = len(p) + len(c) > block
-            p = p[len(p) + len(c) - block:] if cut else p
+            p, cut = fit(p, c, block, f"{name}:{line}")
             cut_any |= cut
             supervised += len(c)
             if i < n:
                 shown.append(_row(tok, line, side, p + c, [0] * len(p) + [1] * len(c), cut))
         truncated += cut_any
     return {"context": block, "supervised_tokens": supervised, "truncated": truncated, "rows": shown}
+
+
+def check_examples(model_dir: Any, data: Any, name: str, kind: str, params: dict[str, Any]) -> None:
+    """422 for data the run would refuse at its start (an example with nothing to train on in the model's
+    context, a pair whose prompt has no token of its own): checked as the preview checks it, before the run is
+    queued, the message naming the dataset's line."""
+    tok = Tokenizer.load(model_dir / "tokenizer.json")
+    block = ModelConfig.load(model_dir / "config.json").block_size
+    try:
+        examples = read_dataset(data, kind)
+        if kind == "conversations":
+            tok, _ = with_chat_tokens(tok)
+        if kind in METHOD_KINDS["sft"]:
+            sft_rows(examples, kind, tok, block, 0, name, completion_only=bool(params.get("completion_only")))
+        else:
+            preference_rows(examples, kind, tok, block, 0, name)
+    except ValueError as exc:
+        raise HTTPException(422, str(exc).replace(str(data), name)) from None
 
 
 # ---- runs -------------------------------------------------------------------------------------------
@@ -273,6 +302,11 @@ def create_tune_run(state: StateDep, req: TuneCreate) -> Run:
         raise HTTPException(422, "lora_dropout does not apply to grpo: it scores the policy with dropout off, as it "
                                  "samples")
     new = check_name(req.new_model, "new model name")
+    if req.dataset:  # the examples as the run will read them, outside the lock (a large file takes a while)
+        kind = need_dataset(state, req.dataset)["kind"]
+        if kind in METHOD_KINDS["kto" if params.get("loss") == "kto" else req.method]:
+            check_examples(need_trained(state, req.model, "the model a fine-tuning run starts from"),
+                           dataset_path(state, req.dataset), req.dataset, kind, params)
     with state.lock:  # from the checks through add_run: see Supervisor.lock
         path, _ = need_selfplay_models(state, req.model, None, new, role="the teacher" if req.method == "distill" else
                                        "the model a fine-tuning run starts from")
@@ -291,6 +325,13 @@ def create_tune_run(state: StateDep, req: TuneCreate) -> Run:
             raise HTTPException(422, f"model {req.model!r} is an int8/int4 model, which cannot train; fine-tune the "
                                      "model it was quantized from")
         cfg = ModelConfig.load(path / "config.json")
+        if req.method == "grpo":  # its prompts and max_new_tokens in the model's context, as the run checks them
+            try:
+                task = get_task(params["task"])
+                PromptSource(Tokenizer.load(path / "tokenizer.json"), cfg.block_size, params["max_new_tokens"],
+                             task=task, heldout=task.heldout(params["eval_prompts"]))
+            except ValueError as exc:
+                raise HTTPException(422, str(exc)) from None
         if params.get("lora_rank"):  # a target the model lacks, a rank above its matrices: the run's own checks,
             try:                     # on a weightless copy
                 with torch.device("meta"):
