@@ -83,7 +83,7 @@ def test_sizes_in_config_json_are_checked_against_the_weights_before_anything_is
 
 def test_merges_that_overflow_fp32_are_refused_not_written(base, tmp_path):
     with pytest.raises(ValueError, match=r"the merge gives non-finite weights \(\d+ tensors"):
-        merge_dirs([base / "base", base / "other"], tmp_path / "m", "linear", weights=[1e308, 1e308])
+        merge_dirs([base / "other"], tmp_path / "m", "task-arithmetic", base=base / "base", weights=[1e308])
     with pytest.raises(ValueError, match="non-finite"):
         merge_dirs([base / "other"], tmp_path / "m", "task-arithmetic", base=base / "base", lam=1e39)
     model, tok = load_pretrained(base / "base")
@@ -253,8 +253,8 @@ def test_what_the_review_of_these_fixes_found(base, tmp_path):
     from lmlab.models.merge import check_parameters
     from lmlab.models.quant import quantize_dir
     from lmlab.train.recipes import resume_run, train_from_sources
-    assert check_parameters("slerp", 2, None, [np.int64(1), np.float32(2)], t=np.float32(0.3))["t"] == \
-        pytest.approx(0.3)
+    assert check_parameters("slerp", 2, None, None, t=np.float32(0.3))["t"] == pytest.approx(0.3)
+    assert check_parameters("linear", 2, None, [np.int64(1), np.float32(2)])  # (slerp refuses weights)
     assert PreferenceConfig("dpo", beta=np.float64(0.2)).beta == 0.2
     pytest.importorskip("transformers")
     hf = export_hf(base / "base", tmp_path / "hf")
