@@ -51,14 +51,19 @@ def test_lab_from_the_ui(tmp_path, browser):  # noqa: F811 (the fixture imported
             assert page.query_selector(f"{row} button.cancel") is None
             assert page.query_selector(f"{row} a.report") is None
             assert page.is_hidden("#lab-report")
-            # an experiment keeps no checkpoints: a stopped one is started again, with its settings, in place
+            # an experiment keeps no checkpoints: a stopped one is started again, a new run with its settings (a
+            # double click makes one)
             assert page.inner_text(f"{row} button.restart") == "Start again"
-            page.click(f"{row} button.restart")
+            page.dblclick(f"{row} button.restart")
+            row = '#lab-table tr[data-run="2"]'
             page.wait_for_selector(f'{row}[data-status="running"] button.cancel', timeout=120_000)
+            page.wait_for_selector("#toast div:not(.bad)")
+            assert page.inner_text("#toast").strip() == "Run 2 started with the settings of run 1"
             with server.client() as c:
-                r = c.get("/api/v1/runs/1").json()
+                r = c.get("/api/v1/runs/2").json()
                 pid = r["pid"]
-                assert r["launches"] == 2 and r["params"]["seeds"] == [1] and not r["params"]["quick"], r
+                assert r["params"] == c.get("/api/v1/runs/1").json()["params"] and r["params"]["seeds"] == [1]
+                assert len(c.get("/api/v1/runs").json()) == 2
             page.click(f"{row} button.cancel")
             page.wait_for_selector(f'{row}[data-status="cancelled"] button.restart', timeout=120_000)
 
@@ -66,7 +71,7 @@ def test_lab_from_the_ui(tmp_path, browser):  # noqa: F811 (the fixture imported
             page.fill("#lab-seeds", "0")
             page.check("#lab-quick")
             page.click("#start-lab")
-            row = '#lab-table tr[data-run="2"]'
+            row = '#lab-table tr[data-run="3"]'
             page.wait_for_selector(f'{row}[data-status="completed"]', timeout=120_000)
             assert "azr · quick" in page.inner_text(row) and page.query_selector(f"{row} a.report") is not None
             report = page.frame_locator("#lab-report")
@@ -79,7 +84,7 @@ def test_lab_from_the_ui(tmp_path, browser):  # noqa: F811 (the fixture imported
             assert "$ lmlab selfplay azr" in page.inner_text("#lab-log")
             shot("02-report")
             page.click('#tabs button[data-tab="runs"]')  # the Runs tab lists it too, as an experiment
-            assert "experiment" in page.inner_text('#runs-table tr[data-run="2"]')
+            assert "experiment" in page.inner_text('#runs-table tr[data-run="3"]')
             page.select_option("#lang", "ru")
             assert page.inner_text('#tabs button[data-tab="lab"]') == "Лаборатория"
             page.click('#tabs button[data-tab="lab"]')

@@ -310,12 +310,12 @@ def test_the_lines_a_run_writes_just_before_it_exits_are_not_lost(tmp_path):
     db.close()
 
 
-def test_a_run_stopped_before_its_first_checkpoint_starts_again_in_its_own_folder(tmp_path):
+def test_a_run_stopped_before_its_first_checkpoint_is_started_again_as_a_new_run(tmp_path):
     """A run killed before its first checkpoint, or cancelled while it waited in the queue, had nothing to
-    resume from, and the app offered only Delete (the settings had to be entered again). Restart starts it again
-    from the beginning in its own folder: what the stopped launch wrote moves to attempt-1/ (nothing lost), its
-    stored metrics go, and the new launch logs steps from 1 once each. A run with a checkpoint is resumed, not
-    started again."""
+    resume from, and the app offered only Delete (the settings had to be entered again). Start again submits the
+    stopped run's request anew, through the endpoint that made it: a new run with the same settings, checked as
+    a new start is (the model's consent: a from-scratch run of a model trained since is refused as a new one
+    is), the stopped run and its files left as they were. A run with a checkpoint is resumed, not started again."""
     server = ServerProcess(tmp_path).start()
     pid = None
     try:
@@ -333,28 +333,32 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_again_in_its_own_folde
             r = _wait(c, first, lambda r: r["status"] != "running", "the supervisor to notice the death")
             assert r["status"] == "interrupted" and r["checkpoint_step"] is None, r
             assert not r["can_resume"] and r["can_restart"], r
-            run_dir = tmp_path / "runs" / f"run-{first}"
-            old_lines = (run_dir / "metrics.jsonl").read_text()
+            old_dir = tmp_path / "runs" / f"run-{first}"
+            old_files = sorted(p.name for p in old_dir.iterdir())
             r = c.post(f"/api/v1/runs/{first}/restart")
-            assert r.status_code == 200 and r.json()["status"] in ("queued", "running"), r.text
-            assert r.json()["current_step"] == 0 and not r.json()["can_restart"]
-            assert (run_dir / "attempt-1" / "metrics.jsonl").read_text() == old_lines
-            assert (run_dir / "attempt-1" / "config.json").is_file() and (run_dir / "log.txt").is_file()
-            pid = _wait(c, first, lambda r: r["status"] == "running" and r["current_step"] >= 4,
-                        "the new launch's steps")["pid"]
-            assert c.post(f"/api/v1/runs/{first}/cancel").status_code == 200
-            r = _wait(c, first, DONE, "the cancel's checkpoint")
+            assert r.status_code == 201, r.text
+            again = r.json()
+            assert again["id"] not in (first, queued) and again["status"] in ("queued", "running")
+            assert again["model"] == "again" and again["books"] == ["tales.txt"]
+            assert again["params"] == _status(c, first)["params"]
+            assert _status(c, first)["status"] == "interrupted"  # the stopped run, as it was
+            assert sorted(p.name for p in old_dir.iterdir()) == old_files
+            pid = _wait(c, again["id"], lambda r: r["status"] == "running" and r["current_step"] >= 2,
+                        "the new run's steps")["pid"]
+            assert c.post(f"/api/v1/runs/{again['id']}/cancel").status_code == 200
+            r = _wait(c, again["id"], DONE, "the cancel's checkpoint")
             assert r["status"] == "cancelled" and r["can_resume"] and not r["can_restart"], r
-            steps = [m["step"] for m in c.get(f"/api/v1/runs/{first}/metrics?limit=100000").json()["metrics"]]
-            assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 4
-            assert (run_dir / "log.txt").read_text().count("$ lmlab train") == 2
-            r = c.post(f"/api/v1/runs/{first}/restart")
+            r = c.post(f"/api/v1/runs/{again['id']}/restart")
             assert r.status_code == 409 and "resume it instead" in r.json()["detail"], r.text
 
-            assert c.post(f"/api/v1/runs/{queued}/restart").status_code == 200
-            r = _wait(c, queued, DONE, "the run that had waited")
-            assert r["status"] == "completed" and r["current_step"] == 6, r
-            assert not (tmp_path / "runs" / f"run-{queued}" / "attempt-1").exists()  # it had written nothing
+            r = c.post(f"/api/v1/runs/{queued}/restart")
+            assert r.status_code == 201, r.text
+            done = _wait(c, r.json()["id"], DONE, "the run that had waited")
+            assert done["status"] == "completed" and done["current_step"] == 6, done
+            # model "waited" is trained now: starting the cancelled from-scratch run again asks, as a new run would
+            r = c.post(f"/api/v1/runs/{queued}/restart")
+            assert r.status_code == 409 and "already has trained weights" in r.json()["detail"], r.text
+            assert c.post(f"/api/v1/runs/{done['id']}/restart").status_code == 409  # completed
     finally:
         kill_run_process(pid)
         server.stop()

@@ -36,9 +36,8 @@ graceful stop interrupts instead (shutdown asks each child to checkpoint and exi
 and of another machine, are left to their own server.
 
 A lab experiment writes results.json, PNG plots and report.html into its run directory and keeps no
-checkpoints: a cancel (SIGINT) ends it, it cannot be resumed, and a stopped one is started again (restart:
-the same command in the same folder, what the stopped launch wrote moved into attempt-N/; so is any run that
-stopped before its first checkpoint).
+checkpoints: a cancel (SIGINT) ends it, it cannot be resumed, and a stopped one is started again (restart: a new
+run of the same request, as is any run that stopped before its first checkpoint; routers/runs.py).
 An evaluation (`lmlab eval` or `lmlab compare`, commands.eval_command) is alike: its results file
 (commands.product) is what it makes. A run that derives a model from others in one pass (`lmlab quantize`:
 commands.DERIVED) keeps no checkpoints either; its RUN_DIR/model becomes the new model params.new_model, as a
@@ -606,48 +605,6 @@ class Supervisor:
             raise ValueError(f"run {run_id} is {run['status']}; only interrupted, failed or cancelled runs can be "
                              f"{done}")
         return run
-
-    def restart(self, run_id: int, ready: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-        """Queue a stopped run that has nothing to resume from (it stopped before its first checkpoint, was
-        cancelled while queued, or is of a kind that keeps none: an experiment, an evaluation, a quantization)
-        to start again from the beginning, with the settings it started with, in its own folder. What its
-        earlier launches wrote there is kept, moved into attempt-N/ (N: the launches so far); its log goes on,
-        its stored metrics are dropped. ValueError says why it cannot; `ready(run)` as in resume."""
-        with self.lock:
-            run = self._stopped_run(run_id, "started again")
-            run_dir = self.ws.run_dir(run_id)  # LinkError (a ValueError): never moved through a link
-            ckpt = latest_checkpoint(run_dir)
-            if ckpt is not None:
-                raise ValueError(f"run {run_id} has a checkpoint at step {checkpoint_step(ckpt)}; resume it instead")
-            if ready is not None:
-                ready(run)
-            self._set_aside(run_dir, run["launches"])
-            self.db.add_metrics(run_id, [], replace=True)
-            self.db.update_run(run_id, status="queued", resume=False, queued_at=time.time(), error=None,
-                               exit_code=None, finished_at=None, cancel_requested=False, stop_reason=None,
-                               current_step=0, tokens=0, last_loss=None, last_val_loss=None, best_val_loss=None,
-                               lr=None, tokens_per_s=None, last_reward=None, last_kl=None, resumed_from_step=None)
-            self._tails.pop(run_id, None)
-            self.wake()
-            return self.db.get_run(run_id)  # type: ignore[return-value]
-
-    @staticmethod
-    def _set_aside(run_dir: Path, launches: int) -> None:
-        """Move what a run's earlier launches wrote into its folder (all but the log and earlier attempts) into
-        attempt-N/, one rename each: a new start finds the folder as a new run does, and nothing is lost."""
-        if not run_dir.is_dir():
-            return
-        keep = {"log.txt", STOP_FILE}
-        entries = [e for e in run_dir.iterdir() if e.name not in keep and not e.name.startswith("attempt-")]
-        if not entries:
-            return
-        n = max(launches, 1)
-        while (run_dir / f"attempt-{n}").exists() or (run_dir / f"attempt-{n}").is_symlink():
-            n += 1
-        aside = run_dir / f"attempt-{n}"
-        aside.mkdir()
-        for entry in entries:
-            os.rename(entry, aside / entry.name)
 
     def running(self) -> list[int]:
         with self.lock:

@@ -428,6 +428,7 @@ def run_info(state: AppState, row: dict[str, Any], queue: list[int] | None = Non
         parent_run_id=row["parent_run_id"], step_offset=row["step_offset"] or 0, checkpoint_step=ckpt_step,
         can_resume=(row["status"] in ("interrupted", "failed", "cancelled") and ckpt_step is not None
                     and row["kind"] not in ("experiment", "eval")),  # these keep no checkpoints of their own
+        # nothing to resume from: Start again makes a new run of the same request (routers/runs.py, start_again)
         can_restart=row["status"] in ("interrupted", "failed", "cancelled") and ckpt_step is None,
         resumed_from_step=row["resumed_from_step"], launches=row["launches"],
         cancel_requested=bool(row["cancel_requested"]), pid=row["pid"], exit_code=row["exit_code"],
@@ -722,23 +723,9 @@ def request_resume(state: AppState, run_id: int, max_steps: int | None) -> dict[
             raise HTTPException(409, str(exc)) from None
 
 
-def request_restart(state: AppState, run_id: int) -> dict[str, Any]:
-    with state.lock:  # from the check through queueing: see Supervisor.lock
-        need_run(state, run_id)
-        try:
-            return state.supervisor.restart(run_id, ready=lambda run: need_resumable_models(state, run, fresh=True))
-        except LookupError as exc:
-            raise HTTPException(404, str(exc)) from None
-        except ValueError as exc:
-            raise HTTPException(409, str(exc)) from None
-
-
-def need_resumable_models(state: AppState, run: dict[str, Any], fresh: bool = False) -> None:
+def need_resumable_models(state: AppState, run: dict[str, Any]) -> None:
     """A resumed run reads and writes models as when it started. Training writes its model when it completes:
-    not while self-play reads it or another run trains it. Self-play needs what it needed to start, and the
-    weights it started from unless it starts again (`fresh`). The other kinds' processes check their models."""
-    if run["kind"] not in ("train", "tune", "selfplay"):
-        return
+    not while self-play reads it or another run trains it. Self-play needs what it needed to start."""
     if run["kind"] == "train":
         need_unused(state, run["model_name"], lambda r: r["id"] != run["id"])
     elif run["kind"] == "tune":  # its process checks the rest: the starting weights (GRPO), its data (a copy)
@@ -747,8 +734,7 @@ def need_resumable_models(state: AppState, run: dict[str, Any], fresh: bool = Fa
     else:
         p = run["params"]
         paths = need_selfplay_models(state, run["model_name"], p.get("judge"), p["new_model"], resuming=True)
-        if not fresh:
-            need_same_weights(state, run, paths)
+        need_same_weights(state, run, paths)
 
 
 def need_same_weights(state: AppState, run: dict[str, Any], paths: tuple[Any, Any]) -> None:

@@ -1,7 +1,7 @@
 """/api/v1/runs: start (training, text self-play: RL of a trained model into a new one, or a lab experiment:
 `lmlab lab facts EXPERIMENT` / `lmlab selfplay azr`), list, detail, metrics, live events (SSE), log, cancel,
-resume (training and self-play), restart (a stopped run with nothing to resume from), delete; an experiment's
-report.html, results.json and plots (report, files)."""
+resume (training and self-play), restart (a new run of a stopped run's request, where there is nothing to resume),
+delete; an experiment's report.html, results.json and plots (report, files)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import asyncio
 import time
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -22,7 +22,6 @@ from ..services import (
     need_run,
     remove_run,
     request_cancel,
-    request_restart,
     request_resume,
     run_file,
     run_info,
@@ -171,11 +170,60 @@ def resume_run(state: StateDep, run_id: RunId, req: ResumeRequest | None = None)
     return run_info(state, request_resume(state, run_id, req.max_steps if req else None))
 
 
-@router.post("/runs/{run_id}/restart", tags=["runs"], response_model=Run,
-             summary="start a stopped run that has nothing to resume from (it stopped before its first checkpoint, "
-                     "or keeps none) again from the beginning, in its own folder; what it wrote moves to attempt-N/")
+@router.post("/runs/{run_id}/restart", tags=["runs"], status_code=201, response_model=Run,
+             responses={409: {"description": "a run that is not stopped, has a checkpoint (resume it), or whose "
+                                             "request a new start refuses now (a name taken since, a model in use)"},
+                        404: {"description": "an unknown run, or a model, book or dataset it used, gone since"}},
+             summary="start again a stopped run that has nothing to resume from (it stopped before its first "
+                     "checkpoint, or keeps none): a new run of the same request, checked as a new start is")
 def restart_run(state: StateDep, run_id: RunId) -> Run:
-    return run_info(state, request_restart(state, run_id))
+    return start_again(state, run_id)
+
+
+def start_again(state: Any, run_id: int) -> Run:
+    """The stopped run's request made again, through the endpoint that made it: every check a new start makes
+    (names free, models trained and not in training, books and datasets there, a trained model's consent) is
+    made again, and the new run's lineage is the model's as it is now. The stopped run stays as it was."""
+    from pydantic import ValidationError
+
+    from ..schemas import EvalCreate, MergeCreate, QuantizeCreate, TuneCreate
+    from .evals import create_eval_run
+    from .modelpage import create_merge_run, create_quantize_run
+    from .tune import create_tune_run
+
+    row = need_run(state, run_id)
+    info = run_info(state, row)
+    if not info.can_restart:
+        why = (f"it has a checkpoint at step {info.checkpoint_step}; resume it instead" if info.checkpoint_step
+               is not None and row["status"] not in ACTIVE else f"it is {row['status']}")
+        raise HTTPException(409, f"run {run_id} cannot be started again: {why}")
+    p, kind, model = row["params"], row["kind"], row["model_name"]
+
+    def request(cls: Any, **extra: Any) -> Any:  # the stored settings the request takes, by name or alias
+        names = {f.alias or n for n, f in cls.model_fields.items()}
+        return cls.model_validate({**{k: v for k, v in p.items() if k in names and v is not None}, **extra})
+
+    try:
+        if kind == "train":
+            return run_info(state, start_run(state, request(RunCreate, model=model, books=row["books"],
+                                                            init_from_trained=bool(row["init_from_trained"]))))
+        if kind == "selfplay":
+            return run_info(state, start_selfplay(state, request(SelfPlayCreate, model=model,
+                                                                 iterations=row["max_steps"])))
+        if kind == "experiment":
+            return run_info(state, start_experiment(state, request(ExperimentCreate)))
+        if kind == "eval":  # a trajectory recorded its run's model among the models: the request named the run
+            return create_eval_run(state, request(EvalCreate, **({"models": []} if p.get("run") else {})))
+        if kind == "quantize":
+            return create_quantize_run(state, request(QuantizeCreate, model=model))
+        if kind == "merge":
+            return create_merge_run(state, request(MergeCreate, model=model))
+        if kind == "tune":
+            return create_tune_run(state, request(TuneCreate, model=model))
+    except ValidationError as exc:  # a setting a new request no longer takes (the server changed since)
+        raise HTTPException(409, f"run {run_id}'s settings are not a valid request now: "
+                                 f"{exc.errors()[0]['msg']}") from None
+    raise HTTPException(409, f"run {run_id} is of kind {kind!r}, which is not started again")
 
 
 @router.delete("/runs/{run_id}", tags=["runs"], status_code=204)

@@ -703,14 +703,21 @@ function runChart(el, id, key, empty) {
   drawChartInto(el, PAGE_CHARTS[key], [{ id, color: runColor(id), metrics: S.metrics.get(id) || [], kind }], t, empty);
 }
 
+const pendingActions = new Set();  // a double click sends one request (the second found the run queued: an error)
+
 async function runAction(id, action) {
+  const key = `${id}/${action}`;
+  if (pendingActions.has(key)) return;
+  pendingActions.add(key);
   try {
-    await api("POST", `/api/v1/runs/${id}/${action}`, action === "resume" ? {} : undefined);
+    const run = await api("POST", `/api/v1/runs/${id}/${action}`, action === "resume" ? {} : undefined);
+    if (action === "restart") toast(startedOrQueued(run, "runs.restarted", { old: id }));  // a new run: say which
     const es = S.streams.get(id);
     if (es) { es.close(); S.streams.delete(id); }
     await refreshRuns();
     if (S.selected.has(id)) subscribe(id);
   } catch (e) { toast(e.message, true); }
+  finally { pendingActions.delete(key); }
 }
 
 async function deleteRun(id) {
