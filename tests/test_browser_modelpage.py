@@ -91,6 +91,13 @@ def test_quantize_from_the_model_page_and_chat_with_a_template_model(tmp_path, b
             page.wait_for_selector("#mp-msg.bad")
             assert page.inner_text("#mp-msg") == ("✗ a model named 'chatty' already exists; choose another name for "
                                                   "the new model")
+            # in Russian, the server's named error in Russian (it was the English sentence)
+            page.select_option("#lang", "ru")
+            page.fill("#mp-new_model", "chatty")
+            page.click("#mp-quantize")
+            page.wait_for_function("() => document.querySelector('#mp-msg').textContent.includes('Модель')")
+            assert page.inner_text("#mp-msg") == "✗ Модель с именем «chatty» уже есть; выберите другое имя"
+            page.select_option("#lang", "en")
             # int4 g32 with GPTQ on the workspace's book, kept head
             page.select_option("#mp-to", "int4")
             page.select_option("#mp-method", "gptq")

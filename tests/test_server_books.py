@@ -207,10 +207,12 @@ def test_a_book_in_use_is_not_overwritten(tmp_path):
     busy = f"book 'tales.txt' is in use by run(s) [{run['id']}]"
     other = b"Another book altogether."
     r = c.post("/api/v1/books?overwrite=true", files={"file": ("tales.txt", other, "text/plain")})
-    assert (r.status_code, r.json()) == (409, {"detail": busy})
+    named = {"key": "book_in_use", "params": {"name": "tales.txt", "runs": str(run["id"])}}  # said in Russian too
+    assert (r.status_code, r.json()) == (409, {"detail": busy, "error": named})
     r = c.post("/upload_book", files={"file": ("tales.txt", other, "text/plain")})
     assert (r.status_code, r.json()) == (400, {"detail": busy})  # 400: the app's answer for a busy model
-    assert (r := c.delete("/api/v1/books/tales.txt")).status_code == 409 and r.json() == {"detail": busy}
+    assert (r := c.delete("/api/v1/books/tales.txt")).status_code == 409 and r.json() == {"detail": busy,
+                                                                                          "error": named}
     assert (tmp_path / "books" / "tales.txt").read_bytes() == BOOK.encode()
     assert c.get("/api/v1/books/tales.txt/preview?chars=20").json()["text"] == read_document(
         tmp_path / "books" / "tales.txt")[:20]

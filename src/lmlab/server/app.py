@@ -299,6 +299,25 @@ def _utf8(text: str) -> bool:
     return True
 
 
+# The errors the web app says in its own language, and the params each sends (i18n.js has problem.KEY for each)
+PROBLEMS = {"model_not_found": ("name",), "model_name_taken": ("name",), "model_untrained": ("name",),
+            "model_training": ("name", "run"), "model_evaluated": ("name", "run"), "model_in_use": ("name", "run"),
+            "model_trained": ("name",), "book_not_found": ("name",), "book_in_use": ("name", "runs"),
+            "book_exists": ("name",), "run_not_found": ("id",), "run_not_active": ("id",), "run_active": ("id",)}
+
+
+class Problem(HTTPException):
+    """An error the web app says in its own language: `detail` stays the English sentence every client reads,
+    and the answer adds {"error": {"key", "params"}}, which the UI looks up as problem.KEY in its strings (i18n.js)
+    and falls back to the sentence where it has none. `key` is one of PROBLEMS, with its params."""
+
+    def __init__(self, status: int, key: str, text: str, **params: Any) -> None:
+        if set(params) != set(PROBLEMS[key]):
+            raise ValueError(f"error {key} takes {PROBLEMS[key]}, not {sorted(params)}")
+        super().__init__(status, text)
+        self.key, self.params = key, params
+
+
 class BodyTooLarge(HTTPException):
     def __init__(self, limit: int) -> None:
         super().__init__(413, f"the request body is larger than the limit of {limit / 2**20:.1f} MiB")
@@ -477,6 +496,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if request.url.path == "/v1" or request.url.path.startswith("/v1/"):
             return JSONResponse(openai_error(exc.status_code, str(exc.detail)), status_code=exc.status_code,
                                 headers=getattr(exc, "headers", None))
+        if isinstance(exc, Problem) and request.url.path.startswith("/api/"):  # the seed's routes keep their shape
+            return JSONResponse({"detail": exc.detail, "error": {"key": exc.key, "params": exc.params}},
+                                status_code=exc.status_code, headers=getattr(exc, "headers", None))
         return await http_exception_handler(request, exc)
 
     @app.exception_handler(RequestValidationError)

@@ -33,7 +33,7 @@ from ..models.io import WEIGHTS
 from ..tokenizers import Tokenizer
 from ..train import TrainConfig, checkpoint_step, checkpoints, latest_checkpoint
 from ..train.progress import PHASE_FILE, PHASES, SAMPLES_FILE
-from .app import AppState
+from .app import AppState, Problem
 from .commands import again_command
 from .db import ACTIVE
 from .extract import Refused, extract
@@ -211,7 +211,7 @@ def need_model(state: AppState, name: str) -> dict[str, Any]:
     check_name(name, "model name")
     row = state.db.get_model(name)
     if row is None:
-        raise HTTPException(404, f"model {name!r} not found")
+        raise Problem(404, "model_not_found", f"model {name!r} not found", name=name)
     return row
 
 
@@ -262,7 +262,7 @@ def need_free_model_name(state: AppState, name: str, hint: str = "") -> None:
     letter case (on macOS and Windows the two would share one folder), and no active run that will write it.
     Called under state.lock, through the add_model or add_run that takes the name."""
     if state.db.get_model(name) is not None:
-        raise HTTPException(409, f"a model named {name!r} already exists{hint}")
+        raise Problem(409, "model_name_taken", f"a model named {name!r} already exists{hint}", name=name)
     active = state.db.list_runs(status=ACTIVE)
     taken = [m["name"] for m in state.db.list_models()]
     taken += [r["params"]["new_model"] for r in active if r["params"].get("new_model")]
@@ -278,7 +278,8 @@ def need_trained(state: AppState, name: str, role: str) -> Any:
     need_model(state, name)
     path = state.ws.model_path(name)
     if not (path / "model.safetensors").is_file() or not (path / "tokenizer.json").is_file():
-        raise HTTPException(409, f"model {name!r} has not been trained yet: {role} must be a trained model")
+        raise Problem(409, "model_untrained", f"model {name!r} has not been trained yet: {role} must be a trained "
+                      "model", name=name)
     return path
 
 
@@ -297,7 +298,9 @@ def need_unused(state: AppState, name: str, keep: Callable[[dict[str, Any]], boo
     """`code` with busy_message if a run in runs_using(name) that `keep` selects is active."""
     busy = [r for r in runs_using(state, name, active) if keep(r)]
     if busy:
-        raise HTTPException(code, busy_message(name, busy[0]))
+        run = busy[0]
+        key = {"train": "model_training", "eval": "model_evaluated"}.get(run["kind"], "model_in_use")
+        raise Problem(code, key, busy_message(name, run), name=name, run=run["id"])
 
 
 def busy_message(name: str, run: dict[str, Any]) -> str:
@@ -319,7 +322,7 @@ def need_book(state: AppState, name: str) -> dict[str, Any]:
     check_book_name(name)
     row = state.db.get_book(name)
     if row is None or not state.ws.book_path(name).is_file():
-        raise HTTPException(404, f"book {name!r} not found")
+        raise Problem(404, "book_not_found", f"book {name!r} not found", name=name)
     return row
 
 
@@ -327,7 +330,8 @@ def need_book_unused(state: AppState, name: str, code: int = 409) -> None:
     users = [r["id"] for r in state.db.list_runs(status=ACTIVE)  # a gptq quantization reads its calibration books
              if name in r["books"] or name in r["params"].get("calibration", ())]
     if users:
-        raise HTTPException(code, f"book {name!r} is in use by run(s) {users}")
+        raise Problem(code, "book_in_use", f"book {name!r} is in use by run(s) {users}", name=name,
+                      runs=", ".join(map(str, users)))
 
 
 def book_full_text(state: AppState, name: str) -> tuple[dict[str, Any], str]:
@@ -356,8 +360,8 @@ def save_upload(state: AppState, upload: UploadFile, *, overwrite: bool, busy_co
     name = check_book_name(upload.filename or "")
     target = state.ws.book_path(name)
     if target.exists() and not overwrite:
-        raise HTTPException(409, f"a book named {name!r} already exists; delete it first or upload with "
-                                 "overwrite=true")
+        raise Problem(409, "book_exists", f"a book named {name!r} already exists; delete it first or upload with "
+                      "overwrite=true", name=name)
     need_book_unused(state, name, busy_code)  # before the reading; again below, under the lock
     tmp = state.ws.tmp / f"upload-{uuid.uuid4().hex}{target.suffix.lower()}"
     text_tmp = state.ws.tmp / f"text-{uuid.uuid4().hex}"
@@ -476,7 +480,7 @@ def run_phase(state: AppState, row: dict[str, Any]) -> str:
 def need_run(state: AppState, run_id: int) -> dict[str, Any]:
     row = state.db.get_run(run_id)
     if row is None:
-        raise HTTPException(404, f"run {run_id} not found")
+        raise Problem(404, "run_not_found", f"run {run_id} not found", id=run_id)
     return row
 
 
@@ -600,9 +604,9 @@ def _start_run(state: AppState, req: RunCreate) -> dict[str, Any]:
     # asked last, of a request that is otherwise valid: a new version from scratch, or continue
     if trained and not req.init_from_trained and not req.new_version:
         by = f" (run {model['trained_run_id']}, {model['trained_steps']} steps)" if model["trained_run_id"] else ""
-        raise HTTPException(409, f"model {req.model!r} already has trained weights{by}; continue from them "
-                                 "(init_from_trained) or train a new version from scratch (new_version): either "
-                                 "way the earlier version stays downloadable")
+        raise Problem(409, "model_trained", f"model {req.model!r} already has trained weights{by}; continue from "
+                      "them (init_from_trained) or train a new version from scratch (new_version): either way the "
+                      "earlier version stays downloadable", name=req.model)
     parent = (model["trained_run_id"], model["trained_steps"] or 0) if req.init_from_trained else (None, None)
     run = state.db.add_run(req.model, list(req.books), params, req.init_from_trained, req.max_steps,
                            parent_run_id=parent[0], step_offset=parent[1])
@@ -708,7 +712,7 @@ def start_experiment(state: AppState, req: ExperimentCreate) -> dict[str, Any]:
 def request_cancel(state: AppState, run_id: int) -> dict[str, Any]:
     row = need_run(state, run_id)
     if row["status"] not in ACTIVE:
-        raise HTTPException(409, f"run {run_id} is {row['status']}, not queued or running")
+        raise Problem(409, "run_not_active", f"run {run_id} is {row['status']}, not queued or running", id=run_id)
     return state.supervisor.cancel(run_id) or row
 
 
@@ -757,7 +761,7 @@ def remove_run(state: AppState, run_id: int) -> None:
     with state.lock:  # not while it is being resumed
         row = need_run(state, run_id)
         if row["status"] in ACTIVE:
-            raise HTTPException(409, f"run {run_id} is {row['status']}; cancel it first")
+            raise Problem(409, "run_active", f"run {run_id} is {row['status']}; cancel it first", id=run_id)
         readers = [r["id"] for r in state.db.list_runs(status=ACTIVE, kind="eval") if r["params"].get("run") == run_id]
         if readers:
             raise HTTPException(409, f"run {run_id}'s checkpoints are being evaluated (run {readers[0]}); cancel that "

@@ -72,8 +72,16 @@ export async function api(method, path, body) {
   }
   if (res.status === 204) return null;
   const data = await res.json().catch(() => ({}));
-  if (!res.ok) throw new Error(detailText(data.detail) || `${res.status} ${res.statusText}`);
+  if (!res.ok) throw new Error(problemText(data) || `${res.status} ${res.statusText}`);
   return data;
+}
+
+// An API error in the page's language where the server named it (app.py's Problem: error.key and its params,
+// looked up as problem.KEY), else the server's own sentence (English) or FastAPI's validation errors in words.
+function problemText(data) {
+  const e = data && data.error;
+  if (e && lang !== "en" && STRINGS["problem." + e.key]) return t("problem." + e.key, e.params || {});
+  return detailText(data && data.detail);
 }
 
 function toast(text, bad = false) {
@@ -206,7 +214,7 @@ function uploadFile(file) {
         li.textContent = "✓ " + t("books.uploaded", { name: data.name, chars: fmtNum(data.chars), encoding: data.encoding });
       } else {
         li.className = "bad";
-        li.textContent = `✗ ${file.name}: ${detailText(data.detail) || xhr.status + " " + xhr.statusText}`;
+        li.textContent = `✗ ${file.name}: ${problemText(data) || xhr.status + " " + xhr.statusText}`;
       }
       refreshBooks().finally(resolve);
     };

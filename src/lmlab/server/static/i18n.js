@@ -648,4 +648,19 @@ export const STRINGS = {
   "tune.chart_reward": ["Mean reward", "Средняя награда"],
   "tune.waiting": ["Waiting for the first step…", "Ждём первого шага…"],
   "tune.model_of": ["fine-tuned from {parent} ({how}, run {id})", "дообучена из {parent} ({how}, запуск {id})"],
+  // the server's errors that name themselves (app.py's Problem): shown in Russian from these; in English the
+  // server's own sentence, which says more, is shown
+  "problem.model_not_found": ["Model {name} not found", "Модель «{name}» не найдена"],
+  "problem.model_name_taken": ["A model named {name} already exists", "Модель с именем «{name}» уже есть; выберите другое имя"],
+  "problem.model_untrained": ["Model {name} has not been trained yet", "Модель «{name}» ещё не обучена; здесь нужна обученная модель"],
+  "problem.model_training": ["Model {name} is training (run {run})", "Модель «{name}» сейчас обучается (запуск {run}); отмените этот запуск или дождитесь его"],
+  "problem.model_evaluated": ["Model {name} is being evaluated (run {run})", "Модель «{name}» сейчас оценивается (запуск {run}); отмените этот запуск или дождитесь его"],
+  "problem.model_in_use": ["Model {name} is in use by run {run}", "Модель «{name}» занята запуском {run}; отмените его или дождитесь"],
+  "problem.model_trained": ["Model {name} already has trained weights", "У модели «{name}» уже есть обученные веса: продолжите обучение с них или обучите новую версию с нуля; прежняя версия останется доступной"],
+  "problem.book_not_found": ["Book {name} not found", "Книга «{name}» не найдена"],
+  "problem.book_in_use": ["Book {name} is in use by run(s) {runs}", "Книгу «{name}» использует запуск (запуски) {runs}"],
+  "problem.book_exists": ["A book named {name} already exists", "Книга с именем «{name}» уже есть; удалите её или загрузите с заменой"],
+  "problem.run_not_found": ["Run {id} not found", "Запуск {id} не найден"],
+  "problem.run_not_active": ["Run {id} is not queued or running", "Запуск {id} не ждёт в очереди и не идёт: отменять нечего"],
+  "problem.run_active": ["Run {id} is queued or running", "Запуск {id} ещё ждёт в очереди или идёт; сначала отмените его"],
 };
