@@ -173,3 +173,43 @@ def test_a_link_the_current_folder_and_the_folders_mode(tmp_path, monkeypatch):
     with staged_dir(private) as tmp:
         (tmp / "a").write_text("new")
     assert private.stat().st_mode & 0o777 == 0o700 and (private / "a").read_text() == "new"
+
+
+def test_a_killed_writers_temporary_file_goes_with_the_next_write(tmp_path, monkeypatch):
+    """A process killed inside atomic_path left its hidden temporary file for good (a half-written checkpoint
+    of GBs at each kill). The next write of the same name on this machine removes those of processes that are
+    gone (once STALE_S old); a live writer's, another machine's, a folder and other names are left alone."""
+    import signal
+
+    import lmlab.files as files
+    target = tmp_path / "model.safetensors"
+    script = textwrap.dedent(f"""
+        import sys, time
+        from lmlab.files import atomic_path
+        with atomic_path({str(target)!r}) as tmp:
+            tmp.write_bytes(b"half" * 1000)
+            print(tmp, flush=True)
+            time.sleep(60)
+    """)
+    env = {**os.environ, "PYTHONPATH": str(Path(files.__file__).parents[1])}
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    killed, live = (Path(p.stdout.readline().strip()) for p in procs)
+    try:
+        procs[0].send_signal(signal.SIGKILL)
+        procs[0].wait(10)
+        gone = f"{procs[0].pid % 2**24:06x}"  # the killed writer's pid: these differ from its file but in what
+        other_host = target.with_name(f".{target.name}.{'00' if files._HOST != '00' else '01'}{gone}1234.tmp")
+        folder = target.with_name(f".{target.name}.{files._HOST}{gone}abcd.tmp")
+        other_host.write_bytes(b"x")
+        folder.mkdir()
+        files.atomic_write_text(target, "new")  # not STALE_S old yet: kept
+        assert killed.exists()
+        monkeypatch.setattr(files, "STALE_S", 0.0)
+        files.atomic_write_text(target, "newer")
+        assert not killed.exists() and live.exists() and other_host.exists() and folder.is_dir()
+        assert target.read_text() == "newer"
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(10)

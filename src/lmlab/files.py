@@ -19,19 +19,70 @@ import os
 import secrets
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+# A temporary file's 12 hex digits: this machine (2), the writing process's pid (6) and chance (4). A process
+# killed mid-write (SIGKILL, a power cut) leaves its file; the next write of the same name on this machine
+# removes such files of processes that are gone, once they are STALE_S old (a checkpoint of GBs each kill).
+STALE_S = 600.0
+_HOST = hashlib.sha256(os.uname().nodename.encode() if hasattr(os, "uname") else b"").hexdigest()[:2]
+
 
 def temp_beside(path: str | Path) -> Path:
     """Create an empty, uniquely named hidden file in `path`'s folder (made if missing); the caller renames
-    it into place or removes it."""
+    it into place or removes it. Leftovers of earlier writers of `path` that were killed go first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the kernel applies the umask
-    return tmp
+    _sweep(path)
+    while True:
+        tmp = path.with_name(f".{path.name}.{_HOST}{os.getpid() % 2**24:06x}{secrets.token_hex(2)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the kernel applies the umask
+            return tmp
+        except FileExistsError:  # this process's own other temporary file of the same name: draw again
+            continue
+
+
+def _sweep(path: Path) -> None:
+    """Remove the temporary files of `path` (regular files only) left by processes of this machine that are
+    gone, at least STALE_S old. A name of another form (another machine's, an older lmlab's) is left alone."""
+    prefix, now = f".{path.name}.", None
+    try:
+        entries = os.scandir(path.parent)
+    except OSError:
+        return
+    with entries:
+        for entry in entries:
+            name = entry.name
+            tag = name[len(prefix):-len(".tmp")] if name.startswith(prefix) and name.endswith(".tmp") else ""
+            if len(tag) != 12 or tag[:2] != _HOST or any(c not in "0123456789abcdef" for c in tag):
+                continue
+            pid = int(tag[2:8], 16)
+            try:
+                if not entry.is_file(follow_symlinks=False) or pid == os.getpid() % 2**24 or _alive(pid):
+                    continue
+                now = now or time.time()
+                if now - entry.stat(follow_symlinks=False).st_mtime >= STALE_S:
+                    os.unlink(entry.path)
+            except OSError:
+                continue
+
+
+def _alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would send CTRL_C_EVENT there: never swept
+        return True
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # another user's process, or a platform that cannot ask: assume alive
+        return True
+    return True
 
 
 def _mode(tmp: Path) -> int:
