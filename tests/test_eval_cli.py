@@ -121,6 +121,7 @@ def test_all_checkpoints_of_a_lora_run_are_its_models_at_those_steps(runs, capsy
     ("evaluate the run's final/"). Now each is put together as the run had it and merged: the last checkpoint is
     final/'s model, the first another one."""
     from lmlab.train.checkpoint import checkpoint_model
+    from lmlab.tune.lora import checkpoint_adapters
     root, tales = runs
     lo = tmp_path / "lo"
     assert main(["train", str(tales), "--out", str(lo), "--init", str(root / "a" / "final"), "--lora-rank", "4",
@@ -135,7 +136,8 @@ def test_all_checkpoints_of_a_lora_run_are_its_models_at_those_steps(runs, capsy
     assert {r["metric"]: r["value"] for r in rows if r["step"] == 6} == expected
     x = torch.tensor([tok.encode("Жили-были кот и лиса")])
     with torch.no_grad():
-        last, first = (checkpoint_model(lo / "checkpoints" / f"step-{s}")(x).logits for s in (6, 3))
+        last, first = (checkpoint_model(lo / "checkpoints" / f"step-{s}", checkpoint_adapters)(x).logits
+                       for s in (6, 3))
         torch.testing.assert_close(last, final.eval()(x).logits, atol=1e-5, rtol=0)
         assert (first - last).abs().max() > 1e-3
 

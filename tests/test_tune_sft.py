@@ -263,9 +263,10 @@ def test_lora_new_tokens_trains_the_chat_tokens_rows_and_no_other(tmp_path, base
     assert_peft_agrees(base_with_tokens, out / "adapter", adapted, tmp_path / "hf")
     # its last checkpoint, the adapters and the chat tokens' rows put on as the run had them, is final/'s model
     from lmlab.train.checkpoint import checkpoint_model, checkpoints
+    from lmlab.tune.lora import checkpoint_adapters
     x = torch.tensor([[*ids, 5, 6, 7]])
     with torch.no_grad():
-        torch.testing.assert_close(checkpoint_model(checkpoints(out)[-1])(x).logits,
+        torch.testing.assert_close(checkpoint_model(checkpoints(out)[-1], checkpoint_adapters)(x).logits,
                                    lmlab.load(out / "final")[0].eval()(x).logits, atol=1e-5, rtol=0)
     capsys.readouterr()
     assert main(["tune", "sft", "--model", str(base_dir), "--data", str(tmp_path / "c.jsonl"), "--out",

@@ -900,6 +900,7 @@ def _trajectory(args: argparse.Namespace, tasks: list[Any]) -> int:
     from .train.checkpoint import checkpoint_model, checkpoint_step, checkpoints
     from .train.recipes import evaluate_texts
     from .train.trainer import resolve_device
+    from .tune.lora import checkpoint_adapters
 
     run = Path(args.model_dir)
     found = checkpoints(run)
@@ -909,7 +910,7 @@ def _trajectory(args: argparse.Namespace, tasks: list[Any]) -> int:
     texts = [read_document(p) for p in find_documents(args.texts)] if args.texts else []
     rows = []
     for ckpt in found:
-        model, step = checkpoint_model(ckpt).to(resolve_device(args.device)), checkpoint_step(ckpt)
+        model, step = checkpoint_model(ckpt, checkpoint_adapters).to(resolve_device(args.device)), checkpoint_step(ckpt)
         if texts:
             r = evaluate_texts(model, tok, texts, seq_len=args.seq_len, batch_size=args.batch_size,
                                stride=args.stride)

@@ -37,6 +37,7 @@ from ..train import TrainConfig, checkpoint_step, checkpoints, lr_at
 from ..train.checkpoint import checkpoint_model
 from ..train.drift import DriftCallback, decay_drift, last_hidden, row_drift, token_counts
 from ..train.trainer import read_run_config
+from ..tune.lora import checkpoint_adapters
 from .facts.report import _plt, line_plot, save_figure, write_report
 
 __all__ = ["DriftCallback", "decay_drift", "neighbours", "row_drift", "run_drift", "token_counts"]
@@ -126,7 +127,7 @@ def run_drift(run_dir: str | Path, out: str | Path, probes: Sequence[str] = (), 
     tc = TrainConfig.from_dict(saved["train"])
     horizon = json.loads((cps[-1] / "state.json").read_text()).get("schedule_steps")
     steps = [checkpoint_step(p) for p in cps]
-    models = [checkpoint_model(p) for p in cps]
+    models = [checkpoint_model(p, checkpoint_adapters) for p in cps]
     embs = [m.tok_emb.weight.detach() for m in models]
     V = embs[0].shape[0]
     data = saved.get("dataset")

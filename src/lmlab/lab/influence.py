@@ -342,6 +342,7 @@ def run_influence(run_dir: str | Path, out: str | Path, target: str, *, unit: st
     from ..train import TrainConfig, checkpoint_step, checkpoints, lr_at
     from ..train.checkpoint import checkpoint_model
     from ..train.trainer import read_run_config
+    from ..tune.lora import checkpoint_adapters
     run_dir, out = Path(run_dir), Path(out)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} exists and is not empty; choose a new folder")
@@ -361,7 +362,7 @@ def run_influence(run_dir: str | Path, out: str | Path, target: str, *, unit: st
     tok = Tokenizer.load(run_dir / "tokenizer.json")
     tc = TrainConfig.from_dict(saved["train"])
     horizon = json.loads((cps[-1] / "state.json").read_text(encoding="utf-8")).get("schedule_steps")
-    models = [checkpoint_model(p) for p in cps]
+    models = [checkpoint_model(p, checkpoint_adapters) for p in cps]
     size = models[0].config.block_size
     steps = [checkpoint_step(p) for p in cps]
     # the checkpoint at step s stands for the steps since the previous one; its lr is the schedule's there

@@ -58,11 +58,12 @@ def mismatch(path: str | Path, what: str, missing: Any, unexpected: Any) -> Valu
                       f"unexpected {sorted(unexpected)[:3]}")
 
 
-def checkpoint_model(checkpoint: str | Path) -> Any:
+def checkpoint_model(checkpoint: str | Path, adapt: Callable[..., Any] | None = None) -> Any:
     """The model of checkpoints/step-N in eval mode, on the CPU (its config.json says which). A LoRA run's
-    checkpoint holds the frozen weights and the adapters: they are put on as the run had them (its config.json's
-    `lora` section; the chat tokens' rows found with the run's tokenizer.json) and merged, so the model is the one
-    final/ would have been at that step."""
+    checkpoint holds the frozen weights beside the adapters: `adapt(model, lora_section, checkpoint)` (its
+    config.json's `lora` section; tune.lora.checkpoint_adapters) puts them on as the run had them before the
+    weights are read and returns what merges them after, so the model is the one final/ would have been at that
+    step. Without `adapt`, such a checkpoint is refused."""
     from safetensors import safe_open
     from safetensors.torch import load_model
 
@@ -75,22 +76,18 @@ def checkpoint_model(checkpoint: str | Path) -> Any:
     model = Transformer(config)
     with safe_open(str(path / "model.safetensors"), framework="pt") as f:
         lora = any(".lora_" in k for k in f.keys())
+    merge = None
     if lora:
-        if not isinstance(saved.get("lora"), dict):
-            raise ValueError(f"{path} is a checkpoint of a LoRA run (adapters beside the frozen weights) whose "
-                             "config.json has no lora section to put them on with: evaluate the run's final/")
-        from ..tune.lora import LoRAConfig, apply_lora
-        tokenizer = None
-        if saved["lora"].get("chat_tokens"):
-            from ..tokenizers import Tokenizer
-            tokenizer = Tokenizer.load(path.parent.parent / "tokenizer.json")
-        apply_lora(model, LoRAConfig(**saved["lora"]), tokenizer)
+        if adapt is None or not isinstance(saved.get("lora"), dict):
+            raise ValueError(f"{path} is a checkpoint of a LoRA run (adapters beside the frozen weights)"
+                             + (" whose config.json has no lora section to put them on with" if adapt else "")
+                             + ": evaluate the run's final/")
+        merge = adapt(model, saved["lora"], path)
     missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
     if missing or unexpected:
         raise mismatch(path, "its config", missing, unexpected)
-    if lora:
-        from ..tune.lora import merge_and_unload
-        merge_and_unload(model)
+    if merge is not None:
+        merge(model)
     return model.eval()
 
 

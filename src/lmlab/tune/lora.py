@@ -32,7 +32,7 @@ import copy
 import json
 import math
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -359,6 +359,19 @@ def merge_and_unload(model: Transformer) -> Transformer:
         m.__class__ = plain
     model.__dict__.pop("lora_config", None)
     return model
+
+
+def checkpoint_adapters(model: Transformer, section: dict[str, Any], checkpoint: Path) -> Callable[..., Any]:
+    """train.checkpoint_model's `adapt` for a LoRA run's checkpoint: the adapters (and the tokens' rows; the chat
+    tokens found with the run's tokenizer.json) put on as the run's config.json says, merge_and_unload to follow.
+
+        model = checkpoint_model(run / "checkpoints" / "step-100", checkpoint_adapters)"""
+    tokenizer = None
+    if section.get("chat_tokens"):
+        from ..tokenizers import Tokenizer
+        tokenizer = Tokenizer.load(Path(checkpoint).parent.parent / "tokenizer.json")
+    apply_lora(model, LoRAConfig(**section), tokenizer)
+    return merge_and_unload
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
