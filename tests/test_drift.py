@@ -92,7 +92,7 @@ def test_report_from_checkpoints(untied, tmp_path, capsys):
     assert [r["token"] for r in res["neighbours"]] == ["'the'", "'old'"] and len(res["probes"]) == 1
     assert (out / "drift_vs_frequency.png").stat().st_size > 0 and "drift" in (out / "report.html").read_text()
     assert main(["lab", "data", "drift", "--run", str(run), "--out", str(out)]) == 2  # never overwrites
-    assert "already holds results.json" in capsys.readouterr().err
+    assert "exists and is not an empty folder" in capsys.readouterr().err
 
 
 def test_too_few_checkpoints_and_unknown_tokens_are_refused(untied, tmp_path, capsys):

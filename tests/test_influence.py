@@ -156,3 +156,10 @@ def test_a_runs_influence_refuses_what_it_cannot_score(word_run, tmp_path, capsy
         err = capsys.readouterr().err
         assert err.startswith("lmlab: error:") and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "o").exists()
+    # --target-file is read as the books are: a cp1251 file was an internal error, a NUL byte went through
+    (tmp_path / "t1251.txt").write_bytes("Ёжик шёл по лесу и нашёл гриб.".encode("cp1251"))
+    (tmp_path / "nul.txt").write_bytes(b"the fox\x00 ran")
+    assert main([*base, "--run", str(run), "--target-file", str(tmp_path / "t1251.txt"), "--max-passages", "2"]) == 0
+    assert "Ёжик" in json.loads((tmp_path / "o" / "results.json").read_text())["target"]
+    assert main([*base[:-1], str(tmp_path / "o2"), "--run", str(run), "--target-file", str(tmp_path / "nul.txt")]) == 2
+    assert "NUL" in capsys.readouterr().err

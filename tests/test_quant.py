@@ -239,7 +239,7 @@ def test_calibration_tokenizes_only_what_its_windows_need(tmp_path):
     for row, word in zip(windows.tolist(), ["cat"] * 4 + ["dog"] * 4):  # each a stretch of its own book
         assert any(text[word][k:k + 64] == row for k in range(len(text[word]) - 64))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="no documents to calibrate on"):  # it said "0 tokens"
+    with pytest.raises(FileNotFoundError, match="no documents .* in the folder"):  # it said "0 tokens"
         calibration_windows([str(tmp_path / "empty")], tok, 64, 512)
 
 

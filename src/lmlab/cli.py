@@ -596,6 +596,8 @@ def _data_contamination(args: argparse.Namespace) -> int:
 
     from .eval.contamination import check, eval_items
 
+    if args.out and (Path(args.out).exists() or Path(args.out).is_symlink()):  # it replaced any file, the
+        raise ValueError(f"--out {args.out} exists; choose a new file (nothing is overwritten)")  # books too
     eval_items(args.eval_spec, need_task=bool(args.model))  # a bad --eval fails before a model loads
     model, tok = _load_for_eval(args.model, args.device) if args.model else (None, None)
     r = check(args.train, args.eval_spec, n=args.n, model=model, tokenizer=tok, batch_size=args.batch_size)
@@ -609,8 +611,9 @@ def _data_contamination(args: argparse.Namespace) -> int:
         print(f"{subset:>5} ({scores['n']} items): " + "  ".join(
             f"{k} {v:.4f}" if v is not None else f"{k} -" for k, v in scores.items() if k != "n"))
     if args.out:
-        from .files import atomic_write_text
-        atomic_write_text(args.out, json.dumps(r, ensure_ascii=False, indent=1))
+        from .files import atomic_path
+        with atomic_path(args.out, new=True) as tmp:  # new: not over a file made meanwhile either
+            tmp.write_text(json.dumps(r, ensure_ascii=False, indent=1), encoding="utf-8")
     return 0
 
 
@@ -1612,7 +1615,8 @@ def _lab_data_influence(args: argparse.Namespace) -> int:
             raise ValueError("scoring a run's passages takes --run and one of --target or --target-file")
         if args.max_passages < 1 or args.top < 1 or args.proj_dim < 0:
             raise ValueError("--max-passages and --top must be >= 1, --proj-dim >= 0")
-        target = args.target if args.target is not None else Path(args.target_file).read_text(encoding="utf-8")
+        from .data import read_document  # the books' reader: encodings (cp1251), NUL bytes refused
+        target = args.target if args.target is not None else read_document(args.target_file)
         res = run_influence(args.run_dir, args.out, target, unit=args.unit, max_passages=args.max_passages,
                             proj_dim=args.proj_dim, top=args.top, command="lmlab " + " ".join(sys.argv[1:]))
         best = res["helped"][0]["passage"][:80] if res["helped"] else "none"

@@ -307,6 +307,10 @@ def dedup(sources: Sequence[str | Path], out_dir: str | Path, config: DedupConfi
         raise ValueError(f"{out} already exists; choose a new --out (nothing is overwritten)")
     paths = find_documents(sources)
     names = _document_names(paths)
+    files = [name if name.endswith((".txt", ".md")) else name + ".txt" for name in names]
+    twice = next((f for i, f in enumerate(files) if f in files[:i]), None)
+    if twice is not None:  # "notes" beside "notes.txt": the second overwrote the first without a word
+        raise ValueError(f"two documents would be written as the same file: {TEXTS}/{twice}")
     texts = [read_document(p) for p in paths]
     result = dedup_texts(texts, config)
     tmp = out.with_name(f".{out.name}.{secrets.token_hex(6)}.tmp")
@@ -323,9 +327,10 @@ def dedup(sources: Sequence[str | Path], out_dir: str | Path, config: DedupConfi
         clusters = [{**c, "members": [_member(u, result.units[u], texts, names, u in c["kept"])
                                       for u in c["members"]]} for c in result.clusters]
         (tmp / CLUSTERS).write_text(json.dumps({"config": asdict(config), "sources": sources_json,
-                                                "clusters": clusters}, ensure_ascii=False, indent=1))
+                                                "clusters": clusters}, ensure_ascii=False, indent=1),
+                                     encoding="utf-8")  # not the locale's: Russian under LC_ALL=C
         result.stats.update(documents=len(texts), documents_out=len(written))
-        (tmp / REPORT).write_text(json.dumps(result.stats, indent=1))
+        (tmp / REPORT).write_text(json.dumps(result.stats, indent=1), encoding="utf-8")
         fix_modes(tmp)
         if out.exists():
             raise ValueError(f"{out} appeared while deduplicating; nothing was overwritten")

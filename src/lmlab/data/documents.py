@@ -74,8 +74,11 @@ def find_documents(sources: Sequence[str | Path]) -> list[Path]:
         path = Path(source)
         if path.is_file():
             found.append(path)
-        elif path.is_dir():
-            found += _walk(path)
+        elif path.is_dir():  # a folder of nothing to read is refused like a glob that matches nothing: the
+            docs = _walk(path)  # commands took it for an empty corpus (contamination said every item was clean)
+            if not docs:
+                raise FileNotFoundError(f"no documents ({' '.join(SUFFIXES)}) in the folder {source}")
+            found += docs
         elif any(ch in str(source) for ch in "*?["):
             before = len(found)
             for match in sorted(glob.glob(str(source), recursive=True)):

@@ -237,6 +237,15 @@ LANG_SAMPLE_CHARS = 100_000  # py3langid reads this much of a document: a book's
 _IDENTIFIER: list = []
 
 
+def _known_languages() -> frozenset[str]:
+    """The codes py3langid's model tells apart (empty without py3langid: identify says what to install)."""
+    try:
+        identify("")
+    except ValueError:
+        return frozenset()
+    return frozenset(_IDENTIFIER[0].nb_classes)
+
+
 def identify(text: str) -> tuple[str, float]:
     """(ISO 639-1 code, probability) from py3langid (Lui & Baldwin 2012's langid.py model, 97 languages,
     offline) for the first LANG_SAMPLE_CHARS characters."""
@@ -263,6 +272,13 @@ class Lang(_Filter):
         super().__post_init__()
         if not self.langs:
             raise ValueError("name at least one language to keep, e.g. lang=ru")
+        # RU, Russian: codes as the model has them (lowercase ISO 639-1); an unknown one kept no document
+        object.__setattr__(self, "langs", tuple(code.strip().lower() for code in self.langs))
+        known = _known_languages()
+        unknown = [code for code in self.langs if known and code not in known]
+        if unknown:
+            raise ValueError(f"lang: {unknown[0]!r} is not a language code of py3langid's model (ISO 639-1, e.g. "
+                             f"ru, uk, en; it knows {len(known)}: {', '.join(sorted(known))})")
 
     def __call__(self, text: str) -> Verdict:
         lang, p = identify(text)

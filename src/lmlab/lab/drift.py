@@ -121,8 +121,8 @@ def run_drift(run_dir: str | Path, out: str | Path, probes: Sequence[str] = (), 
     if len(cps) < 2:
         raise ValueError(f"{run_dir} has {len(cps)} checkpoint(s); drift needs at least two (train with a smaller "
                          "--save-every and --keep-last 0)")
-    if (out / "results.json").exists():
-        raise ValueError(f"{out} already holds results.json; choose another --out")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # its report and plots replaced a user's own
+        raise ValueError(f"{out} exists and is not an empty folder; choose another --out (nothing is overwritten)")
     tok = Tokenizer.load(run_dir / "tokenizer.json")
     tc = TrainConfig.from_dict(saved["train"])
     horizon = json.loads((cps[-1] / "state.json").read_text()).get("schedule_steps")

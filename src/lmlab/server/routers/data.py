@@ -96,6 +96,9 @@ def book_filters(state: StateDep, name: str,
                  level: Literal["document", "paragraph"] = Query("document", description="what the filters judge: "
                                                                  "the whole book, or each paragraph on its own")
                  ) -> dict[str, Any]:
+    if "bad_words" in spec:  # a path of the server's file system, read by the server: the CLI's alone
+        raise HTTPException(422, "c4's bad_words names a file to read; the server reads no path given in a "
+                                 "request: use `lmlab data filter --filters c4:bad_words=FILE` on your machine")
     _, text = book_full_text(state, name)
     try:
         kept, receipts = apply_filters([text], [name], parse_filters(spec, level))
