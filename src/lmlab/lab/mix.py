@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -246,34 +247,46 @@ def run_mix_lab(out: str | Path, sources: list[str | Path] | None, target: str |
     if bool(sources) != (target is not None):
         raise ValueError("give both SOURCES and --target, or neither (the built-in sources and target)")
     t0, cpu0 = time.perf_counter(), time.process_time()
-    if sources:
-        if len(sources) < 2:
-            raise ValueError(f"a mixture needs at least two sources, got {len(sources)}")
-        docs = [find_documents([s]) for s in sources]
-        for s, d in zip(sources, docs):
-            if not d:
-                raise ValueError(f"source {s} holds no documents")
-        target_text = "\n\n".join(read_document(p) for p in find_documents([target]))
-        names = _source_names([Path(s) for s in sources])
-    else:
-        paths, target_path = builtin_sources(out / "sources", cfg.chars_per_source)
-        docs, names, target_text = [[p] for p in paths], [p.stem for p in paths], target_path.read_text("utf-8")
-    texts = [[read_document(p) for p in d] for d in docs]
-    k = len(texts)
-    tok = Tokenizer.train([t for group in texts for t in group], kind="bpe", vocab_size=cfg.vocab_size)
-    tok.save(out / "tokenizer.json")
-    flat = [t for group in texts for t in group]
-    source_of = [i for i, group in enumerate(texts) for _ in group]
-    doc_names = [f"{names[i]}/{p.name}" for i, d in enumerate(docs) for p in d]
-    ds = prepare_texts(flat, tok, out / "data", names=doc_names, seq_len=cfg.block_size)
-    for i in range(k):
-        if not any(d.train_tokens for d, s in zip(ds.documents, source_of) if s == i):
-            raise ValueError(f"source {names[i]} has no text")
-    ids = np.asarray(tok.encode(target_text), dtype=np.int32)
-    if len(ids) <= cfg.block_size:
-        raise ValueError(f"the target has {len(ids)} tokens, fewer than one window of {cfg.block_size + 1}")
-    np.save(out / "target.npy", ids)
-    fit_mixture(np.ones((cfg.proxies, k)) / k, np.zeros(cfg.proxies), "linear" if cfg.fit == "auto" else cfg.fit)
+    made = not out.exists()
+    try:  # the set-up and its checks: a refusal leaves --out as it was, so the same command can run again
+        if sources:
+            if len(sources) < 2:
+                raise ValueError(f"a mixture needs at least two sources, got {len(sources)}")
+            docs = [find_documents([s]) for s in sources]
+            for s, d in zip(sources, docs):
+                if not d:
+                    raise ValueError(f"source {s} holds no documents")
+            target_text = "\n\n".join(read_document(p) for p in find_documents([target]))
+            names = _source_names([Path(s) for s in sources])
+        else:
+            paths, target_path = builtin_sources(out / "sources", cfg.chars_per_source)
+            docs, names, target_text = [[p] for p in paths], [p.stem for p in paths], target_path.read_text("utf-8")
+        texts = [[read_document(p) for p in d] for d in docs]
+        k = len(texts)
+        tok = Tokenizer.train([t for group in texts for t in group], kind="bpe", vocab_size=cfg.vocab_size)
+        tok.save(out / "tokenizer.json")
+        flat = [t for group in texts for t in group]
+        source_of = [i for i, group in enumerate(texts) for _ in group]
+        doc_names = [f"{names[i]}/{p.name}" for i, d in enumerate(docs) for p in d]
+        ds = prepare_texts(flat, tok, out / "data", names=doc_names, seq_len=cfg.block_size)
+        for i in range(k):
+            if not any(d.train_tokens for d, s in zip(ds.documents, source_of) if s == i):
+                raise ValueError(f"source {names[i]} has no text")
+        ids = np.asarray(tok.encode(target_text), dtype=np.int32)
+        if len(ids) <= cfg.block_size:
+            raise ValueError(f"the target has {len(ids)} tokens, fewer than one window of {cfg.block_size + 1}")
+        np.save(out / "target.npy", ids)
+        fit_mixture(np.ones((cfg.proxies, k)) / k, np.zeros(cfg.proxies), "linear" if cfg.fit == "auto" else cfg.fit)
+    except BaseException:
+        if made:
+            shutil.rmtree(out, ignore_errors=True)
+        elif out.is_dir():  # it was empty: all in it is this call's
+            for entry in out.iterdir():
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+        raise
 
     def model(layers: int, embd: int) -> dict[str, Any]:
         return ModelConfig.preset("llama-tiny", vocab_size=len(tok), block_size=cfg.block_size, n_layer=layers,
