@@ -127,18 +127,27 @@ def run_drift(run_dir: str | Path, out: str | Path, probes: Sequence[str] = (), 
     tc = TrainConfig.from_dict(saved["train"])
     horizon = json.loads((cps[-1] / "state.json").read_text()).get("schedule_steps")
     steps = [checkpoint_step(p) for p in cps]
-    models = [checkpoint_model(p, checkpoint_adapters) for p in cps]
-    embs = [m.tok_emb.weight.detach() for m in models]
-    V = embs[0].shape[0]
+    # one checkpoint in memory beside the first (all of them at once grew with their number: 1.5 GB at 40 of a
+    # small model); each gives its rows' drift from the first and the probes' hidden drift, then goes
+    start = checkpoint_model(cps[0], checkpoint_adapters)
+    emb0 = start.tok_emb.weight.detach()
+    drift, probe_drift, emb_last = [], {text: [] for text in probes}, emb0
+    for path in cps[1:]:
+        model = checkpoint_model(path, checkpoint_adapters)
+        emb_last = model.tok_emb.weight.detach()
+        drift.append(row_drift(emb0, emb_last).numpy())
+        for text in probes:
+            probe_drift[text].append(hidden_drift(start, model, [tok.encode(text)])[0])
+        del model
+    V = emb0.shape[0]
     data = saved.get("dataset")
     counts = None
     if data:
         path = Path(data) if Path(data).is_absolute() else run_dir / data
         counts = token_counts(TokenDataset.open(path), V) if path.is_dir() else None
-    tied = bool(models[0].config.tie_embeddings)
+    tied = bool(start.config.tie_embeddings)
     # per interval between checkpoints, and from the first to each
     lrs = [lr_at(t, tc, horizon) for t in range(steps[-1])]
-    drift = [row_drift(embs[0], e).numpy() for e in embs[1:]]
     decay = [decay_drift(lrs[steps[0]:s], tc.weight_decay) for s in steps[1:]]
     final = drift[-1]
     unseen = np.flatnonzero(counts == 0) if counts is not None else np.array([], dtype=np.int64)
@@ -159,7 +168,7 @@ def run_drift(run_dir: str | Path, out: str | Path, probes: Sequence[str] = (), 
         raise ValueError(f"not tokens of this run's tokenizer (nor texts of one token): {', '.join(missing)}")
     nn_rows = []
     if chosen:
-        first, last = neighbours(embs[0], chosen), neighbours(embs[-1], chosen)
+        first, last = neighbours(emb0, chosen), neighbours(emb_last, chosen)
         for i in chosen:
             kept = len(set(first[i]) & set(last[i]))
             nn_rows.append({"token": name(i), f"neighbours at step {steps[0]}": " ".join(name(j) for j in first[i]),
@@ -170,8 +179,8 @@ def run_drift(run_dir: str | Path, out: str | Path, probes: Sequence[str] = (), 
         per_kind = split_counts(kinds, tok, V)
         base = counts if counts is not None else sum(per_kind.values())
         by_kind = drift_by_kind(final, token_kinds(per_kind), base)
-    probe_rows = [{"probe": text, **{f"step {s}": hidden_drift(models[0], m, [tok.encode(text)])[0]
-                                     for s, m in zip(steps[1:], models[1:])}} for text in probes]
+    probe_rows = [{"probe": text, **{f"step {s}": d for s, d in zip(steps[1:], probe_drift[text])}}
+                  for text in probes]
     checks: dict[str, bool | None] = {}
     measured = f"{V} rows over steps {steps[0]}..{steps[-1]}; mean drift {final.mean():.4f}"
     if len(unseen):

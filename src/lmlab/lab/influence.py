@@ -29,7 +29,7 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,20 +70,25 @@ def doc_losses(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torc
     return nll.view_as(y.float()).sum(1) / scored
 
 
-def per_example_grads(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """(B, d): the gradient of each row's doc_losses with respect to every trained parameter, flattened in
-    parameters() order (a tied head counts once). One backward per row: torch.func's vmap(grad) gives the same
-    numbers, but on CPU it falls back to a per-row loop for scaled_dot_product_attention and took 10x longer
-    on this model size."""
+def row_grads(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Each row's gradient of doc_losses with respect to every trained parameter, flattened in parameters()
+    order (a tied head counts once), (d,), one at a time: the caller uses each and lets it go. One backward per
+    row: torch.func's vmap(grad) gives the same numbers, but on CPU it falls back to a per-row loop for
+    scaled_dot_product_attention and took 10x longer on this model size."""
     params = [p for p in model.parameters() if p.requires_grad]
     was = model.training
     model.eval()  # no dropout: the gradient of the function the checkpoint computes
     try:
-        rows = [torch.cat([g.flatten() for g in torch.autograd.grad(doc_losses(model, x[i:i + 1], y[i:i + 1])[0],
-                                                                      params)]) for i in range(x.shape[0])]
+        for i in range(x.shape[0]):
+            yield torch.cat([g.flatten() for g in torch.autograd.grad(doc_losses(model, x[i:i + 1], y[i:i + 1])[0],
+                                                                      params)])
     finally:
         model.train(was)
-    return torch.stack(rows)
+
+
+def per_example_grads(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(B, d): row_grads stacked (B x d floats: for a few rows)."""
+    return torch.stack(list(row_grads(model, x, y)))
 
 
 class Projector:
@@ -111,12 +116,14 @@ class Projector:
         return sum(g[:, lo:lo + len(p)] @ p for lo, p in zip(range(0, self.dim, self.rows), self.blocks)).double()
 
 
-def tracin(checkpoints: Sequence[tuple[torch.nn.Module, float]],
+def tracin(checkpoints: Sequence[tuple[torch.nn.Module | Callable[[], torch.nn.Module], float]],
            docs: tuple[torch.Tensor, torch.Tensor] | Sequence[tuple[torch.Tensor, torch.Tensor]],
            target: tuple[torch.Tensor, torch.Tensor], k: int | None = 512, seed: int = 0,
            batches: Sequence[Sequence[int]] | None = None, chunk: int = 64) -> np.ndarray:
     """TracIn scores of every document (rows of docs = (x, y)) on the target (one or more rows, their losses
-    summed): sum over (model, lr) of lr * <P g(target), P g(doc)>. k=None: no projection (exact dot products).
+    summed): sum over (model, lr) of lr * <P g(target), P g(doc)>; a model may be given as a function that loads
+    it (then one is in memory at a time), and each document's gradient is used and let go. k=None: no
+    projection (exact dot products).
     `docs` may also be a list of (x, y) parts, each padded to its own longest row, numbered one after another:
     the target's gradient and P are still made once per checkpoint.
 
@@ -128,14 +135,21 @@ def tracin(checkpoints: Sequence[tuple[torch.nn.Module, float]],
         raise ValueError("batches index the rows of one (x, y) tensor pair")
     starts = np.cumsum([0, *(x.shape[0] for x, _ in parts)])
     scores = np.zeros(int(starts[-1]))
-    proj = Projector(sum(p.numel() for p in checkpoints[0][0].parameters() if p.requires_grad), k, seed)
+    proj = None
     for c, (model, lr) in enumerate(checkpoints):
-        gt = proj(per_example_grads(model, *target)).sum(0)
+        if not isinstance(model, torch.nn.Module):  # a loader: one checkpoint in memory at a time
+            model = model()
+        if proj is None:
+            proj = Projector(sum(p.numel() for p in model.parameters() if p.requires_grad), k, seed)
+        gt = sum(proj(g[None])[0] for g in row_grads(model, *target))  # the target's rows, summed
         for (x, y), start in zip(parts, starts):
             rows = torch.arange(x.shape[0]) if batches is None else torch.as_tensor(list(batches[c]), dtype=torch.long)
-            for part in rows.split(chunk):
-                g = proj(per_example_grads(model, x[part], y[part]))
-                np.add.at(scores, start + part.numpy(), lr * (g @ gt).numpy())
+            # exact: row by row (64 rows of gradients and their float64 copies held 9 GB at 7M parameters);
+            # projected: as many rows as fit 256 MB of gradients, projected together (P is read once per block)
+            for part in rows.split(min(chunk, 1 if proj.k is None else max(1, (1 << 26) // proj.dim))):
+                g = torch.stack(list(row_grads(model, x[part], y[part])))
+                np.add.at(scores, start + part.numpy(), lr * (proj(g) @ gt).numpy())
+        del model
     return scores
 
 
@@ -362,8 +376,8 @@ def run_influence(run_dir: str | Path, out: str | Path, target: str, *, unit: st
     tok = Tokenizer.load(run_dir / "tokenizer.json")
     tc = TrainConfig.from_dict(saved["train"])
     horizon = json.loads((cps[-1] / "state.json").read_text(encoding="utf-8")).get("schedule_steps")
-    models = [checkpoint_model(p, checkpoint_adapters) for p in cps]
-    size = models[0].config.block_size
+    models = [lambda p=p: checkpoint_model(p, checkpoint_adapters) for p in cps]  # loaded one at a time
+    size = ModelConfig.from_dict(json.loads((cps[0] / "config.json").read_text(encoding="utf-8"))["model"]).block_size
     steps = [checkpoint_step(p) for p in cps]
     # the checkpoint at step s stands for the steps since the previous one; its lr is the schedule's there
     weights = [lr_at(s - 1, tc, horizon) * (s - prev) for s, prev in zip(steps, [0, *steps[:-1]])]
