@@ -179,7 +179,7 @@ KEEP_FOCUS_OFF = "export function keepFocus(tbody, rows) { tbody.replaceChildren
 
 @pytest.mark.parametrize("keep_focus", [True, False])
 @pytest.mark.parametrize("tab, table, run, after", [("lab", "#lab-table", 4, "a.run-link[0]"),
-                                                    ("evaluate", "#ev-table", 5, "button.danger[1]")])
+                                                    ("evaluate", "#ev-table", 5, "button.restart[1]")])
 def test_the_lab_table_redrawn_every_2_s_keeps_the_focus(server, browser, keep_focus, tab, table, run,  # noqa: F811
                                                          after):
     """The Lab and Evaluate tabs' tables are drawn anew on every refresh of the runs (every 2 s); the focused
