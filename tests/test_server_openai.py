@@ -293,18 +293,20 @@ def test_waiting_requests_hold_no_thread_the_other_endpoints_need(served):
             assert c.post("/v1/completions", json=body).status_code == 200
         done.append(body is short)
 
-    with ThreadPoolExecutor(47) as pool:
-        # two requests of 128 sequences first: 8 waves of 32 rows, 120 steps each, before any short one's turn
-        futures = [pool.submit(ask, long) for _ in range(2)]
+    with ThreadPoolExecutor(49) as pool:
+        # four requests of 128 sequences first: 16 waves of 32 rows, 120 steps each, before any short one's turn
+        # (two were not enough once a wave's prompts shared one prefill: under load the first could end before
+        # the short ones were queued)
+        futures = [pool.submit(ask, long) for _ in range(4)]
         with served.client() as c:
             def until(queued):  # sequences in the engine, or a request done (a failure), or a minute
                 deadline = time.time() + 60
                 while not done and time.time() < deadline and sum(
                         e["active"] + e["waiting"] for e in c.get("/v1/batching").json()["data"]) < queued:
                     time.sleep(0.02)
-            until(256)
+            until(512)
             futures += [pool.submit(ask, short) for _ in range(45)]
-            until(256 + 38)  # (with the old threads, 38 short ones could be waiting, no more)
+            until(512 + 36)  # (with the old threads, 36 short ones could be waiting, no more)
             assert c.get("/v1/models").status_code == 200
             assert not done  # answered while the long requests still decode, every short one waiting behind
         for f in futures:
