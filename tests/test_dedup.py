@@ -244,3 +244,20 @@ def test_paragraph_dedup_keeps_validation_text_out_of_training(tmp_path):
 
     assert leaked(tmp_path / "src") > 0  # the fixture leaks: the check can tell
     assert leaked(tmp_path / "dd" / "texts") == 0
+
+
+def test_a_bucket_of_templated_paragraphs_gives_pairs_in_proportion_not_in_square():
+    """20,000 templated paragraphs gave every pair of each bucket (2.7M pairs, 1.9 GB; a web request 8M pairs and
+    9.8 GB): a bucket of more than BUCKET_ALL_PAIRS members now pairs each with its next BUCKET_NEXT, which still
+    joins them into one cluster; a cluster lists CLUSTER_PAIRS of its pairs and counts them all."""
+    from lmlab.data.dedup import CLUSTER_PAIRS, DedupConfig, candidate_pairs, dedup_texts
+    n = 2000
+    text = "\n\n".join(f"The report for day {i} says the river was calm and the boats went out at dawn as usual."
+                       for i in range(n))
+    res = dedup_texts([text], DedupConfig(level="paragraph", ngram=3))
+    near = [c for c in res.clusters if c["kind"] == "near"]
+    assert len(near) == 1 and len(near[0]["members"]) >= n - 20, [len(c["members"]) for c in near]  # LSH misses
+    assert res.stats["candidate_pairs"] < n * (n - 1) // 2 // 10, res.stats  # a tenth of every pair, at most
+    assert len(near[0]["pairs"]) == CLUSTER_PAIRS < near[0]["pairs_total"] == res.stats["near_pairs"]
+    small = np.zeros((5, 4), dtype=np.uint64)  # one bucket of 5: every pair, as before
+    assert candidate_pairs(small, 1, 4).tolist() == [[i, j] for i in range(5) for j in range(i + 1, 5)]

@@ -29,6 +29,7 @@ from .evals import task_files
 
 router = APIRouter()
 PREVIEW = 160  # characters of a paragraph shown in a cluster or a contaminated item
+MEMBERS = 50   # the members of a duplicate cluster shown (members_total counts them all)
 
 
 def _bad(exc: ValueError) -> HTTPException:
@@ -75,15 +76,16 @@ def book_duplicates(state: StateDep, name: str, ngram: int = Query(5, ge=1, le=5
     cfg = DedupConfig(level="paragraph", ngram=ngram, bands=bands, rows=rows, threshold=threshold)
     res = dedup_texts([text], cfg)
     clusters = []
-    for c in res.clusters[:limit]:
-        parts = [text[res.units[u].start:res.units[u].end] for u in c["members"]]
+    for c in res.clusters[:limit]:  # up to MEMBERS of each shown (a cluster of templated text has thousands)
+        parts = [text[res.units[u].start:res.units[u].end] for u in c["members"][:MEMBERS]]
         sets = [shingles(p, ngram) for p in parts]
         shared = set.intersection(*sets)
-        clusters.append({"id": c["id"], "kind": c["kind"], "pairs": c["pairs"],
+        clusters.append({"id": c["id"], "kind": c["kind"], "pairs": c["pairs"], "pairs_total": c["pairs_total"],
+                         "members_total": len(c["members"]),
                          "members": [{"start": res.units[u].start, "end": res.units[u].end, "kept": u in c["kept"],
                                       "jaccard_with_first": round(len(s & sets[0]) / max(1, len(s | sets[0])), 4),
                                       "preview": " ".join(p.split())[:PREVIEW]}
-                                     for u, p, s in zip(c["members"], parts, sets)],
+                                     for u, p, s in zip(c["members"][:MEMBERS], parts, sets)],
                          "shared_shingles": len(shared), "shared_examples": sorted(shared)[:10]})
     return {"book": name, "stats": res.stats, "clusters": clusters}
 
