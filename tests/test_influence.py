@@ -142,7 +142,13 @@ def test_a_runs_passages_scored_on_a_target_equal_autograds_sum_over_its_checkpo
     assert main(["lab", "data", "influence", "--run", str(run), "--target", target, "--out", str(out)]) == 0
     capsys.readouterr()
     res = json.loads((out / "results.json").read_text())
-    assert [p["text"] for p in res["passages"]] == paragraphs and res["checkpoints"] == [10, 20, 30]
+    # the passages of what the run trained on: the book before its held-out tail (it scored those too)
+    doc = json.loads((run / "data" / "tokens.json").read_text())["documents"][0]
+    text = book.read_text(encoding="utf-8")
+    trained = text[:round(len(text) * (doc["train"][1] - doc["train"][0]) / (doc["train"][1] - doc["train"][0]
+                                                                             + doc["val"][1] - doc["val"][0]))]
+    assert [p["text"] for p in res["passages"]] == [p.strip() for p in trained.split("\n\n") if p.strip()]
+    assert len(res["passages"]) < len(paragraphs) and res["checkpoints"] == [10, 20, 30]
     # the reference: lr at each checkpoint x the 10 steps it stands for x autograd's dot product of the
     # model's own mean losses, one window (a passage cut at the context of 32) at a time
     tok, tc = Tokenizer.load(run / "tokenizer.json"), TrainConfig.from_dict(json.loads((run / "config.json")
@@ -183,6 +189,14 @@ def test_a_runs_influence_refuses_what_it_cannot_score(word_run, tmp_path, capsy
         err = capsys.readouterr().err
         assert err.startswith("lmlab: error:") and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "o").exists()
+    # a book edited since the run trained on it: its passages are not what the run trained on
+    kept = book.read_text(encoding="utf-8")
+    book.write_text(kept + "\n\nCompletely different text that was never trained on.\n", encoding="utf-8")
+    try:
+        assert main([*base, "--run", str(run), "--target", "the fox"]) == 2
+        assert "the run's book tales.txt changed since it trained" in capsys.readouterr().err
+    finally:
+        book.write_text(kept, encoding="utf-8")
     # --target-file is read as the books are: a cp1251 file was an internal error, a NUL byte went through
     (tmp_path / "t1251.txt").write_bytes("Ёжик шёл по лесу и нашёл гриб.".encode("cp1251"))
     (tmp_path / "nul.txt").write_bytes(b"the fox\x00 ran")

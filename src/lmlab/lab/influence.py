@@ -327,6 +327,37 @@ __all__ = ["InfluenceLabConfig", "Projector", "examples", "per_example_grads", "
 
 # ---- a user's run: which of its training passages helped or hurt a text ------------------------------------
 
+def trained_texts(run_dir: Path, saved: dict[str, Any], sources: Sequence[Path]) -> tuple[list[str], list[str]]:
+    """(names, texts) of the run's books as far as it trained on them, from its token data (tokens.json): a book
+    that changed since is refused (its length in characters is not the one recorded), and each is cut before its
+    held-out tail (the share of its characters that its val tokens are of its tokens); a book the run's filters
+    removed is left out. It read the books as they were on disk: edited ones, and the held-out text, were scored
+    as training passages. A run whose filters changed its texts (or without token data) reads them whole."""
+    from ..data import TokenDataset, read_document
+    from ..data.dataset import _document_names
+    names, texts = _document_names(sources), [read_document(p) for p in sources]
+    data = saved.get("dataset")
+    path = (Path(data) if Path(data).is_absolute() else run_dir / data) if data else None
+    if path is None or not path.is_dir():
+        return names, texts
+    ds = TokenDataset.open(path)
+    if ds.header.get("filters"):
+        return names, texts
+    recorded = {d.name: d for d in ds.documents}
+    out_names, out_texts = [], []
+    for name, text in zip(names, texts):
+        d = recorded.get(name)
+        if d is None:  # not among the run's documents (nothing of it was trained on)
+            continue
+        if d.chars != len(text):
+            raise ValueError(f"the run's book {name} changed since it trained ({len(text)} characters now, {d.chars} "
+                             "then): its passages would not be what it trained on")
+        share = d.train_tokens / max(1, d.train_tokens + d.val_tokens)
+        out_names.append(name)
+        out_texts.append(text[:round(len(text) * share)])
+    return out_names, out_texts
+
+
 def passages(texts: Sequence[str], names: Sequence[str], unit: str = "paragraph") -> list[tuple[str, str]]:
     """(document name, passage text) per paragraph (text between blank lines) or per whole document."""
     out = []
@@ -352,7 +383,6 @@ def run_influence(run_dir: str | Path, out: str | Path, target: str, *, unit: st
     corpus; proj_dim=K projects them first (as TRAK, Park et al. 2023; approximate). `max_passages`: a random sample
     (fixed by `seed`) of that many when the run has more. results.json has every score; report.html the passages
     that helped and hurt most."""
-    from ..data import read_document
     from ..train import TrainConfig, checkpoint_step, checkpoints, lr_at
     from ..train.checkpoint import checkpoint_model
     from ..train.trainer import read_run_config
@@ -381,7 +411,8 @@ def run_influence(run_dir: str | Path, out: str | Path, target: str, *, unit: st
     steps = [checkpoint_step(p) for p in cps]
     # the checkpoint at step s stands for the steps since the previous one; its lr is the schedule's there
     weights = [lr_at(s - 1, tc, horizon) * (s - prev) for s, prev in zip(steps, [0, *steps[:-1]])]
-    units = passages([read_document(p) for p in sources], [p.name for p in sources], unit)
+    names, texts = trained_texts(run_dir, saved, sources)
+    units = passages(texts, names, unit)
     if len(units) > max_passages:
         keep = np.sort(np.random.default_rng(seed).choice(len(units), max_passages, replace=False))
         units = [units[i] for i in keep]
