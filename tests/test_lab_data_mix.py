@@ -115,6 +115,20 @@ def test_mixture_dataset_samples_the_shares(quick):
     np.testing.assert_allclose(np.bincount(source_of, weights=p_doc, minlength=3), shares, atol=2e-3)
 
 
+def test_a_small_last_source_gets_its_share_of_the_windows(tmp_path):
+    """The weights came from train tokens, the sampler draws a document by its window starts: a last source of
+    few tokens, most of whose starts fall past the region's last one, got [0.666, 0.334] of [0.5, 0.5] (a
+    review's count over 200k windows). With seq_len they come from the same starts: exactly the shares."""
+    from lmlab.data.dataset import prepare_texts
+    from lmlab.tokenizers import Tokenizer
+    texts = ["the fox ran into the wood and the cat ran after it. " * 80, "a small note at the end of it all. " * 4]
+    tok = Tokenizer.train(texts, kind="char", vocab_size=60)
+    ds = prepare_texts(texts, tok, tmp_path / "data", names=["a/a.txt", "b/b.txt"], val_fraction=0.0)
+    for shares in ([0.5, 0.5], [0.2, 0.8]):
+        cdf = mixture_dataset(ds, [0, 1], np.array(shares), 64)._sampler(64)[2]
+        np.testing.assert_allclose(np.diff(np.concatenate([[0.0], cdf])), shares, rtol=1e-9)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["a.txt", "b.txt"], "give both SOURCES and --target"),
     (["--target", "t.txt"], "give both SOURCES and --target"),

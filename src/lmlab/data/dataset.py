@@ -291,15 +291,22 @@ class TokenDataset:
 
     # ---- batches -----------------------------------------------------------------------------------
 
+    def window_starts(self, seq_len: int) -> np.ndarray:
+        """Per document, how many training windows of seq_len + 1 tokens start in it (sample_batch draws a
+        document by this count times its weight): its train tokens and its EOS, but those past the last start
+        of the whole training region."""
+        last_start = self.train_tokens - seq_len - 1  # the final window ends on the last train EOS
+        if seq_len < 1 or last_start < 0:
+            raise ValueError(f"seq_len {seq_len} needs {seq_len + 1} training tokens; have {self.train_tokens}")
+        first = np.array([d.train[0] for d in self.documents], dtype=np.int64)
+        end = np.array([d.train[1] for d in self.documents], dtype=np.int64)  # its EOS may start a window
+        return np.clip(np.minimum(end, last_start) - first + 1, 0, None)
+
     def _sampler(self, seq_len: int) -> tuple[np.ndarray, ...]:
         """Per document: first start position, number of start positions, cumulative probability."""
         if seq_len not in self._samplers:
-            last_start = self.train_tokens - seq_len - 1  # the final window ends on the last train EOS
-            if seq_len < 1 or last_start < 0:
-                raise ValueError(f"seq_len {seq_len} needs {seq_len + 1} training tokens; have {self.train_tokens}")
+            count = self.window_starts(seq_len)
             first = np.array([d.train[0] for d in self.documents], dtype=np.int64)
-            end = np.array([d.train[1] for d in self.documents], dtype=np.int64)  # its EOS may start a window
-            count = np.clip(np.minimum(end, last_start) - first + 1, 0, None)
             mass = count * np.array([d.weight for d in self.documents])
             if mass.sum() <= 0:
                 raise ValueError(f"no document with weight > 0 has room to start a window of {seq_len + 1} tokens")

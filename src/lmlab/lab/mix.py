@@ -189,12 +189,18 @@ def builtin_sources(folder: Path, chars: int) -> tuple[list[Path], Path]:
 
 # ---- training ---------------------------------------------------------------------------------------------------
 
-def mixture_dataset(ds: TokenDataset, source_of: list[int], shares: np.ndarray) -> TokenDataset:
-    """`ds` with document weights that give source i a share `shares[i]` of the sampled training tokens."""
+def mixture_dataset(ds: TokenDataset, source_of: list[int], shares: np.ndarray,
+                    seq_len: int | None = None) -> TokenDataset:
+    """`ds` with document weights that give source i a share `shares[i]` of the sampled training windows
+    (`seq_len`: by the windows that start in each document, as the sampler counts them; a last source of few
+    tokens, whose final starts fall past the region's last one, got [0.33, 0.67] of [0.5, 0.5] by token counts);
+    without seq_len, by train tokens."""
     tokens = np.zeros(len(shares))
-    for d, s in zip(ds.documents, source_of):
-        tokens[s] += d.train_tokens
-    docs = [{**d, "weight": float(shares[s] / tokens[s])} for d, s in zip(ds.header["documents"], source_of)]
+    counts = ds.window_starts(seq_len) if seq_len else [d.train_tokens for d in ds.documents]
+    for c, s in zip(counts, source_of):
+        tokens[s] += c
+    docs = [{**d, "weight": float(shares[s] / tokens[s]) if tokens[s] else 0.0}
+            for d, s in zip(ds.header["documents"], source_of)]
     return TokenDataset(ds.path, {**ds.header, "documents": docs}, ds.tokens)
 
 
@@ -216,7 +222,7 @@ def _run(job: dict[str, Any]) -> float:
     """One model on one mixture: its target loss (a module-level function, so that process_map can spawn it)."""
     torch.set_num_threads(1)
     ds = TokenDataset.open(job["data"])
-    ds = mixture_dataset(ds, job["source_of"], np.asarray(job["shares"]))
+    ds = mixture_dataset(ds, job["source_of"], np.asarray(job["shares"]), job["model"]["block_size"])
     torch.manual_seed(job["init_seed"])  # proxies share one initialisation: only the mixture differs
     model = Transformer(ModelConfig.from_dict(job["model"]))
     steps = job["steps"]
