@@ -261,3 +261,21 @@ def test_a_bucket_of_templated_paragraphs_gives_pairs_in_proportion_not_in_squar
     assert len(near[0]["pairs"]) == CLUSTER_PAIRS < near[0]["pairs_total"] == res.stats["near_pairs"]
     small = np.zeros((5, 4), dtype=np.uint64)  # one bucket of 5: every pair, as before
     assert candidate_pairs(small, 1, 4).tolist() == [[i, j] for i in range(5) for j in range(i + 1, 5)]
+
+
+def test_shingle_hashes_in_chunks_are_the_sets(monkeypatch):
+    """Hashed a chunk of shingles at a time (a set of every shingle of a 50 MB book held ~3 GB, docs/LOG.md):
+    the distinct hashes of every shingle, across chunk boundaries, and a short text's one shingle."""
+    import hashlib
+
+    import lmlab.data.dedup as dd
+    text = " ".join(f"w{i % 13} v{i % 7}" for i in range(200)) + " end"
+    joined = dd.word_bytes(text)
+    w = joined.split(b" ")
+    want = {int.from_bytes(hashlib.sha1(b" ".join(w[i:i + 5])).digest()[:4], "little") for i in range(len(w) - 4)}
+    monkeypatch.setattr(dd, "SHINGLE_CHUNK", 7)  # many chunks, grams across their boundaries
+    got = dd.shingle_hashes(joined, 5)
+    assert sorted(got.tolist()) == sorted(want) and len(got) == len(want)
+    assert dd.shingle_hashes(b"two words", 5).tolist() == [int.from_bytes(hashlib.sha1(b"two words").digest()[:4],
+                                                                          "little")]
+    assert len(dd.shingle_hashes(b"", 5)) == 0

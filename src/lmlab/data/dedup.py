@@ -99,13 +99,24 @@ def word_bytes(text: str) -> bytes:
     return " ".join(words(text)).encode()
 
 
+SHINGLE_CHUNK = 1 << 18  # shingles hashed at a time: a set of every shingle of a 50 MB book held ~3 GB
+
+
 def shingle_hashes(joined: bytes, n: int = 5) -> np.ndarray:
-    """datasketch's sha1_hash32 of each shingle (UTF-8): SHA-1's first 4 bytes, little-endian. `joined` is
-    word_bytes(text); its words are cut once, so no shingle is encoded on its own."""
+    """datasketch's sha1_hash32 of each distinct shingle (UTF-8): SHA-1's first 4 bytes, little-endian. `joined`
+    is word_bytes(text); its words are cut once, so no shingle is encoded on its own. Hashed SHINGLE_CHUNK
+    shingles at a time and made distinct as hashes (the same set as the shingles' for MinHash, whose minimum
+    no repeat changes)."""
     w = joined.split(b" ") if joined else []
-    grams = {b" ".join(w)} if 0 < len(w) < n else set(map(b" ".join, zip(*(w[k:] for k in range(n)))))
-    digests = b"".join([_sha1(s).digest() for s in grams])
-    return np.frombuffer(digests, dtype="<u4")[::5].astype(np.uint32)  # 20-byte digests: every 5th word
+    if 0 < len(w) < n:
+        return np.frombuffer(_sha1(b" ".join(w)).digest()[:4], dtype="<u4").astype(np.uint32)
+    parts = []
+    for lo in range(0, max(len(w) - n + 1, 0), SHINGLE_CHUNK):
+        hi = min(lo + SHINGLE_CHUNK, len(w) - n + 1)
+        grams = set(map(b" ".join, zip(*(w[lo + k:hi + k] for k in range(n)))))
+        digests = b"".join([_sha1(g).digest() for g in grams])
+        parts.append(np.unique(np.frombuffer(digests, dtype="<u4")[::5]))  # 20-byte digests: every 5th word
+    return np.unique(np.concatenate(parts)).astype(np.uint32) if parts else np.zeros(0, dtype=np.uint32)
 
 
 def permutations(num_perm: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
