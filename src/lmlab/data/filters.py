@@ -237,25 +237,29 @@ LANG_SAMPLE_CHARS = 100_000  # py3langid reads this much of a document: a book's
 _IDENTIFIER: list = []
 
 
-def _known_languages() -> frozenset[str]:
-    """The codes py3langid's model tells apart (empty without py3langid: identify says what to install)."""
-    try:
-        identify("")
-    except ValueError:
-        return frozenset()
-    return frozenset(_IDENTIFIER[0].nb_classes)
-
-
-def identify(text: str) -> tuple[str, float]:
-    """(ISO 639-1 code, probability) from py3langid (Lui & Baldwin 2012's langid.py model, 97 languages,
-    offline) for the first LANG_SAMPLE_CHARS characters."""
+def _identifier() -> Any:
+    """py3langid's LanguageIdentifier, loaded once (ValueError naming what to install without it)."""
     if not _IDENTIFIER:
         try:
             from py3langid.langid import MODEL_FILE, LanguageIdentifier
         except ImportError:
             raise ValueError("language identification needs py3langid (pip install py3langid)") from None
         _IDENTIFIER.append(LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True))
-    lang, p = _IDENTIFIER[0].classify(text[:LANG_SAMPLE_CHARS])
+    return _IDENTIFIER[0]
+
+
+def _known_languages() -> frozenset[str]:
+    """The codes py3langid's model tells apart (empty without py3langid: identify says what to install)."""
+    try:
+        return frozenset(_identifier().nb_classes)
+    except ValueError:
+        return frozenset()
+
+
+def identify(text: str) -> tuple[str, float]:
+    """(ISO 639-1 code, probability) from py3langid (Lui & Baldwin 2012's langid.py model, 97 languages,
+    offline) for the first LANG_SAMPLE_CHARS characters."""
+    lang, p = _identifier().classify(text[:LANG_SAMPLE_CHARS])
     return lang, float(p)
 
 

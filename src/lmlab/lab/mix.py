@@ -258,10 +258,7 @@ def run_mix_lab(out: str | Path, sources: list[str | Path] | None, target: str |
         if sources:
             if len(sources) < 2:
                 raise ValueError(f"a mixture needs at least two sources, got {len(sources)}")
-            docs = [find_documents([s]) for s in sources]
-            for s, d in zip(sources, docs):
-                if not d:
-                    raise ValueError(f"source {s} holds no documents")
+            docs = [find_documents([s]) for s in sources]  # a source of no documents is refused there
             target_text = "\n\n".join(read_document(p) for p in find_documents([target]))
             names = _source_names([Path(s) for s in sources])
         else:

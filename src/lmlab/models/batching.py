@@ -38,7 +38,15 @@ from dataclasses import dataclass, field
 import torch
 
 from .fast import decoder
-from .generation import EOS_ID, GenerationConfig, StopText, _choose, process_logits, sampling_generator
+from .generation import (
+    EOS_ID,
+    GenerationConfig,
+    StopText,
+    _choose,
+    _Context,
+    process_logits,
+    sampling_generator,
+)
 from .model import KVCache, Transformer
 
 
@@ -220,17 +228,9 @@ class BatchEngine:
         seqs = [s for s in seqs if not s.cancelled]
         if not seqs:
             return
-        P = max(len(s.prompt) for s in seqs)
-        ids = torch.zeros(len(seqs), P, dtype=torch.long, device=self.device)
-        pmask = torch.zeros(len(seqs), P, dtype=torch.bool, device=self.device)
-        for r, seq in enumerate(seqs):
-            ids[r, P - len(seq.prompt):] = torch.tensor(seq.prompt, device=self.device)
-            pmask[r, P - len(seq.prompt):] = True
-        padded = any(len(s.prompt) != P for s in seqs)
-        cache = KVCache(self.model.config, len(seqs), P, device=self.device, dtype=self.dtype)
-        logits = self.model(ids, attention_mask=pmask if padded else None,
-                            position_ids=Transformer.positions_from_mask(pmask) if padded else None,
-                            cache=cache, last_only=True).logits[:, -1]
+        prompts = _Context(self.model, [s.prompt for s in seqs], 0, pad_id=0)  # generate_ids' left padding
+        logits = prompts.next_logits()
+        P, cache, pmask = prompts.length, prompts.cache, prompts.mask
         alive = [r for r, seq in enumerate(seqs) if not self._sample_or_fail(seq, logits[r:r + 1])]
         if not alive:
             return

@@ -492,9 +492,9 @@ DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32,
 def weight_bits(path: Path, parameters: int) -> tuple[float | None, float | None]:
     """(bits of all of model.safetensors' tensors per parameter, bits of the quantized linears alone per weight:
     their integers, scales and zeros over out x in; None for a model without quantized linears)."""
-    total = quant = weights = 0
     from safetensors import safe_open
 
+    total = quant = weights = 0
     with safe_open(str(path), "pt") as f:
         for key in f.keys():
             t = f.get_slice(key)

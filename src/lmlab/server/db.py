@@ -124,6 +124,7 @@ metrics = Table(
 )
 
 ACTIVE = ("queued", "running")
+STOPPED = ("interrupted", "failed", "cancelled")  # resumed, or started again, by the user
 
 
 # ---- migrations -------------------------------------------------------------------------------------

@@ -67,7 +67,7 @@ from ..models import ModelConfig
 from ..tokenizers import Tokenizer
 from ..train import checkpoint_step, latest_checkpoint
 from .commands import DERIVED, DERIVED_DIR, STOP_FILE, child_argv, product, run_command
-from .db import Database
+from .db import STOPPED, Database
 from .workspace import Workspace, link_or_copy, stage_dir, swap_dir
 
 log = logging.getLogger("lmlab.server")
@@ -601,7 +601,7 @@ class Supervisor:
         run = self.db.get_run(run_id)
         if run is None:
             raise LookupError(f"run {run_id} not found")
-        if run["status"] not in ("interrupted", "failed", "cancelled"):
+        if run["status"] not in STOPPED:
             raise ValueError(f"run {run_id} is {run['status']}; only interrupted, failed or cancelled runs can be "
                              f"{done}")
         return run

@@ -35,7 +35,7 @@ from ..train import TrainConfig, checkpoint_step, checkpoints, latest_checkpoint
 from ..train.progress import PHASE_FILE, PHASES, SAMPLES_FILE
 from .app import AppState, Problem
 from .commands import again_command
-from .db import ACTIVE
+from .db import ACTIVE, STOPPED
 from .extract import Refused, extract
 from .inference import NotTrained
 from .schemas import (
@@ -295,25 +295,26 @@ def runs_using(state: AppState, name: str, active: list[dict[str, Any]] | None =
 
 def need_unused(state: AppState, name: str, keep: Callable[[dict[str, Any]], bool] = lambda r: True,
                 active: list[dict[str, Any]] | None = None, code: int = 409) -> None:
-    """`code` with busy_message if a run in runs_using(name) that `keep` selects is active."""
+    """`code` with busy_problem if a run in runs_using(name) that `keep` selects is active."""
     busy = [r for r in runs_using(state, name, active) if keep(r)]
     if busy:
-        run = busy[0]
-        key = {"train": "model_training", "eval": "model_evaluated"}.get(run["kind"], "model_in_use")
-        raise Problem(code, key, busy_message(name, run), name=name, run=run["id"])
+        raise busy_problem(code, name, busy[0])
 
 
-def busy_message(name: str, run: dict[str, Any]) -> str:
-    if run["kind"] == "train":
-        return f"model {name!r} is already training (run {run['id']}); cancel that run or wait for it"
-    if run["kind"] == "eval":
-        return f"model {name!r} is being evaluated (run {run['id']}); cancel that run or wait for it"
+def busy_problem(code: int, name: str, run: dict[str, Any]) -> Problem:
+    """`name` is read or written by the active `run`: in words, and by key for the web app's language."""
+    if run["kind"] in ("train", "eval"):
+        doing = "already training" if run["kind"] == "train" else "being evaluated"
+        return Problem(code, "model_training" if run["kind"] == "train" else "model_evaluated",
+                       f"model {name!r} is {doing} (run {run['id']}); cancel that run or wait for it",
+                       name=name, run=run["id"])
     params = run["params"]
     role = ("the starting point" if run["model_name"] == name else "the judge" if params.get("judge") == name
             else "a parent" if name in params.get("others", ()) else "the base" if params.get("base") == name
             else "the name of the model being made")
     kind = {**MAKERS, "quantize": "quantization", "merge": "merge"}.get(run["kind"], run["kind"])
-    return f"model {name!r} is {role} of {kind} run {run['id']}; cancel that run or wait for it"
+    return Problem(code, "model_in_use", f"model {name!r} is {role} of {kind} run {run['id']}; cancel that run or "
+                   "wait for it", name=name, run=run["id"])
 
 
 # ---- books ------------------------------------------------------------------------------------------
@@ -430,10 +431,10 @@ def run_info(state: AppState, row: dict[str, Any], queue: list[int] | None = Non
         last_val_loss=row["last_val_loss"], best_val_loss=row["best_val_loss"], lr=row["lr"],
         tokens_per_s=row["tokens_per_s"], last_reward=row["last_reward"], last_kl=row["last_kl"],
         parent_run_id=row["parent_run_id"], step_offset=row["step_offset"] or 0, checkpoint_step=ckpt_step,
-        can_resume=(row["status"] in ("interrupted", "failed", "cancelled") and ckpt_step is not None
+        can_resume=(row["status"] in STOPPED and ckpt_step is not None
                     and row["kind"] not in ("experiment", "eval")),  # these keep no checkpoints of their own
         # nothing to resume from: Start again makes a new run of the same request (routers/runs.py, start_again)
-        can_restart=row["status"] in ("interrupted", "failed", "cancelled") and ckpt_step is None,
+        can_restart=row["status"] in STOPPED and ckpt_step is None,
         resumed_from_step=row["resumed_from_step"], launches=row["launches"],
         cancel_requested=bool(row["cancel_requested"]), pid=row["pid"], exit_code=row["exit_code"],
         error=row["error"], stop_reason=row["stop_reason"], metrics_epoch=row["metrics_epoch"],

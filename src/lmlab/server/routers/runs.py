@@ -15,7 +15,7 @@ from fastapi.responses import FileResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..app import StateDep
-from ..db import ACTIVE
+from ..db import ACTIVE, STOPPED
 from ..schemas import ExperimentCreate, MetricsPage, ResumeRequest, Run, RunCreate, RunOverview, SelfPlayCreate
 from ..services import (
     event_stream,
@@ -193,9 +193,9 @@ def start_again(state: Any, run_id: int) -> Run:
 
     row = need_run(state, run_id)
     info = run_info(state, row)
-    if not info.can_restart:
-        why = (f"it has a checkpoint at step {info.checkpoint_step}; resume it instead" if info.checkpoint_step
-               is not None and row["status"] not in ACTIVE else f"it is {row['status']}")
+    if not info.can_restart:  # not stopped, or stopped with a checkpoint
+        why = (f"it has a checkpoint at step {info.checkpoint_step}; resume it instead" if row["status"] in STOPPED
+               else f"it is {row['status']}")
         raise HTTPException(409, f"run {run_id} cannot be started again: {why}")
     p, kind, model = row["params"], row["kind"], row["model_name"]
 

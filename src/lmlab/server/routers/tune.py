@@ -182,19 +182,9 @@ def preview_dataset(state: StateDep, name: str, model: str = Query(..., max_leng
     info = need_dataset(state, name)
     if not info["kind"]:
         raise HTTPException(409, f"dataset {name!r} has {info['problem']}")
-    model_dir = need_trained(state, model, "the model to preview with")
-    tok = Tokenizer.load(model_dir / "tokenizer.json")
-    block = ModelConfig.load(model_dir / "config.json").block_size
-    path, kind, added = dataset_path(state, name), info["kind"], []
-    try:
-        examples = read_dataset(path, kind)
-        if kind == "conversations":
-            tok, added = with_chat_tokens(tok)  # as `lmlab tune sft` adds them
-        out = sft_rows(examples, kind, tok, block, rows, name) if kind in METHOD_KINDS["sft"] else \
-            preference_rows(examples, kind, tok, block, rows, name)
-    except ValueError as exc:
-        raise HTTPException(422, str(exc).replace(str(path), name)) from None
-    return DatasetPreview(name=name, kind=kind, model=model, examples=len(examples), added_tokens=added, **out)
+    examples, added, out = examine(need_trained(state, model, "the model to preview with"),
+                                   dataset_path(state, name), name, info["kind"], rows)
+    return DatasetPreview(name=name, kind=info["kind"], model=model, examples=len(examples), added_tokens=added, **out)
 
 
 def _row(tok: Tokenizer, line: int, side: str, ids: list[int], mask: list[int], cut: bool) -> dict[str, Any]:
@@ -240,22 +230,24 @@ def preference_rows(examples: list[tuple[int, Any]], kind: str, tok: Tokenizer, 
     return {"context": block, "supervised_tokens": supervised, "truncated": truncated, "rows": shown}
 
 
-def check_examples(model_dir: Any, data: Any, name: str, kind: str, params: dict[str, Any]) -> None:
-    """422 for data the run would refuse at its start (an example with nothing to train on in the model's
-    context, a pair whose prompt has no token of its own): checked as the preview checks it, before the run is
-    queued, the message naming the dataset's line."""
+def examine(model_dir: Any, data: Any, name: str, kind: str, n: int, completion_only: bool = False
+            ) -> tuple[list[tuple[int, Any]], list[str], dict[str, Any]]:
+    """A dataset as a run on the model reads it: its examples, the chat tokens added to the tokenizer, and
+    sft_rows' or preference_rows' counts with the first `n` rows. What the run would refuse at its start (an
+    example with nothing to train on in the context, a pair whose prompt has no token of its own) is a 422 naming
+    the dataset's line: for the preview, and for a run before it is queued."""
     tok = Tokenizer.load(model_dir / "tokenizer.json")
     block = ModelConfig.load(model_dir / "config.json").block_size
+    added: list[str] = []
     try:
         examples = read_dataset(data, kind)
         if kind == "conversations":
-            tok, _ = with_chat_tokens(tok)
-        if kind in METHOD_KINDS["sft"]:
-            sft_rows(examples, kind, tok, block, 0, name, completion_only=bool(params.get("completion_only")))
-        else:
-            preference_rows(examples, kind, tok, block, 0, name)
+            tok, added = with_chat_tokens(tok)  # as `lmlab tune sft` adds them
+        out = (sft_rows(examples, kind, tok, block, n, name, completion_only) if kind in METHOD_KINDS["sft"] else
+               preference_rows(examples, kind, tok, block, n, name))
     except ValueError as exc:
         raise HTTPException(422, str(exc).replace(str(data), name)) from None
+    return examples, added, out
 
 
 # ---- runs -------------------------------------------------------------------------------------------
@@ -305,8 +297,8 @@ def create_tune_run(state: StateDep, req: TuneCreate) -> Run:
     if req.dataset:  # the examples as the run will read them, outside the lock (a large file takes a while)
         kind = need_dataset(state, req.dataset)["kind"]
         if kind in METHOD_KINDS["kto" if params.get("loss") == "kto" else req.method]:
-            check_examples(need_trained(state, req.model, "the model a fine-tuning run starts from"),
-                           dataset_path(state, req.dataset), req.dataset, kind, params)
+            examine(need_trained(state, req.model, "the model a fine-tuning run starts from"),
+                    dataset_path(state, req.dataset), req.dataset, kind, 0, bool(params.get("completion_only")))
     with state.lock:  # from the checks through add_run: see Supervisor.lock
         path, _ = need_selfplay_models(state, req.model, None, new, role="the teacher" if req.method == "distill" else
                                        "the model a fine-tuning run starts from")
