@@ -89,6 +89,20 @@ def test_overlap_counts_distinct_ngrams_against_every_document():
     assert (row["ngrams"], row["matched"], row["overlap"], row["documents"]) == (4, 3, 0.75, ["one", "two"])
 
 
+def test_training_text_in_pieces_and_yo(monkeypatch):
+    """The training text is cut into words a piece at a time (the n-grams of a 45 MB book at once held 2.1 GB,
+    docs/LOG.md): a gram across two pieces is still found, once per document; and ё matches е."""
+    import lmlab.data.dedup as dd
+    train = [" ".join(f"w{i}" for i in range(50)) + " Ёлка зелёная", "w20 w21 w22 w23"]
+    items = ["W20, w21 w22 w23 w24", "w48 w49 елка зеленая", "w3 w5 w7 w9 w11"]
+    whole = contamination(train, items, n=4)
+    monkeypatch.setattr(dd, "WORD_CHUNK_CHARS", 5)  # a piece a word or two long
+    rows = contamination(iter(train), items, n=4)
+    assert rows == whole
+    assert [(r["matched"], r["documents"]) for r in rows] == [(2, ["text-0", "text-1"]), (1, ["text-0"]), (0, [])]
+    assert [r["matched"] for r in contamination(train, ["w1 w2 w3"], n=4)] == [1]  # shorter than n: one gram
+
+
 def test_clean_subset_score_equals_the_task_scored_on_its_clean_items(planted):
     root, texts = planted
     torch.manual_seed(0)

@@ -263,19 +263,37 @@ def test_a_bucket_of_templated_paragraphs_gives_pairs_in_proportion_not_in_squar
     assert candidate_pairs(small, 1, 4).tolist() == [[i, j] for i in range(5) for j in range(i + 1, 5)]
 
 
-def test_shingle_hashes_in_chunks_are_the_sets(monkeypatch):
-    """Hashed a chunk of shingles at a time (a set of every shingle of a 50 MB book held ~3 GB, docs/LOG.md):
-    the distinct hashes of every shingle, across chunk boundaries, and a short text's one shingle."""
+def test_unit_hashes_in_pieces_are_the_whole_text(monkeypatch):
+    """A text is cut into words a piece at a time (every word of a 45 MB book at once held 0.8 GB, docs/LOG.md):
+    the key is the digest of all its words, the hashes are those of every shingle, across piece boundaries, and a
+    short text's one shingle; pieces overlap by n - 1 words and join back to words(text)."""
     import hashlib
 
     import lmlab.data.dedup as dd
-    text = " ".join(f"w{i % 13} v{i % 7}" for i in range(200)) + " end"
-    joined = dd.word_bytes(text)
-    w = joined.split(b" ")
+    text = " ".join(f"w{i % 13}, v{i % 7}" for i in range(200)) + " end"
+    w = " ".join(dd.words(text)).encode().split(b" ")
     want = {int.from_bytes(hashlib.sha1(b" ".join(w[i:i + 5])).digest()[:4], "little") for i in range(len(w) - 4)}
-    monkeypatch.setattr(dd, "SHINGLE_CHUNK", 7)  # many chunks, grams across their boundaries
-    got = dd.shingle_hashes(joined, 5)
-    assert sorted(got.tolist()) == sorted(want) and len(got) == len(want)
-    assert dd.shingle_hashes(b"two words", 5).tolist() == [int.from_bytes(hashlib.sha1(b"two words").digest()[:4],
+    whole_key, whole = dd.unit_hashes(text, 5)
+    monkeypatch.setattr(dd, "WORD_CHUNK_CHARS", 7)  # many pieces, grams across their boundaries
+    pieces = list(dd.word_chunks(text, keep=4))
+    assert len(pieces) > 100 and [x for p, fresh in pieces for x in p[fresh:]] == dd.words(text)
+    assert all(p[:fresh] == q[-4:] for (q, _), (p, fresh) in zip(pieces, pieces[1:]))
+    key, got = dd.unit_hashes(text, 5)
+    assert sorted(got.tolist()) == sorted(want) == sorted(whole.tolist()) and len(got) == len(want)
+    assert key == whole_key == hashlib.blake2b(b" ".join(w), digest_size=16).digest()
+    assert dd.unit_hashes("two, words", 5)[1].tolist() == [int.from_bytes(hashlib.sha1(b"two words").digest()[:4],
                                                                           "little")]
-    assert len(dd.shingle_hashes(b"", 5)) == 0
+    key, none = dd.unit_hashes(" ... ", 5)
+    assert key == b"" and len(none) == 0
+
+
+def test_words_fold_yo_ligatures_and_case():
+    """One edition printed with ё and one without, or with a ligature or full-width letters, are the same words:
+    exact duplicates, and the same shingles."""
+    a = "Ёлка стоит в лесу, и всё ещё зелёная. The final word."
+    b = "елка стоит в лесу и все еще зеленая the \ufb01nal word"
+    from lmlab.data.dedup import words
+    assert words(a) == words(b) == words(b.upper())
+    assert words("ＡＢＣ й") == ["abc", "й"] == words("ABC \u0438\u0306")  # full width; и + combining breve
+    res = dedup_texts([a + " Конец.", b + " конец"], DedupConfig())
+    assert res.stats["exact_duplicates"] == 1, res.stats

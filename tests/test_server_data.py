@@ -19,6 +19,8 @@ from lmlab.data.inspect import duplicates
 from lmlab.eval.contamination import contamination
 from lmlab.models import ModelConfig, Transformer
 from lmlab.models.io import save_pretrained
+from lmlab.server.db import Database
+from lmlab.server.workspace import Workspace
 from lmlab.tokenizers import Tokenizer
 from lmlab.train import TrainConfig, train
 from lmlab.train.console import quiet
@@ -42,14 +44,16 @@ def dt(tmp_path_factory):
     (ws / "tasks").mkdir()
     (ws / "tasks" / "river.yaml").write_text("name: river\nkind: multiple_choice\ndata: river.jsonl\n")
     (ws / "tasks" / "river.jsonl").write_text("\n".join(ITEMS[::-1]) + "\n")  # the book's item second
+    # The runs are written before the server starts: its supervisor would take a queued run for its own job.
+    db = Database(Workspace(ws).sqlite_url())
+    drift = drift_run(db, ws, tok)
+    drift_run(db, ws, tok, run=db.add_run("m", ["other.txt"], {}, False, 30))  # another book's run: not listed
+    plain = db.add_run("m", ["river.txt"], {}, False, 30)  # a run on the book without drift tracking
+    db.update_run(plain["id"], status="completed")
+    db.engine.dispose()
     with client(settings(ws)) as c:
         assert upload(c, "river.txt", BOOK.encode()).status_code == 201
-        c.tok = tok
-        state = c.app.app.state.lmlab
-        c.drift_run = drift_run(state.db, ws, tok)
-        other = state.db.add_run("m", ["other.txt"], {}, False, 30)  # another book's run: not listed
-        drift_run(state.db, ws, tok, run=other)
-        state.db.add_run("m", ["river.txt"], {}, False, 30)  # a run on the book without drift tracking
+        c.tok, c.drift_run = tok, drift
         yield c
 
 

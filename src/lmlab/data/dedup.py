@@ -4,9 +4,10 @@
     lmlab data dedup books/ --out paras --level paragraph --keep none --threshold 0.8
     lmlab data clusters books-dedup --show 3                  # the members of cluster 3 and their shared shingles
 
-Text is compared as its words: case-folded `\\w+` runs joined by one space (punctuation, case and spacing do
-not make two texts different). Exact duplicates share a BLAKE2b digest of that form. Near duplicates follow
-MinHash + LSH as datatrove's FineWeb pipeline runs it (word 5-gram shingles, 14 bands of 8 rows = 112
+Text is compared as its words: `\\w+` runs of the NFKC, case-folded text with ё read as е, joined by one space
+(punctuation, case, spacing, ligatures and the dots of ё do not make two texts different). Exact duplicates
+share a BLAKE2b digest of that form. Near duplicates follow MinHash + LSH as datatrove's FineWeb pipeline runs
+it (word 5-gram shingles, 14 bands of 8 rows = 112
 permutations, https://github.com/huggingface/datatrove): a pair sharing all rows of any band is a candidate,
 so a pair of Jaccard similarity s is caught with probability 1 - (1 - s^rows)^bands (0.92 at s = 0.8).
 By default every candidate is a duplicate, as in datatrove; with `threshold`, a candidate is kept only if the
@@ -33,7 +34,8 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Iterable, Sequence
+import unicodedata
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -45,6 +47,7 @@ from .documents import find_documents, read_document
 
 CLUSTERS, REPORT, TEXTS = "clusters.json", "report.json", "texts"
 _WORD = re.compile(r"\w+")
+_SPACE = re.compile(r"\s")
 _PARAGRAPH = re.compile(r"[^\n]*\S[^\n]*(?:\n[^\n]*\S[^\n]*)*")  # a run of non-blank lines
 _MAX32 = np.uint32(0xFFFFFFFF)
 _sha1 = hashlib.sha1
@@ -78,8 +81,37 @@ class DedupConfig:
         return self.bands * self.rows
 
 
+def fold(text: str) -> str:
+    """The form words are compared in: NFKC (a ligature or a full-width letter is its plain letters), case-folded,
+    and ё read as е (Russian prints most books without the dots, and one edition of a text must match the other)."""
+    return unicodedata.normalize("NFKC", text).casefold().replace("ё", "е")
+
+
 def words(text: str) -> list[str]:
-    return _WORD.findall(text.casefold())
+    return _WORD.findall(fold(text))
+
+
+WORD_CHUNK_CHARS = 1 << 21  # text cut into words at a time: every word of a 45 MB book at once held ~0.8 GB
+
+
+def word_chunks(text: str, keep: int = 0) -> Iterator[tuple[list[str], int]]:
+    """The words of `text` (as words() cuts them) a piece of about WORD_CHUNK_CHARS characters at a time, as
+    (words, fresh): each piece after the first starts with the last `keep` words of the piece before, and its own
+    words start at `fresh`. So every run of keep + 1 words lies whole in one piece, and pieces[fresh:] joined
+    are words(text). Only one piece is held at a time."""
+    tail: list[str] = []
+    start = 0
+    while True:
+        end = len(text)
+        if start + WORD_CHUNK_CHARS < end:  # cut after a space: no word, nor a letter and its accent, spans it
+            cut = _SPACE.search(text, start + WORD_CHUNK_CHARS)
+            end = cut.end() if cut else end
+        piece = tail + _WORD.findall(fold(text[start:end]))
+        yield piece, len(tail)
+        if end >= len(text):
+            return
+        tail = piece[-keep:] if keep else []
+        start = end
 
 
 def shingles(text: str, n: int = 5) -> set[str]:
@@ -94,29 +126,30 @@ def ngrams(w: list[str], n: int) -> set[str]:
     return set(map(" ".join, zip(*(w[k:] for k in range(n)))))
 
 
-def word_bytes(text: str) -> bytes:
-    """The words of `text` as UTF-8, joined by single spaces: what exact dedup hashes and shingles are cut from."""
-    return " ".join(words(text)).encode()
-
-
-SHINGLE_CHUNK = 1 << 18  # shingles hashed at a time: a set of every shingle of a 50 MB book held ~3 GB
-
-
-def shingle_hashes(joined: bytes, n: int = 5) -> np.ndarray:
-    """datasketch's sha1_hash32 of each distinct shingle (UTF-8): SHA-1's first 4 bytes, little-endian. `joined`
-    is word_bytes(text); its words are cut once, so no shingle is encoded on its own. Hashed SHINGLE_CHUNK
-    shingles at a time and made distinct as hashes (the same set as the shingles' for MinHash, whose minimum
-    no repeat changes)."""
-    w = joined.split(b" ") if joined else []
-    if 0 < len(w) < n:
-        return np.frombuffer(_sha1(b" ".join(w)).digest()[:4], dtype="<u4").astype(np.uint32)
-    parts = []
-    for lo in range(0, max(len(w) - n + 1, 0), SHINGLE_CHUNK):
-        hi = min(lo + SHINGLE_CHUNK, len(w) - n + 1)
-        grams = set(map(b" ".join, zip(*(w[lo + k:hi + k] for k in range(n)))))
-        digests = b"".join([_sha1(g).digest() for g in grams])
+def unit_hashes(text: str, n: int = 5, grams: bool = True) -> tuple[bytes, np.ndarray]:
+    """(key, hashes) of one text. key: the BLAKE2b digest of its words joined by single spaces, which exact
+    duplicates share (b"" for a text without words). hashes: datasketch's sha1_hash32 of each distinct word
+    n-gram (UTF-8, joined by spaces): SHA-1's first 4 bytes, little-endian; a text of fewer than n words is one
+    shorter gram. Made distinct as hashes (the same set as the shingles' for MinHash, whose minimum no repeat
+    changes); none without `grams`. The text is cut into words a piece at a time (word_chunks), so memory is
+    bounded by a piece."""
+    key = hashlib.blake2b(digest_size=16)
+    parts, first, total = [], [], 0
+    for piece, fresh in word_chunks(text, keep=n - 1):
+        if len(piece) > fresh:
+            key.update((b" " if total else b"") + " ".join(piece[fresh:]).encode())
+            total += len(piece) - fresh
+            first += piece[fresh:][:n - len(first)]  # the words of a text shorter than n
+        if not grams or len(piece) < n:
+            continue
+        w = " ".join(piece).encode().split(b" ")  # encoded once, not gram by gram
+        digests = b"".join([_sha1(g).digest() for g in set(map(b" ".join, zip(*(w[k:] for k in range(n)))))])
         parts.append(np.unique(np.frombuffer(digests, dtype="<u4")[::5]))  # 20-byte digests: every 5th word
-    return np.unique(np.concatenate(parts)).astype(np.uint32) if parts else np.zeros(0, dtype=np.uint32)
+    if not total or not grams:
+        return key.digest() if total else b"", np.zeros(0, dtype=np.uint32)
+    if total < n:
+        parts = [np.frombuffer(_sha1(" ".join(first).encode()).digest()[:4], dtype="<u4")]
+    return key.digest(), np.unique(np.concatenate(parts)).astype(np.uint32)
 
 
 def permutations(num_perm: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -138,10 +171,11 @@ def _fmix32(h: np.ndarray) -> np.ndarray:
 
 def signatures(texts: Iterable[str], config: DedupConfig = DedupConfig()) -> np.ndarray:
     """(len(texts), bands*rows) uint32 MinHash signatures; a text without words gets all 0xFFFFFFFF."""
-    return _signatures(map(word_bytes, texts), config)
+    return _signatures((unit_hashes(t, config.ngram)[1] for t in texts), config)
 
 
-def _signatures(joined_texts: Iterable[bytes], config: DedupConfig) -> np.ndarray:
+def _signatures(hashed: Iterable[np.ndarray], config: DedupConfig) -> np.ndarray:
+    """Signatures of texts given as unit_hashes' hashes."""
     a, b = (p[:, None] for p in permutations(config.num_perm, config.seed))
     rows: list[np.ndarray] = []  # finished (num_perm, k) blocks of signatures, transposed
     pending: list[np.ndarray] = []
@@ -163,8 +197,8 @@ def _signatures(joined_texts: Iterable[bytes], config: DedupConfig) -> np.ndarra
         rows.append(sig)
         pending.clear()
 
-    for joined in joined_texts:
-        pending.append(shingle_hashes(joined, config.ngram))
+    for hashes in hashed:
+        pending.append(hashes)
         size += len(pending[-1])
         if size >= 4 * _BLOCK_ROWS:
             flush()
@@ -255,16 +289,15 @@ def dedup_texts(texts: Sequence[str], config: DedupConfig = DedupConfig()) -> De
 
     def new_units():  # one pass over the text: exact duplicates join their first copy, the rest are signed
         for u, unit in enumerate(units):
-            joined = word_bytes(texts[unit.doc][unit.start:unit.end])
-            if not joined:
+            key, hashes = unit_hashes(texts[unit.doc][unit.start:unit.end], config.ngram, grams=config.near)
+            if not key:
                 continue  # blank or punctuation only: neither duplicate nor original
-            key = hashlib.blake2b(joined, digest_size=16).digest()
             if key in seen:
                 parent[u] = seen[key]
             else:
                 seen[key] = u
                 reps.append(u)
-                yield joined
+                yield hashes
 
     near_pairs, candidates = np.zeros((0, 3)), 0
     if config.near:
