@@ -60,6 +60,10 @@ def test_requests_another_sites_page_could_send_are_refused(tmp_path):
         own = {"Origin": "http://127.0.0.1", "Sec-Fetch-Site": "same-origin"}
         assert c.post("/api/v1/books?overwrite=true", files=evil, headers=own).status_code == 201
         assert b.post("/api/v1/models", json={"name": "x", **TINY_MODEL}).status_code == 201
+        # an Authorization header is one no form or no-cors fetch can send either: `curl -X POST -H
+        # "Authorization: Bearer T" .../cancel` (a 403 before) goes through with it
+        assert b.post("/api/v1/runs/1/cancel").status_code == 403
+        assert b.post("/api/v1/runs/1/cancel", headers={"Authorization": "Bearer x"}).status_code == 404
         assert b.get("/api/v1/info", headers={"Origin": "http://evil.example"}).status_code == 200  # reads pass
         assert c.post("/api/v1/runs/1/cancel").status_code == 404
 

@@ -14,6 +14,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 import torch
 from test_server_support import BOOK, CHILD_ENV, ServerProcess
@@ -395,6 +396,8 @@ def test_bad_requests_get_openai_shaped_errors_naming_the_parameter(served):
     with pytest.raises(openai.AuthenticationError) as e:
         anonymous.models.list()
     assert e.value.status_code == 401 and e.value.body["type"] == "authentication_error"
+    r = httpx.post(served.url + "/v1", json={})  # /v1 itself was given the web app's shape
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error", r.text
     elsewhere = openai.OpenAI(base_url=served.url + "/v1", api_key=TOKEN, max_retries=0,
                               default_headers={"Origin": "https://evil.example"})
     with pytest.raises(openai.PermissionDeniedError) as e:
@@ -429,9 +432,18 @@ def test_a_conversation_goes_on_with_the_servers_own_reply_and_null_for_what_is_
                                                   tools=None, tool_choice=None, response_format=None, logit_bias={})
     assert again.choices[0].message.content == chat.generate_reply(model, tok, turns, do_sample=False,
                                                                    max_new_tokens=8)
+    # the message as a dict (model_dump() has "annotations": null), the default response format, and a stream
+    # option of today's client: a 400 refused each of them
+    messages[2] = first.choices[0].message.model_dump()
+    assert "annotations" in messages[2]
+    streamed = served.openai.chat.completions.create(
+        model="chatty", messages=messages, max_tokens=8, temperature=0, response_format={"type": "text"},
+        stream=True, stream_options={"include_usage": True, "include_obfuscation": False})
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == again.choices[0].message.content
     with served.client() as c:
         for extra, param in (({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
                              ({"logit_bias": {"5": 10}}, "logit_bias"),
+                             ({"response_format": {"type": "json_object"}}, "response_format"),
                              ({"messages": [{"role": "assistant", "content": "x", "refusal": "no"}]},
                               "messages[0].refusal")):
             r = c.post("/v1/chat/completions", json={"model": "chatty", "messages": messages[:2], **extra})

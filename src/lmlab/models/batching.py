@@ -32,6 +32,7 @@ import asyncio
 import queue
 import secrets
 import threading
+from collections import Counter, deque
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -207,8 +208,7 @@ class BatchEngine:
         """One round of the scheduler: admit waiting sequences (as many as there is room for), drop cancelled
         rows, decode one token for every row. The engine's thread calls it; with start=False, the caller."""
         with self.cv:
-            room = self.max_rows - len(self.rows)
-            joining, self.waiting = self.waiting[:room], self.waiting[room:]
+            joining = self._take(self.max_rows - len(self.rows))
         try:
             with torch.inference_mode():
                 self._admit(joining)
@@ -219,6 +219,29 @@ class BatchEngine:
             for seq in {*self.rows, *joining}:
                 seq.out.put(exc)
             self.rows, self.k, self.v, self.mask, self.length = [], None, None, None, 0
+
+    def _take(self, room: int) -> list[_Sequence]:
+        """Up to `room` waiting sequences, taken from the requests in turn: the one holding the fewest rows
+        (then the earliest) gives its next sequence. So a request of many sequences (n = 128) shares the rows
+        that free up with the requests that came after it instead of keeping them out until all of its own have
+        started; with room for every waiting sequence, this is arrival order."""
+        if room >= len(self.waiting):
+            joining, self.waiting = self.waiting, []
+            return joining
+        held = Counter(id(s.out) for s in self.rows)
+        queues: dict[int, deque[_Sequence]] = {}  # per request (its handle's queue), in order of arrival
+        for seq in self.waiting:
+            queues.setdefault(id(seq.out), deque()).append(seq)
+        joining = []
+        while len(joining) < room:
+            turn = min(queues, key=held.__getitem__)  # the first of the least served: min keeps the earliest
+            joining.append(queues[turn].popleft())
+            held[turn] += 1
+            if not queues[turn]:
+                del queues[turn]
+        chosen = set(map(id, joining))
+        self.waiting = [s for s in self.waiting if id(s) not in chosen]
+        return joining
 
     def _admit(self, seqs: list[_Sequence]) -> None:
         """Prefill the joining prompts together (one forward over the left-padded prompts, as generate_ids

@@ -255,6 +255,11 @@ def cookie_value(header: str, name: str) -> str | None:
     return None
 
 
+# Headers a form or a no-cors fetch cannot send (not CORS-safelisted, and this server answers no preflight): a
+# request carrying one was not made by another site's page (`curl -X POST -H "Authorization: Bearer T" URL`).
+PROOF_HEADERS = (REQUEST_HEADER.lower().encode(), b"authorization")
+
+
 def cross_site(scope: dict[str, Any]) -> str | None:
     """Why a state-changing request may come from another site's page, or None. A browser sends `Origin`
     (and `Sec-Fetch-Site`) with such requests; a page of another origin, even 127.0.0.1 on another port
@@ -272,7 +277,7 @@ def cross_site(scope: dict[str, Any]) -> str | None:
         return (f"refused: a page of another site (Sec-Fetch-Site: {site}) may not change anything here; use the "
                 "web UI of this server")
     kind = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
-    if kind != "application/json" and _header(scope, REQUEST_HEADER.lower().encode()) is None:
+    if kind != "application/json" and not any(_header(scope, h) is not None for h in PROOF_HEADERS):
         return (f"send the header '{REQUEST_HEADER}: 1' (or a JSON body) with {scope['method']} requests: it shows "
                 "the request does not come from another site's page")
     return None
@@ -341,7 +346,7 @@ class Guards:
             await self.app(scope, receive, send)
             return
         path = scope.get("path", "")
-        api = path.startswith("/v1/")  # the OpenAI-compatible API: its clients read OpenAI's error shape
+        api = path == "/v1" or path.startswith("/v1/")  # the OpenAI-compatible API: OpenAI's error shape
         csp = DOCS_CSP if path.startswith(("/docs", "/redoc")) else UI_CSP
         extra = [(b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer"),
                  (b"x-frame-options", b"DENY"), (b"content-security-policy", csp.encode())]

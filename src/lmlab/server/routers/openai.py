@@ -113,6 +113,7 @@ def _unset(empty: Any = None) -> Any:
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)  # OpenAI refuses "3" or true for 3
     include_usage: bool | None = None
+    include_obfuscation: bool | None = Field(None, description="accepted and ignored: chunks carry no padding")
 
 
 class Sampling(BaseModel):
@@ -157,6 +158,7 @@ class ChatMessage(BaseModel):
     tool_calls: _unset() = None
     function_call: _unset() = None
     audio: _unset() = None
+    annotations: _unset([]) = None  # the openai client's message.model_dump() has "annotations": null
 
 
 class ChatRequest(Sampling):
@@ -169,7 +171,7 @@ class ChatRequest(Sampling):
     parallel_tool_calls: _unset() = None
     functions: _unset() = None
     function_call: _unset() = None
-    response_format: _unset() = None
+    response_format: _unset({"type": "text"}) = None  # text, the default, is what this server answers
 
 
 # ---- the engines ------------------------------------------------------------------------------------
