@@ -213,3 +213,27 @@ def test_a_killed_writers_temporary_file_goes_with_the_next_write(tmp_path, monk
         for p in procs:
             p.kill()
             p.wait(10)
+
+
+def test_data_reaches_the_disk_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    """Nothing was fsync'ed: after a power cut a renamed file could have its name and no data. Now a file is
+    synced before it is renamed into place, and its folder after; a staged folder's files and folders too."""
+    import lmlab.files as files
+    events = []
+    real_fsync, real_replace, real_rename = os.fsync, os.replace, os.rename
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("sync", os.fstat(fd).st_ino)) or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("rename", os.stat(a).st_ino)) or real_replace(a, b))
+    monkeypatch.setattr(os, "rename", lambda a, b: events.append(("rename", os.stat(a).st_ino)) or real_rename(a, b))
+    files.atomic_write_text(tmp_path / "a.txt", "x")
+    ino, folder = (tmp_path / "a.txt").stat().st_ino, tmp_path.stat().st_ino
+    assert events == [("sync", ino), ("rename", ino), ("sync", folder)], events
+    events.clear()
+    with files.staged_dir(tmp_path / "out") as tmp:
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "w.bin").write_bytes(b"1")
+        (tmp / "c.json").write_text("{}")
+    out = tmp_path / "out"
+    synced = [i for kind, i in events if kind == "sync"]
+    inodes = {p.stat().st_ino for p in (out, out / "sub", out / "sub" / "w.bin", out / "c.json")}
+    assert events.index(("rename", out.stat().st_ino)) == len(events) - 2 and events[-1] == ("sync", folder)
+    assert set(synced[:-1]) == inodes, events

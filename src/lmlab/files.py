@@ -8,6 +8,10 @@ target and renamed over it, so a reader never sees half a file and a crash leave
 Files get the mode open() gives a new file, 0666 less the umask: mkstemp's 0600 (and safetensors' own
 temporary file, 0600 too) would survive the rename and leave model folders unreadable by the group or by a
 web server serving exports.
+
+A file's data is flushed to the disk (fsync) before the rename, and the folder's entry after it: without that,
+a power cut soon after a write can leave the new name pointing at a file with no data on some file systems
+(the rename reached the journal, the data had not) -- a finished run's checkpoint among them.
 """
 
 from __future__ import annotations
@@ -85,6 +89,21 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def sync(path: str | Path) -> None:
+    """fsync a file or a folder (a folder's entries: a rename into it); where the system cannot (a folder on
+    some platforms), nothing."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _mode(tmp: Path) -> int:
     return tmp.stat().st_mode & 0o777
 
@@ -99,17 +118,19 @@ def atomic_path(path: str | Path, *, new: bool = False) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, mode)  # a writer may have replaced the file with its own 0600 one
+        sync(tmp)
         if not new:
             os.replace(tmp, path)
-            return
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            raise FileExistsError(f"{path} was written by another process meanwhile (a second run started into "
-                                  "the same folder?); nothing was replaced") from None
-        except OSError:  # no hard links there (vfat, some network mounts): claim the name, then rename over it
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise FileExistsError(f"{path} was written by another process meanwhile (a second run started "
+                                      "into the same folder?); nothing was replaced") from None
+            except OSError:  # no hard links there (vfat, some network mounts): claim the name, then rename over
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+                os.replace(tmp, path)
+        sync(tmp.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -123,6 +144,10 @@ def fix_modes(folder: str | Path) -> None:
     for path in Path(folder).rglob("*"):
         if path.is_file() and not path.is_symlink():
             os.chmod(path, mode)
+            sync(path)  # each file's data on the disk before the folder is renamed into place
+        elif path.is_dir() and not path.is_symlink():
+            sync(path)
+    sync(folder)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -216,6 +241,7 @@ def staged_dir(out: Path, *, refuse: Path | None = None, stale: tuple[str, ...] 
         fix_modes(tmp)
         if in_place:
             _move_entries(tmp, out, stale)
+            sync(out)
             return
         os.chmod(tmp, out.stat().st_mode & 0o7777 if out.is_dir() else _dir_mode(out.parent))
         produced = {entry.name for entry in tmp.iterdir()}
@@ -224,12 +250,14 @@ def staged_dir(out: Path, *, refuse: Path | None = None, stale: tuple[str, ...] 
                 if entry.name not in produced and entry.name not in stale:
                     _link_tree(entry, tmp / entry.name)
             if exchange_paths(tmp, out):  # the new folder is `out` and the old one `tmp`, in one step
+                sync(out.parent)
                 return
             aside = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
             os.rename(out, aside / "old")  # elsewhere: two renames, the only moment without `out`
         try:
             os.rename(tmp, out)  # replaces an empty folder; refuses one that holds anything
             swapped = True
+            sync(out.parent)
         except OSError as exc:
             if aside is not None:
                 os.rename(aside / "old", out)  # the old folder back where it was
