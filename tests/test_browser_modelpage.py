@@ -97,6 +97,13 @@ def test_quantize_from_the_model_page_and_chat_with_a_template_model(tmp_path, b
             page.click("#mp-quantize")
             page.wait_for_function("() => document.querySelector('#mp-msg').textContent.includes('Модель')")
             assert page.inner_text("#mp-msg") == "✗ Модель с именем «chatty» уже есть; выберите другое имя"
+            page.fill("#mp-new_model", "CHATTY")  # a name that differs only in case: said in Russian too now
+            page.click("#mp-quantize")
+            page.wait_for_function("() => document.querySelector('#mp-msg').textContent.includes('регистром')")
+            assert page.inner_text("#mp-msg") == ("✗ Имя «chatty» уже занято, а имена, которые отличаются только "
+                                                  "регистром букв, на некоторых системах попадут в одну папку: "
+                                                  "выберите другое вместо «CHATTY»")
+            shot("ru-case-twin")
             page.select_option("#lang", "en")
             # int4 g32 with GPTQ on the workspace's book, kept head
             page.select_option("#mp-to", "int4")

@@ -11,6 +11,7 @@ import pytest
 from test_server_support import TINY_MODEL, client, settings, upload
 
 import lmlab.server
+from lmlab.models import ModelConfig
 from lmlab.server.jobs import Supervisor
 
 SERVER = Path(lmlab.server.__file__).parent
@@ -34,7 +35,7 @@ def test_every_named_error_has_both_languages_with_its_params():
 @pytest.fixture()
 def api(tmp_path, monkeypatch):
     monkeypatch.setattr(Supervisor, "tick", lambda self: None)  # queued runs stay queued
-    with client(settings(tmp_path)) as c:
+    with client(settings(tmp_path, max_upload_bytes=100_000, memory_budget_bytes=2**30)) as c:
         yield c
 
 
@@ -42,6 +43,8 @@ def test_the_answer_names_the_error_beside_its_sentence(api):
     assert upload(api).status_code == 201
     assert api.post("/api/v1/models", json={"name": "m", **TINY_MODEL}).status_code == 201
     run = api.post("/api/v1/runs", json={"model": "m", "books": ["tales.txt"], "max_steps": 5}).json()
+    big = ModelConfig.preset("gpt2-tiny", vocab_size=300, block_size=32, n_layer=24, n_embd=2048).memory_estimate(
+        1, 32, training=True)["total"]
     cases = [
         (api.get("/api/v1/models/nope"), 404, "model_not_found", {"name": "nope"}, "model 'nope' not found"),
         (api.post("/api/v1/models", json={"name": "m", **TINY_MODEL}), 409, "model_name_taken", {"name": "m"},
@@ -54,6 +57,14 @@ def test_the_answer_names_the_error_beside_its_sentence(api):
         (api.delete("/api/v1/books/tales.txt"), 409, "book_in_use", {"name": "tales.txt", "runs": str(run["id"])},
          f"book 'tales.txt' is in use by run(s) [{run['id']}]"),
         (upload(api), 409, "book_exists", {"name": "tales.txt"}, "a book named 'tales.txt' already exists"),
+        (api.post("/api/v1/models", json={"name": "M", **TINY_MODEL}), 409, "name_case_twin",
+         {"name": "M", "twin": "m"}, "'m' is taken, and names that differ only in letter case"),
+        (upload(api, "empty.txt", b""), 400, "file_empty", {"name": "empty.txt"}, "empty.txt is empty"),
+        (upload(api, "big.txt", b"a" * 100_001), 413, "upload_too_large", {"name": "big.txt", "limit": "0.0953674"},
+         "big.txt is larger than this server's upload limit of 0.0953674 MiB"),
+        (api.post("/api/v1/models", json={"name": "big", **TINY_MODEL, "n_layer": 24, "n_embd": 2048}), 422,
+         "memory_over_budget", {"batch": 1, "tokens": 32, "need": f"{big / 2**30:.2f} GiB", "budget": "1.00 GiB"},
+         f"training this model with batch 1 x 32 tokens needs ~{big / 2**30:.2f} GiB"),
     ]
     for r, status, key, params, text in cases:
         body = r.json()

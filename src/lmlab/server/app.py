@@ -308,7 +308,9 @@ def _utf8(text: str) -> bool:
 PROBLEMS = {"model_not_found": ("name",), "model_name_taken": ("name",), "model_untrained": ("name",),
             "model_training": ("name", "run"), "model_evaluated": ("name", "run"), "model_in_use": ("name", "run"),
             "model_trained": ("name",), "book_not_found": ("name",), "book_in_use": ("name", "runs"),
-            "book_exists": ("name",), "run_not_found": ("id",), "run_not_active": ("id",), "run_active": ("id",)}
+            "book_exists": ("name",), "run_not_found": ("id",), "run_not_active": ("id",), "run_active": ("id",),
+            "name_case_twin": ("name", "twin"), "upload_too_large": ("name", "limit"), "file_empty": ("name",),
+            "memory_over_budget": ("batch", "tokens", "need", "budget")}
 
 
 class Problem(HTTPException):

@@ -71,6 +71,12 @@ def human_bytes(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
 
 
+def over_budget(est: Estimate) -> Problem:
+    """The refusal of a model or run whose training would not fit the server's memory budget (est.reason)."""
+    return Problem(422, "memory_over_budget", est.reason or "", batch=est.batch_size, tokens=est.seq_len,
+                   need=human_bytes(est.training_bytes), budget=human_bytes(est.memory_budget_bytes))
+
+
 def build_config(spec: ModelSpec) -> ModelConfig:
     """ModelConfig from a spec; HTTP 422 with the config's own message when it is invalid."""
     fields = ("family", "n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "intermediate_size", "dropout")
@@ -223,7 +229,7 @@ def make_model(state: AppState, name: str, spec: ModelSpec) -> dict[str, Any]:
     cfg = build_config(spec)
     est = estimate(cfg, 1, state.memory_budget)
     if not est.fits:
-        raise HTTPException(422, est.reason)
+        raise over_budget(est)
     with state.lock:  # from the checks through add_model: see Supervisor.lock
         need_free_model_name(state, name)
         path = state.ws.model_path(name)
@@ -268,8 +274,8 @@ def need_free_model_name(state: AppState, name: str, hint: str = "") -> None:
     taken += [r["params"]["new_model"] for r in active if r["params"].get("new_model")]
     twin = next((t for t in taken if t != name and t.casefold() == name.casefold()), None)
     if twin is not None:
-        raise HTTPException(409, f"{twin!r} is taken, and names that differ only in letter case would share one "
-                                 f"folder on some systems{hint}")
+        raise Problem(409, "name_case_twin", f"{twin!r} is taken, and names that differ only in letter case would "
+                      f"share one folder on some systems{hint}", name=name, twin=twin)
     need_unused(state, name, active=active)  # the name a running self-play will save its model under
 
 
@@ -392,11 +398,12 @@ def receive_upload(state: AppState, upload: UploadFile, name: str, tmp: Any) -> 
             size += len(block)
             if size > limit:
                 # said to whoever uploads, often in a browser: no command-line flags
-                raise HTTPException(413, f"{name} is larger than this server's upload limit of "
-                                         f"{limit / 2**20:g} MiB")
+                mib = f"{limit / 2**20:g}"
+                raise Problem(413, "upload_too_large", f"{name} is larger than this server's upload limit of {mib} "
+                              "MiB", name=name, limit=mib)
             out.write(block)
     if size == 0:
-        raise HTTPException(400, f"{name} is empty")
+        raise Problem(400, "file_empty", f"{name} is empty", name=name)
     return size
 
 
@@ -601,7 +608,7 @@ def _start_run(state: AppState, req: RunCreate) -> dict[str, Any]:
         raise HTTPException(422, f"seq_len ({req.seq_len}) exceeds the model's context ({cfg.block_size})")
     est = estimate(cfg, req.batch_size, state.memory_budget, req.seq_len)
     if not est.fits:
-        raise HTTPException(422, est.reason)
+        raise over_budget(est)
     # asked last, of a request that is otherwise valid: a new version from scratch, or continue
     if trained and not req.init_from_trained and not req.new_version:
         by = f" (run {model['trained_run_id']}, {model['trained_steps']} steps)" if model["trained_run_id"] else ""

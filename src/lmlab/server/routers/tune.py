@@ -42,7 +42,7 @@ from ...tune.sft import encode_examples
 from ..app import AppState, StateDep
 from ..commands import DATASET, LORA_SETTINGS, TUNE_SETTINGS
 from ..schemas import DATASET_KINDS, Dataset, DatasetPreview, Run, TuneCreate
-from ..services import estimate, need_book, need_selfplay_models, need_trained, receive_upload, run_info
+from ..services import estimate, need_book, need_selfplay_models, need_trained, over_budget, receive_upload, run_info
 from ..workspace import NAME_MAX, BadName, check_name, inside, link_or_copy, remove_entry
 
 router = APIRouter()
@@ -335,7 +335,7 @@ def create_tune_run(state: StateDep, req: TuneCreate) -> Run:
                  params["batch_size"] * (2 if req.method == "dpo" else 1))  # dpo: chosen and rejected rows
         est = estimate(cfg, batch, state.memory_budget)
         if not est.fits:
-            raise HTTPException(422, est.reason)
+            raise over_budget(est)
         # its steps go on from the starting model's; a distilled student is new
         start = {} if req.method == "distill" else state.db.get_model(req.model)
         run = state.db.add_run(req.model, req.books or [], params, True, req.max_steps, kind="tune",

@@ -663,4 +663,8 @@ export const STRINGS = {
   "problem.run_not_found": ["Run {id} not found", "Запуск {id} не найден"],
   "problem.run_not_active": ["Run {id} is not queued or running", "Запуск {id} не ждёт в очереди и не идёт: отменять нечего"],
   "problem.run_active": ["Run {id} is queued or running", "Запуск {id} ещё ждёт в очереди или идёт; сначала отмените его"],
+  "problem.name_case_twin": ["{twin} is taken, and names that differ only in letter case would share one folder on some systems", "Имя «{twin}» уже занято, а имена, которые отличаются только регистром букв, на некоторых системах попадут в одну папку: выберите другое вместо «{name}»"],
+  "problem.upload_too_large": ["{name} is larger than this server's upload limit of {limit} MiB", "Файл «{name}» больше предела загрузки этого сервера ({limit} МиБ)"],
+  "problem.file_empty": ["{name} is empty", "Файл «{name}» пуст"],
+  "problem.memory_over_budget": ["Training this model with batch {batch} x {tokens} tokens needs ~{need}, but the memory budget is {budget}; use fewer layers, a smaller width or context, or a smaller batch", "Для обучения этой модели с пакетом {batch} × {tokens} токенов нужно около {need} памяти (веса, градиенты, состояние AdamW и активации), а бюджет памяти сервера — {budget}: возьмите меньше слоёв, меньшую ширину или контекст либо меньший пакет"],
 };
