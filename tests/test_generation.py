@@ -162,3 +162,38 @@ def test_configure_optimizer_decays_only_matrices():
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_a_word_level_models_completion_keeps_the_space_before_its_first_word():
+    """A word-level tokenizer decodes words joined by spaces, and the completion was decoded alone: "once upon a"
+    + "time , there" read "once upon atime , there" in generate, stream, the batching engine and the OpenAI API's
+    tokens. Now the completion is decoded after the prompt's last token: prompt + completion is the whole text."""
+    from lmlab.models import generate, stream
+    from lmlab.models.batching import BatchEngine, Token
+    from lmlab.server.routers.openai import _logprobs
+    from lmlab.tokenizers import Tokenizer
+    tok = Tokenizer.train(["once upon a time , there was a fox and a hare . the fox ran to the river ."] * 3,
+                          kind="word")
+    torch.manual_seed(9)  # six words, none of them <EOS> or <PAD>
+    model = Transformer(ModelConfig(family="llama", vocab_size=len(tok), n_layer=1, n_head=2, n_embd=32,
+                                    block_size=32)).eval()
+    cfg = GenerationConfig(max_new_tokens=6, do_sample=False)
+    prompt = "once upon a"
+    ids = generate_ids(model, [tok.encode(prompt)], cfg)[0]
+    whole = tok.decode(tok.encode(prompt) + ids)
+    text = generate(model, tok, prompt, cfg)
+    assert prompt + text == whole and text.startswith(" ") and len(ids) >= 2, (whole, ids)
+    assert "".join(stream(model, tok, prompt, cfg)) == text
+    engine = BatchEngine(model, tok, start=False)
+    handle = engine.submit([(tok.encode(prompt), cfg)], logprobs=2)
+    while engine.rows or engine.waiting:
+        engine.step()
+    tokens = [ev for ev in handle if isinstance(ev, Token)]
+    assert "".join(t.text for t in tokens) == text
+    assert "".join(_logprobs(tok, tokens, chat=False)["tokens"]) == text
+    assert "".join(c["token"] for c in _logprobs(tok, tokens, chat=True)["content"]) == text
+    # after a special token (a chat turn's role) and for byte-level BPE, the continuation is decoded as before
+    assert tok.decode_continuation([tok.bos_id], ids) == tok.decode(ids)
+    bpe = Tokenizer.train(["once upon a time, жила-была лиса"] * 3, kind="bpe", vocab_size=300)
+    p, new = bpe.encode("once upon"), bpe.encode(" a time, жила")
+    assert bpe.decode_continuation(p, new) == bpe.decode(new) == " a time, жила"

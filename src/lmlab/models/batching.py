@@ -59,6 +59,7 @@ class Token:
     offset: int = 0               # where the token's own text starts in the completion
     logprob: float | None = None  # log-softmax of the model's logits (before temperature and top-k/p)
     top: list[tuple[int, float]] = field(default_factory=list)  # the `logprobs` most likely ids
+    after: list[int] = field(default_factory=list)  # the id before it (the prompt's last for the first token)
 
 
 @dataclass
@@ -174,7 +175,7 @@ class BatchEngine:
         would crop it, a batch row cannot)."""
         out = queue.Queue() if loop is None else _LoopQueue(loop)
         ends = frozenset({self.eos, *end_ids})
-        seqs = [_Sequence(p, cfg, i, logprobs, out, self.device, StopText(self.tokenizer, cfg.stop_strings), ends)
+        seqs = [_Sequence(p, cfg, i, logprobs, out, self.device, StopText(self.tokenizer, cfg.stop_strings, p), ends)
                 for i, (p, cfg) in enumerate(requests)]
         block = self.model.config.block_size
         for seq in seqs:
@@ -305,8 +306,9 @@ class BatchEngine:
         seq.count += 1
         if cfg.stop_at_eos and token in seq.ends:
             return self._finish(seq, "stop")
+        after = (seq.prompt + seq.ids)[-1:]
         seq.ids.append(token)
-        event = Token(seq.index, token, seq.text.push(token), seq.text.offset)
+        event = Token(seq.index, token, seq.text.push(token), seq.text.offset, after=after)
         if seq.logprobs is not None:
             logp = logits[0].float().log_softmax(-1)
             event.logprob = float(logp[token])

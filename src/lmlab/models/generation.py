@@ -429,7 +429,15 @@ def generate_rows(model: Transformer, tokenizer: Any, prompts: Sequence[str], cf
             return any(s in tokenizer.decode(row[-tail:]) for s in cfg.stop_strings)
         rows, ended = _collect(iter_tokens(model, ids, cfg, eos_token_id=eos, pad_id=pad), len(ids), eos,
                                stop if cfg.stop_strings else None)
-    return [_cut_at_stop(tokenizer.decode(row), cfg.stop_strings) for row in rows], rows, ended
+    return [_cut_at_stop(continuation(tokenizer, p, row), cfg.stop_strings) for p, row in zip(ids, rows)], rows, ended
+
+
+def continuation(tokenizer: Any, context: Sequence[int], ids: Sequence[int]) -> str:
+    """The text `ids` add after the prompt `context` (a word-level model's first word keeps the space before it):
+    the tokenizer's decode_continuation, or decode for a tokenizer without one."""
+    if hasattr(tokenizer, "decode_continuation"):
+        return tokenizer.decode_continuation(context, ids)
+    return tokenizer.decode(ids)
 
 
 def _cut_at_stop(text: str, stops: Sequence[str]) -> str:
@@ -447,7 +455,7 @@ def stream(model: Transformer, tokenizer: Any, prompt: str, config: GenerationCo
         raise ValueError("streaming needs num_beams=1 (beam search only knows the winner at the end)")
     ids = _encode_prompt(tokenizer, prompt, add_bos)
     eos = getattr(tokenizer, "eos_id", EOS_ID)
-    text = StopText(tokenizer, cfg.stop_strings)
+    text = StopText(tokenizer, cfg.stop_strings, context=ids)
     for tokens, finished in iter_tokens(model, [ids], cfg, eos_token_id=eos, pad_id=getattr(tokenizer, "pad_id", 0)):
         if finished[0] and tokens[0].item() == eos:
             break
@@ -464,10 +472,12 @@ def stream(model: Transformer, tokenizer: Any, prompt: str, config: GenerationCo
 class StopText:
     """The text of token ids pushed one at a time, as it may be shown: a stop string and what follows it are
     cut, and text that might be the start of a stop string is held back until it is known not to be one.
-    The pieces push and flush return add up to generate's text of the same ids."""
+    The pieces push and flush return add up to generate's text of the same ids after the prompt `context`."""
 
-    def __init__(self, tokenizer: Any, stops: Sequence[str]) -> None:
-        self.decoder, self.stops = tokenizer.stream_decoder(), list(stops)
+    def __init__(self, tokenizer: Any, stops: Sequence[str], context: Sequence[int] = ()) -> None:
+        self.decoder = (tokenizer.stream_decoder(context=context) if hasattr(tokenizer, "decode_continuation")
+                        else tokenizer.stream_decoder())
+        self.stops = list(stops)
         self.held, self.stopped = "", False
         self.decoded = 0  # characters decoded so far (held or not)
         self.offset = 0   # where the latest token's text starts (OpenAI's text_offset)

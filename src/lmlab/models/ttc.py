@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .generation import GenerationConfig, _encode_prompt, generate_rows
+from .generation import GenerationConfig, _encode_prompt, continuation, generate_rows
 from .model import Transformer
 from .scoring import make_batch, token_logprobs
 
@@ -157,7 +157,7 @@ def step_beam_search(model: Transformer, tokenizer: Any, prompt: str, width: int
         return model(x, last_only=True).logits[:, -1].float().log_softmax(-1)
 
     def text(b: _Beam) -> str:
-        return tokenizer.decode(b.ids[:-1] if b.done and b.ids and b.ids[-1] == eos else b.ids)
+        return continuation(tokenizer, prompt_ids, b.ids[:-1] if b.done and b.ids and b.ids[-1] == eos else b.ids)
 
     def key(b: _Beam) -> tuple[float, ...]:
         mean = b.logp / max(len(b.ids), 1)

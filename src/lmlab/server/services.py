@@ -986,8 +986,12 @@ class CountingTokenizer:
         self.count = len(ids)
         return self._tok.decode(ids, **kwargs)
 
-    def stream_decoder(self) -> Any:
-        inner, outer = self._tok.stream_decoder(), self
+    def decode_continuation(self, context: Any, ids: Any, **kwargs: Any) -> str:
+        self.count = len(ids)
+        return self._tok.decode_continuation(context, ids, **kwargs)
+
+    def stream_decoder(self, **kwargs: Any) -> Any:
+        inner, outer = self._tok.stream_decoder(**kwargs), self
 
         class _Decoder:
             def push(self, token_id: int) -> str:

@@ -553,14 +553,15 @@ def _byte_decoder() -> dict[str, int]:
 _BYTES = _byte_decoder()
 
 
-def _token_text(tokenizer: Any, token_id: int) -> str:
-    return tokenizer.decode([token_id], skip_special_tokens=False)
+def _token_text(tokenizer: Any, token_id: int, after: list[int]) -> str:
+    """A token's text as the completion has it after the id `after` (a word-level token's leading space)."""
+    return tokenizer.decode_continuation(after, [token_id], skip_special_tokens=False)
 
 
-def _token_bytes(tokenizer: Any, token_id: int) -> tuple[str, list[int]]:
-    """A token as OpenAI shows it: its text (what it decodes to alone) and its UTF-8 bytes, which for a
+def _token_bytes(tokenizer: Any, token_id: int, after: list[int]) -> tuple[str, list[int]]:
+    """A token as OpenAI shows it: its text (what it adds after the id before it) and its UTF-8 bytes, which for a
     byte-level BPE token may be part of a character."""
-    text = _token_text(tokenizer, token_id)
+    text = _token_text(tokenizer, token_id, after)
     raw = tokenizer.id_to_token(token_id) if getattr(tokenizer, "kind", None) == "bpe" else None
     if raw is not None and all(c in _BYTES for c in raw):
         return text, [_BYTES[c] for c in raw]
@@ -569,27 +570,28 @@ def _token_bytes(tokenizer: Any, token_id: int) -> tuple[str, list[int]]:
 
 def _logprobs(tokenizer: Any, tokens: list[Token], chat: bool, offset: int = 0) -> dict[str, Any]:
     if chat:
-        def entry(token_id: int, logprob: float) -> dict[str, Any]:
-            text, raw = _token_bytes(tokenizer, token_id)
+        def entry(token_id: int, logprob: float, after: list[int]) -> dict[str, Any]:
+            text, raw = _token_bytes(tokenizer, token_id, after)
             return {"token": text, "logprob": logprob, "bytes": raw}
-        return {"content": [{**entry(t.id, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top]}
-                            for t in tokens], "refusal": None}
-    def top(pairs: list[tuple[int, float]]) -> dict[str, float]:  # highest first: a text shown twice keeps its best
-        out: dict[str, float] = {}
+        return {"content": [{**entry(t.id, t.logprob, t.after),
+                             "top_logprobs": [entry(i, lp, t.after) for i, lp in t.top]} for t in tokens],
+                "refusal": None}
+    def top(pairs: list[tuple[int, float]], after: list[int]) -> dict[str, float]:  # highest first: a text shown
+        out: dict[str, float] = {}                                                   # twice keeps its best
         for i, lp in pairs:
-            out.setdefault(_completion_token(tokenizer, i), lp)
+            out.setdefault(_completion_token(tokenizer, i, after), lp)
         return out
-    return {"tokens": [_completion_token(tokenizer, t.id) for t in tokens],
+    return {"tokens": [_completion_token(tokenizer, t.id, t.after) for t in tokens],
             "token_logprobs": [t.logprob for t in tokens],
-            "top_logprobs": [top(t.top) for t in tokens],
+            "top_logprobs": [top(t.top, t.after) for t in tokens],
             "text_offset": [offset + t.offset for t in tokens]}  # from the prompt's start, in every chunk
 
 
-def _completion_token(tokenizer: Any, token_id: int) -> str:
+def _completion_token(tokenizer: Any, token_id: int, after: list[int]) -> str:
     """A token as the Completions API names it: its text, or, for a token whose bytes are part of a UTF-8
     character (alone it decodes to U+FFFD), those bytes as OpenAI writes them (`bytes:` and `\\xNN` each), so
     that such tokens stay apart in top_logprobs."""
-    text, raw = _token_bytes(tokenizer, token_id)
+    text, raw = _token_bytes(tokenizer, token_id, after)
     try:
         bytes(raw).decode("utf-8")
     except UnicodeDecodeError:
