@@ -1,6 +1,7 @@
 """Reading books in their encodings and formats; token files; windows that never touch validation data."""
 
 import json
+import logging
 import math
 import random
 import re
@@ -217,6 +218,16 @@ def test_epub_html_fb2_and_pdf_give_the_paragraphs(tmp_path):
     _write(tmp_path / "bad.epub", b"PK not a zip")
     with pytest.raises(ValueError, match="bad.epub"):
         read_document(tmp_path / "bad.epub")
+
+
+def test_a_broken_pdf_is_one_line_and_pypdf_says_nothing_beside_it(tmp_path, caplog):
+    """pypdf's own warning ("EOF marker not found") was logged, and printed to stderr beside the one-line error
+    (Python's last-resort handler, where no logging is set up: the CLI)."""
+    _write(tmp_path / "fake.pdf", b"%PDF-1.4\nhello, not a PDF\n")
+    with caplog.at_level(logging.WARNING), pytest.raises(
+            ValueError, match=r"^.*fake.pdf: not a readable PDF \(PdfStreamError: .*\)$"):
+        read_document(tmp_path / "fake.pdf")
+    assert [r.getMessage() for r in caplog.records] == []
 
 
 def war_and_peace_sized(seed=0, size=6_000_000, letters="абвгдежзийклмнопрстуфхцчшщыьэюя"):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import codecs
 import glob
+import logging
 import math
 import posixpath
 import re
@@ -325,6 +326,9 @@ def _pdf_text(path: Path) -> str:
                                           "run_length_maximum_output_length", "maximum_declared_stream_length",
                                           "array_based_stream_maximum_output_length")}
     pages, total = [], 0
+    quiet = logging.getLogger("pypdf")  # its warnings ("EOF marker not found") went to stderr beside our error
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         with apply_configuration(**limits):
             for page in PdfReader(path).pages:
@@ -338,4 +342,6 @@ def _pdf_text(path: Path) -> str:
                        f"may unpack to at most {PDF_MAX_STREAM // 2**20} MiB; pypdf: {exc})") from None
     except (PdfReadError, ValueError, KeyError, OSError) as exc:
         raise ValueError(f"{path}: not a readable PDF ({type(exc).__name__}: {exc})") from None
+    finally:
+        quiet.setLevel(level)
     return "\n".join(pages)
