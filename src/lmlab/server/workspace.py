@@ -69,7 +69,9 @@ def check_name(name: str, what: str = "name", *, max_len: int = 100, max_bytes: 
         raise BadName(f"{what} is {len(name.encode('utf-8', 'surrogatepass'))} bytes in UTF-8, longer than the "
                          f"limit of {max_bytes} bytes (a file name holds {NAME_MAX} bytes, less what the server "
                          "adds to it)")
-    if "/" in name or "\\" in name or "\x00" in name:
+    if "\x00" in name:
+        raise BadName(f"{what} {name!r} must not contain a NUL character")
+    if "/" in name or "\\" in name:
         raise BadName(f"{what} {name!r} must not contain a path separator")
     if name in (".", "..") or name.startswith((".", "-", " ")) or name.endswith((" ", ".")):
         raise BadName(f"{what} {name!r} must not start with '.', '-' or a space, nor end with '.' or a space")
