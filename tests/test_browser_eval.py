@@ -74,7 +74,7 @@ def test_evaluate_compare_and_trajectory_from_the_view(tmp_path, browser):  # no
             assert float(delta.get_attribute("data-value")) == row["delta"]
             assert delta.inner_text() == ("+" if row["delta"] > 0 else "") + f"{row['delta']:.4f}"
             flips = len(api["comparison"]["flips"])
-            assert page.inner_text("#ev-flips summary") == f"Items whose answer flipped: {flips}"
+            assert page.inner_text("#ev-flips summary") == f"Answers that flipped (an item on a metric): {flips}"
             assert page.get_attribute("#ev-report", "href").endswith(f"/api/v1/runs/{eval_id}/report?token={TOKEN}")
             shots(page, shot, "compare")
 

@@ -10,6 +10,7 @@ import torch
 
 from lmlab.eval import (
     corpus_scores,
+    encode_pair,
     load_task,
     loglikelihood,
     paired_bootstrap,
@@ -120,6 +121,64 @@ def test_loglikelihood_and_greedy_flag_match_a_plain_forward(tok):
         with torch.no_grad():
             ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
     assert loglikelihood(model, [(ctx, ids[len(ctx):])])[0][1] is True
+
+
+def test_a_continuation_longer_than_the_context_is_scored_whole(tok):
+    """A continuation longer than the model's context was scored on its last `block_size` tokens only (and its
+    greedy flag said True when an earlier token was not the argmax). Each token is now scored after the ids of its
+    window (windows of the model's context, aligned to the end): here checked one forward per token."""
+    model = tiny(block_size=4)
+    ctx, cont = tok.encode("The fox"), tok.encode(" saw the grapes and the crow")
+    assert len(cont) > 6
+    (ll, greedy), = loglikelihood(model, [(ctx, cont)])
+    ids, start, ref, ref_greedy = ctx + cont, len(ctx), 0.0, True
+    ends = list(range(len(ids) - 1, start - 1, -4))[::-1]  # each window's last target, the last window at the end
+    for t in range(start, len(ids)):
+        end = next(e for e in ends if e >= t)  # target ids[t] is read in the window of ids[end - 4:end]
+        window = ids[max(0, end - 4):t]
+        with torch.no_grad():
+            logp = model(torch.tensor([window])).logits[0, -1].double().log_softmax(-1)
+        ref += float(logp[ids[t]])
+        ref_greedy = ref_greedy and int(logp.argmax()) == ids[t]
+    assert ll == pytest.approx(ref, abs=1e-5) and greedy == ref_greedy
+
+
+@pytest.mark.parametrize("context", ["Question: the fox?\n", "Q:\t", "The fox  ", "Q:\n\n"])
+def test_the_pair_splits_as_lm_evals_encode_pair(tok, context):
+    """lm-eval moves all the context's trailing whitespace into the continuation; only spaces moved here, so
+    after a newline lmlab and lm-eval scored different tokens (the adapter disagreed with lm-eval's hf model)."""
+    template = pytest.importorskip("lm_eval.api.model").TemplateLM
+    from types import SimpleNamespace
+    lm = SimpleNamespace(backend="causal", tok_encode=lambda text, **_: tok.encode(text))
+    assert encode_pair(tok, context, "Answer") == template._encode_pair(lm, context, "Answer")
+
+
+def test_compare_lists_the_flips_of_every_right_wrong_metric():
+    """Only the first metric's flips were listed (acc), so an item that flipped on acc_norm alone was missing."""
+    from lmlab.eval.compare import compare
+    items = [[{"acc": 1, "acc_norm": 0}, {"acc": 0, "acc_norm": 0}],
+             [{"acc": 1, "acc_norm": 1}, {"acc": 1, "acc_norm": 0}]]
+    results = [{"model": m, "tasks": [{"task": "t", "kind": "multiple_choice", "n": 2, "items": its,
+                                       "metrics": {k: sum(i[k] for i in its) / 2 for k in ("acc", "acc_norm")}}]}
+               for m, its in zip("ab", items)]
+    flips = [(f["item"], f["metric"], f["from"], f["to"]) for f in compare(results, resamples=10)["flips"]]
+    assert flips == [(1, "acc", 0, 1), (0, "acc_norm", 0, 1)]
+
+
+def test_eval_texts_leave_out_empty_texts_and_score_every_first_token(tok):
+    """An empty text added an <EOS> scored against no bytes (bits per byte 10.41 -> 15.98 in a helper's repro), and
+    the first document's first token was never scored while its bytes were counted."""
+    from lmlab.train.recipes import evaluate_texts
+    model = tiny(block_size=64)
+    texts = ["The fox saw the grapes.", "The crow sat on a branch."]
+    r = evaluate_texts(model, tok, texts)
+    assert evaluate_texts(model, tok, ["", texts[0], "", texts[1], ""]) == r
+    assert r["tokens"] == sum(len(tok.encode(t)) + 1 for t in texts)  # every token and each text's <EOS>
+    ids = [tok.eos_id] + tok.encode(texts[0]) + [tok.eos_id] + tok.encode(texts[1]) + [tok.eos_id]
+    with torch.no_grad():
+        logp = model(torch.tensor([ids[:-1]])).logits[0].double().log_softmax(-1)
+    nats = -sum(float(logp[k, t]) for k, t in enumerate(ids[1:]))
+    assert r["bits_per_byte"] == pytest.approx(nats / math.log(2) / sum(len(t.encode()) for t in texts), rel=1e-6)
 
 
 def test_metrics_equal_sacrebleu_and_rouge_score_called_directly():

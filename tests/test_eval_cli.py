@@ -168,12 +168,21 @@ def test_probes_on_the_command_line_equal_the_library(runs, capsys):
     (["eval", "{a}", "{a}/../tales.txt", "--stride", "0"], "lmlab: error: stride (0) must be in [1, context length "
                                                            "128]"),
     (["compare", "{a}", "--tasks", "fables-mc"], "lmlab: error: compare needs at least two models"),
+    # these three were taken: nothing scored and exit 0, NaN bits per byte, the model's context for 0
+    (["eval", "{a}", "--tasks", " , "], "lmlab: error: --tasks ' , ' names no task: give task files or shipped "
+                                        "task names, comma-separated"),
+    (["compare", "{a}", "{a}", "--tasks", ","], "lmlab: error: --tasks ',' names no task: give task files or "
+                                                "shipped task names, comma-separated"),
+    (["eval", "{a}", "{tmp}/e1.txt", "{tmp}/e2.txt"], "lmlab: error: the texts are empty"),
+    (["eval", "{a}", "{a}/../tales.txt", "--seq-len", "0"], "lmlab: error: --seq-len must be >= 1"),
 ])
 def test_bad_input_is_one_line_and_exit_2(runs, tmp_path, capsys, argv, message):
     root, _ = runs
     (tmp_path / "bad.yaml").write_text("name: bad\nkind: multiple_choice\ndata: bad.jsonl\n")
     (tmp_path / "bad.jsonl").write_text('{"context": "a", "choices": ["x"], "answer": 0}\n'
                                         '{"context": "a", "choices": ["x"]}\n')
+    (tmp_path / "e1.txt").write_text("")
+    (tmp_path / "e2.txt").write_text("")
     fill = dict(a=root / "a", bad=tmp_path / "bad.yaml", badjsonl=tmp_path / "bad.jsonl", tmp=tmp_path)
     assert main([a.format(**fill) for a in argv]) == 2
     assert capsys.readouterr().err == message.format(**fill) + "\n"

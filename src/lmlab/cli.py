@@ -834,16 +834,17 @@ def _eval(args: argparse.Namespace) -> int:
     import json
 
     from .data import find_documents, read_document
-    from .eval import load_task
     from .train.recipes import evaluate_texts
 
     if args.probes is not None and args.probes < 1:
         raise ValueError("--probes must be >= 1")
     if args.batch_size < 1:
         raise ValueError("--batch-size must be >= 1")
-    if not args.texts and not args.tasks and not args.probes:
+    if args.seq_len is not None and args.seq_len < 1:
+        raise ValueError("--seq-len must be >= 1")
+    tasks = _task_list(args.tasks) if args.tasks is not None else []  # bad files fail first
+    if not args.texts and not tasks and not args.probes:
         raise ValueError("give texts to evaluate on, --tasks, --probes N, or several")
-    tasks = [load_task(t.strip()) for t in (args.tasks or "").split(",") if t.strip()]  # bad files fail first
     if args.all_checkpoints:
         return _trajectory(args, tasks)
     model, tok = _load_for_eval(args.model_dir, args.device)
@@ -871,6 +872,15 @@ def _eval(args: argparse.Namespace) -> int:
     if args.probes:
         print(f"probes on {args.probes} samples: " + "  ".join(f"{k} {v:.4g}" for k, v in out["probes"].items()))
     return 0
+
+
+def _task_list(spec: str) -> list[Any]:
+    """The tasks of a --tasks comma list, loaded (a bad file fails here); one that names none is refused."""
+    from .eval import load_task
+    names = [t.strip() for t in spec.split(",") if t.strip()]
+    if not names:
+        raise ValueError(f"--tasks {spec!r} names no task: give task files or shipped task names, comma-separated")
+    return [load_task(name) for name in names]
 
 
 def _probes(model: Any, tok: Any, args: argparse.Namespace) -> dict[str, float]:
@@ -981,7 +991,6 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
 def _compare(args: argparse.Namespace) -> int:
     import json
 
-    from .eval import load_task
     from .eval.compare import compare, report_html
     from .files import atomic_write_text
 
@@ -989,7 +998,7 @@ def _compare(args: argparse.Namespace) -> int:
         raise ValueError("compare needs at least two models")
     if args.batch_size < 1 or args.resamples < 1:
         raise ValueError("--batch-size and --resamples must be >= 1")
-    tasks = [load_task(t.strip()) for t in args.tasks.split(",") if t.strip()]
+    tasks = _task_list(args.tasks)
     results = []
     for m in args.models:
         model, tok = _load_for_eval(m, args.device)
@@ -1007,7 +1016,7 @@ def _compare(args: argparse.Namespace) -> int:
     for r in c["rows"]:
         print(f"{r['task']:<20} {r['metric']:<10} {r['model'][-28:]:<28} {r['delta']:+9.4f}  "
               f"[{r['low']:+.4f}, {r['high']:+.4f}]")
-    print(f"{len(c['flips'])} items flipped; report: {out / 'report.html'}")
+    print(f"{len(c['flips'])} answers flipped (an item on a metric); report: {out / 'report.html'}")
     return 0
 
 

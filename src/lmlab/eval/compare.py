@@ -29,12 +29,12 @@ def compare(results: Sequence[dict[str, Any]], *, resamples: int = 2000, seed: i
                 ci = paired_bootstrap(a, b, resamples=resamples, seed=seed)
                 rows.append({"task": task["task"], "metric": metric, "model": other["model"],
                              "base": task["metrics"][metric], "value": theirs["metrics"][metric], **ci})
-            key = METRICS[task["kind"]][0]
-            if task["kind"] != "generate":  # right/wrong metrics: which items changed side
-                for i, (x, y) in enumerate(zip(task["items"], theirs["items"])):
-                    if x[key] != y[key]:
-                        flips.append({"task": task["task"], "item": i, "model": other["model"], "metric": key,
-                                      "from": x[key], "to": y[key]})
+            if task["kind"] != "generate":  # right/wrong metrics (acc and acc_norm each): which items changed side
+                for key in METRICS[task["kind"]]:
+                    for i, (x, y) in enumerate(zip(task["items"], theirs["items"])):
+                        if x[key] != y[key]:
+                            flips.append({"task": task["task"], "item": i, "model": other["model"], "metric": key,
+                                          "from": x[key], "to": y[key]})
     return {"base": base["model"], "models": [r["model"] for r in results], "rows": rows, "flips": flips}
 
 
@@ -66,7 +66,7 @@ def report_html(comparison: dict[str, Any]) -> str:
                     f"<td>{r['base']:.4f}</td><td>{r['value']:.4f}</td><td>{r['delta']:+.4f}</td>"
                     f"<td>[{r['low']:+.4f}, {r['high']:+.4f}]</td></tr>" for r in rows)
     flips = "".join(f"<tr><td>{e(f['task'])}</td><td>{f['item']}</td><td>{e(f['model'])}</td>"
-                    f"<td>{f['from']:g} → {f['to']:g}</td></tr>" for f in comparison["flips"])
+                    f"<td>{e(f['metric'])}</td><td>{f['from']:g} → {f['to']:g}</td></tr>" for f in comparison["flips"])
     return ("<!doctype html><html><head><meta charset='utf-8'><title>lmlab compare</title><style>"
             "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
             "padding:3px 8px;text-align:right}</style></head><body>"
@@ -76,4 +76,4 @@ def report_html(comparison: dict[str, Any]) -> str:
             f"{_svg(rows)}<table><tr><th>task</th><th>metric</th><th>model</th><th>base</th><th>model</th>"
             f"<th>delta</th><th>95% interval</th></tr>{table}</table>"
             f"<h2>Items that flipped ({len(comparison['flips'])})</h2><table><tr><th>task</th><th>item</th>"
-            f"<th>model</th><th>score</th></tr>{flips}</table></body></html>\n")
+            f"<th>model</th><th>metric</th><th>score</th></tr>{flips}</table></body></html>\n")

@@ -148,10 +148,10 @@ def text_nll(model: Transformer, tokenizer: Any, texts: Sequence[str], *, seq_le
 # ---- text pairs: multiple choice and greedy continuation ---------------------------------------------
 
 def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """lm-eval's split: trailing spaces join the continuation; the continuation's ids are those of the whole
-    text after the context's (so a merge across the boundary is not counted twice); an empty context is
-    <EOS>."""
-    stripped = context.rstrip(" ")
+    """lm-eval's split (TemplateLM._encode_pair): the context's trailing whitespace joins the continuation; the
+    continuation's ids are those of the whole text after the context's (so a merge across the boundary is not
+    counted twice); an empty context is <EOS>."""
+    stripped = context.rstrip()
     context, continuation = stripped, context[len(stripped):] + continuation
     if not context:
         return [tokenizer.eos_id], tokenizer.encode(continuation)
@@ -162,7 +162,8 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
 def loglikelihood(model: Transformer, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *,
                   batch_size: int = 16) -> list[tuple[float, bool]]:
     """(log p(continuation | context), whether greedy decoding gives exactly the continuation) per pair of id
-    lists; a context too long for the model is cut from the left. Pairs that share a context (the choices of
+    lists; a context too long for the model is cut from the left, a continuation longer than the model's
+    context is scored window by window (_continuation_windows). Pairs that share a context (the choices of
     one question) read it once: it goes through the KV cache, which is then copied for each continuation."""
     limit = model.config.block_size + 1
     groups: dict[tuple[int, ...], list[int]] = {}
@@ -185,11 +186,29 @@ def loglikelihood(model: Transformer, pairs: Sequence[tuple[Sequence[int], Seque
                           _shared_context(model, chunk, [[list(pairs[i][1]) for i in groups[c]] for c in chunk])):
             out[i] = res
     rest = [i for i in range(len(pairs)) if i not in shared]
-    rows = [(list(pairs[i][0]) + list(pairs[i][1]))[-limit:] for i in rest]
-    for i, (logp, greedy) in zip(rest, token_logprobs(model, rows, batch_size=batch_size)):
-        k = len(pairs[i][1])
-        out[i] = (float(logp[-k:].sum()) if k else 0.0, bool(greedy[-k:].all()) if k else True)
+    spans = {i: _continuation_windows(len(pairs[i][0]), len(pairs[i][1]), limit - 1) for i in rest}
+    rows = [(list(pairs[i][0]) + list(pairs[i][1]))[s:e + 1] for i in rest for s, _, e in spans[i]]
+    scored = iter(token_logprobs(model, rows, batch_size=batch_size))
+    for i in rest:
+        total, greedy = 0.0, True
+        for s, first, _ in spans[i]:
+            logp, top = next(scored)
+            total, greedy = total + float(logp[first - s:].sum()), greedy and bool(top[first - s:].all())
+        out[i] = (total, greedy)
     return out
+
+
+def _continuation_windows(c: int, k: int, length: int) -> list[tuple[int, int, int]]:
+    """windows() that score the k continuation targets after a context of c ids with at most `length` ids read
+    at a time: the last window is the `length` ids before the end (a longer context is cut from the left); a
+    continuation longer than that is scored in disjoint windows before it, as loglikelihood_rolling does,
+    instead of only its last `length` tokens."""
+    spans, end, start = [], c + k - 1, c - 1  # targets ids[t + 1] for t in [start, end)
+    while end > start:
+        first = max(start, end - length)
+        spans.append((max(0, end - length), first, end))
+        end = first
+    return spans[::-1]
 
 
 @torch.no_grad()

@@ -229,21 +229,24 @@ class TaskEval(Callback):
 def evaluate_texts(model: Transformer, tokenizer: Any, texts: Sequence[str], *, seq_len: int | None = None,
                    batch_size: int = 8, stride: int | None = None) -> dict[str, float]:
     """Loss (nats/token), perplexity and bits per byte of `model` over `texts` (documents joined by EOS, as in
-    training), in windows of seq_len (default: the model's context) that score each token once; with
-    `stride` < seq_len each window after the first scores `stride` tokens after seq_len - stride of context.
-    lmlab.eval's sequence_nll does the scoring."""
-    seq_len = min(seq_len or model.config.block_size, model.config.block_size)
-    if seq_len < 1 or batch_size < 1:
+    training, and the first one after an EOS too, so that every document's first token is scored the same way;
+    texts without tokens are left out), in windows of seq_len (default: the model's context) that score each
+    token once; with `stride` < seq_len each window after the first scores `stride` tokens after seq_len - stride
+    of context. A window may read the end of the document before (as training does). lmlab.eval's sequence_nll
+    does the scoring."""
+    if (seq_len is not None and seq_len < 1) or batch_size < 1:
         raise ValueError("seq_len and batch_size must be >= 1")
-    ids: list[int] = []
-    for enc in tokenizer.encode_batch(list(texts)):
-        ids += enc + [tokenizer.eos_id]
+    seq_len = min(seq_len or model.config.block_size, model.config.block_size)
+    ids, n_bytes = [tokenizer.eos_id], 0
+    for text, enc in zip(texts, tokenizer.encode_batch(list(texts))):
+        if enc:
+            ids += enc + [tokenizer.eos_id]
+            n_bytes += len(text.encode("utf-8"))
     if len(ids) < 2:
         raise ValueError("the texts are empty")
     total, n = sequence_nll(model, ids, seq_len=seq_len, stride=seq_len if stride is None else stride,
                             batch_size=batch_size)
     loss = total / n
-    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "bits_per_byte": bits_per_byte(total, n_bytes),
             "tokens": n}
 

@@ -340,7 +340,7 @@ export const STRINGS = {
   "ev.comparison": ["Comparison against {base}", "Сравнение с {base}"],
   "ev.base": ["Baseline", "База"],
   "ev.delta": ["Difference", "Разница"],
-  "ev.flips": ["Items whose answer flipped: {n}", "Примеры, где ответ сменился: {n}"],
+  "ev.flips": ["Answers that flipped (an item on a metric): {n}", "Ответы, которые сменились (пример по метрике): {n}"],
   "ev.item": ["Item", "Пример"],
   "ev.change": ["Score", "Оценка"],
   "ev.report": ["Open the comparison's report in a new tab", "Открыть отчёт сравнения в новой вкладке"],
