@@ -102,3 +102,23 @@ def test_the_command_line_runs_lmlab_models_on_local_tasks(setup, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     (result,) = tmp_path.glob("out/**/results_*.json")
     assert json.loads(result.read_text())["results"]["tiny_mc"]["acc,none"] == native["metrics"]["acc"]
+
+
+def test_generate_until_follows_the_tasks_generation_kwargs(setup):
+    """generate_until read only until and max_gen_toks: a task asking do_sample with a temperature got greedy
+    text. It now reads them as lm-eval's hf model does (do_sample False: greedy, whatever the temperature)."""
+    from types import SimpleNamespace
+
+    from lmlab.models import GenerationConfig, generate
+    root, _ = setup
+    lm = LmlabLM(path=str(root / "model"))
+    ask = lambda **kw: lm.generate_until([SimpleNamespace(args=("The fox", kw))])[0]  # noqa: E731
+    greedy = generate(lm.model, lm.tokenizer, "The fox", GenerationConfig(max_new_tokens=12, do_sample=False))
+    sampled = generate(lm.model, lm.tokenizer, "The fox", GenerationConfig(max_new_tokens=12, temperature=1.5,
+                                                                           top_k=50, seed=7))
+    assert sampled != greedy
+    assert ask(max_gen_toks=12) == ask(max_gen_toks=12, temperature=1.5) == greedy
+    assert ask(max_gen_toks=12, do_sample=True, temperature=1.5, top_k=50, seed=7) == sampled
+    assert ask(max_gen_toks=12, until=["the"]) == greedy.split("the")[0]
+    with pytest.raises(ValueError, match="generation_kwargs min_p are not known to lmlab"):
+        ask(min_p=0.1)

@@ -57,14 +57,29 @@ class LmlabLM(LM):
         return [-total for total, _ in nll_many(self.model, seqs, batch_size=self.batch_size)]
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
-        out = []
-        for r in requests:
-            context, kwargs = r.args
-            until = kwargs.get("until") or []
-            cfg = GenerationConfig(max_new_tokens=int(kwargs.get("max_gen_toks", 256)), do_sample=False,
-                                   stop_strings=[until] if isinstance(until, str) else list(until))
-            out.append(generate(self.model, self.tokenizer, context, cfg))
-        return out
+        return [generate(self.model, self.tokenizer, r.args[0], generation_config(r.args[1])) for r in requests]
+
+
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty", "num_beams", "seed")
+
+
+def generation_config(kwargs: dict[str, Any]) -> GenerationConfig:
+    """A task's generation_kwargs as lm-eval's hf model reads them: `until` (stop strings), `max_gen_toks`
+    (256), `do_sample` (False: greedy, whatever the temperature, as transformers' generate), and the sampling
+    settings; one this model does not know is an error that names it (the hf model passes it on to transformers,
+    which refuses it too)."""
+    kwargs = dict(kwargs)
+    until = kwargs.pop("until", None) or []
+    max_new = int(kwargs.pop("max_gen_toks", 256))
+    do_sample = bool(kwargs.pop("do_sample", False))
+    unknown = sorted(set(kwargs) - set(SAMPLING_KEYS))
+    if unknown:
+        raise ValueError(f"generation_kwargs {', '.join(unknown)} are not known to lmlab (it takes until, "
+                         f"max_gen_toks, do_sample, {', '.join(SAMPLING_KEYS)})")
+    if not do_sample:  # greedy: the sampling settings do not apply
+        kwargs = {k: v for k, v in kwargs.items() if k in ("num_beams", "repetition_penalty")}
+    return GenerationConfig(max_new_tokens=max_new, do_sample=do_sample, **kwargs,
+                            stop_strings=[until] if isinstance(until, str) else list(until))
 
 
 def main() -> None:
