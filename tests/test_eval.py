@@ -326,3 +326,17 @@ def test_fewshot_prompts_hold_k_solved_other_items_then_the_item(tmp_path):
     assert prompts(task) == out  # the same examples every time
     task.seed = 1
     assert prompts(task) != out
+
+
+def test_made_items_keep_a_closing_quote_with_its_sentence():
+    """A sentence ending inside quotes (…простое!») lost its » to the next one: the answer starting with » gave
+    itself away among the choices."""
+    from lmlab.eval.maketask import make_items
+    text = ("Жили-были дед да баба, и была у них курочка Ряба. Курочка снесла яичко, не простое, а золотое. "
+            "Дед плачет, баба плачет, а курочка кудахчет: «Не плачь, дед, не плачь, баба! Снесу вам яичко другое, "
+            "не золотое — простое!» The fox saw the grapes on the vine. The grapes were high on the old vine. "
+            "The fox could not reach the grapes at all. «Они зелёные», — сказала лиса (и ушла домой).")
+    items = make_items([text], "next-sentence", n=50, seed=0)
+    assert items and all(not c.startswith(("»", ")", ",")) for it in items for c in it["choices"])
+    assert any(it["context"].endswith("простое!»") for it in items)
+    assert all(f"{it['context']} {it['choices'][it['answer']]}" in text for it in items)

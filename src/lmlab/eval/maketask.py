@@ -24,7 +24,7 @@ from ..files import atomic_write_text
 from ..tokenizers import Tokenizer
 
 KINDS = ("cloze", "next-sentence")
-_SENTENCE = re.compile(r"[^.!?…\n]+[.!?…]+")
+_SENTENCE = re.compile(r"[^.!?…\n]+[.!?…]+[»”“\"'’)\]]*")  # the closing quotes and brackets stay with their sentence
 
 
 def held_out_texts(run_dir: str | Path, books: Sequence[str] = ()) -> dict[str, str]:
