@@ -92,9 +92,48 @@ def test_ctrl_c_stops_the_reply_not_the_chat(chatty, capsys, monkeypatch):
     (["--system", "Hello there " * 40], "--system is too long: it leaves no room for a message in the model's "
                                         "context (56 tokens with room for a reply)"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1 for a chat, not 0"),
+    # taken and not used before
+    (["--num-beams", "4"], "a chat reply is sampled token by token and ends with its turn: leave out --num-beams, "
+                           "--length-penalty and --ignore-eos"),
+    (["--ignore-eos"], "a chat reply is sampled token by token and ends with its turn: leave out --num-beams, "
+                       "--length-penalty and --ignore-eos"),
 ])
 def test_settings_that_leave_no_chat_are_refused_at_the_start(chatty, capsys, monkeypatch, argv, message):
     import io
     monkeypatch.setattr("sys.stdin", io.StringIO("Hi\n"))
     assert main(["chat", str(chatty), "--max-new-tokens", "8", *argv]) == 2
     assert capsys.readouterr().err.strip() == f"lmlab: error: {message}"
+
+
+def test_a_stop_string_ends_the_reply_before_it(chatty, capsys, monkeypatch):
+    """--stop was taken and not applied (`--stop /` printed `//////////`): the reply now ends before the stop
+    string, as generate's text does, and the history holds what was shown."""
+    import io
+
+    from lmlab.models import GenerationConfig
+    model, tok = chat.load_chat_model(chatty)
+    whole = chat.generate_reply(model, tok, [{"role": "user", "content": "Hello there"}], do_sample=False,
+                                max_new_tokens=12)
+    stop = whole[-2:]  # the untrained model says "////////////"
+    cut = whole[:whole.index(stop)]
+    assert len(whole) > 6 and cut != whole
+    assert chat.generate_reply(model, tok, [{"role": "user", "content": "Hello there"}],
+                               GenerationConfig(do_sample=False, max_new_tokens=12, stop_strings=[stop])) == cut
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello there\n"))
+    assert main(["chat", str(chatty), "--greedy", "--max-new-tokens", "12", "--stop", stop]) == 0
+    assert capsys.readouterr().out == cut + "\n"
+
+
+def test_control_characters_reach_a_terminal_written_out(monkeypatch):
+    """A model's text went to the terminal raw: an escape sequence in it could move the cursor or retitle the
+    window. On a terminal, control characters are written as \\xNN (newlines and tabs stay)."""
+    from lmlab.cli import _for_terminal
+    assert _for_terminal("a\x1b[2Jb\tc\nd\x07\x9b") == "a\\x1b[2Jb\tc\nd\\x07\\x9b"
+
+
+def test_output_into_a_closed_pipe_ends_quietly(chatty):
+    """`lmlab chat ... | head -1` printed a BrokenPipeError traceback and "internal error ... a bug in lmlab"."""
+    proc = subprocess.run(f"printf 'q1\\nq2\\nq3\\n' | {sys.executable} -m lmlab.cli chat {chatty} --greedy "
+                          "--max-new-tokens 40 | head -c 1", shell=True, capture_output=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, timeout=300)
+    assert proc.stderr == b"" and len(proc.stdout) == 1, proc.stderr

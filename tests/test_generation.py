@@ -132,6 +132,21 @@ def test_beam_search_finds_a_sequence_at_least_as_likely_as_greedy():
     assert best2 == [flat // 61, flat % 61]
 
 
+def test_top_p_keeps_the_smallest_set_that_reaches_p_as_transformers_does():
+    """A set whose mass reached top_p exactly kept one token more ([.5, .25, .125, .125] at 0.5 kept two): the
+    kept tokens equal transformers' TopPLogitsWarper's, on those ties and on random logits."""
+    warper = pytest.importorskip("transformers").TopPLogitsWarper
+    torch.manual_seed(0)
+    cases = [(torch.tensor([[0.5, 0.25, 0.125, 0.125]]).log(), 0.5), (torch.zeros(1, 4), 0.5),
+             (torch.zeros(1, 4), 0.25)] + [(torch.randn(1, 50) * 2, p) for p in (0.1, 0.5, 0.9, 0.99)]
+    for logits, p in cases:
+        ours = torch.isfinite(process_logits(logits, GenerationConfig(top_p=p)))
+        theirs = torch.isfinite(warper(top_p=p)(None, logits.clone()))
+        assert ours.sum() == theirs.sum(), (logits, p, ours, theirs)  # tied tokens: either may be kept
+        assert torch.equal(ours, theirs) or len(set(logits[0].tolist())) < logits.size(1)
+    assert torch.isfinite(process_logits(cases[0][0], GenerationConfig(top_p=0.5))).sum() == 1
+
+
 def test_process_logits_top_k_top_p_and_repetition_penalty():
     logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, 3.0]])
     out = process_logits(logits, GenerationConfig(top_k=2))

@@ -222,6 +222,9 @@ def test_cli_best_of_vote_and_beam(model_dir, capsys):
     (["--beam", "2", "--temperature", "0.5"], "leave out --temperature"),
     (["--beam", "2", "--seed", "1", "--stop", "x", "--ignore-eos", "--top-k", "3"],
      "leave out --top-k, --stop, --stop-at-eos/--ignore-eos, --seed"),
+    # so is HF-style beam search (--num-beams): it took them and printed one text num-samples times
+    (["--num-beams", "2", "--num-samples", "2", "--seed", "1", "--temperature", "0.5"],
+     "--num-beams is deterministic and ignores stop strings: leave out --temperature, --seed, --num-samples"),
 ])
 def test_cli_bad_flags_are_one_line_exit_2(model_dir, capsys, flags, message):
     assert main(["generate", str(model_dir), "--prompt", "x", *flags]) == 2

@@ -16,6 +16,7 @@ import dis
 import errno
 import math
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -185,6 +186,9 @@ _BEAM_IGNORES = {"do_sample": "--do-sample/--greedy", "temperature": "--temperat
                  "prompt_lookup": "--prompt-lookup"}
 
 
+_NUM_BEAMS_IGNORES = ("do_sample", "temperature", "top_k", "top_p", "stop_strings", "seed", "prompt_lookup")
+
+
 def _ttc_flag(args: argparse.Namespace) -> tuple[str, int] | None:
     """The test-time compute flag given (--best-of, --vote or --beam) and its N, checked before any loading."""
     chosen = [f for f in ("best_of", "vote", "beam") if getattr(args, f) is not None]
@@ -250,6 +254,11 @@ def _generate(args: argparse.Namespace) -> int:
     cfg = dataclasses.replace(load_generation_config(args.model_dir), **given(args, GenerationConfig))
     if tokenizer is None:
         raise ValueError(f"{args.model_dir} has no tokenizer.json; cannot turn text into tokens")
+    if cfg.num_beams > 1 and ttc is None:  # what beam search would leave unused is refused, as --beam does
+        ignored = [_BEAM_IGNORES[k] for k in given(args, GenerationConfig) if k in _NUM_BEAMS_IGNORES]
+        ignored += ["--num-samples"] * (args.num_samples > 1)
+        if ignored:
+            raise ValueError(f"--num-beams is deterministic and ignores stop strings: leave out {', '.join(ignored)}")
     from .lab.interp.steer import Steering
     coef = 1.0 if args.steer_coef is None and not args.steer_ablate else args.steer_coef or 0.0
     with Steering(model, direction, coef, args.steer_ablate):  # no hooks without --steer
@@ -275,17 +284,27 @@ def _steer_direction(args: argparse.Namespace) -> Any:
 
 def _samples(args: argparse.Namespace, model: Any, tokenizer: Any, prompt: str, cfg: Any) -> None:
     from .models import generate, stream
+    show = _for_terminal if sys.stdout.isatty() else str
     for i in range(args.num_samples):
         sample_cfg = cfg if cfg.seed is None else dataclasses.replace(cfg, seed=cfg.seed + i)
         if i:
             print("\n" + "-" * 40)
         print(prompt, end="", flush=True)
         if args.no_stream or cfg.num_beams > 1:
-            print(generate(model, tokenizer, prompt, sample_cfg), end="")
+            print(show(generate(model, tokenizer, prompt, sample_cfg)), end="")
         else:
             for piece in stream(model, tokenizer, prompt, sample_cfg):
-                print(piece, end="", flush=True)
+                print(show(piece), end="", flush=True)
         print()
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _for_terminal(text: str) -> str:
+    """A model's text as a terminal may show it: control characters (an escape sequence can move the cursor,
+    retitle the window or worse) written as \\xNN; newlines and tabs stay."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 
@@ -1464,8 +1483,15 @@ def _chat(args: argparse.Namespace) -> int:
     from .tune.chat import fit_history, load_chat_model, reply
 
     path = _model_dir(args.model_dir)
+    explicit = given(args, GenerationConfig)
+    if explicit.get("num_beams", 1) > 1 or "length_penalty" in explicit or explicit.get("stop_at_eos") is False:
+        raise ValueError("a chat reply is sampled token by token and ends with its turn: leave out --num-beams, "
+                         "--length-penalty and --ignore-eos")
     model, tok = load_chat_model(path, resolve_device(args.device))
-    cfg = dataclasses.replace(load_generation_config(path), **given(args, GenerationConfig))
+    cfg = dataclasses.replace(load_generation_config(path), **explicit)
+    if cfg.num_beams > 1 or not cfg.stop_at_eos:
+        print(f"lmlab: {path / 'generation.json'}'s num_beams and stop_at_eos do not apply to a chat: its replies "
+              "are sampled and end with their turn", file=sys.stderr)
     if cfg.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1 for a chat, not {cfg.max_new_tokens}")
     history = [{"role": "system", "content": args.system}] if args.system else []
@@ -1479,10 +1505,18 @@ def _chat(args: argparse.Namespace) -> int:
     if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 arrive as lone surrogates, in any locale
         sys.stdin.reconfigure(errors="surrogateescape")
     interactive = sys.stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401 - input() edits the line and recalls earlier ones (arrow keys)
+        except ImportError:  # not on every platform
+            pass
+    show = _for_terminal if sys.stdout.isatty() else str
     while True:
         try:
             text = input("> " if interactive else "")
         except EOFError:
+            if interactive:
+                print()  # Ctrl-D: the shell's prompt on a line of its own
             break
         if not text.strip():
             break
@@ -1505,7 +1539,7 @@ def _chat(args: argparse.Namespace) -> int:
         try:
             for piece in pieces:
                 answer += piece
-                print(piece, end="", flush=True)
+                print(show(piece), end="", flush=True)
         except KeyboardInterrupt:  # Ctrl-C stops this reply (what was shown stays in the history), not the chat
             pieces.close()
             print(" [stopped]", end="", flush=True)
@@ -2143,6 +2177,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with console_progress():  # the Trainer's progress line (it only logs; a library user sees nothing)
             return args.run(args)
+    except BrokenPipeError:  # the reader of our output went away (`| head`): stop quietly, as `yes | head` does
+        devnull = os.open(os.devnull, os.O_WRONLY)  # Python's own flush at exit would fail on the pipe again
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141  # 128 + SIGPIPE
     except KeyboardInterrupt:
         print("lmlab: interrupted", file=sys.stderr)
         return 130

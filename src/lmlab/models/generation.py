@@ -92,7 +92,7 @@ def process_logits(logits: torch.Tensor, cfg: GenerationConfig, context: torch.T
     if cfg.top_p < 1.0:  # nucleus (Holtzman et al. 2019): smallest set whose mass reaches top_p
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > cfg.top_p  # mass before this token already exceeds p
+        drop = probs.cumsum(-1) - probs >= cfg.top_p  # the tokens before this one already reach p
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
     return logits
 

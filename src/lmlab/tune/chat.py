@@ -31,7 +31,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from ..files import atomic_write_text
 from ..interop._files import CHAT_TEMPLATE
 from ..models import GenerationConfig, Transformer
-from ..models.generation import iter_tokens
+from ..models.generation import StopText, iter_tokens
 from ..models.io import load_pretrained
 from ..tokenizers import Tokenizer
 from ..train.trainer import Callback
@@ -174,7 +174,8 @@ def fit_history(messages: list[dict[str, str]], tokenizer: Tokenizer, room: int)
 
 def reply(model: Transformer, tokenizer: Tokenizer, messages: Sequence[dict[str, str]],
           config: GenerationConfig) -> Iterator[str]:
-    """Stream the assistant's next turn as text; it ends at <|end|> (or <EOS>), or when the context is full."""
+    """Stream the assistant's next turn as text; it ends at <|end|> (or <EOS>), before one of the config's stop
+    strings, or when the context is full (the config's beams and stop_at_eos do not apply: a reply is sampled)."""
     for i, m in enumerate(messages, 1):  # the library's callers too: a KeyError deep in render() otherwise
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
             raise ValueError(f"message {i} needs a role ({', '.join(ROLES)}) and a text content, not {m!r:.80}")
@@ -184,15 +185,17 @@ def reply(model: Transformer, tokenizer: Tokenizer, messages: Sequence[dict[str,
     if room < 1:
         raise ValueError("the conversation fills the model's context")
     cfg = dataclasses.replace(config, max_new_tokens=min(config.max_new_tokens, room), stop_at_eos=True,
-                              stop_strings=[], num_beams=1)
-    decoder = tokenizer.stream_decoder()
+                              num_beams=1)
+    text = StopText(tokenizer, cfg.stop_strings)  # the reply's text, cut before a stop string
     for tokens, _ in iter_tokens(model, [ids], cfg, eos_token_id=end, pad_id=tokenizer.pad_id):
         token = int(tokens[0])
         if token in (end, tokenizer.eos_id):
             break
-        if piece := decoder.push(token):
+        if piece := text.push(token):
             yield piece
-    if rest := decoder.flush():
+        if text.stopped:
+            return
+    if rest := text.flush():
         yield rest
 
 
