@@ -84,17 +84,19 @@ def browser():
 
 
 @contextmanager
-def ui_page(browser, artifacts: Path, ignore: str | None = None, **options):
+def ui_page(browser, artifacts: Path, ignore: str | tuple[str, ...] | None = None, **options):
     """A page of the app, and shot(name), a full-page screenshot into `artifacts` (emptied first). Page
-    errors and console errors (but those containing `ignore`) are collected; a body that finishes must
-    have caused none. `options`: more of Playwright's new_page options (has_touch=True: a touch screen)."""
+    errors and console errors (but those containing `ignore`, or one of its texts) are collected; a body that
+    finishes must have caused none. `options`: more of Playwright's new_page options (has_touch=True: a touch
+    screen)."""
+    ignored = (ignore,) if isinstance(ignore, str) else ignore or ()
     shutil.rmtree(artifacts, ignore_errors=True)
     artifacts.mkdir(parents=True)
     page = browser.new_page(**{"viewport": {"width": 1280, "height": 900}, "accept_downloads": True, **options})
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.on("console", lambda m: errors.append(m.text)
-            if m.type == "error" and not (ignore and ignore in m.text) else None)
+            if m.type == "error" and not any(text in m.text for text in ignored) else None)
     try:
         yield page, lambda name: page.screenshot(path=str(artifacts / f"{name}.png"), full_page=True)
         assert not errors, errors

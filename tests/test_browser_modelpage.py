@@ -74,8 +74,10 @@ def test_quantize_from_the_model_page_and_chat_with_a_template_model(tmp_path, b
     server = served_models(tmp_path)
     problems = []
     try:
-        # (the 409 of the refusal the test asks for is logged by Chromium as a failed load)
-        with ui_page(browser, SHOTS / "modelpage", ignore="status of 409") as (page, shot):
+        # (the refusals the test asks for, 409 and 422, and the reply it cuts off are logged by Chromium as failed
+        # loads)
+        with ui_page(browser, SHOTS / "modelpage", ignore=("status of 409", "status of 422", "net::ERR_FAILED")) as (
+                page, shot):
             page.set_viewport_size({"width": 1400, "height": 900})
             page.goto(f"{server.url}/?token={TOKEN}#models")
             page.wait_for_selector("body[data-ready]")
@@ -185,6 +187,20 @@ def test_quantize_from_the_model_page_and_chat_with_a_template_model(tmp_path, b
             assert page.inner_text(f"{TURN} >> nth=2 >> .chat-text") == r.json()["choices"][0]["message"]["content"]
             assert page.eval_on_selector_all("#chat-log .chat-turn.dropped", "ts => ts.length") == dropped
             assert page.inner_text("#chat-msg").startswith("The oldest turns no longer fit in the model's context: ")
+            # a turn that fails after the server said which rounds to leave out leaves them in (they were dropped
+            # for good), and its text goes back into the box
+            fit = []
+            page.on("request", lambda q: fit.append(q.post_data_json) if "/chat/fit" in q.url else None)
+            page.route("**/v1/chat/completions", lambda route: route.abort())
+            page.fill("#chat-input", text)
+            page.press("#chat-input", "Enter")
+            page.wait_for_selector(f"{TURN}.failed")
+            with server.client() as c:
+                assert c.post("/api/v1/chat/fit", json=fit[-1]).json()["drop"] > 0  # the failed turn would drop
+            assert page.eval_on_selector_all("#chat-log .chat-turn.dropped", "ts => ts.length") == dropped
+            assert page.input_value("#chat-input") == text
+            assert page.inner_text("#chat-msg") == "✗ The server could not be reached: no reply came."
+            page.unroute("**/v1/chat/completions")
             problems += shots(page, shot, "chat")
             hint = page.get_attribute("#chat-system", "placeholder")
             page.select_option("#lang", "ru")
@@ -193,8 +209,29 @@ def test_quantize_from_the_model_page_and_chat_with_a_template_model(tmp_path, b
             assert (hint, page.get_attribute("#chat-system", "placeholder")) == ("e.g. Answer briefly.",
                                                                                  "например: Отвечай кратко.")
             assert page.get_attribute("#chat-max_tokens", "placeholder") == "до конца контекста"
+            # refusals in Russian: a message too long for the context (the server's, named), a setting out of range
+            page.fill("#chat-input", "Жили-были дед да баба. " * 20)
+            page.press("#chat-input", "Enter")
+            page.wait_for_function("() => document.querySelector('#chat-msg').textContent.includes('длинное')")
+            assert page.inner_text("#chat-msg").startswith("✗ Сообщение слишком длинное для контекста модели (")
+            assert page.input_value("#chat-input") == "Жили-были дед да баба. " * 20  # not to be typed again
+            page.fill("#chat-temperature", "5")
+            page.press("#chat-input", "Enter")
+            assert page.inner_text("#chat-msg") == "✗ Температура: должно быть не больше 2"
+            page.fill("#chat-temperature", "0")
             page.select_option("#lang", "en")
             page.click("#chat-clear")
+            assert page.inner_text("#chat-log") == "The conversation is empty."
+            page.fill("#chat-input", "Once upon a time")
+            page.press("#chat-input", "Enter")
+            page.wait_for_function(f"() => document.querySelectorAll('{TURN}:not(.streaming)').length == 1")
+            # its model deleted meanwhile: the conversation goes (it stayed, to be carried on with whichever model
+            # the list showed next)
+            with server.client() as c:
+                assert c.delete("/api/v1/models/chatty").status_code == 204
+            show(page, "models")
+            show(page, "chat")
+            page.wait_for_function("() => !document.querySelector('#chat-model option')")
             assert page.inner_text("#chat-log") == "The conversation is empty."
 
             # a double click on a start button sends one request (the second got a 409 shown over the first's

@@ -195,8 +195,10 @@ def test_the_chat_view_asks_which_oldest_rounds_no_longer_fit(tmp_path):
         assert r.json() == {"drop": 0}
         r = c.post("/api/v1/chat/fit", json={"model": "chatty", "messages": [{"role": "user", "content": "x" * 60}]})
         assert r.status_code == 422 and "too long for the model's context" in r.json()["detail"]
+        assert r.json()["error"] == {"key": "chat_too_long", "params": {"room": 36}}  # said in Russian too
         r = c.post("/api/v1/chat/fit", json={"model": "chatty", "messages": messages[-1:], "max_tokens": 48})
         assert (r.status_code, r.json()["detail"]) == (422, "max_tokens (48) leaves no room for the conversation in "
                                                             "the model's context of 48 tokens; ask for fewer")
+        assert r.json()["error"] == {"key": "chat_no_room", "params": {"max_tokens": 48, "block": 48}}
         r = c.post("/api/v1/chat/fit", json={"model": "base", "messages": messages})
         assert (r.status_code, r.json()["detail"]) == (409, "model 'base' has no lmlab chat template")

@@ -37,7 +37,7 @@ from ...models.quant import (
 )
 from ...tokenizers import Tokenizer
 from ...tune.chat import TEMPLATE, TEMPLATE_FILE, fit_history, has_template
-from ..app import AppState, StateDep
+from ..app import AppState, Problem, StateDep
 from ..schemas import ChatFit, MergeCreate, ModelCard, QuantizeCreate, Run, Speed
 from ..services import (
     cached_model,
@@ -67,14 +67,14 @@ def chat_fit(state: StateDep, req: ChatFit) -> dict[str, int]:
         raise HTTPException(409, f"model {req.model!r} has no lmlab chat template")
     block = ModelConfig.load(path / "config.json").block_size
     if req.max_tokens is not None and req.max_tokens >= block:
-        raise HTTPException(422, f"max_tokens ({req.max_tokens}) leaves no room for the conversation in the model's "
-                                 f"context of {block} tokens; ask for fewer")
+        raise Problem(422, "chat_no_room", f"max_tokens ({req.max_tokens}) leaves no room for the conversation in "
+                      f"the model's context of {block} tokens; ask for fewer", max_tokens=req.max_tokens, block=block)
     room = block - (req.max_tokens or max(block // 4, 1))
     messages = [m.model_dump() for m in req.messages]
     try:
         kept = fit_history(messages, Tokenizer.load(path / "tokenizer.json"), room)
-    except ValueError as exc:
-        raise HTTPException(422, str(exc)) from None
+    except ValueError as exc:  # the last message alone does not fit (the messages are checked by ChatFit)
+        raise Problem(422, "chat_too_long", str(exc), room=room) from None
     return {"drop": len(messages) - len(kept)}
 
 

@@ -49,6 +49,7 @@ export function renderChat() {
     const sel = $("#chat-model"), keep = sel.value;
     sel.replaceChildren(...chatty.map((c) => h("option", { value: c.name, text: c.name })));
     if (chatty.some((c) => c.name === keep)) sel.value = keep;
+    else if (keep && (C.messages.length || C.abort)) clear();  // its model is gone: the next turn must not go to another
     $("#chat-why").textContent = (chatty.length ? "" : t("chat.none") + " ") + t("chat.why") +
       (others.length ? " " + t("chat.without", { names: others.map((c) => c.name).join(", ") }) : "");
   }
@@ -90,12 +91,28 @@ function settings() {
   return body;
 }
 
+// A setting out of its field's range, in words of the page's language (the server's 400 would say it in English)
+function badSetting() {
+  const { t } = A;
+  for (const input of $("#chat-settings").querySelectorAll("input[type=number]")) {
+    const field = input.closest("label").querySelector("span").textContent, v = input.value === "" ? null : Number(input.value);
+    if (v == null) continue;
+    if (input.validity.badInput || !Number.isFinite(v)) return t("err.number", { field, input: input.value });
+    if (v < Number(input.min)) return t("err.ge", { field, ge: input.min });
+    if (v > Number(input.max)) return t("err.le", { field, le: input.max });
+  }
+  return null;
+}
+
 async function send() {
   const text = $("#chat-input").value, model = $("#chat-model").value, msg = $("#chat-msg");
   if (!text.trim() || !model || C.abort) return;
+  const bad = badSetting();
+  if (bad) { msg.textContent = "✗ " + bad; msg.className = "msg bad"; return; }
   const system = $("#chat-system").value.trim();
+  let drop = 0;  // the oldest messages this turn leaves out: left out of the history only once the turn is whole
   const messages = () => [...(system ? [{ role: "system", content: system }] : []),
-    ...C.messages.map(({ role, content }) => ({ role, content })), { role: "user", content: text }];
+    ...C.messages.slice(drop).map(({ role, content }) => ({ role, content })), { role: "user", content: text }];
   const asked = bubble("user", text).parentElement;
   $("#chat-input").value = "";
   const out = bubble("assistant", "");
@@ -110,11 +127,7 @@ async function send() {
   try {
     // the oldest rounds that no longer fit in the model's context with room for the reply are left out (drawn dashed),
     // the system prompt kept, as `lmlab chat` does; the server counts the tokens (its template, its tokenizer)
-    const { drop } = await A.api("POST", "/api/v1/chat/fit", { model, messages: messages(), max_tokens: settings().max_tokens });
-    if (drop) {
-      for (const m of C.messages.splice(0, drop)) m.el.classList.add("dropped");
-      C.notes.push("chat.trimmed");
-    }
+    ({ drop } = await A.api("POST", "/api/v1/chat/fit", { model, messages: messages(), max_tokens: settings().max_tokens }));
     const res = await fetch("/v1/chat/completions", {
       method: "POST", signal: C.abort.signal, headers: { "Content-Type": "application/json", ...A.apiHeaders() },
       body: JSON.stringify({ model, messages: messages(), stream: true, ...settings() }) });
@@ -141,13 +154,23 @@ async function send() {
         }
       }
     }
-    // the turn joins the history once it is whole: a stopped or failed reply is not sent back to the model
+    // the turn joins the history once it is whole: a stopped or failed reply is not sent back to the model, and
+    // the rounds it would have pushed out stay
+    if (drop) {
+      for (const m of C.messages.splice(0, drop)) m.el.classList.add("dropped");
+      C.notes.push("chat.trimmed");
+    }
     C.messages.push({ role: "user", content: text, el: asked }, { role: "assistant", content: reply, el: out.parentElement });
     if (finish === "length") C.notes.push("chat.cut");
   } catch (e) {
+    if (!out.isConnected) return;  // the conversation was cleared meanwhile (Clear, or its model is gone)
     if (e.name === "AbortError") C.notes.push("chat.stopped");
-    else { msg.textContent = "✗ " + e.message; msg.className = "msg bad"; }
+    else {  // fetch's TypeError: no answer at all (the server stopped, the network is down), said in the page's language
+      msg.textContent = "✗ " + (e instanceof TypeError ? A.t("chat.offline") : e.message);
+      msg.className = "msg bad";
+    }
     out.parentElement.classList.add("failed");
+    if (!$("#chat-input").value) $("#chat-input").value = text;  // to send again, or to shorten, without retyping
   } finally {
     out.parentElement.classList.remove("streaming");
     C.abort = null;

@@ -423,6 +423,7 @@ export const STRINGS = {
   "chat.role_assistant": ["Model", "Модель"],
   "chat.cut": ["The reply stopped at the token limit or the end of the model's context.", "Ответ оборван: кончился лимит токенов или контекст модели."],
   "chat.trimmed": ["The oldest turns no longer fit in the model's context: they are drawn dashed and no longer sent to it.", "Старые реплики больше не помещаются в контекст модели: они обведены пунктиром и модели не отправляются."],
+  "chat.offline": ["The server could not be reached: no reply came.", "Сервер недоступен: ответ не пришёл."],
   "chat.stopped": ["Stopped: that reply is not kept in the conversation.", "Остановлено: этот ответ не сохранён в разговоре."],
   // ---- the Tune tab: fine-tuning datasets and runs (tune.js) ----
   "tab.tune": ["Tune", "Дообучение"],
@@ -665,6 +666,8 @@ export const STRINGS = {
   "problem.run_active": ["Run {id} is queued or running", "Запуск {id} ещё ждёт в очереди или идёт; сначала отмените его"],
   "problem.name_case_twin": ["{twin} is taken, and names that differ only in letter case would share one folder on some systems", "Имя «{twin}» уже занято, а имена, которые отличаются только регистром букв, на некоторых системах попадут в одну папку: выберите другое вместо «{name}»"],
   "problem.upload_too_large": ["{name} is larger than this server's upload limit of {limit} MiB", "Файл «{name}» больше предела загрузки этого сервера ({limit} МиБ)"],
+  "problem.chat_too_long": ["The message is too long for the model's context ({room} tokens with room for a reply)", "Сообщение слишком длинное для контекста модели ({room} токенов с местом для ответа): сократите его"],
+  "problem.chat_no_room": ["max_tokens ({max_tokens}) leaves no room for the conversation in the model's context of {block} tokens", "Максимум токенов ({max_tokens}) не оставляет места для разговора в контексте модели ({block} токенов): укажите меньше"],
   "problem.file_empty": ["{name} is empty", "Файл «{name}» пуст"],
   "problem.memory_over_budget": ["Training this model with batch {batch} x {tokens} tokens needs ~{need}, but the memory budget is {budget}; use fewer layers, a smaller width or context, or a smaller batch", "Для обучения этой модели с пакетом {batch} × {tokens} токенов нужно около {need} памяти (веса, градиенты, состояние AdamW и активации), а бюджет памяти сервера — {budget}: возьмите меньше слоёв, меньшую ширину или контекст либо меньший пакет"],
 };
