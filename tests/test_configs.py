@@ -178,3 +178,15 @@ def test_both_labs_read_seeds_alike():
     for argv in (["lab", "facts", "phases", "--out", "x", "--seeds", "3"], ["selfplay", "azr", "--out", "x",
                                                                           "--seeds", "3"]):
         assert parse_seeds(build_parser().parse_args(argv).seeds) == [3]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--seq-len", "-5"], "--batch-size and --seq-len must be >= 1"),
+    (["--seq-len", "0"], "--batch-size and --seq-len must be >= 1"),
+    (["--batch-size", "0"], "--batch-size and --seq-len must be >= 1"),
+    (["--seq-len", "500"], "--seq-len (500) is longer than the model's context (128)"),
+])
+def test_info_refuses_sizes_it_cannot_estimate(capsys, flags, message):
+    """`lmlab info --seq-len -5` printed FLOPs for T=-5 and exit 0; --batch-size 0 and --seq-len 0 went through."""
+    assert main(["info", "--preset", "gpt2-tiny", *flags]) == 2
+    assert capsys.readouterr().err == f"lmlab: error: {message}\n"

@@ -91,6 +91,8 @@ def _info(args: argparse.Namespace) -> int:
 
     if bool(args.model_dir) == bool(args.preset):
         raise ValueError("give either a model directory or --preset")
+    if args.batch_size < 1 or (args.seq_len is not None and args.seq_len < 1):
+        raise ValueError("--batch-size and --seq-len must be >= 1")
     if args.preset:
         overrides = {"vocab_size": args.vocab_size} if args.vocab_size else {}
         cfg = ModelConfig.preset(args.preset, **overrides)
@@ -101,6 +103,8 @@ def _info(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"not a model directory (no {CONFIG}): {path}")
         cfg = ModelConfig.load(path / CONFIG)
         source = str(path)
+    if args.seq_len is not None and args.seq_len > cfg.block_size:
+        raise ValueError(f"--seq-len ({args.seq_len}) is longer than the model's context ({cfg.block_size})")
     T = args.seq_len or cfg.block_size
     n = cfg.num_parameters()
     flops = cfg.flops_per_token(T)
