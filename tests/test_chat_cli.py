@@ -133,7 +133,8 @@ def test_control_characters_reach_a_terminal_written_out(monkeypatch):
 
 def test_output_into_a_closed_pipe_ends_quietly(chatty):
     """`lmlab chat ... | head -1` printed a BrokenPipeError traceback and "internal error ... a bug in lmlab"."""
-    proc = subprocess.run(f"printf 'q1\\nq2\\nq3\\n' | {sys.executable} -m lmlab.cli chat {chatty} --greedy "
-                          "--max-new-tokens 40 | head -c 1", shell=True, capture_output=True,
+    proc = subprocess.run(["bash", "-o", "pipefail", "-c", f"printf 'q1\\nq2\\nq3\\nq4\\n' | {sys.executable} -m "
+                           f"lmlab.cli chat {chatty} --greedy --max-new-tokens 40 | head -c 1"], capture_output=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, timeout=300)
-    assert proc.stderr == b"" and len(proc.stdout) == 1, proc.stderr
+    assert proc.returncode == 141 and len(proc.stdout) == 1, proc.stderr  # lmlab's exit: 128 + SIGPIPE
+    assert b"Traceback" not in proc.stderr and b"error" not in proc.stderr, proc.stderr  # (rounds left out: said)
