@@ -2,6 +2,7 @@
 Trainer, tokenizer files, and a GPT-2-style checkpoint whose vocabulary is not lmlab's."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -148,6 +149,94 @@ def test_generation_json_becomes_generation_config(tmp_path):
     out = export_hf(src, tmp_path / "hf")
     gen = transformers.GenerationConfig.from_pretrained(out)
     assert (gen.max_new_tokens, gen.do_sample, gen.temperature, gen.top_k, gen.top_p) == (77, True, 0.7, 40, 0.9)
+    # stop strings and generation past EOS were left behind: transformers stopped where lmlab would not
+    GenerationConfig(stop_strings=["\n\n"], stop_at_eos=False).save(src / "generation.json")
+    gen = transformers.GenerationConfig.from_pretrained(export_hf(src, tmp_path / "hf2"))
+    assert (gen.stop_strings, gen.eos_token_id) == (["\n\n"], None)
+
+
+def _saved_hf(path, config, seed=0):
+    """A transformers model of `config` with random weights and lmlab's tokenizer, saved as a checkpoint."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    model.save_pretrained(path)
+    tok = Tokenizer.train([TEXT], kind="bpe", vocab_size=config.vocab_size)
+    to_hf_tokenizer(tok).save_pretrained(path)
+    return model
+
+
+def _edit_config(path, **changes):
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+SCALED = ("GPT-2 attention scaled other than by 1/sqrt(head size) (scale_attn_weights false or "
+          "scale_attn_by_inverse_layer_idx true) is not supported")
+
+
+@pytest.mark.parametrize("changes, message", [
+    # settings lmlab's attention does not compute: imported, they gave other logits (max diff 4.17) and no error
+    ({"scale_attn_weights": False}, SCALED),
+    ({"scale_attn_by_inverse_layer_idx": True}, SCALED),
+    # values of the wrong type: "false" read as true (the checkpoint's own head thrown away), or a traceback
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false, not 'false'"),
+    ({"n_head": 0}, "n_head must be an integer >= 1, not 0"),
+    ({"n_embd": None}, "n_embd must be an integer >= 1, not None"),
+    ({"model_type": ["gpt2"]}, "model_type must be a string, not ['gpt2']"),
+    ({"initializer_range": "x"}, "initializer_range must be a number, not 'x'"),
+])
+def test_a_config_lmlab_cannot_represent_is_refused_naming_the_key(tmp_path, changes, message):
+    path = tmp_path / "hf"
+    _saved_hf(path, transformers.GPT2Config(vocab_size=300, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                            tie_word_embeddings=False))
+    _edit_config(path, **changes)
+    with pytest.raises(ValueError) as e:
+        import_hf(path, tmp_path / "m")
+    assert str(e.value) == f"{path / 'config.json'}: {message}" and "\n" not in str(e.value)
+
+
+def test_llama_configs_refused_or_read_as_transformers_reads_them(tmp_path):
+    """rope_scaling as a string or a list crashed (AttributeError), num_key_value_heads 0 reached a shape error;
+    eos_token_id as a list of one was refused and `architectures` as a string read as its first letter."""
+    path = tmp_path / "hf"
+    model = _saved_hf(path, transformers.LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64,
+                                                     num_hidden_layers=2, num_attention_heads=4,
+                                                     num_key_value_heads=2, max_position_embeddings=64,
+                                                     bos_token_id=2, eos_token_id=3, pad_token_id=0))
+    for changes, message in (({"rope_scaling": "linear"}, "rope_scaling must be an object, not 'linear'"),
+                             ({"rope_scaling": [1]}, "rope_scaling must be an object, not [1]"),
+                             ({"num_key_value_heads": 0}, "num_key_value_heads must be an integer >= 1, not 0")):
+        saved = (path / "config.json").read_text()
+        _edit_config(path, **changes)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            import_hf(path, tmp_path / "m")
+        (path / "config.json").write_text(saved)
+    _edit_config(path, eos_token_id=[3], architectures="LlamaForCausalLM")
+    ours, _ = load_pretrained(import_hf(path, tmp_path / "m"))
+    ids = torch.tensor([[5, 9, 17, 33]])
+    with torch.no_grad():
+        assert (ours(ids).logits - model(ids).logits).abs().max() < 1e-4
+
+
+def test_tokenizer_files_that_are_not_json_objects_and_named_chat_templates(tmp_path):
+    """tokenizer_config.json that is not JSON, or a list, crashed the import; a chat template given as named
+    templates (transformers' list form) was dropped; a chat_template.jinja that is not UTF-8 crashed the export."""
+    path = tmp_path / "hf"
+    _saved_hf(path, transformers.GPT2Config(vocab_size=300, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                            bos_token_id=2, eos_token_id=3))
+    tc = path / "tokenizer_config.json"
+    saved = json.loads(tc.read_text())
+    for text, message in (("{not json", "is not valid JSON"), ("[1, 2]", "must be a JSON object, not a list")):
+        tc.write_text(text)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            import_hf(path, tmp_path / "m")
+    tc.write_text(json.dumps({**saved, "chat_template": [{"name": "tool_use", "template": "T"},
+                                                         {"name": "default", "template": "{{ messages }}"}]}))
+    out = import_hf(path, tmp_path / "m")
+    assert (out / "chat_template.jinja").read_text() == "{{ messages }}"
+    (out / "chat_template.jinja").write_bytes(b"\xff\xfe{{ x }}")
+    with pytest.raises(ValueError, match="chat_template.jinja is not UTF-8 text"):
+        export_hf(out, tmp_path / "back")
 
 
 # ---- a checkpoint whose vocabulary is not lmlab's (the situation of the real GPT-2) -----------------

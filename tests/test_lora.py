@@ -346,6 +346,17 @@ def test_peft_loads_the_adapter_on_the_hf_export_and_lmlab_loads_peft_s(family, 
     with torch.no_grad():
         torch.testing.assert_close(loaded(x).logits, theirs.eval()(input_ids=x).logits, atol=1e-4, rtol=0)
         assert (loaded(x).logits - tiny(family)(x).logits).abs().max() > 0.01
+    # a file without lora_alpha: PEFT's default (8), not lmlab's (2 r), so that both scale it alike (lmlab's
+    # logits were 5.6 away from PEFT's)
+    config = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
+    del config["lora_alpha"]
+    (tmp_path / "theirs" / "adapter_config.json").write_text(json.dumps(config))
+    theirs = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf"),
+                                            tmp_path / "theirs").eval()
+    loaded = load_adapter(tiny(family), tmp_path / "theirs")
+    assert loaded.lora_config.alpha == 8
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, theirs(input_ids=x).logits, atol=1e-4, rtol=0)
 
 
 def test_lmlab_lora_merge_writes_a_new_model_and_never_overwrites(capsys, tmp_path, base_dir):

@@ -11,6 +11,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -66,12 +67,8 @@ def read_hf_tokenizer_files(folder: Path) -> tuple[HFTokenizer, dict[str, str], 
         hf = HFTokenizer.from_str(file.read_text(encoding="utf-8"))
     except Exception as exc:  # tokenizers raises a plain Exception on bad JSON
         raise ValueError(f"{file} is not a valid tokenizer.json: {str(exc).splitlines()[0]}") from None
-    config = {}
-    if (folder / "tokenizer_config.json").is_file():
-        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-    special_map = {}
-    if (folder / "special_tokens_map.json").is_file():  # older transformers keep them here
-        special_map = json.loads((folder / "special_tokens_map.json").read_text(encoding="utf-8"))
+    config = _json_object(folder / "tokenizer_config.json")
+    special_map = _json_object(folder / "special_tokens_map.json")  # older transformers keep them here
     names = {}
     for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
         name = _token_name(config.get(key)) or _token_name(special_map.get(key))
@@ -80,9 +77,32 @@ def read_hf_tokenizer_files(folder: Path) -> tuple[HFTokenizer, dict[str, str], 
                 raise ValueError(f"{folder}: {key} {name!r} is not in the tokenizer's vocabulary")
             names[key] = name
     template = config.get("chat_template")
+    if isinstance(template, list):  # named templates ([{"name", "template"}]): transformers' default is "default"
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
     if (folder / CHAT_TEMPLATE).is_file():
-        template = (folder / CHAT_TEMPLATE).read_text(encoding="utf-8")
+        template = read_utf8(folder / CHAT_TEMPLATE)
     return hf, names, template if isinstance(template, str) else None
+
+
+def _json_object(file: Path) -> dict[str, Any]:
+    """A JSON object file, {} when there is none; ValueError naming it when it is not one."""
+    if not file.is_file():
+        return {}
+    try:
+        data = json.loads(read_utf8(file))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{file} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file} must be a JSON object, not a {type(data).__name__}")
+    return data
+
+
+def read_utf8(file: Path) -> str:
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{file} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
 
 
 def load_model_dir(path: str | Path) -> ModelDir:
@@ -93,7 +113,7 @@ def load_model_dir(path: str | Path) -> ModelDir:
                          f"(see {QUANTIZATION}: source)")
     model, tok = load_pretrained(path)  # FileNotFoundError / ValueError with a clear message
     template_file = path / CHAT_TEMPLATE
-    template = template_file.read_text(encoding="utf-8") if template_file.is_file() else None
+    template = read_utf8(template_file) if template_file.is_file() else None
     if tok is not None:
         names = {"bos_token": "<BOS>", "eos_token": "<EOS>", "unk_token": "<UNK>", "pad_token": "<PAD>"}
         return ModelDir(path, model, tok.hf, LMLAB_SPECIALS, names, template, tok)

@@ -133,10 +133,13 @@ def from_hf_model(hf_model: Any) -> Transformer:
 # ---- files -----------------------------------------------------------------------------------------
 
 def _hf_generation_config(tf: Any, ours: GenerationConfig, specials: Specials) -> Any:
-    """generation.json's defaults in transformers' spelling (sampling knobs only when sampling)."""
-    kwargs: dict[str, Any] = dict(bos_token_id=specials.bos, eos_token_id=specials.eos, pad_token_id=specials.pad,
-                                  max_new_tokens=ours.max_new_tokens, do_sample=not ours.greedy,
-                                  num_beams=ours.num_beams)
+    """generation.json's defaults in transformers' spelling (sampling knobs only when sampling; stop strings,
+    which transformers' generate applies when given the tokenizer; no EOS id when generation goes past EOS)."""
+    kwargs: dict[str, Any] = dict(bos_token_id=specials.bos, eos_token_id=specials.eos if ours.stop_at_eos else None,
+                                  pad_token_id=specials.pad, max_new_tokens=ours.max_new_tokens,
+                                  do_sample=not ours.greedy, num_beams=ours.num_beams)
+    if ours.stop_strings:
+        kwargs["stop_strings"] = list(ours.stop_strings)
     if not ours.greedy:
         kwargs.update(temperature=ours.temperature, top_k=ours.top_k, top_p=ours.top_p)
     if ours.repetition_penalty != 1.0:
@@ -268,7 +271,10 @@ def import_hf(hf_dir: str | Path, model_dir: str | Path, overwrite: bool = False
         cfg = model_config_from_hf(hf_config)
     except KeyError as exc:
         raise ValueError(f"{hf_dir / CONFIG} lacks {exc.args[0]}") from None
-    arch = (hf_config.get("architectures") or [None])[0]
+    except ValueError as exc:
+        raise ValueError(f"{hf_dir / CONFIG}: {exc}") from None
+    archs = hf_config.get("architectures") or [None]
+    arch = archs if isinstance(archs, str) else archs[0] if isinstance(archs, list) else archs
     if arch is not None and arch not in _IMPORTABLE[cfg.family]:
         raise ValueError(f"{hf_dir} holds a {arch}; lmlab imports causal language models "
                          f"({', '.join(HF_ARCHITECTURES.values())})")
@@ -282,7 +288,7 @@ def import_hf(hf_dir: str | Path, model_dir: str | Path, overwrite: bool = False
     if special_ids == list(range(len(SPECIAL_TOKENS))):
         ours = Tokenizer(_normalised(tokenizer))
         for key, want in (("bos_token_id", ours.bos_id), ("eos_token_id", ours.eos_id)):
-            if hf_config.get(key) not in (None, want):
+            if hf_config.get(key) not in (None, want, [want]):  # a list of one is transformers' spelling too
                 raise ValueError(f"{hf_dir / CONFIG} says {key} is {hf_config[key]} but the tokenizer's "
                                  f"{SPECIAL_TOKENS[want]} is {want}")
     elif any(i is not None for i in special_ids):

@@ -7,6 +7,7 @@ custom code on the transformers side. Conv1D weights (GPT-1/2) are stored transp
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -135,38 +136,91 @@ def hf_config_dict(cfg: ModelConfig, **extra: Any) -> dict[str, Any]:
     return dict(common, **shape, afn="gelu")
 
 
+class _Fields:
+    """A transformers config's values, each checked for its type where it is read: a config.json with a string
+    for a bool or a list for a name is refused naming the key (transformers refuses them too), never read as
+    something else (bool("false") is True)."""
+
+    def __init__(self, d: dict[str, Any]) -> None:
+        self.d = d
+
+    def _get(self, key: str, default: Any, kinds: tuple[type, ...], what: str) -> Any:
+        v = self.d[key] if default is _REQUIRED else self.d.get(key, default)
+        if v is None and default is not _REQUIRED:
+            return default
+        if isinstance(v, bool) != (bool in kinds) or not isinstance(v, kinds):
+            raise ValueError(f"{key} must be {what}, not {v!r:.40}")
+        return v
+
+    def int(self, key: str, default: Any = None, low: int = 1) -> Any:
+        v = self._get(key, _REQUIRED if default is None else default, (int,), f"an integer >= {low}")
+        if v < low:
+            raise ValueError(f"{key} must be an integer >= {low}, not {v}")
+        return v
+
+    def float(self, key: str, default: Any = None) -> float:
+        v = self._get(key, _REQUIRED if default is None else default, (int, float), "a number")
+        if not math.isfinite(v):
+            raise ValueError(f"{key} must be a finite number, not {v}")
+        return float(v)
+
+    def bool(self, key: str, default: bool) -> bool:
+        return self._get(key, default, (bool,), "true or false")
+
+    def str(self, key: str, default: str) -> str:
+        return self._get(key, default, (str,), "a string")
+
+    def obj(self, key: str) -> dict[str, Any]:
+        return self._get(key, {}, (dict,), "an object")
+
+
+_REQUIRED = object()
+
+
 def model_config_from_hf(hf: Any) -> ModelConfig:
-    """A transformers config object (or its dict) -> ModelConfig."""
+    """A transformers config object (or its dict) -> ModelConfig. ValueError (naming the key) for a value of the
+    wrong type, and for settings lmlab's model does not compute (it would give other numbers, not an error)."""
     d = hf if isinstance(hf, dict) else hf.to_dict()
-    family = _MODEL_TYPES.get(d.get("model_type", ""))
+    f = _Fields(d)
+    family = _MODEL_TYPES.get(f.str("model_type", ""))
     if family is None:
         raise ValueError(f"unsupported architecture {d.get('model_type')!r}; lmlab reads "
                          f"{', '.join(_MODEL_TYPES)}")
     pad = d.get("pad_token_id")
     if isinstance(pad, list):  # some configs list several; the loss can ignore only one
         pad = pad[0] if pad else None
-    init_std = float(d.get("initializer_range", 0.02))
+    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 0):
+        raise ValueError(f"pad_token_id must be a token id, not {pad!r:.40}")
+    init_std = f.float("initializer_range", 0.02)
     if family == "llama":
-        if d.get("attention_bias") or d.get("mlp_bias") or d.get("hidden_act", "silu") != "silu":
+        if f.bool("attention_bias", False) or f.bool("mlp_bias", False) or f.str("hidden_act", "silu") != "silu":
             raise ValueError("only bias-free SiLU Llama models are supported")
-        for rope in (d.get("rope_scaling"), d.get("rope_parameters")):  # transformers 4 / 5 spelling
-            if (rope or {}).get("rope_type", (rope or {}).get("type", "default")) != "default":
+        for key in ("rope_scaling", "rope_parameters"):  # transformers 4 / 5 spelling
+            rope = f.obj(key)
+            if rope.get("rope_type", rope.get("type", "default")) != "default":
                 raise ValueError("RoPE scaling is not supported")
-        if d.get("head_dim") not in (None, d["hidden_size"] // d["num_attention_heads"]):
+        width, heads = f.int("hidden_size"), f.int("num_attention_heads")
+        if f.int("head_dim", width // heads, low=0) != width // heads:
             raise ValueError(f"head_dim {d['head_dim']} != hidden_size / num_attention_heads is not supported")
-        theta = d.get("rope_theta") or (d.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-        return ModelConfig(family="llama", vocab_size=d["vocab_size"], n_layer=d["num_hidden_layers"],
-                           n_head=d["num_attention_heads"], n_embd=d["hidden_size"],
-                           n_kv_head=d.get("num_key_value_heads") or d["num_attention_heads"],
-                           intermediate_size=d["intermediate_size"], block_size=d["max_position_embeddings"],
-                           norm_eps=d["rms_norm_eps"], rope_theta=float(theta),
-                           tie_embeddings=bool(d.get("tie_word_embeddings", False)), pad_token_id=pad,
-                           dropout=float(d.get("attention_dropout", 0.0)), init_std=init_std)
-    act = d.get("activation_function" if family == "gpt2" else "afn", "gelu_new" if family == "gpt2" else "gelu")
+        theta = d.get("rope_theta") or f.obj("rope_parameters").get("rope_theta", 10000.0)
+        return ModelConfig(family="llama", vocab_size=f.int("vocab_size"), n_layer=f.int("num_hidden_layers"),
+                           n_head=heads, n_embd=width, n_kv_head=f.int("num_key_value_heads", heads),
+                           intermediate_size=f.int("intermediate_size"),
+                           block_size=f.int("max_position_embeddings"), norm_eps=f.float("rms_norm_eps"),
+                           rope_theta=_Fields({"rope_theta": theta}).float("rope_theta"),
+                           tie_embeddings=f.bool("tie_word_embeddings", False), pad_token_id=pad,
+                           dropout=f.float("attention_dropout", 0.0), init_std=init_std)
+    act = f.str("activation_function" if family == "gpt2" else "afn", "gelu_new" if family == "gpt2" else "gelu")
     if act not in ("gelu_new", "gelu_pytorch_tanh") and not (family == "gpt" and act == "gelu"):
         raise ValueError(f"activation {act!r} is not supported (lmlab uses tanh-approximated GELU)")
-    return ModelConfig(family=family, vocab_size=d["vocab_size"], n_layer=d["n_layer"], n_head=d["n_head"],
-                       n_embd=d["n_embd"], block_size=d["n_positions"], norm_eps=d["layer_norm_epsilon"],
-                       intermediate_size=(d.get("n_inner") or 4 * d["n_embd"]) if family == "gpt2" else None,
-                       tie_embeddings=bool(d.get("tie_word_embeddings", True)), pad_token_id=pad,
-                       dropout=float(d.get("resid_pdrop", 0.1)), init_std=init_std)
+    if family == "gpt2" and (not f.bool("scale_attn_weights", True) or f.bool("scale_attn_by_inverse_layer_idx",
+                                                                              False)):
+        raise ValueError("GPT-2 attention scaled other than by 1/sqrt(head size) (scale_attn_weights false or "
+                         "scale_attn_by_inverse_layer_idx true) is not supported")
+    width = f.int("n_embd")
+    return ModelConfig(family=family, vocab_size=f.int("vocab_size"), n_layer=f.int("n_layer"),
+                       n_head=f.int("n_head"), n_embd=width, block_size=f.int("n_positions"),
+                       norm_eps=f.float("layer_norm_epsilon"),
+                       intermediate_size=f.int("n_inner", 4 * width) if family == "gpt2" else None,
+                       tie_embeddings=f.bool("tie_word_embeddings", True), pad_token_id=pad,
+                       dropout=f.float("resid_pdrop", 0.1), init_std=init_std)

@@ -468,8 +468,13 @@ def read_adapter_config(adapter_dir: str | Path) -> LoRAConfig:
     if rows and not all(isinstance(ids, list) and ids == lists[0] for ids in lists):
         raise ValueError(f"{path}: lmlab reads trainable_token_indices as one list of token ids, the same for the "
                          "embedding and the head")
-    return LoRAConfig(rank=d.get("r"), alpha=d.get("lora_alpha"), dropout=d.get("lora_dropout", 0.0),
-                      targets=tuple(targets or ()), tokens=tuple(lists[0]) if rows else ())
+    # a key left out means PEFT's LoraConfig default (r 8, lora_alpha 8), not lmlab's (alpha 2 * r)
+    return LoRAConfig(rank=d.get("r", PEFT_DEFAULTS["r"]), alpha=d.get("lora_alpha", PEFT_DEFAULTS["lora_alpha"]),
+                      dropout=d.get("lora_dropout", 0.0), targets=tuple(targets or ()),
+                      tokens=tuple(lists[0]) if rows else ())
+
+
+PEFT_DEFAULTS = {"r": 8, "lora_alpha": 8}  # peft.LoraConfig's
 
 
 def load_adapter(model: Transformer, adapter_dir: str | Path) -> Transformer:
