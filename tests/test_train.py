@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -781,3 +782,48 @@ def test_written_files_follow_the_umask(tmp_path, book, umask, file_mode, dir_mo
     wrong = {name: oct(mode) for name, mode in names.items()
              if mode != (dir_mode if (run / name).is_dir() else file_mode)}
     assert not wrong, wrong
+
+
+def test_early_stopping_survives_an_extension_and_a_finished_run_stays_finished(tmp_path, tok, ds):
+    """A run stopped by max_steps and extended counted its last step's extra evaluation in early stopping (an
+    uninterrupted run never evaluates there), so it stopped elsewhere; resuming a run that early stopping had
+    ended trained on and replaced its final model."""
+    es = dict(lr=3e-2, schedule="constant", warmup_steps=0, eval_every=5, early_stopping_patience=1)
+    whole = train(model_cfg(tok), tok, ds, base(max_steps=60, **es), tmp_path / "whole")
+    assert whole.stop_reason == "early_stopping" and whole.steps < 60
+    train(model_cfg(tok), tok, ds, base(max_steps=7, **es), tmp_path / "ext")
+    extended = train(model_cfg(tok), tok, ds, base(max_steps=60, **es), tmp_path / "ext", resume=True)
+    assert (extended.steps, extended.stop_reason) == (whole.steps, "early_stopping")
+    same_weights(tmp_path / "whole" / "final", tmp_path / "ext" / "final")
+    final = (tmp_path / "whole" / "final" / "model.safetensors").read_bytes()
+    again = train(model_cfg(tok), tok, ds, base(max_steps=60, **es), tmp_path / "whole", resume=True)
+    assert (again.steps, again.stop_reason) == (whole.steps, "early_stopping")
+    assert (tmp_path / "whole" / "final" / "model.safetensors").read_bytes() == final
+
+
+def test_a_run_folder_is_trained_by_one_process_at_a_time(tmp_path, tok, ds):
+    """Nothing stopped a second process from resuming a run that was still training: both wrote metrics.jsonl
+    and one renamed the other's checkpoints away. The process that trains a run holds its lock."""
+    from lmlab.train.checkpoint import lock_run
+    train(model_cfg(tok), tok, ds, base(max_steps=4), tmp_path / "run")
+    held = lock_run(tmp_path / "run")  # as a process training it would
+    try:
+        with pytest.raises(ValueError, match="run is being trained by another process; wait for it to end"):
+            train(model_cfg(tok), tok, ds, base(max_steps=8), tmp_path / "run", resume=True)
+    finally:
+        os.close(held)
+    assert train(model_cfg(tok), tok, ds, base(max_steps=8), tmp_path / "run", resume=True).steps == 8
+
+
+@pytest.mark.parametrize("config, message", [
+    (dict(early_stopping_patience=2, eval_every=0), "set --eval-every too"),
+    (dict(early_stopping_patience=2, seq_len=32), "the held-out split has no window of 32 tokens"),
+    (dict(seed=2**64), "seed"),
+])
+def test_settings_that_could_never_act_are_refused(tmp_path, tok, text, config, message):
+    """Early stopping without evaluations or without validation windows was silently off; a seed past 64 bits
+    was a traceback."""
+    small = prepare_texts([text[:3000]], tok, tmp_path / "ds", seq_len=32, val_fraction=0.01)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train(model_cfg(tok), tok, small, base(**config), tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

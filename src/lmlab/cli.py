@@ -743,7 +743,9 @@ def report_run(args: argparse.Namespace, result: Any, command: str, extra: str =
           + (f"; final loss {result.final_loss:.4f}" if result.final_loss is not None else "")
           + (f", best val loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else "") + extra)
     if result.stop_reason == "interrupted":
-        print(f"continue with: lmlab {command} --out {args.out} --resume")
+        from .train.checkpoint import latest_checkpoint
+        if latest_checkpoint(Path(args.out)) is not None:  # else the Trainer said there is nothing to resume
+            print(f"continue with: lmlab {command} --out {args.out} --resume")
         return 130
     print(f"model: {Path(args.out) / 'final'}{after}")
     return 0

@@ -154,6 +154,28 @@ def refuse_existing_run(run_dir: str | Path, overwrites: tuple[str, ...] = RUN_F
                          "(if it is what a run stopped before its first checkpoint left, delete the folder)")
 
 
+RUN_LOCK = ".lock"  # held (flock) by the process that trains the run
+
+
+def lock_run(run_dir: str | Path) -> int | None:
+    """Hold the run folder for this process: an exclusive flock on RUN/.lock, given up when the returned file
+    descriptor is closed or the process ends (a killed run leaves no stale lock). ValueError when another
+    process holds it: two processes training into one folder wrote each other's steps into metrics.jsonl and
+    renamed each other's checkpoints away. None where the system has no flock."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return None
+    fd = os.open(Path(run_dir) / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise ValueError(f"{run_dir} is being trained by another process; wait for it to end (or stop it) before "
+                         "resuming it or starting a run there") from None
+    return fd
+
+
 def write_checkpoint(run_dir: str | Path, step: int, fill: Callable[[Path], None], keep_last: int = 0,
                      keep: float | None = None) -> Path:
     """RUN_DIR/checkpoints/step-N: `fill(folder)` writes the files into a temporary folder that is then renamed,

@@ -53,7 +53,7 @@ class TrainConfig:
                                         ge=0)
     save_every: int = knob(1000, "checkpoint every N steps (0: only at the end)", ge=0)
     keep_last: int = knob(3, "checkpoints to keep (0: all)", ge=0)
-    seed: int = knob(1337, "seed for the initial weights, the data order and dropout")
+    seed: int = knob(1337, "seed for the initial weights, the data order and dropout", ge=0, le=2**62)
     device: str = knob("auto", "auto (cuda if available), cpu, cuda, cuda:N")
     dtype: str = knob("auto", "auto (bf16 autocast on GPUs that have it, fp16 with a gradient scaler on older ones "
                       "such as T4 and V100, fp32 on CPU), fp32, bf16 or fp16", choices=("auto", "fp32", "bf16", "fp16"))

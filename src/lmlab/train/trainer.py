@@ -69,7 +69,7 @@ from torch.distributed.checkpoint.state_dict import (
 from ..eval.scorer import bits_per_byte
 from ..files import atomic_write_text, staged_dir
 from ..models import ModelConfig, Transformer, fast
-from ..models.io import save_pretrained
+from ..models.io import TRAINING, save_pretrained
 from ..models.quant import refuse_quantized
 from .checkpoint import (
     StopOnSignal,
@@ -77,6 +77,7 @@ from .checkpoint import (
     checkpoint_step,
     checkpoints,
     latest_checkpoint,
+    lock_run,
     mismatch,
     no_checkpoint,
     refuse_existing_run,
@@ -339,13 +340,26 @@ class Trainer:
     # ---- the loop ----------------------------------------------------------------------------------
 
     def fit(self, resume: bool = False) -> TrainResult:
+        self._lock: int | None = None
+        try:
+            return self._fit(resume)
+        finally:
+            if self._lock is not None:
+                os.close(self._lock)
+
+    def _fit(self, resume: bool) -> TrainResult:
         c = self.config
+        self._check_early_stopping()
         if resume:
+            if self.is_main and self.out_dir.is_dir():
+                self._lock = lock_run(self.out_dir)  # before the checkpoint is read: no other process trains it
             self.load_checkpoint(self._plan_resume())
         else:
             refuse_existing_run(self.out_dir)  # every rank, before anything is written: none waits for rank 0
             if self.is_main:
                 self.out_dir.mkdir(parents=True, exist_ok=True)
+                self._lock = lock_run(self.out_dir)
+                refuse_existing_run(self.out_dir)  # a second process may have started it meanwhile
                 (self.out_dir / "metrics.jsonl").write_text("")  # resumes.jsonl: refused above if there is one
         if self.is_main:
             self._write_run_files(new=not resume)
@@ -359,11 +373,12 @@ class Trainer:
             torch.set_rng_state(self._torch_rng)
         else:
             torch.manual_seed(c.seed + self.rank)
-        stop_reason = self._limit_reached() if resume else None  # resuming a finished run does nothing
+        stop_reason = (self._limit_reached() or self._stopped_early()) if resume else None  # a finished run: nothing
         last_loss = next((m["loss"] for m in reversed(self.history) if "loss" in m), None)
         t_start = time.perf_counter() - self.elapsed
         t_window, tokens_window = time.perf_counter(), 0
         in_step = False
+        final_val: float | None = None  # the stop step's off-schedule evaluation, reported in the best val loss
         self._signals.install()
         self._phase("training")
         try:
@@ -391,15 +406,20 @@ class Trainer:
                     metrics.update(tokens_per_s=round(tps, 1), mfu=self._mfu(tps))
                 last_loss = metrics["loss"]
                 stop_reason = self._limit_reached()
-                evaluated = bool(c.eval_every and self.step % c.eval_every == 0) or stop_reason is not None
+                scheduled = bool(c.eval_every and self.step % c.eval_every == 0)
+                evaluated = scheduled or stop_reason is not None
                 if evaluated:
                     to_host(metrics)
                     self.require_finite(metrics)
                     t_eval = time.perf_counter()
                     self._phase("evaluating")
                     metrics.update(self.evaluate())
-                    early = self._early_stop(metrics.get("val_loss"))  # also tracks the best val loss
-                    stop_reason = stop_reason or early
+                    if scheduled:  # the last step's extra evaluation is not one of the schedule's: a run extended
+                        # from here must count as one that never stopped (early stopping's state unchanged)
+                        early = self._early_stop(metrics.get("val_loss"))  # also tracks the best val loss
+                        stop_reason = stop_reason or early
+                    elif metrics.get("val_loss") is not None:
+                        final_val = metrics["val_loss"]
                     t_window += time.perf_counter() - t_eval  # tokens/s counts training time only
                 keys = len(metrics)
                 if evaluated:
@@ -431,11 +451,14 @@ class Trainer:
             self._signals.restore()
         if stop_reason == "interrupted":
             last = latest_checkpoint(self.out_dir)
-            self._say(f"interrupted at step {self.step}; the latest checkpoint is {last}; continue with --resume")
+            self._say(f"interrupted at step {self.step}; the latest checkpoint is {last}; continue with --resume"
+                      if last is not None else f"interrupted at step {self.step}, before the first checkpoint: "
+                      f"there is nothing to resume; remove {self.out_dir} to start again")
         final_loss = None if last_loss is None else float(last_loss)
-        result = TrainResult(self.step, self.tokens, stop_reason, final_loss, self.best_val, self.out_dir,
+        best = min((v for v in (self.best_val, final_val) if v is not None), default=None)
+        result = TrainResult(self.step, self.tokens, stop_reason, final_loss, best, self.out_dir,
                              list(self.history))
-        if stop_reason != "interrupted":
+        if stop_reason != "interrupted" and not (resume and self._final_is_current()):
             self._phase("saving")
             self.save_final(result)
         for cb in self.callbacks:
@@ -572,6 +595,21 @@ class Trainer:
             interrupted, stopped = flags.tolist()
         return "interrupted" if interrupted else "stopped" if stopped else None
 
+    def _check_early_stopping(self) -> None:
+        """Early stopping that could never act is refused before anything is written (it was silently off)."""
+        if not self.config.early_stopping_patience or self.objective is not None:  # an objective evaluates itself
+            return
+        if not self.config.eval_every:
+            raise ValueError("early stopping (--early-stopping-patience) counts evaluations: set --eval-every too")
+        if next(iter(self.dataset.eval_batches(self.config.batch_size, self.seq_len, 1)), None) is None:
+            raise ValueError(f"early stopping (--early-stopping-patience) needs validation text: the held-out split "
+                             f"has no window of {self.seq_len} tokens (raise --val-fraction, or shorten --seq-len)")
+
+    def _stopped_early(self) -> str | None:
+        """"early_stopping" when the run's evaluations already ran out of patience (resuming it does nothing)."""
+        patience = self.config.early_stopping_patience
+        return "early_stopping" if patience and self.bad_evals >= patience else None
+
     def _early_stop(self, val: float | None) -> str | None:
         if val is None:
             return None
@@ -579,8 +617,7 @@ class Trainer:
             self.best_val, self.bad_evals = val, 0
             return None
         self.bad_evals += 1
-        patience = self.config.early_stopping_patience
-        return "early_stopping" if patience and self.bad_evals >= patience else None
+        return self._stopped_early()
 
     def _mfu(self, tokens_per_s: float) -> float | None:
         if not self.peak_flops:
@@ -791,6 +828,14 @@ class Trainer:
         plain = Transformer(self.model_config)
         plain.load_state_dict(state)
         return plain
+
+    def _final_is_current(self) -> bool:
+        """Whether final/ holds the model of this step (a finished run resumed: nothing to write again); a final/
+        left by an earlier stop, or none (a save killed half-way), is written again."""
+        try:
+            return json.loads((self.out_dir / "final" / TRAINING).read_text(encoding="utf-8"))["steps"] == self.step
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
 
     def save_final(self, result: TrainResult) -> Path | None:
         model = self._full_model_state()
