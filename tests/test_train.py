@@ -827,3 +827,27 @@ def test_settings_that_could_never_act_are_refused(tmp_path, tok, text, config, 
     with pytest.raises(ValueError, match=re.escape(message)):
         train(model_cfg(tok), tok, small, base(**config), tmp_path / "run")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_resume_refuses_other_data_or_another_model_and_prepare_another_dataset(tmp_path, tok, text, capsys):
+    """`lmlab data prepare` wrote a new dataset over the one a run trained on, and the run resumed on it silently;
+    a run resumed from Python with another dropout went on and recorded the new config in final/ only."""
+    ds_dir = tmp_path / "ds"
+    book = tmp_path / "book.txt"
+    book.write_text(text[:20000])
+    tok.save(tmp_path / "tok.json")
+    assert main(["data", "prepare", str(book), "--tokenizer", str(tmp_path / "tok.json"), "--out", str(ds_dir)]) == 0
+    ds = lmlab.data.TokenDataset.open(ds_dir, tok)
+    train(model_cfg(tok), tok, ds, base(max_steps=4), tmp_path / "run")
+    book.write_text(text[20000:32000])
+    capsys.readouterr()
+    assert main(["data", "prepare", str(book), "--tokenizer", str(tmp_path / "tok.json"), "--out", str(ds_dir)]) == 2
+    assert capsys.readouterr().err == (f"lmlab: error: {ds_dir} already holds a dataset; replace it with --force "
+                                       "(overwrite=True in Python), or choose another folder\n")
+    assert main(["data", "prepare", str(book), "--tokenizer", str(tmp_path / "tok.json"), "--out", str(ds_dir),
+                 "--force"]) == 0
+    other = lmlab.data.TokenDataset.open(ds_dir, tok)
+    with pytest.raises(ValueError, match=r"the dataset is not the one this run started on \(tokens "):
+        train(model_cfg(tok), tok, other, base(max_steps=8), tmp_path / "run", resume=True)
+    with pytest.raises(ValueError, match=r"a resumed run keeps its model: dropout \(0.1 -> 0.5\) cannot change"):
+        train(model_cfg(tok, dropout=0.5), tok, ds, base(max_steps=8), tmp_path / "run", resume=True)

@@ -361,6 +361,8 @@ def _prepare_arguments(d: argparse.ArgumentParser) -> None:
                    help="sampling weight of a document by file name or stem (repeatable)")
     d.add_argument("--preset", help="report tokens per parameter for this preset, e.g. gpt2-small")
     d.add_argument("--seq-len", type=int, help="refuse a corpus without one training window of this length")
+    d.add_argument("--force", action="store_true", help="replace a dataset already in --out (a run trained on it "
+                   "then refuses to resume on the new one)")
     d.add_argument("--filters", help=_FILTERS_HELP + "; they run before tokenising and are recorded in "
                    "tokens.json, receipts with examples in OUT/receipts.json")
     _filter_level_argument(d)
@@ -426,7 +428,7 @@ def _data_prepare(args: argparse.Namespace) -> int:
     tok = Tokenizer.load(args.tokenizer)
     cfg = ModelConfig.preset(args.preset, vocab_size=tok.vocab_size) if args.preset else None
     ds = prepare(args.sources, tok, args.out, val_fraction=args.val_fraction, weights=parse_weights(args.weight),
-                 seq_len=args.seq_len, filters=filters)
+                 seq_len=args.seq_len, filters=filters, overwrite=args.force)
     if filters:
         _print_receipts(json.loads((Path(args.out) / "receipts.json").read_text(encoding="utf-8")))
     st = ds.stats(cfg)

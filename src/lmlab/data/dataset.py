@@ -58,13 +58,17 @@ class Document:
 
 def prepare(sources: Sequence[str | Path], tokenizer: Any, out_dir: str | Path, *, val_fraction: float = 0.05,
             weights: Mapping[str, float] | None = None, seq_len: int | None = None,
-            filters: Sequence[Any] = ()) -> TokenDataset:
+            filters: Sequence[Any] = (), overwrite: bool = False) -> TokenDataset:
     """Read every document under `sources` (files, folders, globs), tokenise each once and write
     `out_dir/tokens.bin` + `out_dir/tokens.json`. `weights` maps a document's name, file name or stem to its
     sampling weight (default 1.0). With `seq_len`, refuse a corpus without one training window of seq_len+1.
     `filters` (filters.parse_filters) run on the texts before tokenising: what they removed is recorded in
     tokens.json under "filters" and, with examples, in out_dir/receipts.json; the held-out val slice is the
-    tail of each *filtered* document. Nothing is written unless every document reads."""
+    tail of each *filtered* document. Nothing is written unless every document reads. A dataset already in
+    `out_dir` (a run trained on it would resume on other data) is replaced only with overwrite=True."""
+    if not overwrite and (Path(out_dir) / "tokens.json").exists():
+        raise FileExistsError(f"{out_dir} already holds a dataset; replace it with --force (overwrite=True in "
+                              "Python), or choose another folder")
     paths = find_documents(sources)
     names = _document_names(paths)
     doc_weights = [1.0] * len(paths)

@@ -129,7 +129,8 @@ def train_from_sources(out_dir: str | Path, config: TrainConfig, *, sources: Seq
         _phase(out, "data")
         try:
             ds = _rank0_first(out, lambda: prepare(paths, tok, out / "data", val_fraction=val_fraction,
-                                                   weights=weights, seq_len=seq_len, filters=filters),
+                                                   weights=weights, seq_len=seq_len, filters=filters,
+                                                   overwrite=True),  # the new run's own folder
                               lambda d: None, lambda: TokenDataset.open(out / "data", tok), config)
         except BaseException:
             if created and dist_env()[0] == 0:  # e.g. a corpus shorter than one window: no half-made run

@@ -269,6 +269,8 @@ class Trainer:
         self.provenance = dict(provenance or {})
         if getattr(dataset, "path", None) is not None:
             self.provenance.setdefault("dataset", str(Path(dataset.path).resolve()))
+        if hasattr(dataset, "stats") and "data_stats" not in self.provenance:  # what a resume checks it still is
+            self.provenance["data_stats"] = dataset.stats()
         if "dataset" in self.provenance:
             self.provenance["dataset"] = dataset_ref(self.provenance["dataset"], self.out_dir)
         self.rank, self.world, _ = dist_env()
@@ -684,6 +686,25 @@ class Trainer:
         """wsd: the step whose checkpoint ends the stable phase (the decay starts after it)."""
         return decay_start(self.config, self.schedule_steps) if self.config.schedule == "wsd" else None
 
+    def _same_data_and_model(self) -> None:
+        """A resumed run trains the model it started on the data it started with: ValueError when the dataset's
+        token counts (config.json's data_stats) or the model's config differ (a dataset prepared again into the
+        same folder, or dropout changed from Python, went on silently)."""
+        run = read_run_config(self.out_dir) if (self.out_dir / "config.json").is_file() else {}
+        recorded = run.get("data_stats") or {}
+        now = self.dataset.stats() if recorded and hasattr(self.dataset, "stats") else {}
+        moved = [f"{k} {recorded[k]:,} -> {now[k]:,}" for k in ("tokens", "train_tokens", "val_tokens")
+                 if k in recorded and k in now and recorded[k] != now[k]]
+        if moved:
+            raise ValueError(f"the dataset is not the one this run started on ({', '.join(moved)}); resume on that "
+                             "data, or start a new run")
+        if run.get("model"):
+            before = ModelConfig.from_dict(run["model"]).to_dict()
+            changed = [f"{k} ({v!r} -> {self.model_config.to_dict()[k]!r})" for k, v in before.items()
+                       if self.model_config.to_dict()[k] != v]
+            if changed:
+                raise ValueError(f"a resumed run keeps its model: {', '.join(changed)} cannot change")
+
     def _plan_resume(self) -> Path:
         """Check what this resume changes, plan the schedule so that the learning rate does not jump, append the
         resume to resumes.jsonl (rank 0) and return the checkpoint to load. Only RESUMABLE fields may differ
@@ -698,6 +719,7 @@ class Trainer:
         if fixed:
             raise ValueError(f"a resumed run keeps the settings it started with: {', '.join(fixed)} cannot change "
                              f"(only {', '.join(RESUMABLE)} can)")
+        self._same_data_and_model()
         try:
             state = json.loads((path / "state.json").read_text())
             step = state["step"]

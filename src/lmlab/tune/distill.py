@@ -239,7 +239,8 @@ def run_distill(teacher_dir: str | Path, books: Sequence[str | Path], out_dir: s
     config = dataclasses.replace(config, seq_len=seq_len)
     paths = find_documents(books)
     created = not out.exists()
-    ds: Any = prepare(paths, tok, out / "data", val_fraction=val_fraction, seq_len=seq_len)
+    ds: Any = prepare(paths, tok, out / "data", val_fraction=val_fraction, seq_len=seq_len,
+                      overwrite=True)  # the new run's own folder
     if cfg.mode == "sequence" and ds.train_tokens <= cfg.prompt_tokens:  # no window to start a teacher sample
         shutil.rmtree(out if created else out / "data", ignore_errors=True)
         raise ValueError(f"the books' training part has {ds.train_tokens} tokens, not more than --prompt-tokens "
