@@ -269,7 +269,7 @@ class Trainer:
         self.provenance = dict(provenance or {})
         if getattr(dataset, "path", None) is not None:
             self.provenance.setdefault("dataset", str(Path(dataset.path).resolve()))
-        if hasattr(dataset, "stats") and "data_stats" not in self.provenance:  # what a resume checks it still is
+        if callable(getattr(dataset, "stats", None)) and "data_stats" not in self.provenance:  # a resume checks it
             self.provenance["data_stats"] = dataset.stats()
         if "dataset" in self.provenance:
             self.provenance["dataset"] = dataset_ref(self.provenance["dataset"], self.out_dir)
@@ -692,7 +692,7 @@ class Trainer:
         same folder, or dropout changed from Python, went on silently)."""
         run = read_run_config(self.out_dir) if (self.out_dir / "config.json").is_file() else {}
         recorded = run.get("data_stats") or {}
-        now = self.dataset.stats() if recorded and hasattr(self.dataset, "stats") else {}
+        now = self.dataset.stats() if recorded and callable(getattr(self.dataset, "stats", None)) else {}
         moved = [f"{k} {recorded[k]:,} -> {now[k]:,}" for k in ("tokens", "train_tokens", "val_tokens")
                  if k in recorded and k in now and recorded[k] != now[k]]
         if moved:
