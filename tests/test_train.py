@@ -851,3 +851,28 @@ def test_a_resume_refuses_other_data_or_another_model_and_prepare_another_datase
         train(model_cfg(tok), tok, other, base(max_steps=8), tmp_path / "run", resume=True)
     with pytest.raises(ValueError, match=r"a resumed run keeps its model: dropout \(0.1 -> 0.5\) cannot change"):
         train(model_cfg(tok, dropout=0.5), tok, ds, base(max_steps=8), tmp_path / "run", resume=True)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(init="INIT", tokenizer="TOK"), "--init brings its tokenizer: leave out --tokenizer"),
+    (dict(init="INIT", vocab_size=999, tokenizer_kind="char"),
+     "--init brings its tokenizer: leave out --tokenizer-kind, --vocab-size"),
+    (dict(dataset="DS", tokenizer="TOK", val_fraction=0.5, weights={"nosuch": 2.0}, preset="llama-tiny"),
+     "--dataset holds its split and weights: leave out --val-fraction, --weight"),
+    (dict(tokenizer="TOK", vocab_size=999, preset="llama-tiny"),
+     "--tokenizer is trained already: leave out --vocab-size"),
+])
+def test_settings_the_data_or_model_brings_are_refused_not_ignored(tmp_path, tok, ds, text, kwargs, message):
+    """`lmlab train --init M --tokenizer T` trained with M's tokenizer and exit 0; with --dataset, --val-fraction,
+    --weight, --vocab-size and --tokenizer-kind were ignored the same way."""
+    from lmlab.train import train_from_sources
+    init = tmp_path / "init"
+    lmlab.models.io.save_pretrained(init, lmlab.Transformer(model_cfg(tok)), tok)
+    tok.save(tmp_path / "tok.json")
+    (tmp_path / "book.txt").write_text(text[:5000])
+    fill = {"INIT": init, "TOK": tmp_path / "tok.json", "DS": ds.path}
+    kwargs = {k: fill.get(v, v) if isinstance(v, str) else v for k, v in kwargs.items()}
+    sources = [] if "dataset" in kwargs else [tmp_path / "book.txt"]
+    with pytest.raises(ValueError, match=re.escape(message)):
+        train_from_sources(tmp_path / "run", base(max_steps=1), sources=sources, **kwargs)
+    assert not (tmp_path / "run").exists()

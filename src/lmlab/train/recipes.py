@@ -50,8 +50,9 @@ def train_from_sources(out_dir: str | Path, config: TrainConfig, *, sources: Seq
                        dataset: str | Path | None = None, preset: str | None = None,
                        model_config: ModelConfig | None = None, model_fields: dict[str, Any] | None = None,
                        init: str | Path | None = None,
-                       tokenizer: str | Path | None = None, tokenizer_kind: str = "bpe", vocab_size: int = 8192,
-                       val_fraction: float = 0.05, weights: dict[str, float] | None = None,
+                       tokenizer: str | Path | None = None, tokenizer_kind: str | None = None,
+                       vocab_size: int | None = None, val_fraction: float | None = None,
+                       weights: dict[str, float] | None = None,
                        callbacks: Sequence[Any] = (), lora: Any = None, filters: Sequence[Any] = ()) -> TrainResult:
     """Everything `lmlab train` does for a new run: tokenizer (reused, or trained on ALL sources), token
     file, model (preset, config or initial weights), then the trainer. The run directory keeps a copy of
@@ -81,6 +82,18 @@ def train_from_sources(out_dir: str | Path, config: TrainConfig, *, sources: Seq
     if filters and dataset is not None:
         raise ValueError("--filters run on book files/folders; a prepared --dataset went through its own "
                          "(lmlab data prepare --filters)")
+    # what the data or the model brings with it: a setting for it was taken and silently not used
+    new_tokenizer = {"--tokenizer-kind": tokenizer_kind, "--vocab-size": vocab_size}
+    unused = {"--init brings its tokenizer": ({"--tokenizer": tokenizer, **new_tokenizer} if init is not None else {}),
+              "--tokenizer is trained already": new_tokenizer if tokenizer is not None else {},
+              "--dataset holds its split and weights": ({"--val-fraction": val_fraction, "--weight": weights or None}
+                                                        if dataset is not None else {})}
+    for why, flags in unused.items():
+        given = [flag for flag, value in flags.items() if value is not None]
+        if given:
+            raise ValueError(f"{why}: leave out {', '.join(given)}")
+    tokenizer_kind, vocab_size = tokenizer_kind or "bpe", vocab_size or 8192
+    val_fraction = 0.05 if val_fraction is None else val_fraction
     paths = find_documents(sources) if sources else []
     model = None
     if init is not None:
