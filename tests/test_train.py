@@ -876,3 +876,23 @@ def test_settings_the_data_or_model_brings_are_refused_not_ignored(tmp_path, tok
     with pytest.raises(ValueError, match=re.escape(message)):
         train_from_sources(tmp_path / "run", base(max_steps=1), sources=sources, **kwargs)
     assert not (tmp_path / "run").exists()
+
+
+def test_an_interrupt_during_an_evaluation_keeps_the_previous_checkpoint(tmp_path, tok, ds, reference):
+    """A second Ctrl-C inside the step-10 evaluation checkpointed step 10, whose metrics line was never written:
+    the resumed log went 9, 11 and step 10's val loss was lost. The step is checkpointed once its bookkeeping is
+    done; before that the previous checkpoint stays the latest, and the resume matches an uninterrupted run."""
+    full, _ = reference
+
+    class Interrupt(Callback):
+        def on_eval(self, trainer, metrics):
+            if trainer.step == 10:
+                raise KeyboardInterrupt
+
+    r = train(model_cfg(tok), tok, ds, base(save_every=4), tmp_path, [Interrupt()])
+    assert r.stop_reason == "interrupted" and latest_checkpoint(tmp_path).name == "step-8"
+    again = Record()
+    train(model_cfg(tok), tok, ds, base(save_every=4), tmp_path, [again], resume=True)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 17))
+    torch.testing.assert_close(again.losses, full.losses[8:], atol=1e-6, rtol=0)

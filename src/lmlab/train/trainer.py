@@ -392,7 +392,6 @@ class Trainer:
                 loss, grad_norm = self.train_step()
                 self.step += 1
                 self.tokens += self.tokens_per_step
-                in_step = False
                 tokens_window += self._step_tokens
                 log_now = self.step % c.log_every == 0 or self.step == 1
                 self.elapsed = time.perf_counter() - t_start
@@ -435,6 +434,7 @@ class Trainer:
                 if log_now or evaluated or len(metrics) > keys:  # a hook's own metrics are always logged
                     self._log(metrics)
                 stop_reason = stop_reason or self._stop_requested()
+                in_step = False  # the step's evaluation, hooks and metrics line are done: it may be checkpointed
                 # wsd: the stable phase's last state is kept, to extend the run from
                 if stop_reason or (c.save_every and self.step % c.save_every == 0) or self.step == self._stable_step:
                     self.require_finite(metrics, weights=True)  # a diverged model never replaces the last good one
@@ -444,8 +444,9 @@ class Trainer:
                     self._phase("training")
                     t_window += time.perf_counter() - t_save
         except KeyboardInterrupt:
-            # A second Ctrl-C (or one outside the main thread's handler) lands anywhere; a checkpoint is
-            # only consistent between optimizer steps, so mid-step the previous one stays the latest.
+            # A second Ctrl-C (or one outside the main thread's handler) lands anywhere; a checkpoint is only
+            # consistent between steps whose bookkeeping is done (evaluation, hooks, metrics line), so before that
+            # the previous one stays the latest (a resume trims the log back to it).
             stop_reason = "interrupted"
             if not in_step:
                 self.save_checkpoint()
