@@ -896,3 +896,21 @@ def test_an_interrupt_during_an_evaluation_keeps_the_previous_checkpoint(tmp_pat
     steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 17))
     torch.testing.assert_close(again.losses, full.losses[8:], atol=1e-6, rtol=0)
+
+
+def test_an_interrupt_before_the_first_checkpoint_says_there_is_nothing_to_resume(tmp_path, tok, ds, caplog,
+                                                                                   monkeypatch):
+    """It said "the latest checkpoint is None; continue with --resume", and --resume then failed."""
+    real = Trainer.train_step
+
+    def step(self):
+        if self.step == 2:  # mid-step: no checkpoint is written
+            raise KeyboardInterrupt
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "train_step", step)
+    with caplog.at_level(logging.INFO):
+        r = train(model_cfg(tok), tok, ds, base(save_every=0), tmp_path / "run")
+    assert r.stop_reason == "interrupted" and latest_checkpoint(tmp_path / "run") is None
+    assert (f"interrupted at step 2, before the first checkpoint: there is nothing to resume; remove "
+            f"{tmp_path / 'run'} to start again") in caplog.text
