@@ -396,6 +396,12 @@ def test_bad_requests_get_openai_shaped_errors_naming_the_parameter(served):
     with pytest.raises(openai.AuthenticationError) as e:
         anonymous.models.list()
     assert e.value.status_code == 401 and e.value.body["type"] == "authentication_error"
+    # `curl -d '{...}'` with the token: curl labels the body form data, which FastAPI did not read (a 400)
+    r = httpx.post(served.url + "/v1/completions", headers={"Authorization": f"Bearer {TOKEN}",
+                                                             "Content-Type": "application/x-www-form-urlencoded"},
+                   content=json.dumps({"model": "tiny", "prompt": PROMPT, "max_tokens": 3, "temperature": 0}))
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == alone(served, PROMPT, max_new_tokens=3,
+                                                                            do_sample=False), r.text
     r = httpx.post(served.url + "/v1", json={})  # /v1 itself was given the web app's shape
     assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error", r.text
     elsewhere = openai.OpenAI(base_url=served.url + "/v1", api_key=TOKEN, max_retries=0,

@@ -409,6 +409,14 @@ class Guards:
                                  "or ?token=<token>", [(b"www-authenticate", b"Bearer"), *extra], openai=api)
                 return
 
+        # OpenAI's API takes JSON bodies only, and `curl -d` labels them form data: read them as JSON (a request
+        # another site's page could send was refused above)
+        if api and scope.get("method") == "POST":
+            kind = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
+            if kind in ("", "application/x-www-form-urlencoded"):
+                scope = {**scope, "headers": [(k, v) for k, v in scope.get("headers", []) if k != b"content-type"]
+                         + [(b"content-type", b"application/json")]}
+
         # 5. body size: refuse by Content-Length at once, and count what actually arrives
         limit = self.upload_limit if path in UPLOAD_PATHS else JSON_BODY_LIMIT
         length = _header(scope, b"content-length")
