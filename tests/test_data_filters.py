@@ -255,8 +255,8 @@ def test_prepare_with_filters_records_them_and_keeps_val_out_of_training(tmp_pat
     for _ in range(100):
         x, y = ds.sample_batch(16, 32, g)
         assert not val_ids & (set(x.flatten().tolist()) | set(y.flatten().tolist()))
-    # a prepare without filters records none and leaves no stale receipts
-    ds2 = prepare([tmp_path / "a.txt"], tok, tmp_path / "ds", val_fraction=0.2)
+    # a prepare without filters (over the dataset, as asked) records none and leaves no stale receipts
+    ds2 = prepare([tmp_path / "a.txt"], tok, tmp_path / "ds", val_fraction=0.2, overwrite=True)
     assert "filters" not in ds2.header and "filters" not in ds2.stats()
     assert not (tmp_path / "ds" / "receipts.json").exists()
     assert np.array_equal(TokenDataset.open(tmp_path / "ds").tokens, ds2.tokens)
