@@ -285,8 +285,11 @@ def test_a_request_whose_client_has_gone_leaves_the_batch(served):
 def test_waiting_requests_hold_no_thread_the_other_endpoints_need(served):
     """Each waiting non-streaming request held one of the server's worker threads (anyio's 40) until its
     decode ended, so with 40 waiting, /v1/models and the rest of the API answered only once one had ended."""
-    long = {"model": "tiny", "prompt": "Once", "max_tokens": 120, "n": 128, "seed": 2}
+    # greedy: every long sequence runs its 120 steps (no EOS), so the rows free up only when a whole wave ends; the
+    # short requests, which take free rows in turn with the long ones, cannot end before that
+    long = {"model": "tiny", "prompt": "Once", "max_tokens": 120, "n": 128, "temperature": 0}
     short = {"model": "tiny", "prompt": "Once", "max_tokens": 4, "seed": 3}
+    assert len(new_ids(served, "Once", max_new_tokens=120, do_sample=False)) == 120  # (no EOS: it takes 120 steps)
     done = []
 
     def ask(body):
@@ -295,9 +298,7 @@ def test_waiting_requests_hold_no_thread_the_other_endpoints_need(served):
         done.append(body is short)
 
     with ThreadPoolExecutor(49) as pool:
-        # four requests of 128 sequences first: 16 waves of 32 rows, 120 steps each, before any short one's turn
-        # (two were not enough once a wave's prompts shared one prefill: under load the first could end before
-        # the short ones were queued)
+        # four requests of 128 sequences first (512 sequences, 32 rows at a time: the first wave takes 120 steps)
         futures = [pool.submit(ask, long) for _ in range(4)]
         with served.client() as c:
             def until(queued):  # sequences in the engine, or a request done (a failure), or a minute
@@ -309,7 +310,7 @@ def test_waiting_requests_hold_no_thread_the_other_endpoints_need(served):
             futures += [pool.submit(ask, short) for _ in range(45)]
             until(512 + 36)  # (with the old threads, 36 short ones could be waiting, no more)
             assert c.get("/v1/models").status_code == 200
-            assert not done  # answered while the long requests still decode, every short one waiting behind
+            assert not done  # answered while the first wave still decodes, every short one waiting behind it
         for f in futures:
             f.result()
 
