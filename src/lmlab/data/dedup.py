@@ -7,11 +7,11 @@
 Text is compared as its words: `\\w+` runs of the NFKC, case-folded text with ё read as е, joined by one space
 (punctuation, case, spacing, ligatures and the dots of ё do not make two texts different). Exact duplicates
 share a BLAKE2b digest of that form. Near duplicates follow MinHash + LSH as datatrove's FineWeb pipeline runs
-it (word 5-gram shingles, 14 bands of 8 rows = 112
-permutations, https://github.com/huggingface/datatrove): a pair sharing all rows of any band is a candidate,
-so a pair of Jaccard similarity s is caught with probability 1 - (1 - s^rows)^bands (0.92 at s = 0.8).
-By default every candidate is a duplicate, as in datatrove; with `threshold`, a candidate is kept only if the
-signatures agree on at least that share of the permutations (the MinHash estimate of its Jaccard).
+it (word 5-gram shingles, 14 bands of 8 rows = 112 permutations, https://github.com/huggingface/datatrove): a
+pair sharing all rows of any band is a candidate, so a pair of Jaccard similarity s is caught with probability
+1 - (1 - s^rows)^bands (0.92 at s = 0.8). By default every candidate is a duplicate, as in datatrove; with
+`threshold`, a candidate is kept only if the signatures agree on at least that share of the permutations (the
+MinHash estimate of its Jaccard).
 
 Signatures are bit-identical to datasketch's MinHash (scheme "affine32", its default since 2.0.0,
 https://github.com/ekzhu/datasketch): a shingle's hash is the first 4 bytes of its SHA-1 read little-endian,

@@ -306,7 +306,7 @@ class BatchEngine:
         seq.count += 1
         if cfg.stop_at_eos and token in seq.ends:
             return self._finish(seq, "stop")
-        after = (seq.prompt + seq.ids)[-1:]
+        after = seq.ids[-1:] or seq.prompt[-1:]  # (no list copy per token)
         seq.ids.append(token)
         event = Token(seq.index, token, seq.text.push(token), seq.text.offset, after=after)
         if seq.logprobs is not None:

@@ -169,25 +169,24 @@ class Tokenizer:
     def decode_batch(self, batch: Sequence[Sequence[int]], *, skip_special_tokens: bool = True) -> list[str]:
         return self.hf.decode_batch([list(ids) for ids in batch], skip_special_tokens=skip_special_tokens)
 
-    def context_tail(self, context: Sequence[int]) -> list[int]:
-        """The last id of `context` when it decodes to whole text, else []: what a continuation of `context` is
-        decoded after, to read as it does in the whole text -- word-level decoding puts a space between two words,
-        and a Metaspace (SentencePiece-style) decoder drops a text's leading space, so a continuation decoded
-        alone would lose the space that joins it to the prompt. After a special token (a chat turn's role),
+    def context_tail(self, context: Sequence[int]) -> tuple[list[int], str]:
+        """(the last id of `context` when it decodes to whole text, else []; its text): what a continuation of
+        `context` is decoded after, to read as it does in the whole text -- word-level decoding puts a space between
+        two words, and a Metaspace (SentencePiece-style) decoder drops a text's leading space, so a continuation
+        decoded alone would lose the space that joins it to the prompt. After a special token (a chat turn's role),
         or part of a character, the continuation starts afresh."""
         if not context:
-            return []
+            return [], ""
         tail = [int(context[-1])]
         text = self.decode(tail)
-        return tail if text and "\ufffd" not in text else []
+        return (tail, text) if text and "\ufffd" not in text else ([], "")
 
     def decode_continuation(self, context: Sequence[int], ids: Sequence[int], *,
                             skip_special_tokens: bool = True) -> str:
         """The text `ids` add after `context`: decode(context + ids) = decode(context) + this (up to how the
         tokenizer decodes the rest of the context)."""
-        tail = self.context_tail(context)
-        text = self.decode([*tail, *ids], skip_special_tokens=skip_special_tokens)
-        return text[len(self.decode(tail)):] if tail else text
+        tail, before = self.context_tail(context)
+        return self.decode([*tail, *ids], skip_special_tokens=skip_special_tokens)[len(before):]
 
     def stream_decoder(self, *, skip_special_tokens: bool = True, context: Sequence[int] = ()) -> StreamDecoder:
         return StreamDecoder(self, skip_special_tokens=skip_special_tokens, context=context)
@@ -245,8 +244,8 @@ class StreamDecoder:
 
     def __init__(self, tokenizer: Tokenizer, *, skip_special_tokens: bool = True, context: Sequence[int] = ()) -> None:
         self.tokenizer, self.skip = tokenizer, skip_special_tokens
-        self.ids: list[int] = tokenizer.context_tail(context)
-        self.emitted = len(self._decode())  # characters of decode(self.ids) already returned (or the context's)
+        self.ids, before = tokenizer.context_tail(context)
+        self.emitted = len(before)  # characters of decode(self.ids) already returned (the context's to begin)
 
     def _decode(self) -> str:
         return self.tokenizer.decode(self.ids, skip_special_tokens=self.skip)

@@ -687,11 +687,10 @@ class Trainer:
         """wsd: the step whose checkpoint ends the stable phase (the decay starts after it)."""
         return decay_start(self.config, self.schedule_steps) if self.config.schedule == "wsd" else None
 
-    def _same_data_and_model(self) -> None:
+    def _same_data_and_model(self, run: dict[str, Any]) -> None:
         """A resumed run trains the model it started on the data it started with: ValueError when the dataset's
         token counts (config.json's data_stats) or the model's config differ (a dataset prepared again into the
-        same folder, or dropout changed from Python, went on silently)."""
-        run = read_run_config(self.out_dir) if (self.out_dir / "config.json").is_file() else {}
+        same folder, or dropout changed from Python, went on silently). `run`: the run's config.json, read."""
         recorded = run.get("data_stats") or {}
         now = self.dataset.stats() if recorded and callable(getattr(self.dataset, "stats", None)) else {}
         moved = [f"{k} {recorded[k]:,} -> {now[k]:,}" for k in ("tokens", "train_tokens", "val_tokens")
@@ -700,9 +699,8 @@ class Trainer:
             raise ValueError(f"the dataset is not the one this run started on ({', '.join(moved)}); resume on that "
                              "data, or start a new run")
         if run.get("model"):
-            before = ModelConfig.from_dict(run["model"]).to_dict()
-            changed = [f"{k} ({v!r} -> {self.model_config.to_dict()[k]!r})" for k, v in before.items()
-                       if self.model_config.to_dict()[k] != v]
+            before, now_model = ModelConfig.from_dict(run["model"]).to_dict(), self.model_config.to_dict()
+            changed = [f"{k} ({v!r} -> {now_model[k]!r})" for k, v in before.items() if now_model[k] != v]
             if changed:
                 raise ValueError(f"a resumed run keeps its model: {', '.join(changed)} cannot change")
 
@@ -714,13 +712,14 @@ class Trainer:
         path = latest_checkpoint(out)
         if path is None:
             raise FileNotFoundError(no_checkpoint(out))
-        before = TrainConfig.from_dict(read_run_config(out)["train"]) if (out / "config.json").is_file() else c
+        run = read_run_config(out) if (out / "config.json").is_file() else {}
+        before = TrainConfig.from_dict(run["train"]) if run else c
         changed = {k: [v, getattr(c, k)] for k, v in before.to_dict().items() if getattr(c, k) != v}
         fixed = [f"{k} ({old!r} -> {new!r})" for k, (old, new) in changed.items() if k not in RESUMABLE]
         if fixed:
             raise ValueError(f"a resumed run keeps the settings it started with: {', '.join(fixed)} cannot change "
                              f"(only {', '.join(RESUMABLE)} can)")
-        self._same_data_and_model()
+        self._same_data_and_model(run)
         try:
             state = json.loads((path / "state.json").read_text())
             step = state["step"]
