@@ -176,8 +176,9 @@ def test_probes_on_the_command_line_equal_the_library(runs, capsys):
     (["eval", "{a}", "{tmp}/e1.txt", "{tmp}/e2.txt"], "lmlab: error: the texts are empty"),
     (["eval", "{a}", "{a}/../tales.txt", "--seq-len", "0"], "lmlab: error: --seq-len must be >= 1"),
 ])
-def test_bad_input_is_one_line_and_exit_2(runs, tmp_path, capsys, argv, message):
+def test_bad_input_is_one_line_and_exit_2(runs, tmp_path, capsys, monkeypatch, argv, message):
     root, _ = runs
+    monkeypatch.chdir(tmp_path)  # a command taken by mistake writes its default output folder here, not in the checkout
     (tmp_path / "bad.yaml").write_text("name: bad\nkind: multiple_choice\ndata: bad.jsonl\n")
     (tmp_path / "bad.jsonl").write_text('{"context": "a", "choices": ["x"], "answer": 0}\n'
                                         '{"context": "a", "choices": ["x"]}\n')
