@@ -61,6 +61,30 @@ def test_batched_left_padded_greedy_equals_one_by_one(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_batched_rows_are_cropped_as_each_would_be_alone(family):
+    """Past the window each row keeps its own context: a short prompt beside a long one lost its oldest
+    tokens when the long row's window was cut (the columns are shared), though alone it still fit."""
+    model = tiny(family)  # block_size 48
+    prompts = [list(torch.randint(4, 61, (40,)).tolist()), [7, 8, 9], list(torch.randint(4, 61, (20,)).tolist())]
+    cfg = GenerationConfig(max_new_tokens=60, do_sample=False, stop_at_eos=False)
+    batched = generate_ids(model, prompts, cfg)
+    singles = [generate_ids(model, [p], cfg)[0] for p in prompts]
+    assert batched == singles
+    # alone, the short row never needs more than 48 tokens before its 45th new one: a full recompute
+    assert singles[1][:45] == greedy_reference(model, prompts[1], 45)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_repetition_penalty_does_not_count_the_padding(family):
+    model = tiny(family)
+    prompts = [[5, 9, 11, 30, 2, 7, 8, 12, 13], [40, 41]]
+    cfg = GenerationConfig(max_new_tokens=15, do_sample=False, stop_at_eos=False, repetition_penalty=1.6)
+    for pad_id in (0, 3):
+        batched = generate_ids(model, prompts, cfg, pad_id=pad_id)
+        assert batched == [generate_ids(model, [p], cfg)[0] for p in prompts]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_context_longer_than_window_is_cropped(family):
     model = tiny(family)  # block_size 48
     prompt = list(torch.randint(4, 61, (70,)).tolist())

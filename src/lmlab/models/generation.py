@@ -107,8 +107,10 @@ def _choose(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Genera
 # ---- the token loop -------------------------------------------------------------------------------
 
 class _Context:
-    """Left-padded ids of every row plus the KV cache over (a window of) them. When the model's window is
-    full, the cache is rebuilt from the last 3/4 of the window (cropping, not a crash)."""
+    """Left-padded ids of every row plus the KV cache over (a window of) them. When a row's context outgrows
+    the model's window, the cache is rebuilt with that row cut to the last 3/4 of the window (cropping, not a
+    crash); every row is cut when and as it would be alone, its older tokens hidden like padding (`visible`),
+    since the columns are shared."""
 
     def __init__(self, model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
                  pad_id: int, step: Decoder | None = None) -> None:
@@ -117,11 +119,12 @@ class _Context:
         self.device, self.dtype = params.device, params.dtype
         width = max(len(p) for p in prompts)
         self.ids = torch.full((len(prompts), width + max_new_tokens), pad_id, dtype=torch.long, device=self.device)
-        self.mask = torch.zeros_like(self.ids, dtype=torch.bool)
+        self.mask = torch.zeros_like(self.ids, dtype=torch.bool)  # the row's tokens (not padding)
         for row, prompt in enumerate(prompts):
             if prompt:
                 self.ids[row, width - len(prompt):width] = torch.as_tensor(list(prompt), device=self.device)
                 self.mask[row, width - len(prompt):width] = True
+        self.visible = self.mask.clone()  # those in the row's window: its tokens but the ones cropped away
         # Padding exists only in prompt columns; with none, every window is plain causal attention and
         # next_logits need not scan the mask each step.
         self.padded = any(len(p) != width for p in prompts)
@@ -132,12 +135,13 @@ class _Context:
 
     def append(self, tokens: torch.Tensor) -> None:
         self.ids[:, self.length] = tokens
-        self.mask[:, self.length] = True
+        self.mask[:, self.length] = self.visible[:, self.length] = True
         self.length += 1
         self.pending = 1
 
     def reorder(self, index: torch.Tensor) -> None:
         self.ids, self.mask = self.ids.index_select(0, index), self.mask.index_select(0, index)
+        self.visible = self.visible.index_select(0, index)
         if self.cache is not None:
             self.cache.reorder(index)
 
@@ -147,15 +151,22 @@ class _Context:
         of the last `last` positions."""
         block = self.model.config.block_size
         if self.cache is None or self.cache.length + self.pending > block:
-            keep = min(self.length - self.start, block) if self.cache is None else block - block // 4
-            self.start = max(self.length - keep, 0)
+            # A row's tokens in view end at the last column; one longer than the window keeps its last `keep`
+            # (all that fit, at the start; 3/4 of the window when it outgrew the cache, as alone), the others
+            # all of theirs. The window starts where the longest kept row does.
+            seen = self.visible[:, self.start:self.length].sum(1)
+            keep = block if self.cache is None else block - block // 4
+            seen = torch.where(seen > block, keep, seen)
+            cols = torch.arange(self.length, device=self.device)
+            self.visible[:, :self.length] &= cols >= self.length - seen[:, None]
+            self.start = self.length - int(seen.max())
             # as long as what can still come (the ids' columns from start), not the whole window: a cache of
             # block_size positions is zero-filled on every call (75 MB for gpt2-124m, ~5% of a 64-token decode)
             self.cache = KVCache(self.model.config, self.ids.size(0), min(block, self.ids.size(1) - self.start),
                                  device=self.device, dtype=self.dtype)
             self.pending = self.length - self.start
         cols = slice(self.length - self.pending, self.length)
-        window = self.mask[:, self.start:self.length]
+        window = self.visible[:, self.start:self.length]
         if not self.padded or bool(window.all()):  # no padding in view: causal attention, default positions
             attention_mask = position_ids = None
         else:
@@ -170,13 +181,16 @@ class _Context:
         return logits[:, -last:] if last else logits[:, -1]
 
     def context_ids(self) -> torch.Tensor:
-        return self.ids[:, : self.length]
+        """(B, length) every row's tokens so far, cropped ones too; a padding column holds the row's last token
+        (a repetition penalty then sees each row's own tokens only, as alone)."""
+        ids = self.ids[:, :self.length]
+        return ids if not self.padded else torch.where(self.mask[:, :self.length], ids, ids[:, -1:])
 
     def extend(self, tokens: list[int]) -> torch.Tensor:
         """Batch of one: append `tokens`, feed them in one forward, return the (T, V) logits after each."""
         T = len(tokens)
         self.ids[0, self.length:self.length + T] = torch.tensor(tokens, device=self.device)
-        self.mask[0, self.length:self.length + T] = True
+        self.mask[0, self.length:self.length + T] = self.visible[0, self.length:self.length + T] = True
         self.length += T
         self.pending = T
         return self.next_logits(last=T)[0]
@@ -185,7 +199,7 @@ class _Context:
         """Forget the last n tokens (rejected drafts): they leave the ids and the cache."""
         if n:
             self.length -= n
-            self.mask[:, self.length:self.length + n] = False
+            self.mask[:, self.length:self.length + n] = self.visible[:, self.length:self.length + n] = False
             self.cache.length -= n
 
 
