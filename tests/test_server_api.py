@@ -98,13 +98,22 @@ def test_seed_create_model_shape_and_parameter_count(lab):
 
 
 @pytest.mark.parametrize("path", ["/api/v1/models", "/create_model"])
-def test_a_new_model_starts_from_a_fresh_folder(lab, path):
-    """A model deleted outside the server leaves its folder, files and no index row: creating that name again,
-    through the API or the seed's endpoint (one service makes both), must not inherit the old weights."""
+def test_a_new_model_never_takes_a_folder_it_did_not_make(lab, path):
+    """A model folder the index does not know (copied in while the server runs: the next start indexes it)
+    is the user's: creating that name, through the API or the seed's endpoint (one service makes both), is
+    refused and the folder kept (its weights were deleted); once it is gone, the name starts from a fresh one."""
     name = "left" + path.replace("/", "-")
     folder = lab.workspace / "models" / name
     shutil.copytree(lab.workspace / "models" / "tiny", folder)  # a whole trained model's files
+    files = sorted(p.name for p in folder.iterdir())
     body = {"name": name, **TINY_MODEL} if path.startswith("/api") else {**SEED_MODEL, "name": name}
+    r = lab.post(path, json=body)
+    assert r.status_code == 409, r.text
+    assert r.json()["detail"] == (f"models/{name}/ exists in the workspace though no model of that name is indexed "
+                                  "(a server started again indexes it); remove it")
+    assert sorted(p.name for p in folder.iterdir()) == files and "model.safetensors" in files
+    assert lab.get(f"/api/v1/models/{name}").status_code == 404
+    shutil.rmtree(folder)
     r = lab.post(path, json=body)
     assert r.status_code == (201 if path.startswith("/api") else 200), r.text
     model = lab.get(f"/api/v1/models/{name}").json()

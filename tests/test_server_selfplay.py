@@ -464,7 +464,8 @@ def test_selfplay_never_overwrites_files_it_did_not_make(lab):
     # the failed run resumes at its last iteration, as it was, once the folder is gone: it saves its policy
     assert run["can_resume"] and run["checkpoint_step"] == 1
     r = lab.post(f"/api/v1/runs/{run['id']}/resume")
-    assert r.status_code == 409 and r.json()["detail"].endswith("is indexed; remove it"), r.text
+    assert r.status_code == 409 and r.json()["detail"].endswith(
+        "; remove it; resuming this run saves its policy under that name"), r.text
     policy = _weights(lab.workspace / "runs" / f"run-{run['id']}" / "final")
     shutil.rmtree(theirs)
     assert lab.post(f"/api/v1/runs/{run['id']}/resume").status_code == 200

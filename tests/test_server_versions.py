@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_model
 from test_server_support import FAST, TINY_MODEL, client, settings, upload, wait_run
 
+from lmlab.lab.interp.steer import Direction
 from lmlab.models import GenerationConfig, generate
 from lmlab.models.io import load_pretrained
 
@@ -51,6 +52,9 @@ def lab(tmp_path_factory):
         c.workspace = ws
         c.a = train(c, max_steps=8, save_every=4, seed=1)
         c.a_weights = (ws / "models" / "tiny" / "model.safetensors").read_bytes()
+        # what a user saves beside the model stays through new weights; a speed measured for the old ones does not
+        Direction(torch.ones(64), 1, {"method": "manual"}).save(ws / "models" / "tiny" / "steering" / "happy")
+        (ws / "models" / "tiny" / "speed.json").write_text("{}")
         # from scratch on trained weights: refused, saying how to choose; nothing was queued
         r = c.post("/api/v1/runs", json={"model": "tiny", "books": ["tales.txt"], "max_steps": 6, **FAST})
         c.refusal = (r.status_code, r.json().get("detail"), len(c.get("/api/v1/runs").json()))
@@ -68,6 +72,15 @@ def test_training_a_trained_model_from_scratch_asks_first(lab):
     assert lab.b["init_from_trained"] is False and (lab.b["parent_run_id"], lab.b["step_offset"]) == (None, 0)
     assert (lab.b_model["trained_run_id"], lab.b_model["trained_steps"], lab.b_model["lineage"]) == (
         lab.b["id"], 6, [lab.b["id"]])
+
+
+def test_new_weights_keep_what_was_saved_beside_the_model(lab):
+    assert [d["name"] for d in lab.get("/api/v1/models/tiny/steering").json()] == ["happy"]
+    folder = lab.workspace / "models" / "tiny"
+    assert Direction.load(folder / "steering" / "happy").vector.tolist() == [1.0] * 64
+    assert not (folder / "speed.json").exists()
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "steering",
+                                                        "tokenizer.json", "training.json"]
 
 
 def test_a_continued_run_goes_on_from_its_parents_steps(lab):

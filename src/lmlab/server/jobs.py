@@ -68,7 +68,7 @@ from ..tokenizers import Tokenizer
 from ..train import checkpoint_step, latest_checkpoint
 from .commands import DERIVED, DERIVED_DIR, STOP_FILE, child_argv, product, run_command
 from .db import STOPPED, Database
-from .workspace import Workspace, link_or_copy, stage_dir, swap_dir
+from .workspace import MODEL_FILES, SPEED_FILE, Workspace, link_or_copy, stage_dir, swap_dir
 
 log = logging.getLogger("lmlab.server")
 
@@ -533,7 +533,7 @@ class Supervisor:
         with self.lock:
             if staged is not None:
                 try:
-                    swap_dir(staged, self.ws.model_path(run["model_name"]))
+                    swap_dir(staged, self.ws.model_path(run["model_name"]), (*MODEL_FILES, SPEED_FILE))
                     # weights trained from scratch no longer come from the self-play that made the model; weights
                     # trained further from it still do, so continued training keeps the origin
                     cleared = {} if run["init_from_trained"] else {"origin": None}

@@ -232,9 +232,7 @@ def make_model(state: AppState, name: str, spec: ModelSpec) -> dict[str, Any]:
         raise over_budget(est)
     with state.lock:  # from the checks through add_model: see Supervisor.lock
         need_free_model_name(state, name)
-        path = state.ws.model_path(name)
-        shutil.rmtree(path, ignore_errors=True)  # leftovers of a model deleted outside the server
-        cfg.save(path / "config.json")
+        cfg.save(state.ws.model_path(name) / "config.json")
         return state.db.add_model(name, cfg.to_dict(), spec.preset, spec.tokenizer_kind, cfg.vocab_size)
 
 
@@ -277,6 +275,10 @@ def need_free_model_name(state: AppState, name: str, hint: str = "") -> None:
         raise Problem(409, "name_case_twin", f"{twin!r} is taken, and names that differ only in letter case would "
                       f"share one folder on some systems{hint}", name=name, twin=twin)
     need_unused(state, name, active=active)  # the name a running self-play will save its model under
+    path = state.ws.model_path(name)
+    if path.exists() or path.is_symlink():  # a finished run would not overwrite it, a new model must not delete it
+        raise Problem(409, "model_folder_exists", f"models/{name}/ exists in the workspace though no model of that "
+                      f"name is indexed (a server started again indexes it); remove it{hint}", name=name)
 
 
 def need_trained(state: AppState, name: str, role: str) -> Any:
@@ -666,12 +668,8 @@ def need_selfplay_models(state: AppState, model: str, judge: str | None, new: st
     directories of the starting model and the judge (None without one). Called under state.lock."""
     path = need_trained(state, model, role)
     judge_path = need_trained(state, judge, "the judge") if judge is not None else None
-    other = "" if resuming else " or choose another name for the new model"
     need_free_model_name(state, new, "; resuming this run saves its policy under that name" if resuming else
                          "; choose another name for the new model")
-    if state.ws.model_path(new).exists():  # the finished run would not overwrite it (Supervisor._register_selfplay)
-        raise HTTPException(409, f"models/{new}/ exists in the workspace though no model of that name is "
-                                 f"indexed; remove it{other}")
     active = state.db.list_runs(status=ACTIVE)
     for name in filter(None, (model, judge)):
         need_unused(state, name, lambda r: r["kind"] == "train", active)

@@ -28,7 +28,7 @@ import threading
 import unicodedata
 import uuid
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 from ..data.documents import SUFFIXES
@@ -235,6 +235,7 @@ def book_text(ws: Workspace, name: str, chars: int = 0, **limits: float) -> tupl
 
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "generation.json", "training.json",
                "quantization.json", "chat_template.jinja")  # a chat model without its template is not one
+SPEED_FILE = "speed.json"  # the decoding speed measured for the weights beside it (routers/modelpage.py)
 
 
 class ZipSink(io.RawIOBase):
@@ -311,12 +312,25 @@ def stage_dir(src: Path, dst: Path) -> Path:
     return tmp
 
 
-def swap_dir(staged: Path, dst: Path) -> None:
-    """Put the staged copy in dst's place, so that dst is never half-written and no snapshot mixes the two."""
+def swap_dir(staged: Path, dst: Path, replaced: Collection[str] | None = None) -> None:
+    """Put the staged copy in dst's place, so that dst is never half-written and no snapshot mixes the two.
+    With `replaced` (the names the staged copy stands for), every other entry of dst is kept: linked into the
+    new directory as it is (links are not followed), at the last moment, so that nothing saved beside a model
+    (its steering directions, its sparse autoencoders) is lost when a run gives the model new weights."""
     old = dst.parent / f".{dst.name}.old"
     shutil.rmtree(old, ignore_errors=True)
     with _SWAP_LOCK:
         if dst.exists():
+            if replaced is not None:
+                for entry in dst.iterdir():
+                    if entry.name in replaced or os.path.lexists(staged / entry.name):
+                        continue
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.copytree(entry, staged / entry.name, symlinks=True, copy_function=link_or_copy)
+                    elif entry.is_symlink():
+                        os.symlink(os.readlink(entry), staged / entry.name)
+                    else:
+                        link_or_copy(entry, staged / entry.name)
             os.replace(dst, old)
         os.replace(staged, dst)
     shutil.rmtree(old, ignore_errors=True)  # a snapshot keeps its own links to the old files

@@ -48,10 +48,9 @@ from ..services import (
     need_unused,
     run_info,
 )
-from ..workspace import LinkError, check_name
+from ..workspace import SPEED_FILE, LinkError, check_name
 
 router = APIRouter()
-SPEED_FILE = "speed.json"
 SPEED_TOKENS = 32  # a short decode: enough steps that the prompt's forward and the warm-up do not dominate
 
 
@@ -114,9 +113,6 @@ def create_quantize_run(state: StateDep, req: QuantizeCreate) -> Run:
         for book in req.calibration:
             need_book(state, book)
         need_free_model_name(state, new, "; choose another name for the new model")
-        if state.ws.model_path(new).exists():  # the finished run would not overwrite it (Supervisor._register_model)
-            raise HTTPException(409, f"models/{new}/ exists in the workspace though no model of that name is "
-                                     "indexed; remove it or choose another name for the new model")
         # a model in training gets new weights when the run ends, under the quantization's feet
         need_unused(state, req.model, lambda r: r["kind"] == "train")
         source = state.db.get_model(req.model)
@@ -151,9 +147,6 @@ def create_merge_run(state: StateDep, req: MergeCreate) -> Run:
         except ValueError as exc:  # named by model, not by the workspace's folders
             raise HTTPException(422, str(exc).replace(str(state.ws.models) + "/", "model ")) from None
         need_free_model_name(state, new, "; choose another name for the new model")
-        if state.ws.model_path(new).exists():  # the finished run would not overwrite it (Supervisor._register_model)
-            raise HTTPException(409, f"models/{new}/ exists in the workspace though no model of that name is "
-                                     "indexed; remove it or choose another name for the new model")
         for m in {*parents, *([req.base] if req.base else [])}:  # new weights under the merge's feet
             need_unused(state, m, lambda r: r["kind"] == "train")
         source = state.db.get_model(req.model)
