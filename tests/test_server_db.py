@@ -92,11 +92,40 @@ def test_version_4_adds_run_lineage_to_a_version_3_database_even_half_done(url):
     engine.dispose()
     db = Database(url)
     try:
-        assert db.version == 4 and MIGRATIONS[-1][0] == 4 and schema_drift(db.engine) == []
+        assert db.version == MIGRATIONS[-1][0] and schema_drift(db.engine) == []
         old = db.list_runs()[0]
         assert (old["current_step"], old["parent_run_id"], old["step_offset"]) == (12, None, None)
         new = db.add_run("m", [], {}, True, 4, parent_run_id=old["id"], step_offset=12)
         assert (db.get_run(new["id"])["parent_run_id"], db.get_run(new["id"])["step_offset"]) == (old["id"], 12)
+    finally:
+        db.close()
+
+
+def test_a_deleted_runs_id_is_never_given_again(url):
+    """SQLite gave the largest rowid again once its row was deleted: a model's lineage, a link or an open tab
+    naming the deleted run then reached another. A database of version 4 goes on from its largest id."""
+    from sqlalchemy import create_engine, text
+
+    from lmlab.server.db import migrate
+
+    engine = create_engine(url)
+    assert migrate(engine, MIGRATIONS[:4]) == 4
+    with engine.begin() as conn:
+        for _ in range(2):
+            conn.execute(text("INSERT INTO runs (model_name, books, params, init_from_trained, status, resume, "
+                              "cancel_requested, current_step, launches, metrics_epoch, created_at, updated_at, "
+                              "kind) VALUES ('m', '[]', '{}', false, 'completed', false, false, 1, 1, 0, 1.0, 1.0, "
+                              "'train')"))
+    engine.dispose()
+    db = Database(url)
+    try:
+        assert sorted(r["id"] for r in db.list_runs()) == [1, 2]
+        ids = []
+        for _ in range(3):
+            ids.append(db.add_run("m", [], {}, False, 4)["id"])
+            db.delete_run(ids[-1])
+        assert ids == [3, 4, 5]
+        assert db.add_run("m", [], {}, False, 4)["id"] == 6
     finally:
         db.close()
 

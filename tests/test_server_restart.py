@@ -55,7 +55,9 @@ def _stopped(c, path, body):
                             "weights": [-1.0, 3.0]}),
     ("/api/v1/runs/eval", {"models": ["base"], "tasks": ["fables-mc"]}),
     ("/api/v1/runs", {"model": "base", "books": ["tales.txt"], "init_from_trained": True, "max_steps": 5}),
-], ids=["sft", "grpo", "selfplay", "quantize", "merge", "eval", "train"])
+    # from scratch on a trained model: the request's consent (every seed-app training) is the new start's too
+    ("/api/v1/runs", {"model": "base", "books": ["tales.txt"], "new_version": True, "max_steps": 5}),
+], ids=["sft", "grpo", "selfplay", "quantize", "merge", "eval", "train", "train-new-version"])
 def test_each_kind_starts_again_as_a_new_run_of_its_request(lab, path, body):
     old = _stopped(lab, path, body)
     assert old["can_restart"] and not old["can_resume"]

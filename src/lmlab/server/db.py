@@ -123,6 +123,10 @@ metrics = Table(
     Index("ix_metrics_run_step", "run_id", "step"),
 )
 
+# The last run id ever given (one row): a deleted run's id is never given again, so a link, a model's lineage or
+# an open tab that names it cannot reach another run (SQLite reuses the largest rowid once its row is deleted).
+run_ids = Table("run_ids", metadata, Column("last", Integer, nullable=False))
+
 ACTIVE = ("queued", "running")
 STOPPED = ("interrupted", "failed", "cancelled")  # resumed, or started again, by the user
 
@@ -193,12 +197,22 @@ def _v4_run_lineage(conn: Connection) -> None:
             conn.execute(text(f"ALTER TABLE runs ADD COLUMN {column} INTEGER"))
 
 
+def _v5_run_ids(conn: Connection) -> None:
+    # Started at the largest id in use (one a deleted run had above it may come again, once: not knowable now).
+    if not inspect(conn).has_table("run_ids"):
+        Table("run_ids", MetaData(), Column("last", Integer, nullable=False)).create(conn)
+    if conn.execute(select(func.count()).select_from(run_ids)).scalar() == 0:
+        last = conn.execute(select(func.max(runs.c.id))).scalar() or 0
+        conn.execute(insert(run_ids).values(last=last))
+
+
 Migration = tuple[int, str, Callable[[Connection], None]]
 MIGRATIONS: list[Migration] = [
     (1, "books, models, runs, metrics", _v1_initial),
     (2, "run kind (train, selfplay), reward and KL summary, model origin", _v2_selfplay_runs),
     (3, "run process start time and owning server", _v3_run_owner),
     (4, "a continued run's parent run and step offset", _v4_run_lineage),
+    (5, "run ids never given twice", _v5_run_ids),
 ]
 
 _schema_version = Table("schema_version", MetaData(), Column("version", Integer, nullable=False),
@@ -358,13 +372,15 @@ class Database:
                 max_steps: int | None, kind: str = "train", parent_run_id: int | None = None,
                 step_offset: int | None = None) -> dict[str, Any]:
         now = time.time()
-        with self.engine.begin() as conn:
-            run_id = conn.execute(insert(runs).values(
-                kind=kind, model_name=model_name, books=json.dumps(book_names), params=json.dumps(params),
+        with self.engine.begin() as conn:  # the counter's row lock orders two servers sharing the database
+            conn.execute(update(run_ids).values(last=run_ids.c.last + 1))
+            run_id = conn.execute(select(run_ids.c.last)).scalar_one()
+            conn.execute(insert(runs).values(
+                id=run_id, kind=kind, model_name=model_name, books=json.dumps(book_names), params=json.dumps(params),
                 parent_run_id=parent_run_id, step_offset=step_offset,
                 init_from_trained=init_from_trained, status="queued", resume=False, cancel_requested=False,
                 current_step=0, max_steps=max_steps, launches=0, metrics_epoch=0, created_at=now, queued_at=now,
-                updated_at=now)).inserted_primary_key[0]
+                updated_at=now))
         return self.get_run(run_id)  # type: ignore[return-value]
 
     @staticmethod
