@@ -222,3 +222,22 @@ def test_a_book_in_use_is_not_overwritten(tmp_path):
     assert c.get("/api/v1/books/tales.txt/preview").json()["text"] == other.decode()
     assert c.post("/upload_book", files={"file": ("tales.txt", BOOK.encode(), "text/plain")}).status_code == 200
     assert (tmp_path / "books" / "tales.txt").read_bytes() == BOOK.encode()
+
+
+def test_an_upload_that_ends_second_does_not_replace_the_first(tmp_path, monkeypatch):
+    """Two uploads of one new name: both were checked before their (long) reading and both stored, the second
+    over the first. The check is made again under the lock that stores them."""
+    import lmlab.server.services as services
+    c = TestClient(build_asgi(settings(tmp_path)), base_url="http://127.0.0.1", headers=API_HEADERS)
+    real = services.extract
+
+    def other_upload_ends_meanwhile(*args, **kw):  # what the other upload leaves once it has stored its file
+        (tmp_path / "books" / "race.txt").write_bytes(b"First one.")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(services, "extract", other_upload_ends_meanwhile)
+    r = c.post("/api/v1/books", files={"file": ("race.txt", b"Second one.", "text/plain")})
+    monkeypatch.setattr(services, "extract", real)
+    assert (r.status_code, r.json()["error"]) == (409, {"key": "book_exists", "params": {"name": "race.txt"}})
+    assert (tmp_path / "books" / "race.txt").read_bytes() == b"First one."
+    assert not [p for p in (tmp_path / "tmp").iterdir()]  # the refused upload's files are gone

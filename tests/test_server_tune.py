@@ -119,6 +119,30 @@ def test_an_overwrite_that_fails_keeps_the_old_dataset_and_its_kind(tn, monkeypa
     assert tn.delete("/api/v1/datasets/keep.jsonl").status_code == 204
 
 
+def test_an_upload_that_ends_second_does_not_replace_the_first(tn, monkeypatch):
+    """Two uploads of one new name: both were checked before their (long) reading and both stored, the second
+    over the first, kind record and file of different uploads. The check is made again when storing."""
+    import lmlab.server.routers.tune as tune_router
+    real = tune_router.read_dataset
+
+    folder = tn.workspace / "datasets"
+    assert put(tn, "first.jsonl", "pairs", PAIRS).status_code == 201
+
+    def other_upload_ends_meanwhile(path, kind):  # what the other upload leaves once it has stored its files
+        for name in ("first.jsonl", ".first.jsonl.json"):
+            (folder / name.replace("first", "race")).write_bytes((folder / name).read_bytes())
+        return real(path, kind)
+
+    monkeypatch.setattr(tune_router, "read_dataset", other_upload_ends_meanwhile)
+    r = put(tn, "race.jsonl", "kto", KTO)
+    monkeypatch.setattr(tune_router, "read_dataset", real)
+    assert (r.status_code, r.json()["error"]) == (409, {"key": "dataset_exists", "params": {"name": "race.jsonl"}})
+    listed = {d["name"]: d for d in tn.get("/api/v1/datasets").json()}
+    assert (listed["race.jsonl"]["kind"], listed["race.jsonl"]["examples"]) == ("pairs", 3)
+    for name in ("race.jsonl", "first.jsonl"):
+        assert tn.delete(f"/api/v1/datasets/{name}").status_code == 204
+
+
 def test_the_preview_mask_is_the_renderers(tn):
     p = tn.get("/api/v1/datasets/chats.jsonl/preview", params={"model": "base", "rows": 9}).json()
     tok, added = with_chat_tokens(tn.tok)

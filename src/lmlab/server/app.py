@@ -311,7 +311,8 @@ PROBLEMS = {"model_not_found": ("name",), "model_name_taken": ("name",), "model_
             "book_exists": ("name",), "run_not_found": ("id",), "run_not_active": ("id",), "run_active": ("id",),
             "name_case_twin": ("name", "twin"), "upload_too_large": ("name", "limit"), "file_empty": ("name",),
             "memory_over_budget": ("batch", "tokens", "need", "budget"), "chat_too_long": ("room",),
-            "chat_no_room": ("max_tokens", "block"), "model_folder_exists": ("name",)}
+            "chat_no_room": ("max_tokens", "block"), "model_folder_exists": ("name",),
+            "dataset_exists": ("name",)}
 
 
 class Problem(HTTPException):

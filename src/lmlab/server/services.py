@@ -368,10 +368,14 @@ def save_upload(state: AppState, upload: UploadFile, *, overwrite: bool, busy_co
     once, in a child process with limits (extract.py), and stored beside it for detail, preview and reindex."""
     name = check_book_name(upload.filename or "")
     target = state.ws.book_path(name)
-    if target.exists() and not overwrite:
-        raise Problem(409, "book_exists", f"a book named {name!r} already exists; delete it first or upload with "
-                      "overwrite=true", name=name)
-    need_book_unused(state, name, busy_code)  # before the reading; again below, under the lock
+
+    def need_new() -> None:
+        if target.exists() and not overwrite:
+            raise Problem(409, "book_exists", f"a book named {name!r} already exists; delete it first or upload "
+                          "with overwrite=true", name=name)
+
+    need_new()  # before the reading; again below, under the lock (another upload of the name may end first)
+    need_book_unused(state, name, busy_code)
     tmp = state.ws.tmp / f"upload-{uuid.uuid4().hex}{target.suffix.lower()}"
     text_tmp = state.ws.tmp / f"text-{uuid.uuid4().hex}"
     try:
@@ -381,6 +385,7 @@ def save_upload(state: AppState, upload: UploadFile, *, overwrite: bool, busy_co
         except Refused as exc:
             raise HTTPException(exc.status, str(exc)) from None
         with state.lock:  # a run queued meanwhile must not have its book replaced under it
+            need_new()
             need_book_unused(state, name, busy_code)
             os.replace(text_tmp, state.ws.text_path(name))
             os.replace(tmp, target)

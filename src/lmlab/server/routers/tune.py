@@ -39,7 +39,7 @@ from ...tune.preference import fit, read_examples
 from ...tune.preference import render as render_completion
 from ...tune.rewards import TASKS, get_task
 from ...tune.sft import encode_examples
-from ..app import AppState, StateDep
+from ..app import AppState, Problem, StateDep
 from ..commands import DATASET, LORA_SETTINGS, TUNE_SETTINGS
 from ..schemas import DATASET_KINDS, Dataset, DatasetPreview, Run, TuneCreate
 from ..services import estimate, need_book, need_selfplay_models, need_trained, over_budget, receive_upload, run_info
@@ -129,13 +129,17 @@ def upload_dataset(state: StateDep, file: Annotated[UploadFile, File()],
     except BadName as exc:
         raise HTTPException(400, str(exc)) from None
     name = target.name
-    if target.exists() and not overwrite:
-        raise HTTPException(409, f"a dataset named {name!r} already exists; delete it first or upload with "
-                                 "overwrite=true")
     record = target.parent / f".{name}{META}"
-    for entry in (target, record):  # a folder (or a link) there: os.replace would fail on it (a 500)
-        if entry.is_symlink() or (entry.exists() and not entry.is_file()):
-            raise HTTPException(409, f"datasets/{entry.name} is not a file; remove it, or choose another name")
+
+    def need_new() -> None:
+        if target.exists() and not overwrite:
+            raise Problem(409, "dataset_exists", f"a dataset named {name!r} already exists; delete it first or "
+                          "upload with overwrite=true", name=name)
+        for entry in (target, record):  # a folder (or a link) there: os.replace would fail on it (a 500)
+            if entry.is_symlink() or (entry.exists() and not entry.is_file()):
+                raise HTTPException(409, f"datasets/{entry.name} is not a file; remove it, or choose another name")
+
+    need_new()  # before the reading; again below, under the lock (another upload of the name may end first)
     tmp = state.ws.tmp / f"upload-{uuid.uuid4().hex}{SUFFIX}"
     try:
         receive_upload(state, file, name, tmp)
@@ -147,16 +151,18 @@ def upload_dataset(state: StateDep, file: Annotated[UploadFile, File()],
         # a run never reads this file after it was queued (it has its own copy): replaced at any time
         meta_tmp = tmp.with_suffix(".meta")
         meta_tmp.write_text(meta, encoding="utf-8")
-        old = record.read_text(encoding="utf-8") if record.is_file() else None
-        os.replace(meta_tmp, record)
-        try:
-            os.replace(tmp, target)
-        except BaseException:  # the old file stays: so does its record (the new kind over the old data misnamed it)
-            if old is None:
-                record.unlink(missing_ok=True)
-            else:
-                atomic_write_text(record, old)
-            raise
+        with state.lock:  # the record and the file of one upload, not of two that end together
+            need_new()
+            old = record.read_text(encoding="utf-8") if record.is_file() else None
+            os.replace(meta_tmp, record)
+            try:
+                os.replace(tmp, target)
+            except BaseException:  # the old file stays: so does its record (the new kind over the old data misnamed it)
+                if old is None:
+                    record.unlink(missing_ok=True)
+                else:
+                    atomic_write_text(record, old)
+                raise
     finally:
         tmp.unlink(missing_ok=True)
         tmp.with_suffix(".meta").unlink(missing_ok=True)
