@@ -50,6 +50,32 @@ def test_save_load_identical_logits_and_tokenizer(tmp_path, trained, tok):
     assert tok2.encode(TEXT) == tok.encode(TEXT)
 
 
+def test_saving_over_a_model_replaces_it_whole_and_keeps_the_users_files(tmp_path, trained, tok):
+    """A plain model saved into a quantized model's folder: its quantization.json, training.json and tokenizer
+    (none passed) go, so the folder loads as the new model; a folder of the user's stays. A quantized model
+    saved anew carries its quantization.json."""
+    from lmlab.models.quant import quantize_dir
+    save_pretrained(tmp_path / "m", trained, tok, training={"steps": 60})
+    quantize_dir(tmp_path / "m", tmp_path / "q8", 8)
+    (tmp_path / "q8" / "steering").mkdir()
+    (tmp_path / "q8" / "steering" / "happy.safetensors").write_bytes(b"mine")
+    (tmp_path / "q8" / "chat_template.jinja").write_text("{{ x }}")
+    lmlab.save(tmp_path / "q8", trained)
+    assert sorted(p.name for p in (tmp_path / "q8").iterdir()) == ["config.json", "model.safetensors", "steering"]
+    assert (tmp_path / "q8" / "steering" / "happy.safetensors").read_bytes() == b"mine"
+    model, tok2 = load_pretrained(tmp_path / "q8")
+    idx = torch.tensor([tok.encode(TEXT[:200])[:64]])
+    with torch.no_grad():
+        assert torch.equal(model(idx).logits, trained(idx).logits)
+    assert tok2 is None
+    quantize_dir(tmp_path / "m", tmp_path / "q8b", 8)
+    q8, qtok = load_pretrained(tmp_path / "q8b")
+    lmlab.save(tmp_path / "again", q8, qtok)
+    again, _ = load_pretrained(tmp_path / "again")
+    with torch.no_grad():
+        assert torch.equal(again(idx).logits, q8(idx).logits)
+
+
 def test_load_errors_are_clear(tmp_path, trained, tok):
     with pytest.raises(FileNotFoundError, match="not found"):
         load_pretrained(tmp_path / "nope")

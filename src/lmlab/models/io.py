@@ -1,5 +1,5 @@
 """The model directory: config.json + model.safetensors + tokenizer.json (+ generation.json, training.json,
-quantization.json).
+quantization.json, chat_template.jinja).
 
 Loading executes no code: JSON and safetensors only, never pickle.
 """
@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
-from ..files import atomic_path, atomic_write_text
+from ..files import atomic_path, atomic_write_text, staged_dir
 from ..tokenizers import Tokenizer
 from .config import ModelConfig
 from .generation import GenerationConfig
@@ -24,16 +24,35 @@ from .quant import QUANTIZATION, QuantConfig, apply_quantization
 
 CONFIG, WEIGHTS, TOKENIZER, GENERATION, TRAINING = (
     "config.json", "model.safetensors", "tokenizer.json", "generation.json", "training.json")
+CHAT_TEMPLATE = "chat_template.jinja"  # tune/chat.py's TEMPLATE_FILE
+MODEL_FILES = (CONFIG, WEIGHTS, TOKENIZER, GENERATION, TRAINING, QUANTIZATION, CHAT_TEMPLATE)
 
 
 def save_pretrained(path: str | Path, model: Transformer, tokenizer: Tokenizer | None = None, *,
-                    generation: GenerationConfig | None = None, training: dict[str, Any] | None = None) -> Path:
-    """Write a model directory. Every file is written to a temporary name and renamed into place."""
+                    generation: GenerationConfig | None = None, training: dict[str, Any] | None = None,
+                    keep: tuple[str, ...] = ()) -> Path:
+    """Write a model directory. Every file is written to a temporary name and renamed into place.
+
+    A folder that holds a model already gets the new one whole, in one rename (files.staged_dir): the old
+    model's files (MODEL_FILES) this save does not write are removed, but for those in `keep` (a caller's own,
+    written there for this model); anything else in the folder stays. An old quantization.json or tokenizer.json
+    read with new weights would not load, or would mean another model."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     if tokenizer is not None and len(tokenizer) > model.config.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
                          f"{model.config.vocab_size}")
+    stale = tuple(name for name in MODEL_FILES if name not in keep)
+    if path.is_dir() and any((path / name).exists() or (path / name).is_symlink() for name in stale):
+        with staged_dir(path, stale=stale) as tmp:
+            _write(tmp, model, tokenizer, generation, training)
+    else:
+        path.mkdir(parents=True, exist_ok=True)
+        _write(path, model, tokenizer, generation, training)
+    return path
+
+
+def _write(path: Path, model: Transformer, tokenizer: Tokenizer | None, generation: GenerationConfig | None,
+           training: dict[str, Any] | None) -> None:
     with atomic_path(path / WEIGHTS) as tmp:
         save_model(model, str(tmp), metadata={"format": "pt", "lmlab_family": model.config.family})
     model.config.save(path / CONFIG)
@@ -43,7 +62,9 @@ def save_pretrained(path: str | Path, model: Transformer, tokenizer: Tokenizer |
         generation.save(path / GENERATION)
     if training is not None:
         atomic_write_text(path / TRAINING, json.dumps(training, indent=2, ensure_ascii=False) + "\n")
-    return path
+    quantization = getattr(model, "quantization", None)
+    if quantization is not None:
+        quantization.save(path / QUANTIZATION)
 
 
 def load_pretrained(path: str | Path, *, device: str | torch.device = "cpu",
