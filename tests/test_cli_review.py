@@ -68,6 +68,15 @@ def test_names_and_numbers_the_file_system_or_math_refuse_are_one_line_errors(ca
         apply_lora(lmlab.load(base)[0], LoRAConfig(rank=100_000))
 
 
+def test_train_refuses_a_family_that_contradicts_the_preset_and_leaves_nothing(capsys, tmp_path):
+    (tmp_path / "book.txt").write_text(TEXT)
+    code, _, err = run(capsys, "train", tmp_path / "book.txt", "--out", tmp_path / "run", "--preset", "llama-tiny",
+                       "--family", "gpt2", "--max-steps", 1)
+    assert (code, err) == (2, "lmlab: error: preset 'llama-tiny' is the llama family, but family 'gpt2' was given "
+                              "too; give the size alone ('tiny') with a family, or drop the family\n")
+    assert not (tmp_path / "run").exists()
+
+
 def test_lora_targets_that_name_nothing_are_refused(capsys, base, tmp_path):
     for text in ("", " , "):  # both trained every linear layer
         code, _, err = run(capsys, "tune", "sft", "--model", base, "--data", SHIPPED, "--lora-rank", "2",
