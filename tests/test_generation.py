@@ -103,6 +103,17 @@ def test_num_beams_1_and_top_k_1_equal_greedy():
                         stop_at_eos=False) == greedy
 
 
+@pytest.mark.parametrize("temperature", [1e-50, 1e-40])
+def test_a_temperature_too_small_for_float32_samples_the_greedy_tokens(temperature):
+    model = tiny("gpt2")
+    prompts = [[5, 6, 7], [8, 9, 10, 11]]
+    greedy = generate_ids(model, prompts, do_sample=False, max_new_tokens=15, stop_at_eos=False)
+    assert generate_ids(model, prompts, temperature=temperature, seed=3, max_new_tokens=15,
+                        stop_at_eos=False) == greedy
+    out = process_logits(torch.tensor([[2.0, 1.0, 3.0]]), GenerationConfig(temperature=temperature))
+    assert out.softmax(-1).tolist() == [[0.0, 0.0, 1.0]]
+
+
 def test_seeded_sampling_is_reproducible_and_seed_matters():
     model = tiny("llama")
     kw = dict(max_new_tokens=20, temperature=1.0, top_p=0.95, stop_at_eos=False)

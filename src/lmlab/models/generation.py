@@ -85,7 +85,8 @@ def process_logits(logits: torch.Tensor, cfg: GenerationConfig, context: torch.T
         return logits
     if cfg.temperature < TINY_TEMPERATURE:  # l / T overflows to inf for a small enough T, and softmax gives NaN:
         logits = logits - logits.amax(-1, keepdim=True)  # the largest at 0 first (softmax is unchanged by it)
-    logits = logits / cfg.temperature
+    # a T below float32's smallest normal number (1e-50) is 0 there, and the largest logit 0 / 0 = NaN
+    logits = logits / max(cfg.temperature, torch.finfo(logits.dtype).tiny)
     if 0 < cfg.top_k < logits.size(-1):
         kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
