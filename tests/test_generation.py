@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lmlab.models import GenerationConfig, KVCache, ModelConfig, Transformer, fast, generate_ids, process_logits
+from lmlab.models import generation as generation_module
 from lmlab.models.generation import sampling_generator
 
 FAMILIES = ["gpt", "gpt2", "llama"]
@@ -92,6 +93,23 @@ def test_context_longer_than_window_is_cropped(family):
     assert len(out) == 40
     # the first token is predicted from the last 48 prompt tokens, exactly as a cropped recompute would
     assert out[0] == greedy_reference(model, prompt[-48:], 1)[0]
+
+
+def test_the_id_buffers_grow_as_tokens_come_and_give_the_same_tokens(monkeypatch):
+    """Buffers grown a few columns at a time (through the window's crops, beams' reorders, prompt lookup's
+    drafts) give the tokens of buffers made whole at the start; a max_new_tokens of 10**12 allocates nothing
+    up front (it took 8 TB per row and failed)."""
+    model = tiny("llama")
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13]]
+    runs = [dict(do_sample=False), dict(temperature=0.9, seed=1, repetition_penalty=1.3), dict(num_beams=3)]
+    whole = [generate_ids(model, prompts, max_new_tokens=90, stop_at_eos=False, **kw) for kw in runs]
+    first = whole[0][0][0]
+    assert generate_ids(model, prompts[:1], do_sample=False, max_new_tokens=10**12, eos_token_id=first) == [[]]
+    assert generate_ids(model, prompts[:1], num_beams=2, max_new_tokens=10**12, eos_token_id=first) == [[]]
+    lookup = generate_ids(model, [prompts[0] * 8], do_sample=False, prompt_lookup=5, max_new_tokens=90)
+    monkeypatch.setattr(generation_module, "FIRST_COLUMNS", 2)
+    assert [generate_ids(model, prompts, max_new_tokens=90, stop_at_eos=False, **kw) for kw in runs] == whole
+    assert generate_ids(model, [prompts[0] * 8], do_sample=False, prompt_lookup=5, max_new_tokens=90) == lookup
 
 
 def test_num_beams_1_and_top_k_1_equal_greedy():

@@ -107,6 +107,9 @@ def _choose(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Genera
 
 # ---- the token loop -------------------------------------------------------------------------------
 
+FIRST_COLUMNS = 256  # new tokens the id buffers hold before they first grow
+
+
 class _Context:
     """Left-padded ids of every row plus the KV cache over (a window of) them. When a row's context outgrows
     the model's window, the cache is rebuilt with that row cut to the last 3/4 of the window (cropping, not a
@@ -119,7 +122,10 @@ class _Context:
         params = next(model.parameters())
         self.device, self.dtype = params.device, params.dtype
         width = max(len(p) for p in prompts)
-        self.ids = torch.full((len(prompts), width + max_new_tokens), pad_id, dtype=torch.long, device=self.device)
+        self.pad_id, self.capacity = pad_id, width + max_new_tokens  # capacity: the columns there can ever be
+        # grown as tokens come (room): a max_new_tokens of 10**9 allocated 8 GB per row up front
+        self.ids = torch.full((len(prompts), width + min(max_new_tokens, FIRST_COLUMNS)), pad_id, dtype=torch.long,
+                              device=self.device)
         self.mask = torch.zeros_like(self.ids, dtype=torch.bool)  # the row's tokens (not padding)
         for row, prompt in enumerate(prompts):
             if prompt:
@@ -134,7 +140,16 @@ class _Context:
         self.cache: KVCache | None = None
         self.pending = width         # columns not yet fed to the model
 
+    def room(self, n: int) -> None:
+        """Columns for `n` more tokens: the buffers at least double when they grow, up to the capacity."""
+        if self.length + n <= self.ids.size(1):
+            return
+        more = min(max(self.length + n, 2 * self.ids.size(1)), self.capacity) - self.ids.size(1)
+        self.ids = torch.cat([self.ids, self.ids.new_full((self.ids.size(0), more), self.pad_id)], 1)
+        self.mask, self.visible = (torch.cat([m, m.new_zeros((m.size(0), more))], 1) for m in (self.mask, self.visible))
+
     def append(self, tokens: torch.Tensor) -> None:
+        self.room(1)
         self.ids[:, self.length] = tokens
         self.mask[:, self.length] = self.visible[:, self.length] = True
         self.length += 1
@@ -163,7 +178,7 @@ class _Context:
             self.start = self.length - int(seen.max())
             # as long as what can still come (the ids' columns from start), not the whole window: a cache of
             # block_size positions is zero-filled on every call (75 MB for gpt2-124m, ~5% of a 64-token decode)
-            self.cache = KVCache(self.model.config, self.ids.size(0), min(block, self.ids.size(1) - self.start),
+            self.cache = KVCache(self.model.config, self.ids.size(0), min(block, self.capacity - self.start),
                                  device=self.device, dtype=self.dtype)
             self.pending = self.length - self.start
         cols = slice(self.length - self.pending, self.length)
@@ -190,6 +205,7 @@ class _Context:
     def extend(self, tokens: list[int]) -> torch.Tensor:
         """Batch of one: append `tokens`, feed them in one forward, return the (T, V) logits after each."""
         T = len(tokens)
+        self.room(T)
         self.ids[0, self.length:self.length + T] = torch.tensor(tokens, device=self.device)
         self.mask[0, self.length:self.length + T] = self.visible[0, self.length:self.length + T] = True
         self.length += T
