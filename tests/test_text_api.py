@@ -85,6 +85,22 @@ def test_load_errors_are_clear(tmp_path, trained, tok):
         load_pretrained(tmp_path / "m")
 
 
+def test_a_rope_block_size_the_weights_cannot_have_is_refused_before_its_tables(tmp_path, trained, tok, capsys):
+    """block_size sizes no parameter of a RoPE model, only its cos/sin tables (2 x block_size x head_dim)."""
+    import json
+    save_pretrained(tmp_path / "m", trained, tok)
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "block_size": 10**12}))
+    stored = sum(p.numel() for p in trained.state_dict().values())
+    assert main(["generate", str(tmp_path / "m"), "--prompt", "hi"]) == 2
+    assert capsys.readouterr().err == (
+        f"lmlab: error: {tmp_path / 'm' / 'config.json'} describes RoPE tables of {2 * 10**12 * 16:,} values "
+        f"(block_size {10**12:,}) but the weights hold {stored:,} values: they do not belong together (nothing was "
+        "allocated)\n")
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "block_size": 2**18}))  # 2**23 values: loads
+    assert load_pretrained(tmp_path / "m")[0].config.block_size == 2**18
+
+
 def test_stream_concatenates_to_generate(trained, tok):
     kw = dict(max_new_tokens=40, temperature=0.9, top_k=20, seed=5)
     full = lmlab.generate(trained, tok, "Дед ловил", **kw)

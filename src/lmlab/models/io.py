@@ -102,10 +102,16 @@ def load_pretrained(path: str | Path, *, device: str | torch.device = "cpu",
 
 def require_size(config: ModelConfig, stored: int, where: str | Path) -> None:
     """ValueError, before a model is allocated, when `config` describes far more parameters than the `stored`
-    values of the weights meant for it (a config.json with n_layer 10**7 would take all memory first)."""
+    values of the weights meant for it (a config.json with n_layer 10**7 would take all memory first). RoPE's
+    cos/sin tables are no parameters but are made for the whole block_size: they are held to the same bound,
+    with room for a long context (2**26 values, 256 MB)."""
     if config.num_parameters() > 8 * stored + 1_000_000:  # 8: int4 packs 2 values a byte, with room to spare
         raise ValueError(f"{where} describes {config.num_parameters():,} parameters but the weights hold "
                          f"{stored:,} values: they do not belong together (nothing was allocated)")
+    tables = 2 * config.block_size * config.head_dim if config.pos_encoding == "rope" else 0
+    if tables > 8 * stored + 2**26:
+        raise ValueError(f"{where} describes RoPE tables of {tables:,} values (block_size {config.block_size:,}) but "
+                         f"the weights hold {stored:,} values: they do not belong together (nothing was allocated)")
 
 
 def stored_values(file: str | Path) -> int:
