@@ -77,6 +77,23 @@ def test_train_refuses_a_family_that_contradicts_the_preset_and_leaves_nothing(c
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("flags", [("--best-of", 2, "--verifier", "logprob"), ("--vote", 2, "--verifier", "addition"),
+                                   ("--beam", 2)])
+def test_test_time_compute_writes_control_characters_out_on_a_terminal(capsys, tmp_path, monkeypatch, flags):
+    """--best-of, --vote and --beam printed the model's text raw, so an escape sequence reached the terminal;
+    they now show it as plain generation does (\\xNN on a terminal)."""
+    tok = Tokenizer.train(["hello world\n" * 50], kind="bpe", vocab_size=300)
+    model = Transformer(ModelConfig.preset("gpt2-tiny", vocab_size=len(tok)))
+    esc = tok.encode("\x1b")[0]
+    with torch.no_grad():  # every next token is ESC
+        model.norm_f.weight.zero_()
+        model.norm_f.bias.copy_(model.tok_emb.weight[esc] * 1000)
+    save_pretrained(tmp_path / "esc", model.eval(), tok)
+    monkeypatch.setattr("sys.stdout.isatty", lambda: True)
+    assert main(["generate", str(tmp_path / "esc"), "--prompt", "2+3=", "--max-new-tokens", "3", *map(str, flags)]) == 0
+    assert capsys.readouterr().out == "2+3=" + "\\x1b" * 3 + "\n"
+
+
 def test_lora_targets_that_name_nothing_are_refused(capsys, base, tmp_path):
     for text in ("", " , "):  # both trained every linear layer
         code, _, err = run(capsys, "tune", "sft", "--model", base, "--data", SHIPPED, "--lora-rank", "2",
