@@ -94,6 +94,15 @@ def test_test_time_compute_writes_control_characters_out_on_a_terminal(capsys, t
     assert capsys.readouterr().out == "2+3=" + "\\x1b" * 3 + "\n"
 
 
+def test_info_on_a_config_json_that_is_not_utf8_is_a_one_line_error(capsys, base, tmp_path):
+    """`lmlab info DIR` read config.json without load_pretrained's guard: a UnicodeDecodeError traceback."""
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_bytes(b'{"family": "gpt2", "n_layer": "\xff"}')
+    assert run(capsys, "info", tmp_path / "m") == (2, "", f"lmlab: error: {tmp_path / 'm' / 'config.json'} is not "
+                                                   "UTF-8 text: 'utf-8' codec can't decode byte 0xff in position 31: "
+                                                   "invalid start byte\n")
+
+
 def test_lora_targets_that_name_nothing_are_refused(capsys, base, tmp_path):
     for text in ("", " , "):  # both trained every linear layer
         code, _, err = run(capsys, "tune", "sft", "--model", base, "--data", SHIPPED, "--lora-rank", "2",

@@ -198,7 +198,13 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:
-        return cls.from_json(Path(path).read_text(encoding="utf-8"))
+        """config.json; ValueError naming the file for one that is not UTF-8 text (a UnicodeDecodeError reads
+        as lmlab's own bug)."""
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path} is not UTF-8 text: {exc}") from None
+        return cls.from_json(text)
 
 
 def preset_names() -> list[str]:

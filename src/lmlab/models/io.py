@@ -76,10 +76,7 @@ def load_pretrained(path: str | Path, *, device: str | torch.device = "cpu",
     for name in (CONFIG, WEIGHTS):
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path} is not a model directory: {name} is missing")
-    try:
-        config = ModelConfig.load(path / CONFIG)
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path / CONFIG} is not UTF-8 text: {exc}") from None
+    config = ModelConfig.load(path / CONFIG)
     require_size(config, stored_values(path / WEIGHTS), path / CONFIG)
     model = Transformer(config)
     if (path / QUANTIZATION).is_file():  # int8/int4 linears (quant.py) in place of nn.Linear
