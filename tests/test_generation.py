@@ -112,6 +112,23 @@ def test_the_id_buffers_grow_as_tokens_come_and_give_the_same_tokens(monkeypatch
     assert generate_ids(model, [prompts[0] * 8], do_sample=False, prompt_lookup=5, max_new_tokens=90) == lookup
 
 
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_no_prompts_no_tokens_and_prompts_the_model_cannot_read(num_beams):
+    """No prompts gave [] with beams and "max() arg is an empty sequence" without; max_new_tokens=0 with beams and
+    two prompts, an empty row or an id outside the vocabulary raised IndexErrors."""
+    model = tiny("gpt2")  # vocab_size 61
+    kw = dict(num_beams=num_beams, do_sample=False)
+    assert generate_ids(model, [], **kw) == []
+    assert list(generation_module.iter_tokens(model, [], GenerationConfig())) == []
+    assert generate_ids(model, [[5, 6], [7]], max_new_tokens=0, **kw) == [[], []]
+    with pytest.raises(ValueError, match=r"^prompt row 1 has no token ids; start it with one"):
+        generate_ids(model, [[5], []], **kw)
+    with pytest.raises(ValueError, match=r"^prompt row 0 holds the id 61, outside the model's vocabulary \(0\.\.60\)$"):
+        generate_ids(model, [[5, 61]], **kw)
+    with pytest.raises(ValueError, match="holds the id -1"):
+        generate_ids(model, [[-1]], **kw)
+
+
 def test_num_beams_1_and_top_k_1_equal_greedy():
     model = tiny("gpt2")
     prompts = [[5, 6, 7], [8, 9, 10, 11]]

@@ -101,6 +101,10 @@ def test_a_rope_block_size_the_weights_cannot_have_is_refused_before_its_tables(
     assert load_pretrained(tmp_path / "m")[0].config.block_size == 2**18
 
 
+def test_generate_with_no_prompts_gives_no_texts(trained, tok):
+    assert lmlab.generate(trained, tok, []) == lmlab.generate(trained, tok, [], num_beams=2) == []
+
+
 def test_stream_concatenates_to_generate(trained, tok):
     kw = dict(max_new_tokens=40, temperature=0.9, top_k=20, seed=5)
     full = lmlab.generate(trained, tok, "Дед ловил", **kw)

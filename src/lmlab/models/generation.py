@@ -237,12 +237,28 @@ def sampling_generator(seed: int, device: torch.device | str = "cpu") -> torch.G
     return torch.Generator(device=device).manual_seed(seed)
 
 
+def check_prompts(model: Transformer, prompts: Sequence[Sequence[int]]) -> None:
+    """ValueError for a prompt row the model cannot read: one with no token (nothing to predict from) or with an
+    id outside its vocabulary (an IndexError deep in the embedding otherwise)."""
+    V = model.config.vocab_size
+    for row, prompt in enumerate(prompts):
+        if not len(prompt):
+            raise ValueError(f"prompt row {row} has no token ids; start it with one (a text prompt starts from <BOS>)")
+        bad = next((i for i in prompt if not 0 <= i < V), None)
+        if bad is not None:
+            raise ValueError(f"prompt row {row} holds the id {bad}, outside the model's vocabulary (0..{V - 1})")
+
+
 def iter_tokens(model: Transformer, prompts: Sequence[Sequence[int]], cfg: GenerationConfig, *,
                 eos_token_id: int | None = EOS_ID, pad_id: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (tokens (B,), finished (B,) bool) once per step. A row is finished after it emits EOS; the
-    caller may also set `finished[row] = True` (stop strings) and the loop honours it. Not beam search."""
+    caller may also set `finished[row] = True` (stop strings) and the loop honours it. Not beam search.
+    No prompts: no steps."""
     if cfg.num_beams > 1:
         raise ValueError("iter_tokens samples or decodes greedily; use generate_ids for beam search")
+    check_prompts(model, prompts)
+    if not prompts:
+        return
     ctx = _Context(model, prompts, cfg.max_new_tokens, pad_id, decoder(model, keep=not model.training))
     generator = None
     if cfg.seed is not None:
@@ -324,8 +340,9 @@ def generate_ids(model: Transformer, prompts: Sequence[Sequence[int]], config: G
                  eos_token_id: int | None = EOS_ID, pad_id: int = 0, **overrides: Any) -> list[list[int]]:
     """New token ids for each prompt (EOS not included)."""
     cfg = _resolve(config, overrides)
-    if not prompts:
-        return []
+    check_prompts(model, prompts)
+    if not prompts or cfg.max_new_tokens == 0:
+        return [[] for _ in prompts]
     if cfg.num_beams > 1:
         return _beam_search(model, prompts, cfg, eos_token_id, pad_id)
     return _collect(iter_tokens(model, prompts, cfg, eos_token_id=eos_token_id, pad_id=pad_id), len(prompts),
