@@ -68,6 +68,41 @@ def test_names_and_numbers_the_file_system_or_math_refuse_are_one_line_errors(ca
         apply_lora(lmlab.load(base)[0], LoRAConfig(rank=100_000))
 
 
+def test_train_refuses_a_family_that_contradicts_the_preset_and_leaves_nothing(capsys, tmp_path):
+    (tmp_path / "book.txt").write_text(TEXT)
+    code, _, err = run(capsys, "train", tmp_path / "book.txt", "--out", tmp_path / "run", "--preset", "llama-tiny",
+                       "--family", "gpt2", "--max-steps", 1)
+    assert (code, err) == (2, "lmlab: error: preset 'llama-tiny' is the llama family, but family 'gpt2' was given "
+                              "too; give the size alone ('tiny') with a family, or drop the family\n")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flags", [("--best-of", 2, "--verifier", "logprob"), ("--vote", 2, "--verifier", "addition"),
+                                   ("--beam", 2)])
+def test_test_time_compute_writes_control_characters_out_on_a_terminal(capsys, tmp_path, monkeypatch, flags):
+    """--best-of, --vote and --beam printed the model's text raw, so an escape sequence reached the terminal;
+    they now show it as plain generation does (\\xNN on a terminal)."""
+    tok = Tokenizer.train(["hello world\n" * 50], kind="bpe", vocab_size=300)
+    model = Transformer(ModelConfig.preset("gpt2-tiny", vocab_size=len(tok)))
+    esc = tok.encode("\x1b")[0]
+    with torch.no_grad():  # every next token is ESC
+        model.norm_f.weight.zero_()
+        model.norm_f.bias.copy_(model.tok_emb.weight[esc] * 1000)
+    save_pretrained(tmp_path / "esc", model.eval(), tok)
+    monkeypatch.setattr("sys.stdout.isatty", lambda: True)
+    assert main(["generate", str(tmp_path / "esc"), "--prompt", "2+3=", "--max-new-tokens", "3", *map(str, flags)]) == 0
+    assert capsys.readouterr().out == "2+3=" + "\\x1b" * 3 + "\n"
+
+
+def test_info_on_a_config_json_that_is_not_utf8_is_a_one_line_error(capsys, base, tmp_path):
+    """`lmlab info DIR` read config.json without load_pretrained's guard: a UnicodeDecodeError traceback."""
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_bytes(b'{"family": "gpt2", "n_layer": "\xff"}')
+    assert run(capsys, "info", tmp_path / "m") == (2, "", f"lmlab: error: {tmp_path / 'm' / 'config.json'} is not "
+                                                   "UTF-8 text: 'utf-8' codec can't decode byte 0xff in position 31: "
+                                                   "invalid start byte\n")
+
+
 def test_lora_targets_that_name_nothing_are_refused(capsys, base, tmp_path):
     for text in ("", " , "):  # both trained every linear layer
         code, _, err = run(capsys, "tune", "sft", "--model", base, "--data", SHIPPED, "--lora-rank", "2",

@@ -34,6 +34,13 @@ def test_family_defaults_and_explicit_overrides():
     assert ModelConfig(family="gpt2", tie_embeddings=False).tie_embeddings is False
 
 
+def test_a_family_beside_a_preset_of_another_family_is_refused():
+    with pytest.raises(ValueError, match="^preset 'llama-tiny' is the llama family, but family 'gpt' was given too"):
+        ModelConfig.preset("llama-tiny", family="gpt")
+    assert ModelConfig.preset("llama-tiny", family="llama") == ModelConfig.preset("llama-tiny")
+    assert ModelConfig.preset("tiny", family="gpt").family == "gpt"
+
+
 def test_json_round_trip(tmp_path):
     cfg = ModelConfig.preset("llama-small", n_kv_head=2, dropout=0.1)
     cfg.save(tmp_path / "config.json")

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from lmlab.models import GenerationConfig, KVCache, ModelConfig, Transformer, fast, generate_ids, process_logits
+from lmlab.models import generation as generation_module
 from lmlab.models.generation import sampling_generator
 
 FAMILIES = ["gpt", "gpt2", "llama"]
@@ -94,6 +95,40 @@ def test_context_longer_than_window_is_cropped(family):
     assert out[0] == greedy_reference(model, prompt[-48:], 1)[0]
 
 
+def test_the_id_buffers_grow_as_tokens_come_and_give_the_same_tokens(monkeypatch):
+    """Buffers grown a few columns at a time (through the window's crops, beams' reorders, prompt lookup's
+    drafts) give the tokens of buffers made whole at the start; a max_new_tokens of 10**12 allocates nothing
+    up front (it took 8 TB per row and failed)."""
+    model = tiny("llama")
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12, 13]]
+    runs = [dict(do_sample=False), dict(temperature=0.9, seed=1, repetition_penalty=1.3), dict(num_beams=3)]
+    whole = [generate_ids(model, prompts, max_new_tokens=90, stop_at_eos=False, **kw) for kw in runs]
+    first = whole[0][0][0]
+    assert generate_ids(model, prompts[:1], do_sample=False, max_new_tokens=10**12, eos_token_id=first) == [[]]
+    assert generate_ids(model, prompts[:1], num_beams=2, max_new_tokens=10**12, eos_token_id=first) == [[]]
+    lookup = generate_ids(model, [prompts[0] * 8], do_sample=False, prompt_lookup=5, max_new_tokens=90)
+    monkeypatch.setattr(generation_module, "FIRST_COLUMNS", 2)
+    assert [generate_ids(model, prompts, max_new_tokens=90, stop_at_eos=False, **kw) for kw in runs] == whole
+    assert generate_ids(model, [prompts[0] * 8], do_sample=False, prompt_lookup=5, max_new_tokens=90) == lookup
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_no_prompts_no_tokens_and_prompts_the_model_cannot_read(num_beams):
+    """No prompts gave [] with beams and "max() arg is an empty sequence" without; max_new_tokens=0 with beams and
+    two prompts, an empty row or an id outside the vocabulary raised IndexErrors."""
+    model = tiny("gpt2")  # vocab_size 61
+    kw = dict(num_beams=num_beams, do_sample=False)
+    assert generate_ids(model, [], **kw) == []
+    assert list(generation_module.iter_tokens(model, [], GenerationConfig())) == []
+    assert generate_ids(model, [[5, 6], [7]], max_new_tokens=0, **kw) == [[], []]
+    with pytest.raises(ValueError, match=r"^prompt row 1 has no token ids; start it with one"):
+        generate_ids(model, [[5], []], **kw)
+    with pytest.raises(ValueError, match=r"^prompt row 0 holds the id 61, outside the model's vocabulary \(0\.\.60\)$"):
+        generate_ids(model, [[5, 61]], **kw)
+    with pytest.raises(ValueError, match="holds the id -1"):
+        generate_ids(model, [[-1]], **kw)
+
+
 def test_num_beams_1_and_top_k_1_equal_greedy():
     model = tiny("gpt2")
     prompts = [[5, 6, 7], [8, 9, 10, 11]]
@@ -101,6 +136,17 @@ def test_num_beams_1_and_top_k_1_equal_greedy():
     assert generate_ids(model, prompts, num_beams=1, do_sample=False, max_new_tokens=15, stop_at_eos=False) == greedy
     assert generate_ids(model, prompts, top_k=1, temperature=1.3, seed=3, max_new_tokens=15,
                         stop_at_eos=False) == greedy
+
+
+@pytest.mark.parametrize("temperature", [1e-50, 1e-40])
+def test_a_temperature_too_small_for_float32_samples_the_greedy_tokens(temperature):
+    model = tiny("gpt2")
+    prompts = [[5, 6, 7], [8, 9, 10, 11]]
+    greedy = generate_ids(model, prompts, do_sample=False, max_new_tokens=15, stop_at_eos=False)
+    assert generate_ids(model, prompts, temperature=temperature, seed=3, max_new_tokens=15,
+                        stop_at_eos=False) == greedy
+    out = process_logits(torch.tensor([[2.0, 1.0, 3.0]]), GenerationConfig(temperature=temperature))
+    assert out.softmax(-1).tolist() == [[0.0, 0.0, 1.0]]
 
 
 def test_seeded_sampling_is_reproducible_and_seed_matters():

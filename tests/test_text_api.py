@@ -50,6 +50,32 @@ def test_save_load_identical_logits_and_tokenizer(tmp_path, trained, tok):
     assert tok2.encode(TEXT) == tok.encode(TEXT)
 
 
+def test_saving_over_a_model_replaces_it_whole_and_keeps_the_users_files(tmp_path, trained, tok):
+    """A plain model saved into a quantized model's folder: its quantization.json, training.json and tokenizer
+    (none passed) go, so the folder loads as the new model; a folder of the user's stays. A quantized model
+    saved anew carries its quantization.json."""
+    from lmlab.models.quant import quantize_dir
+    save_pretrained(tmp_path / "m", trained, tok, training={"steps": 60})
+    quantize_dir(tmp_path / "m", tmp_path / "q8", 8)
+    (tmp_path / "q8" / "steering").mkdir()
+    (tmp_path / "q8" / "steering" / "happy.safetensors").write_bytes(b"mine")
+    (tmp_path / "q8" / "chat_template.jinja").write_text("{{ x }}")
+    lmlab.save(tmp_path / "q8", trained)
+    assert sorted(p.name for p in (tmp_path / "q8").iterdir()) == ["config.json", "model.safetensors", "steering"]
+    assert (tmp_path / "q8" / "steering" / "happy.safetensors").read_bytes() == b"mine"
+    model, tok2 = load_pretrained(tmp_path / "q8")
+    idx = torch.tensor([tok.encode(TEXT[:200])[:64]])
+    with torch.no_grad():
+        assert torch.equal(model(idx).logits, trained(idx).logits)
+    assert tok2 is None
+    quantize_dir(tmp_path / "m", tmp_path / "q8b", 8)
+    q8, qtok = load_pretrained(tmp_path / "q8b")
+    lmlab.save(tmp_path / "again", q8, qtok)
+    again, _ = load_pretrained(tmp_path / "again")
+    with torch.no_grad():
+        assert torch.equal(again(idx).logits, q8(idx).logits)
+
+
 def test_load_errors_are_clear(tmp_path, trained, tok):
     with pytest.raises(FileNotFoundError, match="not found"):
         load_pretrained(tmp_path / "nope")
@@ -57,6 +83,26 @@ def test_load_errors_are_clear(tmp_path, trained, tok):
     (tmp_path / "m" / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="safetensors"):
         load_pretrained(tmp_path / "m")
+
+
+def test_a_rope_block_size_the_weights_cannot_have_is_refused_before_its_tables(tmp_path, trained, tok, capsys):
+    """block_size sizes no parameter of a RoPE model, only its cos/sin tables (2 x block_size x head_dim)."""
+    import json
+    save_pretrained(tmp_path / "m", trained, tok)
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "block_size": 10**12}))
+    stored = sum(p.numel() for p in trained.state_dict().values())
+    assert main(["generate", str(tmp_path / "m"), "--prompt", "hi"]) == 2
+    assert capsys.readouterr().err == (
+        f"lmlab: error: {tmp_path / 'm' / 'config.json'} describes RoPE tables of {2 * 10**12 * 16:,} values "
+        f"(block_size {10**12:,}) but the weights hold {stored:,} values: they do not belong together (nothing was "
+        "allocated)\n")
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "block_size": 2**18}))  # 2**23 values: loads
+    assert load_pretrained(tmp_path / "m")[0].config.block_size == 2**18
+
+
+def test_generate_with_no_prompts_gives_no_texts(trained, tok):
+    assert lmlab.generate(trained, tok, []) == lmlab.generate(trained, tok, [], num_beams=2) == []
 
 
 def test_stream_concatenates_to_generate(trained, tok):

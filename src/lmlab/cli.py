@@ -235,7 +235,7 @@ def _test_time_compute(args: argparse.Namespace, flag: str, n: int, model: Any, 
         raise ValueError(f"--{flag} searches on its own: leave out --num-beams")
     task = get_task(args.verifier) if args.verifier not in (None, "logprob") else None
     res, line = ttc.run_strategy(model, tokenizer, prompt, cfg, flag, n, task, args.step_tokens or 4)
-    print(prompt + res.text)
+    print(prompt + (_for_terminal(res.text) if sys.stdout.isatty() else res.text))
     print(line, file=sys.stderr)
     return 0
 

@@ -155,10 +155,14 @@ class ModelConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> ModelConfig:
-        """`preset("llama-small")`, `preset("gpt2-124m")`, or `preset("small", family="gpt")`."""
+        """`preset("llama-small")`, `preset("gpt2-124m")`, or `preset("small", family="gpt")`. A family given
+        beside a name that has one must be the same: which of the two was meant cannot be told."""
         family, size = overrides.pop("family", None), name
         for fam in FAMILIES:
             if name.startswith(fam + "-") and name[len(fam) + 1:] in SIZES:
+                if family is not None and family != fam:
+                    raise ValueError(f"preset {name!r} is the {fam} family, but family {family!r} was given too; "
+                                     f"give the size alone ({name[len(fam) + 1:]!r}) with a family, or drop the family")
                 family, size = fam, name[len(fam) + 1:]
                 break
         if size not in SIZES:
@@ -194,7 +198,13 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> ModelConfig:
-        return cls.from_json(Path(path).read_text(encoding="utf-8"))
+        """config.json; ValueError naming the file for one that is not UTF-8 text (a UnicodeDecodeError reads
+        as lmlab's own bug)."""
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path} is not UTF-8 text: {exc}") from None
+        return cls.from_json(text)
 
 
 def preset_names() -> list[str]:

@@ -85,7 +85,8 @@ def process_logits(logits: torch.Tensor, cfg: GenerationConfig, context: torch.T
         return logits
     if cfg.temperature < TINY_TEMPERATURE:  # l / T overflows to inf for a small enough T, and softmax gives NaN:
         logits = logits - logits.amax(-1, keepdim=True)  # the largest at 0 first (softmax is unchanged by it)
-    logits = logits / cfg.temperature
+    # a T below float32's smallest normal number (1e-50) is 0 there, and the largest logit 0 / 0 = NaN
+    logits = logits / max(cfg.temperature, torch.finfo(logits.dtype).tiny)
     if 0 < cfg.top_k < logits.size(-1):
         kth = torch.topk(logits, cfg.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -106,6 +107,9 @@ def _choose(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Genera
 
 # ---- the token loop -------------------------------------------------------------------------------
 
+FIRST_COLUMNS = 256  # new tokens the id buffers hold before they first grow
+
+
 class _Context:
     """Left-padded ids of every row plus the KV cache over (a window of) them. When a row's context outgrows
     the model's window, the cache is rebuilt with that row cut to the last 3/4 of the window (cropping, not a
@@ -118,7 +122,10 @@ class _Context:
         params = next(model.parameters())
         self.device, self.dtype = params.device, params.dtype
         width = max(len(p) for p in prompts)
-        self.ids = torch.full((len(prompts), width + max_new_tokens), pad_id, dtype=torch.long, device=self.device)
+        self.pad_id, self.capacity = pad_id, width + max_new_tokens  # capacity: the columns there can ever be
+        # grown as tokens come (room): a max_new_tokens of 10**9 allocated 8 GB per row up front
+        self.ids = torch.full((len(prompts), width + min(max_new_tokens, FIRST_COLUMNS)), pad_id, dtype=torch.long,
+                              device=self.device)
         self.mask = torch.zeros_like(self.ids, dtype=torch.bool)  # the row's tokens (not padding)
         for row, prompt in enumerate(prompts):
             if prompt:
@@ -133,7 +140,16 @@ class _Context:
         self.cache: KVCache | None = None
         self.pending = width         # columns not yet fed to the model
 
+    def room(self, n: int) -> None:
+        """Columns for `n` more tokens: the buffers at least double when they grow, up to the capacity."""
+        if self.length + n <= self.ids.size(1):
+            return
+        more = min(max(self.length + n, 2 * self.ids.size(1)), self.capacity) - self.ids.size(1)
+        self.ids = torch.cat([self.ids, self.ids.new_full((self.ids.size(0), more), self.pad_id)], 1)
+        self.mask, self.visible = (torch.cat([m, m.new_zeros((m.size(0), more))], 1) for m in (self.mask, self.visible))
+
     def append(self, tokens: torch.Tensor) -> None:
+        self.room(1)
         self.ids[:, self.length] = tokens
         self.mask[:, self.length] = self.visible[:, self.length] = True
         self.length += 1
@@ -162,7 +178,7 @@ class _Context:
             self.start = self.length - int(seen.max())
             # as long as what can still come (the ids' columns from start), not the whole window: a cache of
             # block_size positions is zero-filled on every call (75 MB for gpt2-124m, ~5% of a 64-token decode)
-            self.cache = KVCache(self.model.config, self.ids.size(0), min(block, self.ids.size(1) - self.start),
+            self.cache = KVCache(self.model.config, self.ids.size(0), min(block, self.capacity - self.start),
                                  device=self.device, dtype=self.dtype)
             self.pending = self.length - self.start
         cols = slice(self.length - self.pending, self.length)
@@ -189,6 +205,7 @@ class _Context:
     def extend(self, tokens: list[int]) -> torch.Tensor:
         """Batch of one: append `tokens`, feed them in one forward, return the (T, V) logits after each."""
         T = len(tokens)
+        self.room(T)
         self.ids[0, self.length:self.length + T] = torch.tensor(tokens, device=self.device)
         self.mask[0, self.length:self.length + T] = self.visible[0, self.length:self.length + T] = True
         self.length += T
@@ -220,12 +237,28 @@ def sampling_generator(seed: int, device: torch.device | str = "cpu") -> torch.G
     return torch.Generator(device=device).manual_seed(seed)
 
 
+def check_prompts(model: Transformer, prompts: Sequence[Sequence[int]]) -> None:
+    """ValueError for a prompt row the model cannot read: one with no token (nothing to predict from) or with an
+    id outside its vocabulary (an IndexError deep in the embedding otherwise)."""
+    V = model.config.vocab_size
+    for row, prompt in enumerate(prompts):
+        if not len(prompt):
+            raise ValueError(f"prompt row {row} has no token ids; start it with one (a text prompt starts from <BOS>)")
+        bad = next((i for i in prompt if not 0 <= i < V), None)
+        if bad is not None:
+            raise ValueError(f"prompt row {row} holds the id {bad}, outside the model's vocabulary (0..{V - 1})")
+
+
 def iter_tokens(model: Transformer, prompts: Sequence[Sequence[int]], cfg: GenerationConfig, *,
                 eos_token_id: int | None = EOS_ID, pad_id: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (tokens (B,), finished (B,) bool) once per step. A row is finished after it emits EOS; the
-    caller may also set `finished[row] = True` (stop strings) and the loop honours it. Not beam search."""
+    caller may also set `finished[row] = True` (stop strings) and the loop honours it. Not beam search.
+    No prompts: no steps."""
     if cfg.num_beams > 1:
         raise ValueError("iter_tokens samples or decodes greedily; use generate_ids for beam search")
+    check_prompts(model, prompts)
+    if not prompts:
+        return
     ctx = _Context(model, prompts, cfg.max_new_tokens, pad_id, decoder(model, keep=not model.training))
     generator = None
     if cfg.seed is not None:
@@ -307,8 +340,9 @@ def generate_ids(model: Transformer, prompts: Sequence[Sequence[int]], config: G
                  eos_token_id: int | None = EOS_ID, pad_id: int = 0, **overrides: Any) -> list[list[int]]:
     """New token ids for each prompt (EOS not included)."""
     cfg = _resolve(config, overrides)
-    if not prompts:
-        return []
+    check_prompts(model, prompts)
+    if not prompts or cfg.max_new_tokens == 0:
+        return [[] for _ in prompts]
     if cfg.num_beams > 1:
         return _beam_search(model, prompts, cfg, eos_token_id, pad_id)
     return _collect(iter_tokens(model, prompts, cfg, eos_token_id=eos_token_id, pad_id=pad_id), len(prompts),

@@ -1,5 +1,5 @@
 """The model directory: config.json + model.safetensors + tokenizer.json (+ generation.json, training.json,
-quantization.json).
+quantization.json, chat_template.jinja).
 
 Loading executes no code: JSON and safetensors only, never pickle.
 """
@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
-from ..files import atomic_path, atomic_write_text
+from ..files import atomic_path, atomic_write_text, staged_dir
 from ..tokenizers import Tokenizer
 from .config import ModelConfig
 from .generation import GenerationConfig
@@ -24,16 +24,35 @@ from .quant import QUANTIZATION, QuantConfig, apply_quantization
 
 CONFIG, WEIGHTS, TOKENIZER, GENERATION, TRAINING = (
     "config.json", "model.safetensors", "tokenizer.json", "generation.json", "training.json")
+CHAT_TEMPLATE = "chat_template.jinja"  # tune/chat.py's TEMPLATE_FILE
+MODEL_FILES = (CONFIG, WEIGHTS, TOKENIZER, GENERATION, TRAINING, QUANTIZATION, CHAT_TEMPLATE)
 
 
 def save_pretrained(path: str | Path, model: Transformer, tokenizer: Tokenizer | None = None, *,
-                    generation: GenerationConfig | None = None, training: dict[str, Any] | None = None) -> Path:
-    """Write a model directory. Every file is written to a temporary name and renamed into place."""
+                    generation: GenerationConfig | None = None, training: dict[str, Any] | None = None,
+                    keep: tuple[str, ...] = ()) -> Path:
+    """Write a model directory. Every file is written to a temporary name and renamed into place.
+
+    A folder that holds a model already gets the new one whole, in one rename (files.staged_dir): the old
+    model's files (MODEL_FILES) this save does not write are removed, but for those in `keep` (a caller's own,
+    written there for this model); anything else in the folder stays. An old quantization.json or tokenizer.json
+    read with new weights would not load, or would mean another model."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     if tokenizer is not None and len(tokenizer) > model.config.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
                          f"{model.config.vocab_size}")
+    stale = tuple(name for name in MODEL_FILES if name not in keep)
+    if path.is_dir() and any((path / name).exists() or (path / name).is_symlink() for name in stale):
+        with staged_dir(path, stale=stale) as tmp:
+            _write(tmp, model, tokenizer, generation, training)
+    else:
+        path.mkdir(parents=True, exist_ok=True)
+        _write(path, model, tokenizer, generation, training)
+    return path
+
+
+def _write(path: Path, model: Transformer, tokenizer: Tokenizer | None, generation: GenerationConfig | None,
+           training: dict[str, Any] | None) -> None:
     with atomic_path(path / WEIGHTS) as tmp:
         save_model(model, str(tmp), metadata={"format": "pt", "lmlab_family": model.config.family})
     model.config.save(path / CONFIG)
@@ -43,7 +62,9 @@ def save_pretrained(path: str | Path, model: Transformer, tokenizer: Tokenizer |
         generation.save(path / GENERATION)
     if training is not None:
         atomic_write_text(path / TRAINING, json.dumps(training, indent=2, ensure_ascii=False) + "\n")
-    return path
+    quantization = getattr(model, "quantization", None)
+    if quantization is not None:
+        quantization.save(path / QUANTIZATION)
 
 
 def load_pretrained(path: str | Path, *, device: str | torch.device = "cpu",
@@ -55,10 +76,7 @@ def load_pretrained(path: str | Path, *, device: str | torch.device = "cpu",
     for name in (CONFIG, WEIGHTS):
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path} is not a model directory: {name} is missing")
-    try:
-        config = ModelConfig.load(path / CONFIG)
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path / CONFIG} is not UTF-8 text: {exc}") from None
+    config = ModelConfig.load(path / CONFIG)
     require_size(config, stored_values(path / WEIGHTS), path / CONFIG)
     model = Transformer(config)
     if (path / QUANTIZATION).is_file():  # int8/int4 linears (quant.py) in place of nn.Linear
@@ -81,10 +99,16 @@ def load_pretrained(path: str | Path, *, device: str | torch.device = "cpu",
 
 def require_size(config: ModelConfig, stored: int, where: str | Path) -> None:
     """ValueError, before a model is allocated, when `config` describes far more parameters than the `stored`
-    values of the weights meant for it (a config.json with n_layer 10**7 would take all memory first)."""
+    values of the weights meant for it (a config.json with n_layer 10**7 would take all memory first). RoPE's
+    cos/sin tables are no parameters but are made for the whole block_size: they are held to the same bound,
+    with room for a long context (2**26 values, 256 MB)."""
     if config.num_parameters() > 8 * stored + 1_000_000:  # 8: int4 packs 2 values a byte, with room to spare
         raise ValueError(f"{where} describes {config.num_parameters():,} parameters but the weights hold "
                          f"{stored:,} values: they do not belong together (nothing was allocated)")
+    tables = 2 * config.block_size * config.head_dim if config.pos_encoding == "rope" else 0
+    if tables > 8 * stored + 2**26:
+        raise ValueError(f"{where} describes RoPE tables of {tables:,} values (block_size {config.block_size:,}) but "
+                         f"the weights hold {stored:,} values: they do not belong together (nothing was allocated)")
 
 
 def stored_values(file: str | Path) -> int:

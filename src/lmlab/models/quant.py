@@ -411,6 +411,7 @@ def apply_quantization(model: nn.Module, qc: QuantConfig) -> nn.Module:
         q = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, qc.bits, qc.group_size)
         _replace(model, name, q.to(linear.weight.device))
     _tie(model, qc)
+    model.quantization = qc  # io.save_pretrained writes it beside the weights
     return model
 
 
@@ -481,6 +482,7 @@ def quantize_model(model: nn.Module, bits: int, group_size: int | None = None, *
             stats[name]["gptq"] = output_error(w, quantized.dequantized(), H[name])
         _replace(model, name, quantized)
     _tie(model, qc)
+    model.quantization = qc  # io.save_pretrained writes it beside the weights
     return model, qc, stats
 
 
@@ -586,8 +588,7 @@ def quantize_dir(model_dir: str | Path, out: str | Path, bits: int, group_size: 
         qc.calibration["documents"] = docs
     qc.source = str(model_dir.resolve())
     with staged_dir(out, replace=False) as tmp:
-        save_pretrained(tmp, model, tok)
-        qc.save(tmp / QUANTIZATION)
+        save_pretrained(tmp, model, tok)  # with quantization.json: qc, its source set
         for extra in (GENERATION, TRAINING, "chat_template.jinja"):
             if (model_dir / extra).is_file() and not (model_dir / extra).is_symlink():  # never read out of it
                 (tmp / extra).write_bytes((model_dir / extra).read_bytes())

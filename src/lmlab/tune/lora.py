@@ -46,7 +46,7 @@ from torch import nn
 from ..files import staged_dir
 from ..interop.hf_mapping import hf_prefixes
 from ..models import Transformer
-from ..models.io import TRAINING, WEIGHTS, load_pretrained, save_pretrained
+from ..models.io import CHAT_TEMPLATE, GENERATION, TOKENIZER, TRAINING, WEIGHTS, load_pretrained, save_pretrained
 from ..models.merge import require_finite
 from ..models.model import LMHead
 from ..models.quant import refuse_quantized
@@ -437,7 +437,6 @@ def save_adapter(model: Transformer, out_dir: str | Path, *, base_model: str | N
                   metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n", encoding="utf-8")
         if tokenizer is not None:
-            from ..models.io import TOKENIZER
             tokenizer.save(tmp / TOKENIZER)
     return Path(out_dir)
 
@@ -512,7 +511,7 @@ def save_lora_run(model: Transformer, run_dir: str | Path, tokenizer: Any, final
     merged, so that `lmlab generate`, `lmlab export` and the web app read it like any other (training.json stays
     as the trainer wrote it). Returns RUN/adapter."""
     adapter = save_adapter(model, Path(run_dir) / "adapter", tokenizer=tokenizer)
-    save_pretrained(final, merge_and_unload(copy.deepcopy(model)), tokenizer)
+    save_pretrained(final, merge_and_unload(copy.deepcopy(model)), tokenizer, keep=(TRAINING, CHAT_TEMPLATE))
     return adapter
 
 
@@ -526,7 +525,6 @@ def merge_lora_dir(model_dir: str | Path, adapter_dir: str | Path, out_dir: str 
     The tokenizer of a chat fine-tuning run (`lmlab tune sft --lora-rank`) is the model's plus the chat tokens:
     they are added here as the run added them (tune.chat.add_chat_tokens: rows at the mean, deterministic) and
     the chat template is written, so the merged model is the run's own final model."""
-    from ..models.io import TOKENIZER
     from ..tokenizers import Tokenizer
     from .chat import TEMPLATE_FILE, add_chat_tokens, write_template
 
@@ -560,7 +558,8 @@ def merge_lora_dir(model_dir: str | Path, adapter_dir: str | Path, out_dir: str 
                 shutil.copyfile(entry, tmp / entry.name)
         merged = {"model": str(Path(model_dir).resolve()), "adapter": str(Path(adapter_dir).resolve()),
                   "lora": config.to_dict(), **({"chat_tokens_added": True} if chat else {})}
-        save_pretrained(tmp, model, tok if chat else None, training={"merged": merged})
+        save_pretrained(tmp, model, tok if chat else None, training={"merged": merged},
+                        keep=(TOKENIZER, GENERATION, CHAT_TEMPLATE))  # copied from model_dir above
         if chat and not (tmp / TEMPLATE_FILE).is_file():
             write_template(tmp)
     return out
