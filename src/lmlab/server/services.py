@@ -857,6 +857,9 @@ def export_response(state: AppState, name: str, fmt: str, dtype: str, run_id: in
     except ImportError as exc:  # an optional dependency of the exporter is missing
         shutil.rmtree(tmp, ignore_errors=True)
         raise HTTPException(409, f"{fmt} export is not available on this server: {exc}") from None
+    except FileNotFoundError as exc:  # a file the export needs, its tokenizer: named by model, not by the snapshot
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise HTTPException(409, str(exc).replace(str(path), f"model {name!r}")) from None
     except ValueError as exc:  # e.g. an architecture the target format has no name for
         shutil.rmtree(tmp, ignore_errors=True)
         raise HTTPException(422, str(exc)) from None
