@@ -213,3 +213,13 @@ def test_a_quantized_model_is_not_quantized_again(mp, quantized):
     r = mp.post("/api/v1/runs/quantize", json={"model": "tiny-int8", "new_model": "fresh", "to": "int4"})
     assert (r.status_code, r.json()["detail"]) == (409, "model 'tiny-int8' is already quantized; quantize the "
                                                         "model it was made from")
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "hf"])
+def test_a_quantized_model_is_not_exported_and_the_refusal_names_it(mp, quantized, fmt):
+    """Named by the model (not by the server's temporary folder), with advice the web app can follow."""
+    r = mp.get(f"/api/v1/models/tiny-int4/export/{fmt}")
+    assert (r.status_code, r.json()["detail"]) == (422, "model 'tiny-int4' is an int8/int4 model, which cannot be "
+                                                        "exported; export the model it was quantized from (its card "
+                                                        "names it)")
+    assert not list((mp.workspace / "tmp").iterdir())
