@@ -78,6 +78,24 @@ def test_export_errors(capsys, model_dir, tmp_path):
         main(["export", "gguf", str(model_dir), str(tmp_path / "x.gguf"), "--dtype", "q4_k"])
 
 
+def test_export_gguf_never_replaces_the_models_own_files_nor_a_folder(capsys, model_dir, tmp_path, monkeypatch):
+    """--force replaces an earlier GGUF, in the model's folder too, but never the model's weights (the model was
+    lost) nor a folder; both are refused before the model is read."""
+    pytest.importorskip("gguf")
+    weights = (model_dir / "model.safetensors").read_bytes()
+    assert run(capsys, "export", "gguf", model_dir, model_dir / "m.gguf")[0] == 0
+    assert run(capsys, "export", "gguf", model_dir, model_dir / "m.gguf", "--force", "--dtype", "f16")[0] == 0
+    monkeypatch.setattr("lmlab.interop.gguf_export.load_model_dir", lambda path: pytest.fail("the model was read"))
+    err = fails(capsys, "", "export", "gguf", model_dir, model_dir / "model.safetensors", "--force")
+    assert err == (f"lmlab: error: {model_dir / 'model.safetensors'} is a file of the model directory being "
+                   f"exported ({model_dir}), not an earlier GGUF export; write the GGUF elsewhere\n")
+    assert (model_dir / "model.safetensors").read_bytes() == weights
+    err = fails(capsys, "", "export", "gguf", model_dir, tmp_path, "--force")
+    assert err == f"lmlab: error: {tmp_path} is a folder; name the .gguf file to write in it\n"
+    assert sorted(p.name for p in model_dir.iterdir()) == ["config.json", "m.gguf", "model.safetensors",
+                                                           "tokenizer.json"]
+
+
 def test_import_errors(capsys, model_dir, tmp_path):
     hf = export_hf(model_dir, tmp_path / "hf")
     fails(capsys, "checkpoint folder not found", "import", "hf", tmp_path / "nope", tmp_path / "m")

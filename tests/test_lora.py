@@ -388,6 +388,24 @@ def test_lmlab_lora_merge_writes_a_new_model_and_never_overwrites(capsys, tmp_pa
     assert not (tmp_path / "m2").exists() and not (tmp_path / "m3").exists()
 
 
+@pytest.mark.parametrize("chat", [False, True])
+def test_lora_merge_into_an_int8_int4_model_is_one_line_naming_the_way(capsys, tmp_path, base_dir, chat):
+    """A quantized model's weights are integers: a merge into it is refused before anything is read, also for a
+    chat (SFT) adapter, whose chat tokens were added to the quantized embedding first (an AttributeError)."""
+    from lmlab.models.quant import quantize_dir
+    from lmlab.tune.chat import add_chat_tokens
+
+    quantized = quantize_dir(base_dir, tmp_path / "q", bits=4, group_size=32)[0]
+    model, tok = load_pretrained(base_dir)
+    if chat:
+        model, tok, _ = add_chat_tokens(model, tok)
+    save_adapter(randomise(apply_lora(model, LoRAConfig(rank=2))), tmp_path / "adapter", tokenizer=tok)
+    err = fails(capsys, "", "lora", "merge", quantized, tmp_path / "adapter", "--out", tmp_path / "merged")
+    assert err == (f"lmlab: error: {quantized} is an int8/int4 model, which an adapter cannot be merged into; merge "
+                   "it into the model it was quantized from (its quantization.json: source)\n")
+    assert not (tmp_path / "merged").exists()
+
+
 def test_bad_lora_settings_are_one_line_errors(capsys, tmp_path, base_dir, book):
     with pytest.raises(ValueError, match="the LoRA rank must be a positive integer, not 0"):
         LoRAConfig(rank=0)

@@ -27,7 +27,7 @@ from test_server_support import (
 
 from lmlab.data.documents import normalize_text
 from lmlab.models import GenerationConfig, ModelConfig, Transformer, generate, stream
-from lmlab.models.io import load_pretrained
+from lmlab.models.io import load_pretrained, save_pretrained
 from lmlab.server import Settings
 from lmlab.server.db import MIGRATIONS, Database, migrate, schema_drift, schema_version
 
@@ -493,6 +493,64 @@ def test_model_export_for_other_tools(lab, tmp_path):
     assert lab.get("/api/v1/models/blank/export/hf").status_code == 409  # untrained
     assert lab.get("/api/v1/models/tiny/export/onnx").status_code == 422
     assert not list((lab.workspace / "tmp").iterdir())  # temporary exports are removed
+
+
+def foreign_vocabulary_model(path: Path) -> Path:
+    """What `lmlab import hf` makes of a GPT-2-like checkpoint whose ids 0..3 are ordinary bytes: config.json and
+    the weights, the checkpoint's own tokenizer files kept in hf_tokenizer/ (no tokenizer.json beside them)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([BOOK], trainers.BpeTrainer(
+        vocab_size=300, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.add_special_tokens(["<|endoftext|>"])
+    (path / "hf_tokenizer").mkdir(parents=True)
+    tok.save(str(path / "hf_tokenizer" / "tokenizer.json"))
+    specials = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}
+    (path / "hf_tokenizer" / "tokenizer_config.json").write_text(json.dumps(specials))
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("gpt2-tiny", vocab_size=tok.get_vocab_size(), block_size=32, pad_token_id=None)
+    return save_pretrained(path, Transformer(cfg))
+
+
+def test_a_model_with_its_own_tokenizer_exports_and_downloads_as_the_cli_exports_it(tmp_path):
+    """A model imported with a vocabulary that is not lmlab's keeps its tokenizer in hf_tokenizer/: the server's
+    exports are the CLI's, byte for byte, and its download carries that folder; a model with no tokenizer at all
+    is a 409 that names the model (not the server's temporary folder)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
+    from lmlab.interop import export_gguf, export_hf
+    ws = tmp_path / "ws"
+    imported = foreign_vocabulary_model(ws / "models" / "imp")
+    save_pretrained(ws / "models" / "bare", Transformer(ModelConfig.preset("gpt2-tiny", vocab_size=300)))
+    export_gguf(imported, tmp_path / "cli.gguf")
+    export_hf(imported, tmp_path / "cli-hf")
+    with client(settings(ws)) as c:
+        g = c.get("/api/v1/models/imp/export/gguf")
+        assert g.status_code == 200, g.text
+        assert g.content == (tmp_path / "cli.gguf").read_bytes()
+        h = c.get("/api/v1/models/imp/export/hf")
+        assert h.status_code == 200, h.text
+        zipfile.ZipFile(io.BytesIO(h.content)).extractall(tmp_path / "web")
+        cli_files = sorted(p.name for p in (tmp_path / "cli-hf").iterdir())
+        assert sorted(p.name for p in (tmp_path / "web" / "imp-hf").iterdir()) == cli_files
+        for name in cli_files:
+            assert (tmp_path / "web" / "imp-hf" / name).read_bytes() == (tmp_path / "cli-hf" / name).read_bytes()
+        d = c.get("/api/v1/models/imp/download")
+        assert d.status_code == 200, d.text
+        assert sorted(zipfile.ZipFile(io.BytesIO(d.content)).namelist()) == [
+            "imp/config.json", "imp/hf_tokenizer/tokenizer.json", "imp/hf_tokenizer/tokenizer_config.json",
+            "imp/model.safetensors"]
+        zipfile.ZipFile(io.BytesIO(d.content)).extractall(tmp_path / "downloaded")
+        export_gguf(tmp_path / "downloaded" / "imp", tmp_path / "downloaded.gguf")
+        assert (tmp_path / "downloaded.gguf").read_bytes() == (tmp_path / "cli.gguf").read_bytes()
+        for fmt in ("gguf", "hf"):
+            r = c.get(f"/api/v1/models/bare/export/{fmt}")
+            assert r.status_code == 409 and r.json()["detail"] == ("model 'bare' has no tokenizer.json: a model "
+                                                                   "without a tokenizer cannot be exported")
+    assert not list((ws / "tmp").iterdir())
 
 
 def test_info(lab):

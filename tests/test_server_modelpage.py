@@ -14,15 +14,17 @@ import pytest
 import torch
 from test_server_support import (
     CHILD_ENV,
+    client,
     finished,
     held_once_started,
+    settings,
     tiny_workspace,
     wait_for,
 )
 
 from lmlab.models import ModelConfig, Transformer
 from lmlab.models.io import load_pretrained, save_pretrained
-from lmlab.models.quant import QuantConfig
+from lmlab.models.quant import QuantConfig, quantize_dir
 from lmlab.tokenizers import Tokenizer
 from lmlab.train.demo_corpus import demo_corpus
 from lmlab.tune.chat import add_chat_tokens, write_template
@@ -123,6 +125,22 @@ def test_cards_count_bits_per_weight_as_by_hand(mp, quantized):
                                        "steps": 7, "run": None}
 
 
+def test_a_tuned_model_quantized_by_hand_is_quantized_not_tuned(tmp_path):
+    """lmlab quantize copies the tuned model's training.json beside the integer weights: the card says how these
+    weights were made, quantized from the tuned model."""
+    ws = tmp_path / "ws"
+    tok = Tokenizer.train([demo_corpus(n_stories=10, seed=1)], kind="char", vocab_size=120)
+    save_pretrained(ws / "models" / "chatty", Transformer(ModelConfig.preset("gpt2-tiny", vocab_size=120, n_layer=1)),
+                    tok, training={"sft": {"base": "/somewhere/runs/base/final"}, "steps": 7})
+    quantize_dir(ws / "models" / "chatty", ws / "models" / "chatty-int8", bits=8)
+    assert (ws / "models" / "chatty-int8" / "training.json").is_file()
+    with client(settings(ws)) as c:
+        assert c.get("/api/v1/models/chatty-int8/card").json()["made"] == {"how": "quantized", "from": "chatty",
+                                                                             "run": None}
+        assert c.get("/api/v1/models/chatty/card").json()["made"] == {
+            "how": "tuned", "mode": "sft", "from": "/somewhere/runs/base/final", "steps": 7, "run": None}
+
+
 def test_tokens_per_second_exist_only_once_measured_and_for_those_weights(mp):
     card = mp.get("/api/v1/models/tiny/card").json()
     assert card["speed"] is None
@@ -195,3 +213,13 @@ def test_a_quantized_model_is_not_quantized_again(mp, quantized):
     r = mp.post("/api/v1/runs/quantize", json={"model": "tiny-int8", "new_model": "fresh", "to": "int4"})
     assert (r.status_code, r.json()["detail"]) == (409, "model 'tiny-int8' is already quantized; quantize the "
                                                         "model it was made from")
+
+
+@pytest.mark.parametrize("fmt", ["gguf", "hf"])
+def test_a_quantized_model_is_not_exported_and_the_refusal_names_it(mp, quantized, fmt):
+    """Named by the model (not by the server's temporary folder), with advice the web app can follow."""
+    r = mp.get(f"/api/v1/models/tiny-int4/export/{fmt}")
+    assert (r.status_code, r.json()["detail"]) == (422, "model 'tiny-int4' is an int8/int4 model, which cannot be "
+                                                        "exported; export the model it was quantized from (its card "
+                                                        "names it)")
+    assert not list((mp.workspace / "tmp").iterdir())

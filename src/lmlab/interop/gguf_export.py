@@ -168,14 +168,25 @@ def _vocab(md: ModelDir, vocab_size: int) -> tuple[list[str], list[int], list[st
     return tokens, [int(t) for t in types], merges
 
 
+def _is_gguf(file: Path) -> bool:
+    with open(file, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
 def export_gguf(model_dir: str | Path, out_path: str | Path, *, dtype: str = "f32", overwrite: bool = False
                 ) -> GGUFPlan:
     """Write `model_dir` as one GGUF file that llama.cpp loads, tokenizer included -> its plan (with `path`).
     dtype: f32, f16, or a block type of llama.cpp (blocks of 32 values along a row): q8_0 (8-bit, one f16
     scale), q5_1 / q4_1 (5 / 4 bits with an f16 scale and minimum), q5_0 / q4_0 (5 / 4 bits, one f16 scale).
     Matrices whose rows are not a multiple of 32 fall back to f16, as llama.cpp's converter does. An existing
-    `out_path` is replaced only with overwrite=True."""
+    `out_path` is replaced only with overwrite=True, and never when it is a folder or a file of the model
+    directory (its weights would be the GGUF) other than an earlier GGUF export."""
     out = Path(out_path)
+    if out.is_dir():
+        raise IsADirectoryError(f"{out} is a folder; name the .gguf file to write in it")
+    if out.is_file() and out.resolve().is_relative_to(Path(model_dir).resolve()) and not _is_gguf(out):
+        raise ValueError(f"{out} is a file of the model directory being exported ({model_dir}), not an earlier "
+                         "GGUF export; write the GGUF elsewhere")
     if (out.exists() or out.is_symlink()) and not overwrite:
         raise FileExistsError(f"{out} exists; replace it with --force (overwrite=True in Python), or choose another "
                               "name")

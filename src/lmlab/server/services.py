@@ -30,6 +30,7 @@ from ..lab.interp.steer import Direction, Steering
 from ..lab.selfplay.text import SETTING_FLAGS, TextSelfPlayConfig, encode_prompts, file_sha256, saved_run
 from ..models import GenerationConfig, ModelConfig, generate, stream
 from ..models.io import WEIGHTS
+from ..models.quant import QUANTIZATION
 from ..tokenizers import Tokenizer
 from ..train import TrainConfig, checkpoint_step, checkpoints, latest_checkpoint
 from ..train.progress import PHASE_FILE, PHASES, SAMPLES_FILE
@@ -852,6 +853,10 @@ def export_response(state: AppState, name: str, fmt: str, dtype: str, run_id: in
     the format cannot express."""
     tmp = state.ws.tmp / f"export-{uuid.uuid4().hex}"
     path, name = snapshot_version(state, name, run_id, step, tmp, "there is nothing to export")
+    if (path / QUANTIZATION).is_file():  # the exporters write full-precision weights only
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise HTTPException(422, f"model {name!r} is an int8/int4 model, which cannot be exported; export the model "
+                                 "it was quantized from (its card names it)")
     try:
         from ..interop import export_gguf, export_hf
         if fmt == "hf":
@@ -862,9 +867,12 @@ def export_response(state: AppState, name: str, fmt: str, dtype: str, run_id: in
     except ImportError as exc:  # an optional dependency of the exporter is missing
         shutil.rmtree(tmp, ignore_errors=True)
         raise HTTPException(409, f"{fmt} export is not available on this server: {exc}") from None
+    except FileNotFoundError as exc:  # a file the export needs, its tokenizer: named by model, not by the snapshot
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise HTTPException(409, str(exc).replace(str(path), f"model {name!r}")) from None
     except ValueError as exc:  # e.g. an architecture the target format has no name for
         shutil.rmtree(tmp, ignore_errors=True)
-        raise HTTPException(422, str(exc)) from None
+        raise HTTPException(422, str(exc).replace(str(path), f"model {name!r}")) from None
     cleanup = BackgroundTask(shutil.rmtree, tmp, ignore_errors=True)
     if fmt == "gguf":
         return FileResponse(out, media_type="application/octet-stream", background=cleanup,

@@ -236,6 +236,21 @@ def book_text(ws: Workspace, name: str, chars: int = 0, **limits: float) -> tupl
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "generation.json", "training.json",
                "quantization.json", "chat_template.jinja")  # a chat model without its template is not one
 SPEED_FILE = "speed.json"  # the decoding speed measured for the weights beside it (routers/modelpage.py)
+HF_TOKENIZER_DIR = "hf_tokenizer"  # an imported model's own tokenizer, as transformers saved it (lmlab.interop)
+
+
+def model_files(path: Path) -> list[str]:
+    """The model directory's known files (names relative to `path`) that are there as files, links not followed:
+    MODEL_FILES and the files of hf_tokenizer/, without which a model imported with a foreign vocabulary has
+    no tokenizer."""
+    names = list(MODEL_FILES)
+    folder = path / HF_TOKENIZER_DIR
+    if folder.is_dir() and not folder.is_symlink():
+        try:
+            names += sorted(f"{HF_TOKENIZER_DIR}/{f.name}" for f in folder.iterdir())
+        except FileNotFoundError:  # removed meanwhile
+            pass
+    return [n for n in names if (path / n).is_file() and not (path / n).is_symlink()]
 
 
 class ZipSink(io.RawIOBase):
@@ -267,11 +282,8 @@ def zip_model_dir(path: Path, arcname: str, chunk: int = 1 << 20) -> Iterator[by
     so a large model is never held in memory whole."""
     sink = ZipSink()
     with zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-        for name in MODEL_FILES:
-            f = path / name
-            if not f.is_file() or f.is_symlink():
-                continue
-            with open(f, "rb") as src, zf.open(f"{arcname}/{name}", "w", force_zip64=True) as dst:
+        for name in model_files(path):
+            with open(path / name, "rb") as src, zf.open(f"{arcname}/{name}", "w", force_zip64=True) as dst:
                 while block := src.read(chunk):
                     dst.write(block)
                     yield sink.take()
@@ -342,10 +354,9 @@ def snapshot_dir(src: Path, dest: Path) -> Path:
     copied. (Copies where the file system has no hard links.) The caller removes dest."""
     dest.mkdir(parents=True)
     with _SWAP_LOCK:
-        for name in MODEL_FILES:
+        for name in model_files(src):
             f = src / name
-            if f.is_symlink() or not f.is_file():
-                continue
+            (dest / name).parent.mkdir(exist_ok=True)
             try:
                 os.link(f, dest / name)
             except FileNotFoundError:  # removed meanwhile (the model deleted): the reader finds it missing

@@ -49,7 +49,7 @@ from ..models import Transformer
 from ..models.io import CHAT_TEMPLATE, GENERATION, TOKENIZER, TRAINING, WEIGHTS, load_pretrained, save_pretrained
 from ..models.merge import require_finite
 from ..models.model import LMHead
-from ..models.quant import refuse_quantized
+from ..models.quant import QUANTIZATION, refuse_quantized
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # PEFT's file names
 ALL_LINEAR = "all-linear"  # PEFT's spelling for "every linear layer but the output head"
@@ -531,6 +531,9 @@ def merge_lora_dir(model_dir: str | Path, adapter_dir: str | Path, out_dir: str 
     out = Path(out_dir)
     if out.exists():
         raise ValueError(f"{out} exists; choose a new --out (lmlab never overwrites a model)")
+    if (Path(model_dir) / QUANTIZATION).is_file():  # integer weights: no adapter merges into them
+        raise ValueError(f"{model_dir} is an int8/int4 model, which an adapter cannot be merged into; merge it into "
+                         f"the model it was quantized from (its {QUANTIZATION}: source)")
     model, tok = load_pretrained(model_dir)
     config = read_adapter_config(adapter_dir)
     chat = False

@@ -176,6 +176,8 @@ def made(state: AppState, row: dict[str, Any], path: Path, trained: bool, qc: Qu
         return {"how": "selfplay", "from": origin["parent"], "run": origin["run_id"], "reward": origin.get("reward")}
     if not trained:
         return {"how": "untrained"}
+    if qc is not None:  # quantized outside the server; a tuned model's quantization keeps its training.json
+        return {"how": "quantized", "from": Path(qc.source).name if qc.source else None, "run": None}
     try:
         training = json.loads(state.ws.read_bytes(path / TRAINING))
     except (OSError, LinkError, ValueError):
@@ -187,8 +189,6 @@ def made(state: AppState, row: dict[str, Any], path: Path, trained: bool, qc: Qu
             base = Path(base).name
         return {"how": "tuned", "mode": tuned, "from": base,
                 "steps": training.get("steps"), "run": row["trained_run_id"]}
-    if qc is not None:  # quantized outside the server and put into the workspace
-        return {"how": "quantized", "from": Path(qc.source).name if qc.source else None, "run": None}
     return {"how": "trained", "steps": row["trained_steps"], "run": row["trained_run_id"]}
 
 
