@@ -95,7 +95,7 @@ def test_report_from_checkpoints(untied, tmp_path, capsys):
     assert "exists and is not an empty folder" in capsys.readouterr().err
 
 
-def test_too_few_checkpoints_and_unknown_tokens_are_refused(untied, tmp_path, capsys):
+def test_too_few_checkpoints_unknown_tokens_and_empty_probes_are_refused(untied, tmp_path, capsys):
     tok, ds, tc, cb = untied
     run = ds.path.parent / "run"
     assert main(["lab", "data", "drift", "--run", str(run), "--out", str(tmp_path / "a"), "--token", "qqqq"]) == 2
@@ -104,6 +104,9 @@ def test_too_few_checkpoints_and_unknown_tokens_are_refused(untied, tmp_path, ca
     (tmp_path / "one" / "config.json").write_text(json.dumps({"train": {}, "model": {}}))
     assert main(["lab", "data", "drift", "--run", str(tmp_path / "one"), "--out", str(tmp_path / "b")]) == 2
     assert "drift needs at least two" in capsys.readouterr().err
+    assert main(["lab", "data", "drift", "--run", str(run), "--out", str(tmp_path / "c"), "--probe", ""]) == 2
+    assert capsys.readouterr().err == "lmlab: error: --probe '' is empty: it gives no tokens\n"
+    assert not (tmp_path / "c").exists()
 
 
 def test_row_drift_and_neighbours_by_hand():

@@ -95,7 +95,9 @@ def test_a_quick_run_scores_its_own_models(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--larger", "1"], "larger (1.0) must be above 1"),
+    (["--larger", "1"], "larger (1.0) must be a finite number above 1"),
+    (["--larger", "inf"], "larger (inf) must be a finite number above 1"),
+    (["--larger", "nan"], "larger (nan) must be a finite number above 1"),
     (["books.txt"], "give both SOURCES and --target, or neither"),
     (["--steps", "0"], "--steps (0) must be >= 1"),
     (["--tasks", "nope"], "unknown task 'nope'"),
@@ -104,3 +106,27 @@ def test_refusals_exit_2(tmp_path, capsys, argv, message):
     assert main(["lab", "data", "design", *argv, "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("lmlab: error: ") and message in err and "\n" not in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("target, message", [
+    ("hi", "the target has 2 tokens, fewer than one window of 33"),
+    (None, "curation removed every paragraph"),
+])
+@pytest.mark.parametrize("exists", [False, True])
+def test_a_refused_set_up_leaves_out_as_it_was(tmp_path, capsys, target, message, exists):
+    pool = tmp_path / "pool.txt"
+    if target is None:  # four paragraphs of symbols: all noise
+        pool.write_text("\n\n".join(c * 60 for c in "#$%&"))
+    else:
+        pool.write_text("\n\n".join([TALE, OTHER, TALE + " " + OTHER, OTHER + " " + TALE]))
+    (tmp_path / "t.txt").write_text(target or TALE)
+    out = tmp_path / "o"
+    if exists:
+        out.mkdir()
+    argv = ["lab", "data", "design", str(pool), "--target", str(tmp_path / "t.txt"), "--quick", "--seeds", "0",
+            "--workers", "1", "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lmlab: error: ") and message in err, err
+    assert (sorted(out.iterdir()) == []) if exists else not out.exists()

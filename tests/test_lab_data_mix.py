@@ -16,6 +16,7 @@ from lmlab.lab.mix import (
     features,
     fit_mixture,
     fit_quality,
+    min_proxies,
     mixture_dataset,
     propose,
     spearman,
@@ -63,8 +64,13 @@ def test_auto_takes_the_fit_that_ranks_held_out_mixtures_better():
     # a planted linear response: both rank perfectly, and the tie goes to the linear model
     fit, q = choose_fit(w, w @ [3.0, 1.0, 2.0], "auto")
     assert fit == "linear" and q["linear"]["loo_spearman"] == pytest.approx(q["quadratic"]["loo_spearman"])
-    # too few mixtures for the quadratic: auto uses the linear one alone; an explicit fit is used as asked
-    assert choose_fit(w[:6], w[:6] @ [3.0, 1.0, 2.0], "auto")[1].keys() == {"linear"}
+    # too few mixtures to judge the quadratic leave-one-out (6 coefficients: 8 mixtures): auto uses the linear one
+    # alone; an explicit fit is used as asked
+    assert choose_fit(w[:7], w[:7] @ [3.0, 1.0, 2.0], "auto")[1].keys() == {"linear"}
+    assert choose_fit(w[:8], w[:8] @ [3.0, 1.0, 2.0], "auto")[1].keys() == {"linear", "quadratic"}
+    w2 = np.random.default_rng(1).dirichlet(np.ones(2), 4)  # two sources: 3 quadratic coefficients, 4 mixtures
+    assert choose_fit(w2, w2 @ [3.0, 1.0], "auto")[1].keys() == {"linear"}
+    assert [min_proxies(k, f) for k in (2, 3) for f in ("linear", "quadratic")] == [4, 5, 5, 8]
     assert choose_fit(w, w @ [3.0, 1.0, 2.0], "quadratic")[0] == "quadratic"
 
 
@@ -134,8 +140,13 @@ def test_a_small_last_source_gets_its_share_of_the_windows(tmp_path):
     (["--target", "t.txt"], "give both SOURCES and --target"),
     (["a.txt", "--target", "t.txt"], "at least two sources"),
     (["--proxies", "0"], "--proxies (0) must be >= 1"),
-    (["a.txt", "b.txt", "c.txt", "--target", "t.txt", "--proxies", "5", "--fit", "quadratic"], "needs more mixtures"),
-    (["a.txt", "b.txt", "c.txt", "--target", "t.txt", "--proxies", "3"], "needs more mixtures"),  # auto: linear
+    (["a.txt", "b.txt", "c.txt", "--target", "t.txt", "--proxies", "7", "--fit", "quadratic"],
+     "a quadratic fit over 3 sources has 6 coefficients; judging it leave-one-out needs at least 8 mixtures, have 7 "
+     "(raise --proxies or use --fit linear)"),
+    (["a.txt", "b.txt", "c.txt", "--target", "t.txt", "--proxies", "4"],  # auto: the linear fit at least
+     "a linear fit over 3 sources has 3 coefficients; judging it leave-one-out needs at least 5 mixtures, have 4 "
+     "(raise --proxies)\n"),
+    (["a.txt", "b.txt", "--target", "t.txt", "--proxies", "3", "--fit", "linear"], "needs at least 4 mixtures, have 3"),
 ])
 def test_cli_refuses_bad_input(tmp_path, capsys, monkeypatch, argv, message):
     monkeypatch.chdir(tmp_path)

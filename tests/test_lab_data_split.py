@@ -145,3 +145,19 @@ def test_an_existing_folder_is_refused(tmp_path, capsys):
     assert main(["lab", "data", "split", str(tmp_path / "book.txt"), "--out", str(tmp_path / "out")]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
     assert (tmp_path / "out" / "mine.txt").read_text() == "keep"
+
+
+def test_sources_that_share_a_file_name_are_told_apart(tmp_path):
+    for folder, text in (("x", "The fox ran into the wood because it was cold and therefore it hid.\n\n"
+                               "Another plain sentence about a cat that sat on the mat today.\n"),
+                         ("y", "#### $$$$ %%%% &&&& ****\n")):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "notes.txt").write_text(text)
+    out = tmp_path / "out"
+    assert main(["lab", "data", "split", str(tmp_path / "x" / "notes.txt"), str(tmp_path / "y" / "notes.txt"),
+                 "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "passages.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [(r["source"], r["index"]) for r in rows] == [("x/notes.txt", 0), ("x/notes.txt", 1), ("y/notes.txt", 0)]
+    per_source = json.loads((out / "results.json").read_text())["extra_tables"][0]["rows"]
+    assert per_source == [{"source": "x/notes.txt", "reasoning": 1, "knowledge": 1, "noise": 0},
+                          {"source": "y/notes.txt", "reasoning": 0, "knowledge": 0, "noise": 1}]

@@ -44,7 +44,20 @@ def test_path_ends_are_the_models_and_the_barrier_is_the_formula(quick):
     table = {r["path"]: r for r in res["table"]}
     assert table["siblings (linear)"]["barrier (nats)"] == pytest.approx(
         np.mean([r["siblings (linear)"]["barrier"] for r in res["per_seed"]]))
+    assert table["siblings (linear)"]["barrier (nats)_std"] == pytest.approx(
+        np.std([r["siblings (linear)"]["barrier"] for r in res["per_seed"]], ddof=1))
     assert (out / "paths.png").stat().st_size > 0 and "merge" in (out / "report.html").read_text()
+
+
+def test_one_seed_reports_no_spread(tmp_path):
+    torch.set_num_threads(1)
+    assert main(["lab", "merge", "--quick", "--seeds", "0", "--out", str(tmp_path / "m")]) == 0
+    res = json.loads((tmp_path / "m" / "results.json").read_text())
+    b = {r["path"]: r["barrier (nats)"] for r in res["table"]}
+    assert all("barrier (nats)_std" not in r for r in res["table"])
+    assert res["measured"] == (f"barrier over 1 seed(s): siblings {b['siblings (linear)']:.3f} nats, "
+                               f"strangers {b['strangers (linear)']:.3f} nats")
+    assert "±" not in (tmp_path / "m" / "report.html").read_text()
 
 
 def test_barrier_of_a_straight_and_a_bent_path():

@@ -224,6 +224,9 @@ def test_cli_trains_saves_and_browses(model_dir, tmp_path, capsys):
     (["sae", "--books", "BOOK", "--kind", "dense"], "--kind 'dense' is not an SAE kind"),
     (["sae", "--books", "BOOK", "--layer", "7"], "--layer 7 out of range"),
     (["sae", "--books", "BOOK", "--steps", "0"], "--steps (0) must be >= 1"),
+    (["sae", "--books", "BOOK", "--features", str(10**10)],  # was an allocation traceback
+     "n_features (10000000000) must be at most 256 x d_in = 16384, the largest dictionary per input dimension"),
+    (["sae", "--books", "BOOK", "--features", "16385"], "n_features (16385) must be at most 256 x d_in = 16384"),
     (["sae", "--books", "BOOK", "--prompt", "hi"], "--prompt is for lens, attention and patch"),
     (["sae-facts"], "leave out --model"),
 ])
@@ -232,3 +235,4 @@ def test_cli_bad_input_is_one_line_exit_2(model_dir, tmp_path, capsys, argv, mes
     assert main(["lab", "interp", argv[0], "--model", str(model_dir), *argv[1:], "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("lmlab: error: ") and message in err and "\n" not in err
+    assert not (tmp_path / "o").exists() and not (model_dir / "sae").exists()

@@ -406,3 +406,20 @@ def test_api_generate_best_of_vote_and_beam_are_the_librarys(tmp_path, tok):
             assert r.status_code == status and r.json()["detail"].startswith(detail), (body, r.text)
         r = c.post("/api/v1/generate/stream", json={**base, "best_of": 2})
         assert r.status_code == 422 and "use POST /api/v1/generate" in r.json()["detail"]
+
+
+def test_lab_ttc_refuses_more_prompts_than_it_can_hold_out(tmp_path, capsys, monkeypatch):
+    # this ran for minutes (4 million draws for sort's 111,000 prompts, then 20 million for training ones) and failed
+    assert main(["lab", "ttc", "--quick", "--prompts", "200000", "--steps", "1", "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == ("lmlab: error: prompts (200000) must be at most 10,000: the scored prompts are "
+                                       "held out of training, and on sort (111,000 prompts, drawn unevenly) that many "
+                                       "already cover about half of all draws\n")
+    assert not (tmp_path / "o").exists()
+    # a task of fewer prompts than asked is refused too (heldout gives what it has), before anything trains
+    from lmlab.lab import ttc as lab
+    from lmlab.tune import rewards
+    tiny = rewards.Task("tiny", lambda rng: f"sort {rng.randrange(3)}:", rewards._sort_answer)
+    monkeypatch.setitem(rewards.TASKS, "tiny", tiny)
+    with pytest.raises(ValueError, match="^task tiny gives 3 distinct prompts, fewer than the 5 asked; ask for fewer$"):
+        lab.run(tmp_path / "t", scale=lab.Scale(task="tiny", prompts=5))
+    assert not (tmp_path / "t").exists()

@@ -164,8 +164,10 @@ def test_pairwise_and_win_rate_on_hand_made_answers():
     (["--steps", "0"], "steps must be positive, got 0"),
     (["--model", "{tmp}/nowhere"], "is not a model directory"),
     (["--out", "{tmp}"], "is not empty"),
-    (["--seed", "-1"], "seed must be a whole number in [0, 2**63), not -1"),  # numpy's traceback, --out half-made
-    (["--seed", str(2**64)], "seed must be a whole number in [0, 2**63)"),
+    # these were numpy's traceback, then TrainConfig's refusal, each after --out was half-made
+    (["--seed", "-1"], f"seed must be a whole number in [0, {2**62}] (the trainer's bound), not -1"),
+    (["--seed", str(2**64)], f"seed must be a whole number in [0, {2**62}]"),
+    (["--seed", str(2**63 - 1)], f"in [0, {2**62}] (the trainer's bound), not {2**63 - 1}"),
     (["--model", "{tmp}/run"], "run is not a model directory: model.safetensors is missing"),  # a run, no final/
 ])
 def test_bad_arguments_are_one_line_errors(tmp_path, capsys, argv, message):

@@ -51,6 +51,10 @@ PREFERENCE = ("dpo", "ipo", "simpo", "orpo", "kto")
 METHODS = (*PREFERENCE, "grpo")
 
 
+# the seed goes into the SFT and tuning runs' TrainConfig: its bound, checked before --out is written
+SEED_MAX = int(next(f for f in dataclasses.fields(TrainConfig) if f.name == "seed").metadata["le"])
+
+
 @dataclasses.dataclass
 class ArenaConfig:
     steps: int = 60            # optimizer steps per method
@@ -72,8 +76,9 @@ class ArenaConfig:
         for name in ("steps", "sequences", "group_size", "sft_steps", "heldout", "max_new_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**63:
-            raise ValueError(f"seed must be a whole number in [0, 2**63), not {self.seed!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= SEED_MAX:
+            raise ValueError(f"seed must be a whole number in [0, {SEED_MAX}] (the trainer's bound), "
+                             f"not {self.seed!r}")
         if self.sequences % 2 or self.sequences % self.group_size:
             raise ValueError(f"sequences ({self.sequences}) must be even and a multiple of group_size "
                              f"({self.group_size}): pairs and GRPO groups fill it exactly")

@@ -30,7 +30,9 @@ nothing of the target, keeps the logs.
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -69,8 +71,9 @@ class DesignLabConfig:
         for name in ("steps", "layers", "embd", "block_size", "batch_size", "stories"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.larger <= 1:
-            raise ValueError(f"larger ({self.larger}) must be above 1: it is the scale baseline's multiple")
+        if not 1 < self.larger < math.inf:  # nan too: a multiple of the designed set's tokens
+            raise ValueError(f"larger ({self.larger}) must be a finite number above 1: it is the scale baseline's "
+                             "multiple")
         object.__setattr__(self, "tasks", tuple(self.tasks))
 
     @classmethod
@@ -141,28 +144,40 @@ def run_design_lab(out: str | Path, sources: list[str | Path] | None, target: st
         raise ValueError("give both SOURCES and --target, or neither (the built-in pool and target)")
     t0 = time.perf_counter()
     tasks = [load_task(spec) for spec in cfg.tasks]  # an unknown task fails before anything trains
-    if sources:
-        paths = find_documents(sources)
-        if not paths:
-            raise ValueError("the sources hold no documents")
-        target_text = "\n\n".join(read_document(p) for p in find_documents([target]))
-    else:
-        paths, target_path = builtin_pool(out / "pool", cfg)
-        target_text = target_path.read_text(encoding="utf-8")
-    pool = [p for path in paths for p in passages(read_document(path))]
-    if len(pool) < 4:
-        raise ValueError(f"the sources give {len(pool)} paragraphs; the lab needs at least 4")
-    tok = Tokenizer.train(pool, kind="bpe", vocab_size=cfg.vocab_size)
-    tok.save(out / "tokenizer.json")
-    lengths = [len(ids) for ids in tok.encode_batch(pool)]
-    designed, removed = design(pool)
-    budget = sum(lengths[i] for i in designed)
-    if not designed:
-        raise ValueError("curation removed every paragraph: nothing to train the designed set on")
-    ids = np.asarray(tok.encode(target_text), dtype=np.int32)
-    if len(ids) <= cfg.block_size:
-        raise ValueError(f"the target has {len(ids)} tokens, fewer than one window of {cfg.block_size + 1}")
-    np.save(out / "target.npy", ids)
+    made = not out.exists()
+    try:  # the set-up and its checks: a refusal leaves --out as it was, so the same command can run again
+        if sources:
+            paths = find_documents(sources)
+            if not paths:
+                raise ValueError("the sources hold no documents")
+            target_text = "\n\n".join(read_document(p) for p in find_documents([target]))
+        else:
+            paths, target_path = builtin_pool(out / "pool", cfg)
+            target_text = target_path.read_text(encoding="utf-8")
+        pool = [p for path in paths for p in passages(read_document(path))]
+        if len(pool) < 4:
+            raise ValueError(f"the sources give {len(pool)} paragraphs; the lab needs at least 4")
+        tok = Tokenizer.train(pool, kind="bpe", vocab_size=cfg.vocab_size)
+        tok.save(out / "tokenizer.json")
+        lengths = [len(ids) for ids in tok.encode_batch(pool)]
+        designed, removed = design(pool)
+        budget = sum(lengths[i] for i in designed)
+        if not designed:
+            raise ValueError("curation removed every paragraph: nothing to train the designed set on")
+        ids = np.asarray(tok.encode(target_text), dtype=np.int32)
+        if len(ids) <= cfg.block_size:
+            raise ValueError(f"the target has {len(ids)} tokens, fewer than one window of {cfg.block_size + 1}")
+        np.save(out / "target.npy", ids)
+    except BaseException:
+        if made:
+            shutil.rmtree(out, ignore_errors=True)
+        elif out.is_dir():  # it was empty: all in it is this call's
+            for entry in out.iterdir():
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+        raise
     model = ModelConfig.preset("llama-tiny", vocab_size=len(tok), block_size=cfg.block_size, n_layer=cfg.layers,
                                n_embd=cfg.embd, n_head=max(1, cfg.embd // 16)).to_dict()
     arms: dict[tuple[str, int], list[int]] = {}

@@ -124,6 +124,9 @@ def run_drift(run_dir: str | Path, out: str | Path, probes: Sequence[str] = (), 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):  # its report and plots replaced a user's own
         raise ValueError(f"{out} exists and is not an empty folder; choose another --out (nothing is overwritten)")
     tok = Tokenizer.load(run_dir / "tokenizer.json")
+    empty = [text for text in probes if not tok.encode(text)]
+    if empty:  # a probe's drift is that of its hidden states: it needs a token
+        raise ValueError(f"--probe {empty[0]!r} is empty: it gives no tokens")
     tc = TrainConfig.from_dict(saved["train"])
     horizon = json.loads((cps[-1] / "state.json").read_text()).get("schedule_steps")
     steps = [checkpoint_step(p) for p in cps]

@@ -129,24 +129,28 @@ def run_merge_lab(out: str | Path, seeds: list[int], cfg: MergeLabConfig, comman
             row[label] = {"t": ts.tolist(), "loss": losses, "barrier": barrier(ts, losses)}
         per_seed.append(row)
 
-    def stats(label: str) -> tuple[float, float]:
+    def stats(label: str) -> tuple[float, float | None]:
+        """The mean barrier over seeds and its sample std; no std from one seed (as in lab facts)."""
         xs = [r[label]["barrier"] for r in per_seed]
-        return statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
+        return statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else None
+
+    def text(m: float, sd: float | None) -> str:
+        return f"{m:.3f}" + ("" if sd is None else f" ± {sd:.3f}")
 
     table = []
     for label in curves:
         m, sd = stats(label)
         ends = [v for r in per_seed for v in (r[label]["loss"][0], r[label]["loss"][-1])]
         mids = [r[label]["loss"][len(ts) // 2] for r in per_seed]
-        table.append({"path": label, "barrier (nats)": m, "barrier (nats)_std": sd,
+        table.append({"path": label, "barrier (nats)": m, **({} if sd is None else {"barrier (nats)_std": sd}),
                       "endpoint loss": statistics.mean(ends), "midpoint loss": statistics.mean(mids)})
     sib, strange = stats("siblings (linear)"), stats("strangers (linear)")
     lower_every_seed = all(r["siblings (linear)"]["barrier"] < r["strangers (linear)"]["barrier"] for r in per_seed)
     checks = {"siblings' barrier below strangers' on every seed": lower_every_seed,
               "siblings' barrier below strangers' by more than both spreads":
                   (strange[0] - sib[0] > sib[1] + strange[1]) if len(seeds) > 1 else None}
-    measured = (f"barrier, mean ± std over {len(seeds)} seed(s): siblings {sib[0]:.3f} ± {sib[1]:.3f} nats, "
-                f"strangers {strange[0]:.3f} ± {strange[1]:.3f} nats")
+    measured = (f"barrier{', mean ± std' if len(seeds) > 1 else ''} over {len(seeds)} seed(s): siblings "
+                f"{text(*sib)} nats, strangers {text(*strange)} nats")
     plot = line_plot(out / "paths.png", "held-out loss along the path between two models", "t", "loss (nats/token)",
                      list(curves.items()))
     results = {"config": dataclasses.asdict(cfg), "seeds": seeds, "per_seed": per_seed,

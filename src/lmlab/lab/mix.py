@@ -106,8 +106,14 @@ def fit_mixture(w: np.ndarray, y: np.ndarray, fit: str) -> np.ndarray:
     x = features(w, fit)
     if len(x) <= x.shape[1]:
         raise ValueError(f"a {fit} fit over {w.shape[1]} sources has {x.shape[1]} coefficients and needs more "
-                         f"mixtures than that; have {len(x)} (raise --proxies or use --fit linear)")
+                         f"mixtures than that; have {len(x)}")
     return np.linalg.lstsq(x, np.asarray(y, dtype=np.float64), rcond=None)[0]
+
+
+def min_proxies(k: int, fit: str) -> int:
+    """The fewest mixtures a fit over k sources can be judged on: leave-one-out refits it on all but one, and each
+    refit needs more mixtures than the fit has coefficients."""
+    return features(np.ones((1, k)) / k, fit).shape[1] + 2
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -137,11 +143,10 @@ def fit_quality(w: np.ndarray, y: np.ndarray, fit: str) -> dict[str, float]:
 
 def choose_fit(w: np.ndarray, y: np.ndarray, fit: str) -> tuple[str, dict[str, dict[str, Any]]]:
     """The fit to use and the quality of each one tried: `fit` itself, or for "auto" the one with the higher
-    leave-one-out Spearman ρ (linear on a tie, or when there are too few mixtures for the quadratic)."""
+    leave-one-out Spearman ρ (linear on a tie, or when there are too few mixtures to judge the quadratic)."""
     tried = ("linear", "quadratic") if fit == "auto" else (fit,)
-    n_quadratic = features(w[:1], "quadratic").shape[1]
     quality = {f: fit_quality(w, y, f) for f in tried if not (fit == "auto" and f == "quadratic"
-                                                               and len(w) <= n_quadratic)}
+                                                               and len(w) < min_proxies(w.shape[1], f))}
     rho = {f: q["loo_spearman"] if np.isfinite(q["loo_spearman"]) else -np.inf for f, q in quality.items()}
     return max(quality, key=lambda f: (rho[f], f == "linear")), quality
 
@@ -264,8 +269,13 @@ def run_mix_lab(out: str | Path, sources: list[str | Path] | None, target: str |
         else:
             paths, target_path = builtin_sources(out / "sources", cfg.chars_per_source)
             docs, names, target_text = [[p] for p in paths], [p.stem for p in paths], target_path.read_text("utf-8")
+        k, least = len(docs), "linear" if cfg.fit == "auto" else cfg.fit
+        if cfg.proxies < min_proxies(k, least):
+            c = min_proxies(k, least) - 2
+            raise ValueError(f"a {least} fit over {k} sources has {c} coefficients; judging it leave-one-out needs "
+                             f"at least {c + 2} mixtures, have {cfg.proxies} (raise --proxies"
+                             + (" or use --fit linear)" if least != "linear" else ")"))
         texts = [[read_document(p) for p in d] for d in docs]
-        k = len(texts)
         tok = Tokenizer.train([t for group in texts for t in group], kind="bpe", vocab_size=cfg.vocab_size)
         tok.save(out / "tokenizer.json")
         flat = [t for group in texts for t in group]
@@ -279,7 +289,6 @@ def run_mix_lab(out: str | Path, sources: list[str | Path] | None, target: str |
         if len(ids) <= cfg.block_size:
             raise ValueError(f"the target has {len(ids)} tokens, fewer than one window of {cfg.block_size + 1}")
         np.save(out / "target.npy", ids)
-        fit_mixture(np.ones((cfg.proxies, k)) / k, np.zeros(cfg.proxies), "linear" if cfg.fit == "auto" else cfg.fit)
     except BaseException:
         if made:
             shutil.rmtree(out, ignore_errors=True)

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from ..data import find_documents, read_document
+from ..data.dataset import _document_names
 from ..files import atomic_write_text
 from .facts.report import write_report
 
@@ -168,7 +169,8 @@ def run_split(sources: list[str | Path], out: str | Path, model_dir: str | Path 
     if not paths:
         raise ValueError(f"no documents found in {', '.join(map(str, sources))}")
     t0 = time.perf_counter()
-    rows = [{"source": p.name, "index": i, "text": t} for p in paths
+    names = _document_names(paths)  # two notes.txt in different folders are two sources
+    rows = [{"source": name, "index": i, "text": t} for p, name in zip(paths, names)
             for i, t in enumerate(passages(read_document(p), unit))]
     if not rows:
         raise ValueError("the sources hold no text")
@@ -186,8 +188,8 @@ def run_split(sources: list[str | Path], out: str | Path, model_dir: str | Path 
     table = [{"class": lab, "passages": counts[lab], "words": words[lab],
               "rules that fired": ", ".join(sorted({r["rule"] for r in rows if r["label"] == lab})) or "—"}
              for lab in LABELS]
-    per_source = [{"source": p.name, **{lab: sum(r["label"] == lab and r["source"] == p.name for r in rows)
-                                        for lab in LABELS}} for p in paths]
+    per_source = [{"source": name, **{lab: sum(r["label"] == lab and r["source"] == name for r in rows)
+                                      for lab in LABELS}} for name in names]
     mean_loss = {lab: statistics.mean(v) if (v := [r["scores"]["loss"] for r in rows if r["label"] == lab
                                                    and r["scores"].get("loss") is not None]) else None
                  for lab in LABELS}

@@ -81,6 +81,9 @@ class TaskText:
         return 1.0
 
 
+MAX_PROMPTS = 10_000
+
+
 @dataclasses.dataclass
 class Scale:
     task: str = "sort"
@@ -94,6 +97,12 @@ class Scale:
     step_tokens: int = 4
     temperature: float = 0.7                                 # Wang et al. 2023 sample at 0.5-0.7 for voting
     seed: int = 0                 # the models' training prompts and initialisation; samples use seeds 16s..16s+15
+
+    def __post_init__(self) -> None:
+        if self.prompts > MAX_PROMPTS:
+            raise ValueError(f"prompts ({self.prompts}) must be at most {MAX_PROMPTS:,}: the scored prompts are "
+                             "held out of training, and on sort (111,000 prompts, drawn unevenly) that many already "
+                             "cover about half of all draws")
 
     @classmethod
     def default(cls, quick: bool) -> Scale:
@@ -218,6 +227,9 @@ def run(out: str | Path, quick: bool = False, scale: Scale | None = None, comman
     scale = scale or Scale.default(quick)
     t0 = time.perf_counter()
     prompts = get_task(scale.task).heldout(scale.prompts)
+    if len(prompts) < scale.prompts:  # heldout gives fewer where the task has fewer
+        raise ValueError(f"task {scale.task} gives {len(prompts)} distinct prompts, fewer than the {scale.prompts} "
+                         "asked; ask for fewer")
     models = {name: pretrain(scale.task, size, scale.steps, out / "models" / name, seed=scale.seed,
                              scored=scale.prompts)
               for name, size in (("small", scale.small), ("large", scale.large))}

@@ -40,6 +40,9 @@ from .hooks import _Hooks, run_with_residuals
 
 KINDS = ("topk", "l1")
 DENSE = 0.1  # a feature firing on more than 10% of tokens counts as dense (Anthropic's feature-density plots)
+# the largest dictionary per input dimension: Bricken et al. 2023 went from 512 to 131,072 features on a 512-wide
+# layer; past it a typo (--features 10**10) would only fill memory (weights, Adam state, tokens x features codes)
+MAX_EXPANSION = 256
 
 
 @dataclass
@@ -60,6 +63,10 @@ class SAEConfig:
 
     def __post_init__(self) -> None:
         validate(self)
+        if self.n_features > MAX_EXPANSION * self.d_in:
+            raise ValueError(f"n_features ({self.n_features}) must be at most {MAX_EXPANSION} x d_in = "
+                             f"{MAX_EXPANSION * self.d_in}, the largest dictionary per input dimension in Bricken et "
+                             "al. 2023")
         if self.kind == "topk" and self.k > self.n_features:
             raise ValueError(f"k ({self.k}) must be <= n_features ({self.n_features})")
 
