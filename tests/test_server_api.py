@@ -619,6 +619,35 @@ def test_files_put_into_the_workspace_are_indexed(tmp_path):
         assert c.get("/api/v1/books").json() == []
 
 
+def test_names_copied_in_another_unicode_form_are_indexed_in_nfc(tmp_path):
+    """macOS writes "é" decomposed (NFD): such a book or model was listed but could be neither opened nor
+    deleted (the API looks names up in NFC), and one odd dataset name failed the whole dataset listing."""
+    import unicodedata
+
+    from lmlab.models.io import save_pretrained
+    from lmlab.tokenizers import Tokenizer
+    nfd = lambda s: unicodedata.normalize("NFD", s)  # noqa: E731
+    for folder in ("books", "datasets"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "books" / nfd("café.txt")).write_text(BOOK, encoding="utf-8")
+    tok = Tokenizer.train([BOOK], kind="char", vocab_size=100)
+    save_pretrained(tmp_path / "models" / nfd("modèle"), Transformer(ModelConfig.preset(
+        "gpt2-tiny", vocab_size=100, n_layer=1)), tok)
+    line = '{"prompt": "2+3=", "chosen": "5.", "rejected": "6."}\n'
+    for name in (nfd("données.jsonl"), "my data?.jsonl"):
+        (tmp_path / "datasets" / name).write_text(line, encoding="utf-8")
+    with client(settings(tmp_path)) as c:
+        assert [b["name"] for b in c.get("/api/v1/books").json()] == ["café.txt"]
+        assert c.get("/api/v1/books/café.txt").status_code == 200
+        assert c.get("/api/v1/models/modèle").json()["trained"] is True
+        r = c.get("/api/v1/datasets")
+        assert r.status_code == 200 and [d["name"] for d in r.json()] == ["données.jsonl"]
+        assert c.delete("/api/v1/books/café.txt").status_code == 204
+        assert c.delete("/api/v1/models/modèle").status_code == 204
+    assert sorted(p.name for p in (tmp_path / "books").iterdir()) == []
+    assert not (tmp_path / "models" / "modèle").exists() and not (tmp_path / "models" / nfd("modèle")).exists()
+
+
 def test_one_server_per_workspace(tmp_path):
     with client(settings(tmp_path)):
         with pytest.raises(RuntimeError, match="another lmlab serve"):
@@ -637,6 +666,20 @@ def test_binding_beyond_loopback_needs_a_token(tmp_path, capsys):
     from lmlab.cli import main
     assert main(["serve", "--host", "0.0.0.0", "--workspace", str(tmp_path)]) == 2
     assert "api-token" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--port", "99999"], "port (99999) must be in [0, 65535]"),  # uvicorn said it listened there, and did not
+    (["--max-upload-mb", "nan"], "--max-upload-mb (nan) must be a positive number"),
+    (["--max-upload-mb", "inf"], "--max-upload-mb (inf) must be a positive number"),
+    (["--memory-budget-gb", "nan"], "--memory-budget-gb (nan) must be a positive number"),
+    (["--memory-budget-gb", "0"], "--memory-budget-gb (0.0) must be a positive number"),  # was 70% of RAM
+    (["--torch-threads", "-1"], "torch_threads (-1) must be >= 1"),  # failed the start-up with a traceback
+])
+def test_serve_refuses_bad_settings_in_one_line(tmp_path, capsys, flags, message):
+    from lmlab.cli import main
+    assert main(["serve", "--workspace", str(tmp_path), *flags]) == 2
+    assert capsys.readouterr().err == f"lmlab: error: {message}\n"
 
 
 def test_security_headers(lab):

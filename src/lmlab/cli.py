@@ -1085,11 +1085,14 @@ def _serve(args: argparse.Namespace) -> int:
         from .server import Settings, serve
     except ImportError as exc:
         raise ValueError(f"lmlab serve needs the server extra: pip install 'lmlab[server]' ({exc})") from None
+    for flag, value in (("--max-upload-mb", args.max_upload_mb), ("--memory-budget-gb", args.memory_budget_gb)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{flag} ({value}) must be a positive number")
     settings = Settings(workspace=args.workspace, database_url=args.database_url, api_token=args.api_token or None,
                         host=args.host, port=args.port, max_jobs=args.max_jobs,
-                        max_upload_bytes=int(args.max_upload_mb * 2**20),
-                        memory_budget_bytes=int(args.memory_budget_gb * 2**30) if args.memory_budget_gb else None,
-                        torch_threads=args.torch_threads)
+                        max_upload_bytes=max(1, int(args.max_upload_mb * 2**20)),
+                        memory_budget_bytes=None if args.memory_budget_gb is None else
+                        max(1, int(args.memory_budget_gb * 2**30)), torch_threads=args.torch_threads)
     serve(settings)
     return 0
 

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import sys
+import unicodedata
 from collections import OrderedDict
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -99,8 +100,14 @@ class Settings:
     def __post_init__(self) -> None:
         if self.max_jobs < 1:
             raise ValueError(f"max_jobs ({self.max_jobs}) must be >= 1")
+        if not 0 <= self.port <= 65535:  # 0: a free port the system picks
+            raise ValueError(f"port ({self.port}) must be in [0, 65535]")
         if self.max_upload_bytes < 1:
             raise ValueError("the upload limit must be positive")
+        if self.memory_budget_bytes is not None and self.memory_budget_bytes < 1:
+            raise ValueError("the memory budget must be positive")
+        if self.torch_threads is not None and self.torch_threads < 1:
+            raise ValueError(f"torch_threads ({self.torch_threads}) must be >= 1")
         if self.extract_timeout_s <= 0 or self.extract_memory_bytes < 2**26:
             raise ValueError("a book needs a positive time limit and at least 64 MiB of memory to be read")
         if self.api_token is not None and len(self.api_token) < 8:
@@ -141,6 +148,8 @@ class AppState:
 
         for leftover in self.ws.tmp.iterdir():  # uploads and exports cut short by a crash
             remove_entry(leftover)
+        for folder in (self.ws.books, self.ws.models, self.ws.datasets):
+            nfc_names(folder)
         known = {b["name"] for b in self.db.list_books()}
         for name in known:
             if not (self.ws.books / name).is_file():
@@ -193,6 +202,21 @@ class AppState:
         if self._lock_file is not None:
             self._lock_file.close()  # closing releases the lock (so does the process dying)
             self._lock_file = None
+
+
+def nfc_names(folder: Path) -> None:
+    """Entries of `folder` named in another Unicode form than NFC (decomposed, as macOS writes "é") renamed to
+    NFC, the form every name of the API is looked up in: indexed under the other form, a book or model was
+    listed but could be neither opened nor deleted. One whose NFC name is taken is left as it is, and logged."""
+    for path in sorted(folder.iterdir()):
+        nfc = unicodedata.normalize("NFC", path.name)
+        if nfc == path.name:
+            continue
+        if os.path.lexists(folder / nfc):
+            log.warning("not renaming %s to NFC: %s exists", path, nfc)
+            continue
+        os.rename(path, folder / nfc)
+        log.info("renamed %s to its NFC form %s", path, nfc)
 
 
 def get_state(request: Request) -> AppState:

@@ -18,6 +18,7 @@ workspace's dataset can be replaced or deleted while the run is stopped and it s
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import uuid
@@ -44,6 +45,8 @@ from ..commands import DATASET, LORA_SETTINGS, TUNE_SETTINGS
 from ..schemas import DATASET_KINDS, Dataset, DatasetPreview, Run, TuneCreate
 from ..services import estimate, need_book, need_selfplay_models, need_trained, over_budget, receive_upload, run_info
 from ..workspace import NAME_MAX, BadName, check_name, inside, link_or_copy, remove_entry
+
+log = logging.getLogger("lmlab.server")
 
 router = APIRouter()
 META = ".json"  # datasets/.NAME.jsonl.json: the dataset's kind and count
@@ -113,7 +116,18 @@ def need_dataset(state: AppState, name: str) -> dict[str, Any]:
 def list_datasets(state: StateDep) -> list[dict[str, Any]]:
     folder = state.ws.datasets
     return [dataset_info(state, p.name) for p in sorted(folder.iterdir())  # any case: A.JSONL is a dataset too
-            if p.name.lower().endswith(SUFFIX) and not p.name.startswith(".") and p.is_file() and not p.is_symlink()]
+            if p.name.lower().endswith(SUFFIX) and not p.name.startswith(".") and p.is_file() and not p.is_symlink()
+            and _usable_name(p.name)]
+
+
+def _usable_name(name: str) -> bool:
+    """A file put there by hand whose name the API cannot take ("my data?.jsonl") is not listed: it failed the
+    whole listing, and could be neither opened nor deleted."""
+    try:
+        return check_dataset_name(name) == name
+    except BadName:
+        log.warning("not listing datasets/%s: its name is not one the API takes", name)
+        return False
 
 
 @router.post("/datasets", tags=["tune"], status_code=201, response_model=Dataset,
