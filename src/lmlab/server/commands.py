@@ -142,7 +142,8 @@ def train_command(run: dict[str, Any], ws: Workspace, model: dict[str, Any] | No
     `train --out RUN_DIR --resume`. `model` is the model's row; ValueError when it is gone (a resume needs
     none: the run directory holds its data and settings)."""
     run_dir = ws.run_path(run["id"])
-    params, files = run["params"], {}
+    params = {k: v for k, v in run["params"].items() if k != "new_version"}  # the server's check, not a flag
+    files = {}
     if run["resume"]:  # the run's own data and settings; max_steps may have grown (a stop condition)
         args = ["train", "--out", str(run_dir), "--resume"]
         params = {k: v for k, v in params.items() if k != "val_fraction"}

@@ -576,6 +576,8 @@ def default_params(req: RunCreate) -> dict[str, Any]:
     """TrainConfig fields for a run: what was given, plus defaults scaled to max_steps."""
     n = req.max_steps
     params = req.model_dump(exclude={"model", "books", "init_from_trained", "new_version", "val_fraction"})
+    if req.new_version:  # the request's consent to replace trained weights, which starting it again gives again
+        params["new_version"] = True
     if params["warmup_steps"] is None:
         params["warmup_steps"] = min(100, n // 10)
     if params["eval_every"] is None:
@@ -608,7 +610,7 @@ def _start_run(state: AppState, req: RunCreate) -> dict[str, Any]:
     if req.val_fraction is not None:
         params["val_fraction"] = req.val_fraction
     try:
-        TrainConfig.from_dict({k: v for k, v in params.items() if k != "val_fraction"})
+        TrainConfig.from_dict({k: v for k, v in params.items() if k not in ("val_fraction", "new_version")})
     except ValueError as exc:
         raise HTTPException(422, str(exc)) from None
     cfg = ModelConfig.from_dict(model["config"])

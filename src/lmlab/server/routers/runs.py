@@ -182,9 +182,9 @@ def restart_run(state: StateDep, run_id: RunId) -> Run:
 
 def start_again(state: Any, run_id: int) -> Run:
     """The stopped run's request made again, through the endpoint that made it: every check a new start makes
-    (names free, models trained and not in training, books and datasets there) is made again, and the new run's
-    lineage is the model's as it is now. Starting a run from scratch again is consent to train the model from
-    scratch (new_version: the version it has stays downloadable). The stopped run stays as it was."""
+    (names free, models trained and not in training, books and datasets there, a trained model's consent: a run
+    that gave it, new_version, gives it again) is made again, and the new run's lineage is the model's as it is
+    now. The stopped run stays as it was."""
     from pydantic import ValidationError
 
     from ..schemas import EvalCreate, MergeCreate, QuantizeCreate, TuneCreate
@@ -206,9 +206,8 @@ def start_again(state: Any, run_id: int) -> Run:
 
     try:
         if kind == "train":
-            scratch = not row["init_from_trained"]
             return run_info(state, start_run(state, request(RunCreate, model=model, books=row["books"],
-                                                            init_from_trained=not scratch, new_version=scratch)))
+                                                            init_from_trained=bool(row["init_from_trained"]))))
         if kind == "selfplay":
             return run_info(state, start_selfplay(state, request(SelfPlayCreate, model=model,
                                                                  iterations=row["max_steps"])))
