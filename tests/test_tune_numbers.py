@@ -81,7 +81,9 @@ def test_lora_merge_refuses_an_int8_model(tmp_path, start, quantized, capsys):  
     model = Transformer(ModelConfig.load(start / "model" / "config.json"))
     save_adapter(apply_lora(model, LoRAConfig(rank=2)), tmp_path / "adapter")
     assert main(["lora", "merge", str(quantized), str(tmp_path / "adapter"), "--out", str(tmp_path / "m")]) == 2
-    assert "this model is an int8/int4 model, which cannot train" in capsys.readouterr().err
+    assert capsys.readouterr().err == (f"lmlab: error: {quantized} is an int8/int4 model, which an adapter cannot be "
+                                       "merged into; merge it into the model it was quantized from (its "
+                                       "quantization.json: source)\n")
     assert not (tmp_path / "m").exists()
 
 
