@@ -531,3 +531,19 @@ def test_default_text_selfplay_learns_on_the_demo_model(tmp_path):
     first, last = rows[0]["reward"], sum(r["reward"] for r in rows[-5:]) / 5
     assert first <= ceiling - 0.1, (first, ceiling)
     assert last - first >= 0.02, (first, last)
+
+
+def test_a_refusal_in_a_worker_process_stays_a_refusal():
+    """A ValueError that lmlab raises in a parallel worker is bad input, as in the parent (one line, exit 2);
+    one from int() is still a bug: the worker judges it, since its traceback does not cross."""
+    from lmlab.cli import is_user_error
+    from lmlab.configs import parse_seeds
+    from lmlab.lab.parallel import process_map
+
+    with pytest.raises(ValueError, match="must look like 0,1,2") as refused:
+        process_map(parse_seeds, ["0,1", "x"], 2)
+    assert is_user_error(refused.value)
+    with pytest.raises(ValueError, match="invalid literal") as bug:
+        process_map(int, ["1", "x"], 2)
+    assert not is_user_error(bug.value)
+

@@ -2155,6 +2155,8 @@ def is_user_error(exc: BaseException) -> bool:
     code (an unpacking, an int() of something never checked), is a bug."""
     if isinstance(exc, _PATH_ERRORS) or (isinstance(exc, OSError) and exc.errno in _USER_ERRNOS):
         return True
+    if isinstance(exc, ValueError) and isinstance(getattr(exc, "user_error", None), bool):
+        return exc.user_error  # judged in the worker process that raised it (lab.parallel.process_map)
     tb = exc.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next  # the frame the exception was raised in
