@@ -547,3 +547,16 @@ def test_a_refusal_in_a_worker_process_stays_a_refusal():
         process_map(int, ["1", "x"], 2)
     assert not is_user_error(bug.value)
 
+
+def test_azr_refuses_a_folder_with_an_earlier_run_and_a_failed_run_leaves_none(tmp_path):
+    out = tmp_path / "azr"
+    out.mkdir()
+    (out / "results.json").write_text("{}")
+    (out / "log.txt").write_text("a server's log")  # a server's run folder: not a run's results
+    with pytest.raises(ValueError, match=r"azr holds results.json, which this run would overwrite; choose a new"):
+        azr.run_experiment(AZRConfig.quick(), [0], out, workers=1)
+    assert (out / "results.json").read_text() == "{}" and not (out / "progress.jsonl").exists()
+    fresh = tmp_path / "fresh"
+    with pytest.raises(ValueError, match="exceeds block_size 32"):  # found in the run, after progress.jsonl
+        azr.run_experiment(AZRConfig.quick(block_size=32, warmup_steps=2, iterations=1), [0], fresh, workers=1)
+    assert not fresh.exists()

@@ -852,12 +852,19 @@ BY_NAME = {e.name: e for e in (phases, plateau, alpha, warmup, hallucination, fi
 EXPERIMENTS = tuple(BY_NAME)
 
 
+# what an experiment writes into its folder: reports, plots, the Trainer's runs; `all` writes one folder each
+OUTPUTS = ("results.json", "report.html", "*.png", "runs", "pretrain", "reference", *EXPERIMENTS)
+
+
 def run_experiment(name: str, seeds: Sequence[int], out: Path, quick: bool = False,
                    workers: int | None = None) -> dict[str, Any]:
     """One experiment by name ('all' runs each into out/<name>/, sharing the phase runs with hallucination)."""
     out = Path(out)
     if name not in EXPERIMENTS and name != "all":
         raise ValueError(f"experiment ({name!r}) must be one of {', '.join(EXPERIMENTS)}, all")
+    held = [p.name for pattern in OUTPUTS for p in sorted(out.glob(pattern))] if out.is_dir() else []
+    if held:  # an earlier run's (a server's run folder holds its log.txt, hence no "is not empty")
+        raise ValueError(f"{out} holds {held[0]}, which this run would overwrite; choose a new folder")
     scale = Scale.default(quick, workers)
     if name != "all":
         return BY_NAME[name](seeds, out, quick, scale)

@@ -565,6 +565,9 @@ def _warm_and_run_arms(cfg: AZRConfig, seed: int, out: str) -> dict[str, Any]:
     return {"seed": seed, "warmup_losses": losses, "warmup_s": round(warm_s, 1), "arms": arms}
 
 
+OUTPUTS = ("results.json", "report.html", "progress.jsonl", "*.png")  # what run_experiment writes into its folder
+
+
 def run_experiment(cfg: AZRConfig, seeds: Sequence[int], out: str | Path, workers: int = 2) -> dict[str, Any]:
     """Every arm for every seed (seeds in parallel processes, 1 thread each); writes results.json, PNGs
     and report.html into `out` and returns the results."""
@@ -575,14 +578,24 @@ def run_experiment(cfg: AZRConfig, seeds: Sequence[int], out: str | Path, worker
     if workers < 1:
         raise ValueError(f"workers ({workers}) must be >= 1")
     out = Path(out)
+    held = [p.name for pattern in OUTPUTS for p in sorted(out.glob(pattern))] if out.is_dir() else []
+    if held:  # an earlier run's results (a server's run folder holds its log.txt, hence no "is not empty")
+        raise ValueError(f"{out} holds {held[0]}, which this run would overwrite; choose a new folder")
+    made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     (out / "progress.jsonl").write_text("")
     t0 = time.perf_counter()
     jobs = [(cfg, s, str(out)) for s in seeds]
-    if workers == 1 or len(seeds) == 1:
-        per_seed = [_seed_job(j) for j in jobs]
-    else:
-        per_seed = process_map(_seed_job, jobs, min(workers, len(seeds)))
+    try:  # a run that stops (a refusal in a worker, a Ctrl-C) leaves --out as it was, so it can run again
+        if workers == 1 or len(seeds) == 1:
+            per_seed = [_seed_job(j) for j in jobs]
+        else:
+            per_seed = process_map(_seed_job, jobs, min(workers, len(seeds)))
+    except BaseException:
+        (out / "progress.jsonl").unlink(missing_ok=True)
+        if made and not any(out.iterdir()):
+            out.rmdir()
+        raise
     results = {
         "experiment": "selfplay-azr",
         "claim": ("Absolute Zero (Zhao et al. 2025): self-play with a learnability-rewarded proposer and TRR++ "
