@@ -560,3 +560,30 @@ def test_azr_refuses_a_folder_with_an_earlier_run_and_a_failed_run_leaves_none(t
     with pytest.raises(ValueError, match="exceeds block_size 32"):  # found in the run, after progress.jsonl
         azr.run_experiment(AZRConfig.quick(block_size=32, warmup_steps=2, iterations=1), [0], fresh, workers=1)
     assert not fresh.exists()
+
+
+def _arm_result(arm, seed, final):
+    return {"arm": arm, "seed": seed, "wall_s": 1.0,
+            "history": [{"iteration": 0, "solve_rate": 0.1}, {"iteration": 1, "solve_rate": final}]}
+
+
+def test_azr_gives_no_verdict_from_one_seed(tmp_path):
+    """With one seed both stds are 0, and "beats by more than the sum of the stds" would be any difference."""
+    from lmlab.lab.selfplay.report import reproduces, summarize, write_report
+
+    cfg = dataclasses.asdict(AZRConfig.quick())
+    one = {"claim": "c", "warmup_note": "w", "config": cfg, "seeds": [0], "heldout_size": 360, "wall_s": 1.0,
+           "per_seed": [{"seed": 0, "arms": [_arm_result("warmup_only", 0, 0.2),
+                                             _arm_result("azr", 0, 0.2 + 1 / 360)]}]}
+    one["summary"] = summarize(one)
+    verdict = one["summary"]["verdict"]
+    assert verdict["reproduces"] is None and verdict["azr_beats_warmup_only"] is None
+    assert verdict["azr_minus_warmup_only"] == 0.0028 and verdict["paired_azr_minus_warmup_only"]["std"] is None
+    assert reproduces(verdict) == "inconclusive: needs at least 2 seeds (one seed has no spread to judge a " \
+                                  "difference by)"
+    write_report(one, tmp_path)
+    assert "claim here:</b> inconclusive: needs at least 2 seeds" in (tmp_path / "report.html").read_text()
+    two = {**one, "seeds": [0, 1], "per_seed": one["per_seed"] + [
+        {"seed": 1, "arms": [_arm_result("warmup_only", 1, 0.2), _arm_result("azr", 1, 0.3)]}]}
+    verdict = summarize(two)["verdict"]
+    assert verdict["reproduces"] is False and "inconclusive" not in verdict and reproduces(verdict) == "False"

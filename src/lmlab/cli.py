@@ -1264,13 +1264,12 @@ def _selfplay(args: argparse.Namespace) -> int:
     overrides = given(args, AZRConfig if args.mode == "azr" else TextSelfPlayConfig)
     if args.mode == "azr":
         from .lab.selfplay.azr import run_experiment
-        from .lab.selfplay.report import table
+        from .lab.selfplay.report import reproduces, table
         cfg = AZRConfig.quick(**overrides) if args.quick else AZRConfig(**overrides)
         results = run_experiment(cfg, parse_seeds(args.seeds), args.out, workers=args.workers)
         for row in table(results):
             print(" | ".join(row))
-        verdict = results["summary"]["verdict"].get("reproduces")
-        print(f"reproduces: {verdict}; report: {Path(args.out) / 'report.html'}")
+        print(f"reproduces: {reproduces(results['summary']['verdict'])}; report: {Path(args.out) / 'report.html'}")
         return 0
     from .lab.selfplay.text import TextSelfPlayConfig, read_prompts_file, resume_text_selfplay, run_text_selfplay
     if args.prompt and args.prompts_file:
