@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 import re
 import signal
 from pathlib import Path
@@ -587,3 +588,22 @@ def test_azr_gives_no_verdict_from_one_seed(tmp_path):
         {"seed": 1, "arms": [_arm_result("warmup_only", 1, 0.2), _arm_result("azr", 1, 0.3)]}]}
     verdict = summarize(two)["verdict"]
     assert verdict["reproduces"] is False and "inconclusive" not in verdict and reproduces(verdict) == "False"
+
+
+def test_the_random_task_baseline_never_trains_on_held_out_tasks(monkeypatch):
+    """As the warm-up: of the 76,800 tasks of the default run's seed 0, 84 were held-out ones (22 distinct)."""
+    cfg = AZRConfig()
+    keys = {(t.kind, t.program, t.pairs) for t in azr.heldout_tasks(cfg)}
+    trained = []
+
+    def solver_samples(model, tasks, cfg, rng):
+        for _ in azr.KINDS:
+            rng.randrange(2**31)  # what sample() draws per task type
+        trained.extend(tasks)
+        return [Sample("", [], 0.0, t.kind, "solve") for t in tasks]
+    monkeypatch.setattr(azr, "solver_samples", solver_samples)
+    monkeypatch.setattr(azr, "update", lambda *a, **k: 0.0)
+    rng = random.Random(0 * 1000 + azr.ARMS.index("solver_rl_random"))
+    for _ in range(cfg.iterations):
+        azr.random_iteration(None, None, cfg, rng, keys)
+    assert len(trained) == 76_800 and not [t for t in trained if (t.kind, t.program, t.pairs) in keys]

@@ -306,13 +306,19 @@ def evaluate(model: Transformer, tasks: Sequence[Task], cfg: AZRConfig) -> dict[
 
 # ---- warm-up: next-token training on random-program triples (stands in for pre-training) --------------
 
-def warmup_sequence(rng: random.Random, cfg: AZRConfig, exclude: set) -> str:
-    """One training text in one of the six formats, built from random programs and the interpreter."""
-    kind = rng.choice(KINDS)
+def training_task(rng: random.Random, kind: str, cfg: AZRConfig, exclude: set) -> Task:
+    """A random task of 1..train_max_ops ops that is none of the held-out tasks in `exclude`: the warm-up and
+    the random-task baseline never train on what they are scored on."""
     while True:
         task = random_task(rng, kind, rng.randint(1, cfg.train_max_ops), cfg.ind_inputs)
         if (kind, task.program, task.pairs) not in exclude:
-            break
+            return task
+
+
+def warmup_sequence(rng: random.Random, cfg: AZRConfig, exclude: set) -> str:
+    """One training text in one of the six formats, built from random programs and the interpreter."""
+    kind = rng.choice(KINDS)
+    task = training_task(rng, kind, cfg, exclude)
     if rng.random() < 0.5:
         return f"{solver_prompt(task)} {solver_answer(task)}"
     refs = [random_task(rng, kind, rng.randint(1, cfg.train_max_ops), 1) for _ in range(cfg.references)]
@@ -484,13 +490,12 @@ def azr_iteration(model: Transformer, opt: torch.optim.Optimizer, buffers: Buffe
     }
 
 
-def random_iteration(model: Transformer, opt: torch.optim.Optimizer, cfg: AZRConfig, rng: random.Random
-                     ) -> dict[str, Any]:
+def random_iteration(model: Transformer, opt: torch.optim.Optimizer, cfg: AZRConfig, rng: random.Random,
+                     exclude: set) -> dict[str, Any]:
     """The no-self-play baseline: solver-only REINFORCE on tasks from the uniform random generator, with
     as many trained sequences per step as full AZR trains (proposals + solver answers)."""
     n = cfg.propose_batch + cfg.solve_batch
-    tasks = [random_task(rng, kind, rng.randint(1, cfg.train_max_ops), cfg.ind_inputs)
-             for kind in KINDS for _ in range(n)]
+    tasks = [training_task(rng, kind, cfg, exclude) for kind in KINDS for _ in range(n)]
     solve = solver_samples(model, tasks, cfg, rng)
     loss = update(model, opt, solve, cfg)
     return {"loss": round(loss, 5), "solver_reward": sum(s.reward for s in solve) / len(solve),
@@ -515,6 +520,7 @@ def run_arm(arm: str, model: Transformer, cfg: AZRConfig, seed: int, heldout: Se
     history: list[dict[str, Any]] = [{"iteration": 0, **evaluate(model, heldout, cfg)}]
     info: dict[str, Any] = {}
     buffers = None
+    exclude = {(t.kind, t.program, t.pairs) for t in heldout}
     if arm in ("azr", "azr_frozen_proposer"):
         buffers, info = seed_buffers(model, cfg, rng)
     for it in range(1, cfg.iterations + 1):
@@ -525,7 +531,7 @@ def run_arm(arm: str, model: Transformer, cfg: AZRConfig, seed: int, heldout: Se
                 row.update({k: v for k, v in history[0].items() if k != "iteration"})
         else:
             if arm == "solver_rl_random":
-                row = random_iteration(model, opt, cfg, rng)
+                row = random_iteration(model, opt, cfg, rng, exclude)
             else:
                 row = azr_iteration(model, opt, buffers, cfg, rng, train_proposer=arm == "azr")
             if evaluate_now:
