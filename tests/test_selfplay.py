@@ -4,6 +4,7 @@ the sign of the policy gradient, and short end-to-end runs of both modes."""
 from __future__ import annotations
 
 import dataclasses
+import html
 import json
 import os
 import random
@@ -607,3 +608,34 @@ def test_the_random_task_baseline_never_trains_on_held_out_tasks(monkeypatch):
     for _ in range(cfg.iterations):
         azr.random_iteration(None, None, cfg, rng, keys)
     assert len(trained) == 76_800 and not [t for t in trained if (t.kind, t.program, t.pairs) in keys]
+
+
+def test_the_report_counts_the_program_lengths_the_solver_trained_on(tmp_path, monkeypatch):
+    """AZR's solver trains on proposals of up to dsl.MAX_OPS ops: the report no longer says lengths above
+    train_max_ops never appear in training; it counts them."""
+    from lmlab.lab.selfplay.report import summarize, write_report
+
+    cfg = AZRConfig.quick(warmup_steps=20, iterations=2, eval_every=2, heldout_per_stratum=1, seed_rounds=1)
+    seen, solver_samples = [], azr.solver_samples
+
+    def recorded(model, tasks, cfg, rng):
+        seen.extend(len(t.program) for t in tasks)
+        return solver_samples(model, tasks, cfg, rng)
+    monkeypatch.setattr(azr, "solver_samples", recorded)
+    heldout = azr.heldout_tasks(cfg)
+    arms = []
+    for arm in ("azr", "solver_rl_random"):
+        seen.clear()
+        model = azr.new_model(cfg, 0)
+        arms.append(azr.run_arm(arm, model, cfg, 0, heldout))
+        assert len(seen) == (2 * 3 * 8 if arm == "solver_rl_random" else 2 * 3 * 4)
+        assert arms[-1]["solver_lengths"] == {str(n): seen.count(n) for n in sorted(set(seen))}
+    results = {"claim": "c", "warmup_note": "w", "config": dataclasses.asdict(cfg), "seeds": [0], "heldout_size": 15,
+               "wall_s": 1.0, "per_seed": [{"seed": 0, "arms": arms}]}
+    results["summary"] = summarize(results)
+    assert results["summary"]["arms"]["azr"]["solver_lengths"] == arms[0]["solver_lengths"]
+    write_report(results, tmp_path)
+    page = (tmp_path / "report.html").read_text()
+    assert "never appear in training" not in page
+    assert (f"by program length (all\nseeds): solver_rl_random {html.escape(json.dumps(arms[1]['solver_lengths']))}; "
+            f"azr {html.escape(json.dumps(arms[0]['solver_lengths']))}.") in page

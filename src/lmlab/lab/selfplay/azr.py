@@ -32,6 +32,7 @@ import json
 import math
 import random
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -487,6 +488,7 @@ def azr_iteration(model: Transformer, opt: torch.optim.Optimizer, buffers: Buffe
         "buffer": sum(len(v) for v in buffers.tasks.values()),
         "trained_sequences": len(solve) + (len(prop_samples) if train_proposer else 0),
         "rollouts": len(prop_samples) + len(valid) * cfg.group + len(solve),
+        "solver_lengths": Counter(len(t.program) for t in solve_tasks),
     }
 
 
@@ -499,7 +501,8 @@ def random_iteration(model: Transformer, opt: torch.optim.Optimizer, cfg: AZRCon
     solve = solver_samples(model, tasks, cfg, rng)
     loss = update(model, opt, solve, cfg)
     return {"loss": round(loss, 5), "solver_reward": sum(s.reward for s in solve) / len(solve),
-            "trained_sequences": len(solve), "rollouts": len(solve)}
+            "trained_sequences": len(solve), "rollouts": len(solve),
+            "solver_lengths": Counter(len(t.program) for t in tasks)}
 
 
 # ---- one arm, one seed ---------------------------------------------------------------------------------
@@ -520,6 +523,7 @@ def run_arm(arm: str, model: Transformer, cfg: AZRConfig, seed: int, heldout: Se
     history: list[dict[str, Any]] = [{"iteration": 0, **evaluate(model, heldout, cfg)}]
     info: dict[str, Any] = {}
     buffers = None
+    lengths: Counter = Counter()  # program lengths of the tasks the solver trained on
     exclude = {(t.kind, t.program, t.pairs) for t in heldout}
     if arm in ("azr", "azr_frozen_proposer"):
         buffers, info = seed_buffers(model, cfg, rng)
@@ -534,10 +538,12 @@ def run_arm(arm: str, model: Transformer, cfg: AZRConfig, seed: int, heldout: Se
                 row = random_iteration(model, opt, cfg, rng, exclude)
             else:
                 row = azr_iteration(model, opt, buffers, cfg, rng, train_proposer=arm == "azr")
+            lengths.update(row.pop("solver_lengths"))
             if evaluate_now:
                 row.update(evaluate(model, heldout, cfg))
         history.append({"iteration": it, **row})
-    return {"arm": arm, "seed": seed, "history": history, "wall_s": round(time.perf_counter() - t0, 1), **info}
+    return {"arm": arm, "seed": seed, "history": history, "wall_s": round(time.perf_counter() - t0, 1),
+            "solver_lengths": {str(n): lengths[n] for n in sorted(lengths)}, **info}
 
 
 def _seed_job(args: tuple[AZRConfig, int, str]) -> dict[str, Any]:
