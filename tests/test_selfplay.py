@@ -9,6 +9,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 from pathlib import Path
 
@@ -639,3 +640,32 @@ def test_the_report_counts_the_program_lengths_the_solver_trained_on(tmp_path, m
     assert "never appear in training" not in page
     assert (f"by program length (all\nseeds): solver_rl_random {html.escape(json.dumps(arms[1]['solver_lengths']))}; "
             f"azr {html.escape(json.dumps(arms[0]['solver_lengths']))}.") in page
+
+
+def test_text_selfplay_resume_refuses_an_edited_reward_file(tmp_path):
+    """As `tune grpo`: the reward is the file's code, and an edited file would score the rest of the run."""
+    start_model(tmp_path / "start")
+    reward = tmp_path / "r.py"
+    reward.write_text("def score(prompt, completion):\n    return completion.count('a') / max(len(completion), 1)\n")
+    cfg = TextSelfPlayConfig(iterations=1, prompts_per_iteration=1, group_size=2, max_new_tokens=4, reward="file")
+    run = tmp_path / "run"
+    run_text_selfplay(tmp_path / "start", run, cfg, reward_file=f"{reward}:score", log=None)
+    reward.write_text("def score(prompt, completion):\n    return 1.0\n")
+    with pytest.raises(ValueError, match=rf"^cannot resume {re.escape(str(run))}: the reward file's code differs "
+                                         "from the code the run started with"):
+        resume_text_selfplay(run, {"iterations": 2}, log=None)
+
+
+def test_text_selfplay_names_its_own_command_over_an_earlier_run(tmp_path):
+    """A folder that holds a finished run (its checkpoints removed) is refused with selfplay text's own resume
+    command, before anything is loaded, not `lmlab train`'s from inside the Trainer."""
+    start_model(tmp_path / "start")
+    cfg = TextSelfPlayConfig(iterations=1, prompts_per_iteration=1, group_size=2, max_new_tokens=4)
+    run = tmp_path / "run"
+    run_text_selfplay(tmp_path / "start", run, cfg, log=None)
+    with pytest.raises(ValueError, match="continue it with --resume, or start over in another folder$"):
+        run_text_selfplay(tmp_path / "start", run, cfg, log=None)
+    shutil.rmtree(run / "checkpoints")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(run))} already holds a run; resume it \(lmlab selfplay "
+                                         rf"text --out {re.escape(str(run))} --resume\) or choose another folder$"):
+        run_text_selfplay(tmp_path / "start", run, cfg, reward=lambda *a: pytest.fail("it trained"), log=None)
