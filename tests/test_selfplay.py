@@ -669,3 +669,23 @@ def test_text_selfplay_names_its_own_command_over_an_earlier_run(tmp_path):
     with pytest.raises(ValueError, match=rf"^{re.escape(str(run))} already holds a run; resume it \(lmlab selfplay "
                                          rf"text --out {re.escape(str(run))} --resume\) or choose another folder$"):
         run_text_selfplay(tmp_path / "start", run, cfg, reward=lambda *a: pytest.fail("it trained"), log=None)
+
+
+def test_a_reward_file_may_return_any_finite_real_number(tmp_path):
+    """numpy's numbers are accepted (as floats); an int too large for a float is refused in one line, not an
+    OverflowError from float() (an "internal error"); a string or a bool is no number."""
+    f = tmp_path / "r.py"
+    f.write_text("import numpy as np\n"
+                 "def f32(p, c):\n    return np.float32(0.75)\n"
+                 "def i64(p, c):\n    return np.int64(3)\n"
+                 "def huge(p, c):\n    return 10 ** 400\n"
+                 "def text(p, c):\n    return '0.5'\n"
+                 "def npbool(p, c):\n    return np.bool_(True)\n")
+    got = [build_reward("file", reward_file=f"{f}:{name}")(["x"], ["a"], [[1]]) for name in ("f32", "i64")]
+    assert got == [[0.75], [3.0]] and all(type(v[0]) is float for v in got)
+    with pytest.raises(ValueError, match=r"r.py:huge returned an integer too large for a float; a reward must be a "
+                                         r"finite number$"):
+        build_reward("file", reward_file=f"{f}:huge")(["x"], ["a"], [[1]])
+    for name, shown in (("text", "'0.5'"), ("npbool", "np.True_")):
+        with pytest.raises(ValueError, match=rf"r.py:{name} returned {re.escape(shown)}; a reward must be a finite"):
+            build_reward("file", reward_file=f"{f}:{name}")(["x"], ["a"], [[1]])
