@@ -507,3 +507,20 @@ def test_the_cli_offers_every_experiment_and_all():
     from lmlab.lab.facts.experiments import EXPERIMENTS
 
     assert _FACTS_VERBS == (*EXPERIMENTS, "all")
+
+
+def test_an_experiment_refuses_a_folder_with_an_earlier_run(tmp_path):
+    """Nothing is trained or written: results.json and the runs of an earlier run stay as they were."""
+    from lmlab.lab.facts.experiments import run_experiment
+
+    (tmp_path / "fm").mkdir()
+    (tmp_path / "fm" / "results.json").write_text("{}")
+    with pytest.raises(ValueError, match="fm holds results.json, which this run would overwrite; choose a new"):
+        run_experiment("memory", [1], tmp_path / "fm", quick=True, workers=1)
+    assert [p.name for p in (tmp_path / "fm").iterdir()] == ["results.json"]
+    (tmp_path / "fx" / "runs" / "seed-0" / "final").mkdir(parents=True)
+    with pytest.raises(ValueError, match="fx holds runs, which"):
+        run_experiment("phases", [0, 1], tmp_path / "fx", quick=True)
+    (tmp_path / "all" / "memory").mkdir(parents=True)
+    with pytest.raises(ValueError, match="all holds memory, which"):
+        run_experiment("all", [0], tmp_path / "all", quick=True)

@@ -146,3 +146,14 @@ if __name__ == "__main__" and sys.argv[1:] == ["--write"]:
         GOLDEN.parent.mkdir(exist_ok=True)
         GOLDEN.write_text(json.dumps(results(Path(tmp), mp), indent=0) + "\n")
     print(f"wrote {GOLDEN}")
+
+
+def test_no_difference_is_no_improvement(tmp_path, monkeypatch):
+    """Every variant the same run (all learn as much, replay changes nothing): a claim of an improvement does
+    not hold. It did: `>=` for warm-up, and 'no replay weight loses > 0.02' alone for replay."""
+    fake_training(monkeypatch)
+    monkeypatch.setattr(sys.modules[__name__], "crc", lambda cfg: 12345)
+    warm = experiments.warmup([0, 1], tmp_path / "warmup", quick=True)
+    assert warm["checks"]["warmup_beats_power_law"] is False and warm["checks"]["power_law_beats_uniform"] is False
+    fine = experiments.finetune([0, 1], tmp_path / "finetune", quick=True)
+    assert fine["checks"]["replay_improves_final"] is False

@@ -4,9 +4,12 @@ the sign of the policy gradient, and short end-to-end runs of both modes."""
 from __future__ import annotations
 
 import dataclasses
+import html
 import json
 import os
+import random
 import re
+import shutil
 import signal
 from pathlib import Path
 
@@ -531,3 +534,158 @@ def test_default_text_selfplay_learns_on_the_demo_model(tmp_path):
     first, last = rows[0]["reward"], sum(r["reward"] for r in rows[-5:]) / 5
     assert first <= ceiling - 0.1, (first, ceiling)
     assert last - first >= 0.02, (first, last)
+
+
+def test_a_refusal_in_a_worker_process_stays_a_refusal():
+    """A ValueError that lmlab raises in a parallel worker is bad input, as in the parent (one line, exit 2);
+    one from int() is still a bug: the worker judges it, since its traceback does not cross."""
+    from lmlab.cli import is_user_error
+    from lmlab.configs import parse_seeds
+    from lmlab.lab.parallel import process_map
+
+    with pytest.raises(ValueError, match="must look like 0,1,2") as refused:
+        process_map(parse_seeds, ["0,1", "x"], 2)
+    assert is_user_error(refused.value)
+    with pytest.raises(ValueError, match="invalid literal") as bug:
+        process_map(int, ["1", "x"], 2)
+    assert not is_user_error(bug.value)
+
+
+def test_azr_refuses_a_folder_with_an_earlier_run_and_a_failed_run_leaves_none(tmp_path):
+    out = tmp_path / "azr"
+    out.mkdir()
+    (out / "results.json").write_text("{}")
+    (out / "log.txt").write_text("a server's log")  # a server's run folder: not a run's results
+    with pytest.raises(ValueError, match=r"azr holds results.json, which this run would overwrite; choose a new"):
+        azr.run_experiment(AZRConfig.quick(), [0], out, workers=1)
+    assert (out / "results.json").read_text() == "{}" and not (out / "progress.jsonl").exists()
+    fresh = tmp_path / "fresh"
+    with pytest.raises(ValueError, match="exceeds block_size 32"):  # found in the run, after progress.jsonl
+        azr.run_experiment(AZRConfig.quick(block_size=32, warmup_steps=2, iterations=1), [0], fresh, workers=1)
+    assert not fresh.exists()
+
+
+def _arm_result(arm, seed, final):
+    return {"arm": arm, "seed": seed, "wall_s": 1.0,
+            "history": [{"iteration": 0, "solve_rate": 0.1}, {"iteration": 1, "solve_rate": final}]}
+
+
+def test_azr_gives_no_verdict_from_one_seed(tmp_path):
+    """With one seed both stds are 0, and "beats by more than the sum of the stds" would be any difference."""
+    from lmlab.lab.selfplay.report import reproduces, summarize, write_report
+
+    cfg = dataclasses.asdict(AZRConfig.quick())
+    one = {"claim": "c", "warmup_note": "w", "config": cfg, "seeds": [0], "heldout_size": 360, "wall_s": 1.0,
+           "per_seed": [{"seed": 0, "arms": [_arm_result("warmup_only", 0, 0.2),
+                                             _arm_result("azr", 0, 0.2 + 1 / 360)]}]}
+    one["summary"] = summarize(one)
+    verdict = one["summary"]["verdict"]
+    assert verdict["reproduces"] is None and verdict["azr_beats_warmup_only"] is None
+    assert verdict["azr_minus_warmup_only"] == 0.0028 and verdict["paired_azr_minus_warmup_only"]["std"] is None
+    assert reproduces(verdict) == "inconclusive: needs at least 2 seeds (one seed has no spread to judge a " \
+                                  "difference by)"
+    write_report(one, tmp_path)
+    assert "claim here:</b> inconclusive: needs at least 2 seeds" in (tmp_path / "report.html").read_text()
+    two = {**one, "seeds": [0, 1], "per_seed": one["per_seed"] + [
+        {"seed": 1, "arms": [_arm_result("warmup_only", 1, 0.2), _arm_result("azr", 1, 0.3)]}]}
+    verdict = summarize(two)["verdict"]
+    assert verdict["reproduces"] is False and "inconclusive" not in verdict and reproduces(verdict) == "False"
+
+
+def test_the_random_task_baseline_never_trains_on_held_out_tasks(monkeypatch):
+    """As the warm-up: of the 76,800 tasks of the default run's seed 0, 84 were held-out ones (22 distinct)."""
+    cfg = AZRConfig()
+    keys = {(t.kind, t.program, t.pairs) for t in azr.heldout_tasks(cfg)}
+    trained = []
+
+    def solver_samples(model, tasks, cfg, rng):
+        for _ in azr.KINDS:
+            rng.randrange(2**31)  # what sample() draws per task type
+        trained.extend(tasks)
+        return [Sample("", [], 0.0, t.kind, "solve") for t in tasks]
+    monkeypatch.setattr(azr, "solver_samples", solver_samples)
+    monkeypatch.setattr(azr, "update", lambda *a, **k: 0.0)
+    rng = random.Random(0 * 1000 + azr.ARMS.index("solver_rl_random"))
+    for _ in range(cfg.iterations):
+        azr.random_iteration(None, None, cfg, rng, keys)
+    assert len(trained) == 76_800 and not [t for t in trained if (t.kind, t.program, t.pairs) in keys]
+
+
+def test_the_report_counts_the_program_lengths_the_solver_trained_on(tmp_path, monkeypatch):
+    """AZR's solver trains on proposals of up to dsl.MAX_OPS ops: the report no longer says lengths above
+    train_max_ops never appear in training; it counts them."""
+    from lmlab.lab.selfplay.report import summarize, write_report
+
+    cfg = AZRConfig.quick(warmup_steps=20, iterations=2, eval_every=2, heldout_per_stratum=1, seed_rounds=1)
+    seen, solver_samples = [], azr.solver_samples
+
+    def recorded(model, tasks, cfg, rng):
+        seen.extend(len(t.program) for t in tasks)
+        return solver_samples(model, tasks, cfg, rng)
+    monkeypatch.setattr(azr, "solver_samples", recorded)
+    heldout = azr.heldout_tasks(cfg)
+    arms = []
+    for arm in ("azr", "solver_rl_random"):
+        seen.clear()
+        model = azr.new_model(cfg, 0)
+        arms.append(azr.run_arm(arm, model, cfg, 0, heldout))
+        assert len(seen) == (2 * 3 * 8 if arm == "solver_rl_random" else 2 * 3 * 4)
+        assert arms[-1]["solver_lengths"] == {str(n): seen.count(n) for n in sorted(set(seen))}
+    results = {"claim": "c", "warmup_note": "w", "config": dataclasses.asdict(cfg), "seeds": [0], "heldout_size": 15,
+               "wall_s": 1.0, "per_seed": [{"seed": 0, "arms": arms}]}
+    results["summary"] = summarize(results)
+    assert results["summary"]["arms"]["azr"]["solver_lengths"] == arms[0]["solver_lengths"]
+    write_report(results, tmp_path)
+    page = (tmp_path / "report.html").read_text()
+    assert "never appear in training" not in page
+    assert (f"by program length (all\nseeds): solver_rl_random {html.escape(json.dumps(arms[1]['solver_lengths']))}; "
+            f"azr {html.escape(json.dumps(arms[0]['solver_lengths']))}.") in page
+
+
+def test_text_selfplay_resume_refuses_an_edited_reward_file(tmp_path):
+    """As `tune grpo`: the reward is the file's code, and an edited file would score the rest of the run."""
+    start_model(tmp_path / "start")
+    reward = tmp_path / "r.py"
+    reward.write_text("def score(prompt, completion):\n    return completion.count('a') / max(len(completion), 1)\n")
+    cfg = TextSelfPlayConfig(iterations=1, prompts_per_iteration=1, group_size=2, max_new_tokens=4, reward="file")
+    run = tmp_path / "run"
+    run_text_selfplay(tmp_path / "start", run, cfg, reward_file=f"{reward}:score", log=None)
+    reward.write_text("def score(prompt, completion):\n    return 1.0\n")
+    with pytest.raises(ValueError, match=rf"^cannot resume {re.escape(str(run))}: the reward file's code differs "
+                                         "from the code the run started with"):
+        resume_text_selfplay(run, {"iterations": 2}, log=None)
+
+
+def test_text_selfplay_names_its_own_command_over_an_earlier_run(tmp_path):
+    """A folder that holds a finished run (its checkpoints removed) is refused with selfplay text's own resume
+    command, before anything is loaded, not `lmlab train`'s from inside the Trainer."""
+    start_model(tmp_path / "start")
+    cfg = TextSelfPlayConfig(iterations=1, prompts_per_iteration=1, group_size=2, max_new_tokens=4)
+    run = tmp_path / "run"
+    run_text_selfplay(tmp_path / "start", run, cfg, log=None)
+    with pytest.raises(ValueError, match="continue it with --resume, or start over in another folder$"):
+        run_text_selfplay(tmp_path / "start", run, cfg, log=None)
+    shutil.rmtree(run / "checkpoints")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(run))} already holds a run; resume it \(lmlab selfplay "
+                                         rf"text --out {re.escape(str(run))} --resume\) or choose another folder$"):
+        run_text_selfplay(tmp_path / "start", run, cfg, reward=lambda *a: pytest.fail("it trained"), log=None)
+
+
+def test_a_reward_file_may_return_any_finite_real_number(tmp_path):
+    """numpy's numbers are accepted (as floats); an int too large for a float is refused in one line, not an
+    OverflowError from float() (an "internal error"); a string or a bool is no number."""
+    f = tmp_path / "r.py"
+    f.write_text("import numpy as np\n"
+                 "def f32(p, c):\n    return np.float32(0.75)\n"
+                 "def i64(p, c):\n    return np.int64(3)\n"
+                 "def huge(p, c):\n    return 10 ** 400\n"
+                 "def text(p, c):\n    return '0.5'\n"
+                 "def npbool(p, c):\n    return np.bool_(True)\n")
+    got = [build_reward("file", reward_file=f"{f}:{name}")(["x"], ["a"], [[1]]) for name in ("f32", "i64")]
+    assert got == [[0.75], [3.0]] and all(type(v[0]) is float for v in got)
+    with pytest.raises(ValueError, match=r"r.py:huge returned an integer too large for a float; a reward must be a "
+                                         r"finite number$"):
+        build_reward("file", reward_file=f"{f}:huge")(["x"], ["a"], [[1]])
+    for name, shown in (("text", "'0.5'"), ("npbool", "np.True_")):
+        with pytest.raises(ValueError, match=rf"r.py:{name} returned {re.escape(shown)}; a reward must be a finite"):
+            build_reward("file", reward_file=f"{f}:{name}")(["x"], ["a"], [[1]])

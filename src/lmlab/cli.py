@@ -1267,13 +1267,12 @@ def _selfplay(args: argparse.Namespace) -> int:
     overrides = given(args, AZRConfig if args.mode == "azr" else TextSelfPlayConfig)
     if args.mode == "azr":
         from .lab.selfplay.azr import run_experiment
-        from .lab.selfplay.report import table
+        from .lab.selfplay.report import reproduces, table
         cfg = AZRConfig.quick(**overrides) if args.quick else AZRConfig(**overrides)
         results = run_experiment(cfg, parse_seeds(args.seeds), args.out, workers=args.workers)
         for row in table(results):
             print(" | ".join(row))
-        verdict = results["summary"]["verdict"].get("reproduces")
-        print(f"reproduces: {verdict}; report: {Path(args.out) / 'report.html'}")
+        print(f"reproduces: {reproduces(results['summary']['verdict'])}; report: {Path(args.out) / 'report.html'}")
         return 0
     from .lab.selfplay.text import TextSelfPlayConfig, read_prompts_file, resume_text_selfplay, run_text_selfplay
     if args.prompt and args.prompts_file:
@@ -2158,6 +2157,8 @@ def is_user_error(exc: BaseException) -> bool:
     code (an unpacking, an int() of something never checked), is a bug."""
     if isinstance(exc, _PATH_ERRORS) or (isinstance(exc, OSError) and exc.errno in _USER_ERRNOS):
         return True
+    if isinstance(exc, ValueError) and isinstance(getattr(exc, "user_error", None), bool):
+        return exc.user_error  # judged in the worker process that raised it (lab.parallel.process_map)
     tb = exc.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next  # the frame the exception was raised in

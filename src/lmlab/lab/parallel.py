@@ -11,6 +11,7 @@ comes, which is why this is not multiprocessing's Pool.
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import signal
 from collections.abc import Callable, Iterable
@@ -22,13 +23,24 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _call(fn: Callable[[Any], Any], item: Any) -> Any:
+    """fn(item) in a worker. A ValueError is judged here, bad input or a bug (cli.is_user_error reads the frame
+    that raised it), and carries the answer as `user_error`: its traceback does not cross to the parent."""
+    try:
+        return fn(item)
+    except ValueError as exc:
+        from ..cli import is_user_error
+        exc.user_error = is_user_error(exc)
+        raise
+
+
 def process_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int) -> list[Any]:
     """[fn(x) for x in items] over `workers` spawned processes, results in order; a worker's exception is
     raised here. fn must be importable by name (a module-level function)."""
     before = set(multiprocessing.active_children())
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_sigint)
     try:
-        return list(pool.map(fn, items))
+        return list(pool.map(functools.partial(_call, fn), items))
     except BaseException:
         for process in set(multiprocessing.active_children()) - before:  # this pool's workers
             process.kill()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import numbers
 import random
 import re
 from collections.abc import Callable, Sequence
@@ -206,6 +207,20 @@ def load_reward_file(spec: str) -> Callable[[str, str], float]:
     return fn
 
 
+def _finite(value: object, reward_file: str) -> float:
+    """A user reward as a float: any real number (numpy's too) that a float holds finitely; not a bool."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{reward_file} returned {value!r}; a reward must be a finite number")
+    try:
+        number = float(value)
+    except OverflowError:  # an int past a float's range; its repr may be thousands of digits
+        raise ValueError(f"{reward_file} returned an integer too large for a float; a reward must be a finite "
+                         "number") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{reward_file} returned {value!r}; a reward must be a finite number")
+    return number
+
+
 def build_reward(name: str, *, judge: str | Path | None = None, reward_file: str | None = None) -> Reward:
     if name not in REWARDS:
         raise ValueError(f"reward ({name!r}) must be one of {', '.join(REWARDS)}")
@@ -229,8 +244,6 @@ def build_reward(name: str, *, judge: str | Path | None = None, reward_file: str
             except Exception as exc:  # noqa: BLE001 - the user's function failed, not lmlab: one line, as bad input
                 raise ValueError(f"{reward_file} raised {type(exc).__name__}: {exc} (scoring {t[:40]!r}; run with "
                                  "--debug for its traceback)") from exc
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{reward_file} returned {value!r}; a reward must be a finite number")
-            out.append(float(value))
+            out.append(_finite(value, reward_file))
         return out
     return user

@@ -32,6 +32,7 @@ import json
 import math
 import random
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -306,13 +307,19 @@ def evaluate(model: Transformer, tasks: Sequence[Task], cfg: AZRConfig) -> dict[
 
 # ---- warm-up: next-token training on random-program triples (stands in for pre-training) --------------
 
-def warmup_sequence(rng: random.Random, cfg: AZRConfig, exclude: set) -> str:
-    """One training text in one of the six formats, built from random programs and the interpreter."""
-    kind = rng.choice(KINDS)
+def training_task(rng: random.Random, kind: str, cfg: AZRConfig, exclude: set) -> Task:
+    """A random task of 1..train_max_ops ops that is none of the held-out tasks in `exclude`: the warm-up and
+    the random-task baseline never train on what they are scored on."""
     while True:
         task = random_task(rng, kind, rng.randint(1, cfg.train_max_ops), cfg.ind_inputs)
         if (kind, task.program, task.pairs) not in exclude:
-            break
+            return task
+
+
+def warmup_sequence(rng: random.Random, cfg: AZRConfig, exclude: set) -> str:
+    """One training text in one of the six formats, built from random programs and the interpreter."""
+    kind = rng.choice(KINDS)
+    task = training_task(rng, kind, cfg, exclude)
     if rng.random() < 0.5:
         return f"{solver_prompt(task)} {solver_answer(task)}"
     refs = [random_task(rng, kind, rng.randint(1, cfg.train_max_ops), 1) for _ in range(cfg.references)]
@@ -481,20 +488,21 @@ def azr_iteration(model: Transformer, opt: torch.optim.Optimizer, buffers: Buffe
         "buffer": sum(len(v) for v in buffers.tasks.values()),
         "trained_sequences": len(solve) + (len(prop_samples) if train_proposer else 0),
         "rollouts": len(prop_samples) + len(valid) * cfg.group + len(solve),
+        "solver_lengths": Counter(len(t.program) for t in solve_tasks),
     }
 
 
-def random_iteration(model: Transformer, opt: torch.optim.Optimizer, cfg: AZRConfig, rng: random.Random
-                     ) -> dict[str, Any]:
+def random_iteration(model: Transformer, opt: torch.optim.Optimizer, cfg: AZRConfig, rng: random.Random,
+                     exclude: set) -> dict[str, Any]:
     """The no-self-play baseline: solver-only REINFORCE on tasks from the uniform random generator, with
     as many trained sequences per step as full AZR trains (proposals + solver answers)."""
     n = cfg.propose_batch + cfg.solve_batch
-    tasks = [random_task(rng, kind, rng.randint(1, cfg.train_max_ops), cfg.ind_inputs)
-             for kind in KINDS for _ in range(n)]
+    tasks = [training_task(rng, kind, cfg, exclude) for kind in KINDS for _ in range(n)]
     solve = solver_samples(model, tasks, cfg, rng)
     loss = update(model, opt, solve, cfg)
     return {"loss": round(loss, 5), "solver_reward": sum(s.reward for s in solve) / len(solve),
-            "trained_sequences": len(solve), "rollouts": len(solve)}
+            "trained_sequences": len(solve), "rollouts": len(solve),
+            "solver_lengths": Counter(len(t.program) for t in tasks)}
 
 
 # ---- one arm, one seed ---------------------------------------------------------------------------------
@@ -515,6 +523,8 @@ def run_arm(arm: str, model: Transformer, cfg: AZRConfig, seed: int, heldout: Se
     history: list[dict[str, Any]] = [{"iteration": 0, **evaluate(model, heldout, cfg)}]
     info: dict[str, Any] = {}
     buffers = None
+    lengths: Counter = Counter()  # program lengths of the tasks the solver trained on
+    exclude = {(t.kind, t.program, t.pairs) for t in heldout}
     if arm in ("azr", "azr_frozen_proposer"):
         buffers, info = seed_buffers(model, cfg, rng)
     for it in range(1, cfg.iterations + 1):
@@ -525,13 +535,15 @@ def run_arm(arm: str, model: Transformer, cfg: AZRConfig, seed: int, heldout: Se
                 row.update({k: v for k, v in history[0].items() if k != "iteration"})
         else:
             if arm == "solver_rl_random":
-                row = random_iteration(model, opt, cfg, rng)
+                row = random_iteration(model, opt, cfg, rng, exclude)
             else:
                 row = azr_iteration(model, opt, buffers, cfg, rng, train_proposer=arm == "azr")
+            lengths.update(row.pop("solver_lengths"))
             if evaluate_now:
                 row.update(evaluate(model, heldout, cfg))
         history.append({"iteration": it, **row})
-    return {"arm": arm, "seed": seed, "history": history, "wall_s": round(time.perf_counter() - t0, 1), **info}
+    return {"arm": arm, "seed": seed, "history": history, "wall_s": round(time.perf_counter() - t0, 1),
+            "solver_lengths": {str(n): lengths[n] for n in sorted(lengths)}, **info}
 
 
 def _seed_job(args: tuple[AZRConfig, int, str]) -> dict[str, Any]:
@@ -565,6 +577,9 @@ def _warm_and_run_arms(cfg: AZRConfig, seed: int, out: str) -> dict[str, Any]:
     return {"seed": seed, "warmup_losses": losses, "warmup_s": round(warm_s, 1), "arms": arms}
 
 
+OUTPUTS = ("results.json", "report.html", "progress.jsonl", "*.png")  # what run_experiment writes into its folder
+
+
 def run_experiment(cfg: AZRConfig, seeds: Sequence[int], out: str | Path, workers: int = 2) -> dict[str, Any]:
     """Every arm for every seed (seeds in parallel processes, 1 thread each); writes results.json, PNGs
     and report.html into `out` and returns the results."""
@@ -575,14 +590,24 @@ def run_experiment(cfg: AZRConfig, seeds: Sequence[int], out: str | Path, worker
     if workers < 1:
         raise ValueError(f"workers ({workers}) must be >= 1")
     out = Path(out)
+    held = [p.name for pattern in OUTPUTS for p in sorted(out.glob(pattern))] if out.is_dir() else []
+    if held:  # an earlier run's results (a server's run folder holds its log.txt, hence no "is not empty")
+        raise ValueError(f"{out} holds {held[0]}, which this run would overwrite; choose a new folder")
+    made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     (out / "progress.jsonl").write_text("")
     t0 = time.perf_counter()
     jobs = [(cfg, s, str(out)) for s in seeds]
-    if workers == 1 or len(seeds) == 1:
-        per_seed = [_seed_job(j) for j in jobs]
-    else:
-        per_seed = process_map(_seed_job, jobs, min(workers, len(seeds)))
+    try:  # a run that stops (a refusal in a worker, a Ctrl-C) leaves --out as it was, so it can run again
+        if workers == 1 or len(seeds) == 1:
+            per_seed = [_seed_job(j) for j in jobs]
+        else:
+            per_seed = process_map(_seed_job, jobs, min(workers, len(seeds)))
+    except BaseException:
+        (out / "progress.jsonl").unlink(missing_ok=True)
+        if made and not any(out.iterdir()):
+            out.rmdir()
+        raise
     results = {
         "experiment": "selfplay-azr",
         "claim": ("Absolute Zero (Zhao et al. 2025): self-play with a learnability-rewarded proposer and TRR++ "

@@ -12,7 +12,9 @@ from typing import Any
 
 from ...files import atomic_path, atomic_write_text
 from .azr import ARM_HELP, ARMS, KINDS
+from .dsl import MAX_OPS
 
+INCONCLUSIVE = "inconclusive: needs at least 2 seeds (one seed has no spread to judge a difference by)"
 DIAGNOSTICS = ("validity", "informative", "proposer_reward", "program_length", "diversity")
 
 
@@ -56,9 +58,13 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
             "trained_sequences": sum(r.get("trained_sequences", 0) for r in runs[0]["history"]),
             "rollouts": sum(r.get("rollouts", 0) for r in runs[0]["history"]),
             "wall_s_mean": round(sum(r["wall_s"] for r in runs) / len(runs), 1),
+            # AZR's solver trains on its proposer's programs, up to dsl.MAX_OPS ops: longer than train_max_ops too
+            "solver_lengths": {n: sum(r.get("solver_lengths", {}).get(n, 0) for r in runs)
+                               for n in sorted({n for r in runs for n in r.get("solver_lengths", {})}, key=int)},
             "diagnostics": diag,
         }
     verdict: dict[str, Any] = {}
+    one = len(results["seeds"]) < 2  # no spread to judge by: any difference would beat a std of 0
     if "azr" in arms:
         azr = arms["azr"]["final"]["solve_rate"]
         final = {(run["arm"], run["seed"]): [r for r in run["history"] if "solve_rate" in r][-1]["solve_rate"]
@@ -68,15 +74,17 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
                 o = arms[other]["final"]["solve_rate"]
                 diff = azr["mean"] - o["mean"]
                 verdict[f"azr_minus_{other}"] = round(diff, 4)
-                verdict[f"azr_beats_{other}"] = bool(diff > azr["std"] + o["std"])
+                verdict[f"azr_beats_{other}"] = None if one else bool(diff > azr["std"] + o["std"])
                 # paired by seed: both arms start from the same warm-up, so the per-seed difference removes
                 # the warm-up's seed-to-seed spread
                 paired = [final[("azr", s)] - final[(other, s)] for s in results["seeds"]]
                 m, sd = mean_std(paired)
                 verdict[f"paired_azr_minus_{other}"] = {"per_seed": [round(x, 4) for x in paired],
-                                                        "mean": round(m, 4), "std": round(sd, 4)}
+                                                        "mean": round(m, 4), "std": None if one else round(sd, 4)}
         needed = [k for k in verdict if k.startswith("azr_beats_")]
-        verdict["reproduces"] = bool(needed) and all(verdict[k] for k in needed)
+        verdict["reproduces"] = None if one else bool(needed) and all(verdict[k] for k in needed)
+        if one:
+            verdict["inconclusive"] = INCONCLUSIVE
         verdict["rule"] = ("AZR's final held-out solve rate must exceed each baseline's by more than the sum of "
                            "their seed standard deviations")
     return {"arms": arms, "verdict": verdict}
@@ -142,6 +150,11 @@ def table(results: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def reproduces(verdict: dict[str, Any]) -> str:
+    """The verdict as said in the report and by the CLI: True, False, or why there is none."""
+    return verdict.get("inconclusive") or str(verdict.get("reproduces"))
+
+
 def write_report(results: dict[str, Any], out: str | Path) -> None:
     out = Path(out)
     atomic_write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
@@ -154,6 +167,8 @@ def write_report(results: dict[str, Any], out: str | Path) -> None:
     verdict = results["summary"]["verdict"]
     cfg = results["config"]
     paired = {k: v for k, v in verdict.items() if k.startswith("paired")}
+    lengths = "; ".join(f"{arm} {json.dumps(a.get('solver_lengths', {}))}"
+                        for arm, a in results["summary"]["arms"].items() if arm != "warmup_only")
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>lmlab selfplay azr</title>
 <style>body{{font-family:sans-serif;max-width:60rem;margin:2rem auto}}td,th{{padding:.2rem .6rem;
 border-bottom:1px solid #ddd;text-align:left}}code{{background:#f4f4f4}}
@@ -163,10 +178,15 @@ border-bottom:1px solid #ddd;text-align:left}}code{{background:#f4f4f4}}
 <p><b>Warm-up:</b> {html.escape(results['warmup_note'])} ({cfg['warmup_steps']} steps of {cfg['warmup_batch']}
 sequences.)</p>
 <p>Seeds: {results['seeds']}; held-out tasks: {results['heldout_size']} (stratified by task type and program
-length 1–{cfg['heldout_max_ops']}; lengths above {cfg['train_max_ops']} never appear in training);
-{cfg['iterations']} iterations, one gradient step each; total wall time {results['wall_s']:.0f} s.</p>
+length 1–{cfg['heldout_max_ops']}); {cfg['iterations']} iterations, one gradient step each; total wall time
+{results['wall_s']:.0f} s.</p>
+<p>The out-of-distribution column scores held-out programs longer than {cfg['train_max_ops']} ops, a length the
+warm-up and the random-task baseline never train on. The AZR arms' solver trains on whatever its proposer writes,
+up to {MAX_OPS} ops, so these lengths can reach it there. Tasks the solver trained on, by program length (all
+seeds): {html.escape(lengths)}.</p>
 <div class="scroll"><table><tr>{head}</tr>{body}</table></div>
-<p><b>Reproduces the paper's claim here:</b> {verdict.get('reproduces')} — {html.escape(str(verdict.get('rule', '')))}.
+<p><b>Reproduces the paper's claim here:</b> {html.escape(reproduces(verdict))} —
+{html.escape(str(verdict.get('rule', '')))}.
 Differences of means: {html.escape(json.dumps({k: v for k, v in verdict.items() if k.startswith('azr_minus')}))}.
 Paired by seed (same warm-up): {html.escape(json.dumps(paired))}</p>
 {imgs}

@@ -44,7 +44,14 @@ from typing import Any
 from ...configs import knob, validate
 from ...files import atomic_write_text
 from ...models.io import load_pretrained
-from ...train.checkpoint import checkpoint_step, latest_checkpoint, no_checkpoint, run_folder
+from ...train.checkpoint import (
+    RUN_FILES,
+    checkpoint_step,
+    latest_checkpoint,
+    no_checkpoint,
+    refuse_existing_run,
+    run_folder,
+)
 from ...tune.grpo import (
     GRPOConfig,
     PromptSource,
@@ -138,13 +145,16 @@ def run_record(model_dir: str | Path, config: TextSelfPlayConfig, prompts: Seque
                judge: str | Path | None = None, reward_file: str | None = None) -> dict[str, Any]:
     """What OUT/config.json holds besides the Trainer's settings: these settings, the starting model ("init")
     and the sha256 of its weights (the KL anchor, which a resumed run must share), the prompts, the judge (and
-    its weights' sha256, for reward perplexity) and the reward file."""
+    its weights' sha256, for reward perplexity) and the reward file (and its sha256: the reward is the file's code,
+    and an edited file would score the rest of a resumed run)."""
     judged = judge is not None and config.reward == "perplexity"
     return {"selfplay_text": dataclasses.asdict(config), "init": str(model_dir),
             "model_sha256": weights_sha(model_dir), "prompts": list(prompts),
             "judge": str(judge) if judge else None,
             "judge_sha256": weights_sha(judge) if judged else None,
-            "reward_file": reward_file}
+            "reward_file": reward_file,
+            "reward_file_sha256": file_sha256(Path(reward_file.rpartition(":")[0]))
+            if reward_file and config.reward == "file" else None}
 
 
 def saved_run(out: str | Path) -> dict[str, Any]:
@@ -172,7 +182,9 @@ def run_text_selfplay(model_dir: str | Path, out: str | Path, config: TextSelfPl
         raise ValueError(no_checkpoint(out))
     if checkpoint is not None and not resume:
         raise ValueError(f"{out} holds the checkpoints of an earlier run (latest {checkpoint.name}): continue it "
-                         f"with --resume, or start over in another folder (or after removing {out / 'checkpoints'})")
+                         "with --resume, or start over in another folder")
+    if not resume:
+        refuse_existing_run(out, RUN_FILES, "lmlab selfplay text")
     reward_fn = reward or build_reward(config.reward, judge=judge, reward_file=reward_file)
     policy, tok = load_pretrained(model_dir)
     if tok is None:
@@ -187,10 +199,12 @@ def run_text_selfplay(model_dir: str | Path, out: str | Path, config: TextSelfPl
         if "train" not in saved_run(out):
             raise ValueError(f"{out} is a self-play run of an earlier lmlab, whose checkpoints this version cannot "
                              "continue; start a new run in another folder")
-        check_same_run(out, saved_run(out), record, "selfplay_text", RESUMABLE_CHANGES,
-                       {"model_sha256": "the weights of the starting model differ from those the run started with",
-                        "judge_sha256": "the weights of the judge differ from those the run started with",
-                        "prompts": "other prompts", "reward_file": ""})
+        same = {"model_sha256": "the weights of the starting model differ from those the run started with",
+                "judge_sha256": "the weights of the judge differ from those the run started with",
+                "prompts": "other prompts", "reward_file": ""}
+        if "reward_file_sha256" in saved_run(out):  # runs recorded before it have no hash to compare
+            same["reward_file_sha256"] = "the reward file's code differs from the code the run started with"
+        check_same_run(out, saved_run(out), record, "selfplay_text", RESUMABLE_CHANGES, same)
         if checkpoint_step(checkpoint) > config.iterations:
             raise ValueError(f"the latest checkpoint is at iteration {checkpoint_step(checkpoint)}, past "
                              f"iterations ({config.iterations})")
