@@ -365,6 +365,8 @@ def test_cancelled_selfplay_leaves_no_model(lab):
         assert lab.post("/api/v1/models", json={"name": "tiny-long", **TINY_MODEL}).status_code == 201
         r = lab.post(f"/api/v1/runs/{run_id}/resume")
         assert r.status_code == 409 and "'tiny-long' already exists; resuming this run" in r.json()["detail"], r.text
+        # the web app's words for it (it said "choose another name", which resuming has no place for)
+        assert r.json()["error"] == {"key": "resume_name_taken", "params": {"name": "tiny-long"}}
         assert run_status(lab, run_id)["status"] == "cancelled"
         assert lab.delete("/api/v1/models/tiny-long").status_code == 204
     finally:

@@ -336,7 +336,7 @@ PROBLEMS = {"model_not_found": ("name",), "model_name_taken": ("name",), "model_
             "name_case_twin": ("name", "twin"), "upload_too_large": ("name", "limit"), "file_empty": ("name",),
             "memory_over_budget": ("batch", "tokens", "need", "budget"), "chat_too_long": ("room",),
             "chat_no_room": ("max_tokens", "block"), "model_folder_exists": ("name",),
-            "dataset_exists": ("name",)}
+            "dataset_exists": ("name",), "resume_name_taken": ("name",)}
 
 
 class Problem(HTTPException):

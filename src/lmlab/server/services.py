@@ -676,8 +676,13 @@ def need_selfplay_models(state: AppState, model: str, judge: str | None, new: st
     directories of the starting model and the judge (None without one). Called under state.lock."""
     path = need_trained(state, model, role)
     judge_path = need_trained(state, judge, "the judge") if judge is not None else None
-    need_free_model_name(state, new, "; resuming this run saves its policy under that name" if resuming else
-                         "; choose another name for the new model")
+    try:
+        need_free_model_name(state, new, "; resuming this run saves its policy under that name" if resuming else
+                             "; choose another name for the new model")
+    except Problem as exc:  # the web app's words for it: resuming has no name to choose
+        if not resuming or exc.key != "model_name_taken":
+            raise
+        raise Problem(409, "resume_name_taken", exc.detail, name=new) from None
     active = state.db.list_runs(status=ACTIVE)
     for name in filter(None, (model, judge)):
         need_unused(state, name, lambda r: r["kind"] == "train", active)

@@ -670,6 +670,7 @@ export const STRINGS = {
   "problem.chat_no_room": ["max_tokens ({max_tokens}) leaves no room for the conversation in the model's context of {block} tokens", "Максимум токенов ({max_tokens}) не оставляет места для разговора в контексте модели ({block} токенов): укажите меньше"],
   "problem.model_folder_exists": ["models/{name}/ exists in the workspace though no model of that name is indexed; remove it or choose another name", "Папка models/{name}/ уже есть в рабочей папке, хотя модели с таким именем в списке нет (сервер внесёт её в список при следующем запуске): удалите папку или выберите другое имя"],
   "problem.dataset_exists": ["A dataset named {name} already exists", "Набор данных с именем «{name}» уже есть; удалите его или загрузите с заменой"],
+  "problem.resume_name_taken": ["A model named {name} exists now, and resuming this run saves its model under that name; delete that model first", "Модель с именем «{name}» теперь уже есть, а продолженный запуск сохранит свою модель под этим именем: сначала удалите ту модель"],
   "problem.file_empty": ["{name} is empty", "Файл «{name}» пуст"],
   "problem.memory_over_budget": ["Training this model with batch {batch} x {tokens} tokens needs ~{need}, but the memory budget is {budget}; use fewer layers, a smaller width or context, or a smaller batch", "Для обучения этой модели с пакетом {batch} × {tokens} токенов нужно около {need} памяти (веса, градиенты, состояние AdamW и активации), а бюджет памяти сервера — {budget}: возьмите меньше слоёв, меньшую ширину или контекст либо меньший пакет"],
 };
