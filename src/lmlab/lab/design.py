@@ -32,13 +32,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-import shutil
 import statistics
 import time
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from ..data import find_documents, prepare_texts, read_document
 from ..data.dedup import DedupConfig, dedup_texts
@@ -48,7 +45,7 @@ from ..models.io import load_pretrained
 from ..tokenizers import Tokenizer
 from ..train.demo_corpus import demo_corpus
 from .facts.report import write_report
-from .mix import _log, _run, _sums
+from .mix import _log, _run, _sums, save_target, set_up
 from .parallel import process_map
 from .split import heuristic_scores, label, passages
 
@@ -144,8 +141,7 @@ def run_design_lab(out: str | Path, sources: list[str | Path] | None, target: st
         raise ValueError("give both SOURCES and --target, or neither (the built-in pool and target)")
     t0 = time.perf_counter()
     tasks = [load_task(spec) for spec in cfg.tasks]  # an unknown task fails before anything trains
-    made = not out.exists()
-    try:  # the set-up and its checks: a refusal leaves --out as it was, so the same command can run again
+    with set_up(out):  # a refusal leaves --out as it was, so the same command can run again
         if sources:
             paths = find_documents(sources)
             if not paths:
@@ -164,20 +160,7 @@ def run_design_lab(out: str | Path, sources: list[str | Path] | None, target: st
         budget = sum(lengths[i] for i in designed)
         if not designed:
             raise ValueError("curation removed every paragraph: nothing to train the designed set on")
-        ids = np.asarray(tok.encode(target_text), dtype=np.int32)
-        if len(ids) <= cfg.block_size:
-            raise ValueError(f"the target has {len(ids)} tokens, fewer than one window of {cfg.block_size + 1}")
-        np.save(out / "target.npy", ids)
-    except BaseException:
-        if made:
-            shutil.rmtree(out, ignore_errors=True)
-        elif out.is_dir():  # it was empty: all in it is this call's
-            for entry in out.iterdir():
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry)
-                else:
-                    entry.unlink()
-        raise
+        save_target(out, tok, target_text, cfg.block_size)
     model = ModelConfig.preset("llama-tiny", vocab_size=len(tok), block_size=cfg.block_size, n_layer=cfg.layers,
                                n_embd=cfg.embd, n_head=max(1, cfg.embd // 16)).to_dict()
     arms: dict[tuple[str, int], list[int]] = {}

@@ -34,11 +34,13 @@ The same numbers go into `lmlab data prepare --weight NAME=W` (results.json "pre
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 import shutil
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +177,33 @@ def _log(rng: random.Random) -> str:
             f"status {rng.choice(['OK', 'OK', 'WARN', 'FAIL'])}")
 
 
+@contextlib.contextmanager
+def set_up(out: Path) -> Iterator[None]:
+    """A lab run's set-up and its checks: on a refusal --out is left as it was (a folder it made is removed, one
+    that was empty is emptied again), so that the corrected command can run into it."""
+    made = not out.exists()
+    try:
+        yield
+    except BaseException:
+        if made:
+            shutil.rmtree(out, ignore_errors=True)
+        elif out.is_dir():  # it was empty: all in it is this call's
+            for entry in out.iterdir():
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+        raise
+
+
+def save_target(out: Path, tok: Tokenizer, text: str, block_size: int) -> None:
+    """The target text's ids as out/target.npy; a target shorter than one window is refused."""
+    ids = np.asarray(tok.encode(text), dtype=np.int32)
+    if len(ids) <= block_size:
+        raise ValueError(f"the target has {len(ids)} tokens, fewer than one window of {block_size + 1}")
+    np.save(out / "target.npy", ids)
+
+
 def builtin_sources(folder: Path, chars: int) -> tuple[list[Path], Path]:
     """Three sources that differ in kind (folk tales, arithmetic, sensor logs) and a target of held-out tales (other
     stories from the same grammar): a good proposal puts most of its weight on the tales."""
@@ -258,8 +287,7 @@ def run_mix_lab(out: str | Path, sources: list[str | Path] | None, target: str |
     if bool(sources) != (target is not None):
         raise ValueError("give both SOURCES and --target, or neither (the built-in sources and target)")
     t0, cpu0 = time.perf_counter(), time.process_time()
-    made = not out.exists()
-    try:  # the set-up and its checks: a refusal leaves --out as it was, so the same command can run again
+    with set_up(out):  # a refusal leaves --out as it was, so the same command can run again
         if sources:
             if len(sources) < 2:
                 raise ValueError(f"a mixture needs at least two sources, got {len(sources)}")
@@ -285,20 +313,7 @@ def run_mix_lab(out: str | Path, sources: list[str | Path] | None, target: str |
         for i in range(k):
             if not any(d.train_tokens for d, s in zip(ds.documents, source_of) if s == i):
                 raise ValueError(f"source {names[i]} has no text")
-        ids = np.asarray(tok.encode(target_text), dtype=np.int32)
-        if len(ids) <= cfg.block_size:
-            raise ValueError(f"the target has {len(ids)} tokens, fewer than one window of {cfg.block_size + 1}")
-        np.save(out / "target.npy", ids)
-    except BaseException:
-        if made:
-            shutil.rmtree(out, ignore_errors=True)
-        elif out.is_dir():  # it was empty: all in it is this call's
-            for entry in out.iterdir():
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry)
-                else:
-                    entry.unlink()
-        raise
+        save_target(out, tok, target_text, cfg.block_size)
 
     def model(layers: int, embd: int) -> dict[str, Any]:
         return ModelConfig.preset("llama-tiny", vocab_size=len(tok), block_size=cfg.block_size, n_layer=layers,
