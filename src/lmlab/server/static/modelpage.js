@@ -79,11 +79,13 @@ function fact(label, text, id, ...extra) {
 }
 
 // a part of the page drawn again only when what it shows changed (the runs are refreshed every 2 s): a form
-// being filled in, or a focused button, stays as it is
+// being filled in, or a focused button, stays as it is, and so does what a form's message said
 function part(id, sig, make) {
   if (P.sigs[id] === sig) return;
   P.sigs[id] = sig;
+  const said = [...$("#" + id).querySelectorAll(".msg[id]")].map((e) => [e.id, e.textContent, e.className]);
   keepFields($("#" + id), make());  // what was filled in stays, in the new language too
+  for (const [msg, text, cls] of said) Object.assign(document.getElementById(msg) || {}, { textContent: text, className: cls });
 }
 
 export function renderModelPage() {
