@@ -122,7 +122,11 @@ const S = {
   labCurrent: null,         // the experiment run whose log and report the Lab tab shows
   metrics: new Map(),       // run id -> [metric, ...] ordered by step
   streams: new Map(),       // run id -> EventSource
+  follows: new Map(),       // a view (tune) -> the run whose charts it shows: its stream stays open when unticked here
 };
+
+// a run's metrics stream is shared: open while the runs tab overlays the run or another view follows it
+const wanted = (id) => S.selected.has(id) || [...S.follows.values()].includes(id);
 
 // ---- tabs ------------------------------------------------------------------------------------------
 
@@ -579,7 +583,7 @@ function statusLabel(r) {
 function renderRuns() {
   patchRows($("#runs-table tbody"), tableRuns(S.runs).map((r) => {
     const pct = r.progress == null ? 0 : Math.round(r.progress * 100);
-    const overlay = h("input", { type: "checkbox", checked: S.selected.has(r.id), "aria-label": `overlay run ${r.id}`,
+    const overlay = h("input", { type: "checkbox", checked: S.selected.has(r.id), "aria-label": t("runs.overlay_run", { id: r.id }),
                                  onchange: (e) => (e.target.checked ? selectRun(r.id, false) : unselectRun(r.id)) });
     const sp = r.kind === "selfplay", tn = r.kind === "tune", lab = ["experiment", "eval", ...DERIVED_KINDS].includes(r.kind);
     const product = sp || tn ? r.params.new_model : r.model;
@@ -642,7 +646,7 @@ async function refreshRuns() {
   // a model finishing training changes what can be generated and downloaded
   const sig = S.runs.map((r) => r.id + r.status).join();
   if (sig !== refreshRuns.last) { refreshRuns.last = sig; await refreshModels(); }
-  for (const r of S.runs) if (S.selected.has(r.id) && ACTIVE.has(r.status) && !S.streams.has(r.id)) subscribe(r.id);
+  for (const r of S.runs) if (wanted(r.id) && ACTIVE.has(r.status) && !S.streams.has(r.id)) subscribe(r.id);
 }
 
 function selectRun(id, makeCurrent = true) {
@@ -657,8 +661,7 @@ function selectRun(id, makeCurrent = true) {
 function unselectRun(id) {
   S.selected.delete(id);
   const es = S.streams.get(id);
-  if (es) es.close();
-  S.streams.delete(id);
+  if (es && !wanted(id)) { es.close(); S.streams.delete(id); }
   if (S.current === id) S.current = [...S.selected].pop() ?? null;
   renderRuns();
   redrawCharts();
@@ -723,7 +726,7 @@ async function runAction(id, action) {
     const es = S.streams.get(id);
     if (es) { es.close(); S.streams.delete(id); }
     await refreshRuns();
-    if (S.selected.has(id)) subscribe(id);
+    if (wanted(id)) subscribe(id);
   } catch (e) { toast(e.message, true); }
   finally { pendingActions.delete(key); }
 }

@@ -122,7 +122,10 @@ async function send() {
   C.notes = [];
   C.abort = new AbortController();
   $("#chat-stop").disabled = false;
+  // the focused Send is switched off while the reply streams: the keyboard goes on to Stop, then back to Send
+  const fromSend = document.activeElement === $("#chat-send");
   renderChat();
+  if (fromSend) $("#chat-stop").focus();
   let reply = "", finish = null;
   try {
     // the oldest rounds that no longer fit in the model's context with room for the reply are left out (drawn dashed),
@@ -174,8 +177,10 @@ async function send() {
   } finally {
     out.parentElement.classList.remove("streaming");
     C.abort = null;
+    const onStop = document.activeElement === $("#chat-stop");
     $("#chat-stop").disabled = true;
     renderChat();
+    if (onStop || (fromSend && document.activeElement === document.body)) $("#chat-send").focus();
     if (!msg.classList.contains("bad")) msg.className = "msg";
   }
 }

@@ -43,7 +43,7 @@ export function initEvaluate(app) {
         h("span", { id: "ev-msg", class: "msg" }))),
     i("ev.note", "", { tag: "p", class: "muted" }),
     h("table", { id: "ev-table", class: "grid" }, h("thead", {}, h("tr", {}, h("th", { text: "#" }), i("ev.what", "What", { tag: "th" }),
-      i("col.status", "Status", { tag: "th" }), h("th"))), h("tbody")),
+      i("col.status", "Status", { tag: "th" }), h("th", {}, i("runs.actions", "Actions", { class: "sr-only" })))), h("tbody")),
     i("ev.empty", "No evaluations yet.", { tag: "p", id: "ev-empty", class: "muted" }),
     h("div", { id: "ev-detail", class: "card", hidden: true }));
   $("#ev-mode").addEventListener("change", () => renderForm(true));

@@ -6,9 +6,12 @@ const NEEDS_BASE = ["task-arithmetic", "ties", "dare"];
 
 export const mergeLabel = (p) => `${p.method}${p.base ? " · base " + p.base : ""}${p.t != null ? " · t " + p.t : ""}${p.density != null ? " · density " + p.density : ""}`;
 
+// the models `m` can be merged with: trained, and not quantized (the server refuses quantized parents)
+export const mergeable = (S, m) => S.models.filter((x) => x.trained && x.name !== m.name && x.origin?.kind !== "quantize");
+
 export function mergeForm(A, m) {
   const { S, t, h } = A, label = (key, ...control) => h("label", {}, h("span", { text: t(key) }), ...control);
-  const others = S.models.filter((x) => x.trained && x.name !== m.name);
+  const others = mergeable(S, m);
   const num = (id, value, step) => h("input", { id: "mpm-" + id, type: "number", step, value });
   const form = h("form", { id: "mp-merge-form", class: "form-grid", autocomplete: "off", onsubmit: (e) => { e.preventDefault(); start(A, m, form); } },
     label("mp.new_model", h("input", { id: "mpm-new_model", required: true, maxlength: "100", value: `${m.name}-merged` })),
@@ -41,7 +44,16 @@ async function start(A, m, form) {
   const f = (id) => form.querySelector("#mpm-" + id), method = f("method").value, msg = f("msg");
   const body = { model: m.name, new_model: f("new_model").value.trim(), method,
     others: [...form.querySelectorAll("#mpm-others input:checked")].map((x) => x.value) };
-  if (f("weights").value.trim()) body.weights = f("weights").value.split(",").map(Number);
+  if (f("weights").value.trim()) {
+    // each weight named if it is not a number ("1,x"), before anything is sent (JSON would send it as null)
+    const weights = f("weights").value.split(",").map((x) => x.trim()), bad = weights.find((x) => x === "" || !Number.isFinite(Number(x)));
+    if (bad != null) {
+      msg.textContent = "✗ " + A.t("err.number", { field: A.t("mp.merge_weights"), input: bad });
+      msg.className = "msg bad";
+      return;
+    }
+    body.weights = weights.map(Number);
+  }
   for (const key of ["base", "t", "density", "lambda", "seed"]) {
     if (!f(key).disabled && f(key).value !== "") body[key] = key === "base" ? f(key).value : Number(f(key).value);
   }

@@ -5,7 +5,7 @@
 // inside" (interp.js): the interpretability lab's views of the model on a prompt.
 
 import { interpSection } from "/static/interp.js";
-import { mergeForm, mergeLabel, startJob } from "/static/mergeform.js";
+import { mergeForm, mergeLabel, mergeable, startJob } from "/static/mergeform.js";
 import { keepFields } from "/static/ux.js";
 
 let A = null;  // app.js: { S, t, h, api, fmtNum, fmtBytes, statusLabel, refreshRuns, runAction, toast, ACTIVE }
@@ -79,11 +79,13 @@ function fact(label, text, id, ...extra) {
 }
 
 // a part of the page drawn again only when what it shows changed (the runs are refreshed every 2 s): a form
-// being filled in, or a focused button, stays as it is
+// being filled in, or a focused button, stays as it is, and so does what a form's message said
 function part(id, sig, make) {
   if (P.sigs[id] === sig) return;
   P.sigs[id] = sig;
+  const said = [...$("#" + id).querySelectorAll(".msg[id]")].map((e) => [e.id, e.textContent, e.className]);
   keepFields($("#" + id), make());  // what was filled in stays, in the new language too
+  for (const [msg, text, cls] of said) Object.assign(document.getElementById(msg) || {}, { textContent: text, className: cls });
 }
 
 export function renderModelPage() {
@@ -118,10 +120,10 @@ export function renderModelPage() {
     fact("mp.tps", c ? speedText(c.speed) : "—", "tps", " ",
       c && c.trained ? h("button", { type: "button", class: "secondary", id: "mp-measure", onclick: (e) => measure(e.target), text: t("mp.measure") }) : null)),
     ...(P.error ? [h("div", { class: "error", text: P.error })] : [])]);
-  // the forms: once the card is known, then again only when the model, language, availability or list of books
-  // change (what was filled in is kept: part)
+  // the forms: once the card is known, then again only when the model, language, availability, list of books or
+  // models to merge with change (what was filled in is kept: part)
   const problems = ACTIONS.map((a) => a.problem(m, c)), known = c != null || P.error != null;
-  part("mp-actions", JSON.stringify([lang, m.name, problems, S.books.map((b) => b.name), known]), () => !known
+  part("mp-actions", JSON.stringify([lang, m.name, problems, S.books.map((b) => b.name), mergeable(S, m).map((x) => x.name), known]), () => !known
     ? [h("p", { class: "muted", id: "mp-actions-loading", text: t("rp.loading") })]
     : ACTIONS.map((a, i) => h("section", { class: "card", id: "mp-action-" + a.kind, "aria-labelledby": "mp-h-" + a.kind },
       h("h3", { id: "mp-h-" + a.kind, text: t(a.title) }),
@@ -137,7 +139,7 @@ function jobs(runs) {
   const { S, t, h } = A;
   if (!runs.length) return h("p", { class: "muted", id: "mp-jobs-empty", text: t("mp.no_jobs") });
   return h("table", { id: "mp-jobs", class: "grid", tabindex: "0" },
-    h("thead", {}, h("tr", {}, h("th", { text: "#" }), h("th", { text: t("mp.new_model") }), h("th", { text: t("col.status") }), h("th"))),
+    h("thead", {}, h("tr", {}, h("th", { text: "#" }), h("th", { text: t("mp.new_model") }), h("th", { text: t("col.status") }), h("th", {}, h("span", { class: "sr-only", text: t("runs.actions") })))),
     h("tbody", {}, ...runs.map((r) => {
       const made = r.status === "completed" && S.models.some((x) => x.name === r.params.new_model);
       return h("tr", { "data-run": r.id, "data-status": r.status },

@@ -17,19 +17,20 @@ export function initRunPage(app) {
 export function fmtDuration(s) {
   if (s == null) return "—";
   s = Math.round(s);
-  const h = Math.floor(s / 3600), m = Math.floor((s % 3600) / 60), sec = s % 60;
-  return h ? `${h} h ${String(m).padStart(2, "0")} min` : m ? `${m} min ${String(sec).padStart(2, "0")} s` : `${sec} s`;
+  const h = Math.floor(s / 3600), m = Math.floor((s % 3600) / 60), sec = s % 60, pad = (x) => String(x).padStart(2, "0");
+  return h ? A.t("dur.h", { h, m: pad(m) }) : m ? A.t("dur.m", { m, s: pad(sec) }) : A.t("dur.s", { s: sec });
 }
 
 const value = (v) => (v == null ? "—" : typeof v === "object" ? JSON.stringify(v) : String(v));
 
 // What the charts say while a run has no points yet: its phase (or its place in the queue), never "select a
-// run" for a run that is selected.
+// run" for a run that is selected: a finished one logged none, or is of a kind that logs none (quantization).
+const METRIC_KINDS = new Set(["train", "selfplay", "tune"]);
 export function chartEmpty(ids) {
   const known = (id) => A.S.runs.find((r) => r.id === id) || (page.data && page.data.run && page.data.run.id === id ? page.data.run : null);
   const runs = ids.map(known).filter(Boolean);
   const active = runs.find((r) => ACTIVE.has(r.status));
-  if (!active) return A.t("chart.empty");
+  if (!active) return A.t(!runs.length ? "chart.empty" : runs.some((r) => METRIC_KINDS.has(r.kind)) ? "chart.none_logged" : "chart.no_metrics");
   return active.status === "queued" ? A.t("rp.phase.queued") : A.t("rp.phase." + (active.phase || "starting"));
 }
 

@@ -32,6 +32,12 @@ const CHARTS = {
             { id: "tune-val-kl", key: "tune.chart_val_kl", keys: [["val_kl", ""]] }],
 };
 
+// the API field of inputs whose id does not end in it alone: a validation error names the field by its label (ux.js)
+const API_FIELDS = { "tn-model": "model", "tn-new": "new_model", "tn-steps": "max_steps", "tn-batch": "batch_size", "tn-group": "group_size",
+  "tn-prompts": "prompts_per_step", "tn-max-new": "max_new_tokens", "tn-kl": "kl_coef", "tn-alpha": "alpha",
+  "tn-sft-weight": "sft_weight", "tn-lora-rank": "lora_rank", "tn-lora-alpha": "lora_alpha", "tn-lora-dropout": "lora_dropout",
+  "tn-lora-targets": "lora_targets", "tn-lora-hard": "lora_hard_tokens", "tn-lora-new-tokens": "lora_new_tokens" };
+
 // "base → base-chat · SFT on chats.jsonl" / "· IPO on pairs.jsonl" / "· GRPO, addition"
 export function tuneName(r) {
   const p = r.params, t = A.t;
@@ -58,7 +64,7 @@ export function initTune(app) {
       h("p", { class: "muted wide", id: "tn-format" }),
       h("p", { class: "msg wide", id: "tn-upload-msg", role: "status" })),
     h("table", { id: "tn-datasets", class: "grid", tabindex: "0" }, h("thead", {}, h("tr", {},
-      i("col.name", { tag: "th" }), i("tune.kind", { tag: "th" }), i("tune.examples", { tag: "th" }), i("col.size", { tag: "th" }), h("th"))), h("tbody")),
+      i("col.name", { tag: "th" }), i("tune.kind", { tag: "th" }), i("tune.examples", { tag: "th" }), i("col.size", { tag: "th" }), h("th", {}, i("runs.actions", { class: "sr-only" })))), h("tbody")),
     i("tune.no_datasets", { tag: "p", id: "tn-datasets-empty", class: "muted" }),
     h("div", { id: "tn-preview", class: "card", hidden: true },
       h("div", { class: "tn-preview-head" }, h("h3", { id: "tn-preview-title" }),
@@ -103,10 +109,11 @@ export function initTune(app) {
       h("div", { class: "actions wide" }, i("tune.start", { tag: "button", type: "submit", id: "tn-start" }),
         h("span", { id: "tn-msg", class: "msg", role: "status" }))),
     h("table", { id: "tn-runs", class: "grid", tabindex: "0" }, h("thead", {}, h("tr", {}, h("th", { text: "#" }), i("tune.what", { tag: "th" }),
-      i("col.status", { tag: "th" }), i("tune.progress", { tag: "th" }), h("th"))), h("tbody")),
+      i("col.status", { tag: "th" }), i("tune.progress", { tag: "th" }), h("th", {}, i("runs.actions", { class: "sr-only" })))), h("tbody")),
     i("tune.no_runs", { tag: "p", id: "tn-runs-empty", class: "muted" }),
     h("div", { id: "tn-detail", class: "card", hidden: true }, h("h3", { id: "tn-detail-head" }), h("div", { class: "error", id: "tn-error", hidden: true }),
       h("div", { id: "tn-charts", class: "charts tn-charts" })));
+  for (const [id, name] of Object.entries(API_FIELDS)) $("#" + id).dataset.field = name;
   $("#tn-upload").addEventListener("submit", (ev) => { ev.preventDefault(); upload(); });
   $("#tn-kind").addEventListener("change", renderFormat);
   $("#tn-form").addEventListener("submit", (ev) => { ev.preventDefault(); start(); });
@@ -292,6 +299,7 @@ async function start() {
 
 function select(id) {
   T.current = id;
+  A.S.follows.set("tune", id);  // kept following when the runs tab unticks it or resumes it
   A.subscribe(id);  // the run's metrics (replayed, then live) into S.metrics; app.js redraws, and so do we
   renderTune();
 }
@@ -316,20 +324,13 @@ export function renderTune() {
     h("td", { class: "num", text: `${A.fmtNum(r.current_step)} / ${A.fmtNum(r.max_steps)}` }),
     h("td", {},
       h("button", { type: "button", class: "view", text: t("lab.view"), onclick: () => select(r.id) }), " ",
-      A.ACTIVE.has(r.status) && !r.cancel_requested ? h("button", { type: "button", class: "danger cancel", text: t("runs.cancel"), onclick: () => act(r.id, "cancel") }) : null, " ",
-      r.can_resume ? h("button", { type: "button", class: "resume", text: t("runs.resume"), onclick: () => act(r.id, "resume") }) : null, " ",
-      r.can_restart ? h("button", { type: "button", class: "restart", text: t("runs.restart"), onclick: () => act(r.id, "restart") }) : null, " ",
+      A.ACTIVE.has(r.status) && !r.cancel_requested ? h("button", { type: "button", class: "danger cancel", text: t("runs.cancel"), onclick: () => A.runAction(r.id, "cancel") }) : null, " ",
+      r.can_resume ? h("button", { type: "button", class: "resume", text: t("runs.resume"), onclick: () => A.runAction(r.id, "resume") }) : null, " ",
+      r.can_restart ? h("button", { type: "button", class: "restart", text: t("runs.restart"), onclick: () => A.runAction(r.id, "restart") }) : null, " ",
       !A.ACTIVE.has(r.status) ? h("button", { type: "button", class: "danger", text: t("runs.delete"), onclick: () => A.deleteRun(r.id) }) : null))), "data-run");
   $("#tn-runs").hidden = !runs.length;
   $("#tn-runs-empty").hidden = runs.length > 0;
   renderDetail(runs.find((r) => r.id === T.current));
-}
-
-// cancel or resume (app.js closes the run's metrics stream, and opens it again for the runs tab's selection
-// only): the run shown here follows its metrics again
-async function act(id, action) {
-  await A.runAction(id, action);
-  if (id === T.current) A.subscribe(id);
 }
 
 function renderDetail(r) {
@@ -355,6 +356,6 @@ export function renderTuneCharts() {
   const runs = [{ id: r.id, kind: "tune", color: A.COLORS[(r.id - 1) % A.COLORS.length], metrics: A.S.metrics.get(r.id) || [] }];
   for (const c of chartsOf(r)) {
     const el = document.getElementById("chart-" + c.id);
-    if (el) drawChartInto(el, { id: c.id, keys: c.keys, group: "train-charts" }, runs, A.t, A.t(A.ACTIVE.has(r.status) ? "tune.waiting" : "chart.empty"));
+    if (el) drawChartInto(el, { id: c.id, keys: c.keys, group: "train-charts" }, runs, A.t, A.t(A.ACTIVE.has(r.status) ? "tune.waiting" : "chart.none_logged"));
   }
 }

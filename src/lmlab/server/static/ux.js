@@ -25,14 +25,14 @@ export function setupUx(c) {
 // ---- errors ----------------------------------------------------------------------------------------
 
 // The form field an API field belongs to: its label in the visible tab (so in the page's language), else
-// anywhere on the page, else the field's own name. Inputs are named <form prefix>-<API field>; these
-// three are not.
+// anywhere on the page, else the field's own name. Inputs are named <form prefix>-<API field>, or carry the
+// field as data-field (the Tune form's); these three are neither.
 const INPUT_ALIASES = { vocab_size: "vocab", tokenizer_kind: "tokenizer", stop_strings: "stop" };
 
 function fieldLabel(field) {
-  const suffix = "-" + (INPUT_ALIASES[field] || field);
+  const suffix = "-" + (INPUT_ALIASES[field] || field), tab = document.querySelector(".tab:not([hidden])");
   const find = (root) => root && [...root.querySelectorAll("input[id], select[id], textarea[id]")].find((e) => e.id.endsWith(suffix));
-  const input = find(document.querySelector(".tab:not([hidden])")) || find(document);
+  const input = tab?.querySelector(`[data-field="${CSS.escape(field)}"]`) || find(tab) || find(document);
   const label = input && (input.closest("label") || document.querySelector(`label[for="${input.id}"]`));
   if (!label) return field;
   const span = label.querySelector("span");
