@@ -106,7 +106,9 @@ def test_runs_table_and_run_page(tmp_path, browser):  # noqa: F811 (the fixture 
             page.click("#runs-compare-btn")
             shown = page.eval_on_selector_all("#compare-table tr[data-setting]", "rs => rs.map(r => r.dataset.setting)")
             sa, sb = settings_of(runs[a]), settings_of(runs[b])
-            assert shown == sorted(k for k in sa.keys() | sb.keys() if sa.get(k) != sb.get(k)) == ["lr", "seed"]
+            # b was asked as a new version of a trained model (new_version, kept for starting it again)
+            assert shown == sorted(k for k in sa.keys() | sb.keys() if sa.get(k) != sb.get(k)) == ["lr", "new_version",
+                                                                                                   "seed"]
             assert page.inner_text('#compare-table tr[data-setting="lr"]').split("\t")[1:] == ["0.001", "0.002"]
             shot("runs-compare-1400")
 
