@@ -104,6 +104,14 @@ REPLY = "".join(f"data: {x}\n\n" for x in (json.dumps({"choices": [{"delta": {"c
 
 def test_send_keeps_the_keyboard(server, browser):  # noqa: F811
     held = []
+
+    def request(page):  # the held request, once Playwright has routed it (its handler runs while the page is waited on)
+        for _ in range(200):
+            if held:
+                return held.pop(0)
+            page.wait_for_timeout(50)
+        raise AssertionError("the chat request never came")
+
     with ui_page(browser, SHOTS / "chat") as (page, shot):
         patch_json(page, "**/api/v1/cards", CARDS)
         page.route("**/api/v1/chat/fit", lambda route: route.fulfill(json={"drop": 0}))
@@ -116,7 +124,7 @@ def test_send_keeps_the_keyboard(server, browser):  # noqa: F811
         # while the reply streams Send is off: the keyboard is on Stop
         page.wait_for_function("() => document.activeElement.id === 'chat-stop'")
         assert page.is_disabled("#chat-send")
-        held[0].fulfill(status=200, content_type="text/event-stream", body=REPLY)
+        request(page).fulfill(status=200, content_type="text/event-stream", body=REPLY)
         page.wait_for_selector(".chat-turn.assistant:not(.streaming)")
         assert page.inner_text(".chat-turn.assistant .chat-text") == "5"
         assert page.evaluate("document.activeElement.id") == "chat-send"
