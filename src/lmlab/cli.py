@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import dis
 import errno
 import math
 import os
@@ -23,7 +22,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .configs import add_arguments, given, parse_seeds, read_config_file
+from .configs import add_arguments, given, is_user_error, parse_seeds, read_config_file
 
 Registry = dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]]
 
@@ -2121,12 +2120,6 @@ def _config_value(path: str, name: str, action: argparse.Action, value: object) 
     return [one(v) for v in value] if many and isinstance(value, list) else one(value)
 
 
-_PACKAGE = Path(__file__).resolve().parent
-_RAISE = dis.opmap["RAISE_VARARGS"]
-_PATH_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
-# a name longer than the file system takes (255 bytes a component on most), a read-only file system (a full disk
-# and its kin: disk_full, which main asks first)
-_USER_ERRNOS = {errno.ENAMETOOLONG, errno.EROFS}
 # what a write that ran out of room says where it is not an OSError with its errno: safetensors' Rust IoError,
 # torch.save's stream writer, a short write
 _FULL = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122", "File too large",
@@ -2148,24 +2141,6 @@ def disk_full(exc: BaseException) -> bool:
                 return True
         seen = seen.__cause__ or seen.__context__
     return False
-
-
-def is_user_error(exc: BaseException) -> bool:
-    """Bad input rather than a bug: an OSError about a path, or a ValueError that lmlab's own code raised with
-    its own message (a `raise` statement in the package: the house convention for input it refuses). A
-    ValueError from inside torch, numpy or the standard library, or from an operation that failed in lmlab's
-    code (an unpacking, an int() of something never checked), is a bug."""
-    if isinstance(exc, _PATH_ERRORS) or (isinstance(exc, OSError) and exc.errno in _USER_ERRNOS):
-        return True
-    if isinstance(exc, ValueError) and isinstance(getattr(exc, "user_error", None), bool):
-        return exc.user_error  # judged in the worker process that raised it (lab.parallel.process_map)
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next  # the frame the exception was raised in
-    if not isinstance(exc, ValueError) or tb is None:
-        return False
-    code = tb.tb_frame.f_code
-    return Path(code.co_filename).resolve().is_relative_to(_PACKAGE) and code.co_code[tb.tb_lasti] == _RAISE
 
 
 def main(argv: Sequence[str] | None = None) -> int:

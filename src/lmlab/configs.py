@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import dis
+import errno
 import functools
 import json
 import math
@@ -246,3 +248,31 @@ def settings_from(saved: dict[str, Any], cls: type, overrides: dict[str, Any], w
         return cls(**settings)
     except TypeError as exc:
         raise ValueError(f"{where}: a setting of the wrong type ({exc})") from None
+
+
+# ---- bad input or a bug ------------------------------------------------------------------------------
+
+_PACKAGE = Path(__file__).resolve().parent
+_RAISE = dis.opmap["RAISE_VARARGS"]
+_PATH_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
+# a name longer than the file system takes (255 bytes a component on most), a read-only file system (a full disk
+# and its kin: the CLI's disk_full, which it asks first)
+_USER_ERRNOS = {errno.ENAMETOOLONG, errno.EROFS}
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """Bad input rather than a bug: an OSError about a path, or a ValueError that lmlab's own code raised with
+    its own message (a `raise` statement in the package: the house convention for input it refuses). A
+    ValueError from inside torch, numpy or the standard library, or from an operation that failed in lmlab's
+    code (an unpacking, an int() of something never checked), is a bug."""
+    if isinstance(exc, _PATH_ERRORS) or (isinstance(exc, OSError) and exc.errno in _USER_ERRNOS):
+        return True
+    if isinstance(exc, ValueError) and isinstance(getattr(exc, "user_error", None), bool):
+        return exc.user_error  # judged in the worker process that raised it (lab.parallel.process_map)
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next  # the frame the exception was raised in
+    if not isinstance(exc, ValueError) or tb is None:
+        return False
+    code = tb.tb_frame.f_code
+    return Path(code.co_filename).resolve().is_relative_to(_PACKAGE) and code.co_code[tb.tb_lasti] == _RAISE

@@ -18,18 +18,19 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
+from ..configs import is_user_error
+
 
 def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _call(fn: Callable[[Any], Any], item: Any) -> Any:
-    """fn(item) in a worker. A ValueError is judged here, bad input or a bug (cli.is_user_error reads the frame
+    """fn(item) in a worker. A ValueError is judged here, bad input or a bug (configs.is_user_error reads the frame
     that raised it), and carries the answer as `user_error`: its traceback does not cross to the parent."""
     try:
         return fn(item)
     except ValueError as exc:
-        from ..cli import is_user_error
         exc.user_error = is_user_error(exc)
         raise
 
