@@ -196,6 +196,10 @@ class _Context:
         self.pending = 0
         return logits[:, -last:] if last else logits[:, -1]
 
+    def penalty_ids(self, cfg: GenerationConfig) -> torch.Tensor | None:
+        """context_ids for a repetition penalty; None without one (no copy per token on the plain path)."""
+        return self.context_ids() if cfg.repetition_penalty != 1.0 else None
+
     def context_ids(self) -> torch.Tensor:
         """(B, length) every row's tokens so far, cropped ones too; a padding column holds the row's last token
         (a repetition penalty then sees each row's own tokens only, as alone)."""
@@ -273,7 +277,7 @@ def iter_tokens(model: Transformer, prompts: Sequence[Sequence[int]], cfg: Gener
                                      finished)
             return
         for _ in range(cfg.max_new_tokens):
-            logits = process_logits(ctx.next_logits(), cfg, ctx.context_ids())
+            logits = process_logits(ctx.next_logits(), cfg, ctx.penalty_ids(cfg))
             tokens = _choose(logits, cfg, generator).masked_fill(finished, pad_id)
             ctx.append(tokens)
             if cfg.stop_at_eos and eos_token_id is not None:
@@ -399,7 +403,7 @@ def _beam_loop(model: Transformer, prompts: Sequence[Sequence[int]], cfg: Genera
             ctx.reorder(torch.arange(B, device=ctx.device).repeat_interleave(nb))
             logits = logits.repeat_interleave(nb, dim=0)
             first = False
-        logp = process_logits(logits, dataclasses.replace(cfg, do_sample=False), ctx.context_ids()).log_softmax(-1)
+        logp = process_logits(logits, dataclasses.replace(cfg, do_sample=False), ctx.penalty_ids(cfg)).log_softmax(-1)
         V = logp.size(-1)
         cand = (scores.view(-1, 1) + logp).view(B, nb * V)
         top_scores, top_idx = cand.topk(2 * nb, dim=-1)
