@@ -551,7 +551,7 @@ def test_a_refusal_in_a_worker_process_stays_a_refusal():
     assert not is_user_error(bug.value)
 
 
-def test_azr_refuses_a_folder_with_an_earlier_run_and_a_failed_run_leaves_none(tmp_path):
+def test_azr_refuses_a_folder_with_an_earlier_run_and_a_failed_run_leaves_none(tmp_path, monkeypatch):
     out = tmp_path / "azr"
     out.mkdir()
     (out / "results.json").write_text("{}")
@@ -560,9 +560,28 @@ def test_azr_refuses_a_folder_with_an_earlier_run_and_a_failed_run_leaves_none(t
         azr.run_experiment(AZRConfig.quick(), [0], out, workers=1)
     assert (out / "results.json").read_text() == "{}" and not (out / "progress.jsonl").exists()
     fresh = tmp_path / "fresh"
-    with pytest.raises(ValueError, match="exceeds block_size 32"):  # found in the run, after progress.jsonl
-        azr.run_experiment(AZRConfig.quick(block_size=32, warmup_steps=2, iterations=1), [0], fresh, workers=1)
+
+    def fails(*args, **kwargs):
+        raise ValueError("refused in the run")
+    monkeypatch.setattr(azr, "warmup", fails)
+    with pytest.raises(ValueError, match="refused in the run"):  # after progress.jsonl
+        azr.run_experiment(AZRConfig.quick(warmup_steps=2, iterations=1), [0], fresh, workers=1)
     assert not fresh.exists()
+
+
+def test_azr_refuses_a_block_size_its_prompts_outgrow_before_it_runs():
+    """--references 6 (AZR's K) makes proposer prompts of up to 184 tokens; with the default block_size of 128
+    the run failed only when the first long prompt came, after the warm-up. The bound is the longest text the
+    formats allow, counted from the prompts themselves."""
+    assert azr.longest_sequence(AZRConfig()) == 82  # BOS + 63-token proposer prompt (2 refs) + 18 new tokens
+    with pytest.raises(ValueError, match=r"block_size \(128\) must be at least 202"):
+        AZRConfig(references=6)
+    with pytest.raises(ValueError, match=r"block_size \(81\) must be at least 82"):
+        AZRConfig(block_size=81)
+    AZRConfig(block_size=82)
+    worst = azr.Task("ded", ("REV",) * 6, (((99,) * 8, (99,) * 8),))
+    prompt = azr.proposer_prompt("ded", [worst, worst], ())
+    assert 1 + len(azr.VOCABULARY.encode(prompt)) + azr.max_new("ded", "propose", AZRConfig()) == 82
 
 
 def _arm_result(arm, seed, final):

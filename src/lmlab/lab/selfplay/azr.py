@@ -109,6 +109,10 @@ class AZRConfig:
         unknown = [a for a in self.arms if a not in ARMS]
         if unknown or not self.arms:
             raise ValueError(f"arms ({', '.join(unknown) or 'none'}) must be among {', '.join(ARMS)}")
+        need = longest_sequence(self)
+        if self.block_size < need:  # found here, not minutes into the run when the first long prompt comes
+            raise ValueError(f"block_size ({self.block_size}) must be at least {need}: the longest prompt and answer "
+                             f"these settings allow (references {self.references}, ind_inputs {self.ind_inputs})")
 
     @classmethod
     def quick(cls, **overrides: Any) -> AZRConfig:
@@ -137,6 +141,19 @@ class Task:
     @property
     def hidden(self):
         return self.pairs[len(self.pairs) // 2:] if self.kind == "ind" else self.pairs
+
+
+def longest_sequence(cfg: AZRConfig) -> int:
+    """Tokens of the longest text the run can feed the model (BOS, prompt and the most new tokens allowed): a
+    proposer prompt whose references are the longest tasks a buffer can hold (MAX_OPS ops, lists of MAX_LIST
+    of the widest values), or an induction solver prompt showing half of ind_inputs such pairs. Warm-up texts
+    are prompts with their answers, never longer."""
+    widest = (dsl.MAX_INT,) * dsl.MAX_LIST
+    ops = (dsl.OPS[0],) * dsl.MAX_OPS
+    tasks = {kind: Task(kind, ops, ((widest, widest),) * (cfg.ind_inputs if kind == "ind" else 1)) for kind in KINDS}
+    texts = [(proposer_prompt(k, [tasks[k]] * cfg.references, ops), max_new(k, "propose", cfg)) for k in KINDS]
+    texts += [(solver_prompt(tasks[k]), max_new(k, "solve", cfg)) for k in KINDS]
+    return max(1 + len(VOCABULARY.encode(prompt)) + new for prompt, new in texts)
 
 
 def task_from_triple(kind: str, t: Triple) -> Task:
