@@ -111,6 +111,37 @@ def test_int8_activations_are_quantized_per_row(full_range, kernels_for_all_size
         assert relative[0] < 0.02 and relative[1] < 0.02  # a small row keeps its own precision
 
 
+@pytest.mark.skipif(not w8a8_available(), reason="this torch has no FBGEMM")
+def test_int8_input_buffers_serve_any_thread_and_mode(kernels_for_all_sizes):
+    """The scaled input goes into a buffer kept per thread and shape (decoding reuses it every step): a buffer
+    first made in inference mode still takes a call outside it, and threads decoding at once each get their
+    own rows' numbers, the ones a call alone gives."""
+    import threading
+
+    _, q = quant_linear(8, None)
+    xs = [torch.randn(1, 256) * (i + 1) for i in range(4)]
+    with torch.no_grad():
+        alone = [q(x) for x in xs]
+    three = torch.cat(xs[:3])  # a shape no call has made a buffer for yet
+    with torch.inference_mode():
+        first = q(three)
+    torch.testing.assert_close(q(three), first, rtol=0, atol=0)  # grad mode on: no write to inference tensors
+    torch.testing.assert_close(first, torch.cat(alone[:3]), rtol=0, atol=0)
+    wrong: list[int] = []
+
+    def decode(i: int) -> None:
+        with torch.no_grad():
+            for _ in range(300):
+                if not torch.equal(q(xs[i]), alone[i]):
+                    wrong.append(i)
+    threads = [threading.Thread(target=decode, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong
+
+
 def test_gptq_beats_round_to_nearest_on_layer_output_error():
     """GPTQ's objective, ||W X - Ŵ X||², on correlated inputs (as a model's activations are): GPTQ's error
     is well below RTN's at every format, with the same grid constraints (checked by dequantising)."""
