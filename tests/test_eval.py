@@ -3,6 +3,7 @@ brute-force loop, the metrics against sacrebleu / rouge-score called directly, p
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -340,3 +341,96 @@ def test_made_items_keep_a_closing_quote_with_its_sentence():
     assert items and all(not c.startswith(("»", ")", ",")) for it in items for c in it["choices"])
     assert any(it["context"].endswith("простое!»") for it in items)
     assert all(f"{it['context']} {it['choices'][it['answer']]}" in text for it in items)
+
+
+def test_unknown_tokens_are_scored_as_the_bytes_they_stand_for():
+    """<unk> was left out of the nats while its bytes stayed in the count: a text with letters the tokenizer never
+    saw scored 1.479 bits per byte against 4.528 for the known letters alone (a reviewer's repro). Now every
+    target counts: the numbers of a plain forward over <EOS> + the text, which the lm-eval bridge's
+    loglikelihood_rolling (nll_many without a mask) gives too."""
+    from lmlab.eval.scorer import nll_many
+    tok = Tokenizer.train(["the fox saw the grapes hanging high on the vine. " * 20], kind="char", vocab_size=60)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("gpt2-tiny", vocab_size=tok.vocab_size, block_size=64)).eval()
+    text = "the fox ЖИЛИ saw the grapes"
+    ids = [tok.eos_id, *tok.encode(text)]
+    assert ids.count(tok.unk_id) == 4
+    with torch.no_grad():
+        logp = model(torch.tensor([ids[:-1]])).logits[0].double().log_softmax(-1)
+    nats = -sum(float(logp[k, t]) for k, t in enumerate(ids[1:]))
+    r = text_nll(model, tok, [text])
+    assert r["tokens"] == len(ids) - 1 and r["bytes"] == len(text.encode("utf-8"))
+    assert r["nats"] == pytest.approx(nats, rel=1e-9)
+    assert r["bits_per_byte"] == pytest.approx(nats / math.log(2) / len(text.encode("utf-8")), rel=1e-9)
+    assert r["nats"] == pytest.approx(nll_many(model, [ids])[0][0], rel=1e-9)  # the bridge's number
+
+
+def test_a_continuation_with_nothing_to_score_is_refused(tmp_path, tok):
+    """An empty continuation had no target tokens: log-likelihood 0 and greedy "right", so the item counted as
+    correct. So did one whose tokens BPE merged into the context's ("grape" + "s"), and a whitespace choice of a
+    word tokenizer (0 beat every other choice)."""
+    (tmp_path / "t.yaml").write_text("name: t\nkind: lm\ndata: fx.jsonl\ntarget_delimiter: ''\n")
+    (tmp_path / "fx.jsonl").write_text('{"context": "The fox", "continuation": " saw"}\n'
+                                       '{"context": "Once upon a", "continuation": ""}\n')
+    with pytest.raises(ValueError, match="fx.jsonl:2: continuation must be a non-empty string$"):
+        load_task(tmp_path / "t.yaml")
+    (tmp_path / "fx.jsonl").write_text('{"context": "The fox", "continuation": " saw"}\n'
+                                       '{"context": "The fox saw the grape", "continuation": "s"}\n')
+    task = load_task(tmp_path / "t.yaml")
+    model = tiny(block_size=64)
+    with pytest.raises(ValueError, match=r"^item 2: the continuation 's' adds no token to its context, so there is "
+                                         "nothing to score$"):
+        run_task(model, tok, task)
+    words = Tokenizer.train([TEXT * 4], kind="word", vocab_size=60)
+    from lmlab.eval import score_choices
+    with pytest.raises(ValueError, match=r"^item 1: the continuation '  ' adds no token"):
+        score_choices(model, words, [{"context": "The fox saw", "choices": ["the", " "], "answer": 0}])
+    with pytest.raises(ValueError, match="^pair 1: an empty continuation has no log-likelihood to score$"):
+        loglikelihood(model, [([1, 2], [3]), ([1, 2], [])])
+
+
+def test_task_data_stays_inside_the_tasks_folder(tmp_path):
+    """data: was read through links and from absolute paths: the server listed (and its evaluations read) a
+    workspace task whose mine.jsonl pointed at a file outside the workspace."""
+    from types import SimpleNamespace
+
+    from lmlab.server.routers.evals import list_tasks
+    line = '{"context": "SECRET", "choices": ["a", "b"], "answer": 0}\n'
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "private.jsonl").write_text(line)
+    tasks = tmp_path / "ws" / "tasks"
+    (tasks / "sub").mkdir(parents=True)
+    (tasks / "sub" / "ok.jsonl").write_text(line)
+    (tasks / "mine.jsonl").symlink_to(tmp_path / "outside" / "private.jsonl")
+    (tasks / "linked").symlink_to(tmp_path / "outside")
+    cases = {"abs": (str(tmp_path / "outside" / "private.jsonl"), "must be a path relative to the task's folder"),
+             "up": ("../../outside/private.jsonl", "must be a path relative to the task's folder"),
+             "mine": ("mine.jsonl", f"goes through a symbolic link, {tasks / 'mine.jsonl'}"),
+             "dir": ("linked/private.jsonl", f"goes through a symbolic link, {tasks / 'linked'}"),
+             "ok": ("sub/ok.jsonl", None)}
+    for name, (data, problem) in cases.items():
+        (tasks / f"{name}.yaml").write_text(f"name: {name}\nkind: multiple_choice\ndata: {json.dumps(data)}\n")
+        if problem:
+            with pytest.raises(ValueError, match=re.escape(f"{tasks / name}.yaml: data ({data!r}) {problem}")):
+                load_task(tasks / f"{name}.yaml")
+        else:
+            assert load_task(tasks / f"{name}.yaml").items == [json.loads(line)]
+    listed = {t.id: t for t in list_tasks(SimpleNamespace(ws=SimpleNamespace(tasks=tasks)))}
+    assert [k for k, t in listed.items() if t.source == "workspace" and not t.problem] == ["tasks/ok.yaml"]
+    assert listed["tasks/mine.yaml"].items == 0 and "symbolic link" in listed["tasks/mine.yaml"].problem
+
+
+def test_task_files_that_are_not_utf8_or_generate_forever_are_refused(tmp_path):
+    """A YAML file of other bytes raised UnicodeDecodeError (an internal error on the command line); a
+    max_new_tokens of 10**11 was taken and ran for hours."""
+    (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe\x00\x01")
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'bin.yaml'}: not UTF-8 (byte 1)")):
+        load_task(tmp_path / "bin.yaml")
+    (tmp_path / "g.jsonl").write_text('{"prompt": "a", "references": ["b"]}\n')
+    (tmp_path / "g.yaml").write_text("name: g\nkind: generate\ndata: g.jsonl\n"
+                                     "generation: {max_new_tokens: 100000000000}\n")
+    with pytest.raises(ValueError, match=re.escape("g.yaml: generation: max_new_tokens (100000000000) must be <= "
+                                                   "4096")):
+        load_task(tmp_path / "g.yaml")
+    (tmp_path / "g.yaml").write_text("name: g\nkind: generate\ndata: g.jsonl\ngeneration: {max_new_tokens: 4096}\n")
+    assert load_task(tmp_path / "g.yaml").generation.max_new_tokens == 4096

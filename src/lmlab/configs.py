@@ -126,7 +126,10 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     """A mapping from a JSON file, or a YAML one (.yaml/.yml, with PyYAML installed); ValueError naming the
     file for anything else."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 (byte {exc.start + 1})") from None
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
             try:

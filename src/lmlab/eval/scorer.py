@@ -130,8 +130,10 @@ def bits_per_byte(nats: float, n_bytes: int) -> float:
 def text_nll(model: Transformer, tokenizer: Any, texts: Sequence[str], *, seq_len: int | None = None,
              stride: int | None = None, batch_size: int = 16, cache_chunk: int = 0) -> dict[str, float]:
     """Loss (nats/token), perplexity and bits per byte of `texts`, each document scored on its own after an
-    <EOS> (lm-eval's loglikelihood_rolling with a stride); special tokens inside a text are not counted."""
-    specials = {getattr(tokenizer, k) for k in ("pad_id", "unk_id", "bos_id", "eos_id") if hasattr(tokenizer, k)}
+    <EOS> (lm-eval's loglikelihood_rolling with a stride); special tokens inside a text are not counted, but
+    <unk> is: it stands for bytes of the text, which bits per byte counts (left out, a text of unseen letters
+    scored 3x better, and the bridge's loglikelihood_rolling, which counts it, disagreed)."""
+    specials = {getattr(tokenizer, k) for k in ("pad_id", "bos_id", "eos_id") if hasattr(tokenizer, k)}
     docs = [(text, enc) for text, enc in zip(texts, tokenizer.encode_batch(list(texts))) if enc]
     scored = nll_many(model, [[tokenizer.eos_id, *enc] for _, enc in docs],
                       [[i not in specials for i in enc] for _, enc in docs], seq_len=seq_len, stride=stride,
@@ -165,6 +167,9 @@ def loglikelihood(model: Transformer, pairs: Sequence[tuple[Sequence[int], Seque
     lists; a context too long for the model is cut from the left, a continuation longer than the model's
     context is scored window by window (_continuation_windows). Pairs that share a context (the choices of
     one question) read it once: it goes through the KV cache, which is then copied for each continuation."""
+    for i, (_, x) in enumerate(pairs):  # as lm-eval's hf model asserts: no tokens would score 0 and "greedy"
+        if not x:
+            raise ValueError(f"pair {i}: an empty continuation has no log-likelihood to score")
     limit = model.config.block_size + 1
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, (c, x) in enumerate(pairs):
@@ -253,6 +258,7 @@ def score_choices(model: Transformer, tokenizer: Any, items: Sequence[dict[str, 
     as the continuation `delimiter + choice`. acc picks the highest log-likelihood, acc_norm the highest per
     character of the choice (lm-eval's acc_norm)."""
     pairs = [encode_pair(tokenizer, it["context"], delimiter + c) for it in items for c in it["choices"]]
+    _need_tokens(pairs, [(i, delimiter + c) for i, it in enumerate(items) for c in it["choices"]])
     scores = iter(loglikelihood(model, pairs, batch_size=batch_size))
     out = []
     for it in items:
@@ -264,10 +270,20 @@ def score_choices(model: Transformer, tokenizer: Any, items: Sequence[dict[str, 
     return out
 
 
+def _need_tokens(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], texts: Sequence[tuple[int, str]]) -> None:
+    """A continuation with no tokens of its own (all whitespace for a word tokenizer, or merged into the
+    context's last token by BPE) would score 0, the best log-likelihood, and count as right."""
+    for (_, x), (i, text) in zip(pairs, texts):
+        if not x:
+            raise ValueError(f"item {i + 1}: the continuation {text!r} adds no token to its context, so there is "
+                             "nothing to score")
+
+
 def score_greedy(model: Transformer, tokenizer: Any, items: Sequence[dict[str, Any]], *, delimiter: str = "",
                  batch_size: int = 16) -> list[dict[str, Any]]:
     """LM tasks (nanochat CORE's "language modeling"): 1 when greedy decoding reproduces the continuation."""
     pairs = [encode_pair(tokenizer, it["context"], delimiter + it["continuation"]) for it in items]
+    _need_tokens(pairs, [(i, delimiter + it["continuation"]) for i, it in enumerate(items)])
     return [{"exact": float(g), "loglikelihood": ll}
             for ll, g in loglikelihood(model, pairs, batch_size=batch_size)]
 

@@ -2,7 +2,7 @@
 
     name: fables-mc                 # shown in results
     kind: multiple_choice           # multiple_choice | lm | generate
-    data: fables-mc.jsonl           # relative to the YAML file
+    data: fables-mc.jsonl           # relative to the YAML file, inside its folder (no links followed)
     description: ""                 # text before everything (optional)
     fewshot: 0                      # solved examples before each item, drawn from the other items
     target_delimiter: " "           # between a context and its choice / continuation / reference
@@ -33,6 +33,8 @@ FIELDS = {"multiple_choice": {"context": str, "choices": list, "answer": int},
 METRICS = {"multiple_choice": ("acc", "acc_norm"), "lm": ("exact",), "generate": ("chrf", "rougeL")}
 KEYS = {"name", "kind", "data", "description", "fewshot", "target_delimiter", "fewshot_delimiter", "seed",
         "generation"}
+# A task's answers are short (lm-eval's default max_gen_toks is 256); 10**11 was taken and ran for hours
+MAX_NEW_TOKENS = 4096
 
 
 @dataclass
@@ -82,11 +84,29 @@ def load_task(spec: str | Path) -> Task:
         gen = from_dict(GenerationConfig, {"max_new_tokens": 32, "do_sample": False, **(meta.get("generation") or {})})
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{path}: generation: {exc}") from None
-    items = read_items(path.parent / meta["data"], meta["kind"])
+    if gen.max_new_tokens > MAX_NEW_TOKENS:
+        raise ValueError(f"{path}: generation: max_new_tokens ({gen.max_new_tokens}) must be <= {MAX_NEW_TOKENS}")
+    items = read_items(data_path(path, meta["data"]), meta["kind"])
     if fewshot >= len(items):
         raise ValueError(f"{path}: fewshot ({fewshot}) must be below the number of items ({len(items)})")
     return Task(meta["name"], meta["kind"], items, meta.get("description", ""), fewshot,
                 meta.get("target_delimiter", " "), meta.get("fewshot_delimiter", "\n\n"), meta.get("seed", 0), gen)
+
+
+def data_path(path: Path, data: str) -> Path:
+    """The data file a task names: relative to its YAML file and inside that folder, with no symbolic link on the
+    way (the workspace's rule): the server lists and reads the workspace's tasks, and `data: /elsewhere/x.jsonl`
+    or a linked x.jsonl read files outside it."""
+    rel = Path(data)
+    if rel.anchor or ".." in rel.parts:
+        raise ValueError(f"{path}: data ({data!r}) must be a path relative to the task's folder, inside it")
+    out = path.parent
+    for part in rel.parts:
+        out = out / part
+        if out.is_symlink():
+            raise ValueError(f"{path}: data ({data!r}) goes through a symbolic link, {out}; links are not followed: "
+                             "put the file itself beside the task")
+    return out
 
 
 def read_items(path: Path, kind: str) -> list[dict[str, Any]]:
@@ -115,6 +135,8 @@ def _check(item: Any, kind: str) -> str | None:
     if listed is not None and (not listed or not all(isinstance(c, str) and c for c in listed)):
         name = "choices" if kind == "multiple_choice" else "references"
         return f"{name} must be a non-empty list of non-empty strings"
+    if kind == "lm" and not item["continuation"]:  # nothing to score would count as right
+        return "continuation must be a non-empty string"
     if kind == "multiple_choice" and not 0 <= item["answer"] < len(item["choices"]):
         return f"answer {item['answer']} is not an index of the {len(item['choices'])} choices"
     return None
