@@ -223,7 +223,9 @@ def test_probes_separate_a_looping_model_from_a_healthy_one(tok):
 def test_probe_values_on_known_strings():
     s = ["a b a b a b", "c d e"]
     p = probes(s, training_text="x c d y a b a z")
-    assert p["distinct_1"] == 5 / 9 and p["distinct_2"] == 4 / 7  # (a b) (b a) (c d) (d e) of 5 + 2 bigrams
+    # Li et al. 2016: distinct n-grams over generated tokens, (a b) (b a) (c d) (d e) of 6 + 3 words (the n-gram
+    # ratio, 4 of 5 + 2 bigrams, was reported)
+    assert p["distinct_1"] == 5 / 9 and p["distinct_2"] == 4 / 9
     assert p["repetition_4"] == pytest.approx((1 - 2 / 3) / 1)  # only the first sample has 4-grams
     assert p["longest_shared_ngram"] == 3  # "a b a"
 
@@ -434,3 +436,101 @@ def test_task_files_that_are_not_utf8_or_generate_forever_are_refused(tmp_path):
         load_task(tmp_path / "g.yaml")
     (tmp_path / "g.yaml").write_text("name: g\nkind: generate\ndata: g.jsonl\ngeneration: {max_new_tokens: 4096}\n")
     assert load_task(tmp_path / "g.yaml").generation.max_new_tokens == 4096
+
+
+def test_bootstrap_refuses_unpaired_scores_and_a_bad_level():
+    """[1.0] against four scores broadcast silently; 3 against 4 and level=95 were numpy's errors."""
+    with pytest.raises(ValueError, match="^need the same items for both: 1 scores against 4$"):
+        paired_bootstrap([1.0], [0, 1, 0, 1])
+    with pytest.raises(ValueError, match="^need the same items for both: 3 scores against 4$"):
+        paired_bootstrap([1.0, 0, 1], [0, 1, 0, 1])
+    for level in (95, 0, 1.0, float("nan")):
+        with pytest.raises(ValueError, match=re.escape(f"level ({level}) must be in (0, 1), e.g. 0.95")):
+            paired_bootstrap([1.0] * 8, [0.0] * 8, level=level)
+
+
+def test_bootstrap_in_blocks_gives_the_one_draw_numbers_in_little_memory():
+    """The whole (resamples, items) index array was built at once: 610 MiB at 20,000 items and 2,000 resamples,
+    on every GET of a server's evaluation. Drawn in blocks, the numbers are those of the one draw."""
+    import tracemalloc
+    rng = np.random.default_rng(7)
+    a, b = rng.integers(0, 2, 5000).astype(float), rng.integers(0, 2, 5000).astype(float)
+    d = b - a
+    idx = np.random.default_rng(3).integers(0, len(d), size=(2000, len(d)))  # the reference: one draw
+    lo, hi = np.quantile(d[idx].mean(1), [0.025, 0.975])
+    del idx
+    tracemalloc.start()
+    try:
+        ci = paired_bootstrap(a, b, seed=3)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert ci == {"delta": d.mean(), "low": lo, "high": hi}
+    assert peak < 40 * 2**20, peak  # the one draw: 2 x 76 MiB (indices, then the gathered differences)
+
+
+def test_too_few_items_give_no_interval_and_are_not_called_significant():
+    """One item flipped from wrong to right was a [+1, +1] interval, drawn green in report.html. Below six items
+    no difference can be significant at 95% (a sign test of n agreeing items: p = 2 / 2**n)."""
+    from lmlab.eval.compare import compare, report_html
+    from lmlab.eval.metrics import min_items
+    assert [min_items(level) for level in (0.5, 0.9, 0.95, 0.99)] == [3, 5, 6, 8]
+    assert paired_bootstrap([0.0] * 5, [1.0] * 5) == {"delta": 1.0, "low": None, "high": None}
+    assert paired_bootstrap([0.0] * 6, [1.0] * 6) == {"delta": 1.0, "low": 1.0, "high": 1.0}
+    results = [{"model": m, "tasks": [{"task": "one", "kind": "multiple_choice", "n": 1,
+                                       "metrics": {"acc": v, "acc_norm": v}, "items": [{"acc": v, "acc_norm": v}]}]}
+               for m, v in (("a", 0.0), ("b", 1.0))]
+    c = compare(results)
+    assert [(r["metric"], r["delta"], r["low"], r["high"]) for r in c["rows"]] == [("acc", 1.0, None, None),
+                                                                                   ("acc_norm", 1.0, None, None)]
+    report = report_html(c)
+    assert "#2a7" not in report and "<td>none (under 6 items)</td>" in report
+    # the table's columns: the second score is the model's value (it was headed "model" twice)
+    assert "<th>task</th><th>metric</th><th>model</th><th>base</th><th>value</th><th>delta</th>" in report
+
+
+def test_compare_refuses_models_scored_on_other_tasks():
+    from lmlab.eval.compare import compare
+    task = {"task": "t", "kind": "lm", "n": 2, "metrics": {"exact": 0.5}, "items": [{"exact": 1.0}, {"exact": 0.0}]}
+    with pytest.raises(ValueError, match=re.escape("b was scored on the tasks [], a on [t]: compare needs the same "
+                                                   "tasks in the same order")):
+        compare([{"model": "a", "tasks": [task]}, {"model": "b", "tasks": []}])
+    with pytest.raises(ValueError, match=re.escape("b was scored on the tasks [u, t], a on [t, u]")):
+        compare([{"model": "a", "tasks": [task, {**task, "task": "u"}]},
+                 {"model": "b", "tasks": [{**task, "task": "u"}, task]}])
+
+
+def test_made_items_have_distinct_choices_up_to_case():
+    """A text that repeats a sentence gave next-sentence items with two identical choices (45 of 1916 in a
+    reviewer's run), and a cloze item offered "Ёжик" beside the answer "ёжик"."""
+    from lmlab.eval.maketask import make_items
+    rng = np.random.default_rng(0)
+    pool = ["Ёжик нашёл гриб в лесу.", "Ёжик ушёл домой к маме.", "Лиса увидела ёжика в траве.",
+            "С тех пор они больше не ссорились.", "С тех пор они больше не ссорились.", "Медведь испугался ёжика.",
+            "Ёжик и лиса стали друзьями.", "Под кустом сидел маленький ёжик."]
+    text = " ".join(pool[i] for i in rng.integers(0, len(pool), 300))
+    for kind in ("next-sentence", "cloze"):
+        items = make_items([text], kind, n=200, seed=1)
+        assert len(items) >= 50
+        for it in items:
+            assert len({c.casefold() for c in it["choices"]}) == len(it["choices"]) == 4, it
+
+
+def test_make_items_needs_at_least_one():
+    from lmlab.eval.maketask import make_items
+    text = "The fox saw the grapes on the vine. The grapes were high on the old vine. " * 5
+    for n in (0, -1):  # they took every item there is
+        with pytest.raises(ValueError, match=re.escape(f"items ({n}) must be >= 1")):
+            make_items([text], "cloze", n=n)
+
+
+@pytest.mark.parametrize("name", ["del\x7fname", "nel\x85line", "c1\x9f", "ls\u2028ps\u2029", "bom\ufeff",
+                                  'we"ird: name #x', "back\\slash", "tab\tx", "Ёжик 🦔"])
+def test_a_made_task_reads_back_whatever_its_name(tmp_path, name):
+    """json.dumps left DEL (and C1 controls) raw in the task file's name: not YAML, so the task written could
+    not be read; NEL and U+2028 were read back as spaces."""
+    from lmlab.eval.maketask import write_task
+    items = [{"context": "The fox", "choices": ["saw", "ran"], "answer": 0}]
+    path = write_task(tmp_path / f"{name}.yaml", name, items, source="a book")
+    task = load_task(path)
+    assert (task.name, task.items) == (name, items)

@@ -56,9 +56,12 @@ def held_out_texts(run_dir: str | Path, books: Sequence[str] = ()) -> dict[str, 
 
 
 def make_items(texts: Sequence[str], kind: str, *, n: int = 100, choices: int = 4, seed: int = 0) -> list[dict]:
-    """Up to n multiple-choice items (fewer if the text is short); the answer's position is random."""
+    """Up to n multiple-choice items (fewer if the text is short); the answer's position is random; no two
+    choices of an item are equal up to case."""
     if kind not in KINDS:
         raise ValueError(f"--kind must be one of {', '.join(KINDS)}, not {kind!r}")
+    if n < 1:  # 0 and below took every item there is
+        raise ValueError(f"items ({n}) must be >= 1")
     rng = random.Random(seed)
     # (text, start, end) of each sentence; contexts are cut from the text itself, so each is one literal passage
     spans = [(t, m.start() + len(m.group()) - len(m.group().lstrip()), m.end()) for t in texts
@@ -73,8 +76,8 @@ def make_items(texts: Sequence[str], kind: str, *, n: int = 100, choices: int = 
             if not m or len(m.group(1)) < 3:
                 continue
             answer = m.group(1)
-            pool = [w for w in words if w != answer and abs(len(w) - len(answer)) <= 2] or \
-                [w for w in words if w != answer]
+            pool = _distinct([w for w in words if abs(len(w) - len(answer)) <= 2], answer) or \
+                _distinct(words, answer)
             if len(pool) < choices - 1:
                 continue
             first = spans[i - 1][1] if i and spans[i - 1][0] is text else start  # the sentence before, if any
@@ -86,7 +89,7 @@ def make_items(texts: Sequence[str], kind: str, *, n: int = 100, choices: int = 
         for i in rng.sample(range(len(spans) - 1), max(len(spans) - 1, 0)):
             if spans[i + 1][0] is not spans[i][0]:
                 continue
-            pool = [s for j, s in enumerate(sentences) if j not in (i, i + 1) and s != sentences[i + 1]]
+            pool = _distinct([s for j, s in enumerate(sentences) if j not in (i, i + 1)], sentences[i + 1])
             if len(pool) < choices - 1:
                 continue
             items.append(_item(sentences[i], sentences[i + 1], rng.sample(pool, choices - 1), rng))
@@ -95,6 +98,25 @@ def make_items(texts: Sequence[str], kind: str, *, n: int = 100, choices: int = 
     if not items:
         raise ValueError("the held-out text is too short to build any item")
     return items
+
+
+def _distinct(candidates: Sequence[str], answer: str) -> list[str]:
+    """The candidates for distractors with one of each case-folded form, and none that is the answer up to case:
+    a text that repeats a sentence gave two identical choices, and "Ёжик" was offered beside the answer "ёжик"."""
+    seen, out = {answer.casefold()}, []
+    for c in candidates:
+        if c.casefold() not in seen:
+            seen.add(c.casefold())
+            out.append(c)
+    return out
+
+
+def _yaml_string(text: str) -> str:
+    """A YAML double-quoted scalar: JSON's escapes, and \\u escapes for the characters YAML may not hold raw
+    (DEL, C1 controls, U+FFFE/FFFF, lone surrogates) or reads as line breaks (NEL, U+2028/9): json.dumps keeps
+    them, and a name with DEL gave a task file that could not be read back."""
+    return re.sub("[^\x20-\x7e\xa0-\u2027\u202a-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]",
+                  lambda m: f"\\u{ord(m.group()):04x}", json.dumps(text, ensure_ascii=False))
 
 
 def _item(context: str, answer: str, distractors: list[str], rng: random.Random) -> dict[str, Any]:
@@ -113,6 +135,6 @@ def write_task(path: str | Path, name: str, items: list[dict], *, source: str) -
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(data, "".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items))
     atomic_write_text(path, f"# made by lmlab eval make-task from the held-out text of {source}\n"
-                            f"name: {json.dumps(name, ensure_ascii=False)}\nkind: multiple_choice\n"
-                            f"data: {json.dumps(data.name, ensure_ascii=False)}\ntarget_delimiter: \" \"\n")
+                            f"name: {_yaml_string(name)}\nkind: multiple_choice\n"
+                            f"data: {_yaml_string(data.name)}\ntarget_delimiter: \" \"\n")
     return path
