@@ -13,6 +13,7 @@ from lmlab.cli import main
 from lmlab.data import TokenDataset
 from lmlab.eval import load_task, run_task
 from lmlab.eval.maketask import held_out_texts, make_items
+from lmlab.eval.tasks import SHIPPED
 from lmlab.models.io import load_pretrained
 from lmlab.tokenizers import Tokenizer
 from lmlab.train.demo_corpus import demo_corpus
@@ -175,6 +176,15 @@ def test_probes_on_the_command_line_equal_the_library(runs, capsys):
                                                 "shipped task names, comma-separated"),
     (["eval", "{a}", "{tmp}/e1.txt", "{tmp}/e2.txt"], "lmlab: error: the texts are empty"),
     (["eval", "{a}", "{a}/../tales.txt", "--seq-len", "0"], "lmlab: error: --seq-len must be >= 1"),
+    # taken before: an empty trajectory and exit 0; every item there is; a traceback; a bootstrap of hours
+    (["eval", "{a}", "--all-checkpoints", "--probes", "3"], "lmlab: error: --probes cannot be combined with "
+                                                             "--all-checkpoints: score the checkpoints on texts or "
+                                                             "--tasks"),
+    (["eval", "make-task", "--run", "{a}", "--out", "{tmp}/i0.yaml", "--items", "0"],
+     "lmlab: error: --items must be >= 1"),
+    (["eval", "{a}", "--tasks", "{tmp}/bin.yaml"], "lmlab: error: {tmp}/bin.yaml: not UTF-8 (byte 1)"),
+    (["compare", "{a}", "{a}", "--tasks", "fables-mc", "--resamples", "100001"],
+     "lmlab: error: --resamples (100001) must be <= 100000"),
 ])
 def test_bad_input_is_one_line_and_exit_2(runs, tmp_path, capsys, monkeypatch, argv, message):
     root, _ = runs
@@ -184,6 +194,42 @@ def test_bad_input_is_one_line_and_exit_2(runs, tmp_path, capsys, monkeypatch, a
                                         '{"context": "a", "choices": ["x"]}\n')
     (tmp_path / "e1.txt").write_text("")
     (tmp_path / "e2.txt").write_text("")
+    (tmp_path / "bin.yaml").write_bytes(b"\xff\xfe\x00\x01")
     fill = dict(a=root / "a", bad=tmp_path / "bad.yaml", badjsonl=tmp_path / "bad.jsonl", tmp=tmp_path)
     assert main([a.format(**fill) for a in argv]) == 2
     assert capsys.readouterr().err == message.format(**fill) + "\n"
+    assert not list(tmp_path.glob("i0.*"))
+
+
+def test_results_already_there_are_kept_unless_forced(runs, capsys, tmp_path):
+    """eval --out, compare --out (lmlab-compare by default) and --all-checkpoints replaced earlier results, a
+    user's own file in the folder included. Now: refused before anything is scored, one line, exit 2."""
+    root, _ = runs
+    out = tmp_path / "mine"
+    out.mkdir()
+    (tmp_path / "three.jsonl").write_text("".join((SHIPPED / "fables-mc.jsonl").read_text().splitlines(True)[:3]))
+    (tmp_path / "three.yaml").write_text("name: three\nkind: multiple_choice\ndata: three.jsonl\n")
+    runs_ = [(["eval", str(root / "a"), "--tasks", "fables-lm"], ["eval.json"]),
+             (["compare", str(root / "a"), str(root / "b"), "--tasks", str(tmp_path / "three.yaml")],
+              ["compare.json", "report.html"]),
+             (["eval", str(root / "a"), "--all-checkpoints", "--tasks", "fables-lm"],
+              ["trajectory.jsonl", "trajectory.png"])]
+    for argv, files in runs_:
+        for name in files:  # any one of the results is enough to refuse
+            (out / name).write_text("my notes")
+            assert main([*argv, "--out", str(out)]) == 2
+            assert capsys.readouterr().err == (f"lmlab: error: {out / name} exists; replace it with --force, or "
+                                               "choose another --out\n")
+            assert [p.read_text() for p in out.iterdir()] == ["my notes"]
+            (out / name).unlink()
+        (out / files[0]).write_text("my notes")
+        assert main([*argv, "--out", str(out), "--force"]) == 0
+        capsys.readouterr()
+        assert (out / files[0]).read_text() != "my notes" and all((out / f).is_file() for f in files)
+        for f in files:
+            (out / f).unlink()
+    # a task of three items: no interval, in the table too
+    assert main(["compare", str(root / "a"), str(root / "b"), "--tasks", str(tmp_path / "three.yaml"), "--out",
+                 str(tmp_path / "cmp3")]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[2].startswith("three ") and table[2].endswith("  none (under 6 items)")

@@ -820,9 +820,25 @@ def _eval_arguments(p: argparse.ArgumentParser) -> None:
                    "the longest word n-gram shared with its training text")
     p.add_argument("--prompt", default="", help="the prompt of the --probes samples (default: none)")
     p.add_argument("--all-checkpoints", action="store_true", help="MODEL_DIR is a run: score each checkpoint and "
-                   "write RUN/eval/trajectory.jsonl and trajectory.png (metric against step)")
+                   "write RUN/eval/trajectory.jsonl and trajectory.png (metric against step); one already there is "
+                   "not replaced, nor added to: the command is refused (--force scores every checkpoint again)")
     p.add_argument("--out", help="a folder for the results too: OUT/eval.json (what --json prints); with "
                    "--all-checkpoints, OUT/trajectory.jsonl and .png instead of RUN/eval/ (the web app's jobs)")
+    p.add_argument("--force", action="store_true", help="replace the results of an earlier evaluation in --out "
+                   "(or RUN/eval/); without it they are kept and the command refused")
+
+
+def _refuse_results(paths: list[Path], force: bool) -> None:
+    """Before any scoring: results already there are a user's earlier ones, replaced only with --force."""
+    for path in paths:
+        if not force and (path.exists() or path.is_symlink()):
+            raise ValueError(f"{path} exists; replace it with --force, or choose another --out")
+
+
+def _write_result(path: Path, text: str, force: bool) -> None:
+    from .files import atomic_path
+    with atomic_path(path, new=not force) as tmp:  # new: not over a file written meanwhile either
+        tmp.write_text(text, encoding="utf-8")
 
 
 def _model_dir(path: str) -> Path:
@@ -864,6 +880,9 @@ def _eval(args: argparse.Namespace) -> int:
 
     if args.probes is not None and args.probes < 1:
         raise ValueError("--probes must be >= 1")
+    if args.probes and args.all_checkpoints:  # the trajectory has no place for them: it was written empty
+        raise ValueError("--probes cannot be combined with --all-checkpoints: score the checkpoints on texts or "
+                         "--tasks")
     if args.batch_size < 1:
         raise ValueError("--batch-size must be >= 1")
     if args.seq_len is not None and args.seq_len < 1:
@@ -873,6 +892,8 @@ def _eval(args: argparse.Namespace) -> int:
         raise ValueError("give texts to evaluate on, --tasks, --probes N, or several")
     if args.all_checkpoints:
         return _trajectory(args, tasks)
+    if args.out:
+        _refuse_results([Path(args.out) / "eval.json"], args.force)
     model, tok = _load_for_eval(args.model_dir, args.device)
     out: dict[str, Any] = {"model": args.model_dir}
     if args.texts:
@@ -883,9 +904,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.probes:
         out["probes"] = _probes(model, tok, args)
     if args.out:
-        from .files import atomic_write_text
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(args.out) / "eval.json", json.dumps(out, ensure_ascii=False, indent=1))
+        _write_result(Path(args.out) / "eval.json", json.dumps(out, ensure_ascii=False, indent=1), args.force)
     if args.json:
         print(json.dumps(out, ensure_ascii=False, indent=1))
         return 0
@@ -934,7 +953,6 @@ def _trajectory(args: argparse.Namespace, tasks: list[Any]) -> int:
     import numpy as np
 
     from .data import find_documents, read_document
-    from .files import atomic_write_text
     from .tokenizers import Tokenizer
     from .train.checkpoint import checkpoint_model, checkpoint_step, checkpoints
     from .train.recipes import evaluate_texts
@@ -945,6 +963,8 @@ def _trajectory(args: argparse.Namespace, tasks: list[Any]) -> int:
     found = checkpoints(run)
     if not found or not (run / "tokenizer.json").is_file():
         raise ValueError(f"{run} is not a training run with checkpoints (--all-checkpoints takes a run directory)")
+    out = Path(args.out) if args.out else run / "eval"
+    _refuse_results([out / "trajectory.jsonl", out / "trajectory.png"], args.force)
     tok = Tokenizer.load(run / "tokenizer.json")
     texts = [read_document(p) for p in find_documents(args.texts)] if args.texts else []
     rows = []
@@ -957,9 +977,8 @@ def _trajectory(args: argparse.Namespace, tasks: list[Any]) -> int:
         for result in _score_tasks(model, tok, tasks, args.batch_size):
             rows += [{"step": step, "task": result["task"], "metric": k, "value": v}
                      for k, v in result["metrics"].items()]
-    out = Path(args.out) if args.out else run / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "trajectory.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    _write_result(out / "trajectory.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                  args.force)
     series: dict[str, list[tuple[int, float]]] = {}
     for r in rows:
         series.setdefault(f"{r['task']} {r['metric']}", []).append((r["step"], r["value"]))
@@ -986,7 +1005,7 @@ def _make_task_arguments(p: argparse.ArgumentParser) -> None:
                    "is used")
     p.add_argument("--kind", choices=["cloze", "next-sentence"], default="cloze", help="item kind (cloze)")
     p.add_argument("--out", required=True, help="the task file to write (NAME.yaml, with NAME.jsonl beside it)")
-    p.add_argument("--items", type=int, default=200, help="at most this many items (200)")
+    p.add_argument("--items", type=int, default=200, help="at most this many items (200; at least 1)")
     p.add_argument("--seed", type=int, default=0, help="which sentences and distractors")
 
 
@@ -995,6 +1014,8 @@ def _make_task_arguments(p: argparse.ArgumentParser) -> None:
 def _make_task(args: argparse.Namespace) -> int:
     from .eval.maketask import held_out_texts, make_items, write_task
 
+    if args.items < 1:
+        raise ValueError("--items must be >= 1")
     texts = held_out_texts(args.run_dir, args.books)
     items = make_items(list(texts.values()), args.kind, n=args.items, seed=args.seed)
     path = write_task(args.out, Path(args.out).stem, items, source=", ".join(texts))
@@ -1002,13 +1023,20 @@ def _make_task(args: argparse.Namespace) -> int:
     return 0
 
 
+# 2,000 give a 95% interval's ends to about +-0.1 standard errors; 10**9 ran for days (resampling is drawn in
+# blocks, so memory stays small, but time grows with resamples x items)
+MAX_RESAMPLES = 100_000
+
+
 def _compare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("models", nargs="+", help="two or more model or run directories; the first is the baseline")
     p.add_argument("--tasks", required=True, help="comma list of task files or shipped task names")
     p.add_argument("--out", default="lmlab-compare", help="folder for compare.json and report.html")
+    p.add_argument("--force", action="store_true", help="replace compare.json and report.html already in --out")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (8)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (2000)")
+    p.add_argument("--resamples", type=int, default=2000, help=f"bootstrap resamples (2000; at most "
+                   f"{MAX_RESAMPLES:,})")
     p.add_argument("--json", action="store_true", help="print the comparison as JSON")
 
 
@@ -1017,31 +1045,32 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
 def _compare(args: argparse.Namespace) -> int:
     import json
 
-    from .eval.compare import compare, report_html
-    from .files import atomic_write_text
+    from .eval.compare import compare, interval, report_html
 
     if len(args.models) < 2:
         raise ValueError("compare needs at least two models")
     if args.batch_size < 1 or args.resamples < 1:
         raise ValueError("--batch-size and --resamples must be >= 1")
+    if args.resamples > MAX_RESAMPLES:
+        raise ValueError(f"--resamples ({args.resamples}) must be <= {MAX_RESAMPLES}")
     tasks = _task_list(args.tasks)
+    out = Path(args.out)
+    _refuse_results([out / "compare.json", out / "report.html"], args.force)
     results = []
     for m in args.models:
         model, tok = _load_for_eval(m, args.device)
         results.append({"model": m, "tasks": _score_tasks(model, tok, tasks, args.batch_size)})
     c = compare(results, resamples=args.resamples)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "compare.json", json.dumps({**c, "results": results}, ensure_ascii=False, indent=1))
-    atomic_write_text(out / "report.html", report_html(c))
+    _write_result(out / "compare.json", json.dumps({**c, "results": results}, ensure_ascii=False, indent=1),
+                  args.force)
+    _write_result(out / "report.html", report_html(c), args.force)
     if args.json:
         print(json.dumps(c, ensure_ascii=False, indent=1))
         return 0
     print(f"baseline {c['base']}")
     print(f"{'task':<20} {'metric':<10} {'model':<28} {'delta':>9}  95% interval")
     for r in c["rows"]:
-        print(f"{r['task']:<20} {r['metric']:<10} {r['model'][-28:]:<28} {r['delta']:+9.4f}  "
-              f"[{r['low']:+.4f}, {r['high']:+.4f}]")
+        print(f"{r['task']:<20} {r['metric']:<10} {r['model'][-28:]:<28} {r['delta']:+9.4f}  {interval(r)}")
     print(f"{len(c['flips'])} answers flipped (an item on a metric); report: {out / 'report.html'}")
     return 0
 
