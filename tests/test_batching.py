@@ -303,3 +303,29 @@ def test_non_finite_logits_end_that_sequence_with_an_error():
         engine.step()
     with pytest.raises(RuntimeError, match="logits are not finite"):
         events(nan_head)
+
+
+def test_storage_that_cannot_grow_ends_the_widest_rows_alone():
+    """The rows' storage grows (doubling its width) when the widest row needs one more column; that allocation
+    failing (a 6800-token request beside four short streams, memory capped) ended every row. Now the rows that
+    need the column end with the error, and the others, whose contexts fit, decode on to what they get alone."""
+    model = tiny("llama")
+    engine = BatchEngine(model, Digits(), start=False)
+    greedy = GenerationConfig(max_new_tokens=12, do_sample=False, stop_at_eos=False)
+    short = engine.submit([([5, 9, 11], greedy), ([40, 41], greedy)])
+    wide = engine.submit([([7] * 20, greedy)])
+    reserve, failed = engine._reserve, []
+
+    def failing(rows, width):
+        if not failed and engine.k is not None and width > engine.k.size(3):
+            failed.append(width)
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+        return reserve(rows, width)
+    engine._reserve = failing
+    while engine.rows or engine.waiting:
+        engine.step()
+    assert failed
+    with pytest.raises(RuntimeError, match="can't allocate memory"):
+        events(wide)
+    got = {ev.index: ev.ids for ev in events(short) if isinstance(ev, Finish)}
+    assert [got[0], got[1]] == [generate_ids(model, [p], greedy)[0] for p in ([5, 9, 11], [40, 41])]

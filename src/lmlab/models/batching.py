@@ -294,7 +294,20 @@ class BatchEngine:
 
     def _step(self) -> None:
         B, L = len(self.rows), self.length
-        self._reserve(B, L + 1)
+        try:
+            self._reserve(B, L + 1)
+        except Exception as exc:  # noqa: BLE001 - the storage cannot grow by its next column (out of memory)
+            # Only the widest rows (their context begins at column 0) need that column: they end with the error,
+            # the columns shrink to the others' contexts, which fit. A 6800-token request admitted beside four
+            # short streams ended them all here when the storage doubled its width.
+            widest = [s for r, s in enumerate(self.rows) if self.mask[r, 0]] or list(self.rows)
+            for seq in widest:
+                seq.out.put(exc)
+            self._leave(widest)
+            if not self.rows:
+                return
+            B, L = len(self.rows), self.length
+            self._reserve(B, L + 1)
         self.mask[:B, L] = True
         mask = self.mask[:B, :L + 1]
         positions = mask.sum(1, keepdim=True) - 1                            # (B, 1): each row's own position
