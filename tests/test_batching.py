@@ -191,3 +191,141 @@ def test_a_request_of_many_sequences_shares_the_rows_that_free_up():
                     (late, [([30], short)])):
         for i, (p, cfg) in enumerate(reqs):
             assert got[id(h), i] == generate_ids(model, [p], cfg)[0]
+
+
+@pytest.mark.parametrize("where", ["prefill", "placement"])
+def test_a_failed_admission_ends_the_joining_sequences_alone(where):
+    """A joining request whose prefill failed (out of memory: a 6800-token prompt with n = 32) sent its error to
+    every row of the batch, whose cache was dropped: four streams decoding there ended with the other request's
+    "can't allocate memory". Now the joining sequences end with it, and the rows decode on to what they get
+    alone; so they do when the failure comes while their keys and values are given a place (the storage grows
+    and the rows shift right for the longer prompt)."""
+    model = tiny("llama")
+    engine = BatchEngine(model, Digits(), start=False)
+    greedy = GenerationConfig(max_new_tokens=12, do_sample=False, stop_at_eos=False)
+    sampled = GenerationConfig(max_new_tokens=12, temperature=0.9, seed=5, stop_at_eos=False)
+    first = [([5, 9, 11], greedy), ([40, 41], sampled)]
+    running = engine.submit(first)
+    for _ in range(3):
+        engine.step()
+    big = [7] * 20
+    failed = []
+    if where == "prefill":
+        forward = model.forward
+
+        def failing(idx, *args, **kwargs):
+            if idx.shape[1] == len(big):
+                failed.append(idx.shape)
+                raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+            return forward(idx, *args, **kwargs)
+        model.forward = failing
+    else:
+        reserve = engine._reserve
+
+        def failing(rows, width):
+            if rows > len(engine.rows):  # storage for joining rows (a step asks for its own rows only)
+                failed.append((rows, width))
+                raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+            return reserve(rows, width)
+        engine._reserve = failing
+    doomed = engine.submit([(big, GenerationConfig(max_new_tokens=4, seed=s)) for s in range(2)])
+    engine.step()
+    assert failed and len(engine.rows) == 2
+    if where == "prefill":
+        del model.forward
+    else:
+        del engine._reserve
+    later = engine.submit([([12, 13], greedy)])
+    while engine.rows or engine.waiting:
+        engine.step()
+    with pytest.raises(RuntimeError, match="can't allocate memory"):
+        events(doomed)
+    got = [ev.ids for h in (running, later) for ev in sorted((e for e in events(h) if isinstance(e, Finish)),
+                                                              key=lambda e: e.index)]
+    assert got == [generate_ids(model, [p], cfg)[0] for p, cfg in [*first, ([12, 13], greedy)]]
+
+
+def test_a_prompt_shared_by_samples_is_prefilled_once():
+    """A request's n samples of one prompt were prefilled once each (n rows of one forward): the other streams
+    of the model waited n times as long (27 s for n = 32 on a 6800-token prompt). Now each distinct prompt is
+    prefilled once and its keys and values copied to its samples' rows; every sample still gets what it gets
+    alone."""
+    model = tiny("llama")
+    engine = BatchEngine(model, Digits(), start=False)
+    prompt = [5, 9, 11, 12, 30]
+    reqs = [(prompt, GenerationConfig(max_new_tokens=10, temperature=0.9, seed=20 + i, stop_at_eos=False))
+            for i in range(4)] + [([40, 41], GenerationConfig(max_new_tokens=10, do_sample=False, stop_at_eos=False))]
+    calls = []
+    forward = model.forward
+    model.forward = lambda *a, **k: calls.append(tuple(a[0].shape)) or forward(*a, **k)
+    handle = engine.submit(reqs[:4])
+    other = engine.submit(reqs[4:])
+    engine.step()
+    assert calls[0] == (2, len(prompt)) and len(engine.rows) == 5
+    while engine.rows or engine.waiting:
+        engine.step()
+    del model.forward
+    got = {ev.index: ev.ids for ev in events(handle) if isinstance(ev, Finish)}
+    got[4] = [ev.ids for ev in events(other) if isinstance(ev, Finish)][0]
+    want = [generate_ids(model, [p], cfg)[0] for p, cfg in reqs]
+    assert [got[i] for i in range(5)] == want and len({tuple(w) for w in want[:4]}) == 4
+
+
+def test_non_finite_logits_end_that_sequence_with_an_error():
+    """Logits that hold a NaN (a model with one NaN weight in its head): greedy answered the NaN's id as the top
+    token, with NaN log-probabilities (not JSON: the API's stream sent them, its JSON answer was a plain 500). Now
+    such logits end the sequence with an error that says why, mid-way and at admission; the other rows decode on."""
+    model = tiny("llama")
+    engine = BatchEngine(model, Digits(), start=False)
+    greedy = GenerationConfig(max_new_tokens=8, do_sample=False, stop_at_eos=False)
+    good = engine.submit([([5, 9, 11], greedy)])
+    bad = engine.submit([([40, 41], greedy)])
+    decode = engine.step_fn
+    assert decode is not None
+
+    def poisoned(idx, cache, mask, positions):  # the bad row's logits hold a NaN from its third token on
+        logits = decode(idx, cache, mask, positions).clone()
+        for r, seq in enumerate(engine.rows):
+            if seq.out is bad._out and seq.count >= 2:
+                logits[r, 7] = float("nan")
+        return logits
+    engine.step_fn = poisoned
+    while engine.rows or engine.waiting:
+        engine.step()
+    with pytest.raises(RuntimeError, match="logits are not finite"):
+        events(bad)
+    assert [ev.ids for ev in events(good) if isinstance(ev, Finish)] == generate_ids(model, [[5, 9, 11]], greedy)
+    engine.step_fn = decode
+    with torch.no_grad():
+        model.lm_head.weight[7, 0] = float("nan")
+    nan_head = engine.submit([([12, 13], greedy)], logprobs=1)
+    while engine.rows or engine.waiting:
+        engine.step()
+    with pytest.raises(RuntimeError, match="logits are not finite"):
+        events(nan_head)
+
+
+def test_storage_that_cannot_grow_ends_the_widest_rows_alone():
+    """The rows' storage grows (doubling its width) when the widest row needs one more column; that allocation
+    failing (a 6800-token request beside four short streams, memory capped) ended every row. Now the rows that
+    need the column end with the error, and the others, whose contexts fit, decode on to what they get alone."""
+    model = tiny("llama")
+    engine = BatchEngine(model, Digits(), start=False)
+    greedy = GenerationConfig(max_new_tokens=12, do_sample=False, stop_at_eos=False)
+    short = engine.submit([([5, 9, 11], greedy), ([40, 41], greedy)])
+    wide = engine.submit([([7] * 20, greedy)])
+    reserve, failed = engine._reserve, []
+
+    def failing(rows, width):
+        if not failed and engine.k is not None and width > engine.k.size(3):
+            failed.append(width)
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+        return reserve(rows, width)
+    engine._reserve = failing
+    while engine.rows or engine.waiting:
+        engine.step()
+    assert failed
+    with pytest.raises(RuntimeError, match="can't allocate memory"):
+        events(wide)
+    got = {ev.index: ev.ids for ev in events(short) if isinstance(ev, Finish)}
+    assert [got[0], got[1]] == [generate_ids(model, [p], greedy)[0] for p in ([5, 9, 11], [40, 41])]

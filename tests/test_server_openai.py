@@ -58,6 +58,13 @@ def served(tmp_path_factory):
     chat.write_template(ws / "models" / "ender")
     save_pretrained(ws / "models" / "foreign", model, tok)  # a chat template that is not lmlab's
     (ws / "models" / "foreign" / chat.TEMPLATE_FILE).write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
+    save_pretrained(ws / "models" / "nochat", model, tok)  # lmlab's template, but none of the tokens it names
+    chat.write_template(ws / "models" / "nochat")
+    save_pretrained(ws / "models" / "notok", model)  # weights but no tokenizer: it cannot be served
+    save_pretrained(ws / "models" / "cold", model, tok)  # a model only test_a_bad_request_loads_no_model asks for
+    with torch.no_grad():
+        model.lm_head.weight[7, 0] = float("nan")
+    save_pretrained(ws / "models" / "nanm", model, tok)  # NaN in one head row: NaN logits
     server = ServerProcess(ws, token=TOKEN).start()
     try:
         server.model, server.tok = load_pretrained(ws / "models" / "tiny")
@@ -79,8 +86,20 @@ def new_ids(served, prompt: str, **settings) -> list[int]:
 
 
 def test_models_lists_the_trained_model(served):
-    assert sorted(m.id for m in served.openai.models.list().data) == ["chatty", "ender", "foreign", "tiny"]
+    assert sorted(m.id for m in served.openai.models.list().data) == ["chatty", "cold", "ender", "foreign", "nanm",
+                                                                       "nochat", "tiny"]
     assert served.openai.models.retrieve("tiny").owned_by == "lmlab"
+
+
+def test_a_model_that_cannot_be_served_is_neither_listed_nor_found(served):
+    """A model folder without tokenizer.json was listed and GET /v1/models/NAME answered it (they looked for the
+    weights only), then every completion was a 404: now the three agree, and say why."""
+    with pytest.raises(openai.NotFoundError) as e:
+        served.openai.models.retrieve("notok")
+    assert (e.value.body["message"], e.value.body["code"]) == ("model 'notok' has no tokenizer.json", "model_not_found")
+    with pytest.raises(openai.NotFoundError) as e:
+        served.openai.completions.create(model="notok", prompt="x", max_tokens=2)
+    assert e.value.body["message"] == "model 'notok' has no tokenizer.json"
 
 
 def test_completions_equal_lmlab_generate_with_the_same_seed_streaming_and_not(served):
@@ -355,7 +374,9 @@ def test_bad_requests_get_openai_shaped_errors_naming_the_parameter(served):
                  ({"model": "tiny", "prompt": [True, False]}, 400, "prompt", "string_type"),
                  ({"model": "tiny", "prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options",
                   None),
-                 ({"model": "foreign", "messages": [{"role": "user", "content": "x"}]}, 400, "model", None)]
+                 ({"model": "foreign", "messages": [{"role": "user", "content": "x"}]}, 400, "model", None),
+                 # lmlab's template without its tokens: a plain-text 500 with a traceback (the tokens' ValueError)
+                 ({"model": "nochat", "messages": [{"role": "user", "content": "x"}]}, 400, "model", None)]
         # NaN (Python's JSON reads it): not a finite number, not "less than or equal to 2"
         with served.client() as c2:
             r = c2.post("/v1/completions", content='{"model": "tiny", "prompt": "x", "temperature": NaN}',
@@ -561,3 +582,89 @@ def test_a_failed_sequence_cancels_the_rest_of_its_request():
     with pytest.raises(api.OpenAIError) as e:
         asyncio.run(api._serve(Connected(), plan))
     assert (e.value.status, e.value.message) == (500, "generation failed: sequence 1 failed") and Failing.cancelled
+
+
+def test_a_chat_template_without_its_tokens_is_a_400_saying_so(served):
+    with pytest.raises(openai.BadRequestError) as e:
+        served.openai.chat.completions.create(model="nochat", messages=[{"role": "user", "content": PROMPT}])
+    assert e.value.body["message"] == "model 'nochat' has lmlab's chat template but the tokenizer has no chat tokens " \
+        "(<|system|>, <|user|>, <|assistant|>, <|end|>); fine-tune the model on conversations first (lmlab tune sft)"
+    r = served.openai.completions.create(model="nochat", prompt=PROMPT, max_tokens=5, temperature=0)
+    assert r.choices[0].text == alone(served, PROMPT, max_new_tokens=5, do_sample=False)  # it completes text
+
+
+def test_non_finite_logits_are_an_openai_shaped_error_and_never_nan_in_json(served):
+    """A model whose logits hold NaN: with logprobs the answer failed in the JSON encoder (a plain-text 500), a stream
+    sent `"token_logprobs": [NaN]` (not JSON: the browser's JSON.parse fails), and greedy answered the NaN's token.
+    Now each is an OpenAI-shaped error that says why, in-band for a stream."""
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in {text}"))
+
+    message = "the model's logits are not finite (NaN or infinity): its weights or activations are broken"
+    with served.client() as c:
+        for body in ({"logprobs": 2, "temperature": 0}, {"temperature": 0}, {"seed": 1}):
+            r = c.post("/v1/completions", json={"model": "nanm", "prompt": PROMPT, "max_tokens": 4, **body})
+            assert (r.status_code, strict(r.text)["error"]["message"]) == (500, f"generation failed: {message}"), r.text
+        for chat in (False, True):
+            path, ask = ("/v1/chat/completions", {"messages": [{"role": "user", "content": PROMPT}], "logprobs": True,
+                                                  "top_logprobs": 2}) if chat else ("/v1/completions",
+                                                                                    {"prompt": PROMPT, "logprobs": 2})
+            r = c.post(path, json={"model": "nanm", "max_tokens": 4, "temperature": 0, "stream": True, **ask})
+            events = [strict(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+            assert events[-1] == {"error": {"message": message, "type": "server_error", "param": None, "code": None}}
+            assert "data: [DONE]" not in r.text
+
+
+def test_a_bad_request_loads_no_model(served):
+    """The model was loaded and its engine started (closing the oldest of four) before the request's own settings
+    were checked: every bad request cost a load and could evict another model's engine."""
+    def engines():
+        with served.client() as c:
+            return {e["model"] for e in c.get("/v1/batching").json()["data"]}
+
+    assert "cold" not in engines()
+    with served.client() as c:
+        for body, param in (({"prompt": "x", "n": 2, "best_of": 1}, "best_of"),
+                            ({"prompt": "x", "best_of": 2, "stream": True}, "best_of"),
+                            ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
+                            ({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+                            ({"prompt": ["x"] * 100, "n": 2}, "n"),
+                            ({"messages": [{"role": "user", "content": "x"}], "stop": ""}, "stop"),
+                            ({"messages": [{"role": "user", "content": "x"}], "n": 200}, "n")):
+            path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+            r = c.post(path, json={"model": "cold", **body})
+            assert (r.status_code, r.json()["error"]["param"]) == (400, param), (body, r.text)
+        assert "cold" not in engines()
+        assert c.post("/v1/completions", json={"model": "cold", "prompt": "x", "max_tokens": 2}).status_code == 200
+    assert "cold" in engines()
+
+
+def test_a_stream_never_sends_a_number_json_cannot_hold():
+    """A NaN log-probability went out as `NaN` inside a chunk (json.dumps writes it; JSON.parse refuses it). Whatever
+    reaches a chunk, the stream is JSON: such a value ends it with an error event in OpenAI's shape."""
+    from lmlab.server.routers import openai as api
+
+    class Handle:
+        async def __aiter__(self):
+            yield api.Token(0, 5, "x", 0, logprob=float("nan"))
+            yield api.Finish(0, "length", 1, [5])
+
+        def cancel(self):
+            pass
+
+    class Tok:
+        def decode_continuation(self, after, ids, skip_special_tokens=False):
+            return "x"
+
+    class Engine:
+        tokenizer = Tok()
+
+    p = api._Plan(engine=Engine(), requests=[], prompts=[[4]], offsets=[0], n=1, best=1, scored=0, shown=True,
+                  chat=False, end_ids=(), stream=True, usage=False, meta={})
+
+    async def collect():
+        return [chunk async for chunk in api._chunks(p, Handle())]
+    chunks = asyncio.run(collect())
+    events = [json.loads(c.removeprefix("data: "), parse_constant=lambda c: pytest.fail(c)) for c in chunks]
+    assert events == [{"error": {"message": "Out of range float values are not JSON compliant", "type": "server_error",
+                                 "param": None, "code": None}}]

@@ -138,6 +138,10 @@ class Handle:
             seq.cancelled = True
 
 
+class NonFiniteLogits(RuntimeError):
+    """A sequence's next-token logits hold a NaN or an infinity: no token can be chosen from them."""
+
+
 class EngineClosed(RuntimeError):
     """submit() on a closed engine: the caller may get the model's engine again and submit there."""
 
@@ -210,16 +214,16 @@ class BatchEngine:
         rows, decode one token for every row. The engine's thread calls it; with start=False, the caller."""
         with self.cv:
             joining = self._take(self.max_rows - len(self.rows))
-        try:
-            with torch.inference_mode():
-                self._admit(joining)
+        with torch.inference_mode():
+            self._admit(joining)  # a failure there ends the joining sequences only
+            try:
                 self._leave([s for s in self.rows if s.cancelled])
                 if self.rows:
                     self._step()
-        except Exception as exc:  # noqa: BLE001 - the callers get the error; the engine starts afresh
-            for seq in {*self.rows, *joining}:
-                seq.out.put(exc)
-            self.rows, self.k, self.v, self.mask, self.length = [], None, None, None, 0
+            except Exception as exc:  # noqa: BLE001 - the callers get the error; the engine starts afresh
+                for seq in self.rows:
+                    seq.out.put(exc)
+                self.rows, self.k, self.v, self.mask, self.length = [], None, None, None, 0
 
     def _take(self, room: int) -> list[_Sequence]:
         """Up to `room` waiting sequences, taken from the requests in turn: the one holding the fewest rows
@@ -248,30 +252,62 @@ class BatchEngine:
         """Prefill the joining prompts together (one forward over the left-padded prompts, as generate_ids
         prefills a batch; a lone prompt, or prompts of one length, take the plain causal forward generation
         alone takes), sample each one's first token, and give each row that did not end there a place in the
-        batch."""
+        batch. A prompt that several sequences share (a request's n samples) is prefilled once and its keys
+        and values copied to each of their rows: n copies of a 7k-token prompt froze every other stream of
+        the model n times as long (26.6 s for n = 32), for the same numbers.
+
+        An error here (the joining prompts' prefill ran out of memory) ends the joining sequences with it; the
+        rows already decoding are untouched and decode on."""
         seqs = [s for s in seqs if not s.cancelled]
         if not seqs:
             return
-        prompts = _Context(self.model, [s.prompt for s in seqs], 0, pad_id=0)  # generate_ids' left padding
-        logits = prompts.next_logits()
+        unique: dict[tuple[int, ...], int] = {}  # prompt -> its row in the prefill
+        rows = [unique.setdefault(tuple(s.prompt), len(unique)) for s in seqs]
+        try:
+            prompts = _Context(self.model, list(unique), 0, pad_id=0)  # generate_ids' left padding
+            logits = prompts.next_logits()
+            finite = torch.isfinite(logits).all(-1).tolist()
+        except Exception as exc:  # noqa: BLE001 - their callers get it
+            for seq in seqs:
+                seq.out.put(exc)
+            return
         P, cache, pmask = prompts.length, prompts.cache, prompts.mask
-        alive = [r for r, seq in enumerate(seqs) if not self._sample_or_fail(seq, logits[r:r + 1])]
+        alive = [i for i, (seq, r) in enumerate(zip(seqs, rows))
+                 if not self._sample_or_fail(seq, logits[r:r + 1], finite[r])]
         if not alive:
             return
         B, L, n = len(self.rows), max(self.length, P), len(alive)
-        self._reserve(B + n, L + 1)
-        if L > self.length:  # a longer prompt than any row so far: shift the rows right
-            self._shift(self.length, L)
-        index = torch.tensor(alive, device=self.device)
-        self.k[:, B:B + n, :, L - P:L] = cache.k[:, index, :, :P]
-        self.v[:, B:B + n, :, L - P:L] = cache.v[:, index, :, :P]
-        self.mask[B:B + n].zero_()
-        self.mask[B:B + n, L - P:L] = pmask[index]
-        self.rows += [seqs[r] for r in alive]
+        index = torch.tensor([rows[i] for i in alive], device=self.device)
+        try:  # _reserve and _shift change the rows' storage whole or not at all
+            self._reserve(B + n, L + 1)
+            if L > self.length:  # a longer prompt than any row so far: shift the rows right
+                self._shift(self.length, L)
+            self.k[:, B:B + n, :, L - P:L] = cache.k[:, index, :, :P]
+            self.v[:, B:B + n, :, L - P:L] = cache.v[:, index, :, :P]
+            self.mask[B:B + n].zero_()
+            self.mask[B:B + n, L - P:L] = pmask[index]
+        except Exception as exc:  # noqa: BLE001 - rows B.. are not in self.rows yet: nothing else sees them
+            for i in alive:
+                seqs[i].out.put(exc)
+            return
+        self.rows += [seqs[i] for i in alive]
 
     def _step(self) -> None:
         B, L = len(self.rows), self.length
-        self._reserve(B, L + 1)
+        try:
+            self._reserve(B, L + 1)
+        except Exception as exc:  # noqa: BLE001 - the storage cannot grow by its next column (out of memory)
+            # Only the widest rows (their context begins at column 0) need that column: they end with the error,
+            # the columns shrink to the others' contexts, which fit. A 6800-token request admitted beside four
+            # short streams ended them all here when the storage doubled its width.
+            widest = [s for r, s in enumerate(self.rows) if self.mask[r, 0]] or list(self.rows)
+            for seq in widest:
+                seq.out.put(exc)
+            self._leave(widest)
+            if not self.rows:
+                return
+            B, L = len(self.rows), self.length
+            self._reserve(B, L + 1)
         self.mask[:B, L] = True
         mask = self.mask[:B, :L + 1]
         positions = mask.sum(1, keepdim=True) - 1                            # (B, 1): each row's own position
@@ -285,12 +321,17 @@ class BatchEngine:
         self.length += 1
         self.steps += 1
         self.max_rows_seen = max(self.max_rows_seen, B)
-        self._leave([s for r, s in enumerate(self.rows) if self._sample_or_fail(s, logits[r:r + 1])])
+        finite = torch.isfinite(logits).all(-1).tolist()
+        self._leave([s for r, s in enumerate(self.rows) if self._sample_or_fail(s, logits[r:r + 1], finite[r])])
 
-    def _sample_or_fail(self, seq: _Sequence, logits: torch.Tensor) -> bool:
+    def _sample_or_fail(self, seq: _Sequence, logits: torch.Tensor, finite: bool = True) -> bool:
         """_sample; an error there (the row's own settings) ends that row alone, with the error as its answer: the
-        other rows decode on."""
+        other rows decode on. Logits with a NaN or an infinity (broken weights, an overflow) end it too: greedy
+        took the NaN's id as the top token and logprobs held NaN, which JSON cannot carry to the API's clients."""
         try:
+            if not finite:
+                raise NonFiniteLogits("the model's logits are not finite (NaN or infinity): its weights or "
+                                      "activations are broken")
             return self._sample(seq, logits)
         except Exception as exc:  # noqa: BLE001 - its caller gets it
             seq.out.put(exc)
@@ -347,9 +388,10 @@ class BatchEngine:
     def _shift(self, old: int, new: int) -> None:
         """Move the rows' last min(old, new) columns to end at column `new` (padding added or dropped left)."""
         B, w = len(self.rows), min(old, new)
-        for t in (self.k, self.v):
-            t[:, :B, :, new - w:new] = t[:, :B, :, old - w:old].clone()
-        self.mask[:B, new - w:new] = self.mask[:B, old - w:old].clone()
+        # every copy made before any is written back: an allocation that fails leaves the rows as they were
+        k, v = (t[:, :B, :, old - w:old].clone() for t in (self.k, self.v))
+        mask = self.mask[:B, old - w:old].clone()
+        self.k[:, :B, :, new - w:new], self.v[:, :B, :, new - w:new], self.mask[:B, new - w:new] = k, v, mask
         self.mask[:B, :new - w] = False
         self.length = new
 

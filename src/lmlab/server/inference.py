@@ -12,12 +12,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..models.io import WEIGHTS, load_pretrained
+from ..models.io import CONFIG, TOKENIZER, WEIGHTS, load_pretrained
 from .workspace import snapshot_dir
 
 
 class NotTrained(LookupError):
     pass
+
+
+def unservable(folder: Path, name: str) -> str | None:
+    """Why the model directory cannot be loaded for generation (a file it lacks), or None: the one rule of the
+    cache below and of the models the OpenAI API lists, so that it lists none it then answers 404 for."""
+    for file, why in ((WEIGHTS, "no weights yet: train it first"), (CONFIG, f"no {CONFIG}"),
+                      (TOKENIZER, f"no {TOKENIZER}")):
+        if not (folder / file).is_file():
+            return f"model {name!r} has {why}"
+    return None
 
 
 class ModelCache:
@@ -35,10 +45,9 @@ class ModelCache:
         tmp = Path(tempfile.mkdtemp(dir=self.scratch, prefix="load-"))
         try:
             folder = snapshot(path, tmp / path.name)
-            weights = folder / WEIGHTS
-            if not weights.is_file():
-                raise NotTrained(f"model {path.name!r} has no weights yet: train it first")
-            st = weights.stat()
+            if (why := unservable(folder, path.name)) is not None:
+                raise NotTrained(why)
+            st = (folder / WEIGHTS).stat()
             stamp = (st.st_mtime_ns, st.st_size)
             with self._lock:  # one loader at a time; a hit costs a dict lookup
                 hit = self._items.get(path)
@@ -46,8 +55,6 @@ class ModelCache:
                     self._items.move_to_end(path)
                     return hit[1], hit[2]
                 model, tokenizer = load_pretrained(folder)
-                if tokenizer is None:
-                    raise NotTrained(f"model {path.name!r} has no tokenizer.json")
                 self._items[path] = (stamp, model, tokenizer)
                 self._items.move_to_end(path)
                 while len(self._items) > self.size:

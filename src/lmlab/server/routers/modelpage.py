@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from fastapi import APIRouter, HTTPException
 from safetensors import SafetensorError
+from tokenizers import Tokenizer as HFTokenizer
 
 from ...files import atomic_write_text
 from ...models import ModelConfig, Transformer
@@ -36,7 +37,7 @@ from ...models.quant import (
     weight_bits,
 )
 from ...tokenizers import Tokenizer
-from ...tune.chat import TEMPLATE, TEMPLATE_FILE, fit_history, has_template
+from ...tune.chat import TEMPLATE, TEMPLATE_FILE, chat_token_ids, fit_history, has_template
 from ..app import AppState, Problem, StateDep
 from ..schemas import ChatFit, MergeCreate, ModelCard, QuantizeCreate, Run, Speed
 from ..services import (
@@ -223,6 +224,19 @@ def stored_speed(state: AppState, path: Path) -> Speed | None:
         return None
 
 
+def speaks_chat(state: AppState, path: Path) -> bool:
+    """Whether the chat route serves the model (openai.render_chat): lmlab's template, and a tokenizer with the
+    chat tokens the template names. The template alone, written beside a model never fine-tuned on conversations,
+    offered the Chat tab a model whose every message failed."""
+    try:
+        if state.ws.read_bytes(path / TEMPLATE_FILE) != TEMPLATE.encode():
+            return False
+        chat_token_ids(Tokenizer(HFTokenizer.from_str(state.ws.read_bytes(path / "tokenizer.json").decode())))
+    except Exception:  # noqa: BLE001 - OSError, LinkError, ValueError, and the plain Exception tokenizers raises
+        return False
+    return True
+
+
 def model_card(state: AppState, name: str) -> ModelCard:
     row = need_model(state, name)
     try:
@@ -238,10 +252,7 @@ def model_card(state: AppState, name: str) -> ModelCard:
         bpw, qbpw = weight_bits(path / WEIGHTS, cfg.num_parameters()) if trained else (None, None)
     except (SafetensorError, OSError, KeyError):  # not a whole safetensors file: loading it says why
         bpw = qbpw = None
-    try:  # the template the chat route renders with (openai.render_chat)
-        chat = trained and state.ws.read_bytes(path / TEMPLATE_FILE) == TEMPLATE.encode()
-    except (OSError, LinkError):
-        chat = False
+    chat = trained and speaks_chat(state, path)
     qc = quantization(path) if trained else None
     return ModelCard(name=name, trained=trained, size_bytes=size, parameters=cfg.num_parameters(),
                      weights=weights_format(qc), bits_per_weight=bpw, quantized_bits_per_weight=qbpw,

@@ -35,10 +35,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from ...models import GenerationConfig
 from ...models.batching import BatchEngine, EngineClosed, Finish, Token
-from ...models.io import WEIGHTS
 from ...tune import chat as chat_format
 from ..app import StateDep, openai_error
-from ..inference import NotTrained
+from ..inference import NotTrained, unservable
 from ..services import event_stream, need_model, version_source
 from ..workspace import BadName
 
@@ -220,10 +219,14 @@ def render_chat(model_dir: Path, tokenizer: Any, messages: list[ChatMessage]) ->
             raise OpenAIError(400, f"model {model_dir.name!r} has a chat template that is not lmlab's "
                               "(<|user|>...<|end|>), the only one this server renders: send the conversation as a "
                               "prompt to /v1/completions", "model")
+        try:  # the template without the tokens it names (written by hand beside a pre-trained model)
+            end = chat_format.chat_token_ids(tokenizer)["end"]
+        except ValueError as exc:
+            raise OpenAIError(400, f"model {model_dir.name!r} has lmlab's chat template but {exc}", "model") from None
         turns = [{"role": "system" if m.role == "developer" else m.role, "content": t}
                  for m, t in zip(messages, texts, strict=True)]
         ids, _ = chat_format.render(turns, tokenizer, add_generation_prompt=True)
-        return ids, [chat_format.chat_token_ids(tokenizer)["end"]]
+        return ids, [end]
     return _encode(tokenizer, "\n".join(texts)), []
 
 
@@ -248,17 +251,17 @@ def _model_card(row: dict[str, Any]) -> dict[str, Any]:
     return {"id": row["name"], "object": "model", "created": int(row["created_at"]), "owned_by": "lmlab"}
 
 
-@router.get("/models", summary="The workspace's models that have weights")
+@router.get("/models", summary="The workspace's models that can be served (weights, config and tokenizer)")
 def list_models(state: StateDep) -> dict[str, Any]:
-    rows = [r for r in state.db.list_models() if (state.ws.model_path(r["name"]) / WEIGHTS).is_file()]
+    rows = [r for r in state.db.list_models() if unservable(state.ws.model_path(r["name"]), r["name"]) is None]
     return {"object": "list", "data": [_model_card(r) for r in rows]}
 
 
 @router.get("/models/{model}", summary="One model")
 def get_model(state: StateDep, model: str) -> dict[str, Any]:
     row = need_model(state, model)
-    if not (state.ws.model_path(model) / WEIGHTS).is_file():
-        raise OpenAIError(404, f"model {model!r} has no weights yet: train it first", "model", "model_not_found")
+    if (why := unservable(state.ws.model_path(model), model)) is not None:
+        raise OpenAIError(404, why, "model", "model_not_found")
     return _model_card(row)
 
 
@@ -361,18 +364,23 @@ async def completions(state: StateDep, req: CompletionRequest, request: Request)
 
 
 def _completions(state: Any, req: CompletionRequest) -> _Plan:
-    engine, _ = engine_for(state, req.model)
-    tok = engine.tokenizer
     prompt = req.prompt
     if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
         prompt = [prompt]
-    prompts = [_encode(tok, _text(p, "prompt")) if isinstance(p, str) else list(p) for p in prompt] or [[tok.bos_id]]
+    for p in prompt:
+        if isinstance(p, str):
+            _text(p, "prompt")
+    checked = _check(req, len(prompt) or 1, "prompt")
+    engine, _ = engine_for(state, req.model)
+    tok = engine.tokenizer
+    prompts = [_encode(tok, p) if isinstance(p, str) else list(p) for p in prompt] or [[tok.bos_id]]
     vocab = engine.model.config.vocab_size
     if any(not p or not all(0 <= t < vocab for t in p) for p in prompts):
         raise OpenAIError(400, f"a prompt of token ids needs 1 or more ids in [0, {vocab})", "prompt")
     # text_offset counts from the start of the prompt's text, as OpenAI's (and llama.cpp's server's) do
     offsets = [len(p) if isinstance(p, str) else len(tok.decode(ids)) for p, ids in zip(prompt or [""], prompts)]
-    return _plan(engine, req, prompts, req.max_tokens or 16, "prompt", req.logprobs, chat=False, offsets=offsets)
+    return _plan(engine, req, checked, prompts, req.max_tokens or 16, "prompt", req.logprobs, chat=False,
+                 offsets=offsets)
 
 
 @router.post("/chat/completions", summary="Chat completion (OpenAI's Chat Completions API)")
@@ -386,18 +394,19 @@ async def chat_completions(state: StateDep, req: ChatRequest, request: Request) 
 
 
 def _chat(state: Any, req: ChatRequest) -> _Plan:
+    checked = _check(req, 1, "messages")
     engine, model_dir = engine_for(state, req.model)
     prompt, ends = render_chat(model_dir, engine.tokenizer, req.messages)
     room = max(engine.model.config.block_size - len(prompt), 1)  # a full context: 1, which the check refuses
     max_new = req.max_completion_tokens or req.max_tokens or room
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
-    return _plan(engine, req, [prompt], max_new, "messages", logprobs, chat=True, end_ids=ends,
+    return _plan(engine, req, checked, [prompt], max_new, "messages", logprobs, chat=True, end_ids=ends,
                  max_param="max_tokens" if req.max_completion_tokens is None else "max_completion_tokens")
 
 
-def _plan(engine: BatchEngine, req: Sampling, prompts: list[list[int]], max_new: int, prompt_param: str,
-          logprobs: int | None, *, chat: bool, end_ids: Sequence[int] = (), max_param: str = "max_tokens",
-          offsets: list[int] | None = None) -> _Plan:
+def _check(req: Sampling, count: int, prompt_param: str) -> tuple[int, int, list[str]]:
+    """(n, best_of, stop strings) of a request of `count` prompts, checked before its model is loaded: a request
+    that is bad in itself loaded the model, and could close another model's engine, before its 400."""
     n = req.n or 1
     best = getattr(req, "best_of", None) or n  # the Completions API's best_of: samples drawn per prompt
     if best < n:
@@ -407,10 +416,20 @@ def _plan(engine: BatchEngine, req: Sampling, prompts: list[list[int]], max_new:
     if req.stream_options is not None and not req.stream:
         raise OpenAIError(400, "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
                           "stream_options")
-    if len(prompts) * best > MAX_SEQUENCES:  # the setting that multiplies the prompts, or the prompts themselves
+    if count * best > MAX_SEQUENCES:  # the setting that multiplies the prompts, or the prompts themselves
         name, param = ("best_of", "best_of") if best > n else ("n", "n") if n > 1 else ("", prompt_param)
-        raise OpenAIError(400, f"{len(prompts)} prompts" + (f" x {name}={best}" if name else "")
+        raise OpenAIError(400, f"{count} prompts" + (f" x {name}={best}" if name else "")
                           + f" is more than {MAX_SEQUENCES} sequences", param)
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stops) > 4 or any(not 1 <= len(_text(s, "stop")) <= 200 for s in stops):
+        raise OpenAIError(400, "stop takes up to 4 strings of 1 to 200 characters", "stop")
+    return n, best, stops
+
+
+def _plan(engine: BatchEngine, req: Sampling, checked: tuple[int, int, list[str]], prompts: list[list[int]],
+          max_new: int, prompt_param: str, logprobs: int | None, *, chat: bool, end_ids: Sequence[int] = (),
+          max_param: str = "max_tokens", offsets: list[int] | None = None) -> _Plan:
+    n, best, stops = checked
     block = engine.model.config.block_size
     for p in prompts:
         if len(p) + max_new > block:
@@ -418,9 +437,6 @@ def _plan(engine: BatchEngine, req: Sampling, prompts: list[list[int]], max_new:
                               f"{len(p) + max_new} tokens ({len(p)} in the {prompt_param}, {max_new} for the "
                               "completion). Please reduce the length of the prompt or the completion.",
                               max_param if len(p) < block else prompt_param, "context_length_exceeded")
-    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    if len(stops) > 4 or any(not 1 <= len(_text(s, "stop")) <= 200 for s in stops):
-        raise OpenAIError(400, "stop takes up to 4 strings of 1 to 200 characters", "stop")
     top_p = 1.0 if req.top_p is None else req.top_p
     temperature = 1.0 if req.temperature is None else req.temperature
 
@@ -502,7 +518,8 @@ async def _chunks(p: _Plan, handle: Any) -> AsyncIterator[str]:
         body = {**p.meta, "object": kind, "choices": [choice]}
         if p.usage:
             body["usage"] = None
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+        # allow_nan=False: a NaN would reach the client as invalid JSON; raised, it ends the stream with an error
+        return f"data: {json.dumps(body, ensure_ascii=False, allow_nan=False)}\n\n"
 
     try:
         async for event in handle:
