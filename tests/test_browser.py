@@ -233,6 +233,12 @@ def test_upload_create_train_watch_generate_download(tmp_path, browser):
             page.click('#tabs button[data-tab="runs"]')
             assert "завершён" in page.inner_text(row)
             shot("06-russian")
+            # the server's refusal in the page's language (app.py's Problem), from the streamed generation too
+            page.click('#tabs button[data-tab="generate"]')
+            page.fill("#g-stop", "x" * 201)
+            page.click("#gen-go")
+            page.wait_for_selector("#gen-msg.bad")
+            assert page.inner_text("#gen-msg") == "✗ Каждая стоп-строка должна быть длиной от 1 до 200 символов"
     finally:
         kill_run_process(run_pid)
         server.stop()

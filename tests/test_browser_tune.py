@@ -112,6 +112,12 @@ def test_upload_preview_and_a_run_with_its_chart_from_the_view(tmp_path, browser
                 return u && u.offsetWidth <= el.clientWidth && u.offsetWidth > el.clientWidth - 4; }"""))
             assert not problems, problems
             assert page.inner_text("#tab-tune h2") == "Дообучение обученной модели"
+            # the server's refusal in the page's language (app.py's Problem), its reason the reader's own line
+            page.set_input_files("#tn-file", files("bad.jsonl", BAD))
+            page.click("#tn-upload-go")
+            page.wait_for_selector("#tn-upload-msg.bad")
+            assert page.inner_text("#tn-upload-msg") == ("✗ Набор данных «bad.jsonl» не подходит: bad.jsonl:2: "
+                                                         "message 2: empty assistant turn")
             page.select_option("#lang", "en")
 
             # the form asks for what each method needs: a loss and pairs (none uploaded here), or a task

@@ -229,9 +229,11 @@ StateDep = Annotated[AppState, Depends(get_state)]  # a handler parameter of thi
 # ---- ASGI guards ------------------------------------------------------------------------------------
 
 async def _send_json(send: Any, status: int, detail: str, headers: list[tuple[bytes, bytes]] = (), *,
-                     openai: bool = False) -> None:
-    """A refusal: {"detail": ...}, or under /v1/ (routers/openai.py) the OpenAI API's error shape."""
-    body = json.dumps(openai_error(status, detail) if openai else {"detail": detail}).encode()
+                     openai: bool = False, error: dict[str, Any] | None = None) -> None:
+    """A refusal: {"detail": ...} and the `error` of a Problem where given, or under /v1/ (routers/openai.py)
+    the OpenAI API's error shape."""
+    body = json.dumps(openai_error(status, detail) if openai else
+                      {"detail": detail, **({"error": error} if error else {})}).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             *headers]})
@@ -328,7 +330,8 @@ def _utf8(text: str) -> bool:
     return True
 
 
-# The errors the web app says in its own language, and the params each sends (i18n.js has problem.KEY for each)
+# The errors the web app says in its own language, and the params each sends (i18n.js has problem.KEY for each):
+# raised as a Problem, or as a BadName or extract.Refused carrying the key
 PROBLEMS = {"model_not_found": ("name",), "model_name_taken": ("name",), "model_untrained": ("name",),
             "model_training": ("name", "run"), "model_evaluated": ("name", "run"), "model_in_use": ("name", "run"),
             "model_trained": ("name",), "book_not_found": ("name",), "book_in_use": ("name", "runs"),
@@ -336,7 +339,27 @@ PROBLEMS = {"model_not_found": ("name",), "model_name_taken": ("name",), "model_
             "name_case_twin": ("name", "twin"), "upload_too_large": ("name", "limit"), "file_empty": ("name",),
             "memory_over_budget": ("batch", "tokens", "need", "budget"), "chat_too_long": ("room",),
             "chat_no_room": ("max_tokens", "block"), "model_folder_exists": ("name",),
-            "dataset_exists": ("name",), "resume_name_taken": ("name",)}
+            "dataset_exists": ("name",), "resume_name_taken": ("name",),
+            # a name that may not become a file name (workspace.BadName)
+            "name_too_long": ("limit",), "name_too_many_bytes": ("bytes", "limit"),
+            "name_separator": ("name",), "name_edges": ("name",), "name_characters": ("name", "chars"),
+            "name_reserved": ("name",), "book_suffix": ("name", "suffixes"), "dataset_suffix": ("name", "suffix"),
+            # an upload: its size, a book that cannot be read (extract.Refused), a dataset that is not of its kind
+            "body_too_large": ("limit",), "book_no_text": ("name",), "book_read_timeout": ("name", "limit"),
+            "book_read_memory": ("name", "limit"), "book_unreadable": ("name", "reason"),
+            "dataset_not_found": ("name",), "dataset_invalid": ("name", "reason"),
+            # the reason is the sentence of a check below the server (a config, a reader, a loader; the command
+            # line says it too), which the web app says inside a sentence of its language
+            "settings_invalid": ("reason",), "model_config_invalid": ("reason",), "merge_refused": ("reason",),
+            "task_invalid": ("name", "reason"), "prompt_invalid": ("reason",), "model_unloadable": ("name", "reason"),
+            # the forms' own rules, the views' inputs, a run resumed or deleted
+            "seq_len_over_context": ("seq_len", "block"), "selfplay_over_budget": ("batch", "tokens", "need", "budget"),
+            "lora_needs_rank": ("settings",), "lora_dropout_grpo": (), "quantized_cannot_train": ("name",),
+            "gptq_needs_calibration": (), "stop_string_length": (), "advisor_needs_model": (),
+            "prompt_too_long": ("tokens", "limit"), "sae_feature_range": ("feature", "last"),
+            "book_too_short": ("name", "tokens", "window"),
+            "resume_weights_changed": ("id", "name"), "run_checkpoints_evaluated": ("id", "run"),
+            "checkpoint_gone": ("id", "step")}
 
 
 class Problem(HTTPException):
@@ -354,6 +377,12 @@ class Problem(HTTPException):
 class BodyTooLarge(HTTPException):
     def __init__(self, limit: int) -> None:
         super().__init__(413, f"the request body is larger than the limit of {limit / 2**20:.1f} MiB")
+        self.limit = limit
+
+
+def too_large(path: str, limit: int) -> dict[str, Any] | None:
+    """The Problem of a body over `limit` (an upload, most often), under /api/ where the web app reads it."""
+    return {"key": "body_too_large", "params": {"limit": f"{limit / 2**20:.1f}"}} if path.startswith("/api/") else None
 
 
 class Guards:
@@ -447,7 +476,7 @@ class Guards:
         length = _header(scope, b"content-length")
         if length and length.isdigit() and int(length) > limit:
             await _send_json(send, 413, f"the request body ({int(length) / 2**20:.1f} MiB) is larger than the "
-                             f"limit of {limit / 2**20:.1f} MiB", extra, openai=api)
+                             f"limit of {limit / 2**20:.1f} MiB", extra, openai=api, error=too_large(path, limit))
             return
         received = 0
 
@@ -480,7 +509,7 @@ class Guards:
             await self.app(scope, counted_receive, send_with_headers)
         except BodyTooLarge as exc:
             if not started:
-                await _send_json(send, 413, exc.detail, extra, openai=api)
+                await _send_json(send, 413, exc.detail, extra, openai=api, error=too_large(path, exc.limit))
 
 
 # ---- the application --------------------------------------------------------------------------------
@@ -523,7 +552,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse(openai_error(status, message) if v1 else {"detail": message}, status_code=status)
 
     @app.exception_handler(BadName)
-    async def _bad_name(request: Request, exc: BadName) -> JSONResponse:
+    async def _bad_name(request: Request, exc: BadName) -> Any:
+        if exc.key:  # the rule it breaks, for the web app to say
+            return await _http(request, Problem(400, exc.key, str(exc), **exc.params))
         return _error(request, 400, str(exc))
 
     @app.exception_handler(LinkError)

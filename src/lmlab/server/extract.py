@@ -26,11 +26,22 @@ _READ_SLOTS = threading.BoundedSemaphore(2)  # books read at once: each child ma
 
 
 class Refused(ValueError):
-    """A book the server will not take: `status` is the HTTP answer (413 too large, 422 unreadable)."""
+    """A book the server will not take: `status` is the HTTP answer (413 too large, 422 unreadable); `key` and
+    `params` the reason as the web app says it in its language (app.PROBLEMS)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, key: str, params: dict) -> None:
         super().__init__(message)
-        self.status = status
+        self.status, self.key, self.params = status, key, params
+
+
+def _refusal(status: int, error: str, key: str, **params: object) -> dict:
+    return {"status": status, "error": error, "key": key, "params": params}
+
+
+def _unreadable(status: int, shown: str, reason: str, error: str | None = None) -> dict:
+    """The book cannot be read, for `reason`; said after the book's name unless it names the book itself."""
+    error = error or (reason if shown in reason else f"{shown}: {reason}")
+    return _refusal(status, error, "book_unreadable", name=shown, reason=reason)
 
 
 def extract(book: Path, out: Path, shown: str, *, timeout_s: float, memory_bytes: int) -> dict:
@@ -41,15 +52,16 @@ def extract(book: Path, out: Path, shown: str, *, timeout_s: float, memory_bytes
         with _READ_SLOTS:
             proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                   timeout=timeout_s)
-        result = json.loads(proc.stdout or b"null") or {
-            "status": 422, "error": f"{shown}: the reader stopped without an answer (exit code {proc.returncode})"}
+        result = json.loads(proc.stdout or b"null") or _unreadable(
+            422, shown, f"the reader stopped without an answer (exit code {proc.returncode})")
     except subprocess.TimeoutExpired:  # run() has killed the child
-        result = {"status": 422, "error": f"{shown}: reading it took longer than the limit of {timeout_s:g} s"}
+        result = _refusal(422, f"{shown}: reading it took longer than the limit of {timeout_s:g} s",
+                          "book_read_timeout", name=shown, limit=f"{timeout_s:g}")
     except ValueError:
-        result = {"status": 422, "error": f"{shown}: the reader's answer was not JSON"}
+        result = _unreadable(422, shown, "the reader's answer was not JSON")
     if "error" in result:
         out.unlink(missing_ok=True)
-        raise Refused(result["status"], result["error"])
+        raise Refused(result["status"], result["error"], result["key"], result["params"])
     return result
 
 
@@ -87,11 +99,11 @@ def _read(book: Path, out: Path, shown: str) -> dict:
         text = documents.read_document(book)
     except Exception as exc:  # untrusted bytes meet zip/XML/PDF parsers: any failure means "unreadable"
         message = str(exc).replace(str(book), shown) or type(exc).__name__
-        if shown not in message:
-            message = f"{shown}: cannot read it as a book ({message})"
-        return {"status": 413 if isinstance(exc, documents.TooLarge) else 422, "error": message}
+        return _unreadable(413 if isinstance(exc, documents.TooLarge) else 422, shown,
+                           message.removeprefix(f"{shown}: "),
+                           message if shown in message else f"{shown}: cannot read it as a book ({message})")
     if not text or text.isspace():
-        return {"status": 422, "error": f"{shown} has no text in it"}
+        return _refusal(422, f"{shown} has no text in it", "book_no_text", name=shown)
     suffix = book.suffix.lower()
     st = book.stat()
     header = {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
@@ -113,8 +125,8 @@ def main(argv: list[str]) -> None:
     try:
         result = _read(book, out, shown)
     except MemoryError:
-        result = {"status": 413, "error": f"{shown}: reading it needs more than the limit of {memory / 2**20:.0f} "
-                                          "MiB of memory"}
+        result = _refusal(413, f"{shown}: reading it needs more than the limit of {memory / 2**20:.0f} MiB of "
+                          "memory", "book_read_memory", name=shown, limit=f"{memory / 2**20:.0f}")
     sys.stdout.write(json.dumps(result))
     sys.stdout.flush()
     os._exit(0)  # no clean-up of a heap that may be huge

@@ -78,6 +78,12 @@ def over_budget(est: Estimate) -> Problem:
                    need=human_bytes(est.training_bytes), budget=human_bytes(est.memory_budget_bytes))
 
 
+def bad_settings(why: Exception | str) -> Problem:
+    """The 422 of settings that a config's own checks refuse: their sentence (the command line's too) is the
+    reason, which the web app says inside a sentence of its language."""
+    return Problem(422, "settings_invalid", str(why), reason=str(why))
+
+
 def build_config(spec: ModelSpec) -> ModelConfig:
     """ModelConfig from a spec; HTTP 422 with the config's own message when it is invalid."""
     fields = ("family", "n_layer", "n_head", "n_kv_head", "n_embd", "block_size", "intermediate_size", "dropout")
@@ -93,7 +99,7 @@ def build_config(spec: ModelSpec) -> ModelConfig:
             raise ValueError(f"vocab_size ({cfg.vocab_size}) must be >= 260 for a bpe tokenizer "
                              "(4 specials + 256 byte tokens); use char or word for smaller vocabularies")
     except (ValueError, TypeError) as exc:
-        raise HTTPException(422, str(exc)) from None
+        raise Problem(422, "model_config_invalid", str(exc), reason=str(exc)) from None
     return cfg
 
 
@@ -209,8 +215,8 @@ def version_source(state: AppState, name: str, run_id: int | None,
     ckpt = run_dir / "checkpoints" / f"step-{step}"
     if not (ckpt / WEIGHTS).is_file():
         have = ", ".join(str(checkpoint_step(c)) for c in checkpoints(run_dir))
-        raise HTTPException(404, f"run {run_id} has no checkpoint at step {step}" +
-                                 (f"; it has {have}" if have else ""))
+        raise Problem(404, "checkpoint_gone", f"run {run_id} has no checkpoint at step {step}" +
+                      (f"; it has {have}" if have else ""), id=run_id, step=step)
     return ckpt, snapshot_checkpoint, f"{name}-run{run_id}-step{step}"
 
 
@@ -359,6 +365,8 @@ def need_book_text(state: AppState, name: str, chars: int = 0) -> tuple[dict[str
     """The stored text (see book_text); 409 if the book's file can no longer be read as a book."""
     try:
         return book_text(state.ws, name, chars, **state.extract_limits)
+    except Refused as exc:  # read again, and now unreadable
+        raise Problem(409, exc.key, str(exc), **exc.params) from None
     except ValueError as exc:
         raise HTTPException(409, str(exc)) from None
 
@@ -384,7 +392,7 @@ def save_upload(state: AppState, upload: UploadFile, *, overwrite: bool, busy_co
         try:
             header = extract(tmp, text_tmp, name, **state.extract_limits)
         except Refused as exc:
-            raise HTTPException(exc.status, str(exc)) from None
+            raise Problem(exc.status, exc.key, str(exc), **exc.params) from None
         with state.lock:  # a run queued meanwhile must not have its book replaced under it
             need_new()
             need_book_unused(state, name, busy_code)
@@ -612,10 +620,11 @@ def _start_run(state: AppState, req: RunCreate) -> dict[str, Any]:
     try:
         TrainConfig.from_dict({k: v for k, v in params.items() if k not in ("val_fraction", "new_version")})
     except ValueError as exc:
-        raise HTTPException(422, str(exc)) from None
+        raise bad_settings(exc) from None
     cfg = ModelConfig.from_dict(model["config"])
     if req.seq_len and req.seq_len > cfg.block_size:
-        raise HTTPException(422, f"seq_len ({req.seq_len}) exceeds the model's context ({cfg.block_size})")
+        raise Problem(422, "seq_len_over_context", f"seq_len ({req.seq_len}) exceeds the model's context "
+                      f"({cfg.block_size})", seq_len=req.seq_len, block=cfg.block_size)
     est = estimate(cfg, req.batch_size, state.memory_budget, req.seq_len)
     if not est.fits:
         raise over_budget(est)
@@ -699,19 +708,20 @@ def _start_selfplay(state: AppState, req: SelfPlayCreate, new: str) -> dict[str,
         prompts = encode_prompts(Tokenizer.load(path / "tokenizer.json"), req.prompts or [""],
                                  req.max_new_tokens, cfg.block_size)
     except ValueError as exc:
-        raise HTTPException(422, str(exc)) from None
+        raise bad_settings(exc) from None
     batch, longest = req.group_size * req.prompts_per_iteration, max(map(len, prompts)) + req.max_new_tokens
     mem, budget = selfplay_memory(cfg, batch, longest, judge_cfg), state.memory_budget
     if mem["total"] > budget:
         judged = (f"; the judge {req.judge!r} ~{human_bytes(mem['judge'])}: its weights and logits over up to its "
                   f"context of {judge_cfg.block_size} tokens per completion" if judge_cfg else "")
-        raise HTTPException(422, f"self-play with {batch} completions x {longest} tokens per update needs "
-                                 f"~{human_bytes(mem['total'])} (the policy's training ~{human_bytes(mem['policy'])}: "
-                                 "weights, gradients, AdamW state and activations; the frozen reference copy "
-                                 f"~{human_bytes(mem['reference'])}: its weights and logits{judged}) but the memory "
-                                 f"budget is {human_bytes(budget)}; use a smaller group_size, prompts_per_iteration "
-                                 f"or max_new_tokens{', a smaller judge' if judge_cfg else ''}, or raise "
-                                 "--memory-budget-gb")
+        raise Problem(422, "selfplay_over_budget",
+                      f"self-play with {batch} completions x {longest} tokens per update needs "
+                      f"~{human_bytes(mem['total'])} (the policy's training ~{human_bytes(mem['policy'])}: weights, "
+                      "gradients, AdamW state and activations; the frozen reference copy "
+                      f"~{human_bytes(mem['reference'])}: its weights and logits{judged}) but the memory budget is "
+                      f"{human_bytes(budget)}; use a smaller group_size, prompts_per_iteration or "
+                      f"max_new_tokens{', a smaller judge' if judge_cfg else ''}, or raise --memory-budget-gb",
+                      batch=batch, tokens=longest, need=human_bytes(mem["total"]), budget=human_bytes(budget))
     params = {**settings, "reward": req.reward, "judge": req.judge, "prompts": list(req.prompts), "new_model": new}
     start = state.db.get_model(req.model)  # its steps go on from the starting model's
     run = state.db.add_run(req.model, [], params, True, req.iterations, kind="selfplay",
@@ -771,9 +781,9 @@ def need_same_weights(state: AppState, run: dict[str, Any], paths: tuple[Any, An
     for key, name, path in (("model_sha256", run["model_name"], paths[0]),
                             ("judge_sha256", run["params"].get("judge"), paths[1])):
         if saved.get(key) and path is not None and file_sha256(path / WEIGHTS) != saved[key]:
-            raise HTTPException(409, f"run {run['id']}: model {name!r} has other weights than when this run started "
-                                     "(trained since?); a resumed run keeps its starting weights: start a new "
-                                     "self-play run instead")
+            raise Problem(409, "resume_weights_changed", f"run {run['id']}: model {name!r} has other weights than "
+                          "when this run started (trained since?); a resumed run keeps its starting weights: start "
+                          "a new self-play run instead", id=run["id"], name=name)
 
 
 def remove_run(state: AppState, run_id: int) -> None:
@@ -783,8 +793,8 @@ def remove_run(state: AppState, run_id: int) -> None:
             raise Problem(409, "run_active", f"run {run_id} is {row['status']}; cancel it first", id=run_id)
         readers = [r["id"] for r in state.db.list_runs(status=ACTIVE, kind="eval") if r["params"].get("run") == run_id]
         if readers:
-            raise HTTPException(409, f"run {run_id}'s checkpoints are being evaluated (run {readers[0]}); cancel that "
-                                     "run or wait for it")
+            raise Problem(409, "run_checkpoints_evaluated", f"run {run_id}'s checkpoints are being evaluated (run "
+                          f"{readers[0]}); cancel that run or wait for it", id=run_id, run=readers[0])
         remove_entry(state.ws.run_path(run_id))  # a symbolic link: the link, not where it points
         state.db.delete_run(run_id)
 
@@ -835,7 +845,8 @@ def snapshot_version(state: AppState, name: str, run_id: int | None, step: int |
         path = snapshot(src, tmp / "model" / label)  # one version, whole, however long it is read
     except FileNotFoundError:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise HTTPException(404, f"run {run_id} no longer has a checkpoint at step {step}") from None
+        raise Problem(404, "checkpoint_gone", f"run {run_id} no longer has a checkpoint at step {step}", id=run_id,
+                      step=step) from None
     if not (path / WEIGHTS).is_file():
         shutil.rmtree(tmp, ignore_errors=True)
         raise HTTPException(409, f"model {name!r} has not been trained yet: {nothing}")
@@ -964,7 +975,7 @@ def event_stream(events: Any, on_close: Callable[[], None] | None = None) -> Str
 
 def generation_config(req: GenerateRequest) -> GenerationConfig:
     if any(not s for s in req.stop_strings) or any(len(s) > 200 for s in req.stop_strings):
-        raise HTTPException(422, "stop strings must be 1 to 200 characters")
+        raise Problem(422, "stop_string_length", "stop strings must be 1 to 200 characters")
     try:
         return GenerationConfig(max_new_tokens=req.max_new_tokens, do_sample=req.do_sample,
                                 temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
@@ -972,7 +983,7 @@ def generation_config(req: GenerateRequest) -> GenerationConfig:
                                 length_penalty=req.length_penalty, stop_strings=list(req.stop_strings),
                                 stop_at_eos=req.stop_at_eos, seed=req.seed)
     except ValueError as exc:
-        raise HTTPException(422, str(exc)) from None
+        raise bad_settings(exc) from None
 
 
 def load_for_generation(state: AppState, req: GenerateRequest) -> tuple[Any, Any]:
@@ -987,7 +998,8 @@ def cached_model(state: AppState, name: str, src: Any, snapshot: Any = snapshot_
     except NotTrained as exc:
         raise HTTPException(409, str(exc)) from None
     except (ValueError, FileNotFoundError) as exc:
-        raise HTTPException(409, f"model {name!r} cannot be loaded: {exc}") from None
+        raise Problem(409, "model_unloadable", f"model {name!r} cannot be loaded: {exc}", name=name,
+                      reason=str(exc)) from None
 
 
 class CountingTokenizer:

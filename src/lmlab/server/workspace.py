@@ -30,6 +30,7 @@ import uuid
 import zipfile
 from collections.abc import Collection, Iterator
 from pathlib import Path
+from typing import Any
 
 from ..data.documents import SUFFIXES
 from .extract import extract, read_stored
@@ -47,7 +48,12 @@ _WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 1
 
 
 class BadName(ValueError):
-    """A user-supplied name that may not become a file name."""
+    """A user-supplied name that may not become a file name; `key` and `params`, where given, name the rule for
+    the web app to say in its language (app.PROBLEMS), as a Problem does."""
+
+    def __init__(self, message: str, key: str | None = None, **params: Any) -> None:
+        super().__init__(message)
+        self.key, self.params = key, params
 
 
 class LinkError(ValueError):
@@ -64,29 +70,33 @@ def check_name(name: str, what: str = "name", *, max_len: int = 100, max_bytes: 
         raise BadName(f"{what} must not be empty")
     name = unicodedata.normalize("NFC", name)
     if len(name) > max_len:
-        raise BadName(f"{what} is longer than {max_len} characters")
-    if len(name.encode("utf-8", "surrogatepass")) > max_bytes:
-        raise BadName(f"{what} is {len(name.encode('utf-8', 'surrogatepass'))} bytes in UTF-8, longer than the "
-                         f"limit of {max_bytes} bytes (a file name holds {NAME_MAX} bytes, less what the server "
-                         "adds to it)")
+        raise BadName(f"{what} is longer than {max_len} characters", "name_too_long", limit=max_len)
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size > max_bytes:
+        raise BadName(f"{what} is {size} bytes in UTF-8, longer than the limit of {max_bytes} bytes (a file name "
+                      f"holds {NAME_MAX} bytes, less what the server adds to it)", "name_too_many_bytes", bytes=size,
+                      limit=max_bytes)
     if "\x00" in name:
         raise BadName(f"{what} {name!r} must not contain a NUL character")
     if "/" in name or "\\" in name:
-        raise BadName(f"{what} {name!r} must not contain a path separator")
+        raise BadName(f"{what} {name!r} must not contain a path separator", "name_separator", name=name)
     if name in (".", "..") or name.startswith((".", "-", " ")) or name.endswith((" ", ".")):
-        raise BadName(f"{what} {name!r} must not start with '.', '-' or a space, nor end with '.' or a space")
+        raise BadName(f"{what} {name!r} must not start with '.', '-' or a space, nor end with '.' or a space",
+                      "name_edges", name=name)
     bad = sorted({ch for ch in name if not (ch.isalnum() or ch in _NAME_EXTRA) or (ch == " " and not allow_space)})
     if bad:
-        raise BadName(f"{what} {name!r} contains characters that are not allowed: {''.join(bad)!r}")
+        raise BadName(f"{what} {name!r} contains characters that are not allowed: {''.join(bad)!r}",
+                      "name_characters", name=name, chars="".join(bad))
     if name.split(".")[0].lower() in _WINDOWS_RESERVED:
-        raise BadName(f"{what} {name!r} is a reserved device name")
+        raise BadName(f"{what} {name!r} is a reserved device name", "name_reserved", name=name)
     return name
 
 
 def check_book_name(name: str) -> str:
     name = check_name(name, "book file name", max_len=200, max_bytes=BOOK_NAME_BYTES, allow_space=True)
     if Path(name).suffix.lower() not in SUFFIXES:
-        raise BadName(f"book {name!r} must end in one of {' '.join(SUFFIXES)}")
+        raise BadName(f"book {name!r} must end in one of {' '.join(SUFFIXES)}", "book_suffix", name=name,
+                      suffixes=" ".join(SUFFIXES))
     return name
 
 

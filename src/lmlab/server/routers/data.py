@@ -22,18 +22,14 @@ from ...eval.tasks import load_task, solved_text
 from ...models import ModelConfig
 from ...tokenizers import Tokenizer
 from ...train.drift import DRIFT_FILE
-from ..app import StateDep
-from ..services import book_full_text, need_book, need_model
+from ..app import Problem, StateDep
+from ..services import bad_settings, book_full_text, need_book, need_model
 from ..workspace import LinkError
-from .evals import task_files
+from .evals import bad_task, task_files
 
 router = APIRouter()
 PREVIEW = 160  # characters of a paragraph shown in a cluster or a contaminated item
 MEMBERS = 50   # the members of a duplicate cluster shown (members_total counts them all)
-
-
-def _bad(exc: ValueError) -> HTTPException:
-    return HTTPException(422, str(exc))
 
 
 @router.get("/books/{name}/data/overview", tags=["data"],
@@ -46,7 +42,7 @@ def overview(state: StateDep, name: str, model: str | None = Query(None, max_len
     out: dict[str, Any] = {"book": name, "characters": len(text), "encoding": row.get("encoding"),
                            "language": lang, "language_score": round(score, 4), **duplicates([text])}
     if planned_tokens is not None and model is None:
-        raise HTTPException(422, "the epoch advisor counts tokens: choose a model (its tokenizer)")
+        raise Problem(422, "advisor_needs_model", "the epoch advisor counts tokens: choose a model (its tokenizer)")
     if model is not None:
         need_model(state, model)
         path = state.ws.model_path(model)
@@ -105,7 +101,7 @@ def book_filters(state: StateDep, name: str,
     try:
         kept, receipts = apply_filters([text], [name], parse_filters(spec, level))
     except ValueError as exc:
-        raise _bad(exc) from None
+        raise bad_settings(exc) from None
     return {"book": name, "spec": spec, "level": level, "kept": kept[0] is not None, **receipts}
 
 
@@ -121,7 +117,7 @@ def book_contamination(state: StateDep, name: str, task: str = Query(..., max_le
     try:
         t = load_task(files[task])
     except ValueError as exc:
-        raise _bad(exc) from None
+        raise bad_task(task, exc) from None
     items = [solved_text(t, item) for item in t.items]
     per_item = contamination([text], items, n=n, train_names=[name])
     dirty = [r for r in per_item if r["contaminated"]]

@@ -16,7 +16,7 @@ from fastapi import Path as PathParam
 from ...eval import load_task, paired_bootstrap, shipped_tasks
 from ...eval.tasks import METRICS, SHIPPED
 from ...train import checkpoints
-from ..app import AppState, StateDep
+from ..app import AppState, Problem, StateDep
 from ..commands import product
 from ..db import ACTIVE
 from ..schemas import EvalCreate, EvalResults, EvalTask, Run
@@ -38,6 +38,11 @@ def task_files(state: AppState) -> dict[str, Path]:
             if not path.name.startswith(".") and "," not in path.name and path.is_file() and not path.is_symlink():
                 out[f"tasks/{path.name}"] = path
     return out
+
+
+def bad_task(task_id: str, exc: ValueError) -> Problem:
+    """The 422 of a task file that does not load (the reason names its line), for a request that uses it."""
+    return Problem(422, "task_invalid", str(exc), name=task_id, reason=str(exc))
 
 
 @router.get("/eval/tasks", tags=["eval"], response_model=list[EvalTask],
@@ -77,7 +82,7 @@ def create_eval_run(state: StateDep, req: EvalCreate) -> Run:
         try:
             load_task(files[task_id])
         except ValueError as exc:
-            raise HTTPException(422, str(exc)) from None
+            raise bad_task(task_id, exc) from None
     with state.lock:  # from the checks through add_run: a model cannot be deleted in between
         models = list(req.models)
         for name in models:

@@ -20,7 +20,7 @@ from fastapi import APIRouter, HTTPException
 from ...lab.interp.sae import load_sae, stream_activations
 from ...lab.interp.saelab import feature_browser
 from ...lab.interp.views import attention_view, check_view, encode, lens_view, patch_view, token_id
-from ..app import AppState, StateDep
+from ..app import AppState, Problem, StateDep
 from ..schemas import InterpRequest, SAEBrowse
 from ..services import book_full_text, cached_model, need_trained, saved_folder, saved_folders
 
@@ -52,7 +52,8 @@ def interp(state: StateDep, name: str, req: InterpRequest) -> dict[str, Any]:
     try:
         ids = encode(model, tok, req.prompt, "prompt", req.bos)
         if len(ids) > MAX_TOKENS:
-            raise ValueError(f"prompt is {len(ids)} tokens; the page shows at most {MAX_TOKENS}")
+            raise Problem(422, "prompt_too_long", f"prompt is {len(ids)} tokens; the page shows at most {MAX_TOKENS}",
+                          tokens=len(ids), limit=MAX_TOKENS)
         target = token_id(tok, req.target, "target") if req.target is not None else None
         if req.view == "lens":
             view = lens_view(model, tok, ids, target, req.top_k)
@@ -64,8 +65,8 @@ def interp(state: StateDep, name: str, req: InterpRequest) -> dict[str, Any]:
             foil = token_id(tok, req.foil, "foil") if req.foil is not None else None
             view = patch_view(model, tok, ids, corrupt, target, foil, ("prompt", "corrupt", "target", "foil"))
             view["restored"] = view["restored"].tolist()
-    except ValueError as exc:
-        raise HTTPException(422, str(exc)) from None
+    except ValueError as exc:  # the prompt, target or corrupted prompt, as the view's own checks say
+        raise Problem(422, "prompt_invalid", str(exc), reason=str(exc)) from None
     return {"model": name, "view": req.view, **view}
 
 
@@ -105,12 +106,14 @@ def browse_sae(state: StateDep, name: str, sae: str, req: SAEBrowse) -> dict[str
                                  f"0..{model.config.n_layer}")
     bad = [f for f in req.features or () if not 0 <= f < auto.cfg.n_features]
     if bad:
-        raise HTTPException(422, f"feature {bad[0]} out of range: the SAE has features 0..{auto.cfg.n_features - 1}")
+        raise Problem(422, "sae_feature_range", f"feature {bad[0]} out of range: the SAE has features "
+                      f"0..{auto.cfg.n_features - 1}", feature=bad[0], last=auto.cfg.n_features - 1)
     _, text = book_full_text(state, req.book)
     T = model.config.block_size
     ids = tok.encode(text)[:req.tokens]
     if len(ids) < T:
-        raise HTTPException(422, f"book {req.book!r} gives {len(ids)} tokens, fewer than one window of {T}")
+        raise Problem(422, "book_too_short", f"book {req.book!r} gives {len(ids)} tokens, fewer than one window of "
+                      f"{T}", name=req.book, tokens=len(ids), window=T)
     x = torch.tensor([ids[i:i + T] for i in range(0, len(ids) - T + 1, T)])
     acts = stream_activations(model, x, auto.cfg.stream)                      # (n, T, d)
     with torch.no_grad():

@@ -41,6 +41,7 @@ from ...tune.chat import TEMPLATE, TEMPLATE_FILE, chat_token_ids, fit_history, h
 from ..app import AppState, Problem, StateDep
 from ..schemas import ChatFit, MergeCreate, ModelCard, QuantizeCreate, Run, Speed
 from ..services import (
+    bad_settings,
     cached_model,
     need_book,
     need_free_model_name,
@@ -94,7 +95,8 @@ def create_quantize_run(state: StateDep, req: QuantizeCreate) -> Run:
     if req.to == "int4" and req.group_size not in (None, *GROUP_SIZES):
         raise HTTPException(422, f"group_size ({req.group_size}) must be one of {', '.join(map(str, GROUP_SIZES))}")
     if req.method == "gptq" and not req.calibration:
-        raise HTTPException(422, "method gptq needs calibration: books to measure the layers' inputs on")
+        raise Problem(422, "gptq_needs_calibration", "method gptq needs calibration: books to measure the layers' "
+                      "inputs on")
     if req.method == "rtn" and req.calibration:
         raise HTTPException(422, "calibration is used by method gptq only")
     if len(set(req.calibration)) != len(req.calibration):
@@ -110,7 +112,7 @@ def create_quantize_run(state: StateDep, req: QuantizeCreate) -> Run:
             try:
                 check_shapes(skeleton, plan_modules(skeleton, req.keep_head)[0], 4, req.group_size or 32)
             except ValueError as exc:
-                raise HTTPException(422, str(exc).replace("--group-size", "group_size")) from None
+                raise bad_settings(str(exc).replace("--group-size", "group_size")) from None
         for book in req.calibration:
             need_book(state, book)
         need_free_model_name(state, new, "; choose another name for the new model")
@@ -139,14 +141,15 @@ def create_merge_run(state: StateDep, req: MergeCreate) -> Run:
         check_parameters(req.method, len(parents), req.base, req.weights, t=req.t, density=req.density,
                          lam=req.lam, seed=req.seed)
     except ValueError as exc:
-        raise HTTPException(422, str(exc).replace("--base BASE", "base").replace("--", "")) from None
+        raise bad_settings(str(exc).replace("--base BASE", "base").replace("--", "")) from None
     new = check_name(req.new_model, "new model name")
     with state.lock:  # from the checks through add_run: see Supervisor.lock
         paths = [need_trained(state, m, "every model to merge") for m in [*parents, *([req.base] if req.base else [])]]
         try:
             check_parents(paths)
         except ValueError as exc:  # named by model, not by the workspace's folders
-            raise HTTPException(422, str(exc).replace(str(state.ws.models) + "/", "model ")) from None
+            why = str(exc).replace(str(state.ws.models) + "/", "model ")
+            raise Problem(422, "merge_refused", why, reason=why) from None
         need_free_model_name(state, new, "; choose another name for the new model")
         for m in {*parents, *([req.base] if req.base else [])}:  # new weights under the merge's feet
             need_unused(state, m, lambda r: r["kind"] == "train")

@@ -43,7 +43,16 @@ from ...tune.sft import encode_examples
 from ..app import AppState, Problem, StateDep
 from ..commands import DATASET, LORA_SETTINGS, TUNE_SETTINGS
 from ..schemas import DATASET_KINDS, Dataset, DatasetPreview, Run, TuneCreate
-from ..services import estimate, need_book, need_selfplay_models, need_trained, over_budget, receive_upload, run_info
+from ..services import (
+    bad_settings,
+    estimate,
+    need_book,
+    need_selfplay_models,
+    need_trained,
+    over_budget,
+    receive_upload,
+    run_info,
+)
 from ..workspace import NAME_MAX, BadName, check_name, inside, link_or_copy, remove_entry
 
 log = logging.getLogger("lmlab.server")
@@ -69,7 +78,7 @@ OWN = {"sft": {"dataset", *LORA_SETTINGS}, "dpo": {"dataset", "loss", *LORA_SETT
 def check_dataset_name(name: str) -> str:
     name = check_name(name, "dataset file name", max_len=200, max_bytes=NAME_MAX - len(f".{META}"), allow_space=True)
     if not name.lower().endswith(SUFFIX):
-        raise BadName(f"dataset {name!r} must end in {SUFFIX}")
+        raise BadName(f"dataset {name!r} must end in {SUFFIX}", "dataset_suffix", name=name, suffix=SUFFIX)
     return name
 
 
@@ -103,12 +112,9 @@ def dataset_info(state: AppState, name: str) -> dict[str, Any]:
 
 
 def need_dataset(state: AppState, name: str) -> dict[str, Any]:
-    try:
-        path = dataset_path(state, name)
-    except BadName as exc:
-        raise HTTPException(400, str(exc)) from None
+    path = dataset_path(state, name)  # a bad name: BadName, a 400 (app.py)
     if not path.is_file():
-        raise HTTPException(404, f"dataset {name!r} not found")
+        raise Problem(404, "dataset_not_found", f"dataset {name!r} not found", name=name)
     return dataset_info(state, name)
 
 
@@ -138,10 +144,7 @@ def _usable_name(name: str) -> bool:
 def upload_dataset(state: StateDep, file: Annotated[UploadFile, File()],
                    kind: Annotated[Literal["conversations", "prompt_completion", "pairs", "kto"], Form()],
                    overwrite: bool = Query(False)) -> dict[str, Any]:
-    try:
-        target = dataset_path(state, file.filename or "")
-    except BadName as exc:
-        raise HTTPException(400, str(exc)) from None
+    target = dataset_path(state, file.filename or "")
     name = target.name
     record = target.parent / f".{name}{META}"
 
@@ -160,7 +163,8 @@ def upload_dataset(state: StateDep, file: Annotated[UploadFile, File()],
         try:
             examples = len(read_dataset(tmp, kind))
         except ValueError as exc:  # the reader's line names the file: the user's name, not the server's temp file
-            raise HTTPException(422, str(exc).replace(str(tmp), name)) from None
+            why = str(exc).replace(str(tmp), name)
+            raise Problem(422, "dataset_invalid", why, name=name, reason=why) from None
         meta = json.dumps({"kind": kind, "examples": examples, "created_at": time.time()})
         # a run never reads this file after it was queued (it has its own copy): replaced at any time
         meta_tmp = tmp.with_suffix(".meta")
@@ -266,7 +270,8 @@ def examine(model_dir: Any, data: Any, name: str, kind: str, n: int, completion_
         out = (sft_rows(examples, kind, tok, block, n, name, completion_only) if kind in METHOD_KINDS["sft"] else
                preference_rows(examples, kind, tok, block, n, name))
     except ValueError as exc:
-        raise HTTPException(422, str(exc).replace(str(data), name)) from None
+        why = str(exc).replace(str(data), name)
+        raise Problem(422, "dataset_invalid", why, name=name, reason=why) from None
     return examples, added, out
 
 
@@ -309,10 +314,10 @@ def create_tune_run(state: StateDep, req: TuneCreate) -> Run:
         raise HTTPException(422, f"sft_weight is for the dpo, ipo and simpo losses, not {params['loss']}")
     lora = {k: params[k] for k in (*LORA_SETTINGS, "lora_hard_tokens") if params.get(k) not in (None, False)}
     if lora and "lora_rank" not in lora:
-        raise HTTPException(422, f"{', '.join(lora)} needs lora_rank")
+        raise Problem(422, "lora_needs_rank", f"{', '.join(lora)} needs lora_rank", settings=", ".join(lora))
     if req.method == "grpo" and params.get("lora_dropout"):  # what `tune grpo` refuses, refused before it starts
-        raise HTTPException(422, "lora_dropout does not apply to grpo: it scores the policy with dropout off, as it "
-                                 "samples")
+        raise Problem(422, "lora_dropout_grpo", "lora_dropout does not apply to grpo: it scores the policy with "
+                      "dropout off, as it samples")
     new = check_name(req.new_model, "new model name")
     if req.dataset:  # the examples as the run will read them, outside the lock (a large file takes a while)
         kind = need_dataset(state, req.dataset)["kind"]
@@ -334,8 +339,8 @@ def create_tune_run(state: StateDep, req: TuneCreate) -> Run:
                 raise HTTPException(422, "completion_only is for prompt_completion data; conversations train on "
                                          "the assistant turns")
         if req.method != "distill" and (path / QUANTIZATION).is_file():  # the run's own refusal, up front
-            raise HTTPException(422, f"model {req.model!r} is an int8/int4 model, which cannot train; fine-tune the "
-                                     "model it was quantized from")
+            raise Problem(422, "quantized_cannot_train", f"model {req.model!r} is an int8/int4 model, which cannot "
+                          "train; fine-tune the model it was quantized from", name=req.model)
         cfg = ModelConfig.load(path / "config.json")
         if req.method == "grpo":  # its prompts and max_new_tokens in the model's context, as the run checks them
             try:
@@ -343,14 +348,14 @@ def create_tune_run(state: StateDep, req: TuneCreate) -> Run:
                 PromptSource(Tokenizer.load(path / "tokenizer.json"), cfg.block_size, params["max_new_tokens"],
                              task=task, heldout=task.heldout(params["eval_prompts"]))
             except ValueError as exc:
-                raise HTTPException(422, str(exc)) from None
+                raise bad_settings(exc) from None
         if params.get("lora_rank"):  # a target the model lacks, a rank above its matrices: the run's own checks,
             try:                     # on a weightless copy
                 with torch.device("meta"):
                     apply_lora(Transformer(cfg), LoRAConfig(rank=params["lora_rank"],
                                                             targets=parse_targets(params.get("lora_targets"))))
             except ValueError as exc:
-                raise HTTPException(422, str(exc)) from None
+                raise bad_settings(exc) from None
         batch = (params["group_size"] * params["prompts_per_step"] if req.method == "grpo" else
                  params["batch_size"] * (2 if req.method == "dpo" else 1))  # dpo: chosen and rejected rows
         est = estimate(cfg, batch, state.memory_budget)

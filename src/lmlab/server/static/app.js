@@ -777,7 +777,7 @@ async function streamGenerate(body, out) {
   const res = await fetch("/api/v1/generate/stream", { method: "POST", headers, body: JSON.stringify(body), signal: genAbort.signal });
   if (!res.ok) {
     const data = await res.json().catch(() => ({}));
-    throw new Error(detailText(data.detail) || res.statusText);
+    throw new Error(problemText(data) || res.statusText);
   }
   const reader = res.body.getReader(), dec = new TextDecoder();
   let buf = "", done = null;
@@ -862,7 +862,7 @@ async function main() {
   initEvaluate({ S, t, h, api, startedOrQueued, withToken, statusLabel, refreshRuns, deleteRun, runAction, toast, fmtLoss, ACTIVE, COLORS });
   initModelPage({ S, t, h, api, startedOrQueued, fmtNum, fmtBytes, statusLabel, refreshRuns, runAction, toast, ACTIVE });
   initChat({ S, t, h, api, apiHeaders, toast });
-  initTune({ S, t, h, api, startedOrQueued, apiHeaders, statusLabel, refreshRuns, deleteRun, runAction, toast, subscribe, fmtNum, fmtBytes, ACTIVE, COLORS });
+  initTune({ S, t, h, api, problemText, startedOrQueued, apiHeaders, statusLabel, refreshRuns, deleteRun, runAction, toast, subscribe, fmtNum, fmtBytes, ACTIVE, COLORS });
   initData({ S, t, h, api, fmtNum, toast, COLORS });
   initRunPage({ S, t, h, api, fmtNum, fmtBytes, fmtLoss, statusLabel, labName, subscribe, runChart, showTab, toast, renderRuns });
   window.addEventListener("hashchange", () => showTab(location.hash.slice(1)));

@@ -7,7 +7,7 @@
 // the preference losses, reward and KL for GRPO, the loss's two parts and the KL to the teacher for distillation.
 
 import { drawChartInto } from "/static/charts.js";
-import { errorText, keepFocus } from "/static/ux.js";
+import { keepFocus } from "/static/ux.js";
 
 // from app.js: { S, t, h, api, apiHeaders, statusLabel, refreshRuns, refreshModels, deleteRun, runAction, toast,
 // subscribe, fmtNum, fmtBytes, ACTIVE, COLORS }
@@ -158,7 +158,7 @@ async function upload() {
     const res = await fetch("/api/v1/datasets" + (exists ? "?overwrite=true" : ""), { method: "POST", headers: A.apiHeaders(), body: form });
     const data = await res.json().catch(() => ({}));
     // the server's reason names the file (and the line that is wrong)
-    if (res.status !== 201) return setMsg(msg, errorText(data.detail) || `${file.name}: ${res.status} ${res.statusText}`, false);
+    if (res.status !== 201) return setMsg(msg, A.problemText(data) || `${file.name}: ${res.status} ${res.statusText}`, false);
     setMsg(msg, A.t("tune.uploaded", { name: data.name, n: A.fmtNum(data.examples), kind: A.t("tune.kind_" + data.kind) }));
     T.datasets = await A.api("GET", "/api/v1/datasets");
     renderTune();
