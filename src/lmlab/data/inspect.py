@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .dataset import _document_names
-from .documents import encoding_label, find_documents, read_document
+from .documents import as_sources, encoding_label, find_documents, read_document
 from .filters import identify
 
 # Muennighoff et al. 2023, "Scaling Data-Constrained Language Models": up to ~4 epochs, repeated tokens are
@@ -99,7 +99,7 @@ def inspect(sources: Sequence[str | Path], tokenizer: Any = None, *, model_confi
     all_texts: list[str] = []
     all_docs: list[dict[str, Any]] = []
     seen: set[Path] = set()
-    for source in sources:
+    for source in as_sources(sources):  # one path alone is one source, not its characters
         paths = [p for p in find_documents([source]) if not (p.resolve() in seen or seen.add(p.resolve()))]
         names = _document_names(paths)
         texts = [read_document(p) for p in paths]

@@ -49,6 +49,7 @@ import torch
 
 from ..data import TokenDataset, find_documents, prepare_texts, read_document
 from ..data.dataset import _document_names
+from ..data.documents import as_sources
 from ..models import ModelConfig, Transformer
 from ..models.io import load_pretrained
 from ..tokenizers import Tokenizer
@@ -284,6 +285,8 @@ def run_mix_lab(out: str | Path, sources: list[str | Path] | None, target: str |
         raise ValueError(f"{out} exists and is not empty; choose a new folder")
     if not seeds:
         raise ValueError("give at least one seed")
+    if sources:
+        sources = as_sources(sources)  # one path alone is one source (then refused: a mixture needs two)
     if bool(sources) != (target is not None):
         raise ValueError("give both SOURCES and --target, or neither (the built-in sources and target)")
     t0, cpu0 = time.perf_counter(), time.process_time()

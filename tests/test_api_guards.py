@@ -1,0 +1,60 @@
+"""Guards the Python API lacked where the CLI had them, or both lacked (a review of the Python API): one path
+given where a list of sources is taken, files and folders replaced without overwrite=True, settings of the wrong
+type or out of range that crashed later (or wrote a report of nothing), docstring examples that did not run.
+Each test fails without its fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lmlab.data import documents
+from lmlab.tokenizers import Tokenizer
+
+TEXT = "Once upon a time a small fox ran to the river. Жил-был кот у синего моря. " * 40
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.train([TEXT], kind="bpe", vocab_size=300)
+
+
+@pytest.fixture
+def books(tmp_path, monkeypatch):
+    """A folder of two books, the current folder; a walk of any folder outside tmp_path fails the test (the old
+    code walked "/" for "./books")."""
+    folder = tmp_path / "books"
+    folder.mkdir()
+    (folder / "a.txt").write_text(TEXT, encoding="utf-8")
+    (folder / "b.txt").write_text("A different book about the sea and its fish. " * 30, encoding="utf-8")
+    walk = documents._walk
+
+    def only_here(path):
+        assert Path(path).resolve().is_relative_to(tmp_path), f"walked {path}"
+        return walk(path)
+
+    monkeypatch.setattr(documents, "_walk", only_here)
+    monkeypatch.chdir(tmp_path)
+    return folder
+
+
+def test_one_path_as_a_string_is_one_source_not_its_characters(books, tok, tmp_path):
+    from lmlab.data import prepare
+    from lmlab.data.dedup import dedup
+    from lmlab.data.inspect import inspect
+
+    for one in ("./books", str(books), books, "books/a.txt"):
+        assert documents.find_documents(one) == documents.find_documents([one])
+    one = prepare("books/a.txt", tok, tmp_path / "one")  # FileNotFoundError: no such file or folder: b
+    listed = prepare(["books/a.txt"], tok, tmp_path / "listed")
+    assert (one.path / "tokens.bin").read_bytes() == (listed.path / "tokens.bin").read_bytes()
+    report = inspect("./books", tok)
+    assert [s["source"] for s in report["sources"]] == ["./books"] and report["total"]["documents"] == 2
+    assert dedup(str(books), tmp_path / "dd").stats["documents"] == 2
+    with pytest.raises(ValueError, match="^a source is empty; name a file, folder or glob$"):
+        documents.find_documents(["books", ""])  # "" was the current folder, all of it
+    from lmlab.lab.mix import MixLabConfig, run_mix_lab
+    with pytest.raises(ValueError, match="^a mixture needs at least two sources, got 1$"):  # 5 sources: b o o k s
+        run_mix_lab(tmp_path / "mix", "books", "books/a.txt", [0], MixLabConfig.quick())
+    assert not (tmp_path / "mix").exists()
