@@ -58,3 +58,26 @@ def test_one_path_as_a_string_is_one_source_not_its_characters(books, tok, tmp_p
     with pytest.raises(ValueError, match="^a mixture needs at least two sources, got 1$"):  # 5 sources: b o o k s
         run_mix_lab(tmp_path / "mix", "books", "books/a.txt", [0], MixLabConfig.quick())
     assert not (tmp_path / "mix").exists()
+
+
+def test_a_tokenizer_replaces_a_file_only_when_asked(tok, tmp_path, capsys):
+    from lmlab.cli import main
+    from lmlab.models import ModelConfig, Transformer
+    from lmlab.models.io import save_pretrained
+
+    book = tmp_path / "book.txt"
+    book.write_text(TEXT, encoding="utf-8")
+    model = save_pretrained(tmp_path / "model", Transformer(ModelConfig.preset("gpt2-tiny", vocab_size=len(tok))), tok)
+    before = (model / "tokenizer.json").read_bytes()
+    for out, file in ((book, book), (model, model / "tokenizer.json")):
+        sentence = f"{file} exists; replace it with --force (overwrite=True in Python), or choose another name"
+        assert main(["tokenizer", "train", str(book), "--kind", "char", "--out", str(out)]) == 2
+        assert capsys.readouterr().err == f"lmlab: error: {sentence}\n"
+        with pytest.raises(FileExistsError) as refused:
+            Tokenizer.train([TEXT], kind="char").save(out)
+        assert str(refused.value) == sentence
+    assert book.read_text(encoding="utf-8") == TEXT and (model / "tokenizer.json").read_bytes() == before
+    assert main(["tokenizer", "train", str(book), "--kind", "char", "--out", str(book), "--force"]) == 0
+    assert Tokenizer.load(book).kind == "char"
+    assert Tokenizer.train([TEXT], kind="char").save(model, overwrite=True) == model / "tokenizer.json"
+    assert Tokenizer.load(model).kind == "char"

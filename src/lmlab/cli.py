@@ -319,21 +319,26 @@ def _tokenizer_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("sources", nargs="+", help="files, folders or globs (.txt .md .html .epub .pdf)")
     t.add_argument("--kind", default="bpe", choices=["bpe", "char", "word"], help="tokenizer kind (default bpe)")
     t.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size incl. 4 specials (default 8192)")
-    t.add_argument("--out", required=True, help="where to write tokenizer.json")
+    t.add_argument("--out", required=True, help="where to write tokenizer.json (a file, or a folder to write it in)")
+    t.add_argument("--force", action="store_true", help="replace the file --out names if it exists")
 
 
 @command("tokenizer", "train a tokenizer (lmlab tokenizer train SOURCES --out tokenizer.json)", _tokenizer_arguments)
 def _tokenizer(args: argparse.Namespace) -> int:
     from .data import find_documents, read_document
+    from .files import refuse_existing
     from .tokenizers import Tokenizer
 
+    out = Path(args.out)
+    target = out / "tokenizer.json" if out.is_dir() else out
+    if not args.force:  # before the training: Tokenizer.save refuses the same, after it
+        refuse_existing(target)
     paths = find_documents(args.sources)
     texts = [read_document(p) for p in paths]
     if not any(t.strip() for t in texts):
         raise ValueError("the corpus is empty: no document has any text")
     tok = Tokenizer.train(texts, kind=args.kind, vocab_size=args.vocab_size)
-    out = Path(args.out)
-    tok.save(out / "tokenizer.json" if out.is_dir() else out)
+    tok.save(target, overwrite=args.force)
     sample = next(t for t in texts if t.strip())[:60].strip()
     print(f"{tok.kind} tokenizer, {tok.vocab_size} tokens, trained on {len(paths)} documents -> {out}")
     print(f"sample: {sample!r} -> {tok.encode(sample)[:20]}")

@@ -277,6 +277,13 @@ def refuse_nonempty(out: Path) -> None:
                               "in Python), or choose another folder")
 
 
+def refuse_existing(path: Path) -> None:
+    """FileExistsError if the file `path` exists (a link too): a user's file is replaced only when asked."""
+    if path.exists() or path.is_symlink():
+        raise FileExistsError(f"{path} exists; replace it with --force (overwrite=True in Python), or choose another "
+                              "name")
+
+
 def file_sha256(path: str | Path) -> str:
     """The SHA-256 of a file's bytes, read in 1 MiB blocks: how a run records the weights it started from."""
     digest = hashlib.sha256()

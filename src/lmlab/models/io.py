@@ -57,7 +57,7 @@ def _write(path: Path, model: Transformer, tokenizer: Tokenizer | None, generati
         save_model(model, str(tmp), metadata={"format": "pt", "lmlab_family": model.config.family})
     model.config.save(path / CONFIG)
     if tokenizer is not None:
-        tokenizer.save(path / TOKENIZER)
+        tokenizer.save(path / TOKENIZER, overwrite=True)  # a new folder, or its staged copy
     if generation is not None:
         generation.save(path / GENERATION)
     if training is not None:

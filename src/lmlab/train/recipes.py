@@ -120,8 +120,8 @@ def train_from_sources(out_dir: str | Path, config: TrainConfig, *, sources: Seq
             raise ValueError("the corpus is empty: no document has any text")
         # under torchrun, rank 0 trains the tokenizer and the others load its file
         tok = _rank0_first(out, lambda: Tokenizer.train(texts, kind=tokenizer_kind, vocab_size=vocab_size),
-                           lambda t: t.save(out / "tokenizer.json"), lambda: Tokenizer.load(out / "tokenizer.json"),
-                           config)
+                           lambda t: t.save(out / "tokenizer.json", overwrite=True),
+                           lambda: Tokenizer.load(out / "tokenizer.json"), config)
     if model is None:
         if model_config is not None:
             cfg = model_config
