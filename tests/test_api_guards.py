@@ -81,3 +81,43 @@ def test_a_tokenizer_replaces_a_file_only_when_asked(tok, tmp_path, capsys):
     assert Tokenizer.load(book).kind == "char"
     assert Tokenizer.train([TEXT], kind="char").save(model, overwrite=True) == model / "tokenizer.json"
     assert Tokenizer.load(model).kind == "char"
+
+
+def test_lmlab_save_and_save_adapter_replace_a_folder_only_when_asked(tok, tmp_path, monkeypatch):
+    import lmlab
+    from lmlab.models import ModelConfig, Transformer
+    from lmlab.tune.lora import LoRAConfig, apply_lora, save_adapter
+
+    torch = pytest.importorskip("torch")
+    cfg = ModelConfig.preset("llama-tiny", vocab_size=len(tok), block_size=32)
+    trained, fresh = Transformer(cfg), Transformer(cfg)
+    model = lmlab.save(tmp_path / "model", trained, tok)
+    weights = (model / "model.safetensors").read_bytes()
+    sentence = (f"{model} exists and is not empty; replace what it holds with --force (overwrite=True in Python), "
+                "or choose another folder")
+    with pytest.raises(FileExistsError) as refused:
+        lmlab.save(model, fresh)  # replaced the trained weights and removed the tokenizer, without a word
+    assert str(refused.value) == sentence and (model / "model.safetensors").read_bytes() == weights
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("a user's file")
+    with pytest.raises(FileExistsError, match="notes exists and is not empty"):
+        lmlab.save(tmp_path / "notes", fresh)
+    monkeypatch.chdir(tmp_path / "notes")
+    with pytest.raises(ValueError, match="^the model folder \\(path\\) is empty; name the folder to save the model"):
+        lmlab.save("", fresh, overwrite=True)  # wrote a model among the files of the current folder
+    assert sorted(p.name for p in (tmp_path / "notes").iterdir()) == ["mine.txt"]
+    lmlab.save(model, fresh, overwrite=True)
+    again, again_tok = lmlab.load(model)
+    assert again_tok is None and all(torch.equal(a, b) for a, b in zip(again.state_dict().values(),
+                                                                       fresh.state_dict().values()))
+
+    adapter = save_adapter(apply_lora(Transformer(cfg), LoRAConfig(rank=2)), tmp_path / "adapter")
+    files = {p.name: p.read_bytes() for p in adapter.iterdir()}
+    other = apply_lora(Transformer(cfg), LoRAConfig(rank=4))
+    with pytest.raises(FileExistsError, match=f"^{adapter} exists and is not empty"):
+        save_adapter(other, adapter)
+    assert {p.name: p.read_bytes() for p in adapter.iterdir()} == files
+    with pytest.raises(ValueError, match="^the adapter folder \\(out_dir\\) is empty"):
+        save_adapter(other, "", overwrite=True)
+    save_adapter(other, adapter, overwrite=True)
+    assert (adapter / "adapter_config.json").read_bytes() != files["adapter_config.json"]

@@ -9,7 +9,7 @@
 
 from .models import GenerationConfig, KVCache, ModelConfig, Transformer, generate, generate_ids, stream
 from .models.io import load_pretrained as load
-from .models.io import save_pretrained as save
+from .models.io import save
 from .tokenizers import Tokenizer
 
 __version__ = "0.1.0"
