@@ -121,3 +121,21 @@ def test_lmlab_save_and_save_adapter_replace_a_folder_only_when_asked(tok, tmp_p
         save_adapter(other, "", overwrite=True)
     save_adapter(other, adapter, overwrite=True)
     assert (adapter / "adapter_config.json").read_bytes() != files["adapter_config.json"]
+
+
+@pytest.mark.parametrize("name", ["corpus.txt", "demo.json"])
+def test_the_demo_does_not_replace_a_users_file_of_a_name_it_writes(tmp_path, capsys, name):
+    from lmlab.cli import main
+    from lmlab.train.recipes import run_demo
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / name).write_text("my own corpus, months of work")
+    sentence = (f"{mine} holds {name}, which a new run would overwrite; choose a new folder for the run (if it is "
+                "what a run stopped before its first checkpoint left, delete the folder)")
+    assert main(["demo", "--out", str(mine), "--max-steps", "1"]) == 2
+    assert capsys.readouterr().err == f"lmlab: error: {sentence}\n"
+    with pytest.raises(ValueError) as refused:
+        run_demo(mine, max_steps=1, echo=lambda *_: None)
+    assert str(refused.value) == sentence
+    assert [p.name for p in mine.iterdir()] == [name] and (mine / name).read_text() == "my own corpus, months of work"

@@ -322,7 +322,7 @@ def run_demo(out_dir: str | Path = "lmlab-demo", *, budget_s: float = 180.0, max
     directory for `lmlab generate`."""
     t0 = time.perf_counter()
     out = run_folder(out_dir)
-    refuse_existing_run(out, (*RUN_FILES, "tokenizer.json", "data"))
+    refuse_existing_run(out, (*RUN_FILES, "tokenizer.json", "data", "corpus.txt", "demo.json"))  # all it writes
     if budget_s <= 0 or (max_steps is not None and max_steps <= 0):
         raise ValueError("the budget and max_steps must be positive")
     text = demo_corpus(seed=seed)
