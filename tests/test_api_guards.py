@@ -139,3 +139,22 @@ def test_the_demo_does_not_replace_a_users_file_of_a_name_it_writes(tmp_path, ca
         run_demo(mine, max_steps=1, echo=lambda *_: None)
     assert str(refused.value) == sentence
     assert [p.name for p in mine.iterdir()] == [name] and (mine / name).read_text() == "my own corpus, months of work"
+
+
+def test_prepare_texts_replaces_a_dataset_only_when_asked(tok, tmp_path):
+    from lmlab.data import prepare, prepare_texts
+
+    book = tmp_path / "book.txt"
+    book.write_text(TEXT, encoding="utf-8")
+    ds = prepare([book], tok, tmp_path / "ds")
+    before = {p.name: p.read_bytes() for p in ds.path.iterdir()}
+    sentence = (f"{tmp_path / 'ds'} already holds a dataset; replace it with --force (overwrite=True in Python), or "
+                "choose another folder")
+    for call in (lambda: prepare([book], tok, tmp_path / "ds"),
+                 lambda: prepare_texts(["a tiny other text, nothing like the book " * 20], tok, tmp_path / "ds")):
+        with pytest.raises(FileExistsError) as refused:
+            call()
+        assert str(refused.value) == sentence
+    assert {p.name: p.read_bytes() for p in ds.path.iterdir()} == before
+    small = prepare_texts(["a tiny other text, nothing like the book " * 20], tok, tmp_path / "ds", overwrite=True)
+    assert small.num_tokens < ds.num_tokens

@@ -184,7 +184,7 @@ def _sequence_data(out: Path, teacher: Transformer, tok: Tokenizer, books: Token
         echo(f"{len(rows)} teacher samples written to {path}")
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     data = prepare_texts([r["prompt"] + r["completion"] for r in rows], tok, out / "samples-data",
-                         val_fraction=0.0, seq_len=seq_len)
+                         val_fraction=0.0, seq_len=seq_len, overwrite=True)  # made again on resume, the same
     return SamplesDataset(data, books)
 
 
