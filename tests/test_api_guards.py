@@ -158,3 +158,66 @@ def test_prepare_texts_replaces_a_dataset_only_when_asked(tok, tmp_path):
     assert {p.name: p.read_bytes() for p in ds.path.iterdir()} == before
     small = prepare_texts(["a tiny other text, nothing like the book " * 20], tok, tmp_path / "ds", overwrite=True)
     assert small.num_tokens < ds.num_tokens
+
+
+@pytest.fixture(scope="module")
+def model_dir(tok, tmp_path_factory):
+    from lmlab.models import ModelConfig, Transformer
+    from lmlab.models.io import save_pretrained
+
+    return save_pretrained(tmp_path_factory.mktemp("guards") / "model",
+                           Transformer(ModelConfig.preset("llama-tiny", vocab_size=len(tok), block_size=32)), tok)
+
+
+def test_the_interp_reports_check_out_and_their_settings_in_the_library(model_dir, tmp_path, monkeypatch, capsys):
+    from lmlab.cli import main
+    from lmlab.lab import ttc
+    from lmlab.lab.facts import runner
+    from lmlab.lab.interp.report import run_attention, run_lens, run_patch, run_steer
+    from lmlab.lab.interp.saelab import run_sae, run_sae_facts
+
+    def trained(*_, **__):
+        raise AssertionError("trained models for a folder it should have refused")
+
+    monkeypatch.setattr(runner, "run_one", trained)
+    monkeypatch.setattr(ttc, "pretrain", trained)
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "results.json").write_text('{"mine": 1}')
+    for name in ("positive", "negative", "neutral"):
+        (tmp_path / f"{name}.txt").write_text(f"{name} line one\n{name} line two\n")
+    steer = {k: tmp_path / f"{k}.txt" for k in ("positive", "negative", "neutral")}
+    sentence = f"{done} already holds results.json; choose another --out"
+    for call in (lambda: run_lens(model_dir, "Once upon", done), lambda: run_attention(model_dir, "Once upon", done),
+                 lambda: run_patch(model_dir, "Once upon", "Once a fox", done),
+                 lambda: run_steer(model_dir, steer["positive"], steer["negative"], 1, done, neutral=steer["neutral"]),
+                 lambda: run_sae(model_dir, [str(steer["neutral"])], done, {"kind": "topk", "k": 2, "steps": 1}, 64),
+                 lambda: run_sae_facts(done, [0], quick=True), lambda: ttc.run(done, quick=True)):
+        with pytest.raises(ValueError) as refused:
+            call()
+        assert str(refused.value) == sentence
+    assert [p.name for p in done.iterdir()] == ["results.json"] and (done / "results.json").read_text() == '{"mine": 1}'
+
+    for k in (0, -1):  # IndexError; a torch RuntimeError
+        with pytest.raises(ValueError, match=f"^--top-k \\({k}\\) must be >= 1$"):
+            run_lens(model_dir, "Once upon", tmp_path / "lens", k=k)
+    direction = tmp_path / "direction"  # a direction of the user's, without a report
+    direction.mkdir()
+    (direction / "direction.safetensors").write_bytes(b"mine")
+    with pytest.raises(ValueError, match=f"^{direction} already holds direction.safetensors; choose another --out$"):
+        run_steer(model_dir, steer["positive"], steer["negative"], 1, direction, neutral=steer["neutral"])
+    assert (direction / "direction.safetensors").read_bytes() == b"mine"
+    for coefs, n, message in (([0, float("nan")], 4, "--coefs must be finite numbers"),
+                              ([0, 1], 0, "--samples and --max-new-tokens must be >= 1")):
+        with pytest.raises(ValueError) as refused:  # nan: after direction.json and .safetensors were written
+            run_steer(model_dir, steer["positive"], steer["negative"], 1, tmp_path / "steer", neutral=steer["neutral"],
+                      coefs=coefs, n_prompts=n, max_new_tokens=2)
+        assert str(refused.value) == message and not (tmp_path / "steer").exists()
+    assert main(["lab", "interp", "steer", "--model", str(model_dir), "--positive", str(steer["positive"]),
+                 "--negative", str(steer["negative"]), "--neutral", str(steer["neutral"]), "--layer", "1",
+                 "--coefs", "0,nan", "--out", str(tmp_path / "steer")]) == 2
+    assert capsys.readouterr().err == "lmlab: error: --coefs must be finite numbers\n"
+    assert main(["lab", "interp", "lens", "--model", str(model_dir), "--prompt", "Once", "--out", str(done)]) == 2
+    assert capsys.readouterr().err == f"lmlab: error: {sentence}\n"
+    assert not (tmp_path / "steer").exists() and not (tmp_path / "lens").exists()
+

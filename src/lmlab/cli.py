@@ -1805,19 +1805,15 @@ def _interp_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _steer_flags(args: argparse.Namespace) -> list[float]:
-    """lmlab lab interp steer's flags, checked before any loading; the coefficients."""
+    """lmlab lab interp steer's flags, checked before any loading; the coefficients (their values, and the
+    other numbers, run_steer checks: report.check_steer)."""
     missing = [f"--{f}" for f in ("positive", "negative", "layer", "neutral") if getattr(args, f) is None]
     if missing:
         raise ValueError(f"steer needs {', '.join(missing)}")
-    if args.samples < 1 or args.max_new_tokens < 1:
-        raise ValueError("--samples and --max-new-tokens must be >= 1")
     try:
-        coefs = [float(c) for c in args.coefs.split(",")]
+        return [float(c) for c in args.coefs.split(",")]
     except ValueError:
         raise ValueError(f"--coefs {args.coefs!r}: give numbers separated by commas, e.g. 0,1,2") from None
-    if not all(math.isfinite(c) for c in coefs):
-        raise ValueError("--coefs must be finite numbers")
-    return coefs
 
 
 def _lab_sae(args: argparse.Namespace, command: str) -> dict:
@@ -1845,10 +1841,10 @@ def _lab_sae(args: argparse.Namespace, command: str) -> dict:
 def _lab_interp(args: argparse.Namespace) -> int:
     import shlex
 
+    from .lab.facts.report import new_report
     from .lab.interp.report import run_attention, run_lens, run_patch, run_steer
     from .lab.interp.views import check_view
-    if Path(args.out, "results.json").exists():
-        raise ValueError(f"{args.out} already holds results.json; choose another --out")
+    new_report(args.out)  # the run_* functions check it too; here it comes before the view's own flags
     command = shlex.join(["lmlab", "lab", "interp", *sys.argv[3:]]) if sys.argv[1:3] == ["lab", "interp"] else ""
     if (args.model is None) != (args.view == "sae-facts"):
         raise ValueError("--model is needed by every view but sae-facts" if args.model is None
@@ -1901,12 +1897,12 @@ def _ttc_arguments(p: argparse.ArgumentParser) -> None:
           "best-of-N and step-wise beam search, and a small model with N tries against a larger one with one at equal "
           "FLOPs. Example: lmlab lab ttc --out runs/ttc --quick", _ttc_arguments)
 def _lab_ttc(args: argparse.Namespace) -> int:
+    from .lab.facts.report import new_report
     from .lab.ttc import Scale, run
     require_positive(args, "steps", "prompts")
     if args.seed is not None and args.seed < 0:
         raise ValueError(f"--seed ({args.seed}) must be >= 0")
-    if Path(args.out, "results.json").exists():
-        raise ValueError(f"{args.out} already holds results.json; choose another --out")
+    new_report(args.out)  # run() checks it too
     told = [k for k in ("task", "steps", "prompts", "seed") if getattr(args, k) is not None]
     scale = dataclasses.replace(Scale.default(args.quick), **{k: getattr(args, k) for k in told})
     command = " ".join(["lmlab", "lab", "ttc", "--out", args.out] + ["--quick"] * args.quick

@@ -48,7 +48,7 @@ from ..tokenizers import Tokenizer
 from ..train import TrainConfig, train
 from ..train.console import quiet
 from ..tune.rewards import get_task
-from .facts.report import line_plot, write_report
+from .facts.report import line_plot, new_report, write_report
 
 NS = (1, 2, 4, 8, 16)
 SAMPLES = max(NS)
@@ -223,7 +223,7 @@ def compare(small: dict[str, Any], large: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(out: str | Path, quick: bool = False, scale: Scale | None = None, command: str = "") -> dict[str, Any]:
-    out = Path(out)
+    out = new_report(out)
     scale = scale or Scale.default(quick)
     t0 = time.perf_counter()
     prompts = get_task(scale.task).heldout(scale.prompts)
