@@ -221,3 +221,33 @@ def test_the_interp_reports_check_out_and_their_settings_in_the_library(model_di
     assert capsys.readouterr().err == f"lmlab: error: {sentence}\n"
     assert not (tmp_path / "steer").exists() and not (tmp_path / "lens").exists()
 
+
+def test_an_sae_name_is_one_folder_name_under_the_model(model_dir, tmp_path, capsys):
+    import shutil
+
+    from lmlab.cli import main
+    from lmlab.lab.interp.saelab import run_sae
+
+    model_dir = shutil.copytree(model_dir, tmp_path / "models" / "model")
+    book = tmp_path / "book.txt"
+    book.write_text(TEXT, encoding="utf-8")
+    settings = {"kind": "topk", "k": 2, "steps": 1, "n_features": 16}
+    cases = [("../../escaped", "--name '../../escaped' must be one folder name, without a path separator or NUL"),
+             ("a\\b", "--name 'a\\\\b' must be one folder name, without a path separator or NUL"),
+             ("a\x00b", "--name 'a\\x00b' must be one folder name, without a path separator or NUL"),
+             ("..", "--name '..' must not start with '.'"), (".hidden", "--name '.hidden' must not start with '.'"),
+             ("", "--name must not be empty"),
+             ("я" * 121, "--name is 242 bytes in UTF-8, longer than the limit of 241 (a file name holds 255, less "
+                         "the temporary name's)")]
+    for name, message in cases:
+        with pytest.raises(ValueError) as refused:
+            run_sae(model_dir, [str(book)], tmp_path / "sae", settings, 256, name=name)
+        assert str(refused.value) == message
+    assert main(["lab", "interp", "sae", "--model", str(model_dir), "--books", str(book), "--tokens", "256",
+                 "--steps", "1", "--features", "16", "--k", "2", "--name", "../../escaped",
+                 "--out", str(tmp_path / "sae")]) == 2
+    assert capsys.readouterr().err == f"lmlab: error: {cases[0][1]}\n"
+    assert not (tmp_path / "sae").exists() and not (model_dir.parent / "escaped").exists()
+    assert not (model_dir / "sae").exists()
+    run_sae(model_dir, [str(book)], tmp_path / "sae", settings, 256, name="я" * 120)  # 240 bytes: a name that fits
+    assert (model_dir / "sae" / ("я" * 120) / "sae.safetensors").is_file()

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ...files import check_component
 from ...models import Transformer
 from ..facts.report import _plt, new_report, save_figure, write_report
 from .report import HEADING, label, load, stream_labels
@@ -97,6 +98,8 @@ def run_sae(model_dir: str | Path, books: list[str], out: str | Path, settings: 
     from ...models.quant import calibration_windows
 
     out, model_dir = new_report(out), Path(model_dir)
+    if name is not None:
+        check_component(name, "--name")
     model, tok = load(model_dir)
     model.eval()
     mc = model.config
