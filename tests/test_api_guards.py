@@ -251,3 +251,48 @@ def test_an_sae_name_is_one_folder_name_under_the_model(model_dir, tmp_path, cap
     assert not (model_dir / "sae").exists()
     run_sae(model_dir, [str(book)], tmp_path / "sae", settings, 256, name="я" * 120)  # 240 bytes: a name that fits
     assert (model_dir / "sae" / ("я" * 120) / "sae.safetensors").is_file()
+
+
+def test_dedup_seed_out_of_numpys_range_is_a_one_line_error(books, capsys):
+    from lmlab.cli import main
+    from lmlab.data.dedup import DedupConfig
+
+    assert main(["data", "dedup", "books", "--out", "dd", "--seed", "-1"]) == 2  # "internal error" from numpy
+    assert capsys.readouterr().err == "lmlab: error: seed (-1) must be >= 0\n"
+    assert not Path("dd").exists()
+    for settings, message in (({"seed": 2**32}, "seed (4294967296) must be < 4294967296"),
+                              ({"ngram": 2.5}, "ngram (2.5) must be an integer"),  # a TypeError while shingling
+                              ({"bands": float("nan")}, "bands (nan) must be an integer")):
+        with pytest.raises(ValueError) as refused:
+            DedupConfig(**settings)
+        assert str(refused.value) == message
+    assert DedupConfig(seed=2**32 - 1).seed == 2**32 - 1
+
+
+@pytest.mark.parametrize("where, name, settings, message", [
+    ("lmlab.tune.distill", "DistillConfig", {"temperature": "3"}, "temperature ('3') must be a number"),
+    ("lmlab.tune.distill", "DistillConfig", {"teacher_samples": float("nan")},
+     "teacher_samples (nan) must be an integer"),
+    ("lmlab.lab.mix", "MixLabConfig", {"proxies": "3"}, "proxies ('3') must be an integer"),
+    ("lmlab.lab.mix", "MixLabConfig", {"lr": -1}, "lr (-1) must be > 0"),
+    ("lmlab.lab.mix", "MixLabConfig", {"proxy_embd": float("nan")}, "proxy_embd (nan) must be an integer"),
+    ("lmlab.lab.design", "DesignLabConfig", {"steps": "3"}, "steps ('3') must be an integer"),
+    ("lmlab.lab.design", "DesignLabConfig", {"vocab_size": -1}, "vocab_size (-1) must be >= 260"),
+    ("lmlab.lab.merge", "MergeLabConfig", {"block_size": "3"}, "block_size ('3') must be an integer"),
+    ("lmlab.lab.merge", "MergeLabConfig", {"lr": float("nan")}, "lr (nan) must be a finite number"),
+    ("lmlab.lab.influence", "InfluenceLabConfig", {"documents": "3"}, "documents ('3') must be an integer"),
+    ("lmlab.lab.influence", "InfluenceLabConfig", {"lr": float("nan")}, "lr (nan) must be a finite number"),
+    ("lmlab.lab.ttc", "Scale", {"steps": "3"}, "steps ('3') must be an integer"),
+    ("lmlab.lab.ttc", "Scale", {"prompts": -1}, "prompts (-1) must be >= 1"),
+    ("lmlab.lab.ttc", "Scale", {"temperature": float("nan")}, "temperature (nan) must be a finite number"),
+    ("lmlab.lab.ttc", "Scale", {"small": (2,)}, "small ((2,)) must be (n_layer, n_embd), both >= 1"),
+    ("lmlab.lab.ttc", "Scale", {"seed": 2**31}, "seed (2147483648) must be < 2147483648"),
+])
+def test_lab_configs_refuse_strings_nan_and_out_of_range_values_when_made(where, name, settings, message):
+    """A TypeError at the first comparison, or a run that started (nan steps, a negative lr) before failing."""
+    import importlib
+
+    with pytest.raises(ValueError) as refused:
+        getattr(importlib.import_module(where), name)(**settings)
+    assert str(refused.value) == message
+

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..configs import validate
 from ..models import ModelConfig, Transformer
 from ..tokenizers import Tokenizer
 from .facts.data import pseudo_words
@@ -187,6 +188,7 @@ class InfluenceLabConfig:
     proj_dim: int = 0
 
     def __post_init__(self) -> None:
+        validate(self)  # types and finite numbers: "3" was a TypeError below, nan passed
         for f in dataclasses.fields(self):
             if getattr(self, f.name) < 0 or (getattr(self, f.name) == 0 and f.name != "proj_dim"):
                 raise ValueError(f"{f.name} must be positive, got {getattr(self, f.name)}")

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..configs import settings_from
+from ..configs import settings_from, validate
 from ..data import TokenDataset, find_documents, prepare, prepare_texts
 from ..files import atomic_write_text, file_sha256
 from ..models import GenerationConfig, ModelConfig, Transformer, generate_ids
@@ -64,6 +64,7 @@ class DistillConfig:
     teacher_temperature: float = 1.0  # sequence mode: 0 is greedy
 
     def __post_init__(self) -> None:
+        validate(self)  # types and finite numbers: "2" was a TypeError in the comparisons below
         if self.mode not in ("logits", "sequence"):
             raise ValueError(f"mode ({self.mode!r}) must be logits or sequence")
         if not 0 < self.temperature < math.inf:
