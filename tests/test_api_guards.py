@@ -296,3 +296,27 @@ def test_lab_configs_refuse_strings_nan_and_out_of_range_values_when_made(where,
         getattr(importlib.import_module(where), name)(**settings)
     assert str(refused.value) == message
 
+
+def _example(doc: str) -> str:
+    """The indented code block of a module docstring."""
+    import textwrap
+
+    lines = doc.split("\n\n")
+    return textwrap.dedent(next(block for block in lines if block.startswith("    ")))
+
+
+def test_the_docstring_examples_run(tmp_path, monkeypatch, capsys):
+    """lmlab's used `tok` before it was made; the scorer's called bits_per_byte(model, ...) (it takes nats and
+    bytes) and a task that is not shipped."""
+    import lmlab
+    from lmlab.eval import scorer
+
+    monkeypatch.chdir(tmp_path)
+    exec(_example(lmlab.__doc__), {})
+    printed = capsys.readouterr().out  # 50 characters at most of a char tokenizer's random model
+    assert printed.endswith("\n") and 0 < len(printed) <= 51 and (tmp_path / "my-model" / "config.json").is_file()
+    model, tokenizer = lmlab.load("my-model")
+    scope = {"model": model, "tokenizer": tokenizer}
+    *setup, bpb, task = _example(scorer.__doc__).strip().splitlines()
+    exec("\n".join(setup), scope)
+    assert eval(bpb, scope) > 0 and eval(task, scope)["task"] == "fables-mc"
