@@ -320,3 +320,38 @@ def test_the_docstring_examples_run(tmp_path, monkeypatch, capsys):
     *setup, bpb, task = _example(scorer.__doc__).strip().splitlines()
     exec("\n".join(setup), scope)
     assert eval(bpb, scope) > 0 and eval(task, scope)["task"] == "fables-mc"
+
+
+def test_bounds_the_cli_checked_are_checked_by_the_library(model_dir, tok, tmp_path, capsys):
+    from lmlab.cli import main
+    from lmlab.data.inspect import inspect
+    from lmlab.eval import load_task, paired_bootstrap, run_task
+    from lmlab.lab.drift import run_drift
+    from lmlab.lab.influence import run_influence
+    from lmlab.models.io import load_pretrained
+
+    book = tmp_path / "book.txt"
+    book.write_text(TEXT, encoding="utf-8")
+    tok.save(tmp_path / "tok.json")
+    model, _ = load_pretrained(model_dir)
+    run, out = tmp_path / "run", tmp_path / "out"  # the checks come first: no run is read, nothing is written
+    passages = "--max-passages and --top must be >= 1, --proj-dim >= 0"  # 0: a report listing no passages
+    cases = [(lambda: inspect([book], tok, planned_tokens=-5), "--planned-tokens (-5) must be > 0"),  # "fine"
+             (lambda: paired_bootstrap([0, 1, 1], [1, 1, 1], resamples=0), "--resamples (0) must be >= 1"),
+             (lambda: run_task(model, tok, load_task("fables-mc"), batch_size=0), "--batch-size must be >= 1"),
+             (lambda: run_drift(run, out, top=0), "--top (0) must be >= 1"),  # a report listing no tokens
+             (lambda: run_influence(run, out, "a target", top=0), passages),
+             (lambda: run_influence(run, out, "a target", max_passages=0), passages)]
+    for call, message in cases:
+        with pytest.raises(ValueError) as refused:
+            call()
+        assert str(refused.value) == message
+    for argv, message in (
+            (["data", "inspect", str(book), "--tokenizer", str(tmp_path / "tok.json"), "--planned-tokens", "-5"],
+             "--planned-tokens (-5) must be > 0"),
+            (["lab", "data", "drift", "--run", str(run), "--out", str(out), "--top", "0"], "--top (0) must be >= 1"),
+            (["lab", "data", "influence", "--run", str(run), "--target", "a target", "--out", str(out), "--top", "0"],
+             passages)):
+        assert main(argv) == 2
+        assert capsys.readouterr().err == f"lmlab: error: {message}\n"
+    assert not out.exists()

@@ -520,9 +520,9 @@ def _data_inspect(args: argparse.Namespace) -> int:
 
     if args.planned_tokens is not None and args.max_steps is not None:
         raise ValueError("give --planned-tokens or --max-steps, not both")
-    if any(v is not None and v <= 0 for v in (args.planned_tokens, args.max_steps, args.batch_size, args.seq_len,
-                                              args.grad_accum_steps)):
-        raise ValueError("--planned-tokens, --max-steps, --batch-size, --seq-len and --grad-accum-steps must be > 0")
+    # --planned-tokens: inspect() checks it, for the Python API too
+    if any(v is not None and v <= 0 for v in (args.max_steps, args.batch_size, args.seq_len, args.grad_accum_steps)):
+        raise ValueError("--max-steps, --batch-size, --seq-len and --grad-accum-steps must be > 0")
     tok = Tokenizer.load(args.tokenizer) if args.tokenizer else None
     cfg = ModelConfig.preset(args.preset, **({"vocab_size": tok.vocab_size} if tok else {})) if args.preset else None
     planned = args.planned_tokens
@@ -1670,8 +1670,6 @@ def _lab_data_influence(args: argparse.Namespace) -> int:
     if args.run_dir is not None or args.target is not None or args.target_file is not None:
         if args.run_dir is None or (args.target is None) == (args.target_file is None):
             raise ValueError("scoring a run's passages takes --run and one of --target or --target-file")
-        if args.max_passages < 1 or args.top < 1 or args.proj_dim < 0:
-            raise ValueError("--max-passages and --top must be >= 1, --proj-dim >= 0")
         from .data import read_document  # the books' reader: encodings (cp1251), NUL bytes refused
         target = args.target if args.target is not None else read_document(args.target_file)
         res = run_influence(args.run_dir, args.out, target, unit=args.unit, max_passages=args.max_passages,
@@ -1708,8 +1706,6 @@ def _lab_data_drift(args: argparse.Namespace) -> int:
     import shlex
 
     from .lab.drift import run_drift
-    if args.top < 1:
-        raise ValueError(f"--top ({args.top}) must be >= 1")
     res = run_drift(args.run_dir, args.out, args.probe, args.token, args.top, shlex.join(["lmlab", *sys.argv[1:]]),
                     args.kinds)
     print(f"drift: {res['measured']}; report: {Path(args.out) / 'report.html'}")

@@ -95,6 +95,9 @@ def inspect(sources: Sequence[str | Path], tokenizer: Any = None, *, model_confi
     and their histogram, with `model_config` tokens per parameter, with `planned_tokens` the epoch advice."""
     if (model_config is not None or planned_tokens is not None) and tokenizer is None:
         raise ValueError("tokens per parameter and the epoch advisor need --tokenizer")
+    if planned_tokens is not None and (isinstance(planned_tokens, bool) or not isinstance(planned_tokens, int)
+                                       or planned_tokens <= 0):  # -5 was "-0.00 epochs of the corpus: fine"
+        raise ValueError(f"--planned-tokens ({planned_tokens!r}) must be > 0")
     report: dict[str, Any] = {"sources": []}
     all_texts: list[str] = []
     all_docs: list[dict[str, Any]] = []

@@ -135,6 +135,8 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, resamples: int =
     """mean(b) - mean(a) over the same items and its percentile bootstrap interval: items are resampled
     with replacement, the same draw for both (Koehn 2004, "Statistical Significance Tests for Machine
     Translation Evaluation"; Efron & Tibshirani 1993)."""
+    if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 1:  # 0: an IndexError
+        raise ValueError(f"--resamples ({resamples!r}) must be >= 1")
     d = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
     if d.ndim != 1 or len(d) == 0:
         raise ValueError("need the same non-empty list of items for both")

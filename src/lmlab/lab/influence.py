@@ -394,6 +394,9 @@ def run_influence(run_dir: str | Path, out: str | Path, target: str, *, unit: st
         raise ValueError(f"{out} exists and is not empty; choose a new folder")
     if unit not in ("paragraph", "document"):
         raise ValueError(f"unit must be paragraph or document, got {unit!r}")
+    if any(isinstance(n, bool) or not isinstance(n, int) for n in (max_passages, top, proj_dim)) \
+            or max_passages < 1 or top < 1 or proj_dim < 0:  # 0 wrote a report of no passages
+        raise ValueError("--max-passages and --top must be >= 1, --proj-dim >= 0")
     if not target.strip():
         raise ValueError("the target text is empty")
     saved = read_run_config(run_dir)
