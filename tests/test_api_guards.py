@@ -355,3 +355,20 @@ def test_bounds_the_cli_checked_are_checked_by_the_library(model_dir, tok, tmp_p
         assert main(argv) == 2
         assert capsys.readouterr().err == f"lmlab: error: {message}\n"
     assert not out.exists()
+
+
+def test_a_sampling_seed_past_64_bits_is_refused_not_read_as_another(model_dir, capsys):
+    """2**64 and 2**70 sampled what seed 0 samples (a seed's low 64 bits were kept)."""
+    import lmlab
+    from lmlab.cli import main
+
+    model, tok = lmlab.load(model_dir)
+    for seed, message in ((2**64, f"seed ({2**64}) must be < {2**64}"), (2**70, f"seed ({2**70}) must be < {2**64}"),
+                          (-2**63 - 1, f"seed ({-2**63 - 1}) must be >= {-2**63}")):
+        with pytest.raises(ValueError) as refused:
+            lmlab.generate(model, tok, "Once", max_new_tokens=4, seed=seed)
+        assert str(refused.value) == message
+    assert main(["generate", str(model_dir), "--prompt", "Once", "--max-new-tokens", "4", "--seed", str(2**64)]) == 2
+    assert capsys.readouterr().err == f"lmlab: error: seed ({2**64}) must be < {2**64}\n"
+    ends = [lmlab.generate(model, tok, "Once", max_new_tokens=8, seed=s) for s in (2**64 - 1, -2**63, 0)]
+    assert ends[0] == lmlab.generate(model, tok, "Once", max_new_tokens=8, seed=2**64 - 1) and len(set(ends)) == 3
