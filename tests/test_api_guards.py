@@ -372,3 +372,15 @@ def test_a_sampling_seed_past_64_bits_is_refused_not_read_as_another(model_dir, 
     assert capsys.readouterr().err == f"lmlab: error: seed ({2**64}) must be < {2**64}\n"
     ends = [lmlab.generate(model, tok, "Once", max_new_tokens=8, seed=s) for s in (2**64 - 1, -2**63, 0)]
     assert ends[0] == lmlab.generate(model, tok, "Once", max_new_tokens=8, seed=2**64 - 1) and len(set(ends)) == 3
+
+
+@pytest.mark.parametrize("settings, message", [({"steps": "3"}, "steps ('3') must be an integer"),
+                                               ({"lr": -1}, "lr (-1) must be > 0"),
+                                               ({"sft_lr": float("nan")}, "sft_lr (nan) must be a finite number"),
+                                               ({"warmup_steps": -1}, "warmup_steps (-1) must be >= 0")])
+def test_the_arena_config_is_checked_as_the_others(settings, message):
+    from lmlab.lab.arena import ArenaConfig
+
+    with pytest.raises(ValueError) as refused:
+        ArenaConfig(**settings)
+    assert str(refused.value) == message
