@@ -62,7 +62,7 @@ def main() -> None:
     teacher_cfg, student_cfg = shape(4, 128, len(tok)), shape(2, 64, len(tok))
     with quiet():
         if not (root / "teacher" / "final").is_dir():
-            ds = prepare_texts([text], tok, root / "teacher-data", seq_len=64)
+            ds = prepare_texts([text], tok, root / "teacher-data", seq_len=64, overwrite=True)  # a rerun's own
             train(teacher_cfg, tok, ds, TrainConfig(**base, max_steps=a.teacher_steps, eval_every=0, save_every=0),
                   root / "teacher")
         teacher_val = next(json.loads(line) for line in reversed(

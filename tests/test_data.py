@@ -366,8 +366,8 @@ def test_weights_mix_documents_in_proportion(tmp_path):
     T, n = 8, 20_000
     # start positions: a 3000 tokens + EOS, b 1000 + EOS, c 100 + EOS less the last T of the train region
     cases = [(None, 3001 / (3001 + 1001 + 101 - T)), ({"a": 1.0, "b": 3.0, "c": 0.0}, 3001 / (3001 + 3 * 1001))]
-    for weights, p_a in cases:
-        ds = position_dataset(tmp_path, weights=weights, val_fraction=0.0)
+    for i, (weights, p_a) in enumerate(cases):
+        ds = position_dataset(tmp_path / str(i), weights=weights, val_fraction=0.0)  # a dataset is not replaced
         x, _ = ds.sample_batch(n, T, torch.Generator().manual_seed(1))
         starts = window_starts(ds, x)
         in_a = (starts <= ds.documents[0].train[1]).mean()
@@ -459,7 +459,7 @@ def test_bad_corpora_raise_and_write_nothing(tmp_path, tok):
     ds = prepare([tmp_path / "books" / "ok.txt"], tok, tmp_path / "ds")
     before = {p.name: p.read_bytes() for p in (tmp_path / "ds").iterdir()}
     with pytest.raises(ValueError):
-        prepare_texts(["Да."], tok, tmp_path / "ds", seq_len=256)
+        prepare_texts(["Да."], tok, tmp_path / "ds", seq_len=256, overwrite=True)
     assert {p.name: p.read_bytes() for p in (tmp_path / "ds").iterdir()} == before == {
         "tokens.bin": before["tokens.bin"], "tokens.json": before["tokens.json"]}  # no temp files either
     assert ds.documents[0].name == "ok.txt"

@@ -113,7 +113,7 @@ def test_import_errors(capsys, model_dir, tmp_path):
         if weights is not None:
             save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
         if tokenizer is not None:
-            tokenizer.save(folder / "tokenizer.json")
+            tokenizer.save(folder / "tokenizer.json", overwrite=True)  # replaces the export's own
         return folder
 
     fails(capsys, "config.json is missing", "import", "hf", variant("noconfig", drop=("config.json",)), tmp_path / "m")

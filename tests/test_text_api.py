@@ -60,7 +60,7 @@ def test_saving_over_a_model_replaces_it_whole_and_keeps_the_users_files(tmp_pat
     (tmp_path / "q8" / "steering").mkdir()
     (tmp_path / "q8" / "steering" / "happy.safetensors").write_bytes(b"mine")
     (tmp_path / "q8" / "chat_template.jinja").write_text("{{ x }}")
-    lmlab.save(tmp_path / "q8", trained)
+    lmlab.save(tmp_path / "q8", trained, overwrite=True)  # refused without it (tests/test_api_guards.py)
     assert sorted(p.name for p in (tmp_path / "q8").iterdir()) == ["config.json", "model.safetensors", "steering"]
     assert (tmp_path / "q8" / "steering" / "happy.safetensors").read_bytes() == b"mine"
     model, tok2 = load_pretrained(tmp_path / "q8")

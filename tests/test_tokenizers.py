@@ -117,7 +117,9 @@ def test_save_is_atomic_and_accepts_a_directory(tmp_path):
     a = Tokenizer.train(CORPUS, kind="char", vocab_size=20)
     b = Tokenizer.train(CORPUS, kind="char", vocab_size=30)
     assert a.save(tmp_path) == tmp_path / "tokenizer.json"
-    b.save(tmp_path / "tokenizer.json")  # replaces the file in one rename
+    with pytest.raises(FileExistsError, match="tokenizer.json exists; replace it with --force"):
+        b.save(tmp_path / "tokenizer.json")
+    b.save(tmp_path / "tokenizer.json", overwrite=True)  # replaces the file in one rename
     assert [p.name for p in tmp_path.iterdir()] == ["tokenizer.json"]  # no temp file left behind
     assert Tokenizer.load(tmp_path).fingerprint() == b.fingerprint() != a.fingerprint()
     assert re.fullmatch(r"[0-9a-f]{64}", b.fingerprint())

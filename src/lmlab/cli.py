@@ -319,21 +319,26 @@ def _tokenizer_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("sources", nargs="+", help="files, folders or globs (.txt .md .html .epub .pdf)")
     t.add_argument("--kind", default="bpe", choices=["bpe", "char", "word"], help="tokenizer kind (default bpe)")
     t.add_argument("--vocab-size", type=int, default=8192, help="vocabulary size incl. 4 specials (default 8192)")
-    t.add_argument("--out", required=True, help="where to write tokenizer.json")
+    t.add_argument("--out", required=True, help="where to write tokenizer.json (a file, or a folder to write it in)")
+    t.add_argument("--force", action="store_true", help="replace the file --out names if it exists")
 
 
 @command("tokenizer", "train a tokenizer (lmlab tokenizer train SOURCES --out tokenizer.json)", _tokenizer_arguments)
 def _tokenizer(args: argparse.Namespace) -> int:
     from .data import find_documents, read_document
+    from .files import refuse_existing
     from .tokenizers import Tokenizer
 
+    out = Path(args.out)
+    target = out / "tokenizer.json" if out.is_dir() else out
+    if not args.force:  # before the training: Tokenizer.save refuses the same, after it
+        refuse_existing(target)
     paths = find_documents(args.sources)
     texts = [read_document(p) for p in paths]
     if not any(t.strip() for t in texts):
         raise ValueError("the corpus is empty: no document has any text")
     tok = Tokenizer.train(texts, kind=args.kind, vocab_size=args.vocab_size)
-    out = Path(args.out)
-    tok.save(out / "tokenizer.json" if out.is_dir() else out)
+    tok.save(target, overwrite=args.force)
     sample = next(t for t in texts if t.strip())[:60].strip()
     print(f"{tok.kind} tokenizer, {tok.vocab_size} tokens, trained on {len(paths)} documents -> {out}")
     print(f"sample: {sample!r} -> {tok.encode(sample)[:20]}")
@@ -515,9 +520,9 @@ def _data_inspect(args: argparse.Namespace) -> int:
 
     if args.planned_tokens is not None and args.max_steps is not None:
         raise ValueError("give --planned-tokens or --max-steps, not both")
-    if any(v is not None and v <= 0 for v in (args.planned_tokens, args.max_steps, args.batch_size, args.seq_len,
-                                              args.grad_accum_steps)):
-        raise ValueError("--planned-tokens, --max-steps, --batch-size, --seq-len and --grad-accum-steps must be > 0")
+    # --planned-tokens: inspect() checks it, for the Python API too
+    if any(v is not None and v <= 0 for v in (args.max_steps, args.batch_size, args.seq_len, args.grad_accum_steps)):
+        raise ValueError("--max-steps, --batch-size, --seq-len and --grad-accum-steps must be > 0")
     tok = Tokenizer.load(args.tokenizer) if args.tokenizer else None
     cfg = ModelConfig.preset(args.preset, **({"vocab_size": tok.vocab_size} if tok else {})) if args.preset else None
     planned = args.planned_tokens
@@ -1694,8 +1699,6 @@ def _lab_data_influence(args: argparse.Namespace) -> int:
     if args.run_dir is not None or args.target is not None or args.target_file is not None:
         if args.run_dir is None or (args.target is None) == (args.target_file is None):
             raise ValueError("scoring a run's passages takes --run and one of --target or --target-file")
-        if args.max_passages < 1 or args.top < 1 or args.proj_dim < 0:
-            raise ValueError("--max-passages and --top must be >= 1, --proj-dim >= 0")
         from .data import read_document  # the books' reader: encodings (cp1251), NUL bytes refused
         target = args.target if args.target is not None else read_document(args.target_file)
         res = run_influence(args.run_dir, args.out, target, unit=args.unit, max_passages=args.max_passages,
@@ -1732,8 +1735,6 @@ def _lab_data_drift(args: argparse.Namespace) -> int:
     import shlex
 
     from .lab.drift import run_drift
-    if args.top < 1:
-        raise ValueError(f"--top ({args.top}) must be >= 1")
     res = run_drift(args.run_dir, args.out, args.probe, args.token, args.top, shlex.join(["lmlab", *sys.argv[1:]]),
                     args.kinds)
     print(f"drift: {res['measured']}; report: {Path(args.out) / 'report.html'}")
@@ -1829,19 +1830,15 @@ def _interp_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _steer_flags(args: argparse.Namespace) -> list[float]:
-    """lmlab lab interp steer's flags, checked before any loading; the coefficients."""
+    """lmlab lab interp steer's flags, checked before any loading; the coefficients (their values, and the
+    other numbers, run_steer checks: report.check_steer)."""
     missing = [f"--{f}" for f in ("positive", "negative", "layer", "neutral") if getattr(args, f) is None]
     if missing:
         raise ValueError(f"steer needs {', '.join(missing)}")
-    if args.samples < 1 or args.max_new_tokens < 1:
-        raise ValueError("--samples and --max-new-tokens must be >= 1")
     try:
-        coefs = [float(c) for c in args.coefs.split(",")]
+        return [float(c) for c in args.coefs.split(",")]
     except ValueError:
         raise ValueError(f"--coefs {args.coefs!r}: give numbers separated by commas, e.g. 0,1,2") from None
-    if not all(math.isfinite(c) for c in coefs):
-        raise ValueError("--coefs must be finite numbers")
-    return coefs
 
 
 def _lab_sae(args: argparse.Namespace, command: str) -> dict:
@@ -1869,10 +1866,10 @@ def _lab_sae(args: argparse.Namespace, command: str) -> dict:
 def _lab_interp(args: argparse.Namespace) -> int:
     import shlex
 
+    from .lab.facts.report import new_report
     from .lab.interp.report import run_attention, run_lens, run_patch, run_steer
     from .lab.interp.views import check_view
-    if Path(args.out, "results.json").exists():
-        raise ValueError(f"{args.out} already holds results.json; choose another --out")
+    new_report(args.out)  # the run_* functions check it too; here it comes before the view's own flags
     command = shlex.join(["lmlab", "lab", "interp", *sys.argv[3:]]) if sys.argv[1:3] == ["lab", "interp"] else ""
     if (args.model is None) != (args.view == "sae-facts"):
         raise ValueError("--model is needed by every view but sae-facts" if args.model is None
@@ -1925,12 +1922,12 @@ def _ttc_arguments(p: argparse.ArgumentParser) -> None:
           "best-of-N and step-wise beam search, and a small model with N tries against a larger one with one at equal "
           "FLOPs. Example: lmlab lab ttc --out runs/ttc --quick", _ttc_arguments)
 def _lab_ttc(args: argparse.Namespace) -> int:
+    from .lab.facts.report import new_report
     from .lab.ttc import Scale, run
     require_positive(args, "steps", "prompts")
     if args.seed is not None and args.seed < 0:
         raise ValueError(f"--seed ({args.seed}) must be >= 0")
-    if Path(args.out, "results.json").exists():
-        raise ValueError(f"{args.out} already holds results.json; choose another --out")
+    new_report(args.out)  # run() checks it too
     told = [k for k in ("task", "steps", "prompts", "seed") if getattr(args, k) is not None]
     scale = dataclasses.replace(Scale.default(args.quick), **{k: getattr(args, k) for k in told})
     command = " ".join(["lmlab", "lab", "ttc", "--out", args.out] + ["--quick"] * args.quick

@@ -270,11 +270,41 @@ def staged_dir(out: Path, *, refuse: Path | None = None, stale: tuple[str, ...] 
             shutil.rmtree(aside, ignore_errors=True)
 
 
+# Bytes in one path component on Linux (ext4, XFS, Btrfs) and macOS (APFS); a folder made with staged_dir is first
+# named .NAME.XXXXXXXX.tmp beside its place, 14 bytes more.
+NAME_MAX = 255
+COMPONENT_BYTES = NAME_MAX - len("..XXXXXXXX.tmp")
+
+
+def check_component(name: str, what: str) -> str:
+    """`name` if it is one plain folder name to make under another (MODEL/sae/NAME), else ValueError saying why:
+    a separator, "..", a NUL or a leading dot ("../../x" was a folder beside the model; ".x" one that lists skip),
+    or more UTF-8 bytes than a file name holds."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"{what} must not be empty")
+    if "/" in name or "\\" in name or "\x00" in name:
+        raise ValueError(f"{what} {name!r} must be one folder name, without a path separator or NUL")
+    if name.startswith("."):
+        raise ValueError(f"{what} {name!r} must not start with '.'")
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size > COMPONENT_BYTES:
+        raise ValueError(f"{what} is {size} bytes in UTF-8, longer than the limit of {COMPONENT_BYTES} (a file name "
+                         f"holds {NAME_MAX}, less the temporary name's)")
+    return name
+
+
 def refuse_nonempty(out: Path) -> None:
     """FileExistsError if the folder `out` holds anything: what a user made there is replaced only when asked."""
     if out.is_dir() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty; replace what it holds with --force (overwrite=True "
                               "in Python), or choose another folder")
+
+
+def refuse_existing(path: Path) -> None:
+    """FileExistsError if the file `path` exists (a link too): a user's file is replaced only when asked."""
+    if path.exists() or path.is_symlink():
+        raise FileExistsError(f"{path} exists; replace it with --force (overwrite=True in Python), or choose another "
+                              "name")
 
 
 def file_sha256(path: str | Path) -> str:

@@ -66,9 +66,8 @@ def prepare(sources: Sequence[str | Path], tokenizer: Any, out_dir: str | Path, 
     tokens.json under "filters" and, with examples, in out_dir/receipts.json; the held-out val slice is the
     tail of each *filtered* document. Nothing is written unless every document reads. A dataset already in
     `out_dir` (a run trained on it would resume on other data) is replaced only with overwrite=True."""
-    if not overwrite and (Path(out_dir) / "tokens.json").exists():
-        raise FileExistsError(f"{out_dir} already holds a dataset; replace it with --force (overwrite=True in "
-                              "Python), or choose another folder")
+    if not overwrite:
+        _refuse_dataset(out_dir)  # before the documents are read; prepare_texts checks again
     paths = find_documents(sources)
     names = _document_names(paths)
     doc_weights = [1.0] * len(paths)
@@ -88,12 +87,20 @@ def prepare(sources: Sequence[str | Path], tokenizer: Any, out_dir: str | Path, 
         texts, names, doc_weights = ([x[i] for i, t in enumerate(kept) if t is not None]
                                      for x in (kept, names, doc_weights))
     ds = prepare_texts(texts, tokenizer, out_dir, names=names, weights=doc_weights, val_fraction=val_fraction,
-                       seq_len=seq_len, metadata={"filters": without_examples(receipts)} if receipts else None)
+                       seq_len=seq_len, metadata={"filters": without_examples(receipts)} if receipts else None,
+                       overwrite=overwrite)
     if receipts:
         atomic_write_text(Path(out_dir) / RECEIPTS, json.dumps(receipts, ensure_ascii=False, indent=1) + "\n")
     else:
         (Path(out_dir) / RECEIPTS).unlink(missing_ok=True)  # an earlier prepare's receipts are not this data's
     return ds
+
+
+def _refuse_dataset(out_dir: str | Path) -> None:
+    """A dataset already in `out_dir` is replaced only when asked: a run trained on it would resume on other data."""
+    if (Path(out_dir) / HEADER).exists():
+        raise FileExistsError(f"{out_dir} already holds a dataset; replace it with --force (overwrite=True in "
+                              "Python), or choose another folder")
 
 
 def _document_names(paths: Sequence[Path]) -> list[str]:
@@ -107,9 +114,13 @@ def _document_names(paths: Sequence[Path]) -> list[str]:
 
 def prepare_texts(texts: Sequence[str], tokenizer: Any, out_dir: str | Path, *, names: Sequence[str] | None = None,
                   weights: Sequence[float] | Mapping[str, float] | None = None, val_fraction: float = 0.05,
-                  seq_len: int | None = None, metadata: Mapping[str, Any] | None = None) -> TokenDataset:
+                  seq_len: int | None = None, metadata: Mapping[str, Any] | None = None,
+                  overwrite: bool = False) -> TokenDataset:
     """`prepare` for in-memory texts (named text-0, text-1, ... unless `names` is given); `weights` is one
-    per text, or a mapping from name to weight; `metadata` adds keys to tokens.json (e.g. "filters")."""
+    per text, or a mapping from name to weight; `metadata` adds keys to tokens.json (e.g. "filters"). A dataset
+    already in `out_dir` is replaced only with overwrite=True, as `prepare` replaces one."""
+    if not overwrite:
+        _refuse_dataset(out_dir)
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction ({val_fraction}) must be in [0, 1)")
     names = list(names) if names is not None else [f"text-{i}" for i in range(len(texts))]

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..configs import knob, validate
 from ..files import fix_modes
 from .dataset import _document_names
 from .documents import find_documents, read_document
@@ -61,11 +62,13 @@ class DedupConfig:
     ngram: int = 5  # words per shingle
     bands: int = 14
     rows: int = 8  # permutations per band; bands x rows permutations in all
-    seed: int = 1  # datasketch's default seed
+    # datasketch's default seed; numpy's RandomState takes 0..2^32-1 (-1 failed as an internal error, after reading)
+    seed: int = knob(1, "the permutations' seed", ge=0, lt=2**32)
     threshold: float | None = None  # verify candidates: estimated Jaccard >= threshold; None keeps every candidate
     keep: str = "one"  # "one": the first member of each cluster stays; "none": every member goes
 
     def __post_init__(self) -> None:
+        validate(self)  # types (ngram=2.5 was a TypeError later), finite numbers, the seed's bounds
         if self.level not in ("doc", "paragraph"):
             raise ValueError(f"level must be doc or paragraph, not {self.level!r}")
         if self.keep not in ("one", "none"):

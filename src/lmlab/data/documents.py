@@ -23,6 +23,7 @@ import codecs
 import glob
 import logging
 import math
+import os
 import posixpath
 import re
 import unicodedata
@@ -66,12 +67,23 @@ class TooLarge(ValueError):
     """A document that unpacks or extracts past one of the limits above."""
 
 
-def find_documents(sources: Sequence[str | Path]) -> list[Path]:
+def as_sources(sources: str | Path | Sequence[str | Path]) -> list[str | Path]:
+    """`sources` as a list: one path given alone (a str or a Path) is that one source. Iterated as it was, a str
+    was read a character at a time, each a path: "/data/books" walked "/", every document on the machine."""
+    if isinstance(sources, (str, os.PathLike)):
+        return [sources]
+    return list(sources)
+
+
+def find_documents(sources: str | Path | Sequence[str | Path]) -> list[Path]:
     """Expand files, folders (recursively) and glob patterns, each in sorted order, without duplicates.
     Folders and globs yield only supported suffixes and skip hidden names (".DS_Store", "._book.txt");
-    a file named explicitly is always taken (read as text unless its suffix says otherwise)."""
+    a file named explicitly is always taken (read as text unless its suffix says otherwise). One path given
+    alone is one source (as_sources)."""
     found: list[Path] = []
-    for source in sources:
+    for source in as_sources(sources):
+        if isinstance(source, str) and not source.strip():  # Path("") is the current folder: all of it was read
+            raise ValueError("a source is empty; name a file, folder or glob")
         path = Path(source)
         if path.is_file():
             found.append(path)

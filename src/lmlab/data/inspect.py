@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .dataset import _document_names
-from .documents import encoding_label, find_documents, read_document
+from .documents import as_sources, encoding_label, find_documents, read_document
 from .filters import identify
 
 # Muennighoff et al. 2023, "Scaling Data-Constrained Language Models": up to ~4 epochs, repeated tokens are
@@ -95,11 +95,14 @@ def inspect(sources: Sequence[str | Path], tokenizer: Any = None, *, model_confi
     and their histogram, with `model_config` tokens per parameter, with `planned_tokens` the epoch advice."""
     if (model_config is not None or planned_tokens is not None) and tokenizer is None:
         raise ValueError("tokens per parameter and the epoch advisor need --tokenizer")
+    if planned_tokens is not None and (isinstance(planned_tokens, bool) or not isinstance(planned_tokens, int)
+                                       or planned_tokens <= 0):  # -5 was "-0.00 epochs of the corpus: fine"
+        raise ValueError(f"--planned-tokens ({planned_tokens!r}) must be > 0")
     report: dict[str, Any] = {"sources": []}
     all_texts: list[str] = []
     all_docs: list[dict[str, Any]] = []
     seen: set[Path] = set()
-    for source in sources:
+    for source in as_sources(sources):  # one path alone is one source, not its characters
         paths = [p for p in find_documents([source]) if not (p.resolve() in seen or seen.add(p.resolve()))]
         names = _document_names(paths)
         texts = [read_document(p) for p in paths]

@@ -156,6 +156,8 @@ def paired_bootstrap(a: Sequence[float], b: Sequence[float], *, resamples: int =
         raise ValueError(f"level ({level}) must be in (0, 1), e.g. 0.95")
     if len(a) != len(b):
         raise ValueError(f"need the same items for both: {len(a)} scores against {len(b)}")
+    if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 1:  # 0: an IndexError
+        raise ValueError(f"--resamples ({resamples!r}) must be >= 1")
     d = np.asarray(b, dtype=np.float64) - np.asarray(a, dtype=np.float64)
     if d.ndim != 1 or len(d) == 0:
         raise ValueError("need the same non-empty list of items for both")

@@ -2,9 +2,9 @@
 on them — bits per byte with a sliding window, multiple choice (acc, acc_norm), exact greedy continuation,
 and generation scored with BLEU, chrF and ROUGE.
 
-    from lmlab.eval import bits_per_byte, run_task, load_task
-    bits_per_byte(model, tokenizer, ["a long text ..."], stride=256)
-    run_task(model, tokenizer, load_task("tiny-stories-mc"))
+    from lmlab.eval import load_task, run_task, text_nll
+    text_nll(model, tokenizer, ["a long text ..."], stride=64)["bits_per_byte"]
+    run_task(model, tokenizer, load_task("fables-mc"))
 
 Conventions follow EleutherAI's lm-evaluation-harness (https://github.com/EleutherAI/lm-evaluation-harness) so
 that its numbers and ours agree: a continuation is the tokens of `context + continuation` after those of

@@ -168,6 +168,8 @@ def solved_text(task: Task, item: dict[str, Any]) -> str:
 
 def run_task(model: Transformer, tokenizer: Any, task: Task, *, batch_size: int = 16) -> dict[str, Any]:
     """Score `model` on `task`: {"task", "kind", "n", "metrics": {name: mean}, "items": [per-item scores]}."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:  # 0: a range() error
+        raise ValueError("--batch-size must be >= 1")
     items = prompts(task)
     extra: dict[str, Any] = {}
     if task.kind == "multiple_choice":

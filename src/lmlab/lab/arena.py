@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..configs import knob, validate
 from ..files import atomic_write_text
 from ..models import GenerationConfig, ModelConfig, Transformer, generate_ids
 from ..models.io import load_pretrained, save_pretrained
@@ -60,19 +61,20 @@ class ArenaConfig:
     steps: int = 60            # optimizer steps per method
     sequences: int = 32        # completions with a gradient per step (the budget's other half)
     group_size: int = 4        # GRPO's samples per prompt
-    lr: float = 5e-4
-    warmup_steps: int = 10
+    lr: float = knob(5e-4, "the preference methods' and GRPO's learning rate", gt=0)
+    warmup_steps: int = knob(10, "warm-up steps of each method", ge=0)
     sft_steps: int = 1200
-    sft_lr: float = 2e-3
+    sft_lr: float = knob(2e-3, "the SFT stage's learning rate", gt=0)
     preset: str = "llama-small"   # the base when no --model is given
-    block_size: int = 48
-    pairs: int | None = None      # the first N of pairs.jsonl (None: all)
+    block_size: int = knob(48, "context of the fresh base", ge=1)
+    pairs: int | None = knob(None, "the first N of pairs.jsonl (None: all)", ge=1)
     heldout: int = 200
     max_new_tokens: int = 24
-    shown_pairs: int = 3          # held-out pairs in the per-token view
+    shown_pairs: int = knob(3, "held-out pairs in the per-token view", ge=0)
     seed: int = 0
 
     def __post_init__(self) -> None:
+        validate(self)  # types and finite numbers ("3" was a TypeError below, nan passed), the bounds above
         for name in ("steps", "sequences", "group_size", "sft_steps", "heldout", "max_new_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

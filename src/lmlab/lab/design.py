@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..configs import knob, validate
 from ..data import find_documents, prepare_texts, read_document
 from ..data.dedup import DedupConfig, dedup_texts
 from ..eval.tasks import METRICS, load_task, run_task
@@ -57,20 +58,22 @@ class DesignLabConfig:
     embd: int = 64
     block_size: int = 64
     batch_size: int = 16
-    vocab_size: int = 384
-    lr: float = 3e-3
+    vocab_size: int = knob(384, "the BPE tokenizer's vocabulary (4 specials + 256 bytes at least)", ge=260)
+    lr: float = knob(3e-3, "learning rate of every model", gt=0)
     larger: float = 4.0         # the scale baseline's tokens, as a multiple of the designed set's
     stories: int = 240          # built-in pool: tales (and as many held out for the target, a fifth of them)
-    copies: int = 20            # built-in pool: near copies of each of the first tenth of the tales (spam)
+    copies: int = knob(20, "built-in pool: near copies of each of the first tenth of the tales (spam)", ge=0)
     tasks: tuple[str, ...] = ()  # eval tasks every arm's model is also scored on (names or YAML paths)
 
     def __post_init__(self) -> None:
+        # before validate, whose "must be a finite number" would say less; nan and inf fail here too
+        if isinstance(self.larger, (int, float)) and not 1 < self.larger < math.inf:
+            raise ValueError(f"larger ({self.larger}) must be a finite number above 1: it is the scale baseline's "
+                             "multiple")
+        validate(self)  # types and finite numbers ("3" was a TypeError below, nan passed), the bounds above
         for name in ("steps", "layers", "embd", "block_size", "batch_size", "stories"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if not 1 < self.larger < math.inf:  # nan too: a multiple of the designed set's tokens
-            raise ValueError(f"larger ({self.larger}) must be a finite number above 1: it is the scale baseline's "
-                             "multiple")
         object.__setattr__(self, "tasks", tuple(self.tasks))
 
     @classmethod

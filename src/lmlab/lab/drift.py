@@ -114,6 +114,8 @@ def run_drift(run_dir: str | Path, out: str | Path, probes: Sequence[str] = (), 
     """The drift report of a run from its saved checkpoints: results.json, report.html,
     drift_vs_frequency.png, drift_over_time.png."""
     from ..tokenizers import Tokenizer
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:  # 0 wrote a report of no tokens
+        raise ValueError(f"--top ({top!r}) must be >= 1")
     run_dir, out = Path(run_dir), Path(out)
     t0 = time.perf_counter()
     saved = read_run_config(run_dir)

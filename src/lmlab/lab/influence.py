@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..configs import validate
 from ..models import ModelConfig, Transformer
 from ..tokenizers import Tokenizer
 from .facts.data import pseudo_words
@@ -187,6 +188,7 @@ class InfluenceLabConfig:
     proj_dim: int = 0
 
     def __post_init__(self) -> None:
+        validate(self)  # types and finite numbers: "3" was a TypeError below, nan passed
         for f in dataclasses.fields(self):
             if getattr(self, f.name) < 0 or (getattr(self, f.name) == 0 and f.name != "proj_dim"):
                 raise ValueError(f"{f.name} must be positive, got {getattr(self, f.name)}")
@@ -392,6 +394,9 @@ def run_influence(run_dir: str | Path, out: str | Path, target: str, *, unit: st
         raise ValueError(f"{out} exists and is not empty; choose a new folder")
     if unit not in ("paragraph", "document"):
         raise ValueError(f"unit must be paragraph or document, got {unit!r}")
+    if any(isinstance(n, bool) or not isinstance(n, int) for n in (max_passages, top, proj_dim)) \
+            or max_passages < 1 or top < 1 or proj_dim < 0:  # 0 wrote a report of no passages
+        raise ValueError("--max-passages and --top must be >= 1, --proj-dim >= 0")
     if not target.strip():
         raise ValueError("the target text is empty")
     saved = read_run_config(run_dir)

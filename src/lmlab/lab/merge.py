@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..configs import knob, validate
 from ..data import TokenDataset, prepare_texts
 from ..models import ModelConfig, Transformer
 from ..models.io import load_pretrained
@@ -46,14 +47,15 @@ class MergeLabConfig:
     finetune_steps: int = 150
     points: int = 11              # values of t on each path, 0 and 1 included
     preset: str = "llama-tiny"
-    block_size: int = 64
-    vocab_size: int = 512
+    block_size: int = knob(64, "context of every model", ge=1)
+    vocab_size: int = knob(512, "the BPE tokenizer's vocabulary (4 specials + 256 bytes at least)", ge=260)
     batch_size: int = 16
-    lr: float = 3e-3
-    finetune_lr: float = 1e-3
+    lr: float = knob(3e-3, "the parents' learning rate", gt=0)
+    finetune_lr: float = knob(1e-3, "the siblings' fine-tuning learning rate", gt=0)
     stories: int = 400
 
     def __post_init__(self) -> None:
+        validate(self)  # types and finite numbers ("3" was a TypeError below, nan passed), the bounds above
         for name in ("parent_steps", "finetune_steps", "batch_size", "stories"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

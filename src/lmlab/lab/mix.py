@@ -47,8 +47,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..configs import knob, validate
 from ..data import TokenDataset, find_documents, prepare_texts, read_document
 from ..data.dataset import _document_names
+from ..data.documents import as_sources
 from ..models import ModelConfig, Transformer
 from ..models.io import load_pretrained
 from ..tokenizers import Tokenizer
@@ -63,21 +65,22 @@ from .parallel import process_map
 class MixLabConfig:
     proxies: int = 24
     proxy_steps: int = 150
-    proxy_layers: int = 1
-    proxy_embd: int = 32
+    proxy_layers: int = knob(1, "layers of each proxy model", ge=1)
+    proxy_embd: int = knob(32, "width of each proxy model", ge=1)
     verify_steps: int = 400
-    verify_layers: int = 2
-    verify_embd: int = 64
+    verify_layers: int = knob(2, "layers of the bigger model the proposal is checked on", ge=1)
+    verify_embd: int = knob(64, "width of the bigger model", ge=1)
     block_size: int = 64
     batch_size: int = 16
-    vocab_size: int = 384
-    lr: float = 3e-3
+    vocab_size: int = knob(384, "the BPE tokenizer's vocabulary (4 specials + 256 bytes at least)", ge=260)
+    lr: float = knob(3e-3, "learning rate of every model", gt=0)
     fit: str = "auto"
     candidates: int = 100_000
     top_k: int = 100
-    chars_per_source: int = 60_000    # built-in sources only
+    chars_per_source: int = knob(60_000, "characters of each built-in source", ge=1)
 
     def __post_init__(self) -> None:
+        validate(self)  # types and finite numbers ("3" was a TypeError below, nan passed), the bounds above
         for name in ("proxies", "proxy_steps", "verify_steps", "batch_size", "candidates", "top_k", "block_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -284,6 +287,8 @@ def run_mix_lab(out: str | Path, sources: list[str | Path] | None, target: str |
         raise ValueError(f"{out} exists and is not empty; choose a new folder")
     if not seeds:
         raise ValueError("give at least one seed")
+    if sources:
+        sources = as_sources(sources)  # one path alone is one source (then refused: a mixture needs two)
     if bool(sources) != (target is not None):
         raise ValueError("give both SOURCES and --target, or neither (the built-in sources and target)")
     t0, cpu0 = time.perf_counter(), time.process_time()

@@ -42,13 +42,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..configs import knob, validate
 from ..models import GenerationConfig, ModelConfig, Transformer, ttc
 from ..models.io import load_pretrained
 from ..tokenizers import Tokenizer
 from ..train import TrainConfig, train
 from ..train.console import quiet
 from ..tune.rewards import get_task
-from .facts.report import line_plot, write_report
+from .facts.report import line_plot, new_report, write_report
 
 NS = (1, 2, 4, 8, 16)
 SAMPLES = max(NS)
@@ -89,16 +90,23 @@ class Scale:
     task: str = "sort"
     # 600 steps left the small model right on 81-93% of prompts at one sample (seeds 0-2, docs/LOG.md): too
     # little room for more tries to show; at 300 it is right only sometimes, as the experiment needs
-    steps: int = 300
-    prompts: int = 150                                       # held-out prompts scored
+    steps: int = knob(300, "pre-training steps of each model", ge=1)
+    prompts: int = knob(150, "held-out prompts scored", ge=1)
     small: tuple[int, int] = (2, 48)                         # (n_layer, n_embd)
     large: tuple[int, int] = (4, 128)
-    max_new_tokens: int = 16
-    step_tokens: int = 4
-    temperature: float = 0.7                                 # Wang et al. 2023 sample at 0.5-0.7 for voting
-    seed: int = 0                 # the models' training prompts and initialisation; samples use seeds 16s..16s+15
+    max_new_tokens: int = knob(16, "tokens generated per answer", ge=1)
+    step_tokens: int = knob(4, "tokens per step of the beam search", ge=1)
+    # Wang et al. 2023 sample at 0.5-0.7 for voting
+    temperature: float = knob(0.7, "sampling temperature", ge=0)
+    # samples use seeds 16s..16s+15: below 2^31, as parse_seeds, so that every seed derived from it is one torch takes
+    seed: int = knob(0, "the models' training prompts and initialisation", ge=0, lt=2**31)
 
     def __post_init__(self) -> None:
+        validate(self)  # types ("3" was a TypeError or reached the trainer), finite numbers, the bounds above
+        for name in ("small", "large"):
+            size = getattr(self, name)
+            if len(size) != 2 or min(size) < 1:
+                raise ValueError(f"{name} ({size!r}) must be (n_layer, n_embd), both >= 1")
         if self.prompts > MAX_PROMPTS:
             raise ValueError(f"prompts ({self.prompts}) must be at most {MAX_PROMPTS:,}: the scored prompts are "
                              "held out of training, and on sort (111,000 prompts, drawn unevenly) that many already "
@@ -223,7 +231,7 @@ def compare(small: dict[str, Any], large: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(out: str | Path, quick: bool = False, scale: Scale | None = None, command: str = "") -> dict[str, Any]:
-    out = Path(out)
+    out = new_report(out)
     scale = scale or Scale.default(quick)
     t0 = time.perf_counter()
     prompts = get_task(scale.task).heldout(scale.prompts)

@@ -40,7 +40,9 @@ class GenerationConfig:
     stop_strings: list[str] = knob(factory=list, help="stop when one of these texts appears (comma list on the "
                                    "command line; --stop TEXT repeats)")
     stop_at_eos: bool = knob(True, "stop at <EOS>; --no-stop-at-eos (or --ignore-eos) keeps going")
-    seed: int | None = knob(None, "seed for reproducible sampling")
+    # 64 bits, the seeds torch.Generator takes (-1 is 2**64 - 1 to it): past them 2**64 sampled as 0 did on a CPU
+    # (sampling_generator keeps a seed's 64 bits), and a CUDA generator refused it mid-request
+    seed: int | None = knob(None, "seed for reproducible sampling", ge=-2**63, lt=2**64)
     prompt_lookup: int = knob(0, "greedy only: draft up to N tokens by prompt lookup and verify them in one pass "
                               "(faster on repetitive text; 0: off)", ge=0, le=64)
 

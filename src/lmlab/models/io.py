@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
-from ..files import atomic_path, atomic_write_text, staged_dir
+from ..files import atomic_path, atomic_write_text, refuse_nonempty, staged_dir
 from ..tokenizers import Tokenizer
 from .config import ModelConfig
 from .generation import GenerationConfig
@@ -51,13 +51,29 @@ def save_pretrained(path: str | Path, model: Transformer, tokenizer: Tokenizer |
     return path
 
 
+def save(path: str | Path, model: Transformer, tokenizer: Tokenizer | None = None, *, overwrite: bool = False,
+         generation: GenerationConfig | None = None, training: dict[str, Any] | None = None) -> Path:
+    """`lmlab.save`: a new model directory, made whole in one rename. "" (the current folder to Path) is refused,
+    and so is a folder that holds anything (another model, a run) unless overwrite=True: then its model is
+    replaced as save_pretrained replaces one, which the library's own writers call to replace theirs."""
+    if not str(path).strip():
+        raise ValueError("the model folder (path) is empty; name the folder to save the model to")
+    path = Path(path)
+    if overwrite:
+        return save_pretrained(path, model, tokenizer, generation=generation, training=training)
+    refuse_nonempty(path)
+    with staged_dir(path, replace=False) as tmp:  # another process's folder made meanwhile is not replaced
+        save_pretrained(tmp, model, tokenizer, generation=generation, training=training)
+    return path
+
+
 def _write(path: Path, model: Transformer, tokenizer: Tokenizer | None, generation: GenerationConfig | None,
            training: dict[str, Any] | None) -> None:
     with atomic_path(path / WEIGHTS) as tmp:
         save_model(model, str(tmp), metadata={"format": "pt", "lmlab_family": model.config.family})
     model.config.save(path / CONFIG)
     if tokenizer is not None:
-        tokenizer.save(path / TOKENIZER)
+        tokenizer.save(path / TOKENIZER, overwrite=True)  # a new folder, or its staged copy
     if generation is not None:
         generation.save(path / GENERATION)
     if training is not None:

@@ -27,7 +27,7 @@ from pathlib import Path
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
-from ..files import atomic_write_text
+from ..files import atomic_path, refuse_existing
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 SPECIAL_TOKENS = ["<PAD>", "<UNK>", "<BOS>", "<EOS>"]
@@ -202,12 +202,16 @@ class Tokenizer:
 
     sha256 = fingerprint
 
-    def save(self, path: str | Path) -> Path:
-        """Write tokenizer.json (to `path`, or into it if it is a directory) atomically; return the file."""
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write tokenizer.json (to `path`, or into it if it is a directory) atomically; return the file. A file
+        there already (a book, a model's own tokenizer) is replaced only with overwrite=True."""
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
-        atomic_write_text(path, self.hf.to_str(pretty=True))
+        if not overwrite:
+            refuse_existing(path)
+        with atomic_path(path, new=not overwrite) as tmp:
+            tmp.write_text(self.hf.to_str(pretty=True), encoding="utf-8")
         return path
 
     @classmethod

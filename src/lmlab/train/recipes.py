@@ -120,8 +120,8 @@ def train_from_sources(out_dir: str | Path, config: TrainConfig, *, sources: Seq
             raise ValueError("the corpus is empty: no document has any text")
         # under torchrun, rank 0 trains the tokenizer and the others load its file
         tok = _rank0_first(out, lambda: Tokenizer.train(texts, kind=tokenizer_kind, vocab_size=vocab_size),
-                           lambda t: t.save(out / "tokenizer.json"), lambda: Tokenizer.load(out / "tokenizer.json"),
-                           config)
+                           lambda t: t.save(out / "tokenizer.json", overwrite=True),
+                           lambda: Tokenizer.load(out / "tokenizer.json"), config)
     if model is None:
         if model_config is not None:
             cfg = model_config
@@ -322,7 +322,7 @@ def run_demo(out_dir: str | Path = "lmlab-demo", *, budget_s: float = 180.0, max
     directory for `lmlab generate`."""
     t0 = time.perf_counter()
     out = run_folder(out_dir)
-    refuse_existing_run(out, (*RUN_FILES, "tokenizer.json", "data"))
+    refuse_existing_run(out, (*RUN_FILES, "tokenizer.json", "data", "corpus.txt", "demo.json"))  # all it writes
     if budget_s <= 0 or (max_steps is not None and max_steps <= 0):
         raise ValueError("the budget and max_steps must be positive")
     text = demo_corpus(seed=seed)

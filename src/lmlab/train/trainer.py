@@ -680,7 +680,8 @@ class Trainer:
             atomic_write_text(self.out_dir / "config.json",
                               json.dumps(self._run_config(), indent=2, ensure_ascii=False) + "\n")
         if hasattr(self.tokenizer, "save") and (new or not (self.out_dir / "tokenizer.json").is_file()):
-            self.tokenizer.save(self.out_dir / "tokenizer.json")
+            # the run's own file, as before: `lmlab train`'s recipe wrote it first
+            self.tokenizer.save(self.out_dir / "tokenizer.json", overwrite=True)
 
     @property
     def _stable_step(self) -> float | None:

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..configs import settings_from
+from ..configs import settings_from, validate
 from ..data import TokenDataset, find_documents, prepare, prepare_texts
 from ..files import atomic_write_text, file_sha256
 from ..models import GenerationConfig, ModelConfig, Transformer, generate_ids
@@ -64,6 +64,7 @@ class DistillConfig:
     teacher_temperature: float = 1.0  # sequence mode: 0 is greedy
 
     def __post_init__(self) -> None:
+        validate(self)  # types and finite numbers: "2" was a TypeError in the comparisons below
         if self.mode not in ("logits", "sequence"):
             raise ValueError(f"mode ({self.mode!r}) must be logits or sequence")
         if not 0 < self.temperature < math.inf:
@@ -184,7 +185,7 @@ def _sequence_data(out: Path, teacher: Transformer, tok: Tokenizer, books: Token
         echo(f"{len(rows)} teacher samples written to {path}")
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     data = prepare_texts([r["prompt"] + r["completion"] for r in rows], tok, out / "samples-data",
-                         val_fraction=0.0, seq_len=seq_len)
+                         val_fraction=0.0, seq_len=seq_len, overwrite=True)  # made again on resume, the same
     return SamplesDataset(data, books)
 
 

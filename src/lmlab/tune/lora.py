@@ -43,7 +43,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..files import staged_dir
+from ..files import refuse_nonempty, staged_dir
 from ..interop.hf_mapping import hf_prefixes
 from ..models import Transformer
 from ..models.io import CHAT_TEMPLATE, GENERATION, TOKENIZER, TRAINING, WEIGHTS, load_pretrained, save_pretrained
@@ -409,15 +409,20 @@ def _row_modules(model: Transformer) -> dict[str, Any]:
 
 
 def save_adapter(model: Transformer, out_dir: str | Path, *, base_model: str | None = None,
-                 tokenizer: Any = None) -> Path:
+                 tokenizer: Any = None, overwrite: bool = False) -> Path:
     """Write the adapters of `model` in PEFT's layout: adapter_config.json and adapter_model.safetensors, keys
     named for the HF export (`lmlab export hf`), so peft.PeftModel.from_pretrained(export, out_dir) loads them,
     and the `tokenizer` it was trained with, if given (tokenizer.json beside them, as TRL saves one; PEFT reads
-    only its own two files). Files are written beside and renamed into place; other files in out_dir are kept."""
+    only its own two files). `out_dir` must be new or empty unless overwrite=True: then the files are written
+    beside and renamed into place, and the other files in out_dir are kept."""
     config: LoRAConfig | None = getattr(model, "lora_config", None)
     tensors = _peft_tensors(model)
     if config is None or not tensors:
         raise ValueError("this model has no LoRA adapters to save")
+    if not str(out_dir).strip():  # Path("") is the current folder
+        raise ValueError("the adapter folder (out_dir) is empty; name the folder to save the adapter to")
+    if not overwrite:
+        refuse_nonempty(Path(out_dir))
     targets = sorted({key[len(_PREFIX):].split(".", 3)[-1].rsplit(".lora_", 1)[0] for key in tensors
                       if not key.endswith(_ROWS)})
     ids = list(config.tokens)
@@ -432,7 +437,7 @@ def save_adapter(model: Transformer, out_dir: str | Path, *, base_model: str | N
         "modules_to_save": None, "base_model_name_or_path": base_model, "inference_mode": True,
         "trainable_token_indices": (ids if len(rows) == 1 else rows) if rows else None,
     }
-    with staged_dir(Path(out_dir)) as tmp:
+    with staged_dir(Path(out_dir), replace=overwrite) as tmp:
         save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp / ADAPTER_WEIGHTS),
                   metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n", encoding="utf-8")
@@ -510,7 +515,7 @@ def save_lora_run(model: Transformer, run_dir: str | Path, tokenizer: Any, final
     trainer wrote with the adapters as extra tensors) rewritten as a plain model directory with the adapters
     merged, so that `lmlab generate`, `lmlab export` and the web app read it like any other (training.json stays
     as the trainer wrote it). Returns RUN/adapter."""
-    adapter = save_adapter(model, Path(run_dir) / "adapter", tokenizer=tokenizer)
+    adapter = save_adapter(model, Path(run_dir) / "adapter", tokenizer=tokenizer, overwrite=True)  # the run's own
     save_pretrained(final, merge_and_unload(copy.deepcopy(model)), tokenizer, keep=(TRAINING, CHAT_TEMPLATE))
     return adapter
 

@@ -132,6 +132,17 @@ def html_table(table: Sequence[dict[str, Any]], caption: str = "") -> str:
     return rows + "</table>"
 
 
+def new_report(out: str | Path) -> Path:
+    """`out` for a new report, checked before anything is loaded or written: "" (the current folder to Path) and a
+    folder that holds results.json already (another report's numbers) are refused; `lmlab lab interp` and `lmlab
+    lab ttc` say the same."""
+    if not str(out).strip():
+        raise ValueError("the report folder (out) is empty; name the folder to write the report to")
+    if Path(out, "results.json").exists():
+        raise ValueError(f"{out} already holds results.json; choose another --out")
+    return Path(out)
+
+
 def write_report(out: Path, name: str, claim: str, measured: str, checks: dict[str, bool | None],
                  table: Sequence[dict[str, Any]], plots: Sequence[Path], results: dict[str, Any],
                  command: str, extra_tables: Sequence[tuple[str, Sequence[dict[str, Any]]]] = (), *,

@@ -5,6 +5,7 @@ clean residual restores 100% and patching nothing 0%."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import torch
 
 from ...models.generation import GenerationConfig, generate_rows
 from ...models.io import load_pretrained
-from ..facts.report import _plt, save_figure, write_report
+from ..facts.report import _plt, new_report, save_figure, write_report
 from . import steer
 from .hooks import run_with_residuals
 from .views import attention_view, encode, label, lens_view, patch_view, stream_labels, token_id
@@ -54,7 +55,9 @@ def run_lens(model_dir: str | Path, prompt: str, out: str | Path, target: str | 
              command: str = "", bos: bool = False) -> dict[str, Any]:
     """The logit lens of every residual stream at every position; the target (default: the model's own top
     token after the prompt) by probability and rank."""
-    out = Path(out)
+    out = new_report(out)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:  # 0: IndexError; -1: a torch error
+        raise ValueError(f"--top-k ({k}) must be >= 1")
     model, tok = load(model_dir)
     ids = encode(model, tok, prompt, bos=bos)
     view = lens_view(model, tok, ids, token_id(tok, target, "--target") if target is not None else None, k)
@@ -82,7 +85,7 @@ def run_lens(model_dir: str | Path, prompt: str, out: str | Path, target: str | 
 def run_attention(model_dir: str | Path, prompt: str, out: str | Path, command: str = "",
                   bos: bool = False) -> dict[str, Any]:
     """Every head's attention probabilities on the prompt, one small heatmap per layer and head."""
-    out = Path(out)
+    out = new_report(out)
     model, tok = load(model_dir)
     ids = encode(model, tok, prompt, bos=bos)
     view = attention_view(model, tok, ids)
@@ -120,7 +123,7 @@ def run_patch(model_dir: str | Path, prompt: str, corrupt: str, out: str | Path,
               foil: str | None = None, command: str = "", bos: bool = False) -> dict[str, Any]:
     """Activation patching from the clean prompt into the corrupted one: the layer x position heatmap of the
     restored fraction of the logit difference. Target: the clean run's top token unless given."""
-    out = Path(out)
+    out = new_report(out)
     model, tok = load(model_dir)
     clean, bad = encode(model, tok, prompt, bos=bos), encode(model, tok, corrupt, "--corrupt", bos)
     view = patch_view(model, tok, clean, bad, token_id(tok, target, "--target") if target is not None else None,
@@ -178,14 +181,28 @@ def scorer(word: str | None) -> tuple[str, Any]:
     return "Cyrillic share of letters", cyr
 
 
+def check_steer(coefs: Sequence[float], n_prompts: int, max_new_tokens: int) -> None:
+    """run_steer's numbers, the sentences `lmlab lab interp steer` says for its flags."""
+    if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in (n_prompts, max_new_tokens)):
+        raise ValueError("--samples and --max-new-tokens must be >= 1")
+    if isinstance(coefs, (str, bytes)) or not coefs or not all(
+            isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) for c in coefs):
+        raise ValueError("--coefs must be finite numbers")  # nan failed only after the direction was written
+
+
 def run_steer(model_dir: str | Path, positive: str | Path, negative: str | Path, layer: int, out: str | Path, *,
               neutral: str | Path, prompts: str | Path | None = None, coefs: Sequence[float] = (0, 0.5, 1, 2, 4),
               n_prompts: int = 16, max_new_tokens: int = 32, temperature: float = 0.8, word: str | None = None,
               seed: int = 0, command: str = "", bos: bool = False) -> dict[str, Any]:
     """Build the positive - negative direction at `layer`, save it in `out`, and measure it: the rule-checked
     property of sampled continuations of the prompts (default: the negative set's lines) for each coefficient
-    and with the direction ablated, and the mean per-token KL it costs on the neutral texts."""
-    out = Path(out)
+    and with the direction ablated, and the mean per-token KL it costs on the neutral texts. Its settings and
+    `out` are checked before anything is loaded or written (a direction already there is not replaced)."""
+    out = new_report(out)
+    held = next((name for name in (steer.WEIGHTS, steer.META) if (out / name).exists()), None)
+    if held is not None:
+        raise ValueError(f"{out} already holds {held}; choose another --out")
+    check_steer(coefs, n_prompts, max_new_tokens)
     model, tok = load(model_dir)
     _, pos_ids = read_prompts(positive, "--positive", model, tok, bos)
     _, neg_ids = read_prompts(negative, "--negative", model, tok, bos)

@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ...files import check_component
 from ...models import Transformer
-from ..facts.report import _plt, save_figure, write_report
+from ..facts.report import _plt, new_report, save_figure, write_report
 from .report import HEADING, label, load, stream_labels
 from .sae import SAEConfig, evaluate, labelled_share, purity, save_sae, stream_activations, superiority, train_sae
 
@@ -96,7 +97,9 @@ def run_sae(model_dir: str | Path, books: list[str], out: str | Path, settings: 
     held-out windows and write the report."""
     from ...models.quant import calibration_windows
 
-    out, model_dir = Path(out), Path(model_dir)
+    out, model_dir = new_report(out), Path(model_dir)
+    if name is not None:
+        check_component(name, "--name")
     model, tok = load(model_dir)
     model.eval()
     mc = model.config
@@ -193,7 +196,7 @@ def run_sae_facts(out: str | Path, seeds: list[int], quick: bool = False, comman
     from ..facts.metrics import attribute_metrics
     from ..facts.runner import RunConfig, load_weights, model_config, run_one
 
-    out = Path(out)
+    out = new_report(out)
     steps, sae_steps, bios, n = (300, 600, 256, 200) if quick else (1500, 2000, 1024, 1000)
     sites = ("value", "cue")
     rows, qrows, stats, traces = [], [], [], []
