@@ -28,12 +28,18 @@ import posixpath
 import re
 import unicodedata
 import zipfile
+import zlib
 from collections import Counter
 from collections.abc import Sequence
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote
 from xml.etree import ElementTree
+
+try:
+    from lzma import LZMAError
+except ImportError:  # a Python built without lzma: zipfile refuses LZMA members itself (NotImplementedError)
+    LZMAError = zlib.error
 
 SUFFIXES = (".txt", ".md", ".html", ".htm", ".xhtml", ".epub", ".fb2", ".pdf")
 _MARKUP = (".html", ".htm", ".xhtml", ".fb2")
@@ -53,6 +59,12 @@ _CAMEL = re.compile(r"[а-яё][А-ЯЁ]")
 _MIXED = re.compile(r"[A-Za-z][\u0400-\u04ff]|[\u0400-\u04ff][A-Za-z]")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _CHARSET = re.compile(rb"""(?:charset|encoding)\s*=\s*["']?([A-Za-z0-9_.:-]+)""")
+# Python codecs a page may name that are no character set its bytes could be in: escape and transform codecs
+# ("unicode_escape" made lone surrogates of "\ud800", "undefined" raised), and UTF-16/32, which a file of 8-bit
+# bytes (a BOM or NULs were dealt with first) cannot be (browsers read such a page as UTF-8 too: WHATWG Encoding).
+_NOT_CHARSETS = {"undefined", "unicode-escape", "raw-unicode-escape", "idna", "punycode", "utf-7", "charmap",
+                 "utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be"}
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 MAX_TEXT_CHARS = 64 * 2**20        # text of one EPUB or PDF
 EPUB_MAX_INFLATED = 128 * 2**20    # bytes unpacked from one EPUB, all members read together
@@ -61,6 +73,15 @@ EPUB_MAX_INFLATED = 128 * 2**20    # bytes unpacked from one EPUB, all members r
 EPUB_MAX_RATIO = 100
 _RATIO_FLOOR = 2**20
 PDF_MAX_STREAM = 32 * 2**20        # bytes one PDF stream may unpack to (pypdf's default is 75 MB)
+# What a damaged EPUB raises from zipfile and its decompressors (fuzzing, one to three bytes changed in a small
+# EPUB: zlib.error, EOFError, NotImplementedError "zip file version 16.4", OSError EINVAL from a seek) and from our
+# look-ups in a container.xml or OPF without the parts named. Nothing of ours in that block raises these.
+_BROKEN_EPUB = (zipfile.BadZipFile, zlib.error, LZMAError, EOFError, NotImplementedError, OSError, KeyError,
+                StopIteration, ElementTree.ParseError)
+# What pypdf raises on a malformed PDF besides PdfReadError (fuzzing mutated small PDFs: RecursionError on 100,000
+# nested arrays, NotImplementedError on an unknown /Filter, TypeError and AttributeError on objects of the wrong
+# type). Only pypdf runs inside the reading loop, so there they are the file's fault, not a bug of ours.
+_BROKEN_PDF = (ValueError, KeyError, OSError, RecursionError, NotImplementedError, TypeError, AttributeError)
 
 
 class TooLarge(ValueError):
@@ -122,11 +143,15 @@ def read_document(path: str | Path) -> str:
     if suffix in (".epub", ".pdf"):
         text = _epub_text(path) if suffix == ".epub" else _pdf_text(path)
         _check_length(path, len(text))
-        return normalize_text(text)
-    data = path.read_bytes()
-    if suffix in _MARKUP:
-        return normalize_text(html_to_text(decode_bytes(data, path, declared=_declared_charset(data))))
-    return normalize_text(decode_bytes(data, path))
+    else:
+        data = path.read_bytes()
+        text = decode_bytes(data, path, declared=_declared_charset(data) if suffix in _MARKUP else None)
+        text = html_to_text(text) if suffix in _MARKUP else text
+    bad = _SURROGATE.search(text)
+    if bad:  # half of a UTF-16 pair: not encodable, so tokenizer training, dedup and the filters failed on it later
+        raise ValueError(f"{path}: the text holds a lone surrogate (U+{ord(bad.group()):04X}) at character "
+                         f"{bad.start() + 1}, which is not Unicode text; refused")
+    return normalize_text(text)
 
 
 def _check_length(path: Path, chars: int) -> None:
@@ -150,10 +175,11 @@ def decode_bytes(data: bytes, name: str | Path = "<bytes>", declared: str | None
     except UnicodeDecodeError as exc:
         utf8_error = f"byte 0x{data[exc.start]:02x} at offset {exc.start} is not UTF-8"
     declared_text = None
-    if declared:
+    codec = _charset_codec(declared)
+    if codec:
         try:
-            declared_text = data.decode(codecs.lookup(declared).name)
-        except (LookupError, UnicodeDecodeError):
+            declared_text = data.decode(codec)
+        except UnicodeError:
             pass
     score, text = max(((_russian_score(t), t) for t in (data.decode(e, "replace") for e in _LEGACY)),
                       key=lambda st: st[0])
@@ -167,9 +193,19 @@ def decode_bytes(data: bytes, name: str | Path = "<bytes>", declared: str | None
                      "KOI8-R Russian); convert it to UTF-8")
 
 
+def _charset_codec(declared: str | None) -> str | None:
+    """Python's name of the codec a page's declared charset names, or None: unknown, or not a character set."""
+    try:
+        codec = codecs.lookup(declared).name if declared else None
+    except LookupError:
+        return None
+    return None if codec in _NOT_CHARSETS else codec
+
+
 def encoding_label(data: bytes, suffix: str = ".txt") -> str:
-    """Which encoding `decode_bytes` finds in `data`: utf-16, utf-8-sig (a BOM), utf-8, or the legacy Russian
-    code page it chose (cp1251, koi8_r); "epub" and "pdf" for those containers, "unknown" if none reads."""
+    """Which encoding `read_document` reads `data` in: utf-16, utf-8-sig (a BOM), utf-8, the charset a page
+    (`suffix` .html .htm .xhtml .fb2) declares where it was believed (iso8859-1), or the legacy Russian code page
+    chosen (cp1251, koi8_r); "epub" and "pdf" for those containers, "unknown" if none reads."""
     if suffix in (".epub", ".pdf"):
         return suffix[1:]
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
@@ -181,17 +217,21 @@ def encoding_label(data: bytes, suffix: str = ".txt") -> str:
         return "utf-8"
     except UnicodeDecodeError:
         pass
+    declared = _declared_charset(data) if suffix in _MARKUP else None
     try:
-        best = decode_bytes(data)
+        best = decode_bytes(data, declared=declared)
     except ValueError:
         return "unknown"
+    codec = _charset_codec(declared)
+    if codec and _decodes_to(data, codec, best):
+        return codec
     return next((e for e in _LEGACY if _decodes_to(data, e, best)), "legacy")
 
 
 def _decodes_to(data: bytes, encoding: str, text: str) -> bool:
     try:
         return data.decode(encoding) == text
-    except UnicodeDecodeError:
+    except UnicodeError:
         return False
 
 
@@ -275,6 +315,12 @@ class _TextExtractor(HTMLParser):
         if not self.skipping:
             self.parts.append(re.sub(r"\s+", " ", data))
 
+    def parse_marked_section(self, i: int, report: int = 1) -> int:
+        try:
+            return super().parse_marked_section(i, report)
+        except AssertionError:  # "<![a]>", "<![ CDATA[x]]>": the stdlib asserts where a browser (HTML5's
+            return self.parse_bogus_comment(i)  # tokenizer) reads a bogus comment up to the next ">"
+
 
 def html_to_text(markup: str) -> str:
     """Visible text of an HTML/XHTML/FB2 page: scripts, styles and metadata dropped; paragraphs separated by
@@ -289,26 +335,34 @@ def html_to_text(markup: str) -> str:
 def _epub_text(path: Path) -> str:
     """The spine documents of an EPUB, in reading order (container.xml -> OPF manifest -> spine)."""
     budget = [EPUB_MAX_INFLATED]
-    try:
-        with zipfile.ZipFile(path) as z:
-            if "META-INF/encryption.xml" in z.namelist():
-                raise ValueError(f"{path}: the EPUB is encrypted (DRM); only DRM-free books can be read")
-            container = ElementTree.fromstring(_read_member(z, "META-INF/container.xml", path, budget))
-            rootfile = next(el for el in container.iter() if el.tag.endswith("rootfile")).attrib["full-path"]
-            opf = ElementTree.fromstring(_read_member(z, rootfile, path, budget))
-            base = posixpath.dirname(rootfile)
-            manifest = {el.attrib["id"]: el.attrib for el in opf.iter() if el.tag.endswith("}item")}
-            chapters = []
-            for ref in (el.attrib["idref"] for el in opf.iter() if el.tag.endswith("}itemref")):
-                item = manifest[ref]
-                if "html" not in item.get("media-type", "html"):
-                    continue  # an image or SVG page in the spine has no text
-                href = posixpath.normpath(posixpath.join(base, unquote(item["href"].split("#")[0])))
-                c = _read_member(z, href, path, budget)
-                chapters.append(html_to_text(decode_bytes(c, path, declared=_declared_charset(c))))
-    except (zipfile.BadZipFile, KeyError, StopIteration, ElementTree.ParseError) as exc:
-        raise ValueError(f"{path}: not a readable EPUB ({type(exc).__name__}: {exc})") from None
+    with open(path, "rb") as file:  # a file that cannot be opened stays an OSError about the path, not the EPUB's
+        try:
+            with zipfile.ZipFile(file) as z:
+                if "META-INF/encryption.xml" in z.namelist():
+                    raise ValueError(f"{path}: the EPUB is encrypted (DRM); only DRM-free books can be read")
+                container = ElementTree.fromstring(_read_member(z, "META-INF/container.xml", path, budget))
+                rootfile = next(el for el in container.iter() if el.tag.endswith("rootfile")).attrib["full-path"]
+                opf = ElementTree.fromstring(_read_member(z, rootfile, path, budget))
+                base = posixpath.dirname(rootfile)
+                manifest = {el.attrib["id"]: el.attrib for el in opf.iter() if el.tag.endswith("}item")}
+                chapters = []
+                for ref in (el.attrib["idref"] for el in opf.iter() if el.tag.endswith("}itemref")):
+                    item = manifest[ref]
+                    if "html" not in item.get("media-type", "html"):
+                        continue  # an image or SVG page in the spine has no text
+                    href = posixpath.normpath(posixpath.join(base, unquote(item["href"].split("#")[0])))
+                    c = _read_member(z, href, path, budget)
+                    chapters.append(html_to_text(decode_bytes(c, path, declared=_declared_charset(c))))
+        except _BROKEN_EPUB as exc:
+            raise ValueError(f"{path}: not a readable EPUB ({_reason(exc)})") from None
     return "\n\n".join(chapters)
+
+
+
+def _reason(exc: BaseException) -> str:
+    """The exception's type and its first line, if it says anything (EOFError says nothing)."""
+    message = str(exc).splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
 def _read_member(z: zipfile.ZipFile, name: str, path: Path, budget: list[int]) -> bytes:
@@ -316,6 +370,8 @@ def _read_member(z: zipfile.ZipFile, name: str, path: Path, budget: list[int]) -
     (budget[0], decreased here) nor EPUB_MAX_RATIO times its packed size. Sizes are counted as unpacked,
     not taken from the zip's headers, which a crafted file can fill with anything."""
     info = z.getinfo(name)
+    if info.flag_bits & 0x1:  # zipfile would raise RuntimeError asking for a password
+        raise ValueError(f"{path}: {name} is encrypted; only DRM-free books can be read")
     allowed = min(budget[0], max(_RATIO_FLOOR, EPUB_MAX_RATIO * info.compress_size))
     with z.open(info) as f:
         data = f.read(allowed + 1)
@@ -352,8 +408,8 @@ def _pdf_text(path: Path) -> str:
     except LimitReachedError as exc:
         raise TooLarge(f"{path}: the PDF goes past one of pypdf's reading limits; refused (a stream "
                        f"may unpack to at most {PDF_MAX_STREAM // 2**20} MiB; pypdf: {exc})") from None
-    except (PdfReadError, ValueError, KeyError, OSError) as exc:
-        raise ValueError(f"{path}: not a readable PDF ({type(exc).__name__}: {exc})") from None
+    except _BROKEN_PDF + (PdfReadError,) as exc:
+        raise ValueError(f"{path}: not a readable PDF ({_reason(exc)})") from None
     finally:
         quiet.setLevel(level)
     return "\n".join(pages)

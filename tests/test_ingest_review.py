@@ -1,0 +1,148 @@
+"""What a review of how texts get in found, each fixed: damaged EPUBs and PDFs and odd `<![` markup raising
+from inside zipfile, pypdf and HTMLParser; a declared charset naming any Python codec; the declared charset
+missing from the reported encoding."""
+
+from __future__ import annotations
+
+import re
+import struct
+import zipfile
+
+import pytest
+from test_data import PROSE, make_epub, make_pdf
+
+from lmlab.cli import main
+from lmlab.data import documents, html_to_text, read_document
+from lmlab.data.documents import encoding_label
+from lmlab.data.inspect import inspect
+
+# ---- damaged EPUBs and PDFs: one ValueError naming the file ---------------------------------------------------
+
+
+def _headers(data: bytes, signature: bytes) -> list[int]:
+    return [m.start() for m in re.finditer(re.escape(signature), data)]
+
+
+def _epubs(tmp_path):
+    """A good EPUB and five damaged copies, each what a fuzzer's one to three changed bytes made zipfile raise."""
+    make_epub(tmp_path / "good.epub", [["Hello world chapter."] * 20])
+    good = (tmp_path / "good.epub").read_bytes()
+    local, central = _headers(good, b"PK\x03\x04"), _headers(good, b"PK\x01\x02")
+    chapter = next(i for i, k in enumerate(central) if b"chap 0" in good[k + 46:k + 80])
+    cases = {}
+    k = local[chapter]
+    start = k + 30 + sum(struct.unpack("<HH", good[k + 26:k + 30]))  # the chapter's deflate stream
+    d = bytearray(good)  # zlib.error: the stream overwritten
+    d[start:start + 12] = b"\xff" * 12
+    cases["zlib.epub"] = (d, r"error: Error -3 while decompressing data: .+")
+    d = bytearray(good)  # NotImplementedError: compression method 99 on the chapter
+    d[local[chapter] + 8:local[chapter] + 10] = d[central[chapter] + 10:central[chapter] + 12] = b"\x63\x00"
+    cases["method.epub"] = (d, r"NotImplementedError: That compression method is not supported")
+    d = bytearray(good)  # NotImplementedError from ZipFile(): "version needed to extract" 16.4
+    d[central[0] + 6:central[0] + 8] = struct.pack("<H", 164)
+    cases["version.epub"] = (d, r"NotImplementedError: zip file version 16.4")
+    with zipfile.ZipFile(tmp_path / "good.epub") as z, zipfile.ZipFile(tmp_path / "stored.epub", "w") as out:
+        for info in z.infolist():
+            out.writestr(info.filename, z.read(info))
+    d = bytearray((tmp_path / "stored.epub").read_bytes())  # EOFError: the stored chapter runs past the file's end
+    k = _headers(d, b"PK\x01\x02")[chapter]
+    d[k + 20:k + 28] = struct.pack("<II", len(d) * 10, len(d) * 10)
+    cases["eof.epub"] = (d, r"EOFError")
+    d = bytearray(good)  # OSError EINVAL: the central directory's offset moved, so members seek before byte 0
+    eocd = good.rindex(b"PK\x05\x06")
+    d[eocd + 16:eocd + 20] = struct.pack("<I", struct.unpack("<I", good[eocd + 16:eocd + 20])[0] + 100_000)
+    cases["seek.epub"] = (d, r"OSError: \[Errno 22\] Invalid argument")
+    return cases
+
+
+def test_a_damaged_epub_is_one_value_error_naming_the_file(tmp_path, capsys):
+    for name, (data, reason) in _epubs(tmp_path).items():
+        path = tmp_path / name
+        path.write_bytes(bytes(data))
+        with pytest.raises(ValueError) as err:
+            read_document(path)
+        assert re.fullmatch(rf"{re.escape(str(path))}: not a readable EPUB \({reason}\)", str(err.value)), name
+    # an encrypted member (zipfile asked for a password with a RuntimeError)
+    data = bytearray((tmp_path / "good.epub").read_bytes())
+    for k in _headers(data, b"PK\x03\x04"):
+        data[k + 6] |= 1
+    for k in _headers(data, b"PK\x01\x02"):
+        data[k + 8] |= 1
+    (tmp_path / "locked.epub").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / 'locked.epub'))}: META-INF/container.xml is "
+                                         r"encrypted; only DRM-free books can be read$"):
+        read_document(tmp_path / "locked.epub")
+    # the commands say it in one line and exit 2
+    for argv in (["data", "inspect", str(tmp_path / "zlib.epub")],
+                 ["tokenizer", "train", str(tmp_path / "eof.epub"), "--out", str(tmp_path / "tok.json")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"lmlab: error: {argv[2]}: not a readable EPUB (") and err.count("\n") == 1
+    assert read_document(tmp_path / "good.epub") == "\n\n".join(["Hello world chapter."] * 20) + "\n"
+
+
+def test_a_malformed_pdf_is_one_value_error_naming_the_file(tmp_path):
+    make_pdf(tmp_path / "good.pdf", ["Hello"])
+    good = (tmp_path / "good.pdf").read_bytes()
+    lines = good.split(b"\n")
+    k = lines.index(b"xref") + 6  # the xref entry of object 4, the page's content stream
+    lines[k] = lines[k][:11] + b"/Encoding << /Differences [1 /a 2] >> " + lines[k][11:]
+    helvetica = b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"
+    cases = {"nested.pdf": (good.replace(helvetica, b"[" * 3000 + b"]" * 3000), "RecursionError"),
+             "filter.pdf": (good.replace(b"<< /Length", b"<< /Filter /Foo /Length"),
+                            "NotImplementedError: Unsupported filter /Foo"),
+             "types.pdf": (b"\n".join(lines), 'TypeError: can only concatenate str (not "int") to str'),
+             "trailer.pdf": (good.replace(b"trailer\n<<", b"trailer\n"),
+                             "AttributeError: 'NameObject' object has no attribute 'items'")}
+    for name, (data, reason) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError) as err:
+            read_document(tmp_path / name)
+        assert str(err.value).startswith(f"{tmp_path / name}: not a readable PDF ({reason}"), str(err.value)
+    assert read_document(tmp_path / "good.pdf") == "Hello"
+
+
+def test_marked_sections_the_stdlib_asserts_on_are_skipped_as_a_browser_skips_them(tmp_path):
+    # HTML5 reads "<![" outside SVG/MathML as a bogus comment up to the next ">"; Python 3.11's parser asserted
+    assert html_to_text("<p>Hello<![a]> world</p>") == "Hello world\n"
+    assert html_to_text("<p>a<![ CDATA[x]]>b</p><![;]><p>c</p>") == "ab\n\nc\n"
+    assert html_to_text("<p><![if !supportLists]>1.<![endif]>Item</p>") == "1.Item\n"  # Word's, as before
+    (tmp_path / "word.html").write_bytes(b"<html><body><p>One</p><![ CDATA[x]]><p>Two</p></body></html>")
+    assert read_document(tmp_path / "word.html") == "One\n\nTwo\n"
+    make_epub(tmp_path / "book.epub", [["First<![a]> part.", "Second."]])
+    assert read_document(tmp_path / "book.epub") == "First part.\n\nSecond.\n"
+
+
+# ---- declared charsets and the encoding reported ---------------------------------------------------------------
+
+def test_a_declared_charset_must_be_a_character_set(tmp_path):
+    for codec in ("undefined", "unicode_escape", "raw_unicode_escape", "utf-7", "idna", "punycode", "utf-16"):
+        page = f'<html><head><meta charset="{codec}"></head><body><p>café \\ud800 x</p></body></html>'
+        path = tmp_path / f"{codec}.html"
+        path.write_bytes(page.encode("latin-1"))
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: cannot decode the text \(byte 0xe9 at "):
+            read_document(path)
+    page = '<html><head><meta charset="iso-8859-1"></head><body><p>café \\ud800 x</p></body></html>'
+    (tmp_path / "latin1.html").write_bytes(page.encode("latin-1"))
+    assert read_document(tmp_path / "latin1.html") == "café \\ud800 x\n"  # a real charset is believed, as before
+
+
+def test_a_lone_surrogate_from_any_reader_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(documents, "_pdf_text", lambda path: "ok \ud800 no")  # what a PDF's font map can give
+    (tmp_path / "x.pdf").write_bytes(b"%PDF")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / 'x.pdf'))}: the text holds a lone surrogate "
+                                         r"\(U\+D800\) at character 4, which is not Unicode text; refused$"):
+        read_document(tmp_path / "x.pdf")
+
+
+def test_the_encoding_reported_is_the_declared_one_read(tmp_path):
+    latin = '<html><head><meta charset="iso-8859-1"></head><body><p>Café crème brûlée.</p></body></html>'
+    fb2 = ('<?xml version="1.0" encoding="iso-8859-5"?><FictionBook><body><section><p>Война и мир.</p></section>'
+           '</body></FictionBook>')
+    (tmp_path / "latin.html").write_bytes(latin.encode("latin-1"))
+    (tmp_path / "book.fb2").write_bytes(fb2.encode("iso-8859-5"))
+    assert encoding_label((tmp_path / "latin.html").read_bytes(), ".html") == "iso8859-1"
+    assert encoding_label((tmp_path / "book.fb2").read_bytes(), ".fb2") == "iso8859-5"
+    assert encoding_label(PROSE.encode("cp1251"), ".txt") == "cp1251"  # as before
+    report = inspect([tmp_path / "latin.html", tmp_path / "book.fb2"])
+    assert [d["encoding"] for s in report["sources"] for d in s["per_document"]] == ["iso8859-1", "iso8859-5"]
