@@ -1,20 +1,25 @@
 """What a review of how texts get in found, each fixed: damaged EPUBs and PDFs and odd `<![` markup raising
 from inside zipfile, pypdf and HTMLParser; a declared charset naming any Python codec; the declared charset
-missing from the reported encoding."""
+missing from the reported encoding; a foreign tokenizer.json's truncation, padding or BPE dropout taken as it
+came; an empty corpus and non-UTF-8 files= in Tokenizer.train."""
 
 from __future__ import annotations
 
+import json
 import re
 import struct
 import zipfile
+import zlib
 
+import numpy as np
 import pytest
-from test_data import PROSE, make_epub, make_pdf
+from test_data import ENGLISH, PROSE, make_epub, make_pdf
 
 from lmlab.cli import main
-from lmlab.data import documents, html_to_text, read_document
+from lmlab.data import documents, html_to_text, prepare_texts, read_document
 from lmlab.data.documents import encoding_label
 from lmlab.data.inspect import inspect
+from lmlab.tokenizers import Tokenizer
 
 # ---- damaged EPUBs and PDFs: one ValueError naming the file ---------------------------------------------------
 
@@ -146,3 +151,61 @@ def test_the_encoding_reported_is_the_declared_one_read(tmp_path):
     assert encoding_label(PROSE.encode("cp1251"), ".txt") == "cp1251"  # as before
     report = inspect([tmp_path / "latin.html", tmp_path / "book.fb2"])
     assert [d["encoding"] for s in report["sources"] for d in s["per_document"]] == ["iso8859-1", "iso8859-5"]
+
+
+# ---- a foreign tokenizer.json ----------------------------------------------------------------------------------
+
+def test_truncation_and_padding_are_turned_off_and_dropout_refused(tmp_path, caplog):
+    tok = Tokenizer.train([PROSE, ENGLISH * 10], kind="bpe", vocab_size=300)
+    tok.save(tmp_path / "tok.json")
+    spec = json.loads((tmp_path / "tok.json").read_text())
+    variants = {"trunc.json": {**spec, "truncation": {"direction": "Right", "max_length": 16,
+                                                       "strategy": "LongestFirst", "stride": 0}},
+                "pad.json": {**spec, "padding": {"strategy": "BatchLongest", "direction": "Right",
+                                                 "pad_to_multiple_of": None, "pad_id": 0, "pad_type_id": 0,
+                                                 "pad_token": "<PAD>"}}}
+    texts = [PROSE, ENGLISH * 3]
+    want = [tok.encode(t) for t in texts]
+    assert len(want[0]) > 16 and len(want[0]) != len(want[1])
+    for name, variant in variants.items():
+        (tmp_path / name).write_text(json.dumps(variant))
+        with caplog.at_level("WARNING"):
+            loaded = Tokenizer.load(tmp_path / name)
+        assert loaded.encode_batch(texts) == want and loaded.encode(texts[0]) == want[0], name
+        assert loaded.fingerprint() == tok.fingerprint()  # the same tokenizer as the file without them
+        ds = prepare_texts(texts, loaded, tmp_path / f"ds-{name}")
+        assert ds.num_tokens == sum(map(len, want)) + 4 and not (np.asarray(ds.tokens) == 0).any()
+    assert [r.getMessage() for r in caplog.records] == [
+        "turned off the tokenizer's truncation: lmlab encodes whole texts, unpadded",
+        "turned off the tokenizer's padding: lmlab encodes whole texts, unpadded"]
+    spec["model"]["dropout"] = 0.5
+    (tmp_path / "dropout.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / 'dropout.json'))}: BPE dropout \(0.5\) makes "
+                                         r"encoding random, other ids for the same text each time; set the model's "
+                                         r'"dropout" to null$'):
+        Tokenizer.load(tmp_path / "dropout.json")
+
+
+# ---- Tokenizer.train: an empty corpus, files= ---------------------------------------------------------------
+
+def test_training_on_nothing_is_refused(tmp_path):
+    for kind in ("bpe", "char", "word"):
+        for texts in ([], [""], [" \n\t"]):
+            with pytest.raises(ValueError, match=r"^the corpus is empty: no text has anything but whitespace$"):
+                Tokenizer.train(texts, kind=kind, vocab_size=300)
+    (tmp_path / "empty.txt").write_bytes(b"")
+    with pytest.raises(ValueError, match="the corpus is empty"):
+        Tokenizer.train(files=[tmp_path / "empty.txt"], kind="char", vocab_size=10)
+
+
+def test_training_files_must_be_utf8_and_a_bom_is_no_token(tmp_path):
+    for name, data in (("cp1251.txt", PROSE.encode("cp1251")), ("utf16.txt", PROSE.encode("utf-16")),
+                       ("book.epub", zlib.compress(PROSE.encode()))):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / name))}: not UTF-8 text \(byte 0x"):
+            Tokenizer.train(files=[tmp_path / name], kind="char", vocab_size=100)
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbf" + ENGLISH.encode())
+    for kind in ("char", "bpe", "word"):
+        tok = Tokenizer.train(files=[tmp_path / "bom.txt"], kind=kind, vocab_size=300)
+        assert tok.fingerprint() == Tokenizer.train([ENGLISH], kind=kind, vocab_size=300).fingerprint(), kind
+        assert not any("\ufeff" in t or "ï»¿" in t for t in tok.hf.get_vocab()), kind

@@ -18,7 +18,9 @@ tokens in text unless told not to (`PreTrainedTokenizerFast(..., split_special_t
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import logging
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -43,22 +45,31 @@ _PY_W, _PY_S = r"\p{L}\p{N}_", r"\s\x1c-\x1f"
 _CASED, _IGNORABLE = r"[\p{Lu}\p{Ll}\p{Lt}]", r"[\p{Mn}\p{Me}\p{Cf}\p{Lm}\p{Sk}'.:·’]"
 _FINAL_SIGMA = rf"(?<={_CASED}{_IGNORABLE}{{0,3}})Σ(?!{_IGNORABLE}*{_CASED})"
 _CHUNK_CHARS = 1 << 20  # training reads files in pieces of about this many characters
+log = logging.getLogger(__name__)
 
 
 def _stream_file(path: str | Path) -> Iterator[str]:
     """Yield a UTF-8 file in pieces, cutting only at a newline with non-space characters on both sides.
     Every kind's pre-tokenizer splits there anyway, and that "\n" is one pre-token with or without what
-    follows (GPT-2's regex has no look-behind), so training on the pieces equals training on the whole."""
+    follows (GPT-2's regex has no look-behind), so training on the pieces equals training on the whole.
+    A leading BOM is no text (it became a token of the vocabulary); other bytes than UTF-8 are refused,
+    naming the file (lmlab.data.read_document reads the other encodings and formats)."""
     buf: list[str] = []
     size = 0
-    with open(path, encoding="utf-8", newline="") as f:  # newline="": keep \r\n, as in-memory texts do
-        for line in f:
-            prev = buf[-1] if buf else ""
-            if size >= _CHUNK_CHARS and prev[-2:-1].strip() and prev.endswith("\n") and line[:1].strip():
-                yield "".join(buf)
-                buf, size = [], 0
-            buf.append(line)
-            size += len(line)
+    # newline="": keep \r\n, as in-memory texts do
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        try:
+            for line in f:
+                prev = buf[-1] if buf else ""
+                if size >= _CHUNK_CHARS and prev[-2:-1].strip() and prev.endswith("\n") and line[:1].strip():
+                    yield "".join(buf)
+                    buf, size = [], 0
+                buf.append(line)
+                size += len(line)
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x}: {exc.reason}); files= "
+                             "takes UTF-8 text files: read others with lmlab.data.read_document and pass the "
+                             "texts") from None
     if buf:
         yield "".join(buf)
 
@@ -71,6 +82,16 @@ class Tokenizer:
     def __init__(self, hf: HFTokenizer) -> None:
         if not isinstance(hf.model, (models.BPE, models.WordLevel)):
             raise ValueError(f"unsupported tokenizer model {type(hf.model).__name__}; expected BPE or WordLevel")
+        if isinstance(hf.model, models.BPE) and hf.model.dropout:  # a training-time augmentation
+            raise ValueError(f"BPE dropout ({hf.model.dropout:g}) makes encoding random, other ids for the same text "
+                             'each time; set the model\'s "dropout" to null')
+        if hf.truncation or hf.padding:
+            # Options of an encoding call, carried by a foreign tokenizer.json: truncation cut every book to
+            # max_length tokens, padding put <PAD> rows into the token files. lmlab encodes whole texts.
+            log.warning("turned off the tokenizer's %s: lmlab encodes whole texts, unpadded",
+                        " and ".join(k for k in ("truncation", "padding") if getattr(hf, k)))
+            hf.no_truncation()
+            hf.no_padding()
         added = hf.get_added_tokens_decoder()
         for i, tok in enumerate(SPECIAL_TOKENS):
             if i not in added or added[i].content != tok or not added[i].special:
@@ -93,11 +114,13 @@ class Tokenizer:
             raise TypeError("texts must be an iterable of strings, not one str; wrap it in a list")
         if texts is None and files is None:
             raise ValueError("nothing to train on: pass texts and/or files")
+        seen_text = False
 
         def corpus() -> Iterator[str]:
-            yield from texts or ()
-            for f in files or ():
-                yield from _stream_file(f)
+            nonlocal seen_text
+            for text in itertools.chain(texts or (), *map(_stream_file, files or ())):
+                seen_text = seen_text or bool(text.strip())
+                yield text
 
         if kind == "bpe":
             hf = HFTokenizer(models.BPE(unk_token=None))
@@ -124,6 +147,8 @@ class Tokenizer:
                 hf.pre_tokenizer = pre_tokenizers.Sequence([
                     pre_tokenizers.Split(Regex(f"[{_PY_S}]+"), behavior="removed"),
                     pre_tokenizers.Split(Regex(f"[{_PY_W}]+|[^{_PY_W}{_PY_S}]"), behavior="isolated")])
+        if not seen_text:  # char and word kinds made a vocabulary of the specials alone: all text became <UNK>
+            raise ValueError("the corpus is empty: no text has anything but whitespace")
         hf.add_special_tokens(SPECIAL_TOKENS)
         return cls(hf)
 
@@ -227,7 +252,10 @@ class Tokenizer:
         except Exception as exc:  # tokenizers raises a plain Exception on bad JSON; bad UTF-8 lands here too
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ValueError(f"{path} is not a valid tokenizer.json: {reason}") from None
-        return cls(hf)
+        try:
+            return cls(hf)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
 
     @classmethod
     def from_hf(cls, hf: HFTokenizer) -> Tokenizer:
