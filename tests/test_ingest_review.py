@@ -1,7 +1,8 @@
 """What a review of how texts get in found, each fixed: damaged EPUBs and PDFs and odd `<![` markup raising
 from inside zipfile, pypdf and HTMLParser; a declared charset naming any Python codec; the declared charset
 missing from the reported encoding; a foreign tokenizer.json's truncation, padding or BPE dropout taken as it
-came; an empty corpus and non-UTF-8 files= in Tokenizer.train."""
+came; an empty corpus and non-UTF-8 files= in Tokenizer.train; val_bytes of decoded <UNK>s and word-level
+spaces."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from lmlab.data import documents, html_to_text, prepare_texts, read_document
 from lmlab.data.documents import encoding_label
 from lmlab.data.inspect import inspect
 from lmlab.tokenizers import Tokenizer
+from lmlab.tokenizers.tokenizer import _WORD_RE
 
 # ---- damaged EPUBs and PDFs: one ValueError naming the file ---------------------------------------------------
 
@@ -209,3 +211,40 @@ def test_training_files_must_be_utf8_and_a_bom_is_no_token(tmp_path):
         tok = Tokenizer.train(files=[tmp_path / "bom.txt"], kind=kind, vocab_size=300)
         assert tok.fingerprint() == Tokenizer.train([ENGLISH], kind=kind, vocab_size=300).fingerprint(), kind
         assert not any("\ufeff" in t or "ï»¿" in t for t in tok.hf.get_vocab()), kind
+
+
+# ---- val_bytes: the bytes of the text the val tokens stand for --------------------------------------------------
+
+def test_val_bytes_count_the_text_under_unk_and_without_word_spaces(tmp_path):
+    texts = [PROSE + ENGLISH * 8, ENGLISH * 12 + PROSE[:400], "Short one."]
+
+    def n_val(n):  # prepare_texts' rule at val_fraction 0.1
+        return min(-(-n // 10), n - 1) if n >= 32 else 0
+
+    # char: one token a character, so the val part is the last n_val characters whatever they encode to
+    char = Tokenizer.train([ENGLISH], kind="char", vocab_size=40)  # Russian letters are all <UNK>
+    ds = prepare_texts(texts, char, tmp_path / "char", val_fraction=0.1)
+    want = sum(len(t[len(t) - n_val(len(t)):].encode()) for t in texts)
+    assert ds.header["val_bytes"] == want and ds.header["train_bytes"] == sum(len(t.encode()) for t in texts) - want
+    assert 1 in ds.tokens[ds.documents[1].val[0]:ds.documents[1].val[1]]  # Russian: <UNK>s
+    assert ds.bytes_per_token("val") == want / ds.val_tokens
+    # word: a token a \w+ run or punctuation mark (lower-casing keeps these texts' lengths), <UNK> for the rare
+    word = Tokenizer.train(texts, kind="word", vocab_size=60)
+    ds = prepare_texts(texts, word, tmp_path / "word", val_fraction=0.1)
+    spans = [[m.span() for m in _WORD_RE.finditer(t)] for t in texts]
+    assert [len(s) for s in spans] == [len(word.encode(t)) for t in texts]
+    assert ds.header["val_bytes"] == sum(len(t[s[len(s) - n_val(len(s))][0]:].encode()) if n_val(len(s)) else 0
+                                         for t, s in zip(texts, spans))
+    # the shipped BPE is lossless: the same as decoding, as before
+    bpe = Tokenizer.train(texts, kind="bpe", vocab_size=300)
+    ds = prepare_texts([ENGLISH * 20], bpe, tmp_path / "bpe", val_fraction=0.1)
+    val = ds.tokens[ds.documents[0].val[0]:ds.documents[0].val[1]].tolist()
+    assert ds.header["val_bytes"] == len(bpe.decode(val).encode())
+
+
+def test_the_bpb_of_a_val_part_of_unks_is_finite(tmp_path):
+    from lmlab.eval.scorer import bits_per_byte
+    char = Tokenizer.train(["abc"], kind="char", vocab_size=10)
+    ds = prepare_texts(["абвгдежзий" * 12], char, tmp_path / "ds", val_fraction=0.1)  # 120 <UNK>s, 12 held out
+    assert ds.header["val_bytes"] == 24 and ds.val_tokens == 13  # 12 Cyrillic letters (was 0 bytes: bpb NaN)
+    assert bits_per_byte(2.0, ds.bytes_per_token()) == pytest.approx(2.0 / np.log(2) / (24 / 13))  # the Trainer's

@@ -23,7 +23,7 @@ import json
 import logging
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
@@ -181,12 +181,25 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str], *, add_bos: bool = False, add_eos: bool = False) -> list[list[int]]:
         """Encodes in parallel on Rust threads (TOKENIZERS_PARALLELISM=false turns that off)."""
+        return [[BOS_ID] * add_bos + e.ids + [EOS_ID] * add_eos for e in self._encodings(texts)]
+
+    def encode_batch_cut(self, texts: Sequence[str], cut: Callable[[int], int]) -> list[tuple[list[int], int]]:
+        """Each text's ids (as encode_batch) and the character at which its token k = cut(len(ids)) starts
+        (len(text) for k = len(ids)): where cutting the ids at k cuts the text, what the tokens after k stand for
+        (an <UNK> its unseen characters, a word its own letters). A character that byte-level BPE split between
+        tokens k-1 and k goes with k."""
+        out = []
+        for text, e in zip(texts, self._encodings(texts)):
+            k = cut(len(e.ids))
+            out.append((e.ids, len(text) if k >= len(e.ids) else e.token_to_chars(k)[0]))
+        return out
+
+    def _encodings(self, texts: Sequence[str]) -> list:
         try:
-            encodings = self.hf.encode_batch(list(texts), add_special_tokens=False)
+            return self.hf.encode_batch(list(texts), add_special_tokens=False)
         except TypeError:
             _refuse_surrogates(texts)
             raise
-        return [[BOS_ID] * add_bos + e.ids + [EOS_ID] * add_eos for e in encodings]
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
