@@ -1,8 +1,9 @@
 """What a review of how texts get in found, each fixed: damaged EPUBs and PDFs and odd `<![` markup raising
-from inside zipfile, pypdf and HTMLParser; a declared charset naming any Python codec; the declared charset
-missing from the reported encoding; a foreign tokenizer.json's truncation, padding or BPE dropout taken as it
-came; an empty corpus and non-UTF-8 files= in Tokenizer.train; val_bytes of decoded <UNK>s and word-level
-spaces."""
+from inside zipfile, pypdf and HTMLParser; a foreign tokenizer.json's truncation, padding or BPE dropout taken
+as it came; val_bytes of decoded <UNK>s and word-level spaces; prepare deleting a receipts.json it did not
+write; a declared charset naming any Python codec; a malformed clusters.json; the declared charset missing from
+the reported encoding; unbounded --bands/--rows and --seq-len; an empty corpus and non-UTF-8 files= in
+Tokenizer.train."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ import pytest
 from test_data import ENGLISH, PROSE, make_epub, make_pdf
 
 from lmlab.cli import main
-from lmlab.data import documents, html_to_text, prepare_texts, read_document
+from lmlab.data import documents, html_to_text, prepare, prepare_texts, read_document
+from lmlab.data.dedup import DedupConfig, load_clusters
 from lmlab.data.documents import encoding_label
 from lmlab.data.inspect import inspect
 from lmlab.tokenizers import Tokenizer
@@ -248,3 +250,74 @@ def test_the_bpb_of_a_val_part_of_unks_is_finite(tmp_path):
     ds = prepare_texts(["абвгдежзий" * 12], char, tmp_path / "ds", val_fraction=0.1)  # 120 <UNK>s, 12 held out
     assert ds.header["val_bytes"] == 24 and ds.val_tokens == 13  # 12 Cyrillic letters (was 0 bytes: bpb NaN)
     assert bits_per_byte(2.0, ds.bytes_per_token()) == pytest.approx(2.0 / np.log(2) / (24 / 13))  # the Trainer's
+
+
+# ---- receipts.json --------------------------------------------------------------------------------------------
+
+def test_prepare_leaves_a_receipts_json_it_did_not_write(tmp_path, capsys):
+    (tmp_path / "book.txt").write_text(ENGLISH * 50)
+    assert main(["data", "filter", str(tmp_path / "book.txt"), "--filters", "c4:min_sentences=1",
+                 "--out", str(tmp_path / "filt")]) == 0
+    receipts = (tmp_path / "filt" / "receipts.json").read_bytes()
+    tok = Tokenizer.train([ENGLISH], kind="char", vocab_size=40)
+    tok.save(tmp_path / "tok.json")
+    capsys.readouterr()
+    for extra in ([], ["--filters", "gopher"], ["--force"]):
+        assert main(["data", "prepare", str(tmp_path / "filt"), "--tokenizer", str(tmp_path / "tok.json"),
+                     "--out", str(tmp_path / "filt"), *extra]) == 2
+        assert capsys.readouterr().err == (f"lmlab: error: {tmp_path / 'filt' / 'receipts.json'} is not the receipts "
+                                           "of a dataset there (lmlab data filter's?); prepare into another folder\n")
+        assert (tmp_path / "filt" / "receipts.json").read_bytes() == receipts
+        assert not (tmp_path / "filt" / "tokens.json").exists()
+    # a dataset's own receipts go with it when it is replaced
+    prepare([tmp_path / "book.txt"], tok, tmp_path / "ds", filters=_c4())
+    assert (tmp_path / "ds" / "receipts.json").exists()
+    prepare([tmp_path / "book.txt"], tok, tmp_path / "ds", overwrite=True)
+    assert not (tmp_path / "ds" / "receipts.json").exists()
+
+
+def _c4():
+    from lmlab.data.filters import parse_filters
+    return parse_filters("c4:min_sentences=1")
+
+
+# ---- clusters.json, bounds --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("content, why", [
+    ("{", "JSONDecodeError: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"),
+    ("[]", "a JSON list, not an object"),
+    ('{"config": {"ngram": 5}, "sources": [], "clusters": {}}', 'no "clusters" array'),
+    ('{"config": {"ngram": 5}, "sources": [{"path": "a"}], "clusters": [{"id": 0, "kind": "exact", "members": '
+     '[{"unit": 0}]}]}', "a member of cluster 0 without its unit, doc, source, start, end, sha1, kept, preview or "
+                         "its source"),
+])
+def test_a_malformed_clusters_json_is_one_line(tmp_path, capsys, content, why):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "clusters.json").write_text(content)
+    message = f"{tmp_path / 'd' / 'clusters.json'} is not a dedup clusters file ({why})"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        load_clusters(tmp_path / "d")
+    for argv in (["data", "clusters", str(tmp_path / "d")], ["data", "clusters", str(tmp_path / "d"), "--show", "0"]):
+        assert main(argv) == 2
+        assert capsys.readouterr().err == f"lmlab: error: {message}\n"
+
+
+def test_bands_rows_and_seq_len_are_bounded(tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"^bands x rows \(100000 x 100000\) must be at most 1,024 permutations$"):
+        DedupConfig(bands=100_000, rows=100_000)
+    assert DedupConfig(bands=128, rows=8).num_perm == 1024
+    (tmp_path / "a.txt").write_text(ENGLISH * 40)
+    assert main(["data", "dedup", str(tmp_path / "a.txt"), "--out", str(tmp_path / "dd"), "--bands", "100000",
+                 "--rows", "100000"]) == 2
+    assert capsys.readouterr().err == ("lmlab: error: bands x rows (100000 x 100000) must be at most 1,024 "
+                                       "permutations\n")
+    tok = Tokenizer.train([ENGLISH], kind="char", vocab_size=40)
+    tok.save(tmp_path / "tok.json")
+    for bad in ("-5", "0"):
+        assert main(["data", "prepare", str(tmp_path / "a.txt"), "--tokenizer", str(tmp_path / "tok.json"),
+                     "--out", str(tmp_path / "ds"), "--seq-len", bad]) == 2
+        assert capsys.readouterr().err == f"lmlab: error: seq_len ({bad}) must be an integer >= 1\n"
+    assert not (tmp_path / "ds").exists() and not (tmp_path / "dd").exists()
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match=r"^seq_len \(.*\) must be an integer >= 1$"):
+            prepare_texts([ENGLISH * 40], tok, tmp_path / "ds2", seq_len=bad)

@@ -553,7 +553,8 @@ def _dedup_arguments(d: argparse.ArgumentParser) -> None:
                    help="MinHash/LSH near duplicates besides exact ones (--no-near: exact only)")
     d.add_argument("--ngram", type=int, default=5, help="words per shingle (default 5, as datatrove)")
     d.add_argument("--bands", type=int, default=14, help="LSH bands (default 14)")
-    d.add_argument("--rows", type=int, default=8, help="permutations per band (default 8; bands x rows in all)")
+    d.add_argument("--rows", type=int, default=8,
+                   help="permutations per band (default 8; bands x rows in all, at most 1,024)")
     d.add_argument("--seed", type=int, default=1, help="permutation seed (default 1, datasketch's)")
     d.add_argument("--threshold", type=float,
                    help="keep only candidates whose signatures agree on this share of permutations "

@@ -70,6 +70,8 @@ def prepare(sources: Sequence[str | Path], tokenizer: Any, out_dir: str | Path, 
         _refuse_dataset(out_dir)  # before the documents are read; prepare_texts checks again
     paths = find_documents(sources)
     names = _document_names(paths)
+    _refuse_foreign_receipts(out_dir)
+    _check_seq_len(seq_len)
     doc_weights = [1.0] * len(paths)
     for key, w in (weights or {}).items():
         hits = [i for i, (p, n) in enumerate(zip(paths, names)) if key in (n, p.name, p.stem)]
@@ -103,6 +105,27 @@ def _refuse_dataset(out_dir: str | Path) -> None:
                               "Python), or choose another folder")
 
 
+def _refuse_foreign_receipts(out_dir: str | Path) -> None:
+    """A receipts.json in `out_dir` goes (or is replaced) only with the dataset it belongs to, one whose tokens.json
+    names filters: `lmlab data filter` writes its own beside the texts it kept, and preparing those texts into
+    the same folder deleted it."""
+    out = Path(out_dir)
+    if not (out / RECEIPTS).exists():
+        return
+    try:
+        header = json.loads((out / HEADER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # no tokens.json there, or not a JSON one
+        header = None
+    if not (isinstance(header, dict) and "filters" in header):
+        raise FileExistsError(f"{out / RECEIPTS} is not the receipts of a dataset there (lmlab data filter's?); "
+                              "prepare into another folder")
+
+
+def _check_seq_len(seq_len: int | None) -> None:
+    if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1):
+        raise ValueError(f"seq_len ({seq_len!r}) must be an integer >= 1")  # -5 and 0 were taken as 1
+
+
 def _document_names(paths: Sequence[Path]) -> list[str]:
     """File names, or paths relative to the common folder when two books share a file name."""
     names = [p.name for p in paths]
@@ -123,6 +146,7 @@ def prepare_texts(texts: Sequence[str], tokenizer: Any, out_dir: str | Path, *, 
         _refuse_dataset(out_dir)
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction ({val_fraction}) must be in [0, 1)")
+    _check_seq_len(seq_len)
     names = list(names) if names is not None else [f"text-{i}" for i in range(len(texts))]
     if len(names) != len(texts) or len(set(names)) != len(names):
         raise ValueError(f"need {len(texts)} distinct document names, got {len(set(names))}")

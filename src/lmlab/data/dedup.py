@@ -53,6 +53,9 @@ _PARAGRAPH = re.compile(r"[^\n]*\S[^\n]*(?:\n[^\n]*\S[^\n]*)*")  # a run of non-
 _MAX32 = np.uint32(0xFFFFFFFF)
 _sha1 = hashlib.sha1
 _BLOCK_ROWS = 1 << 15  # shingles permuted at once: 32768 x 112 x 4 bytes = 14 MB of temporaries
+# datatrove uses 112 permutations, datasketch 128 by default; 1,024 holds the block's temporaries to 128 MB and
+# the signatures to 4 KB a unit
+MAX_PERM = 1024
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,8 @@ class DedupConfig:
         for name in ("ngram", "bands", "rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be at least 1")
+        if self.bands * self.rows > MAX_PERM:  # 100,000 x 100,000 asked numpy for 37 GiB before any text was read
+            raise ValueError(f"bands x rows ({self.bands} x {self.rows}) must be at most {MAX_PERM:,} permutations")
         if self.threshold is not None and not 0 <= self.threshold <= 1:
             raise ValueError(f"threshold ({self.threshold}) must be in [0, 1]")
 
@@ -407,10 +412,43 @@ def _member(u: int, unit: Unit, texts: Sequence[str], names: Sequence[str], kept
 
 
 def load_clusters(out_dir: str | Path) -> dict:
+    """clusters.json of a dedup folder, checked as far as `lmlab data clusters` and open_cluster read it."""
     path = Path(out_dir) / CLUSTERS
     if not path.is_file():
         raise FileNotFoundError(f"no {CLUSTERS} in {out_dir}: not a folder written by lmlab data dedup")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        why = _clusters_problem(data)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        why = f"{type(exc).__name__}: {exc}"
+    if why:
+        raise ValueError(f"{path} is not a dedup clusters file ({why})")
+    return data
+
+
+_MEMBER = {"unit": int, "doc": str, "source": int, "start": int, "end": int, "sha1": str, "kept": bool,
+           "preview": str}
+
+
+def _clusters_problem(data: object) -> str | None:
+    """What in `data` is not as dedup() writes clusters.json (the parts read back), or None."""
+    if not isinstance(data, dict):
+        return f"a JSON {type(data).__name__}, not an object"
+    for key, kind in {"config": dict, "sources": list, "clusters": list}.items():
+        if not isinstance(data.get(key), kind):
+            return f'no "{key}" {"object" if kind is dict else "array"}'
+    if not isinstance(data["config"].get("ngram"), int):
+        return 'no "ngram" in its "config"'
+    if not all(isinstance(s, dict) and isinstance(s.get("path"), str) for s in data["sources"]):
+        return 'a source without its "path"'
+    for c in data["clusters"]:
+        if not (isinstance(c, dict) and isinstance(c.get("id"), int) and isinstance(c.get("kind"), str)
+                and isinstance(c.get("members"), list) and c["members"]):
+            return 'a cluster without its "id", "kind" or "members"'
+        if not all(isinstance(m, dict) and all(isinstance(m.get(k), t) for k, t in _MEMBER.items())
+                   and 0 <= m["source"] < len(data["sources"]) for m in c["members"]):
+            return f"a member of cluster {c['id']} without its {', '.join(_MEMBER)} or its source"
+    return None
 
 
 def open_cluster(out_dir: str | Path, cluster_id: int, max_shingles: int = 20) -> dict:
