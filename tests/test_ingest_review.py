@@ -57,6 +57,10 @@ def _epubs(tmp_path):
     k = _headers(d, b"PK\x01\x02")[chapter]
     d[k + 20:k + 28] = struct.pack("<II", len(d) * 10, len(d) * 10)
     cases["eof.epub"] = (d, r"EOFError")
+    d = bytearray(good)  # UnicodeDecodeError: a member name flagged as UTF-8 that is not
+    d[central[0] + 9] |= 0x08
+    d[central[0] + 46 + 2] = 0xB2
+    cases["name.epub"] = (d, r"UnicodeDecodeError: 'utf-8' codec can't decode byte 0xb2 in position 2: .+")
     d = bytearray(good)  # OSError EINVAL: the central directory's offset moved, so members seek before byte 0
     eocd = good.rindex(b"PK\x05\x06")
     d[eocd + 16:eocd + 20] = struct.pack("<I", struct.unpack("<I", good[eocd + 16:eocd + 20])[0] + 100_000)

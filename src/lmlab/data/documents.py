@@ -74,10 +74,11 @@ EPUB_MAX_RATIO = 100
 _RATIO_FLOOR = 2**20
 PDF_MAX_STREAM = 32 * 2**20        # bytes one PDF stream may unpack to (pypdf's default is 75 MB)
 # What a damaged EPUB raises from zipfile and its decompressors (fuzzing, one to three bytes changed in a small
-# EPUB: zlib.error, EOFError, NotImplementedError "zip file version 16.4", OSError EINVAL from a seek) and from our
-# look-ups in a container.xml or OPF without the parts named. Nothing of ours in that block raises these.
-_BROKEN_EPUB = (zipfile.BadZipFile, zlib.error, LZMAError, EOFError, NotImplementedError, OSError, KeyError,
-                StopIteration, ElementTree.ParseError)
+# EPUB: zlib.error, EOFError, NotImplementedError "zip file version 16.4", OSError EINVAL from a seek,
+# UnicodeDecodeError from a member name flagged UTF-8 that is not) and from our look-ups in a container.xml or OPF
+# without the parts named. Nothing of ours in that block raises these (decode_bytes raises its own ValueError).
+_BROKEN_EPUB = (zipfile.BadZipFile, zlib.error, LZMAError, EOFError, NotImplementedError, OSError,
+                UnicodeDecodeError, KeyError, StopIteration, ElementTree.ParseError)
 # What pypdf raises on a malformed PDF besides PdfReadError (fuzzing mutated small PDFs: RecursionError on 100,000
 # nested arrays, NotImplementedError on an unknown /Filter, TypeError and AttributeError on objects of the wrong
 # type). Only pypdf runs inside the reading loop, so there they are the file's fault, not a bug of ours.
