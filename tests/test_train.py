@@ -914,3 +914,51 @@ def test_an_interrupt_before_the_first_checkpoint_says_there_is_nothing_to_resum
     assert r.stop_reason == "interrupted" and latest_checkpoint(tmp_path / "run") is None
     assert (f"interrupted at step 2, before the first checkpoint: there is nothing to resume; remove "
             f"{tmp_path / 'run'} to start again") in caplog.text
+
+
+def test_a_finished_run_resumed_reports_the_best_val_loss_it_first_reported(tmp_path, tok, ds, reference):
+    """The stop step's off-schedule evaluation counted toward the best val loss only in the process that ran it:
+    resumed at its end (its final/ cut short by a crash, or a no-op resume), the run reported a worse one than
+    the uninterrupted run, and wrote it into final/training.json."""
+    rec, ref_out = reference
+    assert min(rec.evals) < min(rec.evals[:-1])  # the last evaluation (step 16, off the schedule) is the best
+    shutil.copytree(ref_out, tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "final")
+    result = train(model_cfg(tok), tok, ds, base(), tmp_path / "run", resume=True)
+    assert result.best_val_loss == min(rec.evals)
+    saved = json.loads((tmp_path / "run" / "final" / "training.json").read_text())
+    assert saved["best_val_loss"] == min(rec.evals)
+
+
+def test_a_malformed_resume_record_is_one_line(tmp_path, tok, ds):
+    out = tmp_path / "run"
+    train(model_cfg(tok), tok, ds, base(max_steps=2, eval_every=0), out)
+    for line, number in (("{}", 1), ('[1]', 1), ('{"changed": {"max_steps": 5}}', 2)):
+        (out / "resumes.jsonl").write_text(('{"changed": {}}\n' if number == 2 else "") + line + "\n")
+        with pytest.raises(ValueError, match=rf"resumes.jsonl:{number}: not a resume record"):
+            read_run_config(out)
+
+
+def test_a_run_that_fails_its_trainers_checks_leaves_no_folder(tmp_path, text, capsys):
+    """Early stopping with no validation text is refused by the Trainer, after the data were prepared: the
+    folder then held data/, and the same command without the bad flag was refused ("holds data")."""
+    book = tmp_path / "book.txt"
+    book.write_text(text[:20000], encoding="utf-8")
+    common = [str(book), "--out", str(tmp_path / "run"), "--preset", "llama-tiny", "--vocab-size", "300",
+              "--batch-size", "2", "--seq-len", "16", "--max-steps", "2"]
+    assert main(["train", *common, "--early-stopping-patience", "1", "--eval-every", "1",
+                 "--val-fraction", "0.0001"]) == 2
+    assert "needs validation text" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    assert main(["train", *common]) == 0
+
+
+@pytest.mark.parametrize("flags, message", [(["--budget", "nan"], "must be a positive finite number"),
+                                            (["--budget", "inf"], "must be a positive finite number"),
+                                            (["--device", "cuda"], "cuda")])
+def test_the_demo_refuses_a_budget_or_device_before_writing_anything(tmp_path, flags, message, capsys):
+    if "cuda" in flags and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: --device cuda is no error here")
+    assert main(["demo", "--out", str(tmp_path / "demo"), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()

@@ -386,3 +386,23 @@ def test_train_and_heldout_prompts_are_apart(name):
     assert train == task.train_prompts(random.Random(7), 300, set(heldout))  # by the seed
     for p in train[:20]:
         assert task.check(p, task.answer(p))
+
+
+def test_a_grpo_run_resumes_from_another_folder(tmp_path, monkeypatch):
+    """The run recorded its starting model and reward file as typed (relative), and --resume, which takes
+    neither, looked them up from wherever the user stood: "model directory not found: start". Both are
+    recorded resolved now; a run recorded the old way still resumes from its own folder."""
+    _start_model(tmp_path / "start")
+    (tmp_path / "rw.py").write_text("def score(prompt, completion):\n    return float(len(completion) % 3)\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = GRPOConfig(steps=2, prompts_per_step=2, group_size=3, max_new_tokens=4, save_every=1)
+    run_grpo("start", "run", cfg, reward="file", reward_file="rw.py:score", prompts=["ab"], log=None)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["init"] == str(tmp_path / "start") and saved["reward_file"] == f"{tmp_path / 'rw.py'}:score"
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert resume_grpo("../run", {"steps": 3}, log=None).steps == 3
+    # recorded as typed by an earlier lmlab: resumed from the folder it was started in, as before
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run" / "config.json").write_text(json.dumps({**saved, "init": "start", "reward_file": "rw.py:score"}))
+    assert resume_grpo("run", {"steps": 4}, log=None).steps == 4

@@ -153,7 +153,14 @@ def train_from_sources(out_dir: str | Path, config: TrainConfig, *, sources: Seq
                   "init": str(init) if init else None, "data_stats": ds.stats()}
     if lora is not None:
         provenance["lora"] = lora.to_dict()
-    return train_with_lora(model, tok, ds, config, out, callbacks, lora, provenance=provenance)
+    try:
+        return train_with_lora(model, tok, ds, config, out, callbacks, lora, provenance=provenance)
+    except BaseException:
+        # the Trainer's own checks (early stopping without validation text, a tracker not installed) come
+        # after the data: a run that never began (no metrics.jsonl) leaves no folder to block the next try
+        if created and dist_env()[0] == 0 and not (out / "metrics.jsonl").exists():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def _phase(out: Path, phase: str) -> None:
@@ -323,8 +330,9 @@ def run_demo(out_dir: str | Path = "lmlab-demo", *, budget_s: float = 180.0, max
     t0 = time.perf_counter()
     out = run_folder(out_dir)
     refuse_existing_run(out, (*RUN_FILES, "tokenizer.json", "data", "corpus.txt", "demo.json"))  # all it writes
-    if budget_s <= 0 or (max_steps is not None and max_steps <= 0):
-        raise ValueError("the budget and max_steps must be positive")
+    if not 0 < budget_s < math.inf or (max_steps is not None and max_steps <= 0):  # nan: a 30-step run said nothing
+        raise ValueError(f"the budget ({budget_s}) must be a positive finite number of seconds and max_steps positive")
+    resolve_device(device)  # a device that is not there is refused before anything is written
     text = demo_corpus(seed=seed)
     tok = Tokenizer.train([text], kind="bpe", vocab_size=1024)
     cfg = demo_model_config(tok.vocab_size)

@@ -458,6 +458,10 @@ class Trainer:
                       if last is not None else f"interrupted at step {self.step}, before the first checkpoint: "
                       f"there is nothing to resume; remove {self.out_dir} to start again")
         final_loss = None if last_loss is None else float(last_loss)
+        if final_val is None and self.history and self.history[-1].get("step") == self.step:
+            # resumed at its end (final/ was being written, or a no-op resume): the stop step's evaluation is
+            # in the log it read back; without it the best val loss left out the last one the first time counted
+            final_val = self.history[-1].get("val_loss")
         best = min((v for v in (self.best_val, final_val) if v is not None), default=None)
         result = TrainResult(self.step, self.tokens, stop_reason, final_loss, best, self.out_dir,
                              list(self.history))
@@ -921,12 +925,15 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
     if not isinstance(saved, dict) or not isinstance(saved.get("train"), dict) or "model" not in saved:
         raise ValueError(f"{path} is not a run config (train and model)")
     resumes = Path(run_dir) / RESUMES
-    for line in resumes.read_text(encoding="utf-8").splitlines() if resumes.is_file() else []:
+    for number, line in enumerate(resumes.read_text(encoding="utf-8").splitlines() if resumes.is_file() else [], 1):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut short by a crash: that resume never started
-        saved["train"].update({k: new for k, (_, new) in record["changed"].items()})
+        changed = record.get("changed") if isinstance(record, dict) else None
+        if not isinstance(changed, dict) or not all(isinstance(v, list) and len(v) == 2 for v in changed.values()):
+            raise ValueError(f'{resumes}:{number}: not a resume record ({{"changed": {{"FIELD": [old, new]}}}})')
+        saved["train"].update({k: new for k, (_, new) in changed.items()})
     return saved
 
 

@@ -67,7 +67,7 @@ from ..train.checkpoint import RUN_FILES, no_checkpoint, refuse_existing_run, ru
 from ..train.trainer import Callback, Objective, Trainer
 from .chat import ChatTemplate, has_template
 from .lora import LoRAConfig, adapters_disabled
-from .rewards import Reward, Task
+from .rewards import Reward, Task, resolved_spec
 from .rl import kl_k3
 
 VARIANTS = ("grpo", "dr_grpo", "dapo")
@@ -441,15 +441,18 @@ def run_grpo(model_dir: str | Path, out: str | Path, config: GRPOConfig, *, task
                               heldout=the_task.heldout(config.eval_prompts))
     else:
         source = PromptSource(tok, policy.config.block_size, config.max_new_tokens, prompts=list(prompts) or [""])
-    record = {"grpo": dataclasses.asdict(config), "task": task, "reward": reward, "init": str(model_dir),
-              "model_sha256": weights_sha(model_dir), "prompts": list(prompts), "reward_file": reward_file,
-              "judge": str(judge) if judge else None, "lora": lora.to_dict() if lora else None,
+    # paths resolved, as the preference runs record theirs: --resume from another folder finds them again
+    record = {"grpo": dataclasses.asdict(config), "task": task, "reward": reward,
+              "init": str(Path(model_dir).resolve()), "model_sha256": weights_sha(model_dir),
+              "prompts": list(prompts), "reward_file": resolved_spec(reward_file),
+              "judge": str(Path(judge).resolve()) if judge else None, "lora": lora.to_dict() if lora else None,
               # the reward is the file's code: an edited file would score the rest of a resumed run otherwise
               "reward_file_sha256": file_sha256(Path(reward_file.rpartition(":")[0])) if reward_file else None}
     if resume:
         saved = read_record(out, "grpo", "GRPO")
         same = {"model_sha256": "the weights of the starting model differ from those the run started with",
                 "prompts": "other prompts", "task": "", "reward": "", "reward_file": "", "lora": ""}
+        saved = {**saved, "reward_file": resolved_spec(saved.get("reward_file"))}  # recorded as typed before
         if "reward_file_sha256" in saved:  # runs recorded before it have no hash to compare
             same["reward_file_sha256"] = "the reward file's code differs from the code the run started with"
         check_same_run(out, saved, record, "grpo", RESUMABLE_CHANGES, same)

@@ -187,6 +187,15 @@ class JudgeReward:
         return ((logp * m).sum(1) / m.sum(1).clamp_min(1)).tolist()
 
 
+def resolved_spec(spec: str | None) -> str | None:
+    """FILE.py:FUNCTION with FILE made absolute (from the current folder, where the reward is loaded from): what a
+    run records, so that --resume from another folder finds the file again."""
+    if not spec:
+        return spec
+    path, sep, function = spec.rpartition(":")
+    return f"{Path(path).resolve()}{sep}{function}" if sep and path else spec
+
+
 def load_reward_file(spec: str) -> Callable[[str, str], float]:
     """`path/to/file.py:function` -> that function, imported from the user's own local file."""
     path, sep, name = spec.rpartition(":")

@@ -70,6 +70,7 @@ from ...tune.rewards import (
     build_reward,
     load_reward_file,
     repetition_reward,
+    resolved_spec,
     seed_reward,
 )
 from ...tune.rl import kl_k3
@@ -148,11 +149,11 @@ def run_record(model_dir: str | Path, config: TextSelfPlayConfig, prompts: Seque
     its weights' sha256, for reward perplexity) and the reward file (and its sha256: the reward is the file's code,
     and an edited file would score the rest of a resumed run)."""
     judged = judge is not None and config.reward == "perplexity"
-    return {"selfplay_text": dataclasses.asdict(config), "init": str(model_dir),
+    return {"selfplay_text": dataclasses.asdict(config), "init": str(Path(model_dir).resolve()),
             "model_sha256": weights_sha(model_dir), "prompts": list(prompts),
-            "judge": str(judge) if judge else None,
+            "judge": str(Path(judge).resolve()) if judge else None,  # resolved: --resume from another folder
             "judge_sha256": weights_sha(judge) if judged else None,
-            "reward_file": reward_file,
+            "reward_file": resolved_spec(reward_file),
             "reward_file_sha256": file_sha256(Path(reward_file.rpartition(":")[0]))
             if reward_file and config.reward == "file" else None}
 
@@ -204,7 +205,9 @@ def run_text_selfplay(model_dir: str | Path, out: str | Path, config: TextSelfPl
                 "prompts": "other prompts", "reward_file": ""}
         if "reward_file_sha256" in saved_run(out):  # runs recorded before it have no hash to compare
             same["reward_file_sha256"] = "the reward file's code differs from the code the run started with"
-        check_same_run(out, saved_run(out), record, "selfplay_text", RESUMABLE_CHANGES, same)
+        saved = saved_run(out)
+        saved = {**saved, "reward_file": resolved_spec(saved.get("reward_file"))}  # recorded as typed before
+        check_same_run(out, saved, record, "selfplay_text", RESUMABLE_CHANGES, same)
         if checkpoint_step(checkpoint) > config.iterations:
             raise ValueError(f"the latest checkpoint is at iteration {checkpoint_step(checkpoint)}, past "
                              f"iterations ({config.iterations})")
