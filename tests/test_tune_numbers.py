@@ -20,7 +20,7 @@ from lmlab.tune.lora import LoRAConfig, apply_lora, save_adapter
     ("dpo", ["--sft-weight", "nan"], "sft_weight must be a finite number, 0 or more, got nan"),
     ("dpo", ["--loss", "simpo", "--gamma", "nan"], "gamma must be a finite number, got nan"),
     ("sft", ["--lora-rank", "2", "--lora-alpha", "inf"], "LoRA alpha must be a positive finite number, not inf"),
-    ("distill", ["--temperature", "inf"], "temperature (inf) must be a finite number > 0"),
+    ("distill", ["--temperature", "inf"], "temperature (inf) must be a finite number"),  # configs.validate
 ])
 def test_a_number_no_run_can_train_with_is_one_line(tmp_path, start, capsys, command, extra, why):  # noqa: F811
     out = tmp_path / "run"
