@@ -136,28 +136,23 @@ def train_from_sources(out_dir: str | Path, config: TrainConfig, *, sources: Seq
         model = Transformer(cfg)
     check_fits(model.config, config, world=dist_env()[1])
     seq_len = config.seq_len or model.config.block_size
-    if dataset is not None:
-        ds = TokenDataset.open(dataset, tok)
-    else:
-        _phase(out, "data")
-        try:
+    try:
+        if dataset is not None:
+            ds = TokenDataset.open(dataset, tok)
+        else:
+            _phase(out, "data")
             ds = _rank0_first(out, lambda: prepare(paths, tok, out / "data", val_fraction=val_fraction,
                                                    weights=weights, seq_len=seq_len, filters=filters,
                                                    overwrite=True),  # the new run's own folder
                               lambda d: None, lambda: TokenDataset.open(out / "data", tok), config)
-        except BaseException:
-            if created and dist_env()[0] == 0:  # e.g. a corpus shorter than one window: no half-made run
-                shutil.rmtree(out, ignore_errors=True)
-            raise
-    provenance = {"dataset": str(Path(ds.path).resolve()), "sources": [str(p) for p in paths],
-                  "init": str(init) if init else None, "data_stats": ds.stats()}
-    if lora is not None:
-        provenance["lora"] = lora.to_dict()
-    try:
+        provenance = {"dataset": str(Path(ds.path).resolve()), "sources": [str(p) for p in paths],
+                      "init": str(init) if init else None, "data_stats": ds.stats()}
+        if lora is not None:
+            provenance["lora"] = lora.to_dict()
         return train_with_lora(model, tok, ds, config, out, callbacks, lora, provenance=provenance)
     except BaseException:
-        # the Trainer's own checks (early stopping without validation text, a tracker not installed) come
-        # after the data: a run that never began (no metrics.jsonl) leaves no folder to block the next try
+        # a corpus shorter than one window, or the Trainer's own checks (early stopping without validation text,
+        # a tracker not installed), after the data: a run that never began (no metrics.jsonl) leaves no folder
         if created and dist_env()[0] == 0 and not (out / "metrics.jsonl").exists():
             shutil.rmtree(out, ignore_errors=True)
         raise

@@ -368,6 +368,8 @@ def read_record(out: str | Path, section: str, what: str) -> dict[str, Any]:
         raise ValueError(f"cannot read {path}: {exc}") from None
     if not isinstance(saved, dict) or not isinstance(saved.get(section), dict):
         raise ValueError(f"{path} is not the config of a {what} run")
+    if isinstance(saved.get("reward_file"), str):  # recorded as typed before it was recorded resolved
+        saved["reward_file"] = resolved_spec(saved["reward_file"])
     return saved
 
 
@@ -452,7 +454,6 @@ def run_grpo(model_dir: str | Path, out: str | Path, config: GRPOConfig, *, task
         saved = read_record(out, "grpo", "GRPO")
         same = {"model_sha256": "the weights of the starting model differ from those the run started with",
                 "prompts": "other prompts", "task": "", "reward": "", "reward_file": "", "lora": ""}
-        saved = {**saved, "reward_file": resolved_spec(saved.get("reward_file"))}  # recorded as typed before
         if "reward_file_sha256" in saved:  # runs recorded before it have no hash to compare
             same["reward_file_sha256"] = "the reward file's code differs from the code the run started with"
         check_same_run(out, saved, record, "grpo", RESUMABLE_CHANGES, same)

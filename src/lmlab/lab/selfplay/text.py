@@ -205,9 +205,7 @@ def run_text_selfplay(model_dir: str | Path, out: str | Path, config: TextSelfPl
                 "prompts": "other prompts", "reward_file": ""}
         if "reward_file_sha256" in saved_run(out):  # runs recorded before it have no hash to compare
             same["reward_file_sha256"] = "the reward file's code differs from the code the run started with"
-        saved = saved_run(out)
-        saved = {**saved, "reward_file": resolved_spec(saved.get("reward_file"))}  # recorded as typed before
-        check_same_run(out, saved, record, "selfplay_text", RESUMABLE_CHANGES, same)
+        check_same_run(out, saved_run(out), record, "selfplay_text", RESUMABLE_CHANGES, same)
         if checkpoint_step(checkpoint) > config.iterations:
             raise ValueError(f"the latest checkpoint is at iteration {checkpoint_step(checkpoint)}, past "
                              f"iterations ({config.iterations})")
