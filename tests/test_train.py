@@ -962,3 +962,13 @@ def test_the_demo_refuses_a_budget_or_device_before_writing_anything(tmp_path, f
     assert main(["demo", "--out", str(tmp_path / "demo"), *flags]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()
+
+
+def test_a_warm_up_as_long_as_the_run_is_said(tmp_path, tok, ds, caplog):
+    """TrainConfig's 100 warm-up steps over a 3-step run: the learning rate never reached lr and nothing said so."""
+    with caplog.at_level(logging.INFO):
+        train(model_cfg(tok), tok, ds, base(max_steps=3, warmup_steps=100, eval_every=0), tmp_path / "long")
+        train(model_cfg(tok), tok, ds, base(max_steps=3, warmup_steps=2, eval_every=0), tmp_path / "short")
+    notes = [r.getMessage() for r in caplog.records if "warm-up" in r.getMessage()]
+    assert notes == ["note: the warm-up (100 steps) is as long as the run (3 steps): the learning rate climbs all "
+                     "run and never decays; give fewer warm-up steps"]

@@ -14,6 +14,7 @@ from lmlab.models import ModelConfig, Transformer
 from lmlab.models.io import load_pretrained, save_pretrained
 from lmlab.tokenizers import Tokenizer
 from lmlab.train import Callback, TrainConfig
+from lmlab.train.config import lr_at
 from lmlab.tune import preference as P
 
 TEXT = ("the cat sat on the mat. the dog sat on the log. кот сидел на ковре, а пёс лежал у дома. "
@@ -487,6 +488,10 @@ def test_a_bad_kto_label_is_a_one_line_error(model_dir, tmp_path, capsys):
     assert code == 2 and "kto.jsonl:2: 'label' must be true or false" in capsys.readouterr().err
 
 
+def saved_warmup(run):
+    return json.loads((run / "config.json").read_text())["train"]["warmup_steps"]
+
+
 def test_the_cli_trains_kto_and_prints_its_metrics(model_dir, kto_file, tmp_path, capsys):
     code = main(["tune", "dpo", "--loss", "kto", "--model", str(model_dir), "--data", str(kto_file), "--out",
                  str(tmp_path / "run"), "--ref-cache", str(tmp_path / "cache"), "--epochs", "3",
@@ -496,6 +501,9 @@ def test_the_cli_trains_kto_and_prints_its_metrics(model_dir, kto_file, tmp_path
     assert code == 0 and "stopped after 5 steps (epochs)" in out and "computed and cached in" in out
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3, 4, 5]
+    # no warm-up unless asked: TrainConfig's 100 steps made every step of a fine-tuning run a warm-up step
+    assert saved_warmup(tmp_path / "run") == 0
+    assert lines[0]["lr"] == pytest.approx(lr_at(0, TrainConfig(warmup_steps=0, max_steps=5), 5))
     assert {"rewards_chosen", "rewards_rejected", "margin", "accuracy", "kl", "kto_z0"} <= lines[0].keys()
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     # the data is the JSONL under "preference"; "dataset" is a token file that `lmlab train --resume` would open

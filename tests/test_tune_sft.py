@@ -248,6 +248,8 @@ def test_lora_new_tokens_trains_the_chat_tokens_rows_and_no_other(tmp_path, base
     assert main(["tune", "sft", "--model", str(base_dir), "--data", str(write_jsonl(tmp_path / "c.jsonl", CHATS)),
                  "--out", str(out), "--max-steps", "3", "--batch-size", "2", "--lr", "1e-2", "--eval-every", "0",
                  "--lora-rank", "4", "--lora-new-tokens"]) == 0
+    # no warm-up unless asked (TrainConfig's 100 steps were the whole run): the rows below move at lr
+    assert json.loads((out / "config.json").read_text())["train"]["warmup_steps"] == 0
     base, tok, _ = add_chat_tokens(*lmlab.load(base_dir))
     ids = sorted(chat_token_ids(tok).values())
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["trainable_token_indices"] == {

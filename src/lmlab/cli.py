@@ -725,6 +725,12 @@ def _train(args: argparse.Namespace) -> int:
     return report_run(args, result, "train", after=_adapter_note(args.out))
 
 
+# A fine-tuning run starts from trained weights and is short (tune dpo: 100 steps unless told): TrainConfig's
+# warm-up of 100 steps, made for pre-training from random weights, would be the whole run. None, as the web
+# app's Tune view and TRL's trainers default to; --warmup-steps still sets one.
+FINE_TUNE_DEFAULTS = {"warmup_steps": 0}
+
+
 def default_stop(overrides: dict[str, Any], **default: Any) -> None:
     """A run needs a stop: when `overrides` name none of TrainConfig's stop conditions, `default` (lmlab train's:
     one pass over the data, epochs=1)."""
@@ -1408,7 +1414,7 @@ def _dpo_arguments(p: argparse.ArgumentParser) -> None:
                    "loss; only stop conditions and how it runs may change")
     add_lora_arguments(p)
     from .train import TrainConfig
-    add_arguments(p, TrainConfig, title="training hyper-parameters (TrainConfig)")
+    add_arguments(p, TrainConfig, title="training hyper-parameters (TrainConfig)", defaults=FINE_TUNE_DEFAULTS)
 
 
 @tune_mode("dpo", "preference optimisation (DPO, IPO, SimPO, ORPO, KTO) of a trained model on JSONL pairs",
@@ -1426,6 +1432,7 @@ def _tune_dpo(args: argparse.Namespace) -> int:
         if not args.model or not args.data:
             raise ValueError("--model and --data are required (except with --resume)")
         default_stop(overrides, max_steps=100)
+        overrides = {**FINE_TUNE_DEFAULTS, **overrides}
         cache = None if args.ref_cache == "none" else Path(args.ref_cache) if args.ref_cache else default_cache_dir()
         cfg = PreferenceConfig(loss=args.loss or "dpo", beta=args.beta,
                                **({"gamma": args.gamma} if args.gamma is not None else {}),
@@ -1484,7 +1491,7 @@ def _sft_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-hard-tokens", type=int, metavar="K", help="LoRA also trains the embedding (and untied "
                    "head) rows of the K tokens the model finds hardest on the training split (largest summed loss): "
                    "those of a fixed reply wording; each row adds n_embd trainable parameters (twice untied)")
-    add_arguments(p, TrainConfig, title="training hyper-parameters (TrainConfig)")
+    add_arguments(p, TrainConfig, title="training hyper-parameters (TrainConfig)", defaults=FINE_TUNE_DEFAULTS)
 
 
 @tune_mode("sft", "supervised fine-tuning on conversations (assistant turns only) or prompt–completion pairs",
@@ -1502,6 +1509,7 @@ def _tune_sft(args: argparse.Namespace) -> int:
         if not args.model or not args.data:
             raise ValueError("--model and --data are required (except with --resume)")
         default_stop(overrides)
+        overrides = {**FINE_TUNE_DEFAULTS, **overrides}
         result = run_sft(args.model, args.data, args.out, TrainConfig.from_dict(overrides), packing=args.packing,
                          completion_only=args.completion_only, lora=lora_config(args),
                          val_fraction=0.1 if args.val_fraction is None else args.val_fraction,

@@ -168,11 +168,11 @@ def _flag_type(kind: Any) -> tuple[Any, str, bool]:
 
 
 def add_arguments(parser: argparse.ArgumentParser | Any, cls: type, *, exclude: Iterable[str] = (),
-                  title: str | None = None) -> list[str]:
+                  title: str | None = None, defaults: dict[str, Any] | None = None) -> list[str]:
     """One flag per field of `cls` (`--field-name`; booleans as --x/--no-x; lists as comma lists), each with
-    the field's help and its default; every flag defaults to None, so `given(args, cls)` is what was set.
-    Choices and bounds are left to `validate`, whose one-line message names the field. Returns the field
-    names that became flags."""
+    the field's help and its default (`defaults`: the command's own, which the command applies itself); every
+    flag defaults to None, so `given(args, cls)` is what was set. Choices and bounds are left to `validate`,
+    whose one-line message names the field. Returns the field names that became flags."""
     group = parser.add_argument_group(title) if title else parser
     hints, added = _hints(cls), []
     for f in dataclasses.fields(cls):
@@ -180,6 +180,7 @@ def add_arguments(parser: argparse.ArgumentParser | Any, cls: type, *, exclude: 
             continue
         kind, meta = hints[f.name], f.metadata
         default = f.default if f.default is not dataclasses.MISSING else "none"
+        default = (defaults or {}).get(f.name, default)
         text = meta.get("help", "")
         text += "" if "default" in text else f" (default {default})"
         flag = "--" + f.name.replace("_", "-")

@@ -365,6 +365,9 @@ class Trainer:
                 (self.out_dir / "metrics.jsonl").write_text("")  # resumes.jsonl: refused above if there is one
         if self.is_main:
             self._write_run_files(new=not resume)
+        if not resume and c.warmup_steps and self.total_steps and c.warmup_steps >= self.total_steps:
+            self._say(f"note: the warm-up ({c.warmup_steps} steps) is as long as the run ({self.total_steps} steps): "
+                      "the learning rate climbs all run and never decays; give fewer warm-up steps")
         from . import drift, progress, tracking
         self.callbacks += tracking.attach(self, resume)  # TensorBoard, a tracker: rank 0, after the run files
         self.callbacks += progress.attach(self)  # generations at fixed prompts: samples.jsonl
