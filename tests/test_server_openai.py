@@ -44,6 +44,13 @@ def served(tmp_path_factory):
             if p.dim() == 2:
                 p.mul_(4)
     save_pretrained(ws / "models" / "tiny", model, tok)
+    torch.manual_seed(1)  # a longer context: a wave of decoding that lasts (test_waiting_requests_hold_no_thread...)
+    long = Transformer(ModelConfig.preset("gpt2-tiny", vocab_size=400, block_size=512)).eval()
+    with torch.no_grad():
+        for p in long.parameters():
+            if p.dim() == 2:
+                p.mul_(4)
+    save_pretrained(ws / "models" / "long", long, tok)
     # the same weights with lmlab's chat format (as `lmlab tune sft` leaves a model), and a copy that always says
     # <|end|>: its final norm outputs a constant vector (weight 0, bias 1) and only <|end|>'s head row meets it
     chatty, chat_tok, _ = chat.add_chat_tokens(model, tok)
@@ -86,8 +93,8 @@ def new_ids(served, prompt: str, **settings) -> list[int]:
 
 
 def test_models_lists_the_trained_model(served):
-    assert sorted(m.id for m in served.openai.models.list().data) == ["chatty", "cold", "ender", "foreign", "nanm",
-                                                                       "nochat", "tiny"]
+    assert sorted(m.id for m in served.openai.models.list().data) == ["chatty", "cold", "ender", "foreign", "long",
+                                                                       "nanm", "nochat", "tiny"]
     assert served.openai.models.retrieve("tiny").owned_by == "lmlab"
 
 
@@ -304,34 +311,36 @@ def test_a_request_whose_client_has_gone_leaves_the_batch(served):
 def test_waiting_requests_hold_no_thread_the_other_endpoints_need(served):
     """Each waiting non-streaming request held one of the server's worker threads (anyio's 40) until its
     decode ended, so with 40 waiting, /v1/models and the rest of the API answered only once one had ended."""
-    # greedy: every long sequence runs its 120 steps (no EOS), so the rows free up only when a whole wave ends; the
-    # short requests, which take free rows in turn with the long ones, cannot end before that
-    long = {"model": "tiny", "prompt": "Once", "max_tokens": 120, "n": 128, "temperature": 0}
-    short = {"model": "tiny", "prompt": "Once", "max_tokens": 4, "seed": 3}
-    assert len(new_ids(served, "Once", max_new_tokens=120, do_sample=False)) == 120  # (no EOS: it takes 120 steps)
-    done = []
+    # one request of 32 greedy sequences fills the engine's 32 rows for 480 steps (a wave of several seconds: the
+    # window in which 45 short requests are sent and must all be waiting, with no thread each, behind it)
+    long = {"model": "long", "prompt": "Once", "max_tokens": 480, "n": 32, "temperature": 0}
+    short = {"model": "long", "prompt": "Once", "max_tokens": 4, "seed": 3}
+    done, usage = [], []
 
     def ask(body):
         with served.client() as c:
-            assert c.post("/v1/completions", json=body).status_code == 200
+            r = c.post("/v1/completions", json=body)
+            assert r.status_code == 200
+        if body is long:
+            usage.append(r.json()["usage"]["completion_tokens"])
         done.append(body is short)
 
-    with ThreadPoolExecutor(49) as pool:
-        # four requests of 128 sequences first (512 sequences, 32 rows at a time: the first wave takes 120 steps)
-        futures = [pool.submit(ask, long) for _ in range(4)]
+    with ThreadPoolExecutor(46) as pool:
+        futures = [pool.submit(ask, long)]
         with served.client() as c:
             def until(queued):  # sequences in the engine, or a request done (a failure), or a minute
                 deadline = time.time() + 60
                 while not done and time.time() < deadline and sum(
                         e["active"] + e["waiting"] for e in c.get("/v1/batching").json()["data"]) < queued:
                     time.sleep(0.02)
-            until(512)
+            until(32)
             futures += [pool.submit(ask, short) for _ in range(45)]
-            until(512 + 36)  # (with the old threads, 36 short ones could be waiting, no more)
+            until(32 + 40)  # (with the old threads, 39 short ones could be waiting, no more)
             assert c.get("/v1/models").status_code == 200
-            assert not done  # answered while the first wave still decodes, every short one waiting behind it
+            assert not done  # answered while the long wave still decodes, every short one waiting behind it
         for f in futures:
             f.result()
+    assert usage == [32 * 480]  # no sequence ended early: the wave lasted its 480 steps
 
 
 def test_best_of_returns_the_samples_of_highest_mean_logprob_per_token(served):
