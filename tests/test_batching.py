@@ -329,3 +329,28 @@ def test_storage_that_cannot_grow_ends_the_widest_rows_alone():
         events(wide)
     got = {ev.index: ev.ids for ev in events(short) if isinstance(ev, Finish)}
     assert [got[0], got[1]] == [generate_ids(model, [p], greedy)[0] for p in ([5, 9, 11], [40, 41])]
+
+
+def test_the_rows_are_as_many_as_a_third_of_the_free_memory_holds_at_full_context(monkeypatch):
+    """The engine took 32 rows whatever the memory: a large model's cache grew mid-decode until a step ran out of
+    memory, and that ended every row's request. Its rows are now what a third of the free memory holds with each
+    row at the full context (k and v in the model's dtype, and the mask), at least 1."""
+    import lmlab.models.batching as B
+    model = tiny("llama")
+    c = model.config
+    per_row = (2 * c.n_layer * c.n_kv_head * c.head_dim * 4 + 1) * c.block_size
+    monkeypatch.setattr(B, "available_memory", lambda device: 3 * 5 * per_row + 7)
+    engine = BatchEngine(model, Digits(), start=False)
+    assert engine.max_rows == 5
+    monkeypatch.setattr(B, "available_memory", lambda device: 10)
+    assert BatchEngine(model, Digits(), start=False).max_rows == 1
+    monkeypatch.setattr(B, "available_memory", lambda device: None)
+    assert BatchEngine(model, Digits(), max_rows=9, start=False).max_rows == 9
+    greedy = GenerationConfig(max_new_tokens=6, do_sample=False, stop_at_eos=False)
+    prompts = [[5 + i, 9] for i in range(8)]
+    h = engine.submit([(p, greedy) for p in prompts])
+    while engine.rows or engine.waiting:
+        engine.step()
+        assert len(engine.rows) <= 5
+    got = {ev.index: ev.ids for ev in events(h) if isinstance(ev, Finish)}
+    assert [got[i] for i in range(8)] == [generate_ids(model, [p], greedy)[0] for p in prompts]

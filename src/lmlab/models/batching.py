@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .config import ModelConfig
 from .fast import decoder
 from .generation import (
     EOS_ID,
@@ -48,7 +49,7 @@ from .generation import (
     process_logits,
     sampling_generator,
 )
-from .model import KVCache, Transformer
+from .model import KVCache, Transformer, available_memory
 
 
 @dataclass
@@ -146,6 +147,17 @@ class EngineClosed(RuntimeError):
     """submit() on a closed engine: the caller may get the model's engine again and submit there."""
 
 
+def rows_that_fit(cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> int:
+    """Rows of a full-context cache that a third of the free memory holds (at least 1): growing the cache keeps
+    the old one beside the new (twice the size at most) and moving its columns copies them, so a step could
+    otherwise run out of memory mid-decode and end every row's request. A huge number where memory is not told."""
+    have = available_memory(device)
+    if have is None:
+        return 1 << 30
+    per_row = (2 * cfg.n_layer * cfg.n_kv_head * cfg.head_dim * dtype.itemsize + 1) * cfg.block_size  # k, v, mask
+    return max(1, have // (3 * per_row))
+
+
 class BatchEngine:
     """Decodes every submitted sequence of one model in shared steps, up to `max_rows` at a time (the rest
     wait their turn). `max_rows_seen` is the most rows one step has decoded, `steps` the steps taken. The
@@ -153,10 +165,11 @@ class BatchEngine:
 
     def __init__(self, model: Transformer, tokenizer: object, *, max_rows: int = 32,
                  eos_token_id: int | None = None, start: bool = True) -> None:
-        self.model, self.tokenizer, self.max_rows = model.eval(), tokenizer, max_rows
+        self.model, self.tokenizer = model.eval(), tokenizer
         self.eos = eos_token_id if eos_token_id is not None else getattr(tokenizer, "eos_id", EOS_ID)
         params = next(model.parameters())
         self.device, self.dtype = params.device, params.dtype
+        self.max_rows = min(max_rows, rows_that_fit(model.config, self.device, self.dtype))
         self.step_fn = decoder(model)
         self.rows: list[_Sequence] = []       # row r of the cache is rows[r]
         self.k = self.v = self.mask = None    # (n_layer, capacity, K, width, D) and (capacity, width)

@@ -12,6 +12,7 @@ generation, and checked against this file for every config switch (tests/test_fa
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -294,3 +295,16 @@ class Transformer(nn.Module):
     def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
         """Left padding: real tokens count positions from 0, as if the row had no padding."""
         return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Free bytes on `device` (CPU: the kernel's MemAvailable); None where it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

@@ -70,6 +70,7 @@ from ..eval.scorer import bits_per_byte
 from ..files import atomic_write_text, staged_dir
 from ..models import ModelConfig, Transformer, fast
 from ..models.io import TRAINING, save_pretrained
+from ..models.model import available_memory
 from ..models.quant import refuse_quantized
 from .checkpoint import (
     StopOnSignal,
@@ -225,18 +226,6 @@ def measured_peak_flops(device_type: str) -> float:
         a @ b
     sync()
     return 2 * n**3 * reps / (time.perf_counter() - t0)
-
-
-def available_memory(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def check_fits(model_config: ModelConfig, config: TrainConfig, device: torch.device | None = None,
