@@ -148,7 +148,70 @@ def test_import_errors(capsys, model_dir, tmp_path):
     fails(capsys, "special tokens at the wrong ids", "import", "hf", bad, tmp_path / "m")
     fails(capsys, "eos_token_id is 7", "import", "hf", variant("eos", lambda c: c.update(eos_token_id=7)),
           tmp_path / "m")
+    # malformed files were "lmlab: internal error" (AttributeError, JSONDecodeError, UnicodeDecodeError), exit 1
+    for name, index, message in (("list", "[1]", "must be a JSON object, not a list"),
+                                 ("notjson", "{", "is not valid JSON"),
+                                 ("wmstr", '{"weight_map": "x"}', "weight_map must be an object of tensor names to "
+                                                                  "file names, not 'x'")):
+        sharded = variant(f"index-{name}", drop=("model.safetensors",))
+        (sharded / "model.safetensors.index.json").write_text(index)
+        fails(capsys, f"{sharded / 'model.safetensors.index.json'}: {message}" if name == "wmstr" else
+              f"{sharded / 'model.safetensors.index.json'} {message}", "import", "hf", sharded, tmp_path / "m")
+    latin = variant("latin1")
+    (latin / "config.json").write_bytes('{"model_type": "llama", "name": "caf\u00e9"}'.encode("latin-1"))
+    fails(capsys, f"{latin / 'config.json'} is not UTF-8 text", "import", "hf", latin, tmp_path / "m")
     assert not (tmp_path / "m").exists()  # nothing half-written
+
+
+def test_an_output_folder_filled_meanwhile_is_not_replaced(model_dir, tmp_path, monkeypatch):
+    """Without --force the emptiness check ran long before the write, which then replaced whatever another process
+    had put in the folder meanwhile (staged_dir was told to replace it)."""
+    import lmlab.interop.hf as hf
+
+    hf_dir = export_hf(model_dir, tmp_path / "hf")
+    out = tmp_path / "out"
+
+    def meanwhile(real):
+        def call(*args):
+            out.mkdir(exist_ok=True)
+            (out / "config.json").write_text("precious")
+            return real(*args)
+        return call
+
+    monkeypatch.setattr(hf, "load_model_dir", meanwhile(hf.load_model_dir))
+    with pytest.raises(FileExistsError, match="was made by another process meanwhile; nothing was replaced"):
+        export_hf(model_dir, out)
+    assert [f.name for f in out.iterdir()] == ["config.json"] and (out / "config.json").read_text() == "precious"
+    (out / "config.json").unlink()
+    monkeypatch.setattr(hf, "_read_hf_weights", meanwhile(hf._read_hf_weights))
+    with pytest.raises(FileExistsError, match="was made by another process meanwhile; nothing was replaced"):
+        import_hf(hf_dir, out)
+    assert [f.name for f in out.iterdir()] == ["config.json"] and (out / "config.json").read_text() == "precious"
+
+
+def test_empty_and_too_long_output_names_are_refused_before_any_work(capsys, model_dir, tmp_path, monkeypatch):
+    """"" is the current folder to Path: `lmlab import hf SRC ""` replaced ./tokenizer.json. A name of 242-255 bytes
+    (valid) failed after the whole export, naming the hidden temporary ([Errno 36] .../.NAME.XXXXXXXX.tmp)."""
+    hf = export_hf(model_dir, tmp_path / "hf")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    assert fails(capsys, "", "import", "hf", hf, "") == "lmlab: error: MODEL_DIR is empty; name the folder\n"
+    assert fails(capsys, "", "export", "hf", model_dir, " ") == "lmlab: error: OUT_DIR is empty; name the folder\n"
+    assert fails(capsys, "", "export", "gguf", model_dir, "") == "lmlab: error: OUT_FILE is empty; name the file\n"
+    assert list(cwd.iterdir()) == []
+    folder, file = tmp_path / ("é" * 121), tmp_path / ("a" * 237 + ".gguf")  # 242 bytes each
+    for argv, out, limit in ((("export", "hf", model_dir), folder, 241), (("import", "hf", hf), folder, 241),
+                             (("export", "gguf", model_dir), file, 237)):
+        err = fails(capsys, "", *argv, out)
+        assert err == (f"lmlab: error: {out}: the name is 242 bytes, longer than the {limit} an output "
+                       f"{'file' if limit == 237 else 'folder'} name may have (a file name holds 255 bytes, less the "
+                       "temporary name's); choose a shorter one\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cwd", "hf", "model"]
+    # the longest names that fit are written
+    assert run(capsys, "export", "hf", model_dir, tmp_path / ("a" * 241))[0] == 0
+    pytest.importorskip("gguf")
+    assert run(capsys, "export", "gguf", model_dir, tmp_path / ("a" * 232 + ".gguf"))[0] == 0
 
 
 def test_import_replaces_a_previous_model_completely(model_dir, tmp_path):

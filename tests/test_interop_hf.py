@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 transformers = pytest.importorskip("transformers")
 
 from tokenizers import Tokenizer as HFTokenizer  # noqa: E402
-from tokenizers import decoders, models, pre_tokenizers, trainers  # noqa: E402
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
 
 from lmlab.interop import export_hf, from_hf_model, import_hf, to_hf_model, to_hf_tokenizer  # noqa: E402
 from lmlab.models import GenerationConfig, ModelConfig, Transformer, generate  # noqa: E402
@@ -153,6 +153,71 @@ def test_generation_json_becomes_generation_config(tmp_path):
     GenerationConfig(stop_strings=["\n\n"], stop_at_eos=False).save(src / "generation.json")
     gen = transformers.GenerationConfig.from_pretrained(export_hf(src, tmp_path / "hf2"))
     assert (gen.stop_strings, gen.eos_token_id) == (["\n\n"], None)
+    # lmlab's beam search keeps the best beams whatever do_sample says; do_sample true made transformers sample them
+    GenerationConfig(num_beams=4, temperature=0.7).save(src / "generation.json")
+    gen = transformers.GenerationConfig.from_pretrained(export_hf(src, tmp_path / "hf3"))
+    assert (gen.num_beams, gen.do_sample, gen.temperature) == (4, False, None)  # no sampling knob either
+
+
+def test_a_chat_model_export_stops_at_the_end_of_its_turn(tmp_path):
+    """generation_config.json listed <EOS> alone: transformers' generate ran past <|end|> to max_new_tokens (the
+    GGUF export had eot_token_id). Here the model's every next token is <|end|>: the reply is empty in both."""
+    from lmlab.tune import chat
+
+    tok = Tokenizer.train([TEXT], kind="bpe", vocab_size=300)
+    base = Transformer(ModelConfig.preset("gpt2-tiny", vocab_size=len(tok), block_size=64, tie_embeddings=False))
+    model, tok, _ = chat.add_chat_tokens(base.eval(), tok)
+    end = tok.token_to_id(chat.END)
+    with torch.no_grad():  # a constant final hidden state (norm weight 0, bias 1) read by a head that favours <|end|>
+        model.norm_f.weight.zero_()
+        model.norm_f.bias.fill_(1.0)
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[end] = 1.0
+    src = save_pretrained(tmp_path / "chat", model, tok)
+    chat.write_template(src)
+    out = export_hf(src, tmp_path / "hf")
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [3, end]
+    messages = [{"role": "user", "content": "the cat"}]
+    assert chat.generate_reply(model, tok, messages, do_sample=False, max_new_tokens=8) == ""
+    fast = transformers.AutoTokenizer.from_pretrained(out)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    prompt = fast.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    assert prompt["input_ids"][0].tolist() == chat.render(messages, tok, add_generation_prompt=True)[0]
+    new = hf.generate(**prompt, max_new_tokens=8, do_sample=False)[0, prompt["input_ids"].shape[1]:]
+    assert new.tolist() == [end]
+    # and back: the import takes that list (lmlab stops there too), the next export writes it again
+    again = export_hf(import_hf(out, tmp_path / "back"), tmp_path / "hf-again")
+    assert json.loads((again / "generation_config.json").read_text())["eos_token_id"] == [3, end]
+
+
+def test_to_hf_model_merges_lora_adapters_and_refuses_a_quantized_model(tmp_path):
+    """to_hf_model copied the base weights of a model with LoRA adapters (logits off by 4.6 in review) and raised
+    KeyError 'blocks.0.attn.qkv.weight' on an int8 model."""
+    from lmlab.interop._files import load_model_dir
+    from lmlab.models.quant import quantize_dir
+    from lmlab.tune.lora import LoRAConfig, apply_lora, lora_layers
+
+    src, model, _ = trained("llama", tmp_path, steps=1)
+    idx = torch.randint(0, model.config.vocab_size, (1, 20))
+    plain = logits(model, idx)
+    torch.manual_seed(1)
+    apply_lora(model, LoRAConfig(rank=2, tokens=(5, 9)))
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B.normal_(0, 0.2)
+        model.tok_emb.lora_rows.normal_(0, 1.0)
+    adapted = logits(model, idx)
+    assert (adapted - plain).abs().max() > 0.1
+    torch.testing.assert_close(logits(to_hf_model(model), idx), adapted, atol=1e-5, rtol=1e-5)
+    assert (adapted - logits(model, idx)).abs().max() == 0  # the model itself keeps its adapters unmerged
+
+    quantized = quantize_dir(src, tmp_path / "int8", 8)[0]
+    with pytest.raises(ValueError) as refused:
+        load_model_dir(quantized)
+    int8, _ = load_pretrained(quantized)
+    with pytest.raises(ValueError) as e:
+        to_hf_model(int8)
+    assert str(e.value) == str(refused.value).replace(str(quantized), "the model")
 
 
 def _saved_hf(path, config, seed=0):
@@ -205,7 +270,10 @@ def test_llama_configs_refused_or_read_as_transformers_reads_them(tmp_path):
                                                      bos_token_id=2, eos_token_id=3, pad_token_id=0))
     for changes, message in (({"rope_scaling": "linear"}, "rope_scaling must be an object, not 'linear'"),
                              ({"rope_scaling": [1]}, "rope_scaling must be an object, not [1]"),
-                             ({"num_key_value_heads": 0}, "num_key_value_heads must be an integer >= 1, not 0")):
+                             ({"num_key_value_heads": 0}, "num_key_value_heads must be an integer >= 1, not 0"),
+                             # transformers 5 reads rope_parameters', 4 the top-level one: lmlab read the latter
+                             ({"rope_theta": 10000.0, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}},
+                              "rope_theta (10000) and rope_parameters.rope_theta (500000) disagree")):
         saved = (path / "config.json").read_text()
         _edit_config(path, **changes)
         with pytest.raises(ValueError, match=re.escape(message)):
@@ -216,6 +284,27 @@ def test_llama_configs_refused_or_read_as_transformers_reads_them(tmp_path):
     ids = torch.tensor([[5, 9, 17, 33]])
     with torch.no_grad():
         assert (ours(ids).logits - model(ids).logits).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("family, tie", [("gpt2", True), ("gpt2", None), ("llama", True)])
+def test_a_checkpoints_own_head_is_kept_whatever_tie_word_embeddings_says(tmp_path, family, tie):
+    """tie_word_embeddings true (or absent: GPT-2's default) beside an lm_head.weight other than the embedding: the
+    import tied the head and threw the checkpoint's away (logits off by 2.4); transformers 5 keeps it untied."""
+    path = tmp_path / "hf"
+    shape = dict(vocab_size=300, tie_word_embeddings=False, bos_token_id=2, eos_token_id=3)
+    _saved_hf(path, transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=64, **shape)
+              if family == "gpt2" else transformers.LlamaConfig(
+                  hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=64, **shape))
+    config = json.loads((path / "config.json").read_text())
+    config.pop("tie_word_embeddings")
+    (path / "config.json").write_text(json.dumps(config if tie is None else {**config, "tie_word_embeddings": tie}))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    assert not torch.equal(theirs.lm_head.weight, theirs.get_input_embeddings().weight)
+    ours, _ = load_pretrained(import_hf(path, tmp_path / "m"))
+    idx = torch.randint(0, 300, (2, 24))
+    torch.testing.assert_close(logits(ours, idx), logits(theirs, idx), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits(from_hf_model(theirs), idx), logits(theirs, idx), atol=1e-5, rtol=1e-5)
 
 
 def test_tokenizer_files_that_are_not_json_objects_and_named_chat_templates(tmp_path):
@@ -241,9 +330,10 @@ def test_tokenizer_files_that_are_not_json_objects_and_named_chat_templates(tmp_
 
 # ---- a checkpoint whose vocabulary is not lmlab's (the situation of the real GPT-2) -----------------
 
-def gpt2_style_checkpoint(path, *, bare_names: bool = False):
+def gpt2_style_checkpoint(path, *, bare_names: bool = False, post: str | None = None):
     """A GPT-2-like checkpoint: byte-level BPE whose ids 0..3 are ordinary bytes and whose only special
-    token, <|endoftext|>, is the last id (bos = eos = unk), and no pad token."""
+    token, <|endoftext|>, is the last id (bos = eos = unk), and no pad token. `post`: a post-processor's template
+    ("<|endoftext|> $A": BOS first, as Llama's tokenizers do)."""
     hf_tok = HFTokenizer(models.BPE())
     hf_tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf_tok.decoder = decoders.ByteLevel()
@@ -251,6 +341,8 @@ def gpt2_style_checkpoint(path, *, bare_names: bool = False):
         vocab_size=300, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     hf_tok.add_special_tokens(["<|endoftext|>"])
     eot = hf_tok.token_to_id("<|endoftext|>")
+    if post:
+        hf_tok.post_processor = processors.TemplateProcessing(single=post, special_tokens=[("<|endoftext|>", eot)])
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=hf_tok, bos_token="<|endoftext|>",
                                                 eos_token="<|endoftext|>", unk_token="<|endoftext|>")
     config = transformers.GPT2Config(vocab_size=eot + 1, n_embd=32, n_layer=2, n_head=4, n_positions=64,
@@ -290,6 +382,36 @@ def test_foreign_vocabulary_is_imported_and_kept(tmp_path, bare_names):
     torch.testing.assert_close(logits(reloaded, idx), logits(hf, idx), atol=1e-5, rtol=1e-5)
 
 
+def test_a_checkpoints_stop_ids_survive_import_and_export(tmp_path):
+    """eos_token_id [eot, 17] in generation_config.json (a chat checkpoint's end of turn beside its EOS): the import
+    never read it and the export wrote the tokenizer's EOS alone, so transformers ran past 17 after the trip."""
+    _, fast = gpt2_style_checkpoint(tmp_path / "gpt2")
+    eot = fast.eos_token_id
+    gen = tmp_path / "gpt2" / "generation_config.json"
+    gen.write_text(json.dumps({**json.loads(gen.read_text()), "eos_token_id": [eot, 17]}))
+    out = export_hf(import_hf(tmp_path / "gpt2", tmp_path / "lmlab"), tmp_path / "hf-again")
+    assert transformers.GenerationConfig.from_pretrained(out).eos_token_id == [eot, 17]
+    config = tmp_path / "gpt2" / "config.json"  # without generation_config.json: config.json's list
+    gen.unlink()
+    config.write_text(json.dumps({**json.loads(config.read_text()), "eos_token_id": [eot, 18]}))
+    out = export_hf(import_hf(tmp_path / "gpt2", tmp_path / "lmlab2"), tmp_path / "hf-again2")
+    assert transformers.GenerationConfig.from_pretrained(out).eos_token_id == [eot, 18]
+    for value in ([eot, 999], "x"):
+        config.write_text(json.dumps({**json.loads(config.read_text()), "eos_token_id": value}))
+        message = f"{config}: eos_token_id must be a token id below {eot + 1} or a list of them, not {value!r}"
+        with pytest.raises(ValueError, match=re.escape(message)):
+            import_hf(tmp_path / "gpt2", tmp_path / "lmlab3")
+    # lmlab's own vocabulary: generation stops at <EOS> (and a chat model's <|end|>) only, so another id is refused
+    src, _, _ = trained("gpt2", tmp_path, steps=0)
+    hf = export_hf(src, tmp_path / "hf")
+    gen = hf / "generation_config.json"
+    gen.write_text(json.dumps({**json.loads(gen.read_text()), "eos_token_id": [3, 7]}))
+    with pytest.raises(ValueError, match=re.escape("stops generation at ids [3, 7] (eos_token_id), but an lmlab model "
+                                                   "stops only at 3")):
+        import_hf(hf, tmp_path / "m")
+    assert not (tmp_path / "m").exists() and not (tmp_path / "lmlab3").exists()
+
+
 def test_foreign_vocabulary_exports_to_gguf_with_its_own_specials(tmp_path):
     gguf = pytest.importorskip("gguf")
     from lmlab.interop import export_gguf
@@ -310,3 +432,35 @@ def test_foreign_vocabulary_exports_to_gguf_with_its_own_specials(tmp_path):
     with torch.no_grad():
         expected = hf(torch.tensor([ids])).logits[0].numpy()
     assert abs(llm.scores[: len(ids)] - expected).max() < 1e-2
+
+
+def test_gguf_adds_bos_when_the_checkpoints_tokenizer_does(tmp_path):
+    """add_bos_token was always false: for a tokenizer whose post-processor puts BOS first (Llama's), llama.cpp
+    saw other prompt ids than transformers. A post-processor that adds what llama.cpp cannot is refused."""
+    gguf = pytest.importorskip("gguf")
+    from lmlab.interop import export_gguf
+
+    _, fast = gpt2_style_checkpoint(tmp_path / "gpt2", post="<|endoftext|> $A")
+    text, eot = "the fox ran into the wood", fast.eos_token_id
+    assert fast(text).input_ids[0] == eot
+    path = export_gguf(import_hf(tmp_path / "gpt2", tmp_path / "lmlab"), tmp_path / "bos.gguf").path
+    fields = {k: f.contents() for k, f in gguf.GGUFReader(path).fields.items()}
+    assert (fields["tokenizer.ggml.add_bos_token"], fields["tokenizer.ggml.add_eos_token"]) == (True, False)
+
+    file = tmp_path / "lmlab" / "hf_tokenizer" / "tokenizer.json"
+    for template, added in (("$A <|endoftext|>", (False, True)),
+                            ("<|endoftext|> $A <|endoftext|> <|endoftext|>", None)):
+        tok = HFTokenizer.from_file(str(file))
+        tok.post_processor = processors.TemplateProcessing(single=template, special_tokens=[("<|endoftext|>", eot)])
+        tok.save(str(file))
+        if added is None:
+            with pytest.raises(ValueError, match="llama.cpp can only add BOS before and EOS after a text"):
+                export_gguf(tmp_path / "lmlab", tmp_path / "odd.gguf")
+            continue
+        fields = gguf.GGUFReader(export_gguf(tmp_path / "lmlab", tmp_path / "eos.gguf").path).fields
+        assert (fields["tokenizer.ggml.add_bos_token"].contents(), fields["tokenizer.ggml.add_eos_token"].contents()) \
+            == added
+    assert not (tmp_path / "odd.gguf").exists()
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=2, verbose=False)
+    assert llm.tokenize(text.encode()) == fast(text).input_ids

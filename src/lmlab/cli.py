@@ -1155,10 +1155,19 @@ def _export_arguments(p: argparse.ArgumentParser) -> None:
                         "shows each tensor's type, any fallback to f16 and why, and the bits per weight")
 
 
+def _refuse_empty(args: argparse.Namespace, *names: str) -> None:
+    """A positional folder or file name "" is the current folder to Path, as an empty --out is (main refuses it):
+    `lmlab import hf SRC ""` replaced ./tokenizer.json."""
+    for name in names:
+        if getattr(args, name, None) is not None and not getattr(args, name).strip():
+            raise ValueError(f"{name.upper()} is empty; name the {'file' if name == 'out_file' else 'folder'}")
+
+
 @command("export", "export a model: lmlab export hf MODEL_DIR OUT_DIR | lmlab export gguf MODEL_DIR OUT.gguf",
          _export_arguments)
 def _export(args: argparse.Namespace) -> int:
     from .interop import export_gguf, export_hf
+    _refuse_empty(args, "model_dir", "out_dir", "out_file")
     try:
         if args.format == "hf":
             out = export_hf(args.model_dir, args.out_dir, overwrite=args.force)
@@ -1186,6 +1195,7 @@ def _import_arguments(p: argparse.ArgumentParser) -> None:
 @command("import", "import a model: lmlab import hf HF_DIR MODEL_DIR", _import_arguments)
 def _import(args: argparse.Namespace) -> int:
     from .interop import import_hf
+    _refuse_empty(args, "hf_dir", "model_dir")
     out = import_hf(args.hf_dir, args.model_dir, overwrite=args.force)
     if (out / "tokenizer.json").is_file():
         print(f"wrote {out} (continue training with: lmlab train SOURCES --init {out} --out RUN_DIR)")

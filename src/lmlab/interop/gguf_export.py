@@ -25,9 +25,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer as HFTokenizer
 
 from ..models import ModelConfig
-from ._files import ModelDir, load_model_dir, staged_file
+from ._files import ModelDir, check_out_name, end_of_turn_id, load_model_dir, staged_file
 from .hf_mapping import hf_config_dict
 
 DTYPES = ("f32", "f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
@@ -168,6 +169,24 @@ def _vocab(md: ModelDir, vocab_size: int) -> tuple[list[str], list[int], list[st
     return tokens, [int(t) for t in types], merges
 
 
+def _added_specials(md: ModelDir) -> tuple[bool, bool]:
+    """(add_bos_token, add_eos_token): what the tokenizer's post-processor puts around an encoded text, which
+    llama.cpp must do too to see the prompt ids transformers sees. lmlab's tokenizers add nothing; a checkpoint's
+    may prepend BOS (Llama's). Anything else (a template that adds other tokens) has no llama.cpp equivalent."""
+    tok = HFTokenizer.from_str(md.tokenizer.to_str())
+    tok.no_padding()  # padding or truncation would change both encodings, not what the post-processor adds
+    tok.no_truncation()
+    text = "a b"
+    plain, full = tok.encode(text, add_special_tokens=False).ids, tok.encode(text, add_special_tokens=True).ids
+    bos = md.specials.bos is not None and full[:1] == [md.specials.bos]
+    rest = full[1:] if bos else full
+    eos = md.specials.eos is not None and rest == plain + [md.specials.eos]
+    if not eos and rest != plain:
+        raise ValueError(f"the tokenizer encodes {text!r} as {full}, not {plain} (its post-processor); llama.cpp can "
+                         "only add BOS before and EOS after a text, so the GGUF would see other prompt ids")
+    return bos, eos
+
+
 def _is_gguf(file: Path) -> bool:
     with open(file, "rb") as f:
         return f.read(4) == b"GGUF"
@@ -182,6 +201,7 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, *, dtype: str = "f3
     `out_path` is replaced only with overwrite=True, and never when it is a folder or a file of the model
     directory (its weights would be the GGUF) other than an earlier GGUF export."""
     out = Path(out_path)
+    check_out_name(out, file=True)
     if out.is_dir():
         raise IsADirectoryError(f"{out} is a folder; name the .gguf file to write in it")
     if out.is_file() and out.resolve().is_relative_to(Path(model_dir).resolve()) and not _is_gguf(out):
@@ -200,6 +220,7 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, *, dtype: str = "f3
                          f"norm); GGUF export supports {', '.join(GGUF_ARCHITECTURES)}")
     hf_config_dict(cfg)  # ValueError for switches the standard architecture lacks (llama.cpp would misread them)
     tokens, types, merges = _vocab(md, cfg.vocab_size)
+    add_bos, add_eos = _added_specials(md)
     state = {k: v.detach().to("cpu", torch.float32) for k, v in md.model.state_dict().items()}
     tensors = {name: t.contiguous().numpy() for name, t in gguf_tensors(state, cfg).items()}
     plan = gguf_plan(tensors, dtype)
@@ -232,12 +253,12 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, *, dtype: str = "f3
                               (w.add_unk_token_id, md.specials.unk), (w.add_pad_token_id, md.specials.pad)):
             if token_id is not None:
                 add(token_id)
-        w.add_add_bos_token(False)  # lmlab prompts start with text, not <BOS>; llama.cpp should match
-        w.add_add_eos_token(False)
+        w.add_add_bos_token(add_bos)  # lmlab's prompts start with text, not <BOS>; a checkpoint's may not
+        w.add_add_eos_token(add_eos)
         if md.chat_template:
             w.add_chat_template(md.chat_template)
-            end = md.tokenizer.token_to_id("<|end|>")  # lmlab's end of turn (lmlab.tune.chat.END)
-            if end is not None and "<|end|>" in md.chat_template:
+            end = end_of_turn_id(md.tokenizer, md.chat_template)
+            if end is not None:
                 w.add_eot_token_id(end)  # llama.cpp's chat stops a reply there, not only at <EOS>
         for t in plan.tensors:
             qtype = gguf.GGMLQuantizationType[t.type.upper()]

@@ -28,15 +28,22 @@ from tokenizers import Tokenizer as HFTokenizer
 from ..files import refuse_nonempty
 from ..models import GenerationConfig, Transformer
 from ..models.io import GENERATION, TRAINING, require_size, save_pretrained
-from ..tokenizers import SPECIAL_TOKENS, Tokenizer
+from ..models.quant import QuantEmbedding, QuantLinear
+from ..tokenizers import EOS_ID, SPECIAL_TOKENS, Tokenizer
 from ._files import (
     CHAT_TEMPLATE,
     CONFIG,
+    GENERATION_CONFIG,
     HF_TOKENIZER_DIR,
     LMLAB_SPECIALS,
+    QUANTIZED,
     TOKENIZER,
     WEIGHTS,
     Specials,
+    _json_object,
+    check_out_name,
+    end_of_turn_id,
+    eos_token_ids,
     load_model_dir,
     read_hf_tokenizer_files,
     staged_dir,
@@ -74,10 +81,25 @@ def _transformers():
 
 # ---- in memory (llm-arch-research's HFAdapter / HFTokenizerAdapter) ---------------------------------
 
+def _weights(model: Transformer) -> dict[str, torch.Tensor]:
+    """The weights a plain Transformer would hold: LoRA adapters (tune/lora.py) merged in, as `lmlab lora merge`
+    writes them (the base weights alone gave other logits, by 4.6 on a test model); a quantized model refused."""
+    if any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules()):  # integer buffers, other names
+        raise ValueError(f"the model {QUANTIZED}")
+    state = dict(model.state_dict())
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if hasattr(m, "effective_weight"):  # duck-typed as fast.py does: this layer sits below tune
+                state[f"{name}.weight"] = m.effective_weight()
+    return {k: v.detach().to("cpu", torch.float32) for k, v in state.items()}
+
+
 def to_hf_model(model: Transformer, *, specials: Specials = LMLAB_SPECIALS) -> Any:
     """The transformers-native model (GPT2LMHeadModel, LlamaForCausalLM or OpenAIGPTLMHeadModel) holding a
-    copy of `model`'s weights, in eval mode. Raises ValueError if the model has switches the class lacks."""
+    copy of `model`'s weights (LoRA adapters merged in), in eval mode. Raises ValueError if the model has switches
+    the class lacks, or is quantized."""
     tf = _transformers()
+    state = _weights(model)
     cfg = model.config
     family_classes = {"gpt2": (tf.GPT2Config, tf.GPT2LMHeadModel), "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
                       "gpt": (tf.OpenAIGPTConfig, tf.OpenAIGPTLMHeadModel)}
@@ -85,7 +107,6 @@ def to_hf_model(model: Transformer, *, specials: Specials = LMLAB_SPECIALS) -> A
     kwargs = hf_config_dict(cfg, bos_token_id=specials.bos, eos_token_id=specials.eos)
     config = config_cls(**kwargs, architectures=[HF_ARCHITECTURES[cfg.family]])
     hf = model_cls(config)
-    state = {k: v.detach().to("cpu", torch.float32) for k, v in model.state_dict().items()}
     missing, unexpected = hf.load_state_dict(to_hf_state_dict(state, cfg), strict=False)
     params = {name for name, _ in hf.named_parameters(remove_duplicate=False)}
     if unexpected or params & set(missing):  # only non-weight buffers may stay as the class made them
@@ -123,8 +144,8 @@ def to_hf_tokenizer(tokenizer: Tokenizer | HFTokenizer, *, special_tokens: dict[
 def from_hf_model(hf_model: Any) -> Transformer:
     """A transformers GPT2LMHeadModel / LlamaForCausalLM / OpenAIGPTLMHeadModel -> an lmlab Transformer
     with the same weights (fp32, eval mode)."""
-    cfg = model_config_from_hf(hf_model.config)
     state = {k: v.detach().to("cpu", torch.float32) for k, v in hf_model.state_dict().items()}
+    cfg = _own_head(state, model_config_from_hf(hf_model.config))
     model = Transformer(cfg)
     model.load_state_dict(_mapped(state, cfg, "the model"))
     return model.eval()
@@ -132,15 +153,18 @@ def from_hf_model(hf_model: Any) -> Transformer:
 
 # ---- files -----------------------------------------------------------------------------------------
 
-def _hf_generation_config(tf: Any, ours: GenerationConfig, specials: Specials) -> Any:
+def _hf_generation_config(tf: Any, ours: GenerationConfig, specials: Specials, eos: int | list[int] | None) -> Any:
     """generation.json's defaults in transformers' spelling (sampling knobs only when sampling; stop strings,
-    which transformers' generate applies when given the tokenizer; no EOS id when generation goes past EOS)."""
-    kwargs: dict[str, Any] = dict(bos_token_id=specials.bos, eos_token_id=specials.eos if ours.stop_at_eos else None,
+    which transformers' generate applies when given the tokenizer; no EOS id when generation goes past EOS).
+    lmlab's beam search takes the best beams, whatever do_sample says: with num_beams > 1 transformers samples
+    the beams when do_sample is true, so it is false there."""
+    sample = not ours.greedy and ours.num_beams == 1
+    kwargs: dict[str, Any] = dict(bos_token_id=specials.bos, eos_token_id=eos if ours.stop_at_eos else None,
                                   pad_token_id=specials.pad, max_new_tokens=ours.max_new_tokens,
-                                  do_sample=not ours.greedy, num_beams=ours.num_beams)
+                                  do_sample=sample, num_beams=ours.num_beams)
     if ours.stop_strings:
         kwargs["stop_strings"] = list(ours.stop_strings)
-    if not ours.greedy:
+    if sample:
         kwargs.update(temperature=ours.temperature, top_k=ours.top_k, top_p=ours.top_p)
     if ours.repetition_penalty != 1.0:
         kwargs["repetition_penalty"] = ours.repetition_penalty
@@ -151,18 +175,24 @@ def _hf_generation_config(tf: Any, ours: GenerationConfig, specials: Specials) -
 
 def export_hf(model_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Write `model_dir` as a transformers-native checkpoint in `out_dir`: a new or empty folder, or with
-    overwrite=True one whose checkpoint files are replaced (and a previous export's leftovers removed)."""
+    overwrite=True one whose checkpoint files are replaced (and a previous export's leftovers removed).
+    generation_config.json stops at every id of the model's eos_ids: a chat model's <|end|> too (its reply ends
+    there), or the list the imported checkpoint had."""
+    check_out_name(out_dir)
     if not overwrite and Path(out_dir).resolve() != Path(model_dir).resolve():  # that one: staged_dir's error
         refuse_nonempty(Path(out_dir))
     tf = _transformers()
     md = load_model_dir(model_dir)
     hf_model = to_hf_model(md.model, specials=md.specials)
+    eos = list(md.eos_ids) if len(md.eos_ids) > 1 else md.eos_ids[0] if md.eos_ids else None
+    hf_model.generation_config.eos_token_id = eos
     if (md.path / GENERATION).is_file():
         hf_model.generation_config = _hf_generation_config(
-            tf, GenerationConfig.load(md.path / GENERATION), md.specials)
+            tf, GenerationConfig.load(md.path / GENERATION), md.specials, eos)
     fast = to_hf_tokenizer(md.tokenizer, special_tokens=md.special_tokens,
                            model_max_length=md.model.config.block_size, chat_template=md.chat_template)
-    with staged_dir(Path(out_dir), refuse=md.path, stale=_HF_STALE) as tmp, _no_progress_bars(tf):
+    # replace=overwrite: a folder another process filled since the check above is refused, not replaced
+    with staged_dir(Path(out_dir), refuse=md.path, stale=_HF_STALE, replace=overwrite) as tmp, _no_progress_bars(tf):
         hf_model.save_pretrained(tmp)
         fast.save_pretrained(tmp)
         # transformers 5 writes its new class name, which transformers 4 cannot resolve; the classic name
@@ -193,7 +223,10 @@ def _read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     if single.is_file():
         files = [single]
     elif index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        weight_map = _json_object(index).get("weight_map", {})
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index}: weight_map must be an object of tensor names to file names, not "
+                             f"{weight_map!r:.60}")
         files = [folder / name for name in sorted(set(weight_map.values()))]
         for f in files:
             if f.parent != folder or not f.is_file():
@@ -210,6 +243,18 @@ def _read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError) as exc:
             raise ValueError(f"{f} is not a readable safetensors file: {exc}") from None
     return {k: v.to(torch.float32) for k, v in state.items()}
+
+
+def _own_head(state: dict[str, torch.Tensor], cfg: Any) -> Any:
+    """`cfg` untied when the weights hold an output head other than the embedding, whatever tie_word_embeddings
+    says (true, or absent: GPT-2's default): transformers 5 then keeps the checkpoint's head, and so does lmlab
+    (tying threw it away, logits off by 2.4 on a test model)."""
+    head = state.get("lm_head.weight")
+    emb_name = hf_prefixes(cfg.family)[1]["tok_emb.weight"]
+    emb = state.get(emb_name, state.get(emb_name.split(".", 1)[1]))  # bare-model names: "wte.weight"
+    if cfg.tie_embeddings and head is not None and emb is not None and not torch.equal(head, emb):
+        return dataclasses.replace(cfg, tie_embeddings=False)
+    return cfg
 
 
 def _mapped(state: dict[str, torch.Tensor], cfg: Any, source: str) -> dict[str, torch.Tensor]:
@@ -245,6 +290,16 @@ def _normalised(hf: HFTokenizer) -> HFTokenizer:
     return HFTokenizer.from_str(json.dumps(data))
 
 
+def _stop_ids(hf_dir: Path, hf_config: dict[str, Any], vocab_size: int) -> list[int]:
+    """Where the checkpoint's generation stops: generation_config.json's eos_token_id (what transformers'
+    generate reads), else config.json's."""
+    file = hf_dir / GENERATION_CONFIG
+    generation = _json_object(file)
+    if "eos_token_id" not in generation:
+        file, generation = hf_dir / CONFIG, hf_config
+    return eos_token_ids(generation.get("eos_token_id"), file, vocab_size)
+
+
 def import_hf(hf_dir: str | Path, model_dir: str | Path, overwrite: bool = False) -> Path:
     """Read a local transformers checkpoint (GPT-2, Llama or GPT-1 causal LM: config.json, safetensors and
     a fast tokenizer) into an lmlab model directory.
@@ -252,21 +307,20 @@ def import_hf(hf_dir: str | Path, model_dir: str | Path, overwrite: bool = False
     If the tokenizer puts lmlab's four specials at ids 0..3 (every lmlab export does), it becomes the
     model's tokenizer.json. If it has none of them (real GPT-2: ids 0..3 are ``! " # $``), the model is
     imported all the same, its tokenizer files are kept unchanged in `hf_tokenizer/` (exports use them),
-    and pad_token_id comes from the checkpoint. Having them at other ids is an error. `model_dir` must be new
-    or empty, unless overwrite=True: then the model it holds is replaced completely."""
+    and pad_token_id comes from the checkpoint; its stop ids (eos_token_id of generation_config.json, else of
+    config.json), where they are not just the tokenizer's EOS, are kept in `hf_tokenizer/generation_config.json`
+    for the exports. Having lmlab's specials at other ids is an error, and so is, with them, a stop id other than
+    <EOS> (or a chat model's <|end|>), where lmlab's generation would not stop. `model_dir` must be new or empty,
+    unless overwrite=True: then the model it holds is replaced completely."""
     hf_dir = Path(hf_dir)
+    check_out_name(model_dir)
     if not overwrite and Path(model_dir).resolve() != hf_dir.resolve():  # that one: staged_dir's error
         refuse_nonempty(Path(model_dir))
     if not hf_dir.is_dir():
         raise FileNotFoundError(f"checkpoint folder not found: {hf_dir}")
     if not (hf_dir / CONFIG).is_file():
         raise FileNotFoundError(f"{hf_dir} is not a transformers checkpoint: {CONFIG} is missing")
-    try:
-        hf_config = json.loads((hf_dir / CONFIG).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{hf_dir / CONFIG} is not valid JSON: {exc}") from None
-    if not isinstance(hf_config, dict):
-        raise ValueError(f"{hf_dir / CONFIG} must be a JSON object")
+    hf_config = _json_object(hf_dir / CONFIG)  # ValueError naming it: not UTF-8, not JSON, not an object
     try:
         cfg = model_config_from_hf(hf_config)
     except KeyError as exc:
@@ -298,21 +352,34 @@ def import_hf(hf_dir: str | Path, model_dir: str | Path, overwrite: bool = False
     elif cfg.pad_token_id is None and "pad_token" in names:
         cfg = dataclasses.replace(cfg, pad_token_id=tokenizer.token_to_id(names["pad_token"]))
 
+    stop_ids = _stop_ids(hf_dir, hf_config, cfg.vocab_size)
+    if ours is not None:
+        allowed = [EOS_ID] + [i for i in [end_of_turn_id(ours.hf, template)] if i is not None]
+        if not set(stop_ids) <= set(allowed):  # lmlab's generation stops at those only: refused, not dropped
+            raise ValueError(f"{hf_dir} stops generation at ids {stop_ids} (eos_token_id), but an lmlab model stops "
+                             f"only at {' and '.join(map(str, allowed))}; remove the others from its "
+                             f"{GENERATION_CONFIG} to import it")
     weights = _read_hf_weights(hf_dir)
     require_size(cfg, sum(t.numel() for t in weights.values()), hf_dir / CONFIG)
+    cfg = _own_head(weights, cfg)
     model = Transformer(cfg)
     try:
         model.load_state_dict(_mapped(weights, cfg, str(hf_dir)))
     except RuntimeError as exc:  # shapes in the weights disagree with config.json
         raise ValueError(f"{hf_dir} weights do not match its {CONFIG}: {str(exc).splitlines()[-1].strip()}") from None
 
-    with staged_dir(Path(model_dir), refuse=hf_dir, stale=_LMLAB_STALE) as tmp:
+    # replace=overwrite: a folder another process filled since the check above is refused, not replaced
+    with staged_dir(Path(model_dir), refuse=hf_dir, stale=_LMLAB_STALE, replace=overwrite) as tmp:
         save_pretrained(tmp, model, ours)
         if ours is None:
             (tmp / HF_TOKENIZER_DIR).mkdir()
             for name in (TOKENIZER, "tokenizer_config.json", "special_tokens_map.json", CHAT_TEMPLATE):
                 if (hf_dir / name).is_file():
                     shutil.copyfile(hf_dir / name, tmp / HF_TOKENIZER_DIR / name)
+            eos_name = names.get("eos_token")
+            if stop_ids != ([] if eos_name is None else [tokenizer.token_to_id(eos_name)]):  # exports write them
+                (tmp / HF_TOKENIZER_DIR / GENERATION_CONFIG).write_text(
+                    json.dumps({"eos_token_id": stop_ids}) + "\n", encoding="utf-8")
         elif template:
             (tmp / CHAT_TEMPLATE).write_text(template, encoding="utf-8")
     return Path(model_dir)

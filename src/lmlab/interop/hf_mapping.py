@@ -202,12 +202,20 @@ def model_config_from_hf(hf: Any) -> ModelConfig:
         width, heads = f.int("hidden_size"), f.int("num_attention_heads")
         if f.int("head_dim", width // heads, low=0) != width // heads:
             raise ValueError(f"head_dim {d['head_dim']} != hidden_size / num_attention_heads is not supported")
-        theta = d.get("rope_theta") or f.obj("rope_parameters").get("rope_theta", 10000.0)
+        # transformers 4 reads rope_theta, 5 rope_parameters.rope_theta: a config holding both, unequal, gives
+        # other logits in each, so it is refused rather than read as one of them
+        key = "rope_parameters.rope_theta"
+        nested = _Fields({key: f.obj("rope_parameters").get("rope_theta")})
+        top = f.float("rope_theta") if d.get("rope_theta") is not None else None
+        theta = nested.float(key) if nested.d[key] is not None else top if top is not None else 10000.0
+        if top is not None and top != theta:
+            raise ValueError(f"rope_theta ({top:g}) and {key} ({theta:g}) disagree (transformers 4 reads the first, "
+                             "5 the second); make them equal")
         return ModelConfig(family="llama", vocab_size=f.int("vocab_size"), n_layer=f.int("num_hidden_layers"),
                            n_head=heads, n_embd=width, n_kv_head=f.int("num_key_value_heads", heads),
                            intermediate_size=f.int("intermediate_size"),
                            block_size=f.int("max_position_embeddings"), norm_eps=f.float("rms_norm_eps"),
-                           rope_theta=_Fields({"rope_theta": theta}).float("rope_theta"),
+                           rope_theta=theta,
                            tie_embeddings=f.bool("tie_word_embeddings", False), pad_token_id=pad,
                            dropout=f.float("attention_dropout", 0.0), init_std=init_std)
     act = f.str("activation_function" if family == "gpt2" else "afn", "gelu_new" if family == "gpt2" else "gelu")
