@@ -218,8 +218,21 @@ def test_a_folder_with_results_is_not_overwritten(model_dir, tmp_path, capsys):
     assert main(["lab", "interp", "lens", "--model", str(model_dir), "--prompt", "the cat", "--out", str(out)]) == 0
     before = (out / "results.json").read_bytes()
     assert main(["lab", "interp", "lens", "--model", str(model_dir), "--prompt", "the dog", "--out", str(out)]) == 2
-    assert f"{out} already holds results.json; choose another --out" in capsys.readouterr().err
+    assert f"{out} exists and is not an empty folder; choose another --out" in capsys.readouterr().err
     assert (out / "results.json").read_bytes() == before
+
+
+def test_a_folder_of_the_users_files_is_not_overwritten(model_dir, tmp_path, capsys):
+    """Without results.json in it, a folder's report.html and lens.png were replaced by the report's."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "report.html").write_text("my precious notes")
+    (out / "lens.png").write_bytes(b"my plot")
+    assert main(["lab", "interp", "lens", "--model", str(model_dir), "--prompt", "the cat", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (f"lmlab: error: {out} exists and is not an empty folder; choose another --out "
+                                       "(nothing is overwritten)\n")
+    assert (out / "report.html").read_text() == "my precious notes" and (out / "lens.png").read_bytes() == b"my plot"
+    assert sorted(p.name for p in out.iterdir()) == ["lens.png", "report.html"]
 
 
 def test_top_k_past_the_vocabulary_keeps_every_token():

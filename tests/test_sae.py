@@ -216,7 +216,7 @@ def test_cli_trains_saves_and_browses(model_dir, tmp_path, capsys):
     assert main(argv[:-1] + [str(tmp_path / "again")]) == 2  # the saved SAE is never overwritten
     assert "already exists" in capsys.readouterr().err
     assert main(argv) == 2  # nor a report
-    assert "already holds results.json" in capsys.readouterr().err
+    assert "exists and is not an empty folder" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [
