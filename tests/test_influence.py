@@ -106,6 +106,14 @@ def test_spearman_with_ties():
     r = np.array([1.5, 1.5, 3, 4]) - 2.5
     assert spearman([5, 5, 6, 7], [1, 2, 3, 4]) == pytest.approx(float(r @ (np.arange(1, 5) - 2.5)) /
                                                                math.sqrt(float(r @ r) * 5.0))
+def test_the_lab_checks_its_seeds_before_it_trains(tmp_path):
+    from lmlab.lab.influence import InfluenceLabConfig, run_influence_lab
+    for seeds in ([], [1, 1]):  # []: an IndexError after the work; a seed twice: the same work twice
+        with pytest.raises(ValueError, match=r"^--seeds \(.*\) must be distinct integers"):
+            run_influence_lab(tmp_path / "inf", seeds, InfluenceLabConfig.quick())
+    assert not (tmp_path / "inf").exists()
+
+
 @pytest.mark.slow
 def test_tracin_ranks_documents_like_leave_one_out(tmp_path):
     """The must-show: 200 documents, a 0.19M model, rho >= 0.3 against true (deterministic) leave-one-out."""

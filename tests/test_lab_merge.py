@@ -71,3 +71,18 @@ def test_an_existing_folder_is_refused(tmp_path, capsys):
     assert main(["lab", "merge", "--quick", "--out", str(tmp_path)]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
     assert (tmp_path / "mine.txt").read_text() == "keep"
+
+
+def test_seeds_and_preset_are_checked_before_anything_is_written(tmp_path):
+    """No seed was a StatisticsError after out/data was written; a seed twice trained its models, then found the
+    second's folder taken; an unknown preset was refused once out/data was there."""
+    from lmlab.lab.merge import MergeLabConfig, run_merge_lab
+
+    cfg = MergeLabConfig(parent_steps=1, finetune_steps=1, points=3, vocab_size=300, stories=5)
+    for seeds in ([], [0, 0], [-1]):
+        with pytest.raises(ValueError, match=r"^--seeds \(.*\) must be distinct integers from 0 to 2\^31 - 1, at "
+                                             "least one"):
+            run_merge_lab(tmp_path / "m", seeds, cfg)
+    assert not (tmp_path / "m").exists()
+    with pytest.raises(ValueError, match=r"^preset \('nope'\) is unknown; choose one of gpt-tiny, "):
+        MergeLabConfig(preset="nope")

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..configs import validate
+from ..configs import parse_seeds, validate
 from ..models import ModelConfig, Transformer
 from ..tokenizers import Tokenizer
 from .facts.data import pseudo_words
@@ -253,6 +253,7 @@ def run_influence_lab(out: str | Path, seeds: list[int], cfg: InfluenceLabConfig
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} exists and is not empty; choose a new folder")
+    seeds = parse_seeds(seeds)  # none was an IndexError after the work
     t0 = time.perf_counter()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread: the same arithmetic in every retraining (and a fair share of the host)

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..configs import knob, validate
+from ..configs import knob, parse_seeds, validate
 from ..data import TokenDataset, prepare_texts
 from ..models import ModelConfig, Transformer
 from ..models.io import load_pretrained
@@ -61,6 +61,8 @@ class MergeLabConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.points < 3:
             raise ValueError(f"points must be >= 3 (both ends and a middle), got {self.points}")
+        # an unknown preset (or one the sizes above do not fit) was refused only after out/data was written
+        ModelConfig.preset(self.preset, vocab_size=self.vocab_size, block_size=self.block_size)
 
     @classmethod
     def quick(cls) -> MergeLabConfig:
@@ -110,6 +112,8 @@ def run_merge_lab(out: str | Path, seeds: list[int], cfg: MergeLabConfig, comman
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} exists and is not empty; choose a new folder")
+    # before out/data: none was a StatisticsError after it, one twice trained and then found its folder taken
+    seeds = parse_seeds(seeds)
     t0, cpu0 = time.perf_counter(), time.process_time()
     text = demo_corpus(n_stories=cfg.stories, seed=0)
     tok = Tokenizer.train([text], kind="bpe", vocab_size=cfg.vocab_size)
