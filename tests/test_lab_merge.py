@@ -46,6 +46,8 @@ def test_path_ends_are_the_models_and_the_barrier_is_the_formula(quick):
         np.mean([r["siblings (linear)"]["barrier"] for r in res["per_seed"]]))
     assert table["siblings (linear)"]["barrier (nats)_std"] == pytest.approx(
         np.std([r["siblings (linear)"]["barrier"] for r in res["per_seed"]], ddof=1))
+    mid = [r["siblings (linear)"]["loss"][r["siblings (linear)"]["t"].index(0.5)] for r in res["per_seed"]]
+    assert table["siblings (linear)"]["midpoint loss"] == pytest.approx(np.mean(mid))
     assert (out / "paths.png").stat().st_size > 0 and "merge" in (out / "report.html").read_text()
 
 
@@ -86,3 +88,6 @@ def test_seeds_and_preset_are_checked_before_anything_is_written(tmp_path):
     assert not (tmp_path / "m").exists()
     with pytest.raises(ValueError, match=r"^preset \('nope'\) is unknown; choose one of gpt-tiny, "):
         MergeLabConfig(preset="nope")
+    for points in (4, 2):  # 4: the "midpoint loss" was the one at t = 2/3
+        with pytest.raises(ValueError, match=rf"^points must be odd and >= 3 \(both ends and t = 0.5\), got {points}$"):
+            MergeLabConfig(points=points)

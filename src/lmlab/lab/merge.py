@@ -45,7 +45,7 @@ from .facts.report import line_plot, write_report
 class MergeLabConfig:
     parent_steps: int = 300
     finetune_steps: int = 150
-    points: int = 11              # values of t on each path, 0 and 1 included
+    points: int = 11              # values of t on each path, 0, 0.5 and 1 included (odd)
     preset: str = "llama-tiny"
     block_size: int = knob(64, "context of every model", ge=1)
     vocab_size: int = knob(512, "the BPE tokenizer's vocabulary (4 specials + 256 bytes at least)", ge=260)
@@ -59,8 +59,8 @@ class MergeLabConfig:
         for name in ("parent_steps", "finetune_steps", "batch_size", "stories"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.points < 3:
-            raise ValueError(f"points must be >= 3 (both ends and a middle), got {self.points}")
+        if self.points < 3 or self.points % 2 == 0:  # the report's midpoint loss is the middle point's
+            raise ValueError(f"points must be odd and >= 3 (both ends and t = 0.5), got {self.points}")
         # an unknown preset (or one the sizes above do not fit) was refused only after out/data was written
         ModelConfig.preset(self.preset, vocab_size=self.vocab_size, block_size=self.block_size)
 
