@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -177,6 +178,20 @@ def test_a_runs_passages_scored_on_a_target_equal_autograds_sum_over_its_checkpo
     assert [h["TracIn score"] for h in res["helped"]] == [v for v in scores[:10] if v > 0]
     assert [h["TracIn score"] for h in res["hurt"]] == [v for v in scores[::-1][:10] if v < 0]
     assert res["helped"][0]["passage"][:20] in (out / "report.html").read_text()
+
+
+def test_the_reproduce_line_is_quoted_for_a_shell(word_run, tmp_path, monkeypatch):
+    """A target of several words read back as several arguments: the line did not run what was run."""
+    import shlex
+    _, run = word_run
+    argv = ["lab", "data", "influence", "--run", str(run), "--target", "the fox ran", "--max-passages", "2",
+            "--out", str(tmp_path / "my inf")]
+    monkeypatch.setattr(sys, "argv", ["lmlab", *argv])
+    assert main(argv) == 0
+    command = json.loads((tmp_path / "my inf" / "results.json").read_text())["command"]
+    assert command == f"lmlab lab data influence --run {run} --target 'the fox ran' --max-passages 2 --out " \
+                      f"'{tmp_path / 'my inf'}'"
+    assert shlex.split(command) == ["lmlab", *argv]
 
 
 def test_a_runs_influence_refuses_what_it_cannot_score(word_run, tmp_path, capsys):

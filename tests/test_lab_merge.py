@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -51,15 +52,19 @@ def test_path_ends_are_the_models_and_the_barrier_is_the_formula(quick):
     assert (out / "paths.png").stat().st_size > 0 and "merge" in (out / "report.html").read_text()
 
 
-def test_one_seed_reports_no_spread(tmp_path):
+def test_one_seed_reports_no_spread(tmp_path, monkeypatch):
     torch.set_num_threads(1)
-    assert main(["lab", "merge", "--quick", "--seeds", "0", "--out", str(tmp_path / "m")]) == 0
-    res = json.loads((tmp_path / "m" / "results.json").read_text())
+    argv = ["lab", "merge", "--quick", "--seeds", "0", "--out", str(tmp_path / "my merge")]
+    monkeypatch.setattr(sys, "argv", ["lmlab", *argv])
+    assert main(argv) == 0
+    res = json.loads((tmp_path / "my merge" / "results.json").read_text())
+    # the Reproduce line runs in a shell: a path with a space is quoted
+    assert res["command"] == f"lmlab lab merge --quick --seeds 0 --out '{tmp_path / 'my merge'}'"
     b = {r["path"]: r["barrier (nats)"] for r in res["table"]}
     assert all("barrier (nats)_std" not in r for r in res["table"])
     assert res["measured"] == (f"barrier over 1 seed(s): siblings {b['siblings (linear)']:.3f} nats, "
                                f"strangers {b['strangers (linear)']:.3f} nats")
-    assert "±" not in (tmp_path / "m" / "report.html").read_text()
+    assert "±" not in (tmp_path / "my merge" / "report.html").read_text()
 
 
 def test_barrier_of_a_straight_and_a_bent_path():

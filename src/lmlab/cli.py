@@ -1704,6 +1704,8 @@ def _influence_arguments(p: argparse.ArgumentParser) -> None:
           "(Spearman rho); with --run, which passages of your run's books helped or hurt a --target text. "
           "Example: lmlab lab data influence --out runs/influence --quick", _influence_arguments)
 def _lab_data_influence(args: argparse.Namespace) -> int:
+    import shlex
+
     from .lab.influence import InfluenceLabConfig, run_influence, run_influence_lab
     if args.run_dir is not None or args.target is not None or args.target_file is not None:
         if args.run_dir is None or (args.target is None) == (args.target_file is None):
@@ -1711,14 +1713,14 @@ def _lab_data_influence(args: argparse.Namespace) -> int:
         from .data import read_document  # the books' reader: encodings (cp1251), NUL bytes refused
         target = args.target if args.target is not None else read_document(args.target_file)
         res = run_influence(args.run_dir, args.out, target, unit=args.unit, max_passages=args.max_passages,
-                            proj_dim=args.proj_dim, top=args.top, command="lmlab " + " ".join(sys.argv[1:]))
+                            proj_dim=args.proj_dim, top=args.top, command=shlex.join(["lmlab", *sys.argv[1:]]))
         best = res["helped"][0]["passage"][:80] if res["helped"] else "none"
         print(f"influence: {len(res['passages'])} passages; helped most: {best!r}; report: "
               f"{Path(args.out) / 'report.html'}")
         return 0
     cfg = InfluenceLabConfig.quick() if args.quick else InfluenceLabConfig()
     cfg = dataclasses.replace(cfg, proj_dim=args.proj_dim)
-    res = run_influence_lab(args.out, parse_seeds(args.seeds), cfg, command="lmlab " + " ".join(sys.argv[1:]))
+    res = run_influence_lab(args.out, parse_seeds(args.seeds), cfg, command=shlex.join(["lmlab", *sys.argv[1:]]))
     print(f"influence: {res['verdict']} ({res['measured']}); wall {res['speed']['wall_s']:.0f} s; "
           f"report: {Path(args.out) / 'report.html'}")
     return 0
@@ -1786,9 +1788,11 @@ def _merge_lab_arguments(p: argparse.ArgumentParser) -> None:
           "(siblings) and between two models trained from scratch (strangers), barrier heights over seeds. "
           "Example: lmlab lab merge --out runs/merge", _merge_lab_arguments)
 def _lab_merge(args: argparse.Namespace) -> int:
+    import shlex
+
     from .lab.merge import MergeLabConfig, run_merge_lab
     cfg = MergeLabConfig.quick() if args.quick else MergeLabConfig()
-    res = run_merge_lab(args.out, parse_seeds(args.seeds), cfg, command="lmlab " + " ".join(sys.argv[1:]))
+    res = run_merge_lab(args.out, parse_seeds(args.seeds), cfg, command=shlex.join(["lmlab", *sys.argv[1:]]))
     print(f"merge: {res['verdict']} ({res['measured']}); wall {res['speed']['wall_s']:.0f} s; "
           f"report: {Path(args.out) / 'report.html'}")
     return 0
@@ -1931,6 +1935,8 @@ def _ttc_arguments(p: argparse.ArgumentParser) -> None:
           "best-of-N and step-wise beam search, and a small model with N tries against a larger one with one at equal "
           "FLOPs. Example: lmlab lab ttc --out runs/ttc --quick", _ttc_arguments)
 def _lab_ttc(args: argparse.Namespace) -> int:
+    import shlex
+
     from .lab.facts.report import new_report
     from .lab.ttc import Scale, run
     require_positive(args, "steps", "prompts")
@@ -1939,8 +1945,8 @@ def _lab_ttc(args: argparse.Namespace) -> int:
     new_report(args.out)  # run() checks it too
     told = [k for k in ("task", "steps", "prompts", "seed") if getattr(args, k) is not None]
     scale = dataclasses.replace(Scale.default(args.quick), **{k: getattr(args, k) for k in told})
-    command = " ".join(["lmlab", "lab", "ttc", "--out", args.out] + ["--quick"] * args.quick
-                       + [f"--{k} {getattr(args, k)}" for k in told])
+    command = shlex.join(["lmlab", "lab", "ttc", "--out", args.out] + ["--quick"] * args.quick
+                         + [a for k in told for a in (f"--{k}", str(getattr(args, k)))])
     res = run(args.out, args.quick, scale, command)
     print(f"ttc: {res['verdict']} ({res['measured']}); wall {res['speed']['wall_s']:.0f} s; report: "
           f"{Path(args.out) / 'report.html'}")
