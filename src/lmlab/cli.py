@@ -747,6 +747,19 @@ def refuse_on_resume(args: argparse.Namespace, flags: Sequence[str], what: str) 
         raise ValueError(f"--resume continues the run in --out with its own {what}; drop {', '.join(given_flags)}")
 
 
+def refuse_unread(args: argparse.Namespace, reads: Sequence[str], offered: Sequence[str], who: str,
+                  names: dict[str, str] | None = None) -> None:
+    """ValueError naming the flags among `offered` (dest names; `names` for a --flag spelled otherwise) that were
+    given (not None or False: their defaults are None) but that `who` does not read: ignored without a word, they
+    looked as if they had an effect (lmlab merge refuses a setting its method does not read the same way)."""
+    names = names or {}
+    unread = [names.get(k, "--" + k.replace("_", "-")) for k in offered
+              if k not in reads and getattr(args, k, None) not in (None, False)]
+    if unread:
+        raise ValueError(f"{who} does not read {', '.join(unread)}; drop {'it' if len(unread) == 1 else 'them'} "
+                         "(a setting that would be ignored is refused)")
+
+
 def report_run(args: argparse.Namespace, result: Any, command: str, extra: str = "", after: str = "") -> int:
     """The closing lines of a run on the Trainer (rank 0 only): where it stopped, how to continue an interrupted
     run (exit 130), where its model is."""
@@ -1685,8 +1698,9 @@ def _lab_data(args: argparse.Namespace) -> int:
 
 def _influence_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="a new folder for results.json and report.html")
-    p.add_argument("--seeds", default="0", help="seeds: a list 0,1,2, a range 0-4, or one seed (default 0)")
-    p.add_argument("--quick", action="store_true", help="60 documents instead of 200: a smoke run, not the check")
+    p.add_argument("--seeds", help="the check's seeds: a list 0,1,2, a range 0-4, or one seed (default 0)")
+    p.add_argument("--quick", action="store_true", help="the check on 60 documents instead of 200: a smoke run, not "
+                   "the check")
     p.add_argument("--proj-dim", type=int, default=0, metavar="K",
                    help="random-project the per-document gradients to K numbers (TRAK's projection; 0: exact dot "
                         "products, the default)")
@@ -1694,9 +1708,9 @@ def _influence_arguments(p: argparse.ArgumentParser) -> None:
     u.add_argument("--run", dest="run_dir", help="a run directory with checkpoints (its books must still be there)")
     u.add_argument("--target", help="the text whose loss the passages move")
     u.add_argument("--target-file", help="read the target text from this file")
-    u.add_argument("--unit", choices=("paragraph", "document"), default="paragraph", help="what is scored (paragraph)")
-    u.add_argument("--max-passages", type=int, default=2000, help="score a fixed random sample of this many (2000)")
-    u.add_argument("--top", type=int, default=10, help="passages listed as helping and hurting most (10)")
+    u.add_argument("--unit", choices=("paragraph", "document"), help="what is scored (paragraph)")
+    u.add_argument("--max-passages", type=int, help="score a fixed random sample of this many (2000)")
+    u.add_argument("--top", type=int, help="passages listed as helping and hurting most (10)")
 
 
 @data_lab("influence", "what each document does: TracIn influence (random-projected gradient similarity over "
@@ -1707,20 +1721,29 @@ def _lab_data_influence(args: argparse.Namespace) -> int:
     import shlex
 
     from .lab.influence import InfluenceLabConfig, run_influence, run_influence_lab
+    if args.proj_dim < 0:
+        raise ValueError(f"--proj-dim ({args.proj_dim}) must be >= 0 (0: exact dot products)")
+    offered, names = ("run_dir", "target", "target_file", "unit", "max_passages", "top", "seeds", "quick"), \
+        {"run_dir": "--run"}
     if args.run_dir is not None or args.target is not None or args.target_file is not None:
         if args.run_dir is None or (args.target is None) == (args.target_file is None):
             raise ValueError("scoring a run's passages takes --run and one of --target or --target-file")
+        refuse_unread(args, offered[:6], offered, "influence on a run's passages (--run)", names)
         from .data import read_document  # the books' reader: encodings (cp1251), NUL bytes refused
         target = args.target if args.target is not None else read_document(args.target_file)
-        res = run_influence(args.run_dir, args.out, target, unit=args.unit, max_passages=args.max_passages,
-                            proj_dim=args.proj_dim, top=args.top, command=shlex.join(["lmlab", *sys.argv[1:]]))
+        res = run_influence(args.run_dir, args.out, target, unit=args.unit or "paragraph",
+                            max_passages=2000 if args.max_passages is None else args.max_passages,
+                            proj_dim=args.proj_dim, top=10 if args.top is None else args.top,
+                            command=shlex.join(["lmlab", *sys.argv[1:]]))
         best = res["helped"][0]["passage"][:80] if res["helped"] else "none"
         print(f"influence: {len(res['passages'])} passages; helped most: {best!r}; report: "
               f"{Path(args.out) / 'report.html'}")
         return 0
+    refuse_unread(args, ("seeds", "quick"), offered, "the influence check (without --run)", names)
     cfg = InfluenceLabConfig.quick() if args.quick else InfluenceLabConfig()
     cfg = dataclasses.replace(cfg, proj_dim=args.proj_dim)
-    res = run_influence_lab(args.out, parse_seeds(args.seeds), cfg, command=shlex.join(["lmlab", *sys.argv[1:]]))
+    res = run_influence_lab(args.out, parse_seeds("0" if args.seeds is None else args.seeds), cfg,
+                            command=shlex.join(["lmlab", *sys.argv[1:]]))
     print(f"influence: {res['verdict']} ({res['measured']}); wall {res['speed']['wall_s']:.0f} s; "
           f"report: {Path(args.out) / 'report.html'}")
     return 0

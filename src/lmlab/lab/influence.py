@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from ..configs import parse_seeds, validate
 from ..models import ModelConfig, Transformer
+from ..models.model import available_memory
 from ..tokenizers import Tokenizer
 from .facts.data import pseudo_words
 from .facts.report import write_report
@@ -92,14 +93,34 @@ def per_example_grads(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) 
     return torch.stack(list(row_grads(model, x, y)))
 
 
+def check_proj_dim(k: int | None, dim: int) -> None:
+    """ValueError for a projection to k numbers of gradients of `dim`: more numbers than the gradient has (no
+    saving, only noise), or a matrix P (dim x k float32) larger than the free memory (a big k died in the middle
+    of the scoring with a traceback)."""
+    if k is None:
+        return
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"--proj-dim ({k!r}) must be >= 1 to project (0: exact dot products)")
+    if k > dim:
+        raise ValueError(f"--proj-dim ({k}) must be at most the gradient's size, {dim:,} numbers (one per trained "
+                         "parameter); 0 gives exact dot products")
+    have = available_memory(torch.device("cpu"))
+    if have is not None and 4 * k * dim > have:
+        raise ValueError(f"--proj-dim {k} needs {_size(4 * k * dim)} for the projection ({dim:,} x {k} float32), "
+                         f"more than the {_size(have)} available; lower it (0: exact dot products)")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 class Projector:
     """x -> x @ P for a Gaussian P (d x k, entries N(0, 1/k)), drawn in blocks of rows from `seed` on first use and
     kept (d * k float32: 0.1M parameters at k = 128 hold 58 MB); the same seed gives the same P, so scores from
     different checkpoints and calls add up. k = None: the identity (exact dot products, in float64)."""
 
     def __init__(self, dim: int, k: int | None, seed: int = 0, block_elems: int = 1 << 22) -> None:
-        if k is not None and k < 1:
-            raise ValueError(f"projection dimension ({k}) must be >= 1")
+        check_proj_dim(k, dim)
         self.dim, self.k, self.seed = dim, k, seed
         self.rows = max(1, block_elems // (k or 1))
         self.blocks: list[torch.Tensor] = []
@@ -190,7 +211,9 @@ class InfluenceLabConfig:
     def __post_init__(self) -> None:
         validate(self)  # types and finite numbers: "3" was a TypeError below, nan passed
         for f in dataclasses.fields(self):
-            if getattr(self, f.name) < 0 or (getattr(self, f.name) == 0 and f.name != "proj_dim"):
+            if f.name == "proj_dim" and self.proj_dim < 0:  # 0 is allowed: exact dot products
+                raise ValueError(f"proj_dim must be >= 0, got {self.proj_dim}")
+            if f.name != "proj_dim" and getattr(self, f.name) <= 0:
                 raise ValueError(f"{f.name} must be positive, got {getattr(self, f.name)}")
 
     @classmethod
@@ -249,6 +272,18 @@ def target_loss(model: Transformer, target: tuple[torch.Tensor, torch.Tensor]) -
     return float(doc_losses(model.eval(), *target).sum())
 
 
+def _lab_data(cfg: InfluenceLabConfig, seed: int) -> tuple[list[str], str, tuple[torch.Tensor, torch.Tensor],
+                                                          tuple[torch.Tensor, torch.Tensor], ModelConfig]:
+    """One seed's documents, target text, their (x, y) and the model's config."""
+    texts, target_text, prompt_words = biographies(cfg, seed)
+    tok = Tokenizer.train([*texts, target_text], kind="word", vocab_size=1000, min_frequency=1)
+    docs = examples([tok.encode(t) for t in texts])
+    target = examples([tok.encode(target_text)], [prompt_words])
+    mc = ModelConfig(family="llama", vocab_size=len(tok), n_layer=cfg.n_layer, n_head=cfg.n_head,
+                     n_embd=cfg.n_embd, block_size=docs[0].shape[1])
+    return texts, target_text, docs, target, mc
+
+
 def run_influence_lab(out: str | Path, seeds: list[int], cfg: InfluenceLabConfig, command: str = "") -> dict[str, Any]:
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -258,16 +293,12 @@ def run_influence_lab(out: str | Path, seeds: list[int], cfg: InfluenceLabConfig
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread: the same arithmetic in every retraining (and a fair share of the host)
     per_seed, table, extra = [], [], []
+    data = {seed: _lab_data(cfg, seed) for seed in seeds}  # (cheap) so that --proj-dim is checked before any training
+    for *_, mc in data.values():
+        check_proj_dim(cfg.proj_dim or None, mc.num_parameters())
     try:
         for seed in seeds:
-            texts, target_text, prompt_words = biographies(cfg, seed)
-            tok = Tokenizer.train([*texts, target_text], kind="word", vocab_size=1000, min_frequency=1)
-            ids = [tok.encode(t) for t in texts]
-            docs = examples(ids)
-            tids = tok.encode(target_text)
-            target = examples([tids], [prompt_words])
-            mc = ModelConfig(family="llama", vocab_size=len(tok), n_layer=cfg.n_layer, n_head=cfg.n_head,
-                             n_embd=cfg.n_embd, block_size=docs[0].shape[1])
+            texts, target_text, docs, target, mc = data[seed]
             rng = np.random.default_rng(seed)
             order = np.stack([rng.permutation(cfg.documents) for _ in range(cfg.epochs)])
             ones = torch.ones(cfg.documents)
@@ -413,7 +444,9 @@ def run_influence(run_dir: str | Path, out: str | Path, target: str, *, unit: st
     tc = TrainConfig.from_dict(saved["train"])
     horizon = json.loads((cps[-1] / "state.json").read_text(encoding="utf-8")).get("schedule_steps")
     models = [lambda p=p: checkpoint_model(p, checkpoint_adapters) for p in cps]  # loaded one at a time
-    size = ModelConfig.from_dict(json.loads((cps[0] / "config.json").read_text(encoding="utf-8"))["model"]).block_size
+    mc = ModelConfig.from_dict(json.loads((cps[0] / "config.json").read_text(encoding="utf-8"))["model"])
+    check_proj_dim(proj_dim or None, mc.num_parameters())  # before the books are read and the checkpoints loaded
+    size = mc.block_size
     steps = [checkpoint_step(p) for p in cps]
     # the checkpoint at step s stands for the steps since the previous one; its lr is the schedule's there
     weights = [lr_at(s - 1, tc, horizon) * (s - prev) for s, prev in zip(steps, [0, *steps[:-1]])]
