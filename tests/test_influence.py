@@ -127,6 +127,23 @@ def test_the_lab_checks_its_seeds_before_it_trains(tmp_path):
     assert not (tmp_path / "inf").exists()
 
 
+def test_the_lab_report_says_what_it_measures(tmp_path):
+    """The claim said "TracInCP with a random projection" and the note called TracInCP "TracIn", while the graded
+    scores are per-step TracIn with exact dot products (proj_dim 0)."""
+    from lmlab.lab.influence import InfluenceLabConfig, run_influence_lab
+    tiny = dict(documents=6, people=3, cities=2, jobs=2, n_layer=1, n_embd=8, n_head=2, batch_size=3)
+    for k, dots in ((0, "exact gradient dot products"),
+                    (4, "gradients random-projected to 4 numbers, as TRAK (Park et al. 2023)")):
+        res = json.loads(run_influence_lab(tmp_path / f"k{k}", [0], InfluenceLabConfig(**tiny, proj_dim=k))
+                         and (tmp_path / f"k{k}" / "results.json").read_text())
+        assert res["claim"] == (f"Per-step TracIn influence ({dots}) ranks documents by their true leave-one-out "
+                                "effect on a target text (Pruthi et al. 2020).")
+        page = (tmp_path / f"k{k}" / "report.html").read_text()
+        assert "TracIn (the verdict): sum over the steps whose batch held the document" in page
+        assert "TracInCP (beside it): the same at the epoch-start checkpoints only" in page
+        assert ("Dot products projected (--proj-dim)." if k else "Dot products exact.") in page
+
+
 @pytest.mark.slow
 def test_tracin_ranks_documents_like_leave_one_out(tmp_path):
     """The must-show: 200 documents, a 0.19M model, rho >= 0.3 against true (deterministic) leave-one-out."""

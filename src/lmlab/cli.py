@@ -1713,9 +1713,10 @@ def _influence_arguments(p: argparse.ArgumentParser) -> None:
     u.add_argument("--top", type=int, help="passages listed as helping and hurting most (10)")
 
 
-@data_lab("influence", "what each document does: TracIn influence (random-projected gradient similarity over "
-          "checkpoints) of 200 synthetic documents on a target text, checked against true leave-one-out retraining "
-          "(Spearman rho); with --run, which passages of your run's books helped or hurt a --target text. "
+@data_lab("influence", "what each document does: per-step TracIn influence (gradient dot products at every step "
+          "that trained on it; exact unless --proj-dim) of 200 synthetic documents on a target text, checked against "
+          "true leave-one-out retraining (Spearman rho); with --run, which passages of your run's books helped or hurt "
+          "a --target text (TracInCP over its checkpoints). "
           "Example: lmlab lab data influence --out runs/influence --quick", _influence_arguments)
 def _lab_data_influence(args: argparse.Namespace) -> int:
     import shlex

@@ -3,11 +3,13 @@ true leave-one-out retraining.
 
     lmlab lab data influence --out runs/influence --quick
 
-Influence is TracInCP (Pruthi et al. 2020, "Estimating Training Data Influence by Tracing Gradient Descent",
-https://arxiv.org/abs/2002.08484): score(doc) = sum over saved checkpoints k of lr_k <grad L(target; w_k),
-grad L(doc; w_k)>. A positive score means a step on the document lowers the target's loss (it helped). Per-example
-gradients come from torch.func (vmap over grad, one document per row), and are multiplied by a Gaussian random
-matrix P (d x k, entries N(0, 1/k)) before the dot product, as TRAK does (Park et al. 2023,
+Influence is TracIn (Pruthi et al. 2020, "Estimating Training Data Influence by Tracing Gradient Descent",
+https://arxiv.org/abs/2002.08484): score(doc) = sum over the steps t that trained on the document of
+lr_t <grad L(target; w_t), grad L(doc; w_t)>, and its checkpoint form TracInCP, the same sum over saved checkpoints
+k with lr_k standing for the steps between them. A positive score means a step on the document lowers the target's
+loss (it helped). Per-example gradients come one row at a time (row_grads), and their dot products are exact by
+default; with --proj-dim K they are multiplied by a Gaussian random matrix P (d x k, entries N(0, 1/k)) first, as
+TRAK does (Park et al. 2023,
 https://arxiv.org/abs/2303.14186): by Johnson-Lindenstrauss <Pa, Pb> = <a, b> in expectation, with standard
 deviation sqrt((|a|^2 |b|^2 + <a, b>^2) / k), and only k numbers per document are kept. P is drawn block by block
 from a seed, so it is never held whole.
@@ -20,7 +22,7 @@ single-threaded and deterministic. The difference in the target's loss is then t
 else (no seed noise to average away), and Spearman's rho compares it with the scores.
 TracIn is a first-order estimate: the default run (lr 0.01, 2 epochs, a barely trained model) is in that regime; with
 lr 0.1 and 4 epochs, later steps undo and amplify early ones and rho fell to 0.08 in one measurement. Scores come
-both per step (TracIn) and from epoch-start checkpoints (TracInCP).
+both per step (TracIn: the verdict) and from epoch-start checkpoints (TracInCP: reported beside it).
 """
 
 from __future__ import annotations
@@ -344,14 +346,18 @@ def run_influence_lab(out: str | Path, seeds: list[int], cfg: InfluenceLabConfig
     checks = {"Spearman ρ ≥ 0.3 on every seed": all(r >= 0.3 for r in rhos)}
     results = {"config": dataclasses.asdict(cfg), "seeds": seeds, "per_seed": per_seed,
                "speed": {"wall_s": time.perf_counter() - t0}}
-    write_report(out, "influence", "Gradient-similarity influence (TracInCP with a random projection) ranks documents "
-                 "by their true leave-one-out effect on a target text (Pruthi et al. 2020; Park et al. 2023).",
+    dots = (f"gradients random-projected to {cfg.proj_dim} numbers, as TRAK (Park et al. 2023)" if cfg.proj_dim
+            else "exact gradient dot products")
+    write_report(out, "influence", f"Per-step TracIn influence ({dots}) ranks documents by their true leave-one-out "
+                 "effect on a target text (Pruthi et al. 2020).",
                  measured, checks, table, [], results, command or "lmlab lab data influence", extra,
                  title="lmlab lab data", claim_label="<b>Claim</b>",
                  extra_html="", note="LOO: the model retrained without one document (its term removed from its "
                  "batches; same initialisation, order and arithmetic otherwise) minus the full model, in target loss "
-                 "(nats): positive = the document helped. TracIn: sum over epoch-start checkpoints of lr/batch × "
-                 "the projected gradient dot product.")
+                 "(nats): positive = the document helped. TracIn (the verdict): sum over the steps whose batch held "
+                 "the document of lr/batch × <gradient of the target's loss, gradient of the document's loss> at the "
+                 "weights before that step. TracInCP (beside it): the same at the epoch-start checkpoints only, every "
+                 "document at each. Dot products " + ("projected (--proj-dim)." if cfg.proj_dim else "exact."))
     return results
 
 
