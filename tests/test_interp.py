@@ -213,6 +213,28 @@ def test_cli_bad_input_is_one_line_exit_2(model_dir, tmp_path, capsys, argv, mes
     assert err.startswith("lmlab: error: ") and message in err and "\n" not in err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["attention", "--prompt", "the", "--layer", "7", "--top-k", "3", "--kind", "bogus", "--steps", "5"],
+     "lab interp attention does not read --top-k, --layer, --kind, --steps; drop them"),
+    (["lens", "--prompt", "the", "--samples", "3", "--seed", "0"], "lab interp lens does not read --samples, --seed; "
+                                                                    "drop them"),
+    (["patch", "--prompt", "the", "--corrupt", "tha", "--quick"], "lab interp patch does not read --quick; drop it"),
+    (["steer", "--positive", "P", "--negative", "P", "--neutral", "P", "--layer", "1", "--prompt", "the cat"],
+     "lab interp steer does not read --prompt; drop it"),
+    (["sae", "--books", "P", "--bos", "--target", "x"], "lab interp sae --kind topk does not read --target, --bos; "
+                                                        "drop them"),
+    (["sae", "--books", "P", "--kind", "l1", "--k", "4"], "lab interp sae --kind l1 does not read --k; drop it"),
+    (["sae", "--books", "P", "--l1", "0.5"], "lab interp sae --kind topk does not read --l1; drop it"),
+])
+def test_a_flag_the_view_does_not_read_is_refused(model_dir, tmp_path, capsys, argv, message):
+    """Each was ignored without a word: an attention report of a 2-layer model "at --layer 7"."""
+    (tmp_path / "P").write_text("the cat sat\n")
+    argv = [str(tmp_path / "P") if a == "P" else a for a in argv]
+    assert main(["lab", "interp", argv[0], "--model", str(model_dir), *argv[1:], "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == f"lmlab: error: {message} (a setting that would be ignored is refused)\n"
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_folder_with_results_is_not_overwritten(model_dir, tmp_path, capsys):
     out = tmp_path / "lens"
     assert main(["lab", "interp", "lens", "--model", str(model_dir), "--prompt", "the cat", "--out", str(out)]) == 0

@@ -753,8 +753,8 @@ def refuse_unread(args: argparse.Namespace, reads: Sequence[str], offered: Seque
     given (not None or False: their defaults are None) but that `who` does not read: ignored without a word, they
     looked as if they had an effect (lmlab merge refuses a setting its method does not read the same way)."""
     names = names or {}
-    unread = [names.get(k, "--" + k.replace("_", "-")) for k in offered
-              if k not in reads and getattr(args, k, None) not in (None, False)]
+    unread = [names.get(k, "--" + k.replace("_", "-")) for k in offered  # `is`: --seed 0 is given (0 == False)
+              if k not in reads and getattr(args, k, None) is not None and getattr(args, k) is not False]
     if unread:
         raise ValueError(f"{who} does not read {', '.join(unread)}; drop {'it' if len(unread) == 1 else 'them'} "
                          "(a setting that would be ignored is refused)")
@@ -1835,7 +1835,7 @@ def _interp_arguments(p: argparse.ArgumentParser) -> None:
                                     "after --prompt)")
     p.add_argument("--foil", help="patch: the token the target's logit is compared with (default: the corrupted "
                                   "run's top token other than the target)")
-    p.add_argument("--top-k", type=int, default=5, help="lens: tokens kept per stream and position (default 5)")
+    p.add_argument("--top-k", type=int, help="lens: tokens kept per stream and position (default 5)")
     p.add_argument("--bos", action="store_true", help="start the prompts with <BOS> (models trained on texts that "
                    "start with it, such as lmlab tune grpo's and lmlab lab ttc's task models)")
     p.add_argument("--layer", type=int, help="steer, sae: the residual stream, 0 the embeddings, i the output of "
@@ -1847,23 +1847,52 @@ def _interp_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--negative", help="a text file, one prompt per line: the behaviour steered away from")
     s.add_argument("--neutral", help="a text file, one text per line, for the KL cost (up to 64 lines)")
     s.add_argument("--prompts", help="prompts to generate from, one per line (default: --negative's lines)")
-    s.add_argument("--coefs", default="0,0.5,1,2,4", help="coefficients measured, a comma list (default 0,0.5,1,2,4)")
-    s.add_argument("--samples", type=int, default=16, help="prompts generated from per coefficient (default 16)")
-    s.add_argument("--max-new-tokens", type=int, default=32, help="tokens per sample (default 32)")
+    s.add_argument("--coefs", help="coefficients measured, a comma list (default 0,0.5,1,2,4)")
+    s.add_argument("--samples", type=int, help="prompts generated from per coefficient (default 16)")
+    s.add_argument("--max-new-tokens", type=int, help="tokens per sample (default 32)")
     s.add_argument("--word", help="the property measured: whether a sample contains WORD (default: the share of "
                    "Cyrillic among its letters)")
-    s.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    s.add_argument("--seed", type=int, help="sampling seed (default 0)")
     a = p.add_argument_group("sae, sae-facts (lab/interp/sae.py, saelab.py): a sparse autoencoder on a residual stream")
     a.add_argument("--books", nargs="+", metavar="BOOKS", help="sae: the text to train on (files, folders or globs)")
-    a.add_argument("--tokens", type=int, default=65536, help="sae: tokens of --books used, a tenth held out (65536)")
-    a.add_argument("--kind", default="topk", help="sae: topk (Gao et al. 2024) or l1 (Bricken et al. 2023)")
+    a.add_argument("--tokens", type=int, help="sae: tokens of --books used, a tenth held out (65536)")
+    a.add_argument("--kind", help="sae: topk (Gao et al. 2024, the default) or l1 (Bricken et al. 2023)")
     a.add_argument("--features", type=int, help="sae: dictionary size (default 8 x the model width)")
-    a.add_argument("--k", type=int, default=16, help="sae --kind topk: features per token (16)")
-    a.add_argument("--l1", type=float, default=1.0, help="sae --kind l1: sparsity coefficient (1)")
-    a.add_argument("--steps", type=int, default=2000, help="sae: optimizer steps (2000)")
+    a.add_argument("--k", type=int, help="sae --kind topk: features per token (16)")
+    a.add_argument("--l1", type=float, help="sae --kind l1: sparsity coefficient (1)")
+    a.add_argument("--steps", type=int, help="sae: optimizer steps (2000)")
     a.add_argument("--name", help="sae: folder name under MODEL/sae/ (default layerN-KIND; never overwritten)")
-    a.add_argument("--seeds", default="0,1,2", help="sae-facts: seeds (0,1,2)")
+    a.add_argument("--seeds", help="sae-facts: seeds (0,1,2)")
     a.add_argument("--quick", action="store_true", help="sae-facts: smaller models and budgets (minutes)")
+
+
+# which of lab interp's flags each view reads, and the defaults of those it reads (None in the parser, so that a
+# flag given to a view that does not read it can be told from its default, and refused)
+_INTERP_READS = {"lens": ("prompt", "target", "top_k", "bos"), "attention": ("prompt", "bos"),
+                 "patch": ("prompt", "corrupt", "target", "foil", "bos"),
+                 "steer": ("layer", "positive", "negative", "neutral", "prompts", "coefs", "samples", "max_new_tokens",
+                           "word", "seed", "bos"),
+                 "sae": ("layer", "books", "tokens", "kind", "features", "k", "l1", "steps", "name"),
+                 "sae-facts": ("seeds", "quick")}
+_INTERP_FLAGS = ("prompt", "corrupt", "target", "foil", "top_k", "bos", "layer", "positive", "negative", "neutral",
+                 "prompts", "coefs", "samples", "max_new_tokens", "word", "seed", "books", "tokens", "kind", "features",
+                 "k", "l1", "steps", "name", "seeds", "quick")
+_INTERP_DEFAULTS = {"top_k": 5, "coefs": "0,0.5,1,2,4", "samples": 16, "max_new_tokens": 32, "seed": 0,
+                    "tokens": 65536, "kind": "topk", "k": 16, "l1": 1.0, "steps": 2000, "seeds": "0,1,2"}
+
+
+def _interp_flags(args: argparse.Namespace) -> None:
+    """A flag the view does not read is refused (sae: --k is topk's, --l1 l1's); then the defaults."""
+    from .lab.interp.sae import KINDS
+    reads = _INTERP_READS[args.view]
+    kind = args.kind or "topk"
+    if args.view == "sae" and kind in KINDS:  # an unknown kind is refused by its own sentence after this
+        reads = tuple(r for r in reads if r != {"topk": "l1", "l1": "k"}[kind])
+    refuse_unread(args, reads, _INTERP_FLAGS, f"lab interp {args.view}" + (f" --kind {kind}" if args.view == "sae"
+                                                                             else ""))
+    for flag, value in _INTERP_DEFAULTS.items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, value)
 
 
 def _steer_flags(args: argparse.Namespace) -> list[float]:
@@ -1912,6 +1941,7 @@ def _lab_interp(args: argparse.Namespace) -> int:
         raise ValueError("--model is needed by every view but sae-facts" if args.model is None
                          else "sae-facts trains its own biographies models; leave out --model")
     if args.view == "steer":
+        _interp_flags(args)
         coefs = _steer_flags(args)
         res = run_steer(args.model, args.positive, args.negative, args.layer, args.out, neutral=args.neutral,
                         prompts=args.prompts, coefs=coefs, n_prompts=args.samples, max_new_tokens=args.max_new_tokens,
@@ -1921,10 +1951,12 @@ def _lab_interp(args: argparse.Namespace) -> int:
     sae = args.view in ("sae", "sae-facts")
     if (args.prompt is None) != sae:
         raise ValueError("--prompt is for lens, attention and patch" if sae else f"{args.view} needs --prompt")
+    if not sae:
+        check_view(args.view, args.corrupt, args.target, args.foil)
+    _interp_flags(args)
     if sae:
         res = _lab_sae(args, command)
     else:
-        check_view(args.view, args.corrupt, args.target, args.foil)
         if args.top_k < 1:
             raise ValueError(f"--top-k ({args.top_k}) must be >= 1")
         if args.view == "lens":
