@@ -181,13 +181,14 @@ def test_the_interp_reports_check_out_and_their_settings_in_the_library(model_di
 
     monkeypatch.setattr(runner, "run_one", trained)
     monkeypatch.setattr(ttc, "pretrain", trained)
-    done = tmp_path / "done"
+    done = tmp_path / "done"  # a user's own files, with the names a report writes (no results.json)
     done.mkdir()
-    (done / "results.json").write_text('{"mine": 1}')
+    (done / "report.html").write_text("my notes")
+    (done / "lens.png").write_bytes(b"my plot")
     for name in ("positive", "negative", "neutral"):
         (tmp_path / f"{name}.txt").write_text(f"{name} line one\n{name} line two\n")
     steer = {k: tmp_path / f"{k}.txt" for k in ("positive", "negative", "neutral")}
-    sentence = f"{done} already holds results.json; choose another --out"
+    sentence = f"{done} exists and is not an empty folder; choose another --out (nothing is overwritten)"
     for call in (lambda: run_lens(model_dir, "Once upon", done), lambda: run_attention(model_dir, "Once upon", done),
                  lambda: run_patch(model_dir, "Once upon", "Once a fox", done),
                  lambda: run_steer(model_dir, steer["positive"], steer["negative"], 1, done, neutral=steer["neutral"]),
@@ -196,7 +197,8 @@ def test_the_interp_reports_check_out_and_their_settings_in_the_library(model_di
         with pytest.raises(ValueError) as refused:
             call()
         assert str(refused.value) == sentence
-    assert [p.name for p in done.iterdir()] == ["results.json"] and (done / "results.json").read_text() == '{"mine": 1}'
+    assert sorted(p.name for p in done.iterdir()) == ["lens.png", "report.html"]
+    assert (done / "report.html").read_text() == "my notes" and (done / "lens.png").read_bytes() == b"my plot"
 
     for k in (0, -1):  # IndexError; a torch RuntimeError
         with pytest.raises(ValueError, match=f"^--top-k \\({k}\\) must be >= 1$"):
@@ -204,7 +206,7 @@ def test_the_interp_reports_check_out_and_their_settings_in_the_library(model_di
     direction = tmp_path / "direction"  # a direction of the user's, without a report
     direction.mkdir()
     (direction / "direction.safetensors").write_bytes(b"mine")
-    with pytest.raises(ValueError, match=f"^{direction} already holds direction.safetensors; choose another --out$"):
+    with pytest.raises(ValueError, match=f"^{direction} exists and is not an empty folder; choose another --out "):
         run_steer(model_dir, steer["positive"], steer["negative"], 1, direction, neutral=steer["neutral"])
     assert (direction / "direction.safetensors").read_bytes() == b"mine"
     for coefs, n, message in (([0, float("nan")], 4, "--coefs must be finite numbers"),
@@ -219,6 +221,9 @@ def test_the_interp_reports_check_out_and_their_settings_in_the_library(model_di
     assert capsys.readouterr().err == "lmlab: error: --coefs must be finite numbers\n"
     assert main(["lab", "interp", "lens", "--model", str(model_dir), "--prompt", "Once", "--out", str(done)]) == 2
     assert capsys.readouterr().err == f"lmlab: error: {sentence}\n"
+    assert main(["lab", "ttc", "--quick", "--out", str(done)]) == 2
+    assert capsys.readouterr().err == f"lmlab: error: {sentence}\n"
+    assert (done / "report.html").read_text() == "my notes"
     assert not (tmp_path / "steer").exists() and not (tmp_path / "lens").exists()
 
 

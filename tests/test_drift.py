@@ -109,6 +109,18 @@ def test_too_few_checkpoints_unknown_tokens_and_empty_probes_are_refused(untied,
     assert not (tmp_path / "c").exists()
 
 
+def test_a_bare_string_is_not_a_list_of_probes_or_tokens(untied, tmp_path):
+    """probes="Марья" was five probes, one per letter (tokens= the same), as merge_dirs refuses a single path."""
+    from lmlab.lab.drift import run_drift
+    tok, ds, tc, cb = untied
+    run = ds.path.parent / "run"
+    for kw, value in (("probes", "Марья"), ("tokens", "the")):
+        with pytest.raises(ValueError, match=f"^{kw} must be a list of texts, not the single string '{value}'; "
+                                             f"give \\['{value}'\\]$"):
+            run_drift(run, tmp_path / "o", **{kw: value})
+    assert not (tmp_path / "o").exists()
+
+
 def test_row_drift_and_neighbours_by_hand():
     a = torch.tensor([[3.0, 4.0], [1.0, 0.0], [0.0, 1.0], [0.9, 0.1]])
     b = torch.tensor([[3.0, 4.0], [2.0, 0.0], [0.0, 0.5], [0.9, 0.1]])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -99,6 +100,18 @@ def test_projected_dot_products_within_the_jl_tolerance():
         proj(G[:, :10])
 
 
+def test_a_projection_larger_than_the_gradient_or_the_memory_is_refused(monkeypatch):
+    from lmlab.lab import influence
+    with pytest.raises(ValueError, match=r"^--proj-dim \(101\) must be at most the gradient's size, 100 numbers "):
+        Projector(100, 101)
+    monkeypatch.setattr(influence, "available_memory", lambda device: 3 * 2**30)
+    Projector(2**20, 512)  # 2 GiB
+    with pytest.raises(ValueError, match=r"^--proj-dim 1024 needs 4.0 GiB for the projection \(1,048,576 x 1024 "
+                                         r"float32\), more than the 3.0 GiB available; lower it"):
+        Projector(2**20, 1024)
+    Projector(2**20, None)  # exact dot products: no matrix
+
+
 def test_spearman_with_ties():
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
@@ -106,6 +119,31 @@ def test_spearman_with_ties():
     r = np.array([1.5, 1.5, 3, 4]) - 2.5
     assert spearman([5, 5, 6, 7], [1, 2, 3, 4]) == pytest.approx(float(r @ (np.arange(1, 5) - 2.5)) /
                                                                math.sqrt(float(r @ r) * 5.0))
+def test_the_lab_checks_its_seeds_before_it_trains(tmp_path):
+    from lmlab.lab.influence import InfluenceLabConfig, run_influence_lab
+    for seeds in ([], [1, 1]):  # []: an IndexError after the work; a seed twice: the same work twice
+        with pytest.raises(ValueError, match=r"^--seeds \(.*\) must be distinct integers"):
+            run_influence_lab(tmp_path / "inf", seeds, InfluenceLabConfig.quick())
+    assert not (tmp_path / "inf").exists()
+
+
+def test_the_lab_report_says_what_it_measures(tmp_path):
+    """The claim said "TracInCP with a random projection" and the note called TracInCP "TracIn", while the graded
+    scores are per-step TracIn with exact dot products (proj_dim 0)."""
+    from lmlab.lab.influence import InfluenceLabConfig, run_influence_lab
+    tiny = dict(documents=6, people=3, cities=2, jobs=2, n_layer=1, n_embd=8, n_head=2, batch_size=3)
+    for k, dots in ((0, "exact gradient dot products"),
+                    (4, "gradients random-projected to 4 numbers, as TRAK (Park et al. 2023)")):
+        res = json.loads(run_influence_lab(tmp_path / f"k{k}", [0], InfluenceLabConfig(**tiny, proj_dim=k))
+                         and (tmp_path / f"k{k}" / "results.json").read_text())
+        assert res["claim"] == (f"Per-step TracIn influence ({dots}) ranks documents by their true leave-one-out "
+                                "effect on a target text (Pruthi et al. 2020).")
+        page = (tmp_path / f"k{k}" / "report.html").read_text()
+        assert "TracIn (the verdict): sum over the steps whose batch held the document" in page
+        assert "TracInCP (beside it): the same at the epoch-start checkpoints only" in page
+        assert ("Dot products projected (--proj-dim)." if k else "Dot products exact.") in page
+
+
 @pytest.mark.slow
 def test_tracin_ranks_documents_like_leave_one_out(tmp_path):
     """The must-show: 200 documents, a 0.19M model, rho >= 0.3 against true (deterministic) leave-one-out."""
@@ -169,6 +207,67 @@ def test_a_runs_passages_scored_on_a_target_equal_autograds_sum_over_its_checkpo
     assert [h["TracIn score"] for h in res["helped"]] == [v for v in scores[:10] if v > 0]
     assert [h["TracIn score"] for h in res["hurt"]] == [v for v in scores[::-1][:10] if v < 0]
     assert res["helped"][0]["passage"][:20] in (out / "report.html").read_text()
+
+
+def test_the_reproduce_line_is_quoted_for_a_shell(word_run, tmp_path, monkeypatch):
+    """A target of several words read back as several arguments: the line did not run what was run."""
+    import shlex
+    _, run = word_run
+    argv = ["lab", "data", "influence", "--run", str(run), "--target", "the fox ran", "--max-passages", "2",
+            "--out", str(tmp_path / "my inf")]
+    monkeypatch.setattr(sys, "argv", ["lmlab", *argv])
+    assert main(argv) == 0
+    command = json.loads((tmp_path / "my inf" / "results.json").read_text())["command"]
+    assert command == f"lmlab lab data influence --run {run} --target 'the fox ran' --max-passages 2 --out " \
+                      f"'{tmp_path / 'my inf'}'"
+    assert shlex.split(command) == ["lmlab", *argv]
+
+
+def test_proj_dim_is_checked_before_the_work(word_run, tmp_path, capsys, monkeypatch):
+    """A big --proj-dim allocated d x k floats half-way through and died with a traceback; -3 in the lab said
+    "must be positive" of a flag that takes 0."""
+    from lmlab.lab import influence
+    _, run = word_run
+    out = tmp_path / "o"
+    d = influence.ModelConfig.from_dict(json.loads((run / "config.json").read_text())["model"]).num_parameters()
+    cases = [(["--run", str(run), "--target", "the fox", "--proj-dim", "100000000"],
+              f"--proj-dim (100000000) must be at most the gradient's size, {d:,} numbers (one per trained "
+              "parameter); 0 gives exact dot products"),
+             (["--quick", "--proj-dim", "100000000"], "--proj-dim (100000000) must be at most the gradient's size, "),
+             (["--quick", "--proj-dim", "-3"], "--proj-dim (-3) must be >= 0 (0: exact dot products)"),
+             (["--run", str(run), "--target", "the fox", "--proj-dim", "-3"],
+              "--proj-dim (-3) must be >= 0 (0: exact dot products)")]
+    trained = []
+    monkeypatch.setattr(influence, "train_sgd", lambda *a, **k: trained.append(1))
+    for argv, message in cases:
+        assert main(["lab", "data", "influence", "--out", str(out), *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"lmlab: error: {message}") and err.count("\n") == 1, err
+    monkeypatch.setattr(influence, "available_memory", lambda device: 2**20)
+    assert main(["lab", "data", "influence", "--out", str(out), "--run", str(run), "--target", "the fox",
+                 "--proj-dim", "64"]) == 2
+    assert f"--proj-dim 64 needs {4 * 64 * d / 2**20:.1f} MiB for the projection ({d:,} x 64 float32), more than " \
+           "the 1.0 MiB available; lower it (0: exact dot products)\n" in capsys.readouterr().err
+    assert not out.exists() and not trained
+    with pytest.raises(ValueError, match=r"^proj_dim must be >= 0, got -3$"):
+        influence.InfluenceLabConfig(proj_dim=-3)
+
+
+def test_a_flag_the_mode_does_not_read_is_refused(word_run, tmp_path, capsys, monkeypatch):
+    """--top, --unit without --run, and --quick, --seeds with it, were ignored without a word."""
+    from lmlab.lab import influence
+    _, run = word_run
+    out = tmp_path / "o"
+    monkeypatch.setattr(influence, "train_sgd", lambda *a, **k: pytest.fail("trained"))
+    for argv, message in [(["--quick", "--top", "3", "--unit", "document"],
+                           "the influence check (without --run) does not read --unit, --top; drop them"),
+                          (["--max-passages", "5"], "the influence check (without --run) does not read "
+                                                    "--max-passages; drop it"),
+                          (["--run", str(run), "--target", "the fox", "--quick", "--seeds", "0"],
+                           "influence on a run's passages (--run) does not read --seeds, --quick; drop them")]:
+        assert main(["lab", "data", "influence", "--out", str(out), *argv]) == 2
+        assert capsys.readouterr().err == f"lmlab: error: {message} (a setting that would be ignored is refused)\n"
+    assert not out.exists()
 
 
 def test_a_runs_influence_refuses_what_it_cannot_score(word_run, tmp_path, capsys):

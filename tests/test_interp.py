@@ -213,13 +213,69 @@ def test_cli_bad_input_is_one_line_exit_2(model_dir, tmp_path, capsys, argv, mes
     assert err.startswith("lmlab: error: ") and message in err and "\n" not in err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["attention", "--prompt", "the", "--layer", "7", "--top-k", "3", "--kind", "bogus", "--steps", "5"],
+     "lab interp attention does not read --top-k, --layer, --kind, --steps; drop them"),
+    (["lens", "--prompt", "the", "--samples", "3", "--seed", "0"], "lab interp lens does not read --samples, --seed; "
+                                                                    "drop them"),
+    (["patch", "--prompt", "the", "--corrupt", "tha", "--quick"], "lab interp patch does not read --quick; drop it"),
+    (["steer", "--positive", "P", "--negative", "P", "--neutral", "P", "--layer", "1", "--prompt", "the cat"],
+     "lab interp steer does not read --prompt; drop it"),
+    (["sae", "--books", "P", "--bos", "--target", "x"], "lab interp sae --kind topk does not read --target, --bos; "
+                                                        "drop them"),
+    (["sae", "--books", "P", "--kind", "l1", "--k", "4"], "lab interp sae --kind l1 does not read --k; drop it"),
+    (["sae", "--books", "P", "--l1", "0.5"], "lab interp sae --kind topk does not read --l1; drop it"),
+])
+def test_a_flag_the_view_does_not_read_is_refused(model_dir, tmp_path, capsys, argv, message):
+    """Each was ignored without a word: an attention report of a 2-layer model "at --layer 7"."""
+    (tmp_path / "P").write_text("the cat sat\n")
+    argv = [str(tmp_path / "P") if a == "P" else a for a in argv]
+    assert main(["lab", "interp", argv[0], "--model", str(model_dir), *argv[1:], "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == f"lmlab: error: {message} (a setting that would be ignored is refused)\n"
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_folder_with_results_is_not_overwritten(model_dir, tmp_path, capsys):
     out = tmp_path / "lens"
     assert main(["lab", "interp", "lens", "--model", str(model_dir), "--prompt", "the cat", "--out", str(out)]) == 0
     before = (out / "results.json").read_bytes()
     assert main(["lab", "interp", "lens", "--model", str(model_dir), "--prompt", "the dog", "--out", str(out)]) == 2
-    assert f"{out} already holds results.json; choose another --out" in capsys.readouterr().err
+    assert f"{out} exists and is not an empty folder; choose another --out" in capsys.readouterr().err
     assert (out / "results.json").read_bytes() == before
+
+
+def test_a_folder_of_the_users_files_is_not_overwritten(model_dir, tmp_path, capsys):
+    """Without results.json in it, a folder's report.html and lens.png were replaced by the report's."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "report.html").write_text("my precious notes")
+    (out / "lens.png").write_bytes(b"my plot")
+    assert main(["lab", "interp", "lens", "--model", str(model_dir), "--prompt", "the cat", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (f"lmlab: error: {out} exists and is not an empty folder; choose another --out "
+                                       "(nothing is overwritten)\n")
+    assert (out / "report.html").read_text() == "my precious notes" and (out / "lens.png").read_bytes() == b"my plot"
+    assert sorted(p.name for p in out.iterdir()) == ["lens.png", "report.html"]
+
+
+def test_a_token_inside_a_character_is_labelled_by_its_bytes():
+    """Byte-level BPE tokens that end inside a UTF-8 character all decoded to "\ufffd": in a heatmap's ticks and
+    results.json the two halves of "М" (D0 9C) read alike."""
+    import re
+    tok = Tokenizer.train(["Марья пошла к морю, а медведь за ней. " * 20], kind="bpe", vocab_size=300)
+    # the single-byte tokens, by GPT-2's alphabet: 0xD0 is written "Ð" (kept as itself), 0x9C "ľ" (256 + 62: the
+    # 63rd byte moved out of the unprintable ranges 0x00-0x20, 0x7F-0xA0, 0xAD)
+    assert label(tok, tok.token_to_id("Ð")) == "<0xD0>" and label(tok, tok.token_to_id("ľ")) == "<0x9C>"
+    for text in ("Марья пошла", "медведь"):
+        ids = tok.encode(text)
+        labels = [label(tok, i) for i in ids]
+        assert "\ufffd" not in "".join(labels) and any("<0x" in x for x in labels)  # some token splits a letter
+        assert len(set(labels)) == len(set(ids))
+        parts = [p for x in labels for p in re.split(r"(<0x[0-9A-F]{2}>)", x)]  # text, <0xNN>, text, ...
+        back = b"".join(bytes([int(p[3:5], 16)]) if re.fullmatch(r"<0x[0-9A-F]{2}>", p) else p.encode() for p in parts)
+        assert back == text.encode()                                                  # labels are the bytes
+    model = Transformer(ModelConfig.preset("llama-tiny", vocab_size=len(tok), block_size=32))
+    ids = tok.encode("Марья")
+    assert views.lens_view(model, tok, ids)["tokens"] == [label(tok, i) for i in ids]
 
 
 def test_top_k_past_the_vocabulary_keeps_every_token():

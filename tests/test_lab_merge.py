@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -46,18 +47,24 @@ def test_path_ends_are_the_models_and_the_barrier_is_the_formula(quick):
         np.mean([r["siblings (linear)"]["barrier"] for r in res["per_seed"]]))
     assert table["siblings (linear)"]["barrier (nats)_std"] == pytest.approx(
         np.std([r["siblings (linear)"]["barrier"] for r in res["per_seed"]], ddof=1))
+    mid = [r["siblings (linear)"]["loss"][r["siblings (linear)"]["t"].index(0.5)] for r in res["per_seed"]]
+    assert table["siblings (linear)"]["midpoint loss"] == pytest.approx(np.mean(mid))
     assert (out / "paths.png").stat().st_size > 0 and "merge" in (out / "report.html").read_text()
 
 
-def test_one_seed_reports_no_spread(tmp_path):
+def test_one_seed_reports_no_spread(tmp_path, monkeypatch):
     torch.set_num_threads(1)
-    assert main(["lab", "merge", "--quick", "--seeds", "0", "--out", str(tmp_path / "m")]) == 0
-    res = json.loads((tmp_path / "m" / "results.json").read_text())
+    argv = ["lab", "merge", "--quick", "--seeds", "0", "--out", str(tmp_path / "my merge")]
+    monkeypatch.setattr(sys, "argv", ["lmlab", *argv])
+    assert main(argv) == 0
+    res = json.loads((tmp_path / "my merge" / "results.json").read_text())
+    # the Reproduce line runs in a shell: a path with a space is quoted
+    assert res["command"] == f"lmlab lab merge --quick --seeds 0 --out '{tmp_path / 'my merge'}'"
     b = {r["path"]: r["barrier (nats)"] for r in res["table"]}
     assert all("barrier (nats)_std" not in r for r in res["table"])
     assert res["measured"] == (f"barrier over 1 seed(s): siblings {b['siblings (linear)']:.3f} nats, "
                                f"strangers {b['strangers (linear)']:.3f} nats")
-    assert "±" not in (tmp_path / "m" / "report.html").read_text()
+    assert "±" not in (tmp_path / "my merge" / "report.html").read_text()
 
 
 def test_barrier_of_a_straight_and_a_bent_path():
@@ -71,3 +78,21 @@ def test_an_existing_folder_is_refused(tmp_path, capsys):
     assert main(["lab", "merge", "--quick", "--out", str(tmp_path)]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
     assert (tmp_path / "mine.txt").read_text() == "keep"
+
+
+def test_seeds_and_preset_are_checked_before_anything_is_written(tmp_path):
+    """No seed was a StatisticsError after out/data was written; a seed twice trained its models, then found the
+    second's folder taken; an unknown preset was refused once out/data was there."""
+    from lmlab.lab.merge import MergeLabConfig, run_merge_lab
+
+    cfg = MergeLabConfig(parent_steps=1, finetune_steps=1, points=3, vocab_size=300, stories=5)
+    for seeds in ([], [0, 0], [-1]):
+        with pytest.raises(ValueError, match=r"^--seeds \(.*\) must be distinct integers from 0 to 2\^31 - 1, at "
+                                             "least one"):
+            run_merge_lab(tmp_path / "m", seeds, cfg)
+    assert not (tmp_path / "m").exists()
+    with pytest.raises(ValueError, match=r"^preset \('nope'\) is unknown; choose one of gpt-tiny, "):
+        MergeLabConfig(preset="nope")
+    for points in (4, 2):  # 4: the "midpoint loss" was the one at t = 2/3
+        with pytest.raises(ValueError, match=rf"^points must be odd and >= 3 \(both ends and t = 0.5\), got {points}$"):
+            MergeLabConfig(points=points)

@@ -98,6 +98,18 @@ def test_ties_by_hand():
     assert torch.equal(merged, torch.tensor([7, -4, 4.5, 1, 1.0]))
 
 
+def test_ties_with_a_negative_weight_by_hand():
+    """mergekit's TIES with weights 1 and -1 (density 1): weighted task vectors w1 t1 = [2, 1, -1, 0.5] and
+    w2 t2 = [-1, -3, -2, -0.5]; summed mass [1, -2, -3, 0] -> signs [+, -, -, +]
+    entry 0: only 2 agrees, divisor 1 -> 2;  entry 1: only -3 agrees, divisor -1 -> 3;
+    entry 2: both agree, -3 over the weights' sum 0 (mergekit divides by 1 there) -> -3;  entry 3: 0.5 over 1.
+    Entries whose agreeing weights did not sum above 0 were set to 0 ([2, 0, 0, 0.5])."""
+    base = torch.zeros(4)
+    t1, t2 = torch.tensor([2, 1, -1, 0.5]), torch.tensor([1, 3, 2, 0.5])
+    merged = merge_tensors([base + t1, base + t2], "ties", base=base, weights=[1.0, -1.0], density=1.0)
+    assert torch.equal(merged, torch.tensor([2, 3, -3, 0.5]))
+
+
 def test_dare_preserves_the_expected_delta():
     g = torch.Generator().manual_seed(0)
     base, delta = torch.randn(1000, generator=g), torch.rand(1000, generator=g) + 0.5

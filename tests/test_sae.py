@@ -216,7 +216,25 @@ def test_cli_trains_saves_and_browses(model_dir, tmp_path, capsys):
     assert main(argv[:-1] + [str(tmp_path / "again")]) == 2  # the saved SAE is never overwritten
     assert "already exists" in capsys.readouterr().err
     assert main(argv) == 2  # nor a report
-    assert "already holds results.json" in capsys.readouterr().err
+    assert "exists and is not an empty folder" in capsys.readouterr().err
+
+
+def test_the_training_plot_is_in_the_reports_unit(model_dir, tmp_path, monkeypatch):
+    """The plot's "MSE" was the SAE's normalised units (15-70) beside a report's MSE of 0.006 (the model's)."""
+    from lmlab.lab.interp import saelab
+    drawn = []
+    save = saelab.save_figure
+    monkeypatch.setattr(saelab, "save_figure", lambda fig, path: drawn.append(fig.axes[0]) or save(fig, path))
+    res = saelab.run_sae(model_dir, [str(tmp_path / "book.txt")], tmp_path / "sae",
+                         {"kind": "topk", "k": 4, "steps": 30, "stream": 1, "n_features": 32}, 1000)
+    ax, scale = drawn[0], float(load_sae(res["saved"]).scale)
+    assert ax.get_ylabel() == "MSE: squared error per token"
+    line = ax.get_lines()[0]
+    assert line.get_label() == "MSE (training batches)"
+    want = [r["mse_normalised"] / scale ** 2 for r in res["training"]["history"]]
+    assert line.get_ydata().tolist() == pytest.approx(want, rel=1e-12)
+    assert 1 / 3 < want[-1] / res["metrics"]["mse"] < 3  # the last batches' error beside the held-out one
+    assert scale ** 2 > 10  # the units differ here: the old curve sat scale^2 times above the report's MSE
 
 
 @pytest.mark.parametrize("argv, message", [

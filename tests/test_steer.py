@@ -243,6 +243,23 @@ def test_steer_bad_input_is_one_line_exit_2(model_dir, tmp_path, capsys, extra, 
     assert not (tmp_path / "o" / "direction.safetensors").exists()
 
 
+def test_a_zero_direction_is_refused_before_anything_is_written(model_dir, tmp_path, capsys):
+    """The same texts on both sides: direction.json and .safetensors of a zero vector were written, then ablation
+    failed, and the same --out was refused on the next try."""
+    out, ru = tmp_path / "o", str(model_dir.parent / "ru.txt")
+    argv = steer_argv(model_dir, out)
+    same = [ru if a.endswith("en.txt") else a for a in argv]
+    assert main(same) == 2
+    assert capsys.readouterr().err == ("lmlab: error: the positive and negative sets have the same mean at stream 1: "
+                                       "the direction is zero; give sets that differ\n")
+    assert not out.exists()
+    assert main(argv) == 0 and (out / "direction.safetensors").is_file()
+    model, tok = load_pretrained(model_dir)
+    with pytest.raises(ValueError, match="the direction is zero"):  # the same texts in another order too
+        difference_of_means(model, [tok.encode("кот сидел"), tok.encode("на ковре")],
+                            [tok.encode("на ковре"), tok.encode("кот сидел")], 1)
+
+
 def test_other_views_still_need_a_prompt(model_dir, tmp_path, capsys):
     assert main(["lab", "interp", "lens", "--model", str(model_dir), "--out", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err.strip() == "lmlab: error: lens needs --prompt"

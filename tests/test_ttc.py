@@ -330,6 +330,19 @@ def test_lab_training_prompts_leave_out_every_prompt_scored():
     assert len(scored) == 1500 and not set(training_prompts("sort", 1500)) & set(scored)
 
 
+def test_lab_ttc_reproduce_line_is_quoted_for_a_shell(tmp_path, monkeypatch):
+    import shlex
+
+    from lmlab.lab import ttc as lab
+    seen = []
+    monkeypatch.setattr(lab, "run", lambda out, quick, scale, command: seen.append(command) or
+                        {"verdict": "holds", "measured": "", "speed": {"wall_s": 0}})
+    out = str(tmp_path / "my ttc")  # a space: "--out /tmp/my ttc" read back as two arguments
+    assert main(["lab", "ttc", "--out", out, "--quick", "--task", "count", "--steps", "3"]) == 0
+    assert seen == [f"lmlab lab ttc --out '{out}' --quick --task count --steps 3"]
+    assert shlex.split(seen[0])[4] == out
+
+
 @pytest.mark.slow
 def test_lab_ttc_bookkeeping(tmp_path, monkeypatch):
     """`lmlab lab ttc` at a toy scale: with one try every sampling strategy is the one sample, a width-1 beam is
@@ -340,8 +353,10 @@ def test_lab_ttc_bookkeeping(tmp_path, monkeypatch):
 
     monkeypatch.setattr(lab.Scale, "default", classmethod(lambda cls, quick: cls(
         task="count", steps=80, prompts=4, small=(1, 32), large=(1, 48), max_new_tokens=6, step_tokens=2)))
-    assert main(["lab", "ttc", "--out", str(tmp_path / "ttc"), "--quick"]) == 0
-    res = json.loads((tmp_path / "ttc" / "results.json").read_text())
+    out = tmp_path / "my ttc"  # a space: the report's Reproduce line was not quoted
+    assert main(["lab", "ttc", "--out", str(out), "--quick"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["command"] == f"lmlab lab ttc --out '{out}' --quick"
     small = res["models"]["small"]
     one = {k: v["acc"][0] for k, v in small["strategies"].items()}
     assert 0 < one["sample"] < 1                            # the toy model is right sometimes: the checks bite
@@ -355,9 +370,9 @@ def test_lab_ttc_bookkeeping(tmp_path, monkeypatch):
     assert "beam (verifier)" not in res["models"]["large"]["strategies"]
     assert res["flops_ratio"] == pytest.approx(res["models"]["large"]["inference_flops_per_token"]
                                                / small["inference_flops_per_token"])
-    assert {p.name for p in (tmp_path / "ttc").glob("*.png")} == {"accuracy_tokens_small.png",
-                                                                  "accuracy_tokens_large.png", "small_vs_large.png"}
-    assert main(["lab", "ttc", "--out", str(tmp_path / "ttc")]) == 2               # never over earlier results
+    assert {p.name for p in out.glob("*.png")} == {"accuracy_tokens_small.png", "accuracy_tokens_large.png",
+                                                   "small_vs_large.png"}
+    assert main(["lab", "ttc", "--out", str(out)]) == 2                             # never over earlier results
 
 
 def test_api_generate_best_of_vote_and_beam_are_the_librarys(tmp_path, tok):

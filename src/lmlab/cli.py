@@ -747,6 +747,19 @@ def refuse_on_resume(args: argparse.Namespace, flags: Sequence[str], what: str) 
         raise ValueError(f"--resume continues the run in --out with its own {what}; drop {', '.join(given_flags)}")
 
 
+def refuse_unread(args: argparse.Namespace, reads: Sequence[str], offered: Sequence[str], who: str,
+                  names: dict[str, str] | None = None) -> None:
+    """ValueError naming the flags among `offered` (dest names; `names` for a --flag spelled otherwise) that were
+    given (not None or False: their defaults are None) but that `who` does not read: ignored without a word, they
+    looked as if they had an effect (lmlab merge refuses a setting its method does not read the same way)."""
+    names = names or {}
+    unread = [names.get(k, "--" + k.replace("_", "-")) for k in offered  # `is`: --seed 0 is given (0 == False)
+              if k not in reads and getattr(args, k, None) is not None and getattr(args, k) is not False]
+    if unread:
+        raise ValueError(f"{who} does not read {', '.join(unread)}; drop {'it' if len(unread) == 1 else 'them'} "
+                         "(a setting that would be ignored is refused)")
+
+
 def report_run(args: argparse.Namespace, result: Any, command: str, extra: str = "", after: str = "") -> int:
     """The closing lines of a run on the Trainer (rank 0 only): where it stopped, how to continue an interrupted
     run (exit 130), where its model is."""
@@ -1695,8 +1708,9 @@ def _lab_data(args: argparse.Namespace) -> int:
 
 def _influence_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="a new folder for results.json and report.html")
-    p.add_argument("--seeds", default="0", help="seeds: a list 0,1,2, a range 0-4, or one seed (default 0)")
-    p.add_argument("--quick", action="store_true", help="60 documents instead of 200: a smoke run, not the check")
+    p.add_argument("--seeds", help="the check's seeds: a list 0,1,2, a range 0-4, or one seed (default 0)")
+    p.add_argument("--quick", action="store_true", help="the check on 60 documents instead of 200: a smoke run, not "
+                   "the check")
     p.add_argument("--proj-dim", type=int, default=0, metavar="K",
                    help="random-project the per-document gradients to K numbers (TRAK's projection; 0: exact dot "
                         "products, the default)")
@@ -1704,31 +1718,43 @@ def _influence_arguments(p: argparse.ArgumentParser) -> None:
     u.add_argument("--run", dest="run_dir", help="a run directory with checkpoints (its books must still be there)")
     u.add_argument("--target", help="the text whose loss the passages move")
     u.add_argument("--target-file", help="read the target text from this file")
-    u.add_argument("--unit", choices=("paragraph", "document"), default="paragraph", help="what is scored (paragraph)")
-    u.add_argument("--max-passages", type=int, default=2000, help="score a fixed random sample of this many (2000)")
-    u.add_argument("--top", type=int, default=10, help="passages listed as helping and hurting most (10)")
+    u.add_argument("--unit", choices=("paragraph", "document"), help="what is scored (paragraph)")
+    u.add_argument("--max-passages", type=int, help="score a fixed random sample of this many (2000)")
+    u.add_argument("--top", type=int, help="passages listed as helping and hurting most (10)")
 
 
-@data_lab("influence", "what each document does: TracIn influence (random-projected gradient similarity over "
-          "checkpoints) of 200 synthetic documents on a target text, checked against true leave-one-out retraining "
-          "(Spearman rho); with --run, which passages of your run's books helped or hurt a --target text. "
+@data_lab("influence", "what each document does: per-step TracIn influence (gradient dot products at every step "
+          "that trained on it; exact unless --proj-dim) of 200 synthetic documents on a target text, checked against "
+          "true leave-one-out retraining (Spearman rho); with --run, which passages of your run's books helped or hurt "
+          "a --target text (TracInCP over its checkpoints). "
           "Example: lmlab lab data influence --out runs/influence --quick", _influence_arguments)
 def _lab_data_influence(args: argparse.Namespace) -> int:
+    import shlex
+
     from .lab.influence import InfluenceLabConfig, run_influence, run_influence_lab
+    if args.proj_dim < 0:
+        raise ValueError(f"--proj-dim ({args.proj_dim}) must be >= 0 (0: exact dot products)")
+    offered, names = ("run_dir", "target", "target_file", "unit", "max_passages", "top", "seeds", "quick"), \
+        {"run_dir": "--run"}
     if args.run_dir is not None or args.target is not None or args.target_file is not None:
         if args.run_dir is None or (args.target is None) == (args.target_file is None):
             raise ValueError("scoring a run's passages takes --run and one of --target or --target-file")
+        refuse_unread(args, offered[:6], offered, "influence on a run's passages (--run)", names)
         from .data import read_document  # the books' reader: encodings (cp1251), NUL bytes refused
         target = args.target if args.target is not None else read_document(args.target_file)
-        res = run_influence(args.run_dir, args.out, target, unit=args.unit, max_passages=args.max_passages,
-                            proj_dim=args.proj_dim, top=args.top, command="lmlab " + " ".join(sys.argv[1:]))
+        res = run_influence(args.run_dir, args.out, target, unit=args.unit or "paragraph",
+                            max_passages=2000 if args.max_passages is None else args.max_passages,
+                            proj_dim=args.proj_dim, top=10 if args.top is None else args.top,
+                            command=shlex.join(["lmlab", *sys.argv[1:]]))
         best = res["helped"][0]["passage"][:80] if res["helped"] else "none"
         print(f"influence: {len(res['passages'])} passages; helped most: {best!r}; report: "
               f"{Path(args.out) / 'report.html'}")
         return 0
+    refuse_unread(args, ("seeds", "quick"), offered, "the influence check (without --run)", names)
     cfg = InfluenceLabConfig.quick() if args.quick else InfluenceLabConfig()
     cfg = dataclasses.replace(cfg, proj_dim=args.proj_dim)
-    res = run_influence_lab(args.out, parse_seeds(args.seeds), cfg, command="lmlab " + " ".join(sys.argv[1:]))
+    res = run_influence_lab(args.out, parse_seeds("0" if args.seeds is None else args.seeds), cfg,
+                            command=shlex.join(["lmlab", *sys.argv[1:]]))
     print(f"influence: {res['verdict']} ({res['measured']}); wall {res['speed']['wall_s']:.0f} s; "
           f"report: {Path(args.out) / 'report.html'}")
     return 0
@@ -1796,9 +1822,11 @@ def _merge_lab_arguments(p: argparse.ArgumentParser) -> None:
           "(siblings) and between two models trained from scratch (strangers), barrier heights over seeds. "
           "Example: lmlab lab merge --out runs/merge", _merge_lab_arguments)
 def _lab_merge(args: argparse.Namespace) -> int:
+    import shlex
+
     from .lab.merge import MergeLabConfig, run_merge_lab
     cfg = MergeLabConfig.quick() if args.quick else MergeLabConfig()
-    res = run_merge_lab(args.out, parse_seeds(args.seeds), cfg, command="lmlab " + " ".join(sys.argv[1:]))
+    res = run_merge_lab(args.out, parse_seeds(args.seeds), cfg, command=shlex.join(["lmlab", *sys.argv[1:]]))
     print(f"merge: {res['verdict']} ({res['measured']}); wall {res['speed']['wall_s']:.0f} s; "
           f"report: {Path(args.out) / 'report.html'}")
     return 0
@@ -1817,7 +1845,7 @@ def _interp_arguments(p: argparse.ArgumentParser) -> None:
                                     "after --prompt)")
     p.add_argument("--foil", help="patch: the token the target's logit is compared with (default: the corrupted "
                                   "run's top token other than the target)")
-    p.add_argument("--top-k", type=int, default=5, help="lens: tokens kept per stream and position (default 5)")
+    p.add_argument("--top-k", type=int, help="lens: tokens kept per stream and position (default 5)")
     p.add_argument("--bos", action="store_true", help="start the prompts with <BOS> (models trained on texts that "
                    "start with it, such as lmlab tune grpo's and lmlab lab ttc's task models)")
     p.add_argument("--layer", type=int, help="steer, sae: the residual stream, 0 the embeddings, i the output of "
@@ -1829,23 +1857,52 @@ def _interp_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--negative", help="a text file, one prompt per line: the behaviour steered away from")
     s.add_argument("--neutral", help="a text file, one text per line, for the KL cost (up to 64 lines)")
     s.add_argument("--prompts", help="prompts to generate from, one per line (default: --negative's lines)")
-    s.add_argument("--coefs", default="0,0.5,1,2,4", help="coefficients measured, a comma list (default 0,0.5,1,2,4)")
-    s.add_argument("--samples", type=int, default=16, help="prompts generated from per coefficient (default 16)")
-    s.add_argument("--max-new-tokens", type=int, default=32, help="tokens per sample (default 32)")
+    s.add_argument("--coefs", help="coefficients measured, a comma list (default 0,0.5,1,2,4)")
+    s.add_argument("--samples", type=int, help="prompts generated from per coefficient (default 16)")
+    s.add_argument("--max-new-tokens", type=int, help="tokens per sample (default 32)")
     s.add_argument("--word", help="the property measured: whether a sample contains WORD (default: the share of "
                    "Cyrillic among its letters)")
-    s.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    s.add_argument("--seed", type=int, help="sampling seed (default 0)")
     a = p.add_argument_group("sae, sae-facts (lab/interp/sae.py, saelab.py): a sparse autoencoder on a residual stream")
     a.add_argument("--books", nargs="+", metavar="BOOKS", help="sae: the text to train on (files, folders or globs)")
-    a.add_argument("--tokens", type=int, default=65536, help="sae: tokens of --books used, a tenth held out (65536)")
-    a.add_argument("--kind", default="topk", help="sae: topk (Gao et al. 2024) or l1 (Bricken et al. 2023)")
+    a.add_argument("--tokens", type=int, help="sae: tokens of --books used, a tenth held out (65536)")
+    a.add_argument("--kind", help="sae: topk (Gao et al. 2024, the default) or l1 (Bricken et al. 2023)")
     a.add_argument("--features", type=int, help="sae: dictionary size (default 8 x the model width)")
-    a.add_argument("--k", type=int, default=16, help="sae --kind topk: features per token (16)")
-    a.add_argument("--l1", type=float, default=1.0, help="sae --kind l1: sparsity coefficient (1)")
-    a.add_argument("--steps", type=int, default=2000, help="sae: optimizer steps (2000)")
+    a.add_argument("--k", type=int, help="sae --kind topk: features per token (16)")
+    a.add_argument("--l1", type=float, help="sae --kind l1: sparsity coefficient (1)")
+    a.add_argument("--steps", type=int, help="sae: optimizer steps (2000)")
     a.add_argument("--name", help="sae: folder name under MODEL/sae/ (default layerN-KIND; never overwritten)")
-    a.add_argument("--seeds", default="0,1,2", help="sae-facts: seeds (0,1,2)")
+    a.add_argument("--seeds", help="sae-facts: seeds (0,1,2)")
     a.add_argument("--quick", action="store_true", help="sae-facts: smaller models and budgets (minutes)")
+
+
+# which of lab interp's flags each view reads, and the defaults of those it reads (None in the parser, so that a
+# flag given to a view that does not read it can be told from its default, and refused)
+_INTERP_READS = {"lens": ("prompt", "target", "top_k", "bos"), "attention": ("prompt", "bos"),
+                 "patch": ("prompt", "corrupt", "target", "foil", "bos"),
+                 "steer": ("layer", "positive", "negative", "neutral", "prompts", "coefs", "samples", "max_new_tokens",
+                           "word", "seed", "bos"),
+                 "sae": ("layer", "books", "tokens", "kind", "features", "k", "l1", "steps", "name"),
+                 "sae-facts": ("seeds", "quick")}
+_INTERP_FLAGS = ("prompt", "corrupt", "target", "foil", "top_k", "bos", "layer", "positive", "negative", "neutral",
+                 "prompts", "coefs", "samples", "max_new_tokens", "word", "seed", "books", "tokens", "kind", "features",
+                 "k", "l1", "steps", "name", "seeds", "quick")
+_INTERP_DEFAULTS = {"top_k": 5, "coefs": "0,0.5,1,2,4", "samples": 16, "max_new_tokens": 32, "seed": 0,
+                    "tokens": 65536, "kind": "topk", "k": 16, "l1": 1.0, "steps": 2000, "seeds": "0,1,2"}
+
+
+def _interp_flags(args: argparse.Namespace) -> None:
+    """A flag the view does not read is refused (sae: --k is topk's, --l1 l1's); then the defaults."""
+    from .lab.interp.sae import KINDS
+    reads = _INTERP_READS[args.view]
+    kind = args.kind or "topk"
+    if args.view == "sae" and kind in KINDS:  # an unknown kind is refused by its own sentence after this
+        reads = tuple(r for r in reads if r != {"topk": "l1", "l1": "k"}[kind])
+    refuse_unread(args, reads, _INTERP_FLAGS, f"lab interp {args.view}" + (f" --kind {kind}" if args.view == "sae"
+                                                                             else ""))
+    for flag, value in _INTERP_DEFAULTS.items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, value)
 
 
 def _steer_flags(args: argparse.Namespace) -> list[float]:
@@ -1894,6 +1951,7 @@ def _lab_interp(args: argparse.Namespace) -> int:
         raise ValueError("--model is needed by every view but sae-facts" if args.model is None
                          else "sae-facts trains its own biographies models; leave out --model")
     if args.view == "steer":
+        _interp_flags(args)
         coefs = _steer_flags(args)
         res = run_steer(args.model, args.positive, args.negative, args.layer, args.out, neutral=args.neutral,
                         prompts=args.prompts, coefs=coefs, n_prompts=args.samples, max_new_tokens=args.max_new_tokens,
@@ -1903,10 +1961,12 @@ def _lab_interp(args: argparse.Namespace) -> int:
     sae = args.view in ("sae", "sae-facts")
     if (args.prompt is None) != sae:
         raise ValueError("--prompt is for lens, attention and patch" if sae else f"{args.view} needs --prompt")
+    if not sae:
+        check_view(args.view, args.corrupt, args.target, args.foil)
+    _interp_flags(args)
     if sae:
         res = _lab_sae(args, command)
     else:
-        check_view(args.view, args.corrupt, args.target, args.foil)
         if args.top_k < 1:
             raise ValueError(f"--top-k ({args.top_k}) must be >= 1")
         if args.view == "lens":
@@ -1941,6 +2001,8 @@ def _ttc_arguments(p: argparse.ArgumentParser) -> None:
           "best-of-N and step-wise beam search, and a small model with N tries against a larger one with one at equal "
           "FLOPs. Example: lmlab lab ttc --out runs/ttc --quick", _ttc_arguments)
 def _lab_ttc(args: argparse.Namespace) -> int:
+    import shlex
+
     from .lab.facts.report import new_report
     from .lab.ttc import Scale, run
     require_positive(args, "steps", "prompts")
@@ -1949,8 +2011,8 @@ def _lab_ttc(args: argparse.Namespace) -> int:
     new_report(args.out)  # run() checks it too
     told = [k for k in ("task", "steps", "prompts", "seed") if getattr(args, k) is not None]
     scale = dataclasses.replace(Scale.default(args.quick), **{k: getattr(args, k) for k in told})
-    command = " ".join(["lmlab", "lab", "ttc", "--out", args.out] + ["--quick"] * args.quick
-                       + [f"--{k} {getattr(args, k)}" for k in told])
+    command = shlex.join(["lmlab", "lab", "ttc", "--out", args.out] + ["--quick"] * args.quick
+                         + [a for k in told for a in (f"--{k}", str(getattr(args, k)))])
     res = run(args.out, args.quick, scale, command)
     print(f"ttc: {res['verdict']} ({res['measured']}); wall {res['speed']['wall_s']:.0f} s; report: "
           f"{Path(args.out) / 'report.html'}")

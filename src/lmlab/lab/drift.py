@@ -116,6 +116,9 @@ def run_drift(run_dir: str | Path, out: str | Path, probes: Sequence[str] = (), 
     from ..tokenizers import Tokenizer
     if isinstance(top, bool) or not isinstance(top, int) or top < 1:  # 0 wrote a report of no tokens
         raise ValueError(f"--top ({top!r}) must be >= 1")
+    for name, value in (("probes", probes), ("tokens", tokens)):
+        if isinstance(value, (str, bytes)):  # its characters were taken for as many probes or tokens
+            raise ValueError(f"{name} must be a list of texts, not the single string {value!r}; give [{value!r}]")
     run_dir, out = Path(run_dir), Path(out)
     t0 = time.perf_counter()
     saved = read_run_config(run_dir)

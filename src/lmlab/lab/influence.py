@@ -3,11 +3,13 @@ true leave-one-out retraining.
 
     lmlab lab data influence --out runs/influence --quick
 
-Influence is TracInCP (Pruthi et al. 2020, "Estimating Training Data Influence by Tracing Gradient Descent",
-https://arxiv.org/abs/2002.08484): score(doc) = sum over saved checkpoints k of lr_k <grad L(target; w_k),
-grad L(doc; w_k)>. A positive score means a step on the document lowers the target's loss (it helped). Per-example
-gradients come from torch.func (vmap over grad, one document per row), and are multiplied by a Gaussian random
-matrix P (d x k, entries N(0, 1/k)) before the dot product, as TRAK does (Park et al. 2023,
+Influence is TracIn (Pruthi et al. 2020, "Estimating Training Data Influence by Tracing Gradient Descent",
+https://arxiv.org/abs/2002.08484): score(doc) = sum over the steps t that trained on the document of
+lr_t <grad L(target; w_t), grad L(doc; w_t)>, and its checkpoint form TracInCP, the same sum over saved checkpoints
+k with lr_k standing for the steps between them. A positive score means a step on the document lowers the target's
+loss (it helped). Per-example gradients come one row at a time (row_grads), and their dot products are exact by
+default; with --proj-dim K they are multiplied by a Gaussian random matrix P (d x k, entries N(0, 1/k)) first, as
+TRAK does (Park et al. 2023,
 https://arxiv.org/abs/2303.14186): by Johnson-Lindenstrauss <Pa, Pb> = <a, b> in expectation, with standard
 deviation sqrt((|a|^2 |b|^2 + <a, b>^2) / k), and only k numbers per document are kept. P is drawn block by block
 from a seed, so it is never held whole.
@@ -20,7 +22,7 @@ single-threaded and deterministic. The difference in the target's loss is then t
 else (no seed noise to average away), and Spearman's rho compares it with the scores.
 TracIn is a first-order estimate: the default run (lr 0.01, 2 epochs, a barely trained model) is in that regime; with
 lr 0.1 and 4 epochs, later steps undo and amplify early ones and rho fell to 0.08 in one measurement. Scores come
-both per step (TracIn) and from epoch-start checkpoints (TracInCP).
+both per step (TracIn: the verdict) and from epoch-start checkpoints (TracInCP: reported beside it).
 """
 
 from __future__ import annotations
@@ -37,8 +39,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..configs import validate
+from ..configs import parse_seeds, validate
 from ..models import ModelConfig, Transformer
+from ..models.model import available_memory
 from ..tokenizers import Tokenizer
 from .facts.data import pseudo_words
 from .facts.report import write_report
@@ -92,14 +95,34 @@ def per_example_grads(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) 
     return torch.stack(list(row_grads(model, x, y)))
 
 
+def check_proj_dim(k: int | None, dim: int) -> None:
+    """ValueError for a projection to k numbers of gradients of `dim`: more numbers than the gradient has (no
+    saving, only noise), or a matrix P (dim x k float32) larger than the free memory (a big k died in the middle
+    of the scoring with a traceback)."""
+    if k is None:
+        return
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"--proj-dim ({k!r}) must be >= 1 to project (0: exact dot products)")
+    if k > dim:
+        raise ValueError(f"--proj-dim ({k}) must be at most the gradient's size, {dim:,} numbers (one per trained "
+                         "parameter); 0 gives exact dot products")
+    have = available_memory(torch.device("cpu"))
+    if have is not None and 4 * k * dim > have:
+        raise ValueError(f"--proj-dim {k} needs {_size(4 * k * dim)} for the projection ({dim:,} x {k} float32), "
+                         f"more than the {_size(have)} available; lower it (0: exact dot products)")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 class Projector:
     """x -> x @ P for a Gaussian P (d x k, entries N(0, 1/k)), drawn in blocks of rows from `seed` on first use and
     kept (d * k float32: 0.1M parameters at k = 128 hold 58 MB); the same seed gives the same P, so scores from
     different checkpoints and calls add up. k = None: the identity (exact dot products, in float64)."""
 
     def __init__(self, dim: int, k: int | None, seed: int = 0, block_elems: int = 1 << 22) -> None:
-        if k is not None and k < 1:
-            raise ValueError(f"projection dimension ({k}) must be >= 1")
+        check_proj_dim(k, dim)
         self.dim, self.k, self.seed = dim, k, seed
         self.rows = max(1, block_elems // (k or 1))
         self.blocks: list[torch.Tensor] = []
@@ -190,7 +213,9 @@ class InfluenceLabConfig:
     def __post_init__(self) -> None:
         validate(self)  # types and finite numbers: "3" was a TypeError below, nan passed
         for f in dataclasses.fields(self):
-            if getattr(self, f.name) < 0 or (getattr(self, f.name) == 0 and f.name != "proj_dim"):
+            if f.name == "proj_dim" and self.proj_dim < 0:  # 0 is allowed: exact dot products
+                raise ValueError(f"proj_dim must be >= 0, got {self.proj_dim}")
+            if f.name != "proj_dim" and getattr(self, f.name) <= 0:
                 raise ValueError(f"{f.name} must be positive, got {getattr(self, f.name)}")
 
     @classmethod
@@ -249,24 +274,33 @@ def target_loss(model: Transformer, target: tuple[torch.Tensor, torch.Tensor]) -
     return float(doc_losses(model.eval(), *target).sum())
 
 
+def _lab_data(cfg: InfluenceLabConfig, seed: int) -> tuple[list[str], str, tuple[torch.Tensor, torch.Tensor],
+                                                          tuple[torch.Tensor, torch.Tensor], ModelConfig]:
+    """One seed's documents, target text, their (x, y) and the model's config."""
+    texts, target_text, prompt_words = biographies(cfg, seed)
+    tok = Tokenizer.train([*texts, target_text], kind="word", vocab_size=1000, min_frequency=1)
+    docs = examples([tok.encode(t) for t in texts])
+    target = examples([tok.encode(target_text)], [prompt_words])
+    mc = ModelConfig(family="llama", vocab_size=len(tok), n_layer=cfg.n_layer, n_head=cfg.n_head,
+                     n_embd=cfg.n_embd, block_size=docs[0].shape[1])
+    return texts, target_text, docs, target, mc
+
+
 def run_influence_lab(out: str | Path, seeds: list[int], cfg: InfluenceLabConfig, command: str = "") -> dict[str, Any]:
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} exists and is not empty; choose a new folder")
+    seeds = parse_seeds(seeds)  # none was an IndexError after the work
     t0 = time.perf_counter()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread: the same arithmetic in every retraining (and a fair share of the host)
     per_seed, table, extra = [], [], []
+    data = {seed: _lab_data(cfg, seed) for seed in seeds}  # (cheap) so that --proj-dim is checked before any training
+    for *_, mc in data.values():
+        check_proj_dim(cfg.proj_dim or None, mc.num_parameters())
     try:
         for seed in seeds:
-            texts, target_text, prompt_words = biographies(cfg, seed)
-            tok = Tokenizer.train([*texts, target_text], kind="word", vocab_size=1000, min_frequency=1)
-            ids = [tok.encode(t) for t in texts]
-            docs = examples(ids)
-            tids = tok.encode(target_text)
-            target = examples([tids], [prompt_words])
-            mc = ModelConfig(family="llama", vocab_size=len(tok), n_layer=cfg.n_layer, n_head=cfg.n_head,
-                             n_embd=cfg.n_embd, block_size=docs[0].shape[1])
+            texts, target_text, docs, target, mc = data[seed]
             rng = np.random.default_rng(seed)
             order = np.stack([rng.permutation(cfg.documents) for _ in range(cfg.epochs)])
             ones = torch.ones(cfg.documents)
@@ -312,14 +346,18 @@ def run_influence_lab(out: str | Path, seeds: list[int], cfg: InfluenceLabConfig
     checks = {"Spearman ρ ≥ 0.3 on every seed": all(r >= 0.3 for r in rhos)}
     results = {"config": dataclasses.asdict(cfg), "seeds": seeds, "per_seed": per_seed,
                "speed": {"wall_s": time.perf_counter() - t0}}
-    write_report(out, "influence", "Gradient-similarity influence (TracInCP with a random projection) ranks documents "
-                 "by their true leave-one-out effect on a target text (Pruthi et al. 2020; Park et al. 2023).",
+    dots = (f"gradients random-projected to {cfg.proj_dim} numbers, as TRAK (Park et al. 2023)" if cfg.proj_dim
+            else "exact gradient dot products")
+    write_report(out, "influence", f"Per-step TracIn influence ({dots}) ranks documents by their true leave-one-out "
+                 "effect on a target text (Pruthi et al. 2020).",
                  measured, checks, table, [], results, command or "lmlab lab data influence", extra,
                  title="lmlab lab data", claim_label="<b>Claim</b>",
                  extra_html="", note="LOO: the model retrained without one document (its term removed from its "
                  "batches; same initialisation, order and arithmetic otherwise) minus the full model, in target loss "
-                 "(nats): positive = the document helped. TracIn: sum over epoch-start checkpoints of lr/batch × "
-                 "the projected gradient dot product.")
+                 "(nats): positive = the document helped. TracIn (the verdict): sum over the steps whose batch held "
+                 "the document of lr/batch × <gradient of the target's loss, gradient of the document's loss> at the "
+                 "weights before that step. TracInCP (beside it): the same at the epoch-start checkpoints only, every "
+                 "document at each. Dot products " + ("projected (--proj-dim)." if cfg.proj_dim else "exact."))
     return results
 
 
@@ -412,7 +450,9 @@ def run_influence(run_dir: str | Path, out: str | Path, target: str, *, unit: st
     tc = TrainConfig.from_dict(saved["train"])
     horizon = json.loads((cps[-1] / "state.json").read_text(encoding="utf-8")).get("schedule_steps")
     models = [lambda p=p: checkpoint_model(p, checkpoint_adapters) for p in cps]  # loaded one at a time
-    size = ModelConfig.from_dict(json.loads((cps[0] / "config.json").read_text(encoding="utf-8"))["model"]).block_size
+    mc = ModelConfig.from_dict(json.loads((cps[0] / "config.json").read_text(encoding="utf-8"))["model"])
+    check_proj_dim(proj_dim or None, mc.num_parameters())  # before the books are read and the checkpoints loaded
+    size = mc.block_size
     steps = [checkpoint_step(p) for p in cps]
     # the checkpoint at step s stands for the steps since the previous one; its lr is the schedule's there
     weights = [lr_at(s - 1, tc, horizon) * (s - prev) for s, prev in zip(steps, [0, *steps[:-1]])]

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..configs import knob, validate
+from ..configs import knob, parse_seeds, validate
 from ..data import TokenDataset, prepare_texts
 from ..models import ModelConfig, Transformer
 from ..models.io import load_pretrained
@@ -45,7 +45,7 @@ from .facts.report import line_plot, write_report
 class MergeLabConfig:
     parent_steps: int = 300
     finetune_steps: int = 150
-    points: int = 11              # values of t on each path, 0 and 1 included
+    points: int = 11              # values of t on each path, 0, 0.5 and 1 included (odd)
     preset: str = "llama-tiny"
     block_size: int = knob(64, "context of every model", ge=1)
     vocab_size: int = knob(512, "the BPE tokenizer's vocabulary (4 specials + 256 bytes at least)", ge=260)
@@ -59,8 +59,10 @@ class MergeLabConfig:
         for name in ("parent_steps", "finetune_steps", "batch_size", "stories"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.points < 3:
-            raise ValueError(f"points must be >= 3 (both ends and a middle), got {self.points}")
+        if self.points < 3 or self.points % 2 == 0:  # the report's midpoint loss is the middle point's
+            raise ValueError(f"points must be odd and >= 3 (both ends and t = 0.5), got {self.points}")
+        # an unknown preset (or one the sizes above do not fit) was refused only after out/data was written
+        ModelConfig.preset(self.preset, vocab_size=self.vocab_size, block_size=self.block_size)
 
     @classmethod
     def quick(cls) -> MergeLabConfig:
@@ -110,6 +112,8 @@ def run_merge_lab(out: str | Path, seeds: list[int], cfg: MergeLabConfig, comman
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"{out} exists and is not empty; choose a new folder")
+    # before out/data: none was a StatisticsError after it, one twice trained and then found its folder taken
+    seeds = parse_seeds(seeds)
     t0, cpu0 = time.perf_counter(), time.process_time()
     text = demo_corpus(n_stories=cfg.stories, seed=0)
     tok = Tokenizer.train([text], kind="bpe", vocab_size=cfg.vocab_size)

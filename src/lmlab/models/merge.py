@@ -13,8 +13,9 @@ state dict (a tied embedding/head merged once):
   arithmetic", https://arxiv.org/abs/2212.04089).
 - ties: trim each task vector to its round(density x size) largest entries by magnitude (mergekit truncates
   instead: at most one entry fewer per tensor), elect each entry's sign by the summed
-  mass, take the disjoint (weighted) mean of the entries agreeing with it, times lambda (Yadav et al. 2023,
-  "TIES-Merging", https://arxiv.org/abs/2306.01708).
+  (weighted) mass, take the disjoint mean of the weighted entries agreeing with it, sum(w_i d_i) / sum(w_i) over
+  them, times lambda (Yadav et al. 2023, "TIES-Merging", https://arxiv.org/abs/2306.01708); a weight sum of 0 divides
+  by 1, as mergekit does, so a negative weight gives mergekit's numbers.
 - dare: drop each delta entry with p = 1 - density, rescale the kept ones by 1/density, then add them as task
   arithmetic does (Yu et al. 2024, "Language models are Super Mario", https://arxiv.org/abs/2311.03099;
   mergekit's dare_linear).
@@ -66,7 +67,9 @@ def ties_delta(deltas: list[torch.Tensor], weights: list[float], density: float)
     sign = torch.where(stacked.sum(0) >= 0, 1.0, -1.0)   # the elected sign: the sign of the summed mass
     agree = stacked.sign() == sign                        # zeros (trimmed) agree with nothing
     total = (w * agree).sum(0)
-    return torch.where(total > 0, (stacked * agree).sum(0) / total.clamp(min=1e-12), torch.zeros_like(total))
+    # mergekit's divisor: the agreeing weights' sum, 1 where it is 0 (no entry agrees, or a negative weight cancels
+    # a positive one). Zeroing every entry whose sum was not positive wiped out the ones a negative weight elected.
+    return (stacked * agree).sum(0) / torch.where(total == 0, torch.ones_like(total), total)
 
 
 def dare_delta(delta: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:

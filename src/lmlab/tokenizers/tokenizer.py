@@ -74,6 +74,23 @@ def _stream_file(path: str | Path) -> Iterator[str]:
         yield "".join(buf)
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet (each byte a printable character), reversed: a byte-level BPE token's
+    characters -> its bytes (Radford et al. 2019, the `bytes_to_unicode` of openai/gpt-2's encoder.py)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+BYTE_LEVEL = _byte_level_alphabet()
+
+
 class Tokenizer:
     """encode/decode text <-> ids with `<PAD>`=0 `<UNK>`=1 `<BOS>`=2 `<EOS>`=3, wrapping `self.hf`."""
 
@@ -170,6 +187,14 @@ class Tokenizer:
 
     def id_to_token(self, idx: int) -> str | None:
         return self.hf.id_to_token(idx)
+
+    def token_bytes(self, idx: int) -> bytes | None:
+        """The bytes a byte-level BPE token stands for (they may end inside a UTF-8 character, where decode gives
+        U+FFFD); None for other kinds, or a token not written in the byte-level alphabet."""
+        raw = self.id_to_token(idx) if self.kind == "bpe" else None
+        if raw is None or not all(c in BYTE_LEVEL for c in raw):
+            return None
+        return bytes(BYTE_LEVEL[c] for c in raw)
 
     def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         try:

@@ -133,14 +133,16 @@ def html_table(table: Sequence[dict[str, Any]], caption: str = "") -> str:
 
 
 def new_report(out: str | Path) -> Path:
-    """`out` for a new report, checked before anything is loaded or written: "" (the current folder to Path) and a
-    folder that holds results.json already (another report's numbers) are refused; `lmlab lab interp` and `lmlab
-    lab ttc` say the same."""
+    """`out` for a new report, checked before anything is loaded or written: "" (the current folder to Path) and
+    anything there but an empty folder are refused (a report's files have common names: a user's own report.html
+    or lens.png in it was replaced; an earlier report's numbers too); `lmlab lab interp` and `lmlab lab ttc` say
+    the same."""
     if not str(out).strip():
         raise ValueError("the report folder (out) is empty; name the folder to write the report to")
-    if Path(out, "results.json").exists():
-        raise ValueError(f"{out} already holds results.json; choose another --out")
-    return Path(out)
+    path = Path(out)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ValueError(f"{out} exists and is not an empty folder; choose another --out (nothing is overwritten)")
+    return path
 
 
 def write_report(out: Path, name: str, claim: str, measured: str, checks: dict[str, bool | None],

@@ -198,10 +198,7 @@ def run_steer(model_dir: str | Path, positive: str | Path, negative: str | Path,
     property of sampled continuations of the prompts (default: the negative set's lines) for each coefficient
     and with the direction ablated, and the mean per-token KL it costs on the neutral texts. Its settings and
     `out` are checked before anything is loaded or written (a direction already there is not replaced)."""
-    out = new_report(out)
-    held = next((name for name in (steer.WEIGHTS, steer.META) if (out / name).exists()), None)
-    if held is not None:
-        raise ValueError(f"{out} already holds {held}; choose another --out")
+    out = new_report(out)  # a direction already there too
     check_steer(coefs, n_prompts, max_new_tokens)
     model, tok = load(model_dir)
     _, pos_ids = read_prompts(positive, "--positive", model, tok, bos)

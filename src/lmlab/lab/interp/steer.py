@@ -123,6 +123,11 @@ def difference_of_means(model: Transformer, positive: Sequence[Sequence[int]], n
             raise ValueError(f"the {name} set needs at least one non-empty prompt")
     pos, n_pos = mean_residual(model, positive, layer)
     neg, n_neg = mean_residual(model, negative, layer)
+    # the same texts on both sides (in any order: float64 sums differ in the last bits): nothing to steer along,
+    # and ablating it divides by its norm; refused before a caller saves it
+    if float((pos - neg).norm()) <= 1e-9 * max(float(pos.norm()), float(neg.norm()), 1e-30):
+        raise ValueError(f"the positive and negative sets have the same mean at stream {layer}: the direction is "
+                         "zero; give sets that differ")
     return Direction((pos - neg).float(), layer, {"method": "difference of means", "positive_prompts": len(positive),
                                                    "positive_tokens": n_pos, "negative_prompts": len(negative),
                                                    "negative_tokens": n_neg, **(meta or {})})

@@ -51,7 +51,23 @@ def token_id(tok: Any, text: str, flag: str) -> int:
 
 
 def label(tok: Any, i: int) -> str:
-    return repr(tok.decode([i]))[1:-1] or f"<{i}>"
+    """Token i as a heatmap's tick, a table's cell and results.json show it: its text (escaped), or, for a byte-level
+    token that ends inside a UTF-8 character (alone it decodes to U+FFFD, so every such token read the same "�"),
+    its whole characters with the rest as bytes, " <0xD0>"; <id i> where its bytes cannot be told."""
+    text = tok.decode([i])
+    if "\ufffd" not in text:
+        return repr(text)[1:-1] or f"<{i}>"
+    raw = tok.token_bytes(i)
+    if raw is None or raw.decode("utf-8", "replace") != text:  # not this token's bytes (or a real U+FFFD)
+        return f"<id {i}>"
+    out = ""
+    while raw:
+        try:
+            return out + repr(raw.decode("utf-8"))[1:-1]
+        except UnicodeDecodeError as exc:
+            out += repr(raw[:exc.start].decode("utf-8"))[1:-1] + "".join(f"<0x{b:02X}>" for b in raw[exc.start:exc.end])
+            raw = raw[exc.end:]
+    return out
 
 
 def stream_labels(n_layer: int) -> list[str]:

@@ -35,6 +35,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from ...models import GenerationConfig
 from ...models.batching import BatchEngine, EngineClosed, Finish, Token
+from ...tokenizers.tokenizer import BYTE_LEVEL as _BYTES
 from ...tune import chat as chat_format
 from ..app import StateDep, openai_error
 from ..inference import NotTrained, unservable
@@ -552,23 +553,6 @@ async def _chunks(p: _Plan, handle: Any) -> AsyncIterator[str]:
 
 
 # ---- log-probabilities ------------------------------------------------------------------------------
-
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-level alphabet (each byte a printable character), reversed: a byte-level BPE token's
-    characters -> its bytes (Radford et al. 2019, the `bytes_to_unicode` of openai/gpt-2's encoder.py)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            chars[chr(b)] = b
-        else:
-            chars[chr(256 + extra)] = b
-            extra += 1
-    return chars
-
-
-_BYTES = _byte_decoder()
-
 
 def _token_text(tokenizer: Any, token_id: int, after: list[int]) -> str:
     """A token's text as the completion has it after the id `after` (a word-level token's leading space)."""
