@@ -5,13 +5,14 @@ measured in one run, and peak memory while deduplicating a large corpus in a chi
     python benchmarks/bench_dedup.py --mb 20 --docs 2000   # smaller, on a loaded machine
 
 Both sides do the same work on one thread: split into words, hash every distinct word 5-gram once (SHA-1),
-112 permutations (14 bands x 8 rows), LSH buckets, candidate pairs. datasketch: `MinHash.update_batch` per
-document, `MinHashLSH.insert`, then `query` for every document; lmlab additionally finds exact duplicates and
-builds the clusters. The candidate pairs must be equal (the signatures are bit-identical). Figures are the
-median of interleaved repeats (A B A B ...), per wall second and per CPU-second of the process (on a loaded
-machine the latter is the per-core figure). Targets (issue 18): >= 2,000 documents of 1 KB per second per core;
-100 MB deduplicated with peak RSS under 2 GB (ru_maxrss of a child that generates the corpus and deduplicates
-it; the corpus itself, as Python strings, is part of that peak).
+112 permutations (14 bands x 8 rows), LSH buckets, candidate pairs. datasketch: `MinHash.generator` (the
+permutations made once, `update_batch` per document), `MinHashLSH.insert`, then `query` for every document;
+lmlab additionally finds exact duplicates and builds the clusters. The candidate pairs must be equal (the
+signatures are bit-identical). Figures are the median of interleaved repeats (A B A B ...), per wall second and
+per CPU-second of the process (on a loaded machine the latter is the per-core figure). Targets (issue 18):
+>= 2,000 documents of 1 KB per second per core; 100 MB deduplicated with peak RSS under 2 GB (ru_maxrss of a
+child that generates the corpus and deduplicates it; the corpus itself, as Python strings, is part of that
+peak), judged only at --mb 100.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import time
 import numpy as np
 
 from lmlab.data.dedup import DedupConfig, candidate_pairs, dedup_texts, shingles
+
+TARGET_MB = 100  # issue 18: 100 MB deduplicated under 2 GB
 
 
 def corpus(n_docs: int, seed: int = 0, doc_bytes: int = 1000) -> list[str]:
@@ -57,12 +60,12 @@ def corpus(n_docs: int, seed: int = 0, doc_bytes: int = 1000) -> list[str]:
 def datasketch_pairs(texts: list[str], cfg: DedupConfig) -> set[tuple[int, int]]:
     from datasketch import MinHash, MinHashLSH
     lsh = MinHashLSH(num_perm=cfg.num_perm, params=(cfg.bands, cfg.rows))
-    sketches = []
-    for i, t in enumerate(texts):
-        m = MinHash(num_perm=cfg.num_perm, seed=cfg.seed)
-        m.update_batch([s.encode() for s in shingles(t, cfg.ngram)])
+    # MinHash.generator makes the permutations once and copies them per document, as lmlab does; a new
+    # MinHash(...) per document regenerates them (113 us per document here).
+    sketches = list(MinHash.generator(([s.encode() for s in shingles(t, cfg.ngram)] for t in texts),
+                                      num_perm=cfg.num_perm, seed=cfg.seed))
+    for i, m in enumerate(sketches):
         lsh.insert(i, m)
-        sketches.append(m)
     return {(min(i, j), max(i, j)) for i, m in enumerate(sketches) for j in lsh.query(m) if j != i}
 
 
@@ -84,14 +87,17 @@ def memory_child(mb: float) -> None:
           f"{rss_corpus:.0f} MiB): dedup {t2 - t1:.1f} s = {len(texts) / (t2 - t1):,.0f} docs/s "
           f"({len(texts) / (c2 - c1):,.0f} per CPU-second), removed "
           f"{r.stats['removed']:,} ({r.stats['exact_duplicates']:,} exact), {r.stats['clusters']:,} clusters")
-    print(f"    peak RSS {rss:,.0f} MiB  target < 2048 MiB  {'PASS' if rss < 2048 else 'ABOVE'}")
+    # The target is for 100 MB; a smaller corpus passing says nothing about it.
+    verdict = (('PASS' if rss < 2048 else 'ABOVE') if mb == TARGET_MB
+               else f"not the target's setting ({TARGET_MB} MB)")
+    print(f"    peak RSS {rss:,.0f} MiB  target < 2048 MiB at {TARGET_MB} MB: {verdict}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--docs", type=int, default=4000, help="documents of ~1 KB in the throughput run")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--mb", type=float, default=100, help="corpus size of the memory run (0: skip it)")
+    ap.add_argument("--mb", type=float, default=TARGET_MB, help="corpus size of the memory run (0: skip it)")
     ap.add_argument("--memory-child", type=float, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child:

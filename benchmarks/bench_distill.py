@@ -23,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from lmlab.configs import parse_seeds
 from lmlab.data import prepare_texts
 from lmlab.models import ModelConfig
 from lmlab.tokenizers import Tokenizer
@@ -45,12 +46,25 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--teacher-steps", type=int, default=800)
     p.add_argument("--steps", type=int, default=300, help="student steps, every method")
-    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--seeds", default="0,1,2", help="0,1,2 (a list), 0-4 (a range) or 3 (default 0,1,2)")
     p.add_argument("--alpha", type=float, default=0.9)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--samples", type=int, default=512, help="sequence KD: teacher continuations")
-    p.add_argument("--out", help="keep the runs here (default: a temporary folder)")
+    p.add_argument("--out", help="keep the runs here (default: a temporary folder); a finished teacher there is "
+                   "reused, student runs are not overwritten")
     a = p.parse_args()
+    try:
+        seeds = parse_seeds(a.seeds)
+    except ValueError as e:
+        p.error(str(e))
+    methods = ("scratch", "logits", "sequence")
+    if a.out:
+        # checked before the teacher trains (minutes): run_distill refuses a folder that holds a run only when
+        # it gets there
+        held = [f"{m}-{s}" for s in seeds for m in methods
+                if (Path(a.out) / f"{m}-{s}").is_dir() and any((Path(a.out) / f"{m}-{s}").iterdir())]
+        if held:
+            p.error(f"{a.out} already holds student runs ({', '.join(held)}); choose another --out or other --seeds")
     root = Path(a.out or tempfile.mkdtemp(prefix="bench-distill-"))
     t0 = time.perf_counter()
     text = demo_corpus()
@@ -70,12 +84,12 @@ def main() -> None:
         print(f"teacher {params(teacher_cfg):,} params, val loss {teacher_val:.4f}; student {params(student_cfg):,} "
               f"params ({params(student_cfg) / params(teacher_cfg):.2f}x); {time.perf_counter() - t0:.0f}s",
               flush=True)
-        methods = {"scratch": DistillConfig(alpha=0.0),
+        configs = {"scratch": DistillConfig(alpha=0.0),
                    "logits": DistillConfig(alpha=a.alpha, temperature=a.temperature),
                    "sequence": DistillConfig(mode="sequence", teacher_samples=a.samples, continuation_tokens=64)}
         results: dict[str, list[tuple[float, float]]] = {m: [] for m in methods}
-        for seed in [int(s) for s in a.seeds.split(",")]:
-            for name, cfg in methods.items():
+        for seed in seeds:
+            for name, cfg in configs.items():
                 out = root / f"{name}-{seed}"
                 run_distill(root / "teacher" / "final", [book], out, TrainConfig(
                     **base, max_steps=a.steps, eval_every=a.steps, save_every=0, seed=seed), cfg,

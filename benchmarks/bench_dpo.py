@@ -9,7 +9,8 @@ completion tokens) on the same batch: the same 2B rows (chosen and rejected; the
 chosen rows alone. lmlab.fast's fused CPU head serves the SFT step's model(x, targets), as in the Trainer.
 Interleaved, median of --reps. Target: DPO <= 1.1x the SFT step on the same rows.
 (b) The arena's SFT stage (lmlab.lab.arena.train_sft: a fresh llama-small, 3.46M params, --sft-steps on sft.jsonl,
-where both styles are equally common; warm-up then cosine decay), then DPO on pairs.jsonl from it, by default with
+by default the arena's ArenaConfig.sft_steps (docs/LOG.md's five-seed DPO runs used --sft-steps 2000), where both
+styles are equally common; warm-up then cosine decay), then DPO on pairs.jsonl from it, by default with
 an added NLL term on the chosen completions (--sft-weight 1: DPO + NLL, Pang et al. 2024's RPO, TRL's loss_type
 ["sigmoid", "sft"]; --sft-weight 0 is plain DPO, which stalled at ~65% from the weak SFT models of an SFT without
 warm-up: docs/LOG.md). The rule win-rate on 200 held-out prompts (sampled at temperature 1) before and after, and
@@ -165,7 +166,8 @@ if __name__ == "__main__":
     ap.add_argument("--part", choices=["step", "winrate"], default="step")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--sft-steps", type=int, default=2000, help="SFT steps (the arena's recipe)")
+    ap.add_argument("--sft-steps", type=int, default=ArenaConfig.sft_steps,
+                    help=f"SFT steps (default {ArenaConfig.sft_steps}, the arena's: ArenaConfig.sft_steps)")
     ap.add_argument("--dpo-steps", type=int, default=300)
     ap.add_argument("--lr", type=float, default=2e-4, help="DPO's peak lr (10 warm-up steps, cosine)")
     ap.add_argument("--beta", type=float, default=1.0)

@@ -18,8 +18,11 @@ from pathlib import Path
 
 import torch
 
+from lmlab.configs import parse_seeds
 from lmlab.lab.facts.experiments import EXPERIMENTS, Scale, run_experiment
 from lmlab.lab.facts.runner import run_many
+
+TARGET_SEEDS = [0, 1, 2]  # the target's "default CPU scale": three phases, these seeds, not --quick
 
 
 def threads_vs_processes(steps: int) -> None:
@@ -41,13 +44,20 @@ def threads_vs_processes(steps: int) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--experiments", default="phases", help=f"comma list of {', '.join(EXPERIMENTS)} or all")
-    p.add_argument("--seeds", default="0,1,2", help="seeds (default 0,1,2)")
+    p.add_argument("--seeds", default="0,1,2", help="seeds: 0,1,2 (a list), 0-4 (a range) or 3 (default 0,1,2)")
     p.add_argument("--quick", action="store_true", help="the --quick sizes")
     p.add_argument("--out", help="keep the results here (default: a temporary folder)")
     p.add_argument("--threads-vs-processes", action="store_true", help="also time 2 threads vs 2 processes")
     args = p.parse_args()
     names = list(EXPERIMENTS) if args.experiments == "all" else args.experiments.split(",")
-    seeds = [int(s) for s in args.seeds.split(",")]
+    # both checked before any run, so a typo costs nothing
+    unknown = [n for n in names if n not in EXPERIMENTS]
+    if unknown:
+        p.error(f"unknown experiment {unknown[0]!r}; known: {', '.join(EXPERIMENTS)} or all")
+    try:
+        seeds = parse_seeds(args.seeds)
+    except ValueError as e:
+        p.error(str(e))
     print(f"load average before: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
     if args.threads_vs_processes:
         threads_vs_processes(300)
@@ -62,8 +72,10 @@ def main() -> None:
             total = speed.get("steps_per_s_total")
             print(f"{name:14s} wall {wall:7.1f} s | steps/s all runs {total or float('nan'):7.1f} | per run "
                   f"{per_run or float('nan'):6.1f} | {res.get('holds')} | load {os.getloadavg()[0]:.2f}")
-            if name == "phases":
+            if name == "phases" and seeds == TARGET_SEEDS and not args.quick:
                 print(f"  three phases {'within' if wall <= 300 else 'OVER'} the 5-minute target ({wall:.0f} s)")
+            elif name == "phases":
+                print(f"  three phases in {wall:.0f} s; not the target's setting (seeds 0,1,2, not --quick)")
 
 
 if __name__ == "__main__":

@@ -155,8 +155,11 @@ def llama_cpp_greedy(model: Transformer, prompt: list[int], workdir: Path, dtype
     # llama-cpp-python 0.3.36 segfaults in the first decode of a quantized file on AMX CPUs unless llama.cpp's
     # extra CPU buffer types (its repacked layouts) are off: llama.cpp then runs its plain CPU kernels there
     with llama_cpp_without_repack(llama_cpp) if dtype != "f32" and _has_amx() else contextlib.nullcontext():
+        # n_threads_batch (the prompt's threads) defaults to every CPU in llama-cpp-python: both are torch's
+        # count, so llama.cpp uses the cores lmlab and transformers are given
         llm = llama_cpp.Llama(model_path=str(path), n_ctx=PROMPT_LEN + new_tokens,
-                              n_threads=torch.get_num_threads(), verbose=False)
+                              n_threads=torch.get_num_threads(), n_threads_batch=torch.get_num_threads(),
+                              verbose=False)
     vocab = (llm.n_vocab(),)
 
     def run() -> list[int]:

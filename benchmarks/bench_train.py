@@ -66,9 +66,12 @@ def bare_step_times(cfg: ModelConfig, batch: int, steps: int, device: torch.devi
 
 def trainer_step_times(cfg: ModelConfig, tok: Tokenizer, ds, batch: int, steps: int, device: torch.device,
                        out: Path) -> list[float]:
+    """The times of `steps` steps, as bare_step_times gives: a step's time is the interval between its end and
+    the previous step's, so the run has one step more (the first, untimed) and one after (its interval holds the
+    final evaluation)."""
     rec = StepTimes()
     # eval only at the end (not timed: the last step's interval is dropped), no checkpoints until the end
-    config = TrainConfig(max_steps=steps + 1, batch_size=batch, warmup_steps=5, eval_every=0, eval_batches=1,
+    config = TrainConfig(max_steps=steps + 2, batch_size=batch, warmup_steps=5, eval_every=0, eval_batches=1,
                          save_every=0, log_every=10, device=str(device))
     train(cfg, tok, ds, config, out, [rec])
     intervals = [b - a for a, b in zip(rec.times, rec.times[1:])]
@@ -98,7 +101,9 @@ def main() -> None:
     peak = measured_peak_flops(device.type)
     flops = cfg.flops_per_token(T)
     print(f"\nreference config ({cfg.num_parameters() / 1e6:.1f}M parameters), batch {batch}x{T}, {device}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {len(bare)} steps each")
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of "
+          + (f"{len(bare)} steps each" if len(bare) == len(trainer)
+             else f"{len(bare)} bare and {len(trainer)} Trainer steps"))
     print(f"  measured matmul peak {peak / 1e9:8.1f} GFLOP/s ({'fp32' if device.type == 'cpu' else 'bf16'})")
     print(f"  bare model step      {tps_bare:8.0f} tok/s   MFU {flops * tps_bare / peak:6.1%}")
     print(f"  lmlab Trainer        {tps_trainer:8.0f} tok/s   MFU {flops * tps_trainer / peak:6.1%}")
