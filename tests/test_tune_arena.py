@@ -180,3 +180,15 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys, argv, message):
     err = capsys.readouterr().err.strip()
     assert err.startswith("lmlab: error: ") and message in err and "\n" not in err
     assert (tmp_path / "mine.txt").read_text() == "keep me" and not (tmp_path / "new").exists()
+
+
+def test_the_reproduce_line_is_quoted_for_a_shell(tmp_path, monkeypatch):
+    """The report's command was pasted together: an --out with a space gave a line the shell split in two."""
+    import shlex
+
+    import lmlab.lab.arena as arena_module
+    seen = {}
+    monkeypatch.setattr(arena_module, "run_arena", lambda out, cfg, model_dir=None, command="": seen.update(c=command))
+    out = str(tmp_path / "my arena")
+    assert main(["tune", "arena", "--out", out, "--quick", "--seed", "3"]) == 0
+    assert shlex.split(seen["c"]) == ["lmlab", "tune", "arena", "--out", out, "--seed", "3", "--quick"]

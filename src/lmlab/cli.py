@@ -16,6 +16,7 @@ import errno
 import math
 import os
 import re
+import shlex
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -1487,9 +1488,9 @@ def _tune_arena(args: argparse.Namespace) -> int:
 
     given_ = {"seed": args.seed, **({"steps": args.steps} if args.steps is not None else {})}
     cfg = ArenaConfig.quick(**given_) if args.quick else ArenaConfig(**given_)
-    command = (f"lmlab tune arena --out {args.out}" + (f" --model {args.model}" if args.model else "")
-               + (f" --steps {args.steps}" if args.steps is not None else "") + f" --seed {args.seed}"
-               + (" --quick" if args.quick else ""))
+    command = shlex.join(["lmlab", "tune", "arena", "--out", args.out, *(["--model", args.model] if args.model else []),
+                          *(["--steps", str(args.steps)] if args.steps is not None else []), "--seed", str(args.seed),
+                          *(["--quick"] if args.quick else [])])
     run_arena(args.out, cfg, model_dir=_model_dir(args.model) if args.model else None, command=command)
     print(f"report: {Path(args.out) / 'report.html'}")
     return 0
@@ -1729,7 +1730,6 @@ def _influence_arguments(p: argparse.ArgumentParser) -> None:
           "a --target text (TracInCP over its checkpoints). "
           "Example: lmlab lab data influence --out runs/influence --quick", _influence_arguments)
 def _lab_data_influence(args: argparse.Namespace) -> int:
-    import shlex
 
     from .lab.influence import InfluenceLabConfig, run_influence, run_influence_lab
     if args.proj_dim < 0:
@@ -1777,7 +1777,6 @@ def _drift_arguments(p: argparse.ArgumentParser) -> None:
           "the most volatile tokens, neighbour changes, probe texts' hidden states. Example: lmlab lab data drift "
           "--run runs/demo --out runs/demo-drift", _drift_arguments)
 def _lab_data_drift(args: argparse.Namespace) -> int:
-    import shlex
 
     from .lab.drift import run_drift
     res = run_drift(args.run_dir, args.out, args.probe, args.token, args.top, shlex.join(["lmlab", *sys.argv[1:]]),
@@ -1822,7 +1821,6 @@ def _merge_lab_arguments(p: argparse.ArgumentParser) -> None:
           "(siblings) and between two models trained from scratch (strangers), barrier heights over seeds. "
           "Example: lmlab lab merge --out runs/merge", _merge_lab_arguments)
 def _lab_merge(args: argparse.Namespace) -> int:
-    import shlex
 
     from .lab.merge import MergeLabConfig, run_merge_lab
     cfg = MergeLabConfig.quick() if args.quick else MergeLabConfig()
@@ -1940,7 +1938,6 @@ def _lab_sae(args: argparse.Namespace, command: str) -> dict:
           "sparse autoencoders; writes results.json, PNG heatmaps and report.html. Example: lmlab lab interp lens "
           "--model runs/demo/final --prompt 'Once upon a time' --out runs/interp/lens", _interp_arguments)
 def _lab_interp(args: argparse.Namespace) -> int:
-    import shlex
 
     from .lab.facts.report import new_report
     from .lab.interp.report import run_attention, run_lens, run_patch, run_steer
@@ -2001,7 +1998,6 @@ def _ttc_arguments(p: argparse.ArgumentParser) -> None:
           "best-of-N and step-wise beam search, and a small model with N tries against a larger one with one at equal "
           "FLOPs. Example: lmlab lab ttc --out runs/ttc --quick", _ttc_arguments)
 def _lab_ttc(args: argparse.Namespace) -> int:
-    import shlex
 
     from .lab.facts.report import new_report
     from .lab.ttc import Scale, run
@@ -2031,7 +2027,6 @@ def _pool_lab_arguments(p: argparse.ArgumentParser, sources_help: str, target_he
 def _run_pool_lab(args: argparse.Namespace, name: str, config: Any, run: Callable[..., dict[str, Any]],
                   knobs: tuple[str, ...]) -> int:
     """lab data mix or design: the config (--quick's, then the given knobs), the run, its one-line verdict."""
-    import shlex
 
     require_positive(args, *[k for k in knobs if isinstance(getattr(args, k), int)], "workers")
     cfg = config.quick() if args.quick else config()
@@ -2098,7 +2093,6 @@ def _split_arguments(p: argparse.ArgumentParser) -> None:
           "written as text files to use as mixture sources. Example: lmlab lab data split books/ --out runs/split",
           _split_arguments)
 def _lab_data_split(args: argparse.Namespace) -> int:
-    import shlex
 
     from .lab.split import run_split
     res = run_split(args.sources, args.out, args.model, args.unit, command=shlex.join(["lmlab", *sys.argv[1:]]))
