@@ -217,3 +217,17 @@ def test_report_by_kind_of_text_from_lab_data_split(untied, tmp_path, capsys):
                  "--kinds", str(tmp_path)]) == 2
     assert "lacks reasoning.txt, knowledge.txt, noise.txt: give the --out folder of `lmlab lab data split`" \
         in capsys.readouterr().err
+
+
+def test_a_token_inside_a_character_is_named_by_its_bytes():
+    """The volatile tokens and neighbours were named repr(decode): every byte-level token that ends inside a UTF-8
+    character read '\ufffd', many tokens one name."""
+    from lmlab.lab.drift import token_name
+    tok = Tokenizer.train(["Марья пошла к морю, и море шумело. " * 40], kind="bpe", vocab_size=300)
+    names = [token_name(tok, i) for i in range(len(tok)) if tok.decode([i])]  # (special tokens decode to "")
+    assert len(set(names)) == len(names) and not any("\ufffd" in n for n in names)
+    whole = tok.token_to_id("Ġи") or tok.encode(" и")[0]
+    assert token_name(tok, whole) == repr(tok.decode([whole]))  # whole text: as before
+    partial = [n for n in names if "<0x" in n]
+    assert partial and all(n.startswith("'") and n.endswith("'") for n in partial)
+    assert token_name(tok, len(tok)) == f"#{len(tok)}"

@@ -39,6 +39,7 @@ from ..train.drift import DriftCallback, decay_drift, last_hidden, row_drift, to
 from ..train.trainer import read_run_config
 from ..tune.lora import checkpoint_adapters
 from .facts.report import _plt, line_plot, save_figure, write_report
+from .interp.views import label
 
 __all__ = ["DriftCallback", "decay_drift", "neighbours", "row_drift", "run_drift", "token_counts"]
 
@@ -109,6 +110,16 @@ def _scatter(path: Path, counts: np.ndarray, drift: np.ndarray, decay: float | N
     return save_figure(fig, path)
 
 
+def token_name(tok: Any, i: int) -> str:
+    """Token i as the report names it: its text quoted (" the", not "Ġthe"); a byte-level token that ends inside a
+    UTF-8 character by its bytes (interp's labels: alone it decodes to "�", as every such token did); #i past the
+    vocabulary."""
+    if i >= len(tok):
+        return f"#{i}"
+    text = tok.decode([i])
+    return repr(text) if "\ufffd" not in text else f"'{label(tok, i)}'"
+
+
 def run_drift(run_dir: str | Path, out: str | Path, probes: Sequence[str] = (), tokens: Sequence[str] = (),
               top: int = 20, command: str = "", kinds: str | Path | None = None) -> dict[str, Any]:
     """The drift report of a run from its saved checkpoints: results.json, report.html,
@@ -160,7 +171,7 @@ def run_drift(run_dir: str | Path, out: str | Path, probes: Sequence[str] = (), 
     final = drift[-1]
     unseen = np.flatnonzero(counts == 0) if counts is not None else np.array([], dtype=np.int64)
     order = np.argsort(-final)
-    name = lambda i: repr(tok.decode([i])) if i < len(tok) else f"#{i}"  # noqa: E731 (" the", not "Ġthe")
+    name = lambda i: token_name(tok, i)  # noqa: E731
     volatile = [{"token": name(int(i)), "id": int(i),
                  "drift": float(final[i]), "count": None if counts is None else int(counts[i])} for i in order[:top]]
     # a token by its name in the vocabulary ("Ġthe") or by a text that is one token (" the"; not the unknown token)
