@@ -19,6 +19,7 @@ import ipaddress
 import json
 import logging
 import os
+import socket
 import sys
 import unicodedata
 from collections import OrderedDict
@@ -123,7 +124,7 @@ class AppState:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.ws = Workspace(settings.workspace or default_workspace())
-        self.db = Database(settings.database_url or self.ws.sqlite_url())
+        self.db = open_database(settings.database_url or self.ws.sqlite_url())
         self.supervisor = Supervisor(self.db, self.ws, max_jobs=settings.max_jobs, poll_s=settings.poll_s,
                                      env=settings.child_env)
         # held by handlers from checking names and runs through acting on them (Supervisor.lock)
@@ -183,7 +184,11 @@ class AppState:
             self.db.add_model(path.name, cfg.to_dict(), None, kind, cfg.vocab_size)
 
     def lock_workspace(self) -> None:
-        """One server per workspace: two supervisors would both launch the same queued runs."""
+        """One server per workspace: two supervisors would both launch the same queued runs. `serve` takes the
+        lock before uvicorn starts, so a refusal is one line; the lifespan takes it again (no-op) for the tests'
+        clients."""
+        if self._lock_file is not None:
+            return
         try:
             import fcntl
         except ImportError:  # Windows: no advisory locks here; run one server per workspace yourself
@@ -196,12 +201,41 @@ class AppState:
         except OSError:
             self._lock_file.close()
             self._lock_file = None
-            raise RuntimeError(f"another lmlab serve is using the workspace {self.ws.root}") from None
+            raise ValueError(f"another lmlab serve is using the workspace {self.ws.root}") from None
 
     def unlock_workspace(self) -> None:
         if self._lock_file is not None:
             self._lock_file.close()  # closing releases the lock (so does the process dying)
             self._lock_file = None
+
+
+def open_database(url: str) -> Database:
+    """The database, or a ValueError in one line: a URL of no known dialect (NoSuchModuleError), a server that
+    cannot be reached, a database of a newer lmlab (migrate's RuntimeError) are the user's to fix."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+    try:
+        shown = make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        shown = url.split(":", 1)[0] + ":..."  # not a URL at all: it may still hold a password
+    try:
+        return Database(url)
+    except (SQLAlchemyError, RuntimeError, ImportError) as exc:  # ImportError: the dialect's driver is missing
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        raise ValueError(f"cannot open the database {shown}: {reason[0] if reason else type(exc).__name__}") from None
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before anything starts: uvicorn binds only after the lifespan has started the
+    supervisor, which then launched a queued run and stopped it again when the port was taken."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a port in TIME_WAIT is free
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
 
 
 def nfc_names(folder: Path) -> None:
@@ -644,14 +678,32 @@ class RedactToken(logging.Filter):
 def serve(settings: Settings, *, log_level: str = "info") -> None:
     import uvicorn
 
-    app = build_asgi(settings)
+    app = build_asgi(settings)  # opens the database: a bad URL is refused here
+    state: AppState = app.app.state.lmlab
+    # what can refuse the start is checked before uvicorn runs, and said in one line (cli: exit 2): uvicorn would
+    # print its traceback, and its lifespan would already have started the supervisor
+    state.lock_workspace()
+    try:
+        sock = listen_socket(settings.host, settings.port)
+    except ValueError:
+        state.unlock_workspace()
+        raise
     shown = f"[{settings.host}]" if ":" in settings.host else settings.host
-    url = f"http://{shown}:{settings.port}/"
+    url = f"http://{shown}:{sock.getsockname()[1]}/"  # port 0: the one the system picked
     if settings.api_token:
         url += "?token=" + settings.api_token
-    print(f"lmlab: workspace {Workspace(settings.workspace or default_workspace()).root}", file=sys.stderr)
+    print(f"lmlab: workspace {state.ws.root}", file=sys.stderr)
     print(f"lmlab: open {url}", file=sys.stderr, flush=True)
     logging.getLogger("uvicorn.access").addFilter(RedactToken())  # uvicorn's dictConfig keeps logger filters
     # SSE streams never end by themselves: give open connections a few seconds, then shut down (the
     # lifespan's shutdown asks training processes to checkpoint and marks them interrupted).
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
+                            timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+        state.unlock_workspace()
+    if not server.started:  # the lifespan failed (uvicorn logged why): uvicorn.run's exit status
+        sys.exit(3)
