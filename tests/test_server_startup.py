@@ -66,7 +66,8 @@ def test_a_planted_server_lock_link_is_one_line(tmp_path, capsys):
 @pytest.mark.parametrize("url, message", [
     ("nonsense://x", "cannot open the database nonsense://x: Can't load plugin: sqlalchemy.dialects:nonsense"),
     # nothing listens on port 1; the password is not printed
-    ("postgresql+psycopg://me:secret@127.0.0.1:1/lab", "cannot open the database postgresql+psycopg://me:***@127.0.0.1:1/lab: "),
+    ("postgresql+psycopg://me:secret@127.0.0.1:1/lab",
+     "cannot open the database postgresql+psycopg://me:***@127.0.0.1:1/lab: "),
 ])
 def test_a_database_that_cannot_be_opened_is_one_line(tmp_path, capsys, url, message):
     if url.startswith("postgresql"):
