@@ -217,3 +217,18 @@ def test_the_seed_training_status_reports_the_training_not_a_later_evaluation(tm
     with client(settings(ws)) as c:
         s = c.get("/training_status").json()
     assert (s["current_iteration"], s["max_iterations"], s["current_loss"], s["model_name"]) == (12, 40, 2.5, "base")
+
+
+def test_the_demo_takes_the_next_name_every_rule_leaves_free(tmp_path):
+    """A model "DEMO" (a case twin of "demo") made the demo refuse to start, after it had stored its book; so did
+    a models/demo-2/ folder on disk that no model indexes."""
+    ws = make_ws(tmp_path)
+    (ws / "models" / "demo-2").mkdir()
+    with client(settings(ws)) as c:
+        assert c.post("/api/v1/models", json={"name": "DEMO", "preset": "gpt-tiny"}).status_code == 201
+        r = c.post("/api/v1/demo", json={"max_steps": 1})
+        assert r.status_code == 201, r.text
+        c.post(f"/api/v1/runs/{r.json()['id']}/cancel")
+        assert r.json()["model"] == "demo-3"
+        assert sorted(m["name"] for m in c.get("/api/v1/models").json()) == ["DEMO", "base", "demo-3"]
+        finished(c, r.json()["id"])
