@@ -426,6 +426,7 @@ class Guards:
     def __init__(self, app: Any, settings: Settings) -> None:
         self.app = app
         self.token = settings.api_token
+        self.max_upload = settings.max_upload_bytes  # the limit a refusal quotes: the one the user set
         self.upload_limit = settings.max_upload_bytes + (1 << 20)  # multipart framing on top of the file
         hosts = settings.allowed_hosts
         if hosts is None and not self.token:
@@ -507,10 +508,11 @@ class Guards:
 
         # 5. body size: refuse by Content-Length at once, and count what actually arrives
         limit = self.upload_limit if path in UPLOAD_PATHS else JSON_BODY_LIMIT
+        shown = self.max_upload if path in UPLOAD_PATHS else limit
         length = _header(scope, b"content-length")
         if length and length.isdigit() and int(length) > limit:
             await _send_json(send, 413, f"the request body ({int(length) / 2**20:.1f} MiB) is larger than the "
-                             f"limit of {limit / 2**20:.1f} MiB", extra, openai=api, error=too_large(path, limit))
+                             f"limit of {shown / 2**20:.1f} MiB", extra, openai=api, error=too_large(path, shown))
             return
         received = 0
 
@@ -520,7 +522,7 @@ class Guards:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise BodyTooLarge(limit)
+                    raise BodyTooLarge(shown)
             return message
 
         started = False
@@ -605,6 +607,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if isinstance(exc, Problem) and request.url.path.startswith("/api/"):  # the seed's routes keep their shape
             return JSONResponse({"detail": exc.detail, "error": {"key": exc.key, "params": exc.params}},
                                 status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        if isinstance(exc, BodyTooLarge) and request.url.path.startswith("/api/"):  # raised as the body is read
+            return JSONResponse({"detail": exc.detail, "error": too_large(request.url.path, exc.limit)},
+                                status_code=413)
         return await http_exception_handler(request, exc)
 
     @app.exception_handler(RequestValidationError)
