@@ -207,6 +207,12 @@ def test_forms_that_a_run_would_refuse_are_refused_by_their_rule(made):
     assert problem(r, 422, "model_config_invalid")["reason"] == r.json()["detail"]
     problem(c.post("/api/v1/runs", json={"model": "blank", "books": ["tales.txt"], "seq_len": 64}), 422,
             "seq_len_over_context", {"seq_len": 64, "block": 32})
+    if not torch.cuda.is_available():  # a run asking for cuda on a server without: refused up front, not offered
+        r = c.post("/api/v1/runs", json={"model": "blank", "books": ["tales.txt"], "device": "cuda"})
+        problem(r, 422, "device_unavailable", {"device": "cuda"})
+        assert r.json()["detail"] == ("device 'cuda' is not available on this server (torch finds no CUDA GPU); "
+                                      "choose auto or cpu")
+        assert c.get("/api/v1/info").json()["devices"] == ["auto", "cpu"]
     r = c.post("/api/v1/runs/selfplay", json={"model": "m", "new_model": "m-sp", "reward": "repetition",
                                               "group_size": 256, "prompts_per_iteration": 256, "max_new_tokens": 100})
     params = problem(r, 422, "selfplay_over_budget")

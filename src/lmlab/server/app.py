@@ -393,7 +393,7 @@ PROBLEMS = {"model_not_found": ("name",), "model_name_taken": ("name",), "model_
             "prompt_too_long": ("tokens", "limit"), "sae_feature_range": ("feature", "last"),
             "book_too_short": ("name", "tokens", "window"),
             "resume_weights_changed": ("id", "name"), "run_checkpoints_evaluated": ("id", "run"),
-            "checkpoint_gone": ("id", "step")}
+            "checkpoint_gone": ("id", "step"), "device_unavailable": ("device",)}
 
 
 class Problem(HTTPException):
