@@ -650,7 +650,7 @@ def test_names_copied_in_another_unicode_form_are_indexed_in_nfc(tmp_path):
 
 def test_one_server_per_workspace(tmp_path):
     with client(settings(tmp_path)):
-        with pytest.raises(RuntimeError, match="another lmlab serve"):
+        with pytest.raises(ValueError, match="another lmlab serve"):
             with client(settings(tmp_path)):
                 pass
     with client(settings(tmp_path)) as c:  # released on shutdown

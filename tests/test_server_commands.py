@@ -5,13 +5,16 @@ the real `lmlab` parser, so a flag the CLI does not know fails here rather than 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 
 import pytest
 
 pytest.importorskip("fastapi")
 
 from lmlab.cli import build_parser  # noqa: E402
-from lmlab.server.commands import experiment_command, flags, run_command  # noqa: E402
+from lmlab.server.commands import CHILD_BOOTSTRAP, child_argv, experiment_command, flags, run_command  # noqa: E402
 from lmlab.server.workspace import Workspace  # noqa: E402
 
 MODEL = {"name": "m", "config": {"family": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32,
@@ -135,3 +138,17 @@ def test_a_merge_with_negative_numbers_parses_as_the_cli_reads_it():
     parsed = build_parser().parse_args(args)
     assert (parsed.weights, parsed.lam, parsed.base, parsed.models) == ("-1.0,1.0", -1e-05, "models/p",
                                                                          ["models/a", "models/b"])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the signal mask from /proc")
+def test_a_run_process_starts_with_sigint_ignored(tmp_path):
+    """A SIGINT (a cancel) that reached the child while its interpreter was still starting killed it with "Fatal
+    Python error: init_import_site ... KeyboardInterrupt"; started with SIGINT ignored, it waits for the bootstrap's
+    handler (and the stop file covers a signal sent before). Here the "interpreter" reports what it was given."""
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\ngrep "^SigIgn:" /proc/self/status\nprintf "%s|" "$@"\n')
+    fake.chmod(0o755)
+    out = subprocess.run(child_argv(str(fake), ["train", "--out", "a b"]), capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert int(out[0].split()[1], 16) & (1 << (signal.SIGINT - 1)), out
+    assert out[1:] == f"-c|{CHILD_BOOTSTRAP}|train|--out|a b|".splitlines(), out  # the arguments, unchanged

@@ -99,6 +99,15 @@ def test_duplicates_are_dedup_texts_clusters_with_shared_shingles(dt):
     assert near["members"][1]["jaccard_with_first"] == round(14 / 16, 4)
 
 
+def test_duplicates_refuse_a_signature_too_long_in_a_sentence(dt):
+    with pytest.raises(ValueError) as want:  # each knob within its bounds, their product not
+        DedupConfig(level="paragraph", bands=33, rows=32)
+    r = get(dt, "duplicates", bands=33, rows=32)
+    assert r.status_code == 422, r.text
+    assert r.json() == {"detail": str(want.value), "error": {"key": "settings_invalid",
+                                                             "params": {"reason": str(want.value)}}}
+
+
 def test_filters_are_apply_filters(dt):
     f = get(dt, "filters", spec="c4,fineweb").json()
     kept, receipts = apply_filters([BOOK], ["river.txt"], parse_filters("c4,fineweb"))

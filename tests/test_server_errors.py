@@ -188,9 +188,15 @@ def test_uploads_that_cannot_be_taken_say_why(made):
     params = problem(c.post("/api/v1/datasets", files={"file": ("bad.jsonl", b'{"nope": 1}\n')},
                             data={"kind": "conversations"}), 422, "dataset_invalid")
     assert params["name"] == "bad.jsonl" and "bad.jsonl:1" in params["reason"], params
-    # refused by its Content-Length, before the server reads it
+    # refused by its Content-Length, before the server reads it; the limit said is the one set (--max-upload-mb),
+    # not that plus the multipart allowance the guard grants on top
     r = c.post("/api/v1/books", content=b"x" * (100_000 + 2**20 + 1), headers={"content-type": "text/plain"})
-    problem(r, 413, "body_too_large", {"limit": f"{(100_000 + 2**20) / 2**20:.1f}"})
+    problem(r, 413, "body_too_large", {"limit": "0.1"})
+    assert r.json()["detail"] == "the request body (1.1 MiB) is larger than the limit of 0.1 MiB"
+    r = c.post("/api/v1/books", content=iter([b"x" * 2**20] * 2),  # no Content-Length: counted as it arrives
+               headers={"content-type": "multipart/form-data; boundary=b"})
+    problem(r, 413, "body_too_large", {"limit": "0.1"})
+    assert r.json()["detail"] == "the request body is larger than the limit of 0.1 MiB"
     problem(c.get("/api/v1/datasets/gone.jsonl/preview", params={"model": "m"}), 404, "dataset_not_found",
             {"name": "gone.jsonl"})
 
@@ -201,6 +207,12 @@ def test_forms_that_a_run_would_refuse_are_refused_by_their_rule(made):
     assert problem(r, 422, "model_config_invalid")["reason"] == r.json()["detail"]
     problem(c.post("/api/v1/runs", json={"model": "blank", "books": ["tales.txt"], "seq_len": 64}), 422,
             "seq_len_over_context", {"seq_len": 64, "block": 32})
+    if not torch.cuda.is_available():  # a run asking for cuda on a server without: refused up front, not offered
+        r = c.post("/api/v1/runs", json={"model": "blank", "books": ["tales.txt"], "device": "cuda"})
+        problem(r, 422, "device_unavailable", {"device": "cuda"})
+        assert r.json()["detail"] == ("device 'cuda' is not available on this server (torch finds no CUDA GPU); "
+                                      "choose auto or cpu")
+        assert c.get("/api/v1/info").json()["devices"] == ["auto", "cpu"]
     r = c.post("/api/v1/runs/selfplay", json={"model": "m", "new_model": "m-sp", "reward": "repetition",
                                               "group_size": 256, "prompts_per_iteration": 256, "max_new_tokens": 100})
     params = problem(r, 422, "selfplay_over_budget")

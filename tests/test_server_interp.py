@@ -5,7 +5,9 @@ reason."""
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -161,6 +163,21 @@ def test_the_sae_browser_is_the_reports(ip, with_sae):
 def test_sae_refusals(ip, with_sae, path, body, status, detail):
     r = ip.post("/api/v1/models/m" + path, json=body)
     assert (r.status_code, r.json()["detail"]) == (status, detail)
+
+
+def test_an_unreadable_sae_is_not_listed_and_browsing_it_is_a_409(ip, with_sae):
+    folder = ip.app.app.state.lmlab.ws.models / "m" / "sae" / "bad"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"sae": {"kind": "topk", "stream": 1, "n_features": 16,
+                                                            "d_in": 64, "k": 4}}))
+    (folder / "sae.safetensors").write_bytes(bytes(range(100)))  # no safetensors header
+    try:
+        assert [x["name"] for x in ip.get("/api/v1/models/m/saes").json()] == ["s1"]
+        r = ip.post("/api/v1/models/m/saes/bad/browse", json={"book": "story.txt"})
+        assert r.status_code == 409 and r.json()["detail"].startswith(
+            "sparse autoencoder 'bad' cannot be loaded: "), r.text
+    finally:
+        shutil.rmtree(folder)
 
 
 def test_a_symbolic_link_beside_the_model_is_never_followed(ip, with_sae):

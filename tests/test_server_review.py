@@ -15,6 +15,7 @@ from test_server_tune import CHATS, SFT, TEXT, put
 
 from lmlab.models import ModelConfig, Transformer
 from lmlab.models.io import load_pretrained, save_pretrained
+from lmlab.server.db import Database
 from lmlab.server.workspace import Workspace
 from lmlab.tokenizers import Tokenizer
 
@@ -202,3 +203,32 @@ def test_the_chat_view_asks_which_oldest_rounds_no_longer_fit(tmp_path):
         assert r.json()["error"] == {"key": "chat_no_room", "params": {"max_tokens": 48, "block": 48}}
         r = c.post("/api/v1/chat/fit", json={"model": "base", "messages": messages})
         assert (r.status_code, r.json()["detail"]) == (409, "model 'base' has no lmlab chat template")
+
+
+def test_the_seed_training_status_reports_the_training_not_a_later_evaluation(tmp_path):
+    """The AZR Model Trainer app's /training_status took the newest run of any kind: an evaluation queued after a
+    training run made it report zeros while the training went on."""
+    ws = make_ws(tmp_path)
+    db = Database(Workspace(ws).sqlite_url())
+    train = db.add_run("base", [], {"max_steps": 40}, False, 40)["id"]
+    db.update_run(train, status="interrupted", current_step=12, last_loss=2.5)
+    db.update_run(db.add_run("", [], {"models": ["base"]}, False, None, kind="eval")["id"], status="cancelled")
+    db.engine.dispose()
+    with client(settings(ws)) as c:
+        s = c.get("/training_status").json()
+    assert (s["current_iteration"], s["max_iterations"], s["current_loss"], s["model_name"]) == (12, 40, 2.5, "base")
+
+
+def test_the_demo_takes_the_next_name_every_rule_leaves_free(tmp_path):
+    """A model "DEMO" (a case twin of "demo") made the demo refuse to start, after it had stored its book; so did
+    a models/demo-2/ folder on disk that no model indexes."""
+    ws = make_ws(tmp_path)
+    (ws / "models" / "demo-2").mkdir()
+    with client(settings(ws)) as c:
+        assert c.post("/api/v1/models", json={"name": "DEMO", "preset": "gpt-tiny"}).status_code == 201
+        r = c.post("/api/v1/demo", json={"max_steps": 1})
+        assert r.status_code == 201, r.text
+        c.post(f"/api/v1/runs/{r.json()['id']}/cancel")
+        assert r.json()["model"] == "demo-3"
+        assert sorted(m["name"] for m in c.get("/api/v1/models").json()) == ["DEMO", "base", "demo-3"]
+        finished(c, r.json()["id"])

@@ -19,6 +19,7 @@ import ipaddress
 import json
 import logging
 import os
+import socket
 import sys
 import unicodedata
 from collections import OrderedDict
@@ -123,7 +124,7 @@ class AppState:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.ws = Workspace(settings.workspace or default_workspace())
-        self.db = Database(settings.database_url or self.ws.sqlite_url())
+        self.db = open_database(settings.database_url or self.ws.sqlite_url())
         self.supervisor = Supervisor(self.db, self.ws, max_jobs=settings.max_jobs, poll_s=settings.poll_s,
                                      env=settings.child_env)
         # held by handlers from checking names and runs through acting on them (Supervisor.lock)
@@ -183,7 +184,11 @@ class AppState:
             self.db.add_model(path.name, cfg.to_dict(), None, kind, cfg.vocab_size)
 
     def lock_workspace(self) -> None:
-        """One server per workspace: two supervisors would both launch the same queued runs."""
+        """One server per workspace: two supervisors would both launch the same queued runs. `serve` takes the
+        lock before uvicorn starts, so a refusal is one line; the lifespan takes it again (no-op) for the tests'
+        clients."""
+        if self._lock_file is not None:
+            return
         try:
             import fcntl
         except ImportError:  # Windows: no advisory locks here; run one server per workspace yourself
@@ -196,12 +201,41 @@ class AppState:
         except OSError:
             self._lock_file.close()
             self._lock_file = None
-            raise RuntimeError(f"another lmlab serve is using the workspace {self.ws.root}") from None
+            raise ValueError(f"another lmlab serve is using the workspace {self.ws.root}") from None
 
     def unlock_workspace(self) -> None:
         if self._lock_file is not None:
             self._lock_file.close()  # closing releases the lock (so does the process dying)
             self._lock_file = None
+
+
+def open_database(url: str) -> Database:
+    """The database, or a ValueError in one line: a URL of no known dialect (NoSuchModuleError), a server that
+    cannot be reached, a database of a newer lmlab (migrate's RuntimeError) are the user's to fix."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+    try:
+        shown = make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        shown = url.split(":", 1)[0] + ":..."  # not a URL at all: it may still hold a password
+    try:
+        return Database(url)
+    except (SQLAlchemyError, RuntimeError, ImportError) as exc:  # ImportError: the dialect's driver is missing
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        raise ValueError(f"cannot open the database {shown}: {reason[0] if reason else type(exc).__name__}") from None
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before anything starts: uvicorn binds only after the lifespan has started the
+    supervisor, which then launched a queued run and stopped it again when the port was taken."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a port in TIME_WAIT is free
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
 
 
 def nfc_names(folder: Path) -> None:
@@ -359,7 +393,7 @@ PROBLEMS = {"model_not_found": ("name",), "model_name_taken": ("name",), "model_
             "prompt_too_long": ("tokens", "limit"), "sae_feature_range": ("feature", "last"),
             "book_too_short": ("name", "tokens", "window"),
             "resume_weights_changed": ("id", "name"), "run_checkpoints_evaluated": ("id", "run"),
-            "checkpoint_gone": ("id", "step")}
+            "checkpoint_gone": ("id", "step"), "device_unavailable": ("device",)}
 
 
 class Problem(HTTPException):
@@ -392,6 +426,7 @@ class Guards:
     def __init__(self, app: Any, settings: Settings) -> None:
         self.app = app
         self.token = settings.api_token
+        self.max_upload = settings.max_upload_bytes  # the limit a refusal quotes: the one the user set
         self.upload_limit = settings.max_upload_bytes + (1 << 20)  # multipart framing on top of the file
         hosts = settings.allowed_hosts
         if hosts is None and not self.token:
@@ -473,10 +508,11 @@ class Guards:
 
         # 5. body size: refuse by Content-Length at once, and count what actually arrives
         limit = self.upload_limit if path in UPLOAD_PATHS else JSON_BODY_LIMIT
+        shown = self.max_upload if path in UPLOAD_PATHS else limit
         length = _header(scope, b"content-length")
         if length and length.isdigit() and int(length) > limit:
             await _send_json(send, 413, f"the request body ({int(length) / 2**20:.1f} MiB) is larger than the "
-                             f"limit of {limit / 2**20:.1f} MiB", extra, openai=api, error=too_large(path, limit))
+                             f"limit of {shown / 2**20:.1f} MiB", extra, openai=api, error=too_large(path, shown))
             return
         received = 0
 
@@ -486,7 +522,7 @@ class Guards:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise BodyTooLarge(limit)
+                    raise BodyTooLarge(shown)
             return message
 
         started = False
@@ -571,6 +607,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if isinstance(exc, Problem) and request.url.path.startswith("/api/"):  # the seed's routes keep their shape
             return JSONResponse({"detail": exc.detail, "error": {"key": exc.key, "params": exc.params}},
                                 status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        if isinstance(exc, BodyTooLarge) and request.url.path.startswith("/api/"):  # raised as the body is read
+            return JSONResponse({"detail": exc.detail, "error": too_large(request.url.path, exc.limit)},
+                                status_code=413)
         return await http_exception_handler(request, exc)
 
     @app.exception_handler(RequestValidationError)
@@ -644,14 +683,32 @@ class RedactToken(logging.Filter):
 def serve(settings: Settings, *, log_level: str = "info") -> None:
     import uvicorn
 
-    app = build_asgi(settings)
+    app = build_asgi(settings)  # opens the database: a bad URL is refused here
+    state: AppState = app.app.state.lmlab
+    # what can refuse the start is checked before uvicorn runs, and said in one line (cli: exit 2): uvicorn would
+    # print its traceback, and its lifespan would already have started the supervisor
+    state.lock_workspace()
+    try:
+        sock = listen_socket(settings.host, settings.port)
+    except ValueError:
+        state.unlock_workspace()
+        raise
     shown = f"[{settings.host}]" if ":" in settings.host else settings.host
-    url = f"http://{shown}:{settings.port}/"
+    url = f"http://{shown}:{sock.getsockname()[1]}/"  # port 0: the one the system picked
     if settings.api_token:
         url += "?token=" + settings.api_token
-    print(f"lmlab: workspace {Workspace(settings.workspace or default_workspace()).root}", file=sys.stderr)
+    print(f"lmlab: workspace {state.ws.root}", file=sys.stderr)
     print(f"lmlab: open {url}", file=sys.stderr, flush=True)
     logging.getLogger("uvicorn.access").addFilter(RedactToken())  # uvicorn's dictConfig keeps logger filters
     # SSE streams never end by themselves: give open connections a few seconds, then shut down (the
     # lifespan's shutdown asks training processes to checkpoint and marks them interrupted).
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=log_level, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=log_level,
+                            timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+        state.unlock_workspace()
+    if not server.started:  # the lifespan failed (uvicorn logged why): uvicorn.run's exit status
+        sys.exit(3)

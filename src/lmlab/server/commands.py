@@ -18,11 +18,12 @@ from typing import Any, NamedTuple
 from ..lab.selfplay.text import SETTING_FLAGS
 from .workspace import Workspace
 
-# The child: `lmlab ARGS...`, with SIGINT and SIGTERM restored to KeyboardInterrupt. Python leaves SIGINT
-# ignored when its parent ignored it (true of background jobs of a non-interactive shell: `lmlab serve &`),
-# and SIGTERM would otherwise kill without a checkpoint. A SIGINT that arrives before these handlers are set
-# is lost in that case, so the supervisor writes STOP_FILE (named by $LMLAB_STOP_FILE) before it signals, and
-# the child, once its handlers are set, stops at once if it finds that file.
+# The child: `lmlab ARGS...`, with SIGINT and SIGTERM restored to KeyboardInterrupt. It is started with SIGINT
+# ignored (child_argv): a SIGINT that reached the interpreter while it was still initialising killed it with
+# "Fatal Python error: init_import_site ... KeyboardInterrupt" in the run's log. Python leaves an ignored SIGINT
+# ignored, and SIGTERM would otherwise kill without a checkpoint. A SIGINT that arrives before these handlers
+# are set is lost, so the supervisor writes STOP_FILE (named by $LMLAB_STOP_FILE) before it signals, and the
+# child, once its handlers are set, stops at once if it finds that file.
 STOP_FILE = "stop-requested"
 CHILD_BOOTSTRAP = """\
 import os, signal, sys
@@ -37,8 +38,10 @@ sys.exit(main(sys.argv[1:]))
 
 
 def child_argv(python: str, args: list[str]) -> list[str]:
-    """The argv of the process that runs `lmlab ARGS...` under the interpreter `python`."""
-    return [python, "-c", CHILD_BOOTSTRAP, *args]
+    """The argv of the process that runs `lmlab ARGS...` under the interpreter `python`: through a POSIX shell
+    that ignores SIGINT and execs the interpreter (one process, one pid), since an ignored signal stays ignored
+    across exec. Popen's preexec_fn could do it without the shell, but is unsafe in a server with threads."""
+    return ["/bin/sh", "-c", 'trap "" INT; exec "$0" "$@"', python, "-c", CHILD_BOOTSTRAP, *args]
 
 
 class Command(NamedTuple):

@@ -81,6 +81,7 @@ PROCESS_NAMES = {"train": "training", "selfplay": "self-play", "experiment": "la
 RESUME = "resume to continue from the last checkpoint"
 UNWATCHED = "its process ended while no server was watching it"
 NOT_RESUMABLE = "this {} keeps no checkpoints and cannot be resumed; start it again"  # PROCESS_NAMES[kind]
+NO_CHECKPOINT = "it stopped before its first checkpoint; start it again"
 
 
 def process_start(pid: int) -> str | None:
@@ -518,8 +519,10 @@ class Supervisor:
         elif code is None and not server_stopped and (reason := _error_from_log(run_dir / "log.txt", True)):
             values.update(status="failed", error=reason)
         elif code is None or code < 0 or code in (0, 130) or cut_short:  # 0 without final/: stopped on request
-            then = RESUME if made is None and run["kind"] not in DERIVED else NOT_RESUMABLE.format(
-                PROCESS_NAMES[run["kind"]])
+            if made is not None or run["kind"] in DERIVED:
+                then = NOT_RESUMABLE.format(PROCESS_NAMES[run["kind"]])
+            else:  # "resume" only where there is something to resume from (resume refuses the others)
+                then = RESUME if latest_checkpoint(run_dir) is not None else NO_CHECKPOINT
             if server_stopped:
                 error = f"the server was stopped; {then}"
             elif code is None:

@@ -76,6 +76,8 @@ class ModelInfo(BaseModel):
     tokenizer_kind: str
     vocab_size: int
     trained: bool
+    quantized: bool = Field(False, description="int8/int4 weights (quantization.json): not exported to HF or GGUF, "
+                                               "not trained further")
     trained_run_id: int | None
     trained_steps: int | None
     active_run_id: int | None = Field(description="the queued or running training run of this model")

@@ -127,12 +127,15 @@ def model_info(state: AppState, row: dict[str, Any], active: list[dict[str, Any]
     readers = [r["id"] for r in active
                if r["kind"] in MAKERS and name in (r["model_name"], r["params"].get("judge"))]
     try:
-        trained, problem = (state.ws.model_path(name) / "model.safetensors").is_file(), None
+        path = state.ws.model_path(name)
+        trained, problem = (path / "model.safetensors").is_file(), None
+        quantized = (path / QUANTIZATION).is_file()  # export_response's rule: the web app offers no export of it
     except LinkError as exc:  # listed with the reason; the other models list as usual
-        trained, problem = False, str(exc)
+        trained, quantized, problem = False, False, str(exc)
     return ModelInfo(name=name, family=cfg.family, preset=row["preset"], config=cfg.to_dict(),
                      parameters=cfg.num_parameters(), tokenizer_kind=row["tokenizer_kind"],
-                     vocab_size=row["tokenizer_vocab"], trained=trained, trained_run_id=row["trained_run_id"],
+                     vocab_size=row["tokenizer_vocab"], trained=trained, quantized=quantized,
+                     trained_run_id=row["trained_run_id"],
                      trained_steps=row["trained_steps"], active_run_id=training[0] if training else None,
                      selfplay_run_ids=readers, origin=row["origin"], lineage=lineage(state, row["trained_run_id"]),
                      created_at=row["created_at"],
@@ -597,6 +600,13 @@ def default_params(req: RunCreate) -> dict[str, Any]:
     return {k: v for k, v in params.items() if v is not None}
 
 
+def devices() -> list[str]:
+    """The devices a training run may ask for here: cuda only where the server's torch finds a GPU (its runs
+    inherit its environment). Asked of the web app's form too (GET /info), which offers no other."""
+    import torch
+    return ["auto", "cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
 def start_run(state: AppState, req: RunCreate) -> dict[str, Any]:
     """Validate a run request against the model, the books and the memory budget, then queue it; under the
     lock from the first check through add_run, so two requests cannot both pass (see Supervisor.lock)."""
@@ -621,6 +631,9 @@ def _start_run(state: AppState, req: RunCreate) -> dict[str, Any]:
         TrainConfig.from_dict({k: v for k, v in params.items() if k not in ("val_fraction", "new_version")})
     except ValueError as exc:
         raise bad_settings(exc) from None
+    if req.device not in devices():  # the run would fail at its first step, after its tokenizer and data
+        raise Problem(422, "device_unavailable", f"device {req.device!r} is not available on this server (torch "
+                      "finds no CUDA GPU); choose auto or cpu", device=req.device)
     cfg = ModelConfig.from_dict(model["config"])
     if req.seq_len and req.seq_len > cfg.block_size:
         raise Problem(422, "seq_len_over_context", f"seq_len ({req.seq_len}) exceeds the model's context "

@@ -69,7 +69,10 @@ def book_duplicates(state: StateDep, name: str, ngram: int = Query(5, ge=1, le=5
                     threshold: float | None = Query(None, ge=0, le=1),
                     limit: int = Query(20, ge=1, le=200)) -> dict[str, Any]:
     _, text = book_full_text(state, name)
-    cfg = DedupConfig(level="paragraph", ngram=ngram, bands=bands, rows=rows, threshold=threshold)
+    try:  # DedupConfig's own rules over the knobs together (bands x rows within the signature)
+        cfg = DedupConfig(level="paragraph", ngram=ngram, bands=bands, rows=rows, threshold=threshold)
+    except ValueError as exc:
+        raise bad_settings(exc) from None
     res = dedup_texts([text], cfg)
     clusters = []
     for c in res.clusters[:limit]:  # up to MEMBERS of each shown (a cluster of templated text has thousands)

@@ -11,9 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ...train.demo_corpus import demo_corpus
 from ...train.recipes import demo_model_config
-from ..app import StateDep
+from ..app import AppState, Problem, StateDep
 from ..schemas import ModelSpec, Run, RunCreate
-from ..services import make_model, run_info, save_upload, start_run
+from ..services import make_model, need_free_model_name, run_info, save_upload, start_run
 
 router = APIRouter()
 
@@ -36,11 +36,21 @@ def start_demo(state: StateDep, req: DemoCreate | None = None) -> Run:
     if state.db.get_book(DEMO_BOOK) is None:  # the book is generated from a fixed seed: the same text again
         upload = UploadFile(io.BytesIO(demo_corpus().encode("utf-8")), filename=DEMO_BOOK)
         save_upload(state, upload, overwrite=False)
-    taken = {m["name"] for m in state.db.list_models()}
-    name = next(n for n in ("demo", *(f"demo-{i}" for i in range(2, 10_000))) if n not in taken)
     cfg = demo_model_config(DEMO_VOCAB)
     spec = ModelSpec(family=cfg.family, n_layer=cfg.n_layer, n_head=cfg.n_head, n_kv_head=cfg.n_kv_head,
                      n_embd=cfg.n_embd, block_size=cfg.block_size, tokenizer_kind="bpe", vocab_size=DEMO_VOCAB)
-    make_model(state, name, spec)
+    with state.lock:  # the name found free is taken before another request can take it
+        name = next(n for n in ("demo", *(f"demo-{i}" for i in range(2, 10_000))) if _free(state, n))
+        make_model(state, name, spec)
     return run_info(state, start_run(state, RunCreate(model=name, books=[DEMO_BOOK], max_steps=req.max_steps,
                                                       **DEMO_RUN)))
+
+
+def _free(state: AppState, name: str) -> bool:
+    """Whether a new model may take `name` by every rule make_model applies: not only an indexed model of that
+    name, but one differing only in letter case, a folder on disk, a name an active run will create."""
+    try:
+        need_free_model_name(state, name)
+    except Problem:
+        return False
+    return True

@@ -15,6 +15,7 @@ from ...tokenizers.tokenizer import KINDS
 from ...train import SCHEDULES
 from ..app import StateDep
 from ..schemas import MAX_SEEDS, SERVER_REWARDS
+from ..services import devices
 
 router = APIRouter()
 
@@ -27,5 +28,5 @@ def info(state: StateDep) -> dict[str, Any]:
             "sizes": list(SIZES), "presets": preset_names(), "tokenizer_kinds": list(KINDS),
             "schedules": list(SCHEDULES), "book_suffixes": list(SUFFIXES), "auth": bool(s.api_token),
             "selfplay_rewards": list(SERVER_REWARDS), "facts_experiments": list(FACTS_EXPERIMENTS),
-            "max_seeds": MAX_SEEDS, "cpu_count": os.cpu_count() or 1,
+            "max_seeds": MAX_SEEDS, "cpu_count": os.cpu_count() or 1, "devices": devices(),
             "running": len(state.supervisor.running()), "queued": len(state.db.queued_runs())}

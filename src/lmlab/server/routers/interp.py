@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 from fastapi import APIRouter, HTTPException
+from safetensors import SafetensorError, safe_open
 
-from ...lab.interp.sae import load_sae, stream_activations
+from ...lab.interp.sae import WEIGHTS, load_sae, stream_activations
 from ...lab.interp.saelab import feature_browser
 from ...lab.interp.views import attention_view, check_view, encode, lens_view, patch_view, token_id
 from ..app import AppState, Problem, StateDep
@@ -80,9 +81,11 @@ def list_saes(state: StateDep, name: str) -> list[dict[str, Any]]:
         try:
             meta = json.loads((d / "config.json").read_text(encoding="utf-8"))
             cfg = meta["sae"]
+            with safe_open(d / WEIGHTS, "pt") as weights:  # reads the header only: a file cut short or garbage
+                weights.keys()
             out.append({"name": d.name, **{k: cfg[k] for k in ("kind", "stream", "n_features", "d_in", "k")},
                         "metrics": meta.get("metrics")})
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError):
             continue  # not an SAE (or a broken one): nothing to offer
     return out
 
@@ -98,7 +101,8 @@ def browse_sae(state: StateDep, name: str, sae: str, req: SAEBrowse) -> dict[str
     model, tok = _private(state, name)
     try:
         auto = load_sae(folder)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+    # SafetensorError (a file that is no safetensors) is neither an OSError nor a ValueError
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:
         raise HTTPException(409, f"sparse autoencoder {sae!r} cannot be loaded: {exc}") from None
     if auto.cfg.d_in != model.config.n_embd or not 0 <= auto.cfg.stream <= model.config.n_layer:
         raise HTTPException(409, f"sparse autoencoder {sae!r} reads a stream of width {auto.cfg.d_in} at stream "

@@ -109,9 +109,10 @@ def train(state: StateDep, config: SeedTrainingConfig) -> dict[str, Any]:
 
 @router.get("/training_status")
 def training_status(state: StateDep) -> dict[str, Any]:
-    """The most recent run, in the app's shape. Training runs have no reward (0.0); self-play runs report
-    their mean reward per iteration, as the app's self-play trainer did."""
-    runs = state.db.list_runs()
+    """The most recent training or self-play run, in the app's shape (the app knew no other kind: a later
+    evaluation or quantization must not hide the training under way). Training runs have no reward (0.0);
+    self-play runs report their mean reward per iteration, as the app's self-play trainer did."""
+    runs = [r for r in state.db.list_runs() if r["kind"] in ("train", "selfplay")]
     if not runs:
         return {"is_training": False, "current_iteration": 0, "max_iterations": 0, "current_loss": 0.0,
                 "current_reward": 0.0, "model_name": None, "history": []}

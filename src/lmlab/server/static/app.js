@@ -4,7 +4,7 @@ import { LANGUAGES, STRINGS } from "/static/i18n.js";
 import { drawChartInto, drawCharts } from "/static/charts.js";
 import { confirmNewVersion, fillVersions, lineageText, versionParams, versionPicker } from "/static/versions.js";
 import { chartEmpty, initRunPage, metricsChanged, openRun, patchRows, renderCompare, tableRuns } from "/static/runpage.js";
-import { errorText as detailText, keepFocus, renderGuide, setupUx, tokenEstimate } from "/static/ux.js";
+import { errorText as detailText, keepFocus, renderGuide, runErrorText, setupUx, tokenEstimate } from "/static/ux.js";
 import { evalName, hasReport, initEvaluate, renderEvaluate, showEvaluate } from "/static/evaluate.js";
 import { DERIVED_KINDS, derivedName, initModelPage, openModel, renderModelPage } from "/static/modelpage.js";
 import { initChat, renderChat, showChat } from "/static/chat.js";
@@ -366,9 +366,10 @@ function renderModels() {
       m.trained ? h("button", { type: "button", class: "selfplay", text: t("models.selfplay"), onclick: () => { renderSelfPlayForm(); $("#sp-model").value = m.name; onSelfPlayModelChange(); showTab("selfplay"); } }) : null, " ",
       m.trained ? versionPicker(m) : null, " ",
       m.trained ? h("a", { href: withToken(`/api/v1/models/${encodeURIComponent(m.name)}/download`), download: `${m.name}.zip`, class: "download", text: t("models.download") }) : null, " ",
-      m.trained ? h("a", { href: withToken(`/api/v1/models/${encodeURIComponent(m.name)}/export/hf`), download: `${m.name}-hf.zip`, class: "export-hf", title: t("models.export_hf"), text: "HF" }) : null, " ",
+      // the exporters write full-precision weights only: an int8/int4 model's links were answered 422, silently
+      m.trained && !m.quantized ? h("a", { href: withToken(`/api/v1/models/${encodeURIComponent(m.name)}/export/hf`), download: `${m.name}-hf.zip`, class: "export-hf", title: t("models.export_hf"), text: "HF" }) : null, " ",
       // GGUF holds llama.cpp's architectures and byte-level BPE only (interop/gguf_export.py)
-      m.trained && m.family !== "gpt" && m.tokenizer_kind === "bpe" ? h("a", { href: withToken(`/api/v1/models/${encodeURIComponent(m.name)}/export/gguf`), download: `${m.name}.gguf`, class: "export-gguf", title: t("models.export_gguf"), text: "GGUF" }) : null, " ",
+      m.trained && !m.quantized && m.family !== "gpt" && m.tokenizer_kind === "bpe" ? h("a", { href: withToken(`/api/v1/models/${encodeURIComponent(m.name)}/export/gguf`), download: `${m.name}.gguf`, class: "export-gguf", title: t("models.export_gguf"), text: "GGUF" }) : null, " ",
       h("button", { type: "button", class: "danger", text: t("models.delete"), onclick: () => deleteModel(m.name) })))), "data-model");
   $("#models-empty").hidden = S.models.length > 0;
   renderGuide();
@@ -440,6 +441,8 @@ function renderTrainEstimate() {
 }
 
 function setupTrainForm() {
+  // only the devices this server has: cuda on a machine without a GPU failed the run after its data was made
+  $("#t-device").replaceChildren(...S.info.devices.map((d) => h("option", { value: d, text: d })));
   $("#train-model").addEventListener("change", () => onTrainModelChange(true));
   $("#t-lr").addEventListener("input", () => { lrTouched = true; });
   $("#train-form").addEventListener("input", renderTrainEstimate);
@@ -537,7 +540,7 @@ function renderLab() {
   if (!r) return;
   $("#lab-detail-head").textContent = `#${r.id} · ${labName(r)} · ${statusLabel(r)}`;
   $("#lab-error").hidden = !r.error;
-  $("#lab-error").textContent = r.error || "";
+  $("#lab-error").textContent = runErrorText(r.error);
   // the report is written when the experiment completes; the frame loads it once, not on every refresh
   const done = r.status === "completed", frame = $("#lab-report"), src = withToken(`/api/v1/runs/${r.id}/report`);
   if (done && frame.dataset.run !== String(r.id)) { frame.src = src; frame.dataset.run = String(r.id); loadLabLog(); }
@@ -634,7 +637,7 @@ function renderRunDetail() {
   if (r.parent_run_id != null) bits.push(t("versions.continues", { id: r.parent_run_id, step: r.step_offset }));
   $("#run-detail-head").textContent = bits.join(" · ");
   $("#run-error").hidden = !r.error;
-  $("#run-error").textContent = r.error || "";
+  $("#run-error").textContent = runErrorText(r.error);
 }
 
 async function refreshRuns() {

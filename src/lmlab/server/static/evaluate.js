@@ -6,7 +6,7 @@
 // drawn with uPlot (vendored, as charts.js uses it), and the comparison's report.html.
 
 import { WHOLE } from "/static/charts.js";
-import { keepFocus } from "/static/ux.js";
+import { keepFocus, runErrorText } from "/static/ux.js";
 
 // from app.js: { S, t, h, api, withToken, statusLabel, refreshRuns, deleteRun, runAction, toast, fmtLoss, ACTIVE,
 // COLORS }
@@ -156,7 +156,7 @@ function renderDetail(r) {
   if (box.dataset.sig === sig) return;
   box.dataset.sig = sig;
   const parts = [h("h3", { id: "ev-head", text: `#${r.id} · ${evalName(r)} · ${A.statusLabel(r)}` })];
-  if (r.error) parts.push(h("div", { class: "error", text: r.error }));
+  if (r.error) parts.push(h("div", { class: "error", text: runErrorText(r.error) }));
   if (A.ACTIVE.has(r.status)) parts.push(h("p", { class: "muted", id: "ev-progress", text: t("ev.in_progress", { s: Math.round(r.elapsed_s || 0) }) }));
   if (d && d.results.length) {
     parts.push(h("h4", { text: t("ev.results") }), table("ev-results", ["ev.model", "ev.task", "ev.metric", "ev.value", "ev.interval", "ev.n"],

@@ -6,7 +6,7 @@
 
 import { interpSection } from "/static/interp.js";
 import { mergeForm, mergeLabel, mergeable, startJob } from "/static/mergeform.js";
-import { keepFields } from "/static/ux.js";
+import { keepFields, runErrorText } from "/static/ux.js";
 
 let A = null;  // app.js: { S, t, h, api, fmtNum, fmtBytes, statusLabel, refreshRuns, runAction, toast, ACTIVE }
 const P = { name: null, card: null, error: null, stamp: null, sigs: {} };
@@ -146,7 +146,7 @@ function jobs(runs) {
         h("td", {}, h("a", { href: `#run/${r.id}`, class: "run-link", text: `#${r.id}` })),
         h("td", {}, made ? h("a", { href: `#model/${encodeURIComponent(r.params.new_model)}`, class: "model-link", text: r.params.new_model }) : r.params.new_model,
           h("span", { class: "kind", text: r.kind === "merge" ? mergeLabel(r.params) : quantLabel(r.params) })),
-        h("td", {}, h("span", { class: "badge " + r.status, text: A.statusLabel(r) }), r.error ? h("div", { class: "error", text: r.error }) : null),
+        h("td", {}, h("span", { class: "badge " + r.status, text: A.statusLabel(r) }), r.error ? h("div", { class: "error", text: runErrorText(r.error) }) : null),
         h("td", {}, A.ACTIVE.has(r.status) && !r.cancel_requested ? h("button", { type: "button", class: "danger cancel", text: t("runs.cancel"), onclick: () => A.runAction(r.id, "cancel") }) : null));
     })));
 }

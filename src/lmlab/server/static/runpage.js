@@ -2,6 +2,8 @@
 // experiment's progress, clone and the command line) and the runs table's sorting, filtering, settings diff
 // and its refresh that keeps keyboard focus. app.js hands over its helpers once (initRunPage).
 
+import { runErrorText } from "/static/ux.js";
+
 let A = null;  // app.js: { S, t, h, api, fmtNum, fmtBytes, fmtLoss, statusLabel, labName, subscribe, runChart, showTab, toast }
 const $ = (sel, root = document) => root.querySelector(sel);
 const ACTIVE = new Set(["queued", "running"]);
@@ -260,7 +262,7 @@ function renderPage() {
     h("span", { class: "grow" }),
     h("a", { href: "#runs", class: "back", text: t("rp.back") }),
     d && d.clone ? h("button", { type: "button", id: "rp-clone", onclick: () => cloneToForm(d.clone) , text: t("rp.clone") }) : null));
-  if (r.error) sections.push(h("div", { class: "error", "data-part": "error", text: r.error }));
+  if (r.error) sections.push(h("div", { class: "error", "data-part": "error", text: runErrorText(r.error) }));
   const facts = [
     fact("rp.phase", phase, "phase"),
     fact("col.progress", `${A.fmtNum(r.current_step)} / ${A.fmtNum(r.max_steps)}`, "steps"),
@@ -317,7 +319,7 @@ function renderPage() {
   if (d && d.command) {
     sections.push(h("section", { class: "card", id: "rp-command", "data-part": "command" }, h("h3", { text: t("rp.command") }),
       h("pre", { class: "preview", id: "rp-command-text", text: d.command }),
-      h("button", { type: "button", class: "secondary", id: "rp-copy", text: t("rp.copy"), onclick: () => navigator.clipboard.writeText(d.command).then(() => A.toast(t("rp.copied")), () => {}) }),
+      h("button", { type: "button", class: "secondary", id: "rp-copy", text: t("rp.copy"), onclick: () => copyCommand(d.command) }),
       d.clone ? h("p", { class: "muted", text: t("rp.clone_note") }) : null));
   }
   if (d && d.log_tail && d.log_tail.length) {
@@ -326,6 +328,25 @@ function renderPage() {
   }
   patchParts(root, sections);
   drawPageCharts();
+}
+
+// The clipboard API exists only in a secure context (https, or localhost): a server opened as http://HOST:PORT/
+// from another machine has no navigator.clipboard. There the text is selected and copied the older way, or, where
+// that is refused too, left selected for the user's own Ctrl+C.
+function copyCommand(text) {
+  if (window.isSecureContext && navigator.clipboard) {
+    navigator.clipboard.writeText(text).then(() => A.toast(A.t("rp.copied")), selectCommand);
+  } else selectCommand();
+}
+
+function selectCommand() {
+  const range = document.createRange(), selection = getSelection();
+  range.selectNodeContents($("#rp-command-text"));
+  selection.removeAllRanges();
+  selection.addRange(range);
+  let copied = false;
+  try { copied = document.execCommand("copy"); } catch { copied = false; }
+  A.toast(A.t(copied ? "rp.copied" : "rp.copy_select"));
 }
 
 // the page's parts are replaced only where they changed (keyboard focus stays; the charts stay drawn)

@@ -7,7 +7,7 @@
 // the preference losses, reward and KL for GRPO, the loss's two parts and the KL to the teacher for distillation.
 
 import { drawChartInto } from "/static/charts.js";
-import { keepFocus } from "/static/ux.js";
+import { keepFocus, runErrorText } from "/static/ux.js";
 
 // from app.js: { S, t, h, api, apiHeaders, statusLabel, refreshRuns, refreshModels, deleteRun, runAction, toast,
 // subscribe, fmtNum, fmtBytes, ACTIVE, COLORS }
@@ -339,7 +339,7 @@ function renderDetail(r) {
   if (!r) return;
   $("#tn-detail-head").textContent = `#${r.id} · ${tuneName(r)} · ${A.statusLabel(r)}`;
   $("#tn-error").hidden = !r.error;
-  $("#tn-error").textContent = r.error || "";
+  $("#tn-error").textContent = runErrorText(r.error);
   const charts = chartsOf(r), sig = JSON.stringify([r.id, charts.map((c) => t(c.key))]);
   if (T.sigs.charts !== sig) {  // made once per run and language; drawn on every new metrics line
     T.sigs.charts = sig;

@@ -24,6 +24,33 @@ export function setupUx(c) {
 
 // ---- errors ----------------------------------------------------------------------------------------
 
+// The supervisor's own sentences for how a run stopped (jobs.py _finish), which the API keeps in English: each
+// said by its key in the page's language. What a run's process said itself (its `lmlab: error:` line) is shown
+// as it is. The process's name (jobs.PROCESS_NAMES) is English: the English strings take it back, the Russian
+// ones say "запуск".
+const RUN_ERRORS = [
+  [/^the server was stopped; (.+)$/s, "runerr.server_stopped", ["then"]],
+  [/^its process ended while no server was watching it; (.+)$/s, "runerr.unwatched", ["then"]],
+  [/^the (.+) process was killed by (\S+)$/, "runerr.killed", ["process", "signal"]],
+  [/^the (.+) process was interrupted$/, "runerr.interrupted", ["process"]],
+  [/^resume to continue from the last checkpoint$/, "runerr.then_resume", []],
+  [/^this (.+) keeps no checkpoints and cannot be resumed; start it again$/, "runerr.then_not_resumable", ["process"]],
+  [/^it stopped before its first checkpoint; start it again$/, "runerr.then_no_checkpoint", []],
+  [/^could not start: (.+)$/s, "runerr.could_not_start", ["reason"]],
+  [/^(.+?) finished, but its model was not saved: (.+)$/s, "runerr.not_saved", ["process", "reason"]],
+  [/^trained, but the model directory could not be updated: (.+)$/s, "runerr.dir_not_updated", ["reason"]],
+  [/^the (\S+) exited without writing (.+)$/, "runerr.no_product", ["process", "file"]],
+];
+
+export function runErrorText(text) {
+  if (!text || !ctx) return text || "";
+  for (const [re, key, names] of RUN_ERRORS) {
+    const m = re.exec(text);
+    if (m) return ctx.t(key, Object.fromEntries(names.map((n, i) => [n, n === "then" ? runErrorText(m[i + 1]) : m[i + 1]])));
+  }
+  return text;
+}
+
 // The form field an API field belongs to: its label in the visible tab (so in the page's language), else
 // anywhere on the page, else the field's own name. Inputs are named <form prefix>-<API field>, or carry the
 // field as data-field (the Tune form's); these three are neither.
