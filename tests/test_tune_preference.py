@@ -174,6 +174,11 @@ def test_the_kto_loss_is_the_papers_with_trls_kl_estimate(model_dir, kto_file, t
               for a, b, row in zip(pol, refs, rows)]
     assert float(got) == pytest.approx(sum(losses) / 6, abs=1e-6)
     assert float(metrics["kto_z0"]) == pytest.approx(z0, abs=1e-6)
+    right = [(a - b > 0) if row["label"] else (a - b < 0) for a, b, row in zip(pol, refs, rows)]
+    assert float(metrics["accuracy"]) == pytest.approx(sum(right) / 6)
+    # the reference itself: every reward is 0, right for no label (it counted every undesirable row right)
+    _, at_start = P.PreferenceObjective(cfg).loss(ref, batch)
+    assert float(at_start["accuracy"]) == 0.0 and float(at_start["margin"]) == 0.0
 
 
 # ---- against TRL ------------------------------------------------------------------------------------

@@ -386,7 +386,8 @@ class PreferenceObjective(Objective):
             "rewards_chosen": mean(rewards, good).detach(), "rewards_rejected": mean(rewards, bad).detach(),
             "logps_chosen": mean(seq, good).detach(), "logps_rejected": mean(seq, bad).detach(),
             "margin": (mean(rewards, good) - mean(rewards, bad)).detach(),
-            "accuracy": mean(((rewards > 0) == label).float(), torch.ones_like(good)),
+            # the reward's sign matches the label: a zero reward (step 1's, the reference's own) is right for neither
+            "accuracy": mean(torch.where(label, rewards > 0, rewards < 0).float(), torch.ones_like(good)),
             "kl": k3(per_token.detach(), batch["ref_completion"], batch["completion_mask"][:, 1:]), "kto_z0": z0}
 
     def evaluate(self, trainer: Any) -> dict[str, float]:
