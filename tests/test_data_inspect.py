@@ -95,6 +95,15 @@ def test_cli_inspect_writes_the_report_and_refuses_bad_input(tmp_path, capsys, c
     assert report["total"]["tokens"] == chars and report["total"]["epoch_advice"]["planned_tokens"] == 40
     assert report["total"]["epoch_advice"]["warning"] is None and "fine" in out
     assert f"{chars:>12,}" in out and "cp1251:1" in out and "koi8_r:1" in out
+    # a second report over the first: refused (it was replaced without a word), replaced with --force
+    first = (tmp_path / "r" / "inspect.json").read_text(encoding="utf-8")
+    assert main([*base, "--out", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err.strip() == (f"lmlab: error: {tmp_path / 'r' / 'inspect.json'} exists; replace it "
+                                               "with --force, or choose another --out")
+    assert (tmp_path / "r" / "inspect.json").read_text(encoding="utf-8") == first
+    assert main([*base, "--out", str(tmp_path / "r"), "--force"]) == 0
+    capsys.readouterr()
+    assert "epoch_advice" not in json.loads((tmp_path / "r" / "inspect.json").read_text())["total"]
     assert main([*base, "--planned-tokens", str(5 * chars)]) == 0
     assert "warning: the plan repeats the data 5.0 times" in capsys.readouterr().out
     for argv, message in [(["data", "inspect", str(a), "--planned-tokens", "100"], "need --tokenizer"),

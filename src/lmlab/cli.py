@@ -507,6 +507,7 @@ def _inspect_arguments(d: argparse.ArgumentParser) -> None:
     b.add_argument("--seq-len", type=int, help="tokens per sequence (default: the preset's block_size)")
     b.add_argument("--grad-accum-steps", type=int, default=1, help="micro-steps per optimizer step (1)")
     d.add_argument("--out", help="folder to write inspect.json into")
+    d.add_argument("--force", action="store_true", help="replace an inspect.json already in --out")
 
 
 @data_tool("inspect", "documents, characters, tokens, languages, encodings, duplicates, length histogram and an "
@@ -515,7 +516,6 @@ def _data_inspect(args: argparse.Namespace) -> int:
     import json
 
     from .data.inspect import format_report, inspect
-    from .files import atomic_write_text
     from .models import ModelConfig
     from .tokenizers import Tokenizer
 
@@ -534,14 +534,16 @@ def _data_inspect(args: argparse.Namespace) -> int:
         planned = args.max_steps * args.batch_size * seq_len * args.grad_accum_steps
     if cfg is not None and tok is None:
         raise ValueError("--preset needs --tokenizer (tokens per parameter)")
-    report = inspect(args.sources, tok, model_config=cfg, planned_tokens=planned)
-    print(format_report(report))
     if args.out:
         out = Path(args.out)
         if out.exists() and not out.is_dir():
             raise NotADirectoryError(f"--out {out} exists and is not a folder")
+        _refuse_results([out / "inspect.json"], args.force)  # before the books are read
+    report = inspect(args.sources, tok, model_config=cfg, planned_tokens=planned)
+    print(format_report(report))
+    if args.out:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "inspect.json", json.dumps(report, ensure_ascii=False, indent=1) + "\n")
+        _write_result(out / "inspect.json", json.dumps(report, ensure_ascii=False, indent=1) + "\n", args.force)
         print(f"written to {out / 'inspect.json'}")
     return 0
 
