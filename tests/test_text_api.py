@@ -1,5 +1,7 @@
 """Text-level API: model directory save/load, generate/stream with a real tokenizer, the CLI edges."""
 
+import json
+
 import pytest
 import torch
 
@@ -141,6 +143,13 @@ def test_cli_info_and_generate(tmp_path, trained, tok, capsys):
     assert main(["info", "--preset", "gpt2-124m"]) == 0
     assert "124,439,808" in capsys.readouterr().out
     save_pretrained(tmp_path / "m", trained, tok)
+    # a run is taken as its final model, as eval and chat take it (its config.json was read as a model's)
+    save_pretrained(tmp_path / "run" / "final", trained, tok)
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"train": {}, "model": trained.config.to_dict()}))
+    assert main(["info", str(tmp_path / "m")]) == 0
+    alone = capsys.readouterr().out
+    assert main(["info", str(tmp_path / "run")]) == 0
+    assert capsys.readouterr().out == alone.replace(str(tmp_path / "m"), str(tmp_path / "run" / "final"))
     assert main(["generate", str(tmp_path / "m"), "--prompt", "Дед", "--greedy", "--max-new-tokens", "12"]) == 0
     out = capsys.readouterr().out
     expected = lmlab.generate(trained, tok, "Дед", max_new_tokens=12, do_sample=False)

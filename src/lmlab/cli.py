@@ -76,7 +76,8 @@ def _fmt_bytes(n: float) -> str:
 # ---- info -------------------------------------------------------------------------------------------
 
 def _info_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model_dir", nargs="?", help="a model directory (config.json + model.safetensors)")
+    p.add_argument("model_dir", nargs="?", help="a model directory (config.json + model.safetensors), or a run "
+                   "(its final model)")
     p.add_argument("--preset", help="a preset instead of a directory, e.g. gpt2-small, llama-tiny, gpt2-124m")
     p.add_argument("--vocab-size", type=int, help="override the preset's vocabulary size")
     p.add_argument("--batch-size", type=int, default=8, help="batch size for the training memory estimate")
@@ -98,7 +99,7 @@ def _info(args: argparse.Namespace) -> int:
         cfg = ModelConfig.preset(args.preset, **overrides)
         source = f"preset {args.preset}"
     else:
-        path = Path(args.model_dir)
+        path = _model_dir(args.model_dir)  # a run: its final model, as eval and chat take it
         if not (path / CONFIG).is_file():
             raise FileNotFoundError(f"not a model directory (no {CONFIG}): {path}")
         cfg = ModelConfig.load(path / CONFIG)
@@ -115,14 +116,14 @@ def _info(args: argparse.Namespace) -> int:
           f"vocab {cfg.vocab_size}")
     print(f"parameters:        {n:,} ({_fmt_count(n)})")
     print(f"training FLOPs:    {_fmt_count(flops)} per token (6N + 12·L·T·d, T={T})")
-    qc = _quantization(Path(args.model_dir)) if args.model_dir else None
+    qc = _quantization(path) if args.model_dir else None
     if qc is None:
         print(f"inference memory:  {_fmt_bytes(infer['total'])} (fp32 weights + KV cache for {T} tokens)")
         print(f"training memory:   ~{_fmt_bytes(train['total'])} (fp32 + AdamW, batch {args.batch_size}×{T})")
         return 0
     from .models.io import WEIGHTS
     from .models.quant import weight_bits
-    bpw, qbpw = weight_bits(Path(args.model_dir) / WEIGHTS, n)
+    bpw, qbpw = weight_bits(path / WEIGHTS, n)
     head = "int" + str(qc.bits) if "lm_head" in qc.modules else "fp32"
     print(f"quantized:         int{qc.bits}{f' g{qc.group_size}' if qc.group_size else ''} {qc.method}, "
           f"{len(qc.modules)} linears, head {head}; {bpw:.2f} bits per parameter"
