@@ -190,3 +190,34 @@ def test_info_refuses_sizes_it_cannot_estimate(capsys, flags, message):
     """`lmlab info --seq-len -5` printed FLOPs for T=-5 and exit 0; --batch-size 0 and --seq-len 0 went through."""
     assert main(["info", "--preset", "gpt2-tiny", *flags]) == 2
     assert capsys.readouterr().err == f"lmlab: error: {message}\n"
+
+
+def test_config_files_give_lists_repeatable_flags_and_flag_names_on_every_mode(tmp_path, capsys):
+    """A list for a repeatable flag (--weight) was walked a character at a time ("--weight 't' must look like
+    NAME=NUMBER"), a list for a list setting (sample_prompts) was "takes one value", keys had to be argparse's
+    names (lam, not lambda), and `--config` / `--debug` after a mode (`lmlab tune sft ... --config F`) were
+    unrecognized arguments."""
+    from lmlab.cli import parse_arguments
+
+    def parsed(argv, body):
+        (tmp_path / "c.json").write_text(json.dumps(body))
+        return parse_arguments(build_parser(), [*argv, "--config", str(tmp_path / "c.json")])
+
+    args = parsed(["train", "b.txt", "--out", "o"], {"weight": ["tales=2", "wp=1"], "train": {
+        "sample_prompts": ["Once upon, a time", "Жили"], "drift_probes": ["a b"], "lr": 0.01}})
+    assert (args.weight, args.sample_prompts, args.drift_probes, args.lr) == (
+        ["tales=2", "wp=1"], ["Once upon, a time", "Жили"], ["a b"], 0.01)  # an item's comma stays in it
+    assert parsed(["train", "b.txt", "--out", "o"], {"weight": "tales=2"}).weight == ["tales=2"]
+    args = parsed(["generate", "m"], {"greedy": True, "stop": ["\n\n", "END"], "ignore_eos": False})
+    assert (args.do_sample, args.stop_strings, args.stop_at_eos) == (False, ["\n\n", "END"], None)
+    assert parsed(["generate", "m"], {"do_sample": False}).do_sample is False  # (read as the string 'False')
+    assert parsed(["merge", "a", "b", "--out", "o"], {"lambda": 0.5, "method": "ties"}).lam == 0.5
+    assert parsed(["tune", "grpo", "--out", "o"], {"prompt": ["a", "b"]}).prompt == ["a", "b"]
+    args = parsed(["tune", "sft", "--out", "o", "--debug"], {"max_steps": 3, "model": "m"})
+    assert (args.max_steps, args.model, args.debug) == (3, "m", True)
+    args = parse_arguments(build_parser(), ["tune", "--config", str(tmp_path / "c.json"), "sft", "--out", "o"])
+    assert (args.max_steps, args.model) == (3, "m")  # before the mode, as before
+    (tmp_path / "c.json").write_text(json.dumps({"greedy": "yes"}))
+    assert main(["generate", "m", "--config", str(tmp_path / "c.json")]) == 2
+    assert capsys.readouterr().err.strip() == (f"lmlab: error: {tmp_path / 'c.json'}: greedy must be true or false, "
+                                               "not 'yes'")

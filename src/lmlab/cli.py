@@ -2122,6 +2122,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", metavar="FILE", help=_CONFIG_HELP)
         arguments(p)
         p.set_defaults(run=run)
+        # and on every mode below it (`lmlab tune sft ... --config F`): absent unless given, so a value given
+        # before the mode (`lmlab tune --config F sft`) is not replaced by the mode's default
+        for leaf in _parsers(p)[1:]:
+            leaf.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP)
+            leaf.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS, help=_CONFIG_HELP)
     return parser
 
 
@@ -2163,15 +2168,32 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None)
     if not getattr(args, "config", None):
         return parser.parse_args(argv)
     target = _innermost(parser, args)
-    dests = {a.dest: a for a in target._actions if a.dest not in ("help", "config", "debug", "run")
-             and not isinstance(a, argparse._SubParsersAction)}
+    actions = [a for a in target._actions if a.dest not in ("help", "config", "debug", "run")
+               and not isinstance(a, argparse._SubParsersAction)]
+    dests: dict[str, argparse.Action] = {}
+    for a in actions:  # a setting by its own flag: --do-sample/--no-do-sample, not --greedy (which stores False)
+        if a.dest not in dests or not isinstance(a, argparse._StoreConstAction):
+            dests[a.dest] = a
+    # a flag's own name too, where it is not its setting's (--lambda: lam, --stop: stop_strings, --greedy: do_sample)
+    flag_names = {o.lstrip("-").replace("-", "_"): a for a in actions for o in a.option_strings
+                  if o.startswith("--") and o.lstrip("-").replace("-", "_") not in dests}
     flat: dict[str, object] = {}
 
     def merge(mapping: dict) -> None:
         for key, value in mapping.items():
             name = str(key).replace("-", "_")
-            if isinstance(value, dict) and name not in dests:
+            if isinstance(value, dict) and name not in dests and name not in flag_names:
                 merge(value)  # a section, e.g. a run's "train" and "model"
+            elif name in dests:
+                flat[name] = value
+            elif name in flag_names:
+                action = flag_names[name]
+                if not isinstance(action, argparse._StoreConstAction):
+                    flat[action.dest] = value
+                elif not isinstance(value, bool):
+                    raise ValueError(f"{args.config}: {name} must be true or false, not {value!r}")
+                elif value:  # the flag given (greedy: true is --greedy); false: not given
+                    flat[action.dest] = action.const
             else:
                 flat[name] = value
 
@@ -2179,12 +2201,19 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None)
     unknown = sorted(set(flat) - set(dests))
     if unknown:
         raise ValueError(f"{args.config}: not settings of this command: {', '.join(unknown)}; it takes "
-                         f"{', '.join(sorted(dests))}")
+                         f"{', '.join(sorted({*dests, *flag_names}))}")
     for name in flat:
         dests[name].required = False
         flat[name] = _config_value(args.config, name, dests[name], flat[name])
     target.set_defaults(**flat)
     return parser.parse_args(argv)
+
+
+class _Once(argparse.Action):
+    """One value of a repeatable or list flag, read as that flag reads a value (its type and choices)."""
+
+    def __init__(self, action: argparse.Action, kind: Any = None) -> None:
+        super().__init__(action.option_strings, action.dest, type=kind or action.type, choices=action.choices)
 
 
 def _config_value(path: str, name: str, action: argparse.Action, value: object) -> object:
@@ -2199,6 +2228,10 @@ def _config_value(path: str, name: str, action: argparse.Action, value: object) 
         return value
     if value is None:
         return None
+    if isinstance(action, argparse._AppendAction):  # a repeatable flag (--weight, --prompt): one value or a list
+        return [_config_value(path, name, _Once(action), v) for v in (value if isinstance(value, list) else [value])]
+    if getattr(action, "list_of", None) is not None and isinstance(value, list):  # a comma-list flag (configs.py)
+        return [_config_value(path, name, _Once(action, action.list_of), v) for v in value]
     many = action.nargs in ("*", "+") or isinstance(action.nargs, int) and action.nargs != 1
     if isinstance(value, list) and not many:
         if action.type is not None or any(isinstance(v, (list, dict)) for v in value):

@@ -189,8 +189,10 @@ def add_arguments(parser: argparse.ArgumentParser | Any, cls: type, *, exclude: 
         else:
             base, metavar, many = _flag_type(kind)
             if many:
-                group.add_argument(flag, type=lambda s, b=base: [b(v.strip()) for v in s.split(",") if v.strip()],
-                                   default=None, metavar=f"{metavar},...", help=text)
+                action = group.add_argument(flag, type=lambda s, b=base: [b(v.strip()) for v in s.split(",")
+                                                                          if v.strip()],
+                                            default=None, metavar=f"{metavar},...", help=text)
+                action.list_of = base  # a --config file gives the list itself (its items may hold commas)
             else:
                 choices = meta.get("choices")
                 group.add_argument(flag, type=base, default=None, help=text,
