@@ -231,3 +231,29 @@ def test_a_write_that_finds_no_room_is_a_one_line_error(base, tmp_path, argv):
     assert len(lines) == 1 and lines[0].startswith("lmlab: error: a write found no room: the disk is full, or a "
                                                    "quota or file size limit was reached (")
     assert "File too large" in lines[0] and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+BIG = str(2**63)  # no model's size: it reached torch as a TypeError, the tokenizers library as a panic (exit 99)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "BOOK", "--out", "OUT", "--preset", "tiny", "--n-embd", BIG], f"n_embd ({BIG}) must be <= 131072"),
+    (["train", "BOOK", "--out", "OUT", "--preset", "tiny", "--block-size", BIG], f"block_size ({BIG}) must be <= "),
+    (["info", "--preset", "gpt2-tiny", "--vocab-size", BIG], f"vocab_size ({BIG}) must be <= 16777216"),
+    (["tokenizer", "train", "BOOK", "--out", "OUT.json", "--vocab-size", BIG],
+     f"vocab_size ({BIG}) must be at most 16,777,216"),
+    (["tune", "grpo", "--model", "MODEL", "--out", "OUT", "--reward", "length", "--prompts-file", "DEEP"],
+     "the prompts file DEEP is nested too deeply to be a list of strings"),
+])
+def test_sizes_no_model_has_and_a_deeply_nested_prompts_file_are_one_line_errors(argv, message, base, tmp_path,
+                                                                                  capsys):
+    """A CLI fuzz found these ending in 'lmlab: internal error' (TypeError, RecursionError) or a Rust panic."""
+    (tmp_path / "book.txt").write_text("Жили-были дед да баба. " * 50)
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    names = {"BOOK": tmp_path / "book.txt", "OUT": tmp_path / "out", "OUT.json": tmp_path / "t.json",
+             "DEEP": tmp_path / "deep.json", "MODEL": base}
+    argv = [str(names.get(a, a)) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lmlab: error: ") and "\n" not in err and message.replace("DEEP", str(names["DEEP"])) in err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "t.json").exists()

@@ -129,6 +129,8 @@ def read_prompts_file(path: str | Path) -> list[str]:
         raise ValueError(f"cannot read the prompts file {path}: {exc.strerror or exc}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"the prompts file {path} is not UTF-8 JSON: {exc}") from None
+    except RecursionError:  # [[[[...]]]] deeper than the parser's stack
+        raise ValueError(f"the prompts file {path} is nested too deeply to be a list of strings") from None
     if not isinstance(data, list) or not data or not all(isinstance(p, str) for p in data):
         raise ValueError(f"the prompts file {path} must hold a JSON list of strings, at least one")
     return data
