@@ -136,11 +136,14 @@ def test_sequence_resume_reads_the_samples_back(setup, tmp_path):
     run_distill(root / "teacher" / "final", [book], tmp_path / "run", tiny(max_steps=4), cfg,
                 model_config=student_config(300), echo=lambda *_: None)
     path = tmp_path / "run" / SAMPLES
-    path.write_text("".join(json.dumps({"prompt": "", "completion": "zz " * 40}) + "\n" for _ in range(8)))
+    # U+2028 and U+0085 stay raw in JSON lines (ensure_ascii=False): they split a line for str.splitlines()
+    text = "zz\u2028 zz\u0085 " * 20
+    path.write_text("".join(json.dumps({"prompt": "", "completion": text}, ensure_ascii=False) + "\n"
+                            for _ in range(8)), encoding="utf-8")
     resume_distill(tmp_path / "run", {"max_steps": 5}, echo=lambda *_: None)
     ds = TokenDataset.open(tmp_path / "run" / "samples-data")
     tok = lmlab.Tokenizer.load(tmp_path / "run" / "tokenizer.json")
-    assert ds.tokens[: len(tok.encode("zz " * 40))].tolist() == tok.encode("zz " * 40)
+    assert ds.tokens[: len(tok.encode(text))].tolist() == tok.encode(text)
 
 
 def test_a_distilled_student_is_closer_to_the_teacher(setup, tmp_path):

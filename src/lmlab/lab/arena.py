@@ -207,7 +207,7 @@ def token_view(changes: dict[str, list[dict[str, Any]]]) -> str:
 # ---- the run ------------------------------------------------------------------------------------------------
 
 def _rows(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").split("\n") if x.strip()]  # not at U+2028
 
 
 def _dump(path: Path, rows: Sequence[dict[str, Any]]) -> Path:

@@ -183,7 +183,8 @@ def _sequence_data(out: Path, teacher: Transformer, tok: Tokenizer, books: Token
         rows = sample_teacher(teacher, tok, books, cfg, seed)
         atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         echo(f"{len(rows)} teacher samples written to {path}")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    # split at "\n" only: splitlines() also splits at U+2028 and U+0085, which json.dumps leaves in a text as they are
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
     data = prepare_texts([r["prompt"] + r["completion"] for r in rows], tok, out / "samples-data",
                          val_fraction=0.0, seq_len=seq_len, overwrite=True)  # made again on resume, the same
     return SamplesDataset(data, books)
