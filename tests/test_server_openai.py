@@ -37,20 +37,20 @@ def served(tmp_path_factory):
     lone arithmetic), and the same model loaded here as the reference."""
     ws = tmp_path_factory.mktemp("ws")
     tok = Tokenizer.train([BOOK], kind="bpe", vocab_size=400)
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig.preset("gpt2-tiny", vocab_size=400, block_size=128)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(4)
+
+    def scaled(seed, block_size):
+        torch.manual_seed(seed)
+        m = Transformer(ModelConfig.preset("gpt2-tiny", vocab_size=400, block_size=block_size)).eval()
+        with torch.no_grad():
+            for p in m.parameters():
+                if p.dim() == 2:
+                    p.mul_(4)
+        return m
+
+    model = scaled(0, 128)
     save_pretrained(ws / "models" / "tiny", model, tok)
-    torch.manual_seed(1)  # a longer context: a wave of decoding that lasts (test_waiting_requests_hold_no_thread...)
-    long = Transformer(ModelConfig.preset("gpt2-tiny", vocab_size=400, block_size=512)).eval()
-    with torch.no_grad():
-        for p in long.parameters():
-            if p.dim() == 2:
-                p.mul_(4)
-    save_pretrained(ws / "models" / "long", long, tok)
+    # a longer context: a wave of decoding that lasts (test_waiting_requests_hold_no_thread...)
+    save_pretrained(ws / "models" / "long", scaled(1, 512), tok)
     # the same weights with lmlab's chat format (as `lmlab tune sft` leaves a model), and a copy that always says
     # <|end|>: its final norm outputs a constant vector (weight 0, bias 1) and only <|end|>'s head row meets it
     chatty, chat_tok, _ = chat.add_chat_tokens(model, tok)
