@@ -237,9 +237,9 @@ BIG = str(2**63)  # no model's size: it reached torch as a TypeError, the tokeni
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["train", "BOOK", "--out", "OUT", "--preset", "tiny", "--n-embd", BIG], f"n_embd ({BIG}) must be <= 131072"),
+    (["train", "BOOK", "--out", "OUT", "--preset", "tiny", "--n-embd", BIG], f"n_embd ({BIG}) must be <= 109951162"),
     (["train", "BOOK", "--out", "OUT", "--preset", "tiny", "--block-size", BIG], f"block_size ({BIG}) must be <= "),
-    (["info", "--preset", "gpt2-tiny", "--vocab-size", BIG], f"vocab_size ({BIG}) must be <= 16777216"),
+    (["info", "--preset", "gpt2-tiny", "--vocab-size", BIG], f"vocab_size ({BIG}) must be <= 1099511627776"),
     (["tokenizer", "train", "BOOK", "--out", "OUT.json", "--vocab-size", BIG],
      f"vocab_size ({BIG}) must be at most 16,777,216"),
     (["tune", "grpo", "--model", "MODEL", "--out", "OUT", "--reward", "length", "--prompts-file", "DEEP"],

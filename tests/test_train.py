@@ -972,3 +972,18 @@ def test_a_warm_up_as_long_as_the_run_is_said(tmp_path, tok, ds, caplog):
     notes = [r.getMessage() for r in caplog.records if "warm-up" in r.getMessage()]
     assert notes == ["note: the warm-up (100 steps) is as long as the run (3 steps): the learning rate climbs all "
                      "run and never decays; give fewer warm-up steps"]
+
+
+def test_a_model_too_big_for_the_memory_is_refused_before_it_is_built(tmp_path, monkeypatch, capsys):
+    """`lmlab train --n-layer 30000` built the model (45-56 s, 7 GB) and only then said it needs ~564 GiB: the
+    check reads the config alone, so it runs first."""
+    import lmlab.train.recipes as recipes
+    import lmlab.train.trainer as trainer_module
+    built = []
+    real = recipes.Transformer
+    monkeypatch.setattr(recipes, "Transformer", lambda cfg: built.append(cfg) or real(cfg))
+    monkeypatch.setattr(trainer_module, "available_memory", lambda device: 1)
+    (tmp_path / "book.txt").write_text("Жили-были дед да баба. " * 50)
+    assert main(["train", str(tmp_path / "book.txt"), "--out", str(tmp_path / "run"), "--preset", "tiny",
+                 "--max-steps", "1"]) == 2
+    assert "available on cpu" in capsys.readouterr().err and built == []

@@ -58,16 +58,17 @@ FOREIGN_KEYS = {
 @dataclass
 class ModelConfig:
     family: str = knob("gpt2", "architecture family: what the switches below default to", choices=FAMILIES)
-    # the upper bounds only keep a number no model has (2**63) from reaching torch as an overflow or a TypeError
-    vocab_size: int = knob(8192, "tokens in the vocabulary (the tokenizer's size)", ge=5, le=2**24)
-    n_layer: int = knob(6, "transformer blocks", gt=0, le=2**12)
-    n_head: int = knob(6, "attention (query) heads", gt=0, le=2**12)
-    n_embd: int = knob(384, "width of the residual stream", gt=0, le=2**17)
-    block_size: int = knob(256, "context length in tokens", gt=0, le=2**22)
+    # the upper bounds (2**40) only keep a number no model has (2**63) from reaching torch as an overflow or a
+    # TypeError; sizes below them are weighed against the weights and the memory, with those messages
+    vocab_size: int = knob(8192, "tokens in the vocabulary (the tokenizer's size)", ge=5, le=2**40)
+    n_layer: int = knob(6, "transformer blocks", gt=0, le=2**40)
+    n_head: int = knob(6, "attention (query) heads", gt=0, le=2**40)
+    n_embd: int = knob(384, "width of the residual stream", gt=0, le=2**40)
+    block_size: int = knob(256, "context length in tokens", gt=0, le=2**40)
     n_kv_head: int | None = knob(None, "key/value heads: fewer than n_head is grouped-query attention "
                                  "(default n_head)", gt=0)
     intermediate_size: int | None = knob(None, "MLP hidden width (default 4*n_embd for gelu, ~8/3*n_embd "
-                                         "rounded to 64 for swiglu)", gt=0, le=2**20)
+                                         "rounded to 64 for swiglu)", gt=0, le=2**40)
     dropout: float = knob(0.0, "dropout on embeddings, attention and residual branches", ge=0, lt=1)
     # Architectural switches; None means "what the family does".
     norm: str | None = knob(None, "layernorm or rmsnorm (default: the family's)", choices=("layernorm", "rmsnorm"))

@@ -33,7 +33,7 @@ from ..files import atomic_path, refuse_existing
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 SPECIAL_TOKENS = ["<PAD>", "<UNK>", "<BOS>", "<EOS>"]
-MAX_VOCAB = 2**24  # ModelConfig.vocab_size's bound
+MAX_VOCAB = 2**24  # 16.8 M tokens: far beyond any real vocabulary
 KINDS = ("bpe", "char", "word")
 _WORD_RE = re.compile(r"\w+|[^\w\s]")  # the seed SimpleTokenizer's split, applied to lower-cased text
 # The same split for the Rust side. Python's \w is str.isalnum() or "_" (= \p{L}\p{N}_; Oniguruma's \w adds
@@ -129,7 +129,7 @@ class Tokenizer:
             why = "4 specials + 256 byte tokens" if kind == "bpe" else "4 specials + at least 1 token"
             raise ValueError(f"vocab_size ({vocab_size}) must be >= {floor} for {kind} ({why})")
         if vocab_size > MAX_VOCAB:  # the tokenizers library panics (exit 99) sizing its tables for 2**63
-            raise ValueError(f"vocab_size ({vocab_size}) must be at most {MAX_VOCAB:,} (the models' own bound)")
+            raise ValueError(f"vocab_size ({vocab_size}) must be at most {MAX_VOCAB:,}")
         if isinstance(texts, str):  # iterating a str would train on single characters
             raise TypeError("texts must be an iterable of strings, not one str; wrap it in a list")
         if texts is None and files is None:
