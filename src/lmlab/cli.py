@@ -1733,7 +1733,6 @@ def _influence_arguments(p: argparse.ArgumentParser) -> None:
           "a --target text (TracInCP over its checkpoints). "
           "Example: lmlab lab data influence --out runs/influence --quick", _influence_arguments)
 def _lab_data_influence(args: argparse.Namespace) -> int:
-
     from .lab.influence import InfluenceLabConfig, run_influence, run_influence_lab
     if args.proj_dim < 0:
         raise ValueError(f"--proj-dim ({args.proj_dim}) must be >= 0 (0: exact dot products)")
@@ -1780,7 +1779,6 @@ def _drift_arguments(p: argparse.ArgumentParser) -> None:
           "the most volatile tokens, neighbour changes, probe texts' hidden states. Example: lmlab lab data drift "
           "--run runs/demo --out runs/demo-drift", _drift_arguments)
 def _lab_data_drift(args: argparse.Namespace) -> int:
-
     from .lab.drift import run_drift
     res = run_drift(args.run_dir, args.out, args.probe, args.token, args.top, shlex.join(["lmlab", *sys.argv[1:]]),
                     args.kinds)
@@ -1824,7 +1822,6 @@ def _merge_lab_arguments(p: argparse.ArgumentParser) -> None:
           "(siblings) and between two models trained from scratch (strangers), barrier heights over seeds. "
           "Example: lmlab lab merge --out runs/merge", _merge_lab_arguments)
 def _lab_merge(args: argparse.Namespace) -> int:
-
     from .lab.merge import MergeLabConfig, run_merge_lab
     cfg = MergeLabConfig.quick() if args.quick else MergeLabConfig()
     res = run_merge_lab(args.out, parse_seeds(args.seeds), cfg, command=shlex.join(["lmlab", *sys.argv[1:]]))
@@ -1885,9 +1882,7 @@ _INTERP_READS = {"lens": ("prompt", "target", "top_k", "bos"), "attention": ("pr
                            "word", "seed", "bos"),
                  "sae": ("layer", "books", "tokens", "kind", "features", "k", "l1", "steps", "name"),
                  "sae-facts": ("seeds", "quick")}
-_INTERP_FLAGS = ("prompt", "corrupt", "target", "foil", "top_k", "bos", "layer", "positive", "negative", "neutral",
-                 "prompts", "coefs", "samples", "max_new_tokens", "word", "seed", "books", "tokens", "kind", "features",
-                 "k", "l1", "steps", "name", "seeds", "quick")
+_INTERP_FLAGS = tuple(dict.fromkeys(flag for reads in _INTERP_READS.values() for flag in reads))
 _INTERP_DEFAULTS = {"top_k": 5, "coefs": "0,0.5,1,2,4", "samples": 16, "max_new_tokens": 32, "seed": 0,
                     "tokens": 65536, "kind": "topk", "k": 16, "l1": 1.0, "steps": 2000, "seeds": "0,1,2"}
 
@@ -1941,7 +1936,6 @@ def _lab_sae(args: argparse.Namespace, command: str) -> dict:
           "sparse autoencoders; writes results.json, PNG heatmaps and report.html. Example: lmlab lab interp lens "
           "--model runs/demo/final --prompt 'Once upon a time' --out runs/interp/lens", _interp_arguments)
 def _lab_interp(args: argparse.Namespace) -> int:
-
     from .lab.facts.report import new_report
     from .lab.interp.report import run_attention, run_lens, run_patch, run_steer
     from .lab.interp.views import check_view
@@ -2001,7 +1995,6 @@ def _ttc_arguments(p: argparse.ArgumentParser) -> None:
           "best-of-N and step-wise beam search, and a small model with N tries against a larger one with one at equal "
           "FLOPs. Example: lmlab lab ttc --out runs/ttc --quick", _ttc_arguments)
 def _lab_ttc(args: argparse.Namespace) -> int:
-
     from .lab.facts.report import new_report
     from .lab.ttc import Scale, run
     require_positive(args, "steps", "prompts")
@@ -2096,7 +2089,6 @@ def _split_arguments(p: argparse.ArgumentParser) -> None:
           "written as text files to use as mixture sources. Example: lmlab lab data split books/ --out runs/split",
           _split_arguments)
 def _lab_data_split(args: argparse.Namespace) -> int:
-
     from .lab.split import run_split
     res = run_split(args.sources, args.out, args.model, args.unit, command=shlex.join(["lmlab", *sys.argv[1:]]))
     print(f"split: {res['measured']}; files: " + ", ".join(str(Path(args.out) / f) for f in res["files"].values())

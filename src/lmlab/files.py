@@ -274,6 +274,8 @@ def staged_dir(out: Path, *, refuse: Path | None = None, stale: tuple[str, ...] 
 # named .NAME.XXXXXXXX.tmp beside its place, 14 bytes more.
 NAME_MAX = 255
 COMPONENT_BYTES = NAME_MAX - len("..XXXXXXXX.tmp")
+# the longest file name temp_beside can put a temporary beside: .NAME.<host 2><pid 6><random 4>.tmp
+FILE_NAME_BYTES = NAME_MAX - len(f"..{_HOST}{0:06x}{0:04x}.tmp")
 
 
 def check_component(name: str, what: str) -> str:

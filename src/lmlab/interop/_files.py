@@ -16,7 +16,7 @@ from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
 
-from ..files import COMPONENT_BYTES, NAME_MAX, atomic_path, staged_dir
+from ..files import COMPONENT_BYTES, FILE_NAME_BYTES, NAME_MAX, atomic_path, staged_dir
 from ..models import Transformer
 from ..models.io import CONFIG, TOKENIZER, WEIGHTS, load_pretrained
 from ..models.quant import QUANTIZATION
@@ -133,7 +133,7 @@ def check_out_name(out: str | Path, *, file: bool = False) -> None:
     is staged as .NAME.XXXXXXXX.tmp (staged_dir), a file as .NAME.<12 hex>.tmp (files.temp_beside). The file
     system refused those only after the whole export, naming the hidden temporary."""
     name = Path(os.path.abspath(out)).name
-    limit = NAME_MAX - len("..0123456789ab.tmp") if file else COMPONENT_BYTES
+    limit = FILE_NAME_BYTES if file else COMPONENT_BYTES
     size, what = len(os.fsencode(name)), "file" if file else "folder"
     if size > limit:
         raise ValueError(f"{out}: the name is {size} bytes, longer than the {limit} an output {what} name may have "

@@ -28,7 +28,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from ..files import refuse_nonempty
 from ..models import GenerationConfig, Transformer
 from ..models.io import GENERATION, TRAINING, require_size, save_pretrained
-from ..models.quant import QuantEmbedding, QuantLinear
+from ..models.quant import is_quantized
 from ..tokenizers import EOS_ID, SPECIAL_TOKENS, Tokenizer
 from ._files import (
     CHAT_TEMPLATE,
@@ -84,7 +84,7 @@ def _transformers():
 def _weights(model: Transformer) -> dict[str, torch.Tensor]:
     """The weights a plain Transformer would hold: LoRA adapters (tune/lora.py) merged in, as `lmlab lora merge`
     writes them (the base weights alone gave other logits, by 4.6 on a test model); a quantized model refused."""
-    if any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules()):  # integer buffers, other names
+    if is_quantized(model):
         raise ValueError(f"the model {QUANTIZED}")
     state = dict(model.state_dict())
     with torch.no_grad():

@@ -171,8 +171,7 @@ def run_drift(run_dir: str | Path, out: str | Path, probes: Sequence[str] = (), 
     final = drift[-1]
     unseen = np.flatnonzero(counts == 0) if counts is not None else np.array([], dtype=np.int64)
     order = np.argsort(-final)
-    name = lambda i: token_name(tok, i)  # noqa: E731
-    volatile = [{"token": name(int(i)), "id": int(i),
+    volatile = [{"token": token_name(tok, int(i)), "id": int(i),
                  "drift": float(final[i]), "count": None if counts is None else int(counts[i])} for i in order[:top]]
     # a token by its name in the vocabulary ("Ġthe") or by a text that is one token (" the"; not the unknown token)
     def one_token(t: str) -> int | None:
@@ -190,8 +189,9 @@ def run_drift(run_dir: str | Path, out: str | Path, probes: Sequence[str] = (), 
         first, last = neighbours(emb0, chosen), neighbours(emb_last, chosen)
         for i in chosen:
             kept = len(set(first[i]) & set(last[i]))
-            nn_rows.append({"token": name(i), f"neighbours at step {steps[0]}": " ".join(name(j) for j in first[i]),
-                            f"neighbours at step {steps[-1]}": " ".join(name(j) for j in last[i]),
+            nn_rows.append({"token": token_name(tok, i),
+                            f"neighbours at step {steps[0]}": " ".join(token_name(tok, j) for j in first[i]),
+                            f"neighbours at step {steps[-1]}": " ".join(token_name(tok, j) for j in last[i]),
                             "kept": f"{kept}/{len(first[i])}"})
     by_kind = []
     if kinds is not None:

@@ -393,10 +393,15 @@ class QuantEmbedding(nn.Module):
 
 # ---- whole models ---------------------------------------------------------------------------------
 
+def is_quantized(model: nn.Module) -> bool:
+    """Does the model hold int8/int4 layers (integer buffers under other names than a plain model's weights)?"""
+    return any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules())
+
+
 def refuse_quantized(model: nn.Module) -> None:
     """ValueError for a model with int8/int4 layers, which cannot train: their integer weights are buffers, so a
     run would train the norms alone and write a final/ that no loader reads."""
-    if any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules()):
+    if is_quantized(model):
         raise ValueError("this model is an int8/int4 model, which cannot train; start from the model it was "
                          f"quantized from (its {QUANTIZATION}: source)")
 

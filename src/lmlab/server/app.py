@@ -408,9 +408,12 @@ class Problem(HTTPException):
         self.key, self.params = key, params
 
 
-class BodyTooLarge(HTTPException):
+class BodyTooLarge(Problem):
+    """A body cut off as it arrives: the handler answers it as any Problem (the middleware, before the app, itself)."""
+
     def __init__(self, limit: int) -> None:
-        super().__init__(413, f"the request body is larger than the limit of {limit / 2**20:.1f} MiB")
+        super().__init__(413, "body_too_large", f"the request body is larger than the limit of {limit / 2**20:.1f} MiB",
+                         limit=f"{limit / 2**20:.1f}")
         self.limit = limit
 
 
@@ -607,9 +610,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if isinstance(exc, Problem) and request.url.path.startswith("/api/"):  # the seed's routes keep their shape
             return JSONResponse({"detail": exc.detail, "error": {"key": exc.key, "params": exc.params}},
                                 status_code=exc.status_code, headers=getattr(exc, "headers", None))
-        if isinstance(exc, BodyTooLarge) and request.url.path.startswith("/api/"):  # raised as the body is read
-            return JSONResponse({"detail": exc.detail, "error": too_large(request.url.path, exc.limit)},
-                                status_code=413)
         return await http_exception_handler(request, exc)
 
     @app.exception_handler(RequestValidationError)

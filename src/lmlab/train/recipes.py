@@ -132,10 +132,11 @@ def train_from_sources(out_dir: str | Path, config: TrainConfig, *, sources: Seq
         if tok.vocab_size > cfg.vocab_size:
             raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
                              f"{cfg.vocab_size}")
-        check_fits(cfg, config, world=dist_env()[1])  # from the config: a model too big is refused unbuilt
+    # from the config alone, so that a model too big is refused before it is built
+    check_fits(cfg if model is None else model.config, config, world=dist_env()[1])
+    if model is None:
         torch.manual_seed(config.seed)
         model = Transformer(cfg)
-    check_fits(model.config, config, world=dist_env()[1])
     seq_len = config.seq_len or model.config.block_size
     try:
         if dataset is not None:

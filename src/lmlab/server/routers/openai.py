@@ -35,7 +35,6 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from ...models import GenerationConfig
 from ...models.batching import BatchEngine, EngineClosed, Finish, Token
-from ...tokenizers.tokenizer import BYTE_LEVEL as _BYTES
 from ...tune import chat as chat_format
 from ..app import StateDep, openai_error
 from ..inference import NotTrained, unservable
@@ -563,10 +562,8 @@ def _token_bytes(tokenizer: Any, token_id: int, after: list[int]) -> tuple[str, 
     """A token as OpenAI shows it: its text (what it adds after the id before it) and its UTF-8 bytes, which for a
     byte-level BPE token may be part of a character."""
     text = _token_text(tokenizer, token_id, after)
-    raw = tokenizer.id_to_token(token_id) if getattr(tokenizer, "kind", None) == "bpe" else None
-    if raw is not None and all(c in _BYTES for c in raw):
-        return text, [_BYTES[c] for c in raw]
-    return text, list(text.encode("utf-8", "replace"))
+    raw = tokenizer.token_bytes(token_id) if hasattr(tokenizer, "token_bytes") else None  # (lmlab's Tokenizer's)
+    return text, list(raw if raw is not None else text.encode("utf-8", "replace"))
 
 
 def _logprobs(tokenizer: Any, tokens: list[Token], chat: bool, offset: int = 0) -> dict[str, Any]:
