@@ -534,6 +534,8 @@ def test_the_cli_trains_adapters_with_lora_flags_and_resumes_with_its_own(model_
     # checked when the adapters went on, after the data's copy was written: the corrected rerun was refused
     (["--max-steps", "1", "--lora-rank", "100"], "LoRA rank 100 is above what the targeted matrices can use"),
     (["--max-steps", "1", "--lora-rank", "2", "--lora-targets", "c_attn"], "unknown LoRA target 'c_attn'"),
+    # 0 counted as no stop given: tune dpo's default of 100 steps ran instead
+    (["--max-steps", "0"], "max_steps (0) must be > 0"),
 ])
 def test_a_refused_setting_leaves_no_folder_and_the_corrected_run_starts(flags, message, model_dir, pairs_file,
                                                                         tmp_path, capsys):

@@ -737,9 +737,9 @@ FINE_TUNE_DEFAULTS = {"warmup_steps": 0}
 
 def default_stop(overrides: dict[str, Any], **default: Any) -> None:
     """A run needs a stop: when `overrides` name none of TrainConfig's stop conditions, `default` (lmlab train's:
-    one pass over the data, epochs=1)."""
+    one pass over the data, epochs=1). A stop given as 0 is given (TrainConfig refuses it), not replaced."""
     from .train.config import STOP_CONDITIONS
-    if not any(overrides.get(k) for k in STOP_CONDITIONS):
+    if all(overrides.get(k) is None for k in STOP_CONDITIONS):
         overrides.update(default or {"epochs": 1.0})
 
 
