@@ -92,10 +92,12 @@ def _info(args: argparse.Namespace) -> int:
 
     if bool(args.model_dir) == bool(args.preset):
         raise ValueError("give either a model directory or --preset")
+    if args.model_dir and args.vocab_size is not None:
+        raise ValueError("--vocab-size is a preset's; a model directory has its own: leave it out")
     if args.batch_size < 1 or (args.seq_len is not None and args.seq_len < 1):
         raise ValueError("--batch-size and --seq-len must be >= 1")
     if args.preset:
-        overrides = {"vocab_size": args.vocab_size} if args.vocab_size else {}
+        overrides = {"vocab_size": args.vocab_size} if args.vocab_size is not None else {}
         cfg = ModelConfig.preset(args.preset, **overrides)
         source = f"preset {args.preset}"
     else:
@@ -800,8 +802,9 @@ def add_lora_arguments(p: argparse.ArgumentParser) -> None:
 
 def lora_config(args: argparse.Namespace) -> Any:
     """A LoRAConfig from add_lora_arguments' flags, or None without --lora-rank."""
+    # `is`, not `in (None, False)`: 0 == False, so --lora-alpha 0 passed as not given
     given_flags = [f"--lora-{k.replace('_', '-')}" for k in ("alpha", "dropout", "targets", "new_tokens")
-                   if getattr(args, f"lora_{k}") not in (None, False)]
+                   if (v := getattr(args, f"lora_{k}")) is not None and v is not False]
     if args.lora_rank is None:
         if given_flags:
             raise ValueError(f"{', '.join(given_flags)} needs --lora-rank")

@@ -92,7 +92,7 @@ def train_from_sources(out_dir: str | Path, config: TrainConfig, *, sources: Seq
         given = [flag for flag, value in flags.items() if value is not None]
         if given:
             raise ValueError(f"{why}: leave out {', '.join(given)}")
-    tokenizer_kind, vocab_size = tokenizer_kind or "bpe", vocab_size or 8192
+    tokenizer_kind, vocab_size = tokenizer_kind or "bpe", 8192 if vocab_size is None else vocab_size  # 0: refused
     val_fraction = 0.05 if val_fraction is None else val_fraction
     paths = find_documents(sources) if sources else []
     model = None
