@@ -271,6 +271,8 @@ def test_sizes_no_model_has_and_a_deeply_nested_prompts_file_are_one_line_errors
     (["info", "MODEL", "--vocab-size", "-1"], "--vocab-size is a preset's; a model directory has its own"),
     # the message blamed the time budget
     (["demo", "--out", "OUT", "--max-steps", "0"], "--max-steps (0) must be >= 1"),
+    # "not valid YAML: maximum recursion depth exceeded" for a JSON file
+    (["info", "--preset", "tiny", "--config", "DEEP"], "DEEP is nested too deeply to be a mapping of settings"),
 ])
 def test_a_zero_an_ignored_vocabulary_and_a_deep_config_file_are_one_line_errors(argv, message, base, tmp_path,
                                                                                   capsys):
