@@ -2277,8 +2277,9 @@ def disk_full(exc: BaseException) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:2] == ["eval", "make-task"]:  # the spelling of the docs; one parser per command keeps it flat
-        argv = argv[1:]
+    command = next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))  # after --debug, if given
+    if argv[command:command + 2] == ["eval", "make-task"]:  # the spelling of the docs; one parser per command
+        del argv[command]  # keeps it flat
     parser = build_parser()
     try:
         args = parse_arguments(parser, argv)  # argparse itself exits with 2 on unknown flags
