@@ -257,3 +257,32 @@ def test_sizes_no_model_has_and_a_deeply_nested_prompts_file_are_one_line_errors
     err = capsys.readouterr().err.strip()
     assert err.startswith("lmlab: error: ") and "\n" not in err and message.replace("DEEP", str(names["DEEP"])) in err
     assert not (tmp_path / "out").exists() and not (tmp_path / "t.json").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    # a 0 taken for "not given" (`x or default`): the default ran instead, exit 0
+    (["train", "BOOK", "--out", "OUT", "--preset", "tiny", "--max-steps", "1", "--vocab-size", "0"],
+     "vocab_size (0) must be >= 260 for bpe"),
+    (["train", "BOOK", "--out", "OUT", "--preset", "tiny", "--epochs", "0"], "epochs (0.0) must be > 0"),
+    (["train", "BOOK", "--out", "OUT", "--preset", "tiny", "--max-steps", "1", "--lora-alpha", "0"],
+     "--lora-alpha needs --lora-rank"),
+    (["info", "--preset", "tiny", "--vocab-size", "0"], "vocab_size (0) must be >= 5"),
+    # taken and ignored: a model directory has its vocabulary
+    (["info", "MODEL", "--vocab-size", "-1"], "--vocab-size is a preset's; a model directory has its own"),
+    # the message blamed the time budget
+    (["demo", "--out", "OUT", "--max-steps", "0"], "--max-steps (0) must be >= 1"),
+    # "not valid YAML: maximum recursion depth exceeded" for a JSON file
+    (["info", "--preset", "tiny", "--config", "DEEP"], "DEEP is nested too deeply to be a mapping of settings"),
+])
+def test_a_zero_an_ignored_vocabulary_and_a_deep_config_file_are_one_line_errors(argv, message, base, tmp_path,
+                                                                                  capsys):
+    """More of the CLI fuzz: each ran with a setting other than the one given, or named the wrong cause."""
+    (tmp_path / "book.txt").write_text("Жили-были дед да баба. " * 50)
+    (tmp_path / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    names = {"BOOK": tmp_path / "book.txt", "OUT": tmp_path / "out", "DEEP": tmp_path / "deep.json", "MODEL": base}
+    argv = [str(names.get(a, a)) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lmlab: error: ") and "\n" not in err, err
+    assert message.replace("DEEP", str(names["DEEP"])) in err, err
+    assert not (tmp_path / "out").exists()

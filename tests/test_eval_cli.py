@@ -80,6 +80,17 @@ def test_make_task_uses_only_held_out_text_and_the_book_model_wins(runs, capsys,
     assert f"{task_file} exists" in capsys.readouterr().err
 
 
+def test_make_task_is_the_same_command_after_debug(runs, capsys, tmp_path):
+    """`lmlab --debug eval make-task ...` was parsed as `eval` with a text named make-task: "unrecognized
+    arguments: --run ..."."""
+    root, _ = runs
+    argv = ["eval", "make-task", "--run", str(root / "a"), "--items", "3", "--out"]
+    assert main([*argv, str(tmp_path / "plain.yaml")]) == 0
+    assert main(["--debug", *argv, str(tmp_path / "debug.yaml")]) == 0
+    plain, debug = load_task(tmp_path / "plain.yaml"), load_task(tmp_path / "debug.yaml")
+    assert debug.items == plain.items and len(plain.items) == 3
+
+
 def test_eval_tasks_json_and_table_equal_the_library(runs, capsys):
     root, tales = runs
     assert main(["eval", str(root / "a"), "--tasks", "fables-mc,fables-lm", "--json"]) == 0

@@ -140,6 +140,8 @@ def test_a_small_last_source_gets_its_share_of_the_windows(tmp_path):
     (["--target", "t.txt"], "give both SOURCES and --target"),
     (["a.txt", "--target", "t.txt"], "at least two sources"),
     (["--proxies", "0"], "--proxies (0) must be >= 1"),
+    # numpy's "Maximum allowed dimension exceeded", an internal error after the tokenizer and data were written
+    (["--proxies", str(2**63)], f"proxies ({2**63}) must be <= 10000"),
     (["a.txt", "b.txt", "c.txt", "--target", "t.txt", "--proxies", "7", "--fit", "quadratic"],
      "a quadratic fit over 3 sources has 6 coefficients; judging it leave-one-out needs at least 8 mixtures, have 7 "
      "(raise --proxies or use --fit linear)"),

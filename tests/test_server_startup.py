@@ -65,6 +65,7 @@ def test_a_planted_server_lock_link_is_one_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("url, message", [
     ("nonsense://x", "cannot open the database nonsense://x: Can't load plugin: sqlalchemy.dialects:nonsense"),
+    ("notaurl", "cannot open the database notaurl:...: Could not parse SQLAlchemy URL from given URL string"),
     # nothing listens on port 1; the password is not printed
     ("postgresql+psycopg://me:secret@127.0.0.1:1/lab",
      "cannot open the database postgresql+psycopg://me:***@127.0.0.1:1/lab: "),
@@ -72,10 +73,11 @@ def test_a_planted_server_lock_link_is_one_line(tmp_path, capsys):
 def test_a_database_that_cannot_be_opened_is_one_line(tmp_path, capsys, url, message):
     if url.startswith("postgresql"):
         pytest.importorskip("psycopg")
-    assert serve(tmp_path, "--database-url", url) == 2
+    assert serve(tmp_path / "ws", "--database-url", url) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "secret" not in err and len(err.splitlines()) == 1, err
     assert err.startswith(f"lmlab: error: {message}"), err
+    assert not (tmp_path / "ws").exists()  # its folders were made first: a refused start left a workspace
 
 
 def test_a_run_stopped_before_its_first_checkpoint_is_not_offered_a_resume(tmp_path):

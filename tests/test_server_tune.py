@@ -178,6 +178,8 @@ def test_settings_of_another_method_and_data_of_another_kind_are_refused(tn):
     assert (r.status_code, r.json()["detail"]) == (422, "lora_alpha needs lora_rank")
     r = tn.post("/api/v1/runs/tune", json={**SFT, "new_model": "x", "lora_new_tokens": True})
     assert (r.status_code, r.json()["detail"]) == (422, "lora_new_tokens needs lora_rank")
+    r = tn.post("/api/v1/runs/tune", json={**SFT, "new_model": "x", "lora_dropout": 0})  # 0 == False: a 201 before
+    assert (r.status_code, r.json()["detail"]) == (422, "lora_dropout needs lora_rank")
     r = tn.post("/api/v1/runs/tune", json={**SFT, "new_model": "x", "lora_hard_tokens": 4})
     assert (r.status_code, r.json()["detail"]) == (422, "lora_hard_tokens needs lora_rank")
     r = tn.post("/api/v1/runs/tune", json={**SFT, "new_model": "x", "sft_weight": 0.5})

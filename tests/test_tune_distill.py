@@ -170,6 +170,9 @@ def test_refusals_are_one_line_with_exit_2(setup, tmp_path, capsys):
         (["--teacher", str(root / "teacher" / "final"), "--model", str(other)],
          "does not share the teacher's tokenizer"),
         (["--teacher", str(tmp_path / "nope"), "--preset", "llama-tiny"], "model directory not found"),
+        # the Trainer's memory check came after the token file: OUT/data made the corrected rerun refused
+        (["--teacher", str(root / "teacher" / "final"), "--preset", "llama-tiny", "--batch-size", "1000000000"],
+         "this model and batch need ~"),
     ]
     for flags, why in cases:
         out = tmp_path / "out"

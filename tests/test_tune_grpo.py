@@ -315,6 +315,8 @@ def test_cli_tune_grpo_on_a_task(tmp_path, capsys):
     (["--task", "format", "--reward", "seed"], "give --task NAME"),
     ([], "give --task NAME"),
     (["--task", "format", "--group-size", "1"], "group_size"),
+    # drew held-out prompts for minutes, wrote the run's files, then refused the task without naming the setting
+    (["--task", "addition", "--eval-prompts", "1000000"], "eval_prompts (1000000) must be <= 100000"),
     (["--task", "format", "--prompt", "x"], "drop --prompt"),
     (["--reward", "file"], "--reward-file"),
     (["--reward", "seed", "--max-new-tokens", "60"], "exceeds the model's context (48)"),

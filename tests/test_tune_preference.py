@@ -530,6 +530,25 @@ def test_the_cli_trains_adapters_with_lora_flags_and_resumes_with_its_own(model_
     assert json.loads((tmp_path / "run" / "final" / "training.json").read_text())["steps"] == 2
 
 
+@pytest.mark.parametrize("flags, message", [
+    # checked when the adapters went on, after the data's copy was written: the corrected rerun was refused
+    (["--max-steps", "1", "--lora-rank", "100"], "LoRA rank 100 is above what the targeted matrices can use"),
+    (["--max-steps", "1", "--lora-rank", "2", "--lora-targets", "c_attn"], "unknown LoRA target 'c_attn'"),
+    # 0 counted as no stop given: tune dpo's default of 100 steps ran instead
+    (["--max-steps", "0"], "max_steps (0) must be > 0"),
+])
+def test_a_refused_setting_leaves_no_folder_and_the_corrected_run_starts(flags, message, model_dir, pairs_file,
+                                                                        tmp_path, capsys):
+    argv = ["tune", "dpo", "--model", str(model_dir), "--data", str(pairs_file), "--ref-cache", "none",
+            "--batch-size", "2", "--out", str(tmp_path / "run")]
+    assert main([*argv, *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lmlab: error: {message}") and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
+    assert main([*argv, "--max-steps", "1"]) == 0
+    assert "stopped after 1 steps (max_steps)" in capsys.readouterr().out
+
+
 def test_the_cli_records_sft_weight_and_refuses_it_where_it_does_not_apply(model_dir, pairs_file, tmp_path,
                                                                           capsys):
     argv = ["tune", "dpo", "--model", str(model_dir), "--data", str(pairs_file), "--ref-cache", "none",

@@ -92,10 +92,12 @@ def _info(args: argparse.Namespace) -> int:
 
     if bool(args.model_dir) == bool(args.preset):
         raise ValueError("give either a model directory or --preset")
+    if args.model_dir and args.vocab_size is not None:
+        raise ValueError("--vocab-size is a preset's; a model directory has its own: leave it out")
     if args.batch_size < 1 or (args.seq_len is not None and args.seq_len < 1):
         raise ValueError("--batch-size and --seq-len must be >= 1")
     if args.preset:
-        overrides = {"vocab_size": args.vocab_size} if args.vocab_size else {}
+        overrides = {"vocab_size": args.vocab_size} if args.vocab_size is not None else {}
         cfg = ModelConfig.preset(args.preset, **overrides)
         source = f"preset {args.preset}"
     else:
@@ -737,9 +739,9 @@ FINE_TUNE_DEFAULTS = {"warmup_steps": 0}
 
 def default_stop(overrides: dict[str, Any], **default: Any) -> None:
     """A run needs a stop: when `overrides` name none of TrainConfig's stop conditions, `default` (lmlab train's:
-    one pass over the data, epochs=1)."""
+    one pass over the data, epochs=1). A stop given as 0 is given (TrainConfig refuses it), not replaced."""
     from .train.config import STOP_CONDITIONS
-    if not any(overrides.get(k) for k in STOP_CONDITIONS):
+    if all(overrides.get(k) is None for k in STOP_CONDITIONS):
         overrides.update(default or {"epochs": 1.0})
 
 
@@ -800,8 +802,9 @@ def add_lora_arguments(p: argparse.ArgumentParser) -> None:
 
 def lora_config(args: argparse.Namespace) -> Any:
     """A LoRAConfig from add_lora_arguments' flags, or None without --lora-rank."""
+    # `is`, not `in (None, False)`: 0 == False, so --lora-alpha 0 passed as not given
     given_flags = [f"--lora-{k.replace('_', '-')}" for k in ("alpha", "dropout", "targets", "new_tokens")
-                   if getattr(args, f"lora_{k}") not in (None, False)]
+                   if (v := getattr(args, f"lora_{k}")) is not None and v is not False]
     if args.lora_rank is None:
         if given_flags:
             raise ValueError(f"{', '.join(given_flags)} needs --lora-rank")
@@ -2274,8 +2277,9 @@ def disk_full(exc: BaseException) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:2] == ["eval", "make-task"]:  # the spelling of the docs; one parser per command keeps it flat
-        argv = argv[1:]
+    command = next((i for i, a in enumerate(argv) if not a.startswith("-")), len(argv))  # after --debug, if given
+    if argv[command:command + 2] == ["eval", "make-task"]:  # the spelling of the docs; one parser per command
+        del argv[command]  # keeps it flat
     parser = build_parser()
     try:
         args = parse_arguments(parser, argv)  # argparse itself exits with 2 on unknown flags

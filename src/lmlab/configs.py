@@ -142,6 +142,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     except (json.JSONDecodeError, ValueError) as exc:
         raise ValueError(f"{path} is not valid {'YAML' if path.suffix.lower() in ('.yaml', '.yml') else 'JSON'}: "
                          f"{str(exc).splitlines()[0]}") from None
+    except RecursionError:  # the readers recurse per level: [[[...]]] a thousand deep ran out of stack
+        raise ValueError(f"{path} is nested too deeply to be a mapping of settings") from None
     except Exception as exc:  # yaml.YAMLError and its kin
         raise ValueError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):

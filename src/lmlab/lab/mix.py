@@ -63,7 +63,8 @@ from .parallel import process_map
 
 @dataclasses.dataclass
 class MixLabConfig:
-    proxies: int = 24
+    # each proxy is a model trained (RegMix, Liu et al. 2024, used 512); 2**63 failed in numpy after the set-up
+    proxies: int = knob(24, "proxy models, one per random mixture", ge=1, le=10_000)
     proxy_steps: int = 150
     proxy_layers: int = knob(1, "layers of each proxy model", ge=1)
     proxy_embd: int = knob(32, "width of each proxy model", ge=1)

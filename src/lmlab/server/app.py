@@ -123,8 +123,10 @@ class AppState:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # a database URL given is opened first: one that is refused leaves no workspace folders made for nothing
+        db = open_database(settings.database_url) if settings.database_url else None
         self.ws = Workspace(settings.workspace or default_workspace())
-        self.db = open_database(settings.database_url or self.ws.sqlite_url())
+        self.db = db if db is not None else open_database(self.ws.sqlite_url())
         self.supervisor = Supervisor(self.db, self.ws, max_jobs=settings.max_jobs, poll_s=settings.poll_s,
                                      env=settings.child_env)
         # held by handlers from checking names and runs through acting on them (Supervisor.lock)

@@ -92,7 +92,7 @@ def train_from_sources(out_dir: str | Path, config: TrainConfig, *, sources: Seq
         given = [flag for flag, value in flags.items() if value is not None]
         if given:
             raise ValueError(f"{why}: leave out {', '.join(given)}")
-    tokenizer_kind, vocab_size = tokenizer_kind or "bpe", vocab_size or 8192
+    tokenizer_kind, vocab_size = tokenizer_kind or "bpe", 8192 if vocab_size is None else vocab_size  # 0: refused
     val_fraction = 0.05 if val_fraction is None else val_fraction
     paths = find_documents(sources) if sources else []
     model = None
@@ -327,8 +327,10 @@ def run_demo(out_dir: str | Path = "lmlab-demo", *, budget_s: float = 180.0, max
     t0 = time.perf_counter()
     out = run_folder(out_dir)
     refuse_existing_run(out, (*RUN_FILES, "tokenizer.json", "data", "corpus.txt", "demo.json"))  # all it writes
-    if not 0 < budget_s < math.inf or (max_steps is not None and max_steps <= 0):  # nan: a 30-step run said nothing
-        raise ValueError(f"the budget ({budget_s}) must be a positive finite number of seconds and max_steps positive")
+    if max_steps is not None and max_steps < 1:  # apart from the budget, which it replaces: one message blamed both
+        raise ValueError(f"--max-steps ({max_steps}) must be >= 1")
+    if not 0 < budget_s < math.inf:  # nan: a 30-step run said nothing
+        raise ValueError(f"--budget ({budget_s}) must be a positive finite number of seconds")
     resolve_device(device)  # a device that is not there is refused before anything is written
     text = demo_corpus(seed=seed)
     tok = Tokenizer.train([text], kind="bpe", vocab_size=1024)

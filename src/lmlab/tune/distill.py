@@ -48,7 +48,7 @@ from ..models.quant import refuse_quantized
 from ..tokenizers import Tokenizer
 from ..train import TrainConfig
 from ..train.checkpoint import RUN_FILES, refuse_existing_run, resumed_model, run_folder
-from ..train.trainer import Callback, Objective, TrainResult, read_run_config, train
+from ..train.trainer import Callback, Objective, TrainResult, check_fits, dist_env, read_run_config, train
 
 SAMPLES = "teacher_samples.jsonl"
 
@@ -239,6 +239,7 @@ def run_distill(teacher_dir: str | Path, books: Sequence[str | Path], out_dir: s
     _check_vocab(teacher, student.config)
     seq_len = _window(config, teacher, student)
     config = dataclasses.replace(config, seq_len=seq_len)
+    check_fits(student.config, config, world=dist_env()[1])  # the Trainer's own check, before the data is written
     paths = find_documents(books)
     created = not out.exists()
     ds: Any = prepare(paths, tok, out / "data", val_fraction=val_fraction, seq_len=seq_len,

@@ -92,7 +92,9 @@ class GRPOConfig:
     grad_clip: float = knob(1.0, "clip the gradient norm to this (0: off)", ge=0)
     seed: int = knob(0, "seed for the prompts, the sampling and the update")
     eval_every: int = knob(0, "held-out pass@1 every N steps (a task only; 0: at the end only)", ge=0)
-    eval_prompts: int = knob(200, "held-out prompts for pass@1 (greedy, one completion each)", gt=0)
+    # at most the web app's bound: the held-out set must stay a small share of a task's prompts, else training
+    # prompts cannot be drawn apart from it (1,000,000 for addition, of ~10^6 prompts, failed after minutes)
+    eval_prompts: int = knob(200, "held-out prompts for pass@1 (greedy, one completion each)", gt=0, le=100_000)
     save_every: int = knob(10, "checkpoint every N steps (0: only at the end; also on Ctrl-C or SIGTERM)", ge=0)
     device: str = knob("auto", "auto (cuda if available), cpu, cuda, cuda:N")
 

@@ -117,6 +117,11 @@ class LoRAConfig:
                 raise ValueError(f"--lora-new-tokens: {exc}") from None
         return ids
 
+    def check(self, model: Transformer, tokenizer: Any = None) -> None:
+        """ValueError for what apply_lora would refuse on `model`, which is left as it is: a run that puts the
+        adapters on later (tune dpo: after the reference log-probabilities) checks before it writes anything."""
+        _plan(model, self, tokenizer)
+
     def attach(self, model: Transformer, seed: int, tokenizer: Any = None) -> None:
         """The adapters on `model`, initialised from `seed`, unless it carries them already (train.recipes)."""
         if not lora_layers(model):
@@ -265,12 +270,9 @@ def _adapted(model: nn.Module) -> list[Any]:
     return [m for m in model.modules() if isinstance(m, (LoRALinear, TokenRows))]
 
 
-def apply_lora(model: Transformer, config: LoRAConfig, tokenizer: Any = None) -> Transformer:
-    """Freeze every parameter of `model` and give the targeted block linears trainable adapters, in place
-    (parameter names and the state dict keep theirs, plus `...lora_A` and `...lora_B`), and the config's tokens
-    trainable rows (`tok_emb.lora_rows`, and `lm_head.lora_rows` for an untied head). Returns the model.
-    ValueError for a target that names no module of this model, a token outside its vocabulary, or a model that
-    has adapters already. `tokenizer`: where chat_tokens finds the chat format's tokens."""
+def _plan(model: Transformer, config: LoRAConfig, tokenizer: Any) -> tuple[dict[str, list[tuple[str, int]]], list[int]]:
+    """apply_lora's refusals, all made before it changes anything: (block_segments, the token ids whose rows
+    train)."""
     if lora_layers(model):
         raise ValueError("this model has LoRA adapters already; merge them first (lmlab lora merge)")
     refuse_quantized(model)  # its integer weights are buffers: no adapter goes on them
@@ -286,6 +288,19 @@ def apply_lora(model: Transformer, config: LoRAConfig, tokenizer: Any = None) ->
     if config.rank > min(rows, cols):  # a larger B A spans no more, only adds parameters (10^5 wrote 977 MB)
         raise ValueError(f"LoRA rank {config.rank} is above what the targeted matrices can use: the smallest is "
                          f"{rows}x{cols}; choose a rank of at most {min(rows, cols)}")
+    ids = config.token_ids(tokenizer)
+    if ids and max(ids) >= model.config.vocab_size:
+        raise ValueError(f"LoRA token {max(ids)} is outside the model's vocabulary of {model.config.vocab_size}")
+    return segments, ids
+
+
+def apply_lora(model: Transformer, config: LoRAConfig, tokenizer: Any = None) -> Transformer:
+    """Freeze every parameter of `model` and give the targeted block linears trainable adapters, in place
+    (parameter names and the state dict keep theirs, plus `...lora_A` and `...lora_B`), and the config's tokens
+    trainable rows (`tok_emb.lora_rows`, and `lm_head.lora_rows` for an untied head). Returns the model.
+    ValueError for a target that names no module of this model, a token outside its vocabulary, or a model that
+    has adapters already. `tokenizer`: where chat_tokens finds the chat format's tokens."""
+    segments, ids = _plan(model, config, tokenizer)
     for p in model.parameters():
         p.requires_grad_(False)
     for block in model.blocks:
@@ -295,10 +310,7 @@ def apply_lora(model: Transformer, config: LoRAConfig, tokenizer: Any = None) ->
                 module = block.get_submodule(ours)
                 module.__class__ = LoRALinear
                 module.add_adapter(adapted, config)
-    ids = config.token_ids(tokenizer)
     if ids:
-        if max(ids) >= model.config.vocab_size:
-            raise ValueError(f"LoRA token {max(ids)} is outside the model's vocabulary of {model.config.vocab_size}")
         model.tok_emb.__class__ = TokenRowsEmbedding
         model.tok_emb.add_rows(ids)
         model.lm_head.__class__ = TokenRowsHead

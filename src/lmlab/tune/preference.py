@@ -438,6 +438,8 @@ def run_preference(out: str | Path, train_config: Any = None, *, model_dir: str 
     refuse_quantized(model)  # before the adapters go on
     if tok is None:
         raise ValueError(f"{model_dir} has no tokenizer.json")
+    if lora is not None:  # the adapters go on after the reference log-probabilities and the data's copy
+        lora.check(model, tok)
     max_len = train_config.seq_len or model.config.block_size
     check_fits(model.config, train_config, world=dist_env()[1])  # the Trainer's check, before anything is written
     ds = PreferenceData(data, tok, cfg.kind, max_len, pad_id=getattr(tok, "pad_id", 0))

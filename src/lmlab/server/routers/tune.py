@@ -312,7 +312,10 @@ def create_tune_run(state: StateDep, req: TuneCreate) -> Run:
             raise HTTPException(422, f"preset ({req.preset!r}) is unknown; choose one of {', '.join(preset_names())}")
     if params.get("sft_weight") and params.get("loss") in ("orpo", "kto"):
         raise HTTPException(422, f"sft_weight is for the dpo, ipo and simpo losses, not {params['loss']}")
-    lora = {k: params[k] for k in (*LORA_SETTINGS, "lora_hard_tokens") if params.get(k) not in (None, False)}
+    # a 0 given is given, as `lmlab tune` takes it (lora_dropout 0 without a rank reached the run, which refused it
+    # as it started); lora_hard_tokens 0 is its off
+    lora = {k: v for k in (*LORA_SETTINGS, "lora_hard_tokens") if (v := params.get(k)) is not None and v is not False
+            and (k != "lora_hard_tokens" or v)}
     if lora and "lora_rank" not in lora:
         raise Problem(422, "lora_needs_rank", f"{', '.join(lora)} needs lora_rank", settings=", ".join(lora))
     if req.method == "grpo" and params.get("lora_dropout"):  # what `tune grpo` refuses, refused before it starts
