@@ -79,6 +79,20 @@ def test_a_database_that_cannot_be_opened_is_one_line(tmp_path, capsys, url, mes
     assert err.startswith(f"lmlab: error: {message}"), err
     assert not (tmp_path / "ws").exists()  # its folders were made first: a refused start left a workspace
 
+    (tmp_path / "kept").mkdir()  # a workspace path below folders that exist: only the folders made go
+    assert serve(tmp_path / "kept" / "a" / "ws", "--database-url", url) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"] and not any((tmp_path / "kept").iterdir())
+
+
+def test_a_sqlite_file_inside_a_new_workspace_opens(tmp_path):
+    """The given database may live in the workspace it names, which does not exist yet: its folders come first."""
+    url = f"sqlite:///{tmp_path / 'new' / 'ws' / 'lab.db'}"
+    state = AppState(Settings(workspace=tmp_path / "new" / "ws", database_url=url))
+    try:
+        assert state.db.list_models() == [] and (tmp_path / "new" / "ws" / "lab.db").is_file()
+    finally:
+        state.db.close()
+
 
 def test_a_run_stopped_before_its_first_checkpoint_is_not_offered_a_resume(tmp_path):
     ws, db = Workspace(tmp_path), Database(f"sqlite:///{tmp_path / 'lmlab.db'}")

@@ -14,6 +14,7 @@ that stops an oversized upload before it is written anywhere.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import ipaddress
 import json
@@ -123,10 +124,17 @@ class AppState:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        # a database URL given is opened first: one that is refused leaves no workspace folders made for nothing
-        db = open_database(settings.database_url) if settings.database_url else None
-        self.ws = Workspace(settings.workspace or default_workspace())
-        self.db = db if db is not None else open_database(self.ws.sqlite_url())
+        root = Path(settings.workspace or default_workspace()).expanduser().resolve()
+        top = next((p for p in reversed((root, *root.parents)) if not p.exists()), None)  # the first folder made
+        self.ws = Workspace(root)
+        try:  # a SQLite URL may name a file inside the workspace, so its folders are made first
+            self.db = open_database(settings.database_url or self.ws.sqlite_url())
+        except ValueError:
+            if top is not None:  # a refused start leaves no folders made for nothing (only empty ones go)
+                for d in sorted((p for p in top.rglob("*") if p.is_dir()), reverse=True) + [top]:
+                    with contextlib.suppress(OSError):
+                        d.rmdir()
+            raise
         self.supervisor = Supervisor(self.db, self.ws, max_jobs=settings.max_jobs, poll_s=settings.poll_s,
                                      env=settings.child_env)
         # held by handlers from checking names and runs through acting on them (Supervisor.lock)
