@@ -89,12 +89,15 @@ def test_merges_that_overflow_fp32_are_refused_not_written(base, tmp_path):
     model, tok = load_pretrained(base / "base")
     apply_lora(model, LoRAConfig(rank=2), tok)
     with torch.no_grad():
-        for layer in lora_layers(model).values():
-            layer.lora_B.normal_(0, 0.05)
+        for layer in lora_layers(model).values():  # B @ A x alpha / r = 3e38 x 2 x 2 per weight, past fp32
+            layer.lora_B.fill_(3e38)
+            layer.lora_A.fill_(1.0)
     save_adapter(model, tmp_path / "adapter", tokenizer=tok)
+    with pytest.raises(ValueError, match=r"merging .*adapter gives non-finite weights"):
+        merge_lora_dir(base / "base", tmp_path / "adapter", tmp_path / "m")
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 1e308}))
-    with pytest.raises(ValueError, match=r"merging .*adapter gives non-finite weights"):
+    with pytest.raises(ValueError, match=r"^LoRA alpha \(1e\+308\) must be at most 1e\+06$"):  # before it merges
         merge_lora_dir(base / "base", tmp_path / "adapter", tmp_path / "m")
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "target_modules": 5}))
     with pytest.raises(ValueError, match="target_modules must be a list of module names, not 5"):  # a TypeError
