@@ -151,6 +151,20 @@ def test_a_diverged_run_stops_with_a_one_line_error_and_keeps_its_last_checkpoin
     assert weights and all(bool(torch.isfinite(w).all()) for w in weights.values())
 
 
+def test_a_loss_that_is_not_finite_before_any_update_does_not_blame_the_learning_rate(base, tmp_path):
+    """A new model's --init-std 1e30 (or a distillation --temperature of 1e30) gave a NaN loss at step 1, from the
+    starting weights, and the message said to lower --lr, which had not acted yet."""
+    tok = Tokenizer.load(base / "base" / "tokenizer.json")
+    torch.manual_seed(0)
+    start = save_pretrained(tmp_path / "start", Transformer(ModelConfig.preset(
+        "gpt2-tiny", vocab_size=len(tok), block_size=64, init_std=1e30)), tok)
+    with pytest.raises(ValueError) as refused:
+        run_sft(start, base / "chats.jsonl", tmp_path / "run", train_config(), echo=lambda *_: None)
+    assert str(refused.value) == ("training diverged: the loss is nan at step 1, before any update, so not through the "
+                                  "learning rate; no checkpoint had been written. Check what sets the starting weights "
+                                  "or scales the loss (a new model's --init-std, say)")
+
+
 @pytest.mark.parametrize("settings, message", [
     (dict(loss="kto", desirable_weight=math.nan), "desirable_weight must be a positive finite number"),
     (dict(loss="kto", undesirable_weight=-5.0), "undesirable_weight must be a positive finite number"),
