@@ -474,6 +474,32 @@ def test_foreign_vocabulary_exports_to_gguf_with_its_own_specials(tmp_path):
     assert abs(llm.scores[: len(ids)] - expected).max() < 1e-2
 
 
+def test_a_checkpoints_stop_ids_reach_the_gguf_export(tmp_path):
+    """eos_token_id [eot, 17, 18] in generation_config.json survived the import, but the GGUF export wrote the
+    tokenizer's EOS alone, and llama.cpp ran past 17 and 18. GGUF has three stop keys, EOS, EOT and EOM, and
+    llama.cpp stops at each; a fourth id is refused, saying so, rather than dropped."""
+    gguf = pytest.importorskip("gguf")
+    from lmlab.interop import export_gguf
+
+    _, fast = gpt2_style_checkpoint(tmp_path / "gpt2")
+    eot = fast.eos_token_id
+    gen = tmp_path / "gpt2" / "generation_config.json"
+    gen.write_text(json.dumps({**json.loads(gen.read_text()), "eos_token_id": [eot, 17, 18]}))
+    path = export_gguf(import_hf(tmp_path / "gpt2", tmp_path / "lmlab"), tmp_path / "stops.gguf").path
+    fields = {k: f.contents() for k, f in gguf.GGUFReader(path).fields.items()}
+    assert [fields.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")] == [eot, 17, 18]
+    gen.write_text(json.dumps({**json.loads(gen.read_text()), "eos_token_id": [eot, 17, 18, 19]}))
+    with pytest.raises(ValueError, match=re.escape(
+            f"{tmp_path / 'lmlab4'} stops generation at ids [17, 18, 19, {eot}], but GGUF holds three at most "
+            "(llama.cpp's EOS, EOT and EOM ids): llama.cpp would not stop at [19]; keep three in its "
+            "hf_tokenizer/generation_config.json")):
+        export_gguf(import_hf(tmp_path / "gpt2", tmp_path / "lmlab4"), tmp_path / "four.gguf")
+    assert not (tmp_path / "four.gguf").exists()
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=2, verbose=False)
+    assert [i for i in range(eot + 1) if llama_cpp.llama_vocab_is_eog(llm._model.vocab, i)] == [17, 18, eot]
+
+
 def test_gguf_adds_bos_when_the_checkpoints_tokenizer_does(tmp_path):
     """add_bos_token was always false: for a tokenizer whose post-processor puts BOS first (Llama's), llama.cpp
     saw other prompt ids than transformers. A post-processor that adds what llama.cpp cannot is refused."""
