@@ -302,6 +302,30 @@ def test_lab_configs_refuse_strings_nan_and_out_of_range_values_when_made(where,
     assert str(refused.value) == message
 
 
+@pytest.mark.parametrize("where, name, settings, message", [
+    ("lmlab.models", "GenerationConfig", {"num_beams": 2**63}, f"num_beams ({2**63}) must be <= 1099511627776"),
+    ("lmlab.models", "GenerationConfig", {"length_penalty": 1000}, "length_penalty (1000) must be <= 10"),
+    ("lmlab.models", "GenerationConfig", {"length_penalty": -11}, "length_penalty (-11) must be >= -10"),
+    ("lmlab.lab.selfplay.azr", "AZRConfig", {"lr": 1e30}, "lr (1e+30) must be <= 10"),
+    ("lmlab.lab.selfplay.azr", "AZRConfig", {"warmup_lr": 1e30}, "warmup_lr (1e+30) must be <= 10"),
+    ("lmlab.tune.distill", "DistillConfig", {"teacher_samples": 2**63},
+     f"teacher_samples ({2**63}) must be <= 1000000"),
+    ("lmlab.tune.distill", "DistillConfig", {"temperature": 1e30}, "temperature (1e+30) must be <= 100"),
+    ("lmlab.train", "TrainConfig", {"max_steps": 1, "weight_decay": 1e30}, "weight_decay (1e+30) must be <= 10"),
+    ("lmlab.tune.lora", "LoRAConfig", {"alpha": 2.0**63}, "LoRA alpha (9.22337e+18) must be at most 1e+06"),
+    ("lmlab.server.app", "Settings", {"torch_threads": 2**32}, "torch_threads (4294967296) must be at most the "),
+])
+def test_configs_refuse_values_the_code_cannot_use_when_made(where, name, settings, message):
+    """A CLI fuzz found these ending in "lmlab: internal error" (an OverflowError in beam scores, a TypeError in
+    torch.zeros or torch.randint, NaN sampling probabilities, a failed server start) or in a divergence blamed on
+    --lr; the library took them as the command line did."""
+    import importlib
+
+    with pytest.raises(ValueError) as refused:
+        getattr(importlib.import_module(where), name)(**settings)
+    assert str(refused.value).startswith(message)
+
+
 def _example(doc: str) -> str:
     """The indented code block of a module docstring."""
     import textwrap

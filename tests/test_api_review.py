@@ -89,12 +89,15 @@ def test_merges_that_overflow_fp32_are_refused_not_written(base, tmp_path):
     model, tok = load_pretrained(base / "base")
     apply_lora(model, LoRAConfig(rank=2), tok)
     with torch.no_grad():
-        for layer in lora_layers(model).values():
-            layer.lora_B.normal_(0, 0.05)
+        for layer in lora_layers(model).values():  # B @ A x alpha / r = 3e38 x 2 x 2 per weight, past fp32
+            layer.lora_B.fill_(3e38)
+            layer.lora_A.fill_(1.0)
     save_adapter(model, tmp_path / "adapter", tokenizer=tok)
+    with pytest.raises(ValueError, match=r"merging .*adapter gives non-finite weights"):
+        merge_lora_dir(base / "base", tmp_path / "adapter", tmp_path / "m")
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 1e308}))
-    with pytest.raises(ValueError, match=r"merging .*adapter gives non-finite weights"):
+    with pytest.raises(ValueError, match=r"^LoRA alpha \(1e\+308\) must be at most 1e\+06$"):  # before it merges
         merge_lora_dir(base / "base", tmp_path / "adapter", tmp_path / "m")
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "target_modules": 5}))
     with pytest.raises(ValueError, match="target_modules must be a list of module names, not 5"):  # a TypeError
@@ -146,6 +149,20 @@ def test_a_diverged_run_stops_with_a_one_line_error_and_keeps_its_last_checkpoin
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1", "step-2"]
     weights = load_file(out / "checkpoints" / "step-2" / "model.safetensors")
     assert weights and all(bool(torch.isfinite(w).all()) for w in weights.values())
+
+
+def test_a_loss_that_is_not_finite_before_any_update_does_not_blame_the_learning_rate(base, tmp_path):
+    """A new model's --init-std 1e30 (or a distillation --temperature of 1e30) gave a NaN loss at step 1, from the
+    starting weights, and the message said to lower --lr, which had not acted yet."""
+    tok = Tokenizer.load(base / "base" / "tokenizer.json")
+    torch.manual_seed(0)
+    start = save_pretrained(tmp_path / "start", Transformer(ModelConfig.preset(
+        "gpt2-tiny", vocab_size=len(tok), block_size=64, init_std=1e30)), tok)
+    with pytest.raises(ValueError) as refused:
+        run_sft(start, base / "chats.jsonl", tmp_path / "run", train_config(), echo=lambda *_: None)
+    assert str(refused.value) == ("training diverged: the loss is nan at step 1, before any update, so not through the "
+                                  "learning rate; no checkpoint had been written. Check what sets the starting weights "
+                                  "or scales the loss (a new model's --init-std, say)")
 
 
 @pytest.mark.parametrize("settings, message", [

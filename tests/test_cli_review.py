@@ -286,3 +286,42 @@ def test_a_zero_an_ignored_vocabulary_and_a_deep_config_file_are_one_line_errors
     assert err.startswith("lmlab: error: ") and "\n" not in err, err
     assert message.replace("DEEP", str(names["DEEP"])) in err, err
     assert not (tmp_path / "out").exists()
+
+
+AZR = ["selfplay", "azr", "--out", "OUT", "--quick", "--seeds", "0", "--workers", "1"]
+DISTILL = ["tune", "distill", "--teacher", "MODEL", "--preset", "tiny", "--data", "BOOK", "--out", "OUT",
+           "--max-steps", "2"]
+GENERATE = ["generate", "MODEL", "--prompt", "the", "--max-new-tokens", "4"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([*GENERATE, "--num-beams", BIG], f"num_beams ({BIG}) must be <= 1099511627776"),
+    ([*GENERATE, "--num-beams", "2", "--length-penalty", "1000"], "length_penalty (1000.0) must be <= 10"),
+    ([*GENERATE, "--steer", "DIR", "--steer-coef", "1e30"], "--steer-coef (1e+30) must be between -1000 and 1000"),
+    ([*AZR, "--references", BIG], f"the longest prompt and answer these settings allow (references {BIG}, "),
+    ([*AZR, "--ind-inputs", BIG], f"these settings allow (references 2, ind_inputs {BIG})"),
+    ([*AZR, "--lr", "1e30"], "lr (1e+30) must be <= 10"),
+    ([*AZR, "--warmup-lr", "1e30"], "warmup_lr (1e+30) must be <= 10"),
+    ([*DISTILL, "--mode", "sequence", "--teacher-samples", BIG], f"teacher_samples ({BIG}) must be <= 1000000"),
+    ([*DISTILL, "--temperature", "1e30"], "temperature (1e+30) must be <= 100"),
+    (["train", "BOOK", "--out", "OUT", "--preset", "tiny", "--max-steps", "2", "--weight-decay", "1e30"],
+     "weight_decay (1e+30) must be <= 10"),
+    (["tune", "sft", "--model", "MODEL", "--data", "CHATS", "--out", "OUT", "--max-steps", "2", "--lora-rank", "4",
+      "--lora-alpha", BIG], "LoRA alpha (9.22337e+18) must be at most 1e+06"),
+    (["serve", "--workspace", "OUT", "--port", "0", "--torch-threads", str(2**32)],
+     "torch_threads (4294967296) must be at most the "),
+])
+def test_values_past_what_the_code_can_use_are_one_line_errors(argv, message, base, tmp_path, capsys):
+    """A CLI fuzz found these ending in "lmlab: internal error" (an OverflowError in the beam scores or the AZR
+    prompts, a TypeError inside torch.zeros or torch.randint, NaN sampling probabilities, a server that failed its
+    start with exit 3) or in a divergence blamed on --lr (weight decay, LoRA alpha): now refused as settings."""
+    from lmlab.lab.interp.steer import Direction
+
+    (tmp_path / "book.txt").write_text("Жили-были дед да баба. " * 50)
+    Direction(torch.ones(load_pretrained(base)[0].config.n_embd), 1).save(tmp_path / "dir")
+    names = {"BOOK": tmp_path / "book.txt", "OUT": tmp_path / "out", "MODEL": base, "DIR": tmp_path / "dir",
+             "CHATS": SHIPPED}
+    assert main([str(names.get(a, a)) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lmlab: error: ") and "\n" not in err and message in err, err
+    assert not (tmp_path / "out").exists()

@@ -202,6 +202,34 @@ def test_beam_search_finds_a_sequence_at_least_as_likely_as_greedy():
     assert best2 == [flat // 61, flat % 61]
 
 
+def test_a_beam_width_the_memory_cannot_hold_is_refused_before_decoding(monkeypatch):
+    """--num-beams 2**63 was a TypeError inside torch.zeros and 2**40 an allocator's RuntimeError (both "internal
+    error"): every beam is a row of the KV cache and of the logits. Here llama-tiny (2 layers, 2 KV heads of 16) on
+    a 3-token prompt and 5 new tokens: a row is k and v over 8 positions plus three float32 rows of 61 logits."""
+    model, prompt = tiny("llama"), [5, 17, 33]
+    row = 2 * 2 * 2 * 16 * 4 * 8 + 3 * 4 * 61
+    monkeypatch.setattr(generation_module, "available_memory", lambda device: 4 * row)
+    assert len(generate_ids(model, [prompt], num_beams=4, max_new_tokens=5, stop_at_eos=False)[0]) == 5
+    with pytest.raises(ValueError, match=r"^num_beams \(5\) keeps 5 rows of the KV cache, .* lower --num-beams$"):
+        generate_ids(model, [prompt], num_beams=5, max_new_tokens=5, stop_at_eos=False)
+    with pytest.raises(ValueError, match=r"^num_beams \(2\) keeps 6 rows"):  # three prompts, two beams each
+        generate_ids(model, [prompt] * 3, num_beams=2, max_new_tokens=5, stop_at_eos=False)
+    with pytest.raises(ValueError, match=r"^num_beams \(9223372036854775808\) must be <= 1099511627776$"):
+        generate_ids(model, [prompt], num_beams=2**63, max_new_tokens=5)
+
+
+def test_length_penalty_is_bounded_where_the_beam_score_stays_finite():
+    """length ** 1000 overflowed a float at 4 tokens (OverflowError, "internal error"); at the bounds, +-10, the
+    search runs."""
+    model, prompt = tiny("gpt"), [5, 17, 33]
+    for penalty in (-10, 10):
+        assert len(generate_ids(model, [prompt], num_beams=3, max_new_tokens=8, length_penalty=penalty,
+                                stop_at_eos=False)[0]) == 8
+    for penalty in (1000, -1000, 10.5):
+        with pytest.raises(ValueError, match=r"^length_penalty \(.*\) must be [<>]= -?10$"):
+            GenerationConfig(length_penalty=penalty)
+
+
 def test_top_p_keeps_the_smallest_set_that_reaches_p_as_transformers_does():
     """A set whose mass reached top_p exactly kept one token more ([.5, .25, .125, .125] at 0.5 kept two): the
     kept tokens equal transformers' TopPLogitsWarper's, on those ties and on random logits."""

@@ -412,6 +412,46 @@ def test_a_checkpoints_stop_ids_survive_import_and_export(tmp_path):
     assert not (tmp_path / "m").exists() and not (tmp_path / "lmlab3").exists()
 
 
+def test_shards_in_a_subfolder_are_read_and_none_outside_the_folder(tmp_path):
+    """An index naming "sub/model-00001-of-....safetensors" (transformers joins the name to the folder and loads it)
+    was refused as "a shard that is missing". A name or a linked folder that leads out of the checkpoint is refused,
+    saying so."""
+    src, model, _ = trained("gpt2", tmp_path, steps=0)
+    hf = tmp_path / "sharded"
+    transformers.AutoModelForCausalLM.from_pretrained(export_hf(src, tmp_path / "hf")).save_pretrained(
+        hf, max_shard_size="100KB")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (hf / name).write_bytes((tmp_path / "hf" / name).read_bytes())
+    index = hf / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    first = sorted(set(data["weight_map"].values()))[0]
+    (hf / "sub").mkdir()
+    (hf / first).rename(hf / "sub" / first)
+
+    def name_it(name):
+        index.write_text(json.dumps({**data, "weight_map": {k: name if v == first else v
+                                                            for k, v in data["weight_map"].items()}}))
+
+    name_it(f"sub/{first}")
+    assert type(transformers.AutoModelForCausalLM.from_pretrained(hf)).__name__ == "GPT2LMHeadModel"
+    back, _ = load_pretrained(import_hf(hf, tmp_path / "back"))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in back.state_dict().items())
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / first).write_bytes((hf / "sub" / first).read_bytes())
+    (hf / "linked").symlink_to(outside)
+    for name, message in ((f"../outside/{first}", f"names a shard outside its folder: '../outside/{first}'"),
+                          (str(outside / first), f"names a shard outside its folder: '{outside / first}'"),
+                          (f"linked/{first}", f"names a shard, linked/{first}, in a folder that a symbolic link "
+                                              f"takes outside {hf}"),
+                          ("sub/nope.safetensors", "names a shard that is missing: sub/nope.safetensors")):
+        name_it(name)
+        with pytest.raises((ValueError, FileNotFoundError), match=re.escape(f"{index} {message}")):
+            import_hf(hf, tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
 def test_foreign_vocabulary_exports_to_gguf_with_its_own_specials(tmp_path):
     gguf = pytest.importorskip("gguf")
     from lmlab.interop import export_gguf
@@ -432,6 +472,32 @@ def test_foreign_vocabulary_exports_to_gguf_with_its_own_specials(tmp_path):
     with torch.no_grad():
         expected = hf(torch.tensor([ids])).logits[0].numpy()
     assert abs(llm.scores[: len(ids)] - expected).max() < 1e-2
+
+
+def test_a_checkpoints_stop_ids_reach_the_gguf_export(tmp_path):
+    """eos_token_id [eot, 17, 18] in generation_config.json survived the import, but the GGUF export wrote the
+    tokenizer's EOS alone, and llama.cpp ran past 17 and 18. GGUF has three stop keys, EOS, EOT and EOM, and
+    llama.cpp stops at each; a fourth id is refused, saying so, rather than dropped."""
+    gguf = pytest.importorskip("gguf")
+    from lmlab.interop import export_gguf
+
+    _, fast = gpt2_style_checkpoint(tmp_path / "gpt2")
+    eot = fast.eos_token_id
+    gen = tmp_path / "gpt2" / "generation_config.json"
+    gen.write_text(json.dumps({**json.loads(gen.read_text()), "eos_token_id": [eot, 17, 18]}))
+    path = export_gguf(import_hf(tmp_path / "gpt2", tmp_path / "lmlab"), tmp_path / "stops.gguf").path
+    fields = {k: f.contents() for k, f in gguf.GGUFReader(path).fields.items()}
+    assert [fields.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")] == [eot, 17, 18]
+    gen.write_text(json.dumps({**json.loads(gen.read_text()), "eos_token_id": [eot, 17, 18, 19]}))
+    with pytest.raises(ValueError, match=re.escape(
+            f"{tmp_path / 'lmlab4'} stops generation at ids [17, 18, 19, {eot}], but GGUF holds three at most "
+            "(llama.cpp's EOS, EOT and EOM ids): llama.cpp would not stop at [19]; keep three in its "
+            "hf_tokenizer/generation_config.json")):
+        export_gguf(import_hf(tmp_path / "gpt2", tmp_path / "lmlab4"), tmp_path / "four.gguf")
+    assert not (tmp_path / "four.gguf").exists()
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=2, verbose=False)
+    assert [i for i in range(eot + 1) if llama_cpp.llama_vocab_is_eog(llm._model.vocab, i)] == [17, 18, eot]
 
 
 def test_gguf_adds_bos_when_the_checkpoints_tokenizer_does(tmp_path):

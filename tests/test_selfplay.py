@@ -584,6 +584,29 @@ def test_azr_refuses_a_block_size_its_prompts_outgrow_before_it_runs():
     assert 1 + len(azr.VOCABULARY.encode(prompt)) + azr.max_new("ded", "propose", AZRConfig()) == 82
 
 
+def test_azr_measures_huge_reference_and_input_counts_without_writing_them_out():
+    """--references 2**63 (or --ind-inputs) was multiplied out into a list to count the prompt's tokens: an
+    OverflowError ("internal error"). Each widest reference (induction pair) adds the same tokens, so the length is
+    counted on two and extrapolated: equal to the prompts themselves, and a huge count is refused by its length."""
+    widest = ((99,) * 8, (99,) * 8)
+    for references, ind_inputs in ((0, 2), (1, 4), (2, 6), (3, 8), (7, 14)):
+        cfg = dataclasses.replace(AZRConfig(block_size=10_000), references=references, ind_inputs=ind_inputs)
+        built = [azr.proposer_prompt(k, [azr.Task(k, ("REV",) * 6, (widest,))] * references, ("REV",) * 6)
+                 for k in ("ded", "abd")]
+        shown = azr.solver_prompt(azr.Task("ind", ("REV",) * 6, (widest,) * ind_inputs))
+        want = max([len(azr.VOCABULARY.encode(p)) + azr.max_new("ded", "propose", cfg) for p in built]
+                   + [len(azr.VOCABULARY.encode(shown)) + azr.max_new("ind", "solve", cfg),
+                      azr.max_new("ind", "propose", cfg) + len(azr.VOCABULARY.encode(
+                          azr.proposer_prompt("ind", [], ("REV",) * 6)))]) + 1
+        assert azr.longest_sequence(cfg) == want, (references, ind_inputs)
+    big = 2**63  # BOS, 3 tokens of the proposer prompt and 30 a widest reference, 18 new tokens
+    with pytest.raises(ValueError, match=rf"^block_size \(128\) must be at least {1 + 3 + 30 * big + 18}: .* "
+                                         rf"\(references {big}, ind_inputs 4\)$"):
+        AZRConfig(references=big)
+    with pytest.raises(ValueError, match=rf"ind_inputs {big}\)$"):
+        AZRConfig(ind_inputs=big)
+
+
 def _arm_result(arm, seed, final):
     return {"arm": arm, "seed": seed, "wall_s": 1.0,
             "history": [{"iteration": 0, "solve_rate": 0.1}, {"iteration": 1, "solve_rate": final}]}

@@ -143,6 +143,9 @@ def test_direction_files_round_trip_and_bad_files(tmp_path):
         Steering(other, d, 1.0)
     with pytest.raises(ValueError, match="not both"):
         Steering(model, d, 1.0, ablate=True)
+    with pytest.raises(ValueError, match=r"^the coefficient \(-1001\) must be between -1000 and 1000$"):
+        Steering(model, d, -1001)  # the web app's bound, for the library as for the command line
+    Steering(model, d, 1000.0)
 
 
 def test_cyrillic_share_and_kl():
@@ -215,6 +218,8 @@ def test_cli_builds_measures_and_generates_with_a_direction(model_dir, tmp_path,
     (["--steer", "NOPE"], "NOPE does not exist"),
     (["--steer", "DIR", "--steer-coef", "1", "--steer-ablate"], "not both"),
     (["--steer", "DIR", "--steer-coef", "nan"], "--steer-coef (nan) must be a finite number"),
+    # 1e30 x the direction overflowed the stream's norm: NaN probabilities, "internal error" (a CLI fuzz)
+    (["--steer", "DIR", "--steer-coef", "1e30"], "--steer-coef (1e+30) must be between -1000 and 1000"),
     (["--steer", "WIDE"], "the direction has width 7, the model's residual stream 64"),
 ])
 def test_generate_bad_steering_is_one_line_exit_2(model_dir, tmp_path, capsys, argv, message):
@@ -232,6 +237,7 @@ def test_generate_bad_steering_is_one_line_exit_2(model_dir, tmp_path, capsys, a
     (["--coefs", "0,x"], "--coefs '0,x': give numbers separated by commas"),
     (["--positive", "MISSING"], "--positive MISSING: no such file"),
     (["--negative", "EMPTY"], "--negative EMPTY: no line of text"),
+    (["--coefs", "0,-1e30"], "--coefs must be between -1000 and 1000"),
 ])
 def test_steer_bad_input_is_one_line_exit_2(model_dir, tmp_path, capsys, extra, message):
     (tmp_path / "EMPTY").write_text("\n  \n")

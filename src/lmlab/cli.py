@@ -283,9 +283,11 @@ def _steer_direction(args: argparse.Namespace) -> Any:
         return None
     if args.steer_ablate and args.steer_coef is not None:
         raise ValueError("give --steer-coef (add the direction) or --steer-ablate (project it out), not both")
+    from .lab.interp.steer import MAX_COEF, Direction
     if args.steer_coef is not None and not math.isfinite(args.steer_coef):
         raise ValueError(f"--steer-coef ({args.steer_coef}) must be a finite number")
-    from .lab.interp.steer import Direction
+    if args.steer_coef is not None and abs(args.steer_coef) > MAX_COEF:
+        raise ValueError(f"--steer-coef ({args.steer_coef:g}) must be between -{MAX_COEF:g} and {MAX_COEF:g}")
     return Direction.load(args.steer)
 
 

@@ -28,7 +28,15 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 
 from ..models import ModelConfig
-from ._files import ModelDir, check_out_name, end_of_turn_id, load_model_dir, staged_file
+from ._files import (
+    GENERATION_CONFIG,
+    HF_TOKENIZER_DIR,
+    ModelDir,
+    check_out_name,
+    end_of_turn_id,
+    load_model_dir,
+    staged_file,
+)
 from .hf_mapping import hf_config_dict
 
 DTYPES = ("f32", "f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
@@ -187,6 +195,26 @@ def _added_specials(md: ModelDir) -> tuple[bool, bool]:
     return bos, eos
 
 
+def stop_ids(md: ModelDir) -> dict[str, int]:
+    """Where llama.cpp stops generating, as GGUF tells it: its end-of-generation set holds the EOS, EOT and EOM ids
+    (llama-vocab.cpp; gguf-py's SpecialVocab also puts a second and third end token there), the only stop ids the
+    format has keys for. -> {"eos" | "eot" | "eom": id} for the model's stop ids (ModelDir.eos_ids: its EOS, a chat
+    model's end of turn, an imported checkpoint's list), EOS and end of turn in their own slots, the others in the
+    free ones; ValueError when there are more than three. (The export wrote EOS alone: llama.cpp ran past the rest
+    of a checkpoint's list.)"""
+    slots = {} if md.specials.eos is None else {"eos": md.specials.eos}
+    end = end_of_turn_id(md.tokenizer, md.chat_template)
+    if end is not None and end not in slots.values():
+        slots["eot"] = end
+    rest = [i for i in md.eos_ids if i not in slots.values()]
+    free = [slot for slot in ("eos", "eot", "eom") if slot not in slots]
+    if len(rest) > len(free):
+        raise ValueError(f"{md.path} stops generation at ids {sorted({*slots.values(), *rest})}, but GGUF holds three "
+                         f"at most (llama.cpp's EOS, EOT and EOM ids): llama.cpp would not stop at "
+                         f"{rest[len(free):]}; keep three in its {HF_TOKENIZER_DIR}/{GENERATION_CONFIG}")
+    return {**slots, **dict(zip(free, rest))}
+
+
 def _is_gguf(file: Path) -> bool:
     with open(file, "rb") as f:
         return f.read(4) == b"GGUF"
@@ -221,6 +249,7 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, *, dtype: str = "f3
     hf_config_dict(cfg)  # ValueError for switches the standard architecture lacks (llama.cpp would misread them)
     tokens, types, merges = _vocab(md, cfg.vocab_size)
     add_bos, add_eos = _added_specials(md)
+    stops = stop_ids(md)
     state = {k: v.detach().to("cpu", torch.float32) for k, v in md.model.state_dict().items()}
     tensors = {name: t.contiguous().numpy() for name, t in gguf_tensors(state, cfg).items()}
     plan = gguf_plan(tensors, dtype)
@@ -249,7 +278,9 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, *, dtype: str = "f3
         w.add_token_list(tokens)
         w.add_token_types(types)
         w.add_token_merges(merges)
-        for add, token_id in ((w.add_bos_token_id, md.specials.bos), (w.add_eos_token_id, md.specials.eos),
+        # EOT: a chat model's end of turn, where llama.cpp's chat stops a reply, not only at <EOS>
+        for add, token_id in ((w.add_bos_token_id, md.specials.bos), (w.add_eos_token_id, stops.get("eos")),
+                              (w.add_eot_token_id, stops.get("eot")), (w.add_eom_token_id, stops.get("eom")),
                               (w.add_unk_token_id, md.specials.unk), (w.add_pad_token_id, md.specials.pad)):
             if token_id is not None:
                 add(token_id)
@@ -257,9 +288,6 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, *, dtype: str = "f3
         w.add_add_eos_token(add_eos)
         if md.chat_template:
             w.add_chat_template(md.chat_template)
-            end = end_of_turn_id(md.tokenizer, md.chat_template)
-            if end is not None:
-                w.add_eot_token_id(end)  # llama.cpp's chat stops a reply there, not only at <EOS>
         for t in plan.tensors:
             qtype = gguf.GGMLQuantizationType[t.type.upper()]
             w.add_tensor(t.name, gguf.quants.quantize(tensors[t.name], qtype), raw_dtype=qtype)

@@ -17,7 +17,7 @@ import json
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -218,6 +218,22 @@ def _no_progress_bars(tf: Any) -> Iterator[None]:
             tf.utils.logging.enable_progress_bar()
 
 
+def _shard(folder: Path, index: Path, name: str) -> Path:
+    """The shard file `name` of the index: a path under the checkpoint's folder, in a subfolder too (transformers
+    joins the name to the folder; a shard "sub/model-00001.safetensors" was reported missing). Never outside it:
+    not absolute, no "..", and no folder on the way that a symbolic link takes elsewhere. The file itself may be a
+    link, as a shard beside the index may: the hub's cache links every file of a checkpoint into its blobs/."""
+    parts = PurePosixPath(name).parts
+    if not parts or PurePosixPath(name).is_absolute() or ".." in parts:
+        raise ValueError(f"{index} names a shard outside its folder: {name!r}")
+    file = folder.joinpath(*parts)
+    if not file.parent.resolve().is_relative_to(folder.resolve()):
+        raise ValueError(f"{index} names a shard, {name}, in a folder that a symbolic link takes outside {folder}")
+    if not file.is_file():
+        raise FileNotFoundError(f"{index} names a shard that is missing: {name}")
+    return file
+
+
 def _read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     single, index = folder / WEIGHTS, folder / f"{WEIGHTS}.index.json"
     if single.is_file():
@@ -227,10 +243,7 @@ def _read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise ValueError(f"{index}: weight_map must be an object of tensor names to file names, not "
                              f"{weight_map!r:.60}")
-        files = [folder / name for name in sorted(set(weight_map.values()))]
-        for f in files:
-            if f.parent != folder or not f.is_file():
-                raise FileNotFoundError(f"{index} names a shard that is missing: {f.name}")
+        files = [_shard(folder, index, name) for name in sorted(set(weight_map.values()))]
     elif any(folder.glob("*.bin")):
         raise ValueError(f"{folder} holds only pickled PyTorch weights (*.bin); lmlab never unpickles files "
                          "from outside: re-save them with transformers' save_pretrained(), which writes safetensors")

@@ -20,7 +20,7 @@ from .. import configs
 from ..configs import knob, validate
 from ..files import atomic_write_text
 from .fast import Decoder, decoder
-from .model import KVCache, Transformer
+from .model import KVCache, Transformer, available_memory
 
 EOS_ID = 3  # lmlab.tokenizers.EOS_ID; models imported from elsewhere pass their own
 
@@ -35,8 +35,12 @@ class GenerationConfig:
     top_p: float = knob(1.0, "nucleus sampling mass (1.0: off)", gt=0, le=1)
     repetition_penalty: float = knob(1.0, "CTRL penalty for tokens already in the context (Keskar et al. 2019; "
                                      "1.0: off)", gt=0)
-    num_beams: int = knob(1, "beam search width (1: no beam search; deterministic)", ge=1)
-    length_penalty: float = knob(1.0, "beam score = sum log p / length ** length_penalty")
+    # ModelConfig's bound on sizes: a width below it is checked against the free memory (each beam is a row of
+    # the KV cache); 2**63 was a TypeError inside torch.zeros
+    num_beams: int = knob(1, "beam search width (1: no beam search; deterministic)", ge=1, le=2**40)
+    # the server's bounds: length ** 10 stays a finite float for any length a run reaches (1000 overflowed at 4
+    # tokens: 4 ** 1000 > 1.8e308)
+    length_penalty: float = knob(1.0, "beam score = sum log p / length ** length_penalty", ge=-10, le=10)
     stop_strings: list[str] = knob(factory=list, help="stop when one of these texts appears (comma list on the "
                                    "command line; --stop TEXT repeats)")
     stop_at_eos: bool = knob(True, "stop at <EOS>; --no-stop-at-eos (or --ignore-eos) keeps going")
@@ -381,12 +385,28 @@ def _beam_search(model: Transformer, prompts: Sequence[Sequence[int]], cfg: Gene
     """Standard beam search: keep the num_beams best partial hypotheses by summed log-probability; a
     hypothesis ending in EOS is finished and scored sum / length ** length_penalty. Stops for a prompt when
     it has num_beams finished hypotheses and no live beam can still beat the worst of them."""
+    _check_beam_rows(model, prompts, cfg)
     was_training = model.training
     model.eval()
     try:
         return _beam_loop(model, prompts, cfg, eos_token_id, pad_id, decoder(model, keep=not was_training))
     finally:
         model.train(was_training)
+
+
+def _check_beam_rows(model: Transformer, prompts: Sequence[Sequence[int]], cfg: GenerationConfig) -> None:
+    """ValueError when the beams' rows would not fit the free memory: every beam of every prompt is a row of the
+    KV cache and of the (rows, vocab) logits (2**40 beams failed in the allocator, an internal error)."""
+    mc, params = model.config, next(model.parameters())
+    rows = len(prompts) * cfg.num_beams
+    columns = min(mc.block_size, max(len(p) for p in prompts) + cfg.max_new_tokens)
+    # the logits, their log-probabilities and the candidates' scores: three (rows, vocab) float32 tensors a step
+    need = (mc.memory_estimate(rows, columns, training=False, bytes_per_param=params.element_size())["kv_cache"]
+            + 3 * 4 * rows * mc.vocab_size)
+    have = available_memory(params.device)
+    if have is not None and need > have:
+        raise ValueError(f"num_beams ({cfg.num_beams}) keeps {rows:,} rows of the KV cache, ~{need / 2**30:,.1f} GiB, "
+                         f"but {have / 2**30:.1f} GiB is free on {params.device}; lower --num-beams")
 
 
 def _beam_loop(model: Transformer, prompts: Sequence[Sequence[int]], cfg: GenerationConfig,

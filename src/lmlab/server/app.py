@@ -110,6 +110,10 @@ class Settings:
             raise ValueError("the memory budget must be positive")
         if self.torch_threads is not None and self.torch_threads < 1:
             raise ValueError(f"torch_threads ({self.torch_threads}) must be >= 1")
+        # more threads than CPUs only spin against each other (the note above); 2**32 failed inside
+        # torch.set_num_threads as the app started (exit 3, a traceback)
+        if self.torch_threads is not None and self.torch_threads > (cpus := os.cpu_count() or 1):
+            raise ValueError(f"torch_threads ({self.torch_threads}) must be at most the {cpus} CPUs here")
         if self.extract_timeout_s <= 0 or self.extract_memory_bytes < 2**26:
             raise ValueError("a book needs a positive time limit and at least 64 MiB of memory to be read")
         if self.api_token is not None and len(self.api_token) < 8:

@@ -10,7 +10,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from ..lab.facts.experiments import EXPERIMENTS as FACTS_EXPERIMENTS
+from ..lab.interp.steer import MAX_COEF
 from ..lab.selfplay.text import REWARDS, TextSelfPlayConfig
+from ..tune.lora import MAX_ALPHA
 
 SERVER_REWARDS = tuple(r for r in REWARDS if r != "file")  # `file` runs user code: CLI only
 MAX_SEEDS = 5
@@ -359,7 +361,8 @@ class GenerateRequest(BaseModel):
     step: int | None = Field(None, ge=0, le=2**62, description="with `run`: the checkpoint at this step")
     steer: str | None = Field(None, min_length=1, max_length=100, description="a steering direction of the model "
                               "(GET /models/NAME/steering): added at its layer, or projected out with steer_ablate")
-    steer_coef: float | None = Field(None, ge=-1000, le=1000, description="with `steer`: the coefficient (default 1)")
+    steer_coef: float | None = Field(None, ge=-MAX_COEF, le=MAX_COEF,
+                                     description="with `steer`: the coefficient (default 1)")
     steer_ablate: bool = Field(False, description="with `steer`: project the direction out of every layer instead")
     # test-time compute (models/ttc.py, as lmlab generate --best-of | --vote | --beam): one of the three
     best_of: int | None = Field(None, ge=1, le=64, description="N samples (seeds seed .. seed+N-1; 0 .. N-1 without "
@@ -588,7 +591,8 @@ class TuneCreate(BaseModel):
     kl_coef: float | None = Field(None, ge=0, le=100, description="grpo: weight of the KL to the starting model")
     eval_prompts: int | None = Field(None, ge=1, le=100_000, description="grpo: held-out prompts for pass@1 (50)")
     lora_rank: int | None = Field(None, ge=1, le=1024, description="LoRA adapters of this rank (none: all weights)")
-    lora_alpha: float | None = Field(None, gt=0, le=1e6, description="LoRA: scale alpha / rank (default 2 x rank)")
+    lora_alpha: float | None = Field(None, gt=0, le=MAX_ALPHA,
+                                     description="LoRA: scale alpha / rank (default 2 x rank)")
     lora_dropout: float | None = Field(None, ge=0, lt=1, description="LoRA: dropout on the adapters' input")
     lora_targets: str | None = Field(None, max_length=300,
                                      pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*(,[A-Za-z0-9_][A-Za-z0-9_.\-]*)*$",

@@ -38,8 +38,10 @@ class TrainConfig:
                          "wsd (warmup-stable-decay: the peak lr, then a decay to min_lr over the last decay_fraction "
                          "of the steps; a run extended on resume decays at its new end)", choices=SCHEDULES)
     decay_fraction: float = knob(0.2, "wsd: share of the steps spent decaying to min_lr (default 0.2)", gt=0, le=1)
+    # at most 10, the web app's bound: AdamW multiplies the weights by 1 - lr x weight_decay every step, and 1e30
+    # made them inf at the second step (a divergence blamed on --lr)
     weight_decay: float = knob(0.1, "AdamW decoupled weight decay on matrices (>= 2-D); never on norms and biases",
-                               ge=0)
+                               ge=0, le=10)
     beta1: float = knob(0.9, "AdamW beta1", ge=0, lt=1)
     beta2: float = knob(0.95, "AdamW beta2", ge=0, lt=1)
     grad_clip: float = knob(1.0, "clip the global gradient norm to this (0: off)", ge=0)

@@ -476,6 +476,11 @@ class Trainer:
         if bad:
             last = latest_checkpoint(self.out_dir)
             kept = f"its last checkpoint, {last.name}, is kept" if last else "no checkpoint had been written"
+            if not math.isfinite(loss) and self.step == 1:
+                # the first step's loss is the starting weights', before any update: the learning rate played no part
+                raise ValueError(f"training diverged: the loss is {loss} at step 1, before any update, so not "
+                                 f"through the learning rate; {kept}. Check what sets the starting weights or scales "
+                                 "the loss (a new model's --init-std, say)")
             what = f"the loss is {loss}" if not math.isfinite(loss) else "its weights are no longer finite"
             raise ValueError(f"training diverged: {what} at step {self.step}; {kept}. Start a new run (in "
                              "another folder) with a lower learning rate (--lr)")

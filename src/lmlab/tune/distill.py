@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -39,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..configs import settings_from, validate
+from ..configs import knob, settings_from, validate
 from ..data import TokenDataset, find_documents, prepare, prepare_texts
 from ..files import atomic_write_text, file_sha256
 from ..models import GenerationConfig, ModelConfig, Transformer, generate_ids
@@ -53,28 +52,25 @@ from ..train.trainer import Callback, Objective, TrainResult, check_fits, dist_e
 SAMPLES = "teacher_samples.jsonl"
 
 
+# The teacher writes every sample, 32 at a time, before the first step: a million continuations of 128 tokens
+# are 4M batched decoding steps, hours to days on a CPU (2**63 was a TypeError inside torch.randint).
+MAX_TEACHER_SAMPLES = 1_000_000
+
+
 @dataclasses.dataclass(frozen=True)
 class DistillConfig:
-    mode: str = "logits"             # logits | sequence
-    temperature: float = 2.0         # T of the soft targets (logits mode)
-    alpha: float = 0.5               # weight of the KD term; 1 - alpha on the data's cross-entropy
-    teacher_samples: int = 256        # sequence mode: teacher continuations
-    prompt_tokens: int = 16           # sequence mode: book tokens that start each one
-    continuation_tokens: int = 128    # sequence mode: tokens the teacher writes after each prompt (at most)
-    teacher_temperature: float = 1.0  # sequence mode: 0 is greedy
+    mode: str = knob("logits", "logits or sequence", choices=("logits", "sequence"))
+    # at most 100, the web app's bound: the KD term is T^2 x KL, and at 1e30 T^2 overflowed float32 (a NaN loss at
+    # the first step)
+    temperature: float = knob(2.0, "T of the soft targets (logits mode)", gt=0, le=100)
+    alpha: float = knob(0.5, "weight of the KD term; 1 - alpha on the data's cross-entropy", ge=0, le=1)
+    teacher_samples: int = knob(256, "sequence mode: teacher continuations", ge=1, le=MAX_TEACHER_SAMPLES)
+    prompt_tokens: int = knob(16, "sequence mode: book tokens that start each one", ge=1)
+    continuation_tokens: int = knob(128, "sequence mode: tokens the teacher writes after each prompt (at most)", ge=1)
+    teacher_temperature: float = knob(1.0, "sequence mode: 0 is greedy", ge=0)
 
     def __post_init__(self) -> None:
-        validate(self)  # types and finite numbers: "2" was a TypeError in the comparisons below
-        if self.mode not in ("logits", "sequence"):
-            raise ValueError(f"mode ({self.mode!r}) must be logits or sequence")
-        if not 0 < self.temperature < math.inf:
-            raise ValueError(f"temperature ({self.temperature}) must be a finite number > 0")
-        if not 0 <= self.alpha <= 1:
-            raise ValueError(f"alpha ({self.alpha}) must be in [0, 1]")
-        if (min(self.teacher_samples, self.prompt_tokens, self.continuation_tokens) < 1
-                or not 0 <= self.teacher_temperature < math.inf):
-            raise ValueError("teacher_samples, prompt_tokens and continuation_tokens must be >= 1, "
-                             "teacher_temperature finite and >= 0")
+        validate(self)  # types, finite numbers and the bounds above: "2" was a TypeError in a comparison
 
 
 def kd_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -66,6 +66,11 @@ def parse_targets(text: str | None) -> tuple[str, ...]:
     return names
 
 
+# the web app's bound: the update is scaled by alpha / r, and at 2**63 the second step's loss was NaN (a divergence
+# blamed on --lr)
+MAX_ALPHA = 1e6
+
+
 @dataclass(frozen=True)
 class LoRAConfig:
     """rank r, alpha (the update is scaled by alpha / r), dropout on the adapter's input, target modules."""
@@ -82,6 +87,8 @@ class LoRAConfig:
         if self.alpha is not None and not (isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool)
                                            and 0 < self.alpha < math.inf):
             raise ValueError(f"LoRA alpha must be a positive finite number, not {self.alpha!r}")
+        if self.alpha is not None and self.alpha > MAX_ALPHA:
+            raise ValueError(f"LoRA alpha ({self.alpha:g}) must be at most {MAX_ALPHA:g}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
                 or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), not {self.dropout!r}")

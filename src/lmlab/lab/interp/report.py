@@ -188,6 +188,8 @@ def check_steer(coefs: Sequence[float], n_prompts: int, max_new_tokens: int) -> 
     if isinstance(coefs, (str, bytes)) or not coefs or not all(
             isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) for c in coefs):
         raise ValueError("--coefs must be finite numbers")  # nan failed only after the direction was written
+    if any(abs(c) > steer.MAX_COEF for c in coefs):
+        raise ValueError(f"--coefs must be between -{steer.MAX_COEF:g} and {steer.MAX_COEF:g}")
 
 
 def run_steer(model_dir: str | Path, positive: str | Path, negative: str | Path, layer: int, out: str | Path, *,

@@ -34,6 +34,9 @@ from ...models import Transformer
 from .hooks import _Hooks, run_with_residuals
 
 WEIGHTS, META = "direction.safetensors", "direction.json"
+# the largest coefficient `Steering` adds, the web app's bound: 1e30 times a direction overflowed float32 in the
+# stream's norm and sampling failed on NaN probabilities
+MAX_COEF = 1000.0
 
 
 @dataclass
@@ -148,6 +151,8 @@ class Steering(_Hooks):
             raise ValueError("steer by adding (a coefficient) or by ablating, not both")
         if not math.isfinite(self.coef):
             raise ValueError(f"the coefficient ({coef}) must be a finite number")
+        if abs(self.coef) > MAX_COEF:
+            raise ValueError(f"the coefficient ({coef}) must be between -{MAX_COEF:g} and {MAX_COEF:g}")
         if ablate and direction.norm == 0:
             raise ValueError("a zero direction has nothing to project out")
         p = next(model.parameters())

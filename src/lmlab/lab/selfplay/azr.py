@@ -69,7 +69,8 @@ class AZRConfig:
     # warm-up (stands in for pre-training)
     warmup_steps: int = knob(1500, "next-token warm-up steps on random-program triples", ge=0)
     warmup_batch: int = knob(64, "warm-up batch size", gt=0)
-    warmup_lr: float = knob(3e-3, "warm-up learning rate", gt=0)
+    # at most 10, the web app's bound on a learning rate: 1e30 made the weights NaN, and sampling from them failed
+    warmup_lr: float = knob(3e-3, "warm-up learning rate", gt=0, le=10)
     train_max_ops: int = knob(4, "programs of 1..N ops in warm-up, baseline and seeds", gt=0)
     # self-play
     iterations: int = knob(200, "self-play iterations, one gradient step each", ge=0)
@@ -82,7 +83,7 @@ class AZRConfig:
     seed_buffer: int = knob(16, "per task type, filled by a no-gradient seeding phase (AZR: 256)", ge=0)
     seed_rounds: int = knob(20, "at most this many proposal rounds to fill the seed buffers", ge=0)
     # AZR uses 1e-6 on 7B; 3e-4 beat 1e-3 in a pilot at this size (docs/LOG.md)
-    lr: float = knob(3e-4, "Adam learning rate of the RL phase", gt=0)
+    lr: float = knob(3e-4, "Adam learning rate of the RL phase", gt=0, le=10)
     entropy_coef: float = knob(1e-3, "entropy bonus weight")
     grad_clip: float = knob(1.0, "clip the gradient norm to this", gt=0)
     # AZR: 1.0. At 1.0 this model's samples solve 0.14 of held-out tasks, greedy 0.21, and RL raises the sampled
@@ -150,10 +151,25 @@ def longest_sequence(cfg: AZRConfig) -> int:
     are prompts with their answers, never longer."""
     widest = (dsl.MAX_INT,) * dsl.MAX_LIST
     ops = (dsl.OPS[0],) * dsl.MAX_OPS
-    tasks = {kind: Task(kind, ops, ((widest, widest),) * (cfg.ind_inputs if kind == "ind" else 1)) for kind in KINDS}
-    texts = [(proposer_prompt(k, [tasks[k]] * cfg.references, ops), max_new(k, "propose", cfg)) for k in KINDS]
-    texts += [(solver_prompt(tasks[k]), max_new(k, "solve", cfg)) for k in KINDS]
-    return max(1 + len(VOCABULARY.encode(prompt)) + new for prompt, new in texts)
+
+    def task(kind: str, pairs: int) -> Task:
+        return Task(kind, ops, ((widest, widest),) * pairs)
+
+    def tokens(text: str) -> int:
+        return len(VOCABULARY.encode(text))
+
+    def linear(count: int, length: Any) -> int:
+        # every reference (pair) is the same widest one, so past the first each adds the same tokens: counted on
+        # two and extrapolated, a huge setting is refused by the length it implies (2**63 references were
+        # multiplied out into a list, an OverflowError)
+        return length(count) if count <= 2 else length(1) + (count - 1) * (length(2) - length(1))
+
+    lengths = [linear(cfg.references, lambda n, k=k: tokens(proposer_prompt(k, [task(k, 1)] * n, ops)))
+               + max_new(k, "propose", cfg) for k in KINDS]
+    lengths += [tokens(solver_prompt(task(k, 1))) + max_new(k, "solve", cfg) for k in ("ded", "abd")]
+    lengths.append(linear(cfg.ind_inputs // 2, lambda n: tokens(solver_prompt(task("ind", 2 * n))))
+                   + max_new("ind", "solve", cfg))  # the first half of the pairs is shown
+    return 1 + max(lengths)
 
 
 def task_from_triple(kind: str, t: Triple) -> Task:
