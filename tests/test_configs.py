@@ -126,6 +126,21 @@ def test_config_file_sections_and_required_flags(tmp_path):
     assert given(args, ModelConfig) == {"n_layer": 1}
 
 
+
+def test_a_runs_own_config_json_is_a_config_file(tmp_path, capsys):
+    """The help's "a run's {train: ..., model: ...}": a run's config.json also records facts (data_stats, the
+    dataset folder, inputs' sha256), which --config skips; its settings fill the new run's."""
+    (tmp_path / "book.txt").write_text("Жили-были дед да баба, и была у них курочка Ряба. " * 40)
+    assert main(["train", str(tmp_path / "book.txt"), "--out", str(tmp_path / "r1"), "--preset", "llama-tiny",
+                 "--tokenizer-kind", "char", "--n-layer", "1", "--max-steps", "2", "--lr", "0.002"]) == 0
+    saved = json.loads((tmp_path / "r1" / "config.json").read_text())
+    assert {"data_stats", "dataset"} <= set(saved)  # what the file holds besides settings
+    capsys.readouterr()
+    assert main(["train", str(tmp_path / "book.txt"), "--config", str(tmp_path / "r1" / "config.json"),
+                 "--out", str(tmp_path / "r2"), "--max-steps", "1"]) == 0, capsys.readouterr().err
+    again = json.loads((tmp_path / "r2" / "config.json").read_text())
+    assert again["model"] == saved["model"] and again["train"]["lr"] == 0.002 and again["train"]["max_steps"] == 1
+
 def test_read_config_file_errors_name_the_file(tmp_path):
     (tmp_path / "a.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="a.json must hold a mapping of settings, not list"):

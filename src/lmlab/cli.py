@@ -2104,6 +2104,9 @@ def _lab_data_split(args: argparse.Namespace) -> int:
 _DEBUG_HELP = "on an error, print the traceback too"
 
 
+# what a training run's config.json records beside its settings (its data's statistics, and the folder of the
+# tokens it made, inside the run): --config RUN/config.json skips them, as every *_sha256 of an input
+RUN_RECORDS = frozenset({"data_stats", "dataset"})
 _CONFIG_HELP = ("read settings from a JSON or YAML file: keys are this command's flag names (dashes or "
                 "underscores; nested mappings such as a run's {train: ..., model: ...} are merged), and flags given "
                 "on the command line win")
@@ -2179,6 +2182,8 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None)
     def merge(mapping: dict) -> None:
         for key, value in mapping.items():
             name = str(key).replace("-", "_")
+            if name.endswith("_sha256") and name not in dests:
+                continue  # a run's record of an input's contents, not a setting
             if isinstance(value, dict) and name not in dests and name not in flag_names:
                 merge(value)  # a section, e.g. a run's "train" and "model"
             elif name in dests:
@@ -2194,7 +2199,10 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None)
             else:
                 flat[name] = value
 
-    merge(read_config_file(args.config))
+    settings = read_config_file(args.config)
+    if isinstance(settings.get("data_stats"), dict):  # a run's own config.json: these record what it read
+        settings = {k: v for k, v in settings.items() if k not in RUN_RECORDS}
+    merge(settings)
     unknown = sorted(set(flat) - set(dests))
     if unknown:
         raise ValueError(f"{args.config}: not settings of this command: {', '.join(unknown)}; it takes "

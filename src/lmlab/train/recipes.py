@@ -149,6 +149,8 @@ def train_from_sources(out_dir: str | Path, config: TrainConfig, *, sources: Seq
                               lambda d: None, lambda: TokenDataset.open(out / "data", tok), config)
         provenance = {"dataset": str(Path(ds.path).resolve()), "sources": [str(p) for p in paths],
                       "init": str(init) if init else None, "data_stats": ds.stats()}
+        if init is None and tokenizer is None:  # trained here: --config RUN/config.json trains the same kind
+            provenance["tokenizer_kind"] = tokenizer_kind
         if lora is not None:
             provenance["lora"] = lora.to_dict()
         return train_with_lora(model, tok, ds, config, out, callbacks, lora, provenance=provenance)
