@@ -122,3 +122,30 @@ def test_generate_until_follows_the_tasks_generation_kwargs(setup):
     assert ask(max_gen_toks=12, until=["the"]) == greedy.split("the")[0]
     with pytest.raises(ValueError, match="generation_kwargs min_p are not known to lmlab"):
         ask(min_p=0.1)
+
+
+def test_apply_chat_template_scores_the_chat_formats_own_ids(setup):
+    """lm-eval's --apply_chat_template on a chat model: the bridge renders each question as the chat format and
+    scores it on tune.chat.render's ids (the role tokens as tokens, not as text); the same choices scored natively
+    on those ids give the same log-likelihoods. A model without the template is one line."""
+    from lmlab.eval.scorer import loglikelihood
+    from lmlab.tune.chat import add_chat_tokens, render, write_template
+
+    root, tasks = setup
+    model, tok = load_pretrained(root / "model")
+    with pytest.raises(ValueError, match="has no lmlab chat template"):
+        LmlabLM(path=str(root / "model")).apply_chat_template([{"role": "user", "content": "hi"}])
+    model, tok, _ = add_chat_tokens(model, tok)
+    save_pretrained(root / "chat", model, tok)
+    write_template(root / "chat")
+    out = simple_evaluate(model=LmlabLM(path=str(root / "chat"), batch_size=4), tasks=["tiny_mc"],
+                          task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
+                          log_samples=True, bootstrap_iters=0, apply_chat_template=True)
+    samples = sorted(out["samples"]["tiny_mc"], key=lambda s: s["doc_id"])
+    for sample, item in zip(samples, MC):
+        context = [arg[0] for arg in sample["arguments"]]
+        assert context[0] == f"<|user|>{item['context']}<|end|><|assistant|>"
+        ids = render([{"role": "user", "content": item["context"]}], tok, add_generation_prompt=True)[0]
+        pairs = [(ids, tok.encode(arg[1])) for arg in sample["arguments"]]
+        expected = [ll for ll, _ in loglikelihood(model.eval(), pairs)]
+        np.testing.assert_allclose([float(r[0][0]) for r in sample["resps"]], expected, atol=1e-5, rtol=0)

@@ -13,6 +13,8 @@ lmlab.eval.harness` (in Python: lm_eval.simple_evaluate(model="lmlab", ...) afte
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,6 +30,7 @@ except ImportError as exc:  # the optional extra
 
 from ..models import GenerationConfig, generate
 from ..models.io import load_pretrained
+from ..tune.chat import CHAT_TOKENS, END, MARKERS, chat_token_ids, has_template
 from .scorer import encode_pair, loglikelihood, nll_many
 
 
@@ -45,9 +48,34 @@ class LmlabLM(LM):
         if self.tokenizer is None:
             raise ValueError(f"{path} has no tokenizer.json")
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16  # "auto" -> the default
+        self.path = Path(path)
+        self.chat: ChatText | None = None  # set by apply_chat_template: lm-eval's --apply_chat_template
+
+    @property
+    def tokenizer_name(self) -> str:
+        """What lm-eval fingerprints its request cache with, beside the chat template."""
+        return str(self.path.resolve())
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """lm-eval's few-shot conversation as the model's chat format, in text: each turn is its role token, its
+        text and <|end|> (tune/chat.py), then <|assistant|> for the reply; without add_generation_prompt the last
+        (assistant) turn stays open, as transformers' continue_final_message leaves it."""
+        if self.chat is None:
+            if not has_template(self.path):
+                raise ValueError(f"{self.path} has no lmlab chat template (chat_template.jinja): leave out "
+                                 "--apply_chat_template, or fine-tune it on conversations first (lmlab tune sft)")
+            chat_token_ids(self.tokenizer)  # its four tokens, or a one-line error
+            self.chat = ChatText(self.tokenizer)
+        for i, m in enumerate(chat_history, 1):
+            if not isinstance(m, dict) or m.get("role") not in MARKERS or not isinstance(m.get("content"), str):
+                raise ValueError(f"chat message {i} needs a role ({', '.join(MARKERS)}) and a text, not {m!r:.80}")
+        text = "".join(f"{MARKERS[m['role']]}{m['content']}{END}" for m in chat_history)
+        if add_generation_prompt:
+            return text + MARKERS["assistant"]
+        return text.removesuffix(END) if chat_history and chat_history[-1]["role"] == "assistant" else text
 
     def loglikelihood(self, requests: list[Any], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        pairs = [encode_pair(self.tokenizer, *r.args) for r in requests]
+        pairs = [encode_pair(self.chat or self.tokenizer, *r.args) for r in requests]
         return loglikelihood(self.model, pairs, batch_size=self.batch_size)
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
@@ -57,7 +85,36 @@ class LmlabLM(LM):
         return [-total for total, _ in nll_many(self.model, seqs, batch_size=self.batch_size)]
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
-        return [generate(self.model, self.tokenizer, r.args[0], generation_config(r.args[1])) for r in requests]
+        # a chat prompt's reply ends at <|end|>, the turn's end, as lmlab chat's does
+        tok = self.tokenizer if self.chat is None else self.chat.replying()
+        return [generate(self.model, tok, r.args[0], generation_config(r.args[1])) for r in requests]
+
+
+class ChatText:
+    """The tokenizer as a chat-templated prompt needs it: lmlab never reads its role tokens and <|end|> from text
+    (a message cannot forge a turn), but lm-eval hands the rendered conversation over as text, so here the four
+    are read as their tokens, as transformers and llama.cpp read them in a rendered template. The text between
+    them is encoded on its own, so the ids are tune.chat.render's. Everything else is the tokenizer's."""
+
+    def __init__(self, tokenizer: Any, stop_id: int | None = None) -> None:
+        self._tok, self._ids = tokenizer, {t: tokenizer.token_to_id(t) for t in CHAT_TOKENS}
+        self._split = re.compile("(" + "|".join(map(re.escape, CHAT_TOKENS)) + ")").split
+        self.eos_id = tokenizer.eos_id if stop_id is None else stop_id
+
+    def replying(self) -> ChatText:
+        """The same, whose end of text is the turn's end: generation stops at <|end|>."""
+        return ChatText(self._tok, self._ids[END])
+
+    def encode(self, text: str) -> list[int]:
+        ids: list[int] = []
+        for i, piece in enumerate(self._split(text)):
+            ids += [self._ids[piece]] if i % 2 else self._tok.encode(piece) if piece else []
+        return ids
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # not yet set (a copy being made): no recursion through _tok
+            raise AttributeError(name)
+        return getattr(self._tok, name)
 
 
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty", "num_beams", "seed")
