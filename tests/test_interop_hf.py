@@ -149,14 +149,31 @@ def test_generation_json_becomes_generation_config(tmp_path):
     out = export_hf(src, tmp_path / "hf")
     gen = transformers.GenerationConfig.from_pretrained(out)
     assert (gen.max_new_tokens, gen.do_sample, gen.temperature, gen.top_k, gen.top_p) == (77, True, 0.7, 40, 0.9)
-    # stop strings and generation past EOS were left behind: transformers stopped where lmlab would not
-    GenerationConfig(stop_strings=["\n\n"], stop_at_eos=False).save(src / "generation.json")
+    # generation past EOS was left behind: transformers stopped where lmlab would not (stop strings: the next test)
+    GenerationConfig(stop_at_eos=False).save(src / "generation.json")
     gen = transformers.GenerationConfig.from_pretrained(export_hf(src, tmp_path / "hf2"))
-    assert (gen.stop_strings, gen.eos_token_id) == (["\n\n"], None)
+    assert gen.eos_token_id is None
     # lmlab's beam search keeps the best beams whatever do_sample says; do_sample true made transformers sample them
     GenerationConfig(num_beams=4, temperature=0.7).save(src / "generation.json")
     gen = transformers.GenerationConfig.from_pretrained(export_hf(src, tmp_path / "hf3"))
     assert (gen.num_beams, gen.do_sample, gen.temperature) == (4, False, None)  # no sampling knob either
+
+
+def test_an_export_with_stop_strings_generates_in_transformers(tmp_path):
+    """generation.json's stop strings went into generation_config.json, and transformers' generate then raised
+    "There are one or more stop strings ... but we could not locate a tokenizer" from model.generate(ids) and from
+    pipeline(...): they are left out, and the export generates as lmlab does."""
+    src, model, tok = trained("gpt2", tmp_path, steps=20)
+    GenerationConfig(max_new_tokens=12, do_sample=False, stop_strings=[".", "\n\n"]).save(src / "generation.json")
+    out = export_hf(src, tmp_path / "hf")
+    assert "stop_strings" not in json.loads((out / "generation_config.json").read_text())
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    prompt = tok.encode("the cat")
+    new = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    ours = generate(model, tok, "the cat", max_new_tokens=12, do_sample=False)  # no stop strings: all 12 tokens
+    assert to_hf_tokenizer(tok).decode(new[0, len(prompt):]) == ours
+    pipe = transformers.pipeline("text-generation", str(out))
+    assert pipe("the cat", return_full_text=False)[0]["generated_text"] == ours
 
 
 def test_a_chat_model_export_stops_at_the_end_of_its_turn(tmp_path):

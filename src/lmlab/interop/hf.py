@@ -154,16 +154,15 @@ def from_hf_model(hf_model: Any) -> Transformer:
 # ---- files -----------------------------------------------------------------------------------------
 
 def _hf_generation_config(tf: Any, ours: GenerationConfig, specials: Specials, eos: int | list[int] | None) -> Any:
-    """generation.json's defaults in transformers' spelling (sampling knobs only when sampling; stop strings,
-    which transformers' generate applies when given the tokenizer; no EOS id when generation goes past EOS).
+    """generation.json's defaults in transformers' spelling (sampling knobs only when sampling; no EOS id when
+    generation goes past EOS). Stop strings are left out: transformers' generate refuses a config that has them
+    unless the caller passes tokenizer=, so `model.generate(ids)` and pipeline(...) raised on such an export.
     lmlab's beam search takes the best beams, whatever do_sample says: with num_beams > 1 transformers samples
     the beams when do_sample is true, so it is false there."""
     sample = not ours.greedy and ours.num_beams == 1
     kwargs: dict[str, Any] = dict(bos_token_id=specials.bos, eos_token_id=eos if ours.stop_at_eos else None,
                                   pad_token_id=specials.pad, max_new_tokens=ours.max_new_tokens,
                                   do_sample=sample, num_beams=ours.num_beams)
-    if ours.stop_strings:
-        kwargs["stop_strings"] = list(ours.stop_strings)
     if sample:
         kwargs.update(temperature=ours.temperature, top_k=ours.top_k, top_p=ours.top_p)
     if ours.repetition_penalty != 1.0:
