@@ -399,6 +399,47 @@ def test_foreign_vocabulary_is_imported_and_kept(tmp_path, bare_names):
     torch.testing.assert_close(logits(reloaded, idx), logits(hf, idx), atol=1e-5, rtol=1e-5)
 
 
+def test_merge_and_quantize_keep_a_foreign_tokenizer(tmp_path):
+    """merge and quantize copied generation.json and the chat template but not hf_tokenizer/, the only tokenizer
+    an imported GPT-2-style model has: `lmlab export hf` of the merged model failed "has no tokenizer.json"."""
+    from lmlab.models.merge import merge_dirs
+    from lmlab.models.quant import quantize_dir
+
+    hf, fast = gpt2_style_checkpoint(tmp_path / "gpt2")
+    eot = fast.eos_token_id
+    gen = tmp_path / "gpt2" / "generation_config.json"  # stop ids kept in hf_tokenizer/ travel with it
+    gen.write_text(json.dumps({**json.loads(gen.read_text()), "eos_token_id": [eot, 17]}))
+    src = import_hf(tmp_path / "gpt2", tmp_path / "lmlab")
+    merged = merge_dirs([src, src], tmp_path / "merged", "linear")
+    quantized = quantize_dir(src, tmp_path / "int8", 8)[0]
+    files = sorted(f.name for f in (src / "hf_tokenizer").iterdir())
+    assert "generation_config.json" in files and "tokenizer.json" in files
+    for made in (merged, quantized):
+        assert sorted(f.name for f in (made / "hf_tokenizer").iterdir()) == files
+        for name in files:
+            assert (made / "hf_tokenizer" / name).read_bytes() == (src / "hf_tokenizer" / name).read_bytes()
+    out = export_hf(merged, tmp_path / "hf-merged")
+    assert transformers.AutoTokenizer.from_pretrained(out)("the cat").input_ids == fast("the cat").input_ids
+    assert transformers.GenerationConfig.from_pretrained(out).eos_token_id == [eot, 17]
+    idx = torch.randint(0, eot + 1, (2, 30))
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    torch.testing.assert_close(logits(reloaded, idx), logits(hf, idx), atol=1e-5, rtol=1e-5)
+
+
+def test_merging_models_of_two_foreign_tokenizers_is_refused(tmp_path):
+    from lmlab.models.merge import merge_dirs
+
+    gpt2_style_checkpoint(tmp_path / "gpt2")
+    a = import_hf(tmp_path / "gpt2", tmp_path / "a")
+    b = import_hf(tmp_path / "gpt2", tmp_path / "b")
+    file = b / "hf_tokenizer" / "tokenizer.json"
+    data = json.loads(file.read_text())
+    data["model"]["vocab"] = {t: len(data["model"]["vocab"]) - 1 - i for t, i in data["model"]["vocab"].items()}
+    file.write_text(json.dumps(data))  # the same tokens, numbered the other way round
+    with pytest.raises(ValueError, match=re.escape("have different tokenizers (hf_tokenizer/tokenizer.json differs)")):
+        merge_dirs([a, b], tmp_path / "merged", "linear")
+
+
 def test_a_checkpoints_stop_ids_survive_import_and_export(tmp_path):
     """eos_token_id [eot, 17] in generation_config.json (a chat checkpoint's end of turn beside its EOS): the import
     never read it and the export wrote the tokenizer's EOS alone, so transformers ran past 17 after the trip."""
