@@ -176,6 +176,36 @@ def test_an_export_with_stop_strings_generates_in_transformers(tmp_path):
     assert pipe("the cat", return_full_text=False)[0]["generated_text"] == ours
 
 
+@pytest.mark.parametrize("ours", [
+    GenerationConfig(max_new_tokens=24, temperature=0.7, top_k=20, top_p=0.9, repetition_penalty=1.1),
+    GenerationConfig(max_new_tokens=5, do_sample=False, repetition_penalty=1.3),
+    GenerationConfig(num_beams=3, length_penalty=0.5, do_sample=False)])
+def test_generation_defaults_survive_export_and_import(tmp_path, ours):
+    """import_hf never read generation_config.json: export -> import lost temperature, top_k, max_new_tokens..."""
+    src, _, _ = trained("gpt2", tmp_path, steps=0)
+    ours.save(src / "generation.json")
+    back = import_hf(export_hf(src, tmp_path / "hf"), tmp_path / "back")
+    assert GenerationConfig.load(back / "generation.json") == ours
+
+
+def test_a_foreign_generation_config_imports_what_lmlab_knows(tmp_path):
+    """transformers' meaning where the file is silent (no sampling; sampling with top-k 50); keys lmlab lacks and
+    values it refuses are left out, never an error."""
+    src, _, _ = trained("gpt2", tmp_path, steps=0)
+    out = export_hf(src, tmp_path / "hf")
+    gen = out / "generation_config.json"
+    base = json.loads(gen.read_text())
+    assert not {"do_sample", "temperature", "max_new_tokens"} & set(base)  # no generation.json: token ids alone
+    assert not (import_hf(out, tmp_path / "plain") / "generation.json").exists()
+    gen.write_text(json.dumps({**base, "max_new_tokens": 30, "no_repeat_ngram_size": 3, "typical_p": 0.5}))
+    assert GenerationConfig.load(import_hf(out, tmp_path / "a") / "generation.json") == GenerationConfig(
+        max_new_tokens=30, do_sample=False)
+    gen.write_text(json.dumps({**base, "do_sample": True, "temperature": 0.8, "top_p": 0, "top_k": "many",
+                               "repetition_penalty": None, "num_beams": -2, "max_new_tokens": 2.5}))
+    assert GenerationConfig.load(import_hf(out, tmp_path / "b") / "generation.json") == GenerationConfig(
+        do_sample=True, temperature=0.8, top_k=50)
+
+
 def test_a_chat_model_export_stops_at_the_end_of_its_turn(tmp_path):
     """generation_config.json listed <EOS> alone: transformers' generate ran past <|end|> to max_new_tokens (the
     GGUF export had eot_token_id). Here the model's every next token is <|end|>: the reply is empty in both."""
