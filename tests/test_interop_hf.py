@@ -375,6 +375,23 @@ def test_tokenizer_files_that_are_not_json_objects_and_named_chat_templates(tmp_
         export_hf(out, tmp_path / "back")
 
 
+@pytest.mark.parametrize("kind", ["char", "word"])
+def test_unk_decodes_as_in_transformers(tmp_path, kind):
+    """lmlab's decode dropped <UNK> (a special token) where the export's tokenizer prints it, so "decoding matches
+    too" was false for char and word models on text with what their vocabulary lacks; <PAD> <BOS> <EOS> stay out."""
+    tok = Tokenizer.train([TEXT], kind=kind, vocab_size=40)
+    model = Transformer(ModelConfig.preset("gpt2-tiny", vocab_size=len(tok), block_size=64))
+    out = export_hf(save_pretrained(tmp_path / "m", model, tok), tmp_path / "hf")
+    fast = transformers.AutoTokenizer.from_pretrained(out)
+    text = "the cat sat, Жили-были 漢字 the zebra."
+    ids = tok.encode(text)
+    assert fast(text).input_ids == ids and ids.count(tok.unk_id) >= 2
+    assert tok.decode(ids) == fast.decode(ids) and "<UNK>" in tok.decode(ids)
+    assert tok.decode_batch([ids, ids[:3]]) == fast.batch_decode([ids, ids[:3]])
+    framed = [tok.bos_id, *ids, tok.eos_id, tok.pad_id]
+    assert tok.decode(framed) == fast.decode(ids)
+
+
 # ---- a checkpoint whose vocabulary is not lmlab's (the situation of the real GPT-2) -----------------
 
 def gpt2_style_checkpoint(path, *, bare_names: bool = False, post: str | None = None):
