@@ -149,14 +149,61 @@ def test_generation_json_becomes_generation_config(tmp_path):
     out = export_hf(src, tmp_path / "hf")
     gen = transformers.GenerationConfig.from_pretrained(out)
     assert (gen.max_new_tokens, gen.do_sample, gen.temperature, gen.top_k, gen.top_p) == (77, True, 0.7, 40, 0.9)
-    # stop strings and generation past EOS were left behind: transformers stopped where lmlab would not
-    GenerationConfig(stop_strings=["\n\n"], stop_at_eos=False).save(src / "generation.json")
+    # generation past EOS was left behind: transformers stopped where lmlab would not (stop strings: the next test)
+    GenerationConfig(stop_at_eos=False).save(src / "generation.json")
     gen = transformers.GenerationConfig.from_pretrained(export_hf(src, tmp_path / "hf2"))
-    assert (gen.stop_strings, gen.eos_token_id) == (["\n\n"], None)
+    assert gen.eos_token_id is None
     # lmlab's beam search keeps the best beams whatever do_sample says; do_sample true made transformers sample them
     GenerationConfig(num_beams=4, temperature=0.7).save(src / "generation.json")
     gen = transformers.GenerationConfig.from_pretrained(export_hf(src, tmp_path / "hf3"))
     assert (gen.num_beams, gen.do_sample, gen.temperature) == (4, False, None)  # no sampling knob either
+
+
+def test_an_export_with_stop_strings_generates_in_transformers(tmp_path):
+    """generation.json's stop strings went into generation_config.json, and transformers' generate then raised
+    "There are one or more stop strings ... but we could not locate a tokenizer" from model.generate(ids) and from
+    pipeline(...): they are left out, and the export generates as lmlab does."""
+    src, model, tok = trained("gpt2", tmp_path, steps=20)
+    GenerationConfig(max_new_tokens=12, do_sample=False, stop_strings=[".", "\n\n"]).save(src / "generation.json")
+    out = export_hf(src, tmp_path / "hf")
+    assert "stop_strings" not in json.loads((out / "generation_config.json").read_text())
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    prompt = tok.encode("the cat")
+    new = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    ours = generate(model, tok, "the cat", max_new_tokens=12, do_sample=False)  # no stop strings: all 12 tokens
+    assert to_hf_tokenizer(tok).decode(new[0, len(prompt):]) == ours
+    pipe = transformers.pipeline("text-generation", str(out))
+    assert pipe("the cat", return_full_text=False)[0]["generated_text"] == ours
+
+
+@pytest.mark.parametrize("ours", [
+    GenerationConfig(max_new_tokens=24, temperature=0.7, top_k=20, top_p=0.9, repetition_penalty=1.1),
+    GenerationConfig(max_new_tokens=5, do_sample=False, repetition_penalty=1.3),
+    GenerationConfig(num_beams=3, length_penalty=0.5, do_sample=False)])
+def test_generation_defaults_survive_export_and_import(tmp_path, ours):
+    """import_hf never read generation_config.json: export -> import lost temperature, top_k, max_new_tokens..."""
+    src, _, _ = trained("gpt2", tmp_path, steps=0)
+    ours.save(src / "generation.json")
+    back = import_hf(export_hf(src, tmp_path / "hf"), tmp_path / "back")
+    assert GenerationConfig.load(back / "generation.json") == ours
+
+
+def test_a_foreign_generation_config_imports_what_lmlab_knows(tmp_path):
+    """transformers' meaning where the file is silent (no sampling; sampling with top-k 50); keys lmlab lacks and
+    values it refuses are left out, never an error."""
+    src, _, _ = trained("gpt2", tmp_path, steps=0)
+    out = export_hf(src, tmp_path / "hf")
+    gen = out / "generation_config.json"
+    base = json.loads(gen.read_text())
+    assert not {"do_sample", "temperature", "max_new_tokens"} & set(base)  # no generation.json: token ids alone
+    assert not (import_hf(out, tmp_path / "plain") / "generation.json").exists()
+    gen.write_text(json.dumps({**base, "max_new_tokens": 30, "no_repeat_ngram_size": 3, "typical_p": 0.5}))
+    assert GenerationConfig.load(import_hf(out, tmp_path / "a") / "generation.json") == GenerationConfig(
+        max_new_tokens=30, do_sample=False)
+    gen.write_text(json.dumps({**base, "do_sample": True, "temperature": 0.8, "top_p": 0, "top_k": "many",
+                               "repetition_penalty": None, "num_beams": -2, "max_new_tokens": 2.5}))
+    assert GenerationConfig.load(import_hf(out, tmp_path / "b") / "generation.json") == GenerationConfig(
+        do_sample=True, temperature=0.8, top_k=50)
 
 
 def test_a_chat_model_export_stops_at_the_end_of_its_turn(tmp_path):
@@ -328,6 +375,23 @@ def test_tokenizer_files_that_are_not_json_objects_and_named_chat_templates(tmp_
         export_hf(out, tmp_path / "back")
 
 
+@pytest.mark.parametrize("kind", ["char", "word"])
+def test_unk_decodes_as_in_transformers(tmp_path, kind):
+    """lmlab's decode dropped <UNK> (a special token) where the export's tokenizer prints it, so "decoding matches
+    too" was false for char and word models on text with what their vocabulary lacks; <PAD> <BOS> <EOS> stay out."""
+    tok = Tokenizer.train([TEXT], kind=kind, vocab_size=40)
+    model = Transformer(ModelConfig.preset("gpt2-tiny", vocab_size=len(tok), block_size=64))
+    out = export_hf(save_pretrained(tmp_path / "m", model, tok), tmp_path / "hf")
+    fast = transformers.AutoTokenizer.from_pretrained(out)
+    text = "the cat sat, Жили-были 漢字 the zebra."
+    ids = tok.encode(text)
+    assert fast(text).input_ids == ids and ids.count(tok.unk_id) >= 2
+    assert tok.decode(ids) == fast.decode(ids) and "<UNK>" in tok.decode(ids)
+    assert tok.decode_batch([ids, ids[:3]]) == fast.batch_decode([ids, ids[:3]])
+    framed = [tok.bos_id, *ids, tok.eos_id, tok.pad_id]
+    assert tok.decode(framed) == fast.decode(ids)
+
+
 # ---- a checkpoint whose vocabulary is not lmlab's (the situation of the real GPT-2) -----------------
 
 def gpt2_style_checkpoint(path, *, bare_names: bool = False, post: str | None = None):
@@ -380,6 +444,47 @@ def test_foreign_vocabulary_is_imported_and_kept(tmp_path, bare_names):
     assert again.eos_token == "<|endoftext|>" and again("the cat").input_ids == fast("the cat").input_ids
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     torch.testing.assert_close(logits(reloaded, idx), logits(hf, idx), atol=1e-5, rtol=1e-5)
+
+
+def test_merge_and_quantize_keep_a_foreign_tokenizer(tmp_path):
+    """merge and quantize copied generation.json and the chat template but not hf_tokenizer/, the only tokenizer
+    an imported GPT-2-style model has: `lmlab export hf` of the merged model failed "has no tokenizer.json"."""
+    from lmlab.models.merge import merge_dirs
+    from lmlab.models.quant import quantize_dir
+
+    hf, fast = gpt2_style_checkpoint(tmp_path / "gpt2")
+    eot = fast.eos_token_id
+    gen = tmp_path / "gpt2" / "generation_config.json"  # stop ids kept in hf_tokenizer/ travel with it
+    gen.write_text(json.dumps({**json.loads(gen.read_text()), "eos_token_id": [eot, 17]}))
+    src = import_hf(tmp_path / "gpt2", tmp_path / "lmlab")
+    merged = merge_dirs([src, src], tmp_path / "merged", "linear")
+    quantized = quantize_dir(src, tmp_path / "int8", 8)[0]
+    files = sorted(f.name for f in (src / "hf_tokenizer").iterdir())
+    assert "generation_config.json" in files and "tokenizer.json" in files
+    for made in (merged, quantized):
+        assert sorted(f.name for f in (made / "hf_tokenizer").iterdir()) == files
+        for name in files:
+            assert (made / "hf_tokenizer" / name).read_bytes() == (src / "hf_tokenizer" / name).read_bytes()
+    out = export_hf(merged, tmp_path / "hf-merged")
+    assert transformers.AutoTokenizer.from_pretrained(out)("the cat").input_ids == fast("the cat").input_ids
+    assert transformers.GenerationConfig.from_pretrained(out).eos_token_id == [eot, 17]
+    idx = torch.randint(0, eot + 1, (2, 30))
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    torch.testing.assert_close(logits(reloaded, idx), logits(hf, idx), atol=1e-5, rtol=1e-5)
+
+
+def test_merging_models_of_two_foreign_tokenizers_is_refused(tmp_path):
+    from lmlab.models.merge import merge_dirs
+
+    gpt2_style_checkpoint(tmp_path / "gpt2")
+    a = import_hf(tmp_path / "gpt2", tmp_path / "a")
+    b = import_hf(tmp_path / "gpt2", tmp_path / "b")
+    file = b / "hf_tokenizer" / "tokenizer.json"
+    data = json.loads(file.read_text())
+    data["model"]["vocab"] = {t: len(data["model"]["vocab"]) - 1 - i for t, i in data["model"]["vocab"].items()}
+    file.write_text(json.dumps(data))  # the same tokens, numbered the other way round
+    with pytest.raises(ValueError, match=re.escape("have different tokenizers (hf_tokenizer/tokenizer.json differs)")):
+        merge_dirs([a, b], tmp_path / "merged", "linear")
 
 
 def test_a_checkpoints_stop_ids_survive_import_and_export(tmp_path):

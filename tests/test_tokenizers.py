@@ -22,8 +22,8 @@ SEED_SPLIT = r"\w+|[^\w\s]"  # the seed SimpleTokenizer's regex
 
 
 def seed_decode(tok: Tokenizer, text: str) -> str:
-    """What the word kind promises: the seed's split of the lower-cased text, out-of-vocab words dropped."""
-    return " ".join(w for w in re.findall(SEED_SPLIT, text.lower()) if tok.token_to_id(w) is not None)
+    """What the word kind promises: the seed's split of the lower-cased text, out-of-vocab words as <UNK>."""
+    return " ".join(w if tok.token_to_id(w) is not None else "<UNK>" for w in re.findall(SEED_SPLIT, text.lower()))
 
 
 @pytest.fixture(scope="module", params=["bpe", "char", "word"])
@@ -77,7 +77,7 @@ def test_char_vocab_is_frequency_ordered_capped_and_unk_for_unseen():
     tok = Tokenizer.train(["abcabab", "a"], kind="char", vocab_size=6)
     assert [tok.id_to_token(i) for i in (4, 5)] == ["a", "b"] and len(tok) == 6  # "c" fell below the cap
     assert tok.encode("abcz") == [4, 5, UNK_ID, UNK_ID]
-    assert tok.decode(tok.encode("abcz")) == "ab"  # <UNK> is a special: it decodes to nothing
+    assert tok.decode(tok.encode("abcz")) == "ab<UNK><UNK>"  # what the model has, not nothing
 
 
 def test_bpe_is_lossless_on_unseen_text():

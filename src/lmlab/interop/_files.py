@@ -18,11 +18,10 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from ..files import COMPONENT_BYTES, FILE_NAME_BYTES, NAME_MAX, atomic_path, staged_dir
 from ..models import Transformer
-from ..models.io import CONFIG, TOKENIZER, WEIGHTS, load_pretrained
+from ..models.io import CONFIG, HF_TOKENIZER_DIR, TOKENIZER, WEIGHTS, load_pretrained
 from ..models.quant import QUANTIZATION
 from ..tokenizers import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
 
-HF_TOKENIZER_DIR = "hf_tokenizer"     # a foreign tokenizer, as transformers saved it
 CHAT_TEMPLATE = "chat_template.jinja"  # the file name transformers itself uses
 GENERATION_CONFIG = "generation_config.json"  # transformers' generation defaults; in HF_TOKENIZER_DIR: its stop ids
 END_OF_TURN = "<|end|>"  # lmlab.tune.chat.END, which this layer cannot import

@@ -154,16 +154,15 @@ def from_hf_model(hf_model: Any) -> Transformer:
 # ---- files -----------------------------------------------------------------------------------------
 
 def _hf_generation_config(tf: Any, ours: GenerationConfig, specials: Specials, eos: int | list[int] | None) -> Any:
-    """generation.json's defaults in transformers' spelling (sampling knobs only when sampling; stop strings,
-    which transformers' generate applies when given the tokenizer; no EOS id when generation goes past EOS).
+    """generation.json's defaults in transformers' spelling (sampling knobs only when sampling; no EOS id when
+    generation goes past EOS). Stop strings are left out: transformers' generate refuses a config that has them
+    unless the caller passes tokenizer=, so `model.generate(ids)` and pipeline(...) raised on such an export.
     lmlab's beam search takes the best beams, whatever do_sample says: with num_beams > 1 transformers samples
     the beams when do_sample is true, so it is false there."""
     sample = not ours.greedy and ours.num_beams == 1
     kwargs: dict[str, Any] = dict(bos_token_id=specials.bos, eos_token_id=eos if ours.stop_at_eos else None,
                                   pad_token_id=specials.pad, max_new_tokens=ours.max_new_tokens,
                                   do_sample=sample, num_beams=ours.num_beams)
-    if ours.stop_strings:
-        kwargs["stop_strings"] = list(ours.stop_strings)
     if sample:
         kwargs.update(temperature=ours.temperature, top_k=ours.top_k, top_p=ours.top_p)
     if ours.repetition_penalty != 1.0:
@@ -313,6 +312,36 @@ def _stop_ids(hf_dir: Path, hf_config: dict[str, Any], vocab_size: int) -> list[
     return eos_token_ids(generation.get("eos_token_id"), file, vocab_size)
 
 
+# generation_config.json's keys that lmlab's GenerationConfig has too, under the same name and meaning
+_HF_GENERATION_KEYS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
+                       "num_beams", "length_penalty")
+HF_TOP_K = 50  # what transformers samples with when generation_config.json sets no top_k
+
+
+def _generation_from_hf(hf_dir: Path) -> GenerationConfig | None:
+    """generation_config.json's decoding defaults as lmlab's generation.json (export_hf writes them there, and the
+    import lost them), None when it sets none of them (only token ids, as save_pretrained of a bare model writes).
+    Keys lmlab lacks are ignored; a value lmlab refuses (null, out of bounds, of another type) is left out, as if
+    the file did not set it, so an odd file never stops the import. Where the file is silent transformers does not
+    sample, and samples with top-k 50: so does the imported model."""
+    given = _json_object(hf_dir / GENERATION_CONFIG)
+    kept: dict[str, Any] = {}
+    for key in _HF_GENERATION_KEYS:
+        if given.get(key) is None:
+            continue
+        try:
+            GenerationConfig(**{**kept, key: given[key]})
+        except (TypeError, ValueError):
+            continue
+        kept[key] = given[key]
+    if not kept:
+        return None
+    kept.setdefault("do_sample", False)
+    if kept["do_sample"]:
+        kept.setdefault("top_k", HF_TOP_K)
+    return GenerationConfig(**kept)
+
+
 def import_hf(hf_dir: str | Path, model_dir: str | Path, overwrite: bool = False) -> Path:
     """Read a local transformers checkpoint (GPT-2, Llama or GPT-1 causal LM: config.json, safetensors and
     a fast tokenizer) into an lmlab model directory.
@@ -322,9 +351,11 @@ def import_hf(hf_dir: str | Path, model_dir: str | Path, overwrite: bool = False
     imported all the same, its tokenizer files are kept unchanged in `hf_tokenizer/` (exports use them),
     and pad_token_id comes from the checkpoint; its stop ids (eos_token_id of generation_config.json, else of
     config.json), where they are not just the tokenizer's EOS, are kept in `hf_tokenizer/generation_config.json`
-    for the exports. Having lmlab's specials at other ids is an error, and so is, with them, a stop id other than
-    <EOS> (or a chat model's <|end|>), where lmlab's generation would not stop. `model_dir` must be new or empty,
-    unless overwrite=True: then the model it holds is replaced completely."""
+    for the exports. The decoding defaults of generation_config.json (max_new_tokens, do_sample, temperature,
+    top_k, top_p, repetition_penalty, num_beams, length_penalty) become generation.json. Having lmlab's specials
+    at other ids is an error, and so is, with them, a stop id other than <EOS> (or a chat model's <|end|>), where
+    lmlab's generation would not stop. `model_dir` must be new or empty, unless overwrite=True: then the model it
+    holds is replaced completely."""
     hf_dir = Path(hf_dir)
     check_out_name(model_dir)
     if not overwrite and Path(model_dir).resolve() != hf_dir.resolve():  # that one: staged_dir's error
@@ -372,6 +403,7 @@ def import_hf(hf_dir: str | Path, model_dir: str | Path, overwrite: bool = False
             raise ValueError(f"{hf_dir} stops generation at ids {stop_ids} (eos_token_id), but an lmlab model stops "
                              f"only at {' and '.join(map(str, allowed))}; remove the others from its "
                              f"{GENERATION_CONFIG} to import it")
+    generation = _generation_from_hf(hf_dir)
     weights = _read_hf_weights(hf_dir)
     require_size(cfg, sum(t.numel() for t in weights.values()), hf_dir / CONFIG)
     cfg = _own_head(weights, cfg)
@@ -383,7 +415,7 @@ def import_hf(hf_dir: str | Path, model_dir: str | Path, overwrite: bool = False
 
     # replace=overwrite: a folder another process filled since the check above is refused, not replaced
     with staged_dir(Path(model_dir), refuse=hf_dir, stale=_LMLAB_STALE, replace=overwrite) as tmp:
-        save_pretrained(tmp, model, ours)
+        save_pretrained(tmp, model, ours, generation=generation)
         if ours is None:
             (tmp / HF_TOKENIZER_DIR).mkdir()
             for name in (TOKENIZER, "tokenizer_config.json", "special_tokens_map.json", CHAT_TEMPLATE):

@@ -26,6 +26,11 @@ CONFIG, WEIGHTS, TOKENIZER, GENERATION, TRAINING = (
     "config.json", "model.safetensors", "tokenizer.json", "generation.json", "training.json")
 CHAT_TEMPLATE = "chat_template.jinja"  # tune/chat.py's TEMPLATE_FILE
 MODEL_FILES = (CONFIG, WEIGHTS, TOKENIZER, GENERATION, TRAINING, QUANTIZATION, CHAT_TEMPLATE)
+HF_TOKENIZER_DIR = "hf_tokenizer"  # an imported model's own tokenizer, as transformers saved it (lmlab.interop)
+# What a model made from another one (merged, quantized) carries over beside its new weights and tokenizer.json:
+# the generation defaults, the chat template, and the foreign tokenizer, the only one an imported GPT-2-style
+# model has (without it `lmlab export` of the new model failed: no tokenizer.json)
+SIDE_FILES = (GENERATION, CHAT_TEMPLATE, HF_TOKENIZER_DIR)
 
 
 def save_pretrained(path: str | Path, model: Transformer, tokenizer: Tokenizer | None = None, *,
@@ -81,6 +86,22 @@ def _write(path: Path, model: Transformer, tokenizer: Tokenizer | None, generati
     quantization = getattr(model, "quantization", None)
     if quantization is not None:
         quantization.save(path / QUANTIZATION)
+
+
+def copy_side_files(src: str | Path, dst: str | Path, names: tuple[str, ...] = SIDE_FILES) -> None:
+    """Copy `names` of model directory `src` into `dst` (a folder: the files in it), those that are there.
+    Symbolic links are left out, so nothing is read from outside `src`. `dst` is a staged folder (staged_dir):
+    it is renamed into place whole, so the files need no atomic write of their own."""
+    src, dst = Path(src), Path(dst)
+    for name in names:
+        file = src / name
+        if file.is_symlink():
+            continue
+        if file.is_dir():
+            (dst / name).mkdir(exist_ok=True)
+            copy_side_files(file, dst / name, tuple(sorted(f.name for f in file.iterdir())))
+        elif file.is_file():
+            (dst / name).write_bytes(file.read_bytes())
 
 
 def load_pretrained(path: str | Path, *, device: str | torch.device = "cpu",

@@ -171,16 +171,17 @@ def _refuse_folder(path: Path) -> None:
 
 def check_parents(every: list[Path]) -> None:
     """ValueError unless every folder is an fp32 model directory of one architecture and one tokenizer."""
-    from .io import CONFIG, TOKENIZER
+    from .io import CONFIG, HF_TOKENIZER_DIR, TOKENIZER
 
     for p in every:
         _refuse_folder(p)
     first = every[0]
     for p in every[1:]:
-        mine, theirs = (first / TOKENIZER), (p / TOKENIZER)
-        if mine.is_file() != theirs.is_file() or (mine.is_file() and mine.read_bytes() != theirs.read_bytes()):
-            raise ValueError(f"{first} and {p} have different tokenizers ({TOKENIZER} differs); "
-                             "merging needs one vocabulary")
+        for name in (TOKENIZER, f"{HF_TOKENIZER_DIR}/{TOKENIZER}"):  # the second: an imported foreign vocabulary
+            mine, theirs = (first / name), (p / name)
+            if mine.is_file() != theirs.is_file() or (mine.is_file() and mine.read_bytes() != theirs.read_bytes()):
+                raise ValueError(f"{first} and {p} have different tokenizers ({name} differs); "
+                                 "merging needs one vocabulary")
         a, b = json.loads((first / CONFIG).read_text()), json.loads((p / CONFIG).read_text())
         if a != b:
             diff = [f"{k} {a.get(k)} vs {b.get(k)}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
@@ -200,9 +201,10 @@ def merge_dirs(parents: list[str | Path], out: str | Path, method: str, *, base:
                weights: list[float] | None = None, t: float | None = None, density: float | None = None,
                lam: float | None = None, seed: int | None = None) -> Path:
     """Merge model directories into a new one (refused if `out` has anything in it; written beside it and renamed).
-    The tokenizer and chat template are copied from the first parent; merge.json records how it was made. The
-    settings the method does not read stay None (DEFAULTS where it reads them: t 0.5, density 1, lam 1, seed 0)."""
-    from .io import GENERATION, load_pretrained, save_pretrained
+    The tokenizer (or hf_tokenizer/), generation defaults and chat template are copied from the first parent;
+    merge.json records how it was made. The settings the method does not read stay None (DEFAULTS where it reads
+    them: t 0.5, density 1, lam 1, seed 0)."""
+    from .io import copy_side_files, load_pretrained, save_pretrained
     from .quant import refuse_quantized
 
     if isinstance(parents, (str, bytes, Path)):  # one path: its characters are no list of models
@@ -243,7 +245,5 @@ def merge_dirs(parents: list[str | Path], out: str | Path, method: str, *, base:
     with staged_dir(out, replace=False) as tmp:
         save_pretrained(tmp, model.float(), tok)
         atomic_write_text(tmp / MERGE, json.dumps(record, indent=2) + "\n")
-        for extra in (GENERATION, "chat_template.jinja"):
-            if (first / extra).is_file() and not (first / extra).is_symlink():  # never read out of the folder
-                (tmp / extra).write_bytes((first / extra).read_bytes())
+        copy_side_files(first, tmp)  # not training.json: the merge is no run's result; merge.json says what it is
     return out

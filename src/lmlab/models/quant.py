@@ -584,7 +584,7 @@ def quantize_dir(model_dir: str | Path, out: str | Path, bits: int, group_size: 
                  method: str = "rtn", keep_head: bool = False, calibration: list[str] | None = None,
                  calibration_tokens: int = 32768) -> tuple[Path, QuantConfig, dict[str, dict[str, float]]]:
     """Quantize a model directory into a new one (refused if `out` exists; written beside it and renamed)."""
-    from .io import GENERATION, TRAINING, load_pretrained, save_pretrained
+    from .io import SIDE_FILES, TRAINING, copy_side_files, load_pretrained, save_pretrained
 
     out, model_dir = Path(out), Path(model_dir)
     if out.exists():
@@ -616,8 +616,6 @@ def quantize_dir(model_dir: str | Path, out: str | Path, bits: int, group_size: 
     qc.source = str(model_dir.resolve())
     with staged_dir(out, replace=False) as tmp:
         save_pretrained(tmp, model, tok)  # with quantization.json: qc, its source set
-        for extra in (GENERATION, TRAINING, "chat_template.jinja"):
-            if (model_dir / extra).is_file() and not (model_dir / extra).is_symlink():  # never read out of it
-                (tmp / extra).write_bytes((model_dir / extra).read_bytes())
+        copy_side_files(model_dir, tmp, (*SIDE_FILES, TRAINING))  # the same trained model, in fewer bits
     return out, qc, stats
 

@@ -5,7 +5,7 @@ Because every kind is an ordinary HF tokenizer, its `tokenizer.json` loads in `t
 
 - bpe: byte-level BPE (GPT-2 style). Lossless on any Unicode text; never produces <UNK>.
 - char: one token per Unicode code point seen in training (most frequent first). Lossless on text made of
-  seen characters; an unseen character encodes as <UNK> and decodes to nothing.
+  seen characters; an unseen character encodes as <UNK> and decodes as "<UNK>".
 - word: the AZR Model Trainer app's SimpleTokenizer: `re.findall(r"\\w+|[^\\w\\s]", text.lower())`, the most
   frequent words, <UNK> for the rest, decode joins with single spaces. Lossy by design: case, whitespace and
   newlines go.
@@ -230,10 +230,28 @@ class Tokenizer:
             raise
 
     def decode(self, ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
-        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        """Text of `ids`. skip_special_tokens leaves out <PAD> <BOS> <EOS> and the other control tokens (a chat
+        model's roles) but not <UNK>: it stands for text the vocabulary lacks, and dropping it hid that (an unseen
+        character vanished), where transformers' decode of the export prints it."""
+        if skip_special_tokens:
+            skip = self._skipped_ids()
+            ids = [i for i in ids if int(i) not in skip]
+        return self.hf.decode(list(ids), skip_special_tokens=False)
 
     def decode_batch(self, batch: Sequence[Sequence[int]], *, skip_special_tokens: bool = True) -> list[str]:
-        return self.hf.decode_batch([list(ids) for ids in batch], skip_special_tokens=skip_special_tokens)
+        if skip_special_tokens:
+            skip = self._skipped_ids()
+            batch = [[i for i in ids if int(i) not in skip] for ids in batch]
+        return self.hf.decode_batch([list(ids) for ids in batch], skip_special_tokens=False)
+
+    def _skipped_ids(self) -> frozenset[int]:
+        """The special tokens' ids but <UNK>'s, remade when tokens were added (chat roles are added in place)."""
+        size = self.hf.get_vocab_size(with_added_tokens=True)
+        if getattr(self, "_skip_for", None) != size:
+            added = self.hf.get_added_tokens_decoder()
+            self._skip = frozenset(i for i, t in added.items() if t.special and i != UNK_ID)
+            self._skip_for = size
+        return self._skip
 
     def context_tail(self, context: Sequence[int]) -> tuple[list[int], str]:
         """(the last id of `context` when it decodes to whole text, else []; its text): what a continuation of
