@@ -51,9 +51,11 @@ class LmlabLM(LM):
         return loglikelihood(self.model, pairs, batch_size=self.batch_size)
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
-        """Each text after one <EOS>, in disjoint windows of the model's context: lm-eval's rolling windows."""
+        """Each text after one <EOS> (the <BOS> of a tokenizer that puts one before a text), in disjoint windows of
+        the model's context: lm-eval's rolling windows."""
         tok = self.tokenizer
-        seqs = [[tok.eos_id, *tok.encode(r.args[0])] for r in requests]
+        first = tok.bos_id if tok.adds_bos else tok.eos_id
+        seqs = [[first, *tok.encode(r.args[0])] for r in requests]
         return [-total for total, _ in nll_many(self.model, seqs, batch_size=self.batch_size)]
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
