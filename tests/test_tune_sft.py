@@ -276,6 +276,33 @@ def test_lora_new_tokens_trains_the_chat_tokens_rows_and_no_other(tmp_path, base
     assert "--lora-new-tokens needs --lora-rank" in capsys.readouterr().err
 
 
+def test_peft_loads_a_new_tokens_adapter_as_the_readme_says(tmp_path, base_dir, monkeypatch):
+    """README's Python for `peft` on a `--lora-new-tokens` adapter, run as written (in a folder holding RUN and
+    base-hf): the export of the starting model resized to the run's vocabulary takes the adapter, with the logits
+    of the run's final/ model; without the resize PEFT cannot index the chat tokens' rows."""
+    import re
+    from pathlib import Path
+
+    pytest.importorskip("peft")
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    (code,) = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "PeftModel.from_pretrained" in b]
+    assert main(["tune", "sft", "--model", str(base_dir), "--data", str(write_jsonl(tmp_path / "c.jsonl", CHATS)),
+                 "--out", str(tmp_path / "RUN"), "--max-steps", "3", "--batch-size", "2", "--lr", "1e-2",
+                 "--eval-every", "0", "--lora-rank", "4", "--lora-new-tokens"]) == 0
+    assert main(["export", "hf", str(base_dir), str(tmp_path / "base-hf")]) == 0
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(IndexError):
+        exec(re.sub(r"\nbase.resize_token_embeddings.*", "", code), {})
+    scope = {}
+    exec(code, scope)
+    from lmlab.tune.chat import chat_token_ids
+    final, tok = lmlab.load(tmp_path / "RUN" / "final")
+    x = torch.tensor([[*chat_token_ids(tok).values(), 5, 6, 7, 40, 100]])  # the trained rows are read too
+    with torch.no_grad():
+        torch.testing.assert_close(scope["model"].eval()(input_ids=x).logits, final.eval()(x).logits, atol=1e-4,
+                                   rtol=0)
+
+
 def test_lora_hard_tokens_are_those_of_largest_summed_loss_on_the_training_split(tmp_path, base_dir, capsys):
     """`--lora-hard-tokens 3`: LoRA also trains the rows of the 3 tokens with the largest summed loss under the
     starting model over the training split's trained tokens (summed here example by example), the chat tokens

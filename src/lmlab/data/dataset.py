@@ -174,15 +174,19 @@ def prepare_texts(texts: Sequence[str], tokenizer: Any, out_dir: str | Path, *, 
     # of them starts. Decoding them lost what an <UNK> stood for and added the spaces word-level decoding puts
     # between words (val_bytes 0.73 of the true size for a 100-word vocabulary, 0 for a val part of <UNK>s).
     encode_cut = getattr(tokenizer, "encode_batch_cut", None)
+    # A tokenizer whose own rule puts <BOS> before a text (an imported Llama's, Tokenizer.adds_bos) starts each
+    # document with it, as transformers' run_clm tokenizes each text with its specials: the model sees its texts
+    # begin as its prompts do. lmlab's own tokenizers add nothing; documents are separated by <EOS> either way.
+    bos = [tokenizer.bos_id] if getattr(tokenizer, "adds_bos", False) else []
     train_parts, val_parts, val_bytes = [], [], []
     for chunk in _chunks(keep, [len(texts[i]) for i in keep]):
         batch = [texts[i] for i in chunk]
-        if encode_cut is not None:
-            encoded = encode_cut(batch, lambda n: n - n_val_of(n))
+        if encode_cut is not None:  # the cut in the text's own ids, before the <BOS>
+            encoded = encode_cut(batch, lambda n: n - n_val_of(n + len(bos)))
         else:  # a tokenizer without offsets: its val text decoded, which is right for a lossless one
             encoded = [(ids, None) for ids in tokenizer.encode_batch(batch)]
         for text, (ids, val_start) in zip(batch, encoded):
-            ids = np.asarray(ids, dtype=np.int64)
+            ids = np.asarray(bos + list(ids), dtype=np.int64)
             if len(ids) and not 0 <= ids.min() <= ids.max() < vocab:
                 raise ValueError(f"the tokenizer produced id {ids.max()} outside its vocabulary of {vocab}")
             ids = ids.astype(dtype)

@@ -79,9 +79,11 @@ class LmlabLM(LM):
         return loglikelihood(self.model, pairs, batch_size=self.batch_size)
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
-        """Each text after one <EOS>, in disjoint windows of the model's context: lm-eval's rolling windows."""
+        """Each text after one <EOS> (the <BOS> of a tokenizer that puts one before a text), in disjoint windows of
+        the model's context: lm-eval's rolling windows."""
         tok = self.tokenizer
-        seqs = [[tok.eos_id, *tok.encode(r.args[0])] for r in requests]
+        first = tok.bos_id if tok.adds_bos else tok.eos_id
+        seqs = [[first, *tok.encode(r.args[0])] for r in requests]
         return [-total for total, _ in nll_many(self.model, seqs, batch_size=self.batch_size)]
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
@@ -105,8 +107,10 @@ class ChatText:
         """The same, whose end of text is the turn's end: generation stops at <|end|>."""
         return ChatText(self._tok, self._ids[END])
 
-    def encode(self, text: str) -> list[int]:
-        ids: list[int] = []
+    adds_bos = False  # the chat format's turns start with their role tokens (render adds no <BOS>)
+
+    def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
+        ids: list[int] = [self._tok.bos_id] if add_bos else []
         for i, piece in enumerate(self._split(text)):
             ids += [self._ids[piece]] if i % 2 else self._tok.encode(piece) if piece else []
         return ids

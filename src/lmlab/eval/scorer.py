@@ -130,12 +130,14 @@ def bits_per_byte(nats: float, n_bytes: int) -> float:
 def text_nll(model: Transformer, tokenizer: Any, texts: Sequence[str], *, seq_len: int | None = None,
              stride: int | None = None, batch_size: int = 16, cache_chunk: int = 0) -> dict[str, float]:
     """Loss (nats/token), perplexity and bits per byte of `texts`, each document scored on its own after an
-    <EOS> (lm-eval's loglikelihood_rolling with a stride); special tokens inside a text are not counted, but
+    <EOS>, or the <BOS> of a tokenizer that puts one before a text (lm-eval's loglikelihood_rolling with a
+    stride); special tokens inside a text are not counted, but
     <unk> is: it stands for bytes of the text, which bits per byte counts (left out, a text of unseen letters
     scored 3x better, and the bridge's loglikelihood_rolling, which counts it, disagreed)."""
     specials = {getattr(tokenizer, k) for k in ("pad_id", "bos_id", "eos_id") if hasattr(tokenizer, k)}
     docs = [(text, enc) for text, enc in zip(texts, tokenizer.encode_batch(list(texts))) if enc]
-    scored = nll_many(model, [[tokenizer.eos_id, *enc] for _, enc in docs],
+    first = tokenizer.bos_id if getattr(tokenizer, "adds_bos", False) else tokenizer.eos_id
+    scored = nll_many(model, [[first, *enc] for _, enc in docs],
                       [[i not in specials for i in enc] for _, enc in docs], seq_len=seq_len, stride=stride,
                       batch_size=batch_size, cache_chunk=cache_chunk)
     total, n = sum(t for t, _ in scored), sum(k for _, k in scored)
@@ -152,12 +154,14 @@ def text_nll(model: Transformer, tokenizer: Any, texts: Sequence[str], *, seq_le
 def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """lm-eval's split (TemplateLM._encode_pair): the context's trailing whitespace joins the continuation; the
     continuation's ids are those of the whole text after the context's (so a merge across the boundary is not
-    counted twice); an empty context is <EOS>."""
+    counted twice); an empty context is <EOS>. A tokenizer whose own rule puts <BOS> before a text (Tokenizer.adds_bos)
+    gets it before the context, an empty one too (lm-eval's prefix token is the BOS where there is one)."""
     stripped = context.rstrip()
     context, continuation = stripped, context[len(stripped):] + continuation
+    bos = getattr(tokenizer, "adds_bos", False)
     if not context:
-        return [tokenizer.eos_id], tokenizer.encode(continuation)
-    whole, ctx = tokenizer.encode(context + continuation), tokenizer.encode(context)
+        return [tokenizer.bos_id if bos else tokenizer.eos_id], tokenizer.encode(continuation)
+    whole, ctx = tokenizer.encode(context + continuation, add_bos=bos), tokenizer.encode(context, add_bos=bos)
     return ctx, whole[len(ctx):]
 
 

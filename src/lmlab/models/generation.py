@@ -472,7 +472,9 @@ def _beam_loop(model: Transformer, prompts: Sequence[Sequence[int]], cfg: Genera
 
 def _encode_prompt(tokenizer: Any, prompt: str, bos: bool) -> list[int]:
     ids = tokenizer.encode(prompt)
-    return [tokenizer.bos_id, *ids] if bos or not ids else ids  # an empty prompt starts from <BOS>
+    # <BOS> first where asked, where the tokenizer's own rule puts it (an imported Llama's: Tokenizer.adds_bos), and
+    # before an empty prompt (something to start from)
+    return [tokenizer.bos_id, *ids] if bos or not ids or getattr(tokenizer, "adds_bos", False) else ids
 
 
 def generate(model: Transformer, tokenizer: Any, prompt: str | Sequence[str], config: GenerationConfig | None = None,

@@ -11,7 +11,9 @@ Because every kind is an ordinary HF tokenizer, its `tokenizer.json` loads in `t
   newlines go.
 
 Special tokens are only ever produced by `add_bos`/`add_eos`: the literal text "<EOS>" encodes as ordinary
-text, so any text round-trips and user text cannot inject control tokens. Plain HF loaders match special
+text, so any text round-trips and user text cannot inject control tokens. lmlab's own tokenizers add none by
+themselves; an imported checkpoint's may prepend <BOS> (Llama's post-processor), which `adds_bos` reports and the
+encoders of whole texts for the model (a prompt, an eval context, a document) honour. Plain HF loaders match special
 tokens in text unless told not to (`PreTrainedTokenizerFast(..., split_special_tokens=True)`).
 """
 
@@ -198,6 +200,14 @@ class Tokenizer:
         if raw is None or not all(c in BYTE_LEVEL for c in raw):
             return None
         return bytes(BYTE_LEVEL[c] for c in raw)
+
+    @property
+    def adds_bos(self) -> bool:
+        """Whether the tokenizer's own post-processor puts <BOS> before a text (a Llama checkpoint's does; lmlab's
+        tokenizers do not): transformers' tokenizer(text).input_ids and llama.cpp (GGUF's add_bos_token) start the
+        text with it, so the model was trained to see it first. The one place that decides it: generation, the
+        OpenAI API, eval scoring and token files encode a whole text as encode(text, add_bos=tok.adds_bos)."""
+        return self.hf.encode("a b", add_special_tokens=True).ids[:1] == [BOS_ID]  # text itself never gives <BOS>
 
     def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         try:

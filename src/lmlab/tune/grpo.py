@@ -181,7 +181,9 @@ class PromptSource:
         """Ids of each prompt: a task's prompt starts a text (<BOS> first); a given one as it is ('' starts
         from <BOS>). ValueError when prompt + max_new_tokens (and EOS) exceeds the model's context."""
         tok = self.tok
-        ids = [[tok.bos_id, *tok.encode(p)] if self.task else tok.encode(p) or [tok.bos_id] for p in prompts]
+        bos = getattr(tok, "adds_bos", False)  # the tokenizer's own <BOS> before a text, as generate puts it
+        ids = [[tok.bos_id, *tok.encode(p)] if self.task else tok.encode(p, add_bos=bos) or [tok.bos_id]
+               for p in prompts]
         longest = max(len(p) for p in ids) + self.max_new_tokens + 1
         if longest > self.block_size:
             raise ValueError(f"prompt + max_new_tokens ({longest} tokens) exceeds the model's context "

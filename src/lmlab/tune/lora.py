@@ -21,8 +21,10 @@ and converts both ways exactly; only the dropout mask is shared by the segments 
 `tokens` (and `chat_tokens`, `--lora-new-tokens`: the chat format's tokens, which add_chat_tokens appends to the
 tokenizer with rows at the mean) also trains the embedding rows of those tokens, and the output head's when it is
 untied: PEFT's `trainable_token_indices` (its TrainableTokens layer), which stores the trained rows themselves
-and puts them in place of the frozen ones. A token LoRA cannot otherwise move, such as a new end-of-turn token
-whose row starts at the mean, costs a frozen-embedding run most of its loss (docs/LOG.md, issue 16).
+and puts them in place of the frozen ones (the chat tokens' rows are new: PEFT needs the export of the base resized
+to the run's vocabulary first, `resize_token_embeddings`, README). A token LoRA cannot otherwise move, such as a
+new end-of-turn token whose row starts at the mean, costs a frozen-embedding run most of its loss (docs/LOG.md,
+issue 16).
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ DATA_COPY = "data.jsonl"  # a run's own copy of its pairs (or KTO examples)
 # beta's usual value per loss: DPO/IPO/KTO papers and TRL's default 0.1; SimPO's paper sweeps 2.0-2.5; ORPO's
 # lambda 0.1 (Hong et al. 2024, section 6)
 DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "simpo": 2.0, "orpo": 0.1, "kto": 0.1}
-RENDER = "plain-v1"  # changes whenever render() does: part of the reference cache's key
+RENDER = "plain-v2"  # changes whenever render() does: part of the reference cache's key
 
 
 # ---- data -------------------------------------------------------------------------------------------
@@ -82,8 +82,9 @@ def render(tokenizer: Any, prompt: str, completion: str) -> tuple[list[int], lis
     """(prompt ids, completion ids + EOS) of plain text: where a chat renderer plugs in. The completion starts
     where the tokenised prompt and prompt + completion part (tokens may merge across the boundary), as TRL's
     DPOTrainer does, so the scored ids are exactly the ids of the full text."""
-    p = tokenizer.encode(prompt)
-    full = tokenizer.encode(prompt + completion)
+    bos = getattr(tokenizer, "adds_bos", False)  # the tokenizer's own <BOS> before a text, as generate puts it
+    p = tokenizer.encode(prompt, add_bos=bos)
+    full = tokenizer.encode(prompt + completion, add_bos=bos)
     k = next((i for i, (a, b) in enumerate(zip(p, full)) if a != b), min(len(p), len(full)))
     return full[:k], full[k:] + [tokenizer.eos_id]
 

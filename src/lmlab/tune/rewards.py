@@ -174,7 +174,7 @@ class JudgeReward:
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], completions: Sequence[str], ids: Sequence[Sequence[int]]) -> list[float]:
         tok = self.tokenizer
-        prompt_ids = [tok.encode(p) or [tok.bos_id] for p in prompts]
+        prompt_ids = [tok.encode(p, add_bos=tok.adds_bos) or [tok.bos_id] for p in prompts]  # as generate does
         comp_ids = [tok.encode(c) + [tok.eos_id] for c in completions]
         limit = self.model.config.block_size
         for i, (p, c) in enumerate(zip(prompt_ids, comp_ids)):  # keep the end of a too-long row

@@ -63,7 +63,8 @@ def encode_examples(kind: str, rows: Sequence[tuple[int, Any]], tokenizer: Token
         if kind == "messages":
             ids, mask = render(record, tokenizer)
         else:
-            prompt = tokenizer.encode(record["prompt"]) or [tokenizer.bos_id]  # as generate starts an empty prompt
+            # as generate encodes a prompt: the tokenizer's own <BOS> (Tokenizer.adds_bos); <BOS> for an empty one
+            prompt = tokenizer.encode(record["prompt"], add_bos=tokenizer.adds_bos) or [tokenizer.bos_id]
             completion = tokenizer.encode(record["completion"]) + [tokenizer.eos_id]
             ids = prompt + completion
             mask = [0] * len(prompt) + [1] * len(completion) if completion_only else [1] * len(ids)

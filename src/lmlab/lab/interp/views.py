@@ -34,7 +34,7 @@ def encode(model: Any, tok: Any, text: str, flag: str = "--prompt", bos: bool = 
     ids = tok.encode(text)
     if not ids:
         raise ValueError(f"{flag} is empty: give some text")
-    ids = [tok.bos_id, *ids] if bos else ids
+    ids = [tok.bos_id, *ids] if bos or getattr(tok, "adds_bos", False) else ids  # and the tokenizer's own <BOS>
     if len(ids) > model.config.block_size:
         raise ValueError(f"{flag} is {len(ids)} tokens, more than the model's context ({model.config.block_size})")
     return ids

@@ -231,7 +231,8 @@ def render_chat(model_dir: Path, tokenizer: Any, messages: list[ChatMessage]) ->
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
-    return tokenizer.encode(text) or [tokenizer.bos_id]  # generation.generate's rule for an empty prompt
+    # generation.generate's rules: the tokenizer's own <BOS> (Tokenizer.adds_bos), an empty prompt starts from <BOS>
+    return tokenizer.encode(text, add_bos=tokenizer.adds_bos) or [tokenizer.bos_id]
 
 
 def _text(text: str, param: str) -> str:
