@@ -104,6 +104,19 @@ def test_only_the_first_ddp_rank_checks_the_files(tmp_path, monkeypatch):
         refuse_existing_run(tmp_path)
 
 
+
+def test_a_run_killed_in_its_first_save_is_not_offered_a_resume(tmp_path):
+    """A kill while the first checkpoint was written leaves only its temporary folder: the rerun said "resume
+    it", and the resume "no checkpoint to resume from"; now both say to start again (a kill -9 review)."""
+    from lmlab.train.checkpoint import refuse_existing_run
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "checkpoints" / ".tmp-step-25").mkdir(parents=True)
+    with pytest.raises(ValueError, match="holds config.json, which a new run would overwrite; choose a new folder"):
+        refuse_existing_run(tmp_path)
+    (tmp_path / "checkpoints" / "step-25").mkdir()
+    with pytest.raises(ValueError, match="already holds a run; resume it"):
+        refuse_existing_run(tmp_path)
+
 def test_a_lora_checkpoint_or_a_foreign_one_is_a_one_line_error(tmp_path):
     """load_model gives the names it missed as sets: `missing[:3]` raised TypeError ('set' object is not
     subscriptable), so `lmlab eval RUN --all-checkpoints` on a LoRA run ended in "internal error"."""
@@ -127,3 +140,26 @@ def test_a_lora_checkpoint_or_a_foreign_one_is_a_one_line_error(tmp_path):
                    f"does not match its config: missing \\[\\], unexpected \\['{extra}'\\]")
         with pytest.raises(ValueError, match=message):
             checkpoint_model(step)
+
+
+def test_a_run_without_final_or_a_checkpoint_given_as_a_model_says_what_it_is(tmp_path, capsys):
+    """What a killed run leaves (its folder without final/, its checkpoints) given to info / eval / generate: the
+    run's config.json was read as a model's ("unknown ModelConfig field(s): train, model, ...") or the folder was
+    "not a model directory: model.safetensors is missing" (a kill -9 review)."""
+    import shutil
+    (tmp_path / "book.txt").write_text("Жили-были дед да баба, и была у них курочка Ряба. " * 40)
+    run = tmp_path / "run"
+    assert main(["train", str(tmp_path / "book.txt"), "--out", str(run), "--preset", "llama-tiny",
+                 "--tokenizer-kind", "char", "--max-steps", "2", "--save-every", "1", "--keep-last", "0"]) == 0
+    shutil.rmtree(run / "final")
+    step = run / "checkpoints" / "step-2"
+    capsys.readouterr()
+    for argv in (["info", run], ["eval", run, tmp_path / "book.txt"], ["generate", run, "--prompt", "Жили"]):
+        assert main([str(a) for a in argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (f"lmlab: error: {run} is a training run without a final/ model (it stopped before the end): "
+                       "resume it with its command's --resume, or give a model directory"), err
+    assert main(["info", str(step)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"lmlab: error: {step} is a checkpoint of the training run {run}, not a model directory: score its "
+        f"checkpoints with `lmlab eval {run} --all-checkpoints`, or resume the run to its final/ model")

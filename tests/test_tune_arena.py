@@ -168,7 +168,7 @@ def test_pairwise_and_win_rate_on_hand_made_answers():
     (["--seed", "-1"], f"seed must be a whole number in [0, {2**62}] (the trainer's bound), not -1"),
     (["--seed", str(2**64)], f"seed must be a whole number in [0, {2**62}]"),
     (["--seed", str(2**63 - 1)], f"in [0, {2**62}] (the trainer's bound), not {2**63 - 1}"),
-    (["--model", "{tmp}/run"], "run is not a model directory: model.safetensors is missing"),  # a run, no final/
+    (["--model", "{tmp}/run"], "run is a training run without a final/ model"),  # a run, no final/
 ])
 def test_bad_arguments_are_one_line_errors(tmp_path, capsys, argv, message):
     (tmp_path / "mine.txt").write_text("keep me")

@@ -206,7 +206,27 @@ class ModelConfig:
             text = Path(path).read_text(encoding="utf-8")
         except UnicodeDecodeError as exc:
             raise ValueError(f"{path} is not UTF-8 text: {exc}") from None
+        refuse_run_config(Path(path), text)
         return cls.from_json(text)
+
+
+def refuse_run_config(path: Path, text: str) -> None:
+    """ValueError when the config.json at `path` is a training run's ({train, model, ...}) given where a model
+    directory belongs: a run that did not finish (no final/) or one of its checkpoints. Read as a model's, it
+    said "unknown ModelConfig field(s): train, model, ..."."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return
+    if not (isinstance(data, dict) and isinstance(data.get("train"), dict) and isinstance(data.get("model"), dict)):
+        return
+    folder = path.parent
+    if folder.parent.name == "checkpoints":
+        raise ValueError(f"{folder} is a checkpoint of the training run {folder.parent.parent}, not a model directory: "
+                         f"score its checkpoints with `lmlab eval {folder.parent.parent} --all-checkpoints`, or resume "
+                         "the run to its final/ model")
+    raise ValueError(f"{folder} is a training run without a final/ model (it stopped before the end): resume it "
+                     "with its command's --resume, or give a model directory")
 
 
 def preset_names() -> list[str]:

@@ -110,10 +110,11 @@ def load_pretrained(path: str | Path, *, device: str | torch.device = "cpu",
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"model directory not found: {path}")
-    for name in (CONFIG, WEIGHTS):
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"{path} is not a model directory: {name} is missing")
-    config = ModelConfig.load(path / CONFIG)
+    if not (path / CONFIG).is_file():
+        raise FileNotFoundError(f"{path} is not a model directory: {CONFIG} is missing")
+    config = ModelConfig.load(path / CONFIG)  # first: a run's folder without final/ is said to be one
+    if not (path / WEIGHTS).is_file():
+        raise FileNotFoundError(f"{path} is not a model directory: {WEIGHTS} is missing")
     require_size(config, stored_values(path / WEIGHTS), path / CONFIG)
     model = Transformer(config)
     if (path / QUANTIZATION).is_file():  # int8/int4 linears (quant.py) in place of nn.Linear

@@ -143,7 +143,9 @@ def refuse_existing_run(run_dir: str | Path, overwrites: tuple[str, ...] = RUN_F
     the tune commands and the library's train(); the callers that write more before the Trainer name those
     too, and the `command` that resumes their runs."""
     out = Path(run_dir)
-    if (out / "final").exists() or ((out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir())):
+    # a checkpoint a resume would load: the temporary folder of a first save that was killed is none, and a
+    # "resume it" here met "no checkpoint to resume from" there
+    if (out / "final").exists() or checkpoints(out):
         raise ValueError(f"{out} already holds a run; resume it ({command} --out {out} --resume) or choose "
                          "another folder")
     if os.environ.get("RANK", "0") not in ("", "0"):  # a DDP rank but the first would find rank 0's own new files
