@@ -215,6 +215,41 @@ def test_a_killed_writers_temporary_file_goes_with_the_next_write(tmp_path, monk
             p.wait(10)
 
 
+
+def test_a_killed_writers_staged_folder_goes_with_the_next_write(tmp_path, monkeypatch):
+    """A process killed inside staged_dir (export, quantize, merge, lora merge, data filter and dedup) left its
+    hidden folder, a whole model's copy, for good (a kill -9 review: 69 MB a kill). The next staged write of the
+    same folder removes those of writers that are gone (once STALE_S old); a live writer's stays."""
+    import signal
+
+    import lmlab.files as files
+    out = tmp_path / "export"
+    script = textwrap.dedent(f"""
+        import time
+        from pathlib import Path
+        from lmlab.files import staged_dir
+        with staged_dir(Path({str(out)!r})) as tmp:
+            (tmp / "model.safetensors").write_bytes(b"half" * 1000)
+            print(tmp, flush=True)
+            time.sleep(60)
+    """)
+    env = {**os.environ, "PYTHONPATH": str(Path(files.__file__).parents[1])}
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    killed, live = (Path(p.stdout.readline().strip()) for p in procs)
+    try:
+        procs[0].send_signal(signal.SIGKILL)
+        procs[0].wait(10)
+        assert killed.is_dir() and live.is_dir() and killed.parent == live.parent == tmp_path
+        monkeypatch.setattr(files, "STALE_S", 0.0)
+        with files.staged_dir(out) as tmp:
+            (tmp / "config.json").write_text("{}")
+        assert not killed.exists() and live.is_dir() and (out / "config.json").read_text() == "{}"
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(10)
+
 def test_data_reaches_the_disk_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
     """Nothing was fsync'ed: after a power cut a renamed file could have its name and no data. Now a file is
     synced before it is renamed into place, and its folder after; a staged folder's files and folders too."""

@@ -50,9 +50,23 @@ def temp_beside(path: str | Path) -> Path:
             continue
 
 
+def temp_dir_beside(path: Path) -> Path:
+    """Create an empty hidden folder beside `path` to build it in, named .NAME.<host 2><pid 6>.tmp; leftovers of
+    earlier writers of `path` that were killed go first (a model's copy each kill, as temp_beside's files). A
+    second one this process makes for the same `path` meanwhile gets a random name, which is never swept."""
+    _sweep(path)
+    tmp = path.with_name(f".{path.name}.{_HOST}{os.getpid() % 2**24:06x}.tmp")
+    try:
+        tmp.mkdir()
+        return tmp
+    except FileExistsError:
+        return Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+
+
 def _sweep(path: Path) -> None:
-    """Remove the temporary files of `path` (regular files only) left by processes of this machine that are
-    gone, at least STALE_S old. A name of another form (another machine's, an older lmlab's) is left alone."""
+    """Remove the temporary files (temp_beside) and folders (temp_dir_beside) of `path` left by processes of
+    this machine that are gone, at least STALE_S old. A name of another form (another machine's, an older
+    lmlab's) is left alone, as is a link."""
     prefix, now = f".{path.name}.", None
     try:
         entries = os.scandir(path.parent)
@@ -62,15 +76,19 @@ def _sweep(path: Path) -> None:
         for entry in entries:
             name = entry.name
             tag = name[len(prefix):-len(".tmp")] if name.startswith(prefix) and name.endswith(".tmp") else ""
-            if len(tag) != 12 or tag[:2] != _HOST or any(c not in "0123456789abcdef" for c in tag):
+            if len(tag) not in (8, 12) or tag[:2] != _HOST or any(c not in "0123456789abcdef" for c in tag):
                 continue
             pid = int(tag[2:8], 16)
             try:
-                if not entry.is_file(follow_symlinks=False) or pid == os.getpid() % 2**24 or _alive(pid):
+                kind = entry.is_file(follow_symlinks=False) if len(tag) == 12 else entry.is_dir(follow_symlinks=False)
+                if not kind or pid == os.getpid() % 2**24 or _alive(pid):
                     continue
                 now = now or time.time()
                 if now - entry.stat(follow_symlinks=False).st_mtime >= STALE_S:
-                    os.unlink(entry.path)
+                    if len(tag) == 12:
+                        os.unlink(entry.path)
+                    else:
+                        shutil.rmtree(entry.path)
             except OSError:
                 continue
 
@@ -233,7 +251,7 @@ def staged_dir(out: Path, *, refuse: Path | None = None, stale: tuple[str, ...] 
         out.mkdir(parents=True, exist_ok=True)
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out if in_place else out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    tmp = temp_dir_beside(out / out.name if in_place else out)
     aside: Path | None = None
     swapped = False
     try:

@@ -32,7 +32,6 @@ import hashlib
 import json
 import os
 import re
-import secrets
 import shutil
 import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
@@ -42,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from ..configs import knob, validate
-from ..files import fix_modes
+from ..files import fix_modes, temp_dir_beside
 from .dataset import _document_names
 from .documents import find_documents, read_document
 
@@ -378,9 +377,10 @@ def dedup(sources: Sequence[str | Path], out_dir: str | Path, config: DedupConfi
         raise ValueError(f"two documents would be written as the same file: {TEXTS}/{twice}")
     texts = [read_document(p) for p in paths]
     result = dedup_texts(texts, config)
-    tmp = out.with_name(f".{out.name}.{secrets.token_hex(6)}.tmp")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_dir_beside(out)
     try:
-        (tmp / TEXTS).mkdir(parents=True)
+        (tmp / TEXTS).mkdir()
         written = []
         for name, text in zip(names, kept_texts(texts, result)):
             if text.strip():
