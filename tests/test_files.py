@@ -175,11 +175,25 @@ def test_a_link_the_current_folder_and_the_folders_mode(tmp_path, monkeypatch):
     assert private.stat().st_mode & 0o777 == 0o700 and (private / "a").read_text() == "new"
 
 
+
+def _two_writers_one_killed(script: str) -> tuple[list[subprocess.Popen], Path, Path]:
+    """Two processes that each print the temporary path they write through and wait; the first is killed (-9)."""
+    import signal
+
+    import lmlab.files as files
+    env = {**os.environ, "PYTHONPATH": str(Path(files.__file__).parents[1])}
+    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
+             for _ in range(2)]
+    killed, live = (Path(p.stdout.readline().strip()) for p in procs)
+    procs[0].send_signal(signal.SIGKILL)
+    procs[0].wait(10)
+    return procs, killed, live
+
+
 def test_a_killed_writers_temporary_file_goes_with_the_next_write(tmp_path, monkeypatch):
     """A process killed inside atomic_path left its hidden temporary file for good (a half-written checkpoint
     of GBs at each kill). The next write of the same name on this machine removes those of processes that are
     gone (once STALE_S old); a live writer's, another machine's, a folder and other names are left alone."""
-    import signal
 
     import lmlab.files as files
     target = tmp_path / "model.safetensors"
@@ -191,13 +205,8 @@ def test_a_killed_writers_temporary_file_goes_with_the_next_write(tmp_path, monk
             print(tmp, flush=True)
             time.sleep(60)
     """)
-    env = {**os.environ, "PYTHONPATH": str(Path(files.__file__).parents[1])}
-    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
-             for _ in range(2)]
-    killed, live = (Path(p.stdout.readline().strip()) for p in procs)
+    procs, killed, live = _two_writers_one_killed(script)
     try:
-        procs[0].send_signal(signal.SIGKILL)
-        procs[0].wait(10)
         gone = f"{procs[0].pid % 2**24:06x}"  # the killed writer's pid: these differ from its file but in what
         other_host = target.with_name(f".{target.name}.{'00' if files._HOST != '00' else '01'}{gone}1234.tmp")
         folder = target.with_name(f".{target.name}.{files._HOST}{gone}abcd.tmp")
@@ -220,7 +229,6 @@ def test_a_killed_writers_staged_folder_goes_with_the_next_write(tmp_path, monke
     """A process killed inside staged_dir (export, quantize, merge, lora merge, data filter and dedup) left its
     hidden folder, a whole model's copy, for good (a kill -9 review: 69 MB a kill). The next staged write of the
     same folder removes those of writers that are gone (once STALE_S old); a live writer's stays."""
-    import signal
 
     import lmlab.files as files
     out = tmp_path / "export"
@@ -233,13 +241,8 @@ def test_a_killed_writers_staged_folder_goes_with_the_next_write(tmp_path, monke
             print(tmp, flush=True)
             time.sleep(60)
     """)
-    env = {**os.environ, "PYTHONPATH": str(Path(files.__file__).parents[1])}
-    procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
-             for _ in range(2)]
-    killed, live = (Path(p.stdout.readline().strip()) for p in procs)
+    procs, killed, live = _two_writers_one_killed(script)
     try:
-        procs[0].send_signal(signal.SIGKILL)
-        procs[0].wait(10)
         assert killed.is_dir() and live.is_dir() and killed.parent == live.parent == tmp_path
         monkeypatch.setattr(files, "STALE_S", 0.0)
         with files.staged_dir(out) as tmp:
