@@ -151,9 +151,12 @@ def test_a_run_without_final_or_a_checkpoint_given_as_a_model_says_what_it_is(tm
     run = tmp_path / "run"
     assert main(["train", str(tmp_path / "book.txt"), "--out", str(run), "--preset", "llama-tiny",
                  "--tokenizer-kind", "char", "--max-steps", "2", "--save-every", "1", "--keep-last", "0"]) == 0
+    capsys.readouterr()
+    assert main(["generate", str(run), "--prompt", "Жили"]) == 2  # a finished run: generate takes its final/
+    assert capsys.readouterr().err.strip() == (f"lmlab: error: {run} is a training run's folder, not a model "
+                                               f"directory: its model is {run / 'final'}")
     shutil.rmtree(run / "final")
     step = run / "checkpoints" / "step-2"
-    capsys.readouterr()
     for argv in (["info", run], ["eval", run, tmp_path / "book.txt"], ["generate", run, "--prompt", "Жили"]):
         assert main([str(a) for a in argv]) == 2
         err = capsys.readouterr().err.strip()

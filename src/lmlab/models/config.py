@@ -212,8 +212,8 @@ class ModelConfig:
 
 def refuse_run_config(path: Path, text: str) -> None:
     """ValueError when the config.json at `path` is a training run's ({train, model, ...}) given where a model
-    directory belongs: a run that did not finish (no final/) or one of its checkpoints. Read as a model's, it
-    said "unknown ModelConfig field(s): train, model, ..."."""
+    directory belongs: a finished run (its model is final/), one that did not finish, or one of its checkpoints.
+    Read as a model's, it said "unknown ModelConfig field(s): train, model, ..."."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
@@ -221,6 +221,8 @@ def refuse_run_config(path: Path, text: str) -> None:
     if not (isinstance(data, dict) and isinstance(data.get("train"), dict) and isinstance(data.get("model"), dict)):
         return
     folder = path.parent
+    if (folder / "final" / "config.json").is_file():  # a finished run: its model is there
+        raise ValueError(f"{folder} is a training run's folder, not a model directory: its model is {folder / 'final'}")
     if folder.parent.name == "checkpoints":
         raise ValueError(f"{folder} is a checkpoint of the training run {folder.parent.parent}, not a model directory: "
                          f"score its checkpoints with `lmlab eval {folder.parent.parent} --all-checkpoints`, or resume "
