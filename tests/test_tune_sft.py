@@ -423,3 +423,16 @@ def test_final_appears_whole_or_not_at_all(tmp_path, base_dir, monkeypatch, wher
     model, tok = lmlab.load(out / "final")  # a plain model with the adapters merged, and the template
     assert (out / "final" / "chat_template.jinja").read_text() == TEMPLATE and (out / "adapter").is_dir()
     assert not any("lora_" in k for k in model.state_dict())
+
+
+def test_bytes_per_token_counts_an_unk_as_one_byte():
+    """decode writes <UNK> as its five letters since it stopped dropping it: SFT's bits per byte counted each
+    unseen character as 5 bytes (a review of the change). It counts the least such a character takes, one byte;
+    left out, a held-out part of <UNK>s had no bytes (bpb NaN)."""
+    tok = lmlab.Tokenizer.train(["ab cd"], kind="char")
+    _, tok, _ = add_chat_tokens(lmlab.Transformer(lmlab.ModelConfig.preset("llama-tiny", vocab_size=len(tok))), tok)
+    record = [{"role": "user", "content": "ab"}, {"role": "assistant", "content": "ab ЖЖZ"}]
+    examples, _ = encode_examples("messages", [(1, record)], tok, 64)
+    assert examples[0].ids[examples[0].mask].tolist().count(tok.unk_id) == 3
+    ds = SFTDataset(examples, examples, tok, 64)
+    assert ds.bytes_per_token() == (3 + 3) / 7  # "ab " and three <UNK>s a byte each, over 6 tokens and <|end|>

@@ -105,7 +105,10 @@ class SFTDataset:
         # bits per byte of the trained text: its UTF-8 bytes over its tokens
         held = val or train
         n_tokens = sum(int(e.mask.sum()) for e in held)
-        n_bytes = sum(len(tokenizer.decode(e.ids[e.mask].tolist()).encode("utf-8")) for e in held)
+        # an <UNK> counts one byte, the least the text it stands for takes (the ids no longer hold it): decode
+        # writes it as the five letters "<UNK>", and left out it counted none (a held-out part of <UNK>s: bpb NaN)
+        n_bytes = sum(len(tokenizer.decode(masked := e.ids[e.mask].tolist()).encode("utf-8"))
+                      - 4 * masked.count(tokenizer.unk_id) for e in held)
         self._bytes_per_token = n_bytes / n_tokens
 
     def bytes_per_token(self) -> float:
