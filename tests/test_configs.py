@@ -140,6 +140,20 @@ def test_a_runs_own_config_json_is_a_config_file(tmp_path, capsys):
                  "--out", str(tmp_path / "r2"), "--max-steps", "1"]) == 0, capsys.readouterr().err
     again = json.loads((tmp_path / "r2" / "config.json").read_text())
     assert again["model"] == saved["model"] and again["train"]["lr"] == 0.002 and again["train"]["max_steps"] == 1
+    # a run from --init with LoRA, and one with a trained --tokenizer: the model's sizes are theirs, and the LoRA
+    # section is the --lora-* flags (merged by name, its dropout became the model's; a review of the change)
+    book, r1 = str(tmp_path / "book.txt"), str(tmp_path / "r1")
+    for first in (["--init", f"{r1}/final", "--lora-rank", "4", "--lora-alpha", "3", "--lora-dropout", "0.25"],
+                  ["--tokenizer", f"{r1}/tokenizer.json", "--preset", "llama-tiny", "--n-layer", "1"]):
+        name = first[0].strip("-")
+        assert main(["train", book, "--out", str(tmp_path / name), "--max-steps", "1", *first]) == 0
+        saved = json.loads((tmp_path / name / "config.json").read_text())
+        assert main(["train", book, "--config", str(tmp_path / name / "config.json"), "--out",
+                     str(tmp_path / f"{name}2")]) == 0, capsys.readouterr().err
+        again = json.loads((tmp_path / f"{name}2" / "config.json").read_text())
+        assert (again["model"], again.get("lora"), again.get("init"), again.get("tokenizer")) == (
+            saved["model"], saved.get("lora"), saved.get("init"), saved.get("tokenizer"))
+    assert saved["tokenizer"] == str((tmp_path / "r1" / "tokenizer.json").resolve())
 
 def test_read_config_file_errors_name_the_file(tmp_path):
     (tmp_path / "a.json").write_text("[1, 2]")

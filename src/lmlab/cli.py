@@ -2200,8 +2200,8 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None)
                 flat[name] = value
 
     settings = read_config_file(args.config)
-    if isinstance(settings.get("data_stats"), dict):  # a run's own config.json: these record what it read
-        settings = {k: v for k, v in settings.items() if k not in RUN_RECORDS}
+    if isinstance(settings.get("data_stats"), dict):  # a training run's own config.json
+        settings = _run_settings(settings)
     merge(settings)
     unknown = sorted(set(flat) - set(dests))
     if unknown:
@@ -2212,6 +2212,29 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: Sequence[str] | None)
         flat[name] = _config_value(args.config, name, dests[name], flat[name])
     target.set_defaults(**flat)
     return parser.parse_args(argv)
+
+
+def _run_settings(saved: dict[str, Any]) -> dict[str, Any]:
+    """A training run's config.json as the settings that make the same run: its records left out (RUN_RECORDS),
+    the model section's sizes left to the --init model or the --tokenizer that bring them, and its LoRA
+    section as the --lora-* flags (a section merged by name, its dropout became the model's)."""
+    settings = {k: v for k, v in saved.items() if k not in RUN_RECORDS}
+    model = dict(settings.get("model") or {})
+    if settings.get("init"):
+        model = {}  # the --init model's own
+    elif settings.get("tokenizer"):
+        model.pop("vocab_size", None)  # the tokenizer's own
+    settings["model"] = model
+    lora = settings.pop("lora", None)
+    if isinstance(lora, dict):
+        if lora.get("tokens"):
+            raise ValueError(f"the run trained the rows of chosen tokens ({lora['tokens']!r:.60}), which no flag of "
+                             "this command sets: give its settings as flags instead of --config")
+        targets = lora.get("targets") or []
+        settings.update(lora_rank=lora.get("rank"), lora_alpha=lora.get("alpha"), lora_dropout=lora.get("dropout"),
+                        lora_targets=None if list(targets) == ["all-linear"] else ",".join(targets),
+                        lora_new_tokens=bool(lora.get("chat_tokens")))
+    return settings
 
 
 class _Once(argparse.Action):

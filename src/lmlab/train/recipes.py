@@ -151,6 +151,8 @@ def train_from_sources(out_dir: str | Path, config: TrainConfig, *, sources: Seq
                       "init": str(init) if init else None, "data_stats": ds.stats()}
         if init is None and tokenizer is None:  # trained here: --config RUN/config.json trains the same kind
             provenance["tokenizer_kind"] = tokenizer_kind
+        elif tokenizer is not None:  # and reads the same file
+            provenance["tokenizer"] = str(Path(tokenizer).resolve())
         if lora is not None:
             provenance["lora"] = lora.to_dict()
         return train_with_lora(model, tok, ds, config, out, callbacks, lora, provenance=provenance)
