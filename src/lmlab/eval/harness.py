@@ -30,7 +30,7 @@ except ImportError as exc:  # the optional extra
 
 from ..models import GenerationConfig, generate
 from ..models.io import load_pretrained
-from ..tune.chat import CHAT_TOKENS, END, MARKERS, chat_token_ids, has_template
+from ..tokenizers.chat_format import CHAT_TOKENS, END, MARKERS, chat_token_ids, has_template
 from .scorer import encode_pair, loglikelihood, nll_many
 
 

@@ -21,8 +21,9 @@ from ..models import Transformer
 from ..models.io import CONFIG, HF_TOKENIZER_DIR, TOKENIZER, WEIGHTS, load_pretrained
 from ..models.quant import QUANTIZATION
 from ..tokenizers import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
+from ..tokenizers.chat_format import TEMPLATE_FILE
 
-CHAT_TEMPLATE = "chat_template.jinja"  # the file name transformers itself uses
+CHAT_TEMPLATE = TEMPLATE_FILE  # the file name transformers itself uses
 GENERATION_CONFIG = "generation_config.json"  # transformers' generation defaults; in HF_TOKENIZER_DIR: its stop ids
 END_OF_TURN = "<|end|>"  # lmlab.tune.chat.END, which this layer cannot import
 # what a model directory of another format is: the exporters and to_hf_model say the same

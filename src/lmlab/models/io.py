@@ -17,6 +17,7 @@ from safetensors.torch import load_model, save_model
 
 from ..files import atomic_path, atomic_write_text, refuse_nonempty, staged_dir
 from ..tokenizers import Tokenizer
+from ..tokenizers.chat_format import TEMPLATE_FILE
 from .config import ModelConfig
 from .generation import GenerationConfig
 from .model import Transformer
@@ -24,7 +25,7 @@ from .quant import QUANTIZATION, QuantConfig, apply_quantization
 
 CONFIG, WEIGHTS, TOKENIZER, GENERATION, TRAINING = (
     "config.json", "model.safetensors", "tokenizer.json", "generation.json", "training.json")
-CHAT_TEMPLATE = "chat_template.jinja"  # tune/chat.py's TEMPLATE_FILE
+CHAT_TEMPLATE = TEMPLATE_FILE  # the chat format's file (tokenizers.chat_format)
 MODEL_FILES = (CONFIG, WEIGHTS, TOKENIZER, GENERATION, TRAINING, QUANTIZATION, CHAT_TEMPLATE)
 HF_TOKENIZER_DIR = "hf_tokenizer"  # an imported model's own tokenizer, as transformers saved it (lmlab.interop)
 # What a model made from another one (merged, quantized) carries over beside its new weights and tokenizer.json:

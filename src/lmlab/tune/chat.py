@@ -29,39 +29,21 @@ from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
 
 from ..files import atomic_write_text
-from ..interop._files import CHAT_TEMPLATE
 from ..models import GenerationConfig, Transformer
 from ..models.generation import StopText, iter_tokens
 from ..models.io import load_pretrained
 from ..tokenizers import Tokenizer
+from ..tokenizers.chat_format import (  # noqa: F401 (the format's names, used from here too)
+    CHAT_TOKENS,
+    END,
+    MARKERS,
+    TEMPLATE,
+    TEMPLATE_FILE,
+    chat_token_ids,
+    has_template,
+)
 from ..train.trainer import Callback
 from .data import ROLES
-
-MARKERS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
-END = "<|end|>"
-CHAT_TOKENS = (*MARKERS.values(), END)
-TEMPLATE_FILE = CHAT_TEMPLATE  # the file name transformers itself uses
-TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'system' -%}<|system|>{{ message['content'] }}<|end|>"
-    "{%- elif message['role'] == 'user' -%}<|user|>{{ message['content'] }}<|end|>"
-    "{%- elif message['role'] == 'assistant' -%}"
-    "<|assistant|>{% generation %}{{ message['content'] }}<|end|>{% endgeneration %}"
-    "{%- else -%}{{ raise_exception('unknown role: ' + message['role']) }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<|assistant|>{%- endif -%}"
-)
-
-
-def chat_token_ids(tokenizer: Tokenizer) -> dict[str, int]:
-    """{"system": id, "user": id, "assistant": id, "end": id}; ValueError when the tokenizer lacks them."""
-    ids = {role: tokenizer.token_to_id(t) for role, t in (*MARKERS.items(), ("end", END))}
-    missing = [t for t, i in zip(CHAT_TOKENS, ids.values()) if i is None]
-    if missing:
-        raise ValueError(f"the tokenizer has no chat tokens ({', '.join(missing)}); fine-tune the model on "
-                         "conversations first (lmlab tune sft)")
-    return ids  # type: ignore[return-value]
 
 
 def with_chat_tokens(tokenizer: Tokenizer) -> tuple[Tokenizer, list[str]]:
@@ -124,12 +106,6 @@ def render(messages: Sequence[dict[str, str]], tokenizer: Tokenizer, *,
 
 def write_template(model_dir: str | Path) -> None:
     atomic_write_text(Path(model_dir) / TEMPLATE_FILE, TEMPLATE)
-
-
-def has_template(model_dir: str | Path) -> bool:
-    """Whether a model directory holds lmlab's chat template (a plain file, not a link)."""
-    file = Path(model_dir) / TEMPLATE_FILE
-    return file.is_file() and not file.is_symlink() and file.read_text(encoding="utf-8", errors="replace") == TEMPLATE
 
 
 class ChatTemplate(Callback):
