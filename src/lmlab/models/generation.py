@@ -470,7 +470,8 @@ def _beam_loop(model: Transformer, prompts: Sequence[Sequence[int]], cfg: Genera
 
 # ---- text level -----------------------------------------------------------------------------------
 
-def _encode_prompt(tokenizer: Any, prompt: str, bos: bool) -> list[int]:
+def encode_prompt(tokenizer: Any, prompt: str, bos: bool = False) -> list[int]:
+    """A prompt's ids, as every caller that generates from text encodes it (the CLI, the API, the server, tuning)."""
     ids = tokenizer.encode(prompt)
     # <BOS> first where asked, where the tokenizer's own rule puts it (an imported Llama's: Tokenizer.adds_bos), and
     # before an empty prompt (something to start from)
@@ -492,7 +493,7 @@ def generate_rows(model: Transformer, tokenizer: Any, prompts: Sequence[str], cf
     """generate's texts, the token ids each row produced (EOS not included; up to where a stop string ended
     the row) and whether each row ended on EOS (which also cost a token), for callers that count tokens or
     score the ending (test-time compute, models/ttc.py)."""
-    ids = [_encode_prompt(tokenizer, p, add_bos) for p in prompts]
+    ids = [encode_prompt(tokenizer, p, add_bos) for p in prompts]
     eos = getattr(tokenizer, "eos_id", EOS_ID)
     pad = getattr(tokenizer, "pad_id", 0)
     if cfg.num_beams > 1:  # beam search ignores stop strings: a hypothesis cut short ended on EOS
@@ -529,7 +530,7 @@ def stream(model: Transformer, tokenizer: Any, prompt: str, config: GenerationCo
     cfg = _resolve(config, overrides)
     if cfg.num_beams > 1:
         raise ValueError("streaming needs num_beams=1 (beam search only knows the winner at the end)")
-    ids = _encode_prompt(tokenizer, prompt, add_bos)
+    ids = encode_prompt(tokenizer, prompt, add_bos)
     eos = getattr(tokenizer, "eos_id", EOS_ID)
     text = StopText(tokenizer, cfg.stop_strings, context=ids)
     for tokens, finished in iter_tokens(model, [ids], cfg, eos_token_id=eos, pad_id=getattr(tokenizer, "pad_id", 0)):

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .generation import GenerationConfig, _encode_prompt, continuation, generate_rows
+from .generation import GenerationConfig, continuation, encode_prompt, generate_rows
 from .model import Transformer
 from .scoring import make_batch, token_logprobs
 
@@ -97,7 +97,7 @@ def best_of_n(model: Transformer, tokenizer: Any, prompt: str, cfg: GenerationCo
     """The highest-reward of n samples (the earliest among equals). Without a reward, the sample the model
     itself finds likeliest: its mean log-probability per token, EOS included where the sample ended on it (not
     where a stop string ended it)."""
-    prompt_ids = _encode_prompt(tokenizer, prompt, add_bos)
+    prompt_ids = encode_prompt(tokenizer, prompt, add_bos)
     if reward is None:
         check_context(model, prompt_ids, cfg.max_new_tokens)
     texts, rows, ended, tokens = sample_n(model, tokenizer, prompt, cfg, n, add_bos=add_bos)
@@ -147,7 +147,7 @@ def step_beam_search(model: Transformer, tokenizer: Any, prompt: str, width: int
         raise ValueError(f"beam width ({width}) must be >= 1")
     if step_tokens < 1:
         raise ValueError(f"step_tokens ({step_tokens}) must be >= 1")
-    prompt_ids = _encode_prompt(tokenizer, prompt, add_bos)
+    prompt_ids = encode_prompt(tokenizer, prompt, add_bos)
     check_context(model, prompt_ids, max_new_tokens)
     eos = getattr(tokenizer, "eos_id", None)
     device = next(model.parameters()).device

@@ -207,7 +207,9 @@ class Tokenizer:
         tokenizers do not): transformers' tokenizer(text).input_ids and llama.cpp (GGUF's add_bos_token) start the
         text with it, so the model was trained to see it first. The one place that decides it: generation, the
         OpenAI API, eval scoring and token files encode a whole text as encode(text, add_bos=tok.adds_bos)."""
-        return self.hf.encode("a b", add_special_tokens=True).ids[:1] == [BOS_ID]  # text itself never gives <BOS>
+        if getattr(self, "_adds_bos", None) is None:  # asked per prompt and per scored pair: the post-processor's
+            self._adds_bos = self.hf.encode("a b", add_special_tokens=True).ids[:1] == [BOS_ID]  # answer, once
+        return self._adds_bos
 
     def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         try:

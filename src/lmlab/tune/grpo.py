@@ -59,6 +59,7 @@ import torch
 from ..configs import knob, settings_from, validate
 from ..files import file_sha256
 from ..models import GenerationConfig, generate_ids
+from ..models.generation import encode_prompt
 from ..models.io import WEIGHTS
 from ..models.quant import refuse_quantized
 from ..models.scoring import Batch, make_batch, token_logprobs
@@ -181,9 +182,7 @@ class PromptSource:
         """Ids of each prompt: a task's prompt starts a text (<BOS> first); a given one as it is ('' starts
         from <BOS>). ValueError when prompt + max_new_tokens (and EOS) exceeds the model's context."""
         tok = self.tok
-        bos = getattr(tok, "adds_bos", False)  # the tokenizer's own <BOS> before a text, as generate puts it
-        ids = [[tok.bos_id, *tok.encode(p)] if self.task else tok.encode(p, add_bos=bos) or [tok.bos_id]
-               for p in prompts]
+        ids = [encode_prompt(tok, p, bos=bool(self.task)) for p in prompts]
         longest = max(len(p) for p in ids) + self.max_new_tokens + 1
         if longest > self.block_size:
             raise ValueError(f"prompt + max_new_tokens ({longest} tokens) exceeds the model's context "

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from ..models.generation import encode_prompt
 from ..models.io import load_pretrained
 from ..models.scoring import make_batch, token_logprobs
 
@@ -174,7 +175,7 @@ class JudgeReward:
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str], completions: Sequence[str], ids: Sequence[Sequence[int]]) -> list[float]:
         tok = self.tokenizer
-        prompt_ids = [tok.encode(p, add_bos=tok.adds_bos) or [tok.bos_id] for p in prompts]  # as generate does
+        prompt_ids = [encode_prompt(tok, p) for p in prompts]  # as generate does
         comp_ids = [tok.encode(c) + [tok.eos_id] for c in completions]
         limit = self.model.config.block_size
         for i, (p, c) in enumerate(zip(prompt_ids, comp_ids)):  # keep the end of a too-long row

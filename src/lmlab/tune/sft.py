@@ -32,6 +32,7 @@ import torch
 from ..eval.scorer import token_logprobs
 from ..files import atomic_path
 from ..models import Transformer
+from ..models.generation import encode_prompt
 from ..models.io import load_pretrained
 from ..models.quant import refuse_quantized
 from ..tokenizers import Tokenizer
@@ -63,8 +64,7 @@ def encode_examples(kind: str, rows: Sequence[tuple[int, Any]], tokenizer: Token
         if kind == "messages":
             ids, mask = render(record, tokenizer)
         else:
-            # as generate encodes a prompt: the tokenizer's own <BOS> (Tokenizer.adds_bos); <BOS> for an empty one
-            prompt = tokenizer.encode(record["prompt"], add_bos=tokenizer.adds_bos) or [tokenizer.bos_id]
+            prompt = encode_prompt(tokenizer, record["prompt"])  # as generate encodes a prompt
             completion = tokenizer.encode(record["completion"]) + [tokenizer.eos_id]
             ids = prompt + completion
             mask = [0] * len(prompt) + [1] * len(completion) if completion_only else [1] * len(ids)

@@ -35,6 +35,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from ...models import GenerationConfig
 from ...models.batching import BatchEngine, EngineClosed, Finish, Token
+from ...models.generation import encode_prompt
 from ...tune import chat as chat_format
 from ..app import StateDep, openai_error
 from ..inference import NotTrained, unservable
@@ -231,8 +232,7 @@ def render_chat(model_dir: Path, tokenizer: Any, messages: list[ChatMessage]) ->
 
 
 def _encode(tokenizer: Any, text: str) -> list[int]:
-    # generation.generate's rules: the tokenizer's own <BOS> (Tokenizer.adds_bos), an empty prompt starts from <BOS>
-    return tokenizer.encode(text, add_bos=tokenizer.adds_bos) or [tokenizer.bos_id]
+    return encode_prompt(tokenizer, text)  # generation.generate's rules
 
 
 def _text(text: str, param: str) -> str:
