@@ -325,3 +325,11 @@ def test_values_past_what_the_code_can_use_are_one_line_errors(argv, message, ba
     err = capsys.readouterr().err.strip()
     assert err.startswith("lmlab: error: ") and "\n" not in err and message in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_refused_generation_prints_no_prompt_before_its_error(base, capsys):
+    """The prompt went to stdout first, then the refusal (beams the free memory cannot hold) to stderr: a script
+    reading stdout took the prompt for the start of an answer."""
+    assert main([str(base) if a == "MODEL" else a for a in [*GENERATE, "--num-beams", str(2**30)]]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "is free on" in err, (out, err)

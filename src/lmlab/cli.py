@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
+import itertools
 import math
 import os
 import re
@@ -298,12 +299,16 @@ def _samples(args: argparse.Namespace, model: Any, tokenizer: Any, prompt: str, 
         sample_cfg = cfg if cfg.seed is None else dataclasses.replace(cfg, seed=cfg.seed + i)
         if i:
             print("\n" + "-" * 40)
-        print(prompt, end="", flush=True)
+        # the text (or its first piece) before the prompt is printed: a refusal (beams the memory cannot hold)
+        # prints its one line alone, not after a prompt that looked like the start of an answer
         if args.no_stream or cfg.num_beams > 1:
-            print(show(generate(model, tokenizer, prompt, sample_cfg)), end="")
+            pieces: Any = [generate(model, tokenizer, prompt, sample_cfg)]
         else:
-            for piece in stream(model, tokenizer, prompt, sample_cfg):
-                print(show(piece), end="", flush=True)
+            pieces = stream(model, tokenizer, prompt, sample_cfg)
+            pieces = itertools.chain([next(pieces, "")], pieces)
+        print(prompt, end="", flush=True)
+        for piece in pieces:
+            print(show(piece), end="", flush=True)
         print()
 
 

@@ -25,9 +25,9 @@ from ..data import TokenDataset, find_documents, prepare, prepare_texts, read_do
 from ..data.filters import apply_filters
 from ..eval import Task, run_task
 from ..eval.scorer import bits_per_byte, sequence_nll
-from ..files import atomic_write_text
+from ..files import atomic_write_text, staged_dir
 from ..models import ModelConfig, Transformer, generate
-from ..models.io import load_pretrained
+from ..models.io import HF_TOKENIZER_DIR, SIDE_FILES, TOKENIZER, copy_side_files, load_pretrained
 from ..models.quant import refuse_quantized
 from ..tokenizers import Tokenizer
 from .checkpoint import RUN_FILES, refuse_existing_run, resumed_model, run_folder
@@ -64,7 +64,7 @@ def train_from_sources(out_dir: str | Path, config: TrainConfig, *, sources: Seq
     the token file records their receipts. Bad input fails before anything is written."""
     out = run_folder(out_dir)
     created = not out.exists()
-    refuse_existing_run(out, (*RUN_FILES, "tokenizer.json", "data"))
+    refuse_existing_run(out, (*RUN_FILES, "tokenizer.json", "data", INIT_FILES))
     model_fields = dict(model_fields or {})
     if sum(x is not None for x in (preset, model_config, init)) > 1:
         raise ValueError("choose one of --preset, --model-config or --init")
@@ -155,13 +155,46 @@ def train_from_sources(out_dir: str | Path, config: TrainConfig, *, sources: Seq
             provenance["tokenizer"] = str(Path(tokenizer).resolve())
         if lora is not None:
             provenance["lora"] = lora.to_dict()
-        return train_with_lora(model, tok, ds, config, out, callbacks, lora, provenance=provenance)
+        if init is not None and dist_env()[0] == 0:  # what the starting model carries beside its weights
+            out.mkdir(parents=True, exist_ok=True)
+            with staged_dir(out / INIT_FILES, replace=False) as tmp:
+                copy_side_files(init, tmp, (*SIDE_FILES, TOKENIZER))
+        return train_with_lora(model, tok, ds, config, out, [*callbacks, *_carried(out, init)], lora,
+                               provenance=provenance)
     except BaseException:
         # a corpus shorter than one window, or the Trainer's own checks (early stopping without validation text,
         # a tracker not installed), after the data: a run that never began (no metrics.jsonl) leaves no folder
-        if created and dist_env()[0] == 0 and not (out / "metrics.jsonl").exists():
-            shutil.rmtree(out, ignore_errors=True)
+        if dist_env()[0] == 0 and not (out / "metrics.jsonl").exists():
+            shutil.rmtree(out if created else out / INIT_FILES, ignore_errors=True)
         raise
+
+
+# RUN/init_files/: the side files (models.io.SIDE_FILES) of `lmlab train --init`'s model and its tokenizer.json,
+# copied when the run starts, so that final/ carries them (and a resume needs no more than the run's folder)
+INIT_FILES = "init_files"
+
+
+def _carried(out: Path, init: Any) -> list[Callback]:
+    return [CarrySideFiles(out / INIT_FILES)] if init is not None else []
+
+
+class CarrySideFiles(Callback):
+    """final/ of a run that started from a model directory keeps that model's side files (models.io.SIDE_FILES):
+    its generation defaults, its chat template (lmlab's, or an imported model's own) and hf_tokenizer/ where it
+    has one; they were dropped, so a chat model trained further lost its template in `lmlab export`. Files a later
+    hook writes (the chat template of a run on conversations) stay as written. hf_tokenizer/ only while the
+    tokenizer is the starting model's size: one that gained tokens (LoRA's chat tokens) no longer matches it."""
+
+    def __init__(self, source: str | Path) -> None:
+        self.source = Path(source)
+
+    def on_final(self, trainer: Any, folder: Path) -> None:
+        if not self.source.is_dir():
+            return
+        same_tokenizer = (self.source / TOKENIZER).is_file() and (folder / TOKENIZER).is_file() and (
+            Tokenizer.load(self.source / TOKENIZER).vocab_size == Tokenizer.load(folder / TOKENIZER).vocab_size)
+        names = [n for n in SIDE_FILES if not (folder / n).exists() and (same_tokenizer or n != HF_TOKENIZER_DIR)]
+        copy_side_files(self.source, folder, tuple(names))
 
 
 def _phase(out: Path, phase: str) -> None:
@@ -202,7 +235,8 @@ def resume_run(out_dir: str | Path, overrides: dict[str, Any] | None = None,
     if (lora.to_dict() if lora is not None else None) != (provenance.get("lora") or None):
         raise ValueError(f"{out} was trained with LoRA settings {provenance.get('lora')}; resume it with the same "
                          "(lmlab train --resume reads them from the run)")
-    return train_with_lora(model, tok, ds, config, out, callbacks, lora, resume=True, provenance=provenance)
+    return train_with_lora(model, tok, ds, config, out, [*callbacks, *_carried(out, provenance.get("init"))], lora,
+                           resume=True, provenance=provenance)
 
 
 def train_with_lora(model: Transformer, tok: Any, ds: Any, config: TrainConfig, out: str | Path,

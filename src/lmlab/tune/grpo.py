@@ -342,18 +342,20 @@ def train_grpo(policy: torch.nn.Module, tokenizer: Any, out: str | Path, config:
                reward: Reward, *, reference: torch.nn.Module | None = None, provenance: dict[str, Any] | None = None,
                resume: bool = False, log: Callable[[str], None] | None = print,
                train_settings: TrainConfig | None = None, lora: LoRAConfig | None = None,
-               keep_template: bool = False) -> Any:
+               keep_template: bool = False, side_files: str | Path | None = None) -> Any:
     """The one RL loop: `policy` trained by the Trainer on its own samples; returns the TrainResult. `lora`:
     adapters trained on the frozen policy (then a `reference` must be the policy itself, or None). `keep_template`:
-    final/ gets lmlab's chat template (a run from a chat model)."""
-    from ..train.recipes import train_with_lora
+    final/ gets lmlab's chat template (a run from a chat model); `side_files`: the model directory whose side files
+    (models.io.SIDE_FILES) final/ carries."""
+    from ..train.recipes import CarrySideFiles, train_with_lora
     from ..train.trainer import dist_env
     if dist_env()[1] > 1:
         raise ValueError("GRPO runs in one process; start it without torchrun")
     grpo = GRPO(policy, tokenizer, config, source, reward, reference)
     seq_len = min(policy.config.block_size, source.longest() + config.max_new_tokens)
     settings = train_settings or train_config(config, seq_len)
-    callbacks = [_Report(grpo, log), *([ChatTemplate()] if keep_template else [])]
+    callbacks = [_Report(grpo, log), *([ChatTemplate()] if keep_template else []),
+                 *([CarrySideFiles(side_files)] if side_files is not None else [])]
     return train_with_lora(policy, tokenizer, grpo, settings, out, callbacks, lora, resume=resume,
                            provenance=provenance, objective=grpo)
 
@@ -461,7 +463,7 @@ def run_grpo(model_dir: str | Path, out: str | Path, config: GRPOConfig, *, task
             same["reward_file_sha256"] = "the reward file's code differs from the code the run started with"
         check_same_run(out, saved, record, "grpo", RESUMABLE_CHANGES, same)
     return train_grpo(policy, tok, out, config, source, score, reference=reference, provenance=record,
-                      resume=resume, log=log, lora=lora, keep_template=has_template(model_dir))
+                      resume=resume, log=log, lora=lora, keep_template=has_template(model_dir), side_files=model_dir)
 
 
 def resume_grpo(out: str | Path, overrides: dict[str, Any] | None = None, *,

@@ -411,7 +411,7 @@ def run_preference(out: str | Path, train_config: Any = None, *, model_dir: str 
     its weights (tune/lora.py: RUN/adapter in PEFT's layout, RUN/final merged)."""
     from ..models.io import load_pretrained
     from ..train import TrainConfig
-    from ..train.recipes import train_with_lora
+    from ..train.recipes import CarrySideFiles, train_with_lora
     from ..train.trainer import read_run_config
 
     out = run_folder(out)
@@ -464,5 +464,6 @@ def run_preference(out: str | Path, train_config: Any = None, *, model_dir: str 
                                  "config": dict(vars(cfg)), "lora": lora.to_dict() if lora else None}}
     if has_template(model_dir):  # a chat model stays one: final/ keeps the template (the Chat view offers it)
         callbacks = [*callbacks, ChatTemplate()]
+    callbacks = [*callbacks, CarrySideFiles(model_dir)]  # its weights checked unchanged on resume (model_sha256)
     return train_with_lora(model.train(), tok, ds, train_config, out, callbacks, lora, resume=resume,
                            provenance=provenance, objective=PreferenceObjective(cfg))
