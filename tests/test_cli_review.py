@@ -302,6 +302,8 @@ GENERATE = ["generate", "MODEL", "--prompt", "the", "--max-new-tokens", "4"]
     ([*AZR, "--ind-inputs", BIG], f"these settings allow (references 2, ind_inputs {BIG})"),
     ([*AZR, "--lr", "1e30"], "lr (1e+30) must be <= 10"),
     ([*AZR, "--warmup-lr", "1e30"], "warmup_lr (1e+30) must be <= 10"),
+    ([*AZR, "--warmup-lr", "10"], "the warm-up diverged: its loss went from 4.8846 to 117.9444 in 60 steps; lower "
+                                  "--warmup-lr (10)"),
     ([*DISTILL, "--mode", "sequence", "--teacher-samples", BIG], f"teacher_samples ({BIG}) must be <= 1000000"),
     ([*DISTILL, "--temperature", "1e30"], "temperature (1e+30) must be <= 100"),
     (["train", "BOOK", "--out", "OUT", "--preset", "tiny", "--max-steps", "2", "--weight-decay", "1e30"],

@@ -221,6 +221,19 @@ def test_rewarded_token_gains_probability_after_one_step():
     assert after[0] > before[0] * 1.5 and after[1] < before[1] / 1.5  # advantages +1 / -1
 
 
+def test_an_update_that_leaves_weights_not_finite_is_refused_naming_the_lr():
+    """It went on silently: every later sample came from a model of NaNs, scored as a solve rate of 0."""
+    cfg = AZRConfig.quick(entropy_coef=0.0, lr=1e-2)
+    model = azr.new_model(cfg, 0)
+    prompt = "<SOLVE_DED> P: REV I: [ 1 ] O:"
+    samples = [Sample(prompt, [5], 1.0, "ded", "solve"), Sample(prompt, [6], 0.0, "ded", "solve")]
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt.step = lambda: next(model.parameters()).data.fill_(float("inf"))  # the step that overflowed
+    with pytest.raises(ValueError, match=r"the RL update diverged \(loss .*; weights no longer finite\): lower --lr "
+                                         r"\(0.01\)"):
+        azr.update(model, opt, samples, cfg)
+
+
 def test_log_probs_match_a_direct_forward():
     model = azr.new_model(AZRConfig.quick(), 1)
     batch = make_batch([[2, 5, 6], [2, 7]], [[8, 3], [9, 10, 3]])

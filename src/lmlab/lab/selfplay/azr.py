@@ -381,6 +381,11 @@ def warmup(model: Transformer, cfg: AZRConfig, seed: int, exclude: set) -> list[
         opt.step()
         if step % 10 == 0 or step == cfg.warmup_steps - 1:
             losses.append(round(loss.item(), 4))
+    # a warm-up that made the model worse than its random start leaves every arm at nothing to learn from: the
+    # verdict would compare broken models (--warmup-lr 10 took the loss from 4.9 to 118 and the run went on)
+    if not all(math.isfinite(x) for x in losses) or (len(losses) > 2 and losses[-1] >= losses[0]):
+        raise ValueError(f"the warm-up diverged: its loss went from {losses[0]} to {losses[-1]} in "
+                         f"{cfg.warmup_steps} steps; lower --warmup-lr ({cfg.warmup_lr:g})")
     return losses
 
 
@@ -466,6 +471,9 @@ def update(model: Transformer, opt: torch.optim.Optimizer, samples: Sequence[Sam
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     opt.step()
+    if not math.isfinite(loss.item()) or not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        raise ValueError(f"the RL update diverged (loss {loss.item():.4g}; weights no longer finite): lower --lr "
+                         f"({cfg.lr:g})")
     return loss.item()
 
 
