@@ -9,10 +9,10 @@
     print(lmlab.generate(model, tok, "Once upon a time", max_new_tokens=50, top_k=40))
 """
 
-from .models import GenerationConfig, KVCache, ModelConfig, Transformer, generate, generate_ids, stream
-from .models.io import load_pretrained as load
-from .models.io import save
-from .tokenizers import Tokenizer
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
@@ -20,3 +20,32 @@ __all__ = [
     "GenerationConfig", "KVCache", "ModelConfig", "Transformer", "Tokenizer", "generate", "generate_ids",
     "load", "save", "stream", "__version__",
 ]
+
+# name -> (module, its name there), imported on first use (PEP 562): `import lmlab` for `lmlab --help` or
+# lmlab.configs alone took a second, most of it torch
+_LAZY = {
+    "GenerationConfig": (".models.config", "GenerationConfig"), "KVCache": (".models.model", "KVCache"),
+    "ModelConfig": (".models.config", "ModelConfig"), "Transformer": (".models.model", "Transformer"),
+    "Tokenizer": (".tokenizers.tokenizer", "Tokenizer"), "generate": (".models.generation", "generate"),
+    "generate_ids": (".models.generation", "generate_ids"), "load": (".models.io", "load_pretrained"),
+    "save": (".models.io", "save"), "stream": (".models.generation", "stream"),
+}
+
+if TYPE_CHECKING:
+    from .models import GenerationConfig, KVCache, ModelConfig, Transformer, generate, generate_ids, stream
+    from .models.io import load_pretrained as load
+    from .models.io import save
+    from .tokenizers import Tokenizer
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, attr = _LAZY[name]
+    value = getattr(importlib.import_module(module, __name__), attr)
+    globals()[name] = value  # found directly from now on
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
