@@ -11,8 +11,9 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from .lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -21,14 +22,13 @@ __all__ = [
     "load", "save", "stream", "__version__",
 ]
 
-# name -> (module, its name there), imported on first use (PEP 562): `import lmlab` for `lmlab --help` or
-# lmlab.configs alone took a second, most of it torch
+# imported on first use (PEP 562): `import lmlab` for `lmlab --help` or lmlab.configs alone took a second, most
+# of it torch
 _LAZY = {
-    "GenerationConfig": (".models.config", "GenerationConfig"), "KVCache": (".models.model", "KVCache"),
-    "ModelConfig": (".models.config", "ModelConfig"), "Transformer": (".models.model", "Transformer"),
-    "Tokenizer": (".tokenizers.tokenizer", "Tokenizer"), "generate": (".models.generation", "generate"),
-    "generate_ids": (".models.generation", "generate_ids"), "load": (".models.io", "load_pretrained"),
-    "save": (".models.io", "save"), "stream": (".models.generation", "stream"),
+    "GenerationConfig": ".models.config", "KVCache": ".models.model", "ModelConfig": ".models.config",
+    "Transformer": ".models.model", "Tokenizer": ".tokenizers.tokenizer", "generate": ".models.generation",
+    "generate_ids": ".models.generation", "load": ".models.io:load_pretrained", "save": ".models.io",
+    "stream": ".models.generation",
 }
 
 if TYPE_CHECKING:
@@ -38,14 +38,4 @@ if TYPE_CHECKING:
     from .tokenizers import Tokenizer
 
 
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    module, attr = _LAZY[name]
-    value = getattr(importlib.import_module(module, __name__), attr)
-    globals()[name] = value  # found directly from now on
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals(), __all__)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from ..lazy import lazy_exports
 
 __all__ = [
     "fast", "FAMILIES", "SIZES", "ModelConfig", "preset_names", "GenerationConfig", "generate", "generate_ids",
@@ -26,15 +27,4 @@ if TYPE_CHECKING:
     from .model import KVCache, ModelOutput, Transformer
 
 
-def __getattr__(name: str):
-    if name == "fast":
-        return importlib.import_module(".fast", __name__)
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals(), __all__)

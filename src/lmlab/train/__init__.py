@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from ..lazy import lazy_exports
 
 __all__ = ["SCHEDULES", "TrainConfig", "lr_at", "Callback", "Objective", "Trainer", "TrainResult", "check_fits",
            "checkpoint_step", "checkpoints", "latest_checkpoint", "train", "evaluate_texts", "resume_run", "run_demo",
@@ -26,13 +27,4 @@ if TYPE_CHECKING:
     from .trainer import Callback, Objective, Trainer, TrainResult, check_fits, train
 
 
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals(), __all__)
