@@ -8,20 +8,20 @@ import lmlab
 ROOT = Path(lmlab.__file__).parent
 # room -> the rooms it may import (besides itself)
 ALLOWED = {
-    "configs": set(), "files": set(),
-    "tokenizers": {"configs", "files"},
-    "data": {"configs", "files"},
-    "models": {"configs", "files", "tokenizers", "data"},
-    "eval": {"configs", "files", "data", "models", "tokenizers"},
-    "train": {"configs", "files", "data", "models", "tokenizers", "eval"},
-    "interop": {"configs", "files", "data", "models", "tokenizers", "train", "eval"},
-    "tune": {"configs", "files", "data", "models", "tokenizers", "train", "eval", "interop"},
-    "lab": {"configs", "files", "data", "models", "tokenizers", "train", "eval", "tune"},
+    "configs": set(), "files": set(), "lazy": set(),
+    "tokenizers": {"configs", "files", "lazy"},
+    "data": {"configs", "files", "lazy"},
+    "models": {"configs", "files", "lazy", "tokenizers", "data"},
+    "eval": {"configs", "files", "lazy", "data", "models", "tokenizers"},
+    "train": {"configs", "files", "lazy", "data", "models", "tokenizers", "eval"},
+    "interop": {"configs", "files", "lazy", "data", "models", "tokenizers", "train", "eval"},
+    "tune": {"configs", "files", "lazy", "data", "models", "tokenizers", "train", "eval", "interop"},
+    "lab": {"configs", "files", "lazy", "data", "models", "tokenizers", "train", "eval", "tune"},
     "server": {"configs", "files", "data", "models", "tokenizers", "train", "interop", "lab", "tune", "eval",
                "__init__"},
     "cli": {"configs", "files", "data", "models", "tokenizers", "train", "interop", "lab", "tune", "server", "eval",
             "__init__"},
-    "__init__": {"models", "tokenizers", "train", "data"},
+    "__init__": {"lazy", "models", "tokenizers", "train", "data"},
 }
 
 

@@ -163,7 +163,7 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
     p.add_argument("--no-stream", action="store_true", help="print when done instead of token by token")
     add_sampling_arguments(p)
-    from .tune.rewards import TASKS
+    from .tune.config import TASK_NAMES
 
     t = p.add_argument_group("test-time compute (models/ttc.py): one of --best-of, --vote, --beam")
     t.add_argument("--best-of", type=int, metavar="N", help="N samples (seeds seed .. seed+N-1; without --seed "
@@ -175,9 +175,9 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
                    "step, stops at EOS: no sampling flags) and without a KV cache (each step recomputes the "
                    "context: slow past short answers)")
     t.add_argument("--verifier", "--task", dest="verifier", metavar="TASK",
-                   help=f"a post-training task ({', '.join(TASKS)}; the prompt then starts a text, <BOS> first, as in "
-                   "lmlab tune grpo): its checker scores (--best-of, --beam), its extractor finds answers (--vote); "
-                   "or logprob: the model's own mean log-prob per token (--best-of, --beam)")
+                   help=f"a post-training task ({', '.join(TASK_NAMES)}; the prompt then starts a text, <BOS> first, "
+                   "as in lmlab tune grpo): its checker scores (--best-of, --beam), its extractor finds answers "
+                   "(--vote); or logprob: the model's own mean log-prob per token (--best-of, --beam)")
     t.add_argument("--step-tokens", type=int, help="--beam: tokens per step (default 4)")
     s = p.add_argument_group("steering (lab/interp/steer.py; make a direction with lmlab lab interp steer)")
     s.add_argument("--steer", metavar="DIR_OR_FILE", help="a steering direction: its folder or direction.safetensors")
@@ -1308,8 +1308,7 @@ def _merge(args: argparse.Namespace) -> int:
 # ---- selfplay ---------------------------------------------------------------------------------------
 
 def _selfplay_arguments(p: argparse.ArgumentParser) -> None:
-    from .lab.selfplay.azr import AZRConfig
-    from .lab.selfplay.text import TextSelfPlayConfig
+    from .lab.selfplay.config import AZRConfig, TextSelfPlayConfig
 
     sub = p.add_subparsers(dest="mode", required=True, metavar="MODE")
     a = sub.add_parser("azr", help="Absolute Zero miniature on a program DSL: warm-up only, solver-only RL on "
@@ -1388,15 +1387,14 @@ def _tune(args: argparse.Namespace) -> int:
 # ---- tune grpo --------------------------------------------------------------------------------------
 
 def _grpo_arguments(p: argparse.ArgumentParser) -> None:
-    from .tune.grpo import GRPOConfig
-    from .tune.rewards import REWARDS, TASKS
+    from .tune.config import REWARDS, TASK_NAMES, GRPOConfig
 
     p.add_argument("--model", help="model directory to start from; with --resume, the run's own")
     p.add_argument("--out", required=True, help="run folder: config.json, metrics.jsonl, checkpoints/, final/")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint; "
                    "settings not given come from OUT/config.json (only --steps, --save-every, --eval-every and "
                    "--device may change)")
-    p.add_argument("--task", help=f"a verifiable task: {', '.join(TASKS)} (its prompts, its checker, held-out "
+    p.add_argument("--task", help=f"a verifiable task: {', '.join(TASK_NAMES)} (its prompts, its checker, held-out "
                    "pass@1 at each evaluation)")
     p.add_argument("--reward", help=f"instead of --task, a reward over --prompt completions: {', '.join(REWARDS)}")
     p.add_argument("--prompt", action="append", default=[], help="a prompt for --reward (repeatable)")
@@ -1992,10 +1990,10 @@ def require_positive(args: argparse.Namespace, *flags: str) -> None:
 
 
 def _ttc_arguments(p: argparse.ArgumentParser) -> None:
-    from .tune.rewards import TASKS
+    from .tune.config import TASK_NAMES
     p.add_argument("--out", required=True, help="folder for the two models, results.json, PNG plots and report.html")
     p.add_argument("--quick", action="store_true", help="40 held-out prompts instead of 150 (minutes)")
-    p.add_argument("--task", choices=tuple(TASKS), help="the verifiable task (default sort)")
+    p.add_argument("--task", choices=TASK_NAMES, help="the verifiable task (default sort)")
     p.add_argument("--steps", type=int, help="pre-training steps of each model")
     p.add_argument("--prompts", type=int, help="held-out prompts scored")
     p.add_argument("--seed", type=int, help="the models' training seed (and the samples' seeds 16s..16s+15); 0")

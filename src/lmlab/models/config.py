@@ -235,3 +235,48 @@ def preset_names() -> list[str]:
     return [f"{fam}-{size}" for fam in FAMILIES for size in SIZES]
 
 
+# here, not in generation.py, so that the CLI builds its sampling flags without importing torch
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = knob(100, "tokens to generate", ge=0)
+    do_sample: bool = knob(True, "sample; --no-do-sample (or --greedy, or temperature 0) takes the most likely "
+                           "token")
+    temperature: float = knob(1.0, "softmax temperature; 0 means greedy", ge=0)
+    top_k: int = knob(0, "sample from the k most likely tokens (0: off)", ge=0)
+    top_p: float = knob(1.0, "nucleus sampling mass (1.0: off)", gt=0, le=1)
+    repetition_penalty: float = knob(1.0, "CTRL penalty for tokens already in the context (Keskar et al. 2019; "
+                                     "1.0: off)", gt=0)
+    # ModelConfig's bound on sizes: a width below it is checked against the free memory (each beam is a row of
+    # the KV cache); 2**63 was a TypeError inside torch.zeros
+    num_beams: int = knob(1, "beam search width (1: no beam search; deterministic)", ge=1, le=2**40)
+    # the server's bounds: length ** 10 stays a finite float for any length a run reaches (1000 overflowed at 4
+    # tokens: 4 ** 1000 > 1.8e308)
+    length_penalty: float = knob(1.0, "beam score = sum log p / length ** length_penalty", ge=-10, le=10)
+    stop_strings: list[str] = knob(factory=list, help="stop when one of these texts appears (comma list on the "
+                                   "command line; --stop TEXT repeats)")
+    stop_at_eos: bool = knob(True, "stop at <EOS>; --no-stop-at-eos (or --ignore-eos) keeps going")
+    # 64 bits, the seeds torch.Generator takes (-1 is 2**64 - 1 to it): past them 2**64 sampled as 0 did on a CPU
+    # (sampling_generator keeps a seed's 64 bits), and a CUDA generator refused it mid-request
+    seed: int | None = knob(None, "seed for reproducible sampling", ge=-2**63, lt=2**64)
+    prompt_lookup: int = knob(0, "greedy only: draft up to N tokens by prompt lookup and verify them in one pass "
+                              "(faster on repetitive text; 0: off)", ge=0, le=64)
+
+    def __post_init__(self) -> None:
+        validate(self)
+        if any(not s for s in self.stop_strings):
+            raise ValueError("stop_strings must be non-empty strings")
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature == 0
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(Path(path), json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> GenerationConfig:
+        """generation.json; ValueError (naming the file, and the field) for bad JSON or an unknown field."""
+        try:
+            return configs.from_dict(cls, json.loads(Path(path).read_text(encoding="utf-8")))
+        except ValueError as exc:  # json.JSONDecodeError too
+            raise ValueError(f"{path}: {exc}") from None

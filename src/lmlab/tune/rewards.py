@@ -36,8 +36,8 @@ import torch
 from ..models.generation import encode_prompt
 from ..models.io import load_pretrained
 from ..models.scoring import make_batch, token_logprobs
+from .config import REWARDS
 
-REWARDS = ("seed", "repetition", "perplexity", "file")
 # (prompts, completions as text, completions as ids without EOS) -> one reward per completion
 Reward = Callable[[Sequence[str], Sequence[str], Sequence[Sequence[int]]], list[float]]
 

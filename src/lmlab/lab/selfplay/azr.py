@@ -40,16 +40,15 @@ from typing import Any
 
 import torch
 
-from ...configs import knob, validate
-from ...models import GenerationConfig, ModelConfig, Transformer, generate_ids
+from ...models import GenerationConfig, Transformer, generate_ids
 from ...models.scoring import make_batch, token_logprobs
 from ...tune.rl import grouped_advantages, learnability, reinforce_loss
 from ..parallel import process_map
 from . import dsl
+from .config import ARMS, AZRConfig
 from .dsl import EOS_ID, PAD_ID, VOCABULARY, DSLError, Triple
 
 KINDS = ("ded", "abd", "ind")
-ARMS = ("warmup_only", "solver_rl_random", "azr_frozen_proposer", "azr")
 ARM_HELP = {
     "warmup_only": "warm-up only (no RL)",
     "solver_rl_random": "solver-only RL on uniformly random tasks",
@@ -57,74 +56,6 @@ ARM_HELP = {
     "azr": "full AZR (proposer and solver trained, TRR++)",
 }
 HELDOUT_SEED = 20250506  # fixed: the held-out set never depends on the training seeds
-
-
-@dataclass
-class AZRConfig:
-    # model: the project's Transformer, a tiny llama-style config over the DSL vocabulary
-    n_layer: int = knob(2, "transformer blocks", gt=0)
-    n_head: int = knob(4, "attention heads", gt=0)
-    n_embd: int = knob(64, "model width", gt=0)
-    block_size: int = knob(128, "context length", gt=0)
-    # warm-up (stands in for pre-training)
-    warmup_steps: int = knob(1500, "next-token warm-up steps on random-program triples", ge=0)
-    warmup_batch: int = knob(64, "warm-up batch size", gt=0)
-    # at most 10, the web app's bound on a learning rate: 1e30 made the weights NaN, and sampling from them failed
-    warmup_lr: float = knob(3e-3, "warm-up learning rate", gt=0, le=10)
-    train_max_ops: int = knob(4, "programs of 1..N ops in warm-up, baseline and seeds", gt=0)
-    # self-play
-    iterations: int = knob(200, "self-play iterations, one gradient step each", ge=0)
-    propose_batch: int = knob(64, "proposals per task type per iteration (AZR: 64 per task x role)", gt=0)
-    # at 16 the policy gradients of two independent batches have cosine ~0
-    solve_batch: int = knob(64, "solver answers trained per task type per iteration (AZR: 64)", gt=0)
-    group: int = knob(4, "solver samples G that score a proposal's learnability (AZR: 8)", gt=0)
-    references: int = knob(2, "K reference triples in each proposer prompt (AZR: 6)", ge=0)
-    ind_inputs: int = knob(4, "N inputs an induction proposal writes, half of them shown; even (AZR: 10)", ge=2)
-    seed_buffer: int = knob(16, "per task type, filled by a no-gradient seeding phase (AZR: 256)", ge=0)
-    seed_rounds: int = knob(20, "at most this many proposal rounds to fill the seed buffers", ge=0)
-    # AZR uses 1e-6 on 7B; 3e-4 beat 1e-3 in a pilot at this size (docs/LOG.md)
-    lr: float = knob(3e-4, "Adam learning rate of the RL phase", gt=0, le=10)
-    entropy_coef: float = knob(1e-3, "entropy bonus weight")
-    grad_clip: float = knob(1.0, "clip the gradient norm to this", gt=0)
-    # AZR: 1.0. At 1.0 this model's samples solve 0.14 of held-out tasks, greedy 0.21, and RL raises the sampled
-    # rate without moving greedy (docs/LOG.md)
-    temperature: float = knob(0.5, "solver sampling temperature (trained answers, learnability rollouts)", gt=0)
-    propose_temperature: float = knob(1.0, "proposer sampling temperature (AZR samples both roles at 1.0)", gt=0)
-    invalid_penalty: float = knob(-1.0, "reward of a proposal that does not parse or validate (AZR: -1)")
-    format_penalty: float = knob(-0.5, "reward of a solver answer that does not parse")
-    trivial_reward: float = knob(0.0, "reward of a valid proposal with p in {0, 1} (the released AZR code: -0.5)")
-    # measurement
-    eval_every: int = knob(25, "score the held-out set every N iterations", gt=0)
-    heldout_per_stratum: int = knob(24, "held-out tasks per (type, program length)", gt=0)
-    heldout_max_ops: int = knob(5, "held-out program lengths 1..N; above train_max_ops is out of distribution",
-                                gt=0)
-    arms: tuple[str, ...] = knob(ARMS, "arms to run (default all: " + ",".join(ARMS) + ")", choices=None)
-
-    def __post_init__(self) -> None:
-        self.arms = tuple(self.arms)
-        validate(self)
-        if self.ind_inputs % 2:
-            raise ValueError(f"ind_inputs ({self.ind_inputs}) must be an even number >= 2")
-        if not self.train_max_ops <= self.heldout_max_ops <= dsl.MAX_OPS:
-            raise ValueError(f"need train_max_ops <= heldout_max_ops <= {dsl.MAX_OPS}")
-        unknown = [a for a in self.arms if a not in ARMS]
-        if unknown or not self.arms:
-            raise ValueError(f"arms ({', '.join(unknown) or 'none'}) must be among {', '.join(ARMS)}")
-        need = longest_sequence(self)
-        if self.block_size < need:  # found here, not minutes into the run when the first long prompt comes
-            raise ValueError(f"block_size ({self.block_size}) must be at least {need}: the longest prompt and answer "
-                             f"these settings allow (references {self.references}, ind_inputs {self.ind_inputs})")
-
-    @classmethod
-    def quick(cls, **overrides: Any) -> AZRConfig:
-        """Seconds, for tests and smoke runs: the numbers it gives mean nothing."""
-        base = dict(warmup_steps=60, iterations=3, propose_batch=4, solve_batch=4, group=2, seed_buffer=4,
-                    seed_rounds=3, eval_every=3, heldout_per_stratum=3)
-        return cls(**{**base, **overrides})
-
-    def model_config(self) -> ModelConfig:
-        return ModelConfig(family="llama", vocab_size=len(VOCABULARY), n_layer=self.n_layer, n_head=self.n_head,
-                           n_embd=self.n_embd, block_size=self.block_size, pad_token_id=PAD_ID)
 
 
 # ---- tasks and their text -------------------------------------------------------------------------------

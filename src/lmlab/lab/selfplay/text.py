@@ -37,11 +37,9 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ...configs import knob, validate
 from ...files import atomic_write_text
 from ...models.io import load_pretrained
 from ...train.checkpoint import (
@@ -53,7 +51,6 @@ from ...train.checkpoint import (
     run_folder,
 )
 from ...tune.grpo import (
-    GRPOConfig,
     PromptSource,
     check_same_run,
     file_sha256,
@@ -74,6 +71,7 @@ from ...tune.rewards import (
     seed_reward,
 )
 from ...tune.rl import kl_k3
+from .config import TextSelfPlayConfig
 
 __all__ = ["REWARDS", "JudgeReward", "Reward", "build_reward", "file_sha256", "kl_k3", "load_reward_file",
            "repetition_reward", "seed_reward"]
@@ -83,41 +81,6 @@ SETTING_FLAGS = ("seed", "iterations", "group_size", "prompts_per_iteration", "m
                  "temperature", "save_every")
 KEEP_CHECKPOINTS = 2  # the latest, and the one before it in case the latest was being replaced
 RESUMABLE_CHANGES = ("iterations", "save_every")  # the settings a resumed run may change
-
-
-@dataclass
-class TextSelfPlayConfig:
-    iterations: int = knob(40, "policy updates", gt=0)
-    prompts_per_iteration: int = knob(4, "distinct prompts per update", gt=0)
-    group_size: int = knob(8, "completions per prompt; advantages are relative to this group", ge=2)
-    max_new_tokens: int = knob(48, "tokens per completion", gt=0)
-    temperature: float = knob(1.0, "sampling temperature; log-probs are taken at the same temperature, so samples "
-                              "come from the policy", gt=0)
-    lr: float = knob(5e-5, "AdamW learning rate", gt=0)
-    kl_coef: float = knob(0.1, "weight of the k3 KL estimate to the starting model (GRPO, eq. 4)", ge=0)
-    grad_clip: float = knob(1.0, "clip the gradient norm to this", gt=0)
-    seed: int = knob(0, "seed for sampling and the update")
-    reward: str = knob("seed", "seed: the AZR Model Trainer app's diversity*0.5+length*0.5; repetition: distinct "
-                       "3-grams; perplexity: judge log-prob (--judge); file: your function (--reward-file)",
-                       choices=REWARDS)
-    save_every: int = knob(10, "checkpoint every N iterations (0: only at the end; also on Ctrl-C or SIGTERM)",
-                           ge=0)
-
-    def __post_init__(self) -> None:
-        validate(self)
-
-    @classmethod
-    def quick(cls, **overrides: Any) -> TextSelfPlayConfig:
-        """A few small updates, to check that a setup runs."""
-        return cls(**{"iterations": 5, "prompts_per_iteration": 2, "group_size": 4, "max_new_tokens": 16,
-                      **overrides})
-
-    def grpo(self) -> GRPOConfig:
-        """The GRPO run this is: dapo's token mean over the batch, one update per batch."""
-        return GRPOConfig(steps=self.iterations, prompts_per_step=self.prompts_per_iteration,
-                          group_size=self.group_size, max_new_tokens=self.max_new_tokens,
-                          temperature=self.temperature, variant="dapo", lr=self.lr, kl_coef=self.kl_coef,
-                          grad_clip=self.grad_clip, seed=self.seed, save_every=self.save_every)
 
 
 def read_prompts_file(path: str | Path) -> list[str]:
