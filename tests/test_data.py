@@ -465,24 +465,28 @@ def test_bad_corpora_raise_and_write_nothing(tmp_path, tok):
     assert ds.documents[0].name == "ok.txt"
 
 
-def test_a_failure_while_writing_leaves_no_partial_files(tmp_path, tok, monkeypatch):
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_failure_while_writing_leaves_no_partial_files(tmp_path, tok, monkeypatch, overwrite):
+    """A new dataset is linked into place (never over another's, see below), one replacing another renamed."""
     import os
 
-    real_replace = os.replace
-    for fail_at in (1, 2):  # renaming tokens.bin into place fails; renaming tokens.json fails
+    name = "replace" if overwrite else "link"
+    real = getattr(os, name)
+    for fail_at in (1, 2):  # putting tokens.bin into place fails; putting tokens.json fails
         calls = []
 
-        def replace(src, dst, fail_at=fail_at, calls=calls):
+        def put(src, dst, fail_at=fail_at, calls=calls):
             calls.append(dst)
             if len(calls) == fail_at:
-                raise OSError("No space left on device")
-            real_replace(src, dst)
+                raise OSError(28, "No space left on device")
+            real(src, dst)
 
-        monkeypatch.setattr(os, "replace", replace)
+        monkeypatch.setattr(os, name, put)
         with pytest.raises(OSError, match="No space"):
-            prepare_texts([PROSE], tok, tmp_path / f"ds{fail_at}")
+            prepare_texts([PROSE], tok, tmp_path / f"ds{fail_at}", overwrite=overwrite)
         assert [os.path.basename(c) for c in calls] == ["tokens.bin", "tokens.json"][:fail_at]
         assert list((tmp_path / f"ds{fail_at}").iterdir()) == []
+        monkeypatch.undo()
 
 
 def test_prepare_names_and_weights_from_files(tmp_path, tok):
@@ -519,3 +523,50 @@ def test_cli_tokenizer_train_and_data_prepare(tmp_path, capsys):
         assert not (tmp_path / "ds2").exists()
     assert main(["tokenizer", "train", str(tmp_path / "nope"), "--out", str(tmp_path / "t2.json")]) == 2
     assert "nope" in capsys.readouterr().err and not (tmp_path / "t2.json").exists()
+
+
+def test_a_dataset_written_meanwhile_is_not_replaced_without_force(tmp_path, monkeypatch):
+    """The check for a dataset ran before the documents were read; two `lmlab data prepare` into one folder both
+    said "written" and the later one replaced the other's files. Another preparation that finishes while this one
+    tokenises (here: inside it) now keeps its files, and this one is refused."""
+    from lmlab.data import dataset as D
+
+    tok = Tokenizer.train(["кот сидел на ковре. the cat sat."] * 5, kind="char", vocab_size=60)
+    out, header_json = tmp_path / "ds", D._header_json
+
+    def meanwhile(header):
+        monkeypatch.setattr(D, "_header_json", header_json)
+        prepare_texts(["другая книга, другой набор."], tok, out)  # the other process, done first
+        return header_json(header)
+
+    monkeypatch.setattr(D, "_header_json", meanwhile)
+    with pytest.raises(FileExistsError, match="already holds a dataset"):
+        prepare_texts(["кот сидел на ковре."], tok, out)
+    theirs = TokenDataset.open(out)
+    assert [d.name for d in theirs.documents] == ["text-0"] and theirs.train_tokens + theirs.val_tokens == len(
+        tok.encode("другая книга, другой набор.")) + 1
+    assert sorted(p.name for p in out.iterdir()) == ["tokens.bin", "tokens.json"]  # no temporary file left
+    prepare_texts(["кот сидел на ковре."], tok, out, overwrite=True)  # asked: replaced
+    mine = TokenDataset.open(out)
+    assert mine.train_tokens + mine.val_tokens == len(tok.encode("кот сидел на ковре.")) + 1
+
+
+def test_without_hard_links_a_new_dataset_is_still_written_and_another_still_refused(tmp_path, tok, monkeypatch):
+    """FAT and some network mounts refuse os.link (EPERM): the dataset goes in by rename where none is."""
+    import errno
+    import os
+
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    reference = prepare_texts([PROSE], tok, tmp_path / "reference")
+    monkeypatch.setattr(os, "link", no_links)
+    prepare_texts([PROSE], tok, tmp_path / "ds")
+    for name in ("tokens.bin", "tokens.json"):
+        assert (tmp_path / "ds" / name).read_bytes() == (reference.path / name).read_bytes()
+    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == ["tokens.bin", "tokens.json"]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "tokens.bin").write_bytes(b"another's")  # one that appeared meanwhile (no header yet)
+    with pytest.raises(FileExistsError, match="already holds a dataset"):
+        prepare_texts([PROSE], tok, tmp_path / "other")
+    assert (tmp_path / "other" / "tokens.bin").read_bytes() == b"another's"

@@ -232,3 +232,34 @@ def test_the_demo_takes_the_next_name_every_rule_leaves_free(tmp_path):
         assert r.json()["model"] == "demo-3"
         assert sorted(m["name"] for m in c.get("/api/v1/models").json()) == ["DEMO", "base", "demo-3"]
         finished(c, r.json()["id"])
+
+
+def test_a_run_a_terminal_trains_is_not_deleted_under_it(tmp_path):
+    """A stopped run resumed from a terminal (`lmlab train --out W/runs/run-N --resume`) holds RUN/.lock, which the
+    database does not know: DELETE /runs/N and DELETE /models/M answered 204 and removed the folder, checkpoints
+    and all, mid-training (the terminal's run then died on its missing metrics.jsonl). Now 409 until it ends."""
+    import threading
+
+    from lmlab.train.checkpoint import lock_run, unlock_run
+
+    with client(settings(make_ws(tmp_path), max_jobs=1)) as c:
+        assert put(c, "chats.jsonl", "conversations", CHATS).status_code == 201
+        rid = c.post("/api/v1/runs/tune", json={**SFT, "new_model": "chat", "max_steps": 2}).json()["id"]
+        assert finished(c, rid)["status"] == "completed"
+        folder = Workspace(tmp_path).run_path(rid)
+        held = []
+        thread = threading.Thread(target=lambda: held.append(lock_run(folder)))  # as another process holds it
+        thread.start()
+        thread.join()
+        try:
+            assert c.delete("/api/v1/models/chat").status_code == 204  # the run stays: base's history
+            for path in (f"/api/v1/runs/{rid}", "/api/v1/models/base"):  # the run, or the model it started from
+                r = c.delete(path)
+                assert r.status_code == 409, (path, r.status_code, r.text)
+                assert r.json()["error"] == {"key": "run_training_elsewhere", "params": {"id": rid}}
+            assert (folder / "final" / "model.safetensors").is_file()
+            assert c.get("/api/v1/models/base").status_code == 200
+        finally:
+            unlock_run(held[0])
+        assert c.delete(f"/api/v1/runs/{rid}").status_code == 204
+        assert not folder.exists()

@@ -804,14 +804,19 @@ def test_early_stopping_survives_an_extension_and_a_finished_run_stays_finished(
 def test_a_run_folder_is_trained_by_one_process_at_a_time(tmp_path, tok, ds):
     """Nothing stopped a second process from resuming a run that was still training: both wrote metrics.jsonl
     and one renamed the other's checkpoints away. The process that trains a run holds its lock."""
-    from lmlab.train.checkpoint import lock_run
+    import threading
+
+    from lmlab.train.checkpoint import lock_run, unlock_run
     train(model_cfg(tok), tok, ds, base(max_steps=4), tmp_path / "run")
-    held = lock_run(tmp_path / "run")  # as a process training it would
+    held = []  # taken by another thread, as a process training it would (the thread that holds it may again)
+    thread = threading.Thread(target=lambda: held.append(lock_run(tmp_path / "run")))
+    thread.start()
+    thread.join()
     try:
         with pytest.raises(ValueError, match="run is being trained by another process; wait for it to end"):
             train(model_cfg(tok), tok, ds, base(max_steps=8), tmp_path / "run", resume=True)
     finally:
-        os.close(held)
+        unlock_run(held[0])
     assert train(model_cfg(tok), tok, ds, base(max_steps=8), tmp_path / "run", resume=True).steps == 8
 
 

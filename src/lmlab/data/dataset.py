@@ -17,6 +17,7 @@ overlap a validation token. A val part is empty when its document has fewer than
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -232,10 +233,18 @@ def prepare_texts(texts: Sequence[str], tokenizer: Any, out_dir: str | Path, *, 
         header_file.write(_header_json(header).encode("utf-8"))
         # Drop the old header first: a crash in between leaves a tokens.bin that open() refuses (no
         # header), never a new tokens.bin under an old header.
-        (out / HEADER).unlink(missing_ok=True)
-        bin_file.publish()
+        if overwrite:
+            (out / HEADER).unlink(missing_ok=True)
         try:
-            header_file.publish()
+            # without overwrite, both files are put in place only where none is (a link fails on an existing
+            # name): two preparations into one folder both said "written" and the later one replaced the other
+            bin_file.publish(exclusive=not overwrite)
+        except FileExistsError:
+            raise FileExistsError(f"{out_dir} already holds a dataset ({BIN}: another preparation wrote it meanwhile, "
+                                  "or one that did not finish); replace it with --force (overwrite=True in Python), "
+                                  "or choose another folder") from None
+        try:
+            header_file.publish(exclusive=not overwrite)
         except BaseException:
             (out / BIN).unlink(missing_ok=True)  # no tokens.bin without its header
             raise
@@ -261,6 +270,9 @@ def _chunks(items: list[int], sizes: list[int]) -> Iterator[list[int]]:
         yield chunk
 
 
+_NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK}
+
+
 class _Staged:
     """A file written under a temporary name in the same folder; `publish` renames it into place. Leaving
     the block without publishing removes it, so a failure never leaves a partial file."""
@@ -276,11 +288,25 @@ class _Staged:
     def write(self, data: bytes) -> None:
         self.file.write(data)
 
-    def publish(self) -> None:
+    def publish(self, exclusive: bool = False) -> None:
+        """Rename into place; `exclusive`: FileExistsError (and nothing replaced) where the name is taken."""
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
-        os.replace(self.tmp, self.path)
+        if exclusive:
+            try:
+                os.link(self.tmp, self.path)
+            except OSError as exc:
+                if exc.errno not in _NO_LINKS:
+                    raise
+                # a file system without hard links (FAT, some network mounts): check, then rename
+                if self.path.exists():
+                    raise FileExistsError(self.path) from None
+                os.replace(self.tmp, self.path)
+                return
+            self.tmp.unlink()
+        else:
+            os.replace(self.tmp, self.path)
 
     def __exit__(self, *exc: object) -> None:
         self.file.close()

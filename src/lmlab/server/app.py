@@ -384,6 +384,7 @@ PROBLEMS = {"model_not_found": ("name",), "model_name_taken": ("name",), "model_
             "model_training": ("name", "run"), "model_evaluated": ("name", "run"), "model_in_use": ("name", "run"),
             "model_trained": ("name",), "book_not_found": ("name",), "book_in_use": ("name", "runs"),
             "book_exists": ("name",), "run_not_found": ("id",), "run_not_active": ("id",), "run_active": ("id",),
+            "run_training_elsewhere": ("id",),
             "name_case_twin": ("name", "twin"), "upload_too_large": ("name", "limit"), "file_empty": ("name",),
             "memory_over_budget": ("batch", "tokens", "need", "budget"), "chat_too_long": ("room",),
             "chat_no_room": ("max_tokens", "block"), "model_folder_exists": ("name",),

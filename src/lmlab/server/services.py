@@ -10,6 +10,7 @@ under state.lock from the first check through the database write (see jobs.Super
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -33,6 +34,7 @@ from ..models.io import WEIGHTS
 from ..models.quant import QUANTIZATION
 from ..tokenizers import Tokenizer
 from ..train import TrainConfig, checkpoint_step, checkpoints, latest_checkpoint
+from ..train.checkpoint import lock_run, unlock_run
 from ..train.progress import PHASE_FILE, PHASES, SAMPLES_FILE
 from .app import AppState, Problem
 from .commands import again_command
@@ -253,22 +255,47 @@ def remove_model(state: AppState, name: str) -> None:
     with state.lock:  # a run queued meanwhile must not lose its model
         need_model(state, name)
         need_unused(state, name)
-        keep = []
+        keep, gone, history = [], [], []
         for run in state.db.list_runs(model_name=name):
             made = run["params"].get("new_model")
             if made and made != name and state.db.get_model(made) is not None:
                 keep.append(run["id"])
             else:
-                remove_entry(state.ws.run_path(run["id"]))
+                gone.append(run["id"])
         for run in state.db.list_runs():  # runs that made it from a model deleted since (kept as its history)
             if run["params"].get("new_model") == name and run["model_name"] != name \
                     and state.db.get_model(run["model_name"]) is None:
-                remove_entry(state.ws.run_path(run["id"]))
-                state.db.delete_run(run["id"])
-        path = state.ws.models / check_name(name, "model name")  # a link (an unusable model) goes, not its target
-        state.cache.forget(path)
-        remove_entry(path)
-        state.db.delete_model(name, keep_runs=keep)
+                history.append(run["id"])
+        with held_runs(state, gone + history):
+            for run_id in gone + history:
+                remove_entry(state.ws.run_path(run_id))
+            for run_id in history:
+                state.db.delete_run(run_id)
+            path = state.ws.models / check_name(name, "model name")  # a link (an unusable model) goes, not its target
+            state.cache.forget(path)
+            remove_entry(path)
+            state.db.delete_model(name, keep_runs=keep)
+
+
+@contextlib.contextmanager
+def held_runs(state: AppState, run_ids: list[int]) -> Iterator[None]:
+    """The run folders held (RUN/.lock, train/checkpoint.py lock_run) while they are deleted: 409 while another
+    process trains one. The database knows only the runs the server started: a stopped run resumed from a
+    terminal (`lmlab train --out W/runs/run-N --resume`) was deleted under it, checkpoints and all."""
+    keys = []
+    try:
+        for run_id in run_ids:
+            path = state.ws.run_path(run_id)
+            if path.is_dir() and not path.is_symlink():  # a link goes as a link: nothing opened through it
+                try:
+                    keys.append(lock_run(path))
+                except ValueError:
+                    raise Problem(409, "run_training_elsewhere", f"run {run_id} is being trained by another process "
+                                  "(lmlab train --resume in a terminal?); stop it first", id=run_id) from None
+        yield
+    finally:
+        for key in keys:
+            unlock_run(key)
 
 
 def need_free_model_name(state: AppState, name: str, hint: str = "") -> None:
@@ -808,8 +835,9 @@ def remove_run(state: AppState, run_id: int) -> None:
         if readers:
             raise Problem(409, "run_checkpoints_evaluated", f"run {run_id}'s checkpoints are being evaluated (run "
                           f"{readers[0]}); cancel that run or wait for it", id=run_id, run=readers[0])
-        remove_entry(state.ws.run_path(run_id))  # a symbolic link: the link, not where it points
-        state.db.delete_run(run_id)
+        with held_runs(state, [run_id]):
+            remove_entry(state.ws.run_path(run_id))  # a symbolic link: the link, not where it points
+            state.db.delete_run(run_id)
 
 
 # What an experiment's run directory may serve: plain names, no dot first, of the kinds the labs write.

@@ -159,15 +159,25 @@ def refuse_existing_run(run_dir: str | Path, overwrites: tuple[str, ...] = RUN_F
 RUN_LOCK = ".lock"  # held (flock) by the process that trains the run
 
 
-def lock_run(run_dir: str | Path) -> int | None:
-    """Hold the run folder for this process: an exclusive flock on RUN/.lock, given up when the returned file
-    descriptor is closed or the process ends (a killed run leaves no stale lock). ValueError when another
-    process holds it: two processes training into one folder wrote each other's steps into metrics.jsonl and
-    renamed each other's checkpoints away. None where the system has no flock."""
+# the run folders this process holds, per thread: (folder, thread) -> [file descriptor, holders]
+_held: dict[tuple[Path, int], list[int]] = {}
+
+
+def lock_run(run_dir: str | Path) -> tuple[Path, int] | None:
+    """Hold the run folder for this process: an exclusive flock on RUN/.lock, given up by unlock_run (or when the
+    process ends: a killed run leaves no stale lock). ValueError when another process (or another thread of this
+    one) holds it: two processes training into one folder wrote each other's steps into metrics.jsonl and
+    renamed each other's checkpoints away. The thread that holds it may take it again (`lmlab train` claims its
+    folder before the tokenizer and the data, the Trainer then before the first step): one unlock_run each.
+    None where the system has no flock."""
     try:
         import fcntl
     except ImportError:  # not POSIX
         return None
+    key = (Path(run_dir).resolve(), threading.get_ident())
+    if key in _held:
+        _held[key][1] += 1
+        return key
     fd = os.open(Path(run_dir) / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -175,7 +185,40 @@ def lock_run(run_dir: str | Path) -> int | None:
         os.close(fd)
         raise ValueError(f"{run_dir} is being trained by another process; wait for it to end (or stop it) before "
                          "resuming it or starting a run there") from None
-    return fd
+    _held[key] = [fd, 1]
+    return key
+
+
+def unlock_run(key: tuple[Path, int] | None) -> None:
+    """Give up one hold lock_run returned (the flock goes with the last)."""
+    if key is None or key not in _held:
+        return
+    held = _held[key]
+    held[1] -= 1
+    if held[1] == 0:
+        del _held[key]
+        os.close(held[0])
+
+
+def claim_run(run_dir: str | Path, overwrites: tuple[str, ...], command: str = "lmlab train"
+              ) -> tuple[tuple[Path, int] | None, bool]:
+    """(lock_run's key, whether this call made the folder): RUN_DIR made if missing and held before the first
+    file of a new run is written, then checked again for what refuse_existing_run refuses. Two `lmlab train`
+    into one folder both passed the first check and wrote each other's tokenizer and data before the Trainer's
+    lock refused one; the one refused then deleted the folder it thought it had made, with the other's data."""
+    out = Path(run_dir)
+    try:
+        out.mkdir(parents=True)
+        created = True
+    except FileExistsError:
+        created = False
+    key = lock_run(out)
+    try:
+        refuse_existing_run(out, overwrites, command)  # what another process wrote before it let go
+    except BaseException:
+        unlock_run(key)
+        raise
+    return key, created
 
 
 def write_checkpoint(run_dir: str | Path, step: int, fill: Callable[[Path], None], keep_last: int = 0,

@@ -30,7 +30,7 @@ from ..models import ModelConfig, Transformer, generate
 from ..models.io import HF_TOKENIZER_DIR, SIDE_FILES, TOKENIZER, copy_side_files, load_pretrained
 from ..models.quant import refuse_quantized
 from ..tokenizers import Tokenizer
-from .checkpoint import RUN_FILES, refuse_existing_run, resumed_model, run_folder
+from .checkpoint import RUN_FILES, claim_run, refuse_existing_run, resumed_model, run_folder, unlock_run
 from .config import TrainConfig
 from .demo_corpus import demo_corpus
 from .progress import write_phase
@@ -63,8 +63,8 @@ def train_from_sources(out_dir: str | Path, config: TrainConfig, *, sources: Seq
     `filters` (data.filters.parse_filters) run on the sources first: the tokenizer is trained on what they keep, and
     the token file records their receipts. Bad input fails before anything is written."""
     out = run_folder(out_dir)
-    created = not out.exists()
-    refuse_existing_run(out, (*RUN_FILES, "tokenizer.json", "data", INIT_FILES))
+    writes = (*RUN_FILES, "tokenizer.json", "data", INIT_FILES)
+    refuse_existing_run(out, writes)
     model_fields = dict(model_fields or {})
     if sum(x is not None for x in (preset, model_config, init)) > 1:
         raise ValueError("choose one of --preset, --model-config or --init")
@@ -95,7 +95,7 @@ def train_from_sources(out_dir: str | Path, config: TrainConfig, *, sources: Seq
     tokenizer_kind, vocab_size = tokenizer_kind or "bpe", 8192 if vocab_size is None else vocab_size  # 0: refused
     val_fraction = 0.05 if val_fraction is None else val_fraction
     paths = find_documents(sources) if sources else []
-    model = None
+    model, texts = None, None
     if init is not None:
         model, tok = load_pretrained(init)
         refuse_quantized(model)  # before anything is written (the Trainer would refuse it after the data)
@@ -109,7 +109,6 @@ def train_from_sources(out_dir: str | Path, config: TrainConfig, *, sources: Seq
     elif dataset is not None:
         raise ValueError("--dataset needs the tokenizer it was made with: pass --tokenizer or --init")
     else:
-        _phase(out, "tokenizer")
         texts = [read_document(p) for p in paths]
         if filters:  # the tokenizer learns the text the model will see (prepare filters the same texts again)
             texts = [t for t in apply_filters(texts, [p.name for p in paths], filters)[0] if t is not None]
@@ -118,27 +117,33 @@ def train_from_sources(out_dir: str | Path, config: TrainConfig, *, sources: Seq
                                  "see `lmlab data filter` for their receipts")
         if not any(t.strip() for t in texts):
             raise ValueError("the corpus is empty: no document has any text")
-        # under torchrun, rank 0 trains the tokenizer and the others load its file
-        tok = _rank0_first(out, lambda: Tokenizer.train(texts, kind=tokenizer_kind, vocab_size=vocab_size),
-                           lambda t: t.save(out / "tokenizer.json", overwrite=True),
-                           lambda: Tokenizer.load(out / "tokenizer.json"), config)
-    if model is None:
-        if model_config is not None:
-            cfg = model_config
-        elif preset is not None:
-            cfg = ModelConfig.preset(preset, **{**model_fields, "vocab_size": tok.vocab_size})
-        else:
-            cfg = ModelConfig(**{**model_fields, "vocab_size": tok.vocab_size})
-        if tok.vocab_size > cfg.vocab_size:
-            raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
-                             f"{cfg.vocab_size}")
-    # from the config alone, so that a model too big is refused before it is built
-    check_fits(cfg if model is None else model.config, config, world=dist_env()[1])
-    if model is None:
-        torch.manual_seed(config.seed)
-        model = Transformer(cfg)
-    seq_len = config.seq_len or model.config.block_size
+    main_process, claimed, created, claim = dist_env()[0] == 0, False, False, None
     try:
+        if main_process:  # the folder held from its first file on: a second `lmlab train` into it is refused here
+            claim, created = claim_run(out, writes)
+            claimed = True
+        if texts is not None:
+            _phase(out, "tokenizer")
+            # under torchrun, rank 0 trains the tokenizer and the others load its file
+            tok = _rank0_first(out, lambda: Tokenizer.train(texts, kind=tokenizer_kind, vocab_size=vocab_size),
+                               lambda t: t.save(out / "tokenizer.json", overwrite=True),
+                               lambda: Tokenizer.load(out / "tokenizer.json"), config)
+        if model is None:
+            if model_config is not None:
+                cfg = model_config
+            elif preset is not None:
+                cfg = ModelConfig.preset(preset, **{**model_fields, "vocab_size": tok.vocab_size})
+            else:
+                cfg = ModelConfig(**{**model_fields, "vocab_size": tok.vocab_size})
+            if tok.vocab_size > cfg.vocab_size:
+                raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
+                                 f"{cfg.vocab_size}")
+        # from the config alone, so that a model too big is refused before it is built
+        check_fits(cfg if model is None else model.config, config, world=dist_env()[1])
+        if model is None:
+            torch.manual_seed(config.seed)
+            model = Transformer(cfg)
+        seq_len = config.seq_len or model.config.block_size
         if dataset is not None:
             ds = TokenDataset.open(dataset, tok)
         else:
@@ -155,18 +160,28 @@ def train_from_sources(out_dir: str | Path, config: TrainConfig, *, sources: Seq
             provenance["tokenizer"] = str(Path(tokenizer).resolve())
         if lora is not None:
             provenance["lora"] = lora.to_dict()
-        if init is not None and dist_env()[0] == 0:  # what the starting model carries beside its weights
-            out.mkdir(parents=True, exist_ok=True)
+        if init is not None and main_process:  # what the starting model carries beside its weights
             with staged_dir(out / INIT_FILES, replace=False) as tmp:
                 copy_side_files(init, tmp, (*SIDE_FILES, TOKENIZER))
         return train_with_lora(model, tok, ds, config, out, [*callbacks, *_carried(out, init)], lora,
                                provenance=provenance)
     except BaseException:
-        # a corpus shorter than one window, or the Trainer's own checks (early stopping without validation text,
-        # a tracker not installed), after the data: a run that never began (no metrics.jsonl) leaves no folder
-        if dist_env()[0] == 0 and not (out / "metrics.jsonl").exists():
-            shutil.rmtree(out if created else out / INIT_FILES, ignore_errors=True)
+        # the model too big for the memory, a corpus shorter than one window, or the Trainer's own checks (early
+        # stopping without validation text, a tracker not installed), after the first file: a run that never
+        # began (no metrics.jsonl) leaves nothing of what it wrote, so starting again is not refused; a folder
+        # another process holds (not claimed here) is left as it is
+        if claimed and not (out / "metrics.jsonl").exists():
+            if created:
+                shutil.rmtree(out, ignore_errors=True)
+            else:  # a folder that was there (the web app's): what this run wrote in it
+                shutil.rmtree(out / INIT_FILES, ignore_errors=True)
+                if dataset is None:
+                    shutil.rmtree(out / "data", ignore_errors=True)
+                if texts is not None:
+                    (out / "tokenizer.json").unlink(missing_ok=True)
         raise
+    finally:
+        unlock_run(claim)
 
 
 # RUN/init_files/: the side files (models.io.SIDE_FILES) of `lmlab train --init`'s model and its tokenizer.json,

@@ -85,6 +85,7 @@ from .checkpoint import (
     run_folder,
     trim_metrics,
     unb64,
+    unlock_run,
     write_checkpoint,
 )
 from .config import RESUMABLE, TrainConfig, decay_start, lr_at
@@ -331,12 +332,11 @@ class Trainer:
     # ---- the loop ----------------------------------------------------------------------------------
 
     def fit(self, resume: bool = False) -> TrainResult:
-        self._lock: int | None = None
+        self._lock: tuple[Path, int] | None = None
         try:
             return self._fit(resume)
         finally:
-            if self._lock is not None:
-                os.close(self._lock)
+            unlock_run(self._lock)
 
     def _fit(self, resume: bool) -> TrainResult:
         c = self.config

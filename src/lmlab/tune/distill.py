@@ -46,7 +46,7 @@ from ..models.io import WEIGHTS, load_pretrained
 from ..models.quant import refuse_quantized
 from ..tokenizers import Tokenizer
 from ..train import TrainConfig
-from ..train.checkpoint import RUN_FILES, refuse_existing_run, resumed_model, run_folder
+from ..train.checkpoint import RUN_FILES, claim_run, refuse_existing_run, resumed_model, run_folder, unlock_run
 from ..train.trainer import Callback, Objective, TrainResult, check_fits, dist_env, read_run_config, train
 
 SAMPLES = "teacher_samples.jsonl"
@@ -237,18 +237,25 @@ def run_distill(teacher_dir: str | Path, books: Sequence[str | Path], out_dir: s
     config = dataclasses.replace(config, seq_len=seq_len)
     check_fits(student.config, config, world=dist_env()[1])  # the Trainer's own check, before the data is written
     paths = find_documents(books)
-    created = not out.exists()
-    ds: Any = prepare(paths, tok, out / "data", val_fraction=val_fraction, seq_len=seq_len,
-                      overwrite=True)  # the new run's own folder
-    if cfg.mode == "sequence" and ds.train_tokens <= cfg.prompt_tokens:  # no window to start a teacher sample
-        shutil.rmtree(out if created else out / "data", ignore_errors=True)
-        raise ValueError(f"the books' training part has {ds.train_tokens} tokens, not more than --prompt-tokens "
-                         f"({cfg.prompt_tokens}): sequence mode starts each teacher sample from that many")
-    provenance = {"dataset": str(Path(ds.path).resolve()), "sources": [str(p) for p in paths],
-                  "init": str(student_dir) if student_dir else None, "data_stats": ds.stats(),
-                  "distill": {**dataclasses.asdict(cfg), "teacher": str(Path(teacher_dir).resolve()),
-                              "teacher_sha256": file_sha256(Path(teacher_dir) / WEIGHTS)}}
-    return _fit(teacher, tok, student, ds, cfg, config, out, callbacks, provenance, echo, resume=False)
+    # held from its first file on (train/checkpoint.py claim_run): a second distillation into it is refused
+    # before it writes, and a refused one deletes nothing of the other's
+    claim, created = claim_run(out, (*RUN_FILES, "tokenizer.json", "data"), "lmlab tune distill") if (
+        dist_env()[0] == 0) else (None, False)
+    try:
+        ds: Any = prepare(paths, tok, out / "data", val_fraction=val_fraction, seq_len=seq_len,
+                          overwrite=True)  # the new run's own folder
+        if cfg.mode == "sequence" and ds.train_tokens <= cfg.prompt_tokens:  # no window to start a teacher sample
+            shutil.rmtree(out if created else out / "data", ignore_errors=True)
+            raise ValueError(f"the books' training part has {ds.train_tokens} tokens, not more than "
+                             f"--prompt-tokens ({cfg.prompt_tokens}): sequence mode starts each teacher sample from "
+                             "that many")
+        provenance = {"dataset": str(Path(ds.path).resolve()), "sources": [str(p) for p in paths],
+                      "init": str(student_dir) if student_dir else None, "data_stats": ds.stats(),
+                      "distill": {**dataclasses.asdict(cfg), "teacher": str(Path(teacher_dir).resolve()),
+                                  "teacher_sha256": file_sha256(Path(teacher_dir) / WEIGHTS)}}
+        return _fit(teacher, tok, student, ds, cfg, config, out, callbacks, provenance, echo, resume=False)
+    finally:
+        unlock_run(claim)
 
 
 def _fit(teacher: Transformer, tok: Tokenizer, student: Transformer, books: TokenDataset, cfg: DistillConfig,

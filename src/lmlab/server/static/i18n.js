@@ -672,6 +672,7 @@ export const STRINGS = {
   "problem.run_not_found": ["Run {id} not found", "Запуск {id} не найден"],
   "problem.run_not_active": ["Run {id} is not queued or running", "Запуск {id} не ждёт в очереди и не идёт: отменять нечего"],
   "problem.run_active": ["Run {id} is queued or running", "Запуск {id} ещё ждёт в очереди или идёт; сначала отмените его"],
+  "problem.run_training_elsewhere": ["Run {id} is being trained by another process (lmlab train --resume in a terminal?); stop it first", "Запуск {id} сейчас обучается другим процессом (lmlab train --resume в терминале?); сначала остановите его"],
   "problem.name_case_twin": ["{twin} is taken, and names that differ only in letter case would share one folder on some systems", "Имя «{twin}» уже занято, а имена, которые отличаются только регистром букв, на некоторых системах попадут в одну папку: выберите другое вместо «{name}»"],
   "problem.upload_too_large": ["{name} is larger than this server's upload limit of {limit} MiB", "Файл «{name}» больше предела загрузки этого сервера ({limit} МиБ)"],
   "problem.chat_too_long": ["The message is too long for the model's context ({room} tokens with room for a reply)", "Сообщение слишком длинное для контекста модели ({room} токенов с местом для ответа): сократите его"],
