@@ -266,6 +266,20 @@ def test_extending_a_finished_cosine_run_keeps_the_learning_rate_at_min_lr(tmp_p
                                  "min_lr past it"
 
 
+def test_extending_a_run_whose_warm_up_outlasts_it_says_what_the_learning_rate_does(tmp_path, tok, ds):
+    """A 6-step run with the default-like warm-up longer than it: extended, the note said the learning rate "stays
+    at min_lr" while it went on climbing (lr_at has no decay when the warm-up is as long as the horizon)."""
+    cfg = base(max_steps=6, grad_accum_steps=1, warmup_steps=10, min_lr=3e-4)
+    second = Record()
+    train(model_cfg(tok), tok, ds, cfg, tmp_path)
+    train(model_cfg(tok), tok, ds, dataclasses.replace(cfg, max_steps=12), tmp_path, [second], resume=True)
+    assert second.lrs == [lr_at(s, cfg, 6) for s in range(6, 12)] == [cfg.lr * (s + 1) / 10 for s in range(6, 10)] + [
+        cfg.lr] * 2
+    note = json.loads((tmp_path / "resumes.jsonl").read_text())["note"]
+    assert note == ("the cosine schedule keeps its horizon of 6 steps, which the warm-up (10 steps) outlasts: the "
+                    "learning rate climbs to step 10, then stays at its peak (this run never had a decay)")
+
+
 def test_a_wsd_run_extended_on_resume_is_the_longer_wsd_run(tmp_path, tok, ds):
     """Warmup-stable-decay: the peak, then a (1 - sqrt) decay over the last 20% of the steps. A finished 10-step
     run extended to 20 continues from the checkpoint that ends its stable phase (step 8, kept whatever

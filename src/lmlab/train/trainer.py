@@ -733,7 +733,11 @@ class Trainer:
         if new != old and c.schedule in ("cosine", "linear"):
             note = (f"the {c.schedule} schedule keeps its horizon of {old} steps" if old else
                     f"the {c.schedule} schedule keeps no horizon (the run began without one): the peak learning rate")
-            note += ", and the learning rate stays at min_lr past it" if old and (not new or new > old) else ""
+            if old and old <= c.warmup_steps:  # lr_at: no decay when the warm-up is as long as the horizon
+                note += (f", which the warm-up ({c.warmup_steps} steps) outlasts: the learning rate climbs to step "
+                         f"{c.warmup_steps}, then stays at its peak (this run never had a decay)")
+            elif old and (not new or new > old):
+                note += ", and the learning rate stays at min_lr past it"
         elif new != old and c.schedule == "wsd":
             s_old, s_new = decay_start(c, old), decay_start(c, new)
             stable = out / "checkpoints" / f"step-{s_old}"

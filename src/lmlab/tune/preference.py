@@ -215,7 +215,8 @@ def default_cache_dir() -> Path:
 
 def no_dropout(model: torch.nn.Module) -> torch.nn.Module:
     """Dropout off in every module, in train mode too (TRL's disable_dropout): the policy's log-probabilities
-    during training then match the reference's, so the implicit reward starts at exactly 0."""
+    during training then match the reference's, so the implicit reward starts at 0 (up to float rounding: the
+    reference was scored in other batches)."""
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
@@ -449,7 +450,7 @@ def run_preference(out: str | Path, train_config: Any = None, *, model_dir: str 
     # With LoRA the reference is the base itself, no second copy of its weights: its log-probabilities are taken
     # here, before the adapters go on (a resumed run's come from its checkpoint later, in the Trainer), so they
     # and their cache entry are those of the plain model. Its dropout goes off first; the adapters' own is kept
-    # when asked for (B starts at zero: the implicit reward still starts at exactly 0).
+    # when asked for (B starts at zero: the implicit reward still starts at 0, up to float rounding).
     cached = ds.attach_reference(no_dropout(model), cache_dir)
     say(f"reference log-probabilities: {'read from' if cached else 'computed and cached in'} {cache_dir}"
         if cache_dir is not None else "reference log-probabilities computed (no cache)")
