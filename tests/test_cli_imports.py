@@ -60,3 +60,26 @@ def test_the_spelled_out_task_names_are_the_tasks():
     from lmlab.tune.rewards import TASKS
 
     assert TASK_NAMES == tuple(TASKS) == ("addition", "count", "sort", "format")
+
+
+def test_the_packages_submodules_are_still_reached_as_attributes():
+    """`import lmlab` then `lmlab.models.io.load_pretrained` worked while the packages imported every module; with
+    the lazy re-exports only the listed names resolved ("module 'lmlab' has no attribute 'models'")."""
+    src = Path(__file__).resolve().parent.parent / "src"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(src), os.environ.get("PYTHONPATH")]))}
+    probe = ("import lmlab\n"
+             "print(lmlab.models.io.load_pretrained.__name__, lmlab.models.generation.__name__,\n"
+             "      lmlab.train.recipes.train_from_sources.__name__, lmlab.tokenizers.Tokenizer.__name__,\n"
+             "      lmlab.data.dataset.TokenDataset.__name__)\n"
+             "for name in ('lmlab', 'lmlab.models', 'lmlab.train', 'lmlab.data'):\n"
+             "    module = __import__(name, fromlist=['x'])\n"
+             "    try:\n"
+             "        module.no_such_thing\n"
+             "    except AttributeError as exc:\n"
+             "        print(exc)\n")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "load_pretrained lmlab.models.generation train_from_sources Tokenizer TokenDataset",
+        "module 'lmlab' has no attribute 'no_such_thing'", "module 'lmlab.models' has no attribute 'no_such_thing'",
+        "module 'lmlab.train' has no attribute 'no_such_thing'", "module 'lmlab.data' has no attribute 'no_such_thing'"]

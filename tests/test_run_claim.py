@@ -101,3 +101,22 @@ def test_a_distillation_into_a_folder_another_run_holds_writes_nothing(tmp_path,
         assert files(out) == [".lock"]
     finally:
         unlock_run(other)
+
+
+def test_a_lock_file_that_is_a_link_is_not_opened_through(tmp_path):
+    """The lock was opened with O_CREAT through whatever RUN/.lock was: a link made a file where it pointed (the
+    web app's DELETE of a run opens it too)."""
+    out, outside = tmp_path / "run", tmp_path / "outside" / "made.txt"
+    out.mkdir()
+    outside.parent.mkdir()
+    (out / ".lock").symlink_to(outside)
+    with pytest.raises(ValueError, match=r"\.lock is a symbolic link, not the run's lock file; remove it"):
+        lock_run(out)
+    assert not outside.exists()
+
+
+def test_an_out_that_is_a_link_to_nothing_is_a_one_line_error(tmp_path, book):
+    (tmp_path / "dl").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="is a symbolic link to a folder that does not exist"):
+        recipes.train_from_sources(tmp_path / "dl", config(), sources=[book], preset="tiny", vocab_size=300)
+    assert not (tmp_path / "nowhere").exists()

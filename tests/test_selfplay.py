@@ -234,6 +234,14 @@ def test_an_update_that_leaves_weights_not_finite_is_refused_naming_the_lr():
         azr.update(model, opt, samples, cfg)
 
 
+def test_a_warm_up_too_slow_to_move_the_loss_is_not_called_diverged():
+    """--warmup-lr 1e-7 left the loss where it began, a little above it by batch noise (4.8846 -> 4.8861), and the
+    check said "diverged: lower --warmup-lr"."""
+    cfg = AZRConfig.quick(warmup_lr=1e-7)
+    losses = azr.warmup(azr.new_model(cfg, 0), cfg, 0, set())
+    assert abs(losses[-1] - losses[0]) < 0.05
+
+
 def test_log_probs_match_a_direct_forward():
     model = azr.new_model(AZRConfig.quick(), 1)
     batch = make_batch([[2, 5, 6], [2, 7]], [[8, 3], [9, 10, 3]])

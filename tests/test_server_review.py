@@ -261,5 +261,8 @@ def test_a_run_a_terminal_trains_is_not_deleted_under_it(tmp_path):
             assert c.get("/api/v1/models/base").status_code == 200
         finally:
             unlock_run(held[0])
+        outside = tmp_path.parent / f"{tmp_path.name}-outside.txt"
+        (folder / ".lock").unlink()
+        (folder / ".lock").symlink_to(outside)  # the delete takes the lock: never through a link
         assert c.delete(f"/api/v1/runs/{rid}").status_code == 204
-        assert not folder.exists()
+        assert not folder.exists() and not outside.exists()

@@ -34,7 +34,7 @@ from ..models.io import WEIGHTS
 from ..models.quant import QUANTIZATION
 from ..tokenizers import Tokenizer
 from ..train import TrainConfig, checkpoint_step, checkpoints, latest_checkpoint
-from ..train.checkpoint import lock_run, unlock_run
+from ..train.checkpoint import RUN_LOCK, lock_run, unlock_run
 from ..train.progress import PHASE_FILE, PHASES, SAMPLES_FILE
 from .app import AppState, Problem
 from .commands import again_command
@@ -286,7 +286,9 @@ def held_runs(state: AppState, run_ids: list[int]) -> Iterator[None]:
     try:
         for run_id in run_ids:
             path = state.ws.run_path(run_id)
-            if path.is_dir() and not path.is_symlink():  # a link goes as a link: nothing opened through it
+            # a link goes as a link: nothing opened through it, nor through a .lock that is one (no process can
+            # hold such a lock: lock_run refuses it)
+            if path.is_dir() and not path.is_symlink() and not (path / RUN_LOCK).is_symlink():
                 try:
                     keys.append(lock_run(path))
                 except ValueError:

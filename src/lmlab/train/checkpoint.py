@@ -131,6 +131,8 @@ def run_folder(out: str | Path) -> Path:
         raise ValueError("the run's folder (out) is empty; name the folder to write the run to")
     if Path(out).exists() and not Path(out).is_dir():  # it said "[Errno 17] File exists" once it got there
         raise ValueError(f"{out} is a file, not a folder; name a folder to write the run to")
+    if Path(out).is_symlink() and not Path(out).exists():  # "[Errno 2] No such file or directory: 'OUT/.lock'"
+        raise ValueError(f"{out} is a symbolic link to a folder that does not exist; name a folder to write the run to")
     return Path(out)
 
 
@@ -178,7 +180,12 @@ def lock_run(run_dir: str | Path) -> tuple[Path, int] | None:
     if key in _held:
         _held[key][1] += 1
         return key
-    fd = os.open(Path(run_dir) / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o666)
+    try:  # never through a link: the web app deletes runs holding this lock, and must not touch a file elsewhere
+        fd = os.open(Path(run_dir) / RUN_LOCK, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    except OSError as exc:
+        if not (Path(run_dir) / RUN_LOCK).is_symlink():
+            raise
+        raise ValueError(f"{Path(run_dir) / RUN_LOCK} is a symbolic link, not the run's lock file; remove it") from exc
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
