@@ -101,7 +101,8 @@ def prepare(sources: Sequence[str | Path], tokenizer: Any, out_dir: str | Path, 
 
 def _refuse_dataset(out_dir: str | Path) -> None:
     """A dataset already in `out_dir` is replaced only when asked: a run trained on it would resume on other data."""
-    if (Path(out_dir) / HEADER).exists():
+    # a tokens.bin alone is one whose preparation did not finish (or is finishing): refused before the reading too
+    if (Path(out_dir) / HEADER).exists() or (Path(out_dir) / BIN).exists():
         raise FileExistsError(f"{out_dir} already holds a dataset; replace it with --force (overwrite=True in "
                               "Python), or choose another folder")
 
