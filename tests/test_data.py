@@ -467,11 +467,13 @@ def test_bad_corpora_raise_and_write_nothing(tmp_path, tok):
 
 @pytest.mark.parametrize("overwrite", [False, True])
 def test_a_failure_while_writing_leaves_no_partial_files(tmp_path, tok, monkeypatch, overwrite):
-    """A new dataset is linked into place (never over another's, see below), one replacing another renamed."""
+    """A new dataset is put in place only where none is (files.put_new, see below), one replacing another renamed."""
     import os
 
-    name = "replace" if overwrite else "link"
-    real = getattr(os, name)
+    from lmlab.data import dataset as D
+
+    module, name = (os, "replace") if overwrite else (D, "put_new")
+    real = getattr(module, name)
     for fail_at in (1, 2):  # putting tokens.bin into place fails; putting tokens.json fails
         calls = []
 
@@ -481,7 +483,7 @@ def test_a_failure_while_writing_leaves_no_partial_files(tmp_path, tok, monkeypa
                 raise OSError(28, "No space left on device")
             real(src, dst)
 
-        monkeypatch.setattr(os, name, put)
+        monkeypatch.setattr(module, name, put)
         with pytest.raises(OSError, match="No space"):
             prepare_texts([PROSE], tok, tmp_path / f"ds{fail_at}", overwrite=overwrite)
         assert [os.path.basename(c) for c in calls] == ["tokens.bin", "tokens.json"][:fail_at]

@@ -275,3 +275,32 @@ def test_data_reaches_the_disk_before_the_rename_and_the_folder_after(tmp_path, 
     inodes = {p.stat().st_ino for p in (out, out / "sub", out / "sub" / "w.bin", out / "c.json")}
     assert events.index(("rename", out.stat().st_ino)) == len(events) - 2 and events[-1] == ("sync", folder)
     assert set(synced[:-1]) == inodes, events
+
+
+def test_put_new_without_hard_links_leaves_no_empty_claim_when_the_rename_fails(tmp_path, monkeypatch):
+    """Where os.link is refused (vfat), the name is claimed by an empty file, then renamed over: a rename that
+    failed left that empty file under the name (an empty tokens.bin, an empty data copy)."""
+    import errno
+    import os
+
+    from lmlab.files import put_new
+
+    tmp, path = tmp_path / "tmp", tmp_path / "tokens.bin"
+    tmp.write_bytes(b"data")
+
+    def no_link(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "link", no_link)
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(OSError, match="No space"):
+        put_new(tmp, path)
+    assert not path.exists() and tmp.read_bytes() == b"data"
+    monkeypatch.undo()
+    path.write_bytes(b"theirs")
+    with pytest.raises(FileExistsError):
+        put_new(tmp, path)
+    assert path.read_bytes() == b"theirs"

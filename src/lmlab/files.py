@@ -141,16 +141,29 @@ def atomic_path(path: str | Path, *, new: bool = False) -> Iterator[Path]:
             os.replace(tmp, path)
         else:
             try:
-                os.link(tmp, path)
+                put_new(tmp, path)
             except FileExistsError:
                 raise FileExistsError(f"{path} was written by another process meanwhile (a second run started "
                                       "into the same folder?); nothing was replaced") from None
-            except OSError:  # no hard links there (vfat, some network mounts): claim the name, then rename over
-                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-                os.replace(tmp, path)
         sync(tmp.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def put_new(tmp: str | Path, path: str | Path) -> None:
+    """Put the written file `tmp` in place as `path`, which must not exist: FileExistsError, and nothing replaced,
+    where it does (a file another process wrote meanwhile). `tmp` stays for the caller to remove."""
+    try:
+        os.link(tmp, path)  # refuses an existing name
+    except FileExistsError:
+        raise
+    except OSError:  # no hard links there (vfat, some network mounts): claim the name, then rename over
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(path)  # the empty name claimed above, not a file of someone else's
+            raise
 
 
 def fix_modes(folder: str | Path) -> None:

@@ -17,7 +17,6 @@ overlap a validation token. A val part is empty when its document has fewer than
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
-from ..files import atomic_write_text, temp_beside
+from ..files import atomic_write_text, put_new, temp_beside
 from .documents import find_documents, read_document
 from .filters import apply_filters, without_examples
 
@@ -103,8 +102,12 @@ def _refuse_dataset(out_dir: str | Path) -> None:
     """A dataset already in `out_dir` is replaced only when asked: a run trained on it would resume on other data."""
     # a tokens.bin alone is one whose preparation did not finish (or is finishing): refused before the reading too
     if (Path(out_dir) / HEADER).exists() or (Path(out_dir) / BIN).exists():
-        raise FileExistsError(f"{out_dir} already holds a dataset; replace it with --force (overwrite=True in "
-                              "Python), or choose another folder")
+        raise _held_dataset(out_dir)
+
+
+def _held_dataset(out_dir: str | Path, why: str = "") -> FileExistsError:
+    return FileExistsError(f"{out_dir} already holds a dataset{why}; replace it with --force (overwrite=True in "
+                           "Python), or choose another folder")
 
 
 def _refuse_foreign_receipts(out_dir: str | Path) -> None:
@@ -241,9 +244,7 @@ def prepare_texts(texts: Sequence[str], tokenizer: Any, out_dir: str | Path, *, 
             # name): two preparations into one folder both said "written" and the later one replaced the other
             bin_file.publish(exclusive=not overwrite)
         except FileExistsError:
-            raise FileExistsError(f"{out_dir} already holds a dataset ({BIN}: another preparation wrote it meanwhile, "
-                                  "or one that did not finish); replace it with --force (overwrite=True in Python), "
-                                  "or choose another folder") from None
+            raise _held_dataset(out_dir, f" ({BIN}: another preparation wrote it meanwhile)") from None
         try:
             header_file.publish(exclusive=not overwrite)
         except BaseException:
@@ -271,9 +272,6 @@ def _chunks(items: list[int], sizes: list[int]) -> Iterator[list[int]]:
         yield chunk
 
 
-_NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK}
-
-
 class _Staged:
     """A file written under a temporary name in the same folder; `publish` renames it into place. Leaving
     the block without publishing removes it, so a failure never leaves a partial file."""
@@ -295,17 +293,8 @@ class _Staged:
         os.fsync(self.file.fileno())
         self.file.close()
         if exclusive:
-            try:
-                os.link(self.tmp, self.path)
-            except OSError as exc:
-                if exc.errno not in _NO_LINKS:
-                    raise
-                # a file system without hard links (FAT, some network mounts): check, then rename
-                if self.path.exists():
-                    raise FileExistsError(self.path) from None
-                os.replace(self.tmp, self.path)
-                return
-            self.tmp.unlink()
+            put_new(self.tmp, self.path)
+            self.tmp.unlink(missing_ok=True)
         else:
             os.replace(self.tmp, self.path)
 
