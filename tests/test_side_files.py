@@ -1,6 +1,7 @@
-"""A run that starts from a model directory (`lmlab train --init`, `tune dpo`, `tune grpo`) keeps that model's side
-files in final/: its generation defaults, its chat template and hf_tokenizer/ where it has one. They were dropped:
-a chat model trained further lost its template (and `lmlab export` its tokenizer_config.json's chat_template)."""
+"""A run that starts from a model directory (`lmlab train --init`, `tune sft`, `tune dpo`, `tune grpo`) keeps that
+model's side files in final/: its generation defaults, its chat template and hf_tokenizer/ where it has one. They were
+dropped: a chat model trained further lost its template (and `lmlab export` its tokenizer_config.json's
+chat_template)."""
 
 import json
 
@@ -17,6 +18,7 @@ from lmlab.train.recipes import INIT_FILES, CarrySideFiles, resume_run, train_fr
 from lmlab.tune import preference as P
 from lmlab.tune.chat import with_chat_tokens
 from lmlab.tune.grpo import GRPOConfig, run_grpo
+from lmlab.tune.sft import resume_sft, run_sft
 
 TEXT = ("the cat sat on the mat. the dog sat on the log. кот сидел на ковре, а пёс лежал у дома. "
         "a bird flew over the tree and sang a song. ") * 20
@@ -70,20 +72,54 @@ def test_train_init_keeps_the_starting_model_s_side_files_through_a_resume(tmp_p
     train_from_sources(tmp_path / "whole", config(), sources=[book], init=start)
     assert_carried(start, tmp_path / "whole" / "final")
     # stopped, the starting model moved away, resumed: the run's own copy (RUN/init_files) is what final/ gets
-    moved = tmp_path / "moved"
-    moved.mkdir()
-    copy = moved / "start"
-    copy.mkdir()
+    copy = copied(start, tmp_path / "moved")
+    train_from_sources(tmp_path / "cut", config(), sources=[book], init=copy, callbacks=[StopAt(2)])
+    assert (tmp_path / "cut" / INIT_FILES / "chat_template.jinja").is_file()
+    remove(copy)
+    assert resume_run(tmp_path / "cut").steps == 4
+    assert_carried(start, tmp_path / "cut" / "final")
+
+
+def copied(start, folder):
+    copy = folder / "start"
+    copy.mkdir(parents=True)
     for f in start.rglob("*"):
         target = copy / f.relative_to(start)
         target.mkdir(exist_ok=True) if f.is_dir() else target.write_bytes(f.read_bytes())
-    train_from_sources(tmp_path / "cut", config(), sources=[book], init=copy, callbacks=[StopAt(2)])
-    assert (tmp_path / "cut" / INIT_FILES / "chat_template.jinja").is_file()
-    for f in sorted(copy.rglob("*"), reverse=True):
+    return copy
+
+
+def remove(folder):
+    for f in sorted(folder.rglob("*"), reverse=True):
         f.rmdir() if f.is_dir() else f.unlink()
-    copy.rmdir()
-    assert resume_run(tmp_path / "cut").steps == 4
-    assert_carried(start, tmp_path / "cut" / "final")
+    folder.rmdir()
+
+
+def test_sft_keeps_the_starting_model_s_side_files_through_a_resume(tmp_path, start):
+    """tune sft dropped them too: an imported model fine-tuned on prompt-completion pairs (its vocabulary
+    unchanged) lost hf_tokenizer/ and its generation defaults."""
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": p, "completion": c}) + "\n" for p, c in [
+        ("the cat", " sat on the mat."), ("кот сидел", " на ковре."), ("the dog", " sat on the log."),
+        ("a bird", " flew over the tree.")] * 3), encoding="utf-8")
+    copy = copied(start, tmp_path / "moved")
+    run_sft(copy, pairs, tmp_path / "sft", config(seq_len=None), callbacks=[StopAt(2)], echo=lambda s: None)
+    remove(copy)  # the resume needs nothing but the run's folder
+    assert resume_sft(tmp_path / "sft", echo=lambda s: None).steps == 4
+    assert_carried(start, tmp_path / "sft" / "final")
+
+
+def test_sft_on_conversations_keeps_generation_defaults_but_not_a_tokenizer_that_no_longer_matches(tmp_path, start):
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
+                                                      {"role": "assistant", "content": a}]}) + "\n"
+                             for q, a in [("the cat?", "sat."), ("кот?", "на ковре."), ("a bird?", "sang.")] * 3),
+                     encoding="utf-8")
+    run_sft(start, chats, tmp_path / "sft", config(max_steps=2, save_every=0, seq_len=None), echo=lambda s: None)
+    final = tmp_path / "sft" / "final"
+    assert (final / "generation.json").read_bytes() == (start / "generation.json").read_bytes()
+    assert (final / "chat_template.jinja").read_text(encoding="utf-8") == TEMPLATE
+    assert not (final / "hf_tokenizer").exists()  # the chat tokens were added: 300 tokens grew
 
 
 def test_a_run_from_scratch_has_no_init_files_and_a_refused_start_leaves_none(tmp_path, start, book):

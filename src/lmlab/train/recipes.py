@@ -161,8 +161,7 @@ def train_from_sources(out_dir: str | Path, config: TrainConfig, *, sources: Seq
         if lora is not None:
             provenance["lora"] = lora.to_dict()
         if init is not None and main_process:  # what the starting model carries beside its weights
-            with staged_dir(out / INIT_FILES, replace=False) as tmp:
-                copy_side_files(init, tmp, (*SIDE_FILES, TOKENIZER))
+            keep_init_files(init, out)
         return train_with_lora(model, tok, ds, config, out, [*callbacks, *_carried(out, init)], lora,
                                provenance=provenance)
     except BaseException:
@@ -187,6 +186,14 @@ def train_from_sources(out_dir: str | Path, config: TrainConfig, *, sources: Seq
 # RUN/init_files/: the side files (models.io.SIDE_FILES) of `lmlab train --init`'s model and its tokenizer.json,
 # copied when the run starts, so that final/ carries them (and a resume needs no more than the run's folder)
 INIT_FILES = "init_files"
+
+
+def keep_init_files(init: str | Path, out: Path) -> CarrySideFiles:
+    """Copy the starting model's side files and tokenizer.json into RUN/init_files/; the callback that puts
+    them into final/."""
+    with staged_dir(out / INIT_FILES, replace=False) as tmp:
+        copy_side_files(init, tmp, (*SIDE_FILES, TOKENIZER))
+    return CarrySideFiles(out / INIT_FILES)
 
 
 def _carried(out: Path, init: Any) -> list[Callback]:
