@@ -5,8 +5,9 @@
 
 speed: batch-1 greedy generation (16-token prompt, --new-tokens new ones) of a gpt2-124m-shaped model with
 random weights (speed does not depend on their values), lmlab fp32 against int8 and int4 (g32, RTN; head
-quantized, and int8 with --keep-head's fp32 head; "int8 weight-only": int8 on its fallback kernel with bf16
-activations instead of 8-bit ones), and against llama.cpp (llama-cpp-python) running lmlab's
+quantized, and int8 with --keep-head's fp32 head; "int8 on FBGEMM": int8's 8-bit activations on FBGEMM, where
+lmlab's own op (models/int8_cpu.py) runs the "int8" rows; "int8 weight-only": int8 on its fallback kernel with
+bf16 activations instead of 8-bit ones), and against llama.cpp (llama-cpp-python) running lmlab's
 q8_0 GGUF export of the same weights; then the tiny preset. Repeats interleaved as in bench_model.py.
 
 ppl: perplexity of held-out text (lmlab.eval.text_nll) for a trained model and its int8, int4 g32 RTN and
@@ -31,19 +32,28 @@ from lmlab.models import ModelConfig, Transformer, generate_ids
 from lmlab.models.quant import QuantLinear, calibration_windows, quantize_model
 
 WEIGHT_ONLY = "int8 weight-only"  # int8 on the bf16 kernel without FBGEMM (quant.py), for comparison
+FBGEMM = "int8 on FBGEMM"  # int8's 8-bit activations on FBGEMM instead of lmlab's own op (models/int8_cpu.py)
 VARIANTS = {"int8": (8, None, False), "int8 fp32 head": (8, None, True),
             "int4 g32": (4, 32, False), "int4 g32 fp32 head": (4, 32, True)}
 
 
 @contextlib.contextmanager
-def int8_activations(on: bool):
-    """int8 on its default kernel (8-bit activations, FBGEMM) or on the weight-only bf16 kernel it falls back
-    to. A model keeps the kernel it first ran with in its Decoder, so each model always runs under one setting."""
-    QuantLinear.int8_activations = on
+def int8_activations(on: bool, fused: bool = True):
+    """int8 on its default kernel (8-bit activations: lmlab's own op where it builds, else FBGEMM; `fused`
+    False: FBGEMM) or on the weight-only bf16 kernel it falls back to. A model keeps the kernel it first ran
+    with in its Decoder, so each model always runs under one setting."""
+    QuantLinear.int8_activations, QuantLinear.fused_int8 = on, fused
     try:
         yield
     finally:
-        QuantLinear.int8_activations = True
+        QuantLinear.int8_activations, QuantLinear.fused_int8 = True, True
+
+
+def int8_kernel_note() -> str:
+    from lmlab.models import int8_cpu
+
+    op = int8_cpu.kernel()
+    return "lmlab's own op (AVX-512 VNNI)" if op is not None else f"FBGEMM (lmlab's own op: {int8_cpu.reason})"
 
 
 def bench_speed(cfg: ModelConfig, label: str, repeats: int, new_tokens: int, peers: bool) -> dict[str, float]:
@@ -52,11 +62,12 @@ def bench_speed(cfg: ModelConfig, label: str, repeats: int, new_tokens: int, pee
     models = {"fp32": fp32} | {name: quantize_model(copy.deepcopy(fp32), bits, gs, keep_head=keep)[0]
                                for name, (bits, gs, keep) in VARIANTS.items() if name != "int4 g32 fp32 head"}
     models[WEIGHT_ONLY] = quantize_model(copy.deepcopy(fp32), 8, None)[0]
+    models[FBGEMM] = quantize_model(copy.deepcopy(fp32), 8, None)[0]
     prompt = torch.randint(4, cfg.vocab_size, (PROMPT_LEN,), generator=torch.Generator().manual_seed(1)).tolist()
 
     def runner(model, name):
         def run():
-            with int8_activations(name != WEIGHT_ONLY):
+            with int8_activations(name != WEIGHT_ONLY, fused=name != FBGEMM):
                 return generate_ids(model, [prompt], do_sample=False, max_new_tokens=new_tokens, stop_at_eos=False)
         return run
 
@@ -70,7 +81,7 @@ def bench_speed(cfg: ModelConfig, label: str, repeats: int, new_tokens: int, pee
         contenders.clear()  # llama.cpp's models are freed before their files go
     tps = {name: new_tokens / timing.median for name, timing in t.items()}
     print(f"\n{label}: batch-1 greedy, {PROMPT_LEN}-token prompt + {new_tokens} new tokens, "
-          f"{fp32.num_parameters() / 1e6:.1f}M parameters; {load_note()}")
+          f"{fp32.num_parameters() / 1e6:.1f}M parameters; {load_note()}; int8 runs on {int8_kernel_note()}")
     print(f"    {'':22}{'tok/s':>9}{'ms/token':>10}{'spread':>8}{'vs fp32':>9}")
     for name, v in tps.items():
         print(f"    {name:22}{v:9.1f}{1e3 / v:10.2f}{t[name].spread:8.0%}{v / tps['fp32']:8.2f}x")
@@ -137,7 +148,8 @@ def main() -> None:
               f"{verdict(tps[name] / tps['fp32'], target)}")
     if "llama.cpp q8_0" in tps:
         r = tps["int8"] / tps["llama.cpp q8_0"]
-        print(f"    int8 vs llama.cpp q8_0: {r:.2f}x (target >= 1.0): {verdict(r, 1.0)}; int8 weight-only: "
+        print(f"    int8 vs llama.cpp q8_0: {r:.2f}x (target >= 1.0): {verdict(r, 1.0)}; int8 on FBGEMM: "
+              f"{tps[FBGEMM] / tps['llama.cpp q8_0']:.2f}x; int8 weight-only: "
               f"{tps[WEIGHT_ONLY] / tps['llama.cpp q8_0']:.2f}x")
     tiny = bench_speed(ModelConfig.preset("gpt2-tiny"), "tiny preset (gpt2)", args.repeats * 2, args.new_tokens,
                        peers=False)

@@ -10,7 +10,7 @@ from torch import nn
 
 import lmlab
 from lmlab.cli import main
-from lmlab.models import ModelConfig, Transformer, fast, generate_ids, quant
+from lmlab.models import ModelConfig, Transformer, fast, generate_ids, int8_cpu, quant
 from lmlab.models.io import load_pretrained, save_pretrained
 from lmlab.models.model import KVCache
 from lmlab.models.quant import (
@@ -83,20 +83,27 @@ def test_matmuls_equal_a_dequantised_fp32_reference(bits, group_size, kernels_fo
         torch.testing.assert_close(q.rows(rows), w_hat[rows], rtol=0, atol=0)  # ... and from the cached table
 
 
-@pytest.mark.skipif(not w8a8_available(), reason="this torch has no FBGEMM")
-@pytest.mark.parametrize("full_range", [True, False])
-def test_int8_activations_are_quantized_per_row(full_range, kernels_for_all_sizes, monkeypatch):
+ENGINES = [pytest.param("vnni", True, marks=pytest.mark.skipif(
+               not int8_cpu.supported(), reason="this CPU has no AVX-512 VNNI")),
+           pytest.param("fbgemm", True, marks=pytest.mark.skipif(not w8a8_available(), reason="no FBGEMM")),
+           pytest.param("fbgemm", False, marks=pytest.mark.skipif(not w8a8_available(), reason="no FBGEMM"))]
+
+
+@pytest.mark.parametrize("engine,full_range", ENGINES)
+def test_int8_activations_are_quantized_per_row(engine, full_range, kernels_for_all_sizes, monkeypatch):
     """int8's default kernel rounds each input row to a grid of its own (8 bits, or 7 where FBGEMM's int16
     pair sums could saturate) over [-max|x|, max|x|]: x̂ is within half a step (2 max|x| / 255 or / 127) of x,
     so each output is within half a step times the row's sum |Ŵ| of x @ Ŵ.T + b (plus fp32 rounding), and a
-    row gives the same numbers alone as beside rows 100x larger (one grid for the batch would zero it)."""
+    row gives the same numbers alone as beside rows 100x larger (one grid for the batch would zero it). The
+    same on lmlab's own op (8 bits: its dot products are exact) and on FBGEMM."""
     monkeypatch.setattr(quant, "_full_range_activations", lambda: full_range)
+    monkeypatch.setattr(QuantLinear, "fused_int8", engine == "vnni")
     linear, q = quant_linear(8, None)
     x = torch.randn(6, 256) * torch.tensor([1e-3, 1, 1, 100, 7, 0.1])[:, None]
     x[2, 5] = 30.0  # an activation outlier: its row's grid is coarse, the others' are not
     x[4] = 0.0
     with torch.no_grad():
-        assert q._prepared()[0] == "int8 w8a8"
+        assert q._prepared()[0] == ("int8 vnni" if engine == "vnni" else "int8 w8a8")
         y = q(x)
         exact = x @ q.dequantized().T + linear.bias
         step = 2 * x.abs().amax(1, keepdim=True) / (255 if full_range else 127)
@@ -111,13 +118,67 @@ def test_int8_activations_are_quantized_per_row(full_range, kernels_for_all_size
         assert relative[0] < 0.02 and relative[1] < 0.02  # a small row keeps its own precision
 
 
-@pytest.mark.skipif(not w8a8_available(), reason="this torch has no FBGEMM")
-def test_int8_input_buffers_serve_any_thread_and_mode(kernels_for_all_sizes):
-    """The scaled input goes into a buffer kept per thread and shape (decoding reuses it every step): a buffer
-    first made in inference mode still takes a call outside it, and threads decoding at once each get their
-    own rows' numbers, the ones a call alone gives."""
+@pytest.mark.skipif(not int8_cpu.supported(), reason="this CPU has no AVX-512 VNNI")
+def test_lmlab_s_int8_op_equals_the_fbgemm_path_and_keeps_rows_apart(monkeypatch):
+    """lmlab's own int8 op (one call: the rows' rounding, VNNI dot products, the scaling back) against the FBGEMM
+    path it replaces, which rounds to the same grid: equal but where one input sits on a rounding boundary
+    (x * 127.5 / max|x| there, x / max|x| * 127.5 there) and moves one step, so the outputs differ by at most
+    one step times the largest |Ŵ| (and fp32 rounding). Shapes whose rows and columns are not multiples of the
+    16 x 4 blocks; 1 to 9 rows (the op takes 4 at a time); every row equal alone and in the batch, bit for bit,
+    at 1 and 2 threads."""
+    assert int8_cpu.kernel() is not None, int8_cpu.reason  # this machine has the CPU: the op must build
+    torch.manual_seed(0)
+    for n, k in [(40, 256), (37, 10), (17, 4), (5, 13), (300, 772)]:
+        q = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+        scales = (torch.rand(n, 1) * 0.02 + 1e-3).bfloat16()
+        b = torch.randn(n)
+        ours, fbgemm = int8_cpu.linear_fn(q, scales, b), quant._w8a8(q, scales, b, reduce_range=False)
+        w_hat = q.float() * scales.float()
+        for m in (1, 3, 4, 9):
+            x = torch.randn(m, k) * torch.logspace(-3, 2, m)[:, None]
+            y = ours(x)
+            step = 2 * x.abs().amax(1, keepdim=True) / 255
+            bound = step * w_hat.abs().amax(1) + 1e-5 * y.abs() + 1e-6
+            assert ((y - fbgemm(x)).abs() <= bound).all(), (n, k, m)
+            exact = x @ w_hat.T + b  # and the grid's own error bound against fp32, as the test above
+            assert ((y - exact).abs() <= step / 2 * w_hat.abs().sum(1) + 1e-5 * exact.abs() + 1e-6).all()
+            threads = torch.get_num_threads()
+            try:
+                for t in (1, 2):
+                    torch.set_num_threads(t)
+                    assert torch.equal(ours(x), y)
+                    assert all(torch.equal(ours(x[i:i + 1])[0], y[i]) for i in range(m))
+            finally:
+                torch.set_num_threads(threads)
+    assert ours(torch.zeros(0, k)).shape == (0, n)
+    assert ours(torch.randn(2, k).double()).dtype == torch.float64  # the caller's dtype back
+
+
+def test_int8_falls_back_to_fbgemm_where_lmlab_s_op_cannot_be_built(monkeypatch, kernels_for_all_sizes):
+    """No compiler (or no ninja, or no Python headers): kernel() says why and int8 runs on FBGEMM, with no error."""
+    monkeypatch.setattr(int8_cpu, "_built", [])
+    monkeypatch.setattr(int8_cpu, "supported", lambda: True)
+
+    def fails():
+        raise RuntimeError("Error building extension 'lmlab_int8'\ng++: command not found")
+    monkeypatch.setattr(int8_cpu, "_build", fails)
+    assert int8_cpu.kernel() is None and int8_cpu.reason == "its build failed: g++: command not found"
+    _, q = quant_linear(8, None)
+    if w8a8_available():
+        assert q._prepared()[0] == "int8 w8a8"
+    monkeypatch.setattr(int8_cpu, "_built", [])
+    monkeypatch.setenv("LMLAB_INT8_KERNEL", "fbgemm")
+    assert int8_cpu.kernel() is None and int8_cpu.reason == "LMLAB_INT8_KERNEL=fbgemm"
+
+
+@pytest.mark.parametrize("engine,_", ENGINES[:2])
+def test_int8_input_buffers_serve_any_thread_and_mode(engine, _, kernels_for_all_sizes, monkeypatch):
+    """FBGEMM's scaled input goes into a buffer kept per thread and shape (decoding reuses it every step): a
+    buffer first made in inference mode still takes a call outside it, and threads decoding at once each get
+    their own rows' numbers, the ones a call alone gives. The same of lmlab's own op (its buffers are its own)."""
     import threading
 
+    monkeypatch.setattr(QuantLinear, "fused_int8", engine == "vnni")
     _, q = quant_linear(8, None)
     xs = [torch.randn(1, 256) * (i + 1) for i in range(4)]
     with torch.no_grad():
