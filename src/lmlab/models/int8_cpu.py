@@ -95,23 +95,27 @@ static float quantize_row(const float* x, int64_t K, int64_t Kp, uint8_t* out) {
 
 constexpr int64_t PREFETCH = 32768;  // bytes ahead in a block's stream; a T2 hint helped by ~10% at batch 1
 
-// acc[i * R + r] += the dot products of input rows i < MR with the R blocks of 16 weight rows at wb
+// acc[i * R + r] = the dot products of input rows i < MR with the R blocks of 16 weight rows at wb. The sums
+// stay in a local array (registers): __m512i may alias anything, so sums kept in the caller's array were stored
+// and loaded again at every step
 template <int R, int MR>
 static inline void dots(const int8_t* wb, int64_t Kp, const int32_t* const* xs, __m512i* acc) {
   const int64_t G = Kp / 4, bs = Kp * 16;
-  for (int i = 0; i < R * MR; ++i) acc[i] = _mm512_setzero_si512();
+  __m512i a[R * MR];
+  for (int i = 0; i < R * MR; ++i) a[i] = _mm512_setzero_si512();
   for (int64_t g = 0; g < G; ++g) {
     __m512i w[R];
     for (int r = 0; r < R; ++r) {
       const int8_t* p = wb + r * bs + g * 64;
-      _mm_prefetch((const char*)p + PREFETCH, _MM_HINT_T2);
+      if (MR == 1) _mm_prefetch((const char*)p + PREFETCH, _MM_HINT_T2);  // one row streams from memory
       w[r] = _mm512_loadu_si512(p);
     }
     for (int i = 0; i < MR; ++i) {
       const __m512i x = _mm512_set1_epi32(xs[i][g]);
-      for (int r = 0; r < R; ++r) acc[i * R + r] = _mm512_dpbusd_epi32(acc[i * R + r], x, w[r]);
+      for (int r = 0; r < R; ++r) a[i * R + r] = _mm512_dpbusd_epi32(a[i * R + r], x, w[r]);
     }
   }
+  for (int i = 0; i < R * MR; ++i) acc[i] = a[i];
 }
 
 // x (M, K) fp32 -> (M, N): y = dot(x̂, Ŵ) with x̂ each row on its own grid, times the row scales, plus the bias
