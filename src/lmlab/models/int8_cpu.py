@@ -181,7 +181,8 @@ at::Tensor linear(at::Tensor x, at::Tensor packed, at::Tensor corr, at::Tensor w
 }
 """
 
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma"]
+# -fopenmp: at::parallel_for is inlined from ATen's OpenMP backend, and without it ran on one thread
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma", "-fopenmp"]
 _lock = threading.Lock()
 _built: list[Any] = []  # [module or None] once tried
 reason: str | None = None  # why kernel() is None, once it was tried
@@ -226,7 +227,7 @@ def _build() -> Any:
             pass
     digest = hashlib.sha256((SOURCE + " ".join(FLAGS) + torch.__version__).encode()).hexdigest()[:12]
     return load_inline(name=f"lmlab_int8_{digest}", cpp_sources=SOURCE, functions=["prepack", "linear"],
-                       extra_cflags=FLAGS, verbose=False)
+                       extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], verbose=False)
 
 
 def linear_fn(q: torch.Tensor, scales: torch.Tensor, b: torch.Tensor | None) -> Any:
