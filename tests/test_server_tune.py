@@ -16,6 +16,7 @@ from test_server_support import CHILD_ENV, client, finished, settings, upload, w
 from lmlab.models import ModelConfig, Transformer
 from lmlab.models.io import save_pretrained
 from lmlab.server.commands import tune_command
+from lmlab.server.routers import tune as tune_router
 from lmlab.server.workspace import Workspace
 from lmlab.tokenizers import Tokenizer
 from lmlab.tune.chat import render, with_chat_tokens
@@ -166,6 +167,19 @@ def test_the_preview_mask_is_the_renderers(tn):
     assert p["rows"][0]["mask"] == [0] * len(prompt) + [1] * len(completion)
     assert p["supervised_tokens"] == sum(len(render_completion(tn.tok, x["prompt"], x[s])[1])
                                          for x in PAIRS for s in ("chosen", "rejected"))
+
+
+def test_the_preview_counts_a_bounded_number_of_examples(tn, monkeypatch):
+    """A GET must not tokenise a whole dataset in the server (100 MiB of short examples): the counts cover the
+    first PREVIEW_COUNTED examples, and say so."""
+    monkeypatch.setattr(tune_router, "PREVIEW_COUNTED", 8)  # CHATS, not LONG (the one cut to the context)
+    p = tn.get("/api/v1/datasets/chats.jsonl/preview", params={"model": "base", "rows": 9}).json()
+    tok, _ = with_chat_tokens(tn.tok)
+    assert (p["examples"], p["counted"], p["truncated"], len(p["rows"])) == (9, 8, 0, 8)
+    assert p["supervised_tokens"] == sum(sum(render(c["messages"], tok)[1]) for c in CHATS)
+    monkeypatch.setattr(tune_router, "PREVIEW_COUNTED", 9)
+    p = tn.get("/api/v1/datasets/chats.jsonl/preview", params={"model": "base", "rows": 9}).json()
+    assert (p["examples"], p["counted"], p["truncated"]) == (9, 9, 1)
 
 
 def test_settings_of_another_method_and_data_of_another_kind_are_refused(tn):
