@@ -17,6 +17,7 @@ from lmlab.models import ModelConfig, Transformer
 from lmlab.models.io import save_pretrained
 from lmlab.server.commands import tune_command
 from lmlab.server.routers import tune as tune_router
+from lmlab.server.services import estimate
 from lmlab.server.workspace import Workspace
 from lmlab.tokenizers import Tokenizer
 from lmlab.tune.chat import render, with_chat_tokens
@@ -384,6 +385,21 @@ def test_a_cancelled_run_resumes_and_continues_its_metrics(tn):
     command = [x for x in tn.get(f"/api/v1/runs/{run_id}/log").json()["lines"] if x.startswith("$ lmlab ")]
     assert command[-1].endswith(f"--resume --max-steps {ckpt + 2}")
     assert tn.get("/api/v1/models/base-long").json()["origin"]["steps"] == ckpt + 2
+
+
+def test_the_distill_memory_check_is_the_students(tn):
+    """The memory check of a distillation measured the teacher (base: tiny) and let through a student that
+    could never train here (gpt2-gpt2-124m at batch 4096: ~400 GiB), which `lmlab tune distill` refuses."""
+    state = tn.app.app.state.lmlab
+    teacher = ModelConfig.load(Workspace(tn.workspace).model_path("base") / "config.json")
+    student = ModelConfig.preset("gpt2-gpt2-124m", vocab_size=teacher.vocab_size)
+    want = estimate(student, 4096, state.memory_budget, seq_len=48)
+    assert estimate(teacher, 4096, state.memory_budget).fits and not want.fits and want.seq_len == 48
+    assert upload(tn, "student.txt", TEXT.encode()).status_code == 201
+    r = tn.post("/api/v1/runs/tune", json={"method": "distill", "model": "base", "new_model": "big-student",
+                                           "books": ["student.txt"], "preset": "gpt2-gpt2-124m", "batch_size": 4096})
+    assert (r.status_code, r.json()["detail"]) == (422, want.reason), r.text
+    assert r.json()["error"]["key"] == "memory_over_budget"
 
 
 def test_a_distill_run_equals_the_cli_and_makes_a_student(tn, tmp_path):

@@ -369,7 +369,12 @@ def create_tune_run(state: StateDep, req: TuneCreate) -> Run:
                 raise bad_settings(exc) from None
         batch = (params["group_size"] * params["prompts_per_step"] if req.method == "grpo" else
                  params["batch_size"] * (2 if req.method == "dpo" else 1))  # dpo: chosen and rejected rows
-        est = estimate(cfg, batch, state.memory_budget)
+        if req.method == "distill":  # the student trains, not the teacher: as `lmlab tune distill` checks it, a
+            # new student of the preset at the teacher's window (its longest that the teacher can score)
+            est = estimate(ModelConfig.preset(req.preset, vocab_size=cfg.vocab_size), batch, state.memory_budget,
+                           seq_len=cfg.block_size)
+        else:
+            est = estimate(cfg, batch, state.memory_budget)
         if not est.fits:
             raise over_budget(est)
         # its steps go on from the starting model's; a distilled student is new
