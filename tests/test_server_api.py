@@ -642,6 +642,9 @@ def test_names_copied_in_another_unicode_form_are_indexed_in_nfc(tmp_path):
         assert c.get("/api/v1/models/modèle").json()["trained"] is True
         r = c.get("/api/v1/datasets")
         assert r.status_code == 200 and [d["name"] for d in r.json()] == ["données.jsonl"]
+        # the names typed decomposed (a copied name, a Mac's input) are the same book and model: they were 404s
+        assert c.get("/api/v1/books/" + nfd("café.txt")).json()["name"] == "café.txt"
+        assert c.get("/api/v1/models/" + nfd("modèle")).json()["trained"] is True
         assert c.delete("/api/v1/books/café.txt").status_code == 204
         assert c.delete("/api/v1/models/modèle").status_code == 204
     assert sorted(p.name for p in (tmp_path / "books").iterdir()) == []

@@ -20,6 +20,7 @@ from lmlab.eval.contamination import contamination
 from lmlab.models import ModelConfig, Transformer
 from lmlab.models.io import save_pretrained
 from lmlab.server.db import Database
+from lmlab.server.routers import data as data_router
 from lmlab.server.workspace import Workspace
 from lmlab.tokenizers import Tokenizer
 from lmlab.train import TrainConfig, train
@@ -84,6 +85,42 @@ def test_overview_counts_as_the_library(dt):
     assert o["epoch_advice"]["epochs"] == 10 * len(BOOK) / o["tokens"] and o["epoch_advice"]["warning"]
     assert sum(b["documents"] for b in o["paragraph_histogram"]) == 11
     assert o["language"] == "en" and "tokens" not in get(dt, "overview").json()
+
+
+def test_the_overview_tokenises_a_bounded_sample_and_says_so(dt, monkeypatch):
+    """A GET must not tokenise a whole book in the server (20 MiB: 41 s, 6.7 GB, and an aborted server under
+    a memory cap): past TOKENS_SAMPLE characters the count is an estimate from the first paragraphs."""
+    seen = []
+    real_encode, real_batch = Tokenizer.encode, Tokenizer.encode_batch
+    monkeypatch.setattr(Tokenizer, "encode",
+                        lambda self, text, **k: seen.append(len(text)) or real_encode(self, text, **k))
+    monkeypatch.setattr(Tokenizer, "encode_batch",
+                        lambda self, texts, **k: seen.append(sum(map(len, texts))) or real_batch(self, texts, **k))
+    monkeypatch.setattr(data_router, "TOKENS_SAMPLE", 300)
+    o = get(dt, "overview", model="m").json()
+    sample = BOOK[:BOOK.rfind("\n\n", 0, 300)]  # the first whole paragraphs within 300 characters
+    assert sample == "\n\n".join(PARAS[:3]) and max(seen) <= 300
+    assert o["tokens"] == round(len(dt.tok.encode(sample)) * len(BOOK) / len(sample))  # (characters: exact here)
+    assert (o["tokens_estimated"], o["tokens_counted_characters"]) == (True, len(sample))
+    assert sum(b["documents"] for b in o["paragraph_histogram"]) == 3 and o["characters"] == len(BOOK)
+    monkeypatch.setattr(data_router, "TOKENS_SAMPLE", len(BOOK))  # all of it: the count is exact
+    o = get(dt, "overview", model="m").json()
+    assert (o["tokens"], o["tokens_estimated"]) == (len(dt.tok.encode(BOOK)), False)
+
+
+def test_another_sites_page_may_not_start_a_whole_book_read(dt):
+    """GETs pass the cross-site check, but these read a whole book or dataset in the server: a page of another
+    site (Sec-Fetch-Site: cross-site or same-site) is refused; the web app (same-origin) and scripts are not."""
+    for site in ("cross-site", "same-site"):
+        for path in ("/api/v1/books/river.txt/data/overview?model=m", "/api/v1/books/river.txt/data/duplicates",
+                     "/api/v1/datasets/d.jsonl/preview?model=m"):
+            r = dt.get(path, headers={"Sec-Fetch-Site": site})
+            assert (r.status_code, r.json()["detail"]) == (403, f"refused: a page of another site (Sec-Fetch-Site: "
+                                                                f"{site}) may not make this server read a whole book "
+                                                                "or dataset; use the web UI of this server")
+    for headers in ({"Sec-Fetch-Site": "same-origin"}, {"Sec-Fetch-Site": "none"}, {}):
+        assert dt.get("/api/v1/books/river.txt/data/overview?model=m", headers=headers).status_code == 200
+    assert dt.get("/api/v1/books", headers={"Sec-Fetch-Site": "cross-site"}).status_code == 200  # other reads pass
 
 
 def test_duplicates_are_dedup_texts_clusters_with_shared_shingles(dt):

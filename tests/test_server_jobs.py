@@ -310,6 +310,69 @@ def test_the_lines_a_run_writes_just_before_it_exits_are_not_lost(tmp_path):
     db.close()
 
 
+def _two_running(tmp_path):
+    """Runs 1 and 2 marked running, each with a process that has exited (1 with code 1, 2 with 0 and its final/);
+    run 2 wrote one metrics line. Returns (db, ws, supervisor)."""
+    db, ws, bad, bad_dir = _dead_run(tmp_path, "train", {"max_steps": 2})
+    good = db.add_run("start", [], {"max_steps": 2}, False, 2)["id"]
+    db.update_run(good, status="running", pid=None, launches=1)
+    good_dir = ws.run_path(good)
+    good_dir.mkdir()
+    (good_dir / "metrics.jsonl").write_text(json.dumps({"step": 2, "tokens": 256, "elapsed_s": 1.0, "loss": 3.0})
+                                            + "\n")
+    _final(good_dir, {"steps": 2, "stop_reason": "max_steps"})
+
+    class Exited:
+        pid = 0
+
+        def __init__(self, code):
+            self.code = code
+
+        def poll(self):
+            return self.code
+
+    sup = Supervisor(db, ws)
+    sup._procs[bad], sup._procs[good] = Exited(1), Exited(0)
+    assert (bad, good) == (1, 2)
+    return db, ws, sup
+
+
+@pytest.mark.parametrize("plant", ["folder", "fifo"])
+def test_a_metrics_file_that_is_no_file_fails_its_run_not_the_supervisor(plant, tmp_path):
+    """A folder or a FIFO in place of one running run's metrics.jsonl: open() of the folder raised in every tick
+    before any run finished or started (a FIFO blocked it), so every run stalled. Now that run's error says so
+    once and the other run finishes."""
+    db, ws, sup = _two_running(tmp_path)
+    metrics = ws.run_path(1) / "metrics.jsonl"
+    metrics.mkdir() if plant == "folder" else os.mkfifo(metrics)
+    sup._procs[1].code = None  # still running
+    sup.tick()
+    sup.tick()
+    assert db.get_run(1)["status"] == "running"
+    assert db.get_run(1)["error"] == "its metrics cannot be read: runs/run-1/metrics.jsonl is not a file"
+    run = db.get_run(2)
+    assert (run["status"], run["current_step"], run["last_loss"]) == ("completed", 2, 3.0), run
+    db.close()
+
+
+def test_links_planted_in_a_running_runs_folder_are_not_read_through(tmp_path):
+    """metrics.jsonl and log.txt of a running run replaced by links to files outside the workspace: the outside
+    metrics were served as the run's, and the outside file's last line became the run's error."""
+    db, ws, sup = _two_running(tmp_path)
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    outside.mkdir()
+    (outside / "secret.jsonl").write_text(json.dumps({"step": 7, "loss": 1.0, "secret": "S3CRET"}) + "\n")
+    (outside / "secret.txt").write_text("root:x:0:0:S3CRET\n")
+    run_dir = ws.run_path(1)
+    (run_dir / "metrics.jsonl").symlink_to(outside / "secret.jsonl")
+    (run_dir / "log.txt").symlink_to(outside / "secret.txt")
+    sup.tick()
+    run = db.get_run(1)
+    assert db.get_metrics(1) == [] and (run["status"], run["error"]) == ("failed", "exit code 1"), run
+    assert db.get_run(2)["status"] == "completed"
+    assert (outside / "secret.jsonl").read_text().count("\n") == 1
+
+
 def test_a_run_stopped_before_its_first_checkpoint_is_started_again_as_a_new_run(tmp_path):
     """A run killed before its first checkpoint, or cancelled while it waited in the queue, had nothing to
     resume from, and the app offered only Delete (the settings had to be entered again). Start again submits the

@@ -16,6 +16,8 @@ from test_server_support import CHILD_ENV, client, finished, settings, upload, w
 from lmlab.models import ModelConfig, Transformer
 from lmlab.models.io import save_pretrained
 from lmlab.server.commands import tune_command
+from lmlab.server.routers import tune as tune_router
+from lmlab.server.services import estimate
 from lmlab.server.workspace import Workspace
 from lmlab.tokenizers import Tokenizer
 from lmlab.tune.chat import render, with_chat_tokens
@@ -166,6 +168,19 @@ def test_the_preview_mask_is_the_renderers(tn):
     assert p["rows"][0]["mask"] == [0] * len(prompt) + [1] * len(completion)
     assert p["supervised_tokens"] == sum(len(render_completion(tn.tok, x["prompt"], x[s])[1])
                                          for x in PAIRS for s in ("chosen", "rejected"))
+
+
+def test_the_preview_counts_a_bounded_number_of_examples(tn, monkeypatch):
+    """A GET must not tokenise a whole dataset in the server (100 MiB of short examples): the counts cover the
+    first PREVIEW_COUNTED examples, and say so."""
+    monkeypatch.setattr(tune_router, "PREVIEW_COUNTED", 8)  # CHATS, not LONG (the one cut to the context)
+    p = tn.get("/api/v1/datasets/chats.jsonl/preview", params={"model": "base", "rows": 9}).json()
+    tok, _ = with_chat_tokens(tn.tok)
+    assert (p["examples"], p["counted"], p["truncated"], len(p["rows"])) == (9, 8, 0, 8)
+    assert p["supervised_tokens"] == sum(sum(render(c["messages"], tok)[1]) for c in CHATS)
+    monkeypatch.setattr(tune_router, "PREVIEW_COUNTED", 9)
+    p = tn.get("/api/v1/datasets/chats.jsonl/preview", params={"model": "base", "rows": 9}).json()
+    assert (p["examples"], p["counted"], p["truncated"]) == (9, 9, 1)
 
 
 def test_settings_of_another_method_and_data_of_another_kind_are_refused(tn):
@@ -370,6 +385,21 @@ def test_a_cancelled_run_resumes_and_continues_its_metrics(tn):
     command = [x for x in tn.get(f"/api/v1/runs/{run_id}/log").json()["lines"] if x.startswith("$ lmlab ")]
     assert command[-1].endswith(f"--resume --max-steps {ckpt + 2}")
     assert tn.get("/api/v1/models/base-long").json()["origin"]["steps"] == ckpt + 2
+
+
+def test_the_distill_memory_check_is_the_students(tn):
+    """The memory check of a distillation measured the teacher (base: tiny) and let through a student that
+    could never train here (gpt2-gpt2-124m at batch 4096: ~400 GiB), which `lmlab tune distill` refuses."""
+    state = tn.app.app.state.lmlab
+    teacher = ModelConfig.load(Workspace(tn.workspace).model_path("base") / "config.json")
+    student = ModelConfig.preset("gpt2-gpt2-124m", vocab_size=teacher.vocab_size)
+    want = estimate(student, 4096, state.memory_budget, seq_len=48)
+    assert estimate(teacher, 4096, state.memory_budget).fits and not want.fits and want.seq_len == 48
+    assert upload(tn, "student.txt", TEXT.encode()).status_code == 201
+    r = tn.post("/api/v1/runs/tune", json={"method": "distill", "model": "base", "new_model": "big-student",
+                                           "books": ["student.txt"], "preset": "gpt2-gpt2-124m", "batch_size": 4096})
+    assert (r.status_code, r.json()["detail"]) == (422, want.reason), r.text
+    assert r.json()["error"]["key"] == "memory_over_budget"
 
 
 def test_a_distill_run_equals_the_cli_and_makes_a_student(tn, tmp_path):

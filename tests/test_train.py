@@ -99,6 +99,25 @@ def same_weights(a_dir, b_dir):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=name)
 
 
+def test_metrics_are_never_written_through_a_planted_link(tmp_path, tok, ds):
+    """metrics.jsonl replaced by a link while the run trains (the web app serves that file): the trainer appended
+    its lines to the file the link names, outside the run. Now the run stops with a one-line error."""
+    outside = tmp_path / "outside.jsonl"
+    outside.write_text("SECRET\n")
+    out = tmp_path / "run"
+
+    class Plant(Callback):
+        def on_step(self, trainer, metrics):
+            if trainer.step == 2:
+                (out / "metrics.jsonl").unlink()
+                (out / "metrics.jsonl").symlink_to(outside)
+
+    with pytest.raises(ValueError) as err:
+        train(model_cfg(tok), tok, ds, base(max_steps=4, eval_every=0), out, [Plant()])
+    assert str(err.value) == f"{out / 'metrics.jsonl'} is a symbolic link, not the run's own file; remove it"
+    assert outside.read_text() == "SECRET\n"
+
+
 def test_resume_continues_exactly(tmp_path, tok, ds, reference):
     """8 steps, stop, resume, 8 more == 16 uninterrupted: losses, learning rates, data order, weights."""
     full, full_dir = reference

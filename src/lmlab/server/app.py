@@ -20,6 +20,7 @@ import ipaddress
 import json
 import logging
 import os
+import re
 import socket
 import sys
 import unicodedata
@@ -50,6 +51,11 @@ COOKIE = "lmlab_token"
 JSON_BODY_LIMIT = 1 << 20
 UPLOAD_PATHS = ("/upload_book", "/api/v1/books", "/api/v1/datasets")  # files: the upload limit, not JSON's
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+# Reads that tokenise or scan a whole book or dataset in the server process: another site's page may not start
+# them either (an <img> or a no-cors fetch is a GET the browser sends with the token cookie); the web app's own
+# fetches are same-origin, scripts send no Sec-Fetch-Site
+SAME_SITE = (None, "same-origin", "none")  # Sec-Fetch-Site of the web app's own requests, a typed URL, a script
+COSTLY_READS = re.compile(r"/api/v1/(books/[^/]+/data/[^/]+|datasets/[^/]+/preview)/?")
 REQUEST_HEADER = "X-Lmlab-Request"  # sent by the UI and by scripts; a page of another site cannot send it
 # Headers a reverse proxy adds (nginx's proxy_set_header examples, Caddy, Traefik and Apache add X-Forwarded-*
 # by default; RFC 7239 Forwarded; Via from HTTP/1.1 proxies). Any X-Forwarded-* counts too.
@@ -347,7 +353,7 @@ def cross_site(scope: dict[str, Any]) -> str | None:
         if origin.partition("://")[2].lower() not in own:
             return (f"refused: a page of another site ({origin}) may not change anything here; use the web UI "
                     "of this server, or a script that sends no Origin header")
-    if site not in (None, "same-origin", "none"):
+    if site not in SAME_SITE:
         return (f"refused: a page of another site (Sec-Fetch-Site: {site}) may not change anything here; use the "
                 "web UI of this server")
     kind = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
@@ -488,6 +494,10 @@ class Guards:
             if refusal:
                 await _send_json(send, 403, refusal, extra, openai=api)
                 return
+        elif COSTLY_READS.fullmatch(path) and (site := _header(scope, b"sec-fetch-site")) not in SAME_SITE:
+            await _send_json(send, 403, f"refused: a page of another site (Sec-Fetch-Site: {site}) may not make this "
+                             "server read a whole book or dataset; use the web UI of this server", extra, openai=api)
+            return
 
         # 4. API token
         set_cookie = False

@@ -68,7 +68,7 @@ from ..tokenizers import Tokenizer
 from ..train import checkpoint_step, latest_checkpoint
 from .commands import DERIVED, DERIVED_DIR, STOP_FILE, child_argv, product, run_command
 from .db import STOPPED, Database
-from .workspace import MODEL_FILES, SPEED_FILE, Workspace, link_or_copy, stage_dir, swap_dir
+from .workspace import MODEL_FILES, SPEED_FILE, NotAFile, Workspace, link_or_copy, stage_dir, swap_dir
 
 log = logging.getLogger("lmlab.server")
 
@@ -146,24 +146,29 @@ def _signal_group(pid: int, sig: int) -> None:
 
 class MetricsTail:
     """Reads whole new lines of a metrics.jsonl as it grows. When the file is replaced or shrinks (the
-    trainer rewrites it on resume, dropping lines after the checkpoint), it starts over and says so."""
+    trainer rewrites it on resume, dropping lines after the checkpoint), it starts over and says so. The file
+    is opened as the workspace opens run files: a link planted in the run's folder is a LinkError, a folder or
+    a FIFO in its place is NotAFile (neither is read through, nor blocks)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, ws: Workspace, path: Path) -> None:
+        self.ws, self.path = ws, path
         self.inode: int | None = None
         self.offset = 0
 
     def read(self) -> tuple[list[dict[str, Any]], bool]:
         try:
-            st = os.stat(self.path)
+            f = self.ws.open_file(self.path)
+        except NotAFile:
+            raise
         except FileNotFoundError:
             return [], False
-        restart = self.inode is None or st.st_ino != self.inode or st.st_size < self.offset
-        if restart:
-            self.inode, self.offset = st.st_ino, 0
-        if st.st_size == self.offset and not restart:
-            return [], False
-        with open(self.path, "rb") as f:
+        with f:
+            st = os.fstat(f.fileno())
+            restart = self.inode is None or st.st_ino != self.inode or st.st_size < self.offset
+            if restart:
+                self.inode, self.offset = st.st_ino, 0
+            if st.st_size == self.offset and not restart:
+                return [], False
             f.seek(self.offset)
             data = f.read()
         end = data.rfind(b"\n") + 1  # a line still being written waits for the next read
@@ -178,14 +183,14 @@ class MetricsTail:
         return lines, restart
 
 
-def _error_from_log(path: Path, reason_only: bool = False) -> str | None:
+def _error_from_log(ws: Workspace, path: Path, reason_only: bool = False) -> str | None:
     """The latest launch's own one-line reason (`lmlab: error: ...`), else (unless `reason_only`) the log's last
-    line."""
+    line. A log.txt that is a link or no file gives none: its lines would be another file's."""
     try:
-        with open(path, "rb") as f:
-            f.seek(max(0, os.path.getsize(path) - 16384))
+        with ws.open_file(path) as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 16384))
             lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
-    except OSError:
+    except (OSError, ValueError):  # LinkError is a ValueError
         return None
     for ln in reversed(lines):
         if ln.startswith("$ lmlab "):  # the supervisor's line before each launch: older reasons are not this one's
@@ -257,6 +262,7 @@ class Supervisor:
         self.owner = f"{socket.gethostname()} {os.getpid()} {process_start(os.getpid())} {uuid.uuid4().hex[:8]}"
         self._procs: dict[int, subprocess.Popen | Adopted] = {}
         self._tails: dict[int, MetricsTail] = {}
+        self._tail_errors: dict[int, str] = {}  # the error each run's metrics gave, said once
         self._cancel_sent: dict[int, float] = {}
         # One lock for the supervisor's passes and for the API handlers that check names and runs and then
         # act on them (create/delete a model, queue/resume a run): a check cannot be overtaken by another
@@ -362,8 +368,18 @@ class Supervisor:
     def _catch_up(self, run_id: int) -> None:
         tail = self._tails.get(run_id)
         if tail is None:
-            tail = self._tails[run_id] = MetricsTail(self.ws.run_path(run_id) / "metrics.jsonl")
-        lines, restart = tail.read()
+            tail = self._tails[run_id] = MetricsTail(self.ws, self.ws.run_path(run_id) / "metrics.jsonl")
+        try:
+            lines, restart = tail.read()
+        except (OSError, ValueError) as exc:  # this run's own: every tick raised, and no other run finished or
+            # started (a folder planted as one run's metrics.jsonl stalled them all); said once, on the run
+            error = f"its metrics cannot be read: {exc}"
+            if self._tail_errors.get(run_id) != error:
+                self._tail_errors[run_id] = error
+                self.db.update_run(run_id, error=error)
+                log.warning("run %s: %s", run_id, error)
+            return
+        self._tail_errors.pop(run_id, None)
         if lines or restart:
             self.db.add_metrics(run_id, lines, replace=restart)
 
@@ -455,7 +471,7 @@ class Supervisor:
             self.db.update_run(run_id, status="failed", error=f"could not start: {exc}", finished_at=time.time())
             return
         self._procs[run_id] = proc
-        self._tails[run_id] = MetricsTail(run_dir / "metrics.jsonl")
+        self._tails[run_id] = MetricsTail(self.ws, run_dir / "metrics.jsonl")
         self._cancel_sent.pop(run_id, None)
         self.db.update_run(run_id, pid=proc.pid, pid_start=process_start(proc.pid), resumed_from_step=resumed_from)
         log.info("run %s started (pid %s)%s", run_id, proc.pid, f" from step {resumed_from}" if resumed_from else "")
@@ -474,6 +490,7 @@ class Supervisor:
         (adopted, or ended while no server ran); what it left tells. Called without the lock held, or by
         shutdown: a model directory is copied first, and the lock is taken for the swap and the records."""
         self._tails.pop(run_id, None)
+        self._tail_errors.pop(run_id, None)
         self._cancel_sent.pop(run_id, None)
         run = self.db.get_run(run_id)
         if run is None:  # deleted while it ran
@@ -516,7 +533,7 @@ class Supervisor:
                 values.update(error=f"trained, but the model directory could not be updated: {exc}")
         elif run["cancel_requested"]:
             values.update(status="cancelled", error=None, stop_reason="cancelled")
-        elif code is None and not server_stopped and (reason := _error_from_log(run_dir / "log.txt", True)):
+        elif code is None and not server_stopped and (reason := _error_from_log(self.ws, run_dir / "log.txt", True)):
             values.update(status="failed", error=reason)
         elif code is None or code < 0 or code in (0, 130) or cut_short:  # 0 without final/: stopped on request
             if made is not None or run["kind"] in DERIVED:
@@ -532,7 +549,7 @@ class Supervisor:
                     f"killed by {_signame(-code)}" if code < 0 else "interrupted")
             values.update(status="interrupted", stop_reason="interrupted", error=error)
         else:
-            values.update(status="failed", error=_error_from_log(run_dir / "log.txt") or f"exit code {code}")
+            values.update(status="failed", error=_error_from_log(self.ws, run_dir / "log.txt") or f"exit code {code}")
         with self.lock:
             if staged is not None:
                 try:

@@ -520,8 +520,10 @@ class DatasetPreview(BaseModel):
     model: str
     examples: int
     context: int = Field(description="tokens per example the model trains on (its block_size + 1 for SFT)")
-    supervised_tokens: int = Field(description="trained tokens over the whole dataset, after truncation")
-    truncated: int = Field(description="examples cut to the context")
+    counted: int = Field(description="the first examples that supervised_tokens and truncated count (all of a "
+                         "dataset of up to 2000)")
+    supervised_tokens: int = Field(description="trained tokens of the counted examples, after truncation")
+    truncated: int = Field(description="counted examples cut to the context")
     added_tokens: list[str] = Field(description="chat tokens the model's tokenizer lacks; fine-tuning adds them")
     rows: list[PreviewRow]
 

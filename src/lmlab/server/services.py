@@ -226,7 +226,7 @@ def version_source(state: AppState, name: str, run_id: int | None,
 
 
 def need_model(state: AppState, name: str) -> dict[str, Any]:
-    check_name(name, "model name")
+    name = check_name(name, "model name")  # NFC: "café" typed as e + U+0301 is the same model
     row = state.db.get_model(name)
     if row is None:
         raise Problem(404, "model_not_found", f"model {name!r} not found", name=name)
@@ -367,7 +367,7 @@ def busy_problem(code: int, name: str, run: dict[str, Any]) -> Problem:
 # ---- books ------------------------------------------------------------------------------------------
 
 def need_book(state: AppState, name: str) -> dict[str, Any]:
-    check_book_name(name)
+    name = check_book_name(name)  # NFC, as need_model
     row = state.db.get_book(name)
     if row is None or not state.ws.book_path(name).is_file():
         raise Problem(404, "book_not_found", f"book {name!r} not found", name=name)

@@ -30,7 +30,7 @@ import uuid
 import zipfile
 from collections.abc import Collection, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from ..data.documents import SUFFIXES
 from .extract import extract, read_stored
@@ -54,6 +54,10 @@ class BadName(ValueError):
     def __init__(self, message: str, key: str | None = None, **params: Any) -> None:
         super().__init__(message)
         self.key, self.params = key, params
+
+
+class NotAFile(FileNotFoundError):
+    """A path of the workspace that is there but is no regular file (a folder, a FIFO, a device)."""
 
 
 class LinkError(ValueError):
@@ -201,12 +205,21 @@ class Workspace:
             fd = fd_next
         return fd
 
+    def open_file(self, path: Path) -> BinaryIO:
+        """A regular file inside the workspace opened for reading as `open` does; NotAFile for anything else
+        (O_NONBLOCK: a planted FIFO would block the open forever)."""
+        fd = self.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise NotAFile(f"{path.relative_to(self.root)} is not a file")
+            return os.fdopen(fd, "rb")
+        except BaseException:
+            os.close(fd)
+            raise
+
     def read_bytes(self, path: Path) -> bytes:
-        """The bytes of a regular file inside the workspace, opened as `open` does; FileNotFoundError for
-        anything else (O_NONBLOCK: a planted FIFO would block the open forever)."""
-        with os.fdopen(self.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise FileNotFoundError(f"{path.relative_to(self.root)} is not a file")
+        """The bytes of a regular file inside the workspace (open_file)."""
+        with self.open_file(path) as f:
             return f.read()
 
     def sqlite_url(self) -> str:

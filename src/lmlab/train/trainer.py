@@ -351,7 +351,7 @@ class Trainer:
                 self.out_dir.mkdir(parents=True, exist_ok=True)
                 self._lock = lock_run(self.out_dir)
                 refuse_existing_run(self.out_dir)  # a second process may have started it meanwhile
-                (self.out_dir / "metrics.jsonl").write_text("")  # resumes.jsonl: refused above if there is one
+                os.close(_own_fd(self.out_dir / "metrics.jsonl", os.O_TRUNC))  # resumes.jsonl: refused above
         if self.is_main:
             self._write_run_files(new=not resume)
         if not resume and c.warmup_steps and self.total_steps and c.warmup_steps >= self.total_steps:
@@ -636,7 +636,7 @@ class Trainer:
         to_host(metrics)
         self.history.append(metrics)
         if self.is_main:
-            with open(self.out_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+            with open(_own_fd(self.out_dir / "metrics.jsonl", os.O_APPEND), "a", encoding="utf-8") as f:
                 f.write(json.dumps(metrics) + "\n")
             log.info("%s", self._progress_line(metrics), extra={"metrics": metrics})
         for cb in self.callbacks:
@@ -892,6 +892,18 @@ def damaged(path: Path, exc: BaseException) -> ValueError:
     """A checkpoint is written whole (temporary folder + rename): one whose files do not read is damage on disk."""
     return ValueError(f"cannot read the checkpoint {path} ({type(exc).__name__}); it is damaged: delete it to resume "
                       "from the one before, if there is one")
+
+
+def _own_fd(path: Path, flags: int) -> int:
+    """A descriptor writing to `path` (O_APPEND or O_TRUNC in `flags`), never through a symbolic link: the web app
+    reads a run's metrics.jsonl, and a link planted there had the trainer write to a file outside the run (and
+    the server serve it)."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | flags | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    except OSError as exc:
+        if not path.is_symlink():
+            raise
+        raise ValueError(f"{path} is a symbolic link, not the run's own file; remove it") from exc
 
 
 def to_host(metrics: dict[str, Any]) -> None:

@@ -30,11 +30,17 @@ from .evals import bad_task, task_files
 router = APIRouter()
 PREVIEW = 160  # characters of a paragraph shown in a cluster or a contaminated item
 MEMBERS = 50   # the members of a duplicate cluster shown (members_total counts them all)
+# Characters of a book the overview tokenises: a GET must not tokenise a whole book in the server process (a
+# 20 MiB book took 41 s and 6.7 GB there, and under a memory cap the Rust tokenizer aborted the server); past
+# this the token count is an estimate from the first paragraphs, scaled by characters
+TOKENS_SAMPLE = 1 << 20
 
 
 @router.get("/books/{name}/data/overview", tags=["data"],
             summary="what a book holds: characters, language, exact duplicates; with a model its tokens, tokens "
-                    "per parameter and a paragraph-length histogram; with planned_tokens the epoch advisor")
+                    "per parameter and a paragraph-length histogram (counted on the first 1,048,576 characters "
+                    "at most: past that the tokens are an estimate, tokens_estimated); with planned_tokens the "
+                    "epoch advisor")
 def overview(state: StateDep, name: str, model: str | None = Query(None, max_length=100),
              planned_tokens: int | None = Query(None, ge=1, le=10**13)) -> dict[str, Any]:
     row, text = book_full_text(state, name)
@@ -49,16 +55,32 @@ def overview(state: StateDep, name: str, model: str | None = Query(None, max_len
         if not (path / "tokenizer.json").is_file():
             raise HTTPException(409, f"model {model!r} has no tokenizer yet: train it first")
         tok, cfg = Tokenizer.load(path / "tokenizer.json"), ModelConfig.load(path / "config.json")
-        paragraphs = [p for p in (p.strip() for p in text.split("\n\n")) if p]
+        sample = text_sample(text, TOKENS_SAMPLE)
+        paragraphs = [p for p in (p.strip() for p in sample.split("\n\n")) if p]
         lengths = [len(ids) for ids in tok.encode_batch(paragraphs)] if paragraphs else []
-        tokens = len(tok.encode(text))
+        tokens = len(tok.encode(sample))
+        if len(sample) < len(text):
+            tokens = round(tokens * len(text) / len(sample))
         n = cfg.num_parameters()
         # Hoffmann et al. 2022 (Chinchilla): compute-optimal training uses ~20 tokens per parameter
-        out.update(model=model, tokens=tokens, parameters=n, tokens_per_parameter=tokens / n,
+        out.update(model=model, tokens=tokens, tokens_estimated=len(sample) < len(text),
+                   tokens_counted_characters=len(sample), parameters=n, tokens_per_parameter=tokens / n,
                    chinchilla_tokens=20 * n, paragraph_histogram=histogram(lengths))
         if planned_tokens is not None:
             out["epoch_advice"] = epoch_advice(tokens, planned_tokens)
     return out
+
+
+def text_sample(text: str, limit: int) -> str:
+    """The text, or its first paragraphs within `limit` characters (its first `limit` characters cut at a
+    whitespace when a paragraph is longer): a cut word would be tokens the book does not have."""
+    if len(text) <= limit:
+        return text
+    for sep in ("\n\n", "\n", " "):
+        end = text.rfind(sep, 0, limit)
+        if end > 0:
+            return text[:end]
+    return text[:limit]
 
 
 @router.get("/books/{name}/data/duplicates", tags=["data"],

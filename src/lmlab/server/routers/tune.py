@@ -196,19 +196,25 @@ def delete_dataset(state: StateDep, name: str) -> Response:
     return Response(status_code=204)
 
 
+# Examples a preview tokenises for its counts: a GET must not tokenise a whole dataset in the server process (an
+# upload of 100 MiB is 3 million short examples); a run's start still checks them all
+PREVIEW_COUNTED = 2000
+
+
 @router.get("/datasets/{name}/preview", tags=["tune"], response_model=DatasetPreview,
             responses={409: {"description": "an untrained model"},
                        422: {"description": "an example that leaves nothing to train on in the model's context"}},
             summary="the first examples as the model's tokens, with which of them are trained (the mask), and the "
-                    "dataset's trained and truncated counts")
+                    "trained and truncated counts of the dataset's first 2000 examples (counted)")
 def preview_dataset(state: StateDep, name: str, model: str = Query(..., max_length=100),
                     rows: int = Query(5, ge=1, le=50)) -> DatasetPreview:
     info = need_dataset(state, name)
     if not info["kind"]:
         raise HTTPException(409, f"dataset {name!r} has {info['problem']}")
     examples, added, out = examine(need_trained(state, model, "the model to preview with"),
-                                   dataset_path(state, name), name, info["kind"], rows)
-    return DatasetPreview(name=name, kind=info["kind"], model=model, examples=len(examples), added_tokens=added, **out)
+                                   dataset_path(state, name), name, info["kind"], rows, count=PREVIEW_COUNTED)
+    return DatasetPreview(name=name, kind=info["kind"], model=model, examples=len(examples),
+                          counted=min(len(examples), PREVIEW_COUNTED), added_tokens=added, **out)
 
 
 def _row(tok: Tokenizer, line: int, side: str, ids: list[int], mask: list[int], cut: bool) -> dict[str, Any]:
@@ -254,12 +260,13 @@ def preference_rows(examples: list[tuple[int, Any]], kind: str, tok: Tokenizer, 
     return {"context": block, "supervised_tokens": supervised, "truncated": truncated, "rows": shown}
 
 
-def examine(model_dir: Any, data: Any, name: str, kind: str, n: int, completion_only: bool = False
-            ) -> tuple[list[tuple[int, Any]], list[str], dict[str, Any]]:
+def examine(model_dir: Any, data: Any, name: str, kind: str, n: int, completion_only: bool = False,
+            count: int | None = None) -> tuple[list[tuple[int, Any]], list[str], dict[str, Any]]:
     """A dataset as a run on the model reads it: its examples, the chat tokens added to the tokenizer, and
-    sft_rows' or preference_rows' counts with the first `n` rows. What the run would refuse at its start (an
-    example with nothing to train on in the context, a pair whose prompt has no token of its own) is a 422 naming
-    the dataset's line: for the preview, and for a run before it is queued."""
+    sft_rows' or preference_rows' counts over the first `count` examples (all by default) with the first `n`
+    rows. What the run would refuse at its start (an example with nothing to train on in the context, a pair whose
+    prompt has no token of its own) is a 422 naming the dataset's line: for the preview (in the examples it
+    counts), and for a run before it is queued (in all)."""
     tok = Tokenizer.load(model_dir / "tokenizer.json")
     block = ModelConfig.load(model_dir / "config.json").block_size
     added: list[str] = []
@@ -267,8 +274,9 @@ def examine(model_dir: Any, data: Any, name: str, kind: str, n: int, completion_
         examples = read_dataset(data, kind)
         if kind == "conversations":
             tok, added = with_chat_tokens(tok)  # as `lmlab tune sft` adds them
-        out = (sft_rows(examples, kind, tok, block, n, name, completion_only) if kind in METHOD_KINDS["sft"] else
-               preference_rows(examples, kind, tok, block, n, name))
+        counted = examples[:count]
+        out = (sft_rows(counted, kind, tok, block, n, name, completion_only) if kind in METHOD_KINDS["sft"] else
+               preference_rows(counted, kind, tok, block, n, name))
     except ValueError as exc:
         why = str(exc).replace(str(data), name)
         raise Problem(422, "dataset_invalid", why, name=name, reason=why) from None
@@ -361,7 +369,12 @@ def create_tune_run(state: StateDep, req: TuneCreate) -> Run:
                 raise bad_settings(exc) from None
         batch = (params["group_size"] * params["prompts_per_step"] if req.method == "grpo" else
                  params["batch_size"] * (2 if req.method == "dpo" else 1))  # dpo: chosen and rejected rows
-        est = estimate(cfg, batch, state.memory_budget)
+        if req.method == "distill":  # the student trains, not the teacher: as `lmlab tune distill` checks it, a
+            # new student of the preset at the teacher's window (its longest that the teacher can score)
+            est = estimate(ModelConfig.preset(req.preset, vocab_size=cfg.vocab_size), batch, state.memory_budget,
+                           seq_len=cfg.block_size)
+        else:
+            est = estimate(cfg, batch, state.memory_budget)
         if not est.fits:
             raise over_budget(est)
         # its steps go on from the starting model's; a distilled student is new

@@ -116,7 +116,7 @@ function draw(only = null) {
       fact("data.language", `${o.language} (${pct(o.language_score)})`, "language"),
       fact("data.paragraphs", A.fmtNum(o.paragraphs), "paragraphs"),
       fact("data.dup_paragraphs", `${A.fmtNum(o.duplicate_paragraphs)} (${pct(o.duplicate_character_share)} ${t("data.of_text")})`, "dup_paragraphs"),
-      ...(o.tokens != null ? [fact("data.tokens", A.fmtNum(o.tokens), "tokens"),
+      ...(o.tokens != null ? [fact("data.tokens", o.tokens_estimated ? t("data.tokens_estimate", { tokens: A.fmtNum(o.tokens), chars: A.fmtNum(o.tokens_counted_characters) }) : A.fmtNum(o.tokens), "tokens"),
         fact("data.tpp", t("data.tpp_value", { tpp: o.tokens_per_parameter.toFixed(2), model: o.model, chin: A.fmtNum(o.chinchilla_tokens) }), "tpp")] : [])),
       ...(o.epoch_advice ? [h("p", { id: "dt-epochs", class: o.epoch_advice.warning ? "bad" : "ok",
         text: o.epoch_advice.warning || t("data.epochs_ok", { epochs: o.epoch_advice.epochs.toFixed(2) }) })] : []),

@@ -209,7 +209,7 @@ function renderPreview() {
   if (!p) return;
   $("#tn-preview-title").textContent = t("tune.preview_of", { name: p.name });
   $("#tn-preview-summary").textContent = t("tune.preview_summary", { n: A.fmtNum(p.examples), sup: A.fmtNum(p.supervised_tokens),
-    cut: A.fmtNum(p.truncated), ctx: A.fmtNum(p.context) }) + (p.added_tokens.length ? " " + t("tune.added_tokens", { tokens: p.added_tokens.join(" ") }) : "");
+    cut: A.fmtNum(p.truncated), ctx: A.fmtNum(p.context) }) + (p.counted < p.examples ? " " + t("tune.preview_counted", { n: A.fmtNum(p.counted) }) : "") + (p.added_tokens.length ? " " + t("tune.added_tokens", { tokens: p.added_tokens.join(" ") }) : "");
   $("#tn-preview-rows").replaceChildren(...p.rows.map((r) => h("div", { class: "tn-row", "data-line": r.line, "data-side": r.side },
     h("div", { class: "muted tn-row-head", text: t("tune.row_head", { line: r.line, side: r.side ? t("tune.side_" + r.side) : "",
       sup: r.mask.reduce((a, b) => a + b, 0), n: r.ids.length }) + (r.truncated ? " · " + t("tune.row_cut") : "") }),
