@@ -115,6 +115,10 @@ def perplexities(model_dir: str, held_out: list[str], calibration: list[str]) ->
     base = ppl["fp32"]
     for head in ("", " fp32 head"):
         gap, closed = ppl[f"int4 g32{head} rtn"] - base, ppl[f"int4 g32{head} rtn"] - ppl[f"int4 g32{head} gptq"]
+        if gap <= 0:  # a share of no gap is no measure: 267% "closed" was printed as PASS
+            print(f"    int4{head}: rtn is no worse than fp32 here ({100 * gap / base:+.3f}%), so gptq has no gap "
+                  f"to close (gptq {100 * (ppl[f'int4 g32{head} gptq'] / base - 1):+.3f}%): no verdict")
+            continue
         print(f"    int4{head}: gptq closes {closed / gap:.0%} of rtn's gap (target >= 50%): "
               f"{verdict(closed / gap, 0.5)}")
     for name, limit in (("int8 rtn", 1.01), ("int8 fp32 head rtn", 1.01), ("int4 g32 rtn", 1.08),
