@@ -217,6 +217,9 @@ def kernel() -> Any:
 
 
 def _build() -> Any:
+    cxx = os.environ.get("CXX", "c++")  # what torch's build calls: without one, FBGEMM, and no build log on stderr
+    if shutil.which(cxx) is None:
+        raise RuntimeError(f"no C++ compiler ({cxx}) on PATH")
     from torch.utils.cpp_extension import load_inline
 
     if shutil.which("ninja") is None:  # the ninja wheel (a dependency) puts its binary beside Python's
