@@ -3,6 +3,7 @@ fp32 reference, a quantized directory saved, loaded and generated from, the fast
 forward, GPTQ against round-to-nearest on its own objective, and the CLI's refusals."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -121,11 +122,11 @@ def test_int8_activations_are_quantized_per_row(engine, full_range, kernels_for_
 @pytest.mark.skipif(not int8_cpu.supported(), reason="this CPU has no AVX-512 VNNI")
 def test_lmlab_s_int8_op_equals_the_fbgemm_path_and_keeps_rows_apart(monkeypatch):
     """lmlab's own int8 op (one call: the rows' rounding, VNNI dot products, the scaling back) against the FBGEMM
-    path it replaces, which rounds to the same grid: equal but where one input sits on a rounding boundary
-    (x * 127.5 / max|x| there, x / max|x| * 127.5 there) and moves one step, so the outputs differ by at most
-    one step times the largest |Ŵ| (and fp32 rounding). Shapes whose rows and columns are not multiples of the
-    16 x 4 blocks; 1 to 9 rows (the op takes 4 at a time); every row equal alone and in the batch, bit for bit,
-    at 1 and 2 threads."""
+    path it replaces: the same integers (FBGEMM's own rounding: x / max|x|, then one fp32 fma with its inverse
+    scale and zero point), so the outputs agree to fp32 rounding of the last scaling (a row whose largest input
+    was negative came out one step apart at that input while the op rounded it to -128: half of all rows).
+    Shapes whose rows and columns are not multiples of the 16 x 4 blocks; 1 to 9 rows (the op takes 4 at a
+    time); every row equal alone and in the batch, bit for bit, at 1 and 2 threads."""
     assert int8_cpu.kernel() is not None, int8_cpu.reason  # this machine has the CPU: the op must build
     torch.manual_seed(0)
     for n, k in [(40, 256), (37, 10), (17, 4), (5, 13), (300, 772)]:
@@ -136,10 +137,10 @@ def test_lmlab_s_int8_op_equals_the_fbgemm_path_and_keeps_rows_apart(monkeypatch
         w_hat = q.float() * scales.float()
         for m in (1, 3, 4, 9):
             x = torch.randn(m, k) * torch.logspace(-3, 2, m)[:, None]
+            x[0, -1] = -2 * x[0].abs().max()  # a row whose largest |x| is negative
             y = ours(x)
             step = 2 * x.abs().amax(1, keepdim=True) / 255
-            bound = step * w_hat.abs().amax(1) + 1e-5 * y.abs() + 1e-6
-            assert ((y - fbgemm(x)).abs() <= bound).all(), (n, k, m)
+            torch.testing.assert_close(y, fbgemm(x), rtol=1e-6, atol=1e-6 * float(y.abs().max()))
             exact = x @ w_hat.T + b  # and the grid's own error bound against fp32, as the test above
             assert ((y - exact).abs() <= step / 2 * w_hat.abs().sum(1) + 1e-5 * exact.abs() + 1e-6).all()
             threads = torch.get_num_threads()
@@ -152,6 +153,54 @@ def test_lmlab_s_int8_op_equals_the_fbgemm_path_and_keeps_rows_apart(monkeypatch
                 torch.set_num_threads(threads)
     assert ours(torch.zeros(0, k)).shape == (0, n)
     assert ours(torch.randn(2, k).double()).dtype == torch.float64  # the caller's dtype back
+    x = torch.randn(3, k)
+    x[0, 5], x[2, -1] = float("nan"), float("inf")  # in the vector part and in the tail: NaN out, as x @ W.T
+    y = ours(x)
+    assert y[0].isnan().all() and y[2].isnan().all() and torch.equal(y[1], ours(x[1:2])[0])
+    with pytest.raises(RuntimeError, match=f"an input of {k + 1} columns for a weight of {k}"):
+        ours(torch.randn(1, k + 1))  # 773 pads to the same 776 columns: it was taken
+    with pytest.raises(RuntimeError, match="not trained"):
+        ours(torch.randn(1, k, requires_grad=True))
+
+
+def test_a_build_killed_before_does_not_hang_the_next_and_a_long_wait_ends(tmp_path, monkeypatch):
+    """torch's build leaves its lock file when killed (SIGTERM mid-build: measured), and every later build waited
+    on it forever, with no message and no fallback. The build is now held by a flock (dropped with its process)
+    and clears such a leftover; a build held by another process for longer than BUILD_WAIT_S is given up on."""
+    import fcntl
+
+    from torch.utils import cpp_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    seen = []
+
+    def load_inline(name, build_directory, **kw):
+        seen.append((Path(build_directory) / "lock").exists())
+        return "built"
+    monkeypatch.setattr(cpp_extension, "load_inline", load_inline)
+    folder = Path(int8_cpu._build_directory("lmlab_int8_x", False))  # torch's folder under TORCH_EXTENSIONS_DIR
+    assert folder.is_dir() and folder.parent == tmp_path
+    monkeypatch.setattr(int8_cpu, "_build_directory", lambda name, verbose: str(folder))
+    (folder / "lock").write_text("")  # what a killed build leaves
+    assert int8_cpu._build() == "built" and seen == [False]
+    monkeypatch.setattr(int8_cpu, "BUILD_WAIT_S", 0.3)
+    with open(folder / "lmlab.flock", "a") as other:  # another process building now
+        fcntl.flock(other, fcntl.LOCK_EX)
+        with pytest.raises(RuntimeError, match="another process has been building it for 0 s"):
+            int8_cpu._build()
+
+
+@pytest.mark.skipif(not int8_cpu.supported(), reason="this CPU has no AVX-512 VNNI")
+def test_a_bf16_bias_changed_in_place_is_used(kernels_for_all_sizes):
+    """lmlab's int8 op keeps an fp32 copy of a bf16 bias: changed in place after the first call (load_state_dict),
+    the copy is made again, as the FBGEMM path reads the live bias."""
+    _, q = quant_linear(8, None)
+    q = q.to(torch.bfloat16)
+    x = torch.randn(2, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        before = q(x).float()
+        q.bias.add_(100)
+        torch.testing.assert_close(q(x).float() - before, torch.full_like(before, 100.0), rtol=0, atol=1.0)
 
 
 def test_int8_falls_back_to_fbgemm_where_lmlab_s_op_cannot_be_built(monkeypatch, kernels_for_all_sizes):

@@ -9,9 +9,11 @@ weights. Here the three steps are one call, and the weights are laid out for the
 decoding step reads them as one stream near the memory's bandwidth. docs/LOG.md has the measurements.
 
 The numbers are FBGEMM's path's: each row x is divided by its largest |x| and rounded to the 255-level grid of
-[-1, 1] (u8 with zero point 128, which is what `vpdpbusd`'s unsigned operand wants), the products are summed in
-int32 (exact) and y = dot * (max|x| * 2/255) * row scale + bias. Integer sums do not depend on the order they
-are taken in, so a row gives the same numbers alone as in any batch, at any thread count.
+[-1, 1] (u8 with zero point 128, which is what `vpdpbusd`'s unsigned operand wants) with FBGEMM's own arithmetic,
+so the integers are the same; the products are summed in int32 (exact) and y = dot * (max|x| * 2/255) * row
+scale + bias, equal to the FBGEMM path's outputs up to fp32 rounding of that last scaling. Integer sums do not
+depend on the order they are taken in, so a row gives the same numbers alone as in any batch, at any thread
+count. A row holding a NaN or an infinity gives NaN.
 
 Built with torch.utils.cpp_extension.load_inline (a C++ compiler and ninja; ~25 s once, then cached under
 ~/.cache/torch_extensions). Where it cannot be built or run (no compiler, another CPU), `kernel()` is None
@@ -24,6 +26,8 @@ import hashlib
 import os
 import shutil
 import threading
+import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,6 +39,7 @@ SOURCE = r"""
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 // A weight (N, K) int8 -> blocks of 16 output rows (N padded to 16), each one contiguous run of Kp * 16 bytes
@@ -69,26 +74,43 @@ std::vector<at::Tensor> prepack(at::Tensor w, at::Tensor scales) {
   return {packed, corr, ws};
 }
 
-// One row onto its grid: returns max|x| (at least 1e-30), writes Kp bytes round(x / max|x| * 127.5) + 128.
+// One row onto its grid, exactly as FBGEMM's dynamic quantization of the FBGEMM path's pinned input does it:
+// x / max|x| (IEEE division, as torch.div), then fma(., 1 / (2/255), 128) in fp32 (one rounding), rounded half
+// to even, clamped to [0, 255]. The largest |x| becomes +-1 whatever its last bits, and lands on level +-127.
+// Writes Kp bytes; returns max|x| (at least 1e-30), or NaN for a row holding a NaN or an infinity (its outputs
+// are then NaN, as x @ W.T's would be; the integers written are the zero point's).
 static float quantize_row(const float* x, int64_t K, int64_t Kp, uint8_t* out) {
   __m512 mx = _mm512_setzero_ps();
+  __mmask16 bad = 0;
   int64_t k = 0;
-  for (; k + 16 <= K; k += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+  for (; k + 16 <= K; k += 16) {
+    const __m512 v = _mm512_loadu_ps(x + k);
+    bad |= _mm512_cmp_ps_mask(_mm512_sub_ps(v, v), _mm512_setzero_ps(), _CMP_NEQ_UQ);  // NaN or +-inf
+    mx = _mm512_max_ps(mx, _mm512_abs_ps(v));
+  }
   float a = _mm512_reduce_max_ps(mx);
-  for (; k < K; ++k) a = std::max(a, std::fabs(x[k]));
+  bool finite = bad == 0;
+  for (; k < K; ++k) {
+    finite = finite && std::isfinite(x[k]);
+    a = std::max(a, std::fabs(x[k]));
+  }
+  if (!finite) {
+    std::fill(out, out + Kp, (uint8_t)128);
+    return std::numeric_limits<float>::quiet_NaN();
+  }
   a = std::max(a, 1e-30f);
-  // x / a, then * 127.5, as the FBGEMM path's torch.div and quantization: the largest |x| lands on +-127.5 exactly
-  // whatever a's last bits (x * (127.5 / a) put it either side of the rounding boundary, so a change of one ulp
-  // in a's row moved its largest input by a whole step)
-  const __m512 va = _mm512_set1_ps(a), half_levels = _mm512_set1_ps(127.5f);
-  const __m512i zero_point = _mm512_set1_epi32(128), lo = _mm512_setzero_si512(), hi = _mm512_set1_epi32(255);
-  for (k = 0; k + 16 <= K; k += 16) {  // round half to even, as FBGEMM's quantization does
-    const __m512 t = _mm512_mul_ps(_mm512_div_ps(_mm512_loadu_ps(x + k), va), half_levels);
-    __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(t), zero_point);
-    q = _mm512_min_epi32(_mm512_max_epi32(q, lo), hi);
+  const float inv = 1.0f / (2.0f / 255.0f);  // FBGEMM's inverse scale of the span [-1, 1]: 127.49999
+  const __m512 va = _mm512_set1_ps(a), vinv = _mm512_set1_ps(inv), zp = _mm512_set1_ps(128.0f);
+  const __m512i lo = _mm512_setzero_si512(), hi = _mm512_set1_epi32(255);
+  for (k = 0; k + 16 <= K; k += 16) {
+    const __m512 t = _mm512_fmadd_ps(_mm512_div_ps(_mm512_loadu_ps(x + k), va), vinv, zp);
+    const __m512i q = _mm512_min_epi32(_mm512_max_epi32(_mm512_cvtps_epi32(t), lo), hi);
     _mm_storeu_si128((__m128i*)(out + k), _mm512_cvtepi32_epi8(q));
   }
-  for (; k < K; ++k) out[k] = (uint8_t)std::min(255, std::max(0, (int)std::nearbyint(x[k] / a * 127.5f) + 128));
+  for (; k < K; ++k) {
+    const float t = std::fma(x[k] / a, inv, 128.0f);
+    out[k] = (uint8_t)std::min(255.0f, std::max(0.0f, std::nearbyint(t)));
+  }
   for (; k < Kp; ++k) out[k] = 128;  // the padding columns' weights are 0
   return a;
 }
@@ -120,11 +142,13 @@ static inline void dots(const int8_t* wb, int64_t Kp, const int32_t* const* xs, 
 
 // x (M, K) fp32 -> (M, N): y = dot(x̂, Ŵ) with x̂ each row on its own grid, times the row scales, plus the bias
 at::Tensor linear(at::Tensor x, at::Tensor packed, at::Tensor corr, at::Tensor ws, c10::optional<at::Tensor> bias,
-                  int64_t N) {
+                  int64_t N, int64_t K) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "linear: an (M, K) fp32 input");
+  TORCH_CHECK(!x.requires_grad(), "linear: int8 weights are not trained (the input requires grad)");
   x = x.contiguous();
-  const int64_t M = x.size(0), K = x.size(1), nb = packed.size(0), Kp = packed.size(1) / 16;
-  TORCH_CHECK((K + 3) / 4 * 4 == Kp && nb * 16 >= N, "linear: the input does not fit the packed weight");
+  const int64_t M = x.size(0), nb = packed.size(0), Kp = packed.size(1) / 16;
+  TORCH_CHECK(x.size(1) == K && (K + 3) / 4 * 4 == Kp && nb * 16 >= N,
+              "linear: an input of ", x.size(1), " columns for a weight of ", K);
   auto y = at::empty({M, N}, x.options());
   if (M == 0) return y;
   std::vector<uint8_t> xq(M * Kp);
@@ -229,8 +253,39 @@ def _build() -> Any:
         except ImportError:
             pass
     digest = hashlib.sha256((SOURCE + " ".join(FLAGS) + torch.__version__).encode()).hexdigest()[:12]
-    return load_inline(name=f"lmlab_int8_{digest}", cpp_sources=SOURCE, functions=["prepack", "linear"],
-                       extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], verbose=False)
+    name = f"lmlab_int8_{digest}"
+    folder = Path(_build_directory(name, False))
+    with open(folder / "lmlab.flock", "a") as held:
+        _hold(held)
+        # torch's own lock file, which its build leaves behind when killed (SIGTERM, SIGKILL): every later build
+        # then waited on it forever. Only a process holding the flock above builds here, and the kernel drops a
+        # flock with its process, so a lock file seen now is such a leftover
+        (folder / "lock").unlink(missing_ok=True)
+        return load_inline(name=name, cpp_sources=SOURCE, functions=["prepack", "linear"], extra_cflags=FLAGS,
+                           extra_ldflags=["-fopenmp"], build_directory=str(folder), verbose=False)
+
+
+BUILD_WAIT_S = 600.0  # another process's build takes ~25 s; past this, FBGEMM
+
+
+def _hold(file: Any) -> None:
+    import fcntl
+
+    deadline = time.monotonic() + BUILD_WAIT_S
+    while True:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"another process has been building it for {BUILD_WAIT_S:.0f} s") from None
+            time.sleep(0.2)
+
+
+def _build_directory(name: str, verbose: bool) -> str:
+    from torch.utils import cpp_extension
+
+    return cpp_extension._get_build_directory(name, verbose)  # TORCH_EXTENSIONS_DIR, else torch's cache folder
 
 
 def linear_fn(q: torch.Tensor, scales: torch.Tensor, b: torch.Tensor | None) -> Any:
@@ -239,13 +294,13 @@ def linear_fn(q: torch.Tensor, scales: torch.Tensor, b: torch.Tensor | None) -> 
     module = kernel()
     if module is None:
         return None
-    n = q.shape[0]
+    n, k = q.shape
     packed, corr, ws = module.prepack(q.to(torch.int8), scales.float().reshape(n))
-    bias = None if b is None else b.detach().float().contiguous()
+    bias = None if b is None else b.detach().float().contiguous()  # a copy unless fp32: QuantLinear keys on it
     op = module.linear
 
     def fn(x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
-            return op(x, packed, corr, ws, bias, n)
-        return op(x.float(), packed, corr, ws, bias, n).to(x.dtype)
+            return op(x, packed, corr, ws, bias, n, k)
+        return op(x.float(), packed, corr, ws, bias, n, k).to(x.dtype)
     return fn

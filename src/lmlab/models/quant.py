@@ -313,8 +313,10 @@ class QuantLinear(nn.Module):
         """(kind, fn): fn(x (M, in)) = x @ Ŵ.T + b, (M, out) in x's dtype, with the kernel's operands (or the
         fallback's dequantised weight) built once per weight and bound; the Decoder calls fn directly."""
         w = self.qweight
+        bias = self.bias  # int8_cpu keeps an fp32 copy of a bf16 / fp16 bias: changed in place, it is made again
         key = (w.data_ptr(), w._version, self.scales._version, w.device, QuantLinear.use_kernels,
-               QuantLinear.kernel_min_weights, QuantLinear.int8_activations, QuantLinear.fused_int8)
+               QuantLinear.kernel_min_weights, QuantLinear.int8_activations, QuantLinear.fused_int8,
+               None if bias is None else (bias.data_ptr(), bias._version, bias.dtype))
         if self._cache[0] == key:
             return self._cache[1]
         b, n, gs, bf16 = self.bias, self.out_features, self.group_size, torch.bfloat16
