@@ -425,3 +425,74 @@ def test_a_run_stopped_before_its_first_checkpoint_is_started_again_as_a_new_run
     finally:
         kill_run_process(pid)
         server.stop()
+
+
+LINKED = "is a symbolic link; the server follows no links inside its workspace: remove it"
+
+
+@pytest.mark.parametrize("plant", ["final", "training.json", "tokenizer.json", "report.html", "derived"])
+def test_links_planted_in_a_finished_runs_output_fail_the_run(plant, tmp_path):
+    """A finished run whose final/ (or a file in it), report or derived model/ is a link to something outside the
+    workspace: the outside folder was copied into models/ as the model, an outside training.json's numbers
+    became the model's origin and steps in the database, an outside file passed as an experiment's report. Now
+    the run fails saying which link, nothing is registered, and nothing outside is read or changed."""
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    outside.mkdir()
+    _final(outside, {"steps": 3, "final_reward": "S3CRET", "stop_reason": "S3CRET"})  # outside/final
+    (outside / "final" / "S3CRET.txt").write_text("S3CRET")
+    before = {p.name: p.read_bytes() for p in (outside / "final").iterdir()}
+    if plant in ("final", "tokenizer.json"):
+        db, ws, run_id, run_dir = _dead_run(tmp_path, "train", {"max_steps": 3})
+        new = "start"
+    elif plant == "training.json":
+        db, ws, run_id, run_dir = _dead_run(tmp_path, "selfplay", {"new_model": "sp", "reward": "seed",
+                                                                   "iterations": 3})
+        new = "sp"
+    elif plant == "report.html":
+        db, ws, run_id, run_dir = _dead_run(tmp_path, "experiment", {"lab": "azr", "experiment": "azr", "seeds": [0]})
+        new = None
+    else:
+        db, ws, run_id, run_dir = _dead_run(tmp_path, "quantize", {"new_model": "q", "to": "int8", "method": "rtn"})
+        new = "q"
+    linked = {"final": run_dir / "final", "training.json": run_dir / "final" / "training.json",
+              "tokenizer.json": run_dir / "final" / "tokenizer.json", "report.html": run_dir / "report.html",
+              "derived": run_dir / "model"}[plant]
+    if plant in ("training.json", "tokenizer.json"):
+        _final(run_dir, {"steps": 3, "final_reward": 0.5, "stop_reason": "max_steps"})
+        linked.unlink()
+    linked.symlink_to(outside / "final" / {"final": "", "derived": "", "report.html": "S3CRET.txt"}.get(plant, plant))
+    Supervisor(db, ws).recover()
+    run = db.get_run(run_id)
+    made = {"train": "training", "selfplay": "self-play", "experiment": "lab experiment",
+            "quantize": "quantization"}[run["kind"]]
+    assert (run["status"], run["error"]) == (
+        "failed", f"the {made} finished, but what it made was not used: {linked.relative_to(tmp_path)} {LINKED}"), run
+    assert "S3CRET" not in json.dumps([run, db.list_models()], default=str)
+    assert sorted(p.name for p in ws.models.iterdir()) == []
+    if new is not None:
+        assert db.get_model(new) is None or db.get_model(new)["trained_steps"] is None
+    assert {p.name: p.read_bytes() for p in (outside / "final").iterdir()} == before
+    db.close()
+
+
+def test_staging_a_model_folder_follows_no_link(tmp_path):
+    """A folder of final/ that is a link (one may be swapped in after final/ was checked): copytree went into it
+    and the outside folder's files were linked into models/ as the model's; the copy now keeps links as links and
+    refuses them. link_or_copy, given a link, links the link (os.link follows it where link(2) does, as on macOS):
+    the file it points to is never linked into models/."""
+    from lmlab.server.workspace import LinkError, link_or_copy, stage_dir
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "tokenizer.json").write_text("S3CRET")
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final" / "config.json").write_text("{}")
+    (tmp_path / "final" / "hf_tokenizer").symlink_to(outside)
+    (tmp_path / "models").mkdir()
+    with pytest.raises(LinkError, match=f"^final/hf_tokenizer {LINKED}$"):
+        stage_dir(tmp_path / "final", tmp_path / "models" / "m", tmp_path)
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == []
+    assert os.stat(outside / "tokenizer.json").st_nlink == 1
+    (tmp_path / "final" / "model.safetensors").symlink_to(outside / "tokenizer.json")
+    link_or_copy(tmp_path / "final" / "model.safetensors", tmp_path / "copy")
+    assert (tmp_path / "copy").is_symlink() and os.stat(outside / "tokenizer.json").st_nlink == 1

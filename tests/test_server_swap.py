@@ -20,7 +20,7 @@ from lmlab.tokenizers import Tokenizer
 
 def replace_dir(src, dst):
     """What the supervisor does when a training run finishes: copy final/ beside the model, then swap it in."""
-    swap_dir(stage_dir(src, dst), dst)
+    swap_dir(stage_dir(src, dst, src.parent), dst)
 
 
 def _unzip(data: bytes) -> dict[str, bytes]:

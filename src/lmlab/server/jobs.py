@@ -68,7 +68,17 @@ from ..tokenizers import Tokenizer
 from ..train import checkpoint_step, latest_checkpoint
 from .commands import DERIVED, DERIVED_DIR, STOP_FILE, child_argv, product, run_command
 from .db import STOPPED, Database
-from .workspace import MODEL_FILES, SPEED_FILE, NotAFile, Workspace, link_or_copy, stage_dir, swap_dir
+from .workspace import (
+    MODEL_FILES,
+    SPEED_FILE,
+    LinkError,
+    NotAFile,
+    Workspace,
+    copy_dir,
+    no_links,
+    stage_dir,
+    swap_dir,
+)
 
 log = logging.getLogger("lmlab.server")
 
@@ -200,17 +210,30 @@ def _error_from_log(ws: Workspace, path: Path, reason_only: bool = False) -> str
     return None if reason_only else lines[-1][-500:] if lines else None
 
 
-def finished_model(run: dict[str, Any], final: Path) -> dict[str, Any] | None:
+def _is_file(ws: Workspace, path: Path) -> bool:
+    """Whether `path` is a regular file of the workspace, reached through no link; LinkError if it or a folder
+    on its way is one (a planted `report.html -> /elsewhere` is no report of the run's)."""
+    try:
+        ws.open_file(path).close()
+    except OSError:  # missing, NotAFile, a file where a folder should be
+        return False
+    return True
+
+
+def finished_model(ws: Workspace, run: dict[str, Any], final: Path) -> dict[str, Any] | None:
     """final/'s training.json when final/ is a whole model directory written by the run's latest launch, else
     None. save_pretrained writes training.json last, so with it the rest is there. A resumed run's final/ may
     still be the previous launch's, at the step it resumed from: this launch's has more steps (resume asks for
     more), except a self-play or fine-tuning run resumed at its last step to save that model again (the same
-    model, which could not be registered the first time)."""
+    model, which could not be registered the first time). LinkError if final/ is or holds a link: what it
+    points to is no model of this run's (its training.json went into the database, its folder into models/)."""
+    if os.path.lexists(final):
+        no_links(final, ws.root)
     try:
-        training = json.loads((final / "training.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        training = json.loads(ws.read_bytes(final / "training.json"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    if not isinstance(training, dict) or not all((final / f).is_file() for f in ("config.json", "model.safetensors")):
+    if not isinstance(training, dict) or not all(_is_file(ws, final / f) for f in ("config.json", "model.safetensors")):
         return None
     steps, since = training.get("steps"), run["resumed_from_step"]
     if since is not None and not (isinstance(steps, int) and (
@@ -415,13 +438,14 @@ class Supervisor:
         already belongs to someone else (a model made meanwhile, or files put there by hand) and makes the
         registration fail instead."""
         name = run["params"]["new_model"]
-        cfg = ModelConfig.load(final / "config.json")
-        kind = Tokenizer.load(final / "tokenizer.json").kind
         target = self.ws.model_path(name)
         incoming = target.parent / f".{name}.{run['kind']}-{run['id']}"  # not a model name: never indexed
         shutil.rmtree(incoming, ignore_errors=True)  # this run's own, from an attempt cut short
         try:
-            shutil.copytree(final, incoming, copy_function=link_or_copy)  # stored once (stage_dir)
+            copy_dir(final, incoming, self.ws.root)  # stored once (stage_dir); no link followed
+            # read from the copy, which is ours: final/ may have changed since it was checked
+            cfg = ModelConfig.load(incoming / "config.json")
+            kind = Tokenizer.load(incoming / "tokenizer.json").kind
             with self.lock:  # the API creates models under the same lock: the checks below stay true
                 if self.db.get_model(name) is not None:
                     raise ValueError(f"a model named {name!r} exists now; it stays in {final}")
@@ -497,7 +521,6 @@ class Supervisor:
             return
         run_dir = self.ws.run_path(run_id)
         final = run_dir / "final"
-        training = finished_model(run, final)
         values: dict[str, Any] = {"exit_code": code, "pid": None, "pid_start": None, "finished_at": time.time()}
         # no model to register (an experiment, an evaluation): its report or results are the product, but only of
         # a run that was not stopped: the facts lab answers SIGINT as training does (the step loop returns early)
@@ -505,12 +528,24 @@ class Supervisor:
         made = product(run)
         cut_short = made is not None and (run["cancel_requested"] or server_stopped)
         staged = None
-        if code in (0, None) and made and (run_dir / made).is_file() and not cut_short:
+        # what the run made, reached through no link: one planted in its folder would register, or report, files
+        # from anywhere as this run's (an outside folder copied in as a model, an outside file's numbers indexed)
+        try:
+            training = finished_model(self.ws, run, final) if run["kind"] in ("train", "selfplay", "tune") else None
+            made_file = made is not None and _is_file(self.ws, run_dir / made)
+            derived = run["kind"] in DERIVED and _is_file(self.ws, run_dir / DERIVED_DIR / "model.safetensors")
+            linked = None
+        except (OSError, LinkError) as exc:  # OSError: final/ unreadable as a folder (walked by no_links)
+            training, made_file, derived, linked = None, False, False, exc
+        if linked is not None and code in (0, None) and not run["cancel_requested"] and not server_stopped:
+            values.update(status="failed", error=f"the {PROCESS_NAMES[run['kind']]} finished, but what it made was "
+                                                 f"not used: {linked}")
+        elif code in (0, None) and made_file and not cut_short:
             values.update(status="completed", stop_reason="finished", error=None)
         elif code == 0 and made and not cut_short:
             values.update(status="failed", error=f"the {run['kind']} exited without writing {made}")
-        elif (code in (0, None) and run["kind"] in DERIVED and not run["cancel_requested"] and not server_stopped
-              and (run_dir / DERIVED_DIR / "model.safetensors").is_file()):  # written whole, then renamed
+        elif (code in (0, None) and derived and not run["cancel_requested"] and not server_stopped):
+            # written whole, then renamed
             try:
                 self._register_derived(run, run_dir / DERIVED_DIR)
                 values.update(status="completed", stop_reason="finished", error=None)
@@ -528,7 +563,9 @@ class Supervisor:
         elif code in (0, None) and run["kind"] == "train" and training is not None:
             values.update(status="completed", stop_reason=training.get("stop_reason"), error=None)
             try:
-                staged = stage_dir(final, self.ws.model_path(run["model_name"]))
+                staged = stage_dir(final, self.ws.model_path(run["model_name"]), self.ws.root)
+            except LinkError as exc:  # a link put in final/ after it was checked: no model of this run's
+                values.update(status="failed", error=f"the training finished, but what it made was not used: {exc}")
             except (OSError, ValueError) as exc:
                 values.update(error=f"trained, but the model directory could not be updated: {exc}")
         elif run["cancel_requested"]:

@@ -321,11 +321,12 @@ _SWAP_LOCK = threading.Lock()
 def link_or_copy(src: str | Path, dst: str | Path) -> None:
     """A hard link of src at dst, or a copy where the file system has none (or src is on another one). The copy
     is written beside dst and renamed onto it: an entry already at dst (a symbolic link planted there) is
-    replaced, never written through."""
+    replaced, never written through. A src that is a symbolic link is linked or copied as the link (os.link
+    follows it by default: a file swapped for a link during a copy would be the file it points to)."""
     try:
-        os.link(src, dst)
+        os.link(src, dst, follow_symlinks=False)
         return
-    except OSError:
+    except (OSError, NotImplementedError):  # NotImplementedError: no linkat
         pass
     tmp = Path(dst).with_name(f".{Path(dst).name}.copy")
     try:
@@ -336,14 +337,28 @@ def link_or_copy(src: str | Path, dst: str | Path) -> None:
             tmp.unlink()
 
 
-def stage_dir(src: Path, dst: Path) -> Path:
-    """src's files linked (see link_or_copy) beside dst, for swap_dir to put in dst's place. A run's final/
+def copy_dir(src: Path, dst: Path, root: Path) -> None:
+    """src's files linked (see link_or_copy) into dst, a new folder. LinkError naming it (relative to `root`) if
+    src is or holds a symbolic link, and dst is removed: links are copied as links and looked for in the copy,
+    so one put in src after a check is not followed either (copytree would copy what it points to)."""
+    if src.is_symlink():
+        raise link_error(src, root)
+    shutil.copytree(src, dst, symlinks=True, copy_function=link_or_copy)
+    found = next((Path(top, n) for top, dirs, files in os.walk(dst) for n in dirs + files if Path(top, n).is_symlink()),
+                 None)
+    if found is not None or src.is_symlink():
+        shutil.rmtree(dst, ignore_errors=True)
+        raise link_error(src / found.relative_to(dst) if found is not None else src, root)
+
+
+def stage_dir(src: Path, dst: Path, root: Path) -> Path:
+    """src's files linked (see copy_dir) beside dst, for swap_dir to put in dst's place. A run's final/
     becomes the model's directory this way: the weights are stored once, however many runs' versions are
     kept, and stay the model's when the run is deleted. Safe because no file of a model directory is ever
     written in place: save_pretrained and every JSON write replace files by rename (lmlab.files)."""
     tmp = dst.parent / f".{dst.name}.incoming"
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp, copy_function=link_or_copy)
+    copy_dir(src, tmp, root)
     return tmp
 
 
