@@ -162,7 +162,7 @@ def train_from_sources(out_dir: str | Path, config: TrainConfig, *, sources: Seq
             provenance["lora"] = lora.to_dict()
         if init is not None and main_process:  # what the starting model carries beside its weights
             keep_init_files(init, out)
-        return train_with_lora(model, tok, ds, config, out, [*callbacks, *_carried(out, init)], lora,
+        return train_with_lora(model, tok, ds, config, out, [*callbacks, *carried(out, init)], lora,
                                provenance=provenance)
     except BaseException:
         # the model too big for the memory, a corpus shorter than one window, or the Trainer's own checks (early
@@ -188,15 +188,15 @@ def train_from_sources(out_dir: str | Path, config: TrainConfig, *, sources: Seq
 INIT_FILES = "init_files"
 
 
-def keep_init_files(init: str | Path, out: Path) -> CarrySideFiles:
-    """Copy the starting model's side files and tokenizer.json into RUN/init_files/; the callback that puts
-    them into final/."""
+def keep_init_files(init: str | Path, out: Path) -> None:
+    """Copy the starting model's side files and tokenizer.json into RUN/init_files/ (carried() puts them into
+    final/)."""
     with staged_dir(out / INIT_FILES, replace=False) as tmp:
         copy_side_files(init, tmp, (*SIDE_FILES, TOKENIZER))
-    return CarrySideFiles(out / INIT_FILES)
 
 
-def _carried(out: Path, init: Any) -> list[Callback]:
+def carried(out: Path, init: Any) -> list[Callback]:
+    """The callback that puts RUN/init_files/ into final/, for a run that started from a model (`init`)."""
     return [CarrySideFiles(out / INIT_FILES)] if init is not None else []
 
 
@@ -257,7 +257,7 @@ def resume_run(out_dir: str | Path, overrides: dict[str, Any] | None = None,
     if (lora.to_dict() if lora is not None else None) != (provenance.get("lora") or None):
         raise ValueError(f"{out} was trained with LoRA settings {provenance.get('lora')}; resume it with the same "
                          "(lmlab train --resume reads them from the run)")
-    return train_with_lora(model, tok, ds, config, out, [*callbacks, *_carried(out, provenance.get("init"))], lora,
+    return train_with_lora(model, tok, ds, config, out, [*callbacks, *carried(out, provenance.get("init"))], lora,
                            resume=True, provenance=provenance)
 
 

@@ -38,7 +38,7 @@ from ..models.quant import refuse_quantized
 from ..tokenizers import Tokenizer
 from ..train import TrainConfig
 from ..train.checkpoint import RUN_FILES, refuse_existing_run, resumed_model, run_folder
-from ..train.recipes import INIT_FILES, CarrySideFiles, keep_init_files, train_with_lora
+from ..train.recipes import INIT_FILES, carried, keep_init_files, train_with_lora
 from ..train.trainer import Callback, TrainResult, check_fits, dist_env, read_run_config
 from .chat import TEMPLATE_FILE, ChatTemplate, add_chat_tokens, chat_token_ids, has_template, render, write_template
 from .data import read_sft
@@ -240,16 +240,16 @@ def run_sft(model_dir: str | Path, data: str | Path, out_dir: str | Path, config
     chat = kind == "messages" or has_template(model_dir)  # prompt-completion from a chat model stays one
     if chat:
         write_template(out)
-    # its generation defaults and hf_tokenizer/ (while the vocabulary is unchanged); DDP's other ranks find it
-    carry = keep_init_files(model_dir, out) if dist_env()[0] == 0 else CarrySideFiles(out / INIT_FILES)
+    if dist_env()[0] == 0:  # its generation defaults and hf_tokenizer/ (while the vocabulary is unchanged)
+        keep_init_files(model_dir, out)
     provenance = {"sft": {**info, "base": str(Path(model_dir).resolve()), "source": str(Path(data).resolve()),
                           "data": DATA, "packing": packing, "completion_only": completion_only,
                           "val_fraction": val_fraction, "added_tokens": added}}
     if lora is not None:
         provenance["lora"] = lora.to_dict()
     # the template first: a run on conversations exports lmlab's chat format, not the starting model's
-    return train_with_lora(model.train(), tok, ds, config, out, [*callbacks, *([ChatTemplate()] if chat else []),
-                                                                  carry], lora, provenance=provenance)
+    cbs = [*callbacks, *([ChatTemplate()] if chat else []), *carried(out, model_dir)]
+    return train_with_lora(model.train(), tok, ds, config, out, cbs, lora, provenance=provenance)
 
 
 def resume_sft(out_dir: str | Path, overrides: dict[str, Any] | None = None, callbacks: Sequence[Callback] = (),
@@ -269,7 +269,7 @@ def resume_sft(out_dir: str | Path, overrides: dict[str, Any] | None = None, cal
                              kind=sft["kind"])
     echo(_describe(info, seq_len))
     cbs = [*callbacks, ChatTemplate()] if (out / TEMPLATE_FILE).is_file() else list(callbacks)
-    cbs.append(CarrySideFiles(out / INIT_FILES))  # a run from before init_files/ has none: nothing to carry
+    cbs += carried(out, sft["base"])  # a run from before init_files/ has none: nothing to carry
     provenance = {k: v for k, v in saved.items() if k not in ("train", "model")}
     lora = LoRAConfig(**saved["lora"]) if saved.get("lora") else None
     return train_with_lora(model, tok, ds, config, out, cbs, lora, resume=True, provenance=provenance)

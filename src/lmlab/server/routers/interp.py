@@ -24,6 +24,7 @@ from ...lab.interp.views import attention_view, check_view, encode, lens_view, p
 from ..app import AppState, Problem, StateDep
 from ..schemas import InterpRequest, SAEBrowse
 from ..services import book_full_text, cached_model, need_trained, saved_folder, saved_folders
+from .data import text_sample
 
 router = APIRouter()
 MAX_TOKENS = 64  # the page draws a cell per position (attention: layers x heads x T x T numbers)
@@ -93,13 +94,12 @@ def list_saes(state: StateDep, name: str) -> list[dict[str, Any]]:
 def first_ids(tok: Any, text: str, n: int) -> list[int]:
     """tok.encode(text)[:n], encoding only a prefix of the text that holds them (a book can be 100 MiB: the
     whole of it once took 6.7 GB in the server process): 4 characters a token to start with, doubled until
-    the prefix gives more than n. The prefix ends before a whitespace, where no tokenizer here joins two
-    pieces into one token, so its tokens are the text's (a prefix with no whitespace is cut where it ends: the
-    tokens next to the cut may differ from the whole text's)."""
+    the prefix gives more than n. The prefix ends before a whitespace (data.text_sample), where no tokenizer here
+    joins two pieces into one token, so its tokens are the text's (a prefix with no whitespace is cut where it
+    ends: the tokens next to the cut may differ from the whole text's)."""
     end = 4 * n
     while end < len(text):
-        cut = max(text.rfind(" ", 0, end), text.rfind("\n", 0, end))
-        ids = tok.encode(text[:cut if cut > 0 else end])
+        ids = tok.encode(text_sample(text, end))
         if len(ids) > n:
             return ids[:n]
         end *= 2
