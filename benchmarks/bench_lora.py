@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import tempfile
 import time
@@ -121,7 +122,7 @@ def python_reference() -> str:
     return "\n\n".join(topics[k] for k in sorted(topics)) + "\n"
 
 
-def pretrained_base(model: str, work: Path, pretrain: str = "tales", steps: int | None = None
+def pretrained_base(model: str, work: Path, pretrain: str = "tales", steps: int | None = None, seed: int = 0
                     ) -> tuple[Transformer, Tokenizer]:
     default_steps, batch, lr = MODELS[model]["base"]
     steps = steps or default_steps
@@ -130,10 +131,10 @@ def pretrained_base(model: str, work: Path, pretrain: str = "tales", steps: int 
     tok = Tokenizer.train([text], kind="bpe", vocab_size=1024)
     cfg = ModelConfig(family="llama", block_size=128, vocab_size=tok.vocab_size, **MODELS[model]["shape"])
     ds = prepare_texts([text], tok, work / "tales", seq_len=cfg.block_size)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     base = Transformer(cfg)
     train(base, tok, ds, TrainConfig(max_steps=steps, batch_size=batch, lr=lr, min_lr=lr / 10, warmup_steps=30,
-                                     eval_every=steps, eval_batches=8, log_every=steps, save_every=0, seed=0),
+                                     eval_every=steps, eval_batches=8, log_every=steps, save_every=0, seed=seed),
           work / "base")
     return load_pretrained(work / "base" / "final")
 
@@ -191,10 +192,21 @@ def head_lora(model: Transformer, rank: int, alpha: float) -> None:
     head.forward = lambda x: plain(x) + F.linear(F.linear(x, head.lora_head_A), head.lora_head_B) * scale
 
 
+def fresh_chats(n: int, seed: int, tok: Tokenizer, seq_len: int, work: Path):
+    """n conversations drawn anew (make_chats with another seed than the shipped file's), every one held out: a
+    test set that neither the training nor the choice of the knobs (made on the held-out split) has seen. Drawn
+    from the same generator, it shares many questions with the training split, as the held-out split does."""
+    path = work / "fresh.jsonl"
+    path.write_text("".join(json.dumps(c, ensure_ascii=False) + "\n" for c in make_chats(n, seed)), encoding="utf-8")
+    ds, _ = build_dataset(path, tok, seq_len, completion_only=False, val_fraction=0.0, seed=0, packing=True)
+    ds.val = ds.train
+    return ds
+
+
 def fine_tune(base: Transformer, tok: Tokenizer, ds, seq_len: int, out: Path, steps: int, batch: int, lr: float,
               lora: LoRAConfig | None, lr_scales: tuple[float, float] = (1.0, 1.0),
               token: int | None = None, seed: int = 1, init: str = "lora",
-              head_rank: int = 0) -> tuple[tuple[float, float], int, int]:
+              head_rank: int = 0, fresh=None) -> tuple[tuple[float, float], int, int, float | None]:
     model = copy.deepcopy(base).train()
     if lora is not None:
         torch.manual_seed(seed - 1)
@@ -209,7 +221,8 @@ def fine_tune(base: Transformer, tok: Tokenizer, ds, seq_len: int, out: Path, st
     train(model, tok, ds, TrainConfig(max_steps=steps, batch_size=batch, seq_len=seq_len, lr=lr, min_lr=lr / 10,
                                       warmup_steps=10, weight_decay=0.0 if lora else 0.1, eval_every=steps,
                                       eval_batches=4, log_every=steps, save_every=0, seed=seed), out)
-    return val_loss(model, ds, seq_len, token), trainable, total
+    return (val_loss(model, ds, seq_len, token), trainable, total,
+            val_loss(model, fresh, seq_len)[0] if fresh is not None else None)
 
 
 def main() -> None:
@@ -223,11 +236,14 @@ def main() -> None:
                    "chats' kinds (qa_text), or the tales and the Python language reference (python_reference)")
     p.add_argument("--steps", type=int, default=200, help="fine-tuning steps, every run")
     p.add_argument("--base-steps", type=int, help="pre-training steps of a new base (default 600)")
+    p.add_argument("--base-seed", type=int, default=0, help="a new base's seed (its start and data order)")
     p.add_argument("--batch-size", type=int, help="fine-tuning rows a step (default: 16 demo, 8 wide)")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--seed", type=int, default=1, help="fine-tuning seed (data order; LoRA's init from seed - 1)")
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha: the update is scaled by alpha / rank "
                    "(rsLoRA's alpha / sqrt(rank) is alpha * sqrt(rank) here)")
+    p.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout on the adapters' input (PEFT's "
+                   "lora_dropout)")
     p.add_argument("--lora-new-tokens", action="store_true", help="--data chats: LoRA also trains the chat tokens' "
                    "embedding and head rows (lmlab's --lora-new-tokens, PEFT's trainable_token_indices)")
     p.add_argument("--all-rows", action="store_true", help="a diagnosis, far above 2%%: LoRA also trains every "
@@ -242,6 +258,8 @@ def main() -> None:
     p.add_argument("--head-rank", type=int, default=0, help="a LoRA of this rank on the output head too")
     p.add_argument("--lora-plus", type=float, default=1.0, help="LoRA+: B's learning rate over A's (1: plain LoRA)")
     p.add_argument("--rows-lr", type=float, default=1.0, help="the token rows' learning rate over the adapters'")
+    p.add_argument("--fresh", type=int, default=0, metavar="N", help="--data chats: also score every run on N "
+                   "conversations drawn anew (a test set; the rates are still picked on the held-out split)")
     p.add_argument("--lrs-full", default=SWEEP["full"], help="learning rates of full fine-tuning (comma list; "
                    "empty: LoRA only)")
     p.add_argument("--lrs-lora", default=SWEEP["lora"], help="learning rates of LoRA (comma list)")
@@ -265,7 +283,7 @@ def main() -> None:
         if args.base and Path(args.base).is_dir():
             base, tok = load_pretrained(args.base)
         else:
-            base, tok = pretrained_base(args.model, work, args.pretrain, args.base_steps)
+            base, tok = pretrained_base(args.model, work, args.pretrain, args.base_steps, args.base_seed)
             if args.base:
                 save_pretrained(args.base, base, tok)
             print(f"pre-trained the {args.model} base in {time.time() - start:.0f} s", flush=True)
@@ -286,6 +304,7 @@ def main() -> None:
         blocks = sum(p.numel() for p in base.blocks.parameters())
         print(f"fine-tuning data: {what}; base: {base.num_parameters():,} parameters ({blocks:,} in the blocks), "
               f"val loss {val_loss(base, ds, seq_len)[0]:.4f}", flush=True)
+        fresh = fresh_chats(args.fresh, 2026, tok, seq_len, work) if args.fresh and args.data == "chats" else None
         top: list[int] = []
         if args.top_rows:  # counted on the training split only: the held-out replies pick nothing
             if args.rows_by == "loss":  # lmlab tune sft --lora-hard-tokens K
@@ -295,21 +314,22 @@ def main() -> None:
                 counts = Counter(i for e in ds.train for i in e.ids[e.mask].tolist())
                 top = [i for i, _ in counts.most_common() if tok.id_to_token(i) not in CHAT_TOKENS][:args.top_rows]
             print(f"top rows: {[tok.decode([i]) for i in top]}", flush=True)
-        lora_cfg = LoRAConfig(rank=args.rank, alpha=args.alpha, chat_tokens=args.lora_new_tokens,
+        lora_cfg = LoRAConfig(rank=args.rank, alpha=args.alpha, dropout=args.dropout, chat_tokens=args.lora_new_tokens,
                               **({"targets": tuple(args.targets.split(","))} if args.targets else {}),
                               tokens=tuple(range(len(tok))) if args.all_rows else tuple(top))
-        results: dict[str, list[tuple[float, float]]] = {"full": [], "lora": []}
+        results: dict[str, list[tuple[float, float, float | None]]] = {"full": [], "lora": []}
         for method in ("full", "lora"):
             for lr in lrs[method]:
                 t = time.time()
-                (loss, on_end), trainable, total = fine_tune(
+                (loss, on_end), trainable, total, test = fine_tune(
                     base, tok, ds, seq_len, work / f"{method}-{lr:g}", args.steps, batch, lr,
                     lora_cfg if method == "lora" else None, (args.lora_plus, args.rows_lr), end, args.seed,
-                    args.init, args.head_rank)
-                results[method].append((loss, lr))
+                    args.init, args.head_rank, fresh)
+                results[method].append((loss, lr, test))
                 share_end = f", {on_end:.1%} of it on {END}" if end is not None else ""
-                print(f"{method:4s} lr {lr:<7g} val loss {loss:.4f}{share_end}  ({trainable:,} trainable of "
-                      f"{total:,}; {time.time() - t:.0f} s)", flush=True)
+                on_fresh = f"; fresh chats {test:.4f}" if test is not None else ""
+                print(f"{method:4s} lr {lr:<7g} val loss {loss:.4f}{share_end}{on_fresh}  ({trainable:,} trainable "
+                      f"of {total:,}; {time.time() - t:.0f} s)", flush=True)
     share = trainable / total
     fits = [r for r in range(1, 65) if (lambda n: n[0] / n[1])(count_parameters(apply_lora(
         copy.deepcopy(base), LoRAConfig(rank=r)))) <= 0.02]
@@ -317,19 +337,23 @@ def main() -> None:
     print(f"setting: --data {args.data} on a base of {c.n_layer} layers, d {c.n_embd}, vocab {c.vocab_size}; "
           f"{args.steps} steps of {batch} x {seq_len} tokens each; {time.time() - start:.0f} s in all")
     if results["full"]:
-        full, lr_full = min(results["full"])
+        full, lr_full, test_full = min(results["full"])
         print(f"best full fine-tuning: lr {lr_full:g}, val loss {full:.4f}")
     if not results["lora"]:
         return
-    lora, lr_lora = min(results["lora"])
-    n_rows = len(lora_cfg.token_ids(tok))
-    rows = f" + {n_rows} tokens' rows" if n_rows and not args.all_rows else " + every row" if args.all_rows else ""
+    lora, lr_lora, test_lora = min(results["lora"])
+    emb_rows, head_rows = (len(ids) for ids in lora_cfg.row_ids(tok))
+    head = "" if base.config.tie_embeddings else f" and {head_rows} head rows"
+    rows = " + every row" if args.all_rows else f" + {emb_rows} embedding{head}" if emb_rows else ""
     knobs = f", LoRA+ {args.lora_plus:g}, rows lr x{args.rows_lr:g}" if (args.lora_plus, args.rows_lr) != (1, 1) else ""
     print(f"best LoRA rank {args.rank} alpha {lora_cfg.alpha:g}{rows}{knobs}: lr {lr_lora:g}, val loss {lora:.4f} "
           f"({trainable:,} trainable = {share:.2%} of {total:,}; {trainable / blocks:.2%} of the block weights)")
     if results["full"]:
         print(f"LoRA / full val loss: {lora / full:.4f} (target <= 1.05 at <= 2% trainable: "
               f"{'PASS' if lora / full <= 1.05 and share <= 0.02 else 'MISS'})")
+        if test_full is not None:
+            print(f"on {args.fresh} fresh chats, at those rates: LoRA {test_lora:.4f} / full {test_full:.4f} = "
+                  f"{test_lora / test_full:.4f}")
     print(f"largest all-linear rank with <= 2% trainable parameters on this model: "
           f"{max(fits) if fits else 'none (rank 1 is above 2%)'}")
 

@@ -426,3 +426,78 @@ def test_bad_lora_settings_are_one_line_errors(capsys, tmp_path, base_dir, book)
     fails(capsys, "LoRA adapts a trained model: give it with --init", *train, "--preset", "llama-tiny",
           "--lora-rank", "4")
     assert not (tmp_path / "run").exists()
+
+
+def test_head_rows_of_their_own_train_save_in_peft_s_dict_and_load_both_ways(tmp_path):
+    """LoRAConfig.head_tokens: an untied head trains rows of other tokens than the embedding (PEFT's
+    trainable_token_indices as a dict of two lists). The logits are those of the rows written in by hand; the
+    file carries the head's rows for the embedding's tokens too, as the base has them (what `--lora-new-tokens`
+    does for the chat role markers); peft reads it with lmlab's logits, lmlab reads it back, and lmlab reads a
+    dict PEFT trained. A tied head refuses rows of its own."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    model = tiny("llama")
+    tok = Tokenizer.train(["the cat sat on the mat"], kind="char")
+    base_dir = save_pretrained(tmp_path / "base", model, tok)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = LoRAConfig(rank=4, alpha=8, targets=("q_proj", "down_proj"), tokens=(7, 90), head_tokens=(90, 40, 63))
+    randomise(apply_lora(model, config))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for m in (model.tok_emb, model.lm_head):
+            m.lora_rows.copy_(torch.randn(m.lora_rows.shape, generator=g))
+    assert model.tok_emb.lora_rows.shape == (2, 32) and model.lm_head.lora_rows.shape == (3, 32)
+    adapters = count_parameters(apply_lora(tiny("llama"), LoRAConfig(rank=4, targets=("q_proj", "down_proj"))))[0]
+    assert count_parameters(model)[0] == adapters + 5 * 32
+    x = torch.tensor([[7, 2, 90, 5, 11, 7, 40, 2, 63], [1, 90, 3, 2, 7, 8, 9, 10, 11]])
+    with torch.no_grad():
+        ref = merge_and_unload(randomise(apply_lora(tiny("llama"), LoRAConfig(rank=4, alpha=8, targets=(
+            "q_proj", "down_proj")))))
+        ref.tok_emb.weight[[7, 90]] = model.tok_emb.lora_rows
+        ref.lm_head.weight[[90, 40, 63]] = model.lm_head.lora_rows
+        torch.testing.assert_close(model(x).logits, ref(x).logits, atol=1e-5, rtol=0)
+    save_adapter(model, tmp_path / "adapter")
+    saved_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved_config["trainable_token_indices"] == {"embed_tokens": [7, 90], "lm_head": [7, 90, 40, 63]}
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    head = saved["base_model.model.lm_head.token_adapter.trainable_tokens_delta"]
+    assert torch.equal(head[0], before["lm_head.weight"][7]) and torch.equal(head[1:], model.lm_head.lora_rows)
+    assert_peft_agrees(base_dir, tmp_path / "adapter", model, tmp_path / "hf")
+    loaded = load_adapter(tiny("llama"), tmp_path / "adapter")
+    assert (loaded.lora_config.tokens, loaded.lora_config.head_tokens) == ((7, 90), (7, 90, 40, 63))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, model(x).logits, atol=1e-6, rtol=0)
+    fresh = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    theirs = peft.get_peft_model(fresh, peft.LoraConfig(r=3, lora_alpha=5, target_modules=["down_proj"],
+                                                        trainable_token_indices={"embed_tokens": [90],
+                                                                                 "lm_head": [40, 7]}))
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_B" in name or "trainable_tokens_delta" in name:
+                p.normal_(0, 0.3)
+    theirs.save_pretrained(tmp_path / "theirs")
+    loaded = load_adapter(tiny("llama"), tmp_path / "theirs")
+    assert (loaded.lora_config.tokens, loaded.lora_config.head_tokens) == ((90,), (40, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x).logits, theirs.eval()(input_ids=x).logits, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="untied output head"):
+        apply_lora(tiny("llama", tie_embeddings=True), config)
+
+
+def test_chat_tokens_train_the_role_markers_head_rows_only_in_runs_from_before_role_heads():
+    """--lora-new-tokens: the embedding rows of the 4 chat tokens train, and of an untied head only <|end|>'s (the
+    role markers are never a target); a run's config.json from before `role_heads` (no such key) resumes with the
+    4 head rows it trained, so its checkpoints fit."""
+    from lmlab.tune.chat import add_chat_tokens, chat_token_ids
+    tok = Tokenizer.train(["the cat sat on the mat"], kind="char")
+    model, tok, _ = add_chat_tokens(tiny("llama", vocab=tok.vocab_size), tok)
+    chat = chat_token_ids(tok)
+    ids = sorted(chat.values())
+    config = LoRAConfig(rank=4, chat_tokens=True)
+    assert config.row_ids(tok) == (ids, [chat["end"]])
+    assert LoRAConfig.from_section(config.to_dict()).row_ids(tok) == (ids, [chat["end"]])
+    old = {k: v for k, v in config.to_dict().items() if k not in ("role_heads", "head_tokens")}
+    assert LoRAConfig.from_section(old).row_ids(tok) == (ids, ids)
+    apply_lora(model, config, tok)
+    assert model.tok_emb.lora_rows.shape[0] == 4 and model.lm_head.lora_rows.shape[0] == 1
+    assert model.lora_config.head_tokens == (chat["end"],) and not model.lora_config.chat_tokens

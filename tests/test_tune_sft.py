@@ -236,9 +236,10 @@ def test_a_lora_sft_run_trains_the_adapters_only_and_resumes_exactly(tmp_path, b
 
 
 def test_lora_new_tokens_trains_the_chat_tokens_rows_and_no_other(tmp_path, base_dir, capsys):
-    """`tune sft --lora-rank 4 --lora-new-tokens`: the rows of the 4 chat tokens (added at the mean row) train with
-    the adapters, every other row stays the base's bit for bit, RUN/adapter names them as PEFT's
-    trainable_token_indices, and `peft` reads it on the HF export with lmlab's logits."""
+    """`tune sft --lora-rank 4 --lora-new-tokens`: the embedding rows of the 4 chat tokens (added at the mean row)
+    train with the adapters, and of the untied head's rows only <|end|>'s (the role markers are never a target),
+    every other row stays the base's bit for bit, RUN/adapter names the 4 as PEFT's trainable_token_indices for
+    both (the head's role rows as the base has them), and `peft` reads it on the HF export with lmlab's logits."""
     from safetensors.torch import load_file
     from test_lora import assert_peft_agrees
 
@@ -252,14 +253,15 @@ def test_lora_new_tokens_trains_the_chat_tokens_rows_and_no_other(tmp_path, base
     assert json.loads((out / "config.json").read_text())["train"]["warmup_steps"] == 0
     base, tok, _ = add_chat_tokens(*lmlab.load(base_dir))
     ids = sorted(chat_token_ids(tok).values())
+    end = [chat_token_ids(tok)["end"]]
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["trainable_token_indices"] == {
         "embed_tokens": ids, "lm_head": ids}
     final = load_file(out / "final" / "model.safetensors")
-    others = [i for i in range(len(tok)) if i not in ids]
-    for name in ("tok_emb.weight", "lm_head.weight"):
+    for name, trained in (("tok_emb.weight", ids), ("lm_head.weight", end)):
         before = base.state_dict()[name]
+        others = [i for i in range(len(tok)) if i not in trained]
         assert torch.equal(final[name][others], before[others]), name
-        assert ((final[name][ids] - before[ids]).abs().amax(1) > 1e-4).all(), name
+        assert ((final[name][trained] - before[trained]).abs().amax(1) > 1e-4).all(), name
     base_with_tokens = save_pretrained(tmp_path / "base", base, tok)
     adapted = load_adapter(lmlab.load(base_with_tokens)[0], out / "adapter")
     assert_peft_agrees(base_with_tokens, out / "adapter", adapted, tmp_path / "hf")

@@ -719,7 +719,7 @@ def _train(args: argparse.Namespace) -> int:
         lora = None
         if saved:
             from .tune.lora import LoRAConfig
-            lora = LoRAConfig(**saved)
+            lora = LoRAConfig.from_section(saved)
         result = resume_run(args.out, overrides, callbacks, lora)
     else:
         default_stop(overrides)
@@ -803,8 +803,9 @@ def add_lora_arguments(p: argparse.ArgumentParser) -> None:
                         "v_proj, o_proj, gate_proj, up_proj, down_proj (llama); c_attn, c_proj, c_fc (gpt2, gpt); "
                         "default all-linear (every linear of the blocks, not the output head)")
     g.add_argument("--lora-new-tokens", action="store_true",
-                   help="also train the embedding (and untied head) rows of the chat format's tokens, which "
-                        "fine-tuning on conversations adds at the mean row (PEFT's trainable_token_indices)")
+                   help="also train the embedding rows of the chat format's tokens, which fine-tuning on "
+                        "conversations adds at the mean row, and an untied head's row of <|end|> (the role markers "
+                        "are never a target; PEFT's trainable_token_indices)")
 
 
 def lora_config(args: argparse.Namespace) -> Any:

@@ -600,7 +600,8 @@ class TuneCreate(BaseModel):
                                      pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*(,[A-Za-z0-9_][A-Za-z0-9_.\-]*)*$",
                                      description="LoRA: comma list of module names, as the CLI's --lora-targets "
                                                  "(all-linear, c_attn, attn.c_attn; default all linear layers)")
-    lora_new_tokens: bool | None = Field(None, description="LoRA: also train the embedding (and untied head) rows "
-                                         "of the chat format's tokens (PEFT's trainable_token_indices)")
+    lora_new_tokens: bool | None = Field(None, description="LoRA: also train the embedding rows of the chat "
+                                         "format's tokens and an untied head's row of <|end|> (PEFT's "
+                                         "trainable_token_indices)")
     lora_hard_tokens: int | None = Field(None, ge=0, le=4096, description="sft with LoRA: also train the rows of the "
                                          "K tokens the model finds hardest on the training split")

@@ -244,7 +244,7 @@ def resume_run(out_dir: str | Path, overrides: dict[str, Any] | None = None,
                callbacks: Sequence[Any] = (), lora: Any = None) -> TrainResult:
     """Continue a run from its last checkpoint with its own settings; `overrides` may change the RESUMABLE
     TrainConfig fields (stop conditions such as max_steps, and how the run is run); others are refused. A run
-    that trains LoRA adapters needs its LoRAConfig back: `LoRAConfig(**read_run_config(out_dir)["lora"])`."""
+    that trains LoRA adapters needs its LoRAConfig back: `LoRAConfig.from_section(read_run_config(out_dir)["lora"])`."""
     out = Path(out_dir)
     saved = read_run_config(out)
     if "dataset" not in saved:

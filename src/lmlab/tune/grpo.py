@@ -447,4 +447,4 @@ def resume_grpo(out: str | Path, overrides: dict[str, Any] | None = None, *,
     return run_grpo(saved["init"], out, config, task=saved.get("task"), reward=saved.get("reward"),
                     prompts=saved.get("prompts") or (), judge=saved.get("judge"),
                     reward_file=saved.get("reward_file"), resume=True, log=log,
-                    lora=LoRAConfig(**saved["lora"]) if saved.get("lora") else None)
+                    lora=LoRAConfig.from_section(saved["lora"]) if saved.get("lora") else None)

@@ -82,6 +82,13 @@ class LoRAConfig:
     targets: tuple[str, ...] = (ALL_LINEAR,)
     tokens: tuple[int, ...] = ()  # token ids whose embedding (and untied head) rows train too
     chat_tokens: bool = False  # and the chat format's tokens (tune/chat.py), found in the run's tokenizer
+    # an untied head's trained rows, when not those of the embedding (PEFT's trainable_token_indices as a dict
+    # with two lists); None: the embedding's
+    head_tokens: tuple[int, ...] | None = None
+    # chat_tokens: the head rows of the role markers train too. They are never a target of the chat losses (the
+    # assistant's turns and <|end|>), so by default only <|end|>'s head row trains and the budget goes elsewhere;
+    # runs started before this option existed trained them (from_section)
+    role_heads: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
@@ -103,6 +110,13 @@ class LoRAConfig:
         if len(set(self.tokens)) < len(self.tokens):
             raise ValueError(f"LoRA tokens are listed more than once in {list(self.tokens)}")
         object.__setattr__(self, "tokens", tuple(self.tokens))  # in order: PEFT's rows follow its list
+        if self.head_tokens is not None:
+            if isinstance(self.head_tokens, (str, bytes)) or not all(
+                    isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.head_tokens):
+                raise ValueError(f"LoRA head tokens must be a list of token ids, not {self.head_tokens!r}")
+            if len(set(self.head_tokens)) < len(self.head_tokens):
+                raise ValueError(f"LoRA head tokens are listed more than once in {list(self.head_tokens)}")
+            object.__setattr__(self, "head_tokens", tuple(self.head_tokens))
         if self.alpha is None:
             object.__setattr__(self, "alpha", float(2 * self.rank))
 
@@ -111,20 +125,39 @@ class LoRAConfig:
         return self.alpha / self.rank
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "targets": list(self.targets), "tokens": list(self.tokens)}
+        return {**asdict(self), "targets": list(self.targets), "tokens": list(self.tokens),
+                "head_tokens": None if self.head_tokens is None else list(self.head_tokens)}
+
+    @classmethod
+    def from_section(cls, section: dict[str, Any]) -> LoRAConfig:
+        """The config a run's config.json keeps (to_dict). A run written before `role_heads` existed trained the
+        chat role markers' head rows: it resumes with them, so its checkpoints still fit."""
+        section = dict(section)
+        if section.get("chat_tokens") and "role_heads" not in section:
+            section["role_heads"] = True
+        return cls(**section)
 
     def token_ids(self, tokenizer: Any = None) -> list[int]:
-        """The ids whose rows train: `tokens`, and with chat_tokens the chat format's tokens in `tokenizer`."""
+        """The ids whose embedding rows train: `tokens`, and with chat_tokens the chat format's tokens in
+        `tokenizer`."""
+        return self.row_ids(tokenizer)[0]
+
+    def row_ids(self, tokenizer: Any = None) -> tuple[list[int], list[int]]:
+        """(the ids whose embedding rows train, those whose rows of an untied head train)."""
         ids = list(self.tokens)
+        head = list(ids if self.head_tokens is None else self.head_tokens)
         if self.chat_tokens:
             from .chat import chat_token_ids  # chat.py sits above the model code this module needs alone
             if tokenizer is None:
                 raise ValueError("--lora-new-tokens needs the model's tokenizer")
             try:
-                ids += [i for i in sorted(chat_token_ids(tokenizer).values()) if i not in ids]
+                chat = chat_token_ids(tokenizer)
             except ValueError as exc:
                 raise ValueError(f"--lora-new-tokens: {exc}") from None
-        return ids
+            ids += [i for i in sorted(chat.values()) if i not in ids]
+            head += [i for role, i in sorted(chat.items(), key=lambda kv: kv[1])
+                     if i not in head and (self.role_heads or role == "end")]
+        return ids, head
 
     def check(self, model: Transformer, tokenizer: Any = None) -> None:
         """ValueError for what apply_lora would refuse on `model`, which is left as it is: a run that puts the
@@ -279,9 +312,10 @@ def _adapted(model: nn.Module) -> list[Any]:
     return [m for m in model.modules() if isinstance(m, (LoRALinear, TokenRows))]
 
 
-def _plan(model: Transformer, config: LoRAConfig, tokenizer: Any) -> tuple[dict[str, list[tuple[str, int]]], list[int]]:
-    """apply_lora's refusals, all made before it changes anything: (block_segments, the token ids whose rows
-    train)."""
+def _plan(model: Transformer, config: LoRAConfig, tokenizer: Any
+          ) -> tuple[dict[str, list[tuple[str, int]]], list[int], list[int]]:
+    """apply_lora's refusals, all made before it changes anything: (block_segments, the token ids whose embedding
+    rows train, those whose untied head rows train)."""
     if lora_layers(model):
         raise ValueError("this model has LoRA adapters already; merge them first (lmlab lora merge)")
     refuse_quantized(model)  # its integer weights are buffers: no adapter goes on them
@@ -297,10 +331,13 @@ def _plan(model: Transformer, config: LoRAConfig, tokenizer: Any) -> tuple[dict[
     if config.rank > min(rows, cols):  # a larger B A spans no more, only adds parameters (10^5 wrote 977 MB)
         raise ValueError(f"LoRA rank {config.rank} is above what the targeted matrices can use: the smallest is "
                          f"{rows}x{cols}; choose a rank of at most {min(rows, cols)}")
-    ids = config.token_ids(tokenizer)
-    if ids and max(ids) >= model.config.vocab_size:
-        raise ValueError(f"LoRA token {max(ids)} is outside the model's vocabulary of {model.config.vocab_size}")
-    return segments, ids
+    ids, head = config.row_ids(tokenizer)
+    if max(ids + head, default=-1) >= model.config.vocab_size:
+        raise ValueError(f"LoRA token {max(ids + head)} is outside the model's vocabulary of "
+                         f"{model.config.vocab_size}")
+    if model.config.tie_embeddings and config.head_tokens is not None and list(config.head_tokens) != ids:
+        raise ValueError("LoRA head tokens need an untied output head: a tied head reads the embedding's rows")
+    return segments, ids, head
 
 
 def apply_lora(model: Transformer, config: LoRAConfig, tokenizer: Any = None) -> Transformer:
@@ -309,7 +346,7 @@ def apply_lora(model: Transformer, config: LoRAConfig, tokenizer: Any = None) ->
     trainable rows (`tok_emb.lora_rows`, and `lm_head.lora_rows` for an untied head). Returns the model.
     ValueError for a target that names no module of this model, a token outside its vocabulary, or a model that
     has adapters already. `tokenizer`: where chat_tokens finds the chat format's tokens."""
-    segments, ids = _plan(model, config, tokenizer)
+    segments, ids, head = _plan(model, config, tokenizer)
     for p in model.parameters():
         p.requires_grad_(False)
     for block in model.blocks:
@@ -319,13 +356,16 @@ def apply_lora(model: Transformer, config: LoRAConfig, tokenizer: Any = None) ->
                 module = block.get_submodule(ours)
                 module.__class__ = LoRALinear
                 module.add_adapter(adapted, config)
+    tied = model.config.tie_embeddings
     if ids:
         model.tok_emb.__class__ = TokenRowsEmbedding
         model.tok_emb.add_rows(ids)
+    if ids if tied else head:
         model.lm_head.__class__ = TokenRowsHead
-        model.lm_head.add_rows(ids, model.tok_emb if model.config.tie_embeddings else None)
+        model.lm_head.add_rows(head, model.tok_emb if tied else None)
     # what save_adapter writes into adapter_config.json: the tokens as ids
-    model.lora_config = replace(config, tokens=tuple(ids), chat_tokens=False)
+    model.lora_config = replace(config, tokens=tuple(ids), head_tokens=None if tied or head == ids else tuple(head),
+                                chat_tokens=False, role_heads=False)
     return model
 
 
@@ -391,7 +431,7 @@ def checkpoint_adapters(model: Transformer, section: dict[str, Any], checkpoint:
     if section.get("chat_tokens"):
         from ..tokenizers import Tokenizer
         tokenizer = Tokenizer.load(Path(checkpoint).parent.parent / "tokenizer.json")
-    apply_lora(model, LoRAConfig(**section), tokenizer)
+    apply_lora(model, LoRAConfig.from_section(section), tokenizer)
     return merge_and_unload
 
 
@@ -403,8 +443,23 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 # ---- PEFT's layout ----------------------------------------------------------------------------------
 
-def _peft_tensors(model: Transformer) -> dict[str, torch.Tensor]:
-    """PEFT's key -> tensor for every adapter of `model`: base_model.model.<HF module>.lora_A/B.weight."""
+def _export_rows(model: Transformer) -> dict[str, tuple[list[int], torch.Tensor]]:
+    """HF module name -> (the token ids, their rows) that the adapter file carries. An untied head also carries
+    the rows of the embedding's trained tokens it does not train (the chat role markers': never a target), as
+    the base has them: a new token's head row is the mean of the others in lmlab (add_chat_tokens) and whatever
+    `resize_token_embeddings` gave it in the HF export, and the adapter pins it to lmlab's."""
+    out = {}
+    emb = [m.token_ids.tolist() for m in (model.tok_emb,) if isinstance(m, TokenRows)]
+    for hf, m in _row_modules(model).items():
+        ids = m.token_ids.tolist()
+        carried = emb[0] + [i for i in ids if i not in emb[0]] if emb and m is model.lm_head else ids
+        out[hf] = (carried, m.lora_rows if carried == ids else m.effective_weight().detach()[carried])
+    return out
+
+
+def _peft_tensors(model: Transformer, export: bool = False) -> dict[str, torch.Tensor]:
+    """PEFT's key -> tensor for every adapter of `model`: base_model.model.<HF module>.lora_A/B.weight, and the
+    trained rows (export: as the file carries them, _export_rows)."""
     block_fmt = hf_prefixes(model.config.family)[0]
     out = {}
     for i, block in enumerate(model.blocks):
@@ -416,17 +471,17 @@ def _peft_tensors(model: Transformer) -> dict[str, torch.Tensor]:
                         key = _PREFIX + block_fmt.format(i) + hf
                         out[key + ".lora_A.weight"], out[key + ".lora_B.weight"] = piece
     for hf, m in _row_modules(model).items():
-        out[_PREFIX + hf + _ROWS] = m.lora_rows
+        out[_PREFIX + hf + _ROWS] = _export_rows(model)[hf][1] if export else m.lora_rows
     return out
 
 
 def _row_modules(model: Transformer) -> dict[str, Any]:
     """HF module name -> our module that holds trained rows: the embedding, and the head unless tied to it (PEFT
     then ties a TrainableTokens layer on the head to the embedding's and saves one set of rows)."""
-    if not isinstance(model.tok_emb, TokenRows):
-        return {}
     emb = hf_prefixes(model.config.family)[1]["tok_emb.weight"].removesuffix(".weight")
-    return {emb: model.tok_emb, **({} if model.config.tie_embeddings else {"lm_head": model.lm_head})}
+    return {**({emb: model.tok_emb} if isinstance(model.tok_emb, TokenRows) else {}),
+            **({"lm_head": model.lm_head} if isinstance(model.lm_head, TokenRows)
+               and not model.config.tie_embeddings else {})}
 
 
 def save_adapter(model: Transformer, out_dir: str | Path, *, base_model: str | None = None,
@@ -437,7 +492,7 @@ def save_adapter(model: Transformer, out_dir: str | Path, *, base_model: str | N
     only its own two files). `out_dir` must be new or empty unless overwrite=True: then the files are written
     beside and renamed into place, and the other files in out_dir are kept."""
     config: LoRAConfig | None = getattr(model, "lora_config", None)
-    tensors = _peft_tensors(model)
+    tensors = _peft_tensors(model, export=True)
     if config is None or not tensors:
         raise ValueError("this model has no LoRA adapters to save")
     if not str(out_dir).strip():  # Path("") is the current folder
@@ -446,17 +501,17 @@ def save_adapter(model: Transformer, out_dir: str | Path, *, base_model: str | N
         refuse_nonempty(Path(out_dir))
     targets = sorted({key[len(_PREFIX):].split(".", 3)[-1].rsplit(".lora_", 1)[0] for key in tensors
                       if not key.endswith(_ROWS)})
-    ids = list(config.tokens)
     # PEFT's trainable_token_indices: a list means the input embedding (and a head tied to it); an untied head is
-    # named with the embedding in a dict (PEFT's key is the module's last name)
-    rows = {hf.rsplit(".", 1)[-1]: ids for hf in _row_modules(model)}
+    # named with the embedding in a dict (PEFT's key is the module's last name), each with its own rows
+    rows = {hf.rsplit(".", 1)[-1]: ids for hf, (ids, _) in _export_rows(model).items()}
+    ids = next(iter(rows.values()), [])
     peft_config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.rank, "lora_alpha": config.alpha,
         "lora_dropout": config.dropout, "target_modules": targets, "bias": "none",
         # HF's GPT-1/GPT-2 keep their linears as Conv1D, (in, out): PEFT transposes the update for them
         "fan_in_fan_out": model.config.family != "llama", "use_rslora": False, "init_lora_weights": True,
         "modules_to_save": None, "base_model_name_or_path": base_model, "inference_mode": True,
-        "trainable_token_indices": (ids if len(rows) == 1 else rows) if rows else None,
+        "trainable_token_indices": (ids if list(rows) != ["lm_head"] and len(rows) == 1 else rows) if rows else None,
     }
     with staged_dir(Path(out_dir), replace=overwrite) as tmp:
         save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp / ADAPTER_WEIGHTS),
@@ -489,14 +544,22 @@ def read_adapter_config(adapter_dir: str | Path) -> LoRAConfig:
     if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
         raise ValueError(f"{path}: target_modules must be a list of module names, not {targets!r}")
     rows = d.get("trainable_token_indices") or []
-    lists = list(rows.values()) if isinstance(rows, dict) else [rows]
-    if rows and not all(isinstance(ids, list) and ids == lists[0] for ids in lists):
-        raise ValueError(f"{path}: lmlab reads trainable_token_indices as one list of token ids, the same for the "
-                         "embedding and the head")
+    if isinstance(rows, dict):  # {"embed_tokens": [...], "lm_head": [...]}: each module its own rows
+        unknown = sorted(set(rows) - {"embed_tokens", "wte", "lm_head"})
+        if unknown or len(rows) > 2 or ("lm_head" not in rows and len(rows) == 2):
+            raise ValueError(f"{path}: lmlab reads trainable_token_indices for the embedding and the output head "
+                             f"only, not {sorted(rows)}")
+        emb_rows = next((ids for k, ids in rows.items() if k != "lm_head"), [])
+        head_rows = rows.get("lm_head")
+    else:
+        emb_rows, head_rows = rows, None
+    if not all(isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in ids)
+               for ids in (emb_rows, head_rows or [])):
+        raise ValueError(f"{path}: trainable_token_indices must list token ids, not {rows!r}")
     # a key left out means PEFT's LoraConfig default (r 8, lora_alpha 8), not lmlab's (alpha 2 * r)
     return LoRAConfig(rank=d.get("r", PEFT_DEFAULTS["r"]), alpha=d.get("lora_alpha", PEFT_DEFAULTS["lora_alpha"]),
-                      dropout=d.get("lora_dropout", 0.0), targets=tuple(targets or ()),
-                      tokens=tuple(lists[0]) if rows else ())
+                      dropout=d.get("lora_dropout", 0.0), targets=tuple(targets or ()), tokens=tuple(emb_rows),
+                      head_tokens=None if head_rows is None or head_rows == emb_rows else tuple(head_rows))
 
 
 PEFT_DEFAULTS = {"r": 8, "lora_alpha": 8}  # peft.LoraConfig's

@@ -428,7 +428,7 @@ def run_preference(out: str | Path, train_config: Any = None, *, model_dir: str 
             raise ValueError(f"cannot resume {out}: the weights of {model_dir} differ from those the run started "
                              "from (its reference); start a new run")
         cfg = settings_from(p["config"], PreferenceConfig, {}, out / "config.json")
-        lora = LoRAConfig(**p["lora"]) if p.get("lora") else None
+        lora = LoRAConfig.from_section(p["lora"]) if p.get("lora") else None
         train_config = TrainConfig.from_dict({**saved["train"], **(train_config or {})})
     else:
         refuse_existing_run(out, (*RUN_FILES, DATA_COPY), "lmlab tune dpo")

@@ -271,5 +271,5 @@ def resume_sft(out_dir: str | Path, overrides: dict[str, Any] | None = None, cal
     cbs = [*callbacks, ChatTemplate()] if (out / TEMPLATE_FILE).is_file() else list(callbacks)
     cbs += carried(out, sft["base"])  # a run from before init_files/ has none: nothing to carry
     provenance = {k: v for k, v in saved.items() if k not in ("train", "model")}
-    lora = LoRAConfig(**saved["lora"]) if saved.get("lora") else None
+    lora = LoRAConfig.from_section(saved["lora"]) if saved.get("lora") else None
     return train_with_lora(model, tok, ds, config, out, cbs, lora, resume=True, provenance=provenance)
