@@ -255,6 +255,16 @@ def lora_run(out, base_dir, book, callbacks=()):
                               lora=LoRAConfig(rank=4, dropout=0.1))
 
 
+def as_before_role_heads(run_dir):
+    """The run's config.json as a run started before LoRAConfig had head_tokens and role_heads wrote it: those
+    keys absent from its lora section (a resume must take the defaults of that time, not refuse)."""
+    path = run_dir / "config.json"
+    saved = json.loads(path.read_text())
+    for key in ("head_tokens", "role_heads"):
+        saved["lora"].pop(key)
+    path.write_text(json.dumps(saved))
+
+
 def test_a_lora_run_trains_the_adapters_only_and_resumes_exactly(tmp_path, base_dir, book):
     lora_run(tmp_path / "whole", base_dir, book)
     base = load_file(base_dir / "model.safetensors")
@@ -274,7 +284,9 @@ def test_a_lora_run_trains_the_adapters_only_and_resumes_exactly(tmp_path, base_
     assert lora_run(tmp_path / "part", base_dir, book, [StopAt(3)]).stop_reason == "stopped"
     with pytest.raises(ValueError, match="LoRA settings"):  # without its adapters' settings: refused, not all weights
         resume_run(tmp_path / "part")
-    assert resume_run(tmp_path / "part", lora=LoRAConfig(**read_run_config(tmp_path / "part")["lora"])).steps == 6
+    as_before_role_heads(tmp_path / "part")  # and a run from before those fields resumes as well
+    assert resume_run(tmp_path / "part", lora=LoRAConfig.from_section(read_run_config(tmp_path / "part")["lora"])
+                      ).steps == 6
     again = load_file(tmp_path / "part" / "adapter" / "adapter_model.safetensors")
     assert again.keys() == adapter.keys()
     for key in adapter:
@@ -482,6 +494,26 @@ def test_head_rows_of_their_own_train_save_in_peft_s_dict_and_load_both_ways(tmp
         torch.testing.assert_close(loaded(x).logits, theirs.eval()(input_ids=x).logits, atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="untied output head"):
         apply_lora(tiny("llama", tie_embeddings=True), config)
+    for bad in (dict(head_tokens=True), dict(head_tokens=5), dict(tokens=3), dict(role_heads="no"),
+                dict(head_tokens=[4, 4])):
+        with pytest.raises(ValueError, match="LoRA"):
+            LoRAConfig(**bad)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gpt", "llama"])
+def test_every_family_s_untied_rows_go_to_peft_s_file_and_back(family, tmp_path):
+    """An untied head with rows of its own: lmlab reads back the adapter it wrote, whatever the family calls its
+    embedding in PEFT's dict (wte, tokens_embed, embed_tokens)."""
+    model = tiny(family, tie_embeddings=False)
+    randomise(apply_lora(model, LoRAConfig(rank=4, tokens=(7, 90), head_tokens=(90, 3))))
+    with torch.no_grad():
+        for m in (model.tok_emb, model.lm_head):
+            m.lora_rows.normal_(0, 1, generator=torch.Generator().manual_seed(4))
+    save_adapter(model, tmp_path / "adapter")
+    x = torch.tensor([[7, 2, 90, 5, 3, 7, 40]])
+    with torch.no_grad():
+        torch.testing.assert_close(load_adapter(tiny(family, tie_embeddings=False), tmp_path / "adapter")(x).logits,
+                                   model(x).logits, atol=1e-6, rtol=0)
 
 
 def test_chat_tokens_train_the_role_markers_head_rows_only_in_runs_from_before_role_heads():

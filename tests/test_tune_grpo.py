@@ -256,7 +256,7 @@ def test_a_lora_grpo_run_keeps_the_base_as_its_reference_and_resumes_exactly(tmp
     the base, the policy with its adapters off (0 at step 1, then not: were the adapters left on, the policy
     would be its own reference and the KL 0 throughout); stopped at 3 and resumed to 6, the same rows as 6 at
     once; `peft` reads RUN/adapter on the HF export with lmlab's logits."""
-    from test_lora import assert_peft_agrees
+    from test_lora import as_before_role_heads, assert_peft_agrees
 
     from lmlab.cli import main
     from lmlab.tune.lora import LoRAConfig, load_adapter
@@ -266,6 +266,7 @@ def test_a_lora_grpo_run_keeps_the_base_as_its_reference_and_resumes_exactly(tmp
     run = dict(reward="seed", prompts=["ab", "c", "de"], log=None, lora=LoRAConfig(rank=4))
     run_grpo(tmp_path / "start", tmp_path / "full", cfg, **run)
     run_grpo(tmp_path / "start", tmp_path / "run", GRPOConfig(**{**cfg.__dict__, "steps": 3}), **run)
+    as_before_role_heads(tmp_path / "run")  # a run started before those LoRAConfig fields resumes too
     assert resume_grpo(tmp_path / "run", {"steps": 6}, log=None).steps == 6
     full = _metrics(tmp_path / "full")
     assert full[0]["kl"] == 0.0 and full[-1]["kl"] > 1e-4

@@ -2231,8 +2231,8 @@ def _run_settings(saved: dict[str, Any]) -> dict[str, Any]:
     settings["model"] = model
     lora = settings.pop("lora", None)
     if isinstance(lora, dict):
-        if lora.get("tokens"):
-            raise ValueError(f"the run trained the rows of chosen tokens ({lora['tokens']!r:.60}), which no flag of "
+        if chosen := lora.get("tokens") or lora.get("head_tokens"):
+            raise ValueError(f"the run trained the rows of chosen tokens ({chosen!r:.60}), which no flag of "
                              "this command sets: give its settings as flags instead of --config")
         targets = lora.get("targets") or []
         settings.update(lora_rank=lora.get("rank"), lora_alpha=lora.get("alpha"), lora_dropout=lora.get("dropout"),

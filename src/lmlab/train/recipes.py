@@ -254,7 +254,10 @@ def resume_run(out_dir: str | Path, overrides: dict[str, Any] | None = None,
     ds = TokenDataset.open(out / saved["dataset"], tok)  # a relative path is inside the run directory
     model = resumed_model(out, saved["model"])  # its size checked against the last checkpoint first
     provenance = {k: v for k, v in saved.items() if k not in ("train", "model")}
-    if (lora.to_dict() if lora is not None else None) != (provenance.get("lora") or None):
+    saved_lora = provenance.get("lora") or None
+    if lora is not None and saved_lora is not None:  # a section written before a LoRAConfig field: its default
+        saved_lora = type(lora).from_section(saved_lora).to_dict()
+    if (lora.to_dict() if lora is not None else None) != saved_lora:
         raise ValueError(f"{out} was trained with LoRA settings {provenance.get('lora')}; resume it with the same "
                          "(lmlab train --resume reads them from the run)")
     return train_with_lora(model, tok, ds, config, out, [*callbacks, *carried(out, provenance.get("init"))], lora,

@@ -422,6 +422,8 @@ def run_grpo(model_dir: str | Path, out: str | Path, config: GRPOConfig, *, task
               "reward_file_sha256": file_sha256(Path(reward_file.rpartition(":")[0])) if reward_file else None}
     if resume:
         saved = read_record(out, "grpo", "GRPO")
+        if saved.get("lora"):  # a section written before a LoRAConfig field: its default
+            saved = {**saved, "lora": LoRAConfig.from_section(saved["lora"]).to_dict()}
         same = {"model_sha256": "the weights of the starting model differ from those the run started with",
                 "prompts": "other prompts", "task": "", "reward": "", "reward_file": "", "lora": ""}
         if "reward_file_sha256" in saved:  # runs recorded before it have no hash to compare

@@ -20,11 +20,12 @@ and converts both ways exactly; only the dropout mask is shared by the segments 
 
 `tokens` (and `chat_tokens`, `--lora-new-tokens`: the chat format's tokens, which add_chat_tokens appends to the
 tokenizer with rows at the mean) also trains the embedding rows of those tokens, and the output head's when it is
-untied: PEFT's `trainable_token_indices` (its TrainableTokens layer), which stores the trained rows themselves
-and puts them in place of the frozen ones (the chat tokens' rows are new: PEFT needs the export of the base resized
-to the run's vocabulary first, `resize_token_embeddings`, README). A token LoRA cannot otherwise move, such as a
-new end-of-turn token whose row starts at the mean, costs a frozen-embedding run most of its loss (docs/LOG.md,
-issue 16).
+untied (`head_tokens`: other rows for the head; with chat_tokens the head trains <|end|>'s row and not the role
+markers', which are never a target): PEFT's `trainable_token_indices` (its TrainableTokens layer), which stores
+the trained rows themselves and puts them in place of the frozen ones (the chat tokens' rows are new: PEFT needs
+the export of the base resized to the run's vocabulary first, `resize_token_embeddings`, README). A token LoRA
+cannot otherwise move, such as a new end-of-turn token whose row starts at the mean, costs a frozen-embedding run
+most of its loss (docs/LOG.md, issue 16).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from torch import nn
 from ..files import refuse_nonempty, staged_dir
 from ..interop.hf_mapping import hf_prefixes
 from ..models import Transformer
+from ..models.config import FAMILIES
 from ..models.io import CHAT_TEMPLATE, GENERATION, TOKENIZER, TRAINING, WEIGHTS, load_pretrained, save_pretrained
 from ..models.merge import require_finite
 from ..models.model import LMHead
@@ -57,6 +59,8 @@ ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetens
 ALL_LINEAR = "all-linear"  # PEFT's spelling for "every linear layer but the output head"
 _PREFIX = "base_model.model."  # PEFT's prefix of a PeftModelForCausalLM's keys
 _ROWS = ".token_adapter.trainable_tokens_delta"  # PEFT's key of a TrainableTokens layer: the rows, not a delta
+# the embedding's last name in the HF export of each family (embed_tokens, wte, tokens_embed): PEFT's key for it
+_EMBEDDING_NAMES = {hf_prefixes(f)[1]["tok_emb.weight"].removesuffix(".weight").rsplit(".", 1)[-1] for f in FAMILIES}
 
 
 def parse_targets(text: str | None) -> tuple[str, ...]:
@@ -104,14 +108,17 @@ class LoRAConfig:
         if isinstance(self.targets, str) or not self.targets or not all(isinstance(t, str) and t for t in self.targets):
             raise ValueError(f"LoRA targets must be a non-empty list of module names, not {self.targets!r}")
         object.__setattr__(self, "targets", tuple(self.targets))
-        if isinstance(self.tokens, (str, bytes)) or not all(
+        if not isinstance(self.tokens, (list, tuple)) or not all(
                 isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.tokens):
             raise ValueError(f"LoRA tokens must be a list of token ids, not {self.tokens!r}")
         if len(set(self.tokens)) < len(self.tokens):
             raise ValueError(f"LoRA tokens are listed more than once in {list(self.tokens)}")
         object.__setattr__(self, "tokens", tuple(self.tokens))  # in order: PEFT's rows follow its list
+        for flag in ("chat_tokens", "role_heads"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"LoRA {flag} must be true or false, not {getattr(self, flag)!r}")
         if self.head_tokens is not None:
-            if isinstance(self.head_tokens, (str, bytes)) or not all(
+            if not isinstance(self.head_tokens, (list, tuple)) or not all(
                     isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.head_tokens):
                 raise ValueError(f"LoRA head tokens must be a list of token ids, not {self.head_tokens!r}")
             if len(set(self.head_tokens)) < len(self.head_tokens):
@@ -453,7 +460,13 @@ def _export_rows(model: Transformer) -> dict[str, tuple[list[int], torch.Tensor]
     for hf, m in _row_modules(model).items():
         ids = m.token_ids.tolist()
         carried = emb[0] + [i for i in ids if i not in emb[0]] if emb and m is model.lm_head else ids
-        out[hf] = (carried, m.lora_rows if carried == ids else m.effective_weight().detach()[carried])
+        if carried == ids:
+            out[hf] = (ids, m.lora_rows)
+            continue
+        rows = m.weight.detach()[carried].clone()  # a few rows, not a copy of the whole head (merged: trained)
+        if not m.merged and not m.disabled:
+            rows[[carried.index(i) for i in ids]] = m.lora_rows.detach()
+        out[hf] = (carried, rows)
     return out
 
 
@@ -470,8 +483,9 @@ def _peft_tensors(model: Transformer, export: bool = False) -> dict[str, torch.T
                     if piece is not None:
                         key = _PREFIX + block_fmt.format(i) + hf
                         out[key + ".lora_A.weight"], out[key + ".lora_B.weight"] = piece
+    exported = _export_rows(model) if export else {}
     for hf, m in _row_modules(model).items():
-        out[_PREFIX + hf + _ROWS] = _export_rows(model)[hf][1] if export else m.lora_rows
+        out[_PREFIX + hf + _ROWS] = exported[hf][1] if export else m.lora_rows
     return out
 
 
@@ -545,7 +559,7 @@ def read_adapter_config(adapter_dir: str | Path) -> LoRAConfig:
         raise ValueError(f"{path}: target_modules must be a list of module names, not {targets!r}")
     rows = d.get("trainable_token_indices") or []
     if isinstance(rows, dict):  # {"embed_tokens": [...], "lm_head": [...]}: each module its own rows
-        unknown = sorted(set(rows) - {"embed_tokens", "wte", "lm_head"})
+        unknown = sorted(set(rows) - {*_EMBEDDING_NAMES, "lm_head"})
         if unknown or len(rows) > 2 or ("lm_head" not in rows and len(rows) == 2):
             raise ValueError(f"{path}: lmlab reads trainable_token_indices for the embedding and the output head "
                              f"only, not {sorted(rows)}")

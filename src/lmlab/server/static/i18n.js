@@ -641,7 +641,7 @@ export const STRINGS = {
   "tune.lora_alpha_default": ["2 × rank", "2 × ранг"],
   "tune.lora_dropout": ["Dropout", "Прореживание"],
   "tune.lora_targets": ["Modules", "Модули"],
-  "tune.lora_new_tokens": ["Also train the rows of the chat tokens in the embedding (and an untied head)", "Также обучать строки токенов чата в эмбеддингах (и в отдельной выходной матрице)"],
+  "tune.lora_new_tokens": ["Also train the chat tokens' embedding rows (and <|end|>'s row of an untied head)", "Также обучать строки токенов чата в эмбеддингах (и строку <|end|> в отдельной выходной матрице)"],
   "tune.lora_hard_tokens": ["Rows of the hardest tokens", "Строки самых трудных токенов"],
   "tune.sft_weight": ["Weight of the chosen answers' NLL (DPO + NLL)", "Вес NLL выбранных ответов (DPO + NLL)"],
   "tune.start": ["Start fine-tuning", "Начать дообучение"],
