@@ -35,7 +35,8 @@ conversations (lmlab.tune.chats: en/ru questions answered "Answer: X."; the loss
 tokens, assistant turns only) -- the kind of adaptation LoRA is used for. For chats the chat tokens are added
 to the base first; plain LoRA leaves their new rows frozen at their initial mean (as PEFT does without
 modules_to_save or trainable_token_indices), full fine-tuning trains them; `--lora-new-tokens` is lmlab's option
-of that name (PEFT's trainable_token_indices): LoRA also trains the 4 chat tokens' embedding and head rows.
+of that name (PEFT's trainable_token_indices): LoRA also trains the 4 chat tokens' embedding rows and <|end|>'s
+head row (the role markers are never a target: their head rows stay at the mean).
 Each run prints the share of its held-out loss on <|end|>, the token whose frozen row cost plain LoRA most.
 
 Both fine-tune a copy of the base with the Trainer for the same steps, batch, schedule (warm-up 10, cosine to
@@ -48,14 +49,15 @@ results): --alpha (rsLoRA, Kalajdzievski 2023, https://arxiv.org/abs/2312.03732,
 at a fixed rank that is a larger alpha here), --lora-plus (B's learning rate over A's), --rows-lr (the token
 rows' rate over the adapters'), --top-rows K (the rows of K more tokens, chosen on the training split only: the
 most frequent in its replies, or with --rows-by loss those the base model finds hardest there, as `lmlab tune sft
---lora-hard-tokens K`; 2% of the wide model on a base of 1,024 tokens leaves room for 8 rows beside rank-8
-adapters), --init pissa (PiSSA's start from the weights' top singular
-directions), --head-rank R (a rank-R LoRA on the output head too, as PEFT's lm_head target), --seed, and --rank
-with --all-rows to measure what the gap is made of. The setting closest to the target (docs/LOG.md has its
-numbers and seeds):
+--lora-hard-tokens K`; 2% of the wide model on a base of 1,024 tokens leaves room for 5 such tokens beside rank-8
+adapters and the chat tokens' rows), --init pissa (PiSSA's start from the weights' top singular directions),
+--head-rank R (a rank-R LoRA on the output head too, as PEFT's lm_head target), --dropout, --seed, and --rank
+with --all-rows to measure what the gap is made of. --fresh N also scores every run on N conversations drawn
+anew, a test set that the choice of rates and knobs (made on the held-out split) has not seen; --base-seed
+pre-trains another base. The setting of the issue's target (docs/LOG.md has its numbers, seeds and bases):
 
     python benchmarks/bench_lora.py --model wide --pretrain tales+qa --base /tmp/wide-qa --data chats \
-        --lora-new-tokens --top-rows 4 --rows-by loss --lrs-full 5.6e-4 --lrs-lora 5.6e-3
+        --lora-new-tokens --top-rows 5 --rows-by loss --lrs-full 5.6e-4,1e-3 --lrs-lora 5.6e-3,7.5e-3 --fresh 1000
 """
 
 from __future__ import annotations
