@@ -310,7 +310,7 @@ def main() -> None:
         top: list[int] = []
         if args.top_rows:  # counted on the training split only: the held-out replies pick nothing
             if args.rows_by == "loss":  # lmlab tune sft --lora-hard-tokens K
-                chat = LoRAConfig(chat_tokens=True).token_ids(tok)
+                chat = LoRAConfig(chat_tokens=True).row_ids(tok)[0]
                 top = hardest_tokens(base, ds, seq_len, args.top_rows, exclude=chat)
             else:
                 counts = Counter(i for e in ds.train for i in e.ids[e.mask].tolist())
@@ -345,7 +345,7 @@ def main() -> None:
         return
     lora, lr_lora, test_lora = min(results["lora"])
     emb_rows, head_rows = (len(ids) for ids in lora_cfg.row_ids(tok))
-    head = "" if base.config.tie_embeddings else f" and {head_rows} head rows"
+    head = " rows" if base.config.tie_embeddings else f" and {head_rows} head rows"
     rows = " + every row" if args.all_rows else f" + {emb_rows} embedding{head}" if emb_rows else ""
     knobs = f", LoRA+ {args.lora_plus:g}, rows lr x{args.rows_lr:g}" if (args.lora_plus, args.rows_lr) != (1, 1) else ""
     print(f"best LoRA rank {args.rank} alpha {lora_cfg.alpha:g}{rows}{knobs}: lr {lr_lora:g}, val loss {lora:.4f} "

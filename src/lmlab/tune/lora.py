@@ -108,22 +108,20 @@ class LoRAConfig:
         if isinstance(self.targets, str) or not self.targets or not all(isinstance(t, str) and t for t in self.targets):
             raise ValueError(f"LoRA targets must be a non-empty list of module names, not {self.targets!r}")
         object.__setattr__(self, "targets", tuple(self.targets))
-        if not isinstance(self.tokens, (list, tuple)) or not all(
-                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.tokens):
-            raise ValueError(f"LoRA tokens must be a list of token ids, not {self.tokens!r}")
-        if len(set(self.tokens)) < len(self.tokens):
-            raise ValueError(f"LoRA tokens are listed more than once in {list(self.tokens)}")
-        object.__setattr__(self, "tokens", tuple(self.tokens))  # in order: PEFT's rows follow its list
+        for name in ("tokens", "head_tokens"):  # in order: PEFT's rows follow its list
+            ids = getattr(self, name)
+            if ids is None and name == "head_tokens":
+                continue
+            what = name.replace("_", " ")
+            if not isinstance(ids, (list, tuple)) or not all(
+                    isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+                raise ValueError(f"LoRA {what} must be a list of token ids, not {ids!r}")
+            if len(set(ids)) < len(ids):
+                raise ValueError(f"LoRA {what} are listed more than once in {list(ids)}")
+            object.__setattr__(self, name, tuple(ids))
         for flag in ("chat_tokens", "role_heads"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"LoRA {flag} must be true or false, not {getattr(self, flag)!r}")
-        if self.head_tokens is not None:
-            if not isinstance(self.head_tokens, (list, tuple)) or not all(
-                    isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.head_tokens):
-                raise ValueError(f"LoRA head tokens must be a list of token ids, not {self.head_tokens!r}")
-            if len(set(self.head_tokens)) < len(self.head_tokens):
-                raise ValueError(f"LoRA head tokens are listed more than once in {list(self.head_tokens)}")
-            object.__setattr__(self, "head_tokens", tuple(self.head_tokens))
         if self.alpha is None:
             object.__setattr__(self, "alpha", float(2 * self.rank))
 
@@ -144,13 +142,9 @@ class LoRAConfig:
             section["role_heads"] = True
         return cls(**section)
 
-    def token_ids(self, tokenizer: Any = None) -> list[int]:
-        """The ids whose embedding rows train: `tokens`, and with chat_tokens the chat format's tokens in
-        `tokenizer`."""
-        return self.row_ids(tokenizer)[0]
-
     def row_ids(self, tokenizer: Any = None) -> tuple[list[int], list[int]]:
-        """(the ids whose embedding rows train, those whose rows of an untied head train)."""
+        """(the ids whose embedding rows train, those whose rows of an untied head train): `tokens` (the head:
+        `head_tokens` if given), and with chat_tokens the chat format's tokens in `tokenizer`."""
         ids = list(self.tokens)
         head = list(ids if self.head_tokens is None else self.head_tokens)
         if self.chat_tokens:
@@ -367,7 +361,7 @@ def apply_lora(model: Transformer, config: LoRAConfig, tokenizer: Any = None) ->
     if ids:
         model.tok_emb.__class__ = TokenRowsEmbedding
         model.tok_emb.add_rows(ids)
-    if ids if tied else head:
+    if (ids if tied else head):  # a tied head reads the embedding's rows
         model.lm_head.__class__ = TokenRowsHead
         model.lm_head.add_rows(head, model.tok_emb if tied else None)
     # what save_adapter writes into adapter_config.json: the tokens as ids
@@ -456,10 +450,10 @@ def _export_rows(model: Transformer) -> dict[str, tuple[list[int], torch.Tensor]
     the base has them: a new token's head row is the mean of the others in lmlab (add_chat_tokens) and whatever
     `resize_token_embeddings` gave it in the HF export, and the adapter pins it to lmlab's."""
     out = {}
-    emb = [m.token_ids.tolist() for m in (model.tok_emb,) if isinstance(m, TokenRows)]
+    emb = model.tok_emb.token_ids.tolist() if isinstance(model.tok_emb, TokenRows) else []
     for hf, m in _row_modules(model).items():
         ids = m.token_ids.tolist()
-        carried = emb[0] + [i for i in ids if i not in emb[0]] if emb and m is model.lm_head else ids
+        carried = emb + [i for i in ids if i not in emb] if m is model.lm_head else ids
         if carried == ids:
             out[hf] = (ids, m.lora_rows)
             continue
@@ -470,9 +464,10 @@ def _export_rows(model: Transformer) -> dict[str, tuple[list[int], torch.Tensor]
     return out
 
 
-def _peft_tensors(model: Transformer, export: bool = False) -> dict[str, torch.Tensor]:
+def _peft_tensors(model: Transformer, rows: dict[str, tuple[list[int], torch.Tensor]] | None = None
+                  ) -> dict[str, torch.Tensor]:
     """PEFT's key -> tensor for every adapter of `model`: base_model.model.<HF module>.lora_A/B.weight, and the
-    trained rows (export: as the file carries them, _export_rows)."""
+    trained rows (the parameters themselves, or `rows`: those the file carries, _export_rows)."""
     block_fmt = hf_prefixes(model.config.family)[0]
     out = {}
     for i, block in enumerate(model.blocks):
@@ -483,9 +478,8 @@ def _peft_tensors(model: Transformer, export: bool = False) -> dict[str, torch.T
                     if piece is not None:
                         key = _PREFIX + block_fmt.format(i) + hf
                         out[key + ".lora_A.weight"], out[key + ".lora_B.weight"] = piece
-    exported = _export_rows(model) if export else {}
     for hf, m in _row_modules(model).items():
-        out[_PREFIX + hf + _ROWS] = exported[hf][1] if export else m.lora_rows
+        out[_PREFIX + hf + _ROWS] = rows[hf][1] if rows is not None else m.lora_rows
     return out
 
 
@@ -506,7 +500,8 @@ def save_adapter(model: Transformer, out_dir: str | Path, *, base_model: str | N
     only its own two files). `out_dir` must be new or empty unless overwrite=True: then the files are written
     beside and renamed into place, and the other files in out_dir are kept."""
     config: LoRAConfig | None = getattr(model, "lora_config", None)
-    tensors = _peft_tensors(model, export=True)
+    carried = _export_rows(model)
+    tensors = _peft_tensors(model, carried)
     if config is None or not tensors:
         raise ValueError("this model has no LoRA adapters to save")
     if not str(out_dir).strip():  # Path("") is the current folder
@@ -517,7 +512,7 @@ def save_adapter(model: Transformer, out_dir: str | Path, *, base_model: str | N
                       if not key.endswith(_ROWS)})
     # PEFT's trainable_token_indices: a list means the input embedding (and a head tied to it); an untied head is
     # named with the embedding in a dict (PEFT's key is the module's last name), each with its own rows
-    rows = {hf.rsplit(".", 1)[-1]: ids for hf, (ids, _) in _export_rows(model).items()}
+    rows = {hf.rsplit(".", 1)[-1]: ids for hf, (ids, _) in carried.items()}
     ids = next(iter(rows.values()), [])
     peft_config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.rank, "lora_alpha": config.alpha,

@@ -225,7 +225,7 @@ def run_sft(model_dir: str | Path, data: str | Path, out_dir: str | Path, config
         raise ValueError(f"--lora-hard-tokens ({lora_hard_tokens}) must be >= 0")
     if lora is not None and lora_hard_tokens:
         chat = chat_token_ids(tok).values() if kind == "messages" else ()  # added at the mean row: not "hard"
-        hard = hardest_tokens(model, ds, seq_len, lora_hard_tokens, exclude={*lora.token_ids(tok), *chat})
+        hard = hardest_tokens(model, ds, seq_len, lora_hard_tokens, exclude={*lora.row_ids(tok)[0], *chat})
         lora = dataclasses.replace(lora, tokens=(*lora.tokens, *hard))
         echo(f"LoRA also trains the rows of the {len(hard)} tokens hardest for the model on the training split: "
              + " ".join(repr(tok.decode([i])) for i in hard))
